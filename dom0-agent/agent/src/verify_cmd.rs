@@ -1,0 +1,113 @@
+//! `dom0-agent verify`: the full chain walk, with progress and a clear verdict.
+
+use std::io::{IsTerminal, Write};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use mayfly_ledger::{codec, keys, store, verify, Failure, Progress, StoreOptions};
+
+/// Arguments of `verify`.
+#[derive(clap::Args)]
+pub struct VerifyArgs {
+    /// Data directory of the ledger.
+    #[arg(long)]
+    data_dir: PathBuf,
+    /// Trust only this Ed25519 public key (64 hex digits, as printed by `export-key`).
+    /// Without it, the key recorded in the ledger itself is trusted, which proves
+    /// integrity but not that the ledger is the appliance's own.
+    #[arg(long)]
+    public_key: Option<String>,
+    /// Print the verdict as JSON on stdout.
+    #[arg(long)]
+    json: bool,
+    /// No progress on stderr.
+    #[arg(long)]
+    quiet: bool,
+}
+
+#[derive(serde::Serialize)]
+struct JsonFailure {
+    chain: &'static str,
+    seq: Option<u64>,
+    problem: String,
+    message: String,
+}
+
+fn to_json(f: &Failure) -> JsonFailure {
+    let (chain, seq, problem) = match f {
+        Failure::Checkpoint { seq, problem } => ("checkpoints", Some(*seq), problem.clone()),
+        Failure::Audit { seq, problem } => ("audit", Some(*seq), problem.clone()),
+        Failure::Head { group, problem } => ("heads", Some(*group), problem.clone()),
+        Failure::Meta { problem } => ("meta", None, problem.clone()),
+    };
+    JsonFailure {
+        chain,
+        seq,
+        problem,
+        message: f.to_string(),
+    }
+}
+
+/// Runs `verify`; returns the process exit code.
+pub fn run(args: &VerifyArgs) -> anyhow::Result<u8> {
+    let store = store::open_read_only(&args.data_dir, &StoreOptions::default())
+        .with_context(|| format!("cannot open the ledger in {}", args.data_dir.display()))?;
+    let recorded = store.public_key()?;
+    let trusted = match &args.public_key {
+        Some(text) => keys::parse_public_key(text)
+            .with_context(|| format!("--public-key {text:?} is not 64 hex digits"))?,
+        None => {
+            if !args.quiet && !args.json {
+                eprintln!(
+                    "verify: trusting the key recorded in the ledger ({}); pin it with --public-key for an independent check",
+                    codec::hex(&recorded)
+                );
+            }
+            recorded
+        }
+    };
+    let tty = std::io::stderr().is_terminal();
+    let quiet = args.quiet;
+    let mut last = Instant::now();
+    let started = Instant::now();
+    let mut progress = |p: Progress| {
+        if quiet || (p.done < p.total && last.elapsed() < Duration::from_millis(500)) {
+            return;
+        }
+        last = Instant::now();
+        let pct = if p.total == 0 { 100 } else { p.done.saturating_mul(100) / p.total };
+        let mut err = std::io::stderr().lock();
+        let end = if tty && p.done < p.total { "\r" } else { "\n" };
+        let _ = write!(err, "verify: {:<11} {:>10}/{:<10} ({pct:>3}%){end}", p.chain, p.done, p.total);
+    };
+    let report = verify(&store, &[trusted], &mut progress).context("reading the ledger")?;
+    let elapsed = started.elapsed();
+
+    if args.json {
+        let out = serde_json::json!({
+            "ok": report.ok(),
+            "checkpoints": report.checkpoints,
+            "audit": report.audit,
+            "heads": report.heads,
+            "public_key": codec::hex(&trusted),
+            "failures": report.failures.iter().map(to_json).collect::<Vec<_>>(),
+        });
+        println!("{out}");
+    } else if report.ok() {
+        println!(
+            "OK: {} checkpoints, {} audit records, {} signed heads verified in {:.2?} (key {})",
+            report.checkpoints,
+            report.audit,
+            report.heads,
+            elapsed,
+            codec::hex(&trusted)
+        );
+    } else {
+        println!("FAILED: {}", report.failures.first().map(ToString::to_string).unwrap_or_default());
+        for f in report.failures.iter().skip(1) {
+            println!("  also: {f}");
+        }
+    }
+    Ok(if report.ok() { 0 } else { crate::EXIT_VERIFY_FAILED })
+}

@@ -1,0 +1,414 @@
+//! The checkpoint record: what one committed transaction did, in a canonical encoding.
+//!
+//! A checkpoint is stored under its commit sequence in the `checkpoints` database and is a
+//! link of the checkpoint chain: `hash_n = SHA-256(hash_{n-1} || encoding_n)`, with
+//! `hash_0` = 32 zero bytes. The encoding carries `hash_{n-1}` itself, so every record names
+//! its predecessor.
+//!
+//! ```text
+//! offset size  field
+//!      0    4  magic "MFCP"
+//!      4    1  format version = 1
+//!      5    1  kind: 0x01 transaction (other values reserved)
+//!      6    8  seq               u64 BE, 1-based commit sequence
+//!     14   32  prev_hash         hash of checkpoint seq-1 (zeros for seq 1)
+//!     46   16  tx_id
+//!     62  1+n  handler           u8 length, 1..=64 bytes of [a-z0-9_.-]
+//!      .    4  domain_id         u32 BE
+//!      .   32  policy_hash       SHA-256 of the active policy bundle (zeros: none)
+//!      .    8  begin_ns          u64 BE, Unix time in ns when the transaction began
+//!      .    8  commit_ns         u64 BE, Unix time in ns when its group was committed
+//!      .   32  request_digest    SHA-256(request)
+//!      .  4+n  request           u32 length, <= 64 KiB
+//!      .    1  outcome           0x01 committed (other values reserved)
+//!      .  4+n  result            u32 length, <= 64 KiB
+//!      .    4  read count        u32 BE, <= 4096, then per read, sorted by key, unique:
+//!                  2+k  key      u16 length, 1..=256 bytes
+//!                    8  version  u64 BE: seq that wrote what was read, 0 = never written
+//!      .    4  write count       u32 BE, <= 1024, then per write, sorted by key, unique:
+//!                  2+k  key      u16 length, 1..=256 bytes
+//!                    8  before_version  u64 BE (0 = never written)
+//!              1[+4+n] before    presence byte, then u32 length and value (<= 64 KiB)
+//!              1[+4+n] after     presence byte, then u32 length and value; absent = delete
+//! ```
+//! A whole encoding is at most [`MAX_CHECKPOINT_BYTES`]. The decoder rejects anything an
+//! encoder would not produce: wrong magic, version or kind, out-of-range lengths, unsorted or
+//! duplicate keys, a digest that does not match the request, and trailing bytes.
+
+#![deny(clippy::indexing_slicing, clippy::arithmetic_side_effects)]
+
+use crate::codec::{DecodeError, Reader, Writer};
+use crate::{limits, Hash, TxId};
+
+/// Magic of a checkpoint record.
+pub const MAGIC: &str = "MFCP";
+/// Format version written by this build.
+pub const VERSION: u8 = 1;
+/// Kind byte of a transaction checkpoint.
+pub const KIND_TRANSACTION: u8 = 0x01;
+/// Outcome byte of a committed transaction.
+pub const OUTCOME_COMMITTED: u8 = 0x01;
+/// Cap on one encoded checkpoint.
+pub const MAX_CHECKPOINT_BYTES: usize = 8 << 20;
+
+/// One key the transaction read and the version it saw.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReadEntry {
+    /// Key.
+    pub key: Vec<u8>,
+    /// Sequence of the checkpoint that wrote the version seen; 0 if the key never existed.
+    pub version: u64,
+}
+
+/// One key the transaction wrote, with its images.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WriteEntry {
+    /// Key.
+    pub key: Vec<u8>,
+    /// Version the key had just before this commit (0: never written).
+    pub before_version: u64,
+    /// Value before this commit (`None`: absent or deleted).
+    pub before: Option<Vec<u8>>,
+    /// Value after this commit (`None`: deleted).
+    pub after: Option<Vec<u8>>,
+}
+
+/// A committed transaction's checkpoint.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Checkpoint {
+    /// Commit sequence (1-based).
+    pub seq: u64,
+    /// Hash of checkpoint `seq - 1`.
+    pub prev_hash: Hash,
+    /// Transaction id.
+    pub tx_id: TxId,
+    /// Handler that ran.
+    pub handler: String,
+    /// Domain the transaction ran in.
+    pub domain_id: u32,
+    /// Hash of the policy bundle active at commit.
+    pub policy_hash: Hash,
+    /// When the transaction began (Unix ns).
+    pub begin_ns: u64,
+    /// When its group committed (Unix ns).
+    pub commit_ns: u64,
+    /// The client's request, kept for replay.
+    pub request: Vec<u8>,
+    /// The handler's result.
+    pub result: Vec<u8>,
+    /// Read set, sorted by key.
+    pub reads: Vec<ReadEntry>,
+    /// Write set, sorted by key.
+    pub writes: Vec<WriteEntry>,
+}
+
+/// SHA-256 of `bytes`.
+pub fn sha256(bytes: &[u8]) -> Hash {
+    let d = ring::digest::digest(&ring::digest::SHA256, bytes);
+    let mut out = [0u8; 32];
+    out.copy_from_slice(d.as_ref());
+    out
+}
+
+/// `SHA-256(prev || encoding)`: the chain rule shared by the checkpoint and audit chains.
+pub fn chain_hash(prev: &Hash, encoding: &[u8]) -> Hash {
+    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    ctx.update(prev);
+    ctx.update(encoding);
+    let mut out = [0u8; 32];
+    out.copy_from_slice(ctx.finish().as_ref());
+    out
+}
+
+/// Whether `name` is a valid handler name.
+pub fn valid_handler(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= limits::MAX_HANDLER
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-' || b == b'.')
+}
+
+impl Checkpoint {
+    /// Encoded size, computed without encoding.
+    pub fn encoded_len(&self) -> usize {
+        // magic, version, kind, seq, prev_hash, tx_id, handler length, domain, policy hash,
+        // begin, commit, digest, request length, outcome, result length, two counts.
+        const FIXED: usize = 4 + 1 + 1 + 8 + 32 + 16 + 1 + 4 + 32 + 8 + 8 + 32 + 4 + 1 + 4 + 4 + 4;
+        let image = |v: &Option<Vec<u8>>| v.as_ref().map_or(1, |v| v.len().saturating_add(5));
+        let mut n = FIXED
+            .saturating_add(self.handler.len())
+            .saturating_add(self.request.len())
+            .saturating_add(self.result.len());
+        for r in &self.reads {
+            n = n.saturating_add(r.key.len()).saturating_add(2 + 8);
+        }
+        for w in &self.writes {
+            n = n
+                .saturating_add(w.key.len())
+                .saturating_add(2 + 8)
+                .saturating_add(image(&w.before))
+                .saturating_add(image(&w.after));
+        }
+        n
+    }
+
+    /// The canonical encoding. Callers build checkpoints within the limits; `decode` is the
+    /// authority on validity.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut w = Writer::with_capacity(self.encoded_len());
+        w.raw(MAGIC.as_bytes());
+        w.u8(VERSION);
+        w.u8(KIND_TRANSACTION);
+        w.u64(self.seq);
+        w.raw(&self.prev_hash);
+        w.raw(&self.tx_id.0);
+        w.bytes8(self.handler.as_bytes());
+        w.u32(self.domain_id);
+        w.raw(&self.policy_hash);
+        w.u64(self.begin_ns);
+        w.u64(self.commit_ns);
+        w.raw(&sha256(&self.request));
+        w.bytes32(&self.request);
+        w.u8(OUTCOME_COMMITTED);
+        w.bytes32(&self.result);
+        w.u32(u32::try_from(self.reads.len()).unwrap_or(u32::MAX));
+        for r in &self.reads {
+            w.bytes16(&r.key);
+            w.u64(r.version);
+        }
+        w.u32(u32::try_from(self.writes.len()).unwrap_or(u32::MAX));
+        for e in &self.writes {
+            w.bytes16(&e.key);
+            w.u64(e.before_version);
+            w.opt_bytes32(e.before.as_deref());
+            w.opt_bytes32(e.after.as_deref());
+        }
+        w.finish()
+    }
+
+    /// Decodes and validates one stored checkpoint.
+    pub fn decode(bytes: &[u8]) -> Result<Self, DecodeError> {
+        if bytes.len() > MAX_CHECKPOINT_BYTES {
+            return Err(DecodeError::TooLarge {
+                field: "checkpoint",
+                len: bytes.len(),
+                max: MAX_CHECKPOINT_BYTES,
+            });
+        }
+        let mut r = Reader::new(bytes);
+        r.magic(MAGIC)?;
+        let version = r.u8("version")?;
+        if version != VERSION {
+            return Err(DecodeError::UnsupportedVersion {
+                record: "checkpoint",
+                found: version,
+            });
+        }
+        if r.u8("kind")? != KIND_TRANSACTION {
+            return Err(DecodeError::NotCanonical {
+                field: "kind",
+                reason: "unknown checkpoint kind",
+            });
+        }
+        let seq = r.u64("seq")?;
+        if seq == 0 {
+            return Err(DecodeError::NotCanonical {
+                field: "seq",
+                reason: "sequence 0 is reserved",
+            });
+        }
+        let prev_hash = r.array("prev_hash")?;
+        let tx_id = TxId(r.array("tx_id")?);
+        let handler = r.str8(limits::MAX_HANDLER, "handler")?.to_owned();
+        if !valid_handler(&handler) {
+            return Err(DecodeError::NotCanonical {
+                field: "handler",
+                reason: "empty or outside [a-z0-9_.-]",
+            });
+        }
+        let domain_id = r.u32("domain_id")?;
+        let policy_hash = r.array("policy_hash")?;
+        let begin_ns = r.u64("begin_ns")?;
+        let commit_ns = r.u64("commit_ns")?;
+        let digest: Hash = r.array("request_digest")?;
+        let request = r.bytes32(limits::MAX_REQUEST, "request")?.to_vec();
+        if sha256(&request) != digest {
+            return Err(DecodeError::NotCanonical {
+                field: "request_digest",
+                reason: "does not match the request",
+            });
+        }
+        if r.u8("outcome")? != OUTCOME_COMMITTED {
+            return Err(DecodeError::NotCanonical {
+                field: "outcome",
+                reason: "unknown outcome",
+            });
+        }
+        let result = r.bytes32(limits::MAX_RESULT, "result")?.to_vec();
+
+        let n = r.count32(limits::MAX_READS, 2 + 1 + 8, "read count")?;
+        let mut reads: Vec<ReadEntry> = Vec::with_capacity(n);
+        for _ in 0..n {
+            let key = read_key(&mut r, "read key")?;
+            if reads.last().is_some_and(|prev| prev.key >= key) {
+                return Err(DecodeError::NotCanonical {
+                    field: "read set",
+                    reason: "keys not strictly increasing",
+                });
+            }
+            let version = r.u64("read version")?;
+            reads.push(ReadEntry { key, version });
+        }
+
+        let n = r.count32(limits::MAX_WRITES, 2 + 1 + 8 + 1 + 1, "write count")?;
+        let mut writes: Vec<WriteEntry> = Vec::with_capacity(n);
+        for _ in 0..n {
+            let key = read_key(&mut r, "write key")?;
+            if writes.last().is_some_and(|prev| prev.key >= key) {
+                return Err(DecodeError::NotCanonical {
+                    field: "write set",
+                    reason: "keys not strictly increasing",
+                });
+            }
+            let before_version = r.u64("before_version")?;
+            let before = r.opt_bytes32(limits::MAX_VALUE, "before image")?.map(<[u8]>::to_vec);
+            let after = r.opt_bytes32(limits::MAX_VALUE, "after image")?.map(<[u8]>::to_vec);
+            if before_version == 0 && before.is_some() {
+                return Err(DecodeError::NotCanonical {
+                    field: "before image",
+                    reason: "a never-written key has no before image",
+                });
+            }
+            writes.push(WriteEntry {
+                key,
+                before_version,
+                before,
+                after,
+            });
+        }
+        r.finish()?;
+        Ok(Self {
+            seq,
+            prev_hash,
+            tx_id,
+            handler,
+            domain_id,
+            policy_hash,
+            begin_ns,
+            commit_ns,
+            request,
+            result,
+            reads,
+            writes,
+        })
+    }
+}
+
+fn read_key(r: &mut Reader<'_>, field: &'static str) -> Result<Vec<u8>, DecodeError> {
+    let key = r.bytes16(limits::MAX_KEY, field)?;
+    if key.is_empty() {
+        return Err(DecodeError::NotCanonical {
+            field,
+            reason: "empty key",
+        });
+    }
+    Ok(key.to_vec())
+}
+
+/// Reads only `(seq, prev_hash)` from a checkpoint or audit record whose header is
+/// `magic(4) version(1) kind(1) seq(8) prev_hash(32)`.
+pub fn link_fields(bytes: &[u8]) -> Option<(u64, Hash)> {
+    let mut r = Reader::new(bytes);
+    r.take(6, "header").ok()?;
+    let seq = r.u64("seq").ok()?;
+    let prev = r.array("prev_hash").ok()?;
+    Some((seq, prev))
+}
+
+#[cfg(test)]
+#[allow(clippy::indexing_slicing, clippy::arithmetic_side_effects)]
+mod tests {
+    use super::*;
+
+    pub(crate) fn sample() -> Checkpoint {
+        Checkpoint {
+            seq: 1,
+            prev_hash: [0; 32],
+            tx_id: TxId([0x11; 16]),
+            handler: "transfer".into(),
+            domain_id: 7,
+            policy_hash: [0x22; 32],
+            begin_ns: 1_000,
+            commit_ns: 2_000,
+            request: b"{\"from\":\"a\",\"to\":\"b\",\"amount\":5}".to_vec(),
+            result: b"ok".to_vec(),
+            reads: vec![
+                ReadEntry { key: b"acct/a".to_vec(), version: 0 },
+                ReadEntry { key: b"acct/b".to_vec(), version: 0 },
+            ],
+            writes: vec![
+                WriteEntry { key: b"acct/a".to_vec(), before_version: 0, before: None, after: Some(b"95".to_vec()) },
+                WriteEntry { key: b"acct/b".to_vec(), before_version: 0, before: None, after: Some(b"105".to_vec()) },
+            ],
+        }
+    }
+
+    #[test]
+    fn round_trip_and_length() {
+        let c = sample();
+        let enc = c.encode();
+        assert_eq!(enc.len(), c.encoded_len());
+        assert_eq!(Checkpoint::decode(&enc).unwrap(), c);
+        assert_eq!(link_fields(&enc), Some((1, [0; 32])));
+    }
+
+    #[test]
+    fn every_truncation_is_rejected() {
+        let enc = sample().encode();
+        for cut in 0..enc.len() {
+            assert!(Checkpoint::decode(&enc[..cut]).is_err(), "prefix of {cut} bytes accepted");
+        }
+        let mut longer = enc.clone();
+        longer.push(0);
+        assert!(matches!(Checkpoint::decode(&longer), Err(DecodeError::Trailing { count: 1 })));
+    }
+
+    #[test]
+    fn unsorted_write_set_is_rejected() {
+        let mut c = sample();
+        c.writes.swap(0, 1);
+        assert!(matches!(
+            Checkpoint::decode(&c.encode()),
+            Err(DecodeError::NotCanonical { field: "write set", .. })
+        ));
+    }
+
+    #[test]
+    fn request_digest_is_checked() {
+        let c = sample();
+        let mut enc = c.encode();
+        let at = enc.windows(4).position(|w| w == b"from").unwrap();
+        enc[at] ^= 1;
+        assert!(matches!(
+            Checkpoint::decode(&enc),
+            Err(DecodeError::NotCanonical { field: "request_digest", .. })
+        ));
+    }
+
+    #[test]
+    fn random_bytes_never_panic() {
+        let mut rng = fastrand::Rng::with_seed(7);
+        let base = sample().encode();
+        for _ in 0..20_000 {
+            let mut b = base.clone();
+            for _ in 0..rng.usize(1..4) {
+                let i = rng.usize(..b.len());
+                b[i] = rng.u8(..);
+            }
+            let _ = Checkpoint::decode(&b);
+            let junk: Vec<u8> = (0..rng.usize(..300)).map(|_| rng.u8(..)).collect();
+            let _ = Checkpoint::decode(&junk);
+        }
+    }
+}

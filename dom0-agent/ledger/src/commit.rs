@@ -1,0 +1,453 @@
+//! Group commit: one thread owns every LMDB write transaction.
+//!
+//! Callers queue jobs (a transaction to commit, or audit events to append) and wait on a
+//! ticket. The committer takes the first queued job and everything queued behind it (up to
+//! `max_group`), validates and applies each transaction in turn inside ONE LMDB write
+//! transaction, appends the checkpoints and audit records, signs the new chain head, and
+//! commits: one fsync for the whole group. Only then are the tickets answered, so a commit
+//! call returns only after its data is durable. A conflicting transaction is rejected
+//! before it writes anything, and does not affect the others in its group. If LMDB fails
+//! (disk full, map full, I/O error), the whole group is abandoned and every ticket in it
+//! gets the error; nothing of the group is visible and the in-memory tips stay at the last
+//! durable group.
+
+use std::ops::Bound;
+use std::sync::mpsc::{Receiver, SyncSender};
+use std::sync::{Arc, Mutex};
+
+use heed::RwTxn;
+use slog::{debug, error, Logger};
+
+use crate::audit::{AuditError, AuditEvent, AuditRecord};
+use crate::checkpoint::{chain_hash, Checkpoint, ReadEntry, WriteEntry, MAX_CHECKPOINT_BYTES};
+use crate::head::{SignedHead, Tip};
+use crate::keys::SigningKey;
+use crate::store::{encode_tip, meta_keys, u64_key, Store, FORMAT_MARKER, FORMAT_VERSION};
+use crate::txn::{decode_value, encode_value, ScanRecord, TxContext};
+use crate::{codec::hex, now_ns, Hash, Inner, Receipt, Tips, TxId};
+
+/// Why a commit (or an audit append) did not happen.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum CommitError {
+    /// A key the transaction read has changed since: retry the transaction.
+    #[error("conflict on key {key}: read version {read}, now {current}")]
+    Conflict {
+        /// Hex of the key.
+        key: String,
+        /// Version the transaction saw.
+        read: u64,
+        /// Version now committed.
+        current: u64,
+    },
+    /// A range the transaction scanned has changed since: retry the transaction.
+    #[error("conflict in scanned range starting at {start}: {reason}")]
+    ScanConflict {
+        /// Hex of the range start.
+        start: String,
+        /// First difference found.
+        reason: String,
+    },
+    /// A transaction with this id has already committed.
+    #[error("transaction {0} has already committed")]
+    DuplicateTxId(TxId),
+    /// The handler's result is above the cap.
+    #[error("result of {len} bytes is above the limit of {max}")]
+    ResultTooLarge {
+        /// Length.
+        len: usize,
+        /// Cap.
+        max: usize,
+    },
+    /// The checkpoint would be above the cap.
+    #[error("checkpoint of {len} bytes would be above the limit of {max}")]
+    CheckpointTooLarge {
+        /// Length.
+        len: usize,
+        /// Cap.
+        max: usize,
+    },
+    /// An attached audit event is invalid.
+    #[error("invalid audit event: {0}")]
+    Audit(#[from] AuditError),
+    /// A stored data value is malformed.
+    #[error("stored value of key {key} is malformed")]
+    Corrupt {
+        /// Hex of the key.
+        key: String,
+    },
+    /// The filesystem is full; nothing of this group was committed.
+    #[error("disk full while committing a group of {group_size}; nothing of it was committed")]
+    DiskFull {
+        /// Jobs in the failed group.
+        group_size: usize,
+    },
+    /// The LMDB map is full; nothing of this group was committed.
+    #[error("ledger map full (raise --map-size); nothing of a group of {group_size} was committed")]
+    MapFull {
+        /// Jobs in the failed group.
+        group_size: usize,
+    },
+    /// Another storage failure; nothing of this group was committed.
+    #[error("storage failure, nothing of a group of {group_size} was committed: {source}")]
+    Storage {
+        /// Jobs in the failed group.
+        group_size: usize,
+        /// LMDB's error.
+        source: Arc<heed::Error>,
+    },
+    /// The ledger is shut down.
+    #[error("ledger is closed")]
+    Closed,
+}
+
+impl CommitError {
+    /// Whether retrying the same transaction from the start may succeed.
+    pub fn is_conflict(&self) -> bool {
+        matches!(self, Self::Conflict { .. } | Self::ScanConflict { .. })
+    }
+
+    fn from_storage(e: heed::Error, group_size: usize) -> Self {
+        match &e {
+            heed::Error::Mdb(heed::MdbError::MapFull) => Self::MapFull { group_size },
+            heed::Error::Io(io) if io.raw_os_error() == Some(28) => Self::DiskFull { group_size },
+            heed::Error::Mdb(heed::MdbError::Other(28)) => Self::DiskFull { group_size },
+            _ => Self::Storage {
+                group_size,
+                source: Arc::new(e),
+            },
+        }
+    }
+}
+
+/// A transaction ready for validation.
+#[derive(Debug)]
+pub(crate) struct PreparedTx {
+    pub ctx: TxContext,
+    pub begin_ns: u64,
+    pub reads: std::collections::BTreeMap<Vec<u8>, u64>,
+    pub writes: std::collections::BTreeMap<Vec<u8>, Option<Vec<u8>>>,
+    pub scans: Vec<ScanRecord>,
+    pub result: Vec<u8>,
+    pub audit: Vec<AuditEvent>,
+}
+
+/// Work for the committer.
+#[derive(Debug)]
+pub(crate) enum Job {
+    Commit(Box<PreparedTx>),
+    Audit(Vec<AuditEvent>),
+}
+
+pub(crate) struct Envelope {
+    job: Job,
+    reply: SyncSender<Result<Receipt, CommitError>>,
+}
+
+/// A queued commit; [`CommitTicket::wait`] blocks until its group is durable.
+#[derive(Debug)]
+#[must_use = "a commit is only known durable once wait() returns Ok"]
+pub struct CommitTicket {
+    rx: Receiver<Result<Receipt, CommitError>>,
+}
+
+impl CommitTicket {
+    /// Waits for the outcome.
+    pub fn wait(self) -> Result<Receipt, CommitError> {
+        self.rx.recv().unwrap_or(Err(CommitError::Closed))
+    }
+}
+
+pub(crate) fn submit(inner: &Inner, job: Job) -> Result<CommitTicket, CommitError> {
+    let (reply, rx) = std::sync::mpsc::sync_channel(1);
+    let sender = inner.sender.as_ref().ok_or(CommitError::Closed)?;
+    sender.send(Envelope { job, reply }).map_err(|_| CommitError::Closed)?;
+    Ok(CommitTicket { rx })
+}
+
+/// Key of the `history` database: `u16 BE key length || key || u64 BE seq`.
+pub fn history_key(key: &[u8], seq: u64) -> Vec<u8> {
+    let mut out = Vec::with_capacity(2 + key.len() + 8);
+    out.extend_from_slice(&u16::try_from(key.len()).unwrap_or(u16::MAX).to_be_bytes());
+    out.extend_from_slice(key);
+    out.extend_from_slice(&seq.to_be_bytes());
+    out
+}
+
+/// Key of the `read_from` database: `u64 BE writer seq || u64 BE reader seq || key`.
+pub fn read_from_key(writer: u64, reader: u64, key: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(16 + key.len());
+    out.extend_from_slice(&writer.to_be_bytes());
+    out.extend_from_slice(&reader.to_be_bytes());
+    out.extend_from_slice(key);
+    out
+}
+
+enum Step {
+    Reject(CommitError),
+    Fatal(heed::Error),
+}
+
+impl From<heed::Error> for Step {
+    fn from(e: heed::Error) -> Self {
+        Step::Fatal(e)
+    }
+}
+
+/// The committer's state: the durable tips and the key that signs them.
+pub(crate) struct Committer {
+    pub store: Store,
+    pub key: SigningKey,
+    pub checkpoints: Tip,
+    pub audit: Tip,
+    pub group: u64,
+    pub max_group: usize,
+    pub shared_tips: Arc<Mutex<Tips>>,
+    pub log: Logger,
+}
+
+impl Committer {
+    /// Serves the queue until every sender is gone.
+    pub fn run(mut self, rx: Receiver<Envelope>) {
+        while let Ok(first) = rx.recv() {
+            let mut batch = vec![first];
+            while batch.len() < self.max_group {
+                match rx.try_recv() {
+                    Ok(e) => batch.push(e),
+                    Err(_) => break,
+                }
+            }
+            let (jobs, replies): (Vec<Job>, Vec<_>) = batch.into_iter().map(|e| (e.job, e.reply)).unzip();
+            let n = jobs.len();
+            match self.write_group(jobs, false) {
+                Ok(results) => {
+                    for (reply, r) in replies.into_iter().zip(results) {
+                        let _ = reply.send(r);
+                    }
+                }
+                Err(e) => {
+                    error!(self.log, "group commit failed"; "jobs" => n, "error" => %e);
+                    for reply in replies {
+                        let _ = reply.send(Err(e.clone()));
+                    }
+                }
+            }
+        }
+        debug!(self.log, "committer stopped");
+    }
+
+    /// Applies `jobs` in one LMDB write transaction and commits it. `genesis` also writes
+    /// the format marker and identity. Returns one result per job, or the group's failure.
+    pub fn write_group(&mut self, jobs: Vec<Job>, genesis: bool) -> Result<Vec<Result<Receipt, CommitError>>, CommitError> {
+        let n = jobs.len();
+        let fail = |e: heed::Error| CommitError::from_storage(e, n);
+        let now = now_ns();
+        let env = self.store.env.clone();
+        let mut wtxn = env.write_txn().map_err(fail)?;
+        let dbs = self.store.dbs;
+        if genesis {
+            let mut format = FORMAT_MARKER.to_vec();
+            format.extend_from_slice(&FORMAT_VERSION.to_be_bytes());
+            dbs.meta.put(&mut wtxn, meta_keys::FORMAT, &format).map_err(fail)?;
+            dbs.meta
+                .put(&mut wtxn, meta_keys::PUBLIC_KEY, &self.key.public_key())
+                .map_err(fail)?;
+        }
+        let mut ckpt = self.checkpoints;
+        let mut audit = self.audit;
+        let mut results = Vec::with_capacity(n);
+        for job in jobs {
+            let step = match job {
+                Job::Commit(tx) => self.apply_tx(&mut wtxn, &mut ckpt, &mut audit, *tx, now),
+                Job::Audit(events) => self.apply_audit(&mut wtxn, &mut audit, events, now),
+            };
+            match step {
+                Ok(r) => results.push(Ok(r)),
+                Err(Step::Reject(e)) => results.push(Err(e)),
+                Err(Step::Fatal(e)) => return Err(fail(e)),
+            }
+        }
+        if ckpt == self.checkpoints && audit == self.audit && !genesis {
+            wtxn.abort();
+            return Ok(results);
+        }
+        let group = self.group.saturating_add(1);
+        let head = SignedHead::sign(&self.key, group, ckpt, audit, now);
+        dbs.heads.put(&mut wtxn, &u64_key(group), &head.encode()).map_err(fail)?;
+        dbs.meta.put(&mut wtxn, meta_keys::CKPT_TIP, &encode_tip(&ckpt)).map_err(fail)?;
+        dbs.meta.put(&mut wtxn, meta_keys::AUDIT_TIP, &encode_tip(&audit)).map_err(fail)?;
+        dbs.meta.put(&mut wtxn, meta_keys::GROUP, &u64_key(group)).map_err(fail)?;
+        wtxn.commit().map_err(fail)?;
+
+        self.checkpoints = ckpt;
+        self.audit = audit;
+        self.group = group;
+        if let Ok(mut t) = self.shared_tips.lock() {
+            *t = Tips {
+                checkpoints: ckpt,
+                audit,
+                group,
+            };
+        }
+        for r in results.iter_mut().flatten() {
+            r.group = group;
+        }
+        Ok(results)
+    }
+
+    fn current(&self, wtxn: &RwTxn<'_>, key: &[u8]) -> Result<(u64, Option<Vec<u8>>), Step> {
+        match self.store.dbs.data.get(wtxn, key)? {
+            None => Ok((0, None)),
+            Some(bytes) => {
+                let s = decode_value(bytes).ok_or_else(|| Step::Reject(CommitError::Corrupt { key: hex(key) }))?;
+                Ok((s.version, s.value.map(<[u8]>::to_vec)))
+            }
+        }
+    }
+
+    fn validate_scan(&self, wtxn: &RwTxn<'_>, scan: &ScanRecord) -> Result<(), Step> {
+        let end = match &scan.end {
+            Bound::Included(k) => Bound::Included(k.as_slice()),
+            Bound::Excluded(k) => Bound::Excluded(k.as_slice()),
+            Bound::Unbounded => Bound::Unbounded,
+        };
+        let range = (Bound::Included(scan.start.as_slice()), end);
+        let mut expected = scan.seen.iter();
+        let conflict = |reason: String| {
+            Step::Reject(CommitError::ScanConflict {
+                start: hex(&scan.start),
+                reason,
+            })
+        };
+        for item in self.store.dbs.data.range(wtxn, &range)? {
+            let (k, v) = item?;
+            let version = decode_value(v)
+                .ok_or_else(|| Step::Reject(CommitError::Corrupt { key: hex(k) }))?
+                .version;
+            match expected.next() {
+                Some((ek, ev)) if ek.as_slice() == k && *ev == version => {}
+                Some((ek, ev)) => {
+                    return Err(conflict(format!(
+                        "saw {} at version {ev}, now {} at version {version}",
+                        hex(ek),
+                        hex(k)
+                    )))
+                }
+                None => return Err(conflict(format!("{} was added", hex(k)))),
+            }
+        }
+        if let Some((ek, _)) = expected.next() {
+            return Err(conflict(format!("{} is gone", hex(ek))));
+        }
+        Ok(())
+    }
+
+    fn apply_tx(&self, wtxn: &mut RwTxn<'_>, ckpt: &mut Tip, audit: &mut Tip, tx: PreparedTx, now: u64) -> Result<Receipt, Step> {
+        let dbs = self.store.dbs;
+        if dbs.tx_index.get(wtxn, &tx.ctx.tx_id.0)?.is_some() {
+            return Err(Step::Reject(CommitError::DuplicateTxId(tx.ctx.tx_id)));
+        }
+        for (key, &read) in &tx.reads {
+            let (current, _) = self.current(wtxn, key)?;
+            if current != read {
+                return Err(Step::Reject(CommitError::Conflict {
+                    key: hex(key),
+                    read,
+                    current,
+                }));
+            }
+        }
+        for scan in &tx.scans {
+            self.validate_scan(wtxn, scan)?;
+        }
+
+        let seq = ckpt.seq.saturating_add(1);
+        let mut writes = Vec::with_capacity(tx.writes.len());
+        for (key, after) in tx.writes {
+            let (before_version, before) = self.current(wtxn, &key)?;
+            writes.push(WriteEntry {
+                key,
+                before_version,
+                before,
+                after,
+            });
+        }
+        let cp = Checkpoint {
+            seq,
+            prev_hash: ckpt.hash,
+            tx_id: tx.ctx.tx_id,
+            handler: tx.ctx.handler,
+            domain_id: tx.ctx.domain_id,
+            policy_hash: tx.ctx.policy_hash,
+            begin_ns: tx.begin_ns,
+            commit_ns: now,
+            request: tx.ctx.request,
+            result: tx.result,
+            reads: tx
+                .reads
+                .into_iter()
+                .map(|(key, version)| ReadEntry { key, version })
+                .collect(),
+            writes,
+        };
+        let len = cp.encoded_len();
+        if len > MAX_CHECKPOINT_BYTES {
+            return Err(Step::Reject(CommitError::CheckpointTooLarge {
+                len,
+                max: MAX_CHECKPOINT_BYTES,
+            }));
+        }
+        let enc = cp.encode();
+        let hash: Hash = chain_hash(&ckpt.hash, &enc);
+
+        let seq_key = u64_key(seq);
+        for w in &cp.writes {
+            dbs.data.put(wtxn, &w.key, &encode_value(seq, w.after.as_deref()))?;
+            dbs.history.put(wtxn, &history_key(&w.key, seq), &[])?;
+        }
+        for r in cp.reads.iter().filter(|r| r.version != 0) {
+            dbs.read_from.put(wtxn, &read_from_key(r.version, seq, &r.key), &[])?;
+        }
+        dbs.checkpoints.put(wtxn, &seq_key, &enc)?;
+        dbs.tx_index.put(wtxn, &cp.tx_id.0, &seq_key)?;
+        *ckpt = Tip { seq, hash };
+        for ev in tx.audit {
+            self.append_audit(wtxn, audit, ev, now)?;
+        }
+        Ok(Receipt {
+            seq,
+            hash,
+            audit_seq: audit.seq,
+            group: 0,
+        })
+    }
+
+    fn apply_audit(&self, wtxn: &mut RwTxn<'_>, audit: &mut Tip, events: Vec<AuditEvent>, now: u64) -> Result<Receipt, Step> {
+        for ev in &events {
+            ev.validate().map_err(|e| Step::Reject(e.into()))?;
+        }
+        for ev in events {
+            self.append_audit(wtxn, audit, ev, now)?;
+        }
+        Ok(Receipt {
+            seq: 0,
+            hash: audit.hash,
+            audit_seq: audit.seq,
+            group: 0,
+        })
+    }
+
+    fn append_audit(&self, wtxn: &mut RwTxn<'_>, tip: &mut Tip, event: AuditEvent, now: u64) -> Result<(), heed::Error> {
+        let seq = tip.seq.saturating_add(1);
+        let rec = AuditRecord {
+            seq,
+            prev_hash: tip.hash,
+            time_ns: now,
+            event,
+        };
+        let enc = rec.encode();
+        let hash = chain_hash(&tip.hash, &enc);
+        self.store.dbs.audit.put(wtxn, &u64_key(seq), &enc)?;
+        *tip = Tip { seq, hash };
+        Ok(())
+    }
+}

@@ -1,0 +1,205 @@
+//! The appliance signing key (Ed25519, via `ring`).
+//!
+//! The private key lives in `<data-dir>/signing.key` as the PKCS#8 v2 document that `ring`
+//! generates, mode 0600, created on the ledger's first start and never rewritten. A key file
+//! readable by group or others is refused, as is a ledger whose key file has gone missing:
+//! generating a new key there would silently fork the appliance's identity.
+
+#![forbid(unsafe_code)]
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use ring::rand::SystemRandom;
+use ring::signature::{Ed25519KeyPair, KeyPair, UnparsedPublicKey, ED25519};
+
+/// File name of the private key inside the data directory.
+pub const KEY_FILE: &str = "signing.key";
+/// Largest key file accepted (a PKCS#8 Ed25519 document is 83-85 bytes).
+const MAX_KEY_FILE: u64 = 4096;
+
+/// A 32-byte Ed25519 public key.
+pub type PublicKey = [u8; 32];
+
+/// Why the signing key could not be loaded or created.
+#[derive(Debug, thiserror::Error)]
+pub enum KeyError {
+    /// The ledger exists but its key file does not.
+    #[error("signing key {path} is missing; the ledger in this directory was signed with it. Restore it from backup (a new key would not verify the existing chain)")]
+    Missing {
+        /// Expected path.
+        path: PathBuf,
+    },
+    /// The key file is readable or writable by group or others.
+    #[error("signing key {path} has mode {mode:o}; it must be 0600 (owner only)")]
+    Permissions {
+        /// Path.
+        path: PathBuf,
+        /// Mode found.
+        mode: u32,
+    },
+    /// The key file is not a PKCS#8 Ed25519 key.
+    #[error("signing key {path} is not a valid PKCS#8 Ed25519 key: {reason}")]
+    Malformed {
+        /// Path.
+        path: PathBuf,
+        /// What `ring` reported.
+        reason: String,
+    },
+    /// Reading or writing the key file failed.
+    #[error("signing key {path}: {source}")]
+    Io {
+        /// Path.
+        path: PathBuf,
+        /// The OS error.
+        source: io::Error,
+    },
+    /// The system random generator failed.
+    #[error("could not generate a signing key: system randomness unavailable")]
+    Random,
+}
+
+/// The appliance's signing key pair.
+pub struct SigningKey {
+    pair: Ed25519KeyPair,
+    public: PublicKey,
+}
+
+impl std::fmt::Debug for SigningKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "SigningKey({})", crate::codec::hex(&self.public))
+    }
+}
+
+impl SigningKey {
+    /// Loads `<dir>/signing.key`.
+    pub fn load(dir: &Path) -> Result<Self, KeyError> {
+        let path = dir.join(KEY_FILE);
+        let io = |source| KeyError::Io {
+            path: path.clone(),
+            source,
+        };
+        let meta = match fs::metadata(&path) {
+            Ok(m) => m,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(KeyError::Missing { path }),
+            Err(e) => return Err(io(e)),
+        };
+        let mode = meta.permissions().mode() & 0o777;
+        if mode & 0o077 != 0 {
+            return Err(KeyError::Permissions { path, mode });
+        }
+        if meta.len() > MAX_KEY_FILE {
+            return Err(KeyError::Malformed {
+                path,
+                reason: format!("{} bytes is too long for a key", meta.len()),
+            });
+        }
+        let der = fs::read(&path).map_err(io)?;
+        Self::from_pkcs8(&der).map_err(|reason| KeyError::Malformed { path, reason })
+    }
+
+    /// Generates a new key into `<dir>/signing.key` (mode 0600, written through a temporary
+    /// file, fsynced, then renamed). Fails if the file already exists.
+    pub fn generate(dir: &Path) -> Result<Self, KeyError> {
+        let path = dir.join(KEY_FILE);
+        let tmp = dir.join(format!("{KEY_FILE}.tmp"));
+        let der = Ed25519KeyPair::generate_pkcs8(&SystemRandom::new()).map_err(|_| KeyError::Random)?;
+        let io = |p: &Path| {
+            let p = p.to_path_buf();
+            move |source| KeyError::Io { path: p, source }
+        };
+        // A leftover from an interrupted first start holds no committed identity.
+        match fs::remove_file(&tmp) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io(&tmp)(e)),
+        }
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)
+            .map_err(io(&tmp))?;
+        f.write_all(der.as_ref()).map_err(io(&tmp))?;
+        f.sync_all().map_err(io(&tmp))?;
+        drop(f);
+        if path.exists() {
+            let _ = fs::remove_file(&tmp);
+            return Err(io(&path)(io::Error::new(io::ErrorKind::AlreadyExists, "refusing to overwrite a key")));
+        }
+        fs::rename(&tmp, &path).map_err(io(&path))?;
+        File::open(dir).and_then(|d| d.sync_all()).map_err(io(dir))?;
+        Self::from_pkcs8(der.as_ref()).map_err(|reason| KeyError::Malformed { path, reason })
+    }
+
+    fn from_pkcs8(der: &[u8]) -> Result<Self, String> {
+        let pair = Ed25519KeyPair::from_pkcs8(der).map_err(|e| e.to_string())?;
+        let mut public = [0u8; 32];
+        public.copy_from_slice(pair.public_key().as_ref());
+        Ok(Self { pair, public })
+    }
+
+    /// The public key.
+    pub fn public_key(&self) -> PublicKey {
+        self.public
+    }
+
+    /// Signs `msg`.
+    pub fn sign(&self, msg: &[u8]) -> [u8; 64] {
+        let mut out = [0u8; 64];
+        out.copy_from_slice(self.pair.sign(msg).as_ref());
+        out
+    }
+}
+
+/// Whether `sig` is `key`'s Ed25519 signature of `msg`.
+pub fn verify_signature(key: &PublicKey, msg: &[u8], sig: &[u8; 64]) -> bool {
+    UnparsedPublicKey::new(&ED25519, key).verify(msg, sig).is_ok()
+}
+
+/// Reads a public key given as 64 hex digits (surrounding whitespace ignored).
+pub fn parse_public_key(text: &str) -> Option<PublicKey> {
+    let bytes = crate::codec::unhex(text)?;
+    bytes.try_into().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn generate_then_load_with_0600() {
+        let dir = tempfile::tempdir().unwrap();
+        let k = SigningKey::generate(dir.path()).unwrap();
+        let mode = fs::metadata(dir.path().join(KEY_FILE)).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        let again = SigningKey::load(dir.path()).unwrap();
+        assert_eq!(k.public_key(), again.public_key());
+        let sig = k.sign(b"msg");
+        assert!(verify_signature(&k.public_key(), b"msg", &sig));
+        assert!(!verify_signature(&k.public_key(), b"msh", &sig));
+        assert!(SigningKey::generate(dir.path()).is_err(), "must not overwrite");
+    }
+
+    #[test]
+    fn loose_permissions_and_garbage_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(matches!(SigningKey::load(dir.path()), Err(KeyError::Missing { .. })));
+        SigningKey::generate(dir.path()).unwrap();
+        let path = dir.path().join(KEY_FILE);
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o644)).unwrap();
+        assert!(matches!(SigningKey::load(dir.path()), Err(KeyError::Permissions { mode: 0o644, .. })));
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o600)).unwrap();
+        fs::write(&path, b"not a key").unwrap();
+        assert!(matches!(SigningKey::load(dir.path()), Err(KeyError::Malformed { .. })));
+    }
+
+    #[test]
+    fn public_key_hex() {
+        let hex = "00".repeat(31) + "ff";
+        assert_eq!(parse_public_key(&hex).unwrap()[31], 0xff);
+        assert!(parse_public_key("abcd").is_none());
+    }
+}

@@ -1,0 +1,350 @@
+//! Mayfly's verifiable ledger: the shared database, its checkpoints and its audit log, in
+//! one LMDB environment (via `heed`).
+//!
+//! Every committed transaction leaves a [`Checkpoint`] (request, read set, write set with
+//! before- and after-images) that commits in the same LMDB transaction as its data. The
+//! checkpoints and the audit log are two hash chains; every group commit signs both tips
+//! with the appliance's Ed25519 key. [`verify()`] walks everything and names the first bad
+//! record.
+//!
+//! # On-disk layout
+//!
+//! One LMDB environment in the data directory (`data.mdb`, `lock.mdb`), plus the signing
+//! key `signing.key` (PKCS#8, mode 0600). Named databases, all created in one write
+//! transaction on first start (names in [`store::names`]); integers are big-endian so that
+//! LMDB's byte order is numeric order:
+//!
+//! ```text
+//! database     key                                   value
+//! meta         b"format"                             b"MAYFLY-LEDGER" || u32 layout version (1)
+//!              b"public_key"                         32-byte Ed25519 public key of the ledger
+//!              b"checkpoint_tip", b"audit_tip"       u64 seq || 32-byte chain hash
+//!              b"group"                              u64 last group-commit sequence
+//! data         application key (1..=256 bytes)       0x01 || u64 version || value   (live)
+//!                                                    0x02 || u64 version            (tombstone)
+//! checkpoints  u64 commit seq                        checkpoint encoding (checkpoint.rs)
+//! audit        u64 audit seq                         audit record encoding (audit.rs)
+//! heads        u64 group seq                         signed head (head.rs)
+//! tx_index     16-byte transaction id                u64 commit seq
+//! history      u16 key len || key || u64 seq         empty: `seq` wrote `key`
+//! read_from    u64 writer seq || u64 reader seq      empty: `reader` read the version of
+//!                || key                              `key` written by `writer`
+//! nonces       (admin console; created empty)
+//! cursors      (SIEM exporter; created empty)
+//! ```
+//!
+//! A data version is the commit sequence of the checkpoint that wrote it; 0 means "never
+//! written". `history` answers "who wrote this key, in order" and `read_from` answers "who
+//! depends on what this transaction wrote": together they let rollback compute the
+//! transitive set of affected transactions without scanning the chain.
+
+#![deny(missing_docs)]
+
+pub mod audit;
+pub mod checkpoint;
+pub mod codec;
+mod commit;
+pub mod head;
+pub mod keys;
+pub mod read;
+pub mod store;
+#[cfg(feature = "test-tamper")]
+pub mod tamper;
+mod txn;
+pub mod verify;
+
+use std::path::Path;
+use std::sync::mpsc::SyncSender;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use slog::{info, o, Logger};
+
+pub use audit::{AuditEvent, AuditRecord, Severity};
+pub use checkpoint::{Checkpoint, ReadEntry, WriteEntry};
+pub use commit::{history_key, read_from_key, CommitError, CommitTicket};
+pub use head::{SignedHead, Tip};
+pub use keys::{KeyError, PublicKey, SigningKey};
+pub use read::ReadError;
+pub use store::{OpenError, Store, StoreOptions};
+pub use txn::{ScanResult, Tx, TxContext, TxError};
+pub use verify::{verify, Failure, Progress, VerifyReport};
+
+/// A SHA-256 digest.
+pub type Hash = [u8; 32];
+
+/// Size caps, enforced when a transaction is built and again when a record is decoded.
+pub mod limits {
+    /// Longest key.
+    pub const MAX_KEY: usize = 256;
+    /// Longest value.
+    pub const MAX_VALUE: usize = 64 << 10;
+    /// Longest handler name.
+    pub const MAX_HANDLER: usize = 64;
+    /// Longest request.
+    pub const MAX_REQUEST: usize = 64 << 10;
+    /// Longest result.
+    pub const MAX_RESULT: usize = 64 << 10;
+    /// Most keys in a read set (scanned keys included).
+    pub const MAX_READS: usize = 4096;
+    /// Most keys in a write set.
+    pub const MAX_WRITES: usize = 1024;
+    /// Largest scan limit.
+    pub const MAX_SCAN: usize = 1024;
+    /// Most scans per transaction.
+    pub const MAX_SCANS: usize = 64;
+}
+
+/// A transaction id: 16 bytes, shown as 32 hex digits.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct TxId(pub [u8; 16]);
+
+impl TxId {
+    /// A random id from the system RNG.
+    pub fn random() -> Self {
+        use ring::rand::SecureRandom;
+        let mut b = [0u8; 16];
+        // The system RNG only fails when the OS has no entropy source at all; a constant
+        // id would then be refused as a duplicate at commit rather than go unnoticed.
+        let _ = ring::rand::SystemRandom::new().fill(&mut b);
+        Self(b)
+    }
+
+    /// Parses 32 hex digits.
+    pub fn parse(s: &str) -> Option<Self> {
+        codec::unhex(s)?.try_into().ok().map(Self)
+    }
+}
+
+impl std::fmt::Display for TxId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&codec::hex(&self.0))
+    }
+}
+
+impl std::fmt::Debug for TxId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "TxId({self})")
+    }
+}
+
+/// What a successful commit or audit append produced.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Receipt {
+    /// Commit sequence of the checkpoint (0 for an audit-only append).
+    pub seq: u64,
+    /// Chain hash of that checkpoint (of the audit tip for an audit-only append).
+    pub hash: Hash,
+    /// Audit sequence after this job.
+    pub audit_seq: u64,
+    /// Group commit that made it durable.
+    pub group: u64,
+}
+
+/// Durable tips of both chains.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Tips {
+    /// Checkpoint chain.
+    pub checkpoints: Tip,
+    /// Audit chain.
+    pub audit: Tip,
+    /// Last group commit.
+    pub group: u64,
+}
+
+/// How to open a ledger.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// LMDB settings.
+    pub store: StoreOptions,
+    /// Most jobs per group commit.
+    pub max_group: usize,
+    /// Most jobs waiting for the committer; submitters block beyond it.
+    pub queue_depth: usize,
+    /// Create the ledger (and its key) if the directory holds none.
+    pub create: bool,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            store: StoreOptions::default(),
+            max_group: 1024,
+            queue_depth: 16 * 1024,
+            create: true,
+        }
+    }
+}
+
+pub(crate) struct Inner {
+    pub store: Store,
+    pub sender: Option<SyncSender<commit::Envelope>>,
+    committer: Option<JoinHandle<()>>,
+    tips: Arc<Mutex<Tips>>,
+    public_key: PublicKey,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        self.sender = None;
+        if let Some(h) = self.committer.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+/// An open ledger. Cheap to clone; the committer thread stops when the last clone (and the
+/// last open transaction) is dropped.
+#[derive(Clone)]
+pub struct Ledger {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Ledger {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Ledger").field("dir", &self.inner.store.dir).finish()
+    }
+}
+
+pub(crate) fn now_ns() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
+impl Ledger {
+    /// Opens the ledger in `dir`, creating it and its signing key on first start when
+    /// `opts.create` is set. Appends a durable `ledger.opened` (or `ledger.created`) audit
+    /// event before returning.
+    pub fn open(dir: &Path, opts: &Options, log: &Logger) -> Result<Self, OpenError> {
+        let log = log.new(o!("component" => "ledger"));
+        let (store, fresh) = match store::Store::open(dir, &opts.store, opts.create)? {
+            store::Opened::Created(s) => (s, true),
+            store::Opened::Existing(s) => {
+                let fresh = opts.create && s.meta_is_empty()?;
+                (s, fresh)
+            }
+        };
+        let (key, state) = if fresh {
+            let key = match SigningKey::load(dir) {
+                Ok(k) => k,
+                Err(KeyError::Missing { .. }) => SigningKey::generate(dir)?,
+                Err(e) => return Err(e.into()),
+            };
+            (key, None)
+        } else {
+            let state = store.load_meta(true)?;
+            let key = SigningKey::load(dir)?;
+            if key.public_key() != state.public_key {
+                return Err(OpenError::KeyMismatch {
+                    path: dir.to_path_buf(),
+                    found: codec::hex(&key.public_key()),
+                    expected: codec::hex(&state.public_key),
+                });
+            }
+            (key, Some(state))
+        };
+        let public_key = key.public_key();
+        let tips = state.map_or_else(Tips::default, |s| Tips {
+            checkpoints: s.checkpoints,
+            audit: s.audit,
+            group: s.group,
+        });
+        let shared_tips = Arc::new(Mutex::new(tips));
+        let mut committer = commit::Committer {
+            store: store.clone(),
+            key,
+            checkpoints: tips.checkpoints,
+            audit: tips.audit,
+            group: tips.group,
+            max_group: opts.max_group.max(1),
+            shared_tips: shared_tips.clone(),
+            log: log.clone(),
+        };
+        let event = if fresh {
+            AuditEvent::new("ledger.created", Severity::Notice)
+        } else {
+            AuditEvent::new("ledger.opened", Severity::Info)
+        }
+        .field("public_key", codec::hex(&public_key))
+        .field("checkpoint_seq", tips.checkpoints.seq);
+        let first = committer
+            .write_group(vec![commit::Job::Audit(vec![event])], fresh)
+            .and_then(|mut results| results.pop().unwrap_or(Err(CommitError::Closed)));
+        if let Err(source) = first {
+            return Err(OpenError::FirstCommit {
+                path: dir.to_path_buf(),
+                source,
+            });
+        }
+        info!(log, "ledger open"; "dir" => %dir.display(), "created" => fresh,
+              "checkpoint_seq" => tips.checkpoints.seq, "public_key" => codec::hex(&public_key));
+
+        let (sender, rx) = std::sync::mpsc::sync_channel(opts.queue_depth.max(1));
+        let handle = std::thread::Builder::new()
+            .name("ledger-commit".into())
+            .spawn(move || committer.run(rx))
+            .map_err(OpenError::Thread)?;
+        Ok(Self {
+            inner: Arc::new(Inner {
+                store,
+                sender: Some(sender),
+                committer: Some(handle),
+                tips: shared_tips,
+                public_key,
+            }),
+        })
+    }
+
+    /// Begins a transaction reading from the current committed state.
+    pub fn begin(&self, ctx: TxContext) -> Result<Tx, TxError> {
+        if !checkpoint::valid_handler(&ctx.handler) {
+            return Err(TxError::BadHandler(ctx.handler));
+        }
+        if ctx.request.len() > limits::MAX_REQUEST {
+            return Err(TxError::RequestTooLarge {
+                len: ctx.request.len(),
+                max: limits::MAX_REQUEST,
+            });
+        }
+        let snapshot = self.inner.store.env.clone().static_read_txn()?;
+        Ok(Tx {
+            inner: self.inner.clone(),
+            snapshot,
+            ctx,
+            begin_ns: now_ns(),
+            reads: Default::default(),
+            writes: Default::default(),
+            scans: Vec::new(),
+        })
+    }
+
+    /// Appends audit events and waits until they are durable.
+    pub fn audit(&self, events: Vec<AuditEvent>) -> Result<Receipt, CommitError> {
+        self.submit_audit(events)?.wait()
+    }
+
+    /// Queues audit events; the ticket resolves when they are durable.
+    pub fn submit_audit(&self, events: Vec<AuditEvent>) -> Result<CommitTicket, CommitError> {
+        for ev in &events {
+            ev.validate()?;
+        }
+        commit::submit(&self.inner, commit::Job::Audit(events))
+    }
+
+    /// Durable tips of both chains.
+    pub fn tips(&self) -> Tips {
+        self.inner.tips.lock().map(|t| *t).unwrap_or_default()
+    }
+
+    /// The ledger's public key.
+    pub fn public_key(&self) -> PublicKey {
+        self.inner.public_key
+    }
+
+    /// The underlying store, for reads and verification.
+    pub fn store(&self) -> &Store {
+        &self.inner.store
+    }
+}

@@ -1,0 +1,499 @@
+//! The LMDB environment and every named database, opened or created together.
+//!
+//! See the crate docs for the layout of each database. This module holds the one `unsafe`
+//! block of the crate: opening the memory-mapped environment.
+
+use std::fs;
+use std::io;
+use std::os::unix::fs::DirBuilderExt;
+use std::path::{Path, PathBuf};
+
+use heed::types::Bytes;
+use heed::{Database, Env, EnvOpenOptions, RoTxn, WithoutTls};
+
+use crate::checkpoint::chain_hash;
+use crate::codec::{hex, Reader};
+use crate::head::{SignedHead, Tip};
+use crate::keys::PublicKey;
+
+/// Names of the databases, in one place.
+pub mod names {
+    /// Format marker, identity and chain tips.
+    pub const META: &str = "meta";
+    /// Application data.
+    pub const DATA: &str = "data";
+    /// Checkpoint chain.
+    pub const CHECKPOINTS: &str = "checkpoints";
+    /// Audit chain.
+    pub const AUDIT: &str = "audit";
+    /// Signed group heads.
+    pub const HEADS: &str = "heads";
+    /// Transaction id to commit sequence.
+    pub const TX_INDEX: &str = "tx_index";
+    /// Per-key writer history.
+    pub const HISTORY: &str = "history";
+    /// Reverse read-from index.
+    pub const READ_FROM: &str = "read_from";
+    /// Admin command nonces (console).
+    pub const NONCES: &str = "nonces";
+    /// Exporter cursors (SIEM).
+    pub const CURSORS: &str = "cursors";
+    /// All of them, in creation order.
+    pub const ALL: [&str; 10] = [
+        META, DATA, CHECKPOINTS, AUDIT, HEADS, TX_INDEX, HISTORY, READ_FROM, NONCES, CURSORS,
+    ];
+}
+
+/// Keys inside the `meta` database.
+pub(crate) mod meta_keys {
+    pub const FORMAT: &[u8] = b"format";
+    pub const PUBLIC_KEY: &[u8] = b"public_key";
+    pub const CKPT_TIP: &[u8] = b"checkpoint_tip";
+    pub const AUDIT_TIP: &[u8] = b"audit_tip";
+    pub const GROUP: &[u8] = b"group";
+}
+
+/// Value of `meta/format`: a marker and the layout version this build writes.
+pub const FORMAT_MARKER: &[u8] = b"MAYFLY-LEDGER";
+/// Layout version of the databases.
+pub const FORMAT_VERSION: u32 = 1;
+/// File LMDB keeps the data in.
+pub const DATA_FILE: &str = "data.mdb";
+
+/// Why a data directory could not be opened as a ledger.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    /// The directory does not exist or is not a directory.
+    #[error("data directory {path}: {source}")]
+    Directory {
+        /// Path.
+        path: PathBuf,
+        /// The OS error.
+        source: io::Error,
+    },
+    /// No ledger exists here and creation was not asked for.
+    #[error("no ledger in {path} (no {DATA_FILE})")]
+    NoLedger {
+        /// Path.
+        path: PathBuf,
+    },
+    /// LMDB refused the file: not an LMDB environment, or damaged beyond LMDB's checks.
+    #[error("{path}/{DATA_FILE} is not a readable LMDB environment ({source}); the file is corrupted or is not a Mayfly ledger")]
+    NotLmdb {
+        /// Path.
+        path: PathBuf,
+        /// LMDB's error.
+        source: heed::Error,
+    },
+    /// A valid LMDB environment that some other program created.
+    #[error("{path} holds an LMDB environment that is not a Mayfly ledger: {reason}")]
+    Foreign {
+        /// Path.
+        path: PathBuf,
+        /// What is missing.
+        reason: String,
+    },
+    /// A Mayfly ledger in a layout this build does not read.
+    #[error("{path} holds a Mayfly ledger of layout version {found}; this build reads version {FORMAT_VERSION}")]
+    UnsupportedFormat {
+        /// Path.
+        path: PathBuf,
+        /// Version found.
+        found: u32,
+    },
+    /// The ledger's own bookkeeping contradicts its records.
+    #[error("ledger in {path} is corrupted: {reason}")]
+    Corrupt {
+        /// Path.
+        path: PathBuf,
+        /// What contradicts what.
+        reason: String,
+    },
+    /// The signing key is missing, unreadable or not the ledger's.
+    #[error(transparent)]
+    Key(#[from] crate::keys::KeyError),
+    /// The key file holds a different key than the one the ledger was created with.
+    #[error("signing key in {path} is {found}, but this ledger was created with key {expected}")]
+    KeyMismatch {
+        /// Data directory.
+        path: PathBuf,
+        /// Public key of the key file.
+        found: String,
+        /// Public key recorded in the ledger.
+        expected: String,
+    },
+    /// An LMDB operation failed while opening (I/O, disk full, ...).
+    #[error("opening the ledger in {path}: {source}")]
+    Storage {
+        /// Path.
+        path: PathBuf,
+        /// LMDB's error.
+        source: heed::Error,
+    },
+    /// The audit record written at every start could not be committed (disk full, ...).
+    #[error("ledger in {path} could not record its start: {source}")]
+    FirstCommit {
+        /// Data directory.
+        path: PathBuf,
+        /// The commit failure.
+        source: crate::commit::CommitError,
+    },
+    /// The committer thread could not be started.
+    #[error("could not start the commit thread: {0}")]
+    Thread(io::Error),
+}
+
+/// Every database of the ledger.
+#[derive(Clone, Copy)]
+pub(crate) struct Dbs {
+    pub meta: Database<Bytes, Bytes>,
+    pub data: Database<Bytes, Bytes>,
+    pub checkpoints: Database<Bytes, Bytes>,
+    pub audit: Database<Bytes, Bytes>,
+    pub heads: Database<Bytes, Bytes>,
+    pub tx_index: Database<Bytes, Bytes>,
+    pub history: Database<Bytes, Bytes>,
+    pub read_from: Database<Bytes, Bytes>,
+}
+
+/// How to open the environment.
+#[derive(Debug, Clone)]
+pub struct StoreOptions {
+    /// Maximum size of the data file (LMDB map size), bytes.
+    pub map_size: usize,
+    /// Maximum concurrent read transactions (open ledger transactions plus readers).
+    pub max_readers: u32,
+}
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        Self {
+            map_size: 4 << 30,
+            max_readers: 1022,
+        }
+    }
+}
+
+/// The open environment and its databases.
+#[derive(Clone)]
+pub struct Store {
+    pub(crate) env: Env<WithoutTls>,
+    pub(crate) dbs: Dbs,
+    pub(crate) dir: PathBuf,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store").field("dir", &self.dir).finish()
+    }
+}
+
+/// What [`Store::open`] found.
+pub(crate) enum Opened {
+    /// An existing ledger.
+    Existing(Store),
+    /// A new, empty environment with all databases created but no meta written yet.
+    Created(Store),
+}
+
+pub(crate) fn u64_key(v: u64) -> [u8; 8] {
+    v.to_be_bytes()
+}
+
+pub(crate) fn read_u64(bytes: &[u8]) -> Option<u64> {
+    Some(u64::from_be_bytes(bytes.try_into().ok()?))
+}
+
+pub(crate) fn encode_tip(tip: &Tip) -> [u8; 40] {
+    let mut out = [0u8; 40];
+    out[..8].copy_from_slice(&tip.seq.to_be_bytes());
+    out[8..].copy_from_slice(&tip.hash);
+    out
+}
+
+pub(crate) fn decode_tip(bytes: &[u8]) -> Option<Tip> {
+    let mut r = Reader::new(bytes);
+    let seq = r.u64("seq").ok()?;
+    let hash = r.array("hash").ok()?;
+    r.finish().ok()?;
+    Some(Tip { seq, hash })
+}
+
+impl Store {
+    /// Opens the ledger in `dir`; with `create`, makes a new one if there is none.
+    pub(crate) fn open(dir: &Path, opts: &StoreOptions, create: bool) -> Result<Opened, OpenError> {
+        let dir = dir.to_path_buf();
+        if create {
+            fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(&dir)
+                .map_err(|source| OpenError::Directory {
+                    path: dir.clone(),
+                    source,
+                })?;
+        }
+        let md = fs::metadata(&dir).map_err(|source| OpenError::Directory {
+            path: dir.clone(),
+            source,
+        })?;
+        if !md.is_dir() {
+            return Err(OpenError::Directory {
+                path: dir,
+                source: io::Error::new(io::ErrorKind::NotADirectory, "not a directory"),
+            });
+        }
+        let exists = dir.join(DATA_FILE).exists();
+        if !exists && !create {
+            return Err(OpenError::NoLedger { path: dir });
+        }
+        let mut options = EnvOpenOptions::new().read_txn_without_tls();
+        options
+            .map_size(opts.map_size)
+            .max_dbs(16)
+            .max_readers(opts.max_readers);
+        #[allow(unsafe_code)]
+        // SAFETY: the environment is opened without NO_LOCK/NO_SYNC flags, so LMDB's own
+        // lock file serialises writers and protects readers across processes; the ledger
+        // never truncates or rewrites data.mdb outside LMDB, and heed makes a second open of
+        // the same path in this process share the first environment.
+        let env = unsafe { options.open(&dir) }.map_err(|source| match source {
+            heed::Error::Mdb(_) => OpenError::NotLmdb {
+                path: dir.clone(),
+                source,
+            },
+            source => OpenError::Storage {
+                path: dir.clone(),
+                source,
+            },
+        })?;
+        let storage = |source| OpenError::Storage {
+            path: dir.clone(),
+            source,
+        };
+
+        let rtxn = env.read_txn().map_err(storage)?;
+        let meta = env
+            .open_database::<Bytes, Bytes>(&rtxn, Some(names::META))
+            .map_err(|source| OpenError::NotLmdb {
+                path: dir.clone(),
+                source,
+            })?;
+        let has_any = env
+            .open_database::<Bytes, Bytes>(&rtxn, None)
+            .ok()
+            .flatten()
+            .map(|db| db.len(&rtxn).unwrap_or(0) > 0)
+            .unwrap_or(false);
+        rtxn.commit().map_err(storage)?;
+
+        match meta {
+            None if has_any || exists && !create => Err(OpenError::Foreign {
+                path: dir,
+                reason: format!("no '{}' database", names::META),
+            }),
+            None => {
+                let mut wtxn = env.write_txn().map_err(storage)?;
+                let mut dbs = Vec::with_capacity(names::ALL.len());
+                for name in names::ALL {
+                    dbs.push(env.create_database::<Bytes, Bytes>(&mut wtxn, Some(name)).map_err(storage)?);
+                }
+                wtxn.commit().map_err(storage)?;
+                let store = Self::with_dbs(env, dir.clone())?;
+                Ok(Opened::Created(store))
+            }
+            Some(_) => Ok(Opened::Existing(Self::with_dbs(env, dir)?)),
+        }
+    }
+
+    fn with_dbs(env: Env<WithoutTls>, dir: PathBuf) -> Result<Self, OpenError> {
+        let rtxn = env.read_txn().map_err(|source| OpenError::Storage {
+            path: dir.clone(),
+            source,
+        })?;
+        let open = |name: &str| -> Result<Database<Bytes, Bytes>, OpenError> {
+            match env.open_database::<Bytes, Bytes>(&rtxn, Some(name)) {
+                Ok(Some(db)) => Ok(db),
+                Ok(None) => Err(OpenError::Foreign {
+                    path: dir.clone(),
+                    reason: format!("database '{name}' is missing"),
+                }),
+                Err(source) => Err(OpenError::NotLmdb {
+                    path: dir.clone(),
+                    source,
+                }),
+            }
+        };
+        let dbs = Dbs {
+            meta: open(names::META)?,
+            data: open(names::DATA)?,
+            checkpoints: open(names::CHECKPOINTS)?,
+            audit: open(names::AUDIT)?,
+            heads: open(names::HEADS)?,
+            tx_index: open(names::TX_INDEX)?,
+            history: open(names::HISTORY)?,
+            read_from: open(names::READ_FROM)?,
+        };
+        for name in [names::NONCES, names::CURSORS] {
+            open(name)?;
+        }
+        // Committing the read transaction makes the opened handles valid for the whole
+        // environment (LMDB: handles opened in an aborted transaction are discarded).
+        rtxn.commit().map_err(|source| OpenError::Storage {
+            path: dir.clone(),
+            source,
+        })?;
+        Ok(Self { env, dbs, dir })
+    }
+
+    /// The public key the ledger was created with, as recorded in `meta`.
+    pub fn public_key(&self) -> Result<PublicKey, OpenError> {
+        Ok(self.load_meta(false)?.public_key)
+    }
+
+    /// Data directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub(crate) fn storage_err(&self, source: heed::Error) -> OpenError {
+        OpenError::Storage {
+            path: self.dir.clone(),
+            source,
+        }
+    }
+
+    fn corrupt(&self, reason: String) -> OpenError {
+        OpenError::Corrupt {
+            path: self.dir.clone(),
+            reason,
+        }
+    }
+
+    /// Whether the `meta` database is still empty (a first start that stopped before its
+    /// genesis commit).
+    pub(crate) fn meta_is_empty(&self) -> Result<bool, OpenError> {
+        let rtxn = self.env.read_txn().map_err(|e| self.storage_err(e))?;
+        Ok(self.dbs.meta.len(&rtxn).map_err(|e| self.storage_err(e))? == 0
+            && self.dbs.checkpoints.len(&rtxn).map_err(|e| self.storage_err(e))? == 0
+            && self.dbs.audit.len(&rtxn).map_err(|e| self.storage_err(e))? == 0)
+    }
+
+    /// Checks the format marker and returns the identity and chain tips recorded in `meta`.
+    pub(crate) fn load_meta(&self, check_tips: bool) -> Result<MetaState, OpenError> {
+        let rtxn = self.env.read_txn().map_err(|e| self.storage_err(e))?;
+        let get = |k: &[u8]| self.dbs.meta.get(&rtxn, k).map_err(|e| self.storage_err(e));
+        let format = get(meta_keys::FORMAT)?.ok_or_else(|| OpenError::Foreign {
+            path: self.dir.clone(),
+            reason: "no format marker".into(),
+        })?;
+        let version = format
+            .strip_prefix(FORMAT_MARKER)
+            .and_then(|v| <[u8; 4]>::try_from(v).ok())
+            .map(u32::from_be_bytes)
+            .ok_or_else(|| OpenError::Foreign {
+                path: self.dir.clone(),
+                reason: "format marker is not MAYFLY-LEDGER".into(),
+            })?;
+        if version != FORMAT_VERSION {
+            return Err(OpenError::UnsupportedFormat {
+                path: self.dir.clone(),
+                found: version,
+            });
+        }
+        let public_key: PublicKey = get(meta_keys::PUBLIC_KEY)?
+            .and_then(|v| v.try_into().ok())
+            .ok_or_else(|| self.corrupt("meta/public_key missing or malformed".into()))?;
+        let tip = |k: &[u8], what: &str| -> Result<Tip, OpenError> {
+            get(k)?
+                .and_then(decode_tip)
+                .ok_or_else(|| self.corrupt(format!("meta/{what} missing or malformed")))
+        };
+        let checkpoints = tip(meta_keys::CKPT_TIP, "checkpoint_tip")?;
+        let audit = tip(meta_keys::AUDIT_TIP, "audit_tip")?;
+        let group = get(meta_keys::GROUP)?
+            .and_then(read_u64)
+            .ok_or_else(|| self.corrupt("meta/group missing or malformed".into()))?;
+        let state = MetaState {
+            public_key,
+            checkpoints,
+            audit,
+            group,
+        };
+        if check_tips {
+            self.check_tips(&rtxn, &state)?;
+        }
+        Ok(state)
+    }
+
+    /// Cross-checks the recorded tips against the last stored records and the last head:
+    /// a cheap start-up test that catches truncated or swapped files. `verify` does the
+    /// full walk.
+    fn check_tips(&self, rtxn: &RoTxn<'_, WithoutTls>, state: &MetaState) -> Result<(), OpenError> {
+        for (name, db, tip) in [
+            ("checkpoint", self.dbs.checkpoints, state.checkpoints),
+            ("audit", self.dbs.audit, state.audit),
+        ] {
+            let last = db.last(rtxn).map_err(|e| self.storage_err(e))?;
+            let found = match last {
+                None => Tip::default(),
+                Some((k, v)) => {
+                    let seq = read_u64(k).ok_or_else(|| self.corrupt(format!("{name} key of {} bytes", k.len())))?;
+                    let (_, prev) = crate::checkpoint::link_fields(v)
+                        .ok_or_else(|| self.corrupt(format!("{name} {seq} is truncated")))?;
+                    Tip {
+                        seq,
+                        hash: chain_hash(&prev, v),
+                    }
+                }
+            };
+            if found != tip {
+                return Err(self.corrupt(format!(
+                    "the {name} chain ends at {} ({}), but the ledger recorded its tip as {} ({}); run `dom0-agent verify` to locate the damage",
+                    found.seq,
+                    hex(&found.hash),
+                    tip.seq,
+                    hex(&tip.hash)
+                )));
+            }
+        }
+        let head = self.dbs.heads.last(rtxn).map_err(|e| self.storage_err(e))?;
+        let head = head
+            .and_then(|(_, v)| SignedHead::decode(v).ok())
+            .ok_or_else(|| self.corrupt("no readable signed head".into()))?;
+        if head.group != state.group || head.checkpoints != state.checkpoints || head.audit != state.audit {
+            return Err(self.corrupt(format!(
+                "the last signed head (group {}) does not match the recorded tips (group {})",
+                head.group, state.group
+            )));
+        }
+        Ok(())
+    }
+
+    /// A read transaction.
+    pub(crate) fn read_txn(&self) -> heed::Result<RoTxn<'_, WithoutTls>> {
+        self.env.read_txn()
+    }
+}
+
+/// Identity and tips as recorded in `meta`.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct MetaState {
+    pub public_key: PublicKey,
+    pub checkpoints: Tip,
+    pub audit: Tip,
+    pub group: u64,
+}
+
+/// Opens a ledger's databases for reading only: no key is loaded, nothing is written, and
+/// the tips are not cross-checked (that is `verify`'s job, which must run on a damaged
+/// ledger too). Safe to use while an agent is running.
+pub fn open_read_only(dir: &Path, opts: &StoreOptions) -> Result<Store, OpenError> {
+    match Store::open(dir, opts, false)? {
+        Opened::Existing(s) => {
+            s.load_meta(false)?;
+            Ok(s)
+        }
+        Opened::Created(s) => Err(OpenError::NoLedger { path: s.dir }),
+    }
+}

@@ -1,0 +1,415 @@
+//! A ledger transaction: snapshot reads that record what they saw, buffered writes.
+//!
+//! A [`Tx`] reads from one LMDB snapshot taken at [`crate::Ledger::begin`] (so a handler
+//! never sees a mix of states), records the version of every key it reads, and buffers its
+//! writes. At commit the committer re-checks, inside the group's write transaction, that
+//! every version read (and every scanned range) is still current; if so the transaction
+//! is equivalent to running alone at its commit point (serializable), otherwise it fails
+//! with [`crate::CommitError::Conflict`] and writes nothing.
+//!
+//! Stored data values (`data` database):
+//! ```text
+//! 0x01 | version u64 BE | value bytes      live value
+//! 0x02 | version u64 BE                    tombstone (deleted by `version`)
+//! ```
+//! Tombstones are kept so that a read of a deleted key records who deleted it.
+
+use std::collections::BTreeMap;
+use std::ops::Bound;
+use std::sync::Arc;
+
+use heed::{RoTxn, WithoutTls};
+
+use crate::commit::{CommitError, CommitTicket, Job, PreparedTx};
+use crate::{limits, AuditEvent, Hash, Inner, Receipt, TxId};
+
+/// Tag of a live value.
+pub const TAG_LIVE: u8 = 0x01;
+/// Tag of a tombstone.
+pub const TAG_TOMBSTONE: u8 = 0x02;
+
+/// A stored data value, decoded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Stored<'a> {
+    /// Sequence of the checkpoint that wrote it.
+    pub version: u64,
+    /// The value; `None` for a tombstone.
+    pub value: Option<&'a [u8]>,
+}
+
+/// Decodes a stored data value; `None` if it is malformed.
+pub fn decode_value(bytes: &[u8]) -> Option<Stored<'_>> {
+    let (&tag, rest) = bytes.split_first()?;
+    let version = u64::from_be_bytes(rest.get(..8)?.try_into().ok()?);
+    let body = rest.get(8..)?;
+    match tag {
+        TAG_LIVE => Some(Stored {
+            version,
+            value: Some(body),
+        }),
+        TAG_TOMBSTONE if body.is_empty() => Some(Stored { version, value: None }),
+        _ => None,
+    }
+}
+
+/// Encodes a data value (`None`: tombstone).
+pub fn encode_value(version: u64, value: Option<&[u8]>) -> Vec<u8> {
+    let mut out = Vec::with_capacity(9 + value.map_or(0, <[u8]>::len));
+    out.push(if value.is_some() { TAG_LIVE } else { TAG_TOMBSTONE });
+    out.extend_from_slice(&version.to_be_bytes());
+    if let Some(v) = value {
+        out.extend_from_slice(v);
+    }
+    out
+}
+
+/// Why a transaction operation was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum TxError {
+    /// Keys must be 1 to 256 bytes.
+    #[error("key of {len} bytes: keys must be 1..={max} bytes")]
+    BadKey {
+        /// Length given.
+        len: usize,
+        /// Cap.
+        max: usize,
+    },
+    /// Value above the cap.
+    #[error("value of {len} bytes is above the limit of {max}")]
+    ValueTooLarge {
+        /// Length given.
+        len: usize,
+        /// Cap.
+        max: usize,
+    },
+    /// Handler name empty, too long or outside `[a-z0-9_.-]`.
+    #[error("invalid handler name {0:?}")]
+    BadHandler(String),
+    /// Request above the cap.
+    #[error("request of {len} bytes is above the limit of {max}")]
+    RequestTooLarge {
+        /// Length given.
+        len: usize,
+        /// Cap.
+        max: usize,
+    },
+    /// The transaction read more keys than a checkpoint may record.
+    #[error("transaction read more than {max} keys")]
+    TooManyReads {
+        /// Cap.
+        max: usize,
+    },
+    /// The transaction wrote more keys than a checkpoint may record.
+    #[error("transaction wrote more than {max} keys")]
+    TooManyWrites {
+        /// Cap.
+        max: usize,
+    },
+    /// Scan limit outside `1..=1024`.
+    #[error("scan limit {limit} is outside 1..={max}")]
+    BadScanLimit {
+        /// Limit given.
+        limit: usize,
+        /// Cap.
+        max: usize,
+    },
+    /// Too many scans in one transaction.
+    #[error("transaction issued more than {max} scans")]
+    TooManyScans {
+        /// Cap.
+        max: usize,
+    },
+    /// A stored data value is malformed.
+    #[error("stored value of key {key} is malformed")]
+    Corrupt {
+        /// Hex of the key.
+        key: String,
+    },
+    /// Too many transactions are open at once (LMDB reader slots exhausted).
+    #[error("too many concurrent transactions (reader slots exhausted)")]
+    Busy,
+    /// LMDB failed.
+    #[error("storage: {0}")]
+    Storage(heed::Error),
+}
+
+impl From<heed::Error> for TxError {
+    fn from(e: heed::Error) -> Self {
+        match e {
+            heed::Error::Mdb(heed::MdbError::ReadersFull) => TxError::Busy,
+            e => TxError::Storage(e),
+        }
+    }
+}
+
+/// Who runs the transaction and why; recorded in its checkpoint.
+#[derive(Debug, Clone)]
+pub struct TxContext {
+    /// Transaction id (unique; a second commit under the same id is refused).
+    pub tx_id: TxId,
+    /// Handler name, `[a-z0-9_.-]{1,64}`.
+    pub handler: String,
+    /// The client's request bytes.
+    pub request: Vec<u8>,
+    /// Domain the transaction runs in.
+    pub domain_id: u32,
+    /// Hash of the active policy bundle.
+    pub policy_hash: Hash,
+}
+
+/// A scanned range and what it contained, for validation at commit.
+#[derive(Debug, Clone)]
+pub(crate) struct ScanRecord {
+    pub start: Vec<u8>,
+    pub end: Bound<Vec<u8>>,
+    pub seen: Vec<(Vec<u8>, u64)>,
+}
+
+/// Result of [`Tx::scan`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ScanResult {
+    /// Visible `(key, value)` pairs in key order.
+    pub entries: Vec<(Vec<u8>, Vec<u8>)>,
+    /// The limit stopped the scan; resume after the last key.
+    pub more: bool,
+}
+
+/// An open transaction. Dropping it aborts it.
+pub struct Tx {
+    pub(crate) inner: Arc<Inner>,
+    pub(crate) snapshot: RoTxn<'static, WithoutTls>,
+    pub(crate) ctx: TxContext,
+    pub(crate) begin_ns: u64,
+    pub(crate) reads: BTreeMap<Vec<u8>, u64>,
+    pub(crate) writes: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
+    pub(crate) scans: Vec<ScanRecord>,
+}
+
+impl std::fmt::Debug for Tx {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tx")
+            .field("tx_id", &self.ctx.tx_id)
+            .field("reads", &self.reads.len())
+            .field("writes", &self.writes.len())
+            .finish()
+    }
+}
+
+pub(crate) fn check_key(key: &[u8]) -> Result<(), TxError> {
+    if key.is_empty() || key.len() > limits::MAX_KEY {
+        return Err(TxError::BadKey {
+            len: key.len(),
+            max: limits::MAX_KEY,
+        });
+    }
+    Ok(())
+}
+
+impl Tx {
+    /// The transaction's id.
+    pub fn id(&self) -> TxId {
+        self.ctx.tx_id
+    }
+
+    fn record_read(&mut self, key: &[u8], version: u64) -> Result<(), TxError> {
+        if !self.reads.contains_key(key) {
+            if self.reads.len() >= limits::MAX_READS {
+                return Err(TxError::TooManyReads { max: limits::MAX_READS });
+            }
+            self.reads.insert(key.to_vec(), version);
+        }
+        Ok(())
+    }
+
+    /// Reads `key`: the transaction's own write if it made one, else the snapshot's value.
+    pub fn get(&mut self, key: &[u8]) -> Result<Option<Vec<u8>>, TxError> {
+        check_key(key)?;
+        if let Some(own) = self.writes.get(key) {
+            return Ok(own.clone());
+        }
+        let stored = self.inner.store.dbs.data.get(&self.snapshot, key)?;
+        let (version, value) = match stored {
+            None => (0, None),
+            Some(bytes) => {
+                let s = decode_value(bytes).ok_or_else(|| TxError::Corrupt {
+                    key: crate::codec::hex(key),
+                })?;
+                (s.version, s.value.map(<[u8]>::to_vec))
+            }
+        };
+        self.record_read(key, version)?;
+        Ok(value)
+    }
+
+    /// Buffers a write of `value` to `key`.
+    pub fn put(&mut self, key: &[u8], value: &[u8]) -> Result<(), TxError> {
+        check_key(key)?;
+        if value.len() > limits::MAX_VALUE {
+            return Err(TxError::ValueTooLarge {
+                len: value.len(),
+                max: limits::MAX_VALUE,
+            });
+        }
+        self.buffer(key, Some(value.to_vec()))
+    }
+
+    /// Buffers a delete of `key`.
+    pub fn delete(&mut self, key: &[u8]) -> Result<(), TxError> {
+        check_key(key)?;
+        self.buffer(key, None)
+    }
+
+    fn buffer(&mut self, key: &[u8], value: Option<Vec<u8>>) -> Result<(), TxError> {
+        if !self.writes.contains_key(key) && self.writes.len() >= limits::MAX_WRITES {
+            return Err(TxError::TooManyWrites {
+                max: limits::MAX_WRITES,
+            });
+        }
+        self.writes.insert(key.to_vec(), value);
+        Ok(())
+    }
+
+    /// Returns up to `limit` visible entries with `start <= key < end` (`end = None`: no
+    /// upper bound), merging the snapshot with the transaction's own writes. The keys
+    /// examined, deleted ones included, join the read set, and the covered range is
+    /// re-checked at commit, so an insert into it by another transaction is a conflict.
+    pub fn scan(&mut self, start: &[u8], end: Option<&[u8]>, limit: usize) -> Result<ScanResult, TxError> {
+        if limit == 0 || limit > limits::MAX_SCAN {
+            return Err(TxError::BadScanLimit {
+                limit,
+                max: limits::MAX_SCAN,
+            });
+        }
+        if self.scans.len() >= limits::MAX_SCANS {
+            return Err(TxError::TooManyScans {
+                max: limits::MAX_SCANS,
+            });
+        }
+        if !start.is_empty() {
+            check_key(start)?;
+        }
+        if let Some(e) = end {
+            check_key(e)?;
+        }
+        let upper: Bound<&[u8]> = end.map_or(Bound::Unbounded, Bound::Excluded);
+        let range = (Bound::Included(start), upper);
+
+        let mut committed = self.inner.store.dbs.data.range(&self.snapshot, &range)?.peekable();
+        let mut own = self.writes.range::<[u8], _>(range).peekable();
+        let mut seen: Vec<(Vec<u8>, u64)> = Vec::new();
+        let mut entries = Vec::new();
+        let mut more = false;
+        let mut last_key: Option<Vec<u8>> = None;
+        loop {
+            let c_key: Option<Vec<u8>> = match committed.peek() {
+                Some(Ok((k, _))) => Some(k.to_vec()),
+                Some(Err(_)) => {
+                    // Surface the error by consuming it.
+                    if let Some(Err(e)) = committed.next() {
+                        return Err(e.into());
+                    }
+                    None
+                }
+                None => None,
+            };
+            let o_key: Option<Vec<u8>> = own.peek().map(|(k, _)| (*k).clone());
+            let next = match (&c_key, &o_key) {
+                (None, None) => break,
+                (Some(c), Some(o)) => std::cmp::min(c, o).clone(),
+                (Some(c), None) => c.clone(),
+                (None, Some(o)) => o.clone(),
+            };
+            if entries.len() == limit {
+                more = true;
+                break;
+            }
+            let mut visible: Option<Vec<u8>> = None;
+            if c_key.as_deref() == Some(next.as_slice()) {
+                if let Some(Ok((k, v))) = committed.next() {
+                    let s = decode_value(v).ok_or_else(|| TxError::Corrupt {
+                        key: crate::codec::hex(k),
+                    })?;
+                    if seen.len() >= limits::MAX_READS {
+                        return Err(TxError::TooManyReads { max: limits::MAX_READS });
+                    }
+                    seen.push((k.to_vec(), s.version));
+                    visible = s.value.map(<[u8]>::to_vec);
+                }
+            }
+            if o_key.as_deref() == Some(next.as_slice()) {
+                if let Some((_, v)) = own.next() {
+                    visible = v.clone();
+                }
+            }
+            if let Some(v) = visible {
+                entries.push((next.clone(), v));
+            }
+            last_key = Some(next);
+        }
+        drop(committed);
+        let covered_end = match (more, last_key) {
+            (true, Some(k)) => Bound::Included(k),
+            _ => end.map_or(Bound::Unbounded, |e| Bound::Excluded(e.to_vec())),
+        };
+        for (k, v) in &seen {
+            self.record_read(k, *v)?;
+        }
+        self.scans.push(ScanRecord {
+            start: start.to_vec(),
+            end: covered_end,
+            seen,
+        });
+        Ok(ScanResult { entries, more })
+    }
+
+    /// Commits with the handler's `result` and waits until it is durable.
+    pub fn commit(self, result: Vec<u8>) -> Result<Receipt, CommitError> {
+        self.submit(result, Vec::new())?.wait()
+    }
+
+    /// Commits with audit events recorded atomically with the checkpoint; waits until
+    /// durable.
+    pub fn commit_with_audit(self, result: Vec<u8>, audit: Vec<AuditEvent>) -> Result<Receipt, CommitError> {
+        self.submit(result, audit)?.wait()
+    }
+
+    /// Queues the commit and returns at once; [`CommitTicket::wait`] returns when the
+    /// group holding it is durable (or failed). Lets one thread keep many commits in
+    /// flight, as the agent does with many domains.
+    pub fn submit(self, result: Vec<u8>, audit: Vec<AuditEvent>) -> Result<CommitTicket, CommitError> {
+        if result.len() > limits::MAX_RESULT {
+            return Err(CommitError::ResultTooLarge {
+                len: result.len(),
+                max: limits::MAX_RESULT,
+            });
+        }
+        for ev in &audit {
+            ev.validate()?;
+        }
+        let Tx {
+            inner,
+            snapshot,
+            ctx,
+            begin_ns,
+            reads,
+            writes,
+            scans,
+        } = self;
+        // The snapshot is released before queueing so the reader slot is not held while
+        // waiting for the group.
+        drop(snapshot);
+        let prepared = PreparedTx {
+            ctx,
+            begin_ns,
+            reads,
+            writes,
+            scans,
+            result,
+            audit,
+        };
+        crate::commit::submit(&inner, Job::Commit(Box::new(prepared)))
+    }
+
+    /// Abandons the transaction; nothing it buffered is written.
+    pub fn abort(self) {}
+}

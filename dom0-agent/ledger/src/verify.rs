@@ -1,0 +1,375 @@
+//! Verification of both chains and every signed head.
+//!
+//! `verify` reads everything, checks every hash link and every signature, and reports the
+//! first bad record of each chain: which chain, which sequence, and what is wrong.
+//!
+//! How a single altered record is located: for every record `n` the walk computes
+//! `own_n = SHA-256(prev_n || encoding_n)` from the record's own bytes, where `prev_n` is
+//! the link the record stores. If the link of record `n` does not equal `own_{n-1}`, either
+//! record `n-1` changed (its hash moved) or record `n` changed its stored link (and with
+//! it its own hash). The two are told apart by the next link: if `n+1` (or the signed head
+//! that covers `n`) still agrees with `own_n`, record `n` is intact and `n-1` is the altered
+//! one; otherwise `n` is. Missing, moved and undecodable records are named directly, and an
+//! altered last record is caught by the signature of the head that covers it.
+
+use std::collections::HashMap;
+use std::fmt;
+
+use heed::types::Bytes;
+use heed::Database;
+
+use crate::audit::AuditRecord;
+use crate::checkpoint::{chain_hash, Checkpoint};
+use crate::codec::{hex, DecodeError};
+use crate::head::SignedHead;
+use crate::keys::PublicKey;
+use crate::read::ReadError;
+use crate::store::{read_u64, Store};
+use crate::Hash;
+
+/// Progress of a long verification.
+#[derive(Debug, Clone, Copy)]
+pub struct Progress {
+    /// `"checkpoints"`, `"audit"` or `"heads"`.
+    pub chain: &'static str,
+    /// Records read so far.
+    pub done: u64,
+    /// Records in the chain.
+    pub total: u64,
+}
+
+/// One thing `verify` found wrong.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Failure {
+    /// A checkpoint record.
+    Checkpoint {
+        /// Its sequence.
+        seq: u64,
+        /// What is wrong.
+        problem: String,
+    },
+    /// An audit record.
+    Audit {
+        /// Its sequence.
+        seq: u64,
+        /// What is wrong.
+        problem: String,
+    },
+    /// A signed head.
+    Head {
+        /// Its group sequence.
+        group: u64,
+        /// What is wrong.
+        problem: String,
+    },
+    /// The tips recorded in `meta`.
+    Meta {
+        /// What is wrong.
+        problem: String,
+    },
+}
+
+impl fmt::Display for Failure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Checkpoint { seq, problem } => write!(f, "checkpoint chain, record {seq}: {problem}"),
+            Self::Audit { seq, problem } => write!(f, "audit chain, record {seq}: {problem}"),
+            Self::Head { group, problem } => write!(f, "signed head, group {group}: {problem}"),
+            Self::Meta { problem } => write!(f, "ledger tips: {problem}"),
+        }
+    }
+}
+
+/// What `verify` checked and found.
+#[derive(Debug, Clone, Default)]
+pub struct VerifyReport {
+    /// Checkpoints walked.
+    pub checkpoints: u64,
+    /// Audit records walked.
+    pub audit: u64,
+    /// Signed heads checked.
+    pub heads: u64,
+    /// Problems, the first bad record of each chain first.
+    pub failures: Vec<Failure>,
+}
+
+impl VerifyReport {
+    /// Whether everything holds.
+    pub fn ok(&self) -> bool {
+        self.failures.is_empty()
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Chain {
+    Checkpoints,
+    Audit,
+}
+
+impl Chain {
+    fn name(self) -> &'static str {
+        match self {
+            Self::Checkpoints => "checkpoints",
+            Self::Audit => "audit",
+        }
+    }
+    fn failure(self, seq: u64, problem: String) -> Failure {
+        match self {
+            Self::Checkpoints => Failure::Checkpoint { seq, problem },
+            Self::Audit => Failure::Audit { seq, problem },
+        }
+    }
+    fn decode(self, bytes: &[u8]) -> Result<(u64, Hash), DecodeError> {
+        match self {
+            Self::Checkpoints => Checkpoint::decode(bytes).map(|c| (c.seq, c.prev_hash)),
+            Self::Audit => AuditRecord::decode(bytes).map(|a| (a.seq, a.prev_hash)),
+        }
+    }
+}
+
+struct Link {
+    prev: Hash,
+    own: Hash,
+}
+
+/// Result of reading one chain: its intact prefix as links (index `i` is seq `i + 1`).
+struct Walk {
+    links: Vec<Link>,
+    structural: Option<Failure>,
+}
+
+fn walk(
+    store: &Store,
+    db: Database<Bytes, Bytes>,
+    chain: Chain,
+    progress: &mut dyn FnMut(Progress),
+) -> Result<Walk, ReadError> {
+    let rtxn = store.read_txn()?;
+    let total = db.len(&rtxn)?;
+    let mut links = Vec::with_capacity(usize::try_from(total).unwrap_or(0));
+    let mut expected: u64 = 1;
+    let mut structural = None;
+    for item in db.iter(&rtxn)? {
+        let (k, v) = item?;
+        let Some(key_seq) = read_u64(k) else {
+            structural = Some(chain.failure(expected, format!("stored under a malformed key {}", hex(k))));
+            break;
+        };
+        if key_seq != expected {
+            structural = Some(chain.failure(
+                expected,
+                format!("missing (the next stored record is {key_seq}): records were deleted"),
+            ));
+            break;
+        }
+        let (seq, prev) = match chain.decode(v) {
+            Ok(x) => x,
+            Err(e) => {
+                structural = Some(chain.failure(key_seq, format!("does not decode: {e}")));
+                break;
+            }
+        };
+        if seq != key_seq {
+            structural = Some(chain.failure(
+                key_seq,
+                format!("stored under {key_seq} but its content says {seq}: records were moved or reordered"),
+            ));
+            break;
+        }
+        links.push(Link {
+            prev,
+            own: chain_hash(&prev, v),
+        });
+        if expected.is_multiple_of(4096) {
+            progress(Progress {
+                chain: chain.name(),
+                done: expected,
+                total,
+            });
+        }
+        expected = expected.saturating_add(1);
+    }
+    progress(Progress {
+        chain: chain.name(),
+        done: links.len() as u64,
+        total,
+    });
+    Ok(Walk { links, structural })
+}
+
+/// The first broken link in `links`, and which record it blames.
+fn first_bad_link(links: &[Link], signed: &HashMap<u64, Hash>, chain: Chain) -> Option<Failure> {
+    let zero = [0u8; 32];
+    for (i, link) in links.iter().enumerate() {
+        let seq = i as u64 + 1;
+        let expected_prev = if i == 0 { &zero } else { &links[i - 1].own };
+        if &link.prev == expected_prev {
+            continue;
+        }
+        if i == 0 {
+            return Some(chain.failure(1, "altered: its link to the previous record is not the genesis value".into()));
+        }
+        let next_agrees = match links.get(i + 1) {
+            Some(next) => next.prev == link.own,
+            None => signed.get(&seq) == Some(&link.own),
+        };
+        return Some(if next_agrees {
+            chain.failure(
+                seq - 1,
+                format!("altered: its hash no longer matches the link stored in record {seq}"),
+            )
+        } else {
+            chain.failure(seq, format!("altered: its link does not match record {}", seq - 1))
+        });
+    }
+    None
+}
+
+/// Verifies both chains and all signed heads of `store`. Heads must be signed by one of
+/// `trusted`. `progress` is called every few thousand records.
+pub fn verify(store: &Store, trusted: &[PublicKey], progress: &mut dyn FnMut(Progress)) -> Result<VerifyReport, ReadError> {
+    let mut report = VerifyReport::default();
+    let cp = walk(store, store.dbs.checkpoints, Chain::Checkpoints, progress)?;
+    let au = walk(store, store.dbs.audit, Chain::Audit, progress)?;
+    report.checkpoints = cp.links.len() as u64;
+    report.audit = au.links.len() as u64;
+
+    // Heads: decode, check signature and key, collect what each signs.
+    let rtxn = store.read_txn()?;
+    let total = store.dbs.heads.len(&rtxn)?;
+    let mut head_failure: Option<Failure> = None;
+    let mut signed_cp: HashMap<u64, Hash> = HashMap::new();
+    let mut signed_au: HashMap<u64, Hash> = HashMap::new();
+    let mut last: Option<SignedHead> = None;
+    let mut expected_group: u64 = 1;
+    for item in store.dbs.heads.iter(&rtxn)? {
+        let (k, v) = item?;
+        let fail = |group: u64, problem: String| Some(Failure::Head { group, problem });
+        let Some(group) = read_u64(k) else {
+            head_failure = fail(expected_group, format!("stored under a malformed key {}", hex(k)));
+            break;
+        };
+        if group != expected_group {
+            head_failure = fail(expected_group, format!("missing (the next stored head is {group})"));
+            break;
+        }
+        let head = match SignedHead::decode(v) {
+            Ok(h) => h,
+            Err(e) => {
+                head_failure = fail(group, format!("does not decode: {e}"));
+                break;
+            }
+        };
+        if head.group != group {
+            head_failure = fail(group, format!("stored under {group} but says {}", head.group));
+            break;
+        }
+        if !trusted.contains(&head.public_key) {
+            head_failure = fail(group, format!("signed by untrusted key {}", hex(&head.public_key)));
+            break;
+        }
+        if !head.signature_valid() {
+            head_failure = fail(group, "signature does not verify".into());
+            break;
+        }
+        if let Some(prev) = &last {
+            if head.checkpoints.seq < prev.checkpoints.seq || head.audit.seq < prev.audit.seq {
+                head_failure = fail(group, "tips move backwards".into());
+                break;
+            }
+        }
+        if head.checkpoints.seq > 0 {
+            signed_cp.insert(head.checkpoints.seq, head.checkpoints.hash);
+        }
+        if head.audit.seq > 0 {
+            signed_au.insert(head.audit.seq, head.audit.hash);
+        }
+        report.heads = group;
+        if group.is_multiple_of(4096) {
+            progress(Progress {
+                chain: "heads",
+                done: group,
+                total,
+            });
+        }
+        last = Some(head);
+        expected_group = expected_group.saturating_add(1);
+    }
+    progress(Progress {
+        chain: "heads",
+        done: report.heads,
+        total,
+    });
+
+    for (walked, signed, chain) in [(&cp, &signed_cp, Chain::Checkpoints), (&au, &signed_au, Chain::Audit)] {
+        let found = walked
+            .structural
+            .clone()
+            .into_iter()
+            .chain(first_bad_link(&walked.links, signed, chain))
+            .min_by_key(|f| match f {
+                Failure::Checkpoint { seq, .. } | Failure::Audit { seq, .. } => *seq,
+                _ => u64::MAX,
+            });
+        let found = found.or_else(|| {
+            // Links hold: every signed hash must match, and the chain must reach the tip
+            // the last head signed.
+            let mut seqs: Vec<_> = signed.keys().copied().collect();
+            seqs.sort_unstable();
+            for seq in seqs {
+                let Some(link) = usize::try_from(seq - 1).ok().and_then(|i| walked.links.get(i)) else {
+                    return Some(chain.failure(
+                        walked.links.len() as u64 + 1,
+                        format!("missing: a signed head covers record {seq} but the chain ends at {}", walked.links.len()),
+                    ));
+                };
+                if signed.get(&seq) != Some(&link.own) {
+                    return Some(chain.failure(seq, "altered: its hash does not match the signed head that covers it".into()));
+                }
+            }
+            None
+        });
+        report.failures.extend(found);
+    }
+
+    if head_failure.is_none() {
+        if let Some(head) = &last {
+            if head.checkpoints.seq < report.checkpoints {
+                head_failure = Some(Failure::Head {
+                    group: head.group,
+                    problem: format!(
+                        "checkpoints {}..={} are not covered by any signed head",
+                        head.checkpoints.seq + 1,
+                        report.checkpoints
+                    ),
+                });
+            } else if head.audit.seq < report.audit {
+                head_failure = Some(Failure::Head {
+                    group: head.group,
+                    problem: format!(
+                        "audit records {}..={} are not covered by any signed head",
+                        head.audit.seq + 1,
+                        report.audit
+                    ),
+                });
+            }
+        } else {
+            head_failure = Some(Failure::Head {
+                group: 1,
+                problem: "no signed head at all".into(),
+            });
+        }
+    }
+    report.failures.extend(head_failure);
+
+    if report.failures.is_empty() {
+        if let (Ok(meta), Some(head)) = (store.load_meta(false), &last) {
+            if meta.checkpoints != head.checkpoints || meta.audit != head.audit || meta.group != head.group {
+                report.failures.push(Failure::Meta {
+                    problem: format!("recorded tips (group {}) differ from the last signed head (group {})", meta.group, head.group),
+                });
+            }
+        }
+    }
+    Ok(report)
+}
