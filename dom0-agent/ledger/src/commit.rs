@@ -12,6 +12,7 @@
 //! durable group.
 
 use std::ops::Bound;
+use std::path::Path;
 use std::sync::mpsc::{Receiver, SyncSender};
 use std::sync::{Arc, Mutex};
 
@@ -76,10 +77,12 @@ pub enum CommitError {
         key: String,
     },
     /// The filesystem is full; nothing of this group was committed.
-    #[error("disk full while committing a group of {group_size}; nothing of it was committed")]
+    #[error("disk full ({free} bytes free) while committing a group of {group_size}; nothing of it was committed")]
     DiskFull {
         /// Jobs in the failed group.
         group_size: usize,
+        /// Bytes available on the ledger's filesystem after the failure.
+        free: u64,
     },
     /// The LMDB map is full; nothing of this group was committed.
     #[error("ledger map full (raise --map-size); nothing of a group of {group_size} was committed")]
@@ -106,11 +109,30 @@ impl CommitError {
         matches!(self, Self::Conflict { .. } | Self::ScanConflict { .. })
     }
 
-    fn from_storage(e: heed::Error, group_size: usize) -> Self {
+    /// Classifies an LMDB failure. LMDB reports a short write as EIO, which on a full
+    /// filesystem is what ENOSPC looks like, so an I/O error with (almost) no free space
+    /// left is reported as a full disk.
+    fn from_storage(e: heed::Error, group_size: usize, dir: &Path) -> Self {
+        const NEARLY_FULL: u64 = 1 << 20;
+        let free = || {
+            nix::sys::statvfs::statvfs(dir)
+                .map(|s| u64::from(s.blocks_available()).saturating_mul(u64::from(s.fragment_size())))
+                .ok()
+        };
+        let io_like = match &e {
+            heed::Error::Io(_) => true,
+            heed::Error::Mdb(heed::MdbError::Other(code)) => *code == 28 || *code == 5,
+            _ => false,
+        };
         match &e {
             heed::Error::Mdb(heed::MdbError::MapFull) => Self::MapFull { group_size },
-            heed::Error::Io(io) if io.raw_os_error() == Some(28) => Self::DiskFull { group_size },
-            heed::Error::Mdb(heed::MdbError::Other(28)) => Self::DiskFull { group_size },
+            _ if io_like => match free() {
+                Some(free) if free < NEARLY_FULL => Self::DiskFull { group_size, free },
+                _ => Self::Storage {
+                    group_size,
+                    source: Arc::new(e),
+                },
+            },
             _ => Self::Storage {
                 group_size,
                 source: Arc::new(e),
@@ -239,7 +261,8 @@ impl Committer {
     /// the format marker and identity. Returns one result per job, or the group's failure.
     pub fn write_group(&mut self, jobs: Vec<Job>, genesis: bool) -> Result<Vec<Result<Receipt, CommitError>>, CommitError> {
         let n = jobs.len();
-        let fail = |e: heed::Error| CommitError::from_storage(e, n);
+        let dir = self.store.dir.clone();
+        let fail = |e: heed::Error| CommitError::from_storage(e, n, &dir);
         let now = now_ns();
         let env = self.store.env.clone();
         let mut wtxn = env.write_txn().map_err(fail)?;

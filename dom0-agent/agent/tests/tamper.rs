@@ -1,0 +1,159 @@
+//! Tamper detection through `dom0-agent verify`: any single flipped byte inside a stored
+//! checkpoint, a deleted or reordered record, a forged head: verify exits 1 and names the
+//! record.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use mayfly_ledger::store::names;
+use mayfly_ledger::{tamper, AuditEvent, Ledger, Options, Severity, TxContext, TxId};
+use slog::{o, Discard, Logger};
+
+const CHECKPOINTS: u64 = 12;
+
+/// A pristine ledger: 12 checkpoints (each its own group) and a few audit events.
+fn pristine() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let ledger = Ledger::open(dir.path(), &Options::default(), &Logger::root(Discard, o!())).unwrap();
+    for i in 0..CHECKPOINTS {
+        let mut tx = ledger
+            .begin(TxContext {
+                tx_id: TxId::random(),
+                handler: "kv".into(),
+                request: format!("request {i}").into_bytes(),
+                domain_id: 100 + i as u32,
+                policy_hash: [3; 32],
+            })
+            .unwrap();
+        if i > 0 {
+            tx.get(format!("key/{}", i - 1).as_bytes()).unwrap();
+        }
+        tx.put(format!("key/{i}").as_bytes(), format!("value {i}").as_bytes()).unwrap();
+        tx.commit(format!("result {i}").into_bytes()).unwrap();
+        ledger
+            .audit(vec![AuditEvent::new("domain.destroyed", Severity::Info).field("domain", 100 + i)])
+            .unwrap();
+    }
+    dir
+}
+
+fn copy_of(src: &Path) -> (tempfile::TempDir, PathBuf) {
+    let dst = tempfile::tempdir().unwrap();
+    for f in ["data.mdb", "signing.key"] {
+        fs::copy(src.join(f), dst.path().join(f)).unwrap();
+    }
+    let p = dst.path().to_path_buf();
+    (dst, p)
+}
+
+fn verify(dir: &Path) -> (i32, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_dom0-agent"))
+        .args(["verify", "--quiet", "--data-dir"])
+        .arg(dir)
+        .output()
+        .unwrap();
+    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn assert_names(dir: &Path, what: &str, case: &str) {
+    let (code, out) = verify(dir);
+    assert_eq!(code, 1, "{case}: verify must fail with exit code 1, printed {out}");
+    let first = out.lines().next().unwrap_or("");
+    assert!(first.contains(what), "{case}: expected the first failure to name {what:?}, got {out}");
+}
+
+fn key(seq: u64) -> [u8; 8] {
+    seq.to_be_bytes()
+}
+
+#[test]
+fn pristine_ledger_verifies() {
+    let dir = pristine();
+    let (code, out) = verify(dir.path());
+    assert_eq!(code, 0, "{out}");
+    assert!(out.starts_with("OK: 12 checkpoints"), "{out}");
+}
+
+#[test]
+fn any_flipped_checkpoint_byte_is_found_and_named() {
+    let base = pristine();
+    for target in [1, 5, CHECKPOINTS] {
+        let len = tamper::get(base.path(), names::CHECKPOINTS, &key(target)).unwrap().len();
+        // Header, seq, link, tx id, handler, domain, policy, times, digest, request,
+        // result, read and write sets, and the last byte.
+        let mut positions: Vec<usize> = vec![0, 4, 5, 6, 13, 14, 45, 46, 62, 64, 70, 100, 140, 170, len / 2, len - 10, len - 1];
+        positions.retain(|p| *p < len);
+        for pos in positions {
+            let (_guard, dir) = copy_of(base.path());
+            let mut v = tamper::get(&dir, names::CHECKPOINTS, &key(target)).unwrap();
+            v[pos] ^= 0x01;
+            tamper::set(&dir, names::CHECKPOINTS, &key(target), Some(&v));
+            assert_names(
+                &dir,
+                &format!("checkpoint chain, record {target}:"),
+                &format!("byte {pos} of checkpoint {target}"),
+            );
+        }
+    }
+}
+
+#[test]
+fn deleted_and_reordered_records_are_named() {
+    let base = pristine();
+
+    let (_g, dir) = copy_of(base.path());
+    tamper::set(&dir, names::CHECKPOINTS, &key(5), None);
+    assert_names(&dir, "checkpoint chain, record 5: missing", "delete a middle checkpoint");
+
+    let (_g, dir) = copy_of(base.path());
+    tamper::set(&dir, names::CHECKPOINTS, &key(CHECKPOINTS), None);
+    assert_names(&dir, &format!("checkpoint chain, record {CHECKPOINTS}: missing"), "delete the last checkpoint");
+
+    let (_g, dir) = copy_of(base.path());
+    let a = tamper::get(&dir, names::CHECKPOINTS, &key(4)).unwrap();
+    let b = tamper::get(&dir, names::CHECKPOINTS, &key(5)).unwrap();
+    tamper::set(&dir, names::CHECKPOINTS, &key(4), Some(&b));
+    tamper::set(&dir, names::CHECKPOINTS, &key(5), Some(&a));
+    assert_names(&dir, "checkpoint chain, record 4: stored under 4 but its content says 5", "swap two checkpoints");
+
+    let (_g, dir) = copy_of(base.path());
+    tamper::set(&dir, names::AUDIT, &key(3), None);
+    assert_names(&dir, "audit chain, record 3: missing", "delete an audit record");
+}
+
+#[test]
+fn altered_audit_records_and_heads_are_named() {
+    let base = pristine();
+    let (_g, dir) = copy_of(base.path());
+    let mut v = tamper::get(&dir, names::AUDIT, &key(4)).unwrap();
+    let last = v.len() - 1;
+    v[last] ^= 0x01; // the field value's last character
+    tamper::set(&dir, names::AUDIT, &key(4), Some(&v));
+    assert_names(&dir, "audit chain, record 4:", "flip a byte in an audit record");
+
+    let (_g, dir) = copy_of(base.path());
+    let mut v = tamper::get(&dir, names::HEADS, &key(3)).unwrap();
+    v[150] ^= 0x01; // inside the signature
+    tamper::set(&dir, names::HEADS, &key(3), Some(&v));
+    assert_names(&dir, "signed head, group 3: signature does not verify", "forge a head signature");
+}
+
+#[test]
+fn a_ledger_signed_by_another_key_fails_against_the_pinned_key() {
+    let base = pristine();
+    let other = pristine();
+    let key_out = Command::new(env!("CARGO_BIN_EXE_dom0-agent"))
+        .args(["export-key", "--data-dir"])
+        .arg(other.path())
+        .output()
+        .unwrap();
+    let other_key = String::from_utf8(key_out.stdout).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_dom0-agent"))
+        .args(["verify", "--quiet", "--public-key", other_key.trim(), "--data-dir"])
+        .arg(base.path())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("signed by untrusted key"));
+}
