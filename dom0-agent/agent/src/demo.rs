@@ -47,12 +47,17 @@ fn balance(tx: &mut Tx, key: &[u8]) -> anyhow::Result<u64> {
     std::str::from_utf8(&v)
         .ok()
         .and_then(|s| s.parse().ok())
-        .with_context(|| format!("account {} holds a non-numeric balance", String::from_utf8_lossy(key)))
+        .with_context(|| {
+            format!(
+                "account {} holds a non-numeric balance",
+                String::from_utf8_lossy(key)
+            )
+        })
 }
 
 fn context(handler: &str, request: Vec<u8>) -> TxContext {
     TxContext {
-        tx_id: TxId::random(),
+        tx_id: TxId::generate(),
         handler: handler.into(),
         request,
         domain_id: 0,
@@ -88,7 +93,9 @@ pub fn run(args: &DemoArgs, log: &Logger) -> anyhow::Result<u8> {
         let (ledger, done, conflicts) = (ledger.clone(), done.clone(), conflicts.clone());
         let (accounts, total, acks) = (args.accounts, args.transfers, args.print_acks);
         workers.push(std::thread::spawn(move || -> anyhow::Result<()> {
-            let mut rng = fastrand::Rng::with_seed(u64::from(t) ^ mayfly_ledger::TxId::random().0[0] as u64);
+            let mut rng = fastrand::Rng::with_seed(
+                u64::from(t) ^ mayfly_ledger::TxId::generate().0[0] as u64,
+            );
             loop {
                 if total != 0 && done.fetch_add(1, Ordering::Relaxed) >= total {
                     return Ok(());
@@ -96,11 +103,15 @@ pub fn run(args: &DemoArgs, log: &Logger) -> anyhow::Result<u8> {
                 let from = rng.u32(..accounts);
                 let to = (from + rng.u32(1..accounts)) % accounts;
                 let amount = rng.u64(1..=100);
-                let request = format!("{{\"from\":{from},\"to\":{to},\"amount\":{amount}}}").into_bytes();
+                let request =
+                    format!("{{\"from\":{from},\"to\":{to},\"amount\":{amount}}}").into_bytes();
                 loop {
                     let mut tx = ledger.begin(context("transfer", request.clone()))?;
                     let id = tx.id();
-                    let (a, b) = (balance(&mut tx, &account(from))?, balance(&mut tx, &account(to))?);
+                    let (a, b) = (
+                        balance(&mut tx, &account(from))?,
+                        balance(&mut tx, &account(to))?,
+                    );
                     let result = if a < amount {
                         b"rejected: insufficient funds".to_vec()
                     } else {
@@ -127,7 +138,8 @@ pub fn run(args: &DemoArgs, log: &Logger) -> anyhow::Result<u8> {
         }));
     }
     for w in workers {
-        w.join().map_err(|_| anyhow::anyhow!("a transfer thread panicked"))??;
+        w.join()
+            .map_err(|_| anyhow::anyhow!("a transfer thread panicked"))??;
     }
     let elapsed = started.elapsed();
     let committed = args.transfers;
@@ -135,7 +147,12 @@ pub fn run(args: &DemoArgs, log: &Logger) -> anyhow::Result<u8> {
     let total: u64 = snapshot
         .iter()
         .filter(|(k, _)| k.starts_with(b"acct/"))
-        .map(|(_, v)| std::str::from_utf8(v).ok().and_then(|s| s.parse::<u64>().ok()).unwrap_or(0))
+        .map(|(_, v)| {
+            std::str::from_utf8(v)
+                .ok()
+                .and_then(|s| s.parse::<u64>().ok())
+                .unwrap_or(0)
+        })
         .sum();
     let expected = u64::from(args.accounts) * START_BALANCE;
     println!(
@@ -144,7 +161,10 @@ pub fn run(args: &DemoArgs, log: &Logger) -> anyhow::Result<u8> {
         conflicts.load(Ordering::Relaxed),
         args.threads
     );
-    println!("total balance {total} (expected {expected}); chain tip {}", ledger.tips().checkpoints.seq);
+    println!(
+        "total balance {total} (expected {expected}); chain tip {}",
+        ledger.tips().checkpoints.seq
+    );
     let report = verify(ledger.store(), &[ledger.public_key()], &mut |_| {})?;
     if report.ok() {
         println!(

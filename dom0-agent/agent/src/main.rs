@@ -20,7 +20,11 @@ pub const EXIT_VERIFY_FAILED: u8 = 1;
 pub const EXIT_STORAGE: u8 = 3;
 
 #[derive(Parser)]
-#[command(name = "dom0-agent", version, about = "Mayfly control-domain agent: runs each transaction in a fresh domain over a verifiable, signed ledger")]
+#[command(
+    name = "dom0-agent",
+    version,
+    about = "Mayfly control-domain agent: runs each transaction in a fresh domain over a verifiable, signed ledger"
+)]
 struct Cli {
     /// Debug log level on stderr: error, warning, info, debug.
     #[arg(long, global = true, default_value = "warning")]
@@ -59,7 +63,10 @@ fn logger(level: &str) -> Logger {
         _ => slog::Level::Warning,
     };
     let decorator = slog_term::PlainSyncDecorator::new(std::io::stderr());
-    let drain = slog_term::FullFormat::new(decorator).build().filter_level(level).fuse();
+    let drain = slog_term::FullFormat::new(decorator)
+        .build()
+        .filter_level(level)
+        .fuse();
     Logger::root(drain, o!())
 }
 

@@ -76,10 +76,18 @@ pub fn run(args: &VerifyArgs) -> anyhow::Result<u8> {
             return;
         }
         last = Instant::now();
-        let pct = if p.total == 0 { 100 } else { p.done.saturating_mul(100) / p.total };
+        let pct = p
+            .done
+            .saturating_mul(100)
+            .checked_div(p.total)
+            .unwrap_or(100);
         let mut err = std::io::stderr().lock();
         let end = if tty && p.done < p.total { "\r" } else { "\n" };
-        let _ = write!(err, "verify: {:<11} {:>10}/{:<10} ({pct:>3}%){end}", p.chain, p.done, p.total);
+        let _ = write!(
+            err,
+            "verify: {:<11} {:>10}/{:<10} ({pct:>3}%){end}",
+            p.chain, p.done, p.total
+        );
     };
     let report = verify(&store, &[trusted], &mut progress).context("reading the ledger")?;
     let elapsed = started.elapsed();
@@ -104,10 +112,21 @@ pub fn run(args: &VerifyArgs) -> anyhow::Result<u8> {
             codec::hex(&trusted)
         );
     } else {
-        println!("FAILED: {}", report.failures.first().map(ToString::to_string).unwrap_or_default());
+        println!(
+            "FAILED: {}",
+            report
+                .failures
+                .first()
+                .map(ToString::to_string)
+                .unwrap_or_default()
+        );
         for f in report.failures.iter().skip(1) {
             println!("  also: {f}");
         }
     }
-    Ok(if report.ok() { 0 } else { crate::EXIT_VERIFY_FAILED })
+    Ok(if report.ok() {
+        0
+    } else {
+        crate::EXIT_VERIFY_FAILED
+    })
 }

@@ -21,12 +21,23 @@ fn check_invariants(dir: &Path, acked: &BTreeMap<u64, TxId>) {
         Ok(s) => s,
         // Killed before its first commit: nothing was promised, and the next start must
         // finish creating the ledger (checked by the next round).
-        Err(store::OpenError::NoLedger { .. } | store::OpenError::Foreign { .. }) if acked.is_empty() => return,
+        Err(store::OpenError::NoLedger { .. } | store::OpenError::Foreign { .. })
+            if acked.is_empty() =>
+        {
+            return
+        }
         Err(e) => panic!("reopen after kill: {e}"),
     };
     for (seq, id) in acked {
-        assert_eq!(store.seq_of(id).unwrap(), Some(*seq), "acknowledged transaction {id} (seq {seq}) lost");
-        let cp = store.checkpoint(*seq).unwrap().expect("checkpoint of an acknowledged commit");
+        assert_eq!(
+            store.seq_of(id).unwrap(),
+            Some(*seq),
+            "acknowledged transaction {id} (seq {seq}) lost"
+        );
+        let cp = store
+            .checkpoint(*seq)
+            .unwrap()
+            .expect("checkpoint of an acknowledged commit");
         assert_eq!(cp.tx_id, *id);
     }
     let data = store.data_snapshot().unwrap();
@@ -34,15 +45,29 @@ fn check_invariants(dir: &Path, acked: &BTreeMap<u64, TxId>) {
         assert!(acked.is_empty());
         return;
     }
-    let total: u64 = data.values().map(|v| std::str::from_utf8(v).unwrap().parse::<u64>().unwrap()).sum();
-    assert_eq!(total, ACCOUNTS * 1000, "money created or destroyed: a partial transaction is visible");
+    let total: u64 = data
+        .values()
+        .map(|v| std::str::from_utf8(v).unwrap().parse::<u64>().unwrap())
+        .sum();
+    assert_eq!(
+        total,
+        ACCOUNTS * 1000,
+        "money created or destroyed: a partial transaction is visible"
+    );
     // Every live value is exactly the after-image of the checkpoint that claims to have
     // written it: data and checkpoints committed together.
     for (key, value) in &data {
         let (version, v) = store.committed(key).unwrap().unwrap();
         assert_eq!(&v, value);
-        let cp = store.checkpoint(version).unwrap().expect("writer checkpoint");
-        let w = cp.writes.iter().find(|w| &w.key == key).expect("writer lists the key");
+        let cp = store
+            .checkpoint(version)
+            .unwrap()
+            .expect("writer checkpoint");
+        let w = cp
+            .writes
+            .iter()
+            .find(|w| &w.key == key)
+            .expect("writer lists the key");
         assert_eq!(w.after.as_deref(), Some(value.as_slice()));
     }
     let out = agent()
@@ -50,7 +75,11 @@ fn check_invariants(dir: &Path, acked: &BTreeMap<u64, TxId>) {
         .arg(dir)
         .output()
         .unwrap();
-    assert!(out.status.success(), "verify after kill: {}", String::from_utf8_lossy(&out.stdout));
+    assert!(
+        out.status.success(),
+        "verify after kill: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
 }
 
 #[test]
@@ -62,7 +91,15 @@ fn sigkill_at_random_points_loses_no_acknowledged_commit() {
     let mut acked: BTreeMap<u64, TxId> = BTreeMap::new();
     for round in 0..ROUNDS {
         let mut child = agent()
-            .args(["demo", "--transfers", "0", "--threads", "4", "--print-acks", "--accounts"])
+            .args([
+                "demo",
+                "--transfers",
+                "0",
+                "--threads",
+                "4",
+                "--print-acks",
+                "--accounts",
+            ])
             .arg(ACCOUNTS.to_string())
             .arg("--data-dir")
             .arg(dir.path())
@@ -72,7 +109,11 @@ fn sigkill_at_random_points_loses_no_acknowledged_commit() {
             .unwrap();
         // Round 0 and a few others die during start-up; the rest after a random number of
         // acknowledged commits, while more are in flight.
-        let kill_after = if round == 0 || rng.u8(..8) == 0 { 0 } else { rng.usize(1..300) };
+        let kill_after = if round == 0 || rng.u8(..8) == 0 {
+            0
+        } else {
+            rng.usize(1..300)
+        };
         let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
         let mut seen = 0;
         while seen < kill_after {
@@ -90,7 +131,7 @@ fn sigkill_at_random_points_loses_no_acknowledged_commit() {
             }
         }
         child.kill().unwrap(); // SIGKILL
-        // Acknowledgements already written before the kill count too.
+                               // Acknowledgements already written before the kill count too.
         for line in lines {
             let Ok(line) = line else { break };
             let mut parts = line.split_whitespace();
@@ -99,8 +140,15 @@ fn sigkill_at_random_points_loses_no_acknowledged_commit() {
             }
         }
         let status = child.wait().unwrap();
-        assert!(!status.success(), "round {round}: the demo must have been killed");
+        assert!(
+            !status.success(),
+            "round {round}: the demo must have been killed"
+        );
         check_invariants(dir.path(), &acked);
     }
-    assert!(acked.len() > ROUNDS, "too few commits were acknowledged to mean anything: {}", acked.len());
+    assert!(
+        acked.len() > ROUNDS,
+        "too few commits were acknowledged to mean anything: {}",
+        acked.len()
+    );
 }

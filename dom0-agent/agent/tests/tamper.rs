@@ -15,24 +15,35 @@ const CHECKPOINTS: u64 = 12;
 /// A pristine ledger: 12 checkpoints (each its own group) and a few audit events.
 fn pristine() -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
-    let ledger = Ledger::open(dir.path(), &Options::default(), &Logger::root(Discard, o!())).unwrap();
+    let ledger = Ledger::open(
+        dir.path(),
+        &Options::default(),
+        &Logger::root(Discard, o!()),
+    )
+    .unwrap();
     for i in 0..CHECKPOINTS {
         let mut tx = ledger
             .begin(TxContext {
-                tx_id: TxId::random(),
+                tx_id: TxId::generate(),
                 handler: "kv".into(),
                 request: format!("request {i}").into_bytes(),
-                domain_id: 100 + i as u32,
+                domain_id: 100 + u32::try_from(i).unwrap(),
                 policy_hash: [3; 32],
             })
             .unwrap();
         if i > 0 {
             tx.get(format!("key/{}", i - 1).as_bytes()).unwrap();
         }
-        tx.put(format!("key/{i}").as_bytes(), format!("value {i}").as_bytes()).unwrap();
+        tx.put(
+            format!("key/{i}").as_bytes(),
+            format!("value {i}").as_bytes(),
+        )
+        .unwrap();
         tx.commit(format!("result {i}").into_bytes()).unwrap();
         ledger
-            .audit(vec![AuditEvent::new("domain.destroyed", Severity::Info).field("domain", 100 + i)])
+            .audit(vec![
+                AuditEvent::new("domain.destroyed", Severity::Info).field("domain", 100 + i)
+            ])
             .unwrap();
     }
     dir
@@ -53,14 +64,23 @@ fn verify(dir: &Path) -> (i32, String) {
         .arg(dir)
         .output()
         .unwrap();
-    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).into_owned())
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
 }
 
 fn assert_names(dir: &Path, what: &str, case: &str) {
     let (code, out) = verify(dir);
-    assert_eq!(code, 1, "{case}: verify must fail with exit code 1, printed {out}");
+    assert_eq!(
+        code, 1,
+        "{case}: verify must fail with exit code 1, printed {out}"
+    );
     let first = out.lines().next().unwrap_or("");
-    assert!(first.contains(what), "{case}: expected the first failure to name {what:?}, got {out}");
+    assert!(
+        first.contains(what),
+        "{case}: expected the first failure to name {what:?}, got {out}"
+    );
 }
 
 fn key(seq: u64) -> [u8; 8] {
@@ -79,10 +99,30 @@ fn pristine_ledger_verifies() {
 fn any_flipped_checkpoint_byte_is_found_and_named() {
     let base = pristine();
     for target in [1, 5, CHECKPOINTS] {
-        let len = tamper::get(base.path(), names::CHECKPOINTS, &key(target)).unwrap().len();
+        let len = tamper::get(base.path(), names::CHECKPOINTS, &key(target))
+            .unwrap()
+            .len();
         // Header, seq, link, tx id, handler, domain, policy, times, digest, request,
         // result, read and write sets, and the last byte.
-        let mut positions: Vec<usize> = vec![0, 4, 5, 6, 13, 14, 45, 46, 62, 64, 70, 100, 140, 170, len / 2, len - 10, len - 1];
+        let mut positions: Vec<usize> = vec![
+            0,
+            4,
+            5,
+            6,
+            13,
+            14,
+            45,
+            46,
+            62,
+            64,
+            70,
+            100,
+            140,
+            170,
+            len / 2,
+            len - 10,
+            len - 1,
+        ];
         positions.retain(|p| *p < len);
         for pos in positions {
             let (_guard, dir) = copy_of(base.path());
@@ -104,22 +144,38 @@ fn deleted_and_reordered_records_are_named() {
 
     let (_g, dir) = copy_of(base.path());
     tamper::set(&dir, names::CHECKPOINTS, &key(5), None);
-    assert_names(&dir, "checkpoint chain, record 5: missing", "delete a middle checkpoint");
+    assert_names(
+        &dir,
+        "checkpoint chain, record 5: missing",
+        "delete a middle checkpoint",
+    );
 
     let (_g, dir) = copy_of(base.path());
     tamper::set(&dir, names::CHECKPOINTS, &key(CHECKPOINTS), None);
-    assert_names(&dir, &format!("checkpoint chain, record {CHECKPOINTS}: missing"), "delete the last checkpoint");
+    assert_names(
+        &dir,
+        &format!("checkpoint chain, record {CHECKPOINTS}: missing"),
+        "delete the last checkpoint",
+    );
 
     let (_g, dir) = copy_of(base.path());
     let a = tamper::get(&dir, names::CHECKPOINTS, &key(4)).unwrap();
     let b = tamper::get(&dir, names::CHECKPOINTS, &key(5)).unwrap();
     tamper::set(&dir, names::CHECKPOINTS, &key(4), Some(&b));
     tamper::set(&dir, names::CHECKPOINTS, &key(5), Some(&a));
-    assert_names(&dir, "checkpoint chain, record 4: stored under 4 but its content says 5", "swap two checkpoints");
+    assert_names(
+        &dir,
+        "checkpoint chain, record 4: stored under 4 but its content says 5",
+        "swap two checkpoints",
+    );
 
     let (_g, dir) = copy_of(base.path());
     tamper::set(&dir, names::AUDIT, &key(3), None);
-    assert_names(&dir, "audit chain, record 3: missing", "delete an audit record");
+    assert_names(
+        &dir,
+        "audit chain, record 3: missing",
+        "delete an audit record",
+    );
 }
 
 #[test]
@@ -130,13 +186,21 @@ fn altered_audit_records_and_heads_are_named() {
     let last = v.len() - 1;
     v[last] ^= 0x01; // the field value's last character
     tamper::set(&dir, names::AUDIT, &key(4), Some(&v));
-    assert_names(&dir, "audit chain, record 4:", "flip a byte in an audit record");
+    assert_names(
+        &dir,
+        "audit chain, record 4:",
+        "flip a byte in an audit record",
+    );
 
     let (_g, dir) = copy_of(base.path());
     let mut v = tamper::get(&dir, names::HEADS, &key(3)).unwrap();
     v[150] ^= 0x01; // inside the signature
     tamper::set(&dir, names::HEADS, &key(3), Some(&v));
-    assert_names(&dir, "signed head, group 3: signature does not verify", "forge a head signature");
+    assert_names(
+        &dir,
+        "signed head, group 3: signature does not verify",
+        "forge a head signature",
+    );
 }
 
 #[test]
@@ -150,7 +214,13 @@ fn a_ledger_signed_by_another_key_fails_against_the_pinned_key() {
         .unwrap();
     let other_key = String::from_utf8(key_out.stdout).unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_dom0-agent"))
-        .args(["verify", "--quiet", "--public-key", other_key.trim(), "--data-dir"])
+        .args([
+            "verify",
+            "--quiet",
+            "--public-key",
+            other_key.trim(),
+            "--data-dir",
+        ])
         .arg(base.path())
         .output()
         .unwrap();

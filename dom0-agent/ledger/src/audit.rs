@@ -301,8 +301,13 @@ mod tests {
 
     #[test]
     fn validation_rejects_bad_names_and_sizes() {
-        assert!(AuditEvent::new("Bad Name", Severity::Info).validate().is_err());
-        assert!(AuditEvent::new("ok", Severity::Info).field("a=b", "x").validate().is_err());
+        assert!(AuditEvent::new("Bad Name", Severity::Info)
+            .validate()
+            .is_err());
+        assert!(AuditEvent::new("ok", Severity::Info)
+            .field("a=b", "x")
+            .validate()
+            .is_err());
         assert!(AuditEvent::new("ok", Severity::Info)
             .field("big", "x".repeat(MAX_FIELD_VALUE + 1))
             .validate()

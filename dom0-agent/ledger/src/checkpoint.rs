@@ -124,9 +124,9 @@ pub fn chain_hash(prev: &Hash, encoding: &[u8]) -> Hash {
 pub fn valid_handler(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= limits::MAX_HANDLER
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-' || b == b'.')
+        && name.bytes().all(|b| {
+            b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-' || b == b'.'
+        })
 }
 
 impl Checkpoint {
@@ -272,8 +272,12 @@ impl Checkpoint {
                 });
             }
             let before_version = r.u64("before_version")?;
-            let before = r.opt_bytes32(limits::MAX_VALUE, "before image")?.map(<[u8]>::to_vec);
-            let after = r.opt_bytes32(limits::MAX_VALUE, "after image")?.map(<[u8]>::to_vec);
+            let before = r
+                .opt_bytes32(limits::MAX_VALUE, "before image")?
+                .map(<[u8]>::to_vec);
+            let after = r
+                .opt_bytes32(limits::MAX_VALUE, "after image")?
+                .map(<[u8]>::to_vec);
             if before_version == 0 && before.is_some() {
                 return Err(DecodeError::NotCanonical {
                     field: "before image",
@@ -344,12 +348,28 @@ mod tests {
             request: b"{\"from\":\"a\",\"to\":\"b\",\"amount\":5}".to_vec(),
             result: b"ok".to_vec(),
             reads: vec![
-                ReadEntry { key: b"acct/a".to_vec(), version: 0 },
-                ReadEntry { key: b"acct/b".to_vec(), version: 0 },
+                ReadEntry {
+                    key: b"acct/a".to_vec(),
+                    version: 0,
+                },
+                ReadEntry {
+                    key: b"acct/b".to_vec(),
+                    version: 0,
+                },
             ],
             writes: vec![
-                WriteEntry { key: b"acct/a".to_vec(), before_version: 0, before: None, after: Some(b"95".to_vec()) },
-                WriteEntry { key: b"acct/b".to_vec(), before_version: 0, before: None, after: Some(b"105".to_vec()) },
+                WriteEntry {
+                    key: b"acct/a".to_vec(),
+                    before_version: 0,
+                    before: None,
+                    after: Some(b"95".to_vec()),
+                },
+                WriteEntry {
+                    key: b"acct/b".to_vec(),
+                    before_version: 0,
+                    before: None,
+                    after: Some(b"105".to_vec()),
+                },
             ],
         }
     }
@@ -367,11 +387,17 @@ mod tests {
     fn every_truncation_is_rejected() {
         let enc = sample().encode();
         for cut in 0..enc.len() {
-            assert!(Checkpoint::decode(&enc[..cut]).is_err(), "prefix of {cut} bytes accepted");
+            assert!(
+                Checkpoint::decode(&enc[..cut]).is_err(),
+                "prefix of {cut} bytes accepted"
+            );
         }
         let mut longer = enc.clone();
         longer.push(0);
-        assert!(matches!(Checkpoint::decode(&longer), Err(DecodeError::Trailing { count: 1 })));
+        assert!(matches!(
+            Checkpoint::decode(&longer),
+            Err(DecodeError::Trailing { count: 1 })
+        ));
     }
 
     #[test]
@@ -380,7 +406,10 @@ mod tests {
         c.writes.swap(0, 1);
         assert!(matches!(
             Checkpoint::decode(&c.encode()),
-            Err(DecodeError::NotCanonical { field: "write set", .. })
+            Err(DecodeError::NotCanonical {
+                field: "write set",
+                ..
+            })
         ));
     }
 
@@ -392,7 +421,10 @@ mod tests {
         enc[at] ^= 1;
         assert!(matches!(
             Checkpoint::decode(&enc),
-            Err(DecodeError::NotCanonical { field: "request_digest", .. })
+            Err(DecodeError::NotCanonical {
+                field: "request_digest",
+                ..
+            })
         ));
     }
 

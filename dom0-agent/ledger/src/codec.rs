@@ -207,7 +207,12 @@ impl<'a> Reader<'a> {
         Ok(u64::from_be_bytes(self.array(field)?))
     }
 
-    fn capped(&mut self, len: usize, max: usize, field: &'static str) -> Result<&'a [u8], DecodeError> {
+    fn capped(
+        &mut self,
+        len: usize,
+        max: usize,
+        field: &'static str,
+    ) -> Result<&'a [u8], DecodeError> {
         if len > max {
             return Err(DecodeError::TooLarge { field, len, max });
         }
@@ -230,7 +235,11 @@ impl<'a> Reader<'a> {
         self.capped(len, max, field)
     }
     /// Presence byte, then `u32` length and bytes when present.
-    pub fn opt_bytes32(&mut self, max: usize, field: &'static str) -> Result<Option<&'a [u8]>, DecodeError> {
+    pub fn opt_bytes32(
+        &mut self,
+        max: usize,
+        field: &'static str,
+    ) -> Result<Option<&'a [u8]>, DecodeError> {
         match self.u8(field)? {
             0 => Ok(None),
             1 => self.bytes32(max, field).map(Some),
@@ -258,7 +267,12 @@ impl<'a> Reader<'a> {
     }
     /// A count prefix (`u32`) checked against `max` and against the bytes left, given that
     /// each element needs at least `min_elem` bytes; protects allocations from huge counts.
-    pub fn count32(&mut self, max: usize, min_elem: usize, field: &'static str) -> Result<usize, DecodeError> {
+    pub fn count32(
+        &mut self,
+        max: usize,
+        min_elem: usize,
+        field: &'static str,
+    ) -> Result<usize, DecodeError> {
         let n = usize::try_from(self.u32(field)?).unwrap_or(usize::MAX);
         if n > max {
             return Err(DecodeError::TooLarge { field, len: n, max });
@@ -334,15 +348,24 @@ mod tests {
 
         let mut r = Reader::new(&buf);
         assert_eq!(r.u32("n").unwrap(), 7);
-        assert!(matches!(r.bytes16(2, "s"), Err(DecodeError::TooLarge { len: 3, max: 2, .. })));
+        assert!(matches!(
+            r.bytes16(2, "s"),
+            Err(DecodeError::TooLarge { len: 3, max: 2, .. })
+        ));
 
         let mut r = Reader::new(&buf[..buf.len() - 1]);
         r.u32("n").unwrap();
-        assert!(matches!(r.bytes16(10, "s"), Err(DecodeError::Truncated { need: 1, .. })));
+        assert!(matches!(
+            r.bytes16(10, "s"),
+            Err(DecodeError::Truncated { need: 1, .. })
+        ));
 
         let mut r = Reader::new(&buf);
         r.u32("n").unwrap();
-        assert!(matches!(r.finish(), Err(DecodeError::Trailing { count: 5 })));
+        assert!(matches!(
+            r.finish(),
+            Err(DecodeError::Trailing { count: 5 })
+        ));
     }
 
     #[test]
@@ -351,13 +374,19 @@ mod tests {
         w.u32(1_000);
         let buf = w.finish();
         let mut r = Reader::new(&buf);
-        assert!(matches!(r.count32(10_000, 8, "reads"), Err(DecodeError::Truncated { .. })));
+        assert!(matches!(
+            r.count32(10_000, 8, "reads"),
+            Err(DecodeError::Truncated { .. })
+        ));
     }
 
     #[test]
     fn presence_byte_must_be_canonical() {
         let mut r = Reader::new(&[2u8]);
-        assert!(matches!(r.opt_bytes32(8, "v"), Err(DecodeError::NotCanonical { .. })));
+        assert!(matches!(
+            r.opt_bytes32(8, "v"),
+            Err(DecodeError::NotCanonical { .. })
+        ));
     }
 
     #[test]

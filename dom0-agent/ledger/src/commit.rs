@@ -85,7 +85,9 @@ pub enum CommitError {
         free: u64,
     },
     /// The LMDB map is full; nothing of this group was committed.
-    #[error("ledger map full (raise --map-size); nothing of a group of {group_size} was committed")]
+    #[error(
+        "ledger map full (raise --map-size); nothing of a group of {group_size} was committed"
+    )]
     MapFull {
         /// Jobs in the failed group.
         group_size: usize,
@@ -114,9 +116,13 @@ impl CommitError {
     /// left is reported as a full disk.
     fn from_storage(e: heed::Error, group_size: usize, dir: &Path) -> Self {
         const NEARLY_FULL: u64 = 1 << 20;
+        // fsblkcnt_t and c_ulong are narrower than u64 on 32-bit targets.
+        #[allow(clippy::useless_conversion)]
         let free = || {
             nix::sys::statvfs::statvfs(dir)
-                .map(|s| u64::from(s.blocks_available()).saturating_mul(u64::from(s.fragment_size())))
+                .map(|s| {
+                    u64::from(s.blocks_available()).saturating_mul(u64::from(s.fragment_size()))
+                })
                 .ok()
         };
         let io_like = match &e {
@@ -182,26 +188,23 @@ impl CommitTicket {
 pub(crate) fn submit(inner: &Inner, job: Job) -> Result<CommitTicket, CommitError> {
     let (reply, rx) = std::sync::mpsc::sync_channel(1);
     let sender = inner.sender.as_ref().ok_or(CommitError::Closed)?;
-    sender.send(Envelope { job, reply }).map_err(|_| CommitError::Closed)?;
+    sender
+        .send(Envelope { job, reply })
+        .map_err(|_| CommitError::Closed)?;
     Ok(CommitTicket { rx })
 }
 
-/// Key of the `history` database: `u16 BE key length || key || u64 BE seq`.
-pub fn history_key(key: &[u8], seq: u64) -> Vec<u8> {
-    let mut out = Vec::with_capacity(2 + key.len() + 8);
-    out.extend_from_slice(&u16::try_from(key.len()).unwrap_or(u16::MAX).to_be_bytes());
-    out.extend_from_slice(key);
-    out.extend_from_slice(&seq.to_be_bytes());
-    out
-}
-
-/// Key of the `read_from` database: `u64 BE writer seq || u64 BE reader seq || key`.
-pub fn read_from_key(writer: u64, reader: u64, key: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(16 + key.len());
-    out.extend_from_slice(&writer.to_be_bytes());
-    out.extend_from_slice(&reader.to_be_bytes());
-    out.extend_from_slice(key);
-    out
+/// Value of the `deps` database: the distinct non-zero versions a transaction read, i.e.
+/// the commits it depends on, as ascending `u64 BE`.
+pub fn encode_deps(reads: &[ReadEntry]) -> Vec<u8> {
+    let mut writers: Vec<u64> = reads
+        .iter()
+        .map(|r| r.version)
+        .filter(|v| *v != 0)
+        .collect();
+    writers.sort_unstable();
+    writers.dedup();
+    writers.iter().flat_map(|w| w.to_be_bytes()).collect()
 }
 
 enum Step {
@@ -238,7 +241,8 @@ impl Committer {
                     Err(_) => break,
                 }
             }
-            let (jobs, replies): (Vec<Job>, Vec<_>) = batch.into_iter().map(|e| (e.job, e.reply)).unzip();
+            let (jobs, replies): (Vec<Job>, Vec<_>) =
+                batch.into_iter().map(|e| (e.job, e.reply)).unzip();
             let n = jobs.len();
             match self.write_group(jobs, false) {
                 Ok(results) => {
@@ -259,7 +263,11 @@ impl Committer {
 
     /// Applies `jobs` in one LMDB write transaction and commits it. `genesis` also writes
     /// the format marker and identity. Returns one result per job, or the group's failure.
-    pub fn write_group(&mut self, jobs: Vec<Job>, genesis: bool) -> Result<Vec<Result<Receipt, CommitError>>, CommitError> {
+    pub fn write_group(
+        &mut self,
+        jobs: Vec<Job>,
+        genesis: bool,
+    ) -> Result<Vec<Result<Receipt, CommitError>>, CommitError> {
         let n = jobs.len();
         let dir = self.store.dir.clone();
         let fail = |e: heed::Error| CommitError::from_storage(e, n, &dir);
@@ -270,7 +278,9 @@ impl Committer {
         if genesis {
             let mut format = FORMAT_MARKER.to_vec();
             format.extend_from_slice(&FORMAT_VERSION.to_be_bytes());
-            dbs.meta.put(&mut wtxn, meta_keys::FORMAT, &format).map_err(fail)?;
+            dbs.meta
+                .put(&mut wtxn, meta_keys::FORMAT, &format)
+                .map_err(fail)?;
             dbs.meta
                 .put(&mut wtxn, meta_keys::PUBLIC_KEY, &self.key.public_key())
                 .map_err(fail)?;
@@ -295,10 +305,18 @@ impl Committer {
         }
         let group = self.group.saturating_add(1);
         let head = SignedHead::sign(&self.key, group, ckpt, audit, now);
-        dbs.heads.put(&mut wtxn, &u64_key(group), &head.encode()).map_err(fail)?;
-        dbs.meta.put(&mut wtxn, meta_keys::CKPT_TIP, &encode_tip(&ckpt)).map_err(fail)?;
-        dbs.meta.put(&mut wtxn, meta_keys::AUDIT_TIP, &encode_tip(&audit)).map_err(fail)?;
-        dbs.meta.put(&mut wtxn, meta_keys::GROUP, &u64_key(group)).map_err(fail)?;
+        dbs.heads
+            .put(&mut wtxn, &u64_key(group), &head.encode())
+            .map_err(fail)?;
+        dbs.meta
+            .put(&mut wtxn, meta_keys::CKPT_TIP, &encode_tip(&ckpt))
+            .map_err(fail)?;
+        dbs.meta
+            .put(&mut wtxn, meta_keys::AUDIT_TIP, &encode_tip(&audit))
+            .map_err(fail)?;
+        dbs.meta
+            .put(&mut wtxn, meta_keys::GROUP, &u64_key(group))
+            .map_err(fail)?;
         wtxn.commit().map_err(fail)?;
 
         self.checkpoints = ckpt;
@@ -321,7 +339,8 @@ impl Committer {
         match self.store.dbs.data.get(wtxn, key)? {
             None => Ok((0, None)),
             Some(bytes) => {
-                let s = decode_value(bytes).ok_or_else(|| Step::Reject(CommitError::Corrupt { key: hex(key) }))?;
+                let s = decode_value(bytes)
+                    .ok_or_else(|| Step::Reject(CommitError::Corrupt { key: hex(key) }))?;
                 Ok((s.version, s.value.map(<[u8]>::to_vec)))
             }
         }
@@ -364,7 +383,14 @@ impl Committer {
         Ok(())
     }
 
-    fn apply_tx(&self, wtxn: &mut RwTxn<'_>, ckpt: &mut Tip, audit: &mut Tip, tx: PreparedTx, now: u64) -> Result<Receipt, Step> {
+    fn apply_tx(
+        &self,
+        wtxn: &mut RwTxn<'_>,
+        ckpt: &mut Tip,
+        audit: &mut Tip,
+        tx: PreparedTx,
+        now: u64,
+    ) -> Result<Receipt, Step> {
         let dbs = self.store.dbs;
         if dbs.tx_index.get(wtxn, &tx.ctx.tx_id.0)?.is_some() {
             return Err(Step::Reject(CommitError::DuplicateTxId(tx.ctx.tx_id)));
@@ -424,11 +450,12 @@ impl Committer {
 
         let seq_key = u64_key(seq);
         for w in &cp.writes {
-            dbs.data.put(wtxn, &w.key, &encode_value(seq, w.after.as_deref()))?;
-            dbs.history.put(wtxn, &history_key(&w.key, seq), &[])?;
+            dbs.data
+                .put(wtxn, &w.key, &encode_value(seq, w.after.as_deref()))?;
         }
-        for r in cp.reads.iter().filter(|r| r.version != 0) {
-            dbs.read_from.put(wtxn, &read_from_key(r.version, seq, &r.key), &[])?;
+        let deps = encode_deps(&cp.reads);
+        if !deps.is_empty() {
+            dbs.deps.put(wtxn, &seq_key, &deps)?;
         }
         dbs.checkpoints.put(wtxn, &seq_key, &enc)?;
         dbs.tx_index.put(wtxn, &cp.tx_id.0, &seq_key)?;
@@ -444,7 +471,13 @@ impl Committer {
         })
     }
 
-    fn apply_audit(&self, wtxn: &mut RwTxn<'_>, audit: &mut Tip, events: Vec<AuditEvent>, now: u64) -> Result<Receipt, Step> {
+    fn apply_audit(
+        &self,
+        wtxn: &mut RwTxn<'_>,
+        audit: &mut Tip,
+        events: Vec<AuditEvent>,
+        now: u64,
+    ) -> Result<Receipt, Step> {
         for ev in &events {
             ev.validate().map_err(|e| Step::Reject(e.into()))?;
         }
@@ -459,7 +492,13 @@ impl Committer {
         })
     }
 
-    fn append_audit(&self, wtxn: &mut RwTxn<'_>, tip: &mut Tip, event: AuditEvent, now: u64) -> Result<(), heed::Error> {
+    fn append_audit(
+        &self,
+        wtxn: &mut RwTxn<'_>,
+        tip: &mut Tip,
+        event: AuditEvent,
+        now: u64,
+    ) -> Result<(), heed::Error> {
         let seq = tip.seq.saturating_add(1);
         let rec = AuditRecord {
             seq,

@@ -64,7 +64,13 @@ pub struct SignedHead {
 }
 
 impl SignedHead {
-    fn signed_bytes(group: u64, checkpoints: Tip, audit: Tip, time_ns: u64, public_key: &PublicKey) -> Vec<u8> {
+    fn signed_bytes(
+        group: u64,
+        checkpoints: Tip,
+        audit: Tip,
+        time_ns: u64,
+        public_key: &PublicKey,
+    ) -> Vec<u8> {
         let mut w = Writer::with_capacity(HEAD_LEN);
         w.raw(MAGIC.as_bytes());
         w.u8(VERSION);
@@ -95,7 +101,13 @@ impl SignedHead {
 
     /// The stored encoding.
     pub fn encode(&self) -> Vec<u8> {
-        let mut out = Self::signed_bytes(self.group, self.checkpoints, self.audit, self.time_ns, &self.public_key);
+        let mut out = Self::signed_bytes(
+            self.group,
+            self.checkpoints,
+            self.audit,
+            self.time_ns,
+            &self.public_key,
+        );
         out.extend_from_slice(&self.signature);
         out
     }
@@ -103,7 +115,13 @@ impl SignedHead {
     /// Whether the signature verifies under the head's own public key. Callers must also
     /// check that this key is one they trust.
     pub fn signature_valid(&self) -> bool {
-        let msg = Self::signed_bytes(self.group, self.checkpoints, self.audit, self.time_ns, &self.public_key);
+        let msg = Self::signed_bytes(
+            self.group,
+            self.checkpoints,
+            self.audit,
+            self.time_ns,
+            &self.public_key,
+        );
         verify_signature(&self.public_key, &msg, &self.signature)
     }
 
@@ -157,7 +175,19 @@ mod tests {
     fn sign_encode_decode_verify() {
         let dir = tempfile::tempdir().unwrap();
         let key = SigningKey::generate(dir.path()).unwrap();
-        let h = SignedHead::sign(&key, 4, Tip { seq: 10, hash: [1; 32] }, Tip { seq: 3, hash: [2; 32] }, 99);
+        let h = SignedHead::sign(
+            &key,
+            4,
+            Tip {
+                seq: 10,
+                hash: [1; 32],
+            },
+            Tip {
+                seq: 3,
+                hash: [2; 32],
+            },
+            99,
+        );
         let enc = h.encode();
         assert_eq!(enc.len(), HEAD_LEN);
         let d = SignedHead::decode(&enc).unwrap();
@@ -166,7 +196,9 @@ mod tests {
         for i in 0..enc.len() {
             let mut bad = enc.clone();
             bad[i] ^= 0x80;
-            let ok = SignedHead::decode(&bad).map(|h| h.signature_valid()).unwrap_or(false);
+            let ok = SignedHead::decode(&bad)
+                .map(|h| h.signature_valid())
+                .unwrap_or(false);
             assert!(!ok, "flipping byte {i} went unnoticed");
         }
     }

@@ -83,7 +83,9 @@ impl SigningKey {
         };
         let meta = match fs::metadata(&path) {
             Ok(m) => m,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(KeyError::Missing { path }),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                return Err(KeyError::Missing { path })
+            }
             Err(e) => return Err(io(e)),
         };
         let mode = meta.permissions().mode() & 0o777;
@@ -105,7 +107,8 @@ impl SigningKey {
     pub fn generate(dir: &Path) -> Result<Self, KeyError> {
         let path = dir.join(KEY_FILE);
         let tmp = dir.join(format!("{KEY_FILE}.tmp"));
-        let der = Ed25519KeyPair::generate_pkcs8(&SystemRandom::new()).map_err(|_| KeyError::Random)?;
+        let der =
+            Ed25519KeyPair::generate_pkcs8(&SystemRandom::new()).map_err(|_| KeyError::Random)?;
         let io = |p: &Path| {
             let p = p.to_path_buf();
             move |source| KeyError::Io { path: p, source }
@@ -127,11 +130,29 @@ impl SigningKey {
         drop(f);
         if path.exists() {
             let _ = fs::remove_file(&tmp);
-            return Err(io(&path)(io::Error::new(io::ErrorKind::AlreadyExists, "refusing to overwrite a key")));
+            return Err(io(&path)(io::Error::new(
+                io::ErrorKind::AlreadyExists,
+                "refusing to overwrite a key",
+            )));
         }
         fs::rename(&tmp, &path).map_err(io(&path))?;
-        File::open(dir).and_then(|d| d.sync_all()).map_err(io(dir))?;
+        File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io(dir))?;
         Self::from_pkcs8(der.as_ref()).map_err(|reason| KeyError::Malformed { path, reason })
+    }
+
+    /// A key from a raw 32-byte Ed25519 seed. Used for published test vectors only; the
+    /// appliance's key always comes from [`SigningKey::generate`].
+    pub fn from_seed(seed: &[u8; 32]) -> Self {
+        // A 32-byte seed is always a valid Ed25519 private key; the public key is derived.
+        let pair = match Ed25519KeyPair::from_seed_unchecked(seed) {
+            Ok(pair) => pair,
+            Err(_) => unreachable!("any 32-byte seed is a valid Ed25519 key"),
+        };
+        let mut public = [0u8; 32];
+        public.copy_from_slice(pair.public_key().as_ref());
+        Self { pair, public }
     }
 
     fn from_pkcs8(der: &[u8]) -> Result<Self, String> {
@@ -156,7 +177,9 @@ impl SigningKey {
 
 /// Whether `sig` is `key`'s Ed25519 signature of `msg`.
 pub fn verify_signature(key: &PublicKey, msg: &[u8], sig: &[u8; 64]) -> bool {
-    UnparsedPublicKey::new(&ED25519, key).verify(msg, sig).is_ok()
+    UnparsedPublicKey::new(&ED25519, key)
+        .verify(msg, sig)
+        .is_ok()
 }
 
 /// Reads a public key given as 64 hex digits (surrounding whitespace ignored).
@@ -173,27 +196,43 @@ mod tests {
     fn generate_then_load_with_0600() {
         let dir = tempfile::tempdir().unwrap();
         let k = SigningKey::generate(dir.path()).unwrap();
-        let mode = fs::metadata(dir.path().join(KEY_FILE)).unwrap().permissions().mode() & 0o777;
+        let mode = fs::metadata(dir.path().join(KEY_FILE))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777;
         assert_eq!(mode, 0o600);
         let again = SigningKey::load(dir.path()).unwrap();
         assert_eq!(k.public_key(), again.public_key());
         let sig = k.sign(b"msg");
         assert!(verify_signature(&k.public_key(), b"msg", &sig));
         assert!(!verify_signature(&k.public_key(), b"msh", &sig));
-        assert!(SigningKey::generate(dir.path()).is_err(), "must not overwrite");
+        assert!(
+            SigningKey::generate(dir.path()).is_err(),
+            "must not overwrite"
+        );
     }
 
     #[test]
     fn loose_permissions_and_garbage_are_refused() {
         let dir = tempfile::tempdir().unwrap();
-        assert!(matches!(SigningKey::load(dir.path()), Err(KeyError::Missing { .. })));
+        assert!(matches!(
+            SigningKey::load(dir.path()),
+            Err(KeyError::Missing { .. })
+        ));
         SigningKey::generate(dir.path()).unwrap();
         let path = dir.path().join(KEY_FILE);
         fs::set_permissions(&path, fs::Permissions::from_mode(0o644)).unwrap();
-        assert!(matches!(SigningKey::load(dir.path()), Err(KeyError::Permissions { mode: 0o644, .. })));
+        assert!(matches!(
+            SigningKey::load(dir.path()),
+            Err(KeyError::Permissions { mode: 0o644, .. })
+        ));
         fs::set_permissions(&path, fs::Permissions::from_mode(0o600)).unwrap();
         fs::write(&path, b"not a key").unwrap();
-        assert!(matches!(SigningKey::load(dir.path()), Err(KeyError::Malformed { .. })));
+        assert!(matches!(
+            SigningKey::load(dir.path()),
+            Err(KeyError::Malformed { .. })
+        ));
     }
 
     #[test]

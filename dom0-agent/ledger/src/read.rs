@@ -6,7 +6,6 @@ use std::collections::BTreeMap;
 use crate::audit::AuditRecord;
 use crate::checkpoint::Checkpoint;
 use crate::codec::{hex, DecodeError};
-use crate::commit::history_key;
 use crate::store::{read_u64, u64_key, Store};
 use crate::txn::decode_value;
 use crate::TxId;
@@ -29,15 +28,6 @@ pub enum ReadError {
     },
 }
 
-/// A dependency edge from the `read_from` index.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ReadFrom {
-    /// The transaction that read.
-    pub reader: u64,
-    /// The key it read.
-    pub key: Vec<u8>,
-}
-
 impl Store {
     /// The checkpoint with commit sequence `seq`.
     pub fn checkpoint(&self, seq: u64) -> Result<Option<Checkpoint>, ReadError> {
@@ -45,11 +35,13 @@ impl Store {
         let Some(bytes) = self.dbs.checkpoints.get(&rtxn, &u64_key(seq))? else {
             return Ok(None);
         };
-        Checkpoint::decode(bytes).map(Some).map_err(|source| ReadError::Corrupt {
-            what: "checkpoint",
-            at: seq.to_string(),
-            source,
-        })
+        Checkpoint::decode(bytes)
+            .map(Some)
+            .map_err(|source| ReadError::Corrupt {
+                what: "checkpoint",
+                at: seq.to_string(),
+                source,
+            })
     }
 
     /// The commit sequence of transaction `id`, if it committed.
@@ -62,7 +54,10 @@ impl Store {
     pub fn audit_records(&self, from: u64, limit: usize) -> Result<Vec<AuditRecord>, ReadError> {
         let rtxn = self.read_txn()?;
         let start = u64_key(from);
-        let range = (std::ops::Bound::Included(&start[..]), std::ops::Bound::Unbounded);
+        let range = (
+            std::ops::Bound::Included(&start[..]),
+            std::ops::Bound::Unbounded,
+        );
         let mut out = Vec::new();
         for item in self.dbs.audit.range(&rtxn, &range)?.take(limit) {
             let (k, v) = item?;
@@ -113,37 +108,79 @@ impl Store {
         Ok(out)
     }
 
-    /// Commit sequences that wrote `key`, oldest first.
+    /// Commit sequences that wrote `key` (deletes included), oldest first, following the
+    /// `before_version` links of the checkpoints back from the current version.
     pub fn writers_of(&self, key: &[u8]) -> Result<Vec<u64>, ReadError> {
         let rtxn = self.read_txn()?;
-        let prefix = history_key(key, 0);
-        let prefix = prefix.get(..prefix.len().saturating_sub(8)).unwrap_or(&[]);
+        let mut version = match self.dbs.data.get(&rtxn, key)? {
+            None => 0,
+            Some(bytes) => decode_value(bytes).map_or(0, |s| s.version),
+        };
         let mut out = Vec::new();
-        for item in self.dbs.history.prefix_iter(&rtxn, prefix)? {
-            let (k, _) = item?;
-            if let Some(seq) = k.get(prefix.len()..).and_then(read_u64) {
-                out.push(seq);
+        while version != 0 {
+            let bytes = self
+                .dbs
+                .checkpoints
+                .get(&rtxn, &u64_key(version))?
+                .ok_or_else(|| ReadError::Corrupt {
+                    what: "checkpoint",
+                    at: version.to_string(),
+                    source: DecodeError::NotCanonical {
+                        field: "seq",
+                        reason: "a data version names a missing checkpoint",
+                    },
+                })?;
+            let cp = Checkpoint::decode(bytes).map_err(|source| ReadError::Corrupt {
+                what: "checkpoint",
+                at: version.to_string(),
+                source,
+            })?;
+            out.push(version);
+            let prev = cp
+                .writes
+                .iter()
+                .find(|w| w.key == key)
+                .map_or(0, |w| w.before_version);
+            if prev >= version {
+                break; // links only point back in time; refuse to loop on damage
             }
+            version = prev;
         }
+        out.reverse();
         Ok(out)
     }
 
-    /// Transactions that read a version written by commit `writer`.
-    pub fn readers_of(&self, writer: u64) -> Result<Vec<ReadFrom>, ReadError> {
+    /// The commits whose writes commit `seq` read.
+    pub fn depends_on(&self, seq: u64) -> Result<Vec<u64>, ReadError> {
         let rtxn = self.read_txn()?;
-        let prefix = u64_key(writer);
-        let mut out = Vec::new();
-        for item in self.dbs.read_from.prefix_iter(&rtxn, &prefix)? {
-            let (k, _) = item?;
-            let reader = k.get(8..16).and_then(read_u64);
-            let key = k.get(16..);
-            if let (Some(reader), Some(key)) = (reader, key) {
-                out.push(ReadFrom {
-                    reader,
-                    key: key.to_vec(),
-                });
+        Ok(self
+            .dbs
+            .deps
+            .get(&rtxn, &u64_key(seq))?
+            .map(|v| v.chunks_exact(8).filter_map(read_u64).collect())
+            .unwrap_or_default())
+    }
+
+    /// `seq` and every later commit that read, directly or transitively, a version written
+    /// by one of them; ascending. One forward pass over `deps`.
+    pub fn affected_by(&self, seq: u64) -> Result<Vec<u64>, ReadError> {
+        let rtxn = self.read_txn()?;
+        let mut affected = std::collections::BTreeSet::from([seq]);
+        let start = u64_key(seq.saturating_add(1));
+        let range = (
+            std::ops::Bound::Included(&start[..]),
+            std::ops::Bound::Unbounded,
+        );
+        for item in self.dbs.deps.range(&rtxn, &range)? {
+            let (k, v) = item?;
+            let Some(reader) = read_u64(k) else { continue };
+            if v.chunks_exact(8)
+                .filter_map(read_u64)
+                .any(|w| affected.contains(&w))
+            {
+                affected.insert(reader);
             }
         }
-        Ok(out)
+        Ok(affected.into_iter().collect())
     }
 }

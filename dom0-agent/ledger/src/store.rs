@@ -30,17 +30,23 @@ pub mod names {
     pub const HEADS: &str = "heads";
     /// Transaction id to commit sequence.
     pub const TX_INDEX: &str = "tx_index";
-    /// Per-key writer history.
-    pub const HISTORY: &str = "history";
-    /// Reverse read-from index.
-    pub const READ_FROM: &str = "read_from";
+    /// Read-from dependencies: commit seq to the seqs whose writes it read.
+    pub const DEPS: &str = "deps";
     /// Admin command nonces (console).
     pub const NONCES: &str = "nonces";
     /// Exporter cursors (SIEM).
     pub const CURSORS: &str = "cursors";
     /// All of them, in creation order.
-    pub const ALL: [&str; 10] = [
-        META, DATA, CHECKPOINTS, AUDIT, HEADS, TX_INDEX, HISTORY, READ_FROM, NONCES, CURSORS,
+    pub const ALL: [&str; 9] = [
+        META,
+        DATA,
+        CHECKPOINTS,
+        AUDIT,
+        HEADS,
+        TX_INDEX,
+        DEPS,
+        NONCES,
+        CURSORS,
     ];
 }
 
@@ -152,8 +158,7 @@ pub(crate) struct Dbs {
     pub audit: Database<Bytes, Bytes>,
     pub heads: Database<Bytes, Bytes>,
     pub tx_index: Database<Bytes, Bytes>,
-    pub history: Database<Bytes, Bytes>,
-    pub read_from: Database<Bytes, Bytes>,
+    pub deps: Database<Bytes, Bytes>,
 }
 
 /// How to open the environment.
@@ -296,7 +301,10 @@ impl Store {
                 let mut wtxn = env.write_txn().map_err(storage)?;
                 let mut dbs = Vec::with_capacity(names::ALL.len());
                 for name in names::ALL {
-                    dbs.push(env.create_database::<Bytes, Bytes>(&mut wtxn, Some(name)).map_err(storage)?);
+                    dbs.push(
+                        env.create_database::<Bytes, Bytes>(&mut wtxn, Some(name))
+                            .map_err(storage)?,
+                    );
                 }
                 wtxn.commit().map_err(storage)?;
                 let store = Self::with_dbs(env, dir.clone())?;
@@ -331,8 +339,7 @@ impl Store {
             audit: open(names::AUDIT)?,
             heads: open(names::HEADS)?,
             tx_index: open(names::TX_INDEX)?,
-            history: open(names::HISTORY)?,
-            read_from: open(names::READ_FROM)?,
+            deps: open(names::DEPS)?,
         };
         for name in [names::NONCES, names::CURSORS] {
             open(name)?;
@@ -374,9 +381,16 @@ impl Store {
     /// genesis commit).
     pub(crate) fn meta_is_empty(&self) -> Result<bool, OpenError> {
         let rtxn = self.env.read_txn().map_err(|e| self.storage_err(e))?;
-        Ok(self.dbs.meta.len(&rtxn).map_err(|e| self.storage_err(e))? == 0
-            && self.dbs.checkpoints.len(&rtxn).map_err(|e| self.storage_err(e))? == 0
-            && self.dbs.audit.len(&rtxn).map_err(|e| self.storage_err(e))? == 0)
+        Ok(
+            self.dbs.meta.len(&rtxn).map_err(|e| self.storage_err(e))? == 0
+                && self
+                    .dbs
+                    .checkpoints
+                    .len(&rtxn)
+                    .map_err(|e| self.storage_err(e))?
+                    == 0
+                && self.dbs.audit.len(&rtxn).map_err(|e| self.storage_err(e))? == 0,
+        )
     }
 
     /// Checks the format marker and returns the identity and chain tips recorded in `meta`.
@@ -438,7 +452,8 @@ impl Store {
             let found = match last {
                 None => Tip::default(),
                 Some((k, v)) => {
-                    let seq = read_u64(k).ok_or_else(|| self.corrupt(format!("{name} key of {} bytes", k.len())))?;
+                    let seq = read_u64(k)
+                        .ok_or_else(|| self.corrupt(format!("{name} key of {} bytes", k.len())))?;
                     let (_, prev) = crate::checkpoint::link_fields(v)
                         .ok_or_else(|| self.corrupt(format!("{name} {seq} is truncated")))?;
                     Tip {
@@ -461,7 +476,10 @@ impl Store {
         let head = head
             .and_then(|(_, v)| SignedHead::decode(v).ok())
             .ok_or_else(|| self.corrupt("no readable signed head".into()))?;
-        if head.group != state.group || head.checkpoints != state.checkpoints || head.audit != state.audit {
+        if head.group != state.group
+            || head.checkpoints != state.checkpoints
+            || head.audit != state.audit
+        {
             return Err(self.corrupt(format!(
                 "the last signed head (group {}) does not match the recorded tips (group {})",
                 head.group, state.group

@@ -21,7 +21,10 @@ fn db(store: &crate::Store, name: &str) -> heed::Database<heed::types::Bytes, he
 pub fn get(dir: &Path, name: &str, key: &[u8]) -> Option<Vec<u8>> {
     let store = open_read_only(dir, &StoreOptions::default()).expect("open");
     let rtxn = store.read_txn().expect("rtxn");
-    db(&store, name).get(&rtxn, key).expect("get").map(<[u8]>::to_vec)
+    db(&store, name)
+        .get(&rtxn, key)
+        .expect("get")
+        .map(<[u8]>::to_vec)
 }
 
 /// Overwrites (`Some`) or deletes (`None`) a raw value.

@@ -47,7 +47,10 @@ pub fn decode_value(bytes: &[u8]) -> Option<Stored<'_>> {
             version,
             value: Some(body),
         }),
-        TAG_TOMBSTONE if body.is_empty() => Some(Stored { version, value: None }),
+        TAG_TOMBSTONE if body.is_empty() => Some(Stored {
+            version,
+            value: None,
+        }),
         _ => None,
     }
 }
@@ -55,7 +58,11 @@ pub fn decode_value(bytes: &[u8]) -> Option<Stored<'_>> {
 /// Encodes a data value (`None`: tombstone).
 pub fn encode_value(version: u64, value: Option<&[u8]>) -> Vec<u8> {
     let mut out = Vec::with_capacity(9 + value.map_or(0, <[u8]>::len));
-    out.push(if value.is_some() { TAG_LIVE } else { TAG_TOMBSTONE });
+    out.push(if value.is_some() {
+        TAG_LIVE
+    } else {
+        TAG_TOMBSTONE
+    });
     out.extend_from_slice(&version.to_be_bytes());
     if let Some(v) = value {
         out.extend_from_slice(v);
@@ -214,7 +221,9 @@ impl Tx {
     fn record_read(&mut self, key: &[u8], version: u64) -> Result<(), TxError> {
         if !self.reads.contains_key(key) {
             if self.reads.len() >= limits::MAX_READS {
-                return Err(TxError::TooManyReads { max: limits::MAX_READS });
+                return Err(TxError::TooManyReads {
+                    max: limits::MAX_READS,
+                });
             }
             self.reads.insert(key.to_vec(), version);
         }
@@ -273,7 +282,12 @@ impl Tx {
     /// upper bound), merging the snapshot with the transaction's own writes. The keys
     /// examined, deleted ones included, join the read set, and the covered range is
     /// re-checked at commit, so an insert into it by another transaction is a conflict.
-    pub fn scan(&mut self, start: &[u8], end: Option<&[u8]>, limit: usize) -> Result<ScanResult, TxError> {
+    pub fn scan(
+        &mut self,
+        start: &[u8],
+        end: Option<&[u8]>,
+        limit: usize,
+    ) -> Result<ScanResult, TxError> {
         if limit == 0 || limit > limits::MAX_SCAN {
             return Err(TxError::BadScanLimit {
                 limit,
@@ -294,7 +308,13 @@ impl Tx {
         let upper: Bound<&[u8]> = end.map_or(Bound::Unbounded, Bound::Excluded);
         let range = (Bound::Included(start), upper);
 
-        let mut committed = self.inner.store.dbs.data.range(&self.snapshot, &range)?.peekable();
+        let mut committed = self
+            .inner
+            .store
+            .dbs
+            .data
+            .range(&self.snapshot, &range)?
+            .peekable();
         let mut own = self.writes.range::<[u8], _>(range).peekable();
         let mut seen: Vec<(Vec<u8>, u64)> = Vec::new();
         let mut entries = Vec::new();
@@ -330,7 +350,9 @@ impl Tx {
                         key: crate::codec::hex(k),
                     })?;
                     if seen.len() >= limits::MAX_READS {
-                        return Err(TxError::TooManyReads { max: limits::MAX_READS });
+                        return Err(TxError::TooManyReads {
+                            max: limits::MAX_READS,
+                        });
                     }
                     seen.push((k.to_vec(), s.version));
                     visible = s.value.map(<[u8]>::to_vec);
@@ -369,14 +391,22 @@ impl Tx {
 
     /// Commits with audit events recorded atomically with the checkpoint; waits until
     /// durable.
-    pub fn commit_with_audit(self, result: Vec<u8>, audit: Vec<AuditEvent>) -> Result<Receipt, CommitError> {
+    pub fn commit_with_audit(
+        self,
+        result: Vec<u8>,
+        audit: Vec<AuditEvent>,
+    ) -> Result<Receipt, CommitError> {
         self.submit(result, audit)?.wait()
     }
 
     /// Queues the commit and returns at once; [`CommitTicket::wait`] returns when the
     /// group holding it is durable (or failed). Lets one thread keep many commits in
     /// flight, as the agent does with many domains.
-    pub fn submit(self, result: Vec<u8>, audit: Vec<AuditEvent>) -> Result<CommitTicket, CommitError> {
+    pub fn submit(
+        self,
+        result: Vec<u8>,
+        audit: Vec<AuditEvent>,
+    ) -> Result<CommitTicket, CommitError> {
         if result.len() > limits::MAX_RESULT {
             return Err(CommitError::ResultTooLarge {
                 len: result.len(),

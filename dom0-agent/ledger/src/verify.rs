@@ -72,7 +72,9 @@ pub enum Failure {
 impl fmt::Display for Failure {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Self::Checkpoint { seq, problem } => write!(f, "checkpoint chain, record {seq}: {problem}"),
+            Self::Checkpoint { seq, problem } => {
+                write!(f, "checkpoint chain, record {seq}: {problem}")
+            }
             Self::Audit { seq, problem } => write!(f, "audit chain, record {seq}: {problem}"),
             Self::Head { group, problem } => write!(f, "signed head, group {group}: {problem}"),
             Self::Meta { problem } => write!(f, "ledger tips: {problem}"),
@@ -152,7 +154,8 @@ fn walk(
     for item in db.iter(&rtxn)? {
         let (k, v) = item?;
         let Some(key_seq) = read_u64(k) else {
-            structural = Some(chain.failure(expected, format!("stored under a malformed key {}", hex(k))));
+            structural =
+                Some(chain.failure(expected, format!("stored under a malformed key {}", hex(k))));
             break;
         };
         if key_seq != expected {
@@ -207,7 +210,10 @@ fn first_bad_link(links: &[Link], signed: &HashMap<u64, Hash>, chain: Chain) -> 
             continue;
         }
         if i == 0 {
-            return Some(chain.failure(1, "altered: its link to the previous record is not the genesis value".into()));
+            return Some(chain.failure(
+                1,
+                "altered: its link to the previous record is not the genesis value".into(),
+            ));
         }
         let next_agrees = match links.get(i + 1) {
             Some(next) => next.prev == link.own,
@@ -219,7 +225,10 @@ fn first_bad_link(links: &[Link], signed: &HashMap<u64, Hash>, chain: Chain) -> 
                 format!("altered: its hash no longer matches the link stored in record {seq}"),
             )
         } else {
-            chain.failure(seq, format!("altered: its link does not match record {}", seq - 1))
+            chain.failure(
+                seq,
+                format!("altered: its link does not match record {}", seq - 1),
+            )
         });
     }
     None
@@ -227,7 +236,11 @@ fn first_bad_link(links: &[Link], signed: &HashMap<u64, Hash>, chain: Chain) -> 
 
 /// Verifies both chains and all signed heads of `store`. Heads must be signed by one of
 /// `trusted`. `progress` is called every few thousand records.
-pub fn verify(store: &Store, trusted: &[PublicKey], progress: &mut dyn FnMut(Progress)) -> Result<VerifyReport, ReadError> {
+pub fn verify(
+    store: &Store,
+    trusted: &[PublicKey],
+    progress: &mut dyn FnMut(Progress),
+) -> Result<VerifyReport, ReadError> {
     let mut report = VerifyReport::default();
     let cp = walk(store, store.dbs.checkpoints, Chain::Checkpoints, progress)?;
     let au = walk(store, store.dbs.audit, Chain::Audit, progress)?;
@@ -246,11 +259,17 @@ pub fn verify(store: &Store, trusted: &[PublicKey], progress: &mut dyn FnMut(Pro
         let (k, v) = item?;
         let fail = |group: u64, problem: String| Some(Failure::Head { group, problem });
         let Some(group) = read_u64(k) else {
-            head_failure = fail(expected_group, format!("stored under a malformed key {}", hex(k)));
+            head_failure = fail(
+                expected_group,
+                format!("stored under a malformed key {}", hex(k)),
+            );
             break;
         };
         if group != expected_group {
-            head_failure = fail(expected_group, format!("missing (the next stored head is {group})"));
+            head_failure = fail(
+                expected_group,
+                format!("missing (the next stored head is {group})"),
+            );
             break;
         }
         let head = match SignedHead::decode(v) {
@@ -261,11 +280,17 @@ pub fn verify(store: &Store, trusted: &[PublicKey], progress: &mut dyn FnMut(Pro
             }
         };
         if head.group != group {
-            head_failure = fail(group, format!("stored under {group} but says {}", head.group));
+            head_failure = fail(
+                group,
+                format!("stored under {group} but says {}", head.group),
+            );
             break;
         }
         if !trusted.contains(&head.public_key) {
-            head_failure = fail(group, format!("signed by untrusted key {}", hex(&head.public_key)));
+            head_failure = fail(
+                group,
+                format!("signed by untrusted key {}", hex(&head.public_key)),
+            );
             break;
         }
         if !head.signature_valid() {
@@ -301,7 +326,10 @@ pub fn verify(store: &Store, trusted: &[PublicKey], progress: &mut dyn FnMut(Pro
         total,
     });
 
-    for (walked, signed, chain) in [(&cp, &signed_cp, Chain::Checkpoints), (&au, &signed_au, Chain::Audit)] {
+    for (walked, signed, chain) in [
+        (&cp, &signed_cp, Chain::Checkpoints),
+        (&au, &signed_au, Chain::Audit),
+    ] {
         let found = walked
             .structural
             .clone()
@@ -317,14 +345,23 @@ pub fn verify(store: &Store, trusted: &[PublicKey], progress: &mut dyn FnMut(Pro
             let mut seqs: Vec<_> = signed.keys().copied().collect();
             seqs.sort_unstable();
             for seq in seqs {
-                let Some(link) = usize::try_from(seq - 1).ok().and_then(|i| walked.links.get(i)) else {
+                let Some(link) = usize::try_from(seq - 1)
+                    .ok()
+                    .and_then(|i| walked.links.get(i))
+                else {
                     return Some(chain.failure(
                         walked.links.len() as u64 + 1,
-                        format!("missing: a signed head covers record {seq} but the chain ends at {}", walked.links.len()),
+                        format!(
+                            "missing: a signed head covers record {seq} but the chain ends at {}",
+                            walked.links.len()
+                        ),
                     ));
                 };
                 if signed.get(&seq) != Some(&link.own) {
-                    return Some(chain.failure(seq, "altered: its hash does not match the signed head that covers it".into()));
+                    return Some(chain.failure(
+                        seq,
+                        "altered: its hash does not match the signed head that covers it".into(),
+                    ));
                 }
             }
             None
@@ -364,9 +401,15 @@ pub fn verify(store: &Store, trusted: &[PublicKey], progress: &mut dyn FnMut(Pro
 
     if report.failures.is_empty() {
         if let (Ok(meta), Some(head)) = (store.load_meta(false), &last) {
-            if meta.checkpoints != head.checkpoints || meta.audit != head.audit || meta.group != head.group {
+            if meta.checkpoints != head.checkpoints
+                || meta.audit != head.audit
+                || meta.group != head.group
+            {
                 report.failures.push(Failure::Meta {
-                    problem: format!("recorded tips (group {}) differ from the last signed head (group {})", meta.group, head.group),
+                    problem: format!(
+                        "recorded tips (group {}) differ from the last signed head (group {})",
+                        meta.group, head.group
+                    ),
                 });
             }
         }

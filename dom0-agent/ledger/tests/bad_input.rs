@@ -6,7 +6,9 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::process::Command;
 
-use mayfly_ledger::{verify, CommitError, KeyError, Ledger, OpenError, Options, StoreOptions, TxContext, TxId};
+use mayfly_ledger::{
+    verify, CommitError, KeyError, Ledger, OpenError, Options, StoreOptions, TxContext, TxId,
+};
 use slog::{o, Discard, Logger};
 
 fn log() -> Logger {
@@ -15,7 +17,7 @@ fn log() -> Logger {
 
 fn ctx() -> TxContext {
     TxContext {
-        tx_id: TxId::random(),
+        tx_id: TxId::generate(),
         handler: "kv".into(),
         request: Vec::new(),
         domain_id: 1,
@@ -51,8 +53,15 @@ fn garbage_data_file_is_refused_clearly() {
     fs::write(dir.path().join("data.mdb"), vec![0xA5u8; 64 * 1024]).unwrap();
     let err = Ledger::open(dir.path(), &Options::default(), &log()).unwrap_err();
     assert!(matches!(err, OpenError::NotLmdb { .. }), "{err:?}");
-    assert!(err.to_string().contains("corrupted or is not a Mayfly ledger"), "{err}");
-    assert!(!dir.path().join("signing.key").exists(), "no key is generated for a bad directory");
+    assert!(
+        err.to_string()
+            .contains("corrupted or is not a Mayfly ledger"),
+        "{err}"
+    );
+    assert!(
+        !dir.path().join("signing.key").exists(),
+        "no key is generated for a bad directory"
+    );
 }
 
 #[test]
@@ -64,8 +73,9 @@ fn foreign_lmdb_environment_is_refused() {
         // SAFETY: a fresh directory, opened once by this test, no unsafe flags.
         let env = unsafe { opts.open(dir.path()) }.unwrap();
         let mut wtxn = env.write_txn().unwrap();
-        let db: heed::Database<heed::types::Bytes, heed::types::Bytes> =
-            env.create_database(&mut wtxn, Some("someone-else")).unwrap();
+        let db: heed::Database<heed::types::Bytes, heed::types::Bytes> = env
+            .create_database(&mut wtxn, Some("someone-else"))
+            .unwrap();
         db.put(&mut wtxn, b"k", b"v").unwrap();
         wtxn.commit().unwrap();
         env.prepare_for_closing().wait();
@@ -87,9 +97,15 @@ fn missing_or_wrong_key_is_refused_and_data_survives() {
 
     fs::remove_file(&key_path).unwrap();
     let err = Ledger::open(dir.path(), &Options::default(), &log()).unwrap_err();
-    assert!(matches!(err, OpenError::Key(KeyError::Missing { .. })), "{err:?}");
+    assert!(
+        matches!(err, OpenError::Key(KeyError::Missing { .. })),
+        "{err:?}"
+    );
     assert!(err.to_string().contains("Restore it from backup"), "{err}");
-    assert!(!key_path.exists(), "a missing key is never silently regenerated");
+    assert!(
+        !key_path.exists(),
+        "a missing key is never silently regenerated"
+    );
 
     // Another appliance's key.
     let other = tempfile::tempdir().unwrap();
@@ -103,11 +119,17 @@ fn missing_or_wrong_key_is_refused_and_data_survives() {
     fs::write(&key_path, &saved).unwrap();
     fs::set_permissions(&key_path, fs::Permissions::from_mode(0o644)).unwrap();
     let err = Ledger::open(dir.path(), &Options::default(), &log()).unwrap_err();
-    assert!(matches!(err, OpenError::Key(KeyError::Permissions { .. })), "{err:?}");
+    assert!(
+        matches!(err, OpenError::Key(KeyError::Permissions { .. })),
+        "{err:?}"
+    );
 
     fs::set_permissions(&key_path, fs::Permissions::from_mode(0o600)).unwrap();
     let ledger = Ledger::open(dir.path(), &Options::default(), &log()).unwrap();
-    assert_eq!(ledger.store().committed(b"precious").unwrap().unwrap().1, b"1");
+    assert_eq!(
+        ledger.store().committed(b"precious").unwrap().unwrap().1,
+        b"1"
+    );
     verify_ok(&ledger);
 }
 
@@ -141,14 +163,25 @@ fn map_full_fails_the_group_and_keeps_everything_acknowledged() {
     assert!(matches!(err, CommitError::MapFull { .. }), "{err:?}");
     assert!(err.to_string().contains("raise --map-size"), "{err}");
     for (i, seq) in &acked {
-        assert_eq!(ledger.store().committed(format!("k{i:04}").as_bytes()).unwrap().unwrap().0, *seq);
+        assert_eq!(
+            ledger
+                .store()
+                .committed(format!("k{i:04}").as_bytes())
+                .unwrap()
+                .unwrap()
+                .0,
+            *seq
+        );
     }
     verify_ok(&ledger);
     drop(ledger);
     // Reopened with a larger map, it carries on.
     let ledger = open_with(dir.path(), 64 << 20).unwrap();
     put(&ledger, "after", b"ok").unwrap();
-    assert_eq!(ledger.store().data_snapshot().unwrap().len(), acked.len() + 1);
+    assert_eq!(
+        ledger.store().data_snapshot().unwrap().len(),
+        acked.len() + 1
+    );
     verify_ok(&ledger);
 }
 
@@ -161,7 +194,10 @@ impl<'a> Tmpfs<'a> {
             .arg(at)
             .status()
             .expect("run mount");
-        assert!(st.success(), "this test mounts a small tmpfs and must run as root");
+        assert!(
+            st.success(),
+            "this test mounts a small tmpfs and must run as root"
+        );
         Tmpfs(at)
     }
 }
@@ -197,7 +233,12 @@ fn full_disk_fails_cleanly_and_keeps_everything_acknowledged() {
     assert!(put(&ledger, "more", &value).is_err());
     for (i, seq) in &acked {
         assert_eq!(
-            ledger.store().committed(format!("k{i:04}").as_bytes()).unwrap().unwrap().0,
+            ledger
+                .store()
+                .committed(format!("k{i:04}").as_bytes())
+                .unwrap()
+                .unwrap()
+                .0,
             *seq,
             "acknowledged commit {seq} lost"
         );
@@ -215,7 +256,8 @@ fn full_disk_fails_cleanly_and_keeps_everything_acknowledged() {
             // The start-up audit record may not fit; the error must say so, and a
             // read-only verification must still pass.
             assert!(e.to_string().contains("could not record its start"), "{e}");
-            let store = mayfly_ledger::store::open_read_only(&dir, &StoreOptions::default()).unwrap();
+            let store =
+                mayfly_ledger::store::open_read_only(&dir, &StoreOptions::default()).unwrap();
             let key = store.public_key().unwrap();
             let report = verify(&store, &[key], &mut |_| {}).unwrap();
             assert!(report.ok(), "{:?}", report.failures);

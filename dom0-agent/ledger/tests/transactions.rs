@@ -16,7 +16,7 @@ fn open(dir: &std::path::Path) -> Ledger {
 
 fn ctx(handler: &str) -> TxContext {
     TxContext {
-        tx_id: TxId::random(),
+        tx_id: TxId::generate(),
         handler: handler.into(),
         request: b"req".to_vec(),
         domain_id: 42,
@@ -49,7 +49,11 @@ fn commit_writes_data_checkpoint_and_dependency_indexes() {
     assert_eq!(tx.get(b"nope").unwrap(), None);
     tx.put(b"b", b"3").unwrap();
     tx.delete(b"a").unwrap();
-    assert_eq!(tx.get(b"a").unwrap(), None, "reads see the transaction's own delete");
+    assert_eq!(
+        tx.get(b"a").unwrap(),
+        None,
+        "reads see the transaction's own delete"
+    );
     let r = tx.commit(b"done".to_vec()).unwrap();
     assert_eq!(r.seq, s1 + 1);
 
@@ -60,21 +64,44 @@ fn commit_writes_data_checkpoint_and_dependency_indexes() {
     assert_eq!(cp.policy_hash, [7; 32]);
     assert_eq!(cp.request, b"req");
     assert_eq!(cp.result, b"done");
-    let reads: Vec<_> = cp.reads.iter().map(|r| (r.key.as_slice(), r.version)).collect();
+    let reads: Vec<_> = cp
+        .reads
+        .iter()
+        .map(|r| (r.key.as_slice(), r.version))
+        .collect();
     assert_eq!(reads, vec![(&b"a"[..], s1), (&b"nope"[..], 0)]);
     assert_eq!(cp.writes.len(), 2);
     assert_eq!(cp.writes[0].key, b"a");
-    assert_eq!((cp.writes[0].before_version, cp.writes[0].before.as_deref(), cp.writes[0].after.as_deref()), (s1, Some(&b"1"[..]), None));
+    assert_eq!(
+        (
+            cp.writes[0].before_version,
+            cp.writes[0].before.as_deref(),
+            cp.writes[0].after.as_deref()
+        ),
+        (s1, Some(&b"1"[..]), None)
+    );
     assert_eq!(cp.writes[1].key, b"b");
-    assert_eq!((cp.writes[1].before.as_deref(), cp.writes[1].after.as_deref()), (Some(&b"2"[..]), Some(&b"3"[..])));
+    assert_eq!(
+        (
+            cp.writes[1].before.as_deref(),
+            cp.writes[1].after.as_deref()
+        ),
+        (Some(&b"2"[..]), Some(&b"3"[..]))
+    );
 
     assert_eq!(ledger.store().seq_of(&id).unwrap(), Some(r.seq));
     assert_eq!(ledger.store().committed(b"a").unwrap(), None);
-    assert_eq!(ledger.store().committed(b"b").unwrap(), Some((r.seq, b"3".to_vec())));
+    assert_eq!(
+        ledger.store().committed(b"b").unwrap(),
+        Some((r.seq, b"3".to_vec()))
+    );
     assert_eq!(ledger.store().writers_of(b"b").unwrap(), vec![s1, r.seq]);
-    let readers = ledger.store().readers_of(s1).unwrap();
-    assert_eq!(readers.len(), 1);
-    assert_eq!((readers[0].reader, readers[0].key.as_slice()), (r.seq, &b"a"[..]));
+    assert_eq!(
+        ledger.store().writers_of(b"a").unwrap(),
+        vec![s1, r.seq],
+        "the delete is a write"
+    );
+    assert_eq!(ledger.store().depends_on(r.seq).unwrap(), vec![s1]);
 
     // A read of the deleted key records the tombstone's writer.
     let mut tx = ledger.begin(ctx("kv")).unwrap();
@@ -83,6 +110,37 @@ fn commit_writes_data_checkpoint_and_dependency_indexes() {
     let cp3 = ledger.store().checkpoint(r3.seq).unwrap().unwrap();
     assert_eq!(cp3.reads[0].version, r.seq);
     assert_verifies(&ledger);
+}
+
+#[test]
+fn affected_set_follows_read_from_transitively() {
+    let dir = tempfile::tempdir().unwrap();
+    let ledger = open(dir.path());
+    let attack = put_all(&ledger, &[("a", "evil")]);
+    let other = put_all(&ledger, &[("x", "1")]);
+    // Reads a (depends on the attack), writes b.
+    let mut tx = ledger.begin(ctx("kv")).unwrap();
+    tx.get(b"a").unwrap();
+    tx.put(b"b", b"derived").unwrap();
+    let d1 = tx.commit(Vec::new()).unwrap().seq;
+    // Reads x only: independent.
+    let mut tx = ledger.begin(ctx("kv")).unwrap();
+    tx.get(b"x").unwrap();
+    tx.put(b"y", b"2").unwrap();
+    let indep = tx.commit(Vec::new()).unwrap().seq;
+    // Reads b (transitively depends on the attack) through a scan.
+    let mut tx = ledger.begin(ctx("kv")).unwrap();
+    tx.scan(b"b", Some(b"c"), 10).unwrap();
+    let d2 = tx.commit(Vec::new()).unwrap().seq;
+    assert_eq!(
+        ledger.store().affected_by(attack).unwrap(),
+        vec![attack, d1, d2]
+    );
+    assert_eq!(
+        ledger.store().affected_by(other).unwrap(),
+        vec![other, indep]
+    );
+    assert_eq!(ledger.store().depends_on(d2).unwrap(), vec![d1]);
 }
 
 #[test]
@@ -97,7 +155,10 @@ fn read_write_conflict_exactly_one_commits() {
                 let (ledger, barrier) = (ledger.clone(), barrier.clone());
                 std::thread::spawn(move || {
                     let mut tx = ledger.begin(ctx("inc")).unwrap();
-                    let v: u64 = String::from_utf8(tx.get(b"counter").unwrap().unwrap()).unwrap().parse().unwrap();
+                    let v: u64 = String::from_utf8(tx.get(b"counter").unwrap().unwrap())
+                        .unwrap()
+                        .parse()
+                        .unwrap();
                     // Both have read before either commits.
                     barrier.wait();
                     tx.put(b"counter", (v + 1).to_string().as_bytes()).unwrap();
@@ -107,10 +168,17 @@ fn read_write_conflict_exactly_one_commits() {
             .collect();
         let results: Vec<_> = threads.into_iter().map(|t| t.join().unwrap()).collect();
         let ok = results.iter().filter(|r| r.is_ok()).count();
-        let conflicts = results.iter().filter(|r| matches!(r, Err(CommitError::Conflict { .. }))).count();
+        let conflicts = results
+            .iter()
+            .filter(|r| matches!(r, Err(CommitError::Conflict { .. })))
+            .count();
         assert_eq!((ok, conflicts), (1, 1), "round {round}: {results:?}");
         let (_, v) = ledger.store().committed(b"counter").unwrap().unwrap();
-        assert_eq!(v, round.to_string().as_bytes(), "no lost update in round {round}");
+        assert_eq!(
+            v,
+            round.to_string().as_bytes(),
+            "no lost update in round {round}"
+        );
     }
     assert_verifies(&ledger);
 }
@@ -139,7 +207,11 @@ fn write_skew_is_prevented() {
         })
         .collect();
     let results: Vec<_> = threads.into_iter().map(|t| t.join().unwrap()).collect();
-    assert_eq!(results.iter().filter(|r| r.is_ok()).count(), 1, "{results:?}");
+    assert_eq!(
+        results.iter().filter(|r| r.is_ok()).count(),
+        1,
+        "{results:?}"
+    );
     let on_call = ledger
         .store()
         .data_snapshot()
@@ -161,7 +233,11 @@ fn insert_into_scanned_range_is_a_conflict() {
     tx.delete(b"item/3").unwrap();
     let scan = tx.scan(b"item/", Some(b"item0"), 10).unwrap();
     let keys: Vec<_> = scan.entries.iter().map(|(k, _)| k.as_slice()).collect();
-    assert_eq!(keys, vec![&b"item/1"[..], &b"item/2"[..]], "scan merges own writes and deletes");
+    assert_eq!(
+        keys,
+        vec![&b"item/1"[..], &b"item/2"[..]],
+        "scan merges own writes and deletes"
+    );
     assert!(!scan.more);
     let limited = tx.scan(b"item/", Some(b"item0"), 1).unwrap();
     assert_eq!(limited.entries.len(), 1);
@@ -173,7 +249,11 @@ fn insert_into_scanned_range_is_a_conflict() {
     let err = tx.commit(Vec::new()).unwrap_err();
     assert!(matches!(err, CommitError::ScanConflict { .. }), "{err:?}");
     assert!(err.is_conflict());
-    assert_eq!(ledger.store().committed(b"count").unwrap(), None, "a conflict writes nothing");
+    assert_eq!(
+        ledger.store().committed(b"count").unwrap(),
+        None,
+        "a conflict writes nothing"
+    );
 
     // An insert outside the scanned range is not a conflict.
     let mut tx = ledger.begin(ctx("count")).unwrap();
@@ -191,7 +271,11 @@ fn snapshot_reads_are_consistent() {
     let mut reader = ledger.begin(ctx("audit")).unwrap();
     assert_eq!(reader.get(b"a").unwrap().unwrap(), b"50");
     put_all(&ledger, &[("a", "0"), ("b", "100")]);
-    assert_eq!(reader.get(b"b").unwrap().unwrap(), b"50", "a transaction never sees half of another");
+    assert_eq!(
+        reader.get(b"b").unwrap().unwrap(),
+        b"50",
+        "a transaction never sees half of another"
+    );
     assert!(reader.commit(Vec::new()).unwrap_err().is_conflict());
 }
 
@@ -228,7 +312,10 @@ fn group_commit_shares_groups_and_isolates_conflicts() {
     }
     assert_eq!(hot_ok, 1, "exactly one of the hot-key writers commits");
     let groups = ledger.tips().group - start_group;
-    assert!(groups < 201, "201 commits took {groups} groups: no grouping happened");
+    assert!(
+        groups < 201,
+        "201 commits took {groups} groups: no grouping happened"
+    );
     assert_eq!(ledger.store().data_snapshot().unwrap().len(), 201);
     assert_verifies(&ledger);
 }
@@ -243,7 +330,9 @@ fn duplicate_transaction_id_is_refused() {
     tx.commit(Vec::new()).unwrap();
     let mut again = ledger.begin(c.clone()).unwrap();
     again.put(b"x", b"2").unwrap();
-    assert!(matches!(again.commit(Vec::new()), Err(CommitError::DuplicateTxId(id)) if id == c.tx_id));
+    assert!(
+        matches!(again.commit(Vec::new()), Err(CommitError::DuplicateTxId(id)) if id == c.tx_id)
+    );
     assert_eq!(ledger.store().committed(b"x").unwrap().unwrap().1, b"1");
 }
 
@@ -253,12 +342,17 @@ fn audit_events_chain_and_commit_atomically_with_a_transaction() {
     let ledger = open(dir.path());
     let before = ledger.tips().audit.seq;
     ledger
-        .audit(vec![AuditEvent::new("domain.cloned", Severity::Info).field("domain", 3)])
+        .audit(vec![
+            AuditEvent::new("domain.cloned", Severity::Info).field("domain", 3)
+        ])
         .unwrap();
     let mut tx = ledger.begin(ctx("kv")).unwrap();
     tx.put(b"k", b"v").unwrap();
     let r = tx
-        .commit_with_audit(Vec::new(), vec![AuditEvent::new("tx.committed", Severity::Info).field("tx_id", "x")])
+        .commit_with_audit(
+            Vec::new(),
+            vec![AuditEvent::new("tx.committed", Severity::Info).field("tx_id", "x")],
+        )
         .unwrap();
     assert_eq!(r.audit_seq, before + 2);
     let recs = ledger.store().audit_records(before + 1, 10).unwrap();
@@ -282,7 +376,11 @@ fn restart_continues_both_chains() {
     let ledger = open(dir.path());
     assert_eq!(ledger.public_key(), key);
     assert_eq!(ledger.tips().checkpoints, tips.checkpoints);
-    assert_eq!(ledger.tips().audit.seq, tips.audit.seq + 1, "the restart itself is audited");
+    assert_eq!(
+        ledger.tips().audit.seq,
+        tips.audit.seq + 1,
+        "the restart itself is audited"
+    );
     let seq = put_all(&ledger, &[("b", "2")]);
     assert_eq!(seq, tips.checkpoints.seq + 1);
     assert_verifies(&ledger);
@@ -294,9 +392,15 @@ fn limits_are_enforced_with_clear_errors() {
     let ledger = open(dir.path());
     let mut tx = ledger.begin(ctx("kv")).unwrap();
     let e = tx.put(b"k", &vec![0u8; 64 * 1024 + 1]).unwrap_err();
-    assert_eq!(e.to_string(), "value of 65537 bytes is above the limit of 65536");
+    assert_eq!(
+        e.to_string(),
+        "value of 65537 bytes is above the limit of 65536"
+    );
     let e = tx.put(&[b'k'; 257], b"v").unwrap_err();
-    assert_eq!(e.to_string(), "key of 257 bytes: keys must be 1..=256 bytes");
+    assert_eq!(
+        e.to_string(),
+        "key of 257 bytes: keys must be 1..=256 bytes"
+    );
     assert!(tx.put(b"", b"v").is_err());
     assert!(tx.scan(b"a", None, 0).is_err());
     assert!(tx.scan(b"a", None, 1025).is_err());
@@ -309,7 +413,10 @@ fn limits_are_enforced_with_clear_errors() {
     ));
     let mut big = ctx("kv");
     big.request = vec![0; 64 * 1024 + 1];
-    assert!(matches!(ledger.begin(big), Err(mayfly_ledger::TxError::RequestTooLarge { .. })));
+    assert!(matches!(
+        ledger.begin(big),
+        Err(mayfly_ledger::TxError::RequestTooLarge { .. })
+    ));
     let tx = ledger.begin(ctx("kv")).unwrap();
     assert!(matches!(
         tx.commit(vec![0; 64 * 1024 + 1]),

@@ -1,0 +1,160 @@
+//! The published test vectors in `docs/vectors/` (also printed in `docs/formats.md`):
+//! this build must encode the documented values to exactly those bytes, decode them back,
+//! and agree on the chain hashes and the signature.
+//!
+//! Regenerate (only when a format version changes): `MAYFLY_BLESS=1 cargo test -p
+//! mayfly-ledger --test vectors`.
+
+use std::path::PathBuf;
+
+use mayfly_ledger::checkpoint::chain_hash;
+use mayfly_ledger::codec::{hex, unhex};
+use mayfly_ledger::{
+    AuditEvent, AuditRecord, Checkpoint, ReadEntry, Severity, SignedHead, SigningKey, Tip, TxId,
+    WriteEntry,
+};
+
+fn vector_path(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../docs/vectors")
+        .join(name)
+}
+
+fn check(name: &str, bytes: &[u8]) {
+    let path = vector_path(name);
+    if std::env::var_os("MAYFLY_BLESS").is_some() {
+        std::fs::write(&path, format!("{}\n", hex(bytes))).unwrap();
+    }
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let want = unhex(text.trim()).expect("hex");
+    assert_eq!(
+        hex(bytes),
+        hex(&want),
+        "{name}: encoding differs from the published vector"
+    );
+}
+
+/// Checkpoint 1 of the documented example: a transfer of 5 from acct/a to acct/b.
+fn checkpoint_1() -> Checkpoint {
+    Checkpoint {
+        seq: 1,
+        prev_hash: [0; 32],
+        tx_id: TxId([0x11; 16]),
+        handler: "transfer".into(),
+        domain_id: 7,
+        policy_hash: [0x22; 32],
+        begin_ns: 1_700_000_000_000_000_000,
+        commit_ns: 1_700_000_000_000_500_000,
+        request: br#"{"from":"a","to":"b","amount":5}"#.to_vec(),
+        result: b"ok".to_vec(),
+        reads: vec![
+            ReadEntry {
+                key: b"acct/a".to_vec(),
+                version: 0,
+            },
+            ReadEntry {
+                key: b"acct/b".to_vec(),
+                version: 0,
+            },
+        ],
+        writes: vec![
+            WriteEntry {
+                key: b"acct/a".to_vec(),
+                before_version: 0,
+                before: None,
+                after: Some(b"95".to_vec()),
+            },
+            WriteEntry {
+                key: b"acct/b".to_vec(),
+                before_version: 0,
+                before: None,
+                after: Some(b"105".to_vec()),
+            },
+        ],
+    }
+}
+
+/// Checkpoint 2: acct/b read at version 1, then deleted.
+fn checkpoint_2(prev: [u8; 32]) -> Checkpoint {
+    Checkpoint {
+        seq: 2,
+        prev_hash: prev,
+        tx_id: TxId([0x33; 16]),
+        handler: "close".into(),
+        domain_id: 8,
+        policy_hash: [0x22; 32],
+        begin_ns: 1_700_000_001_000_000_000,
+        commit_ns: 1_700_000_001_000_500_000,
+        request: b"close b".to_vec(),
+        result: Vec::new(),
+        reads: vec![ReadEntry {
+            key: b"acct/b".to_vec(),
+            version: 1,
+        }],
+        writes: vec![WriteEntry {
+            key: b"acct/b".to_vec(),
+            before_version: 1,
+            before: Some(b"105".to_vec()),
+            after: None,
+        }],
+    }
+}
+
+#[test]
+fn checkpoint_vectors() {
+    let c1 = checkpoint_1();
+    let e1 = c1.encode();
+    check("checkpoint-1.hex", &e1);
+    assert_eq!(Checkpoint::decode(&e1).unwrap(), c1);
+    let h1 = chain_hash(&[0; 32], &e1);
+    check("checkpoint-1.hash", &h1);
+
+    let c2 = checkpoint_2(h1);
+    let e2 = c2.encode();
+    check("checkpoint-2.hex", &e2);
+    assert_eq!(Checkpoint::decode(&e2).unwrap(), c2);
+    check("checkpoint-2.hash", &chain_hash(&h1, &e2));
+}
+
+#[test]
+fn audit_vector() {
+    let r = AuditRecord {
+        seq: 1,
+        prev_hash: [0; 32],
+        time_ns: 1_700_000_000_000_000_000,
+        event: AuditEvent::new("domain.destroyed", Severity::Info)
+            .field("domain", 7)
+            .field("tx_id", "11111111111111111111111111111111"),
+    };
+    let e = r.encode();
+    check("audit-1.hex", &e);
+    assert_eq!(AuditRecord::decode(&e).unwrap(), r);
+    check("audit-1.hash", &chain_hash(&[0; 32], &e));
+}
+
+#[test]
+fn signed_head_vector() {
+    // Ed25519 seed 0x01 repeated: signatures are deterministic, so the head is too.
+    let key = SigningKey::from_seed(&[0x01; 32]);
+    check("head-key.pub", &key.public_key());
+    let c1 = checkpoint_1();
+    let h1 = chain_hash(&[0; 32], &c1.encode());
+    let h2 = chain_hash(&h1, &checkpoint_2(h1).encode());
+    let audit_text = std::fs::read_to_string(vector_path("audit-1.hash")).unwrap();
+    let audit_hash: [u8; 32] = unhex(audit_text.trim()).unwrap().try_into().unwrap();
+    let head = SignedHead::sign(
+        &key,
+        1,
+        Tip { seq: 2, hash: h2 },
+        Tip {
+            seq: 1,
+            hash: audit_hash,
+        },
+        1_700_000_001_000_500_000,
+    );
+    let e = head.encode();
+    check("head-1.hex", &e);
+    let d = SignedHead::decode(&e).unwrap();
+    assert!(d.signature_valid());
+    assert_eq!(d, head);
+}

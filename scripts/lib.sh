@@ -1,0 +1,38 @@
+# Helpers shared by scripts/run.sh and scripts/test.sh.
+
+# Runs a named step; stops the script with a clear line if it fails.
+step() {
+    local name=$1
+    shift
+    echo "==> $name: $*"
+    if ! "$@"; then
+        echo "FAILED: $name" >&2
+        exit 1
+    fi
+}
+
+as_root() {
+    if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi
+}
+
+apt_install() {
+    echo "==> installing Debian packages: $*"
+    as_root apt-get update -q
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "$@"
+}
+
+# A C compiler for LMDB and ring; mount for the tmpfs tests.
+ensure_build_tools() {
+    local missing=()
+    command -v cc >/dev/null || missing+=(build-essential)
+    command -v mount >/dev/null || missing+=(mount)
+    if [ ${#missing[@]} -gt 0 ]; then apt_install "${missing[@]}"; fi
+}
+
+# ensure_cargo_tool <command> <crate> <version>
+ensure_cargo_tool() {
+    if ! command -v "$1" >/dev/null; then
+        echo "==> installing $2 $3 with cargo"
+        cargo install --locked "$2" --version "$3"
+    fi
+}

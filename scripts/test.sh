@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Runs Mayfly's whole test suite on a fresh Debian 12 machine with the Rust toolchain.
+# Installs what it needs first (Debian packages through apt, cargo tools through cargo).
+# Some tests mount a small tmpfs (full-disk behaviour): run as root, as CI does.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source scripts/lib.sh
+
+ensure_build_tools
+ensure_cargo_tool cargo-deny cargo-deny 0.20.2
+
+step "format"                 cargo fmt --all --check
+step "lints"                  cargo clippy --workspace --all-targets --all-features --locked -- -D warnings
+step "licences, bans, sources" cargo deny --locked check licenses bans sources
+step "tests"                  cargo test --workspace --all-features --locked --lib --bins --tests
+step "benchmarks (smoke)"     cargo test --workspace --locked --benches
+for smoke in domu-shim/*/fuzz/smoke.sh; do
+    [ -x "$smoke" ] || continue
+    step "fuzz smoke: ${smoke%/fuzz/smoke.sh}" "$smoke"
+done
+echo "all checks passed"
