@@ -2,12 +2,12 @@
 //! same data with the same durability, in the same run.
 //!
 //! Workload per transaction: 4 reads and 2 writes of 100-byte values over 100,000 seeded
-//! keys. Each writer thread keeps `WINDOW` transactions in flight (as the agent does with
+//! keys. Each writer thread keeps `BENCH_WINDOW` (default 256) transactions in flight (as the agent does with
 //! many domains) and counts a transaction when its commit is durable.
 //!
 //! * `ledger`   — `Tx` get ×4, put ×2, `submit`, `wait`: OCC validation, checkpoint with
 //!   before-images, hash chain, indexes, Ed25519-signed head per group, one fsync per group.
-//! * `raw-puts` — the same 2 puts per transaction straight into a heed database, `WINDOW`
+//! * `raw-puts` — the same 2 puts per transaction straight into a heed database, `BENCH_WINDOW`
 //!   transactions per LMDB write transaction (one fsync each): the baseline.
 //! * `raw-rw`   — as `raw-puts` plus the same 4 reads through a heed read transaction.
 //!
@@ -23,7 +23,13 @@ use mayfly_ledger::{Ledger, Options, TxContext, TxId};
 use slog::{o, Discard, Logger};
 
 const KEYS: u32 = 100_000;
-const WINDOW: usize = 256;
+/// Transactions each writer keeps in flight (env `BENCH_WINDOW`).
+fn window() -> usize {
+    std::env::var("BENCH_WINDOW")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(256)
+}
 const VALUE: [u8; 100] = [0xAB; 100];
 
 fn key(i: u32) -> [u8; 12] {
@@ -76,7 +82,7 @@ fn run_ledger(dir: &Path, threads: usize, secs: f64) -> Run {
             let ledger = ledger.clone();
             std::thread::spawn(move || {
                 let mut rng = fastrand::Rng::with_seed(t as u64 + 1);
-                let mut inflight = std::collections::VecDeque::with_capacity(WINDOW);
+                let mut inflight = std::collections::VecDeque::with_capacity(window());
                 let (mut ok, mut conflicts) = (0u64, 0u64);
                 let settle =
                     |t: mayfly_ledger::CommitTicket, ok: &mut u64, conflicts: &mut u64| match t
@@ -94,7 +100,7 @@ fn run_ledger(dir: &Path, threads: usize, secs: f64) -> Run {
                     tx.put(&key(rng.u32(..KEYS)), &VALUE).unwrap();
                     tx.put(&key(rng.u32(..KEYS)), &VALUE).unwrap();
                     inflight.push_back(tx.submit(b"ok".to_vec(), Vec::new()).unwrap());
-                    if inflight.len() >= WINDOW {
+                    if inflight.len() >= window() {
                         settle(inflight.pop_front().unwrap(), &mut ok, &mut conflicts);
                     }
                 }
@@ -137,10 +143,10 @@ fn run_raw(dir: &Path, threads: usize, secs: f64, with_reads: bool) -> Run {
             std::thread::spawn(move || {
                 let mut rng = fastrand::Rng::with_seed(t as u64 + 1);
                 let mut ok = 0u64;
-                let mut batch: Vec<([u8; 12], [u8; 12])> = Vec::with_capacity(WINDOW);
+                let mut batch: Vec<([u8; 12], [u8; 12])> = Vec::with_capacity(window());
                 while Instant::now() < deadline {
                     batch.clear();
-                    for _ in 0..WINDOW {
+                    for _ in 0..window() {
                         if with_reads {
                             let rtxn = env.read_txn().unwrap();
                             for _ in 0..4 {
@@ -198,7 +204,7 @@ fn main() {
         .prefix("mayfly-bench")
         .tempdir_in(env!("CARGO_TARGET_TMPDIR"))
         .unwrap();
-    println!("checkpoints bench: {secs} s per run, {reps} interleaved repetitions, window {WINDOW}/thread, dir {}", root.path().display());
+    println!("checkpoints bench: {secs} s per run, {reps} interleaved repetitions, window {}/thread, dir {}", window(), root.path().display());
     for threads in [1usize, 2] {
         let (mut ledger, mut raw, mut raw_rw) = (Vec::new(), Vec::new(), Vec::new());
         let mut conflicts = Vec::new();

@@ -1,0 +1,274 @@
+//! Notifications between the two ends of a ring.
+//!
+//! A [`Notifier`] is one end's view of a bidirectional doorbell: [`notify`](Notifier::notify)
+//! rings the peer, [`wait`](Notifier::wait) sleeps until the peer rings (or a timeout).
+//! Notifications coalesce and may be spurious: after waking, a side always re-checks the
+//! ring, and before sleeping it does the ring's "final check" (see [`crate::ring`]).
+//!
+//! [`EventFdNotifier`] implements it with two eventfds, one per direction, for the sandbox
+//! backend; Xen event channels will implement it for the Xen backend.
+//!
+//! A hostile peer that holds the same eventfds can write to or read from either of them.
+//! That only causes spurious wake-ups or lost wake-ups on *its own* side, or spurious
+//! wake-ups on ours, which the ring's re-checks and the caller's timeout absorb: `notify`
+//! treats a saturated counter as "already signalled" and never blocks, and `wait` returns
+//! when its timeout expires.
+
+#![deny(
+    clippy::indexing_slicing,
+    clippy::arithmetic_side_effects,
+    clippy::cast_possible_truncation
+)]
+
+use std::fs::File;
+use std::io::{self, Read, Write};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::time::{Duration, Instant};
+
+/// Why [`Notifier::wait`] returned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Wake {
+    /// The peer notified (or the wake-up was spurious): re-check the ring.
+    Notified,
+    /// The timeout expired without a notification.
+    TimedOut,
+}
+
+/// A notification could not be sent or waited for.
+#[derive(Debug, thiserror::Error)]
+pub enum NotifyError {
+    /// `eventfd` failed.
+    #[error("eventfd creation failed")]
+    Create(#[source] io::Error),
+    /// Duplicating an eventfd failed.
+    #[error("duplicating an eventfd failed")]
+    Dup(#[source] io::Error),
+    /// Writing the peer's eventfd failed.
+    #[error("signalling eventfd {fd} failed")]
+    Signal {
+        /// The fd.
+        fd: i32,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
+    /// Polling or reading our eventfd failed.
+    #[error("waiting on eventfd {fd} failed")]
+    Wait {
+        /// The fd.
+        fd: i32,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
+    /// `poll` reported the fd invalid or in error.
+    #[error("eventfd {fd} reported poll events {revents:#x}")]
+    BadFd {
+        /// The fd.
+        fd: i32,
+        /// The `revents` reported.
+        revents: i16,
+    },
+}
+
+/// One end of a ring's doorbell.
+pub trait Notifier {
+    /// Signals the peer. Never blocks.
+    fn notify(&self) -> Result<(), NotifyError>;
+
+    /// Waits until the peer signals or `timeout` expires (`None`: wait forever). May return
+    /// [`Wake::Notified`] spuriously.
+    fn wait(&self, timeout: Option<Duration>) -> Result<Wake, NotifyError>;
+}
+
+impl<N: Notifier + ?Sized> Notifier for &N {
+    fn notify(&self) -> Result<(), NotifyError> {
+        (**self).notify()
+    }
+
+    fn wait(&self, timeout: Option<Duration>) -> Result<Wake, NotifyError> {
+        (**self).wait(timeout)
+    }
+}
+
+/// A [`Notifier`] over two non-blocking eventfds: one we write to signal the peer, one we
+/// poll and drain to wait.
+///
+/// The fds are close-on-exec; they survive `fork`, so a sandbox forks after
+/// [`EventFdNotifier::pair`], keeps one end in each process and drops the other.
+#[derive(Debug)]
+pub struct EventFdNotifier {
+    signal: File,
+    wait: File,
+}
+
+impl EventFdNotifier {
+    /// Creates two eventfds and returns `(backend, frontend)` ends: the backend signals the
+    /// one the frontend waits on, and the other way round.
+    pub fn pair() -> Result<(Self, Self), NotifyError> {
+        let to_frontend = new_eventfd()?;
+        let to_backend = new_eventfd()?;
+        let backend = Self {
+            signal: File::from(to_frontend.try_clone().map_err(NotifyError::Dup)?),
+            wait: File::from(to_backend.try_clone().map_err(NotifyError::Dup)?),
+        };
+        let frontend = Self {
+            signal: File::from(to_backend),
+            wait: File::from(to_frontend),
+        };
+        Ok((backend, frontend))
+    }
+
+    /// An end made of an eventfd to signal the peer and an eventfd to wait on (e.g. fds
+    /// inherited from the agent). Both must be eventfds opened `EFD_NONBLOCK`.
+    pub fn from_fds(signal: OwnedFd, wait: OwnedFd) -> Self {
+        Self {
+            signal: File::from(signal),
+            wait: File::from(wait),
+        }
+    }
+
+    /// The eventfd this end writes to signal the peer.
+    pub fn signal_fd(&self) -> BorrowedFd<'_> {
+        self.signal.as_fd()
+    }
+
+    /// The eventfd this end waits on.
+    pub fn wait_fd(&self) -> BorrowedFd<'_> {
+        self.wait.as_fd()
+    }
+}
+
+fn new_eventfd() -> Result<OwnedFd, NotifyError> {
+    // SAFETY: plain syscall with valid flags; it returns a new fd or -1.
+    #[allow(unsafe_code)]
+    let raw = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+    if raw < 0 {
+        return Err(NotifyError::Create(io::Error::last_os_error()));
+    }
+    // SAFETY: `raw` is a freshly created fd that nothing else owns.
+    #[allow(unsafe_code)]
+    Ok(unsafe { OwnedFd::from_raw_fd(raw) })
+}
+
+impl Notifier for EventFdNotifier {
+    fn notify(&self) -> Result<(), NotifyError> {
+        loop {
+            match (&self.signal).write(&1u64.to_ne_bytes()) {
+                Ok(_) => return Ok(()),
+                // The counter is saturated: a wake-up is already pending.
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(source) => {
+                    return Err(NotifyError::Signal {
+                        fd: self.signal.as_raw_fd(),
+                        source,
+                    })
+                }
+            }
+        }
+    }
+
+    fn wait(&self, timeout: Option<Duration>) -> Result<Wake, NotifyError> {
+        let fd = self.wait.as_raw_fd();
+        let deadline = timeout.and_then(|t| Instant::now().checked_add(t));
+        loop {
+            let timeout_ms = match deadline {
+                None if timeout.is_some() => i32::MAX, // absurdly long timeout
+                None => -1,
+                Some(d) => poll_millis(d.saturating_duration_since(Instant::now())),
+            };
+            let mut pfd = libc::pollfd {
+                fd,
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: `pfd` is one valid, writable pollfd and we pass a count of 1.
+            #[allow(unsafe_code)]
+            let ready = unsafe { libc::poll(&mut pfd, 1, timeout_ms) };
+            if ready < 0 {
+                let source = io::Error::last_os_error();
+                if source.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(NotifyError::Wait { fd, source });
+            }
+            if ready == 0 {
+                if deadline.is_some_and(|d| Instant::now() < d) {
+                    continue; // poll rounds to milliseconds; finish the wait
+                }
+                return Ok(Wake::TimedOut);
+            }
+            if pfd.revents & (libc::POLLERR | libc::POLLNVAL) != 0 {
+                return Err(NotifyError::BadFd {
+                    fd,
+                    revents: pfd.revents,
+                });
+            }
+            let mut counter = [0u8; 8];
+            return match (&self.wait).read(&mut counter) {
+                // Drained, or someone else drained it first: either way, re-check the ring.
+                Ok(_) => Ok(Wake::Notified),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(Wake::Notified),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => Ok(Wake::Notified),
+                Err(source) => Err(NotifyError::Wait { fd, source }),
+            };
+        }
+    }
+}
+
+/// Milliseconds for `poll`, rounded up so that a wait never ends early, capped at `i32::MAX`.
+fn poll_millis(d: Duration) -> i32 {
+    let ms = d.as_nanos().div_ceil(1_000_000);
+    i32::try_from(ms).unwrap_or(i32::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn signals_cross_and_coalesce() {
+        let (backend, frontend) = EventFdNotifier::pair().unwrap();
+        assert_eq!(
+            frontend.wait(Some(Duration::from_millis(1))).unwrap(),
+            Wake::TimedOut
+        );
+        backend.notify().unwrap();
+        backend.notify().unwrap();
+        assert_eq!(frontend.wait(None).unwrap(), Wake::Notified);
+        // Coalesced: the second notify was drained with the first.
+        assert_eq!(frontend.wait(Some(Duration::ZERO)).unwrap(), Wake::TimedOut);
+        // Directions are independent.
+        assert_eq!(backend.wait(Some(Duration::ZERO)).unwrap(), Wake::TimedOut);
+        frontend.notify().unwrap();
+        assert_eq!(
+            backend.wait(Some(Duration::from_secs(5))).unwrap(),
+            Wake::Notified
+        );
+    }
+
+    #[test]
+    fn saturated_counter_does_not_block_or_fail() {
+        let (backend, frontend) = EventFdNotifier::pair().unwrap();
+        // A hostile peer pushes the counter to its maximum (0xffff_ffff_ffff_fffe).
+        (&frontend.wait)
+            .write_all(&(u64::MAX - 1).to_ne_bytes())
+            .unwrap();
+        backend.notify().unwrap();
+        assert_eq!(frontend.wait(None).unwrap(), Wake::Notified);
+    }
+
+    #[test]
+    fn waits_honour_the_timeout() {
+        let (backend, _frontend) = EventFdNotifier::pair().unwrap();
+        let start = Instant::now();
+        assert_eq!(
+            backend.wait(Some(Duration::from_millis(30))).unwrap(),
+            Wake::TimedOut
+        );
+        assert!(start.elapsed() >= Duration::from_millis(30));
+        assert_eq!(poll_millis(Duration::from_nanos(1)), 1);
+        assert_eq!(poll_millis(Duration::MAX), i32::MAX);
+    }
+}
