@@ -32,6 +32,9 @@ pub enum Wake {
     Notified,
     /// The timeout expired without a notification.
     TimedOut,
+    /// The peer is gone (its process exited or its domain was destroyed): nothing more
+    /// will arrive. Only notifiers that can watch the peer's liveness return this.
+    PeerGone,
 }
 
 /// A notification could not be sent or waited for.

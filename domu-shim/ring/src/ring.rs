@@ -45,7 +45,7 @@ use std::time::{Duration, Instant};
 
 use crate::layout::{offset, Geometry, LayoutError};
 use crate::mem::{MemError, SharedMem};
-use crate::notify::{Notifier, NotifyError};
+use crate::notify::{Notifier, NotifyError, Wake};
 use crate::wire::{Envelope, Request, Response, WireError};
 
 /// A ring operation failed.
@@ -175,6 +175,9 @@ pub enum RingError {
         /// The timeout.
         timeout: Duration,
     },
+    /// The peer went away while this end was waiting.
+    #[error("the peer is gone")]
+    PeerGone,
     /// An earlier protocol violation disabled this end.
     #[error("ring disabled by an earlier protocol violation")]
     Poisoned,
@@ -310,7 +313,14 @@ fn recv_blocking<C: Consumer>(
         if end.final_check()? {
             continue;
         }
-        notifier.wait(remaining)?; // Notified or TimedOut: re-check either way
+        // Notified or TimedOut: re-check either way. PeerGone: one last look, since the
+        // peer may have published a message just before it went away.
+        if notifier.wait(remaining)? == Wake::PeerGone {
+            return match end.try_take()? {
+                Some(item) => Ok(item),
+                None => Err(RingError::PeerGone),
+            };
+        }
     }
 }
 

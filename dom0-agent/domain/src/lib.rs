@@ -1,0 +1,161 @@
+//! The contract between the transaction executor and the domain backends.
+//!
+//! A **domain** is a fresh, single-use execution environment cloned from a clean template:
+//! a PV domU on Xen, a confined forked process in the sandbox. A backend keeps a pool of
+//! domains that have booted to the guest runtime's ready point — the guest has sent its
+//! `Ready` request on the ring and waits for the answer — and hands one out per
+//! transaction. The executor answers `Ready` with `Start`, serves the guest's requests,
+//! and destroys the domain on every path.
+//!
+//! ```text
+//!   backend pool ──take()──▶ Box<dyn Domain> ──ring()──▶ executor ──destroy()──▶ gone
+//!   (refilled in background)      │ ready_id()             serves requests
+//!                                 └ try_exit(): crashed? forbidden syscall?
+//! ```
+//!
+//! Every implementation must guarantee: a domain is used for exactly one transaction;
+//! `destroy` returns only once the domain can no longer run; a domain dropped without
+//! `destroy` (panic, early return) is destroyed by its `Drop`; and the notifier returned by
+//! `ring` reports [`mayfly_ring::Wake::PeerGone`] when the domain dies, so the executor
+//! notices a crash at once instead of at its timeout.
+
+#![forbid(unsafe_code)]
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use mayfly_ring::{Notifier, SharedMem};
+
+/// A domain's id: the Xen domid, or the sandbox's clone number.
+pub type DomainId = u32;
+
+/// The agent's end of a domain's ring.
+pub type Ring = mayfly_ring::Backend<Arc<dyn SharedMem>>;
+
+/// How a domain ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DomainExit {
+    /// The guest runtime exited by itself with this status (0: a transaction's normal end).
+    Exited {
+        /// Exit status.
+        code: i32,
+    },
+    /// The agent destroyed it.
+    Destroyed,
+    /// It died on a fault it did not ask for (SIGSEGV, SIGABRT, a Xen domain crash).
+    Crashed {
+        /// The signal (sandbox) or 0 (Xen crash).
+        signal: i32,
+    },
+    /// It was killed for a forbidden system call (sandbox seccomp filter).
+    ForbiddenSyscall,
+    /// It was killed for exceeding a resource limit.
+    ResourceLimit {
+        /// Which limit, e.g. "cpu time".
+        limit: &'static str,
+    },
+}
+
+impl std::fmt::Display for DomainExit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Exited { code } => write!(f, "exited with status {code}"),
+            Self::Destroyed => f.write_str("destroyed"),
+            Self::Crashed { signal } => write!(f, "crashed (signal {signal})"),
+            Self::ForbiddenSyscall => f.write_str("killed for a forbidden system call"),
+            Self::ResourceLimit { limit } => write!(f, "killed for exceeding its {limit} limit"),
+        }
+    }
+}
+
+/// Why a backend could not provide or manage a domain.
+#[derive(Debug, thiserror::Error)]
+pub enum DomainError {
+    /// No ready domain within the wait allowed.
+    #[error("{backend}: no ready domain within {waited:?}")]
+    Exhausted {
+        /// Backend name.
+        backend: &'static str,
+        /// How long the caller waited.
+        waited: Duration,
+    },
+    /// The backend has been shut down.
+    #[error("{backend}: shut down")]
+    ShutDown {
+        /// Backend name.
+        backend: &'static str,
+    },
+    /// A new domain could not be created or did not reach its ready point.
+    #[error("{backend}: creating a domain failed: {source}")]
+    Create {
+        /// Backend name.
+        backend: &'static str,
+        /// The underlying failure.
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// A domain could not be destroyed or inspected.
+    #[error("{backend}: domain {id}: {source}")]
+    Control {
+        /// Backend name.
+        backend: &'static str,
+        /// Domain.
+        id: DomainId,
+        /// The underlying failure.
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+}
+
+/// One fresh domain, ready to run one transaction.
+pub trait Domain: Send {
+    /// Its id.
+    fn id(&self) -> DomainId;
+    /// The request id of the guest's `Ready`, to be answered with `Start`.
+    fn ready_id(&self) -> u32;
+    /// The agent's ring endpoint and the notifier shared with the guest.
+    fn ring(&mut self) -> (&mut Ring, &dyn Notifier);
+    /// The exit, if the domain has already ended; never blocks.
+    fn try_exit(&mut self) -> Result<Option<DomainExit>, DomainError>;
+    /// Destroys the domain and waits until it can no longer run. If it had already ended,
+    /// returns how.
+    fn destroy(self: Box<Self>) -> Result<DomainExit, DomainError>;
+    /// Stops the domain and keeps it for forensics instead of destroying it.
+    fn quarantine(self: Box<Self>) -> Result<Quarantined, DomainError>;
+}
+
+/// A domain kept stopped for forensics.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Quarantined {
+    /// Backend name.
+    pub backend: &'static str,
+    /// Domain id.
+    pub id: DomainId,
+    /// Backend-specific handle (the sandbox's host pid, the Xen domid), for operators.
+    pub handle: String,
+}
+
+/// Counters of a backend's pool.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PoolStats {
+    /// Domains ready to hand out.
+    pub ready: usize,
+    /// Domains handed out and not yet destroyed.
+    pub in_use: usize,
+    /// Domains created since start.
+    pub created: u64,
+    /// Domains destroyed since start.
+    pub destroyed: u64,
+    /// Domains that failed to reach their ready point.
+    pub failed: u64,
+}
+
+/// A source of fresh domains.
+pub trait DomainBackend: Send + Sync {
+    /// Short name: "sandbox", "xen".
+    fn name(&self) -> &'static str;
+    /// A fresh domain at its ready point, waiting at most `timeout` for one.
+    fn take(&self, timeout: Duration) -> Result<Box<dyn Domain>, DomainError>;
+    /// Pool counters.
+    fn stats(&self) -> PoolStats;
+    /// Destroys every domain, ready or in use, and stops refilling.
+    fn shutdown(&self);
+}
