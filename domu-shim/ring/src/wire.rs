@@ -38,7 +38,7 @@
 //! Agent → guest (the reply to each request; `Start` is the reply to `Ready`):
 //!
 //! ```text
-//!  0x8001 Start       tx id [16], handler bytes<1..=64> of [a-z0-9_-],
+//!  0x8001 Start       tx id [16], handler bytes<1..=64> of [a-z0-9_.-],
 //!                     payload bytes<0..=65536>, entropy seed [32]
 //!  0x8002 Value       option<bytes<0..=65536>>
 //!  0x8003 Ok          (empty)
@@ -232,8 +232,8 @@ pub enum WireError {
         /// Offset of the character.
         offset: usize,
     },
-    /// A handler name byte outside `[a-z0-9_-]`.
-    #[error("handler name byte {byte:#04x} at offset {offset} is not in [a-z0-9_-]")]
+    /// A handler name byte outside `[a-z0-9_.-]`.
+    #[error("handler name byte {byte:#04x} at offset {offset} is not in [a-z0-9_.-]")]
     BadHandlerName {
         /// Offset of the byte.
         offset: usize,
@@ -366,7 +366,7 @@ pub enum Request {
 pub struct Start {
     /// The transaction id.
     pub tx_id: [u8; 16],
-    /// The handler to run (1..=64 bytes of `[a-z0-9_-]`).
+    /// The handler to run (1..=64 bytes of `[a-z0-9_.-]`).
     pub handler: String,
     /// The client's payload (0..=64 KiB).
     pub payload: Vec<u8>,
@@ -422,7 +422,7 @@ enum Rule {
     Bytes,
     /// UTF-8 without control characters.
     Text,
-    /// `[a-z0-9_-]`.
+    /// `[a-z0-9_.-]`.
     Handler,
 }
 
@@ -478,7 +478,7 @@ fn check_field(spec: FieldSpec, offset: usize, data: &[u8]) -> Result<(), WireEr
         Rule::Bytes => Ok(()),
         Rule::Handler => match data
             .iter()
-            .position(|&b| !matches!(b, b'a'..=b'z' | b'0'..=b'9' | b'_' | b'-'))
+            .position(|&b| !matches!(b, b'a'..=b'z' | b'0'..=b'9' | b'_' | b'-' | b'.'))
         {
             None => Ok(()),
             Some(i) => Err(WireError::BadHandlerName {

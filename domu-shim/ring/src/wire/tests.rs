@@ -424,7 +424,7 @@ fn text_and_handler_rules() {
             offset: 21
         })
     );
-    for name in ["", "Transfer", "a b", "ü", &"a".repeat(65), "a.b"] {
+    for name in ["", "Transfer", "a b", "ü", &"a".repeat(65), "a/b"] {
         let start = Response::Start(Start {
             handler: name.into(),
             ..start()
