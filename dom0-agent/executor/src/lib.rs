@@ -1,0 +1,576 @@
+//! Runs one transaction in one fresh domain.
+//!
+//! ```text
+//!  take a ready domain ─▶ answer its Ready with Start{tx id, handler, payload, seed}
+//!        │
+//!        ▼   serve requests until Commit / Abort / deadline / death / violation
+//!  Get, Put, Delete, Scan ─▶ mayfly-ledger Tx (snapshot reads, buffered writes)
+//!  Log ─▶ debug log, at most LOG_LINES_PER_TX lines
+//!  Commit{result} ─▶ ledger commit (group commit, checkpoint, audit) ─▶ Committed
+//!  Abort{reason}  ─▶ Aborted
+//!        │
+//!        ▼
+//!  destroy the domain (every path), audit its end, answer the caller
+//! ```
+//!
+//! The guest is hostile: anything it sends is decoded by the ring crate (bounded, copied
+//! out first); a protocol violation, a forbidden system call, a crash or a timeout ends the
+//! transaction, destroys the domain and is audited with the reason. A serialization
+//! conflict at commit re-runs the transaction from the start in a fresh domain, at most
+//! `max_attempts` times.
+
+#![forbid(unsafe_code)]
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use mayfly_domain::{Domain, DomainBackend, DomainError, DomainExit};
+use mayfly_ledger::{AuditEvent, Hash, Ledger, Severity, Tx, TxContext, TxError, TxId};
+use mayfly_ring::wire::{error_code, Request, Response, ScanResultBuilder, Start};
+use mayfly_ring::RingError;
+use slog::{debug, o, warn, Logger};
+
+/// Most guest log lines forwarded to the debug log per transaction.
+pub const LOG_LINES_PER_TX: u32 = 32;
+/// Largest payload accepted from a client (the ring's cap).
+pub const MAX_PAYLOAD: usize = mayfly_ring::wire::MAX_PAYLOAD_LEN;
+
+/// Limits applied to every transaction.
+#[derive(Debug, Clone)]
+pub struct ExecutorConfig {
+    /// Wall-clock limit from Start to Commit/Abort.
+    pub tx_timeout: Duration,
+    /// How long to wait for a ready domain before refusing (overload).
+    pub take_timeout: Duration,
+    /// Most ring operations per transaction.
+    pub max_ops: u32,
+    /// Runs of a transaction that hit serialization conflicts, in fresh domains.
+    pub max_attempts: u32,
+    /// Hash of the active policy bundle (recorded in every checkpoint).
+    pub policy_hash: Hash,
+}
+
+impl Default for ExecutorConfig {
+    fn default() -> Self {
+        Self {
+            tx_timeout: Duration::from_secs(5),
+            take_timeout: Duration::from_secs(2),
+            max_ops: 10_000,
+            max_attempts: 4,
+            policy_hash: [0; 32],
+        }
+    }
+}
+
+/// A transaction to run.
+#[derive(Debug, Clone)]
+pub struct TxRequest {
+    /// Handler name.
+    pub handler: String,
+    /// Payload handed to the handler.
+    pub payload: Vec<u8>,
+    /// Who asked (for audit), e.g. the client's address.
+    pub client: String,
+}
+
+/// How a transaction ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TxStatus {
+    /// Durable, with a checkpoint.
+    Committed,
+    /// The handler gave up (its reason is the error); nothing was written.
+    Aborted,
+    /// The domain misbehaved, died, timed out, or storage failed; nothing was written.
+    Failed,
+}
+
+impl TxStatus {
+    /// Lower-case name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Committed => "committed",
+            Self::Aborted => "aborted",
+            Self::Failed => "failed",
+        }
+    }
+}
+
+/// Why a transaction failed, when it did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Failure {
+    /// No Commit or Abort within the timeout.
+    Timeout,
+    /// The domain died (crash, forbidden system call, resource limit).
+    DomainDied(DomainExit),
+    /// The guest broke the ring protocol.
+    ProtocolViolation(String),
+    /// The guest exceeded the operation limit.
+    OperationLimit,
+    /// Still conflicting after every attempt.
+    Conflicts,
+    /// The ledger could not commit (disk full, ...).
+    Storage(String),
+}
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Timeout => f.write_str("transaction timed out"),
+            Self::DomainDied(exit) => write!(f, "domain {exit}"),
+            Self::ProtocolViolation(what) => write!(f, "protocol violation: {what}"),
+            Self::OperationLimit => f.write_str("operation limit exceeded"),
+            Self::Conflicts => f.write_str("serialization conflicts on every attempt"),
+            Self::Storage(what) => write!(f, "storage: {what}"),
+        }
+    }
+}
+
+/// The outcome of [`Executor::execute`].
+#[derive(Debug, Clone)]
+pub struct TxOutcome {
+    /// Transaction id (of the last attempt).
+    pub tx_id: TxId,
+    /// How it ended.
+    pub status: TxStatus,
+    /// The handler's result (committed only).
+    pub result: Vec<u8>,
+    /// The abort reason or failure, if not committed.
+    pub error: Option<String>,
+    /// Commit sequence (committed only).
+    pub seq: Option<u64>,
+    /// Domain of the last attempt.
+    pub domain_id: u32,
+    /// Attempts made (more than one after conflicts).
+    pub attempts: u32,
+    /// How the last domain ended.
+    pub domain_exit: DomainExit,
+}
+
+/// Why a transaction could not be run at all.
+#[derive(Debug, thiserror::Error)]
+pub enum ExecError {
+    /// No handler of that name in the template.
+    #[error("unknown handler {0:?}")]
+    UnknownHandler(String),
+    /// Payload above the cap.
+    #[error("payload of {len} bytes is above the limit of {max}")]
+    PayloadTooLarge {
+        /// Length.
+        len: usize,
+        /// Cap.
+        max: usize,
+    },
+    /// No domain could be had in time (overload) or the backend is down.
+    #[error("no domain available: {0}")]
+    Unavailable(#[from] DomainError),
+    /// The ledger refused to begin a transaction.
+    #[error("ledger: {0}")]
+    Ledger(#[from] TxError),
+}
+
+/// Runs transactions in fresh domains from one backend against one ledger.
+pub struct Executor {
+    ledger: Ledger,
+    backend: Arc<dyn DomainBackend>,
+    handlers: BTreeSet<String>,
+    config: ExecutorConfig,
+    log: Logger,
+}
+
+/// What serving one domain came to.
+enum Served {
+    Committed { seq: u64, result: Vec<u8> },
+    Aborted { reason: String },
+    Conflict,
+    Failed(Failure),
+}
+
+fn random_seed() -> [u8; 32] {
+    use ring::rand::SecureRandom;
+    let mut seed = [0u8; 32];
+    // The system RNG fails only without any entropy source; the transaction then still
+    // runs, with a seed that is unique per transaction through the id mixed in below.
+    let _ = ring::rand::SystemRandom::new().fill(&mut seed);
+    seed
+}
+
+fn tx_error_code(e: &TxError) -> u16 {
+    match e {
+        TxError::BadKey { .. } | TxError::BadScanLimit { .. } | TxError::BadHandler(_) => {
+            error_code::BAD_REQUEST
+        }
+        TxError::ValueTooLarge { .. }
+        | TxError::TooManyReads { .. }
+        | TxError::TooManyWrites { .. }
+        | TxError::TooManyScans { .. }
+        | TxError::RequestTooLarge { .. } => error_code::LIMIT_EXCEEDED,
+        _ => error_code::INTERNAL,
+    }
+}
+
+fn truncate(s: &str, max: usize) -> String {
+    if s.len() <= max {
+        return s.to_owned();
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    s[..end].to_owned()
+}
+
+impl Executor {
+    /// An executor over `ledger` and `backend`; `handlers` are the handler names the
+    /// template knows.
+    pub fn new(
+        ledger: Ledger,
+        backend: Arc<dyn DomainBackend>,
+        handlers: impl IntoIterator<Item = String>,
+        config: ExecutorConfig,
+        log: &Logger,
+    ) -> Self {
+        Self {
+            ledger,
+            backend,
+            handlers: handlers.into_iter().collect(),
+            config,
+            log: log.new(o!("component" => "executor")),
+        }
+    }
+
+    /// Handler names known to the template.
+    pub fn handlers(&self) -> impl Iterator<Item = &str> {
+        self.handlers.iter().map(String::as_str)
+    }
+
+    /// The ledger.
+    pub fn ledger(&self) -> &Ledger {
+        &self.ledger
+    }
+
+    /// The backend.
+    pub fn backend(&self) -> &Arc<dyn DomainBackend> {
+        &self.backend
+    }
+
+    /// Runs `req` to its end in fresh domains (more than one only after conflicts).
+    pub fn execute(&self, req: &TxRequest) -> Result<TxOutcome, ExecError> {
+        if !self.handlers.contains(&req.handler) {
+            return Err(ExecError::UnknownHandler(req.handler.clone()));
+        }
+        if req.payload.len() > MAX_PAYLOAD {
+            return Err(ExecError::PayloadTooLarge {
+                len: req.payload.len(),
+                max: MAX_PAYLOAD,
+            });
+        }
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let domain = self.backend.take(self.config.take_timeout)?;
+            let tx_id = TxId::generate();
+            let domain_id = domain.id();
+            let ltx = self.ledger.begin(TxContext {
+                tx_id,
+                handler: req.handler.clone(),
+                request: req.payload.clone(),
+                domain_id,
+                policy_hash: self.config.policy_hash,
+            })?;
+            let started = self.started_events(req, tx_id, domain_id, attempt);
+            let (served, exit) = self.serve(domain, ltx, req, started);
+            let outcome = |status, result, error: Option<String>, seq| TxOutcome {
+                tx_id,
+                status,
+                result,
+                error,
+                seq,
+                domain_id,
+                attempts: attempt,
+                domain_exit: exit,
+            };
+            return Ok(match served {
+                Served::Committed { seq, result } => {
+                    outcome(TxStatus::Committed, result, None, Some(seq))
+                }
+                Served::Aborted { reason } => {
+                    outcome(TxStatus::Aborted, Vec::new(), Some(reason), None)
+                }
+                Served::Conflict if attempt < self.config.max_attempts => continue,
+                Served::Conflict => outcome(
+                    TxStatus::Failed,
+                    Vec::new(),
+                    Some(Failure::Conflicts.to_string()),
+                    None,
+                ),
+                Served::Failed(f) => {
+                    outcome(TxStatus::Failed, Vec::new(), Some(f.to_string()), None)
+                }
+            });
+        }
+    }
+
+    fn started_events(
+        &self,
+        req: &TxRequest,
+        tx_id: TxId,
+        domain: u32,
+        attempt: u32,
+    ) -> Vec<AuditEvent> {
+        let backend = self.backend.name();
+        vec![
+            AuditEvent::new("domain.cloned", Severity::Info)
+                .field("backend", backend)
+                .field("domain", domain),
+            AuditEvent::new("domain.started", Severity::Info)
+                .field("backend", backend)
+                .field("domain", domain)
+                .field("tx_id", tx_id)
+                .field("handler", &req.handler)
+                .field("client", truncate(&req.client, 256))
+                .field("attempt", attempt),
+        ]
+    }
+
+    /// Serves one domain to the end of its transaction, destroys it, and audits.
+    fn serve(
+        &self,
+        mut domain: Box<dyn Domain>,
+        ltx: Tx,
+        req: &TxRequest,
+        mut events: Vec<AuditEvent>,
+    ) -> (Served, DomainExit) {
+        let tx_id = ltx.id();
+        let domain_id = domain.id();
+        let log = self
+            .log
+            .new(o!("tx_id" => tx_id.to_string(), "domain" => domain_id));
+        let served = self.drive(domain.as_mut(), ltx, req, &log, &mut events);
+        let exit = match domain.destroy() {
+            Ok(exit) => exit,
+            Err(e) => {
+                warn!(log, "destroying the domain failed"; "error" => %e);
+                events.push(
+                    AuditEvent::new("domain.destroy_failed", Severity::Error)
+                        .field("domain", domain_id)
+                        .field("tx_id", tx_id)
+                        .field("error", truncate(&e.to_string(), 1000)),
+                );
+                DomainExit::Destroyed
+            }
+        };
+        // A transaction that looked merely aborted or timed out may in fact have died on a
+        // forbidden system call or a crash: the exit tells.
+        let died = matches!(
+            exit,
+            DomainExit::ForbiddenSyscall
+                | DomainExit::Crashed { .. }
+                | DomainExit::ResourceLimit { .. }
+        );
+        let served = match served {
+            Served::Failed(Failure::DomainDied(_)) => Served::Failed(Failure::DomainDied(exit)),
+            Served::Failed(Failure::Timeout | Failure::ProtocolViolation(_)) if died => {
+                Served::Failed(Failure::DomainDied(exit))
+            }
+            other => other,
+        };
+        let (severity, event, reason) = match &served {
+            Served::Committed { .. } => (Severity::Info, "domain.destroyed", None),
+            Served::Aborted { reason } => (Severity::Info, "tx.aborted", Some(reason.clone())),
+            Served::Conflict => (Severity::Info, "tx.conflict", None),
+            Served::Failed(f) => {
+                let (sev, name) = match f {
+                    Failure::Timeout => (Severity::Warning, "domain.timeout"),
+                    Failure::DomainDied(DomainExit::ForbiddenSyscall) => {
+                        (Severity::Alert, "domain.forbidden_syscall")
+                    }
+                    Failure::DomainDied(DomainExit::ResourceLimit { .. }) => {
+                        (Severity::Warning, "domain.resource_limit")
+                    }
+                    Failure::DomainDied(_) => (Severity::Warning, "domain.crashed"),
+                    Failure::ProtocolViolation(_) => (Severity::Alert, "domain.protocol_violation"),
+                    Failure::OperationLimit => (Severity::Warning, "tx.operation_limit"),
+                    Failure::Conflicts => (Severity::Notice, "tx.conflicts"),
+                    Failure::Storage(_) => (Severity::Error, "tx.storage_failed"),
+                };
+                (sev, name, Some(f.to_string()))
+            }
+        };
+        if event != "domain.destroyed" {
+            let mut ev = AuditEvent::new(event, severity)
+                .field("domain", domain_id)
+                .field("tx_id", tx_id)
+                .field("handler", &req.handler);
+            if let Some(reason) = reason {
+                ev = ev.field("reason", truncate(&reason, 1000));
+            }
+            events.push(ev);
+        }
+        events.push(
+            AuditEvent::new("domain.destroyed", Severity::Info)
+                .field("domain", domain_id)
+                .field("tx_id", tx_id)
+                .field("exit", exit),
+        );
+        // Lifecycle records are durable with the next group; attack signals are made
+        // durable before the caller hears about the transaction.
+        let urgent = severity <= Severity::Warning;
+        match self.ledger.submit_audit(events) {
+            Ok(ticket) if urgent => {
+                if let Err(e) = ticket.wait() {
+                    warn!(log, "audit append failed"; "error" => %e);
+                }
+            }
+            Ok(_) => {}
+            Err(e) => warn!(log, "audit append failed"; "error" => %e),
+        }
+        (served, exit)
+    }
+
+    /// The request loop. Everything the guest sends is already decoded and bounded.
+    fn drive(
+        &self,
+        domain: &mut dyn Domain,
+        mut ltx: Tx,
+        req: &TxRequest,
+        log: &Logger,
+        events: &mut Vec<AuditEvent>,
+    ) -> Served {
+        let ready_id = domain.ready_id();
+        let tx_id = ltx.id();
+        let mut seed = random_seed();
+        for (s, t) in seed.iter_mut().zip(tx_id.0.iter().cycle()) {
+            *s ^= t;
+        }
+        let start = Response::Start(Start {
+            tx_id: tx_id.0,
+            handler: req.handler.clone(),
+            payload: req.payload.clone(),
+            entropy_seed: seed,
+        });
+        let (ring, notifier) = domain.ring();
+        if let Err(e) = ring.send_response(ready_id, &start, &notifier) {
+            return Served::Failed(Failure::ProtocolViolation(format!("sending Start: {e}")));
+        }
+        let deadline = Instant::now() + self.config.tx_timeout;
+        let mut ops: u32 = 0;
+        let mut log_lines: u32 = 0;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Served::Failed(Failure::Timeout);
+            }
+            let env = match ring.recv_request(&notifier, Some(left)) {
+                Ok(env) => env,
+                Err(RingError::Timeout { .. }) => return Served::Failed(Failure::Timeout),
+                Err(RingError::PeerGone) => {
+                    return Served::Failed(Failure::DomainDied(DomainExit::Crashed { signal: 0 }))
+                }
+                Err(e) => return Served::Failed(Failure::ProtocolViolation(e.to_string())),
+            };
+            ops += 1;
+            if ops > self.config.max_ops {
+                let _ = ring.send_response(
+                    env.id,
+                    &Response::Error {
+                        code: error_code::LIMIT_EXCEEDED,
+                        message: format!("more than {} operations", self.config.max_ops),
+                    },
+                    &notifier,
+                );
+                return Served::Failed(Failure::OperationLimit);
+            }
+            let reply = match env.body {
+                Request::Get { key } => match ltx.get(&key) {
+                    Ok(v) => Response::Value(v),
+                    Err(e) => error_response(&e),
+                },
+                Request::Put { key, value } => match ltx.put(&key, &value) {
+                    Ok(()) => Response::Ok,
+                    Err(e) => error_response(&e),
+                },
+                Request::Delete { key } => match ltx.delete(&key) {
+                    Ok(()) => Response::Ok,
+                    Err(e) => error_response(&e),
+                },
+                Request::Scan { start, end, limit } => {
+                    let limit_usize = usize::try_from(limit).unwrap_or(usize::MAX);
+                    match ltx.scan(&start, end.as_deref(), limit_usize) {
+                        Ok(scan) => {
+                            let mut builder = ScanResultBuilder::new(limit);
+                            let mut more = scan.more;
+                            for (k, v) in scan.entries {
+                                match builder.try_push(k, v) {
+                                    Ok(true) => {}
+                                    Ok(false) | Err(_) => {
+                                        more = true;
+                                        break;
+                                    }
+                                }
+                            }
+                            builder.finish(more)
+                        }
+                        Err(e) => error_response(&e),
+                    }
+                }
+                Request::Log { level, line } => {
+                    log_lines += 1;
+                    if log_lines <= LOG_LINES_PER_TX {
+                        debug!(log, "guest"; "level" => ?level, "line" => line);
+                    } else if log_lines == LOG_LINES_PER_TX + 1 {
+                        debug!(log, "guest log lines beyond the limit are dropped");
+                    }
+                    Response::Ok
+                }
+                Request::Commit { result } => {
+                    let committed = AuditEvent::new("tx.committed", Severity::Info)
+                        .field("tx_id", tx_id)
+                        .field("handler", &req.handler);
+                    let mut audit = std::mem::take(events);
+                    audit.push(committed);
+                    return match ltx.commit_with_audit(result.clone(), audit) {
+                        Ok(receipt) => {
+                            let _ = ring.send_response(env.id, &Response::Committed, &notifier);
+                            Served::Committed {
+                                seq: receipt.seq,
+                                result,
+                            }
+                        }
+                        Err(e) => {
+                            let _ = ring.send_response(env.id, &Response::Aborted, &notifier);
+                            if e.is_conflict() {
+                                debug!(log, "conflict at commit"; "error" => %e);
+                                Served::Conflict
+                            } else {
+                                warn!(log, "commit failed"; "error" => %e);
+                                Served::Failed(Failure::Storage(e.to_string()))
+                            }
+                        }
+                    };
+                }
+                Request::Abort { reason } => {
+                    let _ = ring.send_response(env.id, &Response::Aborted, &notifier);
+                    return Served::Aborted { reason };
+                }
+                Request::Ready { .. } => {
+                    return Served::Failed(Failure::ProtocolViolation(
+                        "Ready sent again during a transaction".into(),
+                    ))
+                }
+            };
+            if let Err(e) = ring.send_response(env.id, &reply, &notifier) {
+                return Served::Failed(Failure::ProtocolViolation(format!(
+                    "sending a response: {e}"
+                )));
+            }
+        }
+    }
+}
+
+fn error_response(e: &TxError) -> Response {
+    Response::Error {
+        code: tx_error_code(e),
+        message: truncate(&e.to_string(), 1000),
+    }
+}

@@ -1,0 +1,426 @@
+//! Executor logic against a test double backend: each "domain" is a thread speaking the
+//! real ring over real shared memory, scripted per handler. This checks the executor's
+//! protocol handling, retries, limits and audit records; the sandbox and Xen backends are
+//! exercised by the agent's end-to-end tests, not here.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use mayfly_domain::{
+    Domain, DomainBackend, DomainError, DomainExit, DomainId, PoolStats, Quarantined, Ring,
+};
+use mayfly_executor::{Executor, ExecutorConfig, TxRequest, TxStatus};
+use mayfly_ledger::{Ledger, Options};
+use mayfly_ring::notify::NotifyError;
+use mayfly_ring::wire::{Request, Response};
+use mayfly_ring::{Frontend, Geometry, MmapMem, Notifier, SharedMem, Wake};
+use slog::{o, Discard, Logger};
+
+/// One direction's doorbell plus the guest's liveness, on a mutex and condvar.
+#[derive(Default)]
+struct Bell {
+    state: Mutex<(u64, bool)>, // (rings, peer gone)
+    cv: Condvar,
+}
+
+struct Side {
+    mine: Arc<Bell>,
+    theirs: Arc<Bell>,
+    watch_peer: bool,
+}
+
+impl Notifier for Side {
+    fn notify(&self) -> Result<(), NotifyError> {
+        let mut s = self.theirs.state.lock().unwrap();
+        s.0 += 1;
+        self.theirs.cv.notify_all();
+        Ok(())
+    }
+    fn wait(&self, timeout: Option<Duration>) -> Result<Wake, NotifyError> {
+        let mut s = self.mine.state.lock().unwrap();
+        let deadline = timeout.map(|t| std::time::Instant::now() + t);
+        loop {
+            if s.0 > 0 {
+                s.0 = 0;
+                return Ok(Wake::Notified);
+            }
+            if self.watch_peer && s.1 {
+                return Ok(Wake::PeerGone);
+            }
+            match deadline {
+                None => s = self.mine.cv.wait(s).unwrap(),
+                Some(d) => {
+                    let left = d.saturating_duration_since(std::time::Instant::now());
+                    if left.is_zero() {
+                        return Ok(Wake::TimedOut);
+                    }
+                    s = self.mine.cv.wait_timeout(s, left).unwrap().0;
+                }
+            }
+        }
+    }
+}
+
+type Guest = Arc<dyn Fn(&mut Frontend<Arc<MmapMem>>, &Side, &[u8], &AtomicBool) + Send + Sync>;
+
+struct ThreadDomain {
+    id: DomainId,
+    ready_id: u32,
+    ring: Ring,
+    notifier: Side,
+    thread: Option<JoinHandle<()>>,
+    killed: Arc<AtomicBool>,
+}
+
+impl Domain for ThreadDomain {
+    fn id(&self) -> DomainId {
+        self.id
+    }
+    fn ready_id(&self) -> u32 {
+        self.ready_id
+    }
+    fn ring(&mut self) -> (&mut Ring, &dyn Notifier) {
+        (&mut self.ring, &self.notifier)
+    }
+    fn try_exit(&mut self) -> Result<Option<DomainExit>, DomainError> {
+        Ok(None)
+    }
+    fn destroy(mut self: Box<Self>) -> Result<DomainExit, DomainError> {
+        self.killed.store(true, Ordering::SeqCst);
+        let t = self.thread.take().unwrap();
+        Ok(match t.join() {
+            Ok(()) => DomainExit::Exited { code: 0 },
+            Err(_) => DomainExit::Crashed { signal: 6 },
+        })
+    }
+    fn quarantine(self: Box<Self>) -> Result<Quarantined, DomainError> {
+        Ok(Quarantined {
+            backend: "test-threads",
+            id: self.id,
+            handle: "thread".into(),
+        })
+    }
+}
+
+struct ThreadBackend {
+    guests: HashMap<&'static str, Guest>,
+    next: AtomicU32,
+}
+
+impl DomainBackend for ThreadBackend {
+    fn name(&self) -> &'static str {
+        "test-threads"
+    }
+    fn take(&self, timeout: Duration) -> Result<Box<dyn Domain>, DomainError> {
+        let geometry = Geometry::DEFAULT;
+        let mem = Arc::new(MmapMem::anonymous(geometry.total_len()).unwrap());
+        let shared: Arc<dyn SharedMem> = mem.clone();
+        let mut ring = Ring::new(shared, geometry).unwrap();
+        let (to_agent, to_guest) = (Arc::new(Bell::default()), Arc::new(Bell::default()));
+        let agent_side = Side {
+            mine: to_agent.clone(),
+            theirs: to_guest.clone(),
+            watch_peer: true,
+        };
+        let guest_side = Side {
+            mine: to_guest,
+            theirs: to_agent.clone(),
+            watch_peer: false,
+        };
+        let killed = Arc::new(AtomicBool::new(false));
+        let guests = self.guests.clone();
+        let k = killed.clone();
+        let thread = std::thread::spawn(move || {
+            struct Gone(Arc<Bell>);
+            impl Drop for Gone {
+                fn drop(&mut self) {
+                    self.0.state.lock().unwrap().1 = true;
+                    self.0.cv.notify_all();
+                }
+            }
+            let _gone = Gone(to_agent);
+            let mut front = Frontend::attach(mem).unwrap();
+            let start = match front.call(
+                &Request::Ready {
+                    protocol_version: 1,
+                },
+                &guest_side,
+                None,
+            ) {
+                Ok(Response::Start(s)) => s,
+                _ => return,
+            };
+            let guest = guests.get(start.handler.as_str()).unwrap().clone();
+            guest(&mut front, &guest_side, &start.payload, &k);
+        });
+        let env = ring.recv_request(&agent_side, Some(timeout)).unwrap();
+        Ok(Box::new(ThreadDomain {
+            id: self.next.fetch_add(1, Ordering::SeqCst),
+            ready_id: env.id,
+            ring,
+            notifier: agent_side,
+            thread: Some(thread),
+            killed,
+        }))
+    }
+    fn stats(&self) -> PoolStats {
+        PoolStats::default()
+    }
+    fn shutdown(&self) {}
+}
+
+fn call(front: &mut Frontend<Arc<MmapMem>>, n: &Side, r: Request) -> Response {
+    front.call(&r, n, Some(Duration::from_secs(10))).unwrap()
+}
+
+fn guests() -> HashMap<&'static str, Guest> {
+    let mut g: HashMap<&'static str, Guest> = HashMap::new();
+    // Increment a counter key; commit the new value.
+    g.insert(
+        "inc",
+        Arc::new(|f, n, _p, _k| {
+            let v = match call(
+                f,
+                n,
+                Request::Get {
+                    key: b"counter".to_vec(),
+                },
+            ) {
+                Response::Value(v) => {
+                    v.map_or(0, |v| String::from_utf8(v).unwrap().parse::<u64>().unwrap())
+                }
+                other => panic!("{other:?}"),
+            };
+            let next = (v + 1).to_string().into_bytes();
+            assert_eq!(
+                call(
+                    f,
+                    n,
+                    Request::Put {
+                        key: b"counter".to_vec(),
+                        value: next.clone()
+                    }
+                ),
+                Response::Ok
+            );
+            let _ = call(f, n, Request::Commit { result: next });
+        }),
+    );
+    g.insert(
+        "write_then_abort",
+        Arc::new(|f, n, _p, _k| {
+            assert_eq!(
+                call(
+                    f,
+                    n,
+                    Request::Put {
+                        key: b"junk".to_vec(),
+                        value: b"x".to_vec()
+                    }
+                ),
+                Response::Ok
+            );
+            assert_eq!(
+                call(
+                    f,
+                    n,
+                    Request::Abort {
+                        reason: "insufficient funds".into()
+                    }
+                ),
+                Response::Aborted
+            );
+        }),
+    );
+    g.insert(
+        "spin",
+        Arc::new(|_f, _n, _p, killed| {
+            while !killed.load(Ordering::SeqCst) {
+                std::hint::spin_loop();
+            }
+        }),
+    );
+    g.insert("die", Arc::new(|_f, _n, _p, _k| panic!("guest crashed")));
+    g.insert(
+        "chatty",
+        Arc::new(|f, n, _p, _k| loop {
+            match f.call(
+                &Request::Get { key: b"k".to_vec() },
+                n,
+                Some(Duration::from_secs(10)),
+            ) {
+                Ok(Response::Value(_)) => continue,
+                _ => return,
+            }
+        }),
+    );
+    g
+}
+
+fn setup(config: ExecutorConfig) -> (tempfile::TempDir, Executor) {
+    let dir = tempfile::tempdir().unwrap();
+    let log = Logger::root(Discard, o!());
+    let ledger = Ledger::open(dir.path(), &Options::default(), &log).unwrap();
+    let backend = Arc::new(ThreadBackend {
+        guests: guests(),
+        next: AtomicU32::new(1),
+    });
+    let names = ["inc", "write_then_abort", "spin", "die", "chatty"].map(String::from);
+    (dir, Executor::new(ledger, backend, names, config, &log))
+}
+
+fn run(ex: &Executor, handler: &str) -> mayfly_executor::TxOutcome {
+    ex.execute(&TxRequest {
+        handler: handler.into(),
+        payload: b"{}".to_vec(),
+        client: "test".into(),
+    })
+    .unwrap()
+}
+
+fn audit_events(ex: &Executor) -> Vec<String> {
+    // Groups are FIFO: once this append is durable, everything queued before it is too.
+    ex.ledger()
+        .audit(vec![mayfly_ledger::AuditEvent::new(
+            "test.marker",
+            mayfly_ledger::Severity::Debug,
+        )])
+        .unwrap();
+    ex.ledger()
+        .store()
+        .audit_records(1, 10_000)
+        .unwrap()
+        .into_iter()
+        .map(|r| r.event.event)
+        .collect()
+}
+
+#[test]
+fn commit_writes_a_checkpoint_and_audits_the_domain_life() {
+    let (_d, ex) = setup(ExecutorConfig::default());
+    let o = run(&ex, "inc");
+    assert_eq!(o.status, TxStatus::Committed);
+    assert_eq!(o.result, b"1");
+    let cp = ex
+        .ledger()
+        .store()
+        .checkpoint(o.seq.unwrap())
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (cp.tx_id, cp.domain_id, cp.handler.as_str()),
+        (o.tx_id, o.domain_id, "inc")
+    );
+    let events = audit_events(&ex);
+    for e in [
+        "domain.cloned",
+        "domain.started",
+        "tx.committed",
+        "domain.destroyed",
+    ] {
+        assert!(events.iter().any(|x| x == e), "missing {e} in {events:?}");
+    }
+}
+
+#[test]
+fn abort_writes_nothing_and_reports_the_reason() {
+    let (_d, ex) = setup(ExecutorConfig::default());
+    let o = run(&ex, "write_then_abort");
+    assert_eq!(o.status, TxStatus::Aborted);
+    assert_eq!(o.error.as_deref(), Some("insufficient funds"));
+    assert_eq!(ex.ledger().store().committed(b"junk").unwrap(), None);
+    assert!(audit_events(&ex).iter().any(|e| e == "tx.aborted"));
+}
+
+#[test]
+fn a_spinning_guest_times_out_and_is_destroyed() {
+    let (_d, ex) = setup(ExecutorConfig {
+        tx_timeout: Duration::from_millis(300),
+        ..Default::default()
+    });
+    let o = run(&ex, "spin");
+    assert_eq!(o.status, TxStatus::Failed);
+    assert_eq!(o.error.as_deref(), Some("transaction timed out"));
+    assert!(audit_events(&ex).iter().any(|e| e == "domain.timeout"));
+}
+
+#[test]
+fn a_dying_guest_is_noticed_before_the_timeout() {
+    let (_d, ex) = setup(ExecutorConfig {
+        tx_timeout: Duration::from_secs(60),
+        ..Default::default()
+    });
+    let started = std::time::Instant::now();
+    let o = run(&ex, "die");
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "crash noticed only at the timeout"
+    );
+    assert_eq!(o.status, TxStatus::Failed);
+    assert_eq!(o.domain_exit, DomainExit::Crashed { signal: 6 });
+    assert!(audit_events(&ex).iter().any(|e| e == "domain.crashed"));
+}
+
+#[test]
+fn operation_limit_ends_the_transaction() {
+    let (_d, ex) = setup(ExecutorConfig {
+        max_ops: 50,
+        ..Default::default()
+    });
+    let o = run(&ex, "chatty");
+    assert_eq!(o.status, TxStatus::Failed);
+    assert_eq!(o.error.as_deref(), Some("operation limit exceeded"));
+}
+
+#[test]
+fn conflicting_transactions_are_retried_in_fresh_domains_and_none_is_lost() {
+    let (_d, ex) = setup(ExecutorConfig {
+        max_attempts: 50,
+        ..Default::default()
+    });
+    let ex = Arc::new(ex);
+    let threads: Vec<_> = (0..4)
+        .map(|_| {
+            let ex = ex.clone();
+            std::thread::spawn(move || (0..25).map(|_| run(&ex, "inc")).collect::<Vec<_>>())
+        })
+        .collect();
+    let outcomes: Vec<_> = threads
+        .into_iter()
+        .flat_map(|t| t.join().unwrap())
+        .collect();
+    assert!(
+        outcomes.iter().all(|o| o.status == TxStatus::Committed),
+        "{outcomes:?}"
+    );
+    let (_, v) = ex.ledger().store().committed(b"counter").unwrap().unwrap();
+    assert_eq!(v, b"100", "every increment counted exactly once");
+    let mut domains: Vec<_> = outcomes.iter().map(|o| o.domain_id).collect();
+    domains.sort_unstable();
+    domains.dedup();
+    assert_eq!(domains.len(), 100, "each committed run had its own domain");
+}
+
+#[test]
+fn unknown_handler_and_oversized_payload_are_refused_before_any_domain() {
+    let (_d, ex) = setup(ExecutorConfig::default());
+    let err = ex
+        .execute(&TxRequest {
+            handler: "nope".into(),
+            payload: vec![],
+            client: "t".into(),
+        })
+        .unwrap_err();
+    assert_eq!(err.to_string(), "unknown handler \"nope\"");
+    let err = ex
+        .execute(&TxRequest {
+            handler: "inc".into(),
+            payload: vec![0; 70_000],
+            client: "t".into(),
+        })
+        .unwrap_err();
+    assert!(err.to_string().contains("above the limit"), "{err}");
+}
