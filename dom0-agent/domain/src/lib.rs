@@ -109,6 +109,11 @@ pub enum DomainError {
 pub trait Domain: Send {
     /// Its id.
     fn id(&self) -> DomainId;
+    /// How operators and tests find the domain outside the agent: the sandbox clone's host
+    /// pid, the Xen domid. Recorded in the audit log.
+    fn handle(&self) -> String {
+        self.id().to_string()
+    }
     /// The request id of the guest's `Ready`, to be answered with `Start`.
     fn ready_id(&self) -> u32;
     /// The agent's ring endpoint and the notifier shared with the guest.

@@ -278,7 +278,7 @@ impl Executor {
                 domain_id,
                 policy_hash: self.config.policy_hash,
             })?;
-            let started = self.started_events(req, tx_id, domain_id, attempt);
+            let started = self.started_events(req, tx_id, domain.as_ref(), attempt);
             let (served, exit) = self.serve(domain, ltx, req, started);
             let outcome = |status, result, error: Option<String>, seq| TxOutcome {
                 tx_id,
