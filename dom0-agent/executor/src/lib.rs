@@ -315,17 +315,18 @@ impl Executor {
         &self,
         req: &TxRequest,
         tx_id: TxId,
-        domain: u32,
+        domain: &dyn Domain,
         attempt: u32,
     ) -> Vec<AuditEvent> {
         let backend = self.backend.name();
         vec![
             AuditEvent::new("domain.cloned", Severity::Info)
                 .field("backend", backend)
-                .field("domain", domain),
+                .field("domain", domain.id())
+                .field("handle", truncate(&domain.handle(), 64)),
             AuditEvent::new("domain.started", Severity::Info)
                 .field("backend", backend)
-                .field("domain", domain)
+                .field("domain", domain.id())
                 .field("tx_id", tx_id)
                 .field("handler", &req.handler)
                 .field("client", truncate(&req.client, 256))
