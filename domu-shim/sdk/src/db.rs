@@ -1,0 +1,97 @@
+//! The database API a handler sees.
+//!
+//! Every operation is forwarded to the agent, which checks it against the policy engine and
+//! serves it from the ledger: reads see committed data plus this transaction's own writes;
+//! writes are buffered and become visible to others only if the transaction commits. The
+//! agent may refuse an operation; the refusal arrives as a [`DbError`] carrying the agent's
+//! message, and usually means the transaction will be aborted whatever the handler does.
+
+/// A database operation failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DbError {
+    /// The policy engine denied the operation (a capability the handler does not have, a
+    /// honeytoken, ...). The agent treats this as a possible attack.
+    #[error("denied by policy: {message}")]
+    Denied {
+        /// The agent's message.
+        message: String,
+    },
+    /// A limit was exceeded (operations, bytes, rate).
+    #[error("limit exceeded: {message}")]
+    LimitExceeded {
+        /// The agent's message.
+        message: String,
+    },
+    /// The request was malformed: a key or value over its cap, an empty key, a bad scan
+    /// limit (checked locally before anything is sent), or refused as such by the agent.
+    #[error("bad request: {message}")]
+    BadRequest {
+        /// What was wrong.
+        message: String,
+    },
+    /// The agent failed internally, or answered with an error code this SDK does not know.
+    #[error("agent error: {message}")]
+    Internal {
+        /// The agent's message.
+        message: String,
+    },
+    /// The request or its answer did not get through: ring failure, timeout, or an answer
+    /// of the wrong kind. The transaction cannot go on.
+    #[error("transport failure: {message}")]
+    Transport {
+        /// What failed.
+        message: String,
+    },
+}
+
+/// The result of [`Db::scan`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Scan {
+    /// Key/value pairs in ascending key order.
+    pub entries: Vec<(Vec<u8>, Vec<u8>)>,
+    /// Whether the range holds more entries than were returned (ask again from the key
+    /// after the last one).
+    pub more: bool,
+}
+
+/// Severity of a handler's log line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum LogLevel {
+    /// Errors.
+    Error,
+    /// Warnings.
+    Warn,
+    /// Information.
+    Info,
+    /// Debugging.
+    Debug,
+    /// Tracing.
+    Trace,
+}
+
+/// The data a handler can reach: a key-value store with ordered keys.
+///
+/// Keys are 1..=[`crate::limits::MAX_KEY_LEN`] bytes, values 0..=[`crate::limits::MAX_VALUE_LEN`] bytes;
+/// implementations refuse anything else with [`DbError::BadRequest`] (see
+/// [`crate::limits::check_key`]).
+pub trait Db {
+    /// The value of `key`, or `None` if it is absent.
+    fn get(&mut self, key: &[u8]) -> Result<Option<Vec<u8>>, DbError>;
+
+    /// Sets `key` to `value`.
+    fn put(&mut self, key: &[u8], value: &[u8]) -> Result<(), DbError>;
+
+    /// Removes `key` (no error if it is absent).
+    fn delete(&mut self, key: &[u8]) -> Result<(), DbError>;
+
+    /// Up to `limit` (1..=[`crate::limits::MAX_SCAN_LIMIT`]) entries with `start <= key < end`
+    /// (`end = None`: no upper bound; an empty `start`: from the first key), in key order.
+    /// An answer may hold fewer than `limit` entries with `more` set (the agent caps one
+    /// answer's size); ask again from the key after the last one.
+    fn scan(&mut self, start: &[u8], end: Option<&[u8]>, limit: u32) -> Result<Scan, DbError>;
+
+    /// Sends a log line to the agent. Control characters are replaced and the line is cut
+    /// to [`crate::limits::MAX_LOG_LINE_LEN`] bytes (see [`crate::limits::sanitize_text`]). The agent may
+    /// drop lines beyond a per-transaction allowance.
+    fn log(&mut self, level: LogLevel, line: &str) -> Result<(), DbError>;
+}
