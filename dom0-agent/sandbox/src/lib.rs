@@ -1,1 +1,56 @@
-//! Placeholder: being written.
+//! Mayfly's sandbox domain backend: the embedded default where there is no Xen.
+//!
+//! **This is process isolation, not hardware virtualization.** A "domain" here is a Linux
+//! process forked from a paused, fully initialised zygote (a copy-on-write clone of a
+//! template), confined by namespaces, an empty chroot, an unprivileged uid, resource limits
+//! and a seccomp allowlist. It shares the host kernel: a kernel vulnerability reachable
+//! through the few allowed system calls is an escape. The Xen backend is the product; this
+//! backend runs the same ring protocol, shim, handlers, ledger and policy code.
+//!
+//! ```text
+//!  agent (multi-threaded)                          zygote (single-threaded, exec'd)
+//!  Sandbox::start ── socketpair, fork+exec ───────▶ new net/mnt/ipc/uts namespaces,
+//!     │               (pre_exec: PDEATHSIG,         own process group, empty chroot,
+//!     │                unshare)                     blocks on the control socket
+//!     │  refill thread:                                    │
+//!     │  memfd ring + eventfds ── Clone (SCM_RIGHTS) ─────▶ fork ──▶ clone: fds 3-5,
+//!     │  ◀────────────── Spawned + pidfd (SCM_RIGHTS) ─────┘          rlimits, uid 65534,
+//!     │  ◀══════ ring: Ready ═══════════════════════════════════════ seccomp, child(ring)
+//!     │  pool ──take()──▶ SandboxDomain ══ Start / requests / Commit ══▶
+//!     │                   destroy(): pidfd_send_signal(SIGKILL), wait pidfd + report
+//!     │  supervisor thread ◀── Exited / Killed / Stopped (code, signal, CPU) ── zygote
+//! ```
+//!
+//! The pieces, by module:
+//! - [`config`]: [`SandboxConfig`] and [`Limits`], with their defaults;
+//! - [`zygote`]: [`zygote_main`] / [`zygote_main_with`], which the agent's binary calls in its
+//!   hidden `sandbox-zygote` subcommand, and the confinement of each clone;
+//! - [`seccomp`]: the allowlist;
+//! - [`backend`]: [`Sandbox`] (the [`mayfly_domain::DomainBackend`]) and [`SandboxDomain`];
+//! - [`reconcile`]: removal of a previous run's leftovers at start-up;
+//! - `proto`, `spawn`, `clone`, `sys`: the control protocol, spawning the zygote, one clone
+//!   seen from the agent, raw system calls.
+//!
+//! `unsafe` is allowed in this crate only, narrowly (`fork`, `pre_exec`, fds received with
+//! `SCM_RIGHTS`, pidfd system calls), each block with its `SAFETY` argument. See `README.md`
+//! for what is isolated by what and how it maps to the Xen backend.
+
+pub mod backend;
+mod clone;
+pub mod config;
+mod proto;
+pub mod reconcile;
+pub mod seccomp;
+pub mod spawn;
+mod sys;
+pub mod zygote;
+
+pub use backend::{CreateError, Sandbox, SandboxDomain, SandboxError, BACKEND};
+pub use clone::CloneError;
+pub use config::{ConfigError, Limits, SandboxConfig};
+pub use proto::{ProtoError, Stage};
+pub use reconcile::{ReconcileError, ReconcileReport};
+pub use spawn::SpawnError;
+pub use zygote::{
+    control_fd_from_env, zygote_main, zygote_main_with, ChildRing, ZygoteError, CONTROL_FD_ENV,
+};

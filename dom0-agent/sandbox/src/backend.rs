@@ -1,0 +1,1077 @@
+//! The agent side: [`Sandbox`] (a [`DomainBackend`]) and [`SandboxDomain`] (a [`Domain`]).
+//!
+//! Threads, one per role, blocking I/O:
+//!
+//! ```text
+//!  supervisor ── spawns the zygote (PR_SET_PDEATHSIG follows this thread), then reads the
+//!                control socket: Spawned → registers the clone and hands it to its creator,
+//!                Exited/Killed/Stopped → records it in the clone's cell; on EOF marks
+//!                every clone lost and reaps the zygote.
+//!  refill     ── keeps `pool_size` clones at their ready point: memfd ring + eventfds →
+//!                Clone request → pidfd → waits for the guest's `Ready` → pool.
+//!  callers    ── take() hands out a ready clone; destroy()/Drop kill it through its pidfd.
+//! ```
+
+use std::collections::{HashMap, VecDeque};
+use std::fs;
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::fs::PermissionsExt;
+use std::path::PathBuf;
+use std::process::Child;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::mpsc::{self, RecvTimeoutError, SyncSender};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use mayfly_domain::{
+    Domain, DomainBackend, DomainError, DomainExit, DomainId, PoolStats, Quarantined, Ring,
+};
+use mayfly_ring::wire::PROTOCOL_VERSION;
+use mayfly_ring::{Backend, EventFdNotifier, MmapMem, Notifier, Request, RingError, SharedMem};
+use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
+use slog::{debug, error, info, warn, Logger};
+
+use crate::clone::{CloneCell, CloneError, CloneHandle, CloneNotifier, Ctx, ExitRecord, Status};
+use crate::config::{ConfigError, SandboxConfig};
+use crate::proto::{self, Msg, ProtoError, Settings, Stage, MAX_ROOT_PATH, SETUP_EXIT_BASE};
+use crate::reconcile::{self, ReconcileError};
+use crate::spawn::{self, SpawnError};
+use crate::sys;
+
+/// The backend's name.
+pub const BACKEND: &str = "sandbox";
+/// Name of the zygote's (empty) root directory in `run_dir`.
+pub const ROOT_DIR: &str = "sandbox-root";
+/// How long shutdown waits for the zygote to exit before killing it.
+const ZYGOTE_EXIT_WAIT: Duration = Duration::from_secs(5);
+/// How long quarantine waits for the zygote to see the clone stopped.
+const STOP_WAIT: Duration = Duration::from_secs(5);
+/// Back-off bounds of the refill thread after a failed clone.
+const BACKOFF_MIN: Duration = Duration::from_millis(50);
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+
+/// The sandbox could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum SandboxError {
+    /// The configuration was refused.
+    #[error("sandbox configuration")]
+    Config(#[from] ConfigError),
+    /// `run_dir` or the root directory could not be prepared.
+    #[error("preparing {path:?} failed")]
+    RunDir {
+        /// The path.
+        path: PathBuf,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The reconciler failed.
+    #[error("reconciling leftovers of a previous run failed")]
+    Reconcile(#[from] ReconcileError),
+    /// The control socketpair could not be created.
+    #[error("socketpair(AF_UNIX, SOCK_SEQPACKET) failed")]
+    Socket(#[source] nix::errno::Errno),
+    /// A thread could not be started.
+    #[error("starting the {role} thread failed")]
+    Thread {
+        /// Which thread.
+        role: &'static str,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The zygote could not be spawned.
+    #[error(transparent)]
+    Spawn(#[from] SpawnError),
+    /// Talking to the zygote failed during start-up.
+    #[error("zygote (pid {pid}) control protocol")]
+    Control {
+        /// Zygote pid.
+        pid: u32,
+        /// The failure.
+        #[source]
+        source: ProtoError,
+    },
+    /// The zygote reported a failed start-up step.
+    #[error("zygote (pid {pid}): {} failed (errno {errno}: {})", stage_name(*stage), std::io::Error::from_raw_os_error(*errno))]
+    ZygoteInit {
+        /// Zygote pid.
+        pid: u32,
+        /// The stage number (see [`Stage`]).
+        stage: u32,
+        /// The errno.
+        errno: i32,
+    },
+    /// The zygote exited or went silent before reporting ready.
+    #[error("zygote (pid {pid}) did not become ready within {waited:?} (exit status: {status})")]
+    ZygoteNotReady {
+        /// Zygote pid.
+        pid: u32,
+        /// The wait.
+        waited: Duration,
+        /// Its exit status, if it exited.
+        status: String,
+    },
+    /// Opening the zygote's pidfd failed.
+    #[error("pidfd_open of the zygote (pid {pid}) failed")]
+    ZygotePidfd {
+        /// Zygote pid.
+        pid: u32,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+fn stage_name(stage: u32) -> &'static str {
+    Stage::from_u32(stage).map_or("unknown stage", Stage::name)
+}
+
+/// A clone could not be created or did not reach its ready point.
+#[derive(Debug, thiserror::Error)]
+pub enum CreateError {
+    /// The ring's memfd could not be created or mapped.
+    #[error("clone {clone_id}: creating the ring memfd failed")]
+    Memfd {
+        /// Clone id.
+        clone_id: u32,
+        /// The failure.
+        #[source]
+        source: mayfly_ring::mem::MapError,
+    },
+    /// Initialising the ring or its eventfds failed.
+    #[error("clone {clone_id}: initialising the ring failed")]
+    Ring {
+        /// Clone id.
+        clone_id: u32,
+        /// The failure.
+        #[source]
+        source: RingError,
+    },
+    /// Creating the eventfds failed.
+    #[error("clone {clone_id}: creating the eventfds failed")]
+    Eventfd {
+        /// Clone id.
+        clone_id: u32,
+        /// The failure.
+        #[source]
+        source: mayfly_ring::notify::NotifyError,
+    },
+    /// Sending the Clone request failed.
+    #[error("clone {clone_id}: sending the Clone request failed")]
+    Send {
+        /// Clone id.
+        clone_id: u32,
+        /// The failure.
+        #[source]
+        source: ProtoError,
+    },
+    /// The zygote could not fork it.
+    #[error("clone {clone_id}: the zygote's {} failed (errno {errno})", stage_name(*stage))]
+    Spawn {
+        /// Clone id.
+        clone_id: u32,
+        /// Stage number.
+        stage: u32,
+        /// The errno.
+        errno: i32,
+    },
+    /// The zygote did not answer the Clone request in time.
+    #[error("clone {clone_id}: no answer from the zygote within {waited:?}")]
+    SpawnTimeout {
+        /// Clone id.
+        clone_id: u32,
+        /// The wait.
+        waited: Duration,
+    },
+    /// The zygote is gone.
+    #[error("clone {clone_id}: the zygote is gone")]
+    ZygoteGone {
+        /// Clone id.
+        clone_id: u32,
+    },
+    /// The guest did not send `Ready` in time.
+    #[error("clone {clone_id} (pid {pid}): no Ready within {waited:?}")]
+    ReadyTimeout {
+        /// Clone id.
+        clone_id: u32,
+        /// Host pid.
+        pid: i32,
+        /// The wait.
+        waited: Duration,
+    },
+    /// The guest sent something other than a valid `Ready`, or broke the ring protocol.
+    #[error("clone {clone_id} (pid {pid}): bad first request: {what}")]
+    NotReady {
+        /// Clone id.
+        clone_id: u32,
+        /// Host pid.
+        pid: i32,
+        /// What arrived.
+        what: String,
+    },
+    /// The ring failed while waiting for `Ready`.
+    #[error("clone {clone_id} (pid {pid}): waiting for Ready failed")]
+    ReadyRing {
+        /// Clone id.
+        clone_id: u32,
+        /// Host pid.
+        pid: i32,
+        /// The failure.
+        #[source]
+        source: RingError,
+    },
+    /// The clone died before `Ready`.
+    #[error("clone {clone_id} (pid {pid}) ended before Ready: {exit}{}", setup_hint(*exit))]
+    Died {
+        /// Clone id.
+        clone_id: u32,
+        /// Host pid.
+        pid: i32,
+        /// How it ended.
+        exit: DomainExit,
+    },
+    /// Killing or reaping it failed.
+    #[error(transparent)]
+    Clone(#[from] CloneError),
+}
+
+fn setup_hint(exit: DomainExit) -> String {
+    match exit {
+        DomainExit::Exited { code } if code > SETUP_EXIT_BASE => {
+            let stage = u32::try_from(code.saturating_sub(SETUP_EXIT_BASE)).unwrap_or(0);
+            format!(" (confinement step {} failed)", stage_name(stage))
+        }
+        _ => String::new(),
+    }
+}
+
+type SpawnReply = Result<Arc<CloneCell>, (u32, i32)>;
+
+struct PoolState {
+    ready: VecDeque<CloneHandle>,
+    in_use: usize,
+    quarantined: Vec<(Quarantined, CloneHandle)>,
+    shut_down: bool,
+    zygote_gone: bool,
+}
+
+/// What every thread of one sandbox shares.
+struct Shared {
+    config: SandboxConfig,
+    logger: Logger,
+    ctx: Arc<Ctx>,
+    control: OwnedFd,
+    state: Mutex<PoolState>,
+    changed: Condvar,
+    /// Clones forked and not yet reported ended, by id.
+    registry: Mutex<HashMap<u32, Arc<CloneCell>>>,
+    /// Clone requests awaiting the zygote's answer, by id.
+    pending: Mutex<HashMap<u32, SyncSender<SpawnReply>>>,
+    next_id: AtomicU32,
+    created: AtomicU64,
+    failed: AtomicU64,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Shared {
+    fn pool(&self) -> MutexGuard<'_, PoolState> {
+        lock(&self.state)
+    }
+
+    fn domain_error(
+        &self,
+        id: DomainId,
+        e: impl std::error::Error + Send + Sync + 'static,
+    ) -> DomainError {
+        DomainError::Control {
+            backend: BACKEND,
+            id,
+            source: Box::new(e),
+        }
+    }
+}
+
+struct Threads {
+    supervisor: JoinHandle<()>,
+    refill: JoinHandle<()>,
+}
+
+/// The sandbox domain backend: a zygote and its pool of ready clones.
+///
+/// Process isolation, **not** hardware virtualization: see the crate docs for what is
+/// isolated by what.
+pub struct Sandbox {
+    shared: Arc<Shared>,
+    threads: Mutex<Option<Threads>>,
+    zygote_pid: u32,
+    zygote_pidfd: OwnedFd,
+}
+
+impl std::fmt::Debug for Sandbox {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Sandbox")
+            .field("zygote_pid", &self.zygote_pid)
+            .field("stats", &self.stats())
+            .finish_non_exhaustive()
+    }
+}
+
+struct Started {
+    pid: u32,
+    pidfd: OwnedFd,
+}
+
+impl Sandbox {
+    /// Removes leftovers of a previous run, spawns the zygote, waits until it is ready and
+    /// starts filling the pool (in the background: use [`Sandbox::wait_ready`] to wait).
+    pub fn start(config: SandboxConfig, logger: Logger) -> Result<Sandbox, SandboxError> {
+        config.validate()?;
+        let root = config.run_dir.join(ROOT_DIR);
+        if root.as_os_str().len() > MAX_ROOT_PATH {
+            return Err(SandboxError::RunDir {
+                path: root,
+                source: std::io::Error::from_raw_os_error(libc::ENAMETOOLONG),
+            });
+        }
+        for dir in [&config.run_dir, &root] {
+            fs::create_dir_all(dir).map_err(|source| SandboxError::RunDir {
+                path: dir.clone(),
+                source,
+            })?;
+        }
+        fs::set_permissions(&root, fs::Permissions::from_mode(0o555)).map_err(|source| {
+            SandboxError::RunDir {
+                path: root.clone(),
+                source,
+            }
+        })?;
+        reconcile::reconcile(&config, &logger)?;
+
+        let (agent_end, zygote_end) = socketpair(
+            AddressFamily::Unix,
+            SockType::SeqPacket,
+            None,
+            SockFlag::SOCK_CLOEXEC,
+        )
+        .map_err(SandboxError::Socket)?;
+        let ctx = Arc::new(Ctx {
+            logger: logger.clone(),
+            cpu_limit: config.limits.cpu_seconds,
+            destroyed: AtomicU64::new(0),
+        });
+        let settings = Settings {
+            limits: config.limits,
+            uid: config.uid,
+            gid: config.gid,
+            guest_stderr: config.guest_stderr,
+            root,
+        };
+        let shared = Arc::new(Shared {
+            config,
+            logger,
+            ctx,
+            control: agent_end,
+            state: Mutex::new(PoolState {
+                ready: VecDeque::new(),
+                in_use: 0,
+                quarantined: Vec::new(),
+                shut_down: false,
+                zygote_gone: false,
+            }),
+            changed: Condvar::new(),
+            registry: Mutex::new(HashMap::new()),
+            pending: Mutex::new(HashMap::new()),
+            next_id: AtomicU32::new(1),
+            created: AtomicU64::new(0),
+            failed: AtomicU64::new(0),
+        });
+
+        let (started_tx, started_rx) = mpsc::channel();
+        let sup_shared = Arc::clone(&shared);
+        let supervisor = std::thread::Builder::new()
+            .name("sandbox-zygote".into())
+            .spawn(move || supervise(sup_shared, zygote_end, settings, started_tx))
+            .map_err(|source| SandboxError::Thread {
+                role: "supervisor",
+                source,
+            })?;
+        let started = match started_rx.recv() {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => {
+                let _ = supervisor.join();
+                return Err(e);
+            }
+            Err(_) => {
+                let _ = supervisor.join();
+                return Err(SandboxError::ZygoteNotReady {
+                    pid: 0,
+                    waited: shared.config.ready_timeout,
+                    status: "supervisor thread ended".into(),
+                });
+            }
+        };
+        let pid = i32::try_from(started.pid).unwrap_or(i32::MAX);
+        if let Err(e) = reconcile::record(&shared.config.run_dir, pid) {
+            let _ = sys::pidfd_send_signal(started.pidfd.as_fd(), libc::SIGKILL);
+            let _ = supervisor.join();
+            return Err(e.into());
+        }
+        let refill_shared = Arc::clone(&shared);
+        let refill = match std::thread::Builder::new()
+            .name("sandbox-refill".into())
+            .spawn(move || refill(refill_shared))
+        {
+            Ok(r) => r,
+            Err(source) => {
+                let _ = sys::pidfd_send_signal(started.pidfd.as_fd(), libc::SIGKILL);
+                let _ = supervisor.join();
+                let _ = reconcile::clear(&shared.config.run_dir);
+                return Err(SandboxError::Thread {
+                    role: "refill",
+                    source,
+                });
+            }
+        };
+        info!(shared.logger, "sandbox started";
+            "zygote_pid" => started.pid, "pool_size" => shared.config.pool_size,
+            "isolation" => "process (namespaces, chroot, uid, rlimits, seccomp); not a VM");
+        Ok(Sandbox {
+            shared,
+            threads: Mutex::new(Some(Threads { supervisor, refill })),
+            zygote_pid: started.pid,
+            zygote_pidfd: started.pidfd,
+        })
+    }
+
+    /// The zygote's host pid (also its process group).
+    pub fn zygote_pid(&self) -> u32 {
+        self.zygote_pid
+    }
+
+    /// Waits up to `timeout` until at least `count` clones are ready. Returns whether they are.
+    pub fn wait_ready(&self, count: usize, timeout: Duration) -> bool {
+        let deadline = Instant::now().checked_add(timeout);
+        let mut state = self.shared.pool();
+        loop {
+            if state.ready.len() >= count {
+                return true;
+            }
+            if state.shut_down || state.zygote_gone {
+                return false;
+            }
+            let left = deadline.map_or(timeout, |d| d.saturating_duration_since(Instant::now()));
+            if left.is_zero() {
+                return false;
+            }
+            state = self
+                .shared
+                .changed
+                .wait_timeout(state, left)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+    }
+
+    /// Like [`DomainBackend::take`], returning the concrete type (which tells its host pid).
+    pub fn take_clone(&self, timeout: Duration) -> Result<SandboxDomain, DomainError> {
+        let deadline = Instant::now().checked_add(timeout);
+        let mut state = self.shared.pool();
+        loop {
+            if state.shut_down {
+                return Err(DomainError::ShutDown { backend: BACKEND });
+            }
+            // Once the zygote has died, its pooled clones are dying too (PR_SET_PDEATHSIG),
+            // even if the supervisor has not seen the socket close yet.
+            let zygote_dead =
+                sys::pidfd_exited(self.zygote_pidfd.as_fd(), Duration::ZERO).unwrap_or(true);
+            if state.zygote_gone || zygote_dead {
+                return Err(DomainError::Create {
+                    backend: BACKEND,
+                    source: Box::new(CreateError::ZygoteGone { clone_id: 0 }),
+                });
+            }
+            if state.in_use < self.shared.config.max_in_use {
+                if let Some(handle) = state.ready.pop_front() {
+                    // A pooled clone that died meanwhile is discarded, not handed out.
+                    if handle.cell.exited_within(Duration::ZERO).unwrap_or(true) {
+                        drop(state);
+                        warn!(self.shared.logger, "a ready clone died in the pool";
+                            "clone_id" => handle.cell.id, "pid" => handle.cell.pid);
+                        drop(handle);
+                        self.shared.changed.notify_all();
+                        state = self.shared.pool();
+                        continue;
+                    }
+                    state.in_use = state.in_use.saturating_add(1);
+                    drop(state);
+                    self.shared.changed.notify_all(); // the refill thread tops up
+                    debug!(self.shared.logger, "clone taken";
+                        "clone_id" => handle.cell.id, "pid" => handle.cell.pid);
+                    return Ok(SandboxDomain {
+                        handle: Some(handle),
+                        shared: Arc::clone(&self.shared),
+                    });
+                }
+            }
+            let left = deadline.map_or(timeout, |d| d.saturating_duration_since(Instant::now()));
+            if left.is_zero() {
+                return Err(DomainError::Exhausted {
+                    backend: BACKEND,
+                    waited: timeout,
+                });
+            }
+            state = self
+                .shared
+                .changed
+                .wait_timeout(state, left)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+    }
+
+    /// The quarantined clones, kept stopped for forensics.
+    pub fn quarantined(&self) -> Vec<Quarantined> {
+        self.shared
+            .pool()
+            .quarantined
+            .iter()
+            .map(|(q, _)| q.clone())
+            .collect()
+    }
+
+    /// Destroys a quarantined clone (after forensics). `Ok(None)`: no such clone.
+    pub fn release_quarantined(&self, id: DomainId) -> Result<Option<DomainExit>, DomainError> {
+        let entry = {
+            let mut state = self.shared.pool();
+            let index = state.quarantined.iter().position(|(q, _)| q.id == id);
+            index.map(|i| state.quarantined.swap_remove(i))
+        };
+        let Some((_, mut handle)) = entry else {
+            return Ok(None);
+        };
+        handle
+            .terminate()
+            .map(Some)
+            .map_err(|e| self.shared.domain_error(id, e))
+    }
+}
+
+impl DomainBackend for Sandbox {
+    fn name(&self) -> &'static str {
+        BACKEND
+    }
+
+    fn take(&self, timeout: Duration) -> Result<Box<dyn Domain>, DomainError> {
+        self.take_clone(timeout)
+            .map(|d| Box::new(d) as Box<dyn Domain>)
+    }
+
+    fn stats(&self) -> PoolStats {
+        let state = self.shared.pool();
+        PoolStats {
+            ready: state.ready.len(),
+            in_use: state.in_use,
+            created: self.shared.created.load(Ordering::Relaxed),
+            destroyed: self.shared.ctx.destroyed.load(Ordering::Relaxed),
+            failed: self.shared.failed.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Kills every clone (ready, in use, quarantined, being created) and the zygote, and
+    /// waits until they are gone. Domains still held by callers report
+    /// [`mayfly_ring::Wake::PeerGone`] and then `Destroyed`.
+    fn shutdown(&self) {
+        let Some(threads) = lock(&self.threads).take() else {
+            return;
+        };
+        let shared = &self.shared;
+        info!(shared.logger, "sandbox shutting down"; "zygote_pid" => self.zygote_pid);
+        let (ready, quarantined) = {
+            let mut state = shared.pool();
+            state.shut_down = true;
+            (
+                std::mem::take(&mut state.ready),
+                std::mem::take(&mut state.quarantined),
+            )
+        };
+        shared.changed.notify_all();
+        for cell in lock(&shared.registry).values() {
+            if let Err(e) = cell.kill() {
+                error!(shared.logger, "killing a clone at shutdown failed"; "error" => %e);
+            }
+        }
+        // The zygote kills and reaps whatever is left (clones forked meanwhile) and exits. A
+        // zygote that does not read its socket any more is killed below instead.
+        let _ = proto::send_nowait(shared.control.as_fd(), &Msg::Shutdown);
+        if !sys::pidfd_exited(self.zygote_pidfd.as_fd(), ZYGOTE_EXIT_WAIT).unwrap_or(false) {
+            warn!(shared.logger, "zygote did not exit; killing it"; "zygote_pid" => self.zygote_pid);
+            let _ = sys::pidfd_send_signal(self.zygote_pidfd.as_fd(), libc::SIGKILL);
+        }
+        let _ = threads.supervisor.join();
+        let _ = threads.refill.join();
+        drop(ready);
+        drop(quarantined);
+        if let Err(e) = reconcile::clear(&shared.config.run_dir) {
+            warn!(shared.logger, "removing the pgid file failed"; "error" => %e);
+        }
+        info!(shared.logger, "sandbox shut down"; "stats" => ?self.stats());
+    }
+}
+
+impl Drop for Sandbox {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+/// The supervisor thread: spawns the zygote, reports start-up, then dispatches its reports.
+fn supervise(
+    shared: Arc<Shared>,
+    zygote_end: OwnedFd,
+    settings: Settings,
+    started: mpsc::Sender<Result<Started, SandboxError>>,
+) {
+    let mut child = match spawn::spawn_zygote(&shared.config, &zygote_end) {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = started.send(Err(e.into()));
+            return;
+        }
+    };
+    drop(zygote_end);
+    let pid = child.id();
+    match handshake(&shared, &mut child, settings) {
+        Ok(pidfd) => {
+            if started.send(Ok(Started { pid, pidfd })).is_err() {
+                let _ = child.kill();
+            }
+        }
+        Err(e) => {
+            let _ = child.kill();
+            let _ = child.wait();
+            let _ = started.send(Err(e));
+            return;
+        }
+    }
+    drop(started);
+    loop {
+        match proto::recv(shared.control.as_fd()) {
+            Ok(Some((msg, fds))) => dispatch(&shared, msg, fds),
+            Ok(None) => break,
+            Err(e @ (ProtoError::Malformed { .. } | ProtoError::FdCount { .. })) => {
+                error!(shared.logger, "refused a message from the zygote"; "error" => %e);
+            }
+            Err(e) => {
+                error!(shared.logger, "reading the zygote's control socket failed"; "error" => %e);
+                let _ = child.kill();
+                break;
+            }
+        }
+    }
+    zygote_gone(&shared);
+    let status = child.wait();
+    let level_shutdown = shared.pool().shut_down;
+    if level_shutdown {
+        debug!(shared.logger, "zygote exited"; "zygote_pid" => pid, "status" => ?status);
+    } else {
+        error!(shared.logger, "zygote exited unexpectedly; the sandbox can create no more clones";
+            "zygote_pid" => pid, "status" => ?status);
+    }
+}
+
+/// Sends Configure and waits for Ready; returns the zygote's pidfd.
+fn handshake(
+    shared: &Shared,
+    child: &mut Child,
+    settings: Settings,
+) -> Result<OwnedFd, SandboxError> {
+    let pid = child.id();
+    // Opened before anything could reap the zygote, so it names this process.
+    let pidfd = sys::pidfd_open(i32::try_from(pid).unwrap_or(i32::MAX))
+        .map_err(|source| SandboxError::ZygotePidfd { pid, source })?;
+    let control = |source| SandboxError::Control { pid, source };
+    proto::send(shared.control.as_fd(), &Msg::Configure(settings), &[]).map_err(control)?;
+    let waited = shared.config.ready_timeout;
+    let [readable] = sys::wait_readable([shared.control.as_fd()], Some(waited)).map_err(|e| {
+        control(ProtoError::Recv(nix::errno::Errno::from_raw(
+            e.raw_os_error().unwrap_or(0),
+        )))
+    })?;
+    let not_ready = |child: &mut Child| SandboxError::ZygoteNotReady {
+        pid,
+        waited,
+        status: match child.try_wait() {
+            Ok(Some(s)) => s.to_string(),
+            _ => "still running".into(),
+        },
+    };
+    if !readable {
+        return Err(not_ready(child));
+    }
+    match proto::recv(shared.control.as_fd()).map_err(control)? {
+        Some((Msg::Ready { .. }, _)) => Ok(pidfd),
+        Some((Msg::InitFailed { stage, errno }, _)) => {
+            Err(SandboxError::ZygoteInit { pid, stage, errno })
+        }
+        Some(_) => Err(control(ProtoError::Malformed {
+            what: "expected Ready",
+            len: 0,
+        })),
+        None => {
+            let _ = sys::pidfd_exited(pidfd.as_fd(), waited);
+            Err(not_ready(child))
+        }
+    }
+}
+
+fn dispatch(shared: &Shared, msg: Msg, fds: Vec<OwnedFd>) {
+    match msg {
+        Msg::Spawned { clone_id, pid } => {
+            let Some(pidfd) = fds.into_iter().next() else {
+                return; // unreachable: `proto::recv` checked the count
+            };
+            let cell = Arc::new(CloneCell::new(clone_id, pid, pidfd));
+            lock(&shared.registry).insert(clone_id, Arc::clone(&cell));
+            let waiter = lock(&shared.pending).remove(&clone_id);
+            let delivered = waiter.is_some_and(|tx| tx.send(Ok(Arc::clone(&cell))).is_ok());
+            if !delivered {
+                // Its creator gave up waiting: nobody will use it.
+                let _ = cell.kill();
+            }
+        }
+        Msg::SpawnFailed {
+            clone_id,
+            stage,
+            errno,
+        } => {
+            if let Some(tx) = lock(&shared.pending).remove(&clone_id) {
+                let _ = tx.send(Err((stage, errno)));
+            }
+        }
+        Msg::Exited {
+            clone_id,
+            code,
+            cpu_ms,
+            ..
+        } => finished(shared, clone_id, Status::Exited(code), cpu_ms),
+        Msg::Killed {
+            clone_id,
+            signal,
+            cpu_ms,
+            ..
+        } => finished(shared, clone_id, Status::Signaled(signal), cpu_ms),
+        Msg::Stopped { clone_id, .. } => {
+            if let Some(cell) = lock(&shared.registry).get(&clone_id) {
+                cell.record_stop();
+            }
+        }
+        other => {
+            warn!(shared.logger, "unexpected message from the zygote"; "message" => ?other);
+        }
+    }
+}
+
+fn finished(shared: &Shared, clone_id: u32, status: Status, cpu_ms: u32) {
+    let cell = lock(&shared.registry).remove(&clone_id);
+    if let Some(cell) = cell {
+        cell.record_exit(ExitRecord {
+            status,
+            cpu: Duration::from_millis(cpu_ms.into()),
+        });
+    }
+}
+
+/// The zygote is gone: no clone will be reported any more, none can be created.
+fn zygote_gone(shared: &Shared) {
+    shared.pool().zygote_gone = true;
+    for (_, cell) in lock(&shared.registry).drain() {
+        cell.record_exit(ExitRecord {
+            status: Status::Lost,
+            cpu: Duration::ZERO,
+        });
+    }
+    lock(&shared.pending).clear();
+    shared.changed.notify_all();
+}
+
+/// The refill thread: keeps `pool_size` clones ready.
+fn refill(shared: Arc<Shared>) {
+    let mut backoff = BACKOFF_MIN;
+    loop {
+        {
+            let mut state = shared.pool();
+            while !state.shut_down
+                && !state.zygote_gone
+                && state.ready.len() >= shared.config.pool_size
+            {
+                state = shared
+                    .changed
+                    .wait(state)
+                    .unwrap_or_else(|p| p.into_inner());
+            }
+            if state.shut_down || state.zygote_gone {
+                return;
+            }
+        }
+        let started = Instant::now();
+        match create(&shared) {
+            Ok(mut handle) => {
+                handle.ready = true;
+                shared.created.fetch_add(1, Ordering::Relaxed);
+                debug!(shared.logger, "clone ready";
+                    "clone_id" => handle.cell.id, "pid" => handle.cell.pid,
+                    "micros" => started.elapsed().as_micros());
+                let mut state = shared.pool();
+                if state.shut_down {
+                    drop(state);
+                    drop(handle);
+                    return;
+                }
+                state.ready.push_back(handle);
+                drop(state);
+                shared.changed.notify_all();
+                backoff = BACKOFF_MIN;
+            }
+            Err(e) => {
+                shared.failed.fetch_add(1, Ordering::Relaxed);
+                let state = shared.pool();
+                if state.shut_down {
+                    return;
+                }
+                error!(shared.logger, "creating a clone failed"; "error" => %ErrorChain(&e),
+                    "retry_in_ms" => backoff.as_millis());
+                // Back off (a retry delay, woken early by shutdown).
+                let _ = shared.changed.wait_timeout(state, backoff);
+                backoff = backoff.saturating_mul(2).min(BACKOFF_MAX);
+            }
+        }
+    }
+}
+
+/// Displays an error with its sources.
+struct ErrorChain<'a>(&'a dyn std::error::Error);
+
+impl std::fmt::Display for ErrorChain<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0)?;
+        let mut source = self.0.source();
+        while let Some(s) = source {
+            write!(f, ": {s}")?;
+            source = s.source();
+        }
+        Ok(())
+    }
+}
+
+/// Creates one clone and waits for its `Ready`.
+fn create(shared: &Shared) -> Result<CloneHandle, CreateError> {
+    let clone_id = shared.next_id.fetch_add(1, Ordering::Relaxed);
+    let geometry = shared.config.geometry;
+    let len = geometry.total_len();
+    let mem = Arc::new(
+        MmapMem::memfd(c"mayfly-sandbox-ring", len)
+            .map_err(|source| CreateError::Memfd { clone_id, source })?,
+    );
+    let ring: Ring = Backend::new(Arc::clone(&mem) as Arc<dyn SharedMem>, geometry)
+        .map_err(|source| CreateError::Ring { clone_id, source })?;
+    let (agent_bell, guest_bell) =
+        EventFdNotifier::pair().map_err(|source| CreateError::Eventfd { clone_id, source })?;
+    let memfd = mem.fd().ok_or(CreateError::Memfd {
+        clone_id,
+        source: mayfly_ring::mem::MapError::BadLength { len },
+    })?;
+    let ring_len = u32::try_from(len).map_err(|_| CreateError::Memfd {
+        clone_id,
+        source: mayfly_ring::mem::MapError::BadLength { len },
+    })?;
+
+    let (tx, rx) = mpsc::sync_channel(1);
+    lock(&shared.pending).insert(clone_id, tx);
+    let request = Msg::Clone { clone_id, ring_len };
+    let sent = proto::send(
+        shared.control.as_fd(),
+        &request,
+        &[memfd, guest_bell.signal_fd(), guest_bell.wait_fd()],
+    );
+    // The guest's ends now live in the zygote (and the clone) only.
+    drop(guest_bell);
+    if let Err(source) = sent {
+        lock(&shared.pending).remove(&clone_id);
+        return Err(CreateError::Send { clone_id, source });
+    }
+    let deadline = Instant::now().checked_add(shared.config.ready_timeout);
+    let waited = shared.config.ready_timeout;
+    let cell = match rx.recv_timeout(waited) {
+        Ok(Ok(cell)) => cell,
+        Ok(Err((stage, errno))) => {
+            return Err(CreateError::Spawn {
+                clone_id,
+                stage,
+                errno,
+            })
+        }
+        Err(RecvTimeoutError::Timeout) => {
+            lock(&shared.pending).remove(&clone_id);
+            return Err(CreateError::SpawnTimeout { clone_id, waited });
+        }
+        Err(RecvTimeoutError::Disconnected) => return Err(CreateError::ZygoteGone { clone_id }),
+    };
+    let pid = cell.pid;
+    let notifier = CloneNotifier::new(agent_bell, Arc::clone(&cell));
+    let mut handle = CloneHandle::new(cell, ring, notifier, Arc::clone(&shared.ctx));
+    let left = deadline.map_or(waited, |d| d.saturating_duration_since(Instant::now()));
+    match handle.ring.recv_request(&handle.notifier, Some(left)) {
+        Ok(envelope) => match envelope.body {
+            Request::Ready { protocol_version } if protocol_version == PROTOCOL_VERSION => {
+                handle.ready_id = envelope.id;
+                Ok(handle)
+            }
+            other => Err(CreateError::NotReady {
+                clone_id,
+                pid,
+                what: format!("{other:?}").chars().take(200).collect(),
+            }),
+        },
+        Err(RingError::PeerGone) => {
+            let exit = handle.terminate()?;
+            Err(CreateError::Died {
+                clone_id,
+                pid,
+                exit,
+            })
+        }
+        Err(RingError::Timeout { .. }) => Err(CreateError::ReadyTimeout {
+            clone_id,
+            pid,
+            waited,
+        }),
+        Err(source) => Err(CreateError::ReadyRing {
+            clone_id,
+            pid,
+            source,
+        }),
+    }
+}
+
+/// One clone handed out for one transaction.
+///
+/// Dropping it without [`Domain::destroy`] (a panic, an early return) destroys it too.
+pub struct SandboxDomain {
+    handle: Option<CloneHandle>,
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for SandboxDomain {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SandboxDomain")
+            .field("id", &self.id())
+            .field("pid", &self.pid())
+            .finish_non_exhaustive()
+    }
+}
+
+impl SandboxDomain {
+    fn clone_handle(&self) -> Option<&CloneHandle> {
+        self.handle.as_ref()
+    }
+
+    /// The clone's host pid.
+    pub fn pid(&self) -> u32 {
+        self.clone_handle()
+            .map_or(0, |h| u32::try_from(h.cell.pid).unwrap_or(0))
+    }
+
+    /// Gives up the in-use slot (once).
+    fn release_slot(&mut self) -> Option<CloneHandle> {
+        let handle = self.handle.take()?;
+        let mut state = self.shared.pool();
+        state.in_use = state.in_use.saturating_sub(1);
+        drop(state);
+        self.shared.changed.notify_all();
+        Some(handle)
+    }
+}
+
+impl Domain for SandboxDomain {
+    fn id(&self) -> DomainId {
+        self.clone_handle().map_or(0, |h| h.cell.id)
+    }
+
+    /// The clone's host pid.
+    fn handle(&self) -> String {
+        self.pid().to_string()
+    }
+
+    fn ready_id(&self) -> u32 {
+        self.clone_handle().map_or(0, |h| h.ready_id)
+    }
+
+    fn ring(&mut self) -> (&mut Ring, &dyn Notifier) {
+        let handle = self
+            .handle
+            .as_mut()
+            .unwrap_or_else(|| unreachable!("a SandboxDomain holds its clone until consumed"));
+        (&mut handle.ring, &handle.notifier)
+    }
+
+    fn try_exit(&mut self) -> Result<Option<DomainExit>, DomainError> {
+        let id = self.id();
+        let Some(handle) = self.handle.as_mut() else {
+            return Ok(None);
+        };
+        handle
+            .try_exit()
+            .map_err(|e| self.shared.domain_error(id, e))
+    }
+
+    fn destroy(mut self: Box<Self>) -> Result<DomainExit, DomainError> {
+        let id = self.id();
+        let Some(mut handle) = self.release_slot() else {
+            return Ok(DomainExit::Destroyed);
+        };
+        handle
+            .terminate()
+            .map_err(|e| self.shared.domain_error(id, e))
+    }
+
+    fn quarantine(mut self: Box<Self>) -> Result<Quarantined, DomainError> {
+        let id = self.id();
+        let pid = self.pid();
+        let Some(handle) = self.release_slot() else {
+            return Err(self
+                .shared
+                .domain_error(id, CreateError::ZygoteGone { clone_id: id }));
+        };
+        if let Err(e) = handle.stop(STOP_WAIT) {
+            // Not stopped: destroy it rather than keep something running (Drop does).
+            return Err(self.shared.domain_error(id, e));
+        }
+        let quarantined = Quarantined {
+            backend: BACKEND,
+            id,
+            handle: pid.to_string(),
+        };
+        warn!(self.shared.logger, "clone quarantined (stopped, kept for forensics)";
+            "clone_id" => id, "pid" => pid);
+        let mut state = self.shared.pool();
+        if state.shut_down {
+            drop(state);
+            drop(handle); // shutdown already swept the list: destroy it now
+        } else {
+            state.quarantined.push((quarantined.clone(), handle));
+        }
+        Ok(quarantined)
+    }
+}
+
+impl Drop for SandboxDomain {
+    fn drop(&mut self) {
+        // Dropping the handle kills the clone and waits until it has exited.
+        drop(self.release_slot());
+    }
+}

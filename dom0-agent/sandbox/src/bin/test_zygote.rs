@@ -1,0 +1,154 @@
+//! `mayfly-sandbox-test-zygote`: the zygote the sandbox's integration tests spawn (built only
+//! with the `test-zygote` feature).
+//!
+//! Its clones speak the ring minimally: send `Ready`, wait for `Start`, act according to
+//! `Start.handler`, and commit a result:
+//!
+//! | handler | does |
+//! |---|---|
+//! | `echo` | commits the payload |
+//! | `crash` | `abort()` |
+//! | `segv` | writes through a null pointer |
+//! | `overflow` | recurses until the stack overflows |
+//! | `panic` | panics (the clone exits with status 101) |
+//! | `loop` | spins forever |
+//! | `open` | opens `/etc/passwd` |
+//! | `socket` | TCP connect to 127.0.0.1:80 |
+//! | `spawn` | runs `/bin/sh -c true` |
+//! | `uid` | commits `"<uid> <gid>"` |
+//! | `cow` | commits what it sees of the template state, then overwrites it |
+//! | `alloc` | grows a buffer to 64 MiB, then tries to reserve 1 GiB more; commits `allocated` or `refused` |
+
+use std::os::fd::AsFd;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use mayfly_ring::wire::PROTOCOL_VERSION;
+use mayfly_ring::{EventFdNotifier, Frontend, MmapMem, Request, Response};
+use mayfly_sandbox::ChildRing;
+
+/// Template state built once in the zygote; each clone gets a copy-on-write copy.
+struct Template {
+    marker: u64,
+    pattern: Vec<u8>,
+}
+
+const TEMPLATE_MARKER: u64 = 0xC0FFEE;
+static GLOBAL: AtomicU64 = AtomicU64::new(0);
+
+fn init() -> Template {
+    Template {
+        marker: TEMPLATE_MARKER,
+        pattern: vec![0xAB; 1 << 20],
+    }
+}
+
+fn run(template: &mut Template, ring: ChildRing) -> i32 {
+    let Ok(mem) = MmapMem::from_fd(ring.ring.as_fd(), ring.ring_len) else {
+        return 10;
+    };
+    let notifier = EventFdNotifier::from_fds(ring.signal, ring.wait);
+    let Ok(mut front) = Frontend::attach(mem) else {
+        return 11;
+    };
+    let ready = Request::Ready {
+        protocol_version: PROTOCOL_VERSION,
+    };
+    let start = match front.call(&ready, &notifier, None) {
+        Ok(Response::Start(start)) => start,
+        _ => return 12,
+    };
+    let result: Vec<u8> = match start.handler.as_str() {
+        "echo" => start.payload,
+        "crash" => std::process::abort(),
+        "segv" => {
+            // SAFETY: deliberately invalid: the test wants the clone to die of SIGSEGV.
+            #[allow(unsafe_code)]
+            unsafe {
+                std::ptr::null_mut::<u8>().write_volatile(1);
+            }
+            b"survived a null write".to_vec()
+        }
+        "overflow" => {
+            let depth = recurse(std::hint::black_box(1));
+            format!("returned from depth {depth}").into_bytes()
+        }
+        "panic" => panic!("the handler panicked"),
+        "loop" => loop {
+            std::hint::spin_loop();
+        },
+        "open" => match std::fs::File::open("/etc/passwd") {
+            Ok(_) => b"opened".to_vec(),
+            Err(e) => format!("open failed: {e}").into_bytes(),
+        },
+        "socket" => match std::net::TcpStream::connect("127.0.0.1:80") {
+            Ok(_) => b"connected".to_vec(),
+            Err(e) => format!("connect failed: {e}").into_bytes(),
+        },
+        "spawn" => match std::process::Command::new("/bin/sh")
+            .args(["-c", "true"])
+            .status()
+        {
+            Ok(s) => format!("spawned: {s}").into_bytes(),
+            Err(e) => format!("spawn failed: {e}").into_bytes(),
+        },
+        "uid" => format!(
+            "{} {}",
+            nix::unistd::getuid().as_raw(),
+            nix::unistd::getgid().as_raw()
+        )
+        .into_bytes(),
+        "cow" => {
+            let seen = format!(
+                "marker={} pattern_intact={} global={}",
+                template.marker,
+                template.pattern.iter().all(|&b| b == 0xAB),
+                GLOBAL.load(Ordering::SeqCst)
+            );
+            template.marker = u64::from(ring.clone_id);
+            template.pattern.fill(0xCD);
+            GLOBAL.store(u64::from(ring.clone_id), Ordering::SeqCst);
+            seen.into_bytes()
+        }
+        "alloc" => {
+            // Grow by reallocation (glibc moves large blocks with mremap), then ask for more
+            // than RLIMIT_AS allows.
+            let mut v: Vec<u8> = Vec::new();
+            for _ in 0..(64 << 20) / 4096 {
+                v.extend_from_slice(&[1u8; 4096]);
+            }
+            match v.try_reserve_exact(1 << 30) {
+                Ok(()) => b"allocated".to_vec(),
+                Err(_) => b"refused".to_vec(),
+            }
+        }
+        _ => b"unknown handler".to_vec(),
+    };
+    let commit = Request::Commit { result };
+    match front.call(&commit, &notifier, Some(Duration::from_secs(30))) {
+        Ok(Response::Committed) => 0,
+        _ => 13,
+    }
+}
+
+/// Recursion the optimiser cannot turn into a loop.
+#[inline(never)]
+fn recurse(n: u64) -> u64 {
+    if n == 0 {
+        return 0; // never: `n` starts at 1 and the stack ends long before it wraps
+    }
+    let pad = std::hint::black_box([n; 64]);
+    let below = recurse(n.wrapping_add(1));
+    std::hint::black_box(pad[0]).wrapping_add(below)
+}
+
+fn main() {
+    let control = match mayfly_sandbox::control_fd_from_env() {
+        Ok(fd) => fd,
+        Err(e) => {
+            eprintln!("mayfly-sandbox-test-zygote: {e}");
+            std::process::exit(2);
+        }
+    };
+    mayfly_sandbox::zygote_main_with(control, init, run)
+}

@@ -1,0 +1,193 @@
+//! The sandbox's configuration: where the zygote comes from, how many clones to keep, and
+//! the limits every clone runs under.
+//!
+//! | field | default | meaning |
+//! |---|---|---|
+//! | `zygote_exe`, `zygote_args` | (required) | the executable spawned as the zygote and its arguments (the agent passes its own binary and a hidden `sandbox-zygote` subcommand) |
+//! | `run_dir` | (required) | holds `sandbox.pgid` (for the reconciler) and `sandbox-root/` (the zygote's empty root) |
+//! | `pool_size` | 4 | clones kept at their ready point |
+//! | `max_in_use` | 64 | clones handed out and not yet destroyed; `take` waits while at the cap |
+//! | `ready_timeout` | 5 s | how long a new clone (and the zygote at start) may take to become ready |
+//! | `geometry` | [`Geometry::DEFAULT`] | ring geometry |
+//! | `uid`, `gid` | 65534, 65534 | the unprivileged identity clones run as (no supplementary groups) |
+//! | `limits.memory_bytes` | 256 MiB | `RLIMIT_AS`: the clone's whole address space, including what it inherits from the zygote |
+//! | `limits.cpu_seconds` | 10 | `RLIMIT_CPU` soft limit (`SIGXCPU`); the hard limit is one second more (`SIGKILL`) |
+//! | `limits.max_fds` | 16 | `RLIMIT_NOFILE` (a clone starts with 6 fds: 0–2 on `/dev/null`, 3–5 its ring) |
+//! | `guest_stderr` | false | let clones write to the zygote's stderr (debugging only: a hostile guest could flood the agent's log) |
+
+use std::ffi::OsString;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use mayfly_ring::Geometry;
+
+/// Resource limits applied to every clone (see the [module docs](self)).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// `RLIMIT_AS` in bytes (address space, counted from the zygote's inherited mappings).
+    pub memory_bytes: u64,
+    /// `RLIMIT_CPU` soft limit in seconds; the hard limit is one more.
+    pub cpu_seconds: u64,
+    /// `RLIMIT_NOFILE`.
+    pub max_fds: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            memory_bytes: 256 << 20,
+            cpu_seconds: 10,
+            max_fds: 16,
+        }
+    }
+}
+
+/// How to run the sandbox backend (see the [module docs](self) for the defaults).
+#[derive(Debug, Clone)]
+pub struct SandboxConfig {
+    /// The zygote executable (spawned by `exec`, so it never inherits the agent's memory).
+    pub zygote_exe: PathBuf,
+    /// Its arguments (not including `argv[0]`).
+    pub zygote_args: Vec<OsString>,
+    /// Directory for `sandbox.pgid` and the zygote's empty root; created if missing.
+    pub run_dir: PathBuf,
+    /// Clones kept ready.
+    pub pool_size: usize,
+    /// Clones handed out and not yet destroyed, at most.
+    pub max_in_use: usize,
+    /// Time a new clone (or the zygote) may take to reach its ready point.
+    pub ready_timeout: Duration,
+    /// Ring geometry.
+    pub geometry: Geometry,
+    /// Uid clones run as.
+    pub uid: u32,
+    /// Gid clones run as.
+    pub gid: u32,
+    /// Resource limits of each clone.
+    pub limits: Limits,
+    /// Whether clones keep the zygote's stderr (otherwise `/dev/null`).
+    pub guest_stderr: bool,
+}
+
+impl SandboxConfig {
+    /// A configuration with the documented defaults.
+    pub fn new(
+        zygote_exe: impl Into<PathBuf>,
+        zygote_args: impl IntoIterator<Item = impl Into<OsString>>,
+        run_dir: impl Into<PathBuf>,
+    ) -> Self {
+        Self {
+            zygote_exe: zygote_exe.into(),
+            zygote_args: zygote_args.into_iter().map(Into::into).collect(),
+            run_dir: run_dir.into(),
+            pool_size: 4,
+            max_in_use: 64,
+            ready_timeout: Duration::from_secs(5),
+            geometry: Geometry::DEFAULT,
+            uid: 65534,
+            gid: 65534,
+            limits: Limits::default(),
+            guest_stderr: false,
+        }
+    }
+
+    /// Checks the values that would make the sandbox useless or unsafe.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.uid == 0 || self.gid == 0 {
+            return Err(ConfigError::RootIdentity {
+                uid: self.uid,
+                gid: self.gid,
+            });
+        }
+        if self.max_in_use == 0 {
+            return Err(ConfigError::Zero {
+                field: "max_in_use",
+            });
+        }
+        if self.ready_timeout.is_zero() {
+            return Err(ConfigError::Zero {
+                field: "ready_timeout",
+            });
+        }
+        if self.limits.cpu_seconds == 0 {
+            return Err(ConfigError::Zero {
+                field: "limits.cpu_seconds",
+            });
+        }
+        // 0-2 and the three ring fds must fit under RLIMIT_NOFILE.
+        if self.limits.max_fds < 6 {
+            return Err(ConfigError::TooFewFds {
+                max_fds: self.limits.max_fds,
+            });
+        }
+        let ring = u64::try_from(self.geometry.total_len()).unwrap_or(u64::MAX);
+        if self.limits.memory_bytes < ring.saturating_add(16 << 20) {
+            return Err(ConfigError::MemoryTooSmall {
+                memory_bytes: self.limits.memory_bytes,
+            });
+        }
+        if self.run_dir.as_os_str().is_empty() {
+            return Err(ConfigError::Zero { field: "run_dir" });
+        }
+        Ok(())
+    }
+}
+
+/// A configuration value was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// Clones must not run as root.
+    #[error("clones must not run as uid/gid 0 (configured uid {uid}, gid {gid})")]
+    RootIdentity {
+        /// Configured uid.
+        uid: u32,
+        /// Configured gid.
+        gid: u32,
+    },
+    /// A field that must be non-zero is zero (or empty).
+    #[error("{field} must not be zero or empty")]
+    Zero {
+        /// The field.
+        field: &'static str,
+    },
+    /// `RLIMIT_NOFILE` below the six fds a clone starts with.
+    #[error("limits.max_fds {max_fds} is below the 6 fds a clone starts with")]
+    TooFewFds {
+        /// Configured value.
+        max_fds: u64,
+    },
+    /// `RLIMIT_AS` too small to hold the inherited image and the ring.
+    #[error("limits.memory_bytes {memory_bytes} is too small (ring plus at least 16 MiB)")]
+    MemoryTooSmall {
+        /// Configured value.
+        memory_bytes: u64,
+    },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid_and_root_is_refused() {
+        let config = SandboxConfig::new("/bin/true", ["sandbox-zygote"], "/run/mayfly");
+        config.validate().unwrap();
+        assert_eq!(config.uid, 65534);
+        assert_eq!(config.limits.cpu_seconds, 10);
+        let mut root = config.clone();
+        root.uid = 0;
+        assert!(matches!(
+            root.validate(),
+            Err(ConfigError::RootIdentity { .. })
+        ));
+        let mut fds = config.clone();
+        fds.limits.max_fds = 3;
+        assert!(matches!(fds.validate(), Err(ConfigError::TooFewFds { .. })));
+        let mut mem = config;
+        mem.limits.memory_bytes = 4096;
+        assert!(matches!(
+            mem.validate(),
+            Err(ConfigError::MemoryTooSmall { .. })
+        ));
+    }
+}

@@ -1,0 +1,683 @@
+//! The control protocol between the agent and the zygote.
+//!
+//! One `SOCK_SEQPACKET` Unix socketpair, created by the agent and inherited by the zygote
+//! across `exec`. Each message is one datagram; file descriptors travel beside it as
+//! `SCM_RIGHTS`. Both ends are on the same host and run the same build, so the encoding is
+//! simple, but it is still checked: a wrong magic, version, kind, length or fd count is
+//! refused ([`ProtoError`]), never trusted.
+//!
+//! ```text
+//!  offset size  field
+//!  0      4     magic "MFSB"
+//!  4      2     version (1), little-endian like every field below
+//!  6      2     kind (table below)
+//!  8      4     clone id
+//!  12     4     pid (i32)
+//!  16     4     value (i32): exit code, signal, errno
+//!  20     4     aux (u32): ring length (Clone), stage (failures), CPU ms (exits)
+//!  24     ..    body: Configure only
+//!
+//!  Configure body:
+//!  24     8     RLIMIT_AS bytes        48  4  uid          60  4  root path length n
+//!  32     8     RLIMIT_CPU seconds     52  4  gid          64  n  root path (n <= 4096)
+//!  40     8     RLIMIT_NOFILE          56  4  flags (bit 0: guest stderr)
+//! ```
+//!
+//! | kind | name | direction | fds |
+//! |---|---|---|---|
+//! | 0x0001 | Configure | agent → zygote | 0 |
+//! | 0x0002 | Clone | agent → zygote | 3: ring memfd, signal eventfd, wait eventfd (guest's view) |
+//! | 0x0003 | Shutdown | agent → zygote | 0 |
+//! | 0x0081 | Ready | zygote → agent | 0 |
+//! | 0x0082 | InitFailed | zygote → agent | 0 |
+//! | 0x0083 | Spawned | zygote → agent | 1: pidfd of the clone |
+//! | 0x0084 | SpawnFailed | zygote → agent | 0 |
+//! | 0x0085 | Exited | zygote → agent | 0 |
+//! | 0x0086 | Killed | zygote → agent | 0 |
+//! | 0x0087 | Stopped | zygote → agent | 0 |
+
+use std::io::{IoSlice, IoSliceMut};
+use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd, RawFd};
+use std::path::PathBuf;
+
+use nix::errno::Errno;
+use nix::sys::socket::{recvmsg, sendmsg, ControlMessage, ControlMessageOwned, MsgFlags};
+
+use crate::config::Limits;
+use crate::sys;
+
+const MAGIC: [u8; 4] = *b"MFSB";
+const VERSION: u16 = 1;
+const HEADER_LEN: usize = 24;
+const CONFIGURE_FIXED: usize = 40;
+/// Longest root path a Configure message carries.
+pub(crate) const MAX_ROOT_PATH: usize = 4096;
+/// Receive buffer: the largest message plus room to detect an oversized one.
+const RECV_BUF: usize = HEADER_LEN + CONFIGURE_FIXED + MAX_ROOT_PATH + 64;
+/// Most fds any message carries.
+const MAX_FDS: usize = 3;
+
+/// A step of the zygote's start-up or of a clone's confinement; reported when it fails.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u32)]
+pub enum Stage {
+    /// Reading `/proc/self/status` to count threads.
+    ProcStatus = 1,
+    /// The zygote is not single-threaded.
+    Threads = 2,
+    /// Receiving or decoding the Configure message.
+    Configure = 3,
+    /// Opening `/dev/null`.
+    DevNull = 4,
+    /// `mount(/, MS_REC|MS_PRIVATE)`.
+    MountPrivate = 5,
+    /// Mounting the empty read-only tmpfs root.
+    MountRoot = 6,
+    /// `chroot`.
+    Chroot = 7,
+    /// `chdir("/")`.
+    Chdir = 8,
+    /// Blocking signals and creating the signalfd.
+    Signals = 9,
+    /// `fork`.
+    Fork = 10,
+    /// `pidfd_open` of the new clone.
+    Pidfd = 11,
+    /// Clone: `PR_SET_PDEATHSIG` or the parent already gone.
+    Pdeathsig = 12,
+    /// Clone: arranging fds 0-5 and closing the rest.
+    Fds = 13,
+    /// Clone: `setrlimit`.
+    Rlimit = 14,
+    /// Clone: `setgroups([])`.
+    Groups = 15,
+    /// Clone: `setresgid`.
+    Gid = 16,
+    /// Clone: `setresuid` (or the uid did not change).
+    Uid = 17,
+    /// Clone: `PR_SET_DUMPABLE`.
+    Dumpable = 18,
+    /// Clone: building or installing the seccomp filter.
+    Seccomp = 19,
+    /// Clone: restoring the signal mask.
+    SignalMask = 20,
+}
+
+impl Stage {
+    const ALL: [Stage; 20] = [
+        Stage::ProcStatus,
+        Stage::Threads,
+        Stage::Configure,
+        Stage::DevNull,
+        Stage::MountPrivate,
+        Stage::MountRoot,
+        Stage::Chroot,
+        Stage::Chdir,
+        Stage::Signals,
+        Stage::Fork,
+        Stage::Pidfd,
+        Stage::Pdeathsig,
+        Stage::Fds,
+        Stage::Rlimit,
+        Stage::Groups,
+        Stage::Gid,
+        Stage::Uid,
+        Stage::Dumpable,
+        Stage::Seccomp,
+        Stage::SignalMask,
+    ];
+
+    /// The step, as the system call or check that failed.
+    pub fn name(self) -> &'static str {
+        match self {
+            Stage::ProcStatus => "open/read /proc/self/status",
+            Stage::Threads => "single-thread check",
+            Stage::Configure => "receive Configure",
+            Stage::DevNull => "open /dev/null",
+            Stage::MountPrivate => "mount(/, MS_REC|MS_PRIVATE)",
+            Stage::MountRoot => "mount(tmpfs, root, MS_RDONLY)",
+            Stage::Chroot => "chroot",
+            Stage::Chdir => "chdir(/)",
+            Stage::Signals => "sigprocmask/signalfd",
+            Stage::Fork => "fork",
+            Stage::Pidfd => "pidfd_open",
+            Stage::Pdeathsig => "prctl(PR_SET_PDEATHSIG)",
+            Stage::Fds => "dup2/close_range",
+            Stage::Rlimit => "setrlimit",
+            Stage::Groups => "setgroups",
+            Stage::Gid => "setresgid",
+            Stage::Uid => "setresuid",
+            Stage::Dumpable => "prctl(PR_SET_DUMPABLE)",
+            Stage::Seccomp => "seccomp",
+            Stage::SignalMask => "sigprocmask(SIG_SETMASK, {})",
+        }
+    }
+
+    /// The stage with this number.
+    pub fn from_u32(value: u32) -> Option<Self> {
+        Self::ALL.into_iter().find(|s| *s as u32 == value)
+    }
+
+    /// A clone that fails a confinement step exits with `SETUP_EXIT_BASE + stage`; such a
+    /// clone never ran guest code.
+    pub(crate) fn exit_code(self) -> i32 {
+        SETUP_EXIT_BASE.saturating_add(i32::try_from(self as u32).unwrap_or(0))
+    }
+}
+
+/// Exit codes `SETUP_EXIT_BASE + stage` mean "confinement failed at that stage".
+pub(crate) const SETUP_EXIT_BASE: i32 = 200;
+
+/// The zygote's start-up settings (the Configure body).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Settings {
+    pub limits: Limits,
+    pub uid: u32,
+    pub gid: u32,
+    pub guest_stderr: bool,
+    pub root: PathBuf,
+}
+
+/// One control message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Msg {
+    Configure(Settings),
+    Clone {
+        clone_id: u32,
+        ring_len: u32,
+    },
+    Shutdown,
+    Ready {
+        pid: i32,
+    },
+    InitFailed {
+        stage: u32,
+        errno: i32,
+    },
+    Spawned {
+        clone_id: u32,
+        pid: i32,
+    },
+    SpawnFailed {
+        clone_id: u32,
+        stage: u32,
+        errno: i32,
+    },
+    Exited {
+        clone_id: u32,
+        pid: i32,
+        code: i32,
+        cpu_ms: u32,
+    },
+    Killed {
+        clone_id: u32,
+        pid: i32,
+        signal: i32,
+        cpu_ms: u32,
+    },
+    Stopped {
+        clone_id: u32,
+        pid: i32,
+        signal: i32,
+    },
+}
+
+/// A control message could not be sent, received or decoded.
+#[derive(Debug, thiserror::Error)]
+pub enum ProtoError {
+    /// `sendmsg` failed.
+    #[error("sendmsg of control message kind {kind:#06x} failed")]
+    Send {
+        /// The message kind.
+        kind: u16,
+        /// The OS error.
+        #[source]
+        source: Errno,
+    },
+    /// `recvmsg` failed.
+    #[error("recvmsg on the control socket failed")]
+    Recv(#[source] Errno),
+    /// The datagram or its fds were truncated.
+    #[error("control message truncated (flags {flags:#x})")]
+    Truncated {
+        /// `msg_flags`.
+        flags: i32,
+    },
+    /// Bad magic, version, kind or length.
+    #[error("malformed control message: {what} (length {len})")]
+    Malformed {
+        /// What is wrong.
+        what: &'static str,
+        /// Datagram length.
+        len: usize,
+    },
+    /// The message came with the wrong number of fds.
+    #[error("control message kind {kind:#06x} carries {got} fds, expected {expected}")]
+    FdCount {
+        /// The message kind.
+        kind: u16,
+        /// Fds received.
+        got: usize,
+        /// Fds expected.
+        expected: usize,
+    },
+}
+
+impl Msg {
+    fn kind(&self) -> u16 {
+        match self {
+            Msg::Configure(_) => 0x0001,
+            Msg::Clone { .. } => 0x0002,
+            Msg::Shutdown => 0x0003,
+            Msg::Ready { .. } => 0x0081,
+            Msg::InitFailed { .. } => 0x0082,
+            Msg::Spawned { .. } => 0x0083,
+            Msg::SpawnFailed { .. } => 0x0084,
+            Msg::Exited { .. } => 0x0085,
+            Msg::Killed { .. } => 0x0086,
+            Msg::Stopped { .. } => 0x0087,
+        }
+    }
+
+    fn fd_count(kind: u16) -> usize {
+        match kind {
+            0x0002 => 3,
+            0x0083 => 1,
+            _ => 0,
+        }
+    }
+
+    /// Encodes the message (see the [module docs](self)).
+    pub(crate) fn encode(&self) -> Vec<u8> {
+        let (clone_id, pid, value, aux) = match *self {
+            Msg::Configure(_) | Msg::Shutdown => (0, 0, 0, 0),
+            Msg::Clone { clone_id, ring_len } => (clone_id, 0, 0, ring_len),
+            Msg::Ready { pid } => (0, pid, 0, 0),
+            Msg::InitFailed { stage, errno } => (0, 0, errno, stage),
+            Msg::Spawned { clone_id, pid } => (clone_id, pid, 0, 0),
+            Msg::SpawnFailed {
+                clone_id,
+                stage,
+                errno,
+            } => (clone_id, 0, errno, stage),
+            Msg::Exited {
+                clone_id,
+                pid,
+                code,
+                cpu_ms,
+            } => (clone_id, pid, code, cpu_ms),
+            Msg::Killed {
+                clone_id,
+                pid,
+                signal,
+                cpu_ms,
+            } => (clone_id, pid, signal, cpu_ms),
+            Msg::Stopped {
+                clone_id,
+                pid,
+                signal,
+            } => (clone_id, pid, signal, 0),
+        };
+        let mut out = Vec::with_capacity(HEADER_LEN);
+        out.extend_from_slice(&MAGIC);
+        out.extend_from_slice(&VERSION.to_le_bytes());
+        out.extend_from_slice(&self.kind().to_le_bytes());
+        out.extend_from_slice(&clone_id.to_le_bytes());
+        out.extend_from_slice(&pid.to_le_bytes());
+        out.extend_from_slice(&value.to_le_bytes());
+        out.extend_from_slice(&aux.to_le_bytes());
+        if let Msg::Configure(s) = self {
+            use std::os::unix::ffi::OsStrExt;
+            let root = s.root.as_os_str().as_bytes();
+            out.extend_from_slice(&s.limits.memory_bytes.to_le_bytes());
+            out.extend_from_slice(&s.limits.cpu_seconds.to_le_bytes());
+            out.extend_from_slice(&s.limits.max_fds.to_le_bytes());
+            out.extend_from_slice(&s.uid.to_le_bytes());
+            out.extend_from_slice(&s.gid.to_le_bytes());
+            out.extend_from_slice(&u32::from(s.guest_stderr).to_le_bytes());
+            // Checked by the sender before encoding (`MAX_ROOT_PATH`).
+            let len = u32::try_from(root.len()).unwrap_or(u32::MAX);
+            out.extend_from_slice(&len.to_le_bytes());
+            out.extend_from_slice(root);
+        }
+        out
+    }
+
+    /// Decodes one datagram.
+    pub(crate) fn decode(bytes: &[u8]) -> Result<Self, ProtoError> {
+        let len = bytes.len();
+        let bad = |what| ProtoError::Malformed { what, len };
+        let mut r = Reader { bytes, pos: 0 };
+        if r.take::<4>().ok_or(bad("short header"))? != MAGIC {
+            return Err(bad("bad magic"));
+        }
+        if u16::from_le_bytes(r.take().ok_or(bad("short header"))?) != VERSION {
+            return Err(bad("unsupported version"));
+        }
+        let kind = u16::from_le_bytes(r.take().ok_or(bad("short header"))?);
+        let clone_id = u32::from_le_bytes(r.take().ok_or(bad("short header"))?);
+        let pid = i32::from_le_bytes(r.take().ok_or(bad("short header"))?);
+        let value = i32::from_le_bytes(r.take().ok_or(bad("short header"))?);
+        let aux = u32::from_le_bytes(r.take().ok_or(bad("short header"))?);
+        let msg = match kind {
+            0x0001 => {
+                let short = bad("short Configure body");
+                let memory_bytes = u64::from_le_bytes(r.take().ok_or(short)?);
+                let short = bad("short Configure body");
+                let cpu_seconds = u64::from_le_bytes(r.take().ok_or(short)?);
+                let short = bad("short Configure body");
+                let max_fds = u64::from_le_bytes(r.take().ok_or(short)?);
+                let uid = u32::from_le_bytes(r.take().ok_or(bad("short Configure body"))?);
+                let gid = u32::from_le_bytes(r.take().ok_or(bad("short Configure body"))?);
+                let flags = u32::from_le_bytes(r.take().ok_or(bad("short Configure body"))?);
+                let root_len = u32::from_le_bytes(r.take().ok_or(bad("short Configure body"))?);
+                let root_len = usize::try_from(root_len)
+                    .ok()
+                    .filter(|&n| n <= MAX_ROOT_PATH)
+                    .ok_or(bad("root path too long"))?;
+                let root = r.take_slice(root_len).ok_or(bad("short root path"))?;
+                if flags > 1 {
+                    return Err(bad("unknown Configure flags"));
+                }
+                use std::os::unix::ffi::OsStrExt;
+                Msg::Configure(Settings {
+                    limits: Limits {
+                        memory_bytes,
+                        cpu_seconds,
+                        max_fds,
+                    },
+                    uid,
+                    gid,
+                    guest_stderr: flags == 1,
+                    root: PathBuf::from(std::ffi::OsStr::from_bytes(root)),
+                })
+            }
+            0x0002 => Msg::Clone {
+                clone_id,
+                ring_len: aux,
+            },
+            0x0003 => Msg::Shutdown,
+            0x0081 => Msg::Ready { pid },
+            0x0082 => Msg::InitFailed {
+                stage: aux,
+                errno: value,
+            },
+            0x0083 => Msg::Spawned { clone_id, pid },
+            0x0084 => Msg::SpawnFailed {
+                clone_id,
+                stage: aux,
+                errno: value,
+            },
+            0x0085 => Msg::Exited {
+                clone_id,
+                pid,
+                code: value,
+                cpu_ms: aux,
+            },
+            0x0086 => Msg::Killed {
+                clone_id,
+                pid,
+                signal: value,
+                cpu_ms: aux,
+            },
+            0x0087 => Msg::Stopped {
+                clone_id,
+                pid,
+                signal: value,
+            },
+            _ => return Err(bad("unknown kind")),
+        };
+        if r.pos != len {
+            return Err(bad("trailing bytes"));
+        }
+        Ok(msg)
+    }
+}
+
+struct Reader<'a> {
+    bytes: &'a [u8],
+    pos: usize,
+}
+
+impl Reader<'_> {
+    fn take<const N: usize>(&mut self) -> Option<[u8; N]> {
+        let slice = self.take_slice(N)?;
+        slice.try_into().ok()
+    }
+
+    fn take_slice(&mut self, n: usize) -> Option<&[u8]> {
+        let end = self.pos.checked_add(n)?;
+        let slice = self.bytes.get(self.pos..end)?;
+        self.pos = end;
+        Some(slice)
+    }
+}
+
+/// Sends `msg` with `fds` attached, waiting for room in the socket. Never raises `SIGPIPE`.
+pub(crate) fn send(
+    sock: BorrowedFd<'_>,
+    msg: &Msg,
+    fds: &[BorrowedFd<'_>],
+) -> Result<(), ProtoError> {
+    send_with(sock, msg, fds, MsgFlags::empty())
+}
+
+/// Like [`send`], but fails with `EAGAIN` instead of waiting when the peer is not reading.
+pub(crate) fn send_nowait(sock: BorrowedFd<'_>, msg: &Msg) -> Result<(), ProtoError> {
+    send_with(sock, msg, &[], MsgFlags::MSG_DONTWAIT)
+}
+
+fn send_with(
+    sock: BorrowedFd<'_>,
+    msg: &Msg,
+    fds: &[BorrowedFd<'_>],
+    flags: MsgFlags,
+) -> Result<(), ProtoError> {
+    let bytes = msg.encode();
+    let raw: Vec<RawFd> = fds.iter().map(AsRawFd::as_raw_fd).collect();
+    let cmsgs = [ControlMessage::ScmRights(&raw)];
+    let cmsgs: &[ControlMessage<'_>] = if raw.is_empty() { &[] } else { &cmsgs };
+    loop {
+        match sendmsg::<()>(
+            sock.as_raw_fd(),
+            &[IoSlice::new(&bytes)],
+            cmsgs,
+            MsgFlags::MSG_NOSIGNAL | flags,
+            None,
+        ) {
+            Ok(_) => return Ok(()),
+            Err(Errno::EINTR) => {}
+            Err(source) => {
+                return Err(ProtoError::Send {
+                    kind: msg.kind(),
+                    source,
+                })
+            }
+        }
+    }
+}
+
+/// Receives one message and its fds (close-on-exec). `Ok(None)`: the peer closed its end.
+pub(crate) fn recv(sock: BorrowedFd<'_>) -> Result<Option<(Msg, Vec<OwnedFd>)>, ProtoError> {
+    let mut buf = vec![0u8; RECV_BUF];
+    let mut cmsg_buf = nix::cmsg_space!([RawFd; MAX_FDS]);
+    let (len, flags, fds) = loop {
+        let mut iov = [IoSliceMut::new(&mut buf)];
+        match recvmsg::<()>(
+            sock.as_raw_fd(),
+            &mut iov,
+            Some(&mut cmsg_buf),
+            MsgFlags::MSG_CMSG_CLOEXEC,
+        ) {
+            Ok(msg) => {
+                let mut fds = Vec::new();
+                let cmsgs = msg
+                    .cmsgs()
+                    .map_err(|_| ProtoError::Truncated { flags: -1 })?;
+                for cmsg in cmsgs {
+                    if let ControlMessageOwned::ScmRights(raw) = cmsg {
+                        for fd in raw {
+                            fds.push(sys::owned_from_scm_rights(fd));
+                        }
+                    }
+                }
+                break (msg.bytes, msg.flags, fds);
+            }
+            Err(Errno::EINTR) => {}
+            Err(e) => return Err(ProtoError::Recv(e)),
+        }
+    };
+    if flags.intersects(MsgFlags::MSG_TRUNC | MsgFlags::MSG_CTRUNC) {
+        return Err(ProtoError::Truncated {
+            flags: flags.bits(),
+        });
+    }
+    if len == 0 && fds.is_empty() {
+        return Ok(None);
+    }
+    let bytes = buf.get(..len).ok_or(ProtoError::Malformed {
+        what: "length beyond buffer",
+        len,
+    })?;
+    let msg = Msg::decode(bytes)?;
+    let expected = Msg::fd_count(msg.kind());
+    if fds.len() != expected {
+        return Err(ProtoError::FdCount {
+            kind: msg.kind(),
+            got: fds.len(),
+            expected,
+        });
+    }
+    Ok(Some((msg, fds)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
+    use std::os::fd::AsFd;
+
+    fn pair() -> (OwnedFd, OwnedFd) {
+        socketpair(
+            AddressFamily::Unix,
+            SockType::SeqPacket,
+            None,
+            SockFlag::SOCK_CLOEXEC,
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn every_message_round_trips() {
+        let messages = [
+            Msg::Configure(Settings {
+                limits: Limits::default(),
+                uid: 65534,
+                gid: 65533,
+                guest_stderr: true,
+                root: PathBuf::from("/run/mayfly/sandbox-root"),
+            }),
+            Msg::Shutdown,
+            Msg::Ready { pid: 42 },
+            Msg::InitFailed {
+                stage: Stage::Chroot as u32,
+                errno: 1,
+            },
+            Msg::SpawnFailed {
+                clone_id: 7,
+                stage: 10,
+                errno: 11,
+            },
+            Msg::Exited {
+                clone_id: 7,
+                pid: 99,
+                code: -3,
+                cpu_ms: 12,
+            },
+            Msg::Killed {
+                clone_id: u32::MAX,
+                pid: 1,
+                signal: 31,
+                cpu_ms: 0,
+            },
+            Msg::Stopped {
+                clone_id: 5,
+                pid: 6,
+                signal: 19,
+            },
+        ];
+        for msg in messages {
+            assert_eq!(Msg::decode(&msg.encode()).unwrap(), msg);
+        }
+    }
+
+    #[test]
+    fn malformed_messages_are_refused() {
+        let good = Msg::Ready { pid: 1 }.encode();
+        assert!(Msg::decode(&good[..10]).is_err());
+        let mut bad = good.clone();
+        bad[0] = b'X';
+        assert!(Msg::decode(&bad).is_err());
+        let mut bad = good.clone();
+        bad[6] = 0x77;
+        assert!(Msg::decode(&bad).is_err());
+        let mut long = good;
+        long.push(0);
+        assert!(Msg::decode(&long).is_err());
+        let mut conf = Msg::Configure(Settings {
+            limits: Limits::default(),
+            uid: 1,
+            gid: 1,
+            guest_stderr: false,
+            root: PathBuf::from("/x"),
+        })
+        .encode();
+        // Claim a root path longer than the cap.
+        conf[60..64].copy_from_slice(&5000u32.to_le_bytes());
+        assert!(Msg::decode(&conf).is_err());
+    }
+
+    #[test]
+    fn fds_travel_and_counts_are_checked() {
+        let (a, b) = pair();
+        let (x, y) = pair();
+        let (z, _w) = pair();
+        send(
+            a.as_fd(),
+            &Msg::Clone {
+                clone_id: 3,
+                ring_len: 4096,
+            },
+            &[x.as_fd(), y.as_fd(), z.as_fd()],
+        )
+        .unwrap();
+        let (msg, fds) = recv(b.as_fd()).unwrap().unwrap();
+        assert_eq!(
+            msg,
+            Msg::Clone {
+                clone_id: 3,
+                ring_len: 4096
+            }
+        );
+        assert_eq!(fds.len(), 3);
+        // A Clone without its fds is refused.
+        send(
+            a.as_fd(),
+            &Msg::Clone {
+                clone_id: 4,
+                ring_len: 4096,
+            },
+            &[],
+        )
+        .unwrap();
+        assert!(matches!(
+            recv(b.as_fd()),
+            Err(ProtoError::FdCount { got: 0, .. })
+        ));
+        drop(a);
+        assert!(recv(b.as_fd()).unwrap().is_none());
+        for s in Stage::ALL {
+            assert_eq!(Stage::from_u32(s as u32), Some(s));
+        }
+    }
+}

@@ -1,0 +1,277 @@
+//! Thin wrappers over the system calls nix does not cover (pidfds, `close_range`, `wait4`
+//! with resource usage, raw `dup2`), plus a deadline-aware `poll`.
+//!
+//! Most of the crate's `unsafe` is here (the rest: `fork` and claiming the inherited control
+//! fd in `zygote`, the `pre_exec` hook in `spawn`), each block with its argument. Functions
+//! that close or replace fds by number are `unsafe fn`: the caller must know that nothing
+//! live owns those numbers. None of these functions allocates.
+
+use std::io;
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::time::{Duration, Instant};
+
+use nix::poll::{PollFd, PollFlags, PollTimeout};
+
+/// Takes ownership of an fd the kernel just installed for us (received with `SCM_RIGHTS`).
+pub(crate) fn owned_from_scm_rights(fd: RawFd) -> OwnedFd {
+    // SAFETY: the kernel installed `fd` in this process while receiving the message; nothing
+    // else in the process knows its number, so this is its only owner.
+    #[allow(unsafe_code)]
+    unsafe {
+        OwnedFd::from_raw_fd(fd)
+    }
+}
+
+/// `pidfd_open(pid, 0)`.
+pub(crate) fn pidfd_open(pid: i32) -> io::Result<OwnedFd> {
+    // SAFETY: plain syscall with integer arguments; returns a new fd or -1.
+    #[allow(unsafe_code)]
+    let raw = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    if raw < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let raw = RawFd::try_from(raw).map_err(|_| io::Error::other("pidfd out of range"))?;
+    // SAFETY: `raw` is a freshly created fd that nothing else owns.
+    #[allow(unsafe_code)]
+    Ok(unsafe { OwnedFd::from_raw_fd(raw) })
+}
+
+/// `pidfd_send_signal(pidfd, signal, NULL, 0)`. A process that already exited (`ESRCH`) is
+/// not an error: it can no longer run, which is what a kill wants.
+pub(crate) fn pidfd_send_signal(pidfd: BorrowedFd<'_>, signal: i32) -> io::Result<()> {
+    // SAFETY: plain syscall on an fd we hold; a NULL siginfo is allowed.
+    #[allow(unsafe_code)]
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_pidfd_send_signal,
+            pidfd.as_raw_fd(),
+            signal,
+            std::ptr::null::<libc::siginfo_t>(),
+            0,
+        )
+    };
+    if rc < 0 {
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::ESRCH) {
+            return Ok(());
+        }
+        return Err(e);
+    }
+    Ok(())
+}
+
+/// Closes every fd in `first ..= last`.
+///
+/// # Safety
+/// No value that is still used or dropped by this process may own an fd in the range (for
+/// instance: the zygote right after `exec`, before it opened anything; a forked clone that
+/// never returns into the zygote's frames).
+#[allow(unsafe_code)]
+pub(crate) unsafe fn close_range(first: u32, last: u32) -> io::Result<()> {
+    if first > last {
+        return Ok(());
+    }
+    // SAFETY: closes fds by number; the caller guarantees nothing live owns them.
+    let rc = unsafe { libc::syscall(libc::SYS_close_range, first, last, 0) };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// `dup2(old, new)` by number (the new fd is not close-on-exec).
+///
+/// # Safety
+/// As for [`close_range`], for whatever fd `new` held before.
+#[allow(unsafe_code)]
+pub(crate) unsafe fn dup2_raw(old: RawFd, new: RawFd) -> io::Result<()> {
+    // SAFETY: replaces fd `new`, which the caller guarantees nothing live owns.
+    let rc = unsafe { libc::dup2(old, new) };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// `fcntl(fd, F_DUPFD_CLOEXEC, min)`: a copy at the lowest free number `>= min`.
+pub(crate) fn dup_at_least(fd: RawFd, min: RawFd) -> io::Result<RawFd> {
+    // SAFETY: plain fcntl creating a new fd that the caller takes charge of.
+    #[allow(unsafe_code)]
+    let rc = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, min) };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(rc)
+}
+
+/// Takes ownership of an fd number the caller arranged itself (e.g. with [`dup2_raw`]).
+///
+/// # Safety
+/// `fd` must be open and owned by no other value; the caller hands its ownership over.
+#[allow(unsafe_code)]
+pub(crate) unsafe fn own_arranged_fd(fd: RawFd) -> OwnedFd {
+    // SAFETY: open and unowned, by the function contract.
+    unsafe { OwnedFd::from_raw_fd(fd) }
+}
+
+/// What [`reap_one`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Outcome {
+    /// Exited with this status (reaped).
+    Exited(i32),
+    /// Killed by this signal (reaped).
+    Signaled(i32),
+    /// Stopped by this signal (still alive, not reaped).
+    Stopped(i32),
+}
+
+/// A child found by [`reap_one`].
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Reaped {
+    pub pid: i32,
+    pub outcome: Outcome,
+    /// User plus system CPU time, milliseconds (saturating; 0 for a stop).
+    pub cpu_ms: u32,
+}
+
+/// `wait4(-1, WUNTRACED | WNOHANG-or-0)`: reaps one exited child or reports one stopped
+/// child. `Ok(None)`: nothing changed yet (only with `nohang`) or no children left.
+pub(crate) fn reap_one(nohang: bool) -> io::Result<Option<Reaped>> {
+    let mut status: libc::c_int = 0;
+    // SAFETY: an all-zero `rusage` is a valid value of this plain C struct.
+    #[allow(unsafe_code)]
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    let flags = libc::WUNTRACED | if nohang { libc::WNOHANG } else { 0 };
+    loop {
+        // SAFETY: `status` and `usage` are valid, writable out-parameters.
+        #[allow(unsafe_code)]
+        let pid = unsafe { libc::wait4(-1, &mut status, flags, &mut usage) };
+        if pid == 0 {
+            return Ok(None);
+        }
+        if pid < 0 {
+            let e = io::Error::last_os_error();
+            match e.raw_os_error() {
+                Some(libc::EINTR) => continue,
+                Some(libc::ECHILD) => return Ok(None),
+                _ => return Err(e),
+            }
+        }
+        let outcome = if libc::WIFSTOPPED(status) {
+            Outcome::Stopped(libc::WSTOPSIG(status))
+        } else if libc::WIFSIGNALED(status) {
+            Outcome::Signaled(libc::WTERMSIG(status))
+        } else {
+            Outcome::Exited(libc::WEXITSTATUS(status))
+        };
+        let ms = |t: libc::timeval| {
+            u64::try_from(t.tv_sec)
+                .unwrap_or(0)
+                .saturating_mul(1000)
+                .saturating_add(u64::try_from(t.tv_usec).unwrap_or(0) / 1000)
+        };
+        let cpu = ms(usage.ru_utime).saturating_add(ms(usage.ru_stime));
+        return Ok(Some(Reaped {
+            pid,
+            outcome,
+            cpu_ms: u32::try_from(cpu).unwrap_or(u32::MAX),
+        }));
+    }
+}
+
+/// `_exit(code)`: ends the process at once, without destructors, `atexit` handlers or
+/// stdio flushing (a forked clone must not run the zygote's cleanup).
+pub(crate) fn exit_now(code: i32) -> ! {
+    // SAFETY: `_exit` takes a plain integer and never returns; skipping destructors is the
+    // point (nothing here relies on them for soundness).
+    #[allow(unsafe_code)]
+    unsafe {
+        libc::_exit(code)
+    }
+}
+
+/// Milliseconds for `poll`, rounded up so a wait never ends early, capped at `i32::MAX`.
+pub(crate) fn poll_timeout(remaining: Option<Duration>) -> PollTimeout {
+    match remaining {
+        None => PollTimeout::NONE,
+        Some(d) => {
+            let ms = d.as_nanos().div_ceil(1_000_000);
+            let ms = i32::try_from(ms).unwrap_or(i32::MAX);
+            PollTimeout::try_from(ms).unwrap_or(PollTimeout::MAX)
+        }
+    }
+}
+
+/// Polls `fds` for readability until one is ready or `timeout` passes (`None`: forever).
+/// Returns, per fd, whether it is readable (or hung up / in error, which a read will report).
+pub(crate) fn wait_readable<const N: usize>(
+    fds: [BorrowedFd<'_>; N],
+    timeout: Option<Duration>,
+) -> io::Result<[bool; N]> {
+    let deadline = timeout.and_then(|t| Instant::now().checked_add(t));
+    loop {
+        let remaining = match (deadline, timeout) {
+            (Some(d), _) => Some(d.saturating_duration_since(Instant::now())),
+            (None, Some(_)) => Some(Duration::from_millis(i32::MAX.unsigned_abs().into())),
+            (None, None) => None,
+        };
+        let mut pfds = fds.map(|fd| PollFd::new(fd, PollFlags::POLLIN));
+        match nix::poll::poll(&mut pfds, poll_timeout(remaining)) {
+            Ok(0) => {
+                if deadline.is_some_and(|d| Instant::now() < d) {
+                    continue; // rounding; finish the wait
+                }
+                if timeout.is_some() && deadline.is_none() {
+                    continue;
+                }
+                return Ok([false; N]);
+            }
+            Ok(_) => {
+                let ready = PollFlags::POLLIN
+                    | PollFlags::POLLHUP
+                    | PollFlags::POLLERR
+                    | PollFlags::POLLNVAL;
+                return Ok(pfds.map(|p| p.revents().is_some_and(|r| r.intersects(ready))));
+            }
+            Err(nix::errno::Errno::EINTR) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+/// Whether the process behind `pidfd` has exited, waiting at most `timeout`.
+pub(crate) fn pidfd_exited(pidfd: BorrowedFd<'_>, timeout: Duration) -> io::Result<bool> {
+    wait_readable([pidfd], Some(timeout)).map(|[r]| r)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::AsFd;
+
+    #[test]
+    fn pidfd_reports_exit_and_kill_of_dead_process_is_ok() {
+        let mut child = std::process::Command::new("/bin/sleep")
+            .arg("30")
+            .spawn()
+            .unwrap();
+        let pid = i32::try_from(child.id()).unwrap();
+        let fd = pidfd_open(pid).unwrap();
+        assert!(!pidfd_exited(fd.as_fd(), Duration::ZERO).unwrap());
+        pidfd_send_signal(fd.as_fd(), libc::SIGKILL).unwrap();
+        assert!(pidfd_exited(fd.as_fd(), Duration::from_secs(10)).unwrap());
+        child.wait().unwrap();
+        // Reaped: still no error.
+        pidfd_send_signal(fd.as_fd(), libc::SIGKILL).unwrap();
+    }
+
+    #[test]
+    fn poll_timeouts_round_up() {
+        assert_eq!(
+            poll_timeout(Some(Duration::from_nanos(1))),
+            PollTimeout::try_from(1).unwrap()
+        );
+        assert_eq!(poll_timeout(Some(Duration::MAX)), PollTimeout::MAX);
+        assert_eq!(poll_timeout(None), PollTimeout::NONE);
+    }
+}

@@ -1,0 +1,682 @@
+//! The zygote: the paused, fully initialised template every clone is forked from.
+//!
+//! The agent spawns it by `exec` (a fresh image that never held the agent's memory, where
+//! the ledger's signing key lives), in new network, mount, IPC and UTS namespaces, in its own
+//! process group, with `PR_SET_PDEATHSIG(SIGKILL)`. The program the agent names (its own
+//! binary with a hidden subcommand) calls [`zygote_main`] (or [`zygote_main_with`]) first
+//! thing in `main`, before it starts any thread:
+//!
+//! 1. close every fd except 0-2 and the control socket; receive `Configure`;
+//! 2. run the caller's `init` (it may still read files), check the process is
+//!    single-threaded;
+//! 3. make the mount namespace private, mount an empty read-only tmpfs on the root
+//!    directory the agent named, `chroot` into it;
+//! 4. block `SIGCHLD`/`SIGTERM` into a signalfd, report `Ready`, and wait on the control
+//!    socket — paused.
+//!
+//! For each `Clone` request (a ring memfd and two eventfds), it checks again that it is
+//! single-threaded, `fork`s, opens a pidfd for the child and sends it with the host pid; it
+//! reaps its children and reports each exit (code or signal, and CPU time). On `Shutdown`,
+//! `SIGTERM`, or the agent closing the socket, it kills all its children, reaps them and
+//! exits.
+//!
+//! # Why running Rust code in the forked child is sound
+//!
+//! After `fork` in a *multi-threaded* process only async-signal-safe calls are allowed until
+//! `exec`, because other threads may have held locks (the allocator's, stdio's) that are
+//! copied locked into the child. The zygote is **single-threaded**: it checks
+//! `/proc/self/status` before every `fork` and refuses to fork otherwise. With one thread,
+//! the forking thread is the only one that could hold a lock, and it holds none across
+//! `fork`, so the child's copy of the process is consistent and may allocate, format and
+//! unwind like any process. (The agent itself is multi-threaded; its `pre_exec` hook uses
+//! only raw system calls — see `spawn`.)
+//!
+//! # What a clone does before the guest's code runs
+//!
+//! In this order: restore the signal mask; compile its seccomp filter; put `/dev/null` on
+//! fds 0-2 and the ring on fds 3-5 and close every other fd (the control socket, the
+//! signalfd, other clones' rings); set its rlimits; `setgroups([])`, `setresgid`,
+//! `setresuid` to the unprivileged identity (all capabilities go with uid 0);
+//! `PR_SET_PDEATHSIG(SIGKILL)` and a check that the zygote is still its parent (after the uid
+//! change, which would clear it); `PR_SET_DUMPABLE(0)`; `no_new_privs` and the seccomp
+//! filter. Then it calls the entry point with its [`ChildRing`] and `_exit`s with the
+//! returned status. A clone that fails a step exits with `200 + stage` before running
+//! anything of the guest's.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::fs::FileExt;
+use std::panic::AssertUnwindSafe;
+
+use nix::errno::Errno;
+use nix::mount::{mount, MsFlags};
+use nix::sys::prctl;
+use nix::sys::resource::{setrlimit, Resource};
+use nix::sys::signal::{SigSet, SigmaskHow, Signal};
+use nix::sys::signalfd::{SfdFlags, SignalFd};
+use nix::sys::socket::{getsockopt, sockopt};
+use nix::unistd::{chdir, chroot, getppid, setgroups, setresgid, setresuid, Gid, Pid, Uid};
+
+use crate::proto::{self, Msg, ProtoError, Settings, Stage};
+use crate::{seccomp, sys};
+
+/// The environment variable through which the agent names the control socket's fd.
+pub const CONTROL_FD_ENV: &str = "MAYFLY_SANDBOX_CONTROL_FD";
+
+/// Exit status of a clone whose entry point panicked.
+pub const PANIC_EXIT: i32 = 101;
+
+/// The guest's side of a clone's ring, handed to the entry point.
+///
+/// `ring` is the sealed memfd (map it with `mayfly_ring::MmapMem::from_fd(ring, ring_len)`);
+/// `signal` and `wait` are the guest's eventfds (`EventFdNotifier::from_fds(signal, wait)`).
+/// They are fds 3, 4 and 5; no other fd is open except 0-2 (`/dev/null`).
+#[derive(Debug)]
+pub struct ChildRing {
+    /// The clone's id (the agent's `DomainId`), for logging only.
+    pub clone_id: u32,
+    /// The ring's memfd (sealed against shrinking and growing).
+    pub ring: OwnedFd,
+    /// The ring's length in bytes.
+    pub ring_len: usize,
+    /// The eventfd the guest writes to signal the agent.
+    pub signal: OwnedFd,
+    /// The eventfd the guest waits on.
+    pub wait: OwnedFd,
+}
+
+/// The zygote could not start or keep running.
+#[derive(Debug, thiserror::Error)]
+pub enum ZygoteError {
+    /// The control-socket variable is missing.
+    #[error("{CONTROL_FD_ENV} is not set: this process was not started by the sandbox backend")]
+    NoControlFd,
+    /// The control-socket variable is not an fd number.
+    #[error("{CONTROL_FD_ENV}={value:?} is not an fd number above 2")]
+    BadControlFd {
+        /// The value found.
+        value: String,
+    },
+    /// The fd is not open or not a `SOCK_SEQPACKET` socket.
+    #[error("fd {fd} named by {CONTROL_FD_ENV} is not a SOCK_SEQPACKET socket")]
+    NotASocket {
+        /// The fd.
+        fd: RawFd,
+        /// The OS error, if any.
+        #[source]
+        source: Option<Errno>,
+    },
+    /// A start-up or spawn step failed.
+    #[error("zygote: {} failed", stage.name())]
+    Stage {
+        /// The step.
+        stage: Stage,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
+    /// The control protocol failed.
+    #[error("zygote: control protocol")]
+    Proto(#[from] ProtoError),
+    /// The agent sent something out of place.
+    #[error("zygote: unexpected control message ({what})")]
+    Unexpected {
+        /// What arrived.
+        what: &'static str,
+    },
+}
+
+fn at(stage: Stage) -> impl FnOnce(io::Error) -> ZygoteError {
+    move |source| ZygoteError::Stage { stage, source }
+}
+
+fn at_nix(stage: Stage) -> impl FnOnce(Errno) -> ZygoteError {
+    move |e| ZygoteError::Stage {
+        stage,
+        source: e.into(),
+    }
+}
+
+/// Takes the control socket named by [`CONTROL_FD_ENV`] and removes the variable, so the
+/// fd is claimed once. Call it first thing in the zygote's `main`, while single-threaded.
+pub fn control_fd_from_env() -> Result<OwnedFd, ZygoteError> {
+    let value = std::env::var(CONTROL_FD_ENV).map_err(|_| ZygoteError::NoControlFd)?;
+    std::env::remove_var(CONTROL_FD_ENV);
+    let fd: RawFd = value
+        .parse()
+        .ok()
+        .filter(|&fd| fd > 2)
+        .ok_or(ZygoteError::BadControlFd { value })?;
+    // SAFETY: F_GETFD only reads the fd's flags; it fails with EBADF if `fd` is not open.
+    #[allow(unsafe_code)]
+    if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+        return Err(ZygoteError::NotASocket {
+            fd,
+            source: Some(Errno::last()),
+        });
+    }
+    // SAFETY: the fd is open (checked above) and was passed to this process, by number in
+    // the environment, to be owned by the zygote; the variable is removed above, so no
+    // second caller can claim it.
+    #[allow(unsafe_code)]
+    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+    match getsockopt(&owned, sockopt::SockType) {
+        Ok(nix::sys::socket::SockType::SeqPacket) => Ok(owned),
+        Ok(_) => Err(ZygoteError::NotASocket { fd, source: None }),
+        Err(e) => Err(ZygoteError::NotASocket {
+            fd,
+            source: Some(e),
+        }),
+    }
+}
+
+/// Runs the zygote with no template state: each clone calls `child` with its ring.
+pub fn zygote_main(control: OwnedFd, child: fn(ChildRing) -> i32) -> ! {
+    zygote_main_with(control, || (), move |(), ring| child(ring))
+}
+
+/// Runs the zygote: `init` builds the template state once (before the `chroot`, so it may
+/// read files; it must not start threads), and each clone calls `child` on its own
+/// copy-on-write copy of that state. Never returns: the zygote exits when the agent tells it
+/// to or goes away; each clone `_exit`s with `child`'s return value ([`PANIC_EXIT`] if it
+/// panics).
+pub fn zygote_main_with<S, I, C>(control: OwnedFd, init: I, child: C) -> !
+where
+    I: FnOnce() -> S,
+    C: Fn(&mut S, ChildRing) -> i32,
+{
+    let code = match run(control, init, &child) {
+        Ok(()) => 0,
+        Err(e) => {
+            let mut message = e.to_string();
+            let mut source = std::error::Error::source(&e);
+            while let Some(s) = source {
+                message.push_str(": ");
+                message.push_str(&s.to_string());
+                source = s.source();
+            }
+            eprintln!("mayfly-sandbox zygote: {message}");
+            1
+        }
+    };
+    sys::exit_now(code)
+}
+
+/// Number of threads of this process, from `/proc/self/status` (opened before the chroot).
+fn thread_count(status: &File) -> io::Result<u32> {
+    let mut buf = [0u8; 8192];
+    let n = status.read_at(&mut buf, 0)?;
+    let text = std::str::from_utf8(buf.get(..n).unwrap_or_default())
+        .map_err(|_| io::Error::other("/proc/self/status is not UTF-8"))?;
+    text.lines()
+        .find_map(|l| l.strip_prefix("Threads:"))
+        .and_then(|v| v.trim().parse().ok())
+        .ok_or_else(|| io::Error::other("no Threads: line in /proc/self/status"))
+}
+
+fn check_single_threaded(status: &File) -> Result<(), ZygoteError> {
+    let n = thread_count(status).map_err(at(Stage::ProcStatus))?;
+    if n != 1 {
+        return Err(ZygoteError::Stage {
+            stage: Stage::Threads,
+            source: io::Error::other(format!(
+                "the zygote has {n} threads; forking it would copy held locks"
+            )),
+        });
+    }
+    Ok(())
+}
+
+/// What the zygote holds while paused.
+struct Template<'a, S, C> {
+    control: BorrowedFd<'a>,
+    settings: Settings,
+    status: File,
+    devnull: File,
+    signals: SignalFd,
+    state: S,
+    child: &'a C,
+    pid: Pid,
+    /// Live children: pid → clone id.
+    children: HashMap<i32, u32>,
+}
+
+fn run<S, I, C>(control: OwnedFd, init: I, child: &C) -> Result<(), ZygoteError>
+where
+    I: FnOnce() -> S,
+    C: Fn(&mut S, ChildRing) -> i32,
+{
+    let cfd = u32::try_from(control.as_raw_fd()).unwrap_or(0);
+    if cfd < 3 {
+        return Err(ZygoteError::BadControlFd {
+            value: cfd.to_string(),
+        });
+    }
+    // Nothing else of the agent's may reach the clones: close every inherited fd.
+    // SAFETY: right after `exec` nothing in this process has opened an fd yet; the ones
+    // above 2 are inherited strays, owned by no value, except `control`, which is skipped.
+    #[allow(unsafe_code)]
+    unsafe {
+        sys::close_range(3, cfd.saturating_sub(1)).map_err(at(Stage::Configure))?;
+        sys::close_range(cfd.saturating_add(1), u32::MAX).map_err(at(Stage::Configure))?;
+    }
+
+    let settings = match proto::recv(control.as_fd())? {
+        Some((Msg::Configure(settings), _)) => settings,
+        Some(_) => {
+            return Err(ZygoteError::Unexpected {
+                what: "not Configure",
+            })
+        }
+        None => return Ok(()), // the agent went away before configuring us
+    };
+    let template = match prepare(control.as_fd(), settings, init, child) {
+        Ok(t) => t,
+        Err(e) => {
+            if let ZygoteError::Stage { stage, source } = &e {
+                let errno = source.raw_os_error().unwrap_or(0);
+                let failed = Msg::InitFailed {
+                    stage: *stage as u32,
+                    errno,
+                };
+                // Best effort: the agent also sees us exit.
+                let _ = proto::send(control.as_fd(), &failed, &[]);
+            }
+            return Err(e);
+        }
+    };
+    template.serve()
+}
+
+fn prepare<'a, S, I, C>(
+    control: BorrowedFd<'a>,
+    settings: Settings,
+    init: I,
+    child: &'a C,
+) -> Result<Template<'a, S, C>, ZygoteError>
+where
+    I: FnOnce() -> S,
+    C: Fn(&mut S, ChildRing) -> i32,
+{
+    let status = File::open("/proc/self/status").map_err(at(Stage::ProcStatus))?;
+    let devnull = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/null")
+        .map_err(at(Stage::DevNull))?;
+    let state = init();
+    check_single_threaded(&status)?;
+
+    // Nothing mounted from here on is seen by the host, and nothing of the host's
+    // filesystem is reachable after the chroot.
+    mount(
+        None::<&str>,
+        "/",
+        None::<&str>,
+        MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+        None::<&str>,
+    )
+    .map_err(at_nix(Stage::MountPrivate))?;
+    mount(
+        Some("mayfly-sandbox-root"),
+        &settings.root,
+        Some("tmpfs"),
+        MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+        Some("size=4k,mode=0555"),
+    )
+    .map_err(at_nix(Stage::MountRoot))?;
+    chroot(&settings.root).map_err(at_nix(Stage::Chroot))?;
+    chdir("/").map_err(at_nix(Stage::Chdir))?;
+
+    let mut mask = SigSet::empty();
+    mask.add(Signal::SIGCHLD);
+    mask.add(Signal::SIGTERM);
+    mask.thread_block().map_err(at_nix(Stage::Signals))?;
+    let signals = SignalFd::with_flags(&mask, SfdFlags::SFD_CLOEXEC | SfdFlags::SFD_NONBLOCK)
+        .map_err(at_nix(Stage::Signals))?;
+
+    let pid = nix::unistd::getpid();
+    proto::send(control, &Msg::Ready { pid: pid.as_raw() }, &[])?;
+    Ok(Template {
+        control,
+        settings,
+        status,
+        devnull,
+        signals,
+        state,
+        child,
+        pid,
+        children: HashMap::new(),
+    })
+}
+
+impl<S, C> Template<'_, S, C>
+where
+    C: Fn(&mut S, ChildRing) -> i32,
+{
+    /// The paused loop: clone on request, reap and report, until told to stop.
+    fn serve(mut self) -> Result<(), ZygoteError> {
+        let mut result = Ok(());
+        loop {
+            let [control, signal] =
+                match sys::wait_readable([self.control, self.signals.as_fd()], None) {
+                    Ok(r) => r,
+                    Err(e) => {
+                        result = Err(at(Stage::Signals)(e));
+                        break;
+                    }
+                };
+            if signal {
+                let mut terminate = false;
+                while let Ok(Some(info)) = self.signals.read_signal() {
+                    if info.ssi_signo == Signal::SIGTERM as u32 {
+                        terminate = true;
+                    }
+                }
+                if !self.reap(false) || terminate {
+                    break;
+                }
+            }
+            if control {
+                match proto::recv(self.control) {
+                    Ok(Some((Msg::Clone { clone_id, ring_len }, fds))) => {
+                        if let Err(e) = self.spawn(clone_id, ring_len, fds) {
+                            result = Err(e);
+                            break;
+                        }
+                    }
+                    Ok(Some((Msg::Shutdown, _))) | Ok(None) => break,
+                    Ok(Some(_)) => {
+                        result = Err(ZygoteError::Unexpected {
+                            what: "agent sent a zygote-to-agent message",
+                        });
+                        break;
+                    }
+                    // A malformed request is refused, not fatal: nothing was forked.
+                    Err(e @ (ProtoError::Malformed { .. } | ProtoError::FdCount { .. })) => {
+                        eprintln!("mayfly-sandbox zygote: refused a control message: {e}");
+                    }
+                    Err(e) => {
+                        result = Err(e.into());
+                        break;
+                    }
+                }
+            }
+        }
+        self.terminate();
+        result
+    }
+
+    /// Reaps exited children and reports them. `block`: wait until no child is left.
+    /// Returns false if the agent can no longer be told.
+    fn reap(&mut self, block: bool) -> bool {
+        let mut agent_alive = true;
+        loop {
+            let reaped = match sys::reap_one(!block) {
+                Ok(Some(r)) => r,
+                Ok(None) => return agent_alive,
+                Err(e) => {
+                    eprintln!("mayfly-sandbox zygote: wait4 failed: {e}");
+                    return agent_alive;
+                }
+            };
+            let clone_id = match reaped.outcome {
+                sys::Outcome::Stopped(_) => self.children.get(&reaped.pid).copied(),
+                _ => self.children.remove(&reaped.pid),
+            };
+            let Some(clone_id) = clone_id else {
+                continue;
+            };
+            let msg = match reaped.outcome {
+                sys::Outcome::Exited(code) => Msg::Exited {
+                    clone_id,
+                    pid: reaped.pid,
+                    code,
+                    cpu_ms: reaped.cpu_ms,
+                },
+                sys::Outcome::Signaled(signal) => Msg::Killed {
+                    clone_id,
+                    pid: reaped.pid,
+                    signal,
+                    cpu_ms: reaped.cpu_ms,
+                },
+                sys::Outcome::Stopped(signal) => Msg::Stopped {
+                    clone_id,
+                    pid: reaped.pid,
+                    signal,
+                },
+            };
+            if agent_alive && proto::send(self.control, &msg, &[]).is_err() {
+                agent_alive = false;
+            }
+        }
+    }
+
+    /// Kills every child and reaps them all.
+    fn terminate(&mut self) {
+        for &pid in self.children.keys() {
+            // An unreaped child's pid cannot be reused, so killing by pid is exact.
+            let _ = nix::sys::signal::kill(Pid::from_raw(pid), Signal::SIGKILL);
+        }
+        self.reap(true);
+    }
+
+    /// Forks one clone. Errors are fatal to the zygote; a failed clone is reported instead.
+    fn spawn(
+        &mut self,
+        clone_id: u32,
+        ring_len: u32,
+        fds: Vec<OwnedFd>,
+    ) -> Result<(), ZygoteError> {
+        let failed = |stage: Stage, errno: i32| Msg::SpawnFailed {
+            clone_id,
+            stage: stage as u32,
+            errno,
+        };
+        if let Err(e) = check_single_threaded(&self.status) {
+            let _ = proto::send(self.control, &failed(Stage::Threads, 0), &[]);
+            return Err(e);
+        }
+        let [ring, signal, wait] = match <[OwnedFd; 3]>::try_from(fds) {
+            Ok(fds) => fds,
+            Err(_) => return Ok(()), // unreachable: `proto::recv` checked the count
+        };
+        let raw = RingFds {
+            ring: ring.as_raw_fd(),
+            ring_len: usize::try_from(ring_len).unwrap_or(0),
+            signal: signal.as_raw_fd(),
+            wait: wait.as_raw_fd(),
+            devnull: self.devnull.as_raw_fd(),
+        };
+        // SAFETY: the zygote is single-threaded (checked just above, and it never starts a
+        // thread), so the child gets a consistent copy of the whole process and may run
+        // ordinary Rust code (see the module docs). The child never returns from
+        // `clone_main`: it `_exit`s, so no destructor of the zygote's values runs twice.
+        #[allow(unsafe_code)]
+        let forked = unsafe { nix::unistd::fork() };
+        match forked {
+            Ok(nix::unistd::ForkResult::Child) => clone_main(
+                clone_id,
+                raw,
+                &self.settings,
+                self.pid,
+                &mut self.state,
+                self.child,
+            ),
+            Ok(nix::unistd::ForkResult::Parent { child }) => {
+                let pid = child.as_raw();
+                self.children.insert(pid, clone_id);
+                match sys::pidfd_open(pid) {
+                    Ok(pidfd) => {
+                        let spawned = Msg::Spawned { clone_id, pid };
+                        if proto::send(self.control, &spawned, &[pidfd.as_fd()]).is_err() {
+                            // The agent is gone; the loop notices on its next poll.
+                            let _ = nix::sys::signal::kill(child, Signal::SIGKILL);
+                        }
+                    }
+                    Err(e) => {
+                        let _ = nix::sys::signal::kill(child, Signal::SIGKILL);
+                        let errno = e.raw_os_error().unwrap_or(0);
+                        let _ = proto::send(self.control, &failed(Stage::Pidfd, errno), &[]);
+                    }
+                }
+                Ok(())
+            }
+            Err(e) => {
+                let _ = proto::send(self.control, &failed(Stage::Fork, e as i32), &[]);
+                Ok(())
+            }
+        }
+        // `ring`, `signal`, `wait` are dropped here in the zygote: only the clone keeps them.
+    }
+}
+
+/// The fd numbers a new clone starts from (owned by the zygote's frames, which the clone
+/// never unwinds into).
+#[derive(Clone, Copy)]
+struct RingFds {
+    ring: RawFd,
+    ring_len: usize,
+    signal: RawFd,
+    wait: RawFd,
+    devnull: RawFd,
+}
+
+/// The forked clone: confine, run the entry point, `_exit`.
+fn clone_main<S, C>(
+    clone_id: u32,
+    fds: RingFds,
+    settings: &Settings,
+    zygote: Pid,
+    state: &mut S,
+    child: &C,
+) -> !
+where
+    C: Fn(&mut S, ChildRing) -> i32,
+{
+    let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| {
+        match confine(clone_id, fds, settings, zygote) {
+            Ok(ring) => child(state, ring),
+            Err(stage) => stage.exit_code(),
+        }
+    }));
+    sys::exit_now(outcome.unwrap_or(PANIC_EXIT))
+}
+
+/// Everything between `fork` and the guest's code (see the module docs for the order).
+fn confine(
+    clone_id: u32,
+    fds: RingFds,
+    settings: &Settings,
+    zygote: Pid,
+) -> Result<ChildRing, Stage> {
+    nix::sys::signal::sigprocmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::empty()), None)
+        .map_err(|_| Stage::SignalMask)?;
+    let _ = prctl::set_name(c"mayfly-clone");
+    let pid = u32::try_from(nix::unistd::getpid().as_raw()).map_err(|_| Stage::Seccomp)?;
+    let filter = seccomp::compile(pid).map_err(|_| Stage::Seccomp)?;
+
+    // Move the fds out of the way, then into place: 0-2 /dev/null, 3 ring, 4 signal,
+    // 5 wait; close all others (control socket, signalfd, /proc/self/status, ...).
+    let high = |fd| sys::dup_at_least(fd, 64).map_err(|_| Stage::Fds);
+    let (ring, signal, wait, null) = (
+        high(fds.ring)?,
+        high(fds.signal)?,
+        high(fds.wait)?,
+        high(fds.devnull)?,
+    );
+    // SAFETY: the fds replaced or closed here belong to values of the zygote's frames (the
+    // control socket, the signalfd, /proc/self/status, /dev/null, the received ring fds),
+    // which this clone never uses or drops again: it runs the entry point and `_exit`s
+    // without unwinding into those frames (`clone_main`). The copies at 64+ are ours.
+    #[allow(unsafe_code)]
+    unsafe {
+        let place = |from, to| sys::dup2_raw(from, to).map_err(|_| Stage::Fds);
+        place(null, 0)?;
+        place(null, 1)?;
+        if !settings.guest_stderr {
+            place(null, 2)?;
+        }
+        place(ring, 3)?;
+        place(signal, 4)?;
+        place(wait, 5)?;
+        sys::close_range(6, u32::MAX).map_err(|_| Stage::Fds)?;
+    }
+
+    let limits = &settings.limits;
+    let cpu_hard = limits.cpu_seconds.saturating_add(1);
+    for (resource, soft, hard) in [
+        (
+            Resource::RLIMIT_AS,
+            limits.memory_bytes,
+            limits.memory_bytes,
+        ),
+        (Resource::RLIMIT_CPU, limits.cpu_seconds, cpu_hard),
+        (Resource::RLIMIT_NOFILE, limits.max_fds, limits.max_fds),
+        (Resource::RLIMIT_CORE, 0, 0),
+        (Resource::RLIMIT_FSIZE, 0, 0),
+        (Resource::RLIMIT_NPROC, 0, 0),
+        (Resource::RLIMIT_MEMLOCK, 0, 0),
+        (Resource::RLIMIT_MSGQUEUE, 0, 0),
+    ] {
+        setrlimit(resource, soft, hard).map_err(|_| Stage::Rlimit)?;
+    }
+
+    let (uid, gid) = (Uid::from_raw(settings.uid), Gid::from_raw(settings.gid));
+    setgroups(&[]).map_err(|_| Stage::Groups)?;
+    setresgid(gid, gid, gid).map_err(|_| Stage::Gid)?;
+    setresuid(uid, uid, uid).map_err(|_| Stage::Uid)?;
+    if nix::unistd::getuid() != uid || nix::unistd::geteuid() != uid {
+        return Err(Stage::Uid);
+    }
+    // After the uid change: changing credentials clears the parent-death signal.
+    prctl::set_pdeathsig(Signal::SIGKILL).map_err(|_| Stage::Pdeathsig)?;
+    if getppid() != zygote {
+        return Err(Stage::Pdeathsig); // the zygote died before the flag was set
+    }
+    prctl::set_dumpable(false).map_err(|_| Stage::Dumpable)?;
+    seccomp::install(&filter).map_err(|_| Stage::Seccomp)?;
+
+    // SAFETY: fds 3-5 were placed above and nothing else owns them (every other value that
+    // referred to these numbers belongs to the zygote's frames and is never dropped here).
+    #[allow(unsafe_code)]
+    let (ring, signal, wait) = unsafe {
+        (
+            sys::own_arranged_fd(3),
+            sys::own_arranged_fd(4),
+            sys::own_arranged_fd(5),
+        )
+    };
+    Ok(ChildRing {
+        clone_id,
+        ring,
+        ring_len: fds.ring_len,
+        signal,
+        wait,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn thread_count_is_read_again_at_offset_zero() {
+        let status = File::open("/proc/self/status").unwrap();
+        let before = thread_count(&status).unwrap();
+        assert!(before >= 1);
+        let (tx, rx) = std::sync::mpsc::channel::<()>();
+        let (started_tx, started_rx) = std::sync::mpsc::channel::<()>();
+        let t = std::thread::spawn(move || {
+            started_tx.send(()).unwrap();
+            let _ = rx.recv();
+        });
+        started_rx.recv().unwrap();
+        // The same fd, read again, sees at least this thread and the new one.
+        assert!(thread_count(&status).unwrap() >= 2);
+        drop(tx);
+        t.join().unwrap();
+    }
+}

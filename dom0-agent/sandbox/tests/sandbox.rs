@@ -1,0 +1,734 @@
+//! The sandbox backend against real processes: the test zygote (`src/bin/test_zygote.rs`,
+//! built with the `test-zygote` feature) and its clones. Needs root (namespaces, setuid).
+//!
+//! Every wait is bounded and event-driven (ring notifications, pidfds, the pool's condition
+//! variable); no test sleeps in place of synchronisation.
+
+#![cfg(feature = "test-zygote")]
+#![allow(clippy::unwrap_used, clippy::print_stderr)]
+
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::process::CommandExt;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use mayfly_domain::{Domain, DomainBackend, DomainError, DomainExit};
+use mayfly_ring::wire::Start;
+use mayfly_ring::{Request, Response, RingError};
+use mayfly_sandbox::{reconcile, Sandbox, SandboxConfig, SandboxDomain};
+use slog::{o, Drain, Logger};
+
+const ZYGOTE: &str = env!("CARGO_BIN_EXE_mayfly-sandbox-test-zygote");
+const WAIT: Duration = Duration::from_secs(20);
+
+/// Debug logs on stderr when `MAYFLY_TEST_LOG` is set (shown for failing tests).
+struct StderrDrain;
+
+struct Kv(String);
+
+impl slog::Serializer for Kv {
+    fn emit_arguments(&mut self, key: slog::Key, val: &std::fmt::Arguments<'_>) -> slog::Result {
+        self.0.push_str(&format!(" {key}={val}"));
+        Ok(())
+    }
+}
+
+impl Drain for StderrDrain {
+    type Ok = ();
+    type Err = slog::Never;
+
+    fn log(
+        &self,
+        record: &slog::Record<'_>,
+        values: &slog::OwnedKVList,
+    ) -> Result<(), slog::Never> {
+        static ON: AtomicBool = AtomicBool::new(false);
+        if std::env::var_os("MAYFLY_TEST_LOG").is_some() {
+            ON.store(true, Ordering::Relaxed);
+        }
+        if !ON.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        let mut kv = Kv(String::new());
+        let _ = slog::KV::serialize(&record.kv(), record, &mut kv);
+        let _ = slog::KV::serialize(values, record, &mut kv);
+        eprintln!("{} {}{}", record.level().as_short_str(), record.msg(), kv.0);
+        Ok(())
+    }
+}
+
+fn logger() -> Logger {
+    Logger::root(StderrDrain.fuse(), o!())
+}
+
+fn config(dir: &Path) -> SandboxConfig {
+    let mut config = SandboxConfig::new(ZYGOTE, Vec::<String>::new(), dir);
+    config.pool_size = 2;
+    config
+}
+
+fn start(dir: &Path) -> Sandbox {
+    Sandbox::start(config(dir), logger()).unwrap()
+}
+
+/// Answers the clone's `Ready` with a `Start` for `handler`.
+fn begin(domain: &mut dyn Domain, handler: &str, payload: &[u8]) {
+    let ready_id = domain.ready_id();
+    let (ring, notifier) = domain.ring();
+    let start = Start {
+        tx_id: [1; 16],
+        handler: handler.into(),
+        payload: payload.to_vec(),
+        entropy_seed: [7; 32],
+    };
+    ring.send_response(ready_id, &Response::Start(start), &notifier)
+        .unwrap();
+}
+
+/// Serves the clone until it commits; returns the result.
+fn commit(domain: &mut dyn Domain, timeout: Duration) -> Result<Vec<u8>, RingError> {
+    let (ring, notifier) = domain.ring();
+    let request = ring.recv_request(&notifier, Some(timeout))?;
+    match request.body {
+        Request::Commit { result } => {
+            ring.send_response(request.id, &Response::Committed, &notifier)?;
+            Ok(result)
+        }
+        other => panic!("expected Commit, got {other:?}"),
+    }
+}
+
+fn run(
+    sandbox: &Sandbox,
+    handler: &str,
+    payload: &[u8],
+) -> (SandboxDomain, Result<Vec<u8>, RingError>) {
+    let mut domain = sandbox.take_clone(WAIT).unwrap();
+    begin(&mut domain, handler, payload);
+    let result = commit(&mut domain, WAIT);
+    (domain, result)
+}
+
+fn exists(pid: u32) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
+}
+
+/// Processes (other than zombies) whose process group is `pgid`.
+fn group_members(pgid: u32) -> Vec<u32> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        let Some(rest) = stat.rsplit_once(") ").map(|(_, r)| r) else {
+            continue;
+        };
+        let fields: Vec<&str> = rest.split(' ').collect();
+        if fields.get(2) == Some(&pgid.to_string().as_str()) && fields.first() != Some(&"Z") {
+            out.push(pid);
+        }
+    }
+    out
+}
+
+fn pidfd(pid: u32) -> OwnedFd {
+    // SAFETY: plain syscall; the returned fd is new and owned here.
+    #[allow(unsafe_code)]
+    unsafe {
+        let fd = libc::syscall(libc::SYS_pidfd_open, pid, 0);
+        assert!(fd >= 0, "pidfd_open({pid}) failed");
+        OwnedFd::from_raw_fd(i32::try_from(fd).unwrap())
+    }
+}
+
+/// Whether `pid` is gone or exits within `timeout`.
+fn gone_within(pid: u32, timeout: Duration) -> bool {
+    // SAFETY: plain syscall; the returned fd is new and owned here.
+    #[allow(unsafe_code)]
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    if fd < 0 {
+        return true; // no such process any more
+    }
+    // SAFETY: `fd` is a new pidfd nothing else owns.
+    #[allow(unsafe_code)]
+    let fd = unsafe { OwnedFd::from_raw_fd(i32::try_from(fd).unwrap()) };
+    exited(&fd, timeout)
+}
+
+/// Waits (poll on the pidfd, bounded) until the process has exited.
+fn exited(fd: &OwnedFd, timeout: Duration) -> bool {
+    let mut pfd = libc::pollfd {
+        fd: fd.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    let ms = i32::try_from(timeout.as_millis()).unwrap();
+    // SAFETY: one valid pollfd.
+    #[allow(unsafe_code)]
+    let n = unsafe { libc::poll(&mut pfd, 1, ms) };
+    n == 1
+}
+
+#[test]
+fn clones_echo_with_distinct_ids_and_pids_that_are_gone_after_destroy() {
+    let dir = tempfile::tempdir().unwrap();
+    let sandbox = start(dir.path());
+    // A clone that commits and exits by itself (no forbidden call on its way out).
+    let (mut domain, result) = run(&sandbox, "echo", b"bye");
+    assert_eq!(result.unwrap(), b"bye");
+    let (ring, notifier) = domain.ring();
+    assert!(matches!(
+        ring.recv_request(&notifier, Some(WAIT)),
+        Err(RingError::PeerGone)
+    ));
+    assert_eq!(
+        domain.try_exit().unwrap(),
+        Some(DomainExit::Exited { code: 0 })
+    );
+    assert_eq!(
+        Box::new(domain).destroy().unwrap(),
+        DomainExit::Exited { code: 0 }
+    );
+
+    let mut seen = Vec::new();
+    for i in 0..3u8 {
+        let (domain, result) = run(&sandbox, "echo", &[i; 100]);
+        assert_eq!(result.unwrap(), vec![i; 100]);
+        let (id, pid) = (domain.id(), domain.pid());
+        assert_eq!(domain.handle(), pid.to_string());
+        assert_ne!(pid, sandbox.zygote_pid());
+        let exit = Box::new(domain).destroy().unwrap();
+        // It may have exited by itself after Committed, or been killed first.
+        assert!(
+            matches!(exit, DomainExit::Exited { code: 0 } | DomainExit::Destroyed),
+            "{exit:?}"
+        );
+        assert!(!exists(pid), "clone pid {pid} still exists after destroy");
+        seen.push((id, pid));
+    }
+    let mut ids: Vec<_> = seen.iter().map(|s| s.0).collect();
+    let mut pids: Vec<_> = seen.iter().map(|s| s.1).collect();
+    ids.sort_unstable();
+    ids.dedup();
+    pids.sort_unstable();
+    pids.dedup();
+    assert_eq!((ids.len(), pids.len()), (3, 3), "{seen:?}");
+    let stats = sandbox.stats();
+    assert_eq!(stats.destroyed, 4);
+    assert_eq!(stats.failed, 0);
+}
+
+#[test]
+fn a_clones_writes_are_not_seen_by_the_next_clone() {
+    let dir = tempfile::tempdir().unwrap();
+    let sandbox = start(dir.path());
+    let expected = "marker=12648430 pattern_intact=true global=0";
+    for _ in 0..2 {
+        let (domain, result) = run(&sandbox, "cow", b"");
+        assert_eq!(String::from_utf8(result.unwrap()).unwrap(), expected);
+        Box::new(domain).destroy().unwrap();
+    }
+}
+
+#[test]
+fn a_crash_is_reported_at_once_through_peer_gone() {
+    let dir = tempfile::tempdir().unwrap();
+    let sandbox = start(dir.path());
+    let mut domain = sandbox.take_clone(WAIT).unwrap();
+    begin(&mut domain, "crash", b"");
+    let began = Instant::now();
+    // A generous executor timeout: the crash must be noticed long before it.
+    let outcome = commit(&mut domain, Duration::from_secs(60));
+    let noticed = began.elapsed();
+    assert!(matches!(outcome, Err(RingError::PeerGone)), "{outcome:?}");
+    assert!(
+        noticed < Duration::from_secs(5),
+        "crash noticed after {noticed:?}"
+    );
+    let crashed = DomainExit::Crashed {
+        signal: libc::SIGABRT,
+    };
+    assert_eq!(domain.try_exit().unwrap(), Some(crashed));
+    assert_eq!(Box::new(domain).destroy().unwrap(), crashed);
+}
+
+#[test]
+fn faults_are_reported_as_crashes_not_as_forbidden_calls() {
+    let dir = tempfile::tempdir().unwrap();
+    let sandbox = start(dir.path());
+    for (handler, expected) in [
+        (
+            "segv",
+            DomainExit::Crashed {
+                signal: libc::SIGSEGV,
+            },
+        ),
+        // Rust's guard-page handler reports the overflow and aborts.
+        (
+            "overflow",
+            DomainExit::Crashed {
+                signal: libc::SIGABRT,
+            },
+        ),
+        ("panic", DomainExit::Exited { code: 101 }),
+    ] {
+        let (domain, outcome) = run(&sandbox, handler, b"");
+        assert!(
+            matches!(outcome, Err(RingError::PeerGone)),
+            "{handler}: {outcome:?}"
+        );
+        let exit = Box::new(domain).destroy().unwrap();
+        // A zygote built with `panic = "abort"` (the release profile) aborts on a panic.
+        let aborted = DomainExit::Crashed {
+            signal: libc::SIGABRT,
+        };
+        let panic_abort = handler == "panic" && exit == aborted;
+        assert!(exit == expected || panic_abort, "{handler}: {exit:?}");
+    }
+}
+
+#[test]
+fn forbidden_system_calls_kill_the_clone() {
+    let dir = tempfile::tempdir().unwrap();
+    let sandbox = start(dir.path());
+    for handler in ["open", "socket", "spawn"] {
+        let (domain, outcome) = run(&sandbox, handler, b"");
+        assert!(
+            matches!(outcome, Err(RingError::PeerGone)),
+            "{handler}: {:?}",
+            outcome.map(String::from_utf8)
+        );
+        let exit = Box::new(domain).destroy().unwrap();
+        assert_eq!(exit, DomainExit::ForbiddenSyscall, "{handler}");
+    }
+}
+
+fn status_field(pid: u32, name: &str) -> String {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(name).and_then(|r| r.strip_prefix(':')))
+        .unwrap_or_else(|| panic!("no {name} in /proc/{pid}/status"))
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+#[test]
+fn clones_run_unprivileged_and_confined() {
+    let dir = tempfile::tempdir().unwrap();
+    let sandbox = start(dir.path());
+    let mut domain = sandbox.take_clone(WAIT).unwrap();
+    begin(&mut domain, "uid", b"");
+    // Hold the clone at its Commit (it waits for the answer) while looking at it.
+    let (ring, notifier) = domain.ring();
+    let request = ring.recv_request(&notifier, Some(WAIT)).unwrap();
+    // What the guest sees...
+    let Request::Commit { result } = request.body else {
+        panic!("expected Commit, got {:?}", request.body);
+    };
+    assert_eq!(String::from_utf8(result).unwrap(), "65534 65534");
+    // ...and what the kernel says, from outside.
+    let pid = domain.pid();
+    assert_eq!(status_field(pid, "Uid"), "65534 65534 65534 65534");
+    assert_eq!(status_field(pid, "Gid"), "65534 65534 65534 65534");
+    assert_eq!(status_field(pid, "Groups"), "");
+    assert_eq!(status_field(pid, "CapEff"), "0000000000000000");
+    assert_eq!(status_field(pid, "CapPrm"), "0000000000000000");
+    assert_eq!(status_field(pid, "NoNewPrivs"), "1");
+    assert_eq!(status_field(pid, "Seccomp"), "2");
+    // Only /dev/null and the ring: fds 0-5.
+    let mut fds: Vec<u32> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_str().unwrap().parse().unwrap())
+        .collect();
+    fds.sort_unstable();
+    assert_eq!(fds, [0, 1, 2, 3, 4, 5]);
+    // New namespaces (the zygote's), an empty root.
+    for ns in ["net", "mnt", "ipc", "uts"] {
+        let ours = std::fs::read_link(format!("/proc/self/ns/{ns}")).unwrap();
+        let zygote = std::fs::read_link(format!("/proc/{}/ns/{ns}", sandbox.zygote_pid())).unwrap();
+        let clone = std::fs::read_link(format!("/proc/{pid}/ns/{ns}")).unwrap();
+        assert_ne!(ours, clone, "{ns} namespace shared with the agent");
+        assert_eq!(zygote, clone, "{ns}");
+    }
+    let root = std::fs::read_dir(format!("/proc/{pid}/root"))
+        .unwrap()
+        .count();
+    assert_eq!(root, 0, "the clone's root is not empty");
+    Box::new(domain).destroy().unwrap();
+}
+
+#[test]
+fn memory_is_limited() {
+    let dir = tempfile::tempdir().unwrap();
+    let sandbox = start(dir.path());
+    let (domain, result) = run(&sandbox, "alloc", b"");
+    assert_eq!(result.unwrap(), b"refused");
+    Box::new(domain).destroy().unwrap();
+}
+
+#[test]
+fn a_runaway_clone_is_destroyed_after_the_executor_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    let sandbox = start(dir.path());
+    let (domain, outcome) = {
+        let mut domain = sandbox.take_clone(WAIT).unwrap();
+        begin(&mut domain, "loop", b"");
+        let outcome = commit(&mut domain, Duration::from_millis(200));
+        (domain, outcome)
+    };
+    assert!(
+        matches!(outcome, Err(RingError::Timeout { .. })),
+        "{outcome:?}"
+    );
+    let pid = domain.pid();
+    let began = Instant::now();
+    assert_eq!(Box::new(domain).destroy().unwrap(), DomainExit::Destroyed);
+    assert!(began.elapsed() < Duration::from_secs(5));
+    assert!(!exists(pid));
+}
+
+#[test]
+fn the_cpu_limit_ends_a_runaway_clone() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = config(dir.path());
+    config.pool_size = 1;
+    config.limits.cpu_seconds = 1;
+    let sandbox = Sandbox::start(config, logger()).unwrap();
+    let mut domain = sandbox.take_clone(WAIT).unwrap();
+    begin(&mut domain, "loop", b"");
+    let outcome = commit(&mut domain, Duration::from_secs(30));
+    assert!(matches!(outcome, Err(RingError::PeerGone)), "{outcome:?}");
+    assert_eq!(
+        Box::new(domain).destroy().unwrap(),
+        DomainExit::ResourceLimit { limit: "cpu time" }
+    );
+}
+
+#[test]
+fn the_pool_refills_in_the_background() {
+    let dir = tempfile::tempdir().unwrap();
+    let sandbox = start(dir.path());
+    assert!(sandbox.wait_ready(2, WAIT));
+    let a = sandbox.take(WAIT).unwrap();
+    let b = sandbox.take(WAIT).unwrap();
+    assert_eq!(sandbox.stats().in_use, 2);
+    // Refilled while both are still in use.
+    assert!(sandbox.wait_ready(2, WAIT));
+    let stats = sandbox.stats();
+    assert_eq!((stats.ready, stats.in_use), (2, 2));
+    assert!(stats.created >= 4);
+    drop(a); // Drop destroys.
+    b.destroy().unwrap();
+    let stats = sandbox.stats();
+    assert_eq!((stats.in_use, stats.destroyed), (0, 2));
+}
+
+#[test]
+fn take_waits_at_most_its_timeout_when_at_the_in_use_cap() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = config(dir.path());
+    config.max_in_use = 1;
+    let sandbox = Sandbox::start(config, logger()).unwrap();
+    let first = sandbox.take(WAIT).unwrap();
+    let began = Instant::now();
+    let second = sandbox.take_clone(Duration::from_millis(100));
+    assert!(
+        matches!(second, Err(DomainError::Exhausted { .. })),
+        "{second:?}"
+    );
+    assert!(began.elapsed() >= Duration::from_millis(100));
+    first.destroy().unwrap();
+    sandbox.take(WAIT).unwrap().destroy().unwrap();
+}
+
+#[test]
+fn quarantine_stops_the_clone_and_shutdown_leaves_no_process() {
+    let dir = tempfile::tempdir().unwrap();
+    let sandbox = start(dir.path());
+    assert!(sandbox.wait_ready(2, WAIT));
+    let zygote = sandbox.zygote_pid();
+    let zygote_fd = pidfd(zygote);
+
+    let suspect = sandbox.take_clone(WAIT).unwrap();
+    let suspect_pid = suspect.pid();
+    let q = Box::new(suspect).quarantine().unwrap();
+    assert_eq!(q.handle, suspect_pid.to_string());
+    let state = std::fs::read_to_string(format!("/proc/{suspect_pid}/stat")).unwrap();
+    let state = state.rsplit_once(") ").unwrap().1.chars().next().unwrap();
+    assert_eq!(state, 'T', "quarantined clone is not stopped");
+    assert_eq!(sandbox.quarantined(), vec![q]);
+
+    // One clone still held by the "executor" while the sandbox shuts down.
+    let mut held = sandbox.take_clone(WAIT).unwrap();
+    let held_pid = held.pid();
+    let mut members = group_members(zygote);
+    members.sort_unstable();
+    assert!(
+        members.contains(&zygote) && members.contains(&held_pid) && members.contains(&suspect_pid)
+    );
+
+    sandbox.shutdown();
+    assert!(exited(&zygote_fd, WAIT));
+    assert!(!exists(zygote), "zygote not reaped");
+    for pid in members {
+        assert!(!exists(pid), "pid {pid} survived shutdown");
+    }
+    assert!(!dir.path().join(reconcile::PGID_FILE).exists());
+    // The held domain learns its clone is gone, and destroy still works.
+    let (ring, notifier) = held.ring();
+    assert!(matches!(
+        ring.recv_request(&notifier, Some(WAIT)),
+        Err(RingError::PeerGone)
+    ));
+    assert_eq!(Box::new(held).destroy().unwrap(), DomainExit::Destroyed);
+    assert!(matches!(
+        sandbox.take(WAIT),
+        Err(DomainError::ShutDown { .. })
+    ));
+}
+
+#[test]
+fn a_restart_removes_the_leftovers_of_a_run_that_did_not_shut_down() {
+    let dir = tempfile::tempdir().unwrap();
+    let old = start(dir.path());
+    assert!(old.wait_ready(2, WAIT));
+    let held = old.take_clone(WAIT).unwrap();
+    assert!(old.wait_ready(2, WAIT)); // no clone being forked while we list them
+    let old_zygote = old.zygote_pid();
+    let leftovers = group_members(old_zygote);
+    assert!(leftovers.len() >= 3, "{leftovers:?}"); // zygote, held clone, pool
+    let fds: Vec<(u32, OwnedFd)> = leftovers.iter().map(|&p| (p, pidfd(p))).collect();
+    // "Crash" without shutdown: nothing of the old sandbox runs its cleanup.
+    std::mem::forget(held);
+    std::mem::forget(old);
+    assert!(dir.path().join(reconcile::PGID_FILE).exists());
+
+    let new = start(dir.path());
+    for (pid, fd) in &fds {
+        assert!(exited(fd, WAIT), "leftover pid {pid} still runs");
+    }
+    for pid in group_members(old_zygote) {
+        assert!(gone_within(pid, WAIT), "leftover pid {pid} still runs");
+    }
+    assert_ne!(new.zygote_pid(), old_zygote);
+    let (domain, result) = run(&new, "echo", b"after restart");
+    assert_eq!(result.unwrap(), b"after restart");
+    Box::new(domain).destroy().unwrap();
+}
+
+#[test]
+fn the_reconciler_never_kills_a_process_group_that_is_not_ours() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut stranger = std::process::Command::new("/bin/sleep")
+        .arg("60")
+        .process_group(0)
+        .spawn()
+        .unwrap();
+    let pgid = i32::try_from(stranger.id()).unwrap();
+    std::fs::write(dir.path().join(reconcile::PGID_FILE), format!("{pgid}\n")).unwrap();
+    let report = reconcile::reconcile(&config(dir.path()), &logger()).unwrap();
+    assert_eq!(report.pgid, Some(pgid));
+    assert!(report.removed.is_empty());
+    assert_eq!(report.spared, vec![pgid]);
+    assert!(
+        stranger.try_wait().unwrap().is_none(),
+        "the stranger was killed"
+    );
+    stranger.kill().unwrap();
+    stranger.wait().unwrap();
+}
+
+#[test]
+fn a_missing_zygote_executable_is_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = SandboxConfig::new("/nonexistent/zygote", ["sandbox-zygote"], dir.path());
+    let err = Sandbox::start(config, logger()).unwrap_err();
+    assert!(err.to_string().contains("not an executable file"), "{err}");
+}
+
+/// Latency of one clone's life as the executor sees it: take (from a warm pool), Start,
+/// echo, Commit, destroy. Printed, with a loose bound.
+#[test]
+fn clone_latency() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = config(dir.path());
+    config.pool_size = 4;
+    let sandbox = Sandbox::start(config, logger()).unwrap();
+    const N: u32 = 30;
+    let mut total = Duration::ZERO;
+    let mut worst = Duration::ZERO;
+    for _ in 0..N {
+        assert!(sandbox.wait_ready(1, WAIT));
+        let began = Instant::now();
+        let (domain, result) = run(&sandbox, "echo", b"x");
+        result.unwrap();
+        Box::new(domain).destroy().unwrap();
+        let took = began.elapsed();
+        total += took;
+        worst = worst.max(took);
+    }
+    // Cold: create a clone and wait for its Ready, with nothing in the pool.
+    let mut cold = Duration::ZERO;
+    for _ in 0..5 {
+        assert!(sandbox.wait_ready(4, WAIT));
+        let held: Vec<_> = (0..4).map(|_| sandbox.take(WAIT).unwrap()).collect();
+        let began = Instant::now();
+        let one = sandbox.take(WAIT).unwrap();
+        cold += began.elapsed();
+        one.destroy().unwrap();
+        for d in held {
+            d.destroy().unwrap();
+        }
+    }
+    eprintln!(
+        "sandbox latency: take+start+echo+commit+destroy mean {:?} (worst {:?}) over {N}; \
+         clone+ready with an empty pool mean {:?}",
+        total / N,
+        worst,
+        cold / 5
+    );
+    assert!(worst < Duration::from_secs(2));
+}
+
+#[test]
+fn a_dead_zygote_takes_its_clones_with_it_and_is_reported() {
+    let dir = tempfile::tempdir().unwrap();
+    let sandbox = start(dir.path());
+    assert!(sandbox.wait_ready(2, WAIT));
+    let mut held = sandbox.take_clone(WAIT).unwrap();
+    let zygote = sandbox.zygote_pid();
+    let members: Vec<(u32, OwnedFd)> = group_members(zygote)
+        .into_iter()
+        .map(|p| (p, pidfd(p)))
+        .collect();
+    // SAFETY: plain kill(2) of our own zygote.
+    #[allow(unsafe_code)]
+    let rc = unsafe { libc::kill(i32::try_from(zygote).unwrap(), libc::SIGKILL) };
+    assert_eq!(rc, 0);
+    // The clone in use dies with it (PR_SET_PDEATHSIG) and the executor hears of it at once.
+    let (ring, notifier) = held.ring();
+    assert!(matches!(
+        ring.recv_request(&notifier, Some(WAIT)),
+        Err(RingError::PeerGone)
+    ));
+    let exit = Box::new(held).destroy().unwrap();
+    assert!(
+        matches!(exit, DomainExit::Crashed { .. } | DomainExit::Destroyed),
+        "{exit:?}"
+    );
+    for (pid, fd) in &members {
+        assert!(exited(fd, WAIT), "pid {pid} outlived its zygote");
+    }
+    // No more clones: take fails instead of waiting forever.
+    let taken = sandbox.take_clone(WAIT);
+    assert!(
+        matches!(taken, Err(DomainError::Create { .. })),
+        "{taken:?}"
+    );
+    sandbox.shutdown();
+}
+
+/// Not a test by itself: the "agent" process of
+/// [`killing_the_agent_kills_the_zygote_and_a_restart_cleans_up`], run in a child process.
+#[test]
+#[ignore = "run as a separate agent process by another test"]
+fn agent_helper() {
+    use std::io::{BufRead, Write};
+    let Some(dir) = std::env::var_os("MAYFLY_SANDBOX_HELPER_DIR") else {
+        return;
+    };
+    let sandbox = start(Path::new(&dir));
+    assert!(sandbox.wait_ready(2, WAIT));
+    let held = sandbox.take_clone(WAIT).unwrap();
+    // Pool full again: no clone is being forked while we list them.
+    assert!(sandbox.wait_ready(2, WAIT));
+    let members = group_members(sandbox.zygote_pid());
+    assert!(members.contains(&held.pid()));
+    let line: Vec<String> = members.iter().map(u32::to_string).collect();
+    let mut out = std::io::stdout();
+    writeln!(out, "READY {} {}", sandbox.zygote_pid(), line.join(" ")).unwrap();
+    out.flush().unwrap();
+    // Wait to be killed.
+    let _ = std::io::stdin().lock().read_line(&mut String::new());
+}
+
+#[test]
+fn killing_the_agent_kills_the_zygote_and_a_restart_cleans_up() {
+    use std::io::BufRead;
+    let dir = tempfile::tempdir().unwrap();
+    let mut agent = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "agent_helper",
+            "--ignored",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env("MAYFLY_SANDBOX_HELPER_DIR", dir.path())
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // A watchdog bounds the wait for the helper's report: it kills the helper (ending the
+    // read below with EOF) if no report came in time.
+    let helper = agent.id();
+    let (reported, watchdog) = std::sync::mpsc::channel::<()>();
+    let watchdog = std::thread::spawn(move || {
+        if watchdog.recv_timeout(Duration::from_secs(60)).is_err() {
+            // SAFETY: plain kill(2) of our own (unreaped) child.
+            #[allow(unsafe_code)]
+            unsafe {
+                libc::kill(i32::try_from(helper).unwrap(), libc::SIGKILL);
+            }
+        }
+    });
+    let mut lines = std::io::BufReader::new(agent.stdout.take().unwrap()).lines();
+    // The harness may print "test agent_helper ... " on the same line first.
+    let ready = lines
+        .find_map(|l| {
+            l.ok()
+                .and_then(|l| l.find("READY ").map(|i| l[i..].to_owned()))
+        })
+        .expect("the helper agent did not report ready");
+    reported.send(()).unwrap();
+    watchdog.join().unwrap();
+    let pids: Vec<u32> = ready
+        .split_whitespace()
+        .skip(1)
+        .map(|p| p.parse().unwrap())
+        .collect();
+    let zygote = pids[0];
+    assert!(pids.len() >= 4, "{pids:?}"); // zygote (twice: pid and member), clones
+    let fds: Vec<(u32, OwnedFd)> = pids.iter().map(|&p| (p, pidfd(p))).collect();
+
+    agent.kill().unwrap(); // SIGKILL: no cleanup runs in the agent
+    agent.wait().unwrap();
+    for (pid, fd) in &fds {
+        assert!(exited(fd, WAIT), "pid {pid} outlived the agent");
+    }
+    for pid in group_members(zygote) {
+        assert!(gone_within(pid, WAIT), "pid {pid} outlived the agent");
+    }
+    // The restart finds the stale record, nothing left to kill, and starts cleanly.
+    assert!(dir.path().join(reconcile::PGID_FILE).exists());
+    let report = reconcile::reconcile(&config(dir.path()), &logger()).unwrap();
+    assert_eq!(report.pgid, Some(i32::try_from(zygote).unwrap()));
+    assert!(
+        report.removed.is_empty() && report.spared.is_empty(),
+        "{report:?}"
+    );
+    let sandbox = start(dir.path());
+    let (domain, result) = run(&sandbox, "echo", b"again");
+    assert_eq!(result.unwrap(), b"again");
+    Box::new(domain).destroy().unwrap();
+}
