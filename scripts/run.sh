@@ -1,16 +1,20 @@
 #!/usr/bin/env bash
-# Runs the Mayfly appliance on its embedded default. Until the transaction service lands,
-# that is the ledger demo: bank transfers from several threads, each a durable, signed,
-# hash-chained checkpoint, then a full verification of both chains.
-# Extra arguments go to `dom0-agent demo` (see `--help`).
+# Runs the Mayfly appliance on its embedded default: `dom0-agent serve` on the sandbox
+# backend (a paused zygote, one copy-on-write clone per transaction, confined by namespaces,
+# seccomp and rlimits; process isolation, not a VM), with the client API on 127.0.0.1:8450
+# and the ledger in ./mayfly-data. It prints how to send a transaction with curl.
+# Needs root (namespaces, chroot, dropping clones to uid 65534). Stop with Ctrl-C.
+# Extra arguments go to `dom0-agent serve` (see `--help`).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/lib.sh
 
 ensure_build_tools
+command -v curl >/dev/null || apt_install curl
 cargo build --release --locked -p dom0-agent
 data_dir=${MAYFLY_DATA_DIR:-./mayfly-data}
-./target/release/dom0-agent demo --data-dir "$data_dir" "$@"
-echo
-echo "Verify the ledger yourself:  ./target/release/dom0-agent verify --data-dir $data_dir"
-echo "Its public key:              ./target/release/dom0-agent export-key --data-dir $data_dir"
+if [ "$(id -u)" -eq 0 ]; then
+    exec ./target/release/dom0-agent serve --data-dir "$data_dir" "$@"
+else
+    exec sudo ./target/release/dom0-agent serve --data-dir "$data_dir" "$@"
+fi

@@ -6,7 +6,9 @@
 #![forbid(unsafe_code)]
 
 mod demo;
+mod serve;
 mod verify_cmd;
+mod zygote;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -50,9 +52,15 @@ enum Command {
         #[arg(long)]
         data_dir: PathBuf,
     },
+    /// Run the appliance: client API on loopback, one fresh domain per transaction, every
+    /// commit checkpointed in the ledger. Stops on SIGINT/SIGTERM.
+    Serve(serve::ServeArgs),
     /// Ledger demo: bank transfers between accounts from several threads, each a signed,
-    /// checkpointed transaction; prints throughput and verifies the ledger at the end.
+    /// checkpointed transaction, in-process (no domains); prints throughput and verifies.
     Demo(demo::DemoArgs),
+    /// Internal: the sandbox backend's template process (started by `serve`, not by hand).
+    #[command(hide = true)]
+    SandboxZygote,
 }
 
 fn logger(level: &str) -> Logger {
@@ -72,12 +80,17 @@ fn logger(level: &str) -> Logger {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Command::SandboxZygote = cli.command {
+        return zygote::run();
+    }
     let log = logger(&cli.log_level);
     let result = match cli.command {
         Command::Init { data_dir } => init(&data_dir, &log),
         Command::Verify(args) => verify_cmd::run(&args),
         Command::ExportKey { data_dir } => export_key(&data_dir),
+        Command::Serve(args) => serve::run(&args, &log),
         Command::Demo(args) => demo::run(&args, &log),
+        Command::SandboxZygote => Ok(2),
     };
     match result {
         Ok(code) => ExitCode::from(code),

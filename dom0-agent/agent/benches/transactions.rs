@@ -1,0 +1,395 @@
+//! Throughput and latency of the `transfer` handler with a fresh domain per transaction,
+//! against two baselines measured in the same run:
+//!
+//! * `in-process` — the same handler function called directly in the agent against the same
+//!   ledger: no isolation, no ring, no process.
+//! * `fork+exec`  — the same executor and ring, but each domain is a new `domu-shim` process
+//!   started with fork+exec (no zygote, no pool): what "a fresh process per transaction"
+//!   costs when done naively.
+//! * `sandbox`    — the product's embedded backend: copy-on-write clones of a paused zygote,
+//!   confined by namespaces, seccomp and rlimits, kept ready by a background pool.
+//!
+//! Each configuration runs `CLIENTS` client threads for `BENCH_SECS` seconds; every client
+//! runs transfers between random accounts among 1,000 (no overdrafts, few conflicts). The
+//! run is repeated `BENCH_REPS` times, interleaved; medians are reported.
+//!
+//! Run: `cargo build --release -p domu-shim && cargo bench -p dom0-agent --bench transactions`
+#![allow(
+    missing_docs,
+    clippy::cast_possible_truncation,
+    clippy::cast_precision_loss
+)]
+
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use mayfly_domain::{
+    Domain, DomainBackend, DomainError, DomainExit, DomainId, PoolStats, Quarantined, Ring,
+};
+use mayfly_executor::{Executor, ExecutorConfig, TxRequest, TxStatus};
+use mayfly_ledger::{Ledger, Options, Tx, TxContext, TxId};
+use mayfly_ring::{EventFdNotifier, Geometry, MmapMem, Notifier, SharedMem};
+use mayfly_sandbox::{Sandbox, SandboxConfig};
+use mayfly_sdk::{Ctx, Db, DbError, LogLevel, Scan};
+use slog::{o, Discard, Logger};
+
+const ACCOUNTS: u32 = 1000;
+const CLIENTS: usize = 8;
+
+fn log() -> Logger {
+    Logger::root(Discard, o!())
+}
+
+fn payload(rng: &mut fastrand::Rng) -> Vec<u8> {
+    let from = rng.u32(..ACCOUNTS);
+    let to = (from + rng.u32(1..ACCOUNTS)) % ACCOUNTS;
+    format!("{{\"from\":\"a{from}\",\"to\":\"a{to}\",\"amount\":1}}").into_bytes()
+}
+
+fn seed(ledger: &Ledger) {
+    let mut tx = ledger
+        .begin(TxContext {
+            tx_id: TxId::generate(),
+            handler: "seed".into(),
+            request: Vec::new(),
+            domain_id: 0,
+            policy_hash: [0; 32],
+        })
+        .unwrap();
+    for i in 0..ACCOUNTS {
+        tx.put(format!("acct/a{i}").as_bytes(), b"1000000000")
+            .unwrap();
+    }
+    tx.commit(Vec::new()).unwrap();
+}
+
+/// The SDK's `Db` straight over a ledger transaction (the in-process baseline).
+struct LedgerDb<'a>(&'a mut Tx);
+
+fn db_err(e: mayfly_ledger::TxError) -> DbError {
+    DbError::Internal {
+        message: e.to_string(),
+    }
+}
+
+impl Db for LedgerDb<'_> {
+    fn get(&mut self, key: &[u8]) -> Result<Option<Vec<u8>>, DbError> {
+        self.0.get(key).map_err(db_err)
+    }
+    fn put(&mut self, key: &[u8], value: &[u8]) -> Result<(), DbError> {
+        self.0.put(key, value).map_err(db_err)
+    }
+    fn delete(&mut self, key: &[u8]) -> Result<(), DbError> {
+        self.0.delete(key).map_err(db_err)
+    }
+    fn scan(&mut self, start: &[u8], end: Option<&[u8]>, limit: u32) -> Result<Scan, DbError> {
+        let s = self.0.scan(start, end, limit as usize).map_err(db_err)?;
+        Ok(Scan {
+            entries: s.entries,
+            more: s.more,
+        })
+    }
+    fn log(&mut self, _level: LogLevel, _line: &str) -> Result<(), DbError> {
+        Ok(())
+    }
+}
+
+// --- fork+exec backend ---------------------------------------------------------------------
+
+struct ExecDomain {
+    id: DomainId,
+    ready_id: u32,
+    ring: Ring,
+    notifier: EventFdNotifier,
+    child: Option<Child>,
+}
+
+impl Domain for ExecDomain {
+    fn id(&self) -> DomainId {
+        self.id
+    }
+    fn ready_id(&self) -> u32 {
+        self.ready_id
+    }
+    fn ring(&mut self) -> (&mut Ring, &dyn Notifier) {
+        (&mut self.ring, &self.notifier)
+    }
+    fn try_exit(&mut self) -> Result<Option<DomainExit>, DomainError> {
+        Ok(None)
+    }
+    fn destroy(mut self: Box<Self>) -> Result<DomainExit, DomainError> {
+        let mut child = self.child.take().unwrap();
+        let _ = child.kill();
+        let status = child.wait().unwrap();
+        Ok(DomainExit::Exited {
+            code: status.code().unwrap_or(-1),
+        })
+    }
+    fn quarantine(self: Box<Self>) -> Result<Quarantined, DomainError> {
+        Err(DomainError::Control {
+            backend: "fork+exec",
+            id: self.id,
+            source: "not supported".into(),
+        })
+    }
+}
+
+struct ExecBackend {
+    shim: PathBuf,
+    next: AtomicU32,
+    spawn_lock: Mutex<()>,
+}
+
+fn inheritable(fd: &OwnedFd) {
+    use nix::fcntl::{fcntl, FcntlArg, FdFlag};
+    fcntl(fd, FcntlArg::F_SETFD(FdFlag::empty())).unwrap();
+}
+
+impl DomainBackend for ExecBackend {
+    fn name(&self) -> &'static str {
+        "fork+exec"
+    }
+    fn take(&self, timeout: Duration) -> Result<Box<dyn Domain>, DomainError> {
+        let geometry = Geometry::DEFAULT;
+        let mem = MmapMem::memfd(c"mayfly-bench-ring", geometry.total_len()).unwrap();
+        let ring_fd = mem.fd().unwrap().try_clone_to_owned().unwrap();
+        let shared: Arc<dyn SharedMem> = Arc::new(mem);
+        let mut ring = Ring::new(shared, geometry).unwrap();
+        let (agent, guest) = EventFdNotifier::pair().unwrap();
+        let signal = guest.signal_fd().try_clone_to_owned().unwrap();
+        let wait = guest.wait_fd().try_clone_to_owned().unwrap();
+        drop(guest);
+        let child = {
+            // Inherited fds are made inheritable only under this lock, and closed right
+            // after the spawn, so no other child picks them up.
+            let _g = self.spawn_lock.lock().unwrap();
+            for fd in [&ring_fd, &signal, &wait] {
+                inheritable(fd);
+            }
+            let child = Command::new(&self.shim)
+                .arg("--ring-fd")
+                .arg(ring_fd.as_raw_fd().to_string())
+                .arg("--ring-len")
+                .arg(geometry.total_len().to_string())
+                .arg("--signal-fd")
+                .arg(signal.as_raw_fd().to_string())
+                .arg("--wait-fd")
+                .arg(wait.as_raw_fd().to_string())
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap();
+            drop((ring_fd, signal, wait));
+            child
+        };
+        let env = ring.recv_request(&agent, Some(timeout)).unwrap();
+        Ok(Box::new(ExecDomain {
+            id: self.next.fetch_add(1, Ordering::Relaxed),
+            ready_id: env.id,
+            ring,
+            notifier: agent,
+            child: Some(child),
+        }))
+    }
+    fn stats(&self) -> PoolStats {
+        PoolStats::default()
+    }
+    fn shutdown(&self) {}
+}
+
+// --- runs ----------------------------------------------------------------------------------
+
+struct Run {
+    rate: f64,
+    p50: Duration,
+    p99: Duration,
+}
+
+fn summarize(mut lat: Vec<Duration>, elapsed: Duration) -> Run {
+    lat.sort_unstable();
+    let pick = |q: f64| {
+        lat.get(((lat.len() as f64 - 1.0) * q) as usize)
+            .copied()
+            .unwrap_or_default()
+    };
+    Run {
+        rate: lat.len() as f64 / elapsed.as_secs_f64(),
+        p50: pick(0.5),
+        p99: pick(0.99),
+    }
+}
+
+fn clients<F>(secs: f64, f: F) -> Run
+where
+    F: Fn(&mut fastrand::Rng) + Send + Sync + 'static,
+{
+    let f = Arc::new(f);
+    let deadline = Instant::now() + Duration::from_secs_f64(secs);
+    let start = Instant::now();
+    let threads: Vec<_> = (0..CLIENTS)
+        .map(|c| {
+            let f = f.clone();
+            std::thread::spawn(move || {
+                let mut rng = fastrand::Rng::with_seed(c as u64 + 7);
+                let mut lat = Vec::new();
+                while Instant::now() < deadline {
+                    let t = Instant::now();
+                    f(&mut rng);
+                    lat.push(t.elapsed());
+                }
+                lat
+            })
+        })
+        .collect();
+    let lat: Vec<Duration> = threads
+        .into_iter()
+        .flat_map(|t| t.join().unwrap())
+        .collect();
+    summarize(lat, start.elapsed())
+}
+
+fn in_process(dir: &Path, secs: f64) -> Run {
+    let ledger = Ledger::open(dir, &Options::default(), &log()).unwrap();
+    seed(&ledger);
+    let transfer = mayfly_handlers::registry().get("transfer").unwrap();
+    clients(secs, move |rng| {
+        let p = payload(rng);
+        loop {
+            let mut tx = ledger
+                .begin(TxContext {
+                    tx_id: TxId::generate(),
+                    handler: "transfer".into(),
+                    request: p.clone(),
+                    domain_id: 0,
+                    policy_hash: [0; 32],
+                })
+                .unwrap();
+            let mut seed = [0u8; 32];
+            rng.fill(&mut seed);
+            let result = {
+                let mut db = LedgerDb(&mut tx);
+                let mut ctx = Ctx::new(&mut db, [0; 16], seed);
+                transfer(&mut ctx, &p).unwrap()
+            };
+            match tx.commit(result) {
+                Ok(_) => return,
+                Err(e) if e.is_conflict() => continue,
+                Err(e) => panic!("{e}"),
+            }
+        }
+    })
+}
+
+fn through_executor(dir: &Path, backend: Arc<dyn DomainBackend>, secs: f64) -> Run {
+    let ledger = Ledger::open(dir, &Options::default(), &log()).unwrap();
+    seed(&ledger);
+    let names = vec!["transfer".to_owned()];
+    let config = ExecutorConfig {
+        max_attempts: 100,
+        take_timeout: Duration::from_secs(30),
+        ..ExecutorConfig::default()
+    };
+    let ex = Arc::new(Executor::new(
+        ledger,
+        backend.clone(),
+        names,
+        config,
+        &log(),
+    ));
+    let run = clients(secs, move |rng| {
+        let o = ex
+            .execute(&TxRequest {
+                handler: "transfer".into(),
+                payload: payload(rng),
+                client: "bench".into(),
+            })
+            .unwrap();
+        assert_eq!(o.status, TxStatus::Committed, "{:?}", o.error);
+    });
+    backend.shutdown();
+    run
+}
+
+fn median(runs: &mut [Run]) -> (f64, Duration, Duration) {
+    let mut rates: Vec<f64> = runs.iter().map(|r| r.rate).collect();
+    let mut p50: Vec<Duration> = runs.iter().map(|r| r.p50).collect();
+    let mut p99: Vec<Duration> = runs.iter().map(|r| r.p99).collect();
+    rates.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    p50.sort_unstable();
+    p99.sort_unstable();
+    let m = runs.len() / 2;
+    (rates[m], p50[m], p99[m])
+}
+
+fn main() {
+    let measuring = std::env::args().any(|a| a == "--bench");
+    let env_or = |name: &str, d: f64| {
+        std::env::var(name)
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(d)
+    };
+    let secs = if measuring {
+        env_or("BENCH_SECS", 5.0)
+    } else {
+        0.3
+    };
+    let reps = if measuring {
+        env_or("BENCH_REPS", 3.0) as usize
+    } else {
+        1
+    };
+    let agent = PathBuf::from(env!("CARGO_BIN_EXE_dom0-agent"));
+    let shim = agent.with_file_name("domu-shim");
+    if !shim.exists() {
+        eprintln!(
+            "{} is missing: build it first with `cargo build {}-p domu-shim`",
+            shim.display(),
+            if measuring { "--release " } else { "" }
+        );
+        std::process::exit(2);
+    }
+    let root = tempfile::Builder::new()
+        .prefix("mayfly-txbench")
+        .tempdir_in(env!("CARGO_TARGET_TMPDIR"))
+        .unwrap();
+    println!(
+        "transactions bench: {CLIENTS} clients, {secs} s per run, {reps} interleaved repetitions"
+    );
+    let (mut inproc, mut exec, mut sandbox) = (Vec::new(), Vec::new(), Vec::new());
+    for rep in 0..reps {
+        let d = root.path().join(format!("inproc-{rep}"));
+        inproc.push(in_process(&d, secs));
+        let d = root.path().join(format!("exec-{rep}"));
+        let backend = Arc::new(ExecBackend {
+            shim: shim.clone(),
+            next: AtomicU32::new(1),
+            spawn_lock: Mutex::new(()),
+        });
+        exec.push(through_executor(&d, backend, secs));
+        let d = root.path().join(format!("sandbox-{rep}"));
+        let mut config = SandboxConfig::new(&agent, ["sandbox-zygote"], d.join("run"));
+        config.pool_size = 16;
+        let backend = Arc::new(Sandbox::start(config, log()).unwrap());
+        sandbox.push(through_executor(&d, backend, secs));
+    }
+    let rows = [
+        ("in-process", median(&mut inproc)),
+        ("fork+exec", median(&mut exec)),
+        ("sandbox", median(&mut sandbox)),
+    ];
+    let (sb_rate, sb_p50, _) = rows[2].1;
+    for (name, (rate, p50, p99)) in rows {
+        println!("{name:>10}: {rate:>8.0} tx/s  p50 {p50:>10.2?}  p99 {p99:>10.2?}");
+    }
+    println!(
+        "sandbox vs in-process: p50 {:.1}x; sandbox vs fork+exec: throughput {:.1}x",
+        sb_p50.as_secs_f64() / rows[0].1 .1.as_secs_f64(),
+        sb_rate / rows[1].1 .0
+    );
+}

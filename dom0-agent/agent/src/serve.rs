@@ -1,0 +1,265 @@
+//! `dom0-agent serve`: the appliance service. Opens the ledger, starts the domain backend,
+//! and serves the client API until SIGINT or SIGTERM.
+//!
+//! Settings come from an optional TOML file (`--config`) and from flags; a flag given on the
+//! command line wins. Every key of the file is also a flag:
+//!
+//! ```toml
+//! backend = "sandbox"        # only the sandbox backend exists so far
+//! data_dir = "/var/lib/mayfly"
+//! listen = "127.0.0.1:8450"
+//! pool_size = 8              # ready clones kept ahead of demand
+//! workers = 16               # HTTP worker threads
+//! max_in_flight = 64         # transactions at once; more get 503
+//! tx_timeout_ms = 5000       # Start to Commit/Abort
+//! map_size_mib = 4096        # largest ledger size
+//! memory_mib = 256           # address-space limit of each domain
+//! cpu_seconds = 10           # CPU-time limit of each domain
+//! ```
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use mayfly_api::{ApiConfig, Server};
+use mayfly_domain::DomainBackend;
+use mayfly_executor::{Executor, ExecutorConfig};
+use mayfly_ledger::{codec::hex, AuditEvent, Ledger, Options, Severity, StoreOptions};
+use mayfly_sandbox::{Sandbox, SandboxConfig};
+use nix::sys::signal::{SigSet, Signal};
+use serde::Deserialize;
+use slog::{info, Logger};
+
+/// Arguments of `serve`.
+#[derive(clap::Args, Default)]
+pub struct ServeArgs {
+    /// TOML configuration file; flags override its values.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Domain backend: "sandbox" (process isolation; the Xen backend is not built yet).
+    #[arg(long)]
+    backend: Option<String>,
+    /// Ledger data directory [default: ./mayfly-data].
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Client API address [default: 127.0.0.1:8450]; port 0 picks a free port.
+    #[arg(long)]
+    listen: Option<SocketAddr>,
+    /// Ready domains kept ahead of demand [default: 8].
+    #[arg(long)]
+    pool_size: Option<usize>,
+    /// HTTP worker threads [default: 16].
+    #[arg(long)]
+    workers: Option<usize>,
+    /// Transactions running at once; more are refused with 503 [default: 64].
+    #[arg(long)]
+    max_in_flight: Option<usize>,
+    /// Per-transaction time limit in ms [default: 5000].
+    #[arg(long)]
+    tx_timeout_ms: Option<u64>,
+    /// Largest ledger size in MiB [default: 4096].
+    #[arg(long)]
+    map_size_mib: Option<usize>,
+    /// Address-space limit of each domain in MiB [default: 256].
+    #[arg(long)]
+    memory_mib: Option<u64>,
+    /// CPU-time limit of each domain in seconds [default: 10].
+    #[arg(long)]
+    cpu_seconds: Option<u64>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    backend: Option<String>,
+    data_dir: Option<PathBuf>,
+    listen: Option<SocketAddr>,
+    pool_size: Option<usize>,
+    workers: Option<usize>,
+    max_in_flight: Option<usize>,
+    tx_timeout_ms: Option<u64>,
+    map_size_mib: Option<usize>,
+    memory_mib: Option<u64>,
+    cpu_seconds: Option<u64>,
+}
+
+/// The settings in force, after merging file and flags.
+struct Settings {
+    backend: String,
+    data_dir: PathBuf,
+    listen: SocketAddr,
+    pool_size: usize,
+    workers: usize,
+    max_in_flight: usize,
+    tx_timeout: Duration,
+    map_size: usize,
+    memory_bytes: u64,
+    cpu_seconds: u64,
+}
+
+fn load(args: &ServeArgs) -> anyhow::Result<Settings> {
+    let file: FileConfig = match &args.config {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading the configuration {}", path.display()))?;
+            toml::from_str(&text)
+                .with_context(|| format!("in the configuration {}", path.display()))?
+        }
+        None => FileConfig::default(),
+    };
+    let s = Settings {
+        backend: args
+            .backend
+            .clone()
+            .or(file.backend)
+            .unwrap_or_else(|| "sandbox".into()),
+        data_dir: args
+            .data_dir
+            .clone()
+            .or(file.data_dir)
+            .unwrap_or_else(|| "./mayfly-data".into()),
+        listen: args
+            .listen
+            .or(file.listen)
+            .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 8450))),
+        pool_size: args.pool_size.or(file.pool_size).unwrap_or(8),
+        workers: args.workers.or(file.workers).unwrap_or(16),
+        max_in_flight: args.max_in_flight.or(file.max_in_flight).unwrap_or(64),
+        tx_timeout: Duration::from_millis(
+            args.tx_timeout_ms.or(file.tx_timeout_ms).unwrap_or(5000),
+        ),
+        map_size: args
+            .map_size_mib
+            .or(file.map_size_mib)
+            .unwrap_or(4096)
+            .saturating_mul(1 << 20),
+        memory_bytes: args
+            .memory_mib
+            .or(file.memory_mib)
+            .unwrap_or(256)
+            .saturating_mul(1 << 20),
+        cpu_seconds: args.cpu_seconds.or(file.cpu_seconds).unwrap_or(10),
+    };
+    match s.backend.as_str() {
+        "sandbox" => {}
+        "xen" => bail!("the xen backend is not built yet; use --backend sandbox"),
+        other => bail!("unknown backend {other:?}; use --backend sandbox"),
+    }
+    if s.workers == 0 || s.max_in_flight == 0 {
+        bail!("workers and max_in_flight must be at least 1");
+    }
+    if s.tx_timeout.is_zero() {
+        bail!("tx_timeout_ms must be at least 1");
+    }
+    if s.map_size < (16 << 20) {
+        bail!("map_size_mib must be at least 16");
+    }
+    Ok(s)
+}
+
+fn sandbox(s: &Settings, log: &Logger) -> anyhow::Result<Sandbox> {
+    let exe =
+        std::env::current_exe().context("locating the agent's own executable for the zygote")?;
+    let mut config = SandboxConfig::new(exe, ["sandbox-zygote"], s.data_dir.join("run"));
+    config.pool_size = s.pool_size;
+    config.max_in_use = s.max_in_flight.max(s.pool_size);
+    config.limits.memory_bytes = s.memory_bytes;
+    config.limits.cpu_seconds = s.cpu_seconds;
+    Sandbox::start(config, log.clone()).context("starting the sandbox backend")
+}
+
+fn block_stop_signals() -> anyhow::Result<SigSet> {
+    let mut set = SigSet::empty();
+    set.add(Signal::SIGINT);
+    set.add(Signal::SIGTERM);
+    // Blocked before any thread starts, so every thread inherits the mask and the main
+    // thread alone takes the signal in `wait`.
+    set.thread_block().context("blocking SIGINT/SIGTERM")?;
+    Ok(set)
+}
+
+/// Runs the service until SIGINT or SIGTERM; returns the exit code.
+pub fn run(args: &ServeArgs, log: &Logger) -> anyhow::Result<u8> {
+    let s = load(args)?;
+    let signals = block_stop_signals()?;
+    let options = Options {
+        store: StoreOptions {
+            map_size: s.map_size,
+            ..StoreOptions::default()
+        },
+        ..Options::default()
+    };
+    let ledger = Ledger::open(&s.data_dir, &options, log)
+        .with_context(|| format!("opening the ledger in {}", s.data_dir.display()))?;
+    let backend: Arc<dyn DomainBackend> = Arc::new(sandbox(&s, log)?);
+    let names = crate::zygote::handler_names();
+    let executor = Arc::new(Executor::new(
+        ledger.clone(),
+        backend.clone(),
+        names.clone(),
+        ExecutorConfig {
+            tx_timeout: s.tx_timeout,
+            ..ExecutorConfig::default()
+        },
+        log,
+    ));
+    let api = ApiConfig {
+        listen: s.listen,
+        workers: s.workers,
+        max_in_flight: s.max_in_flight,
+        ..ApiConfig::default()
+    };
+    let server = match Server::start(api, executor, log) {
+        Ok(server) => server,
+        Err(e) => {
+            backend.shutdown();
+            return Err(e.into());
+        }
+    };
+    let addr = server.local_addr();
+    ledger.audit(vec![AuditEvent::new("agent.started", Severity::Notice)
+        .field("backend", backend.name())
+        .field("listen", addr)
+        .field("pool_size", s.pool_size)])?;
+    info!(log, "serving"; "addr" => %addr, "backend" => backend.name());
+    print_banner(addr, &s.data_dir, &ledger, &names);
+
+    let signal = signals.wait().context("waiting for SIGINT/SIGTERM")?;
+    eprintln!("dom0-agent: {signal:?} received, stopping");
+    server.shutdown();
+    backend.shutdown();
+    ledger.audit(vec![
+        AuditEvent::new("agent.stopped", Severity::Notice).field("signal", signal.as_str())
+    ])?;
+    Ok(0)
+}
+
+fn print_banner(addr: SocketAddr, dir: &Path, ledger: &Ledger, handlers: &[String]) {
+    let url = format!("http://{addr}");
+    println!("mayfly: serving on {url} (sandbox backend: process isolation, not a VM)");
+    println!(
+        "mayfly: ledger {} (public key {})",
+        dir.display(),
+        hex(&ledger.public_key())
+    );
+    println!("mayfly: handlers: {}", handlers.join(", "));
+    println!("Try it:");
+    println!(
+        "  curl -s -X POST {url}/v1/transactions -d '{{\"handler\":\"open_account\",\"payload\":{{\"name\":\"alice\",\"balance\":100}}}}'"
+    );
+    println!(
+        "  curl -s -X POST {url}/v1/transactions -d '{{\"handler\":\"open_account\",\"payload\":{{\"name\":\"bob\",\"balance\":0}}}}'"
+    );
+    println!(
+        "  curl -s -X POST {url}/v1/transactions -d '{{\"handler\":\"transfer\",\"payload\":{{\"from\":\"alice\",\"to\":\"bob\",\"amount\":5}}}}'"
+    );
+    println!("  curl -s {url}/v1/health");
+    println!(
+        "Stop with Ctrl-C; then `dom0-agent verify --data-dir {}`.",
+        dir.display()
+    );
+    use std::io::Write;
+    let _ = std::io::stdout().flush();
+}

@@ -1,0 +1,174 @@
+//! Helpers for end-to-end tests: a `dom0-agent serve` process on loopback and a minimal
+//! HTTP/1.1 client (one request per connection).
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use serde_json::Value;
+
+pub fn agent_exe() -> &'static str {
+    env!("CARGO_BIN_EXE_dom0-agent")
+}
+
+/// A running `dom0-agent serve`; stopped with SIGTERM on drop.
+pub struct Agent {
+    pub child: Option<Child>,
+    pub addr: SocketAddr,
+    pub dir: PathBuf,
+}
+
+impl Agent {
+    pub fn start(dir: &Path, extra: &[&str]) -> Agent {
+        let mut command = Command::new(agent_exe());
+        command
+            .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(dir);
+        if !extra.contains(&"--pool-size") {
+            command.args(["--pool-size", "4"]);
+        }
+        let mut child = command
+            .args(extra)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn dom0-agent serve");
+        let stdout = child.stdout.take().unwrap();
+        let mut lines = BufReader::new(stdout).lines();
+        let addr = loop {
+            let line = lines
+                .next()
+                .expect("agent exited before serving")
+                .expect("read agent stdout");
+            if let Some(rest) = line.strip_prefix("mayfly: serving on http://") {
+                let addr = rest.split_whitespace().next().unwrap();
+                break addr.parse().unwrap();
+            }
+        };
+        // Keep draining stdout so the agent never blocks on a full pipe.
+        std::thread::spawn(move || for _ in lines {});
+        Agent {
+            child: Some(child),
+            addr,
+            dir: dir.to_path_buf(),
+        }
+    }
+
+    pub fn post(&self, body: &str) -> (u16, Value) {
+        request(self.addr, "POST", "/v1/transactions", body)
+    }
+
+    pub fn tx(&self, handler: &str, payload: Value) -> (u16, Value) {
+        self.post(&serde_json::json!({"handler": handler, "payload": payload}).to_string())
+    }
+
+    pub fn get(&self, path: &str) -> (u16, Value) {
+        request(self.addr, "GET", path, "")
+    }
+
+    /// Stops the agent with SIGTERM and returns its exit status.
+    pub fn stop(&mut self) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("already stopped");
+        let pid = nix::unistd::Pid::from_raw(i32::try_from(child.id()).unwrap());
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+        child.wait().unwrap()
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if self.child.is_some() {
+            let _ = self.stop();
+        }
+    }
+}
+
+/// One HTTP/1.1 request; returns the status and the JSON body.
+pub fn request(addr: SocketAddr, method: &str, path: &str, body: &str) -> (u16, Value) {
+    let (status, raw) = raw_request(addr, method, path, body.as_bytes());
+    let json = serde_json::from_slice(&raw)
+        .unwrap_or_else(|e| panic!("non-JSON body ({e}): {}", String::from_utf8_lossy(&raw)));
+    (status, json)
+}
+
+pub fn raw_request(addr: SocketAddr, method: &str, path: &str, body: &[u8]) -> (u16, Vec<u8>) {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    let head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    s.write_all(head.as_bytes()).unwrap();
+    s.write_all(body).unwrap();
+    let mut resp = Vec::new();
+    s.read_to_end(&mut resp).unwrap();
+    let split = resp
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .expect("HTTP head");
+    let head = String::from_utf8_lossy(&resp[..split]).into_owned();
+    let status: u16 = head.split_whitespace().nth(1).unwrap().parse().unwrap();
+    let mut body = resp[split + 4..].to_vec();
+    if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        body = dechunk(&body);
+    }
+    (status, body)
+}
+
+fn dechunk(mut b: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    loop {
+        let Some(end) = b.windows(2).position(|w| w == b"\r\n") else {
+            return out;
+        };
+        let size =
+            usize::from_str_radix(std::str::from_utf8(&b[..end]).unwrap().trim(), 16).unwrap();
+        if size == 0 {
+            return out;
+        }
+        out.extend_from_slice(&b[end + 2..end + 2 + size]);
+        b = &b[end + 2 + size + 2..];
+    }
+}
+
+/// Every audit record's event name and fields, read from the ledger (also while the agent
+/// runs: LMDB readers in another process are safe).
+pub fn audit(dir: &Path) -> Vec<(String, std::collections::BTreeMap<String, String>)> {
+    let store =
+        mayfly_ledger::store::open_read_only(dir, &mayfly_ledger::StoreOptions::default()).unwrap();
+    store
+        .audit_records(1, usize::MAX)
+        .unwrap()
+        .into_iter()
+        .map(|r| (r.event.event, r.event.fields))
+        .collect()
+}
+
+/// Whether a process with this pid exists (and is not a zombie).
+pub fn process_alive(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => !stat
+            .rsplit(')')
+            .next()
+            .is_some_and(|rest| rest.trim_start().starts_with('Z')),
+        Err(_) => false,
+    }
+}
+
+pub fn verify(dir: &Path) -> (bool, String) {
+    let out = Command::new(agent_exe())
+        .args(["verify", "--quiet", "--data-dir"])
+        .arg(dir)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
+}

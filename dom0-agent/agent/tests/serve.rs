@@ -1,0 +1,218 @@
+//! The transaction path end to end, with real processes: `dom0-agent serve` on the sandbox
+//! backend, driven over HTTP on loopback.
+
+mod common;
+
+use std::collections::BTreeSet;
+
+use common::{audit, process_alive, raw_request, verify, Agent};
+use serde_json::{json, Value};
+
+fn open(agent: &Agent, name: &str, balance: u64) {
+    let (code, body) = agent.tx("open_account", json!({"name": name, "balance": balance}));
+    assert_eq!(code, 200, "{body}");
+}
+
+fn balance(agent: &Agent, name: &str) -> u64 {
+    let (code, body) = agent.tx("balance", json!({"name": name}));
+    assert_eq!(code, 200, "{body}");
+    body["result"]["balance"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no balance in {body}"))
+}
+
+#[test]
+fn transactions_commit_with_checkpoints_each_in_its_own_vanished_domain() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut agent = Agent::start(dir.path(), &[]);
+    open(&agent, "alice", 100);
+    open(&agent, "bob", 0);
+
+    let mut tx_ids = Vec::new();
+    for _ in 0..5 {
+        let (code, body) = agent.tx(
+            "transfer",
+            json!({"from": "alice", "to": "bob", "amount": 7}),
+        );
+        assert_eq!(code, 200, "{body}");
+        assert_eq!(body["status"], "committed");
+        tx_ids.push(body["tx_id"].as_str().unwrap().to_owned());
+    }
+    assert_eq!(balance(&agent, "alice"), 65);
+    assert_eq!(balance(&agent, "bob"), 35);
+
+    // The overdraft is refused by the handler: 422, nothing written.
+    let (code, body) = agent.tx(
+        "transfer",
+        json!({"from": "bob", "to": "alice", "amount": 1000}),
+    );
+    assert_eq!(code, 422, "{body}");
+    assert_eq!(body["status"], "aborted");
+    assert!(
+        body["error"].as_str().unwrap().contains("insufficient"),
+        "{body}"
+    );
+    let aborted_id = body["tx_id"].as_str().unwrap().to_owned();
+    assert_eq!(balance(&agent, "bob"), 35);
+
+    // Checkpoint summaries come from the ledger.
+    let (code, body) = agent.get(&format!("/v1/transactions/{}", tx_ids[0]));
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(body["status"], "committed");
+    assert_eq!(body["checkpoint"]["handler"], "transfer");
+    assert_eq!(body["checkpoint"]["writes"], 2);
+    let keys: BTreeSet<&str> = body["checkpoint"]["written_keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| k.as_str().unwrap())
+        .collect();
+    assert_eq!(keys, BTreeSet::from(["acct/alice", "acct/bob"]));
+    let (code, body) = agent.get(&format!("/v1/transactions/{aborted_id}"));
+    assert_eq!((code, body["status"].as_str()), (200, Some("aborted")));
+    let (code, _) = agent.get(&format!("/v1/transactions/{}", "0".repeat(32)));
+    assert_eq!(code, 404);
+
+    // Every transaction ran in its own clone, and no clone outlived its transaction.
+    let events = audit(dir.path());
+    let handles: Vec<u32> = events
+        .iter()
+        .filter(|(e, _)| e == "domain.cloned")
+        .map(|(_, f)| f["handle"].parse().unwrap())
+        .collect();
+    assert!(handles.len() >= 10, "{handles:?}");
+    let distinct: BTreeSet<_> = handles.iter().collect();
+    assert_eq!(
+        distinct.len(),
+        handles.len(),
+        "a domain was reused: {handles:?}"
+    );
+    for pid in &handles {
+        assert!(
+            !process_alive(*pid),
+            "clone {pid} still exists after its transaction: {:?}",
+            std::fs::read_to_string(format!("/proc/{pid}/status")).map(|s| s
+                .lines()
+                .take(8)
+                .collect::<Vec<_>>()
+                .join(" | "))
+        );
+    }
+    let started = events.iter().filter(|(e, _)| e == "domain.started").count();
+    let destroyed = events
+        .iter()
+        .filter(|(e, _)| e == "domain.destroyed")
+        .count();
+    assert_eq!(started, handles.len());
+    assert!(
+        destroyed >= started - 1,
+        "destroyed {destroyed} of {started}"
+    );
+
+    let (code, health) = agent.get("/v1/health");
+    assert_eq!(code, 200);
+    assert_eq!(health["backend"], "sandbox");
+    assert!(health["ledger"]["checkpoint_seq"].as_u64().unwrap() >= 8);
+
+    assert!(agent.stop().success());
+    let (ok, out) = verify(dir.path());
+    assert!(ok, "{out}");
+}
+
+#[test]
+fn bad_requests_get_clear_client_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let agent = Agent::start(dir.path(), &[]);
+    let (code, body) = agent.post("{not json");
+    assert_eq!(code, 400);
+    assert!(
+        body["error"]
+            .as_str()
+            .unwrap()
+            .starts_with("malformed request"),
+        "{body}"
+    );
+    let (code, body) = agent.post(r#"{"handler":"transfer","payload":{},"surprise":1}"#);
+    assert_eq!(code, 400, "{body}");
+    let (code, body) = agent.tx("no_such_handler", json!({}));
+    assert_eq!(code, 404);
+    assert!(
+        body["error"].as_str().unwrap().contains("known: "),
+        "{body}"
+    );
+    let big = json!({"handler": "kv", "payload": "x".repeat(70_000)}).to_string();
+    let (code, _) = agent.post(&big);
+    assert_eq!(code, 413);
+    let huge = vec![b' '; 300 * 1024];
+    let (code, _) = raw_request(agent.addr, "POST", "/v1/transactions", &huge);
+    assert_eq!(code, 413);
+    let (code, _) = agent.get("/v1/nothing");
+    assert_eq!(code, 404);
+    let (code, _) = agent.get("/v1/transactions/not-hex");
+    assert_eq!(code, 400);
+}
+
+#[test]
+fn an_idempotency_key_runs_a_transaction_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let agent = Agent::start(dir.path(), &[]);
+    open(&agent, "a", 10);
+    open(&agent, "b", 0);
+    let body = json!({"handler": "transfer", "payload": {"from": "a", "to": "b", "amount": 1}, "idempotency_key": "order-1"}).to_string();
+    let (c1, r1) = agent.post(&body);
+    let (c2, r2) = agent.post(&body);
+    assert_eq!((c1, c2), (200, 200));
+    assert_eq!(r1["tx_id"], r2["tx_id"]);
+    assert_eq!(
+        balance(&agent, "b"),
+        1,
+        "the repeat must not transfer again"
+    );
+    let other = json!({"handler": "transfer", "payload": {"from": "a", "to": "b", "amount": 2}, "idempotency_key": "order-1"}).to_string();
+    let (code, _) = agent.post(&other);
+    assert_eq!(code, 422, "same key, different request");
+}
+
+#[test]
+fn many_concurrent_clients_keep_the_bank_total_constant() {
+    const ACCOUNTS: usize = 6;
+    let dir = tempfile::tempdir().unwrap();
+    let mut agent = Agent::start(dir.path(), &["--pool-size", "8"]);
+    for i in 0..ACCOUNTS {
+        open(&agent, &format!("u{i}"), 1000);
+    }
+    let addr = agent.addr;
+    let clients: Vec<_> = (0..8)
+        .map(|c| {
+            std::thread::spawn(move || {
+                let mut rng = fastrand::Rng::with_seed(c);
+                let mut committed = 0;
+                for _ in 0..25 {
+                    let from = rng.usize(..ACCOUNTS);
+                    let to = (from + rng.usize(1..ACCOUNTS)) % ACCOUNTS;
+                    let body = json!({"handler": "transfer", "payload": {"from": format!("u{from}"), "to": format!("u{to}"), "amount": rng.u64(1..=300)}});
+                    let (code, resp) = common::request(addr, "POST", "/v1/transactions", &body.to_string());
+                    match code {
+                        200 => committed += 1,
+                        422 => assert!(resp["error"].as_str().unwrap().contains("insufficient"), "{resp}"),
+                        _ => panic!("{code}: {resp}"),
+                    }
+                }
+                committed
+            })
+        })
+        .collect();
+    let committed: u32 = clients.into_iter().map(|c| c.join().unwrap()).sum();
+    assert!(
+        committed > 100,
+        "only {committed} of 200 transfers committed"
+    );
+    let total: u64 = (0..ACCOUNTS)
+        .map(|i| balance(&agent, &format!("u{i}")))
+        .sum();
+    assert_eq!(total, ACCOUNTS as u64 * 1000);
+    assert!(agent.stop().success());
+    let (ok, out) = verify(dir.path());
+    assert!(ok, "{out}");
+    let _: Value = Value::Null;
+}
