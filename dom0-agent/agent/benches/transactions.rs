@@ -224,14 +224,14 @@ fn summarize(mut lat: Vec<Duration>, elapsed: Duration) -> Run {
     }
 }
 
-fn clients<F>(secs: f64, f: F) -> Run
+fn clients<F>(n: usize, secs: f64, f: F) -> Run
 where
     F: Fn(&mut fastrand::Rng) + Send + Sync + 'static,
 {
     let f = Arc::new(f);
     let deadline = Instant::now() + Duration::from_secs_f64(secs);
     let start = Instant::now();
-    let threads: Vec<_> = (0..CLIENTS)
+    let threads: Vec<_> = (0..n)
         .map(|c| {
             let f = f.clone();
             std::thread::spawn(move || {
@@ -253,11 +253,11 @@ where
     summarize(lat, start.elapsed())
 }
 
-fn in_process(dir: &Path, secs: f64) -> Run {
+fn in_process(dir: &Path, n: usize, secs: f64) -> Run {
     let ledger = Ledger::open(dir, &Options::default(), &log()).unwrap();
     seed(&ledger);
     let transfer = mayfly_handlers::registry().get("transfer").unwrap();
-    clients(secs, move |rng| {
+    clients(n, secs, move |rng| {
         let p = payload(rng);
         loop {
             let mut tx = ledger
@@ -285,7 +285,7 @@ fn in_process(dir: &Path, secs: f64) -> Run {
     })
 }
 
-fn through_executor(dir: &Path, backend: Arc<dyn DomainBackend>, secs: f64) -> Run {
+fn through_executor(dir: &Path, backend: Arc<dyn DomainBackend>, n: usize, secs: f64) -> Run {
     let ledger = Ledger::open(dir, &Options::default(), &log()).unwrap();
     seed(&ledger);
     let names = vec!["transfer".to_owned()];
@@ -301,7 +301,7 @@ fn through_executor(dir: &Path, backend: Arc<dyn DomainBackend>, secs: f64) -> R
         config,
         &log(),
     ));
-    let run = clients(secs, move |rng| {
+    let run = clients(n, secs, move |rng| {
         let o = ex
             .execute(&TxRequest {
                 handler: "transfer".into(),
@@ -324,6 +324,20 @@ fn median(runs: &mut [Run]) -> (f64, Duration, Duration) {
     p99.sort_unstable();
     let m = runs.len() / 2;
     (rates[m], p50[m], p99[m])
+}
+
+fn exec_backend(shim: &Path) -> Arc<dyn DomainBackend> {
+    Arc::new(ExecBackend {
+        shim: shim.to_path_buf(),
+        next: AtomicU32::new(1),
+        spawn_lock: Mutex::new(()),
+    })
+}
+
+fn sandbox_backend(agent: &Path, dir: &Path) -> Arc<dyn DomainBackend> {
+    let mut config = SandboxConfig::new(agent, ["sandbox-zygote"], dir.join("run"));
+    config.pool_size = 16;
+    Arc::new(Sandbox::start(config, log()).unwrap())
 }
 
 fn main() {
@@ -358,38 +372,47 @@ fn main() {
         .prefix("mayfly-txbench")
         .tempdir_in(env!("CARGO_TARGET_TMPDIR"))
         .unwrap();
-    println!(
-        "transactions bench: {CLIENTS} clients, {secs} s per run, {reps} interleaved repetitions"
-    );
-    let (mut inproc, mut exec, mut sandbox) = (Vec::new(), Vec::new(), Vec::new());
-    for rep in 0..reps {
-        let d = root.path().join(format!("inproc-{rep}"));
-        inproc.push(in_process(&d, secs));
-        let d = root.path().join(format!("exec-{rep}"));
-        let backend = Arc::new(ExecBackend {
-            shim: shim.clone(),
-            next: AtomicU32::new(1),
-            spawn_lock: Mutex::new(()),
-        });
-        exec.push(through_executor(&d, backend, secs));
-        let d = root.path().join(format!("sandbox-{rep}"));
-        let mut config = SandboxConfig::new(&agent, ["sandbox-zygote"], d.join("run"));
-        config.pool_size = 16;
-        let backend = Arc::new(Sandbox::start(config, log()).unwrap());
-        sandbox.push(through_executor(&d, backend, secs));
+    if let Ok(only) = std::env::var("BENCH_ONLY") {
+        // Profiling aid: one configuration, one run, CLIENTS clients.
+        let d = root.path().join("only");
+        let run = match only.as_str() {
+            "in-process" => in_process(&d, CLIENTS, secs),
+            "fork+exec" => through_executor(&d, exec_backend(&shim), CLIENTS, secs),
+            _ => through_executor(&d, sandbox_backend(&agent, &d), CLIENTS, secs),
+        };
+        println!(
+            "{only}: {:.0} tx/s p50 {:.2?} p99 {:.2?}",
+            run.rate, run.p50, run.p99
+        );
+        return;
     }
-    let rows = [
-        ("in-process", median(&mut inproc)),
-        ("fork+exec", median(&mut exec)),
-        ("sandbox", median(&mut sandbox)),
-    ];
-    let (sb_rate, sb_p50, _) = rows[2].1;
-    for (name, (rate, p50, p99)) in rows {
-        println!("{name:>10}: {rate:>8.0} tx/s  p50 {p50:>10.2?}  p99 {p99:>10.2?}");
+    println!("transactions bench: {secs} s per run, {reps} interleaved repetitions");
+    for n in [1, CLIENTS] {
+        let (mut inproc, mut exec, mut sandbox) = (Vec::new(), Vec::new(), Vec::new());
+        for rep in 0..reps {
+            let d = root.path().join(format!("inproc-{n}-{rep}"));
+            inproc.push(in_process(&d, n, secs));
+            let d = root.path().join(format!("exec-{n}-{rep}"));
+            exec.push(through_executor(&d, exec_backend(&shim), n, secs));
+            let d = root.path().join(format!("sandbox-{n}-{rep}"));
+            sandbox.push(through_executor(&d, sandbox_backend(&agent, &d), n, secs));
+        }
+        let rows = [
+            ("in-process", median(&mut inproc)),
+            ("fork+exec", median(&mut exec)),
+            ("sandbox", median(&mut sandbox)),
+        ];
+        println!("{n} client(s):");
+        for (name, (rate, p50, p99)) in rows {
+            println!("  {name:>10}: {rate:>8.0} tx/s  p50 {p50:>10.2?}  p99 {p99:>10.2?}");
+        }
+        let ((ir, ip, _), (er, ep, _), (sr, sp, _)) = (rows[0].1, rows[1].1, rows[2].1);
+        println!(
+            "  sandbox vs in-process: p50 {:.1}x, throughput {:.2}x | sandbox vs fork+exec: throughput {:.1}x, p50 {:.2}x",
+            sp.as_secs_f64() / ip.as_secs_f64(),
+            sr / ir,
+            sr / er,
+            sp.as_secs_f64() / ep.as_secs_f64(),
+        );
     }
-    println!(
-        "sandbox vs in-process: p50 {:.1}x; sandbox vs fork+exec: throughput {:.1}x",
-        sb_p50.as_secs_f64() / rows[0].1 .1.as_secs_f64(),
-        sb_rate / rows[1].1 .0
-    );
 }

@@ -211,7 +211,7 @@ pub fn run(args: &ServeArgs, log: &Logger) -> anyhow::Result<u8> {
         max_in_flight: s.max_in_flight,
         ..ApiConfig::default()
     };
-    let server = match Server::start(api, executor, log) {
+    let server = match Server::start(api, executor.clone(), log) {
         Ok(server) => server,
         Err(e) => {
             backend.shutdown();
@@ -229,6 +229,8 @@ pub fn run(args: &ServeArgs, log: &Logger) -> anyhow::Result<u8> {
     let signal = signals.wait().context("waiting for SIGINT/SIGTERM")?;
     eprintln!("dom0-agent: {signal:?} received, stopping");
     server.shutdown();
+    executor.wait_for_reapers();
+    drop(executor);
     backend.shutdown();
     ledger.audit(vec![
         AuditEvent::new("agent.stopped", Severity::Notice).field("signal", signal.as_str())

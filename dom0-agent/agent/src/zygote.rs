@@ -40,10 +40,19 @@ fn clone_main(registry: &mut Registry, ring: ChildRing) -> i32 {
     domu_shim::run(mem, &notifier, registry)
 }
 
+/// The template's state, built once before any clone: the handlers, plus everything that is
+/// lazily initialised on first use and would otherwise be redone in every clone (the
+/// ChaCha20 backend probes the CPU with `cpuid`, which traps to the hypervisor in a VM).
+fn template() -> Registry {
+    let mut warm = mayfly_sdk::HandlerRng::from_seed([0; 32]);
+    std::hint::black_box(warm.next_u64());
+    registry()
+}
+
 /// Runs the zygote; never returns on success.
 pub fn run() -> ExitCode {
     match mayfly_sandbox::zygote::control_fd_from_env() {
-        Ok(control) => mayfly_sandbox::zygote_main_with(control, registry, clone_main),
+        Ok(control) => mayfly_sandbox::zygote_main_with(control, template, clone_main),
         Err(e) => {
             eprintln!("dom0-agent sandbox-zygote: {e}");
             ExitCode::from(2)

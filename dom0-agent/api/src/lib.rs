@@ -4,6 +4,7 @@
 //! POST /v1/transactions        {"handler": "transfer", "payload": {...}, "idempotency_key": "k1"}
 //!   200 committed   {"tx_id", "status": "committed", "result", "seq", "domain_id", "attempts"}
 //!   422 aborted     {"tx_id", "status": "aborted", "error": <handler's reason>, ...}
+//!   409 failed      serialization conflicts on every attempt (contention): retry later
 //!   500 failed      {"tx_id", "status": "failed", "error": <what the domain did>, ...}
 //!   400 malformed JSON or fields · 404 unknown handler · 413 body too large
 //!   503 overloaded (too many in flight, or no domain in time), with Retry-After
@@ -27,7 +28,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
-use mayfly_executor::{ExecError, Executor, TxOutcome, TxRequest, TxStatus};
+use mayfly_executor::{ExecError, Executor, Failure, TxOutcome, TxRequest, TxStatus};
 use mayfly_ledger::{codec::hex, TxId};
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -315,10 +316,12 @@ fn outcome_json(o: &TxOutcome) -> (u16, Value) {
             }
         }
     }
-    let code = match o.status {
-        TxStatus::Committed => 200,
-        TxStatus::Aborted => 422,
-        TxStatus::Failed => 500,
+    let code = match (o.status, &o.failure) {
+        (TxStatus::Committed, _) => 200,
+        (TxStatus::Aborted, _) => 422,
+        // Contention, not a fault: the client may retry.
+        (TxStatus::Failed, Some(Failure::Conflicts)) => 409,
+        (TxStatus::Failed, _) => 500,
     };
     (code, body)
 }
@@ -414,6 +417,7 @@ fn submit(shared: &Shared, raw: &[u8], client: String) -> (u16, Value, bool) {
     match result {
         Ok(outcome) => {
             let (code, json_body) = outcome_json(&outcome);
+            let retry = code == 409;
             if let Ok(mut mem) = shared.memory.lock() {
                 if outcome.status != TxStatus::Committed {
                     mem.remember_outcome(outcome.tx_id, json_body.clone());
@@ -429,7 +433,7 @@ fn submit(shared: &Shared, raw: &[u8], client: String) -> (u16, Value, bool) {
                     );
                 }
             }
-            (code, json_body, false)
+            (code, json_body, retry)
         }
         Err(e) => {
             forget_key(shared);

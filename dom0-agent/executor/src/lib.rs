@@ -22,7 +22,8 @@
 #![forbid(unsafe_code)]
 
 use std::collections::BTreeSet;
-use std::sync::Arc;
+use std::sync::{mpsc, Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use mayfly_domain::{Domain, DomainBackend, DomainError, DomainExit};
@@ -57,7 +58,7 @@ impl Default for ExecutorConfig {
             tx_timeout: Duration::from_secs(5),
             take_timeout: Duration::from_secs(2),
             max_ops: 10_000,
-            max_attempts: 4,
+            max_attempts: 16,
             policy_hash: [0; 32],
         }
     }
@@ -137,14 +138,17 @@ pub struct TxOutcome {
     pub result: Vec<u8>,
     /// The abort reason or failure, if not committed.
     pub error: Option<String>,
+    /// What failed, when the status is `Failed`.
+    pub failure: Option<Failure>,
     /// Commit sequence (committed only).
     pub seq: Option<u64>,
     /// Domain of the last attempt.
     pub domain_id: u32,
     /// Attempts made (more than one after conflicts).
     pub attempts: u32,
-    /// How the last domain ended.
-    pub domain_exit: DomainExit,
+    /// How the last domain ended, if it was destroyed before the answer (failures are);
+    /// `None` when a reaper thread destroys it after the answer (normal ends).
+    pub domain_exit: Option<DomainExit>,
 }
 
 /// Why a transaction could not be run at all.
@@ -176,9 +180,11 @@ pub struct Executor {
     handlers: BTreeSet<String>,
     config: ExecutorConfig,
     log: Logger,
+    reaper: Reaper,
 }
 
 /// What serving one domain came to.
+#[derive(Clone)]
 enum Served {
     Committed { seq: u64, result: Vec<u8> },
     Aborted { reason: String },
@@ -230,13 +236,21 @@ impl Executor {
         config: ExecutorConfig,
         log: &Logger,
     ) -> Self {
+        let reaper = Reaper::start(&ledger);
         Self {
             ledger,
             backend,
             handlers: handlers.into_iter().collect(),
             config,
             log: log.new(o!("component" => "executor")),
+            reaper,
         }
+    }
+
+    /// Blocks until every domain of an answered transaction has been destroyed and its
+    /// audit records queued (used at shutdown, and by tests).
+    pub fn wait_for_reapers(&self) {
+        self.reaper.wait_idle();
     }
 
     /// Handler names known to the template.
@@ -280,11 +294,12 @@ impl Executor {
             })?;
             let started = self.started_events(req, tx_id, domain.as_ref(), attempt);
             let (served, exit) = self.serve(domain, ltx, req, started);
-            let outcome = |status, result, error: Option<String>, seq| TxOutcome {
+            let outcome = |status, result, failure: Option<Failure>, seq| TxOutcome {
                 tx_id,
                 status,
                 result,
-                error,
+                error: failure.as_ref().map(ToString::to_string),
+                failure,
                 seq,
                 domain_id,
                 attempts: attempt,
@@ -294,19 +309,15 @@ impl Executor {
                 Served::Committed { seq, result } => {
                     outcome(TxStatus::Committed, result, None, Some(seq))
                 }
-                Served::Aborted { reason } => {
-                    outcome(TxStatus::Aborted, Vec::new(), Some(reason), None)
-                }
+                Served::Aborted { reason } => TxOutcome {
+                    error: Some(reason),
+                    ..outcome(TxStatus::Aborted, Vec::new(), None, None)
+                },
                 Served::Conflict if attempt < self.config.max_attempts => continue,
-                Served::Conflict => outcome(
-                    TxStatus::Failed,
-                    Vec::new(),
-                    Some(Failure::Conflicts.to_string()),
-                    None,
-                ),
-                Served::Failed(f) => {
-                    outcome(TxStatus::Failed, Vec::new(), Some(f.to_string()), None)
+                Served::Conflict => {
+                    outcome(TxStatus::Failed, Vec::new(), Some(Failure::Conflicts), None)
                 }
+                Served::Failed(f) => outcome(TxStatus::Failed, Vec::new(), Some(f), None),
             });
         }
     }
@@ -334,99 +345,41 @@ impl Executor {
         ]
     }
 
-    /// Serves one domain to the end of its transaction, destroys it, and audits.
+    /// Serves one domain to the end of its transaction, then destroys it and audits. A
+    /// transaction that ended normally (committed, aborted by its handler, or conflicting)
+    /// is answered at once and its domain destroyed by a reaper thread; a failed one is
+    /// destroyed first, because how the domain died decides what the failure was.
     fn serve(
         &self,
         mut domain: Box<dyn Domain>,
         ltx: Tx,
         req: &TxRequest,
         mut events: Vec<AuditEvent>,
-    ) -> (Served, DomainExit) {
+    ) -> (Served, Option<DomainExit>) {
         let tx_id = ltx.id();
         let domain_id = domain.id();
         let log = self
             .log
             .new(o!("tx_id" => tx_id.to_string(), "domain" => domain_id));
         let served = self.drive(domain.as_mut(), ltx, req, &log, &mut events);
-        let exit = match domain.destroy() {
-            Ok(exit) => exit,
-            Err(e) => {
-                warn!(log, "destroying the domain failed"; "error" => %e);
-                events.push(
-                    AuditEvent::new("domain.destroy_failed", Severity::Error)
-                        .field("domain", domain_id)
-                        .field("tx_id", tx_id)
-                        .field("error", truncate(&e.to_string(), 1000)),
-                );
-                DomainExit::Destroyed
+        let retirement = Retirement {
+            domain,
+            events,
+            tx_id,
+            domain_id,
+            handler: req.handler.clone(),
+            log,
+        };
+        let retirement = if matches!(served, Served::Failed(_)) {
+            retirement
+        } else {
+            match self.reaper.send(retirement, served.clone()) {
+                Ok(()) => return (served, None),
+                Err(retirement) => retirement,
             }
         };
-        // A transaction that looked merely aborted or timed out may in fact have died on a
-        // forbidden system call or a crash: the exit tells.
-        let died = matches!(
-            exit,
-            DomainExit::ForbiddenSyscall
-                | DomainExit::Crashed { .. }
-                | DomainExit::ResourceLimit { .. }
-        );
-        let served = match served {
-            Served::Failed(Failure::DomainDied(_)) => Served::Failed(Failure::DomainDied(exit)),
-            Served::Failed(Failure::Timeout | Failure::ProtocolViolation(_)) if died => {
-                Served::Failed(Failure::DomainDied(exit))
-            }
-            other => other,
-        };
-        let (severity, event, reason) = match &served {
-            Served::Committed { .. } => (Severity::Info, "domain.destroyed", None),
-            Served::Aborted { reason } => (Severity::Info, "tx.aborted", Some(reason.clone())),
-            Served::Conflict => (Severity::Info, "tx.conflict", None),
-            Served::Failed(f) => {
-                let (sev, name) = match f {
-                    Failure::Timeout => (Severity::Warning, "domain.timeout"),
-                    Failure::DomainDied(DomainExit::ForbiddenSyscall) => {
-                        (Severity::Alert, "domain.forbidden_syscall")
-                    }
-                    Failure::DomainDied(DomainExit::ResourceLimit { .. }) => {
-                        (Severity::Warning, "domain.resource_limit")
-                    }
-                    Failure::DomainDied(_) => (Severity::Warning, "domain.crashed"),
-                    Failure::ProtocolViolation(_) => (Severity::Alert, "domain.protocol_violation"),
-                    Failure::OperationLimit => (Severity::Warning, "tx.operation_limit"),
-                    Failure::Conflicts => (Severity::Notice, "tx.conflicts"),
-                    Failure::Storage(_) => (Severity::Error, "tx.storage_failed"),
-                };
-                (sev, name, Some(f.to_string()))
-            }
-        };
-        if event != "domain.destroyed" {
-            let mut ev = AuditEvent::new(event, severity)
-                .field("domain", domain_id)
-                .field("tx_id", tx_id)
-                .field("handler", &req.handler);
-            if let Some(reason) = reason {
-                ev = ev.field("reason", truncate(&reason, 1000));
-            }
-            events.push(ev);
-        }
-        events.push(
-            AuditEvent::new("domain.destroyed", Severity::Info)
-                .field("domain", domain_id)
-                .field("tx_id", tx_id)
-                .field("exit", exit),
-        );
-        // Lifecycle records are durable with the next group; attack signals are made
-        // durable before the caller hears about the transaction.
-        let urgent = severity <= Severity::Warning;
-        match self.ledger.submit_audit(events) {
-            Ok(ticket) if urgent => {
-                if let Err(e) = ticket.wait() {
-                    warn!(log, "audit append failed"; "error" => %e);
-                }
-            }
-            Ok(_) => {}
-            Err(e) => warn!(log, "audit append failed"; "error" => %e),
-        }
-        (served, exit)
+        let (served, exit) = retire(&self.ledger, retirement, served);
+        (served, Some(exit))
     }
 
     /// The request loop. Everything the guest sends is already decoded and bounded.
@@ -573,5 +526,204 @@ fn error_response(e: &TxError) -> Response {
     Response::Error {
         code: tx_error_code(e),
         message: truncate(&e.to_string(), 1000),
+    }
+}
+
+/// A domain whose transaction is over, with the audit records still to append.
+struct Retirement {
+    domain: Box<dyn Domain>,
+    events: Vec<AuditEvent>,
+    tx_id: TxId,
+    domain_id: u32,
+    handler: String,
+    log: Logger,
+}
+
+/// Destroys the domain, works out from its exit what the failure really was, and appends
+/// the audit records (attack signals durably before returning).
+fn retire(ledger: &Ledger, mut r: Retirement, served: Served) -> (Served, DomainExit) {
+    let exit = match r.domain.destroy() {
+        Ok(exit) => exit,
+        Err(e) => {
+            warn!(r.log, "destroying the domain failed"; "error" => %e);
+            r.events.push(
+                AuditEvent::new("domain.destroy_failed", Severity::Error)
+                    .field("domain", r.domain_id)
+                    .field("tx_id", r.tx_id)
+                    .field("error", truncate(&e.to_string(), 1000)),
+            );
+            DomainExit::Destroyed
+        }
+    };
+    // A transaction that looked merely aborted or timed out may in fact have died on a
+    // forbidden system call or a crash: the exit tells.
+    let died = matches!(
+        exit,
+        DomainExit::ForbiddenSyscall
+            | DomainExit::Crashed { .. }
+            | DomainExit::ResourceLimit { .. }
+    );
+    let served = match served {
+        Served::Failed(Failure::DomainDied(_)) => Served::Failed(Failure::DomainDied(exit)),
+        Served::Failed(Failure::Timeout | Failure::ProtocolViolation(_)) if died => {
+            Served::Failed(Failure::DomainDied(exit))
+        }
+        other => other,
+    };
+    let (severity, event, reason) = match &served {
+        Served::Committed { .. } => (Severity::Info, "domain.destroyed", None),
+        Served::Aborted { reason } => (Severity::Info, "tx.aborted", Some(reason.clone())),
+        Served::Conflict => (Severity::Info, "tx.conflict", None),
+        Served::Failed(f) => {
+            let (sev, name) = match f {
+                Failure::Timeout => (Severity::Warning, "domain.timeout"),
+                Failure::DomainDied(DomainExit::ForbiddenSyscall) => {
+                    (Severity::Alert, "domain.forbidden_syscall")
+                }
+                Failure::DomainDied(DomainExit::ResourceLimit { .. }) => {
+                    (Severity::Warning, "domain.resource_limit")
+                }
+                Failure::DomainDied(_) => (Severity::Warning, "domain.crashed"),
+                Failure::ProtocolViolation(_) => (Severity::Alert, "domain.protocol_violation"),
+                Failure::OperationLimit => (Severity::Warning, "tx.operation_limit"),
+                Failure::Conflicts => (Severity::Notice, "tx.conflicts"),
+                Failure::Storage(_) => (Severity::Error, "tx.storage_failed"),
+            };
+            (sev, name, Some(f.to_string()))
+        }
+    };
+    if event != "domain.destroyed" {
+        let mut ev = AuditEvent::new(event, severity)
+            .field("domain", r.domain_id)
+            .field("tx_id", r.tx_id)
+            .field("handler", &r.handler);
+        if let Some(reason) = reason {
+            ev = ev.field("reason", truncate(&reason, 1000));
+        }
+        r.events.push(ev);
+    }
+    r.events.push(
+        AuditEvent::new("domain.destroyed", Severity::Info)
+            .field("domain", r.domain_id)
+            .field("tx_id", r.tx_id)
+            .field("exit", exit),
+    );
+    // Lifecycle records are durable with the next group; attack signals are made
+    // durable before the caller hears about the transaction.
+    let urgent = severity <= Severity::Warning;
+    match ledger.submit_audit(r.events) {
+        Ok(ticket) if urgent => {
+            if let Err(e) = ticket.wait() {
+                warn!(r.log, "audit append failed"; "error" => %e);
+            }
+        }
+        Ok(_) => {}
+        Err(e) => warn!(r.log, "audit append failed"; "error" => %e),
+    }
+    (served, exit)
+}
+
+/// Reaper threads: destroy the domains of normally ended transactions after the caller
+/// has its answer.
+struct Reaper {
+    sender: Mutex<Option<mpsc::Sender<(Retirement, Served)>>>,
+    threads: Mutex<Vec<JoinHandle<()>>>,
+    /// Retirements queued or running.
+    pending: Arc<(Mutex<usize>, Condvar)>,
+}
+
+/// Reaper threads per executor: destroying waits for the domain to be gone, so several
+/// run at once.
+const REAPERS: usize = 4;
+
+impl Reaper {
+    fn start(ledger: &Ledger) -> Self {
+        let (sender, receiver) = mpsc::channel::<(Retirement, Served)>();
+        let receiver = Arc::new(Mutex::new(receiver));
+        let pending = Arc::new((Mutex::new(0usize), Condvar::new()));
+        let mut threads = Vec::new();
+        for i in 0..REAPERS {
+            let (receiver, ledger, pending) = (receiver.clone(), ledger.clone(), pending.clone());
+            let spawned = std::thread::Builder::new()
+                .name(format!("reaper-{i}"))
+                .spawn(move || loop {
+                    let job = match receiver.lock() {
+                        Ok(rx) => rx.recv(),
+                        Err(_) => return,
+                    };
+                    match job {
+                        Ok((retirement, served)) => {
+                            retire(&ledger, retirement, served);
+                            let (count, cv) = &*pending;
+                            if let Ok(mut n) = count.lock() {
+                                *n = n.saturating_sub(1);
+                                cv.notify_all();
+                            }
+                        }
+                        Err(_) => return,
+                    }
+                });
+            if let Ok(handle) = spawned {
+                threads.push(handle);
+            }
+        }
+        // With no thread at all, `send` fails and domains are destroyed inline.
+        let sender = (!threads.is_empty()).then_some(sender);
+        Self {
+            sender: Mutex::new(sender),
+            threads: Mutex::new(threads),
+            pending,
+        }
+    }
+
+    /// Queues a retirement; gives it back if the reaper is stopped.
+    fn send(&self, r: Retirement, served: Served) -> Result<(), Retirement> {
+        let Ok(guard) = self.sender.lock() else {
+            return Err(r);
+        };
+        let Some(sender) = guard.as_ref() else {
+            return Err(r);
+        };
+        let (count, _) = &*self.pending;
+        if let Ok(mut n) = count.lock() {
+            *n += 1;
+        }
+        sender.send((r, served)).map_err(|mpsc::SendError((r, _))| {
+            if let Ok(mut n) = count.lock() {
+                *n = n.saturating_sub(1);
+            }
+            r
+        })
+    }
+
+    /// Blocks until every queued retirement is done.
+    fn wait_idle(&self) {
+        let (count, cv) = &*self.pending;
+        if let Ok(mut n) = count.lock() {
+            while *n > 0 {
+                n = match cv.wait(n) {
+                    Ok(n) => n,
+                    Err(_) => return,
+                };
+            }
+        }
+    }
+
+    /// Destroys everything queued, then stops the threads.
+    fn stop(&self) {
+        if let Ok(mut s) = self.sender.lock() {
+            *s = None;
+        }
+        if let Ok(mut threads) = self.threads.lock() {
+            for t in threads.drain(..) {
+                let _ = t.join();
+            }
+        }
+    }
+}
+
+impl Drop for Executor {
+    fn drop(&mut self) {
+        self.reaper.stop();
     }
 }

@@ -282,6 +282,7 @@ fn run(ex: &Executor, handler: &str) -> mayfly_executor::TxOutcome {
 }
 
 fn audit_events(ex: &Executor) -> Vec<String> {
+    ex.wait_for_reapers();
     // Groups are FIFO: once this append is durable, everything queued before it is too.
     ex.ledger()
         .audit(vec![mayfly_ledger::AuditEvent::new(
@@ -360,7 +361,7 @@ fn a_dying_guest_is_noticed_before_the_timeout() {
         "crash noticed only at the timeout"
     );
     assert_eq!(o.status, TxStatus::Failed);
-    assert_eq!(o.domain_exit, DomainExit::Crashed { signal: 6 });
+    assert_eq!(o.domain_exit, Some(DomainExit::Crashed { signal: 6 }));
     assert!(audit_events(&ex).iter().any(|e| e == "domain.crashed"));
 }
 

@@ -251,6 +251,8 @@ type SpawnReply = Result<Arc<CloneCell>, (u32, i32)>;
 
 struct PoolState {
     ready: VecDeque<CloneHandle>,
+    /// Clones being created by the refill threads right now.
+    creating: usize,
     in_use: usize,
     quarantined: Vec<(Quarantined, CloneHandle)>,
     shut_down: bool,
@@ -298,7 +300,7 @@ impl Shared {
 
 struct Threads {
     supervisor: JoinHandle<()>,
-    refill: JoinHandle<()>,
+    refill: Vec<JoinHandle<()>>,
 }
 
 /// The sandbox domain backend: a zygote and its pool of ready clones.
@@ -378,6 +380,7 @@ impl Sandbox {
             control: agent_end,
             state: Mutex::new(PoolState {
                 ready: VecDeque::new(),
+                creating: 0,
                 in_use: 0,
                 quarantined: Vec::new(),
                 shut_down: false,
@@ -421,22 +424,33 @@ impl Sandbox {
             let _ = supervisor.join();
             return Err(e.into());
         }
-        let refill_shared = Arc::clone(&shared);
-        let refill = match std::thread::Builder::new()
-            .name("sandbox-refill".into())
-            .spawn(move || refill(refill_shared))
-        {
-            Ok(r) => r,
-            Err(source) => {
-                let _ = sys::pidfd_send_signal(started.pidfd.as_fd(), libc::SIGKILL);
-                let _ = supervisor.join();
-                let _ = reconcile::clear(&shared.config.run_dir);
-                return Err(SandboxError::Thread {
-                    role: "refill",
-                    source,
-                });
+        // Several refill threads keep clones in creation concurrently: each waits for its
+        // clone's Ready while the zygote forks the next.
+        let mut refills = Vec::new();
+        for i in 0..shared.config.refill_threads.max(1) {
+            let refill_shared = Arc::clone(&shared);
+            match std::thread::Builder::new()
+                .name(format!("sandbox-refill-{i}"))
+                .spawn(move || refill(refill_shared))
+            {
+                Ok(r) => refills.push(r),
+                Err(source) => {
+                    shared.pool().shut_down = true;
+                    shared.changed.notify_all();
+                    let _ = sys::pidfd_send_signal(started.pidfd.as_fd(), libc::SIGKILL);
+                    let _ = supervisor.join();
+                    for r in refills {
+                        let _ = r.join();
+                    }
+                    let _ = reconcile::clear(&shared.config.run_dir);
+                    return Err(SandboxError::Thread {
+                        role: "refill",
+                        source,
+                    });
+                }
             }
-        };
+        }
+        let refill = refills;
         info!(shared.logger, "sandbox started";
             "zygote_pid" => started.pid, "pool_size" => shared.config.pool_size,
             "isolation" => "process (namespaces, chroot, uid, rlimits, seccomp); not a VM");
@@ -613,7 +627,9 @@ impl DomainBackend for Sandbox {
             let _ = sys::pidfd_send_signal(self.zygote_pidfd.as_fd(), libc::SIGKILL);
         }
         let _ = threads.supervisor.join();
-        let _ = threads.refill.join();
+        for r in threads.refill {
+            let _ = r.join();
+        }
         drop(ready);
         drop(quarantined);
         if let Err(e) = reconcile::clear(&shared.config.run_dir) {
@@ -807,7 +823,7 @@ fn refill(shared: Arc<Shared>) {
             let mut state = shared.pool();
             while !state.shut_down
                 && !state.zygote_gone
-                && state.ready.len() >= shared.config.pool_size
+                && state.ready.len() + state.creating >= shared.config.pool_size
             {
                 state = shared
                     .changed
@@ -817,9 +833,12 @@ fn refill(shared: Arc<Shared>) {
             if state.shut_down || state.zygote_gone {
                 return;
             }
+            state.creating += 1;
         }
         let started = Instant::now();
-        match create(&shared) {
+        let created = create(&shared);
+        shared.pool().creating -= 1;
+        match created {
             Ok(mut handle) => {
                 handle.ready = true;
                 shared.created.fetch_add(1, Ordering::Relaxed);
@@ -877,7 +896,9 @@ fn create(shared: &Shared) -> Result<CloneHandle, CreateError> {
         MmapMem::memfd(c"mayfly-sandbox-ring", len)
             .map_err(|source| CreateError::Memfd { clone_id, source })?,
     );
-    let ring: Ring = Backend::new(Arc::clone(&mem) as Arc<dyn SharedMem>, geometry)
+    // A new memfd is zero-filled by the kernel: only the header is written, so the pages
+    // a clone never touches are never allocated.
+    let ring: Ring = Backend::new_on_fresh_memory(Arc::clone(&mem) as Arc<dyn SharedMem>, geometry)
         .map_err(|source| CreateError::Ring { clone_id, source })?;
     let (agent_bell, guest_bell) =
         EventFdNotifier::pair().map_err(|source| CreateError::Eventfd { clone_id, source })?;

@@ -6,6 +6,7 @@
 //! | `zygote_exe`, `zygote_args` | (required) | the executable spawned as the zygote and its arguments (the agent passes its own binary and a hidden `sandbox-zygote` subcommand) |
 //! | `run_dir` | (required) | holds `sandbox.pgid` (for the reconciler) and `sandbox-root/` (the zygote's empty root) |
 //! | `pool_size` | 4 | clones kept at their ready point |
+//! | `refill_threads` | 2 | threads creating clones concurrently to keep the pool full |
 //! | `max_in_use` | 64 | clones handed out and not yet destroyed; `take` waits while at the cap |
 //! | `ready_timeout` | 5 s | how long a new clone (and the zygote at start) may take to become ready |
 //! | `geometry` | [`Geometry::DEFAULT`] | ring geometry |
@@ -53,6 +54,8 @@ pub struct SandboxConfig {
     pub run_dir: PathBuf,
     /// Clones kept ready.
     pub pool_size: usize,
+    /// Threads creating clones concurrently to keep the pool full.
+    pub refill_threads: usize,
     /// Clones handed out and not yet destroyed, at most.
     pub max_in_use: usize,
     /// Time a new clone (or the zygote) may take to reach its ready point.
@@ -81,6 +84,7 @@ impl SandboxConfig {
             zygote_args: zygote_args.into_iter().map(Into::into).collect(),
             run_dir: run_dir.into(),
             pool_size: 4,
+            refill_threads: 2,
             max_in_use: 64,
             ready_timeout: Duration::from_secs(5),
             geometry: Geometry::DEFAULT,

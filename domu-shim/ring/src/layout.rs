@@ -240,10 +240,16 @@ impl Geometry {
     /// Agent side: zeroes the ring (so nothing from a previous user of the pages leaks into
     /// the guest), writes the header with indices 0 and event indices 1, and publishes the
     /// magic last with release ordering.
-    pub(crate) fn initialise<M: SharedMem + ?Sized>(self, mem: &M) -> Result<(), LayoutError> {
+    pub(crate) fn initialise<M: SharedMem + ?Sized>(
+        self,
+        mem: &M,
+        zero: bool,
+    ) -> Result<(), LayoutError> {
         self.check_fits(mem)?;
         mem.store_u32_release(offset::MAGIC, 0)?;
-        mem.fill_bytes(0, self.total_len(), 0)?;
+        if zero {
+            mem.fill_bytes(0, self.total_len(), 0)?;
+        }
         mem.store_u32_relaxed(offset::VERSION, LAYOUT_VERSION)?;
         mem.store_u32_relaxed(offset::SLOT_COUNT, self.slot_count)?;
         mem.store_u32_relaxed(offset::WINDOW_SIZE, self.window_size_u32())?;
@@ -353,7 +359,7 @@ mod tests {
         let g = Geometry::new(8, 2).unwrap();
         let mem = MockMem::new(g.total_len()).unwrap();
         mem.fill_bytes(0, g.total_len(), 0xEE).unwrap();
-        g.initialise(&mem).unwrap();
+        g.initialise(&mem, true).unwrap();
         assert_eq!(Geometry::read_header(&mem), Ok(g));
         let snap = mem.snapshot();
         assert_eq!(&snap[..4], b"MFRG");

@@ -344,15 +344,28 @@ impl<M: SharedMem> Backend<M> {
     /// Initialises the ring in `mem` with `geometry` (zeroing it all, so nothing from an
     /// earlier user of the pages reaches the guest) and returns its backend end.
     pub fn new(mem: M, geometry: Geometry) -> Result<Self, RingError> {
-        geometry.initialise(&mem)?;
-        Ok(Self {
+        geometry.initialise(&mem, true)?;
+        Ok(Self::over(mem, geometry))
+    }
+
+    /// Like [`Backend::new`], for memory that is freshly allocated and therefore already
+    /// all zero (a new memfd or anonymous mapping): writes only the header, so untouched
+    /// pages stay unallocated. Using it on recycled memory would show the guest what the
+    /// pages held before.
+    pub fn new_on_fresh_memory(mem: M, geometry: Geometry) -> Result<Self, RingError> {
+        geometry.initialise(&mem, false)?;
+        Ok(Self::over(mem, geometry))
+    }
+
+    fn over(mem: M, geometry: Geometry) -> Self {
+        Self {
             mem,
             geometry,
             req_cons: 0,
             rsp_prod: 0,
             req_prod_seen: 0,
             poisoned: false,
-        })
+        }
     }
 
     /// The geometry (the backend's own copy, never re-read from shared memory).
