@@ -24,7 +24,8 @@ apt_install() {
 # A C compiler for LMDB and ring; mount for the tmpfs tests.
 ensure_build_tools() {
     local missing=()
-    command -v cc >/dev/null || missing+=(build-essential)
+    # cc for LMDB and ring; c++ for libFuzzer (cargo-fuzz).
+    { command -v cc && command -v c++; } >/dev/null || missing+=(build-essential)
     command -v mount >/dev/null || missing+=(mount)
     if [ ${#missing[@]} -gt 0 ]; then apt_install "${missing[@]}"; fi
 }

@@ -13,8 +13,9 @@ ensure_build_tools
 command -v curl >/dev/null || apt_install curl
 cargo build --release --locked -p dom0-agent
 data_dir=${MAYFLY_DATA_DIR:-./mayfly-data}
+agent=${CARGO_TARGET_DIR:-target}/release/dom0-agent
 if [ "$(id -u)" -eq 0 ]; then
-    exec ./target/release/dom0-agent serve --data-dir "$data_dir" "$@"
+    exec "$agent" serve --data-dir "$data_dir" "$@"
 else
-    exec sudo ./target/release/dom0-agent serve --data-dir "$data_dir" "$@"
+    exec sudo "$agent" serve --data-dir "$data_dir" "$@"
 fi
