@@ -233,3 +233,49 @@ fn many_concurrent_clients_keep_the_bank_total_constant() {
     assert!(ok, "{out}");
     let _: Value = Value::Null;
 }
+
+#[test]
+fn a_config_file_sets_limits_and_flags_override_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("agent.toml");
+    std::fs::write(
+        &config,
+        "max_in_flight = 7\npool_size = 2\ntx_timeout_ms = 4000\n",
+    )
+    .unwrap();
+    let conf = config.to_str().unwrap();
+    let agent = Agent::start(&dir.path().join("data"), &["--config", conf]);
+    let (_, health) = agent.get("/v1/health");
+    assert_eq!(health["max_in_flight"], 7, "{health}");
+    drop(agent);
+    let agent = Agent::start(
+        &dir.path().join("data"),
+        &["--config", conf, "--max-in-flight", "3"],
+    );
+    let (_, health) = agent.get("/v1/health");
+    assert_eq!(health["max_in_flight"], 3, "the flag must win: {health}");
+}
+
+#[test]
+fn a_bad_config_is_refused_with_the_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("agent.toml");
+    std::fs::write(&config, "max_in_flight = 7\npool_sise = 2\n").unwrap();
+    let out = std::process::Command::new(common::agent_exe())
+        .args(["serve", "--listen", "127.0.0.1:0", "--config"])
+        .arg(&config)
+        .arg("--data-dir")
+        .arg(dir.path().join("data"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(3));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("pool_sise"), "{err}");
+    let out = std::process::Command::new(common::agent_exe())
+        .args(["serve", "--backend", "kvm", "--data-dir"])
+        .arg(dir.path().join("data"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(3));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("unknown backend \"kvm\""));
+}
