@@ -201,27 +201,8 @@ impl AuditRecord {
     /// Decodes and validates one stored audit record.
     pub fn decode(bytes: &[u8]) -> Result<Self, DecodeError> {
         let mut r = Reader::new(bytes);
-        r.magic(MAGIC)?;
-        let version = r.u8("version")?;
-        if version != VERSION {
-            return Err(DecodeError::UnsupportedVersion {
-                record: "audit",
-                found: version,
-            });
-        }
-        if r.u8("kind")? != KIND_EVENT {
-            return Err(DecodeError::NotCanonical {
-                field: "kind",
-                reason: "unknown audit kind",
-            });
-        }
-        let seq = r.u64("seq")?;
-        if seq == 0 {
-            return Err(DecodeError::NotCanonical {
-                field: "seq",
-                reason: "sequence 0 is reserved",
-            });
-        }
+        r.header(MAGIC, "audit", VERSION, KIND_EVENT)?;
+        let seq = r.seq()?;
         let prev_hash = r.array("prev_hash")?;
         let time_ns = r.u64("time_ns")?;
         let severity = Severity::from_u8(r.u8("severity")?).ok_or(DecodeError::NotCanonical {

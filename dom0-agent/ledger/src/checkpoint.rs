@@ -197,27 +197,8 @@ impl Checkpoint {
             });
         }
         let mut r = Reader::new(bytes);
-        r.magic(MAGIC)?;
-        let version = r.u8("version")?;
-        if version != VERSION {
-            return Err(DecodeError::UnsupportedVersion {
-                record: "checkpoint",
-                found: version,
-            });
-        }
-        if r.u8("kind")? != KIND_TRANSACTION {
-            return Err(DecodeError::NotCanonical {
-                field: "kind",
-                reason: "unknown checkpoint kind",
-            });
-        }
-        let seq = r.u64("seq")?;
-        if seq == 0 {
-            return Err(DecodeError::NotCanonical {
-                field: "seq",
-                reason: "sequence 0 is reserved",
-            });
-        }
+        r.header(MAGIC, "checkpoint", VERSION, KIND_TRANSACTION)?;
+        let seq = r.seq()?;
         let prev_hash = r.array("prev_hash")?;
         let tx_id = TxId(r.array("tx_id")?);
         let handler = r.str8(limits::MAX_HANDLER, "handler")?.to_owned();

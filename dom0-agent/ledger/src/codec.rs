@@ -190,6 +190,40 @@ impl<'a> Reader<'a> {
         }
     }
 
+    /// The common record header: `magic`, a version byte that must be `version`, and a
+    /// kind byte that must be `kind`.
+    pub fn header(
+        &mut self,
+        magic: &'static str,
+        record: &'static str,
+        version: u8,
+        kind: u8,
+    ) -> Result<(), DecodeError> {
+        self.magic(magic)?;
+        let found = self.u8("version")?;
+        if found != version {
+            return Err(DecodeError::UnsupportedVersion { record, found });
+        }
+        if self.u8("kind")? != kind {
+            return Err(DecodeError::NotCanonical {
+                field: "kind",
+                reason: "unknown record kind",
+            });
+        }
+        Ok(())
+    }
+
+    /// A chain sequence number: a `u64` that is never 0.
+    pub fn seq(&mut self) -> Result<u64, DecodeError> {
+        match self.u64("seq")? {
+            0 => Err(DecodeError::NotCanonical {
+                field: "seq",
+                reason: "sequence 0 is reserved",
+            }),
+            seq => Ok(seq),
+        }
+    }
+
     /// One byte.
     pub fn u8(&mut self, field: &'static str) -> Result<u8, DecodeError> {
         Ok(u8::from_be_bytes(self.array(field)?))

@@ -128,20 +128,7 @@ impl SignedHead {
     /// Decodes a stored head (the signature is not checked here).
     pub fn decode(bytes: &[u8]) -> Result<Self, DecodeError> {
         let mut r = Reader::new(bytes);
-        r.magic(MAGIC)?;
-        let version = r.u8("version")?;
-        if version != VERSION {
-            return Err(DecodeError::UnsupportedVersion {
-                record: "head",
-                found: version,
-            });
-        }
-        if r.u8("kind")? != KIND_GROUP {
-            return Err(DecodeError::NotCanonical {
-                field: "kind",
-                reason: "unknown head kind",
-            });
-        }
+        r.header(MAGIC, "head", VERSION, KIND_GROUP)?;
         let group = r.u64("group")?;
         let checkpoints = Tip {
             seq: r.u64("ckpt_seq")?,
