@@ -373,12 +373,13 @@ fn main() {
         .tempdir_in(env!("CARGO_TARGET_TMPDIR"))
         .unwrap();
     if let Ok(only) = std::env::var("BENCH_ONLY") {
-        // Profiling aid: one configuration, one run, CLIENTS clients.
+        // Profiling aid: one configuration, one run, BENCH_CLIENTS clients.
         let d = root.path().join("only");
+        let n = env_or("BENCH_CLIENTS", CLIENTS as f64) as usize;
         let run = match only.as_str() {
-            "in-process" => in_process(&d, CLIENTS, secs),
-            "fork+exec" => through_executor(&d, exec_backend(&shim), CLIENTS, secs),
-            _ => through_executor(&d, sandbox_backend(&agent, &d), CLIENTS, secs),
+            "in-process" => in_process(&d, n, secs),
+            "fork+exec" => through_executor(&d, exec_backend(&shim), n, secs),
+            _ => through_executor(&d, sandbox_backend(&agent, &d), n, secs),
         };
         println!(
             "{only}: {:.0} tx/s p50 {:.2?} p99 {:.2?}",

@@ -608,17 +608,16 @@ fn retire(ledger: &Ledger, mut r: Retirement, served: Served) -> (Served, Domain
             .field("tx_id", r.tx_id)
             .field("exit", exit),
     );
-    // Lifecycle records are durable with the next group; attack signals are made
-    // durable before the caller hears about the transaction.
+    // Routine lifecycle records ride with the next group commit (at most 50 ms later);
+    // attack signals are made durable before the caller hears about the transaction.
     let urgent = severity <= Severity::Warning;
-    match ledger.submit_audit(r.events) {
-        Ok(ticket) if urgent => {
-            if let Err(e) = ticket.wait() {
-                warn!(r.log, "audit append failed"; "error" => %e);
-            }
-        }
-        Ok(_) => {}
-        Err(e) => warn!(r.log, "audit append failed"; "error" => %e),
+    let appended = if urgent {
+        ledger.audit(r.events).map(drop)
+    } else {
+        ledger.audit_lazily(r.events)
+    };
+    if let Err(e) = appended {
+        warn!(r.log, "audit append failed"; "error" => %e);
     }
     (served, exit)
 }

@@ -164,7 +164,15 @@ pub(crate) struct PreparedTx {
 pub(crate) enum Job {
     Commit(Box<PreparedTx>),
     Audit(Vec<AuditEvent>),
+    /// Audit events that need not force a commit of their own: they join the next group,
+    /// or are committed alone after [`LAZY_AUDIT_DELAY`] if nothing else comes.
+    LazyAudit(Vec<AuditEvent>),
 }
+
+/// Longest time lazily appended audit events wait for a group to join.
+pub const LAZY_AUDIT_DELAY: std::time::Duration = std::time::Duration::from_millis(50);
+/// Lazily appended audit events that force a commit of their own when reached.
+const LAZY_AUDIT_MAX: usize = 4096;
 
 pub(crate) struct Envelope {
     job: Job,
@@ -233,7 +241,23 @@ pub(crate) struct Committer {
 impl Committer {
     /// Serves the queue until every sender is gone.
     pub fn run(mut self, rx: Receiver<Envelope>) {
-        while let Ok(first) = rx.recv() {
+        let mut lazy: Vec<AuditEvent> = Vec::new();
+        loop {
+            let first = if lazy.is_empty() {
+                match rx.recv() {
+                    Ok(e) => e,
+                    Err(_) => break,
+                }
+            } else {
+                match rx.recv_timeout(LAZY_AUDIT_DELAY) {
+                    Ok(e) => e,
+                    Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                        self.flush_lazy(&mut lazy);
+                        continue;
+                    }
+                    Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
+                }
+            };
             let mut batch = vec![first];
             while batch.len() < self.max_group {
                 match rx.try_recv() {
@@ -241,8 +265,29 @@ impl Committer {
                     Err(_) => break,
                 }
             }
-            let (jobs, replies): (Vec<Job>, Vec<_>) =
-                batch.into_iter().map(|e| (e.job, e.reply)).unzip();
+            let mut jobs = Vec::with_capacity(batch.len().saturating_add(1));
+            let mut replies = Vec::with_capacity(batch.len().saturating_add(1));
+            for e in batch {
+                match e.job {
+                    Job::LazyAudit(events) => lazy.extend(events),
+                    job => {
+                        jobs.push(job);
+                        replies.push(e.reply);
+                    }
+                }
+            }
+            if jobs.is_empty() {
+                if lazy.len() >= LAZY_AUDIT_MAX {
+                    self.flush_lazy(&mut lazy);
+                }
+                continue;
+            }
+            if !lazy.is_empty() {
+                // Nobody waits for lazy events: their reply goes nowhere.
+                let (reply, _) = std::sync::mpsc::sync_channel(1);
+                jobs.insert(0, Job::Audit(std::mem::take(&mut lazy)));
+                replies.insert(0, reply);
+            }
             let n = jobs.len();
             match self.write_group(jobs, false) {
                 Ok(results) => {
@@ -258,7 +303,20 @@ impl Committer {
                 }
             }
         }
+        self.flush_lazy(&mut lazy);
         debug!(self.log, "committer stopped");
+    }
+
+    /// Commits the lazily appended audit events as a group of their own.
+    fn flush_lazy(&mut self, lazy: &mut Vec<AuditEvent>) {
+        if lazy.is_empty() {
+            return;
+        }
+        let events = std::mem::take(lazy);
+        let n = events.len();
+        if let Err(e) = self.write_group(vec![Job::Audit(events)], false) {
+            error!(self.log, "committing lazily appended audit events failed"; "events" => n, "error" => %e);
+        }
     }
 
     /// Applies `jobs` in one LMDB write transaction and commits it. `genesis` also writes
@@ -291,7 +349,9 @@ impl Committer {
         for job in jobs {
             let step = match job {
                 Job::Commit(tx) => self.apply_tx(&mut wtxn, &mut ckpt, &mut audit, *tx, now),
-                Job::Audit(events) => self.apply_audit(&mut wtxn, &mut audit, events, now),
+                Job::Audit(events) | Job::LazyAudit(events) => {
+                    self.apply_audit(&mut wtxn, &mut audit, events, now)
+                }
             };
             match step {
                 Ok(r) => results.push(Ok(r)),

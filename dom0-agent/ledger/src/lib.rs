@@ -51,7 +51,7 @@
 pub mod audit;
 pub mod checkpoint;
 pub mod codec;
-mod commit;
+pub mod commit;
 pub mod head;
 pub mod keys;
 pub mod read;
@@ -343,6 +343,17 @@ impl Ledger {
             ev.validate()?;
         }
         commit::submit(&self.inner, commit::Job::Audit(events))
+    }
+
+    /// Appends audit events without waiting and without forcing a commit of their own: they
+    /// join the next group commit, or are committed alone after at most
+    /// [`commit::LAZY_AUDIT_DELAY`] (50 ms). For routine lifecycle records; anything an
+    /// operator must be able to rely on after a crash goes through [`Ledger::audit`].
+    pub fn audit_lazily(&self, events: Vec<AuditEvent>) -> Result<(), CommitError> {
+        for ev in &events {
+            ev.validate()?;
+        }
+        commit::submit(&self.inner, commit::Job::LazyAudit(events)).map(drop)
     }
 
     /// Durable tips of both chains.

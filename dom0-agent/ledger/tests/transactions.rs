@@ -424,3 +424,48 @@ fn limits_are_enforced_with_clear_errors() {
     ));
     assert_verifies(&ledger);
 }
+
+#[test]
+fn lazy_audit_events_join_the_next_group_or_flush_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let ledger = open(dir.path());
+    let before = ledger.tips();
+    // The transaction is ready before the lazy event is queued, so the two are queued
+    // microseconds apart: the commit carries the lazy record in its group.
+    let mut tx = ledger.begin(ctx("kv")).unwrap();
+    tx.put(b"k", b"v").unwrap();
+    ledger
+        .audit_lazily(vec![
+            AuditEvent::new("domain.destroyed", Severity::Info).field("domain", 1)
+        ])
+        .unwrap();
+    let seq = tx.commit(Vec::new()).unwrap().seq;
+    let after = ledger.tips();
+    assert_eq!(
+        after.group,
+        before.group + 1,
+        "the lazy event forced a group of its own"
+    );
+    assert_eq!(after.audit.seq, before.audit.seq + 1);
+    assert_eq!(after.checkpoints.seq, seq);
+    // Alone, it is committed within the lazy delay; wait for it through the ledger's own
+    // durable tips, bounded in time.
+    ledger
+        .audit_lazily(vec![
+            AuditEvent::new("domain.destroyed", Severity::Info).field("domain", 2)
+        ])
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while ledger.tips().audit.seq != after.audit.seq + 1 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "lazy audit record never committed"
+        );
+        std::thread::yield_now();
+    }
+    // An invalid lazy event is refused up front.
+    assert!(ledger
+        .audit_lazily(vec![AuditEvent::new("Bad", Severity::Info)])
+        .is_err());
+    assert_verifies(&ledger);
+}
