@@ -177,13 +177,7 @@ impl Checkpoint {
             w.bytes16(&r.key);
             w.u64(r.version);
         }
-        w.u32(u32::try_from(self.writes.len()).unwrap_or(u32::MAX));
-        for e in &self.writes {
-            w.bytes16(&e.key);
-            w.u64(e.before_version);
-            w.opt_bytes32(e.before.as_deref());
-            w.opt_bytes32(e.after.as_deref());
-        }
+        encode_writes(&mut w, &self.writes);
         w.finish()
     }
 
@@ -242,36 +236,7 @@ impl Checkpoint {
             reads.push(ReadEntry { key, version });
         }
 
-        let n = r.count32(limits::MAX_WRITES, 2 + 1 + 8 + 1 + 1, "write count")?;
-        let mut writes: Vec<WriteEntry> = Vec::with_capacity(n);
-        for _ in 0..n {
-            let key = read_key(&mut r, "write key")?;
-            if writes.last().is_some_and(|prev| prev.key >= key) {
-                return Err(DecodeError::NotCanonical {
-                    field: "write set",
-                    reason: "keys not strictly increasing",
-                });
-            }
-            let before_version = r.u64("before_version")?;
-            let before = r
-                .opt_bytes32(limits::MAX_VALUE, "before image")?
-                .map(<[u8]>::to_vec);
-            let after = r
-                .opt_bytes32(limits::MAX_VALUE, "after image")?
-                .map(<[u8]>::to_vec);
-            if before_version == 0 && before.is_some() {
-                return Err(DecodeError::NotCanonical {
-                    field: "before image",
-                    reason: "a never-written key has no before image",
-                });
-            }
-            writes.push(WriteEntry {
-                key,
-                before_version,
-                before,
-                after,
-            });
-        }
+        let writes = decode_writes(&mut r, limits::MAX_WRITES)?;
         r.finish()?;
         Ok(Self {
             seq,
@@ -288,6 +253,56 @@ impl Checkpoint {
             writes,
         })
     }
+}
+
+/// Encodes a write set: `u32` count, then per entry key, before version, before and after
+/// images (see the module docs). Shared by transaction and rollback records.
+pub(crate) fn encode_writes(w: &mut Writer, writes: &[WriteEntry]) {
+    w.u32(u32::try_from(writes.len()).unwrap_or(u32::MAX));
+    for e in writes {
+        w.bytes16(&e.key);
+        w.u64(e.before_version);
+        w.opt_bytes32(e.before.as_deref());
+        w.opt_bytes32(e.after.as_deref());
+    }
+}
+
+/// Decodes a write set of at most `max` entries, strictly increasing by key.
+pub(crate) fn decode_writes(
+    r: &mut Reader<'_>,
+    max: usize,
+) -> Result<Vec<WriteEntry>, DecodeError> {
+    let n = r.count32(max, 2 + 1 + 8 + 1 + 1, "write count")?;
+    let mut writes: Vec<WriteEntry> = Vec::with_capacity(n);
+    for _ in 0..n {
+        let key = read_key(r, "write key")?;
+        if writes.last().is_some_and(|prev| prev.key >= key) {
+            return Err(DecodeError::NotCanonical {
+                field: "write set",
+                reason: "keys not strictly increasing",
+            });
+        }
+        let before_version = r.u64("before_version")?;
+        let before = r
+            .opt_bytes32(limits::MAX_VALUE, "before image")?
+            .map(<[u8]>::to_vec);
+        let after = r
+            .opt_bytes32(limits::MAX_VALUE, "after image")?
+            .map(<[u8]>::to_vec);
+        if before_version == 0 && before.is_some() {
+            return Err(DecodeError::NotCanonical {
+                field: "before image",
+                reason: "a never-written key has no before image",
+            });
+        }
+        writes.push(WriteEntry {
+            key,
+            before_version,
+            before,
+            after,
+        });
+    }
+    Ok(writes)
 }
 
 fn read_key(r: &mut Reader<'_>, field: &'static str) -> Result<Vec<u8>, DecodeError> {

@@ -48,6 +48,12 @@ pub enum CommitError {
         /// First difference found.
         reason: String,
     },
+    /// What a rollback planned has changed before it could commit: plan again.
+    #[error("rollback plan is stale: {reason}")]
+    StaleRollback {
+        /// What changed.
+        reason: String,
+    },
     /// A transaction with this id has already committed.
     #[error("transaction {0} has already committed")]
     DuplicateTxId(TxId),
@@ -108,7 +114,10 @@ pub enum CommitError {
 impl CommitError {
     /// Whether retrying the same transaction from the start may succeed.
     pub fn is_conflict(&self) -> bool {
-        matches!(self, Self::Conflict { .. } | Self::ScanConflict { .. })
+        matches!(
+            self,
+            Self::Conflict { .. } | Self::ScanConflict { .. } | Self::StaleRollback { .. }
+        )
     }
 
     /// Classifies an LMDB failure. LMDB reports a short write as EIO, which on a full
@@ -167,6 +176,18 @@ pub(crate) enum Job {
     /// Audit events that need not force a commit of their own: they join the next group,
     /// or are committed alone after [`LAZY_AUDIT_DELAY`] if nothing else comes.
     LazyAudit(Vec<AuditEvent>),
+    /// Apply a planned rollback.
+    Rollback(Box<RollbackJob>),
+}
+
+/// A planned rollback, with what its record needs besides the plan.
+#[derive(Debug)]
+pub(crate) struct RollbackJob {
+    pub plan: crate::rollback::RollbackPlan,
+    pub rollback_id: TxId,
+    pub reason: String,
+    pub policy_hash: Hash,
+    pub audit: Vec<AuditEvent>,
 }
 
 /// Longest time lazily appended audit events wait for a group to join.
@@ -352,6 +373,9 @@ impl Committer {
                 Job::Audit(events) | Job::LazyAudit(events) => {
                     self.apply_audit(&mut wtxn, &mut audit, events, now)
                 }
+                Job::Rollback(job) => {
+                    self.apply_rollback(&mut wtxn, &mut ckpt, &mut audit, *job, now)
+                }
             };
             match step {
                 Ok(r) => results.push(Ok(r)),
@@ -521,6 +545,81 @@ impl Committer {
         dbs.tx_index.put(wtxn, &cp.tx_id.0, &seq_key)?;
         *ckpt = Tip { seq, hash };
         for ev in tx.audit {
+            self.append_audit(wtxn, audit, ev, now)?;
+        }
+        Ok(Receipt {
+            seq,
+            hash,
+            audit_seq: audit.seq,
+            group: 0,
+        })
+    }
+
+    fn apply_rollback(
+        &self,
+        wtxn: &mut RwTxn<'_>,
+        ckpt: &mut Tip,
+        audit: &mut Tip,
+        job: RollbackJob,
+        now: u64,
+    ) -> Result<Receipt, Step> {
+        let dbs = self.store.dbs;
+        let stale = |reason: String| Step::Reject(CommitError::StaleRollback { reason });
+        // Nothing the plan restores may have changed since it was made...
+        for w in &job.plan.writes {
+            let (current, _) = self.current(wtxn, &w.key)?;
+            if current != w.before_version {
+                return Err(stale(format!(
+                    "key {} is now at version {current}, planned at {}",
+                    hex(&w.key),
+                    w.before_version
+                )));
+            }
+        }
+        // ...and no commit since may have read what it undoes.
+        let start = u64_key(job.plan.tip.saturating_add(1));
+        let range = (Bound::Included(&start[..]), Bound::Unbounded);
+        for item in dbs.deps.range(wtxn, &range)? {
+            let (k, v) = item?;
+            let reads_affected = v
+                .chunks_exact(8)
+                .filter_map(crate::store::read_u64)
+                .any(|w| job.plan.affected.binary_search(&w).is_ok());
+            if reads_affected {
+                let reader = crate::store::read_u64(k).unwrap_or(0);
+                return Err(stale(format!(
+                    "commit {reader} read undone data after planning"
+                )));
+            }
+        }
+        let seq = ckpt.seq.saturating_add(1);
+        let record = crate::rollback::RollbackRecord {
+            seq,
+            prev_hash: ckpt.hash,
+            rollback_id: job.rollback_id,
+            reason: job.reason,
+            policy_hash: job.policy_hash,
+            time_ns: now,
+            roots: job.plan.roots,
+            affected: job.plan.affected,
+            writes: job.plan.writes,
+        };
+        let enc = record.encode();
+        if enc.len() > crate::rollback::MAX_ROLLBACK_BYTES {
+            return Err(Step::Reject(CommitError::CheckpointTooLarge {
+                len: enc.len(),
+                max: crate::rollback::MAX_ROLLBACK_BYTES,
+            }));
+        }
+        let hash = chain_hash(&ckpt.hash, &enc);
+        let seq_key = u64_key(seq);
+        for w in &record.writes {
+            dbs.data
+                .put(wtxn, &w.key, &encode_value(seq, w.after.as_deref()))?;
+        }
+        dbs.checkpoints.put(wtxn, &seq_key, &enc)?;
+        *ckpt = Tip { seq, hash };
+        for ev in job.audit {
             self.append_audit(wtxn, audit, ev, now)?;
         }
         Ok(Receipt {

@@ -55,6 +55,7 @@ pub mod commit;
 pub mod head;
 pub mod keys;
 pub mod read;
+pub mod rollback;
 pub mod store;
 #[cfg(feature = "test-tamper")]
 pub mod tamper;
@@ -74,6 +75,7 @@ pub use commit::{encode_deps, CommitError, CommitTicket};
 pub use head::{SignedHead, Tip};
 pub use keys::{KeyError, PublicKey, SigningKey};
 pub use read::ReadError;
+pub use rollback::{Record, RollbackError, RollbackPlan, RollbackRecord};
 pub use store::{OpenError, Store, StoreOptions};
 pub use txn::{ScanResult, Tx, TxContext, TxError};
 pub use verify::{verify, Failure, Progress, VerifyReport};
@@ -218,6 +220,15 @@ impl std::fmt::Debug for Ledger {
     }
 }
 
+/// Up to `max` sequences as a comma-separated list, for an audit field.
+fn join_seqs(seqs: &[u64], max: usize) -> String {
+    let mut s: Vec<String> = seqs.iter().take(max).map(ToString::to_string).collect();
+    if seqs.len() > max {
+        s.push(format!("... ({} in all)", seqs.len()));
+    }
+    s.join(",")
+}
+
 pub(crate) fn now_ns() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -354,6 +365,45 @@ impl Ledger {
             ev.validate()?;
         }
         commit::submit(&self.inner, commit::Job::LazyAudit(events)).map(drop)
+    }
+
+    /// Rolls back the commits `roots` (and, with `cascade`, every later commit that read what
+    /// they wrote, transitively) in one atomic, signed record appended to the checkpoint
+    /// chain, with a `rollback.applied` audit record. Re-plans when concurrent commits
+    /// change what the plan covers. Returns the plan applied and its receipt.
+    pub fn rollback(
+        &self,
+        roots: &[u64],
+        cascade: bool,
+        reason: &str,
+        policy_hash: Hash,
+    ) -> Result<(RollbackPlan, Receipt), RollbackError> {
+        const ATTEMPTS: u32 = 16;
+        let reason: String = reason.chars().take(rollback::MAX_REASON / 4).collect();
+        for _ in 0..ATTEMPTS {
+            let plan = self.store().plan_rollback(roots, cascade)?;
+            let rollback_id = TxId::generate();
+            let event = AuditEvent::new("rollback.applied", Severity::Notice)
+                .field("rollback_id", rollback_id)
+                .field("roots", join_seqs(&plan.roots, 64))
+                .field("affected", plan.affected.len())
+                .field("restored_keys", plan.writes.len())
+                .field("cascade", cascade)
+                .field("reason", &reason);
+            let job = commit::RollbackJob {
+                plan: plan.clone(),
+                rollback_id,
+                reason: reason.clone(),
+                policy_hash,
+                audit: vec![event],
+            };
+            match commit::submit(&self.inner, commit::Job::Rollback(Box::new(job)))?.wait() {
+                Ok(receipt) => return Ok((plan, receipt)),
+                Err(e) if e.is_conflict() => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(RollbackError::Contended { attempts: ATTEMPTS })
     }
 
     /// Durable tips of both chains.

@@ -29,12 +29,16 @@ pub enum ReadError {
 }
 
 impl Store {
-    /// The checkpoint with commit sequence `seq`.
+    /// The transaction checkpoint with commit sequence `seq` (`None` if there is none, or
+    /// if `seq` is a rollback record: see [`Store::record`]).
     pub fn checkpoint(&self, seq: u64) -> Result<Option<Checkpoint>, ReadError> {
         let rtxn = self.read_txn()?;
         let Some(bytes) = self.dbs.checkpoints.get(&rtxn, &u64_key(seq))? else {
             return Ok(None);
         };
+        if bytes.get(5) == Some(&crate::rollback::KIND_ROLLBACK) {
+            return Ok(None);
+        }
         Checkpoint::decode(bytes)
             .map(Some)
             .map_err(|source| ReadError::Corrupt {
@@ -130,14 +134,15 @@ impl Store {
                         reason: "a data version names a missing checkpoint",
                     },
                 })?;
-            let cp = Checkpoint::decode(bytes).map_err(|source| ReadError::Corrupt {
-                what: "checkpoint",
-                at: version.to_string(),
-                source,
-            })?;
+            let cp =
+                crate::rollback::Record::decode(bytes).map_err(|source| ReadError::Corrupt {
+                    what: "checkpoint",
+                    at: version.to_string(),
+                    source,
+                })?;
             out.push(version);
             let prev = cp
-                .writes
+                .writes()
                 .iter()
                 .find(|w| w.key == key)
                 .map_or(0, |w| w.before_version);

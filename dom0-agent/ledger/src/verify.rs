@@ -19,7 +19,7 @@ use heed::types::Bytes;
 use heed::Database;
 
 use crate::audit::AuditRecord;
-use crate::checkpoint::{chain_hash, Checkpoint};
+use crate::checkpoint::chain_hash;
 use crate::codec::{hex, DecodeError};
 use crate::head::SignedHead;
 use crate::keys::PublicKey;
@@ -123,7 +123,9 @@ impl Chain {
     }
     fn decode(self, bytes: &[u8]) -> Result<(u64, Hash), DecodeError> {
         match self {
-            Self::Checkpoints => Checkpoint::decode(bytes).map(|c| (c.seq, c.prev_hash)),
+            Self::Checkpoints => {
+                crate::rollback::Record::decode(bytes).map(|r| (r.seq(), r.prev_hash()))
+            }
             Self::Audit => AuditRecord::decode(bytes).map(|a| (a.seq, a.prev_hash)),
         }
     }

@@ -158,3 +158,30 @@ fn signed_head_vector() {
     assert!(d.signature_valid());
     assert_eq!(d, head);
 }
+
+#[test]
+fn rollback_vector() {
+    use mayfly_ledger::RollbackRecord;
+    let h1 = chain_hash(&[0; 32], &checkpoint_1().encode());
+    let h2 = chain_hash(&h1, &checkpoint_2(h1).encode());
+    let r = RollbackRecord {
+        seq: 3,
+        prev_hash: h2,
+        rollback_id: TxId([0x44; 16]),
+        reason: "ids alert".into(),
+        policy_hash: [0x22; 32],
+        time_ns: 1_700_000_002_000_000_000,
+        roots: vec![1],
+        affected: vec![1, 2],
+        writes: vec![WriteEntry {
+            key: b"acct/a".to_vec(),
+            before_version: 1,
+            before: Some(b"95".to_vec()),
+            after: None,
+        }],
+    };
+    let e = r.encode();
+    check("rollback-3.hex", &e);
+    assert_eq!(RollbackRecord::decode(&e).unwrap(), r);
+    check("rollback-3.hash", &chain_hash(&h2, &e));
+}
