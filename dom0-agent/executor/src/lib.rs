@@ -173,6 +173,46 @@ pub enum ExecError {
     Ledger(#[from] TxError),
 }
 
+/// The replay of one undone transaction.
+#[derive(Debug)]
+pub struct Replayed {
+    /// Commit sequence of the original.
+    pub original_seq: u64,
+    /// Transaction id of the original.
+    pub original_tx: TxId,
+    /// How the replay ended (or why it could not run).
+    pub outcome: Result<TxOutcome, String>,
+    /// Committed with exactly the original result.
+    pub same_result: bool,
+}
+
+/// Why a replay could not go on.
+#[derive(Debug, thiserror::Error)]
+pub enum ReplayError {
+    /// The checkpoint could not be read.
+    #[error("reading commit {seq}: {source}")]
+    Read {
+        /// Commit.
+        seq: u64,
+        /// Failure.
+        source: mayfly_ledger::ReadError,
+    },
+    /// The sequence is not a transaction checkpoint.
+    #[error("commit {seq} is not a transaction")]
+    NotATransaction {
+        /// Commit.
+        seq: u64,
+    },
+    /// Recording the replay failed.
+    #[error("auditing the replay of commit {seq}: {source}")]
+    Audit {
+        /// Commit.
+        seq: u64,
+        /// Failure.
+        source: mayfly_ledger::CommitError,
+    },
+}
+
 /// Runs transactions in fresh domains from one backend against one ledger.
 pub struct Executor {
     ledger: Ledger,
@@ -251,6 +291,74 @@ impl Executor {
     /// audit records queued (used at shutdown, and by tests).
     pub fn wait_for_reapers(&self) {
         self.reaper.wait_idle();
+    }
+
+    /// Re-runs, in commit order, the legitimate transactions a rollback undid (`seqs`, from
+    /// [`mayfly_ledger::RollbackPlan::replay`]), each in a fresh domain from the current
+    /// template against the repaired state, and records for each whether it now commits
+    /// with the same result, a different one, or fails (`rollback.replayed` audit records).
+    /// Replays are new transactions with new checkpoints; the originals stay in the chain.
+    /// A handler that drew randomness may legitimately differ: the original seed is not
+    /// kept.
+    pub fn replay(&self, seqs: &[u64]) -> Result<Vec<Replayed>, ReplayError> {
+        let mut out = Vec::with_capacity(seqs.len());
+        for &seq in seqs {
+            let cp = self
+                .ledger
+                .store()
+                .checkpoint(seq)
+                .map_err(|e| ReplayError::Read { seq, source: e })?
+                .ok_or(ReplayError::NotATransaction { seq })?;
+            let outcome = self.execute(&TxRequest {
+                handler: cp.handler.clone(),
+                payload: cp.request.clone(),
+                client: format!("replay of commit {seq}"),
+            });
+            let replayed = match outcome {
+                Ok(o) => Replayed {
+                    original_seq: seq,
+                    original_tx: cp.tx_id,
+                    same_result: o.status == TxStatus::Committed && o.result == cp.result,
+                    outcome: Ok(o),
+                },
+                Err(e) => Replayed {
+                    original_seq: seq,
+                    original_tx: cp.tx_id,
+                    same_result: false,
+                    outcome: Err(e.to_string()),
+                },
+            };
+            let mut ev = AuditEvent::new(
+                "rollback.replayed",
+                if replayed.same_result {
+                    Severity::Info
+                } else {
+                    Severity::Notice
+                },
+            )
+            .field("original_seq", seq)
+            .field("original_tx", cp.tx_id)
+            .field("same_result", replayed.same_result);
+            match &replayed.outcome {
+                Ok(o) => {
+                    ev = ev
+                        .field("tx_id", o.tx_id)
+                        .field("status", o.status.as_str());
+                    if let Some(new_seq) = o.seq {
+                        ev = ev.field("seq", new_seq);
+                    }
+                    if let Some(err) = &o.error {
+                        ev = ev.field("error", truncate(err, 1000));
+                    }
+                }
+                Err(e) => ev = ev.field("error", truncate(e, 1000)),
+            }
+            self.ledger
+                .audit(vec![ev])
+                .map_err(|e| ReplayError::Audit { seq, source: e })?;
+            out.push(replayed);
+        }
+        Ok(out)
     }
 
     /// Handler names known to the template.

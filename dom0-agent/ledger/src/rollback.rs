@@ -550,7 +550,10 @@ mod tests {
     fn round_trip_and_rules() {
         let r = sample();
         assert_eq!(RollbackRecord::decode(&r.encode()).unwrap(), r);
-        assert!(matches!(Record::decode(&r.encode()), Ok(Record::Rollback(_))));
+        assert!(matches!(
+            Record::decode(&r.encode()),
+            Ok(Record::Rollback(_))
+        ));
         let mut bad = sample();
         bad.affected = vec![5, 7]; // misses the root
         assert!(RollbackRecord::decode(&bad.encode()).is_err());

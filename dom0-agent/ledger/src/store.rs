@@ -396,7 +396,16 @@ impl Store {
     /// Checks the format marker and returns the identity and chain tips recorded in `meta`.
     pub(crate) fn load_meta(&self, check_tips: bool) -> Result<MetaState, OpenError> {
         let rtxn = self.env.read_txn().map_err(|e| self.storage_err(e))?;
-        let get = |k: &[u8]| self.dbs.meta.get(&rtxn, k).map_err(|e| self.storage_err(e));
+        self.meta_in(&rtxn, check_tips)
+    }
+
+    /// [`Store::load_meta`] within an existing read transaction.
+    pub(crate) fn meta_in(
+        &self,
+        rtxn: &RoTxn<'_, WithoutTls>,
+        check_tips: bool,
+    ) -> Result<MetaState, OpenError> {
+        let get = |k: &[u8]| self.dbs.meta.get(rtxn, k).map_err(|e| self.storage_err(e));
         let format = get(meta_keys::FORMAT)?.ok_or_else(|| OpenError::Foreign {
             path: self.dir.clone(),
             reason: "no format marker".into(),
@@ -435,7 +444,7 @@ impl Store {
             group,
         };
         if check_tips {
-            self.check_tips(&rtxn, &state)?;
+            self.check_tips(rtxn, &state)?;
         }
         Ok(state)
     }

@@ -16,7 +16,7 @@ use std::collections::HashMap;
 use std::fmt;
 
 use heed::types::Bytes;
-use heed::Database;
+use heed::{Database, RoTxn, WithoutTls};
 
 use crate::audit::AuditRecord;
 use crate::checkpoint::chain_hash;
@@ -143,17 +143,16 @@ struct Walk {
 }
 
 fn walk(
-    store: &Store,
+    rtxn: &RoTxn<'_, WithoutTls>,
     db: Database<Bytes, Bytes>,
     chain: Chain,
     progress: &mut dyn FnMut(Progress),
 ) -> Result<Walk, ReadError> {
-    let rtxn = store.read_txn()?;
-    let total = db.len(&rtxn)?;
+    let total = db.len(rtxn)?;
     let mut links = Vec::with_capacity(usize::try_from(total).unwrap_or(0));
     let mut expected: u64 = 1;
     let mut structural = None;
-    for item in db.iter(&rtxn)? {
+    for item in db.iter(rtxn)? {
         let (k, v) = item?;
         let Some(key_seq) = read_u64(k) else {
             structural =
@@ -244,13 +243,14 @@ pub fn verify(
     progress: &mut dyn FnMut(Progress),
 ) -> Result<VerifyReport, ReadError> {
     let mut report = VerifyReport::default();
-    let cp = walk(store, store.dbs.checkpoints, Chain::Checkpoints, progress)?;
-    let au = walk(store, store.dbs.audit, Chain::Audit, progress)?;
+    // One snapshot for everything: a live ledger keeps committing while this runs.
+    let rtxn = store.read_txn()?;
+    let cp = walk(&rtxn, store.dbs.checkpoints, Chain::Checkpoints, progress)?;
+    let au = walk(&rtxn, store.dbs.audit, Chain::Audit, progress)?;
     report.checkpoints = cp.links.len() as u64;
     report.audit = au.links.len() as u64;
 
     // Heads: decode, check signature and key, collect what each signs.
-    let rtxn = store.read_txn()?;
     let total = store.dbs.heads.len(&rtxn)?;
     let mut head_failure: Option<Failure> = None;
     let mut signed_cp: HashMap<u64, Hash> = HashMap::new();
@@ -402,7 +402,7 @@ pub fn verify(
     report.failures.extend(head_failure);
 
     if report.failures.is_empty() {
-        if let (Ok(meta), Some(head)) = (store.load_meta(false), &last) {
+        if let (Ok(meta), Some(head)) = (store.meta_in(&rtxn, false), &last) {
             if meta.checkpoints != head.checkpoints
                 || meta.audit != head.audit
                 || meta.group != head.group
