@@ -142,11 +142,8 @@ fn rollback_with_replay_equals_running_only_the_legitimate_transactions() {
 
     // Reported after the fact.
     let dry = store.plan_rollback(&roots, true).unwrap();
-    assert!(
-        dry.affected.len() >= 2 + 55 + 1,
-        "affected {}",
-        dry.affected.len()
-    );
+    // Two attack transactions, 55 bob-to-alice transfers and the cash-out.
+    assert!(dry.affected.len() >= 58, "affected {}", dry.affected.len());
     let (plan, _) = attacked
         .ledger()
         .rollback(&roots, true, "notes exploit reported by the IDS", [0; 32])
