@@ -299,6 +299,7 @@ fn through_executor(dir: &Path, backend: Arc<dyn DomainBackend>, n: usize, secs:
         backend.clone(),
         names,
         config,
+        shipped_policy(),
         &log(),
     ));
     let run = clients(n, secs, move |rng| {
@@ -324,6 +325,23 @@ fn median(runs: &mut [Run]) -> (f64, Duration, Duration) {
     p99.sort_unstable();
     let m = runs.len() / 2;
     (rates[m], p50[m], p99[m])
+}
+
+/// The shipped default policy bundle: every ring operation is checked, as in production.
+fn shipped_policy() -> mayfly_policy::Bundle {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../policies/default");
+    let mut files: Vec<(String, String)> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| {
+            let p = e.unwrap().path();
+            (
+                p.file_name().unwrap().to_string_lossy().into_owned(),
+                std::fs::read_to_string(&p).unwrap(),
+            )
+        })
+        .collect();
+    files.sort();
+    mayfly_policy::Bundle::load(&files).unwrap()
 }
 
 fn exec_backend(shim: &Path) -> Arc<dyn DomainBackend> {

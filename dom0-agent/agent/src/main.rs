@@ -6,6 +6,7 @@
 #![forbid(unsafe_code)]
 
 mod demo;
+mod policy;
 mod serve;
 mod verify_cmd;
 mod zygote;

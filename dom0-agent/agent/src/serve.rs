@@ -15,6 +15,7 @@
 //! map_size_mib = 4096        # largest ledger size
 //! memory_mib = 256           # address-space limit of each domain
 //! cpu_seconds = 10           # CPU-time limit of each domain
+//! policy = "/etc/mayfly/policy" # directory of *.toml; default: the built-in bundle
 //! ```
 
 use std::net::SocketAddr;
@@ -68,6 +69,10 @@ pub struct ServeArgs {
     /// CPU-time limit of each domain in seconds [default: 10].
     #[arg(long)]
     cpu_seconds: Option<u64>,
+    /// Policy bundle: a directory of *.toml files [default: the shipped bundle,
+    /// policies/default, built in].
+    #[arg(long)]
+    policy: Option<PathBuf>,
 }
 
 #[derive(Deserialize, Default)]
@@ -83,6 +88,7 @@ struct FileConfig {
     map_size_mib: Option<usize>,
     memory_mib: Option<u64>,
     cpu_seconds: Option<u64>,
+    policy: Option<PathBuf>,
 }
 
 /// The settings in force, after merging file and flags.
@@ -97,6 +103,7 @@ struct Settings {
     map_size: usize,
     memory_bytes: u64,
     cpu_seconds: u64,
+    policy: Option<PathBuf>,
 }
 
 fn load(args: &ServeArgs) -> anyhow::Result<Settings> {
@@ -141,6 +148,7 @@ fn load(args: &ServeArgs) -> anyhow::Result<Settings> {
             .unwrap_or(256)
             .saturating_mul(1 << 20),
         cpu_seconds: args.cpu_seconds.or(file.cpu_seconds).unwrap_or(10),
+        policy: args.policy.clone().or(file.policy),
     };
     match s.backend.as_str() {
         "sandbox" => {}
@@ -193,6 +201,9 @@ pub fn run(args: &ServeArgs, log: &Logger) -> anyhow::Result<u8> {
     };
     let ledger = Ledger::open(&s.data_dir, &options, log)
         .with_context(|| format!("opening the ledger in {}", s.data_dir.display()))?;
+    let policy_files = crate::policy::files(s.policy.as_deref())?;
+    let bundle = mayfly_policy::Bundle::load(&policy_files).context("loading the policy bundle")?;
+    let policy_hash = bundle.hash();
     let backend: Arc<dyn DomainBackend> = Arc::new(sandbox(&s, log)?);
     let names = crate::zygote::handler_names();
     let executor = Arc::new(Executor::new(
@@ -203,6 +214,7 @@ pub fn run(args: &ServeArgs, log: &Logger) -> anyhow::Result<u8> {
             tx_timeout: s.tx_timeout,
             ..ExecutorConfig::default()
         },
+        bundle,
         log,
     ));
     let api = ApiConfig {
@@ -222,7 +234,8 @@ pub fn run(args: &ServeArgs, log: &Logger) -> anyhow::Result<u8> {
     ledger.audit(vec![AuditEvent::new("agent.started", Severity::Notice)
         .field("backend", backend.name())
         .field("listen", addr)
-        .field("pool_size", s.pool_size)])?;
+        .field("pool_size", s.pool_size)
+        .field("policy_hash", hex(&policy_hash))])?;
     info!(log, "serving"; "addr" => %addr, "backend" => backend.name());
     print_banner(addr, &s.data_dir, &ledger, &names);
 

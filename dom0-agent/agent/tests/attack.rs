@@ -32,11 +32,18 @@ impl Appliance {
             .names()
             .map(str::to_owned)
             .collect::<Vec<_>>();
+        // A permissive policy: this attack was not caught when it happened.
+        let permissive = mayfly_policy::Bundle::load(&[(
+            "allow.toml",
+            "[engine]\nunlisted_handler = \"allow\"\n",
+        )])
+        .unwrap();
         let executor = Executor::new(
             ledger,
             backend.clone(),
             names,
             ExecutorConfig::default(),
+            permissive,
             &log,
         );
         Self { executor, backend }

@@ -24,7 +24,8 @@ fn assert_still_serves(agent: &Agent, key: &str) {
 #[test]
 fn escape_attempts_fail_and_are_reported() {
     let dir = tempfile::tempdir().unwrap();
-    let mut agent = Agent::start(dir.path(), &[]);
+    let policy = common::permissive_policy(dir.path());
+    let mut agent = Agent::start(&dir.path().join("data"), &[&policy[0], &policy[1]]);
     for handler in ["test.open_file", "test.socket", "test.spawn"] {
         let (code, body) = agent.tx(handler, json!(null));
         assert_eq!(code, 500, "{handler}: {body}");
@@ -34,7 +35,7 @@ fn escape_attempts_fail_and_are_reported() {
             error.contains("forbidden system call"),
             "{handler}: {error}"
         );
-        let events = events_for(dir.path(), body["tx_id"].as_str().unwrap());
+        let events = events_for(&dir.path().join("data"), body["tx_id"].as_str().unwrap());
         assert!(
             events.iter().any(|e| e == "domain.forbidden_syscall"),
             "{handler}: {events:?}"
@@ -42,14 +43,15 @@ fn escape_attempts_fail_and_are_reported() {
         assert_still_serves(&agent, handler);
     }
     assert!(agent.stop().success());
-    let (ok, out) = verify(dir.path());
+    let (ok, out) = verify(&dir.path().join("data"));
     assert!(ok, "{out}");
 }
 
 #[test]
 fn ring_attacks_are_protocol_violations() {
     let dir = tempfile::tempdir().unwrap();
-    let mut agent = Agent::start(dir.path(), &[]);
+    let policy = common::permissive_policy(dir.path());
+    let mut agent = Agent::start(&dir.path().join("data"), &[&policy[0], &policy[1]]);
     for handler in [
         "test.ring_garbage",
         "test.bad_index",
@@ -66,7 +68,7 @@ fn ring_attacks_are_protocol_violations() {
                 .starts_with("protocol violation"),
             "{handler}: {body}"
         );
-        let events = events_for(dir.path(), body["tx_id"].as_str().unwrap());
+        let events = events_for(&dir.path().join("data"), body["tx_id"].as_str().unwrap());
         assert!(
             events.iter().any(|e| e == "domain.protocol_violation"),
             "{handler}: {events:?}"
@@ -78,20 +80,26 @@ fn ring_attacks_are_protocol_violations() {
         assert_still_serves(&agent, handler);
     }
     assert!(agent.stop().success());
-    let (ok, out) = verify(dir.path());
+    let (ok, out) = verify(&dir.path().join("data"));
     assert!(ok, "{out}");
 }
 
 #[test]
 fn a_looping_guest_times_out_and_a_crashing_one_is_reported() {
     let dir = tempfile::tempdir().unwrap();
-    let agent = Agent::start(dir.path(), &["--tx-timeout-ms", "1500"]);
+    let policy = common::permissive_policy(dir.path());
+    let agent = Agent::start(
+        &dir.path().join("data"),
+        &[&policy[0], &policy[1], "--tx-timeout-ms", "1500"],
+    );
     let (code, body) = agent.tx("test.loop_forever", json!(null));
     assert_eq!(code, 500, "{body}");
     assert_eq!(body["error"], "transaction timed out");
-    assert!(events_for(dir.path(), body["tx_id"].as_str().unwrap())
-        .iter()
-        .any(|e| e == "domain.timeout"));
+    assert!(
+        events_for(&dir.path().join("data"), body["tx_id"].as_str().unwrap())
+            .iter()
+            .any(|e| e == "domain.timeout")
+    );
 
     let (code, body) = agent.tx("test.crash", json!(null));
     assert_eq!(code, 500, "{body}");
@@ -99,16 +107,19 @@ fn a_looping_guest_times_out_and_a_crashing_one_is_reported() {
         body["error"].as_str().unwrap().contains("crashed"),
         "{body}"
     );
-    assert!(events_for(dir.path(), body["tx_id"].as_str().unwrap())
-        .iter()
-        .any(|e| e == "domain.crashed"));
+    assert!(
+        events_for(&dir.path().join("data"), body["tx_id"].as_str().unwrap())
+            .iter()
+            .any(|e| e == "domain.crashed")
+    );
     assert_still_serves(&agent, "after");
 }
 
 #[test]
 fn clones_get_fresh_entropy() {
     let dir = tempfile::tempdir().unwrap();
-    let agent = Agent::start(dir.path(), &[]);
+    let policy = common::permissive_policy(dir.path());
+    let agent = Agent::start(&dir.path().join("data"), &[&policy[0], &policy[1]]);
     let draws: Vec<String> = (0..4)
         .map(|_| {
             let (code, body) = agent.tx("test.random", json!(null));
@@ -130,9 +141,17 @@ fn clones_get_fresh_entropy() {
 #[test]
 fn overload_is_refused_with_503() {
     let dir = tempfile::tempdir().unwrap();
+    let policy = common::permissive_policy(dir.path());
     let agent = Agent::start(
-        dir.path(),
-        &["--max-in-flight", "1", "--tx-timeout-ms", "3000"],
+        &dir.path().join("data"),
+        &[
+            &policy[0],
+            &policy[1],
+            "--max-in-flight",
+            "1",
+            "--tx-timeout-ms",
+            "3000",
+        ],
     );
     let addr = agent.addr;
     let busy = std::thread::spawn(move || {

@@ -279,3 +279,64 @@ fn a_bad_config_is_refused_with_the_reason() {
     assert_eq!(out.status.code(), Some(3));
     assert!(String::from_utf8_lossy(&out.stderr).contains("unknown backend \"kvm\""));
 }
+
+#[test]
+fn the_shipped_policy_quarantines_the_notes_exploit_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut agent = Agent::start(dir.path(), &[]);
+    open(&agent, "mallory", 0);
+    // Ordinary use of the vulnerable handler stays inside notes/ and is allowed.
+    let (code, body) = agent.tx(
+        "notes",
+        json!({"user": "alice", "note_id": "n1", "text": "hi"}),
+    );
+    assert_eq!(code, 200, "{body}");
+    // The path-traversal exploit writes acct/mallory: stopped before it is served.
+    let (code, body) = agent.tx(
+        "notes",
+        json!({"user": "mallory", "note_id": "../../acct/mallory", "text": "1000000"}),
+    );
+    assert_eq!(code, 403, "{body}");
+    assert_eq!(
+        body["error"],
+        "denied by policy rule handler.notes.write (quarantine)"
+    );
+    assert_eq!(
+        balance(&agent, "mallory"),
+        0,
+        "nothing of the attack was written"
+    );
+    let tx_id = body["tx_id"].as_str().unwrap().to_owned();
+    let events = audit(dir.path());
+    let mine: Vec<&(String, std::collections::BTreeMap<String, String>)> = events
+        .iter()
+        .filter(|(_, f)| f.get("tx_id").map(String::as_str) == Some(tx_id.as_str()))
+        .collect();
+    let decision = mine
+        .iter()
+        .find(|(e, _)| e == "policy.decision")
+        .expect("decision audited");
+    assert_eq!(decision.1["rule"], "handler.notes.write");
+    assert_eq!(decision.1["action"], "quarantine");
+    // The domain is kept, stopped, for forensics.
+    let (_, q) = mine
+        .iter()
+        .find(|(e, _)| e == "domain.quarantined")
+        .expect("quarantine audited");
+    let pid: u32 = q["handle"].parse().unwrap();
+    let state = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let state = state
+        .rsplit(')')
+        .next()
+        .unwrap()
+        .trim_start()
+        .chars()
+        .next()
+        .unwrap();
+    assert_eq!(
+        state, 'T',
+        "the quarantined clone must be stopped, not running or gone"
+    );
+    assert!(agent.stop().success());
+    assert!(!process_alive(pid), "shutdown releases quarantined domains");
+}

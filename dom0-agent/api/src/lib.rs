@@ -4,6 +4,7 @@
 //! POST /v1/transactions        {"handler": "transfer", "payload": {...}, "idempotency_key": "k1"}
 //!   200 committed   {"tx_id", "status": "committed", "result", "seq", "domain_id", "attempts"}
 //!   422 aborted     {"tx_id", "status": "aborted", "error": <handler's reason>, ...}
+//!   403 refused or stopped by a policy rule (named in "error"); nothing written
 //!   409 failed      serialization conflicts on every attempt (contention): retry later
 //!   500 failed      {"tx_id", "status": "failed", "error": <what the domain did>, ...}
 //!   400 malformed JSON or fields · 404 unknown handler · 413 body too large
@@ -243,9 +244,10 @@ fn handle(mut request: tiny_http::Request, shared: &Shared) {
                 Ok(b) => b,
                 Err((code, msg)) => return error(request, code, &msg),
             };
+            // The client is its address, without the port: rates apply per host.
             let client = request
                 .remote_addr()
-                .map_or_else(|| "unknown".to_owned(), ToString::to_string);
+                .map_or_else(|| "unknown".to_owned(), |a| a.ip().to_string());
             let (code, body, retry) = submit(shared, &body, client);
             let extra = retry.then_some(("Retry-After", "1"));
             respond(request, code, &body, extra);
@@ -321,6 +323,7 @@ fn outcome_json(o: &TxOutcome) -> (u16, Value) {
         (TxStatus::Aborted, _) => 422,
         // Contention, not a fault: the client may retry.
         (TxStatus::Failed, Some(Failure::Conflicts)) => 409,
+        (TxStatus::Failed, Some(Failure::Policy { .. })) => 403,
         (TxStatus::Failed, _) => 500,
     };
     (code, body)
@@ -447,6 +450,7 @@ fn submit(shared: &Shared, raw: &[u8], client: String) -> (u16, Value, bool) {
                     (503, json!({ "error": e.to_string() }), true)
                 }
                 ExecError::Ledger(_) => (503, json!({ "error": e.to_string() }), true),
+                ExecError::Denied { .. } => (403, json!({ "error": e.to_string() }), false),
             }
         }
     }

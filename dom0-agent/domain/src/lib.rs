@@ -54,6 +54,8 @@ pub enum DomainExit {
         /// Which limit, e.g. "cpu time".
         limit: &'static str,
     },
+    /// It was stopped and kept for forensics instead of being destroyed.
+    Quarantined,
 }
 
 impl std::fmt::Display for DomainExit {
@@ -64,6 +66,7 @@ impl std::fmt::Display for DomainExit {
             Self::Crashed { signal } => write!(f, "crashed (signal {signal})"),
             Self::ForbiddenSyscall => f.write_str("killed for a forbidden system call"),
             Self::ResourceLimit { limit } => write!(f, "killed for exceeding its {limit} limit"),
+            Self::Quarantined => f.write_str("quarantined (stopped, kept for forensics)"),
         }
     }
 }

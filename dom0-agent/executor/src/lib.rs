@@ -28,6 +28,10 @@ use std::time::{Duration, Instant};
 
 use mayfly_domain::{Domain, DomainBackend, DomainError, DomainExit};
 use mayfly_ledger::{AuditEvent, Hash, Ledger, Severity, Tx, TxContext, TxError, TxId};
+use mayfly_policy::{
+    Bundle, Decision, DomainEventKind, Event as PolicyEvent, Op as PolicyOp, PolicyError,
+    State as PolicyState, Write as PolicyWrite,
+};
 use mayfly_ring::wire::{error_code, Request, Response, ScanResultBuilder, Start};
 use mayfly_ring::RingError;
 use slog::{debug, o, warn, Logger};
@@ -48,8 +52,6 @@ pub struct ExecutorConfig {
     pub max_ops: u32,
     /// Runs of a transaction that hit serialization conflicts, in fresh domains.
     pub max_attempts: u32,
-    /// Hash of the active policy bundle (recorded in every checkpoint).
-    pub policy_hash: Hash,
 }
 
 impl Default for ExecutorConfig {
@@ -59,7 +61,6 @@ impl Default for ExecutorConfig {
             take_timeout: Duration::from_secs(2),
             max_ops: 10_000,
             max_attempts: 16,
-            policy_hash: [0; 32],
         }
     }
 }
@@ -112,6 +113,13 @@ pub enum Failure {
     Conflicts,
     /// The ledger could not commit (disk full, ...).
     Storage(String),
+    /// A policy rule refused an operation or the commit.
+    Policy {
+        /// The rule.
+        rule: String,
+        /// What it decided (`abort`, `quarantine`, `rollback...`).
+        action: &'static str,
+    },
 }
 
 impl std::fmt::Display for Failure {
@@ -123,6 +131,7 @@ impl std::fmt::Display for Failure {
             Self::OperationLimit => f.write_str("operation limit exceeded"),
             Self::Conflicts => f.write_str("serialization conflicts on every attempt"),
             Self::Storage(what) => write!(f, "storage: {what}"),
+            Self::Policy { rule, action } => write!(f, "denied by policy rule {rule} ({action})"),
         }
     }
 }
@@ -168,6 +177,14 @@ pub enum ExecError {
     /// No domain could be had in time (overload) or the backend is down.
     #[error("no domain available: {0}")]
     Unavailable(#[from] DomainError),
+    /// The policy refused to admit the transaction (rates, unlisted handler).
+    #[error("refused by policy rule {rule} ({action})")]
+    Denied {
+        /// The rule.
+        rule: String,
+        /// What it decided.
+        action: &'static str,
+    },
     /// The ledger refused to begin a transaction.
     #[error("ledger: {0}")]
     Ledger(#[from] TxError),
@@ -221,6 +238,50 @@ pub struct Executor {
     config: ExecutorConfig,
     log: Logger,
     reaper: Reaper,
+    policy: std::sync::RwLock<Arc<Policy>>,
+    started: Instant,
+}
+
+/// A loaded policy bundle and the rate state it owns.
+struct Policy {
+    bundle: Bundle,
+    state: Mutex<PolicyState>,
+}
+
+impl Policy {
+    fn decide(&self, event: &PolicyEvent<'_>) -> Decision {
+        match self.state.lock() {
+            Ok(mut state) => self.bundle.evaluate(event, &mut state),
+            Err(poisoned) => self.bundle.evaluate(event, &mut poisoned.into_inner()),
+        }
+    }
+}
+
+/// The audit record of a decision that is not a plain allow.
+fn decision_event(d: &Decision, tx_id: Option<TxId>, handler: &str) -> AuditEvent {
+    let severity = match d.severity.code() {
+        0 => Severity::Emergency,
+        1 => Severity::Alert,
+        2 => Severity::Critical,
+        3 => Severity::Error,
+        4 => Severity::Warning,
+        5 => Severity::Notice,
+        6 => Severity::Info,
+        _ => Severity::Debug,
+    };
+    let mut ev = AuditEvent::new("policy.decision", severity)
+        .field("rule", d.rule.as_deref().unwrap_or("(none)"))
+        .field("action", d.action.as_str())
+        .field("handler", handler);
+    if let Some(tx) = tx_id {
+        ev = ev.field("tx_id", tx);
+    }
+    for m in &d.matched {
+        if !ev.fields.contains_key(m.name) {
+            ev = ev.field(m.name, truncate(&m.value, 1000));
+        }
+    }
+    ev
 }
 
 /// What serving one domain came to.
@@ -274,6 +335,7 @@ impl Executor {
         backend: Arc<dyn DomainBackend>,
         handlers: impl IntoIterator<Item = String>,
         config: ExecutorConfig,
+        policy: Bundle,
         log: &Logger,
     ) -> Self {
         let reaper = Reaper::start(&ledger);
@@ -284,6 +346,61 @@ impl Executor {
             config,
             log: log.new(o!("component" => "executor")),
             reaper,
+            policy: std::sync::RwLock::new(Arc::new(Policy {
+                bundle: policy,
+                state: Mutex::new(PolicyState::new()),
+            })),
+            started: Instant::now(),
+        }
+    }
+
+    fn current_policy(&self) -> Arc<Policy> {
+        match self.policy.read() {
+            Ok(p) => p.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    /// Hash of the active policy bundle (recorded in every checkpoint).
+    pub fn policy_hash(&self) -> Hash {
+        self.current_policy().bundle.hash()
+    }
+
+    /// Loads a new policy bundle, atomically: transactions already running finish under
+    /// the bundle they started with, new ones use the new one. A malformed bundle is
+    /// refused (with file, line and reason) and the active one stays. Both outcomes are
+    /// audited durably.
+    pub fn load_policy(&self, files: &[(String, String)]) -> Result<Hash, PolicyError> {
+        let old = self.policy_hash();
+        match Bundle::load(files) {
+            Ok(bundle) => {
+                let hash = bundle.hash();
+                let policy = Arc::new(Policy {
+                    bundle,
+                    state: Mutex::new(PolicyState::new()),
+                });
+                match self.policy.write() {
+                    Ok(mut p) => *p = policy,
+                    Err(poisoned) => *poisoned.into_inner() = policy,
+                }
+                let ev = AuditEvent::new("policy.loaded", Severity::Notice)
+                    .field("policy_hash", mayfly_ledger::codec::hex(&hash))
+                    .field("previous", mayfly_ledger::codec::hex(&old))
+                    .field("files", files.len());
+                if let Err(e) = self.ledger.audit(vec![ev]) {
+                    warn!(self.log, "auditing a policy load failed"; "error" => %e);
+                }
+                Ok(hash)
+            }
+            Err(e) => {
+                let ev = AuditEvent::new("policy.rejected", Severity::Warning)
+                    .field("active", mayfly_ledger::codec::hex(&old))
+                    .field("error", truncate(&e.to_string(), 1000));
+                if let Err(a) = self.ledger.audit(vec![ev]) {
+                    warn!(self.log, "auditing a policy rejection failed"; "error" => %a);
+                }
+                Err(e)
+            }
         }
     }
 
@@ -387,6 +504,31 @@ impl Executor {
                 max: MAX_PAYLOAD,
             });
         }
+        let policy = self.current_policy();
+        let now_ms = u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX);
+        let admit = policy.decide(&PolicyEvent::Admit {
+            client: &req.client,
+            handler: &req.handler,
+            now_ms,
+        });
+        if admit.audited() {
+            let ev = decision_event(&admit, None, &req.handler)
+                .field("client", truncate(&req.client, 256));
+            let appended = if admit.action.permits() {
+                self.ledger.audit_lazily(vec![ev])
+            } else {
+                self.ledger.audit(vec![ev]).map(drop)
+            };
+            if let Err(e) = appended {
+                warn!(self.log, "auditing an admission decision failed"; "error" => %e);
+            }
+        }
+        if !admit.action.permits() {
+            return Err(ExecError::Denied {
+                rule: admit.rule.as_deref().unwrap_or("(none)").to_owned(),
+                action: admit.action.as_str(),
+            });
+        }
         let mut attempt = 0;
         loop {
             attempt += 1;
@@ -398,10 +540,10 @@ impl Executor {
                 handler: req.handler.clone(),
                 request: req.payload.clone(),
                 domain_id,
-                policy_hash: self.config.policy_hash,
+                policy_hash: policy.bundle.hash(),
             })?;
             let started = self.started_events(req, tx_id, domain.as_ref(), attempt);
-            let (served, exit) = self.serve(domain, ltx, req, started);
+            let (served, exit) = self.serve(domain, ltx, req, &policy, started);
             let outcome = |status, result, failure: Option<Failure>, seq| TxOutcome {
                 tx_id,
                 status,
@@ -462,6 +604,7 @@ impl Executor {
         mut domain: Box<dyn Domain>,
         ltx: Tx,
         req: &TxRequest,
+        policy: &Policy,
         mut events: Vec<AuditEvent>,
     ) -> (Served, Option<DomainExit>) {
         let tx_id = ltx.id();
@@ -469,7 +612,36 @@ impl Executor {
         let log = self
             .log
             .new(o!("tx_id" => tx_id.to_string(), "domain" => domain_id));
-        let served = self.drive(domain.as_mut(), ltx, req, &log, &mut events);
+        let mut quarantine = false;
+        let served = self.drive(
+            domain.as_mut(),
+            ltx,
+            req,
+            policy,
+            &log,
+            &mut events,
+            &mut quarantine,
+        );
+        // A live domain that misbehaved may be kept for forensics, if the policy says so.
+        let domain_event = match &served {
+            Served::Failed(Failure::Timeout) => Some(DomainEventKind::Timeout),
+            Served::Failed(Failure::ProtocolViolation(_)) => {
+                Some(DomainEventKind::ProtocolViolation)
+            }
+            Served::Failed(Failure::DomainDied(_)) => Some(DomainEventKind::Crash),
+            _ => None,
+        };
+        if let Some(kind) = domain_event {
+            let d = policy.decide(&PolicyEvent::Domain {
+                tx: tx_id.0,
+                handler: &req.handler,
+                kind,
+            });
+            if d.audited() {
+                events.push(decision_event(&d, Some(tx_id), &req.handler));
+            }
+            quarantine |= d.action == mayfly_policy::Action::Quarantine;
+        }
         let retirement = Retirement {
             domain,
             events,
@@ -477,6 +649,7 @@ impl Executor {
             domain_id,
             handler: req.handler.clone(),
             log,
+            quarantine,
         };
         let retirement = if matches!(served, Served::Failed(_)) {
             retirement
@@ -491,13 +664,16 @@ impl Executor {
     }
 
     /// The request loop. Everything the guest sends is already decoded and bounded.
+    #[allow(clippy::too_many_arguments)]
     fn drive(
         &self,
         domain: &mut dyn Domain,
         mut ltx: Tx,
         req: &TxRequest,
+        policy: &Policy,
         log: &Logger,
         events: &mut Vec<AuditEvent>,
+        quarantine: &mut bool,
     ) -> Served {
         let ready_id = domain.ready_id();
         let tx_id = ltx.id();
@@ -518,6 +694,9 @@ impl Executor {
         let deadline = Instant::now() + self.config.tx_timeout;
         let mut ops: u32 = 0;
         let mut log_lines: u32 = 0;
+        let mut bytes_written: u64 = 0;
+        let started = Instant::now();
+        let elapsed_ms = || u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
@@ -542,6 +721,48 @@ impl Executor {
                     &notifier,
                 );
                 return Served::Failed(Failure::OperationLimit);
+            }
+            // Every data operation passes the policy first.
+            let op = match &env.body {
+                Request::Get { key } => Some(PolicyOp::Get { key }),
+                Request::Put { key, value } => Some(PolicyOp::Put { key, value }),
+                Request::Delete { key } => Some(PolicyOp::Delete { key }),
+                Request::Scan { start, end, .. } => Some(PolicyOp::Scan {
+                    start,
+                    end: end.as_deref(),
+                }),
+                _ => None,
+            };
+            if let Some(op) = op {
+                let d = policy.decide(&PolicyEvent::Op {
+                    tx: tx_id.0,
+                    handler: &req.handler,
+                    client: &req.client,
+                    op,
+                    ops_so_far: u64::from(ops.saturating_sub(1)),
+                    bytes_written_so_far: bytes_written,
+                    elapsed_ms: elapsed_ms(),
+                });
+                if d.audited() {
+                    events.push(decision_event(&d, Some(tx_id), &req.handler));
+                }
+                if !d.action.permits() {
+                    let rule = d.rule.as_deref().unwrap_or("(none)").to_owned();
+                    let _ = ring.send_response(
+                        env.id,
+                        &Response::Error {
+                            code: error_code::DENIED,
+                            message: format!("denied by policy rule {rule}"),
+                        },
+                        &notifier,
+                    );
+                    *quarantine = d.action == mayfly_policy::Action::Quarantine;
+                    return Served::Failed(Failure::Policy {
+                        rule,
+                        action: d.action.as_str(),
+                    });
+                }
+                bytes_written = bytes_written.saturating_add(op.bytes_written());
             }
             let reply = match env.body {
                 Request::Get { key } => match ltx.get(&key) {
@@ -586,6 +807,31 @@ impl Executor {
                     Response::Ok
                 }
                 Request::Commit { result } => {
+                    let writes: Vec<PolicyWrite<'_>> = ltx
+                        .writes()
+                        .map(|(key, value)| PolicyWrite { key, value })
+                        .collect();
+                    let d = policy.decide(&PolicyEvent::Commit {
+                        tx: tx_id.0,
+                        handler: &req.handler,
+                        client: &req.client,
+                        ops: u64::from(ops),
+                        bytes_written,
+                        elapsed_ms: elapsed_ms(),
+                        writes: &writes,
+                    });
+                    drop(writes);
+                    if d.audited() {
+                        events.push(decision_event(&d, Some(tx_id), &req.handler));
+                    }
+                    if !d.action.permits() {
+                        let _ = ring.send_response(env.id, &Response::Aborted, &notifier);
+                        *quarantine = d.action == mayfly_policy::Action::Quarantine;
+                        return Served::Failed(Failure::Policy {
+                            rule: d.rule.as_deref().unwrap_or("(none)").to_owned(),
+                            action: d.action.as_str(),
+                        });
+                    }
                     let committed = AuditEvent::new("tx.committed", Severity::Info)
                         .field("tx_id", tx_id)
                         .field("handler", &req.handler);
@@ -645,12 +891,27 @@ struct Retirement {
     domain_id: u32,
     handler: String,
     log: Logger,
+    /// Keep the domain stopped for forensics instead of destroying it.
+    quarantine: bool,
 }
 
 /// Destroys the domain, works out from its exit what the failure really was, and appends
 /// the audit records (attack signals durably before returning).
 fn retire(ledger: &Ledger, mut r: Retirement, served: Served) -> (Served, DomainExit) {
-    let exit = match r.domain.destroy() {
+    let disposed = if r.quarantine {
+        r.domain.quarantine().map(|q| {
+            r.events.push(
+                AuditEvent::new("domain.quarantined", Severity::Notice)
+                    .field("domain", r.domain_id)
+                    .field("tx_id", r.tx_id)
+                    .field("handle", truncate(&q.handle, 64)),
+            );
+            DomainExit::Quarantined
+        })
+    } else {
+        r.domain.destroy()
+    };
+    let exit = match disposed {
         Ok(exit) => exit,
         Err(e) => {
             warn!(r.log, "destroying the domain failed"; "error" => %e);
@@ -696,6 +957,7 @@ fn retire(ledger: &Ledger, mut r: Retirement, served: Served) -> (Served, Domain
                 Failure::OperationLimit => (Severity::Warning, "tx.operation_limit"),
                 Failure::Conflicts => (Severity::Notice, "tx.conflicts"),
                 Failure::Storage(_) => (Severity::Error, "tx.storage_failed"),
+                Failure::Policy { .. } => (Severity::Alert, "tx.denied_by_policy"),
             };
             (sev, name, Some(f.to_string()))
         }

@@ -235,6 +235,32 @@ fn guests() -> HashMap<&'static str, Guest> {
             );
         }),
     );
+    // Writes a key, then touches a honeytoken.
+    g.insert(
+        "probe",
+        Arc::new(|f, n, _p, _k| {
+            let _ = call(
+                f,
+                n,
+                Request::Put {
+                    key: b"kv/a".to_vec(),
+                    value: b"1".to_vec(),
+                },
+            );
+            let _ = f.call(
+                &Request::Get {
+                    key: b"kv/~canary".to_vec(),
+                },
+                n,
+                Some(Duration::from_secs(10)),
+            );
+            let _ = f.call(
+                &Request::Commit { result: Vec::new() },
+                n,
+                Some(Duration::from_secs(10)),
+            );
+        }),
+    );
     g.insert(
         "spin",
         Arc::new(|_f, _n, _p, killed| {
@@ -260,6 +286,11 @@ fn guests() -> HashMap<&'static str, Guest> {
     g
 }
 
+fn allow_all() -> mayfly_policy::Bundle {
+    mayfly_policy::Bundle::load(&[("allow.toml", "[engine]\nunlisted_handler = \"allow\"\n")])
+        .unwrap()
+}
+
 fn setup(config: ExecutorConfig) -> (tempfile::TempDir, Executor) {
     let dir = tempfile::tempdir().unwrap();
     let log = Logger::root(Discard, o!());
@@ -268,8 +299,11 @@ fn setup(config: ExecutorConfig) -> (tempfile::TempDir, Executor) {
         guests: guests(),
         next: AtomicU32::new(1),
     });
-    let names = ["inc", "write_then_abort", "spin", "die", "chatty"].map(String::from);
-    (dir, Executor::new(ledger, backend, names, config, &log))
+    let names = ["inc", "write_then_abort", "spin", "die", "chatty", "probe"].map(String::from);
+    (
+        dir,
+        Executor::new(ledger, backend, names, config, allow_all(), &log),
+    )
 }
 
 fn run(ex: &Executor, handler: &str) -> mayfly_executor::TxOutcome {
@@ -424,4 +458,106 @@ fn unknown_handler_and_oversized_payload_are_refused_before_any_domain() {
         })
         .unwrap_err();
     assert!(err.to_string().contains("above the limit"), "{err}");
+}
+
+#[test]
+fn a_honeytoken_touch_aborts_at_once_and_leaves_no_trace() {
+    let (_d, ex) = setup(ExecutorConfig::default());
+    let bundle = [(
+        "minimal.toml".to_owned(),
+        "[handler.probe]\nread = [\"kv/\"]\nwrite = [\"kv/\"]\n\n[[honeytoken]]\nname = \"kv.canary\"\nkeys = [\"kv/~canary\"]\naction = \"abort\"\n"
+            .to_owned(),
+    )];
+    ex.load_policy(&bundle).unwrap();
+    let o = run(&ex, "probe");
+    assert_eq!(o.status, TxStatus::Failed);
+    assert_eq!(
+        o.error.as_deref(),
+        Some("denied by policy rule kv.canary (abort)")
+    );
+    assert_eq!(
+        ex.ledger().store().committed(b"kv/a").unwrap(),
+        None,
+        "nothing it wrote survives"
+    );
+    let events = audit_events(&ex);
+    assert!(events.iter().any(|e| e == "policy.decision"), "{events:?}");
+    assert!(events.iter().any(|e| e == "policy.loaded"), "{events:?}");
+    // Handlers the bundle does not list are refused at admission (fail closed).
+    let err = ex
+        .execute(&TxRequest {
+            handler: "inc".into(),
+            payload: vec![],
+            client: "t".into(),
+        })
+        .unwrap_err();
+    assert!(
+        err.to_string().starts_with("refused by policy rule"),
+        "{err}"
+    );
+}
+
+#[test]
+fn policy_reload_under_load_and_a_malformed_bundle_is_refused() {
+    let (_d, ex) = setup(ExecutorConfig {
+        max_attempts: 100,
+        ..Default::default()
+    });
+    let ex = Arc::new(ex);
+    let first = ex.policy_hash();
+    let workers: Vec<_> = (0..3)
+        .map(|_| {
+            let ex = ex.clone();
+            std::thread::spawn(move || (0..30).map(|_| run(&ex, "inc").status).collect::<Vec<_>>())
+        })
+        .collect();
+    let second = [(
+        "allow.toml".to_owned(),
+        "[engine]\nunlisted_handler = \"allow\"\n# v2\n".to_owned(),
+    )];
+    let mut loaded = Vec::new();
+    for i in 0..10 {
+        let text = format!("[engine]\nunlisted_handler = \"allow\"\n# version {i}\n");
+        loaded.push(ex.load_policy(&[("allow.toml".to_owned(), text)]).unwrap());
+        let bad = ex.load_policy(&[(
+            "bad.toml".to_owned(),
+            "[engine]\nunlisted_handler = \"allow\"\n[handler.x]\nmax_ops = \"many\"\n".to_owned(),
+        )]);
+        let err = bad.unwrap_err().to_string();
+        assert!(err.starts_with("bad.toml:4:"), "{err}");
+        assert_eq!(
+            ex.policy_hash(),
+            *loaded.last().unwrap(),
+            "a refused bundle leaves the active one"
+        );
+    }
+    let last = ex.load_policy(&second).unwrap();
+    for w in workers {
+        assert!(w.join().unwrap().iter().all(|s| *s == TxStatus::Committed));
+    }
+    assert_ne!(first, last);
+    // Every checkpoint names one of the bundles that were active, and the last ones the last.
+    let o = run(&ex, "inc");
+    let cp = ex
+        .ledger()
+        .store()
+        .checkpoint(o.seq.unwrap())
+        .unwrap()
+        .unwrap();
+    assert_eq!(cp.policy_hash, last);
+    let tips = ex.ledger().tips().checkpoints.seq;
+    let known: std::collections::BTreeSet<_> = loaded.iter().chain([&first, &last]).collect();
+    for seq in 1..=tips {
+        if let Some(cp) = ex.ledger().store().checkpoint(seq).unwrap() {
+            assert!(
+                known.contains(&cp.policy_hash),
+                "checkpoint {seq} names an unknown bundle"
+            );
+        }
+    }
+    let events = audit_events(&ex);
+    assert_eq!(
+        events.iter().filter(|e| *e == "policy.rejected").count(),
+        10
+    );
 }

@@ -230,6 +230,13 @@ impl Tx {
         Ok(())
     }
 
+    /// The buffered writes, by key (`None`: delete), as they would be committed.
+    pub fn writes(&self) -> impl Iterator<Item = (&[u8], Option<&[u8]>)> {
+        self.writes
+            .iter()
+            .map(|(k, v)| (k.as_slice(), v.as_deref()))
+    }
+
     /// Reads `key`: the transaction's own write if it made one, else the snapshot's value.
     pub fn get(&mut self, key: &[u8]) -> Result<Option<Vec<u8>>, TxError> {
         check_key(key)?;

@@ -28,6 +28,27 @@ fn default_bundle() -> Bundle {
     Bundle::load(&DEFAULT).expect("the shipped bundle loads")
 }
 
+/// The shipped bundle with small rate limits (50 admissions/s per client, 5 transfers/s),
+/// so the rate tests stay short whatever the shipped limits are.
+fn small_rates_bundle() -> Bundle {
+    let files: Vec<(String, String)> = DEFAULT
+        .iter()
+        .map(|(n, t)| {
+            let t = t
+                .replace(
+                    "name = \"rate.client\"\nmax = 2_000",
+                    "name = \"rate.client\"\nmax = 50",
+                )
+                .replace(
+                    "name = \"rate.transfer\"\nmax = 1_000",
+                    "name = \"rate.transfer\"\nmax = 5",
+                );
+            ((*n).to_owned(), t)
+        })
+        .collect();
+    Bundle::load(&files).expect("the shipped bundle with small rates loads")
+}
+
 fn one(text: &str) -> Bundle {
     Bundle::load(&[("t.toml", text)]).unwrap_or_else(|e| panic!("{e}"))
 }
@@ -370,7 +391,7 @@ fn value_patterns_require_and_deny() {
 
 #[test]
 fn rates_per_client_with_window() {
-    let b = default_bundle();
+    let b = small_rates_bundle();
     let mut st = State::new();
     let admit = |st: &mut State, client, handler, now_ms| {
         b.evaluate(

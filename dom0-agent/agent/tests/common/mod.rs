@@ -86,6 +86,20 @@ impl Drop for Agent {
     }
 }
 
+/// Writes a permissive policy bundle (every handler allowed, domain misbehaviour aborts and
+/// destroys) into `dir/policy` and returns the flag pair selecting it: for tests of the
+/// hostile `test.*` handlers, which the shipped bundle does not list.
+pub fn permissive_policy(dir: &Path) -> [String; 2] {
+    let policy = dir.join("policy");
+    std::fs::create_dir_all(&policy).unwrap();
+    std::fs::write(
+        policy.join("allow.toml"),
+        "[engine]\nunlisted_handler = \"allow\"\ndomain_default = \"abort\"\n",
+    )
+    .unwrap();
+    ["--policy".to_owned(), policy.to_string_lossy().into_owned()]
+}
+
 /// One HTTP/1.1 request; returns the status and the JSON body.
 pub fn request(addr: SocketAddr, method: &str, path: &str, body: &str) -> (u16, Value) {
     let (status, raw) = raw_request(addr, method, path, body.as_bytes());
