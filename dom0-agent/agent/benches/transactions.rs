@@ -226,7 +226,7 @@ fn summarize(mut lat: Vec<Duration>, elapsed: Duration) -> Run {
 
 fn clients<F>(n: usize, secs: f64, f: F) -> Run
 where
-    F: Fn(&mut fastrand::Rng) + Send + Sync + 'static,
+    F: Fn(&mut fastrand::Rng, usize) + Send + Sync + 'static,
 {
     let f = Arc::new(f);
     let deadline = Instant::now() + Duration::from_secs_f64(secs);
@@ -239,7 +239,7 @@ where
                 let mut lat = Vec::new();
                 while Instant::now() < deadline {
                     let t = Instant::now();
-                    f(&mut rng);
+                    f(&mut rng, c);
                     lat.push(t.elapsed());
                 }
                 lat
@@ -257,7 +257,7 @@ fn in_process(dir: &Path, n: usize, secs: f64) -> Run {
     let ledger = Ledger::open(dir, &Options::default(), &log()).unwrap();
     seed(&ledger);
     let transfer = mayfly_handlers::registry().get("transfer").unwrap();
-    clients(n, secs, move |rng| {
+    clients(n, secs, move |rng, _client| {
         let p = payload(rng);
         loop {
             let mut tx = ledger
@@ -302,12 +302,14 @@ fn through_executor(dir: &Path, backend: Arc<dyn DomainBackend>, n: usize, secs:
         shipped_policy(),
         &log(),
     ));
-    let run = clients(n, secs, move |rng| {
+    // One client identity per thread, as separate hosts would be (policy rates are per
+    // client).
+    let run = clients(n, secs, move |rng, client| {
         let o = ex
             .execute(&TxRequest {
                 handler: "transfer".into(),
                 payload: payload(rng),
-                client: "bench".into(),
+                client: format!("bench-{client}"),
             })
             .unwrap();
         assert_eq!(o.status, TxStatus::Committed, "{:?}", o.error);
