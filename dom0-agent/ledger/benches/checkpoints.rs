@@ -10,6 +10,8 @@
 //! * `raw-puts` — the same 2 puts per transaction straight into a heed database, `BENCH_WINDOW`
 //!   transactions per LMDB write transaction (one fsync each): the baseline.
 //! * `raw-rw`   — as `raw-puts` plus the same 4 reads through a heed read transaction.
+//! * `untracked` — the ledger with `track_dependencies` off (no read sets in checkpoints, no
+//!   `deps` records): what dependency tracking costs.
 //!
 //! Run: `cargo bench -p mayfly-ledger --bench checkpoints` (env `BENCH_SECS`, `BENCH_REPS`).
 #![allow(unsafe_code, missing_docs, clippy::cast_possible_truncation)]
@@ -39,8 +41,12 @@ fn key(i: u32) -> [u8; 12] {
     k
 }
 
-fn seed_ledger(dir: &Path) -> Ledger {
-    let ledger = Ledger::open(dir, &Options::default(), &Logger::root(Discard, o!())).unwrap();
+fn seed_ledger(dir: &Path, track: bool) -> Ledger {
+    let opts = Options {
+        track_dependencies: track,
+        ..Options::default()
+    };
+    let ledger = Ledger::open(dir, &opts, &Logger::root(Discard, o!())).unwrap();
     for chunk in 0..(KEYS / 1000) {
         let mut tx = ledger.begin(ctx()).unwrap();
         for i in chunk * 1000..(chunk + 1) * 1000 {
@@ -73,8 +79,8 @@ impl Run {
     }
 }
 
-fn run_ledger(dir: &Path, threads: usize, secs: f64) -> Run {
-    let ledger = seed_ledger(dir);
+fn run_ledger(dir: &Path, threads: usize, secs: f64, track: bool) -> Run {
+    let ledger = seed_ledger(dir, track);
     let deadline = Instant::now() + Duration::from_secs_f64(secs);
     let start = Instant::now();
     let handles: Vec<_> = (0..threads)
@@ -207,6 +213,7 @@ fn main() {
     println!("checkpoints bench: {secs} s per run, {reps} interleaved repetitions, window {}/thread, dir {}", window(), root.path().display());
     for threads in [1usize, 2] {
         let (mut ledger, mut raw, mut raw_rw) = (Vec::new(), Vec::new(), Vec::new());
+        let mut untracked = Vec::new();
         let mut conflicts = Vec::new();
         let only_ledger = std::env::var("BENCH_ONLY").is_ok_and(|v| v == "ledger");
         for rep in 0..reps {
@@ -215,6 +222,7 @@ fn main() {
                     &root.path().join(format!("ledger-{threads}-{rep}")),
                     threads,
                     secs,
+                    true,
                 );
                 println!("threads={threads}: ledger {:.0} checkpoints/s", r.rate());
                 continue;
@@ -226,10 +234,12 @@ fn main() {
             std::fs::create_dir_all(&d).unwrap();
             raw_rw.push(run_raw(&d, threads, secs, true).rate());
             let d = root.path().join(format!("ledger-{threads}-{rep}"));
-            let r = run_ledger(&d, threads, secs);
+            let r = run_ledger(&d, threads, secs, true);
             conflicts.push(r.conflicts as f64 / (r.committed + r.conflicts).max(1) as f64 * 100.0);
             ledger.push(r.rate());
-            for d in ["raw", "rawrw", "ledger"] {
+            let d = root.path().join(format!("untracked-{threads}-{rep}"));
+            untracked.push(run_ledger(&d, threads, secs, false).rate());
+            for d in ["raw", "rawrw", "ledger", "untracked"] {
                 let _ = std::fs::remove_dir_all(root.path().join(format!("{d}-{threads}-{rep}")));
             }
         }
@@ -237,6 +247,11 @@ fn main() {
             continue;
         }
         let (l, r, rr) = (median(&mut ledger), median(&mut raw), median(&mut raw_rw));
+        let u = median(&mut untracked);
+        println!(
+            "threads={threads}: dependency tracking off {u:>8.0} checkpoints/s | on {l:>8.0} | tracking costs {:.1}% of throughput",
+            (1.0 - l / u) * 100.0
+        );
         println!(
             "threads={threads}: ledger {l:>8.0} checkpoints/s | raw-puts {r:>8.0} tx/s | raw-rw {rr:>8.0} tx/s | cost ratio ledger/raw-puts {:.2}x, ledger/raw-rw {:.2}x | conflicts {:.2}% (median of {reps})",
             r / l,

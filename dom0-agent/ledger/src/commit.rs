@@ -255,6 +255,7 @@ pub(crate) struct Committer {
     pub audit: Tip,
     pub group: u64,
     pub max_group: usize,
+    pub track_dependencies: bool,
     pub shared_tips: Arc<Mutex<Tips>>,
     pub log: Logger,
 }
@@ -515,11 +516,14 @@ impl Committer {
             commit_ns: now,
             request: tx.ctx.request,
             result: tx.result,
-            reads: tx
-                .reads
-                .into_iter()
-                .map(|(key, version)| ReadEntry { key, version })
-                .collect(),
+            reads: if self.track_dependencies {
+                tx.reads
+                    .into_iter()
+                    .map(|(key, version)| ReadEntry { key, version })
+                    .collect()
+            } else {
+                Vec::new()
+            },
             writes,
         };
         let len = cp.encoded_len();

@@ -175,6 +175,9 @@ pub struct Options {
     pub queue_depth: usize,
     /// Create the ledger (and its key) if the directory holds none.
     pub create: bool,
+    /// Record read sets in checkpoints and `deps` (what rollback needs to find dependents).
+    /// Off only to measure what tracking costs: without it a rollback cannot cascade.
+    pub track_dependencies: bool,
 }
 
 impl Default for Options {
@@ -184,6 +187,7 @@ impl Default for Options {
             max_group: 1024,
             queue_depth: 16 * 1024,
             create: true,
+            track_dependencies: true,
         }
     }
 }
@@ -282,6 +286,7 @@ impl Ledger {
             audit: tips.audit,
             group: tips.group,
             max_group: opts.max_group.max(1),
+            track_dependencies: opts.track_dependencies,
             shared_tips: shared_tips.clone(),
             log: log.clone(),
         };
