@@ -7,6 +7,7 @@
 
 mod demo;
 mod policy;
+mod report;
 mod serve;
 mod verify_cmd;
 mod zygote;
@@ -56,6 +57,9 @@ enum Command {
     /// Run the appliance: client API on loopback, one fresh domain per transaction, every
     /// commit checkpointed in the ledger. Stops on SIGINT/SIGTERM.
     Serve(serve::ServeArgs),
+    /// Report a transaction, key, handler or client as part of an attack to a running agent
+    /// (authenticated with its detector token); its policy decides, e.g. roll back and replay.
+    Report(report::ReportArgs),
     /// Ledger demo: bank transfers between accounts from several threads, each a signed,
     /// checkpointed transaction, in-process (no domains); prints throughput and verifies.
     Demo(demo::DemoArgs),
@@ -90,6 +94,7 @@ fn main() -> ExitCode {
         Command::Verify(args) => verify_cmd::run(&args),
         Command::ExportKey { data_dir } => export_key(&data_dir),
         Command::Serve(args) => serve::run(&args, &log),
+        Command::Report(args) => report::run(&args),
         Command::Demo(args) => demo::run(&args, &log),
         Command::SandboxZygote => Ok(2),
     };

@@ -73,6 +73,10 @@ pub struct ServeArgs {
     /// policies/default, built in].
     #[arg(long)]
     policy: Option<PathBuf>,
+    /// File holding the bearer token external detectors present to POST /v1/reports
+    /// [default: DATA_DIR/detector.token, created (mode 0600) on first start].
+    #[arg(long)]
+    detector_token: Option<PathBuf>,
 }
 
 #[derive(Deserialize, Default)]
@@ -178,6 +182,49 @@ fn sandbox(s: &Settings, log: &Logger) -> anyhow::Result<Sandbox> {
     Sandbox::start(config, log.clone()).context("starting the sandbox backend")
 }
 
+/// Reads the detector token, creating it (32 random bytes, hex, mode 0600) if missing.
+/// A token file readable by others is refused, like the signing key.
+fn detector_token(path: &Path) -> anyhow::Result<String> {
+    use std::io::{Read, Write};
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    match std::fs::metadata(path) {
+        Ok(md) => {
+            let mode = md.permissions().mode() & 0o777;
+            anyhow::ensure!(
+                mode & 0o077 == 0,
+                "detector token {} has mode {mode:o}; it must be 0600",
+                path.display()
+            );
+            let token = std::fs::read_to_string(path)
+                .with_context(|| format!("reading {}", path.display()))?;
+            let token = token.trim().to_owned();
+            anyhow::ensure!(
+                token.len() >= 32,
+                "detector token in {} is too short (32+ characters)",
+                path.display()
+            );
+            Ok(token)
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let mut bytes = [0u8; 32];
+            std::fs::File::open("/dev/urandom")
+                .and_then(|mut f| f.read_exact(&mut bytes))
+                .context("reading /dev/urandom for the detector token")?;
+            let token = hex(&bytes);
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(path)
+                .with_context(|| format!("creating {}", path.display()))?;
+            writeln!(f, "{token}")?;
+            f.sync_all()?;
+            Ok(token)
+        }
+        Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
+    }
+}
+
 fn block_stop_signals() -> anyhow::Result<SigSet> {
     let mut set = SigSet::empty();
     set.add(Signal::SIGINT);
@@ -217,7 +264,13 @@ pub fn run(args: &ServeArgs, log: &Logger) -> anyhow::Result<u8> {
         bundle,
         log,
     ));
+    let token_path = args
+        .detector_token
+        .clone()
+        .unwrap_or_else(|| s.data_dir.join("detector.token"));
+    let detector_token = detector_token(&token_path)?;
     let api = ApiConfig {
+        detector_token: Some(detector_token),
         listen: s.listen,
         workers: s.workers,
         max_in_flight: s.max_in_flight,
@@ -238,6 +291,10 @@ pub fn run(args: &ServeArgs, log: &Logger) -> anyhow::Result<u8> {
         .field("policy_hash", hex(&policy_hash))])?;
     info!(log, "serving"; "addr" => %addr, "backend" => backend.name());
     print_banner(addr, &s.data_dir, &ledger, &names);
+    println!(
+        "mayfly: detector reports (POST /v1/reports) need the bearer token in {}",
+        token_path.display()
+    );
 
     let signal = signals.wait().context("waiting for SIGINT/SIGTERM")?;
     eprintln!("dom0-agent: {signal:?} received, stopping");

@@ -340,3 +340,89 @@ fn the_shipped_policy_quarantines_the_notes_exploit_at_once() {
     assert!(agent.stop().success());
     assert!(!process_alive(pid), "shutdown releases quarantined domains");
 }
+
+#[test]
+fn a_detector_report_rolls_back_and_replays_through_the_running_agent() {
+    let dir = tempfile::tempdir().unwrap();
+    // A permissive bundle (the exploit is not caught when it happens) with the IDS hook.
+    let policy = dir.path().join("policy");
+    std::fs::create_dir_all(&policy).unwrap();
+    std::fs::write(
+        policy.join("p.toml"),
+        "[engine]\nunlisted_handler = \"allow\"\n\n[[external]]\nname = \"ids.tx\"\ntarget = \"tx\"\naction = \"rollback+cascade+replay\"\n",
+    )
+    .unwrap();
+    let data = dir.path().join("data");
+    let agent = Agent::start(&data, &["--policy", policy.to_str().unwrap()]);
+    open(&agent, "mallory", 0);
+    open(&agent, "bob", 0);
+    let (code, body) = agent.tx(
+        "notes",
+        json!({"user": "mallory", "note_id": "../../acct/mallory", "text": "1000"}),
+    );
+    assert_eq!(code, 200, "{body}");
+    let attack = body["tx_id"].as_str().unwrap().to_owned();
+    for _ in 0..3 {
+        let (code, body) = agent.tx(
+            "transfer",
+            json!({"from": "mallory", "to": "bob", "amount": 100}),
+        );
+        assert_eq!(code, 200, "{body}");
+    }
+    assert_eq!(balance(&agent, "bob"), 300);
+
+    let report = |token: &str, dry_run: bool| {
+        let body =
+            json!({"tx_id": attack, "reason": "ids signature 7", "dry_run": dry_run}).to_string();
+        let mut s = std::net::TcpStream::connect(agent.addr).unwrap();
+        use std::io::{Read, Write};
+        write!(
+            s,
+            "POST /v1/reports HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        )
+        .unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        let (head, body) = out.split_once("\r\n\r\n").unwrap();
+        let code: u16 = head.split_whitespace().nth(1).unwrap().parse().unwrap();
+        (code, serde_json::from_str::<Value>(body).unwrap())
+    };
+    // Without the token: refused, and audited.
+    let (code, _) = report("wrong-token", false);
+    assert_eq!(code, 401);
+    assert!(audit(&data).iter().any(|(e, _)| e == "report.rejected"));
+
+    let token = std::fs::read_to_string(data.join("detector.token")).unwrap();
+    let token = token.trim();
+    // A dry run shows the plan and changes nothing.
+    let (code, body) = report(token, true);
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(body["action"], "rollback+cascade+replay");
+    // The attack, the three transfers, and the balance query that read bob's money.
+    assert_eq!(body["rollback"]["affected"].as_array().unwrap().len(), 5);
+    assert_eq!(balance(&agent, "bob"), 300);
+
+    // The real report: the attack and its dependents are undone and the dependents
+    // replayed (the transfers now fail: the money never existed); balances repaired.
+    let (code, body) = report(token, false);
+    assert_eq!(code, 200, "{body}");
+    let replayed = body["replayed"].as_array().unwrap();
+    // Everything affected but the attack is replayed: the three transfers and the two
+    // balance queries that read bob's balance (dependents too).
+    let affected = body["rollback"]["affected"].as_array().unwrap().len();
+    assert_eq!(affected, 6, "{body}");
+    assert_eq!(replayed.len(), affected - 1);
+    assert_eq!(
+        replayed.iter().filter(|r| r["status"] == "aborted").count(),
+        3,
+        "{body}"
+    );
+    assert!(replayed.iter().all(|r| r["same_result"] == false), "{body}");
+    assert_eq!(balance(&agent, "mallory"), 0);
+    assert_eq!(balance(&agent, "bob"), 0);
+    let events = audit(&data);
+    for e in ["policy.decision", "rollback.applied", "rollback.replayed"] {
+        assert!(events.iter().any(|(x, _)| x == e), "missing {e}");
+    }
+}

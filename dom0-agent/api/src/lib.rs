@@ -11,6 +11,9 @@
 //!   503 overloaded (too many in flight, or no domain in time), with Retry-After
 //! GET  /v1/transactions/{id}   outcome and checkpoint summary; 404 if unknown
 //! GET  /v1/health              backend, pool, ledger tips, load
+//! POST /v1/reports             an external detector names a tx/key/handler/client as an
+//!                              attack (Authorization: Bearer <detector token>); the policy
+//!                              decides; rollback decisions are carried out (or dry-run)
 //! ```
 //!
 //! The handler receives the compact JSON serialization of `payload` as its bytes. A result
@@ -48,6 +51,9 @@ pub struct ApiConfig {
     pub max_in_flight: usize,
     /// Transactions remembered for idempotency keys and for the status of aborted ones.
     pub remember: usize,
+    /// Bearer token external detectors must present to `POST /v1/reports`; `None`
+    /// disables the endpoint.
+    pub detector_token: Option<String>,
 }
 
 impl Default for ApiConfig {
@@ -58,6 +64,7 @@ impl Default for ApiConfig {
             max_body: 256 * 1024,
             max_in_flight: 64,
             remember: 100_000,
+            detector_token: None,
         }
     }
 }
@@ -252,6 +259,38 @@ fn handle(mut request: tiny_http::Request, shared: &Shared) {
             let extra = retry.then_some(("Retry-After", "1"));
             respond(request, code, &body, extra);
         }
+        (tiny_http::Method::Post, "/v1/reports") => {
+            let auth = request
+                .headers()
+                .iter()
+                .find(|h| h.field.equiv("Authorization"))
+                .map(|h| h.value.as_str().to_owned());
+            if !authorized(shared, auth.as_deref()) {
+                let ev = mayfly_ledger::AuditEvent::new(
+                    "report.rejected",
+                    mayfly_ledger::Severity::Warning,
+                )
+                .field("reason", "missing or wrong bearer token")
+                .field(
+                    "client",
+                    request
+                        .remote_addr()
+                        .map_or_else(|| "unknown".to_owned(), |a| a.ip().to_string()),
+                );
+                let _ = shared.executor.ledger().audit(vec![ev]);
+                return error(
+                    request,
+                    401,
+                    "reports need `Authorization: Bearer <detector token>`",
+                );
+            }
+            let body = match read_body(&mut request, shared.config.max_body) {
+                Ok(b) => b,
+                Err((code, msg)) => return error(request, code, &msg),
+            };
+            let (code, body) = report(shared, &body);
+            respond(request, code, &body, None);
+        }
         (tiny_http::Method::Get, "/v1/health") => {
             let body = health(shared);
             respond(request, 200, &body, None);
@@ -261,7 +300,9 @@ fn handle(mut request: tiny_http::Request, shared: &Shared) {
             let (code, body) = lookup(shared, id);
             respond(request, code, &body, None);
         }
-        (_, "/v1/transactions" | "/v1/health") => error(request, 405, "method not allowed"),
+        (_, "/v1/transactions" | "/v1/health" | "/v1/reports") => {
+            error(request, 405, "method not allowed")
+        }
         _ => error(
             request,
             404,
@@ -453,6 +494,95 @@ fn submit(shared: &Shared, raw: &[u8], client: String) -> (u16, Value, bool) {
                 ExecError::Denied { .. } => (403, json!({ "error": e.to_string() }), false),
             }
         }
+    }
+}
+
+/// Whether `header` carries the detector token (compared through digests, so the time
+/// taken does not depend on how much of a guess was right).
+fn authorized(shared: &Shared, header: Option<&str>) -> bool {
+    let (Some(token), Some(header)) = (shared.config.detector_token.as_deref(), header) else {
+        return false;
+    };
+    let Some(given) = header.strip_prefix("Bearer ") else {
+        return false;
+    };
+    mayfly_ledger::checkpoint::sha256(given.trim().as_bytes())
+        == mayfly_ledger::checkpoint::sha256(token.as_bytes())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ReportBody {
+    tx_id: Option<String>,
+    key: Option<String>,
+    handler: Option<String>,
+    client: Option<String>,
+    reason: String,
+    #[serde(default)]
+    dry_run: bool,
+}
+
+fn report(shared: &Shared, raw: &[u8]) -> (u16, Value) {
+    use mayfly_executor::ReportTarget;
+    let body: ReportBody = match serde_json::from_slice(raw) {
+        Ok(b) => b,
+        Err(e) => return (400, json!({ "error": format!("malformed report: {e}") })),
+    };
+    let targets = [&body.tx_id, &body.key, &body.handler, &body.client];
+    if targets.iter().filter(|t| t.is_some()).count() != 1 {
+        return (
+            400,
+            json!({ "error": "name exactly one of tx_id, key, handler, client" }),
+        );
+    }
+    if body.reason.len() > 1000 {
+        return (400, json!({ "error": "reason is limited to 1000 bytes" }));
+    }
+    let target = if let Some(id) = &body.tx_id {
+        match TxId::parse(id) {
+            Some(id) => ReportTarget::Tx(id),
+            None => return (400, json!({ "error": "tx_id is 32 hex digits" })),
+        }
+    } else if let Some(k) = &body.key {
+        ReportTarget::Key(k.as_bytes().to_vec())
+    } else if let Some(h) = &body.handler {
+        ReportTarget::Handler(h.clone())
+    } else {
+        ReportTarget::Client(body.client.clone().unwrap_or_default())
+    };
+    match shared.executor.report(&target, &body.reason, body.dry_run) {
+        Ok(o) => {
+            let rollback = o.plan.as_ref().map(|p| {
+                json!({
+                    "dry_run": body.dry_run,
+                    "seq": o.rollback_seq,
+                    "roots": p.roots,
+                    "affected": p.affected,
+                    "replay": p.replay,
+                    "restored_keys": p.writes.iter().map(|w| String::from_utf8_lossy(&w.key).into_owned()).collect::<Vec<_>>(),
+                })
+            });
+            let replayed: Vec<Value> = o
+                .replayed
+                .iter()
+                .map(|r| {
+                    json!({
+                        "original_seq": r.original_seq,
+                        "original_tx": r.original_tx.to_string(),
+                        "same_result": r.same_result,
+                        "status": r.outcome.as_ref().map_or("not run", |x| x.status.as_str()),
+                        "error": r.outcome.as_ref().map_or_else(|e| Some(e.clone()), |x| x.error.clone()),
+                    })
+                })
+                .collect();
+            (
+                200,
+                json!({ "action": o.action, "rule": o.rule, "rollback": rollback, "replayed": replayed }),
+            )
+        }
+        Err(mayfly_executor::ReportError::NotFound(what)) => (404, json!({ "error": what })),
+        Err(mayfly_executor::ReportError::Rollback(e)) => (409, json!({ "error": e.to_string() })),
+        Err(e) => (500, json!({ "error": e.to_string() })),
     }
 }
 

@@ -230,6 +230,54 @@ pub enum ReplayError {
     },
 }
 
+/// What an external detector names as an attack.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReportTarget {
+    /// A committed transaction.
+    Tx(TxId),
+    /// A key: the transaction that last wrote it is the suspect.
+    Key(Vec<u8>),
+    /// A handler (alert only: no single transaction to roll back).
+    Handler(String),
+    /// A client (alert only: checkpoints do not record clients).
+    Client(String),
+}
+
+/// What a report came to.
+#[derive(Debug)]
+pub struct ReportOutcome {
+    /// The policy's decision.
+    pub action: &'static str,
+    /// The rule that decided.
+    pub rule: Option<String>,
+    /// The rollback planned (dry run) or applied, if the decision was a rollback.
+    pub plan: Option<mayfly_ledger::RollbackPlan>,
+    /// Sequence of the rollback record, if one was applied.
+    pub rollback_seq: Option<u64>,
+    /// Replays, if the decision asked for them.
+    pub replayed: Vec<Replayed>,
+}
+
+/// Why a report could not be acted on.
+#[derive(Debug, thiserror::Error)]
+pub enum ReportError {
+    /// The named transaction or key is not in the ledger.
+    #[error("{0}")]
+    NotFound(String),
+    /// Reading the ledger failed.
+    #[error("reading the ledger: {0}")]
+    Read(#[from] mayfly_ledger::ReadError),
+    /// The rollback failed or was refused.
+    #[error("rollback: {0}")]
+    Rollback(#[from] mayfly_ledger::RollbackError),
+    /// The replay failed.
+    #[error("replay: {0}")]
+    Replay(#[from] ReplayError),
+    /// Auditing the report failed.
+    #[error("audit: {0}")]
+    Audit(#[from] mayfly_ledger::CommitError),
+}
+
 /// Runs transactions in fresh domains from one backend against one ledger.
 pub struct Executor {
     ledger: Ledger,
@@ -476,6 +524,81 @@ impl Executor {
             out.push(replayed);
         }
         Ok(out)
+    }
+
+    /// Acts on an external detector's report: the policy decides (the decision is audited
+    /// durably, whatever it is); a rollback decision on a transaction or key rolls back the
+    /// suspect (and, if the rule says so, its dependents, and replays them). `dry_run`
+    /// returns the plan without changing anything.
+    pub fn report(
+        &self,
+        target: &ReportTarget,
+        reason: &str,
+        dry_run: bool,
+    ) -> Result<ReportOutcome, ReportError> {
+        let policy = self.current_policy();
+        let ptarget = match target {
+            ReportTarget::Tx(id) => mayfly_policy::Target::Tx(id.0),
+            ReportTarget::Key(k) => mayfly_policy::Target::Key(k),
+            ReportTarget::Handler(h) => mayfly_policy::Target::Handler(h),
+            ReportTarget::Client(c) => mayfly_policy::Target::Client(c),
+        };
+        let d = policy.decide(&PolicyEvent::External {
+            target: ptarget,
+            reason,
+        });
+        let described = match target {
+            ReportTarget::Tx(id) => format!("tx {id}"),
+            ReportTarget::Key(k) => format!("key {}", String::from_utf8_lossy(k)),
+            ReportTarget::Handler(h) => format!("handler {h}"),
+            ReportTarget::Client(c) => format!("client {c}"),
+        };
+        let tx_for_audit = match target {
+            ReportTarget::Tx(id) => Some(*id),
+            _ => None,
+        };
+        let ev = decision_event(&d, tx_for_audit, "(external)")
+            .field("target", truncate(&described, 300))
+            .field("reason", truncate(reason, 1000))
+            .field("dry_run", dry_run);
+        self.ledger.audit(vec![ev])?;
+        let mut outcome = ReportOutcome {
+            action: d.action.as_str(),
+            rule: d.rule.as_deref().map(str::to_owned),
+            plan: None,
+            rollback_seq: None,
+            replayed: Vec::new(),
+        };
+        let mayfly_policy::Action::Rollback { cascade, replay } = d.action else {
+            return Ok(outcome);
+        };
+        let store = self.ledger.store();
+        let root = match target {
+            ReportTarget::Tx(id) => store
+                .seq_of(id)?
+                .ok_or_else(|| ReportError::NotFound(format!("no committed transaction {id}")))?,
+            ReportTarget::Key(k) => store.writers_of(k)?.last().copied().ok_or_else(|| {
+                ReportError::NotFound(format!("no transaction wrote {described}"))
+            })?,
+            ReportTarget::Handler(_) | ReportTarget::Client(_) => return Ok(outcome),
+        };
+        if dry_run {
+            outcome.plan = Some(store.plan_rollback(&[root], cascade)?);
+            return Ok(outcome);
+        }
+        let why = format!(
+            "{} ({described}): {reason}",
+            d.rule.as_deref().unwrap_or("report")
+        );
+        let (plan, receipt) = self
+            .ledger
+            .rollback(&[root], cascade, &why, policy.bundle.hash())?;
+        outcome.rollback_seq = Some(receipt.seq);
+        if replay {
+            outcome.replayed = self.replay(&plan.replay)?;
+        }
+        outcome.plan = Some(plan);
+        Ok(outcome)
     }
 
     /// Handler names known to the template.
