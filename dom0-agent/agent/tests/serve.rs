@@ -426,3 +426,31 @@ fn a_detector_report_rolls_back_and_replays_through_the_running_agent() {
         assert!(events.iter().any(|(x, _)| x == e), "missing {e}");
     }
 }
+
+#[test]
+fn a_honeytoken_touch_is_stopped_at_once_and_leaves_no_trace() {
+    let dir = tempfile::tempdir().unwrap();
+    let agent = Agent::start(dir.path(), &[]);
+    // `acct/~canary` is a honeytoken of the shipped bundle; the notes exploit aims at it.
+    let (code, body) = agent.tx(
+        "notes",
+        json!({"user": "eve", "note_id": "../../acct/~canary", "text": "1"}),
+    );
+    assert_eq!(code, 403, "{body}");
+    assert_eq!(
+        body["error"],
+        "denied by policy rule canary.accounts (quarantine)"
+    );
+    let store =
+        mayfly_ledger::store::open_read_only(dir.path(), &mayfly_ledger::StoreOptions::default())
+            .unwrap();
+    assert_eq!(
+        store.committed(b"acct/~canary").unwrap(),
+        None,
+        "nothing was written"
+    );
+    assert!(store
+        .seq_of(&mayfly_ledger::TxId::parse(body["tx_id"].as_str().unwrap()).unwrap())
+        .unwrap()
+        .is_none());
+}
