@@ -2,7 +2,7 @@
 //! and serves the client API until SIGINT or SIGTERM.
 //!
 //! Settings come from an optional TOML file (`--config`) and from flags; a flag given on the
-//! command line wins. Every key of the file is also a flag:
+//! command line wins. SIGHUP reloads the policy bundle; SIGINT or SIGTERM stop the agent. Every key of the file is also a flag:
 //!
 //! ```toml
 //! backend = "sandbox"        # only the sandbox backend exists so far
@@ -229,9 +229,11 @@ fn block_stop_signals() -> anyhow::Result<SigSet> {
     let mut set = SigSet::empty();
     set.add(Signal::SIGINT);
     set.add(Signal::SIGTERM);
+    set.add(Signal::SIGHUP);
     // Blocked before any thread starts, so every thread inherits the mask and the main
     // thread alone takes the signal in `wait`.
-    set.thread_block().context("blocking SIGINT/SIGTERM")?;
+    set.thread_block()
+        .context("blocking SIGINT/SIGTERM/SIGHUP")?;
     Ok(set)
 }
 
@@ -296,7 +298,23 @@ pub fn run(args: &ServeArgs, log: &Logger) -> anyhow::Result<u8> {
         token_path.display()
     );
 
-    let signal = signals.wait().context("waiting for SIGINT/SIGTERM")?;
+    // SIGHUP reloads the policy bundle (atomically; a malformed one is refused and the
+    // active one stays; both audited). SIGINT/SIGTERM stop.
+    let signal = loop {
+        let signal = signals.wait().context("waiting for signals")?;
+        if signal != Signal::SIGHUP {
+            break signal;
+        }
+        let loaded = crate::policy::files(s.policy.as_deref())
+            .map_err(|e| e.to_string())
+            .and_then(|files| executor.load_policy(&files).map_err(|e| e.to_string()));
+        match loaded {
+            Ok(hash) => eprintln!("dom0-agent: SIGHUP: policy bundle {} loaded", hex(&hash)),
+            Err(e) => {
+                eprintln!("dom0-agent: SIGHUP: policy bundle refused, the active one stays: {e}")
+            }
+        }
+    };
     eprintln!("dom0-agent: {signal:?} received, stopping");
     server.shutdown();
     executor.wait_for_reapers();

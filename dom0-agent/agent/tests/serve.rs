@@ -454,3 +454,73 @@ fn a_honeytoken_touch_is_stopped_at_once_and_leaves_no_trace() {
         .unwrap()
         .is_none());
 }
+
+#[test]
+fn sighup_reloads_the_policy_under_load_and_refuses_a_malformed_bundle() {
+    let dir = tempfile::tempdir().unwrap();
+    let policy = dir.path().join("policy");
+    std::fs::create_dir_all(&policy).unwrap();
+    let file = policy.join("p.toml");
+    std::fs::write(&file, "[engine]\nunlisted_handler = \"allow\"\n# v1\n").unwrap();
+    let data = dir.path().join("data");
+    let agent = Agent::start(&data, &["--policy", policy.to_str().unwrap()]);
+    for n in ["a", "b"] {
+        open(&agent, n, 1_000_000);
+    }
+    let addr = agent.addr;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let load = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut codes = Vec::new();
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) && codes.len() < 5_000 {
+                let body = json!({"handler": "transfer", "payload": {"from": "a", "to": "b", "amount": 1}});
+                codes.push(common::request(addr, "POST", "/v1/transactions", &body.to_string()).0);
+            }
+            codes
+        })
+    };
+    let pid =
+        nix::unistd::Pid::from_raw(i32::try_from(agent.child.as_ref().unwrap().id()).unwrap());
+    let wait_for = |event: &str, count: usize| {
+        for _ in 0..100_000 {
+            if audit(&data).iter().filter(|(e, _)| e == event).count() >= count {
+                return;
+            }
+            std::thread::yield_now();
+        }
+        panic!("no {event} audit record");
+    };
+    std::fs::write(&file, "[engine]\nunlisted_handler = \"allow\"\n# v2\n").unwrap();
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGHUP).unwrap();
+    wait_for("policy.loaded", 1);
+    std::fs::write(&file, "[engine]\nunlisted_handler = \"sometimes\"\n").unwrap();
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGHUP).unwrap();
+    wait_for("policy.rejected", 1);
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let codes = load.join().unwrap();
+    assert!(
+        codes.iter().all(|c| *c == 200),
+        "transactions failed during reloads: {codes:?}"
+    );
+    let (_, rejected) = audit(&data)
+        .into_iter()
+        .find(|(e, _)| e == "policy.rejected")
+        .unwrap();
+    assert!(rejected["error"].starts_with("p.toml:2:"), "{rejected:?}");
+    // The agent still serves, under the v2 bundle.
+    let (code, body) = agent.tx("transfer", json!({"from": "a", "to": "b", "amount": 1}));
+    assert_eq!(code, 200, "{body}");
+    let (_, loaded) = audit(&data)
+        .into_iter()
+        .find(|(e, _)| e == "policy.loaded")
+        .unwrap();
+    let (_, cp) = agent.get(&format!(
+        "/v1/transactions/{}",
+        body["tx_id"].as_str().unwrap()
+    ));
+    assert_eq!(
+        cp["checkpoint"]["policy_hash"].as_str(),
+        Some(loaded["policy_hash"].as_str())
+    );
+}
