@@ -18,49 +18,17 @@
     clippy::cast_precision_loss
 )]
 
+mod common;
+use common::{log, LedgerDb};
+
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use mayfly_executor::{Executor, ExecutorConfig};
-use mayfly_ledger::{Ledger, Options, Tx, TxContext, TxId};
+use mayfly_ledger::{Ledger, Options, TxContext, TxId};
 use mayfly_sandbox::{Sandbox, SandboxConfig};
-use mayfly_sdk::{Ctx, Db, DbError, LogLevel, Scan};
-use slog::{o, Discard, Logger};
-
-fn log() -> Logger {
-    Logger::root(Discard, o!())
-}
-
-struct LedgerDb<'a>(&'a mut Tx);
-
-fn db_err(e: mayfly_ledger::TxError) -> DbError {
-    DbError::Internal {
-        message: e.to_string(),
-    }
-}
-
-impl Db for LedgerDb<'_> {
-    fn get(&mut self, key: &[u8]) -> Result<Option<Vec<u8>>, DbError> {
-        self.0.get(key).map_err(db_err)
-    }
-    fn put(&mut self, key: &[u8], value: &[u8]) -> Result<(), DbError> {
-        self.0.put(key, value).map_err(db_err)
-    }
-    fn delete(&mut self, key: &[u8]) -> Result<(), DbError> {
-        self.0.delete(key).map_err(db_err)
-    }
-    fn scan(&mut self, start: &[u8], end: Option<&[u8]>, limit: u32) -> Result<Scan, DbError> {
-        let s = self.0.scan(start, end, limit as usize).map_err(db_err)?;
-        Ok(Scan {
-            entries: s.entries,
-            more: s.more,
-        })
-    }
-    fn log(&mut self, _level: LogLevel, _line: &str) -> Result<(), DbError> {
-        Ok(())
-    }
-}
+use mayfly_sdk::Ctx;
 
 /// Runs `handler` in-process as one committed ledger transaction; returns its sequence.
 fn commit(ledger: &Ledger, handler: &str, payload: &str) -> u64 {

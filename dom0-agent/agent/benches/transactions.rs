@@ -20,6 +20,9 @@
     clippy::cast_precision_loss
 )]
 
+mod common;
+use common::{log, LedgerDb};
+
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -31,18 +34,13 @@ use mayfly_domain::{
     Domain, DomainBackend, DomainError, DomainExit, DomainId, PoolStats, Quarantined, Ring,
 };
 use mayfly_executor::{Executor, ExecutorConfig, TxRequest, TxStatus};
-use mayfly_ledger::{Ledger, Options, Tx, TxContext, TxId};
+use mayfly_ledger::{Ledger, Options, TxContext, TxId};
 use mayfly_ring::{EventFdNotifier, Geometry, MmapMem, Notifier, SharedMem};
 use mayfly_sandbox::{Sandbox, SandboxConfig};
-use mayfly_sdk::{Ctx, Db, DbError, LogLevel, Scan};
-use slog::{o, Discard, Logger};
+use mayfly_sdk::Ctx;
 
 const ACCOUNTS: u32 = 1000;
 const CLIENTS: usize = 8;
-
-fn log() -> Logger {
-    Logger::root(Discard, o!())
-}
 
 fn payload(rng: &mut fastrand::Rng) -> Vec<u8> {
     let from = rng.u32(..ACCOUNTS);
@@ -65,37 +63,6 @@ fn seed(ledger: &Ledger) {
             .unwrap();
     }
     tx.commit(Vec::new()).unwrap();
-}
-
-/// The SDK's `Db` straight over a ledger transaction (the in-process baseline).
-struct LedgerDb<'a>(&'a mut Tx);
-
-fn db_err(e: mayfly_ledger::TxError) -> DbError {
-    DbError::Internal {
-        message: e.to_string(),
-    }
-}
-
-impl Db for LedgerDb<'_> {
-    fn get(&mut self, key: &[u8]) -> Result<Option<Vec<u8>>, DbError> {
-        self.0.get(key).map_err(db_err)
-    }
-    fn put(&mut self, key: &[u8], value: &[u8]) -> Result<(), DbError> {
-        self.0.put(key, value).map_err(db_err)
-    }
-    fn delete(&mut self, key: &[u8]) -> Result<(), DbError> {
-        self.0.delete(key).map_err(db_err)
-    }
-    fn scan(&mut self, start: &[u8], end: Option<&[u8]>, limit: u32) -> Result<Scan, DbError> {
-        let s = self.0.scan(start, end, limit as usize).map_err(db_err)?;
-        Ok(Scan {
-            entries: s.entries,
-            more: s.more,
-        })
-    }
-    fn log(&mut self, _level: LogLevel, _line: &str) -> Result<(), DbError> {
-        Ok(())
-    }
 }
 
 // --- fork+exec backend ---------------------------------------------------------------------

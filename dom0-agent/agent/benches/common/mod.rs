@@ -1,20 +1,17 @@
-//! Helpers shared by the agent's benchmarks.
+//! Helpers shared by the agent's benchmarks (included with `mod common;`).
 #![allow(dead_code)]
 
-use std::path::Path;
-use std::sync::Arc;
-
-use mayfly_domain::DomainBackend;
 use mayfly_ledger::Tx;
-use mayfly_sandbox::{Sandbox, SandboxConfig};
 use mayfly_sdk::{Db, DbError, LogLevel, Scan};
 use slog::{o, Discard, Logger};
 
+/// A logger that drops everything.
 pub fn log() -> Logger {
     Logger::root(Discard, o!())
 }
 
-/// The SDK's `Db` straight over a ledger transaction (the in-process baseline).
+/// The SDK's `Db` straight over a ledger transaction: a handler run in-process, with no
+/// domain, no ring and no policy.
 pub struct LedgerDb<'a>(pub &'a mut Tx);
 
 fn db_err(e: mayfly_ledger::TxError) -> DbError {
@@ -44,23 +41,3 @@ impl Db for LedgerDb<'_> {
         Ok(())
     }
 }
-
-/// The shipped default policy bundle: every ring operation is checked, as in production.
-pub fn shipped_policy() -> mayfly_policy::Bundle {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../policies/default");
-    let mut files: Vec<(String, String)> = std::fs::read_dir(&dir)
-        .unwrap()
-        .map(|e| {
-            let p = e.unwrap().path();
-            (
-                p.file_name().unwrap().to_string_lossy().into_owned(),
-                std::fs::read_to_string(&p).unwrap(),
-            )
-        })
-        .collect();
-    files.sort();
-    mayfly_policy::Bundle::load(&files).unwrap()
-}
-
-/// The sandbox backend with the agent binary as its zygote and a pool of 16.
-pub 
