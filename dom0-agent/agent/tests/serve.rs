@@ -524,3 +524,45 @@ fn sighup_reloads_the_policy_under_load_and_refuses_a_malformed_bundle() {
         Some(loaded["policy_hash"].as_str())
     );
 }
+
+#[test]
+fn a_rollback_without_cascade_is_refused_when_others_built_on_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let policy = dir.path().join("policy");
+    std::fs::create_dir_all(&policy).unwrap();
+    // This deployment's rule rolls back only the named transaction.
+    std::fs::write(
+        policy.join("p.toml"),
+        "[engine]\nunlisted_handler = \"allow\"\n\n[[external]]\nname = \"ids.tx.single\"\ntarget = \"tx\"\naction = \"rollback\"\n",
+    )
+    .unwrap();
+    let data = dir.path().join("data");
+    let agent = Agent::start(&data, &["--policy", policy.to_str().unwrap()]);
+    open(&agent, "mallory", 0);
+    open(&agent, "bob", 0);
+    let (_, body) = agent.tx(
+        "notes",
+        json!({"user": "m", "note_id": "../../acct/mallory", "text": "500"}),
+    );
+    let attack = body["tx_id"].as_str().unwrap().to_owned();
+    let (code, _) = agent.tx(
+        "transfer",
+        json!({"from": "mallory", "to": "bob", "amount": 200}),
+    );
+    assert_eq!(code, 200);
+    let out = std::process::Command::new(common::agent_exe())
+        .args(["report", "--agent", &agent.addr.to_string(), "--token-file"])
+        .arg(data.join("detector.token"))
+        .args(["--tx", &attack, "--reason", "ids"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "the CLI reports the refusal");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("later commits read what the rolled-back transactions wrote"),
+        "{text}"
+    );
+    // Nothing changed: no half-undone state.
+    assert_eq!(balance(&agent, "bob"), 200);
+    assert_eq!(balance(&agent, "mallory"), 300);
+}
