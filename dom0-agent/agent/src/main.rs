@@ -55,7 +55,7 @@ enum Command {
         data_dir: PathBuf,
     },
     /// Run the appliance: client API on loopback, one fresh domain per transaction, every
-    /// commit checkpointed in the ledger. Stops on SIGINT/SIGTERM.
+    /// commit checkpointed in the ledger. SIGHUP reloads the policy bundle; SIGINT/SIGTERM stop.
     Serve(serve::ServeArgs),
     /// Report a transaction, key, handler or client as part of an attack to a running agent
     /// (authenticated with its detector token); its policy decides, e.g. roll back and replay.
