@@ -463,8 +463,8 @@ impl Executor {
     /// template against the repaired state, and records for each whether it now commits
     /// with the same result, a different one, or fails (`rollback.replayed` audit records).
     /// Replays are new transactions with new checkpoints; the originals stay in the chain.
-    /// A handler that drew randomness may legitimately differ: the original seed is not
-    /// kept.
+    /// Each replay's domain is seeded with the original's entropy (kept in its
+    /// checkpoint), so a handler that draws random numbers draws the same ones.
     pub fn replay(&self, seqs: &[u64]) -> Result<Vec<Replayed>, ReplayError> {
         let mut out = Vec::with_capacity(seqs.len());
         for &seq in seqs {
@@ -474,11 +474,14 @@ impl Executor {
                 .checkpoint(seq)
                 .map_err(|e| ReplayError::Read { seq, source: e })?
                 .ok_or(ReplayError::NotATransaction { seq })?;
-            let outcome = self.execute(&TxRequest {
-                handler: cp.handler.clone(),
-                payload: cp.request.clone(),
-                client: format!("replay of commit {seq}"),
-            });
+            let outcome = self.execute_seeded(
+                &TxRequest {
+                    handler: cp.handler.clone(),
+                    payload: cp.request.clone(),
+                    client: format!("replay of commit {seq}"),
+                },
+                Some(cp.entropy_seed),
+            );
             let replayed = match outcome {
                 Ok(o) => Replayed {
                     original_seq: seq,
@@ -618,6 +621,12 @@ impl Executor {
 
     /// Runs `req` to its end in fresh domains (more than one only after conflicts).
     pub fn execute(&self, req: &TxRequest) -> Result<TxOutcome, ExecError> {
+        self.execute_seeded(req, None)
+    }
+
+    /// [`Executor::execute`], with the domain's RNG seeded from `seed` when given (a
+    /// replay gives the handler the numbers the original drew).
+    fn execute_seeded(&self, req: &TxRequest, seed: Option<Hash>) -> Result<TxOutcome, ExecError> {
         if !self.handlers.contains(&req.handler) {
             return Err(ExecError::UnknownHandler(req.handler.clone()));
         }
@@ -666,7 +675,7 @@ impl Executor {
                 policy_hash: policy.bundle.hash(),
             })?;
             let started = self.started_events(req, tx_id, domain.as_ref(), attempt);
-            let (served, exit) = self.serve(domain, ltx, req, &policy, started);
+            let (served, exit) = self.serve(domain, ltx, req, &policy, seed, started);
             let outcome = |status, result, failure: Option<Failure>, seq| TxOutcome {
                 tx_id,
                 status,
@@ -728,6 +737,7 @@ impl Executor {
         ltx: Tx,
         req: &TxRequest,
         policy: &Policy,
+        seed: Option<Hash>,
         mut events: Vec<AuditEvent>,
     ) -> (Served, Option<DomainExit>) {
         let tx_id = ltx.id();
@@ -741,6 +751,7 @@ impl Executor {
             ltx,
             req,
             policy,
+            seed,
             &log,
             &mut events,
             &mut quarantine,
@@ -794,16 +805,21 @@ impl Executor {
         mut ltx: Tx,
         req: &TxRequest,
         policy: &Policy,
+        seed: Option<Hash>,
         log: &Logger,
         events: &mut Vec<AuditEvent>,
         quarantine: &mut bool,
     ) -> Served {
         let ready_id = domain.ready_id();
         let tx_id = ltx.id();
-        let mut seed = random_seed();
-        for (s, t) in seed.iter_mut().zip(tx_id.0.iter().cycle()) {
-            *s ^= t;
-        }
+        let seed = seed.unwrap_or_else(|| {
+            let mut seed = random_seed();
+            for (s, t) in seed.iter_mut().zip(tx_id.0.iter().cycle()) {
+                *s ^= t;
+            }
+            seed
+        });
+        ltx.set_entropy_seed(seed);
         let start = Response::Start(Start {
             tx_id: tx_id.0,
             handler: req.handler.clone(),

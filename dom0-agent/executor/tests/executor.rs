@@ -154,7 +154,13 @@ impl DomainBackend for ThreadBackend {
                 _ => return,
             };
             let guest = guests.get(start.handler.as_str()).unwrap().clone();
-            guest(&mut front, &guest_side, &start.payload, &k);
+            // The `rand` guest is handed its entropy seed as its payload.
+            let payload = if start.handler == "rand" {
+                start.entropy_seed.to_vec()
+            } else {
+                start.payload
+            };
+            guest(&mut front, &guest_side, &payload, &k);
         });
         let env = ring.recv_request(&agent_side, Some(timeout)).unwrap();
         Ok(Box::new(ThreadDomain {
@@ -247,17 +253,38 @@ fn guests() -> HashMap<&'static str, Guest> {
                     value: b"1".to_vec(),
                 },
             );
+            // After the denial the agent stops answering: short waits keep the test quick.
             let _ = f.call(
                 &Request::Get {
                     key: b"kv/~canary".to_vec(),
                 },
                 n,
-                Some(Duration::from_secs(10)),
+                Some(Duration::from_millis(200)),
             );
             let _ = f.call(
                 &Request::Commit { result: Vec::new() },
                 n,
-                Some(Duration::from_secs(10)),
+                Some(Duration::from_millis(200)),
+            );
+        }),
+    );
+    // Reads the counter (so it depends on whoever wrote it), commits its entropy seed.
+    g.insert(
+        "rand",
+        Arc::new(|f, n, seed, _k| {
+            let _ = call(
+                f,
+                n,
+                Request::Get {
+                    key: b"counter".to_vec(),
+                },
+            );
+            let _ = call(
+                f,
+                n,
+                Request::Commit {
+                    result: seed.to_vec(),
+                },
             );
         }),
     );
@@ -299,7 +326,16 @@ fn setup(config: ExecutorConfig) -> (tempfile::TempDir, Executor) {
         guests: guests(),
         next: AtomicU32::new(1),
     });
-    let names = ["inc", "write_then_abort", "spin", "die", "chatty", "probe"].map(String::from);
+    let names = [
+        "inc",
+        "write_then_abort",
+        "spin",
+        "die",
+        "chatty",
+        "probe",
+        "rand",
+    ]
+    .map(String::from);
     (
         dir,
         Executor::new(ledger, backend, names, config, allow_all(), &log),
@@ -560,4 +596,35 @@ fn policy_reload_under_load_and_a_malformed_bundle_is_refused() {
         events.iter().filter(|e| *e == "policy.rejected").count(),
         10
     );
+}
+
+#[test]
+fn a_replay_draws_the_same_randomness_as_the_original() {
+    let (_d, ex) = setup(ExecutorConfig::default());
+    let root = run(&ex, "inc");
+    let original = run(&ex, "rand");
+    assert_eq!(original.result.len(), 32);
+    let cp = ex
+        .ledger()
+        .store()
+        .checkpoint(original.seq.unwrap())
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        cp.entropy_seed.to_vec(),
+        original.result,
+        "the seed is kept in the checkpoint"
+    );
+    let (plan, _) = ex
+        .ledger()
+        .rollback(&[root.seq.unwrap()], true, "test", [0; 32])
+        .unwrap();
+    assert_eq!(plan.replay, vec![original.seq.unwrap()]);
+    let replayed = ex.replay(&plan.replay).unwrap();
+    assert!(
+        replayed[0].same_result,
+        "the replay's domain got the original seed"
+    );
+    // A fresh run of the same handler gets fresh entropy.
+    assert_ne!(run(&ex, "rand").result, original.result);
 }

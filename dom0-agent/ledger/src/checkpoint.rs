@@ -16,6 +16,7 @@
 //!     62  1+n  handler           u8 length, 1..=64 bytes of [a-z0-9_.-]
 //!      .    4  domain_id         u32 BE
 //!      .   32  policy_hash       SHA-256 of the active policy bundle (zeros: none)
+//!      .   32  entropy_seed      the guest's RNG seed from Start (zeros: none), for replay
 //!      .    8  begin_ns          u64 BE, Unix time in ns when the transaction began
 //!      .    8  commit_ns         u64 BE, Unix time in ns when its group was committed
 //!      .   32  request_digest    SHA-256(request)
@@ -88,6 +89,8 @@ pub struct Checkpoint {
     pub domain_id: u32,
     /// Hash of the policy bundle active at commit.
     pub policy_hash: Hash,
+    /// The entropy the domain's RNG was seeded with, so a replay can draw the same numbers.
+    pub entropy_seed: Hash,
     /// When the transaction began (Unix ns).
     pub begin_ns: u64,
     /// When its group committed (Unix ns).
@@ -134,7 +137,8 @@ impl Checkpoint {
     pub fn encoded_len(&self) -> usize {
         // magic, version, kind, seq, prev_hash, tx_id, handler length, domain, policy hash,
         // begin, commit, digest, request length, outcome, result length, two counts.
-        const FIXED: usize = 4 + 1 + 1 + 8 + 32 + 16 + 1 + 4 + 32 + 8 + 8 + 32 + 4 + 1 + 4 + 4 + 4;
+        const FIXED: usize =
+            4 + 1 + 1 + 8 + 32 + 16 + 1 + 4 + 32 + 32 + 8 + 8 + 32 + 4 + 1 + 4 + 4 + 4;
         let image = |v: &Option<Vec<u8>>| v.as_ref().map_or(1, |v| v.len().saturating_add(5));
         let mut n = FIXED
             .saturating_add(self.handler.len())
@@ -166,6 +170,7 @@ impl Checkpoint {
         w.bytes8(self.handler.as_bytes());
         w.u32(self.domain_id);
         w.raw(&self.policy_hash);
+        w.raw(&self.entropy_seed);
         w.u64(self.begin_ns);
         w.u64(self.commit_ns);
         w.raw(&sha256(&self.request));
@@ -204,6 +209,7 @@ impl Checkpoint {
         }
         let domain_id = r.u32("domain_id")?;
         let policy_hash = r.array("policy_hash")?;
+        let entropy_seed = r.array("entropy_seed")?;
         let begin_ns = r.u64("begin_ns")?;
         let commit_ns = r.u64("commit_ns")?;
         let digest: Hash = r.array("request_digest")?;
@@ -245,6 +251,7 @@ impl Checkpoint {
             handler,
             domain_id,
             policy_hash,
+            entropy_seed,
             begin_ns,
             commit_ns,
             request,
@@ -339,6 +346,7 @@ mod tests {
             handler: "transfer".into(),
             domain_id: 7,
             policy_hash: [0x22; 32],
+            entropy_seed: [0x55; 32],
             begin_ns: 1_000,
             commit_ns: 2_000,
             request: b"{\"from\":\"a\",\"to\":\"b\",\"amount\":5}".to_vec(),

@@ -161,6 +161,7 @@ impl CommitError {
 pub(crate) struct PreparedTx {
     pub ctx: TxContext,
     pub begin_ns: u64,
+    pub entropy_seed: Hash,
     pub reads: std::collections::BTreeMap<Vec<u8>, u64>,
     pub writes: std::collections::BTreeMap<Vec<u8>, Option<Vec<u8>>>,
     pub scans: Vec<ScanRecord>,
@@ -512,6 +513,7 @@ impl Committer {
             handler: tx.ctx.handler,
             domain_id: tx.ctx.domain_id,
             policy_hash: tx.ctx.policy_hash,
+            entropy_seed: tx.entropy_seed,
             begin_ns: tx.begin_ns,
             commit_ns: now,
             request: tx.ctx.request,

@@ -342,6 +342,7 @@ impl Ledger {
             snapshot,
             ctx,
             begin_ns: now_ns(),
+            entropy_seed: [0; 32],
             reads: Default::default(),
             writes: Default::default(),
             scans: Vec::new(),

@@ -187,6 +187,7 @@ pub struct Tx {
     pub(crate) snapshot: RoTxn<'static, WithoutTls>,
     pub(crate) ctx: TxContext,
     pub(crate) begin_ns: u64,
+    pub(crate) entropy_seed: Hash,
     pub(crate) reads: BTreeMap<Vec<u8>, u64>,
     pub(crate) writes: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
     pub(crate) scans: Vec<ScanRecord>,
@@ -216,6 +217,12 @@ impl Tx {
     /// The transaction's id.
     pub fn id(&self) -> TxId {
         self.ctx.tx_id
+    }
+
+    /// Records the entropy the domain's RNG was seeded with (kept in the checkpoint, so a
+    /// replay can give the handler the same numbers).
+    pub fn set_entropy_seed(&mut self, seed: Hash) {
+        self.entropy_seed = seed;
     }
 
     fn record_read(&mut self, key: &[u8], version: u64) -> Result<(), TxError> {
@@ -428,6 +435,7 @@ impl Tx {
             snapshot,
             ctx,
             begin_ns,
+            entropy_seed,
             reads,
             writes,
             scans,
@@ -438,6 +446,7 @@ impl Tx {
         let prepared = PreparedTx {
             ctx,
             begin_ns,
+            entropy_seed,
             reads,
             writes,
             scans,
