@@ -388,6 +388,23 @@ fn a_detector_report_rolls_back_and_replays_through_the_running_agent() {
         let code: u16 = head.split_whitespace().nth(1).unwrap().parse().unwrap();
         (code, serde_json::from_str::<Value>(body).unwrap())
     };
+    // A key longer than any key can be is a client error, not a storage failure.
+    let long = json!({"key": "k".repeat(600), "reason": "x"}).to_string();
+    let mut s = std::net::TcpStream::connect(agent.addr).unwrap();
+    {
+        use std::io::{Read, Write};
+        let token = std::fs::read_to_string(data.join("detector.token")).unwrap();
+        write!(
+            s,
+            "POST /v1/reports HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{long}",
+            token.trim(),
+            long.len()
+        )
+        .unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        assert!(out.starts_with("HTTP/1.1 400"), "{out}");
+    }
     // Without the token: refused, and audited.
     let (code, _) = report("wrong-token", false);
     assert_eq!(code, 401);

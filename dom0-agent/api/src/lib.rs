@@ -544,6 +544,10 @@ fn report(shared: &Shared, raw: &[u8]) -> (u16, Value) {
             None => return (400, json!({ "error": "tx_id is 32 hex digits" })),
         }
     } else if let Some(k) = &body.key {
+        if k.is_empty() || k.len() > mayfly_ledger::limits::MAX_KEY {
+            let msg = format!("key must be 1..={} bytes", mayfly_ledger::limits::MAX_KEY);
+            return (400, json!({ "error": msg }));
+        }
         ReportTarget::Key(k.as_bytes().to_vec())
     } else if let Some(h) = &body.handler {
         ReportTarget::Handler(h.clone())

@@ -307,16 +307,7 @@ impl Policy {
 
 /// The audit record of a decision that is not a plain allow.
 fn decision_event(d: &Decision, tx_id: Option<TxId>, handler: &str) -> AuditEvent {
-    let severity = match d.severity.code() {
-        0 => Severity::Emergency,
-        1 => Severity::Alert,
-        2 => Severity::Critical,
-        3 => Severity::Error,
-        4 => Severity::Warning,
-        5 => Severity::Notice,
-        6 => Severity::Info,
-        _ => Severity::Debug,
-    };
+    let severity = Severity::from_u8(d.severity.code()).unwrap_or(Severity::Debug);
     let mut ev = AuditEvent::new("policy.decision", severity)
         .field("rule", d.rule.as_deref().unwrap_or("(none)"))
         .field("action", d.action.as_str())

@@ -65,7 +65,8 @@ pub enum Severity {
 }
 
 impl Severity {
-    fn from_u8(v: u8) -> Option<Self> {
+    /// From the RFC 5424 numeric severity; `None` above 7.
+    pub fn from_u8(v: u8) -> Option<Self> {
         Some(match v {
             0 => Self::Emergency,
             1 => Self::Alert,
