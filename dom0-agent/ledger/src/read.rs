@@ -48,6 +48,56 @@ impl Store {
             })
     }
 
+    /// Records of the checkpoint chain (transactions and rollbacks) with `seq >= from`, at
+    /// most `limit`, in order.
+    pub fn records(
+        &self,
+        from: u64,
+        limit: usize,
+    ) -> Result<Vec<crate::rollback::Record>, ReadError> {
+        let rtxn = self.read_txn()?;
+        let start = u64_key(from);
+        let range = (
+            std::ops::Bound::Included(&start[..]),
+            std::ops::Bound::Unbounded,
+        );
+        let mut out = Vec::new();
+        for item in self.dbs.checkpoints.range(&rtxn, &range)?.take(limit) {
+            let (k, v) = item?;
+            out.push(
+                crate::rollback::Record::decode(v).map_err(|source| ReadError::Corrupt {
+                    what: "checkpoint",
+                    at: read_u64(k).map_or_else(|| hex(k), |s| s.to_string()),
+                    source,
+                })?,
+            );
+        }
+        Ok(out)
+    }
+
+    /// The newest `limit` signed heads, newest first.
+    pub fn last_heads(&self, limit: usize) -> Result<Vec<crate::head::SignedHead>, ReadError> {
+        let rtxn = self.read_txn()?;
+        let mut out = Vec::new();
+        for item in self.dbs.heads.rev_iter(&rtxn)?.take(limit) {
+            let (k, v) = item?;
+            out.push(
+                crate::head::SignedHead::decode(v).map_err(|source| ReadError::Corrupt {
+                    what: "signed head",
+                    at: read_u64(k).map_or_else(|| hex(k), |s| s.to_string()),
+                    source,
+                })?,
+            );
+        }
+        Ok(out)
+    }
+
+    /// Admin nonces recorded (unexpired, or expired but not yet pruned).
+    pub fn admin_nonces(&self) -> Result<u64, ReadError> {
+        let rtxn = self.read_txn()?;
+        Ok(self.dbs.nonces.len(&rtxn)?)
+    }
+
     /// The commit sequence of transaction `id`, if it committed.
     pub fn seq_of(&self, id: &TxId) -> Result<Option<u64>, ReadError> {
         let rtxn = self.read_txn()?;
