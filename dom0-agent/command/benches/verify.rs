@@ -103,7 +103,10 @@ fn main() {
             samples[i].push(t.elapsed().as_nanos() as f64 / iters as f64);
         }
     }
-    println!("body {} bytes; {reps} reps x {iters} iterations, interleaved; medians", body_bytes.len());
+    println!(
+        "body {} bytes; {reps} reps x {iters} iterations, interleaved; medians",
+        body_bytes.len()
+    );
     println!("{:<28} {:>12} {:>10}", "case", "median", "÷ baseline");
     let median = |v: &mut Vec<f64>| {
         v.sort_by(f64::total_cmp);

@@ -241,7 +241,10 @@ mod tests {
         let a = auth();
         let ok = env(NOW, NOW + 300 * S, &[1, 2]);
         assert_eq!(a.check(&ok, NOW, 2).unwrap().len(), 2);
-        assert_eq!(a.check(&env(NOW, NOW + S, &[]), NOW, 1), Err(Rejection::Unsigned));
+        assert_eq!(
+            a.check(&env(NOW, NOW + S, &[]), NOW, 1),
+            Err(Rejection::Unsigned)
+        );
         assert!(matches!(
             a.check(&env(NOW, NOW + S, &[1, 3]), NOW, 1),
             Err(Rejection::UnknownKey { .. })
@@ -267,13 +270,17 @@ mod tests {
             Err(Rejection::ValidityTooLong { .. })
         ));
         // Skew: 60 s ahead is fine, 61 s is not.
-        assert!(a.check(&env(NOW + 60 * S, NOW + 100 * S, &[1]), NOW, 1).is_ok());
+        assert!(a
+            .check(&env(NOW + 60 * S, NOW + 100 * S, &[1]), NOW, 1)
+            .is_ok());
         assert!(matches!(
             a.check(&env(NOW + 61 * S, NOW + 100 * S, &[1]), NOW, 1),
             Err(Rejection::NotYetValid { ahead_s: 61, .. })
         ));
         // Expired 60 s ago is within the allowance, 61 s is not.
-        assert!(a.check(&env(NOW - 200 * S, NOW - 60 * S, &[1]), NOW, 1).is_ok());
+        assert!(a
+            .check(&env(NOW - 200 * S, NOW - 60 * S, &[1]), NOW, 1)
+            .is_ok());
         assert!(matches!(
             a.check(&env(NOW - 200 * S, NOW - 61 * S, &[1]), NOW, 1),
             Err(Rejection::Expired { ago_s: 61, .. })

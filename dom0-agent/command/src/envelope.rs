@@ -182,8 +182,9 @@ pub struct Envelope {
 pub fn valid_name(s: &str, max: usize) -> bool {
     !s.is_empty()
         && s.len() <= max
-        && s.bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'.' | b'_' | b'-'))
+        && s.bytes().all(|b| {
+            b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'.' | b'_' | b'-')
+        })
 }
 
 /// Why a body cannot be built.
@@ -217,7 +218,10 @@ impl Body {
         out.push(u8::try_from(self.args.len()).unwrap_or(u8::MAX));
         for (name, value) in &self.args {
             if !valid_name(name, MAX_ARG_NAME) {
-                return Err(DecodeError::BadName { field: "argument name" }.into());
+                return Err(DecodeError::BadName {
+                    field: "argument name",
+                }
+                .into());
             }
             push_u8_str(&mut out, name);
             let len = u32::try_from(value.len())
@@ -266,7 +270,10 @@ impl Body {
         let mut last: Option<String> = None;
         for _ in 0..count {
             let name = r.name(MAX_ARG_NAME, "argument name")?;
-            if last.as_deref().is_some_and(|l| l.as_bytes() >= name.as_bytes()) {
+            if last
+                .as_deref()
+                .is_some_and(|l| l.as_bytes() >= name.as_bytes())
+            {
                 return Err(DecodeError::Order {
                     field: "argument names",
                 });
@@ -381,7 +388,11 @@ impl Envelope {
         out.extend_from_slice(ENVELOPE_MAGIC);
         out.push(VERSION);
         // The body was built under MAX_BODY, which fits a u32.
-        out.extend_from_slice(&u32::try_from(self.body_bytes.len()).unwrap_or(u32::MAX).to_be_bytes());
+        out.extend_from_slice(
+            &u32::try_from(self.body_bytes.len())
+                .unwrap_or(u32::MAX)
+                .to_be_bytes(),
+        );
         out.extend_from_slice(&self.body_bytes);
         out.push(u8::try_from(self.signatures.len()).unwrap_or(u8::MAX));
         for s in &self.signatures {
@@ -394,7 +405,12 @@ impl Envelope {
     /// Decodes an envelope (signatures are not verified here: see `authorize`).
     pub fn decode(bytes: &[u8]) -> Result<Self, DecodeError> {
         if bytes.len() > MAX_ENVELOPE {
-            return Err(out_of_range("envelope length", bytes.len(), 0, MAX_ENVELOPE));
+            return Err(out_of_range(
+                "envelope length",
+                bytes.len(),
+                0,
+                MAX_ENVELOPE,
+            ));
         }
         let mut r = Cursor::new(bytes);
         if r.take(4, "magic")? != ENVELOPE_MAGIC {
@@ -437,7 +453,9 @@ impl Envelope {
 
 /// Whether `sig` is `key`'s Ed25519 signature of `msg`.
 pub fn verify_signature(key: &PublicKey, msg: &[u8], sig: &[u8; 64]) -> bool {
-    UnparsedPublicKey::new(&ED25519, key).verify(msg, sig).is_ok()
+    UnparsedPublicKey::new(&ED25519, key)
+        .verify(msg, sig)
+        .is_ok()
 }
 
 fn out_of_range(field: &'static str, value: usize, min: usize, max: usize) -> DecodeError {
@@ -533,9 +551,12 @@ mod tests {
             issued_ns: 1_700_000_000_000_000_000,
             expires_ns: 1_700_000_300_000_000_000,
             command: "rollback".into(),
-            args: [("seq".to_string(), "3".to_string()), ("cascade".into(), "true".into())]
-                .into_iter()
-                .collect(),
+            args: [
+                ("seq".to_string(), "3".to_string()),
+                ("cascade".into(), "true".into()),
+            ]
+            .into_iter()
+            .collect(),
         }
     }
 
@@ -565,7 +586,10 @@ mod tests {
         let env = Envelope::new(body()).unwrap();
         let mut bytes = env.encode();
         bytes.push(0);
-        assert!(matches!(Envelope::decode(&bytes), Err(DecodeError::Trailing { .. })));
+        assert!(matches!(
+            Envelope::decode(&bytes),
+            Err(DecodeError::Trailing { .. })
+        ));
         // Arguments out of order: swap the two names by hand.
         let mut b = body();
         b.args.clear();
@@ -573,9 +597,16 @@ mod tests {
         b.args.insert("b".into(), "2".into());
         let enc = b.encode().unwrap();
         let s = hex_of(&enc);
-        let swapped = s.replacen("0161000000013101620000000132", "0162000000013201610000000131", 1);
+        let swapped = s.replacen(
+            "0161000000013101620000000132",
+            "0162000000013201610000000131",
+            1,
+        );
         assert_ne!(s, swapped);
-        assert!(matches!(Body::decode(&unhex_of(&swapped)), Err(DecodeError::Order { .. })));
+        assert!(matches!(
+            Body::decode(&unhex_of(&swapped)),
+            Err(DecodeError::Order { .. })
+        ));
         // Upper case command.
         let mut b = body();
         b.command = "Rollback".into();
@@ -583,7 +614,10 @@ mod tests {
         // Expiry not after issue.
         let mut b = body();
         b.expires_ns = b.issued_ns;
-        assert_eq!(b.encode(), Err(BuildError::Invalid(DecodeError::EmptyWindow)));
+        assert_eq!(
+            b.encode(),
+            Err(BuildError::Invalid(DecodeError::EmptyWindow))
+        );
         // Duplicate signer: encode two signatures by the same key by hand.
         let mut e = Envelope::new(body()).unwrap();
         e.sign(&key(1)).unwrap();
@@ -593,7 +627,10 @@ mod tests {
         let count_at = two.len() - 97;
         two[count_at] = 2;
         two.extend_from_slice(&sig);
-        assert!(matches!(Envelope::decode(&two), Err(DecodeError::Order { .. })));
+        assert!(matches!(
+            Envelope::decode(&two),
+            Err(DecodeError::Order { .. })
+        ));
         // Nine signers.
         let mut e = Envelope::new(body()).unwrap();
         for k in 1..=8 {

@@ -60,7 +60,8 @@ pub fn generate(stem: &Path) -> Result<PublicKey, KeyFileError> {
         let path = p.to_path_buf();
         move |source| KeyFileError::Io { path, source }
     };
-    let der = Ed25519KeyPair::generate_pkcs8(&SystemRandom::new()).map_err(|_| KeyFileError::Random)?;
+    let der =
+        Ed25519KeyPair::generate_pkcs8(&SystemRandom::new()).map_err(|_| KeyFileError::Random)?;
     let pair = Ed25519KeyPair::from_pkcs8(der.as_ref()).map_err(|_| KeyFileError::Random)?;
     let mut public = [0u8; 32];
     public.copy_from_slice(pair.public_key().as_ref());
@@ -153,14 +154,25 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let stem = dir.path().join("alice");
         let public = generate(&stem).unwrap();
-        let mode = fs::metadata(stem.with_extension("key")).unwrap().permissions().mode() & 0o777;
+        let mode = fs::metadata(stem.with_extension("key"))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777;
         assert_eq!(mode, 0o600);
         let pair = load_private(&stem.with_extension("key")).unwrap();
         assert_eq!(public_of(&pair), public);
-        assert_eq!(parse_public(stem.with_extension("pub").to_str().unwrap()).unwrap(), public);
+        assert_eq!(
+            parse_public(stem.with_extension("pub").to_str().unwrap()).unwrap(),
+            public
+        );
         assert_eq!(parse_public(&hex(&public)).unwrap(), public);
         assert!(generate(&stem).is_err());
-        fs::set_permissions(stem.with_extension("key"), fs::Permissions::from_mode(0o640)).unwrap();
+        fs::set_permissions(
+            stem.with_extension("key"),
+            fs::Permissions::from_mode(0o640),
+        )
+        .unwrap();
         assert!(matches!(
             load_private(&stem.with_extension("key")),
             Err(KeyFileError::Permissions { mode: 0o640, .. })

@@ -19,7 +19,11 @@ fn check(name: &str, bytes: &[u8]) {
         std::fs::write(&path, format!("{}\n", hex(bytes))).unwrap();
     }
     let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    assert_eq!(hex(bytes), hex(&unhex(text.trim()).unwrap()), "{name} differs");
+    assert_eq!(
+        hex(bytes),
+        hex(&unhex(text.trim()).unwrap()),
+        "{name} differs"
+    );
 }
 
 fn admin(seed: u8) -> Ed25519KeyPair {
@@ -40,7 +44,10 @@ fn status_signed_by_one_admin() {
     check("command-status.body.hex", &body.encode().unwrap());
     let mut env = Envelope::new(body).unwrap();
     env.sign(&admin(0x11)).unwrap();
-    check("admin-key-11.pub", &mayfly_command::keyfile::public_of(&admin(0x11)));
+    check(
+        "admin-key-11.pub",
+        &mayfly_command::keyfile::public_of(&admin(0x11)),
+    );
     let bytes = env.encode();
     check("command-status.hex", &bytes);
     check("command-status.body.sha256", &env.body_hash());
@@ -62,7 +69,10 @@ fn rollback_cosigned_by_two_admins() {
     let mut env = Envelope::new(body).unwrap();
     env.sign(&admin(0x12)).unwrap();
     env.sign(&admin(0x11)).unwrap();
-    check("admin-key-12.pub", &mayfly_command::keyfile::public_of(&admin(0x12)));
+    check(
+        "admin-key-12.pub",
+        &mayfly_command::keyfile::public_of(&admin(0x12)),
+    );
     let bytes = env.encode();
     check("command-rollback.hex", &bytes);
     check("command-rollback.body.sha256", &env.body_hash());
@@ -70,7 +80,12 @@ fn rollback_cosigned_by_two_admins() {
     assert_eq!(d, env);
     let keys = [0x11, 0x12]
         .into_iter()
-        .map(|s| (mayfly_command::keyfile::public_of(&admin(s)), format!("admin-{s:x}")))
+        .map(|s| {
+            (
+                mayfly_command::keyfile::public_of(&admin(s)),
+                format!("admin-{s:x}"),
+            )
+        })
         .collect();
     let a = Authorizer::new(
         keys,

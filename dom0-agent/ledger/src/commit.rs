@@ -113,7 +113,9 @@ pub enum CommitError {
         nonce: String,
     },
     /// The `nonces` database holds as many live nonces as it may.
-    #[error("{live} unexpired admin nonces are recorded, the most allowed; wait for some to expire")]
+    #[error(
+        "{live} unexpired admin nonces are recorded, the most allowed; wait for some to expire"
+    )]
     TooManyNonces {
         /// Live nonces.
         live: u64,
@@ -735,10 +737,7 @@ impl Committer {
         let mut live: u64 = 0;
         for item in db.iter(wtxn)? {
             let (k, v) = item?;
-            let expires = v
-                .get(..8)
-                .and_then(crate::store::read_u64)
-                .unwrap_or(0);
+            let expires = v.get(..8).and_then(crate::store::read_u64).unwrap_or(0);
             if expires < job.prune_before_ns {
                 expired.push(k.to_vec());
             } else {
@@ -791,7 +790,12 @@ impl Committer {
             .field("old_key", hex(&self.key.public_key()))
             .field("new_key", hex(&next.public_key()))
             .field("group", self.group.saturating_add(1));
-        let receipt = self.apply_audit(wtxn, audit, std::iter::once(rotated).chain(events).collect(), now)?;
+        let receipt = self.apply_audit(
+            wtxn,
+            audit,
+            std::iter::once(rotated).chain(events).collect(),
+            now,
+        )?;
         *incoming = Some(next);
         Ok(receipt)
     }

@@ -56,7 +56,9 @@ fn rotation_is_signed_by_the_old_key_and_verify_follows_it_across_restarts() {
         root = l.public_key();
         put(&l, "a", "1");
         let (k, receipt) = l
-            .rotate_key(vec![AuditEvent::new("test.rotate", Severity::Info).field("why", "test")])
+            .rotate_key(vec![
+                AuditEvent::new("test.rotate", Severity::Info).field("why", "test")
+            ])
             .unwrap();
         new_key = k;
         assert_ne!(new_key, root);
@@ -65,7 +67,10 @@ fn rotation_is_signed_by_the_old_key_and_verify_follows_it_across_restarts() {
         let (group, head) = newest_head(l.store());
         assert_eq!(group, receipt.group);
         assert_eq!(head.next_key, Some(new_key));
-        assert_eq!(head.public_key, root, "the rotation is signed by the old key");
+        assert_eq!(
+            head.public_key, root,
+            "the rotation is signed by the old key"
+        );
         assert!(head.signature_valid());
         assert_eq!(head.encode()[5], KIND_ROTATION);
         put(&l, "b", "2");
@@ -81,7 +86,10 @@ fn rotation_is_signed_by_the_old_key_and_verify_follows_it_across_restarts() {
     assert!(failures(dir.path(), &[root]).is_empty());
     // Trusting only the new key cannot vouch for what the old key signed.
     let f = failures(dir.path(), &[new_key]);
-    assert!(f[0].contains("group 1") && f[0].contains("untrusted"), "{f:?}");
+    assert!(
+        f[0].contains("group 1") && f[0].contains("untrusted"),
+        "{f:?}"
+    );
     // Reopens with the new key and keeps signing with it.
     let l = open(dir.path());
     assert_eq!(l.signing_key(), new_key);
@@ -101,7 +109,12 @@ mod forged {
     /// Appends a head (as the next group) that an attacker signed, and points the recorded
     /// tips at it, as someone with write access to the files but not the key could.
     fn append_head(dir: &std::path::Path, head: &SignedHead) {
-        tamper::set(dir, "heads", &head.group.to_be_bytes(), Some(&head.encode()));
+        tamper::set(
+            dir,
+            "heads",
+            &head.group.to_be_bytes(),
+            Some(&head.encode()),
+        );
         tamper::set(dir, "meta", b"group", Some(&head.group.to_be_bytes()));
     }
 
@@ -210,21 +223,40 @@ fn an_interrupted_rotation_is_finished_or_discarded_at_open() {
 fn nonces_are_recorded_once_and_pruned_after_expiry() {
     let dir = tempfile::tempdir().unwrap();
     let l = open(dir.path());
-    let ev = || vec![AuditEvent::new("admin.accepted", Severity::Notice).field("command", "status")];
+    let ev =
+        || vec![AuditEvent::new("admin.accepted", Severity::Notice).field("command", "status")];
     let before = l.tips().audit.seq;
-    l.record_admin_nonce([1; 16], 1_000, [0; 32], 0, ev()).unwrap();
-    assert_eq!(l.tips().audit.seq, before + 1, "the audit event rides with the nonce");
-    let e = l.record_admin_nonce([1; 16], 1_000, [0; 32], 0, ev()).unwrap_err();
+    l.record_admin_nonce([1; 16], 1_000, [0; 32], 0, ev())
+        .unwrap();
+    assert_eq!(
+        l.tips().audit.seq,
+        before + 1,
+        "the audit event rides with the nonce"
+    );
+    let e = l
+        .record_admin_nonce([1; 16], 1_000, [0; 32], 0, ev())
+        .unwrap_err();
     assert!(matches!(e, CommitError::NonceReused { .. }), "{e}");
-    assert_eq!(l.tips().audit.seq, before + 1, "a refused nonce writes nothing");
-    l.record_admin_nonce([2; 16], 5_000, [0; 32], 0, ev()).unwrap();
+    assert_eq!(
+        l.tips().audit.seq,
+        before + 1,
+        "a refused nonce writes nothing"
+    );
+    l.record_admin_nonce([2; 16], 5_000, [0; 32], 0, ev())
+        .unwrap();
     assert_eq!(l.store().admin_nonces().unwrap(), 2);
     // Pruning everything that expired before 2,000 removes nonce 1 (expiry 1,000) only.
-    l.record_admin_nonce([3; 16], 9_000, [0; 32], 2_000, ev()).unwrap();
+    l.record_admin_nonce([3; 16], 9_000, [0; 32], 2_000, ev())
+        .unwrap();
     assert_eq!(l.store().admin_nonces().unwrap(), 2);
     // Once pruned, the nonce is forgotten (the command has expired, so it is refused on
     // time grounds before the nonce is consulted).
-    l.record_admin_nonce([1; 16], 1_000, [0; 32], 2_000, ev()).unwrap();
+    l.record_admin_nonce([1; 16], 1_000, [0; 32], 2_000, ev())
+        .unwrap();
     drop(l);
-    assert!(failures(dir.path(), &[SigningKey::load(dir.path()).unwrap().public_key()]).is_empty());
+    assert!(failures(
+        dir.path(),
+        &[SigningKey::load(dir.path()).unwrap().public_key()]
+    )
+    .is_empty());
 }
