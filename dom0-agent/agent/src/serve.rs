@@ -16,6 +16,14 @@
 //! memory_mib = 256           # address-space limit of each domain
 //! cpu_seconds = 10           # CPU-time limit of each domain
 //! policy = "/etc/mayfly/policy" # directory of *.toml; default: the built-in bundle
+//!
+//! [console]                  # the signed admin console (docs/console.md); off without keys
+//! admin_keys = ["<64 hex digits>", "/etc/mayfly/admins/bob.pub"]
+//! quorum = 2                 # distinct admins for rollback, policy.load, key.rotate, quarantine.release
+//! socket = "/run/mayfly/admin.sock"  # default DATA_DIR/admin.sock; mode 0600
+//! tcp = "127.0.0.1:8451"     # optional, loopback only
+//! clock_skew_secs = 60
+//! max_validity_secs = 3600
 //! ```
 
 use std::net::SocketAddr;
@@ -77,6 +85,30 @@ pub struct ServeArgs {
     /// [default: DATA_DIR/detector.token, created (mode 0600) on first start].
     #[arg(long)]
     detector_token: Option<PathBuf>,
+    /// Authorized admin public key (64 hex digits, or a .pub file from `mayfly admin
+    /// keygen`); repeat for each admin. Without any, the admin console is off.
+    #[arg(long = "admin-key")]
+    admin_keys: Vec<String>,
+    /// Distinct admins a destructive console command needs [default: 2].
+    #[arg(long)]
+    admin_quorum: Option<usize>,
+    /// Admin console Unix socket [default: DATA_DIR/admin.sock].
+    #[arg(long)]
+    console_socket: Option<PathBuf>,
+    /// Also serve the admin console on this loopback TCP address.
+    #[arg(long)]
+    console_tcp: Option<SocketAddr>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct ConsoleFileConfig {
+    admin_keys: Option<Vec<String>>,
+    quorum: Option<usize>,
+    socket: Option<PathBuf>,
+    tcp: Option<SocketAddr>,
+    clock_skew_secs: Option<u64>,
+    max_validity_secs: Option<u64>,
 }
 
 #[derive(Deserialize, Default)]
@@ -93,6 +125,7 @@ struct FileConfig {
     memory_mib: Option<u64>,
     cpu_seconds: Option<u64>,
     policy: Option<PathBuf>,
+    console: Option<ConsoleFileConfig>,
 }
 
 /// The settings in force, after merging file and flags.
@@ -108,6 +141,63 @@ struct Settings {
     memory_bytes: u64,
     cpu_seconds: u64,
     policy: Option<PathBuf>,
+    console: Option<mayfly_console::ConsoleConfig>,
+}
+
+fn console_settings(
+    args: &ServeArgs,
+    file: Option<ConsoleFileConfig>,
+    data_dir: &Path,
+) -> anyhow::Result<Option<mayfly_console::ConsoleConfig>> {
+    use mayfly_command::authorize::defaults;
+    let file = file.unwrap_or_default();
+    let listed = if args.admin_keys.is_empty() {
+        file.admin_keys.unwrap_or_default()
+    } else {
+        args.admin_keys.clone()
+    };
+    if listed.is_empty() {
+        return Ok(None);
+    }
+    let mut keys = std::collections::BTreeMap::new();
+    for (i, text) in listed.iter().enumerate() {
+        let key = mayfly_command::keyfile::parse_public(text)
+            .with_context(|| format!("admin key {}", i + 1))?;
+        keys.insert(key, format!("admin-{}", i + 1));
+    }
+    let skew = Duration::from_secs(
+        file.clock_skew_secs
+            .unwrap_or(defaults::CLOCK_SKEW.as_secs()),
+    );
+    let max_validity = Duration::from_secs(
+        file.max_validity_secs
+            .unwrap_or(defaults::MAX_VALIDITY.as_secs()),
+    );
+    if max_validity.is_zero() {
+        bail!("console max_validity_secs must be at least 1");
+    }
+    let quorum = args
+        .admin_quorum
+        .or(file.quorum)
+        .unwrap_or(defaults::QUORUM);
+    if quorum == 0 || quorum > keys.len() {
+        bail!(
+            "admin quorum {quorum} is impossible with {} distinct admin key(s); add keys or set --admin-quorum",
+            keys.len()
+        );
+    }
+    Ok(Some(mayfly_console::ConsoleConfig {
+        socket: args
+            .console_socket
+            .clone()
+            .or(file.socket)
+            .unwrap_or_else(|| data_dir.join("admin.sock")),
+        tcp: args.console_tcp.or(file.tcp),
+        authorizer: mayfly_command::Authorizer::new(keys, skew, max_validity),
+        quorum,
+        max_connections: 8,
+        io_timeout: Duration::from_secs(30),
+    }))
 }
 
 fn load(args: &ServeArgs) -> anyhow::Result<Settings> {
@@ -120,17 +210,20 @@ fn load(args: &ServeArgs) -> anyhow::Result<Settings> {
         }
         None => FileConfig::default(),
     };
+    let data_dir = args
+        .data_dir
+        .clone()
+        .or(file.data_dir.clone())
+        .unwrap_or_else(|| "./mayfly-data".into());
+    let console = console_settings(args, file.console, &data_dir)?;
     let s = Settings {
+        console,
         backend: args
             .backend
             .clone()
             .or(file.backend)
             .unwrap_or_else(|| "sandbox".into()),
-        data_dir: args
-            .data_dir
-            .clone()
-            .or(file.data_dir)
-            .unwrap_or_else(|| "./mayfly-data".into()),
+        data_dir,
         listen: args
             .listen
             .or(file.listen)
@@ -253,7 +346,8 @@ pub fn run(args: &ServeArgs, log: &Logger) -> anyhow::Result<u8> {
     let policy_files = crate::policy::files(s.policy.as_deref())?;
     let bundle = mayfly_policy::Bundle::load(&policy_files).context("loading the policy bundle")?;
     let policy_hash = bundle.hash();
-    let backend: Arc<dyn DomainBackend> = Arc::new(sandbox(&s, log)?);
+    let sandbox = Arc::new(sandbox(&s, log)?);
+    let backend: Arc<dyn DomainBackend> = sandbox.clone();
     let names = crate::zygote::handler_names();
     let executor = Arc::new(Executor::new(
         ledger.clone(),
@@ -285,6 +379,27 @@ pub fn run(args: &ServeArgs, log: &Logger) -> anyhow::Result<u8> {
             return Err(e.into());
         }
     };
+    let console = match s.console.clone() {
+        Some(config) => {
+            let services = mayfly_console::Services {
+                executor: executor.clone(),
+                quarantine: Some(Arc::new(SandboxQuarantine(sandbox.clone()))),
+                // The SIEM exporter plugs its per-collector lag in here.
+                exporters: None,
+                admin_keys: config.authorizer.keys().len(),
+                quorum: config.quorum,
+            };
+            match mayfly_console::ConsoleServer::start(config, services, log) {
+                Ok(c) => Some(c),
+                Err(e) => {
+                    server.shutdown();
+                    backend.shutdown();
+                    return Err(anyhow::Error::new(e).context("starting the admin console"));
+                }
+            }
+        }
+        None => None,
+    };
     let addr = server.local_addr();
     ledger.audit(vec![AuditEvent::new("agent.started", Severity::Notice)
         .field("backend", backend.name())
@@ -293,6 +408,18 @@ pub fn run(args: &ServeArgs, log: &Logger) -> anyhow::Result<u8> {
         .field("policy_hash", hex(&policy_hash))])?;
     info!(log, "serving"; "addr" => %addr, "backend" => backend.name());
     print_banner(addr, &s.data_dir, &ledger, &names);
+    match &console {
+        Some(c) => println!(
+            "mayfly: admin console on {}{} ({} admin key(s), quorum {})",
+            c.socket_path().display(),
+            c.tcp_addr()
+                .map(|a| format!(" and tcp {a}"))
+                .unwrap_or_default(),
+            s.console.as_ref().map_or(0, |c| c.authorizer.keys().len()),
+            s.console.as_ref().map_or(0, |c| c.quorum),
+        ),
+        None => println!("mayfly: admin console off (no --admin-key configured)"),
+    }
     println!(
         "mayfly: detector reports (POST /v1/reports) need the bearer token in {}",
         token_path.display()
@@ -316,6 +443,9 @@ pub fn run(args: &ServeArgs, log: &Logger) -> anyhow::Result<u8> {
         }
     };
     eprintln!("dom0-agent: {signal:?} received, stopping");
+    if let Some(c) = console {
+        c.shutdown(Duration::from_secs(10));
+    }
     server.shutdown();
     executor.wait_for_reapers();
     drop(executor);
@@ -324,6 +454,21 @@ pub fn run(args: &ServeArgs, log: &Logger) -> anyhow::Result<u8> {
         AuditEvent::new("agent.stopped", Severity::Notice).field("signal", signal.as_str())
     ])?;
     Ok(0)
+}
+
+/// Quarantine control over the sandbox backend, for the admin console.
+struct SandboxQuarantine(Arc<Sandbox>);
+
+impl mayfly_console::QuarantineControl for SandboxQuarantine {
+    fn list(&self) -> Vec<mayfly_domain::Quarantined> {
+        self.0.quarantined()
+    }
+    fn release(
+        &self,
+        id: mayfly_domain::DomainId,
+    ) -> Result<Option<mayfly_domain::DomainExit>, mayfly_domain::DomainError> {
+        self.0.release_quarantined(id)
+    }
 }
 
 fn print_banner(addr: SocketAddr, dir: &Path, ledger: &Ledger, handlers: &[String]) {
