@@ -241,7 +241,8 @@ fn status_rollback_with_quorum_and_key_rotation_work_through_the_socket() {
     let attack = open(&agent, "mallory", 1_000_000);
     open(&agent, "bob", 5);
 
-    let st = ok(&sock, &signed("status", &[], &[0xa3]));
+    let first_status = signed("status", &[], &[0xa3]);
+    let st = ok(&sock, &first_status);
     assert_eq!(st["backend"], "sandbox");
     assert_eq!(st["chains"]["checkpoints"]["seq"], 3);
     assert_eq!(st["exporters"]["configured"], false);
@@ -363,8 +364,11 @@ fn status_rollback_with_quorum_and_key_rotation_work_through_the_socket() {
         "{}",
         String::from_utf8_lossy(&pinned.stdout)
     );
-    // ...and the agent restarts signing with the new key.
+    // ...and the agent restarts signing with the new key, and still remembers the nonces
+    // of commands that have not expired.
     let agent = start(dir.path());
+    let r = send(&sock, &first_status);
+    assert_eq!(r["code"], "replayed", "{r}");
     open(&agent, "dave", 1);
     let st3 = ok(&sock, &signed("status", &[], &[0xa1]));
     assert_eq!(st3["signing_key"], rot["new_key"]);
