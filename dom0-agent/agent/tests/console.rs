@@ -353,7 +353,10 @@ fn status_rollback_with_quorum_and_key_rotation_work_through_the_socket() {
     // The chain verifies across the rotation, pinned to the identity key...
     let (verified, out) = verify(dir.path());
     assert!(verified, "{out}");
-    assert!(out.contains("OK"), "{out}");
+    assert!(
+        out.contains("OK") && out.contains("across 1 key rotation(s)"),
+        "{out}"
+    );
     let pinned = std::process::Command::new(common::agent_exe())
         .args(["verify", "--quiet", "--public-key", &before, "--data-dir"])
         .arg(dir.path())
@@ -535,4 +538,92 @@ fn the_cli_generates_keys_and_collects_co_signatures_offline() {
     drop(agent);
     let (verified, out) = verify(&data);
     assert!(verified, "{out}");
+}
+
+#[test]
+fn quarantine_release_and_policy_load_go_through_the_quorum() {
+    let dir = tempfile::tempdir().unwrap();
+    let agent = start(dir.path());
+    let sock = dir.path().join("admin.sock");
+    open(&agent, "mallory", 0);
+    // The shipped policy quarantines the notes path-traversal exploit.
+    let (code, body) = agent.tx(
+        "notes",
+        json!({"user": "mallory", "note_id": "../../acct/mallory", "text": "1000000"}),
+    );
+    assert_eq!(code, 403, "{body}");
+    let q = ok(&sock, &signed("quarantine.list", &[], &[0xa1]));
+    let list = q["quarantined"].as_array().unwrap();
+    assert_eq!(list.len(), 1, "{q}");
+    let domain = list[0]["domain"].as_u64().unwrap().to_string();
+    let pid: u32 = list[0]["handle"].as_str().unwrap().parse().unwrap();
+    assert!(common::process_alive(pid));
+    // One admin cannot release it; two can, and the stopped clone is gone.
+    let r = send(
+        &sock,
+        &signed("quarantine.release", &[("domain", &domain)], &[0xa1]),
+    );
+    assert_eq!(r["code"], "insufficient_quorum", "{r}");
+    assert!(common::process_alive(pid));
+    let rel = ok(
+        &sock,
+        &signed("quarantine.release", &[("domain", &domain)], &[0xa1, 0xa2]),
+    );
+    assert_eq!(rel["released"], true);
+    assert!(
+        !common::process_alive(pid),
+        "released clone must be destroyed"
+    );
+    let r = send(
+        &sock,
+        &signed("quarantine.release", &[("domain", &domain)], &[0xa1, 0xa2]),
+    );
+    assert_eq!(r["code"], "not_found", "{r}");
+
+    // Policy: a malformed bundle is refused and the active one stays; a good one loads.
+    let before = ok(&sock, &signed("status", &[], &[0xa1]))["policy_hash"].clone();
+    let bad = send(
+        &sock,
+        &signed("policy.load", &[("file.x.toml", "[engine")], &[0xa1, 0xa3]),
+    );
+    assert_eq!(bad["code"], "policy_refused", "{bad}");
+    assert_eq!(
+        ok(&sock, &signed("status", &[], &[0xa1]))["policy_hash"],
+        before
+    );
+    let permissive = "[engine]\nunlisted_handler = \"allow\"\ndomain_default = \"abort\"\n";
+    let lone = send(
+        &sock,
+        &signed("policy.load", &[("file.allow.toml", permissive)], &[0xa3]),
+    );
+    assert_eq!(lone["code"], "insufficient_quorum", "{lone}");
+    let loaded = ok(
+        &sock,
+        &signed(
+            "policy.load",
+            &[("file.allow.toml", permissive)],
+            &[0xa2, 0xa3],
+        ),
+    );
+    let after = ok(&sock, &signed("status", &[], &[0xa1]))["policy_hash"].clone();
+    assert_eq!(after, loaded["policy_hash"]);
+    assert_ne!(after, before);
+    // The permissive bundle has no notes rule: the same exploit is no longer stopped.
+    let (code, body) = agent.tx(
+        "notes",
+        json!({"user": "mallory", "note_id": "../../acct/mallory", "text": "1000000"}),
+    );
+    assert_eq!(code, 200, "{body}");
+    let events: Vec<(String, BTreeMap<String, String>)> = audit(dir.path());
+    let accepted = events
+        .iter()
+        .find(|(e, f)| e == "admin.accepted" && f["args"].starts_with("file.allow.toml"))
+        .unwrap();
+    assert!(
+        accepted.1["args"].starts_with("file.allow.toml=<"),
+        "long arguments are recorded by size and hash: {:?}",
+        accepted.1
+    );
+    assert!(events.iter().any(|(e, _)| e == "policy.loaded"));
+    assert!(events.iter().any(|(e, _)| e == "domain.released"));
 }
