@@ -560,7 +560,7 @@ pub fn execute(
                 .unwrap_or(tip)
                 .min(tip)
                 .min(from.saturating_add(MAX_EXPORT - 1));
-            let total = to.saturating_sub(*from).saturating_add(1);
+            let total = if to >= *from { to - *from + 1 } else { 0 };
             let mut next = *from;
             let mut exported: u64 = 0;
             let mut last = Instant::now();

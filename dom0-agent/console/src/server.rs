@@ -516,12 +516,12 @@ fn serve_connection<S: Read + Write>(shared: &Shared, stream: &mut S, peer: &str
     let _ = frame::write_response(stream, &reply);
 }
 
-/// Arguments for the audit record: values in full unless long (policy files appear as
-/// their size and SHA-256).
+/// Arguments for the audit record: values in full when short and plain; long ones (policy
+/// files) and any with a comma or a control character appear as their size and SHA-256.
 fn summarize_args(args: &std::collections::BTreeMap<String, String>) -> String {
     args.iter()
         .map(|(k, v)| {
-            if v.len() <= 64 && !v.contains(['\n', ',']) {
+            if v.len() <= 64 && !v.contains(',') && !v.chars().any(char::is_control) {
                 format!("{k}={v}")
             } else {
                 let d = ring_sha256(v.as_bytes());
