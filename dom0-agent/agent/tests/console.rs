@@ -380,17 +380,24 @@ fn status_rollback_with_quorum_and_key_rotation_work_through_the_socket() {
     assert!(verified, "{out}");
 }
 
-/// The `mayfly` binary: built by this package's tests only if it is not already there.
+/// The `mayfly` binary, brought up to date once per test run (`cargo build -p mayfly`
+/// is a no-op when it is): this package's tests do not build another package's binary.
 fn mayfly_exe() -> PathBuf {
-    let exe = Path::new(common::agent_exe()).with_file_name("mayfly");
-    if !exe.exists() {
-        let status = std::process::Command::new(env!("CARGO"))
-            .args(["build", "-p", "mayfly"])
-            .status()
-            .unwrap();
-        assert!(status.success());
-    }
-    exe
+    static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            let mut cmd = std::process::Command::new(env!("CARGO"));
+            cmd.args(["build", "-p", "mayfly"]);
+            if !cfg!(debug_assertions) {
+                cmd.arg("--release");
+            }
+            let status = cmd.status().unwrap();
+            assert!(status.success(), "cargo build -p mayfly failed");
+            let exe = Path::new(common::agent_exe()).with_file_name("mayfly");
+            assert!(exe.exists(), "{} was not built", exe.display());
+            exe
+        })
+        .clone()
 }
 
 fn mayfly(args: &[&str]) -> (i32, String, String) {
