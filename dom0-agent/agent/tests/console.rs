@@ -378,6 +378,41 @@ fn status_rollback_with_quorum_and_key_rotation_work_through_the_socket() {
     drop(agent);
     let (verified, out) = verify(dir.path());
     assert!(verified, "{out}");
+
+    // Someone with write access to the files but not the key appends a rotation to their
+    // own key, signed by their own key: `dom0-agent verify` names it.
+    use mayfly_ledger::{tamper, SignedHead, SigningKey};
+    let store = mayfly_ledger::store::open_read_only(dir.path(), &Default::default()).unwrap();
+    let last = store.last_heads(1).unwrap().remove(0);
+    drop(store);
+    let attacker = SigningKey::from_seed(&[0x66; 32]);
+    let forged = SignedHead::sign_rotation(
+        &attacker,
+        last.group + 1,
+        last.checkpoints,
+        last.audit,
+        last.time_ns + 1,
+        attacker.public_key(),
+    );
+    tamper::set(
+        dir.path(),
+        "heads",
+        &forged.group.to_be_bytes(),
+        Some(&forged.encode()),
+    );
+    tamper::set(
+        dir.path(),
+        "meta",
+        b"group",
+        Some(&forged.group.to_be_bytes()),
+    );
+    let (verified, out) = verify(dir.path());
+    assert!(!verified, "a forged rotation must not verify");
+    assert!(
+        out.contains(&format!("signed head, group {}", forged.group))
+            && out.contains(&hex(&attacker.public_key())),
+        "{out}"
+    );
 }
 
 /// The `mayfly` binary, brought up to date once per test run (`cargo build -p mayfly`
