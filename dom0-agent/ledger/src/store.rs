@@ -159,6 +159,7 @@ pub(crate) struct Dbs {
     pub heads: Database<Bytes, Bytes>,
     pub tx_index: Database<Bytes, Bytes>,
     pub deps: Database<Bytes, Bytes>,
+    pub cursors: Database<Bytes, Bytes>,
 }
 
 /// How to open the environment.
@@ -340,10 +341,9 @@ impl Store {
             heads: open(names::HEADS)?,
             tx_index: open(names::TX_INDEX)?,
             deps: open(names::DEPS)?,
+            cursors: open(names::CURSORS)?,
         };
-        for name in [names::NONCES, names::CURSORS] {
-            open(name)?;
-        }
+        open(names::NONCES)?;
         // Committing the read transaction makes the opened handles valid for the whole
         // environment (LMDB: handles opened in an aborted transaction are discarded).
         rtxn.commit().map_err(|source| OpenError::Storage {
