@@ -210,9 +210,9 @@ impl Default for SiemConfig {
 
 /// The RFC 5424 facility names, by code.
 pub const FACILITIES: [&str; 24] = [
-    "kern", "user", "mail", "daemon", "auth", "syslog", "lpr", "news", "uucp", "cron",
-    "authpriv", "ftp", "ntp", "audit", "alert", "clock", "local0", "local1", "local2", "local3",
-    "local4", "local5", "local6", "local7",
+    "kern", "user", "mail", "daemon", "auth", "syslog", "lpr", "news", "uucp", "cron", "authpriv",
+    "ftp", "ntp", "audit", "alert", "clock", "local0", "local1", "local2", "local3", "local4",
+    "local5", "local6", "local7",
 ];
 
 /// The code of a facility name.
@@ -339,15 +339,15 @@ impl CollectorConfig {
             || self.client_key.is_some()
             || self.server_name.is_some();
         match self.transport {
-            TransportKind::Tls if self.ca.is_none() => {
-                Err(tls("transport \"tls\" needs `ca` (the collector's certificate is always verified)"))
-            }
+            TransportKind::Tls if self.ca.is_none() => Err(tls(
+                "transport \"tls\" needs `ca` (the collector's certificate is always verified)",
+            )),
             TransportKind::Tls if self.client_cert.is_some() != self.client_key.is_some() => {
                 Err(tls("`client_cert` and `client_key` go together"))
             }
-            TransportKind::Udp | TransportKind::Tcp if has_tls_files => {
-                Err(tls("ca, client_cert, client_key and server_name are for transport \"tls\" only"))
-            }
+            TransportKind::Udp | TransportKind::Tcp if has_tls_files => Err(tls(
+                "ca, client_cert, client_key and server_name are for transport \"tls\" only",
+            )),
             _ => Ok(()),
         }
     }
@@ -364,7 +364,11 @@ mod tests {
             .skip_while(|l| !l.starts_with("//! ```toml"))
             .skip(1)
             .take_while(|l| !l.starts_with("//! ```"))
-            .map(|l| l.strip_prefix("//! ").or(l.strip_prefix("//!")).unwrap_or(l))
+            .map(|l| {
+                l.strip_prefix("//! ")
+                    .or(l.strip_prefix("//!"))
+                    .unwrap_or(l)
+            })
             .collect::<Vec<_>>()
             .join("\n");
         #[derive(Deserialize)]
@@ -392,13 +396,22 @@ mod tests {
         assert!(matches!(cfg(c).validate(), Err(ConfigError::BadName(_))));
         let mut c = ok.clone();
         c.address = "host".into();
-        assert!(matches!(cfg(c).validate(), Err(ConfigError::BadAddress { .. })));
+        assert!(matches!(
+            cfg(c).validate(),
+            Err(ConfigError::BadAddress { .. })
+        ));
         let mut c = ok.clone();
         c.facility = Some("local9".into());
-        assert!(matches!(cfg(c).validate(), Err(ConfigError::BadFacility { .. })));
+        assert!(matches!(
+            cfg(c).validate(),
+            Err(ConfigError::BadFacility { .. })
+        ));
         let mut c = ok.clone();
         c.transport = TransportKind::Tls;
-        assert!(matches!(cfg(c.clone()).validate(), Err(ConfigError::Tls { .. })));
+        assert!(matches!(
+            cfg(c.clone()).validate(),
+            Err(ConfigError::Tls { .. })
+        ));
         c.ca = Some("/ca.pem".into());
         assert!(cfg(c.clone()).validate().is_ok());
         c.client_key = Some("/k.pem".into());
@@ -408,7 +421,10 @@ mod tests {
         assert!(matches!(cfg(c).validate(), Err(ConfigError::Tls { .. })));
         let mut c = ok.clone();
         c.max_message_bytes = Some(480);
-        assert!(matches!(cfg(c).validate(), Err(ConfigError::MessageLimit { .. })));
+        assert!(matches!(
+            cfg(c).validate(),
+            Err(ConfigError::MessageLimit { .. })
+        ));
         let two = SiemConfig {
             collectors: vec![ok.clone(), ok.clone()],
             ..SiemConfig::default()
@@ -418,7 +434,10 @@ mod tests {
             hostname: Some("a b".into()),
             ..SiemConfig::default()
         };
-        assert!(matches!(bad_host.validate(), Err(ConfigError::BadHeader { .. })));
+        assert!(matches!(
+            bad_host.validate(),
+            Err(ConfigError::BadHeader { .. })
+        ));
         let v6 = CollectorConfig::new("b", TransportKind::Udp, "[::1]:514");
         assert_eq!(v6.host(), Some("::1"));
     }

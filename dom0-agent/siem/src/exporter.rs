@@ -184,10 +184,8 @@ impl Exporter {
             &config.hostname.clone().unwrap_or_else(kernel_hostname),
             MAX_HOSTNAME,
         );
-        let app_name = rfc5424::header_field(
-            config.app_name.as_deref().unwrap_or("mayfly"),
-            MAX_APP_NAME,
-        );
+        let app_name =
+            rfc5424::header_field(config.app_name.as_deref().unwrap_or("mayfly"), MAX_APP_NAME);
         let procid = rfc5424::header_field(&std::process::id().to_string(), MAX_PROCID);
         // Everything that can fail is done before any thread starts.
         let mut prepared = Vec::with_capacity(config.collectors.len());
@@ -256,7 +254,8 @@ impl Exporter {
             let (stop_tx, stop_rx) = std::sync::mpsc::sync_channel(1);
             let name = c.name.clone();
             let run = Run {
-                log: log.new(o!("collector" => c.name.clone(), "transport" => c.transport.as_str())),
+                log: log
+                    .new(o!("collector" => c.name.clone(), "transport" => c.transport.as_str())),
                 collector: c,
                 tls,
                 envelope,

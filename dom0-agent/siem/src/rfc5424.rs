@@ -109,7 +109,13 @@ pub fn escape_param_value(out: &mut String, value: &str) {
 fn escaped_len(value: &str) -> usize {
     value
         .bytes()
-        .map(|b| if matches!(b, b'"' | b'\\' | b']') { 2 } else { 1 })
+        .map(|b| {
+            if matches!(b, b'"' | b'\\' | b']') {
+                2
+            } else {
+                1
+            }
+        })
         .fold(0usize, usize::saturating_add)
 }
 
@@ -437,7 +443,9 @@ pub fn parse_structured_data(text: &str) -> Result<(Vec<SdElement>, usize), Pars
                         i = i.saturating_add(1);
                         break;
                     }
-                    Some(b'\\') if matches!(bytes.get(i.saturating_add(1)), Some(b'"' | b'\\' | b']')) => {
+                    Some(b'\\')
+                        if matches!(bytes.get(i.saturating_add(1)), Some(b'"' | b'\\' | b']')) =>
+                    {
                         value.push(bytes.get(i.saturating_add(1)).copied().unwrap_or(b'\\'));
                         i = i.saturating_add(2);
                     }
@@ -448,8 +456,7 @@ pub fn parse_structured_data(text: &str) -> Result<(Vec<SdElement>, usize), Pars
                     }
                 }
             }
-            let value =
-                String::from_utf8(value).map_err(|_| err(i, "PARAM-VALUE is not UTF-8"))?;
+            let value = String::from_utf8(value).map_err(|_| err(i, "PARAM-VALUE is not UTF-8"))?;
             params.push((name.to_owned(), value));
         }
         out.push(SdElement {
@@ -507,7 +514,10 @@ mod tests {
         );
         assert_eq!(msg, expected);
         let doc = include_str!("../../../docs/siem.md");
-        assert!(doc.contains(expected), "docs/siem.md must show the vector verbatim");
+        assert!(
+            doc.contains(expected),
+            "docs/siem.md must show the vector verbatim"
+        );
     }
 
     #[test]
@@ -541,16 +551,28 @@ mod tests {
                 event: AuditEvent::new("x", Severity::Info).field("v", &v),
             };
             let m = parse(&encode(&rec, &[0; 32], &env())).unwrap();
-            assert_eq!(m.element("mayfly.fields@32473").unwrap().param("v"), Some(v.as_str()));
+            assert_eq!(
+                m.element("mayfly.fields@32473").unwrap().param("v"),
+                Some(v.as_str())
+            );
         }
     }
 
     #[test]
     fn timestamps() {
         assert_eq!(timestamp(0), "1970-01-01T00:00:00.000000Z");
-        assert_eq!(timestamp(951_782_400_000_000_000), "2000-02-29T00:00:00.000000Z");
-        assert_eq!(timestamp(4_102_444_799_999_999_999), "2099-12-31T23:59:59.999999Z");
-        assert_eq!(timestamp(1_709_164_800_000_001_000), "2024-02-29T00:00:00.000001Z");
+        assert_eq!(
+            timestamp(951_782_400_000_000_000),
+            "2000-02-29T00:00:00.000000Z"
+        );
+        assert_eq!(
+            timestamp(4_102_444_799_999_999_999),
+            "2099-12-31T23:59:59.999999Z"
+        );
+        assert_eq!(
+            timestamp(1_709_164_800_000_001_000),
+            "2024-02-29T00:00:00.000001Z"
+        );
     }
 
     #[test]
@@ -583,7 +605,10 @@ mod tests {
             let msg = encode(&rec, &[0; 32], &e);
             assert!(msg.len() <= max, "{} > {max}", msg.len());
             let m = parse(&msg).unwrap();
-            assert_eq!(m.element("mayfly@32473").unwrap().param("truncated"), Some("true"));
+            assert_eq!(
+                m.element("mayfly@32473").unwrap().param("truncated"),
+                Some("true")
+            );
             let fields = m.element("mayfly.fields@32473").unwrap();
             assert_eq!(fields.params.len(), 32, "no field is dropped");
             for (name, value) in &fields.params {

@@ -51,10 +51,9 @@ fn certs(what: &'static str, path: &Path) -> Result<Vec<CertificateDer<'static>>
 /// Builds the client configuration of `c` (a collector with transport "tls").
 pub fn client_config(c: &CollectorConfig) -> Result<Arc<ClientConfig>, TlsConfigError> {
     let mut roots = RootCertStore::empty();
-    let ca = c
-        .ca
-        .as_deref()
-        .ok_or_else(|| pem_err("CA", Path::new("-"), "no `ca` configured"))?;
+    let ca =
+        c.ca.as_deref()
+            .ok_or_else(|| pem_err("CA", Path::new("-"), "no `ca` configured"))?;
     for cert in certs("CA", ca)? {
         roots.add(cert)?;
     }
@@ -65,8 +64,8 @@ pub fn client_config(c: &CollectorConfig) -> Result<Arc<ClientConfig>, TlsConfig
     let config = match (&c.client_cert, &c.client_key) {
         (Some(cert), Some(key)) => {
             let chain = certs("client certificate", cert)?;
-            let key = PrivateKeyDer::from_pem_file(key)
-                .map_err(|e| pem_err("client key", key, e))?;
+            let key =
+                PrivateKeyDer::from_pem_file(key).map_err(|e| pem_err("client key", key, e))?;
             builder.with_client_auth_cert(chain, key)?
         }
         _ => builder.with_no_client_auth(),

@@ -207,7 +207,11 @@ impl Connection {
 
     /// Sends `messages` as one batch: frames written and flushed (TCP, TLS), or one
     /// datagram each (UDP).
-    pub fn send(&mut self, messages: &[String], frames: &mut Vec<u8>) -> Result<(), TransportError> {
+    pub fn send(
+        &mut self,
+        messages: &[String],
+        frames: &mut Vec<u8>,
+    ) -> Result<(), TransportError> {
         match self {
             Self::Udp(sock) => {
                 for m in messages {
@@ -219,10 +223,7 @@ impl Connection {
                         }
                     })?;
                     if sent != m.len() {
-                        return Err(TransportError::ShortDatagram {
-                            len: m.len(),
-                            sent,
-                        });
+                        return Err(TransportError::ShortDatagram { len: m.len(), sent });
                     }
                 }
                 Ok(())
@@ -384,7 +385,10 @@ mod tests {
             if let Err(TransportError::Unreachable(_)) = r {
                 break;
             }
-            assert!(std::time::Instant::now() < deadline, "ICMP error not seen: {r:?}");
+            assert!(
+                std::time::Instant::now() < deadline,
+                "ICMP error not seen: {r:?}"
+            );
             std::thread::yield_now();
         }
     }
