@@ -185,3 +185,37 @@ fn agent_exports_its_audit_chain_through_an_outage_and_a_restart() {
         }
     }
 }
+
+#[test]
+fn a_bad_siem_section_stops_serve_with_the_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let cases = [
+        (
+            "[[siem.collector]]\nname = \"soc\"\ntransport = \"tls\"\naddress = \"127.0.0.1:6514\"\n",
+            "needs `ca`",
+        ),
+        (
+            "[[siem.collector]]\nname = \"soc\"\ntransport = \"tcp\"\naddress = \"127.0.0.1:514\"\nfacility = \"local9\"\n",
+            "unknown facility \"local9\"",
+        ),
+        (
+            "[[siem.collector]]\nname = \"soc\"\ntransport = \"tls\"\naddress = \"127.0.0.1:6514\"\nca = \"/nonexistent/ca.pem\"\n",
+            "/nonexistent/ca.pem",
+        ),
+        ("[siem]\nbogus = 1\n", "bogus"),
+    ];
+    for (i, (text, expected)) in cases.iter().enumerate() {
+        let config = dir.path().join(format!("agent-{i}.toml"));
+        std::fs::write(&config, text).unwrap();
+        let out = std::process::Command::new(common::agent_exe())
+            .args(["serve", "--listen", "127.0.0.1:0", "--config"])
+            .arg(&config)
+            .arg("--data-dir")
+            .arg(dir.path().join(format!("data-{i}")))
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "case {i} started");
+        assert!(err.contains(expected), "case {i}: {err}");
+    }
+}

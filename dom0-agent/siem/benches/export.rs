@@ -40,7 +40,6 @@ use std::net::TcpStream;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use mayfly_ledger::checkpoint::chain_hash;
 use mayfly_ledger::{AuditEvent, Ledger, Options, Severity, TxContext, TxId};
 use mayfly_siem::rfc5424::{self, Envelope};
 use mayfly_siem::transport::{octet_count, Connection};
@@ -99,12 +98,11 @@ fn encode_all(ledger: &Ledger) -> Vec<String> {
     let mut out = Vec::new();
     let mut from = 1;
     loop {
-        let recs = ledger.store().audit_records(from, 256).unwrap();
-        let Some(last) = recs.last() else { break };
+        let recs = ledger.store().audit_records_with_hash(from, 256).unwrap();
+        let Some((last, _)) = recs.last() else { break };
         from = last.seq + 1;
-        for r in &recs {
-            let hash = chain_hash(&r.prev_hash, &r.encode());
-            out.push(rfc5424::encode(r, &hash, &env));
+        for (r, hash) in &recs {
+            out.push(rfc5424::encode(r, hash, &env));
         }
     }
     out

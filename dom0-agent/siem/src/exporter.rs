@@ -30,7 +30,6 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime};
 
-use mayfly_ledger::checkpoint::chain_hash;
 use mayfly_ledger::{CursorError, Ledger};
 use rustls::ClientConfig;
 use serde::Serialize;
@@ -556,14 +555,14 @@ impl Run {
         let records = self
             .ledger
             .store()
-            .audit_records(from, BATCH)
+            .audit_records_with_hash(from, BATCH)
             .map_err(|e| Failure::Read(e.to_string()))?;
-        let Some(last) = records.last().map(|r| r.seq) else {
+        let Some(last) = records.last().map(|(r, _)| r.seq) else {
             return Err(Failure::Read(format!("audit record {from} is missing")));
         };
         let mut expected = from;
         let mut messages = Vec::with_capacity(records.len());
-        for r in &records {
+        for (r, hash) in &records {
             if r.seq != expected {
                 return Err(Failure::Read(format!(
                     "the audit chain jumps from {} to {}",
@@ -572,8 +571,7 @@ impl Run {
                 )));
             }
             expected = expected.saturating_add(1);
-            let hash = chain_hash(&r.prev_hash, &r.encode());
-            messages.push(rfc5424::encode(r, &hash, &self.envelope));
+            messages.push(rfc5424::encode(r, hash, &self.envelope));
         }
         c.send(&messages, frames).map_err(Failure::Transport)?;
         debug!(self.log, "sent"; "from" => from, "to" => last);

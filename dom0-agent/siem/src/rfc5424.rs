@@ -176,21 +176,24 @@ fn hex(bytes: &[u8]) -> String {
 
 /// Encodes `record` (whose chain hash is `hash`) as one message.
 pub fn encode(record: &AuditRecord, hash: &Hash, env: &Envelope) -> String {
-    let fields: Vec<(&str, String)> = record
+    let borrowed: Vec<(&str, &str)> = record
         .event
         .fields
         .iter()
         .filter(|(name, _)| valid_sd_name(name))
-        .map(|(name, value)| (name.as_str(), value.clone()))
+        .map(|(name, value)| (name.as_str(), value.as_str()))
         .collect();
-    let full = render(record, hash, env, &fields, false);
+    let full = render(record, hash, env, &borrowed, false);
     if full.len() <= env.max_bytes {
         return full;
     }
     // Too long: cut the longest values until it fits. Each round removes at least the
     // excess from one value or empties it, so 2 * fields + 1 rounds always suffice.
-    let mut fields = fields;
-    let mut msg = render(record, hash, env, &fields, true);
+    let mut fields: Vec<(&str, String)> = borrowed
+        .iter()
+        .map(|&(name, value)| (name, value.to_owned()))
+        .collect();
+    let mut msg = render(record, hash, env, &view(&fields), true);
     for _ in 0..fields.len().saturating_mul(2).saturating_add(1) {
         let excess = msg.len().saturating_sub(env.max_bytes);
         if excess == 0 {
@@ -215,7 +218,7 @@ pub fn encode(record: &AuditRecord, hash: &Hash, env: &Envelope) -> String {
             cut = i.saturating_add(c.len_utf8());
         }
         value.truncate(cut);
-        msg = render(record, hash, env, &fields, true);
+        msg = render(record, hash, env, &view(&fields), true);
     }
     msg
 }
@@ -224,7 +227,7 @@ fn render(
     record: &AuditRecord,
     hash: &Hash,
     env: &Envelope,
-    fields: &[(&str, String)],
+    fields: &[(&str, &str)],
     truncated: bool,
 ) -> String {
     let pri = u16::from(env.facility.min(23))
@@ -261,6 +264,10 @@ fn render(
     }
     let _ = write!(s, " {event} seq={}", record.seq);
     s
+}
+
+fn view<'a>(fields: &'a [(&'a str, String)]) -> Vec<(&'a str, &'a str)> {
+    fields.iter().map(|(n, v)| (*n, v.as_str())).collect()
 }
 
 /// Why a message does not parse as RFC 5424.

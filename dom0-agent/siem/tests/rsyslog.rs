@@ -285,6 +285,7 @@ fn collector_outage_and_exporter_restart_lose_nothing() {
         rsyslog.kill();
         producer.join().unwrap();
     });
+    produce(&ledger, 200, "down");
     let seen_down = wait_until(Duration::from_secs(30), || {
         exporter
             .status()
