@@ -21,7 +21,8 @@
 //! client_cert = "/etc/mayfly/siem-client.pem"  # TLS: optional client certificate chain...
 //! client_key = "/etc/mayfly/siem-client.key"   # ...and its PKCS#8, PKCS#1 or SEC1 key
 //! facility = "local0"          # kern, user, ..., local0..local7 [default: local0]
-//! max_message_bytes = 8192     # longer messages have their longest values cut (>= 2048)
+//! max_message_bytes = 8192     # longer messages have their longest values cut
+//!                              # (2048..=65507 over UDP, ..=262144 over TCP and TLS)
 //! start = "oldest"             # first start of this collector: "oldest" audit record, or "newest"
 //! ```
 
@@ -65,9 +66,11 @@ pub enum ConfigError {
         /// What is wrong.
         reason: &'static str,
     },
-    /// The message size limit is below the minimum.
-    #[error("siem collector {collector}: max_message_bytes {value} is below {MIN_MESSAGE_BYTES}")]
+    /// The message size limit is below the minimum or above what the transport carries.
+    #[error("siem collector {collector}: max_message_bytes {value} is outside {MIN_MESSAGE_BYTES}..={max} for this transport")]
     MessageLimit {
+        /// Largest allowed for the transport.
+        max: usize,
         /// Collector.
         collector: String,
         /// What was given.
@@ -208,6 +211,12 @@ impl Default for SiemConfig {
     }
 }
 
+/// Largest message over UDP: the largest IPv4 UDP payload (RFC 5426 §3.2).
+pub const MAX_UDP_MESSAGE_BYTES: usize = 65_507;
+/// Largest message over TCP and TLS accepted in the configuration (a full audit record with
+/// every value escaped fits).
+pub const MAX_STREAM_MESSAGE_BYTES: usize = 256 << 10;
+
 /// The RFC 5424 facility names, by code.
 pub const FACILITIES: [&str; 24] = [
     "kern", "user", "mail", "daemon", "auth", "syslog", "lpr", "news", "uucp", "cron", "authpriv",
@@ -324,10 +333,15 @@ impl CollectorConfig {
             });
         }
         self.facility_code()?;
-        if self.max_message_bytes() < MIN_MESSAGE_BYTES {
+        let max = match self.transport {
+            TransportKind::Udp => MAX_UDP_MESSAGE_BYTES,
+            TransportKind::Tcp | TransportKind::Tls => MAX_STREAM_MESSAGE_BYTES,
+        };
+        if !(MIN_MESSAGE_BYTES..=max).contains(&self.max_message_bytes()) {
             return Err(ConfigError::MessageLimit {
                 collector: self.name.clone(),
                 value: self.max_message_bytes(),
+                max,
             });
         }
         let tls = |reason| ConfigError::Tls {
@@ -425,6 +439,14 @@ mod tests {
             cfg(c).validate(),
             Err(ConfigError::MessageLimit { .. })
         ));
+        let mut c = CollectorConfig::new("u", TransportKind::Udp, "127.0.0.1:514");
+        c.max_message_bytes = Some(65_508);
+        assert!(matches!(
+            cfg(c.clone()).validate(),
+            Err(ConfigError::MessageLimit { .. })
+        ));
+        c.transport = TransportKind::Tcp;
+        assert!(cfg(c).validate().is_ok());
         let two = SiemConfig {
             collectors: vec![ok.clone(), ok.clone()],
             ..SiemConfig::default()
