@@ -1,7 +1,9 @@
 //! The exporter against a real rsyslog (started by the test on loopback ports with its own
 //! configuration): UDP, TCP and TLS (server-verified, and with a client certificate) deliver
 //! every audit record, field by field; a collector crash (SIGKILL) in mid-stream, the
-//! outage after it and an exporter restart lose nothing; a collector whose certificate does not chain to the configured CA gets nothing.
+//! outage after it and an exporter restart lose nothing; a collector whose certificate does
+//! not chain to the configured CA, or is not valid for the configured name, gets nothing and
+//! is retried with exponential back-off.
 
 #![allow(missing_docs, clippy::indexing_slicing)]
 
@@ -349,13 +351,22 @@ fn a_collector_with_an_untrusted_certificate_gets_nothing() {
     wrong_ca.ca = Some(pki.other_ca.clone());
     let mut wrong_name = tls_collector("wrong-name", &rsyslog.address(Input::TlsAnon), &pki, false);
     wrong_name.server_name = Some("collector.example.org".into());
+    let started = std::time::Instant::now();
     let exporter = Exporter::start(&ledger, &config(vec![wrong_ca, wrong_name]), &log()).unwrap();
+    // Back-off from 20 ms doubling to 400 ms: the 8th attempt comes no sooner than
+    // 20 + 40 + 80 + 160 + 320 + 400 + 400 ms after the first (at a constant 20 ms it
+    // would come after 140 ms).
     let refused = wait_until(Duration::from_secs(30), || {
         exporter
             .status()
             .iter()
-            .all(|s| s.consecutive_failures >= 2)
+            .all(|s| s.consecutive_failures >= 8)
     });
+    assert!(
+        started.elapsed() >= Duration::from_millis(1420),
+        "retries without back-off: {:?}",
+        started.elapsed()
+    );
     let status = exporter.stop();
     assert!(refused, "{status:#?}");
     for s in &status {
