@@ -409,6 +409,15 @@ impl Run {
                   "cursor" => self.delivered, "tip" => tip);
         }
         loop {
+            // A busy exporter never waits: look for a stop request on every round too.
+            if stopping.is_none() {
+                match self.stop.try_recv() {
+                    Ok(()) | Err(std::sync::mpsc::TryRecvError::Disconnected) => {
+                        stopping = self.stop_target();
+                    }
+                    Err(std::sync::mpsc::TryRecvError::Empty) => {}
+                }
+            }
             let now = Instant::now();
             if let Some((target, deadline)) = stopping {
                 if self.delivered >= target || now >= deadline {

@@ -392,3 +392,42 @@ fn a_collector_with_an_untrusted_certificate_gets_nothing() {
     );
     assert!(rsyslog.received(Input::TlsAnon).is_empty());
 }
+
+#[test]
+fn stop_is_bounded_while_a_backlog_streams_out() {
+    let root = tempfile::tempdir().unwrap();
+    let rsyslog = Rsyslog::start(&root.path().join("rsyslog"), &[Input::Tcp], None);
+    let ledger = Ledger::open(&root.path().join("ledger"), &Options::default(), &log()).unwrap();
+    for chunk in 0..150 {
+        let events = (0..1000)
+            .map(|i| AuditEvent::new("test.backlog", Severity::Info).field("i", chunk * 1000 + i))
+            .collect();
+        ledger.audit(events).unwrap();
+    }
+    let tip = ledger.tips().audit.seq;
+    let tcp = CollectorConfig::new("tcp", TransportKind::Tcp, &rsyslog.address(Input::Tcp));
+    let exporter = Exporter::start(&ledger, &config(vec![tcp]), &log()).unwrap();
+    assert!(wait_until(Duration::from_secs(30), || exporter.status()[0]
+        .delivered_seq
+        > 0));
+    let asked = std::time::Instant::now();
+    let status = exporter.stop();
+    let took = asked.elapsed();
+    assert!(
+        took < mayfly_siem::exporter::STOP_DRAIN + Duration::from_secs(2),
+        "stop took {took:?}"
+    );
+    // Whatever was delivered by then is recorded; the rest goes out at the next start.
+    assert_eq!(
+        status[0].persisted_seq, status[0].delivered_seq,
+        "{status:?}"
+    );
+    assert_eq!(
+        ledger.store().cursor("tcp").unwrap(),
+        Some(status[0].delivered_seq)
+    );
+    eprintln!(
+        "stopped after {took:?} at {} of {tip}",
+        status[0].delivered_seq
+    );
+}
