@@ -345,14 +345,32 @@ fn collector_outage_and_exporter_restart_lose_nothing() {
 fn a_collector_with_an_untrusted_certificate_gets_nothing() {
     let root = tempfile::tempdir().unwrap();
     let pki = Pki::create(&root.path().join("pki"));
-    let rsyslog = Rsyslog::start(&root.path().join("rsyslog"), &[Input::TlsAnon], Some(&pki));
+    let rsyslog = Rsyslog::start(
+        &root.path().join("rsyslog"),
+        &[Input::TlsAnon, Input::TlsMutual],
+        Some(&pki),
+    );
     let ledger = Ledger::open(&root.path().join("ledger"), &Options::default(), &log()).unwrap();
+    // Without a client certificate, to an input that requires one: rsyslog ends the session
+    // (in TLS 1.3 only after the client has finished its side of the handshake and may
+    // already have written a batch, which must then not count as delivered).
+    let no_client_cert = tls_collector(
+        "no-client-cert",
+        &rsyslog.address(Input::TlsMutual),
+        &pki,
+        false,
+    );
     let mut wrong_ca = tls_collector("wrong-ca", &rsyslog.address(Input::TlsAnon), &pki, false);
     wrong_ca.ca = Some(pki.other_ca.clone());
     let mut wrong_name = tls_collector("wrong-name", &rsyslog.address(Input::TlsAnon), &pki, false);
     wrong_name.server_name = Some("collector.example.org".into());
     let started = std::time::Instant::now();
-    let exporter = Exporter::start(&ledger, &config(vec![wrong_ca, wrong_name]), &log()).unwrap();
+    let exporter = Exporter::start(
+        &ledger,
+        &config(vec![wrong_ca, wrong_name, no_client_cert]),
+        &log(),
+    )
+    .unwrap();
     // Back-off from 20 ms doubling to 400 ms: the 8th attempt comes no sooner than
     // 20 + 40 + 80 + 160 + 320 + 400 + 400 ms after the first (at a constant 20 ms it
     // would come after 140 ms).
@@ -371,9 +389,13 @@ fn a_collector_with_an_untrusted_certificate_gets_nothing() {
     assert!(refused, "{status:#?}");
     for s in &status {
         assert_eq!(s.delivered_seq, 0, "{s:?}");
+        assert_eq!(s.persisted_seq, 0, "{s:?}");
+    }
+    for s in &status[..2] {
         let err = s.last_error.as_deref().unwrap();
         assert!(err.contains("TLS handshake"), "{s:?}");
     }
+    eprintln!("without a client certificate: {:?}", status[2].last_error);
     assert!(
         status[0]
             .last_error
@@ -391,6 +413,7 @@ fn a_collector_with_an_untrusted_certificate_gets_nothing() {
         "{status:?}"
     );
     assert!(rsyslog.received(Input::TlsAnon).is_empty());
+    assert!(rsyslog.received(Input::TlsMutual).is_empty());
 }
 
 #[test]
