@@ -33,6 +33,7 @@
 
 use std::fmt::Write as _;
 
+use mayfly_ledger::codec::hex;
 use mayfly_ledger::{AuditRecord, Hash};
 
 /// SD-ID name part of the chain element.
@@ -164,14 +165,6 @@ fn civil_from_days(days: u64) -> (u64, u64, u64) {
         .saturating_add(era.saturating_mul(400))
         .saturating_add(u64::from(m <= 2));
     (y, m, d)
-}
-
-fn hex(bytes: &[u8]) -> String {
-    let mut s = String::with_capacity(bytes.len().saturating_mul(2));
-    for b in bytes {
-        let _ = write!(s, "{b:02x}");
-    }
-    s
 }
 
 /// Encodes `record` (whose chain hash is `hash`) as one message.
