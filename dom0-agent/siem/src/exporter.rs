@@ -18,11 +18,12 @@
 //! sent again on the next connection: duplicates are possible, gaps are not (within what a
 //! transport without acknowledgements can tell; see docs/siem.md). A restart resumes from
 //! `persisted`. Reconnection waits back off exponentially from `backoff_min_ms` to
-//! `backoff_max_ms`, and reset after the next delivery.
+//! `backoff_max_ms`, and are reset by the next delivery.
 //!
-//! The transaction path is not involved: the exporter only reads committed records (the
-//! ledger's tips tell it how far to read) and writes its cursor in a tiny transaction of
-//! its own, at most once per `cursor_flush_ms`.
+//! The transaction path never waits for the exporter: it only reads committed records
+//! (the ledger's tips tell it how far to read; LMDB readers do not block the writer) and
+//! writes its cursor in a tiny transaction of its own, at most once per `cursor_flush_ms`.
+//! What it does take is CPU, a few microseconds per record and collector (BENCHMARKS.md).
 
 use std::collections::VecDeque;
 use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender};
