@@ -31,7 +31,7 @@
 //! deps         u64 commit seq                        ascending u64 seqs whose versions it read
 //! nonces       16-byte admin command nonce           u64 expires_ns || 32-byte SHA-256 of the
 //!                                                    command body (pruned after expiry)
-//! cursors      (SIEM exporter; created empty)
+//! cursors      exporter name (1..=64 bytes)          b"MFCU" || u8 1 || u64 last delivered audit seq
 //! ```
 //!
 //! A data version is the commit sequence of the checkpoint that wrote it; 0 means "never
@@ -55,6 +55,7 @@ pub mod audit;
 pub mod checkpoint;
 pub mod codec;
 pub mod commit;
+pub mod cursor;
 pub mod head;
 pub mod keys;
 pub mod read;
@@ -75,6 +76,7 @@ use slog::{info, o, Logger};
 pub use audit::{AuditEvent, AuditRecord, Severity};
 pub use checkpoint::{Checkpoint, ReadEntry, WriteEntry};
 pub use commit::{encode_deps, CommitError, CommitTicket};
+pub use cursor::CursorError;
 pub use head::{SignedHead, Tip};
 pub use keys::{KeyError, PublicKey, SigningKey};
 pub use read::ReadError;

@@ -162,6 +162,7 @@ pub(crate) struct Dbs {
     pub tx_index: Database<Bytes, Bytes>,
     pub deps: Database<Bytes, Bytes>,
     pub nonces: Database<Bytes, Bytes>,
+    pub cursors: Database<Bytes, Bytes>,
 }
 
 /// How to open the environment.
@@ -344,8 +345,8 @@ impl Store {
             tx_index: open(names::TX_INDEX)?,
             deps: open(names::DEPS)?,
             nonces: open(names::NONCES)?,
+            cursors: open(names::CURSORS)?,
         };
-        open(names::CURSORS)?;
         // Committing the read transaction makes the opened handles valid for the whole
         // environment (LMDB: handles opened in an aborted transaction are discarded).
         rtxn.commit().map_err(|source| OpenError::Storage {
