@@ -13,7 +13,7 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use common::{audit, verify, Agent};
+use common::{audit, mayfly, verify, Agent};
 use mayfly_command::{frame, hex, keyfile, Body, Envelope};
 use ring::signature::Ed25519KeyPair;
 use serde_json::{json, Value};
@@ -417,36 +417,6 @@ fn status_rollback_with_quorum_and_key_rotation_work_through_the_socket() {
 
 /// The `mayfly` binary, brought up to date once per test run (`cargo build -p mayfly`
 /// is a no-op when it is): this package's tests do not build another package's binary.
-fn mayfly_exe() -> PathBuf {
-    static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
-    BUILT
-        .get_or_init(|| {
-            let mut cmd = std::process::Command::new(env!("CARGO"));
-            cmd.args(["build", "-p", "mayfly"]);
-            if !cfg!(debug_assertions) {
-                cmd.arg("--release");
-            }
-            let status = cmd.status().unwrap();
-            assert!(status.success(), "cargo build -p mayfly failed");
-            let exe = Path::new(common::agent_exe()).with_file_name("mayfly");
-            assert!(exe.exists(), "{} was not built", exe.display());
-            exe
-        })
-        .clone()
-}
-
-fn mayfly(args: &[&str]) -> (i32, String, String) {
-    let out = std::process::Command::new(mayfly_exe())
-        .args(args)
-        .output()
-        .unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
 #[test]
 fn the_cli_generates_keys_and_collects_co_signatures_offline() {
     let dir = tempfile::tempdir().unwrap();

@@ -93,8 +93,20 @@ fn agent_exports_its_audit_chain_through_an_outage_and_a_restart() {
     let data = root.path().join("data");
     let config = write_config(root.path(), &rsyslog, &pki);
     let config_flag = ["--config", config.to_str().unwrap()];
+    let key = root.path().join("admin");
+    let (code, _, err) = common::mayfly(&["admin", "keygen", "--out", key.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    let public = key.with_extension("pub");
+    let with_console = [
+        config_flag[0],
+        config_flag[1],
+        "--admin-key",
+        public.to_str().unwrap(),
+        "--admin-quorum",
+        "1",
+    ];
 
-    let mut agent = Agent::start(&data, &config_flag);
+    let mut agent = Agent::start(&data, &with_console);
     for (name, balance) in [("alice", 1000), ("bob", 0)] {
         let (code, body) = agent.tx("open_account", json!({"name": name, "balance": balance}));
         assert_eq!(code, 200, "{body}");
@@ -118,6 +130,32 @@ fn agent_exports_its_audit_chain_through_an_outage_and_a_restart() {
         })
     });
     assert!(down_seen, "{}", agent.get("/v1/health").1);
+    // The operator sees the same lag through the signed console.
+    let socket = data.join("admin.sock");
+    let (code, out, err) = common::mayfly(&[
+        "admin",
+        "status",
+        "--json",
+        "--socket",
+        socket.to_str().unwrap(),
+        "--key",
+        key.with_extension("key").to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{out}{err}");
+    let status: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let exporters = &status["result"]["exporters"];
+    assert_eq!(exporters["configured"], true, "{status}");
+    let names: Vec<&str> = exporters["collectors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| {
+            assert!(c["lag"].as_u64() > Some(0), "{c}");
+            assert!(c["last_error"].is_string(), "{c}");
+            c["name"].as_str().unwrap()
+        })
+        .collect();
+    assert_eq!(names, ["tcp", "tls"], "{status}");
 
     // The agent restarts during the outage, and works on.
     let status = agent.stop();

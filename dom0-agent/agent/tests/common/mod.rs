@@ -186,3 +186,35 @@ pub fn verify(dir: &Path) -> (bool, String) {
         String::from_utf8_lossy(&out.stdout).into_owned(),
     )
 }
+
+/// The `mayfly` operator CLI, built once per test binary (it is another package's binary).
+pub fn mayfly_exe() -> PathBuf {
+    static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            let mut cmd = std::process::Command::new(env!("CARGO"));
+            cmd.args(["build", "-p", "mayfly"]);
+            if !cfg!(debug_assertions) {
+                cmd.arg("--release");
+            }
+            let status = cmd.status().unwrap();
+            assert!(status.success(), "cargo build -p mayfly failed");
+            let exe = Path::new(agent_exe()).with_file_name("mayfly");
+            assert!(exe.exists(), "{} was not built", exe.display());
+            exe
+        })
+        .clone()
+}
+
+/// Runs the operator CLI; returns (exit code, stdout, stderr).
+pub fn mayfly(args: &[&str]) -> (i32, String, String) {
+    let out = std::process::Command::new(mayfly_exe())
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
