@@ -10,7 +10,7 @@ mod common;
 
 use std::collections::BTreeMap;
 use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use common::{audit, mayfly, verify, Agent};
