@@ -16,6 +16,8 @@ MAYFLY_XEN_DIST_INSTALL_IMAGES = YES
 
 MAYFLY_XEN_DIST_DEPENDENCIES = \
 	host-acpica \
+	host-bison \
+	host-flex \
 	host-pkgconf \
 	host-python3 \
 	util-linux \
@@ -36,6 +38,7 @@ MAYFLY_XEN_DIST_CONF_OPTS = \
 	--disable-ocamltools \
 	--disable-golang \
 	--disable-docs \
+	--disable-systemd \
 	--disable-werror \
 	--with-initddir=/etc/init.d
 
