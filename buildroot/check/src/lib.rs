@@ -912,28 +912,16 @@ impl Checker<'_> {
                     self.error(file, format!("entry {title:?} has no {what} line"));
                     continue;
                 };
-                match args.split_first() {
-                    Some((first, _)) if first.contains('=') => self.error(
+                let have = args.join(" ");
+                let want = wanted.split_whitespace().collect::<Vec<_>>().join(" ");
+                if have != want {
+                    self.error(
                         file,
                         format!(
-                            "entry {title:?}: Xen drops the first word of the {command} command \
-                             line, here the setting {first}; put a placeholder word first"
+                            "entry {title:?}: {what} command line {have:?} ({command}) differs \
+                             from profile {profile_name}'s {want:?} (hw/profiles/{profile_name}.toml)"
                         ),
-                    ),
-                    Some((_, settings)) => {
-                        let have = settings.join(" ");
-                        let want = wanted.split_whitespace().collect::<Vec<_>>().join(" ");
-                        if have != want {
-                            self.error(
-                                file,
-                                format!(
-                                    "entry {title:?}: {what} command line {have:?} differs from \
-                                     profile {profile_name}'s {want:?} (hw/profiles/{profile_name}.toml)"
-                                ),
-                            );
-                        }
-                    }
-                    None => self.error(file, format!("entry {title:?}: empty {what} command line")),
+                    );
                 }
             }
         }

@@ -6,10 +6,11 @@
 //! The facts and judgements come from `mayfly-hw`; this module only chooses the profile,
 //! renders the report and maps the verdict to the exit status.
 //!
-//! In a Xen dom0 the physical facts come from Xen's physinfo through a
-//! [`XenPhysInfoSource`]. This build uses [`NoXenPhysInfo`] (no answer: those checks say
-//! "unknown" and why); when the libxenctrl bindings (`mayfly-xen`) are merged,
-//! [`phys_info_source`] returns an implementation over `xc_physinfo` and `xc_version`.
+//! In a Xen dom0 the physical facts come from Xen through a [`XenPhysInfoSource`]: today
+//! [`XlInfoSource`], which runs `xl info` (needs xenstored). When the libxenctrl bindings
+//! (`mayfly-xen`) are merged, [`phys_info_source`] can return a source over `xc_physinfo` and
+//! `xc_version` instead, with no dependency on xenstored; nothing else changes. If the source
+//! fails, the checks that need it say "unknown" with its error.
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -18,7 +19,7 @@ use anyhow::Context as _;
 use mayfly_hw::check::{self, Report, Status};
 use mayfly_hw::host::{HostFacts, HostFs};
 use mayfly_hw::profile::{self, ProfileError};
-use mayfly_hw::xen::{NoXenPhysInfo, XenPhysInfoSource};
+use mayfly_hw::xen::{XenPhysInfoSource, XlInfoSource};
 
 /// Exit status: every required requirement passed.
 const EXIT_PASS: u8 = 0;
@@ -35,9 +36,10 @@ Profiles are compiled in from hw/profiles/*.toml (list them with --list-profiles
 Where the facts come from: on Linux without Xen (bare metal before installation, or any VM),
 /proc/cpuinfo flags (vmx/svm, ept/npt), /proc/meminfo MemTotal, /sys/class/iommu and the ACPI
 DMAR/IVRS tables, /sys/class/tpm and /dev/tpmrm0; the Xen checks are N/A. In a Xen dom0 the
-CPU flags, memory and CPU count are dom0's own, so the physical facts come from Xen
-(/sys/hypervisor, /proc/xen/capabilities and Xen's physinfo); this build cannot query
-physinfo yet, so EPT/NPT, memory, CPU count and the Xen command line are UNKNOWN in dom0.
+CPU flags, memory and CPU count are dom0's own, so the physical facts come from Xen:
+/sys/hypervisor, /proc/xen/capabilities, and `xl info` (Xen's physinfo and command line; xl
+needs xenstored running). If `xl info` fails, EPT/NPT, memory, CPU count and the Xen command
+line are UNKNOWN, with its error.
 
 Exit status:
   0  every required requirement passed (recommended ones may warn)
@@ -58,11 +60,14 @@ pub struct HwCheckArgs {
     /// files, and for tests).
     #[arg(long, value_name = "DIR", default_value = "/")]
     root: PathBuf,
+    /// The xl program asked for Xen's physical view (`xl info`) when running in a Xen dom0.
+    #[arg(long, value_name = "PATH", default_value = "xl")]
+    xl: PathBuf,
 }
 
 /// Where Xen's physical facts come from in this build (see the module docs).
-fn phys_info_source() -> impl XenPhysInfoSource {
-    NoXenPhysInfo
+fn phys_info_source(args: &HwCheckArgs) -> impl XenPhysInfoSource {
+    XlInfoSource::new(&args.xl)
 }
 
 /// Runs the command; the `u8` is the exit status.
@@ -84,18 +89,16 @@ pub fn run(args: &HwCheckArgs) -> anyhow::Result<u8> {
     };
     let fs = HostFs::new(&args.root);
     let facts = HostFacts::gather(&fs).context("cannot inspect the host")?;
-    let phys = if facts.xen.as_ref().is_some_and(|x| x.dom0) {
-        match phys_info_source().phys_info() {
-            Ok(phys) => phys,
-            Err(e) => {
-                eprintln!("mayfly hw-check: Xen physinfo unavailable: {e}");
-                None
-            }
+    let (phys, unavailable) = if facts.xen.as_ref().is_some_and(|x| x.dom0) {
+        match phys_info_source(args).phys_info() {
+            Ok(Some(phys)) => (Some(phys), None),
+            Ok(None) => (None, Some("the source has no answer".to_owned())),
+            Err(e) => (None, Some(e.to_string())),
         }
     } else {
-        None
+        (None, None)
     };
-    let report = check::evaluate(&profile, &facts, phys.as_ref());
+    let report = check::evaluate_with(&profile, &facts, phys.as_ref(), unavailable.as_deref());
     if args.json {
         serde_json::to_writer_pretty(&mut out, &report)?;
         writeln!(out)?;
@@ -119,6 +122,15 @@ fn write_table(out: &mut impl Write, report: &Report) -> std::io::Result<()> {
     }
     if let Some(xen) = &report.xen_version {
         writeln!(out, "xen:         {xen}")?;
+    }
+    if let Some(phys) = &report.xen_physinfo {
+        writeln!(
+            out,
+            "xen physinfo: {} logical CPUs, {} MiB, hvm {}, hap {}, iommu {}",
+            phys.nr_cpus, phys.total_memory_mib, phys.hvm, phys.hap, phys.iommu
+        )?;
+    } else if let Some(why) = &report.xen_physinfo_error {
+        writeln!(out, "xen physinfo: unavailable: {why}")?;
     }
     writeln!(out)?;
     let width = report

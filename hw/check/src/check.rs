@@ -98,6 +98,8 @@ pub struct Report {
     pub xen_version: Option<String>,
     /// Xen's physical view, when a source answered.
     pub xen_physinfo: Option<XenPhysInfo>,
+    /// Why Xen's physical view is missing in dom0, when it is.
+    pub xen_physinfo_error: Option<String>,
     /// One result per requirement, in a fixed order.
     pub results: Vec<RequirementResult>,
     /// Every required requirement passed.
@@ -154,8 +156,6 @@ fn not_applicable(id: &'static str, title: &str, level: Level, reason: &str) -> 
 
 const NO_CPUINFO: &str = "/proc/cpuinfo is missing: CPU features cannot be read";
 const XEN_GUEST: &str = "running in a Xen guest that is not dom0: the hardware is not visible";
-const NO_PHYSINFO: &str = "needs Xen's physinfo (xc_physinfo), which this build of mayfly \
-    cannot query yet (the libxenctrl bindings are not wired in)";
 const NOT_UNDER_XEN: &str = "not running under Xen: this run checks the hardware for \
     installation; Xen settings are checked from the appliance's dom0";
 
@@ -172,6 +172,8 @@ struct Context<'a> {
     facts: &'a HostFacts,
     env: Environment,
     phys: Option<&'a XenPhysInfo>,
+    /// Why Xen's physical view is missing, for the reasons.
+    no_phys: String,
 }
 
 impl Context<'_> {
@@ -201,7 +203,8 @@ impl Context<'_> {
                          {caps}): VT-x/AMD-V absent or disabled in the firmware"
                     )),
                     None => Finding::Unknown(format!(
-                        "/sys/hypervisor/properties/capabilities is missing and {NO_PHYSINFO}"
+                        "/sys/hypervisor/properties/capabilities is missing and {}",
+                        self.no_phys
                     )),
                 }
             }
@@ -234,7 +237,8 @@ impl Context<'_> {
                         .to_owned(),
                 ),
                 None => Finding::Unknown(format!(
-                    "a PV dom0 cannot see EPT/NPT in /proc/cpuinfo; {NO_PHYSINFO}"
+                    "a PV dom0 cannot see EPT/NPT in /proc/cpuinfo; {}",
+                    self.no_phys
                 )),
             },
             Environment::Linux => match &self.facts.cpu {
@@ -338,17 +342,23 @@ impl Context<'_> {
         match self.env {
             Environment::XenGuest => Finding::Unknown(XEN_GUEST.to_owned()),
             Environment::XenDom0 => match self.phys {
-                Some(phys) if phys.total_memory_mib >= min_mib => Finding::Met(format!(
-                    "Xen physinfo: {} MiB of physical memory",
-                    phys.total_memory_mib
-                )),
+                Some(phys) if phys.total_memory_mib.saturating_mul(1024) >= floor_kib => {
+                    Finding::Met(format!(
+                        "Xen physinfo: {} MiB of machine memory (needs {min_mib} MiB; accepted \
+                         down to {MEMTOTAL_SLACK_PERCENT}% of it)",
+                        phys.total_memory_mib
+                    ))
+                }
                 Some(phys) => Finding::NotMet(format!(
-                    "Xen physinfo: {} MiB of physical memory, below {min_mib} MiB",
-                    phys.total_memory_mib
+                    "Xen physinfo: {} MiB of machine memory, below {min_mib} MiB (accepted down \
+                     to {MEMTOTAL_SLACK_PERCENT}%: {} MiB)",
+                    phys.total_memory_mib,
+                    floor_kib / 1024
                 )),
                 None => Finding::Unknown(format!(
-                    "dom0's MemTotal ({} MiB) is its own allocation, not the machine's; {NO_PHYSINFO}",
-                    self.facts.mem_total_kib.unwrap_or(0) / 1024
+                    "dom0's MemTotal ({} MiB) is its own allocation, not the machine's; {}",
+                    self.facts.mem_total_kib.unwrap_or(0) / 1024,
+                    self.no_phys
                 )),
             },
             Environment::Linux => match self.facts.mem_total_kib {
@@ -380,8 +390,9 @@ impl Context<'_> {
                     phys.nr_cpus
                 )),
                 None => Finding::Unknown(format!(
-                    "dom0 sees only its own vCPUs ({}); {NO_PHYSINFO}",
-                    self.facts.cpu.as_ref().map_or(0, |c| c.logical_cpus)
+                    "dom0 sees only its own vCPUs ({}); {}",
+                    self.facts.cpu.as_ref().map_or(0, |c| c.logical_cpus),
+                    self.no_phys
                 )),
             },
             Environment::Linux => match &self.facts.cpu {
@@ -418,7 +429,8 @@ impl Context<'_> {
         match self.phys.and_then(|p| p.xen_cmdline.as_deref()) {
             Some(running) => cmdline_finding("Xen", wanted, running),
             None => Finding::Unknown(format!(
-                "the running Xen command line needs XENVER_commandline; {NO_PHYSINFO}"
+                "the running Xen command line comes from Xen too; {}",
+                self.no_phys
             )),
         }
     }
@@ -450,12 +462,34 @@ fn cmdline_finding(whose: &str, wanted: &str, running: &str) -> Finding {
 
 /// Judges `facts` (and Xen's physical view, if known) against `profile`.
 pub fn evaluate(profile: &Profile, facts: &HostFacts, phys: Option<&XenPhysInfo>) -> Report {
+    evaluate_with(profile, facts, phys, None)
+}
+
+/// [`evaluate`], saying in the reasons why Xen's physical view is missing (`unavailable`, e.g.
+/// the error of `xl info`).
+pub fn evaluate_with(
+    profile: &Profile,
+    facts: &HostFacts,
+    phys: Option<&XenPhysInfo>,
+    unavailable: Option<&str>,
+) -> Report {
     let env = match &facts.xen {
         Some(xen) if xen.dom0 => Environment::XenDom0,
         Some(_) => Environment::XenGuest,
         None => Environment::Linux,
     };
-    let ctx = Context { facts, env, phys };
+    let no_phys = match unavailable {
+        Some(why) => format!("needs Xen's physical view (xl info / xc_physinfo): {why}"),
+        None => {
+            "needs Xen's physical view (xl info / xc_physinfo), which was not asked for".to_owned()
+        }
+    };
+    let ctx = Context {
+        facts,
+        env,
+        phys,
+        no_phys,
+    };
     let req = &profile.requirements;
     let mut results = vec![
         judge(
@@ -553,6 +587,10 @@ pub fn evaluate(profile: &Profile, facts: &HostFacts, phys: Option<&XenPhysInfo>
         cpu,
         xen_version: facts.xen.as_ref().and_then(|x| x.version.clone()),
         xen_physinfo: phys.cloned(),
+        xen_physinfo_error: match (env, phys) {
+            (Environment::XenDom0, None) => unavailable.map(str::to_owned),
+            _ => None,
+        },
         results,
         passed,
     }
@@ -650,6 +688,7 @@ mod tests {
         );
         assert_eq!(result(&report, "memory").status, Status::Unknown);
         assert!(result(&report, "memory").reason.contains("xc_physinfo"));
+        assert!(result(&report, "memory").reason.contains("not asked for"));
         assert_eq!(result(&report, "xen_version").status, Status::Pass);
         assert_eq!(result(&report, "dom0_cmdline").status, Status::Pass);
         assert_eq!(result(&report, "xen_cmdline").status, Status::Unknown);

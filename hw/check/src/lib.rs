@@ -3,8 +3,8 @@
 //! - [`profile`]: the profiles shipped in `hw/profiles/*.toml` (schema in `hw/README.md`).
 //! - [`host`]: the facts of a host read from `/proc`, `/sys` and `/dev` under an injectable
 //!   root, so tests run against fixture trees.
-//! - [`xen`]: Xen's physical view for a checker in dom0 ([`xen::XenPhysInfoSource`]), to be
-//!   backed by `xc_physinfo` once the libxenctrl bindings are wired in.
+//! - [`xen`]: Xen's physical view for a checker in dom0 ([`xen::XenPhysInfoSource`]): `xl info`
+//!   today, `xc_physinfo` directly once the libxenctrl bindings are wired in.
 //! - [`check`]: one result per requirement with status and reason, and the verdict.
 //!
 //! ```no_run

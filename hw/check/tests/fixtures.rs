@@ -89,7 +89,7 @@ fn production_physinfo() -> XenPhysInfo {
         nr_cpus: 64,
         total_memory_mib: 262_144,
         xen_cmdline: Some(format!(
-            "placeholder=1 {} loglvl=warning",
+            "{} loglvl=warning",
             shipped_profile("production").unwrap().xen.cmdline
         )),
     }
