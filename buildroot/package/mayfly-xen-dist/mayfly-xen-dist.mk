@@ -6,7 +6,10 @@
 
 MAYFLY_XEN_DIST_VERSION = 4.17.7+13-g2445b30a44
 MAYFLY_XEN_DIST_SOURCE = xen_$(MAYFLY_XEN_DIST_VERSION).orig.tar.xz
-MAYFLY_XEN_DIST_SITE = $(call qstrip,$(BR2_PACKAGE_MAYFLY_XEN_DIST_SITE))
+# A directory URL holding the tarball (see Config.in), or by default target/xen-source/ in the
+# Mayfly repository; a copy already in $(BR2_DL_DIR)/mayfly-xen-dist/ is used as it is. The
+# hash pins the content wherever it comes from.
+MAYFLY_XEN_DIST_SITE = $(or $(call qstrip,$(BR2_PACKAGE_MAYFLY_XEN_DIST_SITE)),file://$(MAYFLY_WORKSPACE)/target/xen-source)
 MAYFLY_XEN_DIST_LICENSE = GPL-2.0 (hypervisor, tools), LGPL-2.1 (libraries)
 MAYFLY_XEN_DIST_LICENSE_FILES = COPYING
 MAYFLY_XEN_DIST_CPE_ID_VENDOR = xen
@@ -52,13 +55,6 @@ MAYFLY_XEN_DIST_MAKE_ENV = \
 	$(TARGET_CONFIGURE_OPTS)
 
 MAYFLY_XEN_DIST_MAKE_OPTS = dist-xen dist-tools
-
-define MAYFLY_XEN_DIST_CHECK_SITE
-	@test -n "$(MAYFLY_XEN_DIST_SITE)" || { \
-		echo "mayfly-xen-dist: set BR2_PACKAGE_MAYFLY_XEN_DIST_SITE (see buildroot/README.md)" >&2; \
-		exit 1; }
-endef
-MAYFLY_XEN_DIST_PRE_DOWNLOAD_HOOKS += MAYFLY_XEN_DIST_CHECK_SITE
 
 define MAYFLY_XEN_DIST_BUILD_CMDS
 	$(MAYFLY_XEN_DIST_MAKE_ENV) $(MAKE) -C $(@D) $(MAYFLY_XEN_DIST_MAKE_OPTS)
