@@ -12,12 +12,18 @@ MAYFLY_DOMU_TEMPLATE_DEPENDENCIES = linux mayfly-domu-shim
 MAYFLY_DOMU_TEMPLATE_LIST = $(MAYFLY_DOMU_TEMPLATE_PKGDIR)/initramfs.list
 MAYFLY_DOMU_TEMPLATE_DEST = $(TARGET_DIR)/usr/share/mayfly/template
 
-# gen_init_cpio (built with the kernel) makes the archive without root and with fixed owners;
-# gzip -n keeps the output free of time stamps, so equal inputs give equal bytes.
+# One time stamp for every entry of the archive (gen_init_cpio's -t covers directories and
+# nodes; files keep their own mtime, hence the touch).
+MAYFLY_DOMU_TEMPLATE_MTIME = $(or $(SOURCE_DATE_EPOCH),0)
+
+# gen_init_cpio (a host program of the kernel build, usr/) makes the archive without root and
+# with fixed owners; gzip -n adds no name or time, so equal inputs give equal bytes.
 define MAYFLY_DOMU_TEMPLATE_BUILD_CMDS
-	sed 's|@DOMU_SHIM@|$(STAGING_DIR)/usr/libexec/mayfly/domu-shim|' \
-		$(MAYFLY_DOMU_TEMPLATE_LIST) > $(@D)/initramfs.list
-	$(LINUX_DIR)/usr/gen_init_cpio -t 0 $(@D)/initramfs.list | gzip -n -9 > $(@D)/initramfs.cpio.gz
+	$(INSTALL) -m 0755 $(STAGING_DIR)/usr/libexec/mayfly/domu-shim $(@D)/init
+	touch -d @$(MAYFLY_DOMU_TEMPLATE_MTIME) $(@D)/init
+	sed 's|@DOMU_SHIM@|$(@D)/init|' $(MAYFLY_DOMU_TEMPLATE_LIST) > $(@D)/initramfs.list
+	$(LINUX_DIR)/usr/gen_init_cpio -t $(MAYFLY_DOMU_TEMPLATE_MTIME) $(@D)/initramfs.list | \
+		gzip -n -9 > $(@D)/initramfs.cpio.gz
 	$(TARGET_OBJCOPY) --strip-debug $(LINUX_DIR)/vmlinux $(@D)/vmlinux
 endef
 
