@@ -41,6 +41,11 @@ ensure_siem_test_tools() {
     if [ ${#missing[@]} -gt 0 ]; then apt_install "${missing[@]}"; fi
 }
 
+# The shell linter for the Buildroot tree check (buildroot/check).
+ensure_shellcheck() {
+    command -v shellcheck >/dev/null || apt_install shellcheck
+}
+
 # ensure_cargo_tool <command> <crate> <version>
 ensure_cargo_tool() {
     if ! command -v "$1" >/dev/null; then

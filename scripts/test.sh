@@ -8,12 +8,18 @@ source scripts/lib.sh
 
 ensure_build_tools
 ensure_siem_test_tools
+ensure_shellcheck
 ensure_cargo_tool cargo-deny cargo-deny 0.20.2
 
 step "format"                 cargo fmt --all --check
 step "lints"                  cargo clippy --workspace --all-targets --all-features --locked -- -D warnings
 step "licences, bans, sources" cargo deny --locked check licenses bans sources
 step "tests"                  cargo test --workspace --all-features --locked --lib --bins --tests
+step "buildroot tree (references, shellcheck)" \
+    cargo run --quiet --locked -p mayfly-br-check -- --shellcheck buildroot
+step "vendored crates match buildroot/vendor.pin" bash -c \
+    'buildroot/scripts/vendor-crates.sh vendor target/mayfly-vendor &&
+     buildroot/scripts/vendor-crates.sh verify target/mayfly-vendor'
 step "benchmarks (smoke)"     cargo test --workspace --locked --benches
 for smoke in domu-shim/*/fuzz/smoke.sh; do
     [ -x "$smoke" ] || continue

@@ -32,7 +32,7 @@ enum Command {
     /// Signed admin console: key generation and commands sent to a running agent.
     Admin(admin::AdminArgs),
     /// Check this host against a supported server profile (hw/profiles); exits 0 only if
-    /// every requirement passes.
+    /// every required requirement passes.
     HwCheck(hw_check::HwCheckArgs),
 }
 

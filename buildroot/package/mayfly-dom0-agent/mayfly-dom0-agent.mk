@@ -1,0 +1,21 @@
+################################################################################
+#
+# mayfly-dom0-agent: dom0-agent from the Mayfly workspace
+#
+################################################################################
+
+MAYFLY_DOM0_AGENT_VERSION = $(MAYFLY_WORKSPACE_VERSION)
+MAYFLY_DOM0_AGENT_SITE = $(MAYFLY_WORKSPACE)
+MAYFLY_DOM0_AGENT_SITE_METHOD = local
+MAYFLY_DOM0_AGENT_OVERRIDE_SRCDIR_RSYNC_EXCLUSIONS = $(MAYFLY_RSYNC_EXCLUSIONS)
+MAYFLY_DOM0_AGENT_LICENSE = GPL-3.0-or-later
+MAYFLY_DOM0_AGENT_LICENSE_FILES = LICENSE
+MAYFLY_DOM0_AGENT_DEPENDENCIES = mayfly-vendor
+MAYFLY_DOM0_AGENT_CARGO_BUILD_OPTS = --package dom0-agent --bin dom0-agent $(MAYFLY_CARGO_VENDOR_OPTS)
+MAYFLY_DOM0_AGENT_PRE_BUILD_HOOKS += MAYFLY_CHECK_RUSTC
+
+define MAYFLY_DOM0_AGENT_INSTALL_TARGET_CMDS
+	$(INSTALL) -D -m 0755 $(@D)/$(MAYFLY_CARGO_OUT)/dom0-agent $(TARGET_DIR)/usr/sbin/dom0-agent
+endef
+
+$(eval $(cargo-package))
