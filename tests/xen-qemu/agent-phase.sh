@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# The HTTP half of the Xen-in-QEMU suite: transactions through the agent's client API in
+# dom0 (forwarded to the host by QEMU's user-mode network). Run by run.sh while dom0 waits.
+#
+# Usage: tests/xen-qemu/agent-phase.sh HOST:PORT
+# Checks: committed results; a read sees the earlier write; every transaction ran in its
+# own domain; a protocol-violating guest (test.bad_index) fails the transaction (500) and is
+# audited; the pool has no domain in use afterwards. Exit 1 on any failure.
+set -euo pipefail
+API=http://$1
+failures=0
+fail() { echo "FAIL (agent): $*"; failures=$((failures + 1)); }
+pass() { echo "ok:   (agent) $*"; }
+
+# post <json>: prints "<status> <body>", bounded.
+post() {
+    curl -sS --max-time 180 -o /tmp/mayfly-agent-body.$$ -w '%{http_code}' \
+        -H 'Content-Type: application/json' -X POST "$API/v1/transactions" -d "$1" || echo 000
+    echo " $(cat /tmp/mayfly-agent-body.$$ 2>/dev/null)"
+}
+json_field() { grep -oE "\"$1\":(\"[^\"]*\"|[0-9]+)" | head -n 1 | cut -d: -f2- | tr -d '"'; }
+
+# The agent is listening; wait (bounded) until its pool has a ready domain.
+for _ in $(seq 1 240); do
+    health=$(curl -sS --max-time 10 "$API/v1/health" 2>/dev/null || true)
+    echo "$health" | grep -qE '"ready":[1-9]' && break
+    sleep 1
+done
+echo "health: $health"
+echo "$health" | grep -q '"backend":"xen"' || fail "backend is not xen: $health"
+
+domains=()
+r=$(post '{"handler":"kv","payload":{"op":"put","key":"kv/a","value":"1"}}')
+echo "put: $r"
+case $r in 200*'"status":"committed"'*) pass "kv put committed" ;; *) fail "kv put: $r" ;; esac
+domains+=("$(echo "$r" | json_field domain_id)")
+r=$(post '{"handler":"kv","payload":{"op":"get","key":"kv/a"}}')
+echo "get: $r"
+case $r in 200*'"value":"1"'*) pass "kv get sees the committed put" ;; *) fail "kv get: $r" ;; esac
+domains+=("$(echo "$r" | json_field domain_id)")
+for i in 1 2 3; do
+    r=$(post "{\"handler\":\"kv\",\"payload\":{\"op\":\"put\",\"key\":\"kv/n$i\",\"value\":\"$i\"}}")
+    case $r in 200*) ;; *) fail "kv put $i: $r" ;; esac
+    domains+=("$(echo "$r" | json_field domain_id)")
+done
+r=$(post '{"handler":"test.bad_index","payload":null}')
+echo "violation: $r"
+case $r in 500*) pass "protocol-violating guest: transaction failed (500)" ;; *) fail "test.bad_index: $r" ;; esac
+bad=$(echo "$r" | json_field domain_id)
+[ -n "$bad" ] && domains+=("$bad")
+
+uniq_count=$(printf '%s\n' "${domains[@]}" | grep -c . | tr -d ' ')
+distinct=$(printf '%s\n' "${domains[@]}" | grep . | sort -u | wc -l | tr -d ' ')
+if [ "$uniq_count" -ge 5 ] && [ "$uniq_count" = "$distinct" ]; then
+    pass "$uniq_count transactions in $distinct distinct domains (${domains[*]})"
+else
+    fail "domain ids: ${domains[*]}"
+fi
+health=$(curl -sS --max-time 10 "$API/v1/health" || true)
+echo "health after: $health"
+echo "$health" | grep -q '"in_use":0' || fail "domains still in use: $health"
+audit=$(echo "$health" | json_field audit_seq)
+if [ "${audit:-0}" -gt 0 ]; then pass "audit log advanced (audit_seq $audit)"; else fail "no audit records"; fi
+rm -f /tmp/mayfly-agent-body.$$
+[ "$failures" -eq 0 ]
