@@ -64,3 +64,14 @@ linux_version() {
         fi
     done
 }
+
+# bindgen (Debian 12's 0.60.1), libclang and the Xen 4.17 headers, for the bindings' drift
+# check (bindgen/xen-sys/check-drift.sh). The Xen libraries themselves are only loaded at run
+# time, by `dom0-agent serve --backend xen`.
+ensure_xen_bindgen_tools() {
+    local missing=()
+    command -v bindgen >/dev/null || missing+=(bindgen)
+    [ -f /usr/include/xenctrl.h ] || missing+=(libxen-dev)
+    compgen -G "/usr/lib/llvm-*/lib/libclang*.so*" >/dev/null || missing+=(libclang-dev)
+    if [ ${#missing[@]} -gt 0 ]; then apt_install "${missing[@]}"; fi
+}

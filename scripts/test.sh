@@ -7,11 +7,13 @@ cd "$(dirname "$0")/.."
 source scripts/lib.sh
 
 ensure_build_tools
+ensure_xen_bindgen_tools
 ensure_cargo_tool cargo-deny cargo-deny 0.20.2
 
 step "format"                 cargo fmt --all --check
 step "lints"                  cargo clippy --workspace --all-targets --all-features --locked -- -D warnings
 step "licences, bans, sources" cargo deny --locked check licenses bans sources
+step "xen bindings drift"     bindgen/xen-sys/check-drift.sh
 step "tests"                  cargo test --workspace --all-features --locked --lib --bins --tests
 step "benchmarks (smoke)"     cargo test --workspace --locked --benches
 for smoke in domu-shim/*/fuzz/smoke.sh; do

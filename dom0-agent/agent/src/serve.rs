@@ -5,7 +5,7 @@
 //! command line wins. SIGHUP reloads the policy bundle; SIGINT or SIGTERM stop the agent. Every key of the file is also a flag:
 //!
 //! ```toml
-//! backend = "sandbox"        # only the sandbox backend exists so far
+//! backend = "sandbox"        # "sandbox" (process isolation) or "xen" (a PV domU each)
 //! data_dir = "/var/lib/mayfly"
 //! listen = "127.0.0.1:8450"
 //! pool_size = 8              # ready clones kept ahead of demand
@@ -16,7 +16,19 @@
 //! memory_mib = 256           # address-space limit of each domain
 //! cpu_seconds = 10           # CPU-time limit of each domain
 //! policy = "/etc/mayfly/policy" # directory of *.toml; default: the built-in bundle
+//!
+//! [xen]                      # only with backend = "xen"
+//! kernel = "/usr/lib/mayfly/domu/vmlinux"             # the template's uncompressed vmlinux
+//! ramdisk = "/usr/lib/mayfly/domu/initramfs.cpio.gz"  # its initramfs (/init = domu-shim)
+//! cmdline = "console=hvc0 quiet"
+//! memory_mib = 128           # memory of each domain (at least 96)
+//! xl = "xl"                  # builds the domains (`xl create -p -e`); nothing else uses it
+//! ready_timeout_ms = 60000   # build to the shim's Ready
+//! build_threads = 1          # domains built in parallel
 //! ```
+//!
+//! With `backend = "xen"` the agent loads Xen 4.17's libraries at start-up; on a host
+//! without them (or not a Xen dom0) it stops with a message saying what is missing.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -29,6 +41,7 @@ use mayfly_domain::DomainBackend;
 use mayfly_executor::{Executor, ExecutorConfig};
 use mayfly_ledger::{codec::hex, AuditEvent, Ledger, Options, Severity, StoreOptions};
 use mayfly_sandbox::{Sandbox, SandboxConfig};
+use mayfly_xen_backend::{XenBackend, XenConfig, XenSection};
 use nix::sys::signal::{SigSet, Signal};
 use serde::Deserialize;
 use slog::{info, Logger};
@@ -39,7 +52,8 @@ pub struct ServeArgs {
     /// TOML configuration file; flags override its values.
     #[arg(long)]
     config: Option<PathBuf>,
-    /// Domain backend: "sandbox" (process isolation; the Xen backend is not built yet).
+    /// Domain backend: "sandbox" (process isolation, the default) or "xen" (a Xen PV domU
+    /// per transaction; needs a Xen 4.17 dom0 and the --xen-kernel/--xen-ramdisk template).
     #[arg(long)]
     backend: Option<String>,
     /// Ledger data directory [default: ./mayfly-data].
@@ -63,10 +77,11 @@ pub struct ServeArgs {
     /// Largest ledger size in MiB [default: 4096].
     #[arg(long)]
     map_size_mib: Option<usize>,
-    /// Address-space limit of each domain in MiB [default: 256].
+    /// Address-space limit of each sandbox domain in MiB [default: 256] (Xen domains: see
+    /// --xen-memory-mib).
     #[arg(long)]
     memory_mib: Option<u64>,
-    /// CPU-time limit of each domain in seconds [default: 10].
+    /// CPU-time limit of each sandbox domain in seconds [default: 10].
     #[arg(long)]
     cpu_seconds: Option<u64>,
     /// Policy bundle: a directory of *.toml files [default: the shipped bundle,
@@ -77,6 +92,22 @@ pub struct ServeArgs {
     /// [default: DATA_DIR/detector.token, created (mode 0600) on first start].
     #[arg(long)]
     detector_token: Option<PathBuf>,
+    /// Xen backend: the template's kernel, an uncompressed ELF vmlinux (`[xen] kernel`).
+    #[arg(long)]
+    xen_kernel: Option<PathBuf>,
+    /// Xen backend: the template's initramfs, whose /init is domu-shim (`[xen] ramdisk`).
+    #[arg(long)]
+    xen_ramdisk: Option<PathBuf>,
+    /// Xen backend: the domains' kernel command line [default: "console=hvc0 quiet"].
+    #[arg(long)]
+    xen_cmdline: Option<String>,
+    /// Xen backend: memory of each domain in MiB, at least 96 [default: 128].
+    #[arg(long)]
+    xen_memory_mib: Option<u32>,
+    /// Xen backend: the `xl` binary that builds domains (`xl create -p -e`; pause, unpause
+    /// and destroy go through libxenctrl) [default: xl, from PATH].
+    #[arg(long)]
+    xl: Option<PathBuf>,
 }
 
 #[derive(Deserialize, Default)]
@@ -93,6 +124,7 @@ struct FileConfig {
     memory_mib: Option<u64>,
     cpu_seconds: Option<u64>,
     policy: Option<PathBuf>,
+    xen: Option<XenSection>,
 }
 
 /// The settings in force, after merging file and flags.
@@ -108,6 +140,7 @@ struct Settings {
     memory_bytes: u64,
     cpu_seconds: u64,
     policy: Option<PathBuf>,
+    xen: XenSection,
 }
 
 fn load(args: &ServeArgs) -> anyhow::Result<Settings> {
@@ -153,11 +186,11 @@ fn load(args: &ServeArgs) -> anyhow::Result<Settings> {
             .saturating_mul(1 << 20),
         cpu_seconds: args.cpu_seconds.or(file.cpu_seconds).unwrap_or(10),
         policy: args.policy.clone().or(file.policy),
+        xen: xen_section(args, file.xen.unwrap_or_default()),
     };
     match s.backend.as_str() {
-        "sandbox" => {}
-        "xen" => bail!("the xen backend is not built yet; use --backend sandbox"),
-        other => bail!("unknown backend {other:?}; use --backend sandbox"),
+        "sandbox" | "xen" => {}
+        other => bail!("unknown backend {other:?}; use --backend sandbox or --backend xen"),
     }
     if s.workers == 0 || s.max_in_flight == 0 {
         bail!("workers and max_in_flight must be at least 1");
@@ -169,6 +202,36 @@ fn load(args: &ServeArgs) -> anyhow::Result<Settings> {
         bail!("map_size_mib must be at least 16");
     }
     Ok(s)
+}
+
+/// The `[xen]` table with the `--xen-*` flags laid over it.
+fn xen_section(args: &ServeArgs, file: XenSection) -> XenSection {
+    XenSection {
+        kernel: args.xen_kernel.clone().or(file.kernel),
+        ramdisk: args.xen_ramdisk.clone().or(file.ramdisk),
+        cmdline: args.xen_cmdline.clone().or(file.cmdline),
+        memory_mib: args.xen_memory_mib.or(file.memory_mib),
+        xl: args.xl.clone().or(file.xl),
+        ..file
+    }
+}
+
+fn xen(s: &Settings, log: &Logger) -> anyhow::Result<XenBackend> {
+    let config = XenConfig::from_section(
+        &s.xen,
+        s.data_dir.join("run").join("xen"),
+        s.pool_size,
+        s.max_in_flight.max(s.pool_size),
+    )
+    .context("configuring the xen backend")?;
+    XenBackend::start(config, log.clone()).context("starting the xen backend")
+}
+
+fn backend(s: &Settings, log: &Logger) -> anyhow::Result<Arc<dyn DomainBackend>> {
+    Ok(match s.backend.as_str() {
+        "xen" => Arc::new(xen(s, log)?),
+        _ => Arc::new(sandbox(s, log)?),
+    })
 }
 
 fn sandbox(s: &Settings, log: &Logger) -> anyhow::Result<Sandbox> {
@@ -253,7 +316,7 @@ pub fn run(args: &ServeArgs, log: &Logger) -> anyhow::Result<u8> {
     let policy_files = crate::policy::files(s.policy.as_deref())?;
     let bundle = mayfly_policy::Bundle::load(&policy_files).context("loading the policy bundle")?;
     let policy_hash = bundle.hash();
-    let backend: Arc<dyn DomainBackend> = Arc::new(sandbox(&s, log)?);
+    let backend = backend(&s, log)?;
     let names = crate::zygote::handler_names();
     let executor = Arc::new(Executor::new(
         ledger.clone(),
@@ -292,7 +355,7 @@ pub fn run(args: &ServeArgs, log: &Logger) -> anyhow::Result<u8> {
         .field("pool_size", s.pool_size)
         .field("policy_hash", hex(&policy_hash))])?;
     info!(log, "serving"; "addr" => %addr, "backend" => backend.name());
-    print_banner(addr, &s.data_dir, &ledger, &names);
+    print_banner(addr, backend.name(), &s.data_dir, &ledger, &names);
     println!(
         "mayfly: detector reports (POST /v1/reports) need the bearer token in {}",
         token_path.display()
@@ -326,9 +389,13 @@ pub fn run(args: &ServeArgs, log: &Logger) -> anyhow::Result<u8> {
     Ok(0)
 }
 
-fn print_banner(addr: SocketAddr, dir: &Path, ledger: &Ledger, handlers: &[String]) {
+fn print_banner(addr: SocketAddr, backend: &str, dir: &Path, ledger: &Ledger, handlers: &[String]) {
     let url = format!("http://{addr}");
-    println!("mayfly: serving on {url} (sandbox backend: process isolation, not a VM)");
+    let isolation = match backend {
+        "xen" => "xen backend: a Xen PV domU per transaction",
+        _ => "sandbox backend: process isolation, not a VM",
+    };
+    println!("mayfly: serving on {url} ({isolation})");
     println!(
         "mayfly: ledger {} (public key {})",
         dir.display(),
