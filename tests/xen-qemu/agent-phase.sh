@@ -11,14 +11,27 @@ API=http://$1
 failures=0
 fail() { echo "FAIL (agent): $*"; failures=$((failures + 1)); }
 pass() { echo "ok:   (agent) $*"; }
+BODY=$(mktemp)
+trap 'rm -f "$BODY"' EXIT
 
-# post <json>: prints "<status> <body>", bounded.
+# post <json>: prints "<status> <body>". A 503 (no ready domain yet: under emulation the
+# pool refills in ~10 s per domain) is retried as its Retry-After says, for at most 180 s.
 post() {
-    curl -sS --max-time 180 -o /tmp/mayfly-agent-body.$$ -w '%{http_code}' \
-        -H 'Content-Type: application/json' -X POST "$API/v1/transactions" -d "$1" || echo 000
-    echo " $(cat /tmp/mayfly-agent-body.$$ 2>/dev/null)"
+    local deadline=$(($(date +%s) + 180)) code
+    while :; do
+        code=$(curl -sS --max-time 180 -o "$BODY" -w '%{http_code}' \
+            -H 'Content-Type: application/json' -X POST "$API/v1/transactions" -d "$1" ||
+            echo 000)
+        if [ "$code" != 503 ] || [ "$(date +%s)" -ge "$deadline" ]; then break; fi
+        sleep 1
+    done
+    echo "$code $(cat "$BODY" 2>/dev/null)"
 }
-json_field() { grep -oE "\"$1\":(\"[^\"]*\"|[0-9]+)" | head -n 1 | cut -d: -f2- | tr -d '"'; }
+# json_field <name>: the first "name":value of the JSON on stdin (string or number), or nothing.
+json_field() {
+    grep -oE "\"$1\":(\"[^\"]*\"|[0-9]+)" | head -n 1 | cut -d: -f2- | tr -d '"'
+    return 0
+}
 
 # The agent is listening; wait (bounded) until its pool has a ready domain.
 for _ in $(seq 1 240); do
@@ -43,12 +56,20 @@ for i in 1 2 3; do
     case $r in 200*) ;; *) fail "kv put $i: $r" ;; esac
     domains+=("$(echo "$r" | json_field domain_id)")
 done
+audit_before=$(curl -sS --max-time 10 "$API/v1/health" | json_field audit_seq || true)
 r=$(post '{"handler":"test.bad_index","payload":null}')
 echo "violation: $r"
 case $r in 500*) pass "protocol-violating guest: transaction failed (500)" ;; *) fail "test.bad_index: $r" ;; esac
 bad=$(echo "$r" | json_field domain_id)
 [ -n "$bad" ] && domains+=("$bad")
-
+tx=$(echo "$r" | json_field tx_id)
+shown=$(curl -sS --max-time 10 "$API/v1/transactions/$tx" || true)
+echo "violation record: $shown"
+if echo "$shown" | grep -qiE 'violation|protocol'; then
+    pass "the failure is recorded as a protocol violation"
+else
+    fail "transaction $tx not recorded as a protocol violation: $shown"
+fi
 uniq_count=$(printf '%s\n' "${domains[@]}" | grep -c . | tr -d ' ')
 distinct=$(printf '%s\n' "${domains[@]}" | grep . | sort -u | wc -l | tr -d ' ')
 if [ "$uniq_count" -ge 5 ] && [ "$uniq_count" = "$distinct" ]; then
@@ -60,6 +81,10 @@ health=$(curl -sS --max-time 10 "$API/v1/health" || true)
 echo "health after: $health"
 echo "$health" | grep -q '"in_use":0' || fail "domains still in use: $health"
 audit=$(echo "$health" | json_field audit_seq)
-if [ "${audit:-0}" -gt 0 ]; then pass "audit log advanced (audit_seq $audit)"; else fail "no audit records"; fi
-rm -f /tmp/mayfly-agent-body.$$
+if [ "${audit:-0}" -gt "${audit_before:-0}" ]; then
+    pass "audited: audit_seq ${audit_before:-?} -> $audit across the violation"
+else
+    fail "no audit record for the violation (audit_seq ${audit_before:-?} -> ${audit:-?})"
+fi
+echo "$health" | grep -qE '"destroyed":[1-9]' || fail "the pool destroyed no domain: $health"
 [ "$failures" -eq 0 ]

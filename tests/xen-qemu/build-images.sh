@@ -6,7 +6,7 @@
 #   OUT/domu-initramfs.cpio     the domU template: domu-shim (static, test-handlers) as /init,
 #                               the two modules it loads, /etc/mayfly/modules
 #   OUT/dom0-initramfs.cpio     dom0: busybox, the Xen toolstack with its shared-library
-#                               closure (and libgcc_s), modules, dom0-agent, xen-ring-peer,
+#                               closure (and libgcc_s), modules, dom0-agent (test-handlers), xen-ring-peer,
 #                               domu-shim, the Buildroot rootfs overlay verbatim, the test /init
 #                               and scenario, and the domU template under /usr/share/mayfly
 #
@@ -44,8 +44,10 @@ CARGO_BUILD_JOBS=${CARGO_BUILD_JOBS:-2} RUSTFLAGS="-C target-feature=+crt-static
     cargo build --locked --release --target x86_64-unknown-linux-gnu \
     -p domu-shim --features test-handlers
 SHIM=target/x86_64-unknown-linux-gnu/release/domu-shim
+# The agent admits the template's test.* handler names only with the same feature.
 CARGO_BUILD_JOBS=${CARGO_BUILD_JOBS:-2} cargo build --locked --release \
-    -p dom0-agent --bin dom0-agent -p mayfly-xen-peer --bin xen-ring-peer
+    -p dom0-agent --bin dom0-agent --features dom0-agent/test-handlers \
+    -p mayfly-xen-peer --bin xen-ring-peer
 AGENT=target/release/dom0-agent
 PEER=target/release/xen-ring-peer
 
@@ -96,7 +98,12 @@ install -s -m 0755 "$AGENT" "$ROOT/usr/bin/dom0-agent"
 install -s -m 0755 "$PEER" "$ROOT/usr/bin/xen-ring-peer"
 install -s -m 0755 "$SHIM" "$ROOT/usr/bin/domu-shim"
 # Shared-library closure of every dynamic binary, at the paths the loader expects.
-libs=$(for f in "$ROOT"/usr/sbin/* "$ROOT"/usr/bin/* "$ROOT$XEN_BIN"/*; do
+# The agent loads libxenctrl, libxengnttab and libxenevtchn at run time (dlopen by soname).
+dlopened=$(for so in libxenctrl.so.4.17 libxengnttab.so.1 libxenevtchn.so.1; do
+    ldconfig -p | awk -v so="$so" '$1 == so && /x86-64/ { print $NF; exit }'
+done)
+libs=$(for f in "$ROOT"/usr/sbin/* "$ROOT"/usr/bin/* "$ROOT$XEN_BIN"/* $dlopened; do
+    echo "$f" | grep -q '\.so' && echo "$f"
     ldd "$f" 2>/dev/null | grep -oE '/[^ ]+\.so[^ ]*' || true
 done | sort -u)
 for lib in $libs $(find /lib/x86_64-linux-gnu /usr/lib/x86_64-linux-gnu -name 'libgcc_s.so.1' -print -quit); do
@@ -126,6 +133,10 @@ mkdir -p "$ROOT/mayfly-test"
 install -m 0755 "$HERE/dom0/scenario.sh" "$ROOT/mayfly-test/scenario.sh"
 install -m 0644 "$HERE/dom0/domu.cfg" "$ROOT/mayfly-test/domu.cfg"
 (cd "$OVERLAY" && find . -type f | LC_ALL=C sort | sed 's|^\./|/|') >"$ROOT/mayfly-test/overlay-files"
+# Test-only agent flags: the suite's policy bundle (admits test.bad_index).
+mkdir -p "$ROOT/mayfly-test/policy" "$ROOT/etc/default"
+install -m 0644 "$HERE"/dom0/policy/*.toml "$ROOT/mayfly-test/policy/"
+echo 'DOM0_AGENT_ARGS="--policy /mayfly-test/policy"' >"$ROOT/etc/default/mayfly-agent"
 echo "root:x:0:0:root:/root:/bin/sh" >"$ROOT/etc/passwd"
 cpio_dir "$ROOT" "$OUT/dom0-initramfs.cpio"
 
