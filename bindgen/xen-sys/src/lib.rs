@@ -109,7 +109,10 @@ mod tests {
     fn installed_libraries_resolve_the_functions_the_wrapper_calls() {
         // On a host with Debian's Xen 4.17 libraries (dom0, or CI with libxen-dev), every
         // function mayfly-xen calls must resolve; elsewhere there is nothing to check.
-        if !std::path::Path::new("/usr/lib/x86_64-linux-gnu").join(soname::XENCTRL).exists() {
+        if !std::path::Path::new("/usr/lib/x86_64-linux-gnu")
+            .join(soname::XENCTRL)
+            .exists()
+        {
             eprintln!("{} not installed; skipped", soname::XENCTRL);
             return;
         }
@@ -130,7 +133,11 @@ mod tests {
         let evt = unsafe { xenevtchn::XenEvtchn::new(soname::XENEVTCHN) }.unwrap();
         assert!(evt.xenevtchn_bind_unbound_port.is_ok());
         assert!(evt.xenevtchn_pending.is_ok());
-        for name in [soname::XENGUEST, soname::XENFOREIGNMEMORY, soname::XENTOOLLOG] {
+        for name in [
+            soname::XENGUEST,
+            soname::XENFOREIGNMEMORY,
+            soname::XENTOOLLOG,
+        ] {
             // SAFETY: as above.
             assert!(unsafe { libloading::Library::new(name) }.is_ok(), "{name}");
         }

@@ -12,6 +12,7 @@
 //! workers = 16               # HTTP worker threads
 //! max_in_flight = 64         # transactions at once; more get 503
 //! tx_timeout_ms = 5000       # Start to Commit/Abort
+//! take_timeout_ms = 2000     # wait for a ready domain; then 503 (Xen under emulation: longer)
 //! map_size_mib = 4096        # largest ledger size
 //! memory_mib = 256           # address-space limit of each domain
 //! cpu_seconds = 10           # CPU-time limit of each domain
@@ -74,6 +75,10 @@ pub struct ServeArgs {
     /// Per-transaction time limit in ms [default: 5000].
     #[arg(long)]
     tx_timeout_ms: Option<u64>,
+    /// How long a transaction waits for a ready domain before it is refused with 503, in ms
+    /// [default: 2000].
+    #[arg(long)]
+    take_timeout_ms: Option<u64>,
     /// Largest ledger size in MiB [default: 4096].
     #[arg(long)]
     map_size_mib: Option<usize>,
@@ -120,6 +125,7 @@ struct FileConfig {
     workers: Option<usize>,
     max_in_flight: Option<usize>,
     tx_timeout_ms: Option<u64>,
+    take_timeout_ms: Option<u64>,
     map_size_mib: Option<usize>,
     memory_mib: Option<u64>,
     cpu_seconds: Option<u64>,
@@ -136,6 +142,7 @@ struct Settings {
     workers: usize,
     max_in_flight: usize,
     tx_timeout: Duration,
+    take_timeout: Duration,
     map_size: usize,
     memory_bytes: u64,
     cpu_seconds: u64,
@@ -174,6 +181,11 @@ fn load(args: &ServeArgs) -> anyhow::Result<Settings> {
         tx_timeout: Duration::from_millis(
             args.tx_timeout_ms.or(file.tx_timeout_ms).unwrap_or(5000),
         ),
+        take_timeout: Duration::from_millis(
+            args.take_timeout_ms
+                .or(file.take_timeout_ms)
+                .unwrap_or(2000),
+        ),
         map_size: args
             .map_size_mib
             .or(file.map_size_mib)
@@ -195,8 +207,8 @@ fn load(args: &ServeArgs) -> anyhow::Result<Settings> {
     if s.workers == 0 || s.max_in_flight == 0 {
         bail!("workers and max_in_flight must be at least 1");
     }
-    if s.tx_timeout.is_zero() {
-        bail!("tx_timeout_ms must be at least 1");
+    if s.tx_timeout.is_zero() || s.take_timeout.is_zero() {
+        bail!("tx_timeout_ms and take_timeout_ms must be at least 1");
     }
     if s.map_size < (16 << 20) {
         bail!("map_size_mib must be at least 16");
@@ -324,6 +336,7 @@ pub fn run(args: &ServeArgs, log: &Logger) -> anyhow::Result<u8> {
         names.clone(),
         ExecutorConfig {
             tx_timeout: s.tx_timeout,
+            take_timeout: s.take_timeout,
             ..ExecutorConfig::default()
         },
         bundle,

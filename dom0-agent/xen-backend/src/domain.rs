@@ -494,7 +494,19 @@ impl XenProvisioner {
         // Whatever xl did, a domain of this name is ours to destroy on failure.
         let domid = hyp.store.domid_of(&name).map_err(store)?;
         let uuid = match domid {
-            Some(d) => hyp.control.info(d).map_err(ctrl)?.map(|i| i.uuid),
+            Some(d) => match hyp.control.info(d) {
+                Ok(info) => info.map(|i| i.uuid),
+                Err(source) => {
+                    // Found by its name moments ago: ours, destroyed without the uuid check.
+                    if let Err(e) = hyp.control.destroy(d) {
+                        warn!(hyp.logger, "destroying a half-built domain failed (the reconciler will at the next start)";
+                            "domid" => d, "name" => &name, "error" => %e);
+                    }
+                    let _ = hyp.store.remove_domain(d);
+                    let _ = fs::remove_file(&cfg);
+                    return Err(ctrl(source));
+                }
+            },
             None => None,
         };
         let mut guard = match (domid, uuid) {
