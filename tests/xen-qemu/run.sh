@@ -10,6 +10,7 @@
 #   QEMU_TIMEOUT=S        hard limit on the QEMU run (default 1500 s)
 #   API_PORT, CTRL_PORT   host ports forwarded to dom0's 8450 and 9999 (default 18450, 18999)
 #   REQUIRE_AGENT=1       fail if the agent did not come up with the Xen backend
+#   QEMU_SMP=N            emulated CPUs (default 2)
 # Writes OUT/serial.log (the whole console) and OUT/bench.txt (the measured medians).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -28,11 +29,12 @@ else
 fi
 LOG=$OUT/serial.log
 : >"$LOG"
+rm -f "$OUT/agent-phase.log"
 
 started=$(date +%s)
 echo "==> booting Xen under QEMU TCG (limit ${QEMU_TIMEOUT}s; console: $LOG)"
 timeout --kill-after=10 "$QEMU_TIMEOUT" qemu-system-x86_64 \
-    -accel tcg -cpu max,-smap -m 2048 -smp 2 -nodefaults -display none -no-reboot \
+    -accel tcg -cpu max,-smap -m 2048 -smp "${QEMU_SMP:-2}" -nodefaults -display none -no-reboot \
     -monitor none -serial "file:$LOG" \
     -netdev "user,id=n0,hostfwd=tcp:127.0.0.1:$API_PORT-:8450,hostfwd=tcp:127.0.0.1:$CTRL_PORT-:9999" \
     -device e1000,netdev=n0 \
@@ -64,7 +66,8 @@ wait_for_line() {
 wait_for_line 'MAYFLY-RESULT agent (up|down)|MAYFLY-TEST: end' "$QEMU_TIMEOUT" || true
 
 if grep -q 'MAYFLY-RESULT agent up' "$LOG"; then
-    tests/xen-qemu/agent-phase.sh "127.0.0.1:$API_PORT" || fail "transactions through the agent"
+    tests/xen-qemu/agent-phase.sh "127.0.0.1:$API_PORT" 2>&1 | tee "$OUT/agent-phase.log" ||
+        fail "transactions through the agent"
     # Tell dom0 we are done (retrying until its listener answers).
     acked=
     for _ in $(seq 1 60); do
@@ -157,7 +160,8 @@ field() { grep -aE "^MAYFLY-PEER $1" "$LOG" | grep -oE "$2=[0-9.]+" | cut -d= -f
     echo "  of which the xl unpause process (ms):       $(field 'pool-' unpause_cmd_ms | median)"
     echo "ring round trip, grant + event channel (us):  $(field '(fresh|pool)-' rtt_us_median | median)"
     echo "ring round trip, sandbox memfd + eventfd (us): $(field 'sandbox-' rtt_us_median | median)"
-    echo "QEMU run (s): $elapsed"
+    echo "agent: POST /v1/transactions from a ready pool (ms): $(grep -oE 'agent_tx_ms=[0-9.]+' "$OUT/agent-phase.log" 2>/dev/null | cut -d= -f2 | median)"
+    echo "QEMU run (s): $elapsed, emulated CPUs: ${QEMU_SMP:-2}"
 } | tee "$OUT/bench.txt"
 for kind in fresh pool sandbox; do
     n=$(grep -ac "^MAYFLY-RESULT peer $kind-[0-9]* rc=0" "$LOG" || true)
