@@ -143,9 +143,13 @@ pub fn parse_keys(
     Ok(RingKeys { refs: list, port })
 }
 
-/// An ASCII decimal of 1 ..= `max_digits` digits that fits a `u32`.
+/// A canonical ASCII decimal (1 ..= `max_digits` digits, no leading zero except "0" itself)
+/// that fits a `u32`: one spelling per value.
 fn decimal(bytes: &[u8], max_digits: usize) -> Option<u32> {
     if bytes.is_empty() || bytes.len() > max_digits || !bytes.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    if bytes.len() > 1 && bytes.first() == Some(&b'0') {
         return None;
     }
     std::str::from_utf8(bytes).ok()?.parse().ok()
@@ -302,6 +306,43 @@ mod tests {
         assert_eq!(keys.port, 17);
     }
 
+    /// Hostile values: random bytes (biased towards digits and spaces) never panic, and
+    /// whatever is accepted satisfies every documented bound.
+    #[test]
+    #[allow(clippy::cast_possible_truncation)] // truncating random words is the point
+    fn random_values_never_panic_and_accepted_ones_are_in_bounds() {
+        let mut state = 0x9e37_79b9_7f4a_7c15_u64;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        let alphabet = b"0123456789 0123456789 \n-+x";
+        let mut value = |max: usize| -> Vec<u8> {
+            let len = (next() as usize) % (max + 1);
+            (0..len)
+                .map(|_| alphabet[(next() as usize) % alphabet.len()])
+                .collect()
+        };
+        let mut accepted = 0;
+        for _ in 0..20_000 {
+            let version = if value(1).is_empty() {
+                b"1".to_vec()
+            } else {
+                value(2)
+            };
+            let (pages, refs, port) = (value(3), value(40), value(7));
+            if let Ok(keys) = parse_keys(&version, &pages, &refs, &port) {
+                accepted += 1;
+                assert!((1..=MAX_RING_PAGES).contains(&keys.refs.len()));
+                assert_eq!(keys.refs.len().to_string().as_bytes(), &pages[..]);
+                assert!(keys.port > 0 && keys.port < MAX_PORT);
+            }
+        }
+        assert!(accepted > 0, "the generator never produced a valid set");
+    }
+
     #[test]
     fn refuses_malformed_keys() {
         for (v, p, r, e, needle) in [
@@ -319,6 +360,9 @@ mod tests {
             (b"1", b"1", b"1", b"0", "event-channel"),
             (b"1", b"1", b"1", b"131072", "event-channel"),
             (b"1", b"1", b"1", b"5\n", "event-channel"),
+            (b"1", b"01", b"1", b"5", "ring-pages"),
+            (b"1", b"1", b"07", b"5", "ring-refs"),
+            (b"1", b"1", b"1", b"05", "event-channel"),
         ] {
             let err = parse_keys(v, p, r, e).unwrap_err().to_string();
             assert!(err.contains(needle), "{err} lacks {needle}");

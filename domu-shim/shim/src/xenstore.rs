@@ -340,6 +340,40 @@ mod tests {
         }
     }
 
+    /// Random replies (random header words, random payload) never panic; whatever is
+    /// accepted as a value is at most PAYLOAD_MAX bytes.
+    #[test]
+    #[allow(clippy::cast_possible_truncation)] // truncating random words is the point
+    fn random_replies_never_panic() {
+        let mut state = 0x2545_f491_4f6c_dd1d_u64;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        for _ in 0..200 {
+            let words: [u32; 4] = [
+                [2, 16, 5, next() as u32][(next() % 4) as usize],
+                [1, 0, next() as u32][(next() % 3) as usize],
+                [0, 0, 1][(next() % 3) as usize],
+                [0, 3, 4096, 4097, next() as u32][(next() % 5) as usize],
+            ];
+            let body_len = (next() % 64) as usize;
+            let body: Vec<u8> = (0..body_len).map(|_| next() as u8).collect();
+            let mut reply = Vec::new();
+            for w in words {
+                reply.extend_from_slice(&w.to_ne_bytes());
+            }
+            reply.extend_from_slice(&body);
+            let mut xs = fake(move |_, _, _| reply.clone());
+            xs.timeout = Duration::from_millis(50);
+            if let Ok(value) = xs.read("k") {
+                assert!(value.len() <= PAYLOAD_MAX);
+            }
+        }
+    }
+
     #[test]
     fn a_silent_or_short_peer_times_out() {
         // Header promises 10 bytes, sends 3, then nothing.
