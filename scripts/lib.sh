@@ -30,6 +30,17 @@ ensure_build_tools() {
     if [ ${#missing[@]} -gt 0 ]; then apt_install "${missing[@]}"; fi
 }
 
+# rsyslog (with its GnuTLS driver) and the openssl CLI for the SIEM export tests, which start
+# their own rsyslogd on loopback (never the system's) with certificates made at test time.
+# Installing the package on a machine without systemd does not start a system rsyslogd.
+ensure_siem_test_tools() {
+    local missing=()
+    [ -x /usr/sbin/rsyslogd ] || missing+=(rsyslog)
+    compgen -G "/usr/lib/*/rsyslog/lmnsd_gtls.so" >/dev/null || missing+=(rsyslog-gnutls)
+    command -v openssl >/dev/null || missing+=(openssl)
+    if [ ${#missing[@]} -gt 0 ]; then apt_install "${missing[@]}"; fi
+}
+
 # ensure_cargo_tool <command> <crate> <version>
 ensure_cargo_tool() {
     if ! command -v "$1" >/dev/null; then

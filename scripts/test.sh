@@ -7,6 +7,7 @@ cd "$(dirname "$0")/.."
 source scripts/lib.sh
 
 ensure_build_tools
+ensure_siem_test_tools
 ensure_xen_bindgen_tools
 ensure_cargo_tool cargo-deny cargo-deny 0.20.2
 

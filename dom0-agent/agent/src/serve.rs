@@ -26,7 +26,25 @@
 //! xl = "xl"                  # builds the domains (`xl create -p -e`); nothing else uses it
 //! ready_timeout_ms = 60000   # build to the shim's Ready
 //! build_threads = 1          # domains built in parallel
+//! [console]                  # the signed admin console (docs/console.md); off without keys
+//! admin_keys = ["<64 hex digits>", "/etc/mayfly/admins/bob.pub"]
+//! quorum = 2                 # distinct admins for rollback, policy.load, key.rotate, quarantine.release
+//! socket = "/run/mayfly/admin.sock"  # default DATA_DIR/admin.sock; mode 0600
+//! tcp = "127.0.0.1:8451"     # optional, loopback only
+//! clock_skew_secs = 60
+//! max_validity_secs = 3600
+//! [siem]                     # optional: export the audit chain as RFC 5424 syslog
+//! pen = 32473                # (the whole section is described in docs/siem.md)
+//! [[siem.collector]]
+//! name = "soc"
+//! transport = "tls"          # udp | tcp | tls
+//! address = "siem.example.org:6514"
+//! ca = "/etc/mayfly/siem-ca.pem"
 //! ```
+//!
+//! The SIEM exporter starts right after the ledger opens (so it exports the agent's own
+//! start) and stops last, after `agent.stopped` is recorded, letting each collector catch
+//! up for a few seconds; its status is the `siem` section of `GET /v1/health`.
 //!
 //! With `backend = "xen"` the agent loads Xen 4.17's libraries at start-up; on a host
 //! without them (or not a Xen dom0) it stops with a message saying what is missing.
@@ -113,6 +131,30 @@ pub struct ServeArgs {
     /// and destroy go through libxenctrl) [default: xl, from PATH].
     #[arg(long)]
     xl: Option<PathBuf>,
+    /// Authorized admin public key (64 hex digits, or a .pub file from `mayfly admin
+    /// keygen`); repeat for each admin. Without any, the admin console is off.
+    #[arg(long = "admin-key")]
+    admin_keys: Vec<String>,
+    /// Distinct admins a destructive console command needs [default: 2].
+    #[arg(long)]
+    admin_quorum: Option<usize>,
+    /// Admin console Unix socket [default: DATA_DIR/admin.sock].
+    #[arg(long)]
+    console_socket: Option<PathBuf>,
+    /// Also serve the admin console on this loopback TCP address.
+    #[arg(long)]
+    console_tcp: Option<SocketAddr>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct ConsoleFileConfig {
+    admin_keys: Option<Vec<String>>,
+    quorum: Option<usize>,
+    socket: Option<PathBuf>,
+    tcp: Option<SocketAddr>,
+    clock_skew_secs: Option<u64>,
+    max_validity_secs: Option<u64>,
 }
 
 #[derive(Deserialize, Default)]
@@ -131,6 +173,8 @@ struct FileConfig {
     cpu_seconds: Option<u64>,
     policy: Option<PathBuf>,
     xen: Option<XenSection>,
+    console: Option<ConsoleFileConfig>,
+    siem: Option<mayfly_siem::SiemConfig>,
 }
 
 /// The settings in force, after merging file and flags.
@@ -148,6 +192,64 @@ struct Settings {
     cpu_seconds: u64,
     policy: Option<PathBuf>,
     xen: XenSection,
+    console: Option<mayfly_console::ConsoleConfig>,
+    siem: mayfly_siem::SiemConfig,
+}
+
+fn console_settings(
+    args: &ServeArgs,
+    file: Option<ConsoleFileConfig>,
+    data_dir: &Path,
+) -> anyhow::Result<Option<mayfly_console::ConsoleConfig>> {
+    use mayfly_command::authorize::defaults;
+    let file = file.unwrap_or_default();
+    let listed = if args.admin_keys.is_empty() {
+        file.admin_keys.unwrap_or_default()
+    } else {
+        args.admin_keys.clone()
+    };
+    if listed.is_empty() {
+        return Ok(None);
+    }
+    let mut keys = std::collections::BTreeMap::new();
+    for (i, text) in listed.iter().enumerate() {
+        let key = mayfly_command::keyfile::parse_public(text)
+            .with_context(|| format!("admin key {}", i + 1))?;
+        keys.insert(key, format!("admin-{}", i + 1));
+    }
+    let skew = Duration::from_secs(
+        file.clock_skew_secs
+            .unwrap_or(defaults::CLOCK_SKEW.as_secs()),
+    );
+    let max_validity = Duration::from_secs(
+        file.max_validity_secs
+            .unwrap_or(defaults::MAX_VALIDITY.as_secs()),
+    );
+    if max_validity.is_zero() {
+        bail!("console max_validity_secs must be at least 1");
+    }
+    let quorum = args
+        .admin_quorum
+        .or(file.quorum)
+        .unwrap_or(defaults::QUORUM);
+    if quorum == 0 || quorum > keys.len() {
+        bail!(
+            "admin quorum {quorum} is impossible with {} distinct admin key(s); add keys or set --admin-quorum",
+            keys.len()
+        );
+    }
+    Ok(Some(mayfly_console::ConsoleConfig {
+        socket: args
+            .console_socket
+            .clone()
+            .or(file.socket)
+            .unwrap_or_else(|| data_dir.join("admin.sock")),
+        tcp: args.console_tcp.or(file.tcp),
+        authorizer: mayfly_command::Authorizer::new(keys, skew, max_validity),
+        quorum,
+        max_connections: 8,
+        io_timeout: Duration::from_secs(30),
+    }))
 }
 
 fn load(args: &ServeArgs) -> anyhow::Result<Settings> {
@@ -160,17 +262,20 @@ fn load(args: &ServeArgs) -> anyhow::Result<Settings> {
         }
         None => FileConfig::default(),
     };
+    let data_dir = args
+        .data_dir
+        .clone()
+        .or(file.data_dir.clone())
+        .unwrap_or_else(|| "./mayfly-data".into());
+    let console = console_settings(args, file.console, &data_dir)?;
     let s = Settings {
+        console,
         backend: args
             .backend
             .clone()
             .or(file.backend)
             .unwrap_or_else(|| "sandbox".into()),
-        data_dir: args
-            .data_dir
-            .clone()
-            .or(file.data_dir)
-            .unwrap_or_else(|| "./mayfly-data".into()),
+        data_dir,
         listen: args
             .listen
             .or(file.listen)
@@ -199,6 +304,7 @@ fn load(args: &ServeArgs) -> anyhow::Result<Settings> {
         cpu_seconds: args.cpu_seconds.or(file.cpu_seconds).unwrap_or(10),
         policy: args.policy.clone().or(file.policy),
         xen: xen_section(args, file.xen.unwrap_or_default()),
+        siem: file.siem.unwrap_or_default(),
     };
     match s.backend.as_str() {
         "sandbox" | "xen" => {}
@@ -213,6 +319,7 @@ fn load(args: &ServeArgs) -> anyhow::Result<Settings> {
     if s.map_size < (16 << 20) {
         bail!("map_size_mib must be at least 16");
     }
+    s.siem.validate().context("in the [siem] section")?;
     Ok(s)
 }
 
@@ -239,10 +346,22 @@ fn xen(s: &Settings, log: &Logger) -> anyhow::Result<XenBackend> {
     XenBackend::start(config, log.clone()).context("starting the xen backend")
 }
 
-fn backend(s: &Settings, log: &Logger) -> anyhow::Result<Arc<dyn DomainBackend>> {
+/// The configured backend, and its quarantine for the admin console.
+type Started = (
+    Arc<dyn DomainBackend>,
+    Arc<dyn mayfly_console::QuarantineControl>,
+);
+
+fn backend(s: &Settings, log: &Logger) -> anyhow::Result<Started> {
     Ok(match s.backend.as_str() {
-        "xen" => Arc::new(xen(s, log)?),
-        _ => Arc::new(sandbox(s, log)?),
+        "xen" => {
+            let xen = Arc::new(xen(s, log)?);
+            (xen.clone(), Arc::new(XenQuarantine(xen)))
+        }
+        _ => {
+            let sandbox = Arc::new(sandbox(s, log)?);
+            (sandbox.clone(), Arc::new(SandboxQuarantine(sandbox)))
+        }
     })
 }
 
@@ -325,10 +444,12 @@ pub fn run(args: &ServeArgs, log: &Logger) -> anyhow::Result<u8> {
     };
     let ledger = Ledger::open(&s.data_dir, &options, log)
         .with_context(|| format!("opening the ledger in {}", s.data_dir.display()))?;
+    let siem = mayfly_siem::Exporter::start(&ledger, &s.siem, log)
+        .context("starting the SIEM exporter")?;
     let policy_files = crate::policy::files(s.policy.as_deref())?;
     let bundle = mayfly_policy::Bundle::load(&policy_files).context("loading the policy bundle")?;
     let policy_hash = bundle.hash();
-    let backend = backend(&s, log)?;
+    let (backend, quarantine) = backend(&s, log)?;
     let names = crate::zygote::handler_names();
     let executor = Arc::new(Executor::new(
         ledger.clone(),
@@ -352,6 +473,7 @@ pub fn run(args: &ServeArgs, log: &Logger) -> anyhow::Result<u8> {
         listen: s.listen,
         workers: s.workers,
         max_in_flight: s.max_in_flight,
+        health_sections: vec![siem_health(siem.status_handle())],
         ..ApiConfig::default()
     };
     let server = match Server::start(api, executor.clone(), log) {
@@ -361,6 +483,29 @@ pub fn run(args: &ServeArgs, log: &Logger) -> anyhow::Result<u8> {
             return Err(e.into());
         }
     };
+    let console = match s.console.clone() {
+        Some(config) => {
+            let services = mayfly_console::Services {
+                executor: executor.clone(),
+                quarantine: Some(quarantine.clone()),
+                exporters: (!s.siem.collectors.is_empty()).then(|| {
+                    Arc::new(SiemStatus(siem.status_handle()))
+                        as Arc<dyn mayfly_console::ExporterStatus>
+                }),
+                admin_keys: config.authorizer.keys().len(),
+                quorum: config.quorum,
+            };
+            match mayfly_console::ConsoleServer::start(config, services, log) {
+                Ok(c) => Some(c),
+                Err(e) => {
+                    server.shutdown();
+                    backend.shutdown();
+                    return Err(anyhow::Error::new(e).context("starting the admin console"));
+                }
+            }
+        }
+        None => None,
+    };
     let addr = server.local_addr();
     ledger.audit(vec![AuditEvent::new("agent.started", Severity::Notice)
         .field("backend", backend.name())
@@ -369,6 +514,18 @@ pub fn run(args: &ServeArgs, log: &Logger) -> anyhow::Result<u8> {
         .field("policy_hash", hex(&policy_hash))])?;
     info!(log, "serving"; "addr" => %addr, "backend" => backend.name());
     print_banner(addr, backend.name(), &s.data_dir, &ledger, &names);
+    match &console {
+        Some(c) => println!(
+            "mayfly: admin console on {}{} ({} admin key(s), quorum {})",
+            c.socket_path().display(),
+            c.tcp_addr()
+                .map(|a| format!(" and tcp {a}"))
+                .unwrap_or_default(),
+            s.console.as_ref().map_or(0, |c| c.authorizer.keys().len()),
+            s.console.as_ref().map_or(0, |c| c.quorum),
+        ),
+        None => println!("mayfly: admin console off (no --admin-key configured)"),
+    }
     println!(
         "mayfly: detector reports (POST /v1/reports) need the bearer token in {}",
         token_path.display()
@@ -392,6 +549,9 @@ pub fn run(args: &ServeArgs, log: &Logger) -> anyhow::Result<u8> {
         }
     };
     eprintln!("dom0-agent: {signal:?} received, stopping");
+    if let Some(c) = console {
+        c.shutdown(Duration::from_secs(10));
+    }
     server.shutdown();
     executor.wait_for_reapers();
     drop(executor);
@@ -399,7 +559,73 @@ pub fn run(args: &ServeArgs, log: &Logger) -> anyhow::Result<u8> {
     ledger.audit(vec![
         AuditEvent::new("agent.stopped", Severity::Notice).field("signal", signal.as_str())
     ])?;
+    for c in siem.stop() {
+        if c.behind > 0 {
+            eprintln!(
+                "dom0-agent: siem collector {} is {} audit records behind; they go out at the next start",
+                c.name, c.behind
+            );
+        }
+    }
     Ok(0)
+}
+
+/// Quarantine control over the sandbox backend, for the admin console.
+struct SandboxQuarantine(Arc<Sandbox>);
+
+impl mayfly_console::QuarantineControl for SandboxQuarantine {
+    fn list(&self) -> Vec<mayfly_domain::Quarantined> {
+        self.0.quarantined()
+    }
+    fn release(
+        &self,
+        id: mayfly_domain::DomainId,
+    ) -> Result<Option<mayfly_domain::DomainExit>, mayfly_domain::DomainError> {
+        self.0.release_quarantined(id)
+    }
+}
+
+/// Quarantine control over the Xen backend, for the admin console.
+struct XenQuarantine(Arc<XenBackend>);
+
+impl mayfly_console::QuarantineControl for XenQuarantine {
+    fn list(&self) -> Vec<mayfly_domain::Quarantined> {
+        self.0.quarantined()
+    }
+    fn release(
+        &self,
+        id: mayfly_domain::DomainId,
+    ) -> Result<Option<mayfly_domain::DomainExit>, mayfly_domain::DomainError> {
+        self.0.release_quarantined(id)
+    }
+}
+
+/// The SIEM exporter's per-collector delivery state, for the console's `status`.
+struct SiemStatus(mayfly_siem::StatusHandle);
+
+impl mayfly_console::ExporterStatus for SiemStatus {
+    fn collectors(&self) -> Vec<mayfly_console::CollectorStatus> {
+        self.0
+            .status()
+            .into_iter()
+            .map(|c| mayfly_console::CollectorStatus {
+                name: c.name,
+                transport: c.transport.as_str().to_owned(),
+                delivered_seq: c.delivered_seq,
+                last_error: c.last_error,
+            })
+            .collect()
+    }
+}
+
+/// The `siem` section of `GET /v1/health`: one object per collector.
+fn siem_health(handle: mayfly_siem::StatusHandle) -> mayfly_api::HealthSection {
+    mayfly_api::HealthSection {
+        name: "siem",
+        report: Arc::new(move || {
+            serde_json::to_value(handle.status()).unwrap_or(serde_json::Value::Null)
+        }),
+    }
 }
 
 fn print_banner(addr: SocketAddr, backend: &str, dir: &Path, ledger: &Ledger, handlers: &[String]) {

@@ -13,7 +13,8 @@ pub struct VerifyArgs {
     /// Data directory of the ledger.
     #[arg(long)]
     data_dir: PathBuf,
-    /// Trust only this Ed25519 public key (64 hex digits, as printed by `export-key`).
+    /// Trust only this Ed25519 public key (64 hex digits, as printed by `export-key`: the
+    /// ledger's first key; key rotations are followed from it).
     /// Without it, the key recorded in the ledger itself is trusted, which proves
     /// integrity but not that the ledger is the appliance's own.
     #[arg(long)]
@@ -98,13 +99,18 @@ pub fn run(args: &VerifyArgs) -> anyhow::Result<u8> {
             "checkpoints": report.checkpoints,
             "audit": report.audit,
             "heads": report.heads,
+            "key_rotations": report.rotations,
             "public_key": codec::hex(&trusted),
             "failures": report.failures.iter().map(to_json).collect::<Vec<_>>(),
         });
         println!("{out}");
     } else if report.ok() {
+        let rotations = match report.rotations {
+            0 => String::new(),
+            n => format!(", across {n} key rotation(s)"),
+        };
         println!(
-            "OK: {} checkpoints, {} audit records, {} signed heads verified in {:.2?} (key {})",
+            "OK: {} checkpoints, {} audit records, {} signed heads verified in {:.2?} (key {}{rotations})",
             report.checkpoints,
             report.audit,
             report.heads,

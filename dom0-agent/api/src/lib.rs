@@ -10,7 +10,7 @@
 //!   400 malformed JSON or fields · 404 unknown handler · 413 body too large
 //!   503 overloaded (too many in flight, or no domain in time), with Retry-After
 //! GET  /v1/transactions/{id}   outcome and checkpoint summary; 404 if unknown
-//! GET  /v1/health              backend, pool, ledger tips, load
+//! GET  /v1/health              backend, pool, ledger tips, load (+ SIEM export status)
 //! POST /v1/reports             an external detector names a tx/key/handler/client as an
 //!                              attack (Authorization: Bearer <detector token>); the policy
 //!                              decides; rollback decisions are carried out (or dry-run)
@@ -54,6 +54,26 @@ pub struct ApiConfig {
     /// Bearer token external detectors must present to `POST /v1/reports`; `None`
     /// disables the endpoint.
     pub detector_token: Option<String>,
+    /// Extra sections of `GET /v1/health`, each a JSON value computed per request (the SIEM
+    /// exporter's status, for one).
+    pub health_sections: Vec<HealthSection>,
+}
+
+/// One named section of `GET /v1/health`, supplied by a part the API does not know.
+#[derive(Clone)]
+pub struct HealthSection {
+    /// Key of the section in the health object.
+    pub name: &'static str,
+    /// Computes the section's value.
+    pub report: Arc<dyn Fn() -> Value + Send + Sync>,
+}
+
+impl std::fmt::Debug for HealthSection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HealthSection")
+            .field("name", &self.name)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Default for ApiConfig {
@@ -65,6 +85,7 @@ impl Default for ApiConfig {
             max_in_flight: 64,
             remember: 100_000,
             detector_token: None,
+            health_sections: Vec::new(),
         }
     }
 }
@@ -642,7 +663,7 @@ fn lookup(shared: &Shared, id: &str) -> (u16, Value) {
 fn health(shared: &Shared) -> Value {
     let stats = shared.executor.backend().stats();
     let tips = shared.executor.ledger().tips();
-    json!({
+    let mut health = json!({
         "status": "ok",
         "backend": shared.executor.backend().name(),
         "pool": {
@@ -661,5 +682,11 @@ fn health(shared: &Shared) -> Value {
         },
         "in_flight": shared.in_flight.load(Ordering::Acquire),
         "max_in_flight": shared.config.max_in_flight,
-    })
+    });
+    if let Some(obj) = health.as_object_mut() {
+        for section in &shared.config.health_sections {
+            obj.insert(section.name.to_owned(), (section.report)());
+        }
+    }
+    health
 }

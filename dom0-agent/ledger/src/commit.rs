@@ -106,6 +106,26 @@ pub enum CommitError {
         /// LMDB's error.
         source: Arc<heed::Error>,
     },
+    /// An admin command nonce has been used before (a replay).
+    #[error("nonce {nonce} was already used by a command accepted earlier (replay)")]
+    NonceReused {
+        /// Hex of the nonce.
+        nonce: String,
+    },
+    /// The `nonces` database holds as many live nonces as it may.
+    #[error(
+        "{live} unexpired admin nonces are recorded, the most allowed; wait for some to expire"
+    )]
+    TooManyNonces {
+        /// Live nonces.
+        live: u64,
+    },
+    /// A key rotation could not be started (the incoming key file).
+    #[error("key rotation: {reason}")]
+    KeyRotation {
+        /// What failed, with the path.
+        reason: String,
+    },
     /// The ledger is shut down.
     #[error("ledger is closed")]
     Closed,
@@ -179,7 +199,24 @@ pub(crate) enum Job {
     LazyAudit(Vec<AuditEvent>),
     /// Apply a planned rollback.
     Rollback(Box<RollbackJob>),
+    /// Record an admin command's nonce (refused if already there), with its audit events.
+    AdminNonce(Box<NonceJob>),
+    /// Hand signing over to a new key, with the audit events that go with it.
+    RotateKey(Vec<AuditEvent>),
 }
+
+/// An admin command nonce to record.
+#[derive(Debug)]
+pub(crate) struct NonceJob {
+    pub nonce: [u8; 16],
+    pub expires_ns: u64,
+    pub body_hash: Hash,
+    pub prune_before_ns: u64,
+    pub audit: Vec<AuditEvent>,
+}
+
+/// Most unexpired nonces kept; commands beyond it are refused until some expire.
+pub const MAX_LIVE_NONCES: u64 = 100_000;
 
 /// A planned rollback, with what its record needs besides the plan.
 #[derive(Debug)]
@@ -258,6 +295,7 @@ pub(crate) struct Committer {
     pub max_group: usize,
     pub track_dependencies: bool,
     pub shared_tips: Arc<Mutex<Tips>>,
+    pub shared_signing_key: Arc<Mutex<crate::PublicKey>>,
     pub log: Logger,
 }
 
@@ -369,8 +407,13 @@ impl Committer {
         let mut ckpt = self.checkpoints;
         let mut audit = self.audit;
         let mut results = Vec::with_capacity(n);
+        let mut incoming: Option<SigningKey> = None;
         for job in jobs {
             let step = match job {
+                Job::AdminNonce(job) => self.apply_nonce(&mut wtxn, &mut audit, *job, now),
+                Job::RotateKey(events) => {
+                    self.apply_rotation(&mut wtxn, &mut audit, &mut incoming, events, now)
+                }
                 Job::Commit(tx) => self.apply_tx(&mut wtxn, &mut ckpt, &mut audit, *tx, now),
                 Job::Audit(events) | Job::LazyAudit(events) => {
                     self.apply_audit(&mut wtxn, &mut audit, events, now)
@@ -390,7 +433,15 @@ impl Committer {
             return Ok(results);
         }
         let group = self.group.saturating_add(1);
-        let head = SignedHead::sign(&self.key, group, ckpt, audit, now);
+        let head = match &incoming {
+            Some(next) => {
+                dbs.meta
+                    .put(&mut wtxn, meta_keys::SIGNING_KEY, &next.public_key())
+                    .map_err(fail)?;
+                SignedHead::sign_rotation(&self.key, group, ckpt, audit, now, next.public_key())
+            }
+            None => SignedHead::sign(&self.key, group, ckpt, audit, now),
+        };
         dbs.heads
             .put(&mut wtxn, &u64_key(group), &head.encode())
             .map_err(fail)?;
@@ -403,7 +454,24 @@ impl Committer {
         dbs.meta
             .put(&mut wtxn, meta_keys::GROUP, &u64_key(group))
             .map_err(fail)?;
-        wtxn.commit().map_err(fail)?;
+        if let Err(e) = wtxn.commit() {
+            if incoming.is_some() {
+                let _ = SigningKey::discard_next(&self.store.dir);
+            }
+            return Err(fail(e));
+        }
+        if let Some(next) = incoming {
+            // The rotation head is durable: from now on only the new key may sign. If the
+            // rename fails, the next start finds signing.key.next matching the ledger and
+            // finishes it (Ledger::open).
+            if let Err(e) = SigningKey::install_next(&self.store.dir) {
+                error!(self.log, "installing the rotated signing key failed; it will be installed at the next start"; "error" => %e);
+            }
+            if let Ok(mut k) = self.shared_signing_key.lock() {
+                *k = next.public_key();
+            }
+            self.key = next;
+        }
 
         self.checkpoints = ckpt;
         self.audit = audit;
@@ -655,6 +723,81 @@ impl Committer {
             audit_seq: audit.seq,
             group: 0,
         })
+    }
+
+    fn apply_nonce(
+        &self,
+        wtxn: &mut RwTxn<'_>,
+        audit: &mut Tip,
+        job: NonceJob,
+        now: u64,
+    ) -> Result<Receipt, Step> {
+        let db = self.store.dbs.nonces;
+        let mut expired = Vec::new();
+        let mut live: u64 = 0;
+        for item in db.iter(wtxn)? {
+            let (k, v) = item?;
+            let expires = v.get(..8).and_then(crate::store::read_u64).unwrap_or(0);
+            if expires < job.prune_before_ns {
+                expired.push(k.to_vec());
+            } else {
+                live = live.saturating_add(1);
+            }
+        }
+        for k in expired {
+            db.delete(wtxn, &k)?;
+        }
+        if db.get(wtxn, &job.nonce)?.is_some() {
+            return Err(Step::Reject(CommitError::NonceReused {
+                nonce: hex(&job.nonce),
+            }));
+        }
+        if live >= MAX_LIVE_NONCES {
+            return Err(Step::Reject(CommitError::TooManyNonces { live }));
+        }
+        for ev in &job.audit {
+            ev.validate().map_err(|e| Step::Reject(e.into()))?;
+        }
+        let mut value = Vec::with_capacity(40);
+        value.extend_from_slice(&job.expires_ns.to_be_bytes());
+        value.extend_from_slice(&job.body_hash);
+        db.put(wtxn, &job.nonce, &value)?;
+        self.apply_audit(wtxn, audit, job.audit, now)
+    }
+
+    fn apply_rotation(
+        &self,
+        wtxn: &mut RwTxn<'_>,
+        audit: &mut Tip,
+        incoming: &mut Option<SigningKey>,
+        events: Vec<AuditEvent>,
+        now: u64,
+    ) -> Result<Receipt, Step> {
+        if incoming.is_some() {
+            return Err(Step::Reject(CommitError::KeyRotation {
+                reason: "another rotation is already in this group commit".into(),
+            }));
+        }
+        for ev in &events {
+            ev.validate().map_err(|e| Step::Reject(e.into()))?;
+        }
+        let next = SigningKey::generate_next(&self.store.dir).map_err(|e| {
+            Step::Reject(CommitError::KeyRotation {
+                reason: e.to_string(),
+            })
+        })?;
+        let rotated = AuditEvent::new("key.rotated", crate::Severity::Notice)
+            .field("old_key", hex(&self.key.public_key()))
+            .field("new_key", hex(&next.public_key()))
+            .field("group", self.group.saturating_add(1));
+        let receipt = self.apply_audit(
+            wtxn,
+            audit,
+            std::iter::once(rotated).chain(events).collect(),
+            now,
+        )?;
+        *incoming = Some(next);
+        Ok(receipt)
     }
 
     fn append_audit(

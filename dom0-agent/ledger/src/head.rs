@@ -16,6 +16,17 @@
 //!    102   32  public_key  Ed25519 key that signed
 //!    134   64  signature   Ed25519 over bytes 0..134
 //! ```
+//!
+//! A **key-rotation head** (kind `0x02`) is a group head that also names the key that
+//! signs every later head. It is signed by the *old* key, so the hand-over is itself
+//! covered by the chain of trust that starts at the ledger's first key:
+//!
+//! ```text
+//! offset size  field
+//!      0  134  as above, with kind = 0x02 and public_key = the old (outgoing) key
+//!    134   32  next_key    Ed25519 key that signs every head after this one
+//!    166   64  signature   Ed25519 by the old key over bytes 0..166
+//! ```
 //! Every group commit stores a head, so every record of both chains is covered by the
 //! signature of the head of the group that appended it, and through the hash links by every
 //! later head.
@@ -32,10 +43,16 @@ pub const MAGIC: &str = "MFHD";
 pub const VERSION: u8 = 1;
 /// Kind byte of a group head.
 pub const KIND_GROUP: u8 = 0x01;
-/// Length of the signed part.
+/// Kind byte of a key-rotation head.
+pub const KIND_ROTATION: u8 = 0x02;
+/// Length of the signed part of a group head.
 pub const SIGNED_LEN: usize = 134;
-/// Length of a whole stored head.
+/// Length of a whole stored group head.
 pub const HEAD_LEN: usize = SIGNED_LEN + 64;
+/// Length of the signed part of a key-rotation head.
+pub const ROTATION_SIGNED_LEN: usize = SIGNED_LEN + 32;
+/// Length of a whole stored key-rotation head.
+pub const ROTATION_HEAD_LEN: usize = ROTATION_SIGNED_LEN + 64;
 
 /// The tip of one chain.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -59,7 +76,9 @@ pub struct SignedHead {
     pub time_ns: u64,
     /// Signer.
     pub public_key: PublicKey,
-    /// Signature over the first [`SIGNED_LEN`] bytes of the encoding.
+    /// For a key-rotation head: the key that signs every later head.
+    pub next_key: Option<PublicKey>,
+    /// Signature over the encoding up to the signature.
     pub signature: [u8; 64],
 }
 
@@ -70,11 +89,16 @@ impl SignedHead {
         audit: Tip,
         time_ns: u64,
         public_key: &PublicKey,
+        next_key: Option<&PublicKey>,
     ) -> Vec<u8> {
-        let mut w = Writer::with_capacity(HEAD_LEN);
+        let mut w = Writer::with_capacity(ROTATION_HEAD_LEN);
         w.raw(MAGIC.as_bytes());
         w.u8(VERSION);
-        w.u8(KIND_GROUP);
+        w.u8(if next_key.is_some() {
+            KIND_ROTATION
+        } else {
+            KIND_GROUP
+        });
         w.u64(group);
         w.u64(checkpoints.seq);
         w.raw(&checkpoints.hash);
@@ -82,19 +106,53 @@ impl SignedHead {
         w.raw(&audit.hash);
         w.u64(time_ns);
         w.raw(public_key);
+        if let Some(next) = next_key {
+            w.raw(next);
+        }
         w.finish()
     }
 
-    /// Builds and signs a head.
+    /// Builds and signs a group head.
     pub fn sign(key: &SigningKey, group: u64, checkpoints: Tip, audit: Tip, time_ns: u64) -> Self {
+        Self::sign_inner(key, group, checkpoints, audit, time_ns, None)
+    }
+
+    /// Builds a key-rotation head: signed by `key` (the outgoing key), naming `next_key`.
+    pub fn sign_rotation(
+        key: &SigningKey,
+        group: u64,
+        checkpoints: Tip,
+        audit: Tip,
+        time_ns: u64,
+        next_key: PublicKey,
+    ) -> Self {
+        Self::sign_inner(key, group, checkpoints, audit, time_ns, Some(next_key))
+    }
+
+    fn sign_inner(
+        key: &SigningKey,
+        group: u64,
+        checkpoints: Tip,
+        audit: Tip,
+        time_ns: u64,
+        next_key: Option<PublicKey>,
+    ) -> Self {
         let public_key = key.public_key();
-        let msg = Self::signed_bytes(group, checkpoints, audit, time_ns, &public_key);
+        let msg = Self::signed_bytes(
+            group,
+            checkpoints,
+            audit,
+            time_ns,
+            &public_key,
+            next_key.as_ref(),
+        );
         Self {
             group,
             checkpoints,
             audit,
             time_ns,
             public_key,
+            next_key,
             signature: key.sign(&msg),
         }
     }
@@ -107,6 +165,7 @@ impl SignedHead {
             self.audit,
             self.time_ns,
             &self.public_key,
+            self.next_key.as_ref(),
         );
         out.extend_from_slice(&self.signature);
         out
@@ -121,6 +180,7 @@ impl SignedHead {
             self.audit,
             self.time_ns,
             &self.public_key,
+            self.next_key.as_ref(),
         );
         verify_signature(&self.public_key, &msg, &self.signature)
     }
@@ -128,7 +188,21 @@ impl SignedHead {
     /// Decodes a stored head (the signature is not checked here).
     pub fn decode(bytes: &[u8]) -> Result<Self, DecodeError> {
         let mut r = Reader::new(bytes);
-        r.header(MAGIC, "head", VERSION, KIND_GROUP)?;
+        r.magic(MAGIC)?;
+        let version = r.u8("version")?;
+        if version != VERSION {
+            return Err(DecodeError::UnsupportedVersion {
+                record: "head",
+                found: version,
+            });
+        }
+        let kind = r.u8("kind")?;
+        if kind != KIND_GROUP && kind != KIND_ROTATION {
+            return Err(DecodeError::NotCanonical {
+                field: "kind",
+                reason: "unknown record kind",
+            });
+        }
         let group = r.u64("group")?;
         let checkpoints = Tip {
             seq: r.u64("ckpt_seq")?,
@@ -140,6 +214,11 @@ impl SignedHead {
         };
         let time_ns = r.u64("time_ns")?;
         let public_key = r.array("public_key")?;
+        let next_key = if kind == KIND_ROTATION {
+            Some(r.array("next_key")?)
+        } else {
+            None
+        };
         let signature = r.array("signature")?;
         r.finish()?;
         Ok(Self {
@@ -148,6 +227,7 @@ impl SignedHead {
             audit,
             time_ns,
             public_key,
+            next_key,
             signature,
         })
     }
@@ -188,5 +268,40 @@ mod tests {
                 .unwrap_or(false);
             assert!(!ok, "flipping byte {i} went unnoticed");
         }
+    }
+
+    #[test]
+    fn rotation_head_round_trips_and_binds_the_next_key() {
+        let old = SigningKey::from_seed(&[1; 32]);
+        let new = SigningKey::from_seed(&[2; 32]);
+        let h = SignedHead::sign_rotation(
+            &old,
+            7,
+            Tip::default(),
+            Tip {
+                seq: 3,
+                hash: [9; 32],
+            },
+            5,
+            new.public_key(),
+        );
+        let enc = h.encode();
+        assert_eq!(enc.len(), ROTATION_HEAD_LEN);
+        assert_eq!(enc[5], KIND_ROTATION);
+        let d = SignedHead::decode(&enc).unwrap();
+        assert_eq!(d, h);
+        assert!(d.signature_valid());
+        for i in 0..enc.len() {
+            let mut bad = enc.clone();
+            bad[i] ^= 0x01;
+            let ok = SignedHead::decode(&bad)
+                .map(|h| h.signature_valid())
+                .unwrap_or(false);
+            assert!(!ok, "flipping byte {i} of a rotation head went unnoticed");
+        }
+        // A group head's bytes with the kind changed to rotation do not decode (too short).
+        let mut g = SignedHead::sign(&old, 1, Tip::default(), Tip::default(), 1).encode();
+        g[5] = KIND_ROTATION;
+        assert!(SignedHead::decode(&g).is_err());
     }
 }

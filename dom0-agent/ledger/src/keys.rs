@@ -17,6 +17,8 @@ use ring::signature::{Ed25519KeyPair, KeyPair, UnparsedPublicKey, ED25519};
 
 /// File name of the private key inside the data directory.
 pub const KEY_FILE: &str = "signing.key";
+/// File name of the incoming key during a key rotation (see [`SigningKey::generate_next`]).
+pub const NEXT_KEY_FILE: &str = "signing.key.next";
 /// Largest key file accepted (a PKCS#8 Ed25519 document is 83-85 bytes).
 const MAX_KEY_FILE: u64 = 4096;
 
@@ -76,7 +78,16 @@ impl std::fmt::Debug for SigningKey {
 impl SigningKey {
     /// Loads `<dir>/signing.key`.
     pub fn load(dir: &Path) -> Result<Self, KeyError> {
-        let path = dir.join(KEY_FILE);
+        Self::load_file(&dir.join(KEY_FILE))
+    }
+
+    /// Loads `<dir>/signing.key.next`, the incoming key of a rotation.
+    pub fn load_next(dir: &Path) -> Result<Self, KeyError> {
+        Self::load_file(&dir.join(NEXT_KEY_FILE))
+    }
+
+    fn load_file(path: &Path) -> Result<Self, KeyError> {
+        let path = path.to_path_buf();
         let io = |source| KeyError::Io {
             path: path.clone(),
             source,
@@ -105,8 +116,44 @@ impl SigningKey {
     /// Generates a new key into `<dir>/signing.key` (mode 0600, written through a temporary
     /// file, fsynced, then renamed). Fails if the file already exists.
     pub fn generate(dir: &Path) -> Result<Self, KeyError> {
+        Self::generate_as(dir, KEY_FILE)
+    }
+
+    /// Generates the incoming key of a rotation into `<dir>/signing.key.next` (replacing a
+    /// leftover of an interrupted rotation). The ledger installs it with
+    /// [`SigningKey::install_next`] once the rotation head is durable; until then the
+    /// current key stays in `signing.key`.
+    pub fn generate_next(dir: &Path) -> Result<Self, KeyError> {
+        Self::discard_next(dir)?;
+        Self::generate_as(dir, NEXT_KEY_FILE)
+    }
+
+    /// Removes `<dir>/signing.key.next` if present (an interrupted rotation that never
+    /// committed).
+    pub fn discard_next(dir: &Path) -> Result<(), KeyError> {
+        let path = dir.join(NEXT_KEY_FILE);
+        match fs::remove_file(&path) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(source) => Err(KeyError::Io { path, source }),
+        }
+    }
+
+    /// Replaces `signing.key` with `signing.key.next` (atomic rename, then the directory is
+    /// fsynced). The outgoing private key is gone afterwards: a retired key cannot sign.
+    pub fn install_next(dir: &Path) -> Result<(), KeyError> {
         let path = dir.join(KEY_FILE);
-        let tmp = dir.join(format!("{KEY_FILE}.tmp"));
+        let io = |source| KeyError::Io {
+            path: path.clone(),
+            source,
+        };
+        fs::rename(dir.join(NEXT_KEY_FILE), &path).map_err(io)?;
+        File::open(dir).and_then(|d| d.sync_all()).map_err(io)
+    }
+
+    fn generate_as(dir: &Path, name: &str) -> Result<Self, KeyError> {
+        let path = dir.join(name);
+        let tmp = dir.join(format!("{name}.tmp"));
         let der =
             Ed25519KeyPair::generate_pkcs8(&SystemRandom::new()).map_err(|_| KeyError::Random)?;
         let io = |p: &Path| {

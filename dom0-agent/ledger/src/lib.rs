@@ -20,6 +20,8 @@
 //!              b"public_key"                         32-byte Ed25519 public key of the ledger
 //!              b"checkpoint_tip", b"audit_tip"       u64 seq || 32-byte chain hash
 //!              b"group"                              u64 last group-commit sequence
+//!              b"signing_key"                        32-byte key signing new heads, once a
+//!                                                    key rotation has happened (else absent)
 //! data         application key (1..=256 bytes)       0x01 || u64 version || value   (live)
 //!                                                    0x02 || u64 version            (tombstone)
 //! checkpoints  u64 commit seq                        checkpoint encoding (checkpoint.rs)
@@ -27,8 +29,9 @@
 //! heads        u64 group seq                         signed head (head.rs)
 //! tx_index     16-byte transaction id                u64 commit seq
 //! deps         u64 commit seq                        ascending u64 seqs whose versions it read
-//! nonces       (admin console; created empty)
-//! cursors      (SIEM exporter; created empty)
+//! nonces       16-byte admin command nonce           u64 expires_ns || 32-byte SHA-256 of the
+//!                                                    command body (pruned after expiry)
+//! cursors      exporter name (1..=64 bytes)          b"MFCU" || u8 1 || u64 last delivered audit seq
 //! ```
 //!
 //! A data version is the commit sequence of the checkpoint that wrote it; 0 means "never
@@ -52,6 +55,7 @@ pub mod audit;
 pub mod checkpoint;
 pub mod codec;
 pub mod commit;
+pub mod cursor;
 pub mod head;
 pub mod keys;
 pub mod read;
@@ -72,6 +76,7 @@ use slog::{info, o, Logger};
 pub use audit::{AuditEvent, AuditRecord, Severity};
 pub use checkpoint::{Checkpoint, ReadEntry, WriteEntry};
 pub use commit::{encode_deps, CommitError, CommitTicket};
+pub use cursor::CursorError;
 pub use head::{SignedHead, Tip};
 pub use keys::{KeyError, PublicKey, SigningKey};
 pub use read::ReadError;
@@ -198,6 +203,7 @@ pub(crate) struct Inner {
     committer: Option<JoinHandle<()>>,
     tips: Arc<Mutex<Tips>>,
     public_key: PublicKey,
+    signing_key: Arc<Mutex<PublicKey>>,
 }
 
 impl Drop for Inner {
@@ -262,17 +268,11 @@ impl Ledger {
             (key, None)
         } else {
             let state = store.load_meta(true)?;
-            let key = SigningKey::load(dir)?;
-            if key.public_key() != state.public_key {
-                return Err(OpenError::KeyMismatch {
-                    path: dir.to_path_buf(),
-                    found: codec::hex(&key.public_key()),
-                    expected: codec::hex(&state.public_key),
-                });
-            }
+            let key = Self::current_key(dir, &state.signing_key)?;
             (key, Some(state))
         };
-        let public_key = key.public_key();
+        let public_key = state.map_or_else(|| key.public_key(), |s| s.public_key);
+        let shared_signing_key = Arc::new(Mutex::new(key.public_key()));
         let tips = state.map_or_else(Tips::default, |s| Tips {
             checkpoints: s.checkpoints,
             audit: s.audit,
@@ -288,6 +288,7 @@ impl Ledger {
             max_group: opts.max_group.max(1),
             track_dependencies: opts.track_dependencies,
             shared_tips: shared_tips.clone(),
+            shared_signing_key: shared_signing_key.clone(),
             log: log.clone(),
         };
         let event = if fresh {
@@ -321,7 +322,30 @@ impl Ledger {
                 committer: Some(handle),
                 tips: shared_tips,
                 public_key,
+                signing_key: shared_signing_key,
             }),
+        })
+    }
+
+    /// The key in `signing.key` if it is the one the ledger says signs (`expected`). A key
+    /// rotation that committed but stopped before installing the new key file is finished
+    /// here; a `signing.key.next` left by one that never committed is discarded.
+    fn current_key(dir: &Path, expected: &PublicKey) -> Result<SigningKey, OpenError> {
+        let key = SigningKey::load(dir)?;
+        if key.public_key() == *expected {
+            SigningKey::discard_next(dir)?;
+            return Ok(key);
+        }
+        if let Ok(next) = SigningKey::load_next(dir) {
+            if next.public_key() == *expected {
+                SigningKey::install_next(dir)?;
+                return Ok(next);
+            }
+        }
+        Err(OpenError::KeyMismatch {
+            path: dir.to_path_buf(),
+            found: codec::hex(&key.public_key()),
+            expected: codec::hex(expected),
         })
     }
 
@@ -417,9 +441,56 @@ impl Ledger {
         self.inner.tips.lock().map(|t| *t).unwrap_or_default()
     }
 
-    /// The ledger's public key.
+    /// The ledger's first public key: its identity and the root of trust `verify` starts
+    /// from. Key rotations do not change it.
     pub fn public_key(&self) -> PublicKey {
         self.inner.public_key
+    }
+
+    /// The key that signs new heads (the first key until a rotation).
+    pub fn signing_key(&self) -> PublicKey {
+        self.inner
+            .signing_key
+            .lock()
+            .map(|k| *k)
+            .unwrap_or(self.inner.public_key)
+    }
+
+    /// Records an admin command's `nonce` (valid until `expires_ns`) together with
+    /// `events`, durably, in one commit; refuses a nonce already recorded
+    /// ([`CommitError::NonceReused`]: a replay), in which case nothing is written. Nonces
+    /// that expired before `prune_before_ns` are pruned in the same commit.
+    pub fn record_admin_nonce(
+        &self,
+        nonce: [u8; 16],
+        expires_ns: u64,
+        body_hash: Hash,
+        prune_before_ns: u64,
+        events: Vec<AuditEvent>,
+    ) -> Result<Receipt, CommitError> {
+        for ev in &events {
+            ev.validate()?;
+        }
+        let job = commit::NonceJob {
+            nonce,
+            expires_ns,
+            body_hash,
+            prune_before_ns,
+            audit: events,
+        };
+        commit::submit(&self.inner, commit::Job::AdminNonce(Box::new(job)))?.wait()
+    }
+
+    /// Rotates the appliance signing key: generates a new key, and commits a key-rotation
+    /// head signed by the current key that names the new one, with a `key.rotated` audit
+    /// record and `events`. Every later head is signed by the new key; the old private key
+    /// is deleted. Returns the new public key and the receipt.
+    pub fn rotate_key(&self, events: Vec<AuditEvent>) -> Result<(PublicKey, Receipt), CommitError> {
+        for ev in &events {
+            ev.validate()?;
+        }
+        let receipt = commit::submit(&self.inner, commit::Job::RotateKey(events))?.wait()?;
+        Ok((self.signing_key(), receipt))
     }
 
     /// The underlying store, for reads and verification.

@@ -48,6 +48,56 @@ impl Store {
             })
     }
 
+    /// Records of the checkpoint chain (transactions and rollbacks) with `seq >= from`, at
+    /// most `limit`, in order.
+    pub fn records(
+        &self,
+        from: u64,
+        limit: usize,
+    ) -> Result<Vec<crate::rollback::Record>, ReadError> {
+        let rtxn = self.read_txn()?;
+        let start = u64_key(from);
+        let range = (
+            std::ops::Bound::Included(&start[..]),
+            std::ops::Bound::Unbounded,
+        );
+        let mut out = Vec::new();
+        for item in self.dbs.checkpoints.range(&rtxn, &range)?.take(limit) {
+            let (k, v) = item?;
+            out.push(
+                crate::rollback::Record::decode(v).map_err(|source| ReadError::Corrupt {
+                    what: "checkpoint",
+                    at: read_u64(k).map_or_else(|| hex(k), |s| s.to_string()),
+                    source,
+                })?,
+            );
+        }
+        Ok(out)
+    }
+
+    /// The newest `limit` signed heads, newest first.
+    pub fn last_heads(&self, limit: usize) -> Result<Vec<crate::head::SignedHead>, ReadError> {
+        let rtxn = self.read_txn()?;
+        let mut out = Vec::new();
+        for item in self.dbs.heads.rev_iter(&rtxn)?.take(limit) {
+            let (k, v) = item?;
+            out.push(
+                crate::head::SignedHead::decode(v).map_err(|source| ReadError::Corrupt {
+                    what: "signed head",
+                    at: read_u64(k).map_or_else(|| hex(k), |s| s.to_string()),
+                    source,
+                })?,
+            );
+        }
+        Ok(out)
+    }
+
+    /// Admin nonces recorded (unexpired, or expired but not yet pruned).
+    pub fn admin_nonces(&self) -> Result<u64, ReadError> {
+        let rtxn = self.read_txn()?;
+        Ok(self.dbs.nonces.len(&rtxn)?)
+    }
+
     /// The commit sequence of transaction `id`, if it committed.
     pub fn seq_of(&self, id: &TxId) -> Result<Option<u64>, ReadError> {
         let rtxn = self.read_txn()?;
@@ -70,6 +120,34 @@ impl Store {
                 at: read_u64(k).map_or_else(|| hex(k), |s| s.to_string()),
                 source,
             })?);
+        }
+        Ok(out)
+    }
+
+    /// Like [`Store::audit_records`], each with its chain hash
+    /// (`SHA-256(prev_hash || stored bytes)`), computed from the stored encoding without
+    /// encoding the record again: what an exporter sends.
+    pub fn audit_records_with_hash(
+        &self,
+        from: u64,
+        limit: usize,
+    ) -> Result<Vec<(AuditRecord, crate::Hash)>, ReadError> {
+        let rtxn = self.read_txn()?;
+        let start = u64_key(from);
+        let range = (
+            std::ops::Bound::Included(&start[..]),
+            std::ops::Bound::Unbounded,
+        );
+        let mut out = Vec::new();
+        for item in self.dbs.audit.range(&rtxn, &range)?.take(limit) {
+            let (k, v) = item?;
+            let record = AuditRecord::decode(v).map_err(|source| ReadError::Corrupt {
+                what: "audit record",
+                at: read_u64(k).map_or_else(|| hex(k), |s| s.to_string()),
+                source,
+            })?;
+            let hash = crate::checkpoint::chain_hash(&record.prev_hash, v);
+            out.push((record, hash));
         }
         Ok(out)
     }
@@ -187,5 +265,33 @@ impl Store {
             }
         }
         Ok(affected.into_iter().collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::{AuditEvent, Ledger, Options, Severity};
+
+    #[test]
+    fn audit_hashes_are_the_chain_hashes() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = slog::Logger::root(slog::Discard, slog::o!());
+        let ledger = Ledger::open(dir.path(), &Options::default(), &log).unwrap();
+        let events = (0..5)
+            .map(|i| AuditEvent::new("test.event", Severity::Info).field("i", i))
+            .collect();
+        ledger.audit(events).unwrap();
+        let with_hash = ledger.store().audit_records_with_hash(1, 100).unwrap();
+        assert_eq!(with_hash.len(), 6);
+        let mut prev = [0u8; 32];
+        for (r, hash) in &with_hash {
+            assert_eq!(r.prev_hash, prev);
+            assert_eq!(*hash, crate::checkpoint::chain_hash(&prev, &r.encode()));
+            prev = *hash;
+        }
+        assert_eq!(prev, ledger.tips().audit.hash);
+        let tail = ledger.store().audit_records_with_hash(5, 1).unwrap();
+        assert_eq!(tail.len(), 1);
+        assert_eq!(tail[0], with_hash[4]);
     }
 }

@@ -57,6 +57,8 @@ pub(crate) mod meta_keys {
     pub const CKPT_TIP: &[u8] = b"checkpoint_tip";
     pub const AUDIT_TIP: &[u8] = b"audit_tip";
     pub const GROUP: &[u8] = b"group";
+    /// The key that signs new heads, when it is no longer the first one (key rotation).
+    pub const SIGNING_KEY: &[u8] = b"signing_key";
 }
 
 /// Value of `meta/format`: a marker and the layout version this build writes.
@@ -159,6 +161,8 @@ pub(crate) struct Dbs {
     pub heads: Database<Bytes, Bytes>,
     pub tx_index: Database<Bytes, Bytes>,
     pub deps: Database<Bytes, Bytes>,
+    pub nonces: Database<Bytes, Bytes>,
+    pub cursors: Database<Bytes, Bytes>,
 }
 
 /// How to open the environment.
@@ -340,10 +344,9 @@ impl Store {
             heads: open(names::HEADS)?,
             tx_index: open(names::TX_INDEX)?,
             deps: open(names::DEPS)?,
+            nonces: open(names::NONCES)?,
+            cursors: open(names::CURSORS)?,
         };
-        for name in [names::NONCES, names::CURSORS] {
-            open(name)?;
-        }
         // Committing the read transaction makes the opened handles valid for the whole
         // environment (LMDB: handles opened in an aborted transaction are discarded).
         rtxn.commit().map_err(|source| OpenError::Storage {
@@ -353,9 +356,16 @@ impl Store {
         Ok(Self { env, dbs, dir })
     }
 
-    /// The public key the ledger was created with, as recorded in `meta`.
+    /// The public key the ledger was created with, as recorded in `meta`: the root of
+    /// trust, unchanged by key rotations.
     pub fn public_key(&self) -> Result<PublicKey, OpenError> {
         Ok(self.load_meta(false)?.public_key)
+    }
+
+    /// The key that signs new heads, as recorded in `meta` (the first key until a
+    /// rotation).
+    pub fn signing_key(&self) -> Result<PublicKey, OpenError> {
+        Ok(self.load_meta(false)?.signing_key)
     }
 
     /// Data directory.
@@ -432,6 +442,12 @@ impl Store {
                 .and_then(decode_tip)
                 .ok_or_else(|| self.corrupt(format!("meta/{what} missing or malformed")))
         };
+        let signing_key: PublicKey = match get(meta_keys::SIGNING_KEY)? {
+            None => public_key,
+            Some(v) => v
+                .try_into()
+                .map_err(|_| self.corrupt("meta/signing_key malformed".into()))?,
+        };
         let checkpoints = tip(meta_keys::CKPT_TIP, "checkpoint_tip")?;
         let audit = tip(meta_keys::AUDIT_TIP, "audit_tip")?;
         let group = get(meta_keys::GROUP)?
@@ -439,6 +455,7 @@ impl Store {
             .ok_or_else(|| self.corrupt("meta/group missing or malformed".into()))?;
         let state = MetaState {
             public_key,
+            signing_key,
             checkpoints,
             audit,
             group,
@@ -506,7 +523,10 @@ impl Store {
 /// Identity and tips as recorded in `meta`.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct MetaState {
+    /// The ledger's first key: the root of trust `verify` starts from.
     pub public_key: PublicKey,
+    /// The key that signs new heads (the first key until a rotation).
+    pub signing_key: PublicKey,
     pub checkpoints: Tip,
     pub audit: Tip,
     pub group: u64,

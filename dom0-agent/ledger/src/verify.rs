@@ -91,6 +91,8 @@ pub struct VerifyReport {
     pub audit: u64,
     /// Signed heads checked.
     pub heads: u64,
+    /// Key rotations followed.
+    pub rotations: u64,
     /// Problems, the first bad record of each chain first.
     pub failures: Vec<Failure>,
 }
@@ -236,7 +238,10 @@ fn first_bad_link(links: &[Link], signed: &HashMap<u64, Hash>, chain: Chain) -> 
 }
 
 /// Verifies both chains and all signed heads of `store`. Heads must be signed by one of
-/// `trusted`. `progress` is called every few thousand records.
+/// `trusted` (the ledger's first key, normally) until a key-rotation head, which must
+/// itself verify under the key then in force; every head after it must be signed by the
+/// key it names, and by no other (a retired key, even a trusted one, is refused).
+/// `progress` is called every few thousand records.
 pub fn verify(
     store: &Store,
     trusted: &[PublicKey],
@@ -257,6 +262,9 @@ pub fn verify(
     let mut signed_au: HashMap<u64, Hash> = HashMap::new();
     let mut last: Option<SignedHead> = None;
     let mut expected_group: u64 = 1;
+    // The key handed over to by the last rotation head; `None`: any of `trusted`.
+    let mut rotated_to: Option<PublicKey> = None;
+    let mut rotations: u64 = 0;
     for item in store.dbs.heads.iter(&rtxn)? {
         let (k, v) = item?;
         let fail = |group: u64, problem: String| Some(Failure::Head { group, problem });
@@ -288,16 +296,34 @@ pub fn verify(
             );
             break;
         }
-        if !trusted.contains(&head.public_key) {
-            head_failure = fail(
-                group,
-                format!("signed by untrusted key {}", hex(&head.public_key)),
-            );
-            break;
+        match rotated_to {
+            None if !trusted.contains(&head.public_key) => {
+                head_failure = fail(
+                    group,
+                    format!("signed by untrusted key {}", hex(&head.public_key)),
+                );
+                break;
+            }
+            Some(current) if head.public_key != current => {
+                head_failure = fail(
+                    group,
+                    format!(
+                        "signed by key {}, but rotation {rotations} handed signing over to {}",
+                        hex(&head.public_key),
+                        hex(&current)
+                    ),
+                );
+                break;
+            }
+            _ => {}
         }
         if !head.signature_valid() {
             head_failure = fail(group, "signature does not verify".into());
             break;
+        }
+        if let Some(next) = head.next_key {
+            rotated_to = Some(next);
+            rotations = rotations.saturating_add(1);
         }
         if let Some(prev) = &last {
             if head.checkpoints.seq < prev.checkpoints.seq || head.audit.seq < prev.audit.seq {
@@ -400,6 +426,7 @@ pub fn verify(
         }
     }
     report.failures.extend(head_failure);
+    report.rotations = rotations;
 
     if report.failures.is_empty() {
         if let (Ok(meta), Some(head)) = (store.meta_in(&rtxn, false), &last) {
@@ -411,6 +438,13 @@ pub fn verify(
                     problem: format!(
                         "recorded tips (group {}) differ from the last signed head (group {})",
                         meta.group, head.group
+                    ),
+                });
+            } else if meta.signing_key != rotated_to.unwrap_or(meta.public_key) {
+                report.failures.push(Failure::Meta {
+                    problem: format!(
+                        "recorded signing key {} is not the one the signed heads hand over to",
+                        hex(&meta.signing_key)
                     ),
                 });
             }

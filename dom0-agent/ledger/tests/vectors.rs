@@ -187,3 +187,33 @@ fn rollback_vector() {
     assert_eq!(RollbackRecord::decode(&e).unwrap(), r);
     check("rollback-3.hash", &chain_hash(&h2, &e));
 }
+
+#[test]
+fn rotation_head_vector() {
+    // Group 2: the key of head-1 (seed 0x01) hands signing over to the key of seed 0x02.
+    let old = SigningKey::from_seed(&[0x01; 32]);
+    let new = SigningKey::from_seed(&[0x02; 32]);
+    check("head-key-2.pub", &new.public_key());
+    let c1 = checkpoint_1();
+    let h1 = chain_hash(&[0; 32], &c1.encode());
+    let h2 = chain_hash(&h1, &checkpoint_2(h1).encode());
+    let audit_text = std::fs::read_to_string(vector_path("audit-1.hash")).unwrap();
+    let audit_hash: [u8; 32] = unhex(audit_text.trim()).unwrap().try_into().unwrap();
+    let head = SignedHead::sign_rotation(
+        &old,
+        2,
+        Tip { seq: 2, hash: h2 },
+        Tip {
+            seq: 1,
+            hash: audit_hash,
+        },
+        1_700_000_002_000_000_000,
+        new.public_key(),
+    );
+    let e = head.encode();
+    check("head-rotation-2.hex", &e);
+    let d = SignedHead::decode(&e).unwrap();
+    assert!(d.signature_valid());
+    assert_eq!(d.next_key, Some(new.public_key()));
+    assert_eq!(d, head);
+}

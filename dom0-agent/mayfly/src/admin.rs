@@ -1,10 +1,602 @@
-//! `mayfly admin` (under construction in this session's branch).
+//! `mayfly admin`: the signed admin console's client.
+//!
+//! Every command is a signed envelope (`mayfly-command`): built here, signed with one or
+//! more admin keys (`--key`, repeatable), sent to the agent's console socket, answered with
+//! progress frames and one result. Destructive commands need a quorum of distinct admins;
+//! they can sign together (`--key a.key --key b.key`) or apart:
+//!
+//! ```text
+//! alice$ mayfly admin prepare --out rb.cmd --key alice.key rollback 12 --cascade
+//! bob$   mayfly admin cosign rb.cmd --key bob.key      # shows what he signs first
+//! any$   mayfly admin submit rb.cmd
+//! ```
+//!
+//! Output is a table by default, JSON with `--json`. Exit codes: 0 done; 1 the agent
+//! refused or the command failed (or verify found damage); 3 no answer (I/O).
 
-/// Arguments.
-#[derive(clap::Args)]
-pub struct AdminArgs {}
+use std::collections::BTreeMap;
+use std::io::{IsTerminal, Write};
+use std::net::SocketAddr;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
 
-/// Runs the command.
-pub fn run(_args: &AdminArgs) -> anyhow::Result<u8> {
-    anyhow::bail!("not built yet")
+use anyhow::{bail, Context};
+use clap::{Args, Subcommand};
+use mayfly_command::frame;
+use mayfly_command::{hex, keyfile, Body, Envelope};
+use serde_json::Value;
+
+/// Exit code: the agent refused the command or it failed.
+const EXIT_REFUSED: u8 = 1;
+
+/// Arguments of `mayfly admin`.
+#[derive(Args)]
+pub struct AdminArgs {
+    /// Console Unix socket of the agent [default: $MAYFLY_ADMIN_SOCKET, else
+    /// ./mayfly-data/admin.sock].
+    #[arg(long, global = true)]
+    socket: Option<PathBuf>,
+    /// Use the agent's loopback TCP console instead of the socket.
+    #[arg(long, global = true)]
+    tcp: Option<SocketAddr>,
+    /// Admin private key to sign with (from `keygen`); repeat for co-signers.
+    #[arg(long = "key", global = true)]
+    keys: Vec<PathBuf>,
+    /// Seconds the command stays valid [default: 300; the agent accepts at most its
+    /// max_validity_secs, 3600 by default].
+    #[arg(long, global = true, default_value_t = 300)]
+    valid_for: u64,
+    /// Print the agent's answer as JSON.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    cmd: AdminCmd,
+}
+
+#[derive(Subcommand)]
+enum AdminCmd {
+    /// Generate an admin key pair: STEM.key (private, 0600) and STEM.pub (give it to the
+    /// appliance's `admin_keys`).
+    Keygen {
+        /// Path without extension, e.g. /home/alice/.mayfly/alice
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Build a command into a file without sending it (signed by any --key given), for
+    /// co-signers to `cosign` and anyone to `submit`.
+    Prepare {
+        /// Envelope file to write.
+        #[arg(long)]
+        out: PathBuf,
+        #[command(subcommand)]
+        op: Op,
+    },
+    /// Show a prepared command, then add the signature of every --key to it.
+    Cosign {
+        /// Envelope file (rewritten in place).
+        file: PathBuf,
+    },
+    /// Show a prepared command and who has signed it.
+    Inspect {
+        /// Envelope file.
+        file: PathBuf,
+    },
+    /// Send a prepared (and co-signed) command.
+    Submit {
+        /// Envelope file.
+        file: PathBuf,
+    },
+    #[command(flatten)]
+    Op(Op),
+}
+
+/// The console's commands.
+#[derive(Subcommand, Clone)]
+enum Op {
+    /// Backend, pool, chain heads, keys, policy hash, quarantine, SIEM exporter lag.
+    Status,
+    /// Transactions.
+    #[command(subcommand)]
+    Tx(ListShow),
+    /// Records of the checkpoint chain (transactions and rollbacks).
+    #[command(subcommand)]
+    Checkpoint(ListShow),
+    /// Verify both chains and every signed head on the appliance (with progress).
+    Verify,
+    /// Roll back a transaction (and with --cascade its dependents); needs the quorum
+    /// unless --dry-run.
+    Rollback {
+        /// Commit sequence or transaction id of the attack.
+        id: String,
+        /// Also undo every transaction that read what it wrote, transitively.
+        #[arg(long)]
+        cascade: bool,
+        /// Re-run the undone legitimate transactions in fresh domains afterwards.
+        #[arg(long)]
+        replay: bool,
+        /// Only show what would be undone and restored.
+        #[arg(long)]
+        dry_run: bool,
+        /// Recorded in the rollback record.
+        #[arg(long)]
+        reason: Option<String>,
+    },
+    /// Policy bundle.
+    #[command(subcommand)]
+    Policy(PolicyOp),
+    /// Quarantined domains.
+    #[command(subcommand)]
+    Quarantine(QuarantineOp),
+    /// Audit log.
+    #[command(subcommand)]
+    Audit(AuditOp),
+    /// Appliance signing key.
+    #[command(subcommand)]
+    Key(KeyOp),
+}
+
+#[derive(Subcommand, Clone)]
+enum ListShow {
+    /// The newest records (or from --from).
+    List {
+        /// First commit sequence.
+        #[arg(long)]
+        from: Option<u64>,
+        /// Most records (1..=1000).
+        #[arg(long, default_value_t = 20)]
+        limit: u64,
+    },
+    /// One record in full.
+    Show {
+        /// Commit sequence or transaction id.
+        id: String,
+    },
+}
+
+#[derive(Subcommand, Clone)]
+enum PolicyOp {
+    /// Load a policy bundle (a directory of *.toml, or files); needs the quorum.
+    Load {
+        /// Directory or files.
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
+    },
+}
+
+#[derive(Subcommand, Clone)]
+enum QuarantineOp {
+    /// Domains kept stopped for forensics.
+    List,
+    /// Destroy a quarantined domain; needs the quorum.
+    Release {
+        /// Domain id.
+        domain: u32,
+    },
+}
+
+#[derive(Subcommand, Clone)]
+enum AuditOp {
+    /// Audit records with their chain hashes (with progress).
+    Export {
+        /// First sequence [default: 1].
+        #[arg(long)]
+        from: Option<u64>,
+        /// Last sequence [default: the tip].
+        #[arg(long)]
+        to: Option<u64>,
+        /// Write the records as JSON lines to this file instead of printing them.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand, Clone)]
+enum KeyOp {
+    /// Rotate the appliance signing key (the hand-over is signed by the old key); needs
+    /// the quorum.
+    Rotate,
+}
+
+/// Runs `mayfly admin`.
+pub fn run(args: &AdminArgs) -> anyhow::Result<u8> {
+    match &args.cmd {
+        AdminCmd::Keygen { out } => {
+            let public = keyfile::generate(out)?;
+            println!("{}", hex(&public));
+            eprintln!(
+                "mayfly: private key {} (mode 0600, keep it offline), public key {}",
+                out.with_extension("key").display(),
+                out.with_extension("pub").display()
+            );
+            Ok(0)
+        }
+        AdminCmd::Prepare { out, op } => {
+            let env = build(args, op)?;
+            write_envelope(out, &env)?;
+            describe(&env, &mut std::io::stderr().lock())?;
+            eprintln!("mayfly: written to {}", out.display());
+            Ok(0)
+        }
+        AdminCmd::Cosign { file } => {
+            let mut env = read_envelope(file)?;
+            describe(&env, &mut std::io::stderr().lock())?;
+            if args.keys.is_empty() {
+                bail!("cosign needs --key");
+            }
+            sign_all(&mut env, &args.keys)?;
+            write_envelope(file, &env)?;
+            eprintln!(
+                "mayfly: {} signature(s) now on {}",
+                env.signatures().len(),
+                file.display()
+            );
+            Ok(0)
+        }
+        AdminCmd::Inspect { file } => {
+            let env = read_envelope(file)?;
+            describe(&env, &mut std::io::stdout().lock())?;
+            Ok(0)
+        }
+        AdminCmd::Submit { file } => {
+            let mut env = read_envelope(file)?;
+            sign_all(&mut env, &args.keys)?;
+            send(args, &env, None)
+        }
+        AdminCmd::Op(op) => {
+            let env = build(args, op)?;
+            let out = match op {
+                Op::Audit(AuditOp::Export { out, .. }) => out.clone(),
+                _ => None,
+            };
+            send(args, &env, out.as_deref())
+        }
+    }
+}
+
+fn command_of(op: &Op) -> anyhow::Result<(String, BTreeMap<String, String>)> {
+    let mut a = BTreeMap::new();
+    let mut set = |k: &str, v: String| {
+        a.insert(k.to_owned(), v);
+    };
+    let name = match op {
+        Op::Status => "status",
+        Op::Tx(ls) | Op::Checkpoint(ls) => {
+            let prefix = if matches!(op, Op::Tx(_)) {
+                "tx"
+            } else {
+                "checkpoint"
+            };
+            match ls {
+                ListShow::List { from, limit } => {
+                    if let Some(f) = from {
+                        set("from", f.to_string());
+                    }
+                    set("limit", limit.to_string());
+                    if prefix == "tx" {
+                        "tx.list"
+                    } else {
+                        "checkpoint.list"
+                    }
+                }
+                ListShow::Show { id } => {
+                    set("id", id.clone());
+                    if prefix == "tx" {
+                        "tx.show"
+                    } else {
+                        "checkpoint.show"
+                    }
+                }
+            }
+        }
+        Op::Verify => "verify",
+        Op::Rollback {
+            id,
+            cascade,
+            replay,
+            dry_run,
+            reason,
+        } => {
+            set("id", id.clone());
+            if *cascade {
+                set("cascade", "true".into());
+            }
+            if *replay {
+                set("replay", "true".into());
+            }
+            if *dry_run {
+                set("dry_run", "true".into());
+            }
+            if let Some(r) = reason {
+                set("reason", r.clone());
+            }
+            "rollback"
+        }
+        Op::Policy(PolicyOp::Load { paths }) => {
+            for (name, text) in policy_files(paths)? {
+                set(&format!("file.{name}"), text);
+            }
+            "policy.load"
+        }
+        Op::Quarantine(QuarantineOp::List) => "quarantine.list",
+        Op::Quarantine(QuarantineOp::Release { domain }) => {
+            set("domain", domain.to_string());
+            "quarantine.release"
+        }
+        Op::Audit(AuditOp::Export { from, to, .. }) => {
+            if let Some(f) = from {
+                set("from", f.to_string());
+            }
+            if let Some(t) = to {
+                set("to", t.to_string());
+            }
+            "audit.export"
+        }
+        Op::Key(KeyOp::Rotate) => "key.rotate",
+    };
+    Ok((name.to_owned(), a))
+}
+
+fn policy_files(paths: &[PathBuf]) -> anyhow::Result<Vec<(String, String)>> {
+    let mut files = Vec::new();
+    for p in paths {
+        if p.is_dir() {
+            for entry in std::fs::read_dir(p).with_context(|| format!("reading {}", p.display()))? {
+                let path = entry?.path();
+                if path.extension().is_some_and(|e| e == "toml") {
+                    files.push(path);
+                }
+            }
+        } else {
+            files.push(p.clone());
+        }
+    }
+    files.sort();
+    let mut out = Vec::new();
+    for f in files {
+        let name = f
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        if !mayfly_command::envelope::valid_name(&format!("file.{name}"), 64) {
+            bail!("policy file name {name:?} must be 1..=59 characters of [a-z0-9._-] to be sent");
+        }
+        let text =
+            std::fs::read_to_string(&f).with_context(|| format!("reading {}", f.display()))?;
+        out.push((name, text));
+    }
+    if out.is_empty() {
+        bail!("no policy file (*.toml) found");
+    }
+    Ok(out)
+}
+
+fn build(args: &AdminArgs, op: &Op) -> anyhow::Result<Envelope> {
+    let (command, a) = command_of(op)?;
+    if args.valid_for == 0 {
+        bail!("--valid-for must be at least 1 second");
+    }
+    let issued_ns = mayfly_command::now_ns();
+    let body = Body {
+        nonce: mayfly_command::random_nonce()
+            .map_err(|_| anyhow::anyhow!("system randomness unavailable"))?,
+        issued_ns,
+        expires_ns: issued_ns.saturating_add(args.valid_for.saturating_mul(1_000_000_000)),
+        command,
+        args: a,
+    };
+    let mut env = Envelope::new(body).context("building the command")?;
+    sign_all(&mut env, &args.keys)?;
+    Ok(env)
+}
+
+fn sign_all(env: &mut Envelope, keys: &[PathBuf]) -> anyhow::Result<()> {
+    for k in keys {
+        let pair = keyfile::load_private(k)?;
+        env.sign(&pair)
+            .with_context(|| format!("signing with {}", k.display()))?;
+    }
+    Ok(())
+}
+
+fn write_envelope(path: &Path, env: &Envelope) -> anyhow::Result<()> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, env.encode()).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))?;
+    Ok(())
+}
+
+fn read_envelope(path: &Path) -> anyhow::Result<Envelope> {
+    let len = std::fs::metadata(path)
+        .with_context(|| format!("reading {}", path.display()))?
+        .len();
+    if len > mayfly_command::envelope::MAX_ENVELOPE as u64 {
+        bail!("{} is too large to be a command envelope", path.display());
+    }
+    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    Envelope::decode(&bytes)
+        .with_context(|| format!("{} is not a command envelope", path.display()))
+}
+
+fn fmt_time(ns: u64) -> String {
+    let secs = ns / 1_000_000_000;
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+fn describe(env: &Envelope, out: &mut dyn Write) -> anyhow::Result<()> {
+    let b = env.body();
+    writeln!(out, "command     {}", b.command)?;
+    for (k, v) in &b.args {
+        let shown = if v.len() > 80 || v.contains('\n') {
+            format!("<{} bytes>", v.len())
+        } else {
+            v.clone()
+        };
+        writeln!(out, "  {k:<10} {shown}")?;
+    }
+    writeln!(out, "nonce       {}", hex(&b.nonce))?;
+    writeln!(out, "issued      {}", fmt_time(b.issued_ns))?;
+    writeln!(out, "expires     {}", fmt_time(b.expires_ns))?;
+    writeln!(out, "body sha256 {}", hex(&env.body_hash()))?;
+    for s in env.signatures() {
+        let ok = if env.signature_valid(s) {
+            "valid"
+        } else {
+            "INVALID"
+        };
+        writeln!(out, "signed by   {} ({ok})", hex(&s.key))?;
+    }
+    if env.signatures().is_empty() {
+        writeln!(out, "signed by   nobody yet")?;
+    }
+    Ok(())
+}
+
+trait Conn: std::io::Read + Write {}
+impl<T: std::io::Read + Write> Conn for T {}
+
+fn connect(args: &AdminArgs) -> anyhow::Result<Box<dyn Conn>> {
+    let timeout = Some(Duration::from_secs(600));
+    if let Some(addr) = args.tcp {
+        let s = std::net::TcpStream::connect(addr)
+            .with_context(|| format!("connecting to the console at tcp {addr}"))?;
+        s.set_read_timeout(timeout)?;
+        return Ok(Box::new(s));
+    }
+    let path = args
+        .socket
+        .clone()
+        .or_else(|| std::env::var_os("MAYFLY_ADMIN_SOCKET").map(PathBuf::from))
+        .unwrap_or_else(|| PathBuf::from("./mayfly-data/admin.sock"));
+    let s = UnixStream::connect(&path)
+        .with_context(|| format!("connecting to the console at {}", path.display()))?;
+    s.set_read_timeout(timeout)?;
+    Ok(Box::new(s))
+}
+
+fn send(args: &AdminArgs, env: &Envelope, export_to: Option<&Path>) -> anyhow::Result<u8> {
+    if env.signatures().is_empty() {
+        bail!("the command is not signed: give --key");
+    }
+    let mut conn = connect(args)?;
+    frame::write_request(&mut conn, &env.encode()).context("sending the command")?;
+    let tty = std::io::stderr().is_terminal();
+    let mut export: Option<std::io::BufWriter<std::fs::File>> = match export_to {
+        Some(p) => Some(std::io::BufWriter::new(
+            std::fs::File::create(p).with_context(|| format!("creating {}", p.display()))?,
+        )),
+        None => None,
+    };
+    let mut printed_header = false;
+    loop {
+        let f = frame::read_response(&mut conn).context("reading the agent's answer")?;
+        match f["type"].as_str().unwrap_or_default() {
+            "progress" => {
+                let (done, total) = (
+                    f["done"].as_u64().unwrap_or(0),
+                    f["total"].as_u64().unwrap_or(0),
+                );
+                let pct = done.saturating_mul(100).checked_div(total).unwrap_or(100);
+                let end = if tty && done < total { "\r" } else { "\n" };
+                eprint!(
+                    "{}: {:<11} {done:>10}/{total:<10} ({pct:>3}%){end}",
+                    env.body().command,
+                    f["stage"].as_str().unwrap_or("")
+                );
+            }
+            "records" => {
+                let records = f["records"].as_array().cloned().unwrap_or_default();
+                match &mut export {
+                    Some(w) => {
+                        for r in &records {
+                            writeln!(w, "{r}")?;
+                        }
+                    }
+                    None if args.json => {
+                        let mut out = std::io::stdout().lock();
+                        for r in &records {
+                            writeln!(out, "{r}")?;
+                        }
+                    }
+                    None => {
+                        let mut out = std::io::stdout().lock();
+                        if !printed_header {
+                            writeln!(
+                                out,
+                                "{:>8}  {:<20}  {:>3}  {:<24}  fields",
+                                "seq", "time", "sev", "event"
+                            )?;
+                            printed_header = true;
+                        }
+                        for r in &records {
+                            let fields = r["fields"]
+                                .as_object()
+                                .map(|m| {
+                                    m.iter()
+                                        .map(|(k, v)| {
+                                            format!("{k}={}", v.as_str().unwrap_or_default())
+                                        })
+                                        .collect::<Vec<_>>()
+                                        .join(" ")
+                                })
+                                .unwrap_or_default();
+                            writeln!(
+                                out,
+                                "{:>8}  {:<20}  {:>3}  {:<24}  {}",
+                                r["seq"],
+                                fmt_time(r["time_ns"].as_u64().unwrap_or(0)),
+                                r["severity"],
+                                r["event"].as_str().unwrap_or_default(),
+                                fields
+                            )?;
+                        }
+                    }
+                }
+            }
+            "result" => {
+                if let Some(w) = &mut export {
+                    w.flush()?;
+                }
+                return Ok(render_result(args, &f));
+            }
+            other => bail!("unexpected frame type {other:?} from the agent"),
+        }
+    }
+}
+
+fn render_result(args: &AdminArgs, f: &Value) -> u8 {
+    let ok = f["ok"].as_bool().unwrap_or(false);
+    if args.json {
+        println!("{f}");
+    } else if !ok {
+        eprintln!(
+            "mayfly: refused ({}): {}",
+            f["code"].as_str().unwrap_or("?"),
+            f["error"].as_str().unwrap_or("")
+        );
+    } else {
+        crate::admin_table::print(f["command"].as_str().unwrap_or(""), &f["result"]);
+    }
+    let verify_failed = f["command"] == "verify" && f["result"]["ok"] == Value::Bool(false);
+    if ok && !verify_failed {
+        0
+    } else {
+        EXIT_REFUSED
+    }
 }

@@ -10,6 +10,7 @@
 #![forbid(unsafe_code)]
 
 mod admin;
+mod admin_table;
 mod hw_check;
 
 use std::process::ExitCode;

@@ -114,6 +114,15 @@ impl XenBackend {
             "xen" => format!("{major}.{minor}"), "pool_size" => config.pool_size,
             "kernel" => %config.kernel.display(), "ramdisk" => %config.ramdisk.display(),
             "memory_mib" => config.memory_mib);
+        match (control.physinfo(), control.xen_cmdline()) {
+            (Ok(p), Ok(cmdline)) => info!(logger, "xen host";
+                "nr_cpus" => p.nr_cpus, "total_memory_mib" => p.total_memory_mib(),
+                "free_memory_mib" => p.free_pages / 256, "hvm" => p.hvm, "hap" => p.hap,
+                "iommu" => p.iommu, "xen_cmdline" => cmdline),
+            (Err(e), _) | (_, Err(e)) => {
+                warn!(logger, "reading the host's physinfo failed"; "error" => %e);
+            }
+        }
         let hyp = Arc::new(Hyp {
             libs,
             control,

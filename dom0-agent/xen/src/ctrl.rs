@@ -18,9 +18,11 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use mayfly_xen_sys::soname;
 use mayfly_xen_sys::types::{
-    xc_domaininfo_t, xc_interface, SHUTDOWN_crash, SHUTDOWN_poweroff, SHUTDOWN_reboot,
-    SHUTDOWN_soft_reset, SHUTDOWN_suspend, SHUTDOWN_watchdog, XENVER_version, XEN_DOMINF_dying,
-    XEN_DOMINF_paused, XEN_DOMINF_shutdown, XEN_DOMINF_shutdownmask, XEN_DOMINF_shutdownshift,
+    xc_domaininfo_t, xc_interface, xc_physinfo_t, SHUTDOWN_crash, SHUTDOWN_poweroff,
+    SHUTDOWN_reboot, SHUTDOWN_soft_reset, SHUTDOWN_suspend, SHUTDOWN_watchdog, XENVER_commandline,
+    XENVER_version, XEN_DOMINF_dying, XEN_DOMINF_paused, XEN_DOMINF_shutdown,
+    XEN_DOMINF_shutdownmask, XEN_DOMINF_shutdownshift, XEN_SYSCTL_PHYSCAP_directio,
+    XEN_SYSCTL_PHYSCAP_hap, XEN_SYSCTL_PHYSCAP_hvm, XEN_SYSCTL_PHYSCAP_pv,
 };
 
 use crate::libs::{sym, Libraries, LoadError};
@@ -164,6 +166,60 @@ impl DomainInfo {
     }
 }
 
+/// The host as the hypervisor sees it (`xc_physinfo`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PhysInfo {
+    /// Logical CPUs.
+    pub nr_cpus: u32,
+    /// Threads per core.
+    pub threads_per_core: u32,
+    /// Cores per socket.
+    pub cores_per_socket: u32,
+    /// CPU frequency, kHz.
+    pub cpu_khz: u32,
+    /// Memory, 4 KiB pages.
+    pub total_pages: u64,
+    /// Free memory, 4 KiB pages.
+    pub free_pages: u64,
+    /// HVM guests possible.
+    pub hvm: bool,
+    /// PV guests possible.
+    pub pv: bool,
+    /// Hardware-assisted paging (EPT/NPT).
+    pub hap: bool,
+    /// An IOMMU for device pass-through (`XEN_SYSCTL_PHYSCAP_directio`).
+    pub iommu: bool,
+}
+
+impl PhysInfo {
+    fn from_raw(raw: &xc_physinfo_t) -> Self {
+        let cap = |bit: u32| raw.capabilities & bit != 0;
+        Self {
+            nr_cpus: raw.nr_cpus,
+            threads_per_core: raw.threads_per_core,
+            cores_per_socket: raw.cores_per_socket,
+            cpu_khz: raw.cpu_khz,
+            total_pages: raw.total_pages,
+            free_pages: raw.free_pages,
+            hvm: cap(XEN_SYSCTL_PHYSCAP_hvm),
+            pv: cap(XEN_SYSCTL_PHYSCAP_pv),
+            hap: cap(XEN_SYSCTL_PHYSCAP_hap),
+            iommu: cap(XEN_SYSCTL_PHYSCAP_directio),
+        }
+    }
+
+    /// Memory in MiB.
+    pub fn total_memory_mib(&self) -> u64 {
+        self.total_pages / 256
+    }
+}
+
+/// Xen's command line from the `XENVER_commandline` buffer: up to the first NUL, lossy.
+fn cmdline_from(buf: &[u8]) -> String {
+    let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+    String::from_utf8_lossy(buf.get(..end).unwrap_or_default()).into_owned()
+}
+
 struct Handle(NonNull<xc_interface>);
 
 // SAFETY: an `xc_interface` is a heap object with its own fds; it may be used from any
@@ -239,6 +295,49 @@ impl Control {
     /// The hypervisor's version (major, minor).
     pub fn version(&self) -> (u32, u32) {
         self.version
+    }
+
+    /// The host's CPUs, memory and virtualisation capabilities (`xc_physinfo`).
+    pub fn physinfo(&self) -> Result<PhysInfo, CtrlError> {
+        let physinfo = sym!(self.libs.ctrl, soname::XENCTRL, xc_physinfo)?;
+        // SAFETY: xc_physinfo_t is plain old data: all zeroes is a valid value.
+        let mut raw: xc_physinfo_t = unsafe { std::mem::zeroed() };
+        let xch = self.lock();
+        // SAFETY: a live handle and one writable xc_physinfo_t.
+        let rc = unsafe { physinfo(xch.0.as_ptr(), &mut raw) };
+        drop(xch);
+        if rc < 0 {
+            return Err(CtrlError::Call {
+                call: "xc_physinfo",
+                source: errno(),
+            });
+        }
+        Ok(PhysInfo::from_raw(&raw))
+    }
+
+    /// Xen's own command line (`XENVER_commandline`, at most 1023 bytes).
+    pub fn xen_cmdline(&self) -> Result<String, CtrlError> {
+        let version = sym!(self.libs.ctrl, soname::XENCTRL, xc_version)?;
+        // xen_commandline_t is char[1024].
+        let mut buf = [0u8; 1024];
+        let xch = self.lock();
+        // SAFETY: a live handle; XENVER_commandline writes at most 1024 bytes into the
+        // buffer, which has exactly that size.
+        let rc = unsafe {
+            version(
+                xch.0.as_ptr(),
+                i32::try_from(XENVER_commandline).unwrap_or(0),
+                buf.as_mut_ptr().cast(),
+            )
+        };
+        drop(xch);
+        if rc < 0 {
+            return Err(CtrlError::Call {
+                call: "xc_version(XENVER_commandline)",
+                source: errno(),
+            });
+        }
+        Ok(cmdline_from(&buf))
     }
 
     /// Up to `max` domains with id `>= first`, in id order.
@@ -355,6 +454,24 @@ impl Drop for Control {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn physinfo_capabilities_and_cmdline_are_decoded() {
+        // SAFETY: plain old data.
+        let mut raw: xc_physinfo_t = unsafe { std::mem::zeroed() };
+        raw.nr_cpus = 4;
+        raw.total_pages = 2560 * 256;
+        raw.capabilities = XEN_SYSCTL_PHYSCAP_hvm | XEN_SYSCTL_PHYSCAP_hap;
+        let p = PhysInfo::from_raw(&raw);
+        assert_eq!((p.nr_cpus, p.total_memory_mib()), (4, 2560));
+        assert!(p.hvm && p.hap && !p.pv && !p.iommu);
+        assert_eq!(
+            cmdline_from(b"console=com1 dom0_mem=512M\0garbage"),
+            "console=com1 dom0_mem=512M"
+        );
+        assert_eq!(cmdline_from(&[b'x'; 4]), "xxxx");
+        assert_eq!(cmdline_from(b"\xff\0"), "\u{fffd}");
+    }
 
     #[test]
     fn flags_map_to_states() {

@@ -4,7 +4,8 @@
 //!  Libraries::load()          dlopen libxenctrl.so.4.17, libxengnttab.so.1, libxenevtchn.so.1
 //!     │                        (mayfly-xen-sys; a host without them gets LoadError::Missing)
 //!     ├─ Control::open()      xc_interface; refuses a hypervisor other than Xen 4.17;
-//!     │                        domain info (state, shutdown reason), pause, unpause, destroy
+//!     │                        domain info (state, shutdown reason), pause, unpause, destroy;
+//!     │                        physinfo and Xen's command line (for hw-check)
 //!     ├─ GrantedPages::share()  dom0 pages granted writable to one domU (xengntshr), the
 //!     │                        ring's SharedMem; unshared on drop
 //!     ├─ EventChannel::bind_unbound()  a dom0 port the domU binds; DomainNotifier wraps it
@@ -27,7 +28,7 @@ pub mod gntshr;
 pub mod libs;
 pub mod xenstore;
 
-pub use ctrl::{Control, CtrlError, DomainInfo, DomainState, ShutdownReason};
+pub use ctrl::{Control, CtrlError, DomainInfo, DomainState, PhysInfo, ShutdownReason};
 pub use evtchn::{DomainNotifier, EventChannel, EvtchnError};
 pub use gntshr::{GntshrError, GrantedPages};
 pub use libs::{Libraries, LoadError};

@@ -107,6 +107,7 @@ impl Libraries {
         sym!(c, x, xc_domain_pause)?;
         sym!(c, x, xc_domain_unpause)?;
         sym!(c, x, xc_domain_destroy)?;
+        sym!(c, x, xc_physinfo)?;
         let g = &self.gnttab;
         let x = soname::XENGNTTAB;
         sym!(g, x, xengntshr_open)?;

@@ -510,6 +510,81 @@ mod tests {
         assert!(!valid_vm_path("/vm/0123abcd00000-4000-8000-00000000beef"));
     }
 
+    /// A fake xenstored on the other end of a socket pair: answers one request with
+    /// `replies` (each `(type, payload)`), returns what it received.
+    fn fake_xenstored(replies: Vec<(u32, Vec<u8>)>) -> (RawConn, std::thread::JoinHandle<Vec<u8>>) {
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        let server = std::thread::spawn(move || {
+            let mut theirs = theirs;
+            let mut header = [0u8; HEADER_LEN];
+            theirs.read_exact(&mut header).unwrap();
+            let len = u32::from_le_bytes(header[12..16].try_into().unwrap()) as usize;
+            let mut body = vec![0u8; len];
+            theirs.read_exact(&mut body).unwrap();
+            for (kind, payload) in replies {
+                let mut msg = Vec::new();
+                for w in [kind, 0, 0, u32::try_from(payload.len()).unwrap()] {
+                    msg.extend_from_slice(&w.to_le_bytes());
+                }
+                msg.extend_from_slice(&payload);
+                theirs.write_all(&msg).unwrap();
+            }
+            let mut request = header.to_vec();
+            request.extend_from_slice(&body);
+            request
+        });
+        (RawConn::Socket(ours), server)
+    }
+
+    #[test]
+    fn set_perms_goes_out_as_documented_and_skips_watch_events() {
+        let (mut conn, server) = fake_xenstored(vec![
+            (XS_WATCH_EVENT, b"/x\0tok\0".to_vec()),
+            (XS_SET_PERMS, b"OK\0".to_vec()),
+        ]);
+        let payload = set_perms_payload("/local/domain/3/data/mayfly", &guest_read_only(3));
+        let (kind, body) = conn.request(XS_SET_PERMS, 0, &payload).unwrap();
+        assert_eq!((kind, body.as_slice()), (XS_SET_PERMS, &b"OK\0"[..]));
+        let sent = server.join().unwrap();
+        let mut want = Vec::new();
+        for w in [14u32, 0, 0, u32::try_from(payload.len()).unwrap()] {
+            want.extend_from_slice(&w.to_le_bytes());
+        }
+        want.extend_from_slice(b"/local/domain/3/data/mayfly\0n0\0r3\0");
+        assert_eq!(sent, want);
+    }
+
+    #[test]
+    fn an_oversized_reply_is_refused_not_allocated() {
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        let server = std::thread::spawn(move || {
+            let mut theirs = theirs;
+            let mut buf = [0u8; 64];
+            let _ = theirs.read(&mut buf).unwrap();
+            let mut msg = Vec::new();
+            for w in [XS_SET_PERMS, 0, 0, u32::MAX] {
+                msg.extend_from_slice(&w.to_le_bytes());
+            }
+            theirs.write_all(&msg).unwrap();
+            theirs
+        });
+        let mut conn = RawConn::Socket(ours);
+        let err = conn.request(XS_SET_PERMS, 0, b"/a\0n0\0").unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::InvalidData);
+        drop(server.join().unwrap());
+        // A request over the cap is refused before anything is sent.
+        let (ours, mut theirs) = UnixStream::pair().unwrap();
+        let mut conn = RawConn::Socket(ours);
+        let err = conn
+            .request(XS_SET_PERMS, 0, &vec![b'a'; PAYLOAD_MAX + 1])
+            .unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::E2BIG));
+        drop(conn);
+        let mut sent = Vec::new();
+        theirs.read_to_end(&mut sent).unwrap();
+        assert!(sent.is_empty());
+    }
+
     #[test]
     fn error_replies_map_to_errnos() {
         assert_eq!(errno_of(b"EACCES\0").raw_os_error(), Some(libc::EACCES));

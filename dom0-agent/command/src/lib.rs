@@ -1,0 +1,64 @@
+//! Mayfly's signed admin commands, shared by the operator CLI (`mayfly admin`) and the
+//! agent's console server (`mayfly-console`).
+//!
+//! * [`envelope`] — the canonical body and envelope, byte by byte; co-signatures.
+//! * [`authorize`] — the rules: authorized keys, validity window and clock skew, quorum.
+//! * [`frame`] — length-prefixed frames on the console socket.
+//! * [`keyfile`] — admin key files (`keygen`).
+//!
+//! The formats are also specified in `docs/formats.md` §3, with vectors in `docs/vectors/`
+//! checked by `tests/vectors.rs`.
+
+#![forbid(unsafe_code)]
+#![deny(missing_docs)]
+
+pub mod authorize;
+pub mod envelope;
+pub mod frame;
+pub mod keyfile;
+
+pub use authorize::{Authorizer, Rejection};
+pub use envelope::{Body, DecodeError, Envelope, PublicKey, Signature};
+
+/// Lowercase hex.
+pub fn hex(bytes: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut s = String::with_capacity(bytes.len().saturating_mul(2));
+    for b in bytes {
+        s.push(char::from(DIGITS[usize::from(b >> 4)]));
+        s.push(char::from(DIGITS[usize::from(b & 0x0f)]));
+    }
+    s
+}
+
+/// Parses hex (either case); `None` on odd length or a non-hex digit.
+pub fn unhex(s: &str) -> Option<Vec<u8>> {
+    let s = s.as_bytes();
+    if !s.len().is_multiple_of(2) {
+        return None;
+    }
+    s.chunks(2)
+        .map(|pair| {
+            let digit = |c: u8| (c as char).to_digit(16);
+            let hi = digit(*pair.first()?)?;
+            let lo = digit(*pair.get(1)?)?;
+            u8::try_from(hi * 16 + lo).ok()
+        })
+        .collect()
+}
+
+/// Unix time now in ns.
+pub fn now_ns() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
+/// A fresh random nonce.
+pub fn random_nonce() -> Result<[u8; 16], ring::error::Unspecified> {
+    use ring::rand::SecureRandom;
+    let mut n = [0u8; 16];
+    ring::rand::SystemRandom::new().fill(&mut n)?;
+    Ok(n)
+}

@@ -1,0 +1,657 @@
+//! The console's commands: what each needs (quorum), how its arguments are read, and what
+//! it does. Arguments arrive as signed text (`name → value`); every value is parsed and
+//! bounded here before anything acts on it.
+//!
+//! | command | quorum | arguments |
+//! |---|---|---|
+//! | `status` | 1 | — |
+//! | `tx.list` / `checkpoint.list` | 1 | `from` (seq, default: the newest `limit`), `limit` (1..=1000, default 20) |
+//! | `tx.show` / `checkpoint.show` | 1 | `id`: a commit sequence or a 32-hex-digit transaction id |
+//! | `verify` | 1 | — (progress frames) |
+//! | `rollback` | quorum; 1 with `dry_run=true` | `id`, `cascade`, `replay`, `dry_run` (`true`/`false`, default false), `reason` |
+//! | `policy.load` | quorum | one `file.NAME` per bundle file (its text) |
+//! | `quarantine.list` | 1 | — |
+//! | `quarantine.release` | quorum | `domain` (id) |
+//! | `audit.export` | 1 | `from` (default 1), `to` (default: the tip); at most 1,000,000 records (progress and record frames) |
+//! | `key.rotate` | quorum | — |
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use mayfly_ledger::checkpoint::chain_hash;
+use mayfly_ledger::codec::hex;
+use mayfly_ledger::{AuditEvent, Record, Severity, TxId};
+use serde_json::{json, Value};
+
+use crate::Services;
+
+/// Longest list answered by `*.list`.
+pub const MAX_LIST: usize = 1000;
+/// Most audit records one `audit.export` returns.
+pub const MAX_EXPORT: u64 = 1_000_000;
+/// Audit records per `records` frame.
+const EXPORT_CHUNK: usize = 1000;
+/// Least time between two progress frames.
+const PROGRESS_EVERY: Duration = Duration::from_millis(200);
+
+/// Why a command that was authorized could not be carried out (or had bad arguments).
+#[derive(Debug, thiserror::Error)]
+pub enum CommandError {
+    /// No such command.
+    #[error("unknown command {0:?}")]
+    Unknown(String),
+    /// An argument is missing, unknown or malformed.
+    #[error("argument {name}: {reason}")]
+    BadArgument {
+        /// Argument.
+        name: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The named record, transaction or domain does not exist.
+    #[error("{0}")]
+    NotFound(String),
+    /// Reading the ledger failed.
+    #[error("reading the ledger: {0}")]
+    Read(#[from] mayfly_ledger::ReadError),
+    /// The rollback was refused or failed.
+    #[error("rollback: {0}")]
+    Rollback(#[from] mayfly_ledger::RollbackError),
+    /// Replaying after the rollback failed.
+    #[error("replay: {0}")]
+    Replay(#[from] mayfly_executor::ReplayError),
+    /// The policy bundle was refused (the active one stays).
+    #[error("policy bundle refused, the active one stays: {reason}")]
+    PolicyRefused {
+        /// The engine's reason (file, line).
+        reason: String,
+    },
+    /// A ledger commit (key rotation) failed.
+    #[error("ledger: {0}")]
+    Commit(#[from] mayfly_ledger::CommitError),
+    /// The backend could not release a quarantined domain.
+    #[error("backend: {0}")]
+    Domain(#[from] mayfly_domain::DomainError),
+    /// This agent has no such capability configured.
+    #[error("{0} is not available on this agent")]
+    Unavailable(&'static str),
+}
+
+impl CommandError {
+    /// Stable short name for clients and the audit log.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::Unknown(_) => "unknown_command",
+            Self::BadArgument { .. } => "bad_argument",
+            Self::NotFound(_) => "not_found",
+            Self::Read(_) => "storage",
+            Self::Rollback(_) => "rollback_refused",
+            Self::Replay(_) => "replay_failed",
+            Self::PolicyRefused { .. } => "policy_refused",
+            Self::Commit(_) => "storage",
+            Self::Domain(_) => "backend",
+            Self::Unavailable(_) => "unavailable",
+        }
+    }
+}
+
+/// A command whose arguments have been read and checked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Command {
+    /// `status`.
+    Status,
+    /// `tx.list` (transactions only) or `checkpoint.list` (every record).
+    List {
+        /// Only transactions.
+        tx_only: bool,
+        /// First sequence (None: the newest `limit`).
+        from: Option<u64>,
+        /// Most records.
+        limit: usize,
+    },
+    /// `tx.show` / `checkpoint.show`.
+    Show {
+        /// Which record.
+        id: RecordId,
+    },
+    /// `verify`.
+    Verify,
+    /// `rollback`.
+    Rollback {
+        /// The attack transaction.
+        id: RecordId,
+        /// Also undo every transaction that read its writes (transitively).
+        cascade: bool,
+        /// Re-run the undone legitimate transactions afterwards.
+        replay: bool,
+        /// Plan only.
+        dry_run: bool,
+        /// Recorded in the rollback record.
+        reason: String,
+    },
+    /// `policy.load`.
+    PolicyLoad {
+        /// `(file name, text)`, sorted by name.
+        files: Vec<(String, String)>,
+    },
+    /// `quarantine.list`.
+    QuarantineList,
+    /// `quarantine.release`.
+    QuarantineRelease {
+        /// Domain id.
+        domain: u32,
+    },
+    /// `audit.export`.
+    AuditExport {
+        /// First sequence.
+        from: u64,
+        /// Last sequence (None: the tip).
+        to: Option<u64>,
+    },
+    /// `key.rotate`.
+    KeyRotate,
+}
+
+/// A commit sequence or a transaction id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RecordId {
+    /// Commit sequence.
+    Seq(u64),
+    /// Transaction id.
+    Tx(TxId),
+}
+
+impl std::fmt::Display for RecordId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Seq(s) => write!(f, "commit {s}"),
+            Self::Tx(t) => write!(f, "transaction {t}"),
+        }
+    }
+}
+
+/// Whether `command` is destructive (needs the quorum) with these arguments.
+pub fn is_destructive(cmd: &Command) -> bool {
+    match cmd {
+        Command::Rollback { dry_run, .. } => !dry_run,
+        Command::PolicyLoad { .. } | Command::QuarantineRelease { .. } | Command::KeyRotate => true,
+        _ => false,
+    }
+}
+
+struct Args<'a> {
+    args: &'a BTreeMap<String, String>,
+    used: Vec<&'a str>,
+}
+
+impl<'a> Args<'a> {
+    fn get(&mut self, name: &'a str) -> Option<&'a str> {
+        self.used.push(name);
+        self.args.get(name).map(String::as_str)
+    }
+
+    fn bad(name: &str, reason: impl Into<String>) -> CommandError {
+        CommandError::BadArgument {
+            name: name.into(),
+            reason: reason.into(),
+        }
+    }
+
+    fn u64(&mut self, name: &'a str) -> Result<Option<u64>, CommandError> {
+        self.get(name)
+            .map(|v| {
+                v.parse::<u64>()
+                    .map_err(|_| Self::bad(name, format!("{v:?} is not a non-negative integer")))
+            })
+            .transpose()
+    }
+
+    fn bool(&mut self, name: &'a str) -> Result<bool, CommandError> {
+        match self.get(name) {
+            None | Some("false") => Ok(false),
+            Some("true") => Ok(true),
+            Some(v) => Err(Self::bad(name, format!("{v:?} is not true or false"))),
+        }
+    }
+
+    fn id(&mut self, name: &'a str) -> Result<RecordId, CommandError> {
+        let v = self.get(name).ok_or_else(|| Self::bad(name, "missing"))?;
+        if let Ok(seq) = v.parse::<u64>() {
+            if seq == 0 {
+                return Err(Self::bad(name, "commit sequences start at 1"));
+            }
+            return Ok(RecordId::Seq(seq));
+        }
+        TxId::parse(v).map(RecordId::Tx).ok_or_else(|| {
+            Self::bad(
+                name,
+                format!("{v:?} is neither a commit sequence nor a 32-hex-digit transaction id"),
+            )
+        })
+    }
+
+    /// Refuses any argument the command does not take (a typo must not be ignored).
+    fn done(self) -> Result<(), CommandError> {
+        for name in self.args.keys() {
+            if !self.used.contains(&name.as_str()) {
+                return Err(Self::bad(name, "not an argument of this command"));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Reads `command` with `args` into a [`Command`].
+pub fn parse(command: &str, args: &BTreeMap<String, String>) -> Result<Command, CommandError> {
+    let mut a = Args {
+        args,
+        used: Vec::new(),
+    };
+    let cmd = match command {
+        "status" => Command::Status,
+        "tx.list" | "checkpoint.list" => {
+            let limit = a.u64("limit")?.unwrap_or(20);
+            if limit == 0 || limit > MAX_LIST as u64 {
+                return Err(Args::bad("limit", format!("must be 1..={MAX_LIST}")));
+            }
+            Command::List {
+                tx_only: command == "tx.list",
+                from: a.u64("from")?,
+                limit: usize::try_from(limit).unwrap_or(MAX_LIST),
+            }
+        }
+        "tx.show" | "checkpoint.show" => Command::Show { id: a.id("id")? },
+        "verify" => Command::Verify,
+        "rollback" => {
+            let reason = a.get("reason").unwrap_or("admin console").to_owned();
+            if reason.len() > 512 {
+                return Err(Args::bad("reason", "longer than 512 bytes"));
+            }
+            Command::Rollback {
+                id: a.id("id")?,
+                cascade: a.bool("cascade")?,
+                replay: a.bool("replay")?,
+                dry_run: a.bool("dry_run")?,
+                reason,
+            }
+        }
+        "policy.load" => {
+            let files: Vec<(String, String)> = args
+                .iter()
+                .filter_map(|(k, v)| k.strip_prefix("file.").map(|n| (n.to_owned(), v.clone())))
+                .collect();
+            for k in args.keys() {
+                if !k.starts_with("file.") || k.len() == "file.".len() {
+                    return Err(Args::bad(k, "policy.load takes only file.NAME arguments"));
+                }
+                a.used.push(k);
+            }
+            if files.is_empty() {
+                return Err(Args::bad("file.NAME", "no policy file given"));
+            }
+            Command::PolicyLoad { files }
+        }
+        "quarantine.list" => Command::QuarantineList,
+        "quarantine.release" => {
+            let d = a
+                .u64("domain")?
+                .ok_or_else(|| Args::bad("domain", "missing"))?;
+            Command::QuarantineRelease {
+                domain: u32::try_from(d).map_err(|_| Args::bad("domain", "above 2^32 - 1"))?,
+            }
+        }
+        "audit.export" => {
+            let from = a.u64("from")?.unwrap_or(1).max(1);
+            let to = a.u64("to")?;
+            if let Some(to) = to {
+                if to < from {
+                    return Err(Args::bad("to", "before from"));
+                }
+                if to - from >= MAX_EXPORT {
+                    return Err(Args::bad(
+                        "to",
+                        format!("at most {MAX_EXPORT} records per export"),
+                    ));
+                }
+            }
+            Command::AuditExport { from, to }
+        }
+        "key.rotate" => Command::KeyRotate,
+        other => return Err(CommandError::Unknown(other.to_owned())),
+    };
+    a.done()?;
+    Ok(cmd)
+}
+
+/// Something to tell the client before the result (progress, record chunks).
+pub type Emit<'a> = dyn FnMut(Value) + 'a;
+
+fn progress(stage: &str, done: u64, total: u64) -> Value {
+    json!({"type": "progress", "stage": stage, "done": done, "total": total})
+}
+
+fn record_json(r: &Record, with_detail: bool) -> Value {
+    match r {
+        Record::Transaction(c) => {
+            let mut v = json!({
+                "seq": c.seq,
+                "kind": "transaction",
+                "tx_id": c.tx_id.to_string(),
+                "handler": c.handler,
+                "domain_id": c.domain_id,
+                "commit_ns": c.commit_ns,
+                "reads": c.reads.len(),
+                "writes": c.writes.len(),
+                "policy_hash": hex(&c.policy_hash),
+            });
+            if with_detail {
+                v["begin_ns"] = json!(c.begin_ns);
+                v["request"] = json!(String::from_utf8_lossy(&c.request));
+                v["result"] = json!(String::from_utf8_lossy(&c.result));
+                v["prev_hash"] = json!(hex(&c.prev_hash));
+                v["read_set"] = c
+                    .reads
+                    .iter()
+                    .map(|r| json!({"key": String::from_utf8_lossy(&r.key), "version": r.version}))
+                    .collect();
+                v["write_set"] = write_set(&c.writes);
+            }
+            v
+        }
+        Record::Rollback(rb) => {
+            let mut v = json!({
+                "seq": rb.seq,
+                "kind": "rollback",
+                "tx_id": rb.rollback_id.to_string(),
+                "handler": "(rollback)",
+                "domain_id": 0,
+                "commit_ns": rb.time_ns,
+                "reads": 0,
+                "writes": rb.writes.len(),
+                "policy_hash": hex(&rb.policy_hash),
+                "roots": rb.roots,
+            });
+            if with_detail {
+                v["reason"] = json!(rb.reason);
+                v["affected"] = json!(rb.affected);
+                v["prev_hash"] = json!(hex(&rb.prev_hash));
+                v["write_set"] = write_set(&rb.writes);
+            }
+            v
+        }
+    }
+}
+
+fn write_set(writes: &[mayfly_ledger::WriteEntry]) -> Value {
+    writes
+        .iter()
+        .map(|w| {
+            json!({
+                "key": String::from_utf8_lossy(&w.key),
+                "before_version": w.before_version,
+                "before": w.before.as_deref().map(String::from_utf8_lossy),
+                "after": w.after.as_deref().map(String::from_utf8_lossy),
+            })
+        })
+        .collect()
+}
+
+fn resolve(services: &Services, id: RecordId) -> Result<u64, CommandError> {
+    match id {
+        RecordId::Seq(s) => Ok(s),
+        RecordId::Tx(t) => services
+            .executor
+            .ledger()
+            .store()
+            .seq_of(&t)?
+            .ok_or_else(|| CommandError::NotFound(format!("no committed transaction {t}"))),
+    }
+}
+
+/// Runs an authorized command. `nonce` ties follow-up audit records to the command.
+pub fn execute(
+    services: &Services,
+    cmd: &Command,
+    nonce: &str,
+    emit: &mut Emit<'_>,
+) -> Result<Value, CommandError> {
+    let ledger = services.executor.ledger();
+    let store = ledger.store();
+    match cmd {
+        Command::Status => Ok(crate::status::status(services)),
+        Command::List {
+            tx_only,
+            from,
+            limit,
+        } => {
+            let tip = ledger.tips().checkpoints.seq;
+            let from = from.unwrap_or_else(|| tip.saturating_sub(*limit as u64).saturating_add(1));
+            let mut out = Vec::new();
+            let mut next = from.max(1);
+            // Transactions only: keep reading past rollback records, bounded by the tip.
+            while out.len() < *limit && next <= tip {
+                let batch = store.records(next, *limit)?;
+                let Some(last) = batch.last() else { break };
+                next = last.seq().saturating_add(1);
+                for r in &batch {
+                    if *tx_only && matches!(r, Record::Rollback(_)) {
+                        continue;
+                    }
+                    if out.len() < *limit {
+                        out.push(record_json(r, false));
+                    }
+                }
+            }
+            Ok(json!({"records": out, "tip": tip}))
+        }
+        Command::Show { id } => {
+            let seq = resolve(services, *id)?;
+            let r = store
+                .record(seq)?
+                .ok_or_else(|| CommandError::NotFound(format!("no commit {seq}")))?;
+            Ok(record_json(&r, true))
+        }
+        Command::Verify => {
+            let mut last = Instant::now();
+            let started = Instant::now();
+            let trusted = [ledger.public_key()];
+            let report = mayfly_ledger::verify(store, &trusted, &mut |p| {
+                if p.done >= p.total || last.elapsed() >= PROGRESS_EVERY {
+                    last = Instant::now();
+                    emit(progress(p.chain, p.done, p.total));
+                }
+            })?;
+            Ok(json!({
+                "ok": report.ok(),
+                "checkpoints": report.checkpoints,
+                "audit": report.audit,
+                "heads": report.heads,
+                "rotations": report.rotations,
+                "trusted_key": hex(&trusted[0]),
+                "signing_key": hex(&ledger.signing_key()),
+                "elapsed_ms": u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+                "failures": report.failures.iter().map(ToString::to_string).collect::<Vec<_>>(),
+            }))
+        }
+        Command::Rollback {
+            id,
+            cascade,
+            replay,
+            dry_run,
+            reason,
+        } => {
+            let root = resolve(services, *id)?;
+            let (plan, rollback_seq) = if *dry_run {
+                (store.plan_rollback(&[root], *cascade)?, None)
+            } else {
+                let why = format!("admin console (nonce {nonce}): {reason}");
+                let (plan, receipt) =
+                    ledger.rollback(&[root], *cascade, &why, services.executor.policy_hash())?;
+                (plan, Some(receipt.seq))
+            };
+            let replayed = if *replay && !*dry_run {
+                services
+                    .executor
+                    .replay(&plan.replay)?
+                    .into_iter()
+                    .map(|r| {
+                        let (status, seq, error) = match &r.outcome {
+                            Ok(o) => (o.status.as_str().to_owned(), o.seq, o.error.clone()),
+                            Err(e) => ("failed".to_owned(), None, Some(e.clone())),
+                        };
+                        json!({"original_seq": r.original_seq, "status": status, "seq": seq,
+                               "same_result": r.same_result, "error": error})
+                    })
+                    .collect()
+            } else {
+                Vec::new()
+            };
+            Ok(json!({
+                "dry_run": dry_run,
+                "roots": plan.roots,
+                "affected": plan.affected,
+                "replay": plan.replay,
+                "restored": write_set(&plan.writes),
+                "rollback_seq": rollback_seq,
+                "replayed": replayed,
+            }))
+        }
+        Command::PolicyLoad { files } => {
+            let hash =
+                services
+                    .executor
+                    .load_policy(files)
+                    .map_err(|e| CommandError::PolicyRefused {
+                        reason: e.to_string(),
+                    })?;
+            Ok(
+                json!({"policy_hash": hex(&hash), "files": files.iter().map(|(n, _)| n).collect::<Vec<_>>()}),
+            )
+        }
+        Command::QuarantineList => {
+            let q = services
+                .quarantine
+                .as_ref()
+                .ok_or(CommandError::Unavailable("quarantine control"))?;
+            let list: Vec<Value> = q
+                .list()
+                .into_iter()
+                .map(|d| json!({"domain": d.id, "backend": d.backend, "handle": d.handle}))
+                .collect();
+            Ok(json!({"quarantined": list}))
+        }
+        Command::QuarantineRelease { domain } => {
+            let q = services
+                .quarantine
+                .as_ref()
+                .ok_or(CommandError::Unavailable("quarantine control"))?;
+            let exit = q
+                .release(*domain)?
+                .ok_or_else(|| CommandError::NotFound(format!("no quarantined domain {domain}")))?;
+            ledger.audit(vec![AuditEvent::new("domain.released", Severity::Notice)
+                .field("domain", domain)
+                .field("exit", exit.to_string())
+                .field("nonce", nonce)])?;
+            Ok(json!({"domain": domain, "released": true, "exit": exit.to_string()}))
+        }
+        Command::AuditExport { from, to } => {
+            let tip = ledger.tips().audit.seq;
+            let to = to
+                .unwrap_or(tip)
+                .min(tip)
+                .min(from.saturating_add(MAX_EXPORT - 1));
+            let total = if to >= *from { to - *from + 1 } else { 0 };
+            let mut next = *from;
+            let mut exported: u64 = 0;
+            let mut last = Instant::now();
+            emit(progress("audit", 0, total));
+            while next <= to {
+                let batch = store.audit_records(next, EXPORT_CHUNK)?;
+                if batch.is_empty() {
+                    break;
+                }
+                let mut chunk = Vec::with_capacity(batch.len());
+                for r in batch.iter().take_while(|r| r.seq <= to) {
+                    let hash = chain_hash(&r.prev_hash, &r.encode());
+                    chunk.push(json!({
+                        "seq": r.seq,
+                        "time_ns": r.time_ns,
+                        "severity": r.event.severity as u8,
+                        "event": r.event.event,
+                        "fields": r.event.fields,
+                        "prev_hash": hex(&r.prev_hash),
+                        "hash": hex(&hash),
+                    }));
+                    next = r.seq.saturating_add(1);
+                }
+                if chunk.is_empty() {
+                    break;
+                }
+                exported = exported.saturating_add(chunk.len() as u64);
+                emit(json!({"type": "records", "records": chunk}));
+                if last.elapsed() >= PROGRESS_EVERY || next > to {
+                    last = Instant::now();
+                    emit(progress("audit", exported, total));
+                }
+            }
+            Ok(json!({"from": from, "to": to, "exported": exported}))
+        }
+        Command::KeyRotate => {
+            let old = ledger.signing_key();
+            let (new, receipt) = ledger.rotate_key(vec![AuditEvent::new(
+                "admin.key_rotation",
+                Severity::Notice,
+            )
+            .field("nonce", nonce)])?;
+            Ok(
+                json!({"old_key": hex(&old), "new_key": hex(&new), "group": receipt.group,
+                      "identity_key": hex(&ledger.public_key())}),
+            )
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| ((*k).into(), (*v).into()))
+            .collect()
+    }
+
+    #[test]
+    fn arguments_are_checked_and_typos_refused() {
+        assert_eq!(parse("status", &args(&[])).unwrap(), Command::Status);
+        assert!(matches!(
+            parse("status", &args(&[("verbose", "1")])),
+            Err(CommandError::BadArgument { .. })
+        ));
+        let rb = parse("rollback", &args(&[("id", "3"), ("cascade", "true")])).unwrap();
+        assert!(is_destructive(&rb));
+        let dry = parse("rollback", &args(&[("id", "3"), ("dry_run", "true")])).unwrap();
+        assert!(!is_destructive(&dry));
+        for bad in [
+            args(&[("id", "0")]),
+            args(&[("id", "x")]),
+            args(&[]),
+            args(&[("id", "3"), ("cascade", "yes")]),
+        ] {
+            assert!(parse("rollback", &bad).is_err(), "{bad:?}");
+        }
+        assert!(parse("rm", &args(&[])).is_err());
+        assert!(parse("tx.list", &args(&[("limit", "1001")])).is_err());
+        assert!(parse("policy.load", &args(&[])).is_err());
+        assert!(parse("policy.load", &args(&[("x", "1")])).is_err());
+        assert_eq!(
+            parse("policy.load", &args(&[("file.a.toml", "x=1")])).unwrap(),
+            Command::PolicyLoad {
+                files: vec![("a.toml".into(), "x=1".into())]
+            }
+        );
+        assert!(parse("audit.export", &args(&[("from", "5"), ("to", "4")])).is_err());
+        assert!(parse("quarantine.release", &args(&[("domain", "4294967296")])).is_err());
+    }
+}

@@ -1,0 +1,537 @@
+//! Sockets, one thread per connection (at most `max_connections`), and the path every
+//! request takes from bytes to an audited answer (see the crate docs).
+//!
+//! The Unix socket is created in an existing directory that must not be writable by group
+//! or others (so nobody can swap the socket), with mode 0600 (only the agent's user — root
+//! on the appliance — can connect). The optional TCP listener must be a loopback address:
+//! any local user can connect to it, so it is off by default; signatures still decide what
+//! runs, but responses (ledger contents) are readable by whoever connects.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use mayfly_command::frame::{self, FrameError};
+use mayfly_command::{hex, Authorizer, Envelope};
+use mayfly_ledger::{AuditEvent, CommitError, Severity};
+use serde_json::{json, Value};
+use slog::{info, o, warn, Logger};
+
+use crate::commands;
+use crate::Services;
+
+/// How the console listens and whom it obeys.
+#[derive(Debug, Clone)]
+pub struct ConsoleConfig {
+    /// Unix socket path.
+    pub socket: PathBuf,
+    /// Optional TCP listener; must be a loopback address.
+    pub tcp: Option<SocketAddr>,
+    /// Authorized keys and the time rules.
+    pub authorizer: Authorizer,
+    /// Distinct admins a destructive command needs (1..=number of keys).
+    pub quorum: usize,
+    /// Connections served at once; more are answered "busy".
+    pub max_connections: usize,
+    /// Read/write timeout on a connection (a client that stalls is dropped).
+    pub io_timeout: Duration,
+}
+
+/// Why the console could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ConsoleError {
+    /// No admin key configured.
+    #[error("no admin keys are configured; the console would obey nobody")]
+    NoKeys,
+    /// The quorum is 0 or more than the number of keys.
+    #[error("quorum {quorum} is impossible with {keys} admin key(s)")]
+    Quorum {
+        /// Configured quorum.
+        quorum: usize,
+        /// Keys.
+        keys: usize,
+    },
+    /// The socket's directory is missing or writable by others.
+    #[error("socket directory {path}: {reason}")]
+    SocketDir {
+        /// Directory.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+    /// Binding or configuring the Unix socket failed.
+    #[error("unix socket {path}: {source}")]
+    Unix {
+        /// Path.
+        path: PathBuf,
+        /// OS error.
+        source: std::io::Error,
+    },
+    /// The TCP address is not loopback.
+    #[error("console TCP address {0} is not a loopback address")]
+    NotLoopback(SocketAddr),
+    /// Binding the TCP listener failed.
+    #[error("console TCP {addr}: {source}")]
+    Tcp {
+        /// Address.
+        addr: SocketAddr,
+        /// OS error.
+        source: std::io::Error,
+    },
+    /// A thread could not be started.
+    #[error("starting a console thread: {0}")]
+    Thread(std::io::Error),
+}
+
+struct Shared {
+    services: Services,
+    config: ConsoleConfig,
+    log: Logger,
+    stop: AtomicBool,
+    active: AtomicUsize,
+    idle: (Mutex<()>, Condvar),
+}
+
+/// A running console. [`ConsoleServer::shutdown`] stops it.
+pub struct ConsoleServer {
+    shared: Arc<Shared>,
+    threads: Vec<JoinHandle<()>>,
+    socket: PathBuf,
+    tcp: Option<SocketAddr>,
+}
+
+fn check_socket_dir(path: &Path) -> Result<(), ConsoleError> {
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let md = std::fs::metadata(dir).map_err(|e| ConsoleError::SocketDir {
+        path: dir.to_path_buf(),
+        reason: e.to_string(),
+    })?;
+    if !md.is_dir() {
+        return Err(ConsoleError::SocketDir {
+            path: dir.to_path_buf(),
+            reason: "not a directory".into(),
+        });
+    }
+    let mode = md.permissions().mode() & 0o777;
+    if mode & 0o022 != 0 {
+        return Err(ConsoleError::SocketDir {
+            path: dir.to_path_buf(),
+            reason: format!("mode {mode:o} lets others replace the socket; use 0700 or 0755"),
+        });
+    }
+    Ok(())
+}
+
+fn bind_unix(path: &Path) -> Result<UnixListener, ConsoleError> {
+    check_socket_dir(path)?;
+    let err = |source| ConsoleError::Unix {
+        path: path.to_path_buf(),
+        source,
+    };
+    // A socket left by an agent that did not stop cleanly; anything else is not ours.
+    if let Ok(md) = std::fs::symlink_metadata(path) {
+        if md.file_type().is_socket() {
+            std::fs::remove_file(path).map_err(err)?;
+        } else {
+            return Err(err(std::io::Error::new(
+                std::io::ErrorKind::AlreadyExists,
+                "exists and is not a socket",
+            )));
+        }
+    }
+    let listener = UnixListener::bind(path).map_err(err)?;
+    // The directory is not writable by others, so nobody can connect through a path they
+    // control between bind and chmod; the mode keeps other users out from here on.
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(err)?;
+    Ok(listener)
+}
+
+impl ConsoleServer {
+    /// Binds the sockets and starts serving.
+    pub fn start(
+        config: ConsoleConfig,
+        services: Services,
+        log: &Logger,
+    ) -> Result<Self, ConsoleError> {
+        let keys = config.authorizer.keys().len();
+        if keys == 0 {
+            return Err(ConsoleError::NoKeys);
+        }
+        if config.quorum == 0 || config.quorum > keys {
+            return Err(ConsoleError::Quorum {
+                quorum: config.quorum,
+                keys,
+            });
+        }
+        if let Some(addr) = config.tcp {
+            if !addr.ip().is_loopback() {
+                return Err(ConsoleError::NotLoopback(addr));
+            }
+        }
+        let unix = bind_unix(&config.socket)?;
+        let tcp = match config.tcp {
+            Some(addr) => {
+                Some(TcpListener::bind(addr).map_err(|source| ConsoleError::Tcp { addr, source })?)
+            }
+            None => None,
+        };
+        let tcp_addr = match &tcp {
+            Some(l) => Some(l.local_addr().map_err(|source| {
+                ConsoleError::Tcp {
+                    addr: config
+                        .tcp
+                        .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 0))),
+                    source,
+                }
+            })?),
+            None => None,
+        };
+        let socket = config.socket.clone();
+        let shared = Arc::new(Shared {
+            services,
+            log: log.new(o!("component" => "console")),
+            config,
+            stop: AtomicBool::new(false),
+            active: AtomicUsize::new(0),
+            idle: (Mutex::new(()), Condvar::new()),
+        });
+        let mut threads = Vec::new();
+        let s = shared.clone();
+        threads.push(
+            std::thread::Builder::new()
+                .name("console-unix".into())
+                .spawn(move || accept_unix(&s, &unix))
+                .map_err(ConsoleError::Thread)?,
+        );
+        if let Some(listener) = tcp {
+            let s = shared.clone();
+            threads.push(
+                std::thread::Builder::new()
+                    .name("console-tcp".into())
+                    .spawn(move || accept_tcp(&s, &listener))
+                    .map_err(ConsoleError::Thread)?,
+            );
+        }
+        info!(shared.log, "console listening"; "socket" => %socket.display(),
+              "tcp" => tcp_addr.map(|a| a.to_string()).unwrap_or_default(),
+              "admin_keys" => keys, "quorum" => shared.config.quorum);
+        Ok(Self {
+            shared,
+            threads,
+            socket,
+            tcp: tcp_addr,
+        })
+    }
+
+    /// The Unix socket path.
+    pub fn socket_path(&self) -> &Path {
+        &self.socket
+    }
+
+    /// The TCP address, if listening on one.
+    pub fn tcp_addr(&self) -> Option<SocketAddr> {
+        self.tcp
+    }
+
+    /// Stops accepting, waits (at most `grace`) for commands in progress, removes the
+    /// socket.
+    pub fn shutdown(self, grace: Duration) {
+        self.shared.stop.store(true, Ordering::SeqCst);
+        // Wake the accept loops: each sees `stop` on its next connection.
+        let _ = UnixStream::connect(&self.socket);
+        if let Some(addr) = self.tcp {
+            let _ = TcpStream::connect_timeout(&addr, Duration::from_secs(1));
+        }
+        for t in self.threads {
+            let _ = t.join();
+        }
+        let (lock, cv) = &self.shared.idle;
+        if let Ok(guard) = lock.lock() {
+            let _ = cv.wait_timeout_while(guard, grace, |_| {
+                self.shared.active.load(Ordering::SeqCst) > 0
+            });
+        }
+        let _ = std::fs::remove_file(&self.socket);
+    }
+}
+
+fn accept_unix(shared: &Arc<Shared>, listener: &UnixListener) {
+    for conn in listener.incoming() {
+        if shared.stop.load(Ordering::SeqCst) {
+            break;
+        }
+        let stream = match conn {
+            Ok(s) => s,
+            Err(e) => {
+                warn!(shared.log, "accept failed"; "error" => %e);
+                continue;
+            }
+        };
+        let peer =
+            match nix::sys::socket::getsockopt(&stream, nix::sys::socket::sockopt::PeerCredentials)
+            {
+                Ok(c) => format!("unix uid={} pid={}", c.uid(), c.pid()),
+                Err(_) => "unix".to_owned(),
+            };
+        let _ = stream.set_read_timeout(Some(shared.config.io_timeout));
+        let _ = stream.set_write_timeout(Some(shared.config.io_timeout));
+        spawn_connection(shared, stream, peer);
+    }
+}
+
+fn accept_tcp(shared: &Arc<Shared>, listener: &TcpListener) {
+    for conn in listener.incoming() {
+        if shared.stop.load(Ordering::SeqCst) {
+            break;
+        }
+        let stream = match conn {
+            Ok(s) => s,
+            Err(e) => {
+                warn!(shared.log, "accept failed"; "error" => %e);
+                continue;
+            }
+        };
+        let peer = stream
+            .peer_addr()
+            .map_or_else(|_| "tcp".to_owned(), |a| format!("tcp {a}"));
+        let _ = stream.set_read_timeout(Some(shared.config.io_timeout));
+        let _ = stream.set_write_timeout(Some(shared.config.io_timeout));
+        let _ = stream.set_nodelay(true);
+        spawn_connection(shared, stream, peer);
+    }
+}
+
+/// Decrements the connection count (and wakes `shutdown`) however the thread ends.
+struct ActiveGuard(Arc<Shared>);
+
+impl Drop for ActiveGuard {
+    fn drop(&mut self) {
+        self.0.active.fetch_sub(1, Ordering::SeqCst);
+        let (lock, cv) = &self.0.idle;
+        let _guard = lock.lock();
+        cv.notify_all();
+    }
+}
+
+fn spawn_connection<S: Read + Write + Send + 'static>(
+    shared: &Arc<Shared>,
+    mut stream: S,
+    peer: String,
+) {
+    let n = shared.active.fetch_add(1, Ordering::SeqCst);
+    let guard = ActiveGuard(shared.clone());
+    if n >= shared.config.max_connections {
+        warn!(shared.log, "console busy, connection refused"; "peer" => &peer);
+        let _ = frame::write_response(
+            &mut stream,
+            &result_error("busy", "the console is serving too many connections; retry"),
+        );
+        return;
+    }
+    let s = shared.clone();
+    let spawned = std::thread::Builder::new()
+        .name("console-conn".into())
+        .spawn(move || {
+            let _guard = guard;
+            serve_connection(&s, &mut stream, &peer);
+        });
+    if let Err(e) = spawned {
+        warn!(shared.log, "could not start a connection thread"; "error" => %e);
+    }
+}
+
+fn result_error(code: &str, message: &str) -> Value {
+    json!({"type": "result", "ok": false, "code": code, "error": message})
+}
+
+/// What is known about a request when it is rejected.
+#[derive(Default)]
+struct Known {
+    command: Option<String>,
+    nonce: Option<String>,
+    signers: Option<String>,
+}
+
+fn truncate(s: &str, max: usize) -> String {
+    if s.len() <= max {
+        return s.to_owned();
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end = end.saturating_sub(1);
+    }
+    s.get(..end).unwrap_or_default().to_owned()
+}
+
+fn reject(
+    shared: &Shared,
+    stream: &mut impl Write,
+    peer: &str,
+    known: &Known,
+    code: &str,
+    message: &str,
+) {
+    let mut ev = AuditEvent::new("admin.rejected", Severity::Warning)
+        .field("reason", code)
+        .field("error", truncate(message, 1000))
+        .field("peer", truncate(peer, 200));
+    if let Some(c) = &known.command {
+        ev = ev.field("command", c);
+    }
+    if let Some(n) = &known.nonce {
+        ev = ev.field("nonce", n);
+    }
+    if let Some(s) = &known.signers {
+        ev = ev.field("signers", s);
+    }
+    // Durable before the client hears back: a refusal that is not on record did not
+    // happen as far as an auditor is concerned.
+    if let Err(e) = shared.services.executor.ledger().audit(vec![ev]) {
+        warn!(shared.log, "auditing a rejected admin command failed"; "error" => %e);
+    }
+    warn!(shared.log, "admin command rejected"; "reason" => code, "error" => message, "peer" => peer);
+    let _ = frame::write_response(stream, &result_error(code, message));
+}
+
+fn serve_connection<S: Read + Write>(shared: &Shared, stream: &mut S, peer: &str) {
+    let bytes = match frame::read_request(stream) {
+        Ok(b) => b,
+        Err(FrameError::Closed) => return,
+        Err(e) => {
+            let msg = format!("unreadable request frame: {e}");
+            reject(shared, stream, peer, &Known::default(), "malformed", &msg);
+            return;
+        }
+    };
+    let env = match Envelope::decode(&bytes) {
+        Ok(e) => e,
+        Err(e) => {
+            let msg = format!("not a canonical command envelope: {e}");
+            reject(shared, stream, peer, &Known::default(), "malformed", &msg);
+            return;
+        }
+    };
+    let body = env.body();
+    let known = Known {
+        command: Some(body.command.clone()),
+        nonce: Some(hex(&body.nonce)),
+        signers: Some(
+            env.signatures()
+                .iter()
+                .map(|s| hex(&s.key))
+                .collect::<Vec<_>>()
+                .join(","),
+        ),
+    };
+    let parsed = commands::parse(&body.command, &body.args);
+    let required = match &parsed {
+        Ok(cmd) if commands::is_destructive(cmd) => shared.config.quorum,
+        _ => 1,
+    };
+    let now = mayfly_command::now_ns();
+    if let Err(r) = shared.config.authorizer.check(&env, now, required) {
+        reject(shared, stream, peer, &known, r.code(), &r.to_string());
+        return;
+    }
+    let cmd = match parsed {
+        Ok(c) => c,
+        Err(e) => {
+            reject(shared, stream, peer, &known, e.code(), &e.to_string());
+            return;
+        }
+    };
+    let destructive = commands::is_destructive(&cmd);
+    let nonce = known.nonce.clone().unwrap_or_default();
+    let accepted = AuditEvent::new("admin.accepted", Severity::Notice)
+        .field("command", &body.command)
+        .field("nonce", &nonce)
+        .field("signers", known.signers.clone().unwrap_or_default())
+        .field("args", truncate(&summarize_args(&body.args), 1000))
+        .field("body_sha256", hex(&env.body_hash()))
+        .field("destructive", destructive)
+        .field("peer", truncate(peer, 200));
+    match shared.services.executor.ledger().record_admin_nonce(
+        body.nonce,
+        body.expires_ns,
+        env.body_hash(),
+        shared.config.authorizer.prune_before_ns(now),
+        vec![accepted],
+    ) {
+        Ok(_) => {}
+        Err(CommitError::NonceReused { nonce }) => {
+            let msg = format!("nonce {nonce} was already used: this command was replayed");
+            reject(shared, stream, peer, &known, "replayed", &msg);
+            return;
+        }
+        Err(e) => {
+            let msg = format!("could not record the command's nonce: {e}");
+            reject(shared, stream, peer, &known, "storage", &msg);
+            return;
+        }
+    }
+    info!(shared.log, "admin command accepted"; "command" => &body.command, "nonce" => &nonce, "peer" => peer);
+
+    let mut emit = |frame_value: Value| {
+        // A client that went away does not stop the command: it is authorized, recorded,
+        // and its outcome is audited either way.
+        let _ = frame::write_response(stream, &frame_value);
+    };
+    let outcome = commands::execute(&shared.services, &cmd, &nonce, &mut emit);
+    let (reply, completed) = match outcome {
+        Ok(result) => (
+            json!({"type": "result", "ok": true, "command": body.command, "result": result}),
+            AuditEvent::new("admin.completed", Severity::Info)
+                .field("command", &body.command)
+                .field("nonce", &nonce)
+                .field("outcome", "ok"),
+        ),
+        Err(e) => (
+            result_error(e.code(), &e.to_string()),
+            AuditEvent::new("admin.completed", Severity::Warning)
+                .field("command", &body.command)
+                .field("nonce", &nonce)
+                .field("outcome", "failed")
+                .field("reason", e.code())
+                .field("error", truncate(&e.to_string(), 1000)),
+        ),
+    };
+    let ledger = shared.services.executor.ledger();
+    let audited = if destructive || completed.severity <= Severity::Warning {
+        ledger.audit(vec![completed]).map(drop)
+    } else {
+        ledger.audit_lazily(vec![completed])
+    };
+    if let Err(e) = audited {
+        warn!(shared.log, "auditing an admin command's completion failed"; "error" => %e);
+    }
+    let _ = frame::write_response(stream, &reply);
+}
+
+/// Arguments for the audit record: values in full when short and plain; long ones (policy
+/// files) and any with a comma or a control character appear as their size and SHA-256.
+fn summarize_args(args: &std::collections::BTreeMap<String, String>) -> String {
+    args.iter()
+        .map(|(k, v)| {
+            if v.len() <= 64 && !v.contains(',') && !v.chars().any(char::is_control) {
+                format!("{k}={v}")
+            } else {
+                let d = ring_sha256(v.as_bytes());
+                format!("{k}=<{} bytes, sha256 {}>", v.len(), hex(&d))
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+fn ring_sha256(bytes: &[u8]) -> [u8; 32] {
+    mayfly_ledger::checkpoint::sha256(bytes)
+}

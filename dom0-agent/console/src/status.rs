@@ -1,0 +1,62 @@
+//! `status`: what the appliance is running and where its chains stand, plus whatever the
+//! plugged-in providers report (the SIEM exporters' lag, through [`ExporterStatus`]).
+
+use mayfly_ledger::codec::hex;
+use serde_json::{json, Value};
+
+use crate::{ExporterStatus, Services};
+
+/// The status document.
+pub fn status(services: &Services) -> Value {
+    let ledger = services.executor.ledger();
+    let tips = ledger.tips();
+    let backend = services.executor.backend();
+    let pool = backend.stats();
+    let nonces = ledger.store().admin_nonces().ok();
+    let quarantined = services.quarantine.as_ref().map(|q| q.list().len());
+    json!({
+        "backend": backend.name(),
+        "pool": {
+            "ready": pool.ready,
+            "in_use": pool.in_use,
+            "created": pool.created,
+            "destroyed": pool.destroyed,
+            "failed": pool.failed,
+        },
+        "chains": {
+            "checkpoints": {"seq": tips.checkpoints.seq, "hash": hex(&tips.checkpoints.hash)},
+            "audit": {"seq": tips.audit.seq, "hash": hex(&tips.audit.hash)},
+            "group": tips.group,
+        },
+        "identity_key": hex(&ledger.public_key()),
+        "signing_key": hex(&ledger.signing_key()),
+        "policy_hash": hex(&services.executor.policy_hash()),
+        "quarantined": quarantined,
+        "admin": {
+            "keys": services.admin_keys,
+            "quorum": services.quorum,
+            "nonces_recorded": nonces,
+        },
+        "exporters": exporters(services.exporters.as_deref(), tips.audit.seq),
+    })
+}
+
+fn exporters(provider: Option<&dyn ExporterStatus>, audit_tip: u64) -> Value {
+    let Some(provider) = provider else {
+        return json!({"configured": false, "collectors": []});
+    };
+    let collectors: Vec<Value> = provider
+        .collectors()
+        .into_iter()
+        .map(|c| {
+            json!({
+                "name": c.name,
+                "transport": c.transport,
+                "delivered_seq": c.delivered_seq,
+                "lag": audit_tip.saturating_sub(c.delivered_seq),
+                "last_error": c.last_error,
+            })
+        })
+        .collect();
+    json!({"configured": !collectors.is_empty(), "collectors": collectors})
+}
