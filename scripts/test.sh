@@ -21,7 +21,7 @@ for smoke in domu-shim/*/fuzz/smoke.sh; do
     [ -x "$smoke" ] || continue
     step "fuzz smoke: ${smoke%/fuzz/smoke.sh}" "$smoke"
 done
-# Xen 4.17 under QEMU TCG: the guest transport, the dom0 overlay, and (once the agent has its
-# Xen backend) transactions through the agent. Installs its own Debian packages.
+# Xen 4.17 under QEMU TCG: the guest transport, the dom0 overlay, and transactions through the
+# agent's Xen backend. Installs its own Debian packages.
 step "Xen-in-QEMU suite"      tests/xen-qemu/run.sh
 echo "all checks passed"
