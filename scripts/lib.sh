@@ -53,3 +53,41 @@ ensure_cargo_tool() {
         cargo install --locked "$2" --version "$3"
     fi
 }
+
+# Everything the Xen-in-QEMU suite boots or builds its images from (Debian 12 packages):
+# Xen 4.17 and its toolstack, the xenstore tools, QEMU, Debian's kernel, a static busybox.
+ensure_xen_qemu_packages() {
+    local missing=()
+    [ -e /boot/xen-4.17-amd64.gz ] || missing+=(xen-hypervisor-4.17-amd64)
+    [ -x /usr/lib/xen-4.17/bin/xl ] || missing+=(xen-utils-4.17)
+    command -v xenstore-write >/dev/null || missing+=(xenstore-utils)
+    command -v qemu-system-x86_64 >/dev/null || missing+=(qemu-system-x86)
+    [ -n "$(linux_version)" ] || missing+=(linux-image-amd64)
+    [ -x /bin/busybox ] && /bin/busybox --list | grep -qx ip || missing+=(busybox-static)
+    command -v cpio >/dev/null || missing+=(cpio)
+    command -v xz >/dev/null || missing+=(xz-utils)
+    command -v curl >/dev/null || missing+=(curl)
+    if [ ${#missing[@]} -gt 0 ]; then apt_install "${missing[@]}"; fi
+}
+
+# The newest installed Debian kernel version that has modules (e.g. 6.1.0-56-amd64).
+linux_version() {
+    local v
+    for v in $(ls /boot/vmlinuz-* 2>/dev/null | sed 's|.*/vmlinuz-||' | sort -V -r); do
+        if [ -d "/lib/modules/$v/kernel/drivers/xen" ]; then
+            echo "$v"
+            return
+        fi
+    done
+}
+
+# bindgen (Debian 12's 0.60.1), libclang and the Xen 4.17 headers, for the bindings' drift
+# check (bindgen/xen-sys/check-drift.sh). The Xen libraries themselves are only loaded at run
+# time, by `dom0-agent serve --backend xen`.
+ensure_xen_bindgen_tools() {
+    local missing=()
+    command -v bindgen >/dev/null || missing+=(bindgen)
+    [ -f /usr/include/xenctrl.h ] || missing+=(libxen-dev)
+    compgen -G "/usr/lib/llvm-*/lib/libclang*.so*" >/dev/null || missing+=(libclang-dev)
+    if [ ${#missing[@]} -gt 0 ]; then apt_install "${missing[@]}"; fi
+}

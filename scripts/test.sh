@@ -9,11 +9,13 @@ source scripts/lib.sh
 ensure_build_tools
 ensure_siem_test_tools
 ensure_shellcheck
+ensure_xen_bindgen_tools
 ensure_cargo_tool cargo-deny cargo-deny 0.20.2
 
 step "format"                 cargo fmt --all --check
 step "lints"                  cargo clippy --workspace --all-targets --all-features --locked -- -D warnings
 step "licences, bans, sources" cargo deny --locked check licenses bans sources
+step "xen bindings drift"     bindgen/xen-sys/check-drift.sh
 step "tests"                  cargo test --workspace --all-features --locked --lib --bins --tests
 step "buildroot tree (references, shellcheck)" \
     cargo run --quiet --locked -p mayfly-br-check -- --shellcheck buildroot
@@ -25,4 +27,7 @@ for smoke in domu-shim/*/fuzz/smoke.sh; do
     [ -x "$smoke" ] || continue
     step "fuzz smoke: ${smoke%/fuzz/smoke.sh}" "$smoke"
 done
+# Xen 4.17 under QEMU TCG: the guest transport, the dom0 overlay, and transactions through the
+# agent's Xen backend. Installs its own Debian packages.
+step "Xen-in-QEMU suite"      tests/xen-qemu/run.sh
 echo "all checks passed"

@@ -56,7 +56,7 @@ enum Command {
     },
     /// Run the appliance: client API on loopback, one fresh domain per transaction, every
     /// commit checkpointed in the ledger. SIGHUP reloads the policy bundle; SIGINT/SIGTERM stop.
-    Serve(serve::ServeArgs),
+    Serve(Box<serve::ServeArgs>),
     /// Report a transaction, key, handler or client as part of an attack to a running agent
     /// (authenticated with its detector token); its policy decides, e.g. roll back and replay.
     Report(report::ReportArgs),

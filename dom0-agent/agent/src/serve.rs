@@ -5,18 +5,27 @@
 //! command line wins. SIGHUP reloads the policy bundle; SIGINT or SIGTERM stop the agent. Every key of the file is also a flag:
 //!
 //! ```toml
-//! backend = "sandbox"        # only the sandbox backend exists so far
+//! backend = "sandbox"        # "sandbox" (process isolation) or "xen" (a PV domU each)
 //! data_dir = "/var/lib/mayfly"
 //! listen = "127.0.0.1:8450"
 //! pool_size = 8              # ready clones kept ahead of demand
 //! workers = 16               # HTTP worker threads
 //! max_in_flight = 64         # transactions at once; more get 503
 //! tx_timeout_ms = 5000       # Start to Commit/Abort
+//! take_timeout_ms = 2000     # wait for a ready domain; then 503 (Xen under emulation: longer)
 //! map_size_mib = 4096        # largest ledger size
 //! memory_mib = 256           # address-space limit of each domain
 //! cpu_seconds = 10           # CPU-time limit of each domain
 //! policy = "/etc/mayfly/policy" # directory of *.toml; default: the built-in bundle
 //!
+//! [xen]                      # only with backend = "xen"
+//! kernel = "/usr/lib/mayfly/domu/vmlinux"             # the template's uncompressed vmlinux
+//! ramdisk = "/usr/lib/mayfly/domu/initramfs.cpio.gz"  # its initramfs (/init = domu-shim)
+//! cmdline = "console=hvc0 quiet"
+//! memory_mib = 128           # memory of each domain (at least 96)
+//! xl = "xl"                  # builds the domains (`xl create -p -e`); nothing else uses it
+//! ready_timeout_ms = 60000   # build to the shim's Ready
+//! build_threads = 1          # domains built in parallel
 //! [console]                  # the signed admin console (docs/console.md); off without keys
 //! admin_keys = ["<64 hex digits>", "/etc/mayfly/admins/bob.pub"]
 //! quorum = 2                 # distinct admins for rollback, policy.load, key.rotate, quarantine.release
@@ -36,6 +45,9 @@
 //! The SIEM exporter starts right after the ledger opens (so it exports the agent's own
 //! start) and stops last, after `agent.stopped` is recorded, letting each collector catch
 //! up for a few seconds; its status is the `siem` section of `GET /v1/health`.
+//!
+//! With `backend = "xen"` the agent loads Xen 4.17's libraries at start-up; on a host
+//! without them (or not a Xen dom0) it stops with a message saying what is missing.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -48,6 +60,7 @@ use mayfly_domain::DomainBackend;
 use mayfly_executor::{Executor, ExecutorConfig};
 use mayfly_ledger::{codec::hex, AuditEvent, Ledger, Options, Severity, StoreOptions};
 use mayfly_sandbox::{Sandbox, SandboxConfig};
+use mayfly_xen_backend::{XenBackend, XenConfig, XenSection};
 use nix::sys::signal::{SigSet, Signal};
 use serde::Deserialize;
 use slog::{info, Logger};
@@ -58,7 +71,8 @@ pub struct ServeArgs {
     /// TOML configuration file; flags override its values.
     #[arg(long)]
     config: Option<PathBuf>,
-    /// Domain backend: "sandbox" (process isolation; the Xen backend is not built yet).
+    /// Domain backend: "sandbox" (process isolation, the default) or "xen" (a Xen PV domU
+    /// per transaction; needs a Xen 4.17 dom0 and the --xen-kernel/--xen-ramdisk template).
     #[arg(long)]
     backend: Option<String>,
     /// Ledger data directory [default: ./mayfly-data].
@@ -79,13 +93,18 @@ pub struct ServeArgs {
     /// Per-transaction time limit in ms [default: 5000].
     #[arg(long)]
     tx_timeout_ms: Option<u64>,
+    /// How long a transaction waits for a ready domain before it is refused with 503, in ms
+    /// [default: 2000].
+    #[arg(long)]
+    take_timeout_ms: Option<u64>,
     /// Largest ledger size in MiB [default: 4096].
     #[arg(long)]
     map_size_mib: Option<usize>,
-    /// Address-space limit of each domain in MiB [default: 256].
+    /// Address-space limit of each sandbox domain in MiB [default: 256] (Xen domains: see
+    /// --xen-memory-mib).
     #[arg(long)]
     memory_mib: Option<u64>,
-    /// CPU-time limit of each domain in seconds [default: 10].
+    /// CPU-time limit of each sandbox domain in seconds [default: 10].
     #[arg(long)]
     cpu_seconds: Option<u64>,
     /// Policy bundle: a directory of *.toml files [default: the shipped bundle,
@@ -96,6 +115,22 @@ pub struct ServeArgs {
     /// [default: DATA_DIR/detector.token, created (mode 0600) on first start].
     #[arg(long)]
     detector_token: Option<PathBuf>,
+    /// Xen backend: the template's kernel, an uncompressed ELF vmlinux (`[xen] kernel`).
+    #[arg(long)]
+    xen_kernel: Option<PathBuf>,
+    /// Xen backend: the template's initramfs, whose /init is domu-shim (`[xen] ramdisk`).
+    #[arg(long)]
+    xen_ramdisk: Option<PathBuf>,
+    /// Xen backend: the domains' kernel command line [default: "console=hvc0 quiet"].
+    #[arg(long)]
+    xen_cmdline: Option<String>,
+    /// Xen backend: memory of each domain in MiB, at least 96 [default: 128].
+    #[arg(long)]
+    xen_memory_mib: Option<u32>,
+    /// Xen backend: the `xl` binary that builds domains (`xl create -p -e`; pause, unpause
+    /// and destroy go through libxenctrl) [default: xl, from PATH].
+    #[arg(long)]
+    xl: Option<PathBuf>,
     /// Authorized admin public key (64 hex digits, or a .pub file from `mayfly admin
     /// keygen`); repeat for each admin. Without any, the admin console is off.
     #[arg(long = "admin-key")]
@@ -132,10 +167,12 @@ struct FileConfig {
     workers: Option<usize>,
     max_in_flight: Option<usize>,
     tx_timeout_ms: Option<u64>,
+    take_timeout_ms: Option<u64>,
     map_size_mib: Option<usize>,
     memory_mib: Option<u64>,
     cpu_seconds: Option<u64>,
     policy: Option<PathBuf>,
+    xen: Option<XenSection>,
     console: Option<ConsoleFileConfig>,
     siem: Option<mayfly_siem::SiemConfig>,
 }
@@ -149,10 +186,12 @@ struct Settings {
     workers: usize,
     max_in_flight: usize,
     tx_timeout: Duration,
+    take_timeout: Duration,
     map_size: usize,
     memory_bytes: u64,
     cpu_seconds: u64,
     policy: Option<PathBuf>,
+    xen: XenSection,
     console: Option<mayfly_console::ConsoleConfig>,
     siem: mayfly_siem::SiemConfig,
 }
@@ -247,6 +286,11 @@ fn load(args: &ServeArgs) -> anyhow::Result<Settings> {
         tx_timeout: Duration::from_millis(
             args.tx_timeout_ms.or(file.tx_timeout_ms).unwrap_or(5000),
         ),
+        take_timeout: Duration::from_millis(
+            args.take_timeout_ms
+                .or(file.take_timeout_ms)
+                .unwrap_or(2000),
+        ),
         map_size: args
             .map_size_mib
             .or(file.map_size_mib)
@@ -259,24 +303,66 @@ fn load(args: &ServeArgs) -> anyhow::Result<Settings> {
             .saturating_mul(1 << 20),
         cpu_seconds: args.cpu_seconds.or(file.cpu_seconds).unwrap_or(10),
         policy: args.policy.clone().or(file.policy),
+        xen: xen_section(args, file.xen.unwrap_or_default()),
         siem: file.siem.unwrap_or_default(),
     };
     match s.backend.as_str() {
-        "sandbox" => {}
-        "xen" => bail!("the xen backend is not built yet; use --backend sandbox"),
-        other => bail!("unknown backend {other:?}; use --backend sandbox"),
+        "sandbox" | "xen" => {}
+        other => bail!("unknown backend {other:?}; use --backend sandbox or --backend xen"),
     }
     if s.workers == 0 || s.max_in_flight == 0 {
         bail!("workers and max_in_flight must be at least 1");
     }
-    if s.tx_timeout.is_zero() {
-        bail!("tx_timeout_ms must be at least 1");
+    if s.tx_timeout.is_zero() || s.take_timeout.is_zero() {
+        bail!("tx_timeout_ms and take_timeout_ms must be at least 1");
     }
     if s.map_size < (16 << 20) {
         bail!("map_size_mib must be at least 16");
     }
     s.siem.validate().context("in the [siem] section")?;
     Ok(s)
+}
+
+/// The `[xen]` table with the `--xen-*` flags laid over it.
+fn xen_section(args: &ServeArgs, file: XenSection) -> XenSection {
+    XenSection {
+        kernel: args.xen_kernel.clone().or(file.kernel),
+        ramdisk: args.xen_ramdisk.clone().or(file.ramdisk),
+        cmdline: args.xen_cmdline.clone().or(file.cmdline),
+        memory_mib: args.xen_memory_mib.or(file.memory_mib),
+        xl: args.xl.clone().or(file.xl),
+        ..file
+    }
+}
+
+fn xen(s: &Settings, log: &Logger) -> anyhow::Result<XenBackend> {
+    let config = XenConfig::from_section(
+        &s.xen,
+        s.data_dir.join("run").join("xen"),
+        s.pool_size,
+        s.max_in_flight.max(s.pool_size),
+    )
+    .context("configuring the xen backend")?;
+    XenBackend::start(config, log.clone()).context("starting the xen backend")
+}
+
+/// The configured backend, and its quarantine for the admin console.
+type Started = (
+    Arc<dyn DomainBackend>,
+    Arc<dyn mayfly_console::QuarantineControl>,
+);
+
+fn backend(s: &Settings, log: &Logger) -> anyhow::Result<Started> {
+    Ok(match s.backend.as_str() {
+        "xen" => {
+            let xen = Arc::new(xen(s, log)?);
+            (xen.clone(), Arc::new(XenQuarantine(xen)))
+        }
+        _ => {
+            let sandbox = Arc::new(sandbox(s, log)?);
+            (sandbox.clone(), Arc::new(SandboxQuarantine(sandbox)))
+        }
+    })
 }
 
 fn sandbox(s: &Settings, log: &Logger) -> anyhow::Result<Sandbox> {
@@ -363,8 +449,7 @@ pub fn run(args: &ServeArgs, log: &Logger) -> anyhow::Result<u8> {
     let policy_files = crate::policy::files(s.policy.as_deref())?;
     let bundle = mayfly_policy::Bundle::load(&policy_files).context("loading the policy bundle")?;
     let policy_hash = bundle.hash();
-    let sandbox = Arc::new(sandbox(&s, log)?);
-    let backend: Arc<dyn DomainBackend> = sandbox.clone();
+    let (backend, quarantine) = backend(&s, log)?;
     let names = crate::zygote::handler_names();
     let executor = Arc::new(Executor::new(
         ledger.clone(),
@@ -372,6 +457,7 @@ pub fn run(args: &ServeArgs, log: &Logger) -> anyhow::Result<u8> {
         names.clone(),
         ExecutorConfig {
             tx_timeout: s.tx_timeout,
+            take_timeout: s.take_timeout,
             ..ExecutorConfig::default()
         },
         bundle,
@@ -401,7 +487,7 @@ pub fn run(args: &ServeArgs, log: &Logger) -> anyhow::Result<u8> {
         Some(config) => {
             let services = mayfly_console::Services {
                 executor: executor.clone(),
-                quarantine: Some(Arc::new(SandboxQuarantine(sandbox.clone()))),
+                quarantine: Some(quarantine.clone()),
                 exporters: (!s.siem.collectors.is_empty()).then(|| {
                     Arc::new(SiemStatus(siem.status_handle()))
                         as Arc<dyn mayfly_console::ExporterStatus>
@@ -427,7 +513,7 @@ pub fn run(args: &ServeArgs, log: &Logger) -> anyhow::Result<u8> {
         .field("pool_size", s.pool_size)
         .field("policy_hash", hex(&policy_hash))])?;
     info!(log, "serving"; "addr" => %addr, "backend" => backend.name());
-    print_banner(addr, &s.data_dir, &ledger, &names);
+    print_banner(addr, backend.name(), &s.data_dir, &ledger, &names);
     match &console {
         Some(c) => println!(
             "mayfly: admin console on {}{} ({} admin key(s), quorum {})",
@@ -499,6 +585,21 @@ impl mayfly_console::QuarantineControl for SandboxQuarantine {
     }
 }
 
+/// Quarantine control over the Xen backend, for the admin console.
+struct XenQuarantine(Arc<XenBackend>);
+
+impl mayfly_console::QuarantineControl for XenQuarantine {
+    fn list(&self) -> Vec<mayfly_domain::Quarantined> {
+        self.0.quarantined()
+    }
+    fn release(
+        &self,
+        id: mayfly_domain::DomainId,
+    ) -> Result<Option<mayfly_domain::DomainExit>, mayfly_domain::DomainError> {
+        self.0.release_quarantined(id)
+    }
+}
+
 /// The SIEM exporter's per-collector delivery state, for the console's `status`.
 struct SiemStatus(mayfly_siem::StatusHandle);
 
@@ -527,9 +628,13 @@ fn siem_health(handle: mayfly_siem::StatusHandle) -> mayfly_api::HealthSection {
     }
 }
 
-fn print_banner(addr: SocketAddr, dir: &Path, ledger: &Ledger, handlers: &[String]) {
+fn print_banner(addr: SocketAddr, backend: &str, dir: &Path, ledger: &Ledger, handlers: &[String]) {
     let url = format!("http://{addr}");
-    println!("mayfly: serving on {url} (sandbox backend: process isolation, not a VM)");
+    let isolation = match backend {
+        "xen" => "xen backend: a Xen PV domU per transaction",
+        _ => "sandbox backend: process isolation, not a VM",
+    };
+    println!("mayfly: serving on {url} ({isolation})");
     println!(
         "mayfly: ledger {} (public key {})",
         dir.display(),

@@ -39,7 +39,9 @@
 //! - [`wire`]: the canonical, big-endian message encoding with a cap on every field;
 //! - [`ring`]: [`Frontend`] and [`Backend`], Xen `ring.h`-style producer/consumer logic
 //!   with the same barriers, overflow checks and notification suppression;
-//! - [`notify`]: the [`Notifier`] trait and its eventfd implementation.
+//! - [`notify`]: the [`Notifier`] trait and its eventfd implementation;
+//! - [`xen`] (Linux): the Xen transport — grant mappings through `/dev/xen/gntdev` and
+//!   `/dev/xen/gntalloc`, event channels through `/dev/xen/evtchn`.
 //!
 //! The full specification, with test vectors, is section 2 of `docs/formats.md`.
 
@@ -50,6 +52,8 @@ pub mod mem;
 pub mod notify;
 pub mod ring;
 pub mod wire;
+#[cfg(target_os = "linux")]
+pub mod xen;
 
 pub use layout::Geometry;
 pub use mem::{MmapMem, MockMem, SharedMem};

@@ -14,7 +14,8 @@
 //!
 //! Implementations only say where the mapping is and how long it is:
 //! [`MmapMem`] (anonymous or memfd-backed `mmap`, for the sandbox backend),
-//! [`MockMem`] (a heap allocation, for tests and fuzzing), and later a Xen grant mapping.
+//! [`MockMem`] (a heap allocation, for tests and fuzzing), and on Xen the grant mappings of
+//! [`crate::xen`] (`GntdevMem` in the guest, `GntallocMem` in dom0).
 
 #![deny(
     clippy::indexing_slicing,

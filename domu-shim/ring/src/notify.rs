@@ -6,7 +6,7 @@
 //! ring, and before sleeping it does the ring's "final check" (see [`crate::ring`]).
 //!
 //! [`EventFdNotifier`] implements it with two eventfds, one per direction, for the sandbox
-//! backend; Xen event channels will implement it for the Xen backend.
+//! backend; [`crate::xen::EvtchnNotifier`] implements it over a Xen interdomain event channel.
 //!
 //! A hostile peer that holds the same eventfds can write to or read from either of them.
 //! That only causes spurious wake-ups or lost wake-ups on *its own* side, or spurious

@@ -60,6 +60,10 @@
 pub mod ringdb;
 #[cfg(feature = "test-handlers")]
 pub mod test_handlers;
+#[cfg(target_os = "linux")]
+pub mod xen;
+#[cfg(target_os = "linux")]
+pub mod xenstore;
 
 use std::io::Write;
 use std::panic::{self, AssertUnwindSafe};
@@ -306,6 +310,9 @@ fn lookup(registry: &Registry, config: &Config, name: &str) -> Option<Entry> {
     }
     #[cfg(feature = "test-handlers")]
     if config.test_handlers {
+        if let Some(handler) = test_handlers::get_sdk(name) {
+            return Some(Entry::Handler(handler));
+        }
         return test_handlers::get(name).map(Entry::Raw);
     }
     let _ = config;

@@ -3,8 +3,12 @@
 //! Runs one transaction over a ring in an inherited, sealed memfd, signalled through two
 //! inherited eventfds, with the example handlers (plus the `test.*` handlers when built with
 //! the `test-handlers` feature), and exits with [`domu_shim::run`]'s status. It is the
-//! `/init`-style entry of the sandbox and the fork+exec baseline of the benchmarks; the Xen
-//! transport (grant-mapped ring, event channel) comes later.
+//! `/init`-style entry of the sandbox and the fork+exec baseline of the benchmarks.
+//!
+//! In **Xen mode** (`--xen`, or started as PID 1 with no arguments: the `/init` of the
+//! template domU's initramfs) it prepares the domain, reads the ring's coordinates from
+//! xenstore, maps the granted ring and binds the event channel ([`domu_shim::xen`]), runs
+//! the same transaction protocol, and powers the domain off.
 
 use std::fs::File;
 use std::io::{self, Write};
@@ -19,10 +23,16 @@ use mayfly_ring::{EventFdNotifier, MmapMem};
 
 const USAGE: &str = "\
 Usage: domu-shim --ring-fd N --ring-len BYTES --signal-fd A --wait-fd B
+       domu-shim --xen        (also: as PID 1 with no arguments)
 
 Mayfly's guest runtime: runs exactly one transaction over a shared-memory ring, then exits.
 It sends Ready on the ring, waits (without a timeout) for the agent's Start, runs the named
 handler, sends Commit or Abort, and exits once the agent has answered.
+
+Xen mode (the /init of a Mayfly domU): mounts /dev and /proc, loads the modules listed in
+/etc/mayfly/modules, reads data/mayfly/{ring-version,ring-pages,ring-refs,event-channel}
+from xenstore, maps the ring granted by domain 0, binds its event channel, runs the
+transaction, then powers the domain off (as PID 1; otherwise it exits with the status).
 
 Options (each required exactly once; `--opt=value` also works):
   --ring-fd N        inherited memfd holding the ring, sealed against shrinking (F_SEAL_SHRINK)
@@ -37,7 +47,7 @@ The fds must be distinct and not 0, 1 or 2. They are taken over and re-opened cl
 Exit status:
   0   the transaction ended (committed, aborted, or commit refused by the agent)
   2   bad command line
-  3   an fd could not be claimed or mapped
+  3   an fd could not be claimed or mapped (Xen mode: the Xen setup failed)
   10  the ring header is invalid or the ring is not idle
   11  sending Ready or receiving its answer failed
   12  the answer to Ready was not Start
@@ -62,6 +72,7 @@ struct Args {
 #[derive(Debug, PartialEq, Eq)]
 enum Command {
     Run(Args),
+    Xen,
     Help,
     Version,
 }
@@ -127,6 +138,7 @@ fn parse(args: impl IntoIterator<Item = String>) -> Result<Command, CliError> {
         let flag: &'static str = match name.as_str() {
             "-h" | "--help" => return Ok(Command::Help),
             "-V" | "--version" => return Ok(Command::Version),
+            "--xen" if inline.is_none() => return Ok(Command::Xen),
             "--ring-fd" => "--ring-fd",
             "--ring-len" => "--ring-len",
             "--signal-fd" => "--signal-fd",
@@ -234,7 +246,53 @@ fn status(code: i32) -> ExitCode {
     ExitCode::from(u8::try_from(code).unwrap_or(1))
 }
 
+/// Xen mode: see the module docs. As PID 1 it never returns normally (it powers off).
+fn run_xen() -> ExitCode {
+    use domu_shim::xen;
+    use domu_shim::xenstore::Xenstore;
+    use std::time::{Duration, Instant};
+
+    let started = Instant::now();
+    let pid1 = std::process::id() == 1;
+    xen::say("xen mode");
+    let attached = xen::prepare_system()
+        .and_then(|()| Ok(Xenstore::open(Duration::from_secs(10))?))
+        .and_then(|mut xs| xen::read_keys(&mut xs))
+        .and_then(|keys| {
+            xen::say(&format!(
+                "ring keys: version 1, {} pages, event channel {}",
+                keys.refs.len(),
+                keys.port
+            ));
+            xen::attach(&keys)
+        });
+    let code = match attached {
+        Ok((mem, notifier)) => {
+            xen::say(&format!(
+                "ring mapped, local port {}, setup {} ms",
+                notifier.port(),
+                started.elapsed().as_millis()
+            ));
+            let registry = mayfly_handlers::registry();
+            domu_shim::run(mem, &notifier, &registry)
+        }
+        Err(e) => {
+            xen::say(&format!("setup failed: {}", error_chain(&e)));
+            exit::SETUP
+        }
+    };
+    xen::say(&format!("exit status {code}"));
+    if pid1 {
+        let err = xen::power_off();
+        xen::say(&format!("power off failed: {err}"));
+    }
+    status(code)
+}
+
 fn main() -> ExitCode {
+    if std::process::id() == 1 && std::env::args_os().len() <= 1 {
+        return run_xen();
+    }
     let command = match parse(std::env::args().skip(1)) {
         Ok(c) => c,
         Err(e) => {
@@ -251,6 +309,7 @@ fn main() -> ExitCode {
             let _ = writeln!(io::stdout(), "domu-shim {}", env!("CARGO_PKG_VERSION"));
             return status(exit::OK);
         }
+        Command::Xen => return run_xen(),
         Command::Run(args) => args,
     };
     let (mem, notifier) = match setup(args) {
@@ -291,6 +350,8 @@ mod tests {
         assert_eq!(parse_str("--help").unwrap(), Command::Help);
         assert_eq!(parse_str("--ring-fd 3 -h").unwrap(), Command::Help);
         assert_eq!(parse_str("-V").unwrap(), Command::Version);
+        assert_eq!(parse_str("--xen").unwrap(), Command::Xen);
+        assert!(parse_str("--xen=1").is_err());
     }
 
     #[test]

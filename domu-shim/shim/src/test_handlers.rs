@@ -24,6 +24,10 @@
 //! | `test.random`       | commits 32 bytes from the transaction's RNG (clones must not share RNG state) |
 //! | `test.panic`        | panics (caught: aborts with "handler panicked"; release builds: `SIGABRT`) |
 //!
+//! One more, [`ping`] (`test.ping`), is an ordinary SDK handler, not a hostile one: payload
+//! `N` (decimal, 1..=[`MAX_PINGS`]), it makes `N` `Get("ping")` calls and commits `N`. It is
+//! the ring round-trip benchmark on every backend (each call is one request/response pair).
+//!
 //! The RNG bytes come from the transaction's [`HandlerRng`], so a given entropy seed always
 //! produces the same garbage. Raw writes use `mayfly_ring::layout` constants.
 
@@ -39,7 +43,7 @@ use mayfly_ring::mem::MemError;
 use mayfly_ring::notify::NotifyError;
 use mayfly_ring::wire::WIRE_MAGIC;
 use mayfly_ring::{Geometry, Notifier, SharedMem, Wake};
-use mayfly_sdk::HandlerRng;
+use mayfly_sdk::{Ctx, Handler, HandlerError, HandlerRng};
 
 /// A raw write to the ring failed (the handler then aborts with this as the reason).
 #[derive(Debug, thiserror::Error)]
@@ -203,6 +207,28 @@ pub const TEST_HANDLERS: &[(&str, RawHandler)] = &[
 pub fn test_handlers() -> &'static BTreeMap<&'static str, RawHandler> {
     static MAP: OnceLock<BTreeMap<&'static str, RawHandler>> = OnceLock::new();
     MAP.get_or_init(|| TEST_HANDLERS.iter().copied().collect())
+}
+
+/// Most round trips one `test.ping` transaction may ask for.
+pub const MAX_PINGS: u32 = 100_000;
+
+/// `test.ping`: `N` `Get("ping")` round trips, then commits `N` (see the module docs).
+pub fn ping(ctx: &mut Ctx<'_>, payload: &[u8]) -> Result<Vec<u8>, HandlerError> {
+    let count = std::str::from_utf8(payload)
+        .ok()
+        .filter(|t| !t.is_empty() && t.len() <= 6 && t.bytes().all(|b| b.is_ascii_digit()))
+        .and_then(|t| t.parse::<u32>().ok())
+        .filter(|n| (1..=MAX_PINGS).contains(n))
+        .ok_or_else(|| HandlerError::bad_request(format!("payload must be 1..={MAX_PINGS}")))?;
+    for _ in 0..count {
+        ctx.db().get(b"ping")?;
+    }
+    Ok(count.to_string().into_bytes())
+}
+
+/// The SDK-style test handler named `name` (only `test.ping`).
+pub fn get_sdk(name: &str) -> Option<Handler> {
+    (name == "test.ping").then_some(ping as Handler)
 }
 
 /// The test handler named `name`.

@@ -292,3 +292,28 @@ fn raw_ring_exposes_its_state() {
     raw.notifier().notify().unwrap();
     assert_eq!(h.agent.wait(Some(Duration::ZERO)).unwrap(), Wake::Notified);
 }
+
+#[test]
+fn ping_makes_exactly_n_round_trips_and_refuses_bad_counts() {
+    let (outcome, record) = transact(
+        start("test.ping", b"25", [0; 32]),
+        Agent::default(),
+        move |mem, n| try_run(mem, &n, &mayfly_handlers::registry(), &Config::default()),
+    );
+    assert_eq!(outcome.unwrap(), Outcome::Committed);
+    assert_eq!(record.end, End::Committed(b"25".to_vec()));
+    assert_eq!(record.ops, 25);
+    for bad in [&b""[..], b"0", b"-1", b"100001", b"1e3", b" 5"] {
+        let (outcome, record) = transact(
+            start("test.ping", bad, [0; 32]),
+            Agent::default(),
+            move |mem, n| try_run(mem, &n, &mayfly_handlers::registry(), &Config::default()),
+        );
+        assert!(
+            matches!(outcome.unwrap(), Outcome::Aborted { .. }),
+            "{:?}",
+            String::from_utf8_lossy(bad)
+        );
+        assert_eq!(record.ops, 0);
+    }
+}

@@ -1,0 +1,349 @@
+//! [`XenBackend`] (a [`DomainBackend`]) and [`XenDomain`] (a [`Domain`]).
+//!
+//! ```text
+//!  start:    load libraries → Control (Xen 4.17?) → xenstore → reconciler → pool threads
+//!  refill:   XenProvisioner builds mayfly-<n>, boots it to Ready, pauses it → ready
+//!  take():   pops a ready domain still alive, xc_domain_unpause → XenDomain
+//!  XenDomain: destroy() / Drop → xc_domain_destroy, cleanup; quarantine() → paused, kept
+//!  shutdown: pool stops (ready ones destroyed), in-use ones destroyed (holders see
+//!            PeerGone, then Destroyed), quarantined ones destroyed
+//! ```
+//!
+//! Threads: one per refill (blocking `xl` and hypercalls); callers' threads for take,
+//! destroy and quarantine. No async runtime; cleanup is synchronous.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use mayfly_domain::{
+    Domain, DomainBackend, DomainError, DomainExit, DomainId, PoolStats, Quarantined, Ring,
+};
+use mayfly_ring::Notifier;
+use mayfly_xen::{Control, CtrlError, Libraries, LoadError, Store, StoreError};
+use slog::{info, warn, Logger};
+
+use crate::config::{ConfigError, XenConfig, GNTALLOC_DEFAULT_LIMIT};
+use crate::domain::{DomainOpError, Hyp, LiveDomain, XenProvisioner};
+use crate::pool::{Pool, PoolConfig, Slot, TakeError};
+use crate::reconcile::{self, ReconcileError};
+
+/// The backend's name.
+pub const BACKEND: &str = "xen";
+
+/// The Xen backend could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The configuration was refused.
+    #[error("xen backend configuration")]
+    Config(#[from] ConfigError),
+    /// The Xen libraries are missing.
+    #[error(transparent)]
+    Load(#[from] LoadError),
+    /// libxenctrl could not be opened, or the hypervisor is not Xen 4.17.
+    #[error(transparent)]
+    Ctrl(#[from] CtrlError),
+    /// xenstore could not be reached.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The run directory could not be created.
+    #[error("creating the run directory {path:?} failed")]
+    RunDir {
+        /// The path.
+        path: std::path::PathBuf,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The reconciler failed.
+    #[error(transparent)]
+    Reconcile(#[from] ReconcileError),
+    /// A refill thread could not be started.
+    #[error("starting the refill threads failed")]
+    Thread(#[source] std::io::Error),
+}
+
+type QuarantineList = Mutex<Vec<(Quarantined, LiveDomain)>>;
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The Xen domain backend: PV domUs of the template, built ahead and paused at the shim's
+/// ready point.
+pub struct XenBackend {
+    pool: Pool<XenProvisioner>,
+    hyp: Arc<Hyp>,
+    quarantined: Arc<QuarantineList>,
+}
+
+impl std::fmt::Debug for XenBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("XenBackend")
+            .field("stats", &self.stats())
+            .finish_non_exhaustive()
+    }
+}
+
+impl XenBackend {
+    /// Loads the Xen libraries, checks the hypervisor, destroys leftovers of a previous run
+    /// and starts filling the pool (in the background: see [`XenBackend::wait_ready`]).
+    pub fn start(config: XenConfig, logger: Logger) -> Result<Self, StartError> {
+        config.validate()?;
+        let libs = Libraries::load()?;
+        let control = Arc::new(Control::open(Arc::clone(&libs))?);
+        let store = Store::open()?;
+        std::fs::create_dir_all(&config.run_dir).map_err(|source| StartError::RunDir {
+            path: config.run_dir.clone(),
+            source,
+        })?;
+        reconcile::reconcile(&control, &store, &config.run_dir, &logger)?;
+        let pages = config.pages_at_most();
+        if pages > GNTALLOC_DEFAULT_LIMIT {
+            warn!(logger, "the pool may share more ring pages than gntalloc's default limit; load xen-gntalloc with limit= at least this";
+                "pages" => pages, "default_limit" => GNTALLOC_DEFAULT_LIMIT);
+        }
+        let pool_config = PoolConfig {
+            pool_size: config.pool_size,
+            max_in_use: config.max_in_use,
+            refill_threads: config.build_threads,
+        };
+        let (major, minor) = control.version();
+        info!(logger, "xen backend starting";
+            "xen" => format!("{major}.{minor}"), "pool_size" => config.pool_size,
+            "kernel" => %config.kernel.display(), "ramdisk" => %config.ramdisk.display(),
+            "memory_mib" => config.memory_mib);
+        match (control.physinfo(), control.xen_cmdline()) {
+            (Ok(p), Ok(cmdline)) => info!(logger, "xen host";
+                "nr_cpus" => p.nr_cpus, "total_memory_mib" => p.total_memory_mib(),
+                "free_memory_mib" => p.free_pages / 256, "hvm" => p.hvm, "hap" => p.hap,
+                "iommu" => p.iommu, "xen_cmdline" => cmdline),
+            (Err(e), _) | (_, Err(e)) => {
+                warn!(logger, "reading the host's physinfo failed"; "error" => %e);
+            }
+        }
+        let hyp = Arc::new(Hyp {
+            libs,
+            control,
+            store,
+            config,
+            logger: logger.clone(),
+            in_use: Mutex::new(HashMap::new()),
+            destroyed: AtomicU64::new(0),
+        });
+        let provisioner = XenProvisioner {
+            hyp: Arc::clone(&hyp),
+        };
+        let pool =
+            Pool::start(provisioner, pool_config, "xen", logger).map_err(StartError::Thread)?;
+        Ok(Self {
+            pool,
+            hyp,
+            quarantined: Arc::new(Mutex::new(Vec::new())),
+        })
+    }
+
+    /// Waits up to `timeout` until `count` domains are ready. Returns whether they are.
+    pub fn wait_ready(&self, count: usize, timeout: Duration) -> bool {
+        self.pool.wait_ready(count, timeout)
+    }
+
+    /// Like [`DomainBackend::take`], returning the concrete type.
+    pub fn take_domain(&self, timeout: Duration) -> Result<XenDomain, DomainError> {
+        match self.pool.take(timeout) {
+            Ok((live, slot)) => Ok(XenDomain {
+                live: Some(live),
+                slot: Some(slot),
+                quarantined: Arc::clone(&self.quarantined),
+                logger: self.hyp.logger.clone(),
+            }),
+            Err(TakeError::Exhausted { waited }) => Err(DomainError::Exhausted {
+                backend: BACKEND,
+                waited,
+            }),
+            Err(TakeError::ShutDown) => Err(DomainError::ShutDown { backend: BACKEND }),
+            Err(TakeError::Activate(source)) => Err(DomainError::Create {
+                backend: BACKEND,
+                source,
+            }),
+        }
+    }
+
+    /// The quarantined domains, kept paused for forensics.
+    pub fn quarantined(&self) -> Vec<Quarantined> {
+        lock(&self.quarantined)
+            .iter()
+            .map(|(q, _)| q.clone())
+            .collect()
+    }
+
+    /// Destroys a quarantined domain (after forensics). `Ok(None)`: no such domain.
+    pub fn release_quarantined(&self, id: DomainId) -> Result<Option<DomainExit>, DomainError> {
+        let entry = {
+            let mut list = lock(&self.quarantined);
+            let index = list.iter().position(|(q, _)| q.id == id);
+            index.map(|i| list.swap_remove(i))
+        };
+        let Some((_, mut live)) = entry else {
+            return Ok(None);
+        };
+        live.end().map(Some).map_err(|e| DomainError::Control {
+            backend: BACKEND,
+            id,
+            source: Box::new(e),
+        })
+    }
+}
+
+impl DomainBackend for XenBackend {
+    fn name(&self) -> &'static str {
+        BACKEND
+    }
+
+    fn take(&self, timeout: Duration) -> Result<Box<dyn Domain>, DomainError> {
+        self.take_domain(timeout)
+            .map(|d| Box::new(d) as Box<dyn Domain>)
+    }
+
+    fn stats(&self) -> PoolStats {
+        let counts = self.pool.counts();
+        PoolStats {
+            ready: counts.ready,
+            in_use: counts.in_use,
+            created: counts.created,
+            destroyed: self.hyp.destroyed.load(Ordering::Relaxed),
+            failed: counts.failed,
+        }
+    }
+
+    /// Destroys every domain: ready (with the pool), in use (their holders see
+    /// [`mayfly_ring::Wake::PeerGone`], then `Destroyed`) and quarantined.
+    fn shutdown(&self) {
+        self.pool.shutdown();
+        self.hyp.kill_in_use();
+        let quarantined = std::mem::take(&mut *lock(&self.quarantined));
+        drop(quarantined);
+        info!(self.hyp.logger, "xen backend shut down"; "stats" => ?self.stats());
+    }
+}
+
+impl Drop for XenBackend {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+/// One domain handed out for one transaction. Dropping it without [`Domain::destroy`]
+/// destroys it too.
+pub struct XenDomain {
+    // Field order matters: the domain is destroyed before its pool slot is freed.
+    live: Option<LiveDomain>,
+    slot: Option<Slot<XenProvisioner>>,
+    quarantined: Arc<QuarantineList>,
+    logger: Logger,
+}
+
+impl std::fmt::Debug for XenDomain {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("XenDomain")
+            .field("live", &self.live)
+            .finish_non_exhaustive()
+    }
+}
+
+impl XenDomain {
+    fn error(&self, e: impl std::error::Error + Send + Sync + 'static) -> DomainError {
+        DomainError::Control {
+            backend: BACKEND,
+            id: self.id(),
+            source: Box::new(e),
+        }
+    }
+
+    /// The domain's name (`mayfly-<n>`).
+    pub fn name(&self) -> &str {
+        self.live.as_ref().map_or("", LiveDomain::name)
+    }
+}
+
+impl Domain for XenDomain {
+    fn id(&self) -> DomainId {
+        self.live.as_ref().map_or(0, LiveDomain::domid)
+    }
+
+    /// The Xen domid.
+    fn handle(&self) -> String {
+        self.id().to_string()
+    }
+
+    fn ready_id(&self) -> u32 {
+        self.live.as_ref().map_or(0, LiveDomain::ready_id)
+    }
+
+    fn ring(&mut self) -> (&mut Ring, &dyn Notifier) {
+        let live = self
+            .live
+            .as_mut()
+            .unwrap_or_else(|| unreachable!("a XenDomain holds its domain until consumed"));
+        let (ring, notifier) = live.ring();
+        (ring, notifier)
+    }
+
+    fn try_exit(&mut self) -> Result<Option<DomainExit>, DomainError> {
+        let Some(live) = self.live.as_ref() else {
+            return Ok(None);
+        };
+        live.try_exit().map_err(|e| self.error(e))
+    }
+
+    fn destroy(mut self: Box<Self>) -> Result<DomainExit, DomainError> {
+        let Some(mut live) = self.live.take() else {
+            return Ok(DomainExit::Destroyed);
+        };
+        let id = live.domid();
+        let result = live.end().map_err(|e| DomainError::Control {
+            backend: BACKEND,
+            id,
+            source: Box::new(e),
+        });
+        drop(live);
+        drop(self.slot.take());
+        result
+    }
+
+    fn quarantine(mut self: Box<Self>) -> Result<Quarantined, DomainError> {
+        let Some(live) = self.live.take() else {
+            return Err(self.error(DomainOpError::Ended {
+                name: String::new(),
+                domid: 0,
+                exit: DomainExit::Destroyed,
+            }));
+        };
+        let id = live.domid();
+        if let Err(e) = live.pause() {
+            // Not stopped: destroyed (by dropping it) rather than kept running.
+            drop(live);
+            return Err(DomainError::Control {
+                backend: BACKEND,
+                id,
+                source: Box::new(e),
+            });
+        }
+        let quarantined = Quarantined {
+            backend: BACKEND,
+            id,
+            handle: id.to_string(),
+        };
+        warn!(self.logger, "domain quarantined (paused, kept for forensics)";
+            "domid" => id, "name" => live.name());
+        let shut_down = self.slot.as_ref().is_some_and(Slot::pool_shut_down);
+        if shut_down {
+            drop(live); // shutdown already swept the list: destroy it now
+        } else {
+            lock(&self.quarantined).push((quarantined.clone(), live));
+        }
+        drop(self.slot.take());
+        Ok(quarantined)
+    }
+}

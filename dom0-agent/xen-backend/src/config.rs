@@ -1,0 +1,335 @@
+//! The Xen backend's settings, their defaults and checks, and the `xl` domain
+//! configuration rendered from them.
+//!
+//! In the agent's TOML file they live in a `[xen]` table ([`XenSection`]):
+//!
+//! ```toml
+//! [xen]
+//! kernel = "/usr/lib/mayfly/domu/vmlinux"      # uncompressed ELF vmlinux
+//! ramdisk = "/usr/lib/mayfly/domu/initramfs.cpio.gz"  # /init is domu-shim
+//! cmdline = "console=hvc0 quiet"
+//! memory_mib = 128                              # at least 96
+//! xl = "xl"                                     # builds domains (xl create -p -e)
+//! ready_timeout_ms = 60000                      # build to the shim's Ready
+//! build_threads = 1
+//! ```
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use mayfly_ring::Geometry;
+use serde::Deserialize;
+
+/// Smallest domU memory that boots Debian's kernel (smaller: "segment kernel too large").
+pub const MIN_MEMORY_MIB: u32 = 96;
+/// Prefix of every domain this backend creates; the reconciler destroys all of them.
+pub const NAME_PREFIX: &str = "mayfly-";
+/// Linux gntalloc's default limit of pages shared at once.
+pub const GNTALLOC_DEFAULT_LIMIT: usize = 1024;
+
+/// The `[xen]` table of the agent's configuration file (every key optional).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct XenSection {
+    /// The template's kernel (uncompressed vmlinux).
+    pub kernel: Option<PathBuf>,
+    /// The template's initramfs (its `/init` is domu-shim).
+    pub ramdisk: Option<PathBuf>,
+    /// The kernel command line.
+    pub cmdline: Option<String>,
+    /// Memory of each domain, MiB.
+    pub memory_mib: Option<u32>,
+    /// The `xl` binary.
+    pub xl: Option<PathBuf>,
+    /// Longest a build may take until the shim's Ready, ms.
+    pub ready_timeout_ms: Option<u64>,
+    /// Domains built in parallel.
+    pub build_threads: Option<usize>,
+}
+
+/// The backend's settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct XenConfig {
+    /// The template's kernel.
+    pub kernel: PathBuf,
+    /// The template's initramfs.
+    pub ramdisk: PathBuf,
+    /// Kernel command line.
+    pub cmdline: String,
+    /// Memory per domain, MiB.
+    pub memory_mib: u32,
+    /// The `xl` binary (found in `PATH` if not absolute).
+    pub xl: PathBuf,
+    /// Where the `xl` configuration files go.
+    pub run_dir: PathBuf,
+    /// Ready domains kept ahead of demand.
+    pub pool_size: usize,
+    /// Domains handed out at once.
+    pub max_in_use: usize,
+    /// Longest a build may take until the shim's Ready.
+    pub ready_timeout: Duration,
+    /// Domains built in parallel.
+    pub build_threads: usize,
+    /// The ring's geometry.
+    pub geometry: Geometry,
+}
+
+/// A setting was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// A required setting is missing.
+    #[error("the xen backend needs {what} (flag --{flag}, or `{what}` in the [xen] table)")]
+    Missing {
+        /// The key.
+        what: &'static str,
+        /// The flag.
+        flag: &'static str,
+    },
+    /// A template file is not a readable regular file.
+    #[error("xen template {what} {path:?} is not a file")]
+    NotAFile {
+        /// kernel or ramdisk.
+        what: &'static str,
+        /// The path.
+        path: PathBuf,
+    },
+    /// Memory below the minimum.
+    #[error("memory_mib {found} is below {MIN_MEMORY_MIB}")]
+    Memory {
+        /// Configured.
+        found: u32,
+    },
+    /// A count or time that must be positive is zero.
+    #[error("{field} must not be zero")]
+    Zero {
+        /// The field.
+        field: &'static str,
+    },
+    /// A value cannot be written into an xl configuration string.
+    #[error("{field} holds a character xl's configuration cannot carry (quote, backslash, control, non-UTF-8)")]
+    Unquotable {
+        /// The field.
+        field: &'static str,
+    },
+}
+
+impl XenConfig {
+    /// Settings from the `[xen]` table (flags already merged in), pool sizes and run_dir.
+    pub fn from_section(
+        section: &XenSection,
+        run_dir: PathBuf,
+        pool_size: usize,
+        max_in_use: usize,
+    ) -> Result<Self, ConfigError> {
+        let kernel = section.kernel.clone().ok_or(ConfigError::Missing {
+            what: "kernel",
+            flag: "xen-kernel",
+        })?;
+        let ramdisk = section.ramdisk.clone().ok_or(ConfigError::Missing {
+            what: "ramdisk",
+            flag: "xen-ramdisk",
+        })?;
+        Ok(Self {
+            kernel,
+            ramdisk,
+            cmdline: section
+                .cmdline
+                .clone()
+                .unwrap_or_else(|| "console=hvc0 quiet".to_owned()),
+            memory_mib: section.memory_mib.unwrap_or(128),
+            xl: section.xl.clone().unwrap_or_else(|| PathBuf::from("xl")),
+            run_dir,
+            pool_size,
+            max_in_use,
+            ready_timeout: Duration::from_millis(section.ready_timeout_ms.unwrap_or(60_000)),
+            build_threads: section.build_threads.unwrap_or(1),
+            geometry: Geometry::DEFAULT,
+        })
+    }
+
+    /// Checks the settings (the template files must exist).
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        for (what, path) in [("kernel", &self.kernel), ("ramdisk", &self.ramdisk)] {
+            if !path.is_file() {
+                return Err(ConfigError::NotAFile {
+                    what,
+                    path: path.clone(),
+                });
+            }
+            quotable(path_str(path), what)?;
+        }
+        quotable(Some(&self.cmdline), "cmdline")?;
+        if self.memory_mib < MIN_MEMORY_MIB {
+            return Err(ConfigError::Memory {
+                found: self.memory_mib,
+            });
+        }
+        for (field, n) in [
+            ("pool_size", self.pool_size),
+            ("max_in_use", self.max_in_use),
+            ("build_threads", self.build_threads),
+        ] {
+            if n == 0 {
+                return Err(ConfigError::Zero { field });
+            }
+        }
+        if self.ready_timeout.is_zero() {
+            return Err(ConfigError::Zero {
+                field: "ready_timeout_ms",
+            });
+        }
+        Ok(())
+    }
+
+    /// Grant pages the pool may share at once (ready, being built, in use).
+    pub fn pages_at_most(&self) -> usize {
+        self.pool_size
+            .saturating_add(self.build_threads)
+            .saturating_add(self.max_in_use)
+            .saturating_mul(self.geometry.total_pages())
+    }
+
+    /// The `xl` configuration of domain `name` (see [`xl_config`]).
+    pub fn xl_config(&self, name: &str) -> Result<String, ConfigError> {
+        xl_config(self, name)
+    }
+}
+
+fn path_str(path: &Path) -> Option<&str> {
+    path.to_str()
+}
+
+/// Refuses what cannot sit between double quotes in xl's configuration syntax.
+fn quotable<'a>(value: Option<&'a str>, field: &'static str) -> Result<&'a str, ConfigError> {
+    let value = value.ok_or(ConfigError::Unquotable { field })?;
+    if value
+        .chars()
+        .any(|c| c == '"' || c == '\\' || c.is_control())
+    {
+        return Err(ConfigError::Unquotable { field });
+    }
+    Ok(value)
+}
+
+/// Renders the `xl` configuration of one pool domain: a PV domU of the template with one
+/// vCPU, no disk and no network; a shut-down domain is left for the agent to inspect and
+/// destroy (`preserve`; nothing acts on it anyway, as `xl create -e` does not monitor).
+pub fn xl_config(config: &XenConfig, name: &str) -> Result<String, ConfigError> {
+    let name = quotable(Some(name), "name")?;
+    let kernel = quotable(path_str(&config.kernel), "kernel")?;
+    let ramdisk = quotable(path_str(&config.ramdisk), "ramdisk")?;
+    let cmdline = quotable(Some(&config.cmdline), "cmdline")?;
+    let memory = config.memory_mib;
+    Ok(format!(
+        "# Written by the Mayfly agent for one transaction domain; built with `xl create -p -e`,\n\
+         # run, paused and destroyed by the agent through libxenctrl.\n\
+         name = \"{name}\"\n\
+         type = \"pv\"\n\
+         kernel = \"{kernel}\"\n\
+         ramdisk = \"{ramdisk}\"\n\
+         extra = \"{cmdline}\"\n\
+         memory = {memory}\n\
+         maxmem = {memory}\n\
+         vcpus = 1\n\
+         on_poweroff = \"preserve\"\n\
+         on_reboot = \"preserve\"\n\
+         on_crash = \"preserve\"\n"
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(dir: &Path) -> XenConfig {
+        let kernel = dir.join("vmlinux");
+        let ramdisk = dir.join("initramfs.cpio.gz");
+        std::fs::write(&kernel, b"k").unwrap();
+        std::fs::write(&ramdisk, b"r").unwrap();
+        let section = XenSection {
+            kernel: Some(kernel),
+            ramdisk: Some(ramdisk),
+            ..XenSection::default()
+        };
+        XenConfig::from_section(&section, dir.join("run"), 4, 8).unwrap()
+    }
+
+    #[test]
+    fn the_toml_table_parses_and_refuses_unknown_keys() {
+        let s: XenSection = toml::from_str(
+            "kernel = \"/k\"\nramdisk = \"/r\"\nmemory_mib = 160\nready_timeout_ms = 5\n",
+        )
+        .unwrap();
+        assert_eq!(s.kernel, Some(PathBuf::from("/k")));
+        assert_eq!(s.memory_mib, Some(160));
+        assert!(toml::from_str::<XenSection>("kernal = \"/k\"\n").is_err());
+        let missing = XenConfig::from_section(&XenSection::default(), "/run".into(), 1, 1);
+        assert!(matches!(
+            missing,
+            Err(ConfigError::Missing { what: "kernel", .. })
+        ));
+    }
+
+    #[test]
+    fn defaults_validate_and_bad_values_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = config(dir.path());
+        c.validate().unwrap();
+        assert_eq!(c.memory_mib, 128);
+        assert_eq!(c.pages_at_most(), (4 + 1 + 8) * 69);
+        let mut small = c.clone();
+        small.memory_mib = 64;
+        assert!(matches!(
+            small.validate(),
+            Err(ConfigError::Memory { found: 64 })
+        ));
+        let mut gone = c.clone();
+        gone.kernel = dir.path().join("missing");
+        assert!(matches!(gone.validate(), Err(ConfigError::NotAFile { .. })));
+        let mut quote = c.clone();
+        quote.cmdline = "console=hvc0\" vcpus=8 \"".into();
+        assert!(matches!(
+            quote.validate(),
+            Err(ConfigError::Unquotable { .. })
+        ));
+        let mut zero = c;
+        zero.pool_size = 0;
+        assert!(matches!(zero.validate(), Err(ConfigError::Zero { .. })));
+    }
+
+    #[test]
+    fn xl_config_describes_a_paused_pv_domain_without_devices() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = config(dir.path());
+        let text = c.xl_config("mayfly-7").unwrap();
+        assert!(text.contains("name = \"mayfly-7\"\n"));
+        assert!(text.contains("type = \"pv\"\n"));
+        assert!(text.contains("memory = 128\n"));
+        assert!(text.contains("vcpus = 1\n"));
+        assert!(text.contains("extra = \"console=hvc0 quiet\"\n"));
+        // No devices: no `disk`, `vif` or other device lines.
+        let keys: Vec<&str> = text
+            .lines()
+            .filter(|l| !l.starts_with('#'))
+            .filter_map(|l| l.split(" = ").next())
+            .collect();
+        assert_eq!(
+            keys,
+            [
+                "name",
+                "type",
+                "kernel",
+                "ramdisk",
+                "extra",
+                "memory",
+                "maxmem",
+                "vcpus",
+                "on_poweroff",
+                "on_reboot",
+                "on_crash"
+            ]
+        );
+        assert!(c.xl_config("bad\"name").is_err());
+        assert!(c.xl_config("new\nline").is_err());
+    }
+}

@@ -1,0 +1,690 @@
+//! One pool domain, seen from the agent: how it is built (through `xl`) and wired to its
+//! ring, how its end is read from the hypervisor, and how it is destroyed on every path.
+//!
+//! ```text
+//!  XenProvisioner::create(seq)
+//!    write <run_dir>/mayfly-<seq>.cfg; `xl create -p -e` it       (builds, leaves it paused)
+//!    domid ← xenstore name; uuid ← xc getinfo                      BuildGuard armed from here:
+//!    GrantedPages::share(domid, ring pages) → Backend::new (zeroed)   any error destroys it
+//!    EventChannel::bind_unbound(domid)
+//!    xenstore data/mayfly/* (dom0-owned, guest read-only)
+//!    xc_domain_unpause ─▶ shim boots, maps the ring, sends Ready ─▶ xc_domain_pause
+//!    → LiveDomain (pooled; Drop destroys)
+//!
+//!  LiveDomain::end(): xc getinfo (same uuid?) → exit; xc_domain_destroy; then the grant
+//!    pages are unshared and the port unbound (field drops), xenstore and the .cfg removed.
+//! ```
+//!
+//! A domain is recognised by domid **and** uuid: a domid that was freed and reused by
+//! another domain is never paused, destroyed or cleaned up in its name.
+
+use std::collections::HashMap;
+use std::fs;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use mayfly_domain::{DomainExit, Ring};
+use mayfly_ring::wire::PROTOCOL_VERSION;
+use mayfly_ring::{Backend, Request, RingError, SharedMem};
+use mayfly_xen::{
+    Control, CtrlError, DomId, DomainNotifier, DomainState, EventChannel, EvtchnError, GntshrError,
+    GrantedPages, Libraries, RingContract, ShutdownReason, Store, StoreError,
+};
+use slog::{debug, warn, Logger};
+
+use crate::config::{ConfigError, XenConfig, NAME_PREFIX};
+use crate::pool::{BoxError, Provisioner};
+
+/// Most bytes of `xl`'s output kept in an error.
+const XL_OUTPUT_KEPT: usize = 2048;
+
+/// Building a domain failed. The half-built domain has been destroyed.
+#[derive(Debug, thiserror::Error)]
+pub enum CreateError {
+    /// The configuration could not be rendered.
+    #[error("{name}: rendering the xl configuration failed")]
+    Config {
+        /// Domain name.
+        name: String,
+        /// Why.
+        #[source]
+        source: ConfigError,
+    },
+    /// The configuration file could not be written or `xl` not started.
+    #[error("{name}: {what} {path:?} failed")]
+    Io {
+        /// Domain name.
+        name: String,
+        /// What was done.
+        what: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// `xl create` failed.
+    #[error("{name}: `xl create -p -e` exited with {status}: {output}")]
+    Xl {
+        /// Domain name.
+        name: String,
+        /// Exit status.
+        status: std::process::ExitStatus,
+        /// The end of its output.
+        output: String,
+    },
+    /// `xl create` succeeded but no domain of that name is in xenstore.
+    #[error("{name}: built, but not found in xenstore")]
+    NotFound {
+        /// Domain name.
+        name: String,
+    },
+    /// A libxenctrl call failed.
+    #[error("{name}: domain control")]
+    Ctrl {
+        /// Domain name.
+        name: String,
+        /// The failure.
+        #[source]
+        source: CtrlError,
+    },
+    /// Granting the ring pages failed.
+    #[error("{name}: granting the ring pages")]
+    Grant {
+        /// Domain name.
+        name: String,
+        /// The failure.
+        #[source]
+        source: GntshrError,
+    },
+    /// Allocating the event channel failed.
+    #[error("{name}: allocating the event channel")]
+    Evtchn {
+        /// Domain name.
+        name: String,
+        /// The failure.
+        #[source]
+        source: EvtchnError,
+    },
+    /// Writing the xenstore contract failed.
+    #[error("{name}: writing the xenstore contract")]
+    Store {
+        /// Domain name.
+        name: String,
+        /// The failure.
+        #[source]
+        source: StoreError,
+    },
+    /// The ring could not be initialised, or failed while waiting for Ready.
+    #[error("{name} (domain {domid}): ring")]
+    Ring {
+        /// Domain name.
+        name: String,
+        /// Domain id.
+        domid: DomId,
+        /// The failure.
+        #[source]
+        source: RingError,
+    },
+    /// No Ready within the wait.
+    #[error("{name} (domain {domid}): no Ready within {waited:?} (guest console: /var/log/xen/console/guest-{name}.log)")]
+    ReadyTimeout {
+        /// Domain name.
+        name: String,
+        /// Domain id.
+        domid: DomId,
+        /// The wait.
+        waited: Duration,
+    },
+    /// The guest's first request was not a valid Ready.
+    #[error("{name} (domain {domid}): bad first request: {what}")]
+    NotReady {
+        /// Domain name.
+        name: String,
+        /// Domain id.
+        domid: DomId,
+        /// What arrived.
+        what: String,
+    },
+    /// The domain ended before Ready.
+    #[error("{name} (domain {domid}) ended before Ready: {exit} (guest console: /var/log/xen/console/guest-{name}.log)")]
+    Died {
+        /// Domain name.
+        name: String,
+        /// Domain id.
+        domid: DomId,
+        /// How.
+        exit: DomainExit,
+    },
+}
+
+/// Managing a built domain failed.
+#[derive(Debug, thiserror::Error)]
+pub enum DomainOpError {
+    /// A libxenctrl call failed.
+    #[error("{name} (domain {domid})")]
+    Ctrl {
+        /// Domain name.
+        name: String,
+        /// Domain id.
+        domid: DomId,
+        /// The failure.
+        #[source]
+        source: CtrlError,
+    },
+    /// The domain is gone (it cannot be paused for quarantine).
+    #[error("{name} (domain {domid}) has already ended: {exit}")]
+    Ended {
+        /// Domain name.
+        name: String,
+        /// Domain id.
+        domid: DomId,
+        /// How.
+        exit: DomainExit,
+    },
+}
+
+/// How a domain ended, from its state (`None`: no such domain any more).
+///
+/// - running or paused → not ended (`None`);
+/// - shut down with reason poweroff (domu-shim's normal end) → `Exited { code: 0 }`;
+/// - any other shutdown reason (crash, reboot, watchdog, ...) → `Crashed { signal: 0 }`;
+/// - dying or gone: `Destroyed` if the agent destroyed it, else `Crashed { signal: 0 }`.
+pub fn exit_of(state: Option<DomainState>, killed_by_agent: bool) -> Option<DomainExit> {
+    match state {
+        Some(DomainState::Running | DomainState::Paused) => None,
+        Some(DomainState::Shutdown(ShutdownReason::Poweroff)) => {
+            Some(DomainExit::Exited { code: 0 })
+        }
+        Some(DomainState::Shutdown(_)) => Some(DomainExit::Crashed { signal: 0 }),
+        Some(DomainState::Dying) | None if killed_by_agent => Some(DomainExit::Destroyed),
+        Some(DomainState::Dying) | None => Some(DomainExit::Crashed { signal: 0 }),
+    }
+}
+
+/// A handed-out domain's uuid and its "destroyed by the agent" flag.
+pub(crate) type InUse = ([u8; 16], Arc<AtomicBool>);
+
+/// The hypervisor handles and bookkeeping every domain of one backend shares.
+pub struct Hyp {
+    pub(crate) libs: Arc<Libraries>,
+    pub(crate) control: Arc<Control>,
+    pub(crate) store: Store,
+    pub(crate) config: XenConfig,
+    pub(crate) logger: Logger,
+    /// Domains handed out, by domid: their "destroyed by the agent" flag.
+    pub(crate) in_use: Mutex<HashMap<DomId, InUse>>,
+    pub(crate) destroyed: AtomicU64,
+}
+
+impl Hyp {
+    /// The state of `domid` if it is still the domain with `uuid`.
+    fn state_of(&self, domid: DomId, uuid: [u8; 16]) -> Result<Option<DomainState>, CtrlError> {
+        Ok(self
+            .control
+            .info(domid)?
+            .filter(|i| i.uuid == uuid)
+            .map(|i| i.state))
+    }
+
+    /// Destroys `domid` if it is still the domain with `uuid`, then removes its xenstore
+    /// entries (unless the domid now belongs to another domain) and its configuration
+    /// file. Returns the state it had (`None`: it was already gone).
+    fn destroy(
+        &self,
+        domid: DomId,
+        uuid: [u8; 16],
+        cfg: &PathBuf,
+    ) -> Result<Option<DomainState>, CtrlError> {
+        let info = self.control.info(domid)?;
+        let ours = info.filter(|i| i.uuid == uuid).map(|i| i.state);
+        if ours.is_some() {
+            self.control.destroy(domid)?;
+            self.destroyed.fetch_add(1, Ordering::Relaxed);
+        }
+        if ours.is_some() || info.is_none() {
+            if let Err(e) = self.store.remove_domain(domid) {
+                warn!(self.logger, "removing a destroyed domain's xenstore entries failed";
+                    "domid" => domid, "error" => %e);
+            }
+        }
+        let _ = fs::remove_file(cfg);
+        Ok(ours)
+    }
+
+    /// Destroys a domain handed out to a caller (at shutdown): marks it destroyed by the
+    /// agent, so its holder sees `Destroyed`; the holder's drop cleans up.
+    pub(crate) fn kill_in_use(&self) {
+        let in_use: Vec<(DomId, [u8; 16], Arc<AtomicBool>)> = self
+            .in_use
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|(d, (u, k))| (*d, *u, Arc::clone(k)))
+            .collect();
+        for (domid, uuid, killed) in in_use {
+            killed.store(true, Ordering::SeqCst);
+            match self.state_of(domid, uuid) {
+                Ok(Some(_)) => match self.control.destroy(domid) {
+                    Ok(()) => {
+                        self.destroyed.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Err(e) => warn!(self.logger, "destroying an in-use domain at shutdown failed";
+                        "domid" => domid, "error" => %e),
+                },
+                Ok(None) => {}
+                Err(e) => warn!(self.logger, "inspecting an in-use domain at shutdown failed";
+                    "domid" => domid, "error" => %e),
+            }
+        }
+    }
+}
+
+/// A half-built domain: destroyed on drop unless [`BuildGuard::finish`]ed. Holds the
+/// resources granted to it so they are released only after the domain is gone.
+struct BuildGuard<'h> {
+    hyp: &'h Arc<Hyp>,
+    name: String,
+    domid: DomId,
+    uuid: [u8; 16],
+    cfg: PathBuf,
+    ring: Option<Ring>,
+    channel: Option<EventChannel>,
+    armed: bool,
+}
+
+impl Drop for BuildGuard<'_> {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        if let Err(e) = self.hyp.destroy(self.domid, self.uuid, &self.cfg) {
+            warn!(self.hyp.logger, "destroying a half-built domain failed (the reconciler will at the next start)";
+                "domid" => self.domid, "name" => &self.name, "error" => %e);
+        }
+        // `ring` (the grant pages) and `channel` drop after this: the domain is gone.
+    }
+}
+
+/// A built domain the agent owns. Dropping it destroys the domain.
+pub struct LiveDomain {
+    hyp: Arc<Hyp>,
+    name: String,
+    domid: DomId,
+    uuid: [u8; 16],
+    cfg: PathBuf,
+    ring: Ring,
+    notifier: DomainNotifier,
+    ready_id: u32,
+    killed: Arc<AtomicBool>,
+    ended: Option<DomainExit>,
+}
+
+impl std::fmt::Debug for LiveDomain {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LiveDomain")
+            .field("name", &self.name)
+            .field("domid", &self.domid)
+            .field("ended", &self.ended)
+            .finish_non_exhaustive()
+    }
+}
+
+impl LiveDomain {
+    /// Domain id.
+    pub fn domid(&self) -> DomId {
+        self.domid
+    }
+
+    /// Domain name (`mayfly-<n>`).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Request id of the guest's Ready.
+    pub fn ready_id(&self) -> u32 {
+        self.ready_id
+    }
+
+    /// The ring and its notifier.
+    pub fn ring(&mut self) -> (&mut Ring, &DomainNotifier) {
+        (&mut self.ring, &self.notifier)
+    }
+
+    fn op_error(&self, source: CtrlError) -> DomainOpError {
+        DomainOpError::Ctrl {
+            name: self.name.clone(),
+            domid: self.domid,
+            source,
+        }
+    }
+
+    /// Whether it is still this domain and paused or running.
+    pub fn alive(&self) -> bool {
+        matches!(
+            self.hyp.state_of(self.domid, self.uuid),
+            Ok(Some(DomainState::Running | DomainState::Paused))
+        )
+    }
+
+    /// Unpauses it.
+    pub fn unpause(&self) -> Result<(), DomainOpError> {
+        self.hyp
+            .control
+            .unpause(self.domid)
+            .map_err(|e| self.op_error(e))
+    }
+
+    /// Pauses it (for the pool or for quarantine). Fails if it has ended.
+    pub fn pause(&self) -> Result<(), DomainOpError> {
+        if let Some(exit) = self.try_exit()? {
+            return Err(DomainOpError::Ended {
+                name: self.name.clone(),
+                domid: self.domid,
+                exit,
+            });
+        }
+        self.hyp
+            .control
+            .pause(self.domid)
+            .map_err(|e| self.op_error(e))
+    }
+
+    /// The exit if it has ended; never blocks.
+    pub fn try_exit(&self) -> Result<Option<DomainExit>, DomainOpError> {
+        if let Some(exit) = self.ended {
+            return Ok(Some(exit));
+        }
+        let state = self
+            .hyp
+            .state_of(self.domid, self.uuid)
+            .map_err(|e| self.op_error(e))?;
+        Ok(exit_of(state, self.killed.load(Ordering::SeqCst)))
+    }
+
+    /// Records it as handed out (the backend's shutdown can then destroy it).
+    pub(crate) fn register_in_use(&self) {
+        self.hyp
+            .in_use
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(self.domid, (self.uuid, Arc::clone(&self.killed)));
+    }
+
+    /// Destroys it (if it still exists) and cleans up; returns how it ended. Idempotent.
+    pub fn end(&mut self) -> Result<DomainExit, DomainOpError> {
+        if let Some(exit) = self.ended {
+            return Ok(exit);
+        }
+        let state = self
+            .hyp
+            .destroy(self.domid, self.uuid, &self.cfg)
+            .map_err(|e| self.op_error(e))?;
+        let exit =
+            exit_of(state, self.killed.load(Ordering::SeqCst)).unwrap_or(DomainExit::Destroyed);
+        self.ended = Some(exit);
+        self.hyp
+            .in_use
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.domid);
+        debug!(self.hyp.logger, "domain destroyed";
+            "domid" => self.domid, "name" => &self.name, "exit" => %exit);
+        Ok(exit)
+    }
+}
+
+impl Drop for LiveDomain {
+    fn drop(&mut self) {
+        if let Err(e) = self.end() {
+            warn!(self.hyp.logger, "destroying a domain failed (the reconciler will at the next start)";
+                "domid" => self.domid, "name" => &self.name, "error" => %e);
+        }
+        // The ring's grant pages and the event channel are released after this, with the
+        // fields: the domain no longer runs.
+    }
+}
+
+/// Builds Xen domains for the pool.
+pub struct XenProvisioner {
+    pub(crate) hyp: Arc<Hyp>,
+}
+
+impl XenProvisioner {
+    fn build(&self, seq: u64) -> Result<LiveDomain, CreateError> {
+        let hyp = &self.hyp;
+        let config = &hyp.config;
+        let started = Instant::now();
+        let name = format!("{NAME_PREFIX}{seq}");
+        let cfg = config.run_dir.join(format!("{name}.cfg"));
+        let text = config
+            .xl_config(&name)
+            .map_err(|source| CreateError::Config {
+                name: name.clone(),
+                source,
+            })?;
+        fs::write(&cfg, text).map_err(|source| CreateError::Io {
+            name: name.clone(),
+            what: "writing",
+            path: cfg.clone(),
+            source,
+        })?;
+        let output = Command::new(&config.xl)
+            .args(["create", "-p", "-e"])
+            .arg(&cfg)
+            .stdin(Stdio::null())
+            .output()
+            .map_err(|source| CreateError::Io {
+                name: name.clone(),
+                what: "running xl for",
+                path: cfg.clone(),
+                source,
+            });
+        let ctrl = |source| CreateError::Ctrl {
+            name: name.clone(),
+            source,
+        };
+        let store = |source| CreateError::Store {
+            name: name.clone(),
+            source,
+        };
+        // Whatever xl did, a domain of this name is ours to destroy on failure.
+        let domid = hyp.store.domid_of(&name).map_err(store)?;
+        let uuid = match domid {
+            Some(d) => match hyp.control.info(d) {
+                Ok(info) => info.map(|i| i.uuid),
+                Err(source) => {
+                    // Found by its name moments ago: ours, destroyed without the uuid check.
+                    if let Err(e) = hyp.control.destroy(d) {
+                        warn!(hyp.logger, "destroying a half-built domain failed (the reconciler will at the next start)";
+                            "domid" => d, "name" => &name, "error" => %e);
+                    }
+                    let _ = hyp.store.remove_domain(d);
+                    let _ = fs::remove_file(&cfg);
+                    return Err(ctrl(source));
+                }
+            },
+            None => None,
+        };
+        let mut guard = match (domid, uuid) {
+            (Some(domid), Some(uuid)) => BuildGuard {
+                hyp,
+                name: name.clone(),
+                domid,
+                uuid,
+                cfg: cfg.clone(),
+                ring: None,
+                channel: None,
+                armed: true,
+            },
+            _ => {
+                let _ = fs::remove_file(&cfg);
+                let output = output?;
+                if !output.status.success() {
+                    return Err(CreateError::Xl {
+                        name,
+                        status: output.status,
+                        output: tail(&output.stderr, &output.stdout),
+                    });
+                }
+                return Err(CreateError::NotFound { name });
+            }
+        };
+        let output = output?;
+        if !output.status.success() {
+            return Err(CreateError::Xl {
+                name,
+                status: output.status,
+                output: tail(&output.stderr, &output.stdout),
+            });
+        }
+        let domid = guard.domid;
+        let pages =
+            GrantedPages::share(Arc::clone(&hyp.libs), domid, config.geometry.total_pages())
+                .map_err(|source| CreateError::Grant {
+                    name: name.clone(),
+                    source,
+                })?;
+        let ring_refs = pages.refs().to_vec();
+        let mem: Arc<dyn SharedMem> = Arc::new(pages);
+        let ring_error = |source| CreateError::Ring {
+            name: name.clone(),
+            domid,
+            source,
+        };
+        guard.ring = Some(Backend::new(mem, config.geometry).map_err(ring_error)?);
+        let channel =
+            EventChannel::bind_unbound(Arc::clone(&hyp.libs), domid).map_err(|source| {
+                CreateError::Evtchn {
+                    name: name.clone(),
+                    source,
+                }
+            })?;
+        let contract = RingContract {
+            ring_refs,
+            event_channel: channel.port(),
+        };
+        guard.channel = Some(channel);
+        hyp.store.write_contract(domid, &contract).map_err(store)?;
+        // Hand the resources over: from here the LiveDomain destroys on every path.
+        let (Some(ring), Some(channel)) = (guard.ring.take(), guard.channel.take()) else {
+            unreachable!("set above");
+        };
+        guard.armed = false;
+        let mut live = LiveDomain {
+            hyp: Arc::clone(hyp),
+            name: name.clone(),
+            domid,
+            uuid: guard.uuid,
+            cfg: cfg.clone(),
+            ring,
+            notifier: DomainNotifier::new(channel, Arc::clone(&hyp.control)),
+            ready_id: 0,
+            killed: Arc::new(AtomicBool::new(false)),
+            ended: None,
+        };
+        drop(guard);
+        hyp.control.unpause(domid).map_err(ctrl)?;
+        let waited = config.ready_timeout;
+        let left = waited.saturating_sub(started.elapsed());
+        let envelope = match live.ring.recv_request(&live.notifier, Some(left)) {
+            Ok(envelope) => envelope,
+            Err(RingError::PeerGone) => {
+                let exit = live.end().unwrap_or(DomainExit::Crashed { signal: 0 });
+                return Err(CreateError::Died { name, domid, exit });
+            }
+            Err(RingError::Timeout { .. }) => {
+                return Err(CreateError::ReadyTimeout {
+                    name,
+                    domid,
+                    waited,
+                })
+            }
+            Err(source) => return Err(ring_error(source)),
+        };
+        match envelope.body {
+            Request::Ready { protocol_version } if protocol_version == PROTOCOL_VERSION => {
+                live.ready_id = envelope.id;
+            }
+            other => {
+                return Err(CreateError::NotReady {
+                    name,
+                    domid,
+                    what: format!("{other:?}").chars().take(200).collect(),
+                })
+            }
+        }
+        hyp.control.pause(domid).map_err(ctrl)?;
+        debug!(hyp.logger, "domain ready and paused";
+            "domid" => domid, "name" => &live.name, "millis" => started.elapsed().as_millis());
+        Ok(live)
+    }
+}
+
+/// The last [`XL_OUTPUT_KEPT`] bytes of `xl`'s stderr (or stdout), lossily decoded.
+fn tail(stderr: &[u8], stdout: &[u8]) -> String {
+    let text = if stderr.is_empty() { stdout } else { stderr };
+    let start = text.len().saturating_sub(XL_OUTPUT_KEPT);
+    String::from_utf8_lossy(text.get(start..).unwrap_or_default())
+        .trim()
+        .to_owned()
+}
+
+impl Provisioner for XenProvisioner {
+    type Member = LiveDomain;
+
+    fn create(&self, seq: u64) -> Result<LiveDomain, BoxError> {
+        self.build(seq).map_err(|e| Box::new(e) as BoxError)
+    }
+
+    fn usable(&self, member: &LiveDomain) -> bool {
+        member.alive()
+    }
+
+    fn activate(&self, member: &mut LiveDomain) -> Result<(), BoxError> {
+        member.register_in_use();
+        member.unpause().map_err(|e| Box::new(e) as BoxError)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exits_follow_the_documented_mapping() {
+        assert_eq!(exit_of(Some(DomainState::Running), false), None);
+        assert_eq!(exit_of(Some(DomainState::Paused), true), None);
+        assert_eq!(
+            exit_of(Some(DomainState::Shutdown(ShutdownReason::Poweroff)), false),
+            Some(DomainExit::Exited { code: 0 })
+        );
+        for reason in [
+            ShutdownReason::Crash,
+            ShutdownReason::Reboot,
+            ShutdownReason::Watchdog,
+            ShutdownReason::Other(9),
+        ] {
+            assert_eq!(
+                exit_of(Some(DomainState::Shutdown(reason)), true),
+                Some(DomainExit::Crashed { signal: 0 })
+            );
+        }
+        assert_eq!(exit_of(None, true), Some(DomainExit::Destroyed));
+        assert_eq!(
+            exit_of(Some(DomainState::Dying), false),
+            Some(DomainExit::Crashed { signal: 0 })
+        );
+    }
+
+    #[test]
+    fn xl_output_is_bounded() {
+        let long = vec![b'x'; 10_000];
+        assert_eq!(tail(&long, b"").len(), XL_OUTPUT_KEPT);
+        assert_eq!(tail(b"", b" out \n"), "out");
+        assert_eq!(tail(b"err\xff", b"out"), "err\u{fffd}");
+    }
+}

@@ -1,0 +1,129 @@
+//! The start-up reconciler: destroys every `mayfly-<n>` domain a previous run left behind.
+//!
+//! The backend names every domain it builds `mayfly-<n>`, and nothing else on an
+//! appliance may use that prefix. So at start-up, before building anything:
+//!
+//! - list `/local/domain/*/name` in xenstore and keep the names that are exactly
+//!   `mayfly-` followed by decimal digits (other names, and values that do not parse, are
+//!   left alone);
+//! - destroy each such domain that the hypervisor still has (xc_domain_destroy), whatever
+//!   its state (running, paused, quarantined, shut down);
+//! - remove their xenstore entries and the run directory's `mayfly-*.cfg` files.
+
+use std::fs;
+use std::path::Path;
+
+use mayfly_xen::{Control, CtrlError, DomId, Store, StoreError};
+use slog::{info, warn, Logger};
+
+use crate::config::NAME_PREFIX;
+
+/// The reconciler could not do its job.
+#[derive(Debug, thiserror::Error)]
+pub enum ReconcileError {
+    /// Listing or cleaning xenstore failed.
+    #[error("reconciler: xenstore")]
+    Store(#[from] StoreError),
+    /// A leftover could not be inspected or destroyed.
+    #[error("reconciler: destroying leftover {name} (domain {domid})")]
+    Destroy {
+        /// Domain id.
+        domid: DomId,
+        /// Its name.
+        name: String,
+        /// The failure.
+        #[source]
+        source: CtrlError,
+    },
+}
+
+/// What the reconciler did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ReconcileReport {
+    /// Leftover domains destroyed, `(domid, name)`.
+    pub destroyed: Vec<(DomId, String)>,
+    /// Stale xenstore entries removed (the domain itself was gone).
+    pub stale_entries: Vec<DomId>,
+    /// Configuration files removed.
+    pub files_removed: usize,
+}
+
+/// Whether `name` is one this backend gives its domains: `mayfly-` and decimal digits.
+pub fn is_pool_name(name: &str) -> bool {
+    name.strip_prefix(NAME_PREFIX)
+        .is_some_and(|n| !n.is_empty() && n.len() <= 20 && n.bytes().all(|b| b.is_ascii_digit()))
+}
+
+/// Destroys the leftovers (see the [module docs](self)).
+pub fn reconcile(
+    control: &Control,
+    store: &Store,
+    run_dir: &Path,
+    logger: &Logger,
+) -> Result<ReconcileReport, ReconcileError> {
+    let mut report = ReconcileReport::default();
+    for (domid, name) in store.domains_named(NAME_PREFIX)? {
+        if !is_pool_name(&name) {
+            continue;
+        }
+        let destroy_error = |source| ReconcileError::Destroy {
+            domid,
+            name: name.clone(),
+            source,
+        };
+        let exists = control.info(domid).map_err(destroy_error)?.is_some();
+        if exists {
+            control.destroy(domid).map_err(destroy_error)?;
+            report.destroyed.push((domid, name.clone()));
+        } else {
+            report.stale_entries.push(domid);
+        }
+        store.remove_domain(domid)?;
+    }
+    if let Ok(entries) = fs::read_dir(run_dir) {
+        for entry in entries.flatten() {
+            let file = entry.file_name();
+            let Some(stem) = file.to_str().and_then(|f| f.strip_suffix(".cfg")) else {
+                continue;
+            };
+            if is_pool_name(stem) {
+                match fs::remove_file(entry.path()) {
+                    Ok(()) => report.files_removed = report.files_removed.saturating_add(1),
+                    Err(e) => warn!(logger, "removing a stale xl configuration failed";
+                        "path" => %entry.path().display(), "error" => %e),
+                }
+            }
+        }
+    }
+    if report.destroyed.is_empty() && report.stale_entries.is_empty() {
+        info!(logger, "no leftover domains from a previous run");
+    } else {
+        warn!(logger, "destroyed leftover domains of a previous run";
+            "domains" => ?report.destroyed, "stale_entries" => ?report.stale_entries);
+    }
+    Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_exact_pool_names_are_reaped() {
+        assert!(is_pool_name("mayfly-0"));
+        assert!(is_pool_name("mayfly-12345"));
+        for other in [
+            "mayfly-",
+            "mayfly",
+            "mayfly-x",
+            "mayfly-1a",
+            "mayfly-1-2",
+            "Mayfly-1",
+            "xmayfly-1",
+            "mayfly-123456789012345678901",
+            "Domain-0",
+        ] {
+            assert!(!is_pool_name(other), "{other}");
+        }
+    }
+}

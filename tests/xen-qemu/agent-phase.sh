@@ -1,0 +1,116 @@
+#!/usr/bin/env bash
+# The HTTP half of the Xen-in-QEMU suite: transactions through the agent's client API in
+# dom0 (forwarded to the host by QEMU's user-mode network). Run by run.sh while dom0 waits.
+#
+# Usage: tests/xen-qemu/agent-phase.sh HOST:PORT
+# Checks: committed results; a read sees the earlier write; every transaction ran in its
+# own domain; a protocol-violating guest (test.bad_index) fails the transaction (500) and is
+# audited; the pool has no domain in use afterwards. Exit 1 on any failure.
+set -euo pipefail
+API=http://$1
+failures=0
+fail() { echo "FAIL (agent): $*"; failures=$((failures + 1)); }
+pass() { echo "ok:   (agent) $*"; }
+BODY=$(mktemp)
+trap 'rm -f "$BODY"' EXIT
+
+# wait_ready: polls /v1/health (at most 180 s) until the pool has a ready domain, so that
+# each transaction (and its agent_tx_ms) is a hand-out from the pool, not a wait for a
+# domain to boot.
+wait_ready() {
+    local deadline=$(($(date +%s) + 180))
+    while [ "$(date +%s)" -lt "$deadline" ]; do
+        curl -sS --max-time 10 "$API/v1/health" 2>/dev/null | grep -qE '"ready":[1-9]' && return 0
+        sleep 1
+    done
+    return 1
+}
+
+# post <json>: waits for a ready domain, then prints "<status> <body>". A 503 (no ready domain yet: under emulation the
+# pool refills in ~10 s per domain) is retried as its Retry-After says, for at most 180 s.
+post() {
+    local deadline=$(($(date +%s) + 180)) code out
+    wait_ready || echo "no ready domain within 180 s" >&2
+    while :; do
+        out=$(curl -sS --max-time 180 -o "$BODY" -w '%{http_code} %{time_total}' \
+            -H 'Content-Type: application/json' -X POST "$API/v1/transactions" -d "$1" ||
+            echo "000 0")
+        code=${out%% *}
+        if [ "$code" != 503 ] || [ "$(date +%s)" -ge "$deadline" ]; then break; fi
+        sleep 1
+    done
+    # Latency of the answered attempt (to stderr: the caller captures stdout).
+    [ "$code" = 200 ] && echo "agent_tx_ms=$(echo "${out#* }" | awk '{ printf "%.1f", $1 * 1000 }')" >&2
+    echo "$code $(cat "$BODY" 2>/dev/null)"
+}
+# json_field <name>: the first "name":value of the JSON on stdin (string or number), or nothing.
+json_field() {
+    grep -oE "\"$1\":(\"[^\"]*\"|[0-9]+)" | head -n 1 | cut -d: -f2- | tr -d '"'
+    return 0
+}
+
+# The agent is listening; wait (bounded) until its pool has a ready domain.
+for _ in $(seq 1 240); do
+    health=$(curl -sS --max-time 10 "$API/v1/health" 2>/dev/null || true)
+    echo "$health" | grep -qE '"ready":[1-9]' && break
+    sleep 1
+done
+echo "health: $health"
+echo "$health" | grep -q '"backend":"xen"' || fail "backend is not xen: $health"
+
+domains=()
+r=$(post '{"handler":"kv","payload":{"op":"put","key":"kv/a","value":"1"}}')
+echo "put: $r"
+case $r in 200*'"status":"committed"'*) pass "kv put committed" ;; *) fail "kv put: $r" ;; esac
+domains+=("$(echo "$r" | json_field domain_id)")
+r=$(post '{"handler":"kv","payload":{"op":"get","key":"kv/a"}}')
+echo "get: $r"
+case $r in 200*'"value":"1"'*) pass "kv get sees the committed put" ;; *) fail "kv get: $r" ;; esac
+domains+=("$(echo "$r" | json_field domain_id)")
+for i in 1 2 3; do
+    r=$(post "{\"handler\":\"kv\",\"payload\":{\"op\":\"put\",\"key\":\"kv/n$i\",\"value\":\"$i\"}}")
+    case $r in 200*) ;; *) fail "kv put $i: $r" ;; esac
+    domains+=("$(echo "$r" | json_field domain_id)")
+done
+audit_before=$(curl -sS --max-time 10 "$API/v1/health" | json_field audit_seq || true)
+r=$(post '{"handler":"test.bad_index","payload":null}')
+echo "violation: $r"
+case $r in 500*) pass "protocol-violating guest: transaction failed (500)" ;; *) fail "test.bad_index: $r" ;; esac
+bad=$(echo "$r" | json_field domain_id)
+[ -n "$bad" ] && domains+=("$bad")
+tx=$(echo "$r" | json_field tx_id)
+shown=$(curl -sS --max-time 10 "$API/v1/transactions/$tx" || true)
+echo "violation record: $shown"
+if echo "$shown" | grep -qiE 'violation|protocol'; then
+    pass "the failure is recorded as a protocol violation"
+else
+    fail "transaction $tx not recorded as a protocol violation: $shown"
+fi
+uniq_count=$(printf '%s\n' "${domains[@]}" | grep -c . | tr -d ' ')
+distinct=$(printf '%s\n' "${domains[@]}" | grep . | sort -u | wc -l | tr -d ' ')
+if [ "$uniq_count" -ge 5 ] && [ "$uniq_count" = "$distinct" ]; then
+    pass "$uniq_count transactions in $distinct distinct domains (${domains[*]})"
+else
+    fail "domain ids: ${domains[*]}"
+fi
+health=$(curl -sS --max-time 10 "$API/v1/health" || true)
+echo "health after: $health"
+echo "$health" | grep -q '"in_use":0' || fail "domains still in use: $health"
+audit=$(echo "$health" | json_field audit_seq)
+if [ "${audit:-0}" -gt "${audit_before:-0}" ]; then
+    pass "audited: audit_seq ${audit_before:-?} -> $audit across the violation"
+else
+    fail "no audit record for the violation (audit_seq ${audit_before:-?} -> ${audit:-?})"
+fi
+# Every domain the pool created is either still pooled or destroyed: none is kept around
+# (the suite's policy destroys, rather than quarantines, a violating domain).
+created=$(echo "$health" | json_field created)
+destroyed=$(echo "$health" | json_field destroyed)
+ready=$(echo "$health" | json_field ready)
+in_use=$(echo "$health" | json_field in_use)
+if [ "${destroyed:-0}" -ge 6 ] && [ "$((created - destroyed))" = "$((ready + in_use))" ]; then
+    pass "pool: created $created, destroyed $destroyed, ready $ready, in use $in_use (violating domain destroyed)"
+else
+    fail "pool counters: $health"
+fi
+[ "$failures" -eq 0 ]

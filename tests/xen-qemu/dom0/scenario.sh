@@ -1,0 +1,69 @@
+#!/bin/sh
+# The Xen-in-QEMU scenario, run in dom0 by the test /init. Prints `MAYFLY-RESULT ...` and
+# `MAYFLY-PEER <tag> ...` lines on the console; tests/xen-qemu/run.sh (on the host) judges
+# them. Every step is bounded (timeout).
+#
+# 1. the overlay files as booted (sha256), for the byte-equality check;
+# 2. the guest transport without the agent: xen-ring-peer builds a domU from the template,
+#    grants the ring, writes the xenstore keys and serves one transaction (kv put; a
+#    protocol-violating test.bad_index, which must be destroyed); the domU's console;
+# 3. benchmarks: fresh domain vs pooled (unpause -> first request), ring round trips over
+#    grant + event channel vs the sandbox transport (domu-shim as a process), same machine;
+# 4. if the agent is up: tell the host, wait for its "done" on the control port, then stop
+#    the agent and verify the ledger;
+# 5. leftover mayfly-* domains.
+R() { echo "MAYFLY-RESULT $*"; }
+CFG=/mayfly-test/domu.cfg
+BENCH_RUNS=${BENCH_RUNS:-3}
+PINGS=${PINGS:-200}
+
+while read -r f; do
+    R "overlay $(sha256sum "$f" | cut -d' ' -f1) $f"
+done </mayfly-test/overlay-files
+
+if timeout 30 xl list >/dev/null 2>&1; then R "toolstack ok"; else R "toolstack failed"; fi
+
+# peer <tag> <args...>: one xen-ring-peer run, its lines prefixed, its status reported.
+peer() {
+    tag=$1
+    shift
+    timeout 300 xen-ring-peer "$@" >/tmp/peer.out 2>&1
+    rc=$?
+    sed "s/^/MAYFLY-PEER $tag /" /tmp/peer.out
+    R "peer $tag rc=$rc"
+}
+
+peer kv xen --config "$CFG" --name mayfly-peer-kv --handler kv \
+    --payload '{"op":"put","key":"k","value":"v"}'
+if [ -f /var/log/xen/console/guest-mayfly-peer-kv.log ]; then
+    sed 's/^/MAYFLY-DOMU kv /' /var/log/xen/console/guest-mayfly-peer-kv.log | grep 'mayfly-shim'
+fi
+peer violation xen --config "$CFG" --name mayfly-peer-bad --handler test.bad_index --payload x
+i=1
+while [ "$i" -le "$BENCH_RUNS" ]; do
+    peer "fresh-$i" xen --config "$CFG" --name "mayfly-peer-fresh-$i" --handler test.ping \
+        --payload "$PINGS"
+    peer "pool-$i" xen --config "$CFG" --name "mayfly-peer-pool-$i" --handler test.ping \
+        --payload "$PINGS" --pool
+    peer "sandbox-$i" sandbox --shim /usr/bin/domu-shim --handler test.ping --payload "$PINGS"
+    i=$((i + 1))
+done
+
+if [ -f /run/mayfly-agent.pid ] && kill -0 "$(cat /run/mayfly-agent.pid)" 2>/dev/null; then
+    R "agent up"
+    # The host runs its HTTP transactions now and says "done" on the control port.
+    reply=$(echo ack | timeout 900 nc -l -p 9999 | head -n 1)
+    R "control ${reply:-none}"
+    /etc/init.d/S50mayfly-agent stop
+    timeout 300 dom0-agent verify --data-dir /var/lib/mayfly --quiet >/tmp/verify.out 2>&1
+    R "verify rc=$?"
+    sed 's/^/MAYFLY-VERIFY /' /tmp/verify.out
+else
+    R "agent down"
+    if [ -f /var/log/mayfly-agent.log ]; then
+        tail -n 5 /var/log/mayfly-agent.log | sed 's/^/MAYFLY-AGENT-LOG /'
+    fi
+fi
+
+left=$(timeout 30 xl list 2>/dev/null | awk 'NR > 1 && $1 ~ /^mayfly-/ { print $1 }' | tr '\n' ' ')
+R "leftover ${left:-none}"

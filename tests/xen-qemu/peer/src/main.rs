@@ -1,0 +1,423 @@
+//! `xen-ring-peer`: dom0's end of one Mayfly ring, for the Xen-in-QEMU suite — the guest
+//! transport proved and measured independently of the agent.
+//!
+//! ```text
+//! xen-ring-peer xen --config CFG --name NAME --handler H --payload P [--pool] [--timeout-s S]
+//!     xl create -p CFG name=NAME; grant the ring (gntalloc), allocate an unbound event
+//!     channel, write data/mayfly/* under the domain's xenstore home, unpause; wait for
+//!     Ready; with --pool: pause, then time unpause -> first request (the pool hand-out);
+//!     serve the transaction from an in-memory map; wait for the domain to power off
+//!     (destroying it if it does not, or if it broke the ring).
+//! xen-ring-peer sandbox --shim PATH --handler H --payload P [--timeout-s S]
+//!     the same service over a sealed memfd and eventfds, to a spawned domu-shim process
+//!     (the sandbox transport, measured on the same machine).
+//! ```
+//!
+//! It prints `mayfly-peer: key=value ...` lines: `domid`, `ready_ms` (create or spawn ->
+//! Ready), `handout_ms` (--pool: unpause -> first request), `unpause_cmd_ms` (the `xl unpause`
+//! process alone), `first_request_ms` (create ->
+//! first request), `rtt_us_median` and `round_trips` (consecutive `Get`s: our response
+//! sent -> the next request received), `outcome` (`committed RESULT`, `aborted REASON`,
+//! `violation ERROR`), `domain_gone` (powered off by itself) or `destroyed`.
+//!
+//! Exit status: 0 the transaction ended and the domain is gone; 1 anything else.
+
+#![forbid(unsafe_code)]
+
+use std::collections::BTreeMap;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use mayfly_ring::wire::{ScanEntry, Start};
+use mayfly_ring::xen::{EvtchnNotifier, GntallocMem};
+use mayfly_ring::{
+    Backend, EventFdNotifier, Geometry, MmapMem, Notifier, Request, Response, SharedMem,
+};
+
+const XL: &str = "xl";
+
+struct Opts {
+    mode: String,
+    config: Option<String>,
+    name: Option<String>,
+    shim: Option<String>,
+    handler: String,
+    payload: Vec<u8>,
+    pool: bool,
+    timeout: Duration,
+}
+
+fn parse() -> Result<Opts> {
+    let mut args = std::env::args().skip(1);
+    let mode = args
+        .next()
+        .ok_or_else(|| anyhow!("usage: xen-ring-peer xen|sandbox ..."))?;
+    let mut o = Opts {
+        mode,
+        config: None,
+        name: None,
+        shim: None,
+        handler: String::new(),
+        payload: Vec::new(),
+        pool: false,
+        timeout: Duration::from_secs(120),
+    };
+    while let Some(flag) = args.next() {
+        if flag == "--pool" {
+            o.pool = true;
+            continue;
+        }
+        let value = args.next().ok_or_else(|| anyhow!("{flag} needs a value"))?;
+        match flag.as_str() {
+            "--config" => o.config = Some(value),
+            "--name" => o.name = Some(value),
+            "--shim" => o.shim = Some(value),
+            "--handler" => o.handler = value,
+            "--payload" => o.payload = value.into_bytes(),
+            "--timeout-s" => o.timeout = Duration::from_secs(value.parse()?),
+            _ => bail!("unknown argument {flag}"),
+        }
+    }
+    if o.handler.is_empty() {
+        bail!("--handler is required");
+    }
+    Ok(o)
+}
+
+fn say(line: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stdout(), "mayfly-peer: {line}");
+}
+
+fn millis(d: Duration) -> String {
+    format!("{:.1}", d.as_secs_f64() * 1e3)
+}
+
+fn main() {
+    match parse().and_then(|o| match o.mode.as_str() {
+        "xen" => run_xen(&o),
+        "sandbox" => run_sandbox(&o),
+        m => Err(anyhow!("unknown mode {m}")),
+    }) {
+        Ok(()) => {}
+        Err(e) => {
+            say(&format!("error: {e:#}"));
+            std::process::exit(1);
+        }
+    }
+}
+
+/// Runs a command to completion within `limit`, returning its stdout.
+fn run(cmd: &mut Command, limit: Duration) -> Result<String> {
+    let what = format!("{cmd:?}");
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .with_context(|| format!("spawning {what}"))?;
+    let status = wait_child(&mut child, limit).with_context(|| what.clone())?;
+    let mut out = String::new();
+    if let Some(mut s) = child.stdout.take() {
+        use std::io::Read;
+        s.read_to_string(&mut out)?;
+    }
+    if !status.success() {
+        bail!("{what} failed: {status}");
+    }
+    Ok(out)
+}
+
+fn wait_child(child: &mut Child, limit: Duration) -> Result<std::process::ExitStatus> {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(status) = child.try_wait()? {
+            return Ok(status);
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!("did not exit within {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+fn xl(args: &[&str]) -> Result<String> {
+    run(Command::new(XL).args(args), Duration::from_secs(60))
+}
+
+/// Whether a domain of this name still exists.
+fn domain_exists(name: &str) -> bool {
+    Command::new(XL)
+        .args(["domid", name])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+fn run_xen(o: &Opts) -> Result<()> {
+    let config = o
+        .config
+        .as_deref()
+        .ok_or_else(|| anyhow!("--config is required"))?;
+    let name = o
+        .name
+        .as_deref()
+        .ok_or_else(|| anyhow!("--name is required"))?;
+    let created_at = Instant::now();
+    xl(&["create", "-q", "-p", config, &format!("name=\"{name}\"")])?;
+    let domid: u16 = xl(&["domid", name])?.trim().parse().context("xl domid")?;
+    say(&format!(
+        "domid={domid} create_ms={}",
+        millis(created_at.elapsed())
+    ));
+    let result = serve_xen(o, name, domid, created_at);
+    // The domain must end on every path: give a well-behaved one time to power off; destroy
+    // one that broke the ring (at once), failed, or overstays.
+    let violated = matches!(result, Ok(Ended::Violation));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut gone = false;
+    for _ in 0..600 {
+        if !domain_exists(name) {
+            gone = true;
+            break;
+        }
+        if result.is_err() || violated || Instant::now() >= deadline {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    if gone {
+        say("domain_gone");
+    } else {
+        xl(&["destroy", name])?;
+        say("destroyed");
+        if domain_exists(name) {
+            bail!("domain {domid} still exists after xl destroy");
+        }
+        if result.is_ok() && !violated {
+            bail!("domain {domid} did not power off after its transaction");
+        }
+    }
+    result.map(drop)
+}
+
+/// How the service of one transaction ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Ended {
+    /// Committed or aborted normally.
+    Finished,
+    /// The guest broke the ring protocol.
+    Violation,
+}
+
+fn serve_xen(o: &Opts, name: &str, domid: u16, created_at: Instant) -> Result<Ended> {
+    let geometry = Geometry::DEFAULT;
+    let mem = GntallocMem::share(domid, geometry.total_pages())?;
+    let refs: Vec<String> = mem.refs().iter().map(u32::to_string).collect();
+    let mut backend = Backend::new_on_fresh_memory(mem, geometry)?;
+    let evtchn = EvtchnNotifier::bind_unbound(domid)?;
+    let home = format!("/local/domain/{domid}/data/mayfly");
+    let pages = geometry.total_pages().to_string();
+    let port = evtchn.port().to_string();
+    let refs = refs.join(" ");
+    let kv = [
+        (format!("{home}/ring-version"), "1"),
+        (format!("{home}/ring-pages"), pages.as_str()),
+        (format!("{home}/ring-refs"), refs.as_str()),
+        (format!("{home}/event-channel"), port.as_str()),
+    ];
+    let mut cmd = Command::new("xenstore-write");
+    for (k, v) in &kv {
+        cmd.arg(k).arg(v);
+    }
+    run(&mut cmd, Duration::from_secs(30))?;
+    xl(&["unpause", name])?;
+    let ready = backend.recv_request(&evtchn, Some(o.timeout))?;
+    if !matches!(ready.body, Request::Ready { .. }) {
+        bail!("first request was not Ready");
+    }
+    say(&format!("ready_ms={}", millis(created_at.elapsed())));
+    let handout_from = if o.pool {
+        xl(&["pause", name])?;
+        let t = Instant::now();
+        xl(&["unpause", name])?;
+        // Most of a hand-out under emulation is starting the `xl` process; the agent makes
+        // the one hypercall instead.
+        say(&format!("unpause_cmd_ms={}", millis(t.elapsed())));
+        t
+    } else {
+        created_at
+    };
+    serve(&mut backend, &evtchn, ready.id, o, handout_from, domid)
+}
+
+fn inheritable(fd: impl AsFd) -> Result<OwnedFd> {
+    use nix::fcntl::{fcntl, FcntlArg, FdFlag};
+    let dup = fd.as_fd().try_clone_to_owned()?;
+    fcntl(&dup, FcntlArg::F_SETFD(FdFlag::empty()))?;
+    Ok(dup)
+}
+
+fn run_sandbox(o: &Opts) -> Result<()> {
+    let shim = o
+        .shim
+        .as_deref()
+        .ok_or_else(|| anyhow!("--shim is required"))?;
+    let geometry = Geometry::DEFAULT;
+    let mem = MmapMem::memfd(c"mayfly-peer", geometry.total_len())?;
+    let ring_fd = inheritable(mem.fd().ok_or_else(|| anyhow!("memfd has no fd"))?)?;
+    let mut backend = Backend::new_on_fresh_memory(mem, geometry)?;
+    let (agent, guest) = EventFdNotifier::pair()?;
+    let signal = inheritable(guest.signal_fd())?;
+    let wait = inheritable(guest.wait_fd())?;
+    let started = Instant::now();
+    let mut child = Command::new(shim)
+        .arg("--ring-fd")
+        .arg(ring_fd.as_raw_fd().to_string())
+        .arg("--ring-len")
+        .arg(geometry.total_len().to_string())
+        .arg("--signal-fd")
+        .arg(signal.as_raw_fd().to_string())
+        .arg("--wait-fd")
+        .arg(wait.as_raw_fd().to_string())
+        .stdin(Stdio::null())
+        .spawn()?;
+    drop((ring_fd, signal, wait, guest));
+    let result = (|| {
+        let ready = backend.recv_request(&agent, Some(o.timeout))?;
+        if !matches!(ready.body, Request::Ready { .. }) {
+            bail!("first request was not Ready");
+        }
+        say(&format!("ready_ms={}", millis(started.elapsed())));
+        serve(&mut backend, &agent, ready.id, o, started, 0)
+    })();
+    if matches!(result, Ok(Ended::Violation)) {
+        let _ = child.kill();
+    }
+    let status = wait_child(&mut child, Duration::from_secs(30))?;
+    say(&format!("shim_exit={status}"));
+    result.map(drop)
+}
+
+/// Answers Ready with Start, then serves requests until Commit/Abort (or a violation).
+fn serve<M: SharedMem>(
+    backend: &mut Backend<M>,
+    notifier: &impl Notifier,
+    ready_id: u32,
+    o: &Opts,
+    handout_from: Instant,
+    domid: u16,
+) -> Result<Ended> {
+    let mut seed = [0u8; 32];
+    seed[..2].copy_from_slice(&domid.to_be_bytes());
+    let start = Start {
+        tx_id: [7; 16],
+        handler: o.handler.clone(),
+        payload: o.payload.clone(),
+        entropy_seed: seed,
+    };
+    backend.send_response(ready_id, &Response::Start(start), notifier)?;
+    let mut data: BTreeMap<Vec<u8>, Vec<u8>> = BTreeMap::new();
+    let mut rtts: Vec<Duration> = Vec::new();
+    let mut last_get_answered: Option<Instant> = None;
+    let mut first = true;
+    let deadline = Instant::now() + o.timeout;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let request = match backend.recv_request(notifier, Some(left)) {
+            Ok(r) => r,
+            Err(e) if e.is_protocol_violation() => {
+                say(&format!("outcome=violation {e}"));
+                return Ok(Ended::Violation);
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let now = Instant::now();
+        if first {
+            first = false;
+            say(&format!(
+                "{}={}",
+                if o.pool {
+                    "handout_ms"
+                } else {
+                    "first_request_ms"
+                },
+                millis(now.duration_since(handout_from))
+            ));
+        }
+        if let (Some(t), Request::Get { .. }) = (last_get_answered.take(), &request.body) {
+            rtts.push(now.duration_since(t));
+        }
+        let response = match request.body {
+            Request::Get { key } => Response::Value(data.get(&key).cloned()),
+            Request::Put { key, value } => {
+                data.insert(key, value);
+                Response::Ok
+            }
+            Request::Delete { key } => {
+                data.remove(&key);
+                Response::Ok
+            }
+            Request::Scan { start, end, limit } => {
+                let entries: Vec<ScanEntry> = data
+                    .range(start..)
+                    .take_while(|(k, _)| end.as_ref().is_none_or(|e| *k < e))
+                    .take(usize::try_from(limit).unwrap_or(usize::MAX))
+                    .map(|(k, v)| ScanEntry {
+                        key: k.clone(),
+                        value: v.clone(),
+                    })
+                    .collect();
+                Response::ScanResult {
+                    entries,
+                    more: false,
+                }
+            }
+            Request::Log { line, .. } => {
+                say(&format!("guest_log={line}"));
+                Response::Ok
+            }
+            Request::Commit { result } => {
+                backend.send_response(request.id, &Response::Committed, notifier)?;
+                report_rtts(&mut rtts);
+                say(&format!(
+                    "outcome=committed {}",
+                    String::from_utf8_lossy(&result)
+                ));
+                return Ok(Ended::Finished);
+            }
+            Request::Abort { reason } => {
+                backend.send_response(request.id, &Response::Aborted, notifier)?;
+                say(&format!("outcome=aborted {reason}"));
+                return Ok(Ended::Finished);
+            }
+            Request::Ready { .. } => {
+                say("outcome=violation second Ready");
+                return Ok(Ended::Violation);
+            }
+        };
+        let is_value = matches!(response, Response::Value(_));
+        backend.send_response(request.id, &response, notifier)?;
+        if is_value {
+            last_get_answered = Some(Instant::now());
+        }
+    }
+}
+
+fn report_rtts(rtts: &mut [Duration]) {
+    if rtts.is_empty() {
+        return;
+    }
+    rtts.sort_unstable();
+    let median = rtts[rtts.len() / 2];
+    say(&format!(
+        "round_trips={} rtt_us_median={:.1} rtt_us_p90={:.1}",
+        rtts.len(),
+        median.as_secs_f64() * 1e6,
+        rtts[rtts.len() * 9 / 10].as_secs_f64() * 1e6
+    ));
+}

@@ -1,0 +1,176 @@
+#!/usr/bin/env bash
+# The Xen-in-QEMU suite: builds the images (build-images.sh), boots Xen 4.17 with the dom0
+# initramfs under QEMU TCG, and judges what dom0 reports on the serial console. If the
+# agent came up with the Xen backend, it also sends transactions over HTTP through QEMU's
+# user-mode network (the API port forwarded to the host) before dom0 verifies the ledger.
+#
+# Usage: tests/xen-qemu/run.sh [OUT]     (default OUT: target/xen-qemu)
+# Environment:
+#   SKIP_BUILD=1          reuse the images in OUT
+#   QEMU_TIMEOUT=S        hard limit on the QEMU run (default 1500 s)
+#   API_PORT, CTRL_PORT   host ports forwarded to dom0's 8450 and 9999 (default 18450, 18999)
+#   REQUIRE_AGENT=0       only report (SKIP) if the agent did not come up with the Xen
+#                         backend; by default that is a failure
+#   QEMU_SMP=N            emulated CPUs (default 2)
+# Writes OUT/serial.log (the whole console) and OUT/bench.txt (the measured medians).
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+# shellcheck source=scripts/lib.sh
+source scripts/lib.sh
+OUT=${1:-target/xen-qemu}
+QEMU_TIMEOUT=${QEMU_TIMEOUT:-1500}
+API_PORT=${API_PORT:-18450}
+CTRL_PORT=${CTRL_PORT:-18999}
+OVERLAY=buildroot/board/mayfly/rootfs-overlay
+
+if [ "${SKIP_BUILD:-0}" != 1 ]; then
+    tests/xen-qemu/build-images.sh "$OUT"
+else
+    ensure_xen_qemu_packages
+fi
+LOG=$OUT/serial.log
+: >"$LOG"
+rm -f "$OUT/agent-phase.log"
+
+started=$(date +%s)
+echo "==> booting Xen under QEMU TCG (limit ${QEMU_TIMEOUT}s; console: $LOG)"
+timeout --kill-after=10 "$QEMU_TIMEOUT" qemu-system-x86_64 \
+    -accel tcg -cpu max,-smap -m 2048 -smp "${QEMU_SMP:-2}" -nodefaults -display none -no-reboot \
+    -monitor none -serial "file:$LOG" \
+    -netdev "user,id=n0,hostfwd=tcp:127.0.0.1:$API_PORT-:8450,hostfwd=tcp:127.0.0.1:$CTRL_PORT-:9999" \
+    -device e1000,netdev=n0 \
+    -kernel "$OUT/xen" \
+    -append "console=com1 com1=115200,8n1 dom0_mem=512M,max:512M dom0_max_vcpus=1 bootscrub=0" \
+    -initrd "$OUT/vmlinux console=hvc0 earlyprintk=xen rdinit=/init,$OUT/dom0-initramfs.cpio" &
+qemu=$!
+trap 'kill "$qemu" 2>/dev/null || true' EXIT
+
+failures=0
+fail() {
+    echo "FAIL: $*"
+    failures=$((failures + 1))
+}
+pass() { echo "ok:   $*"; }
+
+# wait_for_line <regex> <seconds>: polls the console until a line matches, QEMU exits, or
+# the deadline passes.
+wait_for_line() {
+    local deadline=$(($(date +%s) + $2))
+    while [ "$(date +%s)" -lt "$deadline" ]; do
+        if grep -qE "$1" "$LOG"; then return 0; fi
+        kill -0 "$qemu" 2>/dev/null || { grep -qE "$1" "$LOG"; return; }
+        sleep 0.5
+    done
+    return 1
+}
+
+wait_for_line 'MAYFLY-RESULT agent (up|down)|MAYFLY-TEST: end' "$QEMU_TIMEOUT" || true
+
+if grep -q 'MAYFLY-RESULT agent up' "$LOG"; then
+    tests/xen-qemu/agent-phase.sh "127.0.0.1:$API_PORT" 2>&1 | tee "$OUT/agent-phase.log" ||
+        fail "transactions through the agent"
+    # Tell dom0 we are done (retrying until its listener answers).
+    acked=
+    for _ in $(seq 1 60); do
+        if exec 3<>"/dev/tcp/127.0.0.1/$CTRL_PORT" 2>/dev/null; then
+            echo "done" >&3
+            read -r -t 10 acked <&3 || true
+            exec 3<&-
+            [ "$acked" = ack ] && break
+        fi
+        sleep 1
+    done
+    [ "$acked" = ack ] || fail "dom0 never answered on the control port"
+fi
+
+# QEMU ends when dom0 reboots; bounded by `timeout` above.
+wait "$qemu" || true
+trap - EXIT
+elapsed=$(($(date +%s) - started))
+echo "==> QEMU run took ${elapsed}s"
+
+result() { grep -a "^MAYFLY-RESULT $1" "$LOG" | tr -d '\r' || true; }
+peer_line() { grep -a "^MAYFLY-PEER $1 " "$LOG" | tr -d '\r' | sed "s/^MAYFLY-PEER $1 mayfly-peer: //" || true; }
+
+grep -q 'MAYFLY-TEST: end' "$LOG" || fail "dom0 did not reach the end of the scenario"
+
+# 1. The overlay files in the booted image are the repository's, byte for byte.
+expected=$( (cd "$OVERLAY" && find . -type f | LC_ALL=C sort | sed 's|^\./|/|'))
+[ -n "$expected" ] || fail "no overlay files in $OVERLAY"
+for f in $expected; do
+    want=$(sha256sum "$OVERLAY$f" | cut -d' ' -f1)
+    got=$(result "overlay " | awk -v f="$f" '$4 == f { print $3 }')
+    if [ "$got" = "$want" ]; then pass "overlay $f byte-equal in the booted dom0"; else fail "overlay $f: booted $got, repository $want"; fi
+done
+for s in $(cd "$OVERLAY/etc/init.d" && ls S*); do
+    # The agent's own script is judged with the agent below.
+    [ "$s" = S50mayfly-agent ] && continue
+    if result "service-ok $s" | grep -q .; then pass "$s start"; else fail "$s start"; fi
+done
+if result "toolstack ok" | grep -q .; then pass "toolstack answers (xl list)"; else fail "toolstack"; fi
+
+# 2. The guest transport.
+if peer_line kv | grep -q '^outcome=committed {"key":"k","ok":true}'; then
+    pass "kv put committed over grant-mapped ring + event channel"
+else
+    fail "kv put through xen-ring-peer: $(peer_line kv | tr '\n' '|')"
+fi
+if grep -a '^MAYFLY-DOMU kv ' "$LOG" | grep -q 'mayfly-shim: ring keys: version 1'; then
+    pass "domU shim read its xenstore keys (its console: $(grep -a '^MAYFLY-DOMU kv ' "$LOG" | grep -c .) lines)"
+else
+    fail "domU console shows no xenstore keys read"
+fi
+if peer_line kv | grep -q '^domain_gone'; then pass "kv domain powered itself off"; else fail "kv domain did not power off"; fi
+if peer_line violation | grep -q '^outcome=violation' && peer_line violation | grep -q '^destroyed'; then
+    pass "test.bad_index: violation detected, domain destroyed"
+else
+    fail "test.bad_index: $(peer_line violation | tr '\n' '|')"
+fi
+for tag in kv violation; do
+    result "peer $tag rc=0" | grep -q . || fail "peer $tag exit status: $(result "peer $tag ")"
+done
+
+# Each transaction in its own domain.
+ids=$(grep -a '^MAYFLY-PEER ' "$LOG" | grep -oE 'domid=[0-9]+' | sort)
+if [ -n "$ids" ] && [ "$(echo "$ids" | uniq -d)" = "" ]; then
+    pass "$(echo "$ids" | wc -l) transactions, $(echo "$ids" | wc -l) distinct domain ids"
+else
+    fail "domain ids repeat or are missing: $(echo "$ids" | tr '\n' ' ')"
+fi
+
+# 4. The agent, if it came up.
+if result "agent up" | grep -q .; then
+    if result "service-ok S50mayfly-agent" | grep -q .; then pass "S50mayfly-agent start"; else fail "S50mayfly-agent start"; fi
+    if result "verify rc=0" | grep -q .; then pass "dom0-agent verify"; else fail "dom0-agent verify: $(result verify)"; fi
+else
+    msg="agent did not come up with the Xen backend: $(grep -a '^MAYFLY-AGENT-LOG' "$LOG" | tail -n 2 | tr '\n' '|')"
+    if [ "${REQUIRE_AGENT:-1}" = 1 ]; then fail "$msg"; else echo "SKIP: $msg"; fi
+fi
+
+# 5. Nothing left running.
+if result "leftover none" | grep -q .; then pass "no mayfly-* domain left"; else fail "left over: $(result leftover)"; fi
+
+# 3. Benchmarks: medians over the runs.
+median() { sort -n | awk '{ v[NR] = $1 } END { if (NR) print v[int((NR + 1) / 2)]; else print "n/a" }'; }
+field() { grep -aE "^MAYFLY-PEER $1" "$LOG" | grep -oE "$2=[0-9.]+" | cut -d= -f2; }
+{
+    echo "Xen-in-QEMU benchmarks, $(date -u +%Y-%m-%dT%H:%MZ), $(nproc) host CPUs, QEMU TCG"
+    echo "fresh domain: create -> first request (ms):   $(field 'fresh-' first_request_ms | median)"
+    echo "fresh domain: create -> Ready (ms):           $(field 'fresh-' ready_ms | median)"
+    echo "pooled domain: unpause -> first request (ms): $(field 'pool-' handout_ms | median)"
+    echo "  of which the xl unpause process (ms):       $(field 'pool-' unpause_cmd_ms | median)"
+    echo "ring round trip, grant + event channel (us):  $(field '(fresh|pool)-' rtt_us_median | median)"
+    echo "ring round trip, sandbox memfd + eventfd (us): $(field 'sandbox-' rtt_us_median | median)"
+    echo "agent: POST /v1/transactions from a ready pool (ms): $(grep -oE 'agent_tx_ms=[0-9.]+' "$OUT/agent-phase.log" 2>/dev/null | cut -d= -f2 | median)"
+    echo "QEMU run (s): $elapsed, emulated CPUs: ${QEMU_SMP:-2}"
+} | tee "$OUT/bench.txt"
+for kind in fresh pool sandbox; do
+    n=$(grep -ac "^MAYFLY-RESULT peer $kind-[0-9]* rc=0" "$LOG" || true)
+    if [ "$n" -ge 1 ]; then pass "$n $kind benchmark runs"; else fail "no successful $kind benchmark run"; fi
+done
+
+if [ "$failures" -gt 0 ]; then
+    echo "Xen-in-QEMU suite: $failures failure(s); console in $LOG"
+    exit 1
+fi
+echo "Xen-in-QEMU suite passed (${elapsed}s in QEMU)"
