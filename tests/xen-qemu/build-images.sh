@@ -47,7 +47,8 @@ SHIM=target/x86_64-unknown-linux-gnu/release/domu-shim
 # The agent admits the template's test.* handler names only with the same feature.
 CARGO_BUILD_JOBS=${CARGO_BUILD_JOBS:-2} cargo build --locked --release \
     -p dom0-agent --bin dom0-agent --features dom0-agent/test-handlers \
-    -p mayfly-xen-peer --bin xen-ring-peer
+    -p mayfly-xen-peer --bin xen-ring-peer \
+    -p mayfly --bin mayfly
 AGENT=target/release/dom0-agent
 PEER=target/release/xen-ring-peer
 
@@ -96,6 +97,7 @@ for b in xenstore-write xenstore-read xenstore-ls; do
 done
 install -s -m 0755 "$AGENT" "$ROOT/usr/bin/dom0-agent"
 install -s -m 0755 "$PEER" "$ROOT/usr/bin/xen-ring-peer"
+install -s -m 0755 target/release/mayfly "$ROOT/usr/bin/mayfly"
 install -s -m 0755 "$SHIM" "$ROOT/usr/bin/domu-shim"
 # Shared-library closure of every dynamic binary, at the paths the loader expects.
 # The agent loads libxenctrl, libxengnttab and libxenevtchn at run time (dlopen by soname).

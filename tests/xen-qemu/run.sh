@@ -109,6 +109,19 @@ for s in $(cd "$OVERLAY/etc/init.d" && ls S*); do
 done
 if result "toolstack ok" | grep -q .; then pass "toolstack answers (xl list)"; else fail "toolstack"; fi
 
+# mayfly hw-check in the dom0: Xen's capabilities reported through physinfo.
+hw=$(grep -a '^MAYFLY-HWCHECK {' "$LOG" | tr -d '\r' || true)
+if ! result "hwcheck rc=[01]\$" | grep -q .; then
+    fail "mayfly hw-check in dom0: $(result hwcheck) $(grep -a '^MAYFLY-HWCHECK-ERR' "$LOG" | tr '\n' '|')"
+elif echo "$hw" | grep -qE '"environment": *"xen-dom0"' &&
+    echo "$hw" | grep -qE '"xen_version": *"4\.17' &&
+    echo "$hw" | grep -qE '"xen_physinfo": *\{[^}]*"nr_cpus": *[1-9]' &&
+    echo "$hw" | grep -qE '"reason": *"Xen physinfo: [0-9]+ MiB of machine memory'; then
+    pass "mayfly hw-check in dom0 reports Xen's version and physical capabilities ($(result hwcheck))"
+else
+    fail "mayfly hw-check in dom0 did not report Xen's capabilities: ${hw:0:600}"
+fi
+
 # 2. The guest transport.
 if peer_line kv | grep -q '^outcome=committed {"key":"k","ok":true}'; then
     pass "kv put committed over grant-mapped ring + event channel"

@@ -3,7 +3,7 @@
 # `MAYFLY-PEER <tag> ...` lines on the console; tests/xen-qemu/run.sh (on the host) judges
 # them. Every step is bounded (timeout).
 #
-# 1. the overlay files as booted (sha256), for the byte-equality check;
+# 1. the overlay files as booted (sha256), for the byte-equality check; `mayfly hw-check`;
 # 2. the guest transport without the agent: xen-ring-peer builds a domU from the template,
 #    grants the ring, writes the xenstore keys and serves one transaction (kv put; a
 #    protocol-violating test.bad_index, which must be destroyed); the domU's console;
@@ -22,6 +22,14 @@ while read -r f; do
 done </mayfly-test/overlay-files
 
 if timeout 30 xl list >/dev/null 2>&1; then R "toolstack ok"; else R "toolstack failed"; fi
+
+# The host checker in a real Xen dom0: Xen's physical capabilities must be reported. This
+# small QEMU machine fails the `general` profile's memory, CPU and command-line minimums, so
+# exit status 1 with reasons is expected; 2 or 3 would be a usage or I/O error.
+timeout 60 mayfly hw-check --profile general --json >/tmp/hw.json 2>/tmp/hw.err
+R "hwcheck rc=$?"
+echo "MAYFLY-HWCHECK $(tr -d '\n' </tmp/hw.json)"
+sed 's/^/MAYFLY-HWCHECK-ERR /' /tmp/hw.err
 
 # peer <tag> <args...>: one xen-ring-peer run, its lines prefixed, its status reported.
 peer() {
