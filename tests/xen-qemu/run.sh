@@ -117,7 +117,7 @@ elif echo "$hw" | grep -qE '"environment": *"xen-dom0"' &&
     echo "$hw" | grep -qE '"xen_version": *"4\.17' &&
     echo "$hw" | grep -qE '"xen_physinfo": *\{[^}]*"nr_cpus": *[1-9]' &&
     echo "$hw" | grep -qE '"reason": *"Xen physinfo: [0-9]+ MiB of machine memory'; then
-    pass "mayfly hw-check in dom0 reports Xen's version and physical capabilities ($(result hwcheck))"
+    pass "mayfly hw-check in dom0 reports Xen's version and physical capabilities through libxenctrl ($(result hwcheck))"
 else
     fail "mayfly hw-check in dom0 did not report Xen's capabilities: ${hw:0:600}"
 fi

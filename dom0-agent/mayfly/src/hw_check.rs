@@ -6,11 +6,12 @@
 //! The facts and judgements come from `mayfly-hw`; this module only chooses the profile,
 //! renders the report and maps the verdict to the exit status.
 //!
-//! In a Xen dom0 the physical facts come from Xen through a [`XenPhysInfoSource`]: today
-//! [`XlInfoSource`], which runs `xl info` (needs xenstored). When the libxenctrl bindings
-//! (`mayfly-xen`) are merged, [`phys_info_source`] can return a source over `xc_physinfo` and
-//! `xc_version` instead, with no dependency on xenstored; nothing else changes. If the source
-//! fails, the checks that need it say "unknown" with its error.
+//! In a Xen dom0 the physical facts come from Xen through a [`XenPhysInfoSource`]:
+//! [`LibxenctrlSource`] first (`xc_physinfo` and `XENVER_commandline` through the run-time
+//! loaded bindings of `mayfly-xen`; no xenstored needed), then [`XlInfoSource`] (`xl info`)
+//! if libxenctrl cannot be loaded or opened. Against a fixture tree (`--root` other than `/`)
+//! only `xl` is asked, since the running hypervisor says nothing about the fixture. If every
+//! source fails, the checks that need Xen's facts say "unknown" with the errors.
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -19,7 +20,7 @@ use anyhow::Context as _;
 use mayfly_hw::check::{self, Report, Status};
 use mayfly_hw::host::{HostFacts, HostFs};
 use mayfly_hw::profile::{self, ProfileError};
-use mayfly_hw::xen::{XenPhysInfoSource, XlInfoSource};
+use mayfly_hw::xen::{XenInfoError, XenPhysInfo, XenPhysInfoSource, XlInfoSource};
 
 /// Exit status: every required requirement passed.
 const EXIT_PASS: u8 = 0;
@@ -37,9 +38,10 @@ Where the facts come from: on Linux without Xen (bare metal before installation,
 /proc/cpuinfo flags (vmx/svm, ept/npt), /proc/meminfo MemTotal, /sys/class/iommu and the ACPI
 DMAR/IVRS tables, /sys/class/tpm and /dev/tpmrm0; the Xen checks are N/A. In a Xen dom0 the
 CPU flags, memory and CPU count are dom0's own, so the physical facts come from Xen:
-/sys/hypervisor, /proc/xen/capabilities, and `xl info` (Xen's physinfo and command line; xl
-needs xenstored running). If `xl info` fails, EPT/NPT, memory, CPU count and the Xen command
-line are UNKNOWN, with its error.
+/sys/hypervisor, /proc/xen/capabilities, and Xen's physinfo and command line, asked through
+libxenctrl (loaded at run time), or through `xl info` (needs xenstored running) when
+libxenctrl is unavailable. If both fail, EPT/NPT, memory, CPU count and the Xen command line
+are UNKNOWN, with the errors.
 
 Exit status:
   0  every required requirement passed (recommended ones may warn)
@@ -67,7 +69,71 @@ pub struct HwCheckArgs {
 
 /// Where Xen's physical facts come from in this build (see the module docs).
 fn phys_info_source(args: &HwCheckArgs) -> impl XenPhysInfoSource {
-    XlInfoSource::new(&args.xl)
+    FirstAnswer {
+        libxenctrl: (args.root == std::path::Path::new("/")).then_some(LibxenctrlSource),
+        xl: XlInfoSource::new(&args.xl),
+    }
+}
+
+/// Xen's physical facts through libxenctrl (`xc_physinfo`, `XENVER_commandline`).
+pub struct LibxenctrlSource;
+
+impl XenPhysInfoSource for LibxenctrlSource {
+    fn phys_info(&self) -> Result<Option<XenPhysInfo>, XenInfoError> {
+        let libs = mayfly_xen::Libraries::load().map_err(|e| XenInfoError::LibraryMissing {
+            library: e.to_string(),
+        })?;
+        let failed = |e: mayfly_xen::CtrlError| XenInfoError::Libxenctrl(chain(&e));
+        let control = mayfly_xen::Control::open(libs).map_err(failed)?;
+        let phys = control.physinfo().map_err(failed)?;
+        let cmdline = control.xen_cmdline().map_err(failed)?;
+        Ok(Some(XenPhysInfo {
+            hvm: phys.hvm,
+            hap: phys.hap,
+            iommu: phys.iommu,
+            nr_cpus: phys.nr_cpus,
+            total_memory_mib: phys.total_memory_mib(),
+            xen_cmdline: Some(cmdline),
+        }))
+    }
+}
+
+/// An error and its sources, one line.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(err) = source {
+        text.push_str(": ");
+        text.push_str(&err.to_string());
+        source = err.source();
+    }
+    text
+}
+
+/// libxenctrl when it answers, else `xl info`; both errors when neither does.
+struct FirstAnswer {
+    libxenctrl: Option<LibxenctrlSource>,
+    xl: XlInfoSource,
+}
+
+impl XenPhysInfoSource for FirstAnswer {
+    fn phys_info(&self) -> Result<Option<XenPhysInfo>, XenInfoError> {
+        let first = match &self.libxenctrl {
+            Some(lib) => match lib.phys_info() {
+                Ok(Some(phys)) => return Ok(Some(phys)),
+                Ok(None) => None,
+                Err(e) => Some(e),
+            },
+            None => None,
+        };
+        match (self.xl.phys_info(), first) {
+            (Err(xl), Some(lib)) => Err(XenInfoError::Both {
+                libxenctrl: Box::new(lib),
+                xl: Box::new(xl),
+            }),
+            (answer, _) => answer,
+        }
+    }
 }
 
 /// Runs the command; the `u8` is the exit status.

@@ -81,6 +81,17 @@ pub enum XenInfoError {
         /// Its errno.
         errno: i32,
     },
+    /// libxenctrl answered with an error (not dom0, wrong Xen release, a failed call).
+    #[error("{0}")]
+    Libxenctrl(String),
+    /// Neither libxenctrl nor `xl info` answered.
+    #[error("libxenctrl: {libxenctrl}; xl: {xl}")]
+    Both {
+        /// libxenctrl's failure.
+        libxenctrl: Box<XenInfoError>,
+        /// `xl info`'s failure.
+        xl: Box<XenInfoError>,
+    },
 }
 
 /// Something that can ask Xen for [`XenPhysInfo`].
