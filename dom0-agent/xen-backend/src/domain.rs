@@ -38,6 +38,8 @@ use slog::{debug, warn, Logger};
 use crate::config::{ConfigError, XenConfig, NAME_PREFIX};
 use crate::pool::{BoxError, Provisioner};
 
+/// How often a build waiting for Ready checks whether the backend is stopping.
+const STOP_CHECK: Duration = Duration::from_millis(500);
 /// Most bytes of `xl`'s output kept in an error.
 const XL_OUTPUT_KEPT: usize = 2048;
 
@@ -149,6 +151,12 @@ pub enum CreateError {
         /// What arrived.
         what: String,
     },
+    /// The backend is shutting down (the half-built domain has been destroyed).
+    #[error("{name}: the backend is shutting down")]
+    Stopping {
+        /// Domain name.
+        name: String,
+    },
     /// The domain ended before Ready.
     #[error("{name} (domain {domid}) ended before Ready: {exit} (guest console: /var/log/xen/console/guest-{name}.log)")]
     Died {
@@ -218,6 +226,8 @@ pub struct Hyp {
     /// Domains handed out, by domid: their "destroyed by the agent" flag.
     pub(crate) in_use: Mutex<HashMap<DomId, InUse>>,
     pub(crate) destroyed: AtomicU64,
+    /// Set when the backend shuts down: builds under way give up.
+    pub(crate) stopping: AtomicBool,
 }
 
 impl Hyp {
@@ -459,6 +469,9 @@ impl XenProvisioner {
         let config = &hyp.config;
         let started = Instant::now();
         let name = format!("{NAME_PREFIX}{seq}");
+        if hyp.stopping.load(Ordering::SeqCst) {
+            return Err(CreateError::Stopping { name });
+        }
         let cfg = config.run_dir.join(format!("{name}.cfg"));
         let text = config
             .xl_config(&name)
@@ -589,21 +602,31 @@ impl XenProvisioner {
         drop(guard);
         hyp.control.unpause(domid).map_err(ctrl)?;
         let waited = config.ready_timeout;
-        let left = waited.saturating_sub(started.elapsed());
-        let envelope = match live.ring.recv_request(&live.notifier, Some(left)) {
-            Ok(envelope) => envelope,
-            Err(RingError::PeerGone) => {
-                let exit = live.end().unwrap_or(DomainExit::Crashed { signal: 0 });
-                return Err(CreateError::Died { name, domid, exit });
+        // Waited for in slices, so that a backend shutting down does not wait out a slow boot.
+        let envelope = loop {
+            let left = waited.saturating_sub(started.elapsed());
+            if hyp.stopping.load(Ordering::SeqCst) {
+                return Err(CreateError::Stopping { name });
             }
-            Err(RingError::Timeout { .. }) => {
-                return Err(CreateError::ReadyTimeout {
-                    name,
-                    domid,
-                    waited,
-                })
+            match live
+                .ring
+                .recv_request(&live.notifier, Some(left.min(STOP_CHECK)))
+            {
+                Ok(envelope) => break envelope,
+                Err(RingError::PeerGone) => {
+                    let exit = live.end().unwrap_or(DomainExit::Crashed { signal: 0 });
+                    return Err(CreateError::Died { name, domid, exit });
+                }
+                Err(RingError::Timeout { .. }) if started.elapsed() < waited => {}
+                Err(RingError::Timeout { .. }) => {
+                    return Err(CreateError::ReadyTimeout {
+                        name,
+                        domid,
+                        waited,
+                    })
+                }
+                Err(source) => return Err(ring_error(source)),
             }
-            Err(source) => return Err(ring_error(source)),
         };
         match envelope.body {
             Request::Ready { protocol_version } if protocol_version == PROTOCOL_VERSION => {
