@@ -20,7 +20,7 @@
 
 use std::collections::HashMap;
 use std::fs;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -260,6 +260,7 @@ impl Hyp {
                 warn!(self.logger, "removing a destroyed domain's xenstore entries failed";
                     "domid" => domid, "error" => %e);
             }
+            remove_libxl_userdata(Path::new(LIBXL_DIR), domid, uuid);
         }
         let _ = fs::remove_file(cfg);
         Ok(ours)
@@ -647,6 +648,55 @@ impl XenProvisioner {
     }
 }
 
+/// Where libxl keeps per-domain files (`userdata-<kind>.<domid>.<uuid>.<key>`).
+pub(crate) const LIBXL_DIR: &str = "/var/lib/xen";
+
+/// The uuid as libxl prints it: 8-4-4-4-12 lowercase hex.
+fn uuid_text(uuid: [u8; 16]) -> String {
+    let hex: String = uuid.iter().map(|b| format!("{b:02x}")).collect();
+    let part = |a: usize, b: usize| hex.get(a..b).unwrap_or_default().to_owned();
+    format!(
+        "{}-{}-{}-{}-{}",
+        part(0, 8),
+        part(8, 12),
+        part(12, 16),
+        part(16, 20),
+        part(20, 32)
+    )
+}
+
+/// Whether `file` is one of libxl's userdata files for exactly this domain.
+fn is_libxl_userdata(file: &str, domid: DomId, uuid: &str) -> bool {
+    let Some(rest) = file.strip_prefix("userdata-") else {
+        return false;
+    };
+    let mut parts = rest.splitn(4, '.');
+    let (Some(_kind), Some(id), Some(u), Some(_key)) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return false;
+    };
+    id == domid.to_string() && u == uuid
+}
+
+/// Removes libxl's userdata files of a domain the agent destroyed behind libxl's back
+/// (xl would have removed them in `libxl_domain_destroy`). Best effort.
+pub(crate) fn remove_libxl_userdata(dir: &Path, domid: DomId, uuid: [u8; 16]) {
+    let uuid = uuid_text(uuid);
+    let Ok(entries) = fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        if name
+            .to_str()
+            .is_some_and(|n| is_libxl_userdata(n, domid, &uuid))
+        {
+            let _ = fs::remove_file(entry.path());
+        }
+    }
+}
+
 /// The last [`XL_OUTPUT_KEPT`] bytes of `xl`'s stderr (or stdout), lossily decoded.
 fn tail(stderr: &[u8], stdout: &[u8]) -> String {
     let text = if stderr.is_empty() { stdout } else { stderr };
@@ -701,6 +751,36 @@ mod tests {
             exit_of(Some(DomainState::Dying), false),
             Some(DomainExit::Crashed { signal: 0 })
         );
+    }
+
+    #[test]
+    fn only_this_domains_libxl_userdata_is_removed() {
+        let mut uuid = [0u8; 16];
+        uuid[0] = 0xab;
+        uuid[15] = 0x01;
+        let text = uuid_text(uuid);
+        assert_eq!(text, "ab000000-0000-0000-0000-000000000001");
+        let dir = tempfile::tempdir().unwrap();
+        let ours = [
+            format!("userdata-d.5.{text}.xl"),
+            format!("userdata-d.5.{text}.libxl-json"),
+        ];
+        let others = [
+            format!("userdata-d.15.{text}.xl"),
+            "userdata-d.5.00000000-0000-0000-0000-000000000000.xl".to_owned(),
+            format!("bootloader.5.{text}"),
+            format!("userdata-d.5.{text}"),
+        ];
+        for f in ours.iter().chain(&others) {
+            fs::write(dir.path().join(f), b"").unwrap();
+        }
+        remove_libxl_userdata(dir.path(), 5, uuid);
+        for f in &ours {
+            assert!(!dir.path().join(f).exists(), "{f}");
+        }
+        for f in &others {
+            assert!(dir.path().join(f).exists(), "{f}");
+        }
     }
 
     #[test]
