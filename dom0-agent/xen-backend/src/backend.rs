@@ -13,7 +13,7 @@
 //! destroy and quarantine. No async runtime; cleanup is synchronous.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -131,6 +131,7 @@ impl XenBackend {
             logger: logger.clone(),
             in_use: Mutex::new(HashMap::new()),
             destroyed: AtomicU64::new(0),
+            stopping: AtomicBool::new(false),
         });
         let provisioner = XenProvisioner {
             hyp: Arc::clone(&hyp),
@@ -220,6 +221,8 @@ impl DomainBackend for XenBackend {
     /// Destroys every domain: ready (with the pool), in use (their holders see
     /// [`mayfly_ring::Wake::PeerGone`], then `Destroyed`) and quarantined.
     fn shutdown(&self) {
+        // Builds under way give up within STOP_CHECK instead of waiting out a boot.
+        self.hyp.stopping.store(true, Ordering::SeqCst);
         self.pool.shutdown();
         self.hyp.kill_in_use();
         let quarantined = std::mem::take(&mut *lock(&self.quarantined));

@@ -20,7 +20,7 @@
 
 use std::collections::HashMap;
 use std::fs;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -38,6 +38,8 @@ use slog::{debug, warn, Logger};
 use crate::config::{ConfigError, XenConfig, NAME_PREFIX};
 use crate::pool::{BoxError, Provisioner};
 
+/// How often a build waiting for Ready checks whether the backend is stopping.
+const STOP_CHECK: Duration = Duration::from_millis(500);
 /// Most bytes of `xl`'s output kept in an error.
 const XL_OUTPUT_KEPT: usize = 2048;
 
@@ -149,6 +151,12 @@ pub enum CreateError {
         /// What arrived.
         what: String,
     },
+    /// The backend is shutting down (the half-built domain has been destroyed).
+    #[error("{name}: the backend is shutting down")]
+    Stopping {
+        /// Domain name.
+        name: String,
+    },
     /// The domain ended before Ready.
     #[error("{name} (domain {domid}) ended before Ready: {exit} (guest console: /var/log/xen/console/guest-{name}.log)")]
     Died {
@@ -218,6 +226,8 @@ pub struct Hyp {
     /// Domains handed out, by domid: their "destroyed by the agent" flag.
     pub(crate) in_use: Mutex<HashMap<DomId, InUse>>,
     pub(crate) destroyed: AtomicU64,
+    /// Set when the backend shuts down: builds under way give up.
+    pub(crate) stopping: AtomicBool,
 }
 
 impl Hyp {
@@ -250,6 +260,7 @@ impl Hyp {
                 warn!(self.logger, "removing a destroyed domain's xenstore entries failed";
                     "domid" => domid, "error" => %e);
             }
+            remove_libxl_userdata(Path::new(LIBXL_DIR), domid, uuid);
         }
         let _ = fs::remove_file(cfg);
         Ok(ours)
@@ -459,6 +470,9 @@ impl XenProvisioner {
         let config = &hyp.config;
         let started = Instant::now();
         let name = format!("{NAME_PREFIX}{seq}");
+        if hyp.stopping.load(Ordering::SeqCst) {
+            return Err(CreateError::Stopping { name });
+        }
         let cfg = config.run_dir.join(format!("{name}.cfg"));
         let text = config
             .xl_config(&name)
@@ -589,21 +603,31 @@ impl XenProvisioner {
         drop(guard);
         hyp.control.unpause(domid).map_err(ctrl)?;
         let waited = config.ready_timeout;
-        let left = waited.saturating_sub(started.elapsed());
-        let envelope = match live.ring.recv_request(&live.notifier, Some(left)) {
-            Ok(envelope) => envelope,
-            Err(RingError::PeerGone) => {
-                let exit = live.end().unwrap_or(DomainExit::Crashed { signal: 0 });
-                return Err(CreateError::Died { name, domid, exit });
+        // Waited for in slices, so that a backend shutting down does not wait out a slow boot.
+        let envelope = loop {
+            let left = waited.saturating_sub(started.elapsed());
+            if hyp.stopping.load(Ordering::SeqCst) {
+                return Err(CreateError::Stopping { name });
             }
-            Err(RingError::Timeout { .. }) => {
-                return Err(CreateError::ReadyTimeout {
-                    name,
-                    domid,
-                    waited,
-                })
+            match live
+                .ring
+                .recv_request(&live.notifier, Some(left.min(STOP_CHECK)))
+            {
+                Ok(envelope) => break envelope,
+                Err(RingError::PeerGone) => {
+                    let exit = live.end().unwrap_or(DomainExit::Crashed { signal: 0 });
+                    return Err(CreateError::Died { name, domid, exit });
+                }
+                Err(RingError::Timeout { .. }) if started.elapsed() < waited => {}
+                Err(RingError::Timeout { .. }) => {
+                    return Err(CreateError::ReadyTimeout {
+                        name,
+                        domid,
+                        waited,
+                    })
+                }
+                Err(source) => return Err(ring_error(source)),
             }
-            Err(source) => return Err(ring_error(source)),
         };
         match envelope.body {
             Request::Ready { protocol_version } if protocol_version == PROTOCOL_VERSION => {
@@ -621,6 +645,55 @@ impl XenProvisioner {
         debug!(hyp.logger, "domain ready and paused";
             "domid" => domid, "name" => &live.name, "millis" => started.elapsed().as_millis());
         Ok(live)
+    }
+}
+
+/// Where libxl keeps per-domain files (`userdata-<kind>.<domid>.<uuid>.<key>`).
+pub(crate) const LIBXL_DIR: &str = "/var/lib/xen";
+
+/// The uuid as libxl prints it: 8-4-4-4-12 lowercase hex.
+fn uuid_text(uuid: [u8; 16]) -> String {
+    let hex: String = uuid.iter().map(|b| format!("{b:02x}")).collect();
+    let part = |a: usize, b: usize| hex.get(a..b).unwrap_or_default().to_owned();
+    format!(
+        "{}-{}-{}-{}-{}",
+        part(0, 8),
+        part(8, 12),
+        part(12, 16),
+        part(16, 20),
+        part(20, 32)
+    )
+}
+
+/// Whether `file` is one of libxl's userdata files for exactly this domain.
+fn is_libxl_userdata(file: &str, domid: DomId, uuid: &str) -> bool {
+    let Some(rest) = file.strip_prefix("userdata-") else {
+        return false;
+    };
+    let mut parts = rest.splitn(4, '.');
+    let (Some(_kind), Some(id), Some(u), Some(_key)) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return false;
+    };
+    id == domid.to_string() && u == uuid
+}
+
+/// Removes libxl's userdata files of a domain the agent destroyed behind libxl's back
+/// (xl would have removed them in `libxl_domain_destroy`). Best effort.
+pub(crate) fn remove_libxl_userdata(dir: &Path, domid: DomId, uuid: [u8; 16]) {
+    let uuid = uuid_text(uuid);
+    let Ok(entries) = fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        if name
+            .to_str()
+            .is_some_and(|n| is_libxl_userdata(n, domid, &uuid))
+        {
+            let _ = fs::remove_file(entry.path());
+        }
     }
 }
 
@@ -678,6 +751,36 @@ mod tests {
             exit_of(Some(DomainState::Dying), false),
             Some(DomainExit::Crashed { signal: 0 })
         );
+    }
+
+    #[test]
+    fn only_this_domains_libxl_userdata_is_removed() {
+        let mut uuid = [0u8; 16];
+        uuid[0] = 0xab;
+        uuid[15] = 0x01;
+        let text = uuid_text(uuid);
+        assert_eq!(text, "ab000000-0000-0000-0000-000000000001");
+        let dir = tempfile::tempdir().unwrap();
+        let ours = [
+            format!("userdata-d.5.{text}.xl"),
+            format!("userdata-d.5.{text}.libxl-json"),
+        ];
+        let others = [
+            format!("userdata-d.15.{text}.xl"),
+            "userdata-d.5.00000000-0000-0000-0000-000000000000.xl".to_owned(),
+            format!("bootloader.5.{text}"),
+            format!("userdata-d.5.{text}"),
+        ];
+        for f in ours.iter().chain(&others) {
+            fs::write(dir.path().join(f), b"").unwrap();
+        }
+        remove_libxl_userdata(dir.path(), 5, uuid);
+        for f in &ours {
+            assert!(!dir.path().join(f).exists(), "{f}");
+        }
+        for f in &others {
+            assert!(dir.path().join(f).exists(), "{f}");
+        }
     }
 
     #[test]

@@ -8,7 +8,8 @@
 //!   left alone);
 //! - destroy each such domain that the hypervisor still has (xc_domain_destroy), whatever
 //!   its state (running, paused, quarantined, shut down);
-//! - remove their xenstore entries and the run directory's `mayfly-*.cfg` files.
+//! - remove their xenstore entries, libxl's userdata files for them (`/var/lib/xen`) and
+//!   the run directory's `mayfly-*.cfg` files.
 
 use std::fs;
 use std::path::Path;
@@ -17,6 +18,7 @@ use mayfly_xen::{Control, CtrlError, DomId, Store, StoreError};
 use slog::{info, warn, Logger};
 
 use crate::config::NAME_PREFIX;
+use crate::domain::{remove_libxl_userdata, LIBXL_DIR};
 
 /// The reconciler could not do its job.
 #[derive(Debug, thiserror::Error)]
@@ -71,9 +73,10 @@ pub fn reconcile(
             name: name.clone(),
             source,
         };
-        let exists = control.info(domid).map_err(destroy_error)?.is_some();
-        if exists {
+        let info = control.info(domid).map_err(destroy_error)?;
+        if let Some(info) = info {
             control.destroy(domid).map_err(destroy_error)?;
+            remove_libxl_userdata(Path::new(LIBXL_DIR), domid, info.uuid);
             report.destroyed.push((domid, name.clone()));
         } else {
             report.stale_entries.push(domid);
