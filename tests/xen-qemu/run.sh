@@ -154,7 +154,15 @@ fi
 # 4. The agent, if it came up.
 if result "agent up" | grep -q .; then
     if result "service-ok S50mayfly-agent" | grep -q .; then pass "S50mayfly-agent start"; else fail "S50mayfly-agent start"; fi
-    if result "verify rc=0" | grep -q .; then pass "dom0-agent verify"; else fail "dom0-agent verify: $(result verify)"; fi
+    orphans=$(result "orphans " | sed 's/^MAYFLY-RESULT orphans //')
+    if [ -z "$orphans" ] || [ "$orphans" = none ]; then
+        fail "reconciler: no mayfly-* domain was left to reap when the agent was killed"
+    elif result "restart rc=0" | grep -q . && result "reaped all" | grep -q .; then
+        pass "reconciler: the restarted agent destroyed the killed agent's domains ($orphans)"
+    else
+        fail "reconciler: $(result restart) $(result reaped) $(grep -a '^MAYFLY-RECONCILE' "$LOG" | tr -d '\r')"
+    fi
+    if result "verify rc=0" | grep -q .; then pass "dom0-agent verify (after a SIGKILL and a restart)"; else fail "dom0-agent verify: $(result verify)"; fi
 else
     msg="agent did not come up with the Xen backend: $(grep -a '^MAYFLY-AGENT-LOG' "$LOG" | tail -n 2 | tr '\n' '|')"
     if [ "${REQUIRE_AGENT:-1}" = 1 ]; then fail "$msg"; else echo "SKIP: $msg"; fi

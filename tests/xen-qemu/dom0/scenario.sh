@@ -9,8 +9,9 @@
 #    protocol-violating test.bad_index, which must be destroyed); the domU's console;
 # 3. benchmarks: fresh domain vs pooled (unpause -> first request), ring round trips over
 #    grant + event channel vs the sandbox transport (domu-shim as a process), same machine;
-# 4. if the agent is up: tell the host, wait for its "done" on the control port, then stop
-#    the agent and verify the ledger;
+# 4. if the agent is up: tell the host, wait for its "done" on the control port, then kill
+#    the agent (SIGKILL) with a ready domain in its pool, restart it (its reconciler must
+#    destroy the dead agent's domains), stop it and verify the ledger;
 # 5. leftover mayfly-* domains.
 R() { echo "MAYFLY-RESULT $*"; }
 CFG=/mayfly-test/domu.cfg
@@ -63,6 +64,30 @@ if [ -f /run/mayfly-agent.pid ] && kill -0 "$(cat /run/mayfly-agent.pid)" 2>/dev
     # The host runs its HTTP transactions now and says "done" on the control port.
     reply=$(echo ack | timeout 900 nc -l -p 9999 | head -n 1)
     R "control ${reply:-none}"
+    # The reconciler: once the pool holds a paused ready domain, the agent dies by SIGKILL
+    # (no clean-up of its own); the restarted agent must destroy every mayfly-<n> domain the
+    # dead one left before it serves.
+    tries=240 # 120 s: a refill boots a domU under emulation
+    while [ "$tries" -gt 0 ]; do
+        if timeout 30 xl list 2>/dev/null |
+            awk 'NR > 1 && $1 ~ /^mayfly-[0-9]+$/ && $5 ~ /p/ { f = 1 } END { exit !f }'; then
+            break
+        fi
+        sleep 0.5
+        tries=$((tries - 1))
+    done
+    orphans=$(timeout 30 xl list 2>/dev/null | awk 'NR > 1 && $1 ~ /^mayfly-[0-9]+$/ { print $2 }' | tr '\n' ' ')
+    kill -9 "$(cat /run/mayfly-agent.pid)"
+    R "orphans ${orphans:-none}"
+    /etc/init.d/S50mayfly-agent start >/tmp/restart.out 2>&1
+    R "restart rc=$?"
+    running=$(timeout 30 xl list 2>/dev/null | awk 'NR > 1 { print $2 }' | tr '\n' ' ')
+    survivors=
+    for id in $orphans; do
+        case " $running " in *" $id "*) survivors="$survivors $id" ;; esac
+    done
+    R "reaped ${survivors:-all}"
+    grep 'leftover' /var/log/mayfly-agent.log | tail -n 1 | sed 's/^/MAYFLY-RECONCILE /'
     /etc/init.d/S50mayfly-agent stop
     timeout 300 dom0-agent verify --data-dir /var/lib/mayfly --quiet >/tmp/verify.out 2>&1
     R "verify rc=$?"
