@@ -39,7 +39,8 @@ pub struct ConsoleConfig {
     pub quorum: usize,
     /// Connections served at once; more are answered "busy".
     pub max_connections: usize,
-    /// Read/write timeout on a connection (a client that stalls is dropped).
+    /// Read/write timeout on a connection (a client that stalls is dropped), and the time
+    /// the whole request frame may take to arrive (a client that trickles is dropped).
     pub io_timeout: Duration,
 }
 
@@ -403,7 +404,9 @@ fn reject(
 }
 
 fn serve_connection<S: Read + Write>(shared: &Shared, stream: &mut S, peer: &str) {
-    let bytes = match frame::read_request(stream) {
+    // The whole request must arrive within one I/O timeout (not just each byte).
+    let deadline = std::time::Instant::now() + shared.config.io_timeout;
+    let bytes = match frame::read_request_by(stream, deadline) {
         Ok(b) => b,
         Err(FrameError::Closed) => return,
         Err(e) => {
