@@ -439,11 +439,11 @@ fn the_cli_generates_keys_and_collects_co_signatures_offline() {
 
     let (code, out, err) = mayfly(&[
         "admin",
+        "status",
         "--socket",
         sock,
         "--key",
         &k("alice.key"),
-        "status",
     ]);
     assert_eq!(code, 0, "{err}");
     assert!(
@@ -452,13 +452,13 @@ fn the_cli_generates_keys_and_collects_co_signatures_offline() {
     );
     let (code, out, _) = mayfly(&[
         "admin",
+        "tx",
+        "list",
         "--socket",
         sock,
         "--key",
         &k("alice.key"),
         "--json",
-        "tx",
-        "list",
     ]);
     assert_eq!(code, 0);
     let v: Value = serde_json::from_str(out.trim()).unwrap();
@@ -467,12 +467,12 @@ fn the_cli_generates_keys_and_collects_co_signatures_offline() {
     // One admin is not enough for a rollback: exit 1 with the reason.
     let (code, _, err) = mayfly(&[
         "admin",
+        "rollback",
+        &id,
         "--socket",
         sock,
         "--key",
         &k("alice.key"),
-        "rollback",
-        &id,
     ]);
     assert_eq!(code, 1);
     assert!(err.contains("insufficient_quorum"), "{err}");
@@ -481,9 +481,9 @@ fn the_cli_generates_keys_and_collects_co_signatures_offline() {
     let cmd = cmd.to_str().unwrap();
     let (code, _, err) = mayfly(&[
         "admin",
+        "prepare",
         "--key",
         &k("alice.key"),
-        "prepare",
         "--out",
         cmd,
         "rollback",
@@ -493,36 +493,36 @@ fn the_cli_generates_keys_and_collects_co_signatures_offline() {
     ]);
     assert_eq!(code, 0, "{err}");
     assert!(err.contains("command     rollback"), "{err}");
-    let (code, _, err) = mayfly(&["admin", "--key", &k("bob.key"), "cosign", cmd]);
+    let (code, _, err) = mayfly(&["admin", "cosign", cmd, "--key", &k("bob.key")]);
     assert_eq!(code, 0, "{err}");
     assert!(err.contains("2 signature(s)"), "{err}");
     let (code, out, _) = mayfly(&["admin", "inspect", cmd]);
     assert_eq!(code, 0);
     assert_eq!(out.matches("(valid)").count(), 2, "{out}");
-    let (code, out, err) = mayfly(&["admin", "--socket", sock, "submit", cmd]);
+    let (code, out, err) = mayfly(&["admin", "submit", cmd, "--socket", sock]);
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("applied"), "{out}");
     assert_eq!(balance(&agent, "mallory"), None);
     // The same file again is a replay.
-    let (code, _, err) = mayfly(&["admin", "--socket", sock, "submit", cmd]);
+    let (code, _, err) = mayfly(&["admin", "submit", cmd, "--socket", sock]);
     assert_eq!(code, 1);
     assert!(err.contains("replayed"), "{err}");
 
     // Key rotation from the CLI, then verify with progress.
     let (code, out, err) = mayfly(&[
         "admin",
+        "key",
+        "rotate",
         "--socket",
         sock,
         "--key",
         &k("alice.key"),
         "--key",
         &k("bob.key"),
-        "key",
-        "rotate",
     ]);
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("new signing key"), "{out}");
-    let (code, out, err) = mayfly(&["admin", "--socket", sock, "--key", &k("bob.key"), "verify"]);
+    let (code, out, err) = mayfly(&["admin", "verify", "--socket", sock, "--key", &k("bob.key")]);
     assert_eq!(code, 0, "{err}");
     assert!(
         out.starts_with("OK:") && out.contains("1 key rotation"),
@@ -535,12 +535,12 @@ fn the_cli_generates_keys_and_collects_co_signatures_offline() {
     let export = dir.path().join("audit.jsonl");
     let (code, _, err) = mayfly(&[
         "admin",
+        "audit",
+        "export",
         "--socket",
         sock,
         "--key",
         &k("bob.key"),
-        "audit",
-        "export",
         "--out",
         export.to_str().unwrap(),
     ]);
