@@ -12,6 +12,12 @@
 //! * `{"type":"result","ok":true,"command":…,"result":{…}}` or
 //!   `{"type":"result","ok":false,"code":…,"error":…}` — always last.
 //!
+//! Instead of an envelope, a client may send the 4 bytes [`HELLO`] (`"MFAH"`); the agent
+//! answers one result frame `{"type":"result","ok":true,"command":"hello",
+//! "result":{"appliance":<hex identity key>}}` and nothing is audited (it is no command).
+//! `mayfly admin` asks this over the Unix socket only — where only the agent's user can be
+//! listening — to learn what to bind a command to (`APPLIANCE_ARG`).
+//!
 //! Responses are not signed: the socket is local and restricted, and everything a response
 //! reports (chain heads, records) can be checked offline with `dom0-agent verify`.
 
@@ -19,6 +25,9 @@ use std::io::{self, Read, Write};
 use std::time::Instant;
 
 use crate::envelope::MAX_ENVELOPE;
+
+/// The request that asks for the appliance's identity instead of running a command.
+pub const HELLO: &[u8; 4] = b"MFAH";
 
 /// Largest response frame.
 pub const MAX_RESPONSE_FRAME: usize = 16 << 20;

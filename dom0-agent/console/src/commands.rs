@@ -1,6 +1,8 @@
 //! The console's commands: what each needs (quorum), how its arguments are read, and what
 //! it does. Arguments arrive as signed text (`name → value`); every value is parsed and
 //! bounded here before anything acts on it.
+//! Every command also carries the signed `appliance` argument; the server checks and
+//! removes it before [`parse`] (see `mayfly_command::APPLIANCE_ARG`).
 //!
 //! | command | quorum | arguments |
 //! |---|---|---|

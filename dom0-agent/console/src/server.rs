@@ -18,7 +18,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use mayfly_command::frame::{self, FrameError};
-use mayfly_command::{hex, Authorizer, Envelope};
+use mayfly_command::{hex, Authorizer, Envelope, APPLIANCE_ARG};
 use mayfly_ledger::{AuditEvent, CommitError, Severity};
 use serde_json::{json, Value};
 use slog::{info, o, warn, Logger};
@@ -415,6 +415,15 @@ fn serve_connection<S: Read + Write>(shared: &Shared, stream: &mut S, peer: &str
             return;
         }
     };
+    let identity = hex(&shared.services.executor.ledger().public_key());
+    if bytes == frame::HELLO {
+        let _ = frame::write_response(
+            stream,
+            &json!({"type": "result", "ok": true, "command": "hello",
+                    "result": {"appliance": identity}}),
+        );
+        return;
+    }
     let env = match Envelope::decode(&bytes) {
         Ok(e) => e,
         Err(e) => {
@@ -435,7 +444,11 @@ fn serve_connection<S: Read + Write>(shared: &Shared, stream: &mut S, peer: &str
                 .join(","),
         ),
     };
-    let parsed = commands::parse(&body.command, &body.args);
+    // The binding to this appliance is checked below, after the signatures; the commands
+    // themselves never see it.
+    let mut args = body.args.clone();
+    let bound_to = args.remove(APPLIANCE_ARG);
+    let parsed = commands::parse(&body.command, &args);
     let required = match &parsed {
         Ok(cmd) if commands::is_destructive(cmd) => shared.config.quorum,
         _ => 1,
@@ -443,6 +456,19 @@ fn serve_connection<S: Read + Write>(shared: &Shared, stream: &mut S, peer: &str
     let now = mayfly_command::now_ns();
     if let Err(r) = shared.config.authorizer.check(&env, now, required) {
         reject(shared, stream, peer, &known, r.code(), &r.to_string());
+        return;
+    }
+    if bound_to.as_deref() != Some(identity.as_str()) {
+        let msg = match &bound_to {
+            Some(other) => format!(
+                "the command was signed for appliance {}, this is appliance {identity}",
+                truncate(other, 64)
+            ),
+            None => format!(
+                "the command names no appliance (argument {APPLIANCE_ARG:?}); this is appliance {identity}"
+            ),
+        };
+        reject(shared, stream, peer, &known, "wrong_appliance", &msg);
         return;
     }
     let cmd = match parsed {

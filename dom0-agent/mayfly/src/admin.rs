@@ -6,7 +6,7 @@
 //! they can sign together (`--key a.key --key b.key`) or apart:
 //!
 //! ```text
-//! alice$ mayfly admin prepare --out rb.cmd --key alice.key rollback 12 --cascade
+//! alice$ mayfly admin prepare --out rb.cmd --key alice.key --appliance ID rollback 12 --cascade
 //! bob$   mayfly admin cosign rb.cmd --key bob.key      # shows what he signs first
 //! any$   mayfly admin submit rb.cmd
 //! ```
@@ -24,7 +24,7 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use clap::{Args, Subcommand};
 use mayfly_command::frame;
-use mayfly_command::{hex, keyfile, Body, Envelope};
+use mayfly_command::{hex, keyfile, Body, Envelope, APPLIANCE_ARG};
 use serde_json::Value;
 
 /// Exit code: the agent refused the command or it failed.
@@ -56,6 +56,17 @@ struct ValidityOpts {
     valid_for: u64,
 }
 
+/// Which appliance a new command is for.
+#[derive(Args, Clone, Default)]
+struct BindOpts {
+    /// The appliance the command is for: its identity key, 64 hex digits (`status` shows
+    /// it as identity_key) [default: $MAYFLY_APPLIANCE, else asked of the agent over the
+    /// Unix socket; required with --tcp and for prepare]. The agent refuses a command
+    /// signed for another appliance.
+    #[arg(long, global = true)]
+    appliance: Option<String>,
+}
+
 /// Where the agent is and how to show its answer.
 #[derive(Args, Clone, Default)]
 struct ConnOpts {
@@ -78,6 +89,8 @@ struct SendOpts {
     sign: SignOpts,
     #[command(flatten)]
     validity: ValidityOpts,
+    #[command(flatten)]
+    bind: BindOpts,
     #[command(flatten)]
     conn: ConnOpts,
 }
@@ -105,6 +118,8 @@ enum AdminCmd {
         sign: SignOpts,
         #[command(flatten)]
         validity: ValidityOpts,
+        #[command(flatten)]
+        bind: BindOpts,
         #[command(subcommand)]
         op: Op<NoOpts>,
     },
@@ -307,9 +322,11 @@ pub fn run(args: &AdminArgs) -> anyhow::Result<u8> {
             out,
             sign,
             validity,
+            bind,
             op,
         } => {
-            let env = build(sign, validity, op)?;
+            let appliance = appliance_of(bind, None)?;
+            let env = build(sign, validity, &appliance, op)?;
             write_envelope(out, &env)?;
             describe(&env, &mut std::io::stderr().lock())?;
             eprintln!("mayfly: written to {}", out.display());
@@ -339,7 +356,8 @@ pub fn run(args: &AdminArgs) -> anyhow::Result<u8> {
         }
         AdminCmd::Op(op) => {
             let o = op.opts();
-            let env = build(&o.sign, &o.validity, op)?;
+            let appliance = appliance_of(&o.bind, Some(&o.conn))?;
+            let env = build(&o.sign, &o.validity, &appliance, op)?;
             let out = match op {
                 Op::Audit {
                     what: AuditOp::Export { out, .. },
@@ -490,9 +508,11 @@ fn policy_files(paths: &[PathBuf]) -> anyhow::Result<Vec<(String, String)>> {
 fn build<O: Args + Clone + Send + Sync + 'static>(
     sign: &SignOpts,
     validity: &ValidityOpts,
+    appliance: &str,
     op: &Op<O>,
 ) -> anyhow::Result<Envelope> {
-    let (command, a) = command_of(op)?;
+    let (command, mut a) = command_of(op)?;
+    a.insert(APPLIANCE_ARG.to_owned(), appliance.to_owned());
     if validity.valid_for == 0 {
         bail!("--valid-for must be at least 1 second");
     }
@@ -508,6 +528,41 @@ fn build<O: Args + Clone + Send + Sync + 'static>(
     let mut env = Envelope::new(body).context("building the command")?;
     sign_all(&mut env, &sign.keys)?;
     Ok(env)
+}
+
+/// The appliance to bind a new command to: `--appliance`, else `$MAYFLY_APPLIANCE`, else
+/// (when the command is sent at once over the Unix socket) the agent's own answer.
+fn appliance_of(bind: &BindOpts, conn: Option<&ConnOpts>) -> anyhow::Result<String> {
+    let given = bind
+        .appliance
+        .clone()
+        .or_else(|| std::env::var("MAYFLY_APPLIANCE").ok());
+    let id = match (given, conn) {
+        (Some(id), _) => id,
+        (None, Some(conn)) if conn.tcp.is_none() => hello(conn)?,
+        (None, _) => bail!(
+            "say which appliance the command is for: --appliance <identity key> or \
+             $MAYFLY_APPLIANCE (`mayfly admin status` over the socket shows identity_key)"
+        ),
+    };
+    let id = id.trim().to_ascii_lowercase();
+    if id.len() != 64 || mayfly_command::unhex(&id).is_none() {
+        bail!("appliance {id:?} is not an identity key (64 hex digits)");
+    }
+    Ok(id)
+}
+
+/// Asks the agent on the Unix socket for its identity key. Only over the socket: its
+/// directory is writable by the agent's user alone, so nobody else can be answering
+/// (on loopback TCP any local user could, and name another appliance).
+fn hello(conn: &ConnOpts) -> anyhow::Result<String> {
+    let mut c = connect(conn)?;
+    frame::write_request(&mut c, frame::HELLO).context("asking the agent for its identity")?;
+    let f = frame::read_response(&mut c).context("reading the agent's identity")?;
+    f["result"]["appliance"]
+        .as_str()
+        .map(str::to_owned)
+        .with_context(|| format!("the agent did not say which appliance it is: {f}"))
 }
 
 fn sign_all(env: &mut Envelope, keys: &[PathBuf]) -> anyhow::Result<()> {

@@ -6,6 +6,8 @@ use std::process::{Command, Output};
 fn mayfly(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_mayfly"))
         .args(args)
+        .env_remove("MAYFLY_APPLIANCE")
+        .env_remove("MAYFLY_ADMIN_SOCKET")
         .output()
         .expect("run mayfly")
 }
@@ -21,38 +23,43 @@ fn help(args: &[&str]) -> String {
 const SIGN: &[&str] = &["--key"];
 const VALIDITY: &[&str] = &["--valid-for"];
 const CONN: &[&str] = &["--socket", "--tcp", "--json"];
+const BIND: &[&str] = &["--appliance"];
+
+/// Whether the help text has a line defining option `opt`.
+fn defines(help: &str, opt: &str) -> bool {
+    help.lines()
+        .any(|l| l.trim_start().starts_with(&format!("{opt} ")))
+}
 
 fn offers(args: &[&str], yes: &[&[&str]], no: &[&[&str]]) {
     let h = help(args);
     for opt in yes.iter().flat_map(|g| g.iter()) {
-        assert!(
-            h.contains(&format!("{opt} ")),
-            "{args:?} should offer {opt}:\n{h}"
-        );
+        assert!(defines(&h, opt), "{args:?} should offer {opt}:\n{h}");
     }
     for opt in no.iter().flat_map(|g| g.iter()) {
-        assert!(
-            !h.contains(&format!("{opt} ")),
-            "{args:?} must not offer {opt}:\n{h}"
-        );
+        assert!(!defines(&h, opt), "{args:?} must not offer {opt}:\n{h}");
     }
 }
 
 #[test]
 fn each_subcommand_offers_only_its_options() {
-    offers(&["admin", "keygen"], &[], &[SIGN, VALIDITY, CONN]);
-    offers(&["admin", "inspect"], &[], &[SIGN, VALIDITY, CONN]);
-    offers(&["admin", "cosign"], &[SIGN], &[VALIDITY, CONN]);
-    offers(&["admin", "submit"], &[SIGN, CONN], &[VALIDITY]);
-    offers(&["admin", "prepare"], &[SIGN, VALIDITY], &[CONN]);
+    offers(&["admin", "keygen"], &[], &[SIGN, VALIDITY, BIND, CONN]);
+    offers(&["admin", "inspect"], &[], &[SIGN, VALIDITY, BIND, CONN]);
+    offers(&["admin", "cosign"], &[SIGN], &[VALIDITY, BIND, CONN]);
+    offers(&["admin", "submit"], &[SIGN, CONN], &[VALIDITY, BIND]);
+    offers(&["admin", "prepare"], &[SIGN, VALIDITY, BIND], &[CONN]);
     offers(
         &["admin", "prepare", "--out", "f", "rollback"],
-        &[SIGN, VALIDITY],
+        &[SIGN, VALIDITY, BIND],
         &[CONN],
     );
-    offers(&["admin", "status"], &[SIGN, VALIDITY, CONN], &[]);
-    offers(&["admin", "tx", "list"], &[SIGN, VALIDITY, CONN], &[]);
-    offers(&["admin", "key", "rotate"], &[SIGN, VALIDITY, CONN], &[]);
+    offers(&["admin", "status"], &[SIGN, VALIDITY, BIND, CONN], &[]);
+    offers(&["admin", "tx", "list"], &[SIGN, VALIDITY, BIND, CONN], &[]);
+    offers(
+        &["admin", "key", "rotate"],
+        &[SIGN, VALIDITY, BIND, CONN],
+        &[],
+    );
 }
 
 #[test]
@@ -79,7 +86,16 @@ fn options_that_do_not_apply_are_usage_errors() {
 #[test]
 fn options_of_nested_commands_are_read() {
     // `--key` after `tx list` reaches the signer: the missing key file is the error.
-    let out = mayfly(&["admin", "tx", "list", "--key", "/nonexistent/alice.key"]);
+    let appliance = "ab".repeat(32);
+    let out = mayfly(&[
+        "admin",
+        "tx",
+        "list",
+        "--key",
+        "/nonexistent/alice.key",
+        "--appliance",
+        &appliance,
+    ]);
     assert_eq!(out.status.code(), Some(3));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("/nonexistent/alice.key"), "{err}");
@@ -105,4 +121,27 @@ fn options_of_nested_commands_are_read() {
     assert_eq!(out.status.code(), Some(3));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("/nonexistent/admin.sock"), "{err}");
+}
+
+#[test]
+fn a_command_must_name_its_appliance_where_the_agent_cannot_be_asked() {
+    // Over TCP (anyone local could be listening) and offline, --appliance is required;
+    // a malformed one is refused before anything is signed or sent.
+    for args in [
+        &["admin", "status", "--tcp", "127.0.0.1:9"][..],
+        &["admin", "prepare", "--out", "/nonexistent/x.cmd", "status"],
+        &[
+            "admin",
+            "status",
+            "--appliance",
+            "xyz",
+            "--tcp",
+            "127.0.0.1:9",
+        ],
+    ] {
+        let out = mayfly(args);
+        assert_eq!(out.status.code(), Some(3), "{args:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("appliance"), "{args:?}: {err}");
+    }
 }
