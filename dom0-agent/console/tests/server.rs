@@ -18,7 +18,7 @@ use mayfly_console::{
 };
 use mayfly_domain::{Domain, DomainBackend, DomainError, PoolStats};
 use mayfly_executor::{Executor, ExecutorConfig};
-use mayfly_ledger::{Ledger, Options};
+use mayfly_ledger::{AuditEvent, Ledger, Options, Severity};
 use ring::signature::Ed25519KeyPair;
 use serde_json::Value;
 use slog::{o, Discard, Logger};
@@ -103,18 +103,25 @@ fn services(executor: Arc<Executor>, exporters: Option<Arc<dyn ExporterStatus>>)
 }
 
 fn status_envelope(exec: &Executor) -> Vec<u8> {
+    envelope(exec, "status", &[])
+}
+
+fn envelope(exec: &Executor, command: &str, args: &[(&str, &str)]) -> Vec<u8> {
     let now = mayfly_command::now_ns();
+    let mut args: BTreeMap<String, String> = args
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .collect();
+    args.insert(
+        mayfly_command::APPLIANCE_ARG.to_owned(),
+        mayfly_command::hex(&exec.ledger().public_key()),
+    );
     let mut e = Envelope::new(Body {
         nonce: mayfly_command::random_nonce().unwrap(),
         issued_ns: now,
         expires_ns: now + 60_000_000_000,
-        command: "status".into(),
-        args: [(
-            mayfly_command::APPLIANCE_ARG.to_owned(),
-            mayfly_command::hex(&exec.ledger().public_key()),
-        )]
-        .into_iter()
-        .collect(),
+        command: command.into(),
+        args,
     })
     .unwrap();
     e.sign(&admin(1)).unwrap();
@@ -325,5 +332,50 @@ fn unsafe_or_impossible_configurations_are_refused_at_start() {
         .permissions()
         .mode();
     assert_eq!(mode & 0o777, 0o600);
+    server.shutdown(Duration::from_secs(5));
+}
+
+#[test]
+fn an_audit_export_of_huge_records_loses_none() {
+    // 100 records of 32 fields of 1,024 control characters: each is about 200 KiB as JSON
+    // (every byte escaped as \u00XX), 20 MiB together, more than one response frame may
+    // carry. Guest-influenced audit values can look like this.
+    let dir = tempfile::tempdir().unwrap();
+    let exec = executor(dir.path());
+    let value = "\u{1}".repeat(1024);
+    let events: Vec<AuditEvent> = (0..100)
+        .map(|_| {
+            (0..32).fold(AuditEvent::new("test.huge", Severity::Info), |e, i| {
+                e.field(format!("f{i:02}"), &value)
+            })
+        })
+        .collect();
+    exec.ledger().audit(events).unwrap();
+    let tip = exec.ledger().tips().audit.seq;
+    let server =
+        ConsoleServer::start(config(dir.path()), services(exec.clone(), None), &log()).unwrap();
+    let mut s = UnixStream::connect(server.socket_path()).unwrap();
+    frame::write_request(&mut s, &envelope(&exec, "audit.export", &[])).unwrap();
+    let mut seqs = Vec::new();
+    let result = loop {
+        let f = frame::read_response(&mut s).unwrap();
+        match f["type"].as_str().unwrap() {
+            "records" => seqs.extend(
+                f["records"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|r| r["seq"].as_u64().unwrap()),
+            ),
+            "result" => break f,
+            _ => {}
+        }
+    };
+    assert_eq!(result["ok"], true, "{result}");
+    // Everything up to the tip when the command ran (its own admin.accepted included).
+    let to = result["result"]["to"].as_u64().unwrap();
+    assert!(to > tip, "{result}");
+    assert_eq!(result["result"]["exported"].as_u64(), Some(to));
+    assert_eq!(seqs, (1..=to).collect::<Vec<_>>());
     server.shutdown(Duration::from_secs(5));
 }
