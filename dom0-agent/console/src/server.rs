@@ -85,6 +85,16 @@ pub enum ConsoleError {
         /// OS error.
         source: std::io::Error,
     },
+    /// A clock-skew allowance or validity window of zero or above its limit.
+    #[error("console {what} of {secs} s is outside 1..={max} s")]
+    Timing {
+        /// `clock_skew_secs` or `max_validity_secs`.
+        what: &'static str,
+        /// Configured.
+        secs: u64,
+        /// Largest accepted.
+        max: u64,
+    },
     /// A thread could not be started.
     #[error("starting a console thread: {0}")]
     Thread(std::io::Error),
@@ -172,6 +182,31 @@ impl ConsoleServer {
                 quorum: config.quorum,
                 keys,
             });
+        }
+        // Without bounds a huge skew voids every expiry (and keeps every nonce forever); a
+        // huge window lets live nonces reach their cap and lock every admin out.
+        use mayfly_command::authorize::defaults::{MAX_CLOCK_SKEW, MAX_MAX_VALIDITY};
+        for (what, d, max, min_secs) in [
+            (
+                "clock_skew_secs",
+                config.authorizer.skew(),
+                MAX_CLOCK_SKEW,
+                0,
+            ),
+            (
+                "max_validity_secs",
+                config.authorizer.max_validity(),
+                MAX_MAX_VALIDITY,
+                1,
+            ),
+        ] {
+            if d > max || d.as_secs() < min_secs {
+                return Err(ConsoleError::Timing {
+                    what,
+                    secs: d.as_secs(),
+                    max: max.as_secs(),
+                });
+            }
         }
         if let Some(addr) = config.tcp {
             if !addr.ip().is_loopback() {

@@ -307,6 +307,27 @@ fn unsafe_or_impossible_configurations_are_refused_at_start() {
         .unwrap();
     assert!(matches!(e, ConsoleError::NotLoopback(_)), "{e}");
 
+    // A skew or validity window without bound is refused, as is a zero window.
+    let keys = config(dir.path()).authorizer.keys().clone();
+    for (skew, validity) in [
+        (3601, 3600),
+        (u64::MAX, 3600),
+        (60, 7 * 24 * 3600 + 1),
+        (60, u64::MAX),
+        (60, 0),
+    ] {
+        let mut cfg = config(dir.path());
+        cfg.authorizer = Authorizer::new(
+            keys.clone(),
+            Duration::from_secs(skew),
+            Duration::from_secs(validity),
+        );
+        let e = ConsoleServer::start(cfg, services(exec.clone(), None), &log())
+            .err()
+            .unwrap();
+        assert!(matches!(e, ConsoleError::Timing { .. }), "{e}");
+    }
+
     let mut cfg = config(dir.path());
     cfg.authorizer = Authorizer::new(BTreeMap::new(), Duration::ZERO, Duration::from_secs(1));
     let e = ConsoleServer::start(cfg, services(exec.clone(), None), &log())
