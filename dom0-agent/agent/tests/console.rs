@@ -36,22 +36,45 @@ fn admin_flags(seeds: &[u8]) -> Vec<String> {
         .collect()
 }
 
+thread_local! {
+    /// The identity key of the agent this test drives, which `body` binds commands to.
+    static APPLIANCE: std::cell::RefCell<Option<String>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Asks the agent for its identity (the `MFAH` request).
+fn hello(socket: &Path) -> String {
+    let r = send_raw(socket, mayfly_command::frame::HELLO)
+        .pop()
+        .unwrap();
+    assert_eq!(r["command"], "hello", "{r}");
+    r["result"]["appliance"].as_str().unwrap().to_owned()
+}
+
 fn start(dir: &Path) -> Agent {
     let flags = admin_flags(&[0xa1, 0xa2, 0xa3]);
     let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
-    Agent::start(dir, &flags)
+    let agent = Agent::start(dir, &flags);
+    let id = hello(&dir.join("admin.sock"));
+    APPLIANCE.with(|a| *a.borrow_mut() = Some(id));
+    agent
 }
 
+/// A command body bound to the agent `start` started.
 fn body(command: &str, args: &[(&str, &str)], issued: u64, expires: u64) -> Body {
+    let mut args: BTreeMap<String, String> = args
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .collect();
+    if let Some(id) = APPLIANCE.with(|a| a.borrow().clone()) {
+        args.entry(mayfly_command::APPLIANCE_ARG.to_owned())
+            .or_insert(id);
+    }
     Body {
         nonce: mayfly_command::random_nonce().unwrap(),
         issued_ns: issued,
         expires_ns: expires,
         command: command.into(),
-        args: args
-            .iter()
-            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-            .collect(),
+        args,
     }
 }
 
@@ -155,6 +178,14 @@ fn every_bad_command_is_refused_with_its_reason_audited_and_without_effect() {
     tampered[at + needle.len() - 1] = b'2';
     // A typo'd argument, properly signed.
     let typo = signed("tx.list", &[("limt", "5")], &[0xa1]);
+    // Properly signed, but for another appliance (one with the same admins), or for none.
+    let elsewhere = signed("status", &[("appliance", &"5a".repeat(32))], &[0xa1]);
+    let mut unbound = Envelope::new(Body {
+        args: BTreeMap::new(),
+        ..body("status", &[], now, now + 60 * S)
+    })
+    .unwrap();
+    unbound.sign(&admin(0xa1)).unwrap();
 
     let cases: Vec<(&str, Vec<u8>, &str)> = vec![
         ("forged signature", forged.encode(), "bad_signature"),
@@ -167,6 +198,8 @@ fn every_bad_command_is_refused_with_its_reason_audited_and_without_effect() {
         ("unsigned", signed("status", &[], &[]).encode(), "unsigned"),
         ("garbage", b"GET / HTTP/1.1\r\n\r\n".to_vec(), "malformed"),
         ("unknown argument", typo.encode(), "bad_argument"),
+        ("another appliance", elsewhere.encode(), "wrong_appliance"),
+        ("no appliance", unbound.encode(), "wrong_appliance"),
         (
             "unknown command",
             signed("rm.rf", &[], &[0xa1]).encode(),
@@ -219,6 +252,14 @@ fn every_bad_command_is_refused_with_its_reason_audited_and_without_effect() {
         .find(|f| f["reason"] == "insufficient_quorum")
         .unwrap();
     assert!(quorum_rec["error"].contains("needs signatures by 2 distinct admins, it has 1"));
+    let elsewhere_rec = rej
+        .iter()
+        .find(|f| f["reason"] == "wrong_appliance" && f["error"].contains("signed for"))
+        .unwrap();
+    assert!(
+        elsewhere_rec["error"].contains(&"5a".repeat(32)),
+        "{elsewhere_rec:?}"
+    );
     // Nothing was rolled back, and only the one status was accepted.
     assert_eq!(balance(&agent, "alice"), Some(100));
     let accepted: Vec<_> = audit(dir.path())
@@ -439,11 +480,11 @@ fn the_cli_generates_keys_and_collects_co_signatures_offline() {
 
     let (code, out, err) = mayfly(&[
         "admin",
+        "status",
         "--socket",
         sock,
         "--key",
         &k("alice.key"),
-        "status",
     ]);
     assert_eq!(code, 0, "{err}");
     assert!(
@@ -452,27 +493,39 @@ fn the_cli_generates_keys_and_collects_co_signatures_offline() {
     );
     let (code, out, _) = mayfly(&[
         "admin",
+        "tx",
+        "list",
         "--socket",
         sock,
         "--key",
         &k("alice.key"),
         "--json",
-        "tx",
-        "list",
     ]);
     assert_eq!(code, 0);
     let v: Value = serde_json::from_str(out.trim()).unwrap();
     assert_eq!(v["result"]["records"][0]["tx_id"], id.as_str());
+    let identity = hello(&data.join("admin.sock"));
+
+    // Offline (prepare) and over TCP the CLI cannot ask the agent which appliance it is.
+    let (code, _, err) = mayfly(&[
+        "admin",
+        "prepare",
+        "--out",
+        dir.path().join("x.cmd").to_str().unwrap(),
+        "status",
+    ]);
+    assert_eq!(code, 3);
+    assert!(err.contains("--appliance"), "{err}");
 
     // One admin is not enough for a rollback: exit 1 with the reason.
     let (code, _, err) = mayfly(&[
         "admin",
+        "rollback",
+        &id,
         "--socket",
         sock,
         "--key",
         &k("alice.key"),
-        "rollback",
-        &id,
     ]);
     assert_eq!(code, 1);
     assert!(err.contains("insufficient_quorum"), "{err}");
@@ -481,9 +534,11 @@ fn the_cli_generates_keys_and_collects_co_signatures_offline() {
     let cmd = cmd.to_str().unwrap();
     let (code, _, err) = mayfly(&[
         "admin",
+        "prepare",
         "--key",
         &k("alice.key"),
-        "prepare",
+        "--appliance",
+        &identity,
         "--out",
         cmd,
         "rollback",
@@ -493,36 +548,36 @@ fn the_cli_generates_keys_and_collects_co_signatures_offline() {
     ]);
     assert_eq!(code, 0, "{err}");
     assert!(err.contains("command     rollback"), "{err}");
-    let (code, _, err) = mayfly(&["admin", "--key", &k("bob.key"), "cosign", cmd]);
+    let (code, _, err) = mayfly(&["admin", "cosign", cmd, "--key", &k("bob.key")]);
     assert_eq!(code, 0, "{err}");
     assert!(err.contains("2 signature(s)"), "{err}");
     let (code, out, _) = mayfly(&["admin", "inspect", cmd]);
     assert_eq!(code, 0);
     assert_eq!(out.matches("(valid)").count(), 2, "{out}");
-    let (code, out, err) = mayfly(&["admin", "--socket", sock, "submit", cmd]);
+    let (code, out, err) = mayfly(&["admin", "submit", cmd, "--socket", sock]);
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("applied"), "{out}");
     assert_eq!(balance(&agent, "mallory"), None);
     // The same file again is a replay.
-    let (code, _, err) = mayfly(&["admin", "--socket", sock, "submit", cmd]);
+    let (code, _, err) = mayfly(&["admin", "submit", cmd, "--socket", sock]);
     assert_eq!(code, 1);
     assert!(err.contains("replayed"), "{err}");
 
     // Key rotation from the CLI, then verify with progress.
     let (code, out, err) = mayfly(&[
         "admin",
+        "key",
+        "rotate",
         "--socket",
         sock,
         "--key",
         &k("alice.key"),
         "--key",
         &k("bob.key"),
-        "key",
-        "rotate",
     ]);
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("new signing key"), "{out}");
-    let (code, out, err) = mayfly(&["admin", "--socket", sock, "--key", &k("bob.key"), "verify"]);
+    let (code, out, err) = mayfly(&["admin", "verify", "--socket", sock, "--key", &k("bob.key")]);
     assert_eq!(code, 0, "{err}");
     assert!(
         out.starts_with("OK:") && out.contains("1 key rotation"),
@@ -535,12 +590,12 @@ fn the_cli_generates_keys_and_collects_co_signatures_offline() {
     let export = dir.path().join("audit.jsonl");
     let (code, _, err) = mayfly(&[
         "admin",
+        "audit",
+        "export",
         "--socket",
         sock,
         "--key",
         &k("bob.key"),
-        "audit",
-        "export",
         "--out",
         export.to_str().unwrap(),
     ]);
@@ -629,10 +684,11 @@ fn quarantine_release_and_policy_load_go_through_the_quorum() {
     let events: Vec<(String, BTreeMap<String, String>)> = audit(dir.path());
     let accepted = events
         .iter()
-        .find(|(e, f)| e == "admin.accepted" && f["args"].starts_with("file.allow.toml"))
+        .find(|(e, f)| e == "admin.accepted" && f["args"].contains(",file.allow.toml"))
         .unwrap();
     assert!(
-        accepted.1["args"].starts_with("file.allow.toml=<"),
+        accepted.1["args"].starts_with("appliance=")
+            && accepted.1["args"].contains(",file.allow.toml=<"),
         "long arguments are recorded by size and hash: {:?}",
         accepted.1
     );

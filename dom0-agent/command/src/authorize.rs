@@ -33,6 +33,13 @@ pub mod defaults {
     pub const MAX_VALIDITY: Duration = Duration::from_secs(3600);
     /// Distinct admins needed for a destructive command.
     pub const QUORUM: usize = 2;
+    /// Largest clock-skew allowance accepted in a configuration.
+    pub const MAX_CLOCK_SKEW: Duration = Duration::from_secs(3600);
+    /// Largest validity window accepted in a configuration (a week). Nonces are kept for
+    /// as long as their command could still be accepted, and at most
+    /// `MAX_LIVE_NONCES` (100,000) at once: windows without bound would let them pile up
+    /// until the console refuses every command.
+    pub const MAX_MAX_VALIDITY: Duration = Duration::from_secs(7 * 24 * 3600);
 }
 
 /// Why an envelope is refused. `code()` is the stable name shown to clients and audited.
@@ -131,6 +138,11 @@ impl Authorizer {
     /// Clock-skew allowance.
     pub fn skew(&self) -> Duration {
         self.skew
+    }
+
+    /// Longest validity window accepted.
+    pub fn max_validity(&self) -> Duration {
+        self.max_validity
     }
 
     /// Checks `env` at time `now_ns` for a command that needs `required` distinct signers.

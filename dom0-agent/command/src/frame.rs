@@ -12,12 +12,22 @@
 //! * `{"type":"result","ok":true,"command":…,"result":{…}}` or
 //!   `{"type":"result","ok":false,"code":…,"error":…}` — always last.
 //!
+//! Instead of an envelope, a client may send the 4 bytes [`HELLO`] (`"MFAH"`); the agent
+//! answers one result frame `{"type":"result","ok":true,"command":"hello",
+//! "result":{"appliance":<hex identity key>}}` and nothing is audited (it is no command).
+//! `mayfly admin` asks this over the Unix socket only — where only the agent's user can be
+//! listening — to learn what to bind a command to (`APPLIANCE_ARG`).
+//!
 //! Responses are not signed: the socket is local and restricted, and everything a response
 //! reports (chain heads, records) can be checked offline with `dom0-agent verify`.
 
 use std::io::{self, Read, Write};
+use std::time::Instant;
 
 use crate::envelope::MAX_ENVELOPE;
+
+/// The request that asks for the appliance's identity instead of running a command.
+pub const HELLO: &[u8; 4] = b"MFAH";
 
 /// Largest response frame.
 pub const MAX_RESPONSE_FRAME: usize = 16 << 20;
@@ -93,6 +103,33 @@ pub fn read_request(r: &mut impl Read) -> Result<Vec<u8>, FrameError> {
     read_frame(r, MAX_ENVELOPE)
 }
 
+/// Reads the request frame, giving up with `TimedOut` once `deadline` has passed.
+///
+/// A socket read timeout alone bounds only the gap between two bytes: a client trickling
+/// one byte just inside it would hold a connection slot for hours. With a deadline, a
+/// connection costs a slot for at most `deadline` plus one read timeout.
+pub fn read_request_by(r: &mut impl Read, deadline: Instant) -> Result<Vec<u8>, FrameError> {
+    read_frame(&mut Deadline { inner: r, deadline }, MAX_ENVELOPE)
+}
+
+/// A reader that refuses to read once its deadline has passed.
+struct Deadline<'a, R> {
+    inner: &'a mut R,
+    deadline: Instant,
+}
+
+impl<R: Read> Read for Deadline<'_, R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if Instant::now() >= self.deadline {
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "the request took too long to arrive",
+            ));
+        }
+        self.inner.read(buf)
+    }
+}
+
 /// Writes the request frame.
 pub fn write_request(w: &mut impl Write, envelope: &[u8]) -> Result<(), FrameError> {
     write_frame(w, envelope, MAX_ENVELOPE)
@@ -144,5 +181,53 @@ mod tests {
         let mut out = Vec::new();
         write_response(&mut out, &serde_json::json!({"type": "result", "ok": true})).unwrap();
         assert_eq!(read_response(&mut out.as_slice()).unwrap()["ok"], true);
+    }
+
+    /// Hands out one byte per read, slowly (a slowloris client).
+    struct Trickle<'a> {
+        bytes: &'a [u8],
+        delay: std::time::Duration,
+    }
+
+    impl Read for Trickle<'_> {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            std::thread::sleep(self.delay);
+            match (self.bytes.split_first(), buf.first_mut()) {
+                (Some((b, rest)), Some(slot)) => {
+                    *slot = *b;
+                    self.bytes = rest;
+                    Ok(1)
+                }
+                _ => Ok(0),
+            }
+        }
+    }
+
+    #[test]
+    fn a_trickling_request_is_cut_off_at_the_deadline() {
+        use std::time::Duration;
+        let mut framed = Vec::new();
+        write_request(&mut framed, &[7u8; 64]).unwrap();
+        let delay = Duration::from_millis(5);
+        // Fast enough: the whole frame arrives before the deadline.
+        let mut fast = Trickle {
+            bytes: &framed,
+            delay,
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        assert_eq!(read_request_by(&mut fast, deadline).unwrap(), [7u8; 64]);
+        // Each byte comes well within any per-read timeout, but the frame as a whole
+        // (68 reads, at least 340 ms) does not arrive by the deadline.
+        let mut slow = Trickle {
+            bytes: &framed,
+            delay,
+        };
+        let started = Instant::now();
+        let err = read_request_by(&mut slow, started + Duration::from_millis(100)).unwrap_err();
+        assert!(
+            matches!(&err, FrameError::Io(e) if e.kind() == io::ErrorKind::TimedOut),
+            "{err:?}"
+        );
+        assert!(started.elapsed() < Duration::from_millis(300));
     }
 }

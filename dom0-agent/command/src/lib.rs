@@ -20,6 +20,13 @@ pub mod keyfile;
 pub use authorize::{Authorizer, Rejection};
 pub use envelope::{Body, DecodeError, Envelope, PublicKey, Signature};
 
+/// The argument every console command must carry: the appliance it is meant for, as the
+/// 64 hex digits of that appliance's ledger identity key. It is signed like every
+/// argument, so a command signed for one appliance is refused by any other (which would
+/// otherwise accept it if the same admin keys are authorized there and its nonce has not
+/// been seen there). See `docs/formats.md` §3.
+pub const APPLIANCE_ARG: &str = "appliance";
+
 /// Lowercase hex.
 pub fn hex(bytes: &[u8]) -> String {
     const DIGITS: &[u8; 16] = b"0123456789abcdef";

@@ -139,6 +139,8 @@ fn main() {
     )
     .unwrap();
     let sock = server.socket_path().to_path_buf();
+    let appliance = mayfly_command::hex(&ledger.public_key());
+    let appliance = appliance.as_str();
 
     type Case<'a> = (&'static str, Box<dyn Fn() + 'a>);
     let cases: Vec<Case> = vec![
@@ -152,14 +154,23 @@ fn main() {
         ),
         (
             "status, 1 signer",
-            Box::new(|| round_trip(&sock, &envelope("status", &[], &[&a]))),
+            Box::new(|| {
+                round_trip(
+                    &sock,
+                    &envelope("status", &[("appliance", appliance)], &[&a]),
+                )
+            }),
         ),
         (
             "rollback dry run, 2 signers",
             Box::new(|| {
                 round_trip(
                     &sock,
-                    &envelope("rollback", &[("id", "1"), ("dry_run", "true")], &[&a, &b]),
+                    &envelope(
+                        "rollback",
+                        &[("appliance", appliance), ("id", "1"), ("dry_run", "true")],
+                        &[&a, &b],
+                    ),
                 );
             }),
         ),

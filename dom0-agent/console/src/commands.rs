@@ -1,6 +1,8 @@
 //! The console's commands: what each needs (quorum), how its arguments are read, and what
 //! it does. Arguments arrive as signed text (`name → value`); every value is parsed and
 //! bounded here before anything acts on it.
+//! Every command also carries the signed `appliance` argument; the server checks and
+//! removes it before [`parse`] (see `mayfly_command::APPLIANCE_ARG`).
 //!
 //! | command | quorum | arguments |
 //! |---|---|---|
@@ -29,8 +31,12 @@ use crate::Services;
 pub const MAX_LIST: usize = 1000;
 /// Most audit records one `audit.export` returns.
 pub const MAX_EXPORT: u64 = 1_000_000;
-/// Audit records per `records` frame.
+/// Most audit records per `records` frame.
 const EXPORT_CHUNK: usize = 1000;
+/// A `records` frame is sent once its records' JSON reaches this size, so that no frame
+/// comes near `MAX_RESPONSE_FRAME` (16 MiB): one record is at most 32 fields of 1,024
+/// bytes, about 200 KiB as JSON even if every byte needs a `\u00XX` escape.
+const EXPORT_FRAME_BYTES: usize = 4 << 20;
 /// Least time between two progress frames.
 const PROGRESS_EVERY: Duration = Duration::from_millis(200);
 
@@ -571,9 +577,11 @@ pub fn execute(
                     break;
                 }
                 let mut chunk = Vec::with_capacity(batch.len());
+                let mut chunk_bytes = 0usize;
+                let mut sent_any = false;
                 for r in batch.iter().take_while(|r| r.seq <= to) {
                     let hash = chain_hash(&r.prev_hash, &r.encode());
-                    chunk.push(json!({
+                    let record = json!({
                         "seq": r.seq,
                         "time_ns": r.time_ns,
                         "severity": r.event.severity as u8,
@@ -581,14 +589,24 @@ pub fn execute(
                         "fields": r.event.fields,
                         "prev_hash": hex(&r.prev_hash),
                         "hash": hex(&hash),
-                    }));
+                    });
+                    chunk_bytes = chunk_bytes.saturating_add(record.to_string().len());
+                    chunk.push(record);
                     next = r.seq.saturating_add(1);
+                    if chunk_bytes >= EXPORT_FRAME_BYTES {
+                        exported = exported.saturating_add(chunk.len() as u64);
+                        emit(json!({"type": "records", "records": std::mem::take(&mut chunk)}));
+                        chunk_bytes = 0;
+                        sent_any = true;
+                    }
                 }
-                if chunk.is_empty() {
+                if chunk.is_empty() && !sent_any {
                     break;
                 }
                 exported = exported.saturating_add(chunk.len() as u64);
-                emit(json!({"type": "records", "records": chunk}));
+                if !chunk.is_empty() {
+                    emit(json!({"type": "records", "records": chunk}));
+                }
                 if last.elapsed() >= PROGRESS_EVERY || next > to {
                     last = Instant::now();
                     emit(progress("audit", exported, total));

@@ -2,7 +2,8 @@
 //! 0600 in a directory only the agent's user can enter) and optionally TCP on loopback.
 //!
 //! ```text
-//!  connection ─▶ frame (u32 length ≤ MAX_ENVELOPE, read timeout)
+//!  connection ─▶ frame (u32 length ≤ MAX_ENVELOPE, whole frame within io_timeout)
+//!      │          ├─ "MFAH" ─────────────────▶ answer the identity key (not audited)
 //!      │          └─ bad frame ───────────────────────────────▶ reject "malformed"
 //!      ▼
 //!  Envelope::decode (canonical, bounded) ────────────────────▶ reject "malformed"
@@ -12,6 +13,8 @@
 //!      ▼
 //!  Authorizer::check: keys, signatures, validity window ± skew, quorum (destructive
 //!      │              commands need `quorum` distinct admins) ─▶ reject with the rule
+//!      ▼
+//!  `appliance` argument == this ledger's identity key ────────▶ reject "wrong_appliance"
 //!      ▼
 //!  Ledger::record_admin_nonce + `admin.accepted` (one commit) ─▶ replay → reject
 //!      ▼

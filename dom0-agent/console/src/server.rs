@@ -18,7 +18,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use mayfly_command::frame::{self, FrameError};
-use mayfly_command::{hex, Authorizer, Envelope};
+use mayfly_command::{hex, Authorizer, Envelope, APPLIANCE_ARG};
 use mayfly_ledger::{AuditEvent, CommitError, Severity};
 use serde_json::{json, Value};
 use slog::{info, o, warn, Logger};
@@ -39,7 +39,8 @@ pub struct ConsoleConfig {
     pub quorum: usize,
     /// Connections served at once; more are answered "busy".
     pub max_connections: usize,
-    /// Read/write timeout on a connection (a client that stalls is dropped).
+    /// Read/write timeout on a connection (a client that stalls is dropped), and the time
+    /// the whole request frame may take to arrive (a client that trickles is dropped).
     pub io_timeout: Duration,
 }
 
@@ -83,6 +84,16 @@ pub enum ConsoleError {
         addr: SocketAddr,
         /// OS error.
         source: std::io::Error,
+    },
+    /// A clock-skew allowance or validity window of zero or above its limit.
+    #[error("console {what} of {secs} s is outside 1..={max} s")]
+    Timing {
+        /// `clock_skew_secs` or `max_validity_secs`.
+        what: &'static str,
+        /// Configured.
+        secs: u64,
+        /// Largest accepted.
+        max: u64,
     },
     /// A thread could not be started.
     #[error("starting a console thread: {0}")]
@@ -171,6 +182,31 @@ impl ConsoleServer {
                 quorum: config.quorum,
                 keys,
             });
+        }
+        // Without bounds a huge skew voids every expiry (and keeps every nonce forever); a
+        // huge window lets live nonces reach their cap and lock every admin out.
+        use mayfly_command::authorize::defaults::{MAX_CLOCK_SKEW, MAX_MAX_VALIDITY};
+        for (what, d, max, min_secs) in [
+            (
+                "clock_skew_secs",
+                config.authorizer.skew(),
+                MAX_CLOCK_SKEW,
+                0,
+            ),
+            (
+                "max_validity_secs",
+                config.authorizer.max_validity(),
+                MAX_MAX_VALIDITY,
+                1,
+            ),
+        ] {
+            if d > max || d.as_secs() < min_secs {
+                return Err(ConsoleError::Timing {
+                    what,
+                    secs: d.as_secs(),
+                    max: max.as_secs(),
+                });
+            }
         }
         if let Some(addr) = config.tcp {
             if !addr.ip().is_loopback() {
@@ -403,7 +439,9 @@ fn reject(
 }
 
 fn serve_connection<S: Read + Write>(shared: &Shared, stream: &mut S, peer: &str) {
-    let bytes = match frame::read_request(stream) {
+    // The whole request must arrive within one I/O timeout (not just each byte).
+    let deadline = std::time::Instant::now() + shared.config.io_timeout;
+    let bytes = match frame::read_request_by(stream, deadline) {
         Ok(b) => b,
         Err(FrameError::Closed) => return,
         Err(e) => {
@@ -412,6 +450,15 @@ fn serve_connection<S: Read + Write>(shared: &Shared, stream: &mut S, peer: &str
             return;
         }
     };
+    let identity = hex(&shared.services.executor.ledger().public_key());
+    if bytes == frame::HELLO {
+        let _ = frame::write_response(
+            stream,
+            &json!({"type": "result", "ok": true, "command": "hello",
+                    "result": {"appliance": identity}}),
+        );
+        return;
+    }
     let env = match Envelope::decode(&bytes) {
         Ok(e) => e,
         Err(e) => {
@@ -432,7 +479,11 @@ fn serve_connection<S: Read + Write>(shared: &Shared, stream: &mut S, peer: &str
                 .join(","),
         ),
     };
-    let parsed = commands::parse(&body.command, &body.args);
+    // The binding to this appliance is checked below, after the signatures; the commands
+    // themselves never see it.
+    let mut args = body.args.clone();
+    let bound_to = args.remove(APPLIANCE_ARG);
+    let parsed = commands::parse(&body.command, &args);
     let required = match &parsed {
         Ok(cmd) if commands::is_destructive(cmd) => shared.config.quorum,
         _ => 1,
@@ -440,6 +491,19 @@ fn serve_connection<S: Read + Write>(shared: &Shared, stream: &mut S, peer: &str
     let now = mayfly_command::now_ns();
     if let Err(r) = shared.config.authorizer.check(&env, now, required) {
         reject(shared, stream, peer, &known, r.code(), &r.to_string());
+        return;
+    }
+    if bound_to.as_deref() != Some(identity.as_str()) {
+        let msg = match &bound_to {
+            Some(other) => format!(
+                "the command was signed for appliance {}, this is appliance {identity}",
+                truncate(other, 64)
+            ),
+            None => format!(
+                "the command names no appliance (argument {APPLIANCE_ARG:?}); this is appliance {identity}"
+            ),
+        };
+        reject(shared, stream, peer, &known, "wrong_appliance", &msg);
         return;
     }
     let cmd = match parsed {

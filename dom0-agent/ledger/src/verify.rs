@@ -240,7 +240,9 @@ fn first_bad_link(links: &[Link], signed: &HashMap<u64, Hash>, chain: Chain) -> 
 /// Verifies both chains and all signed heads of `store`. Heads must be signed by one of
 /// `trusted` (the ledger's first key, normally) until a key-rotation head, which must
 /// itself verify under the key then in force; every head after it must be signed by the
-/// key it names, and by no other (a retired key, even a trusted one, is refused).
+/// key it names, and by no other (a retired key, even a trusted one, is refused). A
+/// rotation to the key itself or back to a retired key is refused too: it would revive a
+/// key the appliance gave up (a genuine rotation always generates a fresh key).
 /// `progress` is called every few thousand records.
 pub fn verify(
     store: &Store,
@@ -265,6 +267,8 @@ pub fn verify(
     // The key handed over to by the last rotation head; `None`: any of `trusted`.
     let mut rotated_to: Option<PublicKey> = None;
     let mut rotations: u64 = 0;
+    // Keys that have handed signing over: none may sign again, nor be handed back to.
+    let mut retired: Vec<PublicKey> = Vec::new();
     for item in store.dbs.heads.iter(&rtxn)? {
         let (k, v) = item?;
         let fail = |group: u64, problem: String| Some(Failure::Head { group, problem });
@@ -322,6 +326,22 @@ pub fn verify(
             break;
         }
         if let Some(next) = head.next_key {
+            if next == head.public_key || retired.contains(&next) {
+                head_failure = fail(
+                    group,
+                    format!(
+                        "rotation hands signing back to {} key {}",
+                        if next == head.public_key {
+                            "its own"
+                        } else {
+                            "the retired"
+                        },
+                        hex(&next)
+                    ),
+                );
+                break;
+            }
+            retired.push(head.public_key);
             rotated_to = Some(next);
             rotations = rotations.saturating_add(1);
         }

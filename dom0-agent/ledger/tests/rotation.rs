@@ -185,6 +185,43 @@ mod forged {
         );
         let _ = hex(&root);
     }
+
+    #[test]
+    fn a_rotation_back_to_a_retired_key_or_to_itself_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let l = open(dir.path());
+        let root = l.public_key();
+        put(&l, "a", "1");
+        l.rotate_key(Vec::new()).unwrap();
+        put(&l, "b", "2");
+        drop(l);
+        assert!(failures(dir.path(), &[root]).is_empty());
+        // Whoever holds the current key signs a rotation back to the retired root key
+        // (which may have leaked from a backup), or to itself.
+        let current = SigningKey::load(dir.path()).unwrap();
+        assert_ne!(current.public_key(), root);
+        let (g, h) = last_head(dir.path());
+        for (next, says) in [
+            (root, "the retired key"),
+            (current.public_key(), "its own key"),
+        ] {
+            let back = SignedHead::sign_rotation(
+                &current,
+                g + 1,
+                h.checkpoints,
+                h.audit,
+                h.time_ns + 1,
+                next,
+            );
+            assert!(back.signature_valid());
+            append_head(dir.path(), &back);
+            let f = failures(dir.path(), &[root]);
+            assert!(
+                !f.is_empty() && f[0].contains(&format!("group {}", g + 1)) && f[0].contains(says),
+                "{f:?}"
+            );
+        }
+    }
 }
 
 #[test]

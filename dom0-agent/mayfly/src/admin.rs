@@ -6,7 +6,7 @@
 //! they can sign together (`--key a.key --key b.key`) or apart:
 //!
 //! ```text
-//! alice$ mayfly admin prepare --out rb.cmd --key alice.key rollback 12 --cascade
+//! alice$ mayfly admin prepare --out rb.cmd --key alice.key --appliance ID rollback 12 --cascade
 //! bob$   mayfly admin cosign rb.cmd --key bob.key      # shows what he signs first
 //! any$   mayfly admin submit rb.cmd
 //! ```
@@ -24,35 +24,80 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use clap::{Args, Subcommand};
 use mayfly_command::frame;
-use mayfly_command::{hex, keyfile, Body, Envelope};
+use mayfly_command::{hex, keyfile, Body, Envelope, APPLIANCE_ARG};
 use serde_json::Value;
 
 /// Exit code: the agent refused the command or it failed.
 const EXIT_REFUSED: u8 = 1;
 
-/// Arguments of `mayfly admin`.
+/// Arguments of `mayfly admin`. Each subcommand takes only the options that apply to it
+/// (so `keygen --help` does not offer a socket): signing options where something is
+/// signed, connection options where something is sent.
 #[derive(Args)]
 pub struct AdminArgs {
+    #[command(subcommand)]
+    cmd: AdminCmd,
+}
+
+/// Keys to sign with.
+#[derive(Args, Clone, Default)]
+struct SignOpts {
+    /// Admin private key to sign with (from `keygen`); repeat for co-signers.
+    #[arg(long = "key", global = true)]
+    keys: Vec<PathBuf>,
+}
+
+/// How long a new command stays valid.
+#[derive(Args, Clone)]
+struct ValidityOpts {
+    /// Seconds the command stays valid [the agent accepts at most its max_validity_secs,
+    /// 3600 by default].
+    #[arg(long, global = true, default_value_t = 300)]
+    valid_for: u64,
+}
+
+/// Which appliance a new command is for.
+#[derive(Args, Clone, Default)]
+struct BindOpts {
+    /// The appliance the command is for: its identity key, 64 hex digits (`status` shows
+    /// it as identity_key) [default: $MAYFLY_APPLIANCE, else asked of the agent over the
+    /// Unix socket; required with --tcp and for prepare]. The agent refuses a command
+    /// signed for another appliance.
+    #[arg(long, global = true)]
+    appliance: Option<String>,
+}
+
+/// Where the agent is and how to show its answer.
+#[derive(Args, Clone, Default)]
+struct ConnOpts {
     /// Console Unix socket of the agent [default: $MAYFLY_ADMIN_SOCKET, else
     /// ./mayfly-data/admin.sock].
     #[arg(long, global = true)]
     socket: Option<PathBuf>,
     /// Use the agent's loopback TCP console instead of the socket.
-    #[arg(long, global = true)]
+    #[arg(long, global = true, conflicts_with = "socket")]
     tcp: Option<SocketAddr>,
-    /// Admin private key to sign with (from `keygen`); repeat for co-signers.
-    #[arg(long = "key", global = true)]
-    keys: Vec<PathBuf>,
-    /// Seconds the command stays valid [default: 300; the agent accepts at most its
-    /// max_validity_secs, 3600 by default].
-    #[arg(long, global = true, default_value_t = 300)]
-    valid_for: u64,
     /// Print the agent's answer as JSON.
     #[arg(long, global = true)]
     json: bool,
-    #[command(subcommand)]
-    cmd: AdminCmd,
 }
+
+/// The options of a command built, signed and sent at once.
+#[derive(Args, Clone)]
+struct SendOpts {
+    #[command(flatten)]
+    sign: SignOpts,
+    #[command(flatten)]
+    validity: ValidityOpts,
+    #[command(flatten)]
+    bind: BindOpts,
+    #[command(flatten)]
+    conn: ConnOpts,
+}
+
+/// No options: a command being prepared takes its options from `prepare`.
+#[derive(Args, Clone, Default)]
+struct NoOpts {}
 
 #[derive(Subcommand)]
 enum AdminCmd {
@@ -69,44 +114,74 @@ enum AdminCmd {
         /// Envelope file to write.
         #[arg(long)]
         out: PathBuf,
+        #[command(flatten)]
+        sign: SignOpts,
+        #[command(flatten)]
+        validity: ValidityOpts,
+        #[command(flatten)]
+        bind: BindOpts,
         #[command(subcommand)]
-        op: Op,
+        op: Op<NoOpts>,
     },
     /// Show a prepared command, then add the signature of every --key to it.
     Cosign {
         /// Envelope file (rewritten in place).
         file: PathBuf,
+        /// Admin private key to sign with; repeat for several co-signers.
+        #[arg(long = "key", required = true)]
+        keys: Vec<PathBuf>,
     },
     /// Show a prepared command and who has signed it.
     Inspect {
         /// Envelope file.
         file: PathBuf,
     },
-    /// Send a prepared (and co-signed) command.
+    /// Send a prepared (and co-signed) command, adding the signature of any --key.
     Submit {
         /// Envelope file.
         file: PathBuf,
+        #[command(flatten)]
+        sign: SignOpts,
+        #[command(flatten)]
+        conn: ConnOpts,
     },
     #[command(flatten)]
-    Op(Op),
+    Op(Op<SendOpts>),
 }
 
-/// The console's commands.
+/// The console's commands; `O` are the options each takes (sending options when run at
+/// once, none under `prepare`).
 #[derive(Subcommand, Clone)]
-enum Op {
+enum Op<O: Args + Clone + Send + Sync + 'static> {
     /// Backend, pool, chain heads, keys, policy hash, quarantine, SIEM exporter lag.
-    Status,
+    Status {
+        #[command(flatten)]
+        opts: O,
+    },
     /// Transactions.
-    #[command(subcommand)]
-    Tx(ListShow),
+    Tx {
+        #[command(flatten)]
+        opts: O,
+        #[command(subcommand)]
+        what: ListShow,
+    },
     /// Records of the checkpoint chain (transactions and rollbacks).
-    #[command(subcommand)]
-    Checkpoint(ListShow),
+    Checkpoint {
+        #[command(flatten)]
+        opts: O,
+        #[command(subcommand)]
+        what: ListShow,
+    },
     /// Verify both chains and every signed head on the appliance (with progress).
-    Verify,
+    Verify {
+        #[command(flatten)]
+        opts: O,
+    },
     /// Roll back a transaction (and with --cascade its dependents); needs the quorum
     /// unless --dry-run.
     Rollback {
+        #[command(flatten)]
+        opts: O,
         /// Commit sequence or transaction id of the attack.
         id: String,
         /// Also undo every transaction that read what it wrote, transitively.
@@ -123,17 +198,49 @@ enum Op {
         reason: Option<String>,
     },
     /// Policy bundle.
-    #[command(subcommand)]
-    Policy(PolicyOp),
+    Policy {
+        #[command(flatten)]
+        opts: O,
+        #[command(subcommand)]
+        what: PolicyOp,
+    },
     /// Quarantined domains.
-    #[command(subcommand)]
-    Quarantine(QuarantineOp),
+    Quarantine {
+        #[command(flatten)]
+        opts: O,
+        #[command(subcommand)]
+        what: QuarantineOp,
+    },
     /// Audit log.
-    #[command(subcommand)]
-    Audit(AuditOp),
+    Audit {
+        #[command(flatten)]
+        opts: O,
+        #[command(subcommand)]
+        what: AuditOp,
+    },
     /// Appliance signing key.
-    #[command(subcommand)]
-    Key(KeyOp),
+    Key {
+        #[command(flatten)]
+        opts: O,
+        #[command(subcommand)]
+        what: KeyOp,
+    },
+}
+
+impl<O: Args + Clone + Send + Sync + 'static> Op<O> {
+    fn opts(&self) -> &O {
+        match self {
+            Self::Status { opts }
+            | Self::Tx { opts, .. }
+            | Self::Checkpoint { opts, .. }
+            | Self::Verify { opts }
+            | Self::Rollback { opts, .. }
+            | Self::Policy { opts, .. }
+            | Self::Quarantine { opts, .. }
+            | Self::Audit { opts, .. }
+            | Self::Key { opts, .. } => opts,
+        }
+    }
 }
 
 #[derive(Subcommand, Clone)]
@@ -211,20 +318,24 @@ pub fn run(args: &AdminArgs) -> anyhow::Result<u8> {
             );
             Ok(0)
         }
-        AdminCmd::Prepare { out, op } => {
-            let env = build(args, op)?;
+        AdminCmd::Prepare {
+            out,
+            sign,
+            validity,
+            bind,
+            op,
+        } => {
+            let appliance = appliance_of(bind, None)?;
+            let env = build(sign, validity, &appliance, op)?;
             write_envelope(out, &env)?;
             describe(&env, &mut std::io::stderr().lock())?;
             eprintln!("mayfly: written to {}", out.display());
             Ok(0)
         }
-        AdminCmd::Cosign { file } => {
+        AdminCmd::Cosign { file, keys } => {
             let mut env = read_envelope(file)?;
             describe(&env, &mut std::io::stderr().lock())?;
-            if args.keys.is_empty() {
-                bail!("cosign needs --key");
-            }
-            sign_all(&mut env, &args.keys)?;
+            sign_all(&mut env, keys)?;
             write_envelope(file, &env)?;
             eprintln!(
                 "mayfly: {} signature(s) now on {}",
@@ -238,31 +349,38 @@ pub fn run(args: &AdminArgs) -> anyhow::Result<u8> {
             describe(&env, &mut std::io::stdout().lock())?;
             Ok(0)
         }
-        AdminCmd::Submit { file } => {
+        AdminCmd::Submit { file, sign, conn } => {
             let mut env = read_envelope(file)?;
-            sign_all(&mut env, &args.keys)?;
-            send(args, &env, None)
+            sign_all(&mut env, &sign.keys)?;
+            send(conn, &env, None)
         }
         AdminCmd::Op(op) => {
-            let env = build(args, op)?;
+            let o = op.opts();
+            let appliance = appliance_of(&o.bind, Some(&o.conn))?;
+            let env = build(&o.sign, &o.validity, &appliance, op)?;
             let out = match op {
-                Op::Audit(AuditOp::Export { out, .. }) => out.clone(),
+                Op::Audit {
+                    what: AuditOp::Export { out, .. },
+                    ..
+                } => out.clone(),
                 _ => None,
             };
-            send(args, &env, out.as_deref())
+            send(&o.conn, &env, out.as_deref())
         }
     }
 }
 
-fn command_of(op: &Op) -> anyhow::Result<(String, BTreeMap<String, String>)> {
+fn command_of<O: Args + Clone + Send + Sync + 'static>(
+    op: &Op<O>,
+) -> anyhow::Result<(String, BTreeMap<String, String>)> {
     let mut a = BTreeMap::new();
     let mut set = |k: &str, v: String| {
         a.insert(k.to_owned(), v);
     };
     let name = match op {
-        Op::Status => "status",
-        Op::Tx(ls) | Op::Checkpoint(ls) => {
-            let prefix = if matches!(op, Op::Tx(_)) {
+        Op::Status { .. } => "status",
+        Op::Tx { what: ls, .. } | Op::Checkpoint { what: ls, .. } => {
+            let prefix = if matches!(op, Op::Tx { .. }) {
                 "tx"
             } else {
                 "checkpoint"
@@ -289,8 +407,9 @@ fn command_of(op: &Op) -> anyhow::Result<(String, BTreeMap<String, String>)> {
                 }
             }
         }
-        Op::Verify => "verify",
+        Op::Verify { .. } => "verify",
         Op::Rollback {
+            opts: _,
             id,
             cascade,
             replay,
@@ -312,18 +431,30 @@ fn command_of(op: &Op) -> anyhow::Result<(String, BTreeMap<String, String>)> {
             }
             "rollback"
         }
-        Op::Policy(PolicyOp::Load { paths }) => {
+        Op::Policy {
+            what: PolicyOp::Load { paths },
+            ..
+        } => {
             for (name, text) in policy_files(paths)? {
                 set(&format!("file.{name}"), text);
             }
             "policy.load"
         }
-        Op::Quarantine(QuarantineOp::List) => "quarantine.list",
-        Op::Quarantine(QuarantineOp::Release { domain }) => {
+        Op::Quarantine {
+            what: QuarantineOp::List,
+            ..
+        } => "quarantine.list",
+        Op::Quarantine {
+            what: QuarantineOp::Release { domain },
+            ..
+        } => {
             set("domain", domain.to_string());
             "quarantine.release"
         }
-        Op::Audit(AuditOp::Export { from, to, .. }) => {
+        Op::Audit {
+            what: AuditOp::Export { from, to, .. },
+            ..
+        } => {
             if let Some(f) = from {
                 set("from", f.to_string());
             }
@@ -332,7 +463,10 @@ fn command_of(op: &Op) -> anyhow::Result<(String, BTreeMap<String, String>)> {
             }
             "audit.export"
         }
-        Op::Key(KeyOp::Rotate) => "key.rotate",
+        Op::Key {
+            what: KeyOp::Rotate,
+            ..
+        } => "key.rotate",
     };
     Ok((name.to_owned(), a))
 }
@@ -371,9 +505,15 @@ fn policy_files(paths: &[PathBuf]) -> anyhow::Result<Vec<(String, String)>> {
     Ok(out)
 }
 
-fn build(args: &AdminArgs, op: &Op) -> anyhow::Result<Envelope> {
-    let (command, a) = command_of(op)?;
-    if args.valid_for == 0 {
+fn build<O: Args + Clone + Send + Sync + 'static>(
+    sign: &SignOpts,
+    validity: &ValidityOpts,
+    appliance: &str,
+    op: &Op<O>,
+) -> anyhow::Result<Envelope> {
+    let (command, mut a) = command_of(op)?;
+    a.insert(APPLIANCE_ARG.to_owned(), appliance.to_owned());
+    if validity.valid_for == 0 {
         bail!("--valid-for must be at least 1 second");
     }
     let issued_ns = mayfly_command::now_ns();
@@ -381,13 +521,48 @@ fn build(args: &AdminArgs, op: &Op) -> anyhow::Result<Envelope> {
         nonce: mayfly_command::random_nonce()
             .map_err(|_| anyhow::anyhow!("system randomness unavailable"))?,
         issued_ns,
-        expires_ns: issued_ns.saturating_add(args.valid_for.saturating_mul(1_000_000_000)),
+        expires_ns: issued_ns.saturating_add(validity.valid_for.saturating_mul(1_000_000_000)),
         command,
         args: a,
     };
     let mut env = Envelope::new(body).context("building the command")?;
-    sign_all(&mut env, &args.keys)?;
+    sign_all(&mut env, &sign.keys)?;
     Ok(env)
+}
+
+/// The appliance to bind a new command to: `--appliance`, else `$MAYFLY_APPLIANCE`, else
+/// (when the command is sent at once over the Unix socket) the agent's own answer.
+fn appliance_of(bind: &BindOpts, conn: Option<&ConnOpts>) -> anyhow::Result<String> {
+    let given = bind
+        .appliance
+        .clone()
+        .or_else(|| std::env::var("MAYFLY_APPLIANCE").ok());
+    let id = match (given, conn) {
+        (Some(id), _) => id,
+        (None, Some(conn)) if conn.tcp.is_none() => hello(conn)?,
+        (None, _) => bail!(
+            "say which appliance the command is for: --appliance <identity key> or \
+             $MAYFLY_APPLIANCE (`mayfly admin status` over the socket shows identity_key)"
+        ),
+    };
+    let id = id.trim().to_ascii_lowercase();
+    if id.len() != 64 || mayfly_command::unhex(&id).is_none() {
+        bail!("appliance {id:?} is not an identity key (64 hex digits)");
+    }
+    Ok(id)
+}
+
+/// Asks the agent on the Unix socket for its identity key. Only over the socket: its
+/// directory is writable by the agent's user alone, so nobody else can be answering
+/// (on loopback TCP any local user could, and name another appliance).
+fn hello(conn: &ConnOpts) -> anyhow::Result<String> {
+    let mut c = connect(conn)?;
+    frame::write_request(&mut c, frame::HELLO).context("asking the agent for its identity")?;
+    let f = frame::read_response(&mut c).context("reading the agent's identity")?;
+    f["result"]["appliance"]
+        .as_str()
+        .map(str::to_owned)
+        .with_context(|| format!("the agent did not say which appliance it is: {f}"))
 }
 
 fn sign_all(env: &mut Envelope, keys: &[PathBuf]) -> anyhow::Result<()> {
@@ -471,7 +646,7 @@ fn describe(env: &Envelope, out: &mut dyn Write) -> anyhow::Result<()> {
 trait Conn: std::io::Read + Write {}
 impl<T: std::io::Read + Write> Conn for T {}
 
-fn connect(args: &AdminArgs) -> anyhow::Result<Box<dyn Conn>> {
+fn connect(args: &ConnOpts) -> anyhow::Result<Box<dyn Conn>> {
     let timeout = Some(Duration::from_secs(600));
     if let Some(addr) = args.tcp {
         let s = std::net::TcpStream::connect(addr)
@@ -490,7 +665,7 @@ fn connect(args: &AdminArgs) -> anyhow::Result<Box<dyn Conn>> {
     Ok(Box::new(s))
 }
 
-fn send(args: &AdminArgs, env: &Envelope, export_to: Option<&Path>) -> anyhow::Result<u8> {
+fn send(args: &ConnOpts, env: &Envelope, export_to: Option<&Path>) -> anyhow::Result<u8> {
     if env.signatures().is_empty() {
         bail!("the command is not signed: give --key");
     }
@@ -580,7 +755,7 @@ fn send(args: &AdminArgs, env: &Envelope, export_to: Option<&Path>) -> anyhow::R
     }
 }
 
-fn render_result(args: &AdminArgs, f: &Value) -> u8 {
+fn render_result(args: &ConnOpts, f: &Value) -> u8 {
     let ok = f["ok"].as_bool().unwrap_or(false);
     if args.json {
         println!("{f}");

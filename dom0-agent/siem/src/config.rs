@@ -11,6 +11,7 @@
 //! backoff_min_ms = 100         # first wait after a failure; doubles up to backoff_max_ms
 //! backoff_max_ms = 30000
 //! cursor_flush_ms = 1000       # longest time between two durable cursor writes
+//!                              # (every *_ms setting: 1..=3600000)
 //!
 //! [[siem.collector]]
 //! name = "soc"                 # 1..=64 of [a-z0-9_.-]; names the cursor in the ledger
@@ -232,6 +233,9 @@ pub fn facility_code(name: &str) -> Option<u8> {
         .and_then(|i| u8::try_from(i).ok())
 }
 
+/// Largest value of every `*_ms` setting: one hour.
+pub const MAX_TIMING_MS: u64 = 3_600_000;
+
 fn printable(s: &str, max: usize) -> bool {
     !s.is_empty() && s.len() <= max && s.bytes().all(|b| (33..=126).contains(&b))
 }
@@ -239,13 +243,17 @@ fn printable(s: &str, max: usize) -> bool {
 impl SiemConfig {
     /// Checks every collector and setting.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        if self.confirm_ms == 0
-            || self.backoff_min_ms == 0
-            || self.cursor_flush_ms == 0
+        // The upper bound keeps every `Instant + Duration` in the exporter far from
+        // overflow (which would panic the collector's thread) and the back-off bounded.
+        let in_range = |ms: u64| (1..=MAX_TIMING_MS).contains(&ms);
+        if !in_range(self.confirm_ms)
+            || !in_range(self.backoff_min_ms)
+            || !in_range(self.cursor_flush_ms)
+            || !in_range(self.backoff_max_ms)
             || self.backoff_max_ms < self.backoff_min_ms
         {
             return Err(ConfigError::Timing(
-                "confirm_ms, backoff_min_ms and cursor_flush_ms must be at least 1, and backoff_max_ms at least backoff_min_ms",
+                "confirm_ms, backoff_min_ms, backoff_max_ms and cursor_flush_ms must be 1..=3600000 (one hour), and backoff_max_ms at least backoff_min_ms",
             ));
         }
         for (field, value, max) in [
@@ -460,6 +468,27 @@ mod tests {
             bad_host.validate(),
             Err(ConfigError::BadHeader { .. })
         ));
+        // Timings: 0 and absurd values are refused (u64::MAX ms would overflow an Instant
+        // in the exporter and panic its thread).
+        for set in [
+            |s: &mut SiemConfig, v| s.confirm_ms = v,
+            |s: &mut SiemConfig, v| s.backoff_min_ms = v,
+            |s: &mut SiemConfig, v| s.backoff_max_ms = v,
+            |s: &mut SiemConfig, v| s.cursor_flush_ms = v,
+        ] {
+            for v in [0, MAX_TIMING_MS + 1, u64::MAX] {
+                let mut s = cfg(ok.clone());
+                set(&mut s, v);
+                assert!(
+                    matches!(s.validate(), Err(ConfigError::Timing(_))),
+                    "{v} accepted"
+                );
+            }
+            let mut s = cfg(ok.clone());
+            set(&mut s, MAX_TIMING_MS);
+            s.backoff_max_ms = MAX_TIMING_MS;
+            assert!(s.validate().is_ok());
+        }
         let v6 = CollectorConfig::new("b", TransportKind::Udp, "[::1]:514");
         assert_eq!(v6.host(), Some("::1"));
     }

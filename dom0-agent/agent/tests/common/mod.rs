@@ -210,6 +210,8 @@ pub fn mayfly_exe() -> PathBuf {
 pub fn mayfly(args: &[&str]) -> (i32, String, String) {
     let out = std::process::Command::new(mayfly_exe())
         .args(args)
+        .env_remove("MAYFLY_APPLIANCE")
+        .env_remove("MAYFLY_ADMIN_SOCKET")
         .output()
         .unwrap();
     (
