@@ -179,7 +179,7 @@ field() { grep -aE "^MAYFLY-PEER $1" "$LOG" | grep -oE "$2=[0-9.]+" | cut -d= -f
     echo "fresh domain: create -> first request (ms):   $(field 'fresh-' first_request_ms | median)"
     echo "fresh domain: create -> Ready (ms):           $(field 'fresh-' ready_ms | median)"
     echo "pooled domain: unpause -> first request (ms): $(field 'pool-' handout_ms | median)"
-    echo "  of which the xl unpause process (ms):       $(field 'pool-' unpause_cmd_ms | median)"
+    echo "  of which the unpause hypercall (us):        $(field 'pool-' unpause_call_us | median)"
     echo "ring round trip, grant + event channel (us):  $(field '(fresh|pool)-' rtt_us_median | median)"
     echo "ring round trip, sandbox memfd + eventfd (us): $(field 'sandbox-' rtt_us_median | median)"
     echo "agent: POST /v1/transactions from a ready pool (ms): $(grep -oE 'agent_tx_ms=[0-9.]+' "$OUT/agent-phase.log" 2>/dev/null | cut -d= -f2 | median)"

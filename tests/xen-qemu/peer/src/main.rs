@@ -14,7 +14,7 @@
 //! ```
 //!
 //! It prints `mayfly-peer: key=value ...` lines: `domid`, `ready_ms` (create or spawn ->
-//! Ready), `handout_ms` (--pool: unpause -> first request), `unpause_cmd_ms` (the `xl unpause`
+//! Ready), `handout_ms` (--pool: unpause -> first request), `unpause_call_us` (the `xc_domain_unpause`
 //! process alone), `first_request_ms` (create ->
 //! first request), `rtt_us_median` and `round_trips` (consecutive `Get`s: our response
 //! sent -> the next request received), `outcome` (`committed RESULT`, `aborted REASON`,
@@ -242,12 +242,13 @@ fn serve_xen(o: &Opts, name: &str, domid: u16, created_at: Instant) -> Result<En
     }
     say(&format!("ready_ms={}", millis(created_at.elapsed())));
     let handout_from = if o.pool {
-        xl(&["pause", name])?;
+        // As the agent's pool does: pause at Ready, then hand out with one unpause
+        // hypercall through libxenctrl (mayfly-xen), no `xl` process.
+        let control = mayfly_xen::Control::open(mayfly_xen::Libraries::load()?)?;
+        control.pause(u32::from(domid))?;
         let t = Instant::now();
-        xl(&["unpause", name])?;
-        // Most of a hand-out under emulation is starting the `xl` process; the agent makes
-        // the one hypercall instead.
-        say(&format!("unpause_cmd_ms={}", millis(t.elapsed())));
+        control.unpause(u32::from(domid))?;
+        say(&format!("unpause_call_us={}", t.elapsed().as_micros()));
         t
     } else {
         created_at
