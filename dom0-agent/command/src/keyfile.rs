@@ -65,22 +65,36 @@ pub fn generate(stem: &Path) -> Result<PublicKey, KeyFileError> {
     let pair = Ed25519KeyPair::from_pkcs8(der.as_ref()).map_err(|_| KeyFileError::Random)?;
     let mut public = [0u8; 32];
     public.copy_from_slice(pair.public_key().as_ref());
-    let mut f = OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&key_path)
-        .map_err(io_err(&key_path))?;
-    f.write_all(der.as_ref()).map_err(io_err(&key_path))?;
-    f.sync_all().map_err(io_err(&key_path))?;
+    // The public file is created first (exclusively): if either file exists, nothing is
+    // written, and a failure after that removes what this call created.
     let mut p = OpenOptions::new()
         .write(true)
         .create_new(true)
         .mode(0o644)
         .open(&pub_path)
         .map_err(io_err(&pub_path))?;
-    writeln!(p, "{}", hex(&public)).map_err(io_err(&pub_path))?;
-    p.sync_all().map_err(io_err(&pub_path))?;
+    let written = (|| {
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&key_path)
+            .map_err(io_err(&key_path))?;
+        let key_written = (|| {
+            f.write_all(der.as_ref()).map_err(io_err(&key_path))?;
+            f.sync_all().map_err(io_err(&key_path))
+        })();
+        if key_written.is_err() {
+            let _ = fs::remove_file(&key_path);
+        }
+        key_written?;
+        writeln!(p, "{}", hex(&public)).map_err(io_err(&pub_path))?;
+        p.sync_all().map_err(io_err(&pub_path))
+    })();
+    if let Err(e) = written {
+        let _ = fs::remove_file(&pub_path);
+        return Err(e);
+    }
     Ok(public)
 }
 
@@ -177,5 +191,22 @@ mod tests {
             load_private(&stem.with_extension("key")),
             Err(KeyFileError::Permissions { mode: 0o640, .. })
         ));
+    }
+
+    #[test]
+    fn keygen_over_half_a_pair_writes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        // Only the public file exists: no private key is created beside it.
+        let a = dir.path().join("a");
+        fs::write(a.with_extension("pub"), "x\n").unwrap();
+        assert!(generate(&a).is_err());
+        assert!(!a.with_extension("key").exists());
+        assert_eq!(fs::read_to_string(a.with_extension("pub")).unwrap(), "x\n");
+        // Only the private file exists: it is untouched and no public file is left behind.
+        let b = dir.path().join("b");
+        fs::write(b.with_extension("key"), "old").unwrap();
+        assert!(generate(&b).is_err());
+        assert!(!b.with_extension("pub").exists());
+        assert_eq!(fs::read_to_string(b.with_extension("key")).unwrap(), "old");
     }
 }
