@@ -169,6 +169,46 @@ pub fn valid_vm_path(path: &str) -> bool {
         })
 }
 
+/// Where dom0 keeps its backend halves of other domains' devices: `<kind>/<domid>/<devid>`.
+const BACKEND_DIR: &str = "/local/domain/0/backend";
+/// Most backend kinds (`console`, `vbd`, `vif`, ...) considered.
+const MAX_BACKEND_KINDS: usize = 64;
+
+/// Whether a child of [`BACKEND_DIR`] is a device kind whose path may be built on.
+fn valid_backend_kind(kind: &str) -> bool {
+    !kind.is_empty()
+        && kind.len() <= 32
+        && kind
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_'))
+}
+
+/// The xenstore subtrees removed for destroyed domain `domid`: `/local/domain/<domid>`,
+/// `/libxl/<domid>`, `/local/domain/0/backend/<kind>/<domid>` for each valid kind listed
+/// there (at most [`MAX_BACKEND_KINDS`]), `/local/domain/0/device-model/<domid>`, and its
+/// `vm` path if that is a valid `/vm/<uuid>`. Nothing for dom0 or a reserved id.
+pub fn domain_paths(domid: DomId, backend_kinds: &[String], vm: Option<&str>) -> Vec<String> {
+    if domid == 0 || domid >= DOMID_FIRST_RESERVED {
+        return Vec::new();
+    }
+    let mut paths = vec![
+        format!("/local/domain/{domid}"),
+        format!("/libxl/{domid}"),
+        format!("/local/domain/0/device-model/{domid}"),
+    ];
+    paths.extend(
+        backend_kinds
+            .iter()
+            .take(MAX_BACKEND_KINDS)
+            .filter(|k| valid_backend_kind(k))
+            .map(|k| format!("{BACKEND_DIR}/{k}/{domid}")),
+    );
+    if let Some(vm) = vm.filter(|p| valid_vm_path(p)) {
+        paths.push(vm.to_owned());
+    }
+    paths
+}
+
 /// The second connection, for `SET_PERMS`.
 enum RawConn {
     Socket(UnixStream),
@@ -408,8 +448,10 @@ impl Store {
             .map(|(d, _)| d))
     }
 
-    /// Removes what the toolstack kept in xenstore for a destroyed domain:
-    /// `/local/domain/<domid>`, `/libxl/<domid>` and its `/vm/<uuid>`.
+    /// Removes what the toolstack kept in xenstore for a destroyed domain (see
+    /// [`domain_paths`]): its home, libxl's record, dom0's backend directories for its
+    /// devices (libxl writes one for the PV console even without disks or networks) and
+    /// its `/vm/<uuid>`.
     pub fn remove_domain(&self, domid: DomId) -> Result<(), StoreError> {
         if domid == 0 || domid >= DOMID_FIRST_RESERVED {
             return Ok(());
@@ -417,10 +459,9 @@ impl Store {
         let vm = self
             .read(&format!("/local/domain/{domid}/vm"))?
             .filter(|p| valid_vm_path(p));
-        self.remove(&format!("/local/domain/{domid}"))?;
-        self.remove(&format!("/libxl/{domid}"))?;
-        if let Some(vm) = vm {
-            self.remove(&vm)?;
+        let kinds = self.list(BACKEND_DIR)?;
+        for path in domain_paths(domid, &kinds, vm.as_deref()) {
+            self.remove(&path)?;
         }
         Ok(())
     }
@@ -583,6 +624,36 @@ mod tests {
         let mut sent = Vec::new();
         theirs.read_to_end(&mut sent).unwrap();
         assert!(sent.is_empty());
+    }
+
+    #[test]
+    fn a_destroyed_domains_backend_entries_are_removed_too() {
+        let kinds: Vec<String> = ["console", "vbd", "../0", "", "a/b"]
+            .iter()
+            .map(|k| (*k).to_owned())
+            .collect();
+        let vm = "/vm/0123abcd-0000-4000-8000-00000000beef";
+        let paths = domain_paths(7, &kinds, Some(vm));
+        assert_eq!(
+            paths,
+            vec![
+                "/local/domain/7".to_owned(),
+                "/libxl/7".to_owned(),
+                "/local/domain/0/device-model/7".to_owned(),
+                "/local/domain/0/backend/console/7".to_owned(),
+                "/local/domain/0/backend/vbd/7".to_owned(),
+                vm.to_owned(),
+            ]
+        );
+        // A hostile vm path is not followed; dom0 and reserved ids get nothing.
+        assert!(
+            !domain_paths(7, &[], Some("/local/domain/0")).contains(&"/local/domain/0".to_owned())
+        );
+        assert!(domain_paths(0, &kinds, Some(vm)).is_empty());
+        assert!(domain_paths(DOMID_FIRST_RESERVED, &kinds, None).is_empty());
+        // The number of kinds considered is bounded.
+        let many: Vec<String> = (0..1000).map(|i| format!("k{i}")).collect();
+        assert_eq!(domain_paths(7, &many, None).len(), 3 + MAX_BACKEND_KINDS);
     }
 
     #[test]
