@@ -181,11 +181,12 @@ impl XenConfig {
         Ok(())
     }
 
-    /// Grant pages the pool may share at once (ready, being built, in use).
+    /// Grant pages the backend may share at once (ready, being built, in use, quarantined).
     pub fn pages_at_most(&self) -> usize {
         self.pool_size
             .saturating_add(self.build_threads)
             .saturating_add(self.max_in_use)
+            .saturating_add(crate::backend::MAX_QUARANTINED)
             .saturating_mul(self.geometry.total_pages())
     }
 
@@ -276,7 +277,10 @@ mod tests {
         let c = config(dir.path());
         c.validate().unwrap();
         assert_eq!(c.memory_mib, 128);
-        assert_eq!(c.pages_at_most(), (4 + 1 + 8) * 69);
+        assert_eq!(
+            c.pages_at_most(),
+            (4 + 1 + 8 + crate::backend::MAX_QUARANTINED) * 69
+        );
         let mut small = c.clone();
         small.memory_mib = 64;
         assert!(matches!(

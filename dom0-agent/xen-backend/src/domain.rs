@@ -183,6 +183,16 @@ pub enum DomainOpError {
         #[source]
         source: CtrlError,
     },
+    /// The quarantine already holds its maximum: the domain was destroyed instead.
+    #[error("{name} (domain {domid}): the quarantine already keeps {max} domains (release some through the admin console); this one was destroyed instead")]
+    QuarantineFull {
+        /// Domain name.
+        name: String,
+        /// Domain id.
+        domid: DomId,
+        /// The cap.
+        max: usize,
+    },
     /// The domain is gone (it cannot be paused for quarantine).
     #[error("{name} (domain {domid}) has already ended: {exit}")]
     Ended {
