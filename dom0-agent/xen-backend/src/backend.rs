@@ -24,7 +24,7 @@ use mayfly_ring::Notifier;
 use mayfly_xen::{Control, CtrlError, Libraries, LoadError, Store, StoreError};
 use slog::{info, warn, Logger};
 
-use crate::config::{ConfigError, XenConfig, GNTALLOC_DEFAULT_LIMIT};
+use crate::config::{gntalloc_limit, ConfigError, XenConfig, GNTALLOC_LIMIT_PATH};
 use crate::domain::{DomainOpError, Hyp, LiveDomain, XenProvisioner};
 use crate::pool::{Pool, PoolConfig, Slot, TakeError};
 use crate::reconcile::{self, ReconcileError};
@@ -138,9 +138,10 @@ impl XenBackend {
         })?;
         reconcile::reconcile(&control, &store, &config.run_dir, &logger)?;
         let pages = config.pages_at_most();
-        if pages > GNTALLOC_DEFAULT_LIMIT {
-            warn!(logger, "the pool may share more ring pages than gntalloc's default limit; load xen-gntalloc with limit= at least this";
-                "pages" => pages, "default_limit" => GNTALLOC_DEFAULT_LIMIT);
+        let limit = gntalloc_limit();
+        if pages > limit {
+            warn!(logger, "the backend may share more ring pages than gntalloc's limit allows; builds fail with ENOSPC past it: raise it (write at least this to the parameter)";
+                "pages" => pages, "limit" => limit, "parameter" => GNTALLOC_LIMIT_PATH);
         }
         let pool_config = PoolConfig {
             pool_size: config.pool_size,
