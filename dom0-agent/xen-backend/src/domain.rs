@@ -29,6 +29,7 @@ use std::time::{Duration, Instant};
 use mayfly_domain::{DomainExit, Ring};
 use mayfly_ring::wire::PROTOCOL_VERSION;
 use mayfly_ring::{Backend, Request, RingError, SharedMem};
+use mayfly_xen::xenstore::uuid_text;
 use mayfly_xen::{
     Control, CtrlError, DomId, DomainNotifier, DomainState, EventChannel, EvtchnError, GntshrError,
     GrantedPages, Libraries, RingContract, ShutdownReason, Store, StoreError,
@@ -266,7 +267,7 @@ impl Hyp {
             self.destroyed.fetch_add(1, Ordering::Relaxed);
         }
         if ours.is_some() || info.is_none() {
-            if let Err(e) = self.store.remove_domain(domid) {
+            if let Err(e) = self.store.remove_domain(domid, Some(uuid)) {
                 warn!(self.logger, "removing a destroyed domain's xenstore entries failed";
                     "domid" => domid, "error" => %e);
             }
@@ -526,7 +527,7 @@ impl XenProvisioner {
                         warn!(hyp.logger, "destroying a half-built domain failed (the reconciler will at the next start)";
                             "domid" => d, "name" => &name, "error" => %e);
                     }
-                    let _ = hyp.store.remove_domain(d);
+                    let _ = hyp.store.remove_domain(d, None);
                     let _ = fs::remove_file(&cfg);
                     return Err(ctrl(source));
                 }
@@ -660,20 +661,6 @@ impl XenProvisioner {
 
 /// Where libxl keeps per-domain files (`userdata-<kind>.<domid>.<uuid>.<key>`).
 pub(crate) const LIBXL_DIR: &str = "/var/lib/xen";
-
-/// The uuid as libxl prints it: 8-4-4-4-12 lowercase hex.
-fn uuid_text(uuid: [u8; 16]) -> String {
-    let hex: String = uuid.iter().map(|b| format!("{b:02x}")).collect();
-    let part = |a: usize, b: usize| hex.get(a..b).unwrap_or_default().to_owned();
-    format!(
-        "{}-{}-{}-{}-{}",
-        part(0, 8),
-        part(8, 12),
-        part(12, 16),
-        part(16, 20),
-        part(20, 32)
-    )
-}
 
 /// Whether `file` is one of libxl's userdata files for exactly this domain.
 fn is_libxl_userdata(file: &str, domid: DomId, uuid: &str) -> bool {

@@ -186,8 +186,14 @@ fn valid_backend_kind(kind: &str) -> bool {
 /// The xenstore subtrees removed for destroyed domain `domid`: `/local/domain/<domid>`,
 /// `/libxl/<domid>`, `/local/domain/0/backend/<kind>/<domid>` for each valid kind listed
 /// there (at most [`MAX_BACKEND_KINDS`]), `/local/domain/0/device-model/<domid>`, and its
-/// `vm` path if that is a valid `/vm/<uuid>`. Nothing for dom0 or a reserved id.
-pub fn domain_paths(domid: DomId, backend_kinds: &[String], vm: Option<&str>) -> Vec<String> {
+/// `vm` path if that is a valid `/vm/<uuid>` and, when `uuid` is known, exactly
+/// [`vm_path`]`(uuid)`. Nothing for dom0 or a reserved id.
+pub fn domain_paths(
+    domid: DomId,
+    backend_kinds: &[String],
+    vm: Option<&str>,
+    uuid: Option<[u8; 16]>,
+) -> Vec<String> {
     if domid == 0 || domid >= DOMID_FIRST_RESERVED {
         return Vec::new();
     }
@@ -203,10 +209,31 @@ pub fn domain_paths(domid: DomId, backend_kinds: &[String], vm: Option<&str>) ->
             .filter(|k| valid_backend_kind(k))
             .map(|k| format!("{BACKEND_DIR}/{k}/{domid}")),
     );
-    if let Some(vm) = vm.filter(|p| valid_vm_path(p)) {
+    let expected = uuid.map(vm_path);
+    if let Some(vm) = vm
+        .filter(|p| valid_vm_path(p))
+        .filter(|p| expected.as_deref().is_none_or(|e| e == *p))
+    {
         paths.push(vm.to_owned());
     }
     paths
+}
+
+/// A uuid as libxl prints it: 8-4-4-4-12 lowercase hex.
+pub fn uuid_text(uuid: [u8; 16]) -> String {
+    let mut text = String::with_capacity(36);
+    for (i, b) in uuid.iter().enumerate() {
+        if matches!(i, 4 | 6 | 8 | 10) {
+            text.push('-');
+        }
+        text.push_str(&format!("{b:02x}"));
+    }
+    text
+}
+
+/// The `/vm/<uuid>` node libxl keeps for the domain with `uuid`.
+pub fn vm_path(uuid: [u8; 16]) -> String {
+    format!("/vm/{}", uuid_text(uuid))
 }
 
 /// The second connection, for `SET_PERMS`.
@@ -451,16 +478,14 @@ impl Store {
     /// Removes what the toolstack kept in xenstore for a destroyed domain (see
     /// [`domain_paths`]): its home, libxl's record, dom0's backend directories for its
     /// devices (libxl writes one for the PV console even without disks or networks) and
-    /// its `/vm/<uuid>`.
-    pub fn remove_domain(&self, domid: DomId) -> Result<(), StoreError> {
+    /// its `/vm/<uuid>` (only that of `uuid`, when the caller knows the domain's uuid).
+    pub fn remove_domain(&self, domid: DomId, uuid: Option<[u8; 16]>) -> Result<(), StoreError> {
         if domid == 0 || domid >= DOMID_FIRST_RESERVED {
             return Ok(());
         }
-        let vm = self
-            .read(&format!("/local/domain/{domid}/vm"))?
-            .filter(|p| valid_vm_path(p));
+        let vm = self.read(&format!("/local/domain/{domid}/vm"))?;
         let kinds = self.list(BACKEND_DIR)?;
-        for path in domain_paths(domid, &kinds, vm.as_deref()) {
+        for path in domain_paths(domid, &kinds, vm.as_deref(), uuid) {
             self.remove(&path)?;
         }
         Ok(())
@@ -633,7 +658,7 @@ mod tests {
             .map(|k| (*k).to_owned())
             .collect();
         let vm = "/vm/0123abcd-0000-4000-8000-00000000beef";
-        let paths = domain_paths(7, &kinds, Some(vm));
+        let paths = domain_paths(7, &kinds, Some(vm), None);
         assert_eq!(
             paths,
             vec![
@@ -646,14 +671,35 @@ mod tests {
             ]
         );
         // A hostile vm path is not followed; dom0 and reserved ids get nothing.
-        assert!(
-            !domain_paths(7, &[], Some("/local/domain/0")).contains(&"/local/domain/0".to_owned())
-        );
-        assert!(domain_paths(0, &kinds, Some(vm)).is_empty());
-        assert!(domain_paths(DOMID_FIRST_RESERVED, &kinds, None).is_empty());
+        assert!(!domain_paths(7, &[], Some("/local/domain/0"), None)
+            .contains(&"/local/domain/0".to_owned()));
+        assert!(domain_paths(0, &kinds, Some(vm), None).is_empty());
+        assert!(domain_paths(DOMID_FIRST_RESERVED, &kinds, None, None).is_empty());
         // The number of kinds considered is bounded.
         let many: Vec<String> = (0..1000).map(|i| format!("k{i}")).collect();
-        assert_eq!(domain_paths(7, &many, None).len(), 3 + MAX_BACKEND_KINDS);
+        assert_eq!(
+            domain_paths(7, &many, None, None).len(),
+            3 + MAX_BACKEND_KINDS
+        );
+    }
+
+    #[test]
+    fn only_the_domains_own_vm_node_is_removed_when_its_uuid_is_known() {
+        let mut uuid = [0u8; 16];
+        uuid[0] = 0x01;
+        uuid[1] = 0x23;
+        uuid[2] = 0xab;
+        uuid[3] = 0xcd;
+        uuid[6] = 0x40;
+        uuid[8] = 0x80;
+        uuid[14] = 0xbe;
+        uuid[15] = 0xef;
+        let own = "/vm/0123abcd-0000-4000-8000-00000000beef";
+        assert_eq!(vm_path(uuid), own);
+        assert!(domain_paths(7, &[], Some(own), Some(uuid)).contains(&own.to_owned()));
+        // A `vm` node naming another domain's (well-formed) /vm entry is not followed.
+        let other = "/vm/ffffffff-0000-4000-8000-00000000beef";
+        assert!(!domain_paths(7, &[], Some(other), Some(uuid)).contains(&other.to_owned()));
     }
 
     #[test]
