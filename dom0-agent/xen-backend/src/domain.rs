@@ -252,13 +252,16 @@ impl Hyp {
     }
 
     /// Destroys `domid` if it is still the domain with `uuid`, then removes its xenstore
-    /// entries (unless the domid now belongs to another domain) and its configuration
-    /// file. Returns the state it had (`None`: it was already gone).
+    /// entries, libxl's files and its console log (unless the domid now belongs to another
+    /// domain; the log only unless [`keep_console_log`]) and its configuration file.
+    /// Returns the state it had (`None`: it was already gone).
     fn destroy(
         &self,
         domid: DomId,
         uuid: [u8; 16],
+        name: &str,
         cfg: &PathBuf,
+        build_failed: bool,
     ) -> Result<Option<DomainState>, CtrlError> {
         let info = self.control.info(domid)?;
         let ours = info.filter(|i| i.uuid == uuid).map(|i| i.state);
@@ -272,6 +275,9 @@ impl Hyp {
                     "domid" => domid, "error" => %e);
             }
             remove_libxl_userdata(Path::new(LIBXL_DIR), domid, uuid);
+            if !keep_console_log(ours, build_failed) {
+                let _ = fs::remove_file(console_log(name));
+            }
         }
         let _ = fs::remove_file(cfg);
         Ok(ours)
@@ -323,7 +329,10 @@ impl Drop for BuildGuard<'_> {
         if !self.armed {
             return;
         }
-        if let Err(e) = self.hyp.destroy(self.domid, self.uuid, &self.cfg) {
+        if let Err(e) = self
+            .hyp
+            .destroy(self.domid, self.uuid, &self.name, &self.cfg, false)
+        {
             warn!(self.hyp.logger, "destroying a half-built domain failed (the reconciler will at the next start)";
                 "domid" => self.domid, "name" => &self.name, "error" => %e);
         }
@@ -343,6 +352,9 @@ pub struct LiveDomain {
     ready_id: u32,
     killed: Arc<AtomicBool>,
     ended: Option<DomainExit>,
+    /// Keep the guest's console log when destroyed: set while it boots to Ready (a failed
+    /// build's error names the log).
+    keep_log: bool,
 }
 
 impl std::fmt::Debug for LiveDomain {
@@ -443,7 +455,7 @@ impl LiveDomain {
         }
         let state = self
             .hyp
-            .destroy(self.domid, self.uuid, &self.cfg)
+            .destroy(self.domid, self.uuid, &self.name, &self.cfg, self.keep_log)
             .map_err(|e| self.op_error(e))?;
         let exit =
             exit_of(state, self.killed.load(Ordering::SeqCst)).unwrap_or(DomainExit::Destroyed);
@@ -610,6 +622,7 @@ impl XenProvisioner {
             ready_id: 0,
             killed: Arc::new(AtomicBool::new(false)),
             ended: None,
+            keep_log: true,
         };
         drop(guard);
         hyp.control.unpause(domid).map_err(ctrl)?;
@@ -653,10 +666,28 @@ impl XenProvisioner {
             }
         }
         hyp.control.pause(domid).map_err(ctrl)?;
+        live.keep_log = false;
         debug!(hyp.logger, "domain ready and paused";
             "domid" => domid, "name" => &live.name, "millis" => started.elapsed().as_millis());
         Ok(live)
     }
+}
+
+/// Where xenconsoled (started with `--log=guest`) logs each domain's console.
+pub(crate) const CONSOLE_LOG_DIR: &str = "/var/log/xen/console";
+
+/// The console log of domain `name` (`guest-<name>.log`).
+pub(crate) fn console_log(name: &str) -> PathBuf {
+    Path::new(CONSOLE_LOG_DIR).join(format!("guest-{name}.log"))
+}
+
+/// Whether a destroyed domain's console log is kept, for diagnosis: when its build failed
+/// (the error names the log) or it crashed (shut down for any reason but poweroff). Every
+/// other log is removed with the domain: xenconsoled writes one file per domain, so one per
+/// transaction would otherwise pile up in dom0 for ever.
+pub fn keep_console_log(state: Option<DomainState>, build_failed: bool) -> bool {
+    build_failed
+        || matches!(state, Some(DomainState::Shutdown(reason)) if reason != ShutdownReason::Poweroff)
 }
 
 /// Where libxl keeps per-domain files (`userdata-<kind>.<domid>.<uuid>.<key>`).
@@ -777,6 +808,33 @@ mod tests {
         }
         for f in &others {
             assert!(dir.path().join(f).exists(), "{f}");
+        }
+    }
+
+    #[test]
+    fn console_logs_are_kept_only_for_failed_builds_and_crashes() {
+        assert_eq!(
+            console_log("mayfly-7"),
+            Path::new("/var/log/xen/console/guest-mayfly-7.log")
+        );
+        // A transaction's domain destroyed by the agent, powered off, or already gone.
+        for state in [
+            Some(DomainState::Running),
+            Some(DomainState::Paused),
+            Some(DomainState::Dying),
+            Some(DomainState::Shutdown(ShutdownReason::Poweroff)),
+            None,
+        ] {
+            assert!(!keep_console_log(state, false), "{state:?}");
+            assert!(keep_console_log(state, true), "{state:?}");
+        }
+        for reason in [
+            ShutdownReason::Crash,
+            ShutdownReason::Reboot,
+            ShutdownReason::Watchdog,
+            ShutdownReason::Other(9),
+        ] {
+            assert!(keep_console_log(Some(DomainState::Shutdown(reason)), false));
         }
     }
 
