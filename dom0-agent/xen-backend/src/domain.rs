@@ -509,17 +509,18 @@ impl XenProvisioner {
             path: cfg.clone(),
             source,
         })?;
-        let output = Command::new(&config.xl)
-            .args(["create", "-p", "-e"])
-            .arg(&cfg)
-            .stdin(Stdio::null())
-            .output()
-            .map_err(|source| CreateError::Io {
+        let mut xl = Command::new(&config.xl);
+        xl.args(["create", "-p", "-e"]).arg(&cfg);
+        // Bounded by the whole build's budget: a hung `xl` must not hold a refill thread (and
+        // the backend's shutdown, which joins it) for ever.
+        let output = output_within(xl, config.ready_timeout, &hyp.stopping).map_err(|source| {
+            CreateError::Io {
                 name: name.clone(),
                 what: "running xl for",
                 path: cfg.clone(),
                 source,
-            });
+            }
+        });
         let ctrl = |source| CreateError::Ctrl {
             name: name.clone(),
             source,
@@ -725,6 +726,73 @@ pub(crate) fn remove_libxl_userdata(dir: &Path, domid: DomId, uuid: [u8; 16]) {
     }
 }
 
+/// Runs `command` (stdin null, stdout and stderr captured) like [`Command::output`], but
+/// kills it if it has not exited within `timeout` or once `stop` is set (`TimedOut` /
+/// `Interrupted`). The child is always reaped.
+fn output_within(
+    mut command: Command,
+    timeout: Duration,
+    stop: &AtomicBool,
+) -> std::io::Result<std::process::Output> {
+    use std::io::Read;
+    let mut child = command
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let drain = |pipe: Option<Box<dyn Read + Send>>| {
+        std::thread::spawn(move || {
+            let mut buf = Vec::new();
+            if let Some(mut p) = pipe {
+                let _ = p.read_to_end(&mut buf);
+            }
+            buf
+        })
+    };
+    let out = drain(
+        child
+            .stdout
+            .take()
+            .map(|p| Box::new(p) as Box<dyn Read + Send>),
+    );
+    let err = drain(
+        child
+            .stderr
+            .take()
+            .map(|p| Box::new(p) as Box<dyn Read + Send>),
+    );
+    let started = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait()? {
+            break Ok(status);
+        }
+        let cause = if stop.load(Ordering::SeqCst) {
+            Some(std::io::ErrorKind::Interrupted)
+        } else if started.elapsed() >= timeout {
+            Some(std::io::ErrorKind::TimedOut)
+        } else {
+            None
+        };
+        if let Some(kind) = cause {
+            let _ = child.kill();
+            let _ = child.wait();
+            break Err(std::io::Error::new(
+                kind,
+                format!("killed after {:?}", started.elapsed()),
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    // The pipes close when the child (and anything it left holding them) is gone.
+    let stdout = out.join().unwrap_or_default();
+    let stderr = err.join().unwrap_or_default();
+    Ok(std::process::Output {
+        status: status?,
+        stdout,
+        stderr,
+    })
+}
+
 /// The last [`XL_OUTPUT_KEPT`] bytes of `xl`'s stderr (or stdout), lossily decoded.
 fn tail(stderr: &[u8], stdout: &[u8]) -> String {
     let text = if stderr.is_empty() { stdout } else { stderr };
@@ -836,6 +904,31 @@ mod tests {
         ] {
             assert!(keep_console_log(Some(DomainState::Shutdown(reason)), false));
         }
+    }
+
+    #[test]
+    fn a_hung_xl_is_killed_and_reaped() {
+        let stop = AtomicBool::new(false);
+        let mut sh = Command::new("sh");
+        sh.args(["-c", "echo out; echo err >&2"]);
+        let done = output_within(sh, Duration::from_secs(10), &stop).unwrap();
+        assert!(done.status.success());
+        assert_eq!(
+            (&done.stdout[..], &done.stderr[..]),
+            (&b"out\n"[..], &b"err\n"[..])
+        );
+        let started = Instant::now();
+        let mut sleep = Command::new("sleep");
+        sleep.arg("30");
+        let err = output_within(sleep, Duration::from_millis(100), &stop).unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::TimedOut);
+        assert!(started.elapsed() < Duration::from_secs(5));
+        stop.store(true, Ordering::SeqCst);
+        let mut sleep = Command::new("sleep");
+        sleep.arg("30");
+        let err = output_within(sleep, Duration::from_secs(30), &stop).unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::Interrupted);
+        assert!(started.elapsed() < Duration::from_secs(5));
     }
 
     #[test]
