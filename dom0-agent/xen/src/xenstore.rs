@@ -483,12 +483,24 @@ impl Store {
         if domid == 0 || domid >= DOMID_FIRST_RESERVED {
             return Ok(());
         }
-        let vm = self.read(&format!("/local/domain/{domid}/vm"))?;
-        let kinds = self.list(BACKEND_DIR)?;
+        // Every path is tried even if one step fails; the first failure is returned.
+        let mut first_error = None;
+        let vm = self
+            .read(&format!("/local/domain/{domid}/vm"))
+            .unwrap_or_else(|e| {
+                first_error.get_or_insert(e);
+                None
+            });
+        let kinds = self.list(BACKEND_DIR).unwrap_or_else(|e| {
+            first_error.get_or_insert(e);
+            Vec::new()
+        });
         for path in domain_paths(domid, &kinds, vm.as_deref(), uuid) {
-            self.remove(&path)?;
+            if let Err(e) = self.remove(&path) {
+                first_error.get_or_insert(e);
+            }
         }
-        Ok(())
+        first_error.map_or(Ok(()), Err)
     }
 }
 
