@@ -13,7 +13,7 @@
 //!  reply   same header, payload "OK\0", or an errno name ("EACCES\0") with type ERROR
 //! ```
 //!
-//! The contract (fixed in `XEN-NOTES.md` with the guest side), written while the domain is
+//! The contract (`docs/formats.md` §2.5, shared with the guest side), written while the domain is
 //! still paused, each node owned by dom0 and readable by the domU only (`n0 r<domid>`):
 //!
 //! ```text
