@@ -21,7 +21,7 @@ need usr/share/mayfly/template/initramfs.cpio.gz
 need usr/sbin/xl
 need usr/sbin/xenstored
 need usr/sbin/xenconsoled
-# From the dom0 overlay (board/mayfly/rootfs-overlay, see /work/wt/XEN-NOTES.md).
+# From the dom0 overlay (board/mayfly/rootfs-overlay; see README.md).
 need etc/mayfly/agent.toml
 need etc/xen/xl.conf
 if [ -n "$missing" ]; then

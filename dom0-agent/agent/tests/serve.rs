@@ -393,6 +393,35 @@ fn the_shipped_policy_quarantines_the_notes_exploit_at_once() {
 }
 
 #[test]
+fn a_client_cannot_pile_up_quarantined_domains() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut agent = Agent::start(dir.path(), &[]);
+    open(&agent, "mallory", 0);
+    // The backend keeps at most 8 (mayfly_sandbox::MAX_QUARANTINED); the 9th is destroyed.
+    for _ in 0..9 {
+        let (code, body) = agent.tx(
+            "notes",
+            json!({"user": "mallory", "note_id": "../../acct/mallory", "text": "1000000"}),
+        );
+        assert_eq!(code, 403, "{body}");
+    }
+    let events = audit(dir.path());
+    let count = |name: &str| events.iter().filter(|(e, _)| e == name).count();
+    assert_eq!(count("domain.quarantined"), 8);
+    assert_eq!(count("domain.destroy_failed"), 0);
+    let failed: Vec<_> = events
+        .iter()
+        .filter(|(e, _)| e == "domain.quarantine_failed")
+        .collect();
+    assert_eq!(failed.len(), 1, "{events:?}");
+    assert!(
+        failed[0].1["error"].contains("killed instead"),
+        "{failed:?}"
+    );
+    assert!(agent.stop().success());
+}
+
+#[test]
 fn a_detector_report_rolls_back_and_replays_through_the_running_agent() {
     let dir = tempfile::tempdir().unwrap();
     // A permissive bundle (the exploit is not caught when it happens) with the IDS hook.

@@ -1044,9 +1044,16 @@ fn retire(ledger: &Ledger, mut r: Retirement, served: Served) -> (Served, Domain
     let exit = match disposed {
         Ok(exit) => exit,
         Err(e) => {
-            warn!(r.log, "destroying the domain failed"; "error" => %e);
+            // A failed quarantine (stop failed, or the quarantine is full) has destroyed the
+            // domain: it is audited as what it was.
+            let (what, event) = if r.quarantine {
+                ("quarantining", "domain.quarantine_failed")
+            } else {
+                ("destroying", "domain.destroy_failed")
+            };
+            warn!(r.log, "{} the domain failed", what; "error" => %e);
             r.events.push(
-                AuditEvent::new("domain.destroy_failed", Severity::Error)
+                AuditEvent::new(event, Severity::Error)
                     .field("domain", r.domain_id)
                     .field("tx_id", r.tx_id)
                     .field("error", truncate(&e.to_string(), 1000)),

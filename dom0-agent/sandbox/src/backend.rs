@@ -41,6 +41,19 @@ use crate::sys;
 
 /// The backend's name.
 pub const BACKEND: &str = "sandbox";
+/// Most clones kept in quarantine at once. Each keeps its memory and process until an
+/// operator releases it, so without a cap a client that gets transactions quarantined again
+/// and again would exhaust the host. Past the cap, a clone to be quarantined is killed
+/// instead and [`Domain::quarantine`] fails with [`QuarantineFull`].
+pub const MAX_QUARANTINED: usize = 8;
+
+/// The quarantine already keeps [`MAX_QUARANTINED`] clones: this one was killed instead.
+#[derive(Debug, thiserror::Error)]
+#[error("the quarantine already keeps {max} clones (release some through the admin console); this one was killed instead")]
+pub struct QuarantineFull {
+    /// The cap.
+    pub max: usize,
+}
 /// Name of the zygote's (empty) root directory in `run_dir`.
 pub const ROOT_DIR: &str = "sandbox-root";
 /// How long shutdown waits for the zygote to exit before killing it.
@@ -1083,6 +1096,17 @@ impl Domain for SandboxDomain {
         if state.shut_down {
             drop(state);
             drop(handle); // shutdown already swept the list: destroy it now
+        } else if state.quarantined.len() >= MAX_QUARANTINED {
+            drop(state);
+            drop(handle); // the quarantine is full: killed, not kept
+            warn!(self.shared.logger, "quarantine full: clone killed instead";
+                "clone_id" => id, "pid" => pid, "max" => MAX_QUARANTINED);
+            return Err(self.shared.domain_error(
+                id,
+                QuarantineFull {
+                    max: MAX_QUARANTINED,
+                },
+            ));
         } else {
             state.quarantined.push((quarantined.clone(), handle));
         }

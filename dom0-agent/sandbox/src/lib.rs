@@ -45,7 +45,9 @@ pub mod spawn;
 mod sys;
 pub mod zygote;
 
-pub use backend::{CreateError, Sandbox, SandboxDomain, SandboxError, BACKEND};
+pub use backend::{
+    CreateError, QuarantineFull, Sandbox, SandboxDomain, SandboxError, BACKEND, MAX_QUARANTINED,
+};
 pub use clone::CloneError;
 pub use config::{ConfigError, Limits, SandboxConfig};
 pub use proto::{ProtoError, Stage};

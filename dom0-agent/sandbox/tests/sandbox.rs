@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use mayfly_domain::{Domain, DomainBackend, DomainError, DomainExit};
 use mayfly_ring::wire::Start;
 use mayfly_ring::{Request, Response, RingError};
-use mayfly_sandbox::{reconcile, Sandbox, SandboxConfig, SandboxDomain};
+use mayfly_sandbox::{reconcile, Sandbox, SandboxConfig, SandboxDomain, MAX_QUARANTINED};
 use slog::{o, Drain, Logger};
 
 const ZYGOTE: &str = env!("CARGO_BIN_EXE_mayfly-sandbox-test-zygote");
@@ -449,6 +449,30 @@ fn take_waits_at_most_its_timeout_when_at_the_in_use_cap() {
     assert!(began.elapsed() >= Duration::from_millis(100));
     first.destroy().unwrap();
     sandbox.take(WAIT).unwrap().destroy().unwrap();
+}
+
+#[test]
+fn the_quarantine_is_bounded_and_a_clone_past_it_is_killed() {
+    let dir = tempfile::tempdir().unwrap();
+    let sandbox = start(dir.path());
+    for _ in 0..MAX_QUARANTINED {
+        let clone = sandbox.take_clone(WAIT).unwrap();
+        Box::new(clone).quarantine().unwrap();
+    }
+    assert_eq!(sandbox.quarantined().len(), MAX_QUARANTINED);
+    let extra = sandbox.take_clone(WAIT).unwrap();
+    let extra_fd = pidfd(extra.pid());
+    let err = Box::new(extra).quarantine().unwrap_err();
+    assert!(err.to_string().contains("killed instead"), "{err}");
+    assert!(exited(&extra_fd, WAIT), "the refused clone still runs");
+    assert_eq!(sandbox.quarantined().len(), MAX_QUARANTINED);
+    // Releasing one makes room again.
+    let first = sandbox.quarantined()[0].id;
+    assert!(sandbox.release_quarantined(first).unwrap().is_some());
+    let clone = sandbox.take_clone(WAIT).unwrap();
+    Box::new(clone).quarantine().unwrap();
+    assert_eq!(sandbox.quarantined().len(), MAX_QUARANTINED);
+    sandbox.shutdown();
 }
 
 #[test]

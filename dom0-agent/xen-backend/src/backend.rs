@@ -24,7 +24,7 @@ use mayfly_ring::Notifier;
 use mayfly_xen::{Control, CtrlError, Libraries, LoadError, Store, StoreError};
 use slog::{info, warn, Logger};
 
-use crate::config::{ConfigError, XenConfig, GNTALLOC_DEFAULT_LIMIT};
+use crate::config::{gntalloc_limit, ConfigError, XenConfig, GNTALLOC_LIMIT_PATH};
 use crate::domain::{DomainOpError, Hyp, LiveDomain, XenProvisioner};
 use crate::pool::{Pool, PoolConfig, Slot, TakeError};
 use crate::reconcile::{self, ReconcileError};
@@ -64,7 +64,45 @@ pub enum StartError {
     Thread(#[source] std::io::Error),
 }
 
-type QuarantineList = Mutex<Vec<(Quarantined, LiveDomain)>>;
+/// Most domains kept in quarantine at once. Each keeps its memory and its ring's grant
+/// pages until an operator releases it, so without a cap a guest that gets itself
+/// quarantined again and again would exhaust the host (and gntalloc's page limit) and starve
+/// the pool. Past the cap, a domain to be quarantined is destroyed instead and
+/// [`Domain::quarantine`] says so.
+pub const MAX_QUARANTINED: usize = 8;
+
+/// The quarantined domains, at most `max` of them.
+#[derive(Debug)]
+struct Kept<T> {
+    items: Vec<(Quarantined, T)>,
+    max: usize,
+}
+
+impl<T> Kept<T> {
+    fn new(max: usize) -> Self {
+        Self {
+            items: Vec::new(),
+            max,
+        }
+    }
+
+    /// Keeps `item`, or hands it back if `max` are already kept.
+    fn admit(&mut self, quarantined: Quarantined, item: T) -> Result<(), T> {
+        if self.items.len() >= self.max {
+            return Err(item);
+        }
+        self.items.push((quarantined, item));
+        Ok(())
+    }
+
+    /// Takes the item kept under `id` out of the list.
+    fn remove(&mut self, id: DomainId) -> Option<T> {
+        let index = self.items.iter().position(|(q, _)| q.id == id)?;
+        Some(self.items.swap_remove(index).1)
+    }
+}
+
+type QuarantineList = Mutex<Kept<LiveDomain>>;
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
@@ -100,9 +138,10 @@ impl XenBackend {
         })?;
         reconcile::reconcile(&control, &store, &config.run_dir, &logger)?;
         let pages = config.pages_at_most();
-        if pages > GNTALLOC_DEFAULT_LIMIT {
-            warn!(logger, "the pool may share more ring pages than gntalloc's default limit; load xen-gntalloc with limit= at least this";
-                "pages" => pages, "default_limit" => GNTALLOC_DEFAULT_LIMIT);
+        let limit = gntalloc_limit();
+        if pages > limit {
+            warn!(logger, "the backend may share more ring pages than gntalloc's limit allows; builds fail with ENOSPC past it: raise it (write at least this to the parameter)";
+                "pages" => pages, "limit" => limit, "parameter" => GNTALLOC_LIMIT_PATH);
         }
         let pool_config = PoolConfig {
             pool_size: config.pool_size,
@@ -141,7 +180,7 @@ impl XenBackend {
         Ok(Self {
             pool,
             hyp,
-            quarantined: Arc::new(Mutex::new(Vec::new())),
+            quarantined: Arc::new(Mutex::new(Kept::new(MAX_QUARANTINED))),
         })
     }
 
@@ -174,6 +213,7 @@ impl XenBackend {
     /// The quarantined domains, kept paused for forensics.
     pub fn quarantined(&self) -> Vec<Quarantined> {
         lock(&self.quarantined)
+            .items
             .iter()
             .map(|(q, _)| q.clone())
             .collect()
@@ -181,12 +221,8 @@ impl XenBackend {
 
     /// Destroys a quarantined domain (after forensics). `Ok(None)`: no such domain.
     pub fn release_quarantined(&self, id: DomainId) -> Result<Option<DomainExit>, DomainError> {
-        let entry = {
-            let mut list = lock(&self.quarantined);
-            let index = list.iter().position(|(q, _)| q.id == id);
-            index.map(|i| list.swap_remove(i))
-        };
-        let Some((_, mut live)) = entry else {
+        let entry = lock(&self.quarantined).remove(id);
+        let Some(mut live) = entry else {
             return Ok(None);
         };
         live.end().map(Some).map_err(|e| DomainError::Control {
@@ -225,7 +261,7 @@ impl DomainBackend for XenBackend {
         self.hyp.stopping.store(true, Ordering::SeqCst);
         self.pool.shutdown();
         self.hyp.kill_in_use();
-        let quarantined = std::mem::take(&mut *lock(&self.quarantined));
+        let quarantined = std::mem::take(&mut lock(&self.quarantined).items);
         drop(quarantined);
         info!(self.hyp.logger, "xen backend shut down"; "stats" => ?self.stats());
     }
@@ -257,9 +293,17 @@ impl std::fmt::Debug for XenDomain {
 
 impl XenDomain {
     fn error(&self, e: impl std::error::Error + Send + Sync + 'static) -> DomainError {
+        self.error_for(self.id(), e)
+    }
+
+    fn error_for(
+        &self,
+        id: DomainId,
+        e: impl std::error::Error + Send + Sync + 'static,
+    ) -> DomainError {
         DomainError::Control {
             backend: BACKEND,
-            id: self.id(),
+            id,
             source: Box::new(e),
         }
     }
@@ -338,15 +382,59 @@ impl Domain for XenDomain {
             id,
             handle: id.to_string(),
         };
-        warn!(self.logger, "domain quarantined (paused, kept for forensics)";
-            "domid" => id, "name" => live.name());
+        let name = live.name().to_owned();
         let shut_down = self.slot.as_ref().is_some_and(Slot::pool_shut_down);
         if shut_down {
             drop(live); // shutdown already swept the list: destroy it now
         } else {
-            lock(&self.quarantined).push((quarantined.clone(), live));
+            let refused = lock(&self.quarantined).admit(quarantined.clone(), live);
+            if let Err(live) = refused {
+                drop(live); // the quarantine is full: destroyed, not kept
+                drop(self.slot.take());
+                warn!(self.logger, "quarantine full: domain destroyed instead";
+                    "domid" => id, "name" => &name, "max" => MAX_QUARANTINED);
+                return Err(self.error_for(
+                    id,
+                    DomainOpError::QuarantineFull {
+                        name,
+                        domid: id,
+                        max: MAX_QUARANTINED,
+                    },
+                ));
+            }
         }
+        warn!(self.logger, "domain quarantined (paused, kept for forensics)";
+            "domid" => id, "name" => &name);
         drop(self.slot.take());
         Ok(quarantined)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn q(id: DomainId) -> Quarantined {
+        Quarantined {
+            backend: BACKEND,
+            id,
+            handle: id.to_string(),
+        }
+    }
+
+    #[test]
+    fn the_quarantine_is_bounded_and_hands_back_what_it_cannot_keep() {
+        let mut kept = Kept::new(2);
+        assert!(kept.admit(q(1), "a").is_ok());
+        assert!(kept.admit(q(2), "b").is_ok());
+        // Full: the third is handed back (the caller destroys it), not kept.
+        assert_eq!(kept.admit(q(3), "c"), Err("c"));
+        assert_eq!(kept.items.len(), 2);
+        // Releasing one makes room again.
+        assert_eq!(kept.remove(1), Some("a"));
+        assert_eq!(kept.remove(1), None);
+        assert!(kept.admit(q(3), "c").is_ok());
+        let ids: Vec<DomainId> = kept.items.iter().map(|(q, _)| q.id).collect();
+        assert_eq!(ids, vec![2, 3]);
     }
 }

@@ -26,6 +26,27 @@ pub const MIN_MEMORY_MIB: u32 = 96;
 pub const NAME_PREFIX: &str = "mayfly-";
 /// Linux gntalloc's default limit of pages shared at once.
 pub const GNTALLOC_DEFAULT_LIMIT: usize = 1024;
+/// gntalloc's limit as the running kernel exposes it (a module parameter, writable at run
+/// time; the appliance's `S20xen` raises it).
+pub const GNTALLOC_LIMIT_PATH: &str = "/sys/module/xen_gntalloc/parameters/limit";
+
+/// gntalloc's limit from the text of [`GNTALLOC_LIMIT_PATH`]; `None` if it is not a
+/// non-negative decimal.
+pub fn parse_gntalloc_limit(text: &str) -> Option<usize> {
+    let t = text.trim();
+    if t.is_empty() || t.len() > 10 || !t.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    t.parse().ok()
+}
+
+/// The running kernel's gntalloc limit; the default if it cannot be read.
+pub fn gntalloc_limit() -> usize {
+    std::fs::read_to_string(GNTALLOC_LIMIT_PATH)
+        .ok()
+        .and_then(|t| parse_gntalloc_limit(&t))
+        .unwrap_or(GNTALLOC_DEFAULT_LIMIT)
+}
 
 /// The `[xen]` table of the agent's configuration file (every key optional).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
@@ -181,11 +202,12 @@ impl XenConfig {
         Ok(())
     }
 
-    /// Grant pages the pool may share at once (ready, being built, in use).
+    /// Grant pages the backend may share at once (ready, being built, in use, quarantined).
     pub fn pages_at_most(&self) -> usize {
         self.pool_size
             .saturating_add(self.build_threads)
             .saturating_add(self.max_in_use)
+            .saturating_add(crate::backend::MAX_QUARANTINED)
             .saturating_mul(self.geometry.total_pages())
     }
 
@@ -276,7 +298,10 @@ mod tests {
         let c = config(dir.path());
         c.validate().unwrap();
         assert_eq!(c.memory_mib, 128);
-        assert_eq!(c.pages_at_most(), (4 + 1 + 8) * 69);
+        assert_eq!(
+            c.pages_at_most(),
+            (4 + 1 + 8 + crate::backend::MAX_QUARANTINED) * 69
+        );
         let mut small = c.clone();
         small.memory_mib = 64;
         assert!(matches!(
@@ -331,5 +356,14 @@ mod tests {
         );
         assert!(c.xl_config("bad\"name").is_err());
         assert!(c.xl_config("new\nline").is_err());
+    }
+
+    #[test]
+    fn the_gntalloc_limit_is_read_from_its_parameter() {
+        assert_eq!(parse_gntalloc_limit("8192\n"), Some(8192));
+        assert_eq!(parse_gntalloc_limit("1024"), Some(1024));
+        for bad in ["", "\n", "-1", "0x10", "12 34", "99999999999"] {
+            assert_eq!(parse_gntalloc_limit(bad), None, "{bad:?}");
+        }
     }
 }

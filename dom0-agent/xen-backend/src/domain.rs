@@ -29,6 +29,7 @@ use std::time::{Duration, Instant};
 use mayfly_domain::{DomainExit, Ring};
 use mayfly_ring::wire::PROTOCOL_VERSION;
 use mayfly_ring::{Backend, Request, RingError, SharedMem};
+use mayfly_xen::xenstore::uuid_text;
 use mayfly_xen::{
     Control, CtrlError, DomId, DomainNotifier, DomainState, EventChannel, EvtchnError, GntshrError,
     GrantedPages, Libraries, RingContract, ShutdownReason, Store, StoreError,
@@ -183,6 +184,16 @@ pub enum DomainOpError {
         #[source]
         source: CtrlError,
     },
+    /// The quarantine already holds its maximum: the domain was destroyed instead.
+    #[error("{name} (domain {domid}): the quarantine already keeps {max} domains (release some through the admin console); this one was destroyed instead")]
+    QuarantineFull {
+        /// Domain name.
+        name: String,
+        /// Domain id.
+        domid: DomId,
+        /// The cap.
+        max: usize,
+    },
     /// The domain is gone (it cannot be paused for quarantine).
     #[error("{name} (domain {domid}) has already ended: {exit}")]
     Ended {
@@ -241,13 +252,16 @@ impl Hyp {
     }
 
     /// Destroys `domid` if it is still the domain with `uuid`, then removes its xenstore
-    /// entries (unless the domid now belongs to another domain) and its configuration
-    /// file. Returns the state it had (`None`: it was already gone).
+    /// entries, libxl's files and its console log (unless the domid now belongs to another
+    /// domain; the log only unless [`keep_console_log`]) and its configuration file.
+    /// Returns the state it had (`None`: it was already gone).
     fn destroy(
         &self,
         domid: DomId,
         uuid: [u8; 16],
+        name: &str,
         cfg: &PathBuf,
+        build_failed: bool,
     ) -> Result<Option<DomainState>, CtrlError> {
         let info = self.control.info(domid)?;
         let ours = info.filter(|i| i.uuid == uuid).map(|i| i.state);
@@ -256,11 +270,14 @@ impl Hyp {
             self.destroyed.fetch_add(1, Ordering::Relaxed);
         }
         if ours.is_some() || info.is_none() {
-            if let Err(e) = self.store.remove_domain(domid) {
+            if let Err(e) = self.store.remove_domain(domid, Some(uuid)) {
                 warn!(self.logger, "removing a destroyed domain's xenstore entries failed";
                     "domid" => domid, "error" => %e);
             }
             remove_libxl_userdata(Path::new(LIBXL_DIR), domid, uuid);
+            if !keep_console_log(ours, build_failed) {
+                let _ = fs::remove_file(console_log(name));
+            }
         }
         let _ = fs::remove_file(cfg);
         Ok(ours)
@@ -312,7 +329,10 @@ impl Drop for BuildGuard<'_> {
         if !self.armed {
             return;
         }
-        if let Err(e) = self.hyp.destroy(self.domid, self.uuid, &self.cfg) {
+        if let Err(e) = self
+            .hyp
+            .destroy(self.domid, self.uuid, &self.name, &self.cfg, false)
+        {
             warn!(self.hyp.logger, "destroying a half-built domain failed (the reconciler will at the next start)";
                 "domid" => self.domid, "name" => &self.name, "error" => %e);
         }
@@ -332,6 +352,9 @@ pub struct LiveDomain {
     ready_id: u32,
     killed: Arc<AtomicBool>,
     ended: Option<DomainExit>,
+    /// Keep the guest's console log when destroyed: set while it boots to Ready (a failed
+    /// build's error names the log).
+    keep_log: bool,
 }
 
 impl std::fmt::Debug for LiveDomain {
@@ -432,7 +455,7 @@ impl LiveDomain {
         }
         let state = self
             .hyp
-            .destroy(self.domid, self.uuid, &self.cfg)
+            .destroy(self.domid, self.uuid, &self.name, &self.cfg, self.keep_log)
             .map_err(|e| self.op_error(e))?;
         let exit =
             exit_of(state, self.killed.load(Ordering::SeqCst)).unwrap_or(DomainExit::Destroyed);
@@ -486,17 +509,18 @@ impl XenProvisioner {
             path: cfg.clone(),
             source,
         })?;
-        let output = Command::new(&config.xl)
-            .args(["create", "-p", "-e"])
-            .arg(&cfg)
-            .stdin(Stdio::null())
-            .output()
-            .map_err(|source| CreateError::Io {
+        let mut xl = Command::new(&config.xl);
+        xl.args(["create", "-p", "-e"]).arg(&cfg);
+        // Bounded by the whole build's budget: a hung `xl` must not hold a refill thread (and
+        // the backend's shutdown, which joins it) for ever.
+        let output = output_within(xl, config.ready_timeout, &hyp.stopping).map_err(|source| {
+            CreateError::Io {
                 name: name.clone(),
                 what: "running xl for",
                 path: cfg.clone(),
                 source,
-            });
+            }
+        });
         let ctrl = |source| CreateError::Ctrl {
             name: name.clone(),
             source,
@@ -516,7 +540,7 @@ impl XenProvisioner {
                         warn!(hyp.logger, "destroying a half-built domain failed (the reconciler will at the next start)";
                             "domid" => d, "name" => &name, "error" => %e);
                     }
-                    let _ = hyp.store.remove_domain(d);
+                    let _ = hyp.store.remove_domain(d, None);
                     let _ = fs::remove_file(&cfg);
                     return Err(ctrl(source));
                 }
@@ -599,6 +623,7 @@ impl XenProvisioner {
             ready_id: 0,
             killed: Arc::new(AtomicBool::new(false)),
             ended: None,
+            keep_log: true,
         };
         drop(guard);
         hyp.control.unpause(domid).map_err(ctrl)?;
@@ -642,28 +667,32 @@ impl XenProvisioner {
             }
         }
         hyp.control.pause(domid).map_err(ctrl)?;
+        live.keep_log = false;
         debug!(hyp.logger, "domain ready and paused";
             "domid" => domid, "name" => &live.name, "millis" => started.elapsed().as_millis());
         Ok(live)
     }
 }
 
+/// Where xenconsoled (started with `--log=guest`) logs each domain's console.
+pub(crate) const CONSOLE_LOG_DIR: &str = "/var/log/xen/console";
+
+/// The console log of domain `name` (`guest-<name>.log`).
+pub(crate) fn console_log(name: &str) -> PathBuf {
+    Path::new(CONSOLE_LOG_DIR).join(format!("guest-{name}.log"))
+}
+
+/// Whether a destroyed domain's console log is kept, for diagnosis: when its build failed
+/// (the error names the log) or it crashed (shut down for any reason but poweroff). Every
+/// other log is removed with the domain: xenconsoled writes one file per domain, so one per
+/// transaction would otherwise pile up in dom0 for ever.
+pub fn keep_console_log(state: Option<DomainState>, build_failed: bool) -> bool {
+    build_failed
+        || matches!(state, Some(DomainState::Shutdown(reason)) if reason != ShutdownReason::Poweroff)
+}
+
 /// Where libxl keeps per-domain files (`userdata-<kind>.<domid>.<uuid>.<key>`).
 pub(crate) const LIBXL_DIR: &str = "/var/lib/xen";
-
-/// The uuid as libxl prints it: 8-4-4-4-12 lowercase hex.
-fn uuid_text(uuid: [u8; 16]) -> String {
-    let hex: String = uuid.iter().map(|b| format!("{b:02x}")).collect();
-    let part = |a: usize, b: usize| hex.get(a..b).unwrap_or_default().to_owned();
-    format!(
-        "{}-{}-{}-{}-{}",
-        part(0, 8),
-        part(8, 12),
-        part(12, 16),
-        part(16, 20),
-        part(20, 32)
-    )
-}
 
 /// Whether `file` is one of libxl's userdata files for exactly this domain.
 fn is_libxl_userdata(file: &str, domid: DomId, uuid: &str) -> bool {
@@ -695,6 +724,73 @@ pub(crate) fn remove_libxl_userdata(dir: &Path, domid: DomId, uuid: [u8; 16]) {
             let _ = fs::remove_file(entry.path());
         }
     }
+}
+
+/// Runs `command` (stdin null, stdout and stderr captured) like [`Command::output`], but
+/// kills it if it has not exited within `timeout` or once `stop` is set (`TimedOut` /
+/// `Interrupted`). The child is always reaped.
+fn output_within(
+    mut command: Command,
+    timeout: Duration,
+    stop: &AtomicBool,
+) -> std::io::Result<std::process::Output> {
+    use std::io::Read;
+    let mut child = command
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let drain = |pipe: Option<Box<dyn Read + Send>>| {
+        std::thread::spawn(move || {
+            let mut buf = Vec::new();
+            if let Some(mut p) = pipe {
+                let _ = p.read_to_end(&mut buf);
+            }
+            buf
+        })
+    };
+    let out = drain(
+        child
+            .stdout
+            .take()
+            .map(|p| Box::new(p) as Box<dyn Read + Send>),
+    );
+    let err = drain(
+        child
+            .stderr
+            .take()
+            .map(|p| Box::new(p) as Box<dyn Read + Send>),
+    );
+    let started = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait()? {
+            break Ok(status);
+        }
+        let cause = if stop.load(Ordering::SeqCst) {
+            Some(std::io::ErrorKind::Interrupted)
+        } else if started.elapsed() >= timeout {
+            Some(std::io::ErrorKind::TimedOut)
+        } else {
+            None
+        };
+        if let Some(kind) = cause {
+            let _ = child.kill();
+            let _ = child.wait();
+            break Err(std::io::Error::new(
+                kind,
+                format!("killed after {:?}", started.elapsed()),
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    // The pipes close when the child (and anything it left holding them) is gone.
+    let stdout = out.join().unwrap_or_default();
+    let stderr = err.join().unwrap_or_default();
+    Ok(std::process::Output {
+        status: status?,
+        stdout,
+        stderr,
+    })
 }
 
 /// The last [`XL_OUTPUT_KEPT`] bytes of `xl`'s stderr (or stdout), lossily decoded.
@@ -781,6 +877,58 @@ mod tests {
         for f in &others {
             assert!(dir.path().join(f).exists(), "{f}");
         }
+    }
+
+    #[test]
+    fn console_logs_are_kept_only_for_failed_builds_and_crashes() {
+        assert_eq!(
+            console_log("mayfly-7"),
+            Path::new("/var/log/xen/console/guest-mayfly-7.log")
+        );
+        // A transaction's domain destroyed by the agent, powered off, or already gone.
+        for state in [
+            Some(DomainState::Running),
+            Some(DomainState::Paused),
+            Some(DomainState::Dying),
+            Some(DomainState::Shutdown(ShutdownReason::Poweroff)),
+            None,
+        ] {
+            assert!(!keep_console_log(state, false), "{state:?}");
+            assert!(keep_console_log(state, true), "{state:?}");
+        }
+        for reason in [
+            ShutdownReason::Crash,
+            ShutdownReason::Reboot,
+            ShutdownReason::Watchdog,
+            ShutdownReason::Other(9),
+        ] {
+            assert!(keep_console_log(Some(DomainState::Shutdown(reason)), false));
+        }
+    }
+
+    #[test]
+    fn a_hung_xl_is_killed_and_reaped() {
+        let stop = AtomicBool::new(false);
+        let mut sh = Command::new("sh");
+        sh.args(["-c", "echo out; echo err >&2"]);
+        let done = output_within(sh, Duration::from_secs(10), &stop).unwrap();
+        assert!(done.status.success());
+        assert_eq!(
+            (&done.stdout[..], &done.stderr[..]),
+            (&b"out\n"[..], &b"err\n"[..])
+        );
+        let started = Instant::now();
+        let mut sleep = Command::new("sleep");
+        sleep.arg("30");
+        let err = output_within(sleep, Duration::from_millis(100), &stop).unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::TimedOut);
+        assert!(started.elapsed() < Duration::from_secs(5));
+        stop.store(true, Ordering::SeqCst);
+        let mut sleep = Command::new("sleep");
+        sleep.arg("30");
+        let err = output_within(sleep, Duration::from_secs(30), &stop).unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::Interrupted);
+        assert!(started.elapsed() < Duration::from_secs(5));
     }
 
     #[test]

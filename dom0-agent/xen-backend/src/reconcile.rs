@@ -74,6 +74,7 @@ pub fn reconcile(
             source,
         };
         let info = control.info(domid).map_err(destroy_error)?;
+        let uuid = info.map(|i| i.uuid);
         if let Some(info) = info {
             control.destroy(domid).map_err(destroy_error)?;
             remove_libxl_userdata(Path::new(LIBXL_DIR), domid, info.uuid);
@@ -81,7 +82,7 @@ pub fn reconcile(
         } else {
             report.stale_entries.push(domid);
         }
-        store.remove_domain(domid)?;
+        store.remove_domain(domid, uuid)?;
     }
     if let Ok(entries) = fs::read_dir(run_dir) {
         for entry in entries.flatten() {

@@ -14,7 +14,8 @@
 //!
 //! Linux's gntalloc shares at most `limit` pages at once across dom0 (module parameter,
 //! default 1024). A ring of the default geometry takes 69 pages: size the pool below it or
-//! raise the limit (`modprobe xen-gntalloc limit=N`).
+//! raise the limit (`modprobe xen-gntalloc limit=N`, or at run time
+//! `/sys/module/xen_gntalloc/parameters/limit`, which the appliance's `S20xen` sets to 8192).
 
 use std::io;
 use std::ptr::NonNull;

@@ -13,7 +13,7 @@
 //!  reply   same header, payload "OK\0", or an errno name ("EACCES\0") with type ERROR
 //! ```
 //!
-//! The contract (fixed in `XEN-NOTES.md` with the guest side), written while the domain is
+//! The contract (`docs/formats.md` §2.5, shared with the guest side), written while the domain is
 //! still paused, each node owned by dom0 and readable by the domU only (`n0 r<domid>`):
 //!
 //! ```text
@@ -167,6 +167,73 @@ pub fn valid_vm_path(path: &str) -> bool {
             8 | 13 | 18 | 23 => b == b'-',
             _ => b.is_ascii_hexdigit(),
         })
+}
+
+/// Where dom0 keeps its backend halves of other domains' devices: `<kind>/<domid>/<devid>`.
+const BACKEND_DIR: &str = "/local/domain/0/backend";
+/// Most backend kinds (`console`, `vbd`, `vif`, ...) considered.
+const MAX_BACKEND_KINDS: usize = 64;
+
+/// Whether a child of [`BACKEND_DIR`] is a device kind whose path may be built on.
+fn valid_backend_kind(kind: &str) -> bool {
+    !kind.is_empty()
+        && kind.len() <= 32
+        && kind
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_'))
+}
+
+/// The xenstore subtrees removed for destroyed domain `domid`: `/local/domain/<domid>`,
+/// `/libxl/<domid>`, `/local/domain/0/backend/<kind>/<domid>` for each valid kind listed
+/// there (at most [`MAX_BACKEND_KINDS`]), `/local/domain/0/device-model/<domid>`, and its
+/// `vm` path if that is a valid `/vm/<uuid>` and, when `uuid` is known, exactly
+/// [`vm_path`]`(uuid)`. Nothing for dom0 or a reserved id.
+pub fn domain_paths(
+    domid: DomId,
+    backend_kinds: &[String],
+    vm: Option<&str>,
+    uuid: Option<[u8; 16]>,
+) -> Vec<String> {
+    if domid == 0 || domid >= DOMID_FIRST_RESERVED {
+        return Vec::new();
+    }
+    let mut paths = vec![
+        format!("/local/domain/{domid}"),
+        format!("/libxl/{domid}"),
+        format!("/local/domain/0/device-model/{domid}"),
+    ];
+    paths.extend(
+        backend_kinds
+            .iter()
+            .take(MAX_BACKEND_KINDS)
+            .filter(|k| valid_backend_kind(k))
+            .map(|k| format!("{BACKEND_DIR}/{k}/{domid}")),
+    );
+    let expected = uuid.map(vm_path);
+    if let Some(vm) = vm
+        .filter(|p| valid_vm_path(p))
+        .filter(|p| expected.as_deref().is_none_or(|e| e == *p))
+    {
+        paths.push(vm.to_owned());
+    }
+    paths
+}
+
+/// A uuid as libxl prints it: 8-4-4-4-12 lowercase hex.
+pub fn uuid_text(uuid: [u8; 16]) -> String {
+    let mut text = String::with_capacity(36);
+    for (i, b) in uuid.iter().enumerate() {
+        if matches!(i, 4 | 6 | 8 | 10) {
+            text.push('-');
+        }
+        text.push_str(&format!("{b:02x}"));
+    }
+    text
+}
+
+/// The `/vm/<uuid>` node libxl keeps for the domain with `uuid`.
+pub fn vm_path(uuid: [u8; 16]) -> String {
+    format!("/vm/{}", uuid_text(uuid))
 }
 
 /// The second connection, for `SET_PERMS`.
@@ -408,21 +475,32 @@ impl Store {
             .map(|(d, _)| d))
     }
 
-    /// Removes what the toolstack kept in xenstore for a destroyed domain:
-    /// `/local/domain/<domid>`, `/libxl/<domid>` and its `/vm/<uuid>`.
-    pub fn remove_domain(&self, domid: DomId) -> Result<(), StoreError> {
+    /// Removes what the toolstack kept in xenstore for a destroyed domain (see
+    /// [`domain_paths`]): its home, libxl's record, dom0's backend directories for its
+    /// devices (libxl writes one for the PV console even without disks or networks) and
+    /// its `/vm/<uuid>` (only that of `uuid`, when the caller knows the domain's uuid).
+    pub fn remove_domain(&self, domid: DomId, uuid: Option<[u8; 16]>) -> Result<(), StoreError> {
         if domid == 0 || domid >= DOMID_FIRST_RESERVED {
             return Ok(());
         }
+        // Every path is tried even if one step fails; the first failure is returned.
+        let mut first_error = None;
         let vm = self
-            .read(&format!("/local/domain/{domid}/vm"))?
-            .filter(|p| valid_vm_path(p));
-        self.remove(&format!("/local/domain/{domid}"))?;
-        self.remove(&format!("/libxl/{domid}"))?;
-        if let Some(vm) = vm {
-            self.remove(&vm)?;
+            .read(&format!("/local/domain/{domid}/vm"))
+            .unwrap_or_else(|e| {
+                first_error.get_or_insert(e);
+                None
+            });
+        let kinds = self.list(BACKEND_DIR).unwrap_or_else(|e| {
+            first_error.get_or_insert(e);
+            Vec::new()
+        });
+        for path in domain_paths(domid, &kinds, vm.as_deref(), uuid) {
+            if let Err(e) = self.remove(&path) {
+                first_error.get_or_insert(e);
+            }
         }
-        Ok(())
+        first_error.map_or(Ok(()), Err)
     }
 }
 
@@ -583,6 +661,57 @@ mod tests {
         let mut sent = Vec::new();
         theirs.read_to_end(&mut sent).unwrap();
         assert!(sent.is_empty());
+    }
+
+    #[test]
+    fn a_destroyed_domains_backend_entries_are_removed_too() {
+        let kinds: Vec<String> = ["console", "vbd", "../0", "", "a/b"]
+            .iter()
+            .map(|k| (*k).to_owned())
+            .collect();
+        let vm = "/vm/0123abcd-0000-4000-8000-00000000beef";
+        let paths = domain_paths(7, &kinds, Some(vm), None);
+        assert_eq!(
+            paths,
+            vec![
+                "/local/domain/7".to_owned(),
+                "/libxl/7".to_owned(),
+                "/local/domain/0/device-model/7".to_owned(),
+                "/local/domain/0/backend/console/7".to_owned(),
+                "/local/domain/0/backend/vbd/7".to_owned(),
+                vm.to_owned(),
+            ]
+        );
+        // A hostile vm path is not followed; dom0 and reserved ids get nothing.
+        assert!(!domain_paths(7, &[], Some("/local/domain/0"), None)
+            .contains(&"/local/domain/0".to_owned()));
+        assert!(domain_paths(0, &kinds, Some(vm), None).is_empty());
+        assert!(domain_paths(DOMID_FIRST_RESERVED, &kinds, None, None).is_empty());
+        // The number of kinds considered is bounded.
+        let many: Vec<String> = (0..1000).map(|i| format!("k{i}")).collect();
+        assert_eq!(
+            domain_paths(7, &many, None, None).len(),
+            3 + MAX_BACKEND_KINDS
+        );
+    }
+
+    #[test]
+    fn only_the_domains_own_vm_node_is_removed_when_its_uuid_is_known() {
+        let mut uuid = [0u8; 16];
+        uuid[0] = 0x01;
+        uuid[1] = 0x23;
+        uuid[2] = 0xab;
+        uuid[3] = 0xcd;
+        uuid[6] = 0x40;
+        uuid[8] = 0x80;
+        uuid[14] = 0xbe;
+        uuid[15] = 0xef;
+        let own = "/vm/0123abcd-0000-4000-8000-00000000beef";
+        assert_eq!(vm_path(uuid), own);
+        assert!(domain_paths(7, &[], Some(own), Some(uuid)).contains(&own.to_owned()));
+        // A `vm` node naming another domain's (well-formed) /vm entry is not followed.
+        let other = "/vm/ffffffff-0000-4000-8000-00000000beef";
+        assert!(!domain_paths(7, &[], Some(other), Some(uuid)).contains(&other.to_owned()));
     }
 
     #[test]

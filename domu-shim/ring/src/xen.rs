@@ -10,7 +10,7 @@
 //! ```
 //!
 //! The refs and the port travel through xenstore (`/local/domain/<domid>/data/mayfly/`,
-//! written by dom0 only; see `docs/formats.md` §2 and `XEN-NOTES.md`). The product's agent
+//! written by dom0 only; see `docs/formats.md` §2.5). The product's agent
 //! grants pages with libxengnttab; [`GntallocMem`] is the same operation through the kernel
 //! device, used by the Xen-in-QEMU suite's peer and benchmarks.
 //!

@@ -10,7 +10,7 @@
 //! ```
 //!
 //! The xenstore keys (written only by dom0, before it unpauses the domain; see
-//! `XEN-NOTES.md`) are still validated as if hostile: each value is at most a few bytes
+//! `docs/formats.md` §2.5) are still validated as if hostile: each value is at most a few bytes
 //! per field, decimal, in range, and the refs are exactly `ring-pages` in number.
 //!
 //! Progress goes to the console as `mayfly-shim: ...` lines (the Xen-in-QEMU suite reads

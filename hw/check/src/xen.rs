@@ -8,11 +8,11 @@
 //! command line.
 //!
 //! This crate makes no hypercalls (it is `forbid(unsafe_code)` and links no Xen library). A
-//! [`XenPhysInfoSource`] supplies those facts. [`XlInfoSource`] runs the toolstack's `xl info`
-//! (which prints exactly those fields from `xc_physinfo` and `xc_version`; it needs xenstored
-//! running) and is what `mayfly hw-check` uses in dom0 today. When the run-time-loaded
-//! libxenctrl bindings (`mayfly-xen`) land, a source calling `xc_physinfo`/`xc_version`
-//! directly can replace it without xenstored; the checks do not change.
+//! [`XenPhysInfoSource`] supplies those facts. `mayfly hw-check` asks a source calling
+//! `xc_physinfo`/`xc_version` through the run-time-loaded libxenctrl bindings of `mayfly-xen`
+//! first (no xenstored needed) and falls back to [`XlInfoSource`], which runs the toolstack's
+//! `xl info` (it prints exactly those fields from `xc_physinfo` and `xc_version`, and needs
+//! xenstored running); the checks do not depend on the source.
 //!
 //! `xl info` lines used (Xen 4.17; `key : value`, aligned with spaces):
 //!
