@@ -173,50 +173,68 @@ impl Notifier for EventFdNotifier {
     }
 
     fn wait(&self, timeout: Option<Duration>) -> Result<Wake, NotifyError> {
-        let fd = self.wait.as_raw_fd();
-        let deadline = timeout.and_then(|t| Instant::now().checked_add(t));
-        loop {
-            let timeout_ms = match deadline {
-                None if timeout.is_some() => i32::MAX, // absurdly long timeout
-                None => -1,
-                Some(d) => poll_millis(d.saturating_duration_since(Instant::now())),
-            };
-            let mut pfd = libc::pollfd {
-                fd,
-                events: libc::POLLIN,
-                revents: 0,
-            };
-            // SAFETY: `pfd` is one valid, writable pollfd and we pass a count of 1.
-            #[allow(unsafe_code)]
-            let ready = unsafe { libc::poll(&mut pfd, 1, timeout_ms) };
-            if ready < 0 {
-                let source = io::Error::last_os_error();
-                if source.kind() == io::ErrorKind::Interrupted {
-                    continue;
-                }
-                return Err(NotifyError::Wait { fd, source });
-            }
-            if ready == 0 {
-                if deadline.is_some_and(|d| Instant::now() < d) {
-                    continue; // poll rounds to milliseconds; finish the wait
-                }
-                return Ok(Wake::TimedOut);
-            }
-            if pfd.revents & (libc::POLLERR | libc::POLLNVAL) != 0 {
-                return Err(NotifyError::BadFd {
-                    fd,
-                    revents: pfd.revents,
-                });
-            }
-            let mut counter = [0u8; 8];
-            return match (&self.wait).read(&mut counter) {
-                // Drained, or someone else drained it first: either way, re-check the ring.
-                Ok(_) => Ok(Wake::Notified),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(Wake::Notified),
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => Ok(Wake::Notified),
-                Err(source) => Err(NotifyError::Wait { fd, source }),
-            };
+        if !poll_readable(self.wait.as_fd(), timeout)? {
+            return Ok(Wake::TimedOut);
         }
+        let mut counter = [0u8; 8];
+        match (&self.wait).read(&mut counter) {
+            // Drained, or someone else drained it first: either way, re-check the ring.
+            Ok(_) => Ok(Wake::Notified),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(Wake::Notified),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => Ok(Wake::Notified),
+            Err(source) => Err(NotifyError::Wait {
+                fd: self.wait.as_raw_fd(),
+                source,
+            }),
+        }
+    }
+}
+
+/// Waits until `fd` is readable (`true`) or `timeout` has passed (`false`; `None` waits for
+/// ever), across `EINTR` and `poll`'s millisecond rounding. An fd that `poll` reports in
+/// error or invalid is [`NotifyError::BadFd`]. Shared by every notifier that sleeps on an
+/// fd (eventfds here, the Xen event channel device).
+pub(crate) fn poll_readable(
+    fd: BorrowedFd<'_>,
+    timeout: Option<Duration>,
+) -> Result<bool, NotifyError> {
+    let raw = fd.as_raw_fd();
+    let deadline = timeout.and_then(|t| Instant::now().checked_add(t));
+    loop {
+        let timeout_ms = match deadline {
+            None if timeout.is_some() => i32::MAX, // absurdly long timeout
+            None => -1,
+            Some(d) => poll_millis(d.saturating_duration_since(Instant::now())),
+        };
+        let mut pfd = libc::pollfd {
+            fd: raw,
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: `pfd` is one valid, writable pollfd and we pass a count of 1; `fd` is
+        // borrowed, so it stays open for the call.
+        #[allow(unsafe_code)]
+        let ready = unsafe { libc::poll(&mut pfd, 1, timeout_ms) };
+        if ready < 0 {
+            let source = io::Error::last_os_error();
+            if source.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(NotifyError::Wait { fd: raw, source });
+        }
+        if ready == 0 {
+            if deadline.is_some_and(|d| Instant::now() < d) {
+                continue; // poll rounds to milliseconds; finish the wait
+            }
+            return Ok(false);
+        }
+        if pfd.revents & (libc::POLLERR | libc::POLLNVAL) != 0 {
+            return Err(NotifyError::BadFd {
+                fd: raw,
+                revents: pfd.revents,
+            });
+        }
+        return Ok(true);
     }
 }
 

@@ -15,10 +15,10 @@
 use std::fs::File;
 use std::io::{self, Read, Write};
 use std::os::fd::{AsFd, AsRawFd};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use super::{get_u32, ioc_none, ioctl_buf, open_device, put_u32, DomId};
-use crate::notify::{Notifier, NotifyError, Wake};
+use crate::notify::{poll_readable, Notifier, NotifyError, Wake};
 
 /// The event channel device node.
 pub const EVTCHN_PATH: &str = "/dev/xen/evtchn";
@@ -167,47 +167,11 @@ impl Notifier for EvtchnNotifier {
     }
 
     fn wait(&self, timeout: Option<Duration>) -> Result<Wake, NotifyError> {
-        let fd = self.dev.as_raw_fd();
-        let deadline = timeout.and_then(|t| Instant::now().checked_add(t));
-        loop {
-            let timeout_ms = match deadline {
-                None if timeout.is_some() => i32::MAX,
-                None => -1,
-                Some(d) => {
-                    let left = d.saturating_duration_since(Instant::now());
-                    i32::try_from(left.as_nanos().div_ceil(1_000_000)).unwrap_or(i32::MAX)
-                }
-            };
-            let mut pfd = libc::pollfd {
-                fd,
-                events: libc::POLLIN,
-                revents: 0,
-            };
-            // SAFETY: one valid, writable pollfd, count 1.
-            #[allow(unsafe_code)]
-            let ready = unsafe { libc::poll(&mut pfd, 1, timeout_ms) };
-            if ready < 0 {
-                let source = io::Error::last_os_error();
-                if source.kind() == io::ErrorKind::Interrupted {
-                    continue;
-                }
-                return Err(NotifyError::Wait { fd, source });
-            }
-            if ready == 0 {
-                if deadline.is_some_and(|d| Instant::now() < d) {
-                    continue;
-                }
-                return Ok(Wake::TimedOut);
-            }
-            if pfd.revents & (libc::POLLERR | libc::POLLNVAL) != 0 {
-                return Err(NotifyError::BadFd {
-                    fd,
-                    revents: pfd.revents,
-                });
-            }
-            // Readable: drain and unmask. Nothing read is a spurious wake-up; re-check.
-            self.drain()?;
-            return Ok(Wake::Notified);
+        if !poll_readable(self.dev.as_fd(), timeout)? {
+            return Ok(Wake::TimedOut);
         }
+        // Readable: drain and unmask. Nothing read is a spurious wake-up; re-check.
+        self.drain()?;
+        Ok(Wake::Notified)
     }
 }
