@@ -166,6 +166,15 @@ impl DomainBackend for ExecBackend {
     fn stats(&self) -> PoolStats {
         PoolStats::default()
     }
+    fn quarantined(&self) -> Vec<mayfly_domain::Quarantined> {
+        Vec::new() // this double keeps no quarantined domains: it refuses to quarantine
+    }
+    fn release_quarantined(
+        &self,
+        _id: mayfly_domain::DomainId,
+    ) -> Result<Option<mayfly_domain::DomainExit>, DomainError> {
+        Ok(None)
+    }
     fn shutdown(&self) {}
 }
 

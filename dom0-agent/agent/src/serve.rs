@@ -346,22 +346,11 @@ fn xen(s: &Settings, log: &Logger) -> anyhow::Result<XenBackend> {
     XenBackend::start(config, log.clone()).context("starting the xen backend")
 }
 
-/// The configured backend, and its quarantine for the admin console.
-type Started = (
-    Arc<dyn DomainBackend>,
-    Arc<dyn mayfly_console::QuarantineControl>,
-);
-
-fn backend(s: &Settings, log: &Logger) -> anyhow::Result<Started> {
+/// The configured backend.
+fn backend(s: &Settings, log: &Logger) -> anyhow::Result<Arc<dyn DomainBackend>> {
     Ok(match s.backend.as_str() {
-        "xen" => {
-            let xen = Arc::new(xen(s, log)?);
-            (xen.clone(), Arc::new(XenQuarantine(xen)))
-        }
-        _ => {
-            let sandbox = Arc::new(sandbox(s, log)?);
-            (sandbox.clone(), Arc::new(SandboxQuarantine(sandbox)))
-        }
+        "xen" => Arc::new(xen(s, log)?),
+        _ => Arc::new(sandbox(s, log)?),
     })
 }
 
@@ -449,7 +438,7 @@ pub fn run(args: &ServeArgs, log: &Logger) -> anyhow::Result<u8> {
     let policy_files = crate::policy::files(s.policy.as_deref())?;
     let bundle = mayfly_policy::Bundle::load(&policy_files).context("loading the policy bundle")?;
     let policy_hash = bundle.hash();
-    let (backend, quarantine) = backend(&s, log)?;
+    let backend = backend(&s, log)?;
     let names = crate::zygote::handler_names();
     let executor = Arc::new(Executor::new(
         ledger.clone(),
@@ -487,7 +476,6 @@ pub fn run(args: &ServeArgs, log: &Logger) -> anyhow::Result<u8> {
         Some(config) => {
             let services = mayfly_console::Services {
                 executor: executor.clone(),
-                quarantine: Some(quarantine.clone()),
                 exporters: (!s.siem.collectors.is_empty()).then(|| {
                     Arc::new(SiemStatus(siem.status_handle()))
                         as Arc<dyn mayfly_console::ExporterStatus>
@@ -568,36 +556,6 @@ pub fn run(args: &ServeArgs, log: &Logger) -> anyhow::Result<u8> {
         }
     }
     Ok(0)
-}
-
-/// Quarantine control over the sandbox backend, for the admin console.
-struct SandboxQuarantine(Arc<Sandbox>);
-
-impl mayfly_console::QuarantineControl for SandboxQuarantine {
-    fn list(&self) -> Vec<mayfly_domain::Quarantined> {
-        self.0.quarantined()
-    }
-    fn release(
-        &self,
-        id: mayfly_domain::DomainId,
-    ) -> Result<Option<mayfly_domain::DomainExit>, mayfly_domain::DomainError> {
-        self.0.release_quarantined(id)
-    }
-}
-
-/// Quarantine control over the Xen backend, for the admin console.
-struct XenQuarantine(Arc<XenBackend>);
-
-impl mayfly_console::QuarantineControl for XenQuarantine {
-    fn list(&self) -> Vec<mayfly_domain::Quarantined> {
-        self.0.quarantined()
-    }
-    fn release(
-        &self,
-        id: mayfly_domain::DomainId,
-    ) -> Result<Option<mayfly_domain::DomainExit>, mayfly_domain::DomainError> {
-        self.0.release_quarantined(id)
-    }
 }
 
 /// The SIEM exporter's per-collector delivery state, for the console's `status`.

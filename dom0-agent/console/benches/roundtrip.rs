@@ -39,6 +39,15 @@ impl DomainBackend for NoDomains {
     fn stats(&self) -> PoolStats {
         PoolStats::default()
     }
+    fn quarantined(&self) -> Vec<mayfly_domain::Quarantined> {
+        Vec::new() // this double keeps no quarantined domains: it has no domains
+    }
+    fn release_quarantined(
+        &self,
+        _id: mayfly_domain::DomainId,
+    ) -> Result<Option<mayfly_domain::DomainExit>, DomainError> {
+        Ok(None)
+    }
     fn shutdown(&self) {}
 }
 
@@ -130,7 +139,6 @@ fn main() {
         },
         Services {
             executor,
-            quarantine: None,
             exporters: None,
             admin_keys: 2,
             quorum: 2,

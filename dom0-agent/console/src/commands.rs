@@ -78,9 +78,6 @@ pub enum CommandError {
     /// The backend could not release a quarantined domain.
     #[error("backend: {0}")]
     Domain(#[from] mayfly_domain::DomainError),
-    /// This agent has no such capability configured.
-    #[error("{0} is not available on this agent")]
-    Unavailable(&'static str),
 }
 
 impl CommandError {
@@ -96,7 +93,6 @@ impl CommandError {
             Self::PolicyRefused { .. } => "policy_refused",
             Self::Commit(_) => "storage",
             Self::Domain(_) => "backend",
-            Self::Unavailable(_) => "unavailable",
         }
     }
 }
@@ -535,24 +531,20 @@ pub fn execute(
             )
         }
         Command::QuarantineList => {
-            let q = services
-                .quarantine
-                .as_ref()
-                .ok_or(CommandError::Unavailable("quarantine control"))?;
-            let list: Vec<Value> = q
-                .list()
+            let list: Vec<Value> = services
+                .executor
+                .backend()
+                .quarantined()
                 .into_iter()
                 .map(|d| json!({"domain": d.id, "backend": d.backend, "handle": d.handle}))
                 .collect();
             Ok(json!({"quarantined": list}))
         }
         Command::QuarantineRelease { domain } => {
-            let q = services
-                .quarantine
-                .as_ref()
-                .ok_or(CommandError::Unavailable("quarantine control"))?;
-            let exit = q
-                .release(*domain)?
+            let exit = services
+                .executor
+                .backend()
+                .release_quarantined(*domain)?
                 .ok_or_else(|| CommandError::NotFound(format!("no quarantined domain {domain}")))?;
             ledger.audit(vec![AuditEvent::new("domain.released", Severity::Notice)
                 .field("domain", domain)

@@ -34,19 +34,9 @@ pub mod status;
 
 use std::sync::Arc;
 
-use mayfly_domain::{DomainError, DomainExit, DomainId, Quarantined};
 use mayfly_executor::Executor;
 
 pub use server::{ConsoleConfig, ConsoleError, ConsoleServer};
-
-/// Lists and releases quarantined domains (implemented over the active backend by the
-/// agent's wiring).
-pub trait QuarantineControl: Send + Sync {
-    /// The domains kept stopped for forensics.
-    fn list(&self) -> Vec<Quarantined>;
-    /// Destroys one; `Ok(None)` if there is no such quarantined domain.
-    fn release(&self, id: DomainId) -> Result<Option<DomainExit>, DomainError>;
-}
 
 /// One SIEM collector's delivery state, as an exporter reports it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -72,10 +62,9 @@ pub trait ExporterStatus: Send + Sync {
 /// What the console acts on.
 #[derive(Clone)]
 pub struct Services {
-    /// The executor (and through it the ledger, backend and policy).
+    /// The executor (and through it the ledger, the backend with its quarantined domains,
+    /// and the policy).
     pub executor: Arc<Executor>,
-    /// Quarantine control, if the backend keeps quarantined domains.
-    pub quarantine: Option<Arc<dyn QuarantineControl>>,
     /// The SIEM exporter's status, once one is configured.
     pub exporters: Option<Arc<dyn ExporterStatus>>,
     /// Number of authorized admin keys (for `status`).

@@ -13,7 +13,7 @@ pub fn status(services: &Services) -> Value {
     let backend = services.executor.backend();
     let pool = backend.stats();
     let nonces = ledger.store().admin_nonces().ok();
-    let quarantined = services.quarantine.as_ref().map(|q| q.list().len());
+    let quarantined = services.executor.backend().quarantined().len();
     json!({
         "backend": backend.name(),
         "pool": {

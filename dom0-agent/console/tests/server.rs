@@ -36,6 +36,15 @@ impl DomainBackend for NoDomains {
     fn stats(&self) -> PoolStats {
         PoolStats::default()
     }
+    fn quarantined(&self) -> Vec<mayfly_domain::Quarantined> {
+        Vec::new() // this double keeps no quarantined domains: it has no domains
+    }
+    fn release_quarantined(
+        &self,
+        _id: mayfly_domain::DomainId,
+    ) -> Result<Option<mayfly_domain::DomainExit>, DomainError> {
+        Ok(None)
+    }
     fn shutdown(&self) {}
 }
 
@@ -95,7 +104,6 @@ fn config(dir: &Path) -> ConsoleConfig {
 fn services(executor: Arc<Executor>, exporters: Option<Arc<dyn ExporterStatus>>) -> Services {
     Services {
         executor,
-        quarantine: None,
         exporters,
         admin_keys: 2,
         quorum: 2,

@@ -164,6 +164,12 @@ pub trait DomainBackend: Send + Sync {
     fn take(&self, timeout: Duration) -> Result<Box<dyn Domain>, DomainError>;
     /// Pool counters.
     fn stats(&self) -> PoolStats;
+    /// The domains kept stopped for forensics by [`Domain::quarantine`], still held by the
+    /// backend until an operator releases them.
+    fn quarantined(&self) -> Vec<Quarantined>;
+    /// Destroys a quarantined domain (after forensics); `Ok(None)` if there is no such
+    /// quarantined domain.
+    fn release_quarantined(&self, id: DomainId) -> Result<Option<DomainExit>, DomainError>;
     /// Destroys every domain, ready or in use, and stops refilling.
     fn shutdown(&self);
 }

@@ -175,6 +175,15 @@ impl DomainBackend for ThreadBackend {
     fn stats(&self) -> PoolStats {
         PoolStats::default()
     }
+    fn quarantined(&self) -> Vec<mayfly_domain::Quarantined> {
+        Vec::new() // this double keeps no quarantined domains: it drops what it quarantines
+    }
+    fn release_quarantined(
+        &self,
+        _id: mayfly_domain::DomainId,
+    ) -> Result<Option<mayfly_domain::DomainExit>, DomainError> {
+        Ok(None)
+    }
     fn shutdown(&self) {}
 }
 

@@ -560,9 +560,11 @@ impl Sandbox {
                 .0;
         }
     }
+}
 
+impl DomainBackend for Sandbox {
     /// The quarantined clones, kept stopped for forensics.
-    pub fn quarantined(&self) -> Vec<Quarantined> {
+    fn quarantined(&self) -> Vec<Quarantined> {
         self.shared
             .pool()
             .quarantined
@@ -572,7 +574,7 @@ impl Sandbox {
     }
 
     /// Destroys a quarantined clone (after forensics). `Ok(None)`: no such clone.
-    pub fn release_quarantined(&self, id: DomainId) -> Result<Option<DomainExit>, DomainError> {
+    fn release_quarantined(&self, id: DomainId) -> Result<Option<DomainExit>, DomainError> {
         let entry = {
             let mut state = self.shared.pool();
             let index = state.quarantined.iter().position(|(q, _)| q.id == id);
@@ -586,9 +588,7 @@ impl Sandbox {
             .map(Some)
             .map_err(|e| self.shared.domain_error(id, e))
     }
-}
 
-impl DomainBackend for Sandbox {
     fn name(&self) -> &'static str {
         BACKEND
     }

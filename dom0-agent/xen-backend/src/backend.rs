@@ -209,9 +209,11 @@ impl XenBackend {
             }),
         }
     }
+}
 
+impl DomainBackend for XenBackend {
     /// The quarantined domains, kept paused for forensics.
-    pub fn quarantined(&self) -> Vec<Quarantined> {
+    fn quarantined(&self) -> Vec<Quarantined> {
         lock(&self.quarantined)
             .items
             .iter()
@@ -220,7 +222,7 @@ impl XenBackend {
     }
 
     /// Destroys a quarantined domain (after forensics). `Ok(None)`: no such domain.
-    pub fn release_quarantined(&self, id: DomainId) -> Result<Option<DomainExit>, DomainError> {
+    fn release_quarantined(&self, id: DomainId) -> Result<Option<DomainExit>, DomainError> {
         let entry = lock(&self.quarantined).remove(id);
         let Some(mut live) = entry else {
             return Ok(None);
@@ -231,9 +233,7 @@ impl XenBackend {
             source: Box::new(e),
         })
     }
-}
 
-impl DomainBackend for XenBackend {
     fn name(&self) -> &'static str {
         BACKEND
     }
