@@ -30,7 +30,7 @@ if timeout 30 xl list >/dev/null 2>&1; then R "toolstack ok"; else R "toolstack 
 # `--xl` names no program, so the facts can only come through libxenctrl.
 timeout 60 mayfly hw-check --profile general --json --xl /nonexistent/xl >/tmp/hw.json 2>/tmp/hw.err
 R "hwcheck rc=$?"
-echo "MAYFLY-HWCHECK $(tr -d '\n' </tmp/hw.json)"
+sed 's/^/MAYFLY-HWCHECK /' /tmp/hw.json
 sed 's/^/MAYFLY-HWCHECK-ERR /' /tmp/hw.err
 
 # peer <tag> <args...>: one xen-ring-peer run, its lines prefixed, its status reported.
