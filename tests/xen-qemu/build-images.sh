@@ -101,8 +101,11 @@ install -s -m 0755 target/release/mayfly "$ROOT/usr/bin/mayfly"
 install -s -m 0755 "$SHIM" "$ROOT/usr/bin/domu-shim"
 # Shared-library closure of every dynamic binary, at the paths the loader expects.
 # The agent loads libxenctrl, libxengnttab and libxenevtchn at run time (dlopen by soname).
+# (The loader cache is read whole into a variable: an `awk … exit` on the pipe would kill
+# ldconfig with SIGPIPE now and then, and with pipefail and set -e end this script silently.)
+ld_cache=$(ldconfig -p)
 dlopened=$(for so in libxenctrl.so.4.17 libxengnttab.so.1 libxenevtchn.so.1; do
-    ldconfig -p | awk -v so="$so" '$1 == so && /x86-64/ { print $NF; exit }'
+    awk -v so="$so" '$1 == so && /x86-64/ && !found { print $NF; found = 1 }' <<<"$ld_cache"
 done)
 libs=$(for f in "$ROOT"/usr/sbin/* "$ROOT"/usr/bin/* "$ROOT$XEN_BIN"/* $dlopened; do
     echo "$f" | grep -q '\.so' && echo "$f"
