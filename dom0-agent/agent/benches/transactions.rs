@@ -184,6 +184,25 @@ struct Run {
     rate: f64,
     p50: Duration,
     p99: Duration,
+    /// CPU time (all threads of this process, and every process it reaped, directly or
+    /// through the zygote) per transaction, from before the backend started to after it
+    /// shut down.
+    cpu_per_tx: Duration,
+    /// Transactions completed.
+    count: usize,
+}
+
+/// CPU time used so far by this process and its reaped descendants.
+fn cpu_now() -> Duration {
+    let used = |who| {
+        let u = nix::sys::resource::getrusage(who).unwrap();
+        let tv = |t: nix::sys::time::TimeVal| {
+            Duration::from_secs(t.tv_sec() as u64) + Duration::from_micros(t.tv_usec() as u64)
+        };
+        tv(u.user_time()) + tv(u.system_time())
+    };
+    used(nix::sys::resource::UsageWho::RUSAGE_SELF)
+        + used(nix::sys::resource::UsageWho::RUSAGE_CHILDREN)
 }
 
 fn summarize(mut lat: Vec<Duration>, elapsed: Duration) -> Run {
@@ -197,6 +216,8 @@ fn summarize(mut lat: Vec<Duration>, elapsed: Duration) -> Run {
         rate: lat.len() as f64 / elapsed.as_secs_f64(),
         p50: pick(0.5),
         p99: pick(0.99),
+        cpu_per_tx: Duration::ZERO,
+        count: lat.len(),
     }
 }
 
@@ -229,11 +250,19 @@ where
     summarize(lat, start.elapsed())
 }
 
+/// `run`, with the CPU time used since `cpu_before` divided among its transactions.
+fn with_cpu(mut run: Run, cpu_before: Duration) -> Run {
+    let txs = u32::try_from(run.count.max(1)).unwrap_or(u32::MAX);
+    run.cpu_per_tx = (cpu_now() - cpu_before) / txs;
+    run
+}
+
 fn in_process(dir: &Path, n: usize, secs: f64) -> Run {
+    let cpu_before = cpu_now();
     let ledger = Ledger::open(dir, &Options::default(), &log()).unwrap();
     seed(&ledger);
     let transfer = mayfly_handlers::registry().get("transfer").unwrap();
-    clients(n, secs, move |rng, _client| {
+    let run = clients(n, secs, move |rng, _client| {
         let p = payload(rng);
         loop {
             let mut tx = ledger
@@ -258,10 +287,18 @@ fn in_process(dir: &Path, n: usize, secs: f64) -> Run {
                 Err(e) => panic!("{e}"),
             }
         }
-    })
+    });
+    with_cpu(run, cpu_before)
 }
 
-fn through_executor(dir: &Path, backend: Arc<dyn DomainBackend>, n: usize, secs: f64) -> Run {
+fn through_executor(
+    dir: &Path,
+    backend: impl FnOnce() -> Arc<dyn DomainBackend>,
+    n: usize,
+    secs: f64,
+) -> Run {
+    let cpu_before = cpu_now();
+    let backend = backend();
     let ledger = Ledger::open(dir, &Options::default(), &log()).unwrap();
     seed(&ledger);
     let names = vec!["transfer".to_owned()];
@@ -291,18 +328,21 @@ fn through_executor(dir: &Path, backend: Arc<dyn DomainBackend>, n: usize, secs:
         assert_eq!(o.status, TxStatus::Committed, "{:?}", o.error);
     });
     backend.shutdown();
-    run
+    drop(backend);
+    with_cpu(run, cpu_before)
 }
 
-fn median(runs: &mut [Run]) -> (f64, Duration, Duration) {
+fn median(runs: &mut [Run]) -> (f64, Duration, Duration, Duration) {
     let mut rates: Vec<f64> = runs.iter().map(|r| r.rate).collect();
     let mut p50: Vec<Duration> = runs.iter().map(|r| r.p50).collect();
     let mut p99: Vec<Duration> = runs.iter().map(|r| r.p99).collect();
+    let mut cpu: Vec<Duration> = runs.iter().map(|r| r.cpu_per_tx).collect();
     rates.sort_by(|a, b| a.partial_cmp(b).unwrap());
     p50.sort_unstable();
     p99.sort_unstable();
+    cpu.sort_unstable();
     let m = runs.len() / 2;
-    (rates[m], p50[m], p99[m])
+    (rates[m], p50[m], p99[m], cpu[m])
 }
 
 /// The shipped default policy bundle: every ring operation is checked, as in production.
@@ -374,12 +414,15 @@ fn main() {
         let n = env_or("BENCH_CLIENTS", CLIENTS as f64) as usize;
         let run = match only.as_str() {
             "in-process" => in_process(&d, n, secs),
-            "fork+exec" => through_executor(&d, exec_backend(&shim), n, secs),
-            _ => through_executor(&d, sandbox_backend(&agent, &d), n, secs),
+            "fork+exec" => through_executor(&d, || exec_backend(&shim), n, secs),
+            _ => through_executor(&d, || sandbox_backend(&agent, &d), n, secs),
         };
         println!(
-            "{only}: {:.0} tx/s p50 {:.2?} p99 {:.2?}",
-            run.rate, run.p50, run.p99
+            "{only}: {:.0} tx/s p50 {:.2?} p99 {:.2?} cpu/tx {} µs",
+            run.rate,
+            run.p50,
+            run.p99,
+            run.cpu_per_tx.as_micros()
         );
         return;
     }
@@ -390,9 +433,14 @@ fn main() {
             let d = root.path().join(format!("inproc-{n}-{rep}"));
             inproc.push(in_process(&d, n, secs));
             let d = root.path().join(format!("exec-{n}-{rep}"));
-            exec.push(through_executor(&d, exec_backend(&shim), n, secs));
+            exec.push(through_executor(&d, || exec_backend(&shim), n, secs));
             let d = root.path().join(format!("sandbox-{n}-{rep}"));
-            sandbox.push(through_executor(&d, sandbox_backend(&agent, &d), n, secs));
+            sandbox.push(through_executor(
+                &d,
+                || sandbox_backend(&agent, &d),
+                n,
+                secs,
+            ));
         }
         let rows = [
             ("in-process", median(&mut inproc)),
@@ -400,16 +448,20 @@ fn main() {
             ("sandbox", median(&mut sandbox)),
         ];
         println!("{n} client(s):");
-        for (name, (rate, p50, p99)) in rows {
-            println!("  {name:>10}: {rate:>8.0} tx/s  p50 {p50:>10.2?}  p99 {p99:>10.2?}");
+        for (name, (rate, p50, p99, cpu)) in rows {
+            println!(
+                "  {name:>10}: {rate:>8.0} tx/s  p50 {p50:>10.2?}  p99 {p99:>10.2?}  cpu/tx {:>6} µs", cpu.as_micros()
+            );
         }
-        let ((ir, ip, _), (er, ep, _), (sr, sp, _)) = (rows[0].1, rows[1].1, rows[2].1);
+        let ((ir, ip, _, ic), (er, ep, _, ec), (sr, sp, _, sc)) = (rows[0].1, rows[1].1, rows[2].1);
         println!(
-            "  sandbox vs in-process: p50 {:.1}x, throughput {:.2}x | sandbox vs fork+exec: throughput {:.1}x, p50 {:.2}x",
+            "  sandbox vs in-process: p50 {:.1}x, throughput {:.2}x, cpu/tx {:.1}x | sandbox vs fork+exec: throughput {:.1}x, p50 {:.2}x, cpu/tx {:.2}x",
             sp.as_secs_f64() / ip.as_secs_f64(),
             sr / ir,
+            sc.as_secs_f64() / ic.as_secs_f64(),
             sr / er,
             sp.as_secs_f64() / ep.as_secs_f64(),
+            sc.as_secs_f64() / ec.as_secs_f64(),
         );
     }
 }

@@ -89,7 +89,20 @@ fn transactions_commit_with_checkpoints_each_in_its_own_vanished_domain() {
         settled,
         "clones still in use after every transaction answered"
     );
-    let events = audit(dir.path());
+    // The destroyed records are routine lifecycle records: they ride with the next group
+    // commit, or are committed alone within the ledger's lazy-audit delay. Read the audit
+    // until every started domain's end is there (bounded in time).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let events = loop {
+        let events = audit(dir.path());
+        let count = |name: &str| events.iter().filter(|(e, _)| e == name).count();
+        if count("domain.destroyed") >= count("domain.started")
+            || std::time::Instant::now() > deadline
+        {
+            break events;
+        }
+        std::thread::yield_now();
+    };
     let handles: Vec<u32> = events
         .iter()
         .filter(|(e, _)| e == "domain.cloned")
@@ -119,10 +132,7 @@ fn transactions_commit_with_checkpoints_each_in_its_own_vanished_domain() {
         .filter(|(e, _)| e == "domain.destroyed")
         .count();
     assert_eq!(started, handles.len());
-    assert!(
-        destroyed >= started - 1,
-        "destroyed {destroyed} of {started}"
-    );
+    assert_eq!(destroyed, started, "destroyed {destroyed} of {started}");
 
     let (code, health) = agent.get("/v1/health");
     assert_eq!(code, 200);

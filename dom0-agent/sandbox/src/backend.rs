@@ -381,7 +381,8 @@ impl Sandbox {
         });
         let settings = Settings {
             limits: config.limits,
-            uid: config.uid,
+            first_uid: config.first_uid,
+            uid_count: config.uid_count,
             gid: config.gid,
             guest_stderr: config.guest_stderr,
             root,

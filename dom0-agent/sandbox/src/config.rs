@@ -10,7 +10,8 @@
 //! | `max_in_use` | 64 | clones handed out and not yet destroyed; `take` waits while at the cap |
 //! | `ready_timeout` | 5 s | how long a new clone (and the zygote at start) may take to become ready |
 //! | `geometry` | [`Geometry::DEFAULT`] | ring geometry |
-//! | `uid`, `gid` | 65534, 65534 | the unprivileged identity clones run as (no supplementary groups) |
+//! | `first_uid`, `uid_count` | 1,900,000,000, 65,536 | the uids clones run as: each live clone has its own uid from `first_uid .. first_uid + uid_count`, so the kernel's permission checks (signals, `prlimit`, ptrace) keep clones apart; no host account may use the range (systemd leaves 1,879,048,192–2,147,352,575 unassigned). At least `pool_size + max_in_use + refill_threads + 8` (the quarantine) uids |
+//! | `gid` | 65534 | the group every clone runs as (no supplementary groups) |
 //! | `limits.memory_bytes` | 256 MiB | `RLIMIT_AS`: the clone's whole address space, including what it inherits from the zygote |
 //! | `limits.cpu_seconds` | 10 | `RLIMIT_CPU` soft limit (`SIGXCPU`); the hard limit is one second more (`SIGKILL`) |
 //! | `limits.max_fds` | 16 | `RLIMIT_NOFILE` (a clone starts with 6 fds: 0–2 on `/dev/null`, 3–5 its ring) |
@@ -21,6 +22,13 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use mayfly_ring::Geometry;
+
+/// The default first uid of the clones' range: inside 1,879,048,192–2,147,352,575, which
+/// systemd's conventions leave unassigned (below the container range's end, above nothing
+/// it allocates).
+pub const DEFAULT_FIRST_UID: u32 = 1_900_000_000;
+/// The default number of uids in the range.
+pub const DEFAULT_UID_COUNT: u32 = 65_536;
 
 /// Resource limits applied to every clone (see the [module docs](self)).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -62,8 +70,10 @@ pub struct SandboxConfig {
     pub ready_timeout: Duration,
     /// Ring geometry.
     pub geometry: Geometry,
-    /// Uid clones run as.
-    pub uid: u32,
+    /// The first uid of the clones' range (each live clone has its own).
+    pub first_uid: u32,
+    /// How many uids the range holds.
+    pub uid_count: u32,
     /// Gid clones run as.
     pub gid: u32,
     /// Resource limits of each clone.
@@ -88,19 +98,51 @@ impl SandboxConfig {
             max_in_use: 64,
             ready_timeout: Duration::from_secs(5),
             geometry: Geometry::DEFAULT,
-            uid: 65534,
+            first_uid: DEFAULT_FIRST_UID,
+            uid_count: DEFAULT_UID_COUNT,
             gid: 65534,
             limits: Limits::default(),
             guest_stderr: false,
         }
     }
 
+    /// The fewest uids the range must hold: one per clone that can be alive at once (pooled,
+    /// being created, handed out, quarantined).
+    pub fn uids_needed(&self) -> u64 {
+        [
+            self.pool_size,
+            self.refill_threads,
+            self.max_in_use,
+            crate::backend::MAX_QUARANTINED,
+        ]
+        .into_iter()
+        .map(|n| u64::try_from(n).unwrap_or(u64::MAX))
+        .fold(0u64, u64::saturating_add)
+    }
+
     /// Checks the values that would make the sandbox useless or unsafe.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        if self.uid == 0 || self.gid == 0 {
+        if self.first_uid == 0 || self.gid == 0 {
             return Err(ConfigError::RootIdentity {
-                uid: self.uid,
+                uid: self.first_uid,
                 gid: self.gid,
+            });
+        }
+        // The last uid must exist: u32::MAX is "(uid_t) -1", which setresuid reads as
+        // "leave unchanged".
+        let last = u64::from(self.first_uid) + u64::from(self.uid_count);
+        if self.uid_count == 0 || last > u64::from(u32::MAX) {
+            return Err(ConfigError::UidRange {
+                first_uid: self.first_uid,
+                uid_count: self.uid_count,
+                needed: self.uids_needed(),
+            });
+        }
+        if u64::from(self.uid_count) < self.uids_needed() {
+            return Err(ConfigError::UidRange {
+                first_uid: self.first_uid,
+                uid_count: self.uid_count,
+                needed: self.uids_needed(),
             });
         }
         if self.max_in_use == 0 {
@@ -148,6 +190,20 @@ pub enum ConfigError {
         /// Configured gid.
         gid: u32,
     },
+    /// The uid range is empty, runs past the last uid, or is smaller than the clones that
+    /// can be alive at once.
+    #[error(
+        "uid range {first_uid} + {uid_count} is invalid: it must end below 4294967295 and \
+         hold at least {needed} uids (pool, refill threads, clones in use, quarantine)"
+    )]
+    UidRange {
+        /// Configured first uid.
+        first_uid: u32,
+        /// Configured count.
+        uid_count: u32,
+        /// The fewest uids needed.
+        needed: u64,
+    },
     /// A field that must be non-zero is zero (or empty).
     #[error("{field} must not be zero or empty")]
     Zero {
@@ -176,14 +232,25 @@ mod tests {
     fn defaults_are_valid_and_root_is_refused() {
         let config = SandboxConfig::new("/bin/true", ["sandbox-zygote"], "/run/mayfly");
         config.validate().unwrap();
-        assert_eq!(config.uid, 65534);
+        assert_eq!(config.first_uid, DEFAULT_FIRST_UID);
         assert_eq!(config.limits.cpu_seconds, 10);
         let mut root = config.clone();
-        root.uid = 0;
+        root.first_uid = 0;
         assert!(matches!(
             root.validate(),
             Err(ConfigError::RootIdentity { .. })
         ));
+        // Too few uids for the clones that can be alive at once, or past the last uid.
+        let mut few = config.clone();
+        few.uid_count = u32::try_from(config.uids_needed()).unwrap() - 1;
+        assert!(matches!(few.validate(), Err(ConfigError::UidRange { .. })));
+        few.uid_count += 1;
+        few.validate().unwrap();
+        let mut high = config.clone();
+        high.first_uid = u32::MAX - 10;
+        assert!(matches!(high.validate(), Err(ConfigError::UidRange { .. })));
+        high.first_uid = u32::MAX - config.uid_count;
+        high.validate().unwrap();
         let mut fds = config.clone();
         fds.limits.max_fds = 3;
         assert!(matches!(fds.validate(), Err(ConfigError::TooFewFds { .. })));

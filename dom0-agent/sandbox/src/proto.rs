@@ -18,10 +18,14 @@
 //!  24     ..    body: Configure only
 //!
 //!  Configure body:
-//!  24     8     RLIMIT_AS bytes        48  4  uid          60  4  root path length n
-//!  32     8     RLIMIT_CPU seconds     52  4  gid          64  n  root path (n <= 4096)
+//!  24     8     RLIMIT_AS bytes        48  4  first uid    60  4  uid count
+//!  32     8     RLIMIT_CPU seconds     52  4  gid          64  4  root path length n
 //!  40     8     RLIMIT_NOFILE          56  4  flags (bit 0: guest stderr)
+//!                                      68  n  root path (n <= 4096)
 //! ```
+//!
+//! Each clone runs as its own uid, taken from `first uid .. first uid + uid count` (one not
+//! held by a live clone); version 1 had one uid for every clone and no count.
 //!
 //! | kind | name | direction | fds |
 //! |---|---|---|---|
@@ -47,9 +51,9 @@ use crate::config::Limits;
 use crate::sys;
 
 const MAGIC: [u8; 4] = *b"MFSB";
-const VERSION: u16 = 1;
+const VERSION: u16 = 2;
 const HEADER_LEN: usize = 24;
-const CONFIGURE_FIXED: usize = 40;
+const CONFIGURE_FIXED: usize = 44;
 /// Longest root path a Configure message carries.
 pub(crate) const MAX_ROOT_PATH: usize = 4096;
 /// Receive buffer: the largest message plus room to detect an oversized one.
@@ -93,11 +97,11 @@ pub enum Stage {
     Groups = 15,
     /// Clone: `setresgid`.
     Gid = 16,
-    /// Clone: `setresuid` (or the uid did not change).
+    /// Clone: `setresuid` (or the uid did not change); zygote: no free uid in the range.
     Uid = 17,
     /// Clone: `PR_SET_DUMPABLE`.
     Dumpable = 18,
-    /// Clone: building or installing the seccomp filter.
+    /// Zygote: building or installing the seccomp filter (every clone inherits it).
     Seccomp = 19,
     /// Clone: restoring the signal mask.
     SignalMask = 20,
@@ -172,7 +176,9 @@ pub(crate) const SETUP_EXIT_BASE: i32 = 200;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Settings {
     pub limits: Limits,
-    pub uid: u32,
+    /// The clones' uids: `first_uid .. first_uid + uid_count`, one per live clone.
+    pub first_uid: u32,
+    pub uid_count: u32,
     pub gid: u32,
     pub guest_stderr: bool,
     pub root: PathBuf,
@@ -332,9 +338,10 @@ impl Msg {
             out.extend_from_slice(&s.limits.memory_bytes.to_le_bytes());
             out.extend_from_slice(&s.limits.cpu_seconds.to_le_bytes());
             out.extend_from_slice(&s.limits.max_fds.to_le_bytes());
-            out.extend_from_slice(&s.uid.to_le_bytes());
+            out.extend_from_slice(&s.first_uid.to_le_bytes());
             out.extend_from_slice(&s.gid.to_le_bytes());
             out.extend_from_slice(&u32::from(s.guest_stderr).to_le_bytes());
+            out.extend_from_slice(&s.uid_count.to_le_bytes());
             // Checked by the sender before encoding (`MAX_ROOT_PATH`).
             let len = u32::try_from(root.len()).unwrap_or(u32::MAX);
             out.extend_from_slice(&len.to_le_bytes());
@@ -367,9 +374,10 @@ impl Msg {
                 let cpu_seconds = u64::from_le_bytes(r.take().ok_or(short)?);
                 let short = bad("short Configure body");
                 let max_fds = u64::from_le_bytes(r.take().ok_or(short)?);
-                let uid = u32::from_le_bytes(r.take().ok_or(bad("short Configure body"))?);
+                let first_uid = u32::from_le_bytes(r.take().ok_or(bad("short Configure body"))?);
                 let gid = u32::from_le_bytes(r.take().ok_or(bad("short Configure body"))?);
                 let flags = u32::from_le_bytes(r.take().ok_or(bad("short Configure body"))?);
+                let uid_count = u32::from_le_bytes(r.take().ok_or(bad("short Configure body"))?);
                 let root_len = u32::from_le_bytes(r.take().ok_or(bad("short Configure body"))?);
                 let root_len = usize::try_from(root_len)
                     .ok()
@@ -379,6 +387,10 @@ impl Msg {
                 if flags > 1 {
                     return Err(bad("unknown Configure flags"));
                 }
+                let last = u64::from(first_uid) + u64::from(uid_count);
+                if first_uid == 0 || uid_count == 0 || last > u64::from(u32::MAX) {
+                    return Err(bad("bad uid range"));
+                }
                 use std::os::unix::ffi::OsStrExt;
                 Msg::Configure(Settings {
                     limits: Limits {
@@ -386,7 +398,8 @@ impl Msg {
                         cpu_seconds,
                         max_fds,
                     },
-                    uid,
+                    first_uid,
+                    uid_count,
                     gid,
                     guest_stderr: flags == 1,
                     root: PathBuf::from(std::ffi::OsStr::from_bytes(root)),
@@ -572,7 +585,8 @@ mod tests {
         let messages = [
             Msg::Configure(Settings {
                 limits: Limits::default(),
-                uid: 65534,
+                first_uid: 1_900_000_000,
+                uid_count: 77,
                 gid: 65533,
                 guest_stderr: true,
                 root: PathBuf::from("/run/mayfly/sandbox-root"),
@@ -626,14 +640,24 @@ mod tests {
         assert!(Msg::decode(&long).is_err());
         let mut conf = Msg::Configure(Settings {
             limits: Limits::default(),
-            uid: 1,
+            first_uid: 1,
+            uid_count: 1,
             gid: 1,
             guest_stderr: false,
             root: PathBuf::from("/x"),
         })
         .encode();
+        assert!(Msg::decode(&conf).is_ok());
+        // An empty uid range, or one running past the last uid.
+        let mut empty = conf.clone();
+        empty[60..64].copy_from_slice(&0u32.to_le_bytes());
+        assert!(Msg::decode(&empty).is_err());
+        let mut past = conf.clone();
+        past[48..52].copy_from_slice(&(u32::MAX - 1).to_le_bytes());
+        past[60..64].copy_from_slice(&2u32.to_le_bytes());
+        assert!(Msg::decode(&past).is_err());
         // Claim a root path longer than the cap.
-        conf[60..64].copy_from_slice(&5000u32.to_le_bytes());
+        conf[64..68].copy_from_slice(&5000u32.to_le_bytes());
         assert!(Msg::decode(&conf).is_err());
     }
 

@@ -11,21 +11,26 @@
 //!    single-threaded;
 //! 3. make the mount namespace private, mount an empty read-only tmpfs on the root
 //!    directory the agent named, `chroot` into it;
-//! 4. block `SIGCHLD`/`SIGTERM` into a signalfd, report `Ready`, and wait on the control
-//!    socket — paused.
+//! 4. block `SIGCHLD`/`SIGTERM` into a signalfd;
+//! 5. check again that it is single-threaded, set `no_new_privs` and install the seccomp
+//!    filter ([`crate::seccomp`]) that every clone inherits — from here on the kernel
+//!    refuses to start a thread in the zygote or any clone (`clone3` and `clone` with
+//!    thread flags are forbidden), so the single-thread property cannot be lost;
+//! 6. report `Ready`, and wait on the control socket — paused.
 //!
-//! For each `Clone` request (a ring memfd and two eventfds), it checks again that it is
-//! single-threaded, `fork`s, opens a pidfd for the child and sends it with the host pid; it
-//! reaps its children and reports each exit (code or signal, and CPU time). On `Shutdown`,
-//! `SIGTERM`, or the agent closing the socket, it kills all its children, reaps them and
-//! exits.
+//! For each `Clone` request (a ring memfd and two eventfds), it picks a uid of the configured
+//! range that no live clone holds, `fork`s, opens a pidfd for the child and sends it with the
+//! host pid; it reaps its children and reports each exit (code or signal, and CPU time). On
+//! `Shutdown`, `SIGTERM`, or the agent closing the socket, it kills all its children, reaps
+//! them and exits.
 //!
 //! # Why running Rust code in the forked child is sound
 //!
 //! After `fork` in a *multi-threaded* process only async-signal-safe calls are allowed until
 //! `exec`, because other threads may have held locks (the allocator's, stdio's) that are
 //! copied locked into the child. The zygote is **single-threaded**: it checks
-//! `/proc/self/status` before every `fork` and refuses to fork otherwise. With one thread,
+//! `/proc/self/status` after `init` and again right before installing the seccomp filter,
+//! which from then on makes starting a thread impossible. With one thread,
 //! the forking thread is the only one that could hold a lock, and it holds none across
 //! `fork`, so the child's copy of the process is consistent and may allocate, format and
 //! unwind like any process. (The agent itself is multi-threaded; its `pre_exec` hook uses
@@ -33,17 +38,21 @@
 //!
 //! # What a clone does before the guest's code runs
 //!
-//! In this order: restore the signal mask; compile its seccomp filter; put `/dev/null` on
-//! fds 0-2 and the ring on fds 3-5 and close every other fd (the control socket, the
-//! signalfd, other clones' rings); set its rlimits; `setgroups([])`, `setresgid`,
-//! `setresuid` to the unprivileged identity (all capabilities go with uid 0);
-//! `PR_SET_PDEATHSIG(SIGKILL)` and a check that the zygote is still its parent (after the uid
-//! change, which would clear it); `PR_SET_DUMPABLE(0)`; `no_new_privs` and the seccomp
-//! filter. Then it calls the entry point with its [`ChildRing`] and `_exit`s with the
-//! returned status. A clone that fails a step exits with `200 + stage` before running
-//! anything of the guest's.
+//! It starts under the zygote's seccomp filter (inherited). In this order: restore the signal
+//! mask; put `/dev/null` on fds 0-2 and the ring on fds 3-5 and close every other fd (the
+//! control socket, the signalfd, other clones' rings); set its rlimits (`RLIMIT_NPROC` 0
+//! among them); `setgroups([])`, `setresgid`, `setresuid` to **its own** unprivileged uid
+//! (all capabilities go with uid 0); `PR_SET_PDEATHSIG(SIGKILL)` and a check that the zygote
+//! is still its parent (after the uid change, which would clear it); `PR_SET_DUMPABLE(0)`.
+//! Then it calls the entry point with its [`ChildRing`] and `_exit`s with the returned
+//! status. A clone that fails a step exits with `200 + stage` before running anything of the
+//! guest's.
+//!
+//! Per-clone uids are what keep clones apart now that the filter is shared: the filter must
+//! let the zygote `fork` and `kill`, and the kernel refuses both to a process without
+//! capabilities whose uid no other process holds (see [`crate::seccomp`]).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fs::File;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
@@ -229,18 +238,67 @@ fn check_single_threaded(status: &File) -> Result<(), ZygoteError> {
     Ok(())
 }
 
+/// The clones' uids: `first .. first + count`, each held by at most one live clone.
+#[derive(Debug)]
+struct Uids {
+    first: u32,
+    count: u32,
+    /// Offset of the next uid to try.
+    next: u32,
+    in_use: HashSet<u32>,
+}
+
+impl Uids {
+    fn new(first: u32, count: u32) -> Self {
+        Self {
+            first,
+            count,
+            next: 0,
+            in_use: HashSet::new(),
+        }
+    }
+
+    /// A uid no live clone holds, round robin (a uid is reused as late as possible). At most
+    /// `in_use + 1` tries: among that many consecutive uids one is free, if any is.
+    fn take(&mut self) -> Option<u32> {
+        let tries = u32::try_from(self.in_use.len())
+            .unwrap_or(u32::MAX)
+            .saturating_add(1)
+            .min(self.count);
+        for _ in 0..tries {
+            let uid = self.first.checked_add(self.next)?;
+            self.next = self.next.saturating_add(1) % self.count.max(1);
+            if self.in_use.insert(uid) {
+                return Some(uid);
+            }
+        }
+        None
+    }
+
+    fn free(&mut self, uid: u32) {
+        self.in_use.remove(&uid);
+    }
+}
+
+/// A live child of the zygote.
+#[derive(Debug, Clone, Copy)]
+struct Child {
+    clone_id: u32,
+    uid: u32,
+}
+
 /// What the zygote holds while paused.
 struct Template<'a, S, C> {
     control: BorrowedFd<'a>,
     settings: Settings,
-    status: File,
     devnull: File,
     signals: SignalFd,
     state: S,
     child: &'a C,
     pid: Pid,
-    /// Live children: pid → clone id.
-    children: HashMap<i32, u32>,
+    uids: Uids,
+    /// Live children: pid → clone id and uid.
+    children: HashMap<i32, Child>,
 }
 
 fn run<S, I, C>(control: OwnedFd, init: I, child: &C) -> Result<(), ZygoteError>
@@ -337,17 +395,33 @@ where
     let signals = SignalFd::with_flags(&mask, SfdFlags::SFD_CLOEXEC | SfdFlags::SFD_NONBLOCK)
         .map_err(at_nix(Stage::Signals))?;
 
+    // The filter every clone inherits: installed once, here, while single-threaded (after
+    // it, no thread can be started). The status file is closed first: nothing reads it
+    // again.
+    check_single_threaded(&status)?;
+    drop(status);
+    let filter = seccomp::compile().map_err(|e| ZygoteError::Stage {
+        stage: Stage::Seccomp,
+        source: io::Error::other(e),
+    })?;
+    seccomp::install(&filter).map_err(|e| ZygoteError::Stage {
+        stage: Stage::Seccomp,
+        source: io::Error::other(e),
+    })?;
+    drop(filter);
+
     let pid = nix::unistd::getpid();
+    let uids = Uids::new(settings.first_uid, settings.uid_count);
     proto::send(control, &Msg::Ready { pid: pid.as_raw() }, &[])?;
     Ok(Template {
         control,
         settings,
-        status,
         devnull,
         signals,
         state,
         child,
         pid,
+        uids,
         children: HashMap::new(),
     })
 }
@@ -422,11 +496,15 @@ where
                     return agent_alive;
                 }
             };
-            let clone_id = match reaped.outcome {
+            let child = match reaped.outcome {
+                // A stopped (quarantined) clone keeps its uid until it is reaped.
                 sys::Outcome::Stopped(_) => self.children.get(&reaped.pid).copied(),
-                _ => self.children.remove(&reaped.pid),
+                _ => self
+                    .children
+                    .remove(&reaped.pid)
+                    .inspect(|c| self.uids.free(c.uid)),
             };
-            let Some(clone_id) = clone_id else {
+            let Some(Child { clone_id, .. }) = child else {
                 continue;
             };
             let msg = match reaped.outcome {
@@ -475,13 +553,15 @@ where
             stage: stage as u32,
             errno,
         };
-        if let Err(e) = check_single_threaded(&self.status) {
-            let _ = proto::send(self.control, &failed(Stage::Threads, 0), &[]);
-            return Err(e);
-        }
         let [ring, signal, wait] = match <[OwnedFd; 3]>::try_from(fds) {
             Ok(fds) => fds,
             Err(_) => return Ok(()), // unreachable: `proto::recv` checked the count
+        };
+        // The agent's configuration keeps the range larger than the clones that can live
+        // at once; if it is exhausted anyway, this clone is refused, not forked.
+        let Some(uid) = self.uids.take() else {
+            let _ = proto::send(self.control, &failed(Stage::Uid, libc::EAGAIN), &[]);
+            return Ok(());
         };
         let raw = RingFds {
             ring: ring.as_raw_fd(),
@@ -490,15 +570,16 @@ where
             wait: wait.as_raw_fd(),
             devnull: self.devnull.as_raw_fd(),
         };
-        // SAFETY: the zygote is single-threaded (checked just above, and it never starts a
-        // thread), so the child gets a consistent copy of the whole process and may run
-        // ordinary Rust code (see the module docs). The child never returns from
+        // SAFETY: the zygote is single-threaded (checked before its seccomp filter was
+        // installed; the filter forbids starting a thread), so the child gets a consistent
+        // copy of the whole process and may run ordinary Rust code (see the module docs). The child never returns from
         // `clone_main`: it `_exit`s, so no destructor of the zygote's values runs twice.
         #[allow(unsafe_code)]
         let forked = unsafe { nix::unistd::fork() };
         match forked {
             Ok(nix::unistd::ForkResult::Child) => clone_main(
                 clone_id,
+                uid,
                 raw,
                 &self.settings,
                 self.pid,
@@ -507,7 +588,7 @@ where
             ),
             Ok(nix::unistd::ForkResult::Parent { child }) => {
                 let pid = child.as_raw();
-                self.children.insert(pid, clone_id);
+                self.children.insert(pid, Child { clone_id, uid });
                 match sys::pidfd_open(pid) {
                     Ok(pidfd) => {
                         let spawned = Msg::Spawned { clone_id, pid };
@@ -525,6 +606,7 @@ where
                 Ok(())
             }
             Err(e) => {
+                self.uids.free(uid);
                 let _ = proto::send(self.control, &failed(Stage::Fork, e as i32), &[]);
                 Ok(())
             }
@@ -547,6 +629,7 @@ struct RingFds {
 /// The forked clone: confine, run the entry point, `_exit`.
 fn clone_main<S, C>(
     clone_id: u32,
+    uid: u32,
     fds: RingFds,
     settings: &Settings,
     zygote: Pid,
@@ -557,7 +640,7 @@ where
     C: Fn(&mut S, ChildRing) -> i32,
 {
     let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| {
-        match confine(clone_id, fds, settings, zygote) {
+        match confine(clone_id, uid, fds, settings, zygote) {
             Ok(ring) => child(state, ring),
             Err(stage) => stage.exit_code(),
         }
@@ -568,6 +651,7 @@ where
 /// Everything between `fork` and the guest's code (see the module docs for the order).
 fn confine(
     clone_id: u32,
+    uid: u32,
     fds: RingFds,
     settings: &Settings,
     zygote: Pid,
@@ -575,8 +659,6 @@ fn confine(
     nix::sys::signal::sigprocmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::empty()), None)
         .map_err(|_| Stage::SignalMask)?;
     let _ = prctl::set_name(c"mayfly-clone");
-    let pid = u32::try_from(nix::unistd::getpid().as_raw()).map_err(|_| Stage::Seccomp)?;
-    let filter = seccomp::compile(pid).map_err(|_| Stage::Seccomp)?;
 
     // Move the fds out of the way, then into place: 0-2 /dev/null, 3 ring, 4 signal,
     // 5 wait; close all others (control socket, signalfd, /proc/self/status, ...).
@@ -624,7 +706,7 @@ fn confine(
         setrlimit(resource, soft, hard).map_err(|_| Stage::Rlimit)?;
     }
 
-    let (uid, gid) = (Uid::from_raw(settings.uid), Gid::from_raw(settings.gid));
+    let (uid, gid) = (Uid::from_raw(uid), Gid::from_raw(settings.gid));
     setgroups(&[]).map_err(|_| Stage::Groups)?;
     setresgid(gid, gid, gid).map_err(|_| Stage::Gid)?;
     setresuid(uid, uid, uid).map_err(|_| Stage::Uid)?;
@@ -637,7 +719,6 @@ fn confine(
         return Err(Stage::Pdeathsig); // the zygote died before the flag was set
     }
     prctl::set_dumpable(false).map_err(|_| Stage::Dumpable)?;
-    seccomp::install(&filter).map_err(|_| Stage::Seccomp)?;
 
     // SAFETY: fds 3-5 were placed above and nothing else owns them (every other value that
     // referred to these numbers belongs to the zygote's frames and is never dropped here).
@@ -661,6 +742,27 @@ fn confine(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn uids_are_unique_among_live_clones_and_reused_last() {
+        let mut uids = Uids::new(1000, 3);
+        let (a, b, c) = (uids.take(), uids.take(), uids.take());
+        assert_eq!((a, b, c), (Some(1000), Some(1001), Some(1002)));
+        assert_eq!(uids.take(), None, "all three are held");
+        uids.free(1001);
+        assert_eq!(uids.take(), Some(1001));
+        uids.free(1000);
+        uids.free(1002);
+        // Round robin: after 1001 comes 1002, even though 1000 was freed first.
+        assert_eq!(uids.take(), Some(1002));
+        assert_eq!(uids.take(), Some(1000));
+        assert_eq!(uids.take(), None);
+        // The last uid of the range is usable and nothing past it is produced.
+        let mut top = Uids::new(u32::MAX - 2, 2);
+        assert_eq!(top.take(), Some(u32::MAX - 2));
+        assert_eq!(top.take(), Some(u32::MAX - 1));
+        assert_eq!(top.take(), None);
+    }
 
     #[test]
     fn thread_count_is_read_again_at_offset_zero() {

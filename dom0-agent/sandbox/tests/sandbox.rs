@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 use mayfly_domain::{Domain, DomainBackend, DomainError, DomainExit};
 use mayfly_ring::wire::Start;
 use mayfly_ring::{Request, Response, RingError};
+use mayfly_sandbox::config::{DEFAULT_FIRST_UID, DEFAULT_UID_COUNT};
 use mayfly_sandbox::{reconcile, Sandbox, SandboxConfig, SandboxDomain, MAX_QUARANTINED};
 use slog::{o, Drain, Logger};
 
@@ -335,10 +336,18 @@ fn clones_run_unprivileged_and_confined() {
     let Request::Commit { result } = request.body else {
         panic!("expected Commit, got {:?}", request.body);
     };
-    assert_eq!(String::from_utf8(result).unwrap(), "65534 65534");
+    // Its own uid, from the configured range, and the configured gid.
+    let seen = String::from_utf8(result).unwrap();
+    let (uid, gid) = seen.split_once(' ').unwrap();
+    let uid: u32 = uid.parse().unwrap();
+    assert!(
+        (DEFAULT_FIRST_UID..DEFAULT_FIRST_UID + DEFAULT_UID_COUNT).contains(&uid),
+        "{seen}"
+    );
+    assert_eq!(gid, "65534");
     // ...and what the kernel says, from outside.
     let pid = domain.pid();
-    assert_eq!(status_field(pid, "Uid"), "65534 65534 65534 65534");
+    assert_eq!(status_field(pid, "Uid"), format!("{uid} {uid} {uid} {uid}"));
     assert_eq!(status_field(pid, "Gid"), "65534 65534 65534 65534");
     assert_eq!(status_field(pid, "Groups"), "");
     assert_eq!(status_field(pid, "CapEff"), "0000000000000000");
@@ -365,6 +374,58 @@ fn clones_run_unprivileged_and_confined() {
         .count();
     assert_eq!(root, 0, "the clone's root is not empty");
     Box::new(domain).destroy().unwrap();
+}
+
+/// The seccomp filter is the zygote's, shared by every clone; what keeps clones apart where
+/// it lets a call through (`kill`, `fork`) is that each live clone has its own uid.
+#[test]
+fn clones_cannot_signal_each_other_or_fork() {
+    let dir = tempfile::tempdir().unwrap();
+    let sandbox = start(dir.path());
+    // A bystander: taken, never started, so it waits on its ring.
+    let mut bystander = sandbox.take_clone(WAIT).unwrap();
+    let victim = bystander.pid();
+    let uid_of = |pid| status_field(pid, "Uid");
+    let (a, sent) = run(&sandbox, "kill", format!("{victim} 9").as_bytes());
+    assert_eq!(sent.unwrap(), b"EPERM", "a clone killed another clone");
+    assert!(
+        bystander.try_exit().unwrap().is_none(),
+        "the bystander died"
+    );
+    assert_ne!(uid_of(a.pid()), uid_of(victim));
+    Box::new(a).destroy().unwrap();
+    // The zygote and the agent are root: out of reach too.
+    for target in [sandbox.zygote_pid(), std::process::id()] {
+        let (d, sent) = run(&sandbox, "kill", format!("{target} 9").as_bytes());
+        assert_eq!(sent.unwrap(), b"EPERM", "pid {target}");
+        Box::new(d).destroy().unwrap();
+    }
+    // SIGCONT (which the kernel would let through within a session, whatever the uids:
+    // it would resume a quarantined clone) cannot be sent at all.
+    let (d, outcome) = run(&sandbox, "kill", format!("{victim} 18").as_bytes());
+    assert!(matches!(outcome, Err(RingError::PeerGone)), "{outcome:?}");
+    assert_eq!(Box::new(d).destroy().unwrap(), DomainExit::ForbiddenSyscall);
+    // The zygote's fork is allowed by the filter; RLIMIT_NPROC 0 under its own uid refuses
+    // it to a clone.
+    let (d, forked) = run(&sandbox, "fork", b"");
+    assert_eq!(forked.unwrap(), b"EAGAIN");
+    Box::new(d).destroy().unwrap();
+    // A handler's abort() (tgkill SIGABRT at itself) still ends it with SIGABRT.
+    let (d, outcome) = run(&sandbox, "crash", b"");
+    assert!(matches!(outcome, Err(RingError::PeerGone)), "{outcome:?}");
+    assert_eq!(
+        Box::new(d).destroy().unwrap(),
+        DomainExit::Crashed {
+            signal: libc::SIGABRT
+        }
+    );
+    assert!(
+        bystander.try_exit().unwrap().is_none(),
+        "the bystander died"
+    );
+    begin(&mut bystander, "echo", b"still here");
+    assert_eq!(commit(&mut bystander, WAIT).unwrap(), b"still here");
+    Box::new(bystander).destroy().unwrap();
 }
 
 #[test]

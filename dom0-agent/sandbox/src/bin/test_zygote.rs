@@ -18,6 +18,8 @@
 //! | `uid` | commits `"<uid> <gid>"` |
 //! | `cow` | commits what it sees of the template state, then overwrites it |
 //! | `alloc` | grows a buffer to 64 MiB, then tries to reserve 1 GiB more; commits `allocated` or `refused` |
+//! | `kill` | payload `"<pid> <signal>"`: `kill(pid, signal)`; commits `sent` or the errno's name |
+//! | `fork` | `fork()` (the child `_exit`s at once); commits `forked` or the errno's name |
 
 use std::os::fd::AsFd;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -122,12 +124,50 @@ fn run(template: &mut Template, ring: ChildRing) -> i32 {
                 Err(_) => b"refused".to_vec(),
             }
         }
+        "kill" => {
+            let text = String::from_utf8_lossy(&start.payload).into_owned();
+            let mut words = text.split_whitespace().map(str::parse::<i32>);
+            match (words.next(), words.next()) {
+                (Some(Ok(pid)), Some(Ok(signal))) => {
+                    // SAFETY: kill(2) takes plain integers.
+                    #[allow(unsafe_code)]
+                    let rc = unsafe { libc::kill(pid, signal) };
+                    errno_result(rc, b"sent")
+                }
+                _ => b"bad payload".to_vec(),
+            }
+        }
+        "fork" => {
+            // SAFETY: the clone is single-threaded; the child only calls _exit.
+            #[allow(unsafe_code)]
+            let pid = unsafe { libc::fork() };
+            if pid == 0 {
+                // SAFETY: _exit in the forked child.
+                #[allow(unsafe_code)]
+                unsafe {
+                    libc::_exit(0)
+                }
+            }
+            errno_result(pid, b"forked")
+        }
         _ => b"unknown handler".to_vec(),
     };
     let commit = Request::Commit { result };
     match front.call(&commit, &notifier, Some(Duration::from_secs(30))) {
         Ok(Response::Committed) => 0,
         _ => 13,
+    }
+}
+
+/// `ok` if `rc` is not negative, else the name of `errno`.
+fn errno_result(rc: i32, ok: &[u8]) -> Vec<u8> {
+    if rc >= 0 {
+        return ok.to_vec();
+    }
+    match nix::errno::Errno::last() {
+        nix::errno::Errno::EPERM => b"EPERM".to_vec(),
+        nix::errno::Errno::EAGAIN => b"EAGAIN".to_vec(),
+        other => format!("{other:?}").into_bytes(),
     }
 }
 
