@@ -690,16 +690,16 @@ impl<M: SharedMem> Frontend<M> {
         recv_blocking(self, notifier, timeout)
     }
 
-    /// Sends `request` and waits for its response (which must echo its id). Use with no
-    /// other request in flight.
-    pub fn call(
+    /// Receives the next response, which must answer request `id` (responses come in
+    /// request order, so this is the oldest request in flight). A response with another id
+    /// is a protocol violation ([`RingError::IdMismatch`]).
+    pub fn recv_response_to(
         &mut self,
-        request: &Request,
+        id: u32,
         notifier: &impl Notifier,
         timeout: Option<Duration>,
     ) -> Result<Response, RingError> {
-        let index = self.req_prod;
-        let id = self.send_request(request, notifier)?;
+        let index = self.rsp_cons;
         let reply = self.recv_response(notifier, timeout)?;
         if reply.id != id {
             return self.guard(Err(RingError::IdMismatch {
@@ -709,6 +709,18 @@ impl<M: SharedMem> Frontend<M> {
             }));
         }
         Ok(reply.body)
+    }
+
+    /// Sends `request` and waits for its response (which must echo its id). Use with no
+    /// other request in flight.
+    pub fn call(
+        &mut self,
+        request: &Request,
+        notifier: &impl Notifier,
+        timeout: Option<Duration>,
+    ) -> Result<Response, RingError> {
+        let id = self.send_request(request, notifier)?;
+        self.recv_response_to(id, notifier, timeout)
     }
 }
 

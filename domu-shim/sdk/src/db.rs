@@ -5,6 +5,18 @@
 //! writes are buffered and become visible to others only if the transaction commits. The
 //! agent may refuse an operation; the refusal arrives as a [`DbError`] carrying the agent's
 //! message, and usually means the transaction will be aborted whatever the handler does.
+//!
+//! # Deferred write errors
+//!
+//! In a domain, writes ([`Db::put`], [`Db::delete`]) and [`Db::log`] do not wait for the
+//! agent's answer: after the local checks (sizes, log line sanitizing), which still fail at
+//! once, they return `Ok(())` as soon as the request is sent. If the agent then refuses a
+//! write (`Denied`, `LimitExceeded`, `BadRequest`, `Internal`), the error surfaces at the
+//! handler's next operation that waits for an answer ([`Db::get`], [`Db::scan`]), and every
+//! later operation returns that same first error. **A transaction in which a write failed
+//! never commits**: if the handler returns `Ok` anyway (or returns before waiting again),
+//! the runtime aborts it with the write's error as the reason. So: propagate database errors
+//! with `?` and don't try to recover from one.
 
 /// A database operation failed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -78,10 +90,12 @@ pub trait Db {
     /// The value of `key`, or `None` if it is absent.
     fn get(&mut self, key: &[u8]) -> Result<Option<Vec<u8>>, DbError>;
 
-    /// Sets `key` to `value`.
+    /// Sets `key` to `value`. In a domain this may return before the agent has answered;
+    /// a refusal then surfaces later (see [Deferred write errors](self#deferred-write-errors)).
     fn put(&mut self, key: &[u8], value: &[u8]) -> Result<(), DbError>;
 
-    /// Removes `key` (no error if it is absent).
+    /// Removes `key` (no error if it is absent). Like [`Db::put`], a refusal may surface
+    /// later.
     fn delete(&mut self, key: &[u8]) -> Result<(), DbError>;
 
     /// Up to `limit` (1..=[`crate::limits::MAX_SCAN_LIMIT`]) entries with `start <= key < end`
@@ -92,6 +106,7 @@ pub trait Db {
 
     /// Sends a log line to the agent. Control characters are replaced and the line is cut
     /// to [`crate::limits::MAX_LOG_LINE_LEN`] bytes (see [`crate::limits::sanitize_text`]). The agent may
-    /// drop lines beyond a per-transaction allowance.
+    /// drop lines beyond a per-transaction allowance. Like [`Db::put`], this does not wait
+    /// for the agent's answer.
     fn log(&mut self, level: LogLevel, line: &str) -> Result<(), DbError>;
 }

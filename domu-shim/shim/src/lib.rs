@@ -15,14 +15,27 @@
 //!  handler(ctx, payload)
 //!    Get / Put / Delete / Scan / Log ──────────────▶   policy check, ledger
 //!        ◀──────────────────────────────── Value / Ok / ScanResult / Error{code,message}
-//!  Ok(result):  Commit { result } ─────────────────▶   validate, commit
+//!    (Put / Delete / Log do not wait: their answers
+//!     are collected before the next Get / Scan)
+//!  collect the answers still outstanding
+//!  Ok(result), no write failed:
+//!               Commit { result } ─────────────────▶   validate, commit
 //!        ◀────────────────────────────────────────── Committed (or Aborted: refused)
-//!  Err(e):      Abort { reason } ──────────────────▶
+//!  Err(e), or a write failed, or a panic:
+//!               Abort { reason } ──────────────────▶
 //!        ◀────────────────────────────────────────── Aborted
 //!  exit 0
 //! ```
 //!
-//! Each database call waits at most [`Config::db_timeout`] for its answer, and the final
+//! Writes are pipelined ([`ringdb`]): a write's error reaches the handler at its next
+//! `get`/`scan` (and every later operation), and once a write has failed the transaction
+//! can no longer commit. When the handler returns, the runtime collects every outstanding
+//! answer before it sends `Commit` or `Abort`; if a write failed, it sends `Abort` even if
+//! the handler returned `Ok`, with the reason the write's error would have given had the
+//! handler propagated it with `?` (a handler's own `Err` stays the reason when it returns
+//! one).
+//!
+//! Each database answer is awaited at most [`Config::db_timeout`], and the final
 //! `Commit`/`Abort` at most [`Config::finish_timeout`]. A handler panic is caught
 //! (`catch_unwind`) and aborts the transaction with the reason `"handler panicked"`, so the
 //! agent is never left waiting. **In release builds** the workspace sets `panic = "abort"`:
@@ -72,7 +85,7 @@ use std::time::Duration;
 use mayfly_ring::wire::{Start, PROTOCOL_VERSION};
 use mayfly_ring::{Frontend, Notifier, Request, Response, RingError, SharedMem};
 use mayfly_sdk::limits::{sanitize_text, MAX_REASON_LEN, MAX_RESULT_LEN};
-use mayfly_sdk::{Ctx, Handler, Registry};
+use mayfly_sdk::{Ctx, Handler, HandlerError, Registry};
 
 pub use ringdb::RingDb;
 
@@ -104,7 +117,7 @@ pub mod exit {
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct Config {
-    /// How long one database call waits for the agent's answer (default 30 s).
+    /// How long the guest waits for any one database answer (default 30 s).
     pub db_timeout: Duration,
     /// How long `Commit`/`Abort` waits for the agent's answer (default 60 s: a commit waits
     /// for a group fsync).
@@ -342,16 +355,18 @@ fn run_handler<M: SharedMem, N: Notifier>(
         let mut ctx = Ctx::new(&mut db, start.tx_id, start.entropy_seed);
         panic::catch_unwind(AssertUnwindSafe(|| handler(&mut ctx, &start.payload)))
     };
-    if let Some(source) = db.into_failure() {
-        return Err(RunError::Database {
-            handler: start.handler.clone(),
-            source,
-        });
-    }
-    Ok(match outcome {
-        Ok(Ok(result)) => commit_verdict(result),
-        Ok(Err(e)) => Verdict::Abort(e.to_string()),
-        Err(_) => Verdict::Abort("handler panicked".into()),
+    // Collect the answers of the writes still in flight: Commit/Abort go on an idle ring.
+    let deferred = db.settle().map_err(|source| RunError::Database {
+        handler: start.handler.clone(),
+        source,
+    })?;
+    Ok(match (outcome, deferred) {
+        (Ok(Ok(result)), None) => commit_verdict(result),
+        // A pipelined write failed: never commit, whatever the handler made of it.
+        // The reason reads as if the handler had propagated the error with `?`.
+        (Ok(Ok(_)), Some(e)) => Verdict::Abort(HandlerError::from(e).to_string()),
+        (Ok(Err(e)), _) => Verdict::Abort(e.to_string()),
+        (Err(_), _) => Verdict::Abort("handler panicked".into()),
     })
 }
 

@@ -1,14 +1,45 @@
 //! [`RingDb`]: the handler's [`Db`], forwarded over the ring to the agent.
 //!
-//! Each operation is one `Frontend::call` (request, then its answer, id checked) with a
-//! timeout. Answers map as follows:
+//! # Pipelined writes
+//!
+//! `put`, `delete` and `log` do not wait for their answers: each checks its arguments
+//! locally (size caps, log line sanitizing), publishes its request (the ring notifies the
+//! agent only if it is asleep) and returns `Ok(())`. The ids of the requests whose answers
+//! are outstanding are kept, oldest first; there are at most `slot_count` of them, and a
+//! write that finds the ring full first collects every outstanding answer.
+//!
+//! Every operation that needs an answer (`get`, `scan`) first collects the outstanding
+//! answers in order, then makes its own request and waits for its answer. So does the
+//! runtime before `Commit` or `Abort` ([`RingDb::settle`]): it never sends `Commit` behind
+//! unanswered writes, because the agent answers a write refused by the ledger (a limit, a
+//! bad key) with an `Error` and goes on serving, so a `Commit` queued behind it would be
+//! committed without that write.
+//!
+//! ```text
+//!  put, put, log        ──Put──Put──Log──▶          (no wait)
+//!  get                  ◀──Ok───Ok───Ok──   collect, in order, ids checked
+//!                       ──Get──▶ ◀──Value──           then the get itself
+//!  put                  ──Put──▶                      (no wait)
+//!  (handler returns)    ◀──Ok──             settle, then Commit / Abort
+//! ```
+//!
+//! **Deferred errors.** A write's error surfaces at the next operation that waits: the
+//! first deferred error (mapped as below) is kept and returned by that operation and by
+//! every later one, without sending anything more, and [`RingDb::settle`] returns it, so the
+//! runtime aborts instead of committing. After a `Denied` answer the agent stops serving and
+//! destroys the domain, so waiting for the answers behind it ends with the domain.
+//!
+//! # Answers
+//!
+//! Each answer must carry the id of the oldest outstanding request (otherwise: a protocol
+//! violation, the ring is given up) and be of the right kind:
 //!
 //! ```text
 //!  Get     -> Value(v)                     Ok(v)
-//!  Put     -> Ok                           Ok(())
-//!  Delete  -> Ok                           Ok(())
+//!  Put     -> Ok                           Ok(())   (collected later)
+//!  Delete  -> Ok                           Ok(())   (collected later)
 //!  Scan    -> ScanResult{entries, more}    Ok(Scan)  (more entries than `limit`: Transport)
-//!  Log     -> Ok                           Ok(())
+//!  Log     -> Ok                           Ok(())   (collected later)
 //!  any     -> Error{code, message}         BAD_REQUEST -> DbError::BadRequest
 //!                                          DENIED      -> DbError::Denied
 //!                                          LIMIT_EXCEEDED -> DbError::LimitExceeded
@@ -17,12 +48,15 @@
 //!  ring failure (timeout, violation, ...)  DbError::Transport, and the ring is given up
 //! ```
 //!
+//! For a write these errors are deferred as described above.
+//!
 //! Sizes are checked before anything is sent ([`mayfly_sdk::limits`]), so an oversized key
-//! is a [`DbError::BadRequest`] and costs no round trip. After a ring failure the ring is
-//! out of step (a late answer would be taken for the next request's), so every later
-//! operation fails at once without touching it, and [`RingDb::into_failure`] hands the
+//! is a [`DbError::BadRequest`] at once and costs no round trip. After a ring failure the
+//! ring is out of step (a late answer would be taken for the next request's), so every
+//! later operation fails at once without touching it, and [`RingDb::settle`] hands the
 //! failure to the runtime, which ends the process without sending anything more.
 
+use std::collections::VecDeque;
 use std::time::Duration;
 
 use mayfly_ring::wire::{error_code, LogLevel as WireLogLevel};
@@ -38,16 +72,23 @@ pub struct RingDb<'f, M: SharedMem, N: Notifier> {
     frontend: &'f mut Frontend<M>,
     notifier: &'f N,
     timeout: Duration,
+    /// Writes sent whose answers are not collected yet: `(id, what)`, oldest first.
+    pending: VecDeque<(u32, &'static str)>,
+    /// The first error a collected write answer carried.
+    deferred: Option<DbError>,
     failure: Option<RingError>,
 }
 
 impl<'f, M: SharedMem, N: Notifier> RingDb<'f, M, N> {
-    /// A database over `frontend`, waiting at most `timeout` for each answer.
+    /// A database over `frontend` (with no request in flight), waiting at most `timeout`
+    /// for each answer.
     pub fn new(frontend: &'f mut Frontend<M>, notifier: &'f N, timeout: Duration) -> Self {
         Self {
             frontend,
             notifier,
             timeout,
+            pending: VecDeque::new(),
+            deferred: None,
             failure: None,
         }
     }
@@ -57,43 +98,105 @@ impl<'f, M: SharedMem, N: Notifier> RingDb<'f, M, N> {
         self.failure.as_ref()
     }
 
-    /// Consumes the database and returns its ring failure, if any.
-    pub fn into_failure(self) -> Option<RingError> {
-        self.failure
+    /// The first error a pipelined write received, once collected.
+    pub fn deferred_error(&self) -> Option<&DbError> {
+        self.deferred.as_ref()
     }
 
-    /// Sends `request` (named `what` in errors) and returns the answer, mapping
-    /// `Response::Error` and ring failures to [`DbError`].
-    fn call(&mut self, what: &'static str, request: &Request) -> Result<Response, DbError> {
+    /// Collects every outstanding answer and consumes the database; the runtime calls this
+    /// when the handler is done, before `Commit` or `Abort`. `Err`: the ring failed (now or
+    /// earlier) and the runtime must send nothing more. Otherwise the first deferred write
+    /// error, if any: the transaction must not commit.
+    pub fn settle(mut self) -> Result<Option<DbError>, RingError> {
+        // A ring failure is recorded in `self.failure`; its `DbError` is not needed here.
+        let _ = self.collect();
+        match self.failure {
+            Some(failure) => Err(failure),
+            None => Ok(self.deferred),
+        }
+    }
+
+    /// Fails if an earlier ring failure or deferred write error makes the database unusable.
+    fn usable(&self, what: &'static str) -> Result<(), DbError> {
         if let Some(failure) = &self.failure {
             return Err(DbError::Transport {
                 message: format!("{what}: ring unusable after an earlier failure ({failure})"),
             });
         }
+        match &self.deferred {
+            Some(error) => Err(error.clone()),
+            None => Ok(()),
+        }
+    }
+
+    /// Records a ring failure (the ring is given up) and returns it as a [`DbError`].
+    fn give_up(&mut self, what: &'static str, error: RingError) -> DbError {
+        let message = format!("{what}: {}", crate::error_chain(&error));
+        self.failure = Some(error);
+        self.pending.clear();
+        DbError::Transport { message }
+    }
+
+    /// Collects the answers of every pending write, in order, and returns the first
+    /// deferred error if there is one.
+    fn collect(&mut self) -> Result<(), DbError> {
+        while let Some(&(id, what)) = self.pending.front() {
+            let answer = self
+                .frontend
+                .recv_response_to(id, self.notifier, Some(self.timeout));
+            self.pending.pop_front();
+            let error = match answer {
+                Ok(Response::Ok) => continue,
+                Ok(Response::Error { code, message }) => agent_error(code, message),
+                Ok(other) => unexpected(what, &other),
+                Err(e) => return Err(self.give_up(what, e)),
+            };
+            self.deferred.get_or_insert(error);
+        }
+        match &self.deferred {
+            Some(error) => Err(error.clone()),
+            None => Ok(()),
+        }
+    }
+
+    /// Collects pending answers, sends `request` (named `what` in errors) and returns its
+    /// answer, mapping `Response::Error` and ring failures to [`DbError`].
+    fn call(&mut self, what: &'static str, request: &Request) -> Result<Response, DbError> {
+        self.usable(what)?;
+        self.collect()?;
         match self
             .frontend
             .call(request, self.notifier, Some(self.timeout))
         {
             Ok(Response::Error { code, message }) => Err(agent_error(code, message)),
             Ok(response) => Ok(response),
-            // Refused before anything was published: the ring is still in step.
-            Err(e @ (RingError::Encode(_) | RingError::TooLarge { .. })) => {
-                Err(DbError::BadRequest {
-                    message: format!("{what}: {e}"),
-                })
-            }
-            Err(e) => {
-                let message = format!("{what}: {}", crate::error_chain(&e));
-                self.failure = Some(e);
-                Err(DbError::Transport { message })
-            }
+            Err(e) => Err(self.refused_or_give_up(what, e)),
         }
     }
 
-    fn expect_ok(&mut self, what: &'static str, request: &Request) -> Result<(), DbError> {
-        match self.call(what, request)? {
-            Response::Ok => Ok(()),
-            other => Err(unexpected(what, &other)),
+    /// Sends the write `request` without waiting for its answer (collecting every pending
+    /// answer first if the ring is full).
+    fn send(&mut self, what: &'static str, request: &Request) -> Result<(), DbError> {
+        self.usable(what)?;
+        if self.frontend.in_flight() >= self.frontend.geometry().slot_count() {
+            self.collect()?;
+        }
+        match self.frontend.send_request(request, self.notifier) {
+            Ok(id) => {
+                self.pending.push_back((id, what));
+                Ok(())
+            }
+            Err(e) => Err(self.refused_or_give_up(what, e)),
+        }
+    }
+
+    fn refused_or_give_up(&mut self, what: &'static str, error: RingError) -> DbError {
+        match error {
+            // Refused before anything was published: the ring is still in step.
+            e @ (RingError::Encode(_) | RingError::TooLarge { .. }) => DbError::BadRequest {
+                message: format!("{what}: {e}"),
+            },
+            e => self.give_up(what, e),
         }
     }
 }
@@ -147,12 +250,12 @@ impl<M: SharedMem, N: Notifier> Db for RingDb<'_, M, N> {
             key: key.to_vec(),
             value: value.to_vec(),
         };
-        self.expect_ok("put", &request)
+        self.send("put", &request)
     }
 
     fn delete(&mut self, key: &[u8]) -> Result<(), DbError> {
         limits::check_key(key)?;
-        self.expect_ok("delete", &Request::Delete { key: key.to_vec() })
+        self.send("delete", &Request::Delete { key: key.to_vec() })
     }
 
     fn scan(&mut self, start: &[u8], end: Option<&[u8]>, limit: u32) -> Result<Scan, DbError> {
@@ -187,13 +290,313 @@ impl<M: SharedMem, N: Notifier> Db for RingDb<'_, M, N> {
             level: wire_level(level),
             line: sanitize_text(line, MAX_LOG_LINE_LEN),
         };
-        self.expect_ok("log", &request)
+        self.send("log", &request)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    use std::sync::{mpsc, Arc};
+    use std::thread::{self, JoinHandle};
+
+    use mayfly_ring::wire::Envelope;
+    use mayfly_ring::{Backend, EventFdNotifier, Geometry, MockMem};
+
+    /// How long either side waits for one message.
+    const WAIT: Duration = Duration::from_secs(10);
+
+    type Mem = Arc<MockMem>;
+
+    /// The guest's end of a ring in heap memory, and a scripted agent serving its other end
+    /// in a thread.
+    struct Guest {
+        frontend: Frontend<Mem>,
+        notifier: EventFdNotifier,
+        /// Sending anything lets the agent start serving.
+        go: mpsc::Sender<()>,
+        /// Every request the agent received, in order.
+        agent: JoinHandle<Vec<Envelope<Request>>>,
+    }
+
+    impl Guest {
+        fn db(&mut self) -> RingDb<'_, Mem, EventFdNotifier> {
+            RingDb::new(&mut self.frontend, &self.notifier, WAIT)
+        }
+
+        fn requests(self) -> Vec<Request> {
+            drop(self.go);
+            let seen = self.agent.join().expect("the agent did not panic");
+            seen.into_iter().map(|env| env.body).collect()
+        }
+    }
+
+    /// A ring of `slots` slots. Once released through `go`, the agent answers each of at
+    /// most `serve` requests with `answer(request)` (`None`: stop without answering) and,
+    /// like the real agent, stops after answering `Commit`, `Abort` or with
+    /// `Error { DENIED }`.
+    fn guest(
+        slots: u32,
+        serve: usize,
+        mut answer: impl FnMut(&Envelope<Request>) -> Option<Envelope<Response>> + Send + 'static,
+    ) -> Guest {
+        let geometry = Geometry::new(slots, 1).unwrap();
+        let mem = Arc::new(MockMem::new(geometry.total_len()).unwrap());
+        let mut backend = Backend::new(Arc::clone(&mem), geometry).unwrap();
+        let frontend = Frontend::attach(mem).unwrap();
+        let (agent_end, notifier) = EventFdNotifier::pair().unwrap();
+        let (go, gate) = mpsc::channel();
+        let agent = thread::spawn(move || {
+            let _ = gate.recv();
+            let mut seen = Vec::new();
+            while seen.len() < serve {
+                let Ok(env) = backend.recv_request(&agent_end, Some(WAIT)) else {
+                    break;
+                };
+                let reply = answer(&env);
+                let last = matches!(env.body, Request::Commit { .. } | Request::Abort { .. });
+                seen.push(env);
+                let Some(reply) = reply else { break };
+                backend
+                    .send_response(reply.id, &reply.body, &agent_end)
+                    .unwrap();
+                let denied = matches!(
+                    reply.body,
+                    Response::Error {
+                        code: error_code::DENIED,
+                        ..
+                    }
+                );
+                if last || denied {
+                    break;
+                }
+            }
+            seen
+        });
+        Guest {
+            frontend,
+            notifier,
+            go,
+            agent,
+        }
+    }
+
+    /// The honest answer: `Ok` to writes, `Value(None)` to gets, `Committed`, `Aborted`.
+    fn honest(env: &Envelope<Request>) -> Option<Envelope<Response>> {
+        let body = match env.body {
+            Request::Get { .. } => Response::Value(None),
+            Request::Commit { .. } => Response::Committed,
+            Request::Abort { .. } => Response::Aborted,
+            _ => Response::Ok,
+        };
+        Some(Envelope { id: env.id, body })
+    }
+
+    fn put(key: &str) -> Request {
+        Request::Put {
+            key: key.into(),
+            value: b"v".to_vec(),
+        }
+    }
+
+    fn get(key: &str) -> Request {
+        Request::Get { key: key.into() }
+    }
+
+    #[test]
+    fn writes_return_unanswered_and_are_collected_in_order_before_a_get() {
+        let mut guest = guest(4, 5, honest);
+        {
+            let go = guest.go.clone();
+            let mut db = guest.db();
+            db.put(b"a", b"v").unwrap();
+            db.delete(b"b").unwrap();
+            db.log(LogLevel::Info, "line\n").unwrap();
+            assert_eq!(db.pending.len(), 3, "three answers outstanding");
+            assert_eq!(db.frontend.in_flight(), 3);
+            // Released only now: the writes above returned before any was consumed.
+            go.send(()).unwrap();
+            assert_eq!(db.get(b"c").unwrap(), None);
+            assert!(db.pending.is_empty());
+            assert_eq!(db.frontend.in_flight(), 0);
+            db.put(b"d", b"v").unwrap();
+            assert_eq!(db.settle().unwrap(), None);
+        }
+        assert_eq!(guest.frontend.in_flight(), 0);
+        let requests = guest.requests();
+        assert_eq!(
+            requests,
+            [
+                put("a"),
+                Request::Delete { key: b"b".to_vec() },
+                Request::Log {
+                    level: WireLogLevel::Info,
+                    line: "line\u{FFFD}".into()
+                },
+                get("c"),
+                put("d"),
+            ]
+        );
+    }
+
+    #[test]
+    fn a_deferred_denial_is_returned_by_every_later_operation_and_by_settle() {
+        let mut guest = guest(4, 3, |env| {
+            let body = match &env.body {
+                Request::Put { key, .. } if key == b"secret" => Response::Error {
+                    code: error_code::DENIED,
+                    message: "rule r".into(),
+                },
+                _ => honest(env)?.body,
+            };
+            Some(Envelope { id: env.id, body })
+        });
+        guest.go.send(()).unwrap();
+        let denied = DbError::Denied {
+            message: "rule r".into(),
+        };
+        {
+            let mut db = guest.db();
+            db.put(b"a", b"v").unwrap();
+            db.put(b"secret", b"v").unwrap();
+            assert_eq!(db.get(b"a"), Err(denied.clone()));
+            assert_eq!(db.deferred_error(), Some(&denied));
+            assert_eq!(db.put(b"b", b"v"), Err(denied.clone()));
+            assert_eq!(db.scan(b"", None, 1), Err(denied.clone()));
+            assert_eq!(db.log(LogLevel::Info, "x"), Err(denied.clone()));
+            assert_eq!(db.settle().unwrap(), Some(denied));
+        }
+        // Nothing was sent after the denied put (the agent would have recorded it).
+        assert_eq!(guest.frontend.in_flight(), 0);
+        assert_eq!(guest.requests(), [put("a"), put("secret")]);
+    }
+
+    #[test]
+    fn a_deferred_ledger_error_is_kept_while_the_agent_goes_on_serving() {
+        let mut guest = guest(4, 4, |env| {
+            let body = match &env.body {
+                Request::Delete { .. } => Response::Error {
+                    code: error_code::LIMIT_EXCEEDED,
+                    message: "write set".into(),
+                },
+                _ => honest(env)?.body,
+            };
+            Some(Envelope { id: env.id, body })
+        });
+        guest.go.send(()).unwrap();
+        let limit = DbError::LimitExceeded {
+            message: "write set".into(),
+        };
+        {
+            let mut db = guest.db();
+            db.delete(b"a").unwrap();
+            db.delete(b"b").unwrap(); // also refused: the first error is the one kept
+            db.put(b"c", b"v").unwrap();
+            assert_eq!(db.settle().unwrap(), Some(limit));
+        }
+        // Every answer was collected: the ring is idle, ready for the runtime's Abort.
+        assert_eq!(guest.frontend.in_flight(), 0);
+        let abort = Request::Abort { reason: "r".into() };
+        let reply = guest.frontend.call(&abort, &guest.notifier, Some(WAIT));
+        assert_eq!(reply.unwrap(), Response::Aborted);
+        let requests = guest.requests();
+        assert_eq!(requests.len(), 4);
+        assert_eq!(requests[3], abort);
+    }
+
+    #[test]
+    fn a_full_ring_collects_answers_before_the_next_write() {
+        let mut guest = guest(2, 8, honest);
+        {
+            let go = guest.go.clone();
+            let mut db = guest.db();
+            db.put(b"k1", b"v").unwrap();
+            db.put(b"k2", b"v").unwrap();
+            // Both slots hold unanswered writes, and the agent has not started.
+            assert_eq!(db.pending.len(), 2);
+            go.send(()).unwrap();
+            for i in 3..=7 {
+                db.put(format!("k{i}").as_bytes(), b"v").unwrap();
+                assert!(db.pending.len() <= 2);
+            }
+            assert_eq!(db.get(b"k1").unwrap(), None);
+            assert_eq!(db.settle().unwrap(), None);
+        }
+        let requests = guest.requests();
+        let expected: Vec<Request> = (1..=7)
+            .map(|i| put(&format!("k{i}")))
+            .chain([get("k1")])
+            .collect();
+        assert_eq!(requests, expected);
+    }
+
+    #[test]
+    fn local_checks_refuse_a_write_synchronously_without_sending_it() {
+        let mut guest = guest(4, 1, honest);
+        {
+            let go = guest.go.clone();
+            let mut db = guest.db();
+            let long_key = vec![b'k'; limits::MAX_KEY_LEN + 1];
+            assert!(matches!(
+                db.put(&long_key, b"v"),
+                Err(DbError::BadRequest { .. })
+            ));
+            assert!(matches!(db.delete(b""), Err(DbError::BadRequest { .. })));
+            assert!(db.pending.is_empty());
+            // Not a deferred error: the transaction goes on.
+            db.put(b"a", b"v").unwrap();
+            go.send(()).unwrap();
+            assert_eq!(db.settle().unwrap(), None);
+        }
+        assert_eq!(guest.requests(), [put("a")]);
+    }
+
+    #[test]
+    fn a_wrong_id_for_a_deferred_write_gives_the_ring_up() {
+        let mut guest = guest(4, 1, |env| {
+            Some(Envelope {
+                id: env.id.wrapping_add(7),
+                body: Response::Ok,
+            })
+        });
+        guest.go.send(()).unwrap();
+        {
+            let mut db = guest.db();
+            db.put(b"a", b"v").unwrap();
+            assert!(matches!(db.get(b"a"), Err(DbError::Transport { .. })));
+            assert!(matches!(db.failure(), Some(RingError::IdMismatch { .. })));
+            // Later operations fail at once, without sending anything.
+            assert!(matches!(db.put(b"b", b"v"), Err(DbError::Transport { .. })));
+            assert!(matches!(
+                db.settle(),
+                Err(RingError::IdMismatch { expected: 1, .. })
+            ));
+        }
+        assert_eq!(guest.requests(), [put("a")]);
+    }
+
+    #[test]
+    fn a_wrong_kind_of_answer_to_a_deferred_write_is_a_transport_error() {
+        let mut guest = guest(4, 1, |env| {
+            Some(Envelope {
+                id: env.id,
+                body: Response::Value(None),
+            })
+        });
+        guest.go.send(()).unwrap();
+        let wrong = DbError::Transport {
+            message: "log: the agent answered with Value".into(),
+        };
+        {
+            let mut db = guest.db();
+            db.log(LogLevel::Info, "x").unwrap();
+            assert_eq!(db.scan(b"", None, 1), Err(wrong.clone()));
+            assert!(db.failure().is_none(), "the ring is still in step");
+            assert_eq!(db.settle().unwrap(), Some(wrong));
+        }
+        assert_eq!(guest.requests().len(), 1);
+    }
 
     #[test]
     fn agent_error_codes_map_to_typed_errors() {

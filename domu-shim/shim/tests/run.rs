@@ -239,12 +239,35 @@ fn put_secret(ctx: &mut Ctx<'_>, _: &[u8]) -> Result<Vec<u8>, HandlerError> {
     Ok(b"not reached".to_vec())
 }
 
+/// Ignores the error of its write: pipelined, it has not arrived when the handler returns.
+fn ignores_write_error(ctx: &mut Ctx<'_>, _: &[u8]) -> Result<Vec<u8>, HandlerError> {
+    let _ = ctx.db().put(b"secret/1", b"x");
+    let _ = ctx.db().put(b"ok/1", b"fine");
+    Ok(b"must not commit".to_vec())
+}
+
+/// Reads after a refused write, and goes on after the read fails.
+fn reads_after_write_error(ctx: &mut Ctx<'_>, _: &[u8]) -> Result<Vec<u8>, HandlerError> {
+    ctx.db().put(b"secret/1", b"x")?;
+    let read = ctx.db().get(b"ok/1");
+    let again = ctx.db().get(b"ok/1");
+    assert_eq!(read, again, "the deferred error is returned again");
+    let Err(e) = read else {
+        return Ok(b"the read succeeded".to_vec());
+    };
+    Err(HandlerError::rejected(format!("handler saw: {e}")))
+}
+
 fn misc_registry() -> Registry {
     let mut r = Registry::new();
     r.register("panics", panics).unwrap();
     r.register("logs", logs).unwrap();
     r.register("huge", huge).unwrap();
     r.register("put_secret", put_secret).unwrap();
+    r.register("ignores_write_error", ignores_write_error)
+        .unwrap();
+    r.register("reads_after_write_error", reads_after_write_error)
+        .unwrap();
     r.register("draw", draw).unwrap();
     r
 }
@@ -303,6 +326,53 @@ fn policy_denial_reaches_the_handler_and_aborts() {
         record.data.is_empty(),
         "the earlier write was not committed"
     );
+}
+
+#[test]
+fn a_refused_write_the_handler_ignored_still_aborts_and_is_never_committed() {
+    // The fake agent, like the real one for a ledger error, answers the refused write with
+    // an Error and goes on serving: only the shim stands between it and a Commit.
+    let agent = Agent {
+        deny_prefix: Some(b"secret/".to_vec()),
+        ..Agent::default()
+    };
+    let (outcome, record) = tx(misc_registry(), "ignores_write_error", json!(null), agent);
+    let reason = "database: denied by policy: policy: secret/1 is off limits";
+    assert_eq!(
+        outcome.unwrap(),
+        Outcome::Aborted {
+            reason: reason.into()
+        }
+    );
+    assert_eq!(record.end, End::Aborted(reason.into()));
+    assert_eq!(
+        record.ops, 2,
+        "both writes were sent before the error was known"
+    );
+    assert!(record.data.is_empty());
+}
+
+#[test]
+fn a_refused_write_surfaces_at_the_next_read_which_is_not_sent() {
+    let agent = Agent {
+        deny_prefix: Some(b"secret/".to_vec()),
+        ..Agent::default()
+    };
+    let (outcome, record) = tx(
+        misc_registry(),
+        "reads_after_write_error",
+        json!(null),
+        agent,
+    );
+    let reason = "rejected: handler saw: denied by policy: policy: secret/1 is off limits";
+    assert_eq!(
+        outcome.unwrap(),
+        Outcome::Aborted {
+            reason: reason.into()
+        }
+    );
+    assert_eq!(record.end, End::Aborted(reason.into()));
+    assert_eq!(record.ops, 1, "only the write reached the agent");
 }
 
 #[test]
