@@ -9,7 +9,12 @@
 //!
 //! Run (as root): `cargo bench -p mayfly-sandbox --features test-zygote --bench clones`
 //! (`BENCH_SECS` per run, default 4; `BENCH_REPS` interleaved runs, default 3; medians).
-#![allow(missing_docs, clippy::cast_precision_loss)]
+#![allow(
+    missing_docs,
+    clippy::cast_precision_loss,
+    clippy::cast_possible_truncation,
+    clippy::cast_sign_loss
+)]
 
 use std::path::Path;
 use std::sync::Arc;
