@@ -22,7 +22,7 @@ step "buildroot tree (references, shellcheck)" \
 step "vendored crates match buildroot/vendor.pin" bash -c \
     'buildroot/scripts/vendor-crates.sh vendor target/mayfly-vendor &&
      buildroot/scripts/vendor-crates.sh verify target/mayfly-vendor'
-step "benchmarks (smoke)"     cargo test --workspace --locked --benches
+step "benchmarks (smoke)"     cargo test --workspace --all-features --locked --benches
 for smoke in domu-shim/*/fuzz/smoke.sh; do
     [ -x "$smoke" ] || continue
     step "fuzz smoke: ${smoke%/fuzz/smoke.sh}" "$smoke"

@@ -255,7 +255,7 @@ fn rules_for(restriction: Restriction) -> Result<Vec<SeccompRule>, SeccompError>
 }
 
 /// Compiles the filter: [`ALLOWLIST`] and [`SETUP_LIST`].
-pub(crate) fn compile() -> Result<BpfProgram, SeccompError> {
+pub fn compile() -> Result<BpfProgram, SeccompError> {
     let arch = std::env::consts::ARCH;
     let target = TargetArch::try_from(arch).map_err(|_| SeccompError::Arch { arch })?;
     let mut rules = BTreeMap::new();
@@ -274,7 +274,7 @@ pub(crate) fn compile() -> Result<BpfProgram, SeccompError> {
 
 /// Sets `no_new_privs` and installs `program` on the calling thread (the zygote has one;
 /// every process it forks inherits the filter).
-pub(crate) fn install(program: &BpfProgram) -> Result<(), SeccompError> {
+pub fn install(program: &BpfProgram) -> Result<(), SeccompError> {
     seccompiler::apply_filter(program).map_err(SeccompError::Install)
 }
 
