@@ -128,7 +128,22 @@ pub trait Domain: Send {
     fn destroy(self: Box<Self>) -> Result<DomainExit, DomainError>;
     /// Stops the domain and keeps it for forensics instead of destroying it.
     fn quarantine(self: Box<Self>) -> Result<Quarantined, DomainError>;
+    /// Whether [`Domain::destroy_in_background`] returns without waiting for the domain to
+    /// end (so a caller need not hand the destruction to a thread of its own).
+    fn destroys_in_background(&self) -> bool {
+        false
+    }
+    /// Destroys the domain; `done` receives what [`Domain::destroy`] would have returned,
+    /// once the domain can no longer run — on a thread of the backend, or on this one before
+    /// returning. The default destroys here, waiting.
+    fn destroy_in_background(self: Box<Self>, done: Destroyed) {
+        done(self.destroy());
+    }
 }
+
+/// What [`Domain::destroy_in_background`] calls when the domain is gone. It may run on a
+/// backend's internal thread: it must not wait for anything the backend does.
+pub type Destroyed = Box<dyn FnOnce(Result<DomainExit, DomainError>) + Send>;
 
 /// A domain kept stopped for forensics.
 #[derive(Debug, Clone, PartialEq, Eq)]

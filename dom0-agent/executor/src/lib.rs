@@ -778,6 +778,11 @@ impl Executor {
         };
         let retirement = if matches!(served, Served::Failed(_)) {
             retirement
+        } else if retirement.domain.destroys_in_background() && !retirement.quarantine {
+            // The backend tells when the domain is gone: no thread of ours waits for it.
+            self.reaper
+                .retire_in_background(&self.ledger, retirement, served.clone());
+            return (served, None);
         } else {
             match self.reaper.send(retirement, served.clone()) {
                 Ok(()) => return (served, None),
@@ -1041,6 +1046,44 @@ fn retire(ledger: &Ledger, mut r: Retirement, served: Served) -> (Served, Domain
     } else {
         r.domain.destroy()
     };
+    let Retirement {
+        events,
+        tx_id,
+        domain_id,
+        handler,
+        log,
+        quarantine,
+        ..
+    } = r;
+    let ended = Ended {
+        events,
+        tx_id,
+        domain_id,
+        handler,
+        log,
+        quarantine,
+    };
+    record_end(ledger, ended, served, disposed)
+}
+
+/// A retirement once its domain is disposed of: what remains to audit.
+struct Ended {
+    events: Vec<AuditEvent>,
+    tx_id: TxId,
+    domain_id: u32,
+    handler: String,
+    log: Logger,
+    quarantine: bool,
+}
+
+/// Works out from how the domain ended what the failure really was, and appends the audit
+/// records (attack signals durably before returning).
+fn record_end(
+    ledger: &Ledger,
+    mut r: Ended,
+    served: Served,
+    disposed: Result<DomainExit, DomainError>,
+) -> (Served, DomainExit) {
     let exit = match disposed {
         Ok(exit) => exit,
         Err(e) => {
@@ -1200,6 +1243,40 @@ impl Reaper {
             }
             r
         })
+    }
+
+    /// Destroys the domain of a normally ended transaction without a thread of ours waiting:
+    /// the backend calls back when it is gone, and the audit records are appended then.
+    fn retire_in_background(&self, ledger: &Ledger, r: Retirement, served: Served) {
+        if let Ok(mut n) = self.pending.0.lock() {
+            *n += 1;
+        }
+        let Retirement {
+            domain,
+            events,
+            tx_id,
+            domain_id,
+            handler,
+            log,
+            quarantine,
+        } = r;
+        let ended = Ended {
+            events,
+            tx_id,
+            domain_id,
+            handler,
+            log,
+            quarantine,
+        };
+        let (ledger, pending) = (ledger.clone(), Arc::clone(&self.pending));
+        domain.destroy_in_background(Box::new(move |disposed| {
+            record_end(&ledger, ended, served, disposed);
+            let (count, cv) = &*pending;
+            if let Ok(mut n) = count.lock() {
+                *n = n.saturating_sub(1);
+                cv.notify_all();
+            }
+        }));
     }
 
     /// Blocks until every queued retirement is done.

@@ -25,7 +25,8 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use mayfly_domain::{
-    Domain, DomainBackend, DomainError, DomainExit, DomainId, PoolStats, Quarantined, Ring,
+    Destroyed, Domain, DomainBackend, DomainError, DomainExit, DomainId, PoolStats, Quarantined,
+    Ring,
 };
 use mayfly_ring::wire::PROTOCOL_VERSION;
 use mayfly_ring::{Backend, EventFdNotifier, MmapMem, Notifier, Request, RingError, SharedMem};
@@ -819,7 +820,9 @@ fn finished(shared: &Shared, clone_id: u32, status: Status, cpu_ms: u32) {
 /// The zygote is gone: no clone will be reported any more, none can be created.
 fn zygote_gone(shared: &Shared) {
     shared.pool().zygote_gone = true;
-    for (_, cell) in lock(&shared.registry).drain() {
+    // Drained first: recording an exit may run a background destroy's callback.
+    let cells: Vec<_> = lock(&shared.registry).drain().collect();
+    for (_, cell) in cells {
         cell.record_exit(ExitRecord {
             status: Status::Lost,
             cpu: Duration::ZERO,
@@ -1072,6 +1075,23 @@ impl Domain for SandboxDomain {
         handle
             .terminate()
             .map_err(|e| self.shared.domain_error(id, e))
+    }
+
+    /// Kills the clone and returns at once; `done` runs when the zygote has reaped it (on
+    /// the supervisor thread, which reads the zygote's report anyway): no thread waits.
+    fn destroys_in_background(&self) -> bool {
+        true
+    }
+
+    fn destroy_in_background(mut self: Box<Self>, done: Destroyed) {
+        let id = self.id();
+        let shared = Arc::clone(&self.shared);
+        let Some(handle) = self.release_slot() else {
+            return done(Ok(DomainExit::Destroyed));
+        };
+        handle.terminate_in_background(Box::new(move |ended| {
+            done(ended.map_err(|e| shared.domain_error(id, e)));
+        }));
     }
 
     fn quarantine(mut self: Box<Self>) -> Result<Quarantined, DomainError> {

@@ -92,10 +92,25 @@ pub(crate) struct ExitRecord {
     pub cpu: Duration,
 }
 
-#[derive(Debug, Default)]
+/// Called once with a clone's exit record (see [`CloneHandle::terminate_in_background`]).
+pub(crate) type OnExit = Box<dyn FnOnce(ExitRecord) + Send>;
+
+#[derive(Default)]
 struct CellState {
     exit: Option<ExitRecord>,
     stopped: bool,
+    /// Called (outside the lock) when the exit is recorded.
+    on_exit: Option<OnExit>,
+}
+
+impl std::fmt::Debug for CellState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CellState")
+            .field("exit", &self.exit)
+            .field("stopped", &self.stopped)
+            .field("on_exit", &self.on_exit.is_some())
+            .finish()
+    }
 }
 
 /// What the supervisor thread and the clone's handle share.
@@ -155,11 +170,25 @@ impl CloneCell {
 
     pub(crate) fn record_exit(&self, record: ExitRecord) {
         let mut state = self.lock();
-        if state.exit.is_none() {
-            state.exit = Some(record);
-        }
+        let first = *state.exit.get_or_insert(record);
+        let on_exit = state.on_exit.take();
         drop(state);
         self.changed.notify_all();
+        if let Some(f) = on_exit {
+            f(first);
+        }
+    }
+
+    /// Calls `f` with the exit record: now if it is known, else when it is recorded.
+    fn on_exit(&self, f: OnExit) {
+        let mut state = self.lock();
+        match state.exit {
+            Some(record) => {
+                drop(state);
+                f(record);
+            }
+            None => state.on_exit = Some(f),
+        }
     }
 
     pub(crate) fn record_stop(&self) {
@@ -384,6 +413,37 @@ impl CloneHandle {
             "clone_id" => self.cell.id, "pid" => self.cell.pid, "exit" => %exit,
             "cpu_ms" => record.map_or(0, |r| r.cpu.as_millis()));
         Ok(exit)
+    }
+
+    /// Kills the clone (if it still runs) without waiting: `done` gets how it ended once
+    /// the zygote has reaped it (on the supervisor thread, or on this one if that already
+    /// happened). A failed kill is handed to `done` and the clone is destroyed, waiting, as a
+    /// dropped handle is.
+    pub(crate) fn terminate_in_background(
+        mut self,
+        done: Box<dyn FnOnce(Result<DomainExit, CloneError>) + Send>,
+    ) {
+        if let Some(e) = self.ended {
+            return done(Ok(e));
+        }
+        if let Err(e) = self.cell.kill() {
+            return done(Err(e)); // `Drop` tries again, and waits
+        }
+        // Killed: its end arrives through `done`, not through `Drop`.
+        self.ended = Some(DomainExit::Destroyed);
+        let (cell, ctx, ready) = (Arc::clone(&self.cell), Arc::clone(&self.ctx), self.ready);
+        drop(self); // the ring and the eventfds: the clone no longer needs them
+        let report = Arc::clone(&cell);
+        cell.on_exit(Box::new(move |record| {
+            let exit = report.domain_exit(Some(record), ctx.cpu_limit);
+            if ready {
+                ctx.destroyed.fetch_add(1, Ordering::Relaxed);
+            }
+            debug!(ctx.logger, "clone ended";
+                "clone_id" => report.id, "pid" => report.pid, "exit" => %exit,
+                "cpu_ms" => record.cpu.as_millis());
+            done(Ok(exit));
+        }));
     }
 
     /// `SIGSTOP`s the clone and waits until the zygote sees it stopped (or exited).

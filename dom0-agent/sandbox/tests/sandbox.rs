@@ -178,6 +178,55 @@ fn exited(fd: &OwnedFd, timeout: Duration) -> bool {
     n == 1
 }
 
+/// `destroy_in_background` returns at once; its callback runs once the zygote has reaped
+/// the clone, with the same exit `destroy` would have returned, and the process is gone.
+#[test]
+fn a_background_destroy_reports_the_end_once_the_clone_is_gone() {
+    let dir = tempfile::tempdir().unwrap();
+    let sandbox = start(dir.path());
+    let destroy = |domain: SandboxDomain| {
+        let pid = domain.pid();
+        assert!(domain.destroys_in_background());
+        let (tx, rx) = std::sync::mpsc::channel();
+        Box::new(domain).destroy_in_background(Box::new(move |ended| {
+            // Called only once the clone can no longer run.
+            let gone = !exists(pid);
+            tx.send((ended.map_err(|e| e.to_string()), gone)).unwrap();
+        }));
+        rx.recv_timeout(WAIT).unwrap()
+    };
+    // Still running (spinning) when destroyed: killed by the agent.
+    let mut spinning = sandbox.take_clone(WAIT).unwrap();
+    begin(&mut spinning, "loop", b"");
+    assert_eq!(destroy(spinning), (Ok(DomainExit::Destroyed), true));
+    // Committed and exiting by itself: exited, or killed on its way out.
+    let (done, result) = run(&sandbox, "echo", b"x");
+    assert_eq!(result.unwrap(), b"x");
+    let (ended, gone) = destroy(done);
+    assert!(gone);
+    assert!(
+        matches!(
+            ended,
+            Ok(DomainExit::Exited { code: 0 } | DomainExit::Destroyed)
+        ),
+        "{ended:?}"
+    );
+    // A crash is still told apart from a kill.
+    let (crashed, outcome) = run(&sandbox, "segv", b"");
+    assert!(matches!(outcome, Err(RingError::PeerGone)), "{outcome:?}");
+    assert_eq!(
+        destroy(crashed),
+        (
+            Ok(DomainExit::Crashed {
+                signal: libc::SIGSEGV
+            }),
+            true
+        )
+    );
+    assert_eq!(sandbox.stats().in_use, 0);
+    assert_eq!(sandbox.stats().destroyed, 3);
+}
+
 #[test]
 fn clones_echo_with_distinct_ids_and_pids_that_are_gone_after_destroy() {
     let dir = tempfile::tempdir().unwrap();
