@@ -19,7 +19,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
 use std::process::Child;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use std::sync::mpsc::{self, RecvTimeoutError, SyncSender};
+use std::sync::mpsc;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -261,12 +261,25 @@ fn setup_hint(exit: DomainExit) -> String {
     }
 }
 
-type SpawnReply = Result<Arc<CloneCell>, (u32, i32)>;
+/// A clone requested from the zygote and not yet reported forked: the agent's end of its
+/// ring, kept until the zygote's `Spawned` names it.
+struct PendingClone {
+    ring: Ring,
+    bell: EventFdNotifier,
+    requested: Instant,
+}
 
 struct PoolState {
+    /// Forked clones, oldest first. Their `Ready` is read when one is taken (it is normally
+    /// long there by then), so no thread waits for it.
     ready: VecDeque<CloneHandle>,
-    /// Clones being created by the refill threads right now.
+    /// Clones requested from the zygote and not yet reported forked.
     creating: usize,
+    /// Failures in a row (a fork refused, a clone dead or silent before `Ready`); the refill
+    /// threads back off while it is not zero.
+    failures: u32,
+    /// No new request before this instant (back-off after failures).
+    backoff_until: Option<Instant>,
     in_use: usize,
     quarantined: Vec<(Quarantined, CloneHandle)>,
     shut_down: bool,
@@ -284,7 +297,7 @@ struct Shared {
     /// Clones forked and not yet reported ended, by id.
     registry: Mutex<HashMap<u32, Arc<CloneCell>>>,
     /// Clone requests awaiting the zygote's answer, by id.
-    pending: Mutex<HashMap<u32, SyncSender<SpawnReply>>>,
+    pending: Mutex<HashMap<u32, PendingClone>>,
     next_id: AtomicU32,
     created: AtomicU64,
     failed: AtomicU64,
@@ -297,6 +310,36 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 impl Shared {
     fn pool(&self) -> MutexGuard<'_, PoolState> {
         lock(&self.state)
+    }
+
+    /// A clone could not be made ready: count it, log it, and make the refill threads back
+    /// off (doubling with each failure in a row).
+    fn creation_failed(&self, error: &CreateError) {
+        self.failed.fetch_add(1, Ordering::Relaxed);
+        let mut state = self.pool();
+        if state.shut_down {
+            return;
+        }
+        state.failures = state.failures.saturating_add(1);
+        let backoff = BACKOFF_MIN
+            .saturating_mul(1u32 << state.failures.saturating_sub(1).min(16))
+            .min(BACKOFF_MAX);
+        state.backoff_until = Instant::now().checked_add(backoff);
+        drop(state);
+        error!(self.logger, "creating a clone failed"; "error" => %ErrorChain(error),
+            "retry_in_ms" => backoff.as_millis());
+        self.changed.notify_all();
+    }
+
+    /// A clone reached its ready point: failures in a row end.
+    fn creation_succeeded(&self) {
+        let mut state = self.pool();
+        if state.failures != 0 {
+            state.failures = 0;
+            state.backoff_until = None;
+            drop(state);
+            self.changed.notify_all();
+        }
     }
 
     fn domain_error(
@@ -396,6 +439,8 @@ impl Sandbox {
             state: Mutex::new(PoolState {
                 ready: VecDeque::new(),
                 creating: 0,
+                failures: 0,
+                backoff_until: None,
                 in_use: 0,
                 quarantined: Vec::new(),
                 shut_down: false,
@@ -525,26 +570,33 @@ impl Sandbox {
                 });
             }
             if state.in_use < self.shared.config.max_in_use {
-                if let Some(handle) = state.ready.pop_front() {
-                    // A pooled clone that died meanwhile is discarded, not handed out.
-                    if handle.cell.exited_within(Duration::ZERO).unwrap_or(true) {
-                        drop(state);
-                        warn!(self.shared.logger, "a ready clone died in the pool";
-                            "clone_id" => handle.cell.id, "pid" => handle.cell.pid);
-                        drop(handle);
-                        self.shared.changed.notify_all();
-                        state = self.shared.pool();
-                        continue;
-                    }
+                if let Some(mut handle) = state.ready.pop_front() {
                     state.in_use = state.in_use.saturating_add(1);
                     drop(state);
                     self.shared.changed.notify_all(); // the refill thread tops up
-                    debug!(self.shared.logger, "clone taken";
-                        "clone_id" => handle.cell.id, "pid" => handle.cell.pid);
-                    return Ok(SandboxDomain {
-                        handle: Some(handle),
-                        shared: Arc::clone(&self.shared),
-                    });
+                    let left =
+                        deadline.map_or(timeout, |d| d.saturating_duration_since(Instant::now()));
+                    match confirm_ready(&self.shared, &mut handle, left) {
+                        Ok(()) => {
+                            self.shared.creation_succeeded();
+                            debug!(self.shared.logger, "clone taken";
+                                "clone_id" => handle.cell.id, "pid" => handle.cell.pid);
+                            return Ok(SandboxDomain {
+                                handle: Some(handle),
+                                shared: Arc::clone(&self.shared),
+                            });
+                        }
+                        Err(e) => {
+                            // Not handed out: destroyed (dropping the handle), counted,
+                            // and the refill threads back off.
+                            drop(handle);
+                            self.shared.creation_failed(&e);
+                            state = self.shared.pool();
+                            state.in_use = state.in_use.saturating_sub(1);
+                            self.shared.changed.notify_all();
+                            continue;
+                        }
+                    }
                 }
             }
             let left = deadline.map_or(timeout, |d| d.saturating_duration_since(Instant::now()));
@@ -768,20 +820,43 @@ fn dispatch(shared: &Shared, msg: Msg, fds: Vec<OwnedFd>) {
             };
             let cell = Arc::new(CloneCell::new(clone_id, pid, pidfd));
             lock(&shared.registry).insert(clone_id, Arc::clone(&cell));
-            let waiter = lock(&shared.pending).remove(&clone_id);
-            let delivered = waiter.is_some_and(|tx| tx.send(Ok(Arc::clone(&cell))).is_ok());
-            if !delivered {
-                // Its creator gave up waiting: nobody will use it.
+            let Some(pending) = lock(&shared.pending).remove(&clone_id) else {
+                // Its request expired: nobody will use it.
                 let _ = cell.kill();
+                return;
+            };
+            let notifier = CloneNotifier::new(pending.bell, Arc::clone(&cell));
+            let mut handle =
+                CloneHandle::new(cell, pending.ring, notifier, Arc::clone(&shared.ctx));
+            handle.ready = true; // counted as created (and so as destroyed, later)
+            shared.created.fetch_add(1, Ordering::Relaxed);
+            debug!(shared.logger, "clone forked";
+                "clone_id" => clone_id, "pid" => pid,
+                "micros" => pending.requested.elapsed().as_micros());
+            let mut state = shared.pool();
+            state.creating = state.creating.saturating_sub(1);
+            if state.shut_down {
+                drop(state);
+                // Killed without waiting here: this thread delivers the exit report.
+                handle.terminate_in_background(Box::new(|_| {}));
+                return;
             }
+            state.ready.push_back(handle);
+            drop(state);
+            shared.changed.notify_all();
         }
         Msg::SpawnFailed {
             clone_id,
             stage,
             errno,
         } => {
-            if let Some(tx) = lock(&shared.pending).remove(&clone_id) {
-                let _ = tx.send(Err((stage, errno)));
+            if lock(&shared.pending).remove(&clone_id).is_some() {
+                shared.pool().creating -= 1;
+                shared.creation_failed(&CreateError::Spawn {
+                    clone_id,
+                    stage,
+                    errno,
+                });
             }
         }
         Msg::Exited {
@@ -808,11 +883,31 @@ fn dispatch(shared: &Shared, msg: Msg, fds: Vec<OwnedFd>) {
 }
 
 fn finished(shared: &Shared, clone_id: u32, status: Status, cpu_ms: u32) {
+    let record = ExitRecord {
+        status,
+        cpu: Duration::from_millis(cpu_ms.into()),
+    };
     let cell = lock(&shared.registry).remove(&clone_id);
     if let Some(cell) = cell {
-        cell.record_exit(ExitRecord {
-            status,
-            cpu: Duration::from_millis(cpu_ms.into()),
+        cell.record_exit(record);
+    }
+    // A pooled clone that ended before anyone took it: its start-up failed (or something
+    // killed it). Out of the pool, counted, and the refill backs off.
+    let dead = {
+        let mut state = shared.pool();
+        let at = state.ready.iter().position(|h| h.cell.id == clone_id);
+        at.and_then(|i| state.ready.remove(i))
+    };
+    if let Some(handle) = dead {
+        let (pid, exit) = (
+            handle.cell.pid,
+            handle.cell.domain_exit(Some(record), shared.ctx.cpu_limit),
+        );
+        handle.terminate_in_background(Box::new(|_| {})); // already ended: no wait
+        shared.creation_failed(&CreateError::Died {
+            clone_id,
+            pid,
+            exit,
         });
     }
 }
@@ -832,59 +927,69 @@ fn zygote_gone(shared: &Shared) {
     shared.changed.notify_all();
 }
 
-/// The refill thread: keeps `pool_size` clones ready.
+/// The refill thread: keeps `pool_size` clones forked or on their way, without waiting for
+/// any of them. It sends the zygote a request and goes on; the supervisor thread, which
+/// reads the zygote's answer anyway, puts the clone in the pool; `take` reads its `Ready`.
 fn refill(shared: Arc<Shared>) {
-    let mut backoff = BACKOFF_MIN;
     loop {
         {
             let mut state = shared.pool();
-            while !state.shut_down
-                && !state.zygote_gone
-                && state.ready.len() + state.creating >= shared.config.pool_size
-            {
+            loop {
+                if state.shut_down || state.zygote_gone {
+                    return;
+                }
+                let now = Instant::now();
+                let backing_off = state.backoff_until.filter(|&t| t > now);
+                if let Some(until) = backing_off {
+                    // A retry delay, woken early by shutdown.
+                    state = shared
+                        .changed
+                        .wait_timeout(state, until.saturating_duration_since(now))
+                        .unwrap_or_else(|p| p.into_inner())
+                        .0;
+                    continue;
+                }
+                if state.ready.len() + state.creating < shared.config.pool_size {
+                    break;
+                }
+                if state.creating == 0 {
+                    state = shared
+                        .changed
+                        .wait(state)
+                        .unwrap_or_else(|p| p.into_inner());
+                    continue;
+                }
+                // Requests are out: wake up to give up on those the zygote never answers.
                 state = shared
                     .changed
-                    .wait(state)
-                    .unwrap_or_else(|p| p.into_inner());
-            }
-            if state.shut_down || state.zygote_gone {
-                return;
+                    .wait_timeout(state, shared.config.ready_timeout)
+                    .unwrap_or_else(|p| p.into_inner())
+                    .0;
+                drop(state);
+                expire_requests(&shared);
+                state = shared.pool();
             }
             state.creating += 1;
         }
-        let started = Instant::now();
-        let created = create(&shared);
-        shared.pool().creating -= 1;
-        match created {
-            Ok(mut handle) => {
-                handle.ready = true;
-                shared.created.fetch_add(1, Ordering::Relaxed);
-                debug!(shared.logger, "clone ready";
-                    "clone_id" => handle.cell.id, "pid" => handle.cell.pid,
-                    "micros" => started.elapsed().as_micros());
-                let mut state = shared.pool();
-                if state.shut_down {
-                    drop(state);
-                    drop(handle);
-                    return;
-                }
-                state.ready.push_back(handle);
-                drop(state);
-                shared.changed.notify_all();
-                backoff = BACKOFF_MIN;
-            }
-            Err(e) => {
-                shared.failed.fetch_add(1, Ordering::Relaxed);
-                let state = shared.pool();
-                if state.shut_down {
-                    return;
-                }
-                error!(shared.logger, "creating a clone failed"; "error" => %ErrorChain(&e),
-                    "retry_in_ms" => backoff.as_millis());
-                // Back off (a retry delay, woken early by shutdown).
-                let _ = shared.changed.wait_timeout(state, backoff);
-                backoff = backoff.saturating_mul(2).min(BACKOFF_MAX);
-            }
+        if let Err(e) = request(&shared) {
+            shared.pool().creating -= 1;
+            shared.creation_failed(&e);
+        }
+    }
+}
+
+/// Forgets requests the zygote did not answer within `ready_timeout`.
+fn expire_requests(shared: &Shared) {
+    let waited = shared.config.ready_timeout;
+    let stale: Vec<u32> = lock(&shared.pending)
+        .iter()
+        .filter(|(_, p)| p.requested.elapsed() >= waited)
+        .map(|(&id, _)| id)
+        .collect();
+    for clone_id in stale {
+        if lock(&shared.pending).remove(&clone_id).is_some() {
+            shared.pool().creating -= 1;
+            shared.creation_failed(&CreateError::SpawnTimeout { clone_id, waited });
         }
     }
 }
@@ -904,8 +1009,9 @@ impl std::fmt::Display for ErrorChain<'_> {
     }
 }
 
-/// Creates one clone and waits for its `Ready`.
-fn create(shared: &Shared) -> Result<CloneHandle, CreateError> {
+/// Asks the zygote for one clone: its ring and eventfds are made here, the agent's end kept
+/// in `pending` until the zygote reports the fork.
+fn request(shared: &Shared) -> Result<(), CreateError> {
     let clone_id = shared.next_id.fetch_add(1, Ordering::Relaxed);
     let geometry = shared.config.geometry;
     let len = geometry.total_len();
@@ -927,9 +1033,14 @@ fn create(shared: &Shared) -> Result<CloneHandle, CreateError> {
         clone_id,
         source: mayfly_ring::mem::MapError::BadLength { len },
     })?;
-
-    let (tx, rx) = mpsc::sync_channel(1);
-    lock(&shared.pending).insert(clone_id, tx);
+    lock(&shared.pending).insert(
+        clone_id,
+        PendingClone {
+            ring,
+            bell: agent_bell,
+            requested: Instant::now(),
+        },
+    );
     let request = Msg::Clone { clone_id, ring_len };
     let sent = proto::send(
         shared.control.as_fd(),
@@ -942,32 +1053,27 @@ fn create(shared: &Shared) -> Result<CloneHandle, CreateError> {
         lock(&shared.pending).remove(&clone_id);
         return Err(CreateError::Send { clone_id, source });
     }
-    let deadline = Instant::now().checked_add(shared.config.ready_timeout);
-    let waited = shared.config.ready_timeout;
-    let cell = match rx.recv_timeout(waited) {
-        Ok(Ok(cell)) => cell,
-        Ok(Err((stage, errno))) => {
-            return Err(CreateError::Spawn {
-                clone_id,
-                stage,
-                errno,
-            })
-        }
-        Err(RecvTimeoutError::Timeout) => {
-            lock(&shared.pending).remove(&clone_id);
-            return Err(CreateError::SpawnTimeout { clone_id, waited });
-        }
-        Err(RecvTimeoutError::Disconnected) => return Err(CreateError::ZygoteGone { clone_id }),
-    };
-    let pid = cell.pid;
-    let notifier = CloneNotifier::new(agent_bell, Arc::clone(&cell));
-    let mut handle = CloneHandle::new(cell, ring, notifier, Arc::clone(&shared.ctx));
-    let left = deadline.map_or(waited, |d| d.saturating_duration_since(Instant::now()));
-    match handle.ring.recv_request(&handle.notifier, Some(left)) {
+    Ok(())
+}
+
+/// Reads a pooled clone's `Ready` (normally already there: no wait), waiting at most
+/// `timeout` (and never more than `ready_timeout` since it was forked).
+fn confirm_ready(
+    shared: &Shared,
+    handle: &mut CloneHandle,
+    timeout: Duration,
+) -> Result<(), CreateError> {
+    if handle.confirmed {
+        return Ok(());
+    }
+    let (clone_id, pid) = (handle.cell.id, handle.cell.pid);
+    let waited = timeout.min(shared.config.ready_timeout);
+    match handle.ring.recv_request(&handle.notifier, Some(waited)) {
         Ok(envelope) => match envelope.body {
             Request::Ready { protocol_version } if protocol_version == PROTOCOL_VERSION => {
                 handle.ready_id = envelope.id;
-                Ok(handle)
+                handle.confirmed = true;
+                Ok(())
             }
             other => Err(CreateError::NotReady {
                 clone_id,

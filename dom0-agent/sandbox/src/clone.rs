@@ -340,8 +340,10 @@ pub(crate) struct CloneHandle {
     pub ring: Ring,
     pub notifier: CloneNotifier,
     pub ready_id: u32,
-    /// Whether it reached its ready point (counted as created).
+    /// Whether it was counted as created (and so is counted as destroyed when it ends).
     pub ready: bool,
+    /// Whether its `Ready` was read (`ready_id` is then valid).
+    pub confirmed: bool,
     pub ctx: Arc<Ctx>,
     ended: Option<DomainExit>,
 }
@@ -370,6 +372,7 @@ impl CloneHandle {
             notifier,
             ready_id: 0,
             ready: false,
+            confirmed: false,
             ctx,
             ended: None,
         }

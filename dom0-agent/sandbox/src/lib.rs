@@ -11,15 +11,24 @@
 //!  agent (multi-threaded)                          zygote (single-threaded, exec'd)
 //!  Sandbox::start ── socketpair, fork+exec ───────▶ new net/mnt/ipc/uts namespaces,
 //!     │               (pre_exec: PDEATHSIG,         own process group, empty chroot,
-//!     │                unshare)                     blocks on the control socket
-//!     │  refill thread:                                    │
+//!     │                unshare)                     seccomp filter (once, inherited),
+//!     │                                             blocks on the control socket
+//!     │  refill thread (never waits for a clone):          │
 //!     │  memfd ring + eventfds ── Clone (SCM_RIGHTS) ─────▶ fork ──▶ clone: fds 3-5,
-//!     │  ◀────────────── Spawned + pidfd (SCM_RIGHTS) ─────┘          rlimits, uid 65534,
-//!     │  ◀══════ ring: Ready ═══════════════════════════════════════ seccomp, child(ring)
-//!     │  pool ──take()──▶ SandboxDomain ══ Start / requests / Commit ══▶
-//!     │                   destroy(): pidfd_send_signal(SIGKILL), wait pidfd + report
+//!     │  supervisor thread:                                │          rlimits, own uid,
+//!     │  ◀────────────── Spawned + pidfd (SCM_RIGHTS) ─────┘          child(ring) ═╗
+//!     │     └─▶ pool (forked clones)                                   Ready ══════╣
+//!     │  take(): reads the clone's Ready (normally there already) ◀════════════════╝
+//!     │     └─▶ SandboxDomain ══ Start / requests / Commit ══▶
+//!     │  destroy(): pidfd_send_signal(SIGKILL), wait pidfd + report, or
+//!     │  destroy_in_background(): SIGKILL, and a callback when the report comes
 //!     │  supervisor thread ◀── Exited / Killed / Stopped (code, signal, CPU) ── zygote
 //! ```
+//!
+//! No thread waits on one clone's way in or out: the refill thread sends a request and goes
+//! on, the supervisor (which reads the zygote's messages anyway) pools the forked clone and
+//! completes background destroys; on this kind of machine a cross-thread wake-up costs about
+//! as much CPU as a ring round trip (`cargo bench -p mayfly-sandbox --bench primitives`).
 //!
 //! The pieces, by module:
 //! - [`config`]: [`SandboxConfig`] and [`Limits`], with their defaults;

@@ -524,6 +524,33 @@ fn the_cpu_limit_ends_a_runaway_clone() {
     );
 }
 
+/// Clones that die before `Ready` are never handed out: `take` reads each pooled clone's
+/// `Ready` first, discards the dead, counts them as failed, and times out; the refill
+/// backs off instead of forking as fast as it can.
+#[test]
+fn clones_that_die_before_ready_are_never_handed_out_and_refill_backs_off() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = SandboxConfig::new(ZYGOTE, ["--die-before-ready"], dir.path());
+    config.pool_size = 2;
+    let sandbox = Sandbox::start(config, logger()).unwrap();
+    let wait = Duration::from_millis(600);
+    let began = Instant::now();
+    let taken = sandbox.take(wait);
+    assert!(
+        matches!(taken, Err(DomainError::Exhausted { .. })),
+        "{:?}",
+        taken.map(|d| d.id())
+    );
+    assert!(began.elapsed() >= wait);
+    let stats = sandbox.stats();
+    assert_eq!(stats.in_use, 0);
+    assert!(stats.failed >= 1, "{stats:?}");
+    // Back-off: 50 ms, doubling with each failure in a row, so a few clones in 600 ms, not
+    // hundreds.
+    assert!(stats.created <= 10, "{stats:?}");
+    sandbox.shutdown();
+}
+
 #[test]
 fn the_pool_refills_in_the_background() {
     let dir = tempfile::tempdir().unwrap();

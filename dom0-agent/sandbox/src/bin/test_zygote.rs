@@ -33,6 +33,9 @@ use mayfly_sandbox::ChildRing;
 struct Template {
     marker: u64,
     pattern: Vec<u8>,
+    /// `--die-before-ready`: every clone exits (status 42) before sending `Ready`, as a
+    /// clone whose start-up fails would.
+    die_before_ready: bool,
 }
 
 const TEMPLATE_MARKER: u64 = 0xC0FFEE;
@@ -42,10 +45,14 @@ fn init() -> Template {
     Template {
         marker: TEMPLATE_MARKER,
         pattern: vec![0xAB; 1 << 20],
+        die_before_ready: std::env::args().any(|a| a == "--die-before-ready"),
     }
 }
 
 fn run(template: &mut Template, ring: ChildRing) -> i32 {
+    if template.die_before_ready {
+        return 42;
+    }
     let Ok(mem) = MmapMem::from_fd(ring.ring.as_fd(), ring.ring_len) else {
         return 10;
     };
