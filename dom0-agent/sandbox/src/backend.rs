@@ -293,7 +293,10 @@ struct Shared {
     ctx: Arc<Ctx>,
     control: OwnedFd,
     state: Mutex<PoolState>,
+    /// The pool changed for takers: a clone pooled, a slot released, shut down.
     changed: Condvar,
+    /// The refill threads have something to do: a clone taken, a back-off over, shut down.
+    refill_wanted: Condvar,
     /// Clones forked and not yet reported ended, by id.
     registry: Mutex<HashMap<u32, Arc<CloneCell>>>,
     /// Clone requests awaiting the zygote's answer, by id.
@@ -329,6 +332,7 @@ impl Shared {
         error!(self.logger, "creating a clone failed"; "error" => %ErrorChain(error),
             "retry_in_ms" => backoff.as_millis());
         self.changed.notify_all();
+        self.refill_wanted.notify_all();
     }
 
     /// A clone reached its ready point: failures in a row end.
@@ -338,7 +342,7 @@ impl Shared {
             state.failures = 0;
             state.backoff_until = None;
             drop(state);
-            self.changed.notify_all();
+            self.refill_wanted.notify_all();
         }
     }
 
@@ -447,6 +451,7 @@ impl Sandbox {
                 zygote_gone: false,
             }),
             changed: Condvar::new(),
+            refill_wanted: Condvar::new(),
             registry: Mutex::new(HashMap::new()),
             pending: Mutex::new(HashMap::new()),
             next_id: AtomicU32::new(1),
@@ -497,6 +502,7 @@ impl Sandbox {
                 Err(source) => {
                     shared.pool().shut_down = true;
                     shared.changed.notify_all();
+                    shared.refill_wanted.notify_all();
                     let _ = sys::pidfd_send_signal(started.pidfd.as_fd(), libc::SIGKILL);
                     let _ = supervisor.join();
                     for r in refills {
@@ -573,7 +579,7 @@ impl Sandbox {
                 if let Some(mut handle) = state.ready.pop_front() {
                     state.in_use = state.in_use.saturating_add(1);
                     drop(state);
-                    self.shared.changed.notify_all(); // the refill thread tops up
+                    self.shared.refill_wanted.notify_all(); // the refill thread tops up
                     let left =
                         deadline.map_or(timeout, |d| d.saturating_duration_since(Instant::now()));
                     match confirm_ready(&self.shared, &mut handle, left) {
@@ -681,6 +687,7 @@ impl DomainBackend for Sandbox {
             )
         };
         shared.changed.notify_all();
+        shared.refill_wanted.notify_all();
         for cell in lock(&shared.registry).values() {
             if let Err(e) = cell.kill() {
                 error!(shared.logger, "killing a clone at shutdown failed"; "error" => %e);
@@ -925,6 +932,7 @@ fn zygote_gone(shared: &Shared) {
     }
     lock(&shared.pending).clear();
     shared.changed.notify_all();
+    shared.refill_wanted.notify_all();
 }
 
 /// The refill thread: keeps `pool_size` clones forked or on their way, without waiting for
@@ -943,7 +951,7 @@ fn refill(shared: Arc<Shared>) {
                 if let Some(until) = backing_off {
                     // A retry delay, woken early by shutdown.
                     state = shared
-                        .changed
+                        .refill_wanted
                         .wait_timeout(state, until.saturating_duration_since(now))
                         .unwrap_or_else(|p| p.into_inner())
                         .0;
@@ -954,14 +962,14 @@ fn refill(shared: Arc<Shared>) {
                 }
                 if state.creating == 0 {
                     state = shared
-                        .changed
+                        .refill_wanted
                         .wait(state)
                         .unwrap_or_else(|p| p.into_inner());
                     continue;
                 }
                 // Requests are out: wake up to give up on those the zygote never answers.
                 state = shared
-                    .changed
+                    .refill_wanted
                     .wait_timeout(state, shared.config.ready_timeout)
                     .unwrap_or_else(|p| p.into_inner())
                     .0;

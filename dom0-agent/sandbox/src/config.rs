@@ -6,11 +6,11 @@
 //! | `zygote_exe`, `zygote_args` | (required) | the executable spawned as the zygote and its arguments (the agent passes its own binary and a hidden `sandbox-zygote` subcommand) |
 //! | `run_dir` | (required) | holds `sandbox.pgid` (for the reconciler) and `sandbox-root/` (the zygote's empty root) |
 //! | `pool_size` | 4 | clones kept at their ready point |
-//! | `refill_threads` | 2 | threads creating clones concurrently to keep the pool full |
+//! | `refill_threads` | 1 | threads asking the zygote for clones to keep the pool full (a request does not wait for its clone: one thread keeps `pool_size` requests in flight) |
 //! | `max_in_use` | 64 | clones handed out and not yet destroyed; `take` waits while at the cap |
 //! | `ready_timeout` | 5 s | how long a new clone (and the zygote at start) may take to become ready |
 //! | `geometry` | [`Geometry::DEFAULT`] | ring geometry |
-//! | `first_uid`, `uid_count` | 1,900,000,000, 65,536 | the uids clones run as: each live clone has its own uid from `first_uid .. first_uid + uid_count`, so the kernel's permission checks (signals, `prlimit`, ptrace) keep clones apart; no host account may use the range (systemd leaves 1,879,048,192–2,147,352,575 unassigned). At least `pool_size + max_in_use + refill_threads + 8` (the quarantine) uids |
+//! | `first_uid`, `uid_count` | 1,900,000,000, 65,536 | the uids clones run as: each live clone has its own uid from `first_uid .. first_uid + uid_count`, so the kernel's permission checks (signals, `prlimit`, ptrace) keep clones apart; no host account may use the range (systemd leaves 1,879,048,192–2,147,352,575 unassigned). At least `pool_size + max_in_use + 8` (the quarantine) uids |
 //! | `gid` | 65534 | the group every clone runs as (no supplementary groups) |
 //! | `limits.memory_bytes` | 256 MiB | `RLIMIT_AS`: the clone's whole address space, including what it inherits from the zygote |
 //! | `limits.cpu_seconds` | 10 | `RLIMIT_CPU` soft limit (`SIGXCPU`); the hard limit is one second more (`SIGKILL`) |
@@ -94,7 +94,7 @@ impl SandboxConfig {
             zygote_args: zygote_args.into_iter().map(Into::into).collect(),
             run_dir: run_dir.into(),
             pool_size: 4,
-            refill_threads: 2,
+            refill_threads: 1,
             max_in_use: 64,
             ready_timeout: Duration::from_secs(5),
             geometry: Geometry::DEFAULT,
@@ -106,12 +106,11 @@ impl SandboxConfig {
         }
     }
 
-    /// The fewest uids the range must hold: one per clone that can be alive at once (pooled,
-    /// being created, handed out, quarantined).
+    /// The fewest uids the range must hold: one per clone that can be alive at once (pooled
+    /// or being created — together at most `pool_size` —, handed out, quarantined).
     pub fn uids_needed(&self) -> u64 {
         [
             self.pool_size,
-            self.refill_threads,
             self.max_in_use,
             crate::backend::MAX_QUARANTINED,
         ]
@@ -194,7 +193,7 @@ pub enum ConfigError {
     /// can be alive at once.
     #[error(
         "uid range {first_uid} + {uid_count} is invalid: it must end below 4294967295 and \
-         hold at least {needed} uids (pool, refill threads, clones in use, quarantine)"
+         hold at least {needed} uids (pool, clones in use, quarantine)"
     )]
     UidRange {
         /// Configured first uid.
