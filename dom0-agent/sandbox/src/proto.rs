@@ -512,7 +512,10 @@ fn send_with(
 
 /// Receives one message and its fds (close-on-exec). `Ok(None)`: the peer closed its end.
 pub(crate) fn recv(sock: BorrowedFd<'_>) -> Result<Option<(Msg, Vec<OwnedFd>)>, ProtoError> {
-    let mut buf = vec![0u8; RECV_BUF];
+    // On the stack, not the heap: in the zygote, a 4 KiB heap allocation per message made
+    // glibc consolidate its free lists, writing to heap pages every live clone shares, each
+    // write a copy-on-write fault.
+    let mut buf = [0u8; RECV_BUF];
     let mut cmsg_buf = nix::cmsg_space!([RawFd; MAX_FDS]);
     let (len, flags, fds) = loop {
         let mut iov = [IoSliceMut::new(&mut buf)];
