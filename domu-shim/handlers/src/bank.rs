@@ -12,6 +12,8 @@
 //!                                                          "to":{"name":"bob","balance":10}}
 //! ```
 //!
+//! `transfer` reads both balances in one round trip (`Db::get_many`).
+//!
 //! `open_account` refuses an existing account; `balance` and `transfer` refuse unknown
 //! accounts; `transfer` refuses `amount` 0, a transfer to the same account, an overdraft,
 //! and a credit that would overflow. Refusals are [`HandlerError::Rejected`] and write
@@ -79,19 +81,16 @@ struct TransferResult<'a> {
     to: Account<'a>,
 }
 
-/// Reads account `name`'s balance; an absent account is `None`, a corrupt one an error.
-fn read_balance(ctx: &mut Ctx<'_>, name: &str) -> Result<Option<u64>, HandlerError> {
-    let Some(value) = ctx.db().get(account_key(name).as_bytes())? else {
-        return Ok(None);
-    };
+/// Account `name`'s balance from its stored value: absent or corrupt is an error.
+fn stored_balance(name: &str, value: Option<Vec<u8>>) -> Result<u64, HandlerError> {
+    let value = value.ok_or_else(|| HandlerError::rejected(format!("unknown account {name}")))?;
     parse_balance(&value)
-        .map(Some)
         .ok_or_else(|| HandlerError::rejected(format!("account {name} holds a corrupt balance")))
 }
 
 fn existing_balance(ctx: &mut Ctx<'_>, name: &str) -> Result<u64, HandlerError> {
-    read_balance(ctx, name)?
-        .ok_or_else(|| HandlerError::rejected(format!("unknown account {name}")))
+    let value = ctx.db().get(account_key(name).as_bytes())?;
+    stored_balance(name, value)
 }
 
 fn write_balance(ctx: &mut Ctx<'_>, name: &str, balance: u64) -> Result<(), HandlerError> {
@@ -142,8 +141,16 @@ pub fn transfer(ctx: &mut Ctx<'_>, payload: &[u8]) -> Result<Vec<u8>, HandlerErr
             "cannot transfer from an account to itself",
         ));
     }
-    let from_balance = existing_balance(ctx, &req.from)?;
-    let to_balance = existing_balance(ctx, &req.to)?;
+    // Both balances in one round trip.
+    let (from_key, to_key) = (account_key(&req.from), account_key(&req.to));
+    let values = ctx
+        .db()
+        .get_many(&[from_key.as_bytes(), to_key.as_bytes()])?;
+    let [from_value, to_value]: [Option<Vec<u8>>; 2] = values
+        .try_into()
+        .map_err(|_| HandlerError::rejected("the agent returned a wrong number of values"))?;
+    let from_balance = stored_balance(&req.from, from_value)?;
+    let to_balance = stored_balance(&req.to, to_value)?;
     let new_from = from_balance.checked_sub(req.amount).ok_or_else(|| {
         HandlerError::rejected(format!(
             "insufficient funds: {} has {from_balance}, needs {}",

@@ -90,6 +90,14 @@ pub trait Db {
     /// The value of `key`, or `None` if it is absent.
     fn get(&mut self, key: &[u8]) -> Result<Option<Vec<u8>>, DbError>;
 
+    /// The values of `keys`, in the same order: what [`Db::get`] on each key in turn would
+    /// return (the first error is returned), but in a domain the reads travel together —
+    /// one round trip for all of them instead of one each. Every key is still read, checked
+    /// by the policy and recorded in the read set, even if an earlier one is absent.
+    fn get_many(&mut self, keys: &[&[u8]]) -> Result<Vec<Option<Vec<u8>>>, DbError> {
+        keys.iter().map(|key| self.get(key)).collect()
+    }
+
     /// Sets `key` to `value`. In a domain this may return before the agent has answered;
     /// a refusal then surfaces later (see [Deferred write errors](self#deferred-write-errors)).
     fn put(&mut self, key: &[u8], value: &[u8]) -> Result<(), DbError>;

@@ -243,6 +243,54 @@ impl<M: SharedMem, N: Notifier> Db for RingDb<'_, M, N> {
         }
     }
 
+    /// Pipelined reads: after the outstanding write answers are collected, up to
+    /// `slot_count` `Get`s are published together and their answers collected in order.
+    fn get_many(&mut self, keys: &[&[u8]]) -> Result<Vec<Option<Vec<u8>>>, DbError> {
+        for key in keys {
+            limits::check_key(key)?;
+        }
+        self.usable("get")?;
+        self.collect()?;
+        let slots = usize::try_from(self.frontend.geometry().slot_count())
+            .unwrap_or(1)
+            .max(1);
+        let mut values = Vec::with_capacity(keys.len());
+        for chunk in keys.chunks(slots) {
+            let mut ids = Vec::with_capacity(chunk.len());
+            for key in chunk {
+                let request = Request::Get { key: key.to_vec() };
+                match self.frontend.send_request(&request, self.notifier) {
+                    Ok(id) => ids.push(id),
+                    // Nothing of this chunk published yet: refused, the ring still in step.
+                    Err(e) if ids.is_empty() => return Err(self.refused_or_give_up("get", e)),
+                    // Answers are owed for the ones already sent: out of step, given up.
+                    Err(e) => return Err(self.give_up("get", e)),
+                }
+            }
+            // Every answer of the chunk is read, whatever it is, to stay in step.
+            let mut first_error = None;
+            for id in ids {
+                match self
+                    .frontend
+                    .recv_response_to(id, self.notifier, Some(self.timeout))
+                {
+                    Ok(Response::Value(value)) => values.push(value),
+                    Ok(Response::Error { code, message }) => {
+                        first_error.get_or_insert(agent_error(code, message));
+                    }
+                    Ok(other) => {
+                        first_error.get_or_insert(unexpected("get", &other));
+                    }
+                    Err(e) => return Err(self.give_up("get", e)),
+                }
+            }
+            if let Some(error) = first_error {
+                return Err(error);
+            }
+        }
+        Ok(values)
+    }
+
     fn put(&mut self, key: &[u8], value: &[u8]) -> Result<(), DbError> {
         limits::check_key(key)?;
         limits::check_value(value)?;
@@ -438,6 +486,72 @@ mod tests {
                 put("d"),
             ]
         );
+    }
+
+    /// `Value(key)` for every get, `Ok` to writes.
+    fn echo_keys(env: &Envelope<Request>) -> Option<Envelope<Response>> {
+        let body = match &env.body {
+            Request::Get { key } => Response::Value(Some(key.clone())),
+            _ => Response::Ok,
+        };
+        Some(Envelope { id: env.id, body })
+    }
+
+    #[test]
+    fn get_many_returns_values_in_order_across_more_keys_than_slots() {
+        let mut guest = guest(2, 9, echo_keys);
+        guest.go.send(()).unwrap();
+        {
+            let mut db = guest.db();
+            db.put(b"w", b"v").unwrap();
+            let keys: Vec<Vec<u8>> = (0..7u8).map(|i| vec![b'k', b'0' + i]).collect();
+            let refs: Vec<&[u8]> = keys.iter().map(Vec::as_slice).collect();
+            let values = db.get_many(&refs).unwrap();
+            assert_eq!(values, keys.iter().cloned().map(Some).collect::<Vec<_>>());
+            assert!(
+                db.pending.is_empty(),
+                "the write's answer was collected first"
+            );
+            assert_eq!(db.frontend.in_flight(), 0);
+            assert_eq!(db.get_many(&[]).unwrap(), Vec::<Option<Vec<u8>>>::new());
+            assert_eq!(db.get(b"z").unwrap(), Some(b"z".to_vec()));
+        }
+        let requests = guest.requests();
+        assert_eq!(requests.first(), Some(&put("w")));
+        assert_eq!(requests.len(), 9);
+        assert_eq!(requests.get(1), Some(&get("k0")));
+        assert_eq!(requests.get(7), Some(&get("k6")));
+    }
+
+    #[test]
+    fn get_many_reads_every_answer_of_a_batch_and_returns_the_first_error() {
+        // The agent refuses the second key (not a denial: it goes on serving).
+        let mut guest = guest(4, 4, |env| {
+            let body = match &env.body {
+                Request::Get { key } if key == b"bad" => Response::Error {
+                    code: error_code::LIMIT_EXCEEDED,
+                    message: "too many".into(),
+                },
+                Request::Get { key } => Response::Value(Some(key.clone())),
+                _ => Response::Ok,
+            };
+            Some(Envelope { id: env.id, body })
+        });
+        guest.go.send(()).unwrap();
+        {
+            let mut db = guest.db();
+            let err = db.get_many(&[b"a", b"bad", b"c"]).unwrap_err();
+            assert!(matches!(err, DbError::LimitExceeded { .. }), "{err:?}");
+            // Every answer of the batch was read: the ring is in step for the next call.
+            assert_eq!(db.frontend.in_flight(), 0);
+            assert_eq!(db.get(b"d").unwrap(), Some(b"d".to_vec()));
+            // Checked locally before anything is sent.
+            let long = vec![b'x'; limits::MAX_KEY_LEN + 1];
+            let err = db.get_many(&[b"e", &long]).unwrap_err();
+            assert!(matches!(err, DbError::BadRequest { .. }), "{err:?}");
+            assert_eq!(db.settle().unwrap(), None);
+        }
+        assert_eq!(guest.requests(), [get("a"), get("bad"), get("c"), get("d")]);
     }
 
     #[test]
