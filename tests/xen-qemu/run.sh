@@ -32,6 +32,15 @@ LOG=$OUT/serial.log
 : >"$LOG"
 rm -f "$OUT/agent-phase.log"
 
+# QEMU cannot forward a host port something already listens on; say so plainly rather than
+# let every check after the boot fail.
+for port in "$API_PORT" "$CTRL_PORT"; do
+    if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
+        echo "FAILED: 127.0.0.1:$port is in use; the suite forwards it to dom0 (set API_PORT / CTRL_PORT)" >&2
+        exit 1
+    fi
+done
+
 started=$(date +%s)
 echo "==> booting Xen under QEMU TCG (limit ${QEMU_TIMEOUT}s; console: $LOG)"
 timeout --kill-after=10 "$QEMU_TIMEOUT" qemu-system-x86_64 \

@@ -156,7 +156,8 @@ pub struct TxOutcome {
     /// Attempts made (more than one after conflicts).
     pub attempts: u32,
     /// How the last domain ended, if it was destroyed before the answer (failures are);
-    /// `None` when a reaper thread destroys it after the answer (normal ends).
+    /// `None` when it is destroyed after the answer (normal ends: by the backend in the
+    /// background, or by a reaper thread).
     pub domain_exit: Option<DomainExit>,
 }
 
@@ -720,8 +721,10 @@ impl Executor {
 
     /// Serves one domain to the end of its transaction, then destroys it and audits. A
     /// transaction that ended normally (committed, aborted by its handler, or conflicting)
-    /// is answered at once and its domain destroyed by a reaper thread; a failed one is
-    /// destroyed first, because how the domain died decides what the failure was.
+    /// is answered at once and its domain destroyed afterwards — by the backend, which calls
+    /// back when it is gone ([`Domain::destroy_in_background`], the sandbox), or by a reaper
+    /// thread that waits (Xen); a failed one is destroyed first, because how the domain died
+    /// decides what the failure was.
     fn serve(
         &self,
         mut domain: Box<dyn Domain>,

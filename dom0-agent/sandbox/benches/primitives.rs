@@ -8,11 +8,15 @@
 //!   reaps it;
 //! * **… + seccomp install** — the same, with the child installing the sandbox's filter
 //!   ([`mayfly_sandbox::seccomp::compile`]) before it exits: the cost a clone would pay if it
-//!   installed its own filter instead of inheriting the zygote's.
+//!   installed its own filter instead of inheriting the zygote's;
+//! * **… + new namespaces** — the child `unshare`s a network, mount, IPC and UTS namespace
+//!   before it exits: what a process per transaction would pay to be isolated like the
+//!   zygote (whose namespaces every clone shares) — root only, skipped otherwise.
 //!
 //! Each figure is wall time and CPU time (this process and its reaped children) per
 //! operation, median of `BENCH_REPS` runs (default 5) of `BENCH_ITERS` operations (default
-//! 2,000). Run (as any user): `cargo bench -p mayfly-sandbox --bench primitives`.
+//! 2,000; a tenth of that for the namespace row). Run: `cargo bench -p mayfly-sandbox --bench
+//! primitives`.
 #![allow(
     missing_docs,
     clippy::cast_possible_truncation,
@@ -63,7 +67,15 @@ fn wakeup_round_trips(iters: u32) -> (Duration, Duration) {
     r
 }
 
-fn fork_exit_wait(iters: u32, filter: Option<&seccompiler::BpfProgram>) -> (Duration, Duration) {
+/// What the forked child does before `_exit`.
+#[derive(Clone, Copy)]
+enum InChild<'a> {
+    Nothing,
+    Seccomp(&'a seccompiler::BpfProgram),
+    Namespaces,
+}
+
+fn fork_exit_wait(iters: u32, in_child: InChild<'_>) -> (Duration, Duration) {
     measure(iters, || {
         // SAFETY: the child makes only async-signal-safe calls (prctl and seccomp through
         // `install`, which does not allocate for an already built program, then `_exit`)
@@ -71,9 +83,19 @@ fn fork_exit_wait(iters: u32, filter: Option<&seccompiler::BpfProgram>) -> (Dura
         #[allow(unsafe_code)]
         match unsafe { fork() }.unwrap() {
             ForkResult::Child => {
-                let code = match filter {
-                    Some(f) => i32::from(mayfly_sandbox::seccomp::install(f).is_err()),
-                    None => 0,
+                let code = match in_child {
+                    InChild::Nothing => 0,
+                    InChild::Seccomp(f) => i32::from(mayfly_sandbox::seccomp::install(f).is_err()),
+                    InChild::Namespaces => {
+                        let flags = libc::CLONE_NEWNET
+                            | libc::CLONE_NEWNS
+                            | libc::CLONE_NEWIPC
+                            | libc::CLONE_NEWUTS;
+                        // SAFETY: unshare(2) takes plain flags.
+                        #[allow(unsafe_code)]
+                        let rc = unsafe { libc::unshare(flags) };
+                        i32::from(rc != 0)
+                    }
                 };
                 // SAFETY: ends the child at once, running nothing of the parent's.
                 #[allow(unsafe_code)]
@@ -123,20 +145,29 @@ fn main() {
     } as usize;
     let filter = mayfly_sandbox::seccomp::compile().unwrap();
     println!("primitives bench: {iters} operations per run, {reps} runs, medians");
-    let rows: [(&str, Box<Measure>); 3] = [
+    let root = nix::unistd::geteuid().is_root();
+    let mut rows: Vec<(&str, Box<Measure>)> = vec![
         (
             "eventfd wake-up round trip",
             Box::new(move || wakeup_round_trips(iters)),
         ),
         (
             "fork + exit + wait",
-            Box::new(move || fork_exit_wait(iters, None)),
+            Box::new(move || fork_exit_wait(iters, InChild::Nothing)),
         ),
         (
             "fork + seccomp install + exit + wait",
-            Box::new(move || fork_exit_wait(iters, Some(&filter))),
+            Box::new(move || fork_exit_wait(iters, InChild::Seccomp(&filter))),
         ),
     ];
+    if root {
+        rows.push((
+            "fork + new namespaces + exit + wait",
+            Box::new(move || fork_exit_wait(iters.div_ceil(10), InChild::Namespaces)),
+        ));
+    } else {
+        println!("  (not root: the namespace row is skipped)");
+    }
     let mut results = vec![Vec::new(); rows.len()];
     for _ in 0..reps {
         for (i, (_, f)) in rows.iter().enumerate() {
