@@ -1035,38 +1035,46 @@ struct Retirement {
 
 /// Destroys the domain, works out from its exit what the failure really was, and appends
 /// the audit records (attack signals durably before returning).
-fn retire(ledger: &Ledger, mut r: Retirement, served: Served) -> (Served, DomainExit) {
-    let disposed = if r.quarantine {
-        r.domain.quarantine().map(|q| {
-            r.events.push(
+fn retire(ledger: &Ledger, r: Retirement, served: Served) -> (Served, DomainExit) {
+    let (domain, mut ended) = r.split();
+    let disposed = if ended.quarantine {
+        domain.quarantine().map(|q| {
+            ended.events.push(
                 AuditEvent::new("domain.quarantined", Severity::Notice)
-                    .field("domain", r.domain_id)
-                    .field("tx_id", r.tx_id)
+                    .field("domain", ended.domain_id)
+                    .field("tx_id", ended.tx_id)
                     .field("handle", truncate(&q.handle, 64)),
             );
             DomainExit::Quarantined
         })
     } else {
-        r.domain.destroy()
-    };
-    let Retirement {
-        events,
-        tx_id,
-        domain_id,
-        handler,
-        log,
-        quarantine,
-        ..
-    } = r;
-    let ended = Ended {
-        events,
-        tx_id,
-        domain_id,
-        handler,
-        log,
-        quarantine,
+        domain.destroy()
     };
     record_end(ledger, ended, served, disposed)
+}
+
+impl Retirement {
+    /// The domain, and what remains to audit once it is disposed of.
+    fn split(self) -> (Box<dyn Domain>, Ended) {
+        let Retirement {
+            domain,
+            events,
+            tx_id,
+            domain_id,
+            handler,
+            log,
+            quarantine,
+        } = self;
+        let ended = Ended {
+            events,
+            tx_id,
+            domain_id,
+            handler,
+            log,
+            quarantine,
+        };
+        (domain, ended)
+    }
 }
 
 /// A retirement once its domain is disposed of: what remains to audit.
@@ -1254,23 +1262,7 @@ impl Reaper {
         if let Ok(mut n) = self.pending.0.lock() {
             *n += 1;
         }
-        let Retirement {
-            domain,
-            events,
-            tx_id,
-            domain_id,
-            handler,
-            log,
-            quarantine,
-        } = r;
-        let ended = Ended {
-            events,
-            tx_id,
-            domain_id,
-            handler,
-            log,
-            quarantine,
-        };
+        let (domain, ended) = r.split();
         let (ledger, pending) = (ledger.clone(), Arc::clone(&self.pending));
         domain.destroy_in_background(Box::new(move |disposed| {
             record_end(&ledger, ended, served, disposed);
