@@ -4,12 +4,17 @@
 //!
 //! ```text
 //!  supervisor ── spawns the zygote (PR_SET_PDEATHSIG follows this thread), then reads the
-//!                control socket: Spawned → registers the clone and hands it to its creator,
-//!                Exited/Killed/Stopped → records it in the clone's cell; on EOF marks
-//!                every clone lost and reaps the zygote.
-//!  refill     ── keeps `pool_size` clones at their ready point: memfd ring + eventfds →
-//!                Clone request → pidfd → waits for the guest's `Ready` → pool.
-//!  callers    ── take() hands out a ready clone; destroy()/Drop kill it through its pidfd.
+//!                control socket: Spawned → registers the clone, builds its handle from the
+//!                pending request and pools it; Exited/Killed/Stopped → records it in the
+//!                clone's cell (running a background destroy's callback; a pooled clone
+//!                that died is removed and counted as failed); on EOF kills and marks every
+//!                clone lost and reaps the zygote.
+//!  refill     ── keeps `pool_size` clones pooled or requested: memfd ring + eventfds →
+//!                Clone request, and on to the next (it never waits for a clone); backs off
+//!                after failures; expires requests the zygote does not answer.
+//!  callers    ── take() reads a pooled clone's `Ready` and hands it out; destroy()/Drop
+//!                kill it through its pidfd and wait; destroy_in_background() kills it and
+//!                returns.
 //! ```
 
 use std::collections::{HashMap, VecDeque};
@@ -489,8 +494,7 @@ impl Sandbox {
             let _ = supervisor.join();
             return Err(e.into());
         }
-        // Several refill threads keep clones in creation concurrently: each waits for its
-        // clone's Ready while the zygote forks the next.
+        // Refill threads only send requests (one is enough; more are allowed).
         let mut refills = Vec::new();
         for i in 0..shared.config.refill_threads.max(1) {
             let refill_shared = Arc::clone(&shared);
@@ -925,6 +929,10 @@ fn zygote_gone(shared: &Shared) {
     // Drained first: recording an exit may run a background destroy's callback.
     let cells: Vec<_> = lock(&shared.registry).drain().collect();
     for (_, cell) in cells {
+        // They die with the zygote (PR_SET_PDEATHSIG); killed anyway, in case one did not.
+        if let Err(e) = cell.kill() {
+            warn!(shared.logger, "killing a clone of the dead zygote failed"; "error" => %e);
+        }
         cell.record_exit(ExitRecord {
             status: Status::Lost,
             cpu: Duration::ZERO,
@@ -1058,8 +1066,11 @@ fn request(shared: &Shared) -> Result<(), CreateError> {
     // The guest's ends now live in the zygote (and the clone) only.
     drop(guest_bell);
     if let Err(source) = sent {
-        lock(&shared.pending).remove(&clone_id);
-        return Err(CreateError::Send { clone_id, source });
+        // Counted as failed here only if the request was still pending (an expiry may have
+        // taken it, and counted it, while the send blocked).
+        if lock(&shared.pending).remove(&clone_id).is_some() {
+            return Err(CreateError::Send { clone_id, source });
+        }
     }
     Ok(())
 }

@@ -21,7 +21,7 @@
 //! | `kill` | signal `SIGKILL` only (the zygote's) | every live clone has **its own uid** and no capabilities, so the kernel lets it signal only itself — not other clones, the zygote or the agent (root); `SIGCONT`, which the kernel lets through within a session whatever the uids (it would resume a quarantined clone), can never be sent |
 //! | `tgkill` | signal `SIGABRT` only (glibc's `abort` raising it at itself) | as for `kill` |
 //! | `prlimit64` | pid 0 (itself) | unprivileged: it can only lower its limits, or raise a soft limit to its hard one |
-//! | `prctl` | `PR_SET_NAME`, `PR_SET_PDEATHSIG`, `PR_SET_DUMPABLE` | its own name, death signal, and dumpability |
+//! | `prctl` | `PR_SET_NAME`; `PR_SET_PDEATHSIG` with `SIGKILL` only; `PR_SET_DUMPABLE` with 0 only | its own name; it can neither clear its death signal (and outlive its zygote) nor make itself dumpable |
 //! | `setgroups`, `setresgid`, `setresuid` | any | without capabilities they fail (`EPERM`) |
 //! | `wait4`, `pidfd_open` | any | it has no children; a pidfd of another process can only be polled for its exit (`pidfd_send_signal`, `pidfd_getfd` stay forbidden) |
 //! | `recvmsg`, `sendmsg` | any | it holds no socket and cannot create one |
@@ -77,7 +77,8 @@ pub enum Restriction {
     AbortSignal,
     /// Argument 0 (pid) is 0: the caller's own limits.
     OwnLimits,
-    /// Argument 0 (option) is `PR_SET_NAME`, `PR_SET_PDEATHSIG` or `PR_SET_DUMPABLE`.
+    /// `prctl(PR_SET_NAME, ..)`, `prctl(PR_SET_PDEATHSIG, SIGKILL)` or
+    /// `prctl(PR_SET_DUMPABLE, 0)`.
     PrctlSetup,
     /// Argument 3 (flags) includes `AT_EMPTY_PATH`.
     EmptyPath,
@@ -222,14 +223,19 @@ fn rules_for(restriction: Restriction) -> Result<Vec<SeccompRule>, SeccompError>
         Restriction::AbortSignal => {
             vec![rule(vec![cond(2, Dword, Eq, signal(libc::SIGABRT))?])?]
         }
-        Restriction::PrctlSetup => [
-            libc::PR_SET_NAME,
-            libc::PR_SET_PDEATHSIG,
-            libc::PR_SET_DUMPABLE,
-        ]
-        .into_iter()
-        .map(|op| rule(vec![cond(0, Dword, Eq, u64::try_from(op).unwrap_or(0))?]))
-        .collect::<Result<_, _>>()?,
+        Restriction::PrctlSetup => {
+            let option = |op: libc::c_int| cond(0, Dword, Eq, u64::try_from(op).unwrap_or(0));
+            vec![
+                rule(vec![option(libc::PR_SET_NAME)?])?,
+                // Only ever *set* to SIGKILL: a guest must not clear it and outlive its zygote.
+                rule(vec![
+                    option(libc::PR_SET_PDEATHSIG)?,
+                    cond(1, Qword, Eq, signal(libc::SIGKILL))?,
+                ])?,
+                // Only ever *cleared*: a guest must not make itself dumpable (ptrace-able).
+                rule(vec![option(libc::PR_SET_DUMPABLE)?, cond(1, Qword, Eq, 0)?])?,
+            ]
+        }
         Restriction::FutexPrivate => {
             let private = libc::FUTEX_PRIVATE_FLAG;
             [

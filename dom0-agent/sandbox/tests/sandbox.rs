@@ -435,13 +435,19 @@ fn clones_cannot_signal_each_other_or_fork() {
     let mut bystander = sandbox.take_clone(WAIT).unwrap();
     let victim = bystander.pid();
     let uid_of = |pid| status_field(pid, "Uid");
-    let (a, sent) = run(&sandbox, "kill", format!("{victim} 9").as_bytes());
-    assert_eq!(sent.unwrap(), b"EPERM", "a clone killed another clone");
+    let mut a = sandbox.take_clone(WAIT).unwrap();
+    // Read while both wait on their rings (a clone that committed may be gone already).
+    assert_ne!(uid_of(a.pid()), uid_of(victim));
+    begin(&mut a, "kill", format!("{victim} 9").as_bytes());
+    assert_eq!(
+        commit(&mut a, WAIT).unwrap(),
+        b"EPERM",
+        "a clone killed another clone"
+    );
     assert!(
         bystander.try_exit().unwrap().is_none(),
         "the bystander died"
     );
-    assert_ne!(uid_of(a.pid()), uid_of(victim));
     Box::new(a).destroy().unwrap();
     // The zygote and the agent are root: out of reach too.
     for target in [sandbox.zygote_pid(), std::process::id()] {
@@ -452,6 +458,10 @@ fn clones_cannot_signal_each_other_or_fork() {
     // SIGCONT (which the kernel would let through within a session, whatever the uids:
     // it would resume a quarantined clone) cannot be sent at all.
     let (d, outcome) = run(&sandbox, "kill", format!("{victim} 18").as_bytes());
+    assert!(matches!(outcome, Err(RingError::PeerGone)), "{outcome:?}");
+    assert_eq!(Box::new(d).destroy().unwrap(), DomainExit::ForbiddenSyscall);
+    // Clearing its parent-death signal (to outlive the zygote) is a forbidden call.
+    let (d, outcome) = run(&sandbox, "pdeathsig", b"");
     assert!(matches!(outcome, Err(RingError::PeerGone)), "{outcome:?}");
     assert_eq!(Box::new(d).destroy().unwrap(), DomainExit::ForbiddenSyscall);
     // The zygote's fork is allowed by the filter; RLIMIT_NPROC 0 under its own uid refuses

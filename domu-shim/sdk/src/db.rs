@@ -92,8 +92,9 @@ pub trait Db {
 
     /// The values of `keys`, in the same order: what [`Db::get`] on each key in turn would
     /// return (the first error is returned), but in a domain the reads travel together —
-    /// one round trip for all of them instead of one each. Every key is still read, checked
-    /// by the policy and recorded in the read set, even if an earlier one is absent.
+    /// one round trip for all of them instead of one each. Every key is read, checked by the
+    /// policy and recorded in the read set even if an earlier one is absent or refused (so a
+    /// later key the policy denies ends the transaction even when an earlier read failed).
     fn get_many(&mut self, keys: &[&[u8]]) -> Result<Vec<Option<Vec<u8>>>, DbError> {
         keys.iter().map(|key| self.get(key)).collect()
     }

@@ -20,6 +20,7 @@
 //! | `alloc` | grows a buffer to 64 MiB, then tries to reserve 1 GiB more; commits `allocated` or `refused` |
 //! | `kill` | payload `"<pid> <signal>"`: `kill(pid, signal)`; commits `sent` or the errno's name |
 //! | `fork` | `fork()` (the child `_exit`s at once); commits `forked` or the errno's name |
+//! | `pdeathsig` | `prctl(PR_SET_PDEATHSIG, 0)` (would let it outlive the zygote); commits `cleared` or the errno's name |
 
 use std::os::fd::AsFd;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -143,6 +144,12 @@ fn run(template: &mut Template, ring: ChildRing) -> i32 {
                 }
                 _ => b"bad payload".to_vec(),
             }
+        }
+        "pdeathsig" => {
+            // SAFETY: prctl(2) with integer arguments.
+            #[allow(unsafe_code)]
+            let rc = unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, 0, 0, 0, 0) };
+            errno_result(rc, b"cleared")
         }
         "fork" => {
             // SAFETY: the clone is single-threaded; the child only calls _exit.
