@@ -76,6 +76,9 @@ pub enum SandboxError {
     /// The configuration was refused.
     #[error("sandbox configuration")]
     Config(#[from] ConfigError),
+    /// No uids of the configured range are free on this host.
+    #[error("claiming the clones' uids")]
+    Uids(#[from] crate::uids::ClaimError),
     /// `run_dir` or the root directory could not be prepared.
     #[error("preparing {path:?} failed")]
     RunDir {
@@ -306,6 +309,8 @@ struct Shared {
     registry: Mutex<HashMap<u32, Arc<CloneCell>>>,
     /// Clone requests awaiting the zygote's answer, by id.
     pending: Mutex<HashMap<u32, PendingClone>>,
+    /// The uids this sandbox's clones run as (its claim on them lasts as long as this).
+    uids: crate::uids::UidClaim,
     next_id: AtomicU32,
     created: AtomicU64,
     failed: AtomicU64,
@@ -419,6 +424,13 @@ impl Sandbox {
             }
         })?;
         reconcile::reconcile(&config, &logger)?;
+        // This sandbox's own uids, exclusive on the host for as long as it runs.
+        let uids = crate::uids::claim(
+            &config.uid_lock_dir,
+            config.first_uid,
+            config.uid_count,
+            config.uid_blocks_needed(),
+        )?;
 
         let (agent_end, zygote_end) = socketpair(
             AddressFamily::Unix,
@@ -434,8 +446,8 @@ impl Sandbox {
         });
         let settings = Settings {
             limits: config.limits,
-            first_uid: config.first_uid,
-            uid_count: config.uid_count,
+            first_uid: uids.first(),
+            uid_count: uids.count(),
             gid: config.gid,
             guest_stderr: config.guest_stderr,
             root,
@@ -459,6 +471,7 @@ impl Sandbox {
             refill_wanted: Condvar::new(),
             registry: Mutex::new(HashMap::new()),
             pending: Mutex::new(HashMap::new()),
+            uids,
             next_id: AtomicU32::new(1),
             created: AtomicU64::new(0),
             failed: AtomicU64::new(0),
@@ -535,6 +548,11 @@ impl Sandbox {
     /// The zygote's host pid (also its process group).
     pub fn zygote_pid(&self) -> u32 {
         self.zygote_pid
+    }
+
+    /// The uids this sandbox's clones run as: `(first, count)`, claimed for it alone.
+    pub fn uids(&self) -> (u32, u32) {
+        (self.shared.uids.first(), self.shared.uids.count())
     }
 
     /// Waits up to `timeout` until at least `count` clones are ready. Returns whether they are.

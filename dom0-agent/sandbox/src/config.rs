@@ -10,7 +10,8 @@
 //! | `max_in_use` | 64 | clones handed out and not yet destroyed; `take` waits while at the cap |
 //! | `ready_timeout` | 5 s | how long a new clone (and the zygote at start) may take to become ready |
 //! | `geometry` | [`Geometry::DEFAULT`] | ring geometry |
-//! | `first_uid`, `uid_count` | 1,900,000,000, 65,536 | the uids clones run as: each live clone has its own uid from `first_uid .. first_uid + uid_count`, so the kernel's permission checks (signals, `prlimit`, ptrace) keep clones apart; no host account may use the range (systemd leaves 1,879,048,192–2,147,352,575 unassigned). At least `pool_size + max_in_use + 8` (the quarantine) uids |
+//! | `first_uid`, `uid_count` | 1,900,000,000, 65,536 | the uids clones run as: each live clone has its own uid from `first_uid .. first_uid + uid_count`, so the kernel's permission checks (signals, `prlimit`, ptrace) keep clones apart; no host account may use the range (systemd leaves 1,879,048,192–2,147,352,575 unassigned). The sandbox claims aligned blocks of 1,024 uids of it, enough for twice `pool_size + max_in_use + 8` (the quarantine; twice: clones still dying hold theirs) |
+//! | `uid_lock_dir` | `/run/mayfly/sandbox-uids` | where sandboxes claim blocks of their uid ranges, so two sandboxes on one host never share a uid ([`crate::uids`]) |
 //! | `gid` | 65534 | the group every clone runs as (no supplementary groups) |
 //! | `limits.memory_bytes` | 256 MiB | `RLIMIT_AS`: the clone's whole address space, including what it inherits from the zygote |
 //! | `limits.cpu_seconds` | 10 | `RLIMIT_CPU` soft limit (`SIGXCPU`); the hard limit is one second more (`SIGKILL`) |
@@ -29,6 +30,8 @@ use mayfly_ring::Geometry;
 pub const DEFAULT_FIRST_UID: u32 = 1_900_000_000;
 /// The default number of uids in the range.
 pub const DEFAULT_UID_COUNT: u32 = 65_536;
+/// The default directory of the host-wide uid block locks.
+pub const DEFAULT_UID_LOCK_DIR: &str = "/run/mayfly/sandbox-uids";
 
 /// Resource limits applied to every clone (see the [module docs](self)).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -74,6 +77,8 @@ pub struct SandboxConfig {
     pub first_uid: u32,
     /// How many uids the range holds.
     pub uid_count: u32,
+    /// Directory of the host-wide uid block locks.
+    pub uid_lock_dir: PathBuf,
     /// Gid clones run as.
     pub gid: u32,
     /// Resource limits of each clone.
@@ -100,6 +105,7 @@ impl SandboxConfig {
             geometry: Geometry::DEFAULT,
             first_uid: DEFAULT_FIRST_UID,
             uid_count: DEFAULT_UID_COUNT,
+            uid_lock_dir: PathBuf::from(DEFAULT_UID_LOCK_DIR),
             gid: 65534,
             limits: Limits::default(),
             guest_stderr: false,
@@ -119,6 +125,12 @@ impl SandboxConfig {
         .fold(0u64, u64::saturating_add)
     }
 
+    /// Blocks of [`crate::uids::BLOCK`] uids the sandbox claims: room for twice the clones
+    /// that can be alive at once (clones already released but not yet reaped hold theirs).
+    pub fn uid_blocks_needed(&self) -> u32 {
+        crate::uids::blocks_for(self.uids_needed().saturating_mul(2))
+    }
+
     /// Checks the values that would make the sandbox useless or unsafe.
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.first_uid == 0 || self.gid == 0 {
@@ -134,14 +146,14 @@ impl SandboxConfig {
             return Err(ConfigError::UidRange {
                 first_uid: self.first_uid,
                 uid_count: self.uid_count,
-                needed: self.uids_needed(),
+                needed: u64::from(self.uid_blocks_needed()) * u64::from(crate::uids::BLOCK),
             });
         }
-        if u64::from(self.uid_count) < self.uids_needed() {
+        if crate::uids::whole_blocks(self.first_uid, self.uid_count) < self.uid_blocks_needed() {
             return Err(ConfigError::UidRange {
                 first_uid: self.first_uid,
                 uid_count: self.uid_count,
-                needed: self.uids_needed(),
+                needed: u64::from(self.uid_blocks_needed()) * u64::from(crate::uids::BLOCK),
             });
         }
         if self.max_in_use == 0 {
@@ -193,7 +205,8 @@ pub enum ConfigError {
     /// can be alive at once.
     #[error(
         "uid range {first_uid} + {uid_count} is invalid: it must end below 4294967295 and \
-         hold at least {needed} uids (pool, clones in use, quarantine)"
+         hold at least {needed} uids in whole blocks of 1024 aligned to multiples of 1024 \
+         (twice the pool, clones in use and quarantine)"
     )]
     UidRange {
         /// Configured first uid.
@@ -241,10 +254,13 @@ mod tests {
         ));
         // Too few uids for the clones that can be alive at once, or past the last uid.
         let mut few = config.clone();
-        few.uid_count = u32::try_from(config.uids_needed()).unwrap() - 1;
+        few.first_uid = 4096;
+        few.uid_count = config.uid_blocks_needed() * crate::uids::BLOCK - 1;
         assert!(matches!(few.validate(), Err(ConfigError::UidRange { .. })));
         few.uid_count += 1;
         few.validate().unwrap();
+        few.first_uid += 1; // no longer whole aligned blocks
+        assert!(matches!(few.validate(), Err(ConfigError::UidRange { .. })));
         let mut high = config.clone();
         high.first_uid = u32::MAX - 10;
         assert!(matches!(high.validate(), Err(ConfigError::UidRange { .. })));

@@ -52,6 +52,7 @@ pub mod reconcile;
 pub mod seccomp;
 pub mod spawn;
 mod sys;
+pub mod uids;
 pub mod zygote;
 
 pub use backend::{

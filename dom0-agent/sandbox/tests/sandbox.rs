@@ -487,6 +487,63 @@ fn clones_cannot_signal_each_other_or_fork() {
     Box::new(bystander).destroy().unwrap();
 }
 
+/// Two sandboxes on one host (here, one process) claim disjoint uid blocks, so a clone of
+/// one cannot signal a clone of the other; when the range has no free block left, start
+/// fails with a clear error.
+#[test]
+fn sandboxes_on_one_host_never_share_uids() {
+    let (one, two, three) = (
+        tempfile::tempdir().unwrap(),
+        tempfile::tempdir().unwrap(),
+        tempfile::tempdir().unwrap(),
+    );
+    let locks = tempfile::tempdir().unwrap();
+    let narrow = |dir: &Path| {
+        let mut c = config(dir);
+        c.uid_lock_dir = locks.path().to_path_buf();
+        c.first_uid = 1_900_000_256; // aligned: room for exactly two sandboxes' blocks
+        c.uid_count = 2 * c.uid_blocks_needed() * mayfly_sandbox::uids::BLOCK;
+        c
+    };
+    let a = Sandbox::start(narrow(one.path()), logger()).unwrap();
+    let b = Sandbox::start(narrow(two.path()), logger()).unwrap();
+    let ((a_first, a_count), (b_first, b_count)) = (a.uids(), b.uids());
+    assert!(
+        a_first + a_count <= b_first || b_first + b_count <= a_first,
+        "overlapping uid claims: {:?} {:?}",
+        a.uids(),
+        b.uids()
+    );
+    let victim = b.take_clone(WAIT).unwrap();
+    let victim_uid: u32 = status_field(victim.pid(), "Uid")
+        .split(' ')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((b_first..b_first + b_count).contains(&victim_uid));
+    let (d, sent) = run(&a, "kill", format!("{} 9", victim.pid()).as_bytes());
+    assert_eq!(
+        sent.unwrap(),
+        b"EPERM",
+        "a clone killed another sandbox's clone"
+    );
+    Box::new(d).destroy().unwrap();
+    assert_eq!(Box::new(victim).destroy().unwrap(), DomainExit::Destroyed);
+    // The range is fully claimed: a third sandbox is refused, naming the problem.
+    let refused = Sandbox::start(narrow(three.path()), logger()).unwrap_err();
+    let chain = format!(
+        "{refused}: {}",
+        std::error::Error::source(&refused).unwrap()
+    );
+    assert!(chain.contains("free block"), "{chain}");
+    // Shut down, the first one's blocks are free again.
+    a.shutdown();
+    drop(a);
+    let again = Sandbox::start(narrow(three.path()), logger()).unwrap();
+    assert_eq!(again.uids(), (a_first, a_count));
+}
+
 #[test]
 fn memory_is_limited() {
     let dir = tempfile::tempdir().unwrap();
