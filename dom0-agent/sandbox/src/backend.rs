@@ -605,7 +605,25 @@ impl Sandbox {
                     let left =
                         deadline.map_or(timeout, |d| d.saturating_duration_since(Instant::now()));
                     match confirm_ready(&self.shared, &mut handle, left) {
-                        Ok(()) => {
+                        Ok(Readiness::NotYet) => {
+                            // The caller's time ran out first: the clone goes back to the
+                            // pool, intact, and the caller gets its timeout.
+                            let mut state = self.shared.pool();
+                            state.in_use = state.in_use.saturating_sub(1);
+                            if state.shut_down {
+                                drop(state);
+                                drop(handle);
+                            } else {
+                                state.ready.push_front(handle);
+                                drop(state);
+                            }
+                            self.shared.changed.notify_all();
+                            return Err(DomainError::Exhausted {
+                                backend: BACKEND,
+                                waited: timeout,
+                            });
+                        }
+                        Ok(Readiness::Ready) => {
                             self.shared.creation_succeeded();
                             debug!(self.shared.logger, "clone taken";
                                 "clone_id" => handle.cell.id, "pid" => handle.cell.pid);
@@ -858,6 +876,7 @@ fn dispatch(shared: &Shared, msg: Msg, fds: Vec<OwnedFd>) {
             let mut handle =
                 CloneHandle::new(cell, pending.ring, notifier, Arc::clone(&shared.ctx));
             handle.ready = true; // counted as created (and so as destroyed, later)
+            handle.requested = pending.requested;
             shared.created.fetch_add(1, Ordering::Relaxed);
             debug!(shared.logger, "clone forked";
                 "clone_id" => clone_id, "pid" => pid,
@@ -1093,24 +1112,35 @@ fn request(shared: &Shared) -> Result<(), CreateError> {
     Ok(())
 }
 
+/// Whether a pooled clone could be handed out.
+enum Readiness {
+    /// Its `Ready` was read.
+    Ready,
+    /// Not yet, and the caller's time is up; the clone is younger than `ready_timeout`, so
+    /// it goes back to the pool, not counted as a failure.
+    NotYet,
+}
+
 /// Reads a pooled clone's `Ready` (normally already there: no wait), waiting at most
-/// `timeout` (and never more than `ready_timeout` since it was forked).
+/// `timeout`; a clone without `Ready` `ready_timeout` after it was requested has failed.
 fn confirm_ready(
     shared: &Shared,
     handle: &mut CloneHandle,
     timeout: Duration,
-) -> Result<(), CreateError> {
+) -> Result<Readiness, CreateError> {
     if handle.confirmed {
-        return Ok(());
+        return Ok(Readiness::Ready);
     }
     let (clone_id, pid) = (handle.cell.id, handle.cell.pid);
-    let waited = timeout.min(shared.config.ready_timeout);
-    match handle.ring.recv_request(&handle.notifier, Some(waited)) {
+    let limit = shared.config.ready_timeout;
+    let left_to_become_ready = limit.saturating_sub(handle.requested.elapsed());
+    let wait = timeout.min(left_to_become_ready);
+    match handle.ring.recv_request(&handle.notifier, Some(wait)) {
         Ok(envelope) => match envelope.body {
             Request::Ready { protocol_version } if protocol_version == PROTOCOL_VERSION => {
                 handle.ready_id = envelope.id;
                 handle.confirmed = true;
-                Ok(())
+                Ok(Readiness::Ready)
             }
             other => Err(CreateError::NotReady {
                 clone_id,
@@ -1126,10 +1156,13 @@ fn confirm_ready(
                 exit,
             })
         }
+        Err(RingError::Timeout { .. }) if handle.requested.elapsed() < limit => {
+            Ok(Readiness::NotYet)
+        }
         Err(RingError::Timeout { .. }) => Err(CreateError::ReadyTimeout {
             clone_id,
             pid,
-            waited,
+            waited: limit,
         }),
         Err(source) => Err(CreateError::ReadyRing {
             clone_id,

@@ -344,6 +344,8 @@ pub(crate) struct CloneHandle {
     pub ready: bool,
     /// Whether its `Ready` was read (`ready_id` is then valid).
     pub confirmed: bool,
+    /// When it was requested from the zygote (its `Ready` is due `ready_timeout` later).
+    pub requested: Instant,
     pub ctx: Arc<Ctx>,
     ended: Option<DomainExit>,
 }
@@ -373,6 +375,7 @@ impl CloneHandle {
             ready_id: 0,
             ready: false,
             confirmed: false,
+            requested: Instant::now(),
             ctx,
             ended: None,
         }

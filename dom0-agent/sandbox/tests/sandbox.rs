@@ -618,6 +618,31 @@ fn clones_that_die_before_ready_are_never_handed_out_and_refill_backs_off() {
     sandbox.shutdown();
 }
 
+/// A caller whose time runs out before a fresh clone's `Ready` arrives gets its timeout;
+/// the clone goes back to the pool, not counted as a failure or destroyed.
+#[test]
+fn an_impatient_take_does_not_destroy_healthy_clones() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = config(dir.path());
+    config.pool_size = 1;
+    let sandbox = Sandbox::start(config, logger()).unwrap();
+    let mut handed_out = 0;
+    for _ in 0..300 {
+        match sandbox.take_clone(Duration::from_micros(1)) {
+            Ok(domain) => {
+                handed_out += 1;
+                Box::new(domain).destroy().unwrap();
+            }
+            Err(DomainError::Exhausted { .. }) => {}
+            Err(e) => panic!("{e}"),
+        }
+    }
+    let stats = sandbox.stats();
+    assert_eq!(stats.failed, 0, "{stats:?}");
+    assert_eq!(stats.destroyed, handed_out, "{stats:?}");
+    sandbox.shutdown();
+}
+
 #[test]
 fn the_pool_refills_in_the_background() {
     let dir = tempfile::tempdir().unwrap();
