@@ -541,7 +541,11 @@ pub fn run(args: &ServeArgs, log: &Logger) -> anyhow::Result<u8> {
         c.shutdown(Duration::from_secs(10));
     }
     server.shutdown();
-    executor.wait_for_reapers();
+    let left = executor.wait_for_reapers_within(Duration::from_secs(30));
+    if left > 0 {
+        slog::warn!(log, "domains still being destroyed after 30 s; shutting the backend down anyway";
+            "count" => left);
+    }
     drop(executor);
     backend.shutdown();
     ledger.audit(vec![

@@ -445,9 +445,16 @@ impl Executor {
     }
 
     /// Blocks until every domain of an answered transaction has been destroyed and its
-    /// audit records queued (used at shutdown, and by tests).
+    /// audit records queued (used by tests).
     pub fn wait_for_reapers(&self) {
-        self.reaper.wait_idle();
+        self.reaper.wait_idle(None);
+    }
+
+    /// [`Executor::wait_for_reapers`], for at most `limit`; the number of domains still
+    /// being destroyed when it returns (at shutdown: a backend that never reports a killed
+    /// domain gone must not hang the agent).
+    pub fn wait_for_reapers_within(&self, limit: Duration) -> usize {
+        self.reaper.wait_idle(Some(limit))
     }
 
     /// Re-runs, in commit order, the legitimate transactions a rollback undid (`seqs`, from
@@ -1275,16 +1282,33 @@ impl Reaper {
     }
 
     /// Blocks until every queued retirement is done.
-    fn wait_idle(&self) {
+    /// Waits until no retirement is pending, or `limit` passes; returns how many still are.
+    fn wait_idle(&self, limit: Option<Duration>) -> usize {
+        let deadline = limit.and_then(|l| Instant::now().checked_add(l));
         let (count, cv) = &*self.pending;
-        if let Ok(mut n) = count.lock() {
-            while *n > 0 {
-                n = match cv.wait(n) {
+        let Ok(mut n) = count.lock() else {
+            return 0;
+        };
+        while *n > 0 {
+            let wait = match deadline {
+                None => None,
+                Some(d) => match d.checked_duration_since(Instant::now()) {
+                    Some(left) if !left.is_zero() => Some(left),
+                    _ => return *n,
+                },
+            };
+            n = match wait {
+                None => match cv.wait(n) {
                     Ok(n) => n,
-                    Err(_) => return,
-                };
-            }
+                    Err(_) => return 0,
+                },
+                Some(left) => match cv.wait_timeout(n, left) {
+                    Ok((n, _)) => n,
+                    Err(_) => return 0,
+                },
+            };
         }
+        0
     }
 
     /// Destroys everything queued, then stops the threads.

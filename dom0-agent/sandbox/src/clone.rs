@@ -95,6 +95,12 @@ pub(crate) struct ExitRecord {
 /// Called once with a clone's exit record (see [`CloneHandle::terminate_in_background`]).
 pub(crate) type OnExit = Box<dyn FnOnce(ExitRecord) + Send>;
 
+/// Runs a callback, containing a panic: it usually runs on the supervisor thread, which
+/// must go on reading the zygote's reports (the panic hook has already printed it).
+fn run_on_exit(f: OnExit, record: ExitRecord) {
+    let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(record)));
+}
+
 #[derive(Default)]
 struct CellState {
     exit: Option<ExitRecord>,
@@ -175,7 +181,7 @@ impl CloneCell {
         drop(state);
         self.changed.notify_all();
         if let Some(f) = on_exit {
-            f(first);
+            run_on_exit(f, first);
         }
     }
 
@@ -185,7 +191,7 @@ impl CloneCell {
         match state.exit {
             Some(record) => {
                 drop(state);
-                f(record);
+                run_on_exit(f, record);
             }
             None => state.on_exit = Some(f),
         }
