@@ -8,8 +8,10 @@
 //!
 //! - it lists the processes whose process group is the recorded one;
 //! - it treats one as **ours** only if its `/proc/<pid>/exe` is the configured zygote
-//!   executable (or that file, deleted by an upgrade) **and** its arguments are the
-//!   configured zygote arguments — a pgid reused by unrelated processes is never killed;
+//!   executable (or that file, deleted by an upgrade) **and** either its arguments are the
+//!   configured zygote arguments or its real uid is in the clones' configured range (a
+//!   clone's command line is in its own memory, which a hostile guest can overwrite) — a
+//!   pgid reused by unrelated processes is never killed;
 //! - it refuses to start ([`ReconcileError::InUse`]) if the group's leader is one of ours
 //!   and its parent is a live process other than this one and init: another agent is using
 //!   the same `run_dir`;
@@ -140,8 +142,10 @@ fn stat_ids(pid: i32) -> Option<(i32, i32)> {
     Some((ppid, pgrp))
 }
 
-/// Whether `pid` runs the configured zygote executable with the configured arguments.
-fn is_ours(pid: i32, exe: &Path, args: &[Vec<u8>]) -> bool {
+/// Whether `pid` runs the configured zygote executable with the configured arguments, or
+/// runs that executable under a uid of the clones' range (a clone's command line lives in
+/// its own memory, which a hostile guest can overwrite; its uid it cannot change).
+fn is_ours(pid: i32, exe: &Path, args: &[Vec<u8>], clone_uids: (u32, u32)) -> bool {
     let Ok(link) = fs::read_link(format!("/proc/{pid}/exe")) else {
         return false;
     };
@@ -149,6 +153,12 @@ fn is_ours(pid: i32, exe: &Path, args: &[Vec<u8>]) -> bool {
     let link = link.strip_suffix(b" (deleted)").unwrap_or(link);
     if link != exe.as_os_str().as_bytes() {
         return false;
+    }
+    if real_uid(pid).is_some_and(|uid| {
+        let (first, count) = clone_uids;
+        uid >= first && u64::from(uid) < u64::from(first) + u64::from(count)
+    }) {
+        return true;
     }
     let Ok(cmdline) = fs::read(format!("/proc/{pid}/cmdline")) else {
         return false;
@@ -163,7 +173,24 @@ fn is_ours(pid: i32, exe: &Path, args: &[Vec<u8>]) -> bool {
         .is_some_and(|rest| rest.iter().copied().eq(args.iter().map(Vec::as_slice)))
 }
 
-fn members(pgid: i32, exe: &Path, args: &[Vec<u8>]) -> Result<Vec<Member>, ReconcileError> {
+/// The real uid of `pid`, from `/proc/<pid>/status`.
+fn real_uid(pid: i32) -> Option<u32> {
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
+fn members(
+    pgid: i32,
+    exe: &Path,
+    args: &[Vec<u8>],
+    clone_uids: (u32, u32),
+) -> Result<Vec<Member>, ReconcileError> {
     let me = nix::unistd::getpid().as_raw();
     let mut out = Vec::new();
     for entry in fs::read_dir("/proc").map_err(ReconcileError::ProcScan)? {
@@ -185,7 +212,7 @@ fn members(pgid: i32, exe: &Path, args: &[Vec<u8>]) -> Result<Vec<Member>, Recon
             out.push(Member {
                 pid,
                 ppid,
-                ours: is_ours(pid, exe, args),
+                ours: is_ours(pid, exe, args, clone_uids),
             });
         }
     }
@@ -223,7 +250,8 @@ pub fn reconcile(
         .map(|a| a.as_bytes().to_vec())
         .collect();
 
-    let found = members(pgid, &exe, &args)?;
+    let clone_uids = (config.first_uid, config.uid_count);
+    let found = members(pgid, &exe, &args, clone_uids)?;
     let leader_parent = found.iter().find(|m| m.pid == pgid).map(|m| m.ppid);
     let owned_by_live_agent = leader_parent
         .is_some_and(|p| p != me && p > 1 && Path::new(&format!("/proc/{p}")).exists());
@@ -247,7 +275,9 @@ pub fn reconcile(
         let Ok(fd) = sys::pidfd_open(m.pid) else {
             continue; // already gone
         };
-        if is_ours(m.pid, &exe, &args) && stat_ids(m.pid).is_some_and(|(_, g)| g == pgid) {
+        if is_ours(m.pid, &exe, &args, clone_uids)
+            && stat_ids(m.pid).is_some_and(|(_, g)| g == pgid)
+        {
             pinned.push((m.pid, fd));
         }
     }
@@ -293,6 +323,13 @@ mod tests {
         assert_eq!(ppid, nix::unistd::getppid().as_raw());
         assert_eq!(pgrp, nix::unistd::getpgrp().as_raw());
         assert!(stat_ids(-5).is_none());
+    }
+
+    #[test]
+    fn real_uid_is_read_from_proc() {
+        let me = nix::unistd::getpid().as_raw();
+        assert_eq!(real_uid(me), Some(nix::unistd::getuid().as_raw()));
+        assert_eq!(real_uid(-5), None);
     }
 
     #[test]
