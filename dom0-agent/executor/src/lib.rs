@@ -779,16 +779,18 @@ impl Executor {
         }
         let retirement = Retirement {
             domain,
-            events,
-            tx_id,
-            domain_id,
-            handler: req.handler.clone(),
-            log,
-            quarantine,
+            ended: Ended {
+                events,
+                tx_id,
+                domain_id,
+                handler: req.handler.clone(),
+                log,
+                quarantine,
+            },
         };
         let retirement = if matches!(served, Served::Failed(_)) {
             retirement
-        } else if retirement.domain.destroys_in_background() && !retirement.quarantine {
+        } else if retirement.domain.destroys_in_background() && !retirement.ended.quarantine {
             // The backend tells when the domain is gone: no thread of ours waits for it.
             self.reaper
                 .retire_in_background(&self.ledger, retirement, served.clone());
@@ -1031,19 +1033,13 @@ fn error_response(e: &TxError) -> Response {
 /// A domain whose transaction is over, with the audit records still to append.
 struct Retirement {
     domain: Box<dyn Domain>,
-    events: Vec<AuditEvent>,
-    tx_id: TxId,
-    domain_id: u32,
-    handler: String,
-    log: Logger,
-    /// Keep the domain stopped for forensics instead of destroying it.
-    quarantine: bool,
+    ended: Ended,
 }
 
 /// Destroys the domain, works out from its exit what the failure really was, and appends
 /// the audit records (attack signals durably before returning).
 fn retire(ledger: &Ledger, r: Retirement, served: Served) -> (Served, DomainExit) {
-    let (domain, mut ended) = r.split();
+    let Retirement { domain, mut ended } = r;
     let disposed = if ended.quarantine {
         domain.quarantine().map(|q| {
             ended.events.push(
@@ -1060,30 +1056,6 @@ fn retire(ledger: &Ledger, r: Retirement, served: Served) -> (Served, DomainExit
     record_end(ledger, ended, served, disposed)
 }
 
-impl Retirement {
-    /// The domain, and what remains to audit once it is disposed of.
-    fn split(self) -> (Box<dyn Domain>, Ended) {
-        let Retirement {
-            domain,
-            events,
-            tx_id,
-            domain_id,
-            handler,
-            log,
-            quarantine,
-        } = self;
-        let ended = Ended {
-            events,
-            tx_id,
-            domain_id,
-            handler,
-            log,
-            quarantine,
-        };
-        (domain, ended)
-    }
-}
-
 /// A retirement once its domain is disposed of: what remains to audit.
 struct Ended {
     events: Vec<AuditEvent>,
@@ -1091,6 +1063,7 @@ struct Ended {
     domain_id: u32,
     handler: String,
     log: Logger,
+    /// Keep the domain stopped for forensics instead of destroying it.
     quarantine: bool,
 }
 
@@ -1269,7 +1242,7 @@ impl Reaper {
         if let Ok(mut n) = self.pending.0.lock() {
             *n += 1;
         }
-        let (domain, ended) = r.split();
+        let Retirement { domain, ended } = r;
         let (ledger, pending) = (ledger.clone(), Arc::clone(&self.pending));
         domain.destroy_in_background(Box::new(move |disposed| {
             record_end(&ledger, ended, served, disposed);
