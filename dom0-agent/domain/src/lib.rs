@@ -159,7 +159,8 @@ pub struct Quarantined {
 /// Counters of a backend's pool.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct PoolStats {
-    /// Domains ready to hand out.
+    /// Domains waiting in the pool to be handed out (the sandbox reads a clone's `Ready` as it
+    /// hands it out).
     pub ready: usize,
     /// Domains handed out and not yet destroyed.
     pub in_use: usize,

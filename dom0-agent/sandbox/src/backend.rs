@@ -555,7 +555,9 @@ impl Sandbox {
         (self.shared.uids.first(), self.shared.uids.count())
     }
 
-    /// Waits up to `timeout` until at least `count` clones are ready. Returns whether they are.
+    /// Waits up to `timeout` until at least `count` clones are pooled (forked and confined or
+    /// confining; their `Ready` is read when one is taken, and a clone that dies in the pool
+    /// leaves it). Returns whether they are.
     pub fn wait_ready(&self, count: usize, timeout: Duration) -> bool {
         let deadline = Instant::now().checked_add(timeout);
         let mut state = self.shared.pool();
