@@ -370,8 +370,8 @@ fn exec_backend(shim: &Path) -> Arc<dyn DomainBackend> {
     })
 }
 
-fn sandbox_backend(agent: &Path, dir: &Path) -> Arc<dyn DomainBackend> {
-    let mut config = SandboxConfig::new(agent, ["sandbox-zygote"], dir.join("run"));
+fn sandbox_backend(zygote: &Path, dir: &Path) -> Arc<dyn DomainBackend> {
+    let mut config = SandboxConfig::new(zygote, Vec::<String>::new(), dir.join("run"));
     config.pool_size = 16;
     Arc::new(Sandbox::start(config, log()).unwrap())
 }
@@ -394,8 +394,8 @@ fn main() {
     } else {
         1
     };
-    let agent = PathBuf::from(env!("CARGO_BIN_EXE_dom0-agent"));
-    let shim = agent.with_file_name("domu-shim");
+    let zygote = PathBuf::from(env!("CARGO_BIN_EXE_mayfly-zygote"));
+    let shim = zygote.with_file_name("domu-shim");
     if !shim.exists() {
         eprintln!(
             "{} is missing: build it first with `cargo build {}-p domu-shim`",
@@ -415,7 +415,7 @@ fn main() {
         let run = match only.as_str() {
             "in-process" => in_process(&d, n, secs),
             "fork+exec" => through_executor(&d, || exec_backend(&shim), n, secs),
-            _ => through_executor(&d, || sandbox_backend(&agent, &d), n, secs),
+            _ => through_executor(&d, || sandbox_backend(&zygote, &d), n, secs),
         };
         println!(
             "{only}: {:.0} tx/s p50 {:.2?} p99 {:.2?} cpu/tx {} µs",
@@ -437,7 +437,7 @@ fn main() {
             let d = root.path().join(format!("sandbox-{n}-{rep}"));
             sandbox.push(through_executor(
                 &d,
-                || sandbox_backend(&agent, &d),
+                || sandbox_backend(&zygote, &d),
                 n,
                 secs,
             ));

@@ -10,7 +10,6 @@ mod policy;
 mod report;
 mod serve;
 mod verify_cmd;
-mod zygote;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -63,9 +62,6 @@ enum Command {
     /// Ledger demo: bank transfers between accounts from several threads, each a signed,
     /// checkpointed transaction, in-process (no domains); prints throughput and verifies.
     Demo(demo::DemoArgs),
-    /// Internal: the sandbox backend's template process (started by `serve`, not by hand).
-    #[command(hide = true)]
-    SandboxZygote,
 }
 
 fn logger(level: &str) -> Logger {
@@ -85,9 +81,6 @@ fn logger(level: &str) -> Logger {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    if let Command::SandboxZygote = cli.command {
-        return zygote::run();
-    }
     let log = logger(&cli.log_level);
     let result = match cli.command {
         Command::Init { data_dir } => init(&data_dir, &log),
@@ -96,7 +89,6 @@ fn main() -> ExitCode {
         Command::Serve(args) => serve::run(&args, &log),
         Command::Report(args) => report::run(&args),
         Command::Demo(args) => demo::run(&args, &log),
-        Command::SandboxZygote => Ok(2),
     };
     match result {
         Ok(code) => ExitCode::from(code),

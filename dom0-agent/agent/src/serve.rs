@@ -16,6 +16,7 @@
 //! map_size_mib = 4096        # largest ledger size
 //! memory_mib = 256           # address-space limit of each domain
 //! cpu_seconds = 10           # CPU-time limit of each domain
+//! zygote = "/usr/libexec/mayfly/mayfly-zygote"  # the template executable; default: beside dom0-agent
 //! policy = "/etc/mayfly/policy" # directory of *.toml; default: the built-in bundle
 //!
 //! [xen]                      # only with backend = "xen"
@@ -107,6 +108,10 @@ pub struct ServeArgs {
     /// CPU-time limit of each sandbox domain in seconds [default: 10].
     #[arg(long)]
     cpu_seconds: Option<u64>,
+    /// Sandbox backend: the template executable every domain is forked from [default:
+    /// mayfly-zygote in the directory of the dom0-agent executable].
+    #[arg(long)]
+    zygote: Option<PathBuf>,
     /// Policy bundle: a directory of *.toml files [default: the shipped bundle,
     /// policies/default, built in].
     #[arg(long)]
@@ -171,6 +176,7 @@ struct FileConfig {
     map_size_mib: Option<usize>,
     memory_mib: Option<u64>,
     cpu_seconds: Option<u64>,
+    zygote: Option<PathBuf>,
     policy: Option<PathBuf>,
     xen: Option<XenSection>,
     console: Option<ConsoleFileConfig>,
@@ -190,6 +196,8 @@ struct Settings {
     map_size: usize,
     memory_bytes: u64,
     cpu_seconds: u64,
+    /// The sandbox template executable, if set; otherwise beside the agent's own.
+    zygote: Option<PathBuf>,
     policy: Option<PathBuf>,
     xen: XenSection,
     console: Option<mayfly_console::ConsoleConfig>,
@@ -302,6 +310,7 @@ fn load(args: &ServeArgs) -> anyhow::Result<Settings> {
             .unwrap_or(256)
             .saturating_mul(1 << 20),
         cpu_seconds: args.cpu_seconds.or(file.cpu_seconds).unwrap_or(10),
+        zygote: args.zygote.clone().or(file.zygote),
         policy: args.policy.clone().or(file.policy),
         xen: xen_section(args, file.xen.unwrap_or_default()),
         siem: file.siem.unwrap_or_default(),
@@ -354,10 +363,34 @@ fn backend(s: &Settings, log: &Logger) -> anyhow::Result<Arc<dyn DomainBackend>>
     })
 }
 
+/// File name of the sandbox template executable, looked for beside `dom0-agent`.
+const ZYGOTE_EXE: &str = "mayfly-zygote";
+
+/// The zygote executable: the configured one, or `mayfly-zygote` beside the agent's own.
+fn zygote_exe(s: &Settings) -> anyhow::Result<PathBuf> {
+    let path = match &s.zygote {
+        Some(path) => path.clone(),
+        None => std::env::current_exe()
+            .context("locating the agent's own executable (the zygote is beside it)")?
+            .with_file_name(ZYGOTE_EXE),
+    };
+    match std::fs::metadata(&path) {
+        Ok(md) if md.is_file() => Ok(path),
+        Ok(_) => bail!("the sandbox zygote {} is not a file", path.display()),
+        Err(e) => Err(anyhow::Error::new(e).context(format!(
+            "the sandbox zygote {} is missing (it is built with the agent: \
+             `cargo build --release -p dom0-agent` builds both; or set --zygote)",
+            path.display()
+        ))),
+    }
+}
+
 fn sandbox(s: &Settings, log: &Logger) -> anyhow::Result<Sandbox> {
-    let exe =
-        std::env::current_exe().context("locating the agent's own executable for the zygote")?;
-    let mut config = SandboxConfig::new(exe, ["sandbox-zygote"], s.data_dir.join("run"));
+    let mut config = SandboxConfig::new(
+        zygote_exe(s)?,
+        Vec::<std::ffi::OsString>::new(),
+        s.data_dir.join("run"),
+    );
     config.pool_size = s.pool_size;
     config.max_in_use = s.max_in_flight.max(s.pool_size);
     config.limits.memory_bytes = s.memory_bytes;
@@ -439,7 +472,7 @@ pub fn run(args: &ServeArgs, log: &Logger) -> anyhow::Result<u8> {
     let bundle = mayfly_policy::Bundle::load(&policy_files).context("loading the policy bundle")?;
     let policy_hash = bundle.hash();
     let backend = backend(&s, log)?;
-    let names = crate::zygote::handler_names();
+    let names = mayfly_zygote::handler_names();
     let executor = Arc::new(Executor::new(
         ledger.clone(),
         backend.clone(),

@@ -23,8 +23,8 @@ impl Appliance {
         let log = Logger::root(Discard, o!());
         let ledger = Ledger::open(&dir.join("data"), &Options::default(), &log).unwrap();
         let config = SandboxConfig::new(
-            env!("CARGO_BIN_EXE_dom0-agent"),
-            ["sandbox-zygote"],
+            env!("CARGO_BIN_EXE_mayfly-zygote"),
+            Vec::<String>::new(),
             dir.join("run"),
         );
         let backend = Arc::new(Sandbox::start(config, log.clone()).unwrap());

@@ -673,3 +673,97 @@ fn a_rollback_without_cascade_is_refused_when_others_built_on_it() {
     assert_eq!(balance(&agent, "bob"), 200);
     assert_eq!(balance(&agent, "mallory"), 300);
 }
+
+/// Children of `pid`, from `/proc/*/stat`.
+fn children(pid: u32) -> Vec<u32> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(child) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{child}/stat")) else {
+            continue;
+        };
+        // pid (comm) state ppid ...: comm may hold spaces and parentheses.
+        let ppid = stat
+            .rsplit(')')
+            .next()
+            .and_then(|rest| rest.split_whitespace().nth(1))
+            .and_then(|p| p.parse::<u32>().ok());
+        if ppid == Some(pid) {
+            found.push(child);
+        }
+    }
+    found
+}
+
+#[test]
+fn every_domain_is_forked_from_the_small_template_executable_not_the_agent() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut agent = Agent::start(dir.path(), &["--pool-size", "2"]);
+    open(&agent, "alice", 1);
+    let agent_pid = agent.child.as_ref().unwrap().id();
+    let zygote_exe = std::path::Path::new(common::agent_exe()).with_file_name("mayfly-zygote");
+    let zygote_exe = std::fs::canonicalize(zygote_exe).unwrap();
+    // The pool is refilled after the transaction above: wait (bounded) for a pooled clone.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let (zygote, clones) = loop {
+        let zygotes: Vec<u32> = children(agent_pid)
+            .into_iter()
+            .filter(|p| {
+                std::fs::read_link(format!("/proc/{p}/exe")).ok() == Some(zygote_exe.clone())
+            })
+            .collect();
+        assert!(zygotes.len() <= 1, "{zygotes:?}");
+        if let Some(&z) = zygotes.first() {
+            let clones = children(z);
+            if !clones.is_empty() {
+                break (z, clones);
+            }
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no zygote with clones under the agent"
+        );
+        std::thread::yield_now();
+    };
+    for pid in std::iter::once(zygote).chain(clones) {
+        let Ok(maps) = std::fs::read_to_string(format!("/proc/{pid}/maps")) else {
+            continue; // a clone that ended meanwhile
+        };
+        assert!(maps.contains("mayfly-zygote"), "{pid}: {maps}");
+        assert!(
+            !maps.contains("dom0-agent"),
+            "the agent's executable is mapped in domain process {pid}: {maps}"
+        );
+    }
+    assert!(agent.stop().success());
+}
+
+#[test]
+fn a_missing_template_executable_is_refused_with_where_it_was_looked_for() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("no-such-zygote");
+    let out = std::process::Command::new(common::agent_exe())
+        .args(["serve", "--listen", "127.0.0.1:0", "--zygote"])
+        .arg(&missing)
+        .arg("--data-dir")
+        .arg(dir.path().join("data"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(3));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&missing.display().to_string()) && err.contains("missing"),
+        "{err}"
+    );
+    // Run by hand, the template says what it is instead of waiting for a control socket.
+    let zygote = std::path::Path::new(common::agent_exe()).with_file_name("mayfly-zygote");
+    let out = std::process::Command::new(zygote).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("not run by hand"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

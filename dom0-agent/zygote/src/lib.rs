@@ -1,7 +1,25 @@
-//! `dom0-agent sandbox-zygote`: the sandbox template. Started by the sandbox backend with a
-//! fresh `exec` (so it holds none of the agent's memory, keys included), it loads the
-//! handlers once and forks a copy-on-write clone per transaction; each clone runs the guest
-//! runtime `domu-shim` over its ring, exactly as a Xen domU's `/init` would.
+//! The sandbox template, as its own small executable `mayfly-zygote`.
+//!
+//! The sandbox backend spawns it with a fresh `exec` (so it holds none of the agent's
+//! memory, keys included); it loads the handlers once and forks a copy-on-write clone per
+//! transaction; each clone runs the guest runtime `domu-shim` over its ring, exactly as a
+//! Xen domU's `/init` would.
+//!
+//! It is a separate executable, not a subcommand of `dom0-agent`, because every clone
+//! inherits the template's address space and pays for it: `fork` copies the page-table
+//! entries of every private page the template has written (in a position-independent
+//! executable that includes its relocated read-only data), the clone faults in the code it
+//! runs, and `exit` tears all of it down again. The agent's binary carries the ledger, the
+//! HTTP server, the console, the SIEM exporter and the Xen bindings — none of which a guest
+//! runs — and links them dynamically. This one carries the shim, the handlers and the
+//! zygote loop; `scripts/build-zygote.sh` links it statically, without position
+//! independence. It also keeps the agent's code out of every guest's address space.
+//! `BENCHMARKS.md` has the measured difference.
+//!
+//! ```text
+//!  dom0-agent serve ── fork+exec ──▶ mayfly-zygote  (control socket fd in MAYFLY_SANDBOX_CONTROL_FD)
+//!                                      └─ fork per transaction ──▶ clone: domu_shim::run(ring)
+//! ```
 
 use std::os::fd::AsFd;
 use std::process::ExitCode;
@@ -12,6 +30,9 @@ use mayfly_sdk::Registry;
 
 /// Exit status of a clone whose ring could not be mapped.
 const MAP_FAILED: i32 = 3;
+
+/// Exit status when the zygote was not started by the sandbox backend.
+const NOT_SPAWNED: u8 = 2;
 
 /// The handlers built into the template.
 pub fn registry() -> Registry {
@@ -54,8 +75,11 @@ pub fn run() -> ExitCode {
     match mayfly_sandbox::zygote::control_fd_from_env() {
         Ok(control) => mayfly_sandbox::zygote_main_with(control, template, clone_main),
         Err(e) => {
-            eprintln!("dom0-agent sandbox-zygote: {e}");
-            ExitCode::from(2)
+            eprintln!(
+                "mayfly-zygote: {e}\n(this is the sandbox backend's template process; \
+                 `dom0-agent serve` starts it, it is not run by hand)"
+            );
+            ExitCode::from(NOT_SPAWNED)
         }
     }
 }
