@@ -11,10 +11,11 @@
 //! executable that includes its relocated read-only data), the clone faults in the code it
 //! runs, and `exit` tears all of it down again. The agent's binary carries the ledger, the
 //! HTTP server, the console, the SIEM exporter and the Xen bindings — none of which a guest
-//! runs — and links them dynamically. This one carries the shim, the handlers and the
-//! zygote loop; `scripts/build-zygote.sh` links it statically, without position
-//! independence. It also keeps the agent's code out of every guest's address space.
-//! `BENCHMARKS.md` has the measured difference.
+//! runs. This one carries the shim, the handlers and the zygote loop (a tenth of the code),
+//! built by the `dom0-agent` package as its `mayfly-zygote` binary and installed beside
+//! `dom0-agent`. It also keeps the agent's code out of every guest's address space.
+//! `BENCHMARKS.md` has the measured difference (linking it statically as well made no
+//! measurable difference, so it is linked like the agent).
 //!
 //! ```text
 //!  dom0-agent serve ── fork+exec ──▶ mayfly-zygote  (control socket fd in MAYFLY_SANDBOX_CONTROL_FD)
