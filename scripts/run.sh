@@ -4,7 +4,8 @@
 # seccomp and rlimits; process isolation, not a VM), with the client API on 127.0.0.1:8450
 # and the ledger in ./mayfly-data. It prints how to send a transaction with curl.
 # Needs root (namespaces, chroot, dropping clones to uid 65534). Stop with Ctrl-C.
-# Extra arguments go to `dom0-agent serve` (see `--help`).
+# Extra arguments go to `dom0-agent serve` (see `--help`); the template is the static build
+# made here (`--zygote`, see scripts/build-zygote.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/lib.sh
@@ -12,10 +13,13 @@ source scripts/lib.sh
 ensure_build_tools
 command -v curl >/dev/null || apt_install curl
 cargo build --release --locked -p dom0-agent
+# The sandbox template, statically linked: cheaper to fork per transaction (see the script).
+zygote_dir=${CARGO_TARGET_DIR:-target}/zygote-static
+scripts/build-zygote.sh "$zygote_dir"
 data_dir=${MAYFLY_DATA_DIR:-./mayfly-data}
 agent=${CARGO_TARGET_DIR:-target}/release/dom0-agent
 if [ "$(id -u)" -eq 0 ]; then
-    exec "$agent" serve --data-dir "$data_dir" "$@"
+    exec "$agent" serve --data-dir "$data_dir" --zygote "$zygote_dir/mayfly-zygote" "$@"
 else
-    exec sudo "$agent" serve --data-dir "$data_dir" "$@"
+    exec sudo "$agent" serve --data-dir "$data_dir" --zygote "$zygote_dir/mayfly-zygote" "$@"
 fi

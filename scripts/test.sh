@@ -17,6 +17,11 @@ step "lints"                  cargo clippy --workspace --all-targets --all-featu
 step "licences, bans, sources" cargo deny --locked check licenses bans sources
 step "xen bindings drift"     bindgen/xen-sys/check-drift.sh
 step "tests"                  cargo test --workspace --all-features --locked --lib --bins --tests
+# The template `scripts/run.sh` runs: statically linked (a separate build step, see the
+# script). The suites that start `dom0-agent serve` again, their domains forked from it.
+step "static sandbox template"  scripts/build-zygote.sh target/zygote-static-test --all-features
+step "serve suites on the static template" env MAYFLY_TEST_ZYGOTE="$PWD/target/zygote-static-test/mayfly-zygote" \
+    cargo test --all-features --locked -p dom0-agent --test serve --test hostile
 step "buildroot tree (references, shellcheck)" \
     cargo run --quiet --locked -p mayfly-br-check -- --shellcheck buildroot
 step "vendored crates match buildroot/vendor.pin" bash -c \

@@ -107,7 +107,9 @@ fn main() {
         1
     };
     let sizes: &[usize] = if measuring { &[10, 100, 1000] } else { &[10] };
-    let zygote = env!("CARGO_BIN_EXE_mayfly-zygote");
+    // The template: as in the transactions bench, BENCH_ZYGOTE may name the static build.
+    let zygote = std::env::var_os("BENCH_ZYGOTE")
+        .unwrap_or_else(|| env!("CARGO_BIN_EXE_mayfly-zygote").into());
     let root = tempfile::Builder::new()
         .prefix("mayfly-rollbackbench")
         .tempdir_in(env!("CARGO_TARGET_TMPDIR"))
@@ -129,7 +131,7 @@ fn main() {
 
             let d = root.path().join(format!("replay-{n}-{rep}"));
             let (ledger, attack) = scenario(&d.join("data"), n);
-            let mut config = SandboxConfig::new(zygote, Vec::<String>::new(), d.join("run"));
+            let mut config = SandboxConfig::new(&zygote, Vec::<String>::new(), d.join("run"));
             config.pool_size = 16;
             let backend = Arc::new(Sandbox::start(config, log()).unwrap());
             let names = mayfly_handlers::registry()

@@ -13,7 +13,11 @@
 //! runs transfers between random accounts among 1,000 (no overdrafts, few conflicts). The
 //! run is repeated `BENCH_REPS` times, interleaved; medians are reported.
 //!
-//! Run: `cargo build --release -p domu-shim && cargo bench -p dom0-agent --bench transactions`
+//! Run: `cargo build --release -p domu-shim && scripts/build-zygote.sh target/zygote-static &&
+//! BENCH_ZYGOTE=$PWD/target/zygote-static/mayfly-zygote cargo bench -p dom0-agent --bench
+//! transactions` — the sandbox measured with the statically linked template `scripts/run.sh`
+//! uses; without `BENCH_ZYGOTE`, with the dynamically linked one cargo builds (the header
+//! line says which).
 #![allow(
     missing_docs,
     clippy::cast_possible_truncation,
@@ -376,6 +380,35 @@ fn sandbox_backend(zygote: &Path, dir: &Path) -> Arc<dyn DomainBackend> {
     Arc::new(Sandbox::start(config, log()).unwrap())
 }
 
+/// "statically linked" or "dynamically linked", from the ELF program headers (a `PT_INTERP`
+/// entry names the dynamic loader): `scripts/build-zygote.sh` makes the static template
+/// that `scripts/run.sh` uses; cargo builds a dynamic one.
+fn linkage(exe: &Path) -> &'static str {
+    const PT_INTERP: u32 = 3;
+    let Ok(elf) = std::fs::read(exe) else {
+        return "unreadable";
+    };
+    let u16_at = |o: usize| elf.get(o..o + 2).map(|b| u16::from_le_bytes([b[0], b[1]]));
+    let (Some(phoff), Some(phentsize), Some(phnum)) = (
+        elf.get(0x20..0x28)
+            .map(|b| u64::from_le_bytes(b.try_into().unwrap())),
+        u16_at(0x36),
+        u16_at(0x38),
+    ) else {
+        return "not ELF";
+    };
+    let interp = (0..usize::from(phnum)).any(|i| {
+        let at = usize::try_from(phoff).unwrap() + i * usize::from(phentsize);
+        elf.get(at..at + 4)
+            .is_some_and(|b| u32::from_le_bytes(b.try_into().unwrap()) == PT_INTERP)
+    });
+    if interp {
+        "dynamically linked"
+    } else {
+        "statically linked"
+    }
+}
+
 fn main() {
     let measuring = std::env::args().any(|a| a == "--bench");
     let env_or = |name: &str, d: f64| {
@@ -394,8 +427,9 @@ fn main() {
     } else {
         1
     };
-    let zygote = PathBuf::from(env!("CARGO_BIN_EXE_mayfly-zygote"));
-    let shim = zygote.with_file_name("domu-shim");
+    let built = PathBuf::from(env!("CARGO_BIN_EXE_mayfly-zygote"));
+    let shim = built.with_file_name("domu-shim");
+    let zygote = std::env::var_os("BENCH_ZYGOTE").map_or(built, PathBuf::from);
     if !shim.exists() {
         eprintln!(
             "{} is missing: build it first with `cargo build {}-p domu-shim`",
@@ -427,6 +461,11 @@ fn main() {
         return;
     }
     println!("transactions bench: {secs} s per run, {reps} interleaved repetitions");
+    println!(
+        "sandbox template: {} ({})",
+        zygote.display(),
+        linkage(&zygote)
+    );
     for n in [1, CLIENTS] {
         let (mut inproc, mut exec, mut sandbox) = (Vec::new(), Vec::new(), Vec::new());
         for rep in 0..reps {

@@ -368,18 +368,24 @@ const ZYGOTE_EXE: &str = "mayfly-zygote";
 
 /// The zygote executable: the configured one, or `mayfly-zygote` beside the agent's own.
 fn zygote_exe(s: &Settings) -> anyhow::Result<PathBuf> {
-    let path = match &s.zygote {
-        Some(path) => path.clone(),
-        None => std::env::current_exe()
-            .context("locating the agent's own executable (the zygote is beside it)")?
-            .with_file_name(ZYGOTE_EXE),
+    let (path, hint) = match &s.zygote {
+        Some(path) => (path.clone(), "as configured (--zygote / zygote =)"),
+        None => (
+            std::env::current_exe()
+                .context("locating the agent's own executable (the zygote is beside it)")?
+                .with_file_name(ZYGOTE_EXE),
+            "beside dom0-agent; `cargo build --release -p dom0-agent` builds both, and \
+             scripts/build-zygote.sh a statically linked one (set it with --zygote)",
+        ),
     };
     match std::fs::metadata(&path) {
         Ok(md) if md.is_file() => Ok(path),
-        Ok(_) => bail!("the sandbox zygote {} is not a file", path.display()),
+        Ok(_) => bail!(
+            "the sandbox zygote {} is not a file ({hint})",
+            path.display()
+        ),
         Err(e) => Err(anyhow::Error::new(e).context(format!(
-            "the sandbox zygote {} is missing (it is built with the agent: \
-             `cargo build --release -p dom0-agent` builds both; or set --zygote)",
+            "the sandbox zygote {} is missing ({hint})",
             path.display()
         ))),
     }

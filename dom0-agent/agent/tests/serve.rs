@@ -703,8 +703,7 @@ fn every_domain_is_forked_from_the_small_template_executable_not_the_agent() {
     let mut agent = Agent::start(dir.path(), &["--pool-size", "2"]);
     open(&agent, "alice", 1);
     let agent_pid = agent.child.as_ref().unwrap().id();
-    let zygote_exe = std::path::Path::new(common::agent_exe()).with_file_name("mayfly-zygote");
-    let zygote_exe = std::fs::canonicalize(zygote_exe).unwrap();
+    let zygote_exe = std::fs::canonicalize(common::zygote_exe()).unwrap();
     // The pool is refilled after the transaction above: wait (bounded) for a pooled clone.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     let (zygote, clones) = loop {
@@ -758,8 +757,9 @@ fn a_missing_template_executable_is_refused_with_where_it_was_looked_for() {
         "{err}"
     );
     // Run by hand, the template says what it is instead of waiting for a control socket.
-    let zygote = std::path::Path::new(common::agent_exe()).with_file_name("mayfly-zygote");
-    let out = std::process::Command::new(zygote).output().unwrap();
+    let out = std::process::Command::new(common::zygote_exe())
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(2));
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("not run by hand"),

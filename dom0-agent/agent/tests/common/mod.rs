@@ -14,6 +14,16 @@ pub fn agent_exe() -> &'static str {
     env!("CARGO_BIN_EXE_dom0-agent")
 }
 
+/// The sandbox template the agents under test fork their domains from: the one named by
+/// `MAYFLY_TEST_ZYGOTE` (`scripts/test.sh` runs the serve suites again against the
+/// statically linked build `scripts/run.sh` uses), else `mayfly-zygote` beside the agent.
+pub fn zygote_exe() -> PathBuf {
+    match std::env::var_os("MAYFLY_TEST_ZYGOTE") {
+        Some(path) => PathBuf::from(path),
+        None => Path::new(agent_exe()).with_file_name("mayfly-zygote"),
+    }
+}
+
 /// A running `dom0-agent serve`; stopped with SIGTERM on drop.
 pub struct Agent {
     pub child: Option<Child>,
@@ -29,6 +39,10 @@ impl Agent {
             .arg(dir);
         if !extra.contains(&"--pool-size") {
             command.args(["--pool-size", "4"]);
+        }
+        // Without the override, the agent's own default (beside itself) is what is tested.
+        if std::env::var_os("MAYFLY_TEST_ZYGOTE").is_some() {
+            command.arg("--zygote").arg(zygote_exe());
         }
         let mut child = command
             .args(extra)

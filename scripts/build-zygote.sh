@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Builds the sandbox template executable `mayfly-zygote` statically linked and not
+# position-independent, and installs it as OUT_DIR/mayfly-zygote.
+#
+#   scripts/build-zygote.sh OUT_DIR [cargo options, e.g. --features test-handlers]
+#
+# Why: every sandbox clone is a fork of this process, so its address space is paid for per
+# transaction (fork copies the page-table entries of its written pages, the clone faults in
+# the code it runs, exit tears it all down). Linked statically it has no dynamic loader, no
+# separately mapped libc and libgcc_s, and no pages dirtied by relocation: ~10-20 % less CPU
+# per transaction (BENCHMARKS.md). Cargo cannot link one binary of a package statically and
+# another dynamically (dom0-agent must stay dynamic: it loads Xen's libraries with dlopen),
+# so this is a separate step; `cargo build` alone gives a working, dynamically linked
+# mayfly-zygote beside dom0-agent. `serve --zygote OUT_DIR/mayfly-zygote` selects this one.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if [ $# -lt 1 ] || [[ $1 == -* ]]; then
+    echo "usage: $0 OUT_DIR [cargo options]" >&2
+    exit 2
+fi
+out_dir=$1
+shift
+cargo rustc --release --locked -p dom0-agent --bin mayfly-zygote "$@" -- \
+    -C target-feature=+crt-static -C relocation-model=static
+built=${CARGO_TARGET_DIR:-target}/release/mayfly-zygote
+# A dynamically linked result would work but silently cost the difference above.
+if readelf -lW "$built" | grep -q 'INTERP'; then
+    echo "build-zygote.sh: $built is dynamically linked; expected a static executable" >&2
+    exit 1
+fi
+mkdir -p "$out_dir"
+install -m 0755 "$built" "$out_dir/mayfly-zygote.tmp"
+mv -f "$out_dir/mayfly-zygote.tmp" "$out_dir/mayfly-zygote"
+echo "build-zygote.sh: $out_dir/mayfly-zygote (static)"
