@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
-# Builds the sandbox template executable `mayfly-zygote` statically linked and not
-# position-independent, and installs it as OUT_DIR/mayfly-zygote.
+# Builds the sandbox template executable `mayfly-zygote` statically linked (static-pie: its
+# image is still placed at a random address at each start), and installs it as
+# OUT_DIR/mayfly-zygote.
 #
 #   scripts/build-zygote.sh OUT_DIR [cargo options, e.g. --features test-handlers]
 #
 # Why: every sandbox clone is a fork of this process, so its address space is paid for per
 # transaction (fork copies the page-table entries of its written pages, the clone faults in
 # the code it runs, exit tears it all down). Linked statically it has no dynamic loader, no
-# separately mapped libc and libgcc_s, and no pages dirtied by relocation: ~10-20 % less CPU
-# per transaction (BENCHMARKS.md). Cargo cannot link one binary of a package statically and
+# separately mapped libc and libgcc_s: ~10-20 % less CPU per transaction (BENCHMARKS.md).
+# (Not position-independent was measured too: no better within noise, and it would give up
+# the randomised image address, so it is not used.) Cargo cannot link one binary of a package statically and
 # another dynamically (dom0-agent must stay dynamic: it loads Xen's libraries with dlopen),
 # so this is a separate step; `cargo build` alone gives a working, dynamically linked
 # mayfly-zygote beside dom0-agent. `serve --zygote OUT_DIR/mayfly-zygote` selects this one.
@@ -21,7 +23,7 @@ fi
 out_dir=$1
 shift
 cargo rustc --release --locked -p dom0-agent --bin mayfly-zygote "$@" -- \
-    -C target-feature=+crt-static -C relocation-model=static
+    -C target-feature=+crt-static
 built=${CARGO_TARGET_DIR:-target}/release/mayfly-zygote
 # A dynamically linked result would work but silently cost the difference above.
 if readelf -lW "$built" | grep -q 'INTERP'; then

@@ -14,8 +14,10 @@
 //! runs. This one carries the shim, the handlers and the zygote loop (a tenth of the code),
 //! built by the `dom0-agent` package as its `mayfly-zygote` binary and installed beside
 //! `dom0-agent`. It also keeps the agent's code out of every guest's address space.
-//! `BENCHMARKS.md` has the measured difference (linking it statically as well made no
-//! measurable difference, so it is linked like the agent).
+//! `scripts/build-zygote.sh` links it statically (static-pie), which `scripts/run.sh` uses:
+//! no dynamic loader, libc or libgcc_s mappings to copy and tear down per clone. Cargo's own
+//! build of it is dynamically linked and works the same. `BENCHMARKS.md` has the measured
+//! differences.
 //!
 //! ```text
 //!  dom0-agent serve ── fork+exec ──▶ mayfly-zygote  (control socket fd in MAYFLY_SANDBOX_CONTROL_FD)
