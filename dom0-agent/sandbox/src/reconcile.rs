@@ -19,6 +19,12 @@
 //!   `SIGKILL`s whatever of ours is left, through pidfds (no pid-reuse race between the check
 //!   and the kill), and waits until each has exited;
 //! - it logs what it removed and deletes the file.
+//!
+//! "The configured zygote executable" is the one configured *now*: after the zygote
+//! executable changed (`serve --zygote`, an upgrade that moved it), a leftover of the previous
+//! one is reported as spared, not killed. Such leftovers normally do not exist (they die with
+//! the agent), and recognising any executable the pgid file names would let whoever can
+//! write that file have arbitrary processes killed.
 
 use std::fs;
 use std::io;
