@@ -726,8 +726,17 @@ fn every_domain_is_forked_from_the_small_template_executable_not_the_agent() {
         );
         std::thread::yield_now();
     };
+    // The static build (scripts/build-zygote.sh, 2 MiB-aligned segments) puts its code and
+    // read-only data on transparent huge pages that every clone shares, where the kernel
+    // has them; cargo's dynamic build keeps them file-backed.
+    let static_build = std::env::var_os("MAYFLY_TEST_ZYGOTE").is_some();
+    let thp = std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled")
+        .is_ok_and(|t| !t.contains("[never]"));
     for pid in std::iter::once(zygote).chain(clones) {
-        let Ok(maps) = std::fs::read_to_string(format!("/proc/{pid}/maps")) else {
+        let (Ok(maps), Ok(rollup)) = (
+            std::fs::read_to_string(format!("/proc/{pid}/maps")),
+            std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")),
+        ) else {
             continue; // a clone that ended meanwhile
         };
         assert!(maps.contains("mayfly-zygote"), "{pid}: {maps}");
@@ -735,6 +744,17 @@ fn every_domain_is_forked_from_the_small_template_executable_not_the_agent() {
             !maps.contains("dom0-agent"),
             "the agent's executable is mapped in domain process {pid}: {maps}"
         );
+        if static_build && thp {
+            let huge_kib: u64 = rollup
+                .lines()
+                .find_map(|l| l.strip_prefix("AnonHugePages:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+                .unwrap_or(0);
+            assert!(
+                huge_kib >= 2 * 2048,
+                "code and read-only data of {pid} not on huge pages: {rollup}\n{maps}"
+            );
+        }
     }
     assert!(agent.stop().success());
 }

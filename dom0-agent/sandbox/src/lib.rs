@@ -35,6 +35,8 @@
 //! - [`zygote`]: [`zygote_main`] / [`zygote_main_with`], which the agent's binary calls in its
 //!   hidden `sandbox-zygote` subcommand, and the confinement of each clone;
 //! - [`seccomp`]: the allowlist;
+//! - [`hugecode`]: the zygote's read-only image moved onto transparent huge pages once, so
+//!   that clones neither fault it in nor unmap it page by page;
 //! - [`backend`]: [`Sandbox`] (the [`mayfly_domain::DomainBackend`]) and [`SandboxDomain`];
 //! - [`reconcile`]: removal of a previous run's leftovers at start-up;
 //! - `proto`, `spawn`, `clone`, `sys`: the control protocol, spawning the zygote, one clone
@@ -47,6 +49,7 @@
 pub mod backend;
 mod clone;
 pub mod config;
+pub mod hugecode;
 mod proto;
 pub mod reconcile;
 pub mod seccomp;

@@ -366,6 +366,11 @@ where
         .map_err(at(Stage::DevNull))?;
     let state = init();
     check_single_threaded(&status)?;
+    // Before the chroot (it reads /proc/self/maps) and the filter (it forbids mprotect).
+    match crate::hugecode::move_image_to_huge_pages() {
+        Ok(_) => {}
+        Err(e) => eprintln!("mayfly-sandbox zygote: moving the image to huge pages: {e}"),
+    }
 
     // Nothing mounted from here on is seen by the host, and nothing of the host's
     // filesystem is reachable after the chroot.
