@@ -38,7 +38,9 @@ use mayfly_ring::{Backend, EventFdNotifier, MmapMem, Notifier, Request, RingErro
 use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
 use slog::{debug, error, info, warn, Logger};
 
-use crate::clone::{CloneCell, CloneError, CloneHandle, CloneNotifier, Ctx, ExitRecord, Status};
+use crate::clone::{
+    CloneCell, CloneError, CloneHandle, CloneNotifier, Ctx, ExitRecord, SpareRing, Status,
+};
 use crate::config::{ConfigError, SandboxConfig};
 use crate::proto::{self, Msg, ProtoError, Settings, Stage, MAX_ROOT_PATH, SETUP_EXIT_BASE};
 use crate::reconcile::{self, ReconcileError};
@@ -273,7 +275,9 @@ fn setup_hint(exit: DomainExit) -> String {
 /// ring, kept until the zygote's `Spawned` names it.
 struct PendingClone {
     ring: Ring,
-    bell: EventFdNotifier,
+    bell: Arc<EventFdNotifier>,
+    /// The ring's parts, for reuse after the clone (see [`SpareRing`]).
+    spare: SpareRing,
     requested: Instant,
 }
 
@@ -314,6 +318,8 @@ struct Shared {
     next_id: AtomicU32,
     created: AtomicU64,
     failed: AtomicU64,
+    /// Clones given a reaped clone's ring (wiped) instead of a new one.
+    rings_reused: AtomicU64,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -443,6 +449,8 @@ impl Sandbox {
             logger: logger.clone(),
             cpu_limit: config.limits.cpu_seconds,
             destroyed: AtomicU64::new(0),
+            spares: Mutex::new(Vec::new()),
+            spare_limit: config.pool_size.max(1),
         });
         let settings = Settings {
             limits: config.limits,
@@ -473,6 +481,7 @@ impl Sandbox {
             pending: Mutex::new(HashMap::new()),
             uids,
             next_id: AtomicU32::new(1),
+            rings_reused: AtomicU64::new(0),
             created: AtomicU64::new(0),
             failed: AtomicU64::new(0),
         });
@@ -548,6 +557,11 @@ impl Sandbox {
     /// The zygote's host pid (also its process group).
     pub fn zygote_pid(&self) -> u32 {
         self.zygote_pid
+    }
+
+    /// How many clones were given a reaped clone's ring (wiped) instead of a new one.
+    pub fn rings_reused(&self) -> u64 {
+        self.shared.rings_reused.load(Ordering::Relaxed)
     }
 
     /// The uids this sandbox's clones run as: `(first, count)`, claimed for it alone.
@@ -877,6 +891,7 @@ fn dispatch(shared: &Shared, msg: Msg, fds: Vec<OwnedFd>) {
             let notifier = CloneNotifier::new(pending.bell, Arc::clone(&cell));
             let mut handle =
                 CloneHandle::new(cell, pending.ring, notifier, Arc::clone(&shared.ctx));
+            handle.spare = Some(pending.spare);
             handle.ready = true; // counted as created (and so as destroyed, later)
             handle.requested = pending.requested;
             shared.created.fetch_add(1, Ordering::Relaxed);
@@ -1064,46 +1079,88 @@ impl std::fmt::Display for ErrorChain<'_> {
     }
 }
 
-/// Asks the zygote for one clone: its ring and eventfds are made here, the agent's end kept
-/// in `pending` until the zygote reports the fork.
-fn request(shared: &Shared) -> Result<(), CreateError> {
-    let clone_id = shared.next_id.fetch_add(1, Ordering::Relaxed);
-    let geometry = shared.config.geometry;
-    let len = geometry.total_len();
+/// Most bytes of a reaped clone's ring that may hold data for the ring to be reused (wiped):
+/// a normal transaction leaves a few pages; a ring a guest scribbled over is dropped instead.
+const MAX_RECYCLED_DATA: usize = 64 * 1024;
+
+/// A ring for a new clone: a reaped clone's, wiped, if one is kept; else a new one.
+fn ring_parts(shared: &Shared, clone_id: u32) -> Result<SpareRing, CreateError> {
+    let spare = shared
+        .ctx
+        .spares
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .pop();
+    if let Some(spare) = spare {
+        // Its clone is reaped: nothing else maps the memfd or holds the eventfds. The memory
+        // must read as zero again (it held another transaction's payload and reads), and
+        // wake-ups the old clone left in the eventfds must not reach the new one.
+        if let Ok(Some(_)) = spare.mem.zero_data(MAX_RECYCLED_DATA) {
+            drain(spare.agent.wait_fd());
+            drain(spare.guest.wait_fd());
+            shared.rings_reused.fetch_add(1, Ordering::Relaxed);
+            return Ok(spare);
+        }
+    }
+    let len = shared.config.geometry.total_len();
     let mem = Arc::new(
         MmapMem::memfd(c"mayfly-sandbox-ring", len)
             .map_err(|source| CreateError::Memfd { clone_id, source })?,
     );
-    // A new memfd is zero-filled by the kernel: only the header is written, so the pages
-    // a clone never touches are never allocated.
-    let ring: Ring = Backend::new_on_fresh_memory(Arc::clone(&mem) as Arc<dyn SharedMem>, geometry)
-        .map_err(|source| CreateError::Ring { clone_id, source })?;
-    let (agent_bell, guest_bell) =
+    let (agent, guest) =
         EventFdNotifier::pair().map_err(|source| CreateError::Eventfd { clone_id, source })?;
-    let memfd = mem.fd().ok_or(CreateError::Memfd {
-        clone_id,
-        source: mayfly_ring::mem::MapError::BadLength { len },
-    })?;
+    Ok(SpareRing {
+        mem,
+        agent: Arc::new(agent),
+        guest: Arc::new(guest),
+    })
+}
+
+/// Empties a non-blocking eventfd (a failed read means it was empty).
+fn drain(fd: std::os::fd::BorrowedFd<'_>) {
+    let mut counter = [0u8; 8];
+    let _ = nix::unistd::read(fd, &mut counter);
+}
+
+/// Asks the zygote for one clone: its ring and eventfds are made (or reused) here, the
+/// agent's end kept in `pending` until the zygote reports the fork.
+fn request(shared: &Shared) -> Result<(), CreateError> {
+    let clone_id = shared.next_id.fetch_add(1, Ordering::Relaxed);
+    let geometry = shared.config.geometry;
+    let len = geometry.total_len();
+    let parts = ring_parts(shared, clone_id)?;
+    // All zero (new, or wiped): only the header is written, so the pages a clone never
+    // touches are never allocated.
+    let ring: Ring =
+        Backend::new_on_fresh_memory(Arc::clone(&parts.mem) as Arc<dyn SharedMem>, geometry)
+            .map_err(|source| CreateError::Ring { clone_id, source })?;
     let ring_len = u32::try_from(len).map_err(|_| CreateError::Memfd {
         clone_id,
         source: mayfly_ring::mem::MapError::BadLength { len },
     })?;
+    let (mem, guest) = (Arc::clone(&parts.mem), Arc::clone(&parts.guest));
+    // Pending before the request goes out: the zygote's `Spawned` may come back at once.
     lock(&shared.pending).insert(
         clone_id,
         PendingClone {
             ring,
-            bell: agent_bell,
+            bell: Arc::clone(&parts.agent),
+            spare: parts,
             requested: Instant::now(),
         },
     );
     let request = Msg::Clone { clone_id, ring_len };
+    // `mem` and `guest` keep the fds open while they are sent, whatever happens to the
+    // pending entry meanwhile.
+    let memfd = mem.fd().ok_or(CreateError::Memfd {
+        clone_id,
+        source: mayfly_ring::mem::MapError::BadLength { len },
+    })?;
     let sent = proto::send(
         shared.control.as_fd(),
         &request,
-        &[memfd, guest_bell.signal_fd(), guest_bell.wait_fd()],
+        &[memfd, guest.signal_fd(), guest.wait_fd()],
     );
-    // The guest's ends now live in the zygote (and the clone) only.
-    drop(guest_bell);
     if let Err(source) = sent {
         // Counted as failed here only if the request was still pending (an expiry may have
         // taken it, and counted it, while the send blocked).

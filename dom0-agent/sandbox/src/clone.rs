@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use mayfly_domain::{DomainExit, Ring};
 use mayfly_ring::notify::NotifyError;
-use mayfly_ring::{EventFdNotifier, Notifier, Wake};
+use mayfly_ring::{EventFdNotifier, MmapMem, Notifier, Wake};
 use slog::{debug, Logger};
 
 use crate::sys;
@@ -293,12 +293,12 @@ pub(crate) fn exit_of(
 /// returns [`Wake::PeerGone`] as soon as the clone has exited.
 #[derive(Debug)]
 pub(crate) struct CloneNotifier {
-    bell: EventFdNotifier,
+    bell: Arc<EventFdNotifier>,
     cell: Arc<CloneCell>,
 }
 
 impl CloneNotifier {
-    pub(crate) fn new(bell: EventFdNotifier, cell: Arc<CloneCell>) -> Self {
+    pub(crate) fn new(bell: Arc<EventFdNotifier>, cell: Arc<CloneCell>) -> Self {
         Self { bell, cell }
     }
 }
@@ -337,6 +337,37 @@ pub(crate) struct Ctx {
     pub logger: Logger,
     pub cpu_limit: u64,
     pub destroyed: AtomicU64,
+    /// Rings (memfd and eventfds) of reaped clones, for the next clones (see [`SpareRing`]).
+    pub spares: Mutex<Vec<SpareRing>>,
+    /// Most rings kept in `spares`.
+    pub spare_limit: usize,
+}
+
+impl Ctx {
+    /// Keeps a reaped clone's ring for reuse, if there is room.
+    fn keep_spare(&self, spare: SpareRing) {
+        let mut spares = self
+            .spares
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if spares.len() < self.spare_limit {
+            spares.push(spare);
+        }
+    }
+}
+
+/// What the agent made for one clone's ring and keeps for the next clone once this one has
+/// been reaped: the memfd (mapped here) and both ends of its two eventfds. Creating them
+/// costs `memfd_create`, `ftruncate`, seals, `mmap` and two `eventfd`s, and throwing them
+/// away an `munmap` (a TLB shootdown in this multi-threaded process) and the memfd's
+/// teardown. Reuse is only ever offered after the zygote reported the clone reaped (no
+/// process maps the memfd or holds the eventfds any more); the taker wipes the memory
+/// ([`MmapMem::zero_data`]) and drains the eventfds first.
+#[derive(Debug)]
+pub(crate) struct SpareRing {
+    pub mem: Arc<MmapMem>,
+    pub agent: Arc<EventFdNotifier>,
+    pub guest: Arc<EventFdNotifier>,
 }
 
 /// The agent's side of one live clone. Dropping it kills the clone and waits (bounded)
@@ -353,6 +384,8 @@ pub(crate) struct CloneHandle {
     /// When it was requested from the zygote (its `Ready` is due `ready_timeout` later).
     pub requested: Instant,
     pub ctx: Arc<Ctx>,
+    /// Its ring's parts, offered for reuse once it is reaped after a background destroy.
+    pub spare: Option<SpareRing>,
     ended: Option<DomainExit>,
 }
 
@@ -383,6 +416,7 @@ impl CloneHandle {
             confirmed: false,
             requested: Instant::now(),
             ctx,
+            spare: None,
             ended: None,
         }
     }
@@ -444,9 +478,14 @@ impl CloneHandle {
         // Killed: its end arrives through `done`, not through `Drop`.
         self.ended = Some(DomainExit::Destroyed);
         let (cell, ctx, ready) = (Arc::clone(&self.cell), Arc::clone(&self.ctx), self.ready);
-        drop(self); // the ring and the eventfds: the clone no longer needs them
+        let spare = self.spare.take();
+        drop(self); // our ring and notifier; `spare` keeps what can be reused
         let report = Arc::clone(&cell);
         cell.on_exit(Box::new(move |record| {
+            // Reaped: nothing maps the memfd or holds the eventfds but us.
+            if let Some(spare) = spare {
+                ctx.keep_spare(spare);
+            }
             let exit = report.domain_exit(Some(record), ctx.cpu_limit);
             if ready {
                 ctx.destroyed.fetch_add(1, Ordering::Relaxed);

@@ -985,3 +985,64 @@ fn killing_the_agent_kills_the_zygote_and_a_restart_cleans_up() {
     assert_eq!(result.unwrap(), b"again");
     Box::new(domain).destroy().unwrap();
 }
+
+/// The whole shared area of a clone's ring, as the agent sees it.
+fn ring_bytes(domain: &mut SandboxDomain) -> Vec<u8> {
+    let (ring, _) = domain.ring();
+    let mem = ring.memory();
+    let mut bytes = vec![0u8; mem.len()];
+    mem.read_bytes(0, &mut bytes).unwrap();
+    bytes
+}
+
+fn holds(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+/// A reaped clone's ring is reused for a later clone only wiped: no later clone can read a
+/// byte of an earlier transaction (its payload, its result) or of what an earlier guest
+/// scribbled over the whole area, and reuse does happen.
+#[test]
+fn a_reused_ring_holds_nothing_of_the_transactions_before() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = config(dir.path());
+    config.pool_size = 1;
+    let sandbox = Sandbox::start(config, logger()).unwrap();
+    let destroy = |domain: SandboxDomain| {
+        let (tx, rx) = std::sync::mpsc::channel();
+        Box::new(domain).destroy_in_background(Box::new(move |ended| {
+            tx.send(ended.is_ok()).unwrap();
+        }));
+        // Once this returns, the clone is reaped and its ring kept for reuse.
+        assert!(rx.recv_timeout(WAIT).unwrap());
+    };
+    let secret: &[u8] = b"SECRET-payload-and-result-of-an-earlier-transaction";
+    let scribble: &[u8] = b"SCRIBBLE-a-guest-wrote-on-every-page";
+    for _ in 0..6 {
+        let (domain, result) = run(&sandbox, "echo", secret);
+        assert_eq!(result.unwrap(), secret);
+        destroy(domain);
+        for _ in 0..2 {
+            let mut next = sandbox.take_clone(WAIT).unwrap();
+            let bytes = ring_bytes(&mut next);
+            assert!(
+                !holds(&bytes, secret),
+                "an earlier transaction's bytes in a new ring"
+            );
+            assert!(
+                !holds(&bytes, scribble),
+                "an earlier guest's bytes in a new ring"
+            );
+            destroy(next);
+        }
+        // A guest that writes over the whole area: too much to wipe, its ring is dropped.
+        let (domain, result) = run(&sandbox, "fill", scribble);
+        assert_eq!(result.unwrap(), b"filled");
+        destroy(domain);
+    }
+    assert!(
+        sandbox.rings_reused() >= 6,
+        "rings reused: {}",
+        sandbox.rings_reused()
+    );
+}

@@ -20,14 +20,16 @@
 //! | `alloc` | grows a buffer to 64 MiB, then tries to reserve 1 GiB more; commits `allocated` or `refused` |
 //! | `kill` | payload `"<pid> <signal>"`: `kill(pid, signal)`; commits `sent` or the errno's name |
 //! | `fork` | `fork()` (the child `_exit`s at once); commits `forked` or the errno's name |
+//! | `fill` | writes the payload at the start of every page of the ring after the header (as a guest scribbling over the whole shared area would), then commits `filled` |
 //! | `pdeathsig` | `prctl(PR_SET_PDEATHSIG, 0)` (would let it outlive the zygote); commits `cleared` or the errno's name |
 
 use std::os::fd::AsFd;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use mayfly_ring::layout::DATA_OFFSET;
 use mayfly_ring::wire::PROTOCOL_VERSION;
-use mayfly_ring::{EventFdNotifier, Frontend, MmapMem, Request, Response};
+use mayfly_ring::{EventFdNotifier, Frontend, MmapMem, Request, Response, SharedMem};
 use mayfly_sandbox::ChildRing;
 
 /// Template state built once in the zygote; each clone gets a copy-on-write copy.
@@ -70,6 +72,17 @@ fn run(template: &mut Template, ring: ChildRing) -> i32 {
     };
     let result: Vec<u8> = match start.handler.as_str() {
         "echo" => start.payload,
+        "fill" => {
+            let Ok(raw) = MmapMem::from_fd(ring.ring.as_fd(), ring.ring_len) else {
+                return 13;
+            };
+            for page in (DATA_OFFSET..ring.ring_len).step_by(4096) {
+                if raw.write_bytes(page, &start.payload).is_err() {
+                    return 14;
+                }
+            }
+            b"filled".to_vec()
+        }
         "crash" => std::process::abort(),
         "segv" => {
             // SAFETY: deliberately invalid: the test wants the clone to die of SIGSEGV.

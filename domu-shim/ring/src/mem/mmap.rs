@@ -11,7 +11,7 @@ use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::ptr::NonNull;
 
-use super::{SharedMem, PAGE_SIZE};
+use super::{MemError, SharedMem, PAGE_SIZE};
 
 /// Creating or mapping ring memory failed.
 #[derive(Debug, thiserror::Error)]
@@ -54,6 +54,12 @@ pub enum MapError {
         /// The requested mapping length.
         len: usize,
     },
+    /// `lseek(SEEK_DATA / SEEK_HOLE)` on the memfd failed.
+    #[error("finding the memfd's data failed")]
+    Seek(#[source] io::Error),
+    /// Zeroing the memfd's data through the mapping failed.
+    #[error("zeroing the memfd's data failed")]
+    Zero(#[source] MemError),
     /// `mmap` failed.
     #[error("mmap of {len} bytes failed")]
     Mmap {
@@ -164,6 +170,61 @@ impl MmapMem {
     /// The memfd behind this mapping, if it was created by [`MmapMem::memfd`].
     pub fn fd(&self) -> Option<BorrowedFd<'_>> {
         self.fd.as_ref().map(AsFd::as_fd)
+    }
+
+    /// Makes a memfd mapping all zero again, for reuse: zeroes every range the file holds
+    /// data for — the pages anyone wrote to, faulted in, or that were swapped out — found
+    /// with `lseek(SEEK_DATA/SEEK_HOLE)`; the holes in between read as zero already. Stops
+    /// and returns `Ok(None)` once more than `limit` bytes hold data (the caller then
+    /// discards the memory instead: wiping it would cost more than a new one), and for
+    /// anonymous memory (its data cannot be found). `Ok(Some(n))`: `n` bytes were zeroed and
+    /// the whole mapping now reads as zero.
+    ///
+    /// Only for memory no peer can write any more (every other mapping of the memfd gone):
+    /// a concurrent writer could leave data behind.
+    pub fn zero_data(&self, limit: usize) -> Result<Option<usize>, MapError> {
+        let Some(fd) = &self.fd else {
+            return Ok(None);
+        };
+        let seek = |from: usize, whence: i32| -> Result<Option<usize>, MapError> {
+            let from =
+                libc::off_t::try_from(from).map_err(|_| MapError::BadLength { len: from })?;
+            // SAFETY: plain lseek on a memfd we own; it moves only this fd's offset, which
+            // nothing else uses (the mapping does not depend on it).
+            #[allow(unsafe_code)]
+            let at = unsafe { libc::lseek(fd.as_raw_fd(), from, whence) };
+            if at < 0 {
+                let e = io::Error::last_os_error();
+                // ENXIO: no data (or hole) at or after `from`.
+                return match e.raw_os_error() {
+                    Some(libc::ENXIO) => Ok(None),
+                    _ => Err(MapError::Seek(e)),
+                };
+            }
+            Ok(Some(
+                usize::try_from(at).map_err(|_| MapError::BadLength { len: self.len })?,
+            ))
+        };
+        let mut zeroed = 0usize;
+        let mut at = 0usize;
+        while at < self.len {
+            let Some(start) = seek(at, libc::SEEK_DATA)? else {
+                break;
+            };
+            let end = seek(start, libc::SEEK_HOLE)?
+                .unwrap_or(self.len)
+                .min(self.len);
+            let Some(len) = end.checked_sub(start).filter(|&l| l > 0) else {
+                break;
+            };
+            zeroed = zeroed.saturating_add(len);
+            if zeroed > limit {
+                return Ok(None);
+            }
+            self.fill_bytes(start, len, 0).map_err(MapError::Zero)?;
+            at = end;
+        }
+        Ok(Some(zeroed))
     }
 }
 
@@ -288,5 +349,37 @@ mod tests {
         assert!(anon.fd().is_none());
         assert_eq!(anon.len(), PAGE_SIZE);
         assert_eq!(anon.base().as_ptr() as usize % PAGE_SIZE, 0);
+    }
+
+    #[test]
+    fn zero_data_wipes_what_a_peer_wrote_and_only_that() {
+        let pages = 16;
+        let a = MmapMem::memfd(c"mayfly-ring-test", pages * PAGE_SIZE).unwrap();
+        // A fresh memfd holds no data.
+        assert_eq!(a.zero_data(usize::MAX).unwrap(), Some(0));
+        // A peer's mapping writes a secret into two pages far apart.
+        let peer = MmapMem::from_fd(a.fd().unwrap(), pages * PAGE_SIZE).unwrap();
+        peer.write_bytes(3 * PAGE_SIZE + 100, b"secret").unwrap();
+        peer.write_bytes(11 * PAGE_SIZE - 3, b"secret").unwrap(); // straddles pages 10-11
+        drop(peer);
+        // Over the limit: refused, nothing promised.
+        assert_eq!(a.zero_data(2 * PAGE_SIZE).unwrap(), None);
+        // Within it: those pages (and only data pages) are zeroed.
+        let zeroed = a.zero_data(usize::MAX).unwrap().unwrap();
+        assert!(
+            zeroed >= 3 * PAGE_SIZE && zeroed < pages * PAGE_SIZE,
+            "{zeroed}"
+        );
+        let mut all = vec![0xffu8; pages * PAGE_SIZE];
+        a.read_bytes(0, &mut all).unwrap();
+        assert!(all.iter().all(|&b| b == 0));
+        // Anonymous memory: its data cannot be found, so it is never offered for reuse.
+        assert_eq!(
+            MmapMem::anonymous(PAGE_SIZE)
+                .unwrap()
+                .zero_data(usize::MAX)
+                .unwrap(),
+            None
+        );
     }
 }
