@@ -348,10 +348,10 @@ impl<M: SharedMem> Backend<M> {
         Ok(Self::over(mem, geometry))
     }
 
-    /// Like [`Backend::new`], for memory that is freshly allocated and therefore already
-    /// all zero (a new memfd or anonymous mapping): writes only the header, so untouched
-    /// pages stay unallocated. Using it on recycled memory would show the guest what the
-    /// pages held before.
+    /// Like [`Backend::new`], for memory that is all zero — freshly allocated (a new memfd
+    /// or anonymous mapping) or wiped ([`crate::MmapMem::zero_data`]): writes only the
+    /// header, so untouched pages stay unallocated. Using it on recycled memory that was not
+    /// wiped would show the guest what the pages held before.
     pub fn new_on_fresh_memory(mem: M, geometry: Geometry) -> Result<Self, RingError> {
         geometry.initialise(&mem, false)?;
         Ok(Self::over(mem, geometry))
