@@ -48,14 +48,23 @@ struct Mapping {
     path: String,
 }
 
-/// Parses `/proc/<pid>/maps` text; lines that do not parse are skipped.
+/// Parses `/proc/<pid>/maps` text; lines that do not parse are skipped. The path is the
+/// rest of the line after the five fixed fields (it may hold spaces).
 fn parse_maps(text: &str) -> Vec<Mapping> {
     text.lines()
         .filter_map(|line| {
-            let mut fields = line.split_whitespace();
-            let (start, end) = fields.next()?.split_once('-')?;
-            let perms: [u8; 4] = fields.next()?.as_bytes().try_into().ok()?;
-            let path = fields.nth(3).unwrap_or("").to_owned();
+            let mut rest = line;
+            let mut field = || {
+                let trimmed = rest.trim_start();
+                let end = trimmed.find(char::is_whitespace).unwrap_or(trimmed.len());
+                let (head, tail) = trimmed.split_at(end);
+                rest = tail;
+                Some(head).filter(|h| !h.is_empty())
+            };
+            let (start, end) = field()?.split_once('-')?;
+            let perms: [u8; 4] = field()?.as_bytes().try_into().ok()?;
+            let (_offset, _device, _inode) = (field()?, field()?, field()?);
+            let path = rest.trim().to_owned();
             Some(Mapping {
                 start: usize::from_str_radix(start, 16).ok()?,
                 end: usize::from_str_radix(end, 16).ok()?,
@@ -192,6 +201,14 @@ mod tests {
             "{:?}",
             movable(&maps, "/z")
         );
+    }
+
+    #[test]
+    fn a_path_with_spaces_is_whole() {
+        let maps = parse_maps("00400000-00500000 r-xp 00200000 fe:00 42   /opt/my dir/z\n");
+        assert_eq!(maps.len(), 1);
+        assert_eq!(maps[0].path, "/opt/my dir/z");
+        assert_eq!(movable(&maps, "/opt/my dir/z").len(), 1);
     }
 
     #[test]
