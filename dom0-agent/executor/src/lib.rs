@@ -842,6 +842,9 @@ impl Executor {
         let mut ops: u32 = 0;
         let mut log_lines: u32 = 0;
         let mut bytes_written: u64 = 0;
+        // The first write this transaction had refused: its `Commit` is then refused too,
+        // so a guest may send `Commit` right behind writes whose answers it has not read.
+        let mut refused_write: Option<String> = None;
         let started = Instant::now();
         let elapsed_ms = || u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
         loop {
@@ -918,11 +921,17 @@ impl Executor {
                 },
                 Request::Put { key, value } => match ltx.put(&key, &value) {
                     Ok(()) => Response::Ok,
-                    Err(e) => error_response(&e),
+                    Err(e) => {
+                        refused_write.get_or_insert_with(|| format!("put refused: {e}"));
+                        error_response(&e)
+                    }
                 },
                 Request::Delete { key } => match ltx.delete(&key) {
                     Ok(()) => Response::Ok,
-                    Err(e) => error_response(&e),
+                    Err(e) => {
+                        refused_write.get_or_insert_with(|| format!("delete refused: {e}"));
+                        error_response(&e)
+                    }
                 },
                 Request::Scan { start, end, limit } => {
                     let limit_usize = usize::try_from(limit).unwrap_or(usize::MAX);
@@ -954,6 +963,12 @@ impl Executor {
                     Response::Ok
                 }
                 Request::Commit { result } => {
+                    if let Some(reason) = refused_write {
+                        let _ = ring.send_response(env.id, &Response::Aborted, &notifier);
+                        return Served::Aborted {
+                            reason: format!("commit after a refused write ({reason})"),
+                        };
+                    }
                     let writes: Vec<PolicyWrite<'_>> = ltx
                         .writes()
                         .map(|(key, value)| PolicyWrite { key, value })

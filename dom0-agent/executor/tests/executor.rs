@@ -250,6 +250,42 @@ fn guests() -> HashMap<&'static str, Guest> {
             );
         }),
     );
+    // Pipelines 1,025 distinct puts (the ledger refuses the one past its 1,024-write limit)
+    // and sends Commit right behind the last one, reading answers only when the ring is
+    // full, as the shim does.
+    g.insert(
+        "commit_behind_refused",
+        Arc::new(|f, n, _p, _k| {
+            let wait = Some(Duration::from_secs(10));
+            let slots = usize::try_from(f.geometry().slot_count()).unwrap();
+            let mut pending = std::collections::VecDeque::new();
+            let mut answers = Vec::new();
+            let puts = (0..1025).map(|i| Request::Put {
+                key: format!("kv/{i:04}").into_bytes(),
+                value: b"1".to_vec(),
+            });
+            let commit = Request::Commit {
+                result: b"done".to_vec(),
+            };
+            for request in puts.chain(std::iter::once(commit)) {
+                if pending.len() == slots {
+                    let id = pending.pop_front().unwrap();
+                    answers.push(f.recv_response_to(id, n, wait).unwrap());
+                }
+                pending.push_back(f.send_request(&request, n).unwrap());
+            }
+            for id in pending {
+                answers.push(f.recv_response_to(id, n, wait).unwrap());
+            }
+            assert!(answers[..1024].iter().all(|a| *a == Response::Ok));
+            assert!(
+                matches!(answers[1024], Response::Error { .. }),
+                "{:?}",
+                answers[1024]
+            );
+            assert_eq!(answers[1025], Response::Aborted);
+        }),
+    );
     // Writes a key, then touches a honeytoken.
     g.insert(
         "probe",
@@ -343,6 +379,7 @@ fn setup(config: ExecutorConfig) -> (tempfile::TempDir, Executor) {
         "chatty",
         "probe",
         "rand",
+        "commit_behind_refused",
     ]
     .map(String::from);
     (
@@ -412,6 +449,20 @@ fn abort_writes_nothing_and_reports_the_reason() {
     assert_eq!(o.status, TxStatus::Aborted);
     assert_eq!(o.error.as_deref(), Some("insufficient funds"));
     assert_eq!(ex.ledger().store().committed(b"junk").unwrap(), None);
+    assert!(audit_events(&ex).iter().any(|e| e == "tx.aborted"));
+}
+
+/// A guest may send `Commit` right behind writes whose answers it has not read (the shim
+/// does): a `Commit` behind a refused write is refused, and nothing of the transaction is
+/// written, so a refused write can never be silently left out of a committed transaction.
+#[test]
+fn a_commit_behind_a_refused_write_is_refused() {
+    let (_d, ex) = setup(ExecutorConfig::default());
+    let o = run(&ex, "commit_behind_refused");
+    assert_eq!(o.status, TxStatus::Aborted, "{o:?}");
+    let reason = o.error.unwrap_or_default();
+    assert!(reason.contains("refused write"), "{reason}");
+    assert_eq!(ex.ledger().store().committed(b"kv/0000").unwrap(), None);
     assert!(audit_events(&ex).iter().any(|e| e == "tx.aborted"));
 }
 

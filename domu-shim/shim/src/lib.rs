@@ -309,6 +309,8 @@ pub fn try_run<M: SharedMem>(
 enum Verdict {
     Commit(Vec<u8>),
     Abort(String),
+    /// Already told the agent (`Commit` sent behind the last writes) and answered.
+    Done(Outcome),
 }
 
 enum Entry {
@@ -355,7 +357,34 @@ fn run_handler<M: SharedMem, N: Notifier>(
         let mut ctx = Ctx::new(&mut db, start.tx_id, start.entropy_seed);
         panic::catch_unwind(AssertUnwindSafe(|| handler(&mut ctx, &start.payload)))
     };
-    // Collect the answers of the writes still in flight: Commit/Abort go on an idle ring.
+    // A handler that succeeded, with no write refused so far: Commit right behind the
+    // writes still in flight (the agent refuses it if one of them is refused).
+    if let Ok(Ok(result)) = &outcome {
+        if db.deferred_error().is_none() && result.len() <= MAX_RESULT_LEN {
+            let Ok(Ok(result)) = outcome else {
+                unreachable!("matched above")
+            };
+            let sent = "Commit";
+            let (deferred, answer) = db
+                .commit_behind(result, config.finish_timeout)
+                .map_err(|source| RunError::Finish { sent, source })?;
+            return Ok(Verdict::Done(match (answer, deferred) {
+                (Response::Committed, None) => Outcome::Committed,
+                // A write behind which the Commit went was refused: the agent aborted.
+                (Response::Aborted, Some(e)) => Outcome::Aborted {
+                    reason: HandlerError::from(e).to_string(),
+                },
+                (Response::Aborted, None) => Outcome::CommitRefused,
+                (other, _) => {
+                    return Err(RunError::BadFinishReply {
+                        sent,
+                        reply: response_kind(&other),
+                    })
+                }
+            }));
+        }
+    }
+    // Collect the answers of the writes still in flight: Abort goes on an idle ring.
     let deferred = db.settle().map_err(|source| RunError::Database {
         handler: start.handler.clone(),
         source,
@@ -378,6 +407,7 @@ fn finish<M: SharedMem, N: Notifier>(
 ) -> Result<Outcome, RunError> {
     let timeout = Some(config.finish_timeout);
     match verdict {
+        Verdict::Done(outcome) => Ok(outcome),
         Verdict::Commit(result) => {
             let sent = "Commit";
             match frontend.call(&Request::Commit { result }, notifier, timeout) {

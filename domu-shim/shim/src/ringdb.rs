@@ -9,18 +9,20 @@
 //! write that finds the ring full first collects every outstanding answer.
 //!
 //! Every operation that needs an answer (`get`, `scan`) first collects the outstanding
-//! answers in order, then makes its own request and waits for its answer. So does the
-//! runtime before `Commit` or `Abort` ([`RingDb::settle`]): it never sends `Commit` behind
-//! unanswered writes, because the agent answers a write refused by the ledger (a limit, a
-//! bad key) with an `Error` and goes on serving, so a `Commit` queued behind it would be
-//! committed without that write.
+//! answers in order, then makes its own request and waits for its answer. When the handler
+//! succeeded and no write was refused so far, the runtime sends `Commit` right behind the
+//! writes still in flight ([`RingDb::commit_behind`]) and then reads their answers and the
+//! `Commit`'s: one wait instead of two. That is safe because the agent answers `Aborted` to a
+//! `Commit` behind a write it refused (it answers a write refused by the ledger — a limit, a
+//! bad key — with an `Error` and goes on serving, but never commits that transaction).
+//! Before `Abort` the runtime collects first ([`RingDb::settle`]).
 //!
 //! ```text
 //!  put, put, log        ──Put──Put──Log──▶          (no wait)
 //!  get                  ◀──Ok───Ok───Ok──   collect, in order, ids checked
 //!                       ──Get──▶ ◀──Value──           then the get itself
 //!  put                  ──Put──▶                      (no wait)
-//!  (handler returns)    ◀──Ok──             settle, then Commit / Abort
+//!  (handler returns Ok) ──Commit──▶ ◀──Ok──Committed   commit_behind
 //! ```
 //!
 //! **Deferred errors.** A write's error surfaces at the next operation that waits: the
@@ -114,6 +116,39 @@ impl<'f, M: SharedMem, N: Notifier> RingDb<'f, M, N> {
             Some(failure) => Err(failure),
             None => Ok(self.deferred),
         }
+    }
+
+    /// Sends `Commit { result }` right behind the writes still in flight, then collects
+    /// their answers and the `Commit`'s, and consumes the database: one wait instead of
+    /// two. The agent answers `Aborted` to a `Commit` behind a refused write (it never
+    /// commits a transaction one of whose writes it refused), so the order is safe. `Err`:
+    /// the ring failed (now or earlier) and the runtime must send nothing more. Otherwise
+    /// the first deferred write error, if any, and the `Commit`'s answer.
+    pub fn commit_behind(
+        mut self,
+        result: Vec<u8>,
+        timeout: Duration,
+    ) -> Result<(Option<DbError>, Response), RingError> {
+        if let Some(failure) = self.failure.take() {
+            return Err(failure);
+        }
+        if self.frontend.in_flight() >= self.frontend.geometry().slot_count() {
+            let _ = self.collect(); // a slot for the Commit
+            if let Some(failure) = self.failure.take() {
+                return Err(failure);
+            }
+        }
+        let id = self
+            .frontend
+            .send_request(&Request::Commit { result }, self.notifier)?;
+        let _ = self.collect();
+        if let Some(failure) = self.failure.take() {
+            return Err(failure);
+        }
+        let answer = self
+            .frontend
+            .recv_response_to(id, self.notifier, Some(timeout))?;
+        Ok((self.deferred, answer))
     }
 
     /// Fails if an earlier ring failure or deferred write error makes the database unusable.
@@ -617,6 +652,61 @@ mod tests {
         let requests = guest.requests();
         assert_eq!(requests.len(), 4);
         assert_eq!(requests[3], abort);
+    }
+
+    #[test]
+    fn commit_goes_right_behind_unanswered_writes() {
+        let mut guest = guest(4, 3, honest);
+        {
+            let go = guest.go.clone();
+            let mut db = guest.db();
+            db.put(b"a", b"v").unwrap();
+            db.put(b"b", b"v").unwrap();
+            // The agent starts only now: Commit was queued behind two unread writes.
+            go.send(()).unwrap();
+            let (deferred, answer) = db.commit_behind(b"r".to_vec(), WAIT).unwrap();
+            assert_eq!((deferred, answer), (None, Response::Committed));
+        }
+        assert_eq!(guest.frontend.in_flight(), 0);
+        let commit = Request::Commit {
+            result: b"r".to_vec(),
+        };
+        assert_eq!(guest.requests(), [put("a"), put("b"), commit]);
+    }
+
+    #[test]
+    fn a_commit_behind_a_refused_write_reports_the_write_error_and_the_refusal() {
+        // Like the agent: a write refused by the ledger, then `Aborted` to the Commit.
+        let mut refused = false;
+        let mut guest = guest(2, 3, move |env| {
+            let body = match &env.body {
+                Request::Put { key, .. } if key == b"a" => {
+                    refused = true;
+                    Response::Error {
+                        code: error_code::LIMIT_EXCEEDED,
+                        message: "write set".into(),
+                    }
+                }
+                Request::Commit { .. } if refused => Response::Aborted,
+                _ => honest(env)?.body,
+            };
+            Some(Envelope { id: env.id, body })
+        });
+        guest.go.send(()).unwrap();
+        {
+            let mut db = guest.db();
+            db.put(b"a", b"v").unwrap();
+            db.put(b"b", b"v").unwrap(); // the ring (2 slots) is now full
+            let (deferred, answer) = db.commit_behind(b"r".to_vec(), WAIT).unwrap();
+            let limit = DbError::LimitExceeded {
+                message: "write set".into(),
+            };
+            assert_eq!((deferred, answer), (Some(limit), Response::Aborted));
+        }
+        // A full ring made room first: the Commit still went last.
+        let requests = guest.requests();
+        assert_eq!(requests.len(), 3);
+        assert!(matches!(requests[2], Request::Commit { .. }));
     }
 
     #[test]

@@ -321,7 +321,9 @@ fn policy_denial_reaches_the_handler_and_aborts() {
             reason: reason.into()
         }
     );
-    assert_eq!(record.end, End::Aborted(reason.into()));
+    // Both writes pipelined, the handler returned `Ok`: the Commit went right behind
+    // them, and the agent refused it (the real agent stops serving at a denial instead).
+    assert_eq!(record.end, End::CommitRefused(b"not reached".to_vec()));
     assert!(
         record.data.is_empty(),
         "the earlier write was not committed"
@@ -331,7 +333,7 @@ fn policy_denial_reaches_the_handler_and_aborts() {
 #[test]
 fn a_refused_write_the_handler_ignored_still_aborts_and_is_never_committed() {
     // The fake agent, like the real one for a ledger error, answers the refused write with
-    // an Error and goes on serving: only the shim stands between it and a Commit.
+    // an Error and goes on serving, and refuses a Commit after it.
     let agent = Agent {
         deny_prefix: Some(b"secret/".to_vec()),
         ..Agent::default()
@@ -344,7 +346,9 @@ fn a_refused_write_the_handler_ignored_still_aborts_and_is_never_committed() {
             reason: reason.into()
         }
     );
-    assert_eq!(record.end, End::Aborted(reason.into()));
+    // The Commit went right behind the writes; the agent refused it (a Commit after a
+    // refused write always is) and the shim reports the write's error.
+    assert_eq!(record.end, End::CommitRefused(b"must not commit".to_vec()));
     assert_eq!(
         record.ops, 2,
         "both writes were sent before the error was known"

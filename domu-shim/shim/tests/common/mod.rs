@@ -131,6 +131,8 @@ pub fn serve<M: SharedMem>(
     let reply = agent.ready_reply.clone().unwrap_or(Response::Start(start));
     backend.send_response(ready.id, &reply, notifier).unwrap();
     let mut working = agent.data.clone();
+    // Like the real agent: a Commit after a refused write is refused.
+    let mut refused_write = false;
     loop {
         let env = match backend.recv_request(notifier, Some(wait)) {
             Ok(env) => env,
@@ -148,14 +150,18 @@ pub fn serve<M: SharedMem>(
                     .clone()
                     .unwrap_or_else(|| Response::Value(working.get(&key).cloned()))
             }),
-            Request::Put { key, value } => denied(&agent, &key).unwrap_or_else(|| {
-                working.insert(key, value);
-                Response::Ok
-            }),
-            Request::Delete { key } => denied(&agent, &key).unwrap_or_else(|| {
-                working.remove(&key);
-                Response::Ok
-            }),
+            Request::Put { key, value } => denied(&agent, &key)
+                .inspect(|_| refused_write = true)
+                .unwrap_or_else(|| {
+                    working.insert(key, value);
+                    Response::Ok
+                }),
+            Request::Delete { key } => denied(&agent, &key)
+                .inspect(|_| refused_write = true)
+                .unwrap_or_else(|| {
+                    working.remove(&key);
+                    Response::Ok
+                }),
             Request::Scan { start, end, limit } => {
                 let limit = usize::try_from(limit).unwrap();
                 let in_range: Vec<_> = working
@@ -179,7 +185,7 @@ pub fn serve<M: SharedMem>(
                 Response::Ok
             }
             Request::Commit { result } => {
-                if agent.refuse_commit {
+                if agent.refuse_commit || refused_write {
                     backend
                         .send_response(env.id, &Response::Aborted, notifier)
                         .unwrap();
