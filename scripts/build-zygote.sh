@@ -26,15 +26,26 @@ out_dir=$1
 shift
 # 2 MiB-aligned segments, code apart from data: the zygote then moves its read-only
 # segments onto transparent huge pages (dom0-agent/sandbox/src/hugecode.rs).
-cargo rustc --release --locked -p dom0-agent --bin mayfly-zygote "$@" -- \
+# The path cargo reports (honours build.target-dir, --target, --profile in "$@").
+built=$(cargo rustc --release --locked -p dom0-agent --bin mayfly-zygote \
+    --message-format=json-render-diagnostics "$@" -- \
     -C target-feature=+crt-static \
-    -C link-arg=-Wl,-z,max-page-size=0x200000 -C link-arg=-Wl,-z,separate-code
-built=${CARGO_TARGET_DIR:-target}/release/mayfly-zygote
-# A dynamically linked result would work but silently cost the difference above.
-if readelf -lW "$built" | grep -q 'INTERP'; then
-    echo "build-zygote.sh: $built is dynamically linked; expected a static executable" >&2
+    -C link-arg=-Wl,-z,max-page-size=0x200000 -C link-arg=-Wl,-z,separate-code |
+    sed -n 's/.*"executable":"\([^"]*\/mayfly-zygote\)".*/\1/p' | tail -n 1)
+fail() {
+    echo "build-zygote.sh: ${built:-mayfly-zygote}: $*" >&2
     exit 1
+}
+if [ -z "$built" ] || [ ! -x "$built" ]; then fail "cargo reported no executable"; fi
+# Captured first: a failing or missing readelf must not read as "no INTERP".
+headers=$(LC_ALL=C readelf -lW "$built") || fail "readelf failed (binutils installed?)"
+# A dynamically linked result would work but silently cost the difference above.
+if grep -q 'INTERP' <<<"$headers"; then
+    fail "dynamically linked; expected a static executable"
 fi
+grep -q 'Elf file type is DYN' <<<"$headers" || fail "not static-pie (image address would be fixed)"
+# hugecode.rs moves nothing unless the segments are 2 MiB-aligned.
+grep -Eq '^ +LOAD .* 0x200000$' <<<"$headers" || fail "segments not 2 MiB-aligned"
 mkdir -p "$out_dir"
 install -m 0755 "$built" "$out_dir/mayfly-zygote.tmp"
 mv -f "$out_dir/mayfly-zygote.tmp" "$out_dir/mayfly-zygote"

@@ -993,6 +993,8 @@ fn zygote_gone(shared: &Shared) {
         });
     }
     lock(&shared.pending).clear();
+    // No clone can be created any more: drop the kept rings (nothing may pop one now).
+    lock(&shared.ctx.spares).clear();
     shared.changed.notify_all();
     shared.refill_wanted.notify_all();
 }

@@ -363,6 +363,13 @@ impl Ctx {
 /// teardown. Reuse is only ever offered after the zygote reported the clone reaped (no
 /// process maps the memfd or holds the eventfds any more); the taker wipes the memory
 /// ([`MmapMem::zero_data`]) and drains the eventfds first.
+///
+/// "Reaped, so nothing maps it" rests on the clone having been unable to pass the memfd on
+/// or to leave a process behind: it has no socket (closed before the guest runs; `socket`
+/// is not in the seccomp allowlist), and `fork`, `vfork`, `clone3` and threads are not
+/// allowed while `clone` with `fork`'s flags (which the zygote needs) is refused by the
+/// kernel under `RLIMIT_NPROC` 0 and a uid of its own — both covered by the sandbox tests. A clone whose end was not reported by the zygote (`Lost`:
+/// the zygote died) never gives its ring back.
 #[derive(Debug)]
 pub(crate) struct SpareRing {
     pub mem: Arc<MmapMem>,
@@ -482,8 +489,10 @@ impl CloneHandle {
         drop(self); // our ring and notifier; `spare` keeps what can be reused
         let report = Arc::clone(&cell);
         cell.on_exit(Box::new(move |record| {
-            // Reaped: nothing maps the memfd or holds the eventfds but us.
-            if let Some(spare) = spare {
+            // Only a reap the zygote reported proves that nothing maps the memfd or holds the
+            // eventfds but us. `Lost` (zygote gone) is recorded right after a SIGKILL was
+            // sent: the clone may still run, so its ring is never reused.
+            if let (Some(spare), false) = (spare, record.status == Status::Lost) {
                 ctx.keep_spare(spare);
             }
             let exit = report.domain_exit(Some(record), ctx.cpu_limit);

@@ -81,6 +81,7 @@ fn movable(maps: &[Mapping], exe: &str) -> Vec<Mapping> {
     maps.iter()
         .filter(|m| {
             m.path == exe
+                && m.perms[0] == b'r' // it is read for the copy
                 && m.perms[1] == b'-'
                 && m.perms[3] == b'p'
                 && m.start.is_multiple_of(HUGE)
@@ -101,7 +102,8 @@ fn movable(maps: &[Mapping], exe: &str) -> Vec<Mapping> {
 /// `AnonHugePages` of the mapping starting at `start`, in KiB, from `/proc/self/smaps`.
 fn anon_huge_kib(start: usize) -> Option<u64> {
     let smaps = fs::read_to_string("/proc/self/smaps").ok()?;
-    let header = format!("{start:x}-");
+    // /proc pads addresses to at least 8 hex digits.
+    let header = format!("{start:08x}-");
     let mut lines = smaps.lines().skip_while(|l| !l.starts_with(&header));
     lines.next()?;
     // The mapping's fields ("Key:   value"), up to the next mapping's header line.
@@ -129,9 +131,17 @@ pub struct Moved {
 }
 
 /// Moves the executable's movable segments onto transparent huge pages (module docs).
-/// Must run single-threaded, before the seccomp filter. Errors are system-call failures
-/// after which the image may be partly moved (each segment is moved atomically or not).
-pub fn move_image_to_huge_pages() -> io::Result<Moved> {
+/// Errors are system-call failures after which the image may be partly moved.
+///
+/// # Safety
+///
+/// The process must be single-threaded: `mremap(MREMAP_FIXED)` replaces whole 2 MiB
+/// windows checked against a snapshot of `/proc/self/maps`; a mapping another thread made
+/// meanwhile in a window would be silently replaced. And if the kernel fails the `mremap`
+/// after it unmapped the destination (`ENOMEM` in `move_vma`), the segment is *gone*: a moved
+/// code segment then faults on return. Only for start-up, where a crash fails loudly.
+#[allow(unsafe_code)]
+pub(crate) unsafe fn move_image_to_huge_pages() -> io::Result<Moved> {
     let mut moved = Moved::default();
     let enabled =
         fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled").unwrap_or_default();

@@ -310,8 +310,9 @@ pub(crate) fn move_to_huge_page(start: usize, end: usize, exec: bool) -> io::Res
     // SAFETY: the source `[start, end)` is a readable mapping of the executable (the caller
     // read it from /proc/self/maps, and a single-threaded process cannot have changed it
     // since); the destination is the first `len` bytes of our 2 MiB mapping; they do not
-    // overlap. mprotect and mremap act on our mapping only; MREMAP_FIXED atomically replaces
-    // whatever was mapped in `[start, start + 2M)` — the segment itself and, as the caller
+    // overlap. mprotect and mremap act on our mapping only; MREMAP_FIXED replaces (in one
+    // call, but not transactionally: a failure after the kernel's unmap leaves a hole, see
+    // `move_image_to_huge_pages`) whatever was mapped in `[start, start + 2M)` — the segment itself and, as the caller
     // checked, nothing else — with a copy holding the same bytes at the same addresses, so
     // code running from the segment (this function's caller included) goes on unchanged.
     #[allow(unsafe_code)]

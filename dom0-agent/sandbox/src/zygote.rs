@@ -367,7 +367,9 @@ where
     let state = init();
     check_single_threaded(&status)?;
     // Before the chroot (it reads /proc/self/maps) and the filter (it forbids mprotect).
-    match crate::hugecode::move_image_to_huge_pages() {
+    // SAFETY: single-threaded (checked just above), nothing else maps memory meanwhile.
+    #[allow(unsafe_code)]
+    match unsafe { crate::hugecode::move_image_to_huge_pages() } {
         Ok(_) => {}
         Err(e) => eprintln!("mayfly-sandbox zygote: moving the image to huge pages: {e}"),
     }

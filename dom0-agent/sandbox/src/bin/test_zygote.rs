@@ -20,6 +20,8 @@
 //! | `alloc` | grows a buffer to 64 MiB, then tries to reserve 1 GiB more; commits `allocated` or `refused` |
 //! | `kill` | payload `"<pid> <signal>"`: `kill(pid, signal)`; commits `sent` or the errno's name |
 //! | `fork` | `fork()` (the child `_exit`s at once); commits `forked` or the errno's name |
+//! | `bells` | commits, then (after the agent's answer) writes a count into both of its eventfds |
+//! | `peek` | commits `"<signal> <wait>"`: the counts its two eventfds held when it started (read before `Ready`) |
 //! | `fill` | writes the payload at the start of every page of the ring after the header (as a guest scribbling over the whole shared area would), then commits `filled` |
 //! | `pdeathsig` | `prctl(PR_SET_PDEATHSIG, 0)` (would let it outlive the zygote); commits `cleared` or the errno's name |
 
@@ -59,6 +61,12 @@ fn run(template: &mut Template, ring: ChildRing) -> i32 {
     let Ok(mem) = MmapMem::from_fd(ring.ring.as_fd(), ring.ring_len) else {
         return 10;
     };
+    // What the eventfds hold before this clone says anything: nothing, unless the agent
+    // handed it an earlier clone's eventfds without draining them (see `bells`).
+    let at_start = [
+        take_count(ring.signal.as_fd()),
+        take_count(ring.wait.as_fd()),
+    ];
     let notifier = EventFdNotifier::from_fds(ring.signal, ring.wait);
     let Ok(mut front) = Frontend::attach(mem) else {
         return 11;
@@ -72,6 +80,8 @@ fn run(template: &mut Template, ring: ChildRing) -> i32 {
     };
     let result: Vec<u8> = match start.handler.as_str() {
         "echo" => start.payload,
+        "bells" => b"rung after the commit".to_vec(),
+        "peek" => format!("{} {}", at_start[0], at_start[1]).into_bytes(),
         "fill" => {
             let Ok(raw) = MmapMem::from_fd(ring.ring.as_fd(), ring.ring_len) else {
                 return 13;
@@ -181,8 +191,26 @@ fn run(template: &mut Template, ring: ChildRing) -> i32 {
     };
     let commit = Request::Commit { result };
     match front.call(&commit, &notifier, Some(Duration::from_secs(30))) {
-        Ok(Response::Committed) => 0,
+        Ok(Response::Committed) => {
+            if start.handler == "bells" {
+                // After the agent's last read: counts left in both eventfds for whoever
+                // gets them next.
+                let count = 0xFFFF_FFFE_u64.to_ne_bytes();
+                let _ = nix::unistd::write(notifier.signal_fd(), &count);
+                let _ = nix::unistd::write(notifier.wait_fd(), &count);
+            }
+            0
+        }
         _ => 13,
+    }
+}
+
+/// Reads (and so empties) a non-blocking eventfd's count; 0 if it holds none.
+fn take_count(fd: std::os::fd::BorrowedFd<'_>) -> u64 {
+    let mut count = [0u8; 8];
+    match nix::unistd::read(fd, &mut count) {
+        Ok(8) => u64::from_ne_bytes(count),
+        _ => 0,
     }
 }
 
