@@ -123,7 +123,7 @@ fn anon_huge_kib(start: usize) -> Option<u64> {
 
 /// What [`move_image_to_huge_pages`] did.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub struct Moved {
+pub(crate) struct Moved {
     /// Segments now on a huge page.
     pub segments: u32,
     /// Segments that could have moved but the kernel gave no huge page for.
