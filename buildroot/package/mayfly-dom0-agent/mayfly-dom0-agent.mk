@@ -1,7 +1,9 @@
 ################################################################################
 #
 # mayfly-dom0-agent: dom0-agent and its sandbox template, mayfly-zygote, from the Mayfly
-# workspace (the agent looks for mayfly-zygote beside its own executable)
+# workspace (the agent looks for mayfly-zygote beside its own executable). The appliance
+# runs the Xen backend; this mayfly-zygote is cargo's dynamically linked build, which works
+# the same but without the speed-ups of scripts/build-zygote.sh's static one.
 #
 ################################################################################
 
