@@ -369,7 +369,10 @@ fn shipped_policy() -> mayfly_policy::Bundle {
     for (name, text) in &mut files {
         if name == "detection.toml" {
             for limit in ["max = 2_000\n", "max = 1_000\n"] {
-                assert!(text.contains(limit), "{name}: no `{limit}` rate limit any more");
+                assert!(
+                    text.contains(limit),
+                    "{name}: no `{limit}` rate limit any more"
+                );
                 *text = text.replace(limit, "max = 1_000_000\n");
             }
         }
