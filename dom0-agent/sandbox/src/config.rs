@@ -3,7 +3,7 @@
 //!
 //! | field | default | meaning |
 //! |---|---|---|
-//! | `zygote_exe`, `zygote_args` | (required) | the executable spawned as the zygote and its arguments (the agent passes its own binary and a hidden `sandbox-zygote` subcommand) |
+//! | `zygote_exe`, `zygote_args` | (required) | the executable spawned as the zygote and its arguments (the agent passes `mayfly-zygote`, beside itself or as configured, with none) |
 //! | `run_dir` | (required) | holds `sandbox.pgid` (for the reconciler) and `sandbox-root/` (the zygote's empty root) |
 //! | `pool_size` | 4 | clones kept at their ready point |
 //! | `refill_threads` | 1 | threads asking the zygote for clones to keep the pool full (a request does not wait for its clone: one thread keeps `pool_size` requests in flight) |

@@ -32,8 +32,8 @@
 //!
 //! The pieces, by module:
 //! - [`config`]: [`SandboxConfig`] and [`Limits`], with their defaults;
-//! - [`zygote`]: [`zygote_main`] / [`zygote_main_with`], which the agent's binary calls in its
-//!   hidden `sandbox-zygote` subcommand, and the confinement of each clone;
+//! - [`zygote`]: [`zygote_main`] / [`zygote_main_with`], which the template executable
+//!   (`mayfly-zygote`) calls first thing in `main`, and the confinement of each clone;
 //! - [`seccomp`]: the allowlist;
 //! - [`hugecode`]: the zygote's read-only image moved onto transparent huge pages once, so
 //!   that clones neither fault it in nor unmap it page by page;
