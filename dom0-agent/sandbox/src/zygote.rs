@@ -2,13 +2,14 @@
 //!
 //! The agent spawns it by `exec` (a fresh image that never held the agent's memory, where
 //! the ledger's signing key lives), in new network, mount, IPC and UTS namespaces, in its own
-//! process group, with `PR_SET_PDEATHSIG(SIGKILL)`. The program the agent names (its own
-//! binary with a hidden subcommand) calls [`zygote_main`] (or [`zygote_main_with`]) first
-//! thing in `main`, before it starts any thread:
+//! process group, with `PR_SET_PDEATHSIG(SIGKILL)`. The program the agent names (the small
+//! `mayfly-zygote` executable) calls [`zygote_main`] (or [`zygote_main_with`]) first thing in
+//! `main`, before it starts any thread:
 //!
 //! 1. close every fd except 0-2 and the control socket; receive `Configure`;
 //! 2. run the caller's `init` (it may still read files), check the process is
-//!    single-threaded;
+//!    single-threaded, and move its read-only image onto huge pages where it can
+//!    ([`crate::hugecode`]);
 //! 3. make the mount namespace private, mount an empty read-only tmpfs on the root
 //!    directory the agent named, `chroot` into it;
 //! 4. block `SIGCHLD`/`SIGTERM` into a signalfd;
