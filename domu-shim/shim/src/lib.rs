@@ -359,31 +359,12 @@ fn run_handler<M: SharedMem, N: Notifier>(
     };
     // A handler that succeeded, with no write refused so far: Commit right behind the
     // writes still in flight (the agent refuses it if one of them is refused).
-    if let Ok(Ok(result)) = &outcome {
-        if db.deferred_error().is_none() && result.len() <= MAX_RESULT_LEN {
-            let Ok(Ok(result)) = outcome else {
-                unreachable!("matched above")
-            };
-            let sent = "Commit";
-            let (deferred, answer) = db
-                .commit_behind(result, config.finish_timeout)
-                .map_err(|source| RunError::Finish { sent, source })?;
-            return Ok(Verdict::Done(match (answer, deferred) {
-                (Response::Committed, None) => Outcome::Committed,
-                // A write behind which the Commit went was refused: the agent aborted.
-                (Response::Aborted, Some(e)) => Outcome::Aborted {
-                    reason: HandlerError::from(e).to_string(),
-                },
-                (Response::Aborted, None) => Outcome::CommitRefused,
-                (other, _) => {
-                    return Err(RunError::BadFinishReply {
-                        sent,
-                        reply: response_kind(&other),
-                    })
-                }
-            }));
+    let outcome = match outcome {
+        Ok(Ok(result)) if db.deferred_error().is_none() && result.len() <= MAX_RESULT_LEN => {
+            return commit_behind(db, result, config).map(Verdict::Done);
         }
-    }
+        other => other,
+    };
     // Collect the answers of the writes still in flight: Abort goes on an idle ring.
     let deferred = db.settle().map_err(|source| RunError::Database {
         handler: start.handler.clone(),
@@ -397,6 +378,34 @@ fn run_handler<M: SharedMem, N: Notifier>(
         (Ok(Err(e)), _) => Verdict::Abort(e.to_string()),
         (Err(_), _) => Verdict::Abort("handler panicked".into()),
     })
+}
+
+/// Sends `Commit { result }` right behind the writes still in flight and says how the
+/// agent answered (see [`RingDb::commit_behind`]).
+fn commit_behind<M: SharedMem, N: Notifier>(
+    db: RingDb<'_, M, N>,
+    result: Vec<u8>,
+    config: &Config,
+) -> Result<Outcome, RunError> {
+    let sent = "Commit";
+    let (deferred, answer) = db
+        .commit_behind(result, config.finish_timeout)
+        .map_err(|source| RunError::Finish { sent, source })?;
+    match (answer, deferred) {
+        (Response::Committed, None) => Ok(Outcome::Committed),
+        // A write the Commit went behind was refused, so the agent aborted: the reason reads
+        // as if the handler had propagated the write's error with `?`.
+        (Response::Aborted, Some(e)) => Ok(Outcome::Aborted {
+            reason: HandlerError::from(e).to_string(),
+        }),
+        (Response::Aborted, None) => Ok(Outcome::CommitRefused),
+        // `Committed` behind a refused write, or another kind of answer: the agent broke
+        // the protocol.
+        (other, _) => Err(RunError::BadFinishReply {
+            sent,
+            reply: response_kind(&other),
+        }),
+    }
 }
 
 fn finish<M: SharedMem, N: Notifier>(

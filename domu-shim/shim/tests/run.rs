@@ -357,6 +357,23 @@ fn a_refused_write_the_handler_ignored_still_aborts_and_is_never_committed() {
 }
 
 #[test]
+fn an_agent_that_commits_behind_a_refused_write_breaks_the_protocol() {
+    let agent = Agent {
+        deny_prefix: Some(b"secret/".to_vec()),
+        commit_after_refused_write: true,
+        ..Agent::default()
+    };
+    let (outcome, _) = tx(misc_registry(), "ignores_write_error", json!(null), agent);
+    // Never reported as a success: the shim knows one of the writes was refused.
+    match outcome {
+        Err(RunError::BadFinishReply { sent, reply }) => {
+            assert_eq!((sent, reply), ("Commit", "Committed"));
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
 fn a_refused_write_surfaces_at_the_next_read_which_is_not_sent() {
     let agent = Agent {
         deny_prefix: Some(b"secret/".to_vec()),

@@ -30,6 +30,8 @@ pub struct Agent {
     pub deny_prefix: Option<Vec<u8>>,
     /// Answer Commit with Aborted.
     pub refuse_commit: bool,
+    /// Break the protocol: commit even after refusing a write.
+    pub commit_after_refused_write: bool,
     /// Answer Ready with this instead of Start.
     pub ready_reply: Option<Response>,
     /// Answer every Get with this instead of the value.
@@ -185,7 +187,7 @@ pub fn serve<M: SharedMem>(
                 Response::Ok
             }
             Request::Commit { result } => {
-                if agent.refuse_commit || refused_write {
+                if agent.refuse_commit || (refused_write && !agent.commit_after_refused_write) {
                     backend
                         .send_response(env.id, &Response::Aborted, notifier)
                         .unwrap();
