@@ -1087,19 +1087,17 @@ const MAX_RECYCLED_DATA: usize = 64 * 1024;
 
 /// A ring for a new clone: a reaped clone's, wiped, if one is kept; else a new one.
 fn ring_parts(shared: &Shared, clone_id: u32) -> Result<SpareRing, CreateError> {
-    let spare = shared
-        .ctx
-        .spares
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-        .pop();
+    let spare = lock(&shared.ctx.spares).pop();
     if let Some(spare) = spare {
         // Its clone is reaped: nothing else maps the memfd or holds the eventfds. The memory
         // must read as zero again (it held another transaction's payload and reads), and
-        // wake-ups the old clone left in the eventfds must not reach the new one.
-        if let Ok(Some(_)) = spare.mem.zero_data(MAX_RECYCLED_DATA) {
-            drain(spare.agent.wait_fd());
-            drain(spare.guest.wait_fd());
+        // wake-ups the old clone left in the eventfds must not reach the new one: a wait
+        // that does not sleep empties each eventfd (a broken one drops the ring).
+        let wiped = matches!(spare.mem.zero_data(MAX_RECYCLED_DATA), Ok(Some(_)));
+        if wiped
+            && spare.agent.wait(Some(Duration::ZERO)).is_ok()
+            && spare.guest.wait(Some(Duration::ZERO)).is_ok()
+        {
             shared.rings_reused.fetch_add(1, Ordering::Relaxed);
             return Ok(spare);
         }
@@ -1116,12 +1114,6 @@ fn ring_parts(shared: &Shared, clone_id: u32) -> Result<SpareRing, CreateError> 
         agent: Arc::new(agent),
         guest: Arc::new(guest),
     })
-}
-
-/// Empties a non-blocking eventfd (a failed read means it was empty).
-fn drain(fd: std::os::fd::BorrowedFd<'_>) {
-    let mut counter = [0u8; 8];
-    let _ = nix::unistd::read(fd, &mut counter);
 }
 
 /// Asks the zygote for one clone: its ring and eventfds are made (or reused) here, the

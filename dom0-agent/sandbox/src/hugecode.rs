@@ -121,15 +121,6 @@ fn anon_huge_kib(start: usize) -> Option<u64> {
         .ok()
 }
 
-/// What [`move_image_to_huge_pages`] did.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct Moved {
-    /// Segments now on a huge page.
-    pub segments: u32,
-    /// Segments that could have moved but the kernel gave no huge page for.
-    pub no_huge_page: u32,
-}
-
 /// Moves the executable's movable segments onto transparent huge pages (module docs).
 /// Errors are system-call failures after which the image may be partly moved.
 ///
@@ -141,34 +132,119 @@ pub(crate) struct Moved {
 /// after it unmapped the destination (`ENOMEM` in `move_vma`), the segment is *gone*: a moved
 /// code segment then faults on return. Only for start-up, where a crash fails loudly.
 #[allow(unsafe_code)]
-pub(crate) unsafe fn move_image_to_huge_pages() -> io::Result<Moved> {
-    let mut moved = Moved::default();
+pub(crate) unsafe fn move_image_to_huge_pages() -> io::Result<()> {
     let enabled =
         fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled").unwrap_or_default();
     if enabled.contains("[never]") || enabled.is_empty() {
-        return Ok(moved);
+        return Ok(());
     }
     let exe = fs::read_link("/proc/self/exe")?;
     let Some(exe) = exe.to_str() else {
-        return Ok(moved);
+        return Ok(());
     };
     let maps = parse_maps(&fs::read_to_string("/proc/self/maps")?);
     for segment in movable(&maps, exe) {
-        if crate::sys::move_to_huge_page(segment.start, segment.end, segment.perms[2] == b'x')? {
-            moved.segments += 1;
-        } else {
-            moved.no_huge_page += 1;
-        }
+        move_to_huge_page(segment.start, segment.end, segment.perms[2] == b'x')?;
     }
-    Ok(moved)
+    Ok(())
 }
 
-/// Whether the mapping at `addr` is backed by a whole huge page (for `sys`).
-pub(crate) fn is_one_huge_page(addr: usize) -> bool {
+/// Whether the mapping at `addr` is backed by a whole huge page.
+fn is_one_huge_page(addr: usize) -> bool {
     anon_huge_kib(addr).is_some_and(|kib| kib >= (HUGE as u64) / 1024)
 }
 
-pub(crate) const HUGE_PAGE: usize = HUGE;
+/// Moves the read-only segment `[start, end)` of this process's executable, alone in the
+/// 2 MiB window at `start`, onto one anonymous transparent huge page with the same bytes and
+/// protection (module docs). Where the kernel gives no huge page, nothing changes.
+/// The caller checked the window (aligned, nothing else mapped in it, not writable) and that
+/// the process is single-threaded.
+fn move_to_huge_page(start: usize, end: usize, exec: bool) -> io::Result<()> {
+    let len = end.saturating_sub(start);
+    if !start.is_multiple_of(HUGE) || len == 0 || len > HUGE {
+        return Ok(());
+    }
+    let reserve = 2 * HUGE;
+    // SAFETY: a new private anonymous mapping at an address of the kernel's choosing; it
+    // overlaps nothing of ours.
+    #[allow(unsafe_code)]
+    let base = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            reserve,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+            -1,
+            0,
+        )
+    };
+    if base == libc::MAP_FAILED {
+        return Err(io::Error::last_os_error());
+    }
+    let base = base as usize;
+    let huge = base.next_multiple_of(HUGE);
+    let unmap = |from: usize, to: usize| {
+        if to > from {
+            // SAFETY: `[from, to)` lies in the reservation made above, which nothing else
+            // uses; unmapping part of it touches no other mapping.
+            #[allow(unsafe_code)]
+            unsafe {
+                libc::munmap(from as *mut libc::c_void, to - from);
+            }
+        }
+    };
+    // Keep only the aligned half.
+    unmap(base, huge);
+    unmap(huge + HUGE, base + reserve);
+    // SAFETY: `[huge, huge + 2M)` is our own read-write anonymous mapping (above); advising
+    // it and writing its first byte touch nothing else.
+    #[allow(unsafe_code)]
+    let faulted = unsafe {
+        libc::madvise(huge as *mut libc::c_void, HUGE, libc::MADV_HUGEPAGE) == 0 && {
+            std::ptr::write_volatile(huge as *mut u8, 0);
+            true
+        }
+    };
+    if !faulted || !is_one_huge_page(huge) {
+        unmap(huge, huge + HUGE);
+        return Ok(());
+    }
+    let prot = if exec {
+        libc::PROT_READ | libc::PROT_EXEC
+    } else {
+        libc::PROT_READ
+    };
+    // SAFETY: the source `[start, end)` is a readable mapping of the executable (the caller
+    // read it from /proc/self/maps, and a single-threaded process cannot have changed it
+    // since); the destination is the first `len` bytes of our 2 MiB mapping; they do not
+    // overlap. mprotect and mremap act on our mapping only; MREMAP_FIXED replaces (in one
+    // call, but not transactionally: a failure after the kernel's unmap leaves a hole, see
+    // `move_image_to_huge_pages`) whatever was mapped in `[start, start + 2M)` — the segment itself and, as the caller
+    // checked, nothing else — with a copy holding the same bytes at the same addresses, so
+    // code running from the segment (this function's caller included) goes on unchanged.
+    #[allow(unsafe_code)]
+    unsafe {
+        std::ptr::copy_nonoverlapping(start as *const u8, huge as *mut u8, len);
+        if libc::mprotect(huge as *mut libc::c_void, HUGE, prot) != 0 {
+            let e = io::Error::last_os_error();
+            unmap(huge, huge + HUGE);
+            return Err(e);
+        }
+        let moved = libc::mremap(
+            huge as *mut libc::c_void,
+            HUGE,
+            HUGE,
+            libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED,
+            start as *mut libc::c_void,
+        );
+        if moved == libc::MAP_FAILED {
+            let e = io::Error::last_os_error();
+            unmap(huge, huge + HUGE);
+            return Err(e);
+        }
+    }
+    Ok(())
+}
 
 #[cfg(test)]
 mod tests {

@@ -43,7 +43,8 @@
 //!   seen from the agent, raw system calls.
 //!
 //! `unsafe` is allowed in this crate only, narrowly (`fork`, `pre_exec`, fds received with
-//! `SCM_RIGHTS`, pidfd system calls), each block with its `SAFETY` argument. See `README.md`
+//! `SCM_RIGHTS`, pidfd system calls, the zygote's move of its own image in `hugecode`),
+//! each block with its `SAFETY` argument. See `README.md`
 //! for what is isolated by what and how it maps to the Xen backend.
 
 pub mod backend;

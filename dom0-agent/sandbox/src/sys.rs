@@ -1,12 +1,10 @@
 //! Thin wrappers over the system calls nix does not cover (pidfds, `close_range`, `wait4`
-//! with resource usage, raw `dup2`), a deadline-aware `poll`, and the move of a read-only
-//! segment onto a huge page (`hugecode`).
+//! with resource usage, raw `dup2`), plus a deadline-aware `poll`.
 //!
 //! Most of the crate's `unsafe` is here (the rest: `fork` and claiming the inherited control
-//! fd in `zygote`, the `pre_exec` hook in `spawn`), each block with its argument. Functions
+//! fd in `zygote`, the `pre_exec` hook in `spawn`, the image move in `hugecode`), each block with its argument. Functions
 //! that close or replace fds by number are `unsafe fn`: the caller must know that nothing
-//! live owns those numbers. None of these functions allocates, except `move_to_huge_page`
-//! (zygote start-up only: it reads `/proc/self/smaps`).
+//! live owns those numbers. None of these functions allocates.
 
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
@@ -244,99 +242,6 @@ pub(crate) fn wait_readable<const N: usize>(
 /// Whether the process behind `pidfd` has exited, waiting at most `timeout`.
 pub(crate) fn pidfd_exited(pidfd: BorrowedFd<'_>, timeout: Duration) -> io::Result<bool> {
     wait_readable([pidfd], Some(timeout)).map(|[r]| r)
-}
-
-/// Moves the read-only segment `[start, end)` of this process's executable, alone in the
-/// 2 MiB window at `start`, onto one anonymous transparent huge page with the same bytes and
-/// protection (see `hugecode`). `Ok(false)`: the kernel gave no huge page; nothing changed.
-/// The caller checked the window (aligned, nothing else mapped in it, not writable) and that
-/// the process is single-threaded.
-pub(crate) fn move_to_huge_page(start: usize, end: usize, exec: bool) -> io::Result<bool> {
-    use crate::hugecode::{is_one_huge_page, HUGE_PAGE};
-    let len = end - start;
-    if !start.is_multiple_of(HUGE_PAGE) || len == 0 || len > HUGE_PAGE {
-        return Ok(false);
-    }
-    let reserve = 2 * HUGE_PAGE;
-    // SAFETY: a new private anonymous mapping at an address of the kernel's choosing; it
-    // overlaps nothing of ours.
-    #[allow(unsafe_code)]
-    let base = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            reserve,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
-            -1,
-            0,
-        )
-    };
-    if base == libc::MAP_FAILED {
-        return Err(io::Error::last_os_error());
-    }
-    let base = base as usize;
-    let huge = base.next_multiple_of(HUGE_PAGE);
-    let unmap = |from: usize, to: usize| {
-        if to > from {
-            // SAFETY: `[from, to)` lies in the reservation made above, which nothing else
-            // uses; unmapping part of it touches no other mapping.
-            #[allow(unsafe_code)]
-            unsafe {
-                libc::munmap(from as *mut libc::c_void, to - from);
-            }
-        }
-    };
-    // Keep only the aligned half.
-    unmap(base, huge);
-    unmap(huge + HUGE_PAGE, base + reserve);
-    // SAFETY: `[huge, huge + 2M)` is our own read-write anonymous mapping (above); advising
-    // it and writing its first byte touch nothing else.
-    #[allow(unsafe_code)]
-    let faulted = unsafe {
-        libc::madvise(huge as *mut libc::c_void, HUGE_PAGE, libc::MADV_HUGEPAGE) == 0 && {
-            std::ptr::write_volatile(huge as *mut u8, 0);
-            true
-        }
-    };
-    if !faulted || !is_one_huge_page(huge) {
-        unmap(huge, huge + HUGE_PAGE);
-        return Ok(false);
-    }
-    let prot = if exec {
-        libc::PROT_READ | libc::PROT_EXEC
-    } else {
-        libc::PROT_READ
-    };
-    // SAFETY: the source `[start, end)` is a readable mapping of the executable (the caller
-    // read it from /proc/self/maps, and a single-threaded process cannot have changed it
-    // since); the destination is the first `len` bytes of our 2 MiB mapping; they do not
-    // overlap. mprotect and mremap act on our mapping only; MREMAP_FIXED replaces (in one
-    // call, but not transactionally: a failure after the kernel's unmap leaves a hole, see
-    // `move_image_to_huge_pages`) whatever was mapped in `[start, start + 2M)` — the segment itself and, as the caller
-    // checked, nothing else — with a copy holding the same bytes at the same addresses, so
-    // code running from the segment (this function's caller included) goes on unchanged.
-    #[allow(unsafe_code)]
-    unsafe {
-        std::ptr::copy_nonoverlapping(start as *const u8, huge as *mut u8, len);
-        if libc::mprotect(huge as *mut libc::c_void, HUGE_PAGE, prot) != 0 {
-            let e = io::Error::last_os_error();
-            unmap(huge, huge + HUGE_PAGE);
-            return Err(e);
-        }
-        let moved = libc::mremap(
-            huge as *mut libc::c_void,
-            HUGE_PAGE,
-            HUGE_PAGE,
-            libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED,
-            start as *mut libc::c_void,
-        );
-        if moved == libc::MAP_FAILED {
-            let e = io::Error::last_os_error();
-            unmap(huge, huge + HUGE_PAGE);
-            return Err(e);
-        }
-    }
-    Ok(true)
 }
 
 #[cfg(test)]

@@ -370,9 +370,8 @@ where
     // Before the chroot (it reads /proc/self/maps) and the filter (it forbids mprotect).
     // SAFETY: single-threaded (checked just above), nothing else maps memory meanwhile.
     #[allow(unsafe_code)]
-    match unsafe { crate::hugecode::move_image_to_huge_pages() } {
-        Ok(_) => {}
-        Err(e) => eprintln!("mayfly-sandbox zygote: moving the image to huge pages: {e}"),
+    if let Err(e) = unsafe { crate::hugecode::move_image_to_huge_pages() } {
+        eprintln!("mayfly-sandbox zygote: moving the image to huge pages: {e}");
     }
 
     // Nothing mounted from here on is seen by the host, and nothing of the host's
