@@ -986,6 +986,16 @@ fn killing_the_agent_kills_the_zygote_and_a_restart_cleans_up() {
     Box::new(domain).destroy().unwrap();
 }
 
+/// Destroys `domain` in the background and waits (bounded) for its callback: once this
+/// returns, the clone is reaped and its ring kept for reuse.
+fn destroy_and_wait(domain: SandboxDomain) {
+    let (tx, rx) = std::sync::mpsc::channel();
+    Box::new(domain).destroy_in_background(Box::new(move |ended| {
+        tx.send(ended.is_ok()).unwrap();
+    }));
+    assert!(rx.recv_timeout(WAIT).unwrap());
+}
+
 /// The whole shared area of a clone's ring, as the agent sees it.
 fn ring_bytes(domain: &mut SandboxDomain) -> Vec<u8> {
     let (ring, _) = domain.ring();
@@ -1010,14 +1020,6 @@ fn a_reused_ring_holds_nothing_of_the_transactions_before() {
     let mut config = config(dir.path());
     config.pool_size = 1;
     let sandbox = Sandbox::start(config, logger()).unwrap();
-    let destroy = |domain: SandboxDomain| {
-        let (tx, rx) = std::sync::mpsc::channel();
-        Box::new(domain).destroy_in_background(Box::new(move |ended| {
-            tx.send(ended.is_ok()).unwrap();
-        }));
-        // Once this returns, the clone is reaped and its ring kept for reuse.
-        assert!(rx.recv_timeout(WAIT).unwrap());
-    };
     let secret: &[u8] = b"SECRET-payload-and-result-of-an-earlier-transaction";
     let scribble: &[u8] = b"SCRIBBLE-a-guest-wrote-on-every-page";
     // Rounds until 6 rings were reused (whether a given request finds a kept ring depends on
@@ -1028,7 +1030,7 @@ fn a_reused_ring_holds_nothing_of_the_transactions_before() {
         }
         let (domain, result) = run(&sandbox, "echo", secret);
         assert_eq!(result.unwrap(), secret);
-        destroy(domain);
+        destroy_and_wait(domain);
         for _ in 0..2 {
             let mut next = sandbox.take_clone(WAIT).unwrap();
             let bytes = ring_bytes(&mut next);
@@ -1040,12 +1042,12 @@ fn a_reused_ring_holds_nothing_of_the_transactions_before() {
                 !holds(&bytes, scribble),
                 "an earlier guest's bytes in a new ring"
             );
-            destroy(next);
+            destroy_and_wait(next);
         }
         // A guest that writes over the whole area: too much to wipe, its ring is dropped.
         let (domain, result) = run(&sandbox, "fill", scribble);
         assert_eq!(result.unwrap(), b"filled");
-        destroy(domain);
+        destroy_and_wait(domain);
     }
     assert!(
         sandbox.rings_reused() >= 6,
@@ -1062,13 +1064,6 @@ fn a_reused_rings_eventfds_hold_nothing_of_the_guest_before() {
     let mut config = config(dir.path());
     config.pool_size = 1;
     let sandbox = Sandbox::start(config, logger()).unwrap();
-    let destroy = |domain: SandboxDomain| {
-        let (tx, rx) = std::sync::mpsc::channel();
-        Box::new(domain).destroy_in_background(Box::new(move |ended| {
-            tx.send(ended.is_ok()).unwrap();
-        }));
-        assert!(rx.recv_timeout(WAIT).unwrap());
-    };
     // Rounds until 6 rings were reused (see above; bounded).
     for _ in 0..30 {
         if sandbox.rings_reused() >= 6 {
@@ -1077,11 +1072,11 @@ fn a_reused_rings_eventfds_hold_nothing_of_the_guest_before() {
         let (domain, result) = run(&sandbox, "bells", b"");
         assert_eq!(result.unwrap(), b"rung after the commit");
         // Reaped once the callback ran: it wrote its counts before it exited.
-        destroy(domain);
+        destroy_and_wait(domain);
         for _ in 0..2 {
             let (domain, result) = run(&sandbox, "peek", b"");
             assert_eq!(result.unwrap(), b"0 0", "an earlier guest's eventfd counts");
-            destroy(domain);
+            destroy_and_wait(domain);
         }
     }
     assert!(

@@ -422,6 +422,18 @@ mod tests {
     fn guest(
         slots: u32,
         serve: usize,
+        answer: impl FnMut(&Envelope<Request>) -> Option<Envelope<Response>> + Send + 'static,
+    ) -> Guest {
+        guest_with(slots, serve, false, answer)
+    }
+
+    /// [`guest`], but with `hold` the agent answers nothing until it has read a `Commit` or
+    /// `Abort`, then answers everything in order: a guest that waits for an answer before
+    /// sending its `Commit` waits in vain.
+    fn guest_with(
+        slots: u32,
+        serve: usize,
+        hold: bool,
         mut answer: impl FnMut(&Envelope<Request>) -> Option<Envelope<Response>> + Send + 'static,
     ) -> Guest {
         let geometry = Geometry::new(slots, 1).unwrap();
@@ -433,6 +445,7 @@ mod tests {
         let agent = thread::spawn(move || {
             let _ = gate.recv();
             let mut seen = Vec::new();
+            let mut held = Vec::new();
             while seen.len() < serve {
                 let Ok(env) = backend.recv_request(&agent_end, Some(WAIT)) else {
                     break;
@@ -441,9 +454,6 @@ mod tests {
                 let last = matches!(env.body, Request::Commit { .. } | Request::Abort { .. });
                 seen.push(env);
                 let Some(reply) = reply else { break };
-                backend
-                    .send_response(reply.id, &reply.body, &agent_end)
-                    .unwrap();
                 let denied = matches!(
                     reply.body,
                     Response::Error {
@@ -451,6 +461,15 @@ mod tests {
                         ..
                     }
                 );
+                held.push(reply);
+                if hold && !last {
+                    continue;
+                }
+                for reply in held.drain(..) {
+                    backend
+                        .send_response(reply.id, &reply.body, &agent_end)
+                        .unwrap();
+                }
                 if last || denied {
                     break;
                 }
@@ -656,7 +675,8 @@ mod tests {
 
     #[test]
     fn commit_goes_right_behind_unanswered_writes() {
-        let mut guest = guest(4, 3, honest);
+        // The agent holds its answers until it has read the Commit.
+        let mut guest = guest_with(4, 3, true, honest);
         {
             let go = guest.go.clone();
             let mut db = guest.db();
