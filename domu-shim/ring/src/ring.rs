@@ -538,6 +538,9 @@ pub struct Frontend<M: SharedMem> {
     /// The last `rsp_prod` read and accepted: it may only move forwards.
     rsp_prod_seen: u32,
     next_id: u32,
+    /// A request was published that the backend asked to be notified of, and the
+    /// notification is not sent yet (see [`Frontend::queue_request`]).
+    notify_owed: bool,
     poisoned: bool,
 }
 
@@ -558,6 +561,7 @@ impl<M: SharedMem> Frontend<M> {
             rsp_cons: rsp_prod,
             rsp_prod_seen: rsp_prod,
             next_id: 1,
+            notify_owed: false,
             poisoned: false,
         })
     }
@@ -653,20 +657,87 @@ impl<M: SharedMem> Frontend<M> {
         Ok(self.unconsumed()? > 0)
     }
 
-    /// Encodes and sends `request` with a fresh id, notifying the backend if it asked.
-    /// Returns the id.
+    /// Encodes and sends `request` with a fresh id, notifying the backend if it asked (and
+    /// sending any notification still owed for requests queued before). Returns the id.
     pub fn send_request(
         &mut self,
         request: &Request,
         notifier: &impl Notifier,
     ) -> Result<u32, RingError> {
+        let id = self.queue_request(request)?;
+        self.flush(notifier)?;
+        Ok(id)
+    }
+
+    /// Encodes and publishes `request` with a fresh id **without notifying**: if the backend
+    /// asked to be notified, the notification is owed and goes out with the next
+    /// [`flush`](Self::flush), [`send_request`](Self::send_request) or wait for a response.
+    /// A guest that publishes several requests before it waits wakes the backend once, for
+    /// all of them, instead of once per request. Returns the id.
+    pub fn queue_request(&mut self, request: &Request) -> Result<u32, RingError> {
         let id = self.next_id;
         let message = request.encode(id).map_err(RingError::Encode)?;
         if self.send(&message)? {
-            notifier.notify()?;
+            self.notify_owed = true;
         }
         self.next_id = id.wrapping_add(1);
         Ok(id)
+    }
+
+    /// Sends the notification owed for queued requests, if any.
+    pub fn flush(&mut self, notifier: &impl Notifier) -> Result<(), RingError> {
+        if std::mem::take(&mut self.notify_owed) {
+            notifier.notify()?;
+        }
+        Ok(())
+    }
+
+    /// Waits until the response of every request in flight is published, for at most
+    /// `timeout` (`None`: forever), without consuming any: they are then taken with
+    /// [`try_recv_response`](Self::try_recv_response) without waiting.
+    ///
+    /// Owed notifications are sent first. Before sleeping it arms `rsp_event` for the
+    /// **last** response in flight (`rsp_event = req_prod`), not the next one, so the
+    /// backend's answers to the earlier requests wake nobody: one wake-up for the batch.
+    /// (`ring.h` leaves the consumer free to ask for a later index; the backend reads
+    /// `rsp_event` only to decide whether to notify.) `PeerGone`: the responses published
+    /// before the peer went are left to take, and the error says the rest never comes.
+    pub fn await_responses(
+        &mut self,
+        notifier: &impl Notifier,
+        timeout: Option<Duration>,
+    ) -> Result<(), RingError> {
+        self.flush(notifier)?;
+        let deadline = timeout.and_then(|t| Instant::now().checked_add(t));
+        loop {
+            self.check_poisoned()?;
+            if self.unconsumed()? == self.in_flight() {
+                return Ok(());
+            }
+            let remaining = match (deadline, timeout) {
+                (Some(d), Some(t)) => {
+                    let left = d.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        return Err(RingError::Timeout { timeout: t });
+                    }
+                    Some(left)
+                }
+                (None, Some(_)) => Some(Duration::MAX),
+                (_, None) => None,
+            };
+            // Arm for the last response in flight, then look again (the Dekker pairing of
+            // the module docs, with a later index).
+            arm_event(&self.mem, offset::RSP_EVENT, self.req_prod.wrapping_sub(1))?;
+            if self.unconsumed()? == self.in_flight() {
+                return Ok(());
+            }
+            if notifier.wait(remaining)? == Wake::PeerGone {
+                if self.unconsumed()? == self.in_flight() {
+                    return Ok(());
+                }
+                return Err(RingError::PeerGone);
+            }
+        }
     }
 
     /// Receives and decodes the next response, if one is published.
@@ -687,6 +758,7 @@ impl<M: SharedMem> Frontend<M> {
         notifier: &impl Notifier,
         timeout: Option<Duration>,
     ) -> Result<Envelope<Response>, RingError> {
+        self.flush(notifier)?;
         recv_blocking(self, notifier, timeout)
     }
 

@@ -3,13 +3,23 @@
 //! # Pipelined writes
 //!
 //! `put`, `delete` and `log` do not wait for their answers: each checks its arguments
-//! locally (size caps, log line sanitizing), publishes its request (the ring notifies the
-//! agent only if it is asleep) and returns `Ok(())`. The ids of the requests whose answers
-//! are outstanding are kept, oldest first; there are at most `slot_count` of them, and a
-//! write that finds the ring full first collects every outstanding answer.
+//! locally (size caps, log line sanitizing), publishes its request **without notifying**
+//! the agent ([`Frontend::queue_request`]) and returns `Ok(())`. The ids of the requests
+//! whose answers are outstanding are kept, oldest first; there are at most `slot_count` of
+//! them, and a write that finds the ring full first collects every outstanding answer.
+//!
+//! # One wake-up per wait, each way
+//!
+//! The guest notifies the agent only when it is about to wait (a notification a queued
+//! request earned is owed until then), and when it waits for several answers it asks to be
+//! woken for the **last** of them only ([`Frontend::await_responses`]). A `transfer` (two
+//! reads, two writes, `Commit`) thus wakes the agent twice and is woken twice, where a
+//! notification per message and a wake-up per answer could cost five of each; on Xen each
+//! is an event-channel hypercall and an interrupt.
 //!
 //! Every operation that needs an answer (`get`, `scan`) first collects the outstanding
-//! answers in order, then makes its own request and waits for its answer. When the handler
+//! answers in order, then makes its own request and waits for its answer; `get_many`
+//! publishes its `Get`s together and waits once. When the handler
 //! succeeded and no write was refused so far, the runtime sends `Commit` right behind the
 //! writes still in flight ([`RingDb::commit_behind`]) and then reads their answers and the
 //! `Commit`'s: one wait instead of two. That is safe because the agent answers `Aborted` to a
@@ -138,9 +148,10 @@ impl<'f, M: SharedMem, N: Notifier> RingDb<'f, M, N> {
                 return Err(failure);
             }
         }
-        let id = self
-            .frontend
-            .send_request(&Request::Commit { result }, self.notifier)?;
+        let id = self.frontend.queue_request(&Request::Commit { result })?;
+        // One wait, for the Commit's answer: the writes' answers come before it.
+        self.frontend
+            .await_responses(self.notifier, Some(timeout))?;
         let _ = self.collect();
         if let Some(failure) = self.failure.take() {
             return Err(failure);
@@ -173,8 +184,17 @@ impl<'f, M: SharedMem, N: Notifier> RingDb<'f, M, N> {
     }
 
     /// Collects the answers of every pending write, in order, and returns the first
-    /// deferred error if there is one.
+    /// deferred error if there is one. Waits once, for the last of them (see
+    /// [`Frontend::await_responses`]).
     fn collect(&mut self) -> Result<(), DbError> {
+        if let Some(&(_, what)) = self.pending.front() {
+            if let Err(e) = self
+                .frontend
+                .await_responses(self.notifier, Some(self.timeout))
+            {
+                return Err(self.give_up(what, e));
+            }
+        }
         while let Some(&(id, what)) = self.pending.front() {
             let answer = self
                 .frontend
@@ -216,7 +236,7 @@ impl<'f, M: SharedMem, N: Notifier> RingDb<'f, M, N> {
         if self.frontend.in_flight() >= self.frontend.geometry().slot_count() {
             self.collect()?;
         }
-        match self.frontend.send_request(request, self.notifier) {
+        match self.frontend.queue_request(request) {
             Ok(id) => {
                 self.pending.push_back((id, what));
                 Ok(())
@@ -294,7 +314,7 @@ impl<M: SharedMem, N: Notifier> Db for RingDb<'_, M, N> {
             let mut ids = Vec::with_capacity(chunk.len());
             for key in chunk {
                 let request = Request::Get { key: key.to_vec() };
-                match self.frontend.send_request(&request, self.notifier) {
+                match self.frontend.queue_request(&request) {
                     Ok(id) => ids.push(id),
                     // Nothing of this chunk published yet: refused, the ring still in step.
                     Err(e) if ids.is_empty() => return Err(self.refused_or_give_up("get", e)),
@@ -302,7 +322,14 @@ impl<M: SharedMem, N: Notifier> Db for RingDb<'_, M, N> {
                     Err(e) => return Err(self.give_up("get", e)),
                 }
             }
-            // Every answer of the chunk is read, whatever it is, to stay in step.
+            // One wait, for the chunk's last answer; then every answer of the chunk is
+            // read, whatever it is, to stay in step.
+            if let Err(e) = self
+                .frontend
+                .await_responses(self.notifier, Some(self.timeout))
+            {
+                return Err(self.give_up("get", e));
+            }
             let mut first_error = None;
             for id in ids {
                 match self
@@ -671,6 +698,79 @@ mod tests {
         let requests = guest.requests();
         assert_eq!(requests.len(), 4);
         assert_eq!(requests[3], abort);
+    }
+
+    /// Counts notifications.
+    #[derive(Default)]
+    struct Bell(std::cell::Cell<u32>);
+
+    impl Notifier for Bell {
+        fn notify(&self) -> Result<(), mayfly_ring::notify::NotifyError> {
+            self.0.set(self.0.get() + 1);
+            Ok(())
+        }
+
+        fn wait(
+            &self,
+            _: Option<Duration>,
+        ) -> Result<mayfly_ring::Wake, mayfly_ring::notify::NotifyError> {
+            Ok(mayfly_ring::Wake::TimedOut)
+        }
+    }
+
+    /// The guest's notifier, playing the agent synchronously: each `wait` answers **one**
+    /// published request honestly (the guest looks again between any two answers); it
+    /// counts the guest's notifications and those the agent's answers call for.
+    struct Stepping {
+        backend: std::cell::RefCell<Backend<Mem>>,
+        agent_woken: Bell,
+        guest_woken: Bell,
+    }
+
+    impl Notifier for Stepping {
+        fn notify(&self) -> Result<(), mayfly_ring::notify::NotifyError> {
+            self.agent_woken.notify()
+        }
+
+        fn wait(
+            &self,
+            _: Option<Duration>,
+        ) -> Result<mayfly_ring::Wake, mayfly_ring::notify::NotifyError> {
+            let mut backend = self.backend.borrow_mut();
+            if let Some(env) = backend.try_recv_request().unwrap() {
+                let reply = honest(&env).unwrap();
+                backend
+                    .send_response(reply.id, &reply.body, &self.guest_woken)
+                    .unwrap();
+            }
+            // Nothing left to serve: the agent goes to sleep, asking to be notified.
+            let _ = backend.final_check_for_requests().unwrap();
+            Ok(mayfly_ring::Wake::Notified)
+        }
+    }
+
+    #[test]
+    fn a_transfer_wakes_the_agent_twice_and_is_woken_twice() {
+        let geometry = Geometry::new(8, 1).unwrap();
+        let mem = Arc::new(MockMem::new(geometry.total_len()).unwrap());
+        let agent = Stepping {
+            backend: Backend::new(Arc::clone(&mem), geometry).unwrap().into(),
+            agent_woken: Bell::default(),
+            guest_woken: Bell::default(),
+        };
+        let mut frontend = Frontend::attach(mem).unwrap();
+        let mut db = RingDb::new(&mut frontend, &agent, WAIT);
+        assert_eq!(db.get_many(&[b"from", b"to"]).unwrap(), [None, None]);
+        db.put(b"from", b"1").unwrap();
+        db.put(b"to", b"2").unwrap();
+        db.log(LogLevel::Info, "moved").unwrap();
+        let (deferred, answer) = db.commit_behind(b"ok".to_vec(), WAIT).unwrap();
+        assert!(deferred.is_none());
+        assert_eq!(answer, Response::Committed);
+        // Six requests: one notification for the two Gets, one for the writes and Commit;
+        // one wake-up for the two Values, one for the four answers ending in Committed.
+        assert_eq!(agent.agent_woken.0.get(), 2, "notifications to the agent");
+        assert_eq!(agent.guest_woken.0.get(), 2, "wake-ups of the guest");
     }
 
     #[test]

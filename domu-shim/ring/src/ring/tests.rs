@@ -174,6 +174,139 @@ fn typed_send_notifies_through_the_notifier() {
     assert_eq!(n.notified.get(), 2);
 }
 
+/// The two directions' notifications of a synchronous exchange: `notify` counts the
+/// frontend's; each `wait` plays the backend and answers **one** pending request (the
+/// worst interleaving for wake-ups: the guest looks between any two answers), counting the
+/// notifications the backend's pushes call for.
+struct OneAnswerPerWait<'a> {
+    back: std::cell::RefCell<Backend<&'a MockMem>>,
+    front_rang: Cell<u32>,
+    back_rang: Counter,
+}
+
+impl<'a> OneAnswerPerWait<'a> {
+    fn new(mem: &'a MockMem) -> Self {
+        Self {
+            back: Backend::new(mem, small()).unwrap().into(),
+            front_rang: Cell::new(0),
+            back_rang: Counter::default(),
+        }
+    }
+}
+
+impl Notifier for OneAnswerPerWait<'_> {
+    fn notify(&self) -> Result<(), NotifyError> {
+        self.front_rang.set(self.front_rang.get() + 1);
+        Ok(())
+    }
+
+    fn wait(&self, _timeout: Option<Duration>) -> Result<Wake, NotifyError> {
+        let mut back = self.back.borrow_mut();
+        if let Some(req) = back.try_recv_request().unwrap() {
+            back.send_response(req.id, &Response::Ok, &self.back_rang)
+                .unwrap();
+        }
+        Ok(Wake::Notified)
+    }
+}
+
+#[test]
+fn queued_requests_owe_one_notification_until_the_guest_waits() {
+    let mem = ring(small());
+    let _back = Backend::new(&mem, small()).unwrap();
+    let mut front = Frontend::attach(&mem).unwrap();
+    let n = Counter::default();
+    // req_event starts at 1: the first request earns a notification, which is owed.
+    assert_eq!(front.queue_request(&get(b"1")).unwrap(), 1);
+    assert_eq!(front.queue_request(&get(b"2")).unwrap(), 2);
+    assert_eq!(n.notified.get(), 0);
+    front.flush(&n).unwrap();
+    front.flush(&n).unwrap();
+    assert_eq!(n.notified.get(), 1, "one notification for the batch, once");
+    // A receive sends what is owed before it looks.
+    let mem2 = ring(small());
+    let mut back2 = Backend::new(&mem2, small()).unwrap();
+    let mut front2 = Frontend::attach(&mem2).unwrap();
+    front2.queue_request(&get(b"x")).unwrap();
+    assert!(back2.try_recv_request().unwrap().is_some());
+    let err = front2.recv_response(&n, Some(Duration::ZERO)).unwrap_err();
+    assert!(matches!(err, RingError::Timeout { .. }));
+    assert_eq!(
+        n.notified.get(),
+        2,
+        "the owed notification went before the wait"
+    );
+}
+
+#[test]
+fn awaiting_a_batch_is_woken_by_its_last_answer_only() {
+    let mem = ring(small());
+    let agent = OneAnswerPerWait::new(&mem);
+    let mut front = Frontend::attach(&mem).unwrap();
+    for key in [b"1", b"2", b"3"] {
+        front.queue_request(&get(key)).unwrap();
+    }
+    front
+        .await_responses(&agent, Some(Duration::from_secs(5)))
+        .unwrap();
+    assert_eq!(agent.front_rang.get(), 1, "the agent is woken once");
+    assert_eq!(agent.back_rang.notified.get(), 1, "the guest is woken once");
+    assert_eq!(mem.load_u32_relaxed(offset::RSP_EVENT).unwrap(), 3);
+    for id in 1..=3 {
+        assert_eq!(front.try_recv_response().unwrap().unwrap().id, id);
+    }
+    assert!(front.try_recv_response().unwrap().is_none());
+    // Nothing in flight: no wait, no notification.
+    front.await_responses(&agent, Some(Duration::ZERO)).unwrap();
+    assert_eq!(agent.front_rang.get(), 1);
+
+    // The same batch received answer by answer: a wake-up per answer.
+    let mem = ring(small());
+    let agent = OneAnswerPerWait::new(&mem);
+    let mut front = Frontend::attach(&mem).unwrap();
+    for key in [b"1", b"2", b"3"] {
+        front.send_request(&get(key), &agent).unwrap();
+    }
+    for _ in 0..3 {
+        front
+            .recv_response(&agent, Some(Duration::from_secs(5)))
+            .unwrap();
+    }
+    assert_eq!(agent.back_rang.notified.get(), 3);
+}
+
+#[test]
+fn awaiting_a_batch_times_out_and_reports_a_gone_peer() {
+    struct Silent(Wake);
+    impl Notifier for Silent {
+        fn notify(&self) -> Result<(), NotifyError> {
+            Ok(())
+        }
+        fn wait(&self, _timeout: Option<Duration>) -> Result<Wake, NotifyError> {
+            Ok(self.0)
+        }
+    }
+    let mem = ring(small());
+    let mut back = Backend::new(&mem, small()).unwrap();
+    let mut front = Frontend::attach(&mem).unwrap();
+    front.queue_request(&get(b"1")).unwrap();
+    front.queue_request(&get(b"2")).unwrap();
+    let err = front
+        .await_responses(&Silent(Wake::TimedOut), Some(Duration::from_millis(20)))
+        .unwrap_err();
+    assert!(matches!(err, RingError::Timeout { .. }));
+    // One answer published, then the peer goes: the answer stays to take, the rest never
+    // comes.
+    back.try_recv_request().unwrap().unwrap();
+    back.send_response(1, &Response::Ok, &Counter::default())
+        .unwrap();
+    let err = front
+        .await_responses(&Silent(Wake::PeerGone), None)
+        .unwrap_err();
+    assert!(matches!(err, RingError::PeerGone));
+    assert_eq!(front.try_recv_response().unwrap().unwrap().id, 1);
+}
+
 #[test]
 fn full_ring_and_unsolicited_responses_are_refused() {
     let mem = ring(small());
