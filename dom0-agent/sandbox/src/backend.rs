@@ -12,9 +12,10 @@
 //!  refill     ── keeps `pool_size` clones pooled or requested: memfd ring + eventfds →
 //!                Clone request, and on to the next (it never waits for a clone); backs off
 //!                after failures; expires requests the zygote does not answer.
-//!  callers    ── take() reads a pooled clone's `Ready` and hands it out; destroy()/Drop
-//!                kill it through its pidfd and wait; destroy_in_background() kills it and
-//!                returns.
+//!  callers    ── take() reads a pooled clone's `Ready` and hands it out, and requests its
+//!                replacement itself (no refill thread woken) when that is all the pool
+//!                needs; destroy()/Drop kill it through its pidfd and wait;
+//!                destroy_in_background() kills it and returns.
 //! ```
 
 use std::collections::{HashMap, VecDeque};
@@ -351,6 +352,34 @@ impl Shared {
         self.refill_wanted.notify_all();
     }
 
+    /// A taker got its clone: if the pool is short of one and not backing off, the taker
+    /// asks the zygote for the replacement itself, on its own thread (which runs anyway),
+    /// instead of waking a refill thread for it — a wake-up costs a cross-CPU interrupt and
+    /// two context switches (several µs on a VM), once per transaction. Anything more (a
+    /// back-off, several clones short, expiring requests) is left to the refill threads.
+    fn top_up(&self) {
+        let mut state = self.pool();
+        let short = |s: &PoolState| s.ready.len() + s.creating < self.config.pool_size;
+        if !short(&state) {
+            return;
+        }
+        if state.shut_down || state.zygote_gone || state.backoff_until.is_some() {
+            drop(state);
+            self.refill_wanted.notify_all();
+            return;
+        }
+        state.creating += 1;
+        let still_short = short(&state);
+        drop(state);
+        if still_short {
+            self.refill_wanted.notify_all();
+        }
+        if let Err(e) = request(self) {
+            self.pool().creating -= 1;
+            self.creation_failed(&e);
+        }
+    }
+
     /// A clone reached its ready point: failures in a row end.
     fn creation_succeeded(&self) {
         let mut state = self.pool();
@@ -617,7 +646,6 @@ impl Sandbox {
                 if let Some(mut handle) = state.ready.pop_front() {
                     state.in_use = state.in_use.saturating_add(1);
                     drop(state);
-                    self.shared.refill_wanted.notify_all(); // the refill thread tops up
                     let left =
                         deadline.map_or(timeout, |d| d.saturating_duration_since(Instant::now()));
                     match confirm_ready(&self.shared, &mut handle, left) {
@@ -641,6 +669,7 @@ impl Sandbox {
                         }
                         Ok(Readiness::Ready) => {
                             self.shared.creation_succeeded();
+                            self.shared.top_up();
                             debug!(self.shared.logger, "clone taken";
                                 "clone_id" => handle.cell.id, "pid" => handle.cell.pid);
                             return Ok(SandboxDomain {
