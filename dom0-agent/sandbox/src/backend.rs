@@ -904,7 +904,7 @@ fn handshake(
     }
 }
 
-fn dispatch(shared: &Shared, msg: Msg, fds: Vec<OwnedFd>) {
+fn dispatch(shared: &Shared, msg: Msg, fds: crate::sys::ScmFds) {
     match msg {
         Msg::Spawned { clone_id, pid } => {
             let Some(pidfd) = fds.into_iter().next() else {

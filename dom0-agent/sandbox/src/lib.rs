@@ -39,11 +39,13 @@
 //!   that clones neither fault it in nor unmap it page by page;
 //! - [`backend`]: [`Sandbox`] (the [`mayfly_domain::DomainBackend`]) and [`SandboxDomain`];
 //! - [`reconcile`]: removal of a previous run's leftovers at start-up;
-//! - `proto`, `spawn`, `clone`, `sys`: the control protocol, spawning the zygote, one clone
-//!   seen from the agent, raw system calls.
+//! - `proto`, `spawn`, `clone`, `private`, `sys`: the control protocol, spawning the zygote,
+//!   one clone seen from the agent, the zygote's memory that no clone inherits, raw system
+//!   calls.
 //!
 //! `unsafe` is allowed in this crate only, narrowly (`fork`, `pre_exec`, fds received with
-//! `SCM_RIGHTS`, pidfd system calls, the zygote's move of its own image in `hugecode`),
+//! `SCM_RIGHTS`, raw `sendmsg`/`recvmsg`, pidfd system calls, the zygote's move of its own
+//! image in `hugecode` and its private mapping in `private`),
 //! each block with its `SAFETY` argument. See `README.md`
 //! for what is isolated by what and how it maps to the Xen backend.
 
@@ -51,6 +53,7 @@ pub mod backend;
 mod clone;
 pub mod config;
 pub mod hugecode;
+mod private;
 mod proto;
 pub mod reconcile;
 pub mod seccomp;

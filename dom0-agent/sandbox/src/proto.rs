@@ -40,15 +40,13 @@
 //! | 0x0086 | Killed | zygote → agent | 0 |
 //! | 0x0087 | Stopped | zygote → agent | 0 |
 
-use std::io::{IoSlice, IoSliceMut};
-use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
 use std::path::PathBuf;
 
 use nix::errno::Errno;
-use nix::sys::socket::{recvmsg, sendmsg, ControlMessage, ControlMessageOwned, MsgFlags};
 
 use crate::config::Limits;
-use crate::sys;
+use crate::sys::{self, ScmFds};
 
 const MAGIC: [u8; 4] = *b"MFSB";
 const VERSION: u16 = 2;
@@ -59,7 +57,7 @@ pub(crate) const MAX_ROOT_PATH: usize = 4096;
 /// Receive buffer: the largest message plus room to detect an oversized one.
 const RECV_BUF: usize = HEADER_LEN + CONFIGURE_FIXED + MAX_ROOT_PATH + 64;
 /// Most fds any message carries.
-const MAX_FDS: usize = 3;
+const MAX_FDS: usize = sys::MAX_SCM_FDS;
 
 /// A step of the zygote's start-up or of a clone's confinement; reported when it fails.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -105,10 +103,12 @@ pub enum Stage {
     Seccomp = 19,
     /// Clone: restoring the signal mask.
     SignalMask = 20,
+    /// Zygote: mapping its private memory (`mmap`, `madvise(MADV_DONTFORK)`).
+    Private = 21,
 }
 
 impl Stage {
-    const ALL: [Stage; 20] = [
+    const ALL: [Stage; 21] = [
         Stage::ProcStatus,
         Stage::Threads,
         Stage::Configure,
@@ -129,6 +129,7 @@ impl Stage {
         Stage::Dumpable,
         Stage::Seccomp,
         Stage::SignalMask,
+        Stage::Private,
     ];
 
     /// The step, as the system call or check that failed.
@@ -154,6 +155,7 @@ impl Stage {
             Stage::Dumpable => "prctl(PR_SET_DUMPABLE)",
             Stage::Seccomp => "seccomp",
             Stage::SignalMask => "sigprocmask(SIG_SETMASK, {})",
+            Stage::Private => "mmap/madvise(MADV_DONTFORK) of the zygote's private memory",
         }
     }
 
@@ -293,8 +295,9 @@ impl Msg {
         }
     }
 
-    /// Encodes the message (see the [module docs](self)).
-    pub(crate) fn encode(&self) -> Vec<u8> {
+    /// The message's 24-byte header, which is all of it except for `Configure` (see the
+    /// [module docs](self)). No allocation: the zygote sends its messages from the stack.
+    fn header(&self) -> [u8; HEADER_LEN] {
         let (clone_id, pid, value, aux) = match *self {
             Msg::Configure(_) | Msg::Shutdown => (0, 0, 0, 0),
             Msg::Clone { clone_id, ring_len } => (clone_id, 0, 0, ring_len),
@@ -324,14 +327,28 @@ impl Msg {
                 signal,
             } => (clone_id, pid, signal, 0),
         };
-        let mut out = Vec::with_capacity(HEADER_LEN);
-        out.extend_from_slice(&MAGIC);
-        out.extend_from_slice(&VERSION.to_le_bytes());
-        out.extend_from_slice(&self.kind().to_le_bytes());
-        out.extend_from_slice(&clone_id.to_le_bytes());
-        out.extend_from_slice(&pid.to_le_bytes());
-        out.extend_from_slice(&value.to_le_bytes());
-        out.extend_from_slice(&aux.to_le_bytes());
+        let mut out = [0u8; HEADER_LEN];
+        let fields: [&[u8]; 7] = [
+            &MAGIC,
+            &VERSION.to_le_bytes(),
+            &self.kind().to_le_bytes(),
+            &clone_id.to_le_bytes(),
+            &pid.to_le_bytes(),
+            &value.to_le_bytes(),
+            &aux.to_le_bytes(),
+        ];
+        let mut at = 0;
+        for field in fields {
+            let end = at + field.len();
+            out[at..end].copy_from_slice(field);
+            at = end;
+        }
+        out
+    }
+
+    /// Encodes the message (see the [module docs](self)).
+    pub(crate) fn encode(&self) -> Vec<u8> {
+        let mut out = self.header().to_vec();
         if let Msg::Configure(s) = self {
             use std::os::unix::ffi::OsStrExt;
             let root = s.root.as_os_str().as_bytes();
@@ -472,83 +489,72 @@ pub(crate) fn send(
     msg: &Msg,
     fds: &[BorrowedFd<'_>],
 ) -> Result<(), ProtoError> {
-    send_with(sock, msg, fds, MsgFlags::empty())
+    send_with(sock, msg, fds, 0)
 }
 
 /// Like [`send`], but fails with `EAGAIN` instead of waiting when the peer is not reading.
 pub(crate) fn send_nowait(sock: BorrowedFd<'_>, msg: &Msg) -> Result<(), ProtoError> {
-    send_with(sock, msg, &[], MsgFlags::MSG_DONTWAIT)
+    send_with(sock, msg, &[], libc::MSG_DONTWAIT)
 }
 
 fn send_with(
     sock: BorrowedFd<'_>,
     msg: &Msg,
     fds: &[BorrowedFd<'_>],
-    flags: MsgFlags,
+    flags: libc::c_int,
 ) -> Result<(), ProtoError> {
-    let bytes = msg.encode();
-    let raw: Vec<RawFd> = fds.iter().map(AsRawFd::as_raw_fd).collect();
-    let cmsgs = [ControlMessage::ScmRights(&raw)];
-    let cmsgs: &[ControlMessage<'_>] = if raw.is_empty() { &[] } else { &cmsgs };
-    loop {
-        match sendmsg::<()>(
-            sock.as_raw_fd(),
-            &[IoSlice::new(&bytes)],
-            cmsgs,
-            MsgFlags::MSG_NOSIGNAL | flags,
-            None,
-        ) {
-            Ok(_) => return Ok(()),
-            Err(Errno::EINTR) => {}
-            Err(source) => {
-                return Err(ProtoError::Send {
-                    kind: msg.kind(),
-                    source,
-                })
-            }
-        }
+    // Header-only messages (all but `Configure`) go from the stack, and the fds with them:
+    // nothing here allocates (see `recv_in`).
+    let header;
+    let configure;
+    let bytes: &[u8] = if matches!(msg, Msg::Configure(_)) {
+        configure = msg.encode();
+        &configure
+    } else {
+        header = msg.header();
+        &header
+    };
+    let mut raw = [0 as RawFd; MAX_FDS];
+    let n = fds.len().min(MAX_FDS);
+    for (slot, fd) in raw.iter_mut().zip(fds) {
+        *slot = fd.as_raw_fd();
     }
+    if fds.len() > MAX_FDS {
+        return Err(ProtoError::Send {
+            kind: msg.kind(),
+            source: Errno::EINVAL,
+        });
+    }
+    sys::send_with_fds(sock, bytes, &raw[..n], flags).map_err(|source| ProtoError::Send {
+        kind: msg.kind(),
+        source,
+    })
 }
 
 /// Receives one message and its fds (close-on-exec). `Ok(None)`: the peer closed its end.
-pub(crate) fn recv(sock: BorrowedFd<'_>) -> Result<Option<(Msg, Vec<OwnedFd>)>, ProtoError> {
-    // On the stack, not the heap: in the zygote, a 4 KiB heap allocation per message made
-    // glibc consolidate its free lists, writing to heap pages every live clone shares, each
-    // write a copy-on-write fault.
-    let mut buf = [0u8; RECV_BUF];
-    let mut cmsg_buf = nix::cmsg_space!([RawFd; MAX_FDS]);
-    let (len, flags, fds) = loop {
-        let mut iov = [IoSliceMut::new(&mut buf)];
-        match recvmsg::<()>(
-            sock.as_raw_fd(),
-            &mut iov,
-            Some(&mut cmsg_buf),
-            MsgFlags::MSG_CMSG_CLOEXEC,
-        ) {
-            Ok(msg) => {
-                let mut fds = Vec::new();
-                let cmsgs = msg
-                    .cmsgs()
-                    .map_err(|_| ProtoError::Truncated { flags: -1 })?;
-                for cmsg in cmsgs {
-                    if let ControlMessageOwned::ScmRights(raw) = cmsg {
-                        for fd in raw {
-                            fds.push(sys::owned_from_scm_rights(fd));
-                        }
-                    }
-                }
-                break (msg.bytes, msg.flags, fds);
-            }
-            Err(Errno::EINTR) => {}
-            Err(e) => return Err(ProtoError::Recv(e)),
-        }
-    };
-    if flags.intersects(MsgFlags::MSG_TRUNC | MsgFlags::MSG_CTRUNC) {
+pub(crate) fn recv(sock: BorrowedFd<'_>) -> Result<Option<(Msg, ScmFds)>, ProtoError> {
+    recv_in(sock, &mut [0u8; RECV_BUF])
+}
+
+/// Bytes a receive buffer for [`recv_in`] needs: the largest message, plus room to detect an
+/// oversized one.
+pub(crate) const RECV_BUF_LEN: usize = RECV_BUF;
+
+/// [`recv`] into `buf` (at least [`RECV_BUF_LEN`] bytes), without allocating for any
+/// message but `Configure`: the zygote receives into memory no clone shares, so that a
+/// request costs it no copy-on-write fault.
+pub(crate) fn recv_in(
+    sock: BorrowedFd<'_>,
+    buf: &mut [u8],
+) -> Result<Option<(Msg, ScmFds)>, ProtoError> {
+    let received = sys::recv_with_fds(sock, buf).map_err(ProtoError::Recv)?;
+    if received.flags & (libc::MSG_TRUNC | libc::MSG_CTRUNC) != 0 {
         return Err(ProtoError::Truncated {
-            flags: flags.bits(),
+            flags: received.flags,
         });
     }
-    if len == 0 && fds.is_empty() {
+    let (len, fds) = (received.len, received.fds);
+    if len == 0 && fds.len() == 0 {
         return Ok(None);
     }
     let bytes = buf.get(..len).ok_or(ProtoError::Malformed {
@@ -572,6 +578,7 @@ mod tests {
     use super::*;
     use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
     use std::os::fd::AsFd;
+    use std::os::fd::OwnedFd;
 
     fn pair() -> (OwnedFd, OwnedFd) {
         socketpair(

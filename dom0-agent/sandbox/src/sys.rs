@@ -1,8 +1,10 @@
 //! Thin wrappers over the system calls nix does not cover (pidfds, `close_range`, `wait4`
-//! with resource usage, raw `dup2`), plus a deadline-aware `poll`.
+//! with resource usage, raw `dup2`), `sendmsg`/`recvmsg` with fds and no heap allocation
+//! (nix's build their control buffers on the heap), plus a deadline-aware `poll`.
 //!
 //! Most of the crate's `unsafe` is here (the rest: `fork` and claiming the inherited control
-//! fd in `zygote`, the `pre_exec` hook in `spawn`, the image move in `hugecode`), each block with its argument. Functions
+//! fd in `zygote`, the `pre_exec` hook in `spawn`, the image move in `hugecode`, the private
+//! mapping in `private`), each block with its argument. Functions
 //! that close or replace fds by number are `unsafe fn`: the caller must know that nothing
 //! live owns those numbers. None of these functions allocates.
 
@@ -274,4 +276,195 @@ mod tests {
         assert_eq!(poll_timeout(Some(Duration::MAX)), PollTimeout::MAX);
         assert_eq!(poll_timeout(None), PollTimeout::NONE);
     }
+}
+
+/// Most fds one control message carries (`SCM_RIGHTS`).
+pub(crate) const MAX_SCM_FDS: usize = 3;
+
+/// Room for one `SCM_RIGHTS` control message of up to [`MAX_SCM_FDS`] fds, aligned as
+/// `cmsghdr` requires. On the stack: `sendmsg`/`recvmsg` here never allocate (in the zygote
+/// every heap write after a `fork` is a copy-on-write fault).
+#[repr(C, align(8))]
+struct CmsgBuf([u8; 64]);
+
+// SAFETY: `CMSG_SPACE` is a pure computation on its argument (12: no truncation).
+#[allow(unsafe_code, clippy::cast_possible_truncation)]
+const SCM_SPACE: usize = unsafe {
+    libc::CMSG_SPACE((MAX_SCM_FDS * std::mem::size_of::<RawFd>()) as libc::c_uint) as usize
+};
+const _: () = assert!(SCM_SPACE <= 64, "CmsgBuf too small");
+
+/// `sendmsg(sock, bytes, SCM_RIGHTS fds, MSG_NOSIGNAL | flags)`, retried on `EINTR`.
+pub(crate) fn send_with_fds(
+    sock: BorrowedFd<'_>,
+    bytes: &[u8],
+    fds: &[RawFd],
+    flags: libc::c_int,
+) -> Result<(), nix::errno::Errno> {
+    if fds.len() > MAX_SCM_FDS {
+        return Err(nix::errno::Errno::EINVAL);
+    }
+    let mut cmsg = CmsgBuf([0; 64]);
+    let mut iov = libc::iovec {
+        iov_base: bytes.as_ptr().cast_mut().cast(),
+        iov_len: bytes.len(),
+    };
+    // SAFETY: an all-zero `msghdr` is a valid value of this plain C struct.
+    #[allow(unsafe_code)]
+    let mut hdr: libc::msghdr = unsafe { std::mem::zeroed() };
+    hdr.msg_iov = &mut iov;
+    hdr.msg_iovlen = 1;
+    if !fds.is_empty() {
+        let data_len = std::mem::size_of_val(fds);
+        let n = libc::c_uint::try_from(data_len).map_err(|_| nix::errno::Errno::EINVAL)?;
+        // SAFETY: pure computations on a length of at most 12.
+        #[allow(unsafe_code)]
+        let (space, len) = unsafe { (libc::CMSG_SPACE(n) as usize, libc::CMSG_LEN(n) as usize) };
+        hdr.msg_control = cmsg.0.as_mut_ptr().cast();
+        hdr.msg_controllen = space;
+        // SAFETY: `hdr` points at `cmsg`, 64 aligned bytes, at least `space` (checked at
+        // compile time), so the first header and its `data_len` bytes of data lie inside it;
+        // the kernel only reads the buffers while `sendmsg` runs, and `iov` points at
+        // `bytes`, which it only reads.
+        #[allow(unsafe_code)]
+        unsafe {
+            let c = libc::CMSG_FIRSTHDR(&hdr);
+            (*c).cmsg_level = libc::SOL_SOCKET;
+            (*c).cmsg_type = libc::SCM_RIGHTS;
+            (*c).cmsg_len = len;
+            std::ptr::copy_nonoverlapping(fds.as_ptr().cast::<u8>(), libc::CMSG_DATA(c), data_len);
+        }
+    }
+    loop {
+        // SAFETY: `hdr` and everything it points to live across the call (see above).
+        #[allow(unsafe_code)]
+        let rc = unsafe { libc::sendmsg(sock.as_raw_fd(), &hdr, libc::MSG_NOSIGNAL | flags) };
+        if rc >= 0 {
+            return Ok(());
+        }
+        match nix::errno::Errno::last() {
+            nix::errno::Errno::EINTR => {}
+            e => return Err(e),
+        }
+    }
+}
+
+/// What [`recv_with_fds`] received.
+#[derive(Debug)]
+pub(crate) struct Received {
+    /// Bytes of the message.
+    pub len: usize,
+    /// `msg_flags` (`MSG_TRUNC`, `MSG_CTRUNC`).
+    pub flags: libc::c_int,
+    /// The fds that came with it, in order.
+    pub fds: ScmFds,
+}
+
+/// Up to [`MAX_SCM_FDS`] received fds, owned, without a heap allocation.
+#[derive(Debug, Default)]
+pub(crate) struct ScmFds {
+    fds: [Option<OwnedFd>; MAX_SCM_FDS],
+    len: usize,
+}
+
+impl ScmFds {
+    /// How many.
+    pub(crate) fn len(&self) -> usize {
+        self.len
+    }
+
+    /// All of them, if there are exactly `N`.
+    pub(crate) fn exactly<const N: usize>(self) -> Option<[OwnedFd; N]> {
+        if self.len != N {
+            return None;
+        }
+        let mut it = self.fds.into_iter().flatten();
+        let out: [Option<OwnedFd>; N] = std::array::from_fn(|_| it.next());
+        if out.iter().any(Option::is_none) {
+            return None;
+        }
+        Some(out.map(|fd| fd.expect("checked above")))
+    }
+
+    fn push(&mut self, fd: OwnedFd) -> bool {
+        match self.fds.get_mut(self.len) {
+            Some(slot) => {
+                *slot = Some(fd);
+                self.len += 1;
+                true
+            }
+            None => false, // dropped (closed) by the caller
+        }
+    }
+}
+
+impl IntoIterator for ScmFds {
+    type Item = OwnedFd;
+    type IntoIter = std::iter::Flatten<std::array::IntoIter<Option<OwnedFd>, MAX_SCM_FDS>>;
+
+    fn into_iter(self) -> Self::IntoIter {
+        self.fds.into_iter().flatten()
+    }
+}
+
+/// `recvmsg(sock, buf, MSG_CMSG_CLOEXEC)` with room for [`MAX_SCM_FDS`] fds, retried on
+/// `EINTR`. Every fd the kernel installed is owned by the result (or closed, if a peer sent
+/// more than the room, which the kernel reports as `MSG_CTRUNC`).
+pub(crate) fn recv_with_fds(
+    sock: BorrowedFd<'_>,
+    buf: &mut [u8],
+) -> Result<Received, nix::errno::Errno> {
+    let mut cmsg = CmsgBuf([0; 64]);
+    let mut iov = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
+    // SAFETY: an all-zero `msghdr` is a valid value of this plain C struct.
+    #[allow(unsafe_code)]
+    let mut hdr: libc::msghdr = unsafe { std::mem::zeroed() };
+    hdr.msg_iov = &mut iov;
+    hdr.msg_iovlen = 1;
+    hdr.msg_control = cmsg.0.as_mut_ptr().cast();
+    hdr.msg_controllen = SCM_SPACE;
+    let len = loop {
+        // SAFETY: `iov` points at `buf` and `msg_control` at `cmsg` (`SCM_SPACE` of its 64
+        // bytes), both writable and alive across the call.
+        #[allow(unsafe_code)]
+        let rc = unsafe { libc::recvmsg(sock.as_raw_fd(), &mut hdr, libc::MSG_CMSG_CLOEXEC) };
+        if rc >= 0 {
+            break usize::try_from(rc).unwrap_or(0);
+        }
+        match nix::errno::Errno::last() {
+            nix::errno::Errno::EINTR => {}
+            e => return Err(e),
+        }
+    };
+    let mut fds = ScmFds::default();
+    // SAFETY: the kernel filled `hdr.msg_control`/`msg_controllen` with well-formed control
+    // messages inside `cmsg`; CMSG_FIRSTHDR/CMSG_NXTHDR stay within `msg_controllen`, and
+    // each SCM_RIGHTS payload is `cmsg_len - CMSG_LEN(0)` bytes of ints, read unaligned.
+    #[allow(unsafe_code)]
+    unsafe {
+        let mut c = libc::CMSG_FIRSTHDR(&hdr);
+        while !c.is_null() {
+            if (*c).cmsg_level == libc::SOL_SOCKET && (*c).cmsg_type == libc::SCM_RIGHTS {
+                let data = libc::CMSG_DATA(c);
+                let bytes = (*c).cmsg_len.saturating_sub(libc::CMSG_LEN(0) as usize);
+                let n = bytes / std::mem::size_of::<RawFd>();
+                for i in 0..n {
+                    let raw = std::ptr::read_unaligned(
+                        data.add(i * std::mem::size_of::<RawFd>()).cast::<RawFd>(),
+                    );
+                    // Owned either way: kept, or closed when dropped past the room.
+                    let _ = fds.push(owned_from_scm_rights(raw));
+                }
+            }
+            c = libc::CMSG_NXTHDR(&hdr, c);
+        }
+    }
+    Ok(Received {
+        len,
+        flags: hdr.msg_flags,
+        fds,
+    })
 }

@@ -12,7 +12,8 @@
 //!    ([`crate::hugecode`]);
 //! 3. make the mount namespace private, mount an empty read-only tmpfs on the root
 //!    directory the agent named, `chroot` into it;
-//! 4. block `SIGCHLD`/`SIGTERM` into a signalfd;
+//! 4. block `SIGCHLD`/`SIGTERM` into a signalfd; map its private memory
+//!    (module `private`, `MADV_DONTFORK`);
 //! 5. check again that it is single-threaded, set `no_new_privs` and install the seccomp
 //!    filter ([`crate::seccomp`]) that every clone inherits — from here on the kernel
 //!    refuses to start a thread in the zygote or any clone (`clone3` and `clone` with
@@ -21,7 +22,10 @@
 //!
 //! For each `Clone` request (a ring memfd and two eventfds), it picks a uid of the configured
 //! range that no live clone holds, `fork`s, opens a pidfd for the child and sends it with the
-//! host pid; it reaps its children and reports each exit (code or signal, and CPU time). On
+//! host pid; it reaps its children and reports each exit (code or signal, and CPU time). That
+//! loop allocates nothing and keeps its tables and receive buffer in memory `fork` leaves out
+//! (module `private`): every page it shares with live clones is copy-on-write, and each of
+//! its writes to one would cost a fault and a copy per clone. On
 //! `Shutdown`, `SIGTERM`, or the agent closing the socket, it kills all its children, reaps
 //! them and exits.
 //!
@@ -53,7 +57,6 @@
 //! let the zygote `fork` and `kill`, and the kernel refuses both to a process without
 //! capabilities whose uid no other process holds (see [`crate::seccomp`]).
 
-use std::collections::{HashMap, HashSet};
 use std::fs::File;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
@@ -69,6 +72,7 @@ use nix::sys::signalfd::{SfdFlags, SignalFd};
 use nix::sys::socket::{getsockopt, sockopt};
 use nix::unistd::{chdir, chroot, getppid, setgroups, setresgid, setresuid, Gid, Pid, Uid};
 
+use crate::private::{Child, Private};
 use crate::proto::{self, Msg, ProtoError, Settings, Stage};
 use crate::{seccomp, sys};
 
@@ -239,55 +243,6 @@ fn check_single_threaded(status: &File) -> Result<(), ZygoteError> {
     Ok(())
 }
 
-/// The clones' uids: `first .. first + count`, each held by at most one live clone.
-#[derive(Debug)]
-struct Uids {
-    first: u32,
-    count: u32,
-    /// Offset of the next uid to try.
-    next: u32,
-    in_use: HashSet<u32>,
-}
-
-impl Uids {
-    fn new(first: u32, count: u32) -> Self {
-        Self {
-            first,
-            count,
-            next: 0,
-            in_use: HashSet::new(),
-        }
-    }
-
-    /// A uid no live clone holds, round robin (a uid is reused as late as possible). At most
-    /// `in_use + 1` tries: among that many consecutive uids one is free, if any is.
-    fn take(&mut self) -> Option<u32> {
-        let tries = u32::try_from(self.in_use.len())
-            .unwrap_or(u32::MAX)
-            .saturating_add(1)
-            .min(self.count);
-        for _ in 0..tries {
-            let uid = self.first.checked_add(self.next)?;
-            self.next = self.next.saturating_add(1) % self.count.max(1);
-            if self.in_use.insert(uid) {
-                return Some(uid);
-            }
-        }
-        None
-    }
-
-    fn free(&mut self, uid: u32) {
-        self.in_use.remove(&uid);
-    }
-}
-
-/// A live child of the zygote.
-#[derive(Debug, Clone, Copy)]
-struct Child {
-    clone_id: u32,
-    uid: u32,
-}
-
 /// What the zygote holds while paused.
 struct Template<'a, S, C> {
     control: BorrowedFd<'a>,
@@ -297,9 +252,9 @@ struct Template<'a, S, C> {
     state: S,
     child: &'a C,
     pid: Pid,
-    uids: Uids,
-    /// Live children: pid → clone id and uid.
-    children: HashMap<i32, Child>,
+    /// The uids live clones hold, pid → clone, the receive buffer: memory no clone
+    /// shares, so that the zygote's writes per clone cost no copy-on-write fault.
+    private: Private,
 }
 
 fn run<S, I, C>(control: OwnedFd, init: I, child: &C) -> Result<(), ZygoteError>
@@ -402,6 +357,10 @@ where
     let signals = SignalFd::with_flags(&mask, SfdFlags::SFD_CLOEXEC | SfdFlags::SFD_NONBLOCK)
         .map_err(at_nix(Stage::Signals))?;
 
+    // Before the filter, which does not allow `madvise`.
+    let private = Private::new(proto::RECV_BUF_LEN, settings.first_uid, settings.uid_count)
+        .map_err(at(Stage::Private))?;
+
     // The filter every clone inherits: installed once, here, while single-threaded (after
     // it, no thread can be started). The status file is closed first: nothing reads it
     // again.
@@ -418,7 +377,6 @@ where
     drop(filter);
 
     let pid = nix::unistd::getpid();
-    let uids = Uids::new(settings.first_uid, settings.uid_count);
     proto::send(control, &Msg::Ready { pid: pid.as_raw() }, &[])?;
     Ok(Template {
         control,
@@ -428,8 +386,7 @@ where
         state,
         child,
         pid,
-        uids,
-        children: HashMap::new(),
+        private,
     })
 }
 
@@ -461,7 +418,7 @@ where
                 }
             }
             if control {
-                match proto::recv(self.control) {
+                match proto::recv_in(self.control, self.private.recv_buf()) {
                     Ok(Some((Msg::Clone { clone_id, ring_len }, fds))) => {
                         if let Err(e) = self.spawn(clone_id, ring_len, fds) {
                             result = Err(e);
@@ -505,11 +462,14 @@ where
             };
             let child = match reaped.outcome {
                 // A stopped (quarantined) clone keeps its uid until it is reaped.
-                sys::Outcome::Stopped(_) => self.children.get(&reaped.pid).copied(),
-                _ => self
-                    .children
-                    .remove(&reaped.pid)
-                    .inspect(|c| self.uids.free(c.uid)),
+                sys::Outcome::Stopped(_) => self.private.get(reaped.pid),
+                _ => {
+                    let child = self.private.remove(reaped.pid);
+                    if let Some(c) = child {
+                        self.private.free_uid(c.uid);
+                    }
+                    child
+                }
             };
             let Some(Child { clone_id, .. }) = child else {
                 continue;
@@ -541,7 +501,7 @@ where
 
     /// Kills every child and reaps them all.
     fn terminate(&mut self) {
-        for &pid in self.children.keys() {
+        for pid in self.private.pids() {
             // An unreaped child's pid cannot be reused, so killing by pid is exact.
             let _ = nix::sys::signal::kill(Pid::from_raw(pid), Signal::SIGKILL);
         }
@@ -553,20 +513,19 @@ where
         &mut self,
         clone_id: u32,
         ring_len: u32,
-        fds: Vec<OwnedFd>,
+        fds: crate::sys::ScmFds,
     ) -> Result<(), ZygoteError> {
         let failed = |stage: Stage, errno: i32| Msg::SpawnFailed {
             clone_id,
             stage: stage as u32,
             errno,
         };
-        let [ring, signal, wait] = match <[OwnedFd; 3]>::try_from(fds) {
-            Ok(fds) => fds,
-            Err(_) => return Ok(()), // unreachable: `proto::recv` checked the count
+        let Some([ring, signal, wait]) = fds.exactly::<3>() else {
+            return Ok(()); // unreachable: `proto::recv` checked the count
         };
         // The agent's configuration keeps the range larger than the clones that can live
         // at once; if it is exhausted anyway, this clone is refused, not forked.
-        let Some(uid) = self.uids.take() else {
+        let Some(uid) = self.private.take_uid() else {
             let _ = proto::send(self.control, &failed(Stage::Uid, libc::EAGAIN), &[]);
             return Ok(());
         };
@@ -595,7 +554,8 @@ where
             ),
             Ok(nix::unistd::ForkResult::Parent { child }) => {
                 let pid = child.as_raw();
-                self.children.insert(pid, Child { clone_id, uid });
+                // Room for every uid's clone: cannot fail while the uid is held.
+                let _ = self.private.insert(pid, Child { clone_id, uid });
                 match sys::pidfd_open(pid) {
                     Ok(pidfd) => {
                         let spawned = Msg::Spawned { clone_id, pid };
@@ -613,7 +573,7 @@ where
                 Ok(())
             }
             Err(e) => {
-                self.uids.free(uid);
+                self.private.free_uid(uid);
                 let _ = proto::send(self.control, &failed(Stage::Fork, e as i32), &[]);
                 Ok(())
             }
@@ -749,27 +709,6 @@ fn confine(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn uids_are_unique_among_live_clones_and_reused_last() {
-        let mut uids = Uids::new(1000, 3);
-        let (a, b, c) = (uids.take(), uids.take(), uids.take());
-        assert_eq!((a, b, c), (Some(1000), Some(1001), Some(1002)));
-        assert_eq!(uids.take(), None, "all three are held");
-        uids.free(1001);
-        assert_eq!(uids.take(), Some(1001));
-        uids.free(1000);
-        uids.free(1002);
-        // Round robin: after 1001 comes 1002, even though 1000 was freed first.
-        assert_eq!(uids.take(), Some(1002));
-        assert_eq!(uids.take(), Some(1000));
-        assert_eq!(uids.take(), None);
-        // The last uid of the range is usable and nothing past it is produced.
-        let mut top = Uids::new(u32::MAX - 2, 2);
-        assert_eq!(top.take(), Some(u32::MAX - 2));
-        assert_eq!(top.take(), Some(u32::MAX - 1));
-        assert_eq!(top.take(), None);
-    }
 
     #[test]
     fn thread_count_is_read_again_at_offset_zero() {
