@@ -285,6 +285,25 @@ trait Consumer {
     fn final_check(&mut self) -> Result<bool, RingError>;
 }
 
+/// What is left of a wait of `timeout` that ends at `deadline` (`None`: forever); a
+/// [`RingError::Timeout`] once nothing is.
+fn time_left(
+    deadline: Option<Instant>,
+    timeout: Option<Duration>,
+) -> Result<Option<Duration>, RingError> {
+    match (deadline, timeout) {
+        (Some(d), Some(t)) => {
+            let left = d.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(RingError::Timeout { timeout: t });
+            }
+            Ok(Some(left))
+        }
+        (None, Some(_)) => Ok(Some(Duration::MAX)), // timeout too long to represent
+        (_, None) => Ok(None),
+    }
+}
+
 /// Receives one item, sleeping on `notifier` between final checks, for at most `timeout`.
 ///
 /// The deadline is checked on every iteration, not only before sleeping, so a peer that
@@ -299,17 +318,7 @@ fn recv_blocking<C: Consumer>(
         if let Some(item) = end.try_take()? {
             return Ok(item);
         }
-        let remaining = match (deadline, timeout) {
-            (Some(d), Some(t)) => {
-                let left = d.saturating_duration_since(Instant::now());
-                if left.is_zero() {
-                    return Err(RingError::Timeout { timeout: t });
-                }
-                Some(left)
-            }
-            (None, Some(_)) => Some(Duration::MAX), // timeout too long to represent
-            (_, None) => None,
-        };
+        let remaining = time_left(deadline, timeout)?;
         if end.final_check()? {
             continue;
         }
@@ -714,17 +723,7 @@ impl<M: SharedMem> Frontend<M> {
             if self.unconsumed()? == self.in_flight() {
                 return Ok(());
             }
-            let remaining = match (deadline, timeout) {
-                (Some(d), Some(t)) => {
-                    let left = d.saturating_duration_since(Instant::now());
-                    if left.is_zero() {
-                        return Err(RingError::Timeout { timeout: t });
-                    }
-                    Some(left)
-                }
-                (None, Some(_)) => Some(Duration::MAX),
-                (_, None) => None,
-            };
+            let remaining = time_left(deadline, timeout)?;
             // Arm for the last response in flight, then look again (the Dekker pairing of
             // the module docs, with a later index).
             arm_event(&self.mem, offset::RSP_EVENT, self.req_prod.wrapping_sub(1))?;
