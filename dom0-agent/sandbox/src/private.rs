@@ -213,6 +213,9 @@ impl Private {
     }
 
     fn find(&mut self, pid: i32) -> Option<usize> {
+        if pid <= 0 {
+            return None; // 0 marks an empty slot; no child has a pid below 1
+        }
         let mask = self.slots - 1;
         let mut i = self.home(pid);
         let table = self.table();
@@ -393,6 +396,10 @@ mod tests {
         assert_eq!(pids, expected);
         assert_eq!(p.get(99_999), None);
         assert_eq!(p.remove(99_999), None);
+        // 0 marks an empty slot: never found, never removed.
+        assert_eq!(p.get(0), None);
+        assert_eq!(p.remove(0), None);
+        assert_eq!(p.pids().count(), model.len());
     }
 
     #[test]
