@@ -308,7 +308,9 @@ struct Shared {
     state: Mutex<PoolState>,
     /// The pool changed for takers: a clone pooled, a slot released, shut down.
     changed: Condvar,
-    /// The refill threads have something to do: a clone taken, a back-off over, shut down.
+    /// The refill threads have something to do: the pool more than one clone short, a
+    /// back-off started or over, shut down. (They also wake every `ready_timeout` to expire
+    /// unanswered requests.)
     refill_wanted: Condvar,
     /// Clones forked and not yet reported ended, by id.
     registry: Mutex<HashMap<u32, Arc<CloneCell>>>,
@@ -357,6 +359,8 @@ impl Shared {
     /// instead of waking a refill thread for it — a wake-up costs a cross-CPU interrupt and
     /// two context switches (several µs on a VM), once per transaction. Anything more (a
     /// back-off, several clones short, expiring requests) is left to the refill threads.
+    /// The request's send blocks the taker only while the control socket's buffer is full,
+    /// i.e. while the zygote is far behind on reading requests.
     fn top_up(&self) {
         let mut state = self.pool();
         let short = |s: &PoolState| s.ready.len() + s.creating < self.config.pool_size;
@@ -1028,8 +1032,9 @@ fn zygote_gone(shared: &Shared) {
     shared.refill_wanted.notify_all();
 }
 
-/// The refill thread: keeps `pool_size` clones forked or on their way, without waiting for
-/// any of them. It sends the zygote a request and goes on; the supervisor thread, which
+/// The refill thread: keeps `pool_size` clones forked or on their way (with the takers'
+/// `top_up`), without waiting for any of them, and gives up on requests the zygote does not
+/// answer in time. It sends the zygote a request and goes on; the supervisor thread, which
 /// reads the zygote's answer anyway, puts the clone in the pool; `take` reads its `Ready`.
 fn refill(shared: Arc<Shared>) {
     loop {
@@ -1053,14 +1058,9 @@ fn refill(shared: Arc<Shared>) {
                 if state.ready.len() + state.creating < shared.config.pool_size {
                     break;
                 }
-                if state.creating == 0 {
-                    state = shared
-                        .refill_wanted
-                        .wait(state)
-                        .unwrap_or_else(|p| p.into_inner());
-                    continue;
-                }
-                // Requests are out: wake up to give up on those the zygote never answers.
+                // Always a timed wait, even with no request out now: a taker may send one
+                // (`top_up`) without waking this thread, and a request the zygote never
+                // answers must still be given up on — within twice `ready_timeout`.
                 state = shared
                     .refill_wanted
                     .wait_timeout(state, shared.config.ready_timeout)
@@ -1162,6 +1162,13 @@ fn request(shared: &Shared) -> Result<(), CreateError> {
         source: mayfly_ring::mem::MapError::BadLength { len },
     })?;
     let (mem, guest) = (Arc::clone(&parts.mem), Arc::clone(&parts.guest));
+    // `mem` and `guest` keep the fds open while they are sent, whatever happens to the
+    // pending entry meanwhile. Fetched before the entry exists: every error return below
+    // this point leaves nothing pending (the caller counts the failure once).
+    let memfd = mem.fd().ok_or(CreateError::Memfd {
+        clone_id,
+        source: mayfly_ring::mem::MapError::BadLength { len },
+    })?;
     // Pending before the request goes out: the zygote's `Spawned` may come back at once.
     lock(&shared.pending).insert(
         clone_id,
@@ -1173,12 +1180,6 @@ fn request(shared: &Shared) -> Result<(), CreateError> {
         },
     );
     let request = Msg::Clone { clone_id, ring_len };
-    // `mem` and `guest` keep the fds open while they are sent, whatever happens to the
-    // pending entry meanwhile.
-    let memfd = mem.fd().ok_or(CreateError::Memfd {
-        clone_id,
-        source: mayfly_ring::mem::MapError::BadLength { len },
-    })?;
     let sent = proto::send(
         shared.control.as_fd(),
         &request,

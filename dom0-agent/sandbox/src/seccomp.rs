@@ -137,6 +137,15 @@ pub const ALLOWLIST: &[(&str, i64, Restriction)] = &[
     // Identity queries (read-only; the test zygote reports them).
     ("getuid", libc::SYS_getuid, Restriction::None),
     ("getgid", libc::SYS_getgid, Restriction::None),
+    // The kernel's resumption of a call a stop interrupted (a `poll` with a timeout, stopped
+    // by SIGSTOP and continued): it can only finish the call the process was already in.
+    // Without it, stopping and continuing the zygote (a debugger, an operator's
+    // `kill -STOP`) killed it with SIGSYS.
+    (
+        "restart_syscall",
+        libc::SYS_restart_syscall,
+        Restriction::None,
+    ),
     // Leaving (`_exit`).
     ("exit_group", libc::SYS_exit_group, Restriction::None),
 ];

@@ -643,6 +643,52 @@ fn an_impatient_take_does_not_destroy_healthy_clones() {
     sandbox.shutdown();
 }
 
+/// A request the zygote never answers is given up on (counted as failed) within twice
+/// `ready_timeout`, also when a taker sent it into a pool that had been idle (full, no
+/// request out) and no refill thread was woken for it; once the zygote answers again, the
+/// late clone is killed and the pool fills again. (Also: a zygote stopped in a `poll` and
+/// continued survives its filter: `restart_syscall`.)
+#[test]
+fn a_request_the_zygote_never_answers_expires() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = config(dir.path());
+    config.pool_size = 1;
+    let ready_timeout = Duration::from_millis(200);
+    config.ready_timeout = ready_timeout;
+    let sandbox = Sandbox::start(config, logger()).unwrap();
+    assert!(sandbox.wait_ready(1, WAIT));
+    // The scenario, not a synchronisation: a pool idle for longer than `ready_timeout`
+    // (its refill thread has nothing to expire and nothing to fork).
+    std::thread::sleep(ready_timeout * 5 / 2);
+    let zygote = i32::try_from(sandbox.zygote_pid()).unwrap();
+    let signal = |sig| {
+        // SAFETY: plain kill(2) of our own zygote.
+        #[allow(unsafe_code)]
+        let rc = unsafe { libc::kill(zygote, sig) };
+        assert_eq!(rc, 0);
+    };
+    signal(libc::SIGSTOP);
+    // Taking the pooled clone sends the zygote a request for its replacement.
+    let held = sandbox.take_clone(WAIT).unwrap();
+    let began = Instant::now();
+    let deadline = began + Duration::from_secs(5);
+    while sandbox.stats().failed == 0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let waited = began.elapsed();
+    signal(libc::SIGCONT);
+    assert_eq!(sandbox.stats().failed, 1, "expired after {waited:?}");
+    assert!(
+        waited < ready_timeout * 2 + Duration::from_millis(300),
+        "expired after {waited:?}"
+    );
+    // The late answer's clone is killed; after the back-off the pool fills again.
+    assert!(sandbox.wait_ready(1, WAIT));
+    drop(held);
+    assert!(sandbox.wait_ready(1, WAIT));
+    sandbox.shutdown();
+}
+
 #[test]
 fn the_pool_refills_in_the_background() {
     let dir = tempfile::tempdir().unwrap();
