@@ -103,7 +103,8 @@ pub enum Stage {
     Seccomp = 19,
     /// Clone: restoring the signal mask.
     SignalMask = 20,
-    /// Zygote: mapping its private memory (`mmap`, `madvise(MADV_DONTFORK)`).
+    /// Zygote: mapping its private memory (`mmap`, `madvise(MADV_DONTFORK)`), or no room in
+    /// its pid table for a new clone (never expected: the table has room for every uid).
     Private = 21,
 }
 
@@ -578,7 +579,7 @@ mod tests {
     use super::*;
     use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
     use std::os::fd::AsFd;
-    use std::os::fd::OwnedFd;
+    use std::os::fd::{AsRawFd, OwnedFd};
 
     fn pair() -> (OwnedFd, OwnedFd) {
         socketpair(
@@ -707,6 +708,25 @@ mod tests {
         assert!(matches!(
             recv(b.as_fd()),
             Err(ProtoError::FdCount { got: 0, .. })
+        ));
+        // One fd too many (the control buffer's alignment has room for it) is refused too.
+        let clone = Msg::Clone {
+            clone_id: 5,
+            ring_len: 4096,
+        }
+        .encode();
+        let four = [x.as_raw_fd(), y.as_raw_fd(), z.as_raw_fd(), a.as_raw_fd()];
+        nix::sys::socket::sendmsg::<()>(
+            a.as_raw_fd(),
+            &[std::io::IoSlice::new(&clone)],
+            &[nix::sys::socket::ControlMessage::ScmRights(&four)],
+            nix::sys::socket::MsgFlags::empty(),
+            None,
+        )
+        .unwrap();
+        assert!(matches!(
+            recv(b.as_fd()),
+            Err(ProtoError::FdCount { got: 4, .. })
         ));
         drop(a);
         assert!(recv(b.as_fd()).unwrap().is_none());

@@ -360,22 +360,25 @@ pub(crate) struct Received {
     pub fds: ScmFds,
 }
 
-/// Up to [`MAX_SCM_FDS`] received fds, owned, without a heap allocation.
+/// Up to [`MAX_SCM_FDS`] received fds, owned, without a heap allocation; fds past the room
+/// are closed but still counted, so a peer that sent too many fails every count check.
 #[derive(Debug, Default)]
 pub(crate) struct ScmFds {
     fds: [Option<OwnedFd>; MAX_SCM_FDS],
     len: usize,
+    /// Received past the room, and closed.
+    dropped: usize,
 }
 
 impl ScmFds {
-    /// How many.
+    /// How many were received (kept or closed for want of room).
     pub(crate) fn len(&self) -> usize {
-        self.len
+        self.len.saturating_add(self.dropped)
     }
 
-    /// All of them, if there are exactly `N`.
+    /// All of them, if there are exactly `N` (and none was dropped).
     pub(crate) fn exactly<const N: usize>(self) -> Option<[OwnedFd; N]> {
-        if self.len != N {
+        if self.len() != N {
             return None;
         }
         let mut it = self.fds.into_iter().flatten();
@@ -386,14 +389,17 @@ impl ScmFds {
         Some(out.map(|fd| fd.expect("checked above")))
     }
 
-    fn push(&mut self, fd: OwnedFd) -> bool {
+    /// Keeps `fd`, or closes it and counts it if there is no room.
+    fn push(&mut self, fd: OwnedFd) {
         match self.fds.get_mut(self.len) {
             Some(slot) => {
                 *slot = Some(fd);
                 self.len += 1;
-                true
             }
-            None => false, // dropped (closed) by the caller
+            None => {
+                drop(fd);
+                self.dropped = self.dropped.saturating_add(1);
+            }
         }
     }
 }
@@ -408,8 +414,9 @@ impl IntoIterator for ScmFds {
 }
 
 /// `recvmsg(sock, buf, MSG_CMSG_CLOEXEC)` with room for [`MAX_SCM_FDS`] fds, retried on
-/// `EINTR`. Every fd the kernel installed is owned by the result (or closed, if a peer sent
-/// more than the room, which the kernel reports as `MSG_CTRUNC`).
+/// `EINTR`. Every fd the kernel installed is owned by the result, or closed and counted if
+/// it was past the room (the control buffer's alignment can fit one more fd than
+/// [`MAX_SCM_FDS`]; beyond that the kernel reports `MSG_CTRUNC`).
 pub(crate) fn recv_with_fds(
     sock: BorrowedFd<'_>,
     buf: &mut [u8],
@@ -455,8 +462,8 @@ pub(crate) fn recv_with_fds(
                     let raw = std::ptr::read_unaligned(
                         data.add(i * std::mem::size_of::<RawFd>()).cast::<RawFd>(),
                     );
-                    // Owned either way: kept, or closed when dropped past the room.
-                    let _ = fds.push(owned_from_scm_rights(raw));
+                    // Owned either way: kept, or closed and counted past the room.
+                    fds.push(owned_from_scm_rights(raw));
                 }
             }
             c = libc::CMSG_NXTHDR(&hdr, c);
