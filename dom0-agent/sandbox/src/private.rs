@@ -75,6 +75,9 @@ impl Private {
     pub(crate) fn new(recv_len: usize, first_uid: u32, uid_count: u32) -> io::Result<Self> {
         let too_big = || io::Error::new(io::ErrorKind::InvalidInput, "uid range too large");
         let count = usize::try_from(uid_count).map_err(|_| too_big())?;
+        // Every uid of the range is below u32::MAX (which is `(uid_t)-1`, "no change", to
+        // `setresuid`).
+        first_uid.checked_add(uid_count).ok_or_else(too_big)?;
         let bitmap_words = count.div_ceil(64);
         let slots = count
             .checked_mul(2)
@@ -174,12 +177,14 @@ impl Private {
             let offset = self.next_uid;
             self.next_uid = (offset + 1) % self.uid_count;
             let (word, bit) = (offset as usize / 64, 1u64 << (offset % 64));
+            // The uid first: one that would overflow is never marked held.
+            let uid = self.first_uid.checked_add(offset)?;
             let bitmap = self.bitmap();
             if let Some(w) = bitmap.get_mut(word) {
                 if *w & bit == 0 {
                     *w |= bit;
                     self.uids_held += 1;
-                    return self.first_uid.checked_add(offset);
+                    return Some(uid);
                 }
             }
         }
@@ -362,6 +367,9 @@ mod tests {
         assert_eq!(top.take_uid(), Some(u32::MAX - 2));
         assert_eq!(top.take_uid(), Some(u32::MAX - 1));
         assert_eq!(top.take_uid(), None);
+        // A range reaching u32::MAX (`(uid_t)-1`) or past it is refused.
+        assert!(Private::new(100, u32::MAX - 1, 2).is_err());
+        assert!(Private::new(100, u32::MAX, 1).is_err());
         // Across a bitmap word.
         let mut wide = Private::new(100, 1, 130).unwrap();
         let all: Vec<u32> = std::iter::from_fn(|| wide.take_uid()).collect();
@@ -372,7 +380,9 @@ mod tests {
     fn the_pid_table_behaves_like_a_map_under_churn() {
         let mut p = Private::new(100, 1, 64).unwrap();
         let mut model = std::collections::HashMap::new();
-        // Pids that collide a lot (multiples of the table size) and plain ones.
+        // Pids from a small range (some scaled up, spread wider), kept up to the table's limit
+        // of 64 live children (64 of its 128 slots): probe runs and backward-shift deletions
+        // happen throughout.
         let mut x: u32 = 12345;
         for round in 0..20_000u32 {
             x = x.wrapping_mul(1_103_515_245).wrapping_add(12345);

@@ -554,8 +554,15 @@ where
             ),
             Ok(nix::unistd::ForkResult::Parent { child }) => {
                 let pid = child.as_raw();
-                // Room for every uid's clone: cannot fail while the uid is held.
-                let _ = self.private.insert(pid, Child { clone_id, uid });
+                // Room for every uid's clone: cannot fail while the uid is held. Were it to,
+                // an untracked child must not live on: killed, reaped here, refused.
+                if !self.private.insert(pid, Child { clone_id, uid }) {
+                    let _ = nix::sys::signal::kill(child, Signal::SIGKILL);
+                    let _ = nix::sys::wait::waitpid(child, None);
+                    self.private.free_uid(uid);
+                    let _ = proto::send(self.control, &failed(Stage::Private, libc::ENOSPC), &[]);
+                    return Ok(());
+                }
                 match sys::pidfd_open(pid) {
                     Ok(pidfd) => {
                         let spawned = Msg::Spawned { clone_id, pid };
