@@ -35,7 +35,8 @@
 //! handler propagated it with `?` (a handler's own `Err` stays the reason when it returns
 //! one).
 //!
-//! Each database answer is awaited at most [`Config::db_timeout`], and the final
+//! Each database call's answers are awaited at most [`Config::db_timeout`] (a batch's:
+//! until its last answer), and the final
 //! `Commit`/`Abort` at most [`Config::finish_timeout`]. A handler panic is caught
 //! (`catch_unwind`) and aborts the transaction with the reason `"handler panicked"`, so the
 //! agent is never left waiting. **In release builds** the workspace sets `panic = "abort"`:
@@ -117,7 +118,9 @@ pub mod exit {
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct Config {
-    /// How long the guest waits for any one database answer (default 30 s).
+    /// How long the guest waits for the answers to one database call (default 30 s): one
+    /// request's, or a batch's (a `get_many` chunk, the pipelined writes being collected),
+    /// whose last answer must arrive in that time.
     pub db_timeout: Duration,
     /// How long `Commit`/`Abort` waits for the agent's answer (default 60 s: a commit waits
     /// for a group fsync).

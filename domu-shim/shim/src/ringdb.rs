@@ -93,7 +93,8 @@ pub struct RingDb<'f, M: SharedMem, N: Notifier> {
 
 impl<'f, M: SharedMem, N: Notifier> RingDb<'f, M, N> {
     /// A database over `frontend` (with no request in flight), waiting at most `timeout`
-    /// for each answer.
+    /// for the answers of each call (for a batch: until its last answer; the `Commit` behind
+    /// the writes waits under [`RingDb::commit_behind`]'s own timeout).
     pub fn new(frontend: &'f mut Frontend<M>, notifier: &'f N, timeout: Duration) -> Self {
         Self {
             frontend,
