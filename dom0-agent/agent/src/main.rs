@@ -29,9 +29,14 @@ pub const EXIT_STORAGE: u8 = 3;
     about = "Mayfly control-domain agent: runs each transaction in a fresh domain over a verifiable, signed ledger"
 )]
 struct Cli {
-    /// Debug log level on stderr: error, warning, info, debug.
+    /// Level of the agent's own log on stderr: critical, error, warning, info, debug, trace
+    /// (an unknown level is refused).
     #[arg(long, global = true, default_value = "warning")]
     log_level: String,
+    /// Format of the agent's own log on stderr: "term" (human-readable lines) or "json" (one
+    /// JSON object per line, for journald and SIEM collectors).
+    #[arg(long, global = true, default_value = "term")]
+    log_format: String,
     #[command(subcommand)]
     command: Command,
 }
@@ -64,24 +69,56 @@ enum Command {
     Demo(demo::DemoArgs),
 }
 
-fn logger(level: &str) -> Logger {
-    let level = match level {
-        "error" => slog::Level::Error,
-        "info" => slog::Level::Info,
-        "debug" => slog::Level::Debug,
-        _ => slog::Level::Warning,
-    };
-    let decorator = slog_term::PlainSyncDecorator::new(std::io::stderr());
-    let drain = slog_term::FullFormat::new(decorator)
-        .build()
-        .filter_level(level)
-        .fuse();
-    Logger::root(drain, o!())
+/// Parses `--log-level`; an unknown level is an error, never a silent fallback.
+fn parse_level(level: &str) -> Result<slog::Level, String> {
+    match level {
+        "critical" => Ok(slog::Level::Critical),
+        "error" => Ok(slog::Level::Error),
+        "warning" | "warn" => Ok(slog::Level::Warning),
+        "info" => Ok(slog::Level::Info),
+        "debug" => Ok(slog::Level::Debug),
+        "trace" => Ok(slog::Level::Trace),
+        other => Err(format!(
+            "unknown --log-level {other:?}; use critical, error, warning, info, debug or trace"
+        )),
+    }
+}
+
+fn logger(level: &str, format: &str) -> Result<Logger, String> {
+    let level = parse_level(level)?;
+    Ok(match format {
+        "term" => {
+            let decorator = slog_term::PlainSyncDecorator::new(std::io::stderr());
+            let drain = slog_term::FullFormat::new(decorator)
+                .build()
+                .filter_level(level)
+                .fuse();
+            Logger::root(drain, o!())
+        }
+        "json" => {
+            let drain = slog_json::Json::new(std::io::stderr())
+                .add_default_keys()
+                .build();
+            // One line per record from any thread: the mutex serializes the writer.
+            let drain = std::sync::Mutex::new(drain)
+                .map(slog::Fuse)
+                .filter_level(level)
+                .fuse();
+            Logger::root(drain, o!())
+        }
+        other => return Err(format!("unknown --log-format {other:?}; use term or json")),
+    })
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let log = logger(&cli.log_level);
+    let log = match logger(&cli.log_level, &cli.log_format) {
+        Ok(log) => log,
+        Err(e) => {
+            eprintln!("dom0-agent: error: {e}");
+            return ExitCode::from(2);
+        }
+    };
     let result = match cli.command {
         Command::Init { data_dir } => init(&data_dir, &log),
         Command::Verify(args) => verify_cmd::run(&args),

@@ -2,15 +2,25 @@
 //! and serves the client API until SIGINT or SIGTERM.
 //!
 //! Settings come from an optional TOML file (`--config`) and from flags; a flag given on the
-//! command line wins. SIGHUP reloads the policy bundle; SIGINT or SIGTERM stop the agent. Every key of the file is also a flag:
+//! command line wins. SIGHUP reloads the policy bundle and the TLS certificates; SIGINT or
+//! SIGTERM stop the agent. Every key of the file is also a flag:
 //!
 //! ```toml
 //! backend = "sandbox"        # "sandbox" (process isolation) or "xen" (a PV domU each)
 //! data_dir = "/var/lib/mayfly"
-//! listen = "127.0.0.1:8450"
+//! listen = "127.0.0.1:8450"  # not loopback: needs [tls] (or --insecure-plaintext-listen)
+//! insecure_plaintext_listen = false  # plain HTTP on a non-loopback address (trusted front end)
 //! pool_size = 8              # ready clones kept ahead of demand
-//! workers = 16               # HTTP worker threads
+//! workers = 2                # network threads of the client API (transactions run elsewhere)
 //! max_in_flight = 64         # transactions at once; more get 503
+//! max_per_client = 8         # transactions of one client at once; more get 503
+//! max_connections = 2048     # open client connections; more get 503 and are closed
+//! max_header_bytes = 16384   # request line + headers; more get 431
+//! max_headers = 64           # header fields; more get 431
+//! header_timeout_ms = 10000  # a request head (or TLS handshake) must arrive within; else closed
+//! body_timeout_ms = 10000    # a request body must arrive within; else 408
+//! idle_timeout_ms = 5000     # an idle kept-alive connection is closed after
+//! max_body_bytes = 262144    # request body; more get 413
 //! tx_timeout_ms = 5000       # Start to Commit/Abort
 //! take_timeout_ms = 2000     # wait for a ready domain; then 503 (Xen under emulation: longer)
 //! map_size_mib = 4096        # largest ledger size
@@ -19,6 +29,10 @@
 //! zygote = "/usr/libexec/mayfly/mayfly-zygote"  # the template executable; default: beside dom0-agent
 //! policy = "/etc/mayfly/policy" # directory of *.toml; default: the built-in bundle
 //!
+//! [tls]                      # HTTPS on the client API; files reread on SIGHUP
+//! cert = "/etc/mayfly/api.crt"        # PEM chain, leaf first
+//! key = "/etc/mayfly/api.key"         # PEM private key
+//! client_ca = "/etc/mayfly/clients-ca.pem"  # optional: mutual TLS, clients named by key
 //! [xen]                      # only with backend = "xen"
 //! kernel = "/usr/lib/mayfly/domu/vmlinux"             # the template's uncompressed vmlinux
 //! ramdisk = "/usr/lib/mayfly/domu/initramfs.cpio.gz"  # its initramfs (/init = domu-shim)
@@ -79,18 +93,60 @@ pub struct ServeArgs {
     /// Ledger data directory [default: ./mayfly-data].
     #[arg(long)]
     data_dir: Option<PathBuf>,
-    /// Client API address [default: 127.0.0.1:8450]; port 0 picks a free port.
+    /// Client API address [default: 127.0.0.1:8450]; port 0 picks a free port. A
+    /// non-loopback address needs --tls-cert/--tls-key (or --insecure-plaintext-listen).
     #[arg(long)]
     listen: Option<SocketAddr>,
+    /// Serve plain HTTP on a non-loopback --listen address. Only behind a trusted front end
+    /// that terminates TLS: clients are then named by the front end's address.
+    #[arg(long)]
+    insecure_plaintext_listen: bool,
+    /// Client API over TLS: the server's PEM certificate chain, leaf first (`[tls] cert`).
+    #[arg(long)]
+    tls_cert: Option<PathBuf>,
+    /// Client API over TLS: the server's PEM private key (`[tls] key`).
+    #[arg(long)]
+    tls_key: Option<PathBuf>,
+    /// Mutual TLS: PEM CA certificate(s) client certificates must chain to; clients are then
+    /// named `spki:<SHA-256 of their certificate's public key>` (`[tls] client_ca`).
+    #[arg(long)]
+    tls_client_ca: Option<PathBuf>,
     /// Ready domains kept ahead of demand [default: 8].
     #[arg(long)]
     pool_size: Option<usize>,
-    /// HTTP worker threads [default: 16].
+    /// Network threads of the client API [default: 2]; transactions run on a separate pool
+    /// of --max-in-flight threads.
     #[arg(long)]
     workers: Option<usize>,
     /// Transactions running at once; more are refused with 503 [default: 64].
     #[arg(long)]
     max_in_flight: Option<usize>,
+    /// Transactions of one client (certificate key with mutual TLS, else IP address) running
+    /// at once; more are refused with 503 [default: 8].
+    #[arg(long)]
+    max_per_client: Option<usize>,
+    /// Open client connections; a connection beyond is answered 503 and closed [default: 2048].
+    #[arg(long)]
+    max_connections: Option<usize>,
+    /// Largest request head (request line and headers) in bytes; more get 431 [default: 16384].
+    #[arg(long)]
+    max_header_bytes: Option<usize>,
+    /// Most header fields in a request; more get 431 [default: 64].
+    #[arg(long)]
+    max_headers: Option<usize>,
+    /// Time for a request head (and a TLS handshake) to arrive, in ms; then the connection is
+    /// closed [default: 10000].
+    #[arg(long)]
+    header_timeout_ms: Option<u64>,
+    /// Time for a request body to arrive once its head is in, in ms; then 408 [default: 10000].
+    #[arg(long)]
+    body_timeout_ms: Option<u64>,
+    /// Idle time after which a kept-alive connection is closed, in ms [default: 5000].
+    #[arg(long)]
+    idle_timeout_ms: Option<u64>,
+    /// Largest request body in bytes; more get 413 [default: 262144].
+    #[arg(long)]
+    max_body_bytes: Option<usize>,
     /// Per-transaction time limit in ms [default: 5000].
     #[arg(long)]
     tx_timeout_ms: Option<u64>,
@@ -164,13 +220,31 @@ struct ConsoleFileConfig {
 
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
+struct TlsFileConfig {
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
+    client_ca: Option<PathBuf>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
 struct FileConfig {
     backend: Option<String>,
     data_dir: Option<PathBuf>,
     listen: Option<SocketAddr>,
+    insecure_plaintext_listen: Option<bool>,
     pool_size: Option<usize>,
     workers: Option<usize>,
     max_in_flight: Option<usize>,
+    max_per_client: Option<usize>,
+    max_connections: Option<usize>,
+    max_header_bytes: Option<usize>,
+    max_headers: Option<usize>,
+    header_timeout_ms: Option<u64>,
+    body_timeout_ms: Option<u64>,
+    idle_timeout_ms: Option<u64>,
+    max_body_bytes: Option<usize>,
+    tls: Option<TlsFileConfig>,
     tx_timeout_ms: Option<u64>,
     take_timeout_ms: Option<u64>,
     map_size_mib: Option<usize>,
@@ -191,6 +265,9 @@ struct Settings {
     pool_size: usize,
     workers: usize,
     max_in_flight: usize,
+    max_per_client: usize,
+    limits: mayfly_api::Limits,
+    tls: Option<mayfly_api::TlsFiles>,
     tx_timeout: Duration,
     take_timeout: Duration,
     map_size: usize,
@@ -276,7 +353,40 @@ fn load(args: &ServeArgs) -> anyhow::Result<Settings> {
         .or(file.data_dir.clone())
         .unwrap_or_else(|| "./mayfly-data".into());
     let console = console_settings(args, file.console, &data_dir)?;
+    let tls = tls_settings(args, file.tls)?;
+    let d = mayfly_api::Limits::default();
+    let ms = |flag: Option<u64>, key: Option<u64>, default: Duration| {
+        flag.or(key).map_or(default, Duration::from_millis)
+    };
+    let limits = mayfly_api::Limits {
+        max_header_bytes: args
+            .max_header_bytes
+            .or(file.max_header_bytes)
+            .unwrap_or(d.max_header_bytes),
+        max_headers: args
+            .max_headers
+            .or(file.max_headers)
+            .unwrap_or(d.max_headers),
+        header_timeout: ms(
+            args.header_timeout_ms,
+            file.header_timeout_ms,
+            d.header_timeout,
+        ),
+        body_timeout: ms(args.body_timeout_ms, file.body_timeout_ms, d.body_timeout),
+        idle_timeout: ms(args.idle_timeout_ms, file.idle_timeout_ms, d.idle_timeout),
+        max_connections: args
+            .max_connections
+            .or(file.max_connections)
+            .unwrap_or(d.max_connections),
+        max_body: args
+            .max_body_bytes
+            .or(file.max_body_bytes)
+            .unwrap_or(d.max_body),
+    };
+    let insecure = args.insecure_plaintext_listen || file.insecure_plaintext_listen == Some(true);
     let s = Settings {
+        limits,
+        tls,
         console,
         backend: args
             .backend
@@ -289,8 +399,9 @@ fn load(args: &ServeArgs) -> anyhow::Result<Settings> {
             .or(file.listen)
             .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 8450))),
         pool_size: args.pool_size.or(file.pool_size).unwrap_or(8),
-        workers: args.workers.or(file.workers).unwrap_or(16),
+        workers: args.workers.or(file.workers).unwrap_or(2),
         max_in_flight: args.max_in_flight.or(file.max_in_flight).unwrap_or(64),
+        max_per_client: args.max_per_client.or(file.max_per_client).unwrap_or(8),
         tx_timeout: Duration::from_millis(
             args.tx_timeout_ms.or(file.tx_timeout_ms).unwrap_or(5000),
         ),
@@ -319,8 +430,20 @@ fn load(args: &ServeArgs) -> anyhow::Result<Settings> {
         "sandbox" | "xen" => {}
         other => bail!("unknown backend {other:?}; use --backend sandbox or --backend xen"),
     }
-    if s.workers == 0 || s.max_in_flight == 0 {
-        bail!("workers and max_in_flight must be at least 1");
+    if s.workers == 0 || s.max_in_flight == 0 || s.max_per_client == 0 {
+        bail!("workers, max_in_flight and max_per_client must be at least 1");
+    }
+    if s.workers > 64 || s.max_in_flight > 4096 {
+        bail!("workers is limited to 64 and max_in_flight to 4096");
+    }
+    if !s.listen.ip().is_loopback() && s.tls.is_none() && !insecure {
+        bail!(
+            "refusing to serve plain HTTP on the non-loopback address {}: clients and their \
+             transactions would travel unauthenticated and in clear. Give --tls-cert and \
+             --tls-key (and --tls-client-ca for client certificates), or, only behind a \
+             trusted front end that terminates TLS, --insecure-plaintext-listen",
+            s.listen
+        );
     }
     if s.tx_timeout.is_zero() || s.take_timeout.is_zero() {
         bail!("tx_timeout_ms and take_timeout_ms must be at least 1");
@@ -330,6 +453,27 @@ fn load(args: &ServeArgs) -> anyhow::Result<Settings> {
     }
     s.siem.validate().context("in the [siem] section")?;
     Ok(s)
+}
+
+/// The `[tls]` table with the `--tls-*` flags laid over it; `None` without certificate.
+fn tls_settings(
+    args: &ServeArgs,
+    file: Option<TlsFileConfig>,
+) -> anyhow::Result<Option<mayfly_api::TlsFiles>> {
+    let file = file.unwrap_or_default();
+    let cert = args.tls_cert.clone().or(file.cert);
+    let key = args.tls_key.clone().or(file.key);
+    let client_ca = args.tls_client_ca.clone().or(file.client_ca);
+    match (cert, key) {
+        (Some(cert), Some(key)) => Ok(Some(mayfly_api::TlsFiles {
+            cert,
+            key,
+            client_ca,
+        })),
+        (None, None) if client_ca.is_none() => Ok(None),
+        (None, None) => bail!("--tls-client-ca needs --tls-cert and --tls-key"),
+        _ => bail!("TLS needs both --tls-cert and --tls-key"),
+    }
 }
 
 /// The `[xen]` table with the `--xen-*` flags laid over it.
@@ -501,7 +645,11 @@ pub fn run(args: &ServeArgs, log: &Logger) -> anyhow::Result<u8> {
         listen: s.listen,
         workers: s.workers,
         max_in_flight: s.max_in_flight,
+        max_per_client: s.max_per_client,
+        limits: s.limits.clone(),
+        tls: s.tls.clone(),
         health_sections: vec![siem_health(siem.status_handle())],
+        metrics_sections: vec![siem_metrics(siem.status_handle(), ledger.clone())],
         ..ApiConfig::default()
     };
     let server = match Server::start(api, executor.clone(), log) {
@@ -525,7 +673,7 @@ pub fn run(args: &ServeArgs, log: &Logger) -> anyhow::Result<u8> {
             match mayfly_console::ConsoleServer::start(config, services, log) {
                 Ok(c) => Some(c),
                 Err(e) => {
-                    server.shutdown();
+                    server.shutdown(Duration::from_secs(5));
                     backend.shutdown();
                     return Err(anyhow::Error::new(e).context("starting the admin console"));
                 }
@@ -540,7 +688,24 @@ pub fn run(args: &ServeArgs, log: &Logger) -> anyhow::Result<u8> {
         .field("pool_size", s.pool_size)
         .field("policy_hash", hex(&policy_hash))])?;
     info!(log, "serving"; "addr" => %addr, "backend" => backend.name());
-    print_banner(addr, backend.name(), &s.data_dir, &ledger, &names);
+    print_banner(
+        addr,
+        server.tls(),
+        backend.name(),
+        &s.data_dir,
+        &ledger,
+        &names,
+    );
+    if server.tls() {
+        println!(
+            "mayfly: client API over TLS{}",
+            if server.mutual_tls() {
+                " with client certificates (clients named spki:<sha-256 of their public key>)"
+            } else {
+                ""
+            }
+        );
+    }
     match &console {
         Some(c) => println!(
             "mayfly: admin console on {}{} ({} admin key(s), quorum {})",
@@ -559,7 +724,7 @@ pub fn run(args: &ServeArgs, log: &Logger) -> anyhow::Result<u8> {
     );
 
     // SIGHUP reloads the policy bundle (atomically; a malformed one is refused and the
-    // active one stays; both audited). SIGINT/SIGTERM stop.
+    // active one stays; both audited) and the TLS files (the same way). SIGINT/SIGTERM stop.
     let signal = loop {
         let signal = signals.wait().context("waiting for signals")?;
         if signal != Signal::SIGHUP {
@@ -574,12 +739,15 @@ pub fn run(args: &ServeArgs, log: &Logger) -> anyhow::Result<u8> {
                 eprintln!("dom0-agent: SIGHUP: policy bundle refused, the active one stays: {e}")
             }
         }
+        if server.tls() {
+            reload_tls(&server, &ledger);
+        }
     };
     eprintln!("dom0-agent: {signal:?} received, stopping");
     if let Some(c) = console {
         c.shutdown(Duration::from_secs(10));
     }
-    server.shutdown();
+    server.shutdown(s.tx_timeout + s.take_timeout + Duration::from_secs(5));
     let left = executor.wait_for_reapers_within(Duration::from_secs(30));
     if left > 0 {
         slog::warn!(log, "domains still being destroyed after 30 s; shutting the backend down anyway";
@@ -601,6 +769,23 @@ pub fn run(args: &ServeArgs, log: &Logger) -> anyhow::Result<u8> {
     Ok(0)
 }
 
+/// Rereads the TLS certificate, key and client CA; on failure the ones in force stay. Both
+/// outcomes are said on stderr and audited.
+fn reload_tls(server: &Server, ledger: &Ledger) {
+    let event = match server.reload_tls() {
+        Ok(()) => {
+            eprintln!("dom0-agent: SIGHUP: TLS certificate and key reloaded");
+            AuditEvent::new("api.tls_reloaded", Severity::Notice)
+        }
+        Err(e) => {
+            eprintln!("dom0-agent: SIGHUP: TLS files refused, the ones in force stay: {e}");
+            AuditEvent::new("api.tls_reload_failed", Severity::Warning)
+                .field("reason", e.to_string())
+        }
+    };
+    let _ = ledger.audit(vec![event]);
+}
+
 /// The SIEM exporter's per-collector delivery state, for the console's `status`.
 struct SiemStatus(mayfly_siem::StatusHandle);
 
@@ -619,6 +804,35 @@ impl mayfly_console::ExporterStatus for SiemStatus {
     }
 }
 
+/// The SIEM section of `GET /metrics`: per collector, the audit records not yet delivered.
+fn siem_metrics(handle: mayfly_siem::StatusHandle, ledger: Ledger) -> mayfly_api::MetricsSection {
+    mayfly_api::MetricsSection {
+        name: "siem",
+        render: Arc::new(move |out: &mut String| {
+            use std::fmt::Write as _;
+            let collectors = handle.status();
+            if collectors.is_empty() {
+                return;
+            }
+            let tip = ledger.tips().audit.seq;
+            mayfly_api::metrics_family(
+                out,
+                "mayfly_siem_lag_records",
+                "gauge",
+                "Audit records not yet delivered to the collector",
+            );
+            for c in &collectors {
+                let _ = writeln!(
+                    out,
+                    "mayfly_siem_lag_records{{collector=\"{}\"}} {}",
+                    c.name.replace(['\\', '"', '\n'], "_"),
+                    tip.saturating_sub(c.delivered_seq)
+                );
+            }
+        }),
+    }
+}
+
 /// The `siem` section of `GET /v1/health`: one object per collector.
 fn siem_health(handle: mayfly_siem::StatusHandle) -> mayfly_api::HealthSection {
     mayfly_api::HealthSection {
@@ -629,8 +843,15 @@ fn siem_health(handle: mayfly_siem::StatusHandle) -> mayfly_api::HealthSection {
     }
 }
 
-fn print_banner(addr: SocketAddr, backend: &str, dir: &Path, ledger: &Ledger, handlers: &[String]) {
-    let url = format!("http://{addr}");
+fn print_banner(
+    addr: SocketAddr,
+    tls: bool,
+    backend: &str,
+    dir: &Path,
+    ledger: &Ledger,
+    handlers: &[String],
+) {
+    let url = format!("{}://{addr}", if tls { "https" } else { "http" });
     let isolation = match backend {
         "xen" => "xen backend: a Xen PV domU per transaction",
         _ => "sandbox backend: process isolation, not a VM",

@@ -1,4 +1,5 @@
-//! The client API: HTTP/1.1 with JSON bodies, loopback by default.
+//! The client API: HTTP/1.1 with JSON bodies, loopback by default, TLS and mutual TLS
+//! optional.
 //!
 //! ```text
 //! POST /v1/transactions        {"handler": "transfer", "payload": {...}, "idempotency_key": "k1"}
@@ -8,9 +9,11 @@
 //!   409 failed      serialization conflicts on every attempt (contention): retry later
 //!   500 failed      {"tx_id", "status": "failed", "error": <what the domain did>, ...}
 //!   400 malformed JSON or fields · 404 unknown handler · 413 body too large
-//!   503 overloaded (too many in flight, or no domain in time), with Retry-After
+//!   503 overloaded (too many in flight, too many of this client's, or no domain in time),
+//!       with Retry-After
 //! GET  /v1/transactions/{id}   outcome and checkpoint summary; 404 if unknown
 //! GET  /v1/health              backend, pool, ledger tips, load (+ SIEM export status)
+//! GET  /metrics                Prometheus text format
 //! POST /v1/reports             an external detector names a tx/key/handler/client as an
 //!                              attack (Authorization: Bearer <detector token>); the policy
 //!                              decides; rollback decisions are carried out (or dry-run)
@@ -20,35 +23,85 @@
 //! that is valid JSON is returned as JSON; valid UTF-8 otherwise as a string; anything else
 //! as `result_hex`. Errors are `{"error": "..."}` with a status that says what went wrong.
 //!
-//! Concurrency: a fixed set of worker threads, each blocking on the listener and running one
-//! transaction at a time; `max_in_flight` bounds transactions across workers.
+//! Concurrency: async at the network edge only. A small tokio runtime (`workers` threads)
+//! accepts connections and parses HTTP with hyper under explicit limits ([`Limits`]); a
+//! transaction is admitted against `max_in_flight` and `max_per_client` (503 + Retry-After
+//! beyond them, at once) and then runs, blocking, on the runtime's blocking pool, which is
+//! sized from `max_in_flight`: a waiting or running transaction holds no network thread.
 
 #![forbid(unsafe_code)]
 
+mod metrics;
+mod net;
+pub mod tls;
+
 use std::collections::{HashMap, VecDeque};
-use std::io::Read;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::{Method, Request, Response, StatusCode};
 use mayfly_executor::{ExecError, Executor, Failure, TxOutcome, TxRequest, TxStatus};
 use mayfly_ledger::{codec::hex, TxId};
 use serde::Deserialize;
 use serde_json::{json, Value};
-use slog::{info, o, warn, Logger};
+use slog::{o, warn, Logger};
+
+pub use metrics::{family as metrics_family, MetricsSection};
+pub use tls::{TlsError, TlsFiles};
+
+/// Limits of the HTTP layer; every one is a `serve` flag and configuration key.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Largest request head (request line and headers), bytes; beyond: 431, closed.
+    pub max_header_bytes: usize,
+    /// Most header fields in a request; beyond: 431, closed.
+    pub max_headers: usize,
+    /// Time to receive a whole request head, from the moment the connection waits for it
+    /// (so also the longest idle time of a kept-alive connection); beyond: closed.
+    pub header_timeout: Duration,
+    /// Time to receive a whole request body once its head is in; beyond: 408, closed.
+    pub body_timeout: Duration,
+    /// Time a connection may stay open without a request in progress, after a response.
+    pub idle_timeout: Duration,
+    /// Most client connections open at once; beyond: answered 503 and closed at once.
+    pub max_connections: usize,
+    /// Largest request body, bytes; beyond (declared or received): 413, closed.
+    pub max_body: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_header_bytes: 16 * 1024,
+            max_headers: 64,
+            header_timeout: Duration::from_secs(10),
+            body_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(30),
+            max_connections: 2048,
+            max_body: 256 * 1024,
+        }
+    }
+}
 
 /// Configuration of the API server.
 #[derive(Debug, Clone)]
 pub struct ApiConfig {
     /// Address to listen on (loopback by default).
     pub listen: SocketAddr,
-    /// Worker threads.
+    /// Network threads (the async runtime's workers); transactions do not run on them.
     pub workers: usize,
-    /// Largest request body accepted, bytes.
-    pub max_body: usize,
-    /// Most transactions running at once; more are refused with 503.
+    /// Limits of the HTTP layer.
+    pub limits: Limits,
+    /// Most transactions admitted at once; more are refused with 503. Also the size of the
+    /// blocking pool they run on.
     pub max_in_flight: usize,
+    /// Most transactions of one client (see [`ApiConfig::tls`] for what names a client)
+    /// admitted at once; more are refused with 503.
+    pub max_per_client: usize,
     /// Transactions remembered for idempotency keys and for the status of aborted ones.
     pub remember: usize,
     /// Bearer token external detectors must present to `POST /v1/reports`; `None`
@@ -57,6 +110,12 @@ pub struct ApiConfig {
     /// Extra sections of `GET /v1/health`, each a JSON value computed per request (the SIEM
     /// exporter's status, for one).
     pub health_sections: Vec<HealthSection>,
+    /// Extra families of `GET /metrics`.
+    pub metrics_sections: Vec<MetricsSection>,
+    /// TLS: `None` serves plain HTTP. With a client CA, clients are named by the SHA-256
+    /// of their certificate's SubjectPublicKeyInfo (`spki:<hex>`); otherwise by their IP
+    /// address.
+    pub tls: Option<TlsFiles>,
 }
 
 /// One named section of `GET /v1/health`, supplied by a part the API does not know.
@@ -80,30 +139,42 @@ impl Default for ApiConfig {
     fn default() -> Self {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 8450)),
-            workers: 16,
-            max_body: 256 * 1024,
+            workers: 2,
+            limits: Limits::default(),
             max_in_flight: 64,
+            max_per_client: 8,
             remember: 100_000,
             detector_token: None,
             health_sections: Vec::new(),
+            metrics_sections: Vec::new(),
+            tls: None,
         }
     }
 }
 
-/// Why the server could not start.
+/// Why the server could not start, or could not reload.
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
     /// Binding the listener failed.
-    #[error("cannot listen on {addr}: {reason}")]
+    #[error("cannot listen on {addr}: {source}")]
     Bind {
         /// Address.
         addr: SocketAddr,
-        /// What the HTTP server reported.
-        reason: String,
+        /// What the system reported.
+        source: std::io::Error,
     },
-    /// A worker thread could not be started.
-    #[error("cannot start a worker thread: {0}")]
-    Thread(std::io::Error),
+    /// The network runtime could not be started.
+    #[error("cannot start the network runtime: {0}")]
+    Runtime(std::io::Error),
+    /// A limit is out of range.
+    #[error("invalid limit: {0}")]
+    Limit(String),
+    /// The TLS material could not be loaded.
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    /// A TLS reload was asked of a server without TLS.
+    #[error("TLS is not configured")]
+    NoTls,
 }
 
 #[derive(Deserialize)]
@@ -118,6 +189,10 @@ struct SubmitBody {
 
 /// Longest idempotency key.
 pub const MAX_IDEMPOTENCY_KEY: usize = 128;
+
+/// Blocking threads beyond `max_in_flight`, for reports and the audit records of refused
+/// requests (both also bounded by [`Shared::aux`]).
+const AUX_BLOCKING: usize = 4;
 
 enum Remembered {
     InProgress {
@@ -166,31 +241,101 @@ struct Shared {
     executor: Arc<Executor>,
     config: ApiConfig,
     in_flight: AtomicUsize,
+    /// Transactions admitted per client; an entry is removed when it reaches 0, so the map
+    /// holds at most `max_in_flight` entries.
+    per_client: Mutex<HashMap<Arc<str>, usize>>,
+    /// Permits for blocking work that is not a transaction (reports, audit records).
+    aux: Arc<tokio::sync::Semaphore>,
     memory: Mutex<Memory>,
+    metrics: metrics::Metrics,
+    tls: Option<tls::Current>,
     log: Logger,
+}
+
+/// A transaction's place among those admitted; released on drop.
+struct Admission {
+    shared: Arc<Shared>,
+    client: Arc<str>,
+}
+
+impl Drop for Admission {
+    fn drop(&mut self) {
+        self.shared.in_flight.fetch_sub(1, Ordering::AcqRel);
+        if let Ok(mut map) = self.shared.per_client.lock() {
+            if let Some(n) = map.get_mut(&self.client) {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    map.remove(&self.client);
+                }
+            }
+        }
+    }
+}
+
+/// Why a transaction was not admitted.
+enum Refusal {
+    InFlight(usize),
+    PerClient(usize),
+}
+
+impl Shared {
+    fn admit(self: &Arc<Self>, client: &Arc<str>) -> Result<Admission, Refusal> {
+        let running = self.in_flight.fetch_add(1, Ordering::AcqRel);
+        if running >= self.config.max_in_flight {
+            self.in_flight.fetch_sub(1, Ordering::AcqRel);
+            return Err(Refusal::InFlight(running));
+        }
+        let Ok(mut map) = self.per_client.lock() else {
+            self.in_flight.fetch_sub(1, Ordering::AcqRel);
+            return Err(Refusal::InFlight(running));
+        };
+        let n = map.entry(client.clone()).or_insert(0);
+        if *n >= self.config.max_per_client {
+            let held = *n;
+            drop(map);
+            self.in_flight.fetch_sub(1, Ordering::AcqRel);
+            return Err(Refusal::PerClient(held));
+        }
+        *n += 1;
+        Ok(Admission {
+            shared: self.clone(),
+            client: client.clone(),
+        })
+    }
 }
 
 /// A running API server.
 pub struct Server {
-    http: Arc<tiny_http::Server>,
-    workers: Vec<JoinHandle<()>>,
-    addr: SocketAddr,
+    net: net::Net,
+    shared: Arc<Shared>,
 }
 
 impl Server {
-    /// Binds and starts the workers.
+    /// Binds and starts serving.
     pub fn start(
         config: ApiConfig,
         executor: Arc<Executor>,
         log: &Logger,
     ) -> Result<Self, ApiError> {
         let log = log.new(o!("component" => "api"));
-        let http = tiny_http::Server::http(config.listen).map_err(|e| ApiError::Bind {
-            addr: config.listen,
-            reason: e.to_string(),
-        })?;
-        let addr = http.server_addr().to_ip().unwrap_or(config.listen);
-        let http = Arc::new(http);
+        let l = &config.limits;
+        if l.max_header_bytes < 1024 || l.max_headers == 0 || l.max_connections == 0 {
+            return Err(ApiError::Limit(
+                "max_header_bytes must be at least 1024, max_headers and max_connections at least 1"
+                    .into(),
+            ));
+        }
+        if l.header_timeout.is_zero() || l.body_timeout.is_zero() || l.idle_timeout.is_zero() {
+            return Err(ApiError::Limit(
+                "header, body and idle timeouts must be above 0".into(),
+            ));
+        }
+        if config.max_in_flight == 0 || config.max_per_client == 0 || config.workers == 0 {
+            return Err(ApiError::Limit(
+                "workers, max_in_flight and max_per_client must be at least 1".into(),
+            ));
+        }
+        let tls = config.tls.clone().map(tls::Current::new).transpose()?;
         let shared = Arc::new(Shared {
             executor,
             memory: Mutex::new(Memory {
@@ -201,152 +346,257 @@ impl Server {
                 cap: config.remember.max(1),
             }),
             in_flight: AtomicUsize::new(0),
-            config: config.clone(),
-            log: log.clone(),
+            per_client: Mutex::new(HashMap::new()),
+            aux: Arc::new(tokio::sync::Semaphore::new(AUX_BLOCKING)),
+            metrics: metrics::Metrics::default(),
+            tls,
+            config,
+            log,
         });
-        let mut workers = Vec::new();
-        for i in 0..config.workers.max(1) {
-            let (http, shared) = (http.clone(), shared.clone());
-            workers.push(
-                std::thread::Builder::new()
-                    .name(format!("api-{i}"))
-                    .spawn(move || worker(&http, &shared))
-                    .map_err(ApiError::Thread)?,
-            );
-        }
-        info!(log, "client API listening"; "addr" => %addr, "workers" => config.workers);
-        Ok(Self {
-            http,
-            workers,
-            addr,
-        })
+        let net = net::Net::start(shared.clone())?;
+        Ok(Self { net, shared })
     }
 
     /// The bound address.
     pub fn local_addr(&self) -> SocketAddr {
-        self.addr
+        self.net.addr
     }
 
-    /// Stops accepting requests and waits for the workers to finish theirs.
-    pub fn shutdown(self) {
-        for _ in &self.workers {
-            self.http.unblock();
-        }
-        for w in self.workers {
-            let _ = w.join();
-        }
+    /// Whether the server speaks TLS.
+    pub fn tls(&self) -> bool {
+        self.shared.tls.is_some()
     }
-}
 
-fn worker(http: &tiny_http::Server, shared: &Shared) {
-    while let Ok(request) = http.recv() {
-        handle(request, shared);
+    /// Whether clients must present a certificate.
+    pub fn mutual_tls(&self) -> bool {
+        self.shared.tls.as_ref().is_some_and(tls::Current::mutual)
     }
-}
 
-fn respond(request: tiny_http::Request, code: u16, body: &Value, extra: Option<(&str, &str)>) {
-    let mut response =
-        tiny_http::Response::from_data(body.to_string().into_bytes()).with_status_code(code);
-    if let Ok(h) = tiny_http::Header::from_bytes(&b"Content-Type"[..], &b"application/json"[..]) {
-        response.add_header(h);
-    }
-    if let Some((name, value)) = extra {
-        if let Ok(h) = tiny_http::Header::from_bytes(name.as_bytes(), value.as_bytes()) {
-            response.add_header(h);
+    /// Reads the certificate, key and client CA files again and uses them for new
+    /// connections; on any error the ones in force stay and the error says why.
+    pub fn reload_tls(&self) -> Result<(), ApiError> {
+        match &self.shared.tls {
+            Some(t) => Ok(t.reload()?),
+            None => Err(ApiError::NoTls),
         }
     }
-    let _ = request.respond(response);
+
+    /// Stops accepting connections, lets the requests in progress finish (up to `grace`),
+    /// then stops the runtime.
+    pub fn shutdown(self, grace: Duration) {
+        self.net.shutdown(&self.shared, grace);
+    }
 }
 
-fn error(request: tiny_http::Request, code: u16, message: &str) {
-    respond(request, code, &json!({ "error": message }), None);
+type Body = Full<Bytes>;
+
+fn respond(code: u16, body: &Value, extra: &[(&'static str, &str)]) -> Response<Body> {
+    let mut response = Response::new(Full::new(Bytes::from(body.to_string())));
+    *response.status_mut() =
+        StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let headers = response.headers_mut();
+    headers.insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static("application/json"),
+    );
+    for (name, value) in extra {
+        if let Ok(v) = hyper::header::HeaderValue::from_str(value) {
+            headers.insert(*name, v);
+        }
+    }
+    response
 }
 
-fn handle(mut request: tiny_http::Request, shared: &Shared) {
+fn error(code: u16, message: &str) -> Response<Body> {
+    respond(code, &json!({ "error": message }), &[])
+}
+
+/// An error after which the connection is closed (the rest of the request is not read).
+fn error_close(code: u16, message: &str) -> Response<Body> {
+    respond(
+        code,
+        &json!({ "error": message }),
+        &[("connection", "close")],
+    )
+}
+
+/// Serves one request of `client` (its identity: SPKI hash or IP address).
+async fn handle(
+    request: Request<hyper::body::Incoming>,
+    client: Arc<str>,
+    shared: Arc<Shared>,
+) -> Response<Body> {
+    // Two Content-Length fields (even equal ones), or Content-Length beside
+    // Transfer-Encoding, are how requests are smuggled past a proxy: refused.
+    let lengths = request
+        .headers()
+        .get_all(hyper::header::CONTENT_LENGTH)
+        .iter()
+        .count();
+    if lengths > 1 {
+        return error_close(400, "more than one Content-Length header");
+    }
+    if lengths == 1
+        && request
+            .headers()
+            .contains_key(hyper::header::TRANSFER_ENCODING)
+    {
+        return error_close(400, "both Content-Length and Transfer-Encoding");
+    }
     let method = request.method().clone();
-    let url = request.url().to_owned();
-    let path = url.split('?').next().unwrap_or("");
-    match (&method, path) {
-        (tiny_http::Method::Post, "/v1/transactions") => {
-            let body = match read_body(&mut request, shared.config.max_body) {
+    let path = request.uri().path().to_owned();
+    match (&method, path.as_str()) {
+        (&Method::POST, "/v1/transactions") => {
+            let body = match net::read_body(request, &shared).await {
                 Ok(b) => b,
-                Err((code, msg)) => return error(request, code, &msg),
+                Err(response) => {
+                    shared.metrics.outcome(response.status().as_u16(), false);
+                    return response;
+                }
             };
-            // The client is its address, without the port: rates apply per host.
-            let client = request
-                .remote_addr()
-                .map_or_else(|| "unknown".to_owned(), |a| a.ip().to_string());
-            let (code, body, retry) = submit(shared, &body, client);
-            let extra = retry.then_some(("Retry-After", "1"));
-            respond(request, code, &body, extra);
+            let admission = match shared.admit(&client) {
+                Ok(a) => a,
+                Err(refusal) => {
+                    let msg = match refusal {
+                        Refusal::InFlight(n) => {
+                            shared
+                                .metrics
+                                .refused_in_flight
+                                .fetch_add(1, Ordering::Relaxed);
+                            format!(
+                                "overloaded: {n} transactions in flight (limit {})",
+                                shared.config.max_in_flight
+                            )
+                        }
+                        Refusal::PerClient(n) => {
+                            shared
+                                .metrics
+                                .refused_per_client
+                                .fetch_add(1, Ordering::Relaxed);
+                            format!(
+                                "this client has {n} transactions in flight (limit {} per client)",
+                                shared.config.max_per_client
+                            )
+                        }
+                    };
+                    shared.metrics.outcome(503, true);
+                    return respond(503, &json!({ "error": msg }), &[("retry-after", "1")]);
+                }
+            };
+            let started = Instant::now();
+            let task_shared = shared.clone();
+            let joined = tokio::task::spawn_blocking(move || {
+                let _admission = admission;
+                submit(&task_shared, &body, client.to_string())
+            })
+            .await;
+            match joined {
+                Ok((code, body, retry)) => {
+                    shared.metrics.outcome(code, false);
+                    if matches!(code, 200 | 422 | 409 | 403 | 500) {
+                        shared.metrics.latency(started.elapsed());
+                    }
+                    let extra: &[(&'static str, &str)] =
+                        if retry { &[("retry-after", "1")] } else { &[] };
+                    respond(code, &body, extra)
+                }
+                Err(e) => {
+                    shared.metrics.outcome(500, false);
+                    error(500, &format!("transaction task failed: {e}"))
+                }
+            }
         }
-        (tiny_http::Method::Post, "/v1/reports") => {
+        (&Method::POST, "/v1/reports") => {
             let auth = request
                 .headers()
-                .iter()
-                .find(|h| h.field.equiv("Authorization"))
-                .map(|h| h.value.as_str().to_owned());
-            if !authorized(shared, auth.as_deref()) {
+                .get(hyper::header::AUTHORIZATION)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned);
+            if !authorized(&shared, auth.as_deref()) {
+                // The unread body is not drained (the connection closes). The audit record
+                // is written before the answer, so a flood of bad reports is held back by
+                // the connection limit rather than queued without bound.
                 let ev = mayfly_ledger::AuditEvent::new(
                     "report.rejected",
                     mayfly_ledger::Severity::Warning,
                 )
                 .field("reason", "missing or wrong bearer token")
-                .field(
-                    "client",
-                    request
-                        .remote_addr()
-                        .map_or_else(|| "unknown".to_owned(), |a| a.ip().to_string()),
-                );
-                let _ = shared.executor.ledger().audit(vec![ev]);
-                return error(
-                    request,
-                    401,
-                    "reports need `Authorization: Bearer <detector token>`",
-                );
+                .field("client", client.to_string());
+                if let Ok(permit) = shared.aux.clone().acquire_owned().await {
+                    let task_shared = shared.clone();
+                    let _ = tokio::task::spawn_blocking(move || {
+                        let _permit = permit;
+                        let _ = task_shared.executor.ledger().audit(vec![ev]);
+                    })
+                    .await;
+                }
+                return error_close(401, "reports need `Authorization: Bearer <detector token>`");
             }
-            let body = match read_body(&mut request, shared.config.max_body) {
+            let body = match net::read_body(request, &shared).await {
                 Ok(b) => b,
-                Err((code, msg)) => return error(request, code, &msg),
+                Err(response) => return response,
             };
-            let (code, body) = report(shared, &body);
-            respond(request, code, &body, None);
+            let Ok(permit) = shared.aux.clone().acquire_owned().await else {
+                return error(503, "shutting down");
+            };
+            let task_shared = shared.clone();
+            match tokio::task::spawn_blocking(move || {
+                let _permit = permit;
+                report(&task_shared, &body)
+            })
+            .await
+            {
+                Ok((code, body)) => respond(code, &body, &[]),
+                Err(e) => error(500, &format!("report task failed: {e}")),
+            }
         }
-        (tiny_http::Method::Get, "/v1/health") => {
-            let body = health(shared);
-            respond(request, 200, &body, None);
+        (&Method::GET, "/v1/health") => respond(200, &health(&shared), &[]),
+        (&Method::GET, "/metrics") => {
+            let mut text = String::with_capacity(8192);
+            render_metrics(&shared, &mut text);
+            let mut response = Response::new(Full::new(Bytes::from(text)));
+            response.headers_mut().insert(
+                hyper::header::CONTENT_TYPE,
+                hyper::header::HeaderValue::from_static("text/plain; version=0.0.4"),
+            );
+            response
         }
-        (tiny_http::Method::Get, p) if p.starts_with("/v1/transactions/") => {
+        (&Method::GET, p) if p.starts_with("/v1/transactions/") => {
             let id = &p["/v1/transactions/".len()..];
-            let (code, body) = lookup(shared, id);
-            respond(request, code, &body, None);
+            let (code, body) = lookup(&shared, id);
+            respond(code, &body, &[])
         }
-        (_, "/v1/transactions" | "/v1/health" | "/v1/reports") => {
-            error(request, 405, "method not allowed")
+        (_, "/v1/transactions" | "/v1/health" | "/v1/reports" | "/metrics") => {
+            error_close(405, "method not allowed")
         }
-        _ => error(
-            request,
+        _ => error_close(
             404,
-            "no such endpoint; see /v1/transactions and /v1/health",
+            "no such endpoint; see /v1/transactions, /v1/health and /metrics",
         ),
     }
 }
 
-fn read_body(request: &mut tiny_http::Request, max: usize) -> Result<Vec<u8>, (u16, String)> {
-    if request.body_length().is_some_and(|n| n > max) {
-        return Err((413, format!("request body above the limit of {max} bytes")));
+fn render_metrics(shared: &Shared, out: &mut String) {
+    let stats = shared.executor.backend().stats();
+    let tips = shared.executor.ledger().tips();
+    let to64 = |n: usize| u64::try_from(n).unwrap_or(u64::MAX);
+    let gauges = metrics::Gauges {
+        in_flight: to64(shared.in_flight.load(Ordering::Acquire)),
+        max_in_flight: to64(shared.config.max_in_flight),
+        max_connections: to64(shared.config.limits.max_connections),
+        pool_ready: to64(stats.ready),
+        pool_in_use: to64(stats.in_use),
+        pool_created: stats.created,
+        pool_destroyed: stats.destroyed,
+        pool_failed: stats.failed,
+        checkpoint_seq: tips.checkpoints.seq,
+        audit_seq: tips.audit.seq,
+        groups: tips.group,
+    };
+    shared.metrics.render(out, &gauges);
+    for section in &shared.config.metrics_sections {
+        (section.render)(out);
     }
-    let mut body = Vec::new();
-    let limit = u64::try_from(max).unwrap_or(u64::MAX).saturating_add(1);
-    request
-        .as_reader()
-        .take(limit)
-        .read_to_end(&mut body)
-        .map_err(|e| (400, format!("reading the request body: {e}")))?;
-    if body.len() > max {
-        return Err((413, format!("request body above the limit of {max} bytes")));
-    }
-    Ok(body)
 }
 
 fn result_json(result: &[u8]) -> (&'static str, Value) {
@@ -463,22 +713,11 @@ fn submit(shared: &Shared, raw: &[u8], client: String) -> (u16, Value, bool) {
         }
     };
 
-    let running = shared.in_flight.fetch_add(1, Ordering::AcqRel);
-    if running >= shared.config.max_in_flight {
-        shared.in_flight.fetch_sub(1, Ordering::AcqRel);
-        forget_key(shared);
-        let msg = format!(
-            "overloaded: {running} transactions in flight (limit {})",
-            shared.config.max_in_flight
-        );
-        return (503, json!({ "error": msg }), true);
-    }
     let result = shared.executor.execute(&TxRequest {
         handler: body.handler.clone(),
         payload,
         client,
     });
-    shared.in_flight.fetch_sub(1, Ordering::AcqRel);
     match result {
         Ok(outcome) => {
             let (code, json_body) = outcome_json(&outcome);
@@ -682,6 +921,7 @@ fn health(shared: &Shared) -> Value {
         },
         "in_flight": shared.in_flight.load(Ordering::Acquire),
         "max_in_flight": shared.config.max_in_flight,
+        "max_per_client": shared.config.max_per_client,
     });
     if let Some(obj) = health.as_object_mut() {
         for section in &shared.config.health_sections {

@@ -57,7 +57,10 @@ impl Agent {
                 .next()
                 .expect("agent exited before serving")
                 .expect("read agent stdout");
-            if let Some(rest) = line.strip_prefix("mayfly: serving on http://") {
+            if let Some(rest) = line
+                .strip_prefix("mayfly: serving on http://")
+                .or_else(|| line.strip_prefix("mayfly: serving on https://"))
+            {
                 let addr = rest.split_whitespace().next().unwrap();
                 break addr.parse().unwrap();
             }

@@ -1,0 +1,416 @@
+//! The network edge: a tokio runtime, the accept loop, TLS handshakes and hyper's HTTP/1.1
+//! connections, each under the limits of [`crate::Limits`].
+//!
+//! What each limit does, and what hyper does by itself:
+//! - more than `max_connections` open: the new connection is answered
+//!   `503 Service Unavailable` + `Connection: close` (plain HTTP; a TLS port just closes it)
+//!   and closed, at once; at most [`REFUSERS`] such answers are in progress, beyond them the
+//!   connection is closed without one;
+//! - a request head above `max_header_bytes` or with more than `max_headers` fields: hyper
+//!   answers 431 and closes; a malformed request line, URI (a raw 0xFF, say) or header
+//!   field: hyper answers 400 and closes; an HTTP/2 preface on the HTTP/1.1 port: hyper
+//!   closes the connection at once, without a status (it recognises the preface and has no
+//!   HTTP/1.1 answer for it);
+//! - a head not complete within `header_timeout` of the connection waiting for it: hyper
+//!   closes the connection without a status (hyper 1.x has no 408 for it);
+//! - no request in progress and no byte either way for `idle_timeout`: closed (the
+//!   effective idle limit is the smaller of `idle_timeout` and `header_timeout`);
+//! - a TLS handshake not complete within `header_timeout`: closed;
+//! - a body not complete within `body_timeout`: 408, closed; above `max_body` (declared in
+//!   Content-Length, or counted as it arrives, chunked or not): 413, closed, and the rest
+//!   is not read.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use hyper::{Request, Response};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use slog::{debug, info, warn};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{watch, Semaphore};
+
+use crate::{error_close, ApiError, Body, Shared};
+
+/// Refusals (503 at the connection limit) written at once, at most.
+pub(crate) const REFUSERS: usize = 32;
+
+const REFUSAL: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n\
+retry-after: 1\r\nconnection: close\r\ncontent-length: 51\r\n\r\n\
+{\"error\":\"overloaded: too many connections are open\"}";
+
+pub(crate) struct Net {
+    pub addr: SocketAddr,
+    runtime: tokio::runtime::Runtime,
+    stop: watch::Sender<bool>,
+    accept: tokio::task::JoinHandle<()>,
+}
+
+impl Net {
+    pub(crate) fn start(shared: Arc<Shared>) -> Result<Self, ApiError> {
+        let config = &shared.config;
+        let listen = config.listen;
+        let std_listener =
+            std::net::TcpListener::bind(listen).map_err(|source| ApiError::Bind {
+                addr: listen,
+                source,
+            })?;
+        std_listener
+            .set_nonblocking(true)
+            .map_err(|source| ApiError::Bind {
+                addr: listen,
+                source,
+            })?;
+        let addr = std_listener.local_addr().unwrap_or(listen);
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(config.workers)
+            .max_blocking_threads(config.max_in_flight + crate::AUX_BLOCKING)
+            .thread_name("api")
+            .enable_io()
+            .enable_time()
+            .build()
+            .map_err(ApiError::Runtime)?;
+        let listener = {
+            let _guard = runtime.enter();
+            TcpListener::from_std(std_listener).map_err(|source| ApiError::Bind {
+                addr: listen,
+                source,
+            })?
+        };
+        let (stop, stop_rx) = watch::channel(false);
+        info!(shared.log, "client API listening"; "addr" => %addr, "workers" => config.workers,
+            "tls" => shared.tls.is_some(),
+            "mutual_tls" => shared.tls.as_ref().is_some_and(crate::tls::Current::mutual),
+            "max_connections" => config.limits.max_connections);
+        let accept = runtime.spawn(accept_loop(listener, shared, stop_rx));
+        Ok(Self {
+            addr,
+            runtime,
+            stop,
+            accept,
+        })
+    }
+
+    pub(crate) fn shutdown(self, shared: &Shared, grace: Duration) {
+        let _ = self.stop.send(true);
+        let deadline = Instant::now() + grace;
+        self.runtime.block_on(async {
+            let _ = self.accept.await;
+            // Connections close as their requests end (graceful shutdown in each); wait
+            // for them, polling with a deadline.
+            while shared.metrics.open_connections.load(Ordering::Acquire) > 0
+                && Instant::now() < deadline
+            {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        });
+        self.runtime
+            .shutdown_timeout(deadline.saturating_duration_since(Instant::now()));
+    }
+}
+
+async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
+    let slots = Arc::new(Semaphore::new(shared.config.limits.max_connections));
+    let refusers = Arc::new(Semaphore::new(REFUSERS));
+    let epoch = Instant::now();
+    loop {
+        let accepted = tokio::select! {
+            _ = stop.changed() => return,
+            a = listener.accept() => a,
+        };
+        let (stream, peer) = match accepted {
+            Ok(a) => a,
+            Err(e) => {
+                // Out of descriptors (EMFILE) or a connection reset before accept: back
+                // off briefly instead of spinning on the error.
+                warn!(shared.log, "accept failed"; "error" => %e);
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        match slots.clone().try_acquire_owned() {
+            Ok(permit) => {
+                shared
+                    .metrics
+                    .connections_accepted
+                    .fetch_add(1, Ordering::Relaxed);
+                let (shared, stop) = (shared.clone(), stop.clone());
+                tokio::spawn(async move {
+                    shared
+                        .metrics
+                        .open_connections
+                        .fetch_add(1, Ordering::AcqRel);
+                    connection(stream, peer, &shared, stop, epoch).await;
+                    shared
+                        .metrics
+                        .open_connections
+                        .fetch_sub(1, Ordering::AcqRel);
+                    drop(permit);
+                });
+            }
+            Err(_) => {
+                shared
+                    .metrics
+                    .connections_refused
+                    .fetch_add(1, Ordering::Relaxed);
+                if shared.tls.is_none() {
+                    if let Ok(permit) = refusers.clone().try_acquire_owned() {
+                        tokio::spawn(refuse(stream, permit));
+                    }
+                }
+                // Otherwise dropped: closed at once.
+            }
+        }
+    }
+}
+
+/// Answers 503 on a connection beyond the limit, then closes it after reading (and
+/// discarding) at most 64 KiB for at most a second, so the client sees the answer rather
+/// than a reset.
+async fn refuse(mut stream: TcpStream, _permit: tokio::sync::OwnedSemaphorePermit) {
+    use tokio::io::AsyncReadExt;
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        stream.write_all(REFUSAL).await?;
+        stream.shutdown().await?;
+        let mut sink = [0u8; 4096];
+        let mut left = 64 * 1024usize;
+        while left > 0 {
+            let n = stream.read(&mut sink).await?;
+            if n == 0 {
+                break;
+            }
+            left = left.saturating_sub(n);
+        }
+        Ok::<(), std::io::Error>(())
+    })
+    .await;
+}
+
+/// Per-connection activity, for the idle timeout.
+struct Activity {
+    epoch: Instant,
+    /// Milliseconds since `epoch` of the last byte read or written.
+    last: AtomicU64,
+    /// Requests in progress (the service has them).
+    active: AtomicUsize,
+}
+
+impl Activity {
+    fn touch(&self) {
+        let ms = u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.last.store(ms, Ordering::Relaxed);
+    }
+    fn idle_for(&self) -> Duration {
+        let now = u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX);
+        Duration::from_millis(now.saturating_sub(self.last.load(Ordering::Relaxed)))
+    }
+}
+
+/// A stream that records its activity.
+struct Watched<S> {
+    inner: S,
+    activity: Arc<Activity>,
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Watched<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            self.activity.touch();
+        }
+        r
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Watched<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let r = Pin::new(&mut self.inner).poll_write(cx, buf);
+        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
+            self.activity.touch();
+        }
+        r
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+async fn connection(
+    stream: TcpStream,
+    peer: SocketAddr,
+    shared: &Arc<Shared>,
+    stop: watch::Receiver<bool>,
+    epoch: Instant,
+) {
+    let activity = Arc::new(Activity {
+        epoch,
+        last: AtomicU64::new(0),
+        active: AtomicUsize::new(0),
+    });
+    activity.touch();
+    let stream = Watched {
+        inner: stream,
+        activity: activity.clone(),
+    };
+    let Some(tls) = &shared.tls else {
+        let client: Arc<str> = Arc::from(peer.ip().to_string());
+        return serve(TokioIo::new(stream), client, shared, stop, activity).await;
+    };
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls.get());
+    let limit = shared.config.limits.header_timeout;
+    let stream = match tokio::time::timeout(limit, acceptor.accept(stream)).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            shared
+                .metrics
+                .tls_handshake_failures
+                .fetch_add(1, Ordering::Relaxed);
+            debug!(shared.log, "TLS handshake failed"; "peer" => %peer, "error" => %e);
+            return;
+        }
+        Err(_) => {
+            shared
+                .metrics
+                .tls_handshake_failures
+                .fetch_add(1, Ordering::Relaxed);
+            debug!(shared.log, "TLS handshake timed out"; "peer" => %peer);
+            return;
+        }
+    };
+    let client: Arc<str> = if tls.mutual() {
+        let id = stream
+            .get_ref()
+            .1
+            .peer_certificates()
+            .and_then(|c| c.first())
+            .and_then(crate::tls::identity);
+        match id {
+            Some(id) => Arc::from(id),
+            None => {
+                // The verifier required a certificate, so this is not expected; refuse.
+                warn!(shared.log, "client certificate without a usable key"; "peer" => %peer);
+                return;
+            }
+        }
+    } else {
+        Arc::from(peer.ip().to_string())
+    };
+    serve(TokioIo::new(stream), client, shared, stop, activity).await;
+}
+
+async fn serve<I>(
+    io: I,
+    client: Arc<str>,
+    shared: &Arc<Shared>,
+    mut stop: watch::Receiver<bool>,
+    activity: Arc<Activity>,
+) where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    let limits = &shared.config.limits;
+    let service = {
+        let (shared, activity) = (shared.clone(), activity.clone());
+        hyper::service::service_fn(move |request: Request<Incoming>| {
+            let (shared, client, activity) = (shared.clone(), client.clone(), activity.clone());
+            async move {
+                activity.active.fetch_add(1, Ordering::AcqRel);
+                let response = crate::handle(request, client, shared).await;
+                activity.touch();
+                activity.active.fetch_sub(1, Ordering::AcqRel);
+                Ok::<_, Infallible>(response)
+            }
+        })
+    };
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_timeout)
+        .max_headers(limits.max_headers)
+        .max_header_size(limits.max_header_bytes)
+        .keep_alive(true);
+    let conn = builder.serve_connection(io, service);
+    tokio::pin!(conn);
+    let idle = limits.idle_timeout;
+    let tick = (idle / 4).max(Duration::from_millis(50));
+    let mut stopping = false;
+    loop {
+        tokio::select! {
+            r = conn.as_mut() => {
+                if let Err(e) = r {
+                    debug!(shared.log, "connection ended with an error"; "error" => %e);
+                }
+                return;
+            }
+            _ = stop.changed(), if !stopping => {
+                stopping = true;
+                conn.as_mut().graceful_shutdown();
+            }
+            () = tokio::time::sleep(tick) => {
+                if activity.active.load(Ordering::Acquire) == 0 && activity.idle_for() >= idle {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// Reads a request body under the byte cap and the body timeout; an error is the response
+/// to send (the connection closes after it, without reading the rest).
+pub(crate) async fn read_body(
+    request: Request<Incoming>,
+    shared: &Shared,
+) -> Result<Bytes, Response<Body>> {
+    let max = shared.config.limits.max_body;
+    let too_large = || {
+        shared
+            .metrics
+            .body_too_large
+            .fetch_add(1, Ordering::Relaxed);
+        error_close(413, &format!("request body above the limit of {max} bytes"))
+    };
+    let declared = request
+        .headers()
+        .get(hyper::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    if declared.is_some_and(|n| n > max as u64) {
+        return Err(too_large());
+    }
+    let limited = http_body_util::Limited::new(request.into_body(), max);
+    match tokio::time::timeout(shared.config.limits.body_timeout, limited.collect()).await {
+        Ok(Ok(collected)) => Ok(collected.to_bytes()),
+        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => Err(too_large()),
+        Ok(Err(e)) => Err(error_close(400, &format!("reading the request body: {e}"))),
+        Err(_) => {
+            shared.metrics.body_timeouts.fetch_add(1, Ordering::Relaxed);
+            Err(error_close(
+                408,
+                &format!(
+                    "request body not received within {} ms",
+                    shared.config.limits.body_timeout.as_millis()
+                ),
+            ))
+        }
+    }
+}
