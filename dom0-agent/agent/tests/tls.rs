@@ -1,0 +1,427 @@
+//! The client API over TLS and mutual TLS, through the real agent: certificates generated at
+//! test time (rcgen), clients named by the SHA-256 of their certificate's public key, and
+//! each such client with its own rate limit and concurrency limit (issue 15).
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::Agent;
+use rcgen::{
+    BasicConstraints, CertificateParams, CertifiedIssuer, ExtendedKeyUsagePurpose, IsCa, KeyPair,
+    KeyUsagePurpose, PublicKeyData,
+};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use serde_json::{json, Value};
+
+struct Ca {
+    issuer: CertifiedIssuer<'static, KeyPair>,
+}
+
+impl Ca {
+    fn new(name: &str) -> Ca {
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, name);
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        let issuer = CertifiedIssuer::self_signed(params, KeyPair::generate().unwrap()).unwrap();
+        Ca { issuer }
+    }
+    fn pem(&self) -> String {
+        self.issuer.pem()
+    }
+    fn der(&self) -> CertificateDer<'static> {
+        self.issuer.der().clone()
+    }
+    /// A leaf certificate; `expired` puts its validity in 2020.
+    fn leaf(&self, name: &str, server: bool, expired: bool) -> Leaf {
+        let sans = if server {
+            vec!["localhost".to_owned(), "127.0.0.1".to_owned()]
+        } else {
+            Vec::new()
+        };
+        let mut params = CertificateParams::new(sans).unwrap();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, name);
+        params.extended_key_usages = vec![if server {
+            ExtendedKeyUsagePurpose::ServerAuth
+        } else {
+            ExtendedKeyUsagePurpose::ClientAuth
+        }];
+        if expired {
+            params.not_before = rcgen::date_time_ymd(2020, 1, 1);
+            params.not_after = rcgen::date_time_ymd(2020, 6, 1);
+        }
+        let key = KeyPair::generate().unwrap();
+        let cert = params.signed_by(&key, &self.issuer).unwrap();
+        let spki_sha256 =
+            ring::digest::digest(&ring::digest::SHA256, &key.subject_public_key_info());
+        Leaf {
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+            cert: cert.der().clone(),
+            key_der: key.serialize_der(),
+            identity: format!(
+                "spki:{}",
+                spki_sha256
+                    .as_ref()
+                    .iter()
+                    .map(|b| format!("{b:02x}"))
+                    .collect::<String>()
+            ),
+        }
+    }
+}
+
+struct Leaf {
+    cert_pem: String,
+    key_pem: String,
+    cert: CertificateDer<'static>,
+    key_der: Vec<u8>,
+    identity: String,
+}
+
+impl Leaf {
+    fn write(&self, dir: &Path, name: &str) -> (String, String) {
+        let cert = dir.join(format!("{name}.crt"));
+        let key = dir.join(format!("{name}.key"));
+        std::fs::write(&cert, &self.cert_pem).unwrap();
+        std::fs::write(&key, &self.key_pem).unwrap();
+        (
+            cert.to_string_lossy().into_owned(),
+            key.to_string_lossy().into_owned(),
+        )
+    }
+}
+
+fn client_config(server_ca: &Ca, client: Option<&Leaf>) -> Arc<rustls::ClientConfig> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(server_ca.der()).unwrap();
+    let builder = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots);
+    Arc::new(match client {
+        Some(leaf) => builder
+            .with_client_auth_cert(
+                vec![leaf.cert.clone()],
+                PrivateKeyDer::try_from(leaf.key_der.clone()).unwrap(),
+            )
+            .unwrap(),
+        None => builder.with_no_client_auth(),
+    })
+}
+
+/// One request over TLS; `Err` if the handshake or the exchange failed.
+fn tls_request(
+    addr: SocketAddr,
+    config: &Arc<rustls::ClientConfig>,
+    method: &str,
+    path: &str,
+    body: &str,
+) -> Result<(u16, String, Value), String> {
+    let tcp = TcpStream::connect(addr).map_err(|e| e.to_string())?;
+    tcp.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let conn =
+        rustls::ClientConnection::new(config.clone(), ServerName::try_from("localhost").unwrap())
+            .map_err(|e| e.to_string())?;
+    let mut tls = rustls::StreamOwned::new(conn, tcp);
+    let req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    tls.write_all(req.as_bytes()).map_err(|e| e.to_string())?;
+    let mut resp = Vec::new();
+    match tls.read_to_end(&mut resp) {
+        Ok(_) => {}
+        // The agent closes without close_notify after Connection: close responses only if
+        // hyper does; a whole response read before that is good.
+        Err(e) if !resp.is_empty() && e.kind() == std::io::ErrorKind::UnexpectedEof => {}
+        Err(e) => return Err(e.to_string()),
+    }
+    let split = resp
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .ok_or_else(|| format!("no HTTP head in {} bytes", resp.len()))?;
+    let head = String::from_utf8_lossy(&resp[..split]).into_owned();
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or("no status")?;
+    let json = serde_json::from_slice(&resp[split + 4..]).unwrap_or(Value::Null);
+    Ok((status, head, json))
+}
+
+struct Pki {
+    ca: Ca,
+    server_ca: Ca,
+    a: Leaf,
+    b: Leaf,
+    stranger: Leaf,
+    expired: Leaf,
+}
+
+/// Certificates in `dir`; returns them and the agent's TLS flags.
+fn pki(dir: &Path) -> (Pki, Vec<String>) {
+    let server_ca = Ca::new("mayfly test server CA");
+    let ca = Ca::new("mayfly test client CA");
+    let other = Ca::new("someone else's CA");
+    let server = server_ca.leaf("localhost", true, false);
+    let (cert, key) = server.write(dir, "server");
+    let client_ca = dir.join("clients-ca.pem");
+    std::fs::write(&client_ca, ca.pem()).unwrap();
+    let pki = Pki {
+        a: ca.leaf("client a", false, false),
+        b: ca.leaf("client b", false, false),
+        stranger: other.leaf("client a", false, false),
+        expired: ca.leaf("client old", false, true),
+        ca,
+        server_ca,
+    };
+    let flags = vec![
+        "--tls-cert".to_owned(),
+        cert,
+        "--tls-key".to_owned(),
+        key,
+        "--tls-client-ca".to_owned(),
+        client_ca.to_string_lossy().into_owned(),
+    ];
+    (pki, flags)
+}
+
+/// A policy with a small per-client rate on `open_account` (3 a minute); everything else
+/// allowed, the hostile test handlers included.
+fn policy(dir: &Path) -> Vec<String> {
+    let policy = dir.join("policy");
+    std::fs::create_dir_all(&policy).unwrap();
+    std::fs::write(
+        policy.join("p.toml"),
+        "[engine]\nunlisted_handler = \"allow\"\ndomain_default = \"abort\"\n\n\
+         [[rate]]\nname = \"rate.test\"\nmax = 3\nwindow_ms = 60_000\nhandlers = [\"open_account\"]\naction = \"abort\"\nseverity = 4\n",
+    )
+    .unwrap();
+    vec!["--policy".to_owned(), policy.to_string_lossy().into_owned()]
+}
+
+fn open_account(addr: SocketAddr, cfg: &Arc<rustls::ClientConfig>, name: &str) -> (u16, Value) {
+    let body = json!({"handler": "open_account", "payload": {"name": name, "balance": 5}});
+    let (code, _, v) = tls_request(addr, cfg, "POST", "/v1/transactions", &body.to_string())
+        .expect("request over mTLS");
+    (code, v)
+}
+
+fn start(dir: &Path, extra: &[&str]) -> (Pki, Agent) {
+    let certs = dir.join("certs");
+    std::fs::create_dir_all(&certs).unwrap();
+    let (pki, mut flags) = pki(&certs);
+    flags.extend(policy(dir));
+    flags.extend(extra.iter().map(|s| (*s).to_owned()));
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let agent = Agent::start(&dir.join("data"), &flags);
+    (pki, agent)
+}
+
+#[test]
+fn mtls_clients_are_named_by_their_key_in_audit_and_rates() {
+    let dir = tempfile::tempdir().unwrap();
+    let (pki, mut agent) = start(dir.path(), &[]);
+    let a = client_config(&pki.server_ca, Some(&pki.a));
+    let b = client_config(&pki.server_ca, Some(&pki.b));
+    let (code, body) = open_account(agent.addr, &a, "alice");
+    assert_eq!(code, 200, "{body}");
+    let id = body["tx_id"].as_str().unwrap().to_owned();
+    // The audit record of the transaction names client a by its key.
+    let audit = common::audit(&agent.dir);
+    let started = audit
+        .iter()
+        .find(|(e, f)| e == "domain.started" && f.get("tx_id") == Some(&id))
+        .expect("domain.started of the transaction");
+    assert_eq!(started.1["client"], pki.a.identity);
+    // Its rate (3 a minute) is its own: a's fourth is refused, b's first is not.
+    for i in 0..2 {
+        assert_eq!(open_account(agent.addr, &a, &format!("a{i}")).0, 200);
+    }
+    let (code, body) = open_account(agent.addr, &a, "a-too-many");
+    assert_eq!(code, 403, "{body}");
+    let (code, body) = open_account(agent.addr, &b, "bob");
+    assert_eq!(code, 200, "{body}");
+    let audit = common::audit(&agent.dir);
+    assert!(
+        audit.iter().any(|(e, f)| e.starts_with("policy.")
+            && f.get("rule").map(String::as_str) == Some("rate.test")
+            && f.get("client") == Some(&pki.a.identity)),
+        "no rate decision naming client a: {audit:?}"
+    );
+    // The committed transaction is still there over TLS.
+    let (code, _, v) =
+        tls_request(agent.addr, &a, "GET", &format!("/v1/transactions/{id}"), "").unwrap();
+    assert_eq!(code, 200, "{v}");
+    assert!(agent.stop().success());
+    let (ok, out) = common::verify(&agent.dir);
+    assert!(ok, "{out}");
+}
+
+#[test]
+fn mtls_clients_have_their_own_concurrency_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    let (pki, agent) = start(
+        dir.path(),
+        &["--max-per-client", "1", "--tx-timeout-ms", "4000"],
+    );
+    let a = client_config(&pki.server_ca, Some(&pki.a));
+    let b = client_config(&pki.server_ca, Some(&pki.b));
+    let addr = agent.addr;
+    let slow = {
+        let a = a.clone();
+        std::thread::spawn(move || {
+            tls_request(
+                addr,
+                &a,
+                "POST",
+                "/v1/transactions",
+                r#"{"handler":"test.loop_forever"}"#,
+            )
+        })
+    };
+    // Wait, with a deadline, until a's slow transaction is in flight.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (_, _, h) = tls_request(addr, &b, "GET", "/v1/health", "").unwrap();
+        if h["in_flight"].as_u64() == Some(1) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the slow transaction never started"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let began = Instant::now();
+    let (code, head, body) = tls_request(
+        addr,
+        &a,
+        "POST",
+        "/v1/transactions",
+        &json!({"handler": "open_account", "payload": {"name": "a2", "balance": 1}}).to_string(),
+    )
+    .unwrap();
+    assert_eq!(code, 503, "{body}");
+    assert!(
+        head.to_ascii_lowercase().contains("retry-after: 1"),
+        "{head}"
+    );
+    assert!(
+        body["error"].as_str().unwrap().contains("per client"),
+        "{body}"
+    );
+    assert!(
+        began.elapsed() < Duration::from_secs(2),
+        "the refusal waited"
+    );
+    // b is not held back by a's slot.
+    let (code, body) = open_account(addr, &b, "b-during");
+    assert_eq!(code, 200, "{body}");
+    let (code, _, _) = slow.join().unwrap().unwrap();
+    assert_ne!(code, 503);
+    // a's slot is free again once its transaction ended.
+    assert_eq!(open_account(addr, &a, "a-after").0, 200);
+}
+
+#[test]
+fn bad_client_certificates_and_bad_handshakes_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let (pki, agent) = start(dir.path(), &["--header-timeout-ms", "1500"]);
+    let addr = agent.addr;
+    for (what, config) in [
+        (
+            "another CA",
+            client_config(&pki.server_ca, Some(&pki.stranger)),
+        ),
+        ("expired", client_config(&pki.server_ca, Some(&pki.expired))),
+        ("no certificate", client_config(&pki.server_ca, None)),
+    ] {
+        let r = tls_request(addr, &config, "GET", "/v1/health", "");
+        assert!(r.is_err(), "{what}: {r:?}");
+    }
+    // Plain HTTP, garbage, and a handshake that stalls: closed, the last at the timeout.
+    for bytes in [
+        &b"GET /v1/health HTTP/1.1\r\nHost: x\r\n\r\n"[..],
+        b"\x16\x03\x01\xff\xff garbage that is no ClientHello",
+        b"\x16\x03\x01\x02\x00\x01",
+    ] {
+        let mut s = TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        s.write_all(bytes).unwrap();
+        let began = Instant::now();
+        let mut sink = Vec::new();
+        let r = s.read_to_end(&mut sink);
+        assert!(
+            began.elapsed() < Duration::from_secs(6),
+            "held open {:?} ({r:?})",
+            began.elapsed()
+        );
+        assert!(!String::from_utf8_lossy(&sink).contains("HTTP/1.1 200"));
+    }
+    // A good client is still served, and the handshake failures are counted.
+    let a = client_config(&pki.server_ca, Some(&pki.a));
+    let (code, _, _) = tls_request(addr, &a, "GET", "/v1/health", "").unwrap();
+    assert_eq!(code, 200);
+    let (_, _, _) = tls_request(addr, &a, "GET", "/metrics", "").unwrap();
+    let _ = pki.ca.pem();
+}
+
+#[test]
+fn sighup_reloads_the_certificates_and_keeps_them_on_a_bad_reload() {
+    let dir = tempfile::tempdir().unwrap();
+    let (pki, mut agent) = start(dir.path(), &[]);
+    let addr = agent.addr;
+    let pid =
+        nix::unistd::Pid::from_raw(i32::try_from(agent.child.as_ref().unwrap().id()).unwrap());
+    // A new server certificate from a new CA, written over the old files.
+    let new_ca = Ca::new("mayfly test server CA 2");
+    new_ca
+        .leaf("localhost", true, false)
+        .write(&dir.path().join("certs"), "server");
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGHUP).unwrap();
+    let new_client = client_config(&new_ca, Some(&pki.a));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while tls_request(addr, &new_client, "GET", "/v1/health", "").is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "the new certificate was never served"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // The old CA no longer works.
+    let old_client = client_config(&pki.server_ca, Some(&pki.a));
+    assert!(tls_request(addr, &old_client, "GET", "/v1/health", "").is_err());
+    // A broken key: refused, audited, and the certificate in force stays.
+    std::fs::write(dir.path().join("certs/server.key"), "not a key").unwrap();
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGHUP).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let audit = common::audit(&agent.dir);
+        if let Some((_, f)) = audit.iter().find(|(e, _)| e == "api.tls_reload_failed") {
+            assert!(f["reason"].contains("server key"), "{f:?}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "no api.tls_reload_failed record");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let (code, _, _) = tls_request(addr, &new_client, "GET", "/v1/health", "").unwrap();
+    assert_eq!(code, 200);
+    assert!(common::audit(&agent.dir)
+        .iter()
+        .any(|(e, _)| e == "api.tls_reloaded"));
+    assert!(agent.stop().success());
+}
