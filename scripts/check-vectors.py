@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Independent check of the signed-command and key-rotation vectors in docs/vectors/.
+"""Independent check of the checkpoint, signed-command and key-rotation vectors in docs/vectors/.
 
 Rebuilds the documented bodies from the field values in docs/formats.md §1.5 and §3
 with nothing but struct/hashlib, parses the envelopes, and verifies every Ed25519
@@ -103,6 +103,34 @@ for name, kind, length, seed, next_seed in [
     # The signed tips are the documented chain hashes.
     assert h[22:54] == vec("checkpoint-2.hash") and h[62:94] == vec("audit-1.hash"), name
     print(f"ok  {name}: kind {kind}, signature by seed {seed:#04x}")
+
+# Checkpoints: checkpoint 1 of formats.md §1.3 rebuilt from its documented fields, as
+# version 1 (no client) and as version 2 naming the client spki:ab…ab (the only difference
+# is the version byte and the u8-prefixed client after the handler).
+def checkpoint_1(client=None):
+    req = b'{"from":"a","to":"b","amount":5}'
+    out = b"MFCP" + bytes([2 if client else 1, 1]) + struct.pack(">Q", 1) + bytes(32)
+    out += b"\x11" * 16 + bytes([8]) + b"transfer"
+    if client:
+        out += bytes([len(client)]) + client
+    out += struct.pack(">I", 7) + b"\x22" * 32 + b"\x55" * 32
+    out += struct.pack(">QQ", 1_700_000_000_000_000_000, 1_700_000_000_000_500_000)
+    out += hashlib.sha256(req).digest() + struct.pack(">I", len(req)) + req
+    out += b"\x01" + struct.pack(">I", 2) + b"ok"
+    out += struct.pack(">I", 2)
+    for k in (b"acct/a", b"acct/b"):
+        out += struct.pack(">H", len(k)) + k + bytes(8)
+    out += struct.pack(">I", 2)
+    for k, v in ((b"acct/a", b"95"), (b"acct/b", b"105")):
+        out += struct.pack(">H", len(k)) + k + bytes(8) + b"\x00\x01" + struct.pack(">I", len(v)) + v
+    return out
+
+
+for name, client in [("checkpoint-1", None), ("checkpoint-client-1", b"spki:" + b"ab" * 32)]:
+    enc = checkpoint_1(client)
+    assert vec(f"{name}.hex") == enc, f"{name}: bytes differ from the documented fields"
+    assert vec(f"{name}.hash") == hashlib.sha256(bytes(32) + enc).digest(), name
+    print(f"ok  {name}: version {enc[4]}, chain hash")
 
 print("all vectors agree")
 sys.exit(0)

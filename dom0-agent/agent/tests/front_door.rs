@@ -586,6 +586,10 @@ fn metrics_speak_prometheus_text() {
         text.contains("mayfly_pool_domains{state=\"ready\"}"),
         "{text}"
     );
+    // Without TLS the client is its address, and the checkpoint names it.
+    let (code, body) = agent.get(&format!("/v1/transactions/{}", committed[0]));
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(body["checkpoint"]["client"], "127.0.0.1", "{body}");
     finish(&dir, agent, &committed);
 }
 

@@ -263,9 +263,11 @@ fn mtls_clients_are_named_by_their_key_in_audit_and_rates() {
         "no rate decision naming client a: {audit:?}"
     );
     // The committed transaction is still there over TLS.
+    // The checkpoint (signed, hash-chained) names client a too.
     let (code, _, v) =
         tls_request(agent.addr, &a, "GET", &format!("/v1/transactions/{id}"), "").unwrap();
     assert_eq!(code, 200, "{v}");
+    assert_eq!(v["checkpoint"]["client"], pki.a.identity.as_str(), "{v}");
     assert!(agent.stop().success());
     let (ok, out) = common::verify(&agent.dir);
     assert!(ok, "{out}");

@@ -865,6 +865,7 @@ fn lookup(shared: &Shared, id: &str) -> (u16, Value) {
                     "checkpoint": {
                         "seq": cp.seq,
                         "handler": cp.handler,
+                        "client": cp.client,
                         "domain_id": cp.domain_id,
                         "begin_ns": cp.begin_ns,
                         "commit_ns": cp.commit_ns,

@@ -240,7 +240,8 @@ pub enum ReportTarget {
     Key(Vec<u8>),
     /// A handler (alert only: no single transaction to roll back).
     Handler(String),
-    /// A client (alert only: checkpoints do not record clients).
+    /// A client (alert only: checkpoints name their client since format version 2, but a
+    /// rollback by client is not implemented).
     Client(String),
 }
 
@@ -666,13 +667,15 @@ impl Executor {
             let domain = self.backend.take(self.config.take_timeout)?;
             let tx_id = TxId::generate();
             let domain_id = domain.id();
-            let ltx = self.ledger.begin(TxContext {
+            let mut ltx = self.ledger.begin(TxContext {
                 tx_id,
                 handler: req.handler.clone(),
                 request: req.payload.clone(),
                 domain_id,
                 policy_hash: policy.bundle.hash(),
             })?;
+            // The checkpoint names who asked (version 2 records).
+            ltx.set_client(&req.client);
             let started = self.started_events(req, tx_id, domain.as_ref(), attempt);
             let (served, exit) = self.serve(domain, ltx, req, &policy, seed, started);
             let outcome = |status, result, failure: Option<Failure>, seq| TxOutcome {

@@ -8,12 +8,14 @@
 //! ```text
 //! offset size  field
 //!      0    4  magic "MFCP"
-//!      4    1  format version = 1
+//!      4    1  format version: 1, or 2 when a client is recorded
 //!      5    1  kind: 0x01 transaction (other values reserved)
 //!      6    8  seq               u64 BE, 1-based commit sequence
 //!     14   32  prev_hash         hash of checkpoint seq-1 (zeros for seq 1)
 //!     46   16  tx_id
 //!     62  1+n  handler           u8 length, 1..=64 bytes of [a-z0-9_.-]
+//!      .  1+n  client            version 2 only: u8 length, 1..=128 bytes of 0x20..=0x7e
+//!                                (the client API's identity: spki:<hex> or an address)
 //!      .    4  domain_id         u32 BE
 //!      .   32  policy_hash       SHA-256 of the active policy bundle (zeros: none)
 //!      .   32  entropy_seed      the guest's RNG seed from Start (zeros: none), for replay
@@ -32,6 +34,11 @@
 //!              1[+4+n] before    presence byte, then u32 length and value (<= 64 KiB)
 //!              1[+4+n] after     presence byte, then u32 length and value; absent = delete
 //! ```
+//! Version 1 (no client field) is what builds before the client field wrote; it still
+//! decodes, to a checkpoint whose `client` is `None`, and re-encodes to the same bytes, so
+//! old chains verify unchanged. A checkpoint with a client is always version 2 and one
+//! without always version 1: each checkpoint has exactly one encoding.
+//!
 //! A whole encoding is at most [`MAX_CHECKPOINT_BYTES`]. The decoder rejects anything an
 //! encoder would not produce: wrong magic, version or kind, out-of-range lengths, unsorted or
 //! duplicate keys, a digest that does not match the request, and trailing bytes.
@@ -43,8 +50,12 @@ use crate::{limits, Hash, TxId};
 
 /// Magic of a checkpoint record.
 pub const MAGIC: &str = "MFCP";
-/// Format version written by this build.
+/// Format version of a checkpoint without a client (and of rollback records).
 pub const VERSION: u8 = 1;
+/// Format version of a checkpoint that records its client.
+pub const VERSION_CLIENT: u8 = 2;
+/// Longest client name in a checkpoint, bytes.
+pub const MAX_CLIENT: usize = 128;
 /// Kind byte of a transaction checkpoint.
 pub const KIND_TRANSACTION: u8 = 0x01;
 /// Outcome byte of a committed transaction.
@@ -85,6 +96,8 @@ pub struct Checkpoint {
     pub tx_id: TxId,
     /// Handler that ran.
     pub handler: String,
+    /// Who asked for it, as the client API named the client (`None` in version 1 records).
+    pub client: Option<String>,
     /// Domain the transaction ran in.
     pub domain_id: u32,
     /// Hash of the policy bundle active at commit.
@@ -123,6 +136,29 @@ pub fn chain_hash(prev: &Hash, encoding: &[u8]) -> Hash {
     out
 }
 
+/// Whether `name` is a client name a checkpoint may hold: 1..=[`MAX_CLIENT`] bytes of
+/// printable ASCII (0x20..=0x7e).
+pub fn valid_client(name: &str) -> bool {
+    !name.is_empty() && name.len() <= MAX_CLIENT && name.bytes().all(|b| (0x20..=0x7e).contains(&b))
+}
+
+/// The checkpoint's form of a client name: bytes outside 0x20..=0x7e become `_`, cut at
+/// [`MAX_CLIENT`] bytes; `None` if empty.
+pub fn canonical_client(name: &str) -> Option<String> {
+    let clean: String = name
+        .bytes()
+        .take(MAX_CLIENT)
+        .map(|b| {
+            if (0x20..=0x7e).contains(&b) {
+                char::from(b)
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    (!clean.is_empty()).then_some(clean)
+}
+
 /// Whether `name` is a valid handler name.
 pub fn valid_handler(name: &str) -> bool {
     !name.is_empty()
@@ -140,7 +176,12 @@ impl Checkpoint {
         const FIXED: usize =
             4 + 1 + 1 + 8 + 32 + 16 + 1 + 4 + 32 + 32 + 8 + 8 + 32 + 4 + 1 + 4 + 4 + 4;
         let image = |v: &Option<Vec<u8>>| v.as_ref().map_or(1, |v| v.len().saturating_add(5));
+        let client = self
+            .client
+            .as_ref()
+            .map_or(0, |c| c.len().saturating_add(1));
         let mut n = FIXED
+            .saturating_add(client)
             .saturating_add(self.handler.len())
             .saturating_add(self.request.len())
             .saturating_add(self.result.len());
@@ -162,12 +203,19 @@ impl Checkpoint {
     pub fn encode(&self) -> Vec<u8> {
         let mut w = Writer::with_capacity(self.encoded_len());
         w.raw(MAGIC.as_bytes());
-        w.u8(VERSION);
+        w.u8(if self.client.is_some() {
+            VERSION_CLIENT
+        } else {
+            VERSION
+        });
         w.u8(KIND_TRANSACTION);
         w.u64(self.seq);
         w.raw(&self.prev_hash);
         w.raw(&self.tx_id.0);
         w.bytes8(self.handler.as_bytes());
+        if let Some(client) = &self.client {
+            w.bytes8(client.as_bytes());
+        }
         w.u32(self.domain_id);
         w.raw(&self.policy_hash);
         w.raw(&self.entropy_seed);
@@ -196,7 +244,14 @@ impl Checkpoint {
             });
         }
         let mut r = Reader::new(bytes);
-        r.header(MAGIC, "checkpoint", VERSION, KIND_TRANSACTION)?;
+        // Both versions: the version byte is read through `link_fields`' fixed offset.
+        let version = bytes.get(4).copied().unwrap_or(0);
+        let expected = if version == VERSION_CLIENT {
+            VERSION_CLIENT
+        } else {
+            VERSION
+        };
+        r.header(MAGIC, "checkpoint", expected, KIND_TRANSACTION)?;
         let seq = r.seq()?;
         let prev_hash = r.array("prev_hash")?;
         let tx_id = TxId(r.array("tx_id")?);
@@ -207,6 +262,18 @@ impl Checkpoint {
                 reason: "empty or outside [a-z0-9_.-]",
             });
         }
+        let client = if version == VERSION_CLIENT {
+            let client = r.str8(MAX_CLIENT, "client")?.to_owned();
+            if !valid_client(&client) {
+                return Err(DecodeError::NotCanonical {
+                    field: "client",
+                    reason: "empty or outside printable ASCII",
+                });
+            }
+            Some(client)
+        } else {
+            None
+        };
         let domain_id = r.u32("domain_id")?;
         let policy_hash = r.array("policy_hash")?;
         let entropy_seed = r.array("entropy_seed")?;
@@ -249,6 +316,7 @@ impl Checkpoint {
             prev_hash,
             tx_id,
             handler,
+            client,
             domain_id,
             policy_hash,
             entropy_seed,
@@ -344,6 +412,7 @@ mod tests {
             prev_hash: [0; 32],
             tx_id: TxId([0x11; 16]),
             handler: "transfer".into(),
+            client: None,
             domain_id: 7,
             policy_hash: [0x22; 32],
             entropy_seed: [0x55; 32],
@@ -388,7 +457,63 @@ mod tests {
     }
 
     #[test]
+    fn a_client_makes_version_2_and_version_1_still_decodes() {
+        let v1 = sample();
+        let enc1 = v1.encode();
+        assert_eq!(enc1[4], VERSION);
+        let mut v2 = sample();
+        v2.client = Some("spki:00ff".into());
+        let enc2 = v2.encode();
+        assert_eq!(enc2[4], VERSION_CLIENT);
+        assert_eq!(enc2.len(), v2.encoded_len());
+        assert_eq!(enc2.len(), enc1.len() + 1 + 9);
+        assert_eq!(Checkpoint::decode(&enc2).unwrap(), v2);
+        assert_eq!(Checkpoint::decode(&enc1).unwrap(), v1);
+        // Version 1 bytes re-encode unchanged (old chains verify).
+        assert_eq!(Checkpoint::decode(&enc1).unwrap().encode(), enc1);
+        // A version 2 record without a client, or with an unprintable one, is refused.
+        let mut bad = enc2.clone();
+        let at = enc2.windows(9).position(|w| w == b"spki:00ff").unwrap();
+        bad[at] = 0x07;
+        assert!(matches!(
+            Checkpoint::decode(&bad),
+            Err(DecodeError::NotCanonical {
+                field: "client",
+                ..
+            })
+        ));
+        let mut relabelled = enc1.clone();
+        relabelled[4] = VERSION_CLIENT;
+        assert!(Checkpoint::decode(&relabelled).is_err());
+        let mut unknown = enc1.clone();
+        unknown[4] = 3;
+        assert!(matches!(
+            Checkpoint::decode(&unknown),
+            Err(DecodeError::UnsupportedVersion { .. })
+        ));
+    }
+
+    #[test]
+    fn client_names_are_made_canonical() {
+        assert_eq!(canonical_client(""), None);
+        assert_eq!(canonical_client("10.0.0.1").as_deref(), Some("10.0.0.1"));
+        assert_eq!(canonical_client("a\nb\u{e9}").as_deref(), Some("a_b__"));
+        let long = "x".repeat(300);
+        assert_eq!(canonical_client(&long).unwrap().len(), MAX_CLIENT);
+        assert!(valid_client(&canonical_client(&long).unwrap()));
+    }
+
+    #[test]
     fn every_truncation_is_rejected() {
+        let mut with_client = sample();
+        with_client.client = Some("127.0.0.1".into());
+        let enc = with_client.encode();
+        for cut in 0..enc.len() {
+            assert!(
+                Checkpoint::decode(&enc[..cut]).is_err(),
+                "prefix of {cut} bytes accepted"
+            );
+        }
         let enc = sample().encode();
         for cut in 0..enc.len() {
             assert!(

@@ -367,6 +367,7 @@ impl Ledger {
             ctx,
             begin_ns: now_ns(),
             entropy_seed: [0; 32],
+            client: None,
             reads: Default::default(),
             writes: Default::default(),
             scans: Vec::new(),

@@ -21,7 +21,7 @@ use std::sync::Arc;
 use heed::{RoTxn, WithoutTls};
 
 use crate::commit::{CommitError, CommitTicket, Job, PreparedTx};
-use crate::{limits, AuditEvent, Hash, Inner, Receipt, TxId};
+use crate::{checkpoint, limits, AuditEvent, Hash, Inner, Receipt, TxId};
 
 /// Tag of a live value.
 pub const TAG_LIVE: u8 = 0x01;
@@ -188,6 +188,7 @@ pub struct Tx {
     pub(crate) ctx: TxContext,
     pub(crate) begin_ns: u64,
     pub(crate) entropy_seed: Hash,
+    pub(crate) client: Option<String>,
     pub(crate) reads: BTreeMap<Vec<u8>, u64>,
     pub(crate) writes: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
     pub(crate) scans: Vec<ScanRecord>,
@@ -223,6 +224,14 @@ impl Tx {
     /// replay can give the handler the same numbers).
     pub fn set_entropy_seed(&mut self, seed: Hash) {
         self.entropy_seed = seed;
+    }
+
+    /// Records who asked for the transaction (the client API's identity of the client: a
+    /// certificate's `spki:<hex>` or an address), kept in the checkpoint (format version 2).
+    /// Bytes outside printable ASCII become `_` and the name is cut at
+    /// [`checkpoint::MAX_CLIENT`] bytes; an empty name records none.
+    pub fn set_client(&mut self, client: &str) {
+        self.client = checkpoint::canonical_client(client);
     }
 
     fn record_read(&mut self, key: &[u8], version: u64) -> Result<(), TxError> {
@@ -436,6 +445,7 @@ impl Tx {
             ctx,
             begin_ns,
             entropy_seed,
+            client,
             reads,
             writes,
             scans,
@@ -447,6 +457,7 @@ impl Tx {
             ctx,
             begin_ns,
             entropy_seed,
+            client,
             reads,
             writes,
             scans,

@@ -41,6 +41,7 @@ fn checkpoint_1() -> Checkpoint {
         prev_hash: [0; 32],
         tx_id: TxId([0x11; 16]),
         handler: "transfer".into(),
+        client: None,
         domain_id: 7,
         policy_hash: [0x22; 32],
         entropy_seed: [0x55; 32],
@@ -82,6 +83,7 @@ fn checkpoint_2(prev: [u8; 32]) -> Checkpoint {
         prev_hash: prev,
         tx_id: TxId([0x33; 16]),
         handler: "close".into(),
+        client: None,
         domain_id: 8,
         policy_hash: [0x22; 32],
         entropy_seed: [0; 32],
@@ -116,6 +118,24 @@ fn checkpoint_vectors() {
     check("checkpoint-2.hex", &e2);
     assert_eq!(Checkpoint::decode(&e2).unwrap(), c2);
     check("checkpoint-2.hash", &chain_hash(&h1, &e2));
+}
+
+/// Checkpoint 1 of the example again, as a version 2 record naming its client (a mutual TLS
+/// client: `spki:` and the SHA-256 of its certificate's public key, here 0xab × 32).
+#[test]
+fn checkpoint_with_client_vector() {
+    let mut c = checkpoint_1();
+    c.client = Some(format!("spki:{}", "ab".repeat(32)));
+    let e = c.encode();
+    check("checkpoint-client-1.hex", &e);
+    assert_eq!(e[4], 2);
+    assert_eq!(Checkpoint::decode(&e).unwrap(), c);
+    check("checkpoint-client-1.hash", &chain_hash(&[0; 32], &e));
+    // The version 1 vector still decodes, with no client, and re-encodes to itself.
+    let v1 = checkpoint_1().encode();
+    let decoded = Checkpoint::decode(&v1).unwrap();
+    assert_eq!(decoded.client, None);
+    assert_eq!(decoded.encode(), v1);
 }
 
 #[test]
