@@ -1,0 +1,280 @@
+#!/usr/bin/env python3
+"""End-to-end benchmark of the client API over HTTP, with wrk (issue 15).
+
+Measures, in one run and interleaved, with medians of BENCH_REPS repetitions:
+
+* executor-direct: `cargo bench -p dom0-agent --bench transactions` in its BENCH_ONLY=sandbox
+  mode (transfers through the executor, no HTTP), at 1 and 8 clients: the baseline;
+* HTTP: `dom0-agent serve` (release, sandbox backend) driven by wrk with keep-alive, transfers
+  between random accounts among 1,000, at 1 and 8 connections, plain and TLS;
+* the agent's CPU per transaction (utime+stime of the agent process from /proc, and of the
+  agent plus its zygote and the zygote's reaped clones);
+* a normal client's latency (wrk, 1 connection) unloaded, beside 1,000 idle keep-alive
+  connections, and beside 1,000 connections trickling a header byte each per second.
+
+Needs wrk (Debian: `apt-get install wrk`) and openssl (the TLS run's certificate). The rate
+rules of the shipped policy (2,000 transactions and 1,000 transfers a second per client) are
+raised for the run: every wrk connection comes from 127.0.0.1, one client; the executor
+bench gives each thread its own client name instead.
+
+    cargo build --release -p dom0-agent -p domu-shim
+    python3 scripts/bench-http.py            # BENCH_SECS=8 BENCH_REPS=3 by default
+"""
+import json
+import os
+import pathlib
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+AGENT = ROOT / "target" / "release" / "dom0-agent"
+SECS = int(os.environ.get("BENCH_SECS", "8"))
+REPS = int(os.environ.get("BENCH_REPS", "3"))
+ACCOUNTS = 1000
+TICK = os.sysconf("SC_CLK_TCK")
+
+LUA = """
+math.randomseed(os.time() + tonumber(tostring({}):sub(8), 16))
+wrk.method = "POST"
+wrk.headers["Content-Type"] = "application/json"
+request = function()
+  local a = math.random(0, %d)
+  local b = math.random(0, %d)
+  if a == b then b = (a + 1) %% %d end
+  local body = '{"handler":"transfer","payload":{"from":"acct' .. a .. '","to":"acct' .. b .. '","amount":1}}'
+  return wrk.format(nil, "/v1/transactions", nil, body)
+end
+done = function(summary, latency, requests)
+  io.write(string.format("MAYFLY %%d %%d %%d %%d %%d\\n", summary.requests,
+    summary.errors.status, summary.errors.connect + summary.errors.read + summary.errors.write + summary.errors.timeout,
+    latency:percentile(50), latency:percentile(99)))
+end
+""" % (ACCOUNTS - 1, ACCOUNTS - 1, ACCOUNTS)
+
+
+def policy_dir(tmp):
+    """The shipped bundle with its per-client rates raised out of the way."""
+    d = tmp / "policy"
+    shutil.copytree(ROOT / "policies" / "default", d)
+    det = d / "detection.toml"
+    text = det.read_text()
+    text = re.sub(r"max = [0-9_]+\nwindow_ms", "max = 100_000_000\nwindow_ms", text)
+    det.write_text(text)
+    return d
+
+
+def cert(tmp):
+    key, crt = tmp / "api.key", tmp / "api.crt"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
+         "-nodes", "-keyout", str(key), "-out", str(crt), "-days", "2", "-subj", "/CN=localhost",
+         "-addext", "subjectAltName=IP:127.0.0.1"],
+        check=True, capture_output=True)
+    return crt, key
+
+
+class Agent:
+    def __init__(self, tmp, name, extra):
+        self.dir = tmp / name
+        args = [str(AGENT), "serve", "--listen", "127.0.0.1:0", "--data-dir", str(self.dir),
+                "--policy", str(policy_dir_path), "--pool-size", "8"] + extra
+        self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                     text=True)
+        for line in self.proc.stdout:
+            m = re.match(r"mayfly: serving on (https?)://(\S+)", line)
+            if m:
+                self.url = f"{m.group(1)}://{m.group(2)}"
+                host, port = m.group(2).rsplit(":", 1)
+                self.addr = (host, int(port))
+                break
+        else:
+            raise SystemExit("agent did not start")
+        threading.Thread(target=lambda: [None for _ in self.proc.stdout], daemon=True).start()
+
+    def cpu(self):
+        """(agent seconds, agent + zygote tree seconds)."""
+        def stat(pid):
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            # utime, stime, cutime, cstime are fields 14..17 (1-based) of the whole line.
+            return [int(x) / TICK for x in fields[11:15]]
+        own = sum(stat(self.proc.pid)[:2])
+        tree = own
+        for child in pathlib.Path(f"/proc/{self.proc.pid}/task").glob("*/children"):
+            for pid in child.read_text().split():
+                try:
+                    tree += sum(stat(pid))
+                except FileNotFoundError:
+                    pass
+        return own, tree
+
+    def stop(self):
+        self.proc.send_signal(signal.SIGTERM)
+        self.proc.wait(timeout=60)
+
+
+def seed(addr, tls):
+    """Opens the accounts over one plain keep-alive connection (TLS: through openssl s_client
+    is slow, so seeding runs on a plain agent first for TLS too - see run_http)."""
+    s = socket.create_connection(addr)
+    buf = b""
+    for i in range(ACCOUNTS):
+        body = json.dumps({"handler": "open_account",
+                           "payload": {"name": f"acct{i}", "balance": 1_000_000_000}}).encode()
+        s.sendall(b"POST /v1/transactions HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+        while b"\r\n\r\n" not in buf:
+            buf += s.recv(65536)
+        head, rest = buf.split(b"\r\n\r\n", 1)
+        n = int(re.search(rb"content-length: (\d+)", head, re.I).group(1))
+        while len(rest) < n:
+            rest += s.recv(65536)
+        assert head.split()[1] == b"200", head
+        buf = rest[n:]
+    s.close()
+
+
+def wrk(url, conns, secs, lua):
+    out = subprocess.run(
+        ["wrk", "-t", str(min(conns, 2)), "-c", str(conns), "-d", f"{secs}s", "-s", str(lua),
+         "--timeout", "10s", url],
+        check=True, capture_output=True, text=True).stdout
+    m = re.search(r"MAYFLY (\d+) (\d+) (\d+) (\d+) (\d+)", out)
+    reqs, bad_status, errors, p50, p99 = map(int, m.groups())
+    return {"rate": reqs / secs, "requests": reqs, "non2xx": bad_status, "errors": errors,
+            "p50_ms": p50 / 1000, "p99_ms": p99 / 1000}
+
+
+def run_http(tmp, lua, tls, conns, rep, extra=(), load=None):
+    name = f"{'tls' if tls else 'plain'}-{conns}-{rep}-{load or 'none'}"
+    data_extra = list(extra)
+    if tls:
+        data_extra += ["--tls-cert", str(crt), "--tls-key", str(key)]
+    # Seed the accounts over plain HTTP, then restart the same ledger with TLS if asked.
+    a = Agent(tmp, name, list(extra))
+    seed(a.addr, False)
+    if tls:
+        a.stop()
+        a = Agent(tmp, name, data_extra)
+    holder = None
+    if load:
+        holder = Load(a.addr, load)
+        holder.start()
+    c0 = a.cpu()
+    r = wrk(a.url, conns, SECS, lua)
+    c1 = a.cpu()
+    if holder:
+        r["load_open"] = holder.stop()
+    a.stop()
+    done = max(r["requests"], 1)
+    r["agent_cpu_us"] = (c1[0] - c0[0]) / done * 1e6
+    r["tree_cpu_us"] = (c1[1] - c0[1]) / done * 1e6
+    shutil.rmtree(tmp / name, ignore_errors=True)
+    return r
+
+
+class Load:
+    """1,000 connections beside the measured client: idle (keep-alive, nothing sent after
+    one request) or trickling a header byte each per second."""
+
+    def __init__(self, addr, kind):
+        self.addr, self.kind, self.socks, self.running = addr, kind, [], True
+
+    def start(self):
+        for _ in range(1000):
+            s = socket.create_connection(self.addr)
+            if self.kind == "idle":
+                s.sendall(b"GET /v1/health HTTP/1.1\r\nHost: x\r\n\r\n")
+                s.recv(65536)
+            else:
+                s.sendall(b"GET /v1/health HTTP/1.1\r\nHost: x\r\n")
+            s.setblocking(False)
+            self.socks.append(s)
+        self.thread = threading.Thread(target=self.trickle, daemon=True)
+        self.thread.start()
+
+    def trickle(self):
+        while self.running:
+            if self.kind == "trickle":
+                for s in self.socks:
+                    try:
+                        s.send(b"X")
+                    except OSError:
+                        pass
+            time.sleep(1)
+
+    def stop(self):
+        self.running = False
+        self.thread.join()
+        open_now = 0
+        for s in self.socks:
+            try:
+                open_now += s.recv(1) != b""
+            except BlockingIOError:
+                open_now += 1
+            except OSError:
+                pass
+            s.close()
+        return open_now
+
+
+def executor_direct(clients):
+    env = dict(os.environ, BENCH_ONLY="sandbox", BENCH_CLIENTS=str(clients), BENCH_SECS=str(SECS))
+    out = subprocess.run(
+        ["cargo", "bench", "--quiet", "-p", "dom0-agent", "--bench", "transactions", "--", "--bench"],
+        cwd=ROOT, env=env, check=True, capture_output=True, text=True).stdout
+    m = re.search(r"sandbox: (\d+) tx/s p50 ([\d.]+)(µs|ms|s) p99 ([\d.]+)(µs|ms|s) cpu/tx (\d+) µs", out)
+    unit = {"µs": 1e-3, "ms": 1.0, "s": 1e3}
+    return {"rate": float(m.group(1)), "p50_ms": float(m.group(2)) * unit[m.group(3)],
+            "p99_ms": float(m.group(4)) * unit[m.group(5)], "agent_cpu_us": float(m.group(6))}
+
+
+def med(rows, key):
+    return statistics.median(r[key] for r in rows)
+
+
+if __name__ == "__main__":
+    if not AGENT.exists():
+        sys.exit(f"{AGENT} missing: cargo build --release -p dom0-agent -p domu-shim")
+    if not shutil.which("wrk"):
+        sys.exit("wrk missing: apt-get install wrk")
+    tmp = pathlib.Path(tempfile.mkdtemp(prefix="mayfly-httpbench-"))
+    policy_dir_path = policy_dir(tmp)
+    crt, key = cert(tmp)
+    lua = tmp / "transfer.lua"
+    lua.write_text(LUA)
+    print(f"HTTP bench: {SECS} s per run, {REPS} interleaved repetitions, medians")
+    results = {}
+    long = ["--header-timeout-ms", "600000", "--idle-timeout-ms", "600000"]
+    for rep in range(REPS):
+        for conns in (1, 8):
+            results.setdefault(("direct", conns), []).append(executor_direct(conns))
+            for tls in (False, True):
+                results.setdefault((tls, conns), []).append(run_http(tmp, lua, tls, conns, rep))
+        for load in (None, "idle", "trickle"):
+            results.setdefault(("load", load), []).append(
+                run_http(tmp, lua, False, 1, rep, extra=long, load=load))
+        print(f"repetition {rep + 1} done", flush=True)
+    for conns in (1, 8):
+        d = results[("direct", conns)]
+        dr = med(d, "rate")
+        print(f"{conns} connection(s):")
+        print(f"  executor-direct: {dr:8.0f} tx/s  p50 {med(d, 'p50_ms'):6.2f} ms  p99 {med(d, 'p99_ms'):6.2f} ms  agent cpu/tx {med(d, 'agent_cpu_us'):5.0f} µs")
+        for tls in (False, True):
+            h = results[(tls, conns)]
+            hr = med(h, "rate")
+            print(f"  {'https' if tls else 'http ':>5} wrk      : {hr:8.0f} tx/s  p50 {med(h, 'p50_ms'):6.2f} ms  p99 {med(h, 'p99_ms'):6.2f} ms  agent cpu/tx {med(h, 'agent_cpu_us'):5.0f} µs (with zygote tree {med(h, 'tree_cpu_us'):5.0f} µs)  non-2xx {sum(r['non2xx'] for r in h)}  errors {sum(r['errors'] for r in h)}  -> {hr / dr:.2f}x executor-direct ({(1 - hr / dr) * 100:+.1f} % cost)")
+    base = results[("load", None)]
+    print("normal client (1 connection) beside 1,000 connections:")
+    for load in (None, "idle", "trickle"):
+        h = results[("load", load)]
+        extra = "" if load is None else f"  ({statistics.median(r['load_open'] for r in h):.0f} of 1000 still open at the end)"
+        print(f"  {load or 'unloaded':>8}: {med(h, 'rate'):7.0f} tx/s  p50 {med(h, 'p50_ms'):6.2f} ms  p99 {med(h, 'p99_ms'):6.2f} ms  p99 ratio {med(h, 'p99_ms') / med(base, 'p99_ms'):.2f}x{extra}")
+    shutil.rmtree(tmp, ignore_errors=True)
