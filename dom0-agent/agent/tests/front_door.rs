@@ -665,3 +665,38 @@ fn the_json_log_is_one_object_per_line() {
     assert!(err.contains("\"msg\":\"client API listening\""), "{err}");
     assert!(records >= 2, "{err}");
 }
+
+#[test]
+fn the_appliance_configuration_passes_the_listen_check() {
+    // The image's agent.toml listens on 0.0.0.0 in plain HTTP for the Xen-in-QEMU suite,
+    // with the explicit override; it must not be refused for it (it stops later, on the
+    // missing Xen host).
+    let dir = tempfile::tempdir().unwrap();
+    let config = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../buildroot/board/mayfly/rootfs-overlay/etc/mayfly/agent.toml");
+    let out = std::process::Command::new(common::agent_exe())
+        .args(["serve", "--config"])
+        .arg(&config)
+        .arg("--data-dir")
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains("non-loopback"), "{err}");
+    // Without the override the same file is refused for its plain public listener.
+    let text = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace("insecure_plaintext_listen = true", "");
+    let stripped = dir.path().join("agent.toml");
+    std::fs::write(&stripped, text).unwrap();
+    let out = std::process::Command::new(common::agent_exe())
+        .args(["serve", "--config"])
+        .arg(&stripped)
+        .arg("--data-dir")
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("non-loopback"), "{err}");
+}
