@@ -348,6 +348,10 @@ async fn serve<I>(
         .header_read_timeout(limits.header_timeout)
         .max_headers(limits.max_headers)
         .max_header_size(limits.max_header_bytes)
+        // The read buffer holds a head and what follows it; hyper's default lets it grow
+        // to ~400 KiB per connection. A head's worth plus 8 KiB keeps the worst case per
+        // connection near max_header_bytes + max_body.
+        .max_buf_size((limits.max_header_bytes + 8192).max(16384))
         .keep_alive(true);
     let conn = builder.serve_connection(io, service);
     tokio::pin!(conn);
