@@ -278,3 +278,56 @@ pub fn family(out: &mut String, name: &str, kind: &str, help: &str) {
     let _ = writeln!(out, "# HELP {name} {help}");
     let _ = writeln!(out, "# TYPE {name} {kind}");
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_histogram_is_cumulative_and_outcomes_are_labelled() {
+        let m = Metrics::default();
+        m.latency(Duration::from_micros(1500));
+        m.latency(Duration::from_millis(40));
+        m.outcome(200, false);
+        m.outcome(503, true);
+        m.outcome(503, false);
+        m.outcome(413, false);
+        let mut out = String::new();
+        m.render(
+            &mut out,
+            &Gauges {
+                in_flight: 0,
+                max_in_flight: 64,
+                max_connections: 2048,
+                pool_ready: 1,
+                pool_in_use: 0,
+                pool_created: 1,
+                pool_destroyed: 0,
+                pool_failed: 0,
+                checkpoint_seq: 0,
+                audit_seq: 0,
+                groups: 0,
+            },
+        );
+        for line in [
+            "mayfly_api_transaction_seconds_bucket{le=\"0.001\"} 0",
+            "mayfly_api_transaction_seconds_bucket{le=\"0.002\"} 1",
+            "mayfly_api_transaction_seconds_bucket{le=\"0.05\"} 2",
+            "mayfly_api_transaction_seconds_bucket{le=\"+Inf\"} 2",
+            "mayfly_api_transaction_seconds_count 2",
+            "mayfly_api_transaction_seconds_sum 0.0415",
+            "mayfly_api_transactions_total{outcome=\"committed\"} 1",
+            "mayfly_api_transactions_total{outcome=\"refused\"} 1",
+            "mayfly_api_transactions_total{outcome=\"unavailable\"} 1",
+            "mayfly_api_transactions_total{outcome=\"rejected\"} 1",
+        ] {
+            assert!(out.lines().any(|l| l == line), "missing {line}:\n{out}");
+        }
+        // Every family is declared once, before its samples.
+        let types: Vec<&str> = out.lines().filter(|l| l.starts_with("# TYPE ")).collect();
+        let mut unique = types.clone();
+        unique.sort_unstable();
+        unique.dedup();
+        assert_eq!(types.len(), unique.len());
+    }
+}

@@ -158,3 +158,34 @@ pub fn identity(cert: &CertificateDer<'_>) -> Option<String> {
         mayfly_ledger::codec::hex(&mayfly_ledger::checkpoint::sha256(spki.as_ref()))
     ))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unreadable_or_empty_files_are_named_in_the_error() {
+        let dir = std::env::temp_dir().join(format!("mayfly-api-tls-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let missing = TlsFiles {
+            cert: dir.join("nope.crt"),
+            key: dir.join("nope.key"),
+            client_ca: None,
+        };
+        let e = load(&missing).unwrap_err().to_string();
+        assert!(
+            e.contains("server certificate") && e.contains("nope.crt"),
+            "{e}"
+        );
+        let empty = dir.join("empty.pem");
+        std::fs::write(&empty, "no pem here\n").unwrap();
+        let files = TlsFiles {
+            cert: empty.clone(),
+            key: empty.clone(),
+            client_ca: None,
+        };
+        let e = load(&files).unwrap_err().to_string();
+        assert!(e.contains("no CERTIFICATE"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
