@@ -66,7 +66,7 @@ def policy_dir(tmp):
     shutil.copytree(ROOT / "policies" / "default", d)
     det = d / "detection.toml"
     text = det.read_text()
-    text = re.sub(r"max = [0-9_]+\nwindow_ms", "max = 100_000_000\nwindow_ms", text)
+    text = re.sub(r"max = [0-9_]+\nwindow_ms", "max = 1_000_000\nwindow_ms", text)
     det.write_text(text)
     return d
 
