@@ -58,8 +58,9 @@ enum Command {
         #[arg(long)]
         data_dir: PathBuf,
     },
-    /// Run the appliance: client API on loopback, one fresh domain per transaction, every
-    /// commit checkpointed in the ledger. SIGHUP reloads the policy bundle; SIGINT/SIGTERM stop.
+    /// Run the appliance: client API (loopback, or TLS/mutual TLS elsewhere), one fresh domain
+    /// per transaction, every commit checkpointed in the ledger. SIGHUP reloads the policy
+    /// bundle and the TLS certificates; SIGINT/SIGTERM stop.
     Serve(Box<serve::ServeArgs>),
     /// Report a transaction, key, handler or client as part of an attack to a running agent
     /// (authenticated with its detector token); its policy decides, e.g. roll back and replay.

@@ -80,7 +80,7 @@ impl Default for Limits {
             max_headers: 64,
             header_timeout: Duration::from_secs(10),
             body_timeout: Duration::from_secs(10),
-            idle_timeout: Duration::from_secs(30),
+            idle_timeout: Duration::from_secs(5),
             max_connections: 2048,
             max_body: 256 * 1024,
         }
