@@ -287,18 +287,20 @@ fn handle(mut request: tiny_http::Request, shared: &Shared) {
                 .find(|h| h.field.equiv("Authorization"))
                 .map(|h| h.value.as_str().to_owned());
             if !authorized(shared, auth.as_deref()) {
+                let client = request
+                    .remote_addr()
+                    .map_or_else(|| "unknown".to_owned(), |a| a.ip().to_string());
+                let reason = "missing or wrong bearer token";
                 let ev = mayfly_ledger::AuditEvent::new(
                     "report.rejected",
                     mayfly_ledger::Severity::Warning,
                 )
-                .field("reason", "missing or wrong bearer token")
-                .field(
-                    "client",
-                    request
-                        .remote_addr()
-                        .map_or_else(|| "unknown".to_owned(), |a| a.ip().to_string()),
-                );
-                let _ = shared.executor.ledger().audit(vec![ev]);
+                .field("reason", reason)
+                .field("client", &client);
+                // Repeats from one client are counted, not recorded one by one.
+                shared
+                    .executor
+                    .audit_refusal(&client, "report.rejected", reason, ev);
                 return error(
                     request,
                     401,

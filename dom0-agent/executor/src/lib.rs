@@ -21,6 +21,10 @@
 
 #![forbid(unsafe_code)]
 
+mod refusals;
+
+pub use refusals::RefusalConfig;
+
 use std::collections::BTreeSet;
 use std::sync::{mpsc, Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
@@ -52,6 +56,8 @@ pub struct ExecutorConfig {
     pub max_ops: u32,
     /// Runs of a transaction that hit serialization conflicts, in fresh domains.
     pub max_attempts: u32,
+    /// How repeated identical refusals are aggregated in the audit log.
+    pub refusals: RefusalConfig,
 }
 
 impl Default for ExecutorConfig {
@@ -61,6 +67,7 @@ impl Default for ExecutorConfig {
             take_timeout: Duration::from_secs(2),
             max_ops: 10_000,
             max_attempts: 16,
+            refusals: RefusalConfig::default(),
         }
     }
 }
@@ -287,6 +294,7 @@ pub struct Executor {
     config: ExecutorConfig,
     log: Logger,
     reaper: Reaper,
+    refusals: refusals::Refusals,
     policy: std::sync::RwLock<Arc<Policy>>,
     started: Instant,
 }
@@ -379,13 +387,16 @@ impl Executor {
         log: &Logger,
     ) -> Self {
         let reaper = Reaper::start(&ledger);
+        let log = log.new(o!("component" => "executor"));
+        let refusals = refusals::Refusals::start(&ledger, config.refusals, &log);
         Self {
             ledger,
             backend,
             handlers: handlers.into_iter().collect(),
             config,
-            log: log.new(o!("component" => "executor")),
+            log,
             reaper,
+            refusals,
             policy: std::sync::RwLock::new(Arc::new(Policy {
                 bundle: policy,
                 state: Mutex::new(PolicyState::new()),
@@ -603,6 +614,22 @@ impl Executor {
         Ok(outcome)
     }
 
+    /// Audits a refusal of `client` for `reason` (`record`, named `event`, is its full
+    /// record): the first of a kind within the aggregation interval is written at once
+    /// (durably), identical ones after it are counted into one `refusal.repeated` record
+    /// per interval ([`RefusalConfig`]; the module docs of `refusals` say what is
+    /// identical).
+    pub fn audit_refusal(&self, client: &str, event: &'static str, reason: &str, record: AuditEvent) {
+        self.refusals.refused(client, event, reason, record);
+    }
+
+    /// Writes the counts of every open aggregation window now (at shutdown, before the
+    /// agent's stop is recorded); later refusals are still counted, and written when the
+    /// executor is dropped.
+    pub fn close_refusal_windows(&self) {
+        self.refusals.stop();
+    }
+
     /// Handler names known to the template.
     pub fn handlers(&self) -> impl Iterator<Item = &str> {
         self.handlers.iter().map(String::as_str)
@@ -645,13 +672,15 @@ impl Executor {
         if admit.audited() {
             let ev = decision_event(&admit, None, &req.handler)
                 .field("client", truncate(&req.client, 256));
-            let appended = if admit.action.permits() {
-                self.ledger.audit_lazily(vec![ev])
+            if admit.action.permits() {
+                if let Err(e) = self.ledger.audit_lazily(vec![ev]) {
+                    warn!(self.log, "auditing an admission decision failed"; "error" => %e);
+                }
             } else {
-                self.ledger.audit(vec![ev]).map(drop)
-            };
-            if let Err(e) = appended {
-                warn!(self.log, "auditing an admission decision failed"; "error" => %e);
+                // A refusal: the first of its kind is written at once, repeats are counted.
+                let rule = admit.rule.as_deref().unwrap_or("(none)");
+                self.refusals
+                    .refused(&req.client, "policy.decision", rule, ev);
             }
         }
         if !admit.action.permits() {
@@ -757,15 +786,20 @@ impl Executor {
             &mut events,
             &mut quarantine,
         );
-        // A live domain that misbehaved may be kept for forensics, if the policy says so.
-        let domain_event = match &served {
-            Served::Failed(Failure::Timeout) => Some(DomainEventKind::Timeout),
-            Served::Failed(Failure::ProtocolViolation(_)) => {
-                Some(DomainEventKind::ProtocolViolation)
+        // How the domain really ended decides what the failure was: a guest killed by the
+        // seccomp filter or a resource limit makes the ring report its peer gone (or a
+        // broken message, or silence until the deadline) before the exit is known.
+        let served = match served {
+            Served::Failed(f @ (Failure::DomainDied(_) | Failure::Timeout | Failure::ProtocolViolation(_))) => {
+                Served::Failed(reclassify(f, domain.as_mut(), &log))
             }
-            Served::Failed(Failure::DomainDied(_)) => Some(DomainEventKind::Crash),
+            other => other,
+        };
+        let domain_event = match &served {
+            Served::Failed(f) => domain_event_kind(f),
             _ => None,
         };
+        // A domain that misbehaved may be kept for forensics, if the policy says so.
         if let Some(kind) = domain_event {
             let d = policy.decide(&PolicyEvent::Domain {
                 tx: tx_id.0,
@@ -776,6 +810,20 @@ impl Executor {
                 events.push(decision_event(&d, Some(tx_id), &req.handler));
             }
             quarantine |= d.action == mayfly_policy::Action::Quarantine;
+        }
+        // A domain that is already dead (the kernel killed it) has nothing left to keep:
+        // the audit trail says the quarantine the policy asked for was not possible.
+        if let (true, Served::Failed(Failure::DomainDied(exit))) = (quarantine, &served) {
+            events.push(
+                AuditEvent::new("domain.quarantine_failed", Severity::Error)
+                    .field("domain", domain_id)
+                    .field("tx_id", tx_id)
+                    .field(
+                        "error",
+                        format!("the domain had already ended ({exit}): nothing left to keep"),
+                    ),
+            );
+            quarantine = false;
         }
         let retirement = Retirement {
             domain,
@@ -1038,6 +1086,49 @@ impl Executor {
     }
 }
 
+/// The failure as it really was: asks the backend how the domain ended (a dead sandbox
+/// clone's exit is known within the report wait; a live domain is `None`) and turns a
+/// timeout, a protocol violation or a peer-gone into the death that caused it.
+fn reclassify(failure: Failure, domain: &mut dyn Domain, log: &Logger) -> Failure {
+    match domain.try_exit() {
+        Ok(Some(exit)) if died(exit) => Failure::DomainDied(exit),
+        // It ended in a way that is no death of its own (it exited, or was destroyed): a
+        // peer-gone says how; a timeout or a violation stays what it was.
+        Ok(Some(exit)) => match failure {
+            Failure::DomainDied(_) => Failure::DomainDied(exit),
+            other => other,
+        },
+        Ok(None) => failure,
+        Err(e) => {
+            warn!(log, "could not learn how the domain ended"; "error" => %e);
+            failure
+        }
+    }
+}
+
+/// A death of the domain's own making (as opposed to an exit or the agent's destroy).
+fn died(exit: DomainExit) -> bool {
+    matches!(
+        exit,
+        DomainExit::ForbiddenSyscall | DomainExit::Crashed { .. } | DomainExit::ResourceLimit { .. }
+    )
+}
+
+/// The domain event a failure is, for the policy engine; `None` for failures that are no
+/// domain event (conflicts, storage, a policy refusal already decided).
+fn domain_event_kind(f: &Failure) -> Option<DomainEventKind> {
+    Some(match f {
+        Failure::Timeout => DomainEventKind::Timeout,
+        Failure::ProtocolViolation(_) => DomainEventKind::ProtocolViolation,
+        Failure::DomainDied(DomainExit::ForbiddenSyscall) => DomainEventKind::ForbiddenSyscall,
+        Failure::DomainDied(DomainExit::ResourceLimit { .. }) | Failure::OperationLimit => {
+            DomainEventKind::Limit
+        }
+        Failure::DomainDied(_) => DomainEventKind::Crash,
+        Failure::Conflicts | Failure::Storage(_) | Failure::Policy { .. } => return None,
+    })
+}
+
 fn error_response(e: &TxError) -> Response {
     Response::Error {
         code: tx_error_code(e),
@@ -1110,17 +1201,15 @@ fn record_end(
             DomainExit::Destroyed
         }
     };
-    // A transaction that looked merely aborted or timed out may in fact have died on a
-    // forbidden system call or a crash: the exit tells.
-    let died = matches!(
-        exit,
-        DomainExit::ForbiddenSyscall
-            | DomainExit::Crashed { .. }
-            | DomainExit::ResourceLimit { .. }
-    );
+    // A failure was classified by the domain's exit before the policy decided (`serve`);
+    // a domain that died only while being destroyed still tells here.
     let served = match served {
-        Served::Failed(Failure::DomainDied(_)) => Served::Failed(Failure::DomainDied(exit)),
-        Served::Failed(Failure::Timeout | Failure::ProtocolViolation(_)) if died => {
+        Served::Failed(Failure::DomainDied(before))
+            if exit != DomainExit::Quarantined && (died(exit) || !died(before)) =>
+        {
+            Served::Failed(Failure::DomainDied(exit))
+        }
+        Served::Failed(Failure::Timeout | Failure::ProtocolViolation(_)) if died(exit) => {
             Served::Failed(Failure::DomainDied(exit))
         }
         other => other,
@@ -1158,12 +1247,16 @@ fn record_end(
         }
         r.events.push(ev);
     }
-    r.events.push(
-        AuditEvent::new("domain.destroyed", Severity::Info)
-            .field("domain", r.domain_id)
-            .field("tx_id", r.tx_id)
-            .field("exit", exit),
-    );
+    // A quarantined domain is not destroyed: `domain.quarantined` already says where it is
+    // kept (its release by an operator is audited then).
+    if exit != DomainExit::Quarantined {
+        r.events.push(
+            AuditEvent::new("domain.destroyed", Severity::Info)
+                .field("domain", r.domain_id)
+                .field("tx_id", r.tx_id)
+                .field("exit", exit),
+        );
+    }
     // Routine lifecycle records ride with the next group commit (at most 50 ms later);
     // attack signals are made durable before the caller hears about the transaction.
     let urgent = severity <= Severity::Warning;
@@ -1315,5 +1408,6 @@ impl Reaper {
 impl Drop for Executor {
     fn drop(&mut self) {
         self.reaper.stop();
+        self.refusals.stop();
     }
 }
