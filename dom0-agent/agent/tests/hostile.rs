@@ -195,7 +195,10 @@ fn shipped_engine_policy(dir: &std::path::Path) -> [String; 2] {
         "unlisted_handler = \"abort\"",
         "unlisted_handler = \"allow\"",
     );
-    assert_ne!(opened, shipped, "engine.toml no longer sets unlisted_handler");
+    assert_ne!(
+        opened, shipped,
+        "engine.toml no longer sets unlisted_handler"
+    );
     let policy = dir.join("policy");
     std::fs::create_dir_all(&policy).unwrap();
     std::fs::write(policy.join("engine.toml"), opened).unwrap();
@@ -289,7 +292,11 @@ fn domain_events_reach_the_shipped_rules_as_what_they_were() {
     let pid: u32 = q["handle"].parse().unwrap();
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
     assert!(
-        stat.rsplit(')').next().unwrap().trim_start().starts_with('T'),
+        stat.rsplit(')')
+            .next()
+            .unwrap()
+            .trim_start()
+            .starts_with('T'),
         "the quarantined clone must be stopped: {stat}"
     );
 
@@ -302,9 +309,15 @@ fn domain_events_reach_the_shipped_rules_as_what_they_were() {
         ("domain.failed".into(), "abort".into(), "crash".into())
     );
     let n = names(&rec);
-    assert!(n.contains(&"domain.crashed") && n.contains(&"domain.destroyed"), "{n:?}");
+    assert!(
+        n.contains(&"domain.crashed") && n.contains(&"domain.destroyed"),
+        "{n:?}"
+    );
     assert!(agent.stop().success());
-    assert!(!common::process_alive(pid), "shutdown releases quarantined domains");
+    assert!(
+        !common::process_alive(pid),
+        "shutdown releases quarantined domains"
+    );
 
     // A timeout, and a CPU-time limit, each with an agent set up to show it.
     let timeout_dir = dir.path().join("timeout");

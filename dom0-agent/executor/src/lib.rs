@@ -619,7 +619,13 @@ impl Executor {
     /// (durably), identical ones after it are counted into one `refusal.repeated` record
     /// per interval ([`RefusalConfig`]; the module docs of `refusals` say what is
     /// identical).
-    pub fn audit_refusal(&self, client: &str, event: &'static str, reason: &str, record: AuditEvent) {
+    pub fn audit_refusal(
+        &self,
+        client: &str,
+        event: &'static str,
+        reason: &str,
+        record: AuditEvent,
+    ) {
         self.refusals.refused(client, event, reason, record);
     }
 
@@ -790,9 +796,9 @@ impl Executor {
         // seccomp filter or a resource limit makes the ring report its peer gone (or a
         // broken message, or silence until the deadline) before the exit is known.
         let served = match served {
-            Served::Failed(f @ (Failure::DomainDied(_) | Failure::Timeout | Failure::ProtocolViolation(_))) => {
-                Served::Failed(reclassify(f, domain.as_mut(), &log))
-            }
+            Served::Failed(
+                f @ (Failure::DomainDied(_) | Failure::Timeout | Failure::ProtocolViolation(_)),
+            ) => Served::Failed(reclassify(f, domain.as_mut(), &log)),
             other => other,
         };
         let domain_event = match &served {
@@ -1110,7 +1116,9 @@ fn reclassify(failure: Failure, domain: &mut dyn Domain, log: &Logger) -> Failur
 fn died(exit: DomainExit) -> bool {
     matches!(
         exit,
-        DomainExit::ForbiddenSyscall | DomainExit::Crashed { .. } | DomainExit::ResourceLimit { .. }
+        DomainExit::ForbiddenSyscall
+            | DomainExit::Crashed { .. }
+            | DomainExit::ResourceLimit { .. }
     )
 }
 

@@ -258,8 +258,8 @@ fn write(ledger: &Ledger, log: &Logger, config: &RefusalConfig, due: Vec<Due>) {
     let records = due
         .into_iter()
         .map(|d| {
-            let window_ms = u64::try_from(d.entry.window_start.elapsed().as_millis())
-                .unwrap_or(u64::MAX);
+            let window_ms =
+                u64::try_from(d.entry.window_start.elapsed().as_millis()).unwrap_or(u64::MAX);
             let reason = d
                 .reason
                 .split_once('/')
@@ -316,5 +316,75 @@ fn closer(shared: &Shared, ledger: &Ledger, log: &Logger) {
                 Err(poisoned) => poisoned.into_inner().0,
             },
         };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use mayfly_ledger::Options;
+
+    fn refusal(client: &str) -> AuditEvent {
+        AuditEvent::new("report.rejected", Severity::Warning).field("client", client)
+    }
+
+    fn events(ledger: &Ledger) -> Vec<(String, std::collections::BTreeMap<String, String>)> {
+        ledger
+            .store()
+            .audit_records(1, usize::MAX)
+            .unwrap()
+            .into_iter()
+            .map(|r| (r.event.event, r.event.fields))
+            .filter(|(e, _)| e == "report.rejected" || e == "refusal.repeated")
+            .collect()
+    }
+
+    #[test]
+    fn a_full_table_counts_new_keys_together_instead_of_recording_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = Logger::root(slog::Discard, slog::o!());
+        let ledger = Ledger::open(dir.path(), &Options::default(), &log).unwrap();
+        let config = RefusalConfig {
+            interval: Duration::from_secs(3600),
+            max_keys: 2,
+        };
+        let refusals = Refusals::start(&ledger, config, &log);
+        for client in ["a", "b", "c", "d", "e", "a", "c"] {
+            refusals.refused(client, "report.rejected", "bad token", refusal(client));
+        }
+        // Only the two keys the table holds were recorded in full.
+        let recorded: Vec<String> = events(&ledger)
+            .into_iter()
+            .map(|(_, f)| f["client"].clone())
+            .collect();
+        assert_eq!(recorded, ["a", "b"]);
+        assert_eq!(refusals.shared.table().entries.len(), 2);
+        refusals.stop();
+        let repeated: Vec<_> = events(&ledger)
+            .into_iter()
+            .filter(|(e, _)| e == "refusal.repeated")
+            .map(|(_, f)| (f["client"].clone(), f["count"].clone()))
+            .collect();
+        assert_eq!(
+            repeated,
+            [
+                ("a".to_owned(), "1".to_owned()),
+                ("(table full)".to_owned(), "4".to_owned())
+            ]
+        );
+    }
+
+    #[test]
+    fn a_long_client_name_is_cut_in_the_table() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = Logger::root(slog::Discard, slog::o!());
+        let ledger = Ledger::open(dir.path(), &Options::default(), &log).unwrap();
+        let refusals = Refusals::start(&ledger, RefusalConfig::default(), &log);
+        let long = "x".repeat(100_000);
+        refusals.refused(&long, "report.rejected", &long, refusal("long"));
+        let table = refusals.shared.table();
+        let key = table.entries.keys().next().unwrap();
+        assert_eq!(key.client.len(), MAX_CLIENT);
+        assert!(key.reason.len() <= MAX_REASON + "report.rejected/".len());
     }
 }
