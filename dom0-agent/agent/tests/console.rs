@@ -342,6 +342,8 @@ fn status_rollback_with_quorum_and_key_rotation_work_through_the_socket() {
         rec["reason"].as_str().unwrap().contains("minted money"),
         "{rec}"
     );
+    // Admins decided it, no policy: the record says so with a zero policy hash.
+    assert_eq!(rec["policy_hash"], "0".repeat(64), "{rec}");
 
     // Verify on the appliance, with progress frames before the result.
     let frames = send_raw(&sock, &signed("verify", &[], &[0xa2]).encode());

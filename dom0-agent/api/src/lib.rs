@@ -640,6 +640,15 @@ fn lookup(shared: &Shared, id: &str) -> (u16, Value) {
                 });
                 if let Some(map) = body.as_object_mut() {
                     map.insert(name.into(), result);
+                    // Undone by a rollback: say so, and by which record of the chain.
+                    match store.undone_by(seq) {
+                        Ok(Some(by)) => {
+                            map.insert("status".into(), json!("rolled_back"));
+                            map.insert("rolled_back_by".into(), json!({ "seq": by }));
+                        }
+                        Ok(None) => {}
+                        Err(e) => return (500, json!({ "error": e.to_string() })),
+                    }
                 }
                 (200, body)
             }

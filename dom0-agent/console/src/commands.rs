@@ -487,8 +487,9 @@ pub fn execute(
                 (store.plan_rollback(&[root], *cascade)?, None)
             } else {
                 let why = format!("admin console (nonce {nonce}): {reason}");
-                let (plan, receipt) =
-                    ledger.rollback(&[root], *cascade, &why, services.executor.policy_hash())?;
+                // Admins decided it, not a policy bundle: the record's policy hash is zeros
+                // (formats.md §1.6), which is how a reader tells a manual rollback apart.
+                let (plan, receipt) = ledger.rollback(&[root], *cascade, &why, [0u8; 32])?;
                 (plan, Some(receipt.seq))
             };
             let replayed = if *replay && !*dry_run {

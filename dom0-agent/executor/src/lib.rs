@@ -585,6 +585,77 @@ impl Executor {
         let mayfly_policy::Action::Rollback { cascade, replay } = d.action else {
             return Ok(outcome);
         };
+        if matches!(target, ReportTarget::Handler(_) | ReportTarget::Client(_)) {
+            return Ok(outcome);
+        }
+        // The decision is recorded above; what came of it is recorded here, whatever it
+        // was: a rollback refused (dependents, a target not in the ledger) is not done.
+        let rule = d.rule.as_deref().unwrap_or("(none)");
+        let completed = |outcome_name: &str, severity: Severity| {
+            AuditEvent::new("report.completed", severity)
+                .field("rule", rule)
+                .field("action", d.action.as_str())
+                .field("target", truncate(&described, 300))
+                .field("dry_run", dry_run)
+                .field("outcome", outcome_name)
+        };
+        let result = self.carry_out_report(
+            target,
+            &described,
+            reason,
+            rule,
+            dry_run,
+            cascade,
+            replay,
+            policy.bundle.hash(),
+            &mut outcome,
+        );
+        let ev = match &result {
+            Ok(()) if dry_run => {
+                let planned = outcome.plan.as_ref().map_or(0, |p| p.affected.len());
+                completed("planned", Severity::Info).field("affected", planned)
+            }
+            Ok(()) => {
+                let mut ev = completed("done", Severity::Notice).field(
+                    "affected",
+                    outcome.plan.as_ref().map_or(0, |p| p.affected.len()),
+                );
+                if let Some(seq) = outcome.rollback_seq {
+                    ev = ev.field("rollback_seq", seq);
+                }
+                if replay {
+                    ev = ev.field("replayed", outcome.replayed.len());
+                }
+                ev
+            }
+            Err(e) => {
+                let mut ev = completed("failed", Severity::Warning)
+                    .field("error", truncate(&e.to_string(), 1000));
+                // A rollback applied before its replays failed is done, the replays not.
+                if let Some(seq) = outcome.rollback_seq {
+                    ev = ev.field("rollback_seq", seq);
+                }
+                ev
+            }
+        };
+        self.ledger.audit(vec![ev])?;
+        result.map(|()| outcome)
+    }
+
+    /// The rollback (or its plan) a report's decision asks for; fills `outcome`.
+    #[allow(clippy::too_many_arguments)]
+    fn carry_out_report(
+        &self,
+        target: &ReportTarget,
+        described: &str,
+        reason: &str,
+        rule: &str,
+        dry_run: bool,
+        cascade: bool,
+        replay: bool,
+        policy_hash: Hash,
+        outcome: &mut ReportOutcome,
+    ) -> Result<(), ReportError> {
         let store = self.ledger.store();
         let root = match target {
             ReportTarget::Tx(id) => store
@@ -593,25 +664,25 @@ impl Executor {
             ReportTarget::Key(k) => store.writers_of(k)?.last().copied().ok_or_else(|| {
                 ReportError::NotFound(format!("no transaction wrote {described}"))
             })?,
-            ReportTarget::Handler(_) | ReportTarget::Client(_) => return Ok(outcome),
+            ReportTarget::Handler(_) | ReportTarget::Client(_) => return Ok(()),
         };
         if dry_run {
             outcome.plan = Some(store.plan_rollback(&[root], cascade)?);
-            return Ok(outcome);
+            return Ok(());
         }
-        let why = format!(
-            "{} ({described}): {reason}",
-            d.rule.as_deref().unwrap_or("report")
-        );
-        let (plan, receipt) = self
-            .ledger
-            .rollback(&[root], cascade, &why, policy.bundle.hash())?;
+        let why = format!("{rule} ({described}): {reason}");
+        let (plan, receipt) = self.ledger.rollback(&[root], cascade, &why, policy_hash)?;
         outcome.rollback_seq = Some(receipt.seq);
-        if replay {
-            outcome.replayed = self.replay(&plan.replay)?;
-        }
         outcome.plan = Some(plan);
-        Ok(outcome)
+        if replay {
+            let seqs = outcome
+                .plan
+                .as_ref()
+                .map(|p| p.replay.clone())
+                .unwrap_or_default();
+            outcome.replayed = self.replay(&seqs)?;
+        }
+        Ok(())
     }
 
     /// Audits a refusal of `client` for `reason` (`record`, named `event`, is its full
@@ -1051,10 +1122,14 @@ impl Executor {
                     let committed = AuditEvent::new("tx.committed", Severity::Info)
                         .field("tx_id", tx_id)
                         .field("handler", &req.handler);
-                    let mut audit = std::mem::take(events);
+                    // The lifecycle records so far (cloned, started, decisions) commit with
+                    // the checkpoint; if the commit fails (a conflict, storage), they stay
+                    // for the end record, so a lost attempt is audited like any other.
+                    let mut audit = events.clone();
                     audit.push(committed);
                     return match ltx.commit_with_audit(result.clone(), audit) {
                         Ok(receipt) => {
+                            events.clear();
                             let _ = ring.send_response(env.id, &Response::Committed, &notifier);
                             Served::Committed {
                                 seq: receipt.seq,

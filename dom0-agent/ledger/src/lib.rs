@@ -252,13 +252,15 @@ impl Ledger {
     /// event before returning.
     pub fn open(dir: &Path, opts: &Options, log: &Logger) -> Result<Self, OpenError> {
         let log = log.new(o!("component" => "ledger"));
-        let (store, fresh) = match store::Store::open(dir, &opts.store, opts.create)? {
+        let (mut store, fresh) = match store::Store::open(dir, &opts.store, opts.create)? {
             store::Opened::Created(s) => (s, true),
             store::Opened::Existing(s) => {
                 let fresh = opts.create && s.meta_is_empty()?;
                 (s, fresh)
             }
         };
+        // A ledger of an earlier release gets its rolled-back index once.
+        let undone_built = store.ensure_undone_index()?;
         let (key, state) = if fresh {
             let key = match SigningKey::load(dir) {
                 Ok(k) => k,
@@ -298,6 +300,10 @@ impl Ledger {
         }
         .field("public_key", codec::hex(&public_key))
         .field("checkpoint_seq", tips.checkpoints.seq);
+        let event = match undone_built {
+            Some(rollbacks) => event.field("undone_index_built_from", rollbacks),
+            None => event,
+        };
         let first = committer
             .write_group(vec![commit::Job::Audit(vec![event])], fresh)
             .and_then(|mut results| results.pop().unwrap_or(Err(CommitError::Closed)));
@@ -401,6 +407,8 @@ impl Ledger {
     /// they wrote, transitively) in one atomic, signed record appended to the checkpoint
     /// chain, with a `rollback.applied` audit record. Re-plans when concurrent commits
     /// change what the plan covers. Returns the plan applied and its receipt.
+    /// `policy_hash` is the bundle whose decision the rollback carries out; 32 zero bytes
+    /// for a manual (admin console) rollback (formats.md §1.6).
     pub fn rollback(
         &self,
         roots: &[u64],

@@ -15,6 +15,7 @@ use crate::checkpoint::chain_hash;
 use crate::codec::{hex, Reader};
 use crate::head::{SignedHead, Tip};
 use crate::keys::PublicKey;
+use crate::read::ReadError;
 
 /// Names of the databases, in one place.
 pub mod names {
@@ -36,8 +37,12 @@ pub mod names {
     pub const NONCES: &str = "nonces";
     /// Exporter cursors (SIEM).
     pub const CURSORS: &str = "cursors";
+    /// Rolled-back commits: commit seq to the seq of the first rollback record that undid
+    /// it. Added after the first release: a ledger without it gets it built at its first
+    /// read-write open (`Store::ensure_undone_index`).
+    pub const UNDONE: &str = "undone";
     /// All of them, in creation order.
-    pub const ALL: [&str; 9] = [
+    pub const ALL: [&str; 10] = [
         META,
         DATA,
         CHECKPOINTS,
@@ -47,6 +52,7 @@ pub mod names {
         DEPS,
         NONCES,
         CURSORS,
+        UNDONE,
     ];
 }
 
@@ -163,6 +169,8 @@ pub(crate) struct Dbs {
     pub deps: Database<Bytes, Bytes>,
     pub nonces: Database<Bytes, Bytes>,
     pub cursors: Database<Bytes, Bytes>,
+    /// `None` only in a ledger written before the index existed, opened read-only.
+    pub undone: Option<Database<Bytes, Bytes>>,
 }
 
 /// How to open the environment.
@@ -346,6 +354,15 @@ impl Store {
             deps: open(names::DEPS)?,
             nonces: open(names::NONCES)?,
             cursors: open(names::CURSORS)?,
+            undone: match env.open_database::<Bytes, Bytes>(&rtxn, Some(names::UNDONE)) {
+                Ok(db) => db,
+                Err(source) => {
+                    return Err(OpenError::NotLmdb {
+                        path: dir.clone(),
+                        source,
+                    })
+                }
+            },
         };
         // Committing the read transaction makes the opened handles valid for the whole
         // environment (LMDB: handles opened in an aborted transaction are discarded).
@@ -354,6 +371,92 @@ impl Store {
             source,
         })?;
         Ok(Self { env, dbs, dir })
+    }
+
+    /// Creates and fills the `undone` index of a ledger written before it existed, from
+    /// the rollback records of the checkpoint chain (one write transaction, once). Returns
+    /// how many rollback records it read, or `None` if the index was there already.
+    pub(crate) fn ensure_undone_index(&mut self) -> Result<Option<u64>, OpenError> {
+        if self.dbs.undone.is_some() {
+            return Ok(None);
+        }
+        let mut wtxn = self.env.write_txn().map_err(|e| self.storage_err(e))?;
+        let db = self
+            .env
+            .create_database::<Bytes, Bytes>(&mut wtxn, Some(names::UNDONE))
+            .map_err(|e| self.storage_err(e))?;
+        let mut read = 0u64;
+        let mut entries: Vec<(u64, u64)> = Vec::new();
+        for item in self
+            .dbs
+            .checkpoints
+            .iter(&wtxn)
+            .map_err(|e| self.storage_err(e))?
+        {
+            let (k, v) = item.map_err(|e| self.storage_err(e))?;
+            if v.get(5) != Some(&crate::rollback::KIND_ROLLBACK) {
+                continue;
+            }
+            let seq = read_u64(k).unwrap_or(0);
+            let record = crate::rollback::RollbackRecord::decode(v)
+                .map_err(|e| self.corrupt(format!("rollback record {seq}: {e}")))?;
+            read = read.saturating_add(1);
+            entries.extend(record.affected.iter().map(|a| (*a, record.seq)));
+        }
+        for (undone, by) in entries {
+            if db
+                .get(&wtxn, &u64_key(undone))
+                .map_err(|e| self.storage_err(e))?
+                .is_none()
+            {
+                db.put(&mut wtxn, &u64_key(undone), &u64_key(by))
+                    .map_err(|e| self.storage_err(e))?;
+            }
+        }
+        wtxn.commit().map_err(|e| self.storage_err(e))?;
+        self.dbs.undone = Some(db);
+        Ok(Some(read))
+    }
+
+    /// The rollback record that undid commit `seq`, if one did (the first, if several).
+    pub fn undone_by(&self, seq: u64) -> Result<Option<u64>, ReadError> {
+        let rtxn = self.read_txn()?;
+        self.undone_by_in(&rtxn, seq)
+    }
+
+    /// [`Store::undone_by`] within a read transaction. Without the index (a ledger of an
+    /// earlier release opened read-only), the rollback records after `seq` are read.
+    pub(crate) fn undone_by_in(
+        &self,
+        rtxn: &RoTxn<'_, WithoutTls>,
+        seq: u64,
+    ) -> Result<Option<u64>, ReadError> {
+        if let Some(db) = self.dbs.undone {
+            return Ok(db.get(rtxn, &u64_key(seq))?.and_then(read_u64));
+        }
+        let start = u64_key(seq.saturating_add(1));
+        let range = (
+            std::ops::Bound::Included(&start[..]),
+            std::ops::Bound::Unbounded,
+        );
+        for item in self.dbs.checkpoints.range(rtxn, &range)? {
+            let (k, v) = item?;
+            if v.get(5) != Some(&crate::rollback::KIND_ROLLBACK) {
+                continue;
+            }
+            let at = read_u64(k).unwrap_or(0);
+            let record = crate::rollback::RollbackRecord::decode(v).map_err(|source| {
+                ReadError::Corrupt {
+                    what: "checkpoint",
+                    at: at.to_string(),
+                    source,
+                }
+            })?;
+            if record.affected.binary_search(&seq).is_ok() {
+                return Ok(Some(record.seq));
+            }
+        }
+        Ok(None)
     }
 
     /// The public key the ledger was created with, as recorded in `meta`: the root of
