@@ -324,6 +324,11 @@ fn decision_event(d: &Decision, tx_id: Option<TxId>, handler: &str) -> AuditEven
     if let Some(tx) = tx_id {
         ev = ev.field("tx_id", tx);
     }
+    // Rules that fired too but lost by precedence (a capability over a pattern, ...).
+    if !d.also.is_empty() {
+        let also: Vec<&str> = d.also.iter().map(|r| &**r).collect();
+        ev = ev.field("also", truncate(&also.join(","), 1000));
+    }
     for m in &d.matched {
         if !ev.fields.contains_key(m.name) {
             ev = ev.field(m.name, truncate(&m.value, 1000));
