@@ -254,3 +254,53 @@ fn attempts_lost_to_a_conflict_are_cloned_started_and_ended_in_the_trail() {
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
 }
+
+#[test]
+fn domain_numbers_never_repeat_across_agent_restarts() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let mut answered = Vec::new();
+    for run in 0..2 {
+        let mut agent = Agent::start(&data, &[]);
+        for i in 0..4 {
+            let body = ok_tx(
+                &agent,
+                "kv",
+                json!({"op": "put", "key": format!("kv/{run}/{i}"), "value": "v"}),
+            );
+            answered.push(body["domain_id"].as_u64().unwrap());
+        }
+        assert!(agent.stop().success());
+    }
+    let distinct: std::collections::BTreeSet<_> = answered.iter().collect();
+    assert_eq!(distinct.len(), answered.len(), "{answered:?}");
+    // The checkpoints name the same numbers; the backend's own ids did repeat.
+    let records = audit(&data);
+    let store =
+        mayfly_ledger::store::open_read_only(&data, &mayfly_ledger::StoreOptions::default())
+            .unwrap();
+    let in_checkpoints: Vec<u64> = (1..=8)
+        .map(|seq| store.checkpoint(seq).unwrap().unwrap().domain_id)
+        .collect();
+    assert_eq!(in_checkpoints, answered);
+    let field = |event: &str, name: &str| -> Vec<String> {
+        records
+            .iter()
+            .filter(|(e, _)| e == event)
+            .map(|(_, f)| f[name].clone())
+            .collect()
+    };
+    let started = field("domain.started", "domain");
+    let unique: std::collections::BTreeSet<_> = started.iter().collect();
+    assert_eq!(
+        unique.len(),
+        started.len(),
+        "audit domain fields repeat: {started:?}"
+    );
+    let backend_ids = field("domain.cloned", "backend_id");
+    let unique_backend: std::collections::BTreeSet<_> = backend_ids.iter().collect();
+    assert!(
+        unique_backend.len() < backend_ids.len(),
+        "the backend's clone numbers restart with the agent, which is why the ledger numbers: {backend_ids:?}"
+    );
+}

@@ -27,7 +27,7 @@ fn pristine() -> tempfile::TempDir {
                 tx_id: TxId::generate(),
                 handler: "kv".into(),
                 request: format!("request {i}").into_bytes(),
-                domain_id: 100 + u32::try_from(i).unwrap(),
+                domain_id: 100 + i,
                 policy_hash: [3; 32],
             })
             .unwrap();

@@ -513,7 +513,9 @@ fn submit(shared: &Shared, raw: &[u8], client: String) -> (u16, Value, bool) {
                     warn!(shared.log, "refusing a transaction"; "reason" => %e);
                     (503, json!({ "error": e.to_string() }), true)
                 }
-                ExecError::Ledger(_) => (503, json!({ "error": e.to_string() }), true),
+                ExecError::Ledger(_) | ExecError::DomainNumber(_) => {
+                    (503, json!({ "error": e.to_string() }), true)
+                }
                 ExecError::Denied { .. } => (403, json!({ "error": e.to_string() }), false),
             }
         }

@@ -547,8 +547,10 @@ pub fn execute(
                 .backend()
                 .release_quarantined(*domain)?
                 .ok_or_else(|| CommandError::NotFound(format!("no quarantined domain {domain}")))?;
+            // `domain` here is the backend's id (as `quarantine.list` shows it); the
+            // `domain.quarantined` record names it `backend_id` beside the ledger's number.
             ledger.audit(vec![AuditEvent::new("domain.released", Severity::Notice)
-                .field("domain", domain)
+                .field("backend_id", domain)
                 .field("exit", exit.to_string())
                 .field("nonce", nonce)])?;
             Ok(json!({"domain": domain, "released": true, "exit": exit.to_string()}))

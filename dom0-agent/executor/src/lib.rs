@@ -158,8 +158,9 @@ pub struct TxOutcome {
     pub failure: Option<Failure>,
     /// Commit sequence (committed only).
     pub seq: Option<u64>,
-    /// Domain of the last attempt.
-    pub domain_id: u32,
+    /// The ledger's number of the domain of the last attempt (unique for the life of the
+    /// ledger; [`mayfly_ledger::Ledger::next_domain_number`]).
+    pub domain_id: u64,
     /// Attempts made (more than one after conflicts).
     pub attempts: u32,
     /// How the last domain ended, if it was destroyed before the answer (failures are);
@@ -196,6 +197,9 @@ pub enum ExecError {
     /// The ledger refused to begin a transaction.
     #[error("ledger: {0}")]
     Ledger(#[from] TxError),
+    /// No domain number could be reserved (the ledger cannot write).
+    #[error("ledger: {0}")]
+    DomainNumber(#[from] mayfly_ledger::DomainNumberError),
 }
 
 /// The replay of one undone transaction.
@@ -776,7 +780,9 @@ impl Executor {
             attempt += 1;
             let domain = self.backend.take(self.config.take_timeout)?;
             let tx_id = TxId::generate();
-            let domain_id = domain.id();
+            // The ledger's number for this domain: the backend's own id (a clone number,
+            // a domid) repeats across restarts; this one never does.
+            let domain_id = self.ledger.next_domain_number()?;
             let ltx = self.ledger.begin(TxContext {
                 tx_id,
                 handler: req.handler.clone(),
@@ -784,8 +790,8 @@ impl Executor {
                 domain_id,
                 policy_hash: policy.bundle.hash(),
             })?;
-            let started = self.started_events(req, tx_id, domain.as_ref(), attempt);
-            let (served, exit) = self.serve(domain, ltx, req, &policy, seed, started);
+            let started = self.started_events(req, tx_id, domain.as_ref(), domain_id, attempt);
+            let (served, exit) = self.serve(domain, domain_id, ltx, req, &policy, seed, started);
             let outcome = |status, result, failure: Option<Failure>, seq| TxOutcome {
                 tx_id,
                 status,
@@ -819,17 +825,19 @@ impl Executor {
         req: &TxRequest,
         tx_id: TxId,
         domain: &dyn Domain,
+        domain_id: u64,
         attempt: u32,
     ) -> Vec<AuditEvent> {
         let backend = self.backend.name();
         vec![
             AuditEvent::new("domain.cloned", Severity::Info)
                 .field("backend", backend)
-                .field("domain", domain.id())
+                .field("domain", domain_id)
+                .field("backend_id", domain.id())
                 .field("handle", truncate(&domain.handle(), 64)),
             AuditEvent::new("domain.started", Severity::Info)
                 .field("backend", backend)
-                .field("domain", domain.id())
+                .field("domain", domain_id)
                 .field("tx_id", tx_id)
                 .field("handler", &req.handler)
                 .field("client", truncate(&req.client, 256))
@@ -843,9 +851,11 @@ impl Executor {
     /// back when it is gone ([`Domain::destroy_in_background`], the sandbox), or by a reaper
     /// thread that waits (Xen); a failed one is destroyed first, because how the domain died
     /// decides what the failure was.
+    #[allow(clippy::too_many_arguments)]
     fn serve(
         &self,
         mut domain: Box<dyn Domain>,
+        domain_id: u64,
         ltx: Tx,
         req: &TxRequest,
         policy: &Policy,
@@ -853,7 +863,6 @@ impl Executor {
         mut events: Vec<AuditEvent>,
     ) -> (Served, Option<DomainExit>) {
         let tx_id = ltx.id();
-        let domain_id = domain.id();
         let log = self
             .log
             .new(o!("tx_id" => tx_id.to_string(), "domain" => domain_id));
@@ -1239,6 +1248,7 @@ fn retire(ledger: &Ledger, r: Retirement, served: Served) -> (Served, DomainExit
             ended.events.push(
                 AuditEvent::new("domain.quarantined", Severity::Notice)
                     .field("domain", ended.domain_id)
+                    .field("backend_id", q.id)
                     .field("tx_id", ended.tx_id)
                     .field("handle", truncate(&q.handle, 64)),
             );
@@ -1254,7 +1264,7 @@ fn retire(ledger: &Ledger, r: Retirement, served: Served) -> (Served, DomainExit
 struct Ended {
     events: Vec<AuditEvent>,
     tx_id: TxId,
-    domain_id: u32,
+    domain_id: u64,
     handler: String,
     log: Logger,
     /// Keep the domain stopped for forensics instead of destroying it.

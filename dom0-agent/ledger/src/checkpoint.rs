@@ -8,13 +8,15 @@
 //! ```text
 //! offset size  field
 //!      0    4  magic "MFCP"
-//!      4    1  format version = 1
+//!      4    1  format version = 1, or 2 when the domain number needs more than 32 bits
 //!      5    1  kind: 0x01 transaction (other values reserved)
 //!      6    8  seq               u64 BE, 1-based commit sequence
 //!     14   32  prev_hash         hash of checkpoint seq-1 (zeros for seq 1)
 //!     46   16  tx_id
 //!     62  1+n  handler           u8 length, 1..=64 bytes of [a-z0-9_.-]
-//!      .    4  domain_id         u32 BE
+//!      .  4|8  domain_id         the ledger's domain number, unique for the life of the
+//!                                ledger: u32 BE in version 1 (values < 2^32), u64 BE in
+//!                                version 2 (values >= 2^32 only)
 //!      .   32  policy_hash       SHA-256 of the active policy bundle (zeros: none)
 //!      .   32  entropy_seed      the guest's RNG seed from Start (zeros: none), for replay
 //!      .    8  begin_ns          u64 BE, Unix time in ns when the transaction began
@@ -43,8 +45,12 @@ use crate::{limits, Hash, TxId};
 
 /// Magic of a checkpoint record.
 pub const MAGIC: &str = "MFCP";
-/// Format version written by this build.
+/// Format version of a checkpoint whose domain number fits in 32 bits (and of rollback
+/// records).
 pub const VERSION: u8 = 1;
+/// Format version of a checkpoint whose domain number needs 64 bits: the same layout with
+/// `domain_id` as `u64`. Each value has one encoding: version 2 only for numbers >= 2^32.
+pub const VERSION_WIDE_DOMAIN: u8 = 2;
 /// Kind byte of a transaction checkpoint.
 pub const KIND_TRANSACTION: u8 = 0x01;
 /// Outcome byte of a committed transaction.
@@ -85,8 +91,9 @@ pub struct Checkpoint {
     pub tx_id: TxId,
     /// Handler that ran.
     pub handler: String,
-    /// Domain the transaction ran in.
-    pub domain_id: u32,
+    /// The ledger's number of the domain the transaction ran in (unique for the life of
+    /// the ledger; the backend's own id — pid, domid — is in the audit log).
+    pub domain_id: u64,
     /// Hash of the policy bundle active at commit.
     pub policy_hash: Hash,
     /// The entropy the domain's RNG was seeded with, so a replay can draw the same numbers.
@@ -140,7 +147,9 @@ impl Checkpoint {
         const FIXED: usize =
             4 + 1 + 1 + 8 + 32 + 16 + 1 + 4 + 32 + 32 + 8 + 8 + 32 + 4 + 1 + 4 + 4 + 4;
         let image = |v: &Option<Vec<u8>>| v.as_ref().map_or(1, |v| v.len().saturating_add(5));
+        let wide = if self.wide_domain() { 4 } else { 0 };
         let mut n = FIXED
+            .saturating_add(wide)
             .saturating_add(self.handler.len())
             .saturating_add(self.request.len())
             .saturating_add(self.result.len());
@@ -157,18 +166,30 @@ impl Checkpoint {
         n
     }
 
+    /// Whether the domain number needs the 64-bit field (format version 2).
+    fn wide_domain(&self) -> bool {
+        self.domain_id > u64::from(u32::MAX)
+    }
+
     /// The canonical encoding. Callers build checkpoints within the limits; `decode` is the
     /// authority on validity.
     pub fn encode(&self) -> Vec<u8> {
         let mut w = Writer::with_capacity(self.encoded_len());
         w.raw(MAGIC.as_bytes());
-        w.u8(VERSION);
+        w.u8(if self.wide_domain() {
+            VERSION_WIDE_DOMAIN
+        } else {
+            VERSION
+        });
         w.u8(KIND_TRANSACTION);
         w.u64(self.seq);
         w.raw(&self.prev_hash);
         w.raw(&self.tx_id.0);
         w.bytes8(self.handler.as_bytes());
-        w.u32(self.domain_id);
+        match u32::try_from(self.domain_id) {
+            Ok(narrow) => w.u32(narrow),
+            Err(_) => w.u64(self.domain_id),
+        }
         w.raw(&self.policy_hash);
         w.raw(&self.entropy_seed);
         w.u64(self.begin_ns);
@@ -196,7 +217,20 @@ impl Checkpoint {
             });
         }
         let mut r = Reader::new(bytes);
-        r.header(MAGIC, "checkpoint", VERSION, KIND_TRANSACTION)?;
+        r.magic(MAGIC)?;
+        let version = r.u8("version")?;
+        if version != VERSION && version != VERSION_WIDE_DOMAIN {
+            return Err(DecodeError::UnsupportedVersion {
+                record: "checkpoint",
+                found: version,
+            });
+        }
+        if r.u8("kind")? != KIND_TRANSACTION {
+            return Err(DecodeError::NotCanonical {
+                field: "kind",
+                reason: "unknown record kind",
+            });
+        }
         let seq = r.seq()?;
         let prev_hash = r.array("prev_hash")?;
         let tx_id = TxId(r.array("tx_id")?);
@@ -207,7 +241,18 @@ impl Checkpoint {
                 reason: "empty or outside [a-z0-9_.-]",
             });
         }
-        let domain_id = r.u32("domain_id")?;
+        let domain_id = if version == VERSION {
+            u64::from(r.u32("domain_id")?)
+        } else {
+            let wide = r.u64("domain_id")?;
+            if wide <= u64::from(u32::MAX) {
+                return Err(DecodeError::NotCanonical {
+                    field: "domain_id",
+                    reason: "a 32-bit domain number in a version 2 checkpoint",
+                });
+            }
+            wide
+        };
         let policy_hash = r.array("policy_hash")?;
         let entropy_seed = r.array("entropy_seed")?;
         let begin_ns = r.u64("begin_ns")?;
@@ -385,6 +430,51 @@ mod tests {
         assert_eq!(enc.len(), c.encoded_len());
         assert_eq!(Checkpoint::decode(&enc).unwrap(), c);
         assert_eq!(link_fields(&enc), Some((1, [0; 32])));
+    }
+
+    #[test]
+    fn a_domain_number_beyond_32_bits_takes_version_2_and_only_then() {
+        let narrow = sample();
+        let enc = narrow.encode();
+        assert_eq!(enc[4], VERSION);
+        for domain_id in [u64::from(u32::MAX) + 1, u64::MAX] {
+            let wide = Checkpoint {
+                domain_id,
+                ..sample()
+            };
+            let e = wide.encode();
+            assert_eq!(e[4], VERSION_WIDE_DOMAIN);
+            assert_eq!(e.len(), enc.len() + 4);
+            assert_eq!(e.len(), wide.encoded_len());
+            assert_eq!(Checkpoint::decode(&e).unwrap(), wide);
+        }
+        assert_eq!(
+            Checkpoint {
+                domain_id: u64::from(u32::MAX),
+                ..sample()
+            }
+            .encode()[4],
+            VERSION
+        );
+        // A small number written wide is not the canonical encoding.
+        let at = 62 + 1 + "transfer".len();
+        let mut forged = enc[..at].to_vec();
+        forged[4] = VERSION_WIDE_DOMAIN;
+        forged.extend_from_slice(&7u64.to_be_bytes());
+        forged.extend_from_slice(&enc[at + 4..]);
+        assert!(matches!(
+            Checkpoint::decode(&forged),
+            Err(DecodeError::NotCanonical {
+                field: "domain_id",
+                ..
+            })
+        ));
+        let mut v3 = enc.clone();
+        v3[4] = 3;
+        assert!(matches!(
+            Checkpoint::decode(&v3),
+            Err(DecodeError::UnsupportedVersion { found: 3, .. })
+        ));
     }
 
     #[test]

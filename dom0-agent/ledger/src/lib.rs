@@ -56,6 +56,7 @@ pub mod checkpoint;
 pub mod codec;
 pub mod commit;
 pub mod cursor;
+pub mod domains;
 pub mod head;
 pub mod keys;
 pub mod read;
@@ -77,6 +78,7 @@ pub use audit::{AuditEvent, AuditRecord, Severity};
 pub use checkpoint::{Checkpoint, ReadEntry, WriteEntry};
 pub use commit::{encode_deps, CommitError, CommitTicket};
 pub use cursor::CursorError;
+pub use domains::DomainNumberError;
 pub use head::{SignedHead, Tip};
 pub use keys::{KeyError, PublicKey, SigningKey};
 pub use read::ReadError;
@@ -204,6 +206,7 @@ pub(crate) struct Inner {
     tips: Arc<Mutex<Tips>>,
     public_key: PublicKey,
     signing_key: Arc<Mutex<PublicKey>>,
+    domains: domains::DomainNumbers,
 }
 
 impl Drop for Inner {
@@ -329,6 +332,7 @@ impl Ledger {
                 tips: shared_tips,
                 public_key,
                 signing_key: shared_signing_key,
+                domains: domains::DomainNumbers::new(),
             }),
         })
     }
@@ -504,5 +508,11 @@ impl Ledger {
     /// The underlying store, for reads and verification.
     pub fn store(&self) -> &Store {
         &self.inner.store
+    }
+
+    /// A domain number never handed out before in this ledger, for the checkpoint and the
+    /// audit records of one domain ([`domains`]).
+    pub fn next_domain_number(&self) -> Result<u64, DomainNumberError> {
+        self.inner.domains.next(&self.inner.store)
     }
 }
