@@ -937,7 +937,7 @@ impl Executor {
         } else {
             match self.reaper.send(retirement, served.clone()) {
                 Ok(()) => return (served, None),
-                Err(retirement) => retirement,
+                Err(retirement) => *retirement,
             }
         };
         let (served, exit) = retire(&self.ledger, retirement, served);
@@ -1423,12 +1423,12 @@ impl Reaper {
     }
 
     /// Queues a retirement; gives it back if the reaper is stopped.
-    fn send(&self, r: Retirement, served: Served) -> Result<(), Retirement> {
+    fn send(&self, r: Retirement, served: Served) -> Result<(), Box<Retirement>> {
         let Ok(guard) = self.sender.lock() else {
-            return Err(r);
+            return Err(Box::new(r));
         };
         let Some(sender) = guard.as_ref() else {
-            return Err(r);
+            return Err(Box::new(r));
         };
         let (count, _) = &*self.pending;
         if let Ok(mut n) = count.lock() {
@@ -1438,7 +1438,7 @@ impl Reaper {
             if let Ok(mut n) = count.lock() {
                 *n = n.saturating_sub(1);
             }
-            r
+            Box::new(r)
         })
     }
 
