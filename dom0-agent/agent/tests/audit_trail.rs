@@ -304,3 +304,60 @@ fn domain_numbers_never_repeat_across_agent_restarts() {
         "the backend's clone numbers restart with the agent, which is why the ledger numbers: {backend_ids:?}"
     );
 }
+
+/// A ledger of an earlier release has no `undone` index (simulated here by emptying it and
+/// removing its completion mark): the agent builds it at start, from the rollback records.
+#[test]
+fn the_undone_index_is_built_at_start_for_a_ledger_without_it() {
+    use mayfly_ledger::store::names;
+    use mayfly_ledger::tamper;
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let policy = common::policy_dir(dir.path(), "policy", &[("ids.toml", REPORT_POLICY)]);
+    let mut agent = Agent::start(&data, &[&policy[0], &policy[1]]);
+    let token = common::detector_token(&data);
+    let attack = ok_tx(
+        &agent,
+        "open_account",
+        json!({"name": "mallory", "balance": 9}),
+    );
+    let attack_id = attack["tx_id"].as_str().unwrap().to_owned();
+    let seq = attack["seq"].as_u64().unwrap();
+    let (code, body) = common::report(
+        agent.addr,
+        &token,
+        &json!({"tx_id": attack_id, "reason": "cascade"}),
+    );
+    assert_eq!(code, 200, "{body}");
+    let rollback_seq = body["rollback"]["seq"].as_u64().unwrap();
+    assert!(agent.stop().success());
+
+    assert!(tamper::get(&data, names::META, b"undone_index").is_some());
+    tamper::set(&data, names::UNDONE, &seq.to_be_bytes(), None);
+    tamper::set(&data, names::META, b"undone_index", None);
+    assert!(tamper::get(&data, names::UNDONE, &seq.to_be_bytes()).is_none());
+
+    let agent = Agent::start(&data, &[&policy[0], &policy[1]]);
+    let (_, shown) = agent.get(&format!("/v1/transactions/{attack_id}"));
+    assert_eq!(shown["status"], "rolled_back", "{shown}");
+    assert_eq!(shown["rolled_back_by"]["seq"], rollback_seq, "{shown}");
+    let opened: Vec<_> = audit(&data)
+        .into_iter()
+        .filter(|(e, _)| e == "ledger.opened")
+        .collect();
+    assert_eq!(
+        opened
+            .last()
+            .unwrap()
+            .1
+            .get("undone_index_built_from")
+            .map(String::as_str),
+        Some("1"),
+        "{opened:?}"
+    );
+    assert_eq!(
+        opened.len(),
+        1,
+        "the first start created the ledger: {opened:?}"
+    );
+}

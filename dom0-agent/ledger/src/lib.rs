@@ -262,8 +262,13 @@ impl Ledger {
                 (s, fresh)
             }
         };
-        // A ledger of an earlier release gets its rolled-back index once.
-        let undone_built = store.ensure_undone_index()?;
+        // A ledger of an earlier release gets its rolled-back index once (a new one has it
+        // from its creation, and is marked complete after its first commit below).
+        let undone_built = if fresh {
+            None
+        } else {
+            store.ensure_undone_index()?
+        };
         let (key, state) = if fresh {
             let key = match SigningKey::load(dir) {
                 Ok(k) => k,
@@ -304,7 +309,10 @@ impl Ledger {
         .field("public_key", codec::hex(&public_key))
         .field("checkpoint_seq", tips.checkpoints.seq);
         let event = match undone_built {
-            Some(rollbacks) => event.field("undone_index_built_from", rollbacks),
+            Some(built) if built.unreadable > 0 => event
+                .field("undone_index_built_from", built.rollbacks)
+                .field("undone_index_unreadable", built.unreadable),
+            Some(built) => event.field("undone_index_built_from", built.rollbacks),
             None => event,
         };
         let first = committer
@@ -315,6 +323,10 @@ impl Ledger {
                 path: dir.to_path_buf(),
                 source,
             });
+        }
+        if fresh {
+            // After the first commit: a start that stops before it leaves no meta behind.
+            store.mark_undone_index()?;
         }
         info!(log, "ledger open"; "dir" => %dir.display(), "created" => fresh,
               "checkpoint_seq" => tips.checkpoints.seq, "public_key" => codec::hex(&public_key));

@@ -65,6 +65,8 @@ pub(crate) mod meta_keys {
     pub const GROUP: &[u8] = b"group";
     /// The key that signs new heads, when it is no longer the first one (key rotation).
     pub const SIGNING_KEY: &[u8] = b"signing_key";
+    /// Present (one byte, 1) once the `undone` index covers every rollback record.
+    pub const UNDONE_INDEX: &[u8] = b"undone_index";
 }
 
 /// Value of `meta/format`: a marker and the layout version this build writes.
@@ -203,6 +205,15 @@ impl std::fmt::Debug for Store {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Store").field("dir", &self.dir).finish()
     }
+}
+
+/// What building the `undone` index read.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct UndoneBuilt {
+    /// Rollback records indexed.
+    pub rollbacks: u64,
+    /// Rollback records that did not decode (left to `verify`).
+    pub unreadable: u64,
 }
 
 /// What [`Store::open`] found.
@@ -373,49 +384,73 @@ impl Store {
         Ok(Self { env, dbs, dir })
     }
 
-    /// Creates and fills the `undone` index of a ledger written before it existed, from
-    /// the rollback records of the checkpoint chain (one write transaction, once). Returns
-    /// how many rollback records it read, or `None` if the index was there already.
-    pub(crate) fn ensure_undone_index(&mut self) -> Result<Option<u64>, OpenError> {
-        if self.dbs.undone.is_some() {
-            return Ok(None);
+    /// Builds the `undone` index of a ledger whose index is missing or not marked complete
+    /// (written by an earlier release, or a first start that stopped before its mark): in
+    /// one write transaction, from the rollback records of the checkpoint chain, then marks
+    /// it complete. `None` if it was complete already.
+    pub(crate) fn ensure_undone_index(&mut self) -> Result<Option<UndoneBuilt>, OpenError> {
+        let storage = |e| self.storage_err(e);
+        if let Some(_db) = self.dbs.undone {
+            let rtxn = self.env.read_txn().map_err(storage)?;
+            let marked = self
+                .dbs
+                .meta
+                .get(&rtxn, meta_keys::UNDONE_INDEX)
+                .map_err(storage)?
+                .is_some();
+            rtxn.commit().map_err(storage)?;
+            if marked {
+                return Ok(None);
+            }
         }
-        let mut wtxn = self.env.write_txn().map_err(|e| self.storage_err(e))?;
+        let mut wtxn = self.env.write_txn().map_err(storage)?;
         let db = self
             .env
             .create_database::<Bytes, Bytes>(&mut wtxn, Some(names::UNDONE))
-            .map_err(|e| self.storage_err(e))?;
-        let mut read = 0u64;
+            .map_err(storage)?;
+        db.clear(&mut wtxn).map_err(storage)?;
+        let mut built = UndoneBuilt::default();
         let mut entries: Vec<(u64, u64)> = Vec::new();
-        for item in self
-            .dbs
-            .checkpoints
-            .iter(&wtxn)
-            .map_err(|e| self.storage_err(e))?
-        {
-            let (k, v) = item.map_err(|e| self.storage_err(e))?;
+        for item in self.dbs.checkpoints.iter(&wtxn).map_err(storage)? {
+            let (_, v) = item.map_err(storage)?;
             if v.get(5) != Some(&crate::rollback::KIND_ROLLBACK) {
                 continue;
             }
-            let seq = read_u64(k).unwrap_or(0);
-            let record = crate::rollback::RollbackRecord::decode(v)
-                .map_err(|e| self.corrupt(format!("rollback record {seq}: {e}")))?;
-            read = read.saturating_add(1);
-            entries.extend(record.affected.iter().map(|a| (*a, record.seq)));
-        }
-        for (undone, by) in entries {
-            if db
-                .get(&wtxn, &u64_key(undone))
-                .map_err(|e| self.storage_err(e))?
-                .is_none()
-            {
-                db.put(&mut wtxn, &u64_key(undone), &u64_key(by))
-                    .map_err(|e| self.storage_err(e))?;
+            // A record that does not decode is `verify`'s to report; the index goes on
+            // without it (and says how many it could not read).
+            match crate::rollback::RollbackRecord::decode(v) {
+                Ok(record) => {
+                    built.rollbacks = built.rollbacks.saturating_add(1);
+                    entries.extend(record.affected.iter().map(|a| (*a, record.seq)));
+                }
+                Err(_) => built.unreadable = built.unreadable.saturating_add(1),
             }
         }
-        wtxn.commit().map_err(|e| self.storage_err(e))?;
+        for (undone, by) in entries {
+            if db.get(&wtxn, &u64_key(undone)).map_err(storage)?.is_none() {
+                db.put(&mut wtxn, &u64_key(undone), &u64_key(by))
+                    .map_err(storage)?;
+            }
+        }
+        self.dbs
+            .meta
+            .put(&mut wtxn, meta_keys::UNDONE_INDEX, &[1])
+            .map_err(storage)?;
+        wtxn.commit().map_err(storage)?;
         self.dbs.undone = Some(db);
-        Ok(Some(read))
+        Ok(Some(built))
+    }
+
+    /// Marks the `undone` index complete (a new ledger's, which has had it from its
+    /// creation).
+    pub(crate) fn mark_undone_index(&self) -> Result<(), OpenError> {
+        let storage = |e| self.storage_err(e);
+        let mut wtxn = self.env.write_txn().map_err(storage)?;
+        self.dbs
+            .meta
+            .put(&mut wtxn, meta_keys::UNDONE_INDEX, &[1])
+            .map_err(storage)?;
+        wtxn.commit().map_err(storage)
     }
 
     /// The rollback record that undid commit `seq`, if one did (the first, if several).
