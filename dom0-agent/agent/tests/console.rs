@@ -329,6 +329,9 @@ fn status_rollback_with_quorum_and_key_rotation_work_through_the_socket() {
     let rollback_seq = rb["rollback_seq"].as_u64().unwrap();
     assert_eq!(balance(&agent, "mallory"), None);
     assert_eq!(balance(&agent, "alice"), Some(100));
+    // tx.show of the undone transaction names the rollback record.
+    let shown = ok(&sock, &signed("tx.show", &[("id", &attack)], &[0xa1]));
+    assert_eq!(shown["rolled_back_by"], rollback_seq, "{shown}");
     let rec = ok(
         &sock,
         &signed(

@@ -451,7 +451,12 @@ pub fn execute(
             let r = store
                 .record(seq)?
                 .ok_or_else(|| CommandError::NotFound(format!("no commit {seq}")))?;
-            Ok(record_json(&r, true))
+            let mut shown = record_json(&r, true);
+            // A transaction a rollback undid says so, and which record undid it.
+            if let (Record::Transaction(_), Some(by)) = (&r, store.undone_by(seq)?) {
+                shown["rolled_back_by"] = json!(by);
+            }
+            Ok(shown)
         }
         Command::Verify => {
             let mut last = Instant::now();
