@@ -341,6 +341,18 @@ fn the_detector_token_alone_rolls_back_cascades_and_replays_with_the_shipped_bun
         shown["rolled_back_by"]["seq"], body["rollback"]["seq"],
         "{shown}"
     );
+    // The same key again: its last writer is now the rollback, nothing is left to undo.
+    let by = body["rollback"]["seq"].as_u64().unwrap();
+    let (code, body) = common::report(
+        agent.addr,
+        &token,
+        &json!({"key": "acct/bob", "reason": "tampered", "dry_run": true}),
+    );
+    assert_eq!(code, 409, "{body}");
+    assert_eq!(
+        body["error"],
+        format!("nothing to undo: the key was last written by rollback record {by}")
+    );
 
     // ids.client: an alert only; nothing is rolled back.
     let before = audit(&data)

@@ -670,9 +670,16 @@ impl Executor {
             ReportTarget::Tx(id) => store
                 .seq_of(id)?
                 .ok_or_else(|| ReportError::NotFound(format!("no committed transaction {id}")))?,
-            ReportTarget::Key(k) => store.writers_of(k)?.last().copied().ok_or_else(|| {
-                ReportError::NotFound(format!("no transaction wrote {described}"))
-            })?,
+            ReportTarget::Key(k) => {
+                let last = store.writers_of(k)?.last().copied().ok_or_else(|| {
+                    ReportError::NotFound(format!("no transaction wrote {described}"))
+                })?;
+                // A rollback restored the key last: there is no suspect left to undo.
+                if let Some(mayfly_ledger::Record::Rollback(_)) = store.record(last)? {
+                    return Err(mayfly_ledger::RollbackError::KeyRestored { by: last }.into());
+                }
+                last
+            }
             ReportTarget::Handler(_) | ReportTarget::Client(_) => return Ok(()),
         };
         if dry_run {

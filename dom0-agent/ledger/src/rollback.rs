@@ -254,6 +254,12 @@ pub enum RollbackError {
     /// Everything the roots wrote is already superseded or restored.
     #[error("nothing to undo: every key the transactions wrote has already been restored or overwritten")]
     NothingToUndo,
+    /// A key's last writer is a rollback record: what was there is already restored.
+    #[error("nothing to undo: the key was last written by rollback record {by}")]
+    KeyRestored {
+        /// The rollback record.
+        by: u64,
+    },
     /// Every root was already undone by an earlier rollback.
     #[error("nothing to undo: commit {seq} was already rolled back by record {by}")]
     AlreadyRolledBack {
