@@ -105,15 +105,15 @@ for name, kind, length, seed, next_seed in [
     print(f"ok  {name}: kind {kind}, signature by seed {seed:#04x}")
 
 # Checkpoints: checkpoint 1 of formats.md §1.3 rebuilt from its documented fields, as
-# version 1 (no client) and as version 2 naming the client spki:ab…ab (the only difference
-# is the version byte and the u8-prefixed client after the handler).
+# version 1 (no client) and as version 2 naming the client spki:ab…ab (the differences:
+# the version byte, the u8-prefixed client after the handler, and a u64 domain number).
 def checkpoint_1(client=None):
     req = b'{"from":"a","to":"b","amount":5}'
     out = b"MFCP" + bytes([2 if client else 1, 1]) + struct.pack(">Q", 1) + bytes(32)
     out += b"\x11" * 16 + bytes([8]) + b"transfer"
     if client:
         out += bytes([len(client)]) + client
-    out += struct.pack(">I", 7) + b"\x22" * 32 + b"\x55" * 32
+    out += (struct.pack(">Q", 7) if client else struct.pack(">I", 7)) + b"\x22" * 32 + b"\x55" * 32
     out += struct.pack(">QQ", 1_700_000_000_000_000_000, 1_700_000_000_000_500_000)
     out += hashlib.sha256(req).digest() + struct.pack(">I", len(req)) + req
     out += b"\x01" + struct.pack(">I", 2) + b"ok"

@@ -26,6 +26,7 @@
 //! map_size_mib = 4096        # largest ledger size
 //! memory_mib = 256           # address-space limit of each domain
 //! cpu_seconds = 10           # CPU-time limit of each domain
+//! refusal_interval_ms = 10000  # repeated identical refusals: one counted audit record per interval
 //! zygote = "/usr/libexec/mayfly/mayfly-zygote"  # the template executable; default: beside dom0-agent
 //! policy = "/etc/mayfly/policy" # directory of *.toml; default: the built-in bundle
 //!
@@ -164,6 +165,11 @@ pub struct ServeArgs {
     /// CPU-time limit of each sandbox domain in seconds [default: 10].
     #[arg(long)]
     cpu_seconds: Option<u64>,
+    /// Repeated identical refusals (same client, same rule or reason) are audited once
+    /// when the first comes, then as one counted `refusal.repeated` record per interval of
+    /// this many ms [default: 10000].
+    #[arg(long)]
+    refusal_interval_ms: Option<u64>,
     /// Sandbox backend: the template executable every domain is forked from [default:
     /// mayfly-zygote in the directory of the dom0-agent executable].
     #[arg(long)]
@@ -250,6 +256,7 @@ struct FileConfig {
     map_size_mib: Option<usize>,
     memory_mib: Option<u64>,
     cpu_seconds: Option<u64>,
+    refusal_interval_ms: Option<u64>,
     zygote: Option<PathBuf>,
     policy: Option<PathBuf>,
     xen: Option<XenSection>,
@@ -273,6 +280,7 @@ struct Settings {
     map_size: usize,
     memory_bytes: u64,
     cpu_seconds: u64,
+    refusal_interval: Duration,
     /// The sandbox template executable, if set; otherwise beside the agent's own.
     zygote: Option<PathBuf>,
     policy: Option<PathBuf>,
@@ -421,6 +429,11 @@ fn load(args: &ServeArgs) -> anyhow::Result<Settings> {
             .unwrap_or(256)
             .saturating_mul(1 << 20),
         cpu_seconds: args.cpu_seconds.or(file.cpu_seconds).unwrap_or(10),
+        refusal_interval: Duration::from_millis(
+            args.refusal_interval_ms
+                .or(file.refusal_interval_ms)
+                .unwrap_or(10_000),
+        ),
         zygote: args.zygote.clone().or(file.zygote),
         policy: args.policy.clone().or(file.policy),
         xen: xen_section(args, file.xen.unwrap_or_default()),
@@ -447,6 +460,9 @@ fn load(args: &ServeArgs) -> anyhow::Result<Settings> {
     }
     if s.tx_timeout.is_zero() || s.take_timeout.is_zero() {
         bail!("tx_timeout_ms and take_timeout_ms must be at least 1");
+    }
+    if s.refusal_interval.is_zero() {
+        bail!("refusal_interval_ms must be at least 1");
     }
     if s.map_size < (16 << 20) {
         bail!("map_size_mib must be at least 16");
@@ -630,6 +646,10 @@ pub fn run(args: &ServeArgs, log: &Logger) -> anyhow::Result<u8> {
         ExecutorConfig {
             tx_timeout: s.tx_timeout,
             take_timeout: s.take_timeout,
+            refusals: mayfly_executor::RefusalConfig {
+                interval: s.refusal_interval,
+                ..mayfly_executor::RefusalConfig::default()
+            },
             ..ExecutorConfig::default()
         },
         bundle,
@@ -753,6 +773,8 @@ pub fn run(args: &ServeArgs, log: &Logger) -> anyhow::Result<u8> {
         slog::warn!(log, "domains still being destroyed after 30 s; shutting the backend down anyway";
             "count" => left);
     }
+    // The counts of repeated refusals still open go out before the stop is recorded.
+    executor.close_refusal_windows();
     drop(executor);
     backend.shutdown();
     ledger.audit(vec![

@@ -19,7 +19,8 @@ pub struct VerifyArgs {
     /// integrity but not that the ledger is the appliance's own.
     #[arg(long)]
     public_key: Option<String>,
-    /// Print the verdict as JSON on stdout.
+    /// Print the verdict as JSON on stdout: `checkpoints` and `audit` are the records
+    /// stored in each chain (counted alike whatever breaks it), `failures` where it broke.
     #[arg(long)]
     json: bool,
     /// No progress on stderr.

@@ -329,6 +329,9 @@ fn status_rollback_with_quorum_and_key_rotation_work_through_the_socket() {
     let rollback_seq = rb["rollback_seq"].as_u64().unwrap();
     assert_eq!(balance(&agent, "mallory"), None);
     assert_eq!(balance(&agent, "alice"), Some(100));
+    // tx.show of the undone transaction names the rollback record.
+    let shown = ok(&sock, &signed("tx.show", &[("id", &attack)], &[0xa1]));
+    assert_eq!(shown["rolled_back_by"], rollback_seq, "{shown}");
     let rec = ok(
         &sock,
         &signed(
@@ -342,6 +345,8 @@ fn status_rollback_with_quorum_and_key_rotation_work_through_the_socket() {
         rec["reason"].as_str().unwrap().contains("minted money"),
         "{rec}"
     );
+    // Admins decided it, no policy: the record says so with a zero policy hash.
+    assert_eq!(rec["policy_hash"], "0".repeat(64), "{rec}");
 
     // Verify on the appliance, with progress frames before the result.
     let frames = send_raw(&sock, &signed("verify", &[], &[0xa2]).encode());
@@ -694,4 +699,92 @@ fn quarantine_release_and_policy_load_go_through_the_quorum() {
     );
     assert!(events.iter().any(|(e, _)| e == "policy.loaded"));
     assert!(events.iter().any(|(e, _)| e == "domain.released"));
+}
+
+/// `policies/examples/quorum-rollback.toml` in place of the shipped engine file: a detector
+/// report alerts and rolls back nothing; the rollback needs the admin quorum.
+#[test]
+fn with_the_quorum_rollback_example_a_report_alerts_and_only_the_quorum_rolls_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let policy = common::policy_dir(
+        dir.path(),
+        "policy",
+        &[
+            (
+                "engine.toml",
+                &common::shipped_policy("examples/quorum-rollback.toml"),
+            ),
+            (
+                "handlers.toml",
+                &common::shipped_policy("default/handlers.toml"),
+            ),
+            (
+                "detection.toml",
+                &common::shipped_policy("default/detection.toml"),
+            ),
+        ],
+    );
+    let data = dir.path().join("data");
+    let mut flags = admin_flags(&[0xa1, 0xa2, 0xa3]);
+    flags.extend(policy);
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let agent = Agent::start(&data, &flags);
+    let sock = data.join("admin.sock");
+    let id = hello(&sock);
+    APPLIANCE.with(|a| *a.borrow_mut() = Some(id));
+    let token = common::detector_token(&data);
+
+    let attack = open(&agent, "mallory", 1_000_000);
+    for report in [
+        json!({"tx_id": attack, "reason": "ids sig 7"}),
+        json!({"key": "acct/mallory", "reason": "tampered"}),
+    ] {
+        let (code, body) = common::report(agent.addr, &token, &report);
+        assert_eq!(code, 200, "{body}");
+        assert_eq!(body["action"], "alert", "{body}");
+        assert!(body["rollback"].is_null(), "{body}");
+    }
+    assert_eq!(
+        balance(&agent, "mallory"),
+        Some(1_000_000),
+        "the token alone undid nothing"
+    );
+    let records = audit(&data);
+    for rule in ["ids.tx", "ids.acct_key"] {
+        assert!(
+            records.iter().any(|(e, f)| e == "policy.decision"
+                && f["rule"] == rule
+                && f["action"] == "alert"),
+            "{rule}: {records:?}"
+        );
+    }
+    assert!(!records.iter().any(|(e, _)| e == "rollback.applied"));
+
+    // One admin is not enough; two are.
+    let r = send(
+        &sock,
+        &signed("rollback", &[("id", &attack), ("cascade", "true")], &[0xa1]),
+    );
+    assert_eq!(r["code"], "insufficient_quorum", "{r}");
+    assert_eq!(balance(&agent, "mallory"), Some(1_000_000));
+    let rb = ok(
+        &sock,
+        &signed(
+            "rollback",
+            &[("id", &attack), ("cascade", "true")],
+            &[0xa1, 0xa2],
+        ),
+    );
+    assert!(rb["rollback_seq"].as_u64().is_some(), "{rb}");
+    assert_eq!(balance(&agent, "mallory"), None);
+    // Domain misbehaviour still quarantines under this bundle: its rule is unchanged.
+    let (code, body) = agent.tx(
+        "notes",
+        json!({"user": "mallory", "note_id": "../../acct/~canary", "text": "1"}),
+    );
+    assert_eq!(code, 403, "{body}");
+    assert_eq!(
+        body["error"],
+        "denied by policy rule canary.accounts (quarantine)"
+    );
 }

@@ -182,3 +182,178 @@ fn overload_is_refused_with_503() {
     let (code, _) = busy.join().unwrap();
     assert_eq!(code, 500);
 }
+
+/// The shipped `policies/default/engine.toml`, with only `unlisted_handler` opened so that
+/// the hostile `test.*` handlers may run: its `[[domain]]` rules are the shipped ones.
+fn shipped_engine_policy(dir: &std::path::Path) -> [String; 2] {
+    let shipped = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../policies/default/engine.toml"
+    ))
+    .unwrap();
+    let opened = shipped.replace(
+        "unlisted_handler = \"abort\"",
+        "unlisted_handler = \"allow\"",
+    );
+    assert_ne!(
+        opened, shipped,
+        "engine.toml no longer sets unlisted_handler"
+    );
+    let policy = dir.join("policy");
+    std::fs::create_dir_all(&policy).unwrap();
+    std::fs::write(policy.join("engine.toml"), opened).unwrap();
+    ["--policy".to_owned(), policy.to_string_lossy().into_owned()]
+}
+
+type Record = (String, std::collections::BTreeMap<String, String>);
+
+/// The audit records of one transaction, once its domain's end is recorded (a destroyed or
+/// quarantined domain: routine records ride with a later group commit), polled for at most
+/// 10 s.
+fn records_of(dir: &std::path::Path, tx_id: &str) -> Vec<Record> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let mine: Vec<Record> = audit(dir)
+            .into_iter()
+            .filter(|(_, f)| f.get("tx_id").map(String::as_str) == Some(tx_id))
+            .collect();
+        let ended = mine
+            .iter()
+            .any(|(e, _)| e == "domain.destroyed" || e == "domain.quarantined");
+        if ended || std::time::Instant::now() > deadline {
+            return mine;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+/// The one domain-event decision of a transaction: (rule, action, event).
+fn domain_decision(records: &[Record]) -> (String, String, String) {
+    let decisions: Vec<_> = records
+        .iter()
+        .filter(|(e, f)| e == "policy.decision" && f.contains_key("event"))
+        .collect();
+    assert_eq!(decisions.len(), 1, "{records:?}");
+    let f = &decisions[0].1;
+    (f["rule"].clone(), f["action"].clone(), f["event"].clone())
+}
+
+fn names(records: &[Record]) -> Vec<&str> {
+    records.iter().map(|(e, _)| e.as_str()).collect()
+}
+
+#[test]
+fn domain_events_reach_the_shipped_rules_as_what_they_were() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let policy = shipped_engine_policy(dir.path());
+    let mut agent = Agent::start(&data, &[&policy[0], &policy[1]]);
+
+    // A forbidden system call (open /etc/passwd): `domain.hostile` decides quarantine, but
+    // the seccomp filter has already killed the clone: the trail says it could not be kept.
+    let (code, body) = agent.tx("test.open_file", json!(null));
+    assert_eq!(code, 500, "{body}");
+    let rec = records_of(&data, body["tx_id"].as_str().unwrap());
+    assert_eq!(
+        domain_decision(&rec),
+        (
+            "domain.hostile".into(),
+            "quarantine".into(),
+            "forbidden_syscall".into()
+        )
+    );
+    let n = names(&rec);
+    assert!(n.contains(&"domain.forbidden_syscall"), "{n:?}");
+    let failed = rec
+        .iter()
+        .find(|(e, _)| e == "domain.quarantine_failed")
+        .unwrap_or_else(|| panic!("{rec:?}"));
+    assert!(failed.1["error"].contains("already ended"), "{failed:?}");
+    let destroyed = rec.iter().find(|(e, _)| e == "domain.destroyed").unwrap();
+    assert_eq!(destroyed.1["exit"], "killed for a forbidden system call");
+    assert!(!n.contains(&"domain.quarantined"), "{n:?}");
+
+    // A protocol violation: the live clone is quarantined, stopped, and not called destroyed.
+    let (code, body) = agent.tx("test.ring_garbage", json!(null));
+    assert_eq!(code, 500, "{body}");
+    let rec = records_of(&data, body["tx_id"].as_str().unwrap());
+    assert_eq!(
+        domain_decision(&rec),
+        (
+            "domain.hostile".into(),
+            "quarantine".into(),
+            "protocol_violation".into()
+        )
+    );
+    let n = names(&rec);
+    assert!(n.contains(&"domain.protocol_violation"), "{n:?}");
+    assert!(!n.contains(&"domain.destroyed"), "{n:?}");
+    let (_, q) = rec.iter().find(|(e, _)| e == "domain.quarantined").unwrap();
+    let pid: u32 = q["handle"].parse().unwrap();
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    assert!(
+        stat.rsplit(')')
+            .next()
+            .unwrap()
+            .trim_start()
+            .starts_with('T'),
+        "the quarantined clone must be stopped: {stat}"
+    );
+
+    // A crash: `domain.failed` aborts; the clone is destroyed.
+    let (code, body) = agent.tx("test.crash", json!(null));
+    assert_eq!(code, 500, "{body}");
+    let rec = records_of(&data, body["tx_id"].as_str().unwrap());
+    assert_eq!(
+        domain_decision(&rec),
+        ("domain.failed".into(), "abort".into(), "crash".into())
+    );
+    let n = names(&rec);
+    assert!(
+        n.contains(&"domain.crashed") && n.contains(&"domain.destroyed"),
+        "{n:?}"
+    );
+    assert!(agent.stop().success());
+    assert!(
+        !common::process_alive(pid),
+        "shutdown releases quarantined domains"
+    );
+
+    // A timeout, and a CPU-time limit, each with an agent set up to show it.
+    let timeout_dir = dir.path().join("timeout");
+    let agent = Agent::start(
+        &timeout_dir,
+        &[&policy[0], &policy[1], "--tx-timeout-ms", "1500"],
+    );
+    let (code, body) = agent.tx("test.loop_forever", json!(null));
+    assert_eq!(code, 500, "{body}");
+    let rec = records_of(&timeout_dir, body["tx_id"].as_str().unwrap());
+    assert_eq!(
+        domain_decision(&rec),
+        ("domain.failed".into(), "abort".into(), "timeout".into())
+    );
+    assert!(names(&rec).contains(&"domain.timeout"), "{rec:?}");
+    drop(agent);
+
+    let limit_dir = dir.path().join("limit");
+    let agent = Agent::start(
+        &limit_dir,
+        &[
+            &policy[0],
+            &policy[1],
+            "--cpu-seconds",
+            "1",
+            "--tx-timeout-ms",
+            "20000",
+        ],
+    );
+    let (code, body) = agent.tx("test.loop_forever", json!(null));
+    assert_eq!(code, 500, "{body}");
+    let rec = records_of(&limit_dir, body["tx_id"].as_str().unwrap());
+    assert_eq!(
+        domain_decision(&rec),
+        ("domain.failed".into(), "abort".into(), "limit".into())
+    );
+    assert!(names(&rec).contains(&"domain.resource_limit"), "{rec:?}");
+    assert_still_serves(&agent, "after");
+}

@@ -27,7 +27,7 @@ fn pristine() -> tempfile::TempDir {
                 tx_id: TxId::generate(),
                 handler: "kv".into(),
                 request: format!("request {i}").into_bytes(),
-                domain_id: 100 + u32::try_from(i).unwrap(),
+                domain_id: 100 + i,
                 policy_hash: [3; 32],
             })
             .unwrap();
@@ -226,4 +226,37 @@ fn a_ledger_signed_by_another_key_fails_against_the_pinned_key() {
         .unwrap();
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stdout).contains("signed by untrusted key"));
+}
+
+fn verify_json(dir: &Path) -> serde_json::Value {
+    let out = Command::new(env!("CARGO_BIN_EXE_dom0-agent"))
+        .args(["verify", "--json", "--data-dir"])
+        .arg(dir)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "verify must fail");
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+#[test]
+fn verify_json_counts_the_chain_alike_after_a_decode_and_a_link_failure() {
+    let base = pristine();
+    let original = tamper::get(base.path(), names::CHECKPOINTS, &key(5)).unwrap();
+    // Checkpoint 5 cut short: it no longer decodes.
+    let (_undecodable, cut) = copy_of(base.path());
+    tamper::set(&cut, names::CHECKPOINTS, &key(5), Some(&original[..40]));
+    // Checkpoint 5 with one byte of its link flipped: it decodes, the link breaks.
+    let (_unlinked, flipped) = copy_of(base.path());
+    let mut bad = original.clone();
+    bad[20] ^= 0x01;
+    tamper::set(&flipped, names::CHECKPOINTS, &key(5), Some(&bad));
+    let (a, b) = (verify_json(&cut), verify_json(&flipped));
+    assert_eq!(a["checkpoints"], CHECKPOINTS, "{a}");
+    assert_eq!(b["checkpoints"], CHECKPOINTS, "{b}");
+    assert_eq!(a["audit"], b["audit"], "{a} {b}");
+    for report in [&a, &b] {
+        let first = &report["failures"][0];
+        assert_eq!(first["chain"], "checkpoints", "{report}");
+        assert_eq!(first["seq"], 5, "{report}");
+    }
 }

@@ -515,18 +515,25 @@ async fn handle(
             if !authorized(&shared, auth.as_deref()) {
                 // The unread body is not drained (the connection closes). The audit record
                 // is written before the answer, so a flood of bad reports is held back by
-                // the connection limit rather than queued without bound.
+                // the connection limit rather than queued without bound; repeats from one
+                // client are counted, not recorded one by one.
+                let reason = "missing or wrong bearer token";
                 let ev = mayfly_ledger::AuditEvent::new(
                     "report.rejected",
                     mayfly_ledger::Severity::Warning,
                 )
-                .field("reason", "missing or wrong bearer token")
+                .field("reason", reason)
                 .field("client", client.to_string());
                 if let Ok(permit) = shared.aux.clone().acquire_owned().await {
                     let task_shared = shared.clone();
                     let _ = tokio::task::spawn_blocking(move || {
                         let _permit = permit;
-                        let _ = task_shared.executor.ledger().audit(vec![ev]);
+                        task_shared.executor.audit_refusal(
+                            &client,
+                            "report.rejected",
+                            reason,
+                            ev,
+                        );
                     })
                     .await;
                 }
@@ -750,7 +757,9 @@ fn submit(shared: &Shared, raw: &[u8], client: String) -> (u16, Value, bool) {
                     warn!(shared.log, "refusing a transaction"; "reason" => %e);
                     (503, json!({ "error": e.to_string() }), true)
                 }
-                ExecError::Ledger(_) => (503, json!({ "error": e.to_string() }), true),
+                ExecError::Ledger(_) | ExecError::DomainNumber(_) => {
+                    (503, json!({ "error": e.to_string() }), true)
+                }
                 ExecError::Denied { .. } => (403, json!({ "error": e.to_string() }), false),
             }
         }
@@ -878,6 +887,15 @@ fn lookup(shared: &Shared, id: &str) -> (u16, Value) {
                 });
                 if let Some(map) = body.as_object_mut() {
                     map.insert(name.into(), result);
+                    // Undone by a rollback: say so, and by which record of the chain.
+                    match store.undone_by(seq) {
+                        Ok(Some(by)) => {
+                            map.insert("status".into(), json!("rolled_back"));
+                            map.insert("rolled_back_by".into(), json!({ "seq": by }));
+                        }
+                        Ok(None) => {}
+                        Err(e) => return (500, json!({ "error": e.to_string() })),
+                    }
                 }
                 (200, body)
             }

@@ -451,7 +451,12 @@ pub fn execute(
             let r = store
                 .record(seq)?
                 .ok_or_else(|| CommandError::NotFound(format!("no commit {seq}")))?;
-            Ok(record_json(&r, true))
+            let mut shown = record_json(&r, true);
+            // A transaction a rollback undid says so, and which record undid it.
+            if let (Record::Transaction(_), Some(by)) = (&r, store.undone_by(seq)?) {
+                shown["rolled_back_by"] = json!(by);
+            }
+            Ok(shown)
         }
         Command::Verify => {
             let mut last = Instant::now();
@@ -487,8 +492,9 @@ pub fn execute(
                 (store.plan_rollback(&[root], *cascade)?, None)
             } else {
                 let why = format!("admin console (nonce {nonce}): {reason}");
-                let (plan, receipt) =
-                    ledger.rollback(&[root], *cascade, &why, services.executor.policy_hash())?;
+                // Admins decided it, not a policy bundle: the record's policy hash is zeros
+                // (formats.md §1.6), which is how a reader tells a manual rollback apart.
+                let (plan, receipt) = ledger.rollback(&[root], *cascade, &why, [0u8; 32])?;
                 (plan, Some(receipt.seq))
             };
             let replayed = if *replay && !*dry_run {
@@ -546,8 +552,10 @@ pub fn execute(
                 .backend()
                 .release_quarantined(*domain)?
                 .ok_or_else(|| CommandError::NotFound(format!("no quarantined domain {domain}")))?;
+            // `domain` here is the backend's id (as `quarantine.list` shows it); the
+            // `domain.quarantined` record names it `backend_id` beside the ledger's number.
             ledger.audit(vec![AuditEvent::new("domain.released", Severity::Notice)
-                .field("domain", domain)
+                .field("backend_id", domain)
                 .field("exit", exit.to_string())
                 .field("nonce", nonce)])?;
             Ok(json!({"domain": domain, "released": true, "exit": exit.to_string()}))

@@ -21,6 +21,10 @@
 
 #![forbid(unsafe_code)]
 
+mod refusals;
+
+pub use refusals::RefusalConfig;
+
 use std::collections::BTreeSet;
 use std::sync::{mpsc, Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
@@ -52,6 +56,8 @@ pub struct ExecutorConfig {
     pub max_ops: u32,
     /// Runs of a transaction that hit serialization conflicts, in fresh domains.
     pub max_attempts: u32,
+    /// How repeated identical refusals are aggregated in the audit log.
+    pub refusals: RefusalConfig,
 }
 
 impl Default for ExecutorConfig {
@@ -61,6 +67,7 @@ impl Default for ExecutorConfig {
             take_timeout: Duration::from_secs(2),
             max_ops: 10_000,
             max_attempts: 16,
+            refusals: RefusalConfig::default(),
         }
     }
 }
@@ -151,8 +158,9 @@ pub struct TxOutcome {
     pub failure: Option<Failure>,
     /// Commit sequence (committed only).
     pub seq: Option<u64>,
-    /// Domain of the last attempt.
-    pub domain_id: u32,
+    /// The ledger's number of the domain of the last attempt (unique for the life of the
+    /// ledger; [`mayfly_ledger::Ledger::next_domain_number`]).
+    pub domain_id: u64,
     /// Attempts made (more than one after conflicts).
     pub attempts: u32,
     /// How the last domain ended, if it was destroyed before the answer (failures are);
@@ -189,6 +197,9 @@ pub enum ExecError {
     /// The ledger refused to begin a transaction.
     #[error("ledger: {0}")]
     Ledger(#[from] TxError),
+    /// No domain number could be reserved (the ledger cannot write).
+    #[error("ledger: {0}")]
+    DomainNumber(#[from] mayfly_ledger::DomainNumberError),
 }
 
 /// The replay of one undone transaction.
@@ -288,6 +299,7 @@ pub struct Executor {
     config: ExecutorConfig,
     log: Logger,
     reaper: Reaper,
+    refusals: refusals::Refusals,
     policy: std::sync::RwLock<Arc<Policy>>,
     started: Instant,
 }
@@ -316,6 +328,11 @@ fn decision_event(d: &Decision, tx_id: Option<TxId>, handler: &str) -> AuditEven
         .field("handler", handler);
     if let Some(tx) = tx_id {
         ev = ev.field("tx_id", tx);
+    }
+    // Rules that fired too but lost by precedence (a capability over a pattern, ...).
+    if !d.also.is_empty() {
+        let also: Vec<&str> = d.also.iter().map(|r| &**r).collect();
+        ev = ev.field("also", truncate(&also.join(","), 1000));
     }
     for m in &d.matched {
         if !ev.fields.contains_key(m.name) {
@@ -380,13 +397,16 @@ impl Executor {
         log: &Logger,
     ) -> Self {
         let reaper = Reaper::start(&ledger);
+        let log = log.new(o!("component" => "executor"));
+        let refusals = refusals::Refusals::start(&ledger, config.refusals, &log);
         Self {
             ledger,
             backend,
             handlers: handlers.into_iter().collect(),
             config,
-            log: log.new(o!("component" => "executor")),
+            log,
             reaper,
+            refusals,
             policy: std::sync::RwLock::new(Arc::new(Policy {
                 bundle: policy,
                 state: Mutex::new(PolicyState::new()),
@@ -575,33 +595,133 @@ impl Executor {
         let mayfly_policy::Action::Rollback { cascade, replay } = d.action else {
             return Ok(outcome);
         };
+        if matches!(target, ReportTarget::Handler(_) | ReportTarget::Client(_)) {
+            return Ok(outcome);
+        }
+        // The decision is recorded above; what came of it is recorded here, whatever it
+        // was: a rollback refused (dependents, a target not in the ledger) is not done.
+        let rule = d.rule.as_deref().unwrap_or("(none)");
+        let completed = |outcome_name: &str, severity: Severity| {
+            AuditEvent::new("report.completed", severity)
+                .field("rule", rule)
+                .field("action", d.action.as_str())
+                .field("target", truncate(&described, 300))
+                .field("dry_run", dry_run)
+                .field("outcome", outcome_name)
+        };
+        let result = self.carry_out_report(
+            target,
+            &described,
+            reason,
+            rule,
+            dry_run,
+            cascade,
+            replay,
+            policy.bundle.hash(),
+            &mut outcome,
+        );
+        let ev = match &result {
+            Ok(()) if dry_run => {
+                let planned = outcome.plan.as_ref().map_or(0, |p| p.affected.len());
+                completed("planned", Severity::Info).field("affected", planned)
+            }
+            Ok(()) => {
+                let mut ev = completed("done", Severity::Notice).field(
+                    "affected",
+                    outcome.plan.as_ref().map_or(0, |p| p.affected.len()),
+                );
+                if let Some(seq) = outcome.rollback_seq {
+                    ev = ev.field("rollback_seq", seq);
+                }
+                if replay {
+                    ev = ev.field("replayed", outcome.replayed.len());
+                }
+                ev
+            }
+            Err(e) => {
+                let mut ev = completed("failed", Severity::Warning)
+                    .field("error", truncate(&e.to_string(), 1000));
+                // A rollback applied before its replays failed is done, the replays not.
+                if let Some(seq) = outcome.rollback_seq {
+                    ev = ev.field("rollback_seq", seq);
+                }
+                ev
+            }
+        };
+        self.ledger.audit(vec![ev])?;
+        result.map(|()| outcome)
+    }
+
+    /// The rollback (or its plan) a report's decision asks for; fills `outcome`.
+    #[allow(clippy::too_many_arguments)]
+    fn carry_out_report(
+        &self,
+        target: &ReportTarget,
+        described: &str,
+        reason: &str,
+        rule: &str,
+        dry_run: bool,
+        cascade: bool,
+        replay: bool,
+        policy_hash: Hash,
+        outcome: &mut ReportOutcome,
+    ) -> Result<(), ReportError> {
         let store = self.ledger.store();
         let root = match target {
             ReportTarget::Tx(id) => store
                 .seq_of(id)?
                 .ok_or_else(|| ReportError::NotFound(format!("no committed transaction {id}")))?,
-            ReportTarget::Key(k) => store.writers_of(k)?.last().copied().ok_or_else(|| {
-                ReportError::NotFound(format!("no transaction wrote {described}"))
-            })?,
-            ReportTarget::Handler(_) | ReportTarget::Client(_) => return Ok(outcome),
+            ReportTarget::Key(k) => {
+                let last = store.writers_of(k)?.last().copied().ok_or_else(|| {
+                    ReportError::NotFound(format!("no transaction wrote {described}"))
+                })?;
+                // A rollback restored the key last: there is no suspect left to undo.
+                if let Some(mayfly_ledger::Record::Rollback(_)) = store.record(last)? {
+                    return Err(mayfly_ledger::RollbackError::KeyRestored { by: last }.into());
+                }
+                last
+            }
+            ReportTarget::Handler(_) | ReportTarget::Client(_) => return Ok(()),
         };
         if dry_run {
             outcome.plan = Some(store.plan_rollback(&[root], cascade)?);
-            return Ok(outcome);
+            return Ok(());
         }
-        let why = format!(
-            "{} ({described}): {reason}",
-            d.rule.as_deref().unwrap_or("report")
-        );
-        let (plan, receipt) = self
-            .ledger
-            .rollback(&[root], cascade, &why, policy.bundle.hash())?;
+        let why = format!("{rule} ({described}): {reason}");
+        let (plan, receipt) = self.ledger.rollback(&[root], cascade, &why, policy_hash)?;
         outcome.rollback_seq = Some(receipt.seq);
-        if replay {
-            outcome.replayed = self.replay(&plan.replay)?;
-        }
         outcome.plan = Some(plan);
-        Ok(outcome)
+        if replay {
+            let seqs = outcome
+                .plan
+                .as_ref()
+                .map(|p| p.replay.clone())
+                .unwrap_or_default();
+            outcome.replayed = self.replay(&seqs)?;
+        }
+        Ok(())
+    }
+
+    /// Audits a refusal of `client` for `reason` (`record`, named `event`, is its full
+    /// record): the first of a kind within the aggregation interval is written at once
+    /// (durably), identical ones after it are counted into one `refusal.repeated` record
+    /// per interval ([`RefusalConfig`]; the module docs of `refusals` say what is
+    /// identical).
+    pub fn audit_refusal(
+        &self,
+        client: &str,
+        event: &'static str,
+        reason: &str,
+        record: AuditEvent,
+    ) {
+        self.refusals.refused(client, event, reason, record);
+    }
+
+    /// Writes the counts of every open aggregation window now (at shutdown, before the
+    /// agent's stop is recorded); later refusals are still counted, and written when the
+    /// executor is dropped.
+    pub fn close_refusal_windows(&self) {
+        self.refusals.stop();
     }
 
     /// Handler names known to the template.
@@ -646,13 +766,15 @@ impl Executor {
         if admit.audited() {
             let ev = decision_event(&admit, None, &req.handler)
                 .field("client", truncate(&req.client, 256));
-            let appended = if admit.action.permits() {
-                self.ledger.audit_lazily(vec![ev])
+            if admit.action.permits() {
+                if let Err(e) = self.ledger.audit_lazily(vec![ev]) {
+                    warn!(self.log, "auditing an admission decision failed"; "error" => %e);
+                }
             } else {
-                self.ledger.audit(vec![ev]).map(drop)
-            };
-            if let Err(e) = appended {
-                warn!(self.log, "auditing an admission decision failed"; "error" => %e);
+                // A refusal: the first of its kind is written at once, repeats are counted.
+                let rule = admit.rule.as_deref().unwrap_or("(none)");
+                self.refusals
+                    .refused(&req.client, "policy.decision", rule, ev);
             }
         }
         if !admit.action.permits() {
@@ -666,7 +788,9 @@ impl Executor {
             attempt += 1;
             let domain = self.backend.take(self.config.take_timeout)?;
             let tx_id = TxId::generate();
-            let domain_id = domain.id();
+            // The ledger's number for this domain: the backend's own id (a clone number,
+            // a domid) repeats across restarts; this one never does.
+            let domain_id = self.ledger.next_domain_number()?;
             let mut ltx = self.ledger.begin(TxContext {
                 tx_id,
                 handler: req.handler.clone(),
@@ -676,8 +800,8 @@ impl Executor {
             })?;
             // The checkpoint names who asked (version 2 records).
             ltx.set_client(&req.client);
-            let started = self.started_events(req, tx_id, domain.as_ref(), attempt);
-            let (served, exit) = self.serve(domain, ltx, req, &policy, seed, started);
+            let started = self.started_events(req, tx_id, domain.as_ref(), domain_id, attempt);
+            let (served, exit) = self.serve(domain, domain_id, ltx, req, &policy, seed, started);
             let outcome = |status, result, failure: Option<Failure>, seq| TxOutcome {
                 tx_id,
                 status,
@@ -711,17 +835,19 @@ impl Executor {
         req: &TxRequest,
         tx_id: TxId,
         domain: &dyn Domain,
+        domain_id: u64,
         attempt: u32,
     ) -> Vec<AuditEvent> {
         let backend = self.backend.name();
         vec![
             AuditEvent::new("domain.cloned", Severity::Info)
                 .field("backend", backend)
-                .field("domain", domain.id())
+                .field("domain", domain_id)
+                .field("backend_id", domain.id())
                 .field("handle", truncate(&domain.handle(), 64)),
             AuditEvent::new("domain.started", Severity::Info)
                 .field("backend", backend)
-                .field("domain", domain.id())
+                .field("domain", domain_id)
                 .field("tx_id", tx_id)
                 .field("handler", &req.handler)
                 .field("client", truncate(&req.client, 256))
@@ -735,9 +861,11 @@ impl Executor {
     /// back when it is gone ([`Domain::destroy_in_background`], the sandbox), or by a reaper
     /// thread that waits (Xen); a failed one is destroyed first, because how the domain died
     /// decides what the failure was.
+    #[allow(clippy::too_many_arguments)]
     fn serve(
         &self,
         mut domain: Box<dyn Domain>,
+        domain_id: u64,
         ltx: Tx,
         req: &TxRequest,
         policy: &Policy,
@@ -745,7 +873,6 @@ impl Executor {
         mut events: Vec<AuditEvent>,
     ) -> (Served, Option<DomainExit>) {
         let tx_id = ltx.id();
-        let domain_id = domain.id();
         let log = self
             .log
             .new(o!("tx_id" => tx_id.to_string(), "domain" => domain_id));
@@ -760,15 +887,20 @@ impl Executor {
             &mut events,
             &mut quarantine,
         );
-        // A live domain that misbehaved may be kept for forensics, if the policy says so.
+        // How the domain really ended decides what the failure was: a guest killed by the
+        // seccomp filter or a resource limit makes the ring report its peer gone (or a
+        // broken message, or silence until the deadline) before the exit is known.
+        let served = match served {
+            Served::Failed(
+                f @ (Failure::DomainDied(_) | Failure::Timeout | Failure::ProtocolViolation(_)),
+            ) => Served::Failed(reclassify(f, domain.as_mut(), &log)),
+            other => other,
+        };
         let domain_event = match &served {
-            Served::Failed(Failure::Timeout) => Some(DomainEventKind::Timeout),
-            Served::Failed(Failure::ProtocolViolation(_)) => {
-                Some(DomainEventKind::ProtocolViolation)
-            }
-            Served::Failed(Failure::DomainDied(_)) => Some(DomainEventKind::Crash),
+            Served::Failed(f) => domain_event_kind(f),
             _ => None,
         };
+        // A domain that misbehaved may be kept for forensics, if the policy says so.
         if let Some(kind) = domain_event {
             let d = policy.decide(&PolicyEvent::Domain {
                 tx: tx_id.0,
@@ -779,6 +911,20 @@ impl Executor {
                 events.push(decision_event(&d, Some(tx_id), &req.handler));
             }
             quarantine |= d.action == mayfly_policy::Action::Quarantine;
+        }
+        // A domain that is already dead (the kernel killed it) has nothing left to keep:
+        // the audit trail says the quarantine the policy asked for was not possible.
+        if let (true, Served::Failed(Failure::DomainDied(exit))) = (quarantine, &served) {
+            events.push(
+                AuditEvent::new("domain.quarantine_failed", Severity::Error)
+                    .field("domain", domain_id)
+                    .field("tx_id", tx_id)
+                    .field(
+                        "error",
+                        format!("the domain had already ended ({exit}): nothing left to keep"),
+                    ),
+            );
+            quarantine = false;
         }
         let retirement = Retirement {
             domain,
@@ -801,7 +947,7 @@ impl Executor {
         } else {
             match self.reaper.send(retirement, served.clone()) {
                 Ok(()) => return (served, None),
-                Err(retirement) => retirement,
+                Err(retirement) => *retirement,
             }
         };
         let (served, exit) = retire(&self.ledger, retirement, served);
@@ -1000,10 +1146,14 @@ impl Executor {
                     let committed = AuditEvent::new("tx.committed", Severity::Info)
                         .field("tx_id", tx_id)
                         .field("handler", &req.handler);
-                    let mut audit = std::mem::take(events);
+                    // The lifecycle records so far (cloned, started, decisions) commit with
+                    // the checkpoint; if the commit fails (a conflict, storage), they stay
+                    // for the end record, so a lost attempt is audited like any other.
+                    let mut audit = events.clone();
                     audit.push(committed);
                     return match ltx.commit_with_audit(result.clone(), audit) {
                         Ok(receipt) => {
+                            events.clear();
                             let _ = ring.send_response(env.id, &Response::Committed, &notifier);
                             Served::Committed {
                                 seq: receipt.seq,
@@ -1041,6 +1191,51 @@ impl Executor {
     }
 }
 
+/// The failure as it really was: asks the backend how the domain ended (a dead sandbox
+/// clone's exit is known within the report wait; a live domain is `None`) and turns a
+/// timeout, a protocol violation or a peer-gone into the death that caused it.
+fn reclassify(failure: Failure, domain: &mut dyn Domain, log: &Logger) -> Failure {
+    match domain.try_exit() {
+        Ok(Some(exit)) if died(exit) => Failure::DomainDied(exit),
+        // It ended in a way that is no death of its own (it exited, or was destroyed): a
+        // peer-gone says how; a timeout or a violation stays what it was.
+        Ok(Some(exit)) => match failure {
+            Failure::DomainDied(_) => Failure::DomainDied(exit),
+            other => other,
+        },
+        Ok(None) => failure,
+        Err(e) => {
+            warn!(log, "could not learn how the domain ended"; "error" => %e);
+            failure
+        }
+    }
+}
+
+/// A death of the domain's own making (as opposed to an exit or the agent's destroy).
+fn died(exit: DomainExit) -> bool {
+    matches!(
+        exit,
+        DomainExit::ForbiddenSyscall
+            | DomainExit::Crashed { .. }
+            | DomainExit::ResourceLimit { .. }
+    )
+}
+
+/// The domain event a failure is, for the policy engine; `None` for failures that are no
+/// domain event (conflicts, storage, a policy refusal already decided).
+fn domain_event_kind(f: &Failure) -> Option<DomainEventKind> {
+    Some(match f {
+        Failure::Timeout => DomainEventKind::Timeout,
+        Failure::ProtocolViolation(_) => DomainEventKind::ProtocolViolation,
+        Failure::DomainDied(DomainExit::ForbiddenSyscall) => DomainEventKind::ForbiddenSyscall,
+        Failure::DomainDied(DomainExit::ResourceLimit { .. }) | Failure::OperationLimit => {
+            DomainEventKind::Limit
+        }
+        Failure::DomainDied(_) => DomainEventKind::Crash,
+        Failure::Conflicts | Failure::Storage(_) | Failure::Policy { .. } => return None,
+    })
+}
+
 fn error_response(e: &TxError) -> Response {
     Response::Error {
         code: tx_error_code(e),
@@ -1063,6 +1258,7 @@ fn retire(ledger: &Ledger, r: Retirement, served: Served) -> (Served, DomainExit
             ended.events.push(
                 AuditEvent::new("domain.quarantined", Severity::Notice)
                     .field("domain", ended.domain_id)
+                    .field("backend_id", q.id)
                     .field("tx_id", ended.tx_id)
                     .field("handle", truncate(&q.handle, 64)),
             );
@@ -1078,7 +1274,7 @@ fn retire(ledger: &Ledger, r: Retirement, served: Served) -> (Served, DomainExit
 struct Ended {
     events: Vec<AuditEvent>,
     tx_id: TxId,
-    domain_id: u32,
+    domain_id: u64,
     handler: String,
     log: Logger,
     /// Keep the domain stopped for forensics instead of destroying it.
@@ -1113,17 +1309,15 @@ fn record_end(
             DomainExit::Destroyed
         }
     };
-    // A transaction that looked merely aborted or timed out may in fact have died on a
-    // forbidden system call or a crash: the exit tells.
-    let died = matches!(
-        exit,
-        DomainExit::ForbiddenSyscall
-            | DomainExit::Crashed { .. }
-            | DomainExit::ResourceLimit { .. }
-    );
+    // A failure was classified by the domain's exit before the policy decided (`serve`);
+    // a domain that died only while being destroyed still tells here.
     let served = match served {
-        Served::Failed(Failure::DomainDied(_)) => Served::Failed(Failure::DomainDied(exit)),
-        Served::Failed(Failure::Timeout | Failure::ProtocolViolation(_)) if died => {
+        Served::Failed(Failure::DomainDied(before))
+            if exit != DomainExit::Quarantined && (died(exit) || !died(before)) =>
+        {
+            Served::Failed(Failure::DomainDied(exit))
+        }
+        Served::Failed(Failure::Timeout | Failure::ProtocolViolation(_)) if died(exit) => {
             Served::Failed(Failure::DomainDied(exit))
         }
         other => other,
@@ -1161,12 +1355,16 @@ fn record_end(
         }
         r.events.push(ev);
     }
-    r.events.push(
-        AuditEvent::new("domain.destroyed", Severity::Info)
-            .field("domain", r.domain_id)
-            .field("tx_id", r.tx_id)
-            .field("exit", exit),
-    );
+    // A quarantined domain is not destroyed: `domain.quarantined` already says where it is
+    // kept (its release by an operator is audited then).
+    if exit != DomainExit::Quarantined {
+        r.events.push(
+            AuditEvent::new("domain.destroyed", Severity::Info)
+                .field("domain", r.domain_id)
+                .field("tx_id", r.tx_id)
+                .field("exit", exit),
+        );
+    }
     // Routine lifecycle records ride with the next group commit (at most 50 ms later);
     // attack signals are made durable before the caller hears about the transaction.
     let urgent = severity <= Severity::Warning;
@@ -1235,12 +1433,12 @@ impl Reaper {
     }
 
     /// Queues a retirement; gives it back if the reaper is stopped.
-    fn send(&self, r: Retirement, served: Served) -> Result<(), Retirement> {
+    fn send(&self, r: Retirement, served: Served) -> Result<(), Box<Retirement>> {
         let Ok(guard) = self.sender.lock() else {
-            return Err(r);
+            return Err(Box::new(r));
         };
         let Some(sender) = guard.as_ref() else {
-            return Err(r);
+            return Err(Box::new(r));
         };
         let (count, _) = &*self.pending;
         if let Ok(mut n) = count.lock() {
@@ -1250,7 +1448,7 @@ impl Reaper {
             if let Ok(mut n) = count.lock() {
                 *n = n.saturating_sub(1);
             }
-            r
+            Box::new(r)
         })
     }
 
@@ -1318,5 +1516,6 @@ impl Reaper {
 impl Drop for Executor {
     fn drop(&mut self) {
         self.reaper.stop();
+        self.refusals.stop();
     }
 }

@@ -8,15 +8,18 @@
 //! ```text
 //! offset size  field
 //!      0    4  magic "MFCP"
-//!      4    1  format version: 1, or 2 when a client is recorded
+//!      4    1  format version: 2; 1 in records written before the client field
+//!                (and only then: see below)
 //!      5    1  kind: 0x01 transaction (other values reserved)
 //!      6    8  seq               u64 BE, 1-based commit sequence
 //!     14   32  prev_hash         hash of checkpoint seq-1 (zeros for seq 1)
 //!     46   16  tx_id
 //!     62  1+n  handler           u8 length, 1..=64 bytes of [a-z0-9_.-]
-//!      .  1+n  client            version 2 only: u8 length, 1..=128 bytes of 0x20..=0x7e
-//!                                (the client API's identity: spki:<hex> or an address)
-//!      .    4  domain_id         u32 BE
+//!      .  1+n  client            version 2 only: u8 length, 0..=128 bytes of 0x20..=0x7e
+//!                                (the client API's identity: spki:<hex> or an address;
+//!                                length 0: no client)
+//!      .  4|8  domain_id         the ledger's domain number, unique for the life of the
+//!                                ledger: u32 BE in version 1, u64 BE in version 2
 //!      .   32  policy_hash       SHA-256 of the active policy bundle (zeros: none)
 //!      .   32  entropy_seed      the guest's RNG seed from Start (zeros: none), for replay
 //!      .    8  begin_ns          u64 BE, Unix time in ns when the transaction began
@@ -34,10 +37,11 @@
 //!              1[+4+n] before    presence byte, then u32 length and value (<= 64 KiB)
 //!              1[+4+n] after     presence byte, then u32 length and value; absent = delete
 //! ```
-//! Version 1 (no client field) is what builds before the client field wrote; it still
-//! decodes, to a checkpoint whose `client` is `None`, and re-encodes to the same bytes, so
-//! old chains verify unchanged. A checkpoint with a client is always version 2 and one
-//! without always version 1: each checkpoint has exactly one encoding.
+//! Version 1 (no client field, 32-bit domain number) is what builds before version 2 wrote;
+//! it still decodes, to a checkpoint whose `client` is `None`, and re-encodes to the same
+//! bytes, so old chains verify unchanged. Each checkpoint has exactly one encoding: version 1
+//! when it has no client and its domain number fits in 32 bits, version 2 otherwise (so a
+//! version 2 record with an empty client and a domain number below 2^32 is refused).
 //!
 //! A whole encoding is at most [`MAX_CHECKPOINT_BYTES`]. The decoder rejects anything an
 //! encoder would not produce: wrong magic, version or kind, out-of-range lengths, unsorted or
@@ -50,10 +54,12 @@ use crate::{limits, Hash, TxId};
 
 /// Magic of a checkpoint record.
 pub const MAGIC: &str = "MFCP";
-/// Format version of a checkpoint without a client (and of rollback records).
+/// Format version of a checkpoint without a client whose domain number fits in 32 bits (what
+/// builds before version 2 wrote), and of rollback records.
 pub const VERSION: u8 = 1;
-/// Format version of a checkpoint that records its client.
-pub const VERSION_CLIENT: u8 = 2;
+/// Format version of a checkpoint that records its client or whose domain number needs 64
+/// bits: a client field after the handler, and `domain_id` as `u64`.
+pub const VERSION_2: u8 = 2;
 /// Longest client name in a checkpoint, bytes.
 pub const MAX_CLIENT: usize = 128;
 /// Kind byte of a transaction checkpoint.
@@ -98,8 +104,9 @@ pub struct Checkpoint {
     pub handler: String,
     /// Who asked for it, as the client API named the client (`None` in version 1 records).
     pub client: Option<String>,
-    /// Domain the transaction ran in.
-    pub domain_id: u32,
+    /// The ledger's number of the domain the transaction ran in (unique for the life of
+    /// the ledger; the backend's own id — pid, domid — is in the audit log).
+    pub domain_id: u64,
     /// Hash of the policy bundle active at commit.
     pub policy_hash: Hash,
     /// The entropy the domain's RNG was seeded with, so a replay can draw the same numbers.
@@ -176,10 +183,15 @@ impl Checkpoint {
         const FIXED: usize =
             4 + 1 + 1 + 8 + 32 + 16 + 1 + 4 + 32 + 32 + 8 + 8 + 32 + 4 + 1 + 4 + 4 + 4;
         let image = |v: &Option<Vec<u8>>| v.as_ref().map_or(1, |v| v.len().saturating_add(5));
-        let client = self
-            .client
-            .as_ref()
-            .map_or(0, |c| c.len().saturating_add(1));
+        // Version 2: the client's length byte and name, and 4 more bytes of domain number.
+        let client = if self.is_version_2() {
+            self.client
+                .as_ref()
+                .map_or(0, String::len)
+                .saturating_add(1 + 4)
+        } else {
+            0
+        };
         let mut n = FIXED
             .saturating_add(client)
             .saturating_add(self.handler.len())
@@ -198,25 +210,31 @@ impl Checkpoint {
         n
     }
 
+    /// Whether this checkpoint is written as version 2: it names its client, or its domain
+    /// number needs 64 bits.
+    fn is_version_2(&self) -> bool {
+        self.client.is_some() || self.domain_id > u64::from(u32::MAX)
+    }
+
     /// The canonical encoding. Callers build checkpoints within the limits; `decode` is the
     /// authority on validity.
     pub fn encode(&self) -> Vec<u8> {
         let mut w = Writer::with_capacity(self.encoded_len());
         w.raw(MAGIC.as_bytes());
-        w.u8(if self.client.is_some() {
-            VERSION_CLIENT
-        } else {
-            VERSION
-        });
+        let v2 = self.is_version_2();
+        w.u8(if v2 { VERSION_2 } else { VERSION });
         w.u8(KIND_TRANSACTION);
         w.u64(self.seq);
         w.raw(&self.prev_hash);
         w.raw(&self.tx_id.0);
         w.bytes8(self.handler.as_bytes());
-        if let Some(client) = &self.client {
-            w.bytes8(client.as_bytes());
+        match (v2, u32::try_from(self.domain_id)) {
+            (false, Ok(narrow)) => w.u32(narrow),
+            _ => {
+                w.bytes8(self.client.as_deref().unwrap_or("").as_bytes());
+                w.u64(self.domain_id);
+            }
         }
-        w.u32(self.domain_id);
         w.raw(&self.policy_hash);
         w.raw(&self.entropy_seed);
         w.u64(self.begin_ns);
@@ -246,8 +264,8 @@ impl Checkpoint {
         let mut r = Reader::new(bytes);
         // Both versions: the version byte is read through `link_fields`' fixed offset.
         let version = bytes.get(4).copied().unwrap_or(0);
-        let expected = if version == VERSION_CLIENT {
-            VERSION_CLIENT
+        let expected = if version == VERSION_2 {
+            VERSION_2
         } else {
             VERSION
         };
@@ -262,19 +280,29 @@ impl Checkpoint {
                 reason: "empty or outside [a-z0-9_.-]",
             });
         }
-        let client = if version == VERSION_CLIENT {
-            let client = r.str8(MAX_CLIENT, "client")?.to_owned();
-            if !valid_client(&client) {
+        let (client, domain_id) = if version == VERSION_2 {
+            let name = r.str8(MAX_CLIENT, "client")?;
+            let client = if name.is_empty() {
+                None
+            } else if valid_client(name) {
+                Some(name.to_owned())
+            } else {
                 return Err(DecodeError::NotCanonical {
                     field: "client",
-                    reason: "empty or outside printable ASCII",
+                    reason: "outside printable ASCII",
+                });
+            };
+            let domain_id = r.u64("domain_id")?;
+            if client.is_none() && domain_id <= u64::from(u32::MAX) {
+                return Err(DecodeError::NotCanonical {
+                    field: "version",
+                    reason: "version 2 without a client or a 64-bit domain number",
                 });
             }
-            Some(client)
+            (client, domain_id)
         } else {
-            None
+            (None, u64::from(r.u32("domain_id")?))
         };
-        let domain_id = r.u32("domain_id")?;
         let policy_hash = r.array("policy_hash")?;
         let entropy_seed = r.array("entropy_seed")?;
         let begin_ns = r.u64("begin_ns")?;
@@ -464,9 +492,9 @@ mod tests {
         let mut v2 = sample();
         v2.client = Some("spki:00ff".into());
         let enc2 = v2.encode();
-        assert_eq!(enc2[4], VERSION_CLIENT);
+        assert_eq!(enc2[4], VERSION_2);
         assert_eq!(enc2.len(), v2.encoded_len());
-        assert_eq!(enc2.len(), enc1.len() + 1 + 9);
+        assert_eq!(enc2.len(), enc1.len() + 1 + 9 + 4);
         assert_eq!(Checkpoint::decode(&enc2).unwrap(), v2);
         assert_eq!(Checkpoint::decode(&enc1).unwrap(), v1);
         // Version 1 bytes re-encode unchanged (old chains verify).
@@ -483,13 +511,54 @@ mod tests {
             })
         ));
         let mut relabelled = enc1.clone();
-        relabelled[4] = VERSION_CLIENT;
+        relabelled[4] = VERSION_2;
         assert!(Checkpoint::decode(&relabelled).is_err());
         let mut unknown = enc1.clone();
         unknown[4] = 3;
         assert!(matches!(
             Checkpoint::decode(&unknown),
             Err(DecodeError::UnsupportedVersion { .. })
+        ));
+    }
+
+    #[test]
+    fn a_domain_number_beyond_32_bits_takes_version_2_and_only_then() {
+        let narrow = sample();
+        let enc = narrow.encode();
+        assert_eq!(enc[4], VERSION);
+        for domain_id in [u64::from(u32::MAX) + 1, u64::MAX] {
+            let wide = Checkpoint {
+                domain_id,
+                ..sample()
+            };
+            let e = wide.encode();
+            assert_eq!(e[4], VERSION_2);
+            // An empty client (one length byte) and four more bytes of domain number.
+            assert_eq!(e.len(), enc.len() + 1 + 4);
+            assert_eq!(e.len(), wide.encoded_len());
+            assert_eq!(Checkpoint::decode(&e).unwrap(), wide);
+        }
+        assert_eq!(
+            Checkpoint {
+                domain_id: u64::from(u32::MAX),
+                ..sample()
+            }
+            .encode()[4],
+            VERSION
+        );
+        // A small number written as version 2 without a client is not the canonical encoding.
+        let at = 62 + 1 + "transfer".len();
+        let mut forged = enc[..at].to_vec();
+        forged[4] = VERSION_2;
+        forged.push(0);
+        forged.extend_from_slice(&7u64.to_be_bytes());
+        forged.extend_from_slice(&enc[at + 4..]);
+        assert!(matches!(
+            Checkpoint::decode(&forged),
+            Err(DecodeError::NotCanonical {
+                field: "version",
+                ..
+            })
         ));
     }
 

@@ -694,6 +694,15 @@ impl Committer {
                 .put(wtxn, &w.key, &encode_value(seq, w.after.as_deref()))?;
         }
         dbs.checkpoints.put(wtxn, &seq_key, &enc)?;
+        // The first rollback that undid a commit is the one named for it.
+        if let Some(undone) = dbs.undone {
+            for a in &record.affected {
+                let key = u64_key(*a);
+                if undone.get(wtxn, &key)?.is_none() {
+                    undone.put(wtxn, &key, &seq_key)?;
+                }
+            }
+        }
         *ckpt = Tip { seq, hash };
         for ev in job.audit {
             self.append_audit(wtxn, audit, ev, now)?;

@@ -56,6 +56,7 @@ pub mod checkpoint;
 pub mod codec;
 pub mod commit;
 pub mod cursor;
+pub mod domains;
 pub mod head;
 pub mod keys;
 pub mod read;
@@ -77,6 +78,7 @@ pub use audit::{AuditEvent, AuditRecord, Severity};
 pub use checkpoint::{Checkpoint, ReadEntry, WriteEntry};
 pub use commit::{encode_deps, CommitError, CommitTicket};
 pub use cursor::CursorError;
+pub use domains::DomainNumberError;
 pub use head::{SignedHead, Tip};
 pub use keys::{KeyError, PublicKey, SigningKey};
 pub use read::ReadError;
@@ -204,6 +206,7 @@ pub(crate) struct Inner {
     tips: Arc<Mutex<Tips>>,
     public_key: PublicKey,
     signing_key: Arc<Mutex<PublicKey>>,
+    domains: domains::DomainNumbers,
 }
 
 impl Drop for Inner {
@@ -252,12 +255,19 @@ impl Ledger {
     /// event before returning.
     pub fn open(dir: &Path, opts: &Options, log: &Logger) -> Result<Self, OpenError> {
         let log = log.new(o!("component" => "ledger"));
-        let (store, fresh) = match store::Store::open(dir, &opts.store, opts.create)? {
+        let (mut store, fresh) = match store::Store::open(dir, &opts.store, opts.create)? {
             store::Opened::Created(s) => (s, true),
             store::Opened::Existing(s) => {
                 let fresh = opts.create && s.meta_is_empty()?;
                 (s, fresh)
             }
+        };
+        // A ledger of an earlier release gets its rolled-back index once (a new one has it
+        // from its creation, and is marked complete after its first commit below).
+        let undone_built = if fresh {
+            None
+        } else {
+            store.ensure_undone_index()?
         };
         let (key, state) = if fresh {
             let key = match SigningKey::load(dir) {
@@ -298,6 +308,13 @@ impl Ledger {
         }
         .field("public_key", codec::hex(&public_key))
         .field("checkpoint_seq", tips.checkpoints.seq);
+        let event = match undone_built {
+            Some(built) if built.unreadable > 0 => event
+                .field("undone_index_built_from", built.rollbacks)
+                .field("undone_index_unreadable", built.unreadable),
+            Some(built) => event.field("undone_index_built_from", built.rollbacks),
+            None => event,
+        };
         let first = committer
             .write_group(vec![commit::Job::Audit(vec![event])], fresh)
             .and_then(|mut results| results.pop().unwrap_or(Err(CommitError::Closed)));
@@ -306,6 +323,10 @@ impl Ledger {
                 path: dir.to_path_buf(),
                 source,
             });
+        }
+        if fresh {
+            // After the first commit: a start that stops before it leaves no meta behind.
+            store.mark_undone_index()?;
         }
         info!(log, "ledger open"; "dir" => %dir.display(), "created" => fresh,
               "checkpoint_seq" => tips.checkpoints.seq, "public_key" => codec::hex(&public_key));
@@ -323,6 +344,7 @@ impl Ledger {
                 tips: shared_tips,
                 public_key,
                 signing_key: shared_signing_key,
+                domains: domains::DomainNumbers::new(),
             }),
         })
     }
@@ -402,6 +424,8 @@ impl Ledger {
     /// they wrote, transitively) in one atomic, signed record appended to the checkpoint
     /// chain, with a `rollback.applied` audit record. Re-plans when concurrent commits
     /// change what the plan covers. Returns the plan applied and its receipt.
+    /// `policy_hash` is the bundle whose decision the rollback carries out; 32 zero bytes
+    /// for a manual (admin console) rollback (formats.md §1.6).
     pub fn rollback(
         &self,
         roots: &[u64],
@@ -497,5 +521,11 @@ impl Ledger {
     /// The underlying store, for reads and verification.
     pub fn store(&self) -> &Store {
         &self.inner.store
+    }
+
+    /// A domain number never handed out before in this ledger, for the checkpoint and the
+    /// audit records of one domain ([`domains`]).
+    pub fn next_domain_number(&self) -> Result<u64, DomainNumberError> {
+        self.inner.domains.next(&self.inner.store)
     }
 }

@@ -254,6 +254,20 @@ pub enum RollbackError {
     /// Everything the roots wrote is already superseded or restored.
     #[error("nothing to undo: every key the transactions wrote has already been restored or overwritten")]
     NothingToUndo,
+    /// A key's last writer is a rollback record: what was there is already restored.
+    #[error("nothing to undo: the key was last written by rollback record {by}")]
+    KeyRestored {
+        /// The rollback record.
+        by: u64,
+    },
+    /// Every root was already undone by an earlier rollback.
+    #[error("nothing to undo: commit {seq} was already rolled back by record {by}")]
+    AlreadyRolledBack {
+        /// The (first) root.
+        seq: u64,
+        /// The rollback record that undid it.
+        by: u64,
+    },
     /// The rollback is too large for one record.
     #[error("rollback of {affected} commits over {keys} keys exceeds the limits of one record")]
     TooLarge {
@@ -343,6 +357,22 @@ impl Store {
             .last(&rtxn)?
             .and_then(|(k, _)| read_u64(k))
             .unwrap_or(0);
+        // Roots an earlier rollback undid have nothing left to undo; if that is all of
+        // them, say so (whatever read them since, they are no dependents any more).
+        let mut live_roots = Vec::with_capacity(roots.len());
+        let mut first_undone = None;
+        for &seq in &roots {
+            match self.undone_by_in(&rtxn, seq)? {
+                Some(by) => {
+                    first_undone.get_or_insert((seq, by));
+                }
+                None => live_roots.push(seq),
+            }
+        }
+        if let (true, Some((seq, by))) = (live_roots.is_empty(), first_undone) {
+            return Err(RollbackError::AlreadyRolledBack { seq, by });
+        }
+        let roots = live_roots;
         let mut records: BTreeMap<u64, Record> = BTreeMap::new();
         for &seq in &roots {
             let bytes = self.dbs.checkpoints.get(&rtxn, &u64_key(seq))?.ok_or(
@@ -379,6 +409,10 @@ impl Store {
                 .filter_map(read_u64)
                 .any(|w| affected.contains(&w))
             {
+                // A reader an earlier rollback undid is no dependent: its effects are gone.
+                if self.undone_by_in(&rtxn, reader)?.is_some() {
+                    continue;
+                }
                 dependents.push(reader);
                 if cascade {
                     affected.insert(reader);

@@ -15,6 +15,7 @@ use crate::checkpoint::chain_hash;
 use crate::codec::{hex, Reader};
 use crate::head::{SignedHead, Tip};
 use crate::keys::PublicKey;
+use crate::read::ReadError;
 
 /// Names of the databases, in one place.
 pub mod names {
@@ -36,8 +37,12 @@ pub mod names {
     pub const NONCES: &str = "nonces";
     /// Exporter cursors (SIEM).
     pub const CURSORS: &str = "cursors";
+    /// Rolled-back commits: commit seq to the seq of the first rollback record that undid
+    /// it. Added after the first release: a ledger without it gets it built at its first
+    /// read-write open (`Store::ensure_undone_index`).
+    pub const UNDONE: &str = "undone";
     /// All of them, in creation order.
-    pub const ALL: [&str; 9] = [
+    pub const ALL: [&str; 10] = [
         META,
         DATA,
         CHECKPOINTS,
@@ -47,6 +52,7 @@ pub mod names {
         DEPS,
         NONCES,
         CURSORS,
+        UNDONE,
     ];
 }
 
@@ -59,6 +65,8 @@ pub(crate) mod meta_keys {
     pub const GROUP: &[u8] = b"group";
     /// The key that signs new heads, when it is no longer the first one (key rotation).
     pub const SIGNING_KEY: &[u8] = b"signing_key";
+    /// Present (one byte, 1) once the `undone` index covers every rollback record.
+    pub const UNDONE_INDEX: &[u8] = b"undone_index";
 }
 
 /// Value of `meta/format`: a marker and the layout version this build writes.
@@ -163,6 +171,8 @@ pub(crate) struct Dbs {
     pub deps: Database<Bytes, Bytes>,
     pub nonces: Database<Bytes, Bytes>,
     pub cursors: Database<Bytes, Bytes>,
+    /// `None` only in a ledger written before the index existed, opened read-only.
+    pub undone: Option<Database<Bytes, Bytes>>,
 }
 
 /// How to open the environment.
@@ -195,6 +205,15 @@ impl std::fmt::Debug for Store {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Store").field("dir", &self.dir).finish()
     }
+}
+
+/// What building the `undone` index read.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct UndoneBuilt {
+    /// Rollback records indexed.
+    pub rollbacks: u64,
+    /// Rollback records that did not decode (left to `verify`).
+    pub unreadable: u64,
 }
 
 /// What [`Store::open`] found.
@@ -346,6 +365,15 @@ impl Store {
             deps: open(names::DEPS)?,
             nonces: open(names::NONCES)?,
             cursors: open(names::CURSORS)?,
+            undone: match env.open_database::<Bytes, Bytes>(&rtxn, Some(names::UNDONE)) {
+                Ok(db) => db,
+                Err(source) => {
+                    return Err(OpenError::NotLmdb {
+                        path: dir.clone(),
+                        source,
+                    })
+                }
+            },
         };
         // Committing the read transaction makes the opened handles valid for the whole
         // environment (LMDB: handles opened in an aborted transaction are discarded).
@@ -354,6 +382,116 @@ impl Store {
             source,
         })?;
         Ok(Self { env, dbs, dir })
+    }
+
+    /// Builds the `undone` index of a ledger whose index is missing or not marked complete
+    /// (written by an earlier release, or a first start that stopped before its mark): in
+    /// one write transaction, from the rollback records of the checkpoint chain, then marks
+    /// it complete. `None` if it was complete already.
+    pub(crate) fn ensure_undone_index(&mut self) -> Result<Option<UndoneBuilt>, OpenError> {
+        let storage = |e| self.storage_err(e);
+        if let Some(_db) = self.dbs.undone {
+            let rtxn = self.env.read_txn().map_err(storage)?;
+            let marked = self
+                .dbs
+                .meta
+                .get(&rtxn, meta_keys::UNDONE_INDEX)
+                .map_err(storage)?
+                .is_some();
+            rtxn.commit().map_err(storage)?;
+            if marked {
+                return Ok(None);
+            }
+        }
+        let mut wtxn = self.env.write_txn().map_err(storage)?;
+        let db = self
+            .env
+            .create_database::<Bytes, Bytes>(&mut wtxn, Some(names::UNDONE))
+            .map_err(storage)?;
+        db.clear(&mut wtxn).map_err(storage)?;
+        let mut built = UndoneBuilt::default();
+        let mut entries: Vec<(u64, u64)> = Vec::new();
+        for item in self.dbs.checkpoints.iter(&wtxn).map_err(storage)? {
+            let (_, v) = item.map_err(storage)?;
+            if v.get(5) != Some(&crate::rollback::KIND_ROLLBACK) {
+                continue;
+            }
+            // A record that does not decode is `verify`'s to report; the index goes on
+            // without it (and says how many it could not read).
+            match crate::rollback::RollbackRecord::decode(v) {
+                Ok(record) => {
+                    built.rollbacks = built.rollbacks.saturating_add(1);
+                    entries.extend(record.affected.iter().map(|a| (*a, record.seq)));
+                }
+                Err(_) => built.unreadable = built.unreadable.saturating_add(1),
+            }
+        }
+        for (undone, by) in entries {
+            if db.get(&wtxn, &u64_key(undone)).map_err(storage)?.is_none() {
+                db.put(&mut wtxn, &u64_key(undone), &u64_key(by))
+                    .map_err(storage)?;
+            }
+        }
+        self.dbs
+            .meta
+            .put(&mut wtxn, meta_keys::UNDONE_INDEX, &[1])
+            .map_err(storage)?;
+        wtxn.commit().map_err(storage)?;
+        self.dbs.undone = Some(db);
+        Ok(Some(built))
+    }
+
+    /// Marks the `undone` index complete (a new ledger's, which has had it from its
+    /// creation).
+    pub(crate) fn mark_undone_index(&self) -> Result<(), OpenError> {
+        let storage = |e| self.storage_err(e);
+        let mut wtxn = self.env.write_txn().map_err(storage)?;
+        self.dbs
+            .meta
+            .put(&mut wtxn, meta_keys::UNDONE_INDEX, &[1])
+            .map_err(storage)?;
+        wtxn.commit().map_err(storage)
+    }
+
+    /// The rollback record that undid commit `seq`, if one did (the first, if several).
+    pub fn undone_by(&self, seq: u64) -> Result<Option<u64>, ReadError> {
+        let rtxn = self.read_txn()?;
+        self.undone_by_in(&rtxn, seq)
+    }
+
+    /// [`Store::undone_by`] within a read transaction. Without the index (a ledger of an
+    /// earlier release opened read-only), the rollback records after `seq` are read.
+    pub(crate) fn undone_by_in(
+        &self,
+        rtxn: &RoTxn<'_, WithoutTls>,
+        seq: u64,
+    ) -> Result<Option<u64>, ReadError> {
+        if let Some(db) = self.dbs.undone {
+            return Ok(db.get(rtxn, &u64_key(seq))?.and_then(read_u64));
+        }
+        let start = u64_key(seq.saturating_add(1));
+        let range = (
+            std::ops::Bound::Included(&start[..]),
+            std::ops::Bound::Unbounded,
+        );
+        for item in self.dbs.checkpoints.range(rtxn, &range)? {
+            let (k, v) = item?;
+            if v.get(5) != Some(&crate::rollback::KIND_ROLLBACK) {
+                continue;
+            }
+            let at = read_u64(k).unwrap_or(0);
+            let record = crate::rollback::RollbackRecord::decode(v).map_err(|source| {
+                ReadError::Corrupt {
+                    what: "checkpoint",
+                    at: at.to_string(),
+                    source,
+                }
+            })?;
+            if record.affected.binary_search(&seq).is_ok() {
+                return Ok(Some(record.seq));
+            }
+        }
+        Ok(None)
     }
 
     /// The public key the ledger was created with, as recorded in `meta`: the root of

@@ -13,6 +13,7 @@ fn db(store: &crate::Store, name: &str) -> heed::Database<heed::types::Bytes, he
         names::HEADS => store.dbs.heads,
         names::DATA => store.dbs.data,
         names::META => store.dbs.meta,
+        names::UNDONE => store.dbs.undone.expect("tamper: no undone index"),
         other => panic!("tamper: unknown database {other}"),
     }
 }

@@ -159,7 +159,7 @@ pub struct TxContext {
     /// The client's request bytes.
     pub request: Vec<u8>,
     /// Domain the transaction runs in.
-    pub domain_id: u32,
+    pub domain_id: u64,
     /// Hash of the active policy bundle.
     pub policy_hash: Hash,
 }

@@ -85,9 +85,10 @@ impl fmt::Display for Failure {
 /// What `verify` checked and found.
 #[derive(Debug, Clone, Default)]
 pub struct VerifyReport {
-    /// Checkpoints walked.
+    /// Checkpoint records stored in the chain: counted alike whether the walk met a record
+    /// that does not decode or a broken link (the failures say where).
     pub checkpoints: u64,
-    /// Audit records walked.
+    /// Audit records stored in the chain, counted the same way.
     pub audit: u64,
     /// Signed heads checked.
     pub heads: u64,
@@ -142,6 +143,8 @@ struct Link {
 struct Walk {
     links: Vec<Link>,
     structural: Option<Failure>,
+    /// Records stored in the database, walked or not.
+    stored: u64,
 }
 
 fn walk(
@@ -200,7 +203,11 @@ fn walk(
         done: links.len() as u64,
         total,
     });
-    Ok(Walk { links, structural })
+    Ok(Walk {
+        links,
+        structural,
+        stored: total,
+    })
 }
 
 /// The first broken link in `links`, and which record it blames.
@@ -254,8 +261,8 @@ pub fn verify(
     let rtxn = store.read_txn()?;
     let cp = walk(&rtxn, store.dbs.checkpoints, Chain::Checkpoints, progress)?;
     let au = walk(&rtxn, store.dbs.audit, Chain::Audit, progress)?;
-    report.checkpoints = cp.links.len() as u64;
-    report.audit = au.links.len() as u64;
+    report.checkpoints = cp.stored;
+    report.audit = au.stored;
 
     // Heads: decode, check signature and key, collect what each signs.
     let total = store.dbs.heads.len(&rtxn)?;

@@ -136,11 +136,21 @@ fn cascade_undoes_the_attack_and_its_dependents_and_keeps_the_rest() {
     let _ = (blind, independent);
     verifies(&l);
 
-    // Rolling back again has nothing left to undo.
-    assert!(matches!(
-        l.rollback(&[attack], true, "again", [0; 32]),
-        Err(RollbackError::NothingToUndo)
-    ));
+    // Rolling back again has nothing left to undo, and says which record undid it, with or
+    // without cascade (its former dependents are undone too), planned or applied.
+    let by = receipt.seq;
+    assert_eq!(l.store().undone_by(attack).unwrap(), Some(by));
+    assert_eq!(l.store().undone_by(base).unwrap(), None);
+    for cascade in [true, false] {
+        assert!(matches!(
+            l.store().plan_rollback(&[attack], cascade),
+            Err(RollbackError::AlreadyRolledBack { seq, by: b }) if seq == attack && b == by
+        ));
+        assert!(matches!(
+            l.rollback(&[attack], cascade, "again", [0; 32]),
+            Err(RollbackError::AlreadyRolledBack { seq, by: b }) if seq == attack && b == by
+        ));
+    }
 }
 
 #[test]

@@ -164,6 +164,7 @@ pub fn print(command: &str, r: &Value) {
                 "affected",
                 "policy_hash",
                 "prev_hash",
+                "rolled_back_by",
             ] {
                 if !r[k].is_null() {
                     rows.push((k, s(&r[k])));

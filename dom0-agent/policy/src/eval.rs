@@ -161,6 +161,9 @@ pub enum DomainEventKind {
     Timeout,
     /// The sandbox's seccomp filter (or Xen's equivalent) refused a call.
     ForbiddenSyscall,
+    /// The domain ran over a resource limit (CPU time, file size) and was killed for it,
+    /// or sent more ring operations than the agent serves per transaction.
+    Limit,
 }
 
 impl DomainEventKind {
@@ -171,6 +174,7 @@ impl DomainEventKind {
             Self::Crash => "crash",
             Self::Timeout => "timeout",
             Self::ForbiddenSyscall => "forbidden_syscall",
+            Self::Limit => "limit",
         }
     }
 }

@@ -51,7 +51,7 @@
 //!
 //! [[domain]]
 //! name = "domain.hostile"
-//! events = ["protocol_violation", "forbidden_syscall"]   # also "crash", "timeout"
+//! events = ["protocol_violation", "forbidden_syscall"]   # also "crash", "timeout", "limit"
 //! handlers = ["notes"]            # optional
 //! action = "quarantine"
 //!

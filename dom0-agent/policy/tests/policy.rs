@@ -500,6 +500,7 @@ fn domain_events() {
         ),
         (DomainEventKind::Crash, Action::Abort, "domain.failed"),
         (DomainEventKind::Timeout, Action::Abort, "domain.failed"),
+        (DomainEventKind::Limit, Action::Abort, "domain.failed"),
     ] {
         let d = eval(&b, dom(kind));
         assert_eq!((d.action, rule(&d)), (action, r));

@@ -237,3 +237,50 @@ pub fn mayfly(args: &[&str]) -> (i32, String, String) {
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
 }
+
+/// `POST /v1/reports` with `Authorization: Bearer <token>`; the status and the JSON body.
+pub fn report(addr: SocketAddr, token: &str, body: &Value) -> (u16, Value) {
+    let body = body.to_string();
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
+    write!(
+        s,
+        "POST /v1/reports HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    let (head, body) = out.split_once("\r\n\r\n").unwrap();
+    let code: u16 = head.split_whitespace().nth(1).unwrap().parse().unwrap();
+    (code, serde_json::from_str(body).unwrap())
+}
+
+/// The detector token of an agent whose data directory is `dir` (created at its start).
+pub fn detector_token(dir: &Path) -> String {
+    std::fs::read_to_string(dir.join("detector.token"))
+        .unwrap()
+        .trim()
+        .to_owned()
+}
+
+/// Writes `files` (name, TOML text) as a policy bundle directory `dir/name` and returns
+/// the flag pair selecting it.
+pub fn policy_dir(dir: &Path, name: &str, files: &[(&str, &str)]) -> [String; 2] {
+    let policy = dir.join(name);
+    std::fs::create_dir_all(&policy).unwrap();
+    for (file, text) in files {
+        std::fs::write(policy.join(file), text).unwrap();
+    }
+    ["--policy".to_owned(), policy.to_string_lossy().into_owned()]
+}
+
+/// A shipped policy file, `policies/<path>`.
+pub fn shipped_policy(path: &str) -> String {
+    std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../policies")
+            .join(path),
+    )
+    .unwrap()
+}
