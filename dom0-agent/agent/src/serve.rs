@@ -101,6 +101,12 @@ pub struct ServeArgs {
     /// Largest ledger size in MiB [default: 4096].
     #[arg(long)]
     map_size_mib: Option<usize>,
+    /// Do not recompute the live-state digest from the data at start-up (a full scan of the
+    /// `data` database) and serve the data even if it was altered. For ledgers too large to
+    /// scan at every start; logged as a warning and audited (`ledger.state_check_skipped`).
+    /// Without it, altered live data stops the agent with exit code 4.
+    #[arg(long)]
+    skip_state_check: bool,
     /// Address-space limit of each sandbox domain in MiB [default: 256] (Xen domains: see
     /// --xen-memory-mib).
     #[arg(long)]
@@ -468,10 +474,20 @@ pub fn run(args: &ServeArgs, log: &Logger) -> anyhow::Result<u8> {
             map_size: s.map_size,
             ..StoreOptions::default()
         },
+        check_state: !args.skip_state_check,
         ..Options::default()
     };
-    let ledger = Ledger::open(&s.data_dir, &options, log)
-        .with_context(|| format!("opening the ledger in {}", s.data_dir.display()))?;
+    let ledger = match Ledger::open(&s.data_dir, &options, log) {
+        Ok(l) => l,
+        Err(e @ mayfly_ledger::OpenError::StateMismatch { .. }) => {
+            eprintln!("dom0-agent: error: {e}");
+            return Ok(crate::EXIT_STATE_MISMATCH);
+        }
+        Err(e) => {
+            return Err(e)
+                .with_context(|| format!("opening the ledger in {}", s.data_dir.display()))
+        }
+    };
     let siem = mayfly_siem::Exporter::start(&ledger, &s.siem, log)
         .context("starting the SIEM exporter")?;
     let policy_files = crate::policy::files(s.policy.as_deref())?;

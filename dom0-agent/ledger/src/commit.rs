@@ -23,6 +23,7 @@ use crate::audit::{AuditError, AuditEvent, AuditRecord};
 use crate::checkpoint::{chain_hash, Checkpoint, ReadEntry, WriteEntry, MAX_CHECKPOINT_BYTES};
 use crate::head::{SignedHead, Tip};
 use crate::keys::SigningKey;
+use crate::state::StateDigest;
 use crate::store::{encode_tip, meta_keys, u64_key, Store, FORMAT_MARKER, FORMAT_VERSION};
 use crate::txn::{decode_value, encode_value, ScanRecord, TxContext};
 use crate::{codec::hex, now_ns, Hash, Inner, Receipt, Tips, TxId};
@@ -292,6 +293,8 @@ pub(crate) struct Committer {
     pub checkpoints: Tip,
     pub audit: Tip,
     pub group: u64,
+    /// The live-state digest after the last durable group.
+    pub state: StateDigest,
     pub max_group: usize,
     pub track_dependencies: bool,
     pub shared_tips: Arc<Mutex<Tips>>,
@@ -406,6 +409,7 @@ impl Committer {
         }
         let mut ckpt = self.checkpoints;
         let mut audit = self.audit;
+        let mut state = self.state.clone();
         let mut results = Vec::with_capacity(n);
         let mut incoming: Option<SigningKey> = None;
         for job in jobs {
@@ -414,12 +418,14 @@ impl Committer {
                 Job::RotateKey(events) => {
                     self.apply_rotation(&mut wtxn, &mut audit, &mut incoming, events, now)
                 }
-                Job::Commit(tx) => self.apply_tx(&mut wtxn, &mut ckpt, &mut audit, *tx, now),
+                Job::Commit(tx) => {
+                    self.apply_tx(&mut wtxn, &mut ckpt, &mut audit, &mut state, *tx, now)
+                }
                 Job::Audit(events) | Job::LazyAudit(events) => {
                     self.apply_audit(&mut wtxn, &mut audit, events, now)
                 }
                 Job::Rollback(job) => {
-                    self.apply_rollback(&mut wtxn, &mut ckpt, &mut audit, *job, now)
+                    self.apply_rollback(&mut wtxn, &mut ckpt, &mut audit, &mut state, *job, now)
                 }
             };
             match step {
@@ -433,15 +439,18 @@ impl Committer {
             return Ok(results);
         }
         let group = self.group.saturating_add(1);
-        let head = match &incoming {
-            Some(next) => {
-                dbs.meta
-                    .put(&mut wtxn, meta_keys::SIGNING_KEY, &next.public_key())
-                    .map_err(fail)?;
-                SignedHead::sign_rotation(&self.key, group, ckpt, audit, now, next.public_key())
-            }
-            None => SignedHead::sign(&self.key, group, ckpt, audit, now),
-        };
+        let encoded_state = state.encode();
+        let state_hash = crate::state::hash_encoding(&encoded_state);
+        let next_key = incoming.as_ref().map(SigningKey::public_key);
+        if let Some(next) = &next_key {
+            dbs.meta
+                .put(&mut wtxn, meta_keys::SIGNING_KEY, next)
+                .map_err(fail)?;
+        }
+        let head = SignedHead::sign_v2(&self.key, group, ckpt, audit, now, state_hash, next_key);
+        dbs.meta
+            .put(&mut wtxn, meta_keys::STATE, &encoded_state)
+            .map_err(fail)?;
         dbs.heads
             .put(&mut wtxn, &u64_key(group), &head.encode())
             .map_err(fail)?;
@@ -476,6 +485,7 @@ impl Committer {
         self.checkpoints = ckpt;
         self.audit = audit;
         self.group = group;
+        self.state = state;
         if let Ok(mut t) = self.shared_tips.lock() {
             *t = Tips {
                 checkpoints: ckpt,
@@ -537,11 +547,26 @@ impl Committer {
         Ok(())
     }
 
+    /// Writes `new` under `key` in `data`, replacing `old` (the bytes stored there now), and
+    /// moves the live-state digest along.
+    fn put_data(
+        &self,
+        wtxn: &mut RwTxn<'_>,
+        state: &mut StateDigest,
+        key: &[u8],
+        old: Option<&[u8]>,
+        new: &[u8],
+    ) -> Result<(), heed::Error> {
+        state.replace(key, old, new);
+        self.store.dbs.data.put(wtxn, key, new)
+    }
+
     fn apply_tx(
         &self,
         wtxn: &mut RwTxn<'_>,
         ckpt: &mut Tip,
         audit: &mut Tip,
+        state: &mut StateDigest,
         tx: PreparedTx,
         now: u64,
     ) -> Result<Receipt, Step> {
@@ -565,8 +590,18 @@ impl Committer {
 
         let seq = ckpt.seq.saturating_add(1);
         let mut writes = Vec::with_capacity(tx.writes.len());
+        let mut stored = Vec::with_capacity(tx.writes.len());
         for (key, after) in tx.writes {
-            let (before_version, before) = self.current(wtxn, &key)?;
+            let raw = dbs.data.get(wtxn, &key)?.map(<[u8]>::to_vec);
+            let (before_version, before) = match &raw {
+                None => (0, None),
+                Some(bytes) => {
+                    let s = decode_value(bytes)
+                        .ok_or_else(|| Step::Reject(CommitError::Corrupt { key: hex(&key) }))?;
+                    (s.version, s.value.map(<[u8]>::to_vec))
+                }
+            };
+            stored.push(raw);
             writes.push(WriteEntry {
                 key,
                 before_version,
@@ -607,9 +642,9 @@ impl Committer {
         let hash: Hash = chain_hash(&ckpt.hash, &enc);
 
         let seq_key = u64_key(seq);
-        for w in &cp.writes {
-            dbs.data
-                .put(wtxn, &w.key, &encode_value(seq, w.after.as_deref()))?;
+        for (w, old) in cp.writes.iter().zip(&stored) {
+            let new = encode_value(seq, w.after.as_deref());
+            self.put_data(wtxn, state, &w.key, old.as_deref(), &new)?;
         }
         let deps = encode_deps(&cp.reads);
         if !deps.is_empty() {
@@ -634,6 +669,7 @@ impl Committer {
         wtxn: &mut RwTxn<'_>,
         ckpt: &mut Tip,
         audit: &mut Tip,
+        state: &mut StateDigest,
         job: RollbackJob,
         now: u64,
     ) -> Result<Receipt, Step> {
@@ -688,8 +724,9 @@ impl Committer {
         let hash = chain_hash(&ckpt.hash, &enc);
         let seq_key = u64_key(seq);
         for w in &record.writes {
-            dbs.data
-                .put(wtxn, &w.key, &encode_value(seq, w.after.as_deref()))?;
+            let old = dbs.data.get(wtxn, &w.key)?.map(<[u8]>::to_vec);
+            let new = encode_value(seq, w.after.as_deref());
+            self.put_data(wtxn, state, &w.key, old.as_deref(), &new)?;
         }
         dbs.checkpoints.put(wtxn, &seq_key, &enc)?;
         *ckpt = Tip { seq, hash };

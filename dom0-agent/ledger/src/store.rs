@@ -15,6 +15,7 @@ use crate::checkpoint::chain_hash;
 use crate::codec::{hex, Reader};
 use crate::head::{SignedHead, Tip};
 use crate::keys::PublicKey;
+use crate::state::StateDigest;
 
 /// Names of the databases, in one place.
 pub mod names {
@@ -59,6 +60,9 @@ pub(crate) mod meta_keys {
     pub const GROUP: &[u8] = b"group";
     /// The key that signs new heads, when it is no longer the first one (key rotation).
     pub const SIGNING_KEY: &[u8] = b"signing_key";
+    /// The live-state digest after the last group (state.rs); absent in ledgers written
+    /// before it existed, until their first start by a build that has it.
+    pub const STATE: &[u8] = b"state";
 }
 
 /// Value of `meta/format`: a marker and the layout version this build writes.
@@ -149,6 +153,19 @@ pub enum OpenError {
     /// The committer thread could not be started.
     #[error("could not start the commit thread: {0}")]
     Thread(io::Error),
+    /// The `data` database does not hold the state the signed heads commit to: someone
+    /// or something changed the live data outside the ledger.
+    #[error("ledger in {path}: the live data does not match the state digest signed in the last head ({found} entries found, {expected} committed); {detail}. Refusing to serve it: run `dom0-agent verify` for the full report, restore the data directory from a backup, or start with --skip-state-check to serve it anyway")]
+    StateMismatch {
+        /// Data directory.
+        path: PathBuf,
+        /// Entries in `data` now.
+        found: u64,
+        /// Entries the digest counts.
+        expected: u64,
+        /// The keys that differ from the checkpoint chain.
+        detail: String,
+    },
 }
 
 /// Every database of the ledger.
@@ -453,12 +470,20 @@ impl Store {
         let group = get(meta_keys::GROUP)?
             .and_then(read_u64)
             .ok_or_else(|| self.corrupt("meta/group missing or malformed".into()))?;
+        let live = match get(meta_keys::STATE)? {
+            None => None,
+            Some(v) => Some(
+                StateDigest::decode(v)
+                    .map_err(|e| self.corrupt(format!("meta/state does not decode: {e}")))?,
+            ),
+        };
         let state = MetaState {
             public_key,
             signing_key,
             checkpoints,
             audit,
             group,
+            state: live,
         };
         if check_tips {
             self.check_tips(rtxn, &state)?;
@@ -511,6 +536,31 @@ impl Store {
                 head.group, state.group
             )));
         }
+        match (&head.state, &state.state) {
+            (None, None) => {}
+            (Some(_), None) => {
+                return Err(self.corrupt(format!(
+                    "the last signed head (group {}) commits to a live-state digest, but meta/state is gone",
+                    head.group
+                )))
+            }
+            (None, Some(_)) => {
+                return Err(self.corrupt(format!(
+                    "meta/state is present but the last signed head (group {}) is of version 1",
+                    head.group
+                )))
+            }
+            (Some(signed), Some(d)) => {
+                if *signed != d.hash() {
+                    return Err(self.corrupt(format!(
+                        "meta/state ({}) is not the live-state digest signed in the last head (group {}, {})",
+                        hex(&d.hash()),
+                        head.group,
+                        hex(signed)
+                    )));
+                }
+            }
+        }
         Ok(())
     }
 
@@ -521,7 +571,7 @@ impl Store {
 }
 
 /// Identity and tips as recorded in `meta`.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub(crate) struct MetaState {
     /// The ledger's first key: the root of trust `verify` starts from.
     pub public_key: PublicKey,
@@ -530,6 +580,8 @@ pub(crate) struct MetaState {
     pub checkpoints: Tip,
     pub audit: Tip,
     pub group: u64,
+    /// The live-state digest (`None`: a ledger from before it existed).
+    pub state: Option<StateDigest>,
 }
 
 /// Opens a ledger's databases for reading only: no key is loaded, nothing is written, and
