@@ -13,7 +13,8 @@
 //! max_in_flight = 64         # transactions at once; more get 503
 //! tx_timeout_ms = 5000       # Start to Commit/Abort
 //! take_timeout_ms = 2000     # wait for a ready domain; then 503 (Xen under emulation: longer)
-//! map_size_mib = 4096        # largest ledger size
+//! map_size_mib = 4096        # initial LMDB map size; grown on demand (doubling) up to:
+//! max_map_size_mib = 65536   # the largest the ledger may grow to
 //! memory_mib = 256           # address-space limit of each domain
 //! cpu_seconds = 10           # CPU-time limit of each domain
 //! zygote = "/usr/libexec/mayfly/mayfly-zygote"  # the template executable; default: beside dom0-agent
@@ -98,9 +99,14 @@ pub struct ServeArgs {
     /// [default: 2000].
     #[arg(long)]
     take_timeout_ms: Option<u64>,
-    /// Largest ledger size in MiB [default: 4096].
+    /// Initial LMDB map size in MiB [default: 4096]; the committer doubles it on demand, up
+    /// to --max-map-size-mib, without a restart.
     #[arg(long)]
     map_size_mib: Option<usize>,
+    /// Largest size the ledger may grow to, in MiB [default: 65536]; past it commits fail
+    /// with "ledger map full".
+    #[arg(long)]
+    max_map_size_mib: Option<usize>,
     /// Do not recompute the live-state digest from the data at start-up (a full scan of the
     /// `data` database) and serve the data even if it was altered. For ledgers too large to
     /// scan at every start; logged as a warning and audited (`ledger.state_check_skipped`).
@@ -180,6 +186,7 @@ struct FileConfig {
     tx_timeout_ms: Option<u64>,
     take_timeout_ms: Option<u64>,
     map_size_mib: Option<usize>,
+    max_map_size_mib: Option<usize>,
     memory_mib: Option<u64>,
     cpu_seconds: Option<u64>,
     zygote: Option<PathBuf>,
@@ -200,6 +207,7 @@ struct Settings {
     tx_timeout: Duration,
     take_timeout: Duration,
     map_size: usize,
+    max_map_size: usize,
     memory_bytes: u64,
     cpu_seconds: u64,
     /// The sandbox template executable, if set; otherwise beside the agent's own.
@@ -310,6 +318,11 @@ fn load(args: &ServeArgs) -> anyhow::Result<Settings> {
             .or(file.map_size_mib)
             .unwrap_or(4096)
             .saturating_mul(1 << 20),
+        max_map_size: args
+            .max_map_size_mib
+            .or(file.max_map_size_mib)
+            .unwrap_or(65536)
+            .saturating_mul(1 << 20),
         memory_bytes: args
             .memory_mib
             .or(file.memory_mib)
@@ -333,6 +346,9 @@ fn load(args: &ServeArgs) -> anyhow::Result<Settings> {
     }
     if s.map_size < (16 << 20) {
         bail!("map_size_mib must be at least 16");
+    }
+    if s.max_map_size < s.map_size {
+        bail!("max_map_size_mib must be at least map_size_mib");
     }
     s.siem.validate().context("in the [siem] section")?;
     Ok(s)
@@ -472,6 +488,7 @@ pub fn run(args: &ServeArgs, log: &Logger) -> anyhow::Result<u8> {
     let options = Options {
         store: StoreOptions {
             map_size: s.map_size,
+            max_map_size: s.max_map_size,
             ..StoreOptions::default()
         },
         check_state: !args.skip_state_check,

@@ -93,7 +93,7 @@ pub enum CommitError {
     },
     /// The LMDB map is full; nothing of this group was committed.
     #[error(
-        "ledger map full (raise --map-size); nothing of a group of {group_size} was committed"
+        "ledger map full at its bound (raise --max-map-size-mib, or free space); nothing of a group of {group_size} was committed"
     )]
     MapFull {
         /// Jobs in the failed group.
@@ -229,6 +229,12 @@ pub(crate) struct RollbackJob {
     pub audit: Vec<AuditEvent>,
 }
 
+/// Least room kept free in the map before it is grown.
+pub const GROW_HEADROOM: u64 = 64 << 20;
+/// Longest time the committer waits for open transactions to end before growing the map
+/// (it retries at the next group otherwise).
+pub const GROW_WAIT: std::time::Duration = std::time::Duration::from_millis(500);
+
 /// Longest time lazily appended audit events wait for a group to join.
 pub const LAZY_AUDIT_DELAY: std::time::Duration = std::time::Duration::from_millis(50);
 /// Lazily appended audit events that force a commit of their own when reached.
@@ -295,6 +301,10 @@ pub(crate) struct Committer {
     pub group: u64,
     /// The live-state digest after the last durable group.
     pub state: StateDigest,
+    /// Whether to maintain the digest and write version-2 heads (off: measurement only).
+    pub maintain_state: bool,
+    /// Largest map size the committer grows the map to.
+    pub max_map_size: usize,
     pub max_group: usize,
     pub track_dependencies: bool,
     pub shared_tips: Arc<Mutex<Tips>>,
@@ -352,6 +362,12 @@ impl Committer {
                 jobs.insert(0, Job::Audit(std::mem::take(&mut lazy)));
                 replies.insert(0, reply);
             }
+            if let Some(ev) = self.grow_map_if_needed() {
+                lazy.push(ev);
+                let (reply, _) = std::sync::mpsc::sync_channel(1);
+                jobs.insert(0, Job::Audit(std::mem::take(&mut lazy)));
+                replies.insert(0, reply);
+            }
             let n = jobs.len();
             match self.write_group(jobs, false) {
                 Ok(results) => {
@@ -369,6 +385,48 @@ impl Committer {
         }
         self.flush_lazy(&mut lazy);
         debug!(self.log, "committer stopped");
+    }
+
+    /// Enlarges the LMDB map (doubling, up to `max_map_size`) when the room left in it is
+    /// below a quarter of it or [`GROW_HEADROOM`], whichever is more: a group commit must
+    /// never find the map full while the bound allows more. Returns the audit event
+    /// recording a growth.
+    fn grow_map_if_needed(&mut self) -> Option<AuditEvent> {
+        let (map, used) = self.store.map_usage().ok()?;
+        let headroom = (map / 4).max(GROW_HEADROOM);
+        let max = u64::try_from(self.max_map_size).unwrap_or(u64::MAX);
+        if used.saturating_add(headroom) <= map || map >= max {
+            return None;
+        }
+        let target = map
+            .saturating_mul(2)
+            .max(used.saturating_add(headroom))
+            .min(max);
+        let target_usize = usize::try_from(target).ok()?;
+        let started = std::time::Instant::now();
+        match self.store.grow_map(target_usize, GROW_WAIT) {
+            Ok(true) => {
+                let ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+                slog::info!(self.log, "ledger map grown"; "from" => map, "to" => target, "used" => used, "ms" => ms);
+                Some(
+                    AuditEvent::new("ledger.map_grown", crate::Severity::Notice)
+                        .field("from_bytes", map)
+                        .field("to_bytes", target)
+                        .field("used_bytes", used)
+                        .field("max_bytes", max)
+                        .field("ms", ms),
+                )
+            }
+            Ok(false) => {
+                slog::warn!(self.log, "ledger map not grown: transactions stayed open; retrying at the next group";
+                    "map" => map, "used" => used);
+                None
+            }
+            Err(e) => {
+                error!(self.log, "growing the ledger map failed"; "error" => %e, "map" => map, "target" => target);
+                None
+            }
+        }
     }
 
     /// Commits the lazily appended audit events as a group of their own.
@@ -439,18 +497,25 @@ impl Committer {
             return Ok(results);
         }
         let group = self.group.saturating_add(1);
-        let encoded_state = state.encode();
-        let state_hash = crate::state::hash_encoding(&encoded_state);
         let next_key = incoming.as_ref().map(SigningKey::public_key);
         if let Some(next) = &next_key {
             dbs.meta
                 .put(&mut wtxn, meta_keys::SIGNING_KEY, next)
                 .map_err(fail)?;
         }
-        let head = SignedHead::sign_v2(&self.key, group, ckpt, audit, now, state_hash, next_key);
-        dbs.meta
-            .put(&mut wtxn, meta_keys::STATE, &encoded_state)
-            .map_err(fail)?;
+        let head = if self.maintain_state {
+            let encoded_state = state.encode();
+            let state_hash = crate::state::hash_encoding(&encoded_state);
+            dbs.meta
+                .put(&mut wtxn, meta_keys::STATE, &encoded_state)
+                .map_err(fail)?;
+            SignedHead::sign_v2(&self.key, group, ckpt, audit, now, state_hash, next_key)
+        } else {
+            match next_key {
+                Some(next) => SignedHead::sign_rotation(&self.key, group, ckpt, audit, now, next),
+                None => SignedHead::sign(&self.key, group, ckpt, audit, now),
+            }
+        };
         dbs.heads
             .put(&mut wtxn, &u64_key(group), &head.encode())
             .map_err(fail)?;
@@ -557,7 +622,9 @@ impl Committer {
         old: Option<&[u8]>,
         new: &[u8],
     ) -> Result<(), heed::Error> {
-        state.replace(key, old, new);
+        if self.maintain_state {
+            state.replace(key, old, new);
+        }
         self.store.dbs.data.put(wtxn, key, new)
     }
 

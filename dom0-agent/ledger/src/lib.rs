@@ -193,6 +193,11 @@ pub struct Options {
     /// signed head commits to. Off only for ledgers too large to scan at every start: the
     /// skip is logged as a warning and audited.
     pub check_state: bool,
+    /// Maintain the live-state digest and sign it in version-2 heads. Off only to measure
+    /// what the digest costs (benchmarks): the committer then writes version-1 heads and no
+    /// `meta/state`, as the release before it did. A ledger that already has a digest is
+    /// refused with it off ([`OpenError::DigestRequired`]).
+    pub state_digest: bool,
 }
 
 impl Default for Options {
@@ -204,6 +209,7 @@ impl Default for Options {
             create: true,
             track_dependencies: true,
             check_state: true,
+            state_digest: true,
         }
     }
 }
@@ -299,6 +305,11 @@ impl Ledger {
             opts.check_state,
             &log,
         )?;
+        if !opts.state_digest && check.outcome != "new" && check.outcome != "created" {
+            return Err(OpenError::DigestRequired {
+                path: dir.to_path_buf(),
+            });
+        }
         let (state_entries, state_hash) = (digest.entries(), digest.hash());
         let mut committer = commit::Committer {
             store: store.clone(),
@@ -307,6 +318,8 @@ impl Ledger {
             audit: tips.audit,
             group: tips.group,
             state: digest,
+            maintain_state: opts.state_digest,
+            max_map_size: opts.store.max_map_size.max(opts.store.map_size),
             max_group: opts.max_group.max(1),
             track_dependencies: opts.track_dependencies,
             shared_tips: shared_tips.clone(),
@@ -474,10 +487,12 @@ impl Ledger {
                 max: limits::MAX_REQUEST,
             });
         }
+        let ticket = self.inner.store.gate.enter();
         let snapshot = self.inner.store.env.clone().static_read_txn()?;
         Ok(Tx {
             inner: self.inner.clone(),
             snapshot,
+            ticket,
             ctx,
             begin_ns: now_ns(),
             entropy_seed: [0; 32],

@@ -77,9 +77,16 @@ impl std::fmt::Debug for StateDigest {
     }
 }
 
-/// The element of one entry, as lanes.
-pub fn element(key: &[u8], stored: &[u8]) -> Box<[u16; LANES]> {
-    let mut h = blake3::Hasher::new_derive_key(CONTEXT);
+/// The BLAKE3 hasher in derive-key mode for [`CONTEXT`], built once (the context key is a
+/// hash of its own) and cloned per element.
+fn keyed() -> &'static blake3::Hasher {
+    static HASHER: std::sync::OnceLock<blake3::Hasher> = std::sync::OnceLock::new();
+    HASHER.get_or_init(|| blake3::Hasher::new_derive_key(CONTEXT))
+}
+
+/// The XOF output of one entry's element (module docs), as bytes.
+fn element_bytes(key: &[u8], stored: &[u8], out: &mut [u8; ELEMENT_BYTES]) {
+    let mut h = keyed().clone();
     // Keys are at most 256 bytes and values at most 64 KiB + 9: the casts cannot truncate,
     // but saturate anyway rather than wrap.
     h.update(&u16::try_from(key.len()).unwrap_or(u16::MAX).to_be_bytes());
@@ -90,8 +97,13 @@ pub fn element(key: &[u8], stored: &[u8]) -> Box<[u16; LANES]> {
             .to_be_bytes(),
     );
     h.update(stored);
+    h.finalize_xof().fill(out);
+}
+
+/// The element of one entry, as lanes.
+pub fn element(key: &[u8], stored: &[u8]) -> Box<[u16; LANES]> {
     let mut bytes = [0u8; ELEMENT_BYTES];
-    h.finalize_xof().fill(&mut bytes);
+    element_bytes(key, stored, &mut bytes);
     let mut lanes = Box::new([0u16; LANES]);
     for (lane, pair) in lanes.iter_mut().zip(bytes.chunks_exact(2)) {
         *lane = u16::from_le_bytes([
@@ -102,6 +114,15 @@ pub fn element(key: &[u8], stored: &[u8]) -> Box<[u16; LANES]> {
     lanes
 }
 
+/// Lanes of little-endian `bytes` (2 per lane).
+fn lanes_of(bytes: &[u8; ELEMENT_BYTES]) -> [u16; LANES] {
+    let mut out = [0u16; LANES];
+    for (lane, pair) in out.iter_mut().zip(bytes.as_chunks::<2>().0) {
+        *lane = u16::from_le_bytes(*pair);
+    }
+    out
+}
+
 impl StateDigest {
     /// Entries counted (live values and tombstones).
     pub fn entries(&self) -> u64 {
@@ -110,28 +131,36 @@ impl StateDigest {
 
     /// Adds an entry.
     pub fn add(&mut self, key: &[u8], stored: &[u8]) {
-        let e = element(key, stored);
-        for (l, x) in self.lanes.iter_mut().zip(e.iter()) {
-            *l = l.wrapping_add(*x);
+        let mut bytes = [0u8; ELEMENT_BYTES];
+        element_bytes(key, stored, &mut bytes);
+        for (l, x) in self.lanes.iter_mut().zip(lanes_of(&bytes)) {
+            *l = l.wrapping_add(x);
         }
         self.entries = self.entries.wrapping_add(1);
     }
 
     /// Removes an entry (that was added before).
     pub fn remove(&mut self, key: &[u8], stored: &[u8]) {
-        let e = element(key, stored);
-        for (l, x) in self.lanes.iter_mut().zip(e.iter()) {
-            *l = l.wrapping_sub(*x);
+        let mut bytes = [0u8; ELEMENT_BYTES];
+        element_bytes(key, stored, &mut bytes);
+        for (l, x) in self.lanes.iter_mut().zip(lanes_of(&bytes)) {
+            *l = l.wrapping_sub(x);
         }
         self.entries = self.entries.wrapping_sub(1);
     }
 
     /// Replaces `old` (if any) by `new` under `key`.
     pub fn replace(&mut self, key: &[u8], old: Option<&[u8]>, new: &[u8]) {
-        if let Some(old) = old {
-            self.remove(key, old);
+        let Some(old) = old else {
+            self.add(key, new);
+            return;
+        };
+        let (mut a, mut b) = ([0u8; ELEMENT_BYTES], [0u8; ELEMENT_BYTES]);
+        element_bytes(key, new, &mut a);
+        element_bytes(key, old, &mut b);
+        for ((l, x), y) in self.lanes.iter_mut().zip(lanes_of(&a)).zip(lanes_of(&b)) {
+            *l = l.wrapping_add(x).wrapping_sub(y);
         }
-        self.add(key, new);
     }
 
     /// The stored encoding (module docs).

@@ -185,6 +185,9 @@ pub struct ScanResult {
 pub struct Tx {
     pub(crate) inner: Arc<Inner>,
     pub(crate) snapshot: RoTxn<'static, WithoutTls>,
+    /// Keeps the map-resize gate open while the snapshot lives (declared after it: dropped
+    /// after it).
+    pub(crate) ticket: crate::store::Ticket,
     pub(crate) ctx: TxContext,
     pub(crate) begin_ns: u64,
     pub(crate) entropy_seed: Hash,
@@ -433,6 +436,7 @@ impl Tx {
         let Tx {
             inner,
             snapshot,
+            ticket,
             ctx,
             begin_ns,
             entropy_seed,
@@ -443,6 +447,7 @@ impl Tx {
         // The snapshot is released before queueing so the reader slot is not held while
         // waiting for the group.
         drop(snapshot);
+        drop(ticket);
         let prepared = PreparedTx {
             ctx,
             begin_ns,

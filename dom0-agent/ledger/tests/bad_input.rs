@@ -31,10 +31,12 @@ fn put(ledger: &Ledger, key: &str, value: &[u8]) -> Result<u64, CommitError> {
     tx.commit(Vec::new()).map(|r| r.seq)
 }
 
+/// Opens with a fixed map of `map_size` bytes (no growth: the bound is the initial size).
 fn open_with(dir: &Path, map_size: usize) -> Result<Ledger, OpenError> {
     let opts = Options {
         store: StoreOptions {
             map_size,
+            max_map_size: map_size,
             ..StoreOptions::default()
         },
         ..Options::default()
@@ -161,7 +163,10 @@ fn map_full_fails_the_group_and_keeps_everything_acknowledged() {
     }
     let err = full.expect("a 1 MiB map must fill up");
     assert!(matches!(err, CommitError::MapFull { .. }), "{err:?}");
-    assert!(err.to_string().contains("raise --map-size"), "{err}");
+    assert!(
+        err.to_string().contains("raise --max-map-size-mib"),
+        "{err}"
+    );
     for (i, seq) in &acked {
         assert_eq!(
             ledger
