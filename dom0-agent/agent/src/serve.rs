@@ -534,7 +534,7 @@ pub fn run(args: &ServeArgs, log: &Logger) -> anyhow::Result<u8> {
         listen: s.listen,
         workers: s.workers,
         max_in_flight: s.max_in_flight,
-        health_sections: vec![siem_health(siem.status_handle())],
+        health_sections: vec![siem_health(siem.status_handle()), capacity_health(&ledger)],
         ..ApiConfig::default()
     };
     let server = match Server::start(api, executor.clone(), log) {
@@ -567,11 +567,17 @@ pub fn run(args: &ServeArgs, log: &Logger) -> anyhow::Result<u8> {
         None => None,
     };
     let addr = server.local_addr();
-    ledger.audit(vec![AuditEvent::new("agent.started", Severity::Notice)
-        .field("backend", backend.name())
-        .field("listen", addr)
-        .field("pool_size", s.pool_size)
-        .field("policy_hash", hex(&policy_hash))])?;
+    audit_or_defer(
+        &ledger,
+        AuditEvent::new("agent.started", Severity::Notice)
+            .field("backend", backend.name())
+            .field("listen", addr)
+            .field("pool_size", s.pool_size)
+            .field("policy_hash", hex(&policy_hash)),
+    )?;
+    if let Some(reason) = ledger.capacity().and_then(|c| c.refusing) {
+        println!("mayfly: STORAGE FULL: serving reads, health and the console; transactions are refused (503) until space returns: {reason}");
+    }
     info!(log, "serving"; "addr" => %addr, "backend" => backend.name());
     print_banner(addr, backend.name(), &s.data_dir, &ledger, &names);
     match &console {
@@ -620,9 +626,10 @@ pub fn run(args: &ServeArgs, log: &Logger) -> anyhow::Result<u8> {
     }
     drop(executor);
     backend.shutdown();
-    ledger.audit(vec![
-        AuditEvent::new("agent.stopped", Severity::Notice).field("signal", signal.as_str())
-    ])?;
+    audit_or_defer(
+        &ledger,
+        AuditEvent::new("agent.stopped", Severity::Notice).field("signal", signal.as_str()),
+    )?;
     for c in siem.stop() {
         if c.behind > 0 {
             eprintln!(
@@ -632,6 +639,40 @@ pub fn run(args: &ServeArgs, log: &Logger) -> anyhow::Result<u8> {
         }
     }
     Ok(0)
+}
+
+/// Records `event` durably, or, when the disk or the map is full, keeps it for the moment
+/// storage takes writes again (the agent must start and stop on a full disk).
+fn audit_or_defer(ledger: &Ledger, event: AuditEvent) -> anyhow::Result<()> {
+    use mayfly_ledger::CommitError;
+    match ledger.audit(vec![event.clone()]) {
+        Ok(_) => Ok(()),
+        Err(CommitError::DiskFull { .. } | CommitError::MapFull { .. }) => {
+            eprintln!(
+                "dom0-agent: storage full: {} is recorded when space returns",
+                event.event
+            );
+            ledger
+                .audit_deferred(vec![event])
+                .context("queueing an audit record")
+        }
+        Err(e) => Err(e).context("recording an audit record"),
+    }
+}
+
+/// The `capacity` section of `GET /v1/health`: the ledger's space used and left, its
+/// growth rate and projected time to full, and whether transactions are refused.
+fn capacity_health(ledger: &Ledger) -> mayfly_api::HealthSection {
+    let ledger = ledger.clone();
+    mayfly_api::HealthSection {
+        name: "capacity",
+        report: Arc::new(move || {
+            ledger.capacity().as_ref().map_or(
+                serde_json::Value::Null,
+                mayfly_console::status::capacity_json,
+            )
+        }),
+    }
 }
 
 /// The SIEM exporter's per-collector delivery state, for the console's `status`.

@@ -204,6 +204,9 @@ pub(crate) enum Job {
     AdminNonce(Box<NonceJob>),
     /// Hand signing over to a new key, with the audit events that go with it.
     RotateKey(Vec<AuditEvent>),
+    /// Audit events to write as soon as storage allows: kept (and retried) while the disk
+    /// or the map is full. Answered at once.
+    Deferred(Vec<AuditEvent>),
 }
 
 /// An admin command nonce to record.
@@ -305,6 +308,10 @@ pub(crate) struct Committer {
     pub maintain_state: bool,
     /// Largest map size the committer grows the map to.
     pub max_map_size: usize,
+    /// Space in use over time, alerts raised, and whether storage is full.
+    pub capacity: Arc<Mutex<crate::capacity::Shared>>,
+    /// Audit events that must be written, kept while storage is full and retried.
+    pub pending: Vec<AuditEvent>,
     pub max_group: usize,
     pub track_dependencies: bool,
     pub shared_tips: Arc<Mutex<Tips>>,
@@ -317,20 +324,26 @@ impl Committer {
     pub fn run(mut self, rx: Receiver<Envelope>) {
         let mut lazy: Vec<AuditEvent> = Vec::new();
         loop {
-            let first = if lazy.is_empty() {
-                match rx.recv() {
+            let wait = if !lazy.is_empty() {
+                Some(LAZY_AUDIT_DELAY)
+            } else if !self.pending.is_empty() {
+                Some(crate::capacity::RETRY_EVERY)
+            } else {
+                None
+            };
+            let first = match wait {
+                None => match rx.recv() {
                     Ok(e) => e,
                     Err(_) => break,
-                }
-            } else {
-                match rx.recv_timeout(LAZY_AUDIT_DELAY) {
+                },
+                Some(wait) => match rx.recv_timeout(wait) {
                     Ok(e) => e,
                     Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
                         self.flush_lazy(&mut lazy);
                         continue;
                     }
                     Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
-                }
+                },
             };
             let mut batch = vec![first];
             while batch.len() < self.max_group {
@@ -339,11 +352,20 @@ impl Committer {
                     Err(_) => break,
                 }
             }
-            let mut jobs = Vec::with_capacity(batch.len().saturating_add(1));
-            let mut replies = Vec::with_capacity(batch.len().saturating_add(1));
+            let mut jobs = Vec::with_capacity(batch.len().saturating_add(2));
+            let mut replies = Vec::with_capacity(batch.len().saturating_add(2));
             for e in batch {
                 match e.job {
                     Job::LazyAudit(events) => lazy.extend(events),
+                    Job::Deferred(events) => {
+                        self.pending.extend(events);
+                        let _ = e.reply.send(Ok(Receipt {
+                            seq: 0,
+                            hash: self.audit.hash,
+                            audit_seq: self.audit.seq,
+                            group: self.group,
+                        }));
+                    }
                     job => {
                         jobs.push(job);
                         replies.push(e.reply);
@@ -356,27 +378,31 @@ impl Committer {
                 }
                 continue;
             }
-            if !lazy.is_empty() {
-                // Nobody waits for lazy events: their reply goes nowhere.
-                let (reply, _) = std::sync::mpsc::sync_channel(1);
-                jobs.insert(0, Job::Audit(std::mem::take(&mut lazy)));
-                replies.insert(0, reply);
-            }
             if let Some(ev) = self.grow_map_if_needed() {
                 lazy.push(ev);
+            }
+            let mut own = std::mem::take(&mut lazy);
+            let with_pending = !self.pending.is_empty();
+            if with_pending {
+                own.splice(0..0, self.pending.iter().cloned());
+            }
+            if !own.is_empty() {
+                // Nobody waits for lazy or pending events: their reply goes nowhere.
                 let (reply, _) = std::sync::mpsc::sync_channel(1);
-                jobs.insert(0, Job::Audit(std::mem::take(&mut lazy)));
+                jobs.insert(0, Job::Audit(own));
                 replies.insert(0, reply);
             }
             let n = jobs.len();
             match self.write_group(jobs, false) {
                 Ok(results) => {
+                    self.after_success(with_pending);
                     for (reply, r) in replies.into_iter().zip(results) {
                         let _ = reply.send(r);
                     }
                 }
                 Err(e) => {
                     error!(self.log, "group commit failed"; "jobs" => n, "error" => %e);
+                    self.after_failure(&e);
                     for reply in replies {
                         let _ = reply.send(Err(e.clone()));
                     }
@@ -384,7 +410,73 @@ impl Committer {
             }
         }
         self.flush_lazy(&mut lazy);
+        if !self.pending.is_empty() {
+            error!(self.log, "stopping with audit events that storage never took";
+                "events" => self.pending.len(),
+                "names" => self.pending.iter().map(|e| e.event.as_str()).collect::<Vec<_>>().join(","));
+        }
         debug!(self.log, "committer stopped");
+    }
+
+    /// After a group committed: the pending events it carried are durable, a storage
+    /// outage (if any) is over, and the space in use is sampled.
+    fn after_success(&mut self, wrote_pending: bool) {
+        if wrote_pending {
+            self.pending.clear();
+        }
+        let max = u64::try_from(self.max_map_size).unwrap_or(u64::MAX);
+        let mut shared = self
+            .capacity
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some((since, reason)) = shared.full.take() {
+            slog::warn!(self.log, "storage takes writes again; transactions are accepted";
+                "full_since_ns" => since, "reason" => reason);
+        }
+        if let Some(alert) = crate::capacity::sample(&self.store, max, &mut shared, now_ns()) {
+            slog::warn!(self.log, "ledger space threshold crossed"; "event" => ?alert.fields);
+            self.pending.push(alert);
+        }
+    }
+
+    /// The first commit at open failed for lack of space.
+    pub(crate) fn after_open_failure(&mut self, e: &CommitError) {
+        self.after_failure(e);
+    }
+
+    /// After a group failed: a full disk or map starts (or continues) an outage during
+    /// which transactions are refused and the committer retries.
+    fn after_failure(&mut self, e: &CommitError) {
+        if !matches!(
+            e,
+            CommitError::DiskFull { .. } | CommitError::MapFull { .. }
+        ) {
+            return;
+        }
+        let mut shared = self
+            .capacity
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if shared.full.is_none() {
+            let now = now_ns();
+            let reason = match e {
+                CommitError::MapFull { .. } => format!(
+                    "the ledger reached its size bound ({} MiB, --max-map-size-mib)",
+                    self.max_map_size >> 20
+                ),
+                CommitError::DiskFull { free, .. } => {
+                    format!("the disk holding the ledger is full ({free} bytes free)")
+                }
+                _ => e.to_string(),
+            };
+            error!(self.log, "storage full: refusing transactions until space returns"; "reason" => &reason);
+            self.pending.push(
+                AuditEvent::new("ledger.storage_full", crate::Severity::Critical)
+                    .field("reason", &reason)
+                    .field("since_ns", now),
+            );
+            shared.full = Some((now, reason));
+        }
     }
 
     /// Enlarges the LMDB map (doubling, up to `max_map_size`) when the room left in it is
@@ -429,15 +521,27 @@ impl Committer {
         }
     }
 
-    /// Commits the lazily appended audit events as a group of their own.
+    /// Commits the lazily appended audit events, and the pending ones, as a group of their
+    /// own (also the retry while storage is full).
     fn flush_lazy(&mut self, lazy: &mut Vec<AuditEvent>) {
-        if lazy.is_empty() {
+        if lazy.is_empty() && self.pending.is_empty() {
             return;
         }
-        let events = std::mem::take(lazy);
+        let mut events = std::mem::take(lazy);
+        let with_pending = !self.pending.is_empty();
+        events.splice(0..0, self.pending.iter().cloned());
         let n = events.len();
-        if let Err(e) = self.write_group(vec![Job::Audit(events)], false) {
-            error!(self.log, "committing lazily appended audit events failed"; "events" => n, "error" => %e);
+        match self.write_group(vec![Job::Audit(events)], false) {
+            Ok(_) => self.after_success(with_pending),
+            Err(e) => {
+                if !matches!(
+                    e,
+                    CommitError::DiskFull { .. } | CommitError::MapFull { .. }
+                ) {
+                    error!(self.log, "committing lazily appended audit events failed"; "events" => n, "error" => %e);
+                }
+                self.after_failure(&e);
+            }
         }
     }
 
@@ -479,7 +583,7 @@ impl Committer {
                 Job::Commit(tx) => {
                     self.apply_tx(&mut wtxn, &mut ckpt, &mut audit, &mut state, *tx, now)
                 }
-                Job::Audit(events) | Job::LazyAudit(events) => {
+                Job::Audit(events) | Job::LazyAudit(events) | Job::Deferred(events) => {
                     self.apply_audit(&mut wtxn, &mut audit, events, now)
                 }
                 Job::Rollback(job) => {

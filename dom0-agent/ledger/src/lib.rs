@@ -55,6 +55,7 @@
 #![deny(missing_docs)]
 
 pub mod audit;
+pub mod capacity;
 pub mod checkpoint;
 pub mod codec;
 pub mod commit;
@@ -221,6 +222,8 @@ pub(crate) struct Inner {
     tips: Arc<Mutex<Tips>>,
     public_key: PublicKey,
     signing_key: Arc<Mutex<PublicKey>>,
+    capacity: Arc<Mutex<capacity::Shared>>,
+    max_map: u64,
 }
 
 impl Drop for Inner {
@@ -311,6 +314,7 @@ impl Ledger {
             });
         }
         let (state_entries, state_hash) = (digest.entries(), digest.hash());
+        let shared_capacity = Arc::new(Mutex::new(capacity::Shared::default()));
         let mut committer = commit::Committer {
             store: store.clone(),
             key,
@@ -320,6 +324,8 @@ impl Ledger {
             state: digest,
             maintain_state: opts.state_digest,
             max_map_size: opts.store.max_map_size.max(opts.store.map_size),
+            capacity: shared_capacity.clone(),
+            pending: Vec::new(),
             max_group: opts.max_group.max(1),
             track_dependencies: opts.track_dependencies,
             shared_tips: shared_tips.clone(),
@@ -346,16 +352,29 @@ impl Ledger {
             );
         }
         let first = committer
-            .write_group(vec![commit::Job::Audit(events)], fresh)
+            .write_group(vec![commit::Job::Audit(events.clone())], fresh)
             .and_then(|mut results| results.pop().unwrap_or(Err(CommitError::Closed)));
-        if let Err(source) = first {
-            if let Some(detail) = refused_before {
-                state_marker::put_back(dir, &detail);
+        match first {
+            Ok(_) => {}
+            // A full disk (or a map at its bound) must not keep the agent from starting:
+            // it serves reads and refuses transactions until space returns; the start is
+            // recorded then.
+            Err(source @ (CommitError::DiskFull { .. } | CommitError::MapFull { .. }))
+                if !fresh =>
+            {
+                warn!(log, "ledger opened on full storage: read-only until space returns"; "error" => %source);
+                committer.pending = events;
+                committer.after_open_failure(&source);
             }
-            return Err(OpenError::FirstCommit {
-                path: dir.to_path_buf(),
-                source,
-            });
+            Err(source) => {
+                if let Some(detail) = refused_before {
+                    state_marker::put_back(dir, &detail);
+                }
+                return Err(OpenError::FirstCommit {
+                    path: dir.to_path_buf(),
+                    source,
+                });
+            }
         }
         info!(log, "ledger open"; "dir" => %dir.display(), "created" => fresh,
               "checkpoint_seq" => tips.checkpoints.seq, "public_key" => codec::hex(&public_key));
@@ -373,6 +392,9 @@ impl Ledger {
                 tips: shared_tips,
                 public_key,
                 signing_key: shared_signing_key,
+                capacity: shared_capacity,
+                max_map: u64::try_from(opts.store.max_map_size.max(opts.store.map_size))
+                    .unwrap_or(u64::MAX),
             }),
         })
     }
@@ -487,6 +509,11 @@ impl Ledger {
                 max: limits::MAX_REQUEST,
             });
         }
+        if let Some((_, reason)) = &self.capacity_shared().full {
+            return Err(TxError::StorageFull {
+                reason: reason.clone(),
+            });
+        }
         let ticket = self.inner.store.gate.enter();
         let snapshot = self.inner.store.env.clone().static_read_txn()?;
         Ok(Tx {
@@ -563,6 +590,35 @@ impl Ledger {
             }
         }
         Err(RollbackError::Contended { attempts: ATTEMPTS })
+    }
+
+    fn capacity_shared(&self) -> std::sync::MutexGuard<'_, capacity::Shared> {
+        self.inner
+            .capacity
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Space used and left, the growth rate and projected time to full, and whether
+    /// transactions are refused for lack of space.
+    pub fn capacity(&self) -> Option<capacity::Capacity> {
+        capacity::report(
+            &self.inner.store,
+            self.inner.max_map,
+            &self.capacity_shared(),
+        )
+    }
+
+    /// Appends audit events now if storage allows, else keeps them and writes them as soon
+    /// as it does (retried every second); returns at once. For records that must not stop
+    /// the agent when the disk is full (its start, its stop).
+    pub fn audit_deferred(&self, events: Vec<AuditEvent>) -> Result<(), CommitError> {
+        for ev in &events {
+            ev.validate()?;
+        }
+        commit::submit(&self.inner, commit::Job::Deferred(events))?
+            .wait()
+            .map(drop)
     }
 
     /// Durable tips of both chains.

@@ -126,6 +126,13 @@ pub enum TxError {
         /// Cap.
         max: usize,
     },
+    /// The ledger cannot take writes (disk full, or the map at its bound): no transaction
+    /// is started until space returns.
+    #[error("storage full, transactions are refused until space returns: {reason}")]
+    StorageFull {
+        /// What is full.
+        reason: String,
+    },
     /// A stored data value is malformed.
     #[error("stored value of key {key} is malformed")]
     Corrupt {
