@@ -6,8 +6,9 @@
 //! crosses 80 %, 90 % or 95 % upwards, and records when a group fails for lack of space
 //! (disk full, or the map at its bound). While it does, [`crate::Ledger::begin`] refuses
 //! transactions with [`crate::TxError::StorageFull`] (the API answers 503 with the reason)
-//! and the committer retries a small audit record every [`RETRY_EVERY`]; the first that
-//! commits ends the outage.
+//! and the committer looks for room every [`RETRY_EVERY`] (retrying the audit records it
+//! holds); the outage ends once the ledger can grow by [`RESUME_LEFT`] again (a small
+//! write may fit in pages LMDB freed inside the file while the disk is still full).
 //!
 //! Read-only transactions are refused too: their checkpoint is the record of what a client
 //! was told (forensics, and the clients to notify when a rollback undoes what they read),
@@ -21,8 +22,10 @@ use std::time::Duration;
 pub const SAMPLE_EVERY: Duration = Duration::from_secs(10);
 /// Samples kept (with [`SAMPLE_EVERY`]: a 15-minute window for the rate).
 pub const SAMPLES: usize = 90;
-/// How often the committer retries writing while storage is full.
+/// How often the committer retries writing (and looks for room) while storage is full.
 pub const RETRY_EVERY: Duration = Duration::from_secs(1);
+/// Room (bytes the ledger can grow by) needed before a storage outage ends.
+pub const RESUME_LEFT: u64 = 8 << 20;
 /// Shares of the space in use (percent) that raise a `ledger.capacity` alert when crossed.
 pub const THRESHOLDS: [(u8, crate::Severity); 3] = [
     (80, crate::Severity::Warning),

@@ -326,7 +326,7 @@ impl Committer {
         loop {
             let wait = if !lazy.is_empty() {
                 Some(LAZY_AUDIT_DELAY)
-            } else if !self.pending.is_empty() {
+            } else if !self.pending.is_empty() || self.storage_full() {
                 Some(crate::capacity::RETRY_EVERY)
             } else {
                 None
@@ -339,7 +339,11 @@ impl Committer {
                 Some(wait) => match rx.recv_timeout(wait) {
                     Ok(e) => e,
                     Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
-                        self.flush_lazy(&mut lazy);
+                        if lazy.is_empty() && self.pending.is_empty() {
+                            self.after_success(false);
+                        } else {
+                            self.flush_lazy(&mut lazy);
+                        }
                         continue;
                     }
                     Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
@@ -429,14 +433,27 @@ impl Committer {
             .capacity
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if let Some((since, reason)) = shared.full.take() {
-            slog::warn!(self.log, "storage takes writes again; transactions are accepted";
-                "full_since_ns" => since, "reason" => reason);
+        // A small group may fit in pages LMDB freed inside the file while the disk is
+        // still full: the outage ends only once there is room again.
+        let room = crate::capacity::report(&self.store, max, &shared)
+            .is_some_and(|c| c.left_bytes >= crate::capacity::RESUME_LEFT);
+        if room {
+            if let Some((since, reason)) = shared.full.take() {
+                slog::warn!(self.log, "storage takes writes again; transactions are accepted";
+                    "full_since_ns" => since, "reason" => reason);
+            }
         }
         if let Some(alert) = crate::capacity::sample(&self.store, max, &mut shared, now_ns()) {
             slog::warn!(self.log, "ledger space threshold crossed"; "event" => ?alert.fields);
             self.pending.push(alert);
         }
+    }
+
+    fn storage_full(&self) -> bool {
+        self.capacity
+            .lock()
+            .map(|s| s.full.is_some())
+            .unwrap_or(false)
     }
 
     /// The first commit at open failed for lack of space.

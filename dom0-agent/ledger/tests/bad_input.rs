@@ -286,7 +286,7 @@ fn full_disk_fails_cleanly_and_keeps_everything_acknowledged() {
     // Space returns (the filesystem is enlarged): within a few retries the ledger takes
     // writes again, records its start and the outage, and commits.
     let st = Command::new("mount")
-        .args(["-o", "remount,size=8m"])
+        .args(["-o", "remount,size=32m"])
         .arg(outer.path())
         .status()
         .unwrap();
