@@ -6,7 +6,10 @@
 //! * `state check` — what the start-up check adds: `Ledger::open` with the check minus
 //!   `Ledger::open` with `check_state` off (the scan of `data` that `serve` does at every
 //!   start unless `--skip-state-check`);
-//! * `open`        — `Ledger::open` with the check (scan + the first commit).
+//! * `open`        — `Ledger::open` with the check (scan + the first commit);
+//! * `upgrade`     — once: the same keys seeded with `state_digest` off (what the release
+//!   before the digest wrote: version-1 heads, no `meta/state`), then the first open by
+//!   this build, which computes the first digest.
 //!
 //! Run: `cargo bench -p mayfly-ledger --bench verify`.
 #![allow(missing_docs, clippy::cast_precision_loss)]
@@ -20,6 +23,28 @@ use slog::{o, Discard, Logger};
 fn median(v: &mut [f64]) -> f64 {
     v.sort_by(|a, b| a.partial_cmp(b).unwrap());
     v[v.len() / 2]
+}
+
+fn seed(dir: &std::path::Path, keys: u64, opts: &Options, log: &Logger) {
+    let ledger = Ledger::open(dir, opts, log).unwrap();
+    let mut i = 0u64;
+    while i < keys {
+        let mut tx = ledger
+            .begin(TxContext {
+                tx_id: TxId::generate(),
+                handler: "seed".into(),
+                request: Vec::new(),
+                domain_id: 1,
+                policy_hash: [0; 32],
+            })
+            .unwrap();
+        for _ in 0..1000.min(keys - i) {
+            tx.put(format!("acct/{i:010}").as_bytes(), &[0xAB; 100])
+                .unwrap();
+            i += 1;
+        }
+        tx.commit(Vec::new()).unwrap();
+    }
 }
 
 fn main() {
@@ -47,28 +72,23 @@ fn main() {
     let dir = root.path().join("ledger");
     let log = Logger::root(Discard, o!());
     let seeding = Instant::now();
-    {
-        let ledger = Ledger::open(&dir, &Options::default(), &log).unwrap();
-        let mut i = 0u64;
-        while i < keys {
-            let mut tx = ledger
-                .begin(TxContext {
-                    tx_id: TxId::generate(),
-                    handler: "seed".into(),
-                    request: Vec::new(),
-                    domain_id: 1,
-                    policy_hash: [0; 32],
-                })
-                .unwrap();
-            for _ in 0..1000.min(keys - i) {
-                tx.put(format!("acct/{i:010}").as_bytes(), &[0xAB; 100])
-                    .unwrap();
-                i += 1;
-            }
-            tx.commit(Vec::new()).unwrap();
-        }
-    }
+    seed(&dir, keys, &Options::default(), &log);
+    let legacy = root.path().join("legacy");
+    let without = Options {
+        state_digest: false,
+        ..Options::default()
+    };
+    seed(&legacy, keys, &without, &log);
+    let t = Instant::now();
+    drop(Ledger::open(&legacy, &Options::default(), &log).unwrap());
+    let upgrade = t.elapsed().as_secs_f64();
+    let _ = std::fs::remove_dir_all(&legacy);
+
     let size = std::fs::metadata(dir.join("data.mdb")).unwrap().len();
+    println!(
+        "upgrade: first open of a ledger without a digest ({keys} keys) {upgrade:.3} s = {:.3} s per million (one sample)",
+        upgrade * 1e6 / keys as f64
+    );
     println!(
         "verify bench: {keys} live keys, {} checkpoints, data.mdb {} MiB, seeded in {:.1?}",
         keys.div_ceil(1000),

@@ -1,9 +1,9 @@
 //! How full the ledger is, how fast it fills, and whether it can take writes.
 //!
-//! The committer samples the space in use after its groups (at most every
-//! [`SAMPLE_EVERY`], keeping [`SAMPLES`] samples: a 15-minute window), raises a
+//! The committer samples the space in use after its groups for the growth rate (at most
+//! every [`SAMPLE_EVERY`], keeping [`SAMPLES`] samples: a 15-minute window), raises a
 //! `ledger.capacity` audit event (the SIEM alert) when the share of the space in use
-//! crosses 80 %, 90 % or 95 % upwards, and records when a group fails for lack of space
+//! crosses 80 %, 90 % or 95 % upwards (checked after every group), and records when a group fails for lack of space
 //! (disk full, or the map at its bound). While it does, [`crate::Ledger::begin`] refuses
 //! transactions with [`crate::TxError::StorageFull`] (the API answers 503 with the reason)
 //! and the committer looks for room every [`RETRY_EVERY`] (retrying the audit records it
@@ -122,8 +122,8 @@ pub(crate) fn report(store: &crate::Store, max_map: u64, shared: &Shared) -> Opt
     })
 }
 
-/// Records a sample (at most every [`SAMPLE_EVERY`]) and returns the alert to raise if a
-/// threshold was crossed upwards.
+/// Records a sample for the rate (at most every [`SAMPLE_EVERY`]) and returns the alert
+/// to raise if a threshold was crossed upwards.
 pub(crate) fn sample(
     store: &crate::Store,
     max_map: u64,
@@ -131,16 +131,18 @@ pub(crate) fn sample(
     now_ns: u64,
 ) -> Option<crate::AuditEvent> {
     let every = u64::try_from(SAMPLE_EVERY.as_nanos()).unwrap_or(u64::MAX);
-    if let Some(&(last, _)) = shared.samples.back() {
-        if now_ns.saturating_sub(last) < every {
-            return None;
+    let due = shared
+        .samples
+        .back()
+        .is_none_or(|&(last, _)| now_ns.saturating_sub(last) >= every);
+    if due {
+        let (_, used) = store.map_usage().ok()?;
+        shared.samples.push_back((now_ns, used));
+        while shared.samples.len() > SAMPLES {
+            shared.samples.pop_front();
         }
     }
-    let (_, used) = store.map_usage().ok()?;
-    shared.samples.push_back((now_ns, used));
-    while shared.samples.len() > SAMPLES {
-        shared.samples.pop_front();
-    }
+    // The thresholds are checked after every group (a statvfs and a stat: microseconds).
     let cap = report(store, max_map, shared)?;
     let reached = THRESHOLDS
         .iter()

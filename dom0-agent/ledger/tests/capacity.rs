@@ -121,3 +121,50 @@ fn past_the_bound_a_commit_fails_cleanly_and_nothing_is_lost() {
     let report = verify(&store, &[store.public_key().unwrap()], &mut |_| {}).unwrap();
     assert!(report.ok(), "{:?}", report.failures);
 }
+
+#[test]
+fn crossing_80_90_and_95_percent_raises_one_alert_each() {
+    let dir = tempfile::tempdir().unwrap();
+    // A fixed 16 MiB map: the share in use climbs as values are written.
+    let ledger = Ledger::open(dir.path(), &opts(16, 16), &Logger::root(Discard, o!())).unwrap();
+    let value = vec![0x5a; 32 << 10];
+    for i in 0..1024 {
+        if ledger.capacity().unwrap().used_percent > 95.5 {
+            break;
+        }
+        let mut tx = ledger.begin(ctx()).unwrap();
+        tx.put(format!("big/{i:04}").as_bytes(), &value).unwrap();
+        tx.commit(Vec::new()).unwrap();
+    }
+    let cap = ledger.capacity().unwrap();
+    assert!(cap.used_percent > 95.0, "{cap:?}");
+    assert!(cap.refusing.is_none(), "{cap:?}");
+    // The last alert may be pending until the next group: one more small write.
+    let _ = ledger.audit(vec![mayfly_ledger::AuditEvent::new(
+        "test.probe",
+        mayfly_ledger::Severity::Info,
+    )]);
+    let alerts: Vec<_> = ledger
+        .store()
+        .audit_records(1, usize::MAX)
+        .unwrap()
+        .into_iter()
+        .filter(|r| r.event.event == "ledger.capacity")
+        .map(|r| {
+            (
+                r.event.fields["threshold_percent"].clone(),
+                r.event.severity,
+            )
+        })
+        .collect();
+    use mayfly_ledger::Severity::{Critical, Error, Warning};
+    assert_eq!(
+        alerts,
+        [
+            ("80".to_string(), Warning),
+            ("90".to_string(), Error),
+            ("95".to_string(), Critical)
+        ],
+        "one alert per threshold, in order"
+    );
+}
