@@ -188,7 +188,6 @@ pub(crate) struct PreparedTx {
     pub scans: Vec<ScanRecord>,
     pub result: Vec<u8>,
     pub audit: Vec<AuditEvent>,
-    pub replaced: std::collections::BTreeMap<Vec<u8>, Option<crate::state::Replaced>>,
 }
 
 /// Work for the committer.
@@ -780,7 +779,6 @@ impl Committer {
         let seq = ckpt.seq.saturating_add(1);
         let mut writes = Vec::with_capacity(tx.writes.len());
         let mut stored = Vec::with_capacity(tx.writes.len());
-        let mut replaced = tx.replaced;
         for (key, after) in tx.writes {
             let raw = dbs.data.get(wtxn, &key)?.map(<[u8]>::to_vec);
             let (before_version, before) = match &raw {
@@ -791,13 +789,7 @@ impl Committer {
                     (s.version, s.value.map(<[u8]>::to_vec))
                 }
             };
-            // The element the transaction computed from its snapshot is the current
-            // entry's if the version is still the same (a version is written once).
-            let known = match (replaced.remove(&key).flatten(), &raw) {
-                (Some(r), Some(_)) if r.version == before_version => Some(r.element),
-                _ => None,
-            };
-            stored.push((raw, known));
+            stored.push(raw);
             writes.push(WriteEntry {
                 key,
                 before_version,
@@ -838,15 +830,9 @@ impl Committer {
         let hash: Hash = chain_hash(&ckpt.hash, &enc);
 
         let seq_key = u64_key(seq);
-        for (w, (old, known)) in cp.writes.iter().zip(&stored) {
+        for (w, old) in cp.writes.iter().zip(&stored) {
             let new = encode_value(seq, w.after.as_deref());
-            match known {
-                Some(element) if self.maintain_state => {
-                    state.replace_known(&w.key, element, &new);
-                    dbs.data.put(wtxn, &w.key, &new)?;
-                }
-                _ => self.put_data(wtxn, state, &w.key, old.as_deref(), &new)?,
-            }
+            self.put_data(wtxn, state, &w.key, old.as_deref(), &new)?;
         }
         let deps = encode_deps(&cp.reads);
         if !deps.is_empty() {

@@ -224,8 +224,6 @@ pub(crate) struct Inner {
     signing_key: Arc<Mutex<PublicKey>>,
     capacity: Arc<Mutex<capacity::Shared>>,
     max_map: u64,
-    /// Whether the live-state digest is maintained (transactions precompute elements).
-    pub(crate) maintain_state: bool,
 }
 
 impl Drop for Inner {
@@ -397,7 +395,6 @@ impl Ledger {
                 capacity: shared_capacity,
                 max_map: u64::try_from(opts.store.max_map_size.max(opts.store.map_size))
                     .unwrap_or(u64::MAX),
-                maintain_state: opts.state_digest,
             }),
         })
     }
@@ -529,7 +526,6 @@ impl Ledger {
             reads: Default::default(),
             writes: Default::default(),
             scans: Vec::new(),
-            replaced: Default::default(),
         })
     }
 

@@ -100,15 +100,6 @@ fn element_bytes(key: &[u8], stored: &[u8], out: &mut [u8; ELEMENT_BYTES]) {
     h.finalize_xof().fill(out);
 }
 
-/// An entry a transaction will replace, as its snapshot held it.
-#[derive(Debug)]
-pub(crate) struct Replaced {
-    /// Its version.
-    pub version: u64,
-    /// Its element.
-    pub element: Box<[u16; LANES]>,
-}
-
 /// The element of one entry, as lanes.
 pub fn element(key: &[u8], stored: &[u8]) -> Box<[u16; LANES]> {
     let mut bytes = [0u8; ELEMENT_BYTES];
@@ -169,16 +160,6 @@ impl StateDigest {
         element_bytes(key, old, &mut b);
         for ((l, x), y) in self.lanes.iter_mut().zip(lanes_of(&a)).zip(lanes_of(&b)) {
             *l = l.wrapping_add(x).wrapping_sub(y);
-        }
-    }
-
-    /// Replaces the entry whose element is `old` (computed earlier from the same stored
-    /// bytes) by `new` under `key`.
-    pub fn replace_known(&mut self, key: &[u8], old: &[u16; LANES], new: &[u8]) {
-        let mut a = [0u8; ELEMENT_BYTES];
-        element_bytes(key, new, &mut a);
-        for ((l, x), y) in self.lanes.iter_mut().zip(lanes_of(&a)).zip(old.iter()) {
-            *l = l.wrapping_add(x).wrapping_sub(*y);
         }
     }
 

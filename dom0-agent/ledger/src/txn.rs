@@ -201,10 +201,6 @@ pub struct Tx {
     pub(crate) reads: BTreeMap<Vec<u8>, u64>,
     pub(crate) writes: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
     pub(crate) scans: Vec<ScanRecord>,
-    /// For every key written: the version the snapshot holds and the live-state element
-    /// of that entry, computed here so that the committer need not (it checks the version
-    /// is still current). `None`: the key is absent from the snapshot.
-    pub(crate) replaced: BTreeMap<Vec<u8>, Option<crate::state::Replaced>>,
 }
 
 impl std::fmt::Debug for Tx {
@@ -301,16 +297,6 @@ impl Tx {
             return Err(TxError::TooManyWrites {
                 max: limits::MAX_WRITES,
             });
-        }
-        if self.inner.maintain_state && !self.replaced.contains_key(key) {
-            let stored = self.inner.store.dbs.data.get(&self.snapshot, key)?;
-            let replaced = stored.and_then(|raw| {
-                decode_value(raw).map(|s| crate::state::Replaced {
-                    version: s.version,
-                    element: crate::state::element(key, raw),
-                })
-            });
-            self.replaced.insert(key.to_vec(), replaced);
         }
         self.writes.insert(key.to_vec(), value);
         Ok(())
@@ -464,7 +450,6 @@ impl Tx {
             reads,
             writes,
             scans,
-            replaced,
         } = self;
         // The snapshot is released before queueing so the reader slot is not held while
         // waiting for the group.
@@ -479,7 +464,6 @@ impl Tx {
             scans,
             result,
             audit,
-            replaced,
         };
         crate::commit::submit(&inner, Job::Commit(Box::new(prepared)))
     }

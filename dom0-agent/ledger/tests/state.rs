@@ -337,21 +337,3 @@ fn skipping_the_check_is_audited_and_a_refusal_is_audited_at_the_next_start() {
         .any(|(k, v)| k == "state_check" && v == "skipped"));
     assert_eq!(recs[1].event.event, "ledger.state_check_skipped");
 }
-
-#[test]
-fn blind_writes_racing_on_one_key_keep_the_digest_exact() {
-    // A transaction computes the replaced entry's element from its snapshot; a commit in
-    // between changes that entry, so the committer must not use it.
-    let dir = tempfile::tempdir().unwrap();
-    let ledger = Ledger::open(dir.path(), &Options::default(), &log()).unwrap();
-    put(&ledger, "race", Some("v0"));
-    let mut slow = ledger.begin(ctx()).unwrap();
-    slow.put(b"race", b"slow").unwrap();
-    slow.delete(b"gone-before").unwrap();
-    put(&ledger, "race", Some("fast"));
-    put(&ledger, "gone-before", Some("appeared"));
-    slow.commit(b"ok".to_vec()).unwrap();
-    drop(ledger);
-    assert_eq!(verify_state(dir.path()), None);
-    drop(Ledger::open(dir.path(), &Options::default(), &log()).unwrap());
-}
