@@ -477,10 +477,20 @@ impl Committer {
         if shared.full.is_none() {
             let now = now_ns();
             let reason = match e {
-                CommitError::MapFull { .. } => format!(
-                    "the ledger reached its size bound ({} MiB, --max-map-size-mib)",
-                    self.max_map_size >> 20
-                ),
+                CommitError::MapFull { .. } => {
+                    let map = self.store.map_usage().map_or(0, |(m, _)| m);
+                    if map >= u64::try_from(self.max_map_size).unwrap_or(u64::MAX) {
+                        format!(
+                            "the ledger reached its size bound ({} MiB, --max-map-size-mib)",
+                            self.max_map_size >> 20
+                        )
+                    } else {
+                        format!(
+                            "the ledger map ({} MiB) is full and could not grow yet (transactions stayed open); retrying",
+                            map >> 20
+                        )
+                    }
+                }
                 CommitError::DiskFull { free, .. } => {
                     format!("the disk holding the ledger is full ({free} bytes free)")
                 }

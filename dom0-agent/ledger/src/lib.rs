@@ -363,6 +363,12 @@ impl Ledger {
                 if !fresh =>
             {
                 warn!(log, "ledger opened on full storage: read-only until space returns"; "error" => %source);
+                // A refusal noted by an earlier start stays in its marker until a start
+                // can record it (this process may not live until space returns).
+                if let Some(detail) = &refused_before {
+                    state_marker::put_back(dir, detail);
+                }
+                events.retain(|e| e.event != "ledger.state_refused_earlier");
                 committer.pending = events;
                 committer.after_open_failure(&source);
             }
