@@ -1,9 +1,10 @@
 #!/usr/bin/env python3
-"""Independent check of the checkpoint, signed-command and key-rotation vectors in docs/vectors/.
+"""Independent check of the checkpoint, signed-command, signed-head and live-state vectors in docs/vectors/.
 
-Rebuilds the documented bodies from the field values in docs/formats.md §1.5 and §3
-with nothing but struct/hashlib, parses the envelopes, and verifies every Ed25519
-signature with the `cryptography` package (not ring). Exit 0 only if all agree.
+Rebuilds the documented bodies from the field values in docs/formats.md §1.5, §1.8 and §3
+with nothing but struct/hashlib (and a BLAKE3 written here from the specification, for the
+live-state LtHash), parses the envelopes, and verifies every Ed25519 signature with the
+`cryptography` package (not ring). Exit 0 only if all agree.
 
     python3 scripts/check-vectors.py
 """
@@ -131,6 +132,97 @@ for name, client in [("checkpoint-1", None), ("checkpoint-client-1", b"spki:" + 
     assert vec(f"{name}.hex") == enc, f"{name}: bytes differ from the documented fields"
     assert vec(f"{name}.hash") == hashlib.sha256(bytes(32) + enc).digest(), name
     print(f"ok  {name}: version {enc[4]}, chain hash")
+
+
+# --- Live-state digest (formats.md §1.8): LtHash over BLAKE3-XOF elements. -------------
+# BLAKE3 from its specification (single-chunk inputs are all the vectors need).
+B3_IV = [0x6A09E667, 0xBB67AE85, 0x3C6EF372, 0xA54FF53A,
+         0x510E527F, 0x9B05688C, 0x1F83D9AB, 0x5BE0CD19]
+B3_PERM = [2, 6, 3, 10, 7, 0, 4, 13, 1, 11, 12, 5, 9, 14, 15, 8]
+CHUNK_START, CHUNK_END, ROOT = 1, 2, 8
+DERIVE_KEY_CONTEXT, DERIVE_KEY_MATERIAL = 32, 64
+M32 = 0xFFFFFFFF
+
+
+def _rotr(x, n):
+    return ((x >> n) | (x << (32 - n))) & M32
+
+
+def _g(s, a, b, c, d, x, y):
+    s[a] = (s[a] + s[b] + x) & M32
+    s[d] = _rotr(s[d] ^ s[a], 16)
+    s[c] = (s[c] + s[d]) & M32
+    s[b] = _rotr(s[b] ^ s[c], 12)
+    s[a] = (s[a] + s[b] + y) & M32
+    s[d] = _rotr(s[d] ^ s[a], 8)
+    s[c] = (s[c] + s[d]) & M32
+    s[b] = _rotr(s[b] ^ s[c], 7)
+
+
+def _compress(cv, block, counter, block_len, flags):
+    m = list(struct.unpack("<16I", block.ljust(64, b"\0")))
+    s = list(cv) + B3_IV[:4] + [counter & M32, (counter >> 32) & M32, block_len, flags]
+    for r in range(7):
+        _g(s, 0, 4, 8, 12, m[0], m[1]); _g(s, 1, 5, 9, 13, m[2], m[3])
+        _g(s, 2, 6, 10, 14, m[4], m[5]); _g(s, 3, 7, 11, 15, m[6], m[7])
+        _g(s, 0, 5, 10, 15, m[8], m[9]); _g(s, 1, 6, 11, 12, m[10], m[11])
+        _g(s, 2, 7, 8, 13, m[12], m[13]); _g(s, 3, 4, 9, 14, m[14], m[15])
+        m = [m[i] for i in B3_PERM]
+    return [s[i] ^ s[i + 8] for i in range(8)] + [s[i + 8] ^ cv[i] for i in range(8)]
+
+
+def blake3_xof(key_words, data, flags, n):
+    assert len(data) <= 1024, "single chunk only"
+    blocks = [data[i:i + 64] for i in range(0, len(data), 64)] or [b""]
+    cv = key_words
+    for i, b in enumerate(blocks[:-1]):
+        cv = _compress(cv, b, 0, 64, flags | (CHUNK_START if i == 0 else 0))[:8]
+    last = blocks[-1]
+    last_flags = flags | CHUNK_END | ROOT | (CHUNK_START if len(blocks) == 1 else 0)
+    out = b""
+    t = 0
+    while len(out) < n:
+        out += struct.pack("<16I", *_compress(cv, last, t, len(last), last_flags))
+        t += 1
+    return out[:n]
+
+
+assert blake3_xof(B3_IV, b"", 0, 32).hex() == (
+    "af1349b9f5f9a1a6a0404dea36dcc9499bcb25c9adc112b7cc9a93cae41f3262"), "BLAKE3 self-check"
+
+
+def derive_key_xof(context, material, n):
+    ctx_key = blake3_xof(B3_IV, context.encode(), DERIVE_KEY_CONTEXT, 32)
+    return blake3_xof(list(struct.unpack("<8I", ctx_key)), material, DERIVE_KEY_MATERIAL, n)
+
+
+CONTEXT = "Mayfly ledger 2026-12 live-state element v1"
+
+
+def element(key, stored):
+    material = struct.pack(">H", len(key)) + key + struct.pack(">I", len(stored)) + stored
+    return struct.unpack("<1024H", derive_key_xof(CONTEXT, material, 2048))
+
+
+entries = [(b"acct/a", b"\x01" + struct.pack(">Q", 1) + b"100"),
+           (b"acct/b", b"\x02" + struct.pack(">Q", 2))]
+lanes = [0] * 1024
+for k, v in entries:
+    lanes = [(x + y) & 0xFFFF for x, y in zip(lanes, element(k, v))]
+state = b"MFSD" + bytes([1]) + struct.pack(">Q", len(entries)) + struct.pack("<1024H", *lanes)
+assert state == vec("state-2.hex"), "state-2: digest differs"
+assert hashlib.sha256(state).digest() == vec("state-2.hash"), "state-2: hash differs"
+assert struct.pack("<32H", *element(*entries[0])[:32]) == vec("state-element-acct-a.hex")
+print("ok  state-2: LtHash of 2 entries (BLAKE3 derive-key XOF), SHA-256")
+
+# Version-2 head: group 3 over fixed tips, state hash of state-2, seed 0x01.
+h = vec("head-v2-3.hex")
+expected = (b"MFHD" + bytes([2, 1]) + struct.pack(">QQ", 3, 3) + b"\x33" * 32
+            + struct.pack(">Q", 1) + b"\x11" * 32 + struct.pack(">Q", 1_700_000_003_000_000_000)
+            + pub_from_seed(0x01) + hashlib.sha256(state).digest())
+assert len(h) == 166 + 64 and h[:166] == expected, "head-v2-3: fields differ"
+Ed25519PublicKey.from_public_bytes(pub_from_seed(0x01)).verify(h[166:], h[:166])
+print("ok  head-v2-3: version 2, state hash, signature by seed 0x01")
 
 print("all vectors agree")
 sys.exit(0)

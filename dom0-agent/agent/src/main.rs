@@ -1,7 +1,9 @@
 //! `dom0-agent`: the Mayfly control-domain agent.
 //!
 //! Exit codes: 0 success; 1 verification found a bad record; 2 usage error; 3 the data
-//! directory could not be opened or used (I/O, corruption, missing key, disk full).
+//! directory could not be opened or used (I/O, corruption, missing key); 4 `serve` refused
+//! to start because the live data does not match the state digest of the last signed head
+//! (the data was altered outside the ledger; `verify` names the keys).
 
 #![forbid(unsafe_code)]
 
@@ -21,6 +23,8 @@ use slog::{o, Drain, Logger};
 pub const EXIT_VERIFY_FAILED: u8 = 1;
 /// Exit code: the data directory could not be opened or used.
 pub const EXIT_STORAGE: u8 = 3;
+/// Exit code: `serve` refused altered live data (issue 16).
+pub const EXIT_STATE_MISMATCH: u8 = 4;
 
 #[derive(Parser)]
 #[command(

@@ -23,7 +23,8 @@
 //! max_body_bytes = 262144    # request body; more get 413
 //! tx_timeout_ms = 5000       # Start to Commit/Abort
 //! take_timeout_ms = 2000     # wait for a ready domain; then 503 (Xen under emulation: longer)
-//! map_size_mib = 4096        # largest ledger size
+//! map_size_mib = 4096        # initial LMDB map size; grown on demand (doubling) up to:
+//! max_map_size_mib = 65536   # the largest the ledger may grow to
 //! memory_mib = 256           # address-space limit of each domain
 //! cpu_seconds = 10           # CPU-time limit of each domain
 //! refusal_interval_ms = 10000  # repeated identical refusals: one counted audit record per interval
@@ -155,9 +156,20 @@ pub struct ServeArgs {
     /// [default: 2000].
     #[arg(long)]
     take_timeout_ms: Option<u64>,
-    /// Largest ledger size in MiB [default: 4096].
+    /// Initial LMDB map size in MiB [default: 4096]; the committer doubles it on demand, up
+    /// to --max-map-size-mib, without a restart.
     #[arg(long)]
     map_size_mib: Option<usize>,
+    /// Largest size the ledger may grow to, in MiB [default: 65536]; past it commits fail
+    /// with "ledger map full".
+    #[arg(long)]
+    max_map_size_mib: Option<usize>,
+    /// Do not recompute the live-state digest from the data at start-up (a full scan of the
+    /// `data` database) and serve the data even if it was altered. For ledgers too large to
+    /// scan at every start; logged as a warning and audited (`ledger.state_check_skipped`).
+    /// Without it, altered live data stops the agent with exit code 4.
+    #[arg(long)]
+    skip_state_check: bool,
     /// Address-space limit of each sandbox domain in MiB [default: 256] (Xen domains: see
     /// --xen-memory-mib).
     #[arg(long)]
@@ -254,6 +266,7 @@ struct FileConfig {
     tx_timeout_ms: Option<u64>,
     take_timeout_ms: Option<u64>,
     map_size_mib: Option<usize>,
+    max_map_size_mib: Option<usize>,
     memory_mib: Option<u64>,
     cpu_seconds: Option<u64>,
     refusal_interval_ms: Option<u64>,
@@ -278,6 +291,7 @@ struct Settings {
     tx_timeout: Duration,
     take_timeout: Duration,
     map_size: usize,
+    max_map_size: usize,
     memory_bytes: u64,
     cpu_seconds: u64,
     refusal_interval: Duration,
@@ -423,6 +437,11 @@ fn load(args: &ServeArgs) -> anyhow::Result<Settings> {
             .or(file.map_size_mib)
             .unwrap_or(4096)
             .saturating_mul(1 << 20),
+        max_map_size: args
+            .max_map_size_mib
+            .or(file.max_map_size_mib)
+            .unwrap_or(65536)
+            .saturating_mul(1 << 20),
         memory_bytes: args
             .memory_mib
             .or(file.memory_mib)
@@ -466,6 +485,9 @@ fn load(args: &ServeArgs) -> anyhow::Result<Settings> {
     }
     if s.map_size < (16 << 20) {
         bail!("map_size_mib must be at least 16");
+    }
+    if s.max_map_size < s.map_size {
+        bail!("max_map_size_mib must be at least map_size_mib");
     }
     s.siem.validate().context("in the [siem] section")?;
     Ok(s)
@@ -626,12 +648,23 @@ pub fn run(args: &ServeArgs, log: &Logger) -> anyhow::Result<u8> {
     let options = Options {
         store: StoreOptions {
             map_size: s.map_size,
+            max_map_size: s.max_map_size,
             ..StoreOptions::default()
         },
+        check_state: !args.skip_state_check,
         ..Options::default()
     };
-    let ledger = Ledger::open(&s.data_dir, &options, log)
-        .with_context(|| format!("opening the ledger in {}", s.data_dir.display()))?;
+    let ledger = match Ledger::open(&s.data_dir, &options, log) {
+        Ok(l) => l,
+        Err(e @ mayfly_ledger::OpenError::StateMismatch { .. }) => {
+            eprintln!("dom0-agent: error: {e}");
+            return Ok(crate::EXIT_STATE_MISMATCH);
+        }
+        Err(e) => {
+            return Err(e)
+                .with_context(|| format!("opening the ledger in {}", s.data_dir.display()))
+        }
+    };
     let siem = mayfly_siem::Exporter::start(&ledger, &s.siem, log)
         .context("starting the SIEM exporter")?;
     let policy_files = crate::policy::files(s.policy.as_deref())?;
@@ -668,7 +701,7 @@ pub fn run(args: &ServeArgs, log: &Logger) -> anyhow::Result<u8> {
         max_per_client: s.max_per_client,
         limits: s.limits.clone(),
         tls: s.tls.clone(),
-        health_sections: vec![siem_health(siem.status_handle())],
+        health_sections: vec![siem_health(siem.status_handle()), capacity_health(&ledger)],
         metrics_sections: vec![siem_metrics(siem.status_handle(), ledger.clone())],
         ..ApiConfig::default()
     };
@@ -702,11 +735,17 @@ pub fn run(args: &ServeArgs, log: &Logger) -> anyhow::Result<u8> {
         None => None,
     };
     let addr = server.local_addr();
-    ledger.audit(vec![AuditEvent::new("agent.started", Severity::Notice)
-        .field("backend", backend.name())
-        .field("listen", addr)
-        .field("pool_size", s.pool_size)
-        .field("policy_hash", hex(&policy_hash))])?;
+    audit_or_defer(
+        &ledger,
+        AuditEvent::new("agent.started", Severity::Notice)
+            .field("backend", backend.name())
+            .field("listen", addr)
+            .field("pool_size", s.pool_size)
+            .field("policy_hash", hex(&policy_hash)),
+    )?;
+    if let Some(reason) = ledger.capacity().and_then(|c| c.refusing) {
+        println!("mayfly: STORAGE FULL: serving reads, health and the console; transactions are refused (503) until space returns: {reason}");
+    }
     info!(log, "serving"; "addr" => %addr, "backend" => backend.name());
     print_banner(
         addr,
@@ -777,9 +816,10 @@ pub fn run(args: &ServeArgs, log: &Logger) -> anyhow::Result<u8> {
     executor.close_refusal_windows();
     drop(executor);
     backend.shutdown();
-    ledger.audit(vec![
-        AuditEvent::new("agent.stopped", Severity::Notice).field("signal", signal.as_str())
-    ])?;
+    audit_or_defer(
+        &ledger,
+        AuditEvent::new("agent.stopped", Severity::Notice).field("signal", signal.as_str()),
+    )?;
     for c in siem.stop() {
         if c.behind > 0 {
             eprintln!(
@@ -806,6 +846,40 @@ fn reload_tls(server: &Server, ledger: &Ledger) {
         }
     };
     let _ = ledger.audit(vec![event]);
+}
+
+/// Records `event` durably, or, when the disk or the map is full, keeps it for the moment
+/// storage takes writes again (the agent must start and stop on a full disk).
+fn audit_or_defer(ledger: &Ledger, event: AuditEvent) -> anyhow::Result<()> {
+    use mayfly_ledger::CommitError;
+    match ledger.audit(vec![event.clone()]) {
+        Ok(_) => Ok(()),
+        Err(CommitError::DiskFull { .. } | CommitError::MapFull { .. }) => {
+            eprintln!(
+                "dom0-agent: storage full: {} is recorded when space returns",
+                event.event
+            );
+            ledger
+                .audit_deferred(vec![event])
+                .context("queueing an audit record")
+        }
+        Err(e) => Err(e).context("recording an audit record"),
+    }
+}
+
+/// The `capacity` section of `GET /v1/health`: the ledger's space used and left, its
+/// growth rate and projected time to full, and whether transactions are refused.
+fn capacity_health(ledger: &Ledger) -> mayfly_api::HealthSection {
+    let ledger = ledger.clone();
+    mayfly_api::HealthSection {
+        name: "capacity",
+        report: Arc::new(move || {
+            ledger.capacity().as_ref().map_or(
+                serde_json::Value::Null,
+                mayfly_console::status::capacity_json,
+            )
+        }),
+    }
 }
 
 /// The SIEM exporter's per-collector delivery state, for the console's `status`.

@@ -34,20 +34,38 @@ struct JsonFailure {
     seq: Option<u64>,
     problem: String,
     message: String,
+    /// For a live-state failure: the keys that differ (printable as text, else `0x` hex).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    keys: Option<serde_json::Value>,
 }
 
 fn to_json(f: &Failure) -> JsonFailure {
+    let mut keys = None;
     let (chain, seq, problem) = match f {
         Failure::Checkpoint { seq, problem } => ("checkpoints", Some(*seq), problem.clone()),
         Failure::Audit { seq, problem } => ("audit", Some(*seq), problem.clone()),
         Failure::Head { group, problem } => ("heads", Some(*group), problem.clone()),
         Failure::Meta { problem } => ("meta", None, problem.clone()),
+        Failure::State { problem, diff } => {
+            let show = |ks: &[Vec<u8>]| -> Vec<String> {
+                ks.iter()
+                    .map(|k| mayfly_ledger::state::show_key(k))
+                    .collect()
+            };
+            keys = Some(serde_json::json!({
+                "altered": show(&diff.altered),
+                "added": show(&diff.added),
+                "missing": show(&diff.missing),
+            }));
+            ("state", None, problem.clone())
+        }
     };
     JsonFailure {
         chain,
         seq,
         problem,
         message: f.to_string(),
+        keys,
     }
 }
 
@@ -101,6 +119,7 @@ pub fn run(args: &VerifyArgs) -> anyhow::Result<u8> {
             "audit": report.audit,
             "heads": report.heads,
             "key_rotations": report.rotations,
+            "state_entries": report.state_entries,
             "public_key": codec::hex(&trusted),
             "failures": report.failures.iter().map(to_json).collect::<Vec<_>>(),
         });
@@ -110,8 +129,12 @@ pub fn run(args: &VerifyArgs) -> anyhow::Result<u8> {
             0 => String::new(),
             n => format!(", across {n} key rotation(s)"),
         };
+        let state = match report.state_entries {
+            Some(n) => format!(", live state of {n} keys"),
+            None => ", live state not committed by this ledger's heads (written before the state digest; the next start adds it)".into(),
+        };
         println!(
-            "OK: {} checkpoints, {} audit records, {} signed heads verified in {:.2?} (key {}{rotations})",
+            "OK: {} checkpoints, {} audit records, {} signed heads{state} verified in {:.2?} (key {}{rotations})",
             report.checkpoints,
             report.audit,
             report.heads,

@@ -1,6 +1,8 @@
 //! Tamper detection through `dom0-agent verify`: any single flipped byte inside a stored
 //! checkpoint, a deleted or reordered record, a forged head: verify exits 1 and names the
-//! record.
+//! record. Altered live data: verify names the key and `serve` refuses to start (exit 4).
+
+mod common;
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -259,4 +261,128 @@ fn verify_json_counts_the_chain_alike_after_a_decode_and_a_link_failure() {
         assert_eq!(first["chain"], "checkpoints", "{report}");
         assert_eq!(first["seq"], 5, "{report}");
     }
+}
+
+/// Issue 16's reproduction through the real agent: `kv` puts through the API, the agent
+/// stopped, bytes of the live entry of `kv/k7` changed in `data.mdb` (the copy in the
+/// `data` database, found through LMDB). `verify` fails naming the key; `serve` refuses to
+/// start with exit code 4 naming it; once the data is restored the next start records the
+/// refusal; `--skip-state-check` serves the altered data with a warning in the audit log.
+#[test]
+fn altered_live_data_is_named_by_verify_and_refused_by_serve() {
+    use std::io::Read;
+    use std::time::{Duration, Instant};
+
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let agent = common::Agent::start(dir.path(), &[]);
+        for i in 0..20 {
+            let (status, body) = agent.tx(
+                "kv",
+                serde_json::json!({"op": "put", "key": format!("kv/k{i}"), "value": format!("value-{i}")}),
+            );
+            assert_eq!(status, 200, "{body}");
+        }
+    }
+    let (ok, out) = common::verify(dir.path());
+    assert!(ok, "{out}");
+    let (key_off, val_off, val_len) = tamper::live_entry_offsets(dir.path(), b"kv/k7").unwrap();
+    let original = fs::read(dir.path().join("data.mdb")).unwrap();
+    assert_eq!(&original[val_off + 9..val_off + val_len], b"value-7");
+
+    /// `serve` on `dir`: its exit code and stderr, bounded in time.
+    fn serve_refusal(dir: &Path) -> (i32, String) {
+        let mut child = Command::new(common::agent_exe())
+            .args([
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--pool-size",
+                "1",
+                "--data-dir",
+            ])
+            .arg(dir)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let status = loop {
+            if let Some(s) = child.try_wait().unwrap() {
+                break s;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("serve kept running on altered live data");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let mut err = String::new();
+        child
+            .stderr
+            .take()
+            .unwrap()
+            .read_to_string(&mut err)
+            .unwrap();
+        (status.code().unwrap_or(-1), err)
+    }
+
+    // Positions: a key byte, the tag, a version byte, value bytes (first, middle, last).
+    let positions = [
+        ("key", key_off + 4),
+        ("tag", val_off),
+        ("version", val_off + 8),
+        ("value", val_off + 9),
+        ("value", val_off + 12),
+        ("value", val_off + val_len - 1),
+    ];
+    for (what, offset) in positions {
+        let (_keep, copy) = copy_of(dir.path());
+        fs::copy(
+            dir.path().join("detector.token"),
+            copy.join("detector.token"),
+        )
+        .unwrap();
+        let mut bytes = original.clone();
+        bytes[offset] ^= 0x01;
+        fs::write(copy.join("data.mdb"), &bytes).unwrap();
+        let case = format!("{what} byte at {offset}");
+        let (code, out) = verify(&copy);
+        assert_eq!(code, 1, "{case}: verify printed {out}");
+        assert!(
+            out.contains("live state") && out.contains("kv/k7"),
+            "{case}: {out}"
+        );
+        let (code, err) = serve_refusal(&copy);
+        assert_eq!(code, 4, "{case}: serve exited {code}: {err}");
+        assert!(
+            err.contains("kv/k7") && err.contains("--skip-state-check"),
+            "{case}: {err}"
+        );
+    }
+
+    // The last refused copy, with the value altered: skip the check, then restore.
+    let (_keep, copy) = copy_of(dir.path());
+    fs::copy(
+        dir.path().join("detector.token"),
+        copy.join("detector.token"),
+    )
+    .unwrap();
+    let mut bytes = original.clone();
+    bytes[val_off + val_len - 1] = b'X';
+    fs::write(copy.join("data.mdb"), &bytes).unwrap();
+    assert_eq!(serve_refusal(&copy).0, 4);
+    {
+        let agent = common::Agent::start(&copy, &["--skip-state-check"]);
+        let (status, body) = agent.tx("kv", serde_json::json!({"op": "get", "key": "kv/k7"}));
+        assert_eq!(status, 200, "{body}");
+        assert!(body.to_string().contains("value-X"), "{body}");
+    }
+    let events: Vec<String> = common::audit(&copy).into_iter().map(|(e, _)| e).collect();
+    assert!(events.contains(&"ledger.state_check_skipped".to_string()));
+    assert!(
+        events.contains(&"ledger.state_refused_earlier".to_string()),
+        "the refusals are recorded by the next start that succeeds: {events:?}"
+    );
 }

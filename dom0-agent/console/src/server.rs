@@ -7,6 +7,7 @@
 //! any local user can connect to it, so it is off by default; signatures still decide what
 //! runs, but responses (ledger contents) are readable by whoever connects.
 
+use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
@@ -107,7 +108,14 @@ struct Shared {
     stop: AtomicBool,
     active: AtomicUsize,
     idle: (Mutex<()>, Condvar),
+    /// Nonces of read-only commands accepted while storage was full (nonce → expiry, ns):
+    /// kept in memory until they expire, so such a command cannot be replayed either.
+    outage_nonces: Mutex<HashMap<[u8; 16], u64>>,
 }
+
+/// Most read-only commands accepted while storage is full whose nonces are held in memory
+/// at once; beyond it they are refused like destructive ones.
+pub const MAX_OUTAGE_NONCES: usize = 4096;
 
 /// A running console. [`ConsoleServer::shutdown`] stops it.
 pub struct ConsoleServer {
@@ -238,6 +246,7 @@ impl ConsoleServer {
             config,
             stop: AtomicBool::new(false),
             active: AtomicUsize::new(0),
+            outage_nonces: Mutex::new(HashMap::new()),
             idle: (Mutex::new(()), Condvar::new()),
         });
         let mut threads = Vec::new();
@@ -523,18 +532,55 @@ fn serve_connection<S: Read + Write>(shared: &Shared, stream: &mut S, peer: &str
         .field("body_sha256", hex(&env.body_hash()))
         .field("destructive", destructive)
         .field("peer", truncate(peer, 200));
+    let replayed = |stream: &mut S| {
+        let msg = format!("nonce {nonce} was already used: this command was replayed");
+        reject(shared, stream, peer, &known, "replayed", &msg);
+    };
+    if held_in_memory(shared, &body.nonce, now) {
+        replayed(stream);
+        return;
+    }
     match shared.services.executor.ledger().record_admin_nonce(
         body.nonce,
         body.expires_ns,
         env.body_hash(),
         shared.config.authorizer.prune_before_ns(now),
-        vec![accepted],
+        vec![accepted.clone()],
     ) {
         Ok(_) => {}
-        Err(CommitError::NonceReused { nonce }) => {
-            let msg = format!("nonce {nonce} was already used: this command was replayed");
-            reject(shared, stream, peer, &known, "replayed", &msg);
+        Err(CommitError::NonceReused { .. }) => {
+            replayed(stream);
             return;
+        }
+        // Storage is full: a read-only command (status, show, verify...) still runs, its
+        // nonce held in memory until it expires and its acceptance recorded when space
+        // returns, so the operator can see what is wrong. A destructive one must be durable
+        // before it acts: refused below.
+        Err(e @ (CommitError::DiskFull { .. } | CommitError::MapFull { .. })) if !destructive => {
+            match hold_in_memory(shared, body.nonce, body.expires_ns, now) {
+                Hold::Held => {
+                    let deferred = accepted.field("nonce_held_in_memory", "storage full");
+                    if let Err(err) = shared
+                        .services
+                        .executor
+                        .ledger()
+                        .audit_deferred(vec![deferred])
+                    {
+                        warn!(shared.log, "could not queue an admin record"; "error" => %err);
+                    }
+                    warn!(shared.log, "storage full: a read-only admin command runs with its nonce held in memory";
+                        "command" => &body.command, "error" => %e);
+                }
+                Hold::Known => {
+                    replayed(stream);
+                    return;
+                }
+                Hold::Full => {
+                    let msg = format!("could not record the command's nonce: {e} (and {MAX_OUTAGE_NONCES} nonces are already held in memory)");
+                    reject(shared, stream, peer, &known, "storage", &msg);
+                    return;
+                }
+            }
         }
         Err(e) => {
             let msg = format!("could not record the command's nonce: {e}");
@@ -578,6 +624,43 @@ fn serve_connection<S: Read + Write>(shared: &Shared, stream: &mut S, peer: &str
         warn!(shared.log, "auditing an admin command's completion failed"; "error" => %e);
     }
     let _ = frame::write_response(stream, &reply);
+}
+
+/// Whether `nonce` was accepted while storage was full (and has not expired yet).
+fn held_in_memory(shared: &Shared, nonce: &[u8; 16], now: u64) -> bool {
+    let Ok(mut held) = shared.outage_nonces.lock() else {
+        return false;
+    };
+    held.retain(|_, expires| *expires >= now);
+    held.contains_key(nonce)
+}
+
+enum Hold {
+    Held,
+    Known,
+    Full,
+}
+
+/// Holds the nonce of a read-only command accepted while storage is full, unless the ledger
+/// already has it (a replay) or the bounded set is full.
+fn hold_in_memory(shared: &Shared, nonce: [u8; 16], expires_ns: u64, now: u64) -> Hold {
+    let store = shared.services.executor.ledger().store();
+    // Unreadable storage cannot tell a replay apart: treat it as one.
+    if store.admin_nonce_known(&nonce).unwrap_or(true) {
+        return Hold::Known;
+    }
+    let Ok(mut held) = shared.outage_nonces.lock() else {
+        return Hold::Full;
+    };
+    held.retain(|_, expires| *expires >= now);
+    if held.contains_key(&nonce) {
+        return Hold::Known;
+    }
+    if held.len() >= MAX_OUTAGE_NONCES {
+        return Hold::Full;
+    }
+    held.insert(nonce, expires_ns);
+    Hold::Held
 }
 
 /// Arguments for the audit record: values in full when short and plain; long ones (policy

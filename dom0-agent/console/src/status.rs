@@ -38,6 +38,25 @@ pub fn status(services: &Services) -> Value {
             "nonces_recorded": nonces,
         },
         "exporters": exporters(services.exporters.as_deref(), tips.audit.seq),
+        "capacity": ledger.capacity().as_ref().map_or(Value::Null, capacity_json),
+    })
+}
+
+/// The ledger's space: used, left, growth rate and projected time to full, and whether
+/// transactions are refused for lack of space (also the `capacity` section of
+/// `GET /v1/health`).
+pub fn capacity_json(c: &mayfly_ledger::capacity::Capacity) -> Value {
+    json!({
+        "used_bytes": c.used_bytes,
+        "left_bytes": c.left_bytes,
+        "used_percent": (c.used_percent * 10.0).round() / 10.0,
+        "map_bytes": c.map_bytes,
+        "max_map_bytes": c.max_map_bytes,
+        "fs_free_bytes": c.fs_free_bytes,
+        "bytes_per_hour": c.bytes_per_hour.map(f64::round),
+        "seconds_to_full": c.seconds_to_full,
+        "writable": c.refusing.is_none(),
+        "refusing": c.refusing,
     })
 }
 

@@ -12,6 +12,10 @@
 //! * `raw-rw`   — as `raw-puts` plus the same 4 reads through a heed read transaction.
 //! * `untracked` — the ledger with `track_dependencies` off (no read sets in checkpoints, no
 //!   `deps` records): what dependency tracking costs.
+//! * `nostate` — the ledger with `state_digest` off (version-1 heads, no live-state LtHash):
+//!   what committing to the live state costs.
+//!
+//! `BENCH_ONLY=state` runs only `ledger` and `nostate`, interleaved.
 //!
 //! Run: `cargo bench -p mayfly-ledger --bench checkpoints` (env `BENCH_SECS`, `BENCH_REPS`).
 #![allow(unsafe_code, missing_docs, clippy::cast_possible_truncation)]
@@ -41,9 +45,10 @@ fn key(i: u32) -> [u8; 12] {
     k
 }
 
-fn seed_ledger(dir: &Path, track: bool) -> Ledger {
+fn seed_ledger(dir: &Path, track: bool, state: bool) -> Ledger {
     let opts = Options {
         track_dependencies: track,
+        state_digest: state,
         ..Options::default()
     };
     let ledger = Ledger::open(dir, &opts, &Logger::root(Discard, o!())).unwrap();
@@ -79,8 +84,8 @@ impl Run {
     }
 }
 
-fn run_ledger(dir: &Path, threads: usize, secs: f64, track: bool) -> Run {
-    let ledger = seed_ledger(dir, track);
+fn run_ledger(dir: &Path, threads: usize, secs: f64, track: bool, state: bool) -> Run {
+    let ledger = seed_ledger(dir, track, state);
     let deadline = Instant::now() + Duration::from_secs_f64(secs);
     let start = Instant::now();
     let handles: Vec<_> = (0..threads)
@@ -216,6 +221,8 @@ fn main() {
         let mut untracked = Vec::new();
         let mut conflicts = Vec::new();
         let only_ledger = std::env::var("BENCH_ONLY").is_ok_and(|v| v == "ledger");
+        let only_state = std::env::var("BENCH_ONLY").is_ok_and(|v| v == "state");
+        let mut nostate = Vec::new();
         for rep in 0..reps {
             if only_ledger {
                 let r = run_ledger(
@@ -223,8 +230,20 @@ fn main() {
                     threads,
                     secs,
                     true,
+                    true,
                 );
                 println!("threads={threads}: ledger {:.0} checkpoints/s", r.rate());
+                continue;
+            }
+            if only_state {
+                let d = root.path().join(format!("nostate-{threads}-{rep}"));
+                nostate.push(run_ledger(&d, threads, secs, true, false).rate());
+                let d = root.path().join(format!("ledger-{threads}-{rep}"));
+                ledger.push(run_ledger(&d, threads, secs, true, true).rate());
+                for d in ["nostate", "ledger"] {
+                    let _ =
+                        std::fs::remove_dir_all(root.path().join(format!("{d}-{threads}-{rep}")));
+                }
                 continue;
             }
             let d = root.path().join(format!("raw-{threads}-{rep}"));
@@ -234,19 +253,30 @@ fn main() {
             std::fs::create_dir_all(&d).unwrap();
             raw_rw.push(run_raw(&d, threads, secs, true).rate());
             let d = root.path().join(format!("ledger-{threads}-{rep}"));
-            let r = run_ledger(&d, threads, secs, true);
+            let r = run_ledger(&d, threads, secs, true, true);
             conflicts.push(r.conflicts as f64 / (r.committed + r.conflicts).max(1) as f64 * 100.0);
             ledger.push(r.rate());
             let d = root.path().join(format!("untracked-{threads}-{rep}"));
-            untracked.push(run_ledger(&d, threads, secs, false).rate());
-            for d in ["raw", "rawrw", "ledger", "untracked"] {
+            untracked.push(run_ledger(&d, threads, secs, false, true).rate());
+            let d = root.path().join(format!("nostate-{threads}-{rep}"));
+            nostate.push(run_ledger(&d, threads, secs, true, false).rate());
+            for d in ["raw", "rawrw", "ledger", "untracked", "nostate"] {
                 let _ = std::fs::remove_dir_all(root.path().join(format!("{d}-{threads}-{rep}")));
             }
         }
         if only_ledger {
             continue;
         }
-        let (l, r, rr) = (median(&mut ledger), median(&mut raw), median(&mut raw_rw));
+        let l = median(&mut ledger);
+        let n = median(&mut nostate);
+        println!(
+            "threads={threads}: live-state digest off {n:>8.0} checkpoints/s | on {l:>8.0} | the digest costs {:.1}% of throughput (median of {reps})",
+            (1.0 - l / n) * 100.0
+        );
+        if only_state {
+            continue;
+        }
+        let (r, rr) = (median(&mut raw), median(&mut raw_rw));
         let u = median(&mut untracked);
         println!(
             "threads={threads}: dependency tracking off {u:>8.0} checkpoints/s | on {l:>8.0} | tracking costs {:.1}% of throughput",

@@ -23,6 +23,7 @@ use crate::audit::{AuditError, AuditEvent, AuditRecord};
 use crate::checkpoint::{chain_hash, Checkpoint, ReadEntry, WriteEntry, MAX_CHECKPOINT_BYTES};
 use crate::head::{SignedHead, Tip};
 use crate::keys::SigningKey;
+use crate::state::StateDigest;
 use crate::store::{encode_tip, meta_keys, u64_key, Store, FORMAT_MARKER, FORMAT_VERSION};
 use crate::txn::{decode_value, encode_value, ScanRecord, TxContext};
 use crate::{codec::hex, now_ns, Hash, Inner, Receipt, Tips, TxId};
@@ -92,7 +93,7 @@ pub enum CommitError {
     },
     /// The LMDB map is full; nothing of this group was committed.
     #[error(
-        "ledger map full (raise --map-size); nothing of a group of {group_size} was committed"
+        "ledger map full at its bound (raise --max-map-size-mib, or free space); nothing of a group of {group_size} was committed"
     )]
     MapFull {
         /// Jobs in the failed group.
@@ -204,6 +205,9 @@ pub(crate) enum Job {
     AdminNonce(Box<NonceJob>),
     /// Hand signing over to a new key, with the audit events that go with it.
     RotateKey(Vec<AuditEvent>),
+    /// Audit events to write as soon as storage allows: kept (and retried) while the disk
+    /// or the map is full. Answered at once.
+    Deferred(Vec<AuditEvent>),
 }
 
 /// An admin command nonce to record.
@@ -228,6 +232,12 @@ pub(crate) struct RollbackJob {
     pub policy_hash: Hash,
     pub audit: Vec<AuditEvent>,
 }
+
+/// Least room kept free in the map before it is grown.
+pub const GROW_HEADROOM: u64 = 64 << 20;
+/// Longest time the committer waits for open transactions to end before growing the map
+/// (it retries at the next group otherwise).
+pub const GROW_WAIT: std::time::Duration = std::time::Duration::from_millis(500);
 
 /// Longest time lazily appended audit events wait for a group to join.
 pub const LAZY_AUDIT_DELAY: std::time::Duration = std::time::Duration::from_millis(50);
@@ -293,6 +303,16 @@ pub(crate) struct Committer {
     pub checkpoints: Tip,
     pub audit: Tip,
     pub group: u64,
+    /// The live-state digest after the last durable group.
+    pub state: StateDigest,
+    /// Whether to maintain the digest and write version-2 heads (off: measurement only).
+    pub maintain_state: bool,
+    /// Largest map size the committer grows the map to.
+    pub max_map_size: usize,
+    /// Space in use over time, alerts raised, and whether storage is full.
+    pub capacity: Arc<Mutex<crate::capacity::Shared>>,
+    /// Audit events that must be written, kept while storage is full and retried.
+    pub pending: Vec<AuditEvent>,
     pub max_group: usize,
     pub track_dependencies: bool,
     pub shared_tips: Arc<Mutex<Tips>>,
@@ -305,20 +325,30 @@ impl Committer {
     pub fn run(mut self, rx: Receiver<Envelope>) {
         let mut lazy: Vec<AuditEvent> = Vec::new();
         loop {
-            let first = if lazy.is_empty() {
-                match rx.recv() {
+            let wait = if !lazy.is_empty() {
+                Some(LAZY_AUDIT_DELAY)
+            } else if !self.pending.is_empty() || self.storage_full() {
+                Some(crate::capacity::RETRY_EVERY)
+            } else {
+                None
+            };
+            let first = match wait {
+                None => match rx.recv() {
                     Ok(e) => e,
                     Err(_) => break,
-                }
-            } else {
-                match rx.recv_timeout(LAZY_AUDIT_DELAY) {
+                },
+                Some(wait) => match rx.recv_timeout(wait) {
                     Ok(e) => e,
                     Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
-                        self.flush_lazy(&mut lazy);
+                        if lazy.is_empty() && self.pending.is_empty() {
+                            self.after_success(false);
+                        } else {
+                            self.flush_lazy(&mut lazy);
+                        }
                         continue;
                     }
                     Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
-                }
+                },
             };
             let mut batch = vec![first];
             while batch.len() < self.max_group {
@@ -327,11 +357,20 @@ impl Committer {
                     Err(_) => break,
                 }
             }
-            let mut jobs = Vec::with_capacity(batch.len().saturating_add(1));
-            let mut replies = Vec::with_capacity(batch.len().saturating_add(1));
+            let mut jobs = Vec::with_capacity(batch.len().saturating_add(2));
+            let mut replies = Vec::with_capacity(batch.len().saturating_add(2));
             for e in batch {
                 match e.job {
                     Job::LazyAudit(events) => lazy.extend(events),
+                    Job::Deferred(events) => {
+                        self.pending.extend(events);
+                        let _ = e.reply.send(Ok(Receipt {
+                            seq: 0,
+                            hash: self.audit.hash,
+                            audit_seq: self.audit.seq,
+                            group: self.group,
+                        }));
+                    }
                     job => {
                         jobs.push(job);
                         replies.push(e.reply);
@@ -344,21 +383,31 @@ impl Committer {
                 }
                 continue;
             }
-            if !lazy.is_empty() {
-                // Nobody waits for lazy events: their reply goes nowhere.
+            if let Some(ev) = self.grow_map_if_needed() {
+                lazy.push(ev);
+            }
+            let mut own = std::mem::take(&mut lazy);
+            let with_pending = !self.pending.is_empty();
+            if with_pending {
+                own.splice(0..0, self.pending.iter().cloned());
+            }
+            if !own.is_empty() {
+                // Nobody waits for lazy or pending events: their reply goes nowhere.
                 let (reply, _) = std::sync::mpsc::sync_channel(1);
-                jobs.insert(0, Job::Audit(std::mem::take(&mut lazy)));
+                jobs.insert(0, Job::Audit(own));
                 replies.insert(0, reply);
             }
             let n = jobs.len();
             match self.write_group(jobs, false) {
                 Ok(results) => {
+                    self.after_success(with_pending);
                     for (reply, r) in replies.into_iter().zip(results) {
                         let _ = reply.send(r);
                     }
                 }
                 Err(e) => {
                     error!(self.log, "group commit failed"; "jobs" => n, "error" => %e);
+                    self.after_failure(&e);
                     for reply in replies {
                         let _ = reply.send(Err(e.clone()));
                     }
@@ -366,18 +415,161 @@ impl Committer {
             }
         }
         self.flush_lazy(&mut lazy);
+        if !self.pending.is_empty() {
+            error!(self.log, "stopping with audit events that storage never took";
+                "events" => self.pending.len(),
+                "names" => self.pending.iter().map(|e| e.event.as_str()).collect::<Vec<_>>().join(","));
+        }
         debug!(self.log, "committer stopped");
     }
 
-    /// Commits the lazily appended audit events as a group of their own.
-    fn flush_lazy(&mut self, lazy: &mut Vec<AuditEvent>) {
-        if lazy.is_empty() {
+    /// After a group committed: the pending events it carried are durable, a storage
+    /// outage (if any) is over, and the space in use is sampled.
+    fn after_success(&mut self, wrote_pending: bool) {
+        if wrote_pending {
+            self.pending.clear();
+        }
+        let max = u64::try_from(self.max_map_size).unwrap_or(u64::MAX);
+        let mut shared = self
+            .capacity
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        // A small group may fit in pages LMDB freed inside the file while the disk is
+        // still full: the outage ends only once there is room again.
+        let room = crate::capacity::report(&self.store, max, &shared)
+            .is_some_and(|c| c.left_bytes >= crate::capacity::RESUME_LEFT);
+        if room {
+            if let Some((since, reason)) = shared.full.take() {
+                slog::warn!(self.log, "storage takes writes again; transactions are accepted";
+                    "full_since_ns" => since, "reason" => reason);
+            }
+        }
+        if let Some(alert) = crate::capacity::sample(&self.store, max, &mut shared, now_ns()) {
+            slog::warn!(self.log, "ledger space threshold crossed"; "event" => ?alert.fields);
+            self.pending.push(alert);
+        }
+    }
+
+    fn storage_full(&self) -> bool {
+        self.capacity
+            .lock()
+            .map(|s| s.full.is_some())
+            .unwrap_or(false)
+    }
+
+    /// The first commit at open failed for lack of space.
+    pub(crate) fn after_open_failure(&mut self, e: &CommitError) {
+        self.after_failure(e);
+    }
+
+    /// After a group failed: a full disk or map starts (or continues) an outage during
+    /// which transactions are refused and the committer retries.
+    fn after_failure(&mut self, e: &CommitError) {
+        if !matches!(
+            e,
+            CommitError::DiskFull { .. } | CommitError::MapFull { .. }
+        ) {
             return;
         }
-        let events = std::mem::take(lazy);
+        let mut shared = self
+            .capacity
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if shared.full.is_none() {
+            let now = now_ns();
+            let reason = match e {
+                CommitError::MapFull { .. } => {
+                    let map = self.store.map_usage().map_or(0, |(m, _)| m);
+                    if map >= u64::try_from(self.max_map_size).unwrap_or(u64::MAX) {
+                        format!(
+                            "the ledger reached its size bound ({} MiB, --max-map-size-mib)",
+                            self.max_map_size >> 20
+                        )
+                    } else {
+                        format!(
+                            "the ledger map ({} MiB) is full and could not grow yet (transactions stayed open); retrying",
+                            map >> 20
+                        )
+                    }
+                }
+                CommitError::DiskFull { free, .. } => {
+                    format!("the disk holding the ledger is full ({free} bytes free)")
+                }
+                _ => e.to_string(),
+            };
+            error!(self.log, "storage full: refusing transactions until space returns"; "reason" => &reason);
+            self.pending.push(
+                AuditEvent::new("ledger.storage_full", crate::Severity::Critical)
+                    .field("reason", &reason)
+                    .field("since_ns", now),
+            );
+            shared.full = Some((now, reason));
+        }
+    }
+
+    /// Enlarges the LMDB map (doubling, up to `max_map_size`) when the room left in it is
+    /// below a quarter of it or [`GROW_HEADROOM`], whichever is more: a group commit must
+    /// never find the map full while the bound allows more. Returns the audit event
+    /// recording a growth.
+    fn grow_map_if_needed(&mut self) -> Option<AuditEvent> {
+        let (map, used) = self.store.map_usage().ok()?;
+        let headroom = (map / 4).max(GROW_HEADROOM);
+        let max = u64::try_from(self.max_map_size).unwrap_or(u64::MAX);
+        if used.saturating_add(headroom) <= map || map >= max {
+            return None;
+        }
+        let target = map
+            .saturating_mul(2)
+            .max(used.saturating_add(headroom))
+            .min(max);
+        let target_usize = usize::try_from(target).ok()?;
+        let started = std::time::Instant::now();
+        match self.store.grow_map(target_usize, GROW_WAIT) {
+            Ok(true) => {
+                let ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+                slog::info!(self.log, "ledger map grown"; "from" => map, "to" => target, "used" => used, "ms" => ms);
+                Some(
+                    AuditEvent::new("ledger.map_grown", crate::Severity::Notice)
+                        .field("from_bytes", map)
+                        .field("to_bytes", target)
+                        .field("used_bytes", used)
+                        .field("max_bytes", max)
+                        .field("ms", ms),
+                )
+            }
+            Ok(false) => {
+                slog::warn!(self.log, "ledger map not grown: transactions stayed open; retrying at the next group";
+                    "map" => map, "used" => used);
+                None
+            }
+            Err(e) => {
+                error!(self.log, "growing the ledger map failed"; "error" => %e, "map" => map, "target" => target);
+                None
+            }
+        }
+    }
+
+    /// Commits the lazily appended audit events, and the pending ones, as a group of their
+    /// own (also the retry while storage is full).
+    fn flush_lazy(&mut self, lazy: &mut Vec<AuditEvent>) {
+        if lazy.is_empty() && self.pending.is_empty() {
+            return;
+        }
+        let mut events = std::mem::take(lazy);
+        let with_pending = !self.pending.is_empty();
+        events.splice(0..0, self.pending.iter().cloned());
         let n = events.len();
-        if let Err(e) = self.write_group(vec![Job::Audit(events)], false) {
-            error!(self.log, "committing lazily appended audit events failed"; "events" => n, "error" => %e);
+        match self.write_group(vec![Job::Audit(events)], false) {
+            Ok(_) => self.after_success(with_pending),
+            Err(e) => {
+                if !matches!(
+                    e,
+                    CommitError::DiskFull { .. } | CommitError::MapFull { .. }
+                ) {
+                    error!(self.log, "committing lazily appended audit events failed"; "events" => n, "error" => %e);
+                }
+                self.after_failure(&e);
+            }
         }
     }
 
@@ -407,6 +599,7 @@ impl Committer {
         }
         let mut ckpt = self.checkpoints;
         let mut audit = self.audit;
+        let mut state = self.state.clone();
         let mut results = Vec::with_capacity(n);
         let mut incoming: Option<SigningKey> = None;
         for job in jobs {
@@ -415,12 +608,14 @@ impl Committer {
                 Job::RotateKey(events) => {
                     self.apply_rotation(&mut wtxn, &mut audit, &mut incoming, events, now)
                 }
-                Job::Commit(tx) => self.apply_tx(&mut wtxn, &mut ckpt, &mut audit, *tx, now),
-                Job::Audit(events) | Job::LazyAudit(events) => {
+                Job::Commit(tx) => {
+                    self.apply_tx(&mut wtxn, &mut ckpt, &mut audit, &mut state, *tx, now)
+                }
+                Job::Audit(events) | Job::LazyAudit(events) | Job::Deferred(events) => {
                     self.apply_audit(&mut wtxn, &mut audit, events, now)
                 }
                 Job::Rollback(job) => {
-                    self.apply_rollback(&mut wtxn, &mut ckpt, &mut audit, *job, now)
+                    self.apply_rollback(&mut wtxn, &mut ckpt, &mut audit, &mut state, *job, now)
                 }
             };
             match step {
@@ -434,14 +629,24 @@ impl Committer {
             return Ok(results);
         }
         let group = self.group.saturating_add(1);
-        let head = match &incoming {
-            Some(next) => {
-                dbs.meta
-                    .put(&mut wtxn, meta_keys::SIGNING_KEY, &next.public_key())
-                    .map_err(fail)?;
-                SignedHead::sign_rotation(&self.key, group, ckpt, audit, now, next.public_key())
+        let next_key = incoming.as_ref().map(SigningKey::public_key);
+        if let Some(next) = &next_key {
+            dbs.meta
+                .put(&mut wtxn, meta_keys::SIGNING_KEY, next)
+                .map_err(fail)?;
+        }
+        let head = if self.maintain_state {
+            let encoded_state = state.encode();
+            let state_hash = crate::state::hash_encoding(&encoded_state);
+            dbs.meta
+                .put(&mut wtxn, meta_keys::STATE, &encoded_state)
+                .map_err(fail)?;
+            SignedHead::sign_v2(&self.key, group, ckpt, audit, now, state_hash, next_key)
+        } else {
+            match next_key {
+                Some(next) => SignedHead::sign_rotation(&self.key, group, ckpt, audit, now, next),
+                None => SignedHead::sign(&self.key, group, ckpt, audit, now),
             }
-            None => SignedHead::sign(&self.key, group, ckpt, audit, now),
         };
         dbs.heads
             .put(&mut wtxn, &u64_key(group), &head.encode())
@@ -477,6 +682,7 @@ impl Committer {
         self.checkpoints = ckpt;
         self.audit = audit;
         self.group = group;
+        self.state = state;
         if let Ok(mut t) = self.shared_tips.lock() {
             *t = Tips {
                 checkpoints: ckpt,
@@ -538,11 +744,28 @@ impl Committer {
         Ok(())
     }
 
+    /// Writes `new` under `key` in `data`, replacing `old` (the bytes stored there now), and
+    /// moves the live-state digest along.
+    fn put_data(
+        &self,
+        wtxn: &mut RwTxn<'_>,
+        state: &mut StateDigest,
+        key: &[u8],
+        old: Option<&[u8]>,
+        new: &[u8],
+    ) -> Result<(), heed::Error> {
+        if self.maintain_state {
+            state.replace(key, old, new);
+        }
+        self.store.dbs.data.put(wtxn, key, new)
+    }
+
     fn apply_tx(
         &self,
         wtxn: &mut RwTxn<'_>,
         ckpt: &mut Tip,
         audit: &mut Tip,
+        state: &mut StateDigest,
         tx: PreparedTx,
         now: u64,
     ) -> Result<Receipt, Step> {
@@ -566,8 +789,18 @@ impl Committer {
 
         let seq = ckpt.seq.saturating_add(1);
         let mut writes = Vec::with_capacity(tx.writes.len());
+        let mut stored = Vec::with_capacity(tx.writes.len());
         for (key, after) in tx.writes {
-            let (before_version, before) = self.current(wtxn, &key)?;
+            let raw = dbs.data.get(wtxn, &key)?.map(<[u8]>::to_vec);
+            let (before_version, before) = match &raw {
+                None => (0, None),
+                Some(bytes) => {
+                    let s = decode_value(bytes)
+                        .ok_or_else(|| Step::Reject(CommitError::Corrupt { key: hex(&key) }))?;
+                    (s.version, s.value.map(<[u8]>::to_vec))
+                }
+            };
+            stored.push(raw);
             writes.push(WriteEntry {
                 key,
                 before_version,
@@ -609,9 +842,9 @@ impl Committer {
         let hash: Hash = chain_hash(&ckpt.hash, &enc);
 
         let seq_key = u64_key(seq);
-        for w in &cp.writes {
-            dbs.data
-                .put(wtxn, &w.key, &encode_value(seq, w.after.as_deref()))?;
+        for (w, old) in cp.writes.iter().zip(&stored) {
+            let new = encode_value(seq, w.after.as_deref());
+            self.put_data(wtxn, state, &w.key, old.as_deref(), &new)?;
         }
         let deps = encode_deps(&cp.reads);
         if !deps.is_empty() {
@@ -636,6 +869,7 @@ impl Committer {
         wtxn: &mut RwTxn<'_>,
         ckpt: &mut Tip,
         audit: &mut Tip,
+        state: &mut StateDigest,
         job: RollbackJob,
         now: u64,
     ) -> Result<Receipt, Step> {
@@ -690,8 +924,9 @@ impl Committer {
         let hash = chain_hash(&ckpt.hash, &enc);
         let seq_key = u64_key(seq);
         for w in &record.writes {
-            dbs.data
-                .put(wtxn, &w.key, &encode_value(seq, w.after.as_deref()))?;
+            let old = dbs.data.get(wtxn, &w.key)?.map(<[u8]>::to_vec);
+            let new = encode_value(seq, w.after.as_deref());
+            self.put_data(wtxn, state, &w.key, old.as_deref(), &new)?;
         }
         dbs.checkpoints.put(wtxn, &seq_key, &enc)?;
         // The first rollback that undid a commit is the one named for it.

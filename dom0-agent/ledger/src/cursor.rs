@@ -113,6 +113,7 @@ impl Store {
             name: name.to_owned(),
             source,
         };
+        let _ticket = self.gate.enter();
         let mut wtxn = self.env.write_txn().map_err(storage)?;
         self.dbs
             .cursors

@@ -30,6 +30,18 @@
 //! Every group commit stores a head, so every record of both chains is covered by the
 //! signature of the head of the group that appended it, and through the hash links by every
 //! later head.
+//!
+//! **Version 2** (written since the live-state digest, issue 16) inserts the hash of the
+//! live-state digest ([`crate::state`]) after the signer's key; version-1 heads of older
+//! ledgers still decode and verify:
+//!
+//! ```text
+//! offset size  field
+//!      0  134  as version 1, with version = 2 (kind 0x01 or 0x02)
+//!    134   32  state_hash  SHA-256 of the live-state digest after this group (state.rs)
+//!    166   32  next_key    kind 0x02 only
+//!   166 / 198  64  signature  Ed25519 over every byte before it
+//! ```
 
 #![deny(clippy::indexing_slicing, clippy::arithmetic_side_effects)]
 
@@ -39,8 +51,10 @@ use crate::Hash;
 
 /// Magic of a signed head.
 pub const MAGIC: &str = "MFHD";
-/// Format version written by this build.
-pub const VERSION: u8 = 1;
+/// Format version of heads without a state digest (read, and written by [`SignedHead::sign`]).
+pub const VERSION_1: u8 = 1;
+/// Format version written by the committer: with the live-state hash.
+pub const VERSION: u8 = 2;
 /// Kind byte of a group head.
 pub const KIND_GROUP: u8 = 0x01;
 /// Kind byte of a key-rotation head.
@@ -53,6 +67,10 @@ pub const HEAD_LEN: usize = SIGNED_LEN + 64;
 pub const ROTATION_SIGNED_LEN: usize = SIGNED_LEN + 32;
 /// Length of a whole stored key-rotation head.
 pub const ROTATION_HEAD_LEN: usize = ROTATION_SIGNED_LEN + 64;
+/// Length of a whole stored version-2 group head.
+pub const HEAD_V2_LEN: usize = HEAD_LEN + 32;
+/// Length of a whole stored version-2 key-rotation head.
+pub const ROTATION_HEAD_V2_LEN: usize = ROTATION_HEAD_LEN + 32;
 
 /// The tip of one chain.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -78,6 +96,8 @@ pub struct SignedHead {
     pub public_key: PublicKey,
     /// For a key-rotation head: the key that signs every later head.
     pub next_key: Option<PublicKey>,
+    /// Version 2: SHA-256 of the live-state digest after this group. `None`: version 1.
+    pub state: Option<Hash>,
     /// Signature over the encoding up to the signature.
     pub signature: [u8; 64],
 }
@@ -89,11 +109,12 @@ impl SignedHead {
         audit: Tip,
         time_ns: u64,
         public_key: &PublicKey,
+        state: Option<&Hash>,
         next_key: Option<&PublicKey>,
     ) -> Vec<u8> {
-        let mut w = Writer::with_capacity(ROTATION_HEAD_LEN);
+        let mut w = Writer::with_capacity(ROTATION_HEAD_V2_LEN);
         w.raw(MAGIC.as_bytes());
-        w.u8(VERSION);
+        w.u8(if state.is_some() { VERSION } else { VERSION_1 });
         w.u8(if next_key.is_some() {
             KIND_ROTATION
         } else {
@@ -106,18 +127,44 @@ impl SignedHead {
         w.raw(&audit.hash);
         w.u64(time_ns);
         w.raw(public_key);
+        if let Some(state) = state {
+            w.raw(state);
+        }
         if let Some(next) = next_key {
             w.raw(next);
         }
         w.finish()
     }
 
-    /// Builds and signs a group head.
+    /// Builds and signs a version-1 group head (no state digest; older ledgers' format).
     pub fn sign(key: &SigningKey, group: u64, checkpoints: Tip, audit: Tip, time_ns: u64) -> Self {
-        Self::sign_inner(key, group, checkpoints, audit, time_ns, None)
+        Self::sign_inner(key, group, checkpoints, audit, time_ns, None, None)
     }
 
-    /// Builds a key-rotation head: signed by `key` (the outgoing key), naming `next_key`.
+    /// Builds and signs a version-2 head committing to the live state `state` (the hash of
+    /// the digest), a key-rotation head when `next_key` is given.
+    pub fn sign_v2(
+        key: &SigningKey,
+        group: u64,
+        checkpoints: Tip,
+        audit: Tip,
+        time_ns: u64,
+        state: Hash,
+        next_key: Option<PublicKey>,
+    ) -> Self {
+        Self::sign_inner(
+            key,
+            group,
+            checkpoints,
+            audit,
+            time_ns,
+            Some(state),
+            next_key,
+        )
+    }
+
+    /// Builds a version-1 key-rotation head: signed by `key` (the outgoing key), naming
+    /// `next_key`.
     pub fn sign_rotation(
         key: &SigningKey,
         group: u64,
@@ -126,7 +173,15 @@ impl SignedHead {
         time_ns: u64,
         next_key: PublicKey,
     ) -> Self {
-        Self::sign_inner(key, group, checkpoints, audit, time_ns, Some(next_key))
+        Self::sign_inner(
+            key,
+            group,
+            checkpoints,
+            audit,
+            time_ns,
+            None,
+            Some(next_key),
+        )
     }
 
     fn sign_inner(
@@ -135,6 +190,7 @@ impl SignedHead {
         checkpoints: Tip,
         audit: Tip,
         time_ns: u64,
+        state: Option<Hash>,
         next_key: Option<PublicKey>,
     ) -> Self {
         let public_key = key.public_key();
@@ -144,6 +200,7 @@ impl SignedHead {
             audit,
             time_ns,
             &public_key,
+            state.as_ref(),
             next_key.as_ref(),
         );
         Self {
@@ -153,7 +210,17 @@ impl SignedHead {
             time_ns,
             public_key,
             next_key,
+            state,
             signature: key.sign(&msg),
+        }
+    }
+
+    /// Format version of this head.
+    pub fn version(&self) -> u8 {
+        if self.state.is_some() {
+            VERSION
+        } else {
+            VERSION_1
         }
     }
 
@@ -165,6 +232,7 @@ impl SignedHead {
             self.audit,
             self.time_ns,
             &self.public_key,
+            self.state.as_ref(),
             self.next_key.as_ref(),
         );
         out.extend_from_slice(&self.signature);
@@ -180,6 +248,7 @@ impl SignedHead {
             self.audit,
             self.time_ns,
             &self.public_key,
+            self.state.as_ref(),
             self.next_key.as_ref(),
         );
         verify_signature(&self.public_key, &msg, &self.signature)
@@ -190,7 +259,7 @@ impl SignedHead {
         let mut r = Reader::new(bytes);
         r.magic(MAGIC)?;
         let version = r.u8("version")?;
-        if version != VERSION {
+        if version != VERSION && version != VERSION_1 {
             return Err(DecodeError::UnsupportedVersion {
                 record: "head",
                 found: version,
@@ -214,6 +283,11 @@ impl SignedHead {
         };
         let time_ns = r.u64("time_ns")?;
         let public_key = r.array("public_key")?;
+        let state = if version == VERSION {
+            Some(r.array("state_hash")?)
+        } else {
+            None
+        };
         let next_key = if kind == KIND_ROTATION {
             Some(r.array("next_key")?)
         } else {
@@ -228,6 +302,7 @@ impl SignedHead {
             time_ns,
             public_key,
             next_key,
+            state,
             signature,
         })
     }
@@ -303,5 +378,47 @@ mod tests {
         let mut g = SignedHead::sign(&old, 1, Tip::default(), Tip::default(), 1).encode();
         g[5] = KIND_ROTATION;
         assert!(SignedHead::decode(&g).is_err());
+    }
+
+    #[test]
+    fn version_2_heads_bind_the_state_hash() {
+        let key = SigningKey::from_seed(&[1; 32]);
+        let next = SigningKey::from_seed(&[2; 32]);
+        for next_key in [None, Some(next.public_key())] {
+            let h = SignedHead::sign_v2(
+                &key,
+                3,
+                Tip::default(),
+                Tip::default(),
+                7,
+                [5; 32],
+                next_key,
+            );
+            let enc = h.encode();
+            let len = if next_key.is_some() {
+                ROTATION_HEAD_V2_LEN
+            } else {
+                HEAD_V2_LEN
+            };
+            assert_eq!(enc.len(), len);
+            assert_eq!(enc[4], VERSION);
+            assert_eq!(&enc[134..166], &[5; 32]);
+            let d = SignedHead::decode(&enc).unwrap();
+            assert_eq!(d, h);
+            assert_eq!(d.state, Some([5; 32]));
+            assert!(d.signature_valid());
+            for i in 0..enc.len() {
+                let mut bad = enc.clone();
+                bad[i] ^= 0x04;
+                let ok = SignedHead::decode(&bad)
+                    .map(|h| h.signature_valid())
+                    .unwrap_or(false);
+                assert!(!ok, "flipping byte {i} of a version-2 head went unnoticed");
+            }
+            // Relabelled as version 1 it no longer decodes (32 bytes too many).
+            let mut v1 = enc.clone();
+            v1[4] = VERSION_1;
+            assert!(SignedHead::decode(&v1).is_err());
+        }
     }
 }

@@ -4,8 +4,9 @@
 //! Every committed transaction leaves a [`Checkpoint`] (request, read set, write set with
 //! before- and after-images) that commits in the same LMDB transaction as its data. The
 //! checkpoints and the audit log are two hash chains; every group commit signs both tips
-//! with the appliance's Ed25519 key. [`verify()`] walks everything and names the first bad
-//! record.
+//! with the appliance's Ed25519 key, together with a digest of the live `data` database
+//! ([`state`]). [`verify()`] walks everything, names the first bad record, and names the
+//! live keys that differ from what the chain committed.
 //!
 //! # On-disk layout
 //!
@@ -22,6 +23,8 @@
 //!              b"group"                              u64 last group-commit sequence
 //!              b"signing_key"                        32-byte key signing new heads, once a
 //!                                                    key rotation has happened (else absent)
+//!              b"state"                              live-state digest after the last group
+//!                                                    (state.rs; its hash is in every head)
 //! data         application key (1..=256 bytes)       0x01 || u64 version || value   (live)
 //!                                                    0x02 || u64 version            (tombstone)
 //! checkpoints  u64 commit seq                        checkpoint encoding (checkpoint.rs)
@@ -52,6 +55,7 @@
 #![deny(missing_docs)]
 
 pub mod audit;
+pub mod capacity;
 pub mod checkpoint;
 pub mod codec;
 pub mod commit;
@@ -61,6 +65,7 @@ pub mod head;
 pub mod keys;
 pub mod read;
 pub mod rollback;
+pub mod state;
 pub mod store;
 #[cfg(feature = "test-tamper")]
 pub mod tamper;
@@ -72,7 +77,7 @@ use std::sync::mpsc::SyncSender;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
-use slog::{info, o, Logger};
+use slog::{error, info, o, warn, Logger};
 
 pub use audit::{AuditEvent, AuditRecord, Severity};
 pub use checkpoint::{Checkpoint, ReadEntry, WriteEntry};
@@ -83,6 +88,7 @@ pub use head::{SignedHead, Tip};
 pub use keys::{KeyError, PublicKey, SigningKey};
 pub use read::ReadError;
 pub use rollback::{Record, RollbackError, RollbackPlan, RollbackRecord};
+pub use state::{StateDiff, StateDigest};
 pub use store::{OpenError, Store, StoreOptions};
 pub use txn::{ScanResult, Tx, TxContext, TxError};
 pub use verify::{verify, Failure, Progress, VerifyReport};
@@ -185,6 +191,16 @@ pub struct Options {
     /// Record read sets in checkpoints and `deps` (what rollback needs to find dependents).
     /// Off only to measure what tracking costs: without it a rollback cannot cascade.
     pub track_dependencies: bool,
+    /// At open, recompute the live-state digest from the `data` database (a full scan) and
+    /// refuse ([`OpenError::StateMismatch`]) a state that differs from the one the last
+    /// signed head commits to. Off only for ledgers too large to scan at every start: the
+    /// skip is logged as a warning and audited.
+    pub check_state: bool,
+    /// Maintain the live-state digest and sign it in version-2 heads. Off only to measure
+    /// what the digest costs (benchmarks): the committer then writes version-1 heads and no
+    /// `meta/state`, as the release before it did. A ledger that already has a digest is
+    /// refused with it off ([`OpenError::DigestRequired`]).
+    pub state_digest: bool,
 }
 
 impl Default for Options {
@@ -195,6 +211,8 @@ impl Default for Options {
             queue_depth: 16 * 1024,
             create: true,
             track_dependencies: true,
+            check_state: true,
+            state_digest: true,
         }
     }
 }
@@ -207,6 +225,8 @@ pub(crate) struct Inner {
     public_key: PublicKey,
     signing_key: Arc<Mutex<PublicKey>>,
     domains: domains::DomainNumbers,
+    capacity: Arc<Mutex<capacity::Shared>>,
+    max_map: u64,
 }
 
 impl Drop for Inner {
@@ -281,20 +301,41 @@ impl Ledger {
             let key = Self::current_key(dir, &state.signing_key)?;
             (key, Some(state))
         };
-        let public_key = state.map_or_else(|| key.public_key(), |s| s.public_key);
+        let public_key = state
+            .as_ref()
+            .map_or_else(|| key.public_key(), |s| s.public_key);
         let shared_signing_key = Arc::new(Mutex::new(key.public_key()));
-        let tips = state.map_or_else(Tips::default, |s| Tips {
+        let tips = state.as_ref().map_or_else(Tips::default, |s| Tips {
             checkpoints: s.checkpoints,
             audit: s.audit,
             group: s.group,
         });
         let shared_tips = Arc::new(Mutex::new(tips));
+        let (digest, check, mut events) = Self::open_state(
+            &store,
+            state.and_then(|s| s.state),
+            fresh,
+            opts.check_state,
+            &log,
+        )?;
+        if !opts.state_digest && check.outcome != "new" && check.outcome != "created" {
+            return Err(OpenError::DigestRequired {
+                path: dir.to_path_buf(),
+            });
+        }
+        let (state_entries, state_hash) = (digest.entries(), digest.hash());
+        let shared_capacity = Arc::new(Mutex::new(capacity::Shared::default()));
         let mut committer = commit::Committer {
             store: store.clone(),
             key,
             checkpoints: tips.checkpoints,
             audit: tips.audit,
             group: tips.group,
+            state: digest,
+            maintain_state: opts.state_digest,
+            max_map_size: opts.store.max_map_size.max(opts.store.map_size),
+            capacity: shared_capacity.clone(),
+            pending: Vec::new(),
             max_group: opts.max_group.max(1),
             track_dependencies: opts.track_dependencies,
             shared_tips: shared_tips.clone(),
@@ -307,7 +348,11 @@ impl Ledger {
             AuditEvent::new("ledger.opened", Severity::Info)
         }
         .field("public_key", codec::hex(&public_key))
-        .field("checkpoint_seq", tips.checkpoints.seq);
+        .field("checkpoint_seq", tips.checkpoints.seq)
+        .field("state_check", check.outcome)
+        .field("state_entries", state_entries)
+        .field("state_check_ms", check.ms)
+        .field("state_hash", codec::hex(&state_hash));
         let event = match undone_built {
             Some(built) if built.unreadable > 0 => event
                 .field("undone_index_built_from", built.rollbacks)
@@ -315,14 +360,44 @@ impl Ledger {
             Some(built) => event.field("undone_index_built_from", built.rollbacks),
             None => event,
         };
+        events.insert(0, event);
+        let refused_before = state_marker::take(dir);
+        if let Some(detail) = &refused_before {
+            events.push(
+                AuditEvent::new("ledger.state_refused_earlier", Severity::Critical)
+                    .field("detail", detail),
+            );
+        }
         let first = committer
-            .write_group(vec![commit::Job::Audit(vec![event])], fresh)
+            .write_group(vec![commit::Job::Audit(events.clone())], fresh)
             .and_then(|mut results| results.pop().unwrap_or(Err(CommitError::Closed)));
-        if let Err(source) = first {
-            return Err(OpenError::FirstCommit {
-                path: dir.to_path_buf(),
-                source,
-            });
+        match first {
+            Ok(_) => {}
+            // A full disk (or a map at its bound) must not keep the agent from starting:
+            // it serves reads and refuses transactions until space returns; the start is
+            // recorded then.
+            Err(source @ (CommitError::DiskFull { .. } | CommitError::MapFull { .. }))
+                if !fresh =>
+            {
+                warn!(log, "ledger opened on full storage: read-only until space returns"; "error" => %source);
+                // A refusal noted by an earlier start stays in its marker until a start
+                // can record it (this process may not live until space returns).
+                if let Some(detail) = &refused_before {
+                    state_marker::put_back(dir, detail);
+                }
+                events.retain(|e| e.event != "ledger.state_refused_earlier");
+                committer.pending = events;
+                committer.after_open_failure(&source);
+            }
+            Err(source) => {
+                if let Some(detail) = refused_before {
+                    state_marker::put_back(dir, &detail);
+                }
+                return Err(OpenError::FirstCommit {
+                    path: dir.to_path_buf(),
+                    source,
+                });
+            }
         }
         if fresh {
             // After the first commit: a start that stops before it leaves no meta behind.
@@ -345,8 +420,88 @@ impl Ledger {
                 public_key,
                 signing_key: shared_signing_key,
                 domains: domains::DomainNumbers::new(),
+                capacity: shared_capacity,
+                max_map: u64::try_from(opts.store.max_map_size.max(opts.store.map_size))
+                    .unwrap_or(u64::MAX),
             }),
         })
+    }
+
+    /// The live-state digest the committer starts from, and the audit events that say how
+    /// it was obtained. A ledger from before the digest existed gets it computed once; an
+    /// existing one is recomputed from `data` and compared (unless `check` is off), and a
+    /// mismatch is refused with the keys that differ from the checkpoint chain (and a marker
+    /// file, audited at the next start that succeeds).
+    fn open_state(
+        store: &Store,
+        recorded: Option<StateDigest>,
+        fresh: bool,
+        check: bool,
+        log: &Logger,
+    ) -> Result<(StateDigest, StateCheck, Vec<AuditEvent>), OpenError> {
+        let scan = || -> Result<(StateDigest, u64), OpenError> {
+            let started = std::time::Instant::now();
+            let rtxn = store.read_txn().map_err(|e| store.storage_err(e))?;
+            let d =
+                StateDigest::compute(&rtxn, store.dbs.data).map_err(|e| store.storage_err(e))?;
+            Ok((
+                d,
+                u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+            ))
+        };
+        match recorded {
+            _ if fresh => {
+                let (d, ms) = scan()?;
+                Ok((d, StateCheck { outcome: "new", ms }, Vec::new()))
+            }
+            None => {
+                let (d, ms) = scan()?;
+                info!(log, "ledger from before the live-state digest: computed its first digest";
+                      "entries" => d.entries(), "ms" => ms);
+                Ok((
+                    d,
+                    StateCheck {
+                        outcome: "created",
+                        ms,
+                    },
+                    Vec::new(),
+                ))
+            }
+            Some(recorded) if !check => {
+                warn!(log, "LIVE-STATE CHECK SKIPPED (--skip-state-check): the data served has not been checked against the signed state digest";
+                      "entries" => recorded.entries());
+                let ev = AuditEvent::new("ledger.state_check_skipped", Severity::Warning)
+                    .field("entries", recorded.entries());
+                Ok((
+                    recorded,
+                    StateCheck {
+                        outcome: "skipped",
+                        ms: 0,
+                    },
+                    vec![ev],
+                ))
+            }
+            Some(recorded) => {
+                let (found, ms) = scan()?;
+                if found == recorded {
+                    info!(log, "live state matches the signed digest"; "entries" => found.entries(), "ms" => ms);
+                    return Ok((recorded, StateCheck { outcome: "ok", ms }, Vec::new()));
+                }
+                let rtxn = store.read_txn().map_err(|e| store.storage_err(e))?;
+                let diff = state::diff_against_chain(&rtxn, store.dbs.checkpoints, store.dbs.data)
+                    .map_err(|e| store.storage_err(e))?;
+                let detail = diff.describe();
+                error!(log, "the live data does not match the signed state digest: refusing to serve it";
+                       "detail" => &detail, "found_entries" => found.entries(), "expected_entries" => recorded.entries());
+                state_marker::put(store.dir(), &detail);
+                Err(OpenError::StateMismatch {
+                    path: store.dir().to_path_buf(),
+                    found: found.entries(),
+                    expected: recorded.entries(),
+                    detail,
+                })
+            }
+        }
     }
 
     /// The key in `signing.key` if it is the one the ledger says signs (`expected`). A key
@@ -382,10 +537,17 @@ impl Ledger {
                 max: limits::MAX_REQUEST,
             });
         }
+        if let Some((_, reason)) = &self.capacity_shared().full {
+            return Err(TxError::StorageFull {
+                reason: reason.clone(),
+            });
+        }
+        let ticket = self.inner.store.gate.enter();
         let snapshot = self.inner.store.env.clone().static_read_txn()?;
         Ok(Tx {
             inner: self.inner.clone(),
             snapshot,
+            ticket,
             ctx,
             begin_ns: now_ns(),
             entropy_seed: [0; 32],
@@ -461,6 +623,35 @@ impl Ledger {
         Err(RollbackError::Contended { attempts: ATTEMPTS })
     }
 
+    fn capacity_shared(&self) -> std::sync::MutexGuard<'_, capacity::Shared> {
+        self.inner
+            .capacity
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Space used and left, the growth rate and projected time to full, and whether
+    /// transactions are refused for lack of space.
+    pub fn capacity(&self) -> Option<capacity::Capacity> {
+        capacity::report(
+            &self.inner.store,
+            self.inner.max_map,
+            &self.capacity_shared(),
+        )
+    }
+
+    /// Appends audit events now if storage allows, else keeps them and writes them as soon
+    /// as it does (retried every second); returns at once. For records that must not stop
+    /// the agent when the disk is full (its start, its stop).
+    pub fn audit_deferred(&self, events: Vec<AuditEvent>) -> Result<(), CommitError> {
+        for ev in &events {
+            ev.validate()?;
+        }
+        commit::submit(&self.inner, commit::Job::Deferred(events))?
+            .wait()
+            .map(drop)
+    }
+
     /// Durable tips of both chains.
     pub fn tips(&self) -> Tips {
         self.inner.tips.lock().map(|t| *t).unwrap_or_default()
@@ -527,5 +718,56 @@ impl Ledger {
     /// audit records of one domain ([`domains`]).
     pub fn next_domain_number(&self) -> Result<u64, DomainNumberError> {
         self.inner.domains.next(&self.inner.store)
+    }
+}
+
+/// How the live state was checked at open (fields of `ledger.opened`).
+struct StateCheck {
+    /// `new`, `created` (first digest of an older ledger), `ok` or `skipped`.
+    outcome: &'static str,
+    /// Time the scan took.
+    ms: u64,
+}
+
+/// The marker a refused start leaves, so that the next start that succeeds audits it.
+mod state_marker {
+    use std::path::Path;
+
+    /// File name in the data directory.
+    pub const FILE: &str = "state-mismatch.refused";
+    /// Most bytes kept (an audit field value).
+    const MAX: usize = 4000;
+
+    fn bounded(detail: &str) -> String {
+        detail.chars().take(MAX / 4).collect()
+    }
+
+    /// Leaves the marker (best effort: the refusal itself is the error returned).
+    pub fn put(dir: &Path, detail: &str) {
+        let _ = std::fs::write(dir.join(FILE), bounded(detail));
+    }
+
+    /// Restores a marker taken by a start that then failed.
+    pub fn put_back(dir: &Path, detail: &str) {
+        put(dir, detail);
+    }
+
+    /// Takes the marker if there is one: its text, bounded (the file is as hostile as
+    /// anything else in the data directory).
+    pub fn take(dir: &Path) -> Option<String> {
+        use std::io::Read;
+        let path = dir.join(FILE);
+        let mut buf = Vec::new();
+        std::fs::File::open(&path)
+            .ok()?
+            .take(MAX as u64)
+            .read_to_end(&mut buf)
+            .ok()?;
+        let _ = std::fs::remove_file(&path);
+        let text: String = String::from_utf8_lossy(&buf)
+            .chars()
+            .map(|c| if c.is_control() { ' ' } else { c })
+            .collect();
+        Some(bounded(&text))
     }
 }

@@ -98,6 +98,12 @@ impl Store {
         Ok(self.dbs.nonces.len(&rtxn)?)
     }
 
+    /// Whether `nonce` is recorded as used by an admin command (and not pruned yet).
+    pub fn admin_nonce_known(&self, nonce: &[u8; 16]) -> Result<bool, ReadError> {
+        let rtxn = self.read_txn()?;
+        Ok(self.dbs.nonces.get(&rtxn, nonce)?.is_some())
+    }
+
     /// The commit sequence of transaction `id`, if it committed.
     pub fn seq_of(&self, id: &TxId) -> Result<Option<u64>, ReadError> {
         let rtxn = self.read_txn()?;

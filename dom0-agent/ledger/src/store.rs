@@ -7,6 +7,7 @@ use std::fs;
 use std::io;
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Condvar, Mutex};
 
 use heed::types::Bytes;
 use heed::{Database, Env, EnvOpenOptions, RoTxn, WithoutTls};
@@ -16,6 +17,7 @@ use crate::codec::{hex, Reader};
 use crate::head::{SignedHead, Tip};
 use crate::keys::PublicKey;
 use crate::read::ReadError;
+use crate::state::StateDigest;
 
 /// Names of the databases, in one place.
 pub mod names {
@@ -67,6 +69,9 @@ pub(crate) mod meta_keys {
     pub const SIGNING_KEY: &[u8] = b"signing_key";
     /// Present (one byte, 1) once the `undone` index covers every rollback record.
     pub const UNDONE_INDEX: &[u8] = b"undone_index";
+    /// The live-state digest after the last group (state.rs); absent in ledgers written
+    /// before it existed, until their first start by a build that has it.
+    pub const STATE: &[u8] = b"state";
 }
 
 /// Value of `meta/format`: a marker and the layout version this build writes.
@@ -157,6 +162,25 @@ pub enum OpenError {
     /// The committer thread could not be started.
     #[error("could not start the commit thread: {0}")]
     Thread(io::Error),
+    /// A ledger with a live-state digest opened with [`crate::Options::state_digest`] off.
+    #[error("ledger in {path} commits to its live state; it cannot be opened with the state digest turned off")]
+    DigestRequired {
+        /// Data directory.
+        path: PathBuf,
+    },
+    /// The `data` database does not hold the state the signed heads commit to: someone
+    /// or something changed the live data outside the ledger.
+    #[error("ledger in {path}: the live data does not match the state digest signed in the last head ({found} entries found, {expected} committed); {detail}. Refusing to serve it: run `dom0-agent verify` for the full report, restore the data directory from a backup, or start with --skip-state-check to serve it anyway")]
+    StateMismatch {
+        /// Data directory.
+        path: PathBuf,
+        /// Entries in `data` now.
+        found: u64,
+        /// Entries the digest counts.
+        expected: u64,
+        /// The keys that differ from the checkpoint chain.
+        detail: String,
+    },
 }
 
 /// Every database of the ledger.
@@ -178,8 +202,12 @@ pub(crate) struct Dbs {
 /// How to open the environment.
 #[derive(Debug, Clone)]
 pub struct StoreOptions {
-    /// Maximum size of the data file (LMDB map size), bytes.
+    /// Initial LMDB map size, bytes: the data file may grow to it before the map must be
+    /// enlarged.
     pub map_size: usize,
+    /// Largest map size the committer grows the map to, on demand, bytes (at least
+    /// `map_size`): the bound on the ledger's size.
+    pub max_map_size: usize,
     /// Maximum concurrent read transactions (open ledger transactions plus readers).
     pub max_readers: u32,
 }
@@ -188,6 +216,7 @@ impl Default for StoreOptions {
     fn default() -> Self {
         Self {
             map_size: 4 << 30,
+            max_map_size: 64 << 30,
             max_readers: 1022,
         }
     }
@@ -199,6 +228,113 @@ pub struct Store {
     pub(crate) env: Env<WithoutTls>,
     pub(crate) dbs: Dbs,
     pub(crate) dir: PathBuf,
+    /// Held by every transaction of this process except the committer's, so that the map
+    /// can be resized when none is active.
+    pub(crate) gate: Arc<Gate>,
+}
+
+/// A read transaction that keeps the resize gate open while it lives.
+pub struct ReadTxn<'a> {
+    // Declared first: dropped (the LMDB transaction ended) before the ticket is returned.
+    txn: RoTxn<'a, WithoutTls>,
+    _ticket: Ticket,
+}
+
+impl<'a> std::ops::Deref for ReadTxn<'a> {
+    type Target = RoTxn<'a, WithoutTls>;
+    fn deref(&self) -> &Self::Target {
+        &self.txn
+    }
+}
+
+/// Counts the transactions of this process; [`Gate::close_within`] waits until there are
+/// none and keeps new ones waiting while the map is resized.
+#[derive(Default)]
+pub(crate) struct Gate {
+    state: Mutex<GateState>,
+    changed: Condvar,
+}
+
+#[derive(Default)]
+struct GateState {
+    active: usize,
+    closed: bool,
+}
+
+/// One active transaction; returned to the gate on drop.
+pub(crate) struct Ticket(Arc<Gate>);
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        let mut s = self
+            .0
+            .state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        s.active = s.active.saturating_sub(1);
+        self.0.changed.notify_all();
+    }
+}
+
+/// The gate closed: no transaction active; reopened on drop.
+pub(crate) struct Closed<'a>(&'a Gate);
+
+impl Drop for Closed<'_> {
+    fn drop(&mut self) {
+        let mut s = self
+            .0
+            .state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        s.closed = false;
+        self.0.changed.notify_all();
+    }
+}
+
+impl Gate {
+    /// Waits while the gate is closed, then counts one more active transaction.
+    pub(crate) fn enter(self: &Arc<Self>) -> Ticket {
+        let mut s = self
+            .state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        while s.closed {
+            s = self
+                .changed
+                .wait(s)
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+        }
+        s.active = s.active.saturating_add(1);
+        Ticket(self.clone())
+    }
+
+    /// Closes the gate and waits up to `wait` for the active transactions to end. `None`
+    /// (and the gate open again) if some are still active then.
+    fn close_within(&self, wait: std::time::Duration) -> Option<Closed<'_>> {
+        let mut s = self
+            .state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if s.closed {
+            return None;
+        }
+        s.closed = true;
+        let deadline = std::time::Instant::now() + wait;
+        while s.active > 0 {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                s.closed = false;
+                self.changed.notify_all();
+                return None;
+            }
+            s = self
+                .changed
+                .wait_timeout(s, left)
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .0;
+        }
+        Some(Closed(self))
+    }
 }
 
 impl std::fmt::Debug for Store {
@@ -381,7 +517,12 @@ impl Store {
             path: dir.clone(),
             source,
         })?;
-        Ok(Self { env, dbs, dir })
+        Ok(Self {
+            env,
+            dbs,
+            dir,
+            gate: Arc::default(),
+        })
     }
 
     /// Builds the `undone` index of a ledger whose index is missing or not marked complete
@@ -591,12 +732,20 @@ impl Store {
         let group = get(meta_keys::GROUP)?
             .and_then(read_u64)
             .ok_or_else(|| self.corrupt("meta/group missing or malformed".into()))?;
+        let live = match get(meta_keys::STATE)? {
+            None => None,
+            Some(v) => Some(
+                StateDigest::decode(v)
+                    .map_err(|e| self.corrupt(format!("meta/state does not decode: {e}")))?,
+            ),
+        };
         let state = MetaState {
             public_key,
             signing_key,
             checkpoints,
             audit,
             group,
+            state: live,
         };
         if check_tips {
             self.check_tips(rtxn, &state)?;
@@ -649,17 +798,78 @@ impl Store {
                 head.group, state.group
             )));
         }
+        match (&head.state, &state.state) {
+            (None, None) => {}
+            (Some(_), None) => {
+                return Err(self.corrupt(format!(
+                    "the last signed head (group {}) commits to a live-state digest, but meta/state is gone",
+                    head.group
+                )))
+            }
+            (None, Some(_)) => {
+                return Err(self.corrupt(format!(
+                    "meta/state is present but the last signed head (group {}) is of version 1",
+                    head.group
+                )))
+            }
+            (Some(signed), Some(d)) => {
+                if *signed != d.hash() {
+                    return Err(self.corrupt(format!(
+                        "meta/state ({}) is not the live-state digest signed in the last head (group {}, {})",
+                        hex(&d.hash()),
+                        head.group,
+                        hex(signed)
+                    )));
+                }
+            }
+        }
         Ok(())
     }
 
-    /// A read transaction.
-    pub(crate) fn read_txn(&self) -> heed::Result<RoTxn<'_, WithoutTls>> {
-        self.env.read_txn()
+    /// A read transaction, holding the map-resize gate open while it lives.
+    pub(crate) fn read_txn(&self) -> heed::Result<ReadTxn<'_>> {
+        let ticket = self.gate.enter();
+        Ok(ReadTxn {
+            txn: self.env.read_txn()?,
+            _ticket: ticket,
+        })
+    }
+
+    /// Current map size and bytes in use (last page + 1, times the page size).
+    pub fn map_usage(&self) -> Result<(u64, u64), OpenError> {
+        let info = self.env.info();
+        let page = u64::from(self.env.stat().page_size);
+        let used = u64::try_from(info.last_page_number)
+            .unwrap_or(u64::MAX)
+            .saturating_add(1)
+            .saturating_mul(page);
+        Ok((u64::try_from(info.map_size).unwrap_or(u64::MAX), used))
+    }
+
+    /// Grows the map to `new_size` bytes once no transaction of this process is active,
+    /// waiting at most `wait` for the open ones to end (new ones wait meanwhile). Returns
+    /// whether it was resized. Only the committer calls this, between groups.
+    pub(crate) fn grow_map(
+        &self,
+        new_size: usize,
+        wait: std::time::Duration,
+    ) -> heed::Result<bool> {
+        let Some(_closed) = self.gate.close_within(wait) else {
+            return Ok(false);
+        };
+        #[allow(unsafe_code)]
+        // SAFETY: LMDB may change the map size of an open environment when no transaction
+        // of this process is active. Every read transaction of this crate (Store::read_txn,
+        // a Tx's snapshot) and every write transaction other than the committer's holds a
+        // gate ticket, the gate is closed (no ticket is out, new ones wait), and the
+        // committer, the only caller, has no write transaction open between groups.
+        unsafe { self.env.resize(new_size) }?;
+        Ok(true)
     }
 }
 
 /// Identity and tips as recorded in `meta`.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub(crate) struct MetaState {
     /// The ledger's first key: the root of trust `verify` starts from.
     pub public_key: PublicKey,
@@ -668,6 +878,8 @@ pub(crate) struct MetaState {
     pub checkpoints: Tip,
     pub audit: Tip,
     pub group: u64,
+    /// The live-state digest (`None`: a ledger from before it existed).
+    pub state: Option<StateDigest>,
 }
 
 /// Opens a ledger's databases for reading only: no key is loaded, nothing is written, and

@@ -41,3 +41,41 @@ pub fn set(dir: &Path, name: &str, key: &[u8], value: Option<&[u8]>) {
     }
     wtxn.commit().expect("commit");
 }
+
+/// Where the live entry of `key` in the `data` database sits in `data.mdb`: the file
+/// offsets of its key bytes and of its stored value (`0x01 || u64 version || value`), and
+/// the value's length. Found by reading the entry through LMDB and taking the addresses
+/// LMDB returns relative to the start of its map, so these are the bytes a reader sees,
+/// not a stale copy in a free page.
+pub fn live_entry_offsets(dir: &Path, key: &[u8]) -> Option<(usize, usize, usize)> {
+    use std::ops::Bound;
+    let store = open_read_only(dir, &StoreOptions::default()).expect("open");
+    let base = map_base(&dir.join(crate::store::DATA_FILE))?;
+    let rtxn = store.read_txn().expect("rtxn");
+    let range = (Bound::Included(key), Bound::Included(key));
+    let mut it = store.dbs.data.range(&rtxn, &range).expect("range");
+    let (k, v) = it.next()?.expect("read");
+    Some((
+        (k.as_ptr() as usize).checked_sub(base)?,
+        (v.as_ptr() as usize).checked_sub(base)?,
+        v.len(),
+    ))
+}
+
+/// Start address of this process's mapping of `file` at file offset 0 (`/proc/self/maps`).
+fn map_base(file: &Path) -> Option<usize> {
+    let file = std::fs::canonicalize(file).ok()?;
+    let maps = std::fs::read_to_string("/proc/self/maps").ok()?;
+    maps.lines().find_map(|line| {
+        let mut f = line.split_whitespace();
+        let range = f.next()?;
+        let _perms = f.next()?;
+        let offset = f.next()?;
+        let _dev = f.next()?;
+        let _inode = f.next()?;
+        let path = f.next()?;
+        (Path::new(path) == file && usize::from_str_radix(offset, 16).ok()? == 0)
+            .then(|| usize::from_str_radix(range.split('-').next()?, 16).ok())
+            .flatten()
+    })
+}

@@ -126,6 +126,13 @@ pub enum TxError {
         /// Cap.
         max: usize,
     },
+    /// The ledger cannot take writes (disk full, or the map at its bound): no transaction
+    /// is started until space returns.
+    #[error("storage full, transactions are refused until space returns: {reason}")]
+    StorageFull {
+        /// What is full.
+        reason: String,
+    },
     /// A stored data value is malformed.
     #[error("stored value of key {key} is malformed")]
     Corrupt {
@@ -185,6 +192,9 @@ pub struct ScanResult {
 pub struct Tx {
     pub(crate) inner: Arc<Inner>,
     pub(crate) snapshot: RoTxn<'static, WithoutTls>,
+    /// Keeps the map-resize gate open while the snapshot lives (declared after it: dropped
+    /// after it).
+    pub(crate) ticket: crate::store::Ticket,
     pub(crate) ctx: TxContext,
     pub(crate) begin_ns: u64,
     pub(crate) entropy_seed: Hash,
@@ -442,6 +452,7 @@ impl Tx {
         let Tx {
             inner,
             snapshot,
+            ticket,
             ctx,
             begin_ns,
             entropy_seed,
@@ -453,6 +464,7 @@ impl Tx {
         // The snapshot is released before queueing so the reader slot is not held while
         // waiting for the group.
         drop(snapshot);
+        drop(ticket);
         let prepared = PreparedTx {
             ctx,
             begin_ns,

@@ -24,13 +24,14 @@ use crate::codec::{hex, DecodeError};
 use crate::head::SignedHead;
 use crate::keys::PublicKey;
 use crate::read::ReadError;
+use crate::state::StateDigest;
 use crate::store::{read_u64, Store};
 use crate::Hash;
 
 /// Progress of a long verification.
 #[derive(Debug, Clone, Copy)]
 pub struct Progress {
-    /// `"checkpoints"`, `"audit"` or `"heads"`.
+    /// `"checkpoints"`, `"audit"`, `"heads"` or `"state"` (the live data).
     pub chain: &'static str,
     /// Records read so far.
     pub done: u64,
@@ -67,6 +68,13 @@ pub enum Failure {
         /// What is wrong.
         problem: String,
     },
+    /// The live data: it does not match the state digest of the last signed head.
+    State {
+        /// What is wrong, naming the keys that differ from the checkpoint chain.
+        problem: String,
+        /// Those keys, altered first, then added, then missing.
+        diff: crate::state::StateDiff,
+    },
 }
 
 impl fmt::Display for Failure {
@@ -78,6 +86,7 @@ impl fmt::Display for Failure {
             Self::Audit { seq, problem } => write!(f, "audit chain, record {seq}: {problem}"),
             Self::Head { group, problem } => write!(f, "signed head, group {group}: {problem}"),
             Self::Meta { problem } => write!(f, "ledger tips: {problem}"),
+            Self::State { problem, .. } => write!(f, "live state: {problem}"),
         }
     }
 }
@@ -94,6 +103,9 @@ pub struct VerifyReport {
     pub heads: u64,
     /// Key rotations followed.
     pub rotations: u64,
+    /// Entries of the `data` database checked against the live-state digest of the last
+    /// head; `None` when that head predates the digest (version 1) or the chains failed.
+    pub state_entries: Option<u64>,
     /// Problems, the first bad record of each chain first.
     pub failures: Vec<Failure>,
 }
@@ -357,6 +369,17 @@ pub fn verify(
                 head_failure = fail(group, "tips move backwards".into());
                 break;
             }
+            if head.version() < prev.version() {
+                head_failure = fail(
+                    group,
+                    format!(
+                        "version {} after a version-{} head: a head without the live-state digest after one with it",
+                        head.version(),
+                        prev.version()
+                    ),
+                );
+                break;
+            }
         }
         if head.checkpoints.seq > 0 {
             signed_cp.insert(head.checkpoints.seq, head.checkpoints.hash);
@@ -467,6 +490,16 @@ pub fn verify(
                         meta.group, head.group
                     ),
                 });
+            } else if meta.state.as_ref().map(StateDigest::hash) != head.state {
+                report.failures.push(Failure::Meta {
+                    problem: format!(
+                        "meta/state ({}) is not the live-state digest the last signed head (group {}) commits to",
+                        meta.state
+                            .as_ref()
+                            .map_or_else(|| "absent".to_string(), |d| hex(&d.hash())),
+                        head.group
+                    ),
+                });
             } else if meta.signing_key != rotated_to.unwrap_or(meta.public_key) {
                 report.failures.push(Failure::Meta {
                     problem: format!(
@@ -475,6 +508,33 @@ pub fn verify(
                     ),
                 });
             }
+        }
+    }
+    if let Some(signed) = last.as_ref().and_then(|h| h.state) {
+        progress(Progress {
+            chain: "state",
+            done: 0,
+            total: store.dbs.data.len(&rtxn)?,
+        });
+        let found = StateDigest::compute(&rtxn, store.dbs.data)?;
+        progress(Progress {
+            chain: "state",
+            done: found.entries(),
+            total: found.entries(),
+        });
+        if found.hash() == signed {
+            report.state_entries = Some(found.entries());
+        } else {
+            let diff =
+                crate::state::diff_against_chain(&rtxn, store.dbs.checkpoints, store.dbs.data)?;
+            report.failures.push(Failure::State {
+                problem: format!(
+                    "the data database ({} entries) does not match the digest signed in the last head; {}",
+                    found.entries(),
+                    diff.describe()
+                ),
+                diff,
+            });
         }
     }
     Ok(report)

@@ -31,10 +31,12 @@ fn put(ledger: &Ledger, key: &str, value: &[u8]) -> Result<u64, CommitError> {
     tx.commit(Vec::new()).map(|r| r.seq)
 }
 
+/// Opens with a fixed map of `map_size` bytes (no growth: the bound is the initial size).
 fn open_with(dir: &Path, map_size: usize) -> Result<Ledger, OpenError> {
     let opts = Options {
         store: StoreOptions {
             map_size,
+            max_map_size: map_size,
             ..StoreOptions::default()
         },
         ..Options::default()
@@ -161,7 +163,10 @@ fn map_full_fails_the_group_and_keeps_everything_acknowledged() {
     }
     let err = full.expect("a 1 MiB map must fill up");
     assert!(matches!(err, CommitError::MapFull { .. }), "{err:?}");
-    assert!(err.to_string().contains("raise --map-size"), "{err}");
+    assert!(
+        err.to_string().contains("raise --max-map-size-mib"),
+        "{err}"
+    );
     for (i, seq) in &acked {
         assert_eq!(
             ledger
@@ -229,8 +234,15 @@ fn full_disk_fails_cleanly_and_keeps_everything_acknowledged() {
     }
     let err = failure.expect("a 2 MiB filesystem must fill up");
     assert!(matches!(err, CommitError::DiskFull { .. }), "{err:?}");
-    // Later commits keep failing cleanly, never panicking.
-    assert!(put(&ledger, "more", &value).is_err());
+    // Later transactions are refused up front, with the reason, never panicking.
+    let refused = ledger.begin(ctx()).unwrap_err();
+    assert!(
+        matches!(refused, mayfly_ledger::TxError::StorageFull { .. }),
+        "{refused:?}"
+    );
+    assert!(refused.to_string().contains("disk"), "{refused}");
+    let cap = ledger.capacity().unwrap();
+    assert!(cap.refusing.is_some(), "{cap:?}");
     for (i, seq) in &acked {
         assert_eq!(
             ledger
@@ -246,22 +258,66 @@ fn full_disk_fails_cleanly_and_keeps_everything_acknowledged() {
     verify_ok(&ledger);
     drop(ledger);
 
-    // After a restart on the still-full disk everything acknowledged is there.
-    match open_with(&dir, 256 << 20) {
-        Ok(ledger) => {
-            assert_eq!(ledger.store().data_snapshot().unwrap().len(), acked.len());
-            verify_ok(&ledger);
-        }
-        Err(e) => {
-            // The start-up audit record may not fit; the error must say so, and a
-            // read-only verification must still pass.
-            assert!(e.to_string().contains("could not record its start"), "{e}");
-            let store =
-                mayfly_ledger::store::open_read_only(&dir, &StoreOptions::default()).unwrap();
-            let key = store.public_key().unwrap();
-            let report = verify(&store, &[key], &mut |_| {}).unwrap();
-            assert!(report.ok(), "{:?}", report.failures);
-            assert_eq!(store.data_snapshot().unwrap().len(), acked.len());
+    // A restart on the still-full disk succeeds (reads are served), refuses transactions,
+    // and everything acknowledged is there.
+    let ledger = open_with(&dir, 256 << 20).expect("opening on a full disk");
+    assert_eq!(ledger.store().data_snapshot().unwrap().len(), acked.len());
+    // (Pages LMDB freed inside the file may still take a commit or two.)
+    let mut refused = false;
+    for i in 2000..2100 {
+        match ledger.begin(ctx()) {
+            Err(mayfly_ledger::TxError::StorageFull { .. }) => {
+                refused = true;
+                break;
+            }
+            Err(e) => panic!("{e}"),
+            Ok(mut tx) => {
+                tx.put(format!("k{i:04}").as_bytes(), &value).unwrap();
+                if let Ok(r) = tx.commit(Vec::new()) {
+                    acked.push((i, r.seq));
+                }
+            }
         }
     }
+    assert!(refused, "transactions are refused on the full disk");
+    assert_eq!(ledger.store().data_snapshot().unwrap().len(), acked.len());
+    verify_ok(&ledger);
+
+    // Space returns (the filesystem is enlarged): within a few retries the ledger takes
+    // writes again, records its start and the outage, and commits.
+    let st = Command::new("mount")
+        .args(["-o", "remount,size=32m"])
+        .arg(outer.path())
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while ledger.capacity().unwrap().refusing.is_some() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "still refusing after space returned"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    put(&ledger, "after", b"space returned").unwrap();
+    let events: Vec<String> = ledger
+        .store()
+        .audit_records(1, usize::MAX)
+        .unwrap()
+        .into_iter()
+        .map(|r| r.event.event)
+        .collect();
+    assert!(
+        events.contains(&"ledger.storage_full".to_string()),
+        "{events:?}"
+    );
+    assert_eq!(
+        events.last().map(String::as_str),
+        Some("ledger.storage_full")
+    );
+    assert_eq!(
+        ledger.store().data_snapshot().unwrap().len(),
+        acked.len() + 1
+    );
+    verify_ok(&ledger);
 }

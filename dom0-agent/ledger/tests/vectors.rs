@@ -237,3 +237,57 @@ fn rotation_head_vector() {
     assert_eq!(d.next_key, Some(new.public_key()));
     assert_eq!(d, head);
 }
+
+/// The live-state digest of a `data` database of two entries: `acct/a` live at version 1
+/// with value `100`, `acct/b` a tombstone at version 2 (formats.md §1.8).
+fn state_2() -> mayfly_ledger::StateDigest {
+    let mut d = mayfly_ledger::StateDigest::default();
+    let mut a = vec![0x01];
+    a.extend_from_slice(&1u64.to_be_bytes());
+    a.extend_from_slice(b"100");
+    let mut b = vec![0x02];
+    b.extend_from_slice(&2u64.to_be_bytes());
+    d.add(b"acct/a", &a);
+    d.add(b"acct/b", &b);
+    d
+}
+
+#[test]
+fn state_digest_vector() {
+    let d = state_2();
+    let e = d.encode();
+    check("state-2.hex", &e);
+    assert_eq!(mayfly_ledger::StateDigest::decode(&e).unwrap(), d);
+    check("state-2.hash", &d.hash());
+    // The element of one entry, alone: the first 64 bytes of its XOF output.
+    let el = mayfly_ledger::state::element(b"acct/a", b"\x01\0\0\0\0\0\0\0\x01100");
+    let first: Vec<u8> = el.iter().take(32).flat_map(|l| l.to_le_bytes()).collect();
+    check("state-element-acct-a.hex", &first);
+}
+
+#[test]
+fn version_2_head_vector() {
+    // Group 3 over fixed tips, committing to the state of state-2, signed by seed 0x01.
+    let key = SigningKey::from_seed(&[0x01; 32]);
+    let head = SignedHead::sign_v2(
+        &key,
+        3,
+        Tip {
+            seq: 3,
+            hash: [0x33; 32],
+        },
+        Tip {
+            seq: 1,
+            hash: [0x11; 32],
+        },
+        1_700_000_003_000_000_000,
+        state_2().hash(),
+        None,
+    );
+    let e = head.encode();
+    check("head-v2-3.hex", &e);
+    let d = SignedHead::decode(&e).unwrap();
+    assert!(d.signature_valid());
+    assert_eq!(d, head);
+    assert_eq!(d.state, Some(state_2().hash()));
+}
