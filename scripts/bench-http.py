@@ -4,8 +4,9 @@
 Measures, in one run and interleaved, with medians of BENCH_REPS repetitions:
 
 * executor-direct: `cargo bench -p dom0-agent --bench transactions` in its BENCH_ONLY=sandbox
-  mode (transfers through the executor, no HTTP), at 1 and 8 clients: the baseline;
-* HTTP: `dom0-agent serve` (release, sandbox backend) driven by wrk with keep-alive, transfers
+  mode (transfers through the executor, no HTTP), at 1 and 8 clients, measured once its pool
+  of 16 is full (BENCH_WARM_POOL=16): the baseline;
+* HTTP: `dom0-agent serve` (release, sandbox backend, pool 16, warm) driven by wrk with keep-alive, transfers
   between random accounts among 1,000, at 1 and 8 connections, plain and TLS;
 * the agent's CPU per transaction (utime+stime of the agent process from /proc, and of the
   agent plus its zygote and the zygote's reaped clones);
@@ -85,7 +86,7 @@ class Agent:
     def __init__(self, tmp, name, extra):
         self.dir = tmp / name
         args = [str(AGENT), "serve", "--listen", "127.0.0.1:0", "--data-dir", str(self.dir),
-                "--policy", str(policy_dir_path), "--pool-size", "8"] + extra
+                "--policy", str(policy_dir_path), "--pool-size", "16"] + extra
         self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                                      text=True)
         for line in self.proc.stdout:
@@ -226,7 +227,8 @@ class Load:
 
 
 def executor_direct(clients):
-    env = dict(os.environ, BENCH_ONLY="sandbox", BENCH_CLIENTS=str(clients), BENCH_SECS=str(SECS))
+    env = dict(os.environ, BENCH_ONLY="sandbox", BENCH_CLIENTS=str(clients), BENCH_SECS=str(SECS),
+               BENCH_WARM_POOL="16")
     out = subprocess.run(
         ["cargo", "bench", "--quiet", "-p", "dom0-agent", "--bench", "transactions", "--", "--bench"],
         cwd=ROOT, env=env, check=True, capture_output=True, text=True).stdout

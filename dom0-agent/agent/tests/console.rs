@@ -297,6 +297,8 @@ fn status_rollback_with_quorum_and_key_rotation_work_through_the_socket() {
     let shown = ok(&sock, &signed("tx.show", &[("id", &attack)], &[0xa1]));
     assert_eq!(shown["seq"], 2);
     assert_eq!(shown["handler"], "open_account");
+    // The checkpoint names who asked (the API's identity of a loopback client).
+    assert_eq!(shown["client"], "127.0.0.1");
 
     // Dry run needs one admin and changes nothing.
     let dry = ok(

@@ -340,6 +340,7 @@ fn record_json(r: &Record, with_detail: bool) -> Value {
                 "kind": "transaction",
                 "tx_id": c.tx_id.to_string(),
                 "handler": c.handler,
+                "client": c.client,
                 "domain_id": c.domain_id,
                 "commit_ns": c.commit_ns,
                 "reads": c.reads.len(),
