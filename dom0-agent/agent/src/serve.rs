@@ -256,6 +256,7 @@ fn console_settings(
         authorizer: mayfly_command::Authorizer::new(keys, skew, max_validity),
         quorum,
         max_connections: 8,
+        max_tcp_connections: 8,
         io_timeout: Duration::from_secs(30),
     }))
 }
