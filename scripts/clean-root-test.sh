@@ -21,7 +21,9 @@
 # host's rustup home and cargo binaries are bind-mounted read-only at the same paths inside
 # (rustup's toolchain links are absolute); the rest of CARGO_HOME is empty inside the root, so
 # every crate is fetched again and every cargo tool installed again. /proc, /sys (with the cgroup mounts), /dev and /dev/pts come from the host;
-# a private mount namespace drops every mount when the run ends.
+# a private mount namespace drops every mount when the run ends. Besides the toolchain, only
+# /etc/resolv.conf and the CA certificates the host's administrator added
+# (/usr/local/share/ca-certificates, for networks that intercept TLS) are copied in.
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 root=/var/tmp/mayfly-clean-root
@@ -60,6 +62,12 @@ echo "==> fresh copy of the base root: $root/run"
 cp -a "$root/base" "$root/run"
 rm -f "$root/run/.complete"
 cp /etc/resolv.conf "$root/run/etc/resolv.conf"
+# CA certificates the host's administrator added (a network that intercepts TLS, such as a
+# company proxy): ca-certificates, once test.sh installs it, trusts them in the root too.
+if compgen -G "/usr/local/share/ca-certificates/*" >/dev/null; then
+    mkdir -p "$root/run/usr/local/share/ca-certificates"
+    cp -a /usr/local/share/ca-certificates/. "$root/run/usr/local/share/ca-certificates/"
+fi
 mkdir -p "$root/run/src" "$root/run/$rustup_home" "$root/run/$cargo_bin" \
     "$root/run/var/mayfly-target"
 
