@@ -12,6 +12,8 @@
 //! workers = 16               # HTTP worker threads
 //! max_in_flight = 64         # transactions at once; more get 503
 //! tx_timeout_ms = 5000       # Start to Commit/Abort
+//! max_write_bytes = 4194304  # bytes one transaction may write (keys + values); past it the
+//!                            # transaction ends as `tx.write_limit` (Warning)
 //! take_timeout_ms = 2000     # wait for a ready domain; then 503 (Xen under emulation: longer)
 //! map_size_mib = 4096        # largest ledger size
 //! memory_mib = 256           # address-space limit of each domain
@@ -98,6 +100,11 @@ pub struct ServeArgs {
     /// [default: 2000].
     #[arg(long)]
     take_timeout_ms: Option<u64>,
+    /// Most bytes one transaction may write (keys and values of its puts, keys of its
+    /// deletes, as they arrive); the write crossing it ends the transaction, audited as
+    /// `tx.write_limit` [default: 4194304 = 4 MiB; at most 8 MiB, the checkpoint cap].
+    #[arg(long)]
+    max_write_bytes: Option<u64>,
     /// Largest ledger size in MiB [default: 4096].
     #[arg(long)]
     map_size_mib: Option<usize>,
@@ -173,6 +180,7 @@ struct FileConfig {
     max_in_flight: Option<usize>,
     tx_timeout_ms: Option<u64>,
     take_timeout_ms: Option<u64>,
+    max_write_bytes: Option<u64>,
     map_size_mib: Option<usize>,
     memory_mib: Option<u64>,
     cpu_seconds: Option<u64>,
@@ -193,6 +201,7 @@ struct Settings {
     max_in_flight: usize,
     tx_timeout: Duration,
     take_timeout: Duration,
+    max_write_bytes: u64,
     map_size: usize,
     memory_bytes: u64,
     cpu_seconds: u64,
@@ -300,6 +309,10 @@ fn load(args: &ServeArgs) -> anyhow::Result<Settings> {
                 .or(file.take_timeout_ms)
                 .unwrap_or(2000),
         ),
+        max_write_bytes: args
+            .max_write_bytes
+            .or(file.max_write_bytes)
+            .unwrap_or(mayfly_executor::DEFAULT_MAX_WRITE_BYTES),
         map_size: args
             .map_size_mib
             .or(file.map_size_mib)
@@ -325,6 +338,13 @@ fn load(args: &ServeArgs) -> anyhow::Result<Settings> {
     }
     if s.tx_timeout.is_zero() || s.take_timeout.is_zero() {
         bail!("tx_timeout_ms and take_timeout_ms must be at least 1");
+    }
+    let checkpoint_cap =
+        u64::try_from(mayfly_ledger::checkpoint::MAX_CHECKPOINT_BYTES).unwrap_or(u64::MAX);
+    if s.max_write_bytes == 0 || s.max_write_bytes > checkpoint_cap {
+        bail!(
+            "max_write_bytes must be 1..={checkpoint_cap} (a larger write set cannot fit in one checkpoint)"
+        );
     }
     if s.map_size < (16 << 20) {
         bail!("map_size_mib must be at least 16");
@@ -487,6 +507,8 @@ pub fn run(args: &ServeArgs, log: &Logger) -> anyhow::Result<u8> {
         ExecutorConfig {
             tx_timeout: s.tx_timeout,
             take_timeout: s.take_timeout,
+            max_write_bytes: s.max_write_bytes,
+            release_memory: Some(mayfly_sandbox::release_free_heap),
             ..ExecutorConfig::default()
         },
         bundle,

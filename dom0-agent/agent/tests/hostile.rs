@@ -182,3 +182,149 @@ fn overload_is_refused_with_503() {
     let (code, _) = busy.join().unwrap();
     assert_eq!(code, 500);
 }
+
+/// `VmRSS` and `RssAnon` of a process, in KiB.
+fn rss_kib(pid: u32) -> (u64, u64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap()
+    };
+    (field("VmRSS:"), field("RssAnon:"))
+}
+
+/// CPU time a process has used, in clock ticks (`utime + stime` of `/proc/<pid>/stat`).
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let rest = stat.rsplit(')').next().unwrap();
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // After the command: state is field 3 of the whole line, utime 14, stime 15.
+    fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
+}
+
+/// Sixteen transactions at once each try to buffer a 64 MiB write set (1,024 values of
+/// 64 KiB). Each is stopped at the default write-set bound (4 MiB) as the guest's doing —
+/// `tx.write_limit`, a Warning, the domain destroyed — not as a storage failure; nothing is
+/// written; and the memory they made the agent buffer is given back: its RSS after the
+/// attack is within 20 % of its RSS before.
+#[test]
+fn oversized_write_sets_are_a_write_limit_and_their_memory_is_returned() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let policy = common::permissive_policy(dir.path());
+    let agent = Agent::start(&data, &[&policy[0], &policy[1]]);
+    let pid = agent.child.as_ref().unwrap().id();
+    // Warm up: the agent's threads, arenas and the ledger's pages as honest traffic makes
+    // them, from 16 clients at once as in the attack.
+    let honest_round = |round: usize| {
+        std::thread::scope(|s| {
+            for c in 0..16 {
+                let agent = &agent;
+                s.spawn(move || {
+                    for i in 0..10 {
+                        let key = format!("warm-{round}-{c}-{i}");
+                        assert_still_serves(agent, &key);
+                    }
+                });
+            }
+        });
+    };
+    honest_round(0);
+    honest_round(1);
+    let before = rss_kib(pid);
+
+    let outcomes: Vec<(u16, serde_json::Value)> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..16)
+            .map(|_| {
+                let agent = &agent;
+                s.spawn(move || agent.tx("test.big_writes", json!(1024)))
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let events = audit(&data);
+    for (code, body) in &outcomes {
+        assert_eq!(*code, 500, "{body}");
+        assert_eq!(body["status"], "failed", "{body}");
+        let error = body["error"].as_str().unwrap();
+        // Stopped by the write-set bound itself (4 MiB), not later by the checkpoint cap.
+        assert!(
+            error.starts_with("write limit exceeded") && error.ends_with("limit 4194304"),
+            "{error}"
+        );
+        let tx_id = body["tx_id"].as_str().unwrap();
+        let mine: Vec<&String> = events
+            .iter()
+            .filter(|(_, f)| f.get("tx_id").map(String::as_str) == Some(tx_id))
+            .map(|(e, _)| e)
+            .collect();
+        assert!(mine.iter().any(|e| *e == "tx.write_limit"), "{mine:?}");
+        assert!(!mine.iter().any(|e| *e == "tx.storage_failed"), "{mine:?}");
+        assert!(mine.iter().any(|e| *e == "domain.destroyed"), "{mine:?}");
+    }
+    // Its severity in the ledger (and so in the SIEM) is Warning.
+    let store =
+        mayfly_ledger::store::open_read_only(&data, &mayfly_ledger::StoreOptions::default())
+            .unwrap();
+    let limits: Vec<_> = store
+        .audit_records(1, usize::MAX)
+        .unwrap()
+        .into_iter()
+        .filter(|r| r.event.event == "tx.write_limit")
+        .collect();
+    assert_eq!(limits.len(), 16);
+    assert!(limits
+        .iter()
+        .all(|r| r.event.severity == mayfly_ledger::Severity::Warning));
+    drop(store);
+    // Nothing of theirs was written.
+    let (code, body) = agent.tx("kv", json!({"op": "get", "key": "big/0"}));
+    assert_eq!(code, 200, "{body}");
+
+    honest_round(2);
+    let after = rss_kib(pid);
+    eprintln!("agent RSS before {before:?} KiB, after {after:?} KiB (VmRSS, RssAnon)");
+    assert!(
+        after.0 * 10 <= before.0 * 12,
+        "agent RSS {} KiB after the attack, {} KiB before",
+        after.0,
+        before.0
+    );
+}
+
+/// A guest that rings the agent's doorbell in a loop without publishing requests costs the
+/// agent a bounded number of wake-ups: the transaction ends as a protocol violation (a
+/// doorbell flood) long before its deadline, and the agent's CPU time for it stays small
+/// (counted in clock ticks, not timed). Without the bound the agent would spin on the
+/// wake-ups until the 5 s deadline: about 500 ticks.
+#[test]
+fn a_doorbell_flood_costs_the_agent_a_bounded_number_of_wake_ups() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let policy = common::permissive_policy(dir.path());
+    let agent = Agent::start(&data, &[&policy[0], &policy[1]]);
+    let pid = agent.child.as_ref().unwrap().id();
+    assert_still_serves(&agent, "before");
+    let ticks = cpu_ticks(pid);
+    let (code, body) = agent.tx("test.doorbell_flood", json!(null));
+    let used = cpu_ticks(pid) - ticks;
+    assert_eq!(code, 500, "{body}");
+    let error = body["error"].as_str().unwrap();
+    assert!(
+        error.starts_with("protocol violation: doorbell flood"),
+        "{error}"
+    );
+    let events = events_for(&data, body["tx_id"].as_str().unwrap());
+    assert!(
+        events.iter().any(|e| e == "domain.protocol_violation"),
+        "{events:?}"
+    );
+    assert!(events.iter().any(|e| e == "domain.destroyed"), "{events:?}");
+    // 65 wake-ups and one transaction's work: a few ticks; generous for a loaded machine.
+    assert!(used <= 50, "the flood cost the agent {used} ticks of CPU");
+    assert_still_serves(&agent, "after");
+}

@@ -70,6 +70,7 @@ pub use config::{ConfigError, Limits, SandboxConfig};
 pub use proto::{ProtoError, Stage};
 pub use reconcile::{ReconcileError, ReconcileReport};
 pub use spawn::SpawnError;
+pub use sys::release_free_heap;
 pub use zygote::{
     control_fd_from_env, zygote_main, zygote_main_with, ChildRing, ZygoteError, CONTROL_FD_ENV,
 };
