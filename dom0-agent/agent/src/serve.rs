@@ -18,6 +18,11 @@
 //! map_size_mib = 4096        # largest ledger size
 //! memory_mib = 256           # address-space limit of each domain
 //! cpu_seconds = 10           # CPU-time limit of each domain
+//! cgroups = true             # sandbox: all clones in one control group (false: none, loudly)
+//! clones_cpu_weight = 25     # its CPU weight (the agent's is 100)
+//! clones_cpu_max_percent = 180  # its CPU quota, % of one CPU [default: 90 % of the host's CPUs]
+//! clones_memory_mib = 4096   # memory of all clones together [default: a quarter of the host's]
+//! clones_pids_max = 200      # processes [default: twice the clones that can be alive, + 16]
 //! zygote = "/usr/libexec/mayfly/mayfly-zygote"  # the template executable; default: beside dom0-agent
 //! policy = "/etc/mayfly/policy" # directory of *.toml; default: the built-in bundle
 //!
@@ -115,6 +120,28 @@ pub struct ServeArgs {
     /// CPU-time limit of each sandbox domain in seconds [default: 10].
     #[arg(long)]
     cpu_seconds: Option<u64>,
+    /// Sandbox: run clones WITHOUT a control group (no CPU weight or quota, no memory or
+    /// pids limit for all clones together). Only for hosts without cgroups: spinning or
+    /// allocating guests can then starve the agent. Without it, the agent refuses to start
+    /// where the limits cannot be applied.
+    #[arg(long)]
+    no_cgroups: bool,
+    /// Sandbox: CPU weight of all clones together, 1..=10000 (the agent's is 100; v1:
+    /// cpu.shares = weight × 1024 / 100) [default: 25].
+    #[arg(long)]
+    clones_cpu_weight: Option<u32>,
+    /// Sandbox: CPU quota of all clones together, in percent of one CPU (per 10 ms period)
+    /// [default: 90 % of the host's online CPUs].
+    #[arg(long)]
+    clones_cpu_max_percent: Option<u32>,
+    /// Sandbox: memory of all clones together (and the zygote), MiB [default: a quarter of
+    /// the host's memory].
+    #[arg(long)]
+    clones_memory_mib: Option<u64>,
+    /// Sandbox: processes of the clones' group [default: twice the clones that can be
+    /// alive at once, plus 16].
+    #[arg(long)]
+    clones_pids_max: Option<u64>,
     /// Sandbox backend: the template executable every domain is forked from [default:
     /// mayfly-zygote in the directory of the dom0-agent executable].
     #[arg(long)]
@@ -184,6 +211,11 @@ struct FileConfig {
     map_size_mib: Option<usize>,
     memory_mib: Option<u64>,
     cpu_seconds: Option<u64>,
+    cgroups: Option<bool>,
+    clones_cpu_weight: Option<u32>,
+    clones_cpu_max_percent: Option<u32>,
+    clones_memory_mib: Option<u64>,
+    clones_pids_max: Option<u64>,
     zygote: Option<PathBuf>,
     policy: Option<PathBuf>,
     xen: Option<XenSection>,
@@ -205,6 +237,8 @@ struct Settings {
     map_size: usize,
     memory_bytes: u64,
     cpu_seconds: u64,
+    /// The clones' cgroup limits; `None`: cgroups off.
+    cgroups: Option<mayfly_sandbox::cgroup::CgroupLimits>,
     /// The sandbox template executable, if set; otherwise beside the agent's own.
     zygote: Option<PathBuf>,
     policy: Option<PathBuf>,
@@ -324,6 +358,26 @@ fn load(args: &ServeArgs) -> anyhow::Result<Settings> {
             .unwrap_or(256)
             .saturating_mul(1 << 20),
         cpu_seconds: args.cpu_seconds.or(file.cpu_seconds).unwrap_or(10),
+        cgroups: if args.no_cgroups || file.cgroups == Some(false) {
+            None
+        } else {
+            let defaults = mayfly_sandbox::cgroup::CgroupLimits::host_defaults();
+            Some(mayfly_sandbox::cgroup::CgroupLimits {
+                cpu_weight: args
+                    .clones_cpu_weight
+                    .or(file.clones_cpu_weight)
+                    .unwrap_or(defaults.cpu_weight),
+                cpu_max_percent: args
+                    .clones_cpu_max_percent
+                    .or(file.clones_cpu_max_percent)
+                    .or(defaults.cpu_max_percent),
+                memory_max: args
+                    .clones_memory_mib
+                    .or(file.clones_memory_mib)
+                    .map_or(defaults.memory_max, |m| m.saturating_mul(1 << 20)),
+                pids_max: args.clones_pids_max.or(file.clones_pids_max),
+            })
+        },
         zygote: args.zygote.clone().or(file.zygote),
         policy: args.policy.clone().or(file.policy),
         xen: xen_section(args, file.xen.unwrap_or_default()),
@@ -348,6 +402,9 @@ fn load(args: &ServeArgs) -> anyhow::Result<Settings> {
     }
     if s.map_size < (16 << 20) {
         bail!("map_size_mib must be at least 16");
+    }
+    if let Some(limits) = &s.cgroups {
+        limits.validate().context("clones' cgroup limits")?;
     }
     s.siem.validate().context("in the [siem] section")?;
     Ok(s)
@@ -376,12 +433,62 @@ fn xen(s: &Settings, log: &Logger) -> anyhow::Result<XenBackend> {
     XenBackend::start(config, log.clone()).context("starting the xen backend")
 }
 
-/// The configured backend.
-fn backend(s: &Settings, log: &Logger) -> anyhow::Result<Arc<dyn DomainBackend>> {
+/// The configured backend, and the `cgroups` section of `GET /v1/health` for the sandbox.
+fn backend(
+    s: &Settings,
+    log: &Logger,
+) -> anyhow::Result<(Arc<dyn DomainBackend>, Option<mayfly_api::HealthSection>)> {
     Ok(match s.backend.as_str() {
-        "xen" => Arc::new(xen(s, log)?),
-        _ => Arc::new(sandbox(s, log)?),
+        "xen" => (Arc::new(xen(s, log)?), None),
+        _ => {
+            let sandbox = Arc::new(sandbox(s, log)?);
+            print_cgroups(&sandbox);
+            let section = cgroups_health(Arc::clone(&sandbox));
+            (sandbox, Some(section))
+        }
     })
+}
+
+/// The clones' cgroup as `GET /v1/health` shows it: the hierarchy in use (`v2`, `v1`, or
+/// `off`), its paths, limits and usage.
+fn cgroups_health(sandbox: Arc<Sandbox>) -> mayfly_api::HealthSection {
+    mayfly_api::HealthSection {
+        name: "cgroups",
+        report: Arc::new(move || match sandbox.cgroup_status() {
+            None => serde_json::json!({"version": "off"}),
+            Some(st) => serde_json::json!({
+                "version": st.version.as_str(),
+                "paths": st.paths,
+                "cpu_weight": st.limits.cpu_weight,
+                "cpu_max_percent": st.limits.cpu_max_percent,
+                "memory_max": st.limits.memory_max,
+                "pids_max": st.limits.pids_max,
+                "memory_bytes": st.memory_bytes,
+                "pids": st.pids,
+                "throttled_periods": st.throttled_periods,
+            }),
+        }),
+    }
+}
+
+fn print_cgroups(sandbox: &Sandbox) {
+    match sandbox.cgroup_status() {
+        Some(st) => println!(
+            "mayfly: sandbox clones in cgroup {} {} (cpu weight {} against the agent's 100, quota {}, memory {} MiB, pids {})",
+            st.version.as_str(),
+            st.paths.first().map(|p| p.display().to_string()).unwrap_or_default(),
+            st.limits.cpu_weight,
+            st.limits
+                .cpu_max_percent
+                .map_or_else(|| "none".to_owned(), |p| format!("{p} % of a CPU")),
+            st.limits.memory_max >> 20,
+            st.limits.pids_max.unwrap_or(0),
+        ),
+        None => println!(
+            "mayfly: WARNING: sandbox clones run WITHOUT cgroup limits (--no-cgroups): \
+             spinning or allocating guests can starve the agent and honest clones"
+        ),
+    }
 }
 
 /// File name of the sandbox template executable, looked for beside `dom0-agent`.
@@ -422,6 +529,7 @@ fn sandbox(s: &Settings, log: &Logger) -> anyhow::Result<Sandbox> {
     config.max_in_use = s.max_in_flight.max(s.pool_size);
     config.limits.memory_bytes = s.memory_bytes;
     config.limits.cpu_seconds = s.cpu_seconds;
+    config.cgroups = s.cgroups;
     Sandbox::start(config, log.clone()).context("starting the sandbox backend")
 }
 
@@ -498,7 +606,7 @@ pub fn run(args: &ServeArgs, log: &Logger) -> anyhow::Result<u8> {
     let policy_files = crate::policy::files(s.policy.as_deref())?;
     let bundle = mayfly_policy::Bundle::load(&policy_files).context("loading the policy bundle")?;
     let policy_hash = bundle.hash();
-    let backend = backend(&s, log)?;
+    let (backend, cgroups_section) = backend(&s, log)?;
     let names = mayfly_zygote::handler_names();
     let executor = Arc::new(Executor::new(
         ledger.clone(),
@@ -524,7 +632,9 @@ pub fn run(args: &ServeArgs, log: &Logger) -> anyhow::Result<u8> {
         listen: s.listen,
         workers: s.workers,
         max_in_flight: s.max_in_flight,
-        health_sections: vec![siem_health(siem.status_handle())],
+        health_sections: std::iter::once(siem_health(siem.status_handle()))
+            .chain(cgroups_section)
+            .collect(),
         ..ApiConfig::default()
     };
     let server = match Server::start(api, executor.clone(), log) {

@@ -328,3 +328,36 @@ fn a_doorbell_flood_costs_the_agent_a_bounded_number_of_wake_ups() {
     assert!(used <= 50, "the flood cost the agent {used} ticks of CPU");
     assert_still_serves(&agent, "after");
 }
+
+/// `GET /v1/health` says which cgroup hierarchy holds the clones (the one the host has: v2
+/// where the unified hierarchy has the controllers, v1 on a hybrid host) with its limits;
+/// with `--no-cgroups` it says `off`.
+#[test]
+fn health_names_the_clones_cgroup_or_says_it_is_off() {
+    let host_v2 = std::fs::read_to_string("/sys/fs/cgroup/cgroup.controllers").is_ok_and(|c| {
+        ["cpu", "memory", "pids"]
+            .iter()
+            .all(|x| c.split_whitespace().any(|y| y == *x))
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let agent = Agent::start(
+        &dir.path().join("data"),
+        &["--clones-cpu-weight", "40", "--clones-memory-mib", "1024"],
+    );
+    let (code, health) = agent.get("/v1/health");
+    assert_eq!(code, 200, "{health}");
+    let cg = &health["cgroups"];
+    assert_eq!(cg["version"], if host_v2 { "v2" } else { "v1" }, "{cg}");
+    assert_eq!(cg["cpu_weight"], 40, "{cg}");
+    assert_eq!(cg["memory_max"], 1024u64 << 20, "{cg}");
+    assert!(cg["pids"].as_u64().unwrap() >= 1, "{cg}");
+    drop(agent);
+
+    let dir = tempfile::tempdir().unwrap();
+    let agent = Agent::start(&dir.path().join("data"), &["--no-cgroups"]);
+    let (code, health) = agent.get("/v1/health");
+    assert_eq!(code, 200, "{health}");
+    assert_eq!(health["cgroups"]["version"], "off", "{health}");
+    let (code, body) = agent.tx("open_account", json!({"name": "nocg", "balance": 1}));
+    assert_eq!(code, 200, "{body}");
+}
