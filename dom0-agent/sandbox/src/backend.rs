@@ -65,6 +65,8 @@ pub struct QuarantineFull {
 }
 /// Name of the zygote's (empty) root directory in `run_dir`.
 pub const ROOT_DIR: &str = "sandbox-root";
+/// The zygote's nice value (its clones reset theirs to 0).
+const ZYGOTE_NICE: i32 = -10;
 /// How long shutdown waits for the zygote to exit before killing it.
 const ZYGOTE_EXIT_WAIT: Duration = Duration::from_secs(5);
 /// How long quarantine waits for the zygote to see the clone stopped.
@@ -875,6 +877,11 @@ fn supervise(
     };
     drop(zygote_end);
     let pid = child.id();
+    // The zygote forks every clone: at nice -10 it is not starved by spinning clones in
+    // their shared cgroup (each clone resets itself to nice 0 before the guest runs).
+    if let Err(e) = sys::set_nice(pid, ZYGOTE_NICE) {
+        warn!(shared.logger, "raising the zygote's priority failed"; "error" => %e);
+    }
     // Into the clones' group before it forks anything: every clone inherits it.
     if let Some(group) = &shared.cgroup {
         if let Err(e) = group.enter(pid) {

@@ -496,3 +496,14 @@ pub fn release_free_heap() -> bool {
         false
     }
 }
+
+/// `setpriority(PRIO_PROCESS, pid, nice)`; `pid` 0 is the caller.
+pub(crate) fn set_nice(pid: u32, nice: i32) -> io::Result<()> {
+    // SAFETY: plain syscall with integer arguments.
+    #[allow(unsafe_code)]
+    let r = unsafe { libc::setpriority(libc::PRIO_PROCESS, pid, nice) };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}

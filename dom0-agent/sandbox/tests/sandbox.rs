@@ -1240,6 +1240,20 @@ fn clones_run_in_the_sandboxs_cgroup_with_its_limits() {
     assert!(in_group(sandbox.zygote_pid()), "zygote not in {name}");
     let mut domain = sandbox.take_clone(WAIT).unwrap();
     assert!(in_group(domain.pid()), "clone not in {name}");
+    // The zygote, which forks for every transaction, runs at nice -10 so that spinning
+    // clones in the same group do not starve it; a clone runs at nice 0.
+    let nice = |pid: u32| {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+        let rest = stat.rsplit(')').next().unwrap();
+        // Field 19 of the line; 17th after the command.
+        rest.split_whitespace()
+            .nth(16)
+            .unwrap()
+            .parse::<i32>()
+            .unwrap()
+    };
+    assert_eq!(nice(sandbox.zygote_pid()), -10);
+    assert_eq!(nice(domain.pid()), 0);
     assert!(
         !in_group(std::process::id()),
         "the agent itself is in {name}"
