@@ -361,3 +361,56 @@ fn health_names_the_clones_cgroup_or_says_it_is_off() {
     let (code, body) = agent.tx("open_account", json!({"name": "nocg", "balance": 1}));
     assert_eq!(code, 200, "{body}");
 }
+
+/// A guest that spins past the demotion point (100 ms) is set to nice 19, so that it takes
+/// little CPU from clones whose transactions are short; it still ends at the deadline.
+#[test]
+fn a_spinning_guest_is_demoted_and_ends_at_the_deadline() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let policy = common::permissive_policy(dir.path());
+    let agent = Agent::start(&data, &[&policy[0], &policy[1], "--tx-timeout-ms", "3000"]);
+    let agent_pid = agent.child.as_ref().unwrap().id();
+    let stat = |pid: u32| -> Option<(String, u32, i32)> {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        let (head, rest) = stat.rsplit_once(')')?;
+        let comm = head.split_once('(')?.1.to_owned();
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        Some((comm, f.get(1)?.parse().ok()?, f.get(16)?.parse().ok()?))
+    };
+    // The clones of this agent: children of its zygote, itself a child of the agent.
+    let clones = || -> Vec<(u32, i32)> {
+        let pids: Vec<u32> = std::fs::read_dir("/proc")
+            .unwrap()
+            .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+            .collect();
+        let zygotes: Vec<u32> = pids
+            .iter()
+            .copied()
+            .filter(|p| stat(*p).is_some_and(|(_, ppid, _)| ppid == agent_pid))
+            .collect();
+        pids.iter()
+            .filter_map(|p| {
+                let (comm, ppid, nice) = stat(*p)?;
+                (zygotes.contains(&ppid) && comm == "mayfly-clone").then_some((*p, nice))
+            })
+            .collect()
+    };
+    std::thread::scope(|s| {
+        let spinner = s.spawn(|| agent.tx("test.loop_forever", json!(null)));
+        // Poll (bounded) until one of its clones runs at nice 19.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+        let mut demoted = false;
+        while std::time::Instant::now() < deadline && !demoted {
+            demoted = clones().iter().any(|(_, nice)| *nice == 19);
+            std::thread::yield_now();
+        }
+        assert!(demoted, "no clone at nice 19: {:?}", clones());
+        // The pooled clones are not demoted.
+        assert!(clones().iter().any(|(_, nice)| *nice == 0), "{:?}", clones());
+        let (code, body) = spinner.join().unwrap();
+        assert_eq!(code, 500, "{body}");
+        assert_eq!(body["error"], "transaction timed out", "{body}");
+    });
+    assert_still_serves(&agent, "after-spin");
+}

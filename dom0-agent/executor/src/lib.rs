@@ -53,6 +53,9 @@ pub const DEFAULT_MAX_WRITE_BYTES: u64 = 4 << 20;
 /// (1 MiB: far above what the shipped handlers write, so honest traffic does not pay for it).
 pub const RELEASE_AFTER_BYTES: u64 = 1 << 20;
 
+/// Default of [`ExecutorConfig::demote_after`]: 100 ms (a `transfer` takes a few ms).
+pub const DEFAULT_DEMOTE_AFTER: Duration = Duration::from_millis(100);
+
 /// Limits applied to every transaction.
 #[derive(Debug, Clone)]
 pub struct ExecutorConfig {
@@ -72,6 +75,10 @@ pub struct ExecutorConfig {
     /// agent passes `mayfly_sandbox::release_free_heap`), so that an attack with large write
     /// sets does not leave the agent's memory at its peak. `None`: nothing is called.
     pub release_memory: Option<fn() -> bool>,
+    /// A transaction still running after this long has its domain demoted
+    /// ([`Domain::demote`]: the sandbox sets the clone to nice 19), so that guests that
+    /// spin until the deadline do not take CPU from short transactions; `None`: never.
+    pub demote_after: Option<Duration>,
     /// Runs of a transaction that hit serialization conflicts, in fresh domains.
     pub max_attempts: u32,
 }
@@ -84,6 +91,7 @@ impl Default for ExecutorConfig {
             max_ops: 10_000,
             max_write_bytes: DEFAULT_MAX_WRITE_BYTES,
             release_memory: None,
+            demote_after: Some(DEFAULT_DEMOTE_AFTER),
             max_attempts: 16,
         }
     }
@@ -887,6 +895,7 @@ impl Executor {
             return Served::Failed(Failure::ProtocolViolation(format!("sending Start: {e}")));
         }
         let deadline = Instant::now() + self.config.tx_timeout;
+        let mut demote_at = self.config.demote_after.map(|d| Instant::now() + d);
         let mut ops: u32 = 0;
         let mut log_lines: u32 = 0;
         let mut bytes_written: u64 = 0;
@@ -900,8 +909,20 @@ impl Executor {
             if left.is_zero() {
                 return Served::Failed(Failure::Timeout);
             }
-            let env = match ring.recv_request(&notifier, Some(left)) {
+            // Wait no longer than the demotion point; past it, demote once and wait on.
+            let until_demote = demote_at.map(|at| at.saturating_duration_since(Instant::now()));
+            if until_demote.is_some_and(|d| d.is_zero()) {
+                demote_at = None;
+                if let Err(e) = domain.demote() {
+                    debug!(log, "demoting the domain failed"; "error" => %e);
+                }
+                continue;
+            }
+            let wait = until_demote.map_or(left, |d| d.min(left));
+            let (ring, notifier) = domain.ring();
+            let env = match ring.recv_request(&notifier, Some(wait)) {
                 Ok(env) => env,
+                Err(RingError::Timeout { .. }) if wait < left => continue,
                 Err(RingError::Timeout { .. }) => return Served::Failed(Failure::Timeout),
                 Err(RingError::PeerGone) => {
                     return Served::Failed(Failure::DomainDied(DomainExit::Crashed { signal: 0 }))

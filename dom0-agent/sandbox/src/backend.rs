@@ -67,6 +67,8 @@ pub struct QuarantineFull {
 pub const ROOT_DIR: &str = "sandbox-root";
 /// The zygote's nice value (its clones reset theirs to 0).
 const ZYGOTE_NICE: i32 = -10;
+/// A demoted clone's nice value ([`Domain::demote`]).
+const DEMOTED_NICE: i32 = 19;
 /// How long shutdown waits for the zygote to exit before killing it.
 const ZYGOTE_EXIT_WAIT: Duration = Duration::from_secs(5);
 /// How long quarantine waits for the zygote to see the clone stopped.
@@ -1362,6 +1364,22 @@ impl SandboxDomain {
 }
 
 impl Domain for SandboxDomain {
+    /// Sets the clone to nice 19: among the clones of its cgroup, a spinning guest then
+    /// gets a small fraction of what a clone at nice 0 gets.
+    fn demote(&mut self) -> Result<(), DomainError> {
+        let Some(handle) = self.clone_handle() else {
+            return Ok(());
+        };
+        let (id, pid) = (handle.cell.id, handle.cell.pid);
+        // A clone that already ended may have been reaped: its pid could name another
+        // process by now.
+        if handle.cell.exited_within(Duration::ZERO).unwrap_or(true) {
+            return Ok(());
+        }
+        sys::set_nice(u32::try_from(pid).unwrap_or(0), DEMOTED_NICE)
+            .map_err(|e| self.shared.domain_error(id, e))
+    }
+
     fn id(&self) -> DomainId {
         self.clone_handle().map_or(0, |h| h.cell.id)
     }

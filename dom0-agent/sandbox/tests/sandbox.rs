@@ -1254,6 +1254,9 @@ fn clones_run_in_the_sandboxs_cgroup_with_its_limits() {
     };
     assert_eq!(nice(sandbox.zygote_pid()), -10);
     assert_eq!(nice(domain.pid()), 0);
+    // Demoted (a transaction that runs long): nice 19.
+    domain.demote().unwrap();
+    assert_eq!(nice(domain.pid()), 19);
     assert!(
         !in_group(std::process::id()),
         "the agent itself is in {name}"
