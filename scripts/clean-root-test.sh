@@ -18,9 +18,10 @@
 #
 # Inside the root: the repository is bind-mounted at /src, with an empty directory of the root
 # mounted over its target/ (everything is built afresh, and the host's build is left alone); the
-# host's rustup home and cargo binaries are bind-mounted read-only at the same paths inside
-# (rustup's toolchain links are absolute); the rest of CARGO_HOME is empty inside the root, so
-# every crate is fetched again and every cargo tool installed again. /proc, /sys (with the cgroup mounts), /dev and /dev/pts come from the host;
+# host's rustup home is bind-mounted read-only at the same path inside (rustup's toolchain
+# links are absolute) and the host's cargo binaries (rustup's proxies) read-only at
+# /opt/host-cargo-bin, last on PATH; CARGO_HOME inside the root starts empty (its bin/ first
+# on PATH), so every crate is fetched and every cargo tool installed again. /proc, /sys (with the cgroup mounts), /dev and /dev/pts come from the host;
 # a private mount namespace drops every mount when the run ends. Besides the toolchain, only
 # /etc/resolv.conf and the CA certificates the host's administrator added
 # (/usr/local/share/ca-certificates, for networks that intercept TLS) are copied in.
@@ -68,7 +69,8 @@ if compgen -G "/usr/local/share/ca-certificates/*" >/dev/null; then
     mkdir -p "$root/run/usr/local/share/ca-certificates"
     cp -a /usr/local/share/ca-certificates/. "$root/run/usr/local/share/ca-certificates/"
 fi
-mkdir -p "$root/run/src" "$root/run/$rustup_home" "$root/run/$cargo_bin" \
+mkdir -p "$root/run/src" "$root/run/$rustup_home" "$root/run/opt/host-cargo-bin" \
+    "$root/run/$cargo_bin" \
     "$root/run/var/mayfly-target"
 
 if [ -n "$rev" ]; then
@@ -95,12 +97,12 @@ unshare --mount --propagation private -- bash -euo pipefail -c '
     mount --bind "$r/var/mayfly-target" "$r/src/target"
     mount --bind "$rustup_home" "$r/$rustup_home"
     mount -o remount,bind,ro "$r/$rustup_home"
-    mount --bind "$cargo_bin" "$r/$cargo_bin"
-    mount -o remount,bind,ro "$r/$cargo_bin"
+    mount --bind "$cargo_bin" "$r/opt/host-cargo-bin"
+    mount -o remount,bind,ro "$r/opt/host-cargo-bin"
     mount -t tmpfs -o mode=1777 tmpfs "$r/tmp"
     exec chroot "$r" /usr/bin/env -i \
         HOME=/root TERM="${TERM:-dumb}" LANG=C.UTF-8 \
-        PATH="$cargo_bin":/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
+        PATH="$cargo_bin":/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin:/opt/host-cargo-bin \
         RUSTUP_HOME="$rustup_home" CARGO_HOME="$(dirname "$cargo_bin")" \
         bash -c "cd /src && exec \"\$@\"" run "$@"
 ' clean-root "$root/run" "$repo" "$rustup_home" "$cargo_bin" "$@"
