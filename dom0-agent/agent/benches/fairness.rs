@@ -19,7 +19,8 @@
 //! Run: `cargo build --release -p domu-shim && scripts/build-zygote.sh target/zygote-static
 //! --all-features && BENCH_ZYGOTE=$PWD/target/zygote-static/mayfly-zygote cargo bench -p
 //! dom0-agent --features test-handlers --bench fairness` (`BENCH_SECS`, default 5, per mix;
-//! `BENCH_REPS`, default 3, interleaved; `BENCH_MIXES`, default all, comma-separated).
+//! `BENCH_REPS`, default 3, interleaved; `BENCH_MIXES`, default all, comma-separated;
+//! `BENCH_CGROUPS=on|off`, default both; `BENCH_CLONES_WEIGHT`, the clones' cgroup weight).
 #![allow(
     missing_docs,
     clippy::cast_possible_truncation,
@@ -110,6 +111,14 @@ fn run_mix(dir: &Path, zygote: &Path, cgroups: bool, hostile: (&str, &str), secs
     config.max_in_use = 64;
     if !cgroups {
         config.cgroups = None;
+    }
+    if let (Some(limits), Some(weight)) = (
+        config.cgroups.as_mut(),
+        std::env::var("BENCH_CLONES_WEIGHT")
+            .ok()
+            .and_then(|w| w.parse().ok()),
+    ) {
+        limits.cpu_weight = weight;
     }
     let sandbox = Arc::new(Sandbox::start(config, log()).unwrap());
     sandbox.wait_ready(16, Duration::from_secs(30));
@@ -269,7 +278,12 @@ fn main() {
          {secs} s per mix, {reps} interleaved repetitions, template {}",
         zygote.display()
     );
-    for cgroups in [true, false] {
+    let settings: &[bool] = match std::env::var("BENCH_CGROUPS").as_deref() {
+        Ok("on") => &[true],
+        Ok("off") => &[false],
+        _ => &[true, false],
+    };
+    for &cgroups in settings {
         let mut results: Vec<Vec<Result1>> = vec![Vec::new(); mixes.len()];
         for rep in 0..reps {
             for (i, (name, handler, payload)) in mixes.iter().enumerate() {

@@ -127,7 +127,7 @@ pub struct ServeArgs {
     #[arg(long)]
     no_cgroups: bool,
     /// Sandbox: CPU weight of all clones together, 1..=10000 (the agent's is 100; v1:
-    /// cpu.shares = weight × 1024 / 100) [default: 25].
+    /// cpu.shares = weight × 4096 / 100, against four agent threads) [default: 25].
     #[arg(long)]
     clones_cpu_weight: Option<u32>,
     /// Sandbox: CPU quota of all clones together, in percent of one CPU (per 10 ms period)

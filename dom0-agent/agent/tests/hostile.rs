@@ -407,7 +407,11 @@ fn a_spinning_guest_is_demoted_and_ends_at_the_deadline() {
         }
         assert!(demoted, "no clone at nice 19: {:?}", clones());
         // The pooled clones are not demoted.
-        assert!(clones().iter().any(|(_, nice)| *nice == 0), "{:?}", clones());
+        assert!(
+            clones().iter().any(|(_, nice)| *nice == 0),
+            "{:?}",
+            clones()
+        );
         let (code, body) = spinner.join().unwrap();
         assert_eq!(code, 500, "{body}");
         assert_eq!(body["error"], "transaction timed out", "{body}");

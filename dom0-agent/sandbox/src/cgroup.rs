@@ -26,7 +26,10 @@
 //! ahead of clones that have been spinning, so it still runs promptly among twenty spinners,
 //! and spinners end at the transaction's deadline (and at `RLIMIT_CPU`). What the group
 //! takes from the agent is bounded by its weight (default 25 against the agent's 100 in v2;
-//! v1: `cpu.shares` 256 against each agent thread's 1024) and its quota.
+//! v1: `cpu.shares` 1024, one agent thread's, against the agent's several threads) and its
+//! quota. (v1 with 256 shares was measured: on a loaded host the clones then starved
+//! behind unrelated processes, halving honest throughput with no hostile guest at all;
+//! `BENCHMARKS.md`.)
 
 use std::fs;
 use std::io::{self, Write};
@@ -45,8 +48,11 @@ pub const CPU_PERIOD_US: u64 = 10_000;
 /// What the clones' group is limited to (`SandboxConfig::cgroups`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct CgroupLimits {
-    /// CPU weight of the group, 1..=10000 on v2's scale (the agent's is 100); v1's
-    /// `cpu.shares` is `weight * 1024 / 100`.
+    /// CPU weight of the group, 1..=10000 on v2's scale (the agent's leaf is 100). In v1
+    /// the agent is not grouped: each of its threads weighs 1024 on its own, so the weight
+    /// is taken against four of them (the committer, executor callers, the sandbox's
+    /// supervisor and refill threads are the agent's busy set): `cpu.shares` is
+    /// `weight * 4096 / 100` (25 → 1024, one agent thread).
     pub cpu_weight: u32,
     /// CPU quota in percent of one CPU (150 = one and a half CPUs), per
     /// [`CPU_PERIOD_US`]; `None`: no quota.
@@ -116,7 +122,7 @@ impl CgroupLimits {
     }
 
     fn v1_shares(&self) -> u64 {
-        (u64::from(self.cpu_weight) * 1024 / 100).max(2)
+        (u64::from(self.cpu_weight) * 4096 / 100).max(2)
     }
 
     fn quota_us(&self) -> Option<u64> {
@@ -784,12 +790,12 @@ mod tests {
         assert_eq!(l.pids_for(100), 216);
         assert_eq!(l.cpu_max_percent, Some(360));
         assert_eq!(l.quota_us(), Some(36_000));
-        assert_eq!(l.v1_shares(), 256);
+        assert_eq!(l.v1_shares(), 1024);
         l.validate().unwrap();
         l.cpu_weight = 0;
         assert!(l.validate().is_err());
         l.cpu_weight = 1;
-        assert_eq!(l.v1_shares(), 10);
+        assert_eq!(l.v1_shares(), 40);
         l.memory_max = 1 << 20;
         assert!(l.validate().is_err());
     }

@@ -1207,7 +1207,7 @@ fn clones_run_in_the_sandboxs_cgroup_with_its_limits() {
             assert_eq!(read("memory.max"), (512u64 << 20).to_string());
         }
         mayfly_sandbox::cgroup::Version::V1 => {
-            assert_eq!(read("cpu.shares"), "307");
+            assert_eq!(read("cpu.shares"), "1228");
             assert_eq!(read("cpu.cfs_period_us"), "10000");
             assert_eq!(read("cpu.cfs_quota_us"), "12000");
             assert_eq!(read("memory.limit_in_bytes"), (512u64 << 20).to_string());
