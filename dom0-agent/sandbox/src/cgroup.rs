@@ -534,6 +534,14 @@ impl ClonesGroup {
     }
 }
 
+impl Drop for ClonesGroup {
+    /// Removes what is left of the group without waiting (after a failed start; after a
+    /// shutdown, which removes it and waits, there is nothing left).
+    fn drop(&mut self) {
+        let _ = self.remove(Duration::ZERO);
+    }
+}
+
 /// Polls `cgroup.procs` of `dirs` for up to `limit` until all are empty.
 fn wait_empty(dirs: &[PathBuf], limit: Duration) -> bool {
     let deadline = Instant::now().checked_add(limit);
