@@ -21,12 +21,18 @@ apt_install() {
     as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "$@"
 }
 
-# A C compiler for LMDB and ring; mount for the tmpfs tests.
+# What every build and test needs. Each check tests for the file its package provides and the
+# build actually uses (a command on PATH, a header, a library as its loader looks for it).
 ensure_build_tools() {
     local missing=()
-    # cc for LMDB and ring; c++ for libFuzzer (cargo-fuzz).
+    # cc for LMDB and ring; c++ for libFuzzer (cargo-fuzz); the C library's headers, which a
+    # compiler alone does not bring (gcc only recommends libc6-dev).
     { command -v cc && command -v c++; } >/dev/null || missing+=(build-essential)
-    command -v mount >/dev/null || missing+=(mount)
+    [ -f /usr/include/stdio.h ] || missing+=(libc6-dev)
+    # cargo fetches crates over HTTPS and checks the server against this bundle.
+    [ -f /etc/ssl/certs/ca-certificates.crt ] || missing+=(ca-certificates)
+    # mount/umount for the ledger's full-disk (tmpfs) tests.
+    { command -v mount && command -v umount; } >/dev/null || missing+=(mount)
     if [ ${#missing[@]} -gt 0 ]; then apt_install "${missing[@]}"; fi
 }
 
@@ -46,11 +52,14 @@ ensure_shellcheck() {
     command -v shellcheck >/dev/null || apt_install shellcheck
 }
 
-# ensure_cargo_tool <command> <crate> <version>
+# ensure_cargo_tool <command> <crate> <version>: installs the crate unless <command> on PATH
+# already says it is that version (another version may not read this tree's configuration).
 ensure_cargo_tool() {
-    if ! command -v "$1" >/dev/null; then
-        echo "==> installing $2 $3 with cargo"
-        cargo install --locked "$2" --version "$3"
+    local have
+    have=$("$1" --version 2>/dev/null || true)
+    if [ "${have##* }" != "$3" ]; then
+        echo "==> installing $2 $3 with cargo (found: ${have:-none})"
+        cargo install --locked --force "$2" --version "$3"
     fi
 }
 
@@ -60,10 +69,16 @@ ensure_xen_qemu_packages() {
     local missing=()
     [ -e /boot/xen-4.17-amd64.gz ] || missing+=(xen-hypervisor-4.17-amd64)
     [ -x /usr/lib/xen-4.17/bin/xl ] || missing+=(xen-utils-4.17)
-    command -v xenstore-write >/dev/null || missing+=(xenstore-utils)
+    { command -v xenstore-write && command -v xenstore-read && command -v xenstore-ls; } \
+        >/dev/null || missing+=(xenstore-utils)
     command -v qemu-system-x86_64 >/dev/null || missing+=(qemu-system-x86)
     [ -n "$(linux_version)" ] || missing+=(linux-image-amd64)
-    [ -x /bin/busybox ] && /bin/busybox --list | grep -qx ip || missing+=(busybox-static)
+    # The dom0 initramfs gets /bin/busybox without its libraries: it must be the static build
+    # (Debian's dynamic `busybox` names the loader in its ELF header; the static one does not).
+    if ! [ -x /bin/busybox ] || ! /bin/busybox --list | grep -qx ip ||
+        LC_ALL=C grep -qa 'ld-linux-x86-64' /bin/busybox; then
+        missing+=(busybox-static)
+    fi
     command -v cpio >/dev/null || missing+=(cpio)
     command -v xz >/dev/null || missing+=(xz-utils)
     command -v curl >/dev/null || missing+=(curl)
@@ -84,10 +99,23 @@ linux_version() {
 # bindgen (Debian 12's 0.60.1), libclang and the Xen 4.17 headers, for the bindings' drift
 # check (bindgen/xen-sys/check-drift.sh). The Xen libraries themselves are only loaded at run
 # time, by `dom0-agent serve --backend xen`.
+#
+# Debian's bindgen loads libclang at run time (clang-sys): it looks for libclang.so,
+# libclang.so.*, libclang-<version>.so and libclang-<version>.so.* under /usr/lib. Only those
+# files count here: libclang-cpp.so.14 (the C++ library, pulled in by other packages) is not
+# libclang and bindgen fails with "Unable to find libclang" beside it. libclang also needs its
+# own builtin headers (stddef.h, stdint.h... under lib/clang/<version>/include) to parse the
+# Xen headers. libclang-dev brings both (libclang1-14, libclang-common-14-dev).
+have_libclang() {
+    compgen -G "/usr/lib/llvm-*/lib/libclang.so" ||
+        compgen -G "/usr/lib/llvm-*/lib/libclang.so.[0-9]*" ||
+        compgen -G "/usr/lib/*-linux-gnu/libclang-[0-9]*.so*"
+}
 ensure_xen_bindgen_tools() {
     local missing=()
-    command -v bindgen >/dev/null || missing+=(bindgen)
+    [ "$(bindgen --version 2>/dev/null)" = "bindgen 0.60.1" ] || missing+=(bindgen)
     [ -f /usr/include/xenctrl.h ] || missing+=(libxen-dev)
-    compgen -G "/usr/lib/llvm-*/lib/libclang*.so*" >/dev/null || missing+=(libclang-dev)
+    have_libclang >/dev/null || missing+=(libclang-dev)
+    compgen -G "/usr/lib/llvm-*/lib/clang/*/include/stddef.h" >/dev/null || missing+=(libclang-dev)
     if [ ${#missing[@]} -gt 0 ]; then apt_install "${missing[@]}"; fi
 }

@@ -17,7 +17,8 @@
 //! BENCH_ZYGOTE=$PWD/target/zygote-static/mayfly-zygote cargo bench -p dom0-agent --bench
 //! transactions` — the sandbox measured with the statically linked template `scripts/run.sh`
 //! uses; without `BENCH_ZYGOTE`, with the dynamically linked one cargo builds (the header
-//! line says which).
+//! line says which). The sandbox runs with its clones' cgroup limits, as shipped;
+//! `BENCH_NO_CGROUPS=1` runs it without them.
 #![allow(
     missing_docs,
     clippy::cast_possible_truncation,
@@ -407,6 +408,11 @@ fn exec_backend(shim: &Path) -> Arc<dyn DomainBackend> {
 fn sandbox_backend(zygote: &Path, dir: &Path) -> Arc<dyn DomainBackend> {
     let mut config = SandboxConfig::new(zygote, Vec::<String>::new(), dir.join("run"));
     config.pool_size = 16;
+    // The clones' cgroup limits are on by default, as shipped; BENCH_NO_CGROUPS=1 measures
+    // without them (what they cost per transaction).
+    if std::env::var_os("BENCH_NO_CGROUPS").is_some() {
+        config.cgroups = None;
+    }
     Arc::new(Sandbox::start(config, log()).unwrap())
 }
 
@@ -460,7 +466,8 @@ fn main() {
     let built = PathBuf::from(env!("CARGO_BIN_EXE_mayfly-zygote"));
     let shim = built.with_file_name("domu-shim");
     let zygote = std::env::var_os("BENCH_ZYGOTE").map_or(built, PathBuf::from);
-    if !shim.exists() {
+    let only = std::env::var("BENCH_ONLY").ok();
+    if !shim.exists() && only.as_deref().is_none_or(|o| o == "fork+exec") {
         eprintln!(
             "{} is missing: build it first with `cargo build {}-p domu-shim`",
             shim.display(),
@@ -472,7 +479,7 @@ fn main() {
         .prefix("mayfly-txbench")
         .tempdir_in(env!("CARGO_TARGET_TMPDIR"))
         .unwrap();
-    if let Ok(only) = std::env::var("BENCH_ONLY") {
+    if let Some(only) = only {
         // Profiling aid: one configuration, one run, BENCH_CLIENTS clients.
         let d = root.path().join("only");
         let n = env_or("BENCH_CLIENTS", CLIENTS as f64) as usize;

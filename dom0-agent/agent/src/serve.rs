@@ -22,12 +22,19 @@
 //! idle_timeout_ms = 5000     # an idle kept-alive connection is closed after
 //! max_body_bytes = 262144    # request body; more get 413
 //! tx_timeout_ms = 5000       # Start to Commit/Abort
+//! max_write_bytes = 4194304  # bytes one transaction may write (keys + values); past it the
+//!                            # transaction ends as `tx.write_limit` (Warning)
 //! take_timeout_ms = 2000     # wait for a ready domain; then 503 (Xen under emulation: longer)
 //! map_size_mib = 4096        # initial LMDB map size; grown on demand (doubling) up to:
 //! max_map_size_mib = 65536   # the largest the ledger may grow to
 //! memory_mib = 256           # address-space limit of each domain
 //! cpu_seconds = 10           # CPU-time limit of each domain
 //! refusal_interval_ms = 10000  # repeated identical refusals: one counted audit record per interval
+//! cgroups = true             # sandbox: all clones in one control group (false: none, loudly)
+//! clones_cpu_weight = 25     # its CPU weight (the agent's is 100)
+//! clones_cpu_max_percent = 180  # its CPU quota, % of one CPU [default: 90 % of the host's CPUs]
+//! clones_memory_mib = 4096   # memory of all clones together [default: a quarter of the host's]
+//! clones_pids_max = 200      # processes [default: twice the clones that can be alive, + 16]
 //! zygote = "/usr/libexec/mayfly/mayfly-zygote"  # the template executable; default: beside dom0-agent
 //! policy = "/etc/mayfly/policy" # directory of *.toml; default: the built-in bundle
 //!
@@ -156,6 +163,11 @@ pub struct ServeArgs {
     /// [default: 2000].
     #[arg(long)]
     take_timeout_ms: Option<u64>,
+    /// Most bytes one transaction may write (keys and values of its puts, keys of its
+    /// deletes, as they arrive); the write crossing it ends the transaction, audited as
+    /// `tx.write_limit` [default: 4194304 = 4 MiB; at most 8 MiB, the checkpoint cap].
+    #[arg(long)]
+    max_write_bytes: Option<u64>,
     /// Initial LMDB map size in MiB [default: 4096]; the committer doubles it on demand, up
     /// to --max-map-size-mib, without a restart.
     #[arg(long)]
@@ -182,6 +194,28 @@ pub struct ServeArgs {
     /// this many ms [default: 10000].
     #[arg(long)]
     refusal_interval_ms: Option<u64>,
+    /// Sandbox: run clones WITHOUT a control group (no CPU weight or quota, no memory or
+    /// pids limit for all clones together). Only for hosts without cgroups: spinning or
+    /// allocating guests can then starve the agent. Without it, the agent refuses to start
+    /// where the limits cannot be applied.
+    #[arg(long)]
+    no_cgroups: bool,
+    /// Sandbox: CPU weight of all clones together, 1..=10000 (the agent's is 100; v1:
+    /// cpu.shares = weight × 4096 / 100, against four agent threads) [default: 25].
+    #[arg(long)]
+    clones_cpu_weight: Option<u32>,
+    /// Sandbox: CPU quota of all clones together, in percent of one CPU (per 10 ms period)
+    /// [default: 90 % of the host's online CPUs].
+    #[arg(long)]
+    clones_cpu_max_percent: Option<u32>,
+    /// Sandbox: memory of all clones together (and the zygote), MiB [default: a quarter of
+    /// the host's memory].
+    #[arg(long)]
+    clones_memory_mib: Option<u64>,
+    /// Sandbox: processes of the clones' group [default: twice the clones that can be
+    /// alive at once, plus 16].
+    #[arg(long)]
+    clones_pids_max: Option<u64>,
     /// Sandbox backend: the template executable every domain is forked from [default:
     /// mayfly-zygote in the directory of the dom0-agent executable].
     #[arg(long)]
@@ -265,11 +299,17 @@ struct FileConfig {
     tls: Option<TlsFileConfig>,
     tx_timeout_ms: Option<u64>,
     take_timeout_ms: Option<u64>,
+    max_write_bytes: Option<u64>,
     map_size_mib: Option<usize>,
     max_map_size_mib: Option<usize>,
     memory_mib: Option<u64>,
     cpu_seconds: Option<u64>,
     refusal_interval_ms: Option<u64>,
+    cgroups: Option<bool>,
+    clones_cpu_weight: Option<u32>,
+    clones_cpu_max_percent: Option<u32>,
+    clones_memory_mib: Option<u64>,
+    clones_pids_max: Option<u64>,
     zygote: Option<PathBuf>,
     policy: Option<PathBuf>,
     xen: Option<XenSection>,
@@ -290,11 +330,14 @@ struct Settings {
     tls: Option<mayfly_api::TlsFiles>,
     tx_timeout: Duration,
     take_timeout: Duration,
+    max_write_bytes: u64,
     map_size: usize,
     max_map_size: usize,
     memory_bytes: u64,
     cpu_seconds: u64,
     refusal_interval: Duration,
+    /// The clones' cgroup limits; `None`: cgroups off.
+    cgroups: Option<mayfly_sandbox::cgroup::CgroupLimits>,
     /// The sandbox template executable, if set; otherwise beside the agent's own.
     zygote: Option<PathBuf>,
     policy: Option<PathBuf>,
@@ -355,6 +398,7 @@ fn console_settings(
         authorizer: mayfly_command::Authorizer::new(keys, skew, max_validity),
         quorum,
         max_connections: 8,
+        max_tcp_connections: 8,
         io_timeout: Duration::from_secs(30),
     }))
 }
@@ -432,6 +476,10 @@ fn load(args: &ServeArgs) -> anyhow::Result<Settings> {
                 .or(file.take_timeout_ms)
                 .unwrap_or(2000),
         ),
+        max_write_bytes: args
+            .max_write_bytes
+            .or(file.max_write_bytes)
+            .unwrap_or(mayfly_executor::DEFAULT_MAX_WRITE_BYTES),
         map_size: args
             .map_size_mib
             .or(file.map_size_mib)
@@ -453,6 +501,26 @@ fn load(args: &ServeArgs) -> anyhow::Result<Settings> {
                 .or(file.refusal_interval_ms)
                 .unwrap_or(10_000),
         ),
+        cgroups: if args.no_cgroups || file.cgroups == Some(false) {
+            None
+        } else {
+            let defaults = mayfly_sandbox::cgroup::CgroupLimits::host_defaults();
+            Some(mayfly_sandbox::cgroup::CgroupLimits {
+                cpu_weight: args
+                    .clones_cpu_weight
+                    .or(file.clones_cpu_weight)
+                    .unwrap_or(defaults.cpu_weight),
+                cpu_max_percent: args
+                    .clones_cpu_max_percent
+                    .or(file.clones_cpu_max_percent)
+                    .or(defaults.cpu_max_percent),
+                memory_max: args
+                    .clones_memory_mib
+                    .or(file.clones_memory_mib)
+                    .map_or(defaults.memory_max, |m| m.saturating_mul(1 << 20)),
+                pids_max: args.clones_pids_max.or(file.clones_pids_max),
+            })
+        },
         zygote: args.zygote.clone().or(file.zygote),
         policy: args.policy.clone().or(file.policy),
         xen: xen_section(args, file.xen.unwrap_or_default()),
@@ -483,11 +551,21 @@ fn load(args: &ServeArgs) -> anyhow::Result<Settings> {
     if s.refusal_interval.is_zero() {
         bail!("refusal_interval_ms must be at least 1");
     }
+    let checkpoint_cap =
+        u64::try_from(mayfly_ledger::checkpoint::MAX_CHECKPOINT_BYTES).unwrap_or(u64::MAX);
+    if s.max_write_bytes == 0 || s.max_write_bytes > checkpoint_cap {
+        bail!(
+            "max_write_bytes must be 1..={checkpoint_cap} (a larger write set cannot fit in one checkpoint)"
+        );
+    }
     if s.map_size < (16 << 20) {
         bail!("map_size_mib must be at least 16");
     }
     if s.max_map_size < s.map_size {
         bail!("max_map_size_mib must be at least map_size_mib");
+    }
+    if let Some(limits) = &s.cgroups {
+        limits.validate().context("clones' cgroup limits")?;
     }
     s.siem.validate().context("in the [siem] section")?;
     Ok(s)
@@ -537,12 +615,62 @@ fn xen(s: &Settings, log: &Logger) -> anyhow::Result<XenBackend> {
     XenBackend::start(config, log.clone()).context("starting the xen backend")
 }
 
-/// The configured backend.
-fn backend(s: &Settings, log: &Logger) -> anyhow::Result<Arc<dyn DomainBackend>> {
+/// The configured backend, and the `cgroups` section of `GET /v1/health` for the sandbox.
+fn backend(
+    s: &Settings,
+    log: &Logger,
+) -> anyhow::Result<(Arc<dyn DomainBackend>, Option<mayfly_api::HealthSection>)> {
     Ok(match s.backend.as_str() {
-        "xen" => Arc::new(xen(s, log)?),
-        _ => Arc::new(sandbox(s, log)?),
+        "xen" => (Arc::new(xen(s, log)?), None),
+        _ => {
+            let sandbox = Arc::new(sandbox(s, log)?);
+            print_cgroups(&sandbox);
+            let section = cgroups_health(Arc::clone(&sandbox));
+            (sandbox, Some(section))
+        }
     })
+}
+
+/// The clones' cgroup as `GET /v1/health` shows it: the hierarchy in use (`v2`, `v1`, or
+/// `off`), its paths, limits and usage.
+fn cgroups_health(sandbox: Arc<Sandbox>) -> mayfly_api::HealthSection {
+    mayfly_api::HealthSection {
+        name: "cgroups",
+        report: Arc::new(move || match sandbox.cgroup_status() {
+            None => serde_json::json!({"version": "off"}),
+            Some(st) => serde_json::json!({
+                "version": st.version.as_str(),
+                "paths": st.paths,
+                "cpu_weight": st.limits.cpu_weight,
+                "cpu_max_percent": st.limits.cpu_max_percent,
+                "memory_max": st.limits.memory_max,
+                "pids_max": st.limits.pids_max,
+                "memory_bytes": st.memory_bytes,
+                "pids": st.pids,
+                "throttled_periods": st.throttled_periods,
+            }),
+        }),
+    }
+}
+
+fn print_cgroups(sandbox: &Sandbox) {
+    match sandbox.cgroup_status() {
+        Some(st) => println!(
+            "mayfly: sandbox clones in cgroup {} {} (cpu weight {} against the agent's 100, quota {}, memory {} MiB, pids {})",
+            st.version.as_str(),
+            st.paths.first().map(|p| p.display().to_string()).unwrap_or_default(),
+            st.limits.cpu_weight,
+            st.limits
+                .cpu_max_percent
+                .map_or_else(|| "none".to_owned(), |p| format!("{p} % of a CPU")),
+            st.limits.memory_max >> 20,
+            st.limits.pids_max.unwrap_or(0),
+        ),
+        None => println!(
+            "mayfly: WARNING: sandbox clones run WITHOUT cgroup limits (--no-cgroups): \
+             spinning or allocating guests can starve the agent and honest clones"
+        ),
+    }
 }
 
 /// File name of the sandbox template executable, looked for beside `dom0-agent`.
@@ -583,6 +711,7 @@ fn sandbox(s: &Settings, log: &Logger) -> anyhow::Result<Sandbox> {
     config.max_in_use = s.max_in_flight.max(s.pool_size);
     config.limits.memory_bytes = s.memory_bytes;
     config.limits.cpu_seconds = s.cpu_seconds;
+    config.cgroups = s.cgroups;
     Sandbox::start(config, log.clone()).context("starting the sandbox backend")
 }
 
@@ -670,7 +799,7 @@ pub fn run(args: &ServeArgs, log: &Logger) -> anyhow::Result<u8> {
     let policy_files = crate::policy::files(s.policy.as_deref())?;
     let bundle = mayfly_policy::Bundle::load(&policy_files).context("loading the policy bundle")?;
     let policy_hash = bundle.hash();
-    let backend = backend(&s, log)?;
+    let (backend, cgroups_section) = backend(&s, log)?;
     let names = mayfly_zygote::handler_names();
     let executor = Arc::new(Executor::new(
         ledger.clone(),
@@ -683,6 +812,8 @@ pub fn run(args: &ServeArgs, log: &Logger) -> anyhow::Result<u8> {
                 interval: s.refusal_interval,
                 ..mayfly_executor::RefusalConfig::default()
             },
+            max_write_bytes: s.max_write_bytes,
+            release_memory: Some(mayfly_sandbox::release_free_heap),
             ..ExecutorConfig::default()
         },
         bundle,
@@ -701,7 +832,10 @@ pub fn run(args: &ServeArgs, log: &Logger) -> anyhow::Result<u8> {
         max_per_client: s.max_per_client,
         limits: s.limits.clone(),
         tls: s.tls.clone(),
-        health_sections: vec![siem_health(siem.status_handle()), capacity_health(&ledger)],
+        health_sections: [siem_health(siem.status_handle()), capacity_health(&ledger)]
+            .into_iter()
+            .chain(cgroups_section)
+            .collect(),
         metrics_sections: vec![siem_metrics(siem.status_handle(), ledger.clone())],
         ..ApiConfig::default()
     };

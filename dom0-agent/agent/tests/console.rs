@@ -790,3 +790,56 @@ fn with_the_quorum_rollback_example_a_report_alerts_and_only_the_quorum_rolls_ba
         "denied by policy rule canary.accounts (quarantine)"
     );
 }
+
+/// The TCP listener is open to every local user; the Unix socket only to root. A user who
+/// holds every TCP slot gets "busy" for one more TCP connection, but must not lock the
+/// Unix socket out: the two listeners have separate slots.
+#[test]
+fn tcp_clients_holding_every_tcp_slot_do_not_lock_out_the_unix_socket() {
+    let dir = tempfile::tempdir().unwrap();
+    // A free loopback port for the console's TCP listener.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let tcp = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    let mut flags = admin_flags(&[0xa1, 0xa2, 0xa3]);
+    flags.extend(["--console-tcp".to_owned(), tcp.to_string()]);
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let _agent = Agent::start(dir.path(), &flags);
+    let socket = dir.path().join("admin.sock");
+
+    // Eight silent TCP connections: each holds a slot until the console's 30 s request
+    // timeout. A ninth is answered "busy" once all eight are being served (accepting is
+    // asynchronous, so ask until it is; bounded).
+    let held: Vec<std::net::TcpStream> = (0..8)
+        .map(|_| std::net::TcpStream::connect(tcp).unwrap())
+        .collect();
+    let mut busy = None;
+    for _ in 0..50 {
+        let mut extra = std::net::TcpStream::connect(tcp).unwrap();
+        extra
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        match frame::read_response(&mut extra) {
+            Ok(f) if f["code"] == "busy" => {
+                busy = Some(f);
+                break;
+            }
+            Ok(f) => panic!("a ninth TCP connection got {f}"),
+            // Served (a slot was still free when it arrived): it waits for a request;
+            // we give it none and try again.
+            Err(_) => continue,
+        }
+    }
+    let busy = busy.expect("the ninth TCP connection was never answered busy");
+    assert_eq!(busy["ok"], false, "{busy}");
+
+    // The root-only socket still answers, with the TCP slots all taken.
+    let id = hello(&socket);
+    APPLIANCE.with(|a| *a.borrow_mut() = Some(id));
+    let status = send(&socket, &signed("status", &[], &[0xa1]));
+    assert_eq!(status["ok"], true, "{status}");
+    drop(held);
+}

@@ -357,3 +357,239 @@ fn domain_events_reach_the_shipped_rules_as_what_they_were() {
     assert!(names(&rec).contains(&"domain.resource_limit"), "{rec:?}");
     assert_still_serves(&agent, "after");
 }
+
+/// `VmRSS` and `RssAnon` of a process, in KiB.
+fn rss_kib(pid: u32) -> (u64, u64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap()
+    };
+    (field("VmRSS:"), field("RssAnon:"))
+}
+
+/// CPU time a process has used, in clock ticks (`utime + stime` of `/proc/<pid>/stat`).
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let rest = stat.rsplit(')').next().unwrap();
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // After the command: state is field 3 of the whole line, utime 14, stime 15.
+    fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
+}
+
+/// Sixteen transactions at once each try to buffer a 64 MiB write set (1,024 values of
+/// 64 KiB). Each is stopped at the default write-set bound (4 MiB) as the guest's doing —
+/// `tx.write_limit`, a Warning, the domain destroyed — not as a storage failure; nothing is
+/// written; and the memory they made the agent buffer is given back: its RSS after the
+/// attack is within 20 % of its RSS before.
+#[test]
+fn oversized_write_sets_are_a_write_limit_and_their_memory_is_returned() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let policy = common::permissive_policy(dir.path());
+    let agent = Agent::start(&data, &[&policy[0], &policy[1]]);
+    let pid = agent.child.as_ref().unwrap().id();
+    // Warm up: the agent's threads, arenas and the ledger's pages as honest traffic makes
+    // them, from 16 clients at once as in the attack.
+    let honest_round = |round: usize| {
+        std::thread::scope(|s| {
+            for c in 0..16 {
+                let agent = &agent;
+                s.spawn(move || {
+                    for i in 0..10 {
+                        let key = format!("warm-{round}-{c}-{i}");
+                        assert_still_serves(agent, &key);
+                    }
+                });
+            }
+        });
+    };
+    honest_round(0);
+    honest_round(1);
+    let before = rss_kib(pid);
+
+    let outcomes: Vec<(u16, serde_json::Value)> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..16)
+            .map(|_| {
+                let agent = &agent;
+                s.spawn(move || agent.tx("test.big_writes", json!(1024)))
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let events = audit(&data);
+    for (code, body) in &outcomes {
+        assert_eq!(*code, 500, "{body}");
+        assert_eq!(body["status"], "failed", "{body}");
+        let error = body["error"].as_str().unwrap();
+        // Stopped by the write-set bound itself (4 MiB), not later by the checkpoint cap.
+        assert!(
+            error.starts_with("write limit exceeded") && error.ends_with("limit 4194304"),
+            "{error}"
+        );
+        let tx_id = body["tx_id"].as_str().unwrap();
+        let mine: Vec<&String> = events
+            .iter()
+            .filter(|(_, f)| f.get("tx_id").map(String::as_str) == Some(tx_id))
+            .map(|(e, _)| e)
+            .collect();
+        assert!(mine.iter().any(|e| *e == "tx.write_limit"), "{mine:?}");
+        assert!(!mine.iter().any(|e| *e == "tx.storage_failed"), "{mine:?}");
+        assert!(mine.iter().any(|e| *e == "domain.destroyed"), "{mine:?}");
+    }
+    // Its severity in the ledger (and so in the SIEM) is Warning.
+    let store =
+        mayfly_ledger::store::open_read_only(&data, &mayfly_ledger::StoreOptions::default())
+            .unwrap();
+    let limits: Vec<_> = store
+        .audit_records(1, usize::MAX)
+        .unwrap()
+        .into_iter()
+        .filter(|r| r.event.event == "tx.write_limit")
+        .collect();
+    assert_eq!(limits.len(), 16);
+    assert!(limits
+        .iter()
+        .all(|r| r.event.severity == mayfly_ledger::Severity::Warning));
+    drop(store);
+    // Nothing of theirs was written.
+    let (code, body) = agent.tx("kv", json!({"op": "get", "key": "big/0"}));
+    assert_eq!(code, 200, "{body}");
+
+    honest_round(2);
+    let after = rss_kib(pid);
+    eprintln!("agent RSS before {before:?} KiB, after {after:?} KiB (VmRSS, RssAnon)");
+    assert!(
+        after.0 * 10 <= before.0 * 12,
+        "agent RSS {} KiB after the attack, {} KiB before",
+        after.0,
+        before.0
+    );
+}
+
+/// A guest that rings the agent's doorbell in a loop without publishing requests costs the
+/// agent a bounded number of wake-ups: the transaction ends as a protocol violation (a
+/// doorbell flood) long before its deadline, and the agent's CPU time for it stays small
+/// (counted in clock ticks, not timed). Without the bound the agent would spin on the
+/// wake-ups until the 5 s deadline: about 500 ticks.
+#[test]
+fn a_doorbell_flood_costs_the_agent_a_bounded_number_of_wake_ups() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let policy = common::permissive_policy(dir.path());
+    let agent = Agent::start(&data, &[&policy[0], &policy[1]]);
+    let pid = agent.child.as_ref().unwrap().id();
+    assert_still_serves(&agent, "before");
+    let ticks = cpu_ticks(pid);
+    let (code, body) = agent.tx("test.doorbell_flood", json!(null));
+    let used = cpu_ticks(pid) - ticks;
+    assert_eq!(code, 500, "{body}");
+    let error = body["error"].as_str().unwrap();
+    assert!(
+        error.starts_with("protocol violation: doorbell flood"),
+        "{error}"
+    );
+    let events = events_for(&data, body["tx_id"].as_str().unwrap());
+    assert!(
+        events.iter().any(|e| e == "domain.protocol_violation"),
+        "{events:?}"
+    );
+    assert!(events.iter().any(|e| e == "domain.destroyed"), "{events:?}");
+    // 65 wake-ups and one transaction's work: a few ticks; generous for a loaded machine.
+    assert!(used <= 50, "the flood cost the agent {used} ticks of CPU");
+    assert_still_serves(&agent, "after");
+}
+
+/// `GET /v1/health` says which cgroup hierarchy holds the clones (the one the host has: v2
+/// where the unified hierarchy has the controllers, v1 on a hybrid host) with its limits;
+/// with `--no-cgroups` it says `off`.
+#[test]
+fn health_names_the_clones_cgroup_or_says_it_is_off() {
+    let host_v2 = std::fs::read_to_string("/sys/fs/cgroup/cgroup.controllers").is_ok_and(|c| {
+        ["cpu", "memory", "pids"]
+            .iter()
+            .all(|x| c.split_whitespace().any(|y| y == *x))
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let agent = Agent::start(
+        &dir.path().join("data"),
+        &["--clones-cpu-weight", "40", "--clones-memory-mib", "1024"],
+    );
+    let (code, health) = agent.get("/v1/health");
+    assert_eq!(code, 200, "{health}");
+    let cg = &health["cgroups"];
+    assert_eq!(cg["version"], if host_v2 { "v2" } else { "v1" }, "{cg}");
+    assert_eq!(cg["cpu_weight"], 40, "{cg}");
+    assert_eq!(cg["memory_max"], 1024u64 << 20, "{cg}");
+    assert!(cg["pids"].as_u64().unwrap() >= 1, "{cg}");
+    drop(agent);
+
+    let dir = tempfile::tempdir().unwrap();
+    let agent = Agent::start(&dir.path().join("data"), &["--no-cgroups"]);
+    let (code, health) = agent.get("/v1/health");
+    assert_eq!(code, 200, "{health}");
+    assert_eq!(health["cgroups"]["version"], "off", "{health}");
+    let (code, body) = agent.tx("open_account", json!({"name": "nocg", "balance": 1}));
+    assert_eq!(code, 200, "{body}");
+}
+
+/// A guest that spins past the demotion point (100 ms) is set to nice 19, so that it takes
+/// little CPU from clones whose transactions are short; it still ends at the deadline.
+#[test]
+fn a_spinning_guest_is_demoted_and_ends_at_the_deadline() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let policy = common::permissive_policy(dir.path());
+    let agent = Agent::start(&data, &[&policy[0], &policy[1], "--tx-timeout-ms", "3000"]);
+    let agent_pid = agent.child.as_ref().unwrap().id();
+    let stat = |pid: u32| -> Option<(String, u32, i32)> {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        let (head, rest) = stat.rsplit_once(')')?;
+        let comm = head.split_once('(')?.1.to_owned();
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        Some((comm, f.get(1)?.parse().ok()?, f.get(16)?.parse().ok()?))
+    };
+    // The clones of this agent: children of its zygote, itself a child of the agent.
+    let clones = || -> Vec<(u32, i32)> {
+        let pids: Vec<u32> = std::fs::read_dir("/proc")
+            .unwrap()
+            .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+            .collect();
+        let zygotes: Vec<u32> = pids
+            .iter()
+            .copied()
+            .filter(|p| stat(*p).is_some_and(|(_, ppid, _)| ppid == agent_pid))
+            .collect();
+        pids.iter()
+            .filter_map(|p| {
+                let (comm, ppid, nice) = stat(*p)?;
+                (zygotes.contains(&ppid) && comm == "mayfly-clone").then_some((*p, nice))
+            })
+            .collect()
+    };
+    std::thread::scope(|s| {
+        let spinner = s.spawn(|| agent.tx("test.loop_forever", json!(null)));
+        // Poll (bounded) until one of its clones runs at nice 19.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+        let mut demoted = false;
+        while std::time::Instant::now() < deadline && !demoted {
+            demoted = clones().iter().any(|(_, nice)| *nice == 19);
+            std::thread::yield_now();
+        }
+        assert!(demoted, "no clone at nice 19: {:?}", clones());
+        // The pooled clones are not demoted.
+        assert!(
+            clones().iter().any(|(_, nice)| *nice == 0),
+            "{:?}",
+            clones()
+        );
+        let (code, body) = spinner.join().unwrap();
+        assert_eq!(code, 500, "{body}");
+        assert_eq!(body["error"], "transaction timed out", "{body}");
+    });
+    assert_still_serves(&agent, "after-spin");
+}

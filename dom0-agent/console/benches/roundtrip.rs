@@ -135,6 +135,7 @@ fn main() {
             authorizer: Authorizer::new(keys, Duration::from_secs(60), Duration::from_secs(3600)),
             quorum: 2,
             max_connections: 8,
+            max_tcp_connections: 8,
             io_timeout: Duration::from_secs(30),
         },
         Services {

@@ -1,5 +1,11 @@
-//! Sockets, one thread per connection (at most `max_connections`), and the path every
-//! request takes from bytes to an audited answer (see the crate docs).
+//! Sockets, one thread per connection, and the path every request takes from bytes to an
+//! audited answer (see the crate docs).
+//!
+//! Each listener has its own connection slots: at most `max_connections` on the Unix socket
+//! and at most `max_tcp_connections` on the TCP listener; past its own limit a listener
+//! answers "busy" and closes. The slots are separate because the TCP listener is open to
+//! every local user while the Unix socket is root's: a user holding every TCP slot must not
+//! be able to make the root-only socket answer "busy".
 //!
 //! The Unix socket is created in an existing directory that must not be writable by group
 //! or others (so nobody can swap the socket), with mode 0600 (only the agent's user — root
@@ -38,8 +44,11 @@ pub struct ConsoleConfig {
     pub authorizer: Authorizer,
     /// Distinct admins a destructive command needs (1..=number of keys).
     pub quorum: usize,
-    /// Connections served at once; more are answered "busy".
+    /// Connections served at once on the Unix socket; more are answered "busy".
     pub max_connections: usize,
+    /// Connections served at once on the TCP listener, counted apart from the Unix socket's
+    /// (so TCP clients cannot take the Unix socket's slots); more are answered "busy".
+    pub max_tcp_connections: usize,
     /// Read/write timeout on a connection (a client that stalls is dropped), and the time
     /// the whole request frame may take to arrive (a client that trickles is dropped).
     pub io_timeout: Duration,
@@ -106,7 +115,11 @@ struct Shared {
     config: ConsoleConfig,
     log: Logger,
     stop: AtomicBool,
+    /// Connections being served, both listeners (shutdown waits for 0).
     active: AtomicUsize,
+    /// Slots taken on the Unix socket and on the TCP listener.
+    unix_active: AtomicUsize,
+    tcp_active: AtomicUsize,
     idle: (Mutex<()>, Condvar),
     /// Nonces of read-only commands accepted while storage was full (nonce → expiry, ns):
     /// kept in memory until they expire, so such a command cannot be replayed either.
@@ -116,6 +129,22 @@ struct Shared {
 /// Most read-only commands accepted while storage is full whose nonces are held in memory
 /// at once; beyond it they are refused like destructive ones.
 pub const MAX_OUTAGE_NONCES: usize = 4096;
+
+/// Which listener a connection came through (each has its own slots).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Via {
+    Unix,
+    Tcp,
+}
+
+impl Shared {
+    fn slots(&self, via: Via) -> (&AtomicUsize, usize) {
+        match via {
+            Via::Unix => (&self.unix_active, self.config.max_connections),
+            Via::Tcp => (&self.tcp_active, self.config.max_tcp_connections),
+        }
+    }
+}
 
 /// A running console. [`ConsoleServer::shutdown`] stops it.
 pub struct ConsoleServer {
@@ -247,6 +276,8 @@ impl ConsoleServer {
             stop: AtomicBool::new(false),
             active: AtomicUsize::new(0),
             outage_nonces: Mutex::new(HashMap::new()),
+            unix_active: AtomicUsize::new(0),
+            tcp_active: AtomicUsize::new(0),
             idle: (Mutex::new(()), Condvar::new()),
         });
         let mut threads = Vec::new();
@@ -329,7 +360,7 @@ fn accept_unix(shared: &Arc<Shared>, listener: &UnixListener) {
             };
         let _ = stream.set_read_timeout(Some(shared.config.io_timeout));
         let _ = stream.set_write_timeout(Some(shared.config.io_timeout));
-        spawn_connection(shared, stream, peer);
+        spawn_connection(shared, stream, peer, Via::Unix);
     }
 }
 
@@ -351,15 +382,17 @@ fn accept_tcp(shared: &Arc<Shared>, listener: &TcpListener) {
         let _ = stream.set_read_timeout(Some(shared.config.io_timeout));
         let _ = stream.set_write_timeout(Some(shared.config.io_timeout));
         let _ = stream.set_nodelay(true);
-        spawn_connection(shared, stream, peer);
+        spawn_connection(shared, stream, peer, Via::Tcp);
     }
 }
 
-/// Decrements the connection count (and wakes `shutdown`) however the thread ends.
-struct ActiveGuard(Arc<Shared>);
+/// Frees the connection's slot and decrements the connection count (and wakes `shutdown`)
+/// however the thread ends.
+struct ActiveGuard(Arc<Shared>, Via);
 
 impl Drop for ActiveGuard {
     fn drop(&mut self) {
+        self.0.slots(self.1).0.fetch_sub(1, Ordering::SeqCst);
         self.0.active.fetch_sub(1, Ordering::SeqCst);
         let (lock, cv) = &self.0.idle;
         let _guard = lock.lock();
@@ -371,11 +404,15 @@ fn spawn_connection<S: Read + Write + Send + 'static>(
     shared: &Arc<Shared>,
     mut stream: S,
     peer: String,
+    via: Via,
 ) {
-    let n = shared.active.fetch_add(1, Ordering::SeqCst);
-    let guard = ActiveGuard(shared.clone());
-    if n >= shared.config.max_connections {
-        warn!(shared.log, "console busy, connection refused"; "peer" => &peer);
+    shared.active.fetch_add(1, Ordering::SeqCst);
+    let (taken, max) = shared.slots(via);
+    let n = taken.fetch_add(1, Ordering::SeqCst);
+    let guard = ActiveGuard(shared.clone(), via);
+    if n >= max {
+        warn!(shared.log, "console busy, connection refused"; "peer" => &peer,
+              "listener" => ?via, "max_connections" => max);
         let _ = frame::write_response(
             &mut stream,
             &result_error("busy", "the console is serving too many connections; retry"),

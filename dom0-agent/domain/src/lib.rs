@@ -128,6 +128,12 @@ pub trait Domain: Send {
     fn destroy(self: Box<Self>) -> Result<DomainExit, DomainError>;
     /// Stops the domain and keeps it for forensics instead of destroying it.
     fn quarantine(self: Box<Self>) -> Result<Quarantined, DomainError>;
+    /// Lowers the domain's CPU priority: its transaction has run long (a spinning guest),
+    /// so domains whose transactions are short go first. Backends without priorities do
+    /// nothing (the default).
+    fn demote(&mut self) -> Result<(), DomainError> {
+        Ok(())
+    }
     /// Whether [`Domain::destroy_in_background`] returns without waiting for the domain to
     /// end (so a caller need not hand the destruction to a thread of its own).
     fn destroys_in_background(&self) -> bool {

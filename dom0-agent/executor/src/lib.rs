@@ -31,7 +31,9 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use mayfly_domain::{Domain, DomainBackend, DomainError, DomainExit};
-use mayfly_ledger::{AuditEvent, Hash, Ledger, Severity, Tx, TxContext, TxError, TxId};
+use mayfly_ledger::{
+    AuditEvent, CommitError, Hash, Ledger, Severity, Tx, TxContext, TxError, TxId,
+};
 use mayfly_policy::{
     Bundle, Decision, DomainEventKind, Event as PolicyEvent, Op as PolicyOp, PolicyError,
     State as PolicyState, Write as PolicyWrite,
@@ -45,6 +47,19 @@ pub const LOG_LINES_PER_TX: u32 = 32;
 /// Largest payload accepted from a client (the ring's cap).
 pub const MAX_PAYLOAD: usize = mayfly_ring::wire::MAX_PAYLOAD_LEN;
 
+/// Default of [`ExecutorConfig::max_write_bytes`]: 4 MiB. A checkpoint holds the write set's
+/// after-images and before-images and is at most 8 MiB (`MAX_CHECKPOINT_BYTES`), so a larger
+/// write set could not commit anyway; until the bound, the buffered writes are what a
+/// transaction can make the agent hold (16 transactions at once: 64 MiB).
+pub const DEFAULT_MAX_WRITE_BYTES: u64 = 4 << 20;
+
+/// Bytes written by one transaction after which [`ExecutorConfig::release_memory`] is called
+/// (1 MiB: far above what the shipped handlers write, so honest traffic does not pay for it).
+pub const RELEASE_AFTER_BYTES: u64 = 1 << 20;
+
+/// Default of [`ExecutorConfig::demote_after`]: 100 ms (a `transfer` takes a few ms).
+pub const DEFAULT_DEMOTE_AFTER: Duration = Duration::from_millis(100);
+
 /// Limits applied to every transaction.
 #[derive(Debug, Clone)]
 pub struct ExecutorConfig {
@@ -54,6 +69,20 @@ pub struct ExecutorConfig {
     pub take_timeout: Duration,
     /// Most ring operations per transaction.
     pub max_ops: u32,
+    /// Most bytes a transaction may write: the keys and values of its puts and the keys of
+    /// its deletes, counted as they arrive (a key written twice counts twice), so it also
+    /// bounds what the agent buffers for it. The write that would cross it is refused and
+    /// ends the transaction as [`Failure::WriteLimit`] (audited `tx.write_limit`, Warning).
+    pub max_write_bytes: u64,
+    /// Called after a transaction that wrote at least [`RELEASE_AFTER_BYTES`], once its
+    /// buffered writes are freed: gives the allocator's free memory back to the system (the
+    /// agent passes `mayfly_sandbox::release_free_heap`), so that an attack with large write
+    /// sets does not leave the agent's memory at its peak. `None`: nothing is called.
+    pub release_memory: Option<fn() -> bool>,
+    /// A transaction still running after this long has its domain demoted
+    /// ([`Domain::demote`]: the sandbox sets the clone to nice 19), so that guests that
+    /// spin until the deadline do not take CPU from short transactions; `None`: never.
+    pub demote_after: Option<Duration>,
     /// Runs of a transaction that hit serialization conflicts, in fresh domains.
     pub max_attempts: u32,
     /// How repeated identical refusals are aggregated in the audit log.
@@ -66,6 +95,9 @@ impl Default for ExecutorConfig {
             tx_timeout: Duration::from_secs(5),
             take_timeout: Duration::from_secs(2),
             max_ops: 10_000,
+            max_write_bytes: DEFAULT_MAX_WRITE_BYTES,
+            release_memory: None,
+            demote_after: Some(DEFAULT_DEMOTE_AFTER),
             max_attempts: 16,
             refusals: RefusalConfig::default(),
         }
@@ -116,6 +148,15 @@ pub enum Failure {
     ProtocolViolation(String),
     /// The guest exceeded the operation limit.
     OperationLimit,
+    /// The guest wrote more than the write-set byte bound allows (or a write set whose
+    /// checkpoint would exceed the ledger's size cap).
+    WriteLimit {
+        /// Bytes the transaction would have written with the refused write, or the size of
+        /// the checkpoint that was refused.
+        bytes: u64,
+        /// The bound it crossed.
+        limit: u64,
+    },
     /// Still conflicting after every attempt.
     Conflicts,
     /// The ledger could not commit (disk full, ...).
@@ -136,6 +177,9 @@ impl std::fmt::Display for Failure {
             Self::DomainDied(exit) => write!(f, "domain {exit}"),
             Self::ProtocolViolation(what) => write!(f, "protocol violation: {what}"),
             Self::OperationLimit => f.write_str("operation limit exceeded"),
+            Self::WriteLimit { bytes, limit } => {
+                write!(f, "write limit exceeded: {bytes} bytes, limit {limit}")
+            }
             Self::Conflicts => f.write_str("serialization conflicts on every attempt"),
             Self::Storage(what) => write!(f, "storage: {what}"),
             Self::Policy { rule, action } => write!(f, "denied by policy rule {rule} ({action})"),
@@ -877,6 +921,7 @@ impl Executor {
             .log
             .new(o!("tx_id" => tx_id.to_string(), "domain" => domain_id));
         let mut quarantine = false;
+        let mut written: u64 = 0;
         let served = self.drive(
             domain.as_mut(),
             ltx,
@@ -886,6 +931,7 @@ impl Executor {
             &log,
             &mut events,
             &mut quarantine,
+            &mut written,
         );
         // How the domain really ended decides what the failure was: a guest killed by the
         // seccomp filter or a resource limit makes the ring report its peer gone (or a
@@ -896,6 +942,15 @@ impl Executor {
             ) => Served::Failed(reclassify(f, domain.as_mut(), &log)),
             other => other,
         };
+        // The transaction's buffered writes are freed by now (its ledger transaction ended
+        // in `drive`); after a large write set, hand the memory back.
+        if written >= RELEASE_AFTER_BYTES {
+            if let Some(release) = self.config.release_memory {
+                let released = release();
+                debug!(log, "released free memory after a large write set";
+                    "bytes_written" => written, "released" => released);
+            }
+        }
         let domain_event = match &served {
             Served::Failed(f) => domain_event_kind(f),
             _ => None,
@@ -966,6 +1021,7 @@ impl Executor {
         log: &Logger,
         events: &mut Vec<AuditEvent>,
         quarantine: &mut bool,
+        written: &mut u64,
     ) -> Served {
         let ready_id = domain.ready_id();
         let tx_id = ltx.id();
@@ -988,6 +1044,7 @@ impl Executor {
             return Served::Failed(Failure::ProtocolViolation(format!("sending Start: {e}")));
         }
         let deadline = Instant::now() + self.config.tx_timeout;
+        let mut demote_at = self.config.demote_after.map(|d| Instant::now() + d);
         let mut ops: u32 = 0;
         let mut log_lines: u32 = 0;
         let mut bytes_written: u64 = 0;
@@ -1001,8 +1058,20 @@ impl Executor {
             if left.is_zero() {
                 return Served::Failed(Failure::Timeout);
             }
-            let env = match ring.recv_request(&notifier, Some(left)) {
+            // Wait no longer than the demotion point; past it, demote once and wait on.
+            let until_demote = demote_at.map(|at| at.saturating_duration_since(Instant::now()));
+            if until_demote.is_some_and(|d| d.is_zero()) {
+                demote_at = None;
+                if let Err(e) = domain.demote() {
+                    debug!(log, "demoting the domain failed"; "error" => %e);
+                }
+                continue;
+            }
+            let wait = until_demote.map_or(left, |d| d.min(left));
+            let (ring, notifier) = domain.ring();
+            let env = match ring.recv_request(&notifier, Some(wait)) {
                 Ok(env) => env,
+                Err(RingError::Timeout { .. }) if wait < left => continue,
                 Err(RingError::Timeout { .. }) => return Served::Failed(Failure::Timeout),
                 Err(RingError::PeerGone) => {
                     return Served::Failed(Failure::DomainDied(DomainExit::Crashed { signal: 0 }))
@@ -1061,7 +1130,26 @@ impl Executor {
                         action: d.action.as_str(),
                     });
                 }
-                bytes_written = bytes_written.saturating_add(op.bytes_written());
+                let next = bytes_written.saturating_add(op.bytes_written());
+                *written = next;
+                if next > self.config.max_write_bytes {
+                    let _ = ring.send_response(
+                        env.id,
+                        &Response::Error {
+                            code: error_code::LIMIT_EXCEEDED,
+                            message: format!(
+                                "write set over {} bytes",
+                                self.config.max_write_bytes
+                            ),
+                        },
+                        &notifier,
+                    );
+                    return Served::Failed(Failure::WriteLimit {
+                        bytes: next,
+                        limit: self.config.max_write_bytes,
+                    });
+                }
+                bytes_written = next;
             }
             let reply = match env.body {
                 Request::Get { key } => match ltx.get(&key) {
@@ -1165,6 +1253,12 @@ impl Executor {
                             if e.is_conflict() {
                                 debug!(log, "conflict at commit"; "error" => %e);
                                 Served::Conflict
+                            } else if let CommitError::CheckpointTooLarge { len, max } = e {
+                                // The transaction's own size, not the storage's fault.
+                                Served::Failed(Failure::WriteLimit {
+                                    bytes: u64::try_from(len).unwrap_or(u64::MAX),
+                                    limit: u64::try_from(max).unwrap_or(u64::MAX),
+                                })
                             } else {
                                 warn!(log, "commit failed"; "error" => %e);
                                 Served::Failed(Failure::Storage(e.to_string()))
@@ -1228,7 +1322,9 @@ fn domain_event_kind(f: &Failure) -> Option<DomainEventKind> {
         Failure::Timeout => DomainEventKind::Timeout,
         Failure::ProtocolViolation(_) => DomainEventKind::ProtocolViolation,
         Failure::DomainDied(DomainExit::ForbiddenSyscall) => DomainEventKind::ForbiddenSyscall,
-        Failure::DomainDied(DomainExit::ResourceLimit { .. }) | Failure::OperationLimit => {
+        Failure::DomainDied(DomainExit::ResourceLimit { .. })
+        | Failure::OperationLimit
+        | Failure::WriteLimit { .. } => {
             DomainEventKind::Limit
         }
         Failure::DomainDied(_) => DomainEventKind::Crash,
@@ -1338,6 +1434,7 @@ fn record_end(
                 Failure::DomainDied(_) => (Severity::Warning, "domain.crashed"),
                 Failure::ProtocolViolation(_) => (Severity::Alert, "domain.protocol_violation"),
                 Failure::OperationLimit => (Severity::Warning, "tx.operation_limit"),
+                Failure::WriteLimit { .. } => (Severity::Warning, "tx.write_limit"),
                 Failure::Conflicts => (Severity::Notice, "tx.conflicts"),
                 Failure::Storage(_) => (Severity::Error, "tx.storage_failed"),
                 Failure::Policy { .. } => (Severity::Alert, "tx.denied_by_policy"),

@@ -65,6 +65,10 @@ pub struct QuarantineFull {
 }
 /// Name of the zygote's (empty) root directory in `run_dir`.
 pub const ROOT_DIR: &str = "sandbox-root";
+/// The zygote's nice value (its clones reset theirs to 0).
+const ZYGOTE_NICE: i32 = -10;
+/// A demoted clone's nice value ([`Domain::demote`]).
+const DEMOTED_NICE: i32 = 19;
 /// How long shutdown waits for the zygote to exit before killing it.
 const ZYGOTE_EXIT_WAIT: Duration = Duration::from_secs(5);
 /// How long quarantine waits for the zygote to see the clone stopped.
@@ -109,6 +113,13 @@ pub enum SandboxError {
     /// The zygote could not be spawned.
     #[error(transparent)]
     Spawn(#[from] SpawnError),
+    /// The clones' cgroup limits could not be applied. Without cgroups a host can only run
+    /// the sandbox with the limits switched off (`cgroups: None`, `serve --no-cgroups`).
+    #[error(
+        "applying the clones' cgroup limits failed (a host without usable cgroups needs \
+         --no-cgroups, which leaves clones' CPU and memory unbounded as a group)"
+    )]
+    Cgroup(#[from] crate::cgroup::CgroupError),
     /// Talking to the zygote failed during start-up.
     #[error("zygote (pid {pid}) control protocol")]
     Control {
@@ -323,6 +334,8 @@ struct Shared {
     failed: AtomicU64,
     /// Clones given a reaped clone's ring (wiped) instead of a new one.
     rings_reused: AtomicU64,
+    /// The control group of the zygote and its clones, if limits are on.
+    cgroup: Option<crate::cgroup::ClonesGroup>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -463,6 +476,32 @@ impl Sandbox {
             }
         })?;
         reconcile::reconcile(&config, &logger)?;
+        let cgroup = match config.cgroups {
+            Some(limits) => {
+                let layout = crate::cgroup::detect()?;
+                let stale = crate::cgroup::remove_stale(&layout);
+                let group =
+                    crate::cgroup::ClonesGroup::create(&layout, limits, config.uids_needed())?;
+                let status = group.status();
+                info!(logger, "sandbox clones run under cgroup limits";
+                    "cgroup_version" => status.version.as_str(),
+                    "paths" => ?status.paths,
+                    "cpu_weight" => limits.cpu_weight,
+                    "cpu_max_percent" => ?limits.cpu_max_percent,
+                    "memory_max" => limits.memory_max,
+                    "pids_max" => ?status.limits.pids_max,
+                    "stale_groups_removed" => stale);
+                Some(group)
+            }
+            None => {
+                warn!(
+                    logger,
+                    "sandbox clones run WITHOUT cgroup limits: spinning or \
+                    allocating guests can starve the agent and honest clones (cgroups off)"
+                );
+                None
+            }
+        };
         // This sandbox's own uids, exclusive on the host for as long as it runs.
         let uids = crate::uids::claim(
             &config.uid_lock_dir,
@@ -517,6 +556,7 @@ impl Sandbox {
             rings_reused: AtomicU64::new(0),
             created: AtomicU64::new(0),
             failed: AtomicU64::new(0),
+            cgroup,
         });
 
         let (started_tx, started_rx) = mpsc::channel();
@@ -590,6 +630,15 @@ impl Sandbox {
     /// The zygote's host pid (also its process group).
     pub fn zygote_pid(&self) -> u32 {
         self.zygote_pid
+    }
+
+    /// The clones' control group: its hierarchy version, paths, limits and usage; `None`
+    /// when cgroup limits are off.
+    pub fn cgroup_status(&self) -> Option<crate::cgroup::GroupStatus> {
+        self.shared
+            .cgroup
+            .as_ref()
+            .map(crate::cgroup::ClonesGroup::status)
     }
 
     /// How many clones were given a reaped clone's ring (wiped) instead of a new one.
@@ -795,6 +844,12 @@ impl DomainBackend for Sandbox {
         }
         drop(ready);
         drop(quarantined);
+        if let Some(group) = &shared.cgroup {
+            let left = group.remove(Duration::from_secs(2));
+            if !left.is_empty() {
+                warn!(shared.logger, "the clones' cgroup could not be removed"; "paths" => ?left);
+            }
+        }
         if let Err(e) = reconcile::clear(&shared.config.run_dir) {
             warn!(shared.logger, "removing the pgid file failed"; "error" => %e);
         }
@@ -824,6 +879,20 @@ fn supervise(
     };
     drop(zygote_end);
     let pid = child.id();
+    // The zygote forks every clone: at nice -10 it is not starved by spinning clones in
+    // their shared cgroup (each clone resets itself to nice 0 before the guest runs).
+    if let Err(e) = sys::set_nice(pid, ZYGOTE_NICE) {
+        warn!(shared.logger, "raising the zygote's priority failed"; "error" => %e);
+    }
+    // Into the clones' group before it forks anything: every clone inherits it.
+    if let Some(group) = &shared.cgroup {
+        if let Err(e) = group.enter(pid) {
+            let _ = child.kill();
+            let _ = child.wait();
+            let _ = started.send(Err(e.into()));
+            return;
+        }
+    }
     match handshake(&shared, &mut child, settings) {
         Ok(pidfd) => {
             if started.send(Ok(Started { pid, pidfd })).is_err() {
@@ -1295,6 +1364,22 @@ impl SandboxDomain {
 }
 
 impl Domain for SandboxDomain {
+    /// Sets the clone to nice 19: among the clones of its cgroup, a spinning guest then
+    /// gets a small fraction of what a clone at nice 0 gets.
+    fn demote(&mut self) -> Result<(), DomainError> {
+        let Some(handle) = self.clone_handle() else {
+            return Ok(());
+        };
+        let (id, pid) = (handle.cell.id, handle.cell.pid);
+        // A clone that already ended may have been reaped: its pid could name another
+        // process by now.
+        if handle.cell.exited_within(Duration::ZERO).unwrap_or(true) {
+            return Ok(());
+        }
+        sys::set_nice(u32::try_from(pid).unwrap_or(0), DEMOTED_NICE)
+            .map_err(|e| self.shared.domain_error(id, e))
+    }
+
     fn id(&self) -> DomainId {
         self.clone_handle().map_or(0, |h| h.cell.id)
     }

@@ -16,6 +16,7 @@
 //! | `limits.memory_bytes` | 256 MiB | `RLIMIT_AS`: the clone's whole address space, including what it inherits from the zygote |
 //! | `limits.cpu_seconds` | 10 | `RLIMIT_CPU` soft limit (`SIGXCPU`); the hard limit is one second more (`SIGKILL`) |
 //! | `limits.max_fds` | 16 | `RLIMIT_NOFILE` (a clone starts with 6 fds: 0–2 on `/dev/null`, 3–5 its ring) |
+//! | `cgroups` | [`CgroupLimits::host_defaults`] | the control group of all clones together (see [`crate::cgroup`]): CPU weight 25 against the agent's 100, a CPU quota of 90 % of the host's CPUs, a quarter of the host's memory, pids for every clone that can be alive; `None` runs clones without cgroup limits (hosts without cgroups only) |
 //! | `guest_stderr` | false | let clones write to the zygote's stderr (debugging only: a hostile guest could flood the agent's log) |
 
 use std::ffi::OsString;
@@ -23,6 +24,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use mayfly_ring::Geometry;
+
+use crate::cgroup::CgroupLimits;
 
 /// The default first uid of the clones' range: inside 1,879,048,192–2,147,352,575, which
 /// systemd's conventions leave unassigned (below the container range's end, above nothing
@@ -85,6 +88,9 @@ pub struct SandboxConfig {
     pub limits: Limits,
     /// Whether clones keep the zygote's stderr (otherwise `/dev/null`).
     pub guest_stderr: bool,
+    /// Limits of the control group all clones run in; `None`: no cgroup (start then warns
+    /// loudly). When set and the host cannot apply them, [`crate::Sandbox::start`] fails.
+    pub cgroups: Option<CgroupLimits>,
 }
 
 impl SandboxConfig {
@@ -109,6 +115,7 @@ impl SandboxConfig {
             gid: 65534,
             limits: Limits::default(),
             guest_stderr: false,
+            cgroups: Some(CgroupLimits::host_defaults()),
         }
     }
 

@@ -38,6 +38,9 @@
 //! - [`hugecode`]: the zygote's read-only image moved onto transparent huge pages once, so
 //!   that clones neither fault it in nor unmap it page by page;
 //! - [`backend`]: [`Sandbox`] (the [`mayfly_domain::DomainBackend`]) and [`SandboxDomain`];
+//! - [`cgroup`]: the control group of the zygote and all its clones (CPU weight and quota
+//!   below the agent's, memory and pids limits; cgroup v2 or v1), entered by the zygote
+//!   before it forks, so clones cost no cgroup work;
 //! - [`reconcile`]: removal of a previous run's leftovers at start-up;
 //! - `proto`, `spawn`, `clone`, `private`, `sys`: the control protocol, spawning the zygote,
 //!   one clone seen from the agent, the zygote's memory that no clone inherits, raw system
@@ -50,6 +53,7 @@
 //! for what is isolated by what and how it maps to the Xen backend.
 
 pub mod backend;
+pub mod cgroup;
 mod clone;
 pub mod config;
 pub mod hugecode;
@@ -70,6 +74,7 @@ pub use config::{ConfigError, Limits, SandboxConfig};
 pub use proto::{ProtoError, Stage};
 pub use reconcile::{ReconcileError, ReconcileReport};
 pub use spawn::SpawnError;
+pub use sys::release_free_heap;
 pub use zygote::{
     control_fd_from_env, zygote_main, zygote_main_with, ChildRing, ZygoteError, CONTROL_FD_ENV,
 };

@@ -89,7 +89,7 @@ pub enum Stage {
     Pdeathsig = 12,
     /// Clone: arranging fds 0-5 and closing the rest.
     Fds = 13,
-    /// Clone: `setrlimit`.
+    /// Clone: `setrlimit`, or `setpriority` back to nice 0.
     Rlimit = 14,
     /// Clone: `setgroups([])`.
     Groups = 15,
@@ -149,7 +149,7 @@ impl Stage {
             Stage::Pidfd => "pidfd_open",
             Stage::Pdeathsig => "prctl(PR_SET_PDEATHSIG)",
             Stage::Fds => "dup2/close_range",
-            Stage::Rlimit => "setrlimit",
+            Stage::Rlimit => "setrlimit or setpriority",
             Stage::Groups => "setgroups",
             Stage::Gid => "setresgid",
             Stage::Uid => "setresuid",

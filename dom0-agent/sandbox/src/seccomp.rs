@@ -21,6 +21,7 @@
 //! | `kill` | signal `SIGKILL` only (the zygote's) | every live clone has **its own uid** and no capabilities, so the kernel lets it signal only itself — not other clones, the zygote or the agent (root); `SIGCONT`, which the kernel lets through within a session whatever the uids (it would resume a quarantined clone), can never be sent |
 //! | `tgkill` | signal `SIGABRT` only (glibc's `abort` raising it at itself) | as for `kill` |
 //! | `prlimit64` | pid 0 (itself) | unprivileged: it can only lower its limits, or raise a soft limit to its hard one |
+//! | `setpriority` | `PRIO_PROCESS`, pid 0 (itself), nice 0 exactly | a clone leaves the zygote's raised priority (nice -10) for the normal one; a guest can only set itself to nice 0, which it already is |
 //! | `prctl` | `PR_SET_NAME`; `PR_SET_PDEATHSIG` with `SIGKILL` only; `PR_SET_DUMPABLE` with 0 only | its own name; it can neither clear its death signal (and outlive its zygote) nor make itself dumpable |
 //! | `setgroups`, `setresgid`, `setresuid` | any | without capabilities they fail (`EPERM`) |
 //! | `wait4`, `pidfd_open` | any | it has no children; a pidfd of another process can only be polled for its exit (`pidfd_send_signal`, `pidfd_getfd` stay forbidden) |
@@ -77,6 +78,8 @@ pub enum Restriction {
     AbortSignal,
     /// Argument 0 (pid) is 0: the caller's own limits.
     OwnLimits,
+    /// `setpriority(PRIO_PROCESS, 0, 0)`: the caller itself, to nice 0.
+    OwnNiceZero,
     /// `prctl(PR_SET_NAME, ..)`, `prctl(PR_SET_PDEATHSIG, SIGKILL)` or
     /// `prctl(PR_SET_DUMPABLE, 0)`.
     PrctlSetup,
@@ -172,6 +175,11 @@ pub const SETUP_LIST: &[(&str, i64, Restriction)] = &[
     ("dup3", libc::SYS_dup3, Restriction::None),
     ("close_range", libc::SYS_close_range, Restriction::None),
     ("prlimit64", libc::SYS_prlimit64, Restriction::OwnLimits),
+    (
+        "setpriority",
+        libc::SYS_setpriority,
+        Restriction::OwnNiceZero,
+    ),
     ("setgroups", libc::SYS_setgroups, Restriction::None),
     ("setresgid", libc::SYS_setresgid, Restriction::None),
     ("setresuid", libc::SYS_setresuid, Restriction::None),
@@ -228,6 +236,11 @@ fn rules_for(restriction: Restriction) -> Result<Vec<SeccompRule>, SeccompError>
             .collect::<Result<_, _>>()?,
         Restriction::ForkOnly => vec![rule(vec![cond(0, Qword, Eq, FORK_FLAGS)?])?],
         Restriction::OwnLimits => vec![rule(vec![cond(0, Dword, Eq, 0)?])?],
+        Restriction::OwnNiceZero => vec![rule(vec![
+            cond(0, Dword, Eq, u64::from(libc::PRIO_PROCESS))?,
+            cond(1, Dword, Eq, 0)?,
+            cond(2, Dword, Eq, 0)?,
+        ])?],
         Restriction::KillSignal => vec![rule(vec![cond(1, Dword, Eq, signal(libc::SIGKILL))?])?],
         Restriction::AbortSignal => {
             vec![rule(vec![cond(2, Dword, Eq, signal(libc::SIGABRT))?])?]

@@ -679,6 +679,10 @@ fn confine(
     ] {
         setrlimit(resource, soft, hard).map_err(|_| Stage::Rlimit)?;
     }
+    // The zygote runs at a raised priority (the agent sets nice -10: it forks for everyone
+    // and must not wait behind spinning clones in their shared cgroup); a clone runs at the
+    // normal one.
+    sys::set_nice(0, 0).map_err(|_| Stage::Rlimit)?;
 
     let (uid, gid) = (Uid::from_raw(uid), Gid::from_raw(settings.gid));
     setgroups(&[]).map_err(|_| Stage::Groups)?;

@@ -1174,3 +1174,125 @@ fn the_zygote_does_not_write_to_memory_its_clones_share() {
     );
     sandbox.shutdown();
 }
+
+/// The zygote and every clone run in the sandbox's own control group, with the configured
+/// limits written in whichever hierarchy the host has (v2, or v1 on a hybrid host), and the
+/// group is gone after shutdown. A clone costs no cgroup work: it inherits the group at fork.
+#[test]
+fn clones_run_in_the_sandboxs_cgroup_with_its_limits() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = config(dir.path());
+    let limits = mayfly_sandbox::cgroup::CgroupLimits {
+        cpu_weight: 30,
+        cpu_max_percent: Some(120),
+        memory_max: 512 << 20,
+        pids_max: Some(100),
+    };
+    config.cgroups = Some(limits);
+    let sandbox = Sandbox::start(config, logger()).unwrap();
+    let status = sandbox.cgroup_status().expect("cgroup limits are on");
+    let read = |file: &str| {
+        status
+            .paths
+            .iter()
+            .map(|d| d.join(file))
+            .find(|p| p.exists())
+            .map(|p| std::fs::read_to_string(p).unwrap().trim().to_owned())
+            .unwrap_or_else(|| panic!("no {file} in {:?}", status.paths))
+    };
+    match status.version {
+        mayfly_sandbox::cgroup::Version::V2 => {
+            assert_eq!(read("cpu.weight"), "30");
+            assert_eq!(read("cpu.max"), "12000 10000");
+            assert_eq!(read("memory.max"), (512u64 << 20).to_string());
+        }
+        mayfly_sandbox::cgroup::Version::V1 => {
+            assert_eq!(read("cpu.shares"), "1228");
+            assert_eq!(read("cpu.cfs_period_us"), "10000");
+            assert_eq!(read("cpu.cfs_quota_us"), "12000");
+            assert_eq!(read("memory.limit_in_bytes"), (512u64 << 20).to_string());
+        }
+    }
+    assert_eq!(read("pids.max"), "100");
+    let name = status.paths[0]
+        .file_name()
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .to_owned();
+    let in_group = |pid: u32| {
+        let cgroups = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
+        // v2: one line; v1: the cpu, memory and pids lines all name the group.
+        let lines: Vec<&str> = cgroups
+            .lines()
+            .filter(|l| {
+                let list = l.split(':').nth(1).unwrap_or("");
+                match status.version {
+                    mayfly_sandbox::cgroup::Version::V2 => list.is_empty(),
+                    mayfly_sandbox::cgroup::Version::V1 => list
+                        .split(',')
+                        .any(|c| c == "cpu" || c == "memory" || c == "pids"),
+                }
+            })
+            .collect();
+        !lines.is_empty() && lines.iter().all(|l| l.ends_with(&format!("/{name}")))
+    };
+    assert!(in_group(sandbox.zygote_pid()), "zygote not in {name}");
+    let mut domain = sandbox.take_clone(WAIT).unwrap();
+    assert!(in_group(domain.pid()), "clone not in {name}");
+    // The zygote, which forks for every transaction, runs at nice -10 so that spinning
+    // clones in the same group do not starve it; a clone runs at nice 0.
+    let nice = |pid: u32| {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+        let rest = stat.rsplit(')').next().unwrap();
+        // Field 19 of the line; 17th after the command.
+        rest.split_whitespace()
+            .nth(16)
+            .unwrap()
+            .parse::<i32>()
+            .unwrap()
+    };
+    assert_eq!(nice(sandbox.zygote_pid()), -10);
+    assert_eq!(nice(domain.pid()), 0);
+    // Demoted (a transaction that runs long): nice 19.
+    domain.demote().unwrap();
+    assert_eq!(nice(domain.pid()), 19);
+    assert!(
+        !in_group(std::process::id()),
+        "the agent itself is in {name}"
+    );
+    begin(&mut domain, "echo", b"in a group");
+    assert_eq!(commit(&mut domain, WAIT).unwrap(), b"in a group");
+    Box::new(domain).destroy().unwrap();
+    let usage = sandbox.cgroup_status().unwrap();
+    assert!(usage.pids.unwrap() >= 1, "{usage:?}");
+    assert!(usage.memory_bytes.unwrap() > 0, "{usage:?}");
+    let paths = status.paths.clone();
+    sandbox.shutdown();
+    for p in paths {
+        assert!(!p.exists(), "{} left after shutdown", p.display());
+    }
+}
+
+/// Limits that cannot be applied stop the start with a clear error (here: a weight out of
+/// range); switching cgroups off starts without them.
+#[test]
+fn limits_that_cannot_be_applied_refuse_the_start_unless_cgroups_are_off() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = config(dir.path());
+    let mut limits = config.cgroups.unwrap();
+    limits.cpu_weight = 0;
+    config.cgroups = Some(limits);
+    let err = Sandbox::start(config.clone(), logger()).unwrap_err();
+    let text = format!("{err}: {}", std::error::Error::source(&err).unwrap());
+    assert!(
+        text.contains("--no-cgroups") && text.contains("cpu_weight"),
+        "{text}"
+    );
+    config.cgroups = None;
+    let sandbox = Sandbox::start(config, logger()).unwrap();
+    assert!(sandbox.cgroup_status().is_none());
+    let mut domain = sandbox.take_clone(WAIT).unwrap();
+    begin(&mut domain, "echo", b"no group");
+    assert_eq!(commit(&mut domain, WAIT).unwrap(), b"no group");
+}

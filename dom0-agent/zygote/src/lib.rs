@@ -50,7 +50,12 @@ pub fn handler_names() -> Vec<String> {
     names.extend(
         domu_shim::test_handlers::TEST_HANDLERS
             .iter()
-            .map(|(n, _)| (*n).to_owned()),
+            .map(|(n, _)| (*n).to_owned())
+            .chain(
+                domu_shim::test_handlers::SDK_TEST_HANDLERS
+                    .iter()
+                    .map(|n| (*n).to_owned()),
+            ),
     );
     names
 }

@@ -178,10 +178,36 @@ pub enum RingError {
     /// The peer went away while this end was waiting.
     #[error("the peer is gone")]
     PeerGone,
+    /// The guest rang the agent's doorbell far more often than it published requests: more
+    /// than [`SPURIOUS_WAKE_SLACK`] wake-ups that found nothing beyond one per request
+    /// consumed (backend). A doorbell flood: each wake-up costs the agent a context switch
+    /// and a look at the ring, so the number it pays for one transaction is bounded here.
+    #[error(
+        "doorbell flood: {spurious} wake-ups found no request ({requests} requests consumed; \
+         at most one per request plus {slack} are allowed)"
+    )]
+    DoorbellFlood {
+        /// Wake-ups that found nothing new.
+        spurious: u32,
+        /// Requests consumed so far.
+        requests: u32,
+        /// The allowance beyond one per request.
+        slack: u32,
+    },
     /// An earlier protocol violation disabled this end.
     #[error("ring disabled by an earlier protocol violation")]
     Poisoned,
 }
+
+/// Wake-ups that find no new request a backend accepts beyond one per request consumed
+/// before it calls the guest's notifications a doorbell flood ([`RingError::DoorbellFlood`]).
+///
+/// An honest guest notifies at most once per request it publishes (§2.2, produce step 5), and
+/// one wake-up drains every notification pending (eventfd counter, Xen's pending bit), so its
+/// wake-ups that find nothing (the request was already taken after an earlier wake-up) number
+/// at most its requests. The slack covers the agent's own spurious wake-ups (signals,
+/// timeouts are not counted).
+pub const SPURIOUS_WAKE_SLACK: u32 = 64;
 
 impl RingError {
     /// Whether the peer broke the protocol (as opposed to a local failure or a timeout). On
@@ -197,6 +223,7 @@ impl RingError {
                 | Self::MessageLength { .. }
                 | Self::Decode { .. }
                 | Self::IdMismatch { .. }
+                | Self::DoorbellFlood { .. }
                 | Self::Poisoned
         )
     }
@@ -283,6 +310,11 @@ trait Consumer {
     type Item;
     fn try_take(&mut self) -> Result<Option<Self::Item>, RingError>;
     fn final_check(&mut self) -> Result<bool, RingError>;
+    /// A wake-up by the peer found nothing to take: an end that bounds them says whether
+    /// this one is still within its allowance.
+    fn spurious_wake(&mut self) -> Result<(), RingError> {
+        Ok(())
+    }
 }
 
 /// What is left of a wait of `timeout` that ends at `deadline` (`None`: forever); a
@@ -314,6 +346,9 @@ fn recv_blocking<C: Consumer>(
     timeout: Option<Duration>,
 ) -> Result<C::Item, RingError> {
     let deadline = timeout.and_then(|t| Instant::now().checked_add(t));
+    // Whether the last wait ended with a notification (a wake-up that finds nothing new is
+    // counted against the end's allowance: a doorbell flood is bounded).
+    let mut notified = false;
     loop {
         if let Some(item) = end.try_take()? {
             return Ok(item);
@@ -322,13 +357,20 @@ fn recv_blocking<C: Consumer>(
         if end.final_check()? {
             continue;
         }
+        if notified {
+            end.spurious_wake()?;
+        }
         // Notified or TimedOut: re-check either way. PeerGone: one last look, since the
         // peer may have published a message just before it went away.
-        if notifier.wait(remaining)? == Wake::PeerGone {
-            return match end.try_take()? {
-                Some(item) => Ok(item),
-                None => Err(RingError::PeerGone),
-            };
+        match notifier.wait(remaining)? {
+            Wake::PeerGone => {
+                return match end.try_take()? {
+                    Some(item) => Ok(item),
+                    None => Err(RingError::PeerGone),
+                };
+            }
+            Wake::Notified => notified = true,
+            Wake::TimedOut => notified = false,
         }
     }
 }
@@ -346,6 +388,10 @@ pub struct Backend<M: SharedMem> {
     rsp_prod: u32,
     /// The last `req_prod` read and accepted: it may only move forwards.
     req_prod_seen: u32,
+    /// Requests consumed and wake-ups that found no request, since the backend was made
+    /// (one backend serves one domain): see [`SPURIOUS_WAKE_SLACK`].
+    requests_taken: u32,
+    spurious_wakes: u32,
     poisoned: bool,
 }
 
@@ -373,6 +419,8 @@ impl<M: SharedMem> Backend<M> {
             req_cons: 0,
             rsp_prod: 0,
             req_prod_seen: 0,
+            requests_taken: 0,
+            spurious_wakes: 0,
             poisoned: false,
         }
     }
@@ -453,6 +501,7 @@ impl<M: SharedMem> Backend<M> {
         let message = read_slot(&self.mem, self.geometry, index);
         let message = self.guard(message)?;
         self.req_cons = index.wrapping_add(1);
+        self.requests_taken = self.requests_taken.saturating_add(1);
         Ok(Some(message))
     }
 
@@ -530,6 +579,19 @@ impl<M: SharedMem> Consumer for Backend<M> {
 
     fn final_check(&mut self) -> Result<bool, RingError> {
         self.final_check_for_requests()
+    }
+
+    fn spurious_wake(&mut self) -> Result<(), RingError> {
+        self.spurious_wakes = self.spurious_wakes.saturating_add(1);
+        if self.spurious_wakes > self.requests_taken.saturating_add(SPURIOUS_WAKE_SLACK) {
+            let flood = RingError::DoorbellFlood {
+                spurious: self.spurious_wakes,
+                requests: self.requests_taken,
+                slack: SPURIOUS_WAKE_SLACK,
+            };
+            return self.guard(Err(flood));
+        }
+        Ok(())
     }
 }
 

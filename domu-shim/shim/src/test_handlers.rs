@@ -23,10 +23,15 @@
 //! | `test.spawn`        | runs `/bin/sh -c 'echo escaped'`; commits its output if that worked, else aborts with the error |
 //! | `test.random`       | commits 32 bytes from the transaction's RNG (clones must not share RNG state) |
 //! | `test.panic`        | panics (caught: aborts with "handler panicked"; release builds: `SIGABRT`) |
+//! | `test.doorbell_flood` | rings the agent's doorbell in a loop, publishing nothing |
+//! | `test.sleep`        | sends nothing and waits until the agent destroys the domain (holds its slot until the transaction's deadline) |
 //!
 //! One more, [`ping`] (`test.ping`), is an ordinary SDK handler, not a hostile one: payload
 //! `N` (decimal, 1..=[`MAX_PINGS`]), it makes `N` `Get("ping")` calls and commits `N`. It is
 //! the ring round-trip benchmark on every backend (each call is one request/response pair).
+//! And [`big_writes`] (`test.big_writes`), an SDK handler that buffers a large write set:
+//! payload `N` (1..=1024), it puts `N` values of 64 KiB under distinct keys `big/<i>` and
+//! commits (the agent's write-set byte bound refuses it past the bound).
 //!
 //! The RNG bytes come from the transaction's [`HandlerRng`], so a given entropy seed always
 //! produces the same garbage. Raw writes use `mayfly_ring::layout` constants.
@@ -201,6 +206,8 @@ pub const TEST_HANDLERS: &[(&str, RawHandler)] = &[
     ("test.spawn", spawn),
     ("test.random", random),
     ("test.panic", panic),
+    ("test.doorbell_flood", doorbell_flood),
+    ("test.sleep", sleep),
 ];
 
 /// The test handlers as a map.
@@ -226,9 +233,35 @@ pub fn ping(ctx: &mut Ctx<'_>, payload: &[u8]) -> Result<Vec<u8>, HandlerError> 
     Ok(count.to_string().into_bytes())
 }
 
-/// The SDK-style test handler named `name` (only `test.ping`).
+/// Size of each value `test.big_writes` puts (the ledger's largest value).
+pub const BIG_VALUE: usize = 64 << 10;
+
+/// `test.big_writes`: puts `N` values of [`BIG_VALUE`] bytes under `big/0` .. `big/N-1`, then
+/// commits `N` (see the module docs).
+pub fn big_writes(ctx: &mut Ctx<'_>, payload: &[u8]) -> Result<Vec<u8>, HandlerError> {
+    let count = std::str::from_utf8(payload)
+        .ok()
+        .filter(|t| !t.is_empty() && t.len() <= 4 && t.bytes().all(|b| b.is_ascii_digit()))
+        .and_then(|t| t.parse::<u32>().ok())
+        .filter(|n| (1..=1024).contains(n))
+        .ok_or_else(|| HandlerError::bad_request("payload must be 1..=1024"))?;
+    let value = vec![0x5a_u8; BIG_VALUE];
+    for i in 0..count {
+        ctx.db().put(format!("big/{i}").as_bytes(), &value)?;
+    }
+    Ok(count.to_string().into_bytes())
+}
+
+/// Names of the SDK-style test handlers ([`get_sdk`]).
+pub const SDK_TEST_HANDLERS: &[&str] = &["test.ping", "test.big_writes"];
+
+/// The SDK-style test handlers: `test.ping` and `test.big_writes`.
 pub fn get_sdk(name: &str) -> Option<Handler> {
-    (name == "test.ping").then_some(ping as Handler)
+    match name {
+        "test.ping" => Some(ping as Handler),
+        "test.big_writes" => Some(big_writes as Handler),
+        _ => None,
+    }
 }
 
 /// The test handler named `name`.
@@ -307,6 +340,21 @@ pub fn loop_forever(_ring: &mut RawRing<'_>, _payload: &[u8]) -> RawOutcome {
     loop {
         n = std::hint::black_box(n.wrapping_add(1));
     }
+}
+
+/// `test.doorbell_flood`: notifies the agent in a loop without publishing a request, until
+/// the agent destroys the domain.
+pub fn doorbell_flood(ring: &mut RawRing<'_>, _payload: &[u8]) -> RawOutcome {
+    loop {
+        let _ = ring.notifier.notify();
+    }
+}
+
+/// `test.sleep`: sends nothing and waits (without spinning) until the agent destroys the
+/// domain, as a guest stuck on I/O would.
+pub fn sleep(ring: &mut RawRing<'_>, _payload: &[u8]) -> RawOutcome {
+    ring.await_destruction();
+    RawOutcome::AwaitDestruction
 }
 
 /// `test.crash`: aborts the process.

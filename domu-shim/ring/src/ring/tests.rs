@@ -420,14 +420,7 @@ fn with_requests(count: u32) -> (MockMem, Geometry) {
 
 /// A backend over already initialised memory (skips `initialise`, which would zero it).
 fn backend_over(mem: &MockMem, geometry: Geometry) -> Backend<&MockMem> {
-    Backend {
-        mem,
-        geometry,
-        req_cons: 0,
-        rsp_prod: 0,
-        req_prod_seen: 0,
-        poisoned: false,
-    }
+    Backend::over(mem, geometry)
 }
 
 #[test]
@@ -661,4 +654,91 @@ fn blocking_receive_times_out() {
         .unwrap_err();
     assert!(matches!(err, RingError::Timeout { .. }));
     assert!(!err.is_protocol_violation());
+}
+
+/// A guest that rings the doorbell in a loop without publishing requests: each `wait` of
+/// the agent returns at once. The agent pays for a bounded number of wake-ups per domain
+/// (one per request it consumed plus the slack) and then calls it a protocol violation.
+#[test]
+fn a_doorbell_flood_costs_a_bounded_number_of_wake_ups() {
+    /// Always "notified", counting the agent's waits (its wake-ups).
+    #[derive(Default)]
+    struct Flood {
+        waits: Cell<u32>,
+    }
+    impl Notifier for Flood {
+        fn notify(&self) -> Result<(), NotifyError> {
+            Ok(())
+        }
+        fn wait(&self, _timeout: Option<Duration>) -> Result<Wake, NotifyError> {
+            self.waits.set(self.waits.get() + 1);
+            // Without a bound the receive would loop until its deadline: end it here so
+            // that a missing bound fails the test instead of hanging it.
+            if self.waits.get() > 100_000 {
+                return Ok(Wake::PeerGone);
+            }
+            Ok(Wake::Notified)
+        }
+    }
+    let mem = ring(small());
+    let mut back = Backend::new(&mem, small()).unwrap();
+    let mut front = Frontend::attach(&mem).unwrap();
+    // Three honest requests first: they raise the allowance by one each.
+    for key in [b"1", b"2", b"3"] {
+        front.send_request(&get(key), &Counter::default()).unwrap();
+        let flood = Flood::default();
+        let req = back
+            .recv_request(&flood, Some(Duration::from_secs(5)))
+            .unwrap();
+        back.send_response(req.id, &Response::Ok, &Counter::default())
+            .unwrap();
+        front.try_recv_response().unwrap().unwrap();
+        assert_eq!(flood.waits.get(), 0, "a published request needs no wait");
+    }
+    let flood = Flood::default();
+    let err = back
+        .recv_request(&flood, Some(Duration::from_secs(3600)))
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            RingError::DoorbellFlood {
+                spurious,
+                requests: 3,
+                slack: SPURIOUS_WAKE_SLACK,
+            } if spurious == 3 + SPURIOUS_WAKE_SLACK + 1
+        ),
+        "{err}"
+    );
+    assert!(err.is_protocol_violation());
+    // Wake-ups paid for: the allowance plus the one that crossed it.
+    assert_eq!(flood.waits.get(), 3 + SPURIOUS_WAKE_SLACK + 1);
+    // The end is disabled, as after any violation.
+    assert!(matches!(back.try_recv_request(), Err(RingError::Poisoned)));
+}
+
+/// The honest worst case: every request notified on its own and taken after an earlier
+/// wake-up already found it, so each request's notification costs one wake-up that finds
+/// nothing. However many requests there are, that stays within the allowance.
+#[test]
+fn one_spurious_wake_up_per_request_is_allowed() {
+    let mem = ring(small());
+    let mut back = Backend::new(&mem, small()).unwrap();
+    let mut front = Frontend::attach(&mem).unwrap();
+    for _ in 0..1000 {
+        front.send_request(&get(b"k"), &Counter::default()).unwrap();
+        let req = back.try_recv_request().unwrap().unwrap();
+        back.send_response(req.id, &Response::Ok, &Counter::default())
+            .unwrap();
+        front.try_recv_response().unwrap().unwrap();
+        back.spurious_wake().unwrap();
+    }
+    // And the slack on top.
+    for _ in 0..SPURIOUS_WAKE_SLACK {
+        back.spurious_wake().unwrap();
+    }
+    assert!(matches!(
+        back.spurious_wake(),
+        Err(RingError::DoorbellFlood { .. })
+    ));
 }
