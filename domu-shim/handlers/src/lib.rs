@@ -14,8 +14,20 @@
 //! the rules refuse (overdraft, unknown account) aborts with [`HandlerError::Rejected`].
 //!
 //! `README.md` beside this crate tells a customer how to add a handler.
+//!
+//! # Features
+//!
+//! `std` (default) links std and turns on serde's and serde_json's `std`; without it the
+//! handlers are `no_std` + `alloc` code for the freestanding Mayfly PV guest kernel — the
+//! same source on every backend.
 
+#![cfg_attr(not(feature = "std"), no_std)]
 #![forbid(unsafe_code)]
+
+extern crate alloc;
+
+use alloc::format;
+use alloc::vec::Vec;
 
 pub mod bank;
 pub mod kv;
