@@ -43,6 +43,8 @@
 //! - [`xen`] (Linux): the Xen transport — grant mappings through `/dev/xen/gntdev` and
 //!   `/dev/xen/gntalloc`, event channels through `/dev/xen/evtchn`.
 //!
+//! - [`bootinfo`]: the boot-info block that tells a Mayfly PV guest where its ring is
+//!   (no xenstore);
 //! - [`time`]: the monotonic clock of the timeouts (`std`'s, or one the embedder registers).
 //!
 //! The full specification, with test vectors, is section 2 of `docs/formats.md`.
@@ -61,6 +63,7 @@
 
 extern crate alloc;
 
+pub mod bootinfo;
 pub mod layout;
 pub mod mem;
 pub mod notify;
