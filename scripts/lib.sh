@@ -27,6 +27,8 @@ ensure_build_tools() {
     # cc for LMDB and ring; c++ for libFuzzer (cargo-fuzz).
     { command -v cc && command -v c++; } >/dev/null || missing+=(build-essential)
     command -v mount >/dev/null || missing+=(mount)
+    # readelf checks the PV guest kernel's image (scripts/build-pv-guest.sh).
+    command -v readelf >/dev/null || missing+=(binutils)
     if [ ${#missing[@]} -gt 0 ]; then apt_install "${missing[@]}"; fi
 }
 

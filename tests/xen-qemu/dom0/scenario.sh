@@ -4,7 +4,9 @@
 # them. Every step is bounded (timeout).
 #
 # 1. the overlay files as booted (sha256), for the byte-equality check; `mayfly hw-check`;
-# 2. the guest transport without the agent: xen-ring-peer builds a domU from the template,
+# 2. the Mayfly PV guest kernel: booted by xl (its self-test), then built in-process by
+#    xen-ring-peer (mayfly mode) serving one transaction per fresh domain;
+#    the guest transport without the agent: xen-ring-peer builds a domU from the template,
 #    grants the ring, writes the xenstore keys and serves one transaction (kv put; a
 #    protocol-violating test.bad_index, which must be destroyed); the domU's console;
 # 3. benchmarks: fresh domain vs pooled (unpause -> first request), ring round trips over
@@ -33,6 +35,30 @@ R "hwcheck rc=$?"
 sed 's/^/MAYFLY-HWCHECK /' /tmp/hw.json
 sed 's/^/MAYFLY-HWCHECK-ERR /' /tmp/hw.err
 
+# The Mayfly PV guest kernel through xl: it must boot, print its self-test (the shared
+# handlers on the SDK's in-memory database) and power itself off; a crash is kept by its
+# config (state c), reported and destroyed. Polled with a deadline, never a fixed sleep.
+PVNAME=mayfly-pv-selftest
+t0=$(cut -d' ' -f1 /proc/uptime)
+timeout 60 xl create /mayfly-test/pv-guest.cfg >/tmp/pv.out 2>&1
+pv_rc=$?
+pv_end=running
+tries=300 # 30 s
+while [ "$tries" -gt 0 ]; do
+    state=$(timeout 10 xl list "$PVNAME" 2>/dev/null | awk 'NR > 1 { print $5 }')
+    if [ -z "$state" ]; then pv_end=gone; break; fi
+    case "$state" in *c*) pv_end=crashed; break ;; esac
+    sleep 0.1
+    tries=$((tries - 1))
+done
+t1=$(cut -d' ' -f1 /proc/uptime)
+[ "$pv_end" = gone ] || timeout 30 xl destroy "$PVNAME" >/dev/null 2>&1
+R "pvguest create rc=$pv_rc end=$pv_end seconds=$(echo "$t0 $t1" | awk '{ printf "%.2f", $2 - $1 }')"
+sed 's/^/MAYFLY-PVGUEST-XL /' /tmp/pv.out
+if [ -f "/var/log/xen/console/guest-$PVNAME.log" ]; then
+    sed 's/^/MAYFLY-PVGUEST /' "/var/log/xen/console/guest-$PVNAME.log"
+fi
+
 # peer <tag> <args...>: one xen-ring-peer run, its lines prefixed, its status reported.
 peer() {
     tag=$1
@@ -49,6 +75,10 @@ if [ -f /var/log/xen/console/guest-mayfly-peer-kv.log ]; then
     sed 's/^/MAYFLY-DOMU kv /' /var/log/xen/console/guest-mayfly-peer-kv.log | grep 'mayfly-shim'
 fi
 peer violation xen --config "$CFG" --name mayfly-peer-bad --handler test.bad_index --payload x
+# The Mayfly PV guest kernel as the product path builds it: in-process (libxenguest, no xl,
+# no xenstore), boot info as its boot module, one kv transaction per fresh domain.
+peer mayfly mayfly --kernel /usr/share/mayfly/template/mayfly-pv-guest --handler kv \
+    --payload '{"op":"put","key":"k","value":"v"}' --runs "${MAYFLY_RUNS:-5}"
 i=1
 while [ "$i" -le "$BENCH_RUNS" ]; do
     peer "fresh-$i" xen --config "$CFG" --name "mayfly-peer-fresh-$i" --handler test.ping \
