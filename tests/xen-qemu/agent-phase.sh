@@ -11,43 +11,8 @@ API=http://$1
 failures=0
 fail() { echo "FAIL (agent): $*"; failures=$((failures + 1)); }
 pass() { echo "ok:   (agent) $*"; }
-BODY=$(mktemp)
-trap 'rm -f "$BODY"' EXIT
-
-# wait_ready: polls /v1/health (at most 180 s) until the pool has a ready domain, so that
-# each transaction (and its agent_tx_ms) is a hand-out from the pool, not a wait for a
-# domain to boot.
-wait_ready() {
-    local deadline=$(($(date +%s) + 180))
-    while [ "$(date +%s)" -lt "$deadline" ]; do
-        curl -sS --max-time 10 "$API/v1/health" 2>/dev/null | grep -qE '"ready":[1-9]' && return 0
-        sleep 1
-    done
-    return 1
-}
-
-# post <json>: waits for a ready domain, then prints "<status> <body>". A 503 (no ready domain yet: under emulation the
-# pool refills in ~10 s per domain) is retried as its Retry-After says, for at most 180 s.
-post() {
-    local deadline=$(($(date +%s) + 180)) code out
-    wait_ready || echo "no ready domain within 180 s" >&2
-    while :; do
-        out=$(curl -sS --max-time 180 -o "$BODY" -w '%{http_code} %{time_total}' \
-            -H 'Content-Type: application/json' -X POST "$API/v1/transactions" -d "$1" ||
-            echo "000 0")
-        code=${out%% *}
-        if [ "$code" != 503 ] || [ "$(date +%s)" -ge "$deadline" ]; then break; fi
-        sleep 1
-    done
-    # Latency of the answered attempt (to stderr: the caller captures stdout).
-    [ "$code" = 200 ] && echo "agent_tx_ms=$(echo "${out#* }" | awk '{ printf "%.1f", $1 * 1000 }')" >&2
-    echo "$code $(cat "$BODY" 2>/dev/null)"
-}
-# json_field <name>: the first "name":value of the JSON on stdin (string or number), or nothing.
-json_field() {
-    grep -oE "\"$1\":(\"[^\"]*\"|[0-9]+)" | head -n 1 | cut -d: -f2- | tr -d '"'
-    return 0
-}
+# shellcheck source=tests/xen-qemu/http.sh
+source "$(dirname "$0")/http.sh"
 
 # The agent is listening; wait (bounded) until its pool has a ready domain.
 for _ in $(seq 1 240); do

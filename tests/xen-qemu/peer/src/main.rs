@@ -14,6 +14,10 @@
 //!     (docs/formats.md §2.6); unpause; serve the transaction; wait for the guest to shut
 //!     itself down; destroy it. N times, each a fresh domain; then count the domains
 //!     tagged MAYFLYPV still present (`leftover_mayfly_pv`).
+//! xen-ring-peer count-pv --handler -
+//!     prints `mayfly_pv_domids=ID ...`: the domains whose handle starts with MAYFLYPV (the
+//!     agent's and this tool's Mayfly PV guests), for the suite's leftover and reconciler
+//!     checks.
 //! xen-ring-peer sandbox --shim PATH --handler H --payload P [--timeout-s S]
 //!     the same service over a sealed memfd and eventfds, to a spawned domu-shim process
 //!     (the sandbox transport, measured on the same machine).
@@ -121,6 +125,7 @@ fn main() {
         "xen" => run_xen(&o),
         "sandbox" => run_sandbox(&o),
         "mayfly" => run_mayfly(&o),
+        "count-pv" => count_pv(),
         m => Err(anyhow!("unknown mode {m}")),
     }) {
         Ok(()) => {}
@@ -276,6 +281,18 @@ fn serve_xen(o: &Opts, name: &str, domid: u16, created_at: Instant) -> Result<En
         created_at
     };
     serve(&mut backend, &evtchn, ready.id, o, handout_from, domid)
+}
+
+fn count_pv() -> Result<()> {
+    let control = mayfly_xen::Control::open(mayfly_xen::Libraries::load()?)?;
+    let ids: Vec<String> = control
+        .list()?
+        .iter()
+        .filter(|d| mayfly_xen::pvbuild::tag_of(&d.uuid).is_some())
+        .map(|d| d.domid.to_string())
+        .collect();
+    say(&format!("mayfly_pv_domids={}", ids.join(" ")));
+    Ok(())
 }
 
 fn run_mayfly(o: &Opts) -> Result<()> {
