@@ -81,6 +81,10 @@ peer violation xen --config "$CFG" --name mayfly-peer-bad --handler test.bad_ind
 # no xenstore), boot info as its boot module, one kv transaction per fresh domain.
 peer mayfly mayfly --kernel /usr/share/mayfly/template/mayfly-pv-guest --handler kv \
     --payload '{"op":"put","key":"k","value":"v"}' --runs "${MAYFLY_RUNS:-5}"
+# A boot info the guest must refuse (reserved field set): it crashes during boot, the peer
+# sees the domain gone instead of Ready, and destroys it.
+peer mayfly-badboot mayfly --kernel /usr/share/mayfly/template/mayfly-pv-guest --handler kv \
+    --payload '{}' --runs 1 --bad-boot-info --timeout-s 60
 i=1
 while [ "$i" -le "$BENCH_RUNS" ]; do
     peer "fresh-$i" xen --config "$CFG" --name "mayfly-peer-fresh-$i" --handler test.ping \

@@ -9,6 +9,7 @@
 //!     serve the transaction from an in-memory map; wait for the domain to power off
 //!     (destroying it if it does not, or if it broke the ring).
 //! xen-ring-peer mayfly --kernel PATH --handler H --payload P [--runs N] [--memory-mib M]
+//!                      [--bad-boot-info]   (a boot info the guest must refuse: it crashes)
 //!     the Mayfly PV guest kernel, built in-process (mayfly-xen's PvBuilder: libxenguest,
 //!     no xl, no xenstore) with the ring's grants, port and entropy in its boot info
 //!     (docs/formats.md §2.6); unpause; serve the transaction; wait for the guest to shut
@@ -66,6 +67,7 @@ struct Opts {
     kernel: Option<String>,
     runs: u32,
     memory_mib: u32,
+    bad_boot_info: bool,
 }
 
 fn parse() -> Result<Opts> {
@@ -85,10 +87,15 @@ fn parse() -> Result<Opts> {
         kernel: None,
         runs: 1,
         memory_mib: 4,
+        bad_boot_info: false,
     };
     while let Some(flag) = args.next() {
         if flag == "--pool" {
             o.pool = true;
+            continue;
+        }
+        if flag == "--bad-boot-info" {
+            o.bad_boot_info = true;
             continue;
         }
         let value = args.next().ok_or_else(|| anyhow!("{flag} needs a value"))?;
@@ -353,9 +360,10 @@ fn one_mayfly(
         },
     )?;
     let domid = built.domid;
+    let build_ms = millis(started.elapsed());
+    let kib = control.info(domid)?.map_or(0, |i| i.tot_pages * 4);
     say(&format!(
-        "domid={domid} build_ms={}",
-        millis(started.elapsed())
+        "domid={domid} build_ms={build_ms} domain_kib={kib}"
     ));
     // The ring and its channel live until the domain is destroyed (below).
     let mut ring = match (pages.take(), channel.take()) {
@@ -390,6 +398,12 @@ fn one_mayfly(
     let finished = matches!(served, Ok(Ended::Finished));
     let deadline = Instant::now() + Duration::from_secs(10);
     let mut reason = None;
+    if !finished {
+        // Already gone or failing: how it stands now (a guest that crashed shows it).
+        if let Some(mayfly_xen::DomainState::Shutdown(r)) = control.info(domid)?.map(|i| i.state) {
+            reason = Some(r);
+        }
+    }
     while finished && Instant::now() < deadline {
         match control.info(domid)? {
             Some(info) => {
