@@ -8,6 +8,7 @@
 //! | `transfer`     | [`bank`]  | moves an amount between two accounts, refusing overdrafts   |
 //! | `notes`        | [`notes`] | stores a user's notes — **deliberately vulnerable** (a path |
 //! |                |           | traversal in the note id writes any key, e.g. a balance)    |
+//! | `token`        | [`token`] | random bytes from the transaction's seeded RNG, as hex      |
 //!
 //! Payloads and results are JSON. Every handler is deterministic given its payload and the
 //! data it reads. A malformed payload aborts with [`HandlerError::BadRequest`]; a request
@@ -32,6 +33,7 @@ use alloc::vec::Vec;
 pub mod bank;
 pub mod kv;
 pub mod notes;
+pub mod token;
 
 use mayfly_sdk::{Handler, HandlerError, Registry};
 use serde::de::DeserializeOwned;
@@ -44,6 +46,7 @@ pub const HANDLERS: &[(&str, Handler)] = &[
     ("balance", bank::balance),
     ("transfer", bank::transfer),
     ("notes", notes::notes),
+    ("token", token::token),
 ];
 
 /// A registry holding every example handler ([`HANDLERS`]).
@@ -106,7 +109,7 @@ mod tests {
         let r = registry();
         assert_eq!(
             r.names().collect::<Vec<_>>(),
-            ["balance", "kv", "notes", "open_account", "transfer"]
+            ["balance", "kv", "notes", "open_account", "token", "transfer"]
         );
     }
 
