@@ -10,7 +10,8 @@
 #   - its own target directory (target/pv-guest), so these flags never invalidate the
 #     workspace's build.
 #
-# Usage: scripts/build-pv-guest.sh [OUT]   (default: target/pv-guest/mayfly-pv-guest)
+# Usage: scripts/build-pv-guest.sh [OUT [CARGO-ARGS...]]   (default OUT:
+#        target/pv-guest/mayfly-pv-guest; e.g. `OUT --features test-handlers`)
 #        scripts/build-pv-guest.sh --check  (rustfmt --check and clippy -D warnings of the
 #                                            guest crate, which the workspace's own lint
 #                                            step does not reach)
@@ -22,6 +23,8 @@ cd "$(dirname "$0")/.."
 source scripts/lib.sh
 ensure_build_tools # cc (the link driver) and readelf (the checks below)
 OUT=${1:-target/pv-guest/mayfly-pv-guest}
+# Further arguments go to cargo (e.g. --features test-handlers for the suite's guest).
+EXTRA=("${@:2}")
 CRATE=domu-shim/pv-guest
 HOST=x86_64-unknown-linux-gnu
 LD_SCRIPT=$(pwd)/$CRATE/link.ld
@@ -33,9 +36,11 @@ export CARGO_TARGET_DIR=target/pv-guest CARGO_BUILD_JOBS=${CARGO_BUILD_JOBS:-2}
 if [ "${1:-}" = --check ]; then
     cargo fmt --manifest-path "$CRATE/Cargo.toml" --check
     cargo clippy --locked --release --manifest-path "$CRATE/Cargo.toml" --target "$HOST" -- -D warnings
+    cargo clippy --locked --release --manifest-path "$CRATE/Cargo.toml" --target "$HOST" \
+        --all-features -- -D warnings
     exit
 fi
-cargo build --locked --release --manifest-path "$CRATE/Cargo.toml" --target "$HOST"
+cargo build --locked --release --manifest-path "$CRATE/Cargo.toml" --target "$HOST" "${EXTRA[@]}"
 BIN=target/pv-guest/$HOST/release/mayfly-pv-guest
 
 readelf -h "$BIN" | grep -q 'Type:.*EXEC' || { echo "$BIN: not a static executable" >&2; exit 1; }

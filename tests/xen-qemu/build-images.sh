@@ -54,7 +54,8 @@ CARGO_BUILD_JOBS=${CARGO_BUILD_JOBS:-2} cargo build --locked --release \
 AGENT=target/release/dom0-agent
 PEER=target/release/xen-ring-peer
 # The Mayfly PV guest kernel: freestanding, its own workspace and link (see the script).
-scripts/build-pv-guest.sh "$OUT/mayfly-pv-guest"
+# With its hostile test.* handlers, like the Linux template's shim.
+scripts/build-pv-guest.sh "$OUT/mayfly-pv-guest" --features test-handlers
 
 # module_path <name>: the installed kernel module file <name>.ko.
 module_path() {

@@ -50,6 +50,8 @@ pub mod hypercall;
 pub mod ring;
 pub mod rt;
 pub mod start_info;
+#[cfg(feature = "test-handlers")]
+pub mod test_handlers;
 
 use alloc::vec;
 use alloc::vec::Vec;
@@ -130,7 +132,11 @@ fn transaction(si: &StartInfo) -> ! {
         info.event_channel,
         notifier.port()
     );
-    let registry = mayfly_handlers::registry();
+    ring::set_ports(notifier.port(), info.event_channel);
+    #[allow(unused_mut)]
+    let mut registry = mayfly_handlers::registry();
+    #[cfg(feature = "test-handlers")]
+    test_handlers::register(&mut registry);
     match domu_shim::try_run(mem, &notifier, &registry, &domu_shim::Config::default()) {
         Ok(outcome) => {
             println!("mayfly-pv-guest: transaction ended: {outcome:?}");

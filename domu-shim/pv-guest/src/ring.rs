@@ -36,6 +36,79 @@ const EVTCHNOP_BIND_INTERDOMAIN: u64 = 0;
 struct Window([u8; MAX_PAGES * PAGE_SIZE]);
 static mut RING_WINDOW: Window = Window([0; MAX_PAGES * PAGE_SIZE]);
 
+/// What the test handlers need to know of the ring (set once by [`map`] and
+/// [`EvtchnNotifier::bind`] of the ring's port; single vCPU, so plain statics).
+static mut LOCAL_PORT: u32 = 0;
+static mut BACKEND_PORT: u32 = 0;
+static mut GRANTED: [u32; MAX_PAGES] = [0; MAX_PAGES];
+static mut GRANTED_COUNT: usize = 0;
+
+/// The ring's local event-channel port (0 before it is bound).
+pub fn local_port() -> u32 {
+    // SAFETY: single vCPU, no interrupt handlers: nothing writes it concurrently.
+    unsafe { LOCAL_PORT }
+}
+
+/// The backend's port the ring was bound to.
+pub fn backend_port() -> u32 {
+    // SAFETY: as in `local_port`.
+    unsafe { BACKEND_PORT }
+}
+
+/// The grant references of the ring's pages.
+pub fn granted_refs() -> Vec<u32> {
+    // SAFETY: as in `local_port`; the array is copied out by value, no reference is made.
+    let (all, n) = unsafe { ((&raw const GRANTED).read(), GRANTED_COUNT) };
+    all.iter().take(n).copied().collect()
+}
+
+/// The ring window's virtual address.
+pub fn window_base() -> usize {
+    &raw const RING_WINDOW as usize
+}
+
+/// Records the ring's ports (after binding it).
+pub fn set_ports(local: u32, backend: u32) {
+    // SAFETY: as in `local_port`.
+    unsafe {
+        LOCAL_PORT = local;
+        BACKEND_PORT = backend;
+    }
+}
+
+/// Tries to map grant `gref` of domain `dom` at `va` (one page); `true` if Xen allowed it.
+pub fn try_map_one(dom: u16, gref: u32, va: u64) -> bool {
+    #[repr(C)]
+    struct MapOp {
+        host_addr: u64,
+        flags: u32,
+        gref: u32,
+        dom: u16,
+        status: i16,
+        handle: u32,
+        dev_bus_addr: u64,
+    }
+    let mut op = MapOp {
+        host_addr: va,
+        flags: GNTMAP_HOST_MAP,
+        gref,
+        dom,
+        status: 0,
+        handle: 0,
+        dev_bus_addr: 0,
+    };
+    // SAFETY: one map operation on our stack; `va` is a page of ours nothing references.
+    let rc = unsafe {
+        hypercall::call3(
+            GRANT_TABLE_OP,
+            GNTTABOP_MAP_GRANT_REF,
+            &raw mut op as u64,
+            1,
+        )
+    };
+    rc == 0 && op.status == 0
+}
+
 /// Mapping the ring failed.
 #[derive(Debug)]
 pub enum RingSetupError {
@@ -151,6 +224,16 @@ pub fn map(info: &BootInfo) -> Result<GrantMem, RingSetupError> {
                 status: op.status,
             });
         }
+    }
+    let mut refs = [0u32; MAX_PAGES];
+    for (slot, r) in refs.iter_mut().zip(&info.grant_refs) {
+        *slot = *r;
+    }
+    // SAFETY: single vCPU, no interrupt handlers: nothing reads them concurrently; written
+    // by value through raw pointers, no reference is made.
+    unsafe {
+        (&raw mut GRANTED).write(refs);
+        GRANTED_COUNT = info.grant_refs.len().min(MAX_PAGES);
     }
     Ok(GrantMem {
         len: ops.len() * PAGE_SIZE,

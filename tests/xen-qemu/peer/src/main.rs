@@ -356,7 +356,15 @@ fn one_mayfly(
             };
             pages = Some(granted);
             channel = Some(port);
-            Ok(info.encode()?)
+            let mut module = info.encode()?;
+            if o.bad_boot_info {
+                // The reserved field (bytes 10..12) non-zero: the guest must refuse the
+                // block and crash itself during boot.
+                if let Some(b) = module.get_mut(11) {
+                    *b = 1;
+                }
+            }
+            Ok(module)
         },
     )?;
     let domid = built.domid;
