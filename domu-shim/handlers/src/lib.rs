@@ -109,7 +109,14 @@ mod tests {
         let r = registry();
         assert_eq!(
             r.names().collect::<Vec<_>>(),
-            ["balance", "kv", "notes", "open_account", "token", "transfer"]
+            [
+                "balance",
+                "kv",
+                "notes",
+                "open_account",
+                "token",
+                "transfer"
+            ]
         );
     }
 
