@@ -5,6 +5,10 @@
 #
 # Usage: tests/xen-qemu/agent-mayfly.sh HOST:PORT [SUSTAIN_S]
 # Checks: kv put and get; open_account and transfer; 50 transactions in 50 distinct domains;
+# two domains built from the same image draw different random tokens (the clone hazard);
+# the hostile guests of the guest's test.* handlers (a ring violation -> 500, recorded and
+# audited; an event-channel flood; grant and event-channel operations naming dom0 and other
+# domains, all refused by Xen; a guest spinning for ever, ended by the transaction timeout);
 # 4 concurrent clients moving money between 4 accounts with the bank's total unchanged; no
 # domain in use afterwards. Measures: build -> Ready is dom0's side; here the sustained
 # fresh-domain-per-transaction rate over SUSTAIN_S seconds (default 60) with 4 clients
@@ -65,6 +69,50 @@ if [ "$n" -ge 57 ] && [ "$n" = "$distinct" ]; then
 else
     fail "domain ids repeat or are missing: $n transactions, $distinct distinct"
 fi
+
+# The clone hazard: two fresh domains from the same image draw different tokens.
+t1=$(post '{"handler":"token","payload":{"bytes":16}}')
+t2=$(post '{"handler":"token","payload":{"bytes":16}}')
+k1=$(echo "$t1" | json_field token)
+k2=$(echo "$t2" | json_field token)
+d1=$(echo "$t1" | json_field domain_id)
+d2=$(echo "$t2" | json_field domain_id)
+echo "tokens: $k1 (domain $d1) $k2 (domain $d2)"
+if [ "${#k1}" = 32 ] && [ "${#k2}" = 32 ] && [ "$k1" != "$k2" ] && [ "$d1" != "$d2" ]; then
+    pass "two domains from the same image drew different random tokens"
+else
+    fail "tokens: $t1 | $t2"
+fi
+
+# Hostile guests (the guest's test.* handlers).
+audit_before=$(curl -sS --max-time 10 "$API/v1/health" | json_field audit_seq || true)
+r=$(post '{"handler":"test.bad_ring","payload":null}')
+echo "bad_ring: $r"
+case $r in 500*) pass "ring written outside the protocol: 500" ;; *) fail "test.bad_ring: $r" ;; esac
+tx=$(echo "$r" | json_field tx_id)
+shown=$(curl -sS --max-time 10 "$API/v1/transactions/$tx" || true)
+if echo "$shown" | grep -qiE 'violation|protocol'; then
+    pass "recorded as a protocol violation"
+else
+    fail "test.bad_ring not recorded as a protocol violation: $shown"
+fi
+audit=$(curl -sS --max-time 10 "$API/v1/health" | json_field audit_seq || true)
+if [ "${audit:-0}" -gt "${audit_before:-0}" ]; then pass "violation audited (audit_seq ${audit_before} -> ${audit})"; else fail "violation not audited"; fi
+r=$(post '{"handler":"test.evtchn_flood","payload":null}')
+echo "evtchn_flood: $r"
+if committed "$r"; then pass "event-channel flood: the agent kept serving and committed"; else fail "test.evtchn_flood: $r"; fi
+r=$(post '{"handler":"test.foreign_ops","payload":null}')
+echo "foreign_ops: $r"
+case $r in
+    200*'"granted":0,"bound":0,"allocated":0,"setup":0'*) pass "grant/event-channel operations naming dom0 and other domains: all refused by Xen ($(echo "$r" | grep -oE '"tried":[0-9]+'))" ;;
+    *) fail "test.foreign_ops: $r" ;;
+esac
+spin_from=$(date +%s)
+r=$(post '{"handler":"test.spin","payload":null}')
+echo "spin: $r ($(($(date +%s) - spin_from)) s)"
+case $r in 200*) fail "test.spin answered 200: $r" ;; 000*) fail "test.spin: no answer" ;; *) pass "a guest spinning for ever: ended by the transaction timeout ($(echo "$r" | cut -c1-3), $(($(date +%s) - spin_from)) s)" ;; esac
+r=$(post '{"handler":"kv","payload":{"op":"get","key":"kv/pv"}}')
+case $r in 200*'"value":"x"'*) pass "the agent still serves after the hostile guests" ;; *) fail "kv get after the hostile guests: $r" ;; esac
 
 # 4 concurrent clients, each moving money around the 4 accounts for SUSTAIN_S seconds: every
 # transfer runs in a fresh domain; conflicts abort (never lose or make money).
