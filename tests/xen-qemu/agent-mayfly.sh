@@ -53,7 +53,7 @@ done
 pass "open_account x4 committed"
 r=$(post '{"handler":"transfer","payload":{"from":"pva","to":"pvb","amount":10}}')
 echo "transfer: $r"
-case $r in 200*'"status":"committed"'*'"balance":990'*) pass "transfer committed" ;; *) fail "transfer: $r" ;; esac
+if committed "$r" && echo "$r" | grep -q '"balance":990'; then pass "transfer committed"; else fail "transfer: $r"; fi
 domains+=("$(echo "$r" | json_field domain_id)")
 
 # 50 transactions, each in its own fresh domain.
