@@ -104,6 +104,17 @@ use mayfly_sdk::{Ctx, Handler, HandlerError, Registry};
 
 pub use ringdb::RingDb;
 
+/// The hostile `test.*` handlers of the Mayfly PV guest kernel's test build
+/// (`domu-shim/pv-guest`, feature `test-handlers`, which registers exactly these), named here
+/// so that an agent built with `test-handlers` admits them: it refuses unknown handler names
+/// before a domain is taken. Never present in a production guest.
+pub const PV_GUEST_TEST_HANDLERS: [&str; 4] = [
+    "test.spin",
+    "test.evtchn_flood",
+    "test.foreign_ops",
+    "test.bad_ring",
+];
+
 /// Exit statuses of [`run`] and of the `domu-shim` binary. See the [crate docs](crate).
 pub mod exit {
     /// The transaction ended (committed, aborted, or commit refused).
