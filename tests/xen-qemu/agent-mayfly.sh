@@ -103,10 +103,18 @@ echo "evtchn_flood: $r"
 if committed "$r"; then pass "event-channel flood: the agent kept serving and committed"; else fail "test.evtchn_flood: $r"; fi
 r=$(post '{"handler":"test.foreign_ops","payload":null}')
 echo "foreign_ops: $r"
-case $r in
-    200*'"granted":0,"bound":0,"allocated":0,"setup":0'*) pass "grant/event-channel operations naming dom0 and other domains: all refused by Xen ($(echo "$r" | grep -oE '"tried":[0-9]+'))" ;;
-    *) fail "test.foreign_ops: $r" ;;
-esac
+# (The agent re-encodes the result: its keys come sorted, so each is looked for alone.)
+allowed=0
+for k in granted bound allocated setup; do
+    v=$(echo "$r" | json_field "$k")
+    [ "$v" = 0 ] || allowed=$((allowed + 1))
+done
+tried=$(echo "$r" | json_field tried)
+if committed "$r" && [ "$allowed" = 0 ] && [ "${tried:-0}" -gt 100 ]; then
+    pass "grant/event-channel operations naming dom0 and other domains: all $tried refused by Xen"
+else
+    fail "test.foreign_ops: $r"
+fi
 spin_from=$(date +%s)
 r=$(post '{"handler":"test.spin","payload":null}')
 echo "spin: $r ($(($(date +%s) - spin_from)) s)"
