@@ -33,6 +33,8 @@ ensure_build_tools() {
     [ -f /etc/ssl/certs/ca-certificates.crt ] || missing+=(ca-certificates)
     # mount/umount for the ledger's full-disk (tmpfs) tests.
     { command -v mount && command -v umount; } >/dev/null || missing+=(mount)
+    # readelf checks the PV guest kernel's image (scripts/build-pv-guest.sh).
+    command -v readelf >/dev/null || missing+=(binutils)
     if [ ${#missing[@]} -gt 0 ]; then apt_install "${missing[@]}"; fi
 }
 

@@ -11,43 +11,8 @@ API=http://$1
 failures=0
 fail() { echo "FAIL (agent): $*"; failures=$((failures + 1)); }
 pass() { echo "ok:   (agent) $*"; }
-BODY=$(mktemp)
-trap 'rm -f "$BODY"' EXIT
-
-# wait_ready: polls /v1/health (at most 180 s) until the pool has a ready domain, so that
-# each transaction (and its agent_tx_ms) is a hand-out from the pool, not a wait for a
-# domain to boot.
-wait_ready() {
-    local deadline=$(($(date +%s) + 180))
-    while [ "$(date +%s)" -lt "$deadline" ]; do
-        curl -sS --max-time 10 "$API/v1/health" 2>/dev/null | grep -qE '"ready":[1-9]' && return 0
-        sleep 1
-    done
-    return 1
-}
-
-# post <json>: waits for a ready domain, then prints "<status> <body>". A 503 (no ready domain yet: under emulation the
-# pool refills in ~10 s per domain) is retried as its Retry-After says, for at most 180 s.
-post() {
-    local deadline=$(($(date +%s) + 180)) code out
-    wait_ready || echo "no ready domain within 180 s" >&2
-    while :; do
-        out=$(curl -sS --max-time 180 -o "$BODY" -w '%{http_code} %{time_total}' \
-            -H 'Content-Type: application/json' -X POST "$API/v1/transactions" -d "$1" ||
-            echo "000 0")
-        code=${out%% *}
-        if [ "$code" != 503 ] || [ "$(date +%s)" -ge "$deadline" ]; then break; fi
-        sleep 1
-    done
-    # Latency of the answered attempt (to stderr: the caller captures stdout).
-    [ "$code" = 200 ] && echo "agent_tx_ms=$(echo "${out#* }" | awk '{ printf "%.1f", $1 * 1000 }')" >&2
-    echo "$code $(cat "$BODY" 2>/dev/null)"
-}
-# json_field <name>: the first "name":value of the JSON on stdin (string or number), or nothing.
-json_field() {
-    grep -oE "\"$1\":(\"[^\"]*\"|[0-9]+)" | head -n 1 | cut -d: -f2- | tr -d '"'
-    return 0
-}
+# shellcheck source=tests/xen-qemu/http.sh
+source "$(dirname "$0")/http.sh"
 
 # The agent is listening; wait (bounded) until its pool has a ready domain.
 for _ in $(seq 1 240); do
@@ -93,7 +58,33 @@ if [ "$uniq_count" -ge 5 ] && [ "$uniq_count" = "$distinct" ]; then
 else
     fail "domain ids: ${domains[*]}"
 fi
-health=$(curl -sS --max-time 10 "$API/v1/health" || true)
+# Sustained fresh-domain-per-transaction rate on the Linux guest, the baseline of the Mayfly
+# guest's (agent-mayfly.sh): 4 clients, kv puts, for SUSTAIN_S seconds (default 60; 0 skips).
+SUSTAIN_S=${SUSTAIN_S:-60}
+if [ "$SUSTAIN_S" -gt 0 ]; then
+    WORK=$(mktemp -d)
+    sustain_client() {
+        local c=$1 end=$(($(date +%s) + SUSTAIN_S)) i=0 r
+        while [ "$(date +%s)" -lt "$end" ]; do
+            r=$(post "{\"handler\":\"kv\",\"payload\":{\"op\":\"put\",\"key\":\"kv/s$c-$i\",\"value\":\"x\"}}" no-wait 2>/dev/null)
+            echo "${r%% *} $(echo "$r" | json_field status)" >>"$WORK/client-$c"
+            i=$((i + 1))
+        done
+    }
+    started=$(date +%s.%N)
+    for c in 0 1 2 3; do sustain_client "$c" & done
+    wait
+    elapsed=$(echo "$started $(date +%s.%N)" | awk '{ printf "%.1f", $2 - $1 }')
+    done_tx=$(cat "$WORK"/client-* 2>/dev/null | grep -c '^200 committed' || true)
+    echo "linux_sustained_tx_s=$(echo "$done_tx $elapsed" | awk '{ printf "%.3f", $1 / $2 }') committed=$done_tx seconds=$elapsed clients=4"
+    rm -rf "$WORK"
+fi
+# The agent answers, then destroys the domain: poll (bounded) until none is in use.
+for _ in $(seq 1 60); do
+    health=$(curl -sS --max-time 10 "$API/v1/health" || true)
+    echo "$health" | grep -q '"in_use":0' && break
+    sleep 0.5
+done
 echo "health after: $health"
 echo "$health" | grep -q '"in_use":0' || fail "domains still in use: $health"
 audit=$(echo "$health" | json_field audit_seq)

@@ -3,12 +3,14 @@
 #
 #   OUT/xen                     the hypervisor (gunzipped /boot/xen-4.17-amd64.gz)
 #   OUT/vmlinux                 dom0 and domU kernel: the uncompressed ELF inside Debian's bzImage
+#   OUT/mayfly-pv-guest         the Mayfly PV guest kernel (scripts/build-pv-guest.sh)
 #   OUT/domu-initramfs.cpio     the domU template: domu-shim (static, test-handlers) as /init,
 #                               the two modules it loads, /etc/mayfly/modules
 #   OUT/dom0-initramfs.cpio     dom0: busybox, the Xen toolstack with its shared-library
 #                               closure (and libgcc_s), modules, dom0-agent (test-handlers), xen-ring-peer,
 #                               domu-shim, the Buildroot rootfs overlay verbatim, the test /init
-#                               and scenario, and the domU template under /usr/share/mayfly
+#                               and scenario, and the domU templates (Linux and Mayfly PV
+#                               guest) under /usr/share/mayfly
 #
 # Usage: tests/xen-qemu/build-images.sh [OUT]   (default OUT: target/xen-qemu)
 set -euo pipefail
@@ -51,6 +53,9 @@ CARGO_BUILD_JOBS=${CARGO_BUILD_JOBS:-2} cargo build --locked --release \
     -p mayfly --bin mayfly
 AGENT=target/release/dom0-agent
 PEER=target/release/xen-ring-peer
+# The Mayfly PV guest kernel: freestanding, its own workspace and link (see the script).
+# With its hostile test.* handlers, like the Linux template's shim.
+scripts/build-pv-guest.sh "$OUT/mayfly-pv-guest" --features test-handlers
 
 # module_path <name>: the installed kernel module file <name>.ko.
 module_path() {
@@ -132,6 +137,7 @@ cp -a "$OVERLAY/." "$ROOT/"
 # The domU template, where the agent's Xen backend and the peer look for it.
 mkdir -p "$ROOT/usr/share/mayfly/template"
 cp "$OUT/vmlinux" "$ROOT/usr/share/mayfly/template/vmlinux"
+install -m 0644 "$OUT/mayfly-pv-guest" "$ROOT/usr/share/mayfly/template/mayfly-pv-guest"
 # gzip'd as on the appliance (the domU kernel unpacks 1.8 MiB in a fraction of a second).
 gzip -9 -n -c "$OUT/domu-initramfs.cpio" >"$ROOT/usr/share/mayfly/template/initramfs.cpio.gz"
 # The test's own /init and scenario.
@@ -139,6 +145,7 @@ install -m 0755 "$HERE/dom0/init" "$ROOT/init"
 mkdir -p "$ROOT/mayfly-test"
 install -m 0755 "$HERE/dom0/scenario.sh" "$ROOT/mayfly-test/scenario.sh"
 install -m 0644 "$HERE/dom0/domu.cfg" "$ROOT/mayfly-test/domu.cfg"
+install -m 0644 "$HERE/dom0/pv-guest.cfg" "$ROOT/mayfly-test/pv-guest.cfg"
 (cd "$OVERLAY" && find . -type f | LC_ALL=C sort | sed 's|^\./|/|') >"$ROOT/mayfly-test/overlay-files"
 # Test-only agent flags: the suite's policy bundle (admits test.bad_index).
 mkdir -p "$ROOT/mayfly-test/policy" "$ROOT/etc/default"

@@ -92,6 +92,24 @@ if grep -q 'MAYFLY-RESULT agent up' "$LOG"; then
     [ "$acked" = ack ] || fail "dom0 never answered on the control port"
 fi
 
+# The agent again, serving the Mayfly PV guest kernel.
+wait_for_line 'MAYFLY-RESULT agent-mayfly (up|down)' 900 || true
+if grep -q 'MAYFLY-RESULT agent-mayfly up' "$LOG"; then
+    tests/xen-qemu/agent-mayfly.sh "127.0.0.1:$API_PORT" "${SUSTAIN_S:-60}" 2>&1 |
+        tee "$OUT/agent-mayfly.log" || fail "transactions through the agent on the Mayfly PV guest"
+    acked=
+    for _ in $(seq 1 60); do
+        if exec 3<>"/dev/tcp/127.0.0.1/$CTRL_PORT" 2>/dev/null; then
+            echo "done" >&3
+            read -r -t 10 acked <&3 || true
+            exec 3<&-
+            [ "$acked" = ack ] && break
+        fi
+        sleep 1
+    done
+    [ "$acked" = ack ] || fail "dom0 never answered on the control port (Mayfly phase)"
+fi
+
 # QEMU ends when dom0 reboots; bounded by `timeout` above.
 wait "$qemu" || true
 trap - EXIT
@@ -130,6 +148,41 @@ elif echo "$hw" | grep -qE '"environment": *"xen-dom0"' &&
     pass "mayfly hw-check in dom0 reports Xen's version and physical capabilities through libxenctrl ($(result hwcheck))"
 else
     fail "mayfly hw-check in dom0 did not report Xen's capabilities: ${hw:0:600}"
+fi
+
+# The Mayfly PV guest kernel: booted by xl, its self-test on its console, powered off.
+pvlog=$(grep -a '^MAYFLY-PVGUEST ' "$LOG" | tr -d '\r' || true)
+if result "pvguest create rc=0 end=gone" | grep -q . &&
+    echo "$pvlog" | grep -q 'mayfly-pv-guest: booted: xen-3.0-x86_64' &&
+    echo "$pvlog" | grep -q 'mayfly-pv-guest: kv get -> .*"value":"v"' &&
+    echo "$pvlog" | grep -q 'mayfly-pv-guest: transfer -> .*"balance":70' &&
+    echo "$pvlog" | grep -q 'mayfly-pv-guest: self-test passed' &&
+    echo "$pvlog" | grep -q 'mayfly-pv-guest: powering off'; then
+    pass "Mayfly PV guest kernel booted (4 MiB), ran the shared handlers and powered off ($(result 'pvguest create' | grep -oE 'seconds=[0-9.]+'))"
+else
+    fail "Mayfly PV guest kernel: $(result 'pvguest create') console: $(echo "$pvlog" | tail -n 5 | tr '\n' '|') xl: $(grep -a '^MAYFLY-PVGUEST-XL' "$LOG" | tail -n 3 | tr '\n' '|')"
+fi
+
+# A boot info the guest must refuse: it crashes during boot, and the domain is destroyed.
+if peer_line mayfly-badboot | grep -q '^shutdown=crash' && peer_line mayfly-badboot | grep -q '^destroyed' &&
+    peer_line mayfly-badboot | grep -q '^leftover_mayfly_pv=0' && ! peer_line mayfly-badboot | grep -q '^ready_ms='; then
+    pass "Mayfly PV guest with a refused boot info: crashed during boot (never Ready), destroyed, none left"
+else
+    fail "Mayfly PV guest, bad boot info: $(peer_line mayfly-badboot | tr '\n' '|')"
+fi
+
+# The Mayfly PV guest kernel built in-process (no xl, no xenstore): every run a fresh domain
+# that served its transaction over the ring named in its boot info, shut itself down and was
+# destroyed; none left.
+mruns=$(peer_line mayfly | grep -c '^run=' || true)
+mok=$(peer_line mayfly | grep -c '^outcome=committed {"key":"k","ok":true}' || true)
+moff=$(peer_line mayfly | grep -c '^shutdown=poweroff' || true)
+mdestroyed=$(peer_line mayfly | grep -c '^destroyed' || true)
+if [ "$mruns" -ge 1 ] && [ "$mok" = "$mruns" ] && [ "$moff" = "$mruns" ] && [ "$mdestroyed" = "$mruns" ] &&
+    result "peer mayfly rc=0" | grep -q . && peer_line mayfly | grep -q '^leftover_mayfly_pv=0'; then
+    pass "Mayfly PV guest built in-process: $mok of $mruns kv transactions committed, each domain powered off and destroyed, none left"
+else
+    fail "Mayfly PV guest in-process: runs $mruns, committed $mok, poweroff $moff, destroyed $mdestroyed; $(result 'peer mayfly') $(peer_line mayfly | tail -n 6 | tr '\n' '|')"
 fi
 
 # 2. The guest transport.
@@ -178,6 +231,36 @@ else
     if [ "${REQUIRE_AGENT:-1}" = 1 ]; then fail "$msg"; else echo "SKIP: $msg"; fi
 fi
 
+# 5. The agent on the Mayfly PV guest: its reconciler, verify, and nothing left - counted.
+if result "agent-mayfly up" | grep -q .; then
+    running=$(result "mayfly-running ")
+    left=$(result "mayfly-left ")
+    orphans=$(result "mayfly-orphans " | sed -n 's/.*\[\(.*\)\].*/\1/p')
+    if [ -n "$orphans" ] && result "restart-mayfly rc=0" | grep -q . &&
+        result "mayfly-orphans " | grep -q 'reaped all'; then
+        pass "reconciler: the restarted agent destroyed the killed agent's Mayfly PV guests ($orphans)"
+    else
+        fail "reconciler (Mayfly PV guests): $(result restart-mayfly) $(result mayfly-orphans)"
+    fi
+    if result "verify-mayfly rc=0" | grep -q .; then pass "dom0-agent verify after the Mayfly phase"; else fail "dom0-agent verify (Mayfly phase): $(result verify-mayfly)"; fi
+    # Counted while running (the counters see the pool), then after: back to the baseline.
+    ev0=$(echo "$left" | sed -n 's/.*baseline evtchn=\([0-9]*\).*/\1/p')
+    gr0=$(echo "$left" | sed -n 's/.*baseline evtchn=[0-9]* grants=\([0-9]*\).*/\1/p')
+    ev_run=$(echo "$running" | sed -n 's/.*\] evtchn=\([0-9]*\).*/\1/p')
+    gr_run=$(echo "$running" | sed -n 's/.*\] evtchn=[0-9]* grants=\([0-9]*\).*/\1/p')
+    ev_left=$(echo "$left" | sed -n 's/.*\] evtchn=\([0-9]*\).*/\1/p')
+    gr_left=$(echo "$left" | sed -n 's/.*\] evtchn=[0-9]* grants=\([0-9]*\).*/\1/p')
+    if echo "$left" | grep -q 'domains=\[\]' && [ -n "$ev_left" ] && [ "$ev_left" = "$ev0" ] &&
+        [ -n "$gr_left" ] && [ "$gr_left" = "$gr0" ] &&
+        [ "${ev_run:-0}" -gt "${ev0:-0}" ] && [ "${gr_run:-0}" -gt "${gr0:-0}" ]; then
+        pass "nothing left after the Mayfly phase: 0 MAYFLYPV domains, event channels $ev_run -> $ev_left, dom0 grants $gr_run -> $gr_left (baseline $ev0, $gr0)"
+    else
+        fail "left after the Mayfly phase, or not counted: running: $running | after: $left"
+    fi
+else
+    fail "the agent did not come up with --xen-guest mayfly: $(grep -a '^MAYFLY-AGENT-LOG' "$LOG" | tail -n 2 | tr '\n' '|')"
+fi
+
 # 5. Nothing left running.
 if result "leftover none" | grep -q .; then pass "no mayfly-* domain left"; else fail "left over: $(result leftover)"; fi
 
@@ -193,8 +276,25 @@ field() { grep -aE "^MAYFLY-PEER $1" "$LOG" | grep -oE "$2=[0-9.]+" | cut -d= -f
     echo "ring round trip, grant + event channel (us):  $(field '(fresh|pool)-' rtt_us_median | median)"
     echo "ring round trip, sandbox memfd + eventfd (us): $(field 'sandbox-' rtt_us_median | median)"
     echo "agent: POST /v1/transactions from a ready pool (ms): $(grep -oE 'agent_tx_ms=[0-9.]+' "$OUT/agent-phase.log" 2>/dev/null | cut -d= -f2 | median)"
+    echo "Mayfly PV guest, in-process build (ms):      $(field 'mayfly ' build_ms | median)"
+    echo "Mayfly PV guest, build -> Ready (ms):        $(field 'mayfly ' ready_ms | median)"
+    echo "Mayfly PV guest, build -> first request (ms): $(field 'mayfly ' first_request_ms | median)"
+    echo "Mayfly PV guest, domain memory (KiB):        $(field 'mayfly ' domain_kib | median)"
+    echo "agent on the Linux PV guest, 4 clients, fresh domain per transaction (tx/s): $(grep -oE 'linux_sustained_tx_s=[0-9.]+' "$OUT/agent-phase.log" 2>/dev/null | cut -d= -f2)"
+    echo "agent on the Mayfly PV guest, 4 clients, fresh domain per transaction (tx/s): $(grep -oE 'mayfly_sustained_tx_s=[0-9.]+' "$OUT/agent-mayfly.log" 2>/dev/null | cut -d= -f2)"
     echo "QEMU run (s): $elapsed, emulated CPUs: ${QEMU_SMP:-2}"
 } | tee "$OUT/bench.txt"
+# The issue's figures as JSON (null: not measured in this run).
+num() { case "$1" in '' | n/a) echo null ;; *) echo "$1" ;; esac; }
+cat >"$OUT/bench.json" <<JSON
+{
+  "linux_build_boot_ms": $(num "$(field 'fresh-' ready_ms | median)"),
+  "mayfly_build_boot_ms": $(num "$(field 'mayfly ' ready_ms | median)"),
+  "linux_sustained_tx_s": $(num "$(grep -oE 'linux_sustained_tx_s=[0-9.]+' "$OUT/agent-phase.log" 2>/dev/null | cut -d= -f2)"),
+  "mayfly_sustained_tx_s": $(num "$(grep -oE 'mayfly_sustained_tx_s=[0-9.]+' "$OUT/agent-mayfly.log" 2>/dev/null | cut -d= -f2)"),
+  "mayfly_domain_kib": $(num "$(field 'mayfly ' domain_kib | median)")
+}
+JSON
 for kind in fresh pool sandbox; do
     n=$(grep -ac "^MAYFLY-RESULT peer $kind-[0-9]* rc=0" "$LOG" || true)
     if [ "$n" -ge 1 ]; then pass "$n $kind benchmark runs"; else fail "no successful $kind benchmark run"; fi

@@ -96,7 +96,8 @@ pub struct ServeArgs {
     #[arg(long)]
     config: Option<PathBuf>,
     /// Domain backend: "sandbox" (process isolation, the default) or "xen" (a Xen PV domU
-    /// per transaction; needs a Xen 4.17 dom0 and the --xen-kernel/--xen-ramdisk template).
+    /// per transaction; needs a Xen 4.17 dom0 and the guest of --xen-guest: the Mayfly PV
+    /// guest kernel, or the --xen-kernel/--xen-ramdisk Linux template).
     #[arg(long)]
     backend: Option<String>,
     /// Ledger data directory [default: ./mayfly-data].
@@ -228,16 +229,28 @@ pub struct ServeArgs {
     /// [default: DATA_DIR/detector.token, created (mode 0600) on first start].
     #[arg(long)]
     detector_token: Option<PathBuf>,
-    /// Xen backend: the template's kernel, an uncompressed ELF vmlinux (`[xen] kernel`).
+    /// Xen backend: the guest kind, `mayfly` (Mayfly's own PV guest kernel, built
+    /// in-process: no xl, no xenstore, 4 MiB) or `linux` (the Linux PV guest, for handlers
+    /// that need a Linux userland) (`[xen] guest`) [default: mayfly].
+    #[arg(long, value_parser = ["mayfly", "linux"])]
+    xen_guest: Option<String>,
+    /// Xen backend, guest `mayfly`: the Mayfly PV guest kernel (`[xen] mayfly_kernel`)
+    /// [default: /usr/share/mayfly/template/mayfly-pv-guest].
+    #[arg(long)]
+    xen_mayfly_kernel: Option<PathBuf>,
+    /// Xen backend, guest `linux`: the template's kernel, an uncompressed ELF vmlinux
+    /// (`[xen] kernel`).
     #[arg(long)]
     xen_kernel: Option<PathBuf>,
-    /// Xen backend: the template's initramfs, whose /init is domu-shim (`[xen] ramdisk`).
+    /// Xen backend, guest `linux`: the template's initramfs, whose /init is domu-shim
+    /// (`[xen] ramdisk`).
     #[arg(long)]
     xen_ramdisk: Option<PathBuf>,
     /// Xen backend: the domains' kernel command line [default: "console=hvc0 quiet"].
     #[arg(long)]
     xen_cmdline: Option<String>,
-    /// Xen backend: memory of each domain in MiB, at least 96 [default: 128].
+    /// Xen backend, guest `linux`: memory of each domain in MiB, at least 96 [default: 128]
+    /// (guest `mayfly`: `[xen] mayfly_memory_mib`, 4..=64, default 4).
     #[arg(long)]
     xen_memory_mib: Option<u32>,
     /// Xen backend: the `xl` binary that builds domains (`xl create -p -e`; pause, unpause
@@ -595,6 +608,13 @@ fn tls_settings(
 /// The `[xen]` table with the `--xen-*` flags laid over it.
 fn xen_section(args: &ServeArgs, file: XenSection) -> XenSection {
     XenSection {
+        // Checked by clap's value parser: "mayfly" or "linux".
+        guest: args
+            .xen_guest
+            .as_deref()
+            .and_then(|g| g.parse().ok())
+            .or(file.guest),
+        mayfly_kernel: args.xen_mayfly_kernel.clone().or(file.mayfly_kernel),
         kernel: args.xen_kernel.clone().or(file.kernel),
         ramdisk: args.xen_ramdisk.clone().or(file.ramdisk),
         cmdline: args.xen_cmdline.clone().or(file.cmdline),

@@ -318,16 +318,28 @@ fn the_xen_backend_off_xen_stops_with_what_is_missing() {
             String::from_utf8_lossy(&out.stderr).into_owned(),
         )
     };
-    // No template: the missing setting is named.
+    // The default guest is the Mayfly PV guest: without its kernel, it is named.
     let (code, err) = run(&[]);
     assert_eq!(code, Some(3), "{err}");
+    assert!(err.contains("mayfly_kernel"), "{err}");
+    // The Linux guest without its template: the missing setting is named.
+    let (code, err) = run(&["--xen-guest".as_ref(), "linux".as_ref()]);
+    assert_eq!(code, Some(3), "{err}");
     assert!(err.contains("--xen-kernel"), "{err}");
+    // A Mayfly guest kernel but no Xen: the missing library or interface is named.
+    let pv = dir.path().join("mayfly-pv-guest");
+    std::fs::write(&pv, b"\x7fELF").unwrap();
+    let (code, err) = run(&["--xen-mayfly-kernel".as_ref(), pv.as_os_str()]);
+    assert_eq!(code, Some(3), "{err}");
+    assert!(err.contains("starting the xen backend"), "{err}");
     // A template but no Xen: the missing library or interface is named.
     let kernel = dir.path().join("vmlinux");
     let ramdisk = dir.path().join("initramfs");
     std::fs::write(&kernel, b"k").unwrap();
     std::fs::write(&ramdisk, b"r").unwrap();
     let (code, err) = run(&[
+        "--xen-guest".as_ref(),
+        "linux".as_ref(),
         "--xen-kernel".as_ref(),
         kernel.as_os_str(),
         "--xen-ramdisk".as_ref(),

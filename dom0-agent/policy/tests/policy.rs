@@ -117,7 +117,14 @@ fn check_fields(d: &Decision) {
 fn default_bundle_lists_the_shipped_handlers() {
     assert_eq!(
         default_bundle().handlers(),
-        ["balance", "kv", "notes", "open_account", "transfer"]
+        [
+            "balance",
+            "kv",
+            "notes",
+            "open_account",
+            "token",
+            "transfer"
+        ]
     );
 }
 

@@ -21,10 +21,10 @@ use mayfly_domain::{
     Domain, DomainBackend, DomainError, DomainExit, DomainId, PoolStats, Quarantined, Ring,
 };
 use mayfly_ring::Notifier;
-use mayfly_xen::{Control, CtrlError, Libraries, LoadError, Store, StoreError};
+use mayfly_xen::{Control, CtrlError, Libraries, LoadError, PvBuilder, Store, StoreError};
 use slog::{info, warn, Logger};
 
-use crate::config::{gntalloc_limit, ConfigError, XenConfig, GNTALLOC_LIMIT_PATH};
+use crate::config::{gntalloc_limit, ConfigError, GuestKind, XenConfig, GNTALLOC_LIMIT_PATH};
 use crate::domain::{DomainOpError, Hyp, LiveDomain, XenProvisioner};
 use crate::pool::{Pool, PoolConfig, Slot, TakeError};
 use crate::reconcile::{self, ReconcileError};
@@ -62,6 +62,34 @@ pub enum StartError {
     /// A refill thread could not be started.
     #[error("starting the refill threads failed")]
     Thread(#[source] std::io::Error),
+    /// The Mayfly PV guest kernel could not be read.
+    #[error("reading the Mayfly PV guest kernel {path:?} failed")]
+    Kernel {
+        /// The path.
+        path: std::path::PathBuf,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The in-process builder could not be set up (libxenguest, the image, the memory).
+    #[error("setting up the Mayfly PV guest builder")]
+    Builder(#[from] mayfly_xen::BuildError),
+}
+
+/// Reads the Mayfly PV guest kernel, refusing a file larger than the builder accepts
+/// before reading it.
+fn read_kernel(path: &std::path::Path) -> Result<Vec<u8>, StartError> {
+    let err = |source| StartError::Kernel {
+        path: path.to_path_buf(),
+        source,
+    };
+    let len = std::fs::metadata(path).map_err(err)?.len();
+    if len > mayfly_xen::pvbuild::MAX_KERNEL_LEN as u64 {
+        return Err(StartError::Builder(mayfly_xen::BuildError::Image {
+            len: usize::try_from(len).unwrap_or(usize::MAX),
+        }));
+    }
+    std::fs::read(path).map_err(err)
 }
 
 /// Most domains kept in quarantine at once. Each keeps its memory and its ring's grant
@@ -137,6 +165,14 @@ impl XenBackend {
             source,
         })?;
         reconcile::reconcile(&control, &store, &config.run_dir, &logger)?;
+        let pv = match config.guest {
+            GuestKind::Mayfly => Some(PvBuilder::new(
+                Arc::clone(&libs),
+                read_kernel(&config.mayfly_kernel)?,
+                config.mayfly_memory_mib,
+            )?),
+            GuestKind::Linux => None,
+        };
         let pages = config.pages_at_most();
         let limit = gntalloc_limit();
         if pages > limit {
@@ -149,10 +185,17 @@ impl XenBackend {
             refill_threads: config.build_threads,
         };
         let (major, minor) = control.version();
-        info!(logger, "xen backend starting";
-            "xen" => format!("{major}.{minor}"), "pool_size" => config.pool_size,
-            "kernel" => %config.kernel.display(), "ramdisk" => %config.ramdisk.display(),
-            "memory_mib" => config.memory_mib);
+        match config.guest {
+            GuestKind::Mayfly => info!(logger, "xen backend starting";
+                "xen" => format!("{major}.{minor}"), "pool_size" => config.pool_size,
+                "guest" => %config.guest, "kernel" => %config.mayfly_kernel.display(),
+                "memory_mib" => config.mayfly_memory_mib),
+            GuestKind::Linux => info!(logger, "xen backend starting";
+                "xen" => format!("{major}.{minor}"), "pool_size" => config.pool_size,
+                "guest" => %config.guest,
+                "kernel" => %config.kernel.display(), "ramdisk" => %config.ramdisk.display(),
+                "memory_mib" => config.memory_mib),
+        }
         match (control.physinfo(), control.xen_cmdline()) {
             (Ok(p), Ok(cmdline)) => info!(logger, "xen host";
                 "nr_cpus" => p.nr_cpus, "total_memory_mib" => p.total_memory_mib(),
@@ -167,6 +210,7 @@ impl XenBackend {
             control,
             store,
             config,
+            pv,
             logger: logger.clone(),
             in_use: Mutex::new(HashMap::new()),
             destroyed: AtomicU64::new(0),

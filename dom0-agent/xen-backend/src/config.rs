@@ -5,7 +5,10 @@
 //!
 //! ```toml
 //! [xen]
-//! kernel = "/usr/lib/mayfly/domu/vmlinux"      # uncompressed ELF vmlinux
+//! guest = "mayfly"                              # or "linux" (default: mayfly)
+//! mayfly_kernel = "/usr/share/mayfly/template/mayfly-pv-guest"   # the Mayfly PV guest
+//! mayfly_memory_mib = 4                         # 4..=64
+//! kernel = "/usr/lib/mayfly/domu/vmlinux"      # linux: uncompressed ELF vmlinux
 //! ramdisk = "/usr/lib/mayfly/domu/initramfs.cpio.gz"  # /init is domu-shim
 //! cmdline = "console=hvc0 quiet"
 //! memory_mib = 128                              # at least 96
@@ -22,6 +25,46 @@ use serde::Deserialize;
 
 /// Smallest domU memory that boots Debian's kernel (smaller: "segment kernel too large").
 pub const MIN_MEMORY_MIB: u32 = 96;
+/// Where the appliance installs the Mayfly PV guest kernel.
+pub const DEFAULT_MAYFLY_KERNEL: &str = "/usr/share/mayfly/template/mayfly-pv-guest";
+/// The Mayfly PV guest's default memory (the generic loader's floor).
+pub const DEFAULT_MAYFLY_MEMORY_MIB: u32 = 4;
+
+/// Which guest the backend's domains run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum GuestKind {
+    /// Mayfly's own PV guest kernel (`domu-shim/pv-guest`), built in-process through
+    /// libxenguest: no `xl`, no xenstore; a few MiB.
+    #[default]
+    Mayfly,
+    /// The Linux PV guest (kernel + initramfs whose `/init` is domu-shim), built by `xl`, for
+    /// handlers that need a Linux userland.
+    Linux,
+}
+
+impl std::str::FromStr for GuestKind {
+    type Err = ConfigError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "mayfly" => Ok(Self::Mayfly),
+            "linux" => Ok(Self::Linux),
+            _ => Err(ConfigError::Guest {
+                found: s.chars().take(32).collect(),
+            }),
+        }
+    }
+}
+
+impl std::fmt::Display for GuestKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Mayfly => "mayfly",
+            Self::Linux => "linux",
+        })
+    }
+}
 /// Prefix of every domain this backend creates; the reconciler destroys all of them.
 pub const NAME_PREFIX: &str = "mayfly-";
 /// Linux gntalloc's default limit of pages shared at once.
@@ -52,6 +95,12 @@ pub fn gntalloc_limit() -> usize {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct XenSection {
+    /// The guest kind (default: mayfly).
+    pub guest: Option<GuestKind>,
+    /// The Mayfly PV guest kernel.
+    pub mayfly_kernel: Option<PathBuf>,
+    /// Memory of each Mayfly guest, MiB.
+    pub mayfly_memory_mib: Option<u32>,
     /// The template's kernel (uncompressed vmlinux).
     pub kernel: Option<PathBuf>,
     /// The template's initramfs (its `/init` is domu-shim).
@@ -71,6 +120,12 @@ pub struct XenSection {
 /// The backend's settings.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct XenConfig {
+    /// The guest kind.
+    pub guest: GuestKind,
+    /// The Mayfly PV guest kernel (guest `mayfly`).
+    pub mayfly_kernel: PathBuf,
+    /// Memory per Mayfly guest, MiB.
+    pub mayfly_memory_mib: u32,
     /// The template's kernel.
     pub kernel: PathBuf,
     /// The template's initramfs.
@@ -114,6 +169,22 @@ pub enum ConfigError {
         /// The path.
         path: PathBuf,
     },
+    /// Not a guest kind.
+    #[error("guest {found:?} is neither \"mayfly\" nor \"linux\"")]
+    Guest {
+        /// What was given.
+        found: String,
+    },
+    /// The Mayfly guest's memory is out of range.
+    #[error(
+        "mayfly_memory_mib {found} is not in {}..={}",
+        mayfly_xen::pvbuild::MIN_MEMORY_MIB,
+        mayfly_xen::pvbuild::MAX_MEMORY_MIB
+    )]
+    MayflyMemory {
+        /// Configured.
+        found: u32,
+    },
     /// Memory below the minimum.
     #[error("memory_mib {found} is below {MIN_MEMORY_MIB}")]
     Memory {
@@ -142,15 +213,33 @@ impl XenConfig {
         pool_size: usize,
         max_in_use: usize,
     ) -> Result<Self, ConfigError> {
-        let kernel = section.kernel.clone().ok_or(ConfigError::Missing {
-            what: "kernel",
-            flag: "xen-kernel",
-        })?;
-        let ramdisk = section.ramdisk.clone().ok_or(ConfigError::Missing {
-            what: "ramdisk",
-            flag: "xen-ramdisk",
-        })?;
+        let guest = section.guest.unwrap_or_default();
+        // The Linux template is required only when it is the guest.
+        let (kernel, ramdisk) = match guest {
+            GuestKind::Linux => (
+                section.kernel.clone().ok_or(ConfigError::Missing {
+                    what: "kernel",
+                    flag: "xen-kernel",
+                })?,
+                section.ramdisk.clone().ok_or(ConfigError::Missing {
+                    what: "ramdisk",
+                    flag: "xen-ramdisk",
+                })?,
+            ),
+            GuestKind::Mayfly => (
+                section.kernel.clone().unwrap_or_default(),
+                section.ramdisk.clone().unwrap_or_default(),
+            ),
+        };
         Ok(Self {
+            guest,
+            mayfly_kernel: section
+                .mayfly_kernel
+                .clone()
+                .unwrap_or_else(|| PathBuf::from(DEFAULT_MAYFLY_KERNEL)),
+            mayfly_memory_mib: section
+                .mayfly_memory_mib
+                .unwrap_or(DEFAULT_MAYFLY_MEMORY_MIB),
             kernel,
             ramdisk,
             cmdline: section
@@ -170,6 +259,22 @@ impl XenConfig {
 
     /// Checks the settings (the template files must exist).
     pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.guest == GuestKind::Mayfly {
+            if !self.mayfly_kernel.is_file() {
+                return Err(ConfigError::NotAFile {
+                    what: "mayfly_kernel",
+                    path: self.mayfly_kernel.clone(),
+                });
+            }
+            if !(mayfly_xen::pvbuild::MIN_MEMORY_MIB..=mayfly_xen::pvbuild::MAX_MEMORY_MIB)
+                .contains(&self.mayfly_memory_mib)
+            {
+                return Err(ConfigError::MayflyMemory {
+                    found: self.mayfly_memory_mib,
+                });
+            }
+            return self.validate_counts();
+        }
         for (what, path) in [("kernel", &self.kernel), ("ramdisk", &self.ramdisk)] {
             if !path.is_file() {
                 return Err(ConfigError::NotAFile {
@@ -185,6 +290,11 @@ impl XenConfig {
                 found: self.memory_mib,
             });
         }
+        self.validate_counts()
+    }
+
+    /// The pool sizes and the timeout (every guest kind).
+    fn validate_counts(&self) -> Result<(), ConfigError> {
         for (field, n) in [
             ("pool_size", self.pool_size),
             ("max_in_use", self.max_in_use),
@@ -269,11 +379,59 @@ mod tests {
         std::fs::write(&kernel, b"k").unwrap();
         std::fs::write(&ramdisk, b"r").unwrap();
         let section = XenSection {
+            guest: Some(GuestKind::Linux),
             kernel: Some(kernel),
             ramdisk: Some(ramdisk),
             ..XenSection::default()
         };
         XenConfig::from_section(&section, dir.join("run"), 4, 8).unwrap()
+    }
+
+    #[test]
+    fn mayfly_is_the_default_guest_and_needs_no_linux_template() {
+        let dir = tempfile::tempdir().unwrap();
+        let kernel = dir.path().join("mayfly-pv-guest");
+        std::fs::write(&kernel, b"\x7fELF").unwrap();
+        let s: XenSection = toml::from_str(&format!("mayfly_kernel = {kernel:?}\n")).unwrap();
+        let c = XenConfig::from_section(&s, dir.path().join("run"), 2, 2).unwrap();
+        assert_eq!(c.guest, GuestKind::Mayfly);
+        assert_eq!(c.mayfly_memory_mib, DEFAULT_MAYFLY_MEMORY_MIB);
+        c.validate().unwrap();
+        let none = XenConfig::from_section(&XenSection::default(), "/run".into(), 1, 1).unwrap();
+        assert_eq!(none.mayfly_kernel, PathBuf::from(DEFAULT_MAYFLY_KERNEL));
+        let mut big = c.clone();
+        big.mayfly_memory_mib = 65;
+        assert!(matches!(
+            big.validate(),
+            Err(ConfigError::MayflyMemory { found: 65 })
+        ));
+        let mut tiny = c.clone();
+        tiny.mayfly_memory_mib = 3;
+        assert!(matches!(
+            tiny.validate(),
+            Err(ConfigError::MayflyMemory { found: 3 })
+        ));
+        let mut gone = c;
+        gone.mayfly_kernel = dir.path().join("missing");
+        assert!(matches!(
+            gone.validate(),
+            Err(ConfigError::NotAFile {
+                what: "mayfly_kernel",
+                ..
+            })
+        ));
+        let linux: XenSection = toml::from_str("guest = \"linux\"\n").unwrap();
+        assert!(matches!(
+            XenConfig::from_section(&linux, "/run".into(), 1, 1),
+            Err(ConfigError::Missing { what: "kernel", .. })
+        ));
+        assert!(toml::from_str::<XenSection>("guest = \"bsd\"\n").is_err());
+        assert_eq!("linux".parse::<GuestKind>().unwrap(), GuestKind::Linux);
+        assert_eq!("mayfly".parse::<GuestKind>().unwrap(), GuestKind::Mayfly);
+        assert!(matches!(
+            "Linux".parse::<GuestKind>(),
+            Err(ConfigError::Guest { .. })
+        ));
     }
 
     #[test]
@@ -285,7 +443,11 @@ mod tests {
         assert_eq!(s.kernel, Some(PathBuf::from("/k")));
         assert_eq!(s.memory_mib, Some(160));
         assert!(toml::from_str::<XenSection>("kernal = \"/k\"\n").is_err());
-        let missing = XenConfig::from_section(&XenSection::default(), "/run".into(), 1, 1);
+        let linux = XenSection {
+            guest: Some(GuestKind::Linux),
+            ..XenSection::default()
+        };
+        let missing = XenConfig::from_section(&linux, "/run".into(), 1, 1);
         assert!(matches!(
             missing,
             Err(ConfigError::Missing { what: "kernel", .. })

@@ -32,7 +32,7 @@ use mayfly_ring::{Backend, Request, RingError, SharedMem};
 use mayfly_xen::xenstore::uuid_text;
 use mayfly_xen::{
     Control, CtrlError, DomId, DomainNotifier, DomainState, EventChannel, EvtchnError, GntshrError,
-    GrantedPages, Libraries, RingContract, ShutdownReason, Store, StoreError,
+    GrantedPages, Libraries, PvBuilder, RingContract, ShutdownReason, Store, StoreError,
 };
 use slog::{debug, warn, Logger};
 
@@ -47,6 +47,33 @@ const XL_OUTPUT_KEPT: usize = 2048;
 /// Building a domain failed. The half-built domain has been destroyed.
 #[derive(Debug, thiserror::Error)]
 pub enum CreateError {
+    /// The in-process build of a Mayfly PV guest failed (the builder destroyed it).
+    #[error("{name}: building the Mayfly PV guest failed")]
+    PvBuild {
+        /// Domain name.
+        name: String,
+        /// Why.
+        #[source]
+        source: mayfly_xen::BuildError,
+    },
+    /// The boot info could not be encoded.
+    #[error("{name}: encoding the boot info failed")]
+    BootInfo {
+        /// Domain name.
+        name: String,
+        /// Why.
+        #[source]
+        source: mayfly_ring::bootinfo::BootInfoError,
+    },
+    /// No entropy for the boot info.
+    #[error("{name}: reading entropy for the boot info failed")]
+    Entropy {
+        /// Domain name.
+        name: String,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
     /// The configuration could not be rendered.
     #[error("{name}: rendering the xl configuration failed")]
     Config {
@@ -233,6 +260,8 @@ pub struct Hyp {
     pub(crate) control: Arc<Control>,
     pub(crate) store: Store,
     pub(crate) config: XenConfig,
+    /// The in-process builder (guest `mayfly`).
+    pub(crate) pv: Option<PvBuilder>,
     pub(crate) logger: Logger,
     /// Domains handed out, by domid: their "destroyed by the agent" flag.
     pub(crate) in_use: Mutex<HashMap<DomId, InUse>>,
@@ -496,6 +525,9 @@ impl XenProvisioner {
         if hyp.stopping.load(Ordering::SeqCst) {
             return Err(CreateError::Stopping { name });
         }
+        if let Some(builder) = &hyp.pv {
+            return self.build_mayfly(builder, seq, name, started);
+        }
         let cfg = config.run_dir.join(format!("{name}.cfg"));
         let text = config
             .xl_config(&name)
@@ -612,7 +644,7 @@ impl XenProvisioner {
             unreachable!("set above");
         };
         guard.armed = false;
-        let mut live = LiveDomain {
+        let live = LiveDomain {
             hyp: Arc::clone(hyp),
             name: name.clone(),
             domid,
@@ -626,6 +658,29 @@ impl XenProvisioner {
             keep_log: true,
         };
         drop(guard);
+        self.await_ready(live, started)
+    }
+
+    /// Unpauses a freshly built domain, waits for the guest's `Ready` on the ring (within
+    /// the build's budget, giving up if the backend stops) and pauses it for the pool.
+    fn await_ready(
+        &self,
+        mut live: LiveDomain,
+        started: Instant,
+    ) -> Result<LiveDomain, CreateError> {
+        let hyp = &self.hyp;
+        let config = &hyp.config;
+        let name = live.name.clone();
+        let domid = live.domid;
+        let ctrl = |source| CreateError::Ctrl {
+            name: name.clone(),
+            source,
+        };
+        let ring_error = |source| CreateError::Ring {
+            name: name.clone(),
+            domid,
+            source,
+        };
         hyp.control.unpause(domid).map_err(ctrl)?;
         let waited = config.ready_timeout;
         // Waited for in slices, so that a backend shutting down does not wait out a slow boot.
@@ -671,6 +726,91 @@ impl XenProvisioner {
         debug!(hyp.logger, "domain ready and paused";
             "domid" => domid, "name" => &live.name, "millis" => started.elapsed().as_millis());
         Ok(live)
+    }
+
+    /// Builds a Mayfly PV guest in-process ([`PvBuilder`]): the ring's pages granted to the
+    /// new domid, its unbound port and fresh entropy in the boot info (the boot module), no
+    /// xl, no xenstore. The domain handle carries `MAYFLYPV` and the sequence number, which
+    /// is how the reconciler finds it after an agent crash.
+    fn build_mayfly(
+        &self,
+        builder: &PvBuilder,
+        seq: u64,
+        name: String,
+        started: Instant,
+    ) -> Result<LiveDomain, CreateError> {
+        let hyp = &self.hyp;
+        let config = &hyp.config;
+        let mut entropy = [0u8; mayfly_ring::bootinfo::ENTROPY_LEN];
+        fs::File::open("/dev/urandom")
+            .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut entropy))
+            .map_err(|source| CreateError::Entropy {
+                name: name.clone(),
+                source,
+            })?;
+        let tag = seq.to_be_bytes();
+        let mut parts: Option<(Ring, EventChannel)> = None;
+        let built =
+            builder
+                .build(&hyp.control, tag, |domid| -> Result<Vec<u8>, CreateError> {
+                    let pages = GrantedPages::share(
+                        Arc::clone(&hyp.libs),
+                        domid,
+                        config.geometry.total_pages(),
+                    )
+                    .map_err(|source| CreateError::Grant {
+                        name: name.clone(),
+                        source,
+                    })?;
+                    let grant_refs = pages.refs().to_vec();
+                    let mem: Arc<dyn SharedMem> = Arc::new(pages);
+                    let ring =
+                        Backend::new(mem, config.geometry).map_err(|source| CreateError::Ring {
+                            name: name.clone(),
+                            domid,
+                            source,
+                        })?;
+                    let channel = EventChannel::bind_unbound(Arc::clone(&hyp.libs), domid)
+                        .map_err(|source| CreateError::Evtchn {
+                            name: name.clone(),
+                            source,
+                        })?;
+                    let info = mayfly_ring::bootinfo::BootInfo {
+                        backend_domid: 0,
+                        event_channel: channel.port(),
+                        entropy,
+                        grant_refs,
+                    };
+                    let module = info.encode().map_err(|source| CreateError::BootInfo {
+                        name: name.clone(),
+                        source,
+                    })?;
+                    parts = Some((ring, channel));
+                    Ok(module)
+                })
+                .map_err(|source| CreateError::PvBuild {
+                    name: name.clone(),
+                    source,
+                })?;
+        // The builder destroyed the domain on failure; the ring's pages and port (if they
+        // were made) are released with `parts` after that.
+        let Some((ring, channel)) = parts else {
+            return Err(CreateError::NotFound { name });
+        };
+        let live = LiveDomain {
+            hyp: Arc::clone(hyp),
+            name,
+            domid: built.domid,
+            uuid: mayfly_xen::pvbuild::handle(tag),
+            cfg: PathBuf::new(),
+            ring,
+            notifier: DomainNotifier::new(channel, Arc::clone(&hyp.control)),
+            ready_id: 0,
+            killed: Arc::new(AtomicBool::new(false)),
+            ended: None,
+            keep_log: true,
+        };
+        self.await_ready(live, started)
     }
 }
 

@@ -31,6 +31,6 @@ pub mod pool;
 pub mod reconcile;
 
 pub use backend::{StartError, XenBackend, XenDomain, BACKEND};
-pub use config::{ConfigError, XenConfig, XenSection};
+pub use config::{ConfigError, GuestKind, XenConfig, XenSection};
 pub use domain::{exit_of, CreateError, DomainOpError, LiveDomain};
 pub use reconcile::{ReconcileError, ReconcileReport};

@@ -9,7 +9,10 @@
 //! - destroy each such domain that the hypervisor still has (xc_domain_destroy), whatever
 //!   its state (running, paused, quarantined, shut down);
 //! - remove their xenstore entries, libxl's userdata files for them (`/var/lib/xen`) and
-//!   the run directory's `mayfly-*.cfg` files.
+//!   the run directory's `mayfly-*.cfg` files;
+//! - destroy every domain whose handle (uuid) starts with `MAYFLYPV`: the Mayfly PV guests
+//!   the backend builds in-process have no xenstore entries at all, and that prefix is how
+//!   `mayfly_xen::PvBuilder` marks them (`mayfly_xen::pvbuild::tag_of`).
 
 use std::fs;
 use std::path::Path;
@@ -23,6 +26,9 @@ use crate::domain::{remove_libxl_userdata, LIBXL_DIR};
 /// The reconciler could not do its job.
 #[derive(Debug, thiserror::Error)]
 pub enum ReconcileError {
+    /// Listing the hypervisor's domains failed.
+    #[error("reconciler: listing domains")]
+    List(#[source] CtrlError),
     /// Listing or cleaning xenstore failed.
     #[error("reconciler: xenstore")]
     Store(#[from] StoreError),
@@ -56,6 +62,12 @@ pub fn is_pool_name(name: &str) -> bool {
         .is_some_and(|n| !n.is_empty() && n.len() <= 20 && n.bytes().all(|b| b.is_ascii_digit()))
 }
 
+/// The name the backend gave a Mayfly PV guest with handle tag `tag` (its build sequence
+/// number, big-endian): `mayfly-<n>`, as in the logs.
+pub fn pv_name(tag: [u8; 8]) -> String {
+    format!("{NAME_PREFIX}{}", u64::from_be_bytes(tag))
+}
+
 /// Destroys the leftovers (see the [module docs](self)).
 pub fn reconcile(
     control: &Control,
@@ -84,6 +96,23 @@ pub fn reconcile(
         }
         store.remove_domain(domid, uuid)?;
     }
+    for info in control.list().map_err(ReconcileError::List)? {
+        let Some(tag) = mayfly_xen::pvbuild::tag_of(&info.uuid) else {
+            continue;
+        };
+        if info.domid == 0 || report.destroyed.iter().any(|(d, _)| *d == info.domid) {
+            continue;
+        }
+        let name = pv_name(tag);
+        control
+            .destroy(info.domid)
+            .map_err(|source| ReconcileError::Destroy {
+                domid: info.domid,
+                name: name.clone(),
+                source,
+            })?;
+        report.destroyed.push((info.domid, name));
+    }
     if let Ok(entries) = fs::read_dir(run_dir) {
         for entry in entries.flatten() {
             let file = entry.file_name();
@@ -111,6 +140,12 @@ pub fn reconcile(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pv_guests_are_named_by_their_sequence_number() {
+        assert_eq!(pv_name(7u64.to_be_bytes()), "mayfly-7");
+        assert!(is_pool_name(&pv_name(u64::MAX.to_be_bytes())));
+    }
 
     #[test]
     fn only_exact_pool_names_are_reaped() {

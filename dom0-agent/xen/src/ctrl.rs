@@ -413,6 +413,39 @@ impl Control {
         Ok(())
     }
 
+    /// Runs `f` with the raw libxenctrl handle, holding its lock for the whole call (the
+    /// in-process domain builder, [`crate::pvbuild`]).
+    pub(crate) fn with_handle<R>(&self, f: impl FnOnce(*mut xc_interface) -> R) -> R {
+        let xch = self.lock();
+        f(xch.0.as_ptr())
+    }
+
+    /// [`Control::destroy`] for a caller that already holds the handle's lock (inside
+    /// [`Control::with_handle`]).
+    pub(crate) fn destroy_locked(
+        &self,
+        xch: *mut xc_interface,
+        domid: DomId,
+    ) -> Result<(), CtrlError> {
+        if domid == 0 || domid >= DOMID_FIRST_RESERVED {
+            return Err(CtrlError::Domain {
+                call: "xc_domain_destroy",
+                domid,
+                source: io::Error::from_raw_os_error(libc::EPERM),
+            });
+        }
+        let f = sym!(self.libs.ctrl, soname::XENCTRL, xc_domain_destroy)?;
+        // SAFETY: the caller holds the lock of the live handle `xch`; a domain id.
+        if unsafe { f(xch, domid) } < 0 {
+            return Err(CtrlError::Domain {
+                call: "xc_domain_destroy",
+                domid,
+                source: errno(),
+            });
+        }
+        Ok(())
+    }
+
     /// Pauses the domain (`xc_domain_pause`): its vCPUs stop being scheduled.
     pub fn pause(&self, domid: DomId) -> Result<(), CtrlError> {
         let f = sym!(self.libs.ctrl, soname::XENCTRL, xc_domain_pause)?;

@@ -10,6 +10,9 @@
 //!     │                        ring's SharedMem; unshared on drop
 //!     ├─ EventChannel::bind_unbound()  a dom0 port the domU binds; DomainNotifier wraps it
 //!     │                        with a liveness check into the ring's Notifier (PeerGone)
+//!     ├─ PvBuilder::new()     libxenguest's xc_dom_* builder with a Mayfly PV guest kernel
+//!     │                        held in memory: fresh paused domains, boot info as the boot
+//!     │                        module, no xl/libxl/xenstore; tagged in their domain handle
 //!     └─ Store::open()        xenstore (xenstore-rs): the ring contract keys, guest
 //!                             read-only; domain names; cleanup after destroy
 //! ```
@@ -26,12 +29,14 @@ pub mod ctrl;
 pub mod evtchn;
 pub mod gntshr;
 pub mod libs;
+pub mod pvbuild;
 pub mod xenstore;
 
 pub use ctrl::{Control, CtrlError, DomainInfo, DomainState, PhysInfo, ShutdownReason};
 pub use evtchn::{DomainNotifier, EventChannel, EvtchnError};
 pub use gntshr::{GntshrError, GrantedPages};
 pub use libs::{Libraries, LoadError};
+pub use pvbuild::{BuildError, BuiltDomain, PvBuilder};
 pub use xenstore::{RingContract, Store, StoreError};
 
 /// A Xen domain id.

@@ -19,6 +19,11 @@
 //! and a credit that would overflow. Refusals are [`HandlerError::Rejected`] and write
 //! nothing.
 
+use alloc::format;
+use alloc::string::String;
+use alloc::string::ToString;
+use alloc::vec::Vec;
+
 use mayfly_sdk::{Ctx, HandlerError};
 use serde::{Deserialize, Serialize};
 
@@ -43,7 +48,7 @@ pub fn parse_balance(value: &[u8]) -> Option<u64> {
     if !canonical {
         return None;
     }
-    std::str::from_utf8(value).ok()?.parse().ok()
+    core::str::from_utf8(value).ok()?.parse().ok()
 }
 
 #[derive(Debug, Deserialize)]

@@ -16,6 +16,10 @@
 //! `kv` reaches whatever key it is given; what it may touch is the policy engine's business
 //! (a deployment grants it a key range, e.g. `kv/`).
 
+use alloc::format;
+use alloc::string::String;
+use alloc::vec::Vec;
+
 use mayfly_sdk::limits;
 use mayfly_sdk::{Ctx, HandlerError};
 use serde::{Deserialize, Serialize};

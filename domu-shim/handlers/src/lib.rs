@@ -8,18 +8,32 @@
 //! | `transfer`     | [`bank`]  | moves an amount between two accounts, refusing overdrafts   |
 //! | `notes`        | [`notes`] | stores a user's notes — **deliberately vulnerable** (a path |
 //! |                |           | traversal in the note id writes any key, e.g. a balance)    |
+//! | `token`        | [`token`] | random bytes from the transaction's seeded RNG, as hex      |
 //!
 //! Payloads and results are JSON. Every handler is deterministic given its payload and the
 //! data it reads. A malformed payload aborts with [`HandlerError::BadRequest`]; a request
 //! the rules refuse (overdraft, unknown account) aborts with [`HandlerError::Rejected`].
 //!
 //! `README.md` beside this crate tells a customer how to add a handler.
+//!
+//! # Features
+//!
+//! `std` (default) links std and turns on serde's and serde_json's `std`; without it the
+//! handlers are `no_std` + `alloc` code for the freestanding Mayfly PV guest kernel — the
+//! same source on every backend.
 
+#![cfg_attr(not(feature = "std"), no_std)]
 #![forbid(unsafe_code)]
+
+extern crate alloc;
+
+use alloc::format;
+use alloc::vec::Vec;
 
 pub mod bank;
 pub mod kv;
 pub mod notes;
+pub mod token;
 
 use mayfly_sdk::{Handler, HandlerError, Registry};
 use serde::de::DeserializeOwned;
@@ -32,6 +46,7 @@ pub const HANDLERS: &[(&str, Handler)] = &[
     ("balance", bank::balance),
     ("transfer", bank::transfer),
     ("notes", notes::notes),
+    ("token", token::token),
 ];
 
 /// A registry holding every example handler ([`HANDLERS`]).
@@ -94,7 +109,14 @@ mod tests {
         let r = registry();
         assert_eq!(
             r.names().collect::<Vec<_>>(),
-            ["balance", "kv", "notes", "open_account", "transfer"]
+            [
+                "balance",
+                "kv",
+                "notes",
+                "open_account",
+                "token",
+                "transfer"
+            ]
         );
     }
 

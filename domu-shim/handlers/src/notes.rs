@@ -31,6 +31,10 @@
 //! would be one check: refuse any note id with a `..` or `/` segment, or refuse a key that
 //! does not start with `notes/<user>/` after normalisation.
 
+use alloc::format;
+use alloc::string::String;
+use alloc::vec::Vec;
+
 use mayfly_sdk::{Ctx, HandlerError};
 use serde::Deserialize;
 

@@ -43,20 +43,42 @@
 //! - [`xen`] (Linux): the Xen transport — grant mappings through `/dev/xen/gntdev` and
 //!   `/dev/xen/gntalloc`, event channels through `/dev/xen/evtchn`.
 //!
+//! - [`bootinfo`]: the boot-info block that tells a Mayfly PV guest where its ring is
+//!   (no xenstore);
+//! - [`time`]: the monotonic clock of the timeouts (`std`'s, or one the embedder registers).
+//!
 //! The full specification, with test vectors, is section 2 of `docs/formats.md`.
+//!
+//! # Features
+//!
+//! `std` (default): the operating-system parts — [`MmapMem`], [`EventFdNotifier`], the
+//! Linux Xen devices of [`xen`] — and `std`'s clock. Without it the crate is `#![no_std]`
+//! with `alloc`: the layout, the wire format, both ring ends, [`MockMem`] and the
+//! [`Notifier`] trait, exactly the same code, for the freestanding Mayfly PV guest kernel
+//! (`domu-shim/pv-guest`), which brings its own [`SharedMem`] (its mapped grants), its own
+//! [`Notifier`] (its event channel) and its own clock ([`time::set_clock`]).
 
+#![cfg_attr(not(feature = "std"), no_std)]
 #![deny(unsafe_op_in_unsafe_fn)]
 
+extern crate alloc;
+
+pub mod bootinfo;
 pub mod layout;
 pub mod mem;
 pub mod notify;
 pub mod ring;
+pub mod time;
 pub mod wire;
-#[cfg(target_os = "linux")]
+#[cfg(all(feature = "std", target_os = "linux"))]
 pub mod xen;
 
 pub use layout::Geometry;
-pub use mem::{MmapMem, MockMem, SharedMem};
-pub use notify::{EventFdNotifier, Notifier, Wake};
+#[cfg(feature = "std")]
+pub use mem::MmapMem;
+pub use mem::{MockMem, SharedMem};
+#[cfg(feature = "std")]
+pub use notify::EventFdNotifier;
+pub use notify::{Notifier, Wake};
 pub use ring::{Backend, Frontend, RingError};
 pub use wire::{Envelope, Request, Response};

@@ -23,12 +23,14 @@
     clippy::cast_possible_truncation
 )]
 
+#[cfg(feature = "std")]
 mod mmap;
 mod mock;
 
-use std::ptr::NonNull;
-use std::sync::atomic::{AtomicU32, Ordering};
+use core::ptr::NonNull;
+use core::sync::atomic::{AtomicU32, Ordering};
 
+#[cfg(feature = "std")]
 pub use mmap::{MapError, MmapMem};
 pub use mock::MockMem;
 
@@ -161,7 +163,7 @@ unsafe impl<T: SharedMem + ?Sized> SharedMem for &T {
 
 // SAFETY: an `Arc` forwards to the same mapping, which lives as long as the `Arc`.
 #[allow(unsafe_code)]
-unsafe impl<T: SharedMem + ?Sized> SharedMem for std::sync::Arc<T> {
+unsafe impl<T: SharedMem + ?Sized> SharedMem for alloc::sync::Arc<T> {
     fn base(&self) -> NonNull<u8> {
         (**self).base()
     }

@@ -40,8 +40,12 @@
     clippy::cast_possible_truncation
 )]
 
-use std::sync::atomic::{fence, Ordering};
-use std::time::{Duration, Instant};
+use alloc::vec;
+use alloc::vec::Vec;
+use core::sync::atomic::{fence, Ordering};
+use core::time::Duration;
+
+use crate::time::Instant;
 
 use crate::layout::{offset, Geometry, LayoutError};
 use crate::mem::{MemError, SharedMem};
@@ -757,7 +761,7 @@ impl<M: SharedMem> Frontend<M> {
 
     /// Sends the notification owed for queued requests, if any.
     pub fn flush(&mut self, notifier: &impl Notifier) -> Result<(), RingError> {
-        if std::mem::take(&mut self.notify_owed) {
+        if core::mem::take(&mut self.notify_owed) {
             notifier.notify()?;
         }
         Ok(())

@@ -60,6 +60,9 @@
     clippy::cast_possible_truncation
 )]
 
+use alloc::string::String;
+use alloc::vec::Vec;
+
 /// Magic at the start of every message.
 pub const WIRE_MAGIC: [u8; 4] = *b"MFWM";
 /// The message encoding version this crate speaks.
@@ -487,7 +490,7 @@ fn check_field(spec: FieldSpec, offset: usize, data: &[u8]) -> Result<(), WireEr
             }),
         },
         Rule::Text => {
-            let text = std::str::from_utf8(data).map_err(|e| WireError::InvalidUtf8 {
+            let text = core::str::from_utf8(data).map_err(|e| WireError::InvalidUtf8 {
                 field: spec.name,
                 offset: data_offset.saturating_add(e.valid_up_to()),
             })?;

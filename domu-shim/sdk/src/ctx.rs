@@ -43,8 +43,8 @@ impl<'a> Ctx<'a> {
     }
 }
 
-impl std::fmt::Debug for Ctx<'_> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+impl core::fmt::Debug for Ctx<'_> {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         f.debug_struct("Ctx")
             .field("tx_id", &self.tx_id)
             .finish_non_exhaustive()

@@ -18,6 +18,9 @@
 //! the runtime aborts it with the write's error as the reason. So: propagate database errors
 //! with `?` and don't try to recover from one.
 
+use alloc::string::String;
+use alloc::vec::Vec;
+
 /// A database operation failed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum DbError {

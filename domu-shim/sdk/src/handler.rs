@@ -1,5 +1,8 @@
 //! [`Handler`]: the signature of a transaction handler, and [`HandlerError`].
 
+use alloc::string::String;
+use alloc::vec::Vec;
+
 use crate::ctx::Ctx;
 use crate::db::DbError;
 

@@ -41,7 +41,17 @@
 //! sockets or processes: the domain it runs in is confined, and only the [`Db`] API reaches
 //! data.
 
+//!
+//! # Features
+//!
+//! `std` (default) only lets the crate link `std`; the SDK itself is `no_std` + `alloc`
+//! code, so the same handlers build for the freestanding Mayfly PV guest kernel
+//! (`default-features = false`), the Linux PV guest and the sandbox.
+
+#![cfg_attr(not(feature = "std"), no_std)]
 #![forbid(unsafe_code)]
+
+extern crate alloc;
 
 pub mod ctx;
 pub mod db;

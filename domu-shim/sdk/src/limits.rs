@@ -4,6 +4,9 @@
 //! They equal the wire caps of `mayfly-ring` (`docs/formats.md` §2.3); the guest runtime
 //! has a test that they agree.
 
+use alloc::format;
+use alloc::string::String;
+
 use crate::db::DbError;
 
 /// Longest key, in bytes (keys are at least 1 byte).

@@ -5,8 +5,11 @@
 //! told to fail its next operation so that a test can check how a handler reacts to a
 //! policy denial or a transport failure.
 
-use std::collections::BTreeMap;
-use std::ops::Bound;
+use alloc::string::String;
+use alloc::vec::Vec;
+
+use alloc::collections::BTreeMap;
+use core::ops::Bound;
 
 use crate::db::{Db, DbError, LogLevel, Scan};
 use crate::limits::{self, MAX_LOG_LINE_LEN};
@@ -136,8 +139,8 @@ mod tests {
             .iter()
             .map(|(k, v)| {
                 (
-                    std::str::from_utf8(k).unwrap(),
-                    std::str::from_utf8(v).unwrap(),
+                    core::str::from_utf8(k).unwrap(),
+                    core::str::from_utf8(v).unwrap(),
                 )
             })
             .collect()

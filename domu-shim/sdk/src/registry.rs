@@ -3,7 +3,10 @@
 //! Names are 1..=64 bytes of `[a-z0-9_.-]` (the same rule as the ledger and the wire's
 //! `Start` message), e.g. `transfer`, `kv`, `test.crash`.
 
-use std::collections::BTreeMap;
+use alloc::borrow::ToOwned;
+use alloc::string::String;
+
+use alloc::collections::BTreeMap;
 
 use crate::handler::Handler;
 use crate::limits::MAX_HANDLER_NAME_LEN;

@@ -68,20 +68,34 @@
 //! [`test_handlers`], with raw ring access, for the agent's isolation tests. When compiled
 //! in, they are enabled by default ([`Config::test_handlers`]); the example registry's
 //! handlers take precedence over them.
+//!
+//! `std` (default) is the process runtime: the binary, the Linux guest's Xen and xenstore
+//! set-up, stderr, and `catch_unwind` around handlers. Without it the transaction loop
+//! ([`try_run`]) is `no_std` + `alloc` and runs in the Mayfly PV guest kernel
+//! (`domu-shim/pv-guest`); there a handler panic always crashes the domain (the kernel's
+//! panic handler shuts it down as crashed), as in release builds everywhere.
 
+#![cfg_attr(not(feature = "std"), no_std)]
 #![forbid(unsafe_code)]
+
+extern crate alloc;
 
 pub mod ringdb;
 #[cfg(feature = "test-handlers")]
 pub mod test_handlers;
-#[cfg(target_os = "linux")]
+#[cfg(all(feature = "std", target_os = "linux"))]
 pub mod xen;
-#[cfg(target_os = "linux")]
+#[cfg(all(feature = "std", target_os = "linux"))]
 pub mod xenstore;
 
+use alloc::format;
+use alloc::string::{String, ToString};
+use alloc::vec::Vec;
+use core::time::Duration;
+#[cfg(feature = "std")]
 use std::io::Write;
+#[cfg(feature = "std")]
 use std::panic::{self, AssertUnwindSafe};
-use std::time::Duration;
 
 use mayfly_ring::wire::{Start, PROTOCOL_VERSION};
 use mayfly_ring::{Frontend, Notifier, Request, Response, RingError, SharedMem};
@@ -89,6 +103,17 @@ use mayfly_sdk::limits::{sanitize_text, MAX_REASON_LEN, MAX_RESULT_LEN};
 use mayfly_sdk::{Ctx, Handler, HandlerError, Registry};
 
 pub use ringdb::RingDb;
+
+/// The hostile `test.*` handlers of the Mayfly PV guest kernel's test build
+/// (`domu-shim/pv-guest`, feature `test-handlers`, which registers exactly these), named here
+/// so that an agent built with `test-handlers` admits them: it refuses unknown handler names
+/// before a domain is taken. Never present in a production guest.
+pub const PV_GUEST_TEST_HANDLERS: [&str; 4] = [
+    "test.spin",
+    "test.evtchn_flood",
+    "test.foreign_ops",
+    "test.bad_ring",
+];
 
 /// Exit statuses of [`run`] and of the `domu-shim` binary. See the [crate docs](crate).
 pub mod exit {
@@ -233,13 +258,27 @@ impl RunError {
     }
 }
 
+/// Runs `f`, catching a panic where unwinding exists (`std`); without `std` a panic never
+/// returns here (the guest kernel crashes the domain).
+#[cfg(feature = "std")]
+fn catch<R>(f: impl FnOnce() -> R) -> Result<R, ()> {
+    panic::catch_unwind(AssertUnwindSafe(f)).map_err(|_| ())
+}
+
+#[cfg(not(feature = "std"))]
+fn catch<R>(f: impl FnOnce() -> R) -> Result<R, ()> {
+    Ok(f())
+}
+
 /// Runs one transaction with the default [`Config`] and returns the exit status (see the
 /// [crate docs](crate)). A failure is also described on standard error.
+#[cfg(feature = "std")]
 pub fn run<M: SharedMem>(mem: M, notifier: &impl Notifier, registry: &Registry) -> i32 {
     run_with(mem, notifier, registry, &Config::default())
 }
 
 /// [`run`] with a [`Config`].
+#[cfg(feature = "std")]
 pub fn run_with<M: SharedMem>(
     mem: M,
     notifier: &impl Notifier,
@@ -289,8 +328,7 @@ pub fn try_run<M: SharedMem>(
                 frontend.geometry(),
                 start.entropy_seed,
             );
-            let outcome =
-                panic::catch_unwind(AssertUnwindSafe(|| handler(&mut raw, &start.payload)));
+            let outcome = catch(|| handler(&mut raw, &start.payload));
             match outcome {
                 Ok(test_handlers::RawOutcome::Commit(result)) => commit_verdict(result),
                 Ok(test_handlers::RawOutcome::Abort(reason)) => Verdict::Abort(reason),
@@ -358,7 +396,7 @@ fn run_handler<M: SharedMem, N: Notifier>(
     let mut db = RingDb::new(frontend, notifier, config.db_timeout);
     let outcome = {
         let mut ctx = Ctx::new(&mut db, start.tx_id, start.entropy_seed);
-        panic::catch_unwind(AssertUnwindSafe(|| handler(&mut ctx, &start.payload)))
+        catch(|| handler(&mut ctx, &start.payload))
     };
     // A handler that succeeded, with no write refused so far: Commit right behind the
     // writes still in flight (the agent refuses it if one of them is refused).
@@ -464,7 +502,7 @@ pub(crate) fn response_kind(response: &Response) -> &'static str {
 }
 
 /// `error: cause: cause ...` on one line.
-pub fn error_chain(error: &dyn std::error::Error) -> String {
+pub fn error_chain(error: &dyn core::error::Error) -> String {
     let mut text = error.to_string();
     let mut source = error.source();
     while let Some(cause) = source {

@@ -68,8 +68,11 @@
 //! later operation fails at once without touching it, and [`RingDb::settle`] hands the
 //! failure to the runtime, which ends the process without sending anything more.
 
-use std::collections::VecDeque;
-use std::time::Duration;
+use alloc::collections::VecDeque;
+use alloc::format;
+use alloc::string::String;
+use alloc::vec::Vec;
+use core::time::Duration;
 
 use mayfly_ring::wire::{error_code, LogLevel as WireLogLevel};
 use mayfly_ring::{Frontend, Notifier, Request, Response, RingError, SharedMem};

@@ -4,7 +4,9 @@
 # them. Every step is bounded (timeout).
 #
 # 1. the overlay files as booted (sha256), for the byte-equality check; `mayfly hw-check`;
-# 2. the guest transport without the agent: xen-ring-peer builds a domU from the template,
+# 2. the Mayfly PV guest kernel: booted by xl (its self-test), then built in-process by
+#    xen-ring-peer (mayfly mode) serving one transaction per fresh domain;
+#    the guest transport without the agent: xen-ring-peer builds a domU from the template,
 #    grants the ring, writes the xenstore keys and serves one transaction (kv put; a
 #    protocol-violating test.bad_index, which must be destroyed); the domU's console;
 # 3. benchmarks: fresh domain vs pooled (unpause -> first request), ring round trips over
@@ -12,7 +14,9 @@
 # 4. if the agent is up: tell the host, wait for its "done" on the control port, then kill
 #    the agent (SIGKILL) with a ready domain in its pool, restart it (its reconciler must
 #    destroy the dead agent's domains), stop it and verify the ledger;
-# 5. leftover mayfly-* domains.
+# 5. the agent with the Mayfly PV guest: the host's HTTP phase, the reconciler on MAYFLYPV
+#    domains, verify, and what is left (domains, dom0 grants, event channels), counted;
+# 6. leftover mayfly-* domains.
 R() { echo "MAYFLY-RESULT $*"; }
 CFG=/mayfly-test/domu.cfg
 BENCH_RUNS=${BENCH_RUNS:-3}
@@ -33,6 +37,30 @@ R "hwcheck rc=$?"
 sed 's/^/MAYFLY-HWCHECK /' /tmp/hw.json
 sed 's/^/MAYFLY-HWCHECK-ERR /' /tmp/hw.err
 
+# The Mayfly PV guest kernel through xl: it must boot, print its self-test (the shared
+# handlers on the SDK's in-memory database) and power itself off; a crash is kept by its
+# config (state c), reported and destroyed. Polled with a deadline, never a fixed sleep.
+PVNAME=mayfly-pv-selftest
+t0=$(cut -d' ' -f1 /proc/uptime)
+timeout 60 xl create /mayfly-test/pv-guest.cfg >/tmp/pv.out 2>&1
+pv_rc=$?
+pv_end=running
+tries=300 # 30 s
+while [ "$tries" -gt 0 ]; do
+    state=$(timeout 10 xl list "$PVNAME" 2>/dev/null | awk 'NR > 1 { print $5 }')
+    if [ -z "$state" ]; then pv_end=gone; break; fi
+    case "$state" in *c*) pv_end=crashed; break ;; esac
+    sleep 0.1
+    tries=$((tries - 1))
+done
+t1=$(cut -d' ' -f1 /proc/uptime)
+[ "$pv_end" = gone ] || timeout 30 xl destroy "$PVNAME" >/dev/null 2>&1
+R "pvguest create rc=$pv_rc end=$pv_end seconds=$(echo "$t0 $t1" | awk '{ printf "%.2f", $2 - $1 }')"
+sed 's/^/MAYFLY-PVGUEST-XL /' /tmp/pv.out
+if [ -f "/var/log/xen/console/guest-$PVNAME.log" ]; then
+    sed 's/^/MAYFLY-PVGUEST /' "/var/log/xen/console/guest-$PVNAME.log"
+fi
+
 # peer <tag> <args...>: one xen-ring-peer run, its lines prefixed, its status reported.
 peer() {
     tag=$1
@@ -49,6 +77,14 @@ if [ -f /var/log/xen/console/guest-mayfly-peer-kv.log ]; then
     sed 's/^/MAYFLY-DOMU kv /' /var/log/xen/console/guest-mayfly-peer-kv.log | grep 'mayfly-shim'
 fi
 peer violation xen --config "$CFG" --name mayfly-peer-bad --handler test.bad_index --payload x
+# The Mayfly PV guest kernel as the product path builds it: in-process (libxenguest, no xl,
+# no xenstore), boot info as its boot module, one kv transaction per fresh domain.
+peer mayfly mayfly --kernel /usr/share/mayfly/template/mayfly-pv-guest --handler kv \
+    --payload '{"op":"put","key":"k","value":"v"}' --runs "${MAYFLY_RUNS:-5}"
+# A boot info the guest must refuse (reserved field set): it crashes during boot, the peer
+# sees the domain gone instead of Ready, and destroys it.
+peer mayfly-badboot mayfly --kernel /usr/share/mayfly/template/mayfly-pv-guest --handler kv \
+    --payload '{}' --runs 1 --bad-boot-info --timeout-s 60
 i=1
 while [ "$i" -le "$BENCH_RUNS" ]; do
     peer "fresh-$i" xen --config "$CFG" --name "mayfly-peer-fresh-$i" --handler test.ping \
@@ -98,6 +134,56 @@ else
         tail -n 5 /var/log/mayfly-agent.log | sed 's/^/MAYFLY-AGENT-LOG /'
     fi
 fi
+
+# The agent again, now serving the Mayfly PV guest kernel (--xen-guest mayfly: built
+# in-process, no xl, no xenstore). The host runs agent-mayfly.sh and says "done"; then the
+# reconciler is tested as above, but on MAYFLYPV domains (no names: found by their handle);
+# then stop, verify, and count what is left: domains, dom0's grant entries, event channels.
+pv_ids() { timeout 30 xen-ring-peer count-pv --handler - 2>/dev/null | sed -n 's/^mayfly-peer: mayfly_pv_domids=//p'; }
+# evtchn_count: event channels dom0's user space holds (each is an "evtchn:<comm>" IRQ).
+evtchn_count() { grep -c 'evtchn:' /proc/interrupts; }
+# grant_count: active entries of dom0's grant table, from Xen's 'g' debug key (its dump
+# lists every in-use entry of each domain's table).
+grant_count() {
+    timeout 30 xl debug-keys g >/dev/null 2>&1
+    timeout 30 xl dmesg -c 2>/dev/null | awk '
+        /grant-table for remote d/ { in0 = ($0 ~ /remote d0 /) ; next }
+        in0 && /\[0x[0-9a-f]+\]/ { n++ }
+        END { print n + 0 }'
+}
+if [ -f /etc/default/mayfly-agent ]; then cp /etc/default/mayfly-agent /tmp/agent-default; fi
+echo 'DOM0_AGENT_ARGS="--policy /mayfly-test/policy --xen-guest mayfly"' >/etc/default/mayfly-agent
+timeout 30 xl dmesg -c >/dev/null 2>&1
+ev0=$(evtchn_count)
+gr0=$(grant_count)
+if /etc/init.d/S50mayfly-agent start >/tmp/start-mayfly.out 2>&1; then
+    R "agent-mayfly up"
+    reply=$(echo ack | timeout 900 nc -l -p 9999 | head -n 1)
+    R "control-mayfly ${reply:-none}"
+    # While it runs (its pool holds ready domains): the counters see them.
+    tries=240
+    while [ "$tries" -gt 0 ] && [ -z "$(pv_ids)" ]; do sleep 0.5; tries=$((tries - 1)); done
+    R "mayfly-running domains=[$(pv_ids)] evtchn=$(evtchn_count) grants=$(grant_count) baseline evtchn=$ev0 grants=$gr0"
+    orphans=$(pv_ids)
+    kill -9 "$(cat /run/mayfly-agent.pid)"
+    /etc/init.d/S50mayfly-agent start >/tmp/restart-mayfly.out 2>&1
+    R "restart-mayfly rc=$?"
+    now=$(pv_ids)
+    survivors=
+    for id in $orphans; do
+        case " $now " in *" $id "*) survivors="$survivors $id" ;; esac
+    done
+    R "mayfly-orphans [${orphans}] reaped ${survivors:-all}"
+    /etc/init.d/S50mayfly-agent stop
+    timeout 300 dom0-agent verify --data-dir /var/lib/mayfly --quiet >/tmp/verify.out 2>&1
+    R "verify-mayfly rc=$?"
+    sed 's/^/MAYFLY-VERIFY /' /tmp/verify.out
+else
+    R "agent-mayfly down"
+    tail -n 5 /var/log/mayfly-agent.log | sed 's/^/MAYFLY-AGENT-LOG /'
+fi
+if [ -f /tmp/agent-default ]; then cp /tmp/agent-default /etc/default/mayfly-agent; fi
+R "mayfly-left domains=[$(pv_ids)] evtchn=$(evtchn_count) grants=$(grant_count) baseline evtchn=$ev0 grants=$gr0"
 
 left=$(timeout 30 xl list 2>/dev/null | awk 'NR > 1 && $1 ~ /^mayfly-/ { print $1 }' | tr '\n' ' ')
 R "leftover ${left:-none}"

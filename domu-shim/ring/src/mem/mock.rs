@@ -1,7 +1,9 @@
 //! A heap-backed [`SharedMem`] for unit tests and fuzzing.
 
-use std::alloc::{self, Layout};
-use std::ptr::NonNull;
+use ::alloc::alloc::{self as heap, Layout};
+use ::alloc::vec;
+use ::alloc::vec::Vec;
+use core::ptr::NonNull;
 
 use super::{MemError, SharedMem, PAGE_SIZE};
 
@@ -29,9 +31,9 @@ impl MockMem {
         let layout = Layout::from_size_align(len, PAGE_SIZE).map_err(|_| refused.clone())?;
         // SAFETY: `layout` has a non-zero size (checked above).
         #[allow(unsafe_code)]
-        let raw = unsafe { alloc::alloc_zeroed(layout) };
+        let raw = unsafe { heap::alloc_zeroed(layout) };
         let Some(ptr) = NonNull::new(raw) else {
-            alloc::handle_alloc_error(layout)
+            heap::handle_alloc_error(layout)
         };
         Ok(Self { ptr, layout })
     }
@@ -79,7 +81,7 @@ impl Drop for MockMem {
         // SAFETY: `ptr` was allocated in `new` with exactly `layout` and is freed only here.
         #[allow(unsafe_code)]
         unsafe {
-            alloc::dealloc(self.ptr.as_ptr(), self.layout)
+            heap::dealloc(self.ptr.as_ptr(), self.layout)
         };
     }
 }

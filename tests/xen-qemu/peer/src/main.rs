@@ -8,6 +8,17 @@
 //!     Ready; with --pool: pause, then time unpause -> first request (the pool hand-out);
 //!     serve the transaction from an in-memory map; wait for the domain to power off
 //!     (destroying it if it does not, or if it broke the ring).
+//! xen-ring-peer mayfly --kernel PATH --handler H --payload P [--runs N] [--memory-mib M]
+//!                      [--bad-boot-info]   (a boot info the guest must refuse: it crashes)
+//!     the Mayfly PV guest kernel, built in-process (mayfly-xen's PvBuilder: libxenguest,
+//!     no xl, no xenstore) with the ring's grants, port and entropy in its boot info
+//!     (docs/formats.md §2.6); unpause; serve the transaction; wait for the guest to shut
+//!     itself down; destroy it. N times, each a fresh domain; then count the domains
+//!     tagged MAYFLYPV still present (`leftover_mayfly_pv`).
+//! xen-ring-peer count-pv --handler -
+//!     prints `mayfly_pv_domids=ID ...`: the domains whose handle starts with MAYFLYPV (the
+//!     agent's and this tool's Mayfly PV guests), for the suite's leftover and reconciler
+//!     checks.
 //! xen-ring-peer sandbox --shim PATH --handler H --payload P [--timeout-s S]
 //!     the same service over a sealed memfd and eventfds, to a spawned domu-shim process
 //!     (the sandbox transport, measured on the same machine).
@@ -18,7 +29,9 @@
 //! process alone), `first_request_ms` (create ->
 //! first request), `rtt_us_median` and `round_trips` (consecutive `Get`s: our response
 //! sent -> the next request received), `outcome` (`committed RESULT`, `aborted REASON`,
-//! `violation ERROR`), `domain_gone` (powered off by itself) or `destroyed`.
+//! `violation ERROR`), `domain_gone` (powered off by itself) or `destroyed`; in mayfly mode
+//! also `build_ms` (the in-process build), `domain_kib` (the built domain's pages),
+//! `shutdown=REASON` and `run=I`.
 //!
 //! Exit status: 0 the transaction ended and the domain is gone; 1 anything else.
 
@@ -27,14 +40,18 @@
 use std::collections::BTreeMap;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
+use mayfly_ring::bootinfo::BootInfo;
 use mayfly_ring::wire::{ScanEntry, Start};
 use mayfly_ring::xen::{EvtchnNotifier, GntallocMem};
 use mayfly_ring::{
     Backend, EventFdNotifier, Geometry, MmapMem, Notifier, Request, Response, SharedMem,
 };
+
+use mayfly_xen::{DomainNotifier, EventChannel, GrantedPages, PvBuilder};
 
 const XL: &str = "xl";
 
@@ -47,6 +64,10 @@ struct Opts {
     payload: Vec<u8>,
     pool: bool,
     timeout: Duration,
+    kernel: Option<String>,
+    runs: u32,
+    memory_mib: u32,
+    bad_boot_info: bool,
 }
 
 fn parse() -> Result<Opts> {
@@ -63,10 +84,18 @@ fn parse() -> Result<Opts> {
         payload: Vec::new(),
         pool: false,
         timeout: Duration::from_secs(120),
+        kernel: None,
+        runs: 1,
+        memory_mib: 4,
+        bad_boot_info: false,
     };
     while let Some(flag) = args.next() {
         if flag == "--pool" {
             o.pool = true;
+            continue;
+        }
+        if flag == "--bad-boot-info" {
+            o.bad_boot_info = true;
             continue;
         }
         let value = args.next().ok_or_else(|| anyhow!("{flag} needs a value"))?;
@@ -77,6 +106,9 @@ fn parse() -> Result<Opts> {
             "--handler" => o.handler = value,
             "--payload" => o.payload = value.into_bytes(),
             "--timeout-s" => o.timeout = Duration::from_secs(value.parse()?),
+            "--kernel" => o.kernel = Some(value),
+            "--runs" => o.runs = value.parse()?,
+            "--memory-mib" => o.memory_mib = value.parse()?,
             _ => bail!("unknown argument {flag}"),
         }
     }
@@ -99,6 +131,8 @@ fn main() {
     match parse().and_then(|o| match o.mode.as_str() {
         "xen" => run_xen(&o),
         "sandbox" => run_sandbox(&o),
+        "mayfly" => run_mayfly(&o),
+        "count-pv" => count_pv(),
         m => Err(anyhow!("unknown mode {m}")),
     }) {
         Ok(()) => {}
@@ -254,6 +288,153 @@ fn serve_xen(o: &Opts, name: &str, domid: u16, created_at: Instant) -> Result<En
         created_at
     };
     serve(&mut backend, &evtchn, ready.id, o, handout_from, domid)
+}
+
+fn count_pv() -> Result<()> {
+    let control = mayfly_xen::Control::open(mayfly_xen::Libraries::load()?)?;
+    let ids: Vec<String> = control
+        .list()?
+        .iter()
+        .filter(|d| mayfly_xen::pvbuild::tag_of(&d.uuid).is_some())
+        .map(|d| d.domid.to_string())
+        .collect();
+    say(&format!("mayfly_pv_domids={}", ids.join(" ")));
+    Ok(())
+}
+
+fn run_mayfly(o: &Opts) -> Result<()> {
+    let path = o
+        .kernel
+        .as_deref()
+        .ok_or_else(|| anyhow!("--kernel is required"))?;
+    let kernel = std::fs::read(path).with_context(|| format!("reading {path}"))?;
+    let libs = mayfly_xen::Libraries::load()?;
+    let control = Arc::new(mayfly_xen::Control::open(libs.clone())?);
+    let builder = PvBuilder::new(libs.clone(), kernel, o.memory_mib)?;
+    let mut result = Ok(());
+    for run in 0..o.runs {
+        say(&format!("run={run}"));
+        if let Err(e) = one_mayfly(o, &libs, &control, &builder, run) {
+            say(&format!("error: {e:#}"));
+            result = Err(e);
+        }
+    }
+    let left = control
+        .list()?
+        .iter()
+        .filter(|d| mayfly_xen::pvbuild::tag_of(&d.uuid).is_some())
+        .count();
+    say(&format!("leftover_mayfly_pv={left}"));
+    result
+}
+
+/// One transaction in one fresh Mayfly PV guest; the domain is destroyed on every path.
+fn one_mayfly(
+    o: &Opts,
+    libs: &Arc<mayfly_xen::Libraries>,
+    control: &Arc<mayfly_xen::Control>,
+    builder: &PvBuilder,
+    run: u32,
+) -> Result<()> {
+    let geometry = Geometry::DEFAULT;
+    let mut entropy = [0u8; 32];
+    std::io::Read::read_exact(&mut std::fs::File::open("/dev/urandom")?, &mut entropy)?;
+    let started = Instant::now();
+    let mut pages = None;
+    let mut channel = None;
+    let built = builder.build(
+        control,
+        run.to_be_bytes().repeat(2).try_into().unwrap_or([0; 8]),
+        |domid| -> Result<Vec<u8>> {
+            let granted = GrantedPages::share(libs.clone(), domid, geometry.total_pages())?;
+            let port = EventChannel::bind_unbound(libs.clone(), domid)?;
+            let info = BootInfo {
+                backend_domid: 0,
+                event_channel: port.port(),
+                entropy,
+                grant_refs: granted.refs().to_vec(),
+            };
+            pages = Some(granted);
+            channel = Some(port);
+            let mut module = info.encode()?;
+            if o.bad_boot_info {
+                // The reserved field (bytes 10..12) non-zero: the guest must refuse the
+                // block and crash itself during boot.
+                if let Some(b) = module.get_mut(11) {
+                    *b = 1;
+                }
+            }
+            Ok(module)
+        },
+    )?;
+    let domid = built.domid;
+    let build_ms = millis(started.elapsed());
+    let kib = control.info(domid)?.map_or(0, |i| i.tot_pages * 4);
+    say(&format!(
+        "domid={domid} build_ms={build_ms} domain_kib={kib}"
+    ));
+    // The ring and its channel live until the domain is destroyed (below).
+    let mut ring = match (pages.take(), channel.take()) {
+        (Some(p), Some(c)) => Some((
+            Backend::new_on_fresh_memory(p, geometry),
+            DomainNotifier::new(c, control.clone()),
+        )),
+        _ => None,
+    };
+    let served = (|| -> Result<Ended> {
+        let (backend, notifier) = ring.as_mut().ok_or_else(|| anyhow!("no ring"))?;
+        let backend = backend.as_mut().map_err(|e| anyhow!("ring: {e}"))?;
+        let notifier = &*notifier;
+        control.unpause(domid)?;
+        let ready = backend.recv_request(notifier, Some(o.timeout))?;
+        if !matches!(ready.body, Request::Ready { .. }) {
+            bail!("first request was not Ready");
+        }
+        say(&format!("ready_ms={}", millis(started.elapsed())));
+        serve(
+            backend,
+            notifier,
+            ready.id,
+            o,
+            started,
+            u16::try_from(domid)?,
+        )
+    })();
+    // A guest that finished shuts itself down (poweroff); one that broke the ring or failed
+    // is destroyed at once; either way the domain is destroyed here, since no toolstack
+    // acts on its shutdown.
+    let finished = matches!(served, Ok(Ended::Finished));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut reason = None;
+    if !finished {
+        // Already gone or failing: how it stands now (a guest that crashed shows it).
+        if let Some(mayfly_xen::DomainState::Shutdown(r)) = control.info(domid)?.map(|i| i.state) {
+            reason = Some(r);
+        }
+    }
+    while finished && Instant::now() < deadline {
+        match control.info(domid)? {
+            Some(info) => {
+                if let mayfly_xen::DomainState::Shutdown(r) = info.state {
+                    reason = Some(r);
+                    break;
+                }
+            }
+            None => break,
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    say(&format!(
+        "shutdown={}",
+        reason.map_or("none".to_string(), |r| format!("{r:?}").to_lowercase())
+    ));
+    control.destroy(domid)?;
+    if control.info(domid)?.is_some_and(|i| i.domid == domid) {
+        bail!("domain {domid} still exists after xc_domain_destroy");
+    }
+    say("destroyed");
+    drop(ring); // unshare the pages and close the port only now
+    served.map(drop)
 }
 
 fn inheritable(fd: impl AsFd) -> Result<OwnedFd> {

@@ -1,0 +1,177 @@
+#!/usr/bin/env bash
+# The host-side HTTP phase of the Xen-in-QEMU suite against the agent serving the Mayfly PV
+# guest kernel (`serve --backend xen --xen-guest mayfly`: every domain built in-process, no
+# xl, no xenstore). Run by run.sh while dom0 waits on its control port.
+#
+# Usage: tests/xen-qemu/agent-mayfly.sh HOST:PORT [SUSTAIN_S]
+# Checks: kv put and get; open_account and transfer; 50 transactions in 50 distinct domains;
+# two domains built from the same image draw different random tokens (the clone hazard);
+# the hostile guests of the guest's test.* handlers (a ring violation -> 500, recorded and
+# audited; an event-channel flood; grant and event-channel operations naming dom0 and other
+# domains, all refused by Xen; a guest spinning for ever, ended by the transaction timeout);
+# 4 concurrent clients moving money between 4 accounts with the bank's total unchanged; no
+# domain in use afterwards. Measures: build -> Ready is dom0's side; here the sustained
+# fresh-domain-per-transaction rate over SUSTAIN_S seconds (default 60) with 4 clients
+# (`mayfly_sustained_tx_s=`). Exit 1 on any failure.
+set -euo pipefail
+API=http://$1
+SUSTAIN_S=${2:-60}
+failures=0
+fail() { echo "FAIL (agent-mayfly): $*"; failures=$((failures + 1)); }
+pass() { echo "ok:   (agent-mayfly) $*"; }
+# shellcheck source=tests/xen-qemu/http.sh
+source "$(dirname "$0")/http.sh"
+WORK=$(mktemp -d)
+trap 'rm -rf "$WORK"' EXIT
+
+health=
+for _ in $(seq 1 240); do
+    health=$(curl -sS --max-time 10 "$API/v1/health" 2>/dev/null || true)
+    echo "$health" | grep -qE '"ready":[1-9]' && break
+    sleep 0.5
+done
+echo "health: $health"
+echo "$health" | grep -q '"backend":"xen"' || fail "backend is not xen: $health"
+
+domains=()
+committed() { case $1 in 200*'"status":"committed"'*) return 0 ;; *) return 1 ;; esac; }
+r=$(post '{"handler":"kv","payload":{"op":"put","key":"kv/pv","value":"x"}}')
+echo "put: $r"
+if committed "$r"; then pass "kv put committed"; else fail "kv put: $r"; fi
+domains+=("$(echo "$r" | json_field domain_id)")
+r=$(post '{"handler":"kv","payload":{"op":"get","key":"kv/pv"}}')
+echo "get: $r"
+case $r in 200*'"value":"x"'*) pass "kv get sees the committed put" ;; *) fail "kv get: $r" ;; esac
+domains+=("$(echo "$r" | json_field domain_id)")
+total=0
+for name in pva pvb pvc pvd; do
+    r=$(post "{\"handler\":\"open_account\",\"payload\":{\"name\":\"$name\",\"balance\":1000}}")
+    committed "$r" || fail "open_account $name: $r"
+    domains+=("$(echo "$r" | json_field domain_id)")
+    total=$((total + 1000))
+done
+pass "open_account x4 committed"
+r=$(post '{"handler":"transfer","payload":{"from":"pva","to":"pvb","amount":10}}')
+echo "transfer: $r"
+if committed "$r" && echo "$r" | grep -q '"balance":990'; then pass "transfer committed"; else fail "transfer: $r"; fi
+domains+=("$(echo "$r" | json_field domain_id)")
+
+# 50 transactions, each in its own fresh domain.
+for i in $(seq 1 50); do
+    r=$(post "{\"handler\":\"kv\",\"payload\":{\"op\":\"put\",\"key\":\"kv/pv$i\",\"value\":\"$i\"}}" no-wait)
+    committed "$r" || fail "kv put $i: $r"
+    domains+=("$(echo "$r" | json_field domain_id)")
+done
+n=$(printf '%s\n' "${domains[@]}" | grep -c . | tr -d ' ')
+distinct=$(printf '%s\n' "${domains[@]}" | grep . | sort -u | wc -l | tr -d ' ')
+if [ "$n" -ge 57 ] && [ "$n" = "$distinct" ]; then
+    pass "$n transactions in $distinct distinct domains (50 in a row among them)"
+else
+    fail "domain ids repeat or are missing: $n transactions, $distinct distinct"
+fi
+
+# The clone hazard: two fresh domains from the same image draw different tokens.
+t1=$(post '{"handler":"token","payload":{"bytes":16}}')
+t2=$(post '{"handler":"token","payload":{"bytes":16}}')
+k1=$(echo "$t1" | json_field token)
+k2=$(echo "$t2" | json_field token)
+d1=$(echo "$t1" | json_field domain_id)
+d2=$(echo "$t2" | json_field domain_id)
+echo "tokens: $k1 (domain $d1) $k2 (domain $d2)"
+if [ "${#k1}" = 32 ] && [ "${#k2}" = 32 ] && [ "$k1" != "$k2" ] && [ "$d1" != "$d2" ]; then
+    pass "two domains from the same image drew different random tokens"
+else
+    fail "tokens: $t1 | $t2"
+fi
+
+# Hostile guests (the guest's test.* handlers).
+audit_before=$(curl -sS --max-time 10 "$API/v1/health" | json_field audit_seq || true)
+r=$(post '{"handler":"test.bad_ring","payload":null}')
+echo "bad_ring: $r"
+case $r in 500*) pass "ring written outside the protocol: 500" ;; *) fail "test.bad_ring: $r" ;; esac
+tx=$(echo "$r" | json_field tx_id)
+shown=$(curl -sS --max-time 10 "$API/v1/transactions/$tx" || true)
+if echo "$shown" | grep -qiE 'violation|protocol'; then
+    pass "recorded as a protocol violation"
+else
+    fail "test.bad_ring not recorded as a protocol violation: $shown"
+fi
+audit=$(curl -sS --max-time 10 "$API/v1/health" | json_field audit_seq || true)
+if [ "${audit:-0}" -gt "${audit_before:-0}" ]; then pass "violation audited (audit_seq ${audit_before} -> ${audit})"; else fail "violation not audited"; fi
+r=$(post '{"handler":"test.evtchn_flood","payload":null}')
+echo "evtchn_flood: $r"
+if committed "$r"; then pass "event-channel flood: the agent kept serving and committed"; else fail "test.evtchn_flood: $r"; fi
+r=$(post '{"handler":"test.foreign_ops","payload":null}')
+echo "foreign_ops: $r"
+# (The agent re-encodes the result: its keys come sorted, so each is looked for alone.)
+allowed=0
+for k in granted bound allocated setup; do
+    v=$(echo "$r" | json_field "$k")
+    [ "$v" = 0 ] || allowed=$((allowed + 1))
+done
+tried=$(echo "$r" | json_field tried)
+if committed "$r" && [ "$allowed" = 0 ] && [ "${tried:-0}" -gt 100 ]; then
+    pass "grant/event-channel operations naming dom0 and other domains: all $tried refused by Xen"
+else
+    fail "test.foreign_ops: $r"
+fi
+spin_from=$(date +%s)
+r=$(post '{"handler":"test.spin","payload":null}')
+echo "spin: $r ($(($(date +%s) - spin_from)) s)"
+spun=$(($(date +%s) - spin_from))
+# The agent's transaction timeout (tx_timeout_ms, 60 s in the shipped agent.toml) ends it.
+case $r in
+    500*) if [ "$spun" -ge 30 ]; then
+        pass "a guest spinning for ever: ended by the transaction timeout (500 after $spun s)"
+    else
+        fail "test.spin failed after only $spun s: $r"
+    fi ;;
+    *) fail "test.spin: $r" ;;
+esac
+r=$(post '{"handler":"kv","payload":{"op":"get","key":"kv/pv"}}')
+case $r in 200*'"value":"x"'*) pass "the agent still serves after the hostile guests" ;; *) fail "kv get after the hostile guests: $r" ;; esac
+
+# 4 concurrent clients, each moving money around the 4 accounts for SUSTAIN_S seconds: every
+# transfer runs in a fresh domain; conflicts abort (never lose or make money).
+client() {
+    local c=$1 end=$(($(date +%s) + SUSTAIN_S)) i=0 from to r
+    local names=(pva pvb pvc pvd)
+    while [ "$(date +%s)" -lt "$end" ]; do
+        from=${names[$(((c + i) % 4))]}
+        to=${names[$(((c + i + 1) % 4))]}
+        r=$(post "{\"handler\":\"transfer\",\"payload\":{\"from\":\"$from\",\"to\":\"$to\",\"amount\":1}}" no-wait 2>/dev/null)
+        echo "${r%% *} $(echo "$r" | json_field status)" >>"$WORK/client-$c"
+        i=$((i + 1))
+    done
+}
+started=$(date +%s.%N)
+for c in 0 1 2 3; do client "$c" & done
+wait
+elapsed=$(echo "$started $(date +%s.%N)" | awk '{ printf "%.1f", $2 - $1 }')
+done_tx=$(cat "$WORK"/client-* | grep -c '^200 committed' || true)
+all_tx=$(cat "$WORK"/client-* | grep -c . || true)
+rate=$(echo "$done_tx $elapsed" | awk '{ printf "%.2f", $1 / $2 }')
+echo "mayfly_sustained_tx_s=$rate committed=$done_tx answered=$all_tx seconds=$elapsed clients=4"
+[ "$done_tx" -ge 4 ] || fail "4 concurrent clients committed only $done_tx transfers: $(cat "$WORK"/client-* | sort | uniq -c | tr '\n' ' ')"
+sum=0
+for name in pva pvb pvc pvd; do
+    r=$(post "{\"handler\":\"balance\",\"payload\":{\"name\":\"$name\"}}")
+    b=$(echo "$r" | grep -oE '"balance":[0-9]+' | head -n 1 | cut -d: -f2)
+    [ -n "$b" ] || fail "balance $name: $r"
+    sum=$((sum + ${b:-0}))
+done
+if [ "$sum" = "$total" ]; then
+    pass "4 concurrent clients: $done_tx transfers committed ($all_tx answered), the bank's total is still $total"
+else
+    fail "the bank's total is $sum, expected $total"
+fi
+# The agent answers, then destroys the domain: the last one may still be in use for a
+# moment. Poll (bounded) until none is.
+for _ in $(seq 1 60); do
+    health=$(curl -sS --max-time 10 "$API/v1/health" || true)
+    echo "$health" | grep -q '"in_use":0' && break
+    sleep 0.5
+done
+echo "health after: $health"
+echo "$health" | grep -q '"in_use":0' || fail "domains still in use 30 s after the last answer: $health"
+[ "$failures" -eq 0 ]
