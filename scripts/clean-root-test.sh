@@ -52,6 +52,12 @@ command -v debootstrap >/dev/null || {
     DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends debootstrap
 }
 mkdir -p "$root"
+# A fresh target/ for the whole suite (clippy, debug tests, release benches, the static
+# template) takes well over 20 GB; a run on a fuller disk ends in "No space left on device".
+free_gb=$(df --output=avail -BG "$root" | tail -1 | tr -dc 0-9)
+if [ "${free_gb:-0}" -lt 30 ]; then
+    echo "warning: only ${free_gb} GB free under $root; the whole suite needs about 30 GB" >&2
+fi
 if [ ! -e "$root/base/.complete" ]; then
     rm -rf "$root/base"
     echo "==> debootstrap --variant=minbase bookworm $root/base ($mirror)"

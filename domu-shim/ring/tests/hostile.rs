@@ -179,7 +179,8 @@ fn a_guest_cannot_make_the_backend_wait_forever() {
     let (mut back, _guest) = ring(g);
     let (agent_bell, guest_bell) = EventFdNotifier::pair().unwrap();
     // The guest rings the doorbell in a tight loop without publishing anything: the backend
-    // wakes and re-checks over and over, but gives up at its deadline.
+    // wakes and re-checks, and after a bounded number of wake-ups that find nothing (well
+    // before its deadline, however long) calls it a doorbell flood: a protocol violation.
     let stop = Arc::new(AtomicBool::new(false));
     let spammer = {
         let stop = Arc::clone(&stop);
@@ -194,14 +195,14 @@ fn a_guest_cannot_make_the_backend_wait_forever() {
     };
     let start = Instant::now();
     let err = back
-        .recv_request(&agent_bell, Some(Duration::from_millis(100)))
+        .recv_request(&agent_bell, Some(Duration::from_secs(60)))
         .unwrap_err();
     stop.store(true, Ordering::Relaxed);
     spammer.join().unwrap();
-    assert!(matches!(err, RingError::Timeout { .. }));
-    assert!(!err.is_protocol_violation());
-    assert!(!back.is_poisoned());
-    assert!(start.elapsed() < Duration::from_secs(5));
+    assert!(matches!(err, RingError::DoorbellFlood { .. }), "{err}");
+    assert!(err.is_protocol_violation());
+    assert!(back.is_poisoned());
+    assert!(start.elapsed() < Duration::from_secs(30));
 }
 
 #[test]
