@@ -528,12 +528,9 @@ async fn handle(
                     let task_shared = shared.clone();
                     let _ = tokio::task::spawn_blocking(move || {
                         let _permit = permit;
-                        task_shared.executor.audit_refusal(
-                            &client,
-                            "report.rejected",
-                            reason,
-                            ev,
-                        );
+                        task_shared
+                            .executor
+                            .audit_refusal(&client, "report.rejected", reason, ev);
                     })
                     .await;
                 }

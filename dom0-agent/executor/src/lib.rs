@@ -890,11 +890,14 @@ impl Executor {
         // How the domain really ended decides what the failure was: a guest killed by the
         // seccomp filter or a resource limit makes the ring report its peer gone (or a
         // broken message, or silence until the deadline) before the exit is known.
-        let served = match served {
+        let (served, dead) = match served {
             Served::Failed(
                 f @ (Failure::DomainDied(_) | Failure::Timeout | Failure::ProtocolViolation(_)),
-            ) => Served::Failed(reclassify(f, domain.as_mut(), &log)),
-            other => other,
+            ) => {
+                let (f, dead) = reclassify(f, domain.as_mut(), &log);
+                (Served::Failed(f), dead)
+            }
+            other => (other, None),
         };
         let domain_event = match &served {
             Served::Failed(f) => domain_event_kind(f),
@@ -914,7 +917,7 @@ impl Executor {
         }
         // A domain that is already dead (the kernel killed it) has nothing left to keep:
         // the audit trail says the quarantine the policy asked for was not possible.
-        if let (true, Served::Failed(Failure::DomainDied(exit))) = (quarantine, &served) {
+        if let (true, Some(exit)) = (quarantine, dead) {
             events.push(
                 AuditEvent::new("domain.quarantine_failed", Severity::Error)
                     .field("domain", domain_id)
@@ -1193,20 +1196,32 @@ impl Executor {
 
 /// The failure as it really was: asks the backend how the domain ended (a dead sandbox
 /// clone's exit is known within the report wait; a live domain is `None`) and turns a
-/// timeout, a protocol violation or a peer-gone into the death that caused it.
-fn reclassify(failure: Failure, domain: &mut dyn Domain, log: &Logger) -> Failure {
+/// timeout or a peer-gone into the death that caused it; with the death of the domain's own
+/// making, if there was one.
+///
+/// A protocol violation is never turned into a death: the guest chooses how it dies (write
+/// garbage, then abort), so a violation seen on the ring stays the failure the policy
+/// decides on, and the death is recorded beside it ([`record_end`]).
+fn reclassify(
+    failure: Failure,
+    domain: &mut dyn Domain,
+    log: &Logger,
+) -> (Failure, Option<DomainExit>) {
     match domain.try_exit() {
-        Ok(Some(exit)) if died(exit) => Failure::DomainDied(exit),
+        Ok(Some(exit)) if died(exit) => match failure {
+            f @ Failure::ProtocolViolation(_) => (f, Some(exit)),
+            _ => (Failure::DomainDied(exit), Some(exit)),
+        },
         // It ended in a way that is no death of its own (it exited, or was destroyed): a
         // peer-gone says how; a timeout or a violation stays what it was.
         Ok(Some(exit)) => match failure {
-            Failure::DomainDied(_) => Failure::DomainDied(exit),
-            other => other,
+            Failure::DomainDied(_) => (Failure::DomainDied(exit), None),
+            other => (other, None),
         },
-        Ok(None) => failure,
+        Ok(None) => (failure, None),
         Err(e) => {
             warn!(log, "could not learn how the domain ended"; "error" => %e);
-            failure
+            (failure, None)
         }
     }
 }
@@ -1317,9 +1332,9 @@ fn record_end(
         {
             Served::Failed(Failure::DomainDied(exit))
         }
-        Served::Failed(Failure::Timeout | Failure::ProtocolViolation(_)) if died(exit) => {
-            Served::Failed(Failure::DomainDied(exit))
-        }
+        // A silence until the deadline explained by a death; a violation stays one (the
+        // death is recorded on its event below).
+        Served::Failed(Failure::Timeout) if died(exit) => Served::Failed(Failure::DomainDied(exit)),
         other => other,
     };
     let (severity, event, reason) = match &served {
@@ -1352,6 +1367,10 @@ fn record_end(
             .field("handler", &r.handler);
         if let Some(reason) = reason {
             ev = ev.field("reason", truncate(&reason, 1000));
+        }
+        // A violation whose domain then died of its own making: both are on the record.
+        if matches!(served, Served::Failed(Failure::ProtocolViolation(_))) && died(exit) {
+            ev = ev.field("then", format!("the domain {exit}"));
         }
         r.events.push(ev);
     }
