@@ -42,6 +42,7 @@ fn to_json(f: &Failure) -> JsonFailure {
         Failure::Audit { seq, problem } => ("audit", Some(*seq), problem.clone()),
         Failure::Head { group, problem } => ("heads", Some(*group), problem.clone()),
         Failure::Meta { problem } => ("meta", None, problem.clone()),
+        Failure::UndoneIndex { seq, problem } => ("undone_index", Some(*seq), problem.clone()),
     };
     JsonFailure {
         chain,

@@ -361,3 +361,66 @@ fn the_undone_index_is_built_at_start_for_a_ledger_without_it() {
         "the first start created the ledger: {opened:?}"
     );
 }
+
+/// The `undone` index is unsigned: an entry added to it with LMDB directly (saying a
+/// committed transaction was already rolled back) is named by `verify`, and the agent, which
+/// rebuilds the index from the signed rollback records at start, still rolls the
+/// transaction back instead of answering "nothing to undo".
+#[test]
+fn a_forged_undone_entry_is_caught_by_verify_and_ignored_at_start() {
+    use mayfly_ledger::store::names;
+    use mayfly_ledger::tamper;
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let policy = common::policy_dir(dir.path(), "policy", &[("ids.toml", REPORT_POLICY)]);
+    let mut agent = Agent::start(&data, &[&policy[0], &policy[1]]);
+    let token = common::detector_token(&data);
+    let attack = ok_tx(
+        &agent,
+        "open_account",
+        json!({"name": "mallory", "balance": 9}),
+    );
+    let attack_id = attack["tx_id"].as_str().unwrap().to_owned();
+    let seq = attack["seq"].as_u64().unwrap();
+    assert!(agent.stop().success());
+    let (ok, out) = common::verify(&data);
+    assert!(ok, "{out}");
+
+    // The forgery: "commit `seq` was undone by record `seq`".
+    tamper::set(
+        &data,
+        names::UNDONE,
+        &seq.to_be_bytes(),
+        Some(&seq.to_be_bytes()),
+    );
+    let (ok, out) = common::verify(&data);
+    assert!(!ok, "verify accepted a forged undone entry: {out}");
+    assert!(
+        out.contains(&format!("undone index, commit {seq}:"))
+            && out.contains("no rollback record undid it"),
+        "{out}"
+    );
+
+    let mut agent = Agent::start(&data, &[&policy[0], &policy[1]]);
+    let (_, shown) = agent.get(&format!("/v1/transactions/{attack_id}"));
+    assert_eq!(shown["status"], "committed", "{shown}");
+    let (code, body) = common::report(
+        agent.addr,
+        &token,
+        &json!({"tx_id": attack_id, "reason": "single"}),
+    );
+    assert_eq!(code, 200, "the real rollback was refused: {body}");
+    let rollback_seq = body["rollback"]["seq"].as_u64().unwrap();
+    let (_, shown) = agent.get(&format!("/v1/transactions/{attack_id}"));
+    assert_eq!(shown["status"], "rolled_back", "{shown}");
+    assert_eq!(shown["rolled_back_by"]["seq"], rollback_seq, "{shown}");
+    assert!(agent.stop().success());
+    let repaired: Vec<_> = audit(&data)
+        .into_iter()
+        .filter(|(e, _)| e == "ledger.undone_index_repaired")
+        .collect();
+    assert_eq!(repaired.len(), 1, "{repaired:?}");
+    assert_eq!(repaired[0].1["first_seq"], seq.to_string(), "{repaired:?}");
+    let (ok, out) = common::verify(&data);
+    assert!(ok, "{out}");
+}

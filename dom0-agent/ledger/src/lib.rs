@@ -72,7 +72,7 @@ use std::sync::mpsc::SyncSender;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
-use slog::{info, o, Logger};
+use slog::{info, o, warn, Logger};
 
 pub use audit::{AuditEvent, AuditRecord, Severity};
 pub use checkpoint::{Checkpoint, ReadEntry, WriteEntry};
@@ -262,12 +262,13 @@ impl Ledger {
                 (s, fresh)
             }
         };
-        // A ledger of an earlier release gets its rolled-back index once (a new one has it
-        // from its creation, and is marked complete after its first commit below).
+        // The rolled-back index is unsigned: it is rebuilt from the signed rollback records
+        // at every read-write open (a new ledger has it from its creation, and is marked
+        // complete after its first commit below).
         let undone_built = if fresh {
             None
         } else {
-            store.ensure_undone_index()?
+            Some(store.ensure_undone_index()?)
         };
         let (key, state) = if fresh {
             let key = match SigningKey::load(dir) {
@@ -308,15 +309,29 @@ impl Ledger {
         }
         .field("public_key", codec::hex(&public_key))
         .field("checkpoint_seq", tips.checkpoints.seq);
-        let event = match undone_built {
+        let mut events = Vec::new();
+        let event = match &undone_built {
             Some(built) if built.unreadable > 0 => event
                 .field("undone_index_built_from", built.rollbacks)
                 .field("undone_index_unreadable", built.unreadable),
             Some(built) => event.field("undone_index_built_from", built.rollbacks),
             None => event,
         };
+        events.push(event);
+        if let Some(built) = &undone_built {
+            if let Some(first) = &built.first_repaired {
+                warn!(log, "the stored undone index differed from the rollback records; rebuilt";
+                      "entries" => built.repaired, "first" => %first);
+                events.push(
+                    AuditEvent::new("ledger.undone_index_repaired", Severity::Warning)
+                        .field("entries", built.repaired)
+                        .field("first_seq", first.seq)
+                        .field("first", first.to_string()),
+                );
+            }
+        }
         let first = committer
-            .write_group(vec![commit::Job::Audit(vec![event])], fresh)
+            .write_group(vec![commit::Job::Audit(events)], fresh)
             .and_then(|mut results| results.pop().unwrap_or(Err(CommitError::Closed)));
         if let Err(source) = first {
             return Err(OpenError::FirstCommit {
