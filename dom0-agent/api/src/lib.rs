@@ -426,23 +426,8 @@ async fn handle(
     client: Arc<str>,
     shared: Arc<Shared>,
 ) -> Response<Body> {
-    // Two Content-Length fields (even equal ones), or Content-Length beside
-    // Transfer-Encoding, are how requests are smuggled past a proxy: refused.
-    let lengths = request
-        .headers()
-        .get_all(hyper::header::CONTENT_LENGTH)
-        .iter()
-        .count();
-    if lengths > 1 {
-        return error_close(400, "more than one Content-Length header");
-    }
-    if lengths == 1
-        && request
-            .headers()
-            .contains_key(hyper::header::TRANSFER_ENCODING)
-    {
-        return error_close(400, "both Content-Length and Transfer-Encoding");
-    }
+    // Framing (duplicate Content-Length, Content-Length beside Transfer-Encoding) is
+    // hyper's: see docs/api.md, "Limits".
     let method = request.method().clone();
     let path = request.uri().path().to_owned();
     match (&method, path.as_str()) {
