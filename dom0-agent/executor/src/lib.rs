@@ -717,6 +717,19 @@ impl Executor {
         self.refusals.refused(client, event, reason, record);
     }
 
+    /// Counts a refusal of `client` for `reason` in the aggregation table without writing
+    /// anything now (for callers that cannot wait for a durable write, e.g. when every
+    /// audit writer is busy): it reaches the ledger in its window's `refusal.repeated`.
+    pub fn count_refusal(
+        &self,
+        client: &str,
+        event: &'static str,
+        reason: &str,
+        severity: Severity,
+    ) {
+        self.refusals.counted_only(client, event, reason, severity);
+    }
+
     /// Writes the counts of every open aggregation window now (at shutdown, before the
     /// agent's stop is recorded); later refusals are still counted, and written when the
     /// executor is dropped.
