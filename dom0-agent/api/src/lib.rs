@@ -190,9 +190,16 @@ struct SubmitBody {
 /// Longest idempotency key.
 pub const MAX_IDEMPOTENCY_KEY: usize = 128;
 
-/// Blocking threads beyond `max_in_flight`, for reports and the audit records of refused
-/// requests (both also bounded by [`Shared::aux`]).
-const AUX_BLOCKING: usize = 4;
+/// Blocking threads for valid detector reports ([`Shared::reports`]).
+const REPORT_BLOCKING: usize = 2;
+/// Blocking threads for the audit records of refused requests (rejected reports, admission
+/// 503s: [`Shared::refusal_writers`]); when all are busy a refusal is counted in memory only.
+const REFUSAL_BLOCKING: usize = 2;
+/// Blocking threads for ledger reads (`GET /v1/transactions/{id}`, `/v1/health`,
+/// `/metrics`: [`Shared::reads`]); when all are busy the read is answered 503 at once.
+const READ_BLOCKING: usize = 4;
+/// Blocking threads beyond `max_in_flight`.
+const AUX_BLOCKING: usize = REPORT_BLOCKING + REFUSAL_BLOCKING + READ_BLOCKING;
 
 enum Remembered {
     InProgress {
@@ -244,8 +251,13 @@ struct Shared {
     /// Transactions admitted per client; an entry is removed when it reaches 0, so the map
     /// holds at most `max_in_flight` entries.
     per_client: Mutex<HashMap<Arc<str>, usize>>,
-    /// Permits for blocking work that is not a transaction (reports, audit records).
-    aux: Arc<tokio::sync::Semaphore>,
+    /// Permits for valid detector reports on the blocking pool (awaited: authenticated).
+    reports: Arc<tokio::sync::Semaphore>,
+    /// Permits for the durable audit records of refusals (never awaited: a refused client
+    /// must not make others wait).
+    refusal_writers: Arc<tokio::sync::Semaphore>,
+    /// Permits for ledger reads on the blocking pool (never awaited: 503 when none is free).
+    reads: Arc<tokio::sync::Semaphore>,
     memory: Mutex<Memory>,
     metrics: metrics::Metrics,
     tls: Option<tls::Current>,
@@ -347,7 +359,9 @@ impl Server {
             }),
             in_flight: AtomicUsize::new(0),
             per_client: Mutex::new(HashMap::new()),
-            aux: Arc::new(tokio::sync::Semaphore::new(AUX_BLOCKING)),
+            reports: Arc::new(tokio::sync::Semaphore::new(REPORT_BLOCKING)),
+            refusal_writers: Arc::new(tokio::sync::Semaphore::new(REFUSAL_BLOCKING)),
+            reads: Arc::new(tokio::sync::Semaphore::new(READ_BLOCKING)),
             metrics: metrics::Metrics::default(),
             tls,
             config,
@@ -442,6 +456,10 @@ async fn handle(
             let admission = match shared.admit(&client) {
                 Ok(a) => a,
                 Err(refusal) => {
+                    let limit = match refusal {
+                        Refusal::InFlight(_) => "max_in_flight",
+                        Refusal::PerClient(_) => "max_per_client",
+                    };
                     let msg = match refusal {
                         Refusal::InFlight(n) => {
                             shared
@@ -465,6 +483,15 @@ async fn handle(
                         }
                     };
                     shared.metrics.outcome(503, true);
+                    let ev = mayfly_ledger::AuditEvent::new(
+                        "tx.refused",
+                        mayfly_ledger::Severity::Warning,
+                    )
+                    .field("client", client.to_string())
+                    .field("limit", limit)
+                    .field("reason", msg.clone());
+                    // Not awaited: the 503 goes out at once.
+                    let _ = audit_refusal(&shared, &client, "tx.refused", limit, ev);
                     return respond(503, &json!({ "error": msg }), &[("retry-after", "1")]);
                 }
             };
@@ -499,9 +526,11 @@ async fn handle(
                 .map(str::to_owned);
             if !authorized(&shared, auth.as_deref()) {
                 // The unread body is not drained (the connection closes). The audit record
-                // is written before the answer, so a flood of bad reports is held back by
-                // the connection limit rather than queued without bound; repeats from one
-                // client are counted, not recorded one by one.
+                // is written before the answer when a refusal writer is free (repeats from
+                // one client are counted, not recorded one by one); when none is, the
+                // refusal is counted in memory only and the answer goes out at once, so a
+                // flood of bad reports neither queues without bound nor holds the
+                // permits valid reports use.
                 let reason = "missing or wrong bearer token";
                 let ev = mayfly_ledger::AuditEvent::new(
                     "report.rejected",
@@ -509,15 +538,10 @@ async fn handle(
                 )
                 .field("reason", reason)
                 .field("client", client.to_string());
-                if let Ok(permit) = shared.aux.clone().acquire_owned().await {
-                    let task_shared = shared.clone();
-                    let _ = tokio::task::spawn_blocking(move || {
-                        let _permit = permit;
-                        task_shared
-                            .executor
-                            .audit_refusal(&client, "report.rejected", reason, ev);
-                    })
-                    .await;
+                if let Some(written) =
+                    audit_refusal(&shared, &client, "report.rejected", reason, ev)
+                {
+                    let _ = written.await;
                 }
                 return error_close(401, "reports need `Authorization: Bearer <detector token>`");
             }
@@ -525,7 +549,7 @@ async fn handle(
                 Ok(b) => b,
                 Err(response) => return response,
             };
-            let Ok(permit) = shared.aux.clone().acquire_owned().await else {
+            let Ok(permit) = shared.reports.clone().acquire_owned().await else {
                 return error(503, "shutting down");
             };
             let task_shared = shared.clone();
@@ -539,21 +563,29 @@ async fn handle(
                 Err(e) => error(500, &format!("report task failed: {e}")),
             }
         }
-        (&Method::GET, "/v1/health") => respond(200, &health(&shared), &[]),
+        (&Method::GET, "/v1/health") => {
+            blocking_read(&shared, |shared| respond(200, &health(shared), &[])).await
+        }
         (&Method::GET, "/metrics") => {
-            let mut text = String::with_capacity(8192);
-            render_metrics(&shared, &mut text);
-            let mut response = Response::new(Full::new(Bytes::from(text)));
-            response.headers_mut().insert(
-                hyper::header::CONTENT_TYPE,
-                hyper::header::HeaderValue::from_static("text/plain; version=0.0.4"),
-            );
-            response
+            blocking_read(&shared, |shared| {
+                let mut text = String::with_capacity(8192);
+                render_metrics(shared, &mut text);
+                let mut response = Response::new(Full::new(Bytes::from(text)));
+                response.headers_mut().insert(
+                    hyper::header::CONTENT_TYPE,
+                    hyper::header::HeaderValue::from_static("text/plain; version=0.0.4"),
+                );
+                response
+            })
+            .await
         }
         (&Method::GET, p) if p.starts_with("/v1/transactions/") => {
-            let id = &p["/v1/transactions/".len()..];
-            let (code, body) = lookup(&shared, id);
-            respond(code, &body, &[])
+            let id = p["/v1/transactions/".len()..].to_owned();
+            blocking_read(&shared, move |shared| {
+                let (code, body) = lookup(shared, &id);
+                respond(code, &body, &[])
+            })
+            .await
         }
         (_, "/v1/transactions" | "/v1/health" | "/v1/reports" | "/metrics") => {
             error_close(405, "method not allowed")
@@ -563,6 +595,64 @@ async fn handle(
             "no such endpoint; see /v1/transactions, /v1/health and /metrics",
         ),
     }
+}
+
+/// Runs a ledger read (LMDB reads, decoding a checkpoint of up to 8 MiB) on the blocking
+/// pool, never on a network thread: at most [`READ_BLOCKING`] at once, and a read beyond
+/// them is answered 503 + `Retry-After` at once rather than queued.
+async fn blocking_read<F>(shared: &Arc<Shared>, read: F) -> Response<Body>
+where
+    F: FnOnce(&Shared) -> Response<Body> + Send + 'static,
+{
+    let Ok(permit) = shared.reads.clone().try_acquire_owned() else {
+        shared.metrics.reads_refused.fetch_add(1, Ordering::Relaxed);
+        return respond(
+            503,
+            &json!({ "error": format!("busy: {READ_BLOCKING} reads in progress") }),
+            &[("retry-after", "1")],
+        );
+    };
+    let task_shared = shared.clone();
+    match tokio::task::spawn_blocking(move || {
+        let _permit = permit;
+        read(&task_shared)
+    })
+    .await
+    {
+        Ok(response) => response,
+        Err(e) => error(500, &format!("read task failed: {e}")),
+    }
+}
+
+/// Sends a refusal through the executor's aggregation table on the blocking pool when a
+/// refusal writer is free (the handle says when it is done); otherwise counts it in the
+/// table only (no durable record now; it is in the window's `refusal.repeated`) and
+/// counts the dropped record in the metrics.
+fn audit_refusal(
+    shared: &Arc<Shared>,
+    client: &Arc<str>,
+    event: &'static str,
+    reason: &'static str,
+    record: mayfly_ledger::AuditEvent,
+) -> Option<tokio::task::JoinHandle<()>> {
+    let Ok(permit) = shared.refusal_writers.clone().try_acquire_owned() else {
+        shared
+            .metrics
+            .refusal_records_dropped
+            .fetch_add(1, Ordering::Relaxed);
+        shared
+            .executor
+            .count_refusal(client, event, reason, record.severity);
+        return None;
+    };
+    let task_shared = shared.clone();
+    let client = client.clone();
+    Some(tokio::task::spawn_blocking(move || {
+        let _permit = permit;
+        task_shared
+            .executor
+            .audit_refusal(&client, event, reason, record);
+    }))
 }
 
 fn render_metrics(shared: &Shared, out: &mut String) {
