@@ -273,6 +273,51 @@ fn mtls_clients_are_named_by_their_key_in_audit_and_rates() {
     assert!(ok, "{out}");
 }
 
+/// Idempotency keys are per client: client b sending client a's key neither gets a's
+/// answer (its transaction runs) nor is refused as a reuse; a's repeat still gets its own.
+#[test]
+fn idempotency_keys_are_per_client() {
+    let dir = tempfile::tempdir().unwrap();
+    let (pki, mut agent) = start(dir.path(), &[]);
+    let a = client_config(&pki.server_ca, Some(&pki.a));
+    let b = client_config(&pki.server_ca, Some(&pki.b));
+    let submit = |cfg: &Arc<rustls::ClientConfig>, name: &str| {
+        let body = json!({"handler": "open_account", "payload": {"name": name, "balance": 5},
+                          "idempotency_key": "order-1"});
+        let (code, _, v) = tls_request(
+            agent.addr,
+            cfg,
+            "POST",
+            "/v1/transactions",
+            &body.to_string(),
+        )
+        .unwrap();
+        (code, v)
+    };
+    let (code, first) = submit(&a, "alice");
+    assert_eq!(code, 200, "{first}");
+    // The same key and request from b: b's own transaction runs (the account exists
+    // already, so it aborts), not a's answer.
+    let (_, same) = submit(&b, "alice");
+    assert!(same["tx_id"].is_string(), "{same}");
+    assert_ne!(same["tx_id"], first["tx_id"], "{same}");
+    // The key is b's own now: another request under it is refused as a reuse.
+    let (code, other) = submit(&b, "bob");
+    assert_eq!(code, 422, "{other}");
+    assert!(
+        other["error"]
+            .as_str()
+            .unwrap()
+            .contains("different request"),
+        "{other}"
+    );
+    // a's repeat is answered from memory: its own first outcome.
+    let (code, again) = submit(&a, "alice");
+    assert_eq!(code, 200, "{again}");
+    assert_eq!(again["tx_id"], first["tx_id"], "{again}");
+    assert!(agent.stop().success());
+}
+
 #[test]
 fn mtls_clients_have_their_own_concurrency_limit() {
     let dir = tempfile::tempdir().unwrap();

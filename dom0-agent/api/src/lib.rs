@@ -212,10 +212,14 @@ enum Remembered {
     },
 }
 
+/// An idempotency key as remembered: the client's identity and the key it sent, so one
+/// client can neither read nor squat another's keys.
+type KeyOf = (String, String);
+
 /// Bounded FIFO memory of recent transactions.
 struct Memory {
-    by_key: HashMap<String, Remembered>,
-    key_order: VecDeque<String>,
+    by_key: HashMap<KeyOf, Remembered>,
+    key_order: VecDeque<KeyOf>,
     outcomes: HashMap<TxId, Value>,
     outcome_order: VecDeque<TxId>,
     cap: usize,
@@ -232,7 +236,7 @@ impl Memory {
             }
         }
     }
-    fn remember_key(&mut self, key: String, value: Remembered) {
+    fn remember_key(&mut self, key: KeyOf, value: Remembered) {
         if self.by_key.insert(key.clone(), value).is_none() {
             self.key_order.push_back(key);
             while self.key_order.len() > self.cap {
@@ -760,7 +764,12 @@ fn submit(shared: &Shared, raw: &[u8], client: String) -> (u16, Value, bool) {
         return (413, json!({ "error": msg }), false);
     }
     let digest = [body.handler.as_bytes(), &[0], &payload].concat();
-    if let Some(key) = &body.idempotency_key {
+    // Keys are per client (its SPKI hash with mTLS, else its IP address).
+    let key_of = body
+        .idempotency_key
+        .as_ref()
+        .map(|key| (client.clone(), key.clone()));
+    if let Some(key) = &key_of {
         let Ok(mut mem) = shared.memory.lock() else {
             return (500, json!({ "error": "internal state poisoned" }), false);
         };
@@ -787,7 +796,7 @@ fn submit(shared: &Shared, raw: &[u8], client: String) -> (u16, Value, bool) {
         }
     }
     let forget_key = |shared: &Shared| {
-        if let (Some(key), Ok(mut mem)) = (&body.idempotency_key, shared.memory.lock()) {
+        if let (Some(key), Ok(mut mem)) = (&key_of, shared.memory.lock()) {
             mem.by_key.remove(key);
         }
     };
@@ -805,7 +814,7 @@ fn submit(shared: &Shared, raw: &[u8], client: String) -> (u16, Value, bool) {
                 if outcome.status != TxStatus::Committed {
                     mem.remember_outcome(outcome.tx_id, json_body.clone());
                 }
-                if let Some(key) = body.idempotency_key {
+                if let Some(key) = key_of.clone() {
                     mem.remember_key(
                         key,
                         Remembered::Done {
