@@ -424,3 +424,66 @@ fn a_forged_undone_entry_is_caught_by_verify_and_ignored_at_start() {
     let (ok, out) = common::verify(&data);
     assert!(ok, "{out}");
 }
+
+/// A rule that decides a rollback for a handler or a client target (which name no commits
+/// to undo) is not silently dropped: the detector hears 422 "not supported", and the trail
+/// has `report.completed` `outcome=failed` saying so.
+#[test]
+fn a_rollback_of_a_handler_or_client_target_is_answered_and_audited_as_not_supported() {
+    const POLICY: &str = r#"[engine]
+unlisted_handler = "allow"
+
+[[external]]
+name = "ids.handler"
+target = "handler"
+reasons = ["bad handler"]
+action = "rollback"
+
+[[external]]
+name = "ids.client"
+target = "client"
+reasons = ["bad client"]
+action = "rollback+cascade"
+"#;
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let policy = common::policy_dir(dir.path(), "policy", &[("ids.toml", POLICY)]);
+    let mut agent = Agent::start(&data, &[&policy[0], &policy[1]]);
+    let token = common::detector_token(&data);
+    ok_tx(&agent, "open_account", json!({"name": "x", "balance": 1}));
+    for (report, rule) in [
+        (
+            json!({"handler": "open_account", "reason": "bad handler"}),
+            "ids.handler",
+        ),
+        (
+            json!({"client": "127.0.0.1", "reason": "bad client"}),
+            "ids.client",
+        ),
+    ] {
+        let (code, body) = common::report(agent.addr, &token, &report);
+        assert_eq!(code, 422, "{body}");
+        assert!(
+            body["error"]
+                .as_str()
+                .unwrap()
+                .contains("not supported for this target"),
+            "{body}"
+        );
+        let records = audit(&data);
+        let completed: Vec<_> = records
+            .iter()
+            .filter(|(e, f)| e == "report.completed" && f["rule"] == rule)
+            .collect();
+        assert_eq!(completed.len(), 1, "{records:?}");
+        assert_eq!(completed[0].1["outcome"], "failed", "{completed:?}");
+        assert!(
+            completed[0].1["error"].contains("not supported for this target"),
+            "{completed:?}"
+        );
+    }
+    assert!(agent.stop().success());
+    assert!(!audit(&data).iter().any(|(e, _)| e == "rollback.applied"));
+    let (ok, out) = common::verify(&data);
+    assert!(ok, "{out}");
+}

@@ -929,13 +929,17 @@ fn report(shared: &Shared, raw: &[u8]) -> (u16, Value) {
                     })
                 })
                 .collect();
-            (
-                200,
-                json!({ "action": o.action, "rule": o.rule, "rollback": rollback, "replayed": replayed }),
-            )
+            let mut answer = json!({ "action": o.action, "rule": o.rule, "rollback": rollback, "replayed": replayed });
+            if let (Some(warning), Some(map)) = (&o.warning, answer.as_object_mut()) {
+                map.insert("warning".into(), json!(warning));
+            }
+            (200, answer)
         }
         Err(mayfly_executor::ReportError::NotFound(what)) => (404, json!({ "error": what })),
         Err(mayfly_executor::ReportError::Rollback(e)) => (409, json!({ "error": e.to_string() })),
+        Err(e @ mayfly_executor::ReportError::Unsupported { .. }) => {
+            (422, json!({ "error": e.to_string() }))
+        }
         Err(e) => (500, json!({ "error": e.to_string() })),
     }
 }

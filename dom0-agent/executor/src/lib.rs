@@ -269,6 +269,9 @@ pub struct ReportOutcome {
     pub rollback_seq: Option<u64>,
     /// Replays, if the decision asked for them.
     pub replayed: Vec<Replayed>,
+    /// Something went wrong after the work was done (the `report.completed` record of an
+    /// applied rollback could not be written): the work stands, this says what failed.
+    pub warning: Option<String>,
 }
 
 /// Why a report could not be acted on.
@@ -289,6 +292,15 @@ pub enum ReportError {
     /// Auditing the report failed.
     #[error("audit: {0}")]
     Audit(#[from] mayfly_ledger::CommitError),
+    /// The decision asks for something not supported for this kind of target (a rollback
+    /// of a handler or a client).
+    #[error("{action} is not supported for this target ({target}): name the transactions or keys to roll back")]
+    Unsupported {
+        /// The decision.
+        action: &'static str,
+        /// The target, described.
+        target: String,
+    },
 }
 
 /// Runs transactions in fresh domains from one backend against one ledger.
@@ -591,13 +603,11 @@ impl Executor {
             plan: None,
             rollback_seq: None,
             replayed: Vec::new(),
+            warning: None,
         };
         let mayfly_policy::Action::Rollback { cascade, replay } = d.action else {
             return Ok(outcome);
         };
-        if matches!(target, ReportTarget::Handler(_) | ReportTarget::Client(_)) {
-            return Ok(outcome);
-        }
         // The decision is recorded above; what came of it is recorded here, whatever it
         // was: a rollback refused (dependents, a target not in the ledger) is not done.
         let rule = d.rule.as_deref().unwrap_or("(none)");
@@ -609,17 +619,26 @@ impl Executor {
                 .field("dry_run", dry_run)
                 .field("outcome", outcome_name)
         };
-        let result = self.carry_out_report(
-            target,
-            &described,
-            reason,
-            rule,
-            dry_run,
-            cascade,
-            replay,
-            policy.bundle.hash(),
-            &mut outcome,
-        );
+        let result = if matches!(target, ReportTarget::Handler(_) | ReportTarget::Client(_)) {
+            // A handler or a client names no commits to undo: the decision is not carried
+            // out, and the trail and the answer say so.
+            Err(ReportError::Unsupported {
+                action: d.action.as_str(),
+                target: truncate(&described, 300),
+            })
+        } else {
+            self.carry_out_report(
+                target,
+                &described,
+                reason,
+                rule,
+                dry_run,
+                cascade,
+                replay,
+                policy.bundle.hash(),
+                &mut outcome,
+            )
+        };
         let ev = match &result {
             Ok(()) if dry_run => {
                 let planned = outcome.plan.as_ref().map_or(0, |p| p.affected.len());
@@ -648,7 +667,19 @@ impl Executor {
                 ev
             }
         };
-        self.ledger.audit(vec![ev])?;
+        if let Err(e) = self.ledger.audit(vec![ev]) {
+            // A rollback that was applied is done: its record is in the signed chain. The
+            // caller hears that, with what failed after it, not an error.
+            if result.is_ok() && outcome.rollback_seq.is_some() {
+                warn!(self.log, "writing report.completed failed after the rollback was applied";
+                      "error" => %e, "rollback_seq" => outcome.rollback_seq);
+                outcome.warning = Some(format!(
+                    "the rollback was applied, but its report.completed record could not be written: {e}"
+                ));
+                return Ok(outcome);
+            }
+            return Err(result.err().unwrap_or(ReportError::Audit(e)));
+        }
         result.map(|()| outcome)
     }
 
@@ -681,7 +712,12 @@ impl Executor {
                 }
                 last
             }
-            ReportTarget::Handler(_) | ReportTarget::Client(_) => return Ok(()),
+            ReportTarget::Handler(_) | ReportTarget::Client(_) => {
+                return Err(ReportError::Unsupported {
+                    action: "rollback",
+                    target: truncate(described, 300),
+                })
+            }
         };
         if dry_run {
             outcome.plan = Some(store.plan_rollback(&[root], cascade)?);
