@@ -487,3 +487,59 @@ action = "rollback+cascade"
     let (ok, out) = common::verify(&data);
     assert!(ok, "{out}");
 }
+
+/// A replay after a rollback is recorded for the original's client (`replay:<client>`),
+/// in its signed checkpoint too, not for an anonymous "replay of commit N".
+#[test]
+fn a_replay_is_recorded_for_the_original_client() {
+    const POLICY: &str = r#"[engine]
+unlisted_handler = "allow"
+
+[[external]]
+name = "ids.tx.replay"
+target = "tx"
+reasons = ["replay"]
+action = "rollback+cascade+replay"
+"#;
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let policy = common::policy_dir(dir.path(), "policy", &[("ids.toml", POLICY)]);
+    let mut agent = Agent::start(&data, &[&policy[0], &policy[1]]);
+    let token = common::detector_token(&data);
+    for name in ["alice", "bob", "carol"] {
+        ok_tx(
+            &agent,
+            "open_account",
+            json!({"name": name, "balance": 100}),
+        );
+    }
+    let attack = ok_tx(
+        &agent,
+        "transfer",
+        json!({"from": "alice", "to": "bob", "amount": 50}),
+    );
+    // Reads bob's balance the attack wrote: undone with it, then replayed.
+    ok_tx(
+        &agent,
+        "transfer",
+        json!({"from": "bob", "to": "carol", "amount": 10}),
+    );
+    let (code, body) = common::report(
+        agent.addr,
+        &token,
+        &json!({"tx_id": attack["tx_id"], "reason": "replay"}),
+    );
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(body["replayed"][0]["status"], "committed", "{body}");
+    let records = audit(&data);
+    let (_, replayed) = records
+        .iter()
+        .find(|(e, _)| e == "rollback.replayed")
+        .unwrap_or_else(|| panic!("{records:?}"));
+    let (code, shown) = agent.get(&format!("/v1/transactions/{}", replayed["tx_id"]));
+    assert_eq!(code, 200, "{shown}");
+    assert_eq!(shown["checkpoint"]["client"], "replay:127.0.0.1", "{shown}");
+    assert!(agent.stop().success());
+    let (ok, out) = common::verify(&data);
+    assert!(ok, "{out}");
+}

@@ -510,7 +510,7 @@ impl Executor {
                 &TxRequest {
                     handler: cp.handler.clone(),
                     payload: cp.request.clone(),
-                    client: format!("replay of commit {seq}"),
+                    client: replay_client(cp.client.as_deref(), seq),
                 },
                 Some(cp.entropy_seed),
             );
@@ -1272,6 +1272,17 @@ fn reclassify(
             warn!(log, "could not learn how the domain ended"; "error" => %e);
             (failure, None)
         }
+    }
+}
+
+/// The client a replay is recorded for (its checkpoint, its audit records, its rate
+/// limits): `replay:` + the original's client, cut to the checkpoint's 128 bytes by the
+/// ledger; `replay:commit-N` for an original that names no client (a version 1 record).
+/// Which commit it replays is in its `rollback.replayed` record (`original_seq`).
+fn replay_client(original: Option<&str>, seq: u64) -> String {
+    match original {
+        Some(client) if !client.is_empty() => format!("replay:{client}"),
+        _ => format!("replay:commit-{seq}"),
     }
 }
 
