@@ -69,6 +69,15 @@
 //! With `backend = "xen"` the agent loads Xen 4.17's libraries at start-up; on a host
 //! without them (or not a Xen dom0) it stops with a message saying what is missing.
 
+/// A line on stderr while serving: a failed write (EPIPE once nobody reads the log) is
+/// dropped, where `eprintln!` would panic.
+macro_rules! note {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), $($arg)*);
+    }};
+}
+
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -814,16 +823,16 @@ pub fn run(args: &ServeArgs, log: &Logger) -> anyhow::Result<u8> {
             .map_err(|e| e.to_string())
             .and_then(|files| executor.load_policy(&files).map_err(|e| e.to_string()));
         match loaded {
-            Ok(hash) => eprintln!("dom0-agent: SIGHUP: policy bundle {} loaded", hex(&hash)),
+            Ok(hash) => note!("dom0-agent: SIGHUP: policy bundle {} loaded", hex(&hash)),
             Err(e) => {
-                eprintln!("dom0-agent: SIGHUP: policy bundle refused, the active one stays: {e}")
+                note!("dom0-agent: SIGHUP: policy bundle refused, the active one stays: {e}")
             }
         }
         if server.tls() {
             reload_tls(&server, &ledger);
         }
     };
-    eprintln!("dom0-agent: {signal:?} received, stopping");
+    note!("dom0-agent: {signal:?} received, stopping");
     if let Some(c) = console {
         c.shutdown(Duration::from_secs(10));
     }
@@ -842,7 +851,7 @@ pub fn run(args: &ServeArgs, log: &Logger) -> anyhow::Result<u8> {
     ])?;
     for c in siem.stop() {
         if c.behind > 0 {
-            eprintln!(
+            note!(
                 "dom0-agent: siem collector {} is {} audit records behind; they go out at the next start",
                 c.name, c.behind
             );
@@ -856,11 +865,11 @@ pub fn run(args: &ServeArgs, log: &Logger) -> anyhow::Result<u8> {
 fn reload_tls(server: &Server, ledger: &Ledger) {
     let event = match server.reload_tls() {
         Ok(()) => {
-            eprintln!("dom0-agent: SIGHUP: TLS certificate and key reloaded");
+            note!("dom0-agent: SIGHUP: TLS certificate and key reloaded");
             AuditEvent::new("api.tls_reloaded", Severity::Notice)
         }
         Err(e) => {
-            eprintln!("dom0-agent: SIGHUP: TLS files refused, the ones in force stay: {e}");
+            note!("dom0-agent: SIGHUP: TLS files refused, the ones in force stay: {e}");
             AuditEvent::new("api.tls_reload_failed", Severity::Warning)
                 .field("reason", e.to_string())
         }

@@ -858,3 +858,45 @@ fn out_of_range_settings_are_refused_naming_the_key() {
         );
     }
 }
+
+/// The agent's log on stderr failing (EPIPE: whoever read it went away) loses log lines,
+/// never the agent: it goes on serving and stops cleanly, in either log format.
+#[test]
+fn a_closed_stderr_does_not_stop_the_agent() {
+    use std::io::BufRead;
+    for format in ["json", "term"] {
+        let dir = tempfile::tempdir().unwrap();
+        let mut child = std::process::Command::new(common::agent_exe())
+            .args(["--log-format", format, "--log-level", "debug", "serve"])
+            .args(["--listen", "127.0.0.1:0", "--pool-size", "2", "--data-dir"])
+            .arg(dir.path())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        // Nobody reads the log any more: the agent's next write gets EPIPE.
+        drop(child.stderr.take());
+        let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
+        let addr: std::net::SocketAddr = loop {
+            let line = lines.next().expect("agent exited before serving").unwrap();
+            if let Some(rest) = line.strip_prefix("mayfly: serving on http://") {
+                break rest.split_whitespace().next().unwrap().parse().unwrap();
+            }
+        };
+        std::thread::spawn(move || for _ in lines {});
+        for i in 0..5 {
+            let (code, body) = common::request(
+                addr,
+                "POST",
+                "/v1/transactions",
+                &json!({"handler": "open_account", "payload": {"name": format!("n{i}"), "balance": 1}})
+                    .to_string(),
+            );
+            assert_eq!(code, 200, "{format}: {body}");
+        }
+        let pid = nix::unistd::Pid::from_raw(i32::try_from(child.id()).unwrap());
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+        let status = child.wait().unwrap();
+        assert!(status.success(), "{format}: {status:?}");
+    }
+}

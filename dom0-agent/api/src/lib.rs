@@ -248,8 +248,44 @@ impl Memory {
     }
 }
 
+/// A rate limit on a log line a client can trigger: at most [`LogLimit::PER_SECOND`] lines
+/// a second; the lines dropped are counted into the next one that is written.
+struct LogLimit {
+    state: Mutex<(Instant, u32, u64)>,
+}
+
+impl LogLimit {
+    const PER_SECOND: u32 = 5;
+
+    fn new() -> Self {
+        Self {
+            state: Mutex::new((Instant::now(), 0, 0)),
+        }
+    }
+
+    /// `Some(lines dropped since the last one written)` if this line may be written now.
+    fn allow(&self, now: Instant) -> Option<u64> {
+        let Ok(mut state) = self.state.lock() else {
+            return None;
+        };
+        let (window, written, dropped) = &mut *state;
+        if now.saturating_duration_since(*window) >= Duration::from_secs(1) {
+            *window = now;
+            *written = 0;
+        }
+        if *written >= Self::PER_SECOND {
+            *dropped = dropped.saturating_add(1);
+            return None;
+        }
+        *written += 1;
+        Some(std::mem::take(dropped))
+    }
+}
+
 struct Shared {
     executor: Arc<Executor>,
+    /// Rate limit of the per-request "refusing a transaction" warning.
+    refusal_log: LogLimit,
     config: ApiConfig,
     in_flight: AtomicUsize,
     /// Transactions admitted per client; an entry is removed when it reaches 0, so the map
@@ -354,6 +390,7 @@ impl Server {
         let tls = config.tls.clone().map(tls::Current::new).transpose()?;
         let shared = Arc::new(Shared {
             executor,
+            refusal_log: LogLimit::new(),
             memory: Mutex::new(Memory {
                 by_key: HashMap::new(),
                 key_order: VecDeque::new(),
@@ -835,7 +872,11 @@ fn submit(shared: &Shared, raw: &[u8], client: String) -> (u16, Value, bool) {
                     (413, json!({ "error": e.to_string() }), false)
                 }
                 ExecError::Unavailable(_) => {
-                    warn!(shared.log, "refusing a transaction"; "reason" => %e);
+                    // A client can cause this line at will: at most a few a second.
+                    if let Some(suppressed) = shared.refusal_log.allow(Instant::now()) {
+                        warn!(shared.log, "refusing a transaction";
+                              "reason" => %e, "suppressed_before" => suppressed);
+                    }
                     (503, json!({ "error": e.to_string() }), true)
                 }
                 ExecError::Ledger(_) | ExecError::DomainNumber(_) => {
@@ -1033,4 +1074,28 @@ fn health(shared: &Shared) -> Value {
         }
     }
     health
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_client_triggered_log_line_is_rate_limited_and_the_dropped_ones_counted() {
+        let limit = LogLimit::new();
+        let t0 = Instant::now();
+        let first: Vec<_> = (0..20).map(|_| limit.allow(t0)).collect();
+        assert_eq!(
+            first.iter().filter(|a| a.is_some()).count(),
+            LogLimit::PER_SECOND as usize
+        );
+        assert!(first.iter().flatten().all(|&d| d == 0));
+        // The next second: written again, saying how many were dropped.
+        let later = t0 + Duration::from_secs(1);
+        assert_eq!(
+            limit.allow(later),
+            Some(20 - u64::from(LogLimit::PER_SECOND))
+        );
+        assert_eq!(limit.allow(later), Some(0));
+    }
 }
