@@ -835,11 +835,13 @@ impl Executor {
         let mut attempt = 0;
         loop {
             attempt += 1;
+            // The ledger's number for this domain: the backend's own id (a clone number,
+            // a domid) repeats across restarts; this one never does. Reserved before the
+            // domain is taken, so a failure to reserve leaves no domain untracked (a
+            // number reserved for a take that then fails is a gap, never a repeat).
+            let domain_id = self.ledger.next_domain_number()?;
             let domain = self.backend.take(self.config.take_timeout)?;
             let tx_id = TxId::generate();
-            // The ledger's number for this domain: the backend's own id (a clone number,
-            // a domid) repeats across restarts; this one never does.
-            let domain_id = self.ledger.next_domain_number()?;
             let mut ltx = self.ledger.begin(TxContext {
                 tx_id,
                 handler: req.handler.clone(),
