@@ -175,9 +175,8 @@ fn a_declared_gigabyte_gets_413_at_once_without_being_read() {
     let mut s = connect(agent.addr);
     s.write_all(b"POST /v1/transactions HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000000\r\n\r\n")
         .unwrap();
-    let began = Instant::now();
+    // Answered without a byte of the body sent (the body is never read).
     assert_eq!(status_of(&mut s), Some(413));
-    assert!(began.elapsed() < Duration::from_secs(5));
     // The agent closes instead of draining a gigabyte: writing on soon fails.
     assert!(closed_within(&mut s, Duration::from_secs(5)));
     let chunk = vec![b'x'; 64 * 1024];
@@ -217,8 +216,26 @@ fn trickled_bodies_do_not_hold_the_api() {
             }
         }));
     }
-    // Give every trickler time to connect and start.
-    std::thread::sleep(Duration::from_millis(500));
+    // Every trickler connected (polled on /metrics, bounded): the agent serves anyway.
+    let open_now = || {
+        let (code, metrics) = common::raw_request(agent.addr, "GET", "/metrics", b"");
+        assert_eq!(code, 200);
+        String::from_utf8(metrics)
+            .unwrap()
+            .lines()
+            .find_map(|l| l.strip_prefix("mayfly_api_open_connections "))
+            .unwrap()
+            .parse::<u64>()
+            .unwrap()
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while open_now() < 21 {
+        assert!(
+            Instant::now() < deadline,
+            "the tricklers never all connected"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
     let (code, _) = agent.get("/v1/health");
     assert_eq!(code, 200);
     let a = commit_one(&agent);
@@ -227,16 +244,8 @@ fn trickled_bodies_do_not_hold_the_api() {
         json!({"from": format!("acct-{}-0", std::process::id()), "to": "nobody", "amount": 1}),
     );
     assert!(code == 200 || code == 422, "{code} {body}");
-    let (code, metrics) = common::raw_request(agent.addr, "GET", "/metrics", b"");
-    assert_eq!(code, 200);
-    let metrics = String::from_utf8(metrics).unwrap();
-    let open: u64 = metrics
-        .lines()
-        .find_map(|l| l.strip_prefix("mayfly_api_open_connections "))
-        .unwrap()
-        .parse()
-        .unwrap();
-    assert!(open >= 20, "{open} connections open while 20 trickle");
+    let open = open_now();
+    assert!(open >= 21, "{open} connections open while 20 trickle");
     stop.store(true, Ordering::Relaxed);
     for t in tricklers {
         t.join().unwrap();
