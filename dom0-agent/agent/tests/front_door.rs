@@ -756,3 +756,68 @@ fn the_appliance_configuration_passes_the_listen_check() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("non-loopback"), "{err}");
 }
+
+/// Ledger reads (a transaction's lookup, health, metrics) run on a few blocking threads,
+/// never on the network thread: under a burst on one network thread every read is either
+/// answered or refused at once with 503 + Retry-After (never queued without bound), each
+/// refusal is counted in `mayfly_api_reads_refused_total`, and the agent keeps serving.
+#[test]
+fn a_burst_of_reads_is_answered_or_refused_at_once_and_counted() {
+    let (dir, agent, committed) = start(&["--workers", "1"]);
+    let addr = agent.addr;
+    let id = committed[0].clone();
+    let threads: Vec<_> = (0..16)
+        .map(|t| {
+            let id = id.clone();
+            std::thread::spawn(move || {
+                let mut refused = 0u64;
+                for i in 0..25 {
+                    let path = match (t + i) % 3 {
+                        0 => format!("/v1/transactions/{id}"),
+                        1 => "/v1/health".to_owned(),
+                        _ => "/metrics".to_owned(),
+                    };
+                    let mut s = connect(addr);
+                    write!(
+                        s,
+                        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+                    )
+                    .unwrap();
+                    let (code, head, _) =
+                        read_response(&mut s, &mut Vec::new()).expect("an answer");
+                    match code {
+                        200 => {}
+                        503 => {
+                            assert!(
+                                head.to_ascii_lowercase().contains("retry-after: 1"),
+                                "{head}"
+                            );
+                            refused += 1;
+                        }
+                        other => panic!("{path}: {other} {head}"),
+                    }
+                }
+                refused
+            })
+        })
+        .collect();
+    let refused: u64 = threads.into_iter().map(|t| t.join().unwrap()).sum();
+    // Every refusal is counted (the counter is read by a request that is not refused).
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let counted = loop {
+        let (code, metrics) = common::raw_request(addr, "GET", "/metrics", b"");
+        if code == 200 {
+            break String::from_utf8(metrics)
+                .unwrap()
+                .lines()
+                .find_map(|l| l.strip_prefix("mayfly_api_reads_refused_total "))
+                .expect("the reads_refused counter")
+                .parse::<u64>()
+                .unwrap();
+        }
+        assert!(Instant::now() < deadline, "metrics never answered");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(counted, refused);
+    finish(&dir, agent, &committed);
+}
