@@ -94,8 +94,12 @@ fn logger(level: &str, format: &str) -> Result<Logger, String> {
     Ok(match format {
         "term" => {
             let decorator = slog_term::PlainSyncDecorator::new(std::io::stderr());
+            // A failed write to stderr (EPIPE once the reader is gone, a full disk behind
+            // a redirect) loses that line, never the agent: `Fuse` would panic on it, and
+            // a panic is an abort in release builds.
             let drain = slog_term::FullFormat::new(decorator)
                 .build()
+                .ignore_res()
                 .filter_level(level)
                 .fuse();
             Logger::root(drain, o!())
@@ -104,9 +108,10 @@ fn logger(level: &str, format: &str) -> Result<Logger, String> {
             let drain = slog_json::Json::new(std::io::stderr())
                 .add_default_keys()
                 .build();
-            // One line per record from any thread: the mutex serializes the writer.
+            // One line per record from any thread: the mutex serializes the writer. Write
+            // errors are dropped with their line, as above.
             let drain = std::sync::Mutex::new(drain)
-                .map(slog::Fuse)
+                .ignore_res()
                 .filter_level(level)
                 .fuse();
             Logger::root(drain, o!())

@@ -3,7 +3,11 @@
 //!
 //! Settings come from an optional TOML file (`--config`) and from flags; a flag given on the
 //! command line wins. SIGHUP reloads the policy bundle and the TLS certificates; SIGINT or
-//! SIGTERM stop the agent. Every key of the file is also a flag:
+//! SIGTERM stop the agent. Every key of the file is also a flag. Values above a key's upper
+//! bound ([`UPPER_BOUNDS`]: `max_connections` 1,000,000, `max_header_bytes` 1 MiB,
+//! `max_headers` 1024, `max_body_bytes` 64 MiB, `max_per_client` and `pool_size` 4096, the
+//! `*_timeout_ms` 1 h, `refusal_interval_ms` 1 day, `cpu_seconds` 86,400; `workers` 64,
+//! `max_in_flight` 4096) are refused at start with an error naming the key:
 //!
 //! ```toml
 //! backend = "sandbox"        # "sandbox" (process isolation) or "xen" (a PV domU each)
@@ -73,6 +77,15 @@
 //! With `backend = "xen"` the agent loads Xen 4.17's libraries at start-up; on a host
 //! without them (or not a Xen dom0) it stops with a message saying what is missing.
 
+/// A line on stderr while serving: a failed write (EPIPE once nobody reads the log) is
+/// dropped, where `eprintln!` would panic.
+macro_rules! note {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), $($arg)*);
+    }};
+}
+
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -121,7 +134,7 @@ pub struct ServeArgs {
     /// named `spki:<SHA-256 of their certificate's public key>` (`[tls] client_ca`).
     #[arg(long)]
     tls_client_ca: Option<PathBuf>,
-    /// Ready domains kept ahead of demand [default: 8].
+    /// Ready domains kept ahead of demand [default: 8; at most 4096].
     #[arg(long)]
     pool_size: Option<usize>,
     /// Network threads of the client API [default: 2]; transactions run on a separate pool
@@ -132,36 +145,40 @@ pub struct ServeArgs {
     #[arg(long)]
     max_in_flight: Option<usize>,
     /// Transactions of one client (certificate key with mutual TLS, else IP address) running
-    /// at once; more are refused with 503 [default: 8].
+    /// at once; more are refused with 503 [default: 8; at most 4096].
     #[arg(long)]
     max_per_client: Option<usize>,
-    /// Open client connections; a connection beyond is answered 503 and closed [default: 2048].
+    /// Open client connections; a connection beyond is answered 503 and closed [default: 2048; at most
+    /// 1000000].
     #[arg(long)]
     max_connections: Option<usize>,
-    /// Largest request head (request line and headers) in bytes; more get 431 [default: 16384].
+    /// Largest request head (request line and headers) in bytes; more get 431 [default: 16384; at
+    /// most 1048576].
     #[arg(long)]
     max_header_bytes: Option<usize>,
-    /// Most header fields in a request; more get 431 [default: 64].
+    /// Most header fields in a request; more get 431 [default: 64; at most 1024].
     #[arg(long)]
     max_headers: Option<usize>,
     /// Time for a request head (and a TLS handshake) to arrive, in ms; then the connection is
-    /// closed [default: 10000].
+    /// closed [default: 10000; at most 3600000].
     #[arg(long)]
     header_timeout_ms: Option<u64>,
-    /// Time for a request body to arrive once its head is in, in ms; then 408 [default: 10000].
+    /// Time for a request body to arrive once its head is in, in ms; then 408 [default: 10000;
+    /// at most 3600000].
     #[arg(long)]
     body_timeout_ms: Option<u64>,
-    /// Idle time after which a kept-alive connection is closed, in ms [default: 5000].
+    /// Idle time after which a kept-alive connection is closed, in ms [default: 5000; at most
+    /// 3600000].
     #[arg(long)]
     idle_timeout_ms: Option<u64>,
-    /// Largest request body in bytes; more get 413 [default: 262144].
+    /// Largest request body in bytes; more get 413 [default: 262144; at most 67108864].
     #[arg(long)]
     max_body_bytes: Option<usize>,
-    /// Per-transaction time limit in ms [default: 5000].
+    /// Per-transaction time limit in ms [default: 5000; at most 3600000].
     #[arg(long)]
     tx_timeout_ms: Option<u64>,
     /// How long a transaction waits for a ready domain before it is refused with 503, in ms
-    /// [default: 2000].
+    /// [default: 2000; at most 3600000].
     #[arg(long)]
     take_timeout_ms: Option<u64>,
     /// Most bytes one transaction may write (keys and values of its puts, keys of its
@@ -187,12 +204,12 @@ pub struct ServeArgs {
     /// --xen-memory-mib).
     #[arg(long)]
     memory_mib: Option<u64>,
-    /// CPU-time limit of each sandbox domain in seconds [default: 10].
+    /// CPU-time limit of each sandbox domain in seconds [default: 10; at most 86400].
     #[arg(long)]
     cpu_seconds: Option<u64>,
     /// Repeated identical refusals (same client, same rule or reason) are audited once
     /// when the first comes, then as one counted `refusal.repeated` record per interval of
-    /// this many ms [default: 10000].
+    /// this many ms [default: 10000; at most 86400000].
     #[arg(long)]
     refusal_interval_ms: Option<u64>,
     /// Sandbox: run clones WITHOUT a control group (no CPU weight or quota, no memory or
@@ -416,6 +433,57 @@ fn console_settings(
     }))
 }
 
+/// Upper bounds of the settings (documented in docs/api.md §Limits and the module docs):
+/// beyond them a value would overflow a deadline (`Instant` + a huge duration aborts), a
+/// semaphore (tokio's `MAX_PERMITS`) or a buffer size, or allocate per request without
+/// reason.
+const UPPER_BOUNDS: &[(&str, u64)] = &[
+    ("max_connections", 1_000_000),
+    ("max_header_bytes", 1 << 20),
+    ("max_headers", 1024),
+    ("max_body_bytes", 64 << 20),
+    ("max_per_client", 4096),
+    ("header_timeout_ms", 3_600_000),
+    ("body_timeout_ms", 3_600_000),
+    ("idle_timeout_ms", 3_600_000),
+    ("tx_timeout_ms", 3_600_000),
+    ("take_timeout_ms", 3_600_000),
+    ("refusal_interval_ms", 86_400_000),
+    ("cpu_seconds", 86_400),
+    ("pool_size", 4096),
+];
+
+/// Refuses a setting above its upper bound, naming the key.
+fn check_upper_bounds(s: &Settings) -> anyhow::Result<()> {
+    let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+    let n = |v: usize| u64::try_from(v).unwrap_or(u64::MAX);
+    for &(key, max) in UPPER_BOUNDS {
+        let value = match key {
+            "max_connections" => n(s.limits.max_connections),
+            "max_header_bytes" => n(s.limits.max_header_bytes),
+            "max_headers" => n(s.limits.max_headers),
+            "max_body_bytes" => n(s.limits.max_body),
+            "max_per_client" => n(s.max_per_client),
+            "header_timeout_ms" => ms(s.limits.header_timeout),
+            "body_timeout_ms" => ms(s.limits.body_timeout),
+            "idle_timeout_ms" => ms(s.limits.idle_timeout),
+            "tx_timeout_ms" => ms(s.tx_timeout),
+            "take_timeout_ms" => ms(s.take_timeout),
+            "refusal_interval_ms" => ms(s.refusal_interval),
+            "cpu_seconds" => s.cpu_seconds,
+            "pool_size" => n(s.pool_size),
+            _ => continue,
+        };
+        if value > max {
+            bail!(
+                "{key} = {value} is above its limit of {max} (flag --{}, configuration key {key})",
+                key.replace('_', "-")
+            );
+        }
+    }
+    Ok(())
+}
+
 fn load(args: &ServeArgs) -> anyhow::Result<Settings> {
     let file: FileConfig = match &args.config {
         Some(path) => {
@@ -561,6 +629,7 @@ fn load(args: &ServeArgs) -> anyhow::Result<Settings> {
     if s.tx_timeout.is_zero() || s.take_timeout.is_zero() {
         bail!("tx_timeout_ms and take_timeout_ms must be at least 1");
     }
+    check_upper_bounds(&s)?;
     if s.refusal_interval.is_zero() {
         bail!("refusal_interval_ms must be at least 1");
     }
@@ -947,16 +1016,16 @@ pub fn run(args: &ServeArgs, log: &Logger) -> anyhow::Result<u8> {
             .map_err(|e| e.to_string())
             .and_then(|files| executor.load_policy(&files).map_err(|e| e.to_string()));
         match loaded {
-            Ok(hash) => eprintln!("dom0-agent: SIGHUP: policy bundle {} loaded", hex(&hash)),
+            Ok(hash) => note!("dom0-agent: SIGHUP: policy bundle {} loaded", hex(&hash)),
             Err(e) => {
-                eprintln!("dom0-agent: SIGHUP: policy bundle refused, the active one stays: {e}")
+                note!("dom0-agent: SIGHUP: policy bundle refused, the active one stays: {e}")
             }
         }
         if server.tls() {
             reload_tls(&server, &ledger);
         }
     };
-    eprintln!("dom0-agent: {signal:?} received, stopping");
+    note!("dom0-agent: {signal:?} received, stopping");
     if let Some(c) = console {
         c.shutdown(Duration::from_secs(10));
     }
@@ -976,7 +1045,7 @@ pub fn run(args: &ServeArgs, log: &Logger) -> anyhow::Result<u8> {
     )?;
     for c in siem.stop() {
         if c.behind > 0 {
-            eprintln!(
+            note!(
                 "dom0-agent: siem collector {} is {} audit records behind; they go out at the next start",
                 c.name, c.behind
             );
@@ -990,11 +1059,11 @@ pub fn run(args: &ServeArgs, log: &Logger) -> anyhow::Result<u8> {
 fn reload_tls(server: &Server, ledger: &Ledger) {
     let event = match server.reload_tls() {
         Ok(()) => {
-            eprintln!("dom0-agent: SIGHUP: TLS certificate and key reloaded");
+            note!("dom0-agent: SIGHUP: TLS certificate and key reloaded");
             AuditEvent::new("api.tls_reloaded", Severity::Notice)
         }
         Err(e) => {
-            eprintln!("dom0-agent: SIGHUP: TLS files refused, the ones in force stay: {e}");
+            note!("dom0-agent: SIGHUP: TLS files refused, the ones in force stay: {e}");
             AuditEvent::new("api.tls_reload_failed", Severity::Warning)
                 .field("reason", e.to_string())
         }

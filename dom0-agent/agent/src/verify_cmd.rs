@@ -59,6 +59,7 @@ fn to_json(f: &Failure) -> JsonFailure {
             }));
             ("state", None, problem.clone())
         }
+        Failure::UndoneIndex { seq, problem } => ("undone_index", Some(*seq), problem.clone()),
     };
     JsonFailure {
         chain,

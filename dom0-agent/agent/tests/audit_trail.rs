@@ -361,3 +361,185 @@ fn the_undone_index_is_built_at_start_for_a_ledger_without_it() {
         "the first start created the ledger: {opened:?}"
     );
 }
+
+/// The `undone` index is unsigned: an entry added to it with LMDB directly (saying a
+/// committed transaction was already rolled back) is named by `verify`, and the agent, which
+/// rebuilds the index from the signed rollback records at start, still rolls the
+/// transaction back instead of answering "nothing to undo".
+#[test]
+fn a_forged_undone_entry_is_caught_by_verify_and_ignored_at_start() {
+    use mayfly_ledger::store::names;
+    use mayfly_ledger::tamper;
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let policy = common::policy_dir(dir.path(), "policy", &[("ids.toml", REPORT_POLICY)]);
+    let mut agent = Agent::start(&data, &[&policy[0], &policy[1]]);
+    let token = common::detector_token(&data);
+    let attack = ok_tx(
+        &agent,
+        "open_account",
+        json!({"name": "mallory", "balance": 9}),
+    );
+    let attack_id = attack["tx_id"].as_str().unwrap().to_owned();
+    let seq = attack["seq"].as_u64().unwrap();
+    assert!(agent.stop().success());
+    let (ok, out) = common::verify(&data);
+    assert!(ok, "{out}");
+
+    // The forgery: "commit `seq` was undone by record `seq`".
+    tamper::set(
+        &data,
+        names::UNDONE,
+        &seq.to_be_bytes(),
+        Some(&seq.to_be_bytes()),
+    );
+    let (ok, out) = common::verify(&data);
+    assert!(!ok, "verify accepted a forged undone entry: {out}");
+    assert!(
+        out.contains(&format!("undone index, commit {seq}:"))
+            && out.contains("no rollback record undid it"),
+        "{out}"
+    );
+
+    let mut agent = Agent::start(&data, &[&policy[0], &policy[1]]);
+    let (_, shown) = agent.get(&format!("/v1/transactions/{attack_id}"));
+    assert_eq!(shown["status"], "committed", "{shown}");
+    let (code, body) = common::report(
+        agent.addr,
+        &token,
+        &json!({"tx_id": attack_id, "reason": "single"}),
+    );
+    assert_eq!(code, 200, "the real rollback was refused: {body}");
+    let rollback_seq = body["rollback"]["seq"].as_u64().unwrap();
+    let (_, shown) = agent.get(&format!("/v1/transactions/{attack_id}"));
+    assert_eq!(shown["status"], "rolled_back", "{shown}");
+    assert_eq!(shown["rolled_back_by"]["seq"], rollback_seq, "{shown}");
+    assert!(agent.stop().success());
+    let repaired: Vec<_> = audit(&data)
+        .into_iter()
+        .filter(|(e, _)| e == "ledger.undone_index_repaired")
+        .collect();
+    assert_eq!(repaired.len(), 1, "{repaired:?}");
+    assert_eq!(repaired[0].1["first_seq"], seq.to_string(), "{repaired:?}");
+    let (ok, out) = common::verify(&data);
+    assert!(ok, "{out}");
+}
+
+/// A rule that decides a rollback for a handler or a client target (which name no commits
+/// to undo) is not silently dropped: the detector hears 422 "not supported", and the trail
+/// has `report.completed` `outcome=failed` saying so.
+#[test]
+fn a_rollback_of_a_handler_or_client_target_is_answered_and_audited_as_not_supported() {
+    const POLICY: &str = r#"[engine]
+unlisted_handler = "allow"
+
+[[external]]
+name = "ids.handler"
+target = "handler"
+reasons = ["bad handler"]
+action = "rollback"
+
+[[external]]
+name = "ids.client"
+target = "client"
+reasons = ["bad client"]
+action = "rollback+cascade"
+"#;
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let policy = common::policy_dir(dir.path(), "policy", &[("ids.toml", POLICY)]);
+    let mut agent = Agent::start(&data, &[&policy[0], &policy[1]]);
+    let token = common::detector_token(&data);
+    ok_tx(&agent, "open_account", json!({"name": "x", "balance": 1}));
+    for (report, rule) in [
+        (
+            json!({"handler": "open_account", "reason": "bad handler"}),
+            "ids.handler",
+        ),
+        (
+            json!({"client": "127.0.0.1", "reason": "bad client"}),
+            "ids.client",
+        ),
+    ] {
+        let (code, body) = common::report(agent.addr, &token, &report);
+        assert_eq!(code, 422, "{body}");
+        assert!(
+            body["error"]
+                .as_str()
+                .unwrap()
+                .contains("not supported for this target"),
+            "{body}"
+        );
+        let records = audit(&data);
+        let completed: Vec<_> = records
+            .iter()
+            .filter(|(e, f)| e == "report.completed" && f["rule"] == rule)
+            .collect();
+        assert_eq!(completed.len(), 1, "{records:?}");
+        assert_eq!(completed[0].1["outcome"], "failed", "{completed:?}");
+        assert!(
+            completed[0].1["error"].contains("not supported for this target"),
+            "{completed:?}"
+        );
+    }
+    assert!(agent.stop().success());
+    assert!(!audit(&data).iter().any(|(e, _)| e == "rollback.applied"));
+    let (ok, out) = common::verify(&data);
+    assert!(ok, "{out}");
+}
+
+/// A replay after a rollback is recorded for the original's client (`replay:<client>`),
+/// in its signed checkpoint too, not for an anonymous "replay of commit N".
+#[test]
+fn a_replay_is_recorded_for_the_original_client() {
+    const POLICY: &str = r#"[engine]
+unlisted_handler = "allow"
+
+[[external]]
+name = "ids.tx.replay"
+target = "tx"
+reasons = ["replay"]
+action = "rollback+cascade+replay"
+"#;
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let policy = common::policy_dir(dir.path(), "policy", &[("ids.toml", POLICY)]);
+    let mut agent = Agent::start(&data, &[&policy[0], &policy[1]]);
+    let token = common::detector_token(&data);
+    for name in ["alice", "bob", "carol"] {
+        ok_tx(
+            &agent,
+            "open_account",
+            json!({"name": name, "balance": 100}),
+        );
+    }
+    let attack = ok_tx(
+        &agent,
+        "transfer",
+        json!({"from": "alice", "to": "bob", "amount": 50}),
+    );
+    // Reads bob's balance the attack wrote: undone with it, then replayed.
+    ok_tx(
+        &agent,
+        "transfer",
+        json!({"from": "bob", "to": "carol", "amount": 10}),
+    );
+    let (code, body) = common::report(
+        agent.addr,
+        &token,
+        &json!({"tx_id": attack["tx_id"], "reason": "replay"}),
+    );
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(body["replayed"][0]["status"], "committed", "{body}");
+    let records = audit(&data);
+    let (_, replayed) = records
+        .iter()
+        .find(|(e, _)| e == "rollback.replayed")
+        .unwrap_or_else(|| panic!("{records:?}"));
+    let (code, shown) = agent.get(&format!("/v1/transactions/{}", replayed["tx_id"]));
+    assert_eq!(code, 200, "{shown}");
+    assert_eq!(shown["checkpoint"]["client"], "replay:127.0.0.1", "{shown}");
+    assert!(agent.stop().success());
+    let (ok, out) = common::verify(&data);
+    assert!(ok, "{out}");
+}

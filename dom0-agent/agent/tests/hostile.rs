@@ -598,3 +598,52 @@ fn a_spinning_guest_is_demoted_and_ends_at_the_deadline() {
     });
     assert_still_serves(&agent, "after-spin");
 }
+
+/// A guest that breaks the ring and then dies of its own choosing (abort) does not turn its
+/// violation into an ordinary crash: the shipped rules decide on `protocol_violation`, the
+/// answer and the audit name the violation, and the death is recorded beside it.
+#[test]
+fn a_violation_stays_one_when_the_guest_then_crashes() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let policy = shipped_engine_policy(dir.path());
+    let mut agent = Agent::start(&data, &[&policy[0], &policy[1]]);
+    for _ in 0..3 {
+        let (code, body) = agent.tx("test.garbage_then_crash", json!(null));
+        assert_eq!(code, 500, "{body}");
+        assert!(
+            body["error"]
+                .as_str()
+                .unwrap()
+                .starts_with("protocol violation"),
+            "{body}"
+        );
+        let rec = records_of(&data, body["tx_id"].as_str().unwrap());
+        assert_eq!(
+            domain_decision(&rec),
+            (
+                "domain.hostile".into(),
+                "quarantine".into(),
+                "protocol_violation".into()
+            )
+        );
+        let n = names(&rec);
+        assert!(!n.contains(&"domain.crashed"), "{n:?}");
+        let (_, violation) = rec
+            .iter()
+            .find(|(e, _)| e == "domain.protocol_violation")
+            .unwrap_or_else(|| panic!("{rec:?}"));
+        assert!(
+            violation["then"].contains("crashed (signal 6)"),
+            "{violation:?}"
+        );
+        // The dead clone cannot be kept: the trail says so, and how it ended.
+        assert!(n.contains(&"domain.quarantine_failed"), "{n:?}");
+        let (_, destroyed) = rec.iter().find(|(e, _)| e == "domain.destroyed").unwrap();
+        assert_eq!(destroyed["exit"], "crashed (signal 6)");
+        assert_still_serves(&agent, "after");
+    }
+    assert!(agent.stop().success());
+    let (ok, out) = verify(&data);
+    assert!(ok, "{out}");
+}

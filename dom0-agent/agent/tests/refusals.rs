@@ -157,18 +157,18 @@ fn a_steady_flood_is_counted_once_per_interval_while_the_agent_runs() {
         }
         std::thread::sleep(Duration::from_millis(50));
     };
-    let elapsed = started.elapsed();
     let rep = repeated(&records);
     assert_eq!(
         counted(&rep) + 1,
         sent as u64,
         "every refusal counted: {rep:?}"
     );
+    // Written while the flood went on (more than one window), and aggregated: far fewer
+    // records than refusals (at least 200 refusals per window).
     assert!(rep.len() >= 2, "{rep:?}");
-    let bound = elapsed.as_millis() / interval.as_millis() + 2;
     assert!(
-        rep.len() as u128 <= bound,
-        "{} records in {elapsed:?} at one per {interval:?}",
+        rep.len() * 100 <= sent,
+        "{} records for {sent} refusals",
         rep.len()
     );
     assert_eq!(with_rule(&records, "rate.flood").len(), 1);

@@ -816,3 +816,99 @@ fn a_missing_template_executable_is_refused_with_where_it_was_looked_for() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// Settings above their upper bound (which would overflow a semaphore or a deadline, or
+/// allocate per request) stop `serve` at once with an error naming the key, instead of a
+/// panic or an abort later.
+#[test]
+fn out_of_range_settings_are_refused_naming_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    for (flag, value, key) in [
+        ("--max-connections", "99999999999", "max_connections"),
+        (
+            "--header-timeout-ms",
+            "18446744073709551615",
+            "header_timeout_ms",
+        ),
+        ("--tx-timeout-ms", "18446744073709551615", "tx_timeout_ms"),
+        (
+            "--max-header-bytes",
+            "18446744073709551615",
+            "max_header_bytes",
+        ),
+        ("--max-headers", "100000000", "max_headers"),
+    ] {
+        let mut child = std::process::Command::new(common::agent_exe())
+            .args(["serve", "--data-dir"])
+            .arg(dir.path().join("data"))
+            .args(["--listen", "127.0.0.1:0", flag, value])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        // It must stop by itself; one that serves is stopped here and fails the test.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while child.try_wait().unwrap().is_none() {
+            if std::time::Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("{flag} {value}: serve started instead of refusing the value");
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        let out = child.wait_with_output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(3), "{flag}: {stderr}");
+        assert!(
+            stderr.contains(&format!("{key} = {value} is above its limit")),
+            "{flag}: {stderr}"
+        );
+        assert!(!stderr.contains("panicked"), "{flag}: {stderr}");
+        assert!(
+            !dir.path().join("data").exists(),
+            "{flag}: the ledger was opened"
+        );
+    }
+}
+
+/// The agent's log on stderr failing (EPIPE: whoever read it went away) loses log lines,
+/// never the agent: it goes on serving and stops cleanly, in either log format.
+#[test]
+fn a_closed_stderr_does_not_stop_the_agent() {
+    use std::io::BufRead;
+    for format in ["json", "term"] {
+        let dir = tempfile::tempdir().unwrap();
+        let mut child = std::process::Command::new(common::agent_exe())
+            .args(["--log-format", format, "--log-level", "debug", "serve"])
+            .args(["--listen", "127.0.0.1:0", "--pool-size", "2", "--data-dir"])
+            .arg(dir.path())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        // Nobody reads the log any more: the agent's next write gets EPIPE.
+        drop(child.stderr.take());
+        let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
+        let addr: std::net::SocketAddr = loop {
+            let line = lines.next().expect("agent exited before serving").unwrap();
+            if let Some(rest) = line.strip_prefix("mayfly: serving on http://") {
+                break rest.split_whitespace().next().unwrap().parse().unwrap();
+            }
+        };
+        std::thread::spawn(move || for _ in lines {});
+        for i in 0..5 {
+            let (code, body) = common::request(
+                addr,
+                "POST",
+                "/v1/transactions",
+                &json!({"handler": "open_account", "payload": {"name": format!("n{i}"), "balance": 1}})
+                    .to_string(),
+            );
+            assert_eq!(code, 200, "{format}: {body}");
+        }
+        let pid = nix::unistd::Pid::from_raw(i32::try_from(child.id()).unwrap());
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+        let status = child.wait().unwrap();
+        assert!(status.success(), "{format}: {status:?}");
+    }
+}

@@ -190,9 +190,16 @@ struct SubmitBody {
 /// Longest idempotency key.
 pub const MAX_IDEMPOTENCY_KEY: usize = 128;
 
-/// Blocking threads beyond `max_in_flight`, for reports and the audit records of refused
-/// requests (both also bounded by [`Shared::aux`]).
-const AUX_BLOCKING: usize = 4;
+/// Blocking threads for valid detector reports ([`Shared::reports`]).
+const REPORT_BLOCKING: usize = 2;
+/// Blocking threads for the audit records of refused requests (rejected reports, admission
+/// 503s: [`Shared::refusal_writers`]); when all are busy a refusal is counted in memory only.
+const REFUSAL_BLOCKING: usize = 2;
+/// Blocking threads for ledger reads (`GET /v1/transactions/{id}`, `/v1/health`,
+/// `/metrics`: [`Shared::reads`]); when all are busy the read is answered 503 at once.
+const READ_BLOCKING: usize = 4;
+/// Blocking threads beyond `max_in_flight`.
+const AUX_BLOCKING: usize = REPORT_BLOCKING + REFUSAL_BLOCKING + READ_BLOCKING;
 
 enum Remembered {
     InProgress {
@@ -205,10 +212,14 @@ enum Remembered {
     },
 }
 
+/// An idempotency key as remembered: the client's identity and the key it sent, so one
+/// client can neither read nor squat another's keys.
+type KeyOf = (String, String);
+
 /// Bounded FIFO memory of recent transactions.
 struct Memory {
-    by_key: HashMap<String, Remembered>,
-    key_order: VecDeque<String>,
+    by_key: HashMap<KeyOf, Remembered>,
+    key_order: VecDeque<KeyOf>,
     outcomes: HashMap<TxId, Value>,
     outcome_order: VecDeque<TxId>,
     cap: usize,
@@ -225,7 +236,7 @@ impl Memory {
             }
         }
     }
-    fn remember_key(&mut self, key: String, value: Remembered) {
+    fn remember_key(&mut self, key: KeyOf, value: Remembered) {
         if self.by_key.insert(key.clone(), value).is_none() {
             self.key_order.push_back(key);
             while self.key_order.len() > self.cap {
@@ -237,15 +248,56 @@ impl Memory {
     }
 }
 
+/// A rate limit on a log line a client can trigger: at most [`LogLimit::PER_SECOND`] lines
+/// a second; the lines dropped are counted into the next one that is written.
+struct LogLimit {
+    state: Mutex<(Instant, u32, u64)>,
+}
+
+impl LogLimit {
+    const PER_SECOND: u32 = 5;
+
+    fn new() -> Self {
+        Self {
+            state: Mutex::new((Instant::now(), 0, 0)),
+        }
+    }
+
+    /// `Some(lines dropped since the last one written)` if this line may be written now.
+    fn allow(&self, now: Instant) -> Option<u64> {
+        let Ok(mut state) = self.state.lock() else {
+            return None;
+        };
+        let (window, written, dropped) = &mut *state;
+        if now.saturating_duration_since(*window) >= Duration::from_secs(1) {
+            *window = now;
+            *written = 0;
+        }
+        if *written >= Self::PER_SECOND {
+            *dropped = dropped.saturating_add(1);
+            return None;
+        }
+        *written += 1;
+        Some(std::mem::take(dropped))
+    }
+}
+
 struct Shared {
     executor: Arc<Executor>,
+    /// Rate limit of the per-request "refusing a transaction" warning.
+    refusal_log: LogLimit,
     config: ApiConfig,
     in_flight: AtomicUsize,
     /// Transactions admitted per client; an entry is removed when it reaches 0, so the map
     /// holds at most `max_in_flight` entries.
     per_client: Mutex<HashMap<Arc<str>, usize>>,
-    /// Permits for blocking work that is not a transaction (reports, audit records).
-    aux: Arc<tokio::sync::Semaphore>,
+    /// Permits for valid detector reports on the blocking pool (awaited: authenticated).
+    reports: Arc<tokio::sync::Semaphore>,
+    /// Permits for the durable audit records of refusals (never awaited: a refused client
+    /// must not make others wait).
+    refusal_writers: Arc<tokio::sync::Semaphore>,
+    /// Permits for ledger reads on the blocking pool (never awaited: 503 when none is free).
+    reads: Arc<tokio::sync::Semaphore>,
     memory: Mutex<Memory>,
     metrics: metrics::Metrics,
     tls: Option<tls::Current>,
@@ -338,6 +390,7 @@ impl Server {
         let tls = config.tls.clone().map(tls::Current::new).transpose()?;
         let shared = Arc::new(Shared {
             executor,
+            refusal_log: LogLimit::new(),
             memory: Mutex::new(Memory {
                 by_key: HashMap::new(),
                 key_order: VecDeque::new(),
@@ -347,7 +400,9 @@ impl Server {
             }),
             in_flight: AtomicUsize::new(0),
             per_client: Mutex::new(HashMap::new()),
-            aux: Arc::new(tokio::sync::Semaphore::new(AUX_BLOCKING)),
+            reports: Arc::new(tokio::sync::Semaphore::new(REPORT_BLOCKING)),
+            refusal_writers: Arc::new(tokio::sync::Semaphore::new(REFUSAL_BLOCKING)),
+            reads: Arc::new(tokio::sync::Semaphore::new(READ_BLOCKING)),
             metrics: metrics::Metrics::default(),
             tls,
             config,
@@ -426,23 +481,8 @@ async fn handle(
     client: Arc<str>,
     shared: Arc<Shared>,
 ) -> Response<Body> {
-    // Two Content-Length fields (even equal ones), or Content-Length beside
-    // Transfer-Encoding, are how requests are smuggled past a proxy: refused.
-    let lengths = request
-        .headers()
-        .get_all(hyper::header::CONTENT_LENGTH)
-        .iter()
-        .count();
-    if lengths > 1 {
-        return error_close(400, "more than one Content-Length header");
-    }
-    if lengths == 1
-        && request
-            .headers()
-            .contains_key(hyper::header::TRANSFER_ENCODING)
-    {
-        return error_close(400, "both Content-Length and Transfer-Encoding");
-    }
+    // Framing (duplicate Content-Length, Content-Length beside Transfer-Encoding) is
+    // hyper's: see docs/api.md, "Limits".
     let method = request.method().clone();
     let path = request.uri().path().to_owned();
     match (&method, path.as_str()) {
@@ -457,6 +497,10 @@ async fn handle(
             let admission = match shared.admit(&client) {
                 Ok(a) => a,
                 Err(refusal) => {
+                    let limit = match refusal {
+                        Refusal::InFlight(_) => "max_in_flight",
+                        Refusal::PerClient(_) => "max_per_client",
+                    };
                     let msg = match refusal {
                         Refusal::InFlight(n) => {
                             shared
@@ -480,6 +524,15 @@ async fn handle(
                         }
                     };
                     shared.metrics.outcome(503, true);
+                    let ev = mayfly_ledger::AuditEvent::new(
+                        "tx.refused",
+                        mayfly_ledger::Severity::Warning,
+                    )
+                    .field("client", client.to_string())
+                    .field("limit", limit)
+                    .field("reason", msg.clone());
+                    // Not awaited: the 503 goes out at once.
+                    let _ = audit_refusal(&shared, &client, "tx.refused", limit, ev);
                     return respond(503, &json!({ "error": msg }), &[("retry-after", "1")]);
                 }
             };
@@ -514,9 +567,11 @@ async fn handle(
                 .map(str::to_owned);
             if !authorized(&shared, auth.as_deref()) {
                 // The unread body is not drained (the connection closes). The audit record
-                // is written before the answer, so a flood of bad reports is held back by
-                // the connection limit rather than queued without bound; repeats from one
-                // client are counted, not recorded one by one.
+                // is written before the answer when a refusal writer is free (repeats from
+                // one client are counted, not recorded one by one); when none is, the
+                // refusal is counted in memory only and the answer goes out at once, so a
+                // flood of bad reports neither queues without bound nor holds the
+                // permits valid reports use.
                 let reason = "missing or wrong bearer token";
                 let ev = mayfly_ledger::AuditEvent::new(
                     "report.rejected",
@@ -524,18 +579,10 @@ async fn handle(
                 )
                 .field("reason", reason)
                 .field("client", client.to_string());
-                if let Ok(permit) = shared.aux.clone().acquire_owned().await {
-                    let task_shared = shared.clone();
-                    let _ = tokio::task::spawn_blocking(move || {
-                        let _permit = permit;
-                        task_shared.executor.audit_refusal(
-                            &client,
-                            "report.rejected",
-                            reason,
-                            ev,
-                        );
-                    })
-                    .await;
+                if let Some(written) =
+                    audit_refusal(&shared, &client, "report.rejected", reason, ev)
+                {
+                    let _ = written.await;
                 }
                 return error_close(401, "reports need `Authorization: Bearer <detector token>`");
             }
@@ -543,7 +590,7 @@ async fn handle(
                 Ok(b) => b,
                 Err(response) => return response,
             };
-            let Ok(permit) = shared.aux.clone().acquire_owned().await else {
+            let Ok(permit) = shared.reports.clone().acquire_owned().await else {
                 return error(503, "shutting down");
             };
             let task_shared = shared.clone();
@@ -557,21 +604,29 @@ async fn handle(
                 Err(e) => error(500, &format!("report task failed: {e}")),
             }
         }
-        (&Method::GET, "/v1/health") => respond(200, &health(&shared), &[]),
+        (&Method::GET, "/v1/health") => {
+            blocking_read(&shared, |shared| respond(200, &health(shared), &[])).await
+        }
         (&Method::GET, "/metrics") => {
-            let mut text = String::with_capacity(8192);
-            render_metrics(&shared, &mut text);
-            let mut response = Response::new(Full::new(Bytes::from(text)));
-            response.headers_mut().insert(
-                hyper::header::CONTENT_TYPE,
-                hyper::header::HeaderValue::from_static("text/plain; version=0.0.4"),
-            );
-            response
+            blocking_read(&shared, |shared| {
+                let mut text = String::with_capacity(8192);
+                render_metrics(shared, &mut text);
+                let mut response = Response::new(Full::new(Bytes::from(text)));
+                response.headers_mut().insert(
+                    hyper::header::CONTENT_TYPE,
+                    hyper::header::HeaderValue::from_static("text/plain; version=0.0.4"),
+                );
+                response
+            })
+            .await
         }
         (&Method::GET, p) if p.starts_with("/v1/transactions/") => {
-            let id = &p["/v1/transactions/".len()..];
-            let (code, body) = lookup(&shared, id);
-            respond(code, &body, &[])
+            let id = p["/v1/transactions/".len()..].to_owned();
+            blocking_read(&shared, move |shared| {
+                let (code, body) = lookup(shared, &id);
+                respond(code, &body, &[])
+            })
+            .await
         }
         (_, "/v1/transactions" | "/v1/health" | "/v1/reports" | "/metrics") => {
             error_close(405, "method not allowed")
@@ -581,6 +636,64 @@ async fn handle(
             "no such endpoint; see /v1/transactions, /v1/health and /metrics",
         ),
     }
+}
+
+/// Runs a ledger read (LMDB reads, decoding a checkpoint of up to 8 MiB) on the blocking
+/// pool, never on a network thread: at most [`READ_BLOCKING`] at once, and a read beyond
+/// them is answered 503 + `Retry-After` at once rather than queued.
+async fn blocking_read<F>(shared: &Arc<Shared>, read: F) -> Response<Body>
+where
+    F: FnOnce(&Shared) -> Response<Body> + Send + 'static,
+{
+    let Ok(permit) = shared.reads.clone().try_acquire_owned() else {
+        shared.metrics.reads_refused.fetch_add(1, Ordering::Relaxed);
+        return respond(
+            503,
+            &json!({ "error": format!("busy: {READ_BLOCKING} reads in progress") }),
+            &[("retry-after", "1")],
+        );
+    };
+    let task_shared = shared.clone();
+    match tokio::task::spawn_blocking(move || {
+        let _permit = permit;
+        read(&task_shared)
+    })
+    .await
+    {
+        Ok(response) => response,
+        Err(e) => error(500, &format!("read task failed: {e}")),
+    }
+}
+
+/// Sends a refusal through the executor's aggregation table on the blocking pool when a
+/// refusal writer is free (the handle says when it is done); otherwise counts it in the
+/// table only (no durable record now; it is in the window's `refusal.repeated`) and
+/// counts the dropped record in the metrics.
+fn audit_refusal(
+    shared: &Arc<Shared>,
+    client: &Arc<str>,
+    event: &'static str,
+    reason: &'static str,
+    record: mayfly_ledger::AuditEvent,
+) -> Option<tokio::task::JoinHandle<()>> {
+    let Ok(permit) = shared.refusal_writers.clone().try_acquire_owned() else {
+        shared
+            .metrics
+            .refusal_records_dropped
+            .fetch_add(1, Ordering::Relaxed);
+        shared
+            .executor
+            .count_refusal(client, event, reason, record.severity);
+        return None;
+    };
+    let task_shared = shared.clone();
+    let client = client.clone();
+    Some(tokio::task::spawn_blocking(move || {
+        let _permit = permit;
+        task_shared
+            .executor
+            .audit_refusal(&client, event, reason, record);
+    }))
 }
 
 fn render_metrics(shared: &Shared, out: &mut String) {
@@ -688,7 +801,12 @@ fn submit(shared: &Shared, raw: &[u8], client: String) -> (u16, Value, bool) {
         return (413, json!({ "error": msg }), false);
     }
     let digest = [body.handler.as_bytes(), &[0], &payload].concat();
-    if let Some(key) = &body.idempotency_key {
+    // Keys are per client (its SPKI hash with mTLS, else its IP address).
+    let key_of = body
+        .idempotency_key
+        .as_ref()
+        .map(|key| (client.clone(), key.clone()));
+    if let Some(key) = &key_of {
         let Ok(mut mem) = shared.memory.lock() else {
             return (500, json!({ "error": "internal state poisoned" }), false);
         };
@@ -715,7 +833,7 @@ fn submit(shared: &Shared, raw: &[u8], client: String) -> (u16, Value, bool) {
         }
     }
     let forget_key = |shared: &Shared| {
-        if let (Some(key), Ok(mut mem)) = (&body.idempotency_key, shared.memory.lock()) {
+        if let (Some(key), Ok(mut mem)) = (&key_of, shared.memory.lock()) {
             mem.by_key.remove(key);
         }
     };
@@ -733,7 +851,7 @@ fn submit(shared: &Shared, raw: &[u8], client: String) -> (u16, Value, bool) {
                 if outcome.status != TxStatus::Committed {
                     mem.remember_outcome(outcome.tx_id, json_body.clone());
                 }
-                if let Some(key) = body.idempotency_key {
+                if let Some(key) = key_of.clone() {
                     mem.remember_key(
                         key,
                         Remembered::Done {
@@ -754,7 +872,11 @@ fn submit(shared: &Shared, raw: &[u8], client: String) -> (u16, Value, bool) {
                     (413, json!({ "error": e.to_string() }), false)
                 }
                 ExecError::Unavailable(_) => {
-                    warn!(shared.log, "refusing a transaction"; "reason" => %e);
+                    // A client can cause this line at will: at most a few a second.
+                    if let Some(suppressed) = shared.refusal_log.allow(Instant::now()) {
+                        warn!(shared.log, "refusing a transaction";
+                              "reason" => %e, "suppressed_before" => suppressed);
+                    }
                     (503, json!({ "error": e.to_string() }), true)
                 }
                 ExecError::Ledger(_) | ExecError::DomainNumber(_) => {
@@ -848,13 +970,17 @@ fn report(shared: &Shared, raw: &[u8]) -> (u16, Value) {
                     })
                 })
                 .collect();
-            (
-                200,
-                json!({ "action": o.action, "rule": o.rule, "rollback": rollback, "replayed": replayed }),
-            )
+            let mut answer = json!({ "action": o.action, "rule": o.rule, "rollback": rollback, "replayed": replayed });
+            if let (Some(warning), Some(map)) = (&o.warning, answer.as_object_mut()) {
+                map.insert("warning".into(), json!(warning));
+            }
+            (200, answer)
         }
         Err(mayfly_executor::ReportError::NotFound(what)) => (404, json!({ "error": what })),
         Err(mayfly_executor::ReportError::Rollback(e)) => (409, json!({ "error": e.to_string() })),
+        Err(e @ mayfly_executor::ReportError::Unsupported { .. }) => {
+            (422, json!({ "error": e.to_string() }))
+        }
         Err(e) => (500, json!({ "error": e.to_string() })),
     }
 }
@@ -948,4 +1074,28 @@ fn health(shared: &Shared) -> Value {
         }
     }
     health
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_client_triggered_log_line_is_rate_limited_and_the_dropped_ones_counted() {
+        let limit = LogLimit::new();
+        let t0 = Instant::now();
+        let first: Vec<_> = (0..20).map(|_| limit.allow(t0)).collect();
+        assert_eq!(
+            first.iter().filter(|a| a.is_some()).count(),
+            LogLimit::PER_SECOND as usize
+        );
+        assert!(first.iter().flatten().all(|&d| d == 0));
+        // The next second: written again, saying how many were dropped.
+        let later = t0 + Duration::from_secs(1);
+        assert_eq!(
+            limit.allow(later),
+            Some(20 - u64::from(LogLimit::PER_SECOND))
+        );
+        assert_eq!(limit.allow(later), Some(0));
+    }
 }

@@ -57,6 +57,8 @@ pub(crate) struct Metrics {
     pub refused_per_client: AtomicU64,
     pub body_timeouts: AtomicU64,
     pub body_too_large: AtomicU64,
+    pub reads_refused: AtomicU64,
+    pub refusal_records_dropped: AtomicU64,
 }
 
 impl Metrics {
@@ -207,6 +209,18 @@ impl Metrics {
             "mayfly_api_body_too_large_total",
             "Request bodies above the cap (413)",
             get(&self.body_too_large),
+        );
+        counter(
+            out,
+            "mayfly_api_reads_refused_total",
+            "Ledger reads (lookup, health, metrics) answered 503 because every read thread was busy",
+            get(&self.reads_refused),
+        );
+        counter(
+            out,
+            "mayfly_api_refusal_records_dropped_total",
+            "Refusals counted in memory only (no record of their own) because every refusal writer was busy",
+            get(&self.refusal_records_dropped),
         );
         family(
             out,

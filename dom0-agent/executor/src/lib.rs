@@ -313,6 +313,9 @@ pub struct ReportOutcome {
     pub rollback_seq: Option<u64>,
     /// Replays, if the decision asked for them.
     pub replayed: Vec<Replayed>,
+    /// Something went wrong after the work was done (the `report.completed` record of an
+    /// applied rollback could not be written): the work stands, this says what failed.
+    pub warning: Option<String>,
 }
 
 /// Why a report could not be acted on.
@@ -333,6 +336,15 @@ pub enum ReportError {
     /// Auditing the report failed.
     #[error("audit: {0}")]
     Audit(#[from] mayfly_ledger::CommitError),
+    /// The decision asks for something not supported for this kind of target (a rollback
+    /// of a handler or a client).
+    #[error("{action} is not supported for this target ({target}): name the transactions or keys to roll back")]
+    Unsupported {
+        /// The decision.
+        action: &'static str,
+        /// The target, described.
+        target: String,
+    },
 }
 
 /// Runs transactions in fresh domains from one backend against one ledger.
@@ -542,7 +554,7 @@ impl Executor {
                 &TxRequest {
                     handler: cp.handler.clone(),
                     payload: cp.request.clone(),
-                    client: format!("replay of commit {seq}"),
+                    client: replay_client(cp.client.as_deref(), seq),
                 },
                 Some(cp.entropy_seed),
             );
@@ -635,13 +647,11 @@ impl Executor {
             plan: None,
             rollback_seq: None,
             replayed: Vec::new(),
+            warning: None,
         };
         let mayfly_policy::Action::Rollback { cascade, replay } = d.action else {
             return Ok(outcome);
         };
-        if matches!(target, ReportTarget::Handler(_) | ReportTarget::Client(_)) {
-            return Ok(outcome);
-        }
         // The decision is recorded above; what came of it is recorded here, whatever it
         // was: a rollback refused (dependents, a target not in the ledger) is not done.
         let rule = d.rule.as_deref().unwrap_or("(none)");
@@ -653,17 +663,26 @@ impl Executor {
                 .field("dry_run", dry_run)
                 .field("outcome", outcome_name)
         };
-        let result = self.carry_out_report(
-            target,
-            &described,
-            reason,
-            rule,
-            dry_run,
-            cascade,
-            replay,
-            policy.bundle.hash(),
-            &mut outcome,
-        );
+        let result = if matches!(target, ReportTarget::Handler(_) | ReportTarget::Client(_)) {
+            // A handler or a client names no commits to undo: the decision is not carried
+            // out, and the trail and the answer say so.
+            Err(ReportError::Unsupported {
+                action: d.action.as_str(),
+                target: truncate(&described, 300),
+            })
+        } else {
+            self.carry_out_report(
+                target,
+                &described,
+                reason,
+                rule,
+                dry_run,
+                cascade,
+                replay,
+                policy.bundle.hash(),
+                &mut outcome,
+            )
+        };
         let ev = match &result {
             Ok(()) if dry_run => {
                 let planned = outcome.plan.as_ref().map_or(0, |p| p.affected.len());
@@ -692,7 +711,19 @@ impl Executor {
                 ev
             }
         };
-        self.ledger.audit(vec![ev])?;
+        if let Err(e) = self.ledger.audit(vec![ev]) {
+            // A rollback that was applied is done: its record is in the signed chain. The
+            // caller hears that, with what failed after it, not an error.
+            if result.is_ok() && outcome.rollback_seq.is_some() {
+                warn!(self.log, "writing report.completed failed after the rollback was applied";
+                      "error" => %e, "rollback_seq" => outcome.rollback_seq);
+                outcome.warning = Some(format!(
+                    "the rollback was applied, but its report.completed record could not be written: {e}"
+                ));
+                return Ok(outcome);
+            }
+            return Err(result.err().unwrap_or(ReportError::Audit(e)));
+        }
         result.map(|()| outcome)
     }
 
@@ -725,7 +756,12 @@ impl Executor {
                 }
                 last
             }
-            ReportTarget::Handler(_) | ReportTarget::Client(_) => return Ok(()),
+            ReportTarget::Handler(_) | ReportTarget::Client(_) => {
+                return Err(ReportError::Unsupported {
+                    action: "rollback",
+                    target: truncate(described, 300),
+                })
+            }
         };
         if dry_run {
             outcome.plan = Some(store.plan_rollback(&[root], cascade)?);
@@ -759,6 +795,19 @@ impl Executor {
         record: AuditEvent,
     ) {
         self.refusals.refused(client, event, reason, record);
+    }
+
+    /// Counts a refusal of `client` for `reason` in the aggregation table without writing
+    /// anything now (for callers that cannot wait for a durable write, e.g. when every
+    /// audit writer is busy): it reaches the ledger in its window's `refusal.repeated`.
+    pub fn count_refusal(
+        &self,
+        client: &str,
+        event: &'static str,
+        reason: &str,
+        severity: Severity,
+    ) {
+        self.refusals.counted_only(client, event, reason, severity);
     }
 
     /// Writes the counts of every open aggregation window now (at shutdown, before the
@@ -830,11 +879,13 @@ impl Executor {
         let mut attempt = 0;
         loop {
             attempt += 1;
+            // The ledger's number for this domain: the backend's own id (a clone number,
+            // a domid) repeats across restarts; this one never does. Reserved before the
+            // domain is taken, so a failure to reserve leaves no domain untracked (a
+            // number reserved for a take that then fails is a gap, never a repeat).
+            let domain_id = self.ledger.next_domain_number()?;
             let domain = self.backend.take(self.config.take_timeout)?;
             let tx_id = TxId::generate();
-            // The ledger's number for this domain: the backend's own id (a clone number,
-            // a domid) repeats across restarts; this one never does.
-            let domain_id = self.ledger.next_domain_number()?;
             let mut ltx = self.ledger.begin(TxContext {
                 tx_id,
                 handler: req.handler.clone(),
@@ -936,11 +987,14 @@ impl Executor {
         // How the domain really ended decides what the failure was: a guest killed by the
         // seccomp filter or a resource limit makes the ring report its peer gone (or a
         // broken message, or silence until the deadline) before the exit is known.
-        let served = match served {
+        let (served, dead) = match served {
             Served::Failed(
                 f @ (Failure::DomainDied(_) | Failure::Timeout | Failure::ProtocolViolation(_)),
-            ) => Served::Failed(reclassify(f, domain.as_mut(), &log)),
-            other => other,
+            ) => {
+                let (f, dead) = reclassify(f, domain.as_mut(), &log);
+                (Served::Failed(f), dead)
+            }
+            other => (other, None),
         };
         // The transaction's buffered writes are freed by now (its ledger transaction ended
         // in `drive`); after a large write set, hand the memory back.
@@ -969,7 +1023,7 @@ impl Executor {
         }
         // A domain that is already dead (the kernel killed it) has nothing left to keep:
         // the audit trail says the quarantine the policy asked for was not possible.
-        if let (true, Served::Failed(Failure::DomainDied(exit))) = (quarantine, &served) {
+        if let (true, Some(exit)) = (quarantine, dead) {
             events.push(
                 AuditEvent::new("domain.quarantine_failed", Severity::Error)
                     .field("domain", domain_id)
@@ -1287,21 +1341,44 @@ impl Executor {
 
 /// The failure as it really was: asks the backend how the domain ended (a dead sandbox
 /// clone's exit is known within the report wait; a live domain is `None`) and turns a
-/// timeout, a protocol violation or a peer-gone into the death that caused it.
-fn reclassify(failure: Failure, domain: &mut dyn Domain, log: &Logger) -> Failure {
+/// timeout or a peer-gone into the death that caused it; with the death of the domain's own
+/// making, if there was one.
+///
+/// A protocol violation is never turned into a death: the guest chooses how it dies (write
+/// garbage, then abort), so a violation seen on the ring stays the failure the policy
+/// decides on, and the death is recorded beside it ([`record_end`]).
+fn reclassify(
+    failure: Failure,
+    domain: &mut dyn Domain,
+    log: &Logger,
+) -> (Failure, Option<DomainExit>) {
     match domain.try_exit() {
-        Ok(Some(exit)) if died(exit) => Failure::DomainDied(exit),
+        Ok(Some(exit)) if died(exit) => match failure {
+            f @ Failure::ProtocolViolation(_) => (f, Some(exit)),
+            _ => (Failure::DomainDied(exit), Some(exit)),
+        },
         // It ended in a way that is no death of its own (it exited, or was destroyed): a
         // peer-gone says how; a timeout or a violation stays what it was.
         Ok(Some(exit)) => match failure {
-            Failure::DomainDied(_) => Failure::DomainDied(exit),
-            other => other,
+            Failure::DomainDied(_) => (Failure::DomainDied(exit), None),
+            other => (other, None),
         },
-        Ok(None) => failure,
+        Ok(None) => (failure, None),
         Err(e) => {
             warn!(log, "could not learn how the domain ended"; "error" => %e);
-            failure
+            (failure, None)
         }
+    }
+}
+
+/// The client a replay is recorded for (its checkpoint, its audit records, its rate
+/// limits): `replay:` + the original's client, cut to the checkpoint's 128 bytes by the
+/// ledger; `replay:commit-N` for an original that names no client (a version 1 record).
+/// Which commit it replays is in its `rollback.replayed` record (`original_seq`).
+fn replay_client(original: Option<&str>, seq: u64) -> String {
+    match original {
+        Some(client) if !client.is_empty() => format!("replay:{client}"),
+        _ => format!("replay:commit-{seq}"),
     }
 }
 
@@ -1413,9 +1490,9 @@ fn record_end(
         {
             Served::Failed(Failure::DomainDied(exit))
         }
-        Served::Failed(Failure::Timeout | Failure::ProtocolViolation(_)) if died(exit) => {
-            Served::Failed(Failure::DomainDied(exit))
-        }
+        // A silence until the deadline explained by a death; a violation stays one (the
+        // death is recorded on its event below).
+        Served::Failed(Failure::Timeout) if died(exit) => Served::Failed(Failure::DomainDied(exit)),
         other => other,
     };
     let (severity, event, reason) = match &served {
@@ -1449,6 +1526,10 @@ fn record_end(
             .field("handler", &r.handler);
         if let Some(reason) = reason {
             ev = ev.field("reason", truncate(&reason, 1000));
+        }
+        // A violation whose domain then died of its own making: both are on the record.
+        if matches!(served, Served::Failed(Failure::ProtocolViolation(_))) && died(exit) {
+            ev = ev.field("then", format!("the domain {exit}"));
         }
         r.events.push(ev);
     }

@@ -184,6 +184,51 @@ impl Refusals {
         }
     }
 
+    /// A refusal counted in memory only, never written at once (the caller has no thread
+    /// to spare for a durable write): counted in its window if one is open, else a window
+    /// is opened with this one counted, and the closing thread writes it as
+    /// `refusal.repeated`. Takes only the table's lock.
+    pub(crate) fn counted_only(
+        &self,
+        client: &str,
+        event: &'static str,
+        reason: &str,
+        severity: Severity,
+    ) {
+        let key = Key {
+            client: cut(client, MAX_CLIENT),
+            reason: format!("{event}/{}", cut(reason, MAX_REASON)),
+        };
+        let now = Instant::now();
+        {
+            let mut table = self.shared.table();
+            if let Some(entry) = table.entries.get_mut(&key) {
+                entry.counted = entry.counted.saturating_add(1);
+                return;
+            }
+            if table.entries.len() >= self.shared.config.max_keys {
+                let overflow = table.overflow.get_or_insert(Entry {
+                    event: "(various)",
+                    severity: Severity::Warning,
+                    window_start: now,
+                    counted: 0,
+                });
+                overflow.counted = overflow.counted.saturating_add(1);
+                return;
+            }
+            table.entries.insert(
+                key,
+                Entry {
+                    event,
+                    severity,
+                    window_start: now,
+                    counted: 1,
+                },
+            );
+        }
+        self.shared.changed.notify_all();
+    }
+
     /// Writes every count still open and stops the thread (idempotent).
     pub(crate) fn stop(&self) {
         self.shared.table().stopping = true;
@@ -370,6 +415,43 @@ mod tests {
             [
                 ("a".to_owned(), "1".to_owned()),
                 ("(table full)".to_owned(), "4".to_owned())
+            ]
+        );
+    }
+
+    /// A refusal that could not be written at once (no writer free) is counted, never
+    /// lost: it comes out in its window's `refusal.repeated`, with or without a first
+    /// record of its kind.
+    #[test]
+    fn a_refusal_counted_only_reaches_the_ledger_in_its_window() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = Logger::root(slog::Discard, slog::o!());
+        let ledger = Ledger::open(dir.path(), &Options::default(), &log).unwrap();
+        let config = RefusalConfig {
+            interval: Duration::from_secs(3600),
+            max_keys: 16,
+        };
+        let refusals = Refusals::start(&ledger, config, &log);
+        refusals.refused("a", "report.rejected", "bad token", refusal("a"));
+        for client in ["a", "b", "b", "b"] {
+            refusals.counted_only(client, "report.rejected", "bad token", Severity::Warning);
+        }
+        // Nothing written now but the first record of `a`.
+        let now: Vec<_> = events(&ledger).into_iter().map(|(e, _)| e).collect();
+        assert_eq!(now, ["report.rejected"]);
+        refusals.stop();
+        let repeated: Vec<_> = events(&ledger)
+            .into_iter()
+            .filter(|(e, _)| e == "refusal.repeated")
+            .map(|(_, f)| (f["client"].clone(), f["count"].clone()))
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        assert_eq!(
+            repeated,
+            [
+                ("a".to_owned(), "1".to_owned()),
+                ("b".to_owned(), "3".to_owned())
             ]
         );
     }

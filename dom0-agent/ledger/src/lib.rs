@@ -282,12 +282,13 @@ impl Ledger {
                 (s, fresh)
             }
         };
-        // A ledger of an earlier release gets its rolled-back index once (a new one has it
-        // from its creation, and is marked complete after its first commit below).
+        // The rolled-back index is unsigned: it is rebuilt from the signed rollback records
+        // at every read-write open (a new ledger has it from its creation, and is marked
+        // complete after its first commit below).
         let undone_built = if fresh {
             None
         } else {
-            store.ensure_undone_index()?
+            Some(store.ensure_undone_index()?)
         };
         let (key, state) = if fresh {
             let key = match SigningKey::load(dir) {
@@ -353,7 +354,7 @@ impl Ledger {
         .field("state_entries", state_entries)
         .field("state_check_ms", check.ms)
         .field("state_hash", codec::hex(&state_hash));
-        let event = match undone_built {
+        let event = match &undone_built {
             Some(built) if built.unreadable > 0 => event
                 .field("undone_index_built_from", built.rollbacks)
                 .field("undone_index_unreadable", built.unreadable),
@@ -361,6 +362,18 @@ impl Ledger {
             None => event,
         };
         events.insert(0, event);
+        if let Some(built) = &undone_built {
+            if let Some(first) = &built.first_repaired {
+                warn!(log, "the stored undone index differed from the rollback records; rebuilt";
+                      "entries" => built.repaired, "first" => %first);
+                events.push(
+                    AuditEvent::new("ledger.undone_index_repaired", Severity::Warning)
+                        .field("entries", built.repaired)
+                        .field("first_seq", first.seq)
+                        .field("first", first.to_string()),
+                );
+            }
+        }
         let refused_before = state_marker::take(dir);
         if let Some(detail) = &refused_before {
             events.push(

@@ -3,6 +3,7 @@
 //! See the crate docs for the layout of each database. This module holds the one `unsafe`
 //! block of the crate: opening the memory-mapped environment.
 
+use std::collections::BTreeMap;
 use std::fs;
 use std::io;
 use std::os::unix::fs::DirBuilderExt;
@@ -344,12 +345,96 @@ impl std::fmt::Debug for Store {
 }
 
 /// What building the `undone` index read.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 pub(crate) struct UndoneBuilt {
     /// Rollback records indexed.
     pub rollbacks: u64,
     /// Rollback records that did not decode (left to `verify`).
     pub unreadable: u64,
+    /// Stored index entries that differed from the rebuilt index (0: it matched).
+    pub repaired: u64,
+    /// The first of them.
+    pub first_repaired: Option<UndoneMismatch>,
+}
+
+/// One entry where the stored `undone` index and the rollback records disagree.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UndoneMismatch {
+    /// The commit seq the entry is keyed on (`u64::MAX`: a key that is no u64).
+    pub seq: u64,
+    /// The rollback record the stored index names (`None`: no entry, or no u64).
+    pub stored: Option<u64>,
+    /// The rollback record that really undid it (`None`: none did).
+    pub expected: Option<u64>,
+}
+
+impl std::fmt::Display for UndoneMismatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match (self.stored, self.expected) {
+            (Some(s), None) => write!(
+                f,
+                "says commit {} was undone by rollback record {s}, but no rollback record undid it",
+                self.seq
+            ),
+            (None, Some(e)) => write!(
+                f,
+                "is missing commit {}, undone by rollback record {e}",
+                self.seq
+            ),
+            (Some(s), Some(e)) => write!(
+                f,
+                "says commit {} was undone by record {s}, but the first rollback record that undid it is {e}",
+                self.seq
+            ),
+            (None, None) => write!(f, "holds a malformed entry for commit {}", self.seq),
+        }
+    }
+}
+
+/// The stored `undone` index: (key as u64 or `u64::MAX`, value as u64 if it is one).
+pub(crate) fn read_undone(
+    db: Database<Bytes, Bytes>,
+    txn: &RoTxn<'_, WithoutTls>,
+) -> heed::Result<Vec<(u64, Option<u64>)>> {
+    let mut out = Vec::new();
+    for item in db.iter(txn)? {
+        let (k, v) = item?;
+        let key = if k.len() == 8 { read_u64(k) } else { None };
+        let value = if v.len() == 8 { read_u64(v) } else { None };
+        out.push((key.unwrap_or(u64::MAX), key.and(value)));
+    }
+    Ok(out)
+}
+
+/// The first entry (in seq order) where `stored` and `expected` disagree, and how many do.
+pub(crate) fn first_difference(
+    stored: &[(u64, Option<u64>)],
+    expected: &BTreeMap<u64, u64>,
+) -> Option<(UndoneMismatch, u64)> {
+    let mut diffs: BTreeMap<u64, UndoneMismatch> = BTreeMap::new();
+    let mut seen = std::collections::BTreeSet::new();
+    for (seq, value) in stored {
+        seen.insert(*seq);
+        let want = expected.get(seq).copied();
+        if *value != want || value.is_none() {
+            diffs.entry(*seq).or_insert(UndoneMismatch {
+                seq: *seq,
+                stored: *value,
+                expected: want,
+            });
+        }
+    }
+    for (seq, by) in expected {
+        if !seen.contains(seq) {
+            diffs.entry(*seq).or_insert(UndoneMismatch {
+                seq: *seq,
+                stored: None,
+                expected: Some(*by),
+            });
+        }
+    }
+    let count = u64::try_from(diffs.len()).unwrap_or(u64::MAX);
+    diffs.into_values().next().map(|first| (first, count))
 }
 
 /// What [`Store::open`] found.
@@ -525,51 +610,65 @@ impl Store {
         })
     }
 
-    /// Builds the `undone` index of a ledger whose index is missing or not marked complete
-    /// (written by an earlier release, or a first start that stopped before its mark): in
-    /// one write transaction, from the rollback records of the checkpoint chain, then marks
-    /// it complete. `None` if it was complete already.
-    pub(crate) fn ensure_undone_index(&mut self) -> Result<Option<UndoneBuilt>, OpenError> {
-        let storage = |e| self.storage_err(e);
-        if let Some(_db) = self.dbs.undone {
-            let rtxn = self.env.read_txn().map_err(storage)?;
-            let marked = self
-                .dbs
-                .meta
-                .get(&rtxn, meta_keys::UNDONE_INDEX)
-                .map_err(storage)?
-                .is_some();
-            rtxn.commit().map_err(storage)?;
-            if marked {
-                return Ok(None);
+    /// The `undone` index as the signed rollback records of the checkpoint chain say it
+    /// must be (commit seq -> the first rollback record that undid it), with how many
+    /// rollback records were read and how many did not decode (left to `verify`).
+    pub(crate) fn undone_expected_in(
+        &self,
+        txn: &RoTxn<'_, WithoutTls>,
+    ) -> heed::Result<(BTreeMap<u64, u64>, UndoneBuilt)> {
+        let mut built = UndoneBuilt::default();
+        let mut expected = BTreeMap::new();
+        for item in self.dbs.checkpoints.iter(txn)? {
+            let (_, v) = item?;
+            if v.get(5) != Some(&crate::rollback::KIND_ROLLBACK) {
+                continue;
+            }
+            match crate::rollback::RollbackRecord::decode(v) {
+                Ok(record) => {
+                    built.rollbacks = built.rollbacks.saturating_add(1);
+                    for undone in &record.affected {
+                        // Ascending seq order: the first record that undid it stays.
+                        expected.entry(*undone).or_insert(record.seq);
+                    }
+                }
+                Err(_) => built.unreadable = built.unreadable.saturating_add(1),
             }
         }
+        Ok((expected, built))
+    }
+
+    /// Rebuilds the `undone` index at a read-write open, in one write transaction, from the
+    /// signed rollback records of the checkpoint chain, and marks it complete. The stored
+    /// copy is unsigned and steers rollbacks, so it is never trusted across a restart: in
+    /// an index marked complete, entries that differed from the rebuilt index (added,
+    /// missing or changed: tampering, or a damaged file) are counted in `repaired`, the
+    /// first named.
+    pub(crate) fn ensure_undone_index(&mut self) -> Result<UndoneBuilt, OpenError> {
+        let storage = |e| self.storage_err(e);
         let mut wtxn = self.env.write_txn().map_err(storage)?;
         let db = self
             .env
             .create_database::<Bytes, Bytes>(&mut wtxn, Some(names::UNDONE))
             .map_err(storage)?;
-        db.clear(&mut wtxn).map_err(storage)?;
-        let mut built = UndoneBuilt::default();
-        let mut entries: Vec<(u64, u64)> = Vec::new();
-        for item in self.dbs.checkpoints.iter(&wtxn).map_err(storage)? {
-            let (_, v) = item.map_err(storage)?;
-            if v.get(5) != Some(&crate::rollback::KIND_ROLLBACK) {
-                continue;
+        // Unmarked: an older ledger, or a first start that stopped before its mark; its
+        // index is built, not repaired.
+        let marked = self
+            .dbs
+            .meta
+            .get(&wtxn, meta_keys::UNDONE_INDEX)
+            .map_err(storage)?
+            .is_some();
+        let (expected, mut built) = self.undone_expected_in(&wtxn).map_err(storage)?;
+        let stored = read_undone(db, &wtxn).map_err(storage)?;
+        if let Some((first, count)) = first_difference(&stored, &expected) {
+            if marked {
+                built.repaired = count;
+                built.first_repaired = Some(first);
             }
-            // A record that does not decode is `verify`'s to report; the index goes on
-            // without it (and says how many it could not read).
-            match crate::rollback::RollbackRecord::decode(v) {
-                Ok(record) => {
-                    built.rollbacks = built.rollbacks.saturating_add(1);
-                    entries.extend(record.affected.iter().map(|a| (*a, record.seq)));
-                }
-                Err(_) => built.unreadable = built.unreadable.saturating_add(1),
-            }
-        }
-        for (undone, by) in entries {
-            if db.get(&wtxn, &u64_key(undone)).map_err(storage)?.is_none() {
-                db.put(&mut wtxn, &u64_key(undone), &u64_key(by))
+            db.clear(&mut wtxn).map_err(storage)?;
+            for (undone, by) in &expected {
+                db.put(&mut wtxn, &u64_key(*undone), &u64_key(*by))
                     .map_err(storage)?;
             }
         }
@@ -579,7 +678,7 @@ impl Store {
             .map_err(storage)?;
         wtxn.commit().map_err(storage)?;
         self.dbs.undone = Some(db);
-        Ok(Some(built))
+        Ok(built)
     }
 
     /// Marks the `undone` index complete (a new ledger's, which has had it from its

@@ -75,6 +75,14 @@ pub enum Failure {
         /// Those keys, altered first, then added, then missing.
         diff: crate::state::StateDiff,
     },
+    /// The `undone` index (unsigned, derived) disagrees with the signed rollback records:
+    /// the first entry that does.
+    UndoneIndex {
+        /// The commit seq of the entry.
+        seq: u64,
+        /// What is wrong.
+        problem: String,
+    },
 }
 
 impl fmt::Display for Failure {
@@ -87,6 +95,9 @@ impl fmt::Display for Failure {
             Self::Head { group, problem } => write!(f, "signed head, group {group}: {problem}"),
             Self::Meta { problem } => write!(f, "ledger tips: {problem}"),
             Self::State { problem, .. } => write!(f, "live state: {problem}"),
+            Self::UndoneIndex { seq, problem } => {
+                write!(f, "undone index, commit {seq}: {problem}")
+            }
         }
     }
 }
@@ -534,6 +545,18 @@ pub fn verify(
                     diff.describe()
                 ),
                 diff,
+            });
+        }
+    }
+    // The `undone` index steers rollbacks but is not signed: rebuilt from the signed
+    // rollback records, it must match the stored copy entry for entry.
+    if let Some(db) = store.dbs.undone {
+        let (expected, _) = store.undone_expected_in(&rtxn)?;
+        let stored = crate::store::read_undone(db, &rtxn)?;
+        if let Some((first, count)) = crate::store::first_difference(&stored, &expected) {
+            report.failures.push(Failure::UndoneIndex {
+                seq: first.seq,
+                problem: format!("the index {first} ({count} entries differ)"),
             });
         }
     }

@@ -16,6 +16,7 @@
 //! | `test.overflow`     | publishes `req_prod + slot_count + 1` (more requests than slots); notifies |
 //! | `test.huge_length`  | publishes the next slot with a descriptor claiming `u32::MAX` bytes; notifies |
 //! | `test.bad_encoding` | publishes the next slot, correctly labelled, holding 256 RNG bytes; notifies |
+//! | `test.garbage_then_crash` | publishes the next slot holding 256 RNG bytes without notifying, then `std::process::abort()` (a violation, then a death of its choosing) |
 //! | `test.loop_forever` | busy-loops forever |
 //! | `test.crash`        | `std::process::abort()` |
 //! | `test.open_file`    | opens `/etc/passwd`; commits its first 64 bytes if that worked, else aborts with the error |
@@ -199,6 +200,7 @@ pub const TEST_HANDLERS: &[(&str, RawHandler)] = &[
     ("test.overflow", overflow),
     ("test.huge_length", huge_length),
     ("test.bad_encoding", bad_encoding),
+    ("test.garbage_then_crash", garbage_then_crash),
     ("test.loop_forever", loop_forever),
     ("test.crash", crash),
     ("test.open_file", open_file),
@@ -332,6 +334,28 @@ pub fn bad_encoding(ring: &mut RawRing<'_>, _payload: &[u8]) -> RawOutcome {
         ring.write_descriptor(index, index, 256)?;
         ring.publish(index.wrapping_add(1))
     }))
+}
+
+/// `test.garbage_then_crash`: publishes one correctly labelled request of 256 garbage
+/// bytes without notifying, then aborts: the agent finds the violation in the ring when it
+/// looks after the peer is gone, with the domain already dead.
+pub fn garbage_then_crash(ring: &mut RawRing<'_>, _payload: &[u8]) -> RawOutcome {
+    let mut garbage = [0u8; 256];
+    ring.rng.fill_bytes(&mut garbage);
+    if garbage.starts_with(&WIRE_MAGIC) {
+        garbage[0] ^= 0xff;
+    }
+    let published = ring.req_prod().and_then(|index| {
+        ring.write_window(index, &garbage)?;
+        ring.write_descriptor(index, index, 256)?;
+        ring.mem
+            .store_u32_release(offset::REQ_PROD, index.wrapping_add(1))?;
+        Ok(())
+    });
+    match published {
+        Ok(()) => std::process::abort(),
+        Err(e) => RawOutcome::Abort(format!("raw ring write failed: {e}")),
+    }
 }
 
 /// `test.loop_forever`: spins until killed.
