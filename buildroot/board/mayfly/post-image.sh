@@ -14,6 +14,10 @@ set -eu
 BINARIES_DIR=$1
 BOARD_DIR=$(cd "$(dirname "$0")" && pwd)
 : "${TARGET_DIR:?post-image.sh runs under Buildroot, which sets TARGET_DIR}"
+: "${HOST_DIR:?post-image.sh runs under Buildroot, which sets HOST_DIR}"
+# The build's own openssl, not the build host's: host-openssl is built because the defconfig
+# sets BR2_LINUX_KERNEL_NEEDS_HOST_OPENSSL (the kernel's module signing needs it too).
+OPENSSL=$HOST_DIR/bin/openssl
 
 install -D -m 0644 "$BOARD_DIR/grub.cfg" "$BINARIES_DIR/efi-part/EFI/BOOT/grub.cfg"
 cp "$TARGET_DIR/usr/share/mayfly/template/vmlinux" "$BINARIES_DIR/vmlinux.stripped"
@@ -33,8 +37,9 @@ sha256sum efi-part/EFI/BOOT/bootx64.efi efi-part/EFI/BOOT/grub.cfg xen vmlinux.s
 } >MEASUREMENTS
 
 if [ -n "${MAYFLY_SIGNING_KEY:-}" ]; then
-    openssl pkeyutl -sign -rawin -inkey "$MAYFLY_SIGNING_KEY" -in SHA256SUMS -out SHA256SUMS.sig
-    openssl pkey -in "$MAYFLY_SIGNING_KEY" -pubout -out signing-key.pub.pem
+    [ -x "$OPENSSL" ] || { echo "post-image.sh: $OPENSSL is missing (host-openssl)" >&2; exit 1; }
+    "$OPENSSL" pkeyutl -sign -rawin -inkey "$MAYFLY_SIGNING_KEY" -in SHA256SUMS -out SHA256SUMS.sig
+    "$OPENSSL" pkey -in "$MAYFLY_SIGNING_KEY" -pubout -out signing-key.pub.pem
     echo "post-image.sh: SHA256SUMS signed (SHA256SUMS.sig)"
 elif [ "${MAYFLY_REQUIRE_SIGNATURE:-0}" = 1 ]; then
     echo "post-image.sh: MAYFLY_REQUIRE_SIGNATURE=1 but MAYFLY_SIGNING_KEY is not set" >&2
