@@ -4,7 +4,9 @@
 #   1. utils/check-package over every file of the tree (but check/, a Rust crate): no warning;
 #   2. `make mayfly_x86_64_defconfig`: every setting of the defconfig survives into .config;
 #   3. `make savedefconfig` gives back exactly the defconfig's settings (comments and order
-#      aside), so the file is what Buildroot itself would write.
+#      aside), so the file is what Buildroot itself would write;
+#   4. asking for the agent on another architecture (aarch64) gives no Kconfig warning (the
+#      agent selects mayfly-xen-dist, which is x86_64 only).
 #
 # Usage: buildroot/scripts/check-with-buildroot.sh BUILDROOT_DIR [OUT]
 # Needs python3 with the `magic` module and flake8 (Debian: python3-magic, flake8), a C
@@ -68,6 +70,17 @@ if diff -u <(settings "$EXT/configs/mayfly_x86_64_defconfig") <(settings "$OUT/s
 else
     echo "FAIL: savedefconfig differs from configs/mayfly_x86_64_defconfig (above)"
     failures=$((failures + 1))
+fi
+
+echo "==> another architecture"
+printf 'BR2_aarch64=y\nBR2_PACKAGE_MAYFLY_DOM0_AGENT=y\nBR2_PACKAGE_MAYFLY_CLI=y\n' >"$OUT/aarch64_defconfig"
+make -C "$BR" O="$OUT/aarch64" BR2_EXTERNAL="$EXT" defconfig BR2_DEFCONFIG="$OUT/aarch64_defconfig" \
+    >"$OUT/aarch64.log" 2>&1 || { tail -n 20 "$OUT/aarch64.log"; failures=$((failures + 1)); }
+if grep -i 'warning' "$OUT/aarch64.log"; then
+    echo "FAIL: Kconfig warnings for aarch64 with the agent asked for"
+    failures=$((failures + 1))
+else
+    echo "ok: no Kconfig warning on aarch64"
 fi
 
 [ "$failures" -eq 0 ] || { echo "check-with-buildroot: $failures failure(s)"; exit 1; }
