@@ -16,8 +16,11 @@
 #   BusyBox                  Debian's busybox-static
 #   GRUB                     grub-mkimage of Debian's grub-efi-amd64-bin, with the
 #                            defconfig's built-in modules and prefix /EFI/BOOT
-#   skeleton, initscripts,   tests/appliance/standin/ (own minimal equivalents of /init of a
-#   ifupdown-scripts         cpio rootfs, rcS, rcK, S40network, the udhcpc script, passwd)
+#   skeleton, initscripts,   tests/appliance/standin/ (own minimal equivalents of rcS, rcK,
+#   ifupdown-scripts         S40network, the udhcpc script, passwd; the skeleton's links)
+#   kernel mounting the root standin/initramfs: Debian's kernel needs its NVMe and squashfs
+#                            modules to mount root=PARTUUID=…; this initramfs loads them,
+#                            mounts the root partition read-only and switches to it
 #   Rust binaries            this workspace, cargo --release (the Buildroot packages' options)
 #   support/scripts/genimage.sh  a few lines running genimage as Buildroot's script does
 #
@@ -89,6 +92,10 @@ T=$TARGET_DIR
 # Skeleton (Buildroot's skeleton-init-sysv, merged /usr off): directories and links.
 mkdir -p "$T"/{bin,sbin,usr/bin,usr/sbin,usr/lib,lib,dev,proc,sys,run,tmp,root,etc/init.d,var/lib,var/log,mnt}
 ln -s ../run "$T/var/run"
+ln -s ../run/lock "$T/var/lock"
+ln -s ../tmp "$T/var/log"
+ln -s ../run/resolv.conf "$T/etc/resolv.conf"
+ln -s ../proc/self/mounts "$T/etc/mtab"
 mkdir -p "$T/lib64"
 # BusyBox (busybox-static), its applets linked as Buildroot's busybox install does.
 install -m 0755 /bin/busybox "$T/bin/busybox"
@@ -154,9 +161,29 @@ install -D -m 0755 "$HERE/hook/S99mayfly-test-hook" "$T/etc/init.d/S99mayfly-tes
 # post-build.sh (BR2_ROOTFS_POST_BUILD_SCRIPT), as Buildroot runs it.
 "$BOARD/post-build.sh" "$T"
 
-echo "==> rootfs.cpio.gz (BR2_TARGET_ROOTFS_CPIO_GZIP)"
-(cd "$T" && find . -mindepth 1 | LC_ALL=C sort | cpio --quiet -o -H newc -R 0:0) |
-    gzip -6 -n >"$BINARIES_DIR/rootfs.cpio.gz"
+echo "==> rootfs.squashfs (BR2_TARGET_ROOTFS_SQUASHFS, gzip)"
+mksquashfs "$T" "$BINARIES_DIR/rootfs.squashfs" -noappend -all-root -comp gzip -quiet
+
+echo "==> stand-in initramfs (mounts the root partition with Debian's modular kernel)"
+INITRD=$BUILD_DIR/standin-initramfs
+mkdir -p "$INITRD"/{bin,dev,proc,sys,newroot,modules}
+install -m 0755 /bin/busybox "$INITRD/bin/busybox"
+for applet in sh mount umount insmod cat tr dd od readlink basename dirname sleep mkdir \
+    switch_root reboot echo; do
+    ln -s busybox "$INITRD/bin/$applet"
+done
+install -m 0755 "$HERE/standin/initramfs/init" "$INITRD/init"
+: >"$INITRD/modules/order"
+for m in nvme squashfs; do
+    for ko in $(modprobe -S "$KVER" --show-depends "$m" | awk '$1 == "insmod" { print $2 }'); do
+        name=$(basename "$ko")
+        grep -qx "$name" "$INITRD/modules/order" && continue
+        install -m 0644 "$ko" "$INITRD/modules/$name"
+        echo "$name" >>"$INITRD/modules/order"
+    done
+done
+(cd "$INITRD" && find . -mindepth 1 | LC_ALL=C sort | cpio --quiet -o -H newc -R 0:0) |
+    gzip -6 -n >"$BINARIES_DIR/standin-initramfs.cpio.gz"
 
 echo "==> GRUB (x86_64-efi, the defconfig's built-in modules)"
 modules=$(sed -n 's/^BR2_TARGET_GRUB2_BUILTIN_MODULES_EFI="\(.*\)"$/\1/p' "$BR/configs/mayfly_x86_64_defconfig")

@@ -68,12 +68,19 @@ pass() {
 DISK=$RUN/disk.img
 cp --sparse=always "$OUT/images/mayfly-disk.img" "$DISK"
 GRUB_CFG=$RUN/grub.cfg
+# A third, for the stand-in kernel: the stand-in initramfs that mounts the root partition
+# (tests/appliance/README.md) is loaded after the dom0 kernel.
 sed -e 's/^set default="0"$/set default="1"/' -e 's/^set timeout="3"$/set timeout="1"/' \
     -e '/^menuentry "Mayfly (general profile)"/,/^}/ s|^\(\tmultiboot2 /xen .*\)$|\1 bootscrub=0|' \
+    -e '/^menuentry "Mayfly (general profile)"/,/^}/ s|^\(\tmodule2 /vmlinux .*\)$|\1\n\tmodule2 /standin-initramfs.cpio.gz|' \
     buildroot/board/mayfly/grub.cfg >"$GRUB_CFG"
-grep -q 'set default="1"' "$GRUB_CFG" && grep -q 'bootscrub=0' "$GRUB_CFG" ||
-    { echo "FAILED: could not make the test grub.cfg from the tree's" >&2; exit 1; }
+if ! grep -q 'set default="1"' "$GRUB_CFG" || ! grep -q 'bootscrub=0' "$GRUB_CFG" ||
+    ! grep -q 'module2 /standin-initramfs.cpio.gz' "$GRUB_CFG"; then
+    echo "FAILED: could not make the test grub.cfg from the tree's" >&2
+    exit 1
+fi
 MTOOLS_SKIP_CHECK=1 mcopy -o -i "$DISK@@1M" "$GRUB_CFG" ::EFI/BOOT/grub.cfg
+MTOOLS_SKIP_CHECK=1 mcopy -o -i "$DISK@@1M" "$OUT/images/standin-initramfs.cpio.gz" ::standin-initramfs.cpio.gz
 # The server's firmware variables persist across its boots.
 cp /usr/share/OVMF/OVMF_VARS_4M.fd "$RUN/OVMF_VARS.fd"
 
@@ -145,6 +152,14 @@ up() {
         return 1
     fi
     pass "boot $1: OVMF -> GRUB -> Xen -> dom0 -> agent listening in $(($(date +%s) - boot_started))s"
+    # The start-up said nothing went wrong (a read-only root makes a missed writable path loud).
+    local errors
+    errors=$(tr -d '\r' <"$LOG" | grep -aE "can't create|Read-only file system|^S[0-9]{2}[a-z-]*: .*(failed|cannot|refusing)|insmod .* failed|FAIL$" || true)
+    if [ -z "$errors" ]; then
+        pass "boot $1: no start-up errors on the console"
+    else
+        fail "boot $1: start-up errors: $(printf '%s' "$errors" | tr '\n' '|')"
+    fi
     if wait_ready 300; then
         pass "boot $1: the pool has a ready domain after $(($(date +%s) - boot_started))s"
     else
@@ -221,16 +236,31 @@ verify() {
 if up cold; then
     h=$(health)
     if printf '%s' "$h" | grep -q '"backend":"xen"'; then pass "health: Xen backend"; else fail "health: $h"; fi
-    if grep -qa 'S50mayfly-agent: /dev/nvme0n1p2 (LABEL=MAYFLY-DATA) mounted on /var/lib/mayfly' "$LOG"; then
+    if grep -qa 'S50mayfly-agent: /dev/nvme0n1p3 (LABEL=MAYFLY-DATA) mounted on /var/lib/mayfly' "$LOG"; then
         pass "the data partition was found by its label on the NVMe drive and mounted"
     else
         fail "the data partition: $(grep -a 'S50mayfly-agent' "$LOG" | tr -d '\r' | tr '\n' '|')"
     fi
     mounts=$(hook mounts)
-    if printf '%s\n' "$mounts" | grep -qE '^/dev/nvme0n1p2 /var/lib/mayfly ext4 rw'; then
+    if printf '%s\n' "$mounts" | grep -qE '^/dev/nvme0n1p3 /var/lib/mayfly ext4 rw'; then
         pass "/var/lib/mayfly is the ext4 partition, read-write"
     else
         fail "mounts: $(printf '%s' "$mounts" | tr '\n' '|')"
+    fi
+    # Read-only root: the squashfs of partition root-a; the only block device mounted
+    # read-write is the data partition; logs on a bounded tmpfs.
+    if printf '%s\n' "$mounts" | grep -qE '^/dev/nvme0n1p2 / squashfs ro[ ,]' &&
+        [ "$(printf '%s\n' "$mounts" | grep -E '^/dev/' | grep -cE ' rw[ ,]')" = 1 ] &&
+        printf '%s\n' "$mounts" | grep -qE '^tmpfs /var/log tmpfs rw,.*size=32768k'; then
+        pass "root is the read-only squashfs of root-a; only the data partition is mounted read-write; /var/log is a 32 MiB tmpfs"
+    else
+        fail "read-only root: $(printf '%s' "$mounts" | tr '\n' '|')"
+    fi
+    rw=$(hook rootwrite)
+    if printf '%s\n' "$rw" | grep -q 'Read-only file system' && printf '%s\n' "$rw" | grep -qx 'rc=1'; then
+        pass "writing to the root file system fails (read-only)"
+    else
+        fail "write to /: $(printf '%s' "$rw" | tr '\n' '|')"
     fi
     for i in 1 2 3; do commit "kv/cold-$i" "v$i"; done
     hw=$(hook hwcheck)
