@@ -105,6 +105,7 @@ done
 # The stand-ins for Buildroot's skeleton, initscripts, ifupdown-scripts and busybox's udhcpc
 # script (tests/appliance/standin/).
 cp -a "$HERE/standin/root/." "$T/"
+chmod 0600 "$T/etc/shadow" # git keeps no modes but the executable bit
 echo mayfly >"$T/etc/hostname"
 # Stand-in only: Debian's BusyBox runs udhcpc's script from /etc/udhcpc (Buildroot's from
 # /usr/share/udhcpc).
