@@ -7,7 +7,7 @@
 # the client API on the management network (DHCP on an e1000 NIC; QEMU forwards the API
 # port to the host). The disk is an NVMe drive.
 #
-# Three boots of the same disk:
+# Three boots of the same disk (after a short boot 0 that only checks GRUB is locked):
 #   1. cold boot: transactions committed; `mayfly hw-check` inside; the data partition,
 #      network and listeners as configured; no console login; then a power cut (QEMU killed)
 #   2. every transaction acknowledged before the cut is there, `dom0-agent verify` passes;
@@ -230,6 +230,56 @@ verify() {
         fail "boot $1: dom0-agent verify: $(printf '%s' "$out" | tr '\n' '|')"
     fi
 }
+
+# ---- Boot 0: GRUB is locked. Keys typed on the serial console from power-on ('c', GRUB's
+# command line) must get GRUB's login prompt, not a GRUB shell. Nothing else of this boot is
+# used (QEMU is killed at the prompt).
+LOG=$RUN/serial-grub.log
+: >"$LOG"
+qemu-system-x86_64 \
+    -accel tcg -machine q35 -cpu max,-smap -m 3072 -smp 2 \
+    -nodefaults -display none -no-reboot -monitor none \
+    -chardev "socket,id=ser0,path=$RUN/serial.sock,server=on,wait=off,logfile=$LOG" \
+    -serial chardev:ser0 \
+    -drive if=pflash,format=raw,readonly=on,file=/usr/share/OVMF/OVMF_CODE_4M.fd \
+    -drive "if=pflash,format=raw,file=$RUN/OVMF_VARS.fd" \
+    -drive "if=none,id=disk0,format=raw,file=$DISK,readonly=on" \
+    -device nvme,drive=disk0,serial=MAYFLY0001 &
+qemu=$!
+# Types 'c' every 0.3 s until GRUB answers with its login prompt or its shell (180 s at most).
+/usr/bin/python3 - "$RUN/serial.sock" "$LOG" <<'PY' || true
+import socket, sys, time
+sock_path, log = sys.argv[1], sys.argv[2]
+deadline = time.time() + 180
+s = None
+while time.time() < deadline:
+    if s is None:
+        try:
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.connect(sock_path)
+            s.setblocking(False)
+        except OSError:
+            s = None
+            time.sleep(0.3)
+            continue
+    try:
+        s.sendall(b"c")
+        s.recv(65536)
+    except BlockingIOError:
+        pass
+    except OSError:
+        break
+    text = open(log, "rb").read()
+    if b"Enter username" in text or b"grub>" in text:
+        break
+    time.sleep(0.3)
+PY
+stop_qemu
+if grep -qa 'Enter username' "$LOG" && ! grep -qa 'grub>' "$LOG"; then
+    pass "GRUB is locked: its command line asks for a superuser (there is none), no GRUB shell"
+else
+    fail "GRUB lock: no login prompt for the command line (console: $LOG)"
+fi
 
 # ---- Boot 1: cold start.
 : >"$RUN/acked"
