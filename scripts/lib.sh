@@ -108,5 +108,7 @@ ensure_appliance_packages() {
     [ -x /usr/sbin/mke2fs ] || missing+=(e2fsprogs)
     command -v mksquashfs >/dev/null || missing+=(squashfs-tools)
     [ -x /usr/bin/openssl ] || missing+=(openssl)
+    # Types on GRUB's serial console (tests/appliance/run.sh, boot 0).
+    [ -x /usr/bin/python3 ] || missing+=(python3)
     if [ ${#missing[@]} -gt 0 ]; then apt_install "${missing[@]}"; fi
 }
