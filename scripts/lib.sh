@@ -121,3 +121,24 @@ ensure_xen_bindgen_tools() {
     compgen -G "/usr/lib/llvm-*/lib/clang/*/include/stddef.h" >/dev/null || missing+=(libclang-dev)
     if [ ${#missing[@]} -gt 0 ]; then apt_install "${missing[@]}"; fi
 }
+
+# What the appliance boot test (tests/appliance) needs on top of the Xen-in-QEMU packages:
+# UEFI firmware for QEMU, GRUB's x86_64-efi modules (grub-mkimage stands in for Buildroot's
+# GRUB build), genimage with the tools it runs for the vfat and ext4 partitions. Each check
+# tests for the very file the build uses.
+ensure_appliance_packages() {
+    ensure_xen_qemu_packages
+    local missing=()
+    [ -f /usr/share/OVMF/OVMF_CODE_4M.fd ] && [ -f /usr/share/OVMF/OVMF_VARS_4M.fd ] || missing+=(ovmf)
+    [ -f /usr/lib/grub/x86_64-efi/multiboot2.mod ] || missing+=(grub-efi-amd64-bin)
+    command -v grub-mkimage >/dev/null || missing+=(grub-common)
+    command -v genimage >/dev/null || missing+=(genimage)
+    command -v mcopy >/dev/null || missing+=(mtools)
+    [ -x /usr/sbin/mkdosfs ] || missing+=(dosfstools)
+    [ -x /usr/sbin/mke2fs ] || missing+=(e2fsprogs)
+    command -v mksquashfs >/dev/null || missing+=(squashfs-tools)
+    [ -x /usr/bin/openssl ] || missing+=(openssl)
+    # Types on GRUB's serial console (tests/appliance/run.sh, boot 0).
+    [ -x /usr/bin/python3 ] || missing+=(python3)
+    if [ ${#missing[@]} -gt 0 ]; then apt_install "${missing[@]}"; fi
+}

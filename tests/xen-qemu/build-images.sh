@@ -97,6 +97,8 @@ for b in xl xenstored xen-init-dom0 xenconsoled xenconsole libxl-save-helper; do
 done
 mkdir -p "$ROOT$XEN_BIN"
 install -m 0755 "$XEN_BIN/libxl-save-helper" "$ROOT$XEN_BIN/"
+# S20xen runs xen-init-dom0 where Xen's own install puts it (LIBEXEC_BIN).
+install -D -m 0755 "$XEN_BIN/xen-init-dom0" "$ROOT/usr/lib/xen/bin/xen-init-dom0"
 for b in xenstore-write xenstore-read xenstore-ls; do
     install -m 0755 "$(command -v "$b")" "$ROOT/usr/bin/$b"
 done
@@ -150,7 +152,9 @@ install -m 0644 "$HERE/dom0/pv-guest.cfg" "$ROOT/mayfly-test/pv-guest.cfg"
 # Test-only agent flags: the suite's policy bundle (admits test.bad_index).
 mkdir -p "$ROOT/mayfly-test/policy" "$ROOT/etc/default"
 install -m 0644 "$HERE"/dom0/policy/*.toml "$ROOT/mayfly-test/policy/"
-echo 'DOM0_AGENT_ARGS="--policy /mayfly-test/policy"' >"$ROOT/etc/default/mayfly-agent"
+# No data partition in this suite: the ledger stays in dom0's RAM root.
+printf '%s\n' 'DOM0_AGENT_ARGS="--policy /mayfly-test/policy"' 'MAYFLY_DATA_REQUIRED=0' \
+    >"$ROOT/etc/default/mayfly-agent"
 echo "root:x:0:0:root:/root:/bin/sh" >"$ROOT/etc/passwd"
 cpio_dir "$ROOT" "$OUT/dom0-initramfs.cpio"
 

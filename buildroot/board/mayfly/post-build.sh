@@ -33,8 +33,15 @@ if ! ls "$TARGET_DIR"/etc/init.d/S* >/dev/null 2>&1; then
     exit 1
 fi
 
-# The ledger's partition (label MAYFLY-DATA) is mounted here.
-mkdir -p "$TARGET_DIR/var/lib/mayfly"
+# The root file system is read-only (a squashfs): every directory written at run time is a
+# mount point of /etc/fstab's bounded tmpfs mounts or the ledger's partition (label
+# MAYFLY-DATA, on /var/lib/mayfly). Buildroot's skeleton links /var/log to /tmp; the
+# appliance gives the logs their own tmpfs, so that full logs cannot fill /tmp.
+if [ -L "$TARGET_DIR/var/log" ]; then
+    rm "$TARGET_DIR/var/log"
+fi
+mkdir -p "$TARGET_DIR/var/lib/mayfly" "$TARGET_DIR/var/lib/xen" "$TARGET_DIR/var/lib/xenstored" \
+    "$TARGET_DIR/var/log"
 
 # What this image is built from.
 revision=$(git -C "$REPO_DIR" describe --always --dirty 2>/dev/null || echo unknown)

@@ -15,9 +15,12 @@
 //!   version has its hash in the global patch directory; the kernel fragment is well formed,
 //!   sets nothing twice and has the Xen dom0/domU options; GRUB has `multiboot2` and `tpm`.
 //! - board scripts name only board files that exist; `genimage.cfg`'s partitions name images
-//!   it defines and its EFI files come from something the tree builds; `grub.cfg` loads only
-//!   files on that partition, and each "(<profile> profile)" entry boots with exactly that
-//!   server profile's Xen and dom0 command lines (`hw/profiles`).
+//!   it defines or the tree builds (the root file system) and its EFI files come from
+//!   something the tree builds; `grub.cfg` loads only files on that partition, and each
+//!   "(<profile> profile)" entry boots with exactly that server profile's Xen and dom0
+//!   command lines (`hw/profiles`), the dom0 line followed by the root file system's
+//!   arguments `root=PARTUUID=<uuid> rootfstype=squashfs ro rootwait`, where `<uuid>` is the
+//!   `partition-uuid` of a `genimage.cfg` partition holding `rootfs.squashfs`.
 //! - `vendor.pin` has its digests; with [`Options::shellcheck`], every shell script passes
 //!   `shellcheck`.
 //!
@@ -135,6 +138,14 @@ struct Checker<'a> {
 
 fn read(path: &Path) -> Option<String> {
     std::fs::read_to_string(path).ok()
+}
+
+/// What `genimage.cfg` lays out, for the GRUB check.
+struct Layout {
+    /// Files on vfat (EFI) partitions.
+    esp_files: BTreeSet<String>,
+    /// `partition-uuid`s (lower case) of the partitions holding `rootfs.squashfs`.
+    root_uuids: BTreeSet<String>,
 }
 
 fn unquote(value: &str) -> &str {
@@ -781,30 +792,31 @@ impl Checker<'_> {
         if enabled.contains("BR2_TARGET_ROOTFS_CPIO_GZIP") {
             produced.insert("rootfs.cpio.gz".to_owned());
         }
+        if enabled.contains("BR2_TARGET_ROOTFS_SQUASHFS") {
+            produced.insert("rootfs.squashfs".to_owned());
+        }
         if enabled.contains("BR2_TARGET_GRUB2_X86_64_EFI") {
             produced.insert("efi-part/EFI".to_owned());
         }
         let genimage = format!("{dir}/genimage.cfg");
-        let esp_files = match read(&self.tree().join(&genimage)) {
+        let layout = match read(&self.tree().join(&genimage)) {
             Some(text) => self.check_genimage(&genimage, &text, &produced),
             None => return Ok(()),
         };
         let grub = format!("{dir}/grub.cfg");
         if let Some(text) = read(&self.tree().join(&grub)) {
-            self.check_grub(&grub, &text, &esp_files);
+            self.check_grub(&grub, &text, &layout);
         }
         Ok(())
     }
 
-    /// Returns the names of the files placed on vfat partitions.
-    fn check_genimage(
-        &mut self,
-        file: &str,
-        text: &str,
-        produced: &BTreeSet<String>,
-    ) -> BTreeSet<String> {
+    /// Returns the files placed on vfat partitions and the root file system partitions.
+    fn check_genimage(&mut self, file: &str, text: &str, produced: &BTreeSet<String>) -> Layout {
         let mut images = BTreeSet::new();
         let mut partition_refs = Vec::new();
+        let mut root_uuids = BTreeSet::new();
+        // The current partition's image and partition-uuid.
+        let mut partition: (Option<String>, Option<String>) = (None, None);
         let mut vfat_files = BTreeSet::new();
         let mut vfat_sources = Vec::new();
         // (block kind, block name) stack.
@@ -825,13 +837,28 @@ impl Checker<'_> {
                 }
                 stack.push((kind, name));
             } else if line == "}" {
-                stack.pop();
+                if let Some((kind, _)) = stack.pop() {
+                    if kind == "partition" {
+                        if let (Some(image), Some(uuid)) = std::mem::take(&mut partition) {
+                            if image == "rootfs.squashfs" {
+                                root_uuids.insert(uuid.to_ascii_lowercase());
+                            }
+                        }
+                    }
+                }
             } else if let Some(value) = line.strip_prefix("image = ") {
                 let value = unquote(value).to_owned();
                 match stack.last().map(|(kind, _)| kind.as_str()) {
-                    Some("partition") => partition_refs.push(value),
+                    Some("partition") => {
+                        partition.0 = Some(value.clone());
+                        partition_refs.push(value);
+                    }
                     Some("file") => vfat_sources.push(value),
                     _ => {}
+                }
+            } else if let Some(value) = line.strip_prefix("partition-uuid = ") {
+                if stack.last().map(|(kind, _)| kind.as_str()) == Some("partition") {
+                    partition.1 = Some(unquote(value).to_owned());
                 }
             }
         }
@@ -839,10 +866,13 @@ impl Checker<'_> {
             self.error(file, "unbalanced braces");
         }
         for image in partition_refs {
-            if !images.contains(&image) {
+            if !images.contains(&image) && !produced.contains(&image) {
                 self.error(
                     file,
-                    format!("a partition uses image {image:?}, which this file does not define"),
+                    format!(
+                        "a partition uses image {image:?}, which this file does not define and \
+                         nothing in the tree produces"
+                    ),
                 );
             }
         }
@@ -857,15 +887,25 @@ impl Checker<'_> {
                 );
             }
         }
-        vfat_files
+        Layout {
+            esp_files: vfat_files,
+            root_uuids,
+        }
     }
 
-    fn check_grub(&mut self, file: &str, text: &str, esp_files: &BTreeSet<String>) {
+    fn check_grub(&mut self, file: &str, text: &str, layout: &Layout) {
+        let esp_files = &layout.esp_files;
         let mut entry: Option<String> = None;
         let mut lines_of: BTreeMap<String, Vec<(String, Vec<String>)>> = BTreeMap::new();
         for line in text.lines().map(str::trim) {
             if let Some(rest) = line.strip_prefix("menuentry ") {
-                entry = Some(unquote(rest.trim_end_matches('{').trim()).to_owned());
+                // The title is the first (quoted) word; options such as --unrestricted follow.
+                let rest = rest.trim_end_matches('{').trim();
+                let title = match rest.strip_prefix('"').and_then(|r| r.split_once('"')) {
+                    Some((title, _)) => title,
+                    None => rest.split_whitespace().next().unwrap_or_default(),
+                };
+                entry = Some(title.to_owned());
                 continue;
             }
             let mut words = line.split_whitespace();
@@ -912,6 +952,10 @@ impl Checker<'_> {
                     self.error(file, format!("entry {title:?} has no {what} line"));
                     continue;
                 };
+                let mut args = args.clone();
+                if what == "dom0" {
+                    self.check_root_args(file, &title, &mut args, layout);
+                }
                 let have = args.join(" ");
                 let want = wanted.split_whitespace().collect::<Vec<_>>().join(" ");
                 if have != want {
@@ -924,6 +968,48 @@ impl Checker<'_> {
                     );
                 }
             }
+        }
+    }
+
+    /// Checks and removes the root file system's arguments at the end of a dom0 command line:
+    /// `root=PARTUUID=<uuid> rootfstype=squashfs ro rootwait`, `<uuid>` a root partition's.
+    fn check_root_args(
+        &mut self,
+        file: &str,
+        title: &str,
+        args: &mut Vec<String>,
+        layout: &Layout,
+    ) {
+        const TAIL: [&str; 3] = ["rootfstype=squashfs", "ro", "rootwait"];
+        let n = args.len();
+        let root = n
+            .checked_sub(TAIL.len() + 1)
+            .and_then(|i| args.get(i))
+            .and_then(|a| a.strip_prefix("root=PARTUUID="))
+            .map(str::to_ascii_lowercase);
+        let tail_ok = args
+            .get(n.saturating_sub(TAIL.len())..)
+            .is_some_and(|t| t.iter().map(String::as_str).eq(TAIL));
+        match root {
+            Some(uuid) if tail_ok => {
+                if !layout.root_uuids.contains(&uuid) {
+                    self.error(
+                        file,
+                        format!(
+                            "entry {title:?}: root=PARTUUID={uuid} is no partition-uuid of a \
+                             genimage.cfg partition holding rootfs.squashfs"
+                        ),
+                    );
+                }
+                args.truncate(n - TAIL.len() - 1);
+            }
+            _ => self.error(
+                file,
+                format!(
+                    "entry {title:?}: the dom0 command line does not end with \
+                     \"root=PARTUUID=<uuid> rootfstype=squashfs ro rootwait\""
+                ),
+            ),
         }
     }
 

@@ -300,6 +300,38 @@ fn grub_entries_must_match_their_server_profile() {
         },
         "unknown profile \"lab\"",
     );
+    // dom0's root: the partition grub.cfg names must be the one genimage.cfg fills with the
+    // root file system, and the root arguments must be there.
+    broken(
+        |t| {
+            edit(
+                &t.join("board/mayfly/genimage.cfg"),
+                "partition-uuid = \"6d61796c-7966-4c79-8000-726f6f742d61\"",
+                "partition-uuid = \"6d61796c-7966-4c79-8000-726f6f742d62\"",
+            )
+        },
+        "root=PARTUUID=6d61796c-7966-4c79-8000-726f6f742d61 is no partition-uuid of a genimage.cfg partition holding rootfs.squashfs",
+    );
+    broken(
+        |t| {
+            edit(
+                &t.join("board/mayfly/grub.cfg"),
+                "earlyprintk=xen panic=10 root=PARTUUID=6d61796c-7966-4c79-8000-726f6f742d61 rootfstype=squashfs ro rootwait",
+                "earlyprintk=xen panic=10 root=PARTUUID=6d61796c-7966-4c79-8000-726f6f742d61 rootfstype=squashfs rootwait",
+            )
+        },
+        "the dom0 command line does not end with",
+    );
+    broken(
+        |t| {
+            edit(
+                &t.join("board/mayfly/genimage.cfg"),
+                "image = \"rootfs.squashfs\"",
+                "image = \"rootfs.ext4\"",
+            )
+        },
+        "a partition uses image \"rootfs.ext4\", which this file does not define and nothing in the tree produces",
+    );
     // A stray word in front (Debian's old "placeholder" habit) is a difference too.
     broken(
         |t| {

@@ -1,12 +1,13 @@
 ################################################################################
 #
-# mayfly-dom0-agent: dom0-agent and its sandbox template, mayfly-zygote, from the Mayfly
-# workspace (the agent looks for mayfly-zygote beside its own executable). The appliance
-# runs the Xen backend; this mayfly-zygote is cargo's dynamically linked build, which works
-# the same but without the speed-ups of scripts/build-zygote.sh's static one.
+# mayfly-dom0-agent
 #
 ################################################################################
 
+# dom0-agent and its sandbox template, mayfly-zygote, from the Mayfly workspace (the agent
+# looks for mayfly-zygote beside its own executable). The appliance runs the Xen backend;
+# this mayfly-zygote is cargo's dynamically linked build, which works the same but without
+# the speed-ups of scripts/build-zygote.sh's static one.
 MAYFLY_DOM0_AGENT_VERSION = $(MAYFLY_WORKSPACE_VERSION)
 MAYFLY_DOM0_AGENT_SITE = $(MAYFLY_WORKSPACE)
 MAYFLY_DOM0_AGENT_SITE_METHOD = local
