@@ -393,10 +393,7 @@ fn oversized_write_sets_are_a_write_limit_and_their_memory_is_returned() {
     let policy = common::permissive_policy(dir.path());
     // Sixteen transactions of one client (127.0.0.1) at once: above the default
     // per-client admission limit (8), which would answer half of them 503.
-    let agent = Agent::start(
-        &data,
-        &[&policy[0], &policy[1], "--max-per-client", "16"],
-    );
+    let agent = Agent::start(&data, &[&policy[0], &policy[1], "--max-per-client", "16"]);
     let pid = agent.child.as_ref().unwrap().id();
     // Warm up: the agent's threads, arenas and the ledger's pages as honest traffic makes
     // them, from 16 clients at once as in the attack.

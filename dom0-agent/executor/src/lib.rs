@@ -1401,9 +1401,7 @@ fn domain_event_kind(f: &Failure) -> Option<DomainEventKind> {
         Failure::DomainDied(DomainExit::ForbiddenSyscall) => DomainEventKind::ForbiddenSyscall,
         Failure::DomainDied(DomainExit::ResourceLimit { .. })
         | Failure::OperationLimit
-        | Failure::WriteLimit { .. } => {
-            DomainEventKind::Limit
-        }
+        | Failure::WriteLimit { .. } => DomainEventKind::Limit,
         Failure::DomainDied(_) => DomainEventKind::Crash,
         Failure::Conflicts | Failure::Storage(_) | Failure::Policy { .. } => return None,
     })
