@@ -925,7 +925,10 @@ pub fn run(args: &ServeArgs, log: &Logger) -> anyhow::Result<u8> {
             .into_iter()
             .chain(cgroups_section)
             .collect(),
-        metrics_sections: vec![siem_metrics(siem.status_handle(), ledger.clone())],
+        metrics_sections: vec![
+            siem_metrics(siem.status_handle(), ledger.clone()),
+            ledger_metrics(ledger.clone()),
+        ],
         ..ApiConfig::default()
     };
     let server = match Server::start(api, executor.clone(), log) {
@@ -1148,6 +1151,67 @@ fn siem_metrics(handle: mayfly_siem::StatusHandle, ledger: Ledger) -> mayfly_api
                     tip.saturating_sub(c.delivered_seq)
                 );
             }
+        }),
+    }
+}
+
+/// The ledger's section of `GET /metrics`: the group committer's statistics since the
+/// agent opened the ledger (jobs per group, the LMDB commit = fsync time, failed groups).
+fn ledger_metrics(ledger: Ledger) -> mayfly_api::MetricsSection {
+    mayfly_api::MetricsSection {
+        name: "ledger",
+        render: Arc::new(move |out: &mut String| {
+            use std::fmt::Write as _;
+            let stats = ledger.group_stats();
+            mayfly_api::metrics_family(
+                out,
+                "mayfly_ledger_group_jobs",
+                "histogram",
+                "Jobs (transactions, rollbacks, admin nonces, audit batches) per durable group commit since start",
+            );
+            let jobs = &stats.jobs;
+            for (bound, n) in jobs.bounds.iter().zip(&jobs.cumulative) {
+                let _ = writeln!(out, "mayfly_ledger_group_jobs_bucket{{le=\"{bound}\"}} {n}");
+            }
+            let _ = writeln!(
+                out,
+                "mayfly_ledger_group_jobs_bucket{{le=\"+Inf\"}} {}",
+                jobs.count
+            );
+            let _ = writeln!(out, "mayfly_ledger_group_jobs_sum {}", jobs.sum);
+            let _ = writeln!(out, "mayfly_ledger_group_jobs_count {}", jobs.count);
+
+            mayfly_api::metrics_family(
+                out,
+                "mayfly_ledger_commit_seconds",
+                "histogram",
+                "Time of each durable group's LMDB commit (page writes and fsyncs) since start",
+            );
+            #[allow(clippy::cast_precision_loss)]
+            let secs = |ns: u64| ns as f64 / 1e9;
+            let commit = &stats.commit_ns;
+            for (bound, n) in commit.bounds.iter().zip(&commit.cumulative) {
+                let _ = writeln!(
+                    out,
+                    "mayfly_ledger_commit_seconds_bucket{{le=\"{}\"}} {n}",
+                    secs(*bound)
+                );
+            }
+            let _ = writeln!(
+                out,
+                "mayfly_ledger_commit_seconds_bucket{{le=\"+Inf\"}} {}",
+                commit.count
+            );
+            let _ = writeln!(out, "mayfly_ledger_commit_seconds_sum {}", secs(commit.sum));
+            let _ = writeln!(out, "mayfly_ledger_commit_seconds_count {}", commit.count);
+
+            mayfly_api::metrics_family(
+                out,
+                "mayfly_ledger_groups_failed_total",
+                "counter",
+                "Group commits abandoned for a storage failure (disk or map full, I/O error) since start",
+            );
+            let _ = writeln!(out, "mayfly_ledger_groups_failed_total {}", stats.failed);
         }),
     }
 }

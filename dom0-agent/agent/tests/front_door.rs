@@ -610,9 +610,60 @@ fn idle_keep_alive_connections_are_closed() {
     finish(&dir, agent, &committed);
 }
 
+/// Checks the histogram family `name` in exposition text: `# HELP` and `# TYPE ... histogram`
+/// before its samples, buckets with increasing `le` ending at `+Inf`, cumulative
+/// (non-decreasing) counts, `+Inf` == `_count`, and a `_sum`. Returns (count, sum).
+fn histogram(text: &str, name: &str) -> (u64, f64) {
+    let lines: Vec<&str> = text.lines().collect();
+    let help = lines
+        .iter()
+        .position(|l| l.starts_with(&format!("# HELP {name} ")))
+        .unwrap_or_else(|| panic!("no HELP for {name}:\n{text}"));
+    assert_eq!(
+        lines.get(help + 1).copied(),
+        Some(format!("# TYPE {name} histogram").as_str()),
+        "{text}"
+    );
+    let prefix = format!("{name}_bucket{{le=\"");
+    let mut last_le = f64::NEG_INFINITY;
+    let mut last_n = 0u64;
+    let mut inf = None;
+    let mut i = help + 2;
+    while let Some(rest) = lines.get(i).and_then(|l| l.strip_prefix(&prefix)) {
+        assert!(inf.is_none(), "a bucket after +Inf: {text}");
+        let (le, n) = rest.split_once("\"} ").unwrap();
+        let n: u64 = n.parse().unwrap();
+        assert!(n >= last_n, "buckets of {name} are not cumulative:\n{text}");
+        last_n = n;
+        if le == "+Inf" {
+            inf = Some(n);
+        } else {
+            let le: f64 = le.parse().unwrap();
+            assert!(le > last_le, "bounds of {name} do not increase:\n{text}");
+            last_le = le;
+        }
+        i += 1;
+    }
+    let inf = inf.unwrap_or_else(|| panic!("{name} has no +Inf bucket:\n{text}"));
+    let sum: f64 = lines[i]
+        .strip_prefix(&format!("{name}_sum "))
+        .unwrap_or_else(|| panic!("{name}_sum missing:\n{text}"))
+        .parse()
+        .unwrap();
+    let count: u64 = lines[i + 1]
+        .strip_prefix(&format!("{name}_count "))
+        .unwrap_or_else(|| panic!("{name}_count missing:\n{text}"))
+        .parse()
+        .unwrap();
+    assert_eq!(inf, count, "+Inf != _count for {name}");
+    (count, sum)
+}
+
 #[test]
 fn metrics_speak_prometheus_text() {
-    let (dir, agent, committed) = start(&[]);
+    let (dir, agent, mut committed) = start(&[]);
+    committed.push(commit_one(&agent));
+    committed.push(commit_one(&agent));
     let mut s = connect(agent.addr);
     s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
         .unwrap();
@@ -631,11 +682,26 @@ fn metrics_speak_prometheus_text() {
         );
     }
     assert!(
-        text.contains("mayfly_api_transactions_total{outcome=\"committed\"} 1\n"),
+        text.contains("mayfly_api_transactions_total{outcome=\"committed\"} 3\n"),
+        "{text}"
+    );
+    assert_eq!(histogram(&text, "mayfly_api_transaction_seconds").0, 3);
+    // The ledger's group committer: the three transactions (and the agent's own audit
+    // records) were committed in durable groups, each timed.
+    let (groups, jobs) = histogram(&text, "mayfly_ledger_group_jobs");
+    assert!(groups > 0, "{text}");
+    assert!(jobs >= 3.0 && jobs >= groups as f64, "{text}");
+    let (commits, seconds) = histogram(&text, "mayfly_ledger_commit_seconds");
+    assert!(commits > 0, "{text}");
+    assert!(seconds > 0.0, "{text}");
+    assert!(
+        text.contains("mayfly_ledger_commit_seconds_bucket{le=\"0.0005\"} "),
         "{text}"
     );
     assert!(
-        text.contains("mayfly_api_transaction_seconds_count 1\n"),
+        text.contains(
+            "# TYPE mayfly_ledger_groups_failed_total counter\nmayfly_ledger_groups_failed_total 0\n"
+        ),
         "{text}"
     );
     assert!(

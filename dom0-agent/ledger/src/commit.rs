@@ -317,6 +317,8 @@ pub(crate) struct Committer {
     pub track_dependencies: bool,
     pub shared_tips: Arc<Mutex<Tips>>,
     pub shared_signing_key: Arc<Mutex<crate::PublicKey>>,
+    /// Jobs per group, commit times and failed groups, for `Ledger::group_stats`.
+    pub group_stats: Arc<crate::group_stats::GroupCounters>,
     pub log: Logger,
 }
 
@@ -574,8 +576,21 @@ impl Committer {
     }
 
     /// Applies `jobs` in one LMDB write transaction and commits it. `genesis` also writes
-    /// the format marker and identity. Returns one result per job, or the group's failure.
+    /// the format marker and identity. Returns one result per job, or the group's failure
+    /// (counted in the group statistics).
     pub fn write_group(
+        &mut self,
+        jobs: Vec<Job>,
+        genesis: bool,
+    ) -> Result<Vec<Result<Receipt, CommitError>>, CommitError> {
+        let result = self.write_group_inner(jobs, genesis);
+        if result.is_err() {
+            self.group_stats.failed();
+        }
+        result
+    }
+
+    fn write_group_inner(
         &mut self,
         jobs: Vec<Job>,
         genesis: bool,
@@ -660,12 +675,15 @@ impl Committer {
         dbs.meta
             .put(&mut wtxn, meta_keys::GROUP, &u64_key(group))
             .map_err(fail)?;
+        // LMDB's commit writes the pages and fsyncs: the group's durable cost.
+        let started = std::time::Instant::now();
         if let Err(e) = wtxn.commit() {
             if incoming.is_some() {
                 let _ = SigningKey::discard_next(&self.store.dir);
             }
             return Err(fail(e));
         }
+        self.group_stats.committed(n, started.elapsed());
         if let Some(next) = incoming {
             // The rotation head is durable: from now on only the new key may sign. If the
             // rename fails, the next start finds signing.key.next matching the ledger and

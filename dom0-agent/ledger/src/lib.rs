@@ -61,6 +61,7 @@ pub mod codec;
 pub mod commit;
 pub mod cursor;
 pub mod domains;
+pub mod group_stats;
 pub mod head;
 pub mod keys;
 pub mod read;
@@ -84,6 +85,7 @@ pub use checkpoint::{Checkpoint, ReadEntry, WriteEntry};
 pub use commit::{encode_deps, CommitError, CommitTicket};
 pub use cursor::CursorError;
 pub use domains::DomainNumberError;
+pub use group_stats::{GroupStats, Histogram};
 pub use head::{SignedHead, Tip};
 pub use keys::{KeyError, PublicKey, SigningKey};
 pub use read::ReadError;
@@ -227,6 +229,7 @@ pub(crate) struct Inner {
     domains: domains::DomainNumbers,
     capacity: Arc<Mutex<capacity::Shared>>,
     max_map: u64,
+    group_stats: Arc<group_stats::GroupCounters>,
 }
 
 impl Drop for Inner {
@@ -326,6 +329,7 @@ impl Ledger {
         }
         let (state_entries, state_hash) = (digest.entries(), digest.hash());
         let shared_capacity = Arc::new(Mutex::new(capacity::Shared::default()));
+        let group_stats = Arc::new(group_stats::GroupCounters::default());
         let mut committer = commit::Committer {
             store: store.clone(),
             key,
@@ -341,6 +345,7 @@ impl Ledger {
             track_dependencies: opts.track_dependencies,
             shared_tips: shared_tips.clone(),
             shared_signing_key: shared_signing_key.clone(),
+            group_stats: group_stats.clone(),
             log: log.clone(),
         };
         let event = if fresh {
@@ -436,6 +441,7 @@ impl Ledger {
                 capacity: shared_capacity,
                 max_map: u64::try_from(opts.store.max_map_size.max(opts.store.map_size))
                     .unwrap_or(u64::MAX),
+                group_stats,
             }),
         })
     }
@@ -663,6 +669,13 @@ impl Ledger {
         commit::submit(&self.inner, commit::Job::Deferred(events))?
             .wait()
             .map(drop)
+    }
+
+    /// What the group committer has done since this ledger was opened: jobs per durable
+    /// group, the time of each group's LMDB commit (its fsync), and the groups that failed.
+    /// Read from atomics; never waits for the committer.
+    pub fn group_stats(&self) -> GroupStats {
+        self.inner.group_stats.snapshot()
     }
 
     /// Durable tips of both chains.
