@@ -18,7 +18,8 @@
 //! transactions` — the sandbox measured with the statically linked template `scripts/run.sh`
 //! uses; without `BENCH_ZYGOTE`, with the dynamically linked one cargo builds (the header
 //! line says which). The sandbox runs with its clones' cgroup limits, as shipped;
-//! `BENCH_NO_CGROUPS=1` runs it without them.
+//! `BENCH_NO_CGROUPS=1` runs it without them; `BENCH_STATE_DIGEST=off` runs the ledger without
+//! its live-state digest (what the digest costs per transaction).
 #![allow(
     missing_docs,
     clippy::cast_possible_truncation,
@@ -262,9 +263,18 @@ fn with_cpu(mut run: Run, cpu_before: Duration) -> Run {
     run
 }
 
+/// The ledger's options: as shipped, or with `BENCH_STATE_DIGEST=off` without the live-state
+/// digest (version-1 heads), to measure what the digest costs on the transaction path.
+fn ledger_options() -> Options {
+    Options {
+        state_digest: std::env::var("BENCH_STATE_DIGEST").as_deref() != Ok("off"),
+        ..Options::default()
+    }
+}
+
 fn in_process(dir: &Path, n: usize, secs: f64) -> Run {
     let cpu_before = cpu_now();
-    let ledger = Ledger::open(dir, &Options::default(), &log()).unwrap();
+    let ledger = Ledger::open(dir, &ledger_options(), &log()).unwrap();
     seed(&ledger);
     let transfer = mayfly_handlers::registry().get("transfer").unwrap();
     let run = clients(n, secs, move |rng, _client| {
@@ -304,7 +314,7 @@ fn through_executor(
 ) -> Run {
     let cpu_before = cpu_now();
     let backend = backend();
-    let ledger = Ledger::open(dir, &Options::default(), &log()).unwrap();
+    let ledger = Ledger::open(dir, &ledger_options(), &log()).unwrap();
     seed(&ledger);
     // BENCH_WARM_POOL=N: wait (up to 60 s) for N ready domains before measuring, as a
     // long-running agent has them (scripts/bench-http.py compares against a warm agent).
