@@ -95,6 +95,9 @@ echo "==> running in $root/run: $*"
 unshare --mount --propagation private -- bash -euo pipefail -c '
     r=$1 repo=$2 rustup_home=$3 cargo_bin=$4
     shift 4
+    # The root must be a mount point of its own: the sandbox'"'"'s zygote remounts "/" private
+    # (MS_REC|MS_PRIVATE), which fails with EINVAL on a plain chroot directory.
+    mount --bind "$r" "$r"
     mount -t proc proc "$r/proc"
     mount --rbind /sys "$r/sys"
     mount --rbind /dev "$r/dev"
