@@ -107,7 +107,7 @@ case $r in
 500*'doorbell flood'*) pass "event-channel flood: ended as a doorbell flood (500) after a bounded number of wake-ups" ;;
 *) fail "test.evtchn_flood: $r" ;;
 esac
-r=$(post '{"handler":"kv","payload":{"op":"put","key":"after-flood","value":"ok"}}')
+r=$(post '{"handler":"kv","payload":{"op":"put","key":"kv/after-flood","value":"ok"}}')
 if committed "$r"; then pass "the agent kept serving after the flood"; else fail "after the flood: $r"; fi
 r=$(post '{"handler":"test.foreign_ops","payload":null}')
 echo "foreign_ops: $r"
