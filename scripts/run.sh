@@ -18,8 +18,16 @@ zygote_dir=${CARGO_TARGET_DIR:-target}/zygote-static
 scripts/build-zygote.sh "$zygote_dir"
 data_dir=${MAYFLY_DATA_DIR:-./mayfly-data}
 agent=${CARGO_TARGET_DIR:-target}/release/dom0-agent
-if [ "$(id -u)" -eq 0 ]; then
-    exec "$agent" serve --data-dir "$data_dir" --zygote "$zygote_dir/mayfly-zygote" "$@"
-else
-    exec sudo "$agent" serve --data-dir "$data_dir" --zygote "$zygote_dir/mayfly-zygote" "$@"
+# On a pure cgroup v2 host run by systemd (a stock Debian 12), the agent puts its clones in a
+# cgroup of their own under its own cgroup, which the kernel allows only in a cgroup that
+# holds no other process and has the cpu, memory and pids controllers delegated: a login
+# session's scope has neither. So there it runs in a transient scope of its own with
+# Delegate=yes, as a service would (dom0-agent/sandbox/README.md). Elsewhere (cgroup v1 or
+# hybrid hosts, containers without systemd) it runs as it is.
+launch=()
+if [ -f /sys/fs/cgroup/cgroup.controllers ] && [ -d /run/systemd/system ] &&
+    command -v systemd-run >/dev/null; then
+    launch=(systemd-run --scope --quiet --unit "mayfly-agent-$$" -p Delegate=yes --)
 fi
+[ "$(id -u)" -eq 0 ] || launch=(sudo "${launch[@]}")
+exec "${launch[@]}" "$agent" serve --data-dir "$data_dir" --zygote "$zygote_dir/mayfly-zygote" "$@"
