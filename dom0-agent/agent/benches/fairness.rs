@@ -28,7 +28,7 @@
 )]
 
 mod common;
-use common::log;
+use common::{log, payload, seed};
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -37,10 +37,9 @@ use std::time::{Duration, Instant};
 
 use mayfly_domain::DomainBackend;
 use mayfly_executor::{Executor, ExecutorConfig, TxRequest, TxStatus};
-use mayfly_ledger::{Ledger, Options, TxContext, TxId};
+use mayfly_ledger::{Ledger, Options};
 use mayfly_sandbox::{Sandbox, SandboxConfig};
 
-const ACCOUNTS: u32 = 1000;
 const HONEST: usize = 8;
 const HOSTILE: usize = 20;
 const MIXES: [(&str, &str, &str); 5] = [
@@ -50,29 +49,6 @@ const MIXES: [(&str, &str, &str); 5] = [
     ("flood", "test.doorbell_flood", ""),
     ("bigwrite", "test.big_writes", "1024"),
 ];
-
-fn payload(rng: &mut fastrand::Rng) -> Vec<u8> {
-    let from = rng.u32(..ACCOUNTS);
-    let to = (from + rng.u32(1..ACCOUNTS)) % ACCOUNTS;
-    format!("{{\"from\":\"a{from}\",\"to\":\"a{to}\",\"amount\":1}}").into_bytes()
-}
-
-fn seed(ledger: &Ledger) {
-    let mut tx = ledger
-        .begin(TxContext {
-            tx_id: TxId::generate(),
-            handler: "seed".into(),
-            request: Vec::new(),
-            domain_id: 0,
-            policy_hash: [0; 32],
-        })
-        .unwrap();
-    for i in 0..ACCOUNTS {
-        tx.put(format!("acct/a{i}").as_bytes(), b"1000000000")
-            .unwrap();
-    }
-    tx.commit(Vec::new()).unwrap();
-}
 
 /// Every handler allowed (the hostile ones are not in the shipped bundle); domain
 /// misbehaviour aborts the transaction.

@@ -27,7 +27,7 @@
 )]
 
 mod common;
-use common::{log, LedgerDb};
+use common::{log, payload, seed, LedgerDb};
 
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
@@ -45,31 +45,7 @@ use mayfly_ring::{EventFdNotifier, Geometry, MmapMem, Notifier, SharedMem};
 use mayfly_sandbox::{Sandbox, SandboxConfig};
 use mayfly_sdk::Ctx;
 
-const ACCOUNTS: u32 = 1000;
 const CLIENTS: usize = 8;
-
-fn payload(rng: &mut fastrand::Rng) -> Vec<u8> {
-    let from = rng.u32(..ACCOUNTS);
-    let to = (from + rng.u32(1..ACCOUNTS)) % ACCOUNTS;
-    format!("{{\"from\":\"a{from}\",\"to\":\"a{to}\",\"amount\":1}}").into_bytes()
-}
-
-fn seed(ledger: &Ledger) {
-    let mut tx = ledger
-        .begin(TxContext {
-            tx_id: TxId::generate(),
-            handler: "seed".into(),
-            request: Vec::new(),
-            domain_id: 0,
-            policy_hash: [0; 32],
-        })
-        .unwrap();
-    for i in 0..ACCOUNTS {
-        tx.put(format!("acct/a{i}").as_bytes(), b"1000000000")
-            .unwrap();
-    }
-    tx.commit(Vec::new()).unwrap();
-}
 
 // --- fork+exec backend ---------------------------------------------------------------------
 

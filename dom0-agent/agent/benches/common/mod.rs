@@ -1,7 +1,7 @@
 //! Helpers shared by the agent's benchmarks (included with `mod common;`).
 #![allow(dead_code)]
 
-use mayfly_ledger::Tx;
+use mayfly_ledger::{Ledger, Tx, TxContext, TxId};
 use mayfly_sdk::{Db, DbError, LogLevel, Scan};
 use slog::{o, Discard, Logger};
 
@@ -40,4 +40,32 @@ impl Db for LedgerDb<'_> {
     fn log(&mut self, _level: LogLevel, _line: &str) -> Result<(), DbError> {
         Ok(())
     }
+}
+
+/// Accounts the transfer benchmarks seed and move money between.
+pub const ACCOUNTS: u32 = 1000;
+
+/// A transfer of 1 between two different random seeded accounts.
+pub fn payload(rng: &mut fastrand::Rng) -> Vec<u8> {
+    let from = rng.u32(..ACCOUNTS);
+    let to = (from + rng.u32(1..ACCOUNTS)) % ACCOUNTS;
+    format!("{{\"from\":\"a{from}\",\"to\":\"a{to}\",\"amount\":1}}").into_bytes()
+}
+
+/// Opens [`ACCOUNTS`] accounts with a large balance, in one transaction.
+pub fn seed(ledger: &Ledger) {
+    let mut tx = ledger
+        .begin(TxContext {
+            tx_id: TxId::generate(),
+            handler: "seed".into(),
+            request: Vec::new(),
+            domain_id: 0,
+            policy_hash: [0; 32],
+        })
+        .unwrap();
+    for i in 0..ACCOUNTS {
+        tx.put(format!("acct/a{i}").as_bytes(), b"1000000000")
+            .unwrap();
+    }
+    tx.commit(Vec::new()).unwrap();
 }
