@@ -701,27 +701,36 @@ fn nearest(key: &str, known: impl Iterator<Item = &'static str>) -> Option<&'sta
         .map(|(_, k)| k)
 }
 
-/// Levenshtein distance over bytes (both strings are short: keys and at most 64 bytes).
+/// Edit distance over bytes (insertions, deletions, substitutions, and transpositions of
+/// neighbours: `xne` is one from `xen`). Both strings are short: keys, and at most 64 bytes.
 fn edit_distance(a: &str, b: &str) -> usize {
-    let b = b.as_bytes();
-    let mut row: Vec<usize> = (0..=b.len()).collect();
-    for (i, ca) in a.bytes().enumerate() {
-        let mut diagonal = row.first().copied().unwrap_or(0);
-        if let Some(first) = row.first_mut() {
-            *first = i + 1;
-        }
-        for (j, cb) in b.iter().enumerate() {
-            let above = row.get(j + 1).copied().unwrap_or(0);
-            let left = row.get(j).copied().unwrap_or(0);
-            let cost = usize::from(ca != *cb);
-            let best = (diagonal + cost).min(above + 1).min(left + 1);
-            diagonal = above;
-            if let Some(cell) = row.get_mut(j + 1) {
-                *cell = best;
+    let (a, b) = (a.as_bytes(), b.as_bytes());
+    let width = b.len() + 1;
+    // d[i * width + j]: distance between a[..i] and b[..j].
+    let mut d = vec![0usize; (a.len() + 1) * width];
+    let cell = |d: &[usize], i: usize, j: usize| d.get(i * width + j).copied().unwrap_or(0);
+    for i in 0..=a.len() {
+        for j in 0..=b.len() {
+            let value = match (i, j) {
+                (0, j) => j,
+                (i, 0) => i,
+                (i, j) => {
+                    let (ca, cb) = (a.get(i - 1), b.get(j - 1));
+                    let mut best = (cell(&d, i - 1, j) + 1)
+                        .min(cell(&d, i, j - 1) + 1)
+                        .min(cell(&d, i - 1, j - 1) + usize::from(ca != cb));
+                    if i > 1 && j > 1 && ca == b.get(j - 2) && a.get(i - 2) == cb {
+                        best = best.min(cell(&d, i - 2, j - 2) + 1);
+                    }
+                    best
+                }
+            };
+            if let Some(c) = d.get_mut(i * width + j) {
+                *c = value;
             }
         }
     }
-    row.last().copied().unwrap_or(0)
+    cell(&d, a.len(), b.len())
 }
 
 /// A section declared with [`section!`].
@@ -739,25 +748,28 @@ pub trait Section: Sized {
     fn to_toml(&self) -> Result<String, ConfigError>;
 }
 
-/// One key of a section: flag, else file, else default; checked against its bound.
+/// One key of a section: flag, else file, else default; checked against its bound. The
+/// file's value is read and checked even where a flag overrides it: a file is valid or
+/// refused as a whole, whatever the command line.
 pub fn merge_key<V: Value>(
     key: &Key,
     flag: Option<&V>,
     file: Option<&File<'_>>,
     default: V,
 ) -> Result<V, ConfigError> {
-    if let Some(v) = flag {
-        key.check(v, || format!("flag --{}", key.flag.name()))?;
-        return Ok(v.clone());
-    }
+    let mut from_file = None;
     if let Some(file) = file {
         let table = file.table(key.table)?;
         if let Some((v, at)) = file.get::<V>(table, key)? {
             key.check(&v, || at)?;
-            return Ok(v);
+            from_file = Some(v);
         }
     }
-    Ok(default)
+    if let Some(v) = flag {
+        key.check(v, || format!("flag --{}", key.flag.name()))?;
+        return Ok(v.clone());
+    }
+    Ok(from_file.unwrap_or(default))
 }
 
 /// `key = value` as TOML, or `# key: unset` for an unset key.
@@ -1152,6 +1164,11 @@ mod tests {
         assert_eq!(nearest(&"x".repeat(1000), names()), None);
         assert_eq!(edit_distance("kitten", "sitting"), 3);
         assert_eq!(edit_distance("", "abc"), 3);
+        assert_eq!(edit_distance("xne", "xen"), 1);
+        assert_eq!(
+            nearest("xne", ["tls", "xen", "siem"].into_iter()),
+            Some("xen")
+        );
     }
 
     #[test]
