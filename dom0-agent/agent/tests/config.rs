@@ -305,3 +305,20 @@ fn the_detector_token_file_can_be_set_in_the_file() {
     assert!(!dir.path().join("data").join("detector.token").exists());
     drop(agent);
 }
+
+/// The configuration the appliance image ships is read without a complaint (every key
+/// known, every value in bounds).
+#[test]
+fn the_shipped_configuration_reads_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    let shipped = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../buildroot/board/mayfly/rootfs-overlay/etc/mayfly/agent.toml");
+    let (code, printed, err) = serve(
+        &dir.path().join("data"),
+        &["--config", shipped.to_str().unwrap(), "--print-config"],
+    );
+    assert_eq!(code, Some(0), "{err}");
+    let table: toml::Table = toml::from_str(&printed).unwrap();
+    assert_eq!(table["backend"].as_str(), Some("xen"), "{printed}");
+    assert_eq!(table["xen"]["ready_timeout_ms"].as_integer(), Some(120_000));
+}
