@@ -52,123 +52,101 @@ fn refused(dir: &Path, text: &str) -> String {
     err
 }
 
-#[test]
-fn unknown_keys_are_refused_with_the_file_the_line_and_the_nearest_key() {
+/// Each `(file text, what the error must say)`: `{file}` is the file's path.
+fn expect_refusals(cases: &[(&str, &[&str])]) {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("agent.toml").display().to_string();
+    for (text, expected) in cases {
+        let err = refused(dir.path(), text);
+        for e in *expected {
+            let e = e.replace("{file}", &file);
+            assert!(err.contains(&e), "{text:?}: {e:?} missing from: {err}");
+        }
+    }
+}
 
-    let err = refused(dir.path(), "# comment\nmax_in_flight = 7\npool_sise = 2\n");
-    assert!(
-        err.contains(&format!(
-            "{file}:3: unknown key `pool_sise` in the top level"
-        )),
-        "{err}"
-    );
-    assert!(err.contains("did you mean `pool_size`?"), "{err}");
-
-    let err = refused(dir.path(), "pool_size = 2\n\n[console]\nclock_skew = 5\n");
-    assert!(
-        err.contains(&format!("{file}:4: unknown key `clock_skew` in [console]")),
-        "{err}"
-    );
-    assert!(err.contains("did you mean `clock_skew_secs`?"), "{err}");
-
-    // A key of one section written in another is unknown there.
-    let err = refused(dir.path(), "[xen]\npool_size = 2\n");
-    assert!(
-        err.contains(&format!("{file}:2: unknown key `pool_size` in [xen]")),
-        "{err}"
-    );
-
+#[test]
+fn unknown_keys_are_refused_with_the_file_the_line_and_the_nearest_key() {
+    expect_refusals(&[
+        (
+            "# comment\nmax_in_flight = 7\npool_sise = 2\n",
+            &[
+                "{file}:3: unknown key `pool_sise` in the top level",
+                "did you mean `pool_size`?",
+            ],
+        ),
+        (
+            "pool_size = 2\n\n[console]\nclock_skew = 5\n",
+            &[
+                "{file}:4: unknown key `clock_skew` in [console]",
+                "did you mean `clock_skew_secs`?",
+            ],
+        ),
+        // A key of one section written in another is unknown there.
+        (
+            "[xen]\npool_size = 2\n",
+            &["{file}:2: unknown key `pool_size` in [xen]"],
+        ),
+        // An unknown section, and a section that is not a table.
+        (
+            "\n[xne]\nkernel = \"k\"\n",
+            &["{file}:2: unknown key `xne`", "did you mean `xen`?"],
+        ),
+        ("tls = \"on\"\n", &["{file}:1: `tls` must be a table"]),
+        // The [siem] section, read by the exporter's own reader, names the line too.
+        (
+            "pool_size = 2\n[siem]\npen = 1\nbogus = 1\n",
+            &["{file}:4: in the [siem] section: unknown field `bogus`"],
+        ),
+    ]);
     // Nothing close: no suggestion.
+    let dir = tempfile::tempdir().unwrap();
     let err = refused(dir.path(), "frobnicate = true\n");
     assert!(err.contains("unknown key `frobnicate`"), "{err}");
     assert!(!err.contains("did you mean"), "{err}");
-
-    // An unknown section, and a section that is not a table.
-    let err = refused(dir.path(), "\n[xne]\nkernel = \"k\"\n");
-    assert!(
-        err.contains(&format!("{file}:2: unknown key `xne`")) && err.contains("`xen`"),
-        "{err}"
-    );
-    let err = refused(dir.path(), "tls = \"on\"\n");
-    assert!(
-        err.contains(&format!("{file}:1: `tls` must be a table")),
-        "{err}"
-    );
-
-    // The [siem] section, read by the exporter's own reader, names the line too.
-    let err = refused(dir.path(), "pool_size = 2\n[siem]\npen = 1\nbogus = 1\n");
-    assert!(
-        err.contains(&format!(
-            "{file}:4: in the [siem] section: unknown field `bogus`"
-        )),
-        "{err}"
-    );
 }
 
 #[test]
 fn wrong_types_and_values_out_of_bounds_name_the_line_the_key_and_the_bound() {
-    let dir = tempfile::tempdir().unwrap();
-    let file = dir.path().join("agent.toml").display().to_string();
-
-    let err = refused(dir.path(), "pool_size = 2\nmax_in_flight = \"7\"\n");
-    assert!(
-        err.contains(&format!(
-            "{file}:2: max_in_flight: expected a non-negative integer"
-        )),
-        "{err}"
-    );
-    // Checked even though --listen (given by `serve` here) overrides it.
-    let err = refused(dir.path(), "listen = \"localhost\"\n");
-    assert!(
-        err.contains(&format!("{file}:1: listen: expected an address")),
-        "{err}"
-    );
-    let err = refused(dir.path(), "[tls]\ncert = 5\n");
-    assert!(
-        err.contains(&format!("{file}:2: [tls] cert: expected a path")),
-        "{err}"
-    );
-    let err = refused(dir.path(), "pool_size = -1\n");
-    assert!(err.contains(&format!("{file}:1: pool_size")), "{err}");
-
-    let err = refused(dir.path(), "\nmax_connections = 2000000\n");
-    assert!(
-        err.contains(&format!(
-            "{file}:2: max_connections = 2000000 is above its limit of 1000000"
-        )),
-        "{err}"
-    );
-    assert!(err.contains("flag --max-connections"), "{err}");
-    let err = refused(
-        dir.path(),
-        "[xen]\nguest = \"linux\"\nready_timeout_ms = 0\n",
-    );
-    assert!(
-        err.contains(&format!(
-            "{file}:3: [xen] ready_timeout_ms = 0 is below its minimum of 1"
-        )),
-        "{err}"
-    );
-    let err = refused(dir.path(), "[console]\nclock_skew_secs = 86400\n");
-    assert!(
-        err.contains(&format!(
-            "{file}:2: [console] clock_skew_secs = 86400 is above its limit of 3600"
-        )),
-        "{err}"
-    );
-    let err = refused(dir.path(), "backend = \"kvm\"\n");
-    assert!(
-        err.contains(&format!(
-            "{file}:1: unknown backend \"kvm\"; use one of sandbox, xen"
-        )),
-        "{err}"
-    );
-    let err = refused(dir.path(), "pool_size = = 2\n");
-    assert!(err.contains(&format!("{file}:1: not valid TOML")), "{err}");
+    expect_refusals(&[
+        (
+            "pool_size = 2\nmax_in_flight = \"7\"\n",
+            &["{file}:2: max_in_flight: expected a non-negative integer"],
+        ),
+        // Checked even though --listen (given by `serve` here) overrides it.
+        (
+            "listen = \"localhost\"\n",
+            &["{file}:1: listen: expected an address"],
+        ),
+        (
+            "[tls]\ncert = 5\n",
+            &["{file}:2: [tls] cert: expected a path"],
+        ),
+        ("pool_size = -1\n", &["{file}:1: pool_size"]),
+        (
+            "\nmax_connections = 2000000\n",
+            &[
+                "{file}:2: max_connections = 2000000 is above its limit of 1000000",
+                "flag --max-connections",
+            ],
+        ),
+        (
+            "[xen]\nguest = \"linux\"\nready_timeout_ms = 0\n",
+            &["{file}:3: [xen] ready_timeout_ms = 0 is below its minimum of 1"],
+        ),
+        (
+            "[console]\nclock_skew_secs = 86400\n",
+            &["{file}:2: [console] clock_skew_secs = 86400 is above its limit of 3600"],
+        ),
+        (
+            "backend = \"kvm\"\n",
+            &["{file}:1: unknown backend \"kvm\"; use one of sandbox, xen"],
+        ),
+        ("pool_size = = 2\n", &["{file}:1: not valid TOML"]),
+    ]);
 
     // A flag out of bounds names the flag; it wins over a valid file value, and is refused.
+    let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("agent.toml"), "workers = 4\n").unwrap();
     let (code, _, err) = serve(
         &dir.path().join("data"),

@@ -116,11 +116,13 @@ pub enum ConfigError {
         /// `flag --NAME, `.
         flag: String,
     },
-    /// The `[siem]` section was refused by the SIEM exporter's own reader.
-    #[error("{at}: in the [siem] section: {message}")]
-    Siem {
+    /// A section owned by another crate (`[siem]`) was refused by that crate's reader.
+    #[error("{at}: in the [{section}] section: {message}")]
+    Foreign {
         /// `FILE:LINE`.
         at: String,
+        /// The section.
+        section: String,
         /// The reader's message.
         message: String,
     },
@@ -662,8 +664,9 @@ impl<'a> File<'a> {
         let Some((_, v)) = self.root.iter().find(|(k, _)| k.get_ref() == name) else {
             return Ok(None);
         };
-        let refuse = |e: toml::de::Error| ConfigError::Siem {
+        let refuse = |e: toml::de::Error| ConfigError::Foreign {
             at: self.at(e.span().or(Some(v.span()))),
+            section: name.to_owned(),
             message: e.message().trim().to_owned(),
         };
         let table: toml::Table = deserialize(v.clone()).map_err(refuse)?;
