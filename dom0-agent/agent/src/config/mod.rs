@@ -13,8 +13,9 @@
 //! (`FILE:LINE` or the flag). Keys the declarations do not know are refused with the
 //! file, the line, the section and, when one is close, the key that was probably meant.
 //!
-//! Adding a section: declare it with [`section!`] in `sections.rs`, add one field to
-//! [`Config`] and to [`Flags`], and one line to [`Config::load`] and [`Config::to_toml`].
+//! Adding a section: declare it with [`section!`] in `sections.rs` and name it in the
+//! [`config!`] list below (a section another crate reads with serde: in its `foreign`
+//! part). The file reader, the flags, `--help` and `--print-config` follow.
 
 mod sections;
 
@@ -903,124 +904,150 @@ macro_rules! section {
 }
 pub(crate) use section;
 
-/// The flags of every section, flattened into `serve`'s.
-#[derive(clap::Args, Debug, Clone, Default)]
-pub struct Flags {
-    #[command(flatten)]
-    service: sections::ServiceFlags,
-    #[command(flatten)]
-    tls: sections::TlsFlags,
-    #[command(flatten)]
-    xen: sections::XenFlags,
-    #[command(flatten)]
-    console: sections::ConsoleFlags,
-}
-
-/// The `[siem]` section: owned by `mayfly-siem` and read by its serde reader; file-only
-/// (a list of collectors has no sensible flag form).
+/// A section owned by another crate and read by its serde reader (its defaults, and the
+/// checks it does, are that crate's); file-only.
 #[derive(Debug, Clone, Default)]
-pub struct Siem {
-    /// As the exporter reads it (its defaults filled in).
-    pub config: mayfly_siem::SiemConfig,
-    /// As written in the file; `None` without a `[siem]` section.
+pub struct Foreign<T> {
+    /// As the owning crate reads it (its defaults filled in).
+    pub config: T,
+    /// As written in the file; `None` without the section.
     pub table: Option<toml::Table>,
 }
 
-impl PartialEq for Siem {
+impl<T> PartialEq for Foreign<T> {
     fn eq(&self, other: &Self) -> bool {
         self.table == other.table
     }
 }
 
-/// The whole configuration in force: every section, merged.
-#[derive(Debug, Clone, PartialEq, Default)]
-pub struct Config {
-    /// The top-level keys.
-    pub service: Service,
-    /// `[tls]`.
-    pub tls: Tls,
-    /// `[xen]`.
-    pub xen: Xen,
-    /// `[console]`.
-    pub console: Console,
-    /// `[siem]`.
-    pub siem: Siem,
-}
-
-/// The tables the file may hold besides the top-level keys.
-const SECTIONS: &[&str] = &[Tls::TABLE, Xen::TABLE, Console::TABLE, "siem"];
-
-impl Config {
-    /// The configuration from the flags and, if given, the file at `path`.
-    pub fn load(flags: &Flags, path: Option<&Path>) -> Result<Self, ConfigError> {
-        let text = path.map(File::read).transpose()?;
-        let file = match (path, &text) {
-            (Some(path), Some(text)) => Some(File::parse(path, text)?),
-            _ => None,
-        };
-        if let Some(file) = &file {
-            Self::refuse_unknown::<Service>(file, SECTIONS)?;
-            Self::refuse_unknown::<Tls>(file, &[])?;
-            Self::refuse_unknown::<Xen>(file, &[])?;
-            Self::refuse_unknown::<Console>(file, &[])?;
-        }
-        let siem = match file
-            .as_ref()
-            .map(|f| f.foreign::<mayfly_siem::SiemConfig>("siem"))
-            .transpose()?
-            .flatten()
-        {
-            Some((config, table)) => Siem {
-                config,
-                table: Some(table),
+impl<T: serde::de::DeserializeOwned + Default> Foreign<T> {
+    /// Section `name` of the file; the default without one.
+    fn read(file: Option<&File<'_>>, name: &str) -> Result<Self, ConfigError> {
+        Ok(
+            match file.map(|f| f.foreign::<T>(name)).transpose()?.flatten() {
+                Some((config, table)) => Self {
+                    config,
+                    table: Some(table),
+                },
+                None => Self::default(),
             },
-            None => Siem::default(),
-        };
-        Ok(Self {
-            service: Service::merge(&flags.service, file.as_ref())?,
-            tls: Tls::merge(&flags.tls, file.as_ref())?,
-            xen: Xen::merge(&flags.xen, file.as_ref())?,
-            console: Console::merge(&flags.console, file.as_ref())?,
-            siem,
-        })
+        )
     }
 
-    fn refuse_unknown<S: Section>(
-        file: &File<'_>,
-        sections: &[&'static str],
-    ) -> Result<(), ConfigError> {
-        match file.table(S::TABLE)? {
-            Some(table) => file.refuse_unknown(S::TABLE, table, &S::keys(), sections),
-            None => Ok(()),
-        }
-    }
-
-    /// The configuration as a TOML file that [`Config::load`] reads back to the same
-    /// configuration (`serve --print-config`).
-    pub fn to_toml(&self) -> Result<String, ConfigError> {
-        let mut out = String::from(
-            "# dom0-agent serve: the configuration in force (flags over file over defaults)\n",
-        );
-        out.push_str(&self.service.to_toml()?);
-        for (table, body) in [
-            (Tls::TABLE, self.tls.to_toml()?),
-            (Xen::TABLE, self.xen.to_toml()?),
-            (Console::TABLE, self.console.to_toml()?),
-        ] {
-            out.push_str(&format!("\n[{table}]\n{body}"));
-        }
-        if let Some(siem) = &self.siem.table {
+    /// The section as written, for `--print-config`.
+    fn print(&self, name: &str, out: &mut String) {
+        if let Some(table) = &self.table {
             let mut root = toml::Table::new();
-            root.insert("siem".to_owned(), toml::Value::Table(siem.clone()));
+            root.insert(name.to_owned(), toml::Value::Table(table.clone()));
             out.push('\n');
             out.push_str(&root.to_string());
         }
-        Ok(out)
     }
+}
 
-    /// Every key of every section, for `serve --help` and the docs.
-    pub fn keys() -> Vec<Key> {
-        [Service::keys(), Tls::keys(), Xen::keys(), Console::keys()].concat()
+/// Declares the whole configuration: the top-level section, the sections declared with
+/// [`section!`], and the sections other crates own. Generates [`Flags`] (every section's
+/// flags, for `serve`), [`Config`], and their loading, printing and key list.
+macro_rules! config {
+    (
+        top: $top:ident : $topty:ty;
+        sections: $( $(#[doc = $doc:literal])+ $field:ident : $ty:ty, )*
+        foreign: $( $(#[doc = $fdoc:literal])+ $ffield:ident : $fty:ty => $note:literal, )*
+    ) => {
+        /// The flags of every section, flattened into `serve`'s.
+        #[derive(clap::Args, Debug, Clone, Default)]
+        pub struct Flags {
+            #[command(flatten)]
+            $top: <$topty as Section>::Flags,
+            $(
+                #[command(flatten)]
+                $field: <$ty as Section>::Flags,
+            )*
+        }
+
+        /// The whole configuration in force: every section, merged.
+        #[derive(Debug, Clone, PartialEq, Default)]
+        pub struct Config {
+            /// The top-level keys.
+            pub $top: $topty,
+            $( $(#[doc = $doc])+ pub $field: $ty, )*
+            $( $(#[doc = $fdoc])+ pub $ffield: Foreign<$fty>, )*
+        }
+
+        /// The tables the file may hold besides the top-level keys.
+        const SECTIONS: &[&str] = &[$( <$ty as Section>::TABLE, )* $( stringify!($ffield), )*];
+
+        /// The file-only sections other crates own, and what `--help` says of each.
+        const FOREIGN: &[(&str, &str)] = &[$( (stringify!($ffield), $note), )*];
+
+        impl Config {
+            /// The configuration from the flags and, if given, the file at `path`.
+            pub fn load(flags: &Flags, path: Option<&Path>) -> Result<Self, ConfigError> {
+                let text = path.map(File::read).transpose()?;
+                let file = match (path, &text) {
+                    (Some(path), Some(text)) => Some(File::parse(path, text)?),
+                    _ => None,
+                };
+                if let Some(file) = &file {
+                    refuse_unknown::<$topty>(file, SECTIONS)?;
+                    $( refuse_unknown::<$ty>(file, &[])?; )*
+                }
+                Ok(Self {
+                    $top: <$topty>::merge(&flags.$top, file.as_ref())?,
+                    $( $field: <$ty>::merge(&flags.$field, file.as_ref())?, )*
+                    $( $ffield: Foreign::read(file.as_ref(), stringify!($ffield))?, )*
+                })
+            }
+
+            /// The configuration as a TOML file that [`Config::load`] reads back to the
+            /// same configuration (`serve --print-config`).
+            pub fn to_toml(&self) -> Result<String, ConfigError> {
+                let mut out = String::from(
+                    "# dom0-agent serve: the configuration in force (flags over file over defaults)\n",
+                );
+                out.push_str(&self.$top.to_toml()?);
+                $(
+                    out.push_str(&format!(
+                        "\n[{}]\n{}",
+                        <$ty as Section>::TABLE,
+                        self.$field.to_toml()?
+                    ));
+                )*
+                $( self.$ffield.print(stringify!($ffield), &mut out); )*
+                Ok(out)
+            }
+
+            /// Every key of every section declared here, for `serve --help`.
+            pub fn keys() -> Vec<Key> {
+                [<$topty>::keys(), $( <$ty>::keys(), )*].concat()
+            }
+        }
+    };
+}
+
+config! {
+    top: service: Service;
+    sections:
+        /// `[tls]`.
+        tls: Tls,
+        /// `[xen]`.
+        xen: Xen,
+        /// `[console]`.
+        console: Console,
+    foreign:
+        /// `[siem]`: `mayfly-siem`'s `SiemConfig` (docs/siem.md).
+        siem: mayfly_siem::SiemConfig => "file only: a list of collectors, [[siem.collector]] (docs/siem.md)",
+}
+
+/// Refuses the keys of section `S` the declarations do not know (`sections`: the tables
+/// the top level may also hold).
+fn refuse_unknown<S: Section>(
+    file: &File<'_>,
+    sections: &[&'static str],
+) -> Result<(), ConfigError> {
+    match file.table(S::TABLE)? {
+        Some(table) => file.refuse_unknown(S::TABLE, table, &S::keys(), sections),
+        None => Ok(()),
     }
 }
 
@@ -1053,9 +1080,9 @@ pub fn file_keys_help() -> String {
         };
         let _ = writeln!(out, "    {:<26} {:<36} {}", key.name, flag, key.kind);
     }
-    out.push_str(
-        "\n  [siem], [[siem.collector]]  file only: a list of collectors (docs/siem.md)\n",
-    );
+    for (name, note) in FOREIGN {
+        let _ = writeln!(out, "\n  [{name}]\n    {note}");
+    }
     out
 }
 
