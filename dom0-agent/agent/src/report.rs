@@ -13,9 +13,15 @@ use anyhow::Context;
 /// plan lists at most the policy's cap of transactions).
 const MAX_RESPONSE_BYTES: u64 = 4 << 20;
 
-/// The agent's answer could not be understood.
+/// A report could not be made or its answer not understood.
 #[derive(Debug, thiserror::Error)]
-pub enum ResponseError {
+pub enum ReportError {
+    /// The token is empty, or holds a character a header cannot carry.
+    #[error("the detector token in {path} must be one line of printable ASCII without spaces")]
+    Token {
+        /// The token file.
+        path: PathBuf,
+    },
     /// No blank line ends the head.
     #[error("the agent sent no complete HTTP response")]
     NoHead,
@@ -30,22 +36,11 @@ pub enum ResponseError {
     },
 }
 
-/// The detector token could not be used.
-#[derive(Debug, thiserror::Error)]
-pub enum TokenError {
-    /// The token is empty, or holds a character a header cannot carry.
-    #[error("the detector token in {path} must be one line of printable ASCII without spaces")]
-    Malformed {
-        /// The token file.
-        path: PathBuf,
-    },
-}
-
 /// The status code of an HTTP/1.x response head: `HTTP/1.1 200 OK` gives 200. Anything
 /// else (another version, a code that is not three digits in 100..=599) is an error.
-fn status_of(head: &str) -> Result<u16, ResponseError> {
+fn status_of(head: &str) -> Result<u16, ReportError> {
     let line = head.split("\r\n").next().unwrap_or_default();
-    let refuse = || ResponseError::StatusLine {
+    let refuse = || ReportError::StatusLine {
         line: line.chars().take(80).collect(),
     };
     let mut parts = line.splitn(3, ' ');
@@ -65,10 +60,10 @@ fn status_of(head: &str) -> Result<u16, ResponseError> {
 }
 
 /// The token of a token file: its one line, trimmed; refused if a header cannot carry it.
-fn token_of(text: &str, path: &std::path::Path) -> Result<String, TokenError> {
+fn token_of(text: &str, path: &std::path::Path) -> Result<String, ReportError> {
     let token = text.trim();
     if token.is_empty() || !token.bytes().all(|b| b.is_ascii_graphic()) {
-        return Err(TokenError::Malformed {
+        return Err(ReportError::Token {
             path: path.to_owned(),
         });
     }
@@ -140,11 +135,11 @@ pub fn run(args: &ReportArgs) -> anyhow::Result<u8> {
         .read_to_end(&mut resp)
         .context("reading the agent's answer")?;
     if u64::try_from(resp.len()).unwrap_or(u64::MAX) > MAX_RESPONSE_BYTES {
-        return Err(ResponseError::TooLarge.into());
+        return Err(ReportError::TooLarge.into());
     }
     let text = String::from_utf8_lossy(&resp);
     let Some((head, body)) = text.split_once("\r\n\r\n") else {
-        return Err(ResponseError::NoHead.into());
+        return Err(ReportError::NoHead.into());
     };
     let status = status_of(head)?;
     println!("{}", body.trim());
@@ -176,7 +171,7 @@ mod tests {
             "HTTP/1.1  200 OK",
         ] {
             assert!(
-                matches!(status_of(bad), Err(ResponseError::StatusLine { .. })),
+                matches!(status_of(bad), Err(ReportError::StatusLine { .. })),
                 "{bad:?}"
             );
         }

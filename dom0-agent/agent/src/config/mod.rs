@@ -287,7 +287,7 @@ impl Key {
 }
 
 /// A type a key can have: read from a flag and from the file, printed back as TOML.
-pub trait Value: Clone + Send + Sync + 'static {
+pub trait Value: Clone + Send + Sync + for<'de> Deserialize<'de> + 'static {
     /// What it is, for `--help` and errors.
     const KIND: &'static str;
 
@@ -297,8 +297,10 @@ pub trait Value: Clone + Send + Sync + 'static {
     /// How clap reads the flag's value.
     fn value_parser() -> clap::builder::ValueParser;
 
-    /// The value from the file.
-    fn from_file(value: Spanned<DeValue<'_>>) -> Result<Self, toml::de::Error>;
+    /// The value from the file (serde's reading of the TOML value).
+    fn from_file(value: Spanned<DeValue<'_>>) -> Result<Self, toml::de::Error> {
+        deserialize(value)
+    }
 
     /// The value as TOML; `None`: unset.
     fn to_toml(&self) -> Result<Option<toml::Value>, &'static str>;
@@ -353,9 +355,6 @@ macro_rules! integer_value {
             fn value_parser() -> clap::builder::ValueParser {
                 clap::value_parser!($ty).into()
             }
-            fn from_file(value: Spanned<DeValue<'_>>) -> Result<Self, toml::de::Error> {
-                deserialize(value)
-            }
             fn to_toml(&self) -> Result<Option<toml::Value>, &'static str> {
                 i64::try_from(*self)
                     .map(|v| Some(toml::Value::Integer(v)))
@@ -378,9 +377,6 @@ impl Value for bool {
     fn value_parser() -> clap::builder::ValueParser {
         clap::builder::ValueParser::bool()
     }
-    fn from_file(value: Spanned<DeValue<'_>>) -> Result<Self, toml::de::Error> {
-        deserialize(value)
-    }
     fn to_toml(&self) -> Result<Option<toml::Value>, &'static str> {
         Ok(Some(toml::Value::Boolean(*self)))
     }
@@ -395,9 +391,6 @@ impl Value for String {
     fn value_parser() -> clap::builder::ValueParser {
         clap::builder::ValueParser::string()
     }
-    fn from_file(value: Spanned<DeValue<'_>>) -> Result<Self, toml::de::Error> {
-        deserialize(value)
-    }
     fn to_toml(&self) -> Result<Option<toml::Value>, &'static str> {
         Ok(Some(toml::Value::String(self.clone())))
     }
@@ -411,9 +404,6 @@ impl Value for PathBuf {
     const PLACEHOLDER: &'static str = "PATH";
     fn value_parser() -> clap::builder::ValueParser {
         clap::builder::ValueParser::path_buf()
-    }
-    fn from_file(value: Spanned<DeValue<'_>>) -> Result<Self, toml::de::Error> {
-        deserialize(value)
     }
     fn to_toml(&self) -> Result<Option<toml::Value>, &'static str> {
         match self.to_str() {
@@ -432,9 +422,6 @@ impl Value for SocketAddr {
     fn value_parser() -> clap::builder::ValueParser {
         clap::value_parser!(SocketAddr).into()
     }
-    fn from_file(value: Spanned<DeValue<'_>>) -> Result<Self, toml::de::Error> {
-        deserialize(value)
-    }
     fn to_toml(&self) -> Result<Option<toml::Value>, &'static str> {
         Ok(Some(toml::Value::String(self.to_string())))
     }
@@ -447,9 +434,6 @@ impl Value for Vec<String> {
         clap::builder::ValueParser::new(|s: &str| {
             Ok::<_, std::convert::Infallible>(vec![s.to_owned()])
         })
-    }
-    fn from_file(value: Spanned<DeValue<'_>>) -> Result<Self, toml::de::Error> {
-        deserialize(value)
     }
     fn to_toml(&self) -> Result<Option<toml::Value>, &'static str> {
         Ok(Some(toml::Value::Array(
@@ -466,9 +450,6 @@ impl<T: Value> Value for Option<T> {
     const PLACEHOLDER: &'static str = T::PLACEHOLDER;
     fn value_parser() -> clap::builder::ValueParser {
         T::value_parser()
-    }
-    fn from_file(value: Spanned<DeValue<'_>>) -> Result<Self, toml::de::Error> {
-        T::from_file(value).map(Some)
     }
     fn to_toml(&self) -> Result<Option<toml::Value>, &'static str> {
         match self {

@@ -9,8 +9,6 @@ use std::path::PathBuf;
 use mayfly_command::authorize::defaults as console_defaults;
 use mayfly_sandbox::cgroup::CgroupLimits;
 use mayfly_xen_backend::GuestKind;
-use toml::de::DeValue;
-use toml::Spanned;
 
 use super::{section, Bound, Flag, Value};
 
@@ -197,9 +195,6 @@ impl Value for GuestKind {
             clap::builder::PossibleValuesParser::new(["mayfly", "linux"])
                 .try_map(|s| s.parse::<GuestKind>()),
         )
-    }
-    fn from_file(value: Spanned<DeValue<'_>>) -> Result<Self, toml::de::Error> {
-        super::deserialize(value)
     }
     fn to_toml(&self) -> Result<Option<toml::Value>, &'static str> {
         Ok(Some(toml::Value::String(self.to_string())))
