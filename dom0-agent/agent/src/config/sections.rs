@@ -22,7 +22,7 @@ const HOUR_MS: u64 = 3_600_000;
 
 section! {
     /// The top-level keys.
-    pub struct Service / ServiceFlags, table "", heading "Service" {
+    pub struct Service / ServiceFlags, table "", heading "Top-level keys" {
         /// Domain backend: "sandbox" (process isolation) or "xen" (a Xen PV domU per
         /// transaction; needs a Xen 4.17 dom0 and the guest of [xen] guest: the Mayfly PV
         /// guest kernel, or the Linux template of [xen] kernel/ramdisk).
