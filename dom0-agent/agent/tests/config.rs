@@ -6,8 +6,8 @@
 mod common;
 
 use std::path::Path;
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
 
 use common::Agent;
 
@@ -15,24 +15,11 @@ use common::Agent;
 /// exit code, stdout, stderr. One that keeps running (serving instead of refusing) is
 /// killed and fails the test.
 fn serve(data: &Path, args: &[&str]) -> (Option<i32>, String, String) {
-    let mut child = Command::new(common::agent_exe())
-        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+    let mut cmd = Command::new(common::agent_exe());
+    cmd.args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
         .arg(data)
-        .args(args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while child.try_wait().unwrap().is_none() {
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("serve {args:?} kept running instead of stopping");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let out = child.wait_with_output().unwrap();
+        .args(args);
+    let out = common::output_within(cmd, Duration::from_secs(20));
     (
         out.status.code(),
         String::from_utf8_lossy(&out.stdout).into_owned(),

@@ -6,8 +6,8 @@ mod common;
 
 use std::io::{Read, Write};
 use std::net::TcpListener;
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
 
 /// Runs `dom0-agent report` against a one-connection server that sends `answer` after
 /// reading the request head; exit code, stdout, stderr.
@@ -40,24 +40,11 @@ fn report_against(answer: Vec<u8>) -> (Option<i32>, String, String) {
     let dir = tempfile::tempdir().unwrap();
     let token = dir.path().join("detector.token");
     std::fs::write(&token, "0123456789abcdef0123456789abcdef\n").unwrap();
-    let mut child = Command::new(common::agent_exe())
-        .args(["report", "--agent", &addr.to_string(), "--token-file"])
+    let mut cmd = Command::new(common::agent_exe());
+    cmd.args(["report", "--agent", &addr.to_string(), "--token-file"])
         .arg(&token)
-        .args(["--handler", "notes", "--reason", "test"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while child.try_wait().unwrap().is_none() {
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("report did not end");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let out = child.wait_with_output().unwrap();
+        .args(["--handler", "notes", "--reason", "test"]);
+    let out = common::output_within(cmd, Duration::from_secs(30));
     server.join().unwrap();
     (
         out.status.code(),
