@@ -7,6 +7,7 @@
 
 #![forbid(unsafe_code)]
 
+mod config;
 mod demo;
 mod policy;
 mod report;

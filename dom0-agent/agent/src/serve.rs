@@ -1,74 +1,13 @@
 //! `dom0-agent serve`: the appliance service. Opens the ledger, starts the domain backend,
 //! and serves the client API until SIGINT or SIGTERM.
 //!
-//! Settings come from an optional TOML file (`--config`) and from flags; a flag given on the
-//! command line wins. SIGHUP reloads the policy bundle and the TLS certificates; SIGINT or
-//! SIGTERM stop the agent. Every key of the file is also a flag. Values above a key's upper
-//! bound ([`UPPER_BOUNDS`]: `max_connections` 1,000,000, `max_header_bytes` 1 MiB,
-//! `max_headers` 1024, `max_body_bytes` 64 MiB, `max_per_client` and `pool_size` 4096, the
-//! `*_timeout_ms` 1 h, `refusal_interval_ms` 1 day, `cpu_seconds` 86,400; `workers` 64,
-//! `max_in_flight` 4096) are refused at start with an error naming the key:
-//!
-//! ```toml
-//! backend = "sandbox"        # "sandbox" (process isolation) or "xen" (a PV domU each)
-//! data_dir = "/var/lib/mayfly"
-//! listen = "127.0.0.1:8450"  # not loopback: needs [tls] (or --insecure-plaintext-listen)
-//! insecure_plaintext_listen = false  # plain HTTP on a non-loopback address (trusted front end)
-//! pool_size = 8              # ready clones kept ahead of demand
-//! workers = 2                # network threads of the client API (transactions run elsewhere)
-//! max_in_flight = 64         # transactions at once; more get 503
-//! max_per_client = 8         # transactions of one client at once; more get 503
-//! max_connections = 2048     # open client connections; more get 503 and are closed
-//! max_header_bytes = 16384   # request line + headers; more get 431
-//! max_headers = 64           # header fields; more get 431
-//! header_timeout_ms = 10000  # a request head (or TLS handshake) must arrive within; else closed
-//! body_timeout_ms = 10000    # a request body must arrive within; else 408
-//! idle_timeout_ms = 5000     # an idle kept-alive connection is closed after
-//! max_body_bytes = 262144    # request body; more get 413
-//! tx_timeout_ms = 5000       # Start to Commit/Abort
-//! max_write_bytes = 4194304  # bytes one transaction may write (keys + values); past it the
-//!                            # transaction ends as `tx.write_limit` (Warning)
-//! take_timeout_ms = 2000     # wait for a ready domain; then 503 (Xen under emulation: longer)
-//! map_size_mib = 4096        # initial LMDB map size; grown on demand (doubling) up to:
-//! max_map_size_mib = 65536   # the largest the ledger may grow to
-//! memory_mib = 256           # address-space limit of each domain
-//! cpu_seconds = 10           # CPU-time limit of each domain
-//! refusal_interval_ms = 10000  # repeated identical refusals: one counted audit record per interval
-//! cgroups = true             # sandbox: all clones in one control group (false: none, loudly)
-//! clones_cpu_weight = 25     # its CPU weight (the agent's is 100)
-//! clones_cpu_max_percent = 180  # its CPU quota, % of one CPU [default: 90 % of the host's CPUs]
-//! clones_memory_mib = 4096   # memory of all clones together [default: a quarter of the host's]
-//! clones_pids_max = 200      # processes [default: twice the clones that can be alive, + 16]
-//! zygote = "/usr/libexec/mayfly/mayfly-zygote"  # the template executable; default: beside dom0-agent
-//! policy = "/etc/mayfly/policy" # directory of *.toml; default: the built-in bundle
-//!
-//! [tls]                      # HTTPS on the client API; files reread on SIGHUP
-//! cert = "/etc/mayfly/api.crt"        # PEM chain, leaf first
-//! key = "/etc/mayfly/api.key"         # PEM private key
-//! client_ca = "/etc/mayfly/clients-ca.pem"  # optional: mutual TLS, clients named by key
-//! [xen]                      # only with backend = "xen"
-//! kernel = "/usr/lib/mayfly/domu/vmlinux"             # the template's uncompressed vmlinux
-//! ramdisk = "/usr/lib/mayfly/domu/initramfs.cpio.gz"  # its initramfs (/init = domu-shim)
-//! cmdline = "console=hvc0 quiet"
-//! memory_mib = 128           # memory of each domain (at least 96)
-//! xl = "xl"                  # builds the domains (`xl create -p -e`); nothing else uses it
-//! ready_timeout_ms = 60000   # build to the shim's Ready
-//! build_threads = 1          # domains built in parallel
-//! [console]                  # the signed admin console (docs/console.md); off without keys
-//! admin_keys = ["<64 hex digits>", "/etc/mayfly/admins/bob.pub"]
-//! quorum = 2                 # distinct admins for rollback, policy.load, key.rotate, quarantine.release
-//! socket = "/run/mayfly/admin.sock"  # default DATA_DIR/admin.sock; mode 0600
-//! tcp = "127.0.0.1:8451"     # optional, loopback only
-//! clock_skew_secs = 60
-//! max_validity_secs = 3600
-//! [siem]                     # optional: export the audit chain as RFC 5424 syslog
-//! pen = 32473                # (the whole section is described in docs/siem.md)
-//! [[siem.collector]]
-//! name = "soc"
-//! transport = "tls"          # udp | tcp | tls
-//! address = "siem.example.org:6514"
-//! ca = "/etc/mayfly/siem-ca.pem"
-//! ```
+//! Settings come from flags, an optional TOML file (`--config`) and defaults, in that order
+//! of precedence: every key is declared once in [`crate::config`] (its type, default, bound,
+//! flag and file key), `serve --help` lists them all, and `serve --print-config` prints the
+//! configuration in force as a file that reads back to the same settings. Unknown keys,
+//! values of the wrong type and values outside their bound stop `serve` before anything is
+//! opened, naming the file and line (or the flag), the key and the bound. SIGHUP reloads
+//! the policy bundle and the TLS certificates; SIGINT or SIGTERM stop the agent.
 //!
 //! The SIEM exporter starts right after the ledger opens (so it exports the agent's own
 //! start) and stops last, after `agent.stopped` is recorded, letting each collector catch
@@ -99,255 +38,29 @@ use mayfly_ledger::{codec::hex, AuditEvent, Ledger, Options, Severity, StoreOpti
 use mayfly_sandbox::{Sandbox, SandboxConfig};
 use mayfly_xen_backend::{XenBackend, XenConfig, XenSection};
 use nix::sys::signal::{SigSet, Signal};
-use serde::Deserialize;
 use slog::{info, Logger};
 
-/// Arguments of `serve`.
+use crate::config::Config;
+
+/// Arguments of `serve`: the configuration file, and a flag for every key of it.
 #[derive(clap::Args, Default)]
+#[command(after_long_help = crate::config::file_keys_help())]
 pub struct ServeArgs {
-    /// TOML configuration file; flags override its values.
+    /// TOML configuration file; a flag given on the command line wins over its value, and
+    /// its value over the default. Its keys are listed at the end of `serve --help`.
     #[arg(long)]
     config: Option<PathBuf>,
-    /// Domain backend: "sandbox" (process isolation, the default) or "xen" (a Xen PV domU
-    /// per transaction; needs a Xen 4.17 dom0 and the guest of --xen-guest: the Mayfly PV
-    /// guest kernel, or the --xen-kernel/--xen-ramdisk Linux template).
+    /// Print the configuration in force (flags over file over defaults) as TOML and exit,
+    /// without opening the ledger or starting anything. The output is itself a valid
+    /// --config file. Nothing secret is printed: keys and tokens are only named by their
+    /// files.
     #[arg(long)]
-    backend: Option<String>,
-    /// Ledger data directory [default: ./mayfly-data].
-    #[arg(long)]
-    data_dir: Option<PathBuf>,
-    /// Client API address [default: 127.0.0.1:8450]; port 0 picks a free port. A
-    /// non-loopback address needs --tls-cert/--tls-key (or --insecure-plaintext-listen).
-    #[arg(long)]
-    listen: Option<SocketAddr>,
-    /// Serve plain HTTP on a non-loopback --listen address. Only behind a trusted front end
-    /// that terminates TLS: clients are then named by the front end's address.
-    #[arg(long)]
-    insecure_plaintext_listen: bool,
-    /// Client API over TLS: the server's PEM certificate chain, leaf first (`[tls] cert`).
-    #[arg(long)]
-    tls_cert: Option<PathBuf>,
-    /// Client API over TLS: the server's PEM private key (`[tls] key`).
-    #[arg(long)]
-    tls_key: Option<PathBuf>,
-    /// Mutual TLS: PEM CA certificate(s) client certificates must chain to; clients are then
-    /// named `spki:<SHA-256 of their certificate's public key>` (`[tls] client_ca`).
-    #[arg(long)]
-    tls_client_ca: Option<PathBuf>,
-    /// Ready domains kept ahead of demand [default: 8; at most 4096].
-    #[arg(long)]
-    pool_size: Option<usize>,
-    /// Network threads of the client API [default: 2]; transactions run on a separate pool
-    /// of --max-in-flight threads.
-    #[arg(long)]
-    workers: Option<usize>,
-    /// Transactions running at once; more are refused with 503 [default: 64].
-    #[arg(long)]
-    max_in_flight: Option<usize>,
-    /// Transactions of one client (certificate key with mutual TLS, else IP address) running
-    /// at once; more are refused with 503 [default: 8; at most 4096].
-    #[arg(long)]
-    max_per_client: Option<usize>,
-    /// Open client connections; a connection beyond is answered 503 and closed [default: 2048; at most
-    /// 1000000].
-    #[arg(long)]
-    max_connections: Option<usize>,
-    /// Largest request head (request line and headers) in bytes; more get 431 [default: 16384; at
-    /// most 1048576].
-    #[arg(long)]
-    max_header_bytes: Option<usize>,
-    /// Most header fields in a request; more get 431 [default: 64; at most 1024].
-    #[arg(long)]
-    max_headers: Option<usize>,
-    /// Time for a request head (and a TLS handshake) to arrive, in ms; then the connection is
-    /// closed [default: 10000; at most 3600000].
-    #[arg(long)]
-    header_timeout_ms: Option<u64>,
-    /// Time for a request body to arrive once its head is in, in ms; then 408 [default: 10000;
-    /// at most 3600000].
-    #[arg(long)]
-    body_timeout_ms: Option<u64>,
-    /// Idle time after which a kept-alive connection is closed, in ms [default: 5000; at most
-    /// 3600000].
-    #[arg(long)]
-    idle_timeout_ms: Option<u64>,
-    /// Largest request body in bytes; more get 413 [default: 262144; at most 67108864].
-    #[arg(long)]
-    max_body_bytes: Option<usize>,
-    /// Per-transaction time limit in ms [default: 5000; at most 3600000].
-    #[arg(long)]
-    tx_timeout_ms: Option<u64>,
-    /// How long a transaction waits for a ready domain before it is refused with 503, in ms
-    /// [default: 2000; at most 3600000].
-    #[arg(long)]
-    take_timeout_ms: Option<u64>,
-    /// Most bytes one transaction may write (keys and values of its puts, keys of its
-    /// deletes, as they arrive); the write crossing it ends the transaction, audited as
-    /// `tx.write_limit` [default: 4194304 = 4 MiB; at most 8 MiB, the checkpoint cap].
-    #[arg(long)]
-    max_write_bytes: Option<u64>,
-    /// Initial LMDB map size in MiB [default: 4096]; the committer doubles it on demand, up
-    /// to --max-map-size-mib, without a restart.
-    #[arg(long)]
-    map_size_mib: Option<usize>,
-    /// Largest size the ledger may grow to, in MiB [default: 65536]; past it commits fail
-    /// with "ledger map full".
-    #[arg(long)]
-    max_map_size_mib: Option<usize>,
-    /// Do not recompute the live-state digest from the data at start-up (a full scan of the
-    /// `data` database) and serve the data even if it was altered. For ledgers too large to
-    /// scan at every start; logged as a warning and audited (`ledger.state_check_skipped`).
-    /// Without it, altered live data stops the agent with exit code 4.
-    #[arg(long)]
-    skip_state_check: bool,
-    /// Address-space limit of each sandbox domain in MiB [default: 256] (Xen domains: see
-    /// --xen-memory-mib).
-    #[arg(long)]
-    memory_mib: Option<u64>,
-    /// CPU-time limit of each sandbox domain in seconds [default: 10; at most 86400].
-    #[arg(long)]
-    cpu_seconds: Option<u64>,
-    /// Repeated identical refusals (same client, same rule or reason) are audited once
-    /// when the first comes, then as one counted `refusal.repeated` record per interval of
-    /// this many ms [default: 10000; at most 86400000].
-    #[arg(long)]
-    refusal_interval_ms: Option<u64>,
-    /// Sandbox: run clones WITHOUT a control group (no CPU weight or quota, no memory or
-    /// pids limit for all clones together). Only for hosts without cgroups: spinning or
-    /// allocating guests can then starve the agent. Without it, the agent refuses to start
-    /// where the limits cannot be applied.
-    #[arg(long)]
-    no_cgroups: bool,
-    /// Sandbox: CPU weight of all clones together, 1..=10000 (the agent's is 100; v1:
-    /// cpu.shares = weight × 4096 / 100, against four agent threads) [default: 25].
-    #[arg(long)]
-    clones_cpu_weight: Option<u32>,
-    /// Sandbox: CPU quota of all clones together, in percent of one CPU (per 10 ms period)
-    /// [default: 90 % of the host's online CPUs].
-    #[arg(long)]
-    clones_cpu_max_percent: Option<u32>,
-    /// Sandbox: memory of all clones together (and the zygote), MiB [default: a quarter of
-    /// the host's memory].
-    #[arg(long)]
-    clones_memory_mib: Option<u64>,
-    /// Sandbox: processes of the clones' group [default: twice the clones that can be
-    /// alive at once, plus 16].
-    #[arg(long)]
-    clones_pids_max: Option<u64>,
-    /// Sandbox backend: the template executable every domain is forked from [default:
-    /// mayfly-zygote in the directory of the dom0-agent executable].
-    #[arg(long)]
-    zygote: Option<PathBuf>,
-    /// Policy bundle: a directory of *.toml files [default: the shipped bundle,
-    /// policies/default, built in].
-    #[arg(long)]
-    policy: Option<PathBuf>,
-    /// File holding the bearer token external detectors present to POST /v1/reports
-    /// [default: DATA_DIR/detector.token, created (mode 0600) on first start].
-    #[arg(long)]
-    detector_token: Option<PathBuf>,
-    /// Xen backend: the guest kind, `mayfly` (Mayfly's own PV guest kernel, built
-    /// in-process: no xl, no xenstore, 4 MiB) or `linux` (the Linux PV guest, for handlers
-    /// that need a Linux userland) (`[xen] guest`) [default: mayfly].
-    #[arg(long, value_parser = ["mayfly", "linux"])]
-    xen_guest: Option<String>,
-    /// Xen backend, guest `mayfly`: the Mayfly PV guest kernel (`[xen] mayfly_kernel`)
-    /// [default: /usr/share/mayfly/template/mayfly-pv-guest].
-    #[arg(long)]
-    xen_mayfly_kernel: Option<PathBuf>,
-    /// Xen backend, guest `linux`: the template's kernel, an uncompressed ELF vmlinux
-    /// (`[xen] kernel`).
-    #[arg(long)]
-    xen_kernel: Option<PathBuf>,
-    /// Xen backend, guest `linux`: the template's initramfs, whose /init is domu-shim
-    /// (`[xen] ramdisk`).
-    #[arg(long)]
-    xen_ramdisk: Option<PathBuf>,
-    /// Xen backend: the domains' kernel command line [default: "console=hvc0 quiet"].
-    #[arg(long)]
-    xen_cmdline: Option<String>,
-    /// Xen backend, guest `linux`: memory of each domain in MiB, at least 96 [default: 128]
-    /// (guest `mayfly`: `[xen] mayfly_memory_mib`, 4..=64, default 4).
-    #[arg(long)]
-    xen_memory_mib: Option<u32>,
-    /// Xen backend: the `xl` binary that builds domains (`xl create -p -e`; pause, unpause
-    /// and destroy go through libxenctrl) [default: xl, from PATH].
-    #[arg(long)]
-    xl: Option<PathBuf>,
-    /// Authorized admin public key (64 hex digits, or a .pub file from `mayfly admin
-    /// keygen`); repeat for each admin. Without any, the admin console is off.
-    #[arg(long = "admin-key")]
-    admin_keys: Vec<String>,
-    /// Distinct admins a destructive console command needs [default: 2].
-    #[arg(long)]
-    admin_quorum: Option<usize>,
-    /// Admin console Unix socket [default: DATA_DIR/admin.sock].
-    #[arg(long)]
-    console_socket: Option<PathBuf>,
-    /// Also serve the admin console on this loopback TCP address.
-    #[arg(long)]
-    console_tcp: Option<SocketAddr>,
+    print_config: bool,
+    #[command(flatten)]
+    flags: crate::config::Flags,
 }
 
-#[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-struct ConsoleFileConfig {
-    admin_keys: Option<Vec<String>>,
-    quorum: Option<usize>,
-    socket: Option<PathBuf>,
-    tcp: Option<SocketAddr>,
-    clock_skew_secs: Option<u64>,
-    max_validity_secs: Option<u64>,
-}
-
-#[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-struct TlsFileConfig {
-    cert: Option<PathBuf>,
-    key: Option<PathBuf>,
-    client_ca: Option<PathBuf>,
-}
-
-#[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-struct FileConfig {
-    backend: Option<String>,
-    data_dir: Option<PathBuf>,
-    listen: Option<SocketAddr>,
-    insecure_plaintext_listen: Option<bool>,
-    pool_size: Option<usize>,
-    workers: Option<usize>,
-    max_in_flight: Option<usize>,
-    max_per_client: Option<usize>,
-    max_connections: Option<usize>,
-    max_header_bytes: Option<usize>,
-    max_headers: Option<usize>,
-    header_timeout_ms: Option<u64>,
-    body_timeout_ms: Option<u64>,
-    idle_timeout_ms: Option<u64>,
-    max_body_bytes: Option<usize>,
-    tls: Option<TlsFileConfig>,
-    tx_timeout_ms: Option<u64>,
-    take_timeout_ms: Option<u64>,
-    max_write_bytes: Option<u64>,
-    map_size_mib: Option<usize>,
-    max_map_size_mib: Option<usize>,
-    memory_mib: Option<u64>,
-    cpu_seconds: Option<u64>,
-    refusal_interval_ms: Option<u64>,
-    cgroups: Option<bool>,
-    clones_cpu_weight: Option<u32>,
-    clones_cpu_max_percent: Option<u32>,
-    clones_memory_mib: Option<u64>,
-    clones_pids_max: Option<u64>,
-    zygote: Option<PathBuf>,
-    policy: Option<PathBuf>,
-    xen: Option<XenSection>,
-    console: Option<ConsoleFileConfig>,
-    siem: Option<mayfly_siem::SiemConfig>,
-}
-
-/// The settings in force, after merging file and flags.
+/// The settings in force, after merging flags, file and defaults.
 struct Settings {
     backend: String,
     data_dir: PathBuf,
@@ -363,6 +76,7 @@ struct Settings {
     max_write_bytes: u64,
     map_size: usize,
     max_map_size: usize,
+    check_state: bool,
     memory_bytes: u64,
     cpu_seconds: u64,
     refusal_interval: Duration,
@@ -371,253 +85,110 @@ struct Settings {
     /// The sandbox template executable, if set; otherwise beside the agent's own.
     zygote: Option<PathBuf>,
     policy: Option<PathBuf>,
+    detector_token: PathBuf,
     xen: XenSection,
     console: Option<mayfly_console::ConsoleConfig>,
     siem: mayfly_siem::SiemConfig,
 }
 
+/// The `[console]` section as the console server takes it; `None` without admin keys.
 fn console_settings(
-    args: &ServeArgs,
-    file: Option<ConsoleFileConfig>,
+    c: &crate::config::Console,
     data_dir: &Path,
 ) -> anyhow::Result<Option<mayfly_console::ConsoleConfig>> {
-    use mayfly_command::authorize::defaults;
-    let file = file.unwrap_or_default();
-    let listed = if args.admin_keys.is_empty() {
-        file.admin_keys.unwrap_or_default()
-    } else {
-        args.admin_keys.clone()
-    };
-    if listed.is_empty() {
+    if c.admin_keys.is_empty() {
         return Ok(None);
     }
     let mut keys = std::collections::BTreeMap::new();
-    for (i, text) in listed.iter().enumerate() {
+    for (i, text) in c.admin_keys.iter().enumerate() {
         let key = mayfly_command::keyfile::parse_public(text)
             .with_context(|| format!("admin key {}", i + 1))?;
         keys.insert(key, format!("admin-{}", i + 1));
     }
-    let skew = Duration::from_secs(
-        file.clock_skew_secs
-            .unwrap_or(defaults::CLOCK_SKEW.as_secs()),
-    );
-    let max_validity = Duration::from_secs(
-        file.max_validity_secs
-            .unwrap_or(defaults::MAX_VALIDITY.as_secs()),
-    );
-    if max_validity.is_zero() {
-        bail!("console max_validity_secs must be at least 1");
-    }
-    let quorum = args
-        .admin_quorum
-        .or(file.quorum)
-        .unwrap_or(defaults::QUORUM);
-    if quorum == 0 || quorum > keys.len() {
+    if c.quorum > keys.len() {
         bail!(
-            "admin quorum {quorum} is impossible with {} distinct admin key(s); add keys or set --admin-quorum",
+            "admin quorum {} is impossible with {} distinct admin key(s); add keys or set --admin-quorum",
+            c.quorum,
             keys.len()
         );
     }
     Ok(Some(mayfly_console::ConsoleConfig {
-        socket: args
-            .console_socket
+        socket: c
+            .socket
             .clone()
-            .or(file.socket)
             .unwrap_or_else(|| data_dir.join("admin.sock")),
-        tcp: args.console_tcp.or(file.tcp),
-        authorizer: mayfly_command::Authorizer::new(keys, skew, max_validity),
-        quorum,
+        tcp: c.tcp,
+        authorizer: mayfly_command::Authorizer::new(
+            keys,
+            Duration::from_secs(c.clock_skew_secs),
+            Duration::from_secs(c.max_validity_secs),
+        ),
+        quorum: c.quorum,
         max_connections: 8,
         max_tcp_connections: 8,
         io_timeout: Duration::from_secs(30),
     }))
 }
 
-/// Upper bounds of the settings (documented in docs/api.md §Limits and the module docs):
-/// beyond them a value would overflow a deadline (`Instant` + a huge duration aborts), a
-/// semaphore (tokio's `MAX_PERMITS`) or a buffer size, or allocate per request without
-/// reason.
-const UPPER_BOUNDS: &[(&str, u64)] = &[
-    ("max_connections", 1_000_000),
-    ("max_header_bytes", 1 << 20),
-    ("max_headers", 1024),
-    ("max_body_bytes", 64 << 20),
-    ("max_per_client", 4096),
-    ("header_timeout_ms", 3_600_000),
-    ("body_timeout_ms", 3_600_000),
-    ("idle_timeout_ms", 3_600_000),
-    ("tx_timeout_ms", 3_600_000),
-    ("take_timeout_ms", 3_600_000),
-    ("refusal_interval_ms", 86_400_000),
-    ("cpu_seconds", 86_400),
-    ("pool_size", 4096),
-];
-
-/// Refuses a setting above its upper bound, naming the key.
-fn check_upper_bounds(s: &Settings) -> anyhow::Result<()> {
-    let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
-    let n = |v: usize| u64::try_from(v).unwrap_or(u64::MAX);
-    for &(key, max) in UPPER_BOUNDS {
-        let value = match key {
-            "max_connections" => n(s.limits.max_connections),
-            "max_header_bytes" => n(s.limits.max_header_bytes),
-            "max_headers" => n(s.limits.max_headers),
-            "max_body_bytes" => n(s.limits.max_body),
-            "max_per_client" => n(s.max_per_client),
-            "header_timeout_ms" => ms(s.limits.header_timeout),
-            "body_timeout_ms" => ms(s.limits.body_timeout),
-            "idle_timeout_ms" => ms(s.limits.idle_timeout),
-            "tx_timeout_ms" => ms(s.tx_timeout),
-            "take_timeout_ms" => ms(s.take_timeout),
-            "refusal_interval_ms" => ms(s.refusal_interval),
-            "cpu_seconds" => s.cpu_seconds,
-            "pool_size" => n(s.pool_size),
-            _ => continue,
-        };
-        if value > max {
-            bail!(
-                "{key} = {value} is above its limit of {max} (flag --{}, configuration key {key})",
-                key.replace('_', "-")
-            );
-        }
-    }
-    Ok(())
+/// The configuration from the flags and the `--config` file.
+fn config(args: &ServeArgs) -> anyhow::Result<Config> {
+    Ok(Config::load(&args.flags, args.config.as_deref())?)
 }
 
-fn load(args: &ServeArgs) -> anyhow::Result<Settings> {
-    let file: FileConfig = match &args.config {
-        Some(path) => {
-            let text = std::fs::read_to_string(path)
-                .with_context(|| format!("reading the configuration {}", path.display()))?;
-            toml::from_str(&text)
-                .with_context(|| format!("in the configuration {}", path.display()))?
-        }
-        None => FileConfig::default(),
-    };
-    let data_dir = args
-        .data_dir
-        .clone()
-        .or(file.data_dir.clone())
-        .unwrap_or_else(|| "./mayfly-data".into());
-    let console = console_settings(args, file.console, &data_dir)?;
-    let tls = tls_settings(args, file.tls)?;
-    let d = mayfly_api::Limits::default();
-    let ms = |flag: Option<u64>, key: Option<u64>, default: Duration| {
-        flag.or(key).map_or(default, Duration::from_millis)
-    };
-    let limits = mayfly_api::Limits {
-        max_header_bytes: args
-            .max_header_bytes
-            .or(file.max_header_bytes)
-            .unwrap_or(d.max_header_bytes),
-        max_headers: args
-            .max_headers
-            .or(file.max_headers)
-            .unwrap_or(d.max_headers),
-        header_timeout: ms(
-            args.header_timeout_ms,
-            file.header_timeout_ms,
-            d.header_timeout,
-        ),
-        body_timeout: ms(args.body_timeout_ms, file.body_timeout_ms, d.body_timeout),
-        idle_timeout: ms(args.idle_timeout_ms, file.idle_timeout_ms, d.idle_timeout),
-        max_connections: args
-            .max_connections
-            .or(file.max_connections)
-            .unwrap_or(d.max_connections),
-        max_body: args
-            .max_body_bytes
-            .or(file.max_body_bytes)
-            .unwrap_or(d.max_body),
-    };
-    let insecure = args.insecure_plaintext_listen || file.insecure_plaintext_listen == Some(true);
+/// The settings of a configuration whose keys have been checked one by one: what is left
+/// are the checks across keys.
+fn settings(c: &Config) -> anyhow::Result<Settings> {
+    let v = &c.service;
+    let mib = |m: usize| m.saturating_mul(1 << 20);
     let s = Settings {
-        limits,
-        tls,
-        console,
-        backend: args
-            .backend
-            .clone()
-            .or(file.backend)
-            .unwrap_or_else(|| "sandbox".into()),
-        data_dir,
-        listen: args
-            .listen
-            .or(file.listen)
-            .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 8450))),
-        pool_size: args.pool_size.or(file.pool_size).unwrap_or(8),
-        workers: args.workers.or(file.workers).unwrap_or(2),
-        max_in_flight: args.max_in_flight.or(file.max_in_flight).unwrap_or(64),
-        max_per_client: args.max_per_client.or(file.max_per_client).unwrap_or(8),
-        tx_timeout: Duration::from_millis(
-            args.tx_timeout_ms.or(file.tx_timeout_ms).unwrap_or(5000),
-        ),
-        take_timeout: Duration::from_millis(
-            args.take_timeout_ms
-                .or(file.take_timeout_ms)
-                .unwrap_or(2000),
-        ),
-        max_write_bytes: args
-            .max_write_bytes
-            .or(file.max_write_bytes)
-            .unwrap_or(mayfly_executor::DEFAULT_MAX_WRITE_BYTES),
-        map_size: args
-            .map_size_mib
-            .or(file.map_size_mib)
-            .unwrap_or(4096)
-            .saturating_mul(1 << 20),
-        max_map_size: args
-            .max_map_size_mib
-            .or(file.max_map_size_mib)
-            .unwrap_or(65536)
-            .saturating_mul(1 << 20),
-        memory_bytes: args
-            .memory_mib
-            .or(file.memory_mib)
-            .unwrap_or(256)
-            .saturating_mul(1 << 20),
-        cpu_seconds: args.cpu_seconds.or(file.cpu_seconds).unwrap_or(10),
-        refusal_interval: Duration::from_millis(
-            args.refusal_interval_ms
-                .or(file.refusal_interval_ms)
-                .unwrap_or(10_000),
-        ),
-        cgroups: if args.no_cgroups || file.cgroups == Some(false) {
-            None
-        } else {
-            let defaults = mayfly_sandbox::cgroup::CgroupLimits::host_defaults();
-            Some(mayfly_sandbox::cgroup::CgroupLimits {
-                cpu_weight: args
-                    .clones_cpu_weight
-                    .or(file.clones_cpu_weight)
-                    .unwrap_or(defaults.cpu_weight),
-                cpu_max_percent: args
-                    .clones_cpu_max_percent
-                    .or(file.clones_cpu_max_percent)
-                    .or(defaults.cpu_max_percent),
-                memory_max: args
-                    .clones_memory_mib
-                    .or(file.clones_memory_mib)
-                    .map_or(defaults.memory_max, |m| m.saturating_mul(1 << 20)),
-                pids_max: args.clones_pids_max.or(file.clones_pids_max),
-            })
+        backend: v.backend.clone(),
+        data_dir: v.data_dir.clone(),
+        listen: v.listen,
+        pool_size: v.pool_size,
+        workers: v.workers,
+        max_in_flight: v.max_in_flight,
+        max_per_client: v.max_per_client,
+        limits: mayfly_api::Limits {
+            max_header_bytes: v.max_header_bytes,
+            max_headers: v.max_headers,
+            header_timeout: Duration::from_millis(v.header_timeout_ms),
+            body_timeout: Duration::from_millis(v.body_timeout_ms),
+            idle_timeout: Duration::from_millis(v.idle_timeout_ms),
+            max_connections: v.max_connections,
+            max_body: v.max_body_bytes,
         },
-        zygote: args.zygote.clone().or(file.zygote),
-        policy: args.policy.clone().or(file.policy),
-        xen: xen_section(args, file.xen.unwrap_or_default()),
-        siem: file.siem.unwrap_or_default(),
+        tls: tls_settings(&c.tls)?,
+        tx_timeout: Duration::from_millis(v.tx_timeout_ms),
+        take_timeout: Duration::from_millis(v.take_timeout_ms),
+        max_write_bytes: v.max_write_bytes,
+        map_size: mib(v.map_size_mib),
+        max_map_size: mib(v.max_map_size_mib),
+        check_state: !v.skip_state_check,
+        memory_bytes: v.memory_mib.saturating_mul(1 << 20),
+        cpu_seconds: v.cpu_seconds,
+        refusal_interval: Duration::from_millis(v.refusal_interval_ms),
+        cgroups: v.cgroups.then(|| {
+            let host = mayfly_sandbox::cgroup::CgroupLimits::host_defaults();
+            mayfly_sandbox::cgroup::CgroupLimits {
+                cpu_weight: v.clones_cpu_weight,
+                cpu_max_percent: v.clones_cpu_max_percent.or(host.cpu_max_percent),
+                memory_max: v
+                    .clones_memory_mib
+                    .map_or(host.memory_max, |m| m.saturating_mul(1 << 20)),
+                pids_max: v.clones_pids_max,
+            }
+        }),
+        zygote: v.zygote.clone(),
+        policy: v.policy.clone(),
+        detector_token: v
+            .detector_token
+            .clone()
+            .unwrap_or_else(|| v.data_dir.join("detector.token")),
+        xen: xen_section(&c.xen),
+        console: console_settings(&c.console, &v.data_dir)?,
+        siem: c.siem.config.clone(),
     };
-    match s.backend.as_str() {
-        "sandbox" | "xen" => {}
-        other => bail!("unknown backend {other:?}; use --backend sandbox or --backend xen"),
-    }
-    if s.workers == 0 || s.max_in_flight == 0 || s.max_per_client == 0 {
-        bail!("workers, max_in_flight and max_per_client must be at least 1");
-    }
-    if s.workers > 64 || s.max_in_flight > 4096 {
-        bail!("workers is limited to 64 and max_in_flight to 4096");
-    }
-    if !s.listen.ip().is_loopback() && s.tls.is_none() && !insecure {
+    if !s.listen.ip().is_loopback() && s.tls.is_none() && !v.insecure_plaintext_listen {
         bail!(
             "refusing to serve plain HTTP on the non-loopback address {}: clients and their \
              transactions would travel unauthenticated and in clear. Give --tls-cert and \
@@ -626,24 +197,7 @@ fn load(args: &ServeArgs) -> anyhow::Result<Settings> {
             s.listen
         );
     }
-    if s.tx_timeout.is_zero() || s.take_timeout.is_zero() {
-        bail!("tx_timeout_ms and take_timeout_ms must be at least 1");
-    }
-    check_upper_bounds(&s)?;
-    if s.refusal_interval.is_zero() {
-        bail!("refusal_interval_ms must be at least 1");
-    }
-    let checkpoint_cap =
-        u64::try_from(mayfly_ledger::checkpoint::MAX_CHECKPOINT_BYTES).unwrap_or(u64::MAX);
-    if s.max_write_bytes == 0 || s.max_write_bytes > checkpoint_cap {
-        bail!(
-            "max_write_bytes must be 1..={checkpoint_cap} (a larger write set cannot fit in one checkpoint)"
-        );
-    }
-    if s.map_size < (16 << 20) {
-        bail!("map_size_mib must be at least 16");
-    }
-    if s.max_map_size < s.map_size {
+    if v.max_map_size_mib < v.map_size_mib {
         bail!("max_map_size_mib must be at least map_size_mib");
     }
     if let Some(limits) = &s.cgroups {
@@ -653,43 +207,33 @@ fn load(args: &ServeArgs) -> anyhow::Result<Settings> {
     Ok(s)
 }
 
-/// The `[tls]` table with the `--tls-*` flags laid over it; `None` without certificate.
-fn tls_settings(
-    args: &ServeArgs,
-    file: Option<TlsFileConfig>,
-) -> anyhow::Result<Option<mayfly_api::TlsFiles>> {
-    let file = file.unwrap_or_default();
-    let cert = args.tls_cert.clone().or(file.cert);
-    let key = args.tls_key.clone().or(file.key);
-    let client_ca = args.tls_client_ca.clone().or(file.client_ca);
-    match (cert, key) {
+/// The `[tls]` section; `None` without certificate.
+fn tls_settings(t: &crate::config::Tls) -> anyhow::Result<Option<mayfly_api::TlsFiles>> {
+    match (&t.cert, &t.key) {
         (Some(cert), Some(key)) => Ok(Some(mayfly_api::TlsFiles {
-            cert,
-            key,
-            client_ca,
+            cert: cert.clone(),
+            key: key.clone(),
+            client_ca: t.client_ca.clone(),
         })),
-        (None, None) if client_ca.is_none() => Ok(None),
+        (None, None) if t.client_ca.is_none() => Ok(None),
         (None, None) => bail!("--tls-client-ca needs --tls-cert and --tls-key"),
         _ => bail!("TLS needs both --tls-cert and --tls-key"),
     }
 }
 
-/// The `[xen]` table with the `--xen-*` flags laid over it.
-fn xen_section(args: &ServeArgs, file: XenSection) -> XenSection {
+/// The `[xen]` section as the Xen backend takes it (its defaults filled in there).
+fn xen_section(x: &crate::config::Xen) -> XenSection {
     XenSection {
-        // Checked by clap's value parser: "mayfly" or "linux".
-        guest: args
-            .xen_guest
-            .as_deref()
-            .and_then(|g| g.parse().ok())
-            .or(file.guest),
-        mayfly_kernel: args.xen_mayfly_kernel.clone().or(file.mayfly_kernel),
-        kernel: args.xen_kernel.clone().or(file.kernel),
-        ramdisk: args.xen_ramdisk.clone().or(file.ramdisk),
-        cmdline: args.xen_cmdline.clone().or(file.cmdline),
-        memory_mib: args.xen_memory_mib.or(file.memory_mib),
-        xl: args.xl.clone().or(file.xl),
-        ..file
+        guest: x.guest,
+        mayfly_kernel: x.mayfly_kernel.clone(),
+        mayfly_memory_mib: x.mayfly_memory_mib,
+        kernel: x.kernel.clone(),
+        ramdisk: x.ramdisk.clone(),
+        cmdline: x.cmdline.clone(),
+        memory_mib: x.memory_mib,
+        xl: x.xl.clone(),
+        ready_timeout_ms: x.ready_timeout_ms,
+        build_threads: x.build_threads,
     }
 }
 
@@ -861,7 +405,16 @@ fn block_stop_signals() -> anyhow::Result<SigSet> {
 
 /// Runs the service until SIGINT or SIGTERM; returns the exit code.
 pub fn run(args: &ServeArgs, log: &Logger) -> anyhow::Result<u8> {
-    let s = load(args)?;
+    let config = config(args)?;
+    let s = settings(&config)?;
+    if args.print_config {
+        print!("{}", config.to_toml()?);
+        use std::io::Write as _;
+        std::io::stdout()
+            .flush()
+            .context("writing the configuration")?;
+        return Ok(0);
+    }
     let signals = block_stop_signals()?;
     let options = Options {
         store: StoreOptions {
@@ -869,7 +422,7 @@ pub fn run(args: &ServeArgs, log: &Logger) -> anyhow::Result<u8> {
             max_map_size: s.max_map_size,
             ..StoreOptions::default()
         },
-        check_state: !args.skip_state_check,
+        check_state: s.check_state,
         ..Options::default()
     };
     let ledger = match Ledger::open(&s.data_dir, &options, log) {
@@ -908,10 +461,7 @@ pub fn run(args: &ServeArgs, log: &Logger) -> anyhow::Result<u8> {
         bundle,
         log,
     ));
-    let token_path = args
-        .detector_token
-        .clone()
-        .unwrap_or_else(|| s.data_dir.join("detector.token"));
+    let token_path = s.detector_token.clone();
     let detector_token = detector_token(&token_path)?;
     let api = ApiConfig {
         detector_token: Some(detector_token),

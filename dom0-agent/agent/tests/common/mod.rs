@@ -284,3 +284,24 @@ pub fn shipped_policy(path: &str) -> String {
     )
     .unwrap()
 }
+
+/// Runs `cmd` to its end with stdout and stderr captured (each well under a pipe's 64 KiB:
+/// nothing drains them while it runs). One still running after `limit` is killed and fails
+/// the test: a command that should stop by itself must not hang the suite.
+pub fn output_within(mut cmd: Command, limit: Duration) -> std::process::Output {
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + limit;
+    while child.try_wait().unwrap().is_none() {
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{cmd:?} kept running past {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.wait_with_output().unwrap()
+}
