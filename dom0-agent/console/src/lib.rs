@@ -34,7 +34,10 @@ pub mod status;
 
 use std::sync::Arc;
 
+use mayfly_domain::DomainBackend;
 use mayfly_executor::Executor;
+use mayfly_incident::Incidents;
+use mayfly_ledger::{Hash, Ledger};
 
 pub use server::{ConsoleConfig, ConsoleError, ConsoleServer};
 
@@ -59,16 +62,61 @@ pub trait ExporterStatus: Send + Sync {
     fn collectors(&self) -> Vec<CollectorStatus>;
 }
 
+/// The policy in force, as the console sees it: its hash (`status`) and its reload
+/// (`policy.load`). The executor holds it; the console needs nothing else of the executor.
+pub trait PolicyControl: Send + Sync {
+    /// Hash of the bundle in force.
+    fn policy_hash(&self) -> Hash;
+    /// Loads a bundle (refused with its reason if malformed; the active one stays).
+    fn load_policy(&self, files: &[(String, String)]) -> Result<Hash, String>;
+}
+
+impl PolicyControl for Executor {
+    fn policy_hash(&self) -> Hash {
+        Executor::policy_hash(self)
+    }
+
+    fn load_policy(&self, files: &[(String, String)]) -> Result<Hash, String> {
+        Executor::load_policy(self, files).map_err(|e| e.to_string())
+    }
+}
+
 /// What the console acts on.
 #[derive(Clone)]
 pub struct Services {
-    /// The executor (and through it the ledger, the backend with its quarantined domains,
-    /// and the policy).
-    pub executor: Arc<Executor>,
+    /// The ledger: chains, records, nonces, keys.
+    pub ledger: Ledger,
+    /// The backend (its pool and quarantined domains).
+    pub backend: Arc<dyn DomainBackend>,
+    /// The policy in force.
+    pub policy: Arc<dyn PolicyControl>,
+    /// Rollback and replay.
+    pub incidents: Arc<Incidents>,
     /// The SIEM exporter's status, once one is configured.
     pub exporters: Option<Arc<dyn ExporterStatus>>,
     /// Number of authorized admin keys (for `status`).
     pub admin_keys: usize,
     /// Distinct admins a destructive command needs (for `status`).
     pub quorum: usize,
+}
+
+impl Services {
+    /// The services of `executor` (its ledger, backend and policy) with `incidents`, no
+    /// exporters, and the admin key count and quorum shown by `status`.
+    pub fn new(
+        executor: &Arc<Executor>,
+        incidents: Arc<Incidents>,
+        admin_keys: usize,
+        quorum: usize,
+    ) -> Self {
+        Self {
+            ledger: executor.ledger().clone(),
+            backend: Arc::clone(executor.backend()),
+            policy: Arc::clone(executor) as Arc<dyn PolicyControl>,
+            incidents,
+            exporters: None,
+            admin_keys,
+            quorum,
+        }
+    }
 }
