@@ -404,6 +404,8 @@ impl<'a> Session<'a> {
                 }
                 Response::Ok
             }
+            // Never reached: `drive` ends the transaction on these before asking for data. If
+            // that ever changed, the guest would get an error, not a silent success.
             Request::Commit { .. } | Request::Abort { .. } | Request::Ready { .. } => {
                 Response::Error {
                     code: error_code::INTERNAL,
