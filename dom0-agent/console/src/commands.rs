@@ -26,7 +26,7 @@ use mayfly_ledger::codec::hex;
 use mayfly_ledger::{AuditEvent, Record, Severity, TxId};
 use serde_json::{json, Value};
 
-use crate::Services;
+use crate::services::Services;
 
 /// Longest list answered by `*.list`.
 pub const MAX_LIST: usize = 1000;

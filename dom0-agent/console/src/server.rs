@@ -31,7 +31,7 @@ use serde_json::{json, Value};
 use slog::{info, o, warn, Logger};
 
 use crate::commands;
-use crate::Services;
+use crate::services::Services;
 
 /// How the console listens and whom it obeys.
 #[derive(Debug, Clone)]

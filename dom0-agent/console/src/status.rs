@@ -4,7 +4,7 @@
 use mayfly_ledger::codec::hex;
 use serde_json::{json, Value};
 
-use crate::{ExporterStatus, Services};
+use crate::services::{ExporterStatus, Services};
 
 /// The status document.
 pub fn status(services: &Services) -> Value {
