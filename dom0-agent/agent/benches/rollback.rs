@@ -138,17 +138,18 @@ fn main() {
                 .names()
                 .map(str::to_owned)
                 .collect::<Vec<_>>();
-            let ex = Executor::new(
+            let ex = Arc::new(Executor::new(
                 ledger.clone(),
                 backend.clone(),
                 names,
                 ExecutorConfig::default(),
                 permissive(),
                 &log(),
-            );
+            ));
+            let incidents = mayfly_incident::Incidents::new(ex.clone(), &log());
             let t = Instant::now();
             let (plan, _) = ledger.rollback(&[attack], true, "bench", [0; 32]).unwrap();
-            let results = ex.replay(&plan.replay).unwrap();
+            let results = incidents.replay(&plan.replay).unwrap();
             replayed.push(t.elapsed());
             assert_eq!(results.len(), n);
             // Every dependent commits again, with results that reflect the repaired balance.

@@ -481,7 +481,8 @@ pub fn run(args: &ServeArgs, log: &Logger) -> anyhow::Result<u8> {
         ],
         ..ApiConfig::default()
     };
-    let server = match Server::start(api, executor.clone(), log) {
+    let incidents = Arc::new(mayfly_incident::Incidents::new(executor.clone(), log));
+    let server = match Server::start(api, executor.clone(), incidents.clone(), log) {
         Ok(server) => server,
         Err(e) => {
             backend.shutdown();
@@ -491,13 +492,16 @@ pub fn run(args: &ServeArgs, log: &Logger) -> anyhow::Result<u8> {
     let console = match s.console.clone() {
         Some(config) => {
             let services = mayfly_console::Services {
-                executor: executor.clone(),
                 exporters: (!s.siem.collectors.is_empty()).then(|| {
                     Arc::new(SiemStatus(siem.status_handle()))
                         as Arc<dyn mayfly_console::ExporterStatus>
                 }),
-                admin_keys: config.authorizer.keys().len(),
-                quorum: config.quorum,
+                ..mayfly_console::Services::new(
+                    &executor,
+                    incidents.clone(),
+                    config.authorizer.keys().len(),
+                    config.quorum,
+                )
             };
             match mayfly_console::ConsoleServer::start(config, services, log) {
                 Ok(c) => Some(c),

@@ -14,7 +14,8 @@ use serde_json::{json, Value};
 use slog::{o, Discard, Logger};
 
 struct Appliance {
-    executor: Executor,
+    executor: Arc<Executor>,
+    incidents: mayfly_incident::Incidents,
     backend: Arc<Sandbox>,
 }
 
@@ -38,15 +39,20 @@ impl Appliance {
             "[engine]\nunlisted_handler = \"allow\"\n",
         )])
         .unwrap();
-        let executor = Executor::new(
+        let executor = Arc::new(Executor::new(
             ledger,
             backend.clone(),
             names,
             ExecutorConfig::default(),
             permissive,
             &log,
-        );
-        Self { executor, backend }
+        ));
+        let incidents = mayfly_incident::Incidents::new(executor.clone(), &log);
+        Self {
+            executor,
+            incidents,
+            backend,
+        }
     }
 
     fn run(&self, handler: &str, payload: Value) -> TxOutcome {
@@ -156,7 +162,7 @@ fn rollback_with_replay_equals_running_only_the_legitimate_transactions() {
         .rollback(&roots, true, "notes exploit reported by the IDS", [0; 32])
         .unwrap();
     assert_eq!(plan.affected, dry.affected);
-    let replays = attacked.executor.replay(&plan.replay).unwrap();
+    let replays = attacked.incidents.replay(&plan.replay).unwrap();
     assert_eq!(replays.len(), plan.replay.len());
     let cash_out = replays.iter().find(|r| {
         r.outcome

@@ -45,6 +45,7 @@ use bytes::Bytes;
 use http_body_util::Full;
 use hyper::{Method, Request, Response, StatusCode};
 use mayfly_executor::{ExecError, Executor, Failure, TxOutcome, TxRequest, TxStatus};
+use mayfly_incident::{view, Incidents, ReportError, ReportTarget};
 use mayfly_ledger::{codec::hex, TxId};
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -284,6 +285,8 @@ impl LogLimit {
 
 struct Shared {
     executor: Arc<Executor>,
+    /// Reports and the checkpoint view.
+    incidents: Arc<Incidents>,
     /// Rate limit of the per-request "refusing a transaction" warning.
     refusal_log: LogLimit,
     config: ApiConfig,
@@ -363,10 +366,12 @@ pub struct Server {
 }
 
 impl Server {
-    /// Binds and starts serving.
+    /// Binds and starts serving: transactions through `executor`, reports and checkpoint
+    /// lookups through `incidents`.
     pub fn start(
         config: ApiConfig,
         executor: Arc<Executor>,
+        incidents: Arc<Incidents>,
         log: &Logger,
     ) -> Result<Self, ApiError> {
         let log = log.new(o!("component" => "api"));
@@ -390,6 +395,7 @@ impl Server {
         let tls = config.tls.clone().map(tls::Current::new).transpose()?;
         let shared = Arc::new(Shared {
             executor,
+            incidents,
             refusal_log: LogLimit::new(),
             memory: Mutex::new(Memory {
                 by_key: HashMap::new(),
@@ -783,22 +789,10 @@ fn submit(shared: &Shared, raw: &[u8], client: String) -> (u16, Value, bool) {
             return (400, json!({ "error": msg }), false);
         }
     }
-    if !shared.executor.handlers().any(|h| h == body.handler) {
-        let known: Vec<&str> = shared.executor.handlers().collect();
-        let msg = format!(
-            "unknown handler {:?}; known: {}",
-            body.handler,
-            known.join(", ")
-        );
-        return (404, json!({ "error": msg }), false);
-    }
-    if payload.len() > mayfly_executor::MAX_PAYLOAD {
-        let msg = format!(
-            "payload of {} bytes is above the limit of {}",
-            payload.len(),
-            mayfly_executor::MAX_PAYLOAD
-        );
-        return (413, json!({ "error": msg }), false);
+    // The executor's check, asked before the idempotency memory is touched (it checks
+    // again when it runs the transaction; a refusal here is answered the same way).
+    if let Err(e) = shared.executor.check_request(&body.handler, payload.len()) {
+        return refused(shared, &e);
     }
     let digest = [body.handler.as_bytes(), &[0], &payload].concat();
     // Keys are per client (its SPKI hash with mTLS, else its IP address).
@@ -866,25 +860,32 @@ fn submit(shared: &Shared, raw: &[u8], client: String) -> (u16, Value, bool) {
         }
         Err(e) => {
             forget_key(shared);
-            match e {
-                ExecError::UnknownHandler(_) => (404, json!({ "error": e.to_string() }), false),
-                ExecError::PayloadTooLarge { .. } => {
-                    (413, json!({ "error": e.to_string() }), false)
-                }
-                ExecError::Unavailable(_) => {
-                    // A client can cause this line at will: at most a few a second.
-                    if let Some(suppressed) = shared.refusal_log.allow(Instant::now()) {
-                        warn!(shared.log, "refusing a transaction";
-                              "reason" => %e, "suppressed_before" => suppressed);
-                    }
-                    (503, json!({ "error": e.to_string() }), true)
-                }
-                ExecError::Ledger(_) | ExecError::DomainNumber(_) => {
-                    (503, json!({ "error": e.to_string() }), true)
-                }
-                ExecError::Denied { .. } => (403, json!({ "error": e.to_string() }), false),
-            }
+            refused(shared, &e)
         }
+    }
+}
+
+/// The answer to a transaction the executor would not run: status, body, Retry-After.
+fn refused(shared: &Shared, e: &ExecError) -> (u16, Value, bool) {
+    match e {
+        ExecError::UnknownHandler(_) => {
+            let known: Vec<&str> = shared.executor.handlers().collect();
+            let msg = format!("{e}; known: {}", known.join(", "));
+            (404, json!({ "error": msg }), false)
+        }
+        ExecError::PayloadTooLarge { .. } => (413, json!({ "error": e.to_string() }), false),
+        ExecError::Unavailable(_) => {
+            // A client can cause this line at will: at most a few a second.
+            if let Some(suppressed) = shared.refusal_log.allow(Instant::now()) {
+                warn!(shared.log, "refusing a transaction";
+                      "reason" => %e, "suppressed_before" => suppressed);
+            }
+            (503, json!({ "error": e.to_string() }), true)
+        }
+        ExecError::Ledger(_) | ExecError::DomainNumber(_) => {
+            (503, json!({ "error": e.to_string() }), true)
+        }
+        ExecError::Denied { .. } => (403, json!({ "error": e.to_string() }), false),
     }
 }
 
@@ -914,7 +915,6 @@ struct ReportBody {
 }
 
 fn report(shared: &Shared, raw: &[u8]) -> (u16, Value) {
-    use mayfly_executor::ReportTarget;
     let body: ReportBody = match serde_json::from_slice(raw) {
         Ok(b) => b,
         Err(e) => return (400, json!({ "error": format!("malformed report: {e}") })),
@@ -945,7 +945,7 @@ fn report(shared: &Shared, raw: &[u8]) -> (u16, Value) {
     } else {
         ReportTarget::Client(body.client.clone().unwrap_or_default())
     };
-    match shared.executor.report(&target, &body.reason, body.dry_run) {
+    match shared.incidents.report(&target, &body.reason, body.dry_run) {
         Ok(o) => {
             let rollback = o.plan.as_ref().map(|p| {
                 json!({
@@ -976,11 +976,9 @@ fn report(shared: &Shared, raw: &[u8]) -> (u16, Value) {
             }
             (200, answer)
         }
-        Err(mayfly_executor::ReportError::NotFound(what)) => (404, json!({ "error": what })),
-        Err(mayfly_executor::ReportError::Rollback(e)) => (409, json!({ "error": e.to_string() })),
-        Err(e @ mayfly_executor::ReportError::Unsupported { .. }) => {
-            (422, json!({ "error": e.to_string() }))
-        }
+        Err(ReportError::NotFound(what)) => (404, json!({ "error": what })),
+        Err(ReportError::Rollback(e)) => (409, json!({ "error": e.to_string() })),
+        Err(e @ ReportError::Unsupported { .. }) => (422, json!({ "error": e.to_string() })),
         Err(e) => (500, json!({ "error": e.to_string() })),
     }
 }
@@ -989,7 +987,7 @@ fn lookup(shared: &Shared, id: &str) -> (u16, Value) {
     let Some(tx_id) = TxId::parse(id) else {
         return (400, json!({ "error": "a transaction id is 32 hex digits" }));
     };
-    let store = shared.executor.ledger().store();
+    let store = shared.incidents.ledger().store();
     match store.seq_of(&tx_id) {
         Ok(Some(seq)) => match store.checkpoint(seq) {
             Ok(Some(cp)) => {
@@ -997,19 +995,7 @@ fn lookup(shared: &Shared, id: &str) -> (u16, Value) {
                 let mut body = json!({
                     "tx_id": tx_id.to_string(),
                     "status": "committed",
-                    "checkpoint": {
-                        "seq": cp.seq,
-                        "handler": cp.handler,
-                        "client": cp.client,
-                        "domain_id": cp.domain_id,
-                        "begin_ns": cp.begin_ns,
-                        "commit_ns": cp.commit_ns,
-                        "policy_hash": hex(&cp.policy_hash),
-                        "request_digest": hex(&mayfly_ledger::checkpoint::sha256(&cp.request)),
-                        "reads": cp.reads.len(),
-                        "writes": cp.writes.len(),
-                        "written_keys": cp.writes.iter().map(|w| String::from_utf8_lossy(&w.key).into_owned()).collect::<Vec<_>>(),
-                    },
+                    "checkpoint": view::checkpoint_summary(&cp),
                 });
                 if let Some(map) = body.as_object_mut() {
                     map.insert(name.into(), result);

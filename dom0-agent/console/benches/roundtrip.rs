@@ -21,35 +21,11 @@ use std::time::{Duration, Instant};
 
 use mayfly_command::{frame, keyfile, Authorizer, Body, Envelope};
 use mayfly_console::{ConsoleConfig, ConsoleServer, Services};
-use mayfly_domain::{Domain, DomainBackend, DomainError, PoolStats};
+use mayfly_executor::testing::NoDomains;
 use mayfly_executor::{Executor, ExecutorConfig};
 use mayfly_ledger::{AuditEvent, Ledger, Options, Severity, TxContext, TxId};
 use ring::signature::Ed25519KeyPair;
 use slog::{o, Discard, Logger};
-
-struct NoDomains;
-
-impl DomainBackend for NoDomains {
-    fn name(&self) -> &'static str {
-        "none"
-    }
-    fn take(&self, _timeout: Duration) -> Result<Box<dyn Domain>, DomainError> {
-        Err(DomainError::ShutDown { backend: "none" })
-    }
-    fn stats(&self) -> PoolStats {
-        PoolStats::default()
-    }
-    fn quarantined(&self) -> Vec<mayfly_domain::Quarantined> {
-        Vec::new() // this double keeps no quarantined domains: it has no domains
-    }
-    fn release_quarantined(
-        &self,
-        _id: mayfly_domain::DomainId,
-    ) -> Result<Option<mayfly_domain::DomainExit>, DomainError> {
-        Ok(None)
-    }
-    fn shutdown(&self) {}
-}
 
 fn env_var(name: &str, default: usize) -> usize {
     std::env::var(name)
@@ -138,12 +114,12 @@ fn main() {
             max_tcp_connections: 8,
             io_timeout: Duration::from_secs(30),
         },
-        Services {
-            executor,
-            exporters: None,
-            admin_keys: 2,
-            quorum: 2,
-        },
+        Services::new(
+            &executor,
+            Arc::new(mayfly_incident::Incidents::new(executor.clone(), &log)),
+            2,
+            2,
+        ),
         &log,
     )
     .unwrap();

@@ -20,12 +20,13 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
+use mayfly_incident::{view, RollbackOrder};
 use mayfly_ledger::checkpoint::chain_hash;
 use mayfly_ledger::codec::hex;
 use mayfly_ledger::{AuditEvent, Record, Severity, TxId};
 use serde_json::{json, Value};
 
-use crate::Services;
+use crate::services::Services;
 
 /// Longest list answered by `*.list`.
 pub const MAX_LIST: usize = 1000;
@@ -65,7 +66,7 @@ pub enum CommandError {
     Rollback(#[from] mayfly_ledger::RollbackError),
     /// Replaying after the rollback failed.
     #[error("replay: {0}")]
-    Replay(#[from] mayfly_executor::ReplayError),
+    Replay(#[from] mayfly_incident::ReplayError),
     /// The policy bundle was refused (the active one stays).
     #[error("policy bundle refused, the active one stays: {reason}")]
     PolicyRefused {
@@ -332,79 +333,11 @@ fn progress(stage: &str, done: u64, total: u64) -> Value {
     json!({"type": "progress", "stage": stage, "done": done, "total": total})
 }
 
-fn record_json(r: &Record, with_detail: bool) -> Value {
-    match r {
-        Record::Transaction(c) => {
-            let mut v = json!({
-                "seq": c.seq,
-                "kind": "transaction",
-                "tx_id": c.tx_id.to_string(),
-                "handler": c.handler,
-                "client": c.client,
-                "domain_id": c.domain_id,
-                "commit_ns": c.commit_ns,
-                "reads": c.reads.len(),
-                "writes": c.writes.len(),
-                "policy_hash": hex(&c.policy_hash),
-            });
-            if with_detail {
-                v["begin_ns"] = json!(c.begin_ns);
-                v["request"] = json!(String::from_utf8_lossy(&c.request));
-                v["result"] = json!(String::from_utf8_lossy(&c.result));
-                v["prev_hash"] = json!(hex(&c.prev_hash));
-                v["read_set"] = c
-                    .reads
-                    .iter()
-                    .map(|r| json!({"key": String::from_utf8_lossy(&r.key), "version": r.version}))
-                    .collect();
-                v["write_set"] = write_set(&c.writes);
-            }
-            v
-        }
-        Record::Rollback(rb) => {
-            let mut v = json!({
-                "seq": rb.seq,
-                "kind": "rollback",
-                "tx_id": rb.rollback_id.to_string(),
-                "handler": "(rollback)",
-                "domain_id": 0,
-                "commit_ns": rb.time_ns,
-                "reads": 0,
-                "writes": rb.writes.len(),
-                "policy_hash": hex(&rb.policy_hash),
-                "roots": rb.roots,
-            });
-            if with_detail {
-                v["reason"] = json!(rb.reason);
-                v["affected"] = json!(rb.affected);
-                v["prev_hash"] = json!(hex(&rb.prev_hash));
-                v["write_set"] = write_set(&rb.writes);
-            }
-            v
-        }
-    }
-}
-
-fn write_set(writes: &[mayfly_ledger::WriteEntry]) -> Value {
-    writes
-        .iter()
-        .map(|w| {
-            json!({
-                "key": String::from_utf8_lossy(&w.key),
-                "before_version": w.before_version,
-                "before": w.before.as_deref().map(String::from_utf8_lossy),
-                "after": w.after.as_deref().map(String::from_utf8_lossy),
-            })
-        })
-        .collect()
-}
-
 fn resolve(services: &Services, id: RecordId) -> Result<u64, CommandError> {
     match id {
         RecordId::Seq(s) => Ok(s),
         RecordId::Tx(t) => services
-            .executor
-            .ledger()
+            .ledger
             .store()
             .seq_of(&t)?
             .ok_or_else(|| CommandError::NotFound(format!("no committed transaction {t}"))),
@@ -418,7 +351,7 @@ pub fn execute(
     nonce: &str,
     emit: &mut Emit<'_>,
 ) -> Result<Value, CommandError> {
-    let ledger = services.executor.ledger();
+    let ledger = &services.ledger;
     let store = ledger.store();
     match cmd {
         Command::Status => Ok(crate::status::status(services)),
@@ -441,7 +374,7 @@ pub fn execute(
                         continue;
                     }
                     if out.len() < *limit {
-                        out.push(record_json(r, false));
+                        out.push(view::record(r, false));
                     }
                 }
             }
@@ -452,7 +385,7 @@ pub fn execute(
             let r = store
                 .record(seq)?
                 .ok_or_else(|| CommandError::NotFound(format!("no commit {seq}")))?;
-            let mut shown = record_json(&r, true);
+            let mut shown = view::record(&r, true);
             // A transaction a rollback undid says so, and which record undid it.
             if let (Record::Transaction(_), Some(by)) = (&r, store.undone_by(seq)?) {
                 shown["rolled_back_by"] = json!(by);
@@ -489,58 +422,52 @@ pub fn execute(
             reason,
         } => {
             let root = resolve(services, *id)?;
-            let (plan, rollback_seq) = if *dry_run {
-                (store.plan_rollback(&[root], *cascade)?, None)
-            } else {
-                let why = format!("admin console (nonce {nonce}): {reason}");
+            let why = format!("admin console (nonce {nonce}): {reason}");
+            let done = services.incidents.rollback(&RollbackOrder {
+                root,
+                cascade: *cascade,
+                replay: *replay,
+                dry_run: *dry_run,
+                why: &why,
                 // Admins decided it, not a policy bundle: the record's policy hash is zeros
                 // (formats.md §1.6), which is how a reader tells a manual rollback apart.
-                let (plan, receipt) = ledger.rollback(&[root], *cascade, &why, [0u8; 32])?;
-                (plan, Some(receipt.seq))
-            };
-            let replayed = if *replay && !*dry_run {
-                services
-                    .executor
-                    .replay(&plan.replay)?
-                    .into_iter()
-                    .map(|r| {
-                        let (status, seq, error) = match &r.outcome {
-                            Ok(o) => (o.status.as_str().to_owned(), o.seq, o.error.clone()),
-                            Err(e) => ("failed".to_owned(), None, Some(e.clone())),
-                        };
-                        json!({"original_seq": r.original_seq, "status": status, "seq": seq,
-                               "same_result": r.same_result, "error": error})
-                    })
-                    .collect()
-            } else {
-                Vec::new()
-            };
+                policy_hash: [0u8; 32],
+            })?;
+            let replayed: Vec<Value> = done
+                .replayed?
+                .into_iter()
+                .map(|r| {
+                    let (status, seq, error) = match &r.outcome {
+                        Ok(o) => (o.status.as_str().to_owned(), o.seq, o.error.clone()),
+                        Err(e) => ("failed".to_owned(), None, Some(e.clone())),
+                    };
+                    json!({"original_seq": r.original_seq, "status": status, "seq": seq,
+                           "same_result": r.same_result, "error": error})
+                })
+                .collect();
+            let plan = done.plan;
             Ok(json!({
                 "dry_run": dry_run,
                 "roots": plan.roots,
                 "affected": plan.affected,
                 "replay": plan.replay,
-                "restored": write_set(&plan.writes),
-                "rollback_seq": rollback_seq,
+                "restored": view::write_set(&plan.writes),
+                "rollback_seq": done.rollback_seq,
                 "replayed": replayed,
             }))
         }
         Command::PolicyLoad { files } => {
-            let hash =
-                services
-                    .executor
-                    .load_policy(files)
-                    .map_err(|e| CommandError::PolicyRefused {
-                        reason: e.to_string(),
-                    })?;
+            let hash = services
+                .policy
+                .load_policy(files)
+                .map_err(|reason| CommandError::PolicyRefused { reason })?;
             Ok(
                 json!({"policy_hash": hex(&hash), "files": files.iter().map(|(n, _)| n).collect::<Vec<_>>()}),
             )
         }
         Command::QuarantineList => {
             let list: Vec<Value> = services
-                .executor
-                .backend()
+                .backend
                 .quarantined()
                 .into_iter()
                 .map(|d| json!({"domain": d.id, "backend": d.backend, "handle": d.handle}))
@@ -549,8 +476,7 @@ pub fn execute(
         }
         Command::QuarantineRelease { domain } => {
             let exit = services
-                .executor
-                .backend()
+                .backend
                 .release_quarantined(*domain)?
                 .ok_or_else(|| CommandError::NotFound(format!("no quarantined domain {domain}")))?;
             // `domain` here is the backend's id (as `quarantine.list` shows it); the

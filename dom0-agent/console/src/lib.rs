@@ -30,45 +30,8 @@
 
 pub mod commands;
 mod server;
+mod services;
 pub mod status;
 
-use std::sync::Arc;
-
-use mayfly_executor::Executor;
-
 pub use server::{ConsoleConfig, ConsoleError, ConsoleServer};
-
-/// One SIEM collector's delivery state, as an exporter reports it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct CollectorStatus {
-    /// Collector name from the configuration.
-    pub name: String,
-    /// `udp`, `tcp`, `tls`.
-    pub transport: String,
-    /// Last audit sequence the collector has acknowledged (its persisted cursor).
-    pub delivered_seq: u64,
-    /// The last delivery error, if the collector is currently failing.
-    pub last_error: Option<String>,
-}
-
-/// The extension point through which the SIEM exporter reports per-collector lag in
-/// `status` (lag = audit tip − `delivered_seq`). Without one, `status` says "no exporters
-/// configured".
-pub trait ExporterStatus: Send + Sync {
-    /// Every configured collector.
-    fn collectors(&self) -> Vec<CollectorStatus>;
-}
-
-/// What the console acts on.
-#[derive(Clone)]
-pub struct Services {
-    /// The executor (and through it the ledger, the backend with its quarantined domains,
-    /// and the policy).
-    pub executor: Arc<Executor>,
-    /// The SIEM exporter's status, once one is configured.
-    pub exporters: Option<Arc<dyn ExporterStatus>>,
-    /// Number of authorized admin keys (for `status`).
-    pub admin_keys: usize,
-    /// Distinct admins a destructive command needs (for `status`).
-    pub quorum: usize,
-}
+pub use services::{CollectorStatus, ExporterStatus, PolicyControl, Services};

@@ -31,7 +31,7 @@ use serde_json::{json, Value};
 use slog::{info, o, warn, Logger};
 
 use crate::commands;
-use crate::Services;
+use crate::services::Services;
 
 /// How the console listens and whom it obeys.
 #[derive(Debug, Clone)]
@@ -477,7 +477,7 @@ fn reject(
     }
     // Durable before the client hears back: a refusal that is not on record did not
     // happen as far as an auditor is concerned.
-    if let Err(e) = shared.services.executor.ledger().audit(vec![ev]) {
+    if let Err(e) = shared.services.ledger.audit(vec![ev]) {
         warn!(shared.log, "auditing a rejected admin command failed"; "error" => %e);
     }
     warn!(shared.log, "admin command rejected"; "reason" => code, "error" => message, "peer" => peer);
@@ -496,7 +496,7 @@ fn serve_connection<S: Read + Write>(shared: &Shared, stream: &mut S, peer: &str
             return;
         }
     };
-    let identity = hex(&shared.services.executor.ledger().public_key());
+    let identity = hex(&shared.services.ledger.public_key());
     if bytes == frame::HELLO {
         let _ = frame::write_response(
             stream,
@@ -577,7 +577,7 @@ fn serve_connection<S: Read + Write>(shared: &Shared, stream: &mut S, peer: &str
         replayed(stream);
         return;
     }
-    match shared.services.executor.ledger().record_admin_nonce(
+    match shared.services.ledger.record_admin_nonce(
         body.nonce,
         body.expires_ns,
         env.body_hash(),
@@ -597,12 +597,7 @@ fn serve_connection<S: Read + Write>(shared: &Shared, stream: &mut S, peer: &str
             match hold_in_memory(shared, body.nonce, body.expires_ns, now) {
                 Hold::Held => {
                     let deferred = accepted.field("nonce_held_in_memory", "storage full");
-                    if let Err(err) = shared
-                        .services
-                        .executor
-                        .ledger()
-                        .audit_deferred(vec![deferred])
-                    {
+                    if let Err(err) = shared.services.ledger.audit_deferred(vec![deferred]) {
                         warn!(shared.log, "could not queue an admin record"; "error" => %err);
                     }
                     warn!(shared.log, "storage full: a read-only admin command runs with its nonce held in memory";
@@ -651,7 +646,7 @@ fn serve_connection<S: Read + Write>(shared: &Shared, stream: &mut S, peer: &str
                 .field("error", truncate(&e.to_string(), 1000)),
         ),
     };
-    let ledger = shared.services.executor.ledger();
+    let ledger = &shared.services.ledger;
     let audited = if destructive || completed.severity <= Severity::Warning {
         ledger.audit(vec![completed]).map(drop)
     } else {
@@ -681,7 +676,7 @@ enum Hold {
 /// Holds the nonce of a read-only command accepted while storage is full, unless the ledger
 /// already has it (a replay) or the bounded set is full.
 fn hold_in_memory(shared: &Shared, nonce: [u8; 16], expires_ns: u64, now: u64) -> Hold {
-    let store = shared.services.executor.ledger().store();
+    let store = shared.services.ledger.store();
     // Unreadable storage cannot tell a replay apart: treat it as one.
     if store.admin_nonce_known(&nonce).unwrap_or(true) {
         return Hold::Known;

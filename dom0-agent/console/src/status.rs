@@ -4,16 +4,16 @@
 use mayfly_ledger::codec::hex;
 use serde_json::{json, Value};
 
-use crate::{ExporterStatus, Services};
+use crate::services::{ExporterStatus, Services};
 
 /// The status document.
 pub fn status(services: &Services) -> Value {
-    let ledger = services.executor.ledger();
+    let ledger = &services.ledger;
     let tips = ledger.tips();
-    let backend = services.executor.backend();
+    let backend = &services.backend;
     let pool = backend.stats();
     let nonces = ledger.store().admin_nonces().ok();
-    let quarantined = services.executor.backend().quarantined().len();
+    let quarantined = backend.quarantined().len();
     json!({
         "backend": backend.name(),
         "pool": {
@@ -30,7 +30,7 @@ pub fn status(services: &Services) -> Value {
         },
         "identity_key": hex(&ledger.public_key()),
         "signing_key": hex(&ledger.signing_key()),
-        "policy_hash": hex(&services.executor.policy_hash()),
+        "policy_hash": hex(&services.policy.policy_hash()),
         "quarantined": quarantined,
         "admin": {
             "keys": services.admin_keys,

@@ -16,37 +16,12 @@ use mayfly_command::{frame, keyfile, Authorizer, Body, Envelope};
 use mayfly_console::{
     CollectorStatus, ConsoleConfig, ConsoleError, ConsoleServer, ExporterStatus, Services,
 };
-use mayfly_domain::{Domain, DomainBackend, DomainError, PoolStats};
+use mayfly_executor::testing::NoDomains;
 use mayfly_executor::{Executor, ExecutorConfig};
 use mayfly_ledger::{AuditEvent, Ledger, Options, Severity};
 use ring::signature::Ed25519KeyPair;
 use serde_json::Value;
 use slog::{o, Discard, Logger};
-
-/// A backend with no domains (commands under test never run a transaction).
-struct NoDomains;
-
-impl DomainBackend for NoDomains {
-    fn name(&self) -> &'static str {
-        "none"
-    }
-    fn take(&self, _timeout: Duration) -> Result<Box<dyn Domain>, DomainError> {
-        Err(DomainError::ShutDown { backend: "none" })
-    }
-    fn stats(&self) -> PoolStats {
-        PoolStats::default()
-    }
-    fn quarantined(&self) -> Vec<mayfly_domain::Quarantined> {
-        Vec::new() // this double keeps no quarantined domains: it has no domains
-    }
-    fn release_quarantined(
-        &self,
-        _id: mayfly_domain::DomainId,
-    ) -> Result<Option<mayfly_domain::DomainExit>, DomainError> {
-        Ok(None)
-    }
-    fn shutdown(&self) {}
-}
 
 struct OneCollector;
 
@@ -103,11 +78,10 @@ fn config(dir: &Path) -> ConsoleConfig {
 }
 
 fn services(executor: Arc<Executor>, exporters: Option<Arc<dyn ExporterStatus>>) -> Services {
+    let incidents = Arc::new(mayfly_incident::Incidents::new(executor.clone(), &log()));
     Services {
-        executor,
         exporters,
-        admin_keys: 2,
-        quorum: 2,
+        ..Services::new(&executor, incidents, 2, 2)
     }
 }
 

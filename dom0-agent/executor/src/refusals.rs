@@ -100,7 +100,7 @@ pub(crate) struct Refusals {
 }
 
 fn cut(s: &str, max: usize) -> String {
-    crate::truncate(s, max)
+    crate::text::truncate(s, max)
 }
 
 impl Refusals {

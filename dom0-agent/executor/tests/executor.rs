@@ -680,9 +680,20 @@ fn a_replay_draws_the_same_randomness_as_the_original() {
         .rollback(&[root.seq.unwrap()], true, "test", [0; 32])
         .unwrap();
     assert_eq!(plan.replay, vec![original.seq.unwrap()]);
-    let replayed = ex.replay(&plan.replay).unwrap();
-    assert!(
-        replayed[0].same_result,
+    // A replay (the incident service's) runs the original's request seeded from its
+    // checkpoint.
+    let replayed = ex
+        .execute_seeded(
+            &TxRequest {
+                handler: cp.handler.clone(),
+                payload: cp.request.clone(),
+                client: "replay:test".into(),
+            },
+            cp.entropy_seed,
+        )
+        .unwrap();
+    assert_eq!(
+        replayed.result, original.result,
         "the replay's domain got the original seed"
     );
     // A fresh run of the same handler gets fresh entropy.

@@ -1,0 +1,89 @@
+//! What the console acts on ([`Services`]) and the providers plugged into it: the policy in
+//! force ([`PolicyControl`]) and the SIEM exporters' status ([`ExporterStatus`]).
+
+use std::sync::Arc;
+
+use mayfly_domain::DomainBackend;
+use mayfly_executor::Executor;
+use mayfly_incident::Incidents;
+use mayfly_ledger::{Hash, Ledger};
+
+/// One SIEM collector's delivery state, as an exporter reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CollectorStatus {
+    /// Collector name from the configuration.
+    pub name: String,
+    /// `udp`, `tcp`, `tls`.
+    pub transport: String,
+    /// Last audit sequence the collector has acknowledged (its persisted cursor).
+    pub delivered_seq: u64,
+    /// The last delivery error, if the collector is currently failing.
+    pub last_error: Option<String>,
+}
+
+/// The extension point through which the SIEM exporter reports per-collector lag in
+/// `status` (lag = audit tip − `delivered_seq`). Without one, `status` says "no exporters
+/// configured".
+pub trait ExporterStatus: Send + Sync {
+    /// Every configured collector.
+    fn collectors(&self) -> Vec<CollectorStatus>;
+}
+
+/// The policy in force, as the console sees it: its hash (`status`) and its reload
+/// (`policy.load`). The executor holds it; the console needs nothing else of the executor.
+pub trait PolicyControl: Send + Sync {
+    /// Hash of the bundle in force.
+    fn policy_hash(&self) -> Hash;
+    /// Loads a bundle (refused with its reason if malformed; the active one stays).
+    fn load_policy(&self, files: &[(String, String)]) -> Result<Hash, String>;
+}
+
+impl PolicyControl for Executor {
+    fn policy_hash(&self) -> Hash {
+        Executor::policy_hash(self)
+    }
+
+    fn load_policy(&self, files: &[(String, String)]) -> Result<Hash, String> {
+        Executor::load_policy(self, files).map_err(|e| e.to_string())
+    }
+}
+
+/// What the console acts on.
+#[derive(Clone)]
+pub struct Services {
+    /// The ledger: chains, records, nonces, keys.
+    pub ledger: Ledger,
+    /// The backend (its pool and quarantined domains).
+    pub backend: Arc<dyn DomainBackend>,
+    /// The policy in force.
+    pub policy: Arc<dyn PolicyControl>,
+    /// Rollback and replay.
+    pub incidents: Arc<Incidents>,
+    /// The SIEM exporter's status, once one is configured.
+    pub exporters: Option<Arc<dyn ExporterStatus>>,
+    /// Number of authorized admin keys (for `status`).
+    pub admin_keys: usize,
+    /// Distinct admins a destructive command needs (for `status`).
+    pub quorum: usize,
+}
+
+impl Services {
+    /// The services of `executor` (its ledger, backend and policy) with `incidents`, no
+    /// exporters, and the admin key count and quorum shown by `status`.
+    pub fn new(
+        executor: &Arc<Executor>,
+        incidents: Arc<Incidents>,
+        admin_keys: usize,
+        quorum: usize,
+    ) -> Self {
+        Self {
+            ledger: executor.ledger().clone(),
+            backend: Arc::clone(executor.backend()),
+            policy: Arc::clone(executor) as Arc<dyn PolicyControl>,
+            incidents,
+            exporters: None,
+            admin_keys,
+            quorum,
+        }
+    }
+}
