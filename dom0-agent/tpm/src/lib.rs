@@ -23,6 +23,8 @@
 pub mod blob;
 #[cfg(feature = "esapi")]
 mod device;
+#[cfg(feature = "esapi")]
+pub mod keystore;
 pub mod pcrfile;
 pub mod quote;
 #[cfg(feature = "esapi")]
