@@ -61,6 +61,10 @@
 //! tcp = "127.0.0.1:8451"     # optional, loopback only
 //! clock_skew_secs = 60
 //! max_validity_secs = 3600
+//! [key]                      # where the signing key is kept (keysource.rs)
+//! source = "file"            # "file" (DATA_DIR/signing.key) or "tpm" (sealed to PCRs)
+//! tcti = "device:/dev/tpmrm0"  # with "tpm"
+//! pcrs = [7, 8, 9]           # with "tpm": sealed to, and quoted
 //! [siem]                     # optional: export the audit chain as RFC 5424 syslog
 //! pen = 32473                # (the whole section is described in docs/siem.md)
 //! [[siem.collector]]
@@ -200,6 +204,9 @@ pub struct ServeArgs {
     /// Without it, altered live data stops the agent with exit code 4.
     #[arg(long)]
     skip_state_check: bool,
+    /// Where the signing key is kept (`[key]`, see keysource.rs).
+    #[command(flatten)]
+    key: crate::keysource::KeyArgs,
     /// Address-space limit of each sandbox domain in MiB [default: 256] (Xen domains: see
     /// --xen-memory-mib).
     #[arg(long)]
@@ -345,6 +352,7 @@ struct FileConfig {
     xen: Option<XenSection>,
     console: Option<ConsoleFileConfig>,
     siem: Option<mayfly_siem::SiemConfig>,
+    key: Option<crate::keysource::KeySection>,
 }
 
 /// The settings in force, after merging file and flags.
@@ -374,6 +382,7 @@ struct Settings {
     xen: XenSection,
     console: Option<mayfly_console::ConsoleConfig>,
     siem: mayfly_siem::SiemConfig,
+    key: crate::keysource::KeySettings,
 }
 
 fn console_settings(
@@ -606,6 +615,7 @@ fn load(args: &ServeArgs) -> anyhow::Result<Settings> {
         policy: args.policy.clone().or(file.policy),
         xen: xen_section(args, file.xen.unwrap_or_default()),
         siem: file.siem.unwrap_or_default(),
+        key: crate::keysource::KeySettings::resolve(&args.key, file.key.as_ref())?,
     };
     match s.backend.as_str() {
         "sandbox" | "xen" => {}
@@ -870,6 +880,7 @@ pub fn run(args: &ServeArgs, log: &Logger) -> anyhow::Result<u8> {
             ..StoreOptions::default()
         },
         check_state: !args.skip_state_check,
+        keys: s.key.store()?,
         ..Options::default()
     };
     let ledger = match Ledger::open(&s.data_dir, &options, log) {
@@ -878,6 +889,10 @@ pub fn run(args: &ServeArgs, log: &Logger) -> anyhow::Result<u8> {
             eprintln!("dom0-agent: error: {e}");
             return Ok(crate::EXIT_STATE_MISMATCH);
         }
+        Err(mayfly_ledger::OpenError::Key(e)) if e.is_unavailable() => {
+            eprintln!("dom0-agent: error: refusing to sign: {e}");
+            return Ok(crate::EXIT_KEY_UNAVAILABLE);
+        }
         Err(e) => {
             return Err(e)
                 .with_context(|| format!("opening the ledger in {}", s.data_dir.display()))
@@ -885,6 +900,7 @@ pub fn run(args: &ServeArgs, log: &Logger) -> anyhow::Result<u8> {
     };
     let siem = mayfly_siem::Exporter::start(&ledger, &s.siem, log)
         .context("starting the SIEM exporter")?;
+    s.key.boot_quote(&ledger, log);
     let policy_files = crate::policy::files(s.policy.as_deref())?;
     let bundle = mayfly_policy::Bundle::load(&policy_files).context("loading the policy bundle")?;
     let policy_hash = bundle.hash();
@@ -921,10 +937,14 @@ pub fn run(args: &ServeArgs, log: &Logger) -> anyhow::Result<u8> {
         max_per_client: s.max_per_client,
         limits: s.limits.clone(),
         tls: s.tls.clone(),
-        health_sections: [siem_health(siem.status_handle()), capacity_health(&ledger)]
-            .into_iter()
-            .chain(cgroups_section)
-            .collect(),
+        health_sections: [
+            siem_health(siem.status_handle()),
+            capacity_health(&ledger),
+            crate::keysource::health(&ledger),
+        ]
+        .into_iter()
+        .chain(cgroups_section)
+        .collect(),
         metrics_sections: vec![
             siem_metrics(siem.status_handle(), ledger.clone()),
             ledger_metrics(ledger.clone()),
@@ -948,6 +968,7 @@ pub fn run(args: &ServeArgs, log: &Logger) -> anyhow::Result<u8> {
                 }),
                 admin_keys: config.authorizer.keys().len(),
                 quorum: config.quorum,
+                attestor: s.key.attestor(),
             };
             match mayfly_console::ConsoleServer::start(config, services, log) {
                 Ok(c) => Some(c),

@@ -143,6 +143,7 @@ fn main() {
             exporters: None,
             admin_keys: 2,
             quorum: 2,
+            attestor: None,
         },
         &log,
     )

@@ -108,6 +108,7 @@ fn services(executor: Arc<Executor>, exporters: Option<Arc<dyn ExporterStatus>>)
         exporters,
         admin_keys: 2,
         quorum: 2,
+        attestor: None,
     }
 }
 

@@ -1,0 +1,255 @@
+//! `[key]`: where the ledger's signing key is kept, and the TPM's other duties (the boot
+//! quote exported to the SIEM, `attest` on the console).
+//!
+//! ```toml
+//! [key]
+//! source = "tpm"                 # "file" (DATA_DIR/signing.key, the default) or "tpm"
+//! tcti = "device:/dev/tpmrm0"    # the TPM (default); tests: "swtpm:host=127.0.0.1,port=2321"
+//! pcrs = [7, 8, 9]               # SHA-256 PCRs the key is sealed to and quotes cover (default)
+//! ```
+//!
+//! Each key is also a flag (`--key-source`, `--tpm-tcti`, `--tpm-pcrs 7,8,9`); a flag wins.
+//! With `tpm`, `init` seals a new key to the PCRs' current values and `serve` unseals it into
+//! memory only; a boot chain or TPM that cannot unseal it stops `serve` with exit code 5
+//! ([`crate::EXIT_KEY_UNAVAILABLE`]) and is audited (`key.unavailable_earlier`) by the next
+//! start that can sign. See docs/design.md, "The signing key sealed to the TPM".
+
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use anyhow::{bail, Context};
+use mayfly_ledger::codec::hex;
+use mayfly_ledger::{AuditEvent, FileKeys, KeyStore, Ledger, Severity};
+use mayfly_tpm::keystore::SealedKeys;
+use mayfly_tpm::quote::qualifying_data;
+use mayfly_tpm::{Tpm, DEFAULT_PCRS};
+use serde::Deserialize;
+use serde_json::{json, Value};
+use slog::{info, warn, Logger};
+
+/// The default TCTI: the kernel's TPM resource manager.
+pub const DEFAULT_TCTI: &str = "device:/dev/tpmrm0";
+
+/// The `[key]` section of the configuration file.
+#[derive(Deserialize, Default, Clone, Debug)]
+#[serde(deny_unknown_fields)]
+pub struct KeySection {
+    source: Option<String>,
+    tcti: Option<String>,
+    pcrs: Option<Vec<u8>>,
+}
+
+/// The `[key]` flags.
+#[derive(clap::Args, Default, Clone, Debug)]
+pub struct KeyArgs {
+    /// Where the ledger's signing key is kept: "file" (DATA_DIR/signing.key, the default) or
+    /// "tpm" (sealed to the TPM's PCRs, unsealed into memory only).
+    #[arg(long)]
+    key_source: Option<String>,
+    /// The TPM for --key-source tpm [default: device:/dev/tpmrm0], e.g.
+    /// swtpm:host=127.0.0.1,port=2321.
+    #[arg(long)]
+    tpm_tcti: Option<String>,
+    /// SHA-256 PCRs the key is sealed to and quotes cover [default: 7,8,9].
+    #[arg(long, value_delimiter = ',')]
+    tpm_pcrs: Option<Vec<u8>>,
+}
+
+/// The key source in force.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum KeySettings {
+    /// `signing.key` in the data directory.
+    File,
+    /// The seed sealed to a TPM.
+    Tpm {
+        /// TCTI configuration.
+        tcti: String,
+        /// PCR selection, ascending.
+        pcrs: Vec<u8>,
+    },
+}
+
+impl KeySettings {
+    /// Merges flags over the file's section.
+    pub fn resolve(args: &KeyArgs, file: Option<&KeySection>) -> anyhow::Result<Self> {
+        let file = file.cloned().unwrap_or_default();
+        let source = args
+            .key_source
+            .clone()
+            .or(file.source)
+            .unwrap_or_else(|| "file".into());
+        let tcti = args.tpm_tcti.clone().or(file.tcti);
+        let pcrs = args.tpm_pcrs.clone().or(file.pcrs);
+        match source.as_str() {
+            "file" => {
+                if tcti.is_some() || pcrs.is_some() {
+                    bail!("[key] tcti and pcrs (--tpm-tcti, --tpm-pcrs) need source = \"tpm\"");
+                }
+                Ok(Self::File)
+            }
+            "tpm" => {
+                let pcrs = pcrs.unwrap_or_else(|| DEFAULT_PCRS.to_vec());
+                let pcrs = mayfly_tpm::check_selection(&pcrs).context("[key] pcrs")?;
+                Ok(Self::Tpm {
+                    tcti: tcti.unwrap_or_else(|| DEFAULT_TCTI.into()),
+                    pcrs,
+                })
+            }
+            other => bail!("[key] source {other:?} is unknown; use \"file\" or \"tpm\""),
+        }
+    }
+
+    /// The ledger's key store.
+    pub fn store(&self) -> anyhow::Result<Arc<dyn KeyStore>> {
+        Ok(match self {
+            Self::File => Arc::new(FileKeys),
+            Self::Tpm { tcti, pcrs } => {
+                Arc::new(SealedKeys::new(tcti, pcrs).context("[key] pcrs")?)
+            }
+        })
+    }
+
+    /// The console's `attest`, with the TPM source.
+    pub fn attestor(&self) -> Option<Arc<dyn mayfly_console::Attestor>> {
+        match self {
+            Self::File => None,
+            Self::Tpm { tcti, pcrs } => Some(Arc::new(TpmAttestor {
+                tcti: tcti.clone(),
+                pcrs: pcrs.clone(),
+                lock: Mutex::new(()),
+            })),
+        }
+    }
+
+    /// At start with the TPM source: a quote over the PCRs and the current signed head,
+    /// appended as the audit event `tpm.quote` (and so exported to the SIEM). A failure is
+    /// logged and audited as `tpm.quote_failed`; it does not stop the agent, which has
+    /// already proven the boot chain by unsealing its key.
+    pub fn boot_quote(&self, ledger: &Ledger, log: &Logger) {
+        let Some(attestor) = self.attestor() else {
+            return;
+        };
+        let mut nonce = [0u8; 16];
+        fastrand::fill(&mut nonce);
+        let event = match head_bytes(ledger).and_then(|(group, head)| {
+            let q = qualifying_data(&head, &nonce);
+            attestor
+                .quote(&q)
+                .map(|quote| (group, quote))
+                .map_err(|e| anyhow::anyhow!("{e}"))
+        }) {
+            Ok((group, quote)) => {
+                info!(log, "boot quote recorded"; "head_group" => group);
+                let mut ev = AuditEvent::new("tpm.quote", Severity::Info)
+                    .field("nonce", hex(&nonce))
+                    .field("head_group", group);
+                for name in ["ak", "attest", "signature"] {
+                    if let Some(Value::String(v)) = quote.get(name) {
+                        ev = ev.field(name, v.clone());
+                    }
+                }
+                // PCR values as `7=<hex> 8=<hex> 9=<hex>`.
+                let pcrs: Vec<String> = quote
+                    .get("pcrs")
+                    .and_then(Value::as_array)
+                    .map(|a| {
+                        a.iter()
+                            .map(|p| format!("{}={}", p["pcr"], p["sha256"].as_str().unwrap_or("")))
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                ev.field("pcrs", pcrs.join(" "))
+            }
+            Err(e) => {
+                warn!(log, "boot quote failed"; "error" => %e);
+                AuditEvent::new("tpm.quote_failed", Severity::Warning)
+                    .field("error", format!("{e:#}"))
+            }
+        };
+        if let Err(e) = ledger.audit(vec![event]) {
+            warn!(log, "recording the boot quote failed"; "error" => %e);
+        }
+    }
+}
+
+/// The latest signed head: its group and canonical bytes.
+pub fn head_bytes(ledger: &Ledger) -> anyhow::Result<(u64, Vec<u8>)> {
+    let heads = ledger
+        .store()
+        .last_heads(1)
+        .context("reading the latest signed head")?;
+    let head = heads
+        .into_iter()
+        .next()
+        .context("the ledger has no signed head yet")?;
+    Ok((head.group, head.encode()))
+}
+
+/// `attest` through the TPM: one quote at a time (a swtpm serves one connection).
+struct TpmAttestor {
+    tcti: String,
+    pcrs: Vec<u8>,
+    lock: Mutex<()>,
+}
+
+impl mayfly_console::Attestor for TpmAttestor {
+    fn quote(
+        &self,
+        qualifying: &[u8; 32],
+    ) -> Result<Value, Box<dyn std::error::Error + Send + Sync>> {
+        let _one = self.lock.lock().map_err(|_| "the TPM lock is poisoned")?;
+        let mut tpm = Tpm::open(&self.tcti)?;
+        let q = tpm.quote(&self.pcrs, qualifying)?;
+        Ok(json!({
+            "ak": hex(&q.public_key),
+            "attest": hex(&q.attest),
+            "signature": hex(&q.signature),
+            "pcrs": q.pcrs.iter().map(|(p, v)| json!({"pcr": p, "sha256": hex(v)})).collect::<Vec<_>>(),
+        }))
+    }
+}
+
+/// The `key` section of `GET /v1/health`: the source and what it reports (never key
+/// material).
+pub fn health(ledger: &Ledger) -> mayfly_api::HealthSection {
+    let ledger = ledger.clone();
+    mayfly_api::HealthSection {
+        name: "key",
+        report: Arc::new(move || mayfly_console::status::key_json(&ledger)),
+    }
+}
+
+/// `dom0-agent reseal`: seals the current key also to an expected-PCR file's values.
+pub fn reseal(dir: &Path, settings: &KeySettings, expected: &Path) -> anyhow::Result<u8> {
+    let KeySettings::Tpm { tcti, pcrs } = settings else {
+        bail!("reseal needs the TPM key source ([key] source = \"tpm\" or --key-source tpm)");
+    };
+    let text = read_bounded(expected, mayfly_tpm::pcrfile::MAX_FILE)?;
+    let values =
+        mayfly_tpm::pcrfile::parse(&text).with_context(|| format!("in {}", expected.display()))?;
+    let chosen: Vec<u8> = values.iter().map(|v| v.0).collect();
+    if &chosen != pcrs {
+        bail!(
+            "{} names PCRs {chosen:?}, but the key is sealed to {pcrs:?} ([key] pcrs)",
+            expected.display()
+        );
+    }
+    let keys = SealedKeys::new(tcti, pcrs)?;
+    let path = keys.reseal(dir, &values)?;
+    println!("{}", path.display());
+    Ok(0)
+}
+
+fn read_bounded(path: &Path, max: usize) -> anyhow::Result<Vec<u8>> {
+    use std::io::Read;
+    let mut buf = Vec::new();
+    std::fs::File::open(path)
+        .with_context(|| format!("opening {}", path.display()))?
+        .take(u64::try_from(max).unwrap_or(u64::MAX).saturating_add(1))
+        .read_to_end(&mut buf)
+        .with_context(|| format!("reading {}", path.display()))?;
+    if buf.len() > max {
+        bail!("{} is larger than {max} bytes", path.display());
+    }
+    Ok(buf)
+}

@@ -1,0 +1,118 @@
+//! `mayfly admin attest`: asks the agent for a TPM quote over its PCRs and its latest signed
+//! head, and checks it here, without trusting anything the agent says:
+//!
+//! 1. the attestation key in the answer is the one the operator pinned (`--ak`);
+//! 2. the quote's signature verifies under it (any changed byte of the quote fails here);
+//! 3. the quote's qualifying data is SHA-256(head bytes || our nonce): fresh, and about
+//!    this head;
+//! 4. the quoted PCRs are the expected-PCR file's, with its values;
+//! 5. the head decodes, its Ed25519 signature verifies, and it is signed by the appliance's
+//!    identity key or a `--head-key` (the current key after rotations, as `verify` shows).
+//!
+//! The trust argument is in docs/design.md ("Attestation").
+
+use mayfly_command::hex;
+use mayfly_ledger::SignedHead;
+use mayfly_tpm::quote::{qualifying_data, verify_quote, QuoteInfo};
+use mayfly_tpm::PcrValue;
+use serde_json::Value;
+
+/// A checked attestation.
+#[derive(Debug)]
+pub struct Attested {
+    /// The quote's facts.
+    pub info: QuoteInfo,
+    /// The signed head it covers.
+    pub head: SignedHead,
+}
+
+/// Why an attestation was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum AttestError {
+    /// A field of the answer is missing or not hex of the right length.
+    #[error("the agent's answer has no valid {0}")]
+    Answer(&'static str),
+    /// The answer's attestation key is not the pinned one.
+    #[error("the quote is by attestation key {found}, not the pinned {pinned}")]
+    WrongKey {
+        /// In the answer.
+        found: String,
+        /// Pinned.
+        pinned: String,
+    },
+    /// The quote failed a check.
+    #[error("{0}")]
+    Quote(#[from] mayfly_tpm::QuoteError),
+    /// The head is malformed or its signature is bad.
+    #[error("the signed head is not valid: {0}")]
+    Head(String),
+    /// The head is signed by a key not accepted.
+    #[error("the signed head (group {group}) is signed by {key}, which is neither the appliance's identity key nor a --head-key")]
+    HeadKey {
+        /// Group.
+        group: u64,
+        /// Signer.
+        key: String,
+    },
+}
+
+fn field<'a>(v: &'a Value, name: &'static str) -> Result<&'a str, AttestError> {
+    v.get(name)
+        .and_then(Value::as_str)
+        .ok_or(AttestError::Answer(name))
+}
+
+fn bytes(v: &Value, name: &'static str, max: usize) -> Result<Vec<u8>, AttestError> {
+    let text = field(v, name)?;
+    if text.len() > max.saturating_mul(2) {
+        return Err(AttestError::Answer(name));
+    }
+    mayfly_command::unhex(text).ok_or(AttestError::Answer(name))
+}
+
+/// Parses a pinned attestation key: 130 hex digits (a 65-byte uncompressed P-256 point).
+pub fn parse_ak(text: &str) -> Option<[u8; 65]> {
+    let b = mayfly_command::unhex(text.trim())?;
+    let ak: [u8; 65] = b.try_into().ok()?;
+    (ak[0] == 0x04).then_some(ak)
+}
+
+/// Checks the `attest` result against what the operator knows.
+pub fn check(
+    result: &Value,
+    nonce: &[u8],
+    ak: &[u8; 65],
+    expected: &[(u8, PcrValue)],
+    head_keys: &[[u8; 32]],
+) -> Result<Attested, AttestError> {
+    let quote = result.get("quote").ok_or(AttestError::Answer("quote"))?;
+    let found: [u8; 65] = bytes(quote, "ak", 65)?
+        .try_into()
+        .map_err(|_| AttestError::Answer("ak"))?;
+    if &found != ak {
+        return Err(AttestError::WrongKey {
+            found: hex(&found),
+            pinned: hex(ak),
+        });
+    }
+    let attest = bytes(quote, "attest", mayfly_tpm::quote::MAX_ATTEST)?;
+    let signature: [u8; 64] = bytes(quote, "signature", 64)?
+        .try_into()
+        .map_err(|_| AttestError::Answer("signature"))?;
+    let head_bytes = bytes(result, "head", 1024)?;
+    let q = qualifying_data(&head_bytes, nonce);
+    let info = verify_quote(ak, &attest, &signature, &q, expected)?;
+    let head = SignedHead::decode(&head_bytes).map_err(|e| AttestError::Head(e.to_string()))?;
+    if !head.signature_valid() {
+        return Err(AttestError::Head(
+            "its Ed25519 signature does not verify".into(),
+        ));
+    }
+    if !head_keys.contains(&head.public_key) {
+        return Err(AttestError::HeadKey {
+            group: head.group,
+            key: hex(&head.public_key),
+        });
+    }
+    Ok(Attested { info, head })
+}
