@@ -116,3 +116,76 @@ pub fn check(
     }
     Ok(Attested { info, head })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use mayfly_ledger::{SigningKey, Tip};
+    use mayfly_tpm::swtpm::{expected_after_boot, measure_boot, Swtpm, GOOD_CMDLINE};
+    use mayfly_tpm::{Tpm, DEFAULT_PCRS};
+    use serde_json::json;
+
+    /// A real answer: a head signed by seed 1, quoted by a swtpm after the test boot.
+    fn answer(nonce: &[u8]) -> (Value, [u8; 65], [u8; 32]) {
+        let dir = tempfile::tempdir().unwrap();
+        let sw = Swtpm::start(dir.path()).expect("swtpm starts (apt-get install swtpm)");
+        let mut tpm = Tpm::open(&sw.tcti()).unwrap();
+        measure_boot(&mut tpm, GOOD_CMDLINE).unwrap();
+        let key = SigningKey::from_seed(&[1; 32]);
+        let tip = |seq: u8| Tip {
+            seq: u64::from(seq),
+            hash: [seq; 32],
+        };
+        let head = SignedHead::sign(&key, 3, tip(5), tip(9), 1_700_000_000_000_000_000).encode();
+        let q = tpm
+            .quote(DEFAULT_PCRS, &qualifying_data(&head, nonce))
+            .unwrap();
+        let result = json!({"head": hex(&head), "head_group": 3, "nonce": hex(nonce),
+            "quote": {"ak": hex(&q.public_key), "attest": hex(&q.attest),
+                      "signature": hex(&q.signature)}});
+        (result, q.public_key, key.public_key())
+    }
+
+    #[test]
+    fn a_genuine_answer_passes_and_every_lie_is_named() {
+        let nonce = [0x5a; 32];
+        let (good, ak, head_key) = answer(&nonce);
+        let expected = expected_after_boot(DEFAULT_PCRS, GOOD_CMDLINE);
+        let a = check(&good, &nonce, &ak, &expected, &[head_key]).unwrap();
+        assert_eq!(a.head.group, 3);
+        assert_eq!(a.info.pcrs, vec![7, 8, 9]);
+
+        let err = |v: &Value, nonce: &[u8], keys: &[[u8; 32]], exp: &[(u8, PcrValue)]| {
+            check(v, nonce, &ak, exp, keys).unwrap_err().to_string()
+        };
+        // Any changed byte of the quote: the signature fails.
+        let attest = good["quote"]["attest"].as_str().unwrap().to_owned();
+        for i in [0, 10, attest.len() / 2, attest.len() - 1] {
+            let mut t = good.clone();
+            let mut s = attest.clone().into_bytes();
+            s[i] = if s[i] == b'0' { b'1' } else { b'0' };
+            t["quote"]["attest"] = Value::from(String::from_utf8(s).unwrap());
+            assert!(err(&t, &nonce, &[head_key], &expected).contains("signature"));
+        }
+        // Another nonce (a replayed quote), or another head: the qualifying data differs.
+        assert!(err(&good, &[0x5b; 32], &[head_key], &expected).contains("qualifying data"));
+        let mut t = good.clone();
+        let mut h = good["head"].as_str().unwrap().to_owned().into_bytes();
+        h[40] = if h[40] == b'0' { b'1' } else { b'0' };
+        t["head"] = Value::from(String::from_utf8(h).unwrap());
+        assert!(err(&t, &nonce, &[head_key], &expected).contains("qualifying data"));
+        // Another image's PCRs.
+        let other = expected_after_boot(DEFAULT_PCRS, "console=hvc0 ro init=/bin/sh");
+        assert!(err(&good, &nonce, &[head_key], &other).contains("did not boot the expected"));
+        // A head signed by a key the operator does not accept.
+        assert!(err(&good, &nonce, &[[9; 32]], &expected).contains("neither the appliance"));
+        // An AK other than the pinned one.
+        let e = check(&good, &nonce, &[4; 65], &expected, &[head_key]).unwrap_err();
+        assert!(e.to_string().contains("not the pinned"), "{e}");
+        // Missing or malformed fields.
+        let mut t = good.clone();
+        t["quote"]["signature"] = Value::from("zz");
+        assert!(err(&t, &nonce, &[head_key], &expected).contains("signature"));
+        assert!(check(&json!({}), &nonce, &ak, &expected, &[head_key]).is_err());
+    }
+}
