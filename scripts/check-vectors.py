@@ -224,7 +224,7 @@ assert len(h) == 166 + 64 and h[:166] == expected, "head-v2-3: fields differ"
 Ed25519PublicKey.from_public_bytes(pub_from_seed(0x01)).verify(h[166:], h[:166])
 print("ok  head-v2-3: version 2, state hash, signature by seed 0x01")
 
-# Sealed-key file (formats.md §6.1): fields of the unit test's sample, trailing SHA-256.
+# Sealed-key file (formats.md §4.1): fields of the unit test's sample, trailing SHA-256.
 b = b"MFSEALED" + bytes([1]) + b"\x11" * 32 + struct.pack(">H", 0x000B) + bytes([3])
 for p in (7, 8, 9):
     b += bytes([p]) + bytes([p]) * 32
@@ -233,7 +233,7 @@ for part in (b"\xaa" * 4, b"\xbb" * 3):
 assert b + hashlib.sha256(b).digest() == vec("sealed-key-1.hex"), "sealed-key-1 differs"
 print("ok  sealed-key-1: layout and trailing SHA-256")
 
-# Expected-PCR file (formats.md §6.2): the test boot's values from first principles, a PCR
+# Expected-PCR file (formats.md §4.2): the test boot's values from first principles, a PCR
 # extend being SHA-256(old || digest) from 32 zero bytes.
 def extend(*digests):
     v = bytes(32)

@@ -65,7 +65,7 @@ enum Command {
         key: keysource::KeyArgs,
     },
     /// Seal the TPM-sealed signing key also to the PCR values in an expected-PCR file (an
-    /// update's image, docs/formats.md §6.2), on the current good boot. Writes the sealed
+    /// update's image, docs/formats.md §4.2), on the current good boot. Writes the sealed
     /// file not in use now (signing.sealed or signing.sealed.alt) and prints its path.
     Reseal {
         /// Data directory.

@@ -231,7 +231,7 @@ enum Op<O: Args + Clone + Send + Sync + 'static> {
     Attest {
         #[command(flatten)]
         opts: O,
-        /// Expected-PCR file of the image (docs/formats.md §6.2).
+        /// Expected-PCR file of the image (docs/formats.md §4.2).
         #[arg(long)]
         expected_pcrs: PathBuf,
         /// The appliance's attestation key, 130 hex digits, pinned at provisioning (the `ak`
