@@ -29,26 +29,27 @@ fn expected_file(dir: &Path, name: &str, cmdline: &str) -> PathBuf {
     path
 }
 
-/// `dom0-agent serve` that is expected to stop at start: (exit code, stderr).
-fn serve_refused(data: &Path, tcti: &str) -> (i32, String) {
+/// `dom0-agent SUBCOMMAND --key-source tpm --tpm-tcti TCTI --data-dir DATA EXTRA...`:
+/// (exit code, stdout, stderr).
+fn run_agent(sub: &str, tcti: &str, data: &Path, extra: &[&str]) -> (i32, String, String) {
     let out = Command::new(agent_exe())
-        .args([
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--key-source",
-            "tpm",
-            "--tpm-tcti",
-            tcti,
-        ])
+        .args([sub, "--key-source", "tpm", "--tpm-tcti", tcti])
+        .args(extra)
         .arg("--data-dir")
         .arg(data)
         .output()
         .unwrap();
     (
         out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
+}
+
+/// `dom0-agent serve` that is expected to stop at start: (exit code, stderr).
+fn serve_refused(data: &Path, tcti: &str) -> (i32, String) {
+    let (code, _, err) = run_agent("serve", tcti, data, &["--listen", "127.0.0.1:0"]);
+    (code, err)
 }
 
 #[test]
@@ -64,24 +65,9 @@ fn sealed_key_end_to_end_with_attestation() {
 
     // Provisioning: init seals a new key to this boot's PCRs.
     let sw = boot(&state, GOOD_CMDLINE);
-    let out = Command::new(agent_exe())
-        .args([
-            "init",
-            "--key-source",
-            "tpm",
-            "--tpm-tcti",
-            &sw.tcti(),
-            "--data-dir",
-        ])
-        .arg(&data)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let identity = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    let (code, out, err) = run_agent("init", &sw.tcti(), &data, &[]);
+    assert_eq!(code, 0, "{err}");
+    let identity = out.trim().to_owned();
     assert!(data.join("signing.sealed").exists());
     assert!(!data.join("signing.key").exists());
     // The attestation key enters the signed chain at provisioning.
@@ -197,26 +183,10 @@ fn sealed_key_end_to_end_with_attestation() {
     let update = expected_file(dir.path(), "update.pcrs", "console=hvc0 ro mayfly.slot=b");
     {
         let sw = boot(&state, GOOD_CMDLINE);
-        let out = Command::new(agent_exe())
-            .args([
-                "reseal",
-                "--key-source",
-                "tpm",
-                "--tpm-tcti",
-                &sw.tcti(),
-                "--expected-pcrs",
-            ])
-            .arg(&update)
-            .arg("--data-dir")
-            .arg(&data)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        assert!(String::from_utf8_lossy(&out.stdout).contains("signing.sealed.alt"));
+        let update = update.to_str().unwrap();
+        let (code, out, err) = run_agent("reseal", &sw.tcti(), &data, &["--expected-pcrs", update]);
+        assert_eq!(code, 0, "{err}");
+        assert!(out.contains("signing.sealed.alt"), "{out}");
     }
     {
         let sw = boot(&state, "console=hvc0 ro mayfly.slot=b");

@@ -678,6 +678,25 @@ mod tests {
     }
 
     #[test]
+    fn attest_takes_a_bounded_hex_nonce() {
+        let n = "ab".repeat(32);
+        assert_eq!(
+            parse("attest", &args(&[("nonce", &n)])).unwrap(),
+            Command::Attest {
+                nonce: vec![0xab; 32]
+            }
+        );
+        for bad in ["", "abc", &"ab".repeat(15), &"ab".repeat(65), &"zz".repeat(16)] {
+            assert!(
+                parse("attest", &args(&[("nonce", bad)])).is_err(),
+                "{bad:?} accepted"
+            );
+        }
+        assert!(parse("attest", &args(&[])).is_err());
+        assert!(!is_destructive(&Command::Attest { nonce: vec![0; 16] }));
+    }
+
+    #[test]
     fn arguments_are_checked_and_typos_refused() {
         assert_eq!(parse("status", &args(&[])).unwrap(), Command::Status);
         assert!(matches!(

@@ -817,9 +817,20 @@ mod key_marker {
     /// File name in the data directory.
     pub const FILE: &str = "key-unavailable.refused";
 
-    /// Leaves the marker (best effort: the refusal itself is the error returned).
+    /// Adds a refusal to the marker (best effort: the refusal itself is the error
+    /// returned). Several refused starts before a good one are all kept (newest last), up
+    /// to the marker's bound.
     pub fn put(dir: &Path, detail: &str) {
-        super::state_marker::put_named(dir, FILE, detail);
+        let detail = match take(dir) {
+            Some(earlier) if !earlier.is_empty() => {
+                // The marker is bounded from the front: keep the newest refusals whole.
+                let n = earlier.chars().count();
+                let kept: String = earlier.chars().skip(n.saturating_sub(500)).collect();
+                format!("{kept} | {detail}")
+            }
+            _ => detail.to_owned(),
+        };
+        super::state_marker::put_named(dir, FILE, &detail);
     }
 
     /// Takes the marker if there is one.

@@ -10,7 +10,7 @@
 //!
 //! Run: `cargo bench -p mayfly-tpm --bench sealed` (env `BENCH_SECS` per commit run,
 //! default 3; `BENCH_REPS`, default 5; `BENCH_OPENS` per rep, default 10). Interleaved:
-//! file then tpm in every repetition. Medians.
+//! both sources in every repetition, alternating which goes first. Medians.
 
 #![allow(missing_docs, clippy::cast_possible_truncation)]
 
@@ -145,7 +145,11 @@ fn main() {
     let mut open_ms: [Vec<f64>; 2] = [Vec::new(), Vec::new()];
     let mut rates: [Vec<f64>; 2] = [Vec::new(), Vec::new()];
     for rep in 0..reps {
-        for (i, (name, store)) in sources.iter().enumerate() {
+        // Alternate which source goes first, so that neither always runs on a warmer
+        // page cache or a quieter neighbour.
+        let order: [usize; 2] = if rep % 2 == 0 { [0, 1] } else { [1, 0] };
+        for i in order {
+            let (name, store) = &sources[i];
             let dir = root.path().join(format!("{name}-{rep}"));
             drop(seeded(&dir, store, 1000));
             open_ms[i].extend(time_open(&dir, store, opens));
@@ -157,6 +161,13 @@ fn main() {
             let _ = std::fs::remove_dir_all(&dir);
         }
     }
+    let show = |v: &[f64]| {
+        v.iter()
+            .map(|x| format!("{x:.0}"))
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    println!("commit samples: file [{}] | tpm [{}]", show(&rates[0]), show(&rates[1]));
     let [of, ot] = open_ms.map(median);
     let [rf, rt] = rates.map(median);
     println!("open (start-up, unseal included): file {of:.1} ms | tpm {ot:.1} ms | tpm/file {:.2}x (median)", ot / of);
