@@ -686,7 +686,13 @@ mod tests {
                 nonce: vec![0xab; 32]
             }
         );
-        for bad in ["", "abc", &"ab".repeat(15), &"ab".repeat(65), &"zz".repeat(16)] {
+        for bad in [
+            "",
+            "abc",
+            &"ab".repeat(15),
+            &"ab".repeat(65),
+            &"zz".repeat(16),
+        ] {
             assert!(
                 parse("attest", &args(&[("nonce", bad)])).is_err(),
                 "{bad:?} accepted"

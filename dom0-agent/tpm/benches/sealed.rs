@@ -136,7 +136,10 @@ fn main() {
     measure_boot(&mut Tpm::open(&sw.tcti()).unwrap(), GOOD_CMDLINE).unwrap();
     let sources: [(&str, Arc<dyn KeyStore>); 2] = [
         ("file", Arc::new(FileKeys)),
-        ("tpm", Arc::new(SealedKeys::new(&sw.tcti(), DEFAULT_PCRS).unwrap())),
+        (
+            "tpm",
+            Arc::new(SealedKeys::new(&sw.tcti(), DEFAULT_PCRS).unwrap()),
+        ),
     ];
     println!(
         "sealed bench: {reps} interleaved reps, {opens} opens each, {secs} s commit runs over {keys} keys, swtpm {}",
@@ -167,7 +170,11 @@ fn main() {
             .collect::<Vec<_>>()
             .join(" ")
     };
-    println!("commit samples: file [{}] | tpm [{}]", show(&rates[0]), show(&rates[1]));
+    println!(
+        "commit samples: file [{}] | tpm [{}]",
+        show(&rates[0]),
+        show(&rates[1])
+    );
     let [of, ot] = open_ms.map(median);
     let [rf, rt] = rates.map(median);
     println!("open (start-up, unseal included): file {of:.1} ms | tpm {ot:.1} ms | tpm/file {:.2}x (median)", ot / of);

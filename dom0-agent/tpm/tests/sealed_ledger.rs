@@ -138,7 +138,10 @@ fn sealed_key_signs_refuses_on_a_changed_boot_and_another_tpm_and_recovers() {
         .collect();
     assert_eq!(refused.len(), 1, "one marker, audited once");
     let detail = &refused[0].fields["detail"];
-    assert!(detail.contains("PCR 8"), "the first refusal is kept: {detail}");
+    assert!(
+        detail.contains("PCR 8"),
+        "the first refusal is kept: {detail}"
+    );
     assert!(detail.contains("does not belong to this TPM"), "{detail}");
     assert_eq!(refused[0].fields["key_source"], "tpm");
     assert!(events(&data)
