@@ -207,6 +207,27 @@ fn sealed_key_end_to_end_with_attestation() {
     assert!(refused.1["detail"].contains("does not belong to this TPM"));
     assert!(events.iter().filter(|(e, _)| e == "tpm.quote").count() >= 3);
     assert!(verify(&data).0);
+
+    // The boot quotes sent to the SIEM verify on their own: the provisioning one against the
+    // good boot's PCRs, the slot-b one against the update's, each over the head it names.
+    let store = mayfly_ledger::store::open_read_only(&data, &Default::default()).unwrap();
+    let heads = store.last_heads(usize::MAX).unwrap();
+    let quotes: Vec<_> = events.iter().filter(|(e, _)| e == "tpm.quote").collect();
+    let unhex = |t: &str| mayfly_ledger::codec::unhex(t).unwrap();
+    for (fields, cmdline) in [
+        (&quotes[0].1, GOOD_CMDLINE),
+        (&quotes[quotes.len() - 1].1, "console=hvc0 ro mayfly.slot=b"),
+    ] {
+        let group: u64 = fields["head_group"].parse().unwrap();
+        let head = heads.iter().find(|h| h.group == group).unwrap();
+        let ak: [u8; 65] = unhex(&fields["ak"]).try_into().unwrap();
+        let sig: [u8; 64] = unhex(&fields["signature"]).try_into().unwrap();
+        let q = mayfly_tpm::quote::qualifying_data(&head.encode(), &unhex(&fields["nonce"]));
+        let expected = expected_after_boot(DEFAULT_PCRS, cmdline);
+        mayfly_tpm::quote::verify_quote(&ak, &unhex(&fields["attest"]), &sig, &q, &expected)
+            .unwrap_or_else(|e| panic!("boot quote of group {group}: {e}"));
+        assert_eq!(ak, unhex(&quotes[0].1["ak"]).as_slice(), "one AK per TPM");
+    }
 }
 
 #[test]
