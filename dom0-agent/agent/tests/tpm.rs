@@ -102,53 +102,38 @@ fn sealed_key_end_to_end_with_attestation() {
         assert_eq!(health["key"]["pcrs"], "7,8,9", "{health}");
         let sock = data.join("admin.sock");
         let sock = sock.to_str().unwrap();
-        let (code, out, err) = mayfly(&[
-            "admin",
-            "status",
-            "--socket",
-            sock,
-            "--key",
-            &k("alice.key"),
-        ]);
+        // Every console command as alice on this agent's socket.
+        let admin = |args: &[&str]| {
+            let mut all = vec!["admin", args[0], "--socket", sock, "--key"];
+            let key = k("alice.key");
+            all.push(&key);
+            all.extend(&args[1..]);
+            mayfly(&all)
+        };
+        let (code, out, err) = admin(&["status"]);
         assert_eq!(code, 0, "{err}");
         assert!(out.contains("key source") && out.contains("tpm ("), "{out}");
 
         // Attestation against the expected PCRs and the pinned AK.
-        let attest = |pcrs: &Path, ak: &str| {
-            mayfly(&[
-                "admin",
-                "attest",
-                "--socket",
-                sock,
-                "--key",
-                &k("alice.key"),
-                "--expected-pcrs",
-                pcrs.to_str().unwrap(),
-                "--ak",
-                ak,
-            ])
+        let attest = |pcrs: &Path, ak: Option<&str>| {
+            let mut a = vec!["attest", "--expected-pcrs", pcrs.to_str().unwrap()];
+            if let Some(ak) = ak {
+                a.extend(["--ak", ak]);
+            }
+            admin(&a)
         };
-        let (code, out, err) = attest(&good, &ak);
+        let (code, out, err) = attest(&good, Some(&ak));
         assert_eq!(code, 0, "{out}{err}");
         assert!(out.contains("attested: PCRs 7,8,9"), "{out}");
         assert!(out.contains(&format!("signed by {identity}")), "{out}");
-        let (code, _, err) = attest(&other, &ak);
+        let (code, _, err) = attest(&other, Some(&ak));
         assert_eq!(code, 1);
         assert!(err.contains("did not boot the expected image"), "{err}");
         let wrong_ak = format!("04{}", "11".repeat(64));
-        let (code, _, err) = attest(&good, &wrong_ak);
+        let (code, _, err) = attest(&good, Some(&wrong_ak));
         assert_eq!(code, 1);
         assert!(err.contains("not the pinned"), "{err}");
-        let (code, _, err) = mayfly(&[
-            "admin",
-            "attest",
-            "--socket",
-            sock,
-            "--key",
-            &k("alice.key"),
-            "--expected-pcrs",
-            good.to_str().unwrap(),
-        ]);
+        let (code, _, err) = attest(&good, None);
         assert_eq!(code, 1);
         assert!(err.contains("no --ak pinned") && err.contains(&ak), "{err}");
     }
