@@ -219,21 +219,61 @@ pub fn health(ledger: &Ledger) -> mayfly_api::HealthSection {
     }
 }
 
-/// `dom0-agent reseal`: seals the current key also to an expected-PCR file's values.
-pub fn reseal(dir: &Path, settings: &KeySettings, expected: &Path) -> anyhow::Result<u8> {
+/// `dom0-agent reseal`: seals the current key also to an expected-PCR file's values. A file
+/// of the image build's form has one state per A/B boot state: `state` names the one to
+/// seal to (its label, e.g. `slot=b try=- tries=0 entry=production-b`). Configured PCRs the
+/// file does not predict (PCR 7 with the image's file) are sealed to their current values.
+pub fn reseal(
+    dir: &Path,
+    settings: &KeySettings,
+    expected: &Path,
+    state: Option<&str>,
+) -> anyhow::Result<u8> {
     let KeySettings::Tpm { tcti, pcrs } = settings else {
         bail!("reseal needs the TPM key source ([key] source = \"tpm\" or --key-source tpm)");
     };
     let text = read_bounded(expected, mayfly_tpm::pcrfile::MAX_FILE)?;
-    let values =
-        mayfly_tpm::pcrfile::parse(&text).with_context(|| format!("in {}", expected.display()))?;
-    let chosen: Vec<u8> = values.iter().map(|v| v.0).collect();
-    if &chosen != pcrs {
+    let states = mayfly_tpm::pcrfile::parse_states(&text)
+        .with_context(|| format!("in {}", expected.display()))?;
+    let chosen = match (state, states.as_slice()) {
+        (None, [one]) => one,
+        (None, many) => bail!(
+            "{} has {} boot states; name one with --state (e.g. {:?})",
+            expected.display(),
+            many.len(),
+            many.first().map(|s| s.label.as_str()).unwrap_or("")
+        ),
+        (Some(label), all) => all
+            .iter()
+            .find(|s| s.label == label)
+            .with_context(|| format!("{} has no state {label:?}", expected.display()))?,
+    };
+    if let Some((p, _)) = chosen.values.iter().find(|(p, _)| !pcrs.contains(p)) {
         bail!(
-            "{} names PCRs {chosen:?}, but the key is sealed to {pcrs:?} ([key] pcrs)",
+            "{} predicts PCR {p}, which the key is not sealed to ([key] pcrs = {pcrs:?})",
             expected.display()
         );
     }
+    let current = Tpm::open(tcti)
+        .and_then(|mut t| t.read_pcrs(pcrs))
+        .context("reading the current PCRs")?;
+    let values: Vec<_> = current
+        .iter()
+        .map(|(p, now)| {
+            let v = chosen
+                .values
+                .iter()
+                .find(|(q, _)| q == p)
+                .map_or(*now, |v| v.1);
+            if !chosen.values.iter().any(|(q, _)| q == p) {
+                eprintln!(
+                    "dom0-agent: PCR {p} is not in {}: sealed to its current value",
+                    expected.display()
+                );
+            }
+            (*p, v)
+        })
+        .collect();
     let keys = SealedKeys::new(tcti, pcrs)?;
     let path = keys.reseal(dir, &values)?;
     println!("{}", path.display());

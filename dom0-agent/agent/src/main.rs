@@ -74,6 +74,10 @@ enum Command {
         /// The expected-PCR file of the image to boot next.
         #[arg(long)]
         expected_pcrs: PathBuf,
+        /// With the image build's file (one line per A/B boot state): the state to seal to,
+        /// as its label, e.g. "slot=b try=- tries=0 entry=production-b".
+        #[arg(long)]
+        state: Option<String>,
         /// Configuration file: its [key] section is read (flags win).
         #[arg(long)]
         config: Option<PathBuf>,
@@ -165,10 +169,11 @@ fn main() -> ExitCode {
         Command::Reseal {
             data_dir,
             expected_pcrs,
+            state,
             config,
             key,
         } => key_settings(config.as_deref(), &key)
-            .and_then(|k| keysource::reseal(&data_dir, &k, &expected_pcrs)),
+            .and_then(|k| keysource::reseal(&data_dir, &k, &expected_pcrs, state.as_deref())),
         Command::Verify(args) => verify_cmd::run(&args),
         Command::ExportKey { data_dir } => export_key(&data_dir),
         Command::Serve(args) => serve::run(&args, &log),

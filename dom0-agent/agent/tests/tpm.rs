@@ -19,6 +19,23 @@ fn boot(state: &Path, cmdline: &str) -> Swtpm {
     sw
 }
 
+/// An expected-PCR file in the image build's form (buildroot/board/mayfly/expected-pcrs.py):
+/// one `state` line per command line, labelled `slot=s<i>`, predicting PCRs 8 and 9.
+fn image_file(dir: &Path, cmdlines: &[&str]) -> PathBuf {
+    let mut text = String::from("mayfly-expected-pcrs 1\nbank sha256\n");
+    for (i, c) in cmdlines.iter().enumerate() {
+        let v = expected_after_boot(&[8, 9], c);
+        text.push_str(&format!(
+            "state slot=s{i} pcr8={} pcr9={}\n",
+            mayfly_ledger::codec::hex(&v[0].1),
+            mayfly_ledger::codec::hex(&v[1].1)
+        ));
+    }
+    let path = dir.join("image.pcrs");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
 fn expected_file(dir: &Path, name: &str, cmdline: &str) -> PathBuf {
     let path = dir.join(name);
     std::fs::write(
@@ -133,7 +150,16 @@ fn sealed_key_end_to_end_with_attestation() {
         let (code, _, err) = attest(&good, Some(&wrong_ak));
         assert_eq!(code, 1);
         assert!(err.contains("not the pinned"), "{err}");
-        let (code, _, err) = attest(&good, None);
+        // The image build's form: PCRs 8 and 9 per A/B state; PCR 7 attested, not compared.
+        let image = image_file(dir.path(), &["console=hvc0 ro mayfly.slot=b", GOOD_CMDLINE]);
+        let (code, out, err) = attest(&image, Some(&ak));
+        assert_eq!(code, 0, "{out}{err}");
+        assert!(
+            out.contains("(state slot=s1)") && out.contains("PCR 7 = "),
+            "{out}"
+        );
+        let (code, out, err) = attest(&good, None);
+        assert!(out.is_empty(), "{out}");
         assert_eq!(code, 1);
         assert!(err.contains("no --ak pinned") && err.contains(&ak), "{err}");
     }
@@ -168,6 +194,20 @@ fn sealed_key_end_to_end_with_attestation() {
     let update = expected_file(dir.path(), "update.pcrs", "console=hvc0 ro mayfly.slot=b");
     {
         let sw = boot(&state, GOOD_CMDLINE);
+        // The image's form has several states: reseal wants the one to seal to.
+        let image = image_file(dir.path(), &[GOOD_CMDLINE, "console=hvc0 ro mayfly.slot=b"]);
+        let image = image.to_str().unwrap();
+        let (code, _, err) = run_agent("reseal", &sw.tcti(), &data, &["--expected-pcrs", image]);
+        assert_ne!(code, 0);
+        assert!(
+            err.contains("2 boot states") && err.contains("--state"),
+            "{err}"
+        );
+        let chosen = ["--expected-pcrs", image, "--state", "slot=s1"];
+        let (code, out, err) = run_agent("reseal", &sw.tcti(), &data, &chosen);
+        assert_eq!(code, 0, "{err}");
+        assert!(out.contains("signing.sealed.alt"), "{out}");
+        assert!(err.contains("PCR 7 is not in"), "{err}");
         let update = update.to_str().unwrap();
         let (code, out, err) = run_agent("reseal", &sw.tcti(), &data, &["--expected-pcrs", update]);
         assert_eq!(code, 0, "{err}");

@@ -857,7 +857,7 @@ fn attest(
 ) -> anyhow::Result<u8> {
     let text = std::fs::read(expected_pcrs)
         .with_context(|| format!("reading {}", expected_pcrs.display()))?;
-    let expected = mayfly_tpm::pcrfile::parse(&text)
+    let expected = mayfly_tpm::pcrfile::parse_states(&text)
         .with_context(|| format!("in {}", expected_pcrs.display()))?;
     let mut keys = vec![appliance];
     keys.extend(head_keys.iter().map(String::as_str));
@@ -906,12 +906,19 @@ fn attest(
             }
             let pcrs: Vec<String> = a.info.pcrs.iter().map(ToString::to_string).collect();
             println!(
-                "attested: PCRs {} match {}; TPM resets {}, clock {} ms",
+                "attested: PCRs {} match {} (state {}); TPM resets {}, clock {} ms",
                 pcrs.join(","),
                 expected_pcrs.display(),
+                a.state,
                 a.info.reset_count,
                 a.info.clock
             );
+            for (pcr, value) in &a.uncompared {
+                println!(
+                    "  PCR {pcr} = {} (attested; the file does not predict it)",
+                    hex(value)
+                );
+            }
             println!(
                 "signed head: group {}, checkpoint {} {}, audit {} {}, signed by {}",
                 a.head.group,

@@ -111,6 +111,115 @@ pub fn parse(bytes: &[u8]) -> Result<Vec<(u8, PcrValue)>, PcrFileError> {
     Ok(out)
 }
 
+/// One boot state's expected values.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExpectedState {
+    /// Which state: `pcr lines` for a file of `pcr` lines, else the image file's state
+    /// (`slot=b try=- tries=0 entry=production-b`).
+    pub label: String,
+    /// PCR index and value, ascending. PCRs the file does not predict are absent.
+    pub values: Vec<(u8, PcrValue)>,
+}
+
+fn hex32(text: &str) -> Option<PcrValue> {
+    if text.len() != 64
+        || !text
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    {
+        return None;
+    }
+    let mut v = [0u8; 32];
+    for (i, slot) in v.iter_mut().enumerate() {
+        *slot = u8::from_str_radix(text.get(i * 2..i * 2 + 2)?, 16).ok()?;
+    }
+    Some(v)
+}
+
+/// Parses either form of `mayfly-expected-pcrs 1`: this module's `pcr` lines (one state),
+/// or the image build's (`buildroot/board/mayfly/expected-pcrs.py`: `bank sha256`,
+/// `grub-cfg`, `file` lines and one `state ... pcr8=<hex> pcr9=<hex>` line per A/B boot
+/// state, which predict PCRs 8 and 9 only).
+pub fn parse_states(bytes: &[u8]) -> Result<Vec<ExpectedState>, PcrFileError> {
+    if bytes.len() > MAX_FILE {
+        return Err(PcrFileError::TooLarge(bytes.len()));
+    }
+    let text = std::str::from_utf8(bytes).map_err(|_| PcrFileError::NotText)?;
+    let image_form = text
+        .lines()
+        .any(|l| l.starts_with("state ") || l == "bank sha256");
+    if !image_form {
+        return Ok(vec![ExpectedState {
+            label: "pcr lines".into(),
+            values: parse(bytes)?,
+        }]);
+    }
+    let mut header = false;
+    let mut bank = false;
+    let mut states = Vec::new();
+    for (n, line) in (1..).zip(text.split('\n')) {
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let bad = |reason: &str| PcrFileError::Line {
+            line: n,
+            reason: reason.to_string(),
+        };
+        if !header {
+            if line != HEADER {
+                return Err(PcrFileError::Header);
+            }
+            header = true;
+            continue;
+        }
+        let mut words = line.split(' ');
+        match words.next() {
+            Some("bank") if line == "bank sha256" => bank = true,
+            Some("bank") => return Err(bad("only the sha256 bank is supported")),
+            Some("grub-cfg") | Some("file") => {
+                let digest = line.rsplit(' ').next().unwrap_or("");
+                if hex32(digest).is_none() {
+                    return Err(bad("the digest is not 64 lower-case hex digits"));
+                }
+            }
+            Some("state") => {
+                let (mut pcr8, mut pcr9, mut label) = (None, None, Vec::new());
+                for w in words {
+                    if let Some(h) = w.strip_prefix("pcr8=") {
+                        pcr8 = Some(hex32(h).ok_or_else(|| bad("pcr8 is not 64 hex digits"))?);
+                    } else if let Some(h) = w.strip_prefix("pcr9=") {
+                        pcr9 = Some(hex32(h).ok_or_else(|| bad("pcr9 is not 64 hex digits"))?);
+                    } else if w.contains('=')
+                        && w.len() <= 64
+                        && w.bytes().all(|b| b.is_ascii_graphic())
+                    {
+                        label.push(w);
+                    } else {
+                        return Err(bad("a state field is not name=value"));
+                    }
+                }
+                let (Some(p8), Some(p9)) = (pcr8, pcr9) else {
+                    return Err(bad("a state needs pcr8= and pcr9="));
+                };
+                states.push(ExpectedState {
+                    label: label.join(" "),
+                    values: vec![(8, p8), (9, p9)],
+                });
+            }
+            _ => return Err(bad("expected bank, grub-cfg, file or state")),
+        }
+    }
+    if !header {
+        return Err(PcrFileError::Header);
+    }
+    if !bank || states.is_empty() {
+        return Err(PcrFileError::Selection(
+            "the image form needs `bank sha256` and at least one state".into(),
+        ));
+    }
+    Ok(states)
+}
+
 /// Writes an expected-PCR file (the canonical form [`parse`] reads).
 pub fn render(values: &[(u8, PcrValue)], comment: &str) -> String {
     let mut s = String::new();
@@ -142,6 +251,32 @@ mod tests {
         let digest = include_str!("../../../docs/vectors/expected-pcrs-1.digest");
         assert_eq!(hex(&crate::pcr_digest(&values)), digest.trim());
         assert_eq!(parse(render(&values, "x").as_bytes()).unwrap(), values);
+    }
+
+    #[test]
+    fn the_image_builds_form_gives_one_state_per_line() {
+        let text = include_str!("../../../docs/vectors/expected-pcrs-image-1.txt");
+        let states = parse_states(text.as_bytes()).unwrap();
+        assert_eq!(states.len(), 2);
+        assert_eq!(states[0].label, "slot=a try=- tries=0 entry=production-a");
+        assert_eq!(
+            states[1].values.iter().map(|v| v.0).collect::<Vec<_>>(),
+            vec![8, 9]
+        );
+        assert_eq!(states[1].values[0].1, [0x8b; 32]);
+        // The `pcr` form is one state.
+        let mine = include_str!("../../../docs/vectors/expected-pcrs-1.txt");
+        assert_eq!(parse_states(mine.as_bytes()).unwrap().len(), 1);
+        for bad in [
+            text.replace("bank sha256", "bank sha1"),
+            text.replace("pcr9=", "pcr7="),
+            text.replace("slot=a ", "slot a "),
+            text.replace("grub-cfg 00", "grub-cfg zz"),
+            format!("{text}unknown line\n"),
+            "mayfly-expected-pcrs 1\nbank sha256\n".to_string(),
+        ] {
+            assert!(parse_states(bad.as_bytes()).is_err(), "accepted {bad:?}");
+        }
     }
 
     #[test]

@@ -217,6 +217,17 @@ pub fn parse_attest(attest: &[u8]) -> Result<(Vec<u8>, QuoteInfo), QuoteError> {
     ))
 }
 
+/// The ECDSA P-256 / SHA-256 signature `signature` (`r || s`) of `attest` under `ak`.
+pub fn check_signature(
+    ak: &[u8; 65],
+    attest: &[u8],
+    signature: &[u8; 64],
+) -> Result<(), QuoteError> {
+    ring::signature::UnparsedPublicKey::new(&ring::signature::ECDSA_P256_SHA256_FIXED, ak)
+        .verify(attest, signature)
+        .map_err(|_| QuoteError::Signature)
+}
+
 /// Checks a quote: the signature under the pinned key `ak`, the qualifying data against
 /// `qualifying`, and the quoted PCRs against `expected` (ascending PCR index and value).
 /// The signature is checked first: nothing in unsigned bytes is trusted.
@@ -227,9 +238,7 @@ pub fn verify_quote(
     qualifying: &[u8; 32],
     expected: &[(u8, PcrValue)],
 ) -> Result<QuoteInfo, QuoteError> {
-    ring::signature::UnparsedPublicKey::new(&ring::signature::ECDSA_P256_SHA256_FIXED, ak)
-        .verify(attest, signature)
-        .map_err(|_| QuoteError::Signature)?;
+    check_signature(ak, attest, signature)?;
     let (extra, info) = parse_attest(attest)?;
     if extra != qualifying {
         return Err(QuoteError::Nonce {
