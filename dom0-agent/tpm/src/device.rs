@@ -191,6 +191,18 @@ impl Tpm {
         )
         .build()
         .map_err(cmd("storage primary template"))?;
+        self.ecc_primary(attrs, params, "TPM2_CreatePrimary (storage)")
+            .map(|r| r.key_handle)
+    }
+
+    /// An ECC P-256 primary of the owner hierarchy with an empty unique field: the same key
+    /// from the same template on the same TPM, every time.
+    fn ecc_primary(
+        &mut self,
+        attrs: tss_esapi::attributes::ObjectAttributes,
+        params: tss_esapi::structures::PublicEccParameters,
+        command: &'static str,
+    ) -> Result<tss_esapi::structures::CreatePrimaryKeyResult, TpmError> {
         let public = PublicBuilder::new()
             .with_public_algorithm(PublicAlgorithm::Ecc)
             .with_name_hashing_algorithm(HashingAlgorithm::Sha256)
@@ -198,13 +210,12 @@ impl Tpm {
             .with_ecc_parameters(params)
             .with_ecc_unique_identifier(EccPoint::default())
             .build()
-            .map_err(cmd("storage primary template"))?;
+            .map_err(cmd(command))?;
         self.ctx
             .execute_with_nullauth_session(|c| {
                 c.create_primary(Hierarchy::Owner, public, None, None, None, None)
             })
-            .map(|r| r.key_handle)
-            .map_err(cmd("TPM2_CreatePrimary (storage)"))
+            .map_err(cmd(command))
     }
 
     /// The policy digest of `TPM2_PolicyPCR` over `values`, computed by a trial session.
@@ -403,20 +414,7 @@ impl Tpm {
             .with_key_derivation_function_scheme(KeyDerivationFunctionScheme::Null)
             .build()
             .map_err(cmd("attestation key template"))?;
-        let public = PublicBuilder::new()
-            .with_public_algorithm(PublicAlgorithm::Ecc)
-            .with_name_hashing_algorithm(HashingAlgorithm::Sha256)
-            .with_object_attributes(attrs)
-            .with_ecc_parameters(params)
-            .with_ecc_unique_identifier(EccPoint::default())
-            .build()
-            .map_err(cmd("attestation key template"))?;
-        let created = self
-            .ctx
-            .execute_with_nullauth_session(|c| {
-                c.create_primary(Hierarchy::Owner, public, None, None, None, None)
-            })
-            .map_err(cmd("TPM2_CreatePrimary (attestation key)"))?;
+        let created = self.ecc_primary(attrs, params, "TPM2_CreatePrimary (attestation key)")?;
         let point = match &created.out_public {
             Public::Ecc { unique, .. } => quote::uncompressed_point(unique),
             _ => None,
