@@ -224,5 +224,35 @@ assert len(h) == 166 + 64 and h[:166] == expected, "head-v2-3: fields differ"
 Ed25519PublicKey.from_public_bytes(pub_from_seed(0x01)).verify(h[166:], h[:166])
 print("ok  head-v2-3: version 2, state hash, signature by seed 0x01")
 
+# Sealed-key file (formats.md §4.1): fields of the unit test's sample, trailing SHA-256.
+b = b"MFSEALED" + bytes([1]) + b"\x11" * 32 + struct.pack(">H", 0x000B) + bytes([3])
+for p in (7, 8, 9):
+    b += bytes([p]) + bytes([p]) * 32
+for part in (b"\xaa" * 4, b"\xbb" * 3):
+    b += struct.pack(">H", len(part)) + part
+assert b + hashlib.sha256(b).digest() == vec("sealed-key-1.hex"), "sealed-key-1 differs"
+print("ok  sealed-key-1: layout and trailing SHA-256")
+
+# Expected-PCR file (formats.md §4.2): the test boot's values from first principles, a PCR
+# extend being SHA-256(old || digest) from 32 zero bytes.
+def extend(*digests):
+    v = bytes(32)
+    for d in digests:
+        v = hashlib.sha256(v + d).digest()
+    return v
+
+
+pcrs = {7: bytes(32),
+        8: extend(hashlib.sha256(b"linux /boot/Image console=hvc0 ro").digest()),
+        9: extend(hashlib.sha256(b"mayfly test dom0 kernel image").digest())}
+lines = [l for l in (V / "expected-pcrs-1.txt").read_text().split("\n")
+         if l and not l.startswith("#")]
+assert lines[0] == "mayfly-expected-pcrs 1", "expected-pcrs-1: header"
+assert lines[1:] == [f"pcr {i} sha256 {v.hex()}" for i, v in sorted(pcrs.items())], \
+    "expected-pcrs-1: values differ"
+digest = hashlib.sha256(b"".join(v for _, v in sorted(pcrs.items()))).digest()
+assert digest == vec("expected-pcrs-1.digest"), "expected-pcrs-1: PCR digest differs"
+print("ok  expected-pcrs-1: PCR 7/8/9 of the test boot, PolicyPCR/quote digest")
+
 print("all vectors agree")
 sys.exit(0)

@@ -35,7 +35,17 @@ ensure_build_tools() {
     { command -v mount && command -v umount; } >/dev/null || missing+=(mount)
     # readelf checks the PV guest kernel's image (scripts/build-pv-guest.sh).
     command -v readelf >/dev/null || missing+=(binutils)
+    # The TPM crate (tss-esapi) links tpm2-tss's ESAPI, found through pkg-config; the TCTI
+    # modules it loads at run time (device, swtpm) come with the same -dev package.
+    command -v pkg-config >/dev/null || missing+=(pkg-config)
+    compgen -G "/usr/lib/*/pkgconfig/tss2-esys.pc" >/dev/null || missing+=(libtss2-dev)
     if [ ${#missing[@]} -gt 0 ]; then apt_install "${missing[@]}"; fi
+}
+
+# Debian's software TPM for the sealed-key and attestation tests (each test starts its own
+# swtpm on loopback).
+ensure_tpm_test_tools() {
+    command -v swtpm >/dev/null || apt_install swtpm
 }
 
 # rsyslog (with its GnuTLS driver) and the openssl CLI for the SIEM export tests, which start

@@ -8,6 +8,7 @@ source scripts/lib.sh
 
 ensure_build_tools
 ensure_siem_test_tools
+ensure_tpm_test_tools
 ensure_shellcheck
 ensure_xen_bindgen_tools
 ensure_cargo_tool cargo-deny cargo-deny 0.20.2

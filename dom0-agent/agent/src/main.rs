@@ -3,12 +3,15 @@
 //! Exit codes: 0 success; 1 verification found a bad record; 2 usage error; 3 the data
 //! directory could not be opened or used (I/O, corruption, missing key); 4 `serve` refused
 //! to start because the live data does not match the state digest of the last signed head
-//! (the data was altered outside the ledger; `verify` names the keys).
+//! (the data was altered outside the ledger; `verify` names the keys); 5 the signing key
+//! exists but its source will not release it (a TPM-sealed key on a changed boot chain or
+//! another TPM): nothing is signed, the refusal is audited at the next start that can sign.
 
 #![forbid(unsafe_code)]
 
 mod config;
 mod demo;
+mod keysource;
 mod policy;
 mod report;
 mod serve;
@@ -26,6 +29,8 @@ pub const EXIT_VERIFY_FAILED: u8 = 1;
 pub const EXIT_STORAGE: u8 = 3;
 /// Exit code: `serve` refused altered live data (issue 16).
 pub const EXIT_STATE_MISMATCH: u8 = 4;
+/// Exit code: the signing key's source refused to release it (issue 19).
+pub const EXIT_KEY_UNAVAILABLE: u8 = 5;
 
 #[derive(Parser)]
 #[command(
@@ -49,10 +54,36 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Create a ledger (and its signing key) in DIR if none exists; print its public key.
+    /// With --key-source tpm the key is sealed to the TPM's current PCR values.
     Init {
         /// Data directory (created with mode 0700 if missing).
         #[arg(long)]
         data_dir: PathBuf,
+        /// Configuration file: its [key] section is read (flags win).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        #[command(flatten)]
+        key: config::SigningKeyFlags,
+    },
+    /// Seal the TPM-sealed signing key also to the PCR values in an expected-PCR file (an
+    /// update's image, docs/formats.md §4.2), on the current good boot. Writes the sealed
+    /// file not in use now (signing.sealed or signing.sealed.alt) and prints its path.
+    Reseal {
+        /// Data directory.
+        #[arg(long)]
+        data_dir: PathBuf,
+        /// The expected-PCR file of the image to boot next.
+        #[arg(long)]
+        expected_pcrs: PathBuf,
+        /// With the image build's file (one line per A/B boot state): the state to seal to,
+        /// as its label, e.g. "slot=b try=- tries=0 entry=production-b".
+        #[arg(long)]
+        state: Option<String>,
+        /// Configuration file: its [key] section is read (flags win).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        #[command(flatten)]
+        key: config::SigningKeyFlags,
     },
     /// Walk both hash chains, check every link and signature, name the first bad record.
     /// Exits 0 only if everything holds.
@@ -131,7 +162,19 @@ fn main() -> ExitCode {
         }
     };
     let result = match cli.command {
-        Command::Init { data_dir } => init(&data_dir, &log),
+        Command::Init {
+            data_dir,
+            config,
+            key,
+        } => key_settings(config.as_deref(), &key).and_then(|k| init(&data_dir, &k, &log)),
+        Command::Reseal {
+            data_dir,
+            expected_pcrs,
+            state,
+            config,
+            key,
+        } => key_settings(config.as_deref(), &key)
+            .and_then(|k| keysource::reseal(&data_dir, &k, &expected_pcrs, state.as_deref())),
         Command::Verify(args) => verify_cmd::run(&args),
         Command::ExportKey { data_dir } => export_key(&data_dir),
         Command::Serve(args) => serve::run(&args, &log),
@@ -147,8 +190,24 @@ fn main() -> ExitCode {
     }
 }
 
-fn init(dir: &std::path::Path, log: &Logger) -> anyhow::Result<u8> {
-    let ledger = mayfly_ledger::Ledger::open(dir, &mayfly_ledger::Options::default(), log)?;
+/// The `[key]` section of `config` (if given; the whole file is checked as `serve` checks
+/// it) under the flags.
+fn key_settings(
+    config: Option<&std::path::Path>,
+    flags: &config::SigningKeyFlags,
+) -> anyhow::Result<keysource::KeySettings> {
+    keysource::KeySettings::from_config(&config::load_key(flags, config)?)
+}
+
+fn init(dir: &std::path::Path, key: &keysource::KeySettings, log: &Logger) -> anyhow::Result<u8> {
+    let options = mayfly_ledger::Options {
+        keys: key.store()?,
+        ..mayfly_ledger::Options::default()
+    };
+    let ledger = mayfly_ledger::Ledger::open(dir, &options, log)?;
+    // With the TPM: the attestation key enters the signed chain at provisioning (the
+    // `tpm.quote` record's `ak`), where the operator pins it from.
+    key.boot_quote(&ledger, log);
     println!("{}", mayfly_ledger::codec::hex(&ledger.public_key()));
     Ok(0)
 }

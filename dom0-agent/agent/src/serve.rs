@@ -89,6 +89,7 @@ struct Settings {
     xen: XenSection,
     console: Option<mayfly_console::ConsoleConfig>,
     siem: mayfly_siem::SiemConfig,
+    key: crate::keysource::KeySettings,
 }
 
 /// The `[console]` section as the console server takes it; `None` without admin keys.
@@ -187,6 +188,7 @@ fn settings(c: &Config) -> anyhow::Result<Settings> {
         xen: xen_section(&c.xen),
         console: console_settings(&c.console, &v.data_dir)?,
         siem: c.siem.config.clone(),
+        key: crate::keysource::KeySettings::from_config(&c.key)?,
     };
     if !s.listen.ip().is_loopback() && s.tls.is_none() && !v.insecure_plaintext_listen {
         bail!(
@@ -423,6 +425,7 @@ pub fn run(args: &ServeArgs, log: &Logger) -> anyhow::Result<u8> {
             ..StoreOptions::default()
         },
         check_state: s.check_state,
+        keys: s.key.store()?,
         ..Options::default()
     };
     let ledger = match Ledger::open(&s.data_dir, &options, log) {
@@ -431,6 +434,10 @@ pub fn run(args: &ServeArgs, log: &Logger) -> anyhow::Result<u8> {
             eprintln!("dom0-agent: error: {e}");
             return Ok(crate::EXIT_STATE_MISMATCH);
         }
+        Err(mayfly_ledger::OpenError::Key(e)) if e.is_unavailable() => {
+            eprintln!("dom0-agent: error: refusing to sign: {e}");
+            return Ok(crate::EXIT_KEY_UNAVAILABLE);
+        }
         Err(e) => {
             return Err(e)
                 .with_context(|| format!("opening the ledger in {}", s.data_dir.display()))
@@ -438,6 +445,7 @@ pub fn run(args: &ServeArgs, log: &Logger) -> anyhow::Result<u8> {
     };
     let siem = mayfly_siem::Exporter::start(&ledger, &s.siem, log)
         .context("starting the SIEM exporter")?;
+    s.key.boot_quote(&ledger, log);
     let policy_files = crate::policy::files(s.policy.as_deref())?;
     let bundle = mayfly_policy::Bundle::load(&policy_files).context("loading the policy bundle")?;
     let policy_hash = bundle.hash();
@@ -471,10 +479,14 @@ pub fn run(args: &ServeArgs, log: &Logger) -> anyhow::Result<u8> {
         max_per_client: s.max_per_client,
         limits: s.limits.clone(),
         tls: s.tls.clone(),
-        health_sections: [siem_health(siem.status_handle()), capacity_health(&ledger)]
-            .into_iter()
-            .chain(cgroups_section)
-            .collect(),
+        health_sections: [
+            siem_health(siem.status_handle()),
+            capacity_health(&ledger),
+            crate::keysource::health(&ledger),
+        ]
+        .into_iter()
+        .chain(cgroups_section)
+        .collect(),
         metrics_sections: vec![
             siem_metrics(siem.status_handle(), ledger.clone()),
             ledger_metrics(ledger.clone()),
@@ -496,6 +508,7 @@ pub fn run(args: &ServeArgs, log: &Logger) -> anyhow::Result<u8> {
                     Arc::new(SiemStatus(siem.status_handle()))
                         as Arc<dyn mayfly_console::ExporterStatus>
                 }),
+                attestor: s.key.attestor(),
                 ..mayfly_console::Services::new(
                     &executor,
                     incidents.clone(),

@@ -16,6 +16,7 @@
 //! | `quarantine.release` | quorum | `domain` (id) |
 //! | `audit.export` | 1 | `from` (default 1), `to` (default: the tip); at most 1,000,000 records (progress and record frames) |
 //! | `key.rotate` | quorum | — |
+//! | `attest` | 1 | `nonce`: 32..=128 hex digits (16..=64 bytes) chosen by the operator |
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -79,6 +80,9 @@ pub enum CommandError {
     /// The backend could not release a quarantined domain.
     #[error("backend: {0}")]
     Domain(#[from] mayfly_domain::DomainError),
+    /// The TPM could not quote.
+    #[error("TPM quote: {0}")]
+    Attest(Box<dyn std::error::Error + Send + Sync>),
 }
 
 impl CommandError {
@@ -94,6 +98,7 @@ impl CommandError {
             Self::PolicyRefused { .. } => "policy_refused",
             Self::Commit(_) => "storage",
             Self::Domain(_) => "backend",
+            Self::Attest(_) => "tpm",
         }
     }
 }
@@ -153,6 +158,11 @@ pub enum Command {
     },
     /// `key.rotate`.
     KeyRotate,
+    /// `attest`: a TPM quote over the PCRs and the latest signed head.
+    Attest {
+        /// The operator's nonce (16..=64 bytes).
+        nonce: Vec<u8>,
+    },
 }
 
 /// A commit sequence or a transaction id.
@@ -320,6 +330,15 @@ pub fn parse(command: &str, args: &BTreeMap<String, String>) -> Result<Command, 
             Command::AuditExport { from, to }
         }
         "key.rotate" => Command::KeyRotate,
+        "attest" => {
+            let text = a
+                .get("nonce")
+                .ok_or_else(|| Args::bad("nonce", "missing"))?;
+            let nonce = mayfly_ledger::codec::unhex(text)
+                .filter(|n| (16..=64).contains(&n.len()))
+                .ok_or_else(|| Args::bad("nonce", "must be 32..=128 hex digits"))?;
+            Command::Attest { nonce }
+        }
         other => return Err(CommandError::Unknown(other.to_owned())),
     };
     a.done()?;
@@ -541,6 +560,23 @@ pub fn execute(
             }
             Ok(json!({"from": from, "to": to, "exported": exported}))
         }
+        Command::Attest { nonce } => {
+            let attestor = services.attestor.as_ref().ok_or_else(|| {
+                CommandError::NotFound(
+                    "no TPM is configured (the key source is not \"tpm\")".into(),
+                )
+            })?;
+            let head = store.last_heads(1)?.into_iter().next().ok_or_else(|| {
+                CommandError::NotFound("the ledger has no signed head yet".into())
+            })?;
+            let bytes = head.encode();
+            let qualifying = mayfly_tpm::quote::qualifying_data(&bytes, nonce);
+            let quote = attestor.quote(&qualifying).map_err(CommandError::Attest)?;
+            Ok(
+                json!({"head": hex(&bytes), "head_group": head.group, "nonce": hex(nonce),
+                      "quote": quote}),
+            )
+        }
         Command::KeyRotate => {
             let old = ledger.signing_key();
             let (new, receipt) = ledger.rotate_key(vec![AuditEvent::new(
@@ -565,6 +601,31 @@ mod tests {
             .iter()
             .map(|(k, v)| ((*k).into(), (*v).into()))
             .collect()
+    }
+
+    #[test]
+    fn attest_takes_a_bounded_hex_nonce() {
+        let n = "ab".repeat(32);
+        assert_eq!(
+            parse("attest", &args(&[("nonce", &n)])).unwrap(),
+            Command::Attest {
+                nonce: vec![0xab; 32]
+            }
+        );
+        for bad in [
+            "",
+            "abc",
+            &"ab".repeat(15),
+            &"ab".repeat(65),
+            &"zz".repeat(16),
+        ] {
+            assert!(
+                parse("attest", &args(&[("nonce", bad)])).is_err(),
+                "{bad:?} accepted"
+            );
+        }
+        assert!(parse("attest", &args(&[])).is_err());
+        assert!(!is_destructive(&Command::Attest { nonce: vec![0; 16] }));
     }
 
     #[test]

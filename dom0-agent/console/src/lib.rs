@@ -34,4 +34,4 @@ mod services;
 pub mod status;
 
 pub use server::{ConsoleConfig, ConsoleError, ConsoleServer};
-pub use services::{CollectorStatus, ExporterStatus, PolicyControl, Services};
+pub use services::{Attestor, CollectorStatus, ExporterStatus, PolicyControl, Services};

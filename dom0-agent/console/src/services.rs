@@ -65,6 +65,19 @@ pub struct Services {
     pub admin_keys: usize,
     /// Distinct admins a destructive command needs (for `status`).
     pub quorum: usize,
+    /// The TPM for `attest` (None: `attest` answers that no TPM is configured).
+    pub attestor: Option<Arc<dyn Attestor>>,
+}
+
+/// The TPM behind `attest` (the agent provides one with the TPM key source).
+pub trait Attestor: Send + Sync {
+    /// A quote over the configured PCRs with `qualifying` as its extra data, as JSON:
+    /// `ak` (65-byte SEC1 point, hex), `attest` (TPMS_ATTEST, hex), `signature` (r || s,
+    /// hex), `pcrs` (`[{"pcr": n, "sha256": hex}]`, read just before the quote).
+    fn quote(
+        &self,
+        qualifying: &[u8; 32],
+    ) -> Result<serde_json::Value, Box<dyn std::error::Error + Send + Sync>>;
 }
 
 impl Services {
@@ -84,6 +97,7 @@ impl Services {
             exporters: None,
             admin_keys,
             quorum,
+            attestor: None,
         }
     }
 }

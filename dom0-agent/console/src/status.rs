@@ -39,7 +39,21 @@ pub fn status(services: &Services) -> Value {
         },
         "exporters": exporters(services.exporters.as_deref(), tips.audit.seq),
         "capacity": ledger.capacity().as_ref().map_or(Value::Null, capacity_json),
+        "key": key_json(ledger),
     })
+}
+
+/// Where the signing key is kept: `{"source": "file"|"tpm", ...}` with what the source
+/// reports (the TCTI, the PCRs, the sealed file in use; never key material). Also the `key`
+/// section of `GET /v1/health`.
+pub fn key_json(ledger: &mayfly_ledger::Ledger) -> Value {
+    let (source, detail) = ledger.key_source();
+    let mut obj = serde_json::Map::new();
+    obj.insert("source".into(), Value::from(source));
+    for (k, v) in detail {
+        obj.insert(k.into(), Value::from(v));
+    }
+    Value::Object(obj)
 }
 
 /// The ledger's space: used, left, growth rate and projected time to full, and whether

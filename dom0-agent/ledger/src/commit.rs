@@ -22,7 +22,7 @@ use slog::{debug, error, Logger};
 use crate::audit::{AuditError, AuditEvent, AuditRecord};
 use crate::checkpoint::{chain_hash, Checkpoint, ReadEntry, WriteEntry, MAX_CHECKPOINT_BYTES};
 use crate::head::{SignedHead, Tip};
-use crate::keys::SigningKey;
+use crate::keys::{KeyStore, SigningKey};
 use crate::state::StateDigest;
 use crate::store::{encode_tip, meta_keys, u64_key, Store, FORMAT_MARKER, FORMAT_VERSION};
 use crate::txn::{decode_value, encode_value, ScanRecord, TxContext};
@@ -300,6 +300,8 @@ impl From<heed::Error> for Step {
 pub(crate) struct Committer {
     pub store: Store,
     pub key: SigningKey,
+    /// Where the key is kept (a rotation's incoming key goes there too).
+    pub keys: Arc<dyn KeyStore>,
     pub checkpoints: Tip,
     pub audit: Tip,
     pub group: u64,
@@ -679,7 +681,7 @@ impl Committer {
         let started = std::time::Instant::now();
         if let Err(e) = wtxn.commit() {
             if incoming.is_some() {
-                let _ = SigningKey::discard_next(&self.store.dir);
+                let _ = self.keys.discard_next(&self.store.dir);
             }
             return Err(fail(e));
         }
@@ -688,7 +690,7 @@ impl Committer {
             // The rotation head is durable: from now on only the new key may sign. If the
             // rename fails, the next start finds signing.key.next matching the ledger and
             // finishes it (Ledger::open).
-            if let Err(e) = SigningKey::install_next(&self.store.dir) {
+            if let Err(e) = self.keys.install_next(&self.store.dir) {
                 error!(self.log, "installing the rotated signing key failed; it will be installed at the next start"; "error" => %e);
             }
             if let Ok(mut k) = self.shared_signing_key.lock() {
@@ -1045,7 +1047,7 @@ impl Committer {
         for ev in &events {
             ev.validate().map_err(|e| Step::Reject(e.into()))?;
         }
-        let next = SigningKey::generate_next(&self.store.dir).map_err(|e| {
+        let next = self.keys.generate_next(&self.store.dir).map_err(|e| {
             Step::Reject(CommitError::KeyRotation {
                 reason: e.to_string(),
             })

@@ -1,9 +1,15 @@
-//! The appliance signing key (Ed25519, via `ring`).
+//! The appliance signing key (Ed25519, via `ring`) and where it is kept.
 //!
-//! The private key lives in `<data-dir>/signing.key` as the PKCS#8 v2 document that `ring`
-//! generates, mode 0600, created on the ledger's first start and never rewritten. A key file
-//! readable by group or others is refused, as is a ledger whose key file has gone missing:
-//! generating a new key there would silently fork the appliance's identity.
+//! Signing is the same whatever the key's source: an Ed25519 key pair in the agent's memory.
+//! A [`KeyStore`] says where the private key is kept between starts:
+//!
+//! * [`FileKeys`] (source `file`, the default): `<data-dir>/signing.key`, the PKCS#8 v2
+//!   document that `ring` generates, mode 0600, created on the ledger's first start and never
+//!   rewritten. A key file readable by group or others is refused, as is a ledger whose key
+//!   file has gone missing: generating a new key there would silently fork the appliance's
+//!   identity.
+//! * the TPM (source `tpm`, crate `mayfly-tpm`): the 32-byte seed sealed to PCR values, never
+//!   in a file; it fails with [`KeyError::Unavailable`] when the TPM will not release it.
 
 #![forbid(unsafe_code)]
 
@@ -61,6 +67,110 @@ pub enum KeyError {
     /// The system random generator failed.
     #[error("could not generate a signing key: system randomness unavailable")]
     Random,
+    /// The key store holds the key but will not release it (a sealed key whose TPM refuses
+    /// to unseal: another boot chain, another TPM). The agent refuses to sign.
+    #[error("the {source_kind} signing key in {path} cannot be used: {source}")]
+    Unavailable {
+        /// The key source (`tpm`).
+        source_kind: &'static str,
+        /// The key's file (for a sealed key: the sealed blob).
+        path: PathBuf,
+        /// Why, as the key source reports it.
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// The data directory holds its key in another source than the one configured.
+    #[error("the data directory {path} keeps its signing key in source {found:?}, but source {configured:?} is configured ([key] source); the key was not touched")]
+    WrongSource {
+        /// Data directory.
+        path: PathBuf,
+        /// The source the directory's files belong to.
+        found: &'static str,
+        /// The configured source.
+        configured: &'static str,
+    },
+}
+
+impl KeyError {
+    /// Whether the key exists but its source refused to release it.
+    pub fn is_unavailable(&self) -> bool {
+        matches!(self, Self::Unavailable { .. })
+    }
+}
+
+/// Where the ledger's signing key is kept between starts. Each operation names the data
+/// directory; the ledger calls them as [`SigningKey`]'s file functions are described
+/// (`generate` on first start, `generate_next`/`install_next`/`discard_next` for a rotation).
+pub trait KeyStore: Send + Sync + std::fmt::Debug {
+    /// The source's name as configured and reported: `file` or `tpm`.
+    fn source(&self) -> &'static str;
+    /// The current key.
+    fn load(&self, dir: &Path) -> Result<SigningKey, KeyError>;
+    /// The incoming key of an interrupted rotation.
+    fn load_next(&self, dir: &Path) -> Result<SigningKey, KeyError>;
+    /// A new current key (first start). Fails if one exists.
+    fn generate(&self, dir: &Path) -> Result<SigningKey, KeyError>;
+    /// A new incoming key for a rotation (replacing a leftover one).
+    fn generate_next(&self, dir: &Path) -> Result<SigningKey, KeyError>;
+    /// Removes an incoming key that never committed.
+    fn discard_next(&self, dir: &Path) -> Result<(), KeyError>;
+    /// Makes the incoming key the current one; the outgoing key is gone afterwards.
+    fn install_next(&self, dir: &Path) -> Result<(), KeyError>;
+    /// What the operator sees about the source (`GET /v1/health`, console `status`):
+    /// name/value pairs, e.g. the TCTI and the PCRs sealed to. Never key material.
+    fn describe(&self) -> Vec<(&'static str, String)> {
+        Vec::new()
+    }
+}
+
+/// The file key store: `<data-dir>/signing.key` (module docs).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct FileKeys;
+
+/// The file name of a sealed key ([`KeyStore`] `tpm`): a data directory holding it and no
+/// `signing.key` is not the file source's.
+pub const SEALED_KEY_FILE: &str = "signing.sealed";
+
+impl KeyStore for FileKeys {
+    fn source(&self) -> &'static str {
+        "file"
+    }
+    fn load(&self, dir: &Path) -> Result<SigningKey, KeyError> {
+        match SigningKey::load(dir) {
+            Err(KeyError::Missing { .. }) if dir.join(SEALED_KEY_FILE).exists() => {
+                Err(KeyError::WrongSource {
+                    path: dir.to_path_buf(),
+                    found: "tpm",
+                    configured: "file",
+                })
+            }
+            other => other,
+        }
+    }
+    fn load_next(&self, dir: &Path) -> Result<SigningKey, KeyError> {
+        SigningKey::load_next(dir)
+    }
+    fn generate(&self, dir: &Path) -> Result<SigningKey, KeyError> {
+        if dir.join(SEALED_KEY_FILE).exists() {
+            return Err(KeyError::WrongSource {
+                path: dir.to_path_buf(),
+                found: "tpm",
+                configured: "file",
+            });
+        }
+        SigningKey::generate(dir)
+    }
+    fn generate_next(&self, dir: &Path) -> Result<SigningKey, KeyError> {
+        SigningKey::generate_next(dir)
+    }
+    fn discard_next(&self, dir: &Path) -> Result<(), KeyError> {
+        SigningKey::discard_next(dir)
+    }
+    fn install_next(&self, dir: &Path) -> Result<(), KeyError> {
+        SigningKey::install_next(dir)
+    }
+    fn describe(&self) -> Vec<(&'static str, String)> {
+        vec![("file", KEY_FILE.to_string())]
+    }
 }
 
 /// The appliance's signing key pair.
@@ -189,8 +299,8 @@ impl SigningKey {
         Self::from_pkcs8(der.as_ref()).map_err(|reason| KeyError::Malformed { path, reason })
     }
 
-    /// A key from a raw 32-byte Ed25519 seed. Used for published test vectors only; the
-    /// appliance's key always comes from [`SigningKey::generate`].
+    /// A key from a raw 32-byte Ed25519 seed: a seed unsealed by the TPM key source, and the
+    /// published test vectors. A file key always comes from [`SigningKey::generate`].
     pub fn from_seed(seed: &[u8; 32]) -> Self {
         // A 32-byte seed is always a valid Ed25519 private key; the public key is derived.
         let pair = match Ed25519KeyPair::from_seed_unchecked(seed) {

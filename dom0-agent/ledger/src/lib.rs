@@ -11,7 +11,8 @@
 //! # On-disk layout
 //!
 //! One LMDB environment in the data directory (`data.mdb`, `lock.mdb`), plus the signing
-//! key `signing.key` (PKCS#8, mode 0600). Named databases, all created in one write
+//! key: `signing.key` (PKCS#8, mode 0600) with the file key source, or the TPM-sealed
+//! `signing.sealed` (and `signing.sealed.alt`) with the `tpm` source ([`keys::KeyStore`]). Named databases, all created in one write
 //! transaction on first start (names in [`store::names`]); integers are big-endian so that
 //! LMDB's byte order is numeric order:
 //!
@@ -87,7 +88,7 @@ pub use cursor::CursorError;
 pub use domains::DomainNumberError;
 pub use group_stats::{GroupStats, Histogram};
 pub use head::{SignedHead, Tip};
-pub use keys::{KeyError, PublicKey, SigningKey};
+pub use keys::{FileKeys, KeyError, KeyStore, PublicKey, SigningKey};
 pub use read::ReadError;
 pub use rollback::{Record, RollbackError, RollbackPlan, RollbackRecord};
 pub use state::{StateDiff, StateDigest};
@@ -203,6 +204,9 @@ pub struct Options {
     /// `meta/state`, as the release before it did. A ledger that already has a digest is
     /// refused with it off ([`OpenError::DigestRequired`]).
     pub state_digest: bool,
+    /// Where the signing key is kept ([`FileKeys`] by default; the agent's `[key]` section
+    /// can name the TPM).
+    pub keys: Arc<dyn KeyStore>,
 }
 
 impl Default for Options {
@@ -215,6 +219,7 @@ impl Default for Options {
             track_dependencies: true,
             check_state: true,
             state_digest: true,
+            keys: Arc::new(FileKeys),
         }
     }
 }
@@ -230,6 +235,7 @@ pub(crate) struct Inner {
     capacity: Arc<Mutex<capacity::Shared>>,
     max_map: u64,
     group_stats: Arc<group_stats::GroupCounters>,
+    keys: Arc<dyn KeyStore>,
 }
 
 impl Drop for Inner {
@@ -285,6 +291,33 @@ impl Ledger {
                 (s, fresh)
             }
         };
+        let keys = opts.keys.clone();
+        // The key first: a start that cannot sign writes nothing to the ledger. A key its
+        // source will not release (a sealed key on another boot chain or TPM) leaves a
+        // marker that the next start which can sign audits.
+        let loaded = if fresh {
+            match keys.load(dir) {
+                Ok(k) => Ok((k, None)),
+                Err(KeyError::Missing { .. }) => keys
+                    .generate(dir)
+                    .map(|k| (k, None))
+                    .map_err(OpenError::from),
+                Err(e) => Err(e.into()),
+            }
+        } else {
+            store.load_meta(true).and_then(|state| {
+                Self::current_key(&*keys, dir, &state.signing_key).map(|k| (k, Some(state)))
+            })
+        };
+        let (key, state) = match loaded {
+            Ok(loaded) => loaded,
+            Err(OpenError::Key(e)) if e.is_unavailable() => {
+                error!(log, "the signing key cannot be used: refusing to sign"; "error" => %e);
+                key_marker::put(dir, &e.to_string());
+                return Err(OpenError::Key(e));
+            }
+            Err(e) => return Err(e),
+        };
         // The rolled-back index is unsigned: it is rebuilt from the signed rollback records
         // at every read-write open (a new ledger has it from its creation, and is marked
         // complete after its first commit below).
@@ -292,18 +325,6 @@ impl Ledger {
             None
         } else {
             Some(store.ensure_undone_index()?)
-        };
-        let (key, state) = if fresh {
-            let key = match SigningKey::load(dir) {
-                Ok(k) => k,
-                Err(KeyError::Missing { .. }) => SigningKey::generate(dir)?,
-                Err(e) => return Err(e.into()),
-            };
-            (key, None)
-        } else {
-            let state = store.load_meta(true)?;
-            let key = Self::current_key(dir, &state.signing_key)?;
-            (key, Some(state))
         };
         let public_key = state
             .as_ref()
@@ -333,6 +354,7 @@ impl Ledger {
         let mut committer = commit::Committer {
             store: store.clone(),
             key,
+            keys: keys.clone(),
             checkpoints: tips.checkpoints,
             audit: tips.audit,
             group: tips.group,
@@ -354,6 +376,7 @@ impl Ledger {
             AuditEvent::new("ledger.opened", Severity::Info)
         }
         .field("public_key", codec::hex(&public_key))
+        .field("key_source", keys.source())
         .field("checkpoint_seq", tips.checkpoints.seq)
         .field("state_check", check.outcome)
         .field("state_entries", state_entries)
@@ -379,6 +402,15 @@ impl Ledger {
                 );
             }
         }
+        let key_refused_before = key_marker::take(dir);
+        if let Some(detail) = &key_refused_before {
+            warn!(log, "an earlier start could not use the signing key"; "detail" => detail);
+            events.push(
+                AuditEvent::new("key.unavailable_earlier", Severity::Critical)
+                    .field("key_source", keys.source())
+                    .field("detail", detail),
+            );
+        }
         let refused_before = state_marker::take(dir);
         if let Some(detail) = &refused_before {
             events.push(
@@ -403,13 +435,22 @@ impl Ledger {
                 if let Some(detail) = &refused_before {
                     state_marker::put_back(dir, detail);
                 }
-                events.retain(|e| e.event != "ledger.state_refused_earlier");
+                if let Some(detail) = &key_refused_before {
+                    key_marker::put(dir, detail);
+                }
+                events.retain(|e| {
+                    e.event != "ledger.state_refused_earlier"
+                        && e.event != "key.unavailable_earlier"
+                });
                 committer.pending = events;
                 committer.after_open_failure(&source);
             }
             Err(source) => {
                 if let Some(detail) = refused_before {
                     state_marker::put_back(dir, &detail);
+                }
+                if let Some(detail) = key_refused_before {
+                    key_marker::put(dir, &detail);
                 }
                 return Err(OpenError::FirstCommit {
                     path: dir.to_path_buf(),
@@ -442,6 +483,7 @@ impl Ledger {
                 max_map: u64::try_from(opts.store.max_map_size.max(opts.store.map_size))
                     .unwrap_or(u64::MAX),
                 group_stats,
+                keys,
             }),
         })
     }
@@ -526,15 +568,19 @@ impl Ledger {
     /// The key in `signing.key` if it is the one the ledger says signs (`expected`). A key
     /// rotation that committed but stopped before installing the new key file is finished
     /// here; a `signing.key.next` left by one that never committed is discarded.
-    fn current_key(dir: &Path, expected: &PublicKey) -> Result<SigningKey, OpenError> {
-        let key = SigningKey::load(dir)?;
+    fn current_key(
+        keys: &dyn KeyStore,
+        dir: &Path,
+        expected: &PublicKey,
+    ) -> Result<SigningKey, OpenError> {
+        let key = keys.load(dir)?;
         if key.public_key() == *expected {
-            SigningKey::discard_next(dir)?;
+            keys.discard_next(dir)?;
             return Ok(key);
         }
-        if let Ok(next) = SigningKey::load_next(dir) {
+        if let Ok(next) = keys.load_next(dir) {
             if next.public_key() == *expected {
-                SigningKey::install_next(dir)?;
+                keys.install_next(dir)?;
                 return Ok(next);
             }
         }
@@ -689,6 +735,12 @@ impl Ledger {
         self.inner.public_key
     }
 
+    /// Where the signing key is kept: `file` or `tpm`, with what the source reports about
+    /// itself (never key material).
+    pub fn key_source(&self) -> (&'static str, Vec<(&'static str, String)>) {
+        (self.inner.keys.source(), self.inner.keys.describe())
+    }
+
     /// The key that signs new heads (the first key until a rotation).
     pub fn signing_key(&self) -> PublicKey {
         self.inner
@@ -756,6 +808,37 @@ struct StateCheck {
 }
 
 /// The marker a refused start leaves, so that the next start that succeeds audits it.
+/// The marker of a start refused because the key source would not release the key (a
+/// sealed key on another boot chain): audited as `key.unavailable_earlier` by the next start
+/// that can sign.
+mod key_marker {
+    use std::path::Path;
+
+    /// File name in the data directory.
+    pub const FILE: &str = "key-unavailable.refused";
+
+    /// Adds a refusal to the marker (best effort: the refusal itself is the error
+    /// returned). Several refused starts before a good one are all kept (newest last), up
+    /// to the marker's bound.
+    pub fn put(dir: &Path, detail: &str) {
+        let detail = match take(dir) {
+            Some(earlier) if !earlier.is_empty() => {
+                // The marker is bounded from the front: keep the newest refusals whole.
+                let n = earlier.chars().count();
+                let kept: String = earlier.chars().skip(n.saturating_sub(500)).collect();
+                format!("{kept} | {detail}")
+            }
+            _ => detail.to_owned(),
+        };
+        super::state_marker::put_named(dir, FILE, &detail);
+    }
+
+    /// Takes the marker if there is one.
+    pub fn take(dir: &Path) -> Option<String> {
+        super::state_marker::take_named(dir, FILE)
+    }
+}
+
 mod state_marker {
     use std::path::Path;
 
@@ -770,7 +853,12 @@ mod state_marker {
 
     /// Leaves the marker (best effort: the refusal itself is the error returned).
     pub fn put(dir: &Path, detail: &str) {
-        let _ = std::fs::write(dir.join(FILE), bounded(detail));
+        put_named(dir, FILE, detail);
+    }
+
+    /// Leaves the marker `name`.
+    pub fn put_named(dir: &Path, name: &str, detail: &str) {
+        let _ = std::fs::write(dir.join(name), bounded(detail));
     }
 
     /// Restores a marker taken by a start that then failed.
@@ -781,8 +869,13 @@ mod state_marker {
     /// Takes the marker if there is one: its text, bounded (the file is as hostile as
     /// anything else in the data directory).
     pub fn take(dir: &Path) -> Option<String> {
+        take_named(dir, FILE)
+    }
+
+    /// Takes the marker `name` if there is one, bounded.
+    pub fn take_named(dir: &Path, name: &str) -> Option<String> {
         use std::io::Read;
-        let path = dir.join(FILE);
+        let path = dir.join(name);
         let mut buf = Vec::new();
         std::fs::File::open(&path)
             .ok()?

@@ -225,6 +225,29 @@ enum Op<O: Args + Clone + Send + Sync + 'static> {
         #[command(subcommand)]
         what: KeyOp,
     },
+    /// TPM attestation: a quote over the appliance's PCRs and its latest signed head,
+    /// checked here against the pinned attestation key and the expected-PCR file of the
+    /// image it should run. Exit 0 only if every check holds.
+    Attest {
+        #[command(flatten)]
+        opts: O,
+        /// Expected-PCR file of the image (docs/formats.md §4.2).
+        #[arg(long)]
+        expected_pcrs: PathBuf,
+        /// The appliance's attestation key, 130 hex digits, pinned at provisioning (the `ak`
+        /// of its first `tpm.quote` audit record). Without it nothing is trusted: the key
+        /// in the answer is shown and the command fails.
+        #[arg(long)]
+        ak: Option<String>,
+        /// Also accept a head signed by this key (64 hex digits; repeatable): the current
+        /// signing key after a rotation, as `verify` shows it. The identity key is always
+        /// accepted.
+        #[arg(long = "head-key")]
+        head_keys: Vec<String>,
+        /// The nonce, 32..=128 hex digits [default: 32 random bytes; required with prepare].
+        #[arg(long)]
+        nonce: Option<String>,
+    },
 }
 
 impl<O: Args + Clone + Send + Sync + 'static> Op<O> {
@@ -238,7 +261,8 @@ impl<O: Args + Clone + Send + Sync + 'static> Op<O> {
             | Self::Policy { opts, .. }
             | Self::Quarantine { opts, .. }
             | Self::Audit { opts, .. }
-            | Self::Key { opts, .. } => opts,
+            | Self::Key { opts, .. }
+            | Self::Attest { opts, .. } => opts,
         }
     }
 }
@@ -354,6 +378,42 @@ pub fn run(args: &AdminArgs) -> anyhow::Result<u8> {
             sign_all(&mut env, &sign.keys)?;
             send(conn, &env, None)
         }
+        AdminCmd::Op(Op::Attest {
+            opts,
+            expected_pcrs,
+            ak,
+            head_keys,
+            nonce,
+        }) => {
+            let appliance = appliance_of(&opts.bind, Some(&opts.conn))?;
+            let nonce = match nonce {
+                Some(n) => n.clone(),
+                None => {
+                    let a = mayfly_command::random_nonce()
+                        .map_err(|_| anyhow::anyhow!("system randomness unavailable"))?;
+                    let b = mayfly_command::random_nonce()
+                        .map_err(|_| anyhow::anyhow!("system randomness unavailable"))?;
+                    hex(&[a, b].concat())
+                }
+            };
+            let op = Op::Attest {
+                opts: opts.clone(),
+                expected_pcrs: expected_pcrs.clone(),
+                ak: ak.clone(),
+                head_keys: head_keys.clone(),
+                nonce: Some(nonce.clone()),
+            };
+            let env = build(&opts.sign, &opts.validity, &appliance, &op)?;
+            attest(
+                opts,
+                &env,
+                &appliance,
+                expected_pcrs,
+                ak.as_deref(),
+                head_keys,
+                &nonce,
+            )
+        }
         AdminCmd::Op(op) => {
             let o = op.opts();
             let appliance = appliance_of(&o.bind, Some(&o.conn))?;
@@ -467,6 +527,13 @@ fn command_of<O: Args + Clone + Send + Sync + 'static>(
             what: KeyOp::Rotate,
             ..
         } => "key.rotate",
+        Op::Attest { nonce, .. } => {
+            let nonce = nonce
+                .clone()
+                .context("attest needs --nonce when prepared (the checker must know it)")?;
+            set("nonce", nonce);
+            "attest"
+        }
     };
     Ok((name.to_owned(), a))
 }
@@ -774,6 +841,98 @@ fn send(args: &ConnOpts, env: &Envelope, export_to: Option<&Path>) -> anyhow::Re
                 return Ok(render_result(args, &f));
             }
             other => bail!("unexpected frame type {other:?} from the agent"),
+        }
+    }
+}
+
+/// Sends `attest` and checks the answer (crate::attest).
+fn attest(
+    opts: &SendOpts,
+    env: &Envelope,
+    appliance: &str,
+    expected_pcrs: &Path,
+    ak: Option<&str>,
+    head_keys: &[String],
+    nonce: &str,
+) -> anyhow::Result<u8> {
+    let text = std::fs::read(expected_pcrs)
+        .with_context(|| format!("reading {}", expected_pcrs.display()))?;
+    let expected = mayfly_tpm::pcrfile::parse_states(&text)
+        .with_context(|| format!("in {}", expected_pcrs.display()))?;
+    let mut keys = vec![appliance];
+    keys.extend(head_keys.iter().map(String::as_str));
+    let keys = keys
+        .iter()
+        .map(|k| {
+            mayfly_command::unhex(k.trim())
+                .and_then(|b| <[u8; 32]>::try_from(b).ok())
+                .with_context(|| format!("--head-key {k:?} is not 64 hex digits"))
+        })
+        .collect::<anyhow::Result<Vec<[u8; 32]>>>()?;
+    let pinned = match ak {
+        Some(a) => Some(
+            crate::attest::parse_ak(a)
+                .with_context(|| "--ak is not a 65-byte uncompressed P-256 key (130 hex digits)")?,
+        ),
+        None => None,
+    };
+    if env.signatures().is_empty() {
+        bail!("the command is not signed: give --key");
+    }
+    let mut conn = connect(&opts.conn)?;
+    frame::write_request(&mut conn, &env.encode()).context("sending the command")?;
+    let f = loop {
+        let f = frame::read_response(&mut conn).context("reading the agent's answer")?;
+        if f["type"] == "result" {
+            break f;
+        }
+    };
+    if f["ok"] != Value::Bool(true) {
+        return Ok(render_result(&opts.conn, &f));
+    }
+    let nonce_bytes = mayfly_command::unhex(nonce).context("--nonce is not hex")?;
+    let Some(pinned) = pinned else {
+        eprintln!(
+            "mayfly: NOT ATTESTED: no --ak pinned; the agent's attestation key is {} \
+             (pin it only if it matches the `ak` recorded at provisioning)",
+            f["result"]["quote"]["ak"].as_str().unwrap_or("?")
+        );
+        return Ok(EXIT_REFUSED);
+    };
+    match crate::attest::check(&f["result"], &nonce_bytes, &pinned, &expected, &keys) {
+        Ok(a) => {
+            if opts.conn.json {
+                println!("{f}");
+            }
+            let pcrs: Vec<String> = a.info.pcrs.iter().map(ToString::to_string).collect();
+            println!(
+                "attested: PCRs {} match {} (state {}); TPM resets {}, clock {} ms",
+                pcrs.join(","),
+                expected_pcrs.display(),
+                a.state,
+                a.info.reset_count,
+                a.info.clock
+            );
+            for (pcr, value) in &a.uncompared {
+                println!(
+                    "  PCR {pcr} = {} (attested; the file does not predict it)",
+                    hex(value)
+                );
+            }
+            println!(
+                "signed head: group {}, checkpoint {} {}, audit {} {}, signed by {}",
+                a.head.group,
+                a.head.checkpoints.seq,
+                hex(&a.head.checkpoints.hash),
+                a.head.audit.seq,
+                hex(&a.head.audit.hash),
+                hex(&a.head.public_key)
+            );
+            Ok(0)
+        }
+        Err(e) => {
+            eprintln!("mayfly: NOT ATTESTED: {e}");
+            Ok(EXIT_REFUSED)
         }
     }
 }

@@ -87,6 +87,7 @@ pub fn print(command: &str, r: &Value) {
                 ("signed group", s(&c["group"])),
                 ("identity key", s(&r["identity_key"])),
                 ("signing key", s(&r["signing_key"])),
+                ("key source", key_source(&r["key"])),
                 ("policy hash", s(&r["policy_hash"])),
                 ("quarantined", s(&r["quarantined"])),
                 (
@@ -277,6 +278,10 @@ pub fn print(command: &str, r: &Value) {
             ("exported", s(&r["exported"])),
             ("range", format!("{}..={}", s(&r["from"]), s(&r["to"]))),
         ]),
+        "attest" => kv(&[
+            ("head group", s(&r["head_group"])),
+            ("attestation key", s(&r["quote"]["ak"])),
+        ]),
         "key.rotate" => kv(&[
             ("old signing key", s(&r["old_key"])),
             ("new signing key", s(&r["new_key"])),
@@ -284,5 +289,23 @@ pub fn print(command: &str, r: &Value) {
             ("identity key", s(&r["identity_key"])),
         ]),
         _ => println!("{r}"),
+    }
+}
+
+/// `file`, or `tpm (tcti ..., PCRs 7,8,9, sealed_file ...)`.
+fn key_source(k: &Value) -> String {
+    let Some(obj) = k.as_object() else {
+        return "unknown (agent too old)".into();
+    };
+    let source = obj.get("source").and_then(Value::as_str).unwrap_or("?");
+    let rest: Vec<String> = obj
+        .iter()
+        .filter(|(name, _)| *name != "source")
+        .map(|(name, v)| format!("{name} {}", v.as_str().unwrap_or("?")))
+        .collect();
+    if rest.is_empty() {
+        source.to_owned()
+    } else {
+        format!("{source} ({})", rest.join(", "))
     }
 }

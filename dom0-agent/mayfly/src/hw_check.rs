@@ -65,6 +65,10 @@ pub struct HwCheckArgs {
     /// The xl program asked for Xen's physical view (`xl info`) when running in a Xen dom0.
     #[arg(long, value_name = "PATH", default_value = "xl")]
     xl: PathBuf,
+    /// The agent's data directory, whose files say which key source signs the ledger
+    /// (reported, not judged): `tpm` (signing.sealed) or `file` (signing.key).
+    #[arg(long, value_name = "DIR", default_value = "/var/lib/mayfly")]
+    data_dir: PathBuf,
 }
 
 /// Where Xen's physical facts come from in this build (see the module docs).
@@ -165,11 +169,17 @@ pub fn run(args: &HwCheckArgs) -> anyhow::Result<u8> {
         (None, None)
     };
     let report = check::evaluate_with(&profile, &facts, phys.as_ref(), unavailable.as_deref());
+    let key = mayfly_hw::keysource::key_source(&args.data_dir);
     if args.json {
-        serde_json::to_writer_pretty(&mut out, &report)?;
+        let mut value = serde_json::to_value(&report)?;
+        if let Some(obj) = value.as_object_mut() {
+            obj.insert("key_source".into(), serde_json::to_value(&key)?);
+        }
+        serde_json::to_writer_pretty(&mut out, &value)?;
         writeln!(out)?;
     } else {
         write_table(&mut out, &report)?;
+        writeln!(out, "key source:  {} ({})", key.source, key.detail)?;
     }
     Ok(if report.passed { EXIT_PASS } else { EXIT_FAIL })
 }

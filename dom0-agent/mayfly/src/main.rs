@@ -11,6 +11,7 @@
 
 mod admin;
 mod admin_table;
+mod attest;
 mod hw_check;
 
 use std::process::ExitCode;

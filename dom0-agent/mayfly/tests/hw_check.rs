@@ -334,3 +334,42 @@ fn an_unreadable_host_is_exit_3() {
     assert_eq!(out.status.code(), Some(3));
     assert!(String::from_utf8_lossy(&out.stderr).contains("cannot inspect the host"));
 }
+
+#[test]
+fn the_key_source_of_the_data_directory_is_reported() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().to_str().unwrap();
+    let root = fixture("intel-vtx-ept-vtd-tpm2");
+    let args = |json: bool| {
+        let mut a = vec!["hw-check", "--root", &root, "--data-dir", data];
+        if json {
+            a.push("--json");
+        }
+        a.into_iter().map(str::to_owned).collect::<Vec<_>>()
+    };
+    let run_json = || {
+        let a = args(true);
+        json_report(&a.iter().map(String::as_str).collect::<Vec<_>>()).1
+    };
+    assert_eq!(run_json()["key_source"]["source"], "none");
+    std::fs::write(dir.path().join("signing.key"), b"k").unwrap();
+    assert_eq!(run_json()["key_source"]["source"], "file");
+    std::fs::remove_file(dir.path().join("signing.key")).unwrap();
+    // A sealed key (the format of docs/vectors/sealed-key-1.hex).
+    let vector = include_str!("../../../docs/vectors/sealed-key-1.hex").trim();
+    let bytes: Vec<u8> = (0..vector.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&vector[i..i + 2], 16).unwrap())
+        .collect();
+    std::fs::write(dir.path().join("signing.sealed"), bytes).unwrap();
+    let report = run_json();
+    assert_eq!(report["key_source"]["source"], "tpm", "{report}");
+    assert!(report["key_source"]["detail"]
+        .as_str()
+        .unwrap()
+        .contains("PCRs 7,8,9"));
+    let a = args(false);
+    let out = mayfly(&a.iter().map(String::as_str).collect::<Vec<_>>());
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(table.contains("key source:  tpm ("), "{table}");
+}

@@ -6,6 +6,7 @@
 //! - [`xen`]: Xen's physical view for a checker in dom0 ([`xen::XenPhysInfoSource`]): `xl info`
 //!   today, `xc_physinfo` directly once the libxenctrl bindings are wired in.
 //! - [`check`]: one result per requirement with status and reason, and the verdict.
+//! - [`keysource`]: which key source a data directory uses (file or TPM-sealed).
 //!
 //! ```no_run
 //! use mayfly_hw::{check, host, profile};
@@ -20,5 +21,6 @@
 
 pub mod check;
 pub mod host;
+pub mod keysource;
 pub mod profile;
 pub mod xen;

@@ -29,7 +29,7 @@ pub use error::ConfigError;
 pub use file::File;
 pub(crate) use key::section;
 pub use key::{merge_key, toml_line, Bound, Flag, Key, Section};
-pub use sections::{Console, Service, Tls, Xen};
+pub use sections::{Console, Service, SigningKey, SigningKeyFlags, Tls, Xen};
 pub use value::{flag_arg, flag_value, Value};
 
 /// A section owned by another crate and read by its serde reader (its defaults, and the
@@ -162,9 +162,21 @@ config! {
         xen: Xen,
         /// `[console]`.
         console: Console,
+        /// `[key]`.
+        key: SigningKey,
     foreign:
         /// `[siem]`: `mayfly-siem`'s `SiemConfig` (docs/siem.md).
         siem: mayfly_siem::SiemConfig => "file only: a list of collectors, [[siem.collector]] (docs/siem.md)",
+}
+
+/// The `[key]` section alone, for `init` and `reseal` (which take only its flags): the
+/// file, if given, is checked whole, as `serve` would check it.
+pub fn load_key(flags: &SigningKeyFlags, path: Option<&Path>) -> Result<SigningKey, ConfigError> {
+    let all = Flags {
+        key: flags.clone(),
+        ..Flags::default()
+    };
+    Ok(Config::load(&all, path)?.key)
 }
 
 /// Refuses the keys of section `S` the declarations do not know (`sections`: the tables
@@ -272,6 +284,8 @@ mod tests {
         Some(match key.kind {
             k if k == u64::KIND => (min + 3).to_string(),
             k if k == String::KIND && key.name == "backend" => "xen".to_owned(),
+            k if k == String::KIND && key.name == "source" => "tpm".to_owned(),
+            k if k == <Vec<u8>>::KIND => "7,8".to_owned(),
             k if k == String::KIND || k == <Vec<String>>::KIND => "text".to_owned(),
             k if k == PathBuf::KIND => "/elsewhere".to_owned(),
             k if k == SocketAddr::KIND => "127.0.0.2:1".to_owned(),

@@ -186,6 +186,23 @@ section! {
     }
 }
 
+section! {
+    /// `[key]`: where the ledger's signing key is kept (`keysource.rs`; docs/design.md, "The
+    /// signing key sealed to the TPM").
+    pub struct SigningKey / SigningKeyFlags, table "key", heading "Signing key ([key])" {
+        /// Where the ledger's signing key is kept: "file" (DATA_DIR/signing.key) or "tpm"
+        /// (sealed to the TPM's PCRs, unsealed into memory only; a boot chain or TPM that
+        /// cannot unseal it stops `serve` with exit code 5).
+        source: String = "file".to_owned(), Flag::Value("key-source"), Bound::OneOf(&["file", "tpm"]);
+        /// With source "tpm": the TPM's TCTI [default: device:/dev/tpmrm0], e.g.
+        /// swtpm:host=127.0.0.1,port=2321.
+        tcti: Option<String> = None, Flag::Value("tpm-tcti"), Bound::Any;
+        /// With source "tpm": the SHA-256 PCRs the key is sealed to and quotes cover, e.g.
+        /// `--tpm-pcrs 7,8,9` [default: 7, 8, 9].
+        pcrs: Option<Vec<u8>> = None, Flag::Value("tpm-pcrs"), Bound::Any;
+    }
+}
+
 impl Value for GuestKind {
     const KIND: &'static str = "\"mayfly\" or \"linux\"";
     const PLACEHOLDER: &'static str = "GUEST";

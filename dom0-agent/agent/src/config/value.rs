@@ -171,6 +171,28 @@ impl Value for Vec<String> {
     }
 }
 
+/// A list of small numbers (PCR indices): `[7, 8, 9]` in the file, `--FLAG 7,8,9` on the
+/// command line.
+impl Value for Vec<u8> {
+    const KIND: &'static str = "a list of integers 0..=255";
+    const PLACEHOLDER: &'static str = "N,N,...";
+    fn value_parser() -> clap::builder::ValueParser {
+        clap::builder::ValueParser::new(|s: &str| {
+            s.split(',')
+                .map(|n| n.trim().parse::<u8>())
+                .collect::<Result<Vec<u8>, _>>()
+                .map_err(|e| format!("{s:?}: {e}"))
+        })
+    }
+    fn to_toml(&self) -> Result<Option<toml::Value>, &'static str> {
+        Ok(Some(toml::Value::Array(
+            self.iter()
+                .map(|n| toml::Value::Integer(i64::from(*n)))
+                .collect(),
+        )))
+    }
+}
+
 impl<T: Value> Value for Option<T> {
     const KIND: &'static str = T::KIND;
     const PLACEHOLDER: &'static str = T::PLACEHOLDER;

@@ -1,0 +1,335 @@
+//! The sealed-key file: a TPM sealed-data object holding the ledger's Ed25519 seed, with the
+//! PCR values it is sealed to. Written with mode 0600 through a temporary file, fsync and
+//! rename. Nothing in it is secret without the TPM that sealed it (the private part is
+//! encrypted by that TPM's storage primary key), but it is kept private all the same.
+//!
+//! ```text
+//! offset  size   field
+//! 0       8      magic b"MFSEALED"
+//! 8       1      version (1)
+//! 9       32     Ed25519 public key of the sealed seed
+//! 41      2      PCR bank, big-endian TPM_ALG_ID (0x000b, SHA-256)
+//! 43      1      n, number of PCRs (1..=24)
+//! 44      33*n   n times: u8 PCR index (ascending, distinct, <= 23) || 32-byte value sealed to
+//! ..      2      u16 big-endian length p (1..=1024) of the TPMT_PUBLIC that follows
+//! ..      p      TPMT_PUBLIC of the sealed object (TPM marshalling)
+//! ..      2      u16 big-endian length q (1..=1024) of the TPM2B_PRIVATE buffer that follows
+//! ..      q      TPM2B_PRIVATE contents (encrypted by the TPM)
+//! ..      32     SHA-256 of every byte before it (detects a torn or damaged file)
+//! ```
+//!
+//! Nothing follows the trailing digest; a file longer than [`MAX_BLOB`] is refused before it
+//! is read.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use crate::{check_selection, PcrValue};
+
+/// Magic at the start of a sealed-key file.
+pub const MAGIC: &[u8; 8] = b"MFSEALED";
+/// Format version.
+pub const VERSION: u8 = 1;
+/// `TPM_ALG_SHA256`.
+pub const ALG_SHA256: u16 = 0x000b;
+/// Largest TPMT_PUBLIC or TPM2B_PRIVATE part accepted.
+pub const MAX_PART: usize = 1024;
+/// Largest file accepted.
+pub const MAX_BLOB: u64 = 4096;
+
+/// A sealed seed as stored.
+#[derive(Clone, PartialEq, Eq)]
+pub struct SealedBlob {
+    /// Public key of the sealed seed (so a blob can be matched to the ledger's key without
+    /// unsealing it).
+    pub public_key: [u8; 32],
+    /// PCR index and the value sealed to, ascending.
+    pub pcrs: Vec<(u8, PcrValue)>,
+    /// TPMT_PUBLIC of the sealed object.
+    pub tpm_public: Vec<u8>,
+    /// TPM2B_PRIVATE contents of the sealed object.
+    pub tpm_private: Vec<u8>,
+}
+
+impl std::fmt::Debug for SealedBlob {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SealedBlob")
+            .field("public_key", &crate::hex(&self.public_key))
+            .field("pcrs", &self.pcrs.iter().map(|p| p.0).collect::<Vec<_>>())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Why a sealed-key file could not be read or written.
+#[derive(Debug, thiserror::Error)]
+pub enum BlobError {
+    /// No such file.
+    #[error("sealed key {path} is missing")]
+    Missing {
+        /// Path.
+        path: PathBuf,
+    },
+    /// Reading or writing failed.
+    #[error("sealed key {path}: {source}")]
+    Io {
+        /// Path.
+        path: PathBuf,
+        /// The OS error.
+        source: io::Error,
+    },
+    /// The bytes are not a sealed-key file of this version.
+    #[error("sealed key {path} is malformed: {reason}")]
+    Malformed {
+        /// Path (empty when decoding bytes).
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+}
+
+fn sha256(bytes: &[u8]) -> [u8; 32] {
+    let mut out = [0u8; 32];
+    out.copy_from_slice(ring::digest::digest(&ring::digest::SHA256, bytes).as_ref());
+    out
+}
+
+impl SealedBlob {
+    /// The canonical encoding (module docs).
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(128 + self.tpm_public.len() + self.tpm_private.len());
+        out.extend_from_slice(MAGIC);
+        out.push(VERSION);
+        out.extend_from_slice(&self.public_key);
+        out.extend_from_slice(&ALG_SHA256.to_be_bytes());
+        out.push(u8::try_from(self.pcrs.len()).unwrap_or(u8::MAX));
+        for (pcr, value) in &self.pcrs {
+            out.push(*pcr);
+            out.extend_from_slice(value);
+        }
+        for part in [&self.tpm_public, &self.tpm_private] {
+            out.extend_from_slice(&u16::try_from(part.len()).unwrap_or(u16::MAX).to_be_bytes());
+            out.extend_from_slice(part);
+        }
+        let digest = sha256(&out);
+        out.extend_from_slice(&digest);
+        out
+    }
+
+    /// Decodes and checks a sealed-key file's bytes.
+    pub fn decode(bytes: &[u8]) -> Result<Self, String> {
+        let mut r = Reader(bytes);
+        let body_len = bytes
+            .len()
+            .checked_sub(32)
+            .ok_or_else(|| "shorter than its digest".to_string())?;
+        let (body, digest) = bytes.split_at(body_len);
+        if sha256(body) != digest {
+            return Err("its digest does not match (damaged or truncated)".into());
+        }
+        if r.take(8)? != MAGIC {
+            return Err("not a sealed-key file (bad magic)".into());
+        }
+        let version = r.u8()?;
+        if version != VERSION {
+            return Err(format!(
+                "version {version} is not supported (expected {VERSION})"
+            ));
+        }
+        let mut public_key = [0u8; 32];
+        public_key.copy_from_slice(r.take(32)?);
+        let bank = r.u16()?;
+        if bank != ALG_SHA256 {
+            return Err(format!("PCR bank 0x{bank:04x} is not SHA-256"));
+        }
+        let n = r.u8()?;
+        let mut pcrs = Vec::with_capacity(usize::from(n));
+        for _ in 0..n {
+            let pcr = r.u8()?;
+            let mut value = [0u8; 32];
+            value.copy_from_slice(r.take(32)?);
+            pcrs.push((pcr, value));
+        }
+        let indices: Vec<u8> = pcrs.iter().map(|p| p.0).collect();
+        match check_selection(&indices) {
+            Ok(sorted) if sorted == indices => {}
+            Ok(_) => return Err("PCRs not in ascending order".into()),
+            Err(e) => return Err(e.to_string()),
+        }
+        let mut part = |what: &str| -> Result<Vec<u8>, String> {
+            let len = usize::from(r.u16()?);
+            if len == 0 || len > MAX_PART {
+                return Err(format!("{what} length {len} outside 1..={MAX_PART}"));
+            }
+            Ok(r.take(len)?.to_vec())
+        };
+        let tpm_public = part("TPMT_PUBLIC")?;
+        let tpm_private = part("TPM2B_PRIVATE")?;
+        if r.0.len() != 32 {
+            return Err(format!(
+                "{} unexpected bytes before the digest",
+                r.0.len() - 32
+            ));
+        }
+        Ok(Self {
+            public_key,
+            pcrs,
+            tpm_public,
+            tpm_private,
+        })
+    }
+
+    /// Reads `path` (at most [`MAX_BLOB`] bytes).
+    pub fn read(path: &Path) -> Result<Self, BlobError> {
+        let io = |source| BlobError::Io {
+            path: path.to_path_buf(),
+            source,
+        };
+        let meta = match fs::metadata(path) {
+            Ok(m) => m,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                return Err(BlobError::Missing {
+                    path: path.to_path_buf(),
+                })
+            }
+            Err(e) => return Err(io(e)),
+        };
+        if meta.len() > MAX_BLOB {
+            return Err(BlobError::Malformed {
+                path: path.to_path_buf(),
+                reason: format!("{} bytes is more than {MAX_BLOB}", meta.len()),
+            });
+        }
+        let bytes = fs::read(path).map_err(io)?;
+        Self::decode(&bytes).map_err(|reason| BlobError::Malformed {
+            path: path.to_path_buf(),
+            reason,
+        })
+    }
+
+    /// Writes `path` (mode 0600) through `<path>.tmp`, fsync, rename and a directory fsync,
+    /// replacing any file there.
+    pub fn write(&self, path: &Path) -> Result<(), BlobError> {
+        let tmp = path.with_extension("tmp");
+        let io = |p: &Path| {
+            let p = p.to_path_buf();
+            move |source| BlobError::Io { path: p, source }
+        };
+        match fs::remove_file(&tmp) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io(&tmp)(e)),
+        }
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)
+            .map_err(io(&tmp))?;
+        f.set_permissions(fs::Permissions::from_mode(0o600))
+            .map_err(io(&tmp))?;
+        f.write_all(&self.encode()).map_err(io(&tmp))?;
+        f.sync_all().map_err(io(&tmp))?;
+        drop(f);
+        fs::rename(&tmp, path).map_err(io(path))?;
+        let dir = path.parent().unwrap_or(Path::new("."));
+        File::open(dir).and_then(|d| d.sync_all()).map_err(io(dir))
+    }
+}
+
+struct Reader<'a>(&'a [u8]);
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], String> {
+        if self.0.len() < n {
+            return Err("truncated".into());
+        }
+        let (head, tail) = self.0.split_at(n);
+        self.0 = tail;
+        Ok(head)
+    }
+    fn u8(&mut self) -> Result<u8, String> {
+        Ok(self.take(1)?.first().copied().unwrap_or(0))
+    }
+    fn u16(&mut self) -> Result<u16, String> {
+        let b = self.take(2)?;
+        Ok(u16::from_be_bytes([
+            b.first().copied().unwrap_or(0),
+            b.get(1).copied().unwrap_or(0),
+        ]))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> SealedBlob {
+        SealedBlob {
+            public_key: [0x11; 32],
+            pcrs: vec![(7, [0x07; 32]), (8, [0x08; 32]), (9, [0x09; 32])],
+            tpm_public: vec![0xaa; 4],
+            tpm_private: vec![0xbb; 3],
+        }
+    }
+
+    #[test]
+    fn round_trip_and_vector() {
+        let b = sample();
+        let bytes = b.encode();
+        assert_eq!(SealedBlob::decode(&bytes).unwrap(), b);
+        let vector = include_str!("../../../docs/vectors/sealed-key-1.hex");
+        assert_eq!(crate::hex(&bytes), vector.trim());
+    }
+
+    #[test]
+    fn every_single_byte_change_is_refused() {
+        let bytes = sample().encode();
+        for i in 0..bytes.len() {
+            let mut t = bytes.clone();
+            if let Some(b) = t.get_mut(i) {
+                *b ^= 0x01;
+            }
+            assert!(
+                SealedBlob::decode(&t).is_err(),
+                "byte {i} flipped was accepted"
+            );
+        }
+        for len in 0..bytes.len() {
+            assert!(SealedBlob::decode(bytes.get(..len).unwrap()).is_err());
+        }
+    }
+
+    #[test]
+    fn bad_selection_refused_even_with_a_good_digest() {
+        let mut b = sample();
+        b.pcrs = vec![(9, [0; 32]), (8, [0; 32])];
+        assert!(SealedBlob::decode(&b.encode())
+            .unwrap_err()
+            .contains("ascending"));
+        b.pcrs = vec![(24, [0; 32])];
+        assert!(SealedBlob::decode(&b.encode()).is_err());
+        b.pcrs = vec![];
+        assert!(SealedBlob::decode(&b.encode()).is_err());
+    }
+
+    #[test]
+    fn file_is_0600_and_oversize_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("signing.sealed");
+        sample().write(&p).unwrap();
+        let mode = fs::metadata(&p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        assert_eq!(SealedBlob::read(&p).unwrap(), sample());
+        fs::write(&p, vec![0u8; 5000]).unwrap();
+        assert!(matches!(
+            SealedBlob::read(&p),
+            Err(BlobError::Malformed { .. })
+        ));
+        assert!(matches!(
+            SealedBlob::read(&dir.path().join("none")),
+            Err(BlobError::Missing { .. })
+        ));
+    }
+}
