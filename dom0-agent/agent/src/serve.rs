@@ -156,6 +156,7 @@ fn settings(c: &Config) -> anyhow::Result<Settings> {
             idle_timeout: Duration::from_millis(v.idle_timeout_ms),
             max_connections: v.max_connections,
             max_body: v.max_body_bytes,
+            max_handshakes: v.max_handshakes,
         },
         tls: tls_settings(&c.tls)?,
         tx_timeout: Duration::from_millis(v.tx_timeout_ms),

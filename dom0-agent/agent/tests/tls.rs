@@ -508,3 +508,143 @@ fn sighup_reloads_the_certificates_and_keeps_them_on_a_bad_reload() {
         .any(|(e, _)| e == "api.tls_reloaded"));
     assert!(agent.stop().success());
 }
+
+/// A kept-alive connection over TLS: requests one after the other on one handshake.
+struct KeepAlive {
+    tls: rustls::StreamOwned<rustls::ClientConnection, TcpStream>,
+    pending: Vec<u8>,
+}
+
+impl KeepAlive {
+    fn open(addr: SocketAddr, config: &Arc<rustls::ClientConfig>) -> KeepAlive {
+        let tcp = TcpStream::connect(addr).unwrap();
+        tcp.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        let conn = rustls::ClientConnection::new(
+            config.clone(),
+            ServerName::try_from("localhost").unwrap(),
+        )
+        .unwrap();
+        KeepAlive {
+            tls: rustls::StreamOwned::new(conn, tcp),
+            pending: Vec::new(),
+        }
+    }
+
+    /// One `GET` on the connection; `Err` if it failed or ended before a whole answer.
+    fn get(&mut self, path: &str) -> Result<(u16, String), String> {
+        let req = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n");
+        self.tls
+            .write_all(req.as_bytes())
+            .map_err(|e| e.to_string())?;
+        let mut buf = [0u8; 4096];
+        loop {
+            if let Some(end) = self.pending.windows(4).position(|w| w == b"\r\n\r\n") {
+                let head = String::from_utf8_lossy(&self.pending[..end]).into_owned();
+                let status: u16 = head
+                    .split_whitespace()
+                    .nth(1)
+                    .and_then(|s| s.parse().ok())
+                    .ok_or("no status")?;
+                let len: usize = head
+                    .lines()
+                    .find_map(|l| {
+                        let (k, v) = l.split_once(':')?;
+                        k.eq_ignore_ascii_case("content-length")
+                            .then(|| v.trim().parse().ok())
+                            .flatten()
+                    })
+                    .unwrap_or(0);
+                while self.pending.len() < end + 4 + len {
+                    match self.tls.read(&mut buf) {
+                        Ok(0) => return Err("closed within the body".into()),
+                        Ok(n) => self.pending.extend_from_slice(&buf[..n]),
+                        Err(e) => return Err(e.to_string()),
+                    }
+                }
+                let body =
+                    String::from_utf8_lossy(&self.pending[end + 4..end + 4 + len]).into_owned();
+                self.pending.drain(..end + 4 + len);
+                return Ok((status, format!("{head}\r\n\r\n{body}")));
+            }
+            match self.tls.read(&mut buf) {
+                Ok(0) => return Err("closed before an answer".into()),
+                Ok(n) => self.pending.extend_from_slice(&buf[..n]),
+                Err(e) => return Err(e.to_string()),
+            }
+        }
+    }
+}
+
+/// A flood of handshakes left half done (a ClientHello's first bytes, then silence) takes
+/// at most `max_handshakes` of them at once: the connections beyond are closed at once and
+/// counted, and a client with an established connection is still served meanwhile.
+#[test]
+fn half_done_handshakes_are_bounded_and_established_clients_are_served() {
+    let dir = tempfile::tempdir().unwrap();
+    let (pki, mut agent) = start(
+        dir.path(),
+        &[
+            "--max-handshakes",
+            "4",
+            "--header-timeout-ms",
+            "60000",
+            "--idle-timeout-ms",
+            "60000",
+        ],
+    );
+    let addr = agent.addr;
+    let good = client_config(&pki.server_ca, Some(&pki.a));
+    let mut established = KeepAlive::open(addr, &good);
+    assert_eq!(established.get("/v1/health").unwrap().0, 200);
+    // 40 connections, each a TLS record header and the first bytes of a ClientHello.
+    let flood: Vec<TcpStream> = (0..40)
+        .map(|_| {
+            let mut s = TcpStream::connect(addr).unwrap();
+            s.write_all(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03")
+                .unwrap();
+            s
+        })
+        .collect();
+    // The agent closes the 36 beyond the limit; wait for it (bounded), then the
+    // established client is served and the refusals are counted.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (code, text) = established.get("/metrics").unwrap();
+        assert_eq!(code, 200);
+        let refused: u64 = text
+            .lines()
+            .find_map(|l| l.strip_prefix("mayfly_api_tls_handshakes_refused_total "))
+            .expect("the refusal counter")
+            .trim()
+            .parse()
+            .unwrap();
+        if refused >= 36 {
+            assert!(
+                text.lines()
+                    .any(|l| l == "mayfly_api_tls_handshakes_in_progress 4"),
+                "{text}"
+            );
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{refused} refused handshakes counted, not 36"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(established.get("/v1/health").unwrap().0, 200);
+    // A new client is refused while the four half-done handshakes hold every slot ...
+    assert!(tls_request(addr, &good, "GET", "/v1/health", "").is_err());
+    // ... and served once they are gone.
+    drop(flood);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while tls_request(addr, &good, "GET", "/v1/health", "").is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "no handshake after the flood ended"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    drop(established);
+    assert!(agent.stop().success());
+}

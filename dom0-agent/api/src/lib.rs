@@ -71,6 +71,9 @@ pub struct Limits {
     pub max_connections: usize,
     /// Largest request body, bytes; beyond (declared or received): 413, closed.
     pub max_body: usize,
+    /// Most TLS handshakes in progress at once; a TLS connection accepted beyond them is
+    /// closed at once, without a handshake.
+    pub max_handshakes: usize,
 }
 
 impl Default for Limits {
@@ -83,6 +86,7 @@ impl Default for Limits {
             idle_timeout: Duration::from_secs(5),
             max_connections: 2048,
             max_body: 256 * 1024,
+            max_handshakes: 64,
         }
     }
 }

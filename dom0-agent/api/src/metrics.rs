@@ -53,6 +53,8 @@ pub(crate) struct Metrics {
     pub connections_accepted: AtomicU64,
     pub connections_refused: AtomicU64,
     pub tls_handshake_failures: AtomicU64,
+    pub tls_handshakes_refused: AtomicU64,
+    pub tls_handshakes_in_progress: AtomicU64,
     pub refused_in_flight: AtomicU64,
     pub refused_per_client: AtomicU64,
     pub body_timeouts: AtomicU64,
@@ -197,6 +199,18 @@ impl Metrics {
             "mayfly_api_tls_handshake_failures_total",
             "TLS handshakes that failed or timed out",
             get(&self.tls_handshake_failures),
+        );
+        counter(
+            out,
+            "mayfly_api_tls_handshakes_refused_total",
+            "TLS connections closed unread because max_handshakes handshakes were in progress",
+            get(&self.tls_handshakes_refused),
+        );
+        gauge(
+            out,
+            "mayfly_api_tls_handshakes_in_progress",
+            "TLS handshakes in progress now",
+            get(&self.tls_handshakes_in_progress),
         );
         counter(
             out,

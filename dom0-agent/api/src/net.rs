@@ -15,7 +15,11 @@
 //!   closes the connection without a status (hyper 1.x has no 408 for it);
 //! - no request in progress and no byte either way for `idle_timeout`: closed (the
 //!   effective idle limit is the smaller of `idle_timeout` and `header_timeout`);
-//! - a TLS handshake not complete within `header_timeout`: closed;
+//! - a TLS handshake not complete within `header_timeout`: closed; more than
+//!   `max_handshakes` TLS handshakes in progress: the new connection is closed at once,
+//!   before a byte of it is read (a handshake's CPU — the server's signature, the check of
+//!   a client certificate — runs on the network threads, so this bounds the share of them
+//!   a flood of ClientHellos can take);
 //! - a body not complete within `body_timeout`: 408, closed; above `max_body` (declared in
 //!   Content-Length, or counted as it arrives, chunked or not): 413, closed, and the rest
 //!   is not read.
@@ -119,6 +123,7 @@ impl Net {
 
 async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
     let slots = Arc::new(Semaphore::new(shared.config.limits.max_connections));
+    let handshakes = Arc::new(Semaphore::new(shared.config.limits.max_handshakes));
     let refusers = Arc::new(Semaphore::new(REFUSERS));
     let epoch = Instant::now();
     loop {
@@ -143,13 +148,13 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, mut stop: watch
                     .metrics
                     .connections_accepted
                     .fetch_add(1, Ordering::Relaxed);
-                let (shared, stop) = (shared.clone(), stop.clone());
+                let (shared, stop, handshakes) = (shared.clone(), stop.clone(), handshakes.clone());
                 tokio::spawn(async move {
                     shared
                         .metrics
                         .open_connections
                         .fetch_add(1, Ordering::AcqRel);
-                    connection(stream, peer, &shared, stop, epoch).await;
+                    connection(stream, peer, &shared, stop, epoch, &handshakes).await;
                     shared
                         .metrics
                         .open_connections
@@ -193,6 +198,22 @@ async fn refuse(mut stream: TcpStream, _permit: tokio::sync::OwnedSemaphorePermi
         Ok::<(), std::io::Error>(())
     })
     .await;
+}
+
+/// A gauge counted up for as long as the guard lives.
+struct InProgress<'a>(&'a AtomicU64);
+
+impl<'a> InProgress<'a> {
+    fn new(gauge: &'a AtomicU64) -> Self {
+        gauge.fetch_add(1, Ordering::AcqRel);
+        Self(gauge)
+    }
+}
+
+impl Drop for InProgress<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 /// Per-connection activity, for the idle timeout.
@@ -262,6 +283,7 @@ async fn connection(
     shared: &Arc<Shared>,
     stop: watch::Receiver<bool>,
     epoch: Instant,
+    handshakes: &Arc<Semaphore>,
 ) {
     let activity = Arc::new(Activity {
         epoch,
@@ -277,9 +299,24 @@ async fn connection(
         let client: Arc<str> = Arc::from(peer.ip().to_string());
         return serve(TokioIo::new(stream), client, shared, stop, activity).await;
     };
+    // At most max_handshakes in progress: a flood of ClientHellos (or of handshakes left
+    // half done) cannot make the network threads spend their time on handshakes' public
+    // key operations. Beyond the limit the connection is closed at once, unread.
+    let Ok(handshake) = handshakes.clone().try_acquire_owned() else {
+        shared
+            .metrics
+            .tls_handshakes_refused
+            .fetch_add(1, Ordering::Relaxed);
+        debug!(shared.log, "TLS handshake refused: too many in progress"; "peer" => %peer);
+        return;
+    };
+    let in_progress = InProgress::new(&shared.metrics.tls_handshakes_in_progress);
     let acceptor = tokio_rustls::TlsAcceptor::from(tls.get());
     let limit = shared.config.limits.header_timeout;
-    let stream = match tokio::time::timeout(limit, acceptor.accept(stream)).await {
+    let handshaken = tokio::time::timeout(limit, acceptor.accept(stream)).await;
+    drop(in_progress);
+    drop(handshake);
+    let stream = match handshaken {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
             shared

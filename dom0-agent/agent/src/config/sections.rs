@@ -47,6 +47,9 @@ section! {
         max_per_client: usize = 8, Flag::Value("max-per-client"), Bound::range(1, 4096);
         /// Open client connections; a connection beyond is answered 503 and closed.
         max_connections: usize = mayfly_api::Limits::default().max_connections, Flag::Value("max-connections"), Bound::range(0, 1_000_000);
+        /// TLS handshakes in progress at once; a TLS connection beyond them is closed at
+        /// once, without a handshake (counted in /metrics).
+        max_handshakes: usize = mayfly_api::Limits::default().max_handshakes, Flag::Value("max-handshakes"), Bound::range(1, 65_536);
         /// Largest request head (request line and headers) in bytes; more get 431.
         max_header_bytes: usize = mayfly_api::Limits::default().max_header_bytes, Flag::Value("max-header-bytes"), Bound::range(0, 1 << 20);
         /// Most header fields in a request; more get 431.
