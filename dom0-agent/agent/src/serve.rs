@@ -157,6 +157,7 @@ fn settings(c: &Config) -> anyhow::Result<Settings> {
             max_connections: v.max_connections,
             max_body: v.max_body_bytes,
             max_handshakes: v.max_handshakes,
+            write_timeout: Duration::from_millis(v.write_timeout_ms),
         },
         tls: tls_settings(&c.tls)?,
         tx_timeout: Duration::from_millis(v.tx_timeout_ms),

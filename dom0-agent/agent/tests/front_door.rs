@@ -610,6 +610,62 @@ fn idle_keep_alive_connections_are_closed() {
     finish(&dir, agent, &committed);
 }
 
+/// The value of the unlabelled sample `name` on `/metrics`.
+fn metric(agent: &Agent, name: &str) -> u64 {
+    let (code, text) = common::raw_request(agent.addr, "GET", "/metrics", b"");
+    assert_eq!(code, 200);
+    let text = String::from_utf8_lossy(&text).into_owned();
+    text.lines()
+        .find_map(|l| l.strip_prefix(&format!("{name} ")))
+        .unwrap_or_else(|| panic!("no {name} in {text}"))
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+/// A client that pipelines requests and never reads the answers (its receive window
+/// full) is closed at the write timeout and counted, and others are served meanwhile —
+/// with idle and header timeouts far longer, so only the write timeout can close it.
+#[test]
+fn a_client_that_never_reads_is_closed_at_the_write_timeout() {
+    let (dir, agent, committed) = start(&[
+        "--write-timeout-ms",
+        "1000",
+        "--idle-timeout-ms",
+        "600000",
+        "--header-timeout-ms",
+        "600000",
+    ]);
+    let mut slow = TcpStream::connect(agent.addr).unwrap();
+    nix::sys::socket::setsockopt(&slow, nix::sys::socket::sockopt::RcvBuf, &4096).unwrap();
+    slow.set_write_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    // 2,000 pipelined requests for /metrics (several KiB each): far more answer bytes than
+    // the two sockets' buffers hold. The agent stops reading them once its writes block, so
+    // our writes may block too; they give up at the write timeout above.
+    let requests = b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n".repeat(2000);
+    let _ = slow.write_all(&requests);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while metric(&agent, "mayfly_api_write_timeouts_total") == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the client that does not read was not closed"
+        );
+        // Others are served meanwhile.
+        assert_eq!(agent.get("/v1/health").0, 200);
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // Closed: what was sent before the close can be read, then the end (or a reset).
+    assert!(closed_within(&mut slow, Duration::from_secs(20)));
+    // Only the scrape's own connection stays open (the others end as their answers go out).
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while metric(&agent, "mayfly_api_open_connections") != 1 {
+        assert!(Instant::now() < deadline, "connections left open");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    finish(&dir, agent, &committed);
+}
+
 /// Checks the histogram family `name` in exposition text: `# HELP` and `# TYPE ... histogram`
 /// before its samples, buckets with increasing `le` ending at `+Inf`, cumulative
 /// (non-decreasing) counts, `+Inf` == `_count`, and a `_sum`. Returns (count, sum).

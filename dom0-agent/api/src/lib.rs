@@ -71,6 +71,9 @@ pub struct Limits {
     pub max_connections: usize,
     /// Largest request body, bytes; beyond (declared or received): 413, closed.
     pub max_body: usize,
+    /// Longest time a response write may make no progress (the client reads nothing, its
+    /// window is full); beyond: the connection is closed, whatever it holds.
+    pub write_timeout: Duration,
     /// Most TLS handshakes in progress at once; a TLS connection accepted beyond them is
     /// closed at once, without a handshake.
     pub max_handshakes: usize,
@@ -87,6 +90,7 @@ impl Default for Limits {
             max_connections: 2048,
             max_body: 256 * 1024,
             max_handshakes: 64,
+            write_timeout: Duration::from_secs(10),
         }
     }
 }

@@ -58,6 +58,7 @@ pub(crate) struct Metrics {
     pub refused_in_flight: AtomicU64,
     pub refused_per_client: AtomicU64,
     pub body_timeouts: AtomicU64,
+    pub write_timeouts: AtomicU64,
     pub body_too_large: AtomicU64,
     pub reads_refused: AtomicU64,
     pub refusal_records_dropped: AtomicU64,
@@ -217,6 +218,12 @@ impl Metrics {
             "mayfly_api_body_timeouts_total",
             "Request bodies not received within the body timeout (408)",
             get(&self.body_timeouts),
+        );
+        counter(
+            out,
+            "mayfly_api_write_timeouts_total",
+            "Connections closed because a response write made no progress within the write timeout",
+            get(&self.write_timeouts),
         );
         counter(
             out,

@@ -20,6 +20,8 @@
 //!   before a byte of it is read (a handshake's CPU — the server's signature, the check of
 //!   a client certificate — runs on the network threads, so this bounds the share of them
 //!   a flood of ClientHellos can take);
+//! - a response write that makes no progress (the client reads nothing) for
+//!   `write_timeout`: closed, whatever the connection holds;
 //! - a body not complete within `body_timeout`: 408, closed; above `max_body` (declared in
 //!   Content-Length, or counted as it arrives, chunked or not): 413, closed, and the rest
 //!   is not read.
@@ -223,12 +225,25 @@ struct Activity {
     last: AtomicU64,
     /// Requests in progress (the service has them).
     active: AtomicUsize,
+    /// 1 + milliseconds since `epoch` when a write first found the socket full, 0 while
+    /// writes make progress: for the write timeout.
+    write_blocked: AtomicU64,
 }
 
 impl Activity {
     fn touch(&self) {
         let ms = u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX);
         self.last.store(ms, Ordering::Relaxed);
+    }
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+    /// How long writes have made no progress (zero while they do).
+    fn write_blocked_for(&self) -> Duration {
+        match self.write_blocked.load(Ordering::Relaxed) {
+            0 => Duration::ZERO,
+            since => Duration::from_millis(self.now_ms().saturating_sub(since - 1)),
+        }
     }
     fn idle_for(&self) -> Duration {
         let now = u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX);
@@ -264,8 +279,21 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Watched<S> {
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
         let r = Pin::new(&mut self.inner).poll_write(cx, buf);
-        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
-            self.activity.touch();
+        match r {
+            Poll::Ready(Ok(n)) if n > 0 => {
+                self.activity.touch();
+                self.activity.write_blocked.store(0, Ordering::Relaxed);
+            }
+            Poll::Pending => {
+                let now = self.activity.now_ms().saturating_add(1);
+                let _ = self.activity.write_blocked.compare_exchange(
+                    0,
+                    now,
+                    Ordering::Relaxed,
+                    Ordering::Relaxed,
+                );
+            }
+            _ => {}
         }
         r
     }
@@ -289,6 +317,7 @@ async fn connection(
         epoch,
         last: AtomicU64::new(0),
         active: AtomicUsize::new(0),
+        write_blocked: AtomicU64::new(0),
     });
     activity.touch();
     let stream = Watched {
@@ -393,7 +422,8 @@ async fn serve<I>(
     let conn = builder.serve_connection(io, service);
     tokio::pin!(conn);
     let idle = limits.idle_timeout;
-    let tick = (idle / 4).max(Duration::from_millis(50));
+    let write_timeout = limits.write_timeout;
+    let tick = (idle.min(write_timeout) / 4).max(Duration::from_millis(50));
     let mut stopping = false;
     loop {
         tokio::select! {
@@ -409,6 +439,14 @@ async fn serve<I>(
             }
             () = tokio::time::sleep(tick) => {
                 if activity.active.load(Ordering::Acquire) == 0 && activity.idle_for() >= idle {
+                    return;
+                }
+                if activity.write_blocked_for() >= write_timeout {
+                    // A client that does not read its answers: dropping the connection
+                    // closes it and frees its buffers (a transaction in progress still
+                    // ends on its own; its answer is lost, its outcome is not).
+                    shared.metrics.write_timeouts.fetch_add(1, Ordering::Relaxed);
+                    debug!(shared.log, "response write timed out; connection closed");
                     return;
                 }
             }

@@ -61,6 +61,9 @@ section! {
         body_timeout_ms: u64 = ms(mayfly_api::Limits::default().body_timeout), Flag::Value("body-timeout-ms"), Bound::range(0, HOUR_MS);
         /// Idle time after which a kept-alive connection is closed, in ms.
         idle_timeout_ms: u64 = ms(mayfly_api::Limits::default().idle_timeout), Flag::Value("idle-timeout-ms"), Bound::range(0, HOUR_MS);
+        /// Longest time a response write may make no progress (a client that does not
+        /// read), in ms; then the connection is closed (counted in /metrics).
+        write_timeout_ms: u64 = ms(mayfly_api::Limits::default().write_timeout), Flag::Value("write-timeout-ms"), Bound::range(1, HOUR_MS);
         /// Largest request body in bytes; more get 413.
         max_body_bytes: usize = mayfly_api::Limits::default().max_body, Flag::Value("max-body-bytes"), Bound::range(0, 64 << 20);
         /// Per-transaction time limit (Start to Commit or Abort), in ms.
