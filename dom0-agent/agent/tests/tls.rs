@@ -648,3 +648,89 @@ fn half_done_handshakes_are_bounded_and_established_clients_are_served() {
     drop(established);
     assert!(agent.stop().success());
 }
+
+/// After the operator replaces the client CA (revoking every certificate of the old one)
+/// and sends SIGHUP, a kept-alive connection authenticated under the old CA is no longer
+/// served: its next request is refused (421) or finds it closed, and that is audited with
+/// the client's identity; a client of the new CA is served, one of the old is refused at
+/// the handshake.
+#[test]
+fn connections_authenticated_before_a_ca_change_are_closed_and_audited() {
+    let dir = tempfile::tempdir().unwrap();
+    let (pki, mut agent) = start(
+        dir.path(),
+        &[
+            "--idle-timeout-ms",
+            "600000",
+            "--header-timeout-ms",
+            "600000",
+        ],
+    );
+    let addr = agent.addr;
+    let pid =
+        nix::unistd::Pid::from_raw(i32::try_from(agent.child.as_ref().unwrap().id()).unwrap());
+    let old = client_config(&pki.server_ca, Some(&pki.a));
+    let mut kept = KeepAlive::open(addr, &old);
+    assert_eq!(kept.get("/v1/health").unwrap().0, 200);
+    assert_eq!(kept.get("/v1/health").unwrap().0, 200);
+    // Client b's connection stays idle through the change.
+    let mut idle = KeepAlive::open(addr, &client_config(&pki.server_ca, Some(&pki.b)));
+    assert_eq!(idle.get("/v1/health").unwrap().0, 200);
+    // The operator swaps the client CA and reloads.
+    let ca2 = Ca::new("mayfly test client CA 2");
+    std::fs::write(dir.path().join("certs/clients-ca.pem"), ca2.pem()).unwrap();
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGHUP).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !common::audit(&agent.dir)
+        .iter()
+        .any(|(e, _)| e == "api.tls_reloaded")
+    {
+        assert!(Instant::now() < deadline, "no api.tls_reloaded record");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // The old connection: refused or closed, never served again.
+    match kept.get("/v1/health") {
+        Ok((code, text)) => assert_eq!(code, 421, "{text}"),
+        Err(e) => eprintln!("old connection closed: {e}"),
+    }
+    assert!(kept.get("/v1/health").is_err(), "still open after a 421");
+    // Audited, naming the client.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let audit = common::audit(&agent.dir);
+        if let Some((_, f)) = audit.iter().find(|(e, _)| e == "api.connection_stale") {
+            assert_eq!(f["client"], pki.a.identity, "{f:?}");
+            assert_eq!(f["generation"], "0", "{f:?}");
+            assert_eq!(f["current_generation"], "1", "{f:?}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no api.connection_stale record: {audit:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // The idle one is closed by the agent without a request, and that is audited too.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !common::audit(&agent.dir).iter().any(|(e, f)| {
+        e == "api.connection_stale"
+            && f.get("client") == Some(&pki.b.identity)
+            && f.get("action").map(String::as_str) == Some("closed")
+    }) {
+        assert!(Instant::now() < deadline, "b's idle connection not closed");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(idle.get("/v1/health").is_err(), "b's old connection served");
+    // New connections: the old CA's client fails the handshake, the new CA's is served
+    // and stays served on its connection.
+    assert!(tls_request(addr, &old, "GET", "/v1/health", "").is_err());
+    let new_leaf = ca2.leaf("client c", false, false);
+    let new = client_config(&pki.server_ca, Some(&new_leaf));
+    let mut fresh = KeepAlive::open(addr, &new);
+    for _ in 0..3 {
+        assert_eq!(fresh.get("/v1/health").unwrap().0, 200);
+    }
+    assert!(metrics_counter(addr, &new, "mayfly_api_tls_stale_connections_total") >= 2);
+    drop((kept, idle, fresh));
+    assert!(agent.stop().success());
+}

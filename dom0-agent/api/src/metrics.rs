@@ -55,6 +55,7 @@ pub(crate) struct Metrics {
     pub tls_handshake_failures: AtomicU64,
     pub tls_handshakes_refused: AtomicU64,
     pub tls_handshakes_in_progress: AtomicU64,
+    pub tls_stale_connections: AtomicU64,
     pub refused_in_flight: AtomicU64,
     pub refused_per_client: AtomicU64,
     pub body_timeouts: AtomicU64,
@@ -206,6 +207,12 @@ impl Metrics {
             "mayfly_api_tls_handshakes_refused_total",
             "TLS connections closed unread because max_handshakes handshakes were in progress",
             get(&self.tls_handshakes_refused),
+        );
+        counter(
+            out,
+            "mayfly_api_tls_stale_connections_total",
+            "Connections closed (or refused a request, 421) because a TLS reload replaced the configuration they were authenticated under",
+            get(&self.tls_stale_connections),
         );
         gauge(
             out,

@@ -22,6 +22,11 @@
 //!   a flood of ClientHellos can take);
 //! - a response write that makes no progress (the client reads nothing) for
 //!   `write_timeout`: closed, whatever the connection holds;
+//! - after a TLS reload (SIGHUP), a connection authenticated under the configuration
+//!   before: closed after its request in progress (at the next check, within a quarter of
+//!   the smaller of `idle_timeout` and `write_timeout`), a request arriving on it before
+//!   that is answered 421 and the connection closed; either is audited
+//!   (`api.connection_stale`, through the refusal aggregation) and counted;
 //! - a body not complete within `body_timeout`: 408, closed; above `max_body` (declared in
 //!   Content-Length, or counted as it arrives, chunked or not): 413, closed, and the rest
 //!   is not read.
@@ -29,7 +34,7 @@
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -326,7 +331,7 @@ async fn connection(
     };
     let Some(tls) = &shared.tls else {
         let client: Arc<str> = Arc::from(peer.ip().to_string());
-        return serve(TokioIo::new(stream), client, shared, stop, activity).await;
+        return serve(TokioIo::new(stream), client, shared, stop, activity, None).await;
     };
     // At most max_handshakes in progress: a flood of ClientHellos (or of handshakes left
     // half done) cannot make the network threads spend their time on handshakes' public
@@ -340,7 +345,8 @@ async fn connection(
         return;
     };
     let in_progress = InProgress::new(&shared.metrics.tls_handshakes_in_progress);
-    let acceptor = tokio_rustls::TlsAcceptor::from(tls.get());
+    let (config, generation) = tls.get();
+    let acceptor = tokio_rustls::TlsAcceptor::from(config);
     let limit = shared.config.limits.header_timeout;
     let handshaken = tokio::time::timeout(limit, acceptor.accept(stream)).await;
     drop(in_progress);
@@ -382,7 +388,47 @@ async fn connection(
     } else {
         Arc::from(peer.ip().to_string())
     };
-    serve(TokioIo::new(stream), client, shared, stop, activity).await;
+    serve(
+        TokioIo::new(stream),
+        client,
+        shared,
+        stop,
+        activity,
+        Some(generation),
+    )
+    .await;
+}
+
+/// Whether a connection authenticated under TLS configuration `generation` is stale (a
+/// reload since); `None`: plain HTTP, never.
+fn stale(shared: &Shared, generation: Option<u64>) -> bool {
+    match (generation, &shared.tls) {
+        (Some(g), Some(tls)) => tls.generation() != g,
+        _ => false,
+    }
+}
+
+/// Audits (through the refusal aggregation: repeats of one client are counted) and counts
+/// a stale connection being refused a request (`refused`) or closed while idle.
+fn audit_stale(shared: &Arc<Shared>, client: &Arc<str>, generation: Option<u64>, refused: bool) {
+    shared
+        .metrics
+        .tls_stale_connections
+        .fetch_add(1, Ordering::Relaxed);
+    let now = shared.tls.as_ref().map_or(0, |t| t.generation());
+    let ev =
+        mayfly_ledger::AuditEvent::new("api.connection_stale", mayfly_ledger::Severity::Notice)
+            .field("client", client.to_string())
+            .field("action", if refused { "refused" } else { "closed" })
+            .field("generation", generation.unwrap_or(0).to_string())
+            .field("current_generation", now.to_string());
+    let _ = crate::audit_refusal(
+        shared,
+        client,
+        "api.connection_stale",
+        "TLS configuration reloaded",
+        ev,
+    );
 }
 
 async fn serve<I>(
@@ -391,15 +437,43 @@ async fn serve<I>(
     shared: &Arc<Shared>,
     mut stop: watch::Receiver<bool>,
     activity: Arc<Activity>,
+    generation: Option<u64>,
 ) where
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
 {
     let limits = &shared.config.limits;
+    // Audited once per connection: by the request it refuses or by its close.
+    let audited = Arc::new(AtomicBool::new(false));
     let service = {
-        let (shared, activity) = (shared.clone(), activity.clone());
+        let (shared, activity, audited, client) = (
+            shared.clone(),
+            activity.clone(),
+            audited.clone(),
+            client.clone(),
+        );
         hyper::service::service_fn(move |request: Request<Incoming>| {
-            let (shared, client, activity) = (shared.clone(), client.clone(), activity.clone());
+            let (shared, client, activity, audited) = (
+                shared.clone(),
+                client.clone(),
+                activity.clone(),
+                audited.clone(),
+            );
             async move {
+                if stale(&shared, generation) {
+                    // Authenticated under certificates or CAs no longer in force: the
+                    // client must connect again (and pass the handshake again). 421 says
+                    // "not on this connection" (RFC 9110 §15.5.20); the body is unread
+                    // and the connection closes after the answer.
+                    drop(request);
+                    if !audited.swap(true, Ordering::AcqRel) {
+                        audit_stale(&shared, &client, generation, true);
+                    }
+                    return Ok::<_, Infallible>(error_close(
+                        421,
+                        "this connection was authenticated under a TLS configuration \
+                         replaced since; connect again",
+                    ));
+                }
                 activity.active.fetch_add(1, Ordering::AcqRel);
                 let response = crate::handle(request, client, shared).await;
                 activity.touch();
@@ -440,6 +514,14 @@ async fn serve<I>(
             () = tokio::time::sleep(tick) => {
                 if activity.active.load(Ordering::Acquire) == 0 && activity.idle_for() >= idle {
                     return;
+                }
+                if !stopping && stale(shared, generation) {
+                    // Closed after the request in progress, if any; at once if idle.
+                    stopping = true;
+                    if !audited.swap(true, Ordering::AcqRel) {
+                        audit_stale(shared, &client, generation, false);
+                    }
+                    conn.as_mut().graceful_shutdown();
                 }
                 if activity.write_blocked_for() >= write_timeout {
                     // A client that does not read its answers: dropping the connection
