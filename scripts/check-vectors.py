@@ -224,5 +224,17 @@ assert len(h) == 166 + 64 and h[:166] == expected, "head-v2-3: fields differ"
 Ed25519PublicKey.from_public_bytes(pub_from_seed(0x01)).verify(h[166:], h[:166])
 print("ok  head-v2-3: version 2, state hash, signature by seed 0x01")
 
+# PROXY protocol v2 headers (docs/formats.md section 4), rebuilt from the documented fields.
+SIG = b"\r\n\r\n\x00\r\nQUIT\n"
+assert vec("proxy-v2-tcp4.hex") == (SIG + bytes([0x21, 0x11]) + struct.pack(">H", 12)
+                                    + bytes([203, 0, 113, 7, 192, 0, 2, 10])
+                                    + struct.pack(">HH", 51234, 8450)), "proxy-v2-tcp4 differs"
+v6 = lambda last: bytes.fromhex("20010db8" + "00" * 11) + bytes([last])
+assert vec("proxy-v2-tcp6.hex") == (SIG + bytes([0x21, 0x21]) + struct.pack(">H", 42)
+                                    + v6(7) + v6(1) + struct.pack(">HH", 443, 8450)
+                                    + bytes([0x04, 0x00, 0x03, 0, 0, 0])), "proxy-v2-tcp6 differs"
+assert vec("proxy-v2-local.hex") == SIG + bytes([0x20, 0x00, 0x00, 0x00]), "proxy-v2-local differs"
+print("ok  proxy-v2-tcp4, proxy-v2-tcp6, proxy-v2-local: PROXY protocol v2 headers")
+
 print("all vectors agree")
 sys.exit(0)

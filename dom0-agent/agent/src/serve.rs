@@ -70,6 +70,7 @@ struct Settings {
     max_in_flight: usize,
     max_per_client: usize,
     limits: mayfly_api::Limits,
+    proxy_from: Vec<mayfly_api::proxy::ProxyNet>,
     tls: Option<mayfly_api::TlsFiles>,
     tx_timeout: Duration,
     take_timeout: Duration,
@@ -160,6 +161,8 @@ fn settings(c: &Config) -> anyhow::Result<Settings> {
             write_timeout: Duration::from_millis(v.write_timeout_ms),
         },
         tls: tls_settings(&c.tls)?,
+        proxy_from: mayfly_api::proxy::ProxyNet::parse_all(&v.proxy_protocol_from)
+            .context("proxy_protocol_from")?,
         tx_timeout: Duration::from_millis(v.tx_timeout_ms),
         take_timeout: Duration::from_millis(v.take_timeout_ms),
         max_write_bytes: v.max_write_bytes,
@@ -473,6 +476,7 @@ pub fn run(args: &ServeArgs, log: &Logger) -> anyhow::Result<u8> {
         max_per_client: s.max_per_client,
         limits: s.limits.clone(),
         tls: s.tls.clone(),
+        proxy_from: s.proxy_from.clone(),
         health_sections: [siem_health(siem.status_handle()), capacity_health(&ledger)]
             .into_iter()
             .chain(cgroups_section)

@@ -33,6 +33,7 @@
 
 mod metrics;
 mod net;
+pub mod proxy;
 pub mod tls;
 
 use std::collections::{HashMap, VecDeque};
@@ -124,6 +125,11 @@ pub struct ApiConfig {
     /// of their certificate's SubjectPublicKeyInfo (`spki:<hex>`); otherwise by their IP
     /// address.
     pub tls: Option<TlsFiles>,
+    /// Peers whose connections start with a PROXY protocol v2 header naming the client's
+    /// address (a TCP load balancer); empty: no header is read from anyone. A peer in the
+    /// list must send one, a peer not in it is served as itself (a header from it is
+    /// garbage to HTTP or TLS and refused as such).
+    pub proxy_from: Vec<proxy::ProxyNet>,
 }
 
 /// One named section of `GET /v1/health`, supplied by a part the API does not know.
@@ -156,6 +162,7 @@ impl Default for ApiConfig {
             health_sections: Vec::new(),
             metrics_sections: Vec::new(),
             tls: None,
+            proxy_from: Vec::new(),
         }
     }
 }

@@ -56,6 +56,7 @@ pub(crate) struct Metrics {
     pub tls_handshakes_refused: AtomicU64,
     pub tls_handshakes_in_progress: AtomicU64,
     pub tls_stale_connections: AtomicU64,
+    pub proxy_headers_refused: AtomicU64,
     pub refused_in_flight: AtomicU64,
     pub refused_per_client: AtomicU64,
     pub body_timeouts: AtomicU64,
@@ -207,6 +208,12 @@ impl Metrics {
             "mayfly_api_tls_handshakes_refused_total",
             "TLS connections closed unread because max_handshakes handshakes were in progress",
             get(&self.tls_handshakes_refused),
+        );
+        counter(
+            out,
+            "mayfly_api_proxy_headers_refused_total",
+            "Connections from a trusted proxy closed for a missing or invalid PROXY v2 header",
+            get(&self.proxy_headers_refused),
         );
         counter(
             out,

@@ -27,6 +27,8 @@
 //!   the smaller of `idle_timeout` and `write_timeout`), a request arriving on it before
 //!   that is answered 421 and the connection closed; either is audited
 //!   (`api.connection_stale`, through the refusal aggregation) and counted;
+//! - from a peer in `proxy_from`: a PROXY protocol v2 header not complete and valid
+//!   within `header_timeout`: closed at once, audited (`api.proxy_refused`) and counted;
 //! - a body not complete within `body_timeout`: 408, closed; above `max_body` (declared in
 //!   Content-Length, or counted as it arrives, chunked or not): 413, closed, and the rest
 //!   is not read.
@@ -311,13 +313,47 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Watched<S> {
 }
 
 async fn connection(
-    stream: TcpStream,
-    peer: SocketAddr,
+    mut stream: TcpStream,
+    mut peer: SocketAddr,
     shared: &Arc<Shared>,
     stop: watch::Receiver<bool>,
     epoch: Instant,
     handshakes: &Arc<Semaphore>,
 ) {
+    if shared
+        .config
+        .proxy_from
+        .iter()
+        .any(|n| n.contains(peer.ip()))
+    {
+        // A trusted load balancer: its header names the client, within the head timeout.
+        let limit = shared.config.limits.header_timeout;
+        let read = tokio::time::timeout(limit, crate::proxy::read(&mut stream)).await;
+        match read {
+            Ok(Ok(crate::proxy::Header::Proxied(client))) => peer = client,
+            Ok(Ok(crate::proxy::Header::Local)) => {}
+            refused => {
+                let reason = match refused {
+                    Ok(Err(e)) => e.to_string(),
+                    _ => format!("no PROXY header within {} ms", limit.as_millis()),
+                };
+                shared
+                    .metrics
+                    .proxy_headers_refused
+                    .fetch_add(1, Ordering::Relaxed);
+                let by: Arc<str> = Arc::from(peer.ip().to_string());
+                let ev = mayfly_ledger::AuditEvent::new(
+                    "api.proxy_refused",
+                    mayfly_ledger::Severity::Warning,
+                )
+                .field("client", by.to_string())
+                .field("reason", reason);
+                let _ =
+                    crate::audit_refusal(shared, &by, "api.proxy_refused", "bad PROXY header", ev);
+                return;
+            }
+        }
+    }
     let activity = Arc::new(Activity {
         epoch,
         last: AtomicU64::new(0),

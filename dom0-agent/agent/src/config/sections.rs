@@ -50,6 +50,10 @@ section! {
         /// TLS handshakes in progress at once; a TLS connection beyond them is closed at
         /// once, without a handshake (counted in /metrics).
         max_handshakes: usize = mayfly_api::Limits::default().max_handshakes, Flag::Value("max-handshakes"), Bound::range(1, 65_536);
+        /// Addresses or networks (ADDR or ADDR/PREFIX, at most 256) of TCP load balancers
+        /// whose connections start with a PROXY protocol v2 header naming the client; a
+        /// connection from them without a valid header is closed. Empty: none read.
+        proxy_protocol_from: Vec<String> = Vec::new(), Flag::Many("proxy-protocol-from"), Bound::Any;
         /// Largest request head (request line and headers) in bytes; more get 431.
         max_header_bytes: usize = mayfly_api::Limits::default().max_header_bytes, Flag::Value("max-header-bytes"), Bound::range(0, 1 << 20);
         /// Most header fields in a request; more get 431.
