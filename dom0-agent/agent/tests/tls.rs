@@ -734,3 +734,51 @@ fn connections_authenticated_before_a_ca_change_are_closed_and_audited() {
     drop((kept, idle, fresh));
     assert!(agent.stop().success());
 }
+
+/// CPU time (user + system, clock ticks) of the agent's threads named exactly `name`.
+fn thread_cpu(pid: u32, name: &str) -> u64 {
+    let mut ticks = 0;
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let Ok(stat) = std::fs::read_to_string(task.unwrap().path().join("stat")) else {
+            continue; // the thread ended meanwhile
+        };
+        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
+            continue;
+        };
+        if &stat[open + 1..close] != name {
+            continue;
+        }
+        let fields: Vec<&str> = stat[close + 1..].split_whitespace().collect();
+        // After the name: state is field 3, utime field 14, stime field 15.
+        ticks += fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+    }
+    ticks
+}
+
+/// The public-key work of handshakes runs on the handshake thread (`api-tls`), not on the
+/// network threads (`api`): after many full mutual-TLS handshakes (each with one cheap
+/// request), the handshake thread has spent more CPU than the network threads.
+#[test]
+fn handshakes_run_on_their_own_thread() {
+    let dir = tempfile::tempdir().unwrap();
+    let (pki, mut agent) = start(dir.path(), &[]);
+    let addr = agent.addr;
+    let pid = agent.child.as_ref().unwrap().id();
+    let good = client_config(&pki.server_ca, Some(&pki.a));
+    let (tls0, net0) = (thread_cpu(pid, "api-tls"), thread_cpu(pid, "api"));
+    for _ in 0..300 {
+        // 404: answered on the network thread without a read of the ledger.
+        let (code, _, _) = tls_request(addr, &good, "GET", "/nowhere", "").unwrap();
+        assert_eq!(code, 404);
+    }
+    let (tls, net) = (
+        thread_cpu(pid, "api-tls") - tls0,
+        thread_cpu(pid, "api") - net0,
+    );
+    eprintln!("handshake thread {tls} ticks, network threads {net} ticks");
+    assert!(
+        tls > net,
+        "handshake thread {tls} ticks, network threads {net} ticks"
+    );
+    assert!(agent.stop().success());
+}

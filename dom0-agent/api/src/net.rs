@@ -17,9 +17,10 @@
 //!   effective idle limit is the smaller of `idle_timeout` and `header_timeout`);
 //! - a TLS handshake not complete within `header_timeout`: closed; more than
 //!   `max_handshakes` TLS handshakes in progress: the new connection is closed at once,
-//!   before a byte of it is read (a handshake's CPU — the server's signature, the check of
-//!   a client certificate — runs on the network threads, so this bounds the share of them
-//!   a flood of ClientHellos can take);
+//!   before a byte of it is read. Handshakes run on a thread of their own (`api-tls`):
+//!   their CPU — the server's signature, the check of a client certificate — is not the
+//!   network threads', so a flood of ClientHellos slows new handshakes, not established
+//!   connections;
 //! - a response write that makes no progress (the client reads nothing) for
 //!   `write_timeout`: closed, whatever the connection holds;
 //! - after a TLS reload (SIGHUP), a connection authenticated under the configuration
@@ -63,6 +64,8 @@ retry-after: 1\r\nconnection: close\r\ncontent-length: 51\r\n\r\n\
 pub(crate) struct Net {
     pub addr: SocketAddr,
     runtime: tokio::runtime::Runtime,
+    /// The thread TLS handshakes run on (with TLS only).
+    handshake_runtime: Option<tokio::runtime::Runtime>,
     stop: watch::Sender<bool>,
     accept: tokio::task::JoinHandle<()>,
 }
@@ -98,15 +101,37 @@ impl Net {
                 source,
             })?
         };
+        // TLS handshakes (their public-key work: the server's signature, the check of a
+        // client's certificate chain and signature) run on a thread of their own, so a
+        // flood of them takes that thread's CPU and not the network threads' (the OS
+        // shares the cores between them); their sockets stay on the network threads'
+        // reactor.
+        let handshake_runtime = match &shared.tls {
+            Some(_) => Some(
+                tokio::runtime::Builder::new_multi_thread()
+                    .worker_threads(1)
+                    .max_blocking_threads(1)
+                    .thread_name("api-tls")
+                    .enable_time()
+                    .build()
+                    .map_err(ApiError::Runtime)?,
+            ),
+            None => None,
+        };
+        let handshakes = Arc::new(Handshakes {
+            permits: Arc::new(Semaphore::new(config.limits.max_handshakes)),
+            runtime: handshake_runtime.as_ref().map(|r| r.handle().clone()),
+        });
         let (stop, stop_rx) = watch::channel(false);
         info!(shared.log, "client API listening"; "addr" => %addr, "workers" => config.workers,
             "tls" => shared.tls.is_some(),
             "mutual_tls" => shared.tls.as_ref().is_some_and(crate::tls::Current::mutual),
             "max_connections" => config.limits.max_connections);
-        let accept = runtime.spawn(accept_loop(listener, shared, stop_rx));
+        let accept = runtime.spawn(accept_loop(listener, shared, stop_rx, handshakes));
         Ok(Self {
             addr,
             runtime,
+            handshake_runtime,
             stop,
             accept,
         })
@@ -127,12 +152,26 @@ impl Net {
         });
         self.runtime
             .shutdown_timeout(deadline.saturating_duration_since(Instant::now()));
+        if let Some(r) = self.handshake_runtime {
+            // Handshakes left are of connections the runtime above has dropped.
+            r.shutdown_background();
+        }
     }
 }
 
-async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
+/// The bound on TLS handshakes and the thread they run on.
+struct Handshakes {
+    permits: Arc<Semaphore>,
+    runtime: Option<tokio::runtime::Handle>,
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    mut stop: watch::Receiver<bool>,
+    handshakes: Arc<Handshakes>,
+) {
     let slots = Arc::new(Semaphore::new(shared.config.limits.max_connections));
-    let handshakes = Arc::new(Semaphore::new(shared.config.limits.max_handshakes));
     let refusers = Arc::new(Semaphore::new(REFUSERS));
     let epoch = Instant::now();
     loop {
@@ -318,7 +357,7 @@ async fn connection(
     shared: &Arc<Shared>,
     stop: watch::Receiver<bool>,
     epoch: Instant,
-    handshakes: &Arc<Semaphore>,
+    handshakes: &Handshakes,
 ) {
     if shared
         .config
@@ -372,7 +411,7 @@ async fn connection(
     // At most max_handshakes in progress: a flood of ClientHellos (or of handshakes left
     // half done) cannot make the network threads spend their time on handshakes' public
     // key operations. Beyond the limit the connection is closed at once, unread.
-    let Ok(handshake) = handshakes.clone().try_acquire_owned() else {
+    let Ok(handshake) = handshakes.permits.clone().try_acquire_owned() else {
         shared
             .metrics
             .tls_handshakes_refused
@@ -384,7 +423,18 @@ async fn connection(
     let (config, generation) = tls.get();
     let acceptor = tokio_rustls::TlsAcceptor::from(config);
     let limit = shared.config.limits.header_timeout;
-    let handshaken = tokio::time::timeout(limit, acceptor.accept(stream)).await;
+    let handshake_task = tokio::time::timeout(limit, acceptor.accept(stream));
+    let handshaken = match &handshakes.runtime {
+        Some(runtime) => match runtime.spawn(handshake_task).await {
+            Ok(h) => h,
+            Err(e) => {
+                // The handshake task panicked or was cancelled (at shutdown).
+                warn!(shared.log, "TLS handshake task ended"; "peer" => %peer, "error" => %e);
+                return;
+            }
+        },
+        None => handshake_task.await,
+    };
     drop(in_progress);
     drop(handshake);
     let stream = match handshaken {
