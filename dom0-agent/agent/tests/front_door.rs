@@ -29,15 +29,7 @@ fn read_response(s: &mut TcpStream, pending: &mut Vec<u8>) -> Option<(u16, Strin
         if let Some(end) = pending.windows(4).position(|w| w == b"\r\n\r\n") {
             let head = String::from_utf8_lossy(&pending[..end]).into_owned();
             let status: u16 = head.split_whitespace().nth(1)?.parse().ok()?;
-            let len: usize = head
-                .lines()
-                .find_map(|l| {
-                    let (k, v) = l.split_once(':')?;
-                    k.eq_ignore_ascii_case("content-length")
-                        .then(|| v.trim().parse().ok())
-                        .flatten()
-                })
-                .unwrap_or(0);
+            let len: usize = common::content_length(&head);
             while pending.len() < end + 4 + len {
                 match s.read(&mut buf) {
                     Ok(0) | Err(_) => return None,
@@ -614,13 +606,7 @@ fn idle_keep_alive_connections_are_closed() {
 fn metric(agent: &Agent, name: &str) -> u64 {
     let (code, text) = common::raw_request(agent.addr, "GET", "/metrics", b"");
     assert_eq!(code, 200);
-    let text = String::from_utf8_lossy(&text).into_owned();
-    text.lines()
-        .find_map(|l| l.strip_prefix(&format!("{name} ")))
-        .unwrap_or_else(|| panic!("no {name} in {text}"))
-        .trim()
-        .parse()
-        .unwrap()
+    common::sample(&String::from_utf8_lossy(&text), name)
 }
 
 /// A client that pipelines requests and never reads the answers (its receive window

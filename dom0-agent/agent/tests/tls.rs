@@ -174,13 +174,7 @@ fn metrics_counter(addr: SocketAddr, config: &Arc<rustls::ClientConfig>, name: &
         .unwrap();
     let mut resp = Vec::new();
     let _ = tls.read_to_end(&mut resp);
-    let text = String::from_utf8_lossy(&resp);
-    text.lines()
-        .find_map(|l| l.strip_prefix(&format!("{name} ")))
-        .unwrap_or_else(|| panic!("no {name} in {text}"))
-        .trim()
-        .parse()
-        .unwrap()
+    common::sample(&String::from_utf8_lossy(&resp), name)
 }
 
 struct Pki {
@@ -545,15 +539,7 @@ impl KeepAlive {
                     .nth(1)
                     .and_then(|s| s.parse().ok())
                     .ok_or("no status")?;
-                let len: usize = head
-                    .lines()
-                    .find_map(|l| {
-                        let (k, v) = l.split_once(':')?;
-                        k.eq_ignore_ascii_case("content-length")
-                            .then(|| v.trim().parse().ok())
-                            .flatten()
-                    })
-                    .unwrap_or(0);
+                let len: usize = common::content_length(&head);
                 while self.pending.len() < end + 4 + len {
                     match self.tls.read(&mut buf) {
                         Ok(0) => return Err("closed within the body".into()),
@@ -611,13 +597,7 @@ fn half_done_handshakes_are_bounded_and_established_clients_are_served() {
     loop {
         let (code, text) = established.get("/metrics").unwrap();
         assert_eq!(code, 200);
-        let refused: u64 = text
-            .lines()
-            .find_map(|l| l.strip_prefix("mayfly_api_tls_handshakes_refused_total "))
-            .expect("the refusal counter")
-            .trim()
-            .parse()
-            .unwrap();
+        let refused = common::sample(&text, "mayfly_api_tls_handshakes_refused_total");
         if refused >= 36 {
             assert!(
                 text.lines()
