@@ -930,45 +930,6 @@ fn a_burst_of_reads_is_answered_or_refused_at_once_and_counted() {
     finish(&dir, agent, &committed);
 }
 
-/// A TCP connection to `addr` from the loopback address `src` (127.0.0.0/8 is all
-/// loopback on Linux), so a test can be a trusted load balancer and an ordinary client.
-fn connect_from(src: [u8; 4], addr: SocketAddr) -> TcpStream {
-    use nix::sys::socket::{bind, connect, socket, AddressFamily, SockFlag, SockType, SockaddrIn};
-    use std::os::fd::AsRawFd;
-    let SocketAddr::V4(to) = addr else {
-        panic!("the agent listens on IPv4 loopback")
-    };
-    let fd = socket(
-        AddressFamily::Inet,
-        SockType::Stream,
-        SockFlag::SOCK_CLOEXEC,
-        None,
-    )
-    .unwrap();
-    bind(
-        fd.as_raw_fd(),
-        &SockaddrIn::from(std::net::SocketAddrV4::new(src.into(), 0)),
-    )
-    .unwrap();
-    connect(fd.as_raw_fd(), &SockaddrIn::from(to)).unwrap();
-    let s = TcpStream::from(fd);
-    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
-    s
-}
-
-fn vector(name: &str) -> Vec<u8> {
-    let text = std::fs::read_to_string(format!(
-        "{}/../../docs/vectors/{name}",
-        env!("CARGO_MANIFEST_DIR")
-    ))
-    .unwrap();
-    let text = text.trim();
-    (0..text.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(&text[i..i + 2], 16).unwrap())
-        .collect()
-}
-
 /// Behind a trusted TCP load balancer (PROXY protocol v2, `--proxy-protocol-from`), the
 /// client is the address the header names — in the audit and the checkpoint —; the
 /// balancer without a valid header is refused (closed, audited, counted); a header from an
@@ -983,8 +944,8 @@ fn proxy_protocol_headers_name_the_client_only_from_trusted_proxies() {
         body.len()
     );
     // The balancer (127.0.0.2) relays client 203.0.113.7.
-    let mut lb = connect_from([127, 0, 0, 2], agent.addr);
-    lb.write_all(&vector("proxy-v2-tcp4.hex")).unwrap();
+    let mut lb = common::connect_from([127, 0, 0, 2], agent.addr);
+    lb.write_all(&common::vector("proxy-v2-tcp4.hex")).unwrap();
     lb.write_all(request.as_bytes()).unwrap();
     let (code, _, answer) = read_response(&mut lb, &mut Vec::new()).expect("an answer");
     assert_eq!(code, 200, "{}", String::from_utf8_lossy(&answer));
@@ -1000,20 +961,22 @@ fn proxy_protocol_headers_name_the_client_only_from_trusted_proxies() {
     assert_eq!(code, 200, "{v}");
     assert_eq!(v["checkpoint"]["client"], "203.0.113.7", "{v}");
     // A LOCAL header (the balancer's own health check) is served as the balancer.
-    let mut check = connect_from([127, 0, 0, 2], agent.addr);
-    check.write_all(&vector("proxy-v2-local.hex")).unwrap();
+    let mut check = common::connect_from([127, 0, 0, 2], agent.addr);
+    check
+        .write_all(&common::vector("proxy-v2-local.hex"))
+        .unwrap();
     check
         .write_all(b"GET /v1/health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
         .unwrap();
     assert_eq!(status_of(&mut check), Some(200));
     // The balancer without a header, or with a broken one: closed without an answer.
-    let mut broken = vector("proxy-v2-tcp4.hex");
+    let mut broken = common::vector("proxy-v2-tcp4.hex");
     broken[14] = 0xff; // 65,292 bytes declared
     for first in [
         b"GET /v1/health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".to_vec(),
         broken,
     ] {
-        let mut s = connect_from([127, 0, 0, 2], agent.addr);
+        let mut s = common::connect_from([127, 0, 0, 2], agent.addr);
         s.write_all(&first).unwrap();
         assert_eq!(status_of(&mut s), None);
     }
@@ -1027,8 +990,8 @@ fn proxy_protocol_headers_name_the_client_only_from_trusted_proxies() {
         std::thread::sleep(Duration::from_millis(50));
     }
     // A header from a peer not trusted is not believed: it is garbage to HTTP.
-    let mut s = connect_from([127, 0, 0, 3], agent.addr);
-    s.write_all(&vector("proxy-v2-tcp4.hex")).unwrap();
+    let mut s = common::connect_from([127, 0, 0, 3], agent.addr);
+    s.write_all(&common::vector("proxy-v2-tcp4.hex")).unwrap();
     s.write_all(request.as_bytes()).unwrap();
     assert_eq!(status_of(&mut s), Some(400));
     finish(&dir, agent, &committed);

@@ -762,3 +762,43 @@ fn handshakes_run_on_their_own_thread() {
     );
     assert!(agent.stop().success());
 }
+
+/// With mutual TLS behind a trusted load balancer, the certificate's key names the
+/// client, not the address of the PROXY header.
+#[test]
+fn behind_a_proxy_the_certificate_still_names_the_client() {
+    let dir = tempfile::tempdir().unwrap();
+    let (pki, mut agent) = start(dir.path(), &["--proxy-protocol-from", "127.0.0.2"]);
+    let mut tcp = common::connect_from([127, 0, 0, 2], agent.addr);
+    tcp.write_all(&common::vector("proxy-v2-tcp4.hex")).unwrap();
+    let conn = rustls::ClientConnection::new(
+        client_config(&pki.server_ca, Some(&pki.a)),
+        ServerName::try_from("localhost").unwrap(),
+    )
+    .unwrap();
+    let mut tls = rustls::StreamOwned::new(conn, tcp);
+    let body = json!({"handler": "open_account", "payload": {"name": "proxied", "balance": 5}})
+        .to_string();
+    write!(
+        tls,
+        "POST /v1/transactions HTTP/1.1\r\nHost: localhost\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut resp = Vec::new();
+    let _ = tls.read_to_end(&mut resp);
+    let resp = String::from_utf8_lossy(&resp);
+    assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+    let (_, json) = resp.split_once("\r\n\r\n").unwrap();
+    let id = serde_json::from_str::<Value>(json).unwrap()["tx_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let audit = common::audit(&agent.dir);
+    let started = audit
+        .iter()
+        .find(|(e, f)| e == "domain.started" && f.get("tx_id") == Some(&id))
+        .expect("domain.started of the transaction");
+    assert_eq!(started.1["client"], pki.a.identity);
+    assert!(agent.stop().success());
+}

@@ -327,3 +327,43 @@ pub fn sample(text: &str, name: &str) -> u64 {
         .parse()
         .unwrap()
 }
+
+/// A TCP connection to `addr` from the loopback address `src` (127.0.0.0/8 is all
+/// loopback on Linux), so a test can be a trusted load balancer and an ordinary client.
+pub fn connect_from(src: [u8; 4], addr: SocketAddr) -> TcpStream {
+    use nix::sys::socket::{bind, connect, socket, AddressFamily, SockFlag, SockType, SockaddrIn};
+    use std::os::fd::AsRawFd;
+    let SocketAddr::V4(to) = addr else {
+        panic!("the agent listens on IPv4 loopback")
+    };
+    let fd = socket(
+        AddressFamily::Inet,
+        SockType::Stream,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .unwrap();
+    bind(
+        fd.as_raw_fd(),
+        &SockaddrIn::from(std::net::SocketAddrV4::new(src.into(), 0)),
+    )
+    .unwrap();
+    connect(fd.as_raw_fd(), &SockaddrIn::from(to)).unwrap();
+    let s = TcpStream::from(fd);
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    s
+}
+
+/// A test vector of docs/vectors/ (hex) as bytes.
+pub fn vector(name: &str) -> Vec<u8> {
+    let text = std::fs::read_to_string(format!(
+        "{}/../../docs/vectors/{name}",
+        env!("CARGO_MANIFEST_DIR")
+    ))
+    .unwrap();
+    let text = text.trim();
+    (0..text.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&text[i..i + 2], 16).unwrap())
+        .collect()
+}
