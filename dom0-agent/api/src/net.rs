@@ -24,8 +24,8 @@
 //! - a response write that makes no progress (the client reads nothing) for
 //!   `write_timeout`: closed, whatever the connection holds;
 //! - after a TLS reload (SIGHUP), a connection authenticated under the configuration
-//!   before: closed after its request in progress (at the next check, within a quarter of
-//!   the smaller of `idle_timeout` and `write_timeout`), a request arriving on it before
+//!   before: closed after its request in progress (at the next check: every quarter of
+//!   the smaller of `idle_timeout` and `write_timeout`, at least every second), a request arriving on it before
 //!   that is answered 421 and the connection closed; either is audited
 //!   (`api.connection_stale`, through the refusal aggregation) and counted;
 //! - from a peer in `proxy_from`: a PROXY protocol v2 header not complete and valid
@@ -583,7 +583,9 @@ async fn serve<I>(
     tokio::pin!(conn);
     let idle = limits.idle_timeout;
     let write_timeout = limits.write_timeout;
-    let tick = (idle.min(write_timeout) / 4).max(Duration::from_millis(50));
+    // At least every second: a stale connection (TLS reload) is closed within it.
+    let tick =
+        (idle.min(write_timeout) / 4).clamp(Duration::from_millis(50), Duration::from_secs(1));
     let mut stopping = false;
     loop {
         tokio::select! {
