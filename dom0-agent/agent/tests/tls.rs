@@ -802,3 +802,42 @@ fn behind_a_proxy_the_certificate_still_names_the_client() {
     assert_eq!(started.1["client"], pki.a.identity);
     assert!(agent.stop().success());
 }
+
+/// Over TLS too, a client that pipelines requests and never reads the answers is closed
+/// at the write timeout (the timeout watches the socket under the TLS layer).
+#[test]
+fn a_tls_client_that_never_reads_is_closed_at_the_write_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    let (pki, mut agent) = start(
+        dir.path(),
+        &[
+            "--write-timeout-ms",
+            "1000",
+            "--idle-timeout-ms",
+            "600000",
+            "--header-timeout-ms",
+            "600000",
+        ],
+    );
+    let addr = agent.addr;
+    let good = client_config(&pki.server_ca, Some(&pki.a));
+    let mut slow = KeepAlive::open(addr, &good);
+    nix::sys::socket::setsockopt(&slow.tls.sock, nix::sys::socket::sockopt::RcvBuf, &4096).unwrap();
+    slow.tls
+        .sock
+        .set_write_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    assert_eq!(slow.get("/v1/health").unwrap().0, 200);
+    let requests = b"GET /metrics HTTP/1.1\r\nHost: localhost\r\n\r\n".repeat(2000);
+    let _ = slow.tls.write_all(&requests);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while metrics_counter(addr, &good, "mayfly_api_write_timeouts_total") == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the TLS client that does not read was not closed"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    drop(slow);
+    assert!(agent.stop().success());
+}
