@@ -614,23 +614,13 @@ fn metric(agent: &Agent, name: &str) -> u64 {
 /// with idle and header timeouts far longer, so only the write timeout can close it.
 #[test]
 fn a_client_that_never_reads_is_closed_at_the_write_timeout() {
-    let (dir, agent, committed) = start(&[
-        "--write-timeout-ms",
-        "1000",
-        "--idle-timeout-ms",
-        "600000",
-        "--header-timeout-ms",
-        "600000",
-    ]);
+    let (dir, agent, committed) =
+        start(&common::with_long_timeouts(&["--write-timeout-ms", "1000"]));
     let mut slow = TcpStream::connect(agent.addr).unwrap();
-    nix::sys::socket::setsockopt(&slow, nix::sys::socket::sockopt::RcvBuf, &4096).unwrap();
-    slow.set_write_timeout(Some(Duration::from_secs(5)))
-        .unwrap();
-    // 2,000 pipelined requests for /metrics (several KiB each): far more answer bytes than
-    // the two sockets' buffers hold. The agent stops reading them once its writes block, so
-    // our writes may block too; they give up at the write timeout above.
-    let requests = b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n".repeat(2000);
-    let _ = slow.write_all(&requests);
+    common::stop_reading(&slow);
+    // The agent stops reading the requests once its writes block, so ours may block too;
+    // they give up after 5 s.
+    let _ = slow.write_all(&common::unread_requests());
     let deadline = Instant::now() + Duration::from_secs(30);
     while metric(&agent, "mayfly_api_write_timeouts_total") == 0 {
         assert!(

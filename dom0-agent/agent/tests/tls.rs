@@ -569,14 +569,7 @@ fn half_done_handshakes_are_bounded_and_established_clients_are_served() {
     let dir = tempfile::tempdir().unwrap();
     let (pki, mut agent) = start(
         dir.path(),
-        &[
-            "--max-handshakes",
-            "4",
-            "--header-timeout-ms",
-            "60000",
-            "--idle-timeout-ms",
-            "60000",
-        ],
+        &common::with_long_timeouts(&["--max-handshakes", "4"]),
     );
     let addr = agent.addr;
     let good = client_config(&pki.server_ca, Some(&pki.a));
@@ -637,15 +630,7 @@ fn half_done_handshakes_are_bounded_and_established_clients_are_served() {
 #[test]
 fn connections_authenticated_before_a_ca_change_are_closed_and_audited() {
     let dir = tempfile::tempdir().unwrap();
-    let (pki, mut agent) = start(
-        dir.path(),
-        &[
-            "--idle-timeout-ms",
-            "600000",
-            "--header-timeout-ms",
-            "600000",
-        ],
-    );
+    let (pki, mut agent) = start(dir.path(), &common::with_long_timeouts(&[]));
     let addr = agent.addr;
     let pid =
         nix::unistd::Pid::from_raw(i32::try_from(agent.child.as_ref().unwrap().id()).unwrap());
@@ -810,26 +795,14 @@ fn a_tls_client_that_never_reads_is_closed_at_the_write_timeout() {
     let dir = tempfile::tempdir().unwrap();
     let (pki, mut agent) = start(
         dir.path(),
-        &[
-            "--write-timeout-ms",
-            "1000",
-            "--idle-timeout-ms",
-            "600000",
-            "--header-timeout-ms",
-            "600000",
-        ],
+        &common::with_long_timeouts(&["--write-timeout-ms", "1000"]),
     );
     let addr = agent.addr;
     let good = client_config(&pki.server_ca, Some(&pki.a));
     let mut slow = KeepAlive::open(addr, &good);
-    nix::sys::socket::setsockopt(&slow.tls.sock, nix::sys::socket::sockopt::RcvBuf, &4096).unwrap();
-    slow.tls
-        .sock
-        .set_write_timeout(Some(Duration::from_secs(5)))
-        .unwrap();
+    common::stop_reading(&slow.tls.sock);
     assert_eq!(slow.get("/v1/health").unwrap().0, 200);
-    let requests = b"GET /metrics HTTP/1.1\r\nHost: localhost\r\n\r\n".repeat(2000);
-    let _ = slow.tls.write_all(&requests);
+    let _ = slow.tls.write_all(&common::unread_requests());
     let deadline = Instant::now() + Duration::from_secs(30);
     while metrics_counter(addr, &good, "mayfly_api_write_timeouts_total") == 0 {
         assert!(

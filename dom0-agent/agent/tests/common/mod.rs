@@ -367,3 +367,29 @@ pub fn vector(name: &str) -> Vec<u8> {
         .map(|i| u8::from_str_radix(&text[i..i + 2], 16).unwrap())
         .collect()
 }
+
+/// `extra`, then idle and header timeouts of ten minutes: the flags of a test in which
+/// only another limit may close a connection.
+pub fn with_long_timeouts<'a>(extra: &[&'a str]) -> Vec<&'a str> {
+    let mut flags = extra.to_vec();
+    flags.extend([
+        "--idle-timeout-ms",
+        "600000",
+        "--header-timeout-ms",
+        "600000",
+    ]);
+    flags
+}
+
+/// Makes `s` the socket of a client that will not read: a 4 KiB receive buffer (so the
+/// agent's answers fill it at once), and writes that give up after 5 s.
+pub fn stop_reading(s: &TcpStream) {
+    nix::sys::socket::setsockopt(s, nix::sys::socket::sockopt::RcvBuf, &4096).unwrap();
+    s.set_write_timeout(Some(Duration::from_secs(5))).unwrap();
+}
+
+/// 2,000 pipelined requests for /metrics (several KiB of answer each): far more answer
+/// bytes than two sockets' buffers hold.
+pub fn unread_requests() -> Vec<u8> {
+    b"GET /metrics HTTP/1.1\r\nHost: localhost\r\n\r\n".repeat(2000)
+}
