@@ -254,5 +254,17 @@ digest = hashlib.sha256(b"".join(v for _, v in sorted(pcrs.items()))).digest()
 assert digest == vec("expected-pcrs-1.digest"), "expected-pcrs-1: PCR digest differs"
 print("ok  expected-pcrs-1: PCR 7/8/9 of the test boot, PolicyPCR/quote digest")
 
+# PROXY protocol v2 headers (docs/formats.md section 5), rebuilt from the documented fields.
+SIG = b"\r\n\r\n\x00\r\nQUIT\n"
+assert vec("proxy-v2-tcp4.hex") == (SIG + bytes([0x21, 0x11]) + struct.pack(">H", 12)
+                                    + bytes([203, 0, 113, 7, 192, 0, 2, 10])
+                                    + struct.pack(">HH", 51234, 8450)), "proxy-v2-tcp4 differs"
+v6 = lambda last: bytes.fromhex("20010db8" + "00" * 11) + bytes([last])
+assert vec("proxy-v2-tcp6.hex") == (SIG + bytes([0x21, 0x21]) + struct.pack(">H", 42)
+                                    + v6(7) + v6(1) + struct.pack(">HH", 443, 8450)
+                                    + bytes([0x04, 0x00, 0x03, 0, 0, 0])), "proxy-v2-tcp6 differs"
+assert vec("proxy-v2-local.hex") == SIG + bytes([0x20, 0x00, 0x00, 0x00]), "proxy-v2-local differs"
+print("ok  proxy-v2-tcp4, proxy-v2-tcp6, proxy-v2-local: PROXY protocol v2 headers")
+
 print("all vectors agree")
 sys.exit(0)

@@ -70,6 +70,7 @@ struct Settings {
     max_in_flight: usize,
     max_per_client: usize,
     limits: mayfly_api::Limits,
+    proxy_from: Vec<mayfly_api::proxy::ProxyNet>,
     tls: Option<mayfly_api::TlsFiles>,
     tx_timeout: Duration,
     take_timeout: Duration,
@@ -157,8 +158,12 @@ fn settings(c: &Config) -> anyhow::Result<Settings> {
             idle_timeout: Duration::from_millis(v.idle_timeout_ms),
             max_connections: v.max_connections,
             max_body: v.max_body_bytes,
+            max_handshakes: v.max_handshakes,
+            write_timeout: Duration::from_millis(v.write_timeout_ms),
         },
         tls: tls_settings(&c.tls)?,
+        proxy_from: mayfly_api::proxy::ProxyNet::parse_all(&v.proxy_protocol_from)
+            .context("proxy_protocol_from")?,
         tx_timeout: Duration::from_millis(v.tx_timeout_ms),
         take_timeout: Duration::from_millis(v.take_timeout_ms),
         max_write_bytes: v.max_write_bytes,
@@ -479,6 +484,7 @@ pub fn run(args: &ServeArgs, log: &Logger) -> anyhow::Result<u8> {
         max_per_client: s.max_per_client,
         limits: s.limits.clone(),
         tls: s.tls.clone(),
+        proxy_from: s.proxy_from.clone(),
         health_sections: [
             siem_health(siem.status_handle()),
             capacity_health(&ledger),

@@ -29,15 +29,7 @@ fn read_response(s: &mut TcpStream, pending: &mut Vec<u8>) -> Option<(u16, Strin
         if let Some(end) = pending.windows(4).position(|w| w == b"\r\n\r\n") {
             let head = String::from_utf8_lossy(&pending[..end]).into_owned();
             let status: u16 = head.split_whitespace().nth(1)?.parse().ok()?;
-            let len: usize = head
-                .lines()
-                .find_map(|l| {
-                    let (k, v) = l.split_once(':')?;
-                    k.eq_ignore_ascii_case("content-length")
-                        .then(|| v.trim().parse().ok())
-                        .flatten()
-                })
-                .unwrap_or(0);
+            let len: usize = common::content_length(&head);
             while pending.len() < end + 4 + len {
                 match s.read(&mut buf) {
                     Ok(0) | Err(_) => return None,
@@ -610,6 +602,46 @@ fn idle_keep_alive_connections_are_closed() {
     finish(&dir, agent, &committed);
 }
 
+/// The value of the unlabelled sample `name` on `/metrics`.
+fn metric(agent: &Agent, name: &str) -> u64 {
+    let (code, text) = common::raw_request(agent.addr, "GET", "/metrics", b"");
+    assert_eq!(code, 200);
+    common::sample(&String::from_utf8_lossy(&text), name)
+}
+
+/// A client that pipelines requests and never reads the answers (its receive window
+/// full) is closed at the write timeout and counted, and others are served meanwhile —
+/// with idle and header timeouts far longer, so only the write timeout can close it.
+#[test]
+fn a_client_that_never_reads_is_closed_at_the_write_timeout() {
+    let (dir, agent, committed) =
+        start(&common::with_long_timeouts(&["--write-timeout-ms", "1000"]));
+    let mut slow = TcpStream::connect(agent.addr).unwrap();
+    common::stop_reading(&slow);
+    // The agent stops reading the requests once its writes block, so ours may block too;
+    // they give up after 5 s.
+    let _ = slow.write_all(&common::unread_requests());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while metric(&agent, "mayfly_api_write_timeouts_total") == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the client that does not read was not closed"
+        );
+        // Others are served meanwhile.
+        assert_eq!(agent.get("/v1/health").0, 200);
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // Closed: what was sent before the close can be read, then the end (or a reset).
+    assert!(closed_within(&mut slow, Duration::from_secs(20)));
+    // Only the scrape's own connection stays open (the others end as their answers go out).
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while metric(&agent, "mayfly_api_open_connections") != 1 {
+        assert!(Instant::now() < deadline, "connections left open");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    finish(&dir, agent, &committed);
+}
+
 /// Checks the histogram family `name` in exposition text: `# HELP` and `# TYPE ... histogram`
 /// before its samples, buckets with increasing `le` ending at `+Inf`, cumulative
 /// (non-decreasing) counts, `+Inf` == `_count`, and a `_sum`. Returns (count, sum).
@@ -885,5 +917,72 @@ fn a_burst_of_reads_is_answered_or_refused_at_once_and_counted() {
         std::thread::sleep(Duration::from_millis(20));
     };
     assert_eq!(counted, refused);
+    finish(&dir, agent, &committed);
+}
+
+/// Behind a trusted TCP load balancer (PROXY protocol v2, `--proxy-protocol-from`), the
+/// client is the address the header names — in the audit and the checkpoint —; the
+/// balancer without a valid header is refused (closed, audited, counted); a header from an
+/// untrusted peer is not believed.
+#[test]
+fn proxy_protocol_headers_name_the_client_only_from_trusted_proxies() {
+    let (dir, agent, committed) = start(&["--proxy-protocol-from", "127.0.0.2/32"]);
+    let body = json!({"handler": "open_account", "payload": {"name": "behind-lb", "balance": 3}})
+        .to_string();
+    let request = format!(
+        "POST /v1/transactions HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    // The balancer (127.0.0.2) relays client 203.0.113.7.
+    let mut lb = common::connect_from([127, 0, 0, 2], agent.addr);
+    lb.write_all(&common::vector("proxy-v2-tcp4.hex")).unwrap();
+    lb.write_all(request.as_bytes()).unwrap();
+    let (code, _, answer) = read_response(&mut lb, &mut Vec::new()).expect("an answer");
+    assert_eq!(code, 200, "{}", String::from_utf8_lossy(&answer));
+    let answer: serde_json::Value = serde_json::from_slice(&answer).unwrap();
+    let id = answer["tx_id"].as_str().unwrap().to_owned();
+    let audit = common::audit(&agent.dir);
+    let started = audit
+        .iter()
+        .find(|(e, f)| e == "domain.started" && f.get("tx_id") == Some(&id))
+        .expect("domain.started of the transaction");
+    assert_eq!(started.1["client"], "203.0.113.7");
+    let (code, v) = agent.get(&format!("/v1/transactions/{id}"));
+    assert_eq!(code, 200, "{v}");
+    assert_eq!(v["checkpoint"]["client"], "203.0.113.7", "{v}");
+    // A LOCAL header (the balancer's own health check) is served as the balancer.
+    let mut check = common::connect_from([127, 0, 0, 2], agent.addr);
+    check
+        .write_all(&common::vector("proxy-v2-local.hex"))
+        .unwrap();
+    check
+        .write_all(b"GET /v1/health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    assert_eq!(status_of(&mut check), Some(200));
+    // The balancer without a header, or with a broken one: closed without an answer.
+    let mut broken = common::vector("proxy-v2-tcp4.hex");
+    broken[14] = 0xff; // 65,292 bytes declared
+    for first in [
+        b"GET /v1/health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".to_vec(),
+        broken,
+    ] {
+        let mut s = common::connect_from([127, 0, 0, 2], agent.addr);
+        s.write_all(&first).unwrap();
+        assert_eq!(status_of(&mut s), None);
+    }
+    assert_eq!(metric(&agent, "mayfly_api_proxy_headers_refused_total"), 2);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !common::audit(&agent.dir)
+        .iter()
+        .any(|(e, f)| e == "api.proxy_refused" && f["client"] == "127.0.0.2")
+    {
+        assert!(Instant::now() < deadline, "no api.proxy_refused record");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // A header from a peer not trusted is not believed: it is garbage to HTTP.
+    let mut s = common::connect_from([127, 0, 0, 3], agent.addr);
+    s.write_all(&common::vector("proxy-v2-tcp4.hex")).unwrap();
+    s.write_all(request.as_bytes()).unwrap();
+    assert_eq!(status_of(&mut s), Some(400));
     finish(&dir, agent, &committed);
 }

@@ -174,13 +174,7 @@ fn metrics_counter(addr: SocketAddr, config: &Arc<rustls::ClientConfig>, name: &
         .unwrap();
     let mut resp = Vec::new();
     let _ = tls.read_to_end(&mut resp);
-    let text = String::from_utf8_lossy(&resp);
-    text.lines()
-        .find_map(|l| l.strip_prefix(&format!("{name} ")))
-        .unwrap_or_else(|| panic!("no {name} in {text}"))
-        .trim()
-        .parse()
-        .unwrap()
+    common::sample(&String::from_utf8_lossy(&resp), name)
 }
 
 struct Pki {
@@ -506,5 +500,317 @@ fn sighup_reloads_the_certificates_and_keeps_them_on_a_bad_reload() {
     assert!(common::audit(&agent.dir)
         .iter()
         .any(|(e, _)| e == "api.tls_reloaded"));
+    assert!(agent.stop().success());
+}
+
+/// A kept-alive connection over TLS: requests one after the other on one handshake.
+struct KeepAlive {
+    tls: rustls::StreamOwned<rustls::ClientConnection, TcpStream>,
+    pending: Vec<u8>,
+}
+
+impl KeepAlive {
+    fn open(addr: SocketAddr, config: &Arc<rustls::ClientConfig>) -> KeepAlive {
+        let tcp = TcpStream::connect(addr).unwrap();
+        tcp.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        let conn = rustls::ClientConnection::new(
+            config.clone(),
+            ServerName::try_from("localhost").unwrap(),
+        )
+        .unwrap();
+        KeepAlive {
+            tls: rustls::StreamOwned::new(conn, tcp),
+            pending: Vec::new(),
+        }
+    }
+
+    /// One `GET` on the connection; `Err` if it failed or ended before a whole answer.
+    fn get(&mut self, path: &str) -> Result<(u16, String), String> {
+        let req = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n");
+        self.tls
+            .write_all(req.as_bytes())
+            .map_err(|e| e.to_string())?;
+        let mut buf = [0u8; 4096];
+        loop {
+            if let Some(end) = self.pending.windows(4).position(|w| w == b"\r\n\r\n") {
+                let head = String::from_utf8_lossy(&self.pending[..end]).into_owned();
+                let status: u16 = head
+                    .split_whitespace()
+                    .nth(1)
+                    .and_then(|s| s.parse().ok())
+                    .ok_or("no status")?;
+                let len: usize = common::content_length(&head);
+                while self.pending.len() < end + 4 + len {
+                    match self.tls.read(&mut buf) {
+                        Ok(0) => return Err("closed within the body".into()),
+                        Ok(n) => self.pending.extend_from_slice(&buf[..n]),
+                        Err(e) => return Err(e.to_string()),
+                    }
+                }
+                let body =
+                    String::from_utf8_lossy(&self.pending[end + 4..end + 4 + len]).into_owned();
+                self.pending.drain(..end + 4 + len);
+                return Ok((status, format!("{head}\r\n\r\n{body}")));
+            }
+            match self.tls.read(&mut buf) {
+                Ok(0) => return Err("closed before an answer".into()),
+                Ok(n) => self.pending.extend_from_slice(&buf[..n]),
+                Err(e) => return Err(e.to_string()),
+            }
+        }
+    }
+}
+
+/// A flood of handshakes left half done (a ClientHello's first bytes, then silence) takes
+/// at most `max_handshakes` of them at once: the connections beyond are closed at once and
+/// counted, and a client with an established connection is still served meanwhile.
+#[test]
+fn half_done_handshakes_are_bounded_and_established_clients_are_served() {
+    let dir = tempfile::tempdir().unwrap();
+    let (pki, mut agent) = start(
+        dir.path(),
+        &common::with_long_timeouts(&["--max-handshakes", "4"]),
+    );
+    let addr = agent.addr;
+    let good = client_config(&pki.server_ca, Some(&pki.a));
+    let mut established = KeepAlive::open(addr, &good);
+    assert_eq!(established.get("/v1/health").unwrap().0, 200);
+    // 40 connections, each a TLS record header and the first bytes of a ClientHello.
+    let flood: Vec<TcpStream> = (0..40)
+        .map(|_| {
+            let mut s = TcpStream::connect(addr).unwrap();
+            s.write_all(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03")
+                .unwrap();
+            s
+        })
+        .collect();
+    // The agent closes the 36 beyond the limit; wait for it (bounded), then the
+    // established client is served and the refusals are counted.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (code, text) = established.get("/metrics").unwrap();
+        assert_eq!(code, 200);
+        let refused = common::sample(&text, "mayfly_api_tls_handshakes_refused_total");
+        if refused >= 36 {
+            assert!(
+                text.lines()
+                    .any(|l| l == "mayfly_api_tls_handshakes_in_progress 4"),
+                "{text}"
+            );
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{refused} refused handshakes counted, not 36"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(established.get("/v1/health").unwrap().0, 200);
+    // A new client is refused while the four half-done handshakes hold every slot ...
+    assert!(tls_request(addr, &good, "GET", "/v1/health", "").is_err());
+    // ... and served once they are gone.
+    drop(flood);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while tls_request(addr, &good, "GET", "/v1/health", "").is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "no handshake after the flood ended"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    drop(established);
+    assert!(agent.stop().success());
+}
+
+/// After the operator replaces the client CA (revoking every certificate of the old one)
+/// and sends SIGHUP, a kept-alive connection authenticated under the old CA is no longer
+/// served: its next request is refused (421) or finds it closed, and that is audited with
+/// the client's identity; a client of the new CA is served, one of the old is refused at
+/// the handshake.
+#[test]
+fn connections_authenticated_before_a_ca_change_are_closed_and_audited() {
+    let dir = tempfile::tempdir().unwrap();
+    let (pki, mut agent) = start(dir.path(), &common::with_long_timeouts(&[]));
+    let addr = agent.addr;
+    let pid =
+        nix::unistd::Pid::from_raw(i32::try_from(agent.child.as_ref().unwrap().id()).unwrap());
+    let old = client_config(&pki.server_ca, Some(&pki.a));
+    let mut kept = KeepAlive::open(addr, &old);
+    assert_eq!(kept.get("/v1/health").unwrap().0, 200);
+    assert_eq!(kept.get("/v1/health").unwrap().0, 200);
+    // Client b's connection stays idle through the change.
+    let mut idle = KeepAlive::open(addr, &client_config(&pki.server_ca, Some(&pki.b)));
+    assert_eq!(idle.get("/v1/health").unwrap().0, 200);
+    // The operator swaps the client CA and reloads.
+    let ca2 = Ca::new("mayfly test client CA 2");
+    std::fs::write(dir.path().join("certs/clients-ca.pem"), ca2.pem()).unwrap();
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGHUP).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !common::audit(&agent.dir)
+        .iter()
+        .any(|(e, _)| e == "api.tls_reloaded")
+    {
+        assert!(Instant::now() < deadline, "no api.tls_reloaded record");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // The old connection: refused or closed, never served again.
+    match kept.get("/v1/health") {
+        Ok((code, text)) => assert_eq!(code, 421, "{text}"),
+        Err(e) => eprintln!("old connection closed: {e}"),
+    }
+    assert!(kept.get("/v1/health").is_err(), "still open after a 421");
+    // Audited, naming the client.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let audit = common::audit(&agent.dir);
+        if let Some((_, f)) = audit.iter().find(|(e, _)| e == "api.connection_stale") {
+            assert_eq!(f["client"], pki.a.identity, "{f:?}");
+            assert_eq!(f["generation"], "0", "{f:?}");
+            assert_eq!(f["current_generation"], "1", "{f:?}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no api.connection_stale record: {audit:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // The idle one is closed by the agent without a request, and that is audited too.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !common::audit(&agent.dir).iter().any(|(e, f)| {
+        e == "api.connection_stale"
+            && f.get("client") == Some(&pki.b.identity)
+            && f.get("action").map(String::as_str) == Some("closed")
+    }) {
+        assert!(Instant::now() < deadline, "b's idle connection not closed");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(idle.get("/v1/health").is_err(), "b's old connection served");
+    // New connections: the old CA's client fails the handshake, the new CA's is served
+    // and stays served on its connection.
+    assert!(tls_request(addr, &old, "GET", "/v1/health", "").is_err());
+    let new_leaf = ca2.leaf("client c", false, false);
+    let new = client_config(&pki.server_ca, Some(&new_leaf));
+    let mut fresh = KeepAlive::open(addr, &new);
+    for _ in 0..3 {
+        assert_eq!(fresh.get("/v1/health").unwrap().0, 200);
+    }
+    assert!(metrics_counter(addr, &new, "mayfly_api_tls_stale_connections_total") >= 2);
+    drop((kept, idle, fresh));
+    assert!(agent.stop().success());
+}
+
+/// CPU time (user + system, clock ticks) of the agent's threads named exactly `name`.
+fn thread_cpu(pid: u32, name: &str) -> u64 {
+    let mut ticks = 0;
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let Ok(stat) = std::fs::read_to_string(task.unwrap().path().join("stat")) else {
+            continue; // the thread ended meanwhile
+        };
+        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
+            continue;
+        };
+        if &stat[open + 1..close] != name {
+            continue;
+        }
+        let fields: Vec<&str> = stat[close + 1..].split_whitespace().collect();
+        // After the name: state is field 3, utime field 14, stime field 15.
+        ticks += fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+    }
+    ticks
+}
+
+/// The public-key work of handshakes runs on the handshake thread (`api-tls`), not on the
+/// network threads (`api`): after many full mutual-TLS handshakes (each with one cheap
+/// request), the handshake thread has spent more CPU than the network threads.
+#[test]
+fn handshakes_run_on_their_own_thread() {
+    let dir = tempfile::tempdir().unwrap();
+    let (pki, mut agent) = start(dir.path(), &[]);
+    let addr = agent.addr;
+    let pid = agent.child.as_ref().unwrap().id();
+    let good = client_config(&pki.server_ca, Some(&pki.a));
+    let (tls0, net0) = (thread_cpu(pid, "api-tls"), thread_cpu(pid, "api"));
+    for _ in 0..300 {
+        // 404: answered on the network thread without a read of the ledger.
+        let (code, _, _) = tls_request(addr, &good, "GET", "/nowhere", "").unwrap();
+        assert_eq!(code, 404);
+    }
+    let (tls, net) = (
+        thread_cpu(pid, "api-tls") - tls0,
+        thread_cpu(pid, "api") - net0,
+    );
+    eprintln!("handshake thread {tls} ticks, network threads {net} ticks");
+    assert!(
+        tls > net,
+        "handshake thread {tls} ticks, network threads {net} ticks"
+    );
+    assert!(agent.stop().success());
+}
+
+/// With mutual TLS behind a trusted load balancer, the certificate's key names the
+/// client, not the address of the PROXY header.
+#[test]
+fn behind_a_proxy_the_certificate_still_names_the_client() {
+    let dir = tempfile::tempdir().unwrap();
+    let (pki, mut agent) = start(dir.path(), &["--proxy-protocol-from", "127.0.0.2"]);
+    let mut tcp = common::connect_from([127, 0, 0, 2], agent.addr);
+    tcp.write_all(&common::vector("proxy-v2-tcp4.hex")).unwrap();
+    let conn = rustls::ClientConnection::new(
+        client_config(&pki.server_ca, Some(&pki.a)),
+        ServerName::try_from("localhost").unwrap(),
+    )
+    .unwrap();
+    let mut tls = rustls::StreamOwned::new(conn, tcp);
+    let body = json!({"handler": "open_account", "payload": {"name": "proxied", "balance": 5}})
+        .to_string();
+    write!(
+        tls,
+        "POST /v1/transactions HTTP/1.1\r\nHost: localhost\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut resp = Vec::new();
+    let _ = tls.read_to_end(&mut resp);
+    let resp = String::from_utf8_lossy(&resp);
+    assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+    let (_, json) = resp.split_once("\r\n\r\n").unwrap();
+    let id = serde_json::from_str::<Value>(json).unwrap()["tx_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let audit = common::audit(&agent.dir);
+    let started = audit
+        .iter()
+        .find(|(e, f)| e == "domain.started" && f.get("tx_id") == Some(&id))
+        .expect("domain.started of the transaction");
+    assert_eq!(started.1["client"], pki.a.identity);
+    assert!(agent.stop().success());
+}
+
+/// Over TLS too, a client that pipelines requests and never reads the answers is closed
+/// at the write timeout (the timeout watches the socket under the TLS layer).
+#[test]
+fn a_tls_client_that_never_reads_is_closed_at_the_write_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    let (pki, mut agent) = start(
+        dir.path(),
+        &common::with_long_timeouts(&["--write-timeout-ms", "1000"]),
+    );
+    let addr = agent.addr;
+    let good = client_config(&pki.server_ca, Some(&pki.a));
+    let mut slow = KeepAlive::open(addr, &good);
+    common::stop_reading(&slow.tls.sock);
+    assert_eq!(slow.get("/v1/health").unwrap().0, 200);
+    let _ = slow.tls.write_all(&common::unread_requests());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while metrics_counter(addr, &good, "mayfly_api_write_timeouts_total") == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the TLS client that does not read was not closed"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    drop(slow);
     assert!(agent.stop().success());
 }

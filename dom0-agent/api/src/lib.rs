@@ -33,6 +33,7 @@
 
 mod metrics;
 mod net;
+pub mod proxy;
 pub mod tls;
 
 use std::collections::{HashMap, VecDeque};
@@ -72,6 +73,12 @@ pub struct Limits {
     pub max_connections: usize,
     /// Largest request body, bytes; beyond (declared or received): 413, closed.
     pub max_body: usize,
+    /// Longest time a response write may make no progress (the client reads nothing, its
+    /// window is full); beyond: the connection is closed, whatever it holds.
+    pub write_timeout: Duration,
+    /// Most TLS handshakes in progress at once; a TLS connection accepted beyond them is
+    /// closed at once, without a handshake.
+    pub max_handshakes: usize,
 }
 
 impl Default for Limits {
@@ -84,6 +91,8 @@ impl Default for Limits {
             idle_timeout: Duration::from_secs(5),
             max_connections: 2048,
             max_body: 256 * 1024,
+            max_handshakes: 64,
+            write_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -117,6 +126,11 @@ pub struct ApiConfig {
     /// of their certificate's SubjectPublicKeyInfo (`spki:<hex>`); otherwise by their IP
     /// address.
     pub tls: Option<TlsFiles>,
+    /// Peers whose connections start with a PROXY protocol v2 header naming the client's
+    /// address (a TCP load balancer); empty: no header is read from anyone. A peer in the
+    /// list must send one, a peer not in it is served as itself (a header from it is
+    /// garbage to HTTP or TLS and refused as such).
+    pub proxy_from: Vec<proxy::ProxyNet>,
 }
 
 /// One named section of `GET /v1/health`, supplied by a part the API does not know.
@@ -149,6 +163,7 @@ impl Default for ApiConfig {
             health_sections: Vec::new(),
             metrics_sections: Vec::new(),
             tls: None,
+            proxy_from: Vec::new(),
         }
     }
 }

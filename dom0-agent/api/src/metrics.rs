@@ -53,9 +53,14 @@ pub(crate) struct Metrics {
     pub connections_accepted: AtomicU64,
     pub connections_refused: AtomicU64,
     pub tls_handshake_failures: AtomicU64,
+    pub tls_handshakes_refused: AtomicU64,
+    pub tls_handshakes_in_progress: AtomicU64,
+    pub tls_stale_connections: AtomicU64,
+    pub proxy_headers_refused: AtomicU64,
     pub refused_in_flight: AtomicU64,
     pub refused_per_client: AtomicU64,
     pub body_timeouts: AtomicU64,
+    pub write_timeouts: AtomicU64,
     pub body_too_large: AtomicU64,
     pub reads_refused: AtomicU64,
     pub refusal_records_dropped: AtomicU64,
@@ -200,9 +205,39 @@ impl Metrics {
         );
         counter(
             out,
+            "mayfly_api_tls_handshakes_refused_total",
+            "TLS connections closed unread because max_handshakes handshakes were in progress",
+            get(&self.tls_handshakes_refused),
+        );
+        counter(
+            out,
+            "mayfly_api_proxy_headers_refused_total",
+            "Connections from a trusted proxy closed for a missing or invalid PROXY v2 header",
+            get(&self.proxy_headers_refused),
+        );
+        counter(
+            out,
+            "mayfly_api_tls_stale_connections_total",
+            "Connections closed (or refused a request, 421) because a TLS reload replaced the configuration they were authenticated under",
+            get(&self.tls_stale_connections),
+        );
+        gauge(
+            out,
+            "mayfly_api_tls_handshakes_in_progress",
+            "TLS handshakes in progress now",
+            get(&self.tls_handshakes_in_progress),
+        );
+        counter(
+            out,
             "mayfly_api_body_timeouts_total",
             "Request bodies not received within the body timeout (408)",
             get(&self.body_timeouts),
+        );
+        counter(
+            out,
+            "mayfly_api_write_timeouts_total",
+            "Connections closed because a response write made no progress within the write timeout",
+            get(&self.write_timeouts),
         );
         counter(
             out,

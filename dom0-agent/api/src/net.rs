@@ -15,7 +15,21 @@
 //!   closes the connection without a status (hyper 1.x has no 408 for it);
 //! - no request in progress and no byte either way for `idle_timeout`: closed (the
 //!   effective idle limit is the smaller of `idle_timeout` and `header_timeout`);
-//! - a TLS handshake not complete within `header_timeout`: closed;
+//! - a TLS handshake not complete within `header_timeout`: closed; more than
+//!   `max_handshakes` TLS handshakes in progress: the new connection is closed at once,
+//!   before a byte of it is read. Handshakes run on a thread of their own (`api-tls`):
+//!   their CPU — the server's signature, the check of a client certificate — is not the
+//!   network threads', so a flood of ClientHellos slows new handshakes, not established
+//!   connections;
+//! - a response write that makes no progress (the client reads nothing) for
+//!   `write_timeout`: closed, whatever the connection holds;
+//! - after a TLS reload (SIGHUP), a connection authenticated under the configuration
+//!   before: closed after its request in progress (at the next check: every quarter of
+//!   the smaller of `idle_timeout` and `write_timeout`, at least every second), a request arriving on it before
+//!   that is answered 421 and the connection closed; either is audited
+//!   (`api.connection_stale`, through the refusal aggregation) and counted;
+//! - from a peer in `proxy_from`: a PROXY protocol v2 header not complete and valid
+//!   within `header_timeout`: closed at once, audited (`api.proxy_refused`) and counted;
 //! - a body not complete within `body_timeout`: 408, closed; above `max_body` (declared in
 //!   Content-Length, or counted as it arrives, chunked or not): 413, closed, and the rest
 //!   is not read.
@@ -23,7 +37,7 @@
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -50,6 +64,8 @@ retry-after: 1\r\nconnection: close\r\ncontent-length: 51\r\n\r\n\
 pub(crate) struct Net {
     pub addr: SocketAddr,
     runtime: tokio::runtime::Runtime,
+    /// The thread TLS handshakes run on (with TLS only).
+    handshake_runtime: Option<tokio::runtime::Runtime>,
     stop: watch::Sender<bool>,
     accept: tokio::task::JoinHandle<()>,
 }
@@ -85,15 +101,37 @@ impl Net {
                 source,
             })?
         };
+        // TLS handshakes (their public-key work: the server's signature, the check of a
+        // client's certificate chain and signature) run on a thread of their own, so a
+        // flood of them takes that thread's CPU and not the network threads' (the OS
+        // shares the cores between them); their sockets stay on the network threads'
+        // reactor.
+        let handshake_runtime = match &shared.tls {
+            Some(_) => Some(
+                tokio::runtime::Builder::new_multi_thread()
+                    .worker_threads(1)
+                    .max_blocking_threads(1)
+                    .thread_name("api-tls")
+                    .enable_time()
+                    .build()
+                    .map_err(ApiError::Runtime)?,
+            ),
+            None => None,
+        };
+        let handshakes = Arc::new(Handshakes {
+            permits: Arc::new(Semaphore::new(config.limits.max_handshakes)),
+            runtime: handshake_runtime.as_ref().map(|r| r.handle().clone()),
+        });
         let (stop, stop_rx) = watch::channel(false);
         info!(shared.log, "client API listening"; "addr" => %addr, "workers" => config.workers,
             "tls" => shared.tls.is_some(),
             "mutual_tls" => shared.tls.as_ref().is_some_and(crate::tls::Current::mutual),
             "max_connections" => config.limits.max_connections);
-        let accept = runtime.spawn(accept_loop(listener, shared, stop_rx));
+        let accept = runtime.spawn(accept_loop(listener, shared, stop_rx, handshakes));
         Ok(Self {
             addr,
             runtime,
+            handshake_runtime,
             stop,
             accept,
         })
@@ -114,10 +152,25 @@ impl Net {
         });
         self.runtime
             .shutdown_timeout(deadline.saturating_duration_since(Instant::now()));
+        if let Some(r) = self.handshake_runtime {
+            // Handshakes left are of connections the runtime above has dropped.
+            r.shutdown_background();
+        }
     }
 }
 
-async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
+/// The bound on TLS handshakes and the thread they run on.
+struct Handshakes {
+    permits: Arc<Semaphore>,
+    runtime: Option<tokio::runtime::Handle>,
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    mut stop: watch::Receiver<bool>,
+    handshakes: Arc<Handshakes>,
+) {
     let slots = Arc::new(Semaphore::new(shared.config.limits.max_connections));
     let refusers = Arc::new(Semaphore::new(REFUSERS));
     let epoch = Instant::now();
@@ -143,13 +196,13 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, mut stop: watch
                     .metrics
                     .connections_accepted
                     .fetch_add(1, Ordering::Relaxed);
-                let (shared, stop) = (shared.clone(), stop.clone());
+                let (shared, stop, handshakes) = (shared.clone(), stop.clone(), handshakes.clone());
                 tokio::spawn(async move {
                     shared
                         .metrics
                         .open_connections
                         .fetch_add(1, Ordering::AcqRel);
-                    connection(stream, peer, &shared, stop, epoch).await;
+                    connection(stream, peer, &shared, stop, epoch, &handshakes).await;
                     shared
                         .metrics
                         .open_connections
@@ -195,6 +248,22 @@ async fn refuse(mut stream: TcpStream, _permit: tokio::sync::OwnedSemaphorePermi
     .await;
 }
 
+/// A gauge counted up for as long as the guard lives.
+struct InProgress<'a>(&'a AtomicU64);
+
+impl<'a> InProgress<'a> {
+    fn new(gauge: &'a AtomicU64) -> Self {
+        gauge.fetch_add(1, Ordering::AcqRel);
+        Self(gauge)
+    }
+}
+
+impl Drop for InProgress<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
 /// Per-connection activity, for the idle timeout.
 struct Activity {
     epoch: Instant,
@@ -202,12 +271,25 @@ struct Activity {
     last: AtomicU64,
     /// Requests in progress (the service has them).
     active: AtomicUsize,
+    /// 1 + milliseconds since `epoch` when a write first found the socket full, 0 while
+    /// writes make progress: for the write timeout.
+    write_blocked: AtomicU64,
 }
 
 impl Activity {
     fn touch(&self) {
         let ms = u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX);
         self.last.store(ms, Ordering::Relaxed);
+    }
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+    /// How long writes have made no progress (zero while they do).
+    fn write_blocked_for(&self) -> Duration {
+        match self.write_blocked.load(Ordering::Relaxed) {
+            0 => Duration::ZERO,
+            since => Duration::from_millis(self.now_ms().saturating_sub(since - 1)),
+        }
     }
     fn idle_for(&self) -> Duration {
         let now = u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX);
@@ -243,8 +325,21 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Watched<S> {
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
         let r = Pin::new(&mut self.inner).poll_write(cx, buf);
-        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
-            self.activity.touch();
+        match r {
+            Poll::Ready(Ok(n)) if n > 0 => {
+                self.activity.touch();
+                self.activity.write_blocked.store(0, Ordering::Relaxed);
+            }
+            Poll::Pending => {
+                let now = self.activity.now_ms().saturating_add(1);
+                let _ = self.activity.write_blocked.compare_exchange(
+                    0,
+                    now,
+                    Ordering::Relaxed,
+                    Ordering::Relaxed,
+                );
+            }
+            _ => {}
         }
         r
     }
@@ -257,16 +352,52 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Watched<S> {
 }
 
 async fn connection(
-    stream: TcpStream,
-    peer: SocketAddr,
+    mut stream: TcpStream,
+    mut peer: SocketAddr,
     shared: &Arc<Shared>,
     stop: watch::Receiver<bool>,
     epoch: Instant,
+    handshakes: &Handshakes,
 ) {
+    if shared
+        .config
+        .proxy_from
+        .iter()
+        .any(|n| n.contains(peer.ip()))
+    {
+        // A trusted load balancer: its header names the client, within the head timeout.
+        let limit = shared.config.limits.header_timeout;
+        let read = tokio::time::timeout(limit, crate::proxy::read(&mut stream)).await;
+        match read {
+            Ok(Ok(crate::proxy::Header::Proxied(client))) => peer = client,
+            Ok(Ok(crate::proxy::Header::Local)) => {}
+            refused => {
+                let reason = match refused {
+                    Ok(Err(e)) => e.to_string(),
+                    _ => format!("no PROXY header within {} ms", limit.as_millis()),
+                };
+                shared
+                    .metrics
+                    .proxy_headers_refused
+                    .fetch_add(1, Ordering::Relaxed);
+                let by: Arc<str> = Arc::from(peer.ip().to_string());
+                let ev = mayfly_ledger::AuditEvent::new(
+                    "api.proxy_refused",
+                    mayfly_ledger::Severity::Warning,
+                )
+                .field("client", by.to_string())
+                .field("reason", reason);
+                let _ =
+                    crate::audit_refusal(shared, &by, "api.proxy_refused", "bad PROXY header", ev);
+                return;
+            }
+        }
+    }
     let activity = Arc::new(Activity {
         epoch,
         last: AtomicU64::new(0),
         active: AtomicUsize::new(0),
+        write_blocked: AtomicU64::new(0),
     });
     activity.touch();
     let stream = Watched {
@@ -275,11 +406,38 @@ async fn connection(
     };
     let Some(tls) = &shared.tls else {
         let client: Arc<str> = Arc::from(peer.ip().to_string());
-        return serve(TokioIo::new(stream), client, shared, stop, activity).await;
+        return serve(TokioIo::new(stream), client, shared, stop, activity, None).await;
     };
-    let acceptor = tokio_rustls::TlsAcceptor::from(tls.get());
+    // At most max_handshakes in progress: a flood of ClientHellos (or of handshakes left
+    // half done) cannot make the network threads spend their time on handshakes' public
+    // key operations. Beyond the limit the connection is closed at once, unread.
+    let Ok(handshake) = handshakes.permits.clone().try_acquire_owned() else {
+        shared
+            .metrics
+            .tls_handshakes_refused
+            .fetch_add(1, Ordering::Relaxed);
+        debug!(shared.log, "TLS handshake refused: too many in progress"; "peer" => %peer);
+        return;
+    };
+    let in_progress = InProgress::new(&shared.metrics.tls_handshakes_in_progress);
+    let (config, generation) = tls.get();
+    let acceptor = tokio_rustls::TlsAcceptor::from(config);
     let limit = shared.config.limits.header_timeout;
-    let stream = match tokio::time::timeout(limit, acceptor.accept(stream)).await {
+    let handshake_task = tokio::time::timeout(limit, acceptor.accept(stream));
+    let handshaken = match &handshakes.runtime {
+        Some(runtime) => match runtime.spawn(handshake_task).await {
+            Ok(h) => h,
+            Err(e) => {
+                // The handshake task panicked or was cancelled (at shutdown).
+                warn!(shared.log, "TLS handshake task ended"; "peer" => %peer, "error" => %e);
+                return;
+            }
+        },
+        None => handshake_task.await,
+    };
+    drop(in_progress);
+    drop(handshake);
+    let stream = match handshaken {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
             shared
@@ -316,7 +474,47 @@ async fn connection(
     } else {
         Arc::from(peer.ip().to_string())
     };
-    serve(TokioIo::new(stream), client, shared, stop, activity).await;
+    serve(
+        TokioIo::new(stream),
+        client,
+        shared,
+        stop,
+        activity,
+        Some(generation),
+    )
+    .await;
+}
+
+/// Whether a connection authenticated under TLS configuration `generation` is stale (a
+/// reload since); `None`: plain HTTP, never.
+fn stale(shared: &Shared, generation: Option<u64>) -> bool {
+    match (generation, &shared.tls) {
+        (Some(g), Some(tls)) => tls.generation() != g,
+        _ => false,
+    }
+}
+
+/// Audits (through the refusal aggregation: repeats of one client are counted) and counts
+/// a stale connection being refused a request (`refused`) or closed while idle.
+fn audit_stale(shared: &Arc<Shared>, client: &Arc<str>, generation: Option<u64>, refused: bool) {
+    shared
+        .metrics
+        .tls_stale_connections
+        .fetch_add(1, Ordering::Relaxed);
+    let now = shared.tls.as_ref().map_or(0, |t| t.generation());
+    let ev =
+        mayfly_ledger::AuditEvent::new("api.connection_stale", mayfly_ledger::Severity::Notice)
+            .field("client", client.to_string())
+            .field("action", if refused { "refused" } else { "closed" })
+            .field("generation", generation.unwrap_or(0).to_string())
+            .field("current_generation", now.to_string());
+    let _ = crate::audit_refusal(
+        shared,
+        client,
+        "api.connection_stale",
+        "TLS configuration reloaded",
+        ev,
+    );
 }
 
 async fn serve<I>(
@@ -325,15 +523,43 @@ async fn serve<I>(
     shared: &Arc<Shared>,
     mut stop: watch::Receiver<bool>,
     activity: Arc<Activity>,
+    generation: Option<u64>,
 ) where
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
 {
     let limits = &shared.config.limits;
+    // Audited once per connection: by the request it refuses or by its close.
+    let audited = Arc::new(AtomicBool::new(false));
     let service = {
-        let (shared, activity) = (shared.clone(), activity.clone());
+        let (shared, activity, audited, client) = (
+            shared.clone(),
+            activity.clone(),
+            audited.clone(),
+            client.clone(),
+        );
         hyper::service::service_fn(move |request: Request<Incoming>| {
-            let (shared, client, activity) = (shared.clone(), client.clone(), activity.clone());
+            let (shared, client, activity, audited) = (
+                shared.clone(),
+                client.clone(),
+                activity.clone(),
+                audited.clone(),
+            );
             async move {
+                if stale(&shared, generation) {
+                    // Authenticated under certificates or CAs no longer in force: the
+                    // client must connect again (and pass the handshake again). 421 says
+                    // "not on this connection" (RFC 9110 §15.5.20); the body is unread
+                    // and the connection closes after the answer.
+                    drop(request);
+                    if !audited.swap(true, Ordering::AcqRel) {
+                        audit_stale(&shared, &client, generation, true);
+                    }
+                    return Ok::<_, Infallible>(error_close(
+                        421,
+                        "this connection was authenticated under a TLS configuration \
+                         replaced since; connect again",
+                    ));
+                }
                 activity.active.fetch_add(1, Ordering::AcqRel);
                 let response = crate::handle(request, client, shared).await;
                 activity.touch();
@@ -356,7 +582,10 @@ async fn serve<I>(
     let conn = builder.serve_connection(io, service);
     tokio::pin!(conn);
     let idle = limits.idle_timeout;
-    let tick = (idle / 4).max(Duration::from_millis(50));
+    let write_timeout = limits.write_timeout;
+    // At least every second: a stale connection (TLS reload) is closed within it.
+    let tick =
+        (idle.min(write_timeout) / 4).clamp(Duration::from_millis(50), Duration::from_secs(1));
     let mut stopping = false;
     loop {
         tokio::select! {
@@ -372,6 +601,22 @@ async fn serve<I>(
             }
             () = tokio::time::sleep(tick) => {
                 if activity.active.load(Ordering::Acquire) == 0 && activity.idle_for() >= idle {
+                    return;
+                }
+                if !stopping && stale(shared, generation) {
+                    // Closed after the request in progress, if any; at once if idle.
+                    stopping = true;
+                    if !audited.swap(true, Ordering::AcqRel) {
+                        audit_stale(shared, &client, generation, false);
+                    }
+                    conn.as_mut().graceful_shutdown();
+                }
+                if activity.write_blocked_for() >= write_timeout {
+                    // A client that does not read its answers: dropping the connection
+                    // closes it and frees its buffers (a transaction in progress still
+                    // ends on its own; its answer is lost, its outcome is not).
+                    shared.metrics.write_timeouts.fetch_add(1, Ordering::Relaxed);
+                    debug!(shared.log, "response write timed out; connection closed");
                     return;
                 }
             }

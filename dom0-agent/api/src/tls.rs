@@ -9,6 +9,7 @@
 //! identity; a new key is a new client.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
 use rustls::pki_types::pem::PemObject;
@@ -110,10 +111,14 @@ pub fn load(files: &TlsFiles) -> Result<Arc<rustls::ServerConfig>, TlsError> {
     Ok(Arc::new(config))
 }
 
-/// The configuration in force, swapped whole on reload.
+/// The configuration in force, swapped whole on reload, with its generation: 0 at start,
+/// one more at every reload that succeeded. A connection remembers the generation it was
+/// authenticated under; once that is not the current one, the connection is stale (its
+/// client was checked against certificates or CAs no longer in force) and is closed.
 pub(crate) struct Current {
     files: TlsFiles,
-    config: RwLock<Arc<rustls::ServerConfig>>,
+    config: RwLock<(Arc<rustls::ServerConfig>, u64)>,
+    generation: AtomicU64,
 }
 
 impl Current {
@@ -121,24 +126,35 @@ impl Current {
         let config = load(&files)?;
         Ok(Self {
             files,
-            config: RwLock::new(config),
+            config: RwLock::new((config, 0)),
+            generation: AtomicU64::new(0),
         })
     }
 
-    pub(crate) fn get(&self) -> Arc<rustls::ServerConfig> {
+    /// The configuration for a new connection, and its generation.
+    pub(crate) fn get(&self) -> (Arc<rustls::ServerConfig>, u64) {
         match self.config.read() {
             Ok(c) => c.clone(),
             Err(poisoned) => poisoned.into_inner().clone(),
         }
     }
 
-    /// Reads the files again; on any error the configuration in force stays.
+    /// The generation in force.
+    pub(crate) fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
+    /// Reads the files again; on any error the configuration in force stays (and so does
+    /// its generation).
     pub(crate) fn reload(&self) -> Result<(), TlsError> {
         let config = load(&self.files)?;
-        match self.config.write() {
-            Ok(mut c) => *c = config,
-            Err(poisoned) => *poisoned.into_inner() = config,
-        }
+        let mut slot = match self.config.write() {
+            Ok(c) => c,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        let generation = slot.1.wrapping_add(1);
+        *slot = (config, generation);
+        self.generation.store(generation, Ordering::Release);
         Ok(())
     }
 

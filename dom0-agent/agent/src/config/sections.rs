@@ -47,6 +47,13 @@ section! {
         max_per_client: usize = 8, Flag::Value("max-per-client"), Bound::range(1, 4096);
         /// Open client connections; a connection beyond is answered 503 and closed.
         max_connections: usize = mayfly_api::Limits::default().max_connections, Flag::Value("max-connections"), Bound::range(0, 1_000_000);
+        /// TLS handshakes in progress at once; a TLS connection beyond them is closed at
+        /// once, without a handshake (counted in /metrics).
+        max_handshakes: usize = mayfly_api::Limits::default().max_handshakes, Flag::Value("max-handshakes"), Bound::range(1, 65_536);
+        /// Addresses or networks (ADDR or ADDR/PREFIX, at most 256) of TCP load balancers
+        /// whose connections start with a PROXY protocol v2 header naming the client; a
+        /// connection from them without a valid header is closed. Empty: none read.
+        proxy_protocol_from: Vec<String> = Vec::new(), Flag::Many("proxy-protocol-from"), Bound::Any;
         /// Largest request head (request line and headers) in bytes; more get 431.
         max_header_bytes: usize = mayfly_api::Limits::default().max_header_bytes, Flag::Value("max-header-bytes"), Bound::range(0, 1 << 20);
         /// Most header fields in a request; more get 431.
@@ -58,6 +65,9 @@ section! {
         body_timeout_ms: u64 = ms(mayfly_api::Limits::default().body_timeout), Flag::Value("body-timeout-ms"), Bound::range(0, HOUR_MS);
         /// Idle time after which a kept-alive connection is closed, in ms.
         idle_timeout_ms: u64 = ms(mayfly_api::Limits::default().idle_timeout), Flag::Value("idle-timeout-ms"), Bound::range(0, HOUR_MS);
+        /// Longest time a response write may make no progress (a client that does not
+        /// read), in ms; then the connection is closed (counted in /metrics).
+        write_timeout_ms: u64 = ms(mayfly_api::Limits::default().write_timeout), Flag::Value("write-timeout-ms"), Bound::range(1, HOUR_MS);
         /// Largest request body in bytes; more get 413.
         max_body_bytes: usize = mayfly_api::Limits::default().max_body, Flag::Value("max-body-bytes"), Bound::range(0, 64 << 20);
         /// Per-transaction time limit (Start to Commit or Abort), in ms.

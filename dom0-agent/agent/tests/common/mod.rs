@@ -305,3 +305,91 @@ pub fn output_within(mut cmd: Command, limit: Duration) -> std::process::Output 
     }
     child.wait_with_output().unwrap()
 }
+
+/// The `Content-Length` of a response head (0 without one).
+pub fn content_length(head: &str) -> usize {
+    head.lines()
+        .find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.eq_ignore_ascii_case("content-length")
+                .then(|| v.trim().parse().ok())
+                .flatten()
+        })
+        .unwrap_or(0)
+}
+
+/// The value of the unlabelled sample `name` in `/metrics` text.
+pub fn sample(text: &str, name: &str) -> u64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(&format!("{name} ")))
+        .unwrap_or_else(|| panic!("no {name} in {text}"))
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+/// A TCP connection to `addr` from the loopback address `src` (127.0.0.0/8 is all
+/// loopback on Linux), so a test can be a trusted load balancer and an ordinary client.
+pub fn connect_from(src: [u8; 4], addr: SocketAddr) -> TcpStream {
+    use nix::sys::socket::{bind, connect, socket, AddressFamily, SockFlag, SockType, SockaddrIn};
+    use std::os::fd::AsRawFd;
+    let SocketAddr::V4(to) = addr else {
+        panic!("the agent listens on IPv4 loopback")
+    };
+    let fd = socket(
+        AddressFamily::Inet,
+        SockType::Stream,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .unwrap();
+    bind(
+        fd.as_raw_fd(),
+        &SockaddrIn::from(std::net::SocketAddrV4::new(src.into(), 0)),
+    )
+    .unwrap();
+    connect(fd.as_raw_fd(), &SockaddrIn::from(to)).unwrap();
+    let s = TcpStream::from(fd);
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    s
+}
+
+/// A test vector of docs/vectors/ (hex) as bytes.
+pub fn vector(name: &str) -> Vec<u8> {
+    let text = std::fs::read_to_string(format!(
+        "{}/../../docs/vectors/{name}",
+        env!("CARGO_MANIFEST_DIR")
+    ))
+    .unwrap();
+    let text = text.trim();
+    (0..text.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&text[i..i + 2], 16).unwrap())
+        .collect()
+}
+
+/// `extra`, then idle and header timeouts of ten minutes: the flags of a test in which
+/// only another limit may close a connection.
+pub fn with_long_timeouts<'a>(extra: &[&'a str]) -> Vec<&'a str> {
+    let mut flags = extra.to_vec();
+    flags.extend([
+        "--idle-timeout-ms",
+        "600000",
+        "--header-timeout-ms",
+        "600000",
+    ]);
+    flags
+}
+
+/// Makes `s` the socket of a client that will not read: a 4 KiB receive buffer (so the
+/// agent's answers fill it at once), and writes that give up after 5 s.
+pub fn stop_reading(s: &TcpStream) {
+    nix::sys::socket::setsockopt(s, nix::sys::socket::sockopt::RcvBuf, &4096).unwrap();
+    s.set_write_timeout(Some(Duration::from_secs(5))).unwrap();
+}
+
+/// 2,000 pipelined requests for /metrics (several KiB of answer each): far more answer
+/// bytes than two sockets' buffers hold.
+pub fn unread_requests() -> Vec<u8> {
+    b"GET /metrics HTTP/1.1\r\nHost: localhost\r\n\r\n".repeat(2000)
+}
