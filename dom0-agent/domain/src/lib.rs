@@ -18,8 +18,20 @@
 //! `destroy` (panic, early return) is destroyed by its `Drop`; and the notifier returned by
 //! `ring` reports [`mayfly_ring::Wake::PeerGone`] when the domain dies, so the executor
 //! notices a crash at once instead of at its timeout.
+//!
+//! The scaffolding both backends share lives here too: the bounded [`quarantine`], the
+//! refill [`backoff`], and [`ErrorChain`] for logging an error with its sources. (The pool
+//! itself is not shared: the Xen backend's refill threads build a domain synchronously, while
+//! the sandbox's send the zygote a request and a supervisor thread pools the answer, so the
+//! two refill loops wait on different things.)
 
 #![forbid(unsafe_code)]
+
+pub mod backoff;
+pub mod quarantine;
+
+pub use backoff::Backoff;
+pub use quarantine::{Quarantine, QuarantineFull, Refused, MAX_QUARANTINED};
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -194,4 +206,43 @@ pub trait DomainBackend: Send + Sync {
     fn release_quarantined(&self, id: DomainId) -> Result<Option<DomainExit>, DomainError>;
     /// Destroys every domain, ready or in use, and stops refilling.
     fn shutdown(&self);
+}
+
+/// Displays an error followed by its sources, `: `-separated (for log lines, which show
+/// one string).
+pub struct ErrorChain<'a>(pub &'a dyn std::error::Error);
+
+impl std::fmt::Display for ErrorChain<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0)?;
+        let mut source = self.0.source();
+        while let Some(s) = source {
+            write!(f, ": {s}")?;
+            source = s.source();
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("outer")]
+    struct Outer(#[source] Middle);
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("middle")]
+    struct Middle(#[source] std::io::Error);
+
+    #[test]
+    fn error_chain_shows_every_source_in_order() {
+        let e = Outer(Middle(std::io::Error::other("inner")));
+        assert_eq!(ErrorChain(&e).to_string(), "outer: middle: inner");
+        assert_eq!(
+            ErrorChain(&Middle(std::io::Error::other("x"))).to_string(),
+            "middle: x"
+        );
+    }
 }

@@ -431,21 +431,15 @@ struct Builder {
 }
 
 fn valid_rule_name(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= MAX_RULE_NAME
-        && name
-            .bytes()
-            .all(|b| matches!(b, b'a'..=b'z' | b'0'..=b'9' | b'_' | b'.' | b'-'))
+    mayfly_names::is_name(name, MAX_RULE_NAME)
         && !name.starts_with("builtin.")
         && !name.starts_with("handler.")
 }
 
+/// A handler the policy names: a word (no dots, so `handler.<name>.<kind>` parses back) of
+/// at most [`MAX_HANDLER_NAME`] bytes (so that rule name fits [`MAX_RULE_NAME`]).
 fn valid_handler_name(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= MAX_HANDLER_NAME
-        && name
-            .bytes()
-            .all(|b| matches!(b, b'a'..=b'z' | b'0'..=b'9' | b'_' | b'-'))
+    mayfly_names::is_word(name, MAX_HANDLER_NAME)
 }
 
 fn builtin(name: &str, action: Action, order: u32) -> Rule {
@@ -962,9 +956,7 @@ impl Bundle {
 mod tests {
     use super::*;
 
-    fn hex(b: &[u8]) -> String {
-        b.iter().map(|x| format!("{x:02x}")).collect()
-    }
+    use mayfly_hex::encode as hex;
 
     #[test]
     fn hash_vector_empty() {

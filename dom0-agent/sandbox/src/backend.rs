@@ -31,11 +31,12 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use mayfly_domain::{
-    Destroyed, Domain, DomainBackend, DomainError, DomainExit, DomainId, PoolStats, Quarantined,
-    Ring,
+    Backoff, Destroyed, Domain, DomainBackend, DomainError, DomainExit, DomainId, ErrorChain,
+    PoolStats, Quarantine, Quarantined, Refused, Ring, MAX_QUARANTINED,
 };
 use mayfly_ring::wire::PROTOCOL_VERSION;
 use mayfly_ring::{Backend, EventFdNotifier, MmapMem, Notifier, Request, RingError, SharedMem};
+use mayfly_sync::{lock, wait_timeout};
 use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
 use slog::{debug, error, info, warn, Logger};
 
@@ -50,19 +51,6 @@ use crate::sys;
 
 /// The backend's name.
 pub const BACKEND: &str = "sandbox";
-/// Most clones kept in quarantine at once. Each keeps its memory and process until an
-/// operator releases it, so without a cap a client that gets transactions quarantined again
-/// and again would exhaust the host. Past the cap, a clone to be quarantined is killed
-/// instead and [`Domain::quarantine`] fails with [`QuarantineFull`].
-pub const MAX_QUARANTINED: usize = 8;
-
-/// The quarantine already keeps [`MAX_QUARANTINED`] clones: this one was killed instead.
-#[derive(Debug, thiserror::Error)]
-#[error("the quarantine already keeps {max} clones (release some through the admin console); this one was killed instead")]
-pub struct QuarantineFull {
-    /// The cap.
-    pub max: usize,
-}
 /// Name of the zygote's (empty) root directory in `run_dir`.
 pub const ROOT_DIR: &str = "sandbox-root";
 /// The zygote's nice value (its clones reset theirs to 0).
@@ -73,9 +61,10 @@ const DEMOTED_NICE: i32 = 19;
 const ZYGOTE_EXIT_WAIT: Duration = Duration::from_secs(5);
 /// How long quarantine waits for the zygote to see the clone stopped.
 const STOP_WAIT: Duration = Duration::from_secs(5);
-/// Back-off bounds of the refill thread after a failed clone.
-const BACKOFF_MIN: Duration = Duration::from_millis(50);
-const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// Back-off of the refill after failed clones (shared by the refill threads and the
+/// takers' top-ups): a fork is cheap to retry, so retries start at 50 ms and slow to one
+/// every 5 s while clones keep failing (a zygote refusing forks, clones dying before `Ready`).
+pub const BACKOFF: Backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(5));
 
 /// The sandbox could not start.
 #[derive(Debug, thiserror::Error)]
@@ -300,12 +289,12 @@ struct PoolState {
     /// Clones requested from the zygote and not yet reported forked.
     creating: usize,
     /// Failures in a row (a fork refused, a clone dead or silent before `Ready`); the refill
-    /// threads back off while it is not zero.
-    failures: u32,
+    /// threads back off while there are any.
+    backoff: Backoff,
     /// No new request before this instant (back-off after failures).
     backoff_until: Option<Instant>,
     in_use: usize,
-    quarantined: Vec<(Quarantined, CloneHandle)>,
+    quarantined: Quarantine<CloneHandle>,
     shut_down: bool,
     zygote_gone: bool,
 }
@@ -338,10 +327,6 @@ struct Shared {
     cgroup: Option<crate::cgroup::ClonesGroup>,
 }
 
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
 impl Shared {
     fn pool(&self) -> MutexGuard<'_, PoolState> {
         lock(&self.state)
@@ -355,10 +340,7 @@ impl Shared {
         if state.shut_down {
             return;
         }
-        state.failures = state.failures.saturating_add(1);
-        let backoff = BACKOFF_MIN
-            .saturating_mul(1u32 << state.failures.saturating_sub(1).min(16))
-            .min(BACKOFF_MAX);
+        let backoff = state.backoff.failed();
         state.backoff_until = Instant::now().checked_add(backoff);
         drop(state);
         error!(self.logger, "creating a clone failed"; "error" => %ErrorChain(error),
@@ -400,8 +382,7 @@ impl Shared {
     /// A clone reached its ready point: failures in a row end.
     fn creation_succeeded(&self) {
         let mut state = self.pool();
-        if state.failures != 0 {
-            state.failures = 0;
+        if state.backoff.succeeded() {
             state.backoff_until = None;
             drop(state);
             self.refill_wanted.notify_all();
@@ -540,10 +521,10 @@ impl Sandbox {
             state: Mutex::new(PoolState {
                 ready: VecDeque::new(),
                 creating: 0,
-                failures: 0,
+                backoff: BACKOFF,
                 backoff_until: None,
                 in_use: 0,
-                quarantined: Vec::new(),
+                quarantined: Quarantine::new(MAX_QUARANTINED, "killed"),
                 shut_down: false,
                 zygote_gone: false,
             }),
@@ -668,12 +649,7 @@ impl Sandbox {
             if left.is_zero() {
                 return false;
             }
-            state = self
-                .shared
-                .changed
-                .wait_timeout(state, left)
-                .unwrap_or_else(|p| p.into_inner())
-                .0;
+            state = wait_timeout(&self.shared.changed, state, left).0;
         }
     }
 
@@ -750,12 +726,7 @@ impl Sandbox {
                     waited: timeout,
                 });
             }
-            state = self
-                .shared
-                .changed
-                .wait_timeout(state, left)
-                .unwrap_or_else(|p| p.into_inner())
-                .0;
+            state = wait_timeout(&self.shared.changed, state, left).0;
         }
     }
 }
@@ -763,22 +734,13 @@ impl Sandbox {
 impl DomainBackend for Sandbox {
     /// The quarantined clones, kept stopped for forensics.
     fn quarantined(&self) -> Vec<Quarantined> {
-        self.shared
-            .pool()
-            .quarantined
-            .iter()
-            .map(|(q, _)| q.clone())
-            .collect()
+        self.shared.pool().quarantined.list()
     }
 
     /// Destroys a quarantined clone (after forensics). `Ok(None)`: no such clone.
     fn release_quarantined(&self, id: DomainId) -> Result<Option<DomainExit>, DomainError> {
-        let entry = {
-            let mut state = self.shared.pool();
-            let index = state.quarantined.iter().position(|(q, _)| q.id == id);
-            index.map(|i| state.quarantined.swap_remove(i))
-        };
-        let Some((_, mut handle)) = entry else {
+        let entry = self.shared.pool().quarantined.release(id);
+        let Some(mut handle) = entry else {
             return Ok(None);
         };
         handle
@@ -819,10 +781,7 @@ impl DomainBackend for Sandbox {
         let (ready, quarantined) = {
             let mut state = shared.pool();
             state.shut_down = true;
-            (
-                std::mem::take(&mut state.ready),
-                std::mem::take(&mut state.quarantined),
-            )
+            (std::mem::take(&mut state.ready), state.quarantined.close())
         };
         shared.changed.notify_all();
         shared.refill_wanted.notify_all();
@@ -1117,11 +1076,12 @@ fn refill(shared: Arc<Shared>) {
                 let backing_off = state.backoff_until.filter(|&t| t > now);
                 if let Some(until) = backing_off {
                     // A retry delay, woken early by shutdown.
-                    state = shared
-                        .refill_wanted
-                        .wait_timeout(state, until.saturating_duration_since(now))
-                        .unwrap_or_else(|p| p.into_inner())
-                        .0;
+                    state = wait_timeout(
+                        &shared.refill_wanted,
+                        state,
+                        until.saturating_duration_since(now),
+                    )
+                    .0;
                     continue;
                 }
                 if state.ready.len() + state.creating < shared.config.pool_size {
@@ -1130,11 +1090,7 @@ fn refill(shared: Arc<Shared>) {
                 // Always a timed wait, even with no request out now: a taker may send one
                 // (`top_up`) without waking this thread, and a request the zygote never
                 // answers must still be given up on — within twice `ready_timeout`.
-                state = shared
-                    .refill_wanted
-                    .wait_timeout(state, shared.config.ready_timeout)
-                    .unwrap_or_else(|p| p.into_inner())
-                    .0;
+                state = wait_timeout(&shared.refill_wanted, state, shared.config.ready_timeout).0;
                 drop(state);
                 expire_requests(&shared);
                 state = shared.pool();
@@ -1161,21 +1117,6 @@ fn expire_requests(shared: &Shared) {
             shared.pool().creating -= 1;
             shared.creation_failed(&CreateError::SpawnTimeout { clone_id, waited });
         }
-    }
-}
-
-/// Displays an error with its sources.
-struct ErrorChain<'a>(&'a dyn std::error::Error);
-
-impl std::fmt::Display for ErrorChain<'_> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}", self.0)?;
-        let mut source = self.0.source();
-        while let Some(s) = source {
-            write!(f, ": {s}")?;
-            source = s.source();
-        }
-        Ok(())
     }
 }
 
@@ -1457,25 +1398,25 @@ impl Domain for SandboxDomain {
         };
         warn!(self.shared.logger, "clone quarantined (stopped, kept for forensics)";
             "clone_id" => id, "pid" => pid);
-        let mut state = self.shared.pool();
-        if state.shut_down {
-            drop(state);
-            drop(handle); // shutdown already swept the list: destroy it now
-        } else if state.quarantined.len() >= MAX_QUARANTINED {
-            drop(state);
-            drop(handle); // the quarantine is full: killed, not kept
-            warn!(self.shared.logger, "quarantine full: clone killed instead";
-                "clone_id" => id, "pid" => pid, "max" => MAX_QUARANTINED);
-            return Err(self.shared.domain_error(
-                id,
-                QuarantineFull {
-                    max: MAX_QUARANTINED,
-                },
-            ));
-        } else {
-            state.quarantined.push((quarantined.clone(), handle));
+        let admitted = self
+            .shared
+            .pool()
+            .quarantined
+            .admit(quarantined.clone(), handle);
+        match admitted {
+            Ok(()) => Ok(quarantined),
+            // Shutdown already swept the list: destroyed now.
+            Err(Refused::Closed(handle)) => {
+                drop(handle);
+                Ok(quarantined)
+            }
+            Err(Refused::Full(handle, full)) => {
+                drop(handle); // the quarantine is full: killed, not kept
+                warn!(self.shared.logger, "quarantine full: clone killed instead";
+                    "clone_id" => id, "pid" => pid, "max" => full.max);
+                Err(self.shared.domain_error(id, full))
+            }
         }
-        Ok(quarantined)
     }
 }
 

@@ -125,7 +125,7 @@ impl SandboxConfig {
         [
             self.pool_size,
             self.max_in_use,
-            crate::backend::MAX_QUARANTINED,
+            mayfly_domain::MAX_QUARANTINED,
         ]
         .into_iter()
         .map(|n| u64::try_from(n).unwrap_or(u64::MAX))

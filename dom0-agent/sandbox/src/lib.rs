@@ -66,9 +66,7 @@ mod sys;
 pub mod uids;
 pub mod zygote;
 
-pub use backend::{
-    CreateError, QuarantineFull, Sandbox, SandboxDomain, SandboxError, BACKEND, MAX_QUARANTINED,
-};
+pub use backend::{CreateError, Sandbox, SandboxDomain, SandboxError, BACKEND};
 pub use clone::CloneError;
 pub use config::{ConfigError, Limits, SandboxConfig};
 pub use proto::{ProtoError, Stage};

@@ -13,11 +13,11 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use mayfly_domain::{Domain, DomainBackend, DomainError, DomainExit};
+use mayfly_domain::{Domain, DomainBackend, DomainError, DomainExit, MAX_QUARANTINED};
 use mayfly_ring::wire::Start;
 use mayfly_ring::{Request, Response, RingError};
 use mayfly_sandbox::config::{DEFAULT_FIRST_UID, DEFAULT_UID_COUNT};
-use mayfly_sandbox::{reconcile, Sandbox, SandboxConfig, SandboxDomain, MAX_QUARANTINED};
+use mayfly_sandbox::{reconcile, Sandbox, SandboxConfig, SandboxDomain};
 use slog::{o, Drain, Logger};
 
 const ZYGOTE: &str = env!("CARGO_BIN_EXE_mayfly-sandbox-test-zygote");

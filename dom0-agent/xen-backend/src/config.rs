@@ -317,7 +317,7 @@ impl XenConfig {
         self.pool_size
             .saturating_add(self.build_threads)
             .saturating_add(self.max_in_use)
-            .saturating_add(crate::backend::MAX_QUARANTINED)
+            .saturating_add(mayfly_domain::MAX_QUARANTINED)
             .saturating_mul(self.geometry.total_pages())
     }
 
@@ -462,7 +462,7 @@ mod tests {
         assert_eq!(c.memory_mib, 128);
         assert_eq!(
             c.pages_at_most(),
-            (4 + 1 + 8 + crate::backend::MAX_QUARANTINED) * 69
+            (4 + 1 + 8 + mayfly_domain::MAX_QUARANTINED) * 69
         );
         let mut small = c.clone();
         small.memory_mib = 64;
