@@ -950,6 +950,17 @@ impl Bundle {
         v.sort_unstable();
         v
     }
+
+    /// The handlers the bundle grants capabilities to that are not among `available` (the
+    /// guest's), sorted: a policy written for another guest image, or a misspelt handler.
+    /// Handlers the guest has and the bundle does not name are not listed: the bundle's
+    /// `unlisted_handler` rule decides for them.
+    pub fn handlers_missing_from<S: AsRef<str>>(&self, available: &[S]) -> Vec<&str> {
+        self.handlers()
+            .into_iter()
+            .filter(|h| !available.iter().any(|a| a.as_ref() == *h))
+            .collect()
+    }
 }
 
 #[cfg(test)]

@@ -9,20 +9,29 @@
 //! ```text
 //!  offset size  field
 //!  0      4     magic "MFSB"
-//!  4      2     version (1), little-endian like every field below
+//!  4      2     version (3), little-endian like every field below
 //!  6      2     kind (table below)
 //!  8      4     clone id
 //!  12     4     pid (i32)
 //!  16     4     value (i32): exit code, signal, errno
 //!  20     4     aux (u32): ring length (Clone), stage (failures), CPU ms (exits)
-//!  24     ..    body: Configure only
+//!  24     ..    body: Configure and Ready only
 //!
 //!  Configure body:
 //!  24     8     RLIMIT_AS bytes        48  4  first uid    60  4  uid count
 //!  32     8     RLIMIT_CPU seconds     52  4  gid          64  4  root path length n
 //!  40     8     RLIMIT_NOFILE          56  4  flags (bit 0: guest stderr)
 //!                                      68  n  root path (n <= 4096)
+//!
+//!  Ready body (the template's handlers, announced once):
+//!  24     2     handler count c (0..=1024)
+//!  26     ..    c times: u8 length n (1..=64), n bytes of [a-z0-9_.-]; names strictly
+//!               increasing bytewise (sorted, no repeats), nothing after the last
 //! ```
+//!
+//! Version 3 added the Ready body: the agent learns which handlers the template answers to
+//! from the template itself (`DomainBackend::handlers`), not from a list compiled into the
+//! agent.
 //!
 //! Each clone runs as its own uid, taken from `first uid .. first uid + uid count` (one not
 //! held by a live clone); version 1 had one uid for every clone and no count.
@@ -49,13 +58,20 @@ use crate::config::Limits;
 use crate::sys::{self, ScmFds};
 
 const MAGIC: [u8; 4] = *b"MFSB";
-const VERSION: u16 = 2;
+const VERSION: u16 = 3;
 const HEADER_LEN: usize = 24;
 const CONFIGURE_FIXED: usize = 44;
 /// Longest root path a Configure message carries.
 pub(crate) const MAX_ROOT_PATH: usize = 4096;
 /// Receive buffer: the largest message plus room to detect an oversized one.
 const RECV_BUF: usize = HEADER_LEN + CONFIGURE_FIXED + MAX_ROOT_PATH + 64;
+/// Most handlers a template may announce.
+pub const MAX_HANDLERS: usize = 1024;
+/// The largest `Ready`: header, count, and every name at its longest.
+const READY_MAX: usize = HEADER_LEN + 2 + MAX_HANDLERS * (1 + mayfly_names::MAX_HANDLER_NAME);
+/// Bytes of the buffer the agent receives the zygote's `Ready` in ([`recv_in`]): the largest
+/// `Ready`, plus room to detect an oversized one.
+pub(crate) const READY_BUF_LEN: usize = READY_MAX + 64;
 /// Most fds any message carries.
 const MAX_FDS: usize = sys::MAX_SCM_FDS;
 
@@ -106,10 +122,12 @@ pub enum Stage {
     /// Zygote: mapping its private memory (`mmap`, `madvise(MADV_DONTFORK)`), or no room in
     /// its pid table for a new clone (never expected: the table has room for every uid).
     Private = 21,
+    /// Zygote: the handler names the template announces break the name rule or the cap.
+    Handlers = 22,
 }
 
 impl Stage {
-    const ALL: [Stage; 21] = [
+    const ALL: [Stage; 22] = [
         Stage::ProcStatus,
         Stage::Threads,
         Stage::Configure,
@@ -131,6 +149,7 @@ impl Stage {
         Stage::Seccomp,
         Stage::SignalMask,
         Stage::Private,
+        Stage::Handlers,
     ];
 
     /// The step, as the system call or check that failed.
@@ -157,6 +176,9 @@ impl Stage {
             Stage::Seccomp => "seccomp",
             Stage::SignalMask => "sigprocmask(SIG_SETMASK, {})",
             Stage::Private => "mmap/madvise(MADV_DONTFORK) of the zygote's private memory",
+            Stage::Handlers => {
+                "the template's handler list (at most 1024 names of 1..=64 bytes of [a-z0-9_.-])"
+            }
         }
     }
 
@@ -198,6 +220,8 @@ pub(crate) enum Msg {
     Shutdown,
     Ready {
         pid: i32,
+        /// The handlers the template answers to, sorted, without repeats.
+        handlers: Vec<String>,
     },
     InitFailed {
         stage: u32,
@@ -302,7 +326,7 @@ impl Msg {
         let (clone_id, pid, value, aux) = match *self {
             Msg::Configure(_) | Msg::Shutdown => (0, 0, 0, 0),
             Msg::Clone { clone_id, ring_len } => (clone_id, 0, 0, ring_len),
-            Msg::Ready { pid } => (0, pid, 0, 0),
+            Msg::Ready { pid, .. } => (0, pid, 0, 0),
             Msg::InitFailed { stage, errno } => (0, 0, errno, stage),
             Msg::Spawned { clone_id, pid } => (clone_id, pid, 0, 0),
             Msg::SpawnFailed {
@@ -364,6 +388,15 @@ impl Msg {
             let len = u32::try_from(root.len()).unwrap_or(u32::MAX);
             out.extend_from_slice(&len.to_le_bytes());
             out.extend_from_slice(root);
+        }
+        if let Msg::Ready { handlers, .. } = self {
+            // Checked by the sender before encoding (`check_handlers`).
+            let count = u16::try_from(handlers.len()).unwrap_or(u16::MAX);
+            out.extend_from_slice(&count.to_le_bytes());
+            for name in handlers {
+                out.push(u8::try_from(name.len()).unwrap_or(u8::MAX));
+                out.extend_from_slice(name.as_bytes());
+            }
         }
         out
     }
@@ -428,7 +461,10 @@ impl Msg {
                 ring_len: aux,
             },
             0x0003 => Msg::Shutdown,
-            0x0081 => Msg::Ready { pid },
+            0x0081 => Msg::Ready {
+                pid,
+                handlers: decode_handlers(&mut r).map_err(bad)?,
+            },
             0x0082 => Msg::InitFailed {
                 stage: aux,
                 errno: value,
@@ -463,6 +499,40 @@ impl Msg {
         }
         Ok(msg)
     }
+}
+
+/// Whether `handlers` can be announced in `Ready`: at most [`MAX_HANDLERS`] valid handler
+/// names, strictly increasing. `Err` names what is wrong.
+pub(crate) fn check_handlers(handlers: &[String]) -> Result<(), &'static str> {
+    if handlers.len() > MAX_HANDLERS {
+        return Err("more than 1024 handlers");
+    }
+    if !handlers.iter().all(|h| mayfly_names::is_handler_name(h)) {
+        return Err("a handler name that is not 1..=64 bytes of [a-z0-9_.-]");
+    }
+    if !handlers.windows(2).all(|w| w.first() < w.get(1)) {
+        return Err("handler names not sorted or repeated");
+    }
+    Ok(())
+}
+
+fn decode_handlers(r: &mut Reader<'_>) -> Result<Vec<String>, &'static str> {
+    let count = usize::from(u16::from_le_bytes(r.take().ok_or("short Ready body")?));
+    if count > MAX_HANDLERS {
+        return Err("more than 1024 handlers");
+    }
+    let mut handlers = Vec::with_capacity(count);
+    for _ in 0..count {
+        let [len] = r.take::<1>().ok_or("short Ready body")?;
+        let name = r.take_slice(usize::from(len)).ok_or("short handler name")?;
+        mayfly_names::check_name(name, mayfly_names::MAX_HANDLER_NAME)
+            .map_err(|_| "a handler name that is not 1..=64 bytes of [a-z0-9_.-]")?;
+        // Only [a-z0-9_.-] bytes: ASCII, so valid UTF-8.
+        let name = std::str::from_utf8(name).map_err(|_| "handler name not UTF-8")?;
+        handlers.push(name.to_owned());
+    }
+    check_handlers(&handlers)?;
+    Ok(handlers)
 }
 
 struct Reader<'a> {
@@ -508,7 +578,7 @@ fn send_with(
     // nothing here allocates (see `recv_in`).
     let header;
     let configure;
-    let bytes: &[u8] = if matches!(msg, Msg::Configure(_)) {
+    let bytes: &[u8] = if matches!(msg, Msg::Configure(_) | Msg::Ready { .. }) {
         configure = msg.encode();
         &configure
     } else {
@@ -603,7 +673,14 @@ mod tests {
                 root: PathBuf::from("/run/mayfly/sandbox-root"),
             }),
             Msg::Shutdown,
-            Msg::Ready { pid: 42 },
+            Msg::Ready {
+                pid: 42,
+                handlers: Vec::new(),
+            },
+            Msg::Ready {
+                pid: 43,
+                handlers: vec!["kv".into(), "test.crash".into(), "z".repeat(64)],
+            },
             Msg::InitFailed {
                 stage: Stage::Chroot as u32,
                 errno: 1,
@@ -638,7 +715,11 @@ mod tests {
 
     #[test]
     fn malformed_messages_are_refused() {
-        let good = Msg::Ready { pid: 1 }.encode();
+        let good = Msg::Ready {
+            pid: 1,
+            handlers: Vec::new(),
+        }
+        .encode();
         assert!(Msg::decode(&good[..10]).is_err());
         let mut bad = good.clone();
         bad[0] = b'X';
@@ -670,6 +751,58 @@ mod tests {
         // Claim a root path longer than the cap.
         conf[64..68].copy_from_slice(&5000u32.to_le_bytes());
         assert!(Msg::decode(&conf).is_err());
+    }
+
+    fn ready(names: &[&[u8]]) -> Vec<u8> {
+        let mut out = Msg::Ready {
+            pid: 1,
+            handlers: Vec::new(),
+        }
+        .encode();
+        out.truncate(HEADER_LEN);
+        out.extend_from_slice(&u16::try_from(names.len()).unwrap().to_le_bytes());
+        for n in names {
+            out.push(u8::try_from(n.len()).unwrap());
+            out.extend_from_slice(n);
+        }
+        out
+    }
+
+    #[test]
+    fn the_handlers_announced_in_ready_are_checked() {
+        let ok = ready(&[b"balance", b"kv", b"test.spin"]);
+        assert!(matches!(
+            Msg::decode(&ok),
+            Ok(Msg::Ready { handlers, .. }) if handlers == ["balance", "kv", "test.spin"]
+        ));
+        let long = [b'a'; 65];
+        for bad in [
+            ready(&[b"kv", b"balance"]),                // not sorted
+            ready(&[b"kv", b"kv"]),                     // repeated
+            ready(&[b"Kv"]),                            // outside the name rule
+            ready(&[b""]),                              // empty
+            ready(&[&long]),                            // too long
+            ready(&[b"kv"])[..HEADER_LEN + 3].to_vec(), // cut inside a name
+        ] {
+            assert!(
+                matches!(Msg::decode(&bad), Err(ProtoError::Malformed { .. })),
+                "{bad:?}"
+            );
+        }
+        // A count past the cap is refused before anything is read for it.
+        let mut many = ready(&[]);
+        many[HEADER_LEN..HEADER_LEN + 2].copy_from_slice(&1025u16.to_le_bytes());
+        assert!(Msg::decode(&many).is_err());
+        // The largest Ready fits the agent's buffer for it.
+        let names: Vec<String> = (0..MAX_HANDLERS).map(|i| format!("{i:064}")).collect();
+        let largest = Msg::Ready {
+            pid: 1,
+            handlers: names,
+        }
+        .encode();
+        assert_eq!(largest.len(), READY_MAX);
+        assert!(largest.len() < READY_BUF_LEN);
+        assert!(Msg::decode(&largest).is_ok());
     }
 
     #[test]

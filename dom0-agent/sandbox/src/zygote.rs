@@ -187,8 +187,9 @@ pub fn control_fd_from_env() -> Result<OwnedFd, ZygoteError> {
 }
 
 /// Runs the zygote with no template state: each clone calls `child` with its ring.
-pub fn zygote_main(control: OwnedFd, child: fn(ChildRing) -> i32) -> ! {
-    zygote_main_with(control, || (), move |(), ring| child(ring))
+/// `handlers` are the handler names the template answers to (see [`zygote_main_with`]).
+pub fn zygote_main(control: OwnedFd, handlers: Vec<String>, child: fn(ChildRing) -> i32) -> ! {
+    zygote_main_with(control, handlers, || (), move |(), ring| child(ring))
 }
 
 /// Runs the zygote: `init` builds the template state once (before the `chroot`, so it may
@@ -196,22 +197,20 @@ pub fn zygote_main(control: OwnedFd, child: fn(ChildRing) -> i32) -> ! {
 /// copy-on-write copy of that state. Never returns: the zygote exits when the agent tells it
 /// to or goes away; each clone `_exit`s with `child`'s return value ([`PANIC_EXIT`] if it
 /// panics).
-pub fn zygote_main_with<S, I, C>(control: OwnedFd, init: I, child: C) -> !
+///
+/// `handlers` are the names of the handlers the template answers to, announced to the agent
+/// in the zygote's `Ready` (sorted and without repeats here); the agent refuses
+/// transactions for any other. A name outside the name rule, or more than
+/// [`proto::MAX_HANDLERS`], fails the start-up ([`Stage::Handlers`]).
+pub fn zygote_main_with<S, I, C>(control: OwnedFd, handlers: Vec<String>, init: I, child: C) -> !
 where
     I: FnOnce() -> S,
     C: Fn(&mut S, ChildRing) -> i32,
 {
-    let code = match run(control, init, &child) {
+    let code = match run(control, handlers, init, &child) {
         Ok(()) => 0,
         Err(e) => {
-            let mut message = e.to_string();
-            let mut source = std::error::Error::source(&e);
-            while let Some(s) = source {
-                message.push_str(": ");
-                message.push_str(&s.to_string());
-                source = s.source();
-            }
-            eprintln!("mayfly-sandbox zygote: {message}");
+            eprintln!("mayfly-sandbox zygote: {}", mayfly_domain::ErrorChain(&e));
             1
         }
     };
@@ -257,7 +256,12 @@ struct Template<'a, S, C> {
     private: Private,
 }
 
-fn run<S, I, C>(control: OwnedFd, init: I, child: &C) -> Result<(), ZygoteError>
+fn run<S, I, C>(
+    control: OwnedFd,
+    handlers: Vec<String>,
+    init: I,
+    child: &C,
+) -> Result<(), ZygoteError>
 where
     I: FnOnce() -> S,
     C: Fn(&mut S, ChildRing) -> i32,
@@ -286,7 +290,7 @@ where
         }
         None => return Ok(()), // the agent went away before configuring us
     };
-    let template = match prepare(control.as_fd(), settings, init, child) {
+    let template = match prepare(control.as_fd(), settings, handlers, init, child) {
         Ok(t) => t,
         Err(e) => {
             if let ZygoteError::Stage { stage, source } = &e {
@@ -307,6 +311,7 @@ where
 fn prepare<'a, S, I, C>(
     control: BorrowedFd<'a>,
     settings: Settings,
+    mut handlers: Vec<String>,
     init: I,
     child: &'a C,
 ) -> Result<Template<'a, S, C>, ZygoteError>
@@ -314,6 +319,16 @@ where
     I: FnOnce() -> S,
     C: Fn(&mut S, ChildRing) -> i32,
 {
+    handlers.sort_unstable();
+    handlers.dedup();
+    if let Err(what) = proto::check_handlers(&handlers) {
+        // The agent sees the stage and EINVAL; what exactly is wrong goes to stderr.
+        eprintln!("mayfly-sandbox zygote: refusing to announce the handlers: {what}");
+        return Err(ZygoteError::Stage {
+            stage: Stage::Handlers,
+            source: io::Error::from_raw_os_error(libc::EINVAL),
+        });
+    }
     let status = File::open("/proc/self/status").map_err(at(Stage::ProcStatus))?;
     let devnull = std::fs::OpenOptions::new()
         .read(true)
@@ -377,7 +392,11 @@ where
     drop(filter);
 
     let pid = nix::unistd::getpid();
-    proto::send(control, &Msg::Ready { pid: pid.as_raw() }, &[])?;
+    let ready = Msg::Ready {
+        pid: pid.as_raw(),
+        handlers,
+    };
+    proto::send(control, &ready, &[])?;
     Ok(Template {
         control,
         settings,

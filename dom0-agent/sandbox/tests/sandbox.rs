@@ -727,6 +727,20 @@ fn take_waits_at_most_its_timeout_when_at_the_in_use_cap() {
 }
 
 #[test]
+fn the_backend_reports_the_handlers_its_template_announced() {
+    let dir = tempfile::tempdir().unwrap();
+    let sandbox = start(dir.path());
+    // The test zygote's handlers, as it announced them in its Ready: sorted, once each.
+    let handlers = sandbox.handlers();
+    assert!(handlers.windows(2).all(|w| w[0] < w[1]), "{handlers:?}");
+    for name in ["crash", "echo", "loop", "peek", "uid"] {
+        assert!(handlers.iter().any(|h| h == name), "{name} in {handlers:?}");
+    }
+    assert_eq!(handlers.len(), 18, "{handlers:?}");
+    sandbox.shutdown();
+}
+
+#[test]
 fn the_quarantine_is_bounded_and_a_clone_past_it_is_killed() {
     let dir = tempfile::tempdir().unwrap();
     let sandbox = start(dir.path());

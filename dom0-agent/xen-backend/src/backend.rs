@@ -238,6 +238,12 @@ impl DomainBackend for XenBackend {
         BACKEND
     }
 
+    /// The handler names the configuration gives for the guest image
+    /// ([`XenConfig::with_handlers`]).
+    fn handlers(&self) -> Vec<String> {
+        self.hyp.config.handlers.clone()
+    }
+
     fn take(&self, timeout: Duration) -> Result<Box<dyn Domain>, DomainError> {
         self.take_domain(timeout)
             .map(|d| Box::new(d) as Box<dyn Domain>)

@@ -91,6 +91,8 @@ pub struct Sandbox {
     threads: Mutex<Option<Threads>>,
     zygote_pid: u32,
     zygote_pidfd: OwnedFd,
+    /// The handlers the template announced in its `Ready`.
+    handlers: Vec<String>,
 }
 
 impl std::fmt::Debug for Sandbox {
@@ -105,6 +107,7 @@ impl std::fmt::Debug for Sandbox {
 struct Started {
     pid: u32,
     pidfd: OwnedFd,
+    handlers: Vec<String>,
 }
 
 impl Sandbox {
@@ -280,6 +283,7 @@ impl Sandbox {
             threads: Mutex::new(Some(Threads { supervisor, refill })),
             zygote_pid: started.pid,
             zygote_pidfd: started.pidfd,
+            handlers: started.handlers,
         })
     }
 
@@ -426,6 +430,11 @@ impl DomainBackend for Sandbox {
 
     fn name(&self) -> &'static str {
         BACKEND
+    }
+
+    /// The handlers the zygote announced at start-up: those built into the template.
+    fn handlers(&self) -> Vec<String> {
+        self.handlers.clone()
     }
 
     fn take(&self, timeout: Duration) -> Result<Box<dyn Domain>, DomainError> {

@@ -51,8 +51,13 @@ pub(super) fn supervise(
         }
     }
     match handshake(&shared, &mut child, settings) {
-        Ok(pidfd) => {
-            if started.send(Ok(Started { pid, pidfd })).is_err() {
+        Ok((pidfd, handlers)) => {
+            let up = Started {
+                pid,
+                pidfd,
+                handlers,
+            };
+            if started.send(Ok(up)).is_err() {
                 let _ = child.kill();
             }
         }
@@ -89,12 +94,13 @@ pub(super) fn supervise(
     }
 }
 
-/// Sends Configure and waits for Ready; returns the zygote's pidfd.
+/// Sends Configure and waits for Ready; returns the zygote's pidfd and the handlers the
+/// template announced.
 pub(super) fn handshake(
     shared: &Shared,
     child: &mut Child,
     settings: Settings,
-) -> Result<OwnedFd, SandboxError> {
+) -> Result<(OwnedFd, Vec<String>), SandboxError> {
     let pid = child.id();
     // Opened before anything could reap the zygote, so it names this process.
     let pidfd = sys::pidfd_open(i32::try_from(pid).unwrap_or(i32::MAX))
@@ -118,8 +124,10 @@ pub(super) fn handshake(
     if !readable {
         return Err(not_ready(child));
     }
-    match proto::recv(shared.control.as_fd()).map_err(control)? {
-        Some((Msg::Ready { .. }, _)) => Ok(pidfd),
+    // The one message larger than the usual receive buffer: into one of its own.
+    let mut buf = vec![0u8; proto::READY_BUF_LEN];
+    match proto::recv_in(shared.control.as_fd(), &mut buf).map_err(control)? {
+        Some((Msg::Ready { handlers, .. }, _)) => Ok((pidfd, handlers)),
         Some((Msg::InitFailed { stage, errno }, _)) => {
             Err(SandboxError::ZygoteInit { pid, stage, errno })
         }

@@ -237,6 +237,28 @@ fn recurse(n: u64) -> u64 {
     std::hint::black_box(pad[0]).wrapping_add(below)
 }
 
+/// The handlers `run` answers to, announced to the agent in the zygote's `Ready`.
+const HANDLERS: &[&str] = &[
+    "alloc",
+    "bells",
+    "cow",
+    "crash",
+    "echo",
+    "fill",
+    "fork",
+    "kill",
+    "loop",
+    "open",
+    "overflow",
+    "panic",
+    "pdeathsig",
+    "peek",
+    "segv",
+    "socket",
+    "spawn",
+    "uid",
+];
+
 fn main() {
     let control = match mayfly_sandbox::control_fd_from_env() {
         Ok(fd) => fd,
@@ -245,5 +267,6 @@ fn main() {
             std::process::exit(2);
         }
     };
-    mayfly_sandbox::zygote_main_with(control, init, run)
+    let handlers = HANDLERS.iter().map(|h| (*h).to_owned()).collect();
+    mayfly_sandbox::zygote_main_with(control, handlers, init, run)
 }
