@@ -28,7 +28,7 @@ use std::os::fd::AsFd;
 use std::process::ExitCode;
 
 use mayfly_ring::{EventFdNotifier, MmapMem};
-use mayfly_sandbox::ChildRing;
+use mayfly_sandbox_zygote::ChildRing;
 use mayfly_sdk::Registry;
 
 /// Exit status of a clone whose ring could not be mapped.
@@ -97,9 +97,9 @@ fn template() -> Registry {
 
 /// Runs the zygote; never returns on success.
 pub fn run() -> ExitCode {
-    match mayfly_sandbox::zygote::control_fd_from_env() {
+    match mayfly_sandbox_zygote::zygote::control_fd_from_env() {
         Ok(control) => {
-            mayfly_sandbox::zygote_main_with(control, handler_names(), template, clone_main)
+            mayfly_sandbox_zygote::zygote_main_with(control, handler_names(), template, clone_main)
         }
         Err(e) => {
             eprintln!(

@@ -9,9 +9,9 @@ use mayfly_ring::RingError;
 
 use crate::clone::CloneError;
 use crate::config::ConfigError;
-use crate::proto::{ProtoError, Stage, SETUP_EXIT_BASE};
 use crate::reconcile::ReconcileError;
 use crate::spawn::SpawnError;
+use mayfly_sandbox_proto::{ProtoError, Stage, SETUP_EXIT_BASE};
 
 /// The sandbox could not start.
 #[derive(Debug, thiserror::Error)]

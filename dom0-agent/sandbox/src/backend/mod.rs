@@ -43,9 +43,9 @@ use slog::{debug, error, info, warn, Logger};
 
 use crate::clone::Ctx;
 use crate::config::SandboxConfig;
-use crate::proto::{self, Msg, Settings, MAX_ROOT_PATH};
 use crate::reconcile;
 use crate::sys;
+use mayfly_sandbox_proto::{self as proto, Msg, Settings, MAX_ROOT_PATH};
 
 /// The backend's name.
 pub const BACKEND: &str = "sandbox";

@@ -11,7 +11,7 @@ use mayfly_ring::{Backend, EventFdNotifier, MmapMem, Notifier, SharedMem};
 use mayfly_sync::{lock, wait_timeout};
 
 use crate::clone::SpareRing;
-use crate::proto::{self, Msg};
+use mayfly_sandbox_proto::{self as proto, Msg};
 
 use super::error::CreateError;
 use super::pool::{PendingClone, Shared};

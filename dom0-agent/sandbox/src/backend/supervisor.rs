@@ -12,9 +12,9 @@ use mayfly_sync::lock;
 use slog::{debug, error, warn};
 
 use crate::clone::{CloneCell, CloneHandle, CloneNotifier, ExitRecord, Status};
-use crate::proto::{self, Msg, ProtoError, Settings};
 use crate::spawn::{self};
 use crate::sys;
+use mayfly_sandbox_proto::{self as proto, Msg, ProtoError, Settings};
 
 use super::error::{CreateError, SandboxError};
 use super::pool::Shared;

@@ -32,7 +32,7 @@ use std::time::Duration;
 use mayfly_ring::layout::DATA_OFFSET;
 use mayfly_ring::wire::PROTOCOL_VERSION;
 use mayfly_ring::{EventFdNotifier, Frontend, MmapMem, Request, Response, SharedMem};
-use mayfly_sandbox::ChildRing;
+use mayfly_sandbox_zygote::ChildRing;
 
 /// Template state built once in the zygote; each clone gets a copy-on-write copy.
 struct Template {
@@ -260,7 +260,7 @@ const HANDLERS: &[&str] = &[
 ];
 
 fn main() {
-    let control = match mayfly_sandbox::control_fd_from_env() {
+    let control = match mayfly_sandbox_zygote::control_fd_from_env() {
         Ok(fd) => fd,
         Err(e) => {
             eprintln!("mayfly-sandbox-test-zygote: {e}");
@@ -268,5 +268,5 @@ fn main() {
         }
     };
     let handlers = HANDLERS.iter().map(|h| (*h).to_owned()).collect();
-    mayfly_sandbox::zygote_main_with(control, handlers, init, run)
+    mayfly_sandbox_zygote::zygote_main_with(control, handlers, init, run)
 }

@@ -1,4 +1,6 @@
-//! The control protocol between the agent and the zygote.
+//! The control protocol between the sandbox backend (the agent side, `mayfly-sandbox`) and
+//! its zygote (the template side, `mayfly-sandbox-zygote`), which both sides depend on and
+//! which depends on neither; and, in [`sys`], the system calls both sides use.
 //!
 //! One `SOCK_SEQPACKET` Unix socketpair, created by the agent and inherited by the zygote
 //! across `exec`. Each message is one datagram; file descriptors travel beside it as
@@ -54,15 +56,40 @@ use std::path::PathBuf;
 
 use nix::errno::Errno;
 
-use crate::config::Limits;
-use crate::sys::{self, ScmFds};
+pub mod sys;
+
+use crate::sys::ScmFds;
+
+/// The environment variable through which the agent names the zygote's control socket.
+pub const CONTROL_FD_ENV: &str = "MAYFLY_SANDBOX_CONTROL_FD";
+
+/// Resource limits applied to every clone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// `RLIMIT_AS` in bytes (address space, counted from the zygote's inherited mappings).
+    pub memory_bytes: u64,
+    /// `RLIMIT_CPU` soft limit in seconds; the hard limit is one more.
+    pub cpu_seconds: u64,
+    /// `RLIMIT_NOFILE`.
+    pub max_fds: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            memory_bytes: 256 << 20,
+            cpu_seconds: 10,
+            max_fds: 16,
+        }
+    }
+}
 
 const MAGIC: [u8; 4] = *b"MFSB";
 const VERSION: u16 = 3;
 const HEADER_LEN: usize = 24;
 const CONFIGURE_FIXED: usize = 44;
 /// Longest root path a Configure message carries.
-pub(crate) const MAX_ROOT_PATH: usize = 4096;
+pub const MAX_ROOT_PATH: usize = 4096;
 /// Receive buffer: the largest message plus room to detect an oversized one.
 const RECV_BUF: usize = HEADER_LEN + CONFIGURE_FIXED + MAX_ROOT_PATH + 64;
 /// Most handlers a template may announce.
@@ -71,7 +98,7 @@ pub const MAX_HANDLERS: usize = 1024;
 const READY_MAX: usize = HEADER_LEN + 2 + MAX_HANDLERS * (1 + mayfly_names::MAX_HANDLER_NAME);
 /// Bytes of the buffer the agent receives the zygote's `Ready` in ([`recv_in`]): the largest
 /// `Ready`, plus room to detect an oversized one.
-pub(crate) const READY_BUF_LEN: usize = READY_MAX + 64;
+pub const READY_BUF_LEN: usize = READY_MAX + 64;
 /// Most fds any message carries.
 const MAX_FDS: usize = sys::MAX_SCM_FDS;
 
@@ -189,68 +216,104 @@ impl Stage {
 
     /// A clone that fails a confinement step exits with `SETUP_EXIT_BASE + stage`; such a
     /// clone never ran guest code.
-    pub(crate) fn exit_code(self) -> i32 {
+    pub fn exit_code(self) -> i32 {
         SETUP_EXIT_BASE.saturating_add(i32::try_from(self as u32).unwrap_or(0))
     }
 }
 
 /// Exit codes `SETUP_EXIT_BASE + stage` mean "confinement failed at that stage".
-pub(crate) const SETUP_EXIT_BASE: i32 = 200;
+pub const SETUP_EXIT_BASE: i32 = 200;
 
 /// The zygote's start-up settings (the Configure body).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct Settings {
+pub struct Settings {
+    /// The clones' resource limits.
     pub limits: Limits,
     /// The clones' uids: `first_uid .. first_uid + uid_count`, one per live clone.
     pub first_uid: u32,
+    /// How many uids the range holds.
     pub uid_count: u32,
+    /// The clones' gid.
     pub gid: u32,
+    /// Whether clones keep the zygote's stderr (else `/dev/null`).
     pub guest_stderr: bool,
+    /// The empty directory the zygote mounts its read-only root on and `chroot`s into.
     pub root: PathBuf,
 }
 
 /// One control message.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) enum Msg {
+pub enum Msg {
+    /// Agent → zygote, first: the start-up settings.
     Configure(Settings),
+    /// Agent → zygote: fork a clone over the ring whose fds come with the message.
     Clone {
+        /// The agent's id for the clone.
         clone_id: u32,
+        /// Bytes of the ring memfd to map.
         ring_len: u32,
     },
+    /// Agent → zygote: kill every clone and exit.
     Shutdown,
+    /// Zygote → agent: configured, confined, ready to fork.
     Ready {
+        /// The zygote's pid.
         pid: i32,
         /// The handlers the template answers to, sorted, without repeats.
         handlers: Vec<String>,
     },
+    /// Zygote → agent: a start-up step failed (the zygote exits).
     InitFailed {
+        /// The [`Stage`] number.
         stage: u32,
+        /// The errno.
         errno: i32,
     },
+    /// Zygote → agent: the clone is forked (its pidfd comes with the message).
     Spawned {
+        /// The clone.
         clone_id: u32,
+        /// Its host pid.
         pid: i32,
     },
+    /// Zygote → agent: the clone could not be forked.
     SpawnFailed {
+        /// The clone.
         clone_id: u32,
+        /// The [`Stage`] number.
         stage: u32,
+        /// The errno.
         errno: i32,
     },
+    /// Zygote → agent: the clone exited by itself and was reaped.
     Exited {
+        /// The clone.
         clone_id: u32,
+        /// Its host pid.
         pid: i32,
+        /// Its exit status.
         code: i32,
+        /// CPU time it used, ms.
         cpu_ms: u32,
     },
+    /// Zygote → agent: the clone died on a signal and was reaped.
     Killed {
+        /// The clone.
         clone_id: u32,
+        /// Its host pid.
         pid: i32,
+        /// The signal.
         signal: i32,
+        /// CPU time it used, ms.
         cpu_ms: u32,
     },
+    /// Zygote → agent: the clone was stopped (quarantine).
     Stopped {
+        /// The clone.
         clone_id: u32,
+        /// Its host pid.
         pid: i32,
+        /// The stopping signal.
         signal: i32,
     },
 }
@@ -372,7 +435,7 @@ impl Msg {
     }
 
     /// Encodes the message (see the [module docs](self)).
-    pub(crate) fn encode(&self) -> Vec<u8> {
+    pub fn encode(&self) -> Vec<u8> {
         let mut out = self.header().to_vec();
         if let Msg::Configure(s) = self {
             use std::os::unix::ffi::OsStrExt;
@@ -402,7 +465,7 @@ impl Msg {
     }
 
     /// Decodes one datagram.
-    pub(crate) fn decode(bytes: &[u8]) -> Result<Self, ProtoError> {
+    pub fn decode(bytes: &[u8]) -> Result<Self, ProtoError> {
         let len = bytes.len();
         let bad = |what| ProtoError::Malformed { what, len };
         let mut r = Reader { bytes, pos: 0 };
@@ -503,7 +566,7 @@ impl Msg {
 
 /// Whether `handlers` can be announced in `Ready`: at most [`MAX_HANDLERS`] valid handler
 /// names, strictly increasing. `Err` names what is wrong.
-pub(crate) fn check_handlers(handlers: &[String]) -> Result<(), &'static str> {
+pub fn check_handlers(handlers: &[String]) -> Result<(), &'static str> {
     if handlers.len() > MAX_HANDLERS {
         return Err("more than 1024 handlers");
     }
@@ -555,16 +618,12 @@ impl Reader<'_> {
 }
 
 /// Sends `msg` with `fds` attached, waiting for room in the socket. Never raises `SIGPIPE`.
-pub(crate) fn send(
-    sock: BorrowedFd<'_>,
-    msg: &Msg,
-    fds: &[BorrowedFd<'_>],
-) -> Result<(), ProtoError> {
+pub fn send(sock: BorrowedFd<'_>, msg: &Msg, fds: &[BorrowedFd<'_>]) -> Result<(), ProtoError> {
     send_with(sock, msg, fds, 0)
 }
 
 /// Like [`send`], but fails with `EAGAIN` instead of waiting when the peer is not reading.
-pub(crate) fn send_nowait(sock: BorrowedFd<'_>, msg: &Msg) -> Result<(), ProtoError> {
+pub fn send_nowait(sock: BorrowedFd<'_>, msg: &Msg) -> Result<(), ProtoError> {
     send_with(sock, msg, &[], libc::MSG_DONTWAIT)
 }
 
@@ -603,21 +662,18 @@ fn send_with(
 }
 
 /// Receives one message and its fds (close-on-exec). `Ok(None)`: the peer closed its end.
-pub(crate) fn recv(sock: BorrowedFd<'_>) -> Result<Option<(Msg, ScmFds)>, ProtoError> {
+pub fn recv(sock: BorrowedFd<'_>) -> Result<Option<(Msg, ScmFds)>, ProtoError> {
     recv_in(sock, &mut [0u8; RECV_BUF])
 }
 
 /// Bytes a receive buffer for [`recv_in`] needs: the largest message, plus room to detect an
 /// oversized one.
-pub(crate) const RECV_BUF_LEN: usize = RECV_BUF;
+pub const RECV_BUF_LEN: usize = RECV_BUF;
 
 /// [`recv`] into `buf` (at least [`RECV_BUF_LEN`] bytes), without allocating for any
 /// message but `Configure`: the zygote receives into memory no clone shares, so that a
 /// request costs it no copy-on-write fault.
-pub(crate) fn recv_in(
-    sock: BorrowedFd<'_>,
-    buf: &mut [u8],
-) -> Result<Option<(Msg, ScmFds)>, ProtoError> {
+pub fn recv_in(sock: BorrowedFd<'_>, buf: &mut [u8]) -> Result<Option<(Msg, ScmFds)>, ProtoError> {
     let received = sys::recv_with_fds(sock, buf).map_err(ProtoError::Recv)?;
     if received.flags & (libc::MSG_TRUNC | libc::MSG_CTRUNC) != 0 {
         return Err(ProtoError::Truncated {
@@ -625,7 +681,7 @@ pub(crate) fn recv_in(
         });
     }
     let (len, fds) = (received.len, received.fds);
-    if len == 0 && fds.len() == 0 {
+    if len == 0 && fds.is_empty() {
         return Ok(None);
     }
     let bytes = buf.get(..len).ok_or(ProtoError::Malformed {

@@ -72,12 +72,11 @@ use nix::sys::signalfd::{SfdFlags, SignalFd};
 use nix::sys::socket::{getsockopt, sockopt};
 use nix::unistd::{chdir, chroot, getppid, setgroups, setresgid, setresuid, Gid, Pid, Uid};
 
-use crate::private::{Child, Private};
-use crate::proto::{self, Msg, ProtoError, Settings, Stage};
-use crate::{seccomp, sys};
+use mayfly_sandbox_proto::sys::{self as shared, ScmFds};
+use mayfly_sandbox_proto::{self as proto, Msg, ProtoError, Settings, Stage, CONTROL_FD_ENV};
 
-/// The environment variable through which the agent names the control socket's fd.
-pub const CONTROL_FD_ENV: &str = "MAYFLY_SANDBOX_CONTROL_FD";
+use crate::private::{Child, Private};
+use crate::{seccomp, sys};
 
 /// Exit status of a clone whose entry point panicked.
 pub const PANIC_EXIT: i32 = 101;
@@ -418,7 +417,7 @@ where
         let mut result = Ok(());
         loop {
             let [control, signal] =
-                match sys::wait_readable([self.control, self.signals.as_fd()], None) {
+                match shared::wait_readable([self.control, self.signals.as_fd()], None) {
                     Ok(r) => r,
                     Err(e) => {
                         result = Err(at(Stage::Signals)(e));
@@ -528,12 +527,7 @@ where
     }
 
     /// Forks one clone. Errors are fatal to the zygote; a failed clone is reported instead.
-    fn spawn(
-        &mut self,
-        clone_id: u32,
-        ring_len: u32,
-        fds: crate::sys::ScmFds,
-    ) -> Result<(), ZygoteError> {
+    fn spawn(&mut self, clone_id: u32, ring_len: u32, fds: ScmFds) -> Result<(), ZygoteError> {
         let failed = |stage: Stage, errno: i32| Msg::SpawnFailed {
             clone_id,
             stage: stage as u32,
@@ -582,7 +576,7 @@ where
                     let _ = proto::send(self.control, &failed(Stage::Private, libc::ENOSPC), &[]);
                     return Ok(());
                 }
-                match sys::pidfd_open(pid) {
+                match shared::pidfd_open(pid) {
                     Ok(pidfd) => {
                         let spawned = Msg::Spawned { clone_id, pid };
                         if proto::send(self.control, &spawned, &[pidfd.as_fd()]).is_err() {
@@ -701,7 +695,7 @@ fn confine(
     // The zygote runs at a raised priority (the agent sets nice -10: it forks for everyone
     // and must not wait behind spinning clones in their shared cgroup); a clone runs at the
     // normal one.
-    sys::set_nice(0, 0).map_err(|_| Stage::Rlimit)?;
+    shared::set_nice(0, 0).map_err(|_| Stage::Rlimit)?;
 
     let (uid, gid) = (Uid::from_raw(uid), Gid::from_raw(settings.gid));
     setgroups(&[]).map_err(|_| Stage::Groups)?;
