@@ -120,6 +120,22 @@ pub enum DomainError {
     },
 }
 
+impl DomainError {
+    /// [`DomainError::Control`]: domain `id` of `backend` could not be destroyed or
+    /// inspected because of `source`.
+    pub fn control(
+        backend: &'static str,
+        id: DomainId,
+        source: impl std::error::Error + Send + Sync + 'static,
+    ) -> Self {
+        Self::Control {
+            backend,
+            id,
+            source: Box::new(source),
+        }
+    }
+}
+
 /// One fresh domain, ready to run one transaction.
 pub trait Domain: Send {
     /// Its id.

@@ -227,11 +227,9 @@ impl DomainBackend for XenBackend {
         let Some(mut live) = entry else {
             return Ok(None);
         };
-        live.end().map(Some).map_err(|e| DomainError::Control {
-            backend: BACKEND,
-            id,
-            source: Box::new(e),
-        })
+        live.end()
+            .map(Some)
+            .map_err(|e| DomainError::control(BACKEND, id, e))
     }
 
     fn name(&self) -> &'static str {
@@ -307,11 +305,7 @@ impl XenDomain {
         id: DomainId,
         e: impl std::error::Error + Send + Sync + 'static,
     ) -> DomainError {
-        DomainError::Control {
-            backend: BACKEND,
-            id,
-            source: Box::new(e),
-        }
+        DomainError::control(BACKEND, id, e)
     }
 
     /// The domain's name (`mayfly-<n>`).
@@ -355,11 +349,7 @@ impl Domain for XenDomain {
             return Ok(DomainExit::Destroyed);
         };
         let id = live.domid();
-        let result = live.end().map_err(|e| DomainError::Control {
-            backend: BACKEND,
-            id,
-            source: Box::new(e),
-        });
+        let result = live.end().map_err(|e| DomainError::control(BACKEND, id, e));
         drop(live);
         drop(self.slot.take());
         result
@@ -377,11 +367,7 @@ impl Domain for XenDomain {
         if let Err(e) = live.pause() {
             // Not stopped: destroyed (by dropping it) rather than kept running.
             drop(live);
-            return Err(DomainError::Control {
-                backend: BACKEND,
-                id,
-                source: Box::new(e),
-            });
+            return Err(DomainError::control(BACKEND, id, e));
         }
         let quarantined = Quarantined {
             backend: BACKEND,

@@ -141,10 +141,6 @@ impl Shared {
         id: DomainId,
         e: impl std::error::Error + Send + Sync + 'static,
     ) -> DomainError {
-        DomainError::Control {
-            backend: BACKEND,
-            id,
-            source: Box::new(e),
-        }
+        DomainError::control(BACKEND, id, e)
     }
 }
