@@ -1,13 +1,16 @@
-//! Thin wrappers over the system calls both sides of the sandbox use and nix does not cover
-//! as needed: pidfds, `sendmsg`/`recvmsg` with fds and no heap allocation (nix's build their
-//! control buffers on the heap), a deadline-aware `poll`, `setpriority`. Each `unsafe` block
-//! has its argument; none of these functions allocates.
+//! The system calls both sides of the sandbox use: pidfds and `setpriority` (rustix's safe
+//! wrappers, with the agent's conventions: a kill of a process already gone is no error),
+//! `sendmsg`/`recvmsg` with fds and no heap allocation (nix's and rustix's build or take
+//! their control buffers in ways that allocate or need `unsafe` at the call anyway: kept
+//! by hand, each `unsafe` block with its argument), and a deadline-aware `poll`. None of
+//! these functions allocates.
 
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::time::{Duration, Instant};
 
 use nix::poll::{PollFd, PollFlags, PollTimeout};
+use rustix::process::{Pid, PidfdFlags, Signal};
 
 /// Takes ownership of an fd the kernel just installed for us (received with `SCM_RIGHTS`).
 pub fn owned_from_scm_rights(fd: RawFd) -> OwnedFd {
@@ -19,42 +22,22 @@ pub fn owned_from_scm_rights(fd: RawFd) -> OwnedFd {
     }
 }
 
-/// `pidfd_open(pid, 0)`.
+/// `pidfd_open(pid, 0)`; `EINVAL` for a pid that is not positive.
 pub fn pidfd_open(pid: i32) -> io::Result<OwnedFd> {
-    // SAFETY: plain syscall with integer arguments; returns a new fd or -1.
-    #[allow(unsafe_code)]
-    let raw = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
-    if raw < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    let raw = RawFd::try_from(raw).map_err(|_| io::Error::other("pidfd out of range"))?;
-    // SAFETY: `raw` is a freshly created fd that nothing else owns.
-    #[allow(unsafe_code)]
-    Ok(unsafe { OwnedFd::from_raw_fd(raw) })
+    let pid = Pid::from_raw(pid).ok_or_else(|| io::Error::from_raw_os_error(libc::EINVAL))?;
+    Ok(rustix::process::pidfd_open(pid, PidfdFlags::empty())?)
 }
 
 /// `pidfd_send_signal(pidfd, signal, NULL, 0)`. A process that already exited (`ESRCH`) is
 /// not an error: it can no longer run, which is what a kill wants.
+/// `EINVAL` for a number that is not a named signal.
 pub fn pidfd_send_signal(pidfd: BorrowedFd<'_>, signal: i32) -> io::Result<()> {
-    // SAFETY: plain syscall on an fd we hold; a NULL siginfo is allowed.
-    #[allow(unsafe_code)]
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_pidfd_send_signal,
-            pidfd.as_raw_fd(),
-            signal,
-            std::ptr::null::<libc::siginfo_t>(),
-            0,
-        )
-    };
-    if rc < 0 {
-        let e = io::Error::last_os_error();
-        if e.raw_os_error() == Some(libc::ESRCH) {
-            return Ok(());
-        }
-        return Err(e);
+    let signal =
+        Signal::from_named_raw(signal).ok_or_else(|| io::Error::from_raw_os_error(libc::EINVAL))?;
+    match rustix::process::pidfd_send_signal(pidfd, signal) {
+        Ok(()) | Err(rustix::io::Errno::SRCH) => Ok(()),
+        Err(e) => Err(e.into()),
     }
-    Ok(())
 }
 
 /// Milliseconds for `poll`, rounded up so a wait never ends early, capped at `i32::MAX`.
@@ -313,13 +296,12 @@ pub fn recv_with_fds(sock: BorrowedFd<'_>, buf: &mut [u8]) -> Result<Received, n
 
 /// `setpriority(PRIO_PROCESS, pid, nice)`; `pid` 0 is the caller.
 pub fn set_nice(pid: u32, nice: i32) -> io::Result<()> {
-    // SAFETY: plain syscall with integer arguments.
-    #[allow(unsafe_code)]
-    let r = unsafe { libc::setpriority(libc::PRIO_PROCESS, pid, nice) };
-    if r != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
+    let pid = match i32::try_from(pid) {
+        Ok(0) => None,
+        Ok(p) => Some(Pid::from_raw(p).ok_or_else(|| io::Error::from_raw_os_error(libc::ESRCH))?),
+        Err(_) => return Err(io::Error::from_raw_os_error(libc::ESRCH)),
+    };
+    Ok(rustix::process::setpriority_process(pid, nice)?)
 }
 
 #[cfg(test)]
