@@ -970,6 +970,20 @@ mod tests {
     use mayfly_hex::encode as hex;
 
     #[test]
+    fn handlers_missing_from_the_guest_are_named_and_extra_guest_handlers_are_not() {
+        let b = Bundle::load(&[(
+            "h.toml",
+            "[handler.kv]\nread = [\"kv/\"]\n\n[handler.ghost]\nread = [\"g/\"]\n",
+        )])
+        .unwrap();
+        assert_eq!(b.handlers_missing_from(&["kv", "transfer"]), ["ghost"]);
+        assert!(b
+            .handlers_missing_from(&["ghost", "kv", "test.crash"])
+            .is_empty());
+        assert_eq!(b.handlers_missing_from::<&str>(&[]), ["ghost", "kv"]);
+    }
+
+    #[test]
     fn hash_vector_empty() {
         let b = Bundle::load::<&str, &str>(&[]).unwrap();
         assert_eq!(
