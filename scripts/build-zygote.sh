@@ -25,7 +25,7 @@ fi
 out_dir=$1
 shift
 # 2 MiB-aligned segments, code apart from data: the zygote then moves its read-only
-# segments onto transparent huge pages (dom0-agent/sandbox/src/hugecode.rs).
+# segments onto transparent huge pages (dom0-agent/sandbox-zygote/src/hugecode.rs).
 # The path cargo reports (honours build.target-dir, --target, --profile in "$@").
 built=$(cargo rustc --release --locked -p dom0-agent --bin mayfly-zygote \
     --message-format=json-render-diagnostics "$@" -- \

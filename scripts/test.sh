@@ -21,8 +21,8 @@ step "xen bindings drift"     bindgen/xen-sys/check-drift.sh
 # fmt/clippy/test steps do not reach it (its shared crates are tested above, std and no_std).
 step "PV guest kernel: fmt, clippy" scripts/build-pv-guest.sh --check
 step "PV guest kernel: build"  scripts/build-pv-guest.sh
-step "no_std builds (ring, sdk, handlers, shim loop)" cargo clippy --locked \
-    -p mayfly-ring -p mayfly-sdk -p mayfly-handlers -p domu-shim --no-default-features -- -D warnings
+step "no_std builds (ring, sdk, handlers, shim loop, names)" cargo clippy --locked \
+    -p mayfly-ring -p mayfly-sdk -p mayfly-handlers -p domu-shim -p mayfly-names --no-default-features -- -D warnings
 step "tests"                  cargo test --workspace --all-features --locked --lib --bins --tests
 # The template `scripts/run.sh` runs: statically linked (a separate build step, see the
 # script). The suites that start `dom0-agent serve` again, their domains forked from it.

@@ -251,7 +251,8 @@ fn xen(s: &Settings, log: &Logger) -> anyhow::Result<XenBackend> {
         s.pool_size,
         s.max_in_flight.max(s.pool_size),
     )
-    .context("configuring the xen backend")?;
+    .context("configuring the xen backend")?
+    .with_handlers(mayfly_zygote::xen_guest_handler_names());
     XenBackend::start(config, log.clone()).context("starting the xen backend")
 }
 
@@ -455,7 +456,20 @@ pub fn run(args: &ServeArgs, log: &Logger) -> anyhow::Result<u8> {
     let bundle = mayfly_policy::Bundle::load(&policy_files).context("loading the policy bundle")?;
     let policy_hash = bundle.hash();
     let (backend, cgroups_section) = backend(&s, log)?;
-    let names = mayfly_zygote::handler_names();
+    // The handlers the guest side announced (the sandbox's template) or was configured with
+    // (Xen); a policy granting capabilities to one the guest lacks is refused here.
+    let names = backend.handlers();
+    let missing = bundle.handlers_missing_from(&names);
+    if !missing.is_empty() {
+        let refused = anyhow::anyhow!(
+            "the policy grants capabilities to handlers the {} guest does not have: {} (it has: {})",
+            backend.name(),
+            missing.join(", "),
+            names.join(", ")
+        );
+        backend.shutdown();
+        return Err(refused);
+    }
     let executor = Arc::new(Executor::new(
         ledger.clone(),
         backend.clone(),

@@ -419,7 +419,7 @@ fn a_client_cannot_pile_up_quarantined_domains() {
     let dir = tempfile::tempdir().unwrap();
     let mut agent = Agent::start(dir.path(), &[]);
     open(&agent, "mallory", 0);
-    // The backend keeps at most 8 (mayfly_sandbox::MAX_QUARANTINED); the 9th is destroyed.
+    // The backend keeps at most 8 (mayfly_domain::MAX_QUARANTINED); the 9th is destroyed.
     for _ in 0..9 {
         let (code, body) = agent.tx(
             "notes",

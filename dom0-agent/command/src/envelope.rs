@@ -178,14 +178,9 @@ pub struct Envelope {
     signatures: Vec<Signature>,
 }
 
-/// Whether `s` is a valid command or argument name of at most `max` bytes.
-pub fn valid_name(s: &str, max: usize) -> bool {
-    !s.is_empty()
-        && s.len() <= max
-        && s.bytes().all(|b| {
-            b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'.' | b'_' | b'-')
-        })
-}
+/// Whether `s` is a valid command or argument name of at most `max` bytes: the workspace's
+/// name rule, `[a-z0-9_.-]` (`mayfly-names`).
+pub use mayfly_names::is_name as valid_name;
 
 /// Why a body cannot be built.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -596,7 +591,7 @@ mod tests {
         b.args.insert("a".into(), "1".into());
         b.args.insert("b".into(), "2".into());
         let enc = b.encode().unwrap();
-        let s = hex_of(&enc);
+        let s = crate::hex(&enc);
         let swapped = s.replacen(
             "0161000000013101620000000132",
             "0162000000013201610000000131",
@@ -604,7 +599,7 @@ mod tests {
         );
         assert_ne!(s, swapped);
         assert!(matches!(
-            Body::decode(&unhex_of(&swapped)),
+            Body::decode(&crate::unhex(&swapped).unwrap()),
             Err(DecodeError::Order { .. })
         ));
         // Upper case command.
@@ -637,17 +632,6 @@ mod tests {
             e.sign(&key(k)).unwrap();
         }
         assert!(e.sign(&key(9)).is_err());
-    }
-
-    fn hex_of(b: &[u8]) -> String {
-        b.iter().map(|x| format!("{x:02x}")).collect()
-    }
-
-    fn unhex_of(s: &str) -> Vec<u8> {
-        (0..s.len())
-            .step_by(2)
-            .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
-            .collect()
     }
 
     proptest::proptest! {

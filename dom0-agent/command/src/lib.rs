@@ -27,32 +27,8 @@ pub use envelope::{Body, DecodeError, Envelope, PublicKey, Signature};
 /// been seen there). See `docs/formats.md` §3.
 pub const APPLIANCE_ARG: &str = "appliance";
 
-/// Lowercase hex.
-pub fn hex(bytes: &[u8]) -> String {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    let mut s = String::with_capacity(bytes.len().saturating_mul(2));
-    for b in bytes {
-        s.push(char::from(DIGITS[usize::from(b >> 4)]));
-        s.push(char::from(DIGITS[usize::from(b & 0x0f)]));
-    }
-    s
-}
-
-/// Parses hex (either case); `None` on odd length or a non-hex digit.
-pub fn unhex(s: &str) -> Option<Vec<u8>> {
-    let s = s.as_bytes();
-    if !s.len().is_multiple_of(2) {
-        return None;
-    }
-    s.chunks(2)
-        .map(|pair| {
-            let digit = |c: u8| (c as char).to_digit(16);
-            let hi = digit(*pair.first()?)?;
-            let lo = digit(*pair.get(1)?)?;
-            u8::try_from(hi * 16 + lo).ok()
-        })
-        .collect()
-}
+/// Lower-case hex of bytes; strict decoding (the workspace's one hex codec, `mayfly-hex`).
+pub use mayfly_hex::{decode as unhex, encode as hex};
 
 /// Unix time now in ns.
 pub fn now_ns() -> u64 {

@@ -18,8 +18,20 @@
 //! `destroy` (panic, early return) is destroyed by its `Drop`; and the notifier returned by
 //! `ring` reports [`mayfly_ring::Wake::PeerGone`] when the domain dies, so the executor
 //! notices a crash at once instead of at its timeout.
+//!
+//! The scaffolding both backends share lives here too: the bounded [`quarantine`], the
+//! refill [`backoff`], and [`ErrorChain`] for logging an error with its sources. (The pool
+//! itself is not shared: the Xen backend's refill threads build a domain synchronously, while
+//! the sandbox's send the zygote a request and a supervisor thread pools the answer, so the
+//! two refill loops wait on different things.)
 
 #![forbid(unsafe_code)]
+
+pub mod backoff;
+pub mod quarantine;
+
+pub use backoff::Backoff;
+pub use quarantine::{Quarantine, QuarantineFull, Refused, MAX_QUARANTINED};
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -108,6 +120,22 @@ pub enum DomainError {
     },
 }
 
+impl DomainError {
+    /// [`DomainError::Control`]: domain `id` of `backend` could not be destroyed or
+    /// inspected because of `source`.
+    pub fn control(
+        backend: &'static str,
+        id: DomainId,
+        source: impl std::error::Error + Send + Sync + 'static,
+    ) -> Self {
+        Self::Control {
+            backend,
+            id,
+            source: Box::new(source),
+        }
+    }
+}
+
 /// One fresh domain, ready to run one transaction.
 pub trait Domain: Send {
     /// Its id.
@@ -182,6 +210,14 @@ pub struct PoolStats {
 pub trait DomainBackend: Send + Sync {
     /// Short name: "sandbox", "xen".
     fn name(&self) -> &'static str;
+    /// The names of the handlers its guests answer to, sorted, as the guest side announced
+    /// them (the sandbox's template, the Xen guest image): the executor refuses a
+    /// transaction for any other handler, and the agent refuses to start with a policy that
+    /// grants capabilities to a handler not among them. The default, none, suits test
+    /// doubles that run no guest; a backend that runs guests reports its own.
+    fn handlers(&self) -> Vec<String> {
+        Vec::new()
+    }
     /// A fresh domain at its ready point, waiting at most `timeout` for one.
     fn take(&self, timeout: Duration) -> Result<Box<dyn Domain>, DomainError>;
     /// Pool counters.
@@ -194,4 +230,43 @@ pub trait DomainBackend: Send + Sync {
     fn release_quarantined(&self, id: DomainId) -> Result<Option<DomainExit>, DomainError>;
     /// Destroys every domain, ready or in use, and stops refilling.
     fn shutdown(&self);
+}
+
+/// Displays an error followed by its sources, `: `-separated (for log lines, which show
+/// one string).
+pub struct ErrorChain<'a>(pub &'a dyn std::error::Error);
+
+impl std::fmt::Display for ErrorChain<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0)?;
+        let mut source = self.0.source();
+        while let Some(s) = source {
+            write!(f, ": {s}")?;
+            source = s.source();
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("outer")]
+    struct Outer(#[source] Middle);
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("middle")]
+    struct Middle(#[source] std::io::Error);
+
+    #[test]
+    fn error_chain_shows_every_source_in_order() {
+        let e = Outer(Middle(std::io::Error::other("inner")));
+        assert_eq!(ErrorChain(&e).to_string(), "outer: middle: inner");
+        assert_eq!(
+            ErrorChain(&Middle(std::io::Error::other("x"))).to_string(),
+            "middle: x"
+        );
+    }
 }

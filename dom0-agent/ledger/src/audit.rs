@@ -23,7 +23,6 @@
 
 use std::collections::BTreeMap;
 
-use crate::checkpoint::valid_handler;
 use crate::codec::{DecodeError, Reader, Writer};
 use crate::Hash;
 
@@ -135,7 +134,7 @@ impl AuditEvent {
 
     /// Checks names, lengths and counts against the format's caps.
     pub fn validate(&self) -> Result<(), AuditError> {
-        if self.event.len() > MAX_EVENT_NAME || !valid_handler(&self.event) {
+        if !mayfly_names::is_name(&self.event, MAX_EVENT_NAME) {
             return Err(AuditError::BadEventName(self.event.clone()));
         }
         if self.fields.len() > MAX_FIELDS {
@@ -211,7 +210,7 @@ impl AuditRecord {
             reason: "above 7",
         })?;
         let event = r.str8(MAX_EVENT_NAME, "event")?.to_owned();
-        if !valid_handler(&event) {
+        if !mayfly_names::is_name(&event, MAX_EVENT_NAME) {
             return Err(DecodeError::NotCanonical {
                 field: "event",
                 reason: "empty or outside [a-z0-9_.-]",

@@ -166,15 +166,6 @@ pub fn canonical_client(name: &str) -> Option<String> {
     (!clean.is_empty()).then_some(clean)
 }
 
-/// Whether `name` is a valid handler name.
-pub fn valid_handler(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= limits::MAX_HANDLER
-        && name.bytes().all(|b| {
-            b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-' || b == b'.'
-        })
-}
-
 impl Checkpoint {
     /// Encoded size, computed without encoding.
     pub fn encoded_len(&self) -> usize {
@@ -274,7 +265,7 @@ impl Checkpoint {
         let prev_hash = r.array("prev_hash")?;
         let tx_id = TxId(r.array("tx_id")?);
         let handler = r.str8(limits::MAX_HANDLER, "handler")?.to_owned();
-        if !valid_handler(&handler) {
+        if !mayfly_names::is_handler_name(&handler) {
             return Err(DecodeError::NotCanonical {
                 field: "handler",
                 reason: "empty or outside [a-z0-9_.-]",

@@ -333,40 +333,8 @@ impl<'a> Reader<'a> {
     }
 }
 
-/// Lower-case hex of `bytes`.
-pub fn hex(bytes: &[u8]) -> String {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    let mut s = String::with_capacity(bytes.len().saturating_mul(2));
-    for b in bytes {
-        for nib in [b >> 4, b & 0x0f] {
-            s.push(DIGITS.get(usize::from(nib)).map_or('?', |d| char::from(*d)));
-        }
-    }
-    s
-}
-
-/// Parses lower- or upper-case hex; `None` on odd length or a non-hex digit.
-pub fn unhex(s: &str) -> Option<Vec<u8>> {
-    let s = s.trim().as_bytes();
-    if !s.len().is_multiple_of(2) {
-        return None;
-    }
-    s.chunks_exact(2)
-        .map(|pair| match pair {
-            [hi, lo] => Some((nibble(*hi)? << 4) | nibble(*lo)?),
-            _ => None,
-        })
-        .collect()
-}
-
-fn nibble(c: u8) -> Option<u8> {
-    match c {
-        b'0'..=b'9' => c.checked_sub(b'0'),
-        b'a'..=b'f' => c.checked_sub(b'a' - 10),
-        b'A'..=b'F' => c.checked_sub(b'A' - 10),
-        _ => None,
-    }
-}
+/// Lower-case hex of bytes; strict decoding (the workspace's one hex codec, `mayfly-hex`).
+pub use mayfly_hex::{decode as unhex, encode as hex};
 
 #[cfg(test)]
 #[allow(clippy::indexing_slicing, clippy::arithmetic_side_effects)]
@@ -421,13 +389,5 @@ mod tests {
             r.opt_bytes32(8, "v"),
             Err(DecodeError::NotCanonical { .. })
         ));
-    }
-
-    #[test]
-    fn hex_round_trip() {
-        assert_eq!(hex(&[0x00, 0xab, 0xff]), "00abff");
-        assert_eq!(unhex("00ABff"), Some(vec![0x00, 0xab, 0xff]));
-        assert_eq!(unhex("0"), None);
-        assert_eq!(unhex("zz"), None);
     }
 }

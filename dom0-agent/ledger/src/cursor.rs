@@ -19,7 +19,6 @@
 
 #![deny(clippy::indexing_slicing, clippy::arithmetic_side_effects)]
 
-use crate::checkpoint::valid_handler;
 use crate::codec::Reader;
 use crate::store::Store;
 
@@ -56,7 +55,7 @@ pub enum CursorError {
 
 /// Whether `name` can name a cursor.
 pub fn valid_name(name: &str) -> bool {
-    name.len() <= MAX_NAME && valid_handler(name)
+    mayfly_names::is_name(name, MAX_NAME)
 }
 
 fn encode(seq: u64) -> [u8; 13] {

@@ -341,7 +341,7 @@ pub fn verify_signature(key: &PublicKey, msg: &[u8], sig: &[u8; 64]) -> bool {
 
 /// Reads a public key given as 64 hex digits (surrounding whitespace ignored).
 pub fn parse_public_key(text: &str) -> Option<PublicKey> {
-    let bytes = crate::codec::unhex(text)?;
+    let bytes = crate::codec::unhex(text.trim())?;
     bytes.try_into().ok()
 }
 

@@ -106,7 +106,7 @@ pub mod limits {
     /// Longest value.
     pub const MAX_VALUE: usize = 64 << 10;
     /// Longest handler name.
-    pub const MAX_HANDLER: usize = 64;
+    pub const MAX_HANDLER: usize = mayfly_names::MAX_HANDLER_NAME;
     /// Longest request.
     pub const MAX_REQUEST: usize = 64 << 10;
     /// Longest result.
@@ -593,7 +593,7 @@ impl Ledger {
 
     /// Begins a transaction reading from the current committed state.
     pub fn begin(&self, ctx: TxContext) -> Result<Tx, TxError> {
-        if !checkpoint::valid_handler(&ctx.handler) {
+        if !mayfly_names::is_handler_name(&ctx.handler) {
             return Err(TxError::BadHandler(ctx.handler));
         }
         if ctx.request.len() > limits::MAX_REQUEST {

@@ -431,21 +431,15 @@ struct Builder {
 }
 
 fn valid_rule_name(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= MAX_RULE_NAME
-        && name
-            .bytes()
-            .all(|b| matches!(b, b'a'..=b'z' | b'0'..=b'9' | b'_' | b'.' | b'-'))
+    mayfly_names::is_name(name, MAX_RULE_NAME)
         && !name.starts_with("builtin.")
         && !name.starts_with("handler.")
 }
 
+/// A handler the policy names: a word (no dots, so `handler.<name>.<kind>` parses back) of
+/// at most [`MAX_HANDLER_NAME`] bytes (so that rule name fits [`MAX_RULE_NAME`]).
 fn valid_handler_name(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= MAX_HANDLER_NAME
-        && name
-            .bytes()
-            .all(|b| matches!(b, b'a'..=b'z' | b'0'..=b'9' | b'_' | b'-'))
+    mayfly_names::is_word(name, MAX_HANDLER_NAME)
 }
 
 fn builtin(name: &str, action: Action, order: u32) -> Rule {
@@ -956,14 +950,37 @@ impl Bundle {
         v.sort_unstable();
         v
     }
+
+    /// The handlers the bundle grants capabilities to that are not among `available` (the
+    /// guest's), sorted: a policy written for another guest image, or a misspelt handler.
+    /// Handlers the guest has and the bundle does not name are not listed: the bundle's
+    /// `unlisted_handler` rule decides for them.
+    pub fn handlers_missing_from<S: AsRef<str>>(&self, available: &[S]) -> Vec<&str> {
+        self.handlers()
+            .into_iter()
+            .filter(|h| !available.iter().any(|a| a.as_ref() == *h))
+            .collect()
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn hex(b: &[u8]) -> String {
-        b.iter().map(|x| format!("{x:02x}")).collect()
+    use mayfly_hex::encode as hex;
+
+    #[test]
+    fn handlers_missing_from_the_guest_are_named_and_extra_guest_handlers_are_not() {
+        let b = Bundle::load(&[(
+            "h.toml",
+            "[handler.kv]\nread = [\"kv/\"]\n\n[handler.ghost]\nread = [\"g/\"]\n",
+        )])
+        .unwrap();
+        assert_eq!(b.handlers_missing_from(&["kv", "transfer"]), ["ghost"]);
+        assert!(b
+            .handlers_missing_from(&["ghost", "kv", "test.crash"])
+            .is_empty());
+        assert_eq!(b.handlers_missing_from::<&str>(&[]), ["ghost", "kv"]);
     }
 
     #[test]

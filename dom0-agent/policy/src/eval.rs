@@ -5,6 +5,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use mayfly_hex::encode as hex;
 use serde::Deserialize;
 
 use crate::bundle::{Bundle, Rule, TargetKind};
@@ -452,10 +453,6 @@ fn f(name: &'static str, value: impl Into<String>) -> Field {
         name,
         value: value.into(),
     }
-}
-
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
 fn show_str(s: &str) -> String {

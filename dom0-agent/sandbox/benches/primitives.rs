@@ -7,7 +7,7 @@
 //! * **fork + exit + wait** — this process forks a child that `_exit`s at once; the parent
 //!   reaps it;
 //! * **… + seccomp install** — the same, with the child installing the sandbox's filter
-//!   ([`mayfly_sandbox::seccomp::compile`]) before it exits: the cost a clone would pay if it
+//!   ([`mayfly_sandbox_zygote::seccomp::compile`]) before it exits: the cost a clone would pay if it
 //!   installed its own filter instead of inheriting the zygote's;
 //! * **… + new namespaces** — the child `unshare`s a network, mount, IPC and UTS namespace
 //!   before it exits: what a process per transaction would pay to be isolated like the
@@ -71,7 +71,7 @@ fn wakeup_round_trips(iters: u32) -> (Duration, Duration) {
 #[derive(Clone, Copy)]
 enum InChild<'a> {
     Nothing,
-    Seccomp(&'a seccompiler::BpfProgram),
+    Seccomp(&'a mayfly_sandbox_zygote::seccomp::BpfProgram),
     Namespaces,
 }
 
@@ -85,7 +85,9 @@ fn fork_exit_wait(iters: u32, in_child: InChild<'_>) -> (Duration, Duration) {
             ForkResult::Child => {
                 let code = match in_child {
                     InChild::Nothing => 0,
-                    InChild::Seccomp(f) => i32::from(mayfly_sandbox::seccomp::install(f).is_err()),
+                    InChild::Seccomp(f) => {
+                        i32::from(mayfly_sandbox_zygote::seccomp::install(f).is_err())
+                    }
                     InChild::Namespaces => {
                         let flags = libc::CLONE_NEWNET
                             | libc::CLONE_NEWNS
@@ -143,7 +145,7 @@ fn main() {
     } else {
         1.0
     } as usize;
-    let filter = mayfly_sandbox::seccomp::compile().unwrap();
+    let filter = mayfly_sandbox_zygote::seccomp::compile().unwrap();
     println!("primitives bench: {iters} operations per run, {reps} runs, medians");
     let root = nix::unistd::geteuid().is_root();
     let mut rows: Vec<(&str, Box<Measure>)> = vec![

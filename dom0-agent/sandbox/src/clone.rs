@@ -144,7 +144,7 @@ impl CloneCell {
     }
 
     fn lock(&self) -> MutexGuard<'_, CellState> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
+        mayfly_sync::lock(&self.state)
     }
 
     /// Whether the process has exited (now, or within `wait`).
@@ -218,11 +218,7 @@ impl CloneCell {
             if left.is_zero() {
                 return None;
             }
-            state = self
-                .changed
-                .wait_timeout(state, left)
-                .unwrap_or_else(|p| p.into_inner())
-                .0;
+            state = mayfly_sync::wait_timeout(&self.changed, state, left).0;
         }
     }
 
@@ -238,11 +234,7 @@ impl CloneCell {
             if left.is_zero() {
                 return false;
             }
-            state = self
-                .changed
-                .wait_timeout(state, left)
-                .unwrap_or_else(|p| p.into_inner())
-                .0;
+            state = mayfly_sync::wait_timeout(&self.changed, state, left).0;
         }
     }
 

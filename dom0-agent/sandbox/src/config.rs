@@ -36,26 +36,9 @@ pub const DEFAULT_UID_COUNT: u32 = 65_536;
 /// The default directory of the host-wide uid block locks.
 pub const DEFAULT_UID_LOCK_DIR: &str = "/run/mayfly/sandbox-uids";
 
-/// Resource limits applied to every clone (see the [module docs](self)).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Limits {
-    /// `RLIMIT_AS` in bytes (address space, counted from the zygote's inherited mappings).
-    pub memory_bytes: u64,
-    /// `RLIMIT_CPU` soft limit in seconds; the hard limit is one more.
-    pub cpu_seconds: u64,
-    /// `RLIMIT_NOFILE`.
-    pub max_fds: u64,
-}
-
-impl Default for Limits {
-    fn default() -> Self {
-        Self {
-            memory_bytes: 256 << 20,
-            cpu_seconds: 10,
-            max_fds: 16,
-        }
-    }
-}
+/// Resource limits applied to every clone (see the [module docs](self)); the control
+/// protocol carries them to the zygote.
+pub use mayfly_sandbox_proto::Limits;
 
 /// How to run the sandbox backend (see the [module docs](self) for the defaults).
 #[derive(Debug, Clone)]
@@ -125,7 +108,7 @@ impl SandboxConfig {
         [
             self.pool_size,
             self.max_in_use,
-            crate::backend::MAX_QUARANTINED,
+            mayfly_domain::MAX_QUARANTINED,
         ]
         .into_iter()
         .map(|n| u64::try_from(n).unwrap_or(u64::MAX))

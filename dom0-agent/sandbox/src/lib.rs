@@ -30,51 +30,40 @@
 //! completes background destroys; on this kind of machine a cross-thread wake-up costs about
 //! as much CPU as a ring round trip (`cargo bench -p mayfly-sandbox --bench primitives`).
 //!
-//! The pieces, by module:
+//! The sandbox is three crates over one protocol: this one, the **agent side**; the
+//! **template side**, `mayfly-sandbox-zygote` (the zygote loop, each clone's confinement,
+//! the seccomp allowlist), which the template executable `mayfly-zygote` links without any
+//! of this crate; and `mayfly-sandbox-proto`, the control protocol and the system calls both
+//! use, which depends on neither.
+//!
+//! The pieces of this crate, by module:
 //! - [`config`]: [`SandboxConfig`] and [`Limits`], with their defaults;
-//! - [`zygote`]: [`zygote_main`] / [`zygote_main_with`], which the template executable
-//!   (`mayfly-zygote`) calls first thing in `main`, and the confinement of each clone;
-//! - [`seccomp`]: the allowlist;
-//! - [`hugecode`]: the zygote's read-only image moved onto transparent huge pages once, so
-//!   that clones neither fault it in nor unmap it page by page;
 //! - [`backend`]: [`Sandbox`] (the [`mayfly_domain::DomainBackend`]) and [`SandboxDomain`];
 //! - [`cgroup`]: the control group of the zygote and all its clones (CPU weight and quota
 //!   below the agent's, memory and pids limits; cgroup v2 or v1), entered by the zygote
 //!   before it forks, so clones cost no cgroup work;
 //! - [`reconcile`]: removal of a previous run's leftovers at start-up;
-//! - `proto`, `spawn`, `clone`, `private`, `sys`: the control protocol, spawning the zygote,
-//!   one clone seen from the agent, the zygote's memory that no clone inherits, raw system
-//!   calls.
+//! - [`uids`]: the claim on the clones' uid range;
+//! - `spawn`, `clone`, `sys`: spawning the zygote, one clone seen from the agent, the
+//!   agent's own system calls.
 //!
-//! `unsafe` is allowed in this crate only, narrowly (`fork`, `pre_exec`, fds received with
-//! `SCM_RIGHTS`, raw `sendmsg`/`recvmsg`, pidfd system calls, the zygote's move of its own
-//! image in `hugecode` and its private mapping in `private`),
-//! each block with its `SAFETY` argument. See `README.md`
-//! for what is isolated by what and how it maps to the Xen backend.
+//! `unsafe` is allowed in this crate only narrowly (the `pre_exec` hook that spawns the
+//! zygote, `malloc_trim`), each block with its `SAFETY` argument. See `README.md` for what
+//! is isolated by what and how it maps to the Xen backend.
 
 pub mod backend;
 pub mod cgroup;
 mod clone;
 pub mod config;
-pub mod hugecode;
-mod private;
-mod proto;
 pub mod reconcile;
-pub mod seccomp;
 pub mod spawn;
 mod sys;
 pub mod uids;
-pub mod zygote;
 
-pub use backend::{
-    CreateError, QuarantineFull, Sandbox, SandboxDomain, SandboxError, BACKEND, MAX_QUARANTINED,
-};
+pub use backend::{CreateError, Sandbox, SandboxDomain, SandboxError, BACKEND};
 pub use clone::CloneError;
 pub use config::{ConfigError, Limits, SandboxConfig};
-pub use proto::{ProtoError, Stage};
+pub use mayfly_sandbox_proto::{ProtoError, Stage};
 pub use reconcile::{ReconcileError, ReconcileReport};
 pub use spawn::SpawnError;
 pub use sys::release_free_heap;
-pub use zygote::{
-    control_fd_from_env, zygote_main, zygote_main_with, ChildRing, ZygoteError, CONTROL_FD_ENV,
-};

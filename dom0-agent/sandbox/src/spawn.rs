@@ -21,7 +21,7 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 
 use crate::config::SandboxConfig;
-use crate::zygote::CONTROL_FD_ENV;
+use mayfly_sandbox_proto::CONTROL_FD_ENV;
 
 /// The namespaces the zygote (and so every clone) gets.
 pub const NAMESPACES: &str = "CLONE_NEWNET|CLONE_NEWNS|CLONE_NEWIPC|CLONE_NEWUTS";

@@ -1,7 +1,7 @@
 //! Claiming the uids a sandbox's clones run as, exclusively on the host.
 //!
 //! Each live clone runs as a uid no other process holds: that is what makes the kernel
-//! refuse a clone's signals to any other clone (see [`crate::seccomp`]). Within one sandbox
+//! refuse a clone's signals to any other clone (see the seccomp allowlist in `mayfly-sandbox-zygote`). Within one sandbox
 //! the zygote hands out distinct uids; *between* sandboxes (several agents on one host, or
 //! several sandboxes in one process) the ranges must not overlap, so each sandbox claims
 //! blocks of the configured range before its zygote starts:

@@ -13,11 +13,11 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use mayfly_domain::{Domain, DomainBackend, DomainError, DomainExit};
+use mayfly_domain::{Domain, DomainBackend, DomainError, DomainExit, MAX_QUARANTINED};
 use mayfly_ring::wire::Start;
 use mayfly_ring::{Request, Response, RingError};
 use mayfly_sandbox::config::{DEFAULT_FIRST_UID, DEFAULT_UID_COUNT};
-use mayfly_sandbox::{reconcile, Sandbox, SandboxConfig, SandboxDomain, MAX_QUARANTINED};
+use mayfly_sandbox::{reconcile, Sandbox, SandboxConfig, SandboxDomain};
 use slog::{o, Drain, Logger};
 
 const ZYGOTE: &str = env!("CARGO_BIN_EXE_mayfly-sandbox-test-zygote");
@@ -724,6 +724,20 @@ fn take_waits_at_most_its_timeout_when_at_the_in_use_cap() {
     assert!(began.elapsed() >= Duration::from_millis(100));
     first.destroy().unwrap();
     sandbox.take(WAIT).unwrap().destroy().unwrap();
+}
+
+#[test]
+fn the_backend_reports_the_handlers_its_template_announced() {
+    let dir = tempfile::tempdir().unwrap();
+    let sandbox = start(dir.path());
+    // The test zygote's handlers, as it announced them in its Ready: sorted, once each.
+    let handlers = sandbox.handlers();
+    assert!(handlers.windows(2).all(|w| w[0] < w[1]), "{handlers:?}");
+    for name in ["crash", "echo", "loop", "peek", "uid"] {
+        assert!(handlers.iter().any(|h| h == name), "{name} in {handlers:?}");
+    }
+    assert_eq!(handlers.len(), 18, "{handlers:?}");
+    sandbox.shutdown();
 }
 
 #[test]

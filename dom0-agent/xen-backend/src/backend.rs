@@ -14,13 +14,15 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use mayfly_domain::{
-    Domain, DomainBackend, DomainError, DomainExit, DomainId, PoolStats, Quarantined, Ring,
+    Domain, DomainBackend, DomainError, DomainExit, DomainId, PoolStats, Quarantine, Quarantined,
+    Refused, Ring, MAX_QUARANTINED,
 };
 use mayfly_ring::Notifier;
+use mayfly_sync::lock;
 use mayfly_xen::{Control, CtrlError, Libraries, LoadError, PvBuilder, Store, StoreError};
 use slog::{info, warn, Logger};
 
@@ -92,49 +94,7 @@ fn read_kernel(path: &std::path::Path) -> Result<Vec<u8>, StartError> {
     std::fs::read(path).map_err(err)
 }
 
-/// Most domains kept in quarantine at once. Each keeps its memory and its ring's grant
-/// pages until an operator releases it, so without a cap a guest that gets itself
-/// quarantined again and again would exhaust the host (and gntalloc's page limit) and starve
-/// the pool. Past the cap, a domain to be quarantined is destroyed instead and
-/// [`Domain::quarantine`] says so.
-pub const MAX_QUARANTINED: usize = 8;
-
-/// The quarantined domains, at most `max` of them.
-#[derive(Debug)]
-struct Kept<T> {
-    items: Vec<(Quarantined, T)>,
-    max: usize,
-}
-
-impl<T> Kept<T> {
-    fn new(max: usize) -> Self {
-        Self {
-            items: Vec::new(),
-            max,
-        }
-    }
-
-    /// Keeps `item`, or hands it back if `max` are already kept.
-    fn admit(&mut self, quarantined: Quarantined, item: T) -> Result<(), T> {
-        if self.items.len() >= self.max {
-            return Err(item);
-        }
-        self.items.push((quarantined, item));
-        Ok(())
-    }
-
-    /// Takes the item kept under `id` out of the list.
-    fn remove(&mut self, id: DomainId) -> Option<T> {
-        let index = self.items.iter().position(|(q, _)| q.id == id)?;
-        Some(self.items.swap_remove(index).1)
-    }
-}
-
-type QuarantineList = Mutex<Kept<LiveDomain>>;
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
+type QuarantineList = Mutex<Quarantine<LiveDomain>>;
 
 /// The Xen domain backend: PV domUs of the template, built ahead and paused at the shim's
 /// ready point.
@@ -224,7 +184,7 @@ impl XenBackend {
         Ok(Self {
             pool,
             hyp,
-            quarantined: Arc::new(Mutex::new(Kept::new(MAX_QUARANTINED))),
+            quarantined: Arc::new(Mutex::new(Quarantine::new(MAX_QUARANTINED, "destroyed"))),
         })
     }
 
@@ -258,28 +218,28 @@ impl XenBackend {
 impl DomainBackend for XenBackend {
     /// The quarantined domains, kept paused for forensics.
     fn quarantined(&self) -> Vec<Quarantined> {
-        lock(&self.quarantined)
-            .items
-            .iter()
-            .map(|(q, _)| q.clone())
-            .collect()
+        lock(&self.quarantined).list()
     }
 
     /// Destroys a quarantined domain (after forensics). `Ok(None)`: no such domain.
     fn release_quarantined(&self, id: DomainId) -> Result<Option<DomainExit>, DomainError> {
-        let entry = lock(&self.quarantined).remove(id);
+        let entry = lock(&self.quarantined).release(id);
         let Some(mut live) = entry else {
             return Ok(None);
         };
-        live.end().map(Some).map_err(|e| DomainError::Control {
-            backend: BACKEND,
-            id,
-            source: Box::new(e),
-        })
+        live.end()
+            .map(Some)
+            .map_err(|e| DomainError::control(BACKEND, id, e))
     }
 
     fn name(&self) -> &'static str {
         BACKEND
+    }
+
+    /// The handler names the configuration gives for the guest image
+    /// ([`XenConfig::with_handlers`]).
+    fn handlers(&self) -> Vec<String> {
+        self.hyp.config.handlers.clone()
     }
 
     fn take(&self, timeout: Duration) -> Result<Box<dyn Domain>, DomainError> {
@@ -305,7 +265,7 @@ impl DomainBackend for XenBackend {
         self.hyp.stopping.store(true, Ordering::SeqCst);
         self.pool.shutdown();
         self.hyp.kill_in_use();
-        let quarantined = std::mem::take(&mut lock(&self.quarantined).items);
+        let quarantined = lock(&self.quarantined).close();
         drop(quarantined);
         info!(self.hyp.logger, "xen backend shut down"; "stats" => ?self.stats());
     }
@@ -345,11 +305,7 @@ impl XenDomain {
         id: DomainId,
         e: impl std::error::Error + Send + Sync + 'static,
     ) -> DomainError {
-        DomainError::Control {
-            backend: BACKEND,
-            id,
-            source: Box::new(e),
-        }
+        DomainError::control(BACKEND, id, e)
     }
 
     /// The domain's name (`mayfly-<n>`).
@@ -393,11 +349,7 @@ impl Domain for XenDomain {
             return Ok(DomainExit::Destroyed);
         };
         let id = live.domid();
-        let result = live.end().map_err(|e| DomainError::Control {
-            backend: BACKEND,
-            id,
-            source: Box::new(e),
-        });
+        let result = live.end().map_err(|e| DomainError::control(BACKEND, id, e));
         drop(live);
         drop(self.slot.take());
         result
@@ -415,11 +367,7 @@ impl Domain for XenDomain {
         if let Err(e) = live.pause() {
             // Not stopped: destroyed (by dropping it) rather than kept running.
             drop(live);
-            return Err(DomainError::Control {
-                backend: BACKEND,
-                id,
-                source: Box::new(e),
-            });
+            return Err(DomainError::control(BACKEND, id, e));
         }
         let quarantined = Quarantined {
             backend: BACKEND,
@@ -427,58 +375,28 @@ impl Domain for XenDomain {
             handle: id.to_string(),
         };
         let name = live.name().to_owned();
+        // The pool's shutdown comes before the quarantine's sweep: a domain quarantined in
+        // between is destroyed now, like one that comes after the sweep.
         let shut_down = self.slot.as_ref().is_some_and(Slot::pool_shut_down);
-        if shut_down {
-            drop(live); // shutdown already swept the list: destroy it now
+        let admitted = if shut_down {
+            Err(Refused::Closed(live))
         } else {
-            let refused = lock(&self.quarantined).admit(quarantined.clone(), live);
-            if let Err(live) = refused {
+            lock(&self.quarantined).admit(quarantined.clone(), live)
+        };
+        match admitted {
+            Ok(()) => {}
+            Err(Refused::Closed(live)) => drop(live), // shutdown swept the list: destroy it now
+            Err(Refused::Full(live, full)) => {
                 drop(live); // the quarantine is full: destroyed, not kept
                 drop(self.slot.take());
                 warn!(self.logger, "quarantine full: domain destroyed instead";
-                    "domid" => id, "name" => &name, "max" => MAX_QUARANTINED);
-                return Err(self.error_for(
-                    id,
-                    DomainOpError::QuarantineFull {
-                        name,
-                        domid: id,
-                        max: MAX_QUARANTINED,
-                    },
-                ));
+                    "domid" => id, "name" => &name, "max" => full.max);
+                return Err(self.error_for(id, full));
             }
         }
         warn!(self.logger, "domain quarantined (paused, kept for forensics)";
             "domid" => id, "name" => &name);
         drop(self.slot.take());
         Ok(quarantined)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn q(id: DomainId) -> Quarantined {
-        Quarantined {
-            backend: BACKEND,
-            id,
-            handle: id.to_string(),
-        }
-    }
-
-    #[test]
-    fn the_quarantine_is_bounded_and_hands_back_what_it_cannot_keep() {
-        let mut kept = Kept::new(2);
-        assert!(kept.admit(q(1), "a").is_ok());
-        assert!(kept.admit(q(2), "b").is_ok());
-        // Full: the third is handed back (the caller destroys it), not kept.
-        assert_eq!(kept.admit(q(3), "c"), Err("c"));
-        assert_eq!(kept.items.len(), 2);
-        // Releasing one makes room again.
-        assert_eq!(kept.remove(1), Some("a"));
-        assert_eq!(kept.remove(1), None);
-        assert!(kept.admit(q(3), "c").is_ok());
-        let ids: Vec<DomainId> = kept.items.iter().map(|(q, _)| q.id).collect();
-        assert_eq!(ids, vec![2, 3]);
     }
 }

@@ -211,16 +211,6 @@ pub enum DomainOpError {
         #[source]
         source: CtrlError,
     },
-    /// The quarantine already holds its maximum: the domain was destroyed instead.
-    #[error("{name} (domain {domid}): the quarantine already keeps {max} domains (release some through the admin console); this one was destroyed instead")]
-    QuarantineFull {
-        /// Domain name.
-        name: String,
-        /// Domain id.
-        domid: DomId,
-        /// The cap.
-        max: usize,
-    },
     /// The domain is gone (it cannot be paused for quarantine).
     #[error("{name} (domain {domid}) has already ended: {exit}")]
     Ended {
@@ -315,10 +305,7 @@ impl Hyp {
     /// Destroys a domain handed out to a caller (at shutdown): marks it destroyed by the
     /// agent, so its holder sees `Destroyed`; the holder's drop cleans up.
     pub(crate) fn kill_in_use(&self) {
-        let in_use: Vec<(DomId, [u8; 16], Arc<AtomicBool>)> = self
-            .in_use
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
+        let in_use: Vec<(DomId, [u8; 16], Arc<AtomicBool>)> = mayfly_sync::lock(&self.in_use)
             .iter()
             .map(|(d, (u, k))| (*d, *u, Arc::clone(k)))
             .collect();
@@ -470,10 +457,7 @@ impl LiveDomain {
 
     /// Records it as handed out (the backend's shutdown can then destroy it).
     pub(crate) fn register_in_use(&self) {
-        self.hyp
-            .in_use
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
+        mayfly_sync::lock(&self.hyp.in_use)
             .insert(self.domid, (self.uuid, Arc::clone(&self.killed)));
     }
 
@@ -489,11 +473,7 @@ impl LiveDomain {
         let exit =
             exit_of(state, self.killed.load(Ordering::SeqCst)).unwrap_or(DomainExit::Destroyed);
         self.ended = Some(exit);
-        self.hyp
-            .in_use
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&self.domid);
+        mayfly_sync::lock(&self.hyp.in_use).remove(&self.domid);
         debug!(self.hyp.logger, "domain destroyed";
             "domid" => self.domid, "name" => &self.name, "exit" => %exit);
         Ok(exit)

@@ -20,11 +20,14 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use mayfly_domain::{Backoff, ErrorChain};
+use mayfly_sync::{lock, wait, wait_timeout};
 use slog::{debug, error, Logger};
 
-/// Back-off bounds of a refill thread after a failed creation.
-const BACKOFF_MIN: Duration = Duration::from_millis(100);
-const BACKOFF_MAX: Duration = Duration::from_secs(10);
+/// Back-off of each refill thread after failed builds: a Xen build costs seconds of dom0
+/// CPU and boots a kernel, so retries start at 100 ms and slow to one every 10 s while
+/// builds keep failing (a missing kernel, gntalloc's page limit, xl refusing).
+pub const BACKOFF: Backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(10));
 
 /// A boxed error from a provisioner.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -89,7 +92,7 @@ struct Shared<P: Provisioner> {
 
 impl<P: Provisioner> Shared<P> {
     fn lock(&self) -> MutexGuard<'_, State<P::Member>> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
+        lock(&self.state)
     }
 }
 
@@ -166,11 +169,7 @@ impl<P: Provisioner> Pool<P> {
                 .name(format!("{name}-refill-{i}"))
                 .spawn(move || refill(&shared));
             match spawned {
-                Ok(handle) => pool
-                    .threads
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .push(handle),
+                Ok(handle) => lock(&pool.threads).push(handle),
                 Err(e) => {
                     pool.shutdown();
                     return Err(e);
@@ -197,12 +196,7 @@ impl<P: Provisioner> Pool<P> {
             if state.shut_down || left.is_zero() {
                 return false;
             }
-            state = self
-                .shared
-                .changed
-                .wait_timeout(state, left)
-                .unwrap_or_else(|p| p.into_inner())
-                .0;
+            state = wait_timeout(&self.shared.changed, state, left).0;
         }
     }
 
@@ -240,11 +234,7 @@ impl<P: Provisioner> Pool<P> {
             if left.is_zero() {
                 return Err(TakeError::Exhausted { waited: timeout });
             }
-            state = shared
-                .changed
-                .wait_timeout(state, left)
-                .unwrap_or_else(|p| p.into_inner())
-                .0;
+            state = wait_timeout(&shared.changed, state, left).0;
         }
     }
 
@@ -269,7 +259,7 @@ impl<P: Provisioner> Pool<P> {
         };
         self.shared.changed.notify_all();
         drop(ready);
-        let threads = std::mem::take(&mut *self.threads.lock().unwrap_or_else(|p| p.into_inner()));
+        let threads = std::mem::take(&mut *lock(&self.threads));
         for t in threads {
             let _ = t.join();
         }
@@ -286,17 +276,14 @@ impl<P: Provisioner> Drop for Pool<P> {
 }
 
 fn refill<P: Provisioner>(shared: &Shared<P>) {
-    let mut backoff = BACKOFF_MIN;
+    let mut backoff = BACKOFF;
     loop {
         {
             let mut state = shared.lock();
             while !state.shut_down
                 && state.ready.len().saturating_add(state.creating) >= shared.config.pool_size
             {
-                state = shared
-                    .changed
-                    .wait(state)
-                    .unwrap_or_else(|p| p.into_inner());
+                state = wait(&shared.changed, state);
             }
             if state.shut_down {
                 return;
@@ -318,35 +305,20 @@ fn refill<P: Provisioner>(shared: &Shared<P>) {
                 state.ready.push_back(member);
                 drop(state);
                 shared.changed.notify_all();
-                backoff = BACKOFF_MIN;
+                backoff.succeeded();
             }
             Err(e) => {
                 shared.failed.fetch_add(1, Ordering::Relaxed);
                 if state.shut_down {
                     return;
                 }
+                let delay = backoff.failed();
                 error!(shared.logger, "creating a domain failed"; "error" => %ErrorChain(&*e),
-                    "retry_in_ms" => backoff.as_millis());
+                    "retry_in_ms" => delay.as_millis());
                 // A retry delay, cut short by shutdown.
-                let _ = shared.changed.wait_timeout(state, backoff);
-                backoff = backoff.saturating_mul(2).min(BACKOFF_MAX);
+                drop(wait_timeout(&shared.changed, state, delay));
             }
         }
-    }
-}
-
-/// Displays an error with its sources.
-pub struct ErrorChain<'a>(pub &'a dyn std::error::Error);
-
-impl std::fmt::Display for ErrorChain<'_> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}", self.0)?;
-        let mut source = self.0.source();
-        while let Some(s) = source {
-            write!(f, ": {s}")?;
-            source = s.source();
-        }
-        Ok(())
     }
 }
 

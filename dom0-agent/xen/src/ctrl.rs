@@ -267,7 +267,7 @@ impl Control {
     }
 
     fn lock(&self) -> MutexGuard<'_, Handle> {
-        self.xch.lock().unwrap_or_else(|p| p.into_inner())
+        mayfly_sync::lock(&self.xch)
     }
 
     fn query_version(&self) -> Result<(u32, u32), CtrlError> {

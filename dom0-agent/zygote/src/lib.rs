@@ -28,7 +28,7 @@ use std::os::fd::AsFd;
 use std::process::ExitCode;
 
 use mayfly_ring::{EventFdNotifier, MmapMem};
-use mayfly_sandbox::ChildRing;
+use mayfly_sandbox_zygote::ChildRing;
 use mayfly_sdk::Registry;
 
 /// Exit status of a clone whose ring could not be mapped.
@@ -42,7 +42,8 @@ pub fn registry() -> Registry {
     mayfly_handlers::registry()
 }
 
-/// Every handler name the template answers to (the executor refuses others up front).
+/// Every handler name the template answers to, announced to the agent in the zygote's
+/// `Ready` (the agent refuses others up front).
 pub fn handler_names() -> Vec<String> {
     #[cfg_attr(not(feature = "test-handlers"), allow(unused_mut))]
     let mut names: Vec<String> = registry().names().map(str::to_owned).collect();
@@ -57,7 +58,16 @@ pub fn handler_names() -> Vec<String> {
                     .map(|n| (*n).to_owned()),
             ),
     );
-    // The Mayfly PV guest's test build answers to its own (the Xen backend's other guest).
+    names
+}
+
+/// The handler names of the Xen guest images built from this tree: the template's, and with
+/// `test-handlers` the Mayfly PV guest's own test handlers. The Xen backend is configured with
+/// them (`XenConfig::with_handlers`): unlike the sandbox's template, a Xen guest does not
+/// announce its handlers yet.
+pub fn xen_guest_handler_names() -> Vec<String> {
+    #[cfg_attr(not(feature = "test-handlers"), allow(unused_mut))]
+    let mut names = handler_names();
     #[cfg(feature = "test-handlers")]
     names.extend(
         domu_shim::PV_GUEST_TEST_HANDLERS
@@ -87,8 +97,10 @@ fn template() -> Registry {
 
 /// Runs the zygote; never returns on success.
 pub fn run() -> ExitCode {
-    match mayfly_sandbox::zygote::control_fd_from_env() {
-        Ok(control) => mayfly_sandbox::zygote_main_with(control, template, clone_main),
+    match mayfly_sandbox_zygote::zygote::control_fd_from_env() {
+        Ok(control) => {
+            mayfly_sandbox_zygote::zygote_main_with(control, handler_names(), template, clone_main)
+        }
         Err(e) => {
             eprintln!(
                 "mayfly-zygote: {e}\n(this is the sandbox backend's template process; \

@@ -77,12 +77,7 @@ pub(crate) fn to_json<T: Serialize>(value: &T) -> Result<Vec<u8>, HandlerError> 
 
 /// Checks a name used inside keys (account, user): 1..=64 bytes of `[a-z0-9_-]`.
 pub(crate) fn check_name(what: &str, name: &str) -> Result<(), HandlerError> {
-    let ok = !name.is_empty()
-        && name.len() <= 64
-        && name
-            .bytes()
-            .all(|b| matches!(b, b'a'..=b'z' | b'0'..=b'9' | b'_' | b'-'));
-    if ok {
+    if mayfly_names::is_word(name, 64) {
         Ok(())
     } else {
         Err(HandlerError::bad_request(format!(

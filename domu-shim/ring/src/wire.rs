@@ -78,7 +78,7 @@ pub const MAX_KEY_LEN: usize = 256;
 /// Cap on a value.
 pub const MAX_VALUE_LEN: usize = 64 * 1024;
 /// Cap on a handler name.
-pub const MAX_HANDLER_LEN: usize = 64;
+pub const MAX_HANDLER_LEN: usize = mayfly_names::MAX_HANDLER_NAME;
 /// Cap on a transaction payload.
 pub const MAX_PAYLOAD_LEN: usize = 64 * 1024;
 /// Cap on a commit result.
@@ -479,10 +479,7 @@ fn check_field(spec: FieldSpec, offset: usize, data: &[u8]) -> Result<(), WireEr
     let data_offset = offset.saturating_add(4);
     match spec.rule {
         Rule::Bytes => Ok(()),
-        Rule::Handler => match data
-            .iter()
-            .position(|&b| !matches!(b, b'a'..=b'z' | b'0'..=b'9' | b'_' | b'-' | b'.'))
-        {
+        Rule::Handler => match data.iter().position(|&b| !mayfly_names::is_name_byte(b)) {
             None => Ok(()),
             Some(i) => Err(WireError::BadHandlerName {
                 offset: data_offset.saturating_add(i),

@@ -24,7 +24,7 @@ pub const MAX_RESULT_LEN: usize = 64 * 1024;
 /// Longest abort reason, in bytes.
 pub const MAX_REASON_LEN: usize = 1024;
 /// Longest handler name, in bytes.
-pub const MAX_HANDLER_NAME_LEN: usize = 64;
+pub const MAX_HANDLER_NAME_LEN: usize = mayfly_names::MAX_HANDLER_NAME;
 
 /// Checks a key: 1..=[`MAX_KEY_LEN`] bytes.
 pub fn check_key(key: &[u8]) -> Result<(), DbError> {

@@ -32,23 +32,16 @@ pub enum RegistryError {
 
 /// Checks a handler name: 1..=64 bytes of `[a-z0-9_.-]`.
 pub fn check_handler_name(name: &str) -> Result<(), RegistryError> {
-    let invalid = |reason| RegistryError::InvalidName {
+    let reason = match mayfly_names::check_name(name.as_bytes(), MAX_HANDLER_NAME_LEN) {
+        Ok(()) => return Ok(()),
+        Err(mayfly_names::Fault::Empty) => "empty",
+        Err(mayfly_names::Fault::TooLong { .. }) => "longer than 64 bytes",
+        Err(mayfly_names::Fault::Byte { .. }) => "bytes outside [a-z0-9_.-]",
+    };
+    Err(RegistryError::InvalidName {
         name: name.to_owned(),
         reason,
-    };
-    if name.is_empty() {
-        return Err(invalid("empty"));
-    }
-    if name.len() > MAX_HANDLER_NAME_LEN {
-        return Err(invalid("longer than 64 bytes"));
-    }
-    if !name
-        .bytes()
-        .all(|b| matches!(b, b'a'..=b'z' | b'0'..=b'9' | b'_' | b'.' | b'-'))
-    {
-        return Err(invalid("bytes outside [a-z0-9_.-]"));
-    }
-    Ok(())
+    })
 }
 
 /// Handler names to handlers.

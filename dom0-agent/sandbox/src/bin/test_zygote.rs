@@ -32,7 +32,7 @@ use std::time::Duration;
 use mayfly_ring::layout::DATA_OFFSET;
 use mayfly_ring::wire::PROTOCOL_VERSION;
 use mayfly_ring::{EventFdNotifier, Frontend, MmapMem, Request, Response, SharedMem};
-use mayfly_sandbox::ChildRing;
+use mayfly_sandbox_zygote::ChildRing;
 
 /// Template state built once in the zygote; each clone gets a copy-on-write copy.
 struct Template {
@@ -237,13 +237,36 @@ fn recurse(n: u64) -> u64 {
     std::hint::black_box(pad[0]).wrapping_add(below)
 }
 
+/// The handlers `run` answers to, announced to the agent in the zygote's `Ready`.
+const HANDLERS: &[&str] = &[
+    "alloc",
+    "bells",
+    "cow",
+    "crash",
+    "echo",
+    "fill",
+    "fork",
+    "kill",
+    "loop",
+    "open",
+    "overflow",
+    "panic",
+    "pdeathsig",
+    "peek",
+    "segv",
+    "socket",
+    "spawn",
+    "uid",
+];
+
 fn main() {
-    let control = match mayfly_sandbox::control_fd_from_env() {
+    let control = match mayfly_sandbox_zygote::control_fd_from_env() {
         Ok(fd) => fd,
         Err(e) => {
             eprintln!("mayfly-sandbox-test-zygote: {e}");
             std::process::exit(2);
         }
     };
-    mayfly_sandbox::zygote_main_with(control, init, run)
+    let handlers = HANDLERS.iter().map(|h| (*h).to_owned()).collect();
+    mayfly_sandbox_zygote::zygote_main_with(control, handlers, init, run)
 }

@@ -1,4 +1,6 @@
-//! The control protocol between the agent and the zygote.
+//! The control protocol between the sandbox backend (the agent side, `mayfly-sandbox`) and
+//! its zygote (the template side, `mayfly-sandbox-zygote`), which both sides depend on and
+//! which depends on neither; and, in [`sys`], the system calls both sides use.
 //!
 //! One `SOCK_SEQPACKET` Unix socketpair, created by the agent and inherited by the zygote
 //! across `exec`. Each message is one datagram; file descriptors travel beside it as
@@ -9,20 +11,29 @@
 //! ```text
 //!  offset size  field
 //!  0      4     magic "MFSB"
-//!  4      2     version (1), little-endian like every field below
+//!  4      2     version (3), little-endian like every field below
 //!  6      2     kind (table below)
 //!  8      4     clone id
 //!  12     4     pid (i32)
 //!  16     4     value (i32): exit code, signal, errno
 //!  20     4     aux (u32): ring length (Clone), stage (failures), CPU ms (exits)
-//!  24     ..    body: Configure only
+//!  24     ..    body: Configure and Ready only
 //!
 //!  Configure body:
 //!  24     8     RLIMIT_AS bytes        48  4  first uid    60  4  uid count
 //!  32     8     RLIMIT_CPU seconds     52  4  gid          64  4  root path length n
 //!  40     8     RLIMIT_NOFILE          56  4  flags (bit 0: guest stderr)
 //!                                      68  n  root path (n <= 4096)
+//!
+//!  Ready body (the template's handlers, announced once):
+//!  24     2     handler count c (0..=1024)
+//!  26     ..    c times: u8 length n (1..=64), n bytes of [a-z0-9_.-]; names strictly
+//!               increasing bytewise (sorted, no repeats), nothing after the last
 //! ```
+//!
+//! Version 3 added the Ready body: the agent learns which handlers the template answers to
+//! from the template itself (`DomainBackend::handlers`), not from a list compiled into the
+//! agent.
 //!
 //! Each clone runs as its own uid, taken from `first uid .. first uid + uid count` (one not
 //! held by a live clone); version 1 had one uid for every clone and no count.
@@ -45,17 +56,49 @@ use std::path::PathBuf;
 
 use nix::errno::Errno;
 
-use crate::config::Limits;
-use crate::sys::{self, ScmFds};
+pub mod sys;
+
+use crate::sys::ScmFds;
+
+/// The environment variable through which the agent names the zygote's control socket.
+pub const CONTROL_FD_ENV: &str = "MAYFLY_SANDBOX_CONTROL_FD";
+
+/// Resource limits applied to every clone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// `RLIMIT_AS` in bytes (address space, counted from the zygote's inherited mappings).
+    pub memory_bytes: u64,
+    /// `RLIMIT_CPU` soft limit in seconds; the hard limit is one more.
+    pub cpu_seconds: u64,
+    /// `RLIMIT_NOFILE`.
+    pub max_fds: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            memory_bytes: 256 << 20,
+            cpu_seconds: 10,
+            max_fds: 16,
+        }
+    }
+}
 
 const MAGIC: [u8; 4] = *b"MFSB";
-const VERSION: u16 = 2;
+const VERSION: u16 = 3;
 const HEADER_LEN: usize = 24;
 const CONFIGURE_FIXED: usize = 44;
 /// Longest root path a Configure message carries.
-pub(crate) const MAX_ROOT_PATH: usize = 4096;
+pub const MAX_ROOT_PATH: usize = 4096;
 /// Receive buffer: the largest message plus room to detect an oversized one.
 const RECV_BUF: usize = HEADER_LEN + CONFIGURE_FIXED + MAX_ROOT_PATH + 64;
+/// Most handlers a template may announce.
+pub const MAX_HANDLERS: usize = 1024;
+/// The largest `Ready`: header, count, and every name at its longest.
+const READY_MAX: usize = HEADER_LEN + 2 + MAX_HANDLERS * (1 + mayfly_names::MAX_HANDLER_NAME);
+/// Bytes of the buffer the agent receives the zygote's `Ready` in ([`recv_in`]): the largest
+/// `Ready`, plus room to detect an oversized one.
+pub const READY_BUF_LEN: usize = READY_MAX + 64;
 /// Most fds any message carries.
 const MAX_FDS: usize = sys::MAX_SCM_FDS;
 
@@ -106,10 +149,12 @@ pub enum Stage {
     /// Zygote: mapping its private memory (`mmap`, `madvise(MADV_DONTFORK)`), or no room in
     /// its pid table for a new clone (never expected: the table has room for every uid).
     Private = 21,
+    /// Zygote: the handler names the template announces break the name rule or the cap.
+    Handlers = 22,
 }
 
 impl Stage {
-    const ALL: [Stage; 21] = [
+    const ALL: [Stage; 22] = [
         Stage::ProcStatus,
         Stage::Threads,
         Stage::Configure,
@@ -131,6 +176,7 @@ impl Stage {
         Stage::Seccomp,
         Stage::SignalMask,
         Stage::Private,
+        Stage::Handlers,
     ];
 
     /// The step, as the system call or check that failed.
@@ -157,6 +203,9 @@ impl Stage {
             Stage::Seccomp => "seccomp",
             Stage::SignalMask => "sigprocmask(SIG_SETMASK, {})",
             Stage::Private => "mmap/madvise(MADV_DONTFORK) of the zygote's private memory",
+            Stage::Handlers => {
+                "the template's handler list (at most 1024 names of 1..=64 bytes of [a-z0-9_.-])"
+            }
         }
     }
 
@@ -167,66 +216,104 @@ impl Stage {
 
     /// A clone that fails a confinement step exits with `SETUP_EXIT_BASE + stage`; such a
     /// clone never ran guest code.
-    pub(crate) fn exit_code(self) -> i32 {
+    pub fn exit_code(self) -> i32 {
         SETUP_EXIT_BASE.saturating_add(i32::try_from(self as u32).unwrap_or(0))
     }
 }
 
 /// Exit codes `SETUP_EXIT_BASE + stage` mean "confinement failed at that stage".
-pub(crate) const SETUP_EXIT_BASE: i32 = 200;
+pub const SETUP_EXIT_BASE: i32 = 200;
 
 /// The zygote's start-up settings (the Configure body).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct Settings {
+pub struct Settings {
+    /// The clones' resource limits.
     pub limits: Limits,
     /// The clones' uids: `first_uid .. first_uid + uid_count`, one per live clone.
     pub first_uid: u32,
+    /// How many uids the range holds.
     pub uid_count: u32,
+    /// The clones' gid.
     pub gid: u32,
+    /// Whether clones keep the zygote's stderr (else `/dev/null`).
     pub guest_stderr: bool,
+    /// The empty directory the zygote mounts its read-only root on and `chroot`s into.
     pub root: PathBuf,
 }
 
 /// One control message.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) enum Msg {
+pub enum Msg {
+    /// Agent → zygote, first: the start-up settings.
     Configure(Settings),
+    /// Agent → zygote: fork a clone over the ring whose fds come with the message.
     Clone {
+        /// The agent's id for the clone.
         clone_id: u32,
+        /// Bytes of the ring memfd to map.
         ring_len: u32,
     },
+    /// Agent → zygote: kill every clone and exit.
     Shutdown,
+    /// Zygote → agent: configured, confined, ready to fork.
     Ready {
+        /// The zygote's pid.
         pid: i32,
+        /// The handlers the template answers to, sorted, without repeats.
+        handlers: Vec<String>,
     },
+    /// Zygote → agent: a start-up step failed (the zygote exits).
     InitFailed {
+        /// The [`Stage`] number.
         stage: u32,
+        /// The errno.
         errno: i32,
     },
+    /// Zygote → agent: the clone is forked (its pidfd comes with the message).
     Spawned {
+        /// The clone.
         clone_id: u32,
+        /// Its host pid.
         pid: i32,
     },
+    /// Zygote → agent: the clone could not be forked.
     SpawnFailed {
+        /// The clone.
         clone_id: u32,
+        /// The [`Stage`] number.
         stage: u32,
+        /// The errno.
         errno: i32,
     },
+    /// Zygote → agent: the clone exited by itself and was reaped.
     Exited {
+        /// The clone.
         clone_id: u32,
+        /// Its host pid.
         pid: i32,
+        /// Its exit status.
         code: i32,
+        /// CPU time it used, ms.
         cpu_ms: u32,
     },
+    /// Zygote → agent: the clone died on a signal and was reaped.
     Killed {
+        /// The clone.
         clone_id: u32,
+        /// Its host pid.
         pid: i32,
+        /// The signal.
         signal: i32,
+        /// CPU time it used, ms.
         cpu_ms: u32,
     },
+    /// Zygote → agent: the clone was stopped (quarantine).
     Stopped {
+        /// The clone.
         clone_id: u32,
+        /// Its host pid.
         pid: i32,
+        /// The stopping signal.
         signal: i32,
     },
 }
@@ -302,7 +389,7 @@ impl Msg {
         let (clone_id, pid, value, aux) = match *self {
             Msg::Configure(_) | Msg::Shutdown => (0, 0, 0, 0),
             Msg::Clone { clone_id, ring_len } => (clone_id, 0, 0, ring_len),
-            Msg::Ready { pid } => (0, pid, 0, 0),
+            Msg::Ready { pid, .. } => (0, pid, 0, 0),
             Msg::InitFailed { stage, errno } => (0, 0, errno, stage),
             Msg::Spawned { clone_id, pid } => (clone_id, pid, 0, 0),
             Msg::SpawnFailed {
@@ -348,7 +435,7 @@ impl Msg {
     }
 
     /// Encodes the message (see the [module docs](self)).
-    pub(crate) fn encode(&self) -> Vec<u8> {
+    pub fn encode(&self) -> Vec<u8> {
         let mut out = self.header().to_vec();
         if let Msg::Configure(s) = self {
             use std::os::unix::ffi::OsStrExt;
@@ -365,11 +452,20 @@ impl Msg {
             out.extend_from_slice(&len.to_le_bytes());
             out.extend_from_slice(root);
         }
+        if let Msg::Ready { handlers, .. } = self {
+            // Checked by the sender before encoding (`check_handlers`).
+            let count = u16::try_from(handlers.len()).unwrap_or(u16::MAX);
+            out.extend_from_slice(&count.to_le_bytes());
+            for name in handlers {
+                out.push(u8::try_from(name.len()).unwrap_or(u8::MAX));
+                out.extend_from_slice(name.as_bytes());
+            }
+        }
         out
     }
 
     /// Decodes one datagram.
-    pub(crate) fn decode(bytes: &[u8]) -> Result<Self, ProtoError> {
+    pub fn decode(bytes: &[u8]) -> Result<Self, ProtoError> {
         let len = bytes.len();
         let bad = |what| ProtoError::Malformed { what, len };
         let mut r = Reader { bytes, pos: 0 };
@@ -428,7 +524,10 @@ impl Msg {
                 ring_len: aux,
             },
             0x0003 => Msg::Shutdown,
-            0x0081 => Msg::Ready { pid },
+            0x0081 => Msg::Ready {
+                pid,
+                handlers: decode_handlers(&mut r).map_err(bad)?,
+            },
             0x0082 => Msg::InitFailed {
                 stage: aux,
                 errno: value,
@@ -465,6 +564,40 @@ impl Msg {
     }
 }
 
+/// Whether `handlers` can be announced in `Ready`: at most [`MAX_HANDLERS`] valid handler
+/// names, strictly increasing. `Err` names what is wrong.
+pub fn check_handlers(handlers: &[String]) -> Result<(), &'static str> {
+    if handlers.len() > MAX_HANDLERS {
+        return Err("more than 1024 handlers");
+    }
+    if !handlers.iter().all(|h| mayfly_names::is_handler_name(h)) {
+        return Err("a handler name that is not 1..=64 bytes of [a-z0-9_.-]");
+    }
+    if !handlers.windows(2).all(|w| w.first() < w.get(1)) {
+        return Err("handler names not sorted or repeated");
+    }
+    Ok(())
+}
+
+fn decode_handlers(r: &mut Reader<'_>) -> Result<Vec<String>, &'static str> {
+    let count = usize::from(u16::from_le_bytes(r.take().ok_or("short Ready body")?));
+    if count > MAX_HANDLERS {
+        return Err("more than 1024 handlers");
+    }
+    let mut handlers = Vec::with_capacity(count);
+    for _ in 0..count {
+        let [len] = r.take::<1>().ok_or("short Ready body")?;
+        let name = r.take_slice(usize::from(len)).ok_or("short handler name")?;
+        mayfly_names::check_name(name, mayfly_names::MAX_HANDLER_NAME)
+            .map_err(|_| "a handler name that is not 1..=64 bytes of [a-z0-9_.-]")?;
+        // Only [a-z0-9_.-] bytes: ASCII, so valid UTF-8.
+        let name = std::str::from_utf8(name).map_err(|_| "handler name not UTF-8")?;
+        handlers.push(name.to_owned());
+    }
+    check_handlers(&handlers)?;
+    Ok(handlers)
+}
+
 struct Reader<'a> {
     bytes: &'a [u8],
     pos: usize,
@@ -485,16 +618,12 @@ impl Reader<'_> {
 }
 
 /// Sends `msg` with `fds` attached, waiting for room in the socket. Never raises `SIGPIPE`.
-pub(crate) fn send(
-    sock: BorrowedFd<'_>,
-    msg: &Msg,
-    fds: &[BorrowedFd<'_>],
-) -> Result<(), ProtoError> {
+pub fn send(sock: BorrowedFd<'_>, msg: &Msg, fds: &[BorrowedFd<'_>]) -> Result<(), ProtoError> {
     send_with(sock, msg, fds, 0)
 }
 
 /// Like [`send`], but fails with `EAGAIN` instead of waiting when the peer is not reading.
-pub(crate) fn send_nowait(sock: BorrowedFd<'_>, msg: &Msg) -> Result<(), ProtoError> {
+pub fn send_nowait(sock: BorrowedFd<'_>, msg: &Msg) -> Result<(), ProtoError> {
     send_with(sock, msg, &[], libc::MSG_DONTWAIT)
 }
 
@@ -508,7 +637,7 @@ fn send_with(
     // nothing here allocates (see `recv_in`).
     let header;
     let configure;
-    let bytes: &[u8] = if matches!(msg, Msg::Configure(_)) {
+    let bytes: &[u8] = if matches!(msg, Msg::Configure(_) | Msg::Ready { .. }) {
         configure = msg.encode();
         &configure
     } else {
@@ -533,21 +662,18 @@ fn send_with(
 }
 
 /// Receives one message and its fds (close-on-exec). `Ok(None)`: the peer closed its end.
-pub(crate) fn recv(sock: BorrowedFd<'_>) -> Result<Option<(Msg, ScmFds)>, ProtoError> {
+pub fn recv(sock: BorrowedFd<'_>) -> Result<Option<(Msg, ScmFds)>, ProtoError> {
     recv_in(sock, &mut [0u8; RECV_BUF])
 }
 
 /// Bytes a receive buffer for [`recv_in`] needs: the largest message, plus room to detect an
 /// oversized one.
-pub(crate) const RECV_BUF_LEN: usize = RECV_BUF;
+pub const RECV_BUF_LEN: usize = RECV_BUF;
 
 /// [`recv`] into `buf` (at least [`RECV_BUF_LEN`] bytes), without allocating for any
 /// message but `Configure`: the zygote receives into memory no clone shares, so that a
 /// request costs it no copy-on-write fault.
-pub(crate) fn recv_in(
-    sock: BorrowedFd<'_>,
-    buf: &mut [u8],
-) -> Result<Option<(Msg, ScmFds)>, ProtoError> {
+pub fn recv_in(sock: BorrowedFd<'_>, buf: &mut [u8]) -> Result<Option<(Msg, ScmFds)>, ProtoError> {
     let received = sys::recv_with_fds(sock, buf).map_err(ProtoError::Recv)?;
     if received.flags & (libc::MSG_TRUNC | libc::MSG_CTRUNC) != 0 {
         return Err(ProtoError::Truncated {
@@ -555,7 +681,7 @@ pub(crate) fn recv_in(
         });
     }
     let (len, fds) = (received.len, received.fds);
-    if len == 0 && fds.len() == 0 {
+    if len == 0 && fds.is_empty() {
         return Ok(None);
     }
     let bytes = buf.get(..len).ok_or(ProtoError::Malformed {
@@ -603,7 +729,14 @@ mod tests {
                 root: PathBuf::from("/run/mayfly/sandbox-root"),
             }),
             Msg::Shutdown,
-            Msg::Ready { pid: 42 },
+            Msg::Ready {
+                pid: 42,
+                handlers: Vec::new(),
+            },
+            Msg::Ready {
+                pid: 43,
+                handlers: vec!["kv".into(), "test.crash".into(), "z".repeat(64)],
+            },
             Msg::InitFailed {
                 stage: Stage::Chroot as u32,
                 errno: 1,
@@ -638,7 +771,11 @@ mod tests {
 
     #[test]
     fn malformed_messages_are_refused() {
-        let good = Msg::Ready { pid: 1 }.encode();
+        let good = Msg::Ready {
+            pid: 1,
+            handlers: Vec::new(),
+        }
+        .encode();
         assert!(Msg::decode(&good[..10]).is_err());
         let mut bad = good.clone();
         bad[0] = b'X';
@@ -670,6 +807,58 @@ mod tests {
         // Claim a root path longer than the cap.
         conf[64..68].copy_from_slice(&5000u32.to_le_bytes());
         assert!(Msg::decode(&conf).is_err());
+    }
+
+    fn ready(names: &[&[u8]]) -> Vec<u8> {
+        let mut out = Msg::Ready {
+            pid: 1,
+            handlers: Vec::new(),
+        }
+        .encode();
+        out.truncate(HEADER_LEN);
+        out.extend_from_slice(&u16::try_from(names.len()).unwrap().to_le_bytes());
+        for n in names {
+            out.push(u8::try_from(n.len()).unwrap());
+            out.extend_from_slice(n);
+        }
+        out
+    }
+
+    #[test]
+    fn the_handlers_announced_in_ready_are_checked() {
+        let ok = ready(&[b"balance", b"kv", b"test.spin"]);
+        assert!(matches!(
+            Msg::decode(&ok),
+            Ok(Msg::Ready { handlers, .. }) if handlers == ["balance", "kv", "test.spin"]
+        ));
+        let long = [b'a'; 65];
+        for bad in [
+            ready(&[b"kv", b"balance"]),                // not sorted
+            ready(&[b"kv", b"kv"]),                     // repeated
+            ready(&[b"Kv"]),                            // outside the name rule
+            ready(&[b""]),                              // empty
+            ready(&[&long]),                            // too long
+            ready(&[b"kv"])[..HEADER_LEN + 3].to_vec(), // cut inside a name
+        ] {
+            assert!(
+                matches!(Msg::decode(&bad), Err(ProtoError::Malformed { .. })),
+                "{bad:?}"
+            );
+        }
+        // A count past the cap is refused before anything is read for it.
+        let mut many = ready(&[]);
+        many[HEADER_LEN..HEADER_LEN + 2].copy_from_slice(&1025u16.to_le_bytes());
+        assert!(Msg::decode(&many).is_err());
+        // The largest Ready fits the agent's buffer for it.
+        let names: Vec<String> = (0..MAX_HANDLERS).map(|i| format!("{i:064}")).collect();
+        let largest = Msg::Ready {
+            pid: 1,
+            handlers: names,
+        }
+        .encode();
+        assert_eq!(largest.len(), READY_MAX);
+        assert!(largest.len() < READY_BUF_LEN);
+        assert!(Msg::decode(&largest).is_ok());
     }
 
     #[test]

@@ -72,12 +72,11 @@ use nix::sys::signalfd::{SfdFlags, SignalFd};
 use nix::sys::socket::{getsockopt, sockopt};
 use nix::unistd::{chdir, chroot, getppid, setgroups, setresgid, setresuid, Gid, Pid, Uid};
 
-use crate::private::{Child, Private};
-use crate::proto::{self, Msg, ProtoError, Settings, Stage};
-use crate::{seccomp, sys};
+use mayfly_sandbox_proto::sys::{self as shared, ScmFds};
+use mayfly_sandbox_proto::{self as proto, Msg, ProtoError, Settings, Stage, CONTROL_FD_ENV};
 
-/// The environment variable through which the agent names the control socket's fd.
-pub const CONTROL_FD_ENV: &str = "MAYFLY_SANDBOX_CONTROL_FD";
+use crate::private::{Child, Private};
+use crate::{seccomp, sys};
 
 /// Exit status of a clone whose entry point panicked.
 pub const PANIC_EXIT: i32 = 101;
@@ -187,8 +186,9 @@ pub fn control_fd_from_env() -> Result<OwnedFd, ZygoteError> {
 }
 
 /// Runs the zygote with no template state: each clone calls `child` with its ring.
-pub fn zygote_main(control: OwnedFd, child: fn(ChildRing) -> i32) -> ! {
-    zygote_main_with(control, || (), move |(), ring| child(ring))
+/// `handlers` are the handler names the template answers to (see [`zygote_main_with`]).
+pub fn zygote_main(control: OwnedFd, handlers: Vec<String>, child: fn(ChildRing) -> i32) -> ! {
+    zygote_main_with(control, handlers, || (), move |(), ring| child(ring))
 }
 
 /// Runs the zygote: `init` builds the template state once (before the `chroot`, so it may
@@ -196,22 +196,20 @@ pub fn zygote_main(control: OwnedFd, child: fn(ChildRing) -> i32) -> ! {
 /// copy-on-write copy of that state. Never returns: the zygote exits when the agent tells it
 /// to or goes away; each clone `_exit`s with `child`'s return value ([`PANIC_EXIT`] if it
 /// panics).
-pub fn zygote_main_with<S, I, C>(control: OwnedFd, init: I, child: C) -> !
+///
+/// `handlers` are the names of the handlers the template answers to, announced to the agent
+/// in the zygote's `Ready` (sorted and without repeats here); the agent refuses
+/// transactions for any other. A name outside the name rule, or more than
+/// [`proto::MAX_HANDLERS`], fails the start-up ([`Stage::Handlers`]).
+pub fn zygote_main_with<S, I, C>(control: OwnedFd, handlers: Vec<String>, init: I, child: C) -> !
 where
     I: FnOnce() -> S,
     C: Fn(&mut S, ChildRing) -> i32,
 {
-    let code = match run(control, init, &child) {
+    let code = match run(control, handlers, init, &child) {
         Ok(()) => 0,
         Err(e) => {
-            let mut message = e.to_string();
-            let mut source = std::error::Error::source(&e);
-            while let Some(s) = source {
-                message.push_str(": ");
-                message.push_str(&s.to_string());
-                source = s.source();
-            }
-            eprintln!("mayfly-sandbox zygote: {message}");
+            eprintln!("mayfly-sandbox zygote: {}", mayfly_domain::ErrorChain(&e));
             1
         }
     };
@@ -257,7 +255,12 @@ struct Template<'a, S, C> {
     private: Private,
 }
 
-fn run<S, I, C>(control: OwnedFd, init: I, child: &C) -> Result<(), ZygoteError>
+fn run<S, I, C>(
+    control: OwnedFd,
+    handlers: Vec<String>,
+    init: I,
+    child: &C,
+) -> Result<(), ZygoteError>
 where
     I: FnOnce() -> S,
     C: Fn(&mut S, ChildRing) -> i32,
@@ -286,7 +289,7 @@ where
         }
         None => return Ok(()), // the agent went away before configuring us
     };
-    let template = match prepare(control.as_fd(), settings, init, child) {
+    let template = match prepare(control.as_fd(), settings, handlers, init, child) {
         Ok(t) => t,
         Err(e) => {
             if let ZygoteError::Stage { stage, source } = &e {
@@ -307,6 +310,7 @@ where
 fn prepare<'a, S, I, C>(
     control: BorrowedFd<'a>,
     settings: Settings,
+    mut handlers: Vec<String>,
     init: I,
     child: &'a C,
 ) -> Result<Template<'a, S, C>, ZygoteError>
@@ -314,6 +318,16 @@ where
     I: FnOnce() -> S,
     C: Fn(&mut S, ChildRing) -> i32,
 {
+    handlers.sort_unstable();
+    handlers.dedup();
+    if let Err(what) = proto::check_handlers(&handlers) {
+        // The agent sees the stage and EINVAL; what exactly is wrong goes to stderr.
+        eprintln!("mayfly-sandbox zygote: refusing to announce the handlers: {what}");
+        return Err(ZygoteError::Stage {
+            stage: Stage::Handlers,
+            source: io::Error::from_raw_os_error(libc::EINVAL),
+        });
+    }
     let status = File::open("/proc/self/status").map_err(at(Stage::ProcStatus))?;
     let devnull = std::fs::OpenOptions::new()
         .read(true)
@@ -377,7 +391,11 @@ where
     drop(filter);
 
     let pid = nix::unistd::getpid();
-    proto::send(control, &Msg::Ready { pid: pid.as_raw() }, &[])?;
+    let ready = Msg::Ready {
+        pid: pid.as_raw(),
+        handlers,
+    };
+    proto::send(control, &ready, &[])?;
     Ok(Template {
         control,
         settings,
@@ -399,7 +417,7 @@ where
         let mut result = Ok(());
         loop {
             let [control, signal] =
-                match sys::wait_readable([self.control, self.signals.as_fd()], None) {
+                match shared::wait_readable([self.control, self.signals.as_fd()], None) {
                     Ok(r) => r,
                     Err(e) => {
                         result = Err(at(Stage::Signals)(e));
@@ -509,12 +527,7 @@ where
     }
 
     /// Forks one clone. Errors are fatal to the zygote; a failed clone is reported instead.
-    fn spawn(
-        &mut self,
-        clone_id: u32,
-        ring_len: u32,
-        fds: crate::sys::ScmFds,
-    ) -> Result<(), ZygoteError> {
+    fn spawn(&mut self, clone_id: u32, ring_len: u32, fds: ScmFds) -> Result<(), ZygoteError> {
         let failed = |stage: Stage, errno: i32| Msg::SpawnFailed {
             clone_id,
             stage: stage as u32,
@@ -563,7 +576,7 @@ where
                     let _ = proto::send(self.control, &failed(Stage::Private, libc::ENOSPC), &[]);
                     return Ok(());
                 }
-                match sys::pidfd_open(pid) {
+                match shared::pidfd_open(pid) {
                     Ok(pidfd) => {
                         let spawned = Msg::Spawned { clone_id, pid };
                         if proto::send(self.control, &spawned, &[pidfd.as_fd()]).is_err() {
@@ -682,7 +695,7 @@ fn confine(
     // The zygote runs at a raised priority (the agent sets nice -10: it forks for everyone
     // and must not wait behind spinning clones in their shared cgroup); a clone runs at the
     // normal one.
-    sys::set_nice(0, 0).map_err(|_| Stage::Rlimit)?;
+    shared::set_nice(0, 0).map_err(|_| Stage::Rlimit)?;
 
     let (uid, gid) = (Uid::from_raw(uid), Gid::from_raw(settings.gid));
     setgroups(&[]).map_err(|_| Stage::Groups)?;

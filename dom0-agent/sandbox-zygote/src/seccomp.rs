@@ -55,9 +55,10 @@
 //! one inherited filter, the per-clone uid does that job, and the signal is narrowed to
 //! `SIGABRT` (table above).
 
+pub use seccompiler::BpfProgram;
 use seccompiler::{
-    BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter,
-    SeccompRule, TargetArch,
+    SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter, SeccompRule,
+    TargetArch,
 };
 use std::collections::BTreeMap;
 
