@@ -303,6 +303,8 @@ pub(crate) struct Committer {
     pub checkpoints: Tip,
     pub audit: Tip,
     pub group: u64,
+    /// The epoch signed in every head (version 3): the last head's, 0 for a new ledger.
+    pub epoch: u64,
     /// The live-state digest after the last durable group.
     pub state: StateDigest,
     /// Whether to maintain the digest and write version-2 heads (off: measurement only).
@@ -656,7 +658,9 @@ impl Committer {
             dbs.meta
                 .put(&mut wtxn, meta_keys::STATE, &encoded_state)
                 .map_err(fail)?;
-            SignedHead::sign_v2(&self.key, group, ckpt, audit, now, state_hash, next_key)
+            SignedHead::sign_v3(
+                &self.key, group, ckpt, audit, now, state_hash, self.epoch, next_key,
+            )
         } else {
             match next_key {
                 Some(next) => SignedHead::sign_rotation(&self.key, group, ckpt, audit, now, next),
@@ -706,6 +710,7 @@ impl Committer {
                 checkpoints: ckpt,
                 audit,
                 group,
+                epoch: self.epoch,
             };
         }
         for r in results.iter_mut().flatten() {

@@ -65,6 +65,7 @@ pub mod group_stats;
 pub mod head;
 pub mod keys;
 pub mod read;
+pub mod replication;
 pub mod rollback;
 pub mod state;
 pub mod store;
@@ -89,6 +90,7 @@ pub use group_stats::{GroupStats, Histogram};
 pub use head::{SignedHead, Tip};
 pub use keys::{KeyError, PublicKey, SigningKey};
 pub use read::ReadError;
+pub use replication::{Applied, ApplyError, ExportError, GroupRecords, Held, Replica};
 pub use rollback::{Record, RollbackError, RollbackPlan, RollbackRecord};
 pub use state::{StateDiff, StateDigest};
 pub use store::{OpenError, Store, StoreOptions};
@@ -177,6 +179,8 @@ pub struct Tips {
     pub audit: Tip,
     /// Last group commit.
     pub group: u64,
+    /// Epoch of the last signed head (raised by each promotion of a standby; 0 before).
+    pub epoch: u64,
 }
 
 /// How to open a ledger.
@@ -313,6 +317,7 @@ impl Ledger {
             checkpoints: s.checkpoints,
             audit: s.audit,
             group: s.group,
+            epoch: s.epoch,
         });
         let shared_tips = Arc::new(Mutex::new(tips));
         let (digest, check, mut events) = Self::open_state(
@@ -336,6 +341,7 @@ impl Ledger {
             checkpoints: tips.checkpoints,
             audit: tips.audit,
             group: tips.group,
+            epoch: tips.epoch,
             state: digest,
             maintain_state: opts.state_digest,
             max_map_size: opts.store.max_map_size.max(opts.store.map_size),

@@ -838,6 +838,13 @@ impl Store {
                     .map_err(|e| self.corrupt(format!("meta/state does not decode: {e}")))?,
             ),
         };
+        let epoch = self
+            .dbs
+            .heads
+            .last(rtxn)
+            .map_err(|e| self.storage_err(e))?
+            .and_then(|(_, v)| SignedHead::decode(v).ok())
+            .map_or(0, |h| h.epoch());
         let state = MetaState {
             public_key,
             signing_key,
@@ -845,6 +852,7 @@ impl Store {
             audit,
             group,
             state: live,
+            epoch,
         };
         if check_tips {
             self.check_tips(rtxn, &state)?;
@@ -979,6 +987,8 @@ pub(crate) struct MetaState {
     pub group: u64,
     /// The live-state digest (`None`: a ledger from before it existed).
     pub state: Option<StateDigest>,
+    /// The epoch of the last signed head (0 before version-3 heads, and with no head).
+    pub epoch: u64,
 }
 
 /// Opens a ledger's databases for reading only: no key is loaded, nothing is written, and
