@@ -1,0 +1,14 @@
+//! Failover to a standby appliance (issue 18): the signed chain as the replication stream.
+//!
+//! The primary ships every durable group of its ledger (checkpoint records, audit records
+//! and the signed head, read back with [`mayfly_ledger::Store::export_group`]) to one
+//! standby as a [`frame::Frame::Group`]; the standby applies it with
+//! [`mayfly_ledger::Replica::apply`], which checks every hash link, the signature, the
+//! epoch and the live-state digest before the group becomes durable in its LMDB, and
+//! acknowledges it. See `docs/failover.md` for the operator's view and
+//! `docs/formats.md` §4 for the frames.
+
+#![forbid(unsafe_code)]
+#![deny(missing_docs)]
+
+pub mod frame;
