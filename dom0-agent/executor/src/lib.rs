@@ -557,6 +557,7 @@ impl Executor {
                     client: replay_client(cp.client.as_deref(), seq),
                 },
                 Some(cp.entropy_seed),
+                None,
             );
             let replayed = match outcome {
                 Ok(o) => Replayed {
@@ -834,12 +835,29 @@ impl Executor {
 
     /// Runs `req` to its end in fresh domains (more than one only after conflicts).
     pub fn execute(&self, req: &TxRequest) -> Result<TxOutcome, ExecError> {
-        self.execute_seeded(req, None)
+        self.execute_seeded(req, None, None)
+    }
+
+    /// [`Executor::execute`] with the client's idempotency key, recorded durably in the
+    /// same commit as the transaction ([`mayfly_ledger::Tx::set_idempotency_key`]); a key
+    /// the client already committed with makes the commit fail (the caller answers with
+    /// the original outcome, [`mayfly_ledger::Store::idempotent_commit`]).
+    pub fn execute_with_idempotency_key(
+        &self,
+        req: &TxRequest,
+        key: &str,
+    ) -> Result<TxOutcome, ExecError> {
+        self.execute_seeded(req, None, Some(key))
     }
 
     /// [`Executor::execute`], with the domain's RNG seeded from `seed` when given (a
     /// replay gives the handler the numbers the original drew).
-    fn execute_seeded(&self, req: &TxRequest, seed: Option<Hash>) -> Result<TxOutcome, ExecError> {
+    fn execute_seeded(
+        &self,
+        req: &TxRequest,
+        seed: Option<Hash>,
+        idempotency_key: Option<&str>,
+    ) -> Result<TxOutcome, ExecError> {
         if !self.handlers.contains(&req.handler) {
             return Err(ExecError::UnknownHandler(req.handler.clone()));
         }
@@ -895,6 +913,9 @@ impl Executor {
             })?;
             // The checkpoint names who asked (version 2 records).
             ltx.set_client(&req.client);
+            if let Some(key) = idempotency_key {
+                ltx.set_idempotency_key(key)?;
+            }
             let started = self.started_events(req, tx_id, domain.as_ref(), domain_id, attempt);
             let (served, exit) = self.serve(domain, domain_id, ltx, req, &policy, seed, started);
             let outcome = |status, result, failure: Option<Failure>, seq| TxOutcome {

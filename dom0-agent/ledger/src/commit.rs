@@ -127,6 +127,13 @@ pub enum CommitError {
         /// What failed, with the path.
         reason: String,
     },
+    /// The client's idempotency key is already recorded with another commit (a resend
+    /// that raced the original, or one that arrived after a failover).
+    #[error("idempotency key already recorded with commit {seq}")]
+    IdempotencyKeyUsed {
+        /// The commit that recorded it.
+        seq: u64,
+    },
     /// The ledger is shut down.
     #[error("ledger is closed")]
     Closed,
@@ -184,6 +191,7 @@ pub(crate) struct PreparedTx {
     pub begin_ns: u64,
     pub entropy_seed: Hash,
     pub client: Option<String>,
+    pub idempotency_key: Option<String>,
     pub reads: std::collections::BTreeMap<Vec<u8>, u64>,
     pub writes: std::collections::BTreeMap<Vec<u8>, Option<Vec<u8>>>,
     pub scans: Vec<ScanRecord>,
@@ -305,6 +313,8 @@ pub(crate) struct Committer {
     pub group: u64,
     /// The epoch signed in every head (version 3): the last head's, 0 for a new ledger.
     pub epoch: u64,
+    /// Retention of durable idempotency keys.
+    pub idempotency: crate::idempotency::Retention,
     /// The live-state digest after the last durable group.
     pub state: StateDigest,
     /// Whether to maintain the digest and write version-2 heads (off: measurement only).
@@ -796,6 +806,17 @@ impl Committer {
         if dbs.tx_index.get(wtxn, &tx.ctx.tx_id.0)?.is_some() {
             return Err(Step::Reject(CommitError::DuplicateTxId(tx.ctx.tx_id)));
         }
+        let idempotency = match (&tx.idempotency_key, dbs.idempotency) {
+            (Some(key), Some(db)) => {
+                let client = tx.client.as_deref().unwrap_or("");
+                let hash = crate::idempotency::key_hash(client, key);
+                if let Some(seq) = crate::idempotency::lookup(db, wtxn, &hash)? {
+                    return Err(Step::Reject(CommitError::IdempotencyKeyUsed { seq }));
+                }
+                Some((db, hash, client.to_string(), key.clone()))
+            }
+            _ => None,
+        };
         for (key, &read) in &tx.reads {
             let (current, _) = self.current(wtxn, key)?;
             if current != read {
@@ -878,6 +899,16 @@ impl Committer {
         *ckpt = Tip { seq, hash };
         for ev in tx.audit {
             self.append_audit(wtxn, audit, ev, now)?;
+        }
+        if let Some((db, key_hash, client, key)) = idempotency {
+            let ev = AuditEvent::new(crate::idempotency::EVENT, crate::Severity::Info)
+                .field("client", client)
+                .field("key", key)
+                .field("seq", seq)
+                .field("tx_id", cp.tx_id);
+            self.append_audit(wtxn, audit, ev, now)?;
+            crate::idempotency::insert(db, wtxn, &key_hash, seq, now)?;
+            crate::idempotency::prune(db, wtxn, now, self.idempotency)?;
         }
         Ok(Receipt {
             seq,

@@ -35,6 +35,8 @@
 //! nonces       16-byte admin command nonce           u64 expires_ns || 32-byte SHA-256 of the
 //!                                                    command body (pruned after expiry)
 //! cursors      exporter name (1..=64 bytes)          b"MFCU" || u8 1 || u64 last delivered audit seq
+//! idempotency  0x01 || SHA-256 of (client, key)      u64 commit seq || u64 commit_ns
+//!              0x02 || u64 commit seq                32-byte hash || u64 commit_ns (idempotency.rs)
 //! ```
 //!
 //! A data version is the commit sequence of the checkpoint that wrote it; 0 means "never
@@ -63,6 +65,7 @@ pub mod cursor;
 pub mod domains;
 pub mod group_stats;
 pub mod head;
+pub mod idempotency;
 pub mod keys;
 pub mod read;
 pub mod replication;
@@ -207,6 +210,8 @@ pub struct Options {
     /// `meta/state`, as the release before it did. A ledger that already has a digest is
     /// refused with it off ([`OpenError::DigestRequired`]).
     pub state_digest: bool,
+    /// How many durable idempotency keys are kept, and for how long ([`idempotency`]).
+    pub idempotency: idempotency::Retention,
 }
 
 impl Default for Options {
@@ -219,6 +224,7 @@ impl Default for Options {
             track_dependencies: true,
             check_state: true,
             state_digest: true,
+            idempotency: idempotency::Retention::default(),
         }
     }
 }
@@ -297,6 +303,7 @@ impl Ledger {
         } else {
             Some(store.ensure_undone_index()?)
         };
+        store.ensure_idempotency_db()?;
         let (key, state) = if fresh {
             let key = match SigningKey::load(dir) {
                 Ok(k) => k,
@@ -342,6 +349,7 @@ impl Ledger {
             audit: tips.audit,
             group: tips.group,
             epoch: tips.epoch,
+            idempotency: opts.idempotency,
             state: digest,
             maintain_state: opts.state_digest,
             max_map_size: opts.store.max_map_size.max(opts.store.map_size),
@@ -577,6 +585,7 @@ impl Ledger {
             begin_ns: now_ns(),
             entropy_seed: [0; 32],
             client: None,
+            idempotency_key: None,
             reads: Default::default(),
             writes: Default::default(),
             scans: Vec::new(),

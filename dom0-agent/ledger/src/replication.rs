@@ -360,6 +360,7 @@ pub struct Replica {
     store: Store,
     held: Held,
     state: StateDigest,
+    retention: crate::idempotency::Retention,
 }
 
 impl std::fmt::Debug for Replica {
@@ -388,9 +389,10 @@ impl Replica {
     /// existing copy must have been made from it. The copy's tips and its live state are
     /// checked against its last head (a full scan of `data`).
     pub fn open(dir: &Path, opts: &StoreOptions, primary: PublicKey) -> Result<Self, OpenError> {
-        let store = match Store::open(dir, opts, true)? {
+        let mut store = match Store::open(dir, opts, true)? {
             Opened::Created(s) | Opened::Existing(s) => s,
         };
+        store.ensure_idempotency_db()?;
         if store.meta_is_empty()? {
             return Ok(Self {
                 store,
@@ -403,6 +405,7 @@ impl Replica {
                     signer: primary,
                 },
                 state: StateDigest::default(),
+                retention: crate::idempotency::Retention::default(),
             });
         }
         let meta = store.load_meta(true)?;
@@ -446,7 +449,14 @@ impl Replica {
                 signer: meta.signing_key,
             },
             state: found,
+            retention: crate::idempotency::Retention::default(),
         })
+    }
+
+    /// Sets the retention of durable idempotency keys (the primary's, so that both prune
+    /// alike; the default is the ledger's default).
+    pub fn set_idempotency_retention(&mut self, retention: crate::idempotency::Retention) {
+        self.retention = retention;
     }
 
     /// What the copy holds.
@@ -508,7 +518,11 @@ impl Replica {
         if cp_tip != head.checkpoints {
             return Err(tip_mismatch("checkpoints", g, cp_tip, head.checkpoints));
         }
-        let au_tip = self.apply_audit(&mut wtxn, &group.audit)?;
+        let au_tip = self.apply_audit(&mut wtxn, &group.audit, g)?;
+        if let Some(db) = self.store.dbs.idempotency {
+            crate::idempotency::prune(db, &mut wtxn, head.time_ns, self.retention)
+                .map_err(storage)?;
+        }
         if au_tip != head.audit {
             return Err(tip_mismatch("audit", g, au_tip, head.audit));
         }
@@ -698,7 +712,13 @@ impl Replica {
         Ok(tip)
     }
 
-    fn apply_audit(&self, wtxn: &mut RwTxn<'_>, records: &[Vec<u8>]) -> Result<Tip, ApplyError> {
+    fn apply_audit(
+        &self,
+        wtxn: &mut RwTxn<'_>,
+        records: &[Vec<u8>],
+        group: u64,
+    ) -> Result<Tip, ApplyError> {
+        let storage = |source| ApplyError::Storage { group, source };
         let db = self.store.dbs.audit;
         let mut tip = self.held.audit;
         for (i, bytes) in records.iter().enumerate() {
@@ -728,8 +748,24 @@ impl Replica {
                 }
                 return Err(bad("does not link to the record before it".into()));
             }
-            db.put(wtxn, &u64_key(seq), bytes)
-                .map_err(|source| ApplyError::Storage { group: 0, source })?;
+            db.put(wtxn, &u64_key(seq), bytes).map_err(storage)?;
+            // A durable idempotency key: indexed here exactly as the primary's committer
+            // indexed it in the same group.
+            if let (true, Some(index)) = (
+                rec.event.event == crate::idempotency::EVENT,
+                self.store.dbs.idempotency,
+            ) {
+                let f = &rec.event.fields;
+                if let (Some(client), Some(key), Some(Ok(cseq))) = (
+                    f.get("client"),
+                    f.get("key"),
+                    f.get("seq").map(|s| s.parse::<u64>()),
+                ) {
+                    let hash = crate::idempotency::key_hash(client, key);
+                    crate::idempotency::insert(index, wtxn, &hash, cseq, rec.time_ns)
+                        .map_err(storage)?;
+                }
+            }
             tip = Tip {
                 seq,
                 hash: chain_hash(&tip.hash, bytes),
