@@ -257,6 +257,16 @@ pub(crate) struct Envelope {
     reply: SyncSender<Result<Receipt, CommitError>>,
 }
 
+/// Told by the committer about every durable group, in order, from the committer's thread
+/// (see [`crate::Ledger::set_group_observer`]).
+pub trait GroupObserver: Send + Sync {
+    /// Group `group` is durable. With `acknowledging`, commits of it are about to be
+    /// acknowledged to their callers, who wait until this returns: a synchronous standby
+    /// is waited for here. Must never submit to the ledger and wait (the committer is
+    /// this thread).
+    fn durable(&self, group: u64, acknowledging: bool);
+}
+
 /// A queued commit; [`CommitTicket::wait`] blocks until its group is durable.
 #[derive(Debug)]
 #[must_use = "a commit is only known durable once wait() returns Ok"]
@@ -315,6 +325,10 @@ pub(crate) struct Committer {
     pub epoch: u64,
     /// Retention of durable idempotency keys.
     pub idempotency: crate::idempotency::Retention,
+    /// Told about every durable group (replication); unset on a standalone appliance.
+    pub observer: Arc<std::sync::OnceLock<Arc<dyn GroupObserver>>>,
+    /// Last group the observer was told about.
+    pub observed: u64,
     /// The live-state digest after the last durable group.
     pub state: StateDigest,
     /// Whether to maintain the digest and write version-2 heads (off: measurement only).
@@ -415,6 +429,9 @@ impl Committer {
             match self.write_group(jobs, false) {
                 Ok(results) => {
                     self.after_success(with_pending);
+                    // Before any commit of the group is acknowledged: a synchronous standby
+                    // must have it too.
+                    self.observe(true);
                     for (reply, r) in replies.into_iter().zip(results) {
                         let _ = reply.send(r);
                     }
@@ -435,6 +452,17 @@ impl Committer {
                 "names" => self.pending.iter().map(|e| e.event.as_str()).collect::<Vec<_>>().join(","));
         }
         debug!(self.log, "committer stopped");
+    }
+
+    /// Tells the group observer (if one is set: replication) about a new durable group.
+    /// Without one this is a single atomic load.
+    fn observe(&mut self, acknowledging: bool) {
+        if let Some(observer) = self.observer.get() {
+            if self.group > self.observed {
+                self.observed = self.group;
+                observer.durable(self.group, acknowledging);
+            }
+        }
     }
 
     /// After a group committed: the pending events it carried are durable, a storage
@@ -574,7 +602,10 @@ impl Committer {
         events.splice(0..0, self.pending.iter().cloned());
         let n = events.len();
         match self.write_group(vec![Job::Audit(events)], false) {
-            Ok(_) => self.after_success(with_pending),
+            Ok(_) => {
+                self.after_success(with_pending);
+                self.observe(false);
+            }
             Err(e) => {
                 if !matches!(
                     e,

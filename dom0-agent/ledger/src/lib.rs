@@ -86,7 +86,7 @@ use slog::{error, info, o, warn, Logger};
 
 pub use audit::{AuditEvent, AuditRecord, Severity};
 pub use checkpoint::{Checkpoint, ReadEntry, WriteEntry};
-pub use commit::{encode_deps, CommitError, CommitTicket};
+pub use commit::{encode_deps, CommitError, CommitTicket, GroupObserver};
 pub use cursor::CursorError;
 pub use domains::DomainNumberError;
 pub use group_stats::{GroupStats, Histogram};
@@ -240,6 +240,7 @@ pub(crate) struct Inner {
     capacity: Arc<Mutex<capacity::Shared>>,
     max_map: u64,
     group_stats: Arc<group_stats::GroupCounters>,
+    observer: Arc<std::sync::OnceLock<Arc<dyn commit::GroupObserver>>>,
 }
 
 impl Drop for Inner {
@@ -341,6 +342,7 @@ impl Ledger {
         }
         let (state_entries, state_hash) = (digest.entries(), digest.hash());
         let shared_capacity = Arc::new(Mutex::new(capacity::Shared::default()));
+        let observer = Arc::new(std::sync::OnceLock::new());
         let group_stats = Arc::new(group_stats::GroupCounters::default());
         let mut committer = commit::Committer {
             store: store.clone(),
@@ -350,6 +352,8 @@ impl Ledger {
             group: tips.group,
             epoch: tips.epoch,
             idempotency: opts.idempotency,
+            observer: observer.clone(),
+            observed: tips.group,
             state: digest,
             maintain_state: opts.state_digest,
             max_map_size: opts.store.max_map_size.max(opts.store.map_size),
@@ -456,6 +460,7 @@ impl Ledger {
                 max_map: u64::try_from(opts.store.max_map_size.max(opts.store.map_size))
                     .unwrap_or(u64::MAX),
                 group_stats,
+                observer,
             }),
         })
     }
@@ -684,6 +689,13 @@ impl Ledger {
         commit::submit(&self.inner, commit::Job::Deferred(events))?
             .wait()
             .map(drop)
+    }
+
+    /// Sets the observer the committer tells about every durable group from now on (the
+    /// replication of a primary, issue 18), before the group's commits are acknowledged.
+    /// Once per ledger: returns `false` (and changes nothing) if one is set already.
+    pub fn set_group_observer(&self, observer: Arc<dyn GroupObserver>) -> bool {
+        self.inner.observer.set(observer).is_ok()
     }
 
     /// What the group committer has done since this ledger was opened: jobs per durable

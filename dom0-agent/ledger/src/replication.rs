@@ -361,6 +361,7 @@ pub struct Replica {
     held: Held,
     state: StateDigest,
     retention: crate::idempotency::Retention,
+    identity: PublicKey,
 }
 
 impl std::fmt::Debug for Replica {
@@ -406,6 +407,7 @@ impl Replica {
                 },
                 state: StateDigest::default(),
                 retention: crate::idempotency::Retention::default(),
+                identity: primary,
             });
         }
         let meta = store.load_meta(true)?;
@@ -450,6 +452,7 @@ impl Replica {
             },
             state: found,
             retention: crate::idempotency::Retention::default(),
+            identity: primary,
         })
     }
 
@@ -457,6 +460,11 @@ impl Replica {
     /// alike; the default is the ledger's default).
     pub fn set_idempotency_retention(&mut self, retention: crate::idempotency::Retention) {
         self.retention = retention;
+    }
+
+    /// The identity key of the primary ledger this is a copy of.
+    pub fn identity(&self) -> PublicKey {
+        self.identity
     }
 
     /// What the copy holds.

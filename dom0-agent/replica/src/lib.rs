@@ -12,3 +12,31 @@
 #![deny(missing_docs)]
 
 pub mod frame;
+pub mod inbox;
+pub mod primary;
+pub mod standby;
+pub mod tls;
+
+pub use primary::{PrimaryConfig, Shipper, StartError, Status, StatusHandle};
+pub use standby::{follow, End, StandbyConfig};
+pub use tls::{pin_of, PinnedTls, TlsError};
+
+/// Whether the primary waits for the standby before acknowledging a commit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Commits are acknowledged when durable on the primary; the standby follows behind.
+    Async,
+    /// Commits are acknowledged when durable on the standby too (degrading to asynchronous
+    /// after `sync_timeout`).
+    Sync,
+}
+
+impl Mode {
+    /// `async` or `sync`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Async => "async",
+            Self::Sync => "sync",
+        }
+    }
+}
