@@ -68,6 +68,14 @@
 //! transport = "tls"          # udp | tcp | tls
 //! address = "siem.example.org:6514"
 //! ca = "/etc/mayfly/siem-ca.pem"
+//! [replication]              # optional: ship every durable group to a standby
+//! role = "primary"           # (the whole section is described in docs/failover.md)
+//! listen = "0.0.0.0:7400"
+//! mode = "sync"              # async | sync
+//! [replication.tls]
+//! cert = "/etc/mayfly/replication.pem"
+//! key = "/etc/mayfly/replication.key"
+//! peer_pin = "spki:9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"
 //! ```
 //!
 //! The SIEM exporter starts right after the ledger opens (so it exports the agent's own
@@ -345,6 +353,7 @@ struct FileConfig {
     xen: Option<XenSection>,
     console: Option<ConsoleFileConfig>,
     siem: Option<mayfly_siem::SiemConfig>,
+    replication: Option<mayfly_replica::ReplicationSection>,
 }
 
 /// The settings in force, after merging file and flags.
@@ -374,6 +383,7 @@ struct Settings {
     xen: XenSection,
     console: Option<mayfly_console::ConsoleConfig>,
     siem: mayfly_siem::SiemConfig,
+    replication: Option<mayfly_replica::ReplicationSection>,
 }
 
 fn console_settings(
@@ -606,6 +616,7 @@ fn load(args: &ServeArgs) -> anyhow::Result<Settings> {
         policy: args.policy.clone().or(file.policy),
         xen: xen_section(args, file.xen.unwrap_or_default()),
         siem: file.siem.unwrap_or_default(),
+        replication: file.replication,
     };
     match s.backend.as_str() {
         "sandbox" | "xen" => {}
@@ -885,6 +896,7 @@ pub fn run(args: &ServeArgs, log: &Logger) -> anyhow::Result<u8> {
     };
     let siem = mayfly_siem::Exporter::start(&ledger, &s.siem, log)
         .context("starting the SIEM exporter")?;
+    let replication = crate::replication::start_primary(s.replication.as_ref(), &ledger, log)?;
     let policy_files = crate::policy::files(s.policy.as_deref())?;
     let bundle = mayfly_policy::Bundle::load(&policy_files).context("loading the policy bundle")?;
     let policy_hash = bundle.hash();
@@ -924,6 +936,7 @@ pub fn run(args: &ServeArgs, log: &Logger) -> anyhow::Result<u8> {
         health_sections: [siem_health(siem.status_handle()), capacity_health(&ledger)]
             .into_iter()
             .chain(cgroups_section)
+            .chain(replication.as_ref().map(crate::replication::health))
             .collect(),
         metrics_sections: vec![
             siem_metrics(siem.status_handle(), ledger.clone()),

@@ -11,12 +11,14 @@
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
+pub mod config;
 pub mod frame;
 pub mod inbox;
 pub mod primary;
 pub mod standby;
 pub mod tls;
 
+pub use config::{ReplicationSection, Role};
 pub use primary::{PrimaryConfig, Shipper, StartError, Status, StatusHandle};
 pub use standby::{follow, End, StandbyConfig};
 pub use tls::{pin_of, PinnedTls, TlsError};
