@@ -42,25 +42,35 @@ pub fn start_primary(
     Ok(Some(shipper))
 }
 
+/// The replication state as JSON: the `replication` section of `GET /v1/health` and of
+/// the console's `status`.
+fn status_json(handle: &mayfly_replica::StatusHandle) -> serde_json::Value {
+    let s = handle.status();
+    json!({
+        "role": "primary",
+        "mode": s.mode.as_str(),
+        "state": s.state(),
+        "degraded_reason": s.degraded,
+        "standby": s.standby.map(|a| a.to_string()),
+        "durable_group": s.durable_group,
+        "acked_group": s.acked_group,
+        "lag_groups": s.lag_groups(),
+    })
+}
+
 /// The `replication` section of `GET /v1/health`.
 pub fn health(shipper: &Shipper) -> mayfly_api::HealthSection {
     let handle = shipper.status_handle();
     mayfly_api::HealthSection {
         name: "replication",
-        report: Arc::new(move || {
-            let s = handle.status();
-            json!({
-                "role": "primary",
-                "mode": s.mode.as_str(),
-                "state": s.state(),
-                "degraded_reason": s.degraded,
-                "standby": s.standby.map(|a| a.to_string()),
-                "durable_group": s.durable_group,
-                "acked_group": s.acked_group,
-                "lag_groups": s.lag_groups(),
-            })
-        }),
+        report: Arc::new(move || status_json(&handle)),
     }
+}
+
+/// The `replication` section of the console's `status`.
+pub fn console_status(shipper: &Shipper) -> mayfly_console::ReplicationStatus {
+    let handle = shipper.status_handle();
+    Arc::new(move || status_json(&handle))
 }
 
 /// `dom0-agent standby`.

@@ -959,6 +959,7 @@ pub fn run(args: &ServeArgs, log: &Logger) -> anyhow::Result<u8> {
                     Arc::new(SiemStatus(siem.status_handle()))
                         as Arc<dyn mayfly_console::ExporterStatus>
                 }),
+                replication: replication.as_ref().map(crate::replication::console_status),
                 admin_keys: config.authorizer.keys().len(),
                 quorum: config.quorum,
             };

@@ -141,6 +141,7 @@ fn main() {
         Services {
             executor,
             exporters: None,
+            replication: None,
             admin_keys: 2,
             quorum: 2,
         },

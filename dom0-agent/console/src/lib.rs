@@ -59,6 +59,9 @@ pub trait ExporterStatus: Send + Sync {
     fn collectors(&self) -> Vec<CollectorStatus>;
 }
 
+/// Reports the replication state as JSON, when replication is configured.
+pub type ReplicationStatus = Arc<dyn Fn() -> serde_json::Value + Send + Sync>;
+
 /// What the console acts on.
 #[derive(Clone)]
 pub struct Services {
@@ -67,6 +70,9 @@ pub struct Services {
     pub executor: Arc<Executor>,
     /// The SIEM exporter's status, once one is configured.
     pub exporters: Option<Arc<dyn ExporterStatus>>,
+    /// The replication state (a primary with a standby, docs/failover.md): the same object
+    /// as the `replication` section of `GET /v1/health`.
+    pub replication: Option<ReplicationStatus>,
     /// Number of authorized admin keys (for `status`).
     pub admin_keys: usize,
     /// Distinct admins a destructive command needs (for `status`).
