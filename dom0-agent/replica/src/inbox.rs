@@ -56,9 +56,26 @@ impl Inbox {
     /// The next complete frame, if the bytes for one have arrived. A header that is not a
     /// replication frame's, or announces a body above its kind's cap, is an error at once.
     pub fn next_frame(&mut self) -> Result<Option<Frame>, FrameError> {
+        self.next_frame_of(&[
+            frame::KIND_HELLO,
+            frame::KIND_GROUP,
+            frame::KIND_ACK,
+            frame::KIND_STOP,
+        ])
+    }
+
+    /// [`Inbox::next_frame`], refusing at the header any kind not in `kinds`: a peer that
+    /// may only send small frames (the standby: acks and stops) cannot make its reader
+    /// buffer a group-sized body.
+    pub fn next_frame_of(&mut self, kinds: &[u8]) -> Result<Option<Frame>, FrameError> {
         let Some(header) = self.buf.get(..HEADER_LEN) else {
             return Ok(None);
         };
+        if let Some(kind) = header.get(5) {
+            if header.get(..4) == Some(&frame::MAGIC[..]) && !kinds.contains(kind) {
+                return Err(FrameError::Kind(*kind));
+            }
+        }
         // Checks magic, version, kind and cap without needing the body.
         let mut probe = header;
         let len = match frame::read_frame(&mut probe) {
@@ -108,6 +125,20 @@ mod tests {
             }
             assert_eq!(got, frames, "step {step}");
         }
+    }
+
+    #[test]
+    fn a_kind_the_reader_does_not_take_is_refused_at_its_header() {
+        let mut inbox = Inbox::default();
+        let mut h = Vec::from(&frame::MAGIC[..]);
+        h.extend_from_slice(&[frame::VERSION, frame::KIND_GROUP, 0x10, 0, 0, 0]);
+        inbox.fill(&mut &h[..]).unwrap();
+        assert!(matches!(
+            inbox.next_frame_of(&[frame::KIND_ACK, frame::KIND_STOP]),
+            Err(FrameError::Kind(frame::KIND_GROUP))
+        ));
+        // The same header is only incomplete for a reader that takes groups.
+        assert!(matches!(inbox.next_frame(), Ok(None)));
     }
 
     #[test]

@@ -30,7 +30,7 @@ use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use rustls::{ServerConnection, StreamOwned};
 use slog::{error, info, warn, Logger};
 
-use crate::frame::{write_frame, Frame, FrameError};
+use crate::frame::{write_frame, Frame, FrameError, KIND_ACK, KIND_HELLO, KIND_STOP};
 use crate::inbox::{Filled, Inbox};
 use crate::tls::{PinnedTls, TlsError};
 use crate::Mode;
@@ -445,7 +445,7 @@ fn serve_standby(
     let mut inbox = Inbox::default();
     let started = Instant::now();
     let hello = loop {
-        if let Some(f) = inbox.next_frame()? {
+        if let Some(f) = inbox.next_frame_of(&[KIND_HELLO])? {
             break f;
         }
         if started.elapsed() > HELLO_TIMEOUT {
@@ -558,7 +558,7 @@ fn serve_standby(
                 Err(e) => return Err(e.into()),
             }
         }
-        while let Some(frame) = inbox.next_frame()? {
+        while let Some(frame) = inbox.next_frame_of(&[KIND_ACK, KIND_STOP])? {
             match frame {
                 Frame::Ack { group } if group < next => shared.acked(group),
                 Frame::Ack { group } => {

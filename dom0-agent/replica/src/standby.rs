@@ -19,7 +19,7 @@ use rustls::pki_types::ServerName;
 use rustls::{ClientConnection, StreamOwned};
 use slog::{error, info, warn, Logger};
 
-use crate::frame::{write_frame, Frame, FrameError};
+use crate::frame::{write_frame, Frame, FrameError, KIND_GROUP, KIND_STOP};
 use crate::inbox::{Filled, Inbox};
 use crate::tls::{PinnedTls, TlsError};
 
@@ -184,7 +184,7 @@ fn connection(
     info!(log, "connected to the primary"; "primary" => %primary, "next_group" => held.group + 1);
     let mut inbox = Inbox::default();
     loop {
-        while let Some(frame) = inbox.next_frame()? {
+        while let Some(frame) = inbox.next_frame_of(&[KIND_GROUP, KIND_STOP])? {
             match frame {
                 Frame::Group(group) => match replica.apply(&group) {
                     Ok(applied) => {
