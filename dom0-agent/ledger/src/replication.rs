@@ -640,19 +640,7 @@ impl Replica {
                 return Err(bad(format!("carries sequence {}", record.seq())));
             }
             if record.prev_hash() != tip.hash {
-                if i == 0 {
-                    return Err(ApplyError::Fork {
-                        chain: "checkpoints",
-                        seq: tip.seq,
-                        detail: format!(
-                            "the primary's record {seq} links to {} as record {}, but this standby holds {}",
-                            hex(&record.prev_hash()),
-                            tip.seq,
-                            hex(&tip.hash)
-                        ),
-                    });
-                }
-                return Err(bad("does not link to the record before it".into()));
+                return Err(broken_link("checkpoints", i, tip, &record.prev_hash()));
             }
             let hash: Hash = chain_hash(&tip.hash, bytes);
             let seq_key = u64_key(seq);
@@ -742,19 +730,7 @@ impl Replica {
                 return Err(bad(format!("carries sequence {}", rec.seq)));
             }
             if rec.prev_hash != tip.hash {
-                if i == 0 {
-                    return Err(ApplyError::Fork {
-                        chain: "audit",
-                        seq: tip.seq,
-                        detail: format!(
-                            "the primary's record {seq} links to {} as record {}, but this standby holds {}",
-                            hex(&rec.prev_hash),
-                            tip.seq,
-                            hex(&tip.hash)
-                        ),
-                    });
-                }
-                return Err(bad("does not link to the record before it".into()));
+                return Err(broken_link("audit", i, tip, &rec.prev_hash));
             }
             db.put(wtxn, &u64_key(seq), bytes).map_err(storage)?;
             // A durable idempotency key: indexed here exactly as the primary's committer
@@ -780,6 +756,30 @@ impl Replica {
             };
         }
         Ok(tip)
+    }
+}
+
+/// A record (the `index`-th of its chain in the group) whose link is not the hash of the
+/// record before it: for the first, the primary's history differs from the standby's at
+/// `tip` (a fork); later, the group itself is inconsistent.
+fn broken_link(chain: &'static str, index: usize, tip: Tip, link: &Hash) -> ApplyError {
+    let seq = tip.seq.saturating_add(1);
+    if index == 0 {
+        return ApplyError::Fork {
+            chain,
+            seq: tip.seq,
+            detail: format!(
+                "the primary's record {seq} links to {} as record {}, but this standby holds {}",
+                hex(link),
+                tip.seq,
+                hex(&tip.hash)
+            ),
+        };
+    }
+    ApplyError::BadRecord {
+        chain,
+        seq,
+        reason: "does not link to the record before it".into(),
     }
 }
 

@@ -33,6 +33,20 @@ fn resign_head(dir: &std::path::Path, group: u64, edit: impl Fn(&SignedHead) -> 
     tamper::set(dir, names::HEADS, &group.to_be_bytes(), Some(&new.encode()));
 }
 
+/// `h` re-signed as a version-3 head of `epoch`.
+fn with_epoch(key: &SigningKey, h: &SignedHead, epoch: u64) -> SignedHead {
+    SignedHead::sign_v3(
+        key,
+        h.group,
+        h.checkpoints,
+        h.audit,
+        h.time_ns,
+        h.state.unwrap(),
+        epoch,
+        None,
+    )
+}
+
 fn failures(dir: &std::path::Path, key: [u8; 32]) -> Vec<String> {
     let store = open_read_only(dir, &Default::default()).unwrap();
     let r = verify(&store, &[key], &mut |_| {}).unwrap();
@@ -49,18 +63,7 @@ fn verify_refuses_a_head_whose_epoch_moves() {
         let key_pub = ledger_with_groups(dir.path());
         assert!(failures(dir.path(), key_pub).is_empty());
         let key = SigningKey::load(dir.path()).unwrap();
-        resign_head(dir.path(), 2, |h| {
-            SignedHead::sign_v3(
-                &key,
-                h.group,
-                h.checkpoints,
-                h.audit,
-                h.time_ns,
-                h.state.unwrap(),
-                epoch_of_2,
-                None,
-            )
-        });
+        resign_head(dir.path(), 2, |h| with_epoch(&key, h, epoch_of_2));
         let f = failures(dir.path(), key_pub);
         assert!(
             f.iter()
@@ -78,18 +81,7 @@ fn verify_refuses_a_head_whose_epoch_moves() {
         .last_group()
         .unwrap();
     for g in 1..last {
-        resign_head(dir.path(), g, |h| {
-            SignedHead::sign_v3(
-                &key,
-                h.group,
-                h.checkpoints,
-                h.audit,
-                h.time_ns,
-                h.state.unwrap(),
-                5,
-                None,
-            )
-        });
+        resign_head(dir.path(), g, |h| with_epoch(&key, h, 5));
     }
     let f = failures(dir.path(), key_pub);
     assert!(
