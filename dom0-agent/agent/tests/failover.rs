@@ -95,7 +95,7 @@ fn a_standby_process_follows_a_synchronous_primary_and_the_primary_degrades_with
     )
     .unwrap();
     let mut primary = Agent::start(&pdir, &["--config", pconf.to_str().unwrap()]);
-    assert_eq!(wait_state(&primary, "degraded")["mode"], "sync");
+    assert_eq!(health(&primary)["mode"], "sync");
     let out = Command::new(agent_exe())
         .args(["export-key", "--data-dir"])
         .arg(&pdir)

@@ -13,8 +13,10 @@
 //! synchronous mode the observer waits until the standby acknowledged the group, at most
 //! `sync_timeout`; then the primary **degrades** to asynchronous (audited
 //! `replication.degraded`, shown in [`Status`]) and goes back (`replication.synchronous`)
-//! once the standby has acknowledged every durable group. A primary starts degraded: no
-//! standby has confirmed anything yet.
+//! once the standby has acknowledged every durable group. A primary **starts
+//! synchronous**: after a restart its first commits wait for the standby like any other (so
+//! a primary killed and restarted does not acknowledge anything the standby lacks while the
+//! standby reconnects), and degrade only if it does not come within `sync_timeout`.
 
 use std::io::Write;
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -260,8 +262,7 @@ impl Shipper {
         let (wake, wake_rx) = UnixStream::pair().map_err(listen_err)?;
         wake.set_nonblocking(true).map_err(listen_err)?;
         wake_rx.set_nonblocking(true).map_err(listen_err)?;
-        let degraded = (config.mode == Mode::Sync)
-            .then(|| "no standby has confirmed a group since the start".to_string());
+        let degraded: Option<String> = None;
         let mut events = vec![AuditEvent::new("replication.started", Severity::Notice)
             .field("role", "primary")
             .field("mode", config.mode.as_str())

@@ -27,8 +27,9 @@ use crate::tls::{PinnedTls, TlsError};
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// How often a blocked read wakes to look at the stop flag.
 pub const POLL: Duration = Duration::from_millis(200);
-/// Longest wait between reconnection attempts.
-pub const MAX_BACKOFF: Duration = Duration::from_secs(5);
+/// Longest wait between reconnection attempts (below the default `sync_timeout_ms`, so
+/// that a synchronous primary that restarts sees its standby back before it degrades).
+pub const MAX_BACKOFF: Duration = Duration::from_secs(1);
 
 /// How the standby follows its primary.
 #[derive(Debug, Clone)]
