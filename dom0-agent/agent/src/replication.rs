@@ -124,10 +124,13 @@ pub fn run_standby(args: &StandbyArgs, log: &Logger) -> anyhow::Result<u8> {
     std::thread::Builder::new()
         .name("signals".into())
         .spawn(move || {
-            if let Ok(sig) = signals.wait() {
-                eprintln!("dom0-agent: {sig:?} received, stopping");
-            }
+            let sig = signals.wait();
+            // The flag first: the note after it may fail (stderr gone), never the stop.
             flag.store(true, Ordering::SeqCst);
+            if let Ok(sig) = sig {
+                use std::io::Write;
+                let _ = writeln!(std::io::stderr(), "dom0-agent: {sig:?} received, stopping");
+            }
         })
         .context("starting the signal thread")?;
     println!(
