@@ -224,6 +224,13 @@ assert len(h) == 166 + 64 and h[:166] == expected, "head-v2-3: fields differ"
 Ed25519PublicKey.from_public_bytes(pub_from_seed(0x01)).verify(h[166:], h[:166])
 print("ok  head-v2-3: version 2, state hash, signature by seed 0x01")
 
+# Version-3 head: the same fields with version 3, then the epoch (2), seed 0x01.
+h = vec("head-v3-3.hex")
+expected = b"MFHD" + bytes([3]) + expected[5:] + struct.pack(">Q", 2)
+assert len(h) == 174 + 64 and h[:174] == expected, "head-v3-3: fields differ"
+Ed25519PublicKey.from_public_bytes(pub_from_seed(0x01)).verify(h[174:], h[:174])
+print("ok  head-v3-3: version 3, state hash, epoch 2, signature by seed 0x01")
+
 # Sealed-key file (formats.md §4.1): fields of the unit test's sample, trailing SHA-256.
 b = b"MFSEALED" + bytes([1]) + b"\x11" * 32 + struct.pack(">H", 0x000B) + bytes([3])
 for p in (7, 8, 9):

@@ -20,6 +20,13 @@
 //! line says which). The sandbox runs with its clones' cgroup limits, as shipped;
 //! `BENCH_NO_CGROUPS=1` runs it without them; `BENCH_STATE_DIGEST=off` runs the ledger without
 //! its live-state digest (what the digest costs per transaction).
+//!
+//! `BENCH_ONLY=replication` (issue 18) measures, interleaved in one run, the sandbox path
+//! standalone, with a **synchronous** standby (a `Shipper` and a standby following it over
+//! loopback mutual TLS in this process, each commit acknowledged only once the standby has
+//! it durable) and with an **asynchronous** one, whose lag (groups durable on the primary
+//! and not yet on the standby) is sampled every 5 ms under load, with the time it takes to
+//! catch up once the load stops.
 #![allow(
     missing_docs,
     clippy::cast_possible_truncation,
@@ -282,16 +289,126 @@ fn in_process(dir: &Path, n: usize, secs: f64) -> Run {
     with_cpu(run, cpu_before)
 }
 
+/// A standby following the bench's ledger over loopback mutual TLS, in this process.
+struct Replicated {
+    shipper: mayfly_replica::Shipper,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    follower: std::thread::JoinHandle<()>,
+}
+
+impl Replicated {
+    fn start(ledger: &Ledger, dir: &Path, mode: mayfly_replica::Mode) -> Self {
+        use rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
+        let ident = || {
+            let c = rcgen::generate_simple_self_signed(vec!["bench".into()]).unwrap();
+            let der = c.cert.der().clone();
+            let pin = mayfly_replica::pin_of(&der).unwrap();
+            (der, c.signing_key.serialize_der(), pin)
+        };
+        let (pc, pk, ppin) = ident();
+        let (sc, sk, spin) = ident();
+        let tls = |c: &rustls::pki_types::CertificateDer<'static>, k: &[u8], peer: &str| {
+            mayfly_replica::PinnedTls::from_parts(
+                vec![c.clone()],
+                PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(k.to_vec())),
+                peer,
+            )
+            .unwrap()
+        };
+        let shipper = mayfly_replica::Shipper::start(
+            ledger,
+            mayfly_replica::PrimaryConfig {
+                listen: "127.0.0.1:0".parse().unwrap(),
+                mode,
+                sync_timeout: Duration::from_secs(5),
+                tls: tls(&pc, &pk, &spin),
+            },
+            &log(),
+        )
+        .unwrap();
+        let config = mayfly_replica::StandbyConfig {
+            primary: shipper.local_addr(),
+            tls: tls(&sc, &sk, &ppin),
+        };
+        let mut replica = mayfly_ledger::Replica::open(
+            &dir.join("standby"),
+            &mayfly_ledger::StoreOptions::default(),
+            ledger.public_key(),
+        )
+        .unwrap();
+        let local = Ledger::open(&dir.join("standby-audit"), &Options::default(), &log()).unwrap();
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let s = stop.clone();
+        let follower = std::thread::spawn(move || {
+            mayfly_replica::follow(&mut replica, &config, &local, &s, &log()).unwrap();
+        });
+        // Measured from a synchronous state: the standby has caught up with the seeding.
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while shipper.status().lag_groups() > 0 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        if mode == mayfly_replica::Mode::Sync {
+            while shipper.status().state() != "synchronous" && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            assert_eq!(shipper.status().state(), "synchronous");
+        }
+        Self {
+            shipper,
+            stop,
+            follower,
+        }
+    }
+
+    fn stop(self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.follower.join().unwrap();
+        self.shipper.stop();
+    }
+}
+
+/// Async lag under load: the median and largest number of groups the standby was behind
+/// (sampled every 5 ms), and how long it took to catch up after the load stopped.
+#[derive(Default, Clone, Copy)]
+struct Lag {
+    median_groups: u64,
+    max_groups: u64,
+    catch_up: Duration,
+}
+
 fn through_executor(
     dir: &Path,
     backend: impl FnOnce() -> Arc<dyn DomainBackend>,
     n: usize,
     secs: f64,
 ) -> Run {
+    through_executor_replicated(dir, backend, n, secs, None).0
+}
+
+fn through_executor_replicated(
+    dir: &Path,
+    backend: impl FnOnce() -> Arc<dyn DomainBackend>,
+    n: usize,
+    secs: f64,
+    replicate: Option<mayfly_replica::Mode>,
+) -> (Run, Lag) {
     let cpu_before = cpu_now();
     let backend = backend();
     let ledger = Ledger::open(dir, &ledger_options(), &log()).unwrap();
     seed(&ledger);
+    let replicated = replicate.map(|mode| Replicated::start(&ledger, dir, mode));
+    let sampling = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let sampler = replicated.as_ref().map(|r| {
+        let (handle, on) = (r.shipper.status_handle(), sampling.clone());
+        std::thread::spawn(move || {
+            let mut samples = Vec::new();
+            while on.load(std::sync::atomic::Ordering::SeqCst) {
+                samples.push(handle.status().lag_groups());
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            samples
+        })
+    });
     // BENCH_WARM_POOL=N: wait (up to 60 s) for N ready domains before measuring, as a
     // long-running agent has them (scripts/bench-http.py compares against a warm agent).
     if let Some(want) = std::env::var("BENCH_WARM_POOL")
@@ -334,9 +451,79 @@ fn through_executor(
             .unwrap();
         assert_eq!(o.status, TxStatus::Committed, "{:?}", o.error);
     });
+    let load_end = Instant::now();
+    let mut lag = Lag::default();
+    if let (Some(r), Some(sampler)) = (&replicated, sampler) {
+        while r.shipper.status().lag_groups() > 0 && load_end.elapsed() < Duration::from_secs(60) {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        lag.catch_up = load_end.elapsed();
+        sampling.store(false, std::sync::atomic::Ordering::SeqCst);
+        let mut samples = sampler.join().unwrap();
+        samples.sort_unstable();
+        lag.median_groups = samples.get(samples.len() / 2).copied().unwrap_or(0);
+        lag.max_groups = samples.last().copied().unwrap_or(0);
+    }
+    if let Some(r) = replicated {
+        r.stop();
+    }
     backend.shutdown();
     drop(backend);
-    with_cpu(run, cpu_before)
+    (with_cpu(run, cpu_before), lag)
+}
+
+/// `BENCH_ONLY=replication`: standalone, sync and async, interleaved, medians.
+fn replication_bench(root: &Path, zygote: &Path, secs: f64, reps: usize) {
+    use mayfly_replica::Mode;
+    println!("replication bench: sandbox path, {secs} s per run, {reps} interleaved repetitions");
+    for n in [1, CLIENTS] {
+        let (mut alone, mut sync, mut asynch, mut lags) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for rep in 0..reps {
+            for (name, mode) in [
+                ("alone", None),
+                ("sync", Some(Mode::Sync)),
+                ("async", Some(Mode::Async)),
+            ] {
+                let d = root.join(format!("repl-{name}-{n}-{rep}"));
+                let (run, lag) =
+                    through_executor_replicated(&d, || sandbox_backend(zygote, &d), n, secs, mode);
+                match mode {
+                    None => alone.push(run),
+                    Some(Mode::Sync) => sync.push(run),
+                    Some(Mode::Async) => {
+                        asynch.push(run);
+                        lags.push(lag);
+                    }
+                }
+            }
+        }
+        let rows = [
+            ("standalone", median(&mut alone)),
+            ("sync", median(&mut sync)),
+            ("async", median(&mut asynch)),
+        ];
+        println!("{n} client(s):");
+        for (name, (rate, p50, p99, cpu)) in rows {
+            println!(
+                "  {name:>10}: {rate:>8.0} tx/s  p50 {p50:>10.2?}  p99 {p99:>10.2?}  cpu/tx {:>6} µs",
+                cpu.as_micros()
+            );
+        }
+        let ((ar, ap, aq, _), (sr, sp, sq, _)) = (rows[0].1, rows[1].1);
+        println!(
+            "  sync vs standalone: p50 {:.2}x, p99 {:.2}x, throughput {:.2}x",
+            sp.as_secs_f64() / ap.as_secs_f64(),
+            sq.as_secs_f64() / aq.as_secs_f64(),
+            sr / ar
+        );
+        lags.sort_by_key(|l| l.max_groups);
+        let mid = lags[lags.len() / 2];
+        println!(
+            "  async lag under load (median run): median {} groups, max {} groups, caught up {:.2?} after the load stopped",
+            mid.median_groups, mid.max_groups, mid.catch_up
+        );
+    }
 }
 
 fn median(runs: &mut [Run]) -> (f64, Duration, Duration, Duration) {
@@ -465,6 +652,10 @@ fn main() {
         .prefix("mayfly-txbench")
         .tempdir_in(env!("CARGO_TARGET_TMPDIR"))
         .unwrap();
+    if only.as_deref() == Some("replication") {
+        replication_bench(root.path(), &zygote, secs, reps);
+        return;
+    }
     if let Some(only) = only {
         // Profiling aid: one configuration, one run, BENCH_CLIENTS clients.
         let d = root.path().join("only");

@@ -13,6 +13,7 @@ mod config;
 mod demo;
 mod keysource;
 mod policy;
+mod replication;
 mod report;
 mod serve;
 mod verify_cmd;
@@ -98,6 +99,10 @@ enum Command {
     /// per transaction, every commit checkpointed in the ledger. SIGHUP reloads the policy
     /// bundle and the TLS certificates; SIGINT/SIGTERM stop.
     Serve(Box<serve::ServeArgs>),
+    /// Follow a primary as its standby (`[replication]` role "standby", docs/failover.md):
+    /// every group it ships is checked (links, signatures, epoch, live state) before it is
+    /// applied to the copy. SIGINT/SIGTERM stop; exit 6 on a fork, 7 when refused.
+    Standby(replication::StandbyArgs),
     /// Report a transaction, key, handler or client as part of an attack to a running agent
     /// (authenticated with its detector token); its policy decides, e.g. roll back and replay.
     Report(report::ReportArgs),
@@ -178,6 +183,7 @@ fn main() -> ExitCode {
         Command::Verify(args) => verify_cmd::run(&args),
         Command::ExportKey { data_dir } => export_key(&data_dir),
         Command::Serve(args) => serve::run(&args, &log),
+        Command::Standby(args) => replication::run_standby(&args, &log),
         Command::Report(args) => report::run(&args),
         Command::Demo(args) => demo::run(&args, &log),
     };

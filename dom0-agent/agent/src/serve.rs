@@ -91,6 +91,7 @@ struct Settings {
     console: Option<mayfly_console::ConsoleConfig>,
     siem: mayfly_siem::SiemConfig,
     key: crate::keysource::KeySettings,
+    replication: Option<mayfly_replica::ReplicationSection>,
 }
 
 /// The `[console]` section as the console server takes it; `None` without admin keys.
@@ -194,6 +195,7 @@ fn settings(c: &Config) -> anyhow::Result<Settings> {
         console: console_settings(&c.console, &v.data_dir)?,
         siem: c.siem.config.clone(),
         key: crate::keysource::KeySettings::from_config(&c.key)?,
+        replication: c.replication.config.clone(),
     };
     if !s.listen.ip().is_loopback() && s.tls.is_none() && !v.insecure_plaintext_listen {
         bail!(
@@ -452,6 +454,7 @@ pub fn run(args: &ServeArgs, log: &Logger) -> anyhow::Result<u8> {
     let siem = mayfly_siem::Exporter::start(&ledger, &s.siem, log)
         .context("starting the SIEM exporter")?;
     s.key.boot_quote(&ledger, log);
+    let replication = crate::replication::start_primary(s.replication.as_ref(), &ledger, log)?;
     let policy_files = crate::policy::files(s.policy.as_deref())?;
     let bundle = mayfly_policy::Bundle::load(&policy_files).context("loading the policy bundle")?;
     let policy_hash = bundle.hash();
@@ -506,6 +509,7 @@ pub fn run(args: &ServeArgs, log: &Logger) -> anyhow::Result<u8> {
         ]
         .into_iter()
         .chain(cgroups_section)
+        .chain(replication.as_ref().map(crate::replication::health))
         .collect(),
         metrics_sections: vec![
             siem_metrics(siem.status_handle(), ledger.clone()),
@@ -529,6 +533,7 @@ pub fn run(args: &ServeArgs, log: &Logger) -> anyhow::Result<u8> {
                         as Arc<dyn mayfly_console::ExporterStatus>
                 }),
                 attestor: s.key.attestor(),
+                replication: replication.as_ref().map(crate::replication::console_status),
                 ..mayfly_console::Services::new(
                     &executor,
                     incidents.clone(),

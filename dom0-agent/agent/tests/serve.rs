@@ -198,6 +198,39 @@ fn an_idempotency_key_runs_a_transaction_once() {
     assert_eq!(code, 422, "same key, different request");
 }
 
+/// Idempotency keys are durable (issue 18): after the agent restarts (its in-memory
+/// cache gone), a resend gets the original outcome from the ledger and does not run again;
+/// the same key for another request is still refused.
+#[test]
+fn an_idempotency_key_outlives_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut agent = Agent::start(dir.path(), &[]);
+    open(&agent, "a", 10);
+    open(&agent, "b", 0);
+    let body = json!({"handler": "transfer", "payload": {"from": "a", "to": "b", "amount": 3}, "idempotency_key": "order-7"}).to_string();
+    let (c1, r1) = agent.post(&body);
+    assert_eq!(c1, 200, "{r1}");
+    agent.stop();
+    let agent = Agent::start(dir.path(), &[]);
+    let (c2, r2) = agent.post(&body);
+    assert_eq!(c2, 200, "{r2}");
+    assert_eq!(r1["tx_id"], r2["tx_id"]);
+    assert_eq!(r1["seq"], r2["seq"]);
+    assert_eq!(r1["result"], r2["result"]);
+    assert_eq!(r2["answered_from"], "ledger");
+    assert_eq!(
+        balance(&agent, "b"),
+        3,
+        "the resend must not transfer again"
+    );
+    let other = json!({"handler": "transfer", "payload": {"from": "a", "to": "b", "amount": 4}, "idempotency_key": "order-7"}).to_string();
+    assert_eq!(agent.post(&other).0, 422, "same key, different request");
+    // A key with a control character is refused before anything runs.
+    let bad = json!({"handler": "transfer", "payload": {"from": "a", "to": "b", "amount": 1}, "idempotency_key": "a\nb"}).to_string();
+    assert_eq!(agent.post(&bad).0, 400);
+    assert_eq!(balance(&agent, "b"), 3);
+}
+
 #[test]
 fn many_concurrent_clients_keep_the_bank_total_constant() {
     const ACCOUNTS: usize = 6;

@@ -782,6 +782,40 @@ fn outcome_json(o: &TxOutcome) -> (u16, Value) {
     (code, body)
 }
 
+/// The answer to a request whose idempotency key the ledger holds durably: the original
+/// commit's outcome if the request is the same (handler and payload), 422 if the key was
+/// used for another request; `None` if the ledger holds no such key for this client.
+fn durable_answer(
+    shared: &Shared,
+    (client, key): &KeyOf,
+    handler: &str,
+    payload: &[u8],
+) -> Option<(u16, Value, bool)> {
+    let store = shared.executor.ledger().store();
+    match store.idempotent_commit(client, key) {
+        Ok(Some(cp)) if cp.handler == handler && cp.request == payload => {
+            let (name, value) = result_json(&cp.result);
+            let mut body = json!({
+                "tx_id": cp.tx_id.to_string(),
+                "status": TxStatus::Committed.as_str(),
+                "domain_id": cp.domain_id,
+                "seq": cp.seq,
+                "answered_from": "ledger",
+            });
+            if let Some(map) = body.as_object_mut() {
+                map.insert(name.into(), value);
+            }
+            Some((200, body, false))
+        }
+        Ok(Some(_)) => {
+            let msg = "idempotency key already used for a different request";
+            Some((422, json!({ "error": msg }), false))
+        }
+        Ok(None) => None,
+        Err(e) => Some((503, json!({ "error": e.to_string() }), true)),
+    }
+}
+
 /// Runs one submission; returns status, body, and whether to send Retry-After.
 fn submit(shared: &Shared, raw: &[u8], client: String) -> (u16, Value, bool) {
     let body: SubmitBody = match serde_json::from_slice(raw) {
@@ -799,8 +833,10 @@ fn submit(shared: &Shared, raw: &[u8], client: String) -> (u16, Value, bool) {
         Err(e) => return (400, json!({ "error": format!("payload: {e}") }), false),
     };
     if let Some(key) = &body.idempotency_key {
-        if key.is_empty() || key.len() > MAX_IDEMPOTENCY_KEY {
-            let msg = format!("idempotency_key must be 1..={MAX_IDEMPOTENCY_KEY} bytes");
+        if !mayfly_ledger::idempotency::valid_key(key) {
+            let msg = format!(
+                "idempotency_key must be 1..={MAX_IDEMPOTENCY_KEY} bytes without control characters"
+            );
             return (400, json!({ "error": msg }), false);
         }
     }
@@ -816,7 +852,7 @@ fn submit(shared: &Shared, raw: &[u8], client: String) -> (u16, Value, bool) {
         .as_ref()
         .map(|key| (client.clone(), key.clone()));
     if let Some(key) = &key_of {
-        let Ok(mut mem) = shared.memory.lock() else {
+        let Ok(mem) = shared.memory.lock() else {
             return (500, json!({ "error": "internal state poisoned" }), false);
         };
         match mem.by_key.get(key) {
@@ -833,12 +869,27 @@ fn submit(shared: &Shared, raw: &[u8], client: String) -> (u16, Value, bool) {
                 let msg = "idempotency key already used for a different request";
                 return (422, json!({ "error": msg }), false);
             }
-            None => mem.remember_key(
-                key.clone(),
-                Remembered::InProgress {
-                    digest: digest.clone(),
-                },
-            ),
+            None => {
+                // Not in this process's memory: the ledger's durable keys (a restart, or a
+                // resend to a promoted standby) answer with the original outcome.
+                drop(mem);
+                if let Some(answer) = durable_answer(shared, key, &body.handler, &payload) {
+                    return answer;
+                }
+                let Ok(mut mem) = shared.memory.lock() else {
+                    return (500, json!({ "error": "internal state poisoned" }), false);
+                };
+                if mem.by_key.contains_key(key) {
+                    let msg = "a transaction with this idempotency key is still running";
+                    return (409, json!({ "error": msg }), true);
+                }
+                mem.remember_key(
+                    key.clone(),
+                    Remembered::InProgress {
+                        digest: digest.clone(),
+                    },
+                );
+            }
         }
     }
     let forget_key = |shared: &Shared| {
@@ -847,13 +898,27 @@ fn submit(shared: &Shared, raw: &[u8], client: String) -> (u16, Value, bool) {
         }
     };
 
-    let result = shared.executor.execute(&TxRequest {
+    let request = TxRequest {
         handler: body.handler.clone(),
         payload,
         client,
-    });
+    };
+    let result = match &body.idempotency_key {
+        Some(key) => shared.executor.execute_with_idempotency_key(&request, key),
+        None => shared.executor.execute(&request),
+    };
     match result {
         Ok(outcome) => {
+            if let (TxStatus::Failed, Some(key)) = (outcome.status, &key_of) {
+                // The commit may have met the same key committed meanwhile (a resend that
+                // raced its original across a failover): answer with the original.
+                if let Some(answer) =
+                    durable_answer(shared, key, &request.handler, &request.payload)
+                {
+                    forget_key(shared);
+                    return answer;
+                }
+            }
             let (code, json_body) = outcome_json(&outcome);
             let retry = code == 409;
             if let Ok(mut mem) = shared.memory.lock() {

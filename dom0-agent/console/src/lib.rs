@@ -34,4 +34,6 @@ mod services;
 pub mod status;
 
 pub use server::{ConsoleConfig, ConsoleError, ConsoleServer};
-pub use services::{Attestor, CollectorStatus, ExporterStatus, PolicyControl, Services};
+pub use services::{
+    Attestor, CollectorStatus, ExporterStatus, PolicyControl, ReplicationStatus, Services,
+};

@@ -61,6 +61,9 @@ pub struct Services {
     pub incidents: Arc<Incidents>,
     /// The SIEM exporter's status, once one is configured.
     pub exporters: Option<Arc<dyn ExporterStatus>>,
+    /// The replication state (a primary with a standby, docs/failover.md): the same object
+    /// as the `replication` section of `GET /v1/health`.
+    pub replication: Option<ReplicationStatus>,
     /// Number of authorized admin keys (for `status`).
     pub admin_keys: usize,
     /// Distinct admins a destructive command needs (for `status`).
@@ -68,6 +71,9 @@ pub struct Services {
     /// The TPM for `attest` (None: `attest` answers that no TPM is configured).
     pub attestor: Option<Arc<dyn Attestor>>,
 }
+
+/// Reports the replication state as JSON, when replication is configured.
+pub type ReplicationStatus = Arc<dyn Fn() -> serde_json::Value + Send + Sync>;
 
 /// The TPM behind `attest` (the agent provides one with the TPM key source).
 pub trait Attestor: Send + Sync {
@@ -95,6 +101,7 @@ impl Services {
             policy: Arc::clone(executor) as Arc<dyn PolicyControl>,
             incidents,
             exporters: None,
+            replication: None,
             admin_keys,
             quorum,
             attestor: None,

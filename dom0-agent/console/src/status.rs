@@ -27,6 +27,7 @@ pub fn status(services: &Services) -> Value {
             "checkpoints": {"seq": tips.checkpoints.seq, "hash": hex(&tips.checkpoints.hash)},
             "audit": {"seq": tips.audit.seq, "hash": hex(&tips.audit.hash)},
             "group": tips.group,
+            "epoch": tips.epoch,
         },
         "identity_key": hex(&ledger.public_key()),
         "signing_key": hex(&ledger.signing_key()),
@@ -40,6 +41,7 @@ pub fn status(services: &Services) -> Value {
         "exporters": exporters(services.exporters.as_deref(), tips.audit.seq),
         "capacity": ledger.capacity().as_ref().map_or(Value::Null, capacity_json),
         "key": key_json(ledger),
+        "replication": services.replication.as_ref().map_or(Value::Null, |r| r()),
     })
 }
 

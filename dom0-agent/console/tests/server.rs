@@ -215,6 +215,12 @@ fn stalled_truncated_and_excess_connections_are_cut_off_and_audited() {
     }
     assert_eq!(f["ok"], true, "{f}");
     assert_eq!(f["result"]["exporters"]["configured"], false);
+    assert_eq!(
+        f["result"]["replication"],
+        Value::Null,
+        "no replication configured"
+    );
+    assert_eq!(f["result"]["chains"]["epoch"], 0);
     server.shutdown(Duration::from_secs(5));
     assert!(!sock.exists(), "the socket is removed at shutdown");
     let reasons = rejected_reasons(&exec);
@@ -230,12 +236,11 @@ fn loopback_tcp_serves_the_same_protocol_and_status_reports_exporter_lag() {
     let exec = executor(dir.path());
     let mut cfg = config(dir.path());
     cfg.tcp = Some("127.0.0.1:0".parse().unwrap());
-    let server = ConsoleServer::start(
-        cfg,
-        services(exec.clone(), Some(Arc::new(OneCollector))),
-        &log(),
-    )
-    .unwrap();
+    let mut services = services(exec.clone(), Some(Arc::new(OneCollector)));
+    services.replication = Some(Arc::new(
+        || serde_json::json!({"state": "degraded", "degraded_reason": "no standby"}),
+    ));
+    let server = ConsoleServer::start(cfg, services, &log()).unwrap();
     let addr = server.tcp_addr().unwrap();
     let mut s = std::net::TcpStream::connect(addr).unwrap();
     let f = result(&mut s, &status_envelope(&exec));
@@ -245,6 +250,8 @@ fn loopback_tcp_serves_the_same_protocol_and_status_reports_exporter_lag() {
     let tip = f["result"]["chains"]["audit"]["seq"].as_u64().unwrap();
     assert_eq!(c["lag"].as_u64().unwrap(), tip - 1);
     assert_eq!(c["last_error"], "connection refused");
+    // The replication provider's report is the `replication` section.
+    assert_eq!(f["result"]["replication"]["state"], "degraded");
     // The audit record names the TCP peer.
     let accepted = exec
         .ledger()

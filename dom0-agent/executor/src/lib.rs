@@ -211,23 +211,40 @@ impl Executor {
 
     /// Runs `req` to its end in fresh domains (more than one only after conflicts).
     pub fn execute(&self, req: &TxRequest) -> Result<TxOutcome, ExecError> {
-        self.run(req, None)
+        self.run(req, None, None)
+    }
+
+    /// [`Executor::execute`] with the client's idempotency key, recorded durably in the
+    /// same commit as the transaction ([`mayfly_ledger::Tx::set_idempotency_key`]); a key
+    /// the client already committed with makes the commit fail (the caller answers with
+    /// the original outcome, [`mayfly_ledger::Store::idempotent_commit`]).
+    pub fn execute_with_idempotency_key(
+        &self,
+        req: &TxRequest,
+        key: &str,
+    ) -> Result<TxOutcome, ExecError> {
+        self.run(req, None, Some(key))
     }
 
     /// [`Executor::execute`] with the domain's RNG seeded from `seed`: a replay gives the
     /// handler the numbers the original drew (the seed is kept in its checkpoint).
     pub fn execute_seeded(&self, req: &TxRequest, seed: Hash) -> Result<TxOutcome, ExecError> {
-        self.run(req, Some(seed))
+        self.run(req, Some(seed), None)
     }
 
-    fn run(&self, req: &TxRequest, seed: Option<Hash>) -> Result<TxOutcome, ExecError> {
+    fn run(
+        &self,
+        req: &TxRequest,
+        seed: Option<Hash>,
+        idempotency_key: Option<&str>,
+    ) -> Result<TxOutcome, ExecError> {
         self.check_request(&req.handler, req.payload.len())?;
         let policy = self.policy.current();
         self.admit(req, &policy)?;
         let mut attempt = 0;
         loop {
             attempt += 1;
-            let outcome = self.attempt(req, &policy, seed, attempt)?;
+            let outcome = self.attempt(req, &policy, (seed, idempotency_key), attempt)?;
             if outcome.status == TxStatus::Failed
                 && outcome.failure == Some(Failure::Conflicts)
                 && attempt < self.config.max_attempts
@@ -276,7 +293,7 @@ impl Executor {
         &self,
         req: &TxRequest,
         policy: &ActivePolicy,
-        seed: Option<Hash>,
+        (seed, idempotency_key): (Option<Hash>, Option<&str>),
         attempt: u32,
     ) -> Result<TxOutcome, ExecError> {
         // The ledger's number for this domain: the backend's own id (a clone number, a
@@ -295,6 +312,9 @@ impl Executor {
         })?;
         // The checkpoint names who asked (version 2 records).
         ltx.set_client(&req.client);
+        if let Some(key) = idempotency_key {
+            ltx.set_idempotency_key(key)?;
+        }
         let events = self.started_events(req, tx_id, domain.as_ref(), domain_id, attempt);
         let engine = Engine {
             config: &self.config,

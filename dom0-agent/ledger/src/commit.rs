@@ -127,6 +127,13 @@ pub enum CommitError {
         /// What failed, with the path.
         reason: String,
     },
+    /// The client's idempotency key is already recorded with another commit (a resend
+    /// that raced the original, or one that arrived after a failover).
+    #[error("idempotency key already recorded with commit {seq}")]
+    IdempotencyKeyUsed {
+        /// The commit that recorded it.
+        seq: u64,
+    },
     /// The ledger is shut down.
     #[error("ledger is closed")]
     Closed,
@@ -184,6 +191,7 @@ pub(crate) struct PreparedTx {
     pub begin_ns: u64,
     pub entropy_seed: Hash,
     pub client: Option<String>,
+    pub idempotency_key: Option<String>,
     pub reads: std::collections::BTreeMap<Vec<u8>, u64>,
     pub writes: std::collections::BTreeMap<Vec<u8>, Option<Vec<u8>>>,
     pub scans: Vec<ScanRecord>,
@@ -249,6 +257,16 @@ pub(crate) struct Envelope {
     reply: SyncSender<Result<Receipt, CommitError>>,
 }
 
+/// Told by the committer about every durable group, in order, from the committer's thread
+/// (see [`crate::Ledger::set_group_observer`]).
+pub trait GroupObserver: Send + Sync {
+    /// Group `group` is durable. With `acknowledging`, commits of it are about to be
+    /// acknowledged to their callers, who wait until this returns: a synchronous standby
+    /// is waited for here. Must never submit to the ledger and wait (the committer is
+    /// this thread).
+    fn durable(&self, group: u64, acknowledging: bool);
+}
+
 /// A queued commit; [`CommitTicket::wait`] blocks until its group is durable.
 #[derive(Debug)]
 #[must_use = "a commit is only known durable once wait() returns Ok"]
@@ -305,6 +323,14 @@ pub(crate) struct Committer {
     pub checkpoints: Tip,
     pub audit: Tip,
     pub group: u64,
+    /// The epoch signed in every head (version 3): the last head's, 0 for a new ledger.
+    pub epoch: u64,
+    /// Retention of durable idempotency keys.
+    pub idempotency: crate::idempotency::Retention,
+    /// Told about every durable group (replication); unset on a standalone appliance.
+    pub observer: Arc<std::sync::OnceLock<Arc<dyn GroupObserver>>>,
+    /// Last group the observer was told about.
+    pub observed: u64,
     /// The live-state digest after the last durable group.
     pub state: StateDigest,
     /// Whether to maintain the digest and write version-2 heads (off: measurement only).
@@ -405,6 +431,9 @@ impl Committer {
             match self.write_group(jobs, false) {
                 Ok(results) => {
                     self.after_success(with_pending);
+                    // Before any commit of the group is acknowledged: a synchronous standby
+                    // must have it too.
+                    self.observe(true);
                     for (reply, r) in replies.into_iter().zip(results) {
                         let _ = reply.send(r);
                     }
@@ -425,6 +454,17 @@ impl Committer {
                 "names" => self.pending.iter().map(|e| e.event.as_str()).collect::<Vec<_>>().join(","));
         }
         debug!(self.log, "committer stopped");
+    }
+
+    /// Tells the group observer (if one is set: replication) about a new durable group.
+    /// Without one this is a single atomic load.
+    fn observe(&mut self, acknowledging: bool) {
+        if let Some(observer) = self.observer.get() {
+            if self.group > self.observed {
+                self.observed = self.group;
+                observer.durable(self.group, acknowledging);
+            }
+        }
     }
 
     /// After a group committed: the pending events it carried are durable, a storage
@@ -564,7 +604,10 @@ impl Committer {
         events.splice(0..0, self.pending.iter().cloned());
         let n = events.len();
         match self.write_group(vec![Job::Audit(events)], false) {
-            Ok(_) => self.after_success(with_pending),
+            Ok(_) => {
+                self.after_success(with_pending);
+                self.observe(false);
+            }
             Err(e) => {
                 if !matches!(
                     e,
@@ -658,7 +701,9 @@ impl Committer {
             dbs.meta
                 .put(&mut wtxn, meta_keys::STATE, &encoded_state)
                 .map_err(fail)?;
-            SignedHead::sign_v2(&self.key, group, ckpt, audit, now, state_hash, next_key)
+            SignedHead::sign_v3(
+                &self.key, group, ckpt, audit, now, state_hash, self.epoch, next_key,
+            )
         } else {
             match next_key {
                 Some(next) => SignedHead::sign_rotation(&self.key, group, ckpt, audit, now, next),
@@ -708,6 +753,7 @@ impl Committer {
                 checkpoints: ckpt,
                 audit,
                 group,
+                epoch: self.epoch,
             };
         }
         for r in results.iter_mut().flatten() {
@@ -793,6 +839,17 @@ impl Committer {
         if dbs.tx_index.get(wtxn, &tx.ctx.tx_id.0)?.is_some() {
             return Err(Step::Reject(CommitError::DuplicateTxId(tx.ctx.tx_id)));
         }
+        let idempotency = match (&tx.idempotency_key, dbs.idempotency) {
+            (Some(key), Some(db)) => {
+                let client = tx.client.as_deref().unwrap_or("");
+                let hash = crate::idempotency::key_hash(client, key);
+                if let Some(seq) = crate::idempotency::lookup(db, wtxn, &hash)? {
+                    return Err(Step::Reject(CommitError::IdempotencyKeyUsed { seq }));
+                }
+                Some((db, hash, client.to_string(), key.clone()))
+            }
+            _ => None,
+        };
         for (key, &read) in &tx.reads {
             let (current, _) = self.current(wtxn, key)?;
             if current != read {
@@ -875,6 +932,16 @@ impl Committer {
         *ckpt = Tip { seq, hash };
         for ev in tx.audit {
             self.append_audit(wtxn, audit, ev, now)?;
+        }
+        if let Some((db, key_hash, client, key)) = idempotency {
+            let ev = AuditEvent::new(crate::idempotency::EVENT, crate::Severity::Info)
+                .field("client", client)
+                .field("key", key)
+                .field("seq", seq)
+                .field("tx_id", cp.tx_id);
+            self.append_audit(wtxn, audit, ev, now)?;
+            crate::idempotency::insert(db, wtxn, &key_hash, seq, now)?;
+            crate::idempotency::prune(db, wtxn, now, self.idempotency)?;
         }
         Ok(Receipt {
             seq,

@@ -42,6 +42,19 @@
 //!    166   32  next_key    kind 0x02 only
 //!   166 / 198  64  signature  Ed25519 over every byte before it
 //! ```
+//!
+//! **Version 3** (written since failover, issue 18) adds the **epoch** after the state
+//! hash: a counter that only a promotion of a standby raises, so that a former primary
+//! that meets a head of a higher epoch knows it has been replaced (fenced). Heads of
+//! versions 1 and 2 are of epoch 0.
+//!
+//! ```text
+//! offset size  field
+//!      0  166  as version 2, with version = 3 (kind 0x01 or 0x02)
+//!    166    8  epoch       u64 BE
+//!    174   32  next_key    kind 0x02 only
+//!   174 / 206  64  signature  Ed25519 over every byte before it
+//! ```
 
 #![deny(clippy::indexing_slicing, clippy::arithmetic_side_effects)]
 
@@ -53,8 +66,11 @@ use crate::Hash;
 pub const MAGIC: &str = "MFHD";
 /// Format version of heads without a state digest (read, and written by [`SignedHead::sign`]).
 pub const VERSION_1: u8 = 1;
-/// Format version written by the committer: with the live-state hash.
+/// Format version of heads with the live-state hash but no epoch (read, and written by
+/// [`SignedHead::sign_v2`]).
 pub const VERSION: u8 = 2;
+/// Format version written by the committer: the live-state hash and the epoch.
+pub const VERSION_3: u8 = 3;
 /// Kind byte of a group head.
 pub const KIND_GROUP: u8 = 0x01;
 /// Kind byte of a key-rotation head.
@@ -71,6 +87,12 @@ pub const ROTATION_HEAD_LEN: usize = ROTATION_SIGNED_LEN + 64;
 pub const HEAD_V2_LEN: usize = HEAD_LEN + 32;
 /// Length of a whole stored version-2 key-rotation head.
 pub const ROTATION_HEAD_V2_LEN: usize = ROTATION_HEAD_LEN + 32;
+/// Length of a whole stored version-3 group head.
+pub const HEAD_V3_LEN: usize = HEAD_V2_LEN + 8;
+/// Length of a whole stored version-3 key-rotation head.
+pub const ROTATION_HEAD_V3_LEN: usize = ROTATION_HEAD_V2_LEN + 8;
+/// Longest stored head of any version.
+pub const MAX_HEAD_LEN: usize = ROTATION_HEAD_V3_LEN;
 
 /// The tip of one chain.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -98,39 +120,38 @@ pub struct SignedHead {
     pub next_key: Option<PublicKey>,
     /// Version 2: SHA-256 of the live-state digest after this group. `None`: version 1.
     pub state: Option<Hash>,
+    /// Version 3: the epoch (raised by each promotion of a standby). `None`: version 1 or
+    /// 2, which are of epoch 0. Only a head with a state hash can carry one.
+    pub epoch: Option<u64>,
     /// Signature over the encoding up to the signature.
     pub signature: [u8; 64],
 }
 
 impl SignedHead {
-    fn signed_bytes(
-        group: u64,
-        checkpoints: Tip,
-        audit: Tip,
-        time_ns: u64,
-        public_key: &PublicKey,
-        state: Option<&Hash>,
-        next_key: Option<&PublicKey>,
-    ) -> Vec<u8> {
-        let mut w = Writer::with_capacity(ROTATION_HEAD_V2_LEN);
+    /// The encoding up to the signature: what the signature covers.
+    fn signed_bytes(&self) -> Vec<u8> {
+        let mut w = Writer::with_capacity(MAX_HEAD_LEN);
         w.raw(MAGIC.as_bytes());
-        w.u8(if state.is_some() { VERSION } else { VERSION_1 });
-        w.u8(if next_key.is_some() {
+        w.u8(self.version());
+        w.u8(if self.next_key.is_some() {
             KIND_ROTATION
         } else {
             KIND_GROUP
         });
-        w.u64(group);
-        w.u64(checkpoints.seq);
-        w.raw(&checkpoints.hash);
-        w.u64(audit.seq);
-        w.raw(&audit.hash);
-        w.u64(time_ns);
-        w.raw(public_key);
-        if let Some(state) = state {
+        w.u64(self.group);
+        w.u64(self.checkpoints.seq);
+        w.raw(&self.checkpoints.hash);
+        w.u64(self.audit.seq);
+        w.raw(&self.audit.hash);
+        w.u64(self.time_ns);
+        w.raw(&self.public_key);
+        if let Some(state) = &self.state {
             w.raw(state);
+            if let Some(epoch) = self.epoch {
+                w.u64(epoch);
+            }
         }
-        if let Some(next) = next_key {
+        if let Some(next) = &self.next_key {
             w.raw(next);
         }
         w.finish()
@@ -138,7 +159,7 @@ impl SignedHead {
 
     /// Builds and signs a version-1 group head (no state digest; older ledgers' format).
     pub fn sign(key: &SigningKey, group: u64, checkpoints: Tip, audit: Tip, time_ns: u64) -> Self {
-        Self::sign_inner(key, group, checkpoints, audit, time_ns, None, None)
+        Self::sign_inner(key, group, checkpoints, audit, time_ns, None, None, None)
     }
 
     /// Builds and signs a version-2 head committing to the live state `state` (the hash of
@@ -159,6 +180,33 @@ impl SignedHead {
             audit,
             time_ns,
             Some(state),
+            None,
+            next_key,
+        )
+    }
+
+    /// Builds and signs a version-3 head: the live state `state` (the hash of the digest)
+    /// and the `epoch`; a key-rotation head when `next_key` is given. What the committer
+    /// writes.
+    #[allow(clippy::too_many_arguments)]
+    pub fn sign_v3(
+        key: &SigningKey,
+        group: u64,
+        checkpoints: Tip,
+        audit: Tip,
+        time_ns: u64,
+        state: Hash,
+        epoch: u64,
+        next_key: Option<PublicKey>,
+    ) -> Self {
+        Self::sign_inner(
+            key,
+            group,
+            checkpoints,
+            audit,
+            time_ns,
+            Some(state),
+            Some(epoch),
             next_key,
         )
     }
@@ -180,10 +228,12 @@ impl SignedHead {
             audit,
             time_ns,
             None,
+            None,
             Some(next_key),
         )
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn sign_inner(
         key: &SigningKey,
         group: u64,
@@ -191,50 +241,42 @@ impl SignedHead {
         audit: Tip,
         time_ns: u64,
         state: Option<Hash>,
+        epoch: Option<u64>,
         next_key: Option<PublicKey>,
     ) -> Self {
-        let public_key = key.public_key();
-        let msg = Self::signed_bytes(
+        let mut head = Self {
             group,
             checkpoints,
             audit,
             time_ns,
-            &public_key,
-            state.as_ref(),
-            next_key.as_ref(),
-        );
-        Self {
-            group,
-            checkpoints,
-            audit,
-            time_ns,
-            public_key,
+            public_key: key.public_key(),
             next_key,
             state,
-            signature: key.sign(&msg),
-        }
+            // An epoch is only carried next to a state hash (version 3).
+            epoch: state.and(epoch),
+            signature: [0; 64],
+        };
+        head.signature = key.sign(&head.signed_bytes());
+        head
     }
 
     /// Format version of this head.
     pub fn version(&self) -> u8 {
-        if self.state.is_some() {
-            VERSION
-        } else {
-            VERSION_1
+        match (self.state, self.epoch) {
+            (Some(_), Some(_)) => VERSION_3,
+            (Some(_), None) => VERSION,
+            (None, _) => VERSION_1,
         }
+    }
+
+    /// The epoch this head belongs to: 0 for heads of versions 1 and 2.
+    pub fn epoch(&self) -> u64 {
+        self.epoch.unwrap_or(0)
     }
 
     /// The stored encoding.
     pub fn encode(&self) -> Vec<u8> {
-        let mut out = Self::signed_bytes(
-            self.group,
-            self.checkpoints,
-            self.audit,
-            self.time_ns,
-            &self.public_key,
-            self.state.as_ref(),
-            self.next_key.as_ref(),
-        );
+        let mut out = self.signed_bytes();
         out.extend_from_slice(&self.signature);
         out
     }
@@ -242,15 +284,7 @@ impl SignedHead {
     /// Whether the signature verifies under the head's own public key. Callers must also
     /// check that this key is one they trust.
     pub fn signature_valid(&self) -> bool {
-        let msg = Self::signed_bytes(
-            self.group,
-            self.checkpoints,
-            self.audit,
-            self.time_ns,
-            &self.public_key,
-            self.state.as_ref(),
-            self.next_key.as_ref(),
-        );
+        let msg = self.signed_bytes();
         verify_signature(&self.public_key, &msg, &self.signature)
     }
 
@@ -259,7 +293,7 @@ impl SignedHead {
         let mut r = Reader::new(bytes);
         r.magic(MAGIC)?;
         let version = r.u8("version")?;
-        if version != VERSION && version != VERSION_1 {
+        if version != VERSION_3 && version != VERSION && version != VERSION_1 {
             return Err(DecodeError::UnsupportedVersion {
                 record: "head",
                 found: version,
@@ -283,8 +317,13 @@ impl SignedHead {
         };
         let time_ns = r.u64("time_ns")?;
         let public_key = r.array("public_key")?;
-        let state = if version == VERSION {
+        let state = if version >= VERSION {
             Some(r.array("state_hash")?)
+        } else {
+            None
+        };
+        let epoch = if version == VERSION_3 {
+            Some(r.u64("epoch")?)
         } else {
             None
         };
@@ -303,6 +342,7 @@ impl SignedHead {
             public_key,
             next_key,
             state,
+            epoch,
             signature,
         })
     }
@@ -420,5 +460,55 @@ mod tests {
             v1[4] = VERSION_1;
             assert!(SignedHead::decode(&v1).is_err());
         }
+    }
+
+    #[test]
+    fn version_3_heads_bind_the_epoch() {
+        let key = SigningKey::from_seed(&[1; 32]);
+        let next = SigningKey::from_seed(&[2; 32]);
+        for next_key in [None, Some(next.public_key())] {
+            let h = SignedHead::sign_v3(
+                &key,
+                3,
+                Tip::default(),
+                Tip::default(),
+                7,
+                [5; 32],
+                0x0102_0304_0506_0708,
+                next_key,
+            );
+            let enc = h.encode();
+            let len = if next_key.is_some() {
+                ROTATION_HEAD_V3_LEN
+            } else {
+                HEAD_V3_LEN
+            };
+            assert_eq!(enc.len(), len);
+            assert_eq!(enc[4], VERSION_3);
+            assert_eq!(&enc[134..166], &[5; 32]);
+            assert_eq!(&enc[166..174], &[1, 2, 3, 4, 5, 6, 7, 8]);
+            let d = SignedHead::decode(&enc).unwrap();
+            assert_eq!(d, h);
+            assert_eq!(d.epoch(), 0x0102_0304_0506_0708);
+            assert_eq!(d.version(), VERSION_3);
+            assert!(d.signature_valid());
+            for i in 0..enc.len() {
+                let mut bad = enc.clone();
+                bad[i] ^= 0x10;
+                let ok = SignedHead::decode(&bad)
+                    .map(|h| h.signature_valid())
+                    .unwrap_or(false);
+                assert!(!ok, "flipping byte {i} of a version-3 head went unnoticed");
+            }
+            // Relabelled as version 2 it no longer decodes (8 bytes too many), nor as 4.
+            for v in [VERSION, 4] {
+                let mut other = enc.clone();
+                other[4] = v;
+                assert!(SignedHead::decode(&other).is_err());
+            }
+        }
+        // Older heads are of epoch 0.
+        let v2 = SignedHead::sign_v2(&key, 1, Tip::default(), Tip::default(), 1, [0; 32], None);
+        assert_eq!((v2.version(), v2.epoch()), (VERSION, 0));
     }
 }

@@ -36,6 +36,8 @@
 //! nonces       16-byte admin command nonce           u64 expires_ns || 32-byte SHA-256 of the
 //!                                                    command body (pruned after expiry)
 //! cursors      exporter name (1..=64 bytes)          b"MFCU" || u8 1 || u64 last delivered audit seq
+//! idempotency  0x01 || SHA-256 of (client, key)      u64 commit seq || u64 commit_ns
+//!              0x02 || u64 commit seq                32-byte hash || u64 commit_ns (idempotency.rs)
 //! ```
 //!
 //! A data version is the commit sequence of the checkpoint that wrote it; 0 means "never
@@ -64,8 +66,10 @@ pub mod cursor;
 pub mod domains;
 pub mod group_stats;
 pub mod head;
+pub mod idempotency;
 pub mod keys;
 pub mod read;
+pub mod replication;
 pub mod rollback;
 pub mod state;
 pub mod store;
@@ -83,13 +87,14 @@ use slog::{error, info, o, warn, Logger};
 
 pub use audit::{AuditEvent, AuditRecord, Severity};
 pub use checkpoint::{Checkpoint, ReadEntry, WriteEntry};
-pub use commit::{encode_deps, CommitError, CommitTicket};
+pub use commit::{encode_deps, CommitError, CommitTicket, GroupObserver};
 pub use cursor::CursorError;
 pub use domains::DomainNumberError;
 pub use group_stats::{GroupStats, Histogram};
 pub use head::{SignedHead, Tip};
 pub use keys::{FileKeys, KeyError, KeyStore, PublicKey, SigningKey};
 pub use read::ReadError;
+pub use replication::{Applied, ApplyError, ExportError, GroupRecords, Held, Replica};
 pub use rollback::{Record, RollbackError, RollbackPlan, RollbackRecord};
 pub use state::{StateDiff, StateDigest};
 pub use store::{OpenError, Store, StoreOptions};
@@ -178,6 +183,8 @@ pub struct Tips {
     pub audit: Tip,
     /// Last group commit.
     pub group: u64,
+    /// Epoch of the last signed head (raised by each promotion of a standby; 0 before).
+    pub epoch: u64,
 }
 
 /// How to open a ledger.
@@ -207,6 +214,8 @@ pub struct Options {
     /// Where the signing key is kept ([`FileKeys`] by default; the agent's `[key]` section
     /// can name the TPM).
     pub keys: Arc<dyn KeyStore>,
+    /// How many durable idempotency keys are kept, and for how long ([`idempotency`]).
+    pub idempotency: idempotency::Retention,
 }
 
 impl Default for Options {
@@ -220,6 +229,7 @@ impl Default for Options {
             check_state: true,
             state_digest: true,
             keys: Arc::new(FileKeys),
+            idempotency: idempotency::Retention::default(),
         }
     }
 }
@@ -236,6 +246,7 @@ pub(crate) struct Inner {
     max_map: u64,
     group_stats: Arc<group_stats::GroupCounters>,
     keys: Arc<dyn KeyStore>,
+    observer: Arc<std::sync::OnceLock<Arc<dyn commit::GroupObserver>>>,
 }
 
 impl Drop for Inner {
@@ -326,6 +337,7 @@ impl Ledger {
         } else {
             Some(store.ensure_undone_index()?)
         };
+        store.ensure_idempotency_db()?;
         let public_key = state
             .as_ref()
             .map_or_else(|| key.public_key(), |s| s.public_key);
@@ -334,6 +346,7 @@ impl Ledger {
             checkpoints: s.checkpoints,
             audit: s.audit,
             group: s.group,
+            epoch: s.epoch,
         });
         let shared_tips = Arc::new(Mutex::new(tips));
         let (digest, check, mut events) = Self::open_state(
@@ -350,6 +363,7 @@ impl Ledger {
         }
         let (state_entries, state_hash) = (digest.entries(), digest.hash());
         let shared_capacity = Arc::new(Mutex::new(capacity::Shared::default()));
+        let observer = Arc::new(std::sync::OnceLock::new());
         let group_stats = Arc::new(group_stats::GroupCounters::default());
         let mut committer = commit::Committer {
             store: store.clone(),
@@ -358,6 +372,10 @@ impl Ledger {
             checkpoints: tips.checkpoints,
             audit: tips.audit,
             group: tips.group,
+            epoch: tips.epoch,
+            idempotency: opts.idempotency,
+            observer: observer.clone(),
+            observed: tips.group,
             state: digest,
             maintain_state: opts.state_digest,
             max_map_size: opts.store.max_map_size.max(opts.store.map_size),
@@ -484,6 +502,7 @@ impl Ledger {
                     .unwrap_or(u64::MAX),
                 group_stats,
                 keys,
+                observer,
             }),
         })
     }
@@ -617,6 +636,7 @@ impl Ledger {
             begin_ns: now_ns(),
             entropy_seed: [0; 32],
             client: None,
+            idempotency_key: None,
             reads: Default::default(),
             writes: Default::default(),
             scans: Vec::new(),
@@ -715,6 +735,13 @@ impl Ledger {
         commit::submit(&self.inner, commit::Job::Deferred(events))?
             .wait()
             .map(drop)
+    }
+
+    /// Sets the observer the committer tells about every durable group from now on (the
+    /// replication of a primary, issue 18), before the group's commits are acknowledged.
+    /// Once per ledger: returns `false` (and changes nothing) if one is set already.
+    pub fn set_group_observer(&self, observer: Arc<dyn GroupObserver>) -> bool {
+        self.inner.observer.set(observer).is_ok()
     }
 
     /// What the group committer has done since this ledger was opened: jobs per durable

@@ -44,8 +44,12 @@ pub mod names {
     /// it. Added after the first release: a ledger without it gets it built at its first
     /// read-write open (`Store::ensure_undone_index`).
     pub const UNDONE: &str = "undone";
+    /// Durable idempotency keys (idempotency.rs): derived from the `tx.idempotency_key`
+    /// audit records. Added with issue 18: an older ledger gets it, empty, at its first
+    /// read-write open.
+    pub const IDEMPOTENCY: &str = "idempotency";
     /// All of them, in creation order.
-    pub const ALL: [&str; 10] = [
+    pub const ALL: [&str; 11] = [
         META,
         DATA,
         CHECKPOINTS,
@@ -56,6 +60,7 @@ pub mod names {
         NONCES,
         CURSORS,
         UNDONE,
+        IDEMPOTENCY,
     ];
 }
 
@@ -198,6 +203,8 @@ pub(crate) struct Dbs {
     pub cursors: Database<Bytes, Bytes>,
     /// `None` only in a ledger written before the index existed, opened read-only.
     pub undone: Option<Database<Bytes, Bytes>>,
+    /// `None` only in a ledger written before durable idempotency keys, opened read-only.
+    pub idempotency: Option<Database<Bytes, Bytes>>,
 }
 
 /// How to open the environment.
@@ -595,6 +602,15 @@ impl Store {
                     })
                 }
             },
+            idempotency: match env.open_database::<Bytes, Bytes>(&rtxn, Some(names::IDEMPOTENCY)) {
+                Ok(db) => db,
+                Err(source) => {
+                    return Err(OpenError::NotLmdb {
+                        path: dir.clone(),
+                        source,
+                    })
+                }
+            },
         };
         // Committing the read transaction makes the opened handles valid for the whole
         // environment (LMDB: handles opened in an aborted transaction are discarded).
@@ -679,6 +695,46 @@ impl Store {
         wtxn.commit().map_err(storage)?;
         self.dbs.undone = Some(db);
         Ok(built)
+    }
+
+    /// Creates the `idempotency` database of a ledger written before it existed (at a
+    /// read-write open). Keys committed before are not indexed: there were none durable.
+    pub(crate) fn ensure_idempotency_db(&mut self) -> Result<(), OpenError> {
+        if self.dbs.idempotency.is_some() {
+            return Ok(());
+        }
+        let storage = |e| self.storage_err(e);
+        let mut wtxn = self.env.write_txn().map_err(storage)?;
+        let db = self
+            .env
+            .create_database::<Bytes, Bytes>(&mut wtxn, Some(names::IDEMPOTENCY))
+            .map_err(storage)?;
+        wtxn.commit().map_err(storage)?;
+        self.dbs.idempotency = Some(db);
+        Ok(())
+    }
+
+    /// The commit that recorded `client`'s idempotency `key`, if one did and it is still
+    /// kept. The index is unsigned: the checkpoint it points to must name the same client
+    /// (else `None`, and the request runs again).
+    pub fn idempotent_commit(
+        &self,
+        client: &str,
+        key: &str,
+    ) -> Result<Option<crate::Checkpoint>, ReadError> {
+        let Some(db) = self.dbs.idempotency else {
+            return Ok(None);
+        };
+        let client = crate::checkpoint::canonical_client(client).unwrap_or_default();
+        let hash = crate::idempotency::key_hash(&client, key);
+        let rtxn = self.read_txn()?;
+        let Some(seq) = crate::idempotency::lookup(db, &rtxn, &hash)? else {
+            return Ok(None);
+        };
+        drop(rtxn);
+        Ok(self
+            .checkpoint(seq)?
+            .filter(|cp| cp.client.as_deref().unwrap_or("") == client))
     }
 
     /// Marks the `undone` index complete (a new ledger's, which has had it from its
@@ -838,6 +894,13 @@ impl Store {
                     .map_err(|e| self.corrupt(format!("meta/state does not decode: {e}")))?,
             ),
         };
+        let epoch = self
+            .dbs
+            .heads
+            .last(rtxn)
+            .map_err(|e| self.storage_err(e))?
+            .and_then(|(_, v)| SignedHead::decode(v).ok())
+            .map_or(0, |h| h.epoch());
         let state = MetaState {
             public_key,
             signing_key,
@@ -845,6 +908,7 @@ impl Store {
             audit,
             group,
             state: live,
+            epoch,
         };
         if check_tips {
             self.check_tips(rtxn, &state)?;
@@ -979,6 +1043,8 @@ pub(crate) struct MetaState {
     pub group: u64,
     /// The live-state digest (`None`: a ledger from before it existed).
     pub state: Option<StateDigest>,
+    /// The epoch of the last signed head (0 before version-3 heads, and with no head).
+    pub epoch: u64,
 }
 
 /// Opens a ledger's databases for reading only: no key is loaded, nothing is written, and

@@ -73,6 +73,16 @@ pub fn encode_value(version: u64, value: Option<&[u8]>) -> Vec<u8> {
 /// Why a transaction operation was refused.
 #[derive(Debug, thiserror::Error)]
 pub enum TxError {
+    /// An idempotency key must be 1..=128 bytes without control characters.
+    #[error(
+        "idempotency key of {len} bytes: it must be 1..={max} bytes without control characters"
+    )]
+    BadIdempotencyKey {
+        /// Length given.
+        len: usize,
+        /// Cap.
+        max: usize,
+    },
     /// Keys must be 1 to 256 bytes.
     #[error("key of {len} bytes: keys must be 1..={max} bytes")]
     BadKey {
@@ -199,6 +209,8 @@ pub struct Tx {
     pub(crate) begin_ns: u64,
     pub(crate) entropy_seed: Hash,
     pub(crate) client: Option<String>,
+    /// The client's idempotency key, recorded durably with the commit.
+    pub(crate) idempotency_key: Option<String>,
     pub(crate) reads: BTreeMap<Vec<u8>, u64>,
     pub(crate) writes: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
     pub(crate) scans: Vec<ScanRecord>,
@@ -242,6 +254,22 @@ impl Tx {
     /// [`checkpoint::MAX_CLIENT`] bytes; an empty name records none.
     pub fn set_client(&mut self, client: &str) {
         self.client = checkpoint::canonical_client(client);
+    }
+
+    /// Records the client's idempotency key: the commit appends a `tx.idempotency_key`
+    /// audit record and indexes (client, key) → this commit, in the same group, so a
+    /// resend of the request (here or on a promoted standby) finds the outcome
+    /// ([`crate::Store::idempotent_commit`]). The commit is refused
+    /// ([`crate::CommitError::IdempotencyKeyUsed`]) if the client's key is already indexed.
+    pub fn set_idempotency_key(&mut self, key: &str) -> Result<(), TxError> {
+        if !crate::idempotency::valid_key(key) {
+            return Err(TxError::BadIdempotencyKey {
+                len: key.len(),
+                max: crate::idempotency::MAX_KEY,
+            });
+        }
+        self.idempotency_key = Some(key.to_string());
+        Ok(())
     }
 
     fn record_read(&mut self, key: &[u8], version: u64) -> Result<(), TxError> {
@@ -457,6 +485,7 @@ impl Tx {
             begin_ns,
             entropy_seed,
             client,
+            idempotency_key,
             reads,
             writes,
             scans,
@@ -470,6 +499,7 @@ impl Tx {
             begin_ns,
             entropy_seed,
             client,
+            idempotency_key,
             reads,
             writes,
             scans,

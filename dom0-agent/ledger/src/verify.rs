@@ -391,6 +391,24 @@ pub fn verify(
                 );
                 break;
             }
+            if head.epoch() != prev.epoch() {
+                // Only a promotion raises the epoch, and a promotion group is not written by
+                // this build yet: any change of epoch between heads is refused.
+                head_failure = fail(
+                    group,
+                    format!(
+                        "epoch {} after a head of epoch {}: {}",
+                        head.epoch(),
+                        prev.epoch(),
+                        if head.epoch() < prev.epoch() {
+                            "the epoch moves backwards"
+                        } else {
+                            "the epoch is raised without a promotion"
+                        }
+                    ),
+                );
+                break;
+            }
         }
         if head.checkpoints.seq > 0 {
             signed_cp.insert(head.checkpoints.seq, head.checkpoints.hash);

@@ -102,3 +102,65 @@ fn a_ledger_of_the_previous_release_upgrades_once_and_verifies() {
         }
     }
 }
+
+/// A ledger of the release before the epoch (version-2 heads;
+/// `tests/fixtures/ledger-before-epoch`, made by commit b69a21e) opens with this build,
+/// writes version-3 heads of epoch 0 from then on, verifies across the change of version,
+/// and replicates to a standby group by group (its version-2 heads included).
+#[test]
+fn a_ledger_with_version_2_heads_upgrades_to_the_epoch_and_replicates() {
+    use mayfly_ledger::head::{VERSION, VERSION_3};
+    use mayfly_ledger::{Replica, SignedHead};
+
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/ledger-before-epoch");
+    let keep = tempfile::tempdir().unwrap();
+    let dir = keep.path().to_path_buf();
+    for f in ["data.mdb", "signing.key"] {
+        fs::copy(src.join(f), dir.join(f)).unwrap();
+    }
+    fs::set_permissions(dir.join("signing.key"), fs::Permissions::from_mode(0o600)).unwrap();
+    let before = verify_dir(&dir);
+    assert!(before.ok(), "{:?}", before.failures);
+    assert_eq!((before.checkpoints, before.heads), (23, 25));
+
+    let ledger = Ledger::open(&dir, &Options::default(), &log()).unwrap();
+    assert_eq!(opened_fields(&ledger)["state_check"], "ok");
+    let head = |g: u64| SignedHead::decode(&ledger.store().export_group(g).unwrap().head).unwrap();
+    assert_eq!(head(25).version(), VERSION);
+    // The start itself committed a group: version 3, epoch 0.
+    let first_new = head(26);
+    assert_eq!((first_new.version(), first_new.epoch()), (VERSION_3, 0));
+    let mut tx = ledger
+        .begin(TxContext {
+            tx_id: TxId::generate(),
+            handler: "kv".into(),
+            request: b"r".to_vec(),
+            domain_id: 1,
+            policy_hash: [0; 32],
+        })
+        .unwrap();
+    tx.put(b"kv/new", b"after the upgrade").unwrap();
+    tx.commit(b"ok".to_vec()).unwrap();
+    assert_eq!(ledger.tips().epoch, 0);
+
+    let standby_dir = tempfile::tempdir().unwrap();
+    let mut standby = Replica::open(
+        standby_dir.path(),
+        &StoreOptions::default(),
+        ledger.public_key(),
+    )
+    .unwrap();
+    for g in 1..=ledger.tips().group {
+        standby
+            .apply(&ledger.store().export_group(g).unwrap())
+            .unwrap_or_else(|e| panic!("group {g}: {e}"));
+    }
+    let key = ledger.public_key();
+    let on_standby = verify(standby.store(), &[key], &mut |_| {}).unwrap();
+    assert!(on_standby.ok(), "{:?}", on_standby.failures);
+    assert_eq!(on_standby.state_entries, Some(21));
+    drop(ledger);
+    let after = verify_dir(&dir);
+    assert!(after.ok(), "{:?}", after.failures);
+    assert_eq!(after.heads, on_standby.heads);
+}

@@ -291,3 +291,31 @@ fn version_2_head_vector() {
     assert_eq!(d, head);
     assert_eq!(d.state, Some(state_2().hash()));
 }
+
+#[test]
+fn version_3_head_vector() {
+    // head-v2-3 as version 3: the same fields, then epoch 2, signed by seed 0x01.
+    let key = SigningKey::from_seed(&[0x01; 32]);
+    let head = SignedHead::sign_v3(
+        &key,
+        3,
+        Tip {
+            seq: 3,
+            hash: [0x33; 32],
+        },
+        Tip {
+            seq: 1,
+            hash: [0x11; 32],
+        },
+        1_700_000_003_000_000_000,
+        state_2().hash(),
+        2,
+        None,
+    );
+    let e = head.encode();
+    check("head-v3-3.hex", &e);
+    let d = SignedHead::decode(&e).unwrap();
+    assert!(d.signature_valid());
+    assert_eq!(d, head);
+    assert_eq!((d.version(), d.epoch()), (3, 2));
+}

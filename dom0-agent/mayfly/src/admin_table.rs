@@ -85,6 +85,7 @@ pub fn print(command: &str, r: &Value) {
                     ),
                 ),
                 ("signed group", s(&c["group"])),
+                ("epoch", s(&c["epoch"])),
                 ("identity key", s(&r["identity_key"])),
                 ("signing key", s(&r["signing_key"])),
                 ("key source", key_source(&r["key"])),
@@ -99,6 +100,21 @@ pub fn print(command: &str, r: &Value) {
                     ),
                 ),
             ]);
+            let repl = &r["replication"];
+            if repl.is_object() {
+                println!(
+                    "replication   {} ({} mode), standby {}, acked group {} of {}{}",
+                    s(&repl["state"]),
+                    s(&repl["mode"]),
+                    s(&repl["standby"]),
+                    s(&repl["acked_group"]),
+                    s(&repl["durable_group"]),
+                    repl["degraded_reason"]
+                        .as_str()
+                        .map(|r| format!(": {r}"))
+                        .unwrap_or_default()
+                );
+            }
             let collectors = r["exporters"]["collectors"]
                 .as_array()
                 .cloned()

@@ -167,6 +167,8 @@ config! {
     foreign:
         /// `[siem]`: `mayfly-siem`'s `SiemConfig` (docs/siem.md).
         siem: mayfly_siem::SiemConfig => "file only: a list of collectors, [[siem.collector]] (docs/siem.md)",
+        /// `[replication]`: `mayfly-replica`'s `ReplicationSection` (docs/failover.md).
+        replication: Option<mayfly_replica::ReplicationSection> => "file only: the replication peer, its TLS keys and pins (docs/failover.md)",
 }
 
 /// The `[key]` section alone, for `init` and `reseal` (which take only its flags): the

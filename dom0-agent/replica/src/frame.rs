@@ -1,0 +1,493 @@
+//! Replication frames: the messages between a primary and its standby, byte by byte
+//! (docs/formats.md §6).
+//!
+//! ```text
+//! frame   offset size  field
+//!              0    4  magic "MFRP"
+//!              4    1  version 1
+//!              5    1  kind: 0x01 hello, 0x02 group, 0x03 ack, 0x04 stop
+//!              6    4  body length, u32 BE, at most the kind's cap
+//!             10    n  body
+//!
+//! hello   (standby -> primary, 48 bytes)
+//!              0    8  next group the standby needs (its last group + 1)
+//!              8    8  the standby's epoch
+//!             16   32  identity key of the ledger it copies (the primary's first key)
+//!
+//! group   (primary -> standby, at most MAX_GROUP_BODY bytes)
+//!              0    8  group sequence (the head's)
+//!              8  2+h  u16 length + the signed head as stored (h <= 270)
+//!              .    4  checkpoint record count (<= 1,048,576), then per record
+//!                 4+n    u32 length (<= 256 MiB) + the record as stored
+//!              .    4  audit record count (<= 1,048,576), then per record
+//!                 4+n    u32 length (<= 64 KiB) + the record as stored
+//!
+//! ack     (standby -> primary, 8 bytes)
+//!              0    8  group now durable on the standby
+//!
+//! stop    (either way, at most 1,034 bytes)
+//!              0    8  group the sender was at
+//!              8  2+n  u16 length + UTF-8 reason (<= 1,024 bytes)
+//! ```
+//!
+//! Integers are big-endian. A decoder refuses an unknown magic, version or kind, a body
+//! above its cap, a count or length above its cap, and trailing bytes. [`read_frame`]
+//! never allocates more than the bytes that actually arrived (the body is read through a
+//! bounded `take`, not into a buffer of the announced length).
+
+#![deny(clippy::indexing_slicing, clippy::arithmetic_side_effects)]
+
+use std::io::{self, Read, Write};
+
+use mayfly_ledger::codec::{DecodeError, Reader, Writer};
+use mayfly_ledger::head::MAX_HEAD_LEN;
+use mayfly_ledger::replication::MAX_GROUP_BYTES;
+use mayfly_ledger::{GroupRecords, PublicKey};
+
+/// Magic of every frame.
+pub const MAGIC: &[u8; 4] = b"MFRP";
+/// Frame format version.
+pub const VERSION: u8 = 1;
+/// Kind byte of a hello.
+pub const KIND_HELLO: u8 = 0x01;
+/// Kind byte of a group.
+pub const KIND_GROUP: u8 = 0x02;
+/// Kind byte of an acknowledgement.
+pub const KIND_ACK: u8 = 0x03;
+/// Kind byte of a stop.
+pub const KIND_STOP: u8 = 0x04;
+/// Length of the frame header.
+pub const HEADER_LEN: usize = 10;
+/// Length of a hello body.
+pub const HELLO_LEN: usize = 48;
+/// Length of an ack body.
+pub const ACK_LEN: usize = 8;
+/// Longest stop reason, bytes.
+pub const MAX_REASON: usize = 1024;
+/// Longest stop body.
+pub const MAX_STOP_BODY: usize = 8 + 2 + MAX_REASON;
+/// Most records of one chain in one group.
+pub const MAX_RECORDS: usize = 1 << 20;
+/// Longest checkpoint-chain record (a rollback record's cap; a commit's is 8 MiB).
+pub const MAX_CHECKPOINT_RECORD: usize = mayfly_ledger::rollback::MAX_ROLLBACK_BYTES;
+/// Longest audit record (an encoded record is at most 34,010 bytes).
+pub const MAX_AUDIT_RECORD: usize = 64 << 10;
+/// Longest group body: the records and head of a group ([`MAX_GROUP_BYTES`]) plus their
+/// length prefixes (4 bytes per record, both chains at their count cap) and the fixed
+/// fields.
+pub const MAX_GROUP_BODY: u64 = MAX_GROUP_BYTES + 8 * (MAX_RECORDS as u64) + 8 + 2 + 8;
+
+/// One frame.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Frame {
+    /// A standby says where it is and what it copies.
+    Hello {
+        /// First group it needs.
+        next_group: u64,
+        /// Its epoch.
+        epoch: u64,
+        /// Identity of the ledger it copies.
+        identity: PublicKey,
+    },
+    /// One durable group of the primary.
+    Group(GroupRecords),
+    /// The standby has this group durable.
+    Ack {
+        /// Group.
+        group: u64,
+    },
+    /// The sender stops, and says why.
+    Stop {
+        /// Group the sender was at.
+        group: u64,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// Why a frame could not be read or decoded.
+#[derive(Debug, thiserror::Error)]
+pub enum FrameError {
+    /// The connection failed or ended.
+    #[error("replication connection: {0}")]
+    Io(#[from] io::Error),
+    /// The connection ended inside a frame.
+    #[error("the connection ended inside a frame ({got} of {want} bytes of its body)")]
+    Truncated {
+        /// Bytes received.
+        got: u64,
+        /// Bytes announced.
+        want: u64,
+    },
+    /// The header is not a replication frame's.
+    #[error("not a replication frame: {0}")]
+    Header(&'static str),
+    /// Unknown frame kind.
+    #[error("unknown frame kind {0:#04x}")]
+    Kind(u8),
+    /// The body is longer than its kind allows.
+    #[error("{kind} frame body of {len} bytes is above its limit of {max}")]
+    TooLarge {
+        /// Frame kind.
+        kind: &'static str,
+        /// Announced length.
+        len: u64,
+        /// Cap.
+        max: u64,
+    },
+    /// The body does not decode.
+    #[error("{kind} frame: {source}")]
+    Body {
+        /// Frame kind.
+        kind: &'static str,
+        /// Decoder's error.
+        source: DecodeError,
+    },
+}
+
+impl Frame {
+    fn kind(&self) -> u8 {
+        match self {
+            Self::Hello { .. } => KIND_HELLO,
+            Self::Group(_) => KIND_GROUP,
+            Self::Ack { .. } => KIND_ACK,
+            Self::Stop { .. } => KIND_STOP,
+        }
+    }
+
+    /// The body's encoding. A group above the caps encodes, and is refused by decoders;
+    /// the exporter never produces one ([`mayfly_ledger::ExportError::TooLarge`]).
+    pub fn encode_body(&self) -> Vec<u8> {
+        match self {
+            Self::Hello {
+                next_group,
+                epoch,
+                identity,
+            } => {
+                let mut w = Writer::with_capacity(HELLO_LEN);
+                w.u64(*next_group);
+                w.u64(*epoch);
+                w.raw(identity);
+                w.finish()
+            }
+            Self::Group(g) => {
+                let size: usize = g
+                    .checkpoints
+                    .iter()
+                    .chain(&g.audit)
+                    .map(|r| r.len().saturating_add(4))
+                    .fold(g.head.len().saturating_add(18), usize::saturating_add);
+                let mut w = Writer::with_capacity(size);
+                let group = mayfly_ledger::SignedHead::decode(&g.head)
+                    .map(|h| h.group)
+                    .unwrap_or(0);
+                w.u64(group);
+                w.bytes16(&g.head);
+                for chain in [&g.checkpoints, &g.audit] {
+                    w.u32(u32::try_from(chain.len()).unwrap_or(u32::MAX));
+                    for r in chain {
+                        w.bytes32(r);
+                    }
+                }
+                w.finish()
+            }
+            Self::Ack { group } => group.to_be_bytes().to_vec(),
+            Self::Stop { group, reason } => {
+                let reason = bounded_reason(reason);
+                let mut w = Writer::with_capacity(MAX_STOP_BODY);
+                w.u64(*group);
+                w.bytes16(reason.as_bytes());
+                w.finish()
+            }
+        }
+    }
+
+    /// The whole frame: header and body.
+    pub fn encode(&self) -> Vec<u8> {
+        let body = self.encode_body();
+        let mut out = Vec::with_capacity(body.len().saturating_add(HEADER_LEN));
+        out.extend_from_slice(MAGIC);
+        out.push(VERSION);
+        out.push(self.kind());
+        out.extend_from_slice(&u32::try_from(body.len()).unwrap_or(u32::MAX).to_be_bytes());
+        out.extend_from_slice(&body);
+        out
+    }
+
+    /// Decodes a body of frame kind `kind`.
+    pub fn decode_body(kind: u8, body: &[u8]) -> Result<Self, FrameError> {
+        let name = kind_name(kind).ok_or(FrameError::Kind(kind))?;
+        let err = |source| FrameError::Body { kind: name, source };
+        let mut r = Reader::new(body);
+        let frame = match kind {
+            KIND_HELLO => Self::Hello {
+                next_group: r.u64("next_group").map_err(err)?,
+                epoch: r.u64("epoch").map_err(err)?,
+                identity: r.array("identity").map_err(err)?,
+            },
+            KIND_GROUP => {
+                let group = r.u64("group").map_err(err)?;
+                let head = r.bytes16(MAX_HEAD_LEN, "head").map_err(err)?.to_vec();
+                let named = mayfly_ledger::SignedHead::decode(&head)
+                    .map(|h| h.group)
+                    .map_err(err)?;
+                if named != group {
+                    return Err(err(DecodeError::NotCanonical {
+                        field: "group",
+                        reason: "differs from the group its head names",
+                    }));
+                }
+                let mut chains = [Vec::new(), Vec::new()];
+                for (records, (max, field)) in chains.iter_mut().zip([
+                    (MAX_CHECKPOINT_RECORD, "checkpoint record"),
+                    (MAX_AUDIT_RECORD, "audit record"),
+                ]) {
+                    let count = r.count32(MAX_RECORDS, 4, field).map_err(err)?;
+                    for _ in 0..count {
+                        records.push(r.bytes32(max, field).map_err(err)?.to_vec());
+                    }
+                }
+                let [checkpoints, audit] = chains;
+                Self::Group(GroupRecords {
+                    head,
+                    checkpoints,
+                    audit,
+                })
+            }
+            KIND_ACK => Self::Ack {
+                group: r.u64("group").map_err(err)?,
+            },
+            _ => {
+                let group = r.u64("group").map_err(err)?;
+                let reason = r.str16(MAX_REASON, "reason").map_err(err)?.to_string();
+                Self::Stop { group, reason }
+            }
+        };
+        r.finish().map_err(err)?;
+        Ok(frame)
+    }
+}
+
+/// A reason cut to at most [`MAX_REASON`] bytes on a character boundary.
+fn bounded_reason(reason: &str) -> &str {
+    let mut end = reason.len().min(MAX_REASON);
+    while !reason.is_char_boundary(end) {
+        end = end.saturating_sub(1);
+    }
+    reason.get(..end).unwrap_or("")
+}
+
+fn kind_name(kind: u8) -> Option<&'static str> {
+    match kind {
+        KIND_HELLO => Some("hello"),
+        KIND_GROUP => Some("group"),
+        KIND_ACK => Some("ack"),
+        KIND_STOP => Some("stop"),
+        _ => None,
+    }
+}
+
+fn max_body(kind: u8) -> u64 {
+    match kind {
+        KIND_HELLO => HELLO_LEN as u64,
+        KIND_GROUP => MAX_GROUP_BODY,
+        KIND_ACK => ACK_LEN as u64,
+        _ => MAX_STOP_BODY as u64,
+    }
+}
+
+/// Decodes one whole frame held in `bytes` (header and body, nothing after).
+pub fn decode(bytes: &[u8]) -> Result<Frame, FrameError> {
+    let mut input = bytes;
+    let frame = read_frame(&mut input)?;
+    if !input.is_empty() {
+        return Err(FrameError::Body {
+            kind: "frame",
+            source: DecodeError::Trailing { count: input.len() },
+        });
+    }
+    Ok(frame)
+}
+
+/// Reads one frame from `r`: checks the header, then reads at most the announced body
+/// length (within the kind's cap), growing its buffer only as bytes arrive.
+pub fn read_frame(r: &mut impl Read) -> Result<Frame, FrameError> {
+    let mut header = [0u8; HEADER_LEN];
+    r.read_exact(&mut header)?;
+    let [m0, m1, m2, m3, version, kind, l0, l1, l2, l3] = header;
+    if [m0, m1, m2, m3] != *MAGIC {
+        return Err(FrameError::Header("bad magic"));
+    }
+    if version != VERSION {
+        return Err(FrameError::Header("unsupported frame version"));
+    }
+    let name = kind_name(kind).ok_or(FrameError::Kind(kind))?;
+    let len = u64::from(u32::from_be_bytes([l0, l1, l2, l3]));
+    let max = max_body(kind);
+    if len > max {
+        return Err(FrameError::TooLarge {
+            kind: name,
+            len,
+            max,
+        });
+    }
+    let mut body = Vec::with_capacity(usize::try_from(len.min(64 << 10)).unwrap_or(0));
+    let got = r.by_ref().take(len).read_to_end(&mut body)?;
+    let got = u64::try_from(got).unwrap_or(u64::MAX);
+    if got != len {
+        return Err(FrameError::Truncated { got, want: len });
+    }
+    Frame::decode_body(kind, &body)
+}
+
+/// Writes one frame to `w` and flushes it.
+pub fn write_frame(w: &mut impl Write, frame: &Frame) -> io::Result<()> {
+    w.write_all(&frame.encode())?;
+    w.flush()
+}
+
+#[cfg(test)]
+#[allow(clippy::indexing_slicing, clippy::arithmetic_side_effects)]
+mod tests {
+    use super::*;
+
+    fn group() -> GroupRecords {
+        let key = mayfly_ledger::SigningKey::from_seed(&[1; 32]);
+        let head = mayfly_ledger::SignedHead::sign_v3(
+            &key,
+            2,
+            mayfly_ledger::Tip::default(),
+            mayfly_ledger::Tip::default(),
+            5,
+            [3; 32],
+            0,
+            None,
+        );
+        GroupRecords {
+            head: head.encode(),
+            checkpoints: vec![vec![1, 2, 3]],
+            audit: vec![vec![4], vec![5, 6]],
+        }
+    }
+
+    fn all() -> Vec<Frame> {
+        vec![
+            Frame::Hello {
+                next_group: 7,
+                epoch: 1,
+                identity: [9; 32],
+            },
+            Frame::Group(group()),
+            Frame::Ack { group: 7 },
+            Frame::Stop {
+                group: 7,
+                reason: "fork at checkpoints 3".into(),
+            },
+        ]
+    }
+
+    #[test]
+    fn frames_round_trip() {
+        for f in all() {
+            let e = f.encode();
+            assert_eq!(&e[..4], MAGIC);
+            assert_eq!(e[4], VERSION);
+            assert_eq!(decode(&e).unwrap(), f);
+        }
+    }
+
+    #[test]
+    fn every_cut_and_every_trailing_byte_is_refused() {
+        for f in all() {
+            let e = f.encode();
+            for cut in 0..e.len() {
+                assert!(decode(&e[..cut]).is_err(), "{f:?} cut at {cut}");
+            }
+            let mut longer = e.clone();
+            longer.push(0);
+            assert!(decode(&longer).is_err());
+            // A body length that says one byte more than the body has inside it.
+            let mut lied = e.clone();
+            let n = u32::from_be_bytes(lied[6..10].try_into().unwrap()) + 1;
+            lied[6..10].copy_from_slice(&n.to_be_bytes());
+            lied.push(0);
+            assert!(decode(&lied).is_err(), "{f:?} with a padded body");
+        }
+    }
+
+    #[test]
+    fn oversized_and_unknown_frames_are_refused_before_reading_the_body() {
+        // A group frame announcing 4 GiB - 1: refused from the header alone, with a reader
+        // that has nothing behind the header.
+        let mut h = Vec::from(&MAGIC[..]);
+        h.extend_from_slice(&[VERSION, KIND_ACK]);
+        h.extend_from_slice(&9u32.to_be_bytes());
+        assert!(matches!(
+            read_frame(&mut &h[..]),
+            Err(FrameError::TooLarge { kind: "ack", .. })
+        ));
+        let mut h2 = h.clone();
+        h2[5] = 0x09;
+        assert!(matches!(read_frame(&mut &h2[..]), Err(FrameError::Kind(9))));
+        let mut big = Vec::from(&MAGIC[..]);
+        big.extend_from_slice(&[VERSION, KIND_GROUP]);
+        big.extend_from_slice(&u32::MAX.to_be_bytes());
+        assert!(matches!(
+            read_frame(&mut &big[..]),
+            Err(FrameError::TooLarge { kind: "group", .. })
+        ));
+        let mut h3 = h.clone();
+        h3[4] = 2;
+        assert!(matches!(
+            read_frame(&mut &h3[..]),
+            Err(FrameError::Header(_))
+        ));
+        // A group whose announced length is within the cap but whose body never comes: an
+        // error, after allocating only what arrived.
+        let mut g = Vec::from(&MAGIC[..]);
+        g.extend_from_slice(&[VERSION, KIND_GROUP]);
+        g.extend_from_slice(&(1u32 << 20).to_be_bytes());
+        g.extend_from_slice(&[0; 100]);
+        assert!(matches!(
+            read_frame(&mut &g[..]),
+            Err(FrameError::Truncated { got: 100, .. })
+        ));
+    }
+
+    #[test]
+    fn a_group_whose_number_is_not_its_heads_is_refused() {
+        let mut e = Frame::Group(group()).encode();
+        e[HEADER_LEN + 7] ^= 1;
+        assert!(matches!(decode(&e), Err(FrameError::Body { .. })));
+    }
+
+    #[test]
+    fn random_bytes_never_panic() {
+        let mut rng = fastrand::Rng::with_seed(18);
+        let base = Frame::Group(group()).encode();
+        for _ in 0..5000 {
+            let mut b = base.clone();
+            for _ in 0..rng.usize(1..4) {
+                let i = rng.usize(0..b.len());
+                b[i] = rng.u8(..);
+            }
+            b.truncate(rng.usize(0..=b.len()));
+            let _ = decode(&b);
+        }
+    }
+
+    #[test]
+    fn a_long_reason_is_cut_on_a_character_boundary() {
+        let f = Frame::Stop {
+            group: 1,
+            reason: "é".repeat(1000),
+        };
+        match decode(&f.encode()).unwrap() {
+            Frame::Stop { reason, .. } => {
+                assert!(reason.len() <= MAX_REASON);
+                assert_eq!(reason, "é".repeat(512));
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+}

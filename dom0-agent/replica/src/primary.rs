@@ -1,0 +1,591 @@
+//! The primary's side: ships every durable group to one standby over mutual TLS, and in
+//! synchronous mode holds each group's acknowledgements until the standby has it durable.
+//!
+//! One thread accepts the standby (one at a time) and serves it: it sends every group from
+//! the one the standby asks for (its hello) up to the primary's last, at most [`WINDOW`]
+//! unacknowledged, and reads the standby's acks. It sleeps in `poll(2)` on the socket and
+//! on a wake-up pipe the committer writes to when a group becomes durable. A second thread
+//! writes the audit records of state changes (the committer must never wait for itself).
+//!
+//! **The hook** is [`mayfly_ledger::GroupObserver`]: the committer calls it after each
+//! durable group, before the group's commits are acknowledged. Without replication no
+//! observer is set, and the committer's only cost is one atomic load per group. In
+//! synchronous mode the observer waits until the standby acknowledged the group, at most
+//! `sync_timeout`; then the primary **degrades** to asynchronous (audited
+//! `replication.degraded`, shown in [`Status`]) and goes back (`replication.synchronous`)
+//! once the standby has acknowledged every durable group. A primary **starts
+//! synchronous**: after a restart its first commits wait for the standby like any other (so
+//! a primary killed and restarted does not acknowledge anything the standby lacks while the
+//! standby reconnects), and degrade only if it does not come within `sync_timeout`.
+
+use std::io::Write;
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::fd::AsFd;
+use std::os::unix::net::UnixStream;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use mayfly_ledger::{AuditEvent, GroupObserver, Ledger, Severity};
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use rustls::{ServerConnection, StreamOwned};
+use slog::{error, info, warn, Logger};
+
+use crate::frame::{write_frame, Frame, FrameError, KIND_ACK, KIND_HELLO, KIND_STOP};
+use crate::inbox::{Filled, Inbox};
+use crate::tls::{PinnedTls, TlsError};
+use crate::Mode;
+
+/// Most groups sent and not yet acknowledged.
+pub const WINDOW: u64 = 256;
+/// Longest a hello may take after the connection is accepted (TLS handshake included).
+pub const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest a write to the standby may block.
+pub const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How the primary replicates.
+#[derive(Debug, Clone)]
+pub struct PrimaryConfig {
+    /// Address the standby connects to.
+    pub listen: SocketAddr,
+    /// Asynchronous or synchronous.
+    pub mode: Mode,
+    /// Synchronous mode: longest a commit waits for the standby before the primary degrades
+    /// to asynchronous.
+    pub sync_timeout: Duration,
+    /// This node's certificate and the standby's pin.
+    pub tls: PinnedTls,
+}
+
+/// Why replication could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The TLS configuration.
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    /// Binding the listener or making the wake-up pipe.
+    #[error("replication listener on {addr}: {source}")]
+    Listen {
+        /// Address.
+        addr: SocketAddr,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// Another observer is already set on the ledger.
+    #[error("the ledger already has a group observer (replication started twice?)")]
+    ObserverTaken,
+    /// A thread could not be started.
+    #[error("starting a replication thread: {0}")]
+    Thread(std::io::Error),
+}
+
+/// Why one standby connection ended.
+#[derive(Debug, thiserror::Error)]
+enum ConnError {
+    #[error("TLS: {0}")]
+    Tls(#[from] rustls::Error),
+    #[error("{0}")]
+    Frame(#[from] FrameError),
+    #[error("I/O: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("{0}")]
+    Refused(String),
+    #[error("the standby stopped at group {group}: {reason}")]
+    StandbyStopped { group: u64, reason: String },
+    #[error("exporting group {0}")]
+    Export(#[from] mayfly_ledger::ExportError),
+    #[error("the standby closed the connection")]
+    Closed,
+}
+
+/// What `GET /v1/health` and the console show.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Status {
+    /// `async` or `sync`, as configured.
+    pub mode: Mode,
+    /// Degraded to asynchronous (synchronous mode only), and why.
+    pub degraded: Option<String>,
+    /// The standby connected now, if one is.
+    pub standby: Option<SocketAddr>,
+    /// Last durable group of the primary.
+    pub durable_group: u64,
+    /// Last group the standby acknowledged as durable.
+    pub acked_group: u64,
+}
+
+impl Status {
+    /// `synchronous`, `degraded` or `asynchronous`.
+    pub fn state(&self) -> &'static str {
+        match (self.mode, &self.degraded) {
+            (Mode::Sync, None) => "synchronous",
+            (Mode::Sync, Some(_)) => "degraded",
+            (Mode::Async, _) => "asynchronous",
+        }
+    }
+
+    /// Groups durable here and not yet acknowledged by the standby.
+    pub fn lag_groups(&self) -> u64 {
+        self.durable_group.saturating_sub(self.acked_group)
+    }
+}
+
+struct State {
+    durable: u64,
+    acked: u64,
+    standby: Option<SocketAddr>,
+    degraded: Option<String>,
+    events: Vec<AuditEvent>,
+}
+
+struct Shared {
+    ledger: Ledger,
+    mode: Mode,
+    sync_timeout: Duration,
+    state: Mutex<State>,
+    changed: Condvar,
+    wake: UnixStream,
+    stop: AtomicBool,
+    log: Logger,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn audit(&self, st: &mut State, event: AuditEvent) {
+        st.events.push(event);
+        self.changed.notify_all();
+    }
+
+    fn acked(&self, group: u64) {
+        let mut st = self.lock();
+        if group > st.acked {
+            st.acked = group;
+        }
+        if st.degraded.is_some() && self.mode == Mode::Sync && st.acked >= st.durable {
+            st.degraded = None;
+            info!(self.log, "replication synchronous again: the standby has every durable group"; "group" => st.acked);
+            let ev = AuditEvent::new("replication.synchronous", Severity::Notice)
+                .field("group", st.acked);
+            self.audit(&mut st, ev);
+        }
+        self.changed.notify_all();
+    }
+}
+
+/// The ledger's observer: holds the shared state weakly (the shared state holds the
+/// ledger, which holds the observer).
+struct Observer(Weak<Shared>);
+
+impl GroupObserver for Observer {
+    fn durable(&self, group: u64, acknowledging: bool) {
+        let Some(shared) = self.0.upgrade() else {
+            return;
+        };
+        let mut st = shared.lock();
+        st.durable = st.durable.max(group);
+        // Wake the shipping thread; a full pipe already holds a wake-up.
+        let _ = (&shared.wake).write(&[1]);
+        if shared.mode != Mode::Sync || !acknowledging || st.degraded.is_some() {
+            return;
+        }
+        let deadline = Instant::now() + shared.sync_timeout;
+        while st.acked < group {
+            let now = Instant::now();
+            if now >= deadline {
+                let reason = format!(
+                    "the standby did not confirm group {group} within {} ms",
+                    shared.sync_timeout.as_millis()
+                );
+                warn!(shared.log, "REPLICATION DEGRADED to asynchronous"; "reason" => &reason);
+                let ev = AuditEvent::new("replication.degraded", Severity::Warning)
+                    .field("group", group)
+                    .field("acked_group", st.acked)
+                    .field("reason", &reason);
+                st.degraded = Some(reason);
+                shared.audit(&mut st, ev);
+                return;
+            }
+            st = shared
+                .changed
+                .wait_timeout(st, deadline - now)
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .0;
+        }
+    }
+}
+
+/// A running primary-side replication.
+pub struct Shipper {
+    shared: Arc<Shared>,
+    local_addr: SocketAddr,
+    threads: Vec<JoinHandle<()>>,
+}
+
+/// Reads the status of a running [`Shipper`] (for health sections).
+#[derive(Clone)]
+pub struct StatusHandle(Arc<Shared>);
+
+impl StatusHandle {
+    /// The status now.
+    pub fn status(&self) -> Status {
+        status_of(&self.0)
+    }
+}
+
+fn status_of(shared: &Shared) -> Status {
+    let st = shared.lock();
+    Status {
+        mode: shared.mode,
+        degraded: st.degraded.clone(),
+        standby: st.standby,
+        durable_group: st.durable,
+        acked_group: st.acked,
+    }
+}
+
+impl Shipper {
+    /// Binds the listener, installs the group observer on `ledger` and starts shipping.
+    pub fn start(ledger: &Ledger, config: PrimaryConfig, log: &Logger) -> Result<Self, StartError> {
+        let tls = config.tls.server_config()?;
+        let listen_err = |source| StartError::Listen {
+            addr: config.listen,
+            source,
+        };
+        let listener = TcpListener::bind(config.listen).map_err(listen_err)?;
+        let local_addr = listener.local_addr().map_err(listen_err)?;
+        listener.set_nonblocking(true).map_err(listen_err)?;
+        let (wake, wake_rx) = UnixStream::pair().map_err(listen_err)?;
+        wake.set_nonblocking(true).map_err(listen_err)?;
+        wake_rx.set_nonblocking(true).map_err(listen_err)?;
+        let degraded: Option<String> = None;
+        let mut events = vec![AuditEvent::new("replication.started", Severity::Notice)
+            .field("role", "primary")
+            .field("mode", config.mode.as_str())
+            .field("listen", local_addr)
+            .field("sync_timeout_ms", config.sync_timeout.as_millis())];
+        if let Some(reason) = &degraded {
+            events.push(
+                AuditEvent::new("replication.degraded", Severity::Warning)
+                    .field("group", ledger.tips().group)
+                    .field("reason", reason),
+            );
+        }
+        let shared = Arc::new(Shared {
+            ledger: ledger.clone(),
+            mode: config.mode,
+            sync_timeout: config.sync_timeout,
+            state: Mutex::new(State {
+                durable: ledger.tips().group,
+                acked: 0,
+                standby: None,
+                degraded,
+                events,
+            }),
+            changed: Condvar::new(),
+            wake,
+            stop: AtomicBool::new(false),
+            log: log.new(slog::o!("component" => "replication")),
+        });
+        if !ledger.set_group_observer(Arc::new(Observer(Arc::downgrade(&shared)))) {
+            return Err(StartError::ObserverTaken);
+        }
+        let mut threads = Vec::new();
+        let s = shared.clone();
+        threads.push(
+            std::thread::Builder::new()
+                .name("repl-audit".into())
+                .spawn(move || audit_loop(&s))
+                .map_err(StartError::Thread)?,
+        );
+        let s = shared.clone();
+        threads.push(
+            std::thread::Builder::new()
+                .name("repl-ship".into())
+                .spawn(move || accept_loop(&s, &listener, &wake_rx, &tls))
+                .map_err(StartError::Thread)?,
+        );
+        info!(shared.log, "replication: primary"; "listen" => %local_addr, "mode" => config.mode.as_str());
+        Ok(Self {
+            shared,
+            local_addr,
+            threads,
+        })
+    }
+
+    /// The address the listener is bound to.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// The status now.
+    pub fn status(&self) -> Status {
+        status_of(&self.shared)
+    }
+
+    /// A handle that reads the status.
+    pub fn status_handle(&self) -> StatusHandle {
+        StatusHandle(self.shared.clone())
+    }
+
+    /// Stops shipping (the standby is told) and waits for the threads. The observer stays
+    /// set on the ledger but does nothing once this is dropped.
+    pub fn stop(mut self) {
+        self.shared.stop.store(true, Ordering::SeqCst);
+        let _ = (&self.shared.wake).write(&[1]);
+        self.shared.changed.notify_all();
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for Shipper {
+    fn drop(&mut self) {
+        self.shared.stop.store(true, Ordering::SeqCst);
+        let _ = (&self.shared.wake).write(&[1]);
+        self.shared.changed.notify_all();
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+fn audit_loop(shared: &Shared) {
+    loop {
+        let events = {
+            let mut st = shared.lock();
+            while st.events.is_empty() && !shared.stop.load(Ordering::SeqCst) {
+                st = shared
+                    .changed
+                    .wait(st)
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+            }
+            std::mem::take(&mut st.events)
+        };
+        if !events.is_empty() {
+            if let Err(e) = shared.ledger.audit(events) {
+                error!(shared.log, "recording a replication event failed"; "error" => %e);
+            }
+        }
+        if shared.stop.load(Ordering::SeqCst) && shared.lock().events.is_empty() {
+            return;
+        }
+    }
+}
+
+fn drain(wake: &UnixStream) {
+    let mut buf = [0u8; 64];
+    while matches!(std::io::Read::read(&mut &*wake, &mut buf), Ok(n) if n > 0) {}
+}
+
+fn accept_loop(
+    shared: &Shared,
+    listener: &TcpListener,
+    wake: &UnixStream,
+    tls: &Arc<rustls::ServerConfig>,
+) {
+    while !shared.stop.load(Ordering::SeqCst) {
+        match listener.accept() {
+            Ok((tcp, peer)) => {
+                let result = serve_standby(shared, tcp, peer, wake, tls);
+                let mut st = shared.lock();
+                st.standby = None;
+                let reason = match &result {
+                    Ok(()) => "the primary is stopping".to_string(),
+                    Err(e) => e.to_string(),
+                };
+                warn!(shared.log, "standby connection ended"; "peer" => %peer, "reason" => &reason);
+                let ev = AuditEvent::new(
+                    "replication.standby_disconnected",
+                    if matches!(result, Err(ConnError::StandbyStopped { .. })) {
+                        Severity::Critical
+                    } else {
+                        Severity::Warning
+                    },
+                )
+                .field("peer", peer)
+                .field("acked_group", st.acked)
+                .field("reason", &reason);
+                shared.audit(&mut st, ev);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                let fds = [
+                    PollFd::new(listener.as_fd(), PollFlags::POLLIN),
+                    PollFd::new(wake.as_fd(), PollFlags::POLLIN),
+                ];
+                let mut fds = fds;
+                let _ = poll(&mut fds, PollTimeout::from(500u16));
+                drain(wake);
+            }
+            Err(e) => {
+                error!(shared.log, "accepting a standby failed"; "error" => %e);
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+    }
+}
+
+fn serve_standby(
+    shared: &Shared,
+    tcp: TcpStream,
+    peer: SocketAddr,
+    wake: &UnixStream,
+    tls: &Arc<rustls::ServerConfig>,
+) -> Result<(), ConnError> {
+    tcp.set_nonblocking(false)?;
+    tcp.set_nodelay(true)?;
+    tcp.set_read_timeout(Some(HELLO_TIMEOUT))?;
+    tcp.set_write_timeout(Some(WRITE_TIMEOUT))?;
+    let conn = ServerConnection::new(tls.clone())?;
+    let mut stream = StreamOwned::new(conn, tcp);
+    let mut inbox = Inbox::default();
+    let started = Instant::now();
+    let hello = loop {
+        if let Some(f) = inbox.next_frame_of(&[KIND_HELLO])? {
+            break f;
+        }
+        if started.elapsed() > HELLO_TIMEOUT {
+            return Err(ConnError::Refused(
+                "no hello within the time allowed".into(),
+            ));
+        }
+        if inbox.fill(&mut stream)? == Filled::Closed {
+            return Err(ConnError::Closed);
+        }
+    };
+    let ledger = &shared.ledger;
+    let tips = ledger.tips();
+    let refuse = |stream: &mut StreamOwned<ServerConnection, TcpStream>, reason: String| {
+        let _ = write_frame(
+            stream,
+            &Frame::Stop {
+                group: tips.group,
+                reason: reason.clone(),
+            },
+        );
+        Err(ConnError::Refused(reason))
+    };
+    let Frame::Hello {
+        next_group,
+        epoch,
+        identity,
+    } = hello
+    else {
+        return refuse(&mut stream, "the first frame must be a hello".into());
+    };
+    if identity != ledger.public_key() {
+        return refuse(
+            &mut stream,
+            format!(
+                "the standby copies ledger {}, this primary is ledger {}",
+                mayfly_ledger::codec::hex(&identity),
+                mayfly_ledger::codec::hex(&ledger.public_key())
+            ),
+        );
+    }
+    if epoch != tips.epoch {
+        return refuse(
+            &mut stream,
+            format!(
+                "the standby is at epoch {epoch}, this primary at epoch {}",
+                tips.epoch
+            ),
+        );
+    }
+    if next_group == 0 || next_group > tips.group.saturating_add(1) {
+        return refuse(
+            &mut stream,
+            format!(
+                "the standby asks for group {next_group}, but this primary's last group is {} (a standby ahead of its primary has another history)",
+                tips.group
+            ),
+        );
+    }
+    {
+        let mut st = shared.lock();
+        st.standby = Some(peer);
+        // What the standby has is what it has acknowledged, whatever an earlier
+        // connection said.
+        st.acked = next_group.saturating_sub(1);
+        let ev = AuditEvent::new("replication.standby_connected", Severity::Notice)
+            .field("peer", peer)
+            .field("next_group", next_group);
+        shared.audit(&mut st, ev);
+    }
+    shared.acked(next_group.saturating_sub(1));
+    info!(shared.log, "standby connected"; "peer" => %peer, "next_group" => next_group);
+    let mut next = next_group;
+    loop {
+        if shared.stop.load(Ordering::SeqCst) {
+            let _ = write_frame(
+                &mut stream,
+                &Frame::Stop {
+                    group: next.saturating_sub(1),
+                    reason: "the primary is stopping".into(),
+                },
+            );
+            return Ok(());
+        }
+        let (durable, acked) = {
+            let st = shared.lock();
+            (st.durable, st.acked)
+        };
+        stream.sock.set_nonblocking(false)?;
+        while next <= durable && next.saturating_sub(acked) <= WINDOW {
+            let group = ledger.store().export_group(next)?;
+            write_frame(&mut stream, &Frame::Group(group))?;
+            next = next.saturating_add(1);
+        }
+        // Wait for an ack, a new group, or the stop flag.
+        stream.sock.set_nonblocking(true)?;
+        if !stream.conn.wants_write() {
+            let mut fds = [
+                PollFd::new(stream.sock.as_fd(), PollFlags::POLLIN),
+                PollFd::new(wake.as_fd(), PollFlags::POLLIN),
+            ];
+            let _ = poll(&mut fds, PollTimeout::from(500u16));
+        }
+        drain(wake);
+        loop {
+            match inbox.fill(&mut stream) {
+                Ok(Filled::Bytes) => continue,
+                Ok(Filled::Nothing) => break,
+                Ok(Filled::Closed) => return Err(ConnError::Closed),
+                Err(e) => return Err(e.into()),
+            }
+        }
+        while let Some(frame) = inbox.next_frame_of(&[KIND_ACK, KIND_STOP])? {
+            match frame {
+                Frame::Ack { group } if group < next => shared.acked(group),
+                Frame::Ack { group } => {
+                    return Err(ConnError::Refused(format!(
+                        "the standby acknowledged group {group}, which was never sent"
+                    )))
+                }
+                Frame::Stop { group, reason } => {
+                    return Err(ConnError::StandbyStopped { group, reason })
+                }
+                other => {
+                    return Err(ConnError::Refused(format!(
+                        "unexpected frame from the standby: {}",
+                        frame_name(&other)
+                    )))
+                }
+            }
+        }
+    }
+}
+
+fn frame_name(f: &Frame) -> &'static str {
+    match f {
+        Frame::Hello { .. } => "hello",
+        Frame::Group(_) => "group",
+        Frame::Ack { .. } => "ack",
+        Frame::Stop { .. } => "stop",
+    }
+}

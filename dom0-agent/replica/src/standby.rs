@@ -1,0 +1,238 @@
+//! The standby's side: connects to the primary over mutual TLS, says where its copy ends
+//! (hello), applies each group it receives with [`Replica::apply`] (every link, signature,
+//! the epoch and the live state checked before the group is durable) and acknowledges it.
+//!
+//! The standby's own audit records (connections, refused groups, a fork) go to a ledger of
+//! its own (`local`), never into the copy: the copy holds only what the primary's chain
+//! proves. A refused group (forged, damaged, out of order) ends the connection, and the
+//! standby reconnects and asks again from its last group; a **fork** (or a copy whose data
+//! no longer matches its chain) stops the standby for good: it tells the primary (stop
+//! frame), audits it as critical, and returns.
+
+use std::net::{SocketAddr, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use mayfly_ledger::{ApplyError, AuditEvent, Ledger, Replica, Severity};
+use rustls::pki_types::ServerName;
+use rustls::{ClientConnection, StreamOwned};
+use slog::{error, info, warn, Logger};
+
+use crate::frame::{write_frame, Frame, FrameError, KIND_GROUP, KIND_STOP};
+use crate::inbox::{Filled, Inbox};
+use crate::tls::{PinnedTls, TlsError};
+
+/// Longest a connection attempt may take.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How often a blocked read wakes to look at the stop flag.
+pub const POLL: Duration = Duration::from_millis(200);
+/// Longest wait between reconnection attempts (below the default `sync_timeout_ms`, so
+/// that a synchronous primary that restarts sees its standby back before it degrades).
+pub const MAX_BACKOFF: Duration = Duration::from_secs(1);
+
+/// How the standby follows its primary.
+#[derive(Debug, Clone)]
+pub struct StandbyConfig {
+    /// The primary's replication address.
+    pub primary: SocketAddr,
+    /// This node's certificate and the primary's pin.
+    pub tls: PinnedTls,
+}
+
+/// How following ended.
+#[derive(Debug)]
+pub enum End {
+    /// The stop flag was set.
+    Stopped,
+    /// The primary's history and the copy's differ, or the copy is damaged: the standby
+    /// must not follow any more (an operator decides).
+    Fatal(ApplyError),
+    /// The primary refused this standby for a reason that will not change by retrying
+    /// (another ledger, another epoch).
+    Refused(String),
+}
+
+/// Why one connection ended.
+#[derive(Debug, thiserror::Error)]
+enum ConnError {
+    #[error("connecting: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("TLS: {0}")]
+    Tls(#[from] rustls::Error),
+    #[error("{0}")]
+    Frame(#[from] FrameError),
+    #[error("the primary closed the connection")]
+    Closed,
+    #[error("the primary stopped the stream at group {group}: {reason}")]
+    PrimaryStopped { group: u64, reason: String },
+    #[error("refused group: {0}")]
+    Refused(ApplyError),
+    #[error("unexpected frame from the primary")]
+    Unexpected,
+}
+
+/// Follows the primary until `stop` is set or following must end. Blocking; run it on a
+/// thread of its own.
+pub fn follow(
+    replica: &mut Replica,
+    config: &StandbyConfig,
+    local: &Ledger,
+    stop: &Arc<AtomicBool>,
+    log: &Logger,
+) -> Result<End, TlsError> {
+    let tls = config.tls.client_config()?;
+    let log = log.new(slog::o!("component" => "replication"));
+    let mut backoff = Duration::from_millis(100);
+    let audit = |ev: AuditEvent| {
+        if let Err(e) = local.audit(vec![ev]) {
+            error!(log, "recording a replication event failed"; "error" => %e);
+        }
+    };
+    audit(
+        AuditEvent::new("replication.started", Severity::Notice)
+            .field("role", "standby")
+            .field("primary", config.primary)
+            .field("group", replica.held().group),
+    );
+    while !stop.load(Ordering::SeqCst) {
+        let before = replica.held().group;
+        let result = connection(replica, config.primary, &tls, stop, &log);
+        let progressed = replica.held().group > before;
+        match result {
+            Ok(()) => return Ok(End::Stopped),
+            Err(ConnError::Refused(e)) if e.is_fatal() => {
+                error!(log, "REPLICATION STOPPED: {e}"; "group" => replica.held().group);
+                audit(
+                    AuditEvent::new(
+                        if matches!(e, ApplyError::Fork { .. }) {
+                            "replication.fork"
+                        } else {
+                            "replication.stopped"
+                        },
+                        Severity::Critical,
+                    )
+                    .field("group", replica.held().group)
+                    .field("reason", e.to_string()),
+                );
+                return Ok(End::Fatal(e));
+            }
+            Err(ConnError::PrimaryStopped { reason, .. })
+                if reason.starts_with("the standby copies ledger")
+                    || reason.starts_with("the standby is at epoch")
+                    || reason.contains("has another history") =>
+            {
+                error!(log, "the primary refuses this standby"; "reason" => &reason);
+                audit(
+                    AuditEvent::new("replication.refused_by_primary", Severity::Critical)
+                        .field("reason", &reason),
+                );
+                return Ok(End::Refused(reason));
+            }
+            Err(e) => {
+                warn!(log, "replication connection ended"; "error" => %e, "group" => replica.held().group);
+                let severity = if matches!(e, ConnError::Refused(_)) {
+                    Severity::Error
+                } else {
+                    Severity::Warning
+                };
+                audit(
+                    AuditEvent::new("replication.connection_ended", severity)
+                        .field("group", replica.held().group)
+                        .field("reason", e.to_string()),
+                );
+            }
+        }
+        backoff = if progressed {
+            Duration::from_millis(100)
+        } else {
+            (backoff * 2).min(MAX_BACKOFF)
+        };
+        // Sleep in short steps so that a stop is seen at once.
+        let mut slept = Duration::ZERO;
+        while slept < backoff && !stop.load(Ordering::SeqCst) {
+            std::thread::sleep(POLL.min(backoff));
+            slept += POLL.min(backoff);
+        }
+    }
+    Ok(End::Stopped)
+}
+
+fn connection(
+    replica: &mut Replica,
+    primary: SocketAddr,
+    tls: &Arc<rustls::ClientConfig>,
+    stop: &AtomicBool,
+    log: &Logger,
+) -> Result<(), ConnError> {
+    let tcp = TcpStream::connect_timeout(&primary, CONNECT_TIMEOUT)?;
+    tcp.set_nodelay(true)?;
+    tcp.set_read_timeout(Some(POLL))?;
+    tcp.set_write_timeout(Some(Duration::from_secs(30)))?;
+    // The pin, not the name, authenticates the primary; the name is only what SNI carries.
+    let name = ServerName::try_from("mayfly-primary").map_err(|_| ConnError::Unexpected)?;
+    let conn = ClientConnection::new(tls.clone(), name)?;
+    let mut stream = StreamOwned::new(conn, tcp);
+    let held = replica.held().clone();
+    write_frame(
+        &mut stream,
+        &Frame::Hello {
+            next_group: held.group.saturating_add(1),
+            epoch: held.epoch,
+            identity: replica_identity(replica),
+        },
+    )?;
+    info!(log, "connected to the primary"; "primary" => %primary, "next_group" => held.group + 1);
+    let mut inbox = Inbox::default();
+    loop {
+        while let Some(frame) = inbox.next_frame_of(&[KIND_GROUP, KIND_STOP])? {
+            match frame {
+                Frame::Group(group) => match replica.apply(&group) {
+                    Ok(applied) => {
+                        write_frame(
+                            &mut stream,
+                            &Frame::Ack {
+                                group: applied.group,
+                            },
+                        )?;
+                    }
+                    Err(ApplyError::Replayed { group }) => {
+                        write_frame(&mut stream, &Frame::Ack { group })?;
+                    }
+                    Err(e) => {
+                        let _ = write_frame(
+                            &mut stream,
+                            &Frame::Stop {
+                                group: replica.held().group,
+                                reason: e.to_string(),
+                            },
+                        );
+                        return Err(ConnError::Refused(e));
+                    }
+                },
+                Frame::Stop { group, reason } => {
+                    return Err(ConnError::PrimaryStopped { group, reason })
+                }
+                Frame::Hello { .. } | Frame::Ack { .. } => return Err(ConnError::Unexpected),
+            }
+        }
+        if stop.load(Ordering::SeqCst) {
+            let _ = write_frame(
+                &mut stream,
+                &Frame::Stop {
+                    group: replica.held().group,
+                    reason: "the standby is stopping".into(),
+                },
+            );
+            return Ok(());
+        }
+        if inbox.fill(&mut stream)? == Filled::Closed {
+            return Err(ConnError::Closed);
+        }
+    }
+}
+
+/// The identity of the ledger the copy follows: the key pinned at its creation.
+fn replica_identity(replica: &Replica) -> mayfly_ledger::PublicKey {
+    replica.identity()
+}

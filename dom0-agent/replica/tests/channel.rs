@@ -1,0 +1,304 @@
+//! The channel on loopback, with real mutual TLS and pinned keys: a standby follows a
+//! primary ledger; in synchronous mode every acknowledged commit is already durable on the
+//! standby; a standby that goes away makes the primary degrade (audited, in its status)
+//! and come back to synchronous once the standby has caught up; asynchronous mode catches
+//! up; a peer whose key is not the pinned one gets nothing.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use mayfly_ledger::{Ledger, Options, Replica, Store, StoreOptions, TxContext, TxId};
+use mayfly_replica::{follow, pin_of, End, Mode, PinnedTls, PrimaryConfig, Shipper, StandbyConfig};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use slog::{o, Discard, Logger};
+
+fn log() -> Logger {
+    Logger::root(Discard, o!())
+}
+
+struct Identity {
+    cert: CertificateDer<'static>,
+    key: Vec<u8>,
+}
+
+impl Identity {
+    fn new() -> Self {
+        let c = rcgen::generate_simple_self_signed(vec!["mayfly".into()]).unwrap();
+        Self {
+            cert: c.cert.der().clone(),
+            key: c.signing_key.serialize_der(),
+        }
+    }
+    fn pin(&self) -> String {
+        pin_of(&self.cert).unwrap()
+    }
+    fn tls(&self, peer_pin: &str) -> PinnedTls {
+        PinnedTls::from_parts(
+            vec![self.cert.clone()],
+            PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(self.key.clone())),
+            peer_pin,
+        )
+        .unwrap()
+    }
+}
+
+fn put(ledger: &Ledger, k: &str) -> (TxId, u64) {
+    let id = TxId::generate();
+    let mut t = ledger
+        .begin(TxContext {
+            tx_id: id,
+            handler: "kv".into(),
+            request: k.as_bytes().to_vec(),
+            domain_id: 1,
+            policy_hash: [0; 32],
+        })
+        .unwrap();
+    t.put(k.as_bytes(), b"v").unwrap();
+    (id, t.commit(b"ok".to_vec()).unwrap().seq)
+}
+
+struct Standby {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<End>>,
+    store: Store,
+    local: Ledger,
+}
+
+impl Standby {
+    fn start(dir: &std::path::Path, primary: &Ledger, config: StandbyConfig) -> Self {
+        let mut replica = Replica::open(
+            &dir.join("copy"),
+            &StoreOptions::default(),
+            primary.public_key(),
+        )
+        .unwrap();
+        let local = Ledger::open(&dir.join("local"), &Options::default(), &log()).unwrap();
+        let store = replica.store().clone();
+        let stop = Arc::new(AtomicBool::new(false));
+        let (s, l) = (stop.clone(), local.clone());
+        let thread =
+            std::thread::spawn(move || follow(&mut replica, &config, &l, &s, &log()).unwrap());
+        Self {
+            stop,
+            thread: Some(thread),
+            store,
+            local,
+        }
+    }
+    fn stop(&mut self) -> End {
+        self.stop.store(true, Ordering::SeqCst);
+        self.thread.take().unwrap().join().unwrap()
+    }
+    fn events(&self) -> Vec<String> {
+        self.local
+            .store()
+            .audit_records(1, 10_000)
+            .unwrap()
+            .into_iter()
+            .map(|r| r.event.event)
+            .collect()
+    }
+}
+
+impl Drop for Standby {
+    fn drop(&mut self) {
+        if self.thread.is_some() {
+            self.stop();
+        }
+    }
+}
+
+/// Polls `cond` every 10 ms until it holds or `within` passes.
+fn eventually(within: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let end = Instant::now() + within;
+    while Instant::now() < end {
+        if cond() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    cond()
+}
+
+fn events(ledger: &Ledger) -> Vec<String> {
+    ledger
+        .store()
+        .audit_records(1, 100_000)
+        .unwrap()
+        .into_iter()
+        .map(|r| r.event.event)
+        .collect()
+}
+
+#[test]
+fn synchronous_mode_acknowledges_only_what_the_standby_holds_and_degrades_without_it() {
+    let p = tempfile::tempdir().unwrap();
+    let s = tempfile::tempdir().unwrap();
+    let (pid, sid) = (Identity::new(), Identity::new());
+    let primary = Ledger::open(p.path(), &Options::default(), &log()).unwrap();
+    let shipper = Shipper::start(
+        &primary,
+        PrimaryConfig {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            mode: Mode::Sync,
+            sync_timeout: Duration::from_millis(300),
+            tls: pid.tls(&sid.pin()),
+        },
+        &log(),
+    )
+    .unwrap();
+    assert_eq!(
+        shipper.status().state(),
+        "synchronous",
+        "sync until a commit finds no standby"
+    );
+    let config = StandbyConfig {
+        primary: shipper.local_addr(),
+        tls: sid.tls(&pid.pin()),
+    };
+    let mut standby = Standby::start(s.path(), &primary, config.clone());
+    assert_eq!(standby.store.last_group().unwrap(), 0);
+    assert!(
+        eventually(Duration::from_secs(20), || shipper.status().state()
+            == "synchronous"),
+        "{:?}",
+        shipper.status()
+    );
+    // Every acknowledged commit is on the standby already, from several threads at once.
+    let threads: Vec<_> = (0..4)
+        .map(|t| {
+            let (primary, copy) = (primary.clone(), standby.store.clone());
+            std::thread::spawn(move || {
+                for i in 0..15 {
+                    let (id, seq) = put(&primary, &format!("t{t}/k{i}"));
+                    assert_eq!(
+                        copy.seq_of(&id).unwrap(),
+                        Some(seq),
+                        "commit {seq} acknowledged before the standby had it"
+                    );
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    assert_eq!(shipper.status().state(), "synchronous");
+
+    // The standby goes away: the next commit waits at most the timeout, then the primary
+    // degrades, says so, and commits go on.
+    assert!(matches!(standby.stop(), End::Stopped));
+    drop(standby);
+    let started = Instant::now();
+    put(&primary, "alone/1");
+    assert!(started.elapsed() >= Duration::from_millis(250));
+    let st = shipper.status();
+    assert_eq!(st.state(), "degraded", "{st:?}");
+    assert!(st.degraded.unwrap().contains("did not confirm"));
+    let started = Instant::now();
+    put(&primary, "alone/2");
+    assert!(
+        started.elapsed() < Duration::from_millis(250),
+        "a degraded primary does not wait"
+    );
+    assert!(eventually(Duration::from_secs(5), || events(&primary)
+        .iter()
+        .filter(|e| *e == "replication.degraded")
+        .count()
+        == 1));
+
+    // Back: the standby catches up and the primary is synchronous again.
+    let standby = Standby::start(s.path(), &primary, config);
+    assert!(
+        eventually(Duration::from_secs(20), || shipper.status().state()
+            == "synchronous"),
+        "{:?}",
+        shipper.status()
+    );
+    assert!(eventually(Duration::from_secs(5), || events(&primary)
+        .contains(&"replication.synchronous".to_string())));
+    let (id, seq) = put(&primary, "back");
+    assert_eq!(standby.store.seq_of(&id).unwrap(), Some(seq));
+    assert!(standby
+        .events()
+        .contains(&"replication.started".to_string()));
+    drop(standby);
+    shipper.stop();
+}
+
+#[test]
+fn asynchronous_mode_catches_up_and_a_wrong_pin_gets_nothing() {
+    let p = tempfile::tempdir().unwrap();
+    let s = tempfile::tempdir().unwrap();
+    let bad = tempfile::tempdir().unwrap();
+    let (pid, sid, stranger) = (Identity::new(), Identity::new(), Identity::new());
+    let primary = Ledger::open(p.path(), &Options::default(), &log()).unwrap();
+    for i in 0..20 {
+        put(&primary, &format!("before/{i}"));
+    }
+    let shipper = Shipper::start(
+        &primary,
+        PrimaryConfig {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            mode: Mode::Async,
+            sync_timeout: Duration::from_millis(300),
+            tls: pid.tls(&sid.pin()),
+        },
+        &log(),
+    )
+    .unwrap();
+    assert_eq!(shipper.status().state(), "asynchronous");
+    // A peer with another key (pinning the primary correctly) is refused by the primary.
+    let intruder = Standby::start(
+        bad.path(),
+        &primary,
+        StandbyConfig {
+            primary: shipper.local_addr(),
+            tls: stranger.tls(&pid.pin()),
+        },
+    );
+    // A standby that pins another primary key refuses this primary.
+    let misled = tempfile::tempdir().unwrap();
+    let wrong_pin = Standby::start(
+        misled.path(),
+        &primary,
+        StandbyConfig {
+            primary: shipper.local_addr(),
+            tls: sid.tls(&stranger.pin()),
+        },
+    );
+    let standby = Standby::start(
+        s.path(),
+        &primary,
+        StandbyConfig {
+            primary: shipper.local_addr(),
+            tls: sid.tls(&pid.pin()),
+        },
+    );
+    for i in 0..20 {
+        put(&primary, &format!("after/{i}"));
+    }
+    let last = primary.tips();
+    assert!(
+        eventually(Duration::from_secs(20), || standby
+            .store
+            .last_group()
+            .unwrap()
+            >= last.group),
+        "{:?}",
+        shipper.status()
+    );
+    assert!(standby.store.last_group().unwrap() >= last.group);
+    assert_eq!(intruder.store.last_group().unwrap(), 0);
+    assert_eq!(wrong_pin.store.last_group().unwrap(), 0);
+    assert!(eventually(Duration::from_secs(5), || intruder
+        .events()
+        .contains(&"replication.connection_ended".to_string())));
+    let report =
+        mayfly_ledger::verify(&standby.store, &[primary.public_key()], &mut |_| {}).unwrap();
+    assert!(report.ok(), "{:?}", report.failures);
+    drop((intruder, wrong_pin, standby));
+    shipper.stop();
+}
