@@ -51,4 +51,6 @@ step "Xen-in-QEMU suite"      tests/xen-qemu/run.sh
 # The appliance image, assembled from the Buildroot tree with Debian's binaries standing in,
 # booted under QEMU with OVMF: power cut and clean shutdown. Installs its own Debian packages.
 step "appliance boot test"    tests/appliance/run.sh
+# The signed A/B update on the same image (its own disk; about as long as the boot test).
+step "appliance update test"  env SKIP_BUILD=1 tests/appliance/update.sh
 echo "all checks passed"

@@ -199,35 +199,21 @@ fn an_unhealthy_trial_boot_fails_after_the_timeout_and_keeps_the_trial() {
         Slot::B,
         &[(VAR_SLOT, "a"), (VAR_TRY, "b"), (VAR_TRIES, "1")],
     );
-    let out = boot_check(
-        &r.sys,
-        || Health::NotYet,
-        Duration::from_millis(30),
-        Duration::from_millis(5),
-    )
-    .unwrap();
+    let failed = BootCheck::TrialFailed {
+        slot: Slot::B,
+        tries_left: 1,
+    };
+    let ms = Duration::from_millis;
     assert_eq!(
-        out,
-        BootCheck::TrialFailed {
-            slot: Slot::B,
-            tries_left: 1
-        }
+        boot_check(&r.sys, || Health::NotYet, ms(30), ms(5)).unwrap(),
+        failed
     );
     // An agent that is not running fails the trial at once, however long the timeout.
     let started = Instant::now();
-    let out = boot_check(
-        &r.sys,
-        || Health::Down,
-        Duration::from_secs(600),
-        Duration::from_secs(1),
-    )
-    .unwrap();
+    let long = Duration::from_secs(600);
     assert_eq!(
-        out,
-        BootCheck::TrialFailed {
-            slot: Slot::B,
-            tries_left: 1
-        }
+        boot_check(&r.sys, || Health::Down, long, ms(1000)).unwrap(),
+        failed
     );
     assert!(started.elapsed() < Duration::from_secs(60));
     assert_eq!(r.env().get(VAR_TRY), Some("b"));
