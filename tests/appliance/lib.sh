@@ -1,8 +1,16 @@
 # Shared by the appliance boot tests (run.sh, update.sh): QEMU with OVMF on the image's disk,
-# the console log, the test hook, the client API, the checks' counters. Sourced with OUT,
-# RUN, API_PORT, CTRL_PORT and BOOT_TIMEOUT set, in the repository's top directory.
+# the console log, the test hook, the client API, the checks' counters. Sourced in the
+# repository's top directory; then `appliance_setup` builds (or reuses) the image and
+# prepares the run's disk.
+# Environment: SKIP_BUILD=1, BOOT_TIMEOUT (one boot to a listening agent, default 600 s),
+# API_PORT and CTRL_PORT (host ports forwarded to 8450 and 9999).
 # shellcheck shell=bash
 
+# shellcheck source=scripts/lib.sh
+source scripts/lib.sh
+BOOT_TIMEOUT=${BOOT_TIMEOUT:-600}
+API_PORT=${API_PORT:-18460}
+CTRL_PORT=${CTRL_PORT:-18469}
 API=http://127.0.0.1:$API_PORT
 # The emulated CPU: SMAP is hidden because dom0 crashes on its first iretq with it
 # (../shared/notes/xen-in-qemu.md).
@@ -232,6 +240,25 @@ verify() {
     fi
 }
 
+# appliance_setup <OUT> <run directory name>: sets started, OUT (absolute) and RUN
+# (OUT/<name>, made afresh); builds the image into OUT unless SKIP_BUILD=1; checks the
+# forwarded ports are free; prepares the run's disk.
+appliance_setup() {
+    started=$(date +%s)
+    OUT=$1
+    if [ "${SKIP_BUILD:-0}" != 1 ]; then
+        tests/appliance/build-image.sh "$OUT"
+    else
+        ensure_appliance_packages
+    fi
+    OUT=$(cd "$OUT" && pwd)
+    RUN=$OUT/$2
+    rm -rf "$RUN"
+    mkdir -p "$RUN"
+    ports_free
+    prepare_disk
+}
+
 # ports_free: the forwarded host ports are not taken.
 ports_free() {
     local port
@@ -268,9 +295,9 @@ pcrs_expected() {
     grep "^state $2 " "$1" | grep -oE 'pcr8=[0-9a-f]{64} pcr9=[0-9a-f]{64}'
 }
 
-# summary <name> <start time>: the last line; exit 1 on any failure.
+# summary <name>: the last line, with the time since appliance_setup; exit 1 on any failure.
 summary() {
-    local elapsed=$(($(date +%s) - $2))
+    local elapsed=$(($(date +%s) - started))
     if [ "$failures" -gt 0 ]; then
         echo "$1: $((checks - failures)) passed, $failures failed (${elapsed}s; consoles in $RUN)"
         exit 1

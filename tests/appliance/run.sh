@@ -22,27 +22,9 @@
 # Writes OUT/run/serial-<boot>.log. The last line is the summary; exit 1 on any failure.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-# shellcheck source=scripts/lib.sh
-source scripts/lib.sh
-OUT=${1:-target/appliance}
-BOOT_TIMEOUT=${BOOT_TIMEOUT:-600}
-API_PORT=${API_PORT:-18460}
-CTRL_PORT=${CTRL_PORT:-18469}
-started=$(date +%s)
-
-if [ "${SKIP_BUILD:-0}" != 1 ]; then
-    tests/appliance/build-image.sh "$OUT"
-else
-    ensure_appliance_packages
-fi
-OUT=$(cd "$OUT" && pwd)
-RUN=$OUT/run
-rm -rf "$RUN"
-mkdir -p "$RUN"
 # shellcheck source=tests/appliance/lib.sh
 source tests/appliance/lib.sh
-ports_free
-prepare_disk
+appliance_setup "${1:-target/appliance}" run
 
 # ---- Boot 0: GRUB is locked. Keys typed on the serial console from power-on ('c', GRUB's
 # command line) must get GRUB's login prompt, not a GRUB shell. Nothing else of this boot is
@@ -210,4 +192,4 @@ if up after-shutdown; then
 fi
 trap - EXIT
 
-summary "appliance boot test" "$started"
+summary "appliance boot test"

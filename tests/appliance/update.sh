@@ -22,27 +22,9 @@
 # Writes OUT/run-update/serial-<boot>.log. The last line is the summary; exit 1 on failure.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-# shellcheck source=scripts/lib.sh
-source scripts/lib.sh
-OUT=${1:-target/appliance}
-BOOT_TIMEOUT=${BOOT_TIMEOUT:-600}
-API_PORT=${API_PORT:-18460}
-CTRL_PORT=${CTRL_PORT:-18469}
-started=$(date +%s)
-
-if [ "${SKIP_BUILD:-0}" != 1 ]; then
-    tests/appliance/build-image.sh "$OUT"
-else
-    ensure_appliance_packages
-fi
-OUT=$(cd "$OUT" && pwd)
-RUN=$OUT/run-update
-rm -rf "$RUN"
-mkdir -p "$RUN"
 # shellcheck source=tests/appliance/lib.sh
 source tests/appliance/lib.sh
-ports_free
-prepare_disk
+appliance_setup "${1:-target/appliance}" run-update
 
 echo "==> update bundles (vendor side: mayfly-update pack)"
 UPDATE=target/release/mayfly-update
@@ -82,8 +64,7 @@ head -c -1000 "$MEDIA/good-v2.bundle" >"$MEDIA/truncated-v2.bundle"
 size=$(du -sm "$MEDIA" | cut -f1)
 mke2fs -q -t ext4 -L MAYFLY-MEDIA -d "$MEDIA" "$RUN/media.img" "$((size + size / 4 + 16))M"
 # The medium is the disk controller's second NVMe namespace (/dev/nvme0n2), so that the names
-# of the disk's partitions stay put. (A virtio-blk drive gave corrupted reads of the 90 MB
-# bundles in dom0 under TCG: their SHA-256 differed from run to run.)
+# of the disk's partitions stay put.
 # shellcheck disable=SC2054 # commas inside QEMU's option values
 EXTRA_QEMU=(-drive "if=none,id=media,format=raw,readonly=on,file=$RUN/media.img")
 # shellcheck disable=SC2054
@@ -134,6 +115,24 @@ wait_exit() {
     pass "boot $1: $3, QEMU exited"
 }
 
+# install_bundle <bundle> <tries>: `mayfly-update install` through the hook; prints its
+# output. A refusal for a part's SHA-256 is retried (at most 3 attempts, each shown): under
+# QEMU's TCG with Xen, dom0 now and then reads or hashes the 90 MB bundle wrongly (from run
+# to run a different part and digest; README.md), which the installer rightly refuses. Any
+# other outcome, and a third mismatch, is final.
+install_bundle() {
+    local out attempt
+    for attempt in 1 2 3; do
+        out=$(hook "update $1 $2")
+        if printf '%s\n' "$out" | grep -qx 'rc=2' && printf '%s' "$out" | grep -q 'differs from the manifest'; then
+            echo "note: $1: attempt $attempt refused for a digest mismatch (emulation; see README.md)" >&2
+            continue
+        fi
+        break
+    done
+    printf '%s\n' "$out"
+}
+
 # refused <bundle> <reason regex>: the install is refused (exit 2) for that reason.
 refused() {
     local out
@@ -168,7 +167,7 @@ if up slot-a; then
     else
         fail "slot a: events.log: $(hook updateevents | tr '\n' '|')"
     fi
-    out=$(hook "update good-v2.bundle 2")
+    out=$(install_bundle good-v2.bundle 2)
     if printf '%s\n' "$out" | grep -qx 'rc=0' && printf '%s' "$out" | grep -q 'version 2 written to slot b'; then
         pass "slot a: the good version-2 bundle is installed to slot b"
     else
@@ -190,7 +189,7 @@ if up slot-b; then
     check_acked slot-b
     verify slot-b
     commit kv/on-slot-b b1
-    out=$(hook "update broken-v3.bundle 2")
+    out=$(install_bundle broken-v3.bundle 2)
     if printf '%s\n' "$out" | grep -qx 'rc=0' && printf '%s' "$out" | grep -q 'version 3 written to slot a'; then
         pass "slot b: the broken version-3 bundle is installed to slot a"
     else
@@ -234,4 +233,4 @@ if up fallback; then
     stop_qemu
 fi
 trap - EXIT
-summary "appliance update test" "$started"
+summary "appliance update test"
