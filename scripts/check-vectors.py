@@ -273,5 +273,20 @@ assert vec("proxy-v2-tcp6.hex") == (SIG + bytes([0x21, 0x21]) + struct.pack(">H"
 assert vec("proxy-v2-local.hex") == SIG + bytes([0x20, 0x00, 0x00, 0x00]), "proxy-v2-local differs"
 print("ok  proxy-v2-tcp4, proxy-v2-tcp6, proxy-v2-local: PROXY protocol v2 headers")
 
+# Update bundle (docs/formats.md "Update bundle"): version 2, parts rootfs "hsqs", xen "XEN",
+# vmlinux "LINUX", pcrs "PCRS\n", signed by the update key of seed 0x17.
+b = vec("update-bundle.hex")
+manifest = bytes([13]) + b"mayfly-x86_64" + struct.pack(">Q", 2) + bytes([4])
+parts = [(b"rootfs", b"hsqs"), (b"xen", b"XEN"), (b"vmlinux", b"LINUX"), (b"pcrs", b"PCRS\n")]
+for name, data in parts:
+    manifest += bytes([len(name)]) + name + struct.pack(">Q", len(data)) + hashlib.sha256(data).digest()
+head = b"MAYFLYUP" + struct.pack(">HI", 1, len(manifest))
+assert b[:14 + len(manifest)] == head + manifest, "update-bundle: header or manifest differs"
+sig = b[14 + len(manifest):14 + len(manifest) + 64]
+assert b[14 + len(manifest) + 64:] == b"".join(d for _, d in parts), "update-bundle: parts differ"
+Ed25519PublicKey.from_public_bytes(pub_from_seed(0x17)).verify(
+    sig, b"mayfly-update-manifest-v1\x00" + manifest)
+print("ok  update-bundle: manifest of 4 parts, SHA-256s, signature by seed 0x17")
+
 print("all vectors agree")
 sys.exit(0)

@@ -148,7 +148,13 @@ ensure_appliance_packages() {
     [ -x /usr/sbin/mke2fs ] || missing+=(e2fsprogs)
     command -v mksquashfs >/dev/null || missing+=(squashfs-tools)
     [ -x /usr/bin/openssl ] || missing+=(openssl)
-    # Types on GRUB's serial console (tests/appliance/run.sh, boot 0).
+    # Types on GRUB's serial console (tests/appliance/run.sh, boot 0); runs
+    # buildroot/board/mayfly/expected-pcrs.py.
     [ -x /usr/bin/python3 ] || missing+=(python3)
+    # The TPM the boot tests attach to QEMU, and tpm2_pcrread in dom0 (tpm2-tools' multi-call
+    # binary and the device TCTI it loads at run time).
+    [ -x /usr/bin/swtpm ] || missing+=(swtpm)
+    [ -x /usr/bin/tpm2 ] || missing+=(tpm2-tools)
+    [ -e /usr/lib/x86_64-linux-gnu/libtss2-tcti-device.so.0 ] || missing+=(libtss2-tcti-device0)
     if [ ${#missing[@]} -gt 0 ]; then apt_install "${missing[@]}"; fi
 }

@@ -31,6 +31,10 @@ step "serve suites on the static template" env MAYFLY_TEST_ZYGOTE="$PWD/target/z
     cargo test --all-features --locked -p dom0-agent --test serve --test hostile
 step "buildroot tree (references, shellcheck)" \
     cargo run --quiet --locked -p mayfly-br-check -- --shellcheck buildroot
+# The expected-PCR replay against the PCR 8 extends of a real GRUB 2.06 boot (swtpm's log).
+step "expected PCRs: replay of a recorded GRUB boot" \
+    python3 buildroot/board/mayfly/expected-pcrs.py --check-vector \
+    docs/vectors/grub-2.06-measured.cfg docs/vectors/grub-2.06-pcr8-events.hex
 # Buildroot's own check-package and the savedefconfig round trip need a Buildroot source
 # tree, which CI machines cannot fetch (buildroot/scripts/check-with-buildroot.sh says why):
 # run when one is named.
@@ -52,4 +56,6 @@ step "Xen-in-QEMU suite"      tests/xen-qemu/run.sh
 # The appliance image, assembled from the Buildroot tree with Debian's binaries standing in,
 # booted under QEMU with OVMF: power cut and clean shutdown. Installs its own Debian packages.
 step "appliance boot test"    tests/appliance/run.sh
+# The signed A/B update on the same image (its own disk; about as long as the boot test).
+step "appliance update test"  env SKIP_BUILD=1 tests/appliance/update.sh
 echo "all checks passed"

@@ -50,7 +50,8 @@ mkdir -p "$TARGET_DIR" "$BINARIES_DIR" "$BUILD_DIR"
 
 echo "==> Rust binaries (release, the Buildroot packages' cargo options)"
 CARGO_BUILD_JOBS=${CARGO_BUILD_JOBS:-2} cargo build --locked --release \
-    -p dom0-agent --bin dom0-agent --bin mayfly-zygote -p mayfly --bin mayfly
+    -p dom0-agent --bin dom0-agent --bin mayfly-zygote -p mayfly --bin mayfly \
+    -p mayfly-update --bin mayfly-update
 # mayfly-domu-shim: static (its CARGO_ENV sets +crt-static for the target).
 CARGO_BUILD_JOBS=${CARGO_BUILD_JOBS:-2} RUSTFLAGS="-C target-feature=+crt-static" \
     cargo build --locked --release --target x86_64-unknown-linux-gnu -p domu-shim --bin domu-shim
@@ -115,7 +116,9 @@ ln -s /usr/share/udhcpc/default.script "$T/etc/udhcpc/default.script"
 # NICs, with their dependencies in load order.
 mkdir -p "$T/lib/modules/$KVER"
 : >"$T/etc/standin-modules"
-for m in xen-evtchn xen-gntdev xen-gntalloc xen-privcmd xenfs nvme ext4 e1000 virtio_pci virtio_net; do
+# vfat and its code pages: the EFI partition (mayfly-update).
+for m in xen-evtchn xen-gntdev xen-gntalloc xen-privcmd xenfs nvme ext4 vfat nls_cp437 nls_iso8859-1 \
+    nls_ascii e1000 virtio_pci virtio_net; do
     for ko in $(modprobe -S "$KVER" --show-depends "$m" | awk '$1 == "insmod" { print $2 }'); do
         name=$(basename "$ko")
         grep -qx "$name" "$T/etc/standin-modules" && continue
@@ -137,14 +140,18 @@ install -D -m 0755 "$XEN_BIN/libxl-save-helper" "$T$XEN_BIN/libxl-save-helper"
 install -s -m 0755 target/release/dom0-agent "$T/usr/sbin/dom0-agent"
 install -s -m 0755 target/release/mayfly-zygote "$T/usr/sbin/mayfly-zygote"
 install -s -m 0755 target/release/mayfly "$T/usr/bin/mayfly"
+install -s -m 0755 target/release/mayfly-update "$T/usr/sbin/mayfly-update"
+# tpm2-tools (BR2_PACKAGE_TPM2_TOOLS): Debian's multi-call binary and its tpm2_pcrread link.
+install -m 0755 /usr/bin/tpm2 "$T/usr/bin/tpm2"
+ln -s tpm2 "$T/usr/bin/tpm2_pcrread"
 # Shared libraries of every dynamic binary (and those the agent dlopens). Stand-in only:
 # Debian's loader searches its multiarch directories, not /usr/lib, so the libraries keep
 # Debian's paths (Buildroot installs them in /usr/lib).
 ld_cache=$(ldconfig -p)
-dlopened=$(for so in libxenctrl.so.4.17 libxengnttab.so.1 libxenevtchn.so.1; do
+dlopened=$(for so in libxenctrl.so.4.17 libxengnttab.so.1 libxenevtchn.so.1 libtss2-tcti-device.so.0; do
     awk -v so="$so" '$1 == so && /x86-64/ && !found { print $NF; found = 1 }' <<<"$ld_cache"
 done)
-libs=$(for f in "$T"/usr/sbin/* "$T"/usr/bin/mayfly "$T"/usr/lib/xen/bin/* $dlopened; do
+libs=$(for f in "$T"/usr/sbin/* "$T"/usr/bin/mayfly "$T"/usr/bin/tpm2 "$T"/usr/lib/xen/bin/* $dlopened; do
     case $f in *.so*) echo "$f" ;; esac
     ldd "$f" 2>/dev/null | grep -oE '/[^ ]+\.so[^ ]*' || true
 done | sort -u)
@@ -159,8 +166,10 @@ cp -a "$BOARD/rootfs-overlay/." "$T/"
 # Test-only additions, named in the README: the control hook the host drives the test
 # through, and its /etc/init.d script.
 install -D -m 0755 "$HERE/hook/S99mayfly-test-hook" "$T/etc/init.d/S99mayfly-test-hook"
-# post-build.sh (BR2_ROOTFS_POST_BUILD_SCRIPT), as Buildroot runs it.
-"$BOARD/post-build.sh" "$T"
+# post-build.sh (BR2_ROOTFS_POST_BUILD_SCRIPT), as Buildroot runs it, with a throw-away
+# vendor update key (the update test signs its bundles with its private half).
+target/release/mayfly-update keygen "$BUILD_DIR/test-update-key" >/dev/null
+MAYFLY_UPDATE_KEY=$BUILD_DIR/test-update-key.pub MAYFLY_IMAGE_VERSION=1 "$BOARD/post-build.sh" "$T"
 
 echo "==> rootfs.squashfs (BR2_TARGET_ROOTFS_SQUASHFS, gzip)"
 mksquashfs "$T" "$BINARIES_DIR/rootfs.squashfs" -noappend -all-root -comp gzip -quiet

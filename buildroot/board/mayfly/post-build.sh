@@ -15,6 +15,7 @@ need() {
 # From the Mayfly packages.
 need usr/sbin/dom0-agent
 need usr/bin/mayfly
+need usr/sbin/mayfly-update
 need usr/share/mayfly/template/vmlinux
 need usr/share/mayfly/template/initramfs.cpio.gz
 # From mayfly-xen-dist.
@@ -43,9 +44,30 @@ fi
 mkdir -p "$TARGET_DIR/var/lib/mayfly" "$TARGET_DIR/var/lib/xen" "$TARGET_DIR/var/lib/xenstored" \
     "$TARGET_DIR/var/log"
 
+# The vendor's update key, pinned in the image: `mayfly-update install` accepts only bundles
+# it signed (docs/formats.md, "Update bundle"). MAYFLY_UPDATE_KEY names its public half (64
+# hex digits, as `mayfly-update keygen` writes STEM.pub).
+if [ -z "${MAYFLY_UPDATE_KEY:-}" ] || [ ! -r "$MAYFLY_UPDATE_KEY" ]; then
+    echo "post-build.sh: set MAYFLY_UPDATE_KEY to the vendor's update public key (STEM.pub)" >&2
+    exit 1
+fi
+if ! grep -qxE '[0-9a-f]{64}' "$MAYFLY_UPDATE_KEY"; then
+    echo "post-build.sh: $MAYFLY_UPDATE_KEY is not 64 lower-case hex digits" >&2
+    exit 1
+fi
+install -m 0644 "$MAYFLY_UPDATE_KEY" "$TARGET_DIR/etc/mayfly/update-key.pub"
+
+# The image version: update bundles must be newer (rollback protection). From
+# MAYFLY_IMAGE_VERSION, else board/mayfly/image-version.
+version=${MAYFLY_IMAGE_VERSION:-$(cat "$BOARD_DIR/image-version")}
+case $version in
+    '' | *[!0-9]*) echo "post-build.sh: image version '$version' is not a number" >&2; exit 1 ;;
+esac
+
 # What this image is built from.
 revision=$(git -C "$REPO_DIR" describe --always --dirty 2>/dev/null || echo unknown)
 {
+    echo "image_version=$version"
     echo "mayfly_revision=$revision"
     echo "source_date_epoch=${SOURCE_DATE_EPOCH:-unset}"
 } >"$TARGET_DIR/etc/mayfly/image-info"

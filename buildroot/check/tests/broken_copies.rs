@@ -236,11 +236,11 @@ fn boot_layout_breakage_is_caught() {
         |t| {
             edit(
                 &t.join("board/mayfly/genimage.cfg"),
-                "file xen {",
-                "file xen.gz {",
+                "file xen-a {",
+                "file xen-a.gz {",
             )
         },
-        "multiboot2 loads /xen, which genimage.cfg does not put on the EFI partition",
+        "multiboot2 loads /xen-a, which genimage.cfg does not put on the EFI partition",
     );
     broken(
         |t| {
@@ -307,7 +307,7 @@ fn grub_entries_must_match_their_server_profile() {
             edit(
                 &t.join("board/mayfly/genimage.cfg"),
                 "partition-uuid = \"6d61796c-7966-4c79-8000-726f6f742d61\"",
-                "partition-uuid = \"6d61796c-7966-4c79-8000-726f6f742d62\"",
+                "partition-uuid = \"6d61796c-7966-4c79-8000-726f6f742d63\"",
             )
         },
         "root=PARTUUID=6d61796c-7966-4c79-8000-726f6f742d61 is no partition-uuid of a genimage.cfg partition holding rootfs.squashfs",
@@ -337,8 +337,8 @@ fn grub_entries_must_match_their_server_profile() {
         |t| {
             edit(
                 &t.join("board/mayfly/grub.cfg"),
-                "module2 /vmlinux console=hvc0 earlyprintk=xen panic=10",
-                "module2 /vmlinux placeholder console=hvc0 earlyprintk=xen panic=10",
+                "module2 /vmlinux-a console=hvc0 earlyprintk=xen panic=10",
+                "module2 /vmlinux-a placeholder console=hvc0 earlyprintk=xen panic=10",
             )
         },
         "dom0 command line \"placeholder console=hvc0 earlyprintk=xen panic=10\" (module2) differs",

@@ -30,7 +30,9 @@ MAYFLY_XEN_DIST_DEPENDENCIES = \
 	zstd \
 	ncurses
 
-# PV only: no QEMU device model, no HVM firmware, no stub domains, no docs.
+# PV only: no QEMU device model, no HVM firmware, no stub domains, no docs. hvmloader, the
+# Python bindings and pygrub have no configure option in Xen 4.17: the board's patch
+# (board/mayfly/patches/mayfly-xen-dist/, through BR2_GLOBAL_PATCH_DIR) leaves them out.
 MAYFLY_XEN_DIST_CONF_OPTS = \
 	--disable-qemu-traditional \
 	--with-system-qemu=/bin/false \
