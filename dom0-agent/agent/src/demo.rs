@@ -176,7 +176,7 @@ pub fn run(args: &DemoArgs, log: &Logger) -> anyhow::Result<u8> {
         );
     } else {
         println!("verify: FAILED: {}", report.failures[0]);
-        return Ok(crate::EXIT_VERIFY_FAILED);
+        return Ok(crate::exit::VERIFY_FAILED);
     }
     if total != expected {
         bail!("total balance changed: {total} != {expected}");

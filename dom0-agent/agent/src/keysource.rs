@@ -11,7 +11,7 @@
 //! Each key is also a flag (`--key-source`, `--tpm-tcti`, `--tpm-pcrs 7,8,9`); a flag wins.
 //! With `tpm`, `init` seals a new key to the PCRs' current values and `serve` unseals it into
 //! memory only; a boot chain or TPM that cannot unseal it stops `serve` with exit code 5
-//! ([`crate::EXIT_KEY_UNAVAILABLE`]) and is audited (`key.unavailable_earlier`) by the next
+//! ([`crate::exit::KEY_UNAVAILABLE`]) and is audited (`key.unavailable_earlier`) by the next
 //! start that can sign. See docs/design.md, "The signing key sealed to the TPM".
 
 use std::path::Path;

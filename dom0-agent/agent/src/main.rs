@@ -11,6 +11,7 @@
 
 mod config;
 mod demo;
+mod exit;
 mod keysource;
 mod policy;
 mod replication;
@@ -23,15 +24,6 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use slog::{o, Drain, Logger};
-
-/// Exit code: verification failed.
-pub const EXIT_VERIFY_FAILED: u8 = 1;
-/// Exit code: the data directory could not be opened or used.
-pub const EXIT_STORAGE: u8 = 3;
-/// Exit code: `serve` refused altered live data (issue 16).
-pub const EXIT_STATE_MISMATCH: u8 = 4;
-/// Exit code: the signing key's source refused to release it (issue 19).
-pub const EXIT_KEY_UNAVAILABLE: u8 = 5;
 
 #[derive(Parser)]
 #[command(
@@ -191,7 +183,7 @@ fn main() -> ExitCode {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
             eprintln!("dom0-agent: error: {e:#}");
-            ExitCode::from(EXIT_STORAGE)
+            ExitCode::from(exit::STORAGE)
         }
     }
 }

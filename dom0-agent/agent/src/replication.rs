@@ -14,12 +14,6 @@ use serde::Deserialize;
 use serde_json::json;
 use slog::Logger;
 
-/// Exit code: the standby stopped following for good (a fork, or its copy no longer matches
-/// its chain): an operator must decide.
-pub const EXIT_REPLICATION_STOPPED: u8 = 6;
-/// Exit code: the primary refuses this standby (another ledger or epoch).
-pub const EXIT_REPLICATION_REFUSED: u8 = 7;
-
 /// Starts shipping to the standby when `[replication]` says this node is the primary.
 pub fn start_primary(
     section: Option<&ReplicationSection>,
@@ -143,11 +137,11 @@ pub fn run_standby(args: &StandbyArgs, log: &Logger) -> anyhow::Result<u8> {
         End::Stopped => Ok(0),
         End::Fatal(e) => {
             eprintln!("dom0-agent: error: replication stopped for good: {e}");
-            Ok(EXIT_REPLICATION_STOPPED)
+            Ok(crate::exit::REPLICATION_STOPPED)
         }
         End::Refused(reason) => {
             eprintln!("dom0-agent: error: the primary refuses this standby: {reason}");
-            Ok(EXIT_REPLICATION_REFUSED)
+            Ok(crate::exit::REPLICATION_REFUSED)
         }
     }
 }

@@ -440,11 +440,11 @@ pub fn run(args: &ServeArgs, log: &Logger) -> anyhow::Result<u8> {
         Ok(l) => l,
         Err(e @ mayfly_ledger::OpenError::StateMismatch { .. }) => {
             eprintln!("dom0-agent: error: {e}");
-            return Ok(crate::EXIT_STATE_MISMATCH);
+            return Ok(crate::exit::STATE_MISMATCH);
         }
         Err(mayfly_ledger::OpenError::Key(e)) if e.is_unavailable() => {
             eprintln!("dom0-agent: error: refusing to sign: {e}");
-            return Ok(crate::EXIT_KEY_UNAVAILABLE);
+            return Ok(crate::exit::KEY_UNAVAILABLE);
         }
         Err(e) => {
             return Err(e)

@@ -158,6 +158,6 @@ pub fn run(args: &VerifyArgs) -> anyhow::Result<u8> {
     Ok(if report.ok() {
         0
     } else {
-        crate::EXIT_VERIFY_FAILED
+        crate::exit::VERIFY_FAILED
     })
 }
