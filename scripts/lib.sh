@@ -85,10 +85,12 @@ ensure_xen_qemu_packages() {
         >/dev/null || missing+=(xenstore-utils)
     command -v qemu-system-x86_64 >/dev/null || missing+=(qemu-system-x86)
     [ -n "$(linux_version)" ] || missing+=(linux-image-amd64)
-    # The dom0 initramfs gets /bin/busybox without its libraries: it must be the static build
-    # (Debian's dynamic `busybox` names the loader in its ELF header; the static one does not).
+    # The dom0 initramfs gets /bin/busybox without its libraries: it must be the static build,
+    # i.e. the file must belong to busybox-static (Debian's dynamic `busybox` installs the same
+    # path). The static binary itself contains the string "ld-linux-x86-64" (an applet's
+    # text), so grepping it for the loader reinstalled the package on every run.
     if ! [ -x /bin/busybox ] || ! /bin/busybox --list | grep -qx ip ||
-        LC_ALL=C grep -qa 'ld-linux-x86-64' /bin/busybox; then
+        ! dpkg-query -S /bin/busybox 2>/dev/null | grep -q '^busybox-static:'; then
         missing+=(busybox-static)
     fi
     command -v cpio >/dev/null || missing+=(cpio)
