@@ -28,9 +28,11 @@
 #![forbid(unsafe_code)]
 
 pub mod backoff;
+pub mod handlers;
 pub mod quarantine;
 
 pub use backoff::Backoff;
+pub use handlers::{LearnedHandlers, Violation, ViolationSink};
 pub use quarantine::{Quarantine, QuarantineFull, Refused, MAX_QUARANTINED};
 
 use std::sync::Arc;
