@@ -888,3 +888,41 @@ fn print_banner(
     use std::io::Write;
     let _ = std::io::stdout().flush();
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A guest a backend refused at its ready point is in the audit trail as a protocol
+    /// violation, with the backend, the domain and the reason.
+    #[test]
+    fn refused_guests_are_audited_as_protocol_violations() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = Logger::root(slog::Discard, slog::o!());
+        let ledger = Ledger::open(dir.path(), &Options::default(), &log).unwrap();
+        let report = audit_violations(&ledger);
+        report(mayfly_domain::Violation {
+            backend: "xen",
+            domain: 7,
+            what: "its Ready announces handlers the others lack: [zz]; lacks: []".into(),
+        });
+        // Lazily audited: joins the next commit within 50 ms. Poll with a deadline.
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        let found = loop {
+            let records = ledger.store().audit_records(1, 1000).unwrap();
+            if let Some(r) = records
+                .into_iter()
+                .find(|r| r.event.event == "domain.protocol_violation")
+            {
+                break r;
+            }
+            assert!(std::time::Instant::now() < deadline, "never audited");
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        assert_eq!(found.event.severity, Severity::Alert);
+        let f = &found.event.fields;
+        assert_eq!(f["backend"], "xen");
+        assert_eq!(f["domain"], "7");
+        assert!(f["reason"].contains("[zz]"), "{f:?}");
+    }
+}
