@@ -31,7 +31,8 @@ use crate::domain::{DomainOpError, Hyp, LiveDomain, XenProvisioner};
 use crate::pool::{Pool, PoolConfig, Slot, TakeError};
 use crate::reconcile::{self, ReconcileError};
 
-pub use crate::config::BACKEND;
+/// The backend's name.
+pub const BACKEND: &str = "xen";
 
 /// The Xen backend could not start.
 #[derive(Debug, thiserror::Error)]

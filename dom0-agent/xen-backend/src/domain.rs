@@ -713,7 +713,7 @@ impl XenProvisioner {
                 // is broken or hostile: refused (`live` is destroyed on return) and reported.
                 if let Err(differs) = hyp.handlers.admit(&handlers) {
                     (hyp.violations)(mayfly_domain::Violation {
-                        backend: crate::config::BACKEND,
+                        backend: crate::backend::BACKEND,
                         domain: domid,
                         what: format!("its Ready {differs}"),
                     });
