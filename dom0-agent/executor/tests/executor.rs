@@ -145,8 +145,7 @@ impl DomainBackend for ThreadBackend {
             let mut front = Frontend::attach(mem).unwrap();
             let start = match front.call(
                 &Request::Ready {
-                    protocol_version: mayfly_ring::wire::PROTOCOL_VERSION,
-                    handlers: Vec::new(),
+                    protocol_version: 1,
                 },
                 &guest_side,
                 None,

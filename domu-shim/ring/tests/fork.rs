@@ -27,8 +27,7 @@ fn guest(memfd: i32, notifier: &EventFdNotifier, len: usize) -> i32 {
         return 11;
     };
     let ready = Request::Ready {
-        protocol_version: mayfly_ring::wire::PROTOCOL_VERSION,
-        handlers: Vec::new(),
+        protocol_version: 1,
     };
     if !matches!(
         front.call(&ready, notifier, Some(TIMEOUT)),

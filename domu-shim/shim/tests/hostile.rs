@@ -42,7 +42,6 @@ fn handshaken() -> Handshaken {
         .send_request(
             &Request::Ready {
                 protocol_version: PROTOCOL_VERSION,
-                handlers: Vec::new(),
             },
             &guest,
         )

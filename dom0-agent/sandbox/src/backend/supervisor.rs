@@ -51,10 +51,7 @@ pub(super) fn supervise(
         }
     }
     match handshake(&shared, &mut child, settings) {
-        Ok((pidfd, mut handlers)) => {
-            handlers.sort_unstable();
-            handlers.dedup();
-            let _ = shared.template_handlers.set(handlers.clone());
+        Ok((pidfd, handlers)) => {
             let up = Started {
                 pid,
                 pidfd,
