@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Independent check of the checkpoint, signed-command, signed-head and live-state vectors in docs/vectors/.
+"""Independent check of the checkpoint, signed-command, signed-head, live-state and ring Ready vectors in docs/vectors/.
 
 Rebuilds the documented bodies from the field values in docs/formats.md §1.5, §1.8 and §3
 with nothing but struct/hashlib (and a BLAKE3 written here from the specification, for the
@@ -287,6 +287,14 @@ assert b[14 + len(manifest) + 64:] == b"".join(d for _, d in parts), "update-bun
 Ed25519PublicKey.from_public_bytes(pub_from_seed(0x17)).verify(
     sig, b"mayfly-update-manifest-v1\x00" + manifest)
 print("ok  update-bundle: manifest of 4 parts, SHA-256s, signature by seed 0x17")
+
+# Ring Ready, protocol version 2 (docs/formats.md section 2.3): the guest's handler list.
+names = [b"kv_get", b"transfer"]
+ready_body = struct.pack(">HI", 2, len(names)) + b"".join(struct.pack(">I", len(n)) + n for n in names)
+assert names == sorted(set(names)), "Ready names must be strictly ascending"
+assert vec("ready-2.hex") == (b"MFWM" + struct.pack(">HHII", 1, 0x0001, 1, len(ready_body))
+                              + ready_body), "ready-2 differs"
+print("ok  ready-2: ring Ready with its handler list")
 
 print("all vectors agree")
 sys.exit(0)

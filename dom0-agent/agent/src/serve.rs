@@ -246,27 +246,62 @@ fn xen_section(x: &crate::config::Xen) -> XenSection {
     }
 }
 
-fn xen(s: &Settings, log: &Logger) -> anyhow::Result<XenBackend> {
+/// How many `ready_timeout`s `serve` waits for the Xen pool's first guest to announce its
+/// handlers (a failed first build is retried after a back-off).
+const FIRST_READY_TIMEOUTS: u32 = 3;
+
+/// Starts the Xen backend and waits for its first ready domain: the handlers its guests
+/// answer to are the ones that guest announced in its `Ready`.
+fn xen(s: &Settings, log: &Logger, ledger: &Ledger) -> anyhow::Result<XenBackend> {
     let config = XenConfig::from_section(
         &s.xen,
         s.data_dir.join("run").join("xen"),
         s.pool_size,
         s.max_in_flight.max(s.pool_size),
     )
-    .context("configuring the xen backend")?
-    .with_handlers(mayfly_zygote::xen_guest_handler_names());
-    XenBackend::start(config, log.clone()).context("starting the xen backend")
+    .context("configuring the xen backend")?;
+    let wait = config.ready_timeout.saturating_mul(FIRST_READY_TIMEOUTS);
+    let backend = XenBackend::start_reporting(config, log.clone(), audit_violations(ledger))
+        .context("starting the xen backend")?;
+    if backend.wait_handlers(wait).is_none() {
+        backend.shutdown();
+        bail!(
+            "no Xen guest became ready within {wait:?}, so the handlers the guest image \
+             answers to are unknown (the agent's log says why its builds failed)"
+        );
+    }
+    Ok(backend)
+}
+
+/// Audits a guest the backend refused at its ready point (a `Ready` announcing other
+/// handlers than the pool's first guest) as `domain.protocol_violation`, like a guest that
+/// breaks the protocol during a transaction.
+fn audit_violations(ledger: &Ledger) -> mayfly_domain::ViolationSink {
+    let ledger = ledger.clone();
+    Arc::new(move |v: mayfly_domain::Violation| {
+        let event = AuditEvent::new("domain.protocol_violation", Severity::Alert)
+            .field("backend", v.backend)
+            .field("domain", v.domain)
+            .field("reason", &v.what);
+        if let Err(e) = ledger.audit_lazily(vec![event]) {
+            eprintln!(
+                "dom0-agent: auditing a protocol violation of {} domain {} failed: {e}",
+                v.backend, v.domain
+            );
+        }
+    })
 }
 
 /// The configured backend, and the `cgroups` section of `GET /v1/health` for the sandbox.
 fn backend(
     s: &Settings,
     log: &Logger,
+    ledger: &Ledger,
 ) -> anyhow::Result<(Arc<dyn DomainBackend>, Option<mayfly_api::HealthSection>)> {
     Ok(match s.backend.as_str() {
-        "xen" => (Arc::new(xen(s, log)?), None),
+        "xen" => (Arc::new(xen(s, log, ledger)?), None),
         _ => {
-            let sandbox = Arc::new(sandbox(s, log)?);
+            let sandbox = Arc::new(sandbox(s, log, ledger)?);
             print_cgroups(&sandbox);
             let section = cgroups_health(Arc::clone(&sandbox));
             (sandbox, Some(section))
@@ -344,7 +379,7 @@ fn zygote_exe(s: &Settings) -> anyhow::Result<PathBuf> {
     }
 }
 
-fn sandbox(s: &Settings, log: &Logger) -> anyhow::Result<Sandbox> {
+fn sandbox(s: &Settings, log: &Logger, ledger: &Ledger) -> anyhow::Result<Sandbox> {
     let mut config = SandboxConfig::new(
         zygote_exe(s)?,
         Vec::<std::ffi::OsString>::new(),
@@ -355,7 +390,8 @@ fn sandbox(s: &Settings, log: &Logger) -> anyhow::Result<Sandbox> {
     config.limits.memory_bytes = s.memory_bytes;
     config.limits.cpu_seconds = s.cpu_seconds;
     config.cgroups = s.cgroups;
-    Sandbox::start(config, log.clone()).context("starting the sandbox backend")
+    Sandbox::start_reporting(config, log.clone(), audit_violations(ledger))
+        .context("starting the sandbox backend")
 }
 
 /// Reads the detector token, creating it (32 random bytes, hex, mode 0600) if missing.
@@ -458,9 +494,10 @@ pub fn run(args: &ServeArgs, log: &Logger) -> anyhow::Result<u8> {
     let policy_files = crate::policy::files(s.policy.as_deref())?;
     let bundle = mayfly_policy::Bundle::load(&policy_files).context("loading the policy bundle")?;
     let policy_hash = bundle.hash();
-    let (backend, cgroups_section) = backend(&s, log)?;
-    // The handlers the guest side announced (the sandbox's template) or was configured with
-    // (Xen); a policy granting capabilities to one the guest lacks is refused here.
+    let (backend, cgroups_section) = backend(&s, log, &ledger)?;
+    // The handlers the guest side announced (the sandbox's template; the Xen pool's first
+    // guest, in its ring `Ready`); a policy granting capabilities to one the guest lacks is
+    // refused here.
     let names = backend.handlers();
     let missing = bundle.handlers_missing_from(&names);
     if !missing.is_empty() {
@@ -855,4 +892,42 @@ fn print_banner(
     );
     use std::io::Write;
     let _ = std::io::stdout().flush();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A guest a backend refused at its ready point is in the audit trail as a protocol
+    /// violation, with the backend, the domain and the reason.
+    #[test]
+    fn refused_guests_are_audited_as_protocol_violations() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = Logger::root(slog::Discard, slog::o!());
+        let ledger = Ledger::open(dir.path(), &Options::default(), &log).unwrap();
+        let report = audit_violations(&ledger);
+        report(mayfly_domain::Violation {
+            backend: "xen",
+            domain: 7,
+            what: "its Ready announces handlers the others lack: [zz]; lacks: []".into(),
+        });
+        // Lazily audited: joins the next commit within 50 ms. Poll with a deadline.
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        let found = loop {
+            let records = ledger.store().audit_records(1, 1000).unwrap();
+            if let Some(r) = records
+                .into_iter()
+                .find(|r| r.event.event == "domain.protocol_violation")
+            {
+                break r;
+            }
+            assert!(std::time::Instant::now() < deadline, "never audited");
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        assert_eq!(found.event.severity, Severity::Alert);
+        let f = &found.event.fields;
+        assert_eq!(f["backend"], "xen");
+        assert_eq!(f["domain"], "7");
+        assert!(f["reason"].contains("[zz]"), "{f:?}");
+    }
 }

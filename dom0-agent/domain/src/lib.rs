@@ -28,9 +28,11 @@
 #![forbid(unsafe_code)]
 
 pub mod backoff;
+pub mod handlers;
 pub mod quarantine;
 
 pub use backoff::Backoff;
+pub use handlers::{LearnedHandlers, Violation, ViolationSink};
 pub use quarantine::{Quarantine, QuarantineFull, Refused, MAX_QUARANTINED};
 
 use std::sync::Arc;
@@ -211,7 +213,8 @@ pub trait DomainBackend: Send + Sync {
     /// Short name: "sandbox", "xen".
     fn name(&self) -> &'static str;
     /// The names of the handlers its guests answer to, sorted, as the guest side announced
-    /// them (the sandbox's template, the Xen guest image): the executor refuses a
+    /// them (the sandbox's template; the Xen pool's first ready guest, in its ring `Ready`,
+    /// every later guest held to the same list): the executor refuses a
     /// transaction for any other handler, and the agent refuses to start with a policy that
     /// grants capabilities to a handler not among them. The default, none, suits test
     /// doubles that run no guest; a backend that runs guests reports its own.

@@ -145,7 +145,8 @@ impl DomainBackend for ThreadBackend {
             let mut front = Frontend::attach(mem).unwrap();
             let start = match front.call(
                 &Request::Ready {
-                    protocol_version: 1,
+                    protocol_version: mayfly_ring::wire::PROTOCOL_VERSION,
+                    handlers: Vec::new(),
                 },
                 &guest_side,
                 None,

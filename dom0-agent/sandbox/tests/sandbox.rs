@@ -1310,3 +1310,39 @@ fn limits_that_cannot_be_applied_refuse_the_start_unless_cgroups_are_off() {
     begin(&mut domain, "echo", b"no group");
     assert_eq!(commit(&mut domain, WAIT).unwrap(), b"no group");
 }
+
+/// A clone whose ring `Ready` announces other handlers than the template announced on the
+/// control socket is never handed out: destroyed, counted as failed, and reported as a
+/// violation (the agent audits it as `domain.protocol_violation`).
+#[test]
+fn clones_announcing_other_handlers_than_the_template_are_refused_and_reported() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = SandboxConfig::new(ZYGOTE, ["--ready-extra-handler"], dir.path());
+    config.pool_size = 1;
+    let reports = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let sink = std::sync::Arc::clone(&reports);
+    let sandbox = Sandbox::start_reporting(
+        config,
+        logger(),
+        std::sync::Arc::new(move |v: mayfly_domain::Violation| sink.lock().unwrap().push(v)),
+    )
+    .unwrap();
+    // The template's own list is what the backend reports, not the clone's.
+    assert!(!sandbox.handlers().iter().any(|h| h.starts_with("zzz")));
+    let taken = sandbox.take(Duration::from_millis(1500));
+    assert!(
+        matches!(taken, Err(DomainError::Exhausted { .. })),
+        "{:?}",
+        taken.map(|d| d.id())
+    );
+    let stats = sandbox.stats();
+    assert_eq!(stats.in_use, 0);
+    assert!(stats.failed >= 1, "{stats:?}");
+    let reports = reports.lock().unwrap().clone();
+    assert!(!reports.is_empty());
+    for v in &reports {
+        assert_eq!(v.backend, "sandbox");
+        assert!(v.what.contains("zzz.not_in_the_template"), "{}", v.what);
+    }
+    sandbox.shutdown();
+}

@@ -116,6 +116,17 @@ impl XenBackend {
     /// Loads the Xen libraries, checks the hypervisor, destroys leftovers of a previous run
     /// and starts filling the pool (in the background: see [`XenBackend::wait_ready`]).
     pub fn start(config: XenConfig, logger: Logger) -> Result<Self, StartError> {
+        Self::start_reporting(config, logger, mayfly_domain::handlers::ignore_violations())
+    }
+
+    /// [`XenBackend::start`], reporting to `violations` every guest whose `Ready` announces
+    /// other handlers than the pool's first guest did (it is destroyed; the agent audits
+    /// the report as a protocol violation).
+    pub fn start_reporting(
+        config: XenConfig,
+        logger: Logger,
+        violations: mayfly_domain::ViolationSink,
+    ) -> Result<Self, StartError> {
         config.validate()?;
         let libs = Libraries::load()?;
         let control = Arc::new(Control::open(Arc::clone(&libs))?);
@@ -175,6 +186,8 @@ impl XenBackend {
             in_use: Mutex::new(HashMap::new()),
             destroyed: AtomicU64::new(0),
             stopping: AtomicBool::new(false),
+            handlers: mayfly_domain::LearnedHandlers::new(),
+            violations,
         });
         let provisioner = XenProvisioner {
             hyp: Arc::clone(&hyp),
@@ -191,6 +204,13 @@ impl XenBackend {
     /// Waits up to `timeout` until `count` domains are ready. Returns whether they are.
     pub fn wait_ready(&self, count: usize, timeout: Duration) -> bool {
         self.pool.wait_ready(count, timeout)
+    }
+
+    /// Waits up to `timeout` until the first domain has announced its handlers in its
+    /// `Ready` (the pool's first build, retried with back-off if it fails); returns them,
+    /// or `None` if no domain became ready in time.
+    pub fn wait_handlers(&self, timeout: Duration) -> Option<Vec<String>> {
+        self.hyp.handlers.wait(timeout)
     }
 
     /// Like [`DomainBackend::take`], returning the concrete type.
@@ -236,10 +256,11 @@ impl DomainBackend for XenBackend {
         BACKEND
     }
 
-    /// The handler names the configuration gives for the guest image
-    /// ([`XenConfig::with_handlers`]).
+    /// The handler names the pool's first ready guest announced in its `Ready` (every
+    /// later guest is held to the same list); empty until one did
+    /// ([`XenBackend::wait_handlers`] waits for it).
     fn handlers(&self) -> Vec<String> {
-        self.hyp.config.handlers.clone()
+        self.hyp.handlers.get().unwrap_or_default()
     }
 
     fn take(&self, timeout: Duration) -> Result<Box<dyn Domain>, DomainError> {

@@ -148,10 +148,6 @@ pub struct XenConfig {
     pub build_threads: usize,
     /// The ring's geometry.
     pub geometry: Geometry,
-    /// The handlers the guest image answers to, as the agent's build knows them (empty
-    /// until set). Xen guests do not announce their handlers on the wire yet, so this list
-    /// comes from the crates the images are built from, not from the image itself.
-    pub handlers: Vec<String>,
 }
 
 /// A setting was refused.
@@ -258,17 +254,7 @@ impl XenConfig {
             ready_timeout: Duration::from_millis(section.ready_timeout_ms.unwrap_or(60_000)),
             build_threads: section.build_threads.unwrap_or(1),
             geometry: Geometry::DEFAULT,
-            handlers: Vec::new(),
         })
-    }
-
-    /// The same settings, with the guest image's handler names (sorted, without repeats).
-    #[must_use]
-    pub fn with_handlers(mut self, mut handlers: Vec<String>) -> Self {
-        handlers.sort_unstable();
-        handlers.dedup();
-        self.handlers = handlers;
-        self
     }
 
     /// Checks the settings (the template files must exist).

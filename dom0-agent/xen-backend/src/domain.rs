@@ -179,6 +179,17 @@ pub enum CreateError {
         /// What arrived.
         what: String,
     },
+    /// The guest's Ready announced other handlers than the pool's first guest did (a
+    /// broken or hostile guest; reported as a protocol violation).
+    #[error("{name} (domain {domid}): its Ready differs from the pool's first guest's: {differs}")]
+    HandlersDiffer {
+        /// Domain name.
+        name: String,
+        /// Domain id.
+        domid: DomId,
+        /// How its list differs from the first guest's.
+        differs: mayfly_domain::handlers::ListDiffers,
+    },
     /// The backend is shutting down (the half-built domain has been destroyed).
     #[error("{name}: the backend is shutting down")]
     Stopping {
@@ -258,6 +269,10 @@ pub struct Hyp {
     pub(crate) destroyed: AtomicU64,
     /// Set when the backend shuts down: builds under way give up.
     pub(crate) stopping: AtomicBool,
+    /// The handlers of the guests, learned from the first ready domain's `Ready`.
+    pub(crate) handlers: mayfly_domain::LearnedHandlers,
+    /// Where a guest announcing another list is reported (the agent audits it).
+    pub(crate) violations: mayfly_domain::ViolationSink,
 }
 
 impl Hyp {
@@ -690,7 +705,24 @@ impl XenProvisioner {
             }
         };
         match envelope.body {
-            Request::Ready { protocol_version } if protocol_version == PROTOCOL_VERSION => {
+            Request::Ready {
+                protocol_version,
+                handlers,
+            } if protocol_version == PROTOCOL_VERSION => {
+                // The first guest's list is the pool's; a later guest announcing another
+                // is broken or hostile: refused (`live` is destroyed on return) and reported.
+                if let Err(differs) = hyp.handlers.admit(&handlers) {
+                    (hyp.violations)(mayfly_domain::Violation {
+                        backend: crate::backend::BACKEND,
+                        domain: domid,
+                        what: format!("its Ready {differs}"),
+                    });
+                    return Err(CreateError::HandlersDiffer {
+                        name,
+                        domid,
+                        differs,
+                    });
+                }
                 live.ready_id = envelope.id;
             }
             other => {

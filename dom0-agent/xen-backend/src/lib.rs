@@ -7,7 +7,9 @@
 //!     │  grant ring pages (gntalloc), unbound port,      │
 //!     │  xenstore data/mayfly/* (guest read-only)        │
 //!     │  xc_domain_unpause ─────────────────────────────▶ boots; shim maps the ring,
-//!     │  ◀═══════ ring: Ready ═══════════════════════════ binds the port, sends Ready
+//!     │  ◀═══════ ring: Ready {v2, handlers} ════════════ binds the port, sends Ready
+//!     │  first guest: its handler list recorded (handlers());
+//!     │  later guests: same list, or destroyed + reported (a protocol violation)
 //!     │  xc_domain_pause → pool
 //!     │  take(): xc_domain_unpause → XenDomain ══ Start / requests / Commit ══▶
 //!     │  destroy()/Drop: xc_domain_destroy, unshare, unbind, xenstore rm

@@ -43,38 +43,11 @@ pub fn registry() -> Registry {
 }
 
 /// Every handler name the template answers to, announced to the agent in the zygote's
-/// `Ready` (the agent refuses others up front).
+/// `Ready` (the agent refuses others up front). The very list each clone's shim announces in
+/// its ring `Ready` (`domu_shim::announced_handlers` of the same registry and the shim's
+/// default configuration, which `domu_shim::run` uses): the agent checks the two agree.
 pub fn handler_names() -> Vec<String> {
-    #[cfg_attr(not(feature = "test-handlers"), allow(unused_mut))]
-    let mut names: Vec<String> = registry().names().map(str::to_owned).collect();
-    #[cfg(feature = "test-handlers")]
-    names.extend(
-        domu_shim::test_handlers::TEST_HANDLERS
-            .iter()
-            .map(|(n, _)| (*n).to_owned())
-            .chain(
-                domu_shim::test_handlers::SDK_TEST_HANDLERS
-                    .iter()
-                    .map(|n| (*n).to_owned()),
-            ),
-    );
-    names
-}
-
-/// The handler names of the Xen guest images built from this tree: the template's, and with
-/// `test-handlers` the Mayfly PV guest's own test handlers. The Xen backend is configured with
-/// them (`XenConfig::with_handlers`): unlike the sandbox's template, a Xen guest does not
-/// announce its handlers yet.
-pub fn xen_guest_handler_names() -> Vec<String> {
-    #[cfg_attr(not(feature = "test-handlers"), allow(unused_mut))]
-    let mut names = handler_names();
-    #[cfg(feature = "test-handlers")]
-    names.extend(
-        domu_shim::PV_GUEST_TEST_HANDLERS
-            .iter()
-            .map(|n| (*n).to_owned()),
-    );
-    names
+    domu_shim::announced_handlers(&registry(), &domu_shim::Config::default())
 }
 
 fn clone_main(registry: &mut Registry, ring: ChildRing) -> i32 {

@@ -22,7 +22,7 @@ use crate::hypercall;
 
 /// Adds the test handlers to `registry`.
 pub fn register(registry: &mut Registry) {
-    // Exactly the names the agent admits (domu_shim::PV_GUEST_TEST_HANDLERS).
+    // Registered, so the guest's `Ready` announces them (domu_shim::PV_GUEST_TEST_HANDLERS).
     for name in domu_shim::PV_GUEST_TEST_HANDLERS {
         let handler: mayfly_sdk::Handler = match name {
             "test.spin" => spin,

@@ -25,7 +25,8 @@
 //! Guest → agent (requests):
 //!
 //! ```text
-//!  0x0001 Ready   version u16
+//!  0x0001 Ready   version u16 (= PROTOCOL_VERSION, 2), count u32 (0..=1024),
+//!                  count x handler bytes<1..=64> of [a-z0-9_.-], strictly ascending
 //!  0x0002 Get     key
 //!  0x0003 Put     key, value bytes<0..=65536>
 //!  0x0004 Delete  key
@@ -67,8 +68,12 @@ use alloc::vec::Vec;
 pub const WIRE_MAGIC: [u8; 4] = *b"MFWM";
 /// The message encoding version this crate speaks.
 pub const WIRE_VERSION: u16 = 1;
-/// The protocol version a guest announces in [`Request::Ready`].
-pub const PROTOCOL_VERSION: u16 = 1;
+/// The protocol version a guest announces in [`Request::Ready`], the only one decoded:
+/// version 2 added the handler list (version 1 had none; every guest that speaks the ring is
+/// built from this tree together with the agent, so nothing still sends version 1).
+pub const PROTOCOL_VERSION: u16 = 2;
+/// Cap on the handler names a guest announces in [`Request::Ready`].
+pub const MAX_HANDLERS: u32 = 1024;
 /// Length of the message header.
 pub const HEADER_LEN: usize = 16;
 /// Cap on a whole encoded message (17 pages; one ring slot window holds one message).
@@ -253,6 +258,32 @@ pub enum WireError {
         /// The cap.
         max: u32,
     },
+    /// A `Ready` of another protocol version than [`PROTOCOL_VERSION`].
+    #[error("Ready announces protocol version {found} (supported: {supported})")]
+    UnsupportedProtocol {
+        /// The version found.
+        found: u16,
+        /// The version this crate speaks.
+        supported: u16,
+    },
+    /// A `Ready` announcing more than [`MAX_HANDLERS`] handlers.
+    #[error("Ready at offset {offset} announces {count} handlers, over the {max} cap")]
+    TooManyHandlers {
+        /// Offset of the count.
+        offset: usize,
+        /// The count found.
+        count: u64,
+        /// The cap.
+        max: u32,
+    },
+    /// A handler name of a `Ready` that is not strictly greater than the one before it.
+    #[error("handler name at offset {offset} is {}the one before it (the list must be sorted)", if *.duplicate { "the same as " } else { "not after " })]
+    HandlersOutOfOrder {
+        /// Offset of the name's length prefix.
+        offset: usize,
+        /// Whether it equals the one before (a duplicate) rather than sorting before it.
+        duplicate: bool,
+    },
     /// A scan result with more than `MAX_SCAN_ENTRIES` entries.
     #[error("scan result at offset {offset} has {count} entries, over the {max} cap")]
     TooManyEntries {
@@ -318,6 +349,9 @@ pub enum Request {
     Ready {
         /// The protocol version the shim speaks ([`PROTOCOL_VERSION`]).
         protocol_version: u16,
+        /// Every handler name the guest answers to: strictly ascending (sorted, no
+        /// duplicates), at most [`MAX_HANDLERS`], each 1..=64 bytes of `[a-z0-9_.-]`.
+        handlers: Vec<String>,
     },
     /// Read a key.
     Get {
@@ -584,6 +618,27 @@ impl Writer {
     }
 }
 
+fn check_protocol(found: u16) -> Result<(), WireError> {
+    if found != PROTOCOL_VERSION {
+        return Err(WireError::UnsupportedProtocol {
+            found,
+            supported: PROTOCOL_VERSION,
+        });
+    }
+    Ok(())
+}
+
+/// A `Ready`'s handler names must be strictly ascending (bytewise: the name rule is ASCII).
+fn check_order(offset: usize, previous: Option<&str>, name: &str) -> Result<(), WireError> {
+    match previous.map(|p| p.cmp(name)) {
+        None | Some(core::cmp::Ordering::Less) => Ok(()),
+        Some(order) => Err(WireError::HandlersOutOfOrder {
+            offset,
+            duplicate: order == core::cmp::Ordering::Equal,
+        }),
+    }
+}
+
 fn check_scan_limit(offset: usize, limit: u32) -> Result<(), WireError> {
     if limit == 0 || limit > MAX_SCAN_ENTRIES {
         return Err(WireError::BadScanLimit {
@@ -600,8 +655,27 @@ impl Request {
     pub fn encode(&self, id: u32) -> Result<Vec<u8>, WireError> {
         let mut w = Writer::new();
         let tag = match self {
-            Self::Ready { protocol_version } => {
+            Self::Ready {
+                protocol_version,
+                handlers,
+            } => {
+                check_protocol(*protocol_version)?;
                 w.u16(*protocol_version);
+                let count = u32::try_from(handlers.len())
+                    .ok()
+                    .filter(|&c| c <= MAX_HANDLERS)
+                    .ok_or(WireError::TooManyHandlers {
+                        offset: w.offset(),
+                        count: u64::try_from(handlers.len()).unwrap_or(u64::MAX),
+                        max: MAX_HANDLERS,
+                    })?;
+                w.u32(count);
+                let mut previous: Option<&str> = None;
+                for name in handlers {
+                    check_order(w.offset(), previous, name)?;
+                    w.field(HANDLER, name.as_bytes())?;
+                    previous = Some(name);
+                }
                 tag::READY
             }
             Self::Get { key } => {
@@ -645,9 +719,7 @@ impl Request {
     pub fn decode(bytes: &[u8]) -> Result<Envelope<Self>, WireError> {
         let (tag, id, mut r) = Reader::message(bytes)?;
         let body = match tag {
-            tag::READY => Self::Ready {
-                protocol_version: r.u16("protocol version")?,
-            },
+            tag::READY => r.ready()?,
             tag::GET => Self::Get { key: r.field(KEY)? },
             tag::PUT => Self::Put {
                 key: r.field(KEY)?,
@@ -978,6 +1050,33 @@ impl<'a> Reader<'a> {
             offset: offset
                 .saturating_add(4)
                 .saturating_add(e.utf8_error().valid_up_to()),
+        })
+    }
+
+    /// The body of a `Ready`: version, then the bounded, strictly ascending handler list.
+    /// The count is checked before anything is allocated, and each name as it is read, so a
+    /// hostile list costs at most one message's worth of memory.
+    fn ready(&mut self) -> Result<Request, WireError> {
+        check_protocol(self.u16("protocol version")?)?;
+        let offset = self.pos;
+        let count = self.u32("handler count")?;
+        if count > MAX_HANDLERS {
+            return Err(WireError::TooManyHandlers {
+                offset,
+                count: u64::from(count),
+                max: MAX_HANDLERS,
+            });
+        }
+        let mut handlers: Vec<String> = Vec::new();
+        for _ in 0..count {
+            let offset = self.pos;
+            let name = self.text(HANDLER)?;
+            check_order(offset, handlers.last().map(String::as_str), &name)?;
+            handlers.push(name);
+        }
+        Ok(Request::Ready {
+            protocol_version: PROTOCOL_VERSION,
+            handlers,
         })
     }
 

@@ -36,8 +36,12 @@ fn serve<M: SharedMem>(mut backend: Backend<M>, notifier: impl Notifier) -> Resu
         served += 1;
         let mut done = false;
         let response = match request.body {
-            Request::Ready { protocol_version } => {
+            Request::Ready {
+                protocol_version,
+                handlers,
+            } => {
                 assert_eq!(protocol_version, mayfly_ring::wire::PROTOCOL_VERSION);
+                assert_eq!(handlers, ["kv_test"]);
                 Response::Start(Start {
                     tx_id: [0x11; 16],
                     handler: "kv_test".into(),
@@ -103,7 +107,8 @@ fn thousands_of_messages_cross_a_memfd_ring() {
     let start = call(
         &mut front,
         Request::Ready {
-            protocol_version: 1,
+            protocol_version: mayfly_ring::wire::PROTOCOL_VERSION,
+            handlers: vec!["kv_test".into()],
         },
     );
     assert!(matches!(start, Response::Start(s) if s.handler == "kv_test"));

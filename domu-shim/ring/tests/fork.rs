@@ -27,7 +27,8 @@ fn guest(memfd: i32, notifier: &EventFdNotifier, len: usize) -> i32 {
         return 11;
     };
     let ready = Request::Ready {
-        protocol_version: 1,
+        protocol_version: mayfly_ring::wire::PROTOCOL_VERSION,
+        handlers: Vec::new(),
     };
     if !matches!(
         front.call(&ready, notifier, Some(TIMEOUT)),

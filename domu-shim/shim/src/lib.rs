@@ -88,6 +88,7 @@ pub mod xen;
 #[cfg(all(feature = "std", target_os = "linux"))]
 pub mod xenstore;
 
+use alloc::borrow::ToOwned;
 use alloc::format;
 use alloc::string::{String, ToString};
 use alloc::vec::Vec;
@@ -105,9 +106,9 @@ use mayfly_sdk::{Ctx, Handler, HandlerError, Registry};
 pub use ringdb::RingDb;
 
 /// The hostile `test.*` handlers of the Mayfly PV guest kernel's test build
-/// (`domu-shim/pv-guest`, feature `test-handlers`, which registers exactly these), named here
-/// so that an agent built with `test-handlers` admits them: it refuses unknown handler names
-/// before a domain is taken. Never present in a production guest.
+/// (`domu-shim/pv-guest`, feature `test-handlers`, which registers exactly these in its
+/// registry, so its `Ready` announces them to the agent). Never present in a production
+/// guest.
 pub const PV_GUEST_TEST_HANDLERS: [&str; 4] = [
     "test.spin",
     "test.evtchn_flood",
@@ -306,6 +307,7 @@ pub fn try_run<M: SharedMem>(
     let mut frontend = Frontend::attach(mem).map_err(RunError::Attach)?;
     let ready = Request::Ready {
         protocol_version: PROTOCOL_VERSION,
+        handlers: announced_handlers(registry, config),
     };
     let start = match frontend.call(&ready, notifier, None) {
         Ok(Response::Start(start)) => start,
@@ -358,6 +360,27 @@ enum Entry {
     Handler(Handler),
     #[cfg(feature = "test-handlers")]
     Raw(test_handlers::RawHandler),
+}
+
+/// Every handler name this guest answers to, as its `Ready` announces them: exactly the names
+/// [`lookup`] resolves (the registry's, and with `test-handlers` enabled in `config` the
+/// `test.*` ones), sorted bytewise without duplicates, as the wire requires. The agent's
+/// sandbox template announces the same list from the same function, so the two cannot drift.
+pub fn announced_handlers(registry: &Registry, config: &Config) -> Vec<String> {
+    let mut names: Vec<String> = registry.names().map(str::to_owned).collect();
+    #[cfg(feature = "test-handlers")]
+    if config.test_handlers {
+        names.extend(
+            test_handlers::SDK_TEST_HANDLERS
+                .iter()
+                .chain(test_handlers::TEST_HANDLERS.iter().map(|(n, _)| n))
+                .map(|n| (*n).to_owned()),
+        );
+    }
+    let _ = config;
+    names.sort_unstable();
+    names.dedup();
+    names
 }
 
 fn lookup(registry: &Registry, config: &Config, name: &str) -> Option<Entry> {

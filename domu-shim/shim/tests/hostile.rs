@@ -42,6 +42,7 @@ fn handshaken() -> Handshaken {
         .send_request(
             &Request::Ready {
                 protocol_version: PROTOCOL_VERSION,
+                handlers: Vec::new(),
             },
             &guest,
         )

@@ -52,6 +52,39 @@ fn committed_json(end: &End) -> Value {
 }
 
 #[test]
+fn ready_announces_every_handler_the_guest_answers_to() {
+    let (_, record) = tx(
+        examples(),
+        "kv",
+        json!({"op":"get","key":"k/1"}),
+        Agent::default(),
+    );
+    let mut want: Vec<String> = examples().names().map(str::to_owned).collect();
+    #[cfg(feature = "test-handlers")]
+    {
+        want.extend(
+            domu_shim::test_handlers::SDK_TEST_HANDLERS
+                .iter()
+                .chain(
+                    domu_shim::test_handlers::TEST_HANDLERS
+                        .iter()
+                        .map(|(n, _)| n),
+                )
+                .map(|n| (*n).to_owned()),
+        );
+        want.sort();
+    }
+    assert!(want.len() > 1, "{want:?}");
+    assert_eq!(record.ready_handlers, want);
+    assert_eq!(
+        record.ready_handlers,
+        domu_shim::announced_handlers(&examples(), &Config::default())
+    );
+    // Sorted, no duplicates: the wire would have refused it otherwise, but say so here too.
+    assert!(record.ready_handlers.windows(2).all(|w| w[0] < w[1]));
+}
+
+#[test]
 fn kv_put_then_get_and_scan() {
     let (outcome, record) = tx(
         examples(),

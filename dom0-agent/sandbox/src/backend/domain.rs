@@ -43,7 +43,21 @@ pub(super) fn confirm_ready(
     let wait = timeout.min(left_to_become_ready);
     match handle.ring.recv_request(&handle.notifier, Some(wait)) {
         Ok(envelope) => match envelope.body {
-            Request::Ready { protocol_version } if protocol_version == PROTOCOL_VERSION => {
+            Request::Ready {
+                protocol_version,
+                handlers,
+            } if protocol_version == PROTOCOL_VERSION => {
+                let template = shared
+                    .template_handlers
+                    .get()
+                    .map_or(&[][..], Vec::as_slice);
+                if template != handlers.as_slice() {
+                    return Err(CreateError::HandlersDiffer {
+                        clone_id,
+                        pid,
+                        differs: mayfly_domain::handlers::ListDiffers::between(&handlers, template),
+                    });
+                }
                 handle.ready_id = envelope.id;
                 handle.confirmed = true;
                 Ok(Readiness::Ready)

@@ -183,6 +183,19 @@ pub enum CreateError {
         /// What arrived.
         what: String,
     },
+    /// The clone's ring `Ready` announced other handlers than the template did on the
+    /// control socket (a broken or hostile clone).
+    #[error(
+        "clone {clone_id} (pid {pid}): its ring Ready differs from the template's list: {differs}"
+    )]
+    HandlersDiffer {
+        /// Clone id.
+        clone_id: u32,
+        /// Host pid.
+        pid: i32,
+        /// How the clone's list differs from the template's.
+        differs: mayfly_domain::handlers::ListDiffers,
+    },
     /// The ring failed while waiting for `Ready`.
     #[error("clone {clone_id} (pid {pid}): waiting for Ready failed")]
     ReadyRing {

@@ -114,6 +114,17 @@ impl Sandbox {
     /// Removes leftovers of a previous run, spawns the zygote, waits until it is ready and
     /// starts filling the pool (in the background: use [`Sandbox::wait_ready`] to wait).
     pub fn start(config: SandboxConfig, logger: Logger) -> Result<Sandbox, SandboxError> {
+        Self::start_reporting(config, logger, mayfly_domain::handlers::ignore_violations())
+    }
+
+    /// [`Sandbox::start`], reporting to `violations` every clone whose ring `Ready`
+    /// announces other handlers than the template did on the control socket (it is
+    /// destroyed, never handed out; the agent audits the report as a protocol violation).
+    pub fn start_reporting(
+        config: SandboxConfig,
+        logger: Logger,
+        violations: mayfly_domain::ViolationSink,
+    ) -> Result<Sandbox, SandboxError> {
         config.validate()?;
         let root = config.run_dir.join(ROOT_DIR);
         if root.as_os_str().len() > MAX_ROOT_PATH {
@@ -216,6 +227,8 @@ impl Sandbox {
             created: AtomicU64::new(0),
             failed: AtomicU64::new(0),
             cgroup,
+            template_handlers: std::sync::OnceLock::new(),
+            violations,
         });
 
         let (started_tx, started_rx) = mpsc::channel();
@@ -389,6 +402,13 @@ impl Sandbox {
                             // Not handed out: destroyed (dropping the handle), counted,
                             // and the refill threads back off.
                             drop(handle);
+                            if let CreateError::HandlersDiffer { clone_id, .. } = &e {
+                                (self.shared.violations)(mayfly_domain::Violation {
+                                    backend: BACKEND,
+                                    domain: *clone_id,
+                                    what: e.to_string(),
+                                });
+                            }
                             self.shared.creation_failed(&e);
                             state = self.shared.pool();
                             state.in_use = state.in_use.saturating_sub(1);

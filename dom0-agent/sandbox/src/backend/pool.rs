@@ -72,6 +72,12 @@ pub(super) struct Shared {
     pub(super) rings_reused: AtomicU64,
     /// The control group of the zygote and its clones, if limits are on.
     pub(super) cgroup: Option<crate::cgroup::ClonesGroup>,
+    /// The handlers the template announced on the control socket (sorted, no duplicates),
+    /// set once before any clone is requested: every clone's ring `Ready` must announce
+    /// exactly these.
+    pub(super) template_handlers: std::sync::OnceLock<Vec<String>>,
+    /// Where a clone announcing other handlers is reported (the agent audits it).
+    pub(super) violations: mayfly_domain::ViolationSink,
 }
 
 impl Shared {

@@ -51,7 +51,10 @@ pub(super) fn supervise(
         }
     }
     match handshake(&shared, &mut child, settings) {
-        Ok((pidfd, handlers)) => {
+        Ok((pidfd, mut handlers)) => {
+            handlers.sort_unstable();
+            handlers.dedup();
+            let _ = shared.template_handlers.set(handlers.clone());
             let up = Started {
                 pid,
                 pidfd,

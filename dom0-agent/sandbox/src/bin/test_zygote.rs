@@ -41,6 +41,9 @@ struct Template {
     /// `--die-before-ready`: every clone exits (status 42) before sending `Ready`, as a
     /// clone whose start-up fails would.
     die_before_ready: bool,
+    /// `--ready-extra-handler`: every clone's ring `Ready` announces one handler more than
+    /// the template announced on the control socket, as a broken or hostile clone would.
+    ready_extra_handler: bool,
 }
 
 const TEMPLATE_MARKER: u64 = 0xC0FFEE;
@@ -51,6 +54,7 @@ fn init() -> Template {
         marker: TEMPLATE_MARKER,
         pattern: vec![0xAB; 1 << 20],
         die_before_ready: std::env::args().any(|a| a == "--die-before-ready"),
+        ready_extra_handler: std::env::args().any(|a| a == "--ready-extra-handler"),
     }
 }
 
@@ -71,8 +75,13 @@ fn run(template: &mut Template, ring: ChildRing) -> i32 {
     let Ok(mut front) = Frontend::attach(mem) else {
         return 11;
     };
+    let mut handlers: Vec<String> = HANDLERS.iter().map(|h| (*h).to_owned()).collect();
+    if template.ready_extra_handler {
+        handlers.push("zzz.not_in_the_template".to_owned());
+    }
     let ready = Request::Ready {
         protocol_version: PROTOCOL_VERSION,
+        handlers,
     };
     let start = match front.call(&ready, &notifier, None) {
         Ok(Response::Start(start)) => start,

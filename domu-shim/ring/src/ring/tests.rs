@@ -45,7 +45,8 @@ fn request_and_response_round_trip() {
     let id = front
         .send_request(
             &Request::Ready {
-                protocol_version: 1,
+                protocol_version: crate::wire::PROTOCOL_VERSION,
+                handlers: vec!["kv_get".into()],
             },
             &n,
         )
@@ -55,7 +56,8 @@ fn request_and_response_round_trip() {
     assert_eq!(
         req.body,
         Request::Ready {
-            protocol_version: 1
+            protocol_version: crate::wire::PROTOCOL_VERSION,
+            handlers: vec!["kv_get".into()],
         }
     );
     assert!(back.try_recv_request().unwrap().is_none());

@@ -44,7 +44,15 @@ fn every_request_round_trips() {
     round_trip_request(
         0,
         Request::Ready {
-            protocol_version: 1,
+            protocol_version: PROTOCOL_VERSION,
+            handlers: Vec::new(),
+        },
+    );
+    round_trip_request(
+        1,
+        Request::Ready {
+            protocol_version: PROTOCOL_VERSION,
+            handlers: vec!["a".into(), "a.b".into(), "b".into(), "x".repeat(64)],
         },
     );
     round_trip_request(u32::MAX, Request::Get { key: key("k") });
@@ -503,7 +511,8 @@ fn expected_vectors() -> Vec<(&'static str, Expected)> {
             "ready",
             1,
             Request::Ready {
-                protocol_version: 1,
+                protocol_version: 2,
+                handlers: vec!["kv_get".into(), "transfer".into()],
             },
         ),
         req(
@@ -665,8 +674,9 @@ fn level() -> impl Strategy<Value = LogLevel> {
 
 fn request() -> impl Strategy<Value = Request> {
     prop_oneof![
-        any::<u16>().prop_map(|v| Request::Ready {
-            protocol_version: v
+        prop::collection::btree_set(handler(), 0..40).prop_map(|names| Request::Ready {
+            protocol_version: PROTOCOL_VERSION,
+            handlers: names.into_iter().collect(),
         }),
         bytes(1, MAX_KEY_LEN).prop_map(|key| Request::Get { key }),
         (bytes(1, MAX_KEY_LEN), bytes(0, 600)).prop_map(|(key, value)| Request::Put { key, value }),
@@ -798,4 +808,210 @@ proptest! {
             prop_assert_eq!(decoded.body.encode(decoded.id).unwrap(), data);
         }
     }
+}
+
+// --- the handler list of Ready (protocol version 2) -----------------------------------------
+
+/// A `Ready` assembled by hand: `version`, `count`, then each name length-prefixed as given.
+fn raw_ready(version: u16, count: u32, names: &[&[u8]]) -> Vec<u8> {
+    let mut body = Vec::new();
+    body.extend_from_slice(&version.to_be_bytes());
+    body.extend_from_slice(&count.to_be_bytes());
+    for name in names {
+        body.extend_from_slice(&(name.len() as u32).to_be_bytes());
+        body.extend_from_slice(name);
+    }
+    let mut out = Vec::new();
+    out.extend_from_slice(&WIRE_MAGIC);
+    out.extend_from_slice(&WIRE_VERSION.to_be_bytes());
+    out.extend_from_slice(&0x0001_u16.to_be_bytes());
+    out.extend_from_slice(&9_u32.to_be_bytes());
+    out.extend_from_slice(&(body.len() as u32).to_be_bytes());
+    out.extend_from_slice(&body);
+    out
+}
+
+fn ready(names: &[&str]) -> Request {
+    Request::Ready {
+        protocol_version: PROTOCOL_VERSION,
+        handlers: names.iter().map(|n| (*n).to_owned()).collect(),
+    }
+}
+
+#[test]
+fn ready_hand_built_matches_the_encoder() {
+    let bytes = raw_ready(2, 2, &[b"a", b"b.c"]);
+    assert_eq!(ready(&["a", "b.c"]).encode(9).unwrap(), bytes);
+    assert_eq!(Request::decode(&bytes).unwrap().body, ready(&["a", "b.c"]));
+}
+
+#[test]
+fn ready_of_another_protocol_version_is_refused() {
+    for version in [0, 1, 3, u16::MAX] {
+        assert_eq!(
+            Request::decode(&raw_ready(version, 0, &[])),
+            Err(WireError::UnsupportedProtocol {
+                found: version,
+                supported: 2
+            })
+        );
+        let request = Request::Ready {
+            protocol_version: version,
+            handlers: Vec::new(),
+        };
+        assert!(matches!(
+            request.encode(1),
+            Err(WireError::UnsupportedProtocol { .. })
+        ));
+    }
+    // Version 1's body (the version alone) is refused too, as a too-short version 2 would be.
+    let v1 = fix_len(raw_ready(1, 0, &[])[..18].to_vec());
+    assert!(Request::decode(&v1).is_err());
+}
+
+#[test]
+fn ready_truncated_anywhere_is_refused() {
+    let bytes = raw_ready(2, 3, &[b"alpha", b"beta", b"gamma"]);
+    for cut in HEADER_LEN..bytes.len() {
+        let short = fix_len(bytes[..cut].to_vec());
+        assert!(
+            matches!(Request::decode(&short), Err(WireError::Truncated { .. })),
+            "cut at {cut}: {:?}",
+            Request::decode(&short)
+        );
+    }
+    // A count promising more names than follow.
+    let lying = raw_ready(2, 4, &[b"alpha", b"beta", b"gamma"]);
+    assert!(matches!(
+        Request::decode(&lying),
+        Err(WireError::Truncated {
+            field: "handler name",
+            ..
+        })
+    ));
+}
+
+#[test]
+fn ready_unsorted_or_duplicate_names_are_refused() {
+    assert_eq!(
+        Request::decode(&raw_ready(2, 2, &[b"b", b"a"])),
+        Err(WireError::HandlersOutOfOrder {
+            offset: 27,
+            duplicate: false
+        })
+    );
+    assert_eq!(
+        Request::decode(&raw_ready(2, 3, &[b"a", b"kv", b"kv"])),
+        Err(WireError::HandlersOutOfOrder {
+            offset: 33,
+            duplicate: true
+        })
+    );
+    // "a.b" < "a_b" < "ab" bytewise ('.' 0x2e < '_' 0x5f < 'b'): sorted means bytewise.
+    assert!(Request::decode(&raw_ready(2, 3, &[b"a.b", b"a_b", b"ab"])).is_ok());
+    assert!(Request::decode(&raw_ready(2, 2, &[b"ab", b"a_b"])).is_err());
+    assert!(matches!(
+        ready(&["b", "a"]).encode(1),
+        Err(WireError::HandlersOutOfOrder {
+            duplicate: false,
+            ..
+        })
+    ));
+    assert!(matches!(
+        ready(&["a", "a"]).encode(1),
+        Err(WireError::HandlersOutOfOrder {
+            duplicate: true,
+            ..
+        })
+    ));
+}
+
+#[test]
+fn ready_bad_names_are_refused() {
+    for (name, want) in [
+        (&b"Kv"[..], "BadHandlerName"),
+        (b"kv get", "BadHandlerName"),
+        (b"kv\xff", "BadHandlerName"),
+        (b"", "FieldTooShort"),
+    ] {
+        let err = Request::decode(&raw_ready(2, 1, &[name])).unwrap_err();
+        assert!(format!("{err:?}").starts_with(want), "{name:?}: {err:?}");
+        if let Ok(text) = std::str::from_utf8(name) {
+            assert!(ready(&[text]).encode(1).is_err(), "{name:?}");
+        }
+    }
+    let long = vec![b'a'; MAX_HANDLER_LEN + 1];
+    assert!(matches!(
+        Request::decode(&raw_ready(2, 1, &[&long])),
+        Err(WireError::FieldTooLong {
+            field: "handler name",
+            ..
+        })
+    ));
+    // A length prefix far past the cap is refused before anything is copied.
+    let mut huge = raw_ready(2, 1, &[b"a"]);
+    huge[22..26].copy_from_slice(&u32::MAX.to_be_bytes());
+    assert!(matches!(
+        Request::decode(&huge),
+        Err(WireError::FieldTooLong { .. })
+    ));
+}
+
+#[test]
+fn ready_handler_count_is_bounded() {
+    // The count is checked before any name is read: a huge count with no names is refused
+    // as too many, not read as truncated (and nothing is reserved for it).
+    for count in [MAX_HANDLERS + 1, u32::MAX] {
+        assert_eq!(
+            Request::decode(&raw_ready(2, count, &[])),
+            Err(WireError::TooManyHandlers {
+                offset: 18,
+                count: u64::from(count),
+                max: MAX_HANDLERS
+            })
+        );
+    }
+    let names: Vec<String> = (0..=MAX_HANDLERS).map(|i| format!("h{i:05}")).collect();
+    let too_many = Request::Ready {
+        protocol_version: PROTOCOL_VERSION,
+        handlers: names.clone(),
+    };
+    assert!(matches!(
+        too_many.encode(1),
+        Err(WireError::TooManyHandlers { .. })
+    ));
+    // The cap itself fits (short names): 1024 of them round-trip.
+    round_trip_request(
+        1,
+        Request::Ready {
+            protocol_version: PROTOCOL_VERSION,
+            handlers: names[..MAX_HANDLERS as usize].to_vec(),
+        },
+    );
+    // 1024 names of 64 bytes do not fit one message: the message cap refuses them.
+    let fat: Vec<String> = (0..MAX_HANDLERS).map(|i| format!("{i:064}")).collect();
+    assert!(matches!(
+        Request::Ready {
+            protocol_version: PROTOCOL_VERSION,
+            handlers: fat,
+        }
+        .encode(1),
+        Err(WireError::MessageTooLarge { .. })
+    ));
+}
+
+#[test]
+fn ready_vector_file_matches_the_encoder() {
+    let hex = include_str!("../../../../docs/vectors/ready-2.hex");
+    let hex: String = hex.chars().filter(|c| !c.is_whitespace()).collect();
+    let bytes: Vec<u8> = (0..hex.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap())
+        .collect();
+    let want = Envelope {
+        id: 1,
+        body: ready(&["kv_get", "transfer"]),
+    };
+    assert_eq!(Request::decode(&bytes), Ok(want.clone()));
+    assert_eq!(want.body.encode(1).unwrap(), bytes);
 }

@@ -75,6 +75,8 @@ pub struct Record {
     pub logs: Vec<(LogLevel, String)>,
     /// Database operations served (Get/Put/Delete/Scan/Log).
     pub ops: usize,
+    /// The handler names the guest's `Ready` announced.
+    pub ready_handlers: Vec<String>,
 }
 
 impl Record {
@@ -114,6 +116,7 @@ pub fn serve<M: SharedMem>(
         data: agent.data.clone(),
         logs: Vec::new(),
         ops: 0,
+        ready_handlers: Vec::new(),
     };
     let stop = |mut record: Record, why: String| {
         record.end = End::Stopped(why);
@@ -124,12 +127,16 @@ pub fn serve<M: SharedMem>(
         Ok(env) => env,
         Err(e) => return stop(record, format!("waiting for Ready: {e}")),
     };
-    assert_eq!(
-        ready.body,
+    match &ready.body {
         Request::Ready {
-            protocol_version: PROTOCOL_VERSION
+            protocol_version,
+            handlers,
+        } => {
+            assert_eq!(*protocol_version, PROTOCOL_VERSION);
+            record.ready_handlers = handlers.clone();
         }
-    );
+        other => panic!("first request {other:?}, not Ready"),
+    }
     let reply = agent.ready_reply.clone().unwrap_or(Response::Start(start));
     backend.send_response(ready.id, &reply, notifier).unwrap();
     let mut working = agent.data.clone();
