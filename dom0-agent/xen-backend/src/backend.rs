@@ -31,8 +31,7 @@ use crate::domain::{DomainOpError, Hyp, LiveDomain, XenProvisioner};
 use crate::pool::{Pool, PoolConfig, Slot, TakeError};
 use crate::reconcile::{self, ReconcileError};
 
-/// The backend's name.
-pub const BACKEND: &str = "xen";
+pub use crate::config::BACKEND;
 
 /// The Xen backend could not start.
 #[derive(Debug, thiserror::Error)]

@@ -23,6 +23,9 @@ use std::time::Duration;
 use mayfly_ring::Geometry;
 use serde::Deserialize;
 
+/// The backend's name (in audit records and errors).
+pub const BACKEND: &str = "xen";
+
 /// Smallest domU memory that boots Debian's kernel (smaller: "segment kernel too large").
 pub const MIN_MEMORY_MIB: u32 = 96;
 /// Where the appliance installs the Mayfly PV guest kernel.

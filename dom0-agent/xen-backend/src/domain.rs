@@ -713,7 +713,7 @@ impl XenProvisioner {
                 // is broken or hostile: refused (`live` is destroyed on return) and reported.
                 if let Err(differs) = hyp.handlers.admit(&handlers) {
                     (hyp.violations)(mayfly_domain::Violation {
-                        backend: crate::backend::BACKEND,
+                        backend: crate::config::BACKEND,
                         domain: domid,
                         what: format!("its Ready {differs}"),
                     });
