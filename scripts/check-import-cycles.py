@@ -24,8 +24,6 @@ KNOWN = {
                           "idempotency", "read", "rollback", "state", "store", "txn"},
     # lib.rs holds the server's shared state that net.rs serves, and starts net.
     "dom0-agent/api": {"<root>", "net"},
-    # A bundle carries compiled rules that eval runs; eval reads the bundle's tables.
-    "dom0-agent/policy": {"bundle", "eval"},
 }
 
 

@@ -28,8 +28,8 @@ use std::sync::Arc;
 use serde::Deserialize;
 use toml::Spanned;
 
-use crate::eval::{Action, DomainEventKind, Severity};
 use crate::keys::KeyRange;
+use crate::verdict::{Action, DomainEventKind, Severity};
 
 /// Most files in one bundle.
 pub const MAX_FILES: usize = 64;

@@ -108,6 +108,7 @@
 pub mod bundle;
 pub mod eval;
 mod keys;
+pub mod verdict;
 
 pub use bundle::{Bundle, Location, PolicyError, Problem};
 pub use eval::{
