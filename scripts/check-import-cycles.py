@@ -22,8 +22,6 @@ KNOWN = {
     # store.)
     "dom0-agent/ledger": {"<root>", "audit", "capacity", "commit", "domains", "head",
                           "idempotency", "read", "rollback", "state", "store", "txn"},
-    # lib.rs holds the server's shared state that net.rs serves, and starts net.
-    "dom0-agent/api": {"<root>", "net"},
 }
 
 

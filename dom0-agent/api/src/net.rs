@@ -42,17 +42,17 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-use http_body_util::BodyExt;
 use hyper::body::Incoming;
-use hyper::{Request, Response};
+use hyper::Request;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use slog::{debug, info, warn};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Semaphore};
 
-use crate::{error_close, ApiError, Body, Shared};
+use crate::config::ApiError;
+use crate::response::error_close;
+use crate::shared::Shared;
 
 /// Refusals (503 at the connection limit) written at once, at most.
 pub(crate) const REFUSERS: usize = 32;
@@ -88,7 +88,7 @@ impl Net {
         let addr = std_listener.local_addr().unwrap_or(listen);
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(config.workers)
-            .max_blocking_threads(config.max_in_flight + crate::AUX_BLOCKING)
+            .max_blocking_threads(config.max_in_flight + crate::shared::AUX_BLOCKING)
             .thread_name("api")
             .enable_io()
             .enable_time()
@@ -353,46 +353,15 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Watched<S> {
 
 async fn connection(
     mut stream: TcpStream,
-    mut peer: SocketAddr,
+    peer: SocketAddr,
     shared: &Arc<Shared>,
     stop: watch::Receiver<bool>,
     epoch: Instant,
     handshakes: &Handshakes,
 ) {
-    if shared
-        .config
-        .proxy_from
-        .iter()
-        .any(|n| n.contains(peer.ip()))
-    {
-        // A trusted load balancer: its header names the client, within the head timeout.
-        let limit = shared.config.limits.header_timeout;
-        let read = tokio::time::timeout(limit, crate::proxy::read(&mut stream)).await;
-        match read {
-            Ok(Ok(crate::proxy::Header::Proxied(client))) => peer = client,
-            Ok(Ok(crate::proxy::Header::Local)) => {}
-            refused => {
-                let reason = match refused {
-                    Ok(Err(e)) => e.to_string(),
-                    _ => format!("no PROXY header within {} ms", limit.as_millis()),
-                };
-                shared
-                    .metrics
-                    .proxy_headers_refused
-                    .fetch_add(1, Ordering::Relaxed);
-                let by: Arc<str> = Arc::from(peer.ip().to_string());
-                let ev = mayfly_ledger::AuditEvent::new(
-                    "api.proxy_refused",
-                    mayfly_ledger::Severity::Warning,
-                )
-                .field("client", by.to_string())
-                .field("reason", reason);
-                let _ =
-                    crate::audit_refusal(shared, &by, "api.proxy_refused", "bad PROXY header", ev);
-                return;
-            }
-        }
-    }
+    let Some(peer) = client_address(&mut stream, peer, shared).await else {
+        return;
+    };
     let activity = Arc::new(Activity {
         epoch,
         last: AtomicU64::new(0),
@@ -408,6 +377,86 @@ async fn connection(
         let client: Arc<str> = Arc::from(peer.ip().to_string());
         return serve(TokioIo::new(stream), client, shared, stop, activity, None).await;
     };
+    let Some((stream, client, generation)) = handshake(stream, peer, shared, tls, handshakes).await
+    else {
+        return;
+    };
+    serve(
+        TokioIo::new(stream),
+        client,
+        shared,
+        stop,
+        activity,
+        Some(generation),
+    )
+    .await;
+}
+
+/// The client's address: the peer's, or, from a trusted load balancer (`proxy_from`), the
+/// one its PROXY v2 header names (read within the head timeout). `None`: the header was
+/// bad or late; the refusal is counted and audited and the connection is to be closed.
+async fn client_address(
+    stream: &mut TcpStream,
+    peer: SocketAddr,
+    shared: &Arc<Shared>,
+) -> Option<SocketAddr> {
+    if !shared
+        .config
+        .proxy_from
+        .iter()
+        .any(|n| n.contains(peer.ip()))
+    {
+        return Some(peer);
+    }
+    // A trusted load balancer: its header names the client, within the head timeout.
+    let limit = shared.config.limits.header_timeout;
+    let read = tokio::time::timeout(limit, crate::proxy::read(stream)).await;
+    match read {
+        Ok(Ok(crate::proxy::Header::Proxied(client))) => Some(client),
+        Ok(Ok(crate::proxy::Header::Local)) => Some(peer),
+        refused => {
+            let reason = match refused {
+                Ok(Err(e)) => e.to_string(),
+                _ => format!("no PROXY header within {} ms", limit.as_millis()),
+            };
+            shared
+                .metrics
+                .proxy_headers_refused
+                .fetch_add(1, Ordering::Relaxed);
+            let by: Arc<str> = Arc::from(peer.ip().to_string());
+            let ev = mayfly_ledger::AuditEvent::new(
+                "api.proxy_refused",
+                mayfly_ledger::Severity::Warning,
+            )
+            .field("client", by.to_string())
+            .field("reason", reason);
+            let _ = crate::shared::audit_refusal(
+                shared,
+                &by,
+                "api.proxy_refused",
+                "bad PROXY header",
+                ev,
+            );
+            None
+        }
+    }
+}
+
+/// The TLS handshake under `max_handshakes` and the head timeout, on the handshake
+/// runtime when there is one; the client's identity (its certificate's SPKI hash under
+/// mutual TLS, else its IP address) and the TLS generation it was authenticated under.
+/// `None`: refused or failed (counted; the connection is to be closed).
+async fn handshake(
+    stream: Watched<TcpStream>,
+    peer: SocketAddr,
+    shared: &Arc<Shared>,
+    tls: &crate::tls::Current,
+    handshakes: &Handshakes,
+) -> Option<(
+    tokio_rustls::server::TlsStream<Watched<TcpStream>>,
+    Arc<str>,
+    u64,
+)> {
     // At most max_handshakes in progress: a flood of ClientHellos (or of handshakes left
     // half done) cannot make the network threads spend their time on handshakes' public
     // key operations. Beyond the limit the connection is closed at once, unread.
@@ -417,7 +466,7 @@ async fn connection(
             .tls_handshakes_refused
             .fetch_add(1, Ordering::Relaxed);
         debug!(shared.log, "TLS handshake refused: too many in progress"; "peer" => %peer);
-        return;
+        return None;
     };
     let in_progress = InProgress::new(&shared.metrics.tls_handshakes_in_progress);
     let (config, generation) = tls.get();
@@ -430,7 +479,7 @@ async fn connection(
             Err(e) => {
                 // The handshake task panicked or was cancelled (at shutdown).
                 warn!(shared.log, "TLS handshake task ended"; "peer" => %peer, "error" => %e);
-                return;
+                return None;
             }
         },
         None => handshake_task.await,
@@ -445,7 +494,7 @@ async fn connection(
                 .tls_handshake_failures
                 .fetch_add(1, Ordering::Relaxed);
             debug!(shared.log, "TLS handshake failed"; "peer" => %peer, "error" => %e);
-            return;
+            return None;
         }
         Err(_) => {
             shared
@@ -453,7 +502,7 @@ async fn connection(
                 .tls_handshake_failures
                 .fetch_add(1, Ordering::Relaxed);
             debug!(shared.log, "TLS handshake timed out"; "peer" => %peer);
-            return;
+            return None;
         }
     };
     let client: Arc<str> = if tls.mutual() {
@@ -468,21 +517,13 @@ async fn connection(
             None => {
                 // The verifier required a certificate, so this is not expected; refuse.
                 warn!(shared.log, "client certificate without a usable key"; "peer" => %peer);
-                return;
+                return None;
             }
         }
     } else {
         Arc::from(peer.ip().to_string())
     };
-    serve(
-        TokioIo::new(stream),
-        client,
-        shared,
-        stop,
-        activity,
-        Some(generation),
-    )
-    .await;
+    Some((stream, client, generation))
 }
 
 /// Whether a connection authenticated under TLS configuration `generation` is stale (a
@@ -508,13 +549,61 @@ fn audit_stale(shared: &Arc<Shared>, client: &Arc<str>, generation: Option<u64>,
             .field("action", if refused { "refused" } else { "closed" })
             .field("generation", generation.unwrap_or(0).to_string())
             .field("current_generation", now.to_string());
-    let _ = crate::audit_refusal(
+    let _ = crate::shared::audit_refusal(
         shared,
         client,
         "api.connection_stale",
         "TLS configuration reloaded",
         ev,
     );
+}
+
+/// One request on a connection: refused with 421 if the connection's TLS generation is
+/// stale (audited once per connection), else routed, with the connection's activity kept.
+async fn one_request(
+    request: Request<Incoming>,
+    shared: &Arc<Shared>,
+    client: Arc<str>,
+    activity: &Activity,
+    audited: &AtomicBool,
+    generation: Option<u64>,
+) -> hyper::Response<crate::response::Body> {
+    if stale(shared, generation) {
+        // Authenticated under certificates or CAs no longer in force: the
+        // client must connect again (and pass the handshake again). 421 says
+        // "not on this connection" (RFC 9110 §15.5.20); the body is unread
+        // and the connection closes after the answer.
+        drop(request);
+        if !audited.swap(true, Ordering::AcqRel) {
+            audit_stale(shared, &client, generation, true);
+        }
+        return error_close(
+            421,
+            "this connection was authenticated under a TLS configuration \
+             replaced since; connect again",
+        );
+    }
+    activity.active.fetch_add(1, Ordering::AcqRel);
+    let response = crate::routes::handle(request, client, shared.clone()).await;
+    activity.touch();
+    activity.active.fetch_sub(1, Ordering::AcqRel);
+    response
+}
+
+/// hyper's HTTP/1.1 connection settings under the API's limits.
+fn http1(limits: &crate::config::Limits) -> hyper::server::conn::http1::Builder {
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_timeout)
+        .max_headers(limits.max_headers)
+        .max_header_size(limits.max_header_bytes)
+        // The read buffer holds a head and what follows it; hyper's default lets it grow
+        // to ~400 KiB per connection. A head's worth plus 8 KiB keeps the worst case per
+        // connection near max_header_bytes + max_body.
+        .max_buf_size((limits.max_header_bytes + 8192).max(16384))
+        .keep_alive(true);
+    builder
 }
 
 async fn serve<I>(
@@ -545,40 +634,13 @@ async fn serve<I>(
                 audited.clone(),
             );
             async move {
-                if stale(&shared, generation) {
-                    // Authenticated under certificates or CAs no longer in force: the
-                    // client must connect again (and pass the handshake again). 421 says
-                    // "not on this connection" (RFC 9110 §15.5.20); the body is unread
-                    // and the connection closes after the answer.
-                    drop(request);
-                    if !audited.swap(true, Ordering::AcqRel) {
-                        audit_stale(&shared, &client, generation, true);
-                    }
-                    return Ok::<_, Infallible>(error_close(
-                        421,
-                        "this connection was authenticated under a TLS configuration \
-                         replaced since; connect again",
-                    ));
-                }
-                activity.active.fetch_add(1, Ordering::AcqRel);
-                let response = crate::handle(request, client, shared).await;
-                activity.touch();
-                activity.active.fetch_sub(1, Ordering::AcqRel);
-                Ok::<_, Infallible>(response)
+                Ok::<_, Infallible>(
+                    one_request(request, &shared, client, &activity, &audited, generation).await,
+                )
             }
         })
     };
-    let mut builder = hyper::server::conn::http1::Builder::new();
-    builder
-        .timer(TokioTimer::new())
-        .header_read_timeout(limits.header_timeout)
-        .max_headers(limits.max_headers)
-        .max_header_size(limits.max_header_bytes)
-        // The read buffer holds a head and what follows it; hyper's default lets it grow
-        // to ~400 KiB per connection. A head's worth plus 8 KiB keeps the worst case per
-        // connection near max_header_bytes + max_body.
-        .max_buf_size((limits.max_header_bytes + 8192).max(16384))
-        .keep_alive(true);
+    let builder = http1(limits);
     let conn = builder.serve_connection(io, service);
     tokio::pin!(conn);
     let idle = limits.idle_timeout;
@@ -620,46 +682,6 @@ async fn serve<I>(
                     return;
                 }
             }
-        }
-    }
-}
-
-/// Reads a request body under the byte cap and the body timeout; an error is the response
-/// to send (the connection closes after it, without reading the rest).
-pub(crate) async fn read_body(
-    request: Request<Incoming>,
-    shared: &Shared,
-) -> Result<Bytes, Response<Body>> {
-    let max = shared.config.limits.max_body;
-    let too_large = || {
-        shared
-            .metrics
-            .body_too_large
-            .fetch_add(1, Ordering::Relaxed);
-        error_close(413, &format!("request body above the limit of {max} bytes"))
-    };
-    let declared = request
-        .headers()
-        .get(hyper::header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.trim().parse::<u64>().ok());
-    if declared.is_some_and(|n| n > max as u64) {
-        return Err(too_large());
-    }
-    let limited = http_body_util::Limited::new(request.into_body(), max);
-    match tokio::time::timeout(shared.config.limits.body_timeout, limited.collect()).await {
-        Ok(Ok(collected)) => Ok(collected.to_bytes()),
-        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => Err(too_large()),
-        Ok(Err(e)) => Err(error_close(400, &format!("reading the request body: {e}"))),
-        Err(_) => {
-            shared.metrics.body_timeouts.fetch_add(1, Ordering::Relaxed);
-            Err(error_close(
-                408,
-                &format!(
-                    "request body not received within {} ms",
-                    shared.config.limits.body_timeout.as_millis()
-                ),
-            ))
         }
     }
 }
