@@ -17,6 +17,7 @@ step "format"                 cargo fmt --all --check
 step "lints"                  cargo clippy --workspace --all-targets --all-features --locked -- -D warnings
 step "licences, bans, sources" cargo deny --locked check licenses bans sources
 step "no new import circle inside a crate" python3 scripts/check-import-cycles.py
+step "no long function on the transaction path" python3 scripts/check-function-length.py
 step "xen bindings drift"     bindgen/xen-sys/check-drift.sh
 # The Mayfly PV guest kernel: its own workspace and freestanding link, so the workspace's
 # fmt/clippy/test steps do not reach it (its shared crates are tested above, std and no_std).

@@ -382,31 +382,13 @@ impl Bundle {
                 bytes_written_so_far,
                 elapsed_ms,
             } => {
-                let mut hits = Hits::default();
                 let ctx = Ctx {
                     tx: &tx,
                     handler,
                     client,
                 };
-                self.honeytokens(&mut hits, &ctx, op);
-                if let Some(h) = self.handlers.get(handler) {
-                    capability(&mut hits, &ctx, h, op);
-                    let limits = [
-                        (&h.max_ops, ops_so_far.saturating_add(1)),
-                        (
-                            &h.max_bytes_written,
-                            bytes_written_so_far.saturating_add(op.bytes_written()),
-                        ),
-                        (&h.max_duration_ms, elapsed_ms),
-                    ];
-                    limit_hits(&mut hits, &ctx, limits);
-                } else {
-                    hits.add(&self.unlisted_handler, Class::Builtin, || ctx.fields(None));
-                }
-                if let Op::Put { key, value } = op {
-                    self.patterns(&mut hits, &ctx, key, value);
-                }
-                hits.decide()
+                let so_far = [ops_so_far, bytes_written_so_far, elapsed_ms];
+                self.op(&ctx, op, so_far)
             }
             Event::Commit {
                 tx,
@@ -417,63 +399,99 @@ impl Bundle {
                 elapsed_ms,
                 writes,
             } => {
-                let mut hits = Hits::default();
                 let ctx = Ctx {
                     tx: &tx,
                     handler,
                     client,
                 };
-                let h = self.handlers.get(handler);
-                match h {
-                    Some(h) => limit_hits(
-                        &mut hits,
-                        &ctx,
-                        [
-                            (&h.max_ops, ops),
-                            (&h.max_bytes_written, bytes_written),
-                            (&h.max_duration_ms, elapsed_ms),
-                        ],
-                    ),
-                    None => hits.add(&self.unlisted_handler, Class::Builtin, || ctx.fields(None)),
-                }
-                for w in writes {
-                    let op = match w.value {
-                        Some(value) => Op::Put { key: w.key, value },
-                        None => Op::Delete { key: w.key },
-                    };
-                    self.honeytokens(&mut hits, &ctx, op);
-                    if let Some(h) = h {
-                        capability(&mut hits, &ctx, h, op);
-                    }
-                    if let Some(value) = w.value {
-                        self.patterns(&mut hits, &ctx, w.key, value);
-                    }
-                }
-                hits.decide()
+                self.commit(&ctx, [ops, bytes_written, elapsed_ms], writes)
             }
-            Event::Domain { tx, handler, kind } => {
-                let mut hits = Hits::default();
-                let fields = || {
-                    vec![
-                        f("tx", hex(&tx)),
-                        f("handler", show_str(handler)),
-                        f("event", kind.as_str()),
-                    ]
-                };
-                let mut any = false;
-                for d in &self.domain {
-                    if d.events.contains(&kind) && listed(&d.handlers, handler) {
-                        any = true;
-                        hits.add(&d.rule, Class::Domain, fields);
-                    }
-                }
-                if !any {
-                    hits.add(&self.domain_default, Class::Builtin, fields);
-                }
-                hits.decide()
-            }
+            Event::Domain { tx, handler, kind } => self.domain(tx, handler, kind),
             Event::External { target, reason } => self.external(target, reason),
         }
+    }
+
+    /// One operation, before it runs: honeytokens, the handler's capabilities and limits
+    /// (`so_far`: operations, bytes written, milliseconds before this one), patterns.
+    fn op(&self, ctx: &Ctx<'_>, op: Op<'_>, so_far: [u64; 3]) -> Decision {
+        let [ops_so_far, bytes_written_so_far, elapsed_ms] = so_far;
+        let mut hits = Hits::default();
+        self.honeytokens(&mut hits, ctx, op);
+        if let Some(h) = self.handlers.get(ctx.handler) {
+            capability(&mut hits, ctx, h, op);
+            let limits = [
+                (&h.max_ops, ops_so_far.saturating_add(1)),
+                (
+                    &h.max_bytes_written,
+                    bytes_written_so_far.saturating_add(op.bytes_written()),
+                ),
+                (&h.max_duration_ms, elapsed_ms),
+            ];
+            limit_hits(&mut hits, ctx, limits);
+        } else {
+            hits.add(&self.unlisted_handler, Class::Builtin, || ctx.fields(None));
+        }
+        if let Op::Put { key, value } = op {
+            self.patterns(&mut hits, ctx, key, value);
+        }
+        hits.decide()
+    }
+
+    /// The commit of a transaction: the handler's limits over the totals (`totals`:
+    /// operations, bytes written, milliseconds), then every write of its write set.
+    fn commit(&self, ctx: &Ctx<'_>, totals: [u64; 3], writes: &[Write<'_>]) -> Decision {
+        let [ops, bytes_written, elapsed_ms] = totals;
+        let mut hits = Hits::default();
+        let h = self.handlers.get(ctx.handler);
+        match h {
+            Some(h) => limit_hits(
+                &mut hits,
+                ctx,
+                [
+                    (&h.max_ops, ops),
+                    (&h.max_bytes_written, bytes_written),
+                    (&h.max_duration_ms, elapsed_ms),
+                ],
+            ),
+            None => hits.add(&self.unlisted_handler, Class::Builtin, || ctx.fields(None)),
+        }
+        for w in writes {
+            let op = match w.value {
+                Some(value) => Op::Put { key: w.key, value },
+                None => Op::Delete { key: w.key },
+            };
+            self.honeytokens(&mut hits, ctx, op);
+            if let Some(h) = h {
+                capability(&mut hits, ctx, h, op);
+            }
+            if let Some(value) = w.value {
+                self.patterns(&mut hits, ctx, w.key, value);
+            }
+        }
+        hits.decide()
+    }
+
+    /// A domain event (crash, timeout, violation...) of a transaction's domain.
+    fn domain(&self, tx: [u8; 16], handler: &str, kind: DomainEventKind) -> Decision {
+        let mut hits = Hits::default();
+        let fields = || {
+            vec![
+                f("tx", hex(&tx)),
+                f("handler", show_str(handler)),
+                f("event", kind.as_str()),
+            ]
+        };
+        let mut any = false;
+        for d in &self.domain {
+            if d.events.contains(&kind) && listed(&d.handlers, handler) {
+                any = true;
+                hits.add(&d.rule, Class::Domain, fields);
+            }
+        }
+        if !any {
+            hits.add(&self.domain_default, Class::Builtin, fields);
+        }
+        hits.decide()
     }
 
     fn admit(&self, client: &str, handler: &str, now_ms: u64, state: &mut State) -> Decision {
