@@ -71,6 +71,9 @@ stop_qemu() {
     stop_swtpm
 }
 trap stop_qemu EXIT
+# A command that fails outside any check (set -e) ends the test: say where, so the run does
+# not just stop without its summary line.
+trap 'echo "FAILED: the test script stopped at ${BASH_SOURCE[0]}:$LINENO (status $?)" >&2' ERR
 
 # stop_swtpm: ends this test's swtpm (if QEMU's exit has not ended it already).
 stop_swtpm() {
@@ -173,6 +176,15 @@ up() {
         pass "boot $1: the pool has a ready domain after $(($(date +%s) - boot_started))s"
     else
         fail "boot $1: no ready domain within 300 s: $(health)"
+    fi
+    # The test hook (S99) starts after the agent (S50) and the update check (S60): a command
+    # sent before it listens reaches a closed port (QEMU accepts, then closes: no answer).
+    # Since the agent waits for its first Xen guest's Ready before it listens, S50 ends late
+    # and S99 can start after the pool is ready.
+    if wait_line 'MAYFLY-HOOK: listening on 9999' 300; then
+        pass "boot $1: the test hook listens after $(($(date +%s) - boot_started))s"
+    else
+        fail "boot $1: the test hook did not start within 300 s (console: $LOG)"
     fi
 }
 
