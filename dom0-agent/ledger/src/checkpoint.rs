@@ -50,7 +50,8 @@
 #![deny(clippy::indexing_slicing, clippy::arithmetic_side_effects)]
 
 use crate::codec::{DecodeError, Reader, Writer};
-use crate::{limits, Hash, TxId};
+use crate::limits;
+use crate::types::{Hash, TxId};
 
 /// Magic of a checkpoint record.
 pub const MAGIC: &str = "MFCP";

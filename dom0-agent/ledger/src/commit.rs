@@ -12,177 +12,25 @@
 //! durable group.
 
 use std::ops::Bound;
-use std::path::Path;
 use std::sync::mpsc::{Receiver, SyncSender};
 use std::sync::{Arc, Mutex};
 
 use heed::RwTxn;
 use slog::{debug, error, Logger};
 
-use crate::audit::{AuditError, AuditEvent, AuditRecord};
+use crate::audit::{AuditEvent, AuditRecord};
 use crate::checkpoint::{chain_hash, Checkpoint, ReadEntry, WriteEntry, MAX_CHECKPOINT_BYTES};
 use crate::head::{SignedHead, Tip};
 use crate::keys::{KeyStore, SigningKey};
 use crate::state::StateDigest;
 use crate::store::{encode_tip, meta_keys, u64_key, Store, FORMAT_MARKER, FORMAT_VERSION};
-use crate::txn::{decode_value, encode_value, ScanRecord, TxContext};
-use crate::{codec::hex, now_ns, Hash, Inner, Receipt, Tips, TxId};
+use crate::txn::{ScanRecord, TxContext};
+use crate::value::{decode_value, encode_value};
 
-/// Why a commit (or an audit append) did not happen.
-#[derive(Debug, Clone, thiserror::Error)]
-pub enum CommitError {
-    /// A key the transaction read has changed since: retry the transaction.
-    #[error("conflict on key {key}: read version {read}, now {current}")]
-    Conflict {
-        /// Hex of the key.
-        key: String,
-        /// Version the transaction saw.
-        read: u64,
-        /// Version now committed.
-        current: u64,
-    },
-    /// A range the transaction scanned has changed since: retry the transaction.
-    #[error("conflict in scanned range starting at {start}: {reason}")]
-    ScanConflict {
-        /// Hex of the range start.
-        start: String,
-        /// First difference found.
-        reason: String,
-    },
-    /// What a rollback planned has changed before it could commit: plan again.
-    #[error("rollback plan is stale: {reason}")]
-    StaleRollback {
-        /// What changed.
-        reason: String,
-    },
-    /// A transaction with this id has already committed.
-    #[error("transaction {0} has already committed")]
-    DuplicateTxId(TxId),
-    /// The handler's result is above the cap.
-    #[error("result of {len} bytes is above the limit of {max}")]
-    ResultTooLarge {
-        /// Length.
-        len: usize,
-        /// Cap.
-        max: usize,
-    },
-    /// The checkpoint would be above the cap.
-    #[error("checkpoint of {len} bytes would be above the limit of {max}")]
-    CheckpointTooLarge {
-        /// Length.
-        len: usize,
-        /// Cap.
-        max: usize,
-    },
-    /// An attached audit event is invalid.
-    #[error("invalid audit event: {0}")]
-    Audit(#[from] AuditError),
-    /// A stored data value is malformed.
-    #[error("stored value of key {key} is malformed")]
-    Corrupt {
-        /// Hex of the key.
-        key: String,
-    },
-    /// The filesystem is full; nothing of this group was committed.
-    #[error("disk full ({free} bytes free) while committing a group of {group_size}; nothing of it was committed")]
-    DiskFull {
-        /// Jobs in the failed group.
-        group_size: usize,
-        /// Bytes available on the ledger's filesystem after the failure.
-        free: u64,
-    },
-    /// The LMDB map is full; nothing of this group was committed.
-    #[error(
-        "ledger map full at its bound (raise --max-map-size-mib, or free space); nothing of a group of {group_size} was committed"
-    )]
-    MapFull {
-        /// Jobs in the failed group.
-        group_size: usize,
-    },
-    /// Another storage failure; nothing of this group was committed.
-    #[error("storage failure, nothing of a group of {group_size} was committed: {source}")]
-    Storage {
-        /// Jobs in the failed group.
-        group_size: usize,
-        /// LMDB's error.
-        source: Arc<heed::Error>,
-    },
-    /// An admin command nonce has been used before (a replay).
-    #[error("nonce {nonce} was already used by a command accepted earlier (replay)")]
-    NonceReused {
-        /// Hex of the nonce.
-        nonce: String,
-    },
-    /// The `nonces` database holds as many live nonces as it may.
-    #[error(
-        "{live} unexpired admin nonces are recorded, the most allowed; wait for some to expire"
-    )]
-    TooManyNonces {
-        /// Live nonces.
-        live: u64,
-    },
-    /// A key rotation could not be started (the incoming key file).
-    #[error("key rotation: {reason}")]
-    KeyRotation {
-        /// What failed, with the path.
-        reason: String,
-    },
-    /// The client's idempotency key is already recorded with another commit (a resend
-    /// that raced the original, or one that arrived after a failover).
-    #[error("idempotency key already recorded with commit {seq}")]
-    IdempotencyKeyUsed {
-        /// The commit that recorded it.
-        seq: u64,
-    },
-    /// The ledger is shut down.
-    #[error("ledger is closed")]
-    Closed,
-}
-
-impl CommitError {
-    /// Whether retrying the same transaction from the start may succeed.
-    pub fn is_conflict(&self) -> bool {
-        matches!(
-            self,
-            Self::Conflict { .. } | Self::ScanConflict { .. } | Self::StaleRollback { .. }
-        )
-    }
-
-    /// Classifies an LMDB failure. LMDB reports a short write as EIO, which on a full
-    /// filesystem is what ENOSPC looks like, so an I/O error with (almost) no free space
-    /// left is reported as a full disk.
-    fn from_storage(e: heed::Error, group_size: usize, dir: &Path) -> Self {
-        const NEARLY_FULL: u64 = 1 << 20;
-        // fsblkcnt_t and c_ulong are narrower than u64 on 32-bit targets.
-        #[allow(clippy::useless_conversion)]
-        let free = || {
-            nix::sys::statvfs::statvfs(dir)
-                .map(|s| {
-                    u64::from(s.blocks_available()).saturating_mul(u64::from(s.fragment_size()))
-                })
-                .ok()
-        };
-        let io_like = match &e {
-            heed::Error::Io(_) => true,
-            heed::Error::Mdb(heed::MdbError::Other(code)) => *code == 28 || *code == 5,
-            _ => false,
-        };
-        match &e {
-            heed::Error::Mdb(heed::MdbError::MapFull) => Self::MapFull { group_size },
-            _ if io_like => match free() {
-                Some(free) if free < NEARLY_FULL => Self::DiskFull { group_size, free },
-                _ => Self::Storage {
-                    group_size,
-                    source: Arc::new(e),
-                },
-            },
-            _ => Self::Storage {
-                group_size,
-                source: Arc::new(e),
-            },
-        }
-    }
-}
+pub use crate::commit_error::CommitError;
+use crate::types::{now_ns, Hash, TxId};
+pub use crate::value::encode_deps;
+use crate::{codec::hex, Inner, Receipt, Tips};
 
 /// A transaction ready for validation.
 #[derive(Debug)]
@@ -234,7 +82,7 @@ pub const MAX_LIVE_NONCES: u64 = 100_000;
 /// A planned rollback, with what its record needs besides the plan.
 #[derive(Debug)]
 pub(crate) struct RollbackJob {
-    pub plan: crate::rollback::RollbackPlan,
+    pub plan: crate::record::RollbackPlan,
     pub rollback_id: TxId,
     pub reason: String,
     pub policy_hash: Hash,
@@ -288,19 +136,6 @@ pub(crate) fn submit(inner: &Inner, job: Job) -> Result<CommitTicket, CommitErro
         .send(Envelope { job, reply })
         .map_err(|_| CommitError::Closed)?;
     Ok(CommitTicket { rx })
-}
-
-/// Value of the `deps` database: the distinct non-zero versions a transaction read, i.e.
-/// the commits it depends on, as ascending `u64 BE`.
-pub fn encode_deps(reads: &[ReadEntry]) -> Vec<u8> {
-    let mut writers: Vec<u64> = reads
-        .iter()
-        .map(|r| r.version)
-        .filter(|v| *v != 0)
-        .collect();
-    writers.sort_unstable();
-    writers.dedup();
-    writers.iter().flat_map(|w| w.to_be_bytes()).collect()
 }
 
 enum Step {
@@ -990,7 +825,7 @@ impl Committer {
             }
         }
         let seq = ckpt.seq.saturating_add(1);
-        let record = crate::rollback::RollbackRecord {
+        let record = crate::record::RollbackRecord {
             seq,
             prev_hash: ckpt.hash,
             rollback_id: job.rollback_id,
@@ -1002,10 +837,10 @@ impl Committer {
             writes: job.plan.writes,
         };
         let enc = record.encode();
-        if enc.len() > crate::rollback::MAX_ROLLBACK_BYTES {
+        if enc.len() > crate::record::MAX_ROLLBACK_BYTES {
             return Err(Step::Reject(CommitError::CheckpointTooLarge {
                 len: enc.len(),
-                max: crate::rollback::MAX_ROLLBACK_BYTES,
+                max: crate::record::MAX_ROLLBACK_BYTES,
             }));
         }
         let hash = chain_hash(&ckpt.hash, &enc);

@@ -62,13 +62,16 @@ pub mod capacity;
 pub mod checkpoint;
 pub mod codec;
 pub mod commit;
+mod commit_error;
 pub mod cursor;
 pub mod domains;
 pub mod group_stats;
 pub mod head;
 pub mod idempotency;
 pub mod keys;
+pub mod limits;
 pub mod read;
+mod record;
 pub mod replication;
 pub mod rollback;
 pub mod state;
@@ -76,6 +79,8 @@ pub mod store;
 #[cfg(feature = "test-tamper")]
 pub mod tamper;
 mod txn;
+mod types;
+mod value;
 pub mod verify;
 
 use std::path::Path;
@@ -87,79 +92,24 @@ use slog::{error, info, o, warn, Logger};
 
 pub use audit::{AuditEvent, AuditRecord, Severity};
 pub use checkpoint::{Checkpoint, ReadEntry, WriteEntry};
-pub use commit::{encode_deps, CommitError, CommitTicket, GroupObserver};
+pub use commit::{CommitTicket, GroupObserver};
+pub use commit_error::CommitError;
 pub use cursor::CursorError;
 pub use domains::DomainNumberError;
 pub use group_stats::{GroupStats, Histogram};
 pub use head::{SignedHead, Tip};
 pub use keys::{FileKeys, KeyError, KeyStore, PublicKey, SigningKey};
 pub use read::ReadError;
+pub use record::{Record, RollbackPlan, RollbackRecord};
 pub use replication::{Applied, ApplyError, ExportError, GroupRecords, Held, Replica};
-pub use rollback::{Record, RollbackError, RollbackPlan, RollbackRecord};
+pub use rollback::RollbackError;
 pub use state::{StateDiff, StateDigest};
 pub use store::{OpenError, Store, StoreOptions};
 pub use txn::{ScanResult, Tx, TxContext, TxError};
+use types::now_ns;
+pub use types::{Hash, TxId};
+pub use value::encode_deps;
 pub use verify::{verify, Failure, Progress, VerifyReport};
-
-/// A SHA-256 digest.
-pub type Hash = [u8; 32];
-
-/// Size caps, enforced when a transaction is built and again when a record is decoded.
-pub mod limits {
-    /// Longest key.
-    pub const MAX_KEY: usize = 256;
-    /// Longest value.
-    pub const MAX_VALUE: usize = 64 << 10;
-    /// Longest handler name.
-    pub const MAX_HANDLER: usize = mayfly_names::MAX_HANDLER_NAME;
-    /// Longest request.
-    pub const MAX_REQUEST: usize = 64 << 10;
-    /// Longest result.
-    pub const MAX_RESULT: usize = 64 << 10;
-    /// Most keys in a read set (scanned keys included).
-    pub const MAX_READS: usize = 4096;
-    /// Most keys in a write set.
-    pub const MAX_WRITES: usize = 1024;
-    /// Largest scan limit.
-    pub const MAX_SCAN: usize = 1024;
-    /// Most scans per transaction.
-    pub const MAX_SCANS: usize = 64;
-}
-
-/// A transaction id: 16 bytes, shown as 32 hex digits.
-#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct TxId(pub [u8; 16]);
-
-impl TxId {
-    /// A new, time-ordered id: 8 bytes of Unix time in ns, then 8 random bytes from the
-    /// system RNG. Ordered ids make the `tx_index` an append, not a random insert.
-    pub fn generate() -> Self {
-        use ring::rand::SecureRandom;
-        let mut b = [0u8; 16];
-        b[..8].copy_from_slice(&now_ns().to_be_bytes());
-        // The system RNG only fails when the OS has no entropy source at all; a repeated
-        // id would then be refused as a duplicate at commit rather than go unnoticed.
-        let _ = ring::rand::SystemRandom::new().fill(&mut b[8..]);
-        Self(b)
-    }
-
-    /// Parses 32 hex digits.
-    pub fn parse(s: &str) -> Option<Self> {
-        codec::unhex(s)?.try_into().ok().map(Self)
-    }
-}
-
-impl std::fmt::Display for TxId {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&codec::hex(&self.0))
-    }
-}
-
-impl std::fmt::Debug for TxId {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "TxId({self})")
-    }
-}
 
 /// What a successful commit or audit append produced.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -280,13 +230,6 @@ fn join_seqs(seqs: &[u64], max: usize) -> String {
         s.push(format!("... ({} in all)", seqs.len()));
     }
     s.join(",")
-}
-
-pub(crate) fn now_ns() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
-        .unwrap_or(0)
 }
 
 impl Ledger {

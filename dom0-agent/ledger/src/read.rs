@@ -7,7 +7,7 @@ use crate::audit::AuditRecord;
 use crate::checkpoint::Checkpoint;
 use crate::codec::{hex, DecodeError};
 use crate::store::{read_u64, u64_key, Store};
-use crate::txn::decode_value;
+use crate::value::decode_value;
 use crate::TxId;
 
 /// Why a query failed.
@@ -36,7 +36,7 @@ impl Store {
         let Some(bytes) = self.dbs.checkpoints.get(&rtxn, &u64_key(seq))? else {
             return Ok(None);
         };
-        if bytes.get(5) == Some(&crate::rollback::KIND_ROLLBACK) {
+        if bytes.get(5) == Some(&crate::record::KIND_ROLLBACK) {
             return Ok(None);
         }
         Checkpoint::decode(bytes)
@@ -54,7 +54,7 @@ impl Store {
         &self,
         from: u64,
         limit: usize,
-    ) -> Result<Vec<crate::rollback::Record>, ReadError> {
+    ) -> Result<Vec<crate::record::Record>, ReadError> {
         let rtxn = self.read_txn()?;
         let start = u64_key(from);
         let range = (
@@ -65,7 +65,7 @@ impl Store {
         for item in self.dbs.checkpoints.range(&rtxn, &range)?.take(limit) {
             let (k, v) = item?;
             out.push(
-                crate::rollback::Record::decode(v).map_err(|source| ReadError::Corrupt {
+                crate::record::Record::decode(v).map_err(|source| ReadError::Corrupt {
                     what: "checkpoint",
                     at: read_u64(k).map_or_else(|| hex(k), |s| s.to_string()),
                     source,
@@ -218,12 +218,11 @@ impl Store {
                         reason: "a data version names a missing checkpoint",
                     },
                 })?;
-            let cp =
-                crate::rollback::Record::decode(bytes).map_err(|source| ReadError::Corrupt {
-                    what: "checkpoint",
-                    at: version.to_string(),
-                    source,
-                })?;
+            let cp = crate::record::Record::decode(bytes).map_err(|source| ReadError::Corrupt {
+                what: "checkpoint",
+                at: version.to_string(),
+                source,
+            })?;
             out.push(version);
             let prev = cp
                 .writes()

@@ -36,17 +36,17 @@ use heed::RwTxn;
 use crate::audit::AuditRecord;
 use crate::checkpoint::chain_hash;
 use crate::codec::hex;
-use crate::commit::encode_deps;
 use crate::head::{SignedHead, Tip};
 use crate::keys::PublicKey;
 use crate::read::ReadError;
-use crate::rollback::Record;
+use crate::record::Record;
 use crate::state::StateDigest;
 use crate::store::{
     encode_tip, meta_keys, read_u64, u64_key, OpenError, Opened, Store, StoreOptions,
     FORMAT_MARKER, FORMAT_VERSION,
 };
-use crate::txn::{decode_value, encode_value};
+use crate::value::encode_deps;
+use crate::value::{decode_value, encode_value};
 use crate::Hash;
 
 /// One durable group as its records are stored: what a replication frame carries.

@@ -292,14 +292,14 @@ pub fn diff_against_chain(
     let mut expected: BTreeMap<Vec<u8>, Vec<u8>> = BTreeMap::new();
     for item in checkpoints.iter(rtxn)? {
         let (_, v) = item?;
-        let Ok(record) = crate::rollback::Record::decode(v) else {
+        let Ok(record) = crate::record::Record::decode(v) else {
             continue;
         };
         let seq = record.seq();
         for w in record.writes() {
             expected.insert(
                 w.key.clone(),
-                crate::txn::encode_value(seq, w.after.as_deref()),
+                crate::value::encode_value(seq, w.after.as_deref()),
             );
         }
     }

@@ -637,10 +637,10 @@ impl Store {
         let mut expected = BTreeMap::new();
         for item in self.dbs.checkpoints.iter(txn)? {
             let (_, v) = item?;
-            if v.get(5) != Some(&crate::rollback::KIND_ROLLBACK) {
+            if v.get(5) != Some(&crate::record::KIND_ROLLBACK) {
                 continue;
             }
-            match crate::rollback::RollbackRecord::decode(v) {
+            match crate::record::RollbackRecord::decode(v) {
                 Ok(record) => {
                     built.rollbacks = built.rollbacks.saturating_add(1);
                     for undone in &record.affected {
@@ -772,17 +772,16 @@ impl Store {
         );
         for item in self.dbs.checkpoints.range(rtxn, &range)? {
             let (k, v) = item?;
-            if v.get(5) != Some(&crate::rollback::KIND_ROLLBACK) {
+            if v.get(5) != Some(&crate::record::KIND_ROLLBACK) {
                 continue;
             }
             let at = read_u64(k).unwrap_or(0);
-            let record = crate::rollback::RollbackRecord::decode(v).map_err(|source| {
-                ReadError::Corrupt {
+            let record =
+                crate::record::RollbackRecord::decode(v).map_err(|source| ReadError::Corrupt {
                     what: "checkpoint",
                     at: at.to_string(),
                     source,
-                }
-            })?;
+                })?;
             if record.affected.binary_search(&seq).is_ok() {
                 return Ok(Some(record.seq));
             }

@@ -7,12 +7,7 @@
 //! is equivalent to running alone at its commit point (serializable), otherwise it fails
 //! with [`crate::CommitError::Conflict`] and writes nothing.
 //!
-//! Stored data values (`data` database):
-//! ```text
-//! 0x01 | version u64 BE | value bytes      live value
-//! 0x02 | version u64 BE                    tombstone (deleted by `version`)
-//! ```
-//! Tombstones are kept so that a read of a deleted key records who deleted it.
+//! Stored data values are encoded by [`crate::value`].
 
 use std::collections::BTreeMap;
 use std::ops::Bound;
@@ -20,55 +15,11 @@ use std::sync::Arc;
 
 use heed::{RoTxn, WithoutTls};
 
-use crate::commit::{CommitError, CommitTicket, Job, PreparedTx};
-use crate::{checkpoint, limits, AuditEvent, Hash, Inner, Receipt, TxId};
-
-/// Tag of a live value.
-pub const TAG_LIVE: u8 = 0x01;
-/// Tag of a tombstone.
-pub const TAG_TOMBSTONE: u8 = 0x02;
-
-/// A stored data value, decoded.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Stored<'a> {
-    /// Sequence of the checkpoint that wrote it.
-    pub version: u64,
-    /// The value; `None` for a tombstone.
-    pub value: Option<&'a [u8]>,
-}
-
-/// Decodes a stored data value; `None` if it is malformed.
-pub fn decode_value(bytes: &[u8]) -> Option<Stored<'_>> {
-    let (&tag, rest) = bytes.split_first()?;
-    let version = u64::from_be_bytes(rest.get(..8)?.try_into().ok()?);
-    let body = rest.get(8..)?;
-    match tag {
-        TAG_LIVE => Some(Stored {
-            version,
-            value: Some(body),
-        }),
-        TAG_TOMBSTONE if body.is_empty() => Some(Stored {
-            version,
-            value: None,
-        }),
-        _ => None,
-    }
-}
-
-/// Encodes a data value (`None`: tombstone).
-pub fn encode_value(version: u64, value: Option<&[u8]>) -> Vec<u8> {
-    let mut out = Vec::with_capacity(9 + value.map_or(0, <[u8]>::len));
-    out.push(if value.is_some() {
-        TAG_LIVE
-    } else {
-        TAG_TOMBSTONE
-    });
-    out.extend_from_slice(&version.to_be_bytes());
-    if let Some(v) = value {
-        out.extend_from_slice(v);
-    }
-    out
-}
+use crate::commit::{CommitTicket, Job, PreparedTx};
+use crate::commit_error::CommitError;
+use crate::types::{Hash, TxId};
+use crate::value::decode_value;
+use crate::{checkpoint, limits, AuditEvent, Inner, Receipt};
 
 /// Why a transaction operation was refused.
 #[derive(Debug, thiserror::Error)]

@@ -150,7 +150,7 @@ impl Chain {
     fn decode(self, bytes: &[u8]) -> Result<(u64, Hash), DecodeError> {
         match self {
             Self::Checkpoints => {
-                crate::rollback::Record::decode(bytes).map(|r| (r.seq(), r.prev_hash()))
+                crate::record::Record::decode(bytes).map(|r| (r.seq(), r.prev_hash()))
             }
             Self::Audit => AuditRecord::decode(bytes).map(|a| (a.seq, a.prev_hash)),
         }
