@@ -27,10 +27,14 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::ops::Bound;
 
+use crate::audit::{AuditEvent, Severity};
 use crate::checkpoint::{WriteEntry, KIND_TRANSACTION};
 use crate::codec::DecodeError;
+use crate::job::{Job, Receipt, RollbackJob};
+use crate::ledger::{self, Ledger};
 use crate::read::ReadError;
 use crate::store::{read_u64, u64_key, Store};
+use crate::types::{Hash, TxId};
 use crate::value::decode_value;
 
 pub use crate::record::{
@@ -347,5 +351,57 @@ impl Store {
             writes,
             tip,
         })
+    }
+}
+
+/// Up to `max` sequences as a comma-separated list, for an audit field.
+fn join_seqs(seqs: &[u64], max: usize) -> String {
+    let mut s: Vec<String> = seqs.iter().take(max).map(ToString::to_string).collect();
+    if seqs.len() > max {
+        s.push(format!("... ({} in all)", seqs.len()));
+    }
+    s.join(",")
+}
+
+impl Ledger {
+    /// Rolls back the commits `roots` (and, with `cascade`, every later commit that read what
+    /// they wrote, transitively) in one atomic, signed record appended to the checkpoint
+    /// chain, with a `rollback.applied` audit record. Re-plans when concurrent commits
+    /// change what the plan covers. Returns the plan applied and its receipt.
+    /// `policy_hash` is the bundle whose decision the rollback carries out; 32 zero bytes
+    /// for a manual (admin console) rollback (formats.md §1.6).
+    pub fn rollback(
+        &self,
+        roots: &[u64],
+        cascade: bool,
+        reason: &str,
+        policy_hash: Hash,
+    ) -> Result<(RollbackPlan, Receipt), RollbackError> {
+        const ATTEMPTS: u32 = 16;
+        let reason: String = reason.chars().take(MAX_REASON / 4).collect();
+        for _ in 0..ATTEMPTS {
+            let plan = self.store().plan_rollback(roots, cascade)?;
+            let rollback_id = TxId::generate();
+            let event = AuditEvent::new("rollback.applied", Severity::Notice)
+                .field("rollback_id", rollback_id)
+                .field("roots", join_seqs(&plan.roots, 64))
+                .field("affected", plan.affected.len())
+                .field("restored_keys", plan.writes.len())
+                .field("cascade", cascade)
+                .field("reason", &reason);
+            let job = RollbackJob {
+                plan: plan.clone(),
+                rollback_id,
+                reason: reason.clone(),
+                policy_hash,
+                audit: vec![event],
+            };
+            match ledger::submit(&self.inner, Job::Rollback(Box::new(job)))?.wait() {
+                Ok(receipt) => return Ok((plan, receipt)),
+                Err(e) if e.is_conflict() => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(RollbackError::Contended { attempts: ATTEMPTS })
     }
 }

@@ -15,11 +15,13 @@ use std::sync::Arc;
 
 use heed::{RoTxn, WithoutTls};
 
-use crate::commit::{CommitTicket, Job, PreparedTx};
 use crate::commit_error::CommitError;
+use crate::job::{CommitTicket, Job, PreparedTx, Receipt, ScanRecord, TxContext};
+use crate::ledger::{self, Inner, Ledger};
+use crate::types::now_ns;
 use crate::types::{Hash, TxId};
 use crate::value::decode_value;
-use crate::{checkpoint, limits, AuditEvent, Inner, Receipt};
+use crate::{audit::AuditEvent, checkpoint, limits};
 
 /// Why a transaction operation was refused.
 #[derive(Debug, thiserror::Error)]
@@ -115,29 +117,6 @@ impl From<heed::Error> for TxError {
             e => TxError::Storage(e),
         }
     }
-}
-
-/// Who runs the transaction and why; recorded in its checkpoint.
-#[derive(Debug, Clone)]
-pub struct TxContext {
-    /// Transaction id (unique; a second commit under the same id is refused).
-    pub tx_id: TxId,
-    /// Handler name, `[a-z0-9_.-]{1,64}`.
-    pub handler: String,
-    /// The client's request bytes.
-    pub request: Vec<u8>,
-    /// Domain the transaction runs in.
-    pub domain_id: u64,
-    /// Hash of the active policy bundle.
-    pub policy_hash: Hash,
-}
-
-/// A scanned range and what it contained, for validation at commit.
-#[derive(Debug, Clone)]
-pub(crate) struct ScanRecord {
-    pub start: Vec<u8>,
-    pub end: Bound<Vec<u8>>,
-    pub seen: Vec<(Vec<u8>, u64)>,
 }
 
 /// Result of [`Tx::scan`].
@@ -457,9 +436,44 @@ impl Tx {
             result,
             audit,
         };
-        crate::commit::submit(&inner, Job::Commit(Box::new(prepared)))
+        ledger::submit(&inner, Job::Commit(Box::new(prepared)))
     }
 
     /// Abandons the transaction; nothing it buffered is written.
     pub fn abort(self) {}
+}
+
+impl Ledger {
+    /// Begins a transaction reading from the current committed state.
+    pub fn begin(&self, ctx: TxContext) -> Result<Tx, TxError> {
+        if !mayfly_names::is_handler_name(&ctx.handler) {
+            return Err(TxError::BadHandler(ctx.handler));
+        }
+        if ctx.request.len() > limits::MAX_REQUEST {
+            return Err(TxError::RequestTooLarge {
+                len: ctx.request.len(),
+                max: limits::MAX_REQUEST,
+            });
+        }
+        if let Some((_, reason)) = &self.capacity_shared().full {
+            return Err(TxError::StorageFull {
+                reason: reason.clone(),
+            });
+        }
+        let ticket = self.inner.store.gate.enter();
+        let snapshot = self.inner.store.env.clone().static_read_txn()?;
+        Ok(Tx {
+            inner: self.inner.clone(),
+            snapshot,
+            ticket,
+            ctx,
+            begin_ns: now_ns(),
+            entropy_seed: [0; 32],
+            client: None,
+            idempotency_key: None,
+            reads: Default::default(),
+            writes: Default::default(),
+            scans: Vec::new(),
+        })
+    }
 }
