@@ -90,6 +90,7 @@ pub mod store;
 pub mod tamper;
 mod txn;
 mod types;
+mod undone;
 mod value;
 pub mod verify;
 

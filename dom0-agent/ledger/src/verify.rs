@@ -570,8 +570,8 @@ pub fn verify(
     // rollback records, it must match the stored copy entry for entry.
     if let Some(db) = store.dbs.undone {
         let (expected, _) = store.undone_expected_in(&rtxn)?;
-        let stored = crate::store::read_undone(db, &rtxn)?;
-        if let Some((first, count)) = crate::store::first_difference(&stored, &expected) {
+        let stored = crate::undone::read_undone(db, &rtxn)?;
+        if let Some((first, count)) = crate::undone::first_difference(&stored, &expected) {
             report.failures.push(Failure::UndoneIndex {
                 seq: first.seq,
                 problem: format!("the index {first} ({count} entries differ)"),
