@@ -12,7 +12,7 @@
 //! durable group.
 
 //!
-//! This module is the committer's thread: it takes groups off the queue ([`crate::job`]),
+//! This module is the committer's thread: it takes groups off the queue (`job.rs`),
 //! has them written by `group.rs` (below it), retries audit events while storage is full,
 //! grows the map, and tells the group observer. Nothing in the crate but `open` uses it.
 

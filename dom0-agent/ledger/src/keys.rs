@@ -10,6 +10,8 @@
 //!   identity.
 //! * the TPM (source `tpm`, crate `mayfly-tpm`): the 32-byte seed sealed to PCR values, never
 //!   in a file; it fails with [`KeyError::Unavailable`] when the TPM will not release it.
+//!
+//! Vocabulary: uses only [`crate::codec`] (hex).
 
 #![forbid(unsafe_code)]
 

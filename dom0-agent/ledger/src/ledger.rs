@@ -38,14 +38,14 @@ pub struct Options {
     /// Off only to measure what tracking costs: without it a rollback cannot cascade.
     pub track_dependencies: bool,
     /// At open, recompute the live-state digest from the `data` database (a full scan) and
-    /// refuse ([`OpenError::StateMismatch`]) a state that differs from the one the last
+    /// refuse ([`crate::OpenError::StateMismatch`]) a state that differs from the one the last
     /// signed head commits to. Off only for ledgers too large to scan at every start: the
     /// skip is logged as a warning and audited.
     pub check_state: bool,
     /// Maintain the live-state digest and sign it in version-2 heads. Off only to measure
     /// what the digest costs (benchmarks): the committer then writes version-1 heads and no
     /// `meta/state`, as the release before it did. A ledger that already has a digest is
-    /// refused with it off ([`OpenError::DigestRequired`]).
+    /// refused with it off ([`crate::OpenError::DigestRequired`]).
     pub state_digest: bool,
     /// Where the signing key is kept ([`FileKeys`] by default; the agent's `[key]` section
     /// can name the TPM).

@@ -54,15 +54,32 @@
 //! A reverse index keyed by writer (or a history keyed by data key) would dirty one random
 //! B-tree page per entry on every commit; measured, it made checkpoints cost 3-4x a raw
 //! put. See `docs/decisions/0002-dependency-bookkeeping.md`.
+//!
+//! # Layers
+//!
+//! Every module uses only modules below it (`scripts/check-import-cycles.py` keeps the
+//! crate free of import circles); this root only declares modules and re-exports.
+//!
+//! ```text
+//! top         open          Ledger::open: store, key, indexes, state check, first commit
+//! engine      replication   verify   rollback   txn   commit (the committer's thread)
+//!                                                      └ group (one group, one write txn)
+//! handle      ledger        Ledger, Options, Inner, submit; the methods that only submit
+//! queue       job           jobs, CommitTicket, GroupObserver, Receipt, Tips, TxContext
+//! tables      undone   idempotency   domains   capacity   cursor
+//! queries     read          ReadError
+//! LMDB        store         environment, databases, meta, resize gate; OpenError (tamper)
+//! formats     state → record, value → checkpoint;  head;  audit ← commit_error
+//! vocabulary  codec   limits   types (Hash, TxId)   keys   group_stats
+//! ```
+//!
+//! `impl Ledger` and `impl Store` blocks are spread over the modules that need what they
+//! use: `Ledger::begin` is in `txn`, `Ledger::rollback` and `Store::plan_rollback` in
+//! [`rollback`], the queries in [`read`], `Store::undone_by` in `undone`,
+//! `Store::idempotent_commit` in [`idempotency`].
 
 #![deny(missing_docs)]
 
-// Layers, bottom up (docs/design.md draws them); a module uses only modules of lower
-// layers. Vocabulary: codec, limits, types, keys, group_stats. Record formats: checkpoint,
-// audit, head, value, record, state, commit_error. The LMDB layer: store (and cursor,
-// tamper). Queries: read. Tables: undone, idempotency, domains, capacity. The committer's
-// queue: job. The handle: ledger. The engine: group, commit, txn, rollback, verify,
-// replication. At the top: open.
 pub mod audit;
 pub mod capacity;
 pub mod checkpoint;

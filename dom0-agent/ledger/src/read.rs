@@ -1,5 +1,9 @@
 //! Read-only queries over committed state: checkpoints, audit records, data and the
 //! dependency indexes. They work on any [`Store`], including one opened read-only.
+//!
+//! Queries, just above the store: they use [`crate::store`] and the record formats
+//! (checkpoint, audit, head, rollback record, data values) only, so that every table and
+//! the engine above can use them. [`ReadError`] is their error.
 
 use std::collections::BTreeMap;
 

@@ -26,6 +26,9 @@
 //! Everything else the standby stores is derived from the records, exactly as the
 //! committer derives it: `data`, `deps`, `tx_index`, `undone`, and the meta tips. The
 //! admin nonces and exporter cursors are not part of the chain and are not replicated here.
+//!
+//! The engine layer: uses the store, the queries, the idempotency table, the record
+//! formats and the keys; nothing in the crate uses it.
 
 #![deny(clippy::indexing_slicing, clippy::arithmetic_side_effects)]
 

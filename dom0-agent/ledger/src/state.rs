@@ -28,6 +28,9 @@
 //!     13 2048  lanes    1,024 × u16 little-endian
 //! state_hash = SHA-256(these 2,061 bytes)
 //! ```
+//!
+//! A record format: uses [`crate::codec`], the rollback record and data-value encodings
+//! and the vocabulary; it reads LMDB databases it is handed, never the store itself.
 
 #![deny(clippy::indexing_slicing, clippy::arithmetic_side_effects)]
 

@@ -8,6 +8,10 @@
 //! with [`crate::CommitError::Conflict`] and writes nothing.
 //!
 //! Stored data values are encoded by [`crate::value`].
+//!
+//! The engine layer: above the committer's queue (`job.rs`) and the [`crate::Ledger`]
+//! handle it submits through; uses the store's snapshot gate, the data-value encoding and
+//! the idempotency key rule.
 
 use std::collections::BTreeMap;
 use std::ops::Bound;

@@ -11,6 +11,9 @@
 //! that covers `n`) still agrees with `own_n`, record `n` is intact and `n-1` is the altered
 //! one; otherwise `n` is. Missing, moved and undecodable records are named directly, and an
 //! altered last record is caught by the signature of the head that covers it.
+//!
+//! The engine layer: uses the store, the queries, the `undone` index, the record formats
+//! and the keys; nothing in the crate uses it.
 
 use std::collections::HashMap;
 use std::fmt;
