@@ -18,6 +18,8 @@
 //!                          (printable US-ASCII except '=', ' ', ']', '"')
 //!                2+n value u16 length, <= 1024 bytes of UTF-8
 //! ```
+//!
+//! A record format: uses only [`crate::codec`] and the vocabulary ([`crate::Hash`]).
 
 #![deny(clippy::indexing_slicing, clippy::arithmetic_side_effects)]
 

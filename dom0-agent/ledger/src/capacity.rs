@@ -13,6 +13,9 @@
 //! Read-only transactions are refused too: their checkpoint is the record of what a client
 //! was told (forensics, and the clients to notify when a rollback undoes what they read),
 //! so none is answered unrecorded.
+//!
+//! A table above the store: uses [`crate::store`] and the audit record format; the
+//! committer (`group.rs`, [`crate::commit`]) and [`crate::Ledger::capacity`] use it.
 
 use std::collections::VecDeque;
 use std::path::Path;

@@ -46,11 +46,14 @@
 //! A whole encoding is at most [`MAX_CHECKPOINT_BYTES`]. The decoder rejects anything an
 //! encoder would not produce: wrong magic, version or kind, out-of-range lengths, unsorted or
 //! duplicate keys, a digest that does not match the request, and trailing bytes.
+//!
+//! A record format: uses only [`crate::codec`], [`crate::limits`] and the vocabulary.
 
 #![deny(clippy::indexing_slicing, clippy::arithmetic_side_effects)]
 
 use crate::codec::{DecodeError, Reader, Writer};
-use crate::{limits, Hash, TxId};
+use crate::limits;
+use crate::types::{Hash, TxId};
 
 /// Magic of a checkpoint record.
 pub const MAGIC: &str = "MFCP";

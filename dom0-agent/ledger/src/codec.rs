@@ -9,6 +9,8 @@
 //! against both the remaining input and the caller's cap before anything is copied. A record
 //! decoder must call [`Reader::finish`] so that trailing bytes are rejected: with that, each
 //! value has exactly one encoding.
+//!
+//! Vocabulary, the bottom of the crate: it uses no other module.
 
 #![deny(clippy::indexing_slicing, clippy::arithmetic_side_effects)]
 

@@ -16,6 +16,8 @@
 //! should write its cursor rarely (the SIEM exporter does it at most once a second per
 //! collector); the value is only ever a lower bound of what was delivered, so a cursor
 //! that lags after a crash means duplicates, never a gap.
+//!
+//! A table above the store: uses only [`crate::store`] and [`crate::codec`].
 
 #![deny(clippy::indexing_slicing, clippy::arithmetic_side_effects)]
 

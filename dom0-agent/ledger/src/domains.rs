@@ -7,6 +7,8 @@
 //! first number no block has reserved yet (absent: 1). A restart starts a new block at
 //! that value, so the numbers a run did not use are skipped, never reused. One small write
 //! transaction (one fsync) per [`BLOCK`] domains.
+//!
+//! A table above the store: uses only [`crate::store`].
 
 use std::path::PathBuf;
 use std::sync::Mutex;

@@ -6,6 +6,8 @@
 //! Each histogram keeps one counter per bucket (not cumulative) plus an overflow counter,
 //! so its count is the sum of its buckets by construction and a snapshot is always a valid
 //! histogram, even when it races a group being recorded.
+//!
+//! Vocabulary: a leaf module (it uses no other module of the crate).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;

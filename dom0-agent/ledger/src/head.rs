@@ -55,6 +55,8 @@
 //!    174   32  next_key    kind 0x02 only
 //!   174 / 206  64  signature  Ed25519 over every byte before it
 //! ```
+//!
+//! A record format: uses [`crate::codec`], [`crate::keys`] and the vocabulary.
 
 #![deny(clippy::indexing_slicing, clippy::arithmetic_side_effects)]
 

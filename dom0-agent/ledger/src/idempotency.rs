@@ -21,15 +21,19 @@
 //! [`crate::Store::idempotent_commit`] cross-checks the checkpoint it points to (the
 //! client it names); a damaged entry can only make a resend run again, never answer with
 //! another client's outcome.
+//!
+//! A table: uses the store, the queries ([`crate::read`]: the checkpoint a key points to)
+//! and the checkpoint format.
 
 #![deny(clippy::indexing_slicing, clippy::arithmetic_side_effects)]
 
 use heed::types::Bytes;
 use heed::{Database, RoTxn, RwTxn, WithoutTls};
 
-use crate::checkpoint::sha256;
-use crate::store::read_u64;
-use crate::Hash;
+use crate::checkpoint::{canonical_client, sha256, Checkpoint};
+use crate::read::ReadError;
+use crate::store::{names, read_u64, OpenError, Store};
+use crate::types::Hash;
 
 /// Name of the audit event that records a key in the chain.
 pub const EVENT: &str = "tx.idempotency_key";
@@ -162,4 +166,46 @@ pub(crate) fn prune(
         db.delete(wtxn, &tagged_hash(&hash))?;
     }
     Ok(n)
+}
+
+impl Store {
+    /// Creates the `idempotency` database of a ledger written before it existed (at a
+    /// read-write open). Keys committed before are not indexed: there were none durable.
+    pub(crate) fn ensure_idempotency_db(&mut self) -> Result<(), OpenError> {
+        if self.dbs.idempotency.is_some() {
+            return Ok(());
+        }
+        let storage = |e| self.storage_err(e);
+        let mut wtxn = self.env.write_txn().map_err(storage)?;
+        let db = self
+            .env
+            .create_database::<Bytes, Bytes>(&mut wtxn, Some(names::IDEMPOTENCY))
+            .map_err(storage)?;
+        wtxn.commit().map_err(storage)?;
+        self.dbs.idempotency = Some(db);
+        Ok(())
+    }
+
+    /// The commit that recorded `client`'s idempotency `key`, if one did and it is still
+    /// kept. The index is unsigned: the checkpoint it points to must name the same client
+    /// (else `None`, and the request runs again).
+    pub fn idempotent_commit(
+        &self,
+        client: &str,
+        key: &str,
+    ) -> Result<Option<Checkpoint>, ReadError> {
+        let Some(db) = self.dbs.idempotency else {
+            return Ok(None);
+        };
+        let client = canonical_client(client).unwrap_or_default();
+        let hash = key_hash(&client, key);
+        let rtxn = self.read_txn()?;
+        let Some(seq) = lookup(db, &rtxn, &hash)? else {
+            return Ok(None);
+        };
+        drop(rtxn);
+        Ok(self
+            .checkpoint(seq)?
+            .filter(|cp| cp.client.as_deref().unwrap_or("") == client))
+    }
 }

@@ -10,16 +10,22 @@
 //!   identity.
 //! * the TPM (source `tpm`, crate `mayfly-tpm`): the 32-byte seed sealed to PCR values, never
 //!   in a file; it fails with [`KeyError::Unavailable`] when the TPM will not release it.
+//!
+//! Vocabulary: uses only [`crate::codec`] (hex).
 
 #![forbid(unsafe_code)]
 
-use std::fs::{self, File, OpenOptions};
-use std::io::{self, Write};
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::fs::{self, File};
+use std::io;
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use ring::rand::SystemRandom;
 use ring::signature::{Ed25519KeyPair, KeyPair, UnparsedPublicKey, ED25519};
+
+/// The durable 0600 write of a private file (temporary file, fsync, rename, directory
+/// fsync), shared with the TPM key source's sealed blob (`mayfly-tpm`).
+pub use mayfly_durable::write_private_file;
 
 /// File name of the private key inside the data directory.
 pub const KEY_FILE: &str = "signing.key";
@@ -266,36 +272,11 @@ impl SigningKey {
         let tmp = dir.join(format!("{name}.tmp"));
         let der =
             Ed25519KeyPair::generate_pkcs8(&SystemRandom::new()).map_err(|_| KeyError::Random)?;
-        let io = |p: &Path| {
-            let p = p.to_path_buf();
-            move |source| KeyError::Io { path: p, source }
-        };
-        // A leftover from an interrupted first start holds no committed identity.
-        match fs::remove_file(&tmp) {
-            Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => return Err(io(&tmp)(e)),
-        }
-        let mut f = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&tmp)
-            .map_err(io(&tmp))?;
-        f.write_all(der.as_ref()).map_err(io(&tmp))?;
-        f.sync_all().map_err(io(&tmp))?;
-        drop(f);
-        if path.exists() {
-            let _ = fs::remove_file(&tmp);
-            return Err(io(&path)(io::Error::new(
-                io::ErrorKind::AlreadyExists,
-                "refusing to overwrite a key",
-            )));
-        }
-        fs::rename(&tmp, &path).map_err(io(&path))?;
-        File::open(dir)
-            .and_then(|d| d.sync_all())
-            .map_err(io(dir))?;
+        // A leftover from an interrupted first start holds no committed identity; an
+        // existing key is never overwritten.
+        write_private_file(&path, &tmp, der.as_ref(), false, |path, source| {
+            KeyError::Io { path, source }
+        })?;
         Self::from_pkcs8(der.as_ref()).map_err(|reason| KeyError::Malformed { path, reason })
     }
 

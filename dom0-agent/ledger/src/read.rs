@@ -1,5 +1,9 @@
 //! Read-only queries over committed state: checkpoints, audit records, data and the
 //! dependency indexes. They work on any [`Store`], including one opened read-only.
+//!
+//! Queries, just above the store: they use [`crate::store`] and the record formats
+//! (checkpoint, audit, head, rollback record, data values) only, so that every table and
+//! the engine above can use them. [`ReadError`] is their error.
 
 use std::collections::BTreeMap;
 
@@ -7,7 +11,7 @@ use crate::audit::AuditRecord;
 use crate::checkpoint::Checkpoint;
 use crate::codec::{hex, DecodeError};
 use crate::store::{read_u64, u64_key, Store};
-use crate::txn::decode_value;
+use crate::value::decode_value;
 use crate::TxId;
 
 /// Why a query failed.
@@ -36,7 +40,7 @@ impl Store {
         let Some(bytes) = self.dbs.checkpoints.get(&rtxn, &u64_key(seq))? else {
             return Ok(None);
         };
-        if bytes.get(5) == Some(&crate::rollback::KIND_ROLLBACK) {
+        if bytes.get(5) == Some(&crate::record::KIND_ROLLBACK) {
             return Ok(None);
         }
         Checkpoint::decode(bytes)
@@ -54,7 +58,7 @@ impl Store {
         &self,
         from: u64,
         limit: usize,
-    ) -> Result<Vec<crate::rollback::Record>, ReadError> {
+    ) -> Result<Vec<crate::record::Record>, ReadError> {
         let rtxn = self.read_txn()?;
         let start = u64_key(from);
         let range = (
@@ -65,7 +69,7 @@ impl Store {
         for item in self.dbs.checkpoints.range(&rtxn, &range)?.take(limit) {
             let (k, v) = item?;
             out.push(
-                crate::rollback::Record::decode(v).map_err(|source| ReadError::Corrupt {
+                crate::record::Record::decode(v).map_err(|source| ReadError::Corrupt {
                     what: "checkpoint",
                     at: read_u64(k).map_or_else(|| hex(k), |s| s.to_string()),
                     source,
@@ -218,12 +222,11 @@ impl Store {
                         reason: "a data version names a missing checkpoint",
                     },
                 })?;
-            let cp =
-                crate::rollback::Record::decode(bytes).map_err(|source| ReadError::Corrupt {
-                    what: "checkpoint",
-                    at: version.to_string(),
-                    source,
-                })?;
+            let cp = crate::record::Record::decode(bytes).map_err(|source| ReadError::Corrupt {
+                what: "checkpoint",
+                at: version.to_string(),
+                source,
+            })?;
             out.push(version);
             let prev = cp
                 .writes()

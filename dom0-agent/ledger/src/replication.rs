@@ -26,6 +26,9 @@
 //! Everything else the standby stores is derived from the records, exactly as the
 //! committer derives it: `data`, `deps`, `tx_index`, `undone`, and the meta tips. The
 //! admin nonces and exporter cursors are not part of the chain and are not replicated here.
+//!
+//! The engine layer: uses the store, the queries, the idempotency table, the record
+//! formats and the keys; nothing in the crate uses it.
 
 #![deny(clippy::indexing_slicing, clippy::arithmetic_side_effects)]
 
@@ -36,17 +39,17 @@ use heed::RwTxn;
 use crate::audit::AuditRecord;
 use crate::checkpoint::chain_hash;
 use crate::codec::hex;
-use crate::commit::encode_deps;
 use crate::head::{SignedHead, Tip};
 use crate::keys::PublicKey;
 use crate::read::ReadError;
-use crate::rollback::Record;
+use crate::record::Record;
 use crate::state::StateDigest;
 use crate::store::{
     encode_tip, meta_keys, read_u64, u64_key, OpenError, Opened, Store, StoreOptions,
     FORMAT_MARKER, FORMAT_VERSION,
 };
-use crate::txn::{decode_value, encode_value};
+use crate::value::encode_deps;
+use crate::value::{decode_value, encode_value};
 use crate::Hash;
 
 /// One durable group as its records are stored: what a replication frame carries.

@@ -28,6 +28,9 @@
 //!     13 2048  lanes    1,024 × u16 little-endian
 //! state_hash = SHA-256(these 2,061 bytes)
 //! ```
+//!
+//! A record format: uses [`crate::codec`], the rollback record and data-value encodings
+//! and the vocabulary; it reads LMDB databases it is handed, never the store itself.
 
 #![deny(clippy::indexing_slicing, clippy::arithmetic_side_effects)]
 
@@ -292,14 +295,14 @@ pub fn diff_against_chain(
     let mut expected: BTreeMap<Vec<u8>, Vec<u8>> = BTreeMap::new();
     for item in checkpoints.iter(rtxn)? {
         let (_, v) = item?;
-        let Ok(record) = crate::rollback::Record::decode(v) else {
+        let Ok(record) = crate::record::Record::decode(v) else {
             continue;
         };
         let seq = record.seq();
         for w in record.writes() {
             expected.insert(
                 w.key.clone(),
-                crate::txn::encode_value(seq, w.after.as_deref()),
+                crate::value::encode_value(seq, w.after.as_deref()),
             );
         }
     }

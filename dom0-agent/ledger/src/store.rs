@@ -2,22 +2,29 @@
 //!
 //! See the crate docs for the layout of each database. This module holds the one `unsafe`
 //! block of the crate: opening the memory-mapped environment.
+//!
+//! The LMDB layer, below every table, query and the committer: it uses only the record
+//! formats it checks at open (checkpoint links, heads, the live-state digest), the keys,
+//! and [`crate::CommitError`] (for [`OpenError::FirstCommit`]). The map-resize gate is in
+//! `store/gate.rs`.
 
-use std::collections::BTreeMap;
+mod gate;
+
 use std::fs;
 use std::io;
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::Arc;
 
 use heed::types::Bytes;
 use heed::{Database, Env, EnvOpenOptions, RoTxn, WithoutTls};
+
+pub(crate) use gate::{Gate, Ticket};
 
 use crate::checkpoint::chain_hash;
 use crate::codec::{hex, Reader};
 use crate::head::{SignedHead, Tip};
 use crate::keys::PublicKey;
-use crate::read::ReadError;
 use crate::state::StateDigest;
 
 /// Names of the databases, in one place.
@@ -163,7 +170,7 @@ pub enum OpenError {
         /// Data directory.
         path: PathBuf,
         /// The commit failure.
-        source: crate::commit::CommitError,
+        source: crate::commit_error::CommitError,
     },
     /// The committer thread could not be started.
     #[error("could not start the commit thread: {0}")]
@@ -255,113 +262,10 @@ impl<'a> std::ops::Deref for ReadTxn<'a> {
     }
 }
 
-/// Counts the transactions of this process; [`Gate::close_within`] waits until there are
-/// none and keeps new ones waiting while the map is resized.
-#[derive(Default)]
-pub(crate) struct Gate {
-    state: Mutex<GateState>,
-    changed: Condvar,
-}
-
-#[derive(Default)]
-struct GateState {
-    active: usize,
-    closed: bool,
-}
-
-/// One active transaction; returned to the gate on drop.
-pub(crate) struct Ticket(Arc<Gate>);
-
-impl Drop for Ticket {
-    fn drop(&mut self) {
-        let mut s = self
-            .0
-            .state
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        s.active = s.active.saturating_sub(1);
-        self.0.changed.notify_all();
-    }
-}
-
-/// The gate closed: no transaction active; reopened on drop.
-pub(crate) struct Closed<'a>(&'a Gate);
-
-impl Drop for Closed<'_> {
-    fn drop(&mut self) {
-        let mut s = self
-            .0
-            .state
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        s.closed = false;
-        self.0.changed.notify_all();
-    }
-}
-
-impl Gate {
-    /// Waits while the gate is closed, then counts one more active transaction.
-    pub(crate) fn enter(self: &Arc<Self>) -> Ticket {
-        let mut s = self
-            .state
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        while s.closed {
-            s = self
-                .changed
-                .wait(s)
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-        }
-        s.active = s.active.saturating_add(1);
-        Ticket(self.clone())
-    }
-
-    /// Closes the gate and waits up to `wait` for the active transactions to end. `None`
-    /// (and the gate open again) if some are still active then.
-    fn close_within(&self, wait: std::time::Duration) -> Option<Closed<'_>> {
-        let mut s = self
-            .state
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if s.closed {
-            return None;
-        }
-        s.closed = true;
-        let deadline = std::time::Instant::now() + wait;
-        while s.active > 0 {
-            let left = deadline.saturating_duration_since(std::time::Instant::now());
-            if left.is_zero() {
-                s.closed = false;
-                self.changed.notify_all();
-                return None;
-            }
-            s = self
-                .changed
-                .wait_timeout(s, left)
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .0;
-        }
-        Some(Closed(self))
-    }
-}
-
 impl std::fmt::Debug for Store {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Store").field("dir", &self.dir).finish()
     }
-}
-
-/// What building the `undone` index read.
-#[derive(Debug, Clone, Default)]
-pub(crate) struct UndoneBuilt {
-    /// Rollback records indexed.
-    pub rollbacks: u64,
-    /// Rollback records that did not decode (left to `verify`).
-    pub unreadable: u64,
-    /// Stored index entries that differed from the rebuilt index (0: it matched).
-    pub repaired: u64,
-    /// The first of them.
-    pub first_repaired: Option<UndoneMismatch>,
 }
 
 /// One entry where the stored `undone` index and the rollback records disagree.
@@ -396,52 +300,6 @@ impl std::fmt::Display for UndoneMismatch {
             (None, None) => write!(f, "holds a malformed entry for commit {}", self.seq),
         }
     }
-}
-
-/// The stored `undone` index: (key as u64 or `u64::MAX`, value as u64 if it is one).
-pub(crate) fn read_undone(
-    db: Database<Bytes, Bytes>,
-    txn: &RoTxn<'_, WithoutTls>,
-) -> heed::Result<Vec<(u64, Option<u64>)>> {
-    let mut out = Vec::new();
-    for item in db.iter(txn)? {
-        let (k, v) = item?;
-        let key = if k.len() == 8 { read_u64(k) } else { None };
-        let value = if v.len() == 8 { read_u64(v) } else { None };
-        out.push((key.unwrap_or(u64::MAX), key.and(value)));
-    }
-    Ok(out)
-}
-
-/// The first entry (in seq order) where `stored` and `expected` disagree, and how many do.
-pub(crate) fn first_difference(
-    stored: &[(u64, Option<u64>)],
-    expected: &BTreeMap<u64, u64>,
-) -> Option<(UndoneMismatch, u64)> {
-    let mut diffs: BTreeMap<u64, UndoneMismatch> = BTreeMap::new();
-    let mut seen = std::collections::BTreeSet::new();
-    for (seq, value) in stored {
-        seen.insert(*seq);
-        let want = expected.get(seq).copied();
-        if *value != want || value.is_none() {
-            diffs.entry(*seq).or_insert(UndoneMismatch {
-                seq: *seq,
-                stored: *value,
-                expected: want,
-            });
-        }
-    }
-    for (seq, by) in expected {
-        if !seen.contains(seq) {
-            diffs.entry(*seq).or_insert(UndoneMismatch {
-                seq: *seq,
-                stored: None,
-                expected: Some(*by),
-            });
-        }
-    }
-    let count = u64::try_from(diffs.len()).unwrap_or(u64::MAX);
-    diffs.into_values().next().map(|first| (first, count))
 }
 
 /// What [`Store::open`] found.
@@ -624,170 +482,6 @@ impl Store {
             dir,
             gate: Arc::default(),
         })
-    }
-
-    /// The `undone` index as the signed rollback records of the checkpoint chain say it
-    /// must be (commit seq -> the first rollback record that undid it), with how many
-    /// rollback records were read and how many did not decode (left to `verify`).
-    pub(crate) fn undone_expected_in(
-        &self,
-        txn: &RoTxn<'_, WithoutTls>,
-    ) -> heed::Result<(BTreeMap<u64, u64>, UndoneBuilt)> {
-        let mut built = UndoneBuilt::default();
-        let mut expected = BTreeMap::new();
-        for item in self.dbs.checkpoints.iter(txn)? {
-            let (_, v) = item?;
-            if v.get(5) != Some(&crate::rollback::KIND_ROLLBACK) {
-                continue;
-            }
-            match crate::rollback::RollbackRecord::decode(v) {
-                Ok(record) => {
-                    built.rollbacks = built.rollbacks.saturating_add(1);
-                    for undone in &record.affected {
-                        // Ascending seq order: the first record that undid it stays.
-                        expected.entry(*undone).or_insert(record.seq);
-                    }
-                }
-                Err(_) => built.unreadable = built.unreadable.saturating_add(1),
-            }
-        }
-        Ok((expected, built))
-    }
-
-    /// Rebuilds the `undone` index at a read-write open, in one write transaction, from the
-    /// signed rollback records of the checkpoint chain, and marks it complete. The stored
-    /// copy is unsigned and steers rollbacks, so it is never trusted across a restart: in
-    /// an index marked complete, entries that differed from the rebuilt index (added,
-    /// missing or changed: tampering, or a damaged file) are counted in `repaired`, the
-    /// first named.
-    pub(crate) fn ensure_undone_index(&mut self) -> Result<UndoneBuilt, OpenError> {
-        let storage = |e| self.storage_err(e);
-        let mut wtxn = self.env.write_txn().map_err(storage)?;
-        let db = self
-            .env
-            .create_database::<Bytes, Bytes>(&mut wtxn, Some(names::UNDONE))
-            .map_err(storage)?;
-        // Unmarked: an older ledger, or a first start that stopped before its mark; its
-        // index is built, not repaired.
-        let marked = self
-            .dbs
-            .meta
-            .get(&wtxn, meta_keys::UNDONE_INDEX)
-            .map_err(storage)?
-            .is_some();
-        let (expected, mut built) = self.undone_expected_in(&wtxn).map_err(storage)?;
-        let stored = read_undone(db, &wtxn).map_err(storage)?;
-        if let Some((first, count)) = first_difference(&stored, &expected) {
-            if marked {
-                built.repaired = count;
-                built.first_repaired = Some(first);
-            }
-            db.clear(&mut wtxn).map_err(storage)?;
-            for (undone, by) in &expected {
-                db.put(&mut wtxn, &u64_key(*undone), &u64_key(*by))
-                    .map_err(storage)?;
-            }
-        }
-        self.dbs
-            .meta
-            .put(&mut wtxn, meta_keys::UNDONE_INDEX, &[1])
-            .map_err(storage)?;
-        wtxn.commit().map_err(storage)?;
-        self.dbs.undone = Some(db);
-        Ok(built)
-    }
-
-    /// Creates the `idempotency` database of a ledger written before it existed (at a
-    /// read-write open). Keys committed before are not indexed: there were none durable.
-    pub(crate) fn ensure_idempotency_db(&mut self) -> Result<(), OpenError> {
-        if self.dbs.idempotency.is_some() {
-            return Ok(());
-        }
-        let storage = |e| self.storage_err(e);
-        let mut wtxn = self.env.write_txn().map_err(storage)?;
-        let db = self
-            .env
-            .create_database::<Bytes, Bytes>(&mut wtxn, Some(names::IDEMPOTENCY))
-            .map_err(storage)?;
-        wtxn.commit().map_err(storage)?;
-        self.dbs.idempotency = Some(db);
-        Ok(())
-    }
-
-    /// The commit that recorded `client`'s idempotency `key`, if one did and it is still
-    /// kept. The index is unsigned: the checkpoint it points to must name the same client
-    /// (else `None`, and the request runs again).
-    pub fn idempotent_commit(
-        &self,
-        client: &str,
-        key: &str,
-    ) -> Result<Option<crate::Checkpoint>, ReadError> {
-        let Some(db) = self.dbs.idempotency else {
-            return Ok(None);
-        };
-        let client = crate::checkpoint::canonical_client(client).unwrap_or_default();
-        let hash = crate::idempotency::key_hash(&client, key);
-        let rtxn = self.read_txn()?;
-        let Some(seq) = crate::idempotency::lookup(db, &rtxn, &hash)? else {
-            return Ok(None);
-        };
-        drop(rtxn);
-        Ok(self
-            .checkpoint(seq)?
-            .filter(|cp| cp.client.as_deref().unwrap_or("") == client))
-    }
-
-    /// Marks the `undone` index complete (a new ledger's, which has had it from its
-    /// creation).
-    pub(crate) fn mark_undone_index(&self) -> Result<(), OpenError> {
-        let storage = |e| self.storage_err(e);
-        let mut wtxn = self.env.write_txn().map_err(storage)?;
-        self.dbs
-            .meta
-            .put(&mut wtxn, meta_keys::UNDONE_INDEX, &[1])
-            .map_err(storage)?;
-        wtxn.commit().map_err(storage)
-    }
-
-    /// The rollback record that undid commit `seq`, if one did (the first, if several).
-    pub fn undone_by(&self, seq: u64) -> Result<Option<u64>, ReadError> {
-        let rtxn = self.read_txn()?;
-        self.undone_by_in(&rtxn, seq)
-    }
-
-    /// [`Store::undone_by`] within a read transaction. Without the index (a ledger of an
-    /// earlier release opened read-only), the rollback records after `seq` are read.
-    pub(crate) fn undone_by_in(
-        &self,
-        rtxn: &RoTxn<'_, WithoutTls>,
-        seq: u64,
-    ) -> Result<Option<u64>, ReadError> {
-        if let Some(db) = self.dbs.undone {
-            return Ok(db.get(rtxn, &u64_key(seq))?.and_then(read_u64));
-        }
-        let start = u64_key(seq.saturating_add(1));
-        let range = (
-            std::ops::Bound::Included(&start[..]),
-            std::ops::Bound::Unbounded,
-        );
-        for item in self.dbs.checkpoints.range(rtxn, &range)? {
-            let (k, v) = item?;
-            if v.get(5) != Some(&crate::rollback::KIND_ROLLBACK) {
-                continue;
-            }
-            let at = read_u64(k).unwrap_or(0);
-            let record = crate::rollback::RollbackRecord::decode(v).map_err(|source| {
-                ReadError::Corrupt {
-                    what: "checkpoint",
-                    at: at.to_string(),
-                    source,
-                }
-            })?;
-            if record.affected.binary_search(&seq).is_ok() {
-                return Ok(Some(record.seq));
-            }
-        }
-        Ok(None)
     }
 
     /// The public key the ledger was created with, as recorded in `meta`: the root of

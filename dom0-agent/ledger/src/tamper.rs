@@ -1,5 +1,7 @@
 //! Raw access to stored records, for tamper-detection tests only (feature `test-tamper`).
 //! Never enabled in a product build.
+//!
+//! Test-only, above the store: uses only [`crate::store`].
 
 use std::path::Path;
 

@@ -7,12 +7,11 @@
 //! is equivalent to running alone at its commit point (serializable), otherwise it fails
 //! with [`crate::CommitError::Conflict`] and writes nothing.
 //!
-//! Stored data values (`data` database):
-//! ```text
-//! 0x01 | version u64 BE | value bytes      live value
-//! 0x02 | version u64 BE                    tombstone (deleted by `version`)
-//! ```
-//! Tombstones are kept so that a read of a deleted key records who deleted it.
+//! Stored data values are encoded by [`crate::value`].
+//!
+//! The engine layer: above the committer's queue (`job.rs`) and the [`crate::Ledger`]
+//! handle it submits through; uses the store's snapshot gate, the data-value encoding and
+//! the idempotency key rule.
 
 use std::collections::BTreeMap;
 use std::ops::Bound;
@@ -20,55 +19,13 @@ use std::sync::Arc;
 
 use heed::{RoTxn, WithoutTls};
 
-use crate::commit::{CommitError, CommitTicket, Job, PreparedTx};
-use crate::{checkpoint, limits, AuditEvent, Hash, Inner, Receipt, TxId};
-
-/// Tag of a live value.
-pub const TAG_LIVE: u8 = 0x01;
-/// Tag of a tombstone.
-pub const TAG_TOMBSTONE: u8 = 0x02;
-
-/// A stored data value, decoded.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Stored<'a> {
-    /// Sequence of the checkpoint that wrote it.
-    pub version: u64,
-    /// The value; `None` for a tombstone.
-    pub value: Option<&'a [u8]>,
-}
-
-/// Decodes a stored data value; `None` if it is malformed.
-pub fn decode_value(bytes: &[u8]) -> Option<Stored<'_>> {
-    let (&tag, rest) = bytes.split_first()?;
-    let version = u64::from_be_bytes(rest.get(..8)?.try_into().ok()?);
-    let body = rest.get(8..)?;
-    match tag {
-        TAG_LIVE => Some(Stored {
-            version,
-            value: Some(body),
-        }),
-        TAG_TOMBSTONE if body.is_empty() => Some(Stored {
-            version,
-            value: None,
-        }),
-        _ => None,
-    }
-}
-
-/// Encodes a data value (`None`: tombstone).
-pub fn encode_value(version: u64, value: Option<&[u8]>) -> Vec<u8> {
-    let mut out = Vec::with_capacity(9 + value.map_or(0, <[u8]>::len));
-    out.push(if value.is_some() {
-        TAG_LIVE
-    } else {
-        TAG_TOMBSTONE
-    });
-    out.extend_from_slice(&version.to_be_bytes());
-    if let Some(v) = value {
-        out.extend_from_slice(v);
-    }
-    out
-}
+use crate::commit_error::CommitError;
+use crate::job::{CommitTicket, Job, PreparedTx, Receipt, ScanRecord, TxContext};
+use crate::ledger::{self, Inner, Ledger};
+use crate::types::now_ns;
+use crate::types::{Hash, TxId};
+use crate::value::decode_value;
+use crate::{audit::AuditEvent, checkpoint, limits};
 
 /// Why a transaction operation was refused.
 #[derive(Debug, thiserror::Error)]
@@ -164,29 +121,6 @@ impl From<heed::Error> for TxError {
             e => TxError::Storage(e),
         }
     }
-}
-
-/// Who runs the transaction and why; recorded in its checkpoint.
-#[derive(Debug, Clone)]
-pub struct TxContext {
-    /// Transaction id (unique; a second commit under the same id is refused).
-    pub tx_id: TxId,
-    /// Handler name, `[a-z0-9_.-]{1,64}`.
-    pub handler: String,
-    /// The client's request bytes.
-    pub request: Vec<u8>,
-    /// Domain the transaction runs in.
-    pub domain_id: u64,
-    /// Hash of the active policy bundle.
-    pub policy_hash: Hash,
-}
-
-/// A scanned range and what it contained, for validation at commit.
-#[derive(Debug, Clone)]
-pub(crate) struct ScanRecord {
-    pub start: Vec<u8>,
-    pub end: Bound<Vec<u8>>,
-    pub seen: Vec<(Vec<u8>, u64)>,
 }
 
 /// Result of [`Tx::scan`].
@@ -506,9 +440,44 @@ impl Tx {
             result,
             audit,
         };
-        crate::commit::submit(&inner, Job::Commit(Box::new(prepared)))
+        ledger::submit(&inner, Job::Commit(Box::new(prepared)))
     }
 
     /// Abandons the transaction; nothing it buffered is written.
     pub fn abort(self) {}
+}
+
+impl Ledger {
+    /// Begins a transaction reading from the current committed state.
+    pub fn begin(&self, ctx: TxContext) -> Result<Tx, TxError> {
+        if !mayfly_names::is_handler_name(&ctx.handler) {
+            return Err(TxError::BadHandler(ctx.handler));
+        }
+        if ctx.request.len() > limits::MAX_REQUEST {
+            return Err(TxError::RequestTooLarge {
+                len: ctx.request.len(),
+                max: limits::MAX_REQUEST,
+            });
+        }
+        if let Some((_, reason)) = &self.capacity_shared().full {
+            return Err(TxError::StorageFull {
+                reason: reason.clone(),
+            });
+        }
+        let ticket = self.inner.store.gate.enter();
+        let snapshot = self.inner.store.env.clone().static_read_txn()?;
+        Ok(Tx {
+            inner: self.inner.clone(),
+            snapshot,
+            ticket,
+            ctx,
+            begin_ns: now_ns(),
+            entropy_seed: [0; 32],
+            client: None,
+            idempotency_key: None,
+            reads: Default::default(),
+            writes: Default::default(),
+            scans: Vec::new(),
+        })
+    }
 }

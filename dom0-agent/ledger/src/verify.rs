@@ -11,6 +11,9 @@
 //! that covers `n`) still agrees with `own_n`, record `n` is intact and `n-1` is the altered
 //! one; otherwise `n` is. Missing, moved and undecodable records are named directly, and an
 //! altered last record is caught by the signature of the head that covers it.
+//!
+//! The engine layer: uses the store, the queries, the `undone` index, the record formats
+//! and the keys; nothing in the crate uses it.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -150,7 +153,7 @@ impl Chain {
     fn decode(self, bytes: &[u8]) -> Result<(u64, Hash), DecodeError> {
         match self {
             Self::Checkpoints => {
-                crate::rollback::Record::decode(bytes).map(|r| (r.seq(), r.prev_hash()))
+                crate::record::Record::decode(bytes).map(|r| (r.seq(), r.prev_hash()))
             }
             Self::Audit => AuditRecord::decode(bytes).map(|a| (a.seq, a.prev_hash)),
         }
@@ -570,8 +573,8 @@ pub fn verify(
     // rollback records, it must match the stored copy entry for entry.
     if let Some(db) = store.dbs.undone {
         let (expected, _) = store.undone_expected_in(&rtxn)?;
-        let stored = crate::store::read_undone(db, &rtxn)?;
-        if let Some((first, count)) = crate::store::first_difference(&stored, &expected) {
+        let stored = crate::undone::read_undone(db, &rtxn)?;
+        if let Some((first, count)) = crate::undone::first_difference(&stored, &expected) {
             report.failures.push(Failure::UndoneIndex {
                 seq: first.seq,
                 problem: format!("the index {first} ({count} entries differ)"),

@@ -21,9 +21,8 @@
 //! Nothing follows the trailing digest; a file longer than [`MAX_BLOB`] is refused before it
 //! is read.
 
-use std::fs::{self, File, OpenOptions};
-use std::io::{self, Write};
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::fs;
+use std::io;
 use std::path::{Path, PathBuf};
 
 use crate::{check_selection, PcrValue};
@@ -212,29 +211,9 @@ impl SealedBlob {
     /// replacing any file there.
     pub fn write(&self, path: &Path) -> Result<(), BlobError> {
         let tmp = path.with_extension("tmp");
-        let io = |p: &Path| {
-            let p = p.to_path_buf();
-            move |source| BlobError::Io { path: p, source }
-        };
-        match fs::remove_file(&tmp) {
-            Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => return Err(io(&tmp)(e)),
-        }
-        let mut f = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&tmp)
-            .map_err(io(&tmp))?;
-        f.set_permissions(fs::Permissions::from_mode(0o600))
-            .map_err(io(&tmp))?;
-        f.write_all(&self.encode()).map_err(io(&tmp))?;
-        f.sync_all().map_err(io(&tmp))?;
-        drop(f);
-        fs::rename(&tmp, path).map_err(io(path))?;
-        let dir = path.parent().unwrap_or(Path::new("."));
-        File::open(dir).and_then(|d| d.sync_all()).map_err(io(dir))
+        mayfly_durable::write_private_file(path, &tmp, &self.encode(), true, |path, source| {
+            BlobError::Io { path, source }
+        })
     }
 }
 
@@ -264,6 +243,7 @@ impl<'a> Reader<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::PermissionsExt;
 
     fn sample() -> SealedBlob {
         SealedBlob {

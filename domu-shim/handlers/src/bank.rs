@@ -27,7 +27,7 @@ use alloc::vec::Vec;
 use mayfly_sdk::{Ctx, HandlerError};
 use serde::{Deserialize, Serialize};
 
-use crate::{check_name, from_json, to_json};
+use crate::payload::{check_name, from_json, to_json};
 
 /// Prefix of account keys.
 pub const ACCOUNT_PREFIX: &str = "acct/";

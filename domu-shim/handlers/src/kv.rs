@@ -24,7 +24,7 @@ use mayfly_sdk::limits;
 use mayfly_sdk::{Ctx, HandlerError};
 use serde::{Deserialize, Serialize};
 
-use crate::{from_json, to_json};
+use crate::payload::{from_json, to_json};
 
 const DEFAULT_SCAN_LIMIT: u32 = 100;
 

@@ -27,17 +27,13 @@
 
 extern crate alloc;
 
-use alloc::format;
-use alloc::vec::Vec;
-
 pub mod bank;
 pub mod kv;
 pub mod notes;
+mod payload;
 pub mod token;
 
-use mayfly_sdk::{Handler, HandlerError, Registry};
-use serde::de::DeserializeOwned;
-use serde::Serialize;
+use mayfly_sdk::{Handler, Registry};
 
 /// Every example handler, by name.
 pub const HANDLERS: &[(&str, Handler)] = &[
@@ -63,33 +59,11 @@ pub fn registry() -> Registry {
     registry
 }
 
-/// Decodes a JSON payload.
-pub(crate) fn from_json<T: DeserializeOwned>(payload: &[u8]) -> Result<T, HandlerError> {
-    serde_json::from_slice(payload)
-        .map_err(|e| HandlerError::bad_request(format!("invalid JSON payload: {e}")))
-}
-
-/// Encodes a JSON result.
-pub(crate) fn to_json<T: Serialize>(value: &T) -> Result<Vec<u8>, HandlerError> {
-    serde_json::to_vec(value)
-        .map_err(|e| HandlerError::rejected(format!("cannot encode the result: {e}")))
-}
-
-/// Checks a name used inside keys (account, user): 1..=64 bytes of `[a-z0-9_-]`.
-pub(crate) fn check_name(what: &str, name: &str) -> Result<(), HandlerError> {
-    if mayfly_names::is_word(name, 64) {
-        Ok(())
-    } else {
-        Err(HandlerError::bad_request(format!(
-            "{what} name {name:?} is not 1..=64 characters of [a-z0-9_-]"
-        )))
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use mayfly_sdk::{Ctx, MemDb};
+    use crate::payload::check_name;
+    use mayfly_sdk::{Ctx, HandlerError, MemDb};
     use serde_json::{json, Value};
 
     pub(crate) fn call(db: &mut MemDb, name: &str, payload: &Value) -> Result<Value, HandlerError> {

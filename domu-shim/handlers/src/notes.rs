@@ -38,7 +38,7 @@ use alloc::vec::Vec;
 use mayfly_sdk::{Ctx, HandlerError};
 use serde::Deserialize;
 
-use crate::{check_name, from_json, to_json};
+use crate::payload::{check_name, from_json, to_json};
 
 /// Longest note id accepted, in bytes.
 pub const MAX_NOTE_ID_LEN: usize = 128;

@@ -17,7 +17,7 @@ use core::fmt::Write as _;
 use mayfly_sdk::{Ctx, HandlerError};
 use serde::{Deserialize, Serialize};
 
-use crate::{from_json, to_json};
+use crate::payload::{from_json, to_json};
 
 /// The longest token, in bytes.
 pub const MAX_TOKEN_BYTES: usize = 64;

@@ -1,0 +1,22 @@
+//! Size caps, enforced when a transaction is built and again when a record is decoded.
+//!
+//! Vocabulary: a leaf module (it uses no other module of the crate).
+
+/// Longest key.
+pub const MAX_KEY: usize = 256;
+/// Longest value.
+pub const MAX_VALUE: usize = 64 << 10;
+/// Longest handler name.
+pub const MAX_HANDLER: usize = mayfly_names::MAX_HANDLER_NAME;
+/// Longest request.
+pub const MAX_REQUEST: usize = 64 << 10;
+/// Longest result.
+pub const MAX_RESULT: usize = 64 << 10;
+/// Most keys in a read set (scanned keys included).
+pub const MAX_READS: usize = 4096;
+/// Most keys in a write set.
+pub const MAX_WRITES: usize = 1024;
+/// Largest scan limit.
+pub const MAX_SCAN: usize = 1024;
+/// Most scans per transaction.
+pub const MAX_SCANS: usize = 64;
