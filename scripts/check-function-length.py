@@ -20,6 +20,13 @@ PATH = [
     "dom0-agent/api/src/shared.rs",
     "dom0-agent/executor/src",          # admission, attempts, session, retirement
     "dom0-agent/policy/src/eval.rs",    # every operation and commit is decided
+    "dom0-agent/ledger/src/txn.rs",     # the transaction's reads, writes and scans
+    "dom0-agent/ledger/src/job.rs",     # what it hands the committer
+    "dom0-agent/ledger/src/value.rs",
+    "dom0-agent/ledger/src/commit.rs",  # the committer thread: batches into groups
+    "dom0-agent/ledger/src/group.rs",   # one group: validate, write, sign, fsync
+    "dom0-agent/ledger/src/idempotency.rs",
+    "dom0-agent/ledger/src/state.rs",   # the live-state digest each write updates
 ]
 
 FN = re.compile(

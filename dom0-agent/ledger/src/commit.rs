@@ -41,102 +41,37 @@ pub const LAZY_AUDIT_DELAY: std::time::Duration = std::time::Duration::from_mill
 /// Lazily appended audit events that force a commit of their own when reached.
 const LAZY_AUDIT_MAX: usize = 4096;
 
+/// Where a job's outcome goes.
+type Reply = std::sync::mpsc::SyncSender<Result<Receipt, CommitError>>;
+
+/// What the committer's wait for work gave.
+enum Batch {
+    /// Jobs to commit (and lazy or deferred events to sort).
+    Jobs(Vec<Envelope>),
+    /// Nothing arrived in time; due work was done.
+    Idle,
+    /// Every sender is gone.
+    Closed,
+}
+
 impl Committer {
     /// Serves the queue until every sender is gone.
     pub fn run(mut self, rx: Receiver<Envelope>) {
         let mut lazy: Vec<AuditEvent> = Vec::new();
         loop {
-            let wait = if !lazy.is_empty() {
-                Some(LAZY_AUDIT_DELAY)
-            } else if !self.pending.is_empty() || self.storage_full() {
-                Some(crate::capacity::RETRY_EVERY)
-            } else {
-                None
+            let batch = match self.next_batch(&rx, &mut lazy) {
+                Batch::Jobs(batch) => batch,
+                Batch::Idle => continue,
+                Batch::Closed => break,
             };
-            let first = match wait {
-                None => match rx.recv() {
-                    Ok(e) => e,
-                    Err(_) => break,
-                },
-                Some(wait) => match rx.recv_timeout(wait) {
-                    Ok(e) => e,
-                    Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
-                        if lazy.is_empty() && self.pending.is_empty() {
-                            self.after_success(false);
-                        } else {
-                            self.flush_lazy(&mut lazy);
-                        }
-                        continue;
-                    }
-                    Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
-                },
-            };
-            let mut batch = vec![first];
-            while batch.len() < self.max_group {
-                match rx.try_recv() {
-                    Ok(e) => batch.push(e),
-                    Err(_) => break,
-                }
-            }
-            let mut jobs = Vec::with_capacity(batch.len().saturating_add(2));
-            let mut replies = Vec::with_capacity(batch.len().saturating_add(2));
-            for e in batch {
-                match e.job {
-                    Job::LazyAudit(events) => lazy.extend(events),
-                    Job::Deferred(events) => {
-                        self.pending.extend(events);
-                        let _ = e.reply.send(Ok(Receipt {
-                            seq: 0,
-                            hash: self.audit.hash,
-                            audit_seq: self.audit.seq,
-                            group: self.group,
-                        }));
-                    }
-                    job => {
-                        jobs.push(job);
-                        replies.push(e.reply);
-                    }
-                }
-            }
+            let (jobs, replies) = self.sort_batch(batch, &mut lazy);
             if jobs.is_empty() {
                 if lazy.len() >= LAZY_AUDIT_MAX {
                     self.flush_lazy(&mut lazy);
                 }
                 continue;
             }
-            if let Some(ev) = self.grow_map_if_needed() {
-                lazy.push(ev);
-            }
-            let mut own = std::mem::take(&mut lazy);
-            let with_pending = !self.pending.is_empty();
-            if with_pending {
-                own.splice(0..0, self.pending.iter().cloned());
-            }
-            if !own.is_empty() {
-                // Nobody waits for lazy or pending events: their reply goes nowhere.
-                let (reply, _) = std::sync::mpsc::sync_channel(1);
-                jobs.insert(0, Job::Audit(own));
-                replies.insert(0, reply);
-            }
-            let n = jobs.len();
-            match self.write_group(jobs, false) {
-                Ok(results) => {
-                    self.after_success(with_pending);
-                    // Before any commit of the group is acknowledged: a synchronous standby
-                    // must have it too.
-                    self.observe(true);
-                    for (reply, r) in replies.into_iter().zip(results) {
-                        let _ = reply.send(r);
-                    }
-                }
-                Err(e) => {
-                    error!(self.log, "group commit failed"; "jobs" => n, "error" => %e);
-                    self.after_failure(&e);
-                    for reply in replies {
-                        let _ = reply.send(Err(e.clone()));
-                    }
-                }
-            }
+            self.commit_batch(jobs, replies, &mut lazy);
         }
         self.flush_lazy(&mut lazy);
         if !self.pending.is_empty() {
@@ -145,6 +80,119 @@ impl Committer {
                 "names" => self.pending.iter().map(|e| e.event.as_str()).collect::<Vec<_>>().join(","));
         }
         debug!(self.log, "committer stopped");
+    }
+
+    /// Waits for the next job (at most until lazy audit events are due or full storage is
+    /// to be retried: then it does that and says `Idle`), then takes what else is queued,
+    /// up to a group's worth.
+    fn next_batch(&mut self, rx: &Receiver<Envelope>, lazy: &mut Vec<AuditEvent>) -> Batch {
+        let wait = if !lazy.is_empty() {
+            Some(LAZY_AUDIT_DELAY)
+        } else if !self.pending.is_empty() || self.storage_full() {
+            Some(crate::capacity::RETRY_EVERY)
+        } else {
+            None
+        };
+        let first = match wait {
+            None => match rx.recv() {
+                Ok(e) => e,
+                Err(_) => return Batch::Closed,
+            },
+            Some(wait) => match rx.recv_timeout(wait) {
+                Ok(e) => e,
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                    if lazy.is_empty() && self.pending.is_empty() {
+                        self.after_success(false);
+                    } else {
+                        self.flush_lazy(lazy);
+                    }
+                    return Batch::Idle;
+                }
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return Batch::Closed,
+            },
+        };
+        let mut batch = vec![first];
+        while batch.len() < self.max_group {
+            match rx.try_recv() {
+                Ok(e) => batch.push(e),
+                Err(_) => break,
+            }
+        }
+        Batch::Jobs(batch)
+    }
+
+    /// The batch's jobs that go into the group and their replies; lazy audit events join
+    /// `lazy`, deferred ones the pending list (answered at once).
+    fn sort_batch(
+        &mut self,
+        batch: Vec<Envelope>,
+        lazy: &mut Vec<AuditEvent>,
+    ) -> (Vec<Job>, Vec<Reply>) {
+        let mut jobs = Vec::with_capacity(batch.len().saturating_add(2));
+        let mut replies = Vec::with_capacity(batch.len().saturating_add(2));
+        for e in batch {
+            match e.job {
+                Job::LazyAudit(events) => lazy.extend(events),
+                Job::Deferred(events) => {
+                    self.pending.extend(events);
+                    let _ = e.reply.send(Ok(Receipt {
+                        seq: 0,
+                        hash: self.audit.hash,
+                        audit_seq: self.audit.seq,
+                        group: self.group,
+                    }));
+                }
+                job => {
+                    jobs.push(job);
+                    replies.push(e.reply);
+                }
+            }
+        }
+        (jobs, replies)
+    }
+
+    /// One group: the map grown if needed, lazy and pending audit events first, the group
+    /// written, the observer told (a synchronous standby has it before any reply), then
+    /// every job answered.
+    fn commit_batch(
+        &mut self,
+        mut jobs: Vec<Job>,
+        mut replies: Vec<Reply>,
+        lazy: &mut Vec<AuditEvent>,
+    ) {
+        if let Some(ev) = self.grow_map_if_needed() {
+            lazy.push(ev);
+        }
+        let mut own = std::mem::take(lazy);
+        let with_pending = !self.pending.is_empty();
+        if with_pending {
+            own.splice(0..0, self.pending.iter().cloned());
+        }
+        if !own.is_empty() {
+            // Nobody waits for lazy or pending events: their reply goes nowhere.
+            let (reply, _) = std::sync::mpsc::sync_channel(1);
+            jobs.insert(0, Job::Audit(own));
+            replies.insert(0, reply);
+        }
+        let n = jobs.len();
+        match self.write_group(jobs, false) {
+            Ok(results) => {
+                self.after_success(with_pending);
+                // Before any commit of the group is acknowledged: a synchronous standby
+                // must have it too.
+                self.observe(true);
+                for (reply, r) in replies.into_iter().zip(results) {
+                    let _ = reply.send(r);
+                }
+            }
+            Err(e) => {
+                error!(self.log, "group commit failed"; "jobs" => n, "error" => %e);
+                self.after_failure(&e);
+                for reply in replies {
+                    let _ = reply.send(Err(e.clone()));
+                }
+            }
+        }
     }
 
     /// Tells the group observer (if one is set: replication) about a new durable group.

@@ -36,6 +36,24 @@ enum Step {
     Fatal(heed::Error),
 }
 
+/// An idempotency key a transaction claims: its index, the key's hash, and the client and
+/// key for the audit record.
+struct KeyClaim {
+    db: heed::Database<heed::types::Bytes, heed::types::Bytes>,
+    hash: [u8; 32],
+    client: String,
+    key: String,
+}
+
+/// What a group has done so far in its write transaction: the chain tips, the live-state
+/// digest and a rotation's incoming key (applied to the committer once it is durable).
+struct Tally {
+    ckpt: Tip,
+    audit: Tip,
+    state: StateDigest,
+    incoming: Option<SigningKey>,
+}
+
 impl From<heed::Error> for Step {
     fn from(e: heed::Error) -> Self {
         Step::Fatal(e)
@@ -105,61 +123,100 @@ impl Committer {
         let now = now_ns();
         let env = self.store.env.clone();
         let mut wtxn = env.write_txn().map_err(fail)?;
-        let dbs = self.store.dbs;
         if genesis {
-            let mut format = FORMAT_MARKER.to_vec();
-            format.extend_from_slice(&FORMAT_VERSION.to_be_bytes());
-            dbs.meta
-                .put(&mut wtxn, meta_keys::FORMAT, &format)
-                .map_err(fail)?;
-            dbs.meta
-                .put(&mut wtxn, meta_keys::PUBLIC_KEY, &self.key.public_key())
-                .map_err(fail)?;
+            self.write_identity(&mut wtxn).map_err(fail)?;
         }
-        let mut ckpt = self.checkpoints;
-        let mut audit = self.audit;
-        let mut state = self.state.clone();
+        let mut tally = Tally {
+            ckpt: self.checkpoints,
+            audit: self.audit,
+            state: self.state.clone(),
+            incoming: None,
+        };
         let mut results = Vec::with_capacity(n);
-        let mut incoming: Option<SigningKey> = None;
         for job in jobs {
-            let step = match job {
-                Job::AdminNonce(job) => self.apply_nonce(&mut wtxn, &mut audit, *job, now),
-                Job::RotateKey(events) => {
-                    self.apply_rotation(&mut wtxn, &mut audit, &mut incoming, events, now)
-                }
-                Job::Commit(tx) => {
-                    self.apply_tx(&mut wtxn, &mut ckpt, &mut audit, &mut state, *tx, now)
-                }
-                Job::Audit(events) | Job::LazyAudit(events) | Job::Deferred(events) => {
-                    self.apply_audit(&mut wtxn, &mut audit, events, now)
-                }
-                Job::Rollback(job) => {
-                    self.apply_rollback(&mut wtxn, &mut ckpt, &mut audit, &mut state, *job, now)
-                }
-            };
-            match step {
+            match self.apply_job(&mut wtxn, &mut tally, job, now) {
                 Ok(r) => results.push(Ok(r)),
                 Err(Step::Reject(e)) => results.push(Err(e)),
                 Err(Step::Fatal(e)) => return Err(fail(e)),
             }
         }
-        if ckpt == self.checkpoints && audit == self.audit && !genesis {
+        if tally.ckpt == self.checkpoints && tally.audit == self.audit && !genesis {
             wtxn.abort();
             return Ok(results);
         }
         let group = self.group.saturating_add(1);
-        let next_key = incoming.as_ref().map(SigningKey::public_key);
+        self.write_head(&mut wtxn, &tally, group, now)
+            .map_err(fail)?;
+        // LMDB's commit writes the pages and fsyncs: the group's durable cost.
+        let started = std::time::Instant::now();
+        if let Err(e) = wtxn.commit() {
+            if tally.incoming.is_some() {
+                let _ = self.keys.discard_next(&self.store.dir);
+            }
+            return Err(fail(e));
+        }
+        self.group_stats.committed(n, started.elapsed());
+        self.after_durable(tally, group);
+        for r in results.iter_mut().flatten() {
+            r.group = group;
+        }
+        Ok(results)
+    }
+
+    /// A new ledger's format marker and public key (the genesis group).
+    fn write_identity(&self, wtxn: &mut RwTxn<'_>) -> Result<(), heed::Error> {
+        let dbs = self.store.dbs;
+        let mut format = FORMAT_MARKER.to_vec();
+        format.extend_from_slice(&FORMAT_VERSION.to_be_bytes());
+        dbs.meta.put(wtxn, meta_keys::FORMAT, &format)?;
+        dbs.meta
+            .put(wtxn, meta_keys::PUBLIC_KEY, &self.key.public_key())
+    }
+
+    /// One job of the group, applied to the write transaction and to the group's tally.
+    fn apply_job(
+        &mut self,
+        wtxn: &mut RwTxn<'_>,
+        t: &mut Tally,
+        job: Job,
+        now: u64,
+    ) -> Result<Receipt, Step> {
+        match job {
+            Job::AdminNonce(job) => self.apply_nonce(wtxn, &mut t.audit, *job, now),
+            Job::RotateKey(events) => {
+                self.apply_rotation(wtxn, &mut t.audit, &mut t.incoming, events, now)
+            }
+            Job::Commit(tx) => {
+                self.apply_tx(wtxn, &mut t.ckpt, &mut t.audit, &mut t.state, *tx, now)
+            }
+            Job::Audit(events) | Job::LazyAudit(events) | Job::Deferred(events) => {
+                self.apply_audit(wtxn, &mut t.audit, events, now)
+            }
+            Job::Rollback(job) => {
+                self.apply_rollback(wtxn, &mut t.ckpt, &mut t.audit, &mut t.state, *job, now)
+            }
+        }
+    }
+
+    /// The group's signed head (version 3 with the live-state digest and the epoch; a
+    /// rotation names the incoming key) and the tips it signs, in the write transaction.
+    fn write_head(
+        &self,
+        wtxn: &mut RwTxn<'_>,
+        t: &Tally,
+        group: u64,
+        now: u64,
+    ) -> Result<(), heed::Error> {
+        let dbs = self.store.dbs;
+        let (ckpt, audit) = (t.ckpt, t.audit);
+        let next_key = t.incoming.as_ref().map(SigningKey::public_key);
         if let Some(next) = &next_key {
-            dbs.meta
-                .put(&mut wtxn, meta_keys::SIGNING_KEY, next)
-                .map_err(fail)?;
+            dbs.meta.put(wtxn, meta_keys::SIGNING_KEY, next)?;
         }
         let head = if self.maintain_state {
-            let encoded_state = state.encode();
+            let encoded_state = t.state.encode();
             let state_hash = crate::state::hash_encoding(&encoded_state);
-            dbs.meta
-                .put(&mut wtxn, meta_keys::STATE, &encoded_state)
-                .map_err(fail)?;
+            dbs.meta.put(wtxn, meta_keys::STATE, &encoded_state)?;
             SignedHead::sign_v3(
                 &self.key, group, ckpt, audit, now, state_hash, self.epoch, next_key,
             )
@@ -169,28 +226,18 @@ impl Committer {
                 None => SignedHead::sign(&self.key, group, ckpt, audit, now),
             }
         };
-        dbs.heads
-            .put(&mut wtxn, &u64_key(group), &head.encode())
-            .map_err(fail)?;
+        dbs.heads.put(wtxn, &u64_key(group), &head.encode())?;
         dbs.meta
-            .put(&mut wtxn, meta_keys::CKPT_TIP, &encode_tip(&ckpt))
-            .map_err(fail)?;
+            .put(wtxn, meta_keys::CKPT_TIP, &encode_tip(&ckpt))?;
         dbs.meta
-            .put(&mut wtxn, meta_keys::AUDIT_TIP, &encode_tip(&audit))
-            .map_err(fail)?;
-        dbs.meta
-            .put(&mut wtxn, meta_keys::GROUP, &u64_key(group))
-            .map_err(fail)?;
-        // LMDB's commit writes the pages and fsyncs: the group's durable cost.
-        let started = std::time::Instant::now();
-        if let Err(e) = wtxn.commit() {
-            if incoming.is_some() {
-                let _ = self.keys.discard_next(&self.store.dir);
-            }
-            return Err(fail(e));
-        }
-        self.group_stats.committed(n, started.elapsed());
-        if let Some(next) = incoming {
+            .put(wtxn, meta_keys::AUDIT_TIP, &encode_tip(&audit))?;
+        dbs.meta.put(wtxn, meta_keys::GROUP, &u64_key(group))
+    }
+
+    /// After the group is durable: a rotation's key installed and in use, the committer's
+    /// tips, digest and the shared tips moved to the group's.
+    fn after_durable(&mut self, t: Tally, group: u64) {
+        if let Some(next) = t.incoming {
             // The rotation head is durable: from now on only the new key may sign. If the
             // rename fails, the next start finds signing.key.next matching the ledger and
             // finishes it (Ledger::open).
@@ -202,23 +249,18 @@ impl Committer {
             }
             self.key = next;
         }
-
-        self.checkpoints = ckpt;
-        self.audit = audit;
+        self.checkpoints = t.ckpt;
+        self.audit = t.audit;
         self.group = group;
-        self.state = state;
-        if let Ok(mut t) = self.shared_tips.lock() {
-            *t = Tips {
-                checkpoints: ckpt,
-                audit,
+        self.state = t.state;
+        if let Ok(mut tips) = self.shared_tips.lock() {
+            *tips = Tips {
+                checkpoints: t.ckpt,
+                audit: t.audit,
                 group,
                 epoch: self.epoch,
             };
         }
-        for r in results.iter_mut().flatten() {
-            r.group = group;
-        }
-        Ok(results)
     }
 
     fn current(&self, wtxn: &RwTxn<'_>, key: &[u8]) -> Result<(u64, Option<Vec<u8>>), Step> {
@@ -294,56 +336,10 @@ impl Committer {
         tx: PreparedTx,
         now: u64,
     ) -> Result<Receipt, Step> {
-        let dbs = self.store.dbs;
-        if dbs.tx_index.get(wtxn, &tx.ctx.tx_id.0)?.is_some() {
-            return Err(Step::Reject(CommitError::DuplicateTxId(tx.ctx.tx_id)));
-        }
-        let idempotency = match (&tx.idempotency_key, dbs.idempotency) {
-            (Some(key), Some(db)) => {
-                let client = tx.client.as_deref().unwrap_or("");
-                let hash = crate::idempotency::key_hash(client, key);
-                if let Some(seq) = crate::idempotency::lookup(db, wtxn, &hash)? {
-                    return Err(Step::Reject(CommitError::IdempotencyKeyUsed { seq }));
-                }
-                Some((db, hash, client.to_string(), key.clone()))
-            }
-            _ => None,
-        };
-        for (key, &read) in &tx.reads {
-            let (current, _) = self.current(wtxn, key)?;
-            if current != read {
-                return Err(Step::Reject(CommitError::Conflict {
-                    key: hex(key),
-                    read,
-                    current,
-                }));
-            }
-        }
-        for scan in &tx.scans {
-            self.validate_scan(wtxn, scan)?;
-        }
-
+        let idempotency = self.validate_tx(wtxn, &tx)?;
         let seq = ckpt.seq.saturating_add(1);
-        let mut writes = Vec::with_capacity(tx.writes.len());
-        let mut stored = Vec::with_capacity(tx.writes.len());
-        for (key, after) in tx.writes {
-            let raw = dbs.data.get(wtxn, &key)?.map(<[u8]>::to_vec);
-            let (before_version, before) = match &raw {
-                None => (0, None),
-                Some(bytes) => {
-                    let s = decode_value(bytes)
-                        .ok_or_else(|| Step::Reject(CommitError::Corrupt { key: hex(&key) }))?;
-                    (s.version, s.value.map(<[u8]>::to_vec))
-                }
-            };
-            stored.push(raw);
-            writes.push(WriteEntry {
-                key,
-                before_version,
-                before,
-                after,
-            });
-        }
+        let (writes, stored) = self.before_images(wtxn, tx.writes)?;
+        let dbs = self.store.dbs;
         let cp = Checkpoint {
             seq,
             prev_hash: ckpt.hash,
@@ -392,15 +388,8 @@ impl Committer {
         for ev in tx.audit {
             self.append_audit(wtxn, audit, ev, now)?;
         }
-        if let Some((db, key_hash, client, key)) = idempotency {
-            let ev = AuditEvent::new(crate::idempotency::EVENT, crate::Severity::Info)
-                .field("client", client)
-                .field("key", key)
-                .field("seq", seq)
-                .field("tx_id", cp.tx_id);
-            self.append_audit(wtxn, audit, ev, now)?;
-            crate::idempotency::insert(db, wtxn, &key_hash, seq, now)?;
-            crate::idempotency::prune(db, wtxn, now, self.idempotency)?;
+        if let Some(claim) = idempotency {
+            self.record_idempotency(wtxn, audit, claim, seq, cp.tx_id, now)?;
         }
         Ok(Receipt {
             seq,
@@ -408,6 +397,145 @@ impl Committer {
             audit_seq: audit.seq,
             group: 0,
         })
+    }
+
+    /// Whether a prepared transaction may commit: a new tx id, an unused idempotency key
+    /// (the key's claim is returned), every read and scan still current.
+    fn validate_tx(&self, wtxn: &RwTxn<'_>, tx: &PreparedTx) -> Result<Option<KeyClaim>, Step> {
+        let dbs = self.store.dbs;
+        if dbs.tx_index.get(wtxn, &tx.ctx.tx_id.0)?.is_some() {
+            return Err(Step::Reject(CommitError::DuplicateTxId(tx.ctx.tx_id)));
+        }
+        let idempotency = match (&tx.idempotency_key, dbs.idempotency) {
+            (Some(key), Some(db)) => {
+                let client = tx.client.as_deref().unwrap_or("");
+                let hash = crate::idempotency::key_hash(client, key);
+                if let Some(seq) = crate::idempotency::lookup(db, wtxn, &hash)? {
+                    return Err(Step::Reject(CommitError::IdempotencyKeyUsed { seq }));
+                }
+                Some(KeyClaim {
+                    db,
+                    hash,
+                    client: client.to_string(),
+                    key: key.clone(),
+                })
+            }
+            _ => None,
+        };
+        for (key, &read) in &tx.reads {
+            let (current, _) = self.current(wtxn, key)?;
+            if current != read {
+                return Err(Step::Reject(CommitError::Conflict {
+                    key: hex(key),
+                    read,
+                    current,
+                }));
+            }
+        }
+        for scan in &tx.scans {
+            self.validate_scan(wtxn, scan)?;
+        }
+
+        Ok(idempotency)
+    }
+
+    /// Each write's entry with the value and version it replaces, and the stored bytes it
+    /// replaces (for the live-state digest).
+    #[allow(clippy::type_complexity)]
+    fn before_images(
+        &self,
+        wtxn: &RwTxn<'_>,
+        tx_writes: std::collections::BTreeMap<Vec<u8>, Option<Vec<u8>>>,
+    ) -> Result<(Vec<WriteEntry>, Vec<Option<Vec<u8>>>), Step> {
+        let dbs = self.store.dbs;
+        let mut writes = Vec::with_capacity(tx_writes.len());
+        let mut stored = Vec::with_capacity(tx_writes.len());
+        for (key, after) in tx_writes {
+            let raw = dbs.data.get(wtxn, &key)?.map(<[u8]>::to_vec);
+            let (before_version, before) = match &raw {
+                None => (0, None),
+                Some(bytes) => {
+                    let s = decode_value(bytes)
+                        .ok_or_else(|| Step::Reject(CommitError::Corrupt { key: hex(&key) }))?;
+                    (s.version, s.value.map(<[u8]>::to_vec))
+                }
+            };
+            stored.push(raw);
+            writes.push(WriteEntry {
+                key,
+                before_version,
+                before,
+                after,
+            });
+        }
+        Ok((writes, stored))
+    }
+
+    /// An idempotency key's record: its audit record and its index entry (pruned to the
+    /// retention), in the transaction's group.
+    fn record_idempotency(
+        &self,
+        wtxn: &mut RwTxn<'_>,
+        audit: &mut Tip,
+        claim: KeyClaim,
+        seq: u64,
+        tx_id: crate::types::TxId,
+        now: u64,
+    ) -> Result<(), Step> {
+        let KeyClaim {
+            db,
+            hash: key_hash,
+            client,
+            key,
+        } = claim;
+        let ev = AuditEvent::new(crate::idempotency::EVENT, crate::Severity::Info)
+            .field("client", client)
+            .field("key", key)
+            .field("seq", seq)
+            .field("tx_id", tx_id);
+        self.append_audit(wtxn, audit, ev, now)?;
+        crate::idempotency::insert(db, wtxn, &key_hash, seq, now)?;
+        crate::idempotency::prune(db, wtxn, now, self.idempotency)?;
+        Ok(())
+    }
+
+    /// A rollback plan still holds: nothing it restores has changed since it was made, and
+    /// no commit since has read what it undoes (else the plan is stale: refused).
+    fn check_plan_current(
+        &self,
+        wtxn: &RwTxn<'_>,
+        plan: &crate::record::RollbackPlan,
+    ) -> Result<(), Step> {
+        let dbs = self.store.dbs;
+        let stale = |reason: String| Step::Reject(CommitError::StaleRollback { reason });
+        // Nothing the plan restores may have changed since it was made...
+        for w in &plan.writes {
+            let (current, _) = self.current(wtxn, &w.key)?;
+            if current != w.before_version {
+                return Err(stale(format!(
+                    "key {} is now at version {current}, planned at {}",
+                    hex(&w.key),
+                    w.before_version
+                )));
+            }
+        }
+        // ...and no commit since may have read what it undoes.
+        let start = u64_key(plan.tip.saturating_add(1));
+        let range = (Bound::Included(&start[..]), Bound::Unbounded);
+        for item in dbs.deps.range(wtxn, &range)? {
+            let (k, v) = item?;
+            let reads_affected = v
+                .chunks_exact(8)
+                .filter_map(crate::store::read_u64)
+                .any(|w| plan.affected.binary_search(&w).is_ok());
+            if reads_affected {
+                let reader = crate::store::read_u64(k).unwrap_or(0);
+                return Err(stale(format!(
+                    "commit {reader} read undone data after planning"
+                )));
+            }
+        }
+        Ok(())
     }
 
     fn apply_rollback(
@@ -420,34 +548,7 @@ impl Committer {
         now: u64,
     ) -> Result<Receipt, Step> {
         let dbs = self.store.dbs;
-        let stale = |reason: String| Step::Reject(CommitError::StaleRollback { reason });
-        // Nothing the plan restores may have changed since it was made...
-        for w in &job.plan.writes {
-            let (current, _) = self.current(wtxn, &w.key)?;
-            if current != w.before_version {
-                return Err(stale(format!(
-                    "key {} is now at version {current}, planned at {}",
-                    hex(&w.key),
-                    w.before_version
-                )));
-            }
-        }
-        // ...and no commit since may have read what it undoes.
-        let start = u64_key(job.plan.tip.saturating_add(1));
-        let range = (Bound::Included(&start[..]), Bound::Unbounded);
-        for item in dbs.deps.range(wtxn, &range)? {
-            let (k, v) = item?;
-            let reads_affected = v
-                .chunks_exact(8)
-                .filter_map(crate::store::read_u64)
-                .any(|w| job.plan.affected.binary_search(&w).is_ok());
-            if reads_affected {
-                let reader = crate::store::read_u64(k).unwrap_or(0);
-                return Err(stale(format!(
-                    "commit {reader} read undone data after planning"
-                )));
-            }
-        }
+        self.check_plan_current(wtxn, &job.plan)?;
         let seq = ckpt.seq.saturating_add(1);
         let record = crate::record::RollbackRecord {
             seq,

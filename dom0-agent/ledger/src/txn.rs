@@ -283,23 +283,7 @@ impl Tx {
         end: Option<&[u8]>,
         limit: usize,
     ) -> Result<ScanResult, TxError> {
-        if limit == 0 || limit > limits::MAX_SCAN {
-            return Err(TxError::BadScanLimit {
-                limit,
-                max: limits::MAX_SCAN,
-            });
-        }
-        if self.scans.len() >= limits::MAX_SCANS {
-            return Err(TxError::TooManyScans {
-                max: limits::MAX_SCANS,
-            });
-        }
-        if !start.is_empty() {
-            check_key(start)?;
-        }
-        if let Some(e) = end {
-            check_key(e)?;
-        }
+        self.check_scan(start, end, limit)?;
         let upper: Bound<&[u8]> = end.map_or(Bound::Unbounded, Bound::Excluded);
         let range = (Bound::Included(start), upper);
 
@@ -364,6 +348,43 @@ impl Tx {
             last_key = Some(next);
         }
         drop(committed);
+        self.record_scan(start, end, more, last_key, seen)?;
+        Ok(ScanResult { entries, more })
+    }
+
+    /// A scan's arguments within the limits: `limit` in 1..=MAX_SCAN, at most MAX_SCANS
+    /// scans per transaction, valid bounds.
+    fn check_scan(&self, start: &[u8], end: Option<&[u8]>, limit: usize) -> Result<(), TxError> {
+        if limit == 0 || limit > limits::MAX_SCAN {
+            return Err(TxError::BadScanLimit {
+                limit,
+                max: limits::MAX_SCAN,
+            });
+        }
+        if self.scans.len() >= limits::MAX_SCANS {
+            return Err(TxError::TooManyScans {
+                max: limits::MAX_SCANS,
+            });
+        }
+        if !start.is_empty() {
+            check_key(start)?;
+        }
+        if let Some(e) = end {
+            check_key(e)?;
+        }
+        Ok(())
+    }
+
+    /// A finished scan joins the read set: the keys it examined and the range it covered
+    /// (up to its last key when it stopped at its limit), re-checked at commit.
+    fn record_scan(
+        &mut self,
+        start: &[u8],
+        end: Option<&[u8]>,
+        more: bool,
+        last_key: Option<Vec<u8>>,
+        seen: Vec<(Vec<u8>, u64)>,
+    ) -> Result<(), TxError> {
         let covered_end = match (more, last_key) {
             (true, Some(k)) => Bound::Included(k),
             _ => end.map_or(Bound::Unbounded, |e| Bound::Excluded(e.to_vec())),
@@ -376,7 +397,7 @@ impl Tx {
             end: covered_end,
             seen,
         });
-        Ok(ScanResult { entries, more })
+        Ok(())
     }
 
     /// Commits with the handler's `result` and waits until it is durable.
