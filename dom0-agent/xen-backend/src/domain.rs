@@ -21,14 +21,14 @@
 use std::collections::HashMap;
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use mayfly_domain::{DomainExit, Ring};
 use mayfly_ring::wire::PROTOCOL_VERSION;
-use mayfly_ring::{Backend, Request, RingError, SharedMem};
+use mayfly_ring::{Backend, Envelope, Request, RingError, SharedMem};
 use mayfly_xen::xenstore::uuid_text;
 use mayfly_xen::{
     Control, CtrlError, DomId, DomainNotifier, DomainState, EventChannel, EvtchnError, GntshrError,
@@ -512,100 +512,128 @@ pub struct XenProvisioner {
 }
 
 impl XenProvisioner {
+    /// Builds domain number `seq` and brings it to Ready, paused for the pool: in-process
+    /// for a Mayfly PV guest, else through `xl` (the config written, `xl create` run, the
+    /// domain claimed, its ring attached).
     fn build(&self, seq: u64) -> Result<LiveDomain, CreateError> {
-        let hyp = &self.hyp;
-        let config = &hyp.config;
         let started = Instant::now();
         let name = format!("{NAME_PREFIX}{seq}");
-        if hyp.stopping.load(Ordering::SeqCst) {
+        if self.hyp.stopping.load(Ordering::SeqCst) {
             return Err(CreateError::Stopping { name });
         }
-        if let Some(builder) = &hyp.pv {
+        if let Some(builder) = &self.hyp.pv {
             return self.build_mayfly(builder, seq, name, started);
         }
+        let cfg = self.write_xl_config(&name)?;
+        let output = self.run_xl_create(&name, &cfg);
+        let guard = self.claim_created(&name, cfg, output)?;
+        let live = self.attach_ring(guard)?;
+        self.await_ready(live, started)
+    }
+
+    /// Writes the domain's xl config file into the run directory; returns its path.
+    fn write_xl_config(&self, name: &str) -> Result<PathBuf, CreateError> {
+        let config = &self.hyp.config;
         let cfg = config.run_dir.join(format!("{name}.cfg"));
         let text = config
-            .xl_config(&name)
+            .xl_config(name)
             .map_err(|source| CreateError::Config {
-                name: name.clone(),
+                name: name.to_owned(),
                 source,
             })?;
         fs::write(&cfg, text).map_err(|source| CreateError::Io {
-            name: name.clone(),
+            name: name.to_owned(),
             what: "writing",
             path: cfg.clone(),
             source,
         })?;
+        Ok(cfg)
+    }
+
+    /// Runs `xl create -p -e` on the config: the domain is created paused. Bounded by the
+    /// whole build's budget: a hung `xl` must not hold a refill thread (and the backend's
+    /// shutdown, which joins it) for ever. Its failure is only judged once the caller has
+    /// looked for a domain of this name, which is ours to destroy whatever xl did.
+    fn run_xl_create(&self, name: &str, cfg: &Path) -> Result<Output, CreateError> {
+        let config = &self.hyp.config;
         let mut xl = Command::new(&config.xl);
-        xl.args(["create", "-p", "-e"]).arg(&cfg);
-        // Bounded by the whole build's budget: a hung `xl` must not hold a refill thread (and
-        // the backend's shutdown, which joins it) for ever.
-        let output = output_within(xl, config.ready_timeout, &hyp.stopping).map_err(|source| {
+        xl.args(["create", "-p", "-e"]).arg(cfg);
+        output_within(xl, config.ready_timeout, &self.hyp.stopping).map_err(|source| {
             CreateError::Io {
-                name: name.clone(),
+                name: name.to_owned(),
                 what: "running xl for",
-                path: cfg.clone(),
+                path: cfg.to_path_buf(),
                 source,
             }
-        });
-        let ctrl = |source| CreateError::Ctrl {
-            name: name.clone(),
-            source,
-        };
-        let store = |source| CreateError::Store {
-            name: name.clone(),
-            source,
-        };
-        // Whatever xl did, a domain of this name is ours to destroy on failure.
-        let domid = hyp.store.domid_of(&name).map_err(store)?;
+        })
+    }
+
+    /// Claims the domain `xl` created under `name`: its domid from xenstore and its uuid
+    /// from Xen, in an armed [`BuildGuard`] (any later error destroys it), then judges xl's
+    /// `output`. No domain of the name: the config file is removed and xl's failure (or
+    /// [`CreateError::NotFound`]) returned. A domain whose info cannot be read is destroyed
+    /// at once, without the uuid check (found by its name moments ago: ours).
+    fn claim_created(
+        &self,
+        name: &str,
+        cfg: PathBuf,
+        output: Result<Output, CreateError>,
+    ) -> Result<BuildGuard<'_>, CreateError> {
+        let hyp = &self.hyp;
+        let domid = hyp
+            .store
+            .domid_of(name)
+            .map_err(|source| CreateError::Store {
+                name: name.to_owned(),
+                source,
+            })?;
         let uuid = match domid {
             Some(d) => match hyp.control.info(d) {
                 Ok(info) => info.map(|i| i.uuid),
                 Err(source) => {
-                    // Found by its name moments ago: ours, destroyed without the uuid check.
                     if let Err(e) = hyp.control.destroy(d) {
                         warn!(hyp.logger, "destroying a half-built domain failed (the reconciler will at the next start)";
-                            "domid" => d, "name" => &name, "error" => %e);
+                            "domid" => d, "name" => name, "error" => %e);
                     }
                     let _ = hyp.store.remove_domain(d, None);
                     let _ = fs::remove_file(&cfg);
-                    return Err(ctrl(source));
+                    return Err(CreateError::Ctrl {
+                        name: name.to_owned(),
+                        source,
+                    });
                 }
             },
             None => None,
         };
-        let mut guard = match (domid, uuid) {
-            (Some(domid), Some(uuid)) => BuildGuard {
-                hyp,
-                name: name.clone(),
-                domid,
-                uuid,
-                cfg: cfg.clone(),
-                ring: None,
-                channel: None,
-                armed: true,
-            },
-            _ => {
-                let _ = fs::remove_file(&cfg);
-                let output = output?;
-                if !output.status.success() {
-                    return Err(CreateError::Xl {
-                        name,
-                        status: output.status,
-                        output: tail(&output.stderr, &output.stdout),
-                    });
-                }
-                return Err(CreateError::NotFound { name });
-            }
-        };
-        let output = output?;
-        if !output.status.success() {
-            return Err(CreateError::Xl {
-                name,
-                status: output.status,
-                output: tail(&output.stderr, &output.stdout),
+        let (Some(domid), Some(uuid)) = (domid, uuid) else {
+            let _ = fs::remove_file(&cfg);
+            xl_succeeded(name, output?)?;
+            return Err(CreateError::NotFound {
+                name: name.to_owned(),
             });
-        }
+        };
+        let guard = BuildGuard {
+            hyp,
+            name: name.to_owned(),
+            domid,
+            uuid,
+            cfg,
+            ring: None,
+            channel: None,
+            armed: true,
+        };
+        xl_succeeded(name, output?)?;
+        Ok(guard)
+    }
+
+    /// Gives the claimed domain its ring: the ring's pages granted to it, an unbound event
+    /// channel for it, and both published in xenstore (the [`RingContract`]). The resources
+    /// are then handed from the guard to the returned [`LiveDomain`], which destroys the
+    /// domain on every path from here.
+    fn attach_ring(&self, mut guard: BuildGuard<'_>) -> Result<LiveDomain, CreateError> {
+        let hyp = &self.hyp;
+        let config = &hyp.config;
+        let name = guard.name.clone();
         let domid = guard.domid;
         let pages =
             GrantedPages::share(Arc::clone(&hyp.libs), domid, config.geometry.total_pages())
@@ -615,12 +643,12 @@ impl XenProvisioner {
                 })?;
         let ring_refs = pages.refs().to_vec();
         let mem: Arc<dyn SharedMem> = Arc::new(pages);
-        let ring_error = |source| CreateError::Ring {
+        let ring = Backend::new(mem, config.geometry).map_err(|source| CreateError::Ring {
             name: name.clone(),
             domid,
             source,
-        };
-        guard.ring = Some(Backend::new(mem, config.geometry).map_err(ring_error)?);
+        })?;
+        guard.ring = Some(ring);
         let channel =
             EventChannel::bind_unbound(Arc::clone(&hyp.libs), domid).map_err(|source| {
                 CreateError::Evtchn {
@@ -633,27 +661,29 @@ impl XenProvisioner {
             event_channel: channel.port(),
         };
         guard.channel = Some(channel);
-        hyp.store.write_contract(domid, &contract).map_err(store)?;
-        // Hand the resources over: from here the LiveDomain destroys on every path.
+        hyp.store
+            .write_contract(domid, &contract)
+            .map_err(|source| CreateError::Store {
+                name: name.clone(),
+                source,
+            })?;
         let (Some(ring), Some(channel)) = (guard.ring.take(), guard.channel.take()) else {
             unreachable!("set above");
         };
         guard.armed = false;
-        let live = LiveDomain {
+        Ok(LiveDomain {
             hyp: Arc::clone(hyp),
-            name: name.clone(),
+            name,
             domid,
             uuid: guard.uuid,
-            cfg: cfg.clone(),
+            cfg: guard.cfg.clone(),
             ring,
             notifier: DomainNotifier::new(channel, Arc::clone(&hyp.control)),
             ready_id: 0,
             killed: Arc::new(AtomicBool::new(false)),
             ended: None,
             keep_log: true,
-        };
-        drop(guard);
-        self.await_ready(live, started)
+        })
     }
 
     /// Unpauses a freshly built domain, waits for the guest's `Ready` on the ring (within
@@ -664,53 +694,91 @@ impl XenProvisioner {
         started: Instant,
     ) -> Result<LiveDomain, CreateError> {
         let hyp = &self.hyp;
-        let config = &hyp.config;
-        let name = live.name.clone();
-        let domid = live.domid;
-        let ctrl = |source| CreateError::Ctrl {
-            name: name.clone(),
-            source,
-        };
-        let ring_error = |source| CreateError::Ring {
-            name: name.clone(),
-            domid,
-            source,
-        };
-        hyp.control.unpause(domid).map_err(ctrl)?;
-        let waited = config.ready_timeout;
-        // Waited for in slices, so that a backend shutting down does not wait out a slow boot.
-        let envelope = loop {
+        hyp.control
+            .unpause(live.domid)
+            .map_err(|source| CreateError::Ctrl {
+                name: live.name.clone(),
+                source,
+            })?;
+        let envelope = self.first_request(&mut live, started)?;
+        self.accept_ready(&mut live, envelope)?;
+        hyp.control
+            .pause(live.domid)
+            .map_err(|source| CreateError::Ctrl {
+                name: live.name.clone(),
+                source,
+            })?;
+        live.keep_log = false;
+        debug!(hyp.logger, "domain ready and paused";
+            "domid" => live.domid, "name" => &live.name, "millis" => started.elapsed().as_millis());
+        Ok(live)
+    }
+
+    /// The guest's first request on the ring, waited for until the build's budget (counted
+    /// from `started`) runs out. Waited for in slices, so that a backend shutting down does
+    /// not wait out a slow boot. A guest that dies first is ended and reported as such.
+    fn first_request(
+        &self,
+        live: &mut LiveDomain,
+        started: Instant,
+    ) -> Result<Envelope<Request>, CreateError> {
+        let hyp = &self.hyp;
+        let waited = hyp.config.ready_timeout;
+        loop {
             let left = waited.saturating_sub(started.elapsed());
             if hyp.stopping.load(Ordering::SeqCst) {
-                return Err(CreateError::Stopping { name });
+                return Err(CreateError::Stopping {
+                    name: live.name.clone(),
+                });
             }
             match live
                 .ring
                 .recv_request(&live.notifier, Some(left.min(STOP_CHECK)))
             {
-                Ok(envelope) => break envelope,
+                Ok(envelope) => return Ok(envelope),
                 Err(RingError::PeerGone) => {
                     let exit = live.end().unwrap_or(DomainExit::Crashed { signal: 0 });
-                    return Err(CreateError::Died { name, domid, exit });
+                    return Err(CreateError::Died {
+                        name: live.name.clone(),
+                        domid: live.domid,
+                        exit,
+                    });
                 }
                 Err(RingError::Timeout { .. }) if started.elapsed() < waited => {}
                 Err(RingError::Timeout { .. }) => {
                     return Err(CreateError::ReadyTimeout {
-                        name,
-                        domid,
+                        name: live.name.clone(),
+                        domid: live.domid,
                         waited,
                     })
                 }
-                Err(source) => return Err(ring_error(source)),
+                Err(source) => {
+                    return Err(CreateError::Ring {
+                        name: live.name.clone(),
+                        domid: live.domid,
+                        source,
+                    })
+                }
             }
-        };
+        }
+    }
+
+    /// Accepts the guest's first request if it is a `Ready` of this protocol version whose
+    /// handler list the pool admits. The first guest's list is the pool's; a later guest
+    /// announcing another is broken or hostile: refused (the caller destroys it) and
+    /// reported as a violation.
+    fn accept_ready(
+        &self,
+        live: &mut LiveDomain,
+        envelope: Envelope<Request>,
+    ) -> Result<(), CreateError> {
+        let hyp = &self.hyp;
+        let (name, domid) = (live.name.clone(), live.domid);
         match envelope.body {
             Request::Ready {
                 protocol_version,
                 handlers,
             } if protocol_version == PROTOCOL_VERSION => {
-                // The first guest's list is the pool's; a later guest announcing another
-                // is broken or hostile: refused (`live` is destroyed on return) and reported.
                 if let Err(differs) = hyp.handlers.admit(&handlers) {
                     (hyp.violations)(mayfly_domain::Violation {
                         backend: crate::config::BACKEND,
@@ -724,20 +792,59 @@ impl XenProvisioner {
                     });
                 }
                 live.ready_id = envelope.id;
+                Ok(())
             }
-            other => {
-                return Err(CreateError::NotReady {
-                    name,
-                    domid,
-                    what: format!("{other:?}").chars().take(200).collect(),
-                })
-            }
+            other => Err(CreateError::NotReady {
+                name,
+                domid,
+                what: format!("{other:?}").chars().take(200).collect(),
+            }),
         }
-        hyp.control.pause(domid).map_err(ctrl)?;
-        live.keep_log = false;
-        debug!(hyp.logger, "domain ready and paused";
-            "domid" => domid, "name" => &live.name, "millis" => started.elapsed().as_millis());
-        Ok(live)
+    }
+
+    /// The ring of a Mayfly PV guest being built as `domid`, and its boot module: the
+    /// ring's pages granted to the domid, an unbound port for it, and the [`BootInfo`]
+    /// (both, and the fresh `entropy`) encoded.
+    ///
+    /// [`BootInfo`]: mayfly_ring::bootinfo::BootInfo
+    fn pv_boot_module(
+        &self,
+        name: &str,
+        domid: DomId,
+        entropy: [u8; mayfly_ring::bootinfo::ENTROPY_LEN],
+    ) -> Result<(Ring, EventChannel, Vec<u8>), CreateError> {
+        let hyp = &self.hyp;
+        let geometry = hyp.config.geometry;
+        let pages = GrantedPages::share(Arc::clone(&hyp.libs), domid, geometry.total_pages())
+            .map_err(|source| CreateError::Grant {
+                name: name.to_owned(),
+                source,
+            })?;
+        let grant_refs = pages.refs().to_vec();
+        let mem: Arc<dyn SharedMem> = Arc::new(pages);
+        let ring = Backend::new(mem, geometry).map_err(|source| CreateError::Ring {
+            name: name.to_owned(),
+            domid,
+            source,
+        })?;
+        let channel =
+            EventChannel::bind_unbound(Arc::clone(&hyp.libs), domid).map_err(|source| {
+                CreateError::Evtchn {
+                    name: name.to_owned(),
+                    source,
+                }
+            })?;
+        let info = mayfly_ring::bootinfo::BootInfo {
+            backend_domid: 0,
+            event_channel: channel.port(),
+            entropy,
+            grant_refs,
+        };
+        let module = info.encode().map_err(|source| CreateError::BootInfo {
+            name: name.to_owned(),
+            source,
+        })?;
+        Ok((ring, channel, module))
     }
 
     /// Builds a Mayfly PV guest in-process ([`PvBuilder`]): the ring's pages granted to the
@@ -752,7 +859,6 @@ impl XenProvisioner {
         started: Instant,
     ) -> Result<LiveDomain, CreateError> {
         let hyp = &self.hyp;
-        let config = &hyp.config;
         let mut entropy = [0u8; mayfly_ring::bootinfo::ENTROPY_LEN];
         fs::File::open("/dev/urandom")
             .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut entropy))
@@ -762,48 +868,16 @@ impl XenProvisioner {
             })?;
         let tag = seq.to_be_bytes();
         let mut parts: Option<(Ring, EventChannel)> = None;
-        let built =
-            builder
-                .build(&hyp.control, tag, |domid| -> Result<Vec<u8>, CreateError> {
-                    let pages = GrantedPages::share(
-                        Arc::clone(&hyp.libs),
-                        domid,
-                        config.geometry.total_pages(),
-                    )
-                    .map_err(|source| CreateError::Grant {
-                        name: name.clone(),
-                        source,
-                    })?;
-                    let grant_refs = pages.refs().to_vec();
-                    let mem: Arc<dyn SharedMem> = Arc::new(pages);
-                    let ring =
-                        Backend::new(mem, config.geometry).map_err(|source| CreateError::Ring {
-                            name: name.clone(),
-                            domid,
-                            source,
-                        })?;
-                    let channel = EventChannel::bind_unbound(Arc::clone(&hyp.libs), domid)
-                        .map_err(|source| CreateError::Evtchn {
-                            name: name.clone(),
-                            source,
-                        })?;
-                    let info = mayfly_ring::bootinfo::BootInfo {
-                        backend_domid: 0,
-                        event_channel: channel.port(),
-                        entropy,
-                        grant_refs,
-                    };
-                    let module = info.encode().map_err(|source| CreateError::BootInfo {
-                        name: name.clone(),
-                        source,
-                    })?;
-                    parts = Some((ring, channel));
-                    Ok(module)
-                })
-                .map_err(|source| CreateError::PvBuild {
-                    name: name.clone(),
-                    source,
-                })?;
+        let built = builder
+            .build(&hyp.control, tag, |domid| -> Result<Vec<u8>, CreateError> {
+                let (ring, channel, module) = self.pv_boot_module(&name, domid, entropy)?;
+                parts = Some((ring, channel));
+                Ok(module)
+            })
+            .map_err(|source| CreateError::PvBuild {
+                name: name.clone(),
+                source,
+            })?;
         // The builder destroyed the domain on failure; the ring's pages and port (if they
         // were made) are released with `parts` after that.
         let Some((ring, channel)) = parts else {
@@ -942,6 +1016,18 @@ fn output_within(
         status: status?,
         stdout,
         stderr,
+    })
+}
+
+/// `Ok` if `xl` exited successfully, else its status and the tail of its output.
+fn xl_succeeded(name: &str, output: Output) -> Result<(), CreateError> {
+    if output.status.success() {
+        return Ok(());
+    }
+    Err(CreateError::Xl {
+        name: name.to_owned(),
+        status: output.status,
+        output: tail(&output.stderr, &output.stdout),
     })
 }
 
