@@ -41,7 +41,7 @@ use mayfly_sync::{lock, wait_timeout};
 use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
 use slog::{debug, error, info, warn, Logger};
 
-use crate::clone::Ctx;
+use crate::clone::{CloneHandle, Ctx};
 use crate::config::SandboxConfig;
 use crate::reconcile;
 use crate::sys;
@@ -364,58 +364,18 @@ impl Sandbox {
                 });
             }
             if state.in_use < self.shared.config.max_in_use {
-                if let Some(mut handle) = state.ready.pop_front() {
+                if let Some(handle) = state.ready.pop_front() {
                     state.in_use = state.in_use.saturating_add(1);
                     drop(state);
                     let left =
                         deadline.map_or(timeout, |d| d.saturating_duration_since(Instant::now()));
-                    match confirm_ready(&self.shared, &mut handle, left) {
-                        Ok(Readiness::NotYet) => {
-                            // The caller's time ran out first: the clone goes back to the
-                            // pool, intact, and the caller gets its timeout.
-                            let mut state = self.shared.pool();
-                            state.in_use = state.in_use.saturating_sub(1);
-                            if state.shut_down {
-                                drop(state);
-                                drop(handle);
-                            } else {
-                                state.ready.push_front(handle);
-                                drop(state);
-                            }
-                            self.shared.changed.notify_all();
-                            return Err(DomainError::Exhausted {
-                                backend: BACKEND,
-                                waited: timeout,
-                            });
-                        }
-                        Ok(Readiness::Ready) => {
-                            self.shared.creation_succeeded();
-                            self.shared.top_up();
-                            debug!(self.shared.logger, "clone taken";
-                                "clone_id" => handle.cell.id, "pid" => handle.cell.pid);
-                            return Ok(SandboxDomain {
-                                handle: Some(handle),
-                                shared: Arc::clone(&self.shared),
-                            });
-                        }
-                        Err(e) => {
-                            // Not handed out: destroyed (dropping the handle), counted,
-                            // and the refill threads back off.
-                            drop(handle);
-                            if let CreateError::HandlersDiffer { clone_id, .. } = &e {
-                                (self.shared.violations)(mayfly_domain::Violation {
-                                    backend: BACKEND,
-                                    domain: *clone_id,
-                                    what: e.to_string(),
-                                });
-                            }
-                            self.shared.creation_failed(&e);
-                            state = self.shared.pool();
-                            state.in_use = state.in_use.saturating_sub(1);
-                            self.shared.changed.notify_all();
-                            continue;
-                        }
+                    if let Some(taken) = self.hand_out(handle, left, timeout) {
+                        return taken;
                     }
+                    state = self.shared.pool();
+                    state.in_use = state.in_use.saturating_sub(1);
+                    self.shared.changed.notify_all();
+                    continue;
                 }
             }
             let left = deadline.map_or(timeout, |d| d.saturating_duration_since(Instant::now()));
@@ -427,6 +387,66 @@ impl Sandbox {
             }
             state = wait_timeout(&self.shared.changed, state, left).0;
         }
+    }
+
+    /// Hands out a clone just taken from the pool (and counted in use) once its `Ready` is
+    /// confirmed within `left`. `Some`: the clone, or the caller's timeout (`timeout`) after
+    /// the clone went back to the pool intact. `None`: the clone was not ready and has been
+    /// destroyed and counted as failed; the caller uncounts it and takes the next.
+    fn hand_out(
+        &self,
+        mut handle: CloneHandle,
+        left: Duration,
+        timeout: Duration,
+    ) -> Option<Result<SandboxDomain, DomainError>> {
+        match confirm_ready(&self.shared, &mut handle, left) {
+            Ok(Readiness::NotYet) => {
+                self.put_back(handle);
+                Some(Err(DomainError::Exhausted {
+                    backend: BACKEND,
+                    waited: timeout,
+                }))
+            }
+            Ok(Readiness::Ready) => {
+                self.shared.creation_succeeded();
+                self.shared.top_up();
+                debug!(self.shared.logger, "clone taken";
+                    "clone_id" => handle.cell.id, "pid" => handle.cell.pid);
+                Some(Ok(SandboxDomain {
+                    handle: Some(handle),
+                    shared: Arc::clone(&self.shared),
+                }))
+            }
+            Err(e) => {
+                // Not handed out: destroyed (dropping the handle), counted, and the refill
+                // threads back off; a clone announcing other handlers is reported.
+                drop(handle);
+                if let CreateError::HandlersDiffer { clone_id, .. } = &e {
+                    (self.shared.violations)(mayfly_domain::Violation {
+                        backend: BACKEND,
+                        domain: *clone_id,
+                        what: e.to_string(),
+                    });
+                }
+                self.shared.creation_failed(&e);
+                None
+            }
+        }
+    }
+
+    /// Returns a clone whose `Ready` the caller's time ran out waiting for to the front of
+    /// the pool, intact and uncounted (or destroys it if the backend has shut down).
+    fn put_back(&self, handle: CloneHandle) {
+        let mut state = self.shared.pool();
+        state.in_use = state.in_use.saturating_sub(1);
+        if state.shut_down {
+            drop(state);
+            drop(handle);
+        } else {
+            state.ready.push_front(handle);
+            drop(state);
+        }
+        self.shared.changed.notify_all();
     }
 }
 
