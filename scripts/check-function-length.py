@@ -27,7 +27,8 @@ PATH = [
     "dom0-agent/domain/src",            # the Domain/DomainBackend contract, quarantine, back-off
     "dom0-agent/xen-backend/src/backend.rs",  # take, hand-out, retire, quarantine
     "dom0-agent/xen-backend/src/pool.rs",     # the pool a domain is taken from, refilled per take
-    "dom0-agent/xen-backend/src/domain.rs",   # each transaction's domain: built, Ready, ended
+    "dom0-agent/xen-backend/src/build.rs",    # each transaction's domain built, to its Ready
+    "dom0-agent/xen-backend/src/domain.rs",   # ... its handle, its end, its clean-up
     "dom0-agent/xen-backend/src/config.rs",   # its xl config, written per build
     "dom0-agent/xen/src",               # grants, event channel, xenstore, domctl, PV build
     "dom0-agent/sandbox/src/backend",   # the agent side: take, exchange, retire, refill, supervise
