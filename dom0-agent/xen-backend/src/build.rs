@@ -170,36 +170,48 @@ impl XenProvisioner {
         Ok(guard)
     }
 
+    /// A ring (zeroed) on fresh pages granted to `domid`, and the grant references the
+    /// guest maps them by. Dropping the ring ends the grants: the caller keeps it until the
+    /// domain is gone.
+    fn granted_ring(&self, name: &str, domid: DomId) -> Result<(Ring, Vec<u32>), CreateError> {
+        let hyp = &self.hyp;
+        let geometry = hyp.config.geometry;
+        let pages = GrantedPages::share(Arc::clone(&hyp.libs), domid, geometry.total_pages())
+            .map_err(|source| CreateError::Grant {
+                name: name.to_owned(),
+                source,
+            })?;
+        let refs = pages.refs().to_vec();
+        let mem: Arc<dyn SharedMem> = Arc::new(pages);
+        let ring = Backend::new(mem, geometry).map_err(|source| CreateError::Ring {
+            name: name.to_owned(),
+            domid,
+            source,
+        })?;
+        Ok((ring, refs))
+    }
+
+    /// An event-channel port allocated unbound for `domid` to bind.
+    fn unbound_channel(&self, name: &str, domid: DomId) -> Result<EventChannel, CreateError> {
+        EventChannel::bind_unbound(Arc::clone(&self.hyp.libs), domid).map_err(|source| {
+            CreateError::Evtchn {
+                name: name.to_owned(),
+                source,
+            }
+        })
+    }
+
     /// Gives the claimed domain its ring: the ring's pages granted to it, an unbound event
     /// channel for it, and both published in xenstore (the [`RingContract`]). The resources
     /// are then handed from the guard to the returned [`LiveDomain`], which destroys the
     /// domain on every path from here.
     fn attach_ring(&self, mut guard: BuildGuard<'_>) -> Result<LiveDomain, CreateError> {
         let hyp = &self.hyp;
-        let config = &hyp.config;
         let name = guard.name.clone();
         let domid = guard.domid;
-        let pages =
-            GrantedPages::share(Arc::clone(&hyp.libs), domid, config.geometry.total_pages())
-                .map_err(|source| CreateError::Grant {
-                    name: name.clone(),
-                    source,
-                })?;
-        let ring_refs = pages.refs().to_vec();
-        let mem: Arc<dyn SharedMem> = Arc::new(pages);
-        let ring = Backend::new(mem, config.geometry).map_err(|source| CreateError::Ring {
-            name: name.clone(),
-            domid,
-            source,
-        })?;
+        let (ring, ring_refs) = self.granted_ring(&name, domid)?;
         guard.ring = Some(ring);
-        let channel =
-            EventChannel::bind_unbound(Arc::clone(&hyp.libs), domid).map_err(|source| {
-                CreateError::Evtchn {
-                    name: name.clone(),
-                    source,
-                }
-            })?;
+        let channel = self.unbound_channel(&name, domid)?;
         let contract = RingContract {
             ring_refs,
             event_channel: channel.port(),
@@ -353,27 +365,8 @@ impl XenProvisioner {
         domid: DomId,
         entropy: [u8; mayfly_ring::bootinfo::ENTROPY_LEN],
     ) -> Result<(Ring, EventChannel, Vec<u8>), CreateError> {
-        let hyp = &self.hyp;
-        let geometry = hyp.config.geometry;
-        let pages = GrantedPages::share(Arc::clone(&hyp.libs), domid, geometry.total_pages())
-            .map_err(|source| CreateError::Grant {
-                name: name.to_owned(),
-                source,
-            })?;
-        let grant_refs = pages.refs().to_vec();
-        let mem: Arc<dyn SharedMem> = Arc::new(pages);
-        let ring = Backend::new(mem, geometry).map_err(|source| CreateError::Ring {
-            name: name.to_owned(),
-            domid,
-            source,
-        })?;
-        let channel =
-            EventChannel::bind_unbound(Arc::clone(&hyp.libs), domid).map_err(|source| {
-                CreateError::Evtchn {
-                    name: name.to_owned(),
-                    source,
-                }
-            })?;
+        let (ring, grant_refs) = self.granted_ring(name, domid)?;
+        let channel = self.unbound_channel(name, domid)?;
         let info = mayfly_ring::bootinfo::BootInfo {
             backend_domid: 0,
             event_channel: channel.port(),
