@@ -409,20 +409,6 @@ mod tests {
     #[test]
     fn each_malformation_is_refused_for_what_it_is() {
         let shutdown = Msg::Shutdown.encode();
-        assert_eq!(refusal(&shutdown[..23]), "short header");
-        let mut bad = shutdown.clone();
-        bad[3] = b'X';
-        assert_eq!(refusal(&bad), "bad magic");
-        let mut bad = shutdown.clone();
-        bad[4..6].copy_from_slice(&2u16.to_le_bytes());
-        assert_eq!(refusal(&bad), "unsupported version");
-        let mut bad = shutdown.clone();
-        bad[6..8].copy_from_slice(&0x0004u16.to_le_bytes());
-        assert_eq!(refusal(&bad), "unknown kind");
-        let mut bad = shutdown;
-        bad.push(0);
-        assert_eq!(refusal(&bad), "trailing bytes");
-
         let conf = Msg::Configure(Settings {
             limits: Limits::default(),
             first_uid: 1000,
@@ -432,23 +418,44 @@ mod tests {
             root: PathBuf::from("/run/x"),
         })
         .encode();
-        assert_eq!(refusal(&conf[..HEADER_LEN + 43]), "short Configure body");
-        assert_eq!(refusal(&conf[..conf.len() - 1]), "short root path");
-        let mut bad = conf.clone();
-        bad[56..60].copy_from_slice(&2u32.to_le_bytes());
-        assert_eq!(refusal(&bad), "unknown Configure flags");
-        let mut bad = conf.clone();
-        bad[48..52].copy_from_slice(&0u32.to_le_bytes());
-        assert_eq!(refusal(&bad), "bad uid range");
-        let mut bad = conf.clone();
-        let too_long = u32::try_from(MAX_ROOT_PATH + 1).unwrap();
-        bad[64..68].copy_from_slice(&too_long.to_le_bytes());
-        assert_eq!(refusal(&bad), "root path too long");
-        // The flag check comes after the whole body is read: a short body with bad flags
-        // is short.
-        let mut bad = conf;
-        bad[56..60].copy_from_slice(&2u32.to_le_bytes());
-        assert_eq!(refusal(&bad[..bad.len() - 1]), "short root path");
+        let too_long = u32::try_from(MAX_ROOT_PATH + 1).unwrap().to_le_bytes();
+        // The message, where bytes are written into it, those bytes, the length kept, and
+        // the reason it is refused for.
+        type Case<'a> = (&'a [u8], usize, &'a [u8], usize, &'a str);
+        let cases: [Case<'_>; 11] = [
+            (&shutdown, 0, b"", 23, "short header"),
+            (&shutdown, 3, b"X", 24, "bad magic"),
+            (&shutdown, 4, &2u16.to_le_bytes(), 24, "unsupported version"),
+            (&shutdown, 6, &4u16.to_le_bytes(), 24, "unknown kind"),
+            (&shutdown, 24, &[0], 25, "trailing bytes"),
+            (&conf, 0, b"", HEADER_LEN + 43, "short Configure body"),
+            (&conf, 0, b"", conf.len() - 1, "short root path"),
+            (
+                &conf,
+                56,
+                &2u32.to_le_bytes(),
+                conf.len(),
+                "unknown Configure flags",
+            ),
+            (&conf, 48, &0u32.to_le_bytes(), conf.len(), "bad uid range"),
+            (&conf, 64, &too_long, conf.len(), "root path too long"),
+            // Flags are judged after the whole body is read: a short body with bad flags
+            // is short.
+            (
+                &conf,
+                56,
+                &2u32.to_le_bytes(),
+                conf.len() - 1,
+                "short root path",
+            ),
+        ];
+        for (msg, at, patch, keep, reason) in cases {
+            let mut bytes = msg.to_vec();
+            bytes.resize(bytes.len().max(at + patch.len()), 0);
+            bytes[at..at + patch.len()].copy_from_slice(patch);
+            bytes.truncate(keep);
+            assert_eq!(refusal(&bytes), reason, "{reason}: {bytes:02x?}");
+        }
     }
 
     fn ready(names: &[&[u8]]) -> Vec<u8> {
