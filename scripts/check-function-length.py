@@ -50,8 +50,8 @@ PATH = [
 ]
 # Left out on purpose, as start-up or housekeeping rather than a transaction's path: the
 # backends' reconcilers (xen-backend/src/reconcile.rs, sandbox/src/reconcile.rs), the
-# sandbox's cgroup, uid claim, zygote spawn and config (sandbox/src/{cgroup,uids,spawn,
-# config}.rs: a clone costs no cgroup work, it inherits the group at fork), and the
+# sandbox's cgroup, uid claim, zygote spawn and config (sandbox/src/{cgroup/,uids.rs,
+# spawn.rs,config.rs}: a clone costs no cgroup work, it inherits the group at fork), and the
 # template's start-up (sandbox-zygote/src/{hugecode,seccomp}.rs: once per zygote). The
 # ledger joins when its re-layering is done.
 
