@@ -23,7 +23,10 @@ PATH = [
     "dom0-agent/api/src/shared.rs",
     "dom0-agent/executor/src",          # admission, attempts, session, retirement
     "dom0-agent/policy/src/eval.rs",    # every operation and commit is decided
-    # The backends' part: the domain a transaction runs in is taken, talked to and retired.
+]
+
+# The backends' part: the domain a transaction runs in is taken, talked to and retired.
+PATH += [
     "dom0-agent/domain/src",            # the Domain/DomainBackend contract, quarantine, back-off
     "dom0-agent/xen-backend/src/backend.rs",  # take, hand-out, retire, quarantine
     "dom0-agent/xen-backend/src/pool.rs",     # the pool a domain is taken from, refilled per take
@@ -52,8 +55,7 @@ PATH = [
 # backends' reconcilers (xen-backend/src/reconcile.rs, sandbox/src/reconcile.rs), the
 # sandbox's cgroup, uid claim, zygote spawn and config (sandbox/src/{cgroup/,uids.rs,
 # spawn.rs,config.rs}: a clone costs no cgroup work, it inherits the group at fork), and the
-# template's start-up (sandbox-zygote/src/{hugecode,seccomp}.rs: once per zygote). The
-# ledger joins when its re-layering is done.
+# template's start-up (sandbox-zygote/src/{hugecode,seccomp}.rs: once per zygote).
 
 FN = re.compile(
     r'^\s*(pub(\([^)]*\))?\s+)?(const\s+)?(async\s+)?(unsafe\s+)?(extern\s+"C"\s+)?fn\s+(\w+)'
