@@ -20,13 +20,14 @@
 //! (`mayfly-xen`). See `docs/decisions/0003-xen-ffi-loaded-at-run-time.md`.
 //!
 //! By module: [`config`] (settings, the `[xen]` TOML table, the xl configuration),
-//! [`pool`] (the generic pool, tested with a fake provisioner), [`domain`] (building,
-//! exits, destruction), [`backend`] ([`XenBackend`], [`XenDomain`]), [`reconcile`]
-//! (leftovers of a previous run).
+//! [`pool`] (the generic pool, tested with a fake provisioner), `build` (building a
+//! domain), [`domain`] (a built domain, its exits and destruction), [`backend`]
+//! ([`XenBackend`], [`XenDomain`]), [`reconcile`] (leftovers of a previous run).
 
 #![forbid(unsafe_code)]
 
 pub mod backend;
+mod build;
 pub mod config;
 pub mod domain;
 pub mod pool;
