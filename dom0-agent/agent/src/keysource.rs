@@ -187,7 +187,7 @@ pub fn health(ledger: &Ledger) -> mayfly_api::HealthSection {
 }
 
 /// `dom0-agent reseal`: seals the current key also to an expected-PCR file's values. A file
-/// of the image build's form has one state per A/B boot state: `state` names the one to
+/// the image build writes has one state per A/B boot state: `state` names the one to
 /// seal to (its label, e.g. `slot=b try=- tries=0 entry=production-b`). Configured PCRs the
 /// file does not predict (PCR 7 with the image's file) are sealed to their current values.
 pub fn reseal(

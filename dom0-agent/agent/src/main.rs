@@ -98,10 +98,11 @@ enum Command {
         /// Trial boots the install arms (grubenv's mayfly_tries, 1..=3).
         #[arg(long, value_parser = clap::value_parser!(u8).range(1..=3))]
         tries: u8,
-        /// Expected-PCR file of the running image (image form, docs/formats.md §4.2).
+        /// Expected-PCR file of the running image (docs/formats.md §4.2; the image build's, with a
+        /// state per A/B boot state).
         #[arg(long)]
         current_pcrs: PathBuf,
-        /// Expected-PCR file of the update's image (image form).
+        /// Expected-PCR file of the update's image (as --current-pcrs).
         #[arg(long)]
         next_pcrs: PathBuf,
         /// Configuration file: its [key] section is read (flags win).
