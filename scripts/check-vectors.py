@@ -240,6 +240,20 @@ for part in (b"\xaa" * 4, b"\xbb" * 3):
 assert b + hashlib.sha256(b).digest() == vec("sealed-key-1.hex"), "sealed-key-1 differs"
 print("ok  sealed-key-1: layout and trailing SHA-256")
 
+# Sealed to three boot states (version 2): the first state as above, then m = 2 and the
+# three values of each further state (PCR 7 unchanged, 8 and 9 of two more boots).
+b = b"MFSEALED" + bytes([2]) + b"\x11" * 32 + struct.pack(">H", 0x000B) + bytes([3])
+for p in (7, 8, 9):
+    b += bytes([p]) + bytes([p]) * 32
+b += bytes([2])
+for state in ((0x07, 0x18, 0x19), (0x07, 0x28, 0x29)):
+    for v in state:
+        b += bytes([v]) * 32
+for part in (b"\xaa" * 4, b"\xbb" * 3):
+    b += struct.pack(">H", len(part)) + part
+assert b + hashlib.sha256(b).digest() == vec("sealed-key-2.hex"), "sealed-key-2 differs"
+print("ok  sealed-key-2: three boot states (version 2), trailing SHA-256")
+
 # Expected-PCR file (formats.md §4.2): the test boot's values from first principles, a PCR
 # extend being SHA-256(old || digest) from 32 zero bytes.
 def extend(*digests):
@@ -254,8 +268,8 @@ pcrs = {7: bytes(32),
         9: extend(hashlib.sha256(b"mayfly test dom0 kernel image").digest())}
 lines = [l for l in (V / "expected-pcrs-1.txt").read_text().split("\n")
          if l and not l.startswith("#")]
-assert lines[0] == "mayfly-expected-pcrs 1", "expected-pcrs-1: header"
-assert lines[1:] == [f"pcr {i} sha256 {v.hex()}" for i, v in sorted(pcrs.items())], \
+assert lines[:2] == ["mayfly-expected-pcrs 1", "bank sha256"], "expected-pcrs-1: header"
+assert lines[2:] == ["state " + " ".join(f"pcr{i}={v.hex()}" for i, v in sorted(pcrs.items()))], \
     "expected-pcrs-1: values differ"
 digest = hashlib.sha256(b"".join(v for _, v in sorted(pcrs.items()))).digest()
 assert digest == vec("expected-pcrs-1.digest"), "expected-pcrs-1: PCR digest differs"

@@ -166,6 +166,16 @@ cp -a "$BOARD/rootfs-overlay/." "$T/"
 # Test-only additions, named in the README: the control hook the host drives the test
 # through, and its /etc/init.d script.
 install -D -m 0755 "$HERE/hook/S99mayfly-test-hook" "$T/etc/init.d/S99mayfly-test-hook"
+# And a throw-away admin key the agent authorizes (quorum 1), with the console also on
+# loopback TCP, which the hook relays to the host: the test runs `mayfly admin attest` and
+# `audit export` from the host (the appliance itself ships no admin keys).
+target/release/mayfly admin keygen --out "$BUILD_DIR/test-admin" >/dev/null
+mkdir -p "$T/etc/default"
+cat >"$T/etc/default/mayfly-agent" <<EOF
+# TEST IMAGE ONLY (tests/appliance/build-image.sh): the test's admin key, the console on
+# loopback TCP (relayed to the host by S99mayfly-test-hook).
+DOM0_AGENT_ARGS="--admin-key $(cat "$BUILD_DIR/test-admin.pub") --admin-quorum 1 --console-tcp 127.0.0.1:8451"
+EOF
 # post-build.sh (BR2_ROOTFS_POST_BUILD_SCRIPT), as Buildroot runs it, with a throw-away
 # vendor update key (the update test signs its bundles with its private half).
 target/release/mayfly-update keygen "$BUILD_DIR/test-update-key" >/dev/null

@@ -45,10 +45,11 @@ root_fs() {
     mksquashfs "$dir" "$RUN/$2.squashfs" -noappend -all-root -comp gzip -quiet
     rm -rf "$dir"
 }
-# pack <key> <version> <root> <out>
+# pack <key> <version> <root> <out>: with the expected PCRs of the test's grub.cfg
+# (lib.sh's prepare_disk), which `mayfly-update install` re-seals the TPM-sealed key with.
 pack() {
     "$UPDATE" pack --key "$1" --version "$2" --rootfs "$RUN/$3.squashfs" --xen "$IMAGES/xen" \
-        --vmlinux "$IMAGES/vmlinux.stripped" --pcrs "$IMAGES/expected-pcrs" -o "$MEDIA/$4" >/dev/null
+        --vmlinux "$IMAGES/vmlinux.stripped" --pcrs "$RUN/expected-pcrs" -o "$MEDIA/$4" >/dev/null
 }
 root_fs 2 root-v2
 root_fs 3 root-v3 broken

@@ -65,6 +65,9 @@ pub enum UpdateError {
         /// OS error.
         source: io::Error,
     },
+    /// The signing key could not be re-sealed for the switch: the slot is written, not armed.
+    #[error("re-sealing the signing key for the new slot failed (the update is not armed): {0}")]
+    Reseal(String),
     /// A trial is armed or running: the other slot is the fallback and is not overwritten.
     #[error("slot {0} is on trial (not yet committed): install again after it is committed or has fallen back")]
     TrialPending(&'static str),
@@ -271,15 +274,80 @@ pub struct Installed {
     pub tries: u8,
 }
 
+/// The switch an install is about to arm, for re-sealing the TPM-sealed signing key to every
+/// boot it can lead to (issue 19; `dom0-agent reseal-switch`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Switch {
+    /// The running, committed slot.
+    pub from: Slot,
+    /// The slot just written.
+    pub to: Slot,
+    /// Trial boots about to be armed.
+    pub tries: u8,
+    /// The running image's expected-PCR file (`expected-pcrs-<from>` on the EFI partition).
+    pub current_pcrs: PathBuf,
+    /// The update's expected-PCR file, as just written (`expected-pcrs-<to>`).
+    pub next_pcrs: PathBuf,
+}
+
+/// The agent's program, configuration and data directory on the appliance, for
+/// [`reseal_with_agent`].
+pub const AGENT: &str = "dom0-agent";
+/// The agent's configuration (its `[key]` section says whether the key is sealed).
+pub const AGENT_CONFIG: &str = "/etc/mayfly/agent.toml";
+/// The agent's data directory (the sealed key files).
+pub const AGENT_DATA_DIR: &str = "/var/lib/mayfly";
+
+/// The re-seal [`install`] runs on the appliance before it arms a trial: `dom0-agent
+/// reseal-switch` seals the signing key to the trial boots, the committed new slot and the
+/// fallback (with the file key source it has nothing to do). Its output is returned as the
+/// error when it fails.
+pub fn reseal_with_agent(sw: &Switch) -> Result<(), String> {
+    let out = std::process::Command::new(AGENT)
+        .args([
+            "reseal-switch",
+            "--config",
+            AGENT_CONFIG,
+            "--data-dir",
+            AGENT_DATA_DIR,
+        ])
+        .args(["--from", sw.from.letter(), "--to", sw.to.letter()])
+        .args(["--tries", &sw.tries.to_string()])
+        .arg("--current-pcrs")
+        .arg(&sw.current_pcrs)
+        .arg("--next-pcrs")
+        .arg(&sw.next_pcrs)
+        .output()
+        .map_err(|e| format!("running {AGENT} reseal-switch: {e}"))?;
+    if out.status.success() {
+        return Ok(());
+    }
+    let err = String::from_utf8_lossy(&out.stderr);
+    Err(format!(
+        "{AGENT} reseal-switch exited with {}: {}",
+        out.status,
+        err.trim().chars().take(2000).collect::<String>()
+    ))
+}
+
 /// Verifies `bundle_path` and, only if everything checks out, writes it to the inactive slot
-/// (`slot_device` gives a slot's block device) and arms `tries` trial boots of it.
+/// (`slot_device` gives a slot's block device), has `reseal` seal the signing key for the
+/// switch ([`reseal_with_agent`] on the appliance), and arms `tries` trial boots of it. A
+/// failed re-seal leaves the slot written but not armed (the running slot keeps booting).
 pub fn install(
     sys: &System,
     bundle_path: &Path,
     slot_device: impl Fn(Slot) -> Result<PathBuf, SlotError>,
     tries: u8,
+    reseal: impl FnOnce(&Switch) -> Result<(), String>,
 ) -> Result<Installed, UpdateError> {
-    let result = install_inner(sys, bundle_path, slot_device, tries.clamp(1, MAX_TRIES));
+    let result = install_inner(
+        sys,
+        bundle_path,
+        slot_device,
+        tries.clamp(1, MAX_TRIES),
+        reseal,
+    );
     let bundle = bundle_path.display().to_string();
     // The event is best effort: a full data partition must not hide the install's outcome.
     let _ = match &result {
@@ -305,6 +373,7 @@ fn install_inner(
     bundle_path: &Path,
     slot_device: impl Fn(Slot) -> Result<PathBuf, SlotError>,
     tries: u8,
+    reseal: impl FnOnce(&Switch) -> Result<(), String>,
 ) -> Result<Installed, UpdateError> {
     let booted = slots::booted(&sys.cmdline)?;
     let env_path = sys.grubenv();
@@ -390,6 +459,18 @@ fn install_inner(
         fs::rename(&tmp, &dst).map_err(io_err(&dst))?;
     }
     sync_dir(&sys.esp)?;
+
+    // 2b. The signing key, if sealed to the TPM, is sealed to the boots the switch leads to.
+    let switch = Switch {
+        from: state.committed,
+        to: target,
+        tries,
+        current_pcrs: sys
+            .esp
+            .join(format!("expected-pcrs-{}", state.committed.letter())),
+        next_pcrs: sys.esp.join(format!("expected-pcrs-{}", target.letter())),
+    };
+    reseal(&switch).map_err(UpdateError::Reseal)?;
 
     // 3. Arm the one-shot trial.
     env.set(VAR_SLOT, state.committed.letter());

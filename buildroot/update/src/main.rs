@@ -304,6 +304,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     None => slots::device(slot, Path::new("/sys/class/block"), Path::new("/dev")),
                 },
                 tries,
+                mayfly_update::reseal_with_agent,
             )?;
             println!(
                 "mayfly-update: version {} written to slot {}; it boots next ({} tries before falling back to slot {})",

@@ -10,6 +10,10 @@ struct Rig {
     sys: System,
     slot_b: PathBuf,
     bundle: PathBuf,
+    /// Every switch the install asked to re-seal the signing key for.
+    resealed: std::cell::RefCell<Vec<Switch>>,
+    /// Whether that re-seal fails.
+    reseal_fails: std::cell::Cell<bool>,
 }
 
 const SLOT_SIZE: usize = 64 << 10;
@@ -40,6 +44,8 @@ fn rig(booted: Slot, env: &[(&str, &str)]) -> Rig {
         sys,
         slot_b,
         bundle,
+        resealed: std::cell::RefCell::new(Vec::new()),
+        reseal_fails: std::cell::Cell::new(false),
     }
 }
 
@@ -55,6 +61,14 @@ impl Rig {
                 Ok(b.clone())
             },
             2,
+            |sw| {
+                self.resealed.borrow_mut().push(sw.clone());
+                if self.reseal_fails.get() {
+                    Err("the TPM refused".to_owned())
+                } else {
+                    Ok(())
+                }
+            },
         )
     }
     fn env(&self) -> GrubEnv {
@@ -88,6 +102,33 @@ fn a_good_bundle_is_written_to_the_inactive_slot_and_armed() {
     assert_eq!(env.get(VAR_TRY), Some("b"));
     assert_eq!(env.get(VAR_TRIES), Some("2"));
     assert!(r.events().contains("event=update_installed"));
+    // The signing key was re-sealed for this switch, with both images' expected PCRs.
+    assert_eq!(
+        *r.resealed.borrow(),
+        vec![Switch {
+            from: Slot::A,
+            to: Slot::B,
+            tries: 2,
+            current_pcrs: r.sys.esp.join("expected-pcrs-a"),
+            next_pcrs: r.sys.esp.join("expected-pcrs-b"),
+        }]
+    );
+}
+
+#[test]
+fn a_failed_reseal_leaves_the_trial_unarmed() {
+    let r = rig(Slot::A, &[(VAR_SLOT, "a")]);
+    r.reseal_fails.set(true);
+    let e = r.install(&bundle(6, b"hsqs new root")).unwrap_err();
+    assert!(matches!(e, UpdateError::Reseal(_)), "{e}");
+    assert!(e.to_string().contains("the TPM refused"), "{e}");
+    let env = r.env();
+    assert_eq!(env.get(VAR_SLOT), Some("a"));
+    assert!(
+        env.get(VAR_TRY).unwrap_or_default().is_empty(),
+        "no trial armed"
+    );
+    assert!(r.events().contains("event=update_refused"));
 }
 
 #[test]

@@ -78,6 +78,39 @@ enum Command {
         #[command(flatten)]
         key: config::SigningKeyFlags,
     },
+    /// Before an A/B update switches from slot FROM to slot TO: seal the TPM-sealed signing
+    /// key to every boot the switch can lead to, in one blob (TPM2_PolicyOR): the trial
+    /// boots of TO (TRIES of them), TO once committed (both from NEXT_PCRS, the update's
+    /// expected-PCR file), and the fallback to FROM (from CURRENT_PCRS, the running image's).
+    /// Run by `mayfly-update install` on the current good boot before it arms the trial;
+    /// writes the sealed file not in use now and prints its path. With the file key source
+    /// there is nothing to seal: it says so and exits 0.
+    ResealSwitch {
+        /// Data directory.
+        #[arg(long)]
+        data_dir: PathBuf,
+        /// The running (committed) slot: a or b.
+        #[arg(long, value_parser = ["a", "b"])]
+        from: String,
+        /// The slot the update is installed to: a or b, not FROM.
+        #[arg(long, value_parser = ["a", "b"])]
+        to: String,
+        /// Trial boots the install arms (grubenv's mayfly_tries, 1..=3).
+        #[arg(long, value_parser = clap::value_parser!(u8).range(1..=3))]
+        tries: u8,
+        /// Expected-PCR file of the running image (docs/formats.md §4.2; the image build's, with a
+        /// state per A/B boot state).
+        #[arg(long)]
+        current_pcrs: PathBuf,
+        /// Expected-PCR file of the update's image (as --current-pcrs).
+        #[arg(long)]
+        next_pcrs: PathBuf,
+        /// Configuration file: its [key] section is read (flags win).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        #[command(flatten)]
+        key: config::SigningKeyFlags,
+    },
     /// Walk both hash chains, check every link and signature, name the first bad record.
     /// Exits 0 only if everything holds.
     Verify(verify_cmd::VerifyArgs),
@@ -172,6 +205,28 @@ fn main() -> ExitCode {
             key,
         } => key_settings(config.as_deref(), &key)
             .and_then(|k| keysource::reseal(&data_dir, &k, &expected_pcrs, state.as_deref())),
+        Command::ResealSwitch {
+            data_dir,
+            from,
+            to,
+            tries,
+            current_pcrs,
+            next_pcrs,
+            config,
+            key,
+        } => key_settings(config.as_deref(), &key).and_then(|k| {
+            keysource::reseal_switch(
+                &data_dir,
+                &k,
+                &keysource::Switch {
+                    from: &from,
+                    to: &to,
+                    tries,
+                    current: &current_pcrs,
+                    next: &next_pcrs,
+                },
+            )
+        }),
         Command::Verify(args) => verify_cmd::run(&args),
         Command::ExportKey { data_dir } => export_key(&data_dir),
         Command::Serve(args) => serve::run(&args, &log),

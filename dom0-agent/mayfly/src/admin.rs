@@ -905,11 +905,15 @@ fn attest(
                 println!("{f}");
             }
             let pcrs: Vec<String> = a.info.pcrs.iter().map(ToString::to_string).collect();
+            let state = if a.state.is_empty() {
+                "unlabelled"
+            } else {
+                a.state.as_str()
+            };
             println!(
-                "attested: PCRs {} match {} (state {}); TPM resets {}, clock {} ms",
+                "attested: PCRs {} match {} (state {state}); TPM resets {}, clock {} ms",
                 pcrs.join(","),
                 expected_pcrs.display(),
-                a.state,
                 a.info.reset_count,
                 a.info.clock
             );
