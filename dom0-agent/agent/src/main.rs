@@ -17,6 +17,7 @@ mod policy;
 mod replication;
 mod report;
 mod serve;
+mod update;
 mod verify_cmd;
 
 use std::path::PathBuf;

@@ -92,6 +92,8 @@ struct Settings {
     siem: mayfly_siem::SiemConfig,
     key: crate::keysource::KeySettings,
     replication: Option<mayfly_replica::ReplicationSection>,
+    /// `[update]` (None: off).
+    updater: Option<Arc<crate::update::AgentUpdater>>,
 }
 
 /// The `[console]` section as the console server takes it; `None` without admin keys.
@@ -196,6 +198,7 @@ fn settings(c: &Config) -> anyhow::Result<Settings> {
         siem: c.siem.config.clone(),
         key: crate::keysource::KeySettings::from_config(&c.key)?,
         replication: c.replication.config.clone(),
+        updater: crate::update::AgentUpdater::from_config(&c.update).map(Arc::new),
     };
     if !s.listen.ip().is_loopback() && s.tls.is_none() && !v.insecure_plaintext_listen {
         bail!(
@@ -533,6 +536,10 @@ pub fn run(args: &ServeArgs, log: &Logger) -> anyhow::Result<u8> {
                         as Arc<dyn mayfly_console::ExporterStatus>
                 }),
                 attestor: s.key.attestor(),
+                updater: s
+                    .updater
+                    .clone()
+                    .map(|u| u as Arc<dyn mayfly_console::Updater>),
                 replication: replication.as_ref().map(crate::replication::console_status),
                 ..mayfly_console::Services::new(
                     &executor,

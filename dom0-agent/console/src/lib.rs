@@ -36,4 +36,5 @@ pub mod status;
 pub use server::{ConsoleConfig, ConsoleError, ConsoleServer};
 pub use services::{
     Attestor, CollectorStatus, ExporterStatus, PolicyControl, ReplicationStatus, Services,
+    UpdateFailure, UpdateRequest, Updater,
 };
