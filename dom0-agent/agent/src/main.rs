@@ -9,6 +9,7 @@
 
 #![forbid(unsafe_code)]
 
+mod breakglass;
 mod config;
 mod demo;
 mod exit;

@@ -94,6 +94,8 @@ struct Settings {
     replication: Option<mayfly_replica::ReplicationSection>,
     /// `[update]` (None: off).
     updater: Option<Arc<crate::update::AgentUpdater>>,
+    /// `[breakglass]`: the console and the shell.
+    breakglass: (Option<PathBuf>, PathBuf),
 }
 
 /// The `[console]` section as the console server takes it; `None` without admin keys.
@@ -199,6 +201,7 @@ fn settings(c: &Config) -> anyhow::Result<Settings> {
         key: crate::keysource::KeySettings::from_config(&c.key)?,
         replication: c.replication.config.clone(),
         updater: crate::update::AgentUpdater::from_config(&c.update).map(Arc::new),
+        breakglass: (c.breakglass.tty.clone(), c.breakglass.shell.clone()),
     };
     if !s.listen.ip().is_loopback() && s.tls.is_none() && !v.insecure_plaintext_listen {
         bail!(
@@ -540,6 +543,13 @@ pub fn run(args: &ServeArgs, log: &Logger) -> anyhow::Result<u8> {
                     .updater
                     .clone()
                     .map(|u| u as Arc<dyn mayfly_console::Updater>),
+                breakglass: crate::breakglass::ConsoleBreakGlass::new(
+                    s.breakglass.0.as_deref(),
+                    &s.breakglass.1,
+                    executor.ledger(),
+                    log,
+                )
+                .map(|b| Arc::new(b) as Arc<dyn mayfly_console::BreakGlass>),
                 replication: replication.as_ref().map(crate::replication::console_status),
                 ..mayfly_console::Services::new(
                     &executor,

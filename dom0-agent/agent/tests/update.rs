@@ -14,26 +14,21 @@ mod common;
 use std::collections::BTreeMap;
 use std::io::{Cursor, Read};
 use std::net::TcpListener;
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{audit, mayfly, verify, Agent};
-use mayfly_command::{frame, hex, keyfile, Body, Envelope};
+use common::{
+    admin_key as key, audit, console_identity, console_send as send_raw, mayfly,
+    signed_command as signed, verify, Agent,
+};
+use mayfly_command::{hex, keyfile};
 use mayfly_update::bundle;
 use mayfly_update::grubenv::{self, GrubEnv};
 use mayfly_update::slots::Slot;
-use ring::signature::Ed25519KeyPair;
-
 use serde_json::Value;
 
-const S: u64 = 1_000_000_000;
 const SLOT_BYTES: usize = 2 << 20;
-
-fn key(seed: u8) -> Ed25519KeyPair {
-    Ed25519KeyPair::from_seed_unchecked(&[seed; 32]).unwrap()
-}
 
 fn sha256(bytes: &[u8]) -> String {
     hex(ring::digest::digest(&ring::digest::SHA256, bytes).as_ref())
@@ -178,47 +173,6 @@ fn collector() -> (String, Arc<Mutex<Vec<u8>>>) {
     (addr, got)
 }
 
-fn hello(socket: &Path) -> String {
-    let r = send_raw(socket, frame::HELLO);
-    r["result"]["appliance"].as_str().unwrap().to_owned()
-}
-
-fn send_raw(socket: &Path, bytes: &[u8]) -> Value {
-    let mut s = UnixStream::connect(socket).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
-    frame::write_request(&mut s, bytes).unwrap();
-    loop {
-        let f = frame::read_response(&mut s).unwrap();
-        if f["type"] == "result" {
-            return f;
-        }
-    }
-}
-
-fn signed(appliance: &str, command: &str, args: &[(&str, &str)], signers: &[u8]) -> Envelope {
-    let now = mayfly_command::now_ns();
-    let mut a: BTreeMap<String, String> = args
-        .iter()
-        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-        .collect();
-    a.insert(
-        mayfly_command::APPLIANCE_ARG.to_owned(),
-        appliance.to_owned(),
-    );
-    let mut e = Envelope::new(Body {
-        nonce: mayfly_command::random_nonce().unwrap(),
-        issued_ns: now,
-        expires_ns: now + 300 * S,
-        command: command.into(),
-        args: a,
-    })
-    .unwrap();
-    for s in signers {
-        e.sign(&key(*s)).unwrap();
-    }
-    e
-}
-
 /// The audit records of `event` (oldest first).
 fn records(dir: &Path, event: &str) -> Vec<BTreeMap<String, String>> {
     audit(dir)
@@ -238,7 +192,7 @@ fn update_install_refuses_every_bad_bundle_audited_and_installs_the_good_one() {
     let flags: Vec<&str> = r.flags.iter().map(String::as_str).collect();
     let agent = Agent::start(&data, &flags);
     let sock = data.join("admin.sock");
-    let id = hello(&sock);
+    let id = console_identity(&sock);
 
     let good = make_bundle(VENDOR, 2, 64 << 10);
     let write = |name: &str, bytes: &[u8]| std::fs::write(r.medium.join(name), bytes).unwrap();

@@ -19,6 +19,7 @@
 //! | `attest` | 1 | `nonce`: 32..=128 hex digits (16..=64 bytes) chosen by the operator |
 //! | `update.install` | quorum | `bundle` (file name on the update medium, 1..=128 of `[A-Za-z0-9._-]`), `sha256` (64 hex digits: the whole bundle file the admins approve), `tries` (1..=3, default 3) |
 //! | `update.status` | 1 | — |
+//! | `breakglass.open` | quorum | `token_sha256` (64 hex digits: SHA-256 of the one-time token the admins give the person at the console), `minutes` (1..=60, default 15) |
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -88,6 +89,9 @@ pub enum CommandError {
     /// The update bundle was refused (nothing written) or its install failed.
     #[error("update {}: {}", if .0.refused { "refused" } else { "failed" }, .0.message)]
     Update(UpdateFailure),
+    /// The break-glass window could not be opened.
+    #[error("break-glass: {0}")]
+    BreakGlass(String),
     /// This appliance has no A/B update configured.
     #[error("updates are not configured on this appliance ([update] enabled = false)")]
     NoUpdater,
@@ -109,6 +113,7 @@ impl CommandError {
             Self::Attest(_) => "tpm",
             Self::Update(f) => f.code,
             Self::NoUpdater => "not_configured",
+            Self::BreakGlass(_) => "breakglass",
         }
     }
 }
@@ -177,6 +182,13 @@ pub enum Command {
     UpdateInstall(UpdateRequest),
     /// `update.status`.
     UpdateStatus,
+    /// `breakglass.open`.
+    BreakGlassOpen {
+        /// How long the console accepts the token (and the shell lives).
+        minutes: u32,
+        /// SHA-256 of the one-time token.
+        token_sha256: [u8; 32],
+    },
 }
 
 /// A commit sequence or a transaction id.
@@ -204,7 +216,8 @@ pub fn is_destructive(cmd: &Command) -> bool {
         Command::PolicyLoad { .. }
         | Command::QuarantineRelease { .. }
         | Command::KeyRotate
-        | Command::UpdateInstall(_) => true,
+        | Command::UpdateInstall(_)
+        | Command::BreakGlassOpen { .. } => true,
         _ => false,
     }
 }
@@ -258,6 +271,14 @@ impl<'a> Args<'a> {
                 format!("{v:?} is neither a commit sequence nor a 32-hex-digit transaction id"),
             )
         })
+    }
+
+    /// A required SHA-256 digest: 64 hex digits.
+    fn digest(&mut self, name: &'a str) -> Result<[u8; 32], CommandError> {
+        let text = self.get(name).ok_or_else(|| Self::bad(name, "missing"))?;
+        mayfly_ledger::codec::unhex(text)
+            .and_then(|d| <[u8; 32]>::try_from(d).ok())
+            .ok_or_else(|| Self::bad(name, "must be 64 hex digits"))
     }
 
     /// Refuses any argument the command does not take (a typo must not be ignored).
@@ -374,12 +395,7 @@ pub fn parse(command: &str, args: &BTreeMap<String, String>) -> Result<Command, 
                     "must be a file name on the update medium: 1..=128 of [A-Za-z0-9._-], not starting with '.'",
                 ));
             }
-            let text = a
-                .get("sha256")
-                .ok_or_else(|| Args::bad("sha256", "missing"))?;
-            let sha256 = mayfly_ledger::codec::unhex(text)
-                .and_then(|d| <[u8; 32]>::try_from(d).ok())
-                .ok_or_else(|| Args::bad("sha256", "must be 64 hex digits"))?;
+            let sha256 = a.digest("sha256")?;
             let tries = a.u64("tries")?.unwrap_or(3);
             if !(1..=3).contains(&tries) {
                 return Err(Args::bad("tries", "must be 1..=3"));
@@ -391,6 +407,17 @@ pub fn parse(command: &str, args: &BTreeMap<String, String>) -> Result<Command, 
             })
         }
         "update.status" => Command::UpdateStatus,
+        "breakglass.open" => {
+            let token_sha256 = a.digest("token_sha256")?;
+            let minutes = a.u64("minutes")?.unwrap_or(15);
+            if !(1..=60).contains(&minutes) {
+                return Err(Args::bad("minutes", "must be 1..=60"));
+            }
+            Command::BreakGlassOpen {
+                minutes: u32::try_from(minutes).unwrap_or(15),
+                token_sha256,
+            }
+        }
         other => return Err(CommandError::Unknown(other.to_owned())),
     };
     a.done()?;
@@ -629,6 +656,24 @@ pub fn execute(
                       "quote": quote}),
             )
         }
+        Command::BreakGlassOpen {
+            minutes,
+            token_sha256,
+        } => {
+            let bg = services.breakglass.as_ref().ok_or_else(|| {
+                CommandError::BreakGlass(
+                    "no break-glass console is configured ([breakglass] tty)".into(),
+                )
+            })?;
+            let opened = bg
+                .open(*minutes, *token_sha256, nonce)
+                .map_err(CommandError::BreakGlass)?;
+            ledger.audit(vec![AuditEvent::new("breakglass.opened", Severity::Alert)
+                .field("nonce", nonce)
+                .field("minutes", *minutes)
+                .field("tty", opened["tty"].as_str().unwrap_or_default())])?;
+            Ok(opened)
+        }
         Command::UpdateStatus => services
             .updater
             .as_ref()
@@ -766,6 +811,33 @@ mod tests {
             Command::UpdateStatus
         );
         assert!(!is_destructive(&Command::UpdateStatus));
+    }
+
+    #[test]
+    fn breakglass_open_takes_a_token_digest_and_a_bounded_window_and_needs_the_quorum() {
+        let d = "cd".repeat(32);
+        let cmd = parse(
+            "breakglass.open",
+            &args(&[("token_sha256", &d), ("minutes", "5")]),
+        )
+        .unwrap();
+        assert_eq!(
+            cmd,
+            Command::BreakGlassOpen {
+                minutes: 5,
+                token_sha256: [0xcd; 32]
+            }
+        );
+        assert!(is_destructive(&cmd));
+        for bad in [
+            args(&[]),
+            args(&[("token_sha256", "cd")]),
+            args(&[("token_sha256", &d), ("minutes", "0")]),
+            args(&[("token_sha256", &d), ("minutes", "61")]),
+            args(&[("token_sha256", &d), ("token", "plain")]),
+        ] {
+            assert!(parse("breakglass.open", &bad).is_err(), "{bad:?}");
+        }
     }
 
     #[test]

@@ -73,6 +73,23 @@ pub struct Services {
     /// The A/B update for `update.install` and `update.status` (None: they answer that
     /// updates are not configured).
     pub updater: Option<Arc<dyn Updater>>,
+    /// The serial console's break-glass login for `breakglass.open` (None: not configured).
+    pub breakglass: Option<Arc<dyn BreakGlass>>,
+}
+
+/// The serial console's break-glass login behind `breakglass.open` (the agent provides one
+/// with `[breakglass] tty`): one root login on the console, by a one-time token the admins
+/// chose, within a time window; nothing else ever listens on the console.
+pub trait BreakGlass: Send + Sync {
+    /// Opens the window: `minutes` long, for the token whose SHA-256 is `token_sha256`;
+    /// `nonce` ties the later audit records (login, close) to the command. Refused while a
+    /// window is open. The result, as JSON: `tty`, `minutes`.
+    fn open(
+        &self,
+        minutes: u32,
+        token_sha256: [u8; 32],
+        nonce: &str,
+    ) -> Result<serde_json::Value, String>;
 }
 
 /// An `update.install` the admins signed: which bundle, the digest they approved.
@@ -143,6 +160,7 @@ impl Services {
             quorum,
             attestor: None,
             updater: None,
+            breakglass: None,
         }
     }
 }

@@ -239,6 +239,19 @@ enum Op<O: Args + Clone + Send + Sync + 'static> {
         #[command(subcommand)]
         what: UpdateOp,
     },
+    /// Break-glass: open the serial console for one root login, for --minutes, by a one-time
+    /// token (printed here, on stderr, to give to the person at the console; the command
+    /// carries only its SHA-256); needs the quorum. Audited at every step.
+    Breakglass {
+        #[command(flatten)]
+        opts: O,
+        /// How long the console accepts the token, and the shell lives (1..=60).
+        #[arg(long, default_value_t = 15, value_parser = clap::value_parser!(u32).range(1..=60))]
+        minutes: u32,
+        /// The token [default: 32 random hex digits].
+        #[arg(long)]
+        token: Option<String>,
+    },
     /// TPM attestation: a quote over the appliance's PCRs and its latest signed head,
     /// checked here against the pinned attestation key and the expected-PCR file of the
     /// image it should run. Exit 0 only if every check holds.
@@ -277,6 +290,7 @@ impl<O: Args + Clone + Send + Sync + 'static> Op<O> {
             | Self::Audit { opts, .. }
             | Self::Key { opts, .. }
             | Self::Update { opts, .. }
+            | Self::Breakglass { opts, .. }
             | Self::Attest { opts, .. } => opts,
         }
     }
@@ -593,6 +607,23 @@ fn command_of<O: Args + Clone + Send + Sync + 'static>(
             set("sha256", bundle_sha256(bundle)?);
             set("tries", tries.to_string());
             "update.install"
+        }
+        Op::Breakglass { minutes, token, .. } => {
+            let token = match token {
+                Some(t) => t.clone(),
+                None => hex(&mayfly_command::random_nonce()
+                    .map_err(|_| anyhow::anyhow!("system randomness unavailable"))?),
+            };
+            if token.is_empty() || token.len() > 200 || token.contains(['\n', '\r']) {
+                bail!("the token must be 1..=200 characters on one line");
+            }
+            eprintln!("mayfly: break-glass token (type it at the console prompt): {token}");
+            set(
+                "token_sha256",
+                hex(ring::digest::digest(&ring::digest::SHA256, token.as_bytes()).as_ref()),
+            );
+            set("minutes", minutes.to_string());
+            "breakglass.open"
         }
         Op::Attest { nonce, .. } => {
             let nonce = nonce

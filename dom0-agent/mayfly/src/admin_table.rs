@@ -318,6 +318,10 @@ pub fn print(command: &str, r: &Value) {
                 ),
             ),
         ]),
+        "breakglass.open" => kv(&[
+            ("console", s(&r["tty"])),
+            ("open for", format!("{} minutes", s(&r["minutes"]))),
+        ]),
         "update.status" => kv(&[
             ("booted slot", s(&r["booted_slot"])),
             ("committed slot", s(&r["committed_slot"])),

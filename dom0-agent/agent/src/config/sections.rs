@@ -245,6 +245,18 @@ section! {
     }
 }
 
+section! {
+    /// `[breakglass]`: the console's only login, opened by the signed `breakglass.open`
+    /// (`breakglass.rs`; docs/console.md, "Break-glass"). Off without a tty.
+    pub struct BreakGlass / BreakGlassFlags, table "breakglass", heading "Break-glass console ([breakglass])" {
+        /// The console the break-glass login is offered on, e.g. /dev/hvc0 (nothing reads it
+        /// unless an admin quorum opened a window) [default: none, break-glass off].
+        tty: Option<PathBuf> = None, Flag::Value("breakglass-tty"), Bound::Any;
+        /// The shell a correct token starts (as `setsid -c SHELL -l`, as the agent's user).
+        shell: PathBuf = PathBuf::from("/bin/sh"), Flag::Value("breakglass-shell"), Bound::Any;
+    }
+}
+
 impl Value for GuestKind {
     const KIND: &'static str = "\"mayfly\" or \"linux\"";
     const PLACEHOLDER: &'static str = "GUEST";
