@@ -143,6 +143,9 @@ impl Updater for AgentUpdater {
             max_bundle_bytes: max,
         };
         let bytes = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+        // Seam for the TPM key (issue 19): re-sealing the signing key to the new slot's
+        // expected PCRs belongs between writing the slot and arming its trial, i.e. inside
+        // `install_with` (a step in `InstallOptions`), not after it returns.
         let done = mayfly_update::install_with(&sys, &path, |s| self.slot_device(s), &opts)
             .map_err(|e| failure(&e))?;
         Ok(json!({
