@@ -10,6 +10,7 @@ ensure_build_tools
 ensure_siem_test_tools
 ensure_tpm_test_tools
 ensure_shellcheck
+ensure_xen_configure_tools
 ensure_xen_bindgen_tools
 ensure_cargo_tool cargo-deny cargo-deny 0.20.2
 
@@ -44,6 +45,8 @@ if [ -n "${MAYFLY_BUILDROOT_DIR:-}" ]; then
     step "buildroot tree (Buildroot's check-package, savedefconfig)" \
         buildroot/scripts/check-with-buildroot.sh "$MAYFLY_BUILDROOT_DIR"
 fi
+step "Xen 4.17 source: board patches apply, configure leaves out python/pygrub/hvmloader" \
+    buildroot/scripts/check-xen-source.sh
 step "vendored crates match buildroot/vendor.pin" bash -c \
     'buildroot/scripts/vendor-crates.sh vendor target/mayfly-vendor &&
      buildroot/scripts/vendor-crates.sh verify target/mayfly-vendor'

@@ -411,12 +411,13 @@ key_is_tpm() {
     fi
 }
 
-# admin <mayfly admin arguments>: the host's `mayfly admin`, signed with the test image's
-# admin key, through the hook's console relay. Needs APPLIANCE_ID.
+# admin <mayfly admin arguments>: the host's `mayfly admin`, signed by the test image's first
+# admin (one signature: read-only commands), through the hook's console relay. Needs
+# APPLIANCE_ID.
 admin() {
     local op=$1
     shift
-    target/release/mayfly admin "$op" --key "$OUT/build/test-admin.key" \
+    target/release/mayfly admin "$op" --key "$OUT/build/test-admin-1.key" \
         --tcp "127.0.0.1:$CONSOLE_PORT" --appliance "$APPLIANCE_ID" "$@"
 }
 
@@ -461,7 +462,7 @@ attest() {
     local tries=100
     while [ ! -e "$RUN/tamper.ready" ] && [ "$tries" -gt 0 ]; do sleep 0.1; tries=$((tries - 1)); done
     rc=0
-    out=$(target/release/mayfly admin attest --key "$OUT/build/test-admin.key" \
+    out=$(target/release/mayfly admin attest --key "$OUT/build/test-admin-1.key" \
         --tcp "127.0.0.1:$relay_port" --appliance "$APPLIANCE_ID" \
         --expected-pcrs "$2" --ak "$ak" 2>&1) || rc=$?
     wait "$relay" 2>/dev/null || true

@@ -9,6 +9,7 @@
 
 #![forbid(unsafe_code)]
 
+mod breakglass;
 mod config;
 mod demo;
 mod exit;
@@ -17,6 +18,7 @@ mod policy;
 mod replication;
 mod report;
 mod serve;
+mod update;
 mod verify_cmd;
 
 use std::path::PathBuf;
