@@ -68,6 +68,7 @@ pub mod group_stats;
 pub mod head;
 pub mod idempotency;
 pub mod keys;
+pub mod promotion;
 pub mod read;
 pub mod replication;
 pub mod rollback;
@@ -91,15 +92,16 @@ pub use commit::{encode_deps, CommitError, CommitTicket, GroupObserver};
 pub use cursor::CursorError;
 pub use domains::DomainNumberError;
 pub use group_stats::{GroupStats, Histogram};
-pub use head::{SignedHead, Tip};
+pub use head::{Promotion, SignedHead, Tip};
 pub use keys::{FileKeys, KeyError, KeyStore, PublicKey, SigningKey};
+pub use promotion::{PromoteError, Promoted, PromotionRequest};
 pub use read::ReadError;
 pub use replication::{Applied, ApplyError, ExportError, GroupRecords, Held, Replica};
 pub use rollback::{Record, RollbackError, RollbackPlan, RollbackRecord};
 pub use state::{StateDiff, StateDigest};
 pub use store::{OpenError, Store, StoreOptions};
 pub use txn::{ScanResult, Tx, TxContext, TxError};
-pub use verify::{verify, Failure, Progress, VerifyReport};
+pub use verify::{promotion_keys, verify, Failure, Progress, VerifyReport};
 
 /// A SHA-256 digest.
 pub type Hash = [u8; 32];

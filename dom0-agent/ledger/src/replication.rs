@@ -257,7 +257,16 @@ pub enum ApplyError {
         /// The standby's epoch.
         expected: u64,
     },
-    /// The head is of an older version than the last one held.
+    /// A promotion head that does not follow from the head held, or is signed by a key
+    /// not pinned as a promotion key.
+    #[error("promotion head of group {group} refused: {reason}")]
+    BadPromotion {
+        /// Group.
+        group: u64,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// A group head of a version older than the one held.
     #[error("head of group {group} is of version {found} after a version-{held} head")]
     VersionDowngrade {
         /// Group.
@@ -357,11 +366,13 @@ pub struct Held {
 
 /// A standby's copy of a primary's ledger: it only ever holds groups the chain proves.
 pub struct Replica {
-    store: Store,
-    held: Held,
-    state: StateDigest,
+    pub(crate) store: Store,
+    pub(crate) held: Held,
+    pub(crate) state: StateDigest,
     retention: crate::idempotency::Retention,
     identity: PublicKey,
+    /// Keys a promotion head may hand signing to ([`Replica::trust_promotion_keys`]).
+    pub(crate) promotion_keys: Vec<PublicKey>,
 }
 
 impl std::fmt::Debug for Replica {
@@ -408,6 +419,7 @@ impl Replica {
                 state: StateDigest::default(),
                 retention: crate::idempotency::Retention::default(),
                 identity: primary,
+                promotion_keys: Vec::new(),
             });
         }
         let meta = store.load_meta(true)?;
@@ -453,7 +465,16 @@ impl Replica {
             state: found,
             retention: crate::idempotency::Retention::default(),
             identity: primary,
+            promotion_keys: Vec::new(),
         })
+    }
+
+    /// Keys a promotion head in the stream may hand signing to: the promoted nodes'
+    /// keys, pinned by the operator like the identity (a standby that follows a primary
+    /// which was itself promoted, e.g. a former primary that rejoined). Without them a
+    /// promotion head is refused as signed by an untrusted key.
+    pub fn trust_promotion_keys(&mut self, keys: Vec<PublicKey>) {
+        self.promotion_keys = keys;
     }
 
     /// Sets the retention of durable idempotency keys (the primary's, so that both prune
@@ -488,7 +509,9 @@ impl Replica {
         if g < next {
             return Err(self.older_group(g, &group.head));
         }
-        if head.public_key != self.held.signer {
+        if head.promotion.is_some() && g == next {
+            self.check_promotion_head(&head)?;
+        } else if head.public_key != self.held.signer {
             return Err(ApplyError::UntrustedSigner {
                 group: g,
                 found: hex(&head.public_key),
@@ -504,7 +527,7 @@ impl Replica {
                 found: g,
             });
         }
-        if head.epoch() != self.held.epoch {
+        if head.epoch() != self.held.epoch && head.promotion.is_none() {
             return Err(ApplyError::WrongEpoch {
                 group: g,
                 found: head.epoch(),
@@ -557,6 +580,9 @@ impl Replica {
         }
         if let Some(next_key) = &head.next_key {
             put(&mut wtxn, meta_keys::SIGNING_KEY, next_key)?;
+        }
+        if head.promotion.is_some() {
+            put(&mut wtxn, meta_keys::SIGNING_KEY, &head.public_key)?;
         }
         dbs.heads
             .put(&mut wtxn, &u64_key(g), &group.head)

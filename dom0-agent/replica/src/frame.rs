@@ -16,7 +16,7 @@
 //!
 //! group   (primary -> standby, at most MAX_GROUP_BODY bytes)
 //!              0    8  group sequence (the head's)
-//!              8  2+h  u16 length + the signed head as stored (h <= 270)
+//!              8  2+h  u16 length + the signed head as stored (h <= 567)
 //!              .    4  checkpoint record count (<= 1,048,576), then per record
 //!                 4+n    u32 length (<= 256 MiB) + the record as stored
 //!              .    4  audit record count (<= 1,048,576), then per record
