@@ -14,6 +14,7 @@ mod demo;
 mod exit;
 mod keysource;
 mod policy;
+mod promote;
 mod replication;
 mod report;
 mod serve;
@@ -95,6 +96,11 @@ enum Command {
     /// every group it ships is checked (links, signatures, epoch, live state) before it is
     /// applied to the copy. SIGINT/SIGTERM stop; exit 6 on a fork, 7 when refused.
     Standby(replication::StandbyArgs),
+    /// Promote a stopped standby to primary with a co-signed `promote` command (`mayfly
+    /// admin prepare … promote --epoch N`): the copy gets the promotion group of the next
+    /// epoch, signed by the standby's own key; then `serve` opens it. Exit 8 when the
+    /// command is refused (docs/failover.md).
+    Promote(promote::PromoteArgs),
     /// Report a transaction, key, handler or client as part of an attack to a running agent
     /// (authenticated with its detector token); its policy decides, e.g. roll back and replay.
     Report(report::ReportArgs),
@@ -176,6 +182,7 @@ fn main() -> ExitCode {
         Command::ExportKey { data_dir } => export_key(&data_dir),
         Command::Serve(args) => serve::run(&args, &log),
         Command::Standby(args) => replication::run_standby(&args, &log),
+        Command::Promote(args) => promote::run(&args, &log),
         Command::Report(args) => report::run(&args),
         Command::Demo(args) => demo::run(&args, &log),
     };

@@ -105,12 +105,16 @@ pub fn run_standby(args: &StandbyArgs, log: &Logger) -> anyhow::Result<u8> {
         .or(file.data_dir)
         .context("no data directory: --data-dir or data_dir in the file")?;
     let (config, identity) = section.standby()?;
+    let promotion_keys = section.promotion_keys()?;
+    let _lock = crate::promote::lock_data_dir(&data_dir)?;
+    let promotion_key = crate::promote::promotion_key(&data_dir)?.public_key();
     let mut signals = SigSet::empty();
     signals.add(Signal::SIGINT);
     signals.add(Signal::SIGTERM);
     signals.thread_block().context("blocking SIGINT/SIGTERM")?;
     let mut replica = Replica::open(&data_dir, &StoreOptions::default(), identity)
         .with_context(|| format!("opening the standby's copy in {}", data_dir.display()))?;
+    replica.trust_promotion_keys(promotion_keys);
     let local = Ledger::open(&data_dir.join("standby-audit"), &Options::default(), log)
         .context("opening the standby's own audit ledger")?;
     let stop = Arc::new(AtomicBool::new(false));
@@ -128,10 +132,12 @@ pub fn run_standby(args: &StandbyArgs, log: &Logger) -> anyhow::Result<u8> {
         })
         .context("starting the signal thread")?;
     println!(
-        "mayfly: standby of {} following {} from group {}",
+        "mayfly: standby of {} following {} from group {} (epoch {}); promotion key {}",
         mayfly_ledger::codec::hex(&identity),
         config.primary,
-        replica.held().group + 1
+        replica.held().group + 1,
+        replica.held().epoch,
+        mayfly_ledger::codec::hex(&promotion_key)
     );
     match mayfly_replica::follow(&mut replica, &config, &local, &stop, log)? {
         End::Stopped => Ok(0),

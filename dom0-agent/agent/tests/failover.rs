@@ -371,3 +371,257 @@ fn a_sigkilled_synchronous_primary_loses_nothing_acknowledged_and_resends_run_on
         acked.len()
     );
 }
+
+/// `dom0-agent promote`; (exit code, stdout, stderr).
+fn promote(config: &Path, dir: &Path, extra: &[&str]) -> (i32, String, String) {
+    let out = Command::new(agent_exe())
+        .args(["promote", "--config"])
+        .arg(config)
+        .arg("--data-dir")
+        .arg(dir)
+        .args(extra)
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// A `promote` command for `identity` opening `epoch`, prepared by `first` and co-signed
+/// by `rest` (admin key stems).
+fn promote_command(
+    root: &Path,
+    name: &str,
+    identity: &str,
+    epoch: u64,
+    signers: &[&Path],
+) -> PathBuf {
+    let file = root.join(name);
+    let key = |p: &Path| p.with_extension("key").to_str().unwrap().to_string();
+    let (code, _, err) = common::mayfly(&[
+        "admin",
+        "prepare",
+        "--out",
+        file.to_str().unwrap(),
+        "--key",
+        &key(signers[0]),
+        "--appliance",
+        identity,
+        "promote",
+        "--epoch",
+        &epoch.to_string(),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    for s in &signers[1..] {
+        let (code, _, err) =
+            common::mayfly(&["admin", "cosign", file.to_str().unwrap(), "--key", &key(s)]);
+        assert_eq!(code, 0, "{err}");
+    }
+    file
+}
+
+/// Promotion (issue 18, step 1) with real processes: a synchronous primary acknowledges 8
+/// keyed transactions and is SIGKILLed; the standby is stopped and promoted by a
+/// co-signed `promote` command (a single signature, the wrong epoch and a replay are
+/// refused with exit 8 and audited); `serve` opens the copy as the primary of epoch 1,
+/// answers every resend with its original outcome and runs new keys; its ledger verifies
+/// with the identity and the promotion key pinned (and not with the identity alone), and
+/// the former primary's acknowledged history is its byte-identical prefix.
+#[test]
+fn a_standby_promoted_by_a_cosigned_command_answers_resends_with_their_original_outcome() {
+    let root = tempfile::tempdir().unwrap();
+    let (pdir, sdir) = (root.path().join("primary"), root.path().join("standby"));
+    let (p, s) = (pem(root.path(), "primary"), pem(root.path(), "standby"));
+    let port = free_port();
+    let pconf = root.path().join("primary.toml");
+    std::fs::write(
+        &pconf,
+        format!(
+            "[replication]\nrole = \"primary\"\nlisten = \"127.0.0.1:{port}\"\nmode = \"sync\"\nsync_timeout_ms = 5000\n[replication.tls]\ncert = {:?}\nkey = {:?}\npeer_pin = {:?}\n",
+            p.cert, p.key, s.pin
+        ),
+    )
+    .unwrap();
+    let mut primary = Agent::start(&pdir, &["--config", pconf.to_str().unwrap()]);
+    let out = Command::new(agent_exe())
+        .args(["export-key", "--data-dir"])
+        .arg(&pdir)
+        .output()
+        .unwrap();
+    let identity = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    let admins: Vec<PathBuf> = ["alice", "bob"]
+        .iter()
+        .map(|n| root.path().join(n))
+        .collect();
+    for a in &admins {
+        let (code, _, err) = common::mayfly(&["admin", "keygen", "--out", a.to_str().unwrap()]);
+        assert_eq!(code, 0, "{err}");
+    }
+    let pubs: Vec<String> = admins
+        .iter()
+        .map(|a| {
+            std::fs::read_to_string(a.with_extension("pub"))
+                .unwrap()
+                .trim()
+                .to_string()
+        })
+        .collect();
+    let sconf = root.path().join("standby.toml");
+    std::fs::write(
+        &sconf,
+        format!(
+            "[console]\nadmin_keys = {pubs:?}\nquorum = 2\n[replication]\nrole = \"standby\"\npeer = \"127.0.0.1:{port}\"\nprimary_identity = {identity:?}\n[replication.tls]\ncert = {:?}\nkey = {:?}\npeer_pin = {:?}\n",
+            s.cert, s.key, p.pin
+        ),
+    )
+    .unwrap();
+    let follower = standby(&sconf, &sdir);
+    wait_state(&primary, "synchronous");
+    let body = |k: usize| {
+        json!({"handler": "open_account", "payload": {"name": format!("acct{k}"), "balance": 5},
+               "idempotency_key": format!("order-{k}")})
+        .to_string()
+    };
+    let acked: Vec<Value> = (0..8)
+        .map(|k| {
+            let (code, r) = primary.post(&body(k));
+            assert_eq!(code, 200, "{r}");
+            r
+        })
+        .collect();
+    let mut victim = primary.child.take().unwrap();
+    victim.kill().unwrap(); // SIGKILL
+    victim.wait().unwrap();
+    // A running standby holds its data directory: promote refuses to touch it.
+    let (code, _, err) = promote(&sconf, &sdir, &["--dry-run"]);
+    assert_ne!(code, 0);
+    assert!(err.contains("a standby is running"), "{err}");
+    assert_eq!(stop(follower), 0);
+    let (code, out, err) = promote(&sconf, &sdir, &["--dry-run"]);
+    assert_eq!(code, 0, "{err}");
+    let plan: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(plan["opens_epoch"], 1, "{plan}");
+
+    let refused = [
+        ("alone", 1, vec![admins[0].as_path()], "quorum"),
+        (
+            "later",
+            2,
+            vec![admins[0].as_path(), admins[1].as_path()],
+            "wrong_epoch",
+        ),
+    ];
+    for (name, epoch, signers, code_name) in refused {
+        let cmd = promote_command(root.path(), name, &identity, epoch, &signers);
+        let (code, _, err) = promote(&sconf, &sdir, &["--command", cmd.to_str().unwrap()]);
+        assert_eq!(code, 8, "{name}: {err}");
+        assert!(err.contains(code_name), "{name}: {err}");
+    }
+    let cmd = promote_command(
+        root.path(),
+        "promote",
+        &identity,
+        1,
+        &[admins[0].as_path(), admins[1].as_path()],
+    );
+    let (code, out, err) = promote(&sconf, &sdir, &["--command", cmd.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    let promoted: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(promoted["epoch"], 1, "{promoted}");
+    let promo_key = promoted["promotion_key"].as_str().unwrap().to_string();
+    // The same command again: this standby is at epoch 1 now.
+    let (code, _, err) = promote(&sconf, &sdir, &["--command", cmd.to_str().unwrap()]);
+    assert_eq!(code, 8, "{err}");
+    let local = common::audit(&sdir.join("standby-audit"));
+    let rejected: Vec<_> = local
+        .iter()
+        .filter(|(e, _)| e == "admin.rejected")
+        .collect();
+    assert_eq!(rejected.len(), 3, "{local:?}");
+    assert!(local.iter().any(|(e, _)| e == "failover.promoted"));
+
+    // The promoted copy serves as the primary of epoch 1.
+    let nconf = root.path().join("promoted.toml");
+    std::fs::write(
+        &nconf,
+        format!("[console]\nadmin_keys = {pubs:?}\nquorum = 2\n"),
+    )
+    .unwrap();
+    let mut new_primary = Agent::start(&sdir, &["--config", nconf.to_str().unwrap()]);
+    // Its console: the promotion command is a replay there (its nonce is in the promotion
+    // group), and a new one is refused: a serving agent is not a standby.
+    let socket = sdir.join("admin.sock");
+    let submit = |file: &Path| {
+        common::mayfly(&[
+            "admin",
+            "submit",
+            file.to_str().unwrap(),
+            "--json",
+            "--socket",
+            socket.to_str().unwrap(),
+        ])
+    };
+    let (code, out, err) = submit(&cmd);
+    assert_eq!(code, 1, "{out} {err}");
+    assert!(format!("{out}{err}").contains("replay"), "{out} {err}");
+    let again = promote_command(
+        root.path(),
+        "again",
+        &identity,
+        2,
+        &[admins[0].as_path(), admins[1].as_path()],
+    );
+    let (code, out, err) = submit(&again);
+    assert_eq!(code, 1, "{out} {err}");
+    assert!(
+        format!("{out}{err}").contains("not_a_standby"),
+        "{out} {err}"
+    );
+    for (k, original) in acked.iter().enumerate() {
+        let (code, r) = new_primary.post(&body(k));
+        assert_eq!(code, 200, "{r}");
+        assert_eq!(r["tx_id"], original["tx_id"], "resend of order-{k}: {r}");
+        assert_eq!(r["seq"], original["seq"], "resend of order-{k}: {r}");
+    }
+    let (code, r) = new_primary.post(&body(8));
+    assert_eq!(code, 200, "{r}");
+    assert!(r["seq"].as_u64() > acked[7]["seq"].as_u64(), "{r}");
+    new_primary.stop();
+
+    let verify_with = |dir: &Path, keys: &[&str]| {
+        let mut c = Command::new(agent_exe());
+        c.args(["verify", "--quiet", "--data-dir"]).arg(dir);
+        for k in keys {
+            c.args(["--public-key", k]);
+        }
+        let out = c.output().unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
+    };
+    let (ok, out) = verify_with(&sdir, &[&identity, &promo_key]);
+    assert!(ok, "{out}");
+    assert!(out.contains("1 promotion"), "{out}");
+    let (ok, out) = verify_with(&sdir, &[&identity]);
+    assert!(
+        !ok && out.contains("promotion signed by untrusted key"),
+        "{out}"
+    );
+    let (ok, out) = verify(&pdir);
+    assert!(ok, "{out}");
+    let (a, b) = (
+        store::open_read_only(&pdir, &StoreOptions::default()).unwrap(),
+        store::open_read_only(&sdir, &StoreOptions::default()).unwrap(),
+    );
+    let from = promoted["from_group"].as_u64().unwrap();
+    for g in 1..=from {
+        assert_eq!(
+            a.export_group(g).unwrap(),
+            b.export_group(g).unwrap(),
+            "group {g}"
+        );
+    }
+}

@@ -17,6 +17,7 @@
 //! | `audit.export` | 1 | `from` (default 1), `to` (default: the tip); at most 1,000,000 records (progress and record frames) |
 //! | `key.rotate` | quorum | — |
 //! | `attest` | 1 | `nonce`: 32..=128 hex digits (16..=64 bytes) chosen by the operator |
+//! | `promote` | quorum | `epoch`: the epoch the standby opens (its epoch + 1). Accepted only by a standby (`dom0-agent promote`, docs/failover.md); a serving agent refuses it (`not_a_standby`) |
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -83,6 +84,12 @@ pub enum CommandError {
     /// The TPM could not quote.
     #[error("TPM quote: {0}")]
     Attest(Box<dyn std::error::Error + Send + Sync>),
+    /// `promote` sent to an agent that serves (a primary): only a standby is promoted.
+    #[error("promote is accepted only by a standby (`dom0-agent promote` on the standby's data directory); this agent serves as primary at epoch {epoch}")]
+    NotAStandby {
+        /// The agent's epoch.
+        epoch: u64,
+    },
 }
 
 impl CommandError {
@@ -99,6 +106,7 @@ impl CommandError {
             Self::Commit(_) => "storage",
             Self::Domain(_) => "backend",
             Self::Attest(_) => "tpm",
+            Self::NotAStandby { .. } => "not_a_standby",
         }
     }
 }
@@ -163,6 +171,11 @@ pub enum Command {
         /// The operator's nonce (16..=64 bytes).
         nonce: Vec<u8>,
     },
+    /// `promote`: a standby opens `epoch` as primary (refused by a serving agent).
+    Promote {
+        /// The epoch the promotion opens.
+        epoch: u64,
+    },
 }
 
 /// A commit sequence or a transaction id.
@@ -187,7 +200,10 @@ impl std::fmt::Display for RecordId {
 pub fn is_destructive(cmd: &Command) -> bool {
     match cmd {
         Command::Rollback { dry_run, .. } => !dry_run,
-        Command::PolicyLoad { .. } | Command::QuarantineRelease { .. } | Command::KeyRotate => true,
+        Command::PolicyLoad { .. }
+        | Command::QuarantineRelease { .. }
+        | Command::KeyRotate
+        | Command::Promote { .. } => true,
         _ => false,
     }
 }
@@ -338,6 +354,15 @@ pub fn parse(command: &str, args: &BTreeMap<String, String>) -> Result<Command, 
                 .filter(|n| (16..=64).contains(&n.len()))
                 .ok_or_else(|| Args::bad("nonce", "must be 32..=128 hex digits"))?;
             Command::Attest { nonce }
+        }
+        "promote" => {
+            let epoch = a
+                .u64("epoch")?
+                .ok_or_else(|| Args::bad("epoch", "missing (the standby's epoch + 1)"))?;
+            if epoch == 0 {
+                return Err(Args::bad("epoch", "a promotion opens epoch 1 or later"));
+            }
+            Command::Promote { epoch }
         }
         other => return Err(CommandError::Unknown(other.to_owned())),
     };
@@ -577,6 +602,9 @@ pub fn execute(
                       "quote": quote}),
             )
         }
+        Command::Promote { .. } => Err(CommandError::NotAStandby {
+            epoch: ledger.tips().epoch,
+        }),
         Command::KeyRotate => {
             let old = ledger.signing_key();
             let (new, receipt) = ledger.rotate_key(vec![AuditEvent::new(
@@ -626,6 +654,21 @@ mod tests {
         }
         assert!(parse("attest", &args(&[])).is_err());
         assert!(!is_destructive(&Command::Attest { nonce: vec![0; 16] }));
+    }
+
+    #[test]
+    fn promote_needs_the_quorum_and_a_positive_epoch() {
+        let p = parse("promote", &args(&[("epoch", "2")])).unwrap();
+        assert_eq!(p, Command::Promote { epoch: 2 });
+        assert!(is_destructive(&p));
+        for bad in [
+            args(&[]),
+            args(&[("epoch", "0")]),
+            args(&[("epoch", "x")]),
+            args(&[("epoch", "1"), ("force", "true")]),
+        ] {
+            assert!(parse("promote", &bad).is_err(), "{bad:?}");
+        }
     }
 
     #[test]

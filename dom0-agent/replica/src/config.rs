@@ -8,6 +8,8 @@
 //! sync_timeout_ms = 2000          # primary, sync mode: wait at most this, then degrade
 //! peer = "10.0.0.1:7400"          # standby: the primary's replication address
 //! primary_identity = "3b6a…"      # standby: the primary ledger's identity key (64 hex)
+//! promotion_keys = ["9c1e…"]      # standby: keys a promotion in the stream may sign with
+//!                                 # (the other node's promotion key, for a rejoined primary)
 //! [replication.tls]
 //! cert = "/etc/mayfly/replication.pem"   # this node's certificate (self-signed is fine)
 //! key = "/etc/mayfly/replication.key"
@@ -82,6 +84,11 @@ pub struct ReplicationSection {
     pub sync_timeout_ms: Option<u64>,
     /// Standby: the identity key (hex) of the primary ledger it copies.
     pub primary_identity: Option<String>,
+    /// Standby: the keys (hex) a promotion head in the stream may hand signing to: the
+    /// promotion key of the node that was promoted (`dom0-agent standby` prints its own at
+    /// start). Without them a promotion in the stream is refused.
+    #[serde(default)]
+    pub promotion_keys: Vec<String>,
     /// Mutual TLS.
     pub tls: TlsSection,
 }
@@ -162,6 +169,27 @@ impl ReplicationSection {
             },
             identity,
         ))
+    }
+
+    /// The promotion keys a standby trusts (`promotion_keys`), at most 16.
+    pub fn promotion_keys(&self) -> Result<Vec<mayfly_ledger::PublicKey>, ConfigError> {
+        if self.promotion_keys.len() > 16 {
+            return Err(ConfigError::Invalid {
+                setting: "promotion_keys",
+                reason: format!("{} keys, at most 16", self.promotion_keys.len()),
+            });
+        }
+        self.promotion_keys
+            .iter()
+            .map(|k| {
+                mayfly_ledger::codec::unhex(k)
+                    .and_then(|b| <[u8; 32]>::try_from(b).ok())
+                    .ok_or_else(|| ConfigError::Invalid {
+                        setting: "promotion_keys",
+                        reason: format!("{k:?} is not 64 hex digits"),
+                    })
+            })
+            .collect()
     }
 
     fn pinned_tls(&self) -> Result<PinnedTls, ConfigError> {
