@@ -101,6 +101,10 @@ enum Command {
     /// epoch, signed by the standby's own key; then `serve` opens it. Exit 8 when the
     /// command is refused (docs/failover.md).
     Promote(promote::PromoteArgs),
+    /// List, as JSON lines, the checkpoint records a fenced former primary holds that its
+    /// promoted standby never received (after the last one the promotion kept; read from
+    /// DATA_DIR/fenced). Reads only.
+    Unreplicated(promote::UnreplicatedArgs),
     /// Report a transaction, key, handler or client as part of an attack to a running agent
     /// (authenticated with its detector token); its policy decides, e.g. roll back and replay.
     Report(report::ReportArgs),
@@ -183,6 +187,7 @@ fn main() -> ExitCode {
         Command::Serve(args) => serve::run(&args, &log),
         Command::Standby(args) => replication::run_standby(&args, &log),
         Command::Promote(args) => promote::run(&args, &log),
+        Command::Unreplicated(args) => promote::run_unreplicated(&args),
         Command::Report(args) => report::run(&args),
         Command::Demo(args) => demo::run(&args, &log),
     };

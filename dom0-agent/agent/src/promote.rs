@@ -325,3 +325,62 @@ fn read_envelope(path: &Path) -> anyhow::Result<Envelope> {
     Envelope::decode(&bytes)
         .map_err(|e| anyhow::anyhow!("{} is not a command envelope: {e}", path.display()))
 }
+
+/// `dom0-agent unreplicated`.
+#[derive(clap::Args)]
+pub struct UnreplicatedArgs {
+    /// Data directory of the fenced former primary.
+    #[arg(long)]
+    data_dir: PathBuf,
+    /// The last checkpoint the promotion kept [default: the one the peer named, kept in
+    /// DATA_DIR/fenced when this node was fenced].
+    #[arg(long)]
+    from_checkpoint: Option<u64>,
+}
+
+/// Prints, as JSON lines, the checkpoint records of a fenced former primary that its
+/// promoted standby never received (after the last one the promotion kept), then a
+/// summary line. Reads only; the records stay in the ledger.
+pub fn run_unreplicated(args: &UnreplicatedArgs) -> anyhow::Result<u8> {
+    let from = match args.from_checkpoint {
+        Some(n) => n,
+        None => {
+            let f = mayfly_replica::Fenced::load(&args.data_dir).with_context(|| {
+                format!(
+                    "{} holds no fenced marker: give --from-checkpoint",
+                    args.data_dir.display()
+                )
+            })?;
+            if f.from_checkpoint == 0 {
+                bail!("the peer did not say where its epoch began: give --from-checkpoint (the promotion's from_checkpoint, in its failover.promoted record)");
+            }
+            f.from_checkpoint
+        }
+    };
+    let store = mayfly_ledger::store::open_read_only(&args.data_dir, &StoreOptions::default())
+        .with_context(|| format!("opening the ledger in {}", args.data_dir.display()))?;
+    let mut next = from.saturating_add(1);
+    let mut count: u64 = 0;
+    let mut tip = from;
+    let mut out = std::io::stdout().lock();
+    loop {
+        let batch = store.records(next, 256).context("reading the ledger")?;
+        let Some(last) = batch.last() else { break };
+        next = last.seq().saturating_add(1);
+        tip = last.seq();
+        for r in &batch {
+            use std::io::Write;
+            writeln!(out, "{}", mayfly_incident::view::record(r, false))?;
+            count = count.saturating_add(1);
+        }
+    }
+    {
+        use std::io::Write;
+        writeln!(
+            out,
+            "{}",
+            json!({"unreplicated_checkpoints": count, "from_checkpoint": from, "tip": tip})
+        )?;
+    }
+    Ok(0)
+}

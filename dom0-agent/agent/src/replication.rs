@@ -49,7 +49,21 @@ fn status_json(handle: &mayfly_replica::StatusHandle) -> serde_json::Value {
         "durable_group": s.durable_group,
         "acked_group": s.acked_group,
         "lag_groups": s.lag_groups(),
+        "fenced": s.fenced.as_ref().map(|f| json!({
+            "reason": f.reason(),
+            "peer": f.peer,
+            "peer_epoch": f.epoch,
+            "epoch": f.own_epoch,
+            "from_group": f.from_group,
+            "from_checkpoint": f.from_checkpoint,
+        })),
     })
+}
+
+/// Refuses client transactions once this primary is fenced (docs/failover.md).
+pub fn fence(shipper: &Shipper) -> mayfly_api::Fence {
+    let handle = shipper.status_handle();
+    mayfly_api::Fence(Arc::new(move || handle.status().fenced.map(|f| f.reason())))
 }
 
 /// The `replication` section of `GET /v1/health`.

@@ -625,3 +625,269 @@ fn a_standby_promoted_by_a_cosigned_command_answers_resends_with_their_original_
         );
     }
 }
+
+/// Two admin key pairs (alice, bob) under `root`: their stems and public keys.
+fn two_admins(root: &Path) -> (Vec<PathBuf>, Vec<String>) {
+    let stems: Vec<PathBuf> = ["alice", "bob"].iter().map(|n| root.join(n)).collect();
+    for a in &stems {
+        let (code, _, err) = common::mayfly(&["admin", "keygen", "--out", a.to_str().unwrap()]);
+        assert_eq!(code, 0, "{err}");
+    }
+    let pubs = stems
+        .iter()
+        .map(|a| {
+            std::fs::read_to_string(a.with_extension("pub"))
+                .unwrap()
+                .trim()
+                .to_string()
+        })
+        .collect();
+    (stems, pubs)
+}
+
+/// A `[replication]` file: `role`, its own address setting, the peer, TLS of `me` pinning
+/// `other`, and `extra` lines.
+fn replication_conf(path: &Path, role: &str, lines: &str, me: &Pem, other: &Pem) {
+    std::fs::write(
+        path,
+        format!(
+            "[replication]\nrole = \"{role}\"\n{lines}[replication.tls]\ncert = {:?}\nkey = {:?}\npeer_pin = {:?}\n",
+            me.cert, me.key, other.pin
+        ),
+    )
+    .unwrap();
+}
+
+fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
+    let end = Instant::now() + Duration::from_secs(30);
+    while !cond() {
+        assert!(Instant::now() < end, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Fencing (issue 18, step 2) with real processes: an asynchronous primary A acknowledges
+/// transactions its standby B never received (B was away); A is SIGKILLed; B is promoted
+/// and serves as primary of epoch 1, probing A's address. A restarts with its old role and
+/// probes B: it is fenced before it serves anything. It refuses transactions with 503
+/// naming the epoch, shows `fenced` in /v1/health, audits `replication.fenced` with the
+/// range it had not replicated, `dom0-agent unreplicated` lists exactly those records, and
+/// a restart stays fenced. Then A re-joins as B's standby from an empty data directory
+/// (pinning B's promotion key) and follows B across the promotion group: both ledgers
+/// verify and B's ledger is A's new copy byte for byte.
+#[test]
+fn a_former_primary_that_comes_back_is_fenced_and_can_rejoin_as_standby() {
+    let root = tempfile::tempdir().unwrap();
+    let (adir, bdir) = (root.path().join("a"), root.path().join("b"));
+    let (a_tls, b_tls) = (pem(root.path(), "a"), pem(root.path(), "b"));
+    let (a_port, b_port) = (free_port(), free_port());
+    let a_conf = root.path().join("a.toml");
+    replication_conf(
+        &a_conf,
+        "primary",
+        &format!(
+            "listen = \"127.0.0.1:{a_port}\"\npeer = \"127.0.0.1:{b_port}\"\nmode = \"async\"\n"
+        ),
+        &a_tls,
+        &b_tls,
+    );
+    let a_flags = ["--config", a_conf.to_str().unwrap()];
+    let mut a = Agent::start(&adir, &a_flags);
+    let out = Command::new(agent_exe())
+        .args(["export-key", "--data-dir"])
+        .arg(&adir)
+        .output()
+        .unwrap();
+    let identity = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    let (admins, pubs) = two_admins(root.path());
+    let b_standby_conf = root.path().join("b-standby.toml");
+    replication_conf(
+        &b_standby_conf,
+        "standby",
+        &format!("peer = \"127.0.0.1:{a_port}\"\nprimary_identity = {identity:?}\n"),
+        &b_tls,
+        &a_tls,
+    );
+    let mut text = std::fs::read_to_string(&b_standby_conf).unwrap();
+    text = format!("[console]\nadmin_keys = {pubs:?}\nquorum = 2\n{text}");
+    std::fs::write(&b_standby_conf, text).unwrap();
+    let body = |k: usize| {
+        json!({"handler": "open_account", "payload": {"name": format!("acct{k}"), "balance": 5},
+               "idempotency_key": format!("order-{k}")})
+        .to_string()
+    };
+    let follower = standby(&b_standby_conf, &bdir);
+    for k in 0..4 {
+        let (code, r) = a.post(&body(k));
+        assert_eq!(code, 200, "{r}");
+    }
+    wait_for("the standby to hold every group", || {
+        health(&a)["lag_groups"] == 0
+    });
+    assert_eq!(stop(follower), 0);
+    // Acknowledged by the asynchronous primary, never replicated.
+    let lost: Vec<Value> = (4..7)
+        .map(|k| {
+            let (code, r) = a.post(&body(k));
+            assert_eq!(code, 200, "{r}");
+            r
+        })
+        .collect();
+    let mut victim = a.child.take().unwrap();
+    victim.kill().unwrap();
+    victim.wait().unwrap();
+
+    let cmd = promote_command(
+        root.path(),
+        "p.cmd",
+        &identity,
+        1,
+        &[&admins[0], &admins[1]],
+    );
+    let (code, out, err) = promote(
+        &b_standby_conf,
+        &bdir,
+        &["--command", cmd.to_str().unwrap()],
+    );
+    assert_eq!(code, 0, "{err}");
+    let promoted: Value = serde_json::from_str(&out).unwrap();
+    let promo_key = promoted["promotion_key"].as_str().unwrap().to_string();
+    let from_checkpoint = promoted["from_checkpoint"].as_u64().unwrap();
+    let b_conf = root.path().join("b.toml");
+    replication_conf(
+        &b_conf,
+        "primary",
+        &format!(
+            "listen = \"127.0.0.1:{b_port}\"\npeer = \"127.0.0.1:{a_port}\"\nmode = \"async\"\n"
+        ),
+        &b_tls,
+        &a_tls,
+    );
+    let mut b = Agent::start(&bdir, &["--config", b_conf.to_str().unwrap()]);
+    for k in 0..4 {
+        let (code, r) = b.post(&body(k));
+        assert_eq!(code, 200, "resend of a replicated key: {r}");
+    }
+
+    // A comes back with its old role: fenced before it serves.
+    let mut a = Agent::start(&adir, &a_flags);
+    let (code, r) = a.post(&body(9));
+    assert_eq!(code, 503, "{r}");
+    let reason = r["error"].as_str().unwrap();
+    assert!(
+        reason.contains("fenced") && reason.contains("epoch 1"),
+        "{r}"
+    );
+    let (code, h) = a.get("/v1/health");
+    assert_eq!(code, 200);
+    assert_eq!(h["status"], "fenced", "{h}");
+    assert_eq!(h["replication"]["state"], "fenced", "{h}");
+    assert_eq!(
+        h["replication"]["fenced"]["from_checkpoint"].as_u64(),
+        Some(from_checkpoint),
+        "{h}"
+    );
+    a.stop();
+    let events = common::audit(&adir);
+    let fenced: Vec<_> = events
+        .iter()
+        .filter(|(e, _)| e == "replication.fenced")
+        .collect();
+    assert!(!fenced.is_empty(), "no replication.fenced record");
+    let last_lost = lost.last().unwrap()["seq"].as_u64().unwrap();
+    assert_eq!(
+        fenced[0]
+            .1
+            .get("unreplicated_checkpoints")
+            .map(String::as_str),
+        Some(format!("{}..={last_lost}", from_checkpoint + 1).as_str()),
+        "{fenced:?}"
+    );
+    // The records B never received, listed (and still in A's ledger).
+    let out = Command::new(agent_exe())
+        .args(["unreplicated", "--data-dir"])
+        .arg(&adir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines: Vec<Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let listed: Vec<&Value> = lines.iter().filter(|l| l.get("seq").is_some()).collect();
+    assert_eq!(listed.len(), lost.len(), "{lines:?}");
+    for (l, r) in listed.iter().zip(&lost) {
+        assert_eq!(l["seq"], r["seq"], "{l}");
+    }
+    // A restart without the peer answering stays fenced (the marker).
+    b.stop();
+    let mut again = Agent::start(&adir, &a_flags);
+    let (code, r) = again.post(&body(10));
+    assert_eq!(code, 503, "{r}");
+    again.stop();
+
+    // Re-join: A's old directory is kept aside; A follows B from an empty one.
+    let mut b = Agent::start(&bdir, &["--config", b_conf.to_str().unwrap()]);
+    let (code, r) = b.post(&body(11));
+    assert_eq!(code, 200, "{r}");
+    let a_new = root.path().join("a-rejoined");
+    let a_standby_conf = root.path().join("a-standby.toml");
+    replication_conf(
+        &a_standby_conf,
+        "standby",
+        &format!(
+            "peer = \"127.0.0.1:{b_port}\"\nprimary_identity = {identity:?}\npromotion_keys = [{promo_key:?}]\n"
+        ),
+        &a_tls,
+        &b_tls,
+    );
+    let follower = standby(&a_standby_conf, &a_new);
+    wait_for("the re-joined standby to catch up", || {
+        let h = health(&b);
+        h["standby"].is_string() && h["lag_groups"] == 0
+    });
+    assert_eq!(stop(follower), 0);
+    b.stop();
+    let verify_with = |dir: &Path| {
+        let out = Command::new(agent_exe())
+            .args([
+                "verify",
+                "--quiet",
+                "--public-key",
+                &identity,
+                "--public-key",
+                &promo_key,
+                "--data-dir",
+            ])
+            .arg(dir)
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
+    };
+    for dir in [&bdir, &a_new] {
+        let (ok, out) = verify_with(dir);
+        assert!(ok, "{}: {out}", dir.display());
+    }
+    let (ok, out) = verify(&adir);
+    assert!(ok, "the fenced ledger itself: {out}");
+    let (x, y) = (
+        store::open_read_only(&bdir, &StoreOptions::default()).unwrap(),
+        store::open_read_only(&a_new, &StoreOptions::default()).unwrap(),
+    );
+    let last = y.last_group().unwrap();
+    assert!(last > promoted["group"].as_u64().unwrap());
+    for g in 1..=last {
+        assert_eq!(
+            x.export_group(g).unwrap(),
+            y.export_group(g).unwrap(),
+            "group {g}"
+        );
+    }
+}

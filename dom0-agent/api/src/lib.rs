@@ -131,6 +131,20 @@ pub struct ApiConfig {
     /// list must send one, a peer not in it is served as itself (a header from it is
     /// garbage to HTTP or TLS and refused as such).
     pub proxy_from: Vec<proxy::ProxyNet>,
+    /// While this says why, client transactions are refused with 503 and that reason,
+    /// and `GET /v1/health` reports `"status": "fenced"` (a former primary whose standby
+    /// was promoted, docs/failover.md). `None`: never refused this way.
+    pub fence: Option<Fence>,
+}
+
+/// Says why transactions must be refused now (`None`: they are served).
+#[derive(Clone)]
+pub struct Fence(pub Arc<dyn Fn() -> Option<String> + Send + Sync>);
+
+impl std::fmt::Debug for Fence {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Fence")
+    }
 }
 
 /// One named section of `GET /v1/health`, supplied by a part the API does not know.
@@ -164,6 +178,7 @@ impl Default for ApiConfig {
             metrics_sections: Vec::new(),
             tls: None,
             proxy_from: Vec::new(),
+            fence: None,
         }
     }
 }
@@ -508,6 +523,10 @@ async fn handle(
     let path = request.uri().path().to_owned();
     match (&method, path.as_str()) {
         (&Method::POST, "/v1/transactions") => {
+            if let Some(reason) = shared.config.fence.as_ref().and_then(|f| (f.0)()) {
+                shared.metrics.outcome(503, false);
+                return respond(503, &json!({ "error": reason, "fenced": true }), &[]);
+            }
             let body = match net::read_body(request, &shared).await {
                 Ok(b) => b,
                 Err(response) => {
@@ -1135,6 +1154,10 @@ fn health(shared: &Shared) -> Value {
         "max_per_client": shared.config.max_per_client,
     });
     if let Some(obj) = health.as_object_mut() {
+        if let Some(reason) = shared.config.fence.as_ref().and_then(|f| (f.0)()) {
+            obj.insert("status".into(), json!("fenced"));
+            obj.insert("fenced".into(), json!(reason));
+        }
         for section in &shared.config.health_sections {
             obj.insert(section.name.to_owned(), (section.report)());
         }

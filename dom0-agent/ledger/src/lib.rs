@@ -94,7 +94,7 @@ pub use domains::DomainNumberError;
 pub use group_stats::{GroupStats, Histogram};
 pub use head::{Promotion, SignedHead, Tip};
 pub use keys::{FileKeys, KeyError, KeyStore, PublicKey, SigningKey};
-pub use promotion::{PromoteError, Promoted, PromotionRequest};
+pub use promotion::{EpochStart, PromoteError, Promoted, PromotionRequest};
 pub use read::ReadError;
 pub use replication::{Applied, ApplyError, ExportError, GroupRecords, Held, Replica};
 pub use rollback::{Record, RollbackError, RollbackPlan, RollbackRecord};

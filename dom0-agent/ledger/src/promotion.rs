@@ -290,3 +290,53 @@ impl Replica {
         Ok(())
     }
 }
+
+/// Where an epoch began: what the promotion head that opened it names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EpochStart {
+    /// The promotion group.
+    pub group: u64,
+    /// The group it promoted from (the last one replicated from the former primary).
+    pub from_group: u64,
+    /// The last checkpoint kept from the former primary (the promotion adds none).
+    pub from_checkpoint: u64,
+}
+
+impl crate::Store {
+    /// The promotion head that opened `epoch` (`None` for epoch 0, or when this ledger
+    /// holds none: it never reached that epoch). Reads heads from the newest back.
+    pub fn epoch_start(&self, epoch: u64) -> Result<Option<EpochStart>, crate::ReadError> {
+        if epoch == 0 {
+            return Ok(None);
+        }
+        let rtxn = self.read_txn()?;
+        for item in self.dbs.heads.rev_iter(&rtxn)? {
+            let (_, v) = item?;
+            let Ok(h) = SignedHead::decode(v) else {
+                continue;
+            };
+            if h.epoch() < epoch {
+                break;
+            }
+            if let (Some(p), true) = (&h.promotion, h.epoch() == epoch) {
+                return Ok(Some(EpochStart {
+                    group: h.group,
+                    from_group: p.from_group,
+                    from_checkpoint: h.checkpoints.seq,
+                }));
+            }
+        }
+        Ok(None)
+    }
+
+    /// The epoch of the head of `group` (`None` if this ledger holds no such head).
+    pub fn epoch_of_group(&self, group: u64) -> Result<Option<u64>, crate::ReadError> {
+        let rtxn = self.read_txn()?;
+        Ok(self
+            .dbs
+            .heads
+            .get(&rtxn, &u64_key(group))?
+            .and_then(|v| SignedHead::decode(v).ok())
+            .map(|h| h.epoch()))
+    }
+}

@@ -6,7 +6,8 @@
 //! listen = "0.0.0.0:7400"         # primary: where the standby connects
 //! mode = "sync"                   # primary: "async" (default) or "sync"
 //! sync_timeout_ms = 2000          # primary, sync mode: wait at most this, then degrade
-//! peer = "10.0.0.1:7400"          # standby: the primary's replication address
+//! peer = "10.0.0.1:7400"          # standby: the primary's replication address; primary
+//!                                 # (optional): the other node's, probed for its epoch
 //! primary_identity = "3b6a…"      # standby: the primary ledger's identity key (64 hex)
 //! promotion_keys = ["9c1e…"]      # standby: keys a promotion in the stream may sign with
 //!                                 # (the other node's promotion key, for a rejoined primary)
@@ -75,7 +76,8 @@ pub struct ReplicationSection {
     pub role: Role,
     /// Primary: the replication listener.
     pub listen: Option<SocketAddr>,
-    /// Standby: the primary's replication address.
+    /// Standby: the primary's replication address. Primary (optional): the other node's
+    /// replication address, probed for a higher epoch (fencing).
     pub peer: Option<SocketAddr>,
     /// Primary: async or sync.
     #[serde(default)]
@@ -139,6 +141,7 @@ impl ReplicationSection {
             },
             sync_timeout: Duration::from_millis(ms),
             tls: self.pinned_tls()?,
+            peer: self.peer,
         })
     }
 
