@@ -174,12 +174,12 @@ impl ReplicationSection {
         ))
     }
 
-    /// The promotion keys a standby trusts (`promotion_keys`), at most 16.
+    /// The promotion keys a standby trusts (`promotion_keys`), at most 64.
     pub fn promotion_keys(&self) -> Result<Vec<mayfly_ledger::PublicKey>, ConfigError> {
-        if self.promotion_keys.len() > 16 {
+        if self.promotion_keys.len() > 64 {
             return Err(ConfigError::Invalid {
                 setting: "promotion_keys",
-                reason: format!("{} keys, at most 16", self.promotion_keys.len()),
+                reason: format!("{} keys, at most 64", self.promotion_keys.len()),
             });
         }
         self.promotion_keys
