@@ -202,6 +202,63 @@ fn try_post(addr: std::net::SocketAddr, body: &str) -> Option<(u16, Value)> {
     Some((status, json))
 }
 
+/// Where clients send (`None`: between primaries, they wait and retry).
+type Target = std::sync::Arc<std::sync::Mutex<Option<std::net::SocketAddr>>>;
+/// Acknowledged transfers: (client, transaction id, sequence).
+type Acked = std::sync::Arc<std::sync::Mutex<Vec<(usize, String, u64)>>>;
+
+/// `n` clients, each sending transfers of 1 from `s{t}` to `c{t}` with idempotency keys
+/// `c{t}-{k}` to the current target until `stopping`; an unanswered request (the primary
+/// killed, 503, 409) is resent with its key until it is acknowledged (bounded: 180 s).
+fn transfer_clients(
+    n: usize,
+    addr: &Target,
+    stopping: &std::sync::Arc<std::sync::atomic::AtomicBool>,
+    acked: &Acked,
+) -> Vec<std::thread::JoinHandle<()>> {
+    use std::sync::atomic::Ordering;
+    (0..n)
+        .map(|t| {
+            let (addr, stopping, acked) = (addr.clone(), stopping.clone(), acked.clone());
+            std::thread::spawn(move || {
+                let mut k = 0u64;
+                while !stopping.load(Ordering::SeqCst) {
+                    let body = json!({"handler": "transfer",
+                        "payload": {"from": format!("s{t}"), "to": format!("c{t}"), "amount": 1},
+                        "idempotency_key": format!("c{t}-{k}")})
+                    .to_string();
+                    let deadline = Instant::now() + Duration::from_secs(180);
+                    loop {
+                        assert!(
+                            Instant::now() < deadline,
+                            "client {t} key {k} never answered"
+                        );
+                        let Some(a) = *addr.lock().unwrap() else {
+                            std::thread::sleep(Duration::from_millis(20));
+                            continue;
+                        };
+                        match try_post(a, &body) {
+                            Some((200, r)) => {
+                                let id = r["tx_id"].as_str().unwrap().to_string();
+                                acked
+                                    .lock()
+                                    .unwrap()
+                                    .push((t, id, r["seq"].as_u64().unwrap()));
+                                break;
+                            }
+                            Some((503 | 409, _)) | None => {
+                                std::thread::sleep(Duration::from_millis(20));
+                            }
+                            Some((code, r)) => panic!("client {t}: {code} {r}"),
+                        }
+                    }
+                    k += 1;
+                }
+            })
+        })
+        .collect()
+}
+
 /// Sync mode under SIGKILL (the part of the must-show test that needs no
 /// promotion): 8 clients send transfers with idempotency keys to a synchronous primary
 /// that is killed with SIGKILL at random points 5 times and restarted on the same data
@@ -256,47 +313,8 @@ fn a_sigkilled_synchronous_primary_loses_nothing_acknowledged_and_resends_run_on
 
     let addr = Arc::new(Mutex::new(Some(primary.addr)));
     let stopping = Arc::new(AtomicBool::new(false));
-    let acked: Arc<Mutex<Vec<(usize, String, u64)>>> = Arc::default();
-    let clients: Vec<_> = (0..CLIENTS)
-        .map(|t| {
-            let (addr, stopping, acked) = (addr.clone(), stopping.clone(), acked.clone());
-            std::thread::spawn(move || {
-                let mut k = 0u64;
-                while !stopping.load(Ordering::SeqCst) {
-                    let body = json!({"handler": "transfer",
-                        "payload": {"from": format!("s{t}"), "to": format!("c{t}"), "amount": 1},
-                        "idempotency_key": format!("c{t}-{k}")})
-                    .to_string();
-                    let deadline = Instant::now() + Duration::from_secs(120);
-                    loop {
-                        assert!(
-                            Instant::now() < deadline,
-                            "client {t} key {k} never answered"
-                        );
-                        let Some(a) = *addr.lock().unwrap() else {
-                            std::thread::sleep(Duration::from_millis(20));
-                            continue;
-                        };
-                        match try_post(a, &body) {
-                            Some((200, r)) => {
-                                let id = r["tx_id"].as_str().unwrap().to_string();
-                                acked
-                                    .lock()
-                                    .unwrap()
-                                    .push((t, id, r["seq"].as_u64().unwrap()));
-                                break;
-                            }
-                            Some((503 | 409, _)) | None => {
-                                std::thread::sleep(Duration::from_millis(20));
-                            }
-                            Some((code, r)) => panic!("client {t}: {code} {r}"),
-                        }
-                    }
-                    k += 1;
-                }
-            })
-        })
-        .collect();
+    let acked: Acked = Arc::default();
+    let clients = transfer_clients(CLIENTS, &addr, &stopping, &acked);
 
     let check_copy = |acked: &[(usize, String, u64)]| {
         let copy = store::open_read_only(&sdir, &StoreOptions::default()).unwrap();
@@ -979,47 +997,8 @@ fn kill_promote_rejoin(mode: &str, kills: usize, seed: u64) -> Rounds {
     }
     let addr = Arc::new(Mutex::new(Some(primary.addr)));
     let stopping = Arc::new(AtomicBool::new(false));
-    let acked: Arc<Mutex<Vec<(usize, String, u64)>>> = Arc::default();
-    let clients: Vec<_> = (0..CLIENTS)
-        .map(|t| {
-            let (addr, stopping, acked) = (addr.clone(), stopping.clone(), acked.clone());
-            std::thread::spawn(move || {
-                let mut k = 0u64;
-                while !stopping.load(Ordering::SeqCst) {
-                    let body = json!({"handler": "transfer",
-                        "payload": {"from": format!("s{t}"), "to": format!("c{t}"), "amount": 1},
-                        "idempotency_key": format!("c{t}-{k}")})
-                    .to_string();
-                    let deadline = Instant::now() + Duration::from_secs(180);
-                    loop {
-                        assert!(
-                            Instant::now() < deadline,
-                            "client {t} key {k} never answered"
-                        );
-                        let Some(a) = *addr.lock().unwrap() else {
-                            std::thread::sleep(Duration::from_millis(20));
-                            continue;
-                        };
-                        match try_post(a, &body) {
-                            Some((200, r)) => {
-                                let id = r["tx_id"].as_str().unwrap().to_string();
-                                acked
-                                    .lock()
-                                    .unwrap()
-                                    .push((t, id, r["seq"].as_u64().unwrap()));
-                                break;
-                            }
-                            Some((503 | 409, _)) | None => {
-                                std::thread::sleep(Duration::from_millis(20));
-                            }
-                            Some((code, r)) => panic!("client {t}: {code} {r}"),
-                        }
-                    }
-                    k += 1;
-                }
-            })
-        })
-        .collect();
+    let acked: Acked = Arc::default();
+    let clients = transfer_clients(CLIENTS, &addr, &stopping, &acked);
 
     let mut rng = fastrand::Rng::with_seed(seed);
     let mut primary = Some(primary);

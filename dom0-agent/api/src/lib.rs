@@ -940,11 +940,16 @@ fn submit(shared: &Shared, raw: &[u8], client: String) -> (u16, Value, bool) {
             }
             let (code, json_body) = outcome_json(&outcome);
             let retry = code == 409;
+            if retry {
+                // Nothing committed (contention on every attempt): a resend with the same
+                // key must run again (issue 18: "otherwise it runs"), not get this 409.
+                forget_key(shared);
+            }
             if let Ok(mut mem) = shared.memory.lock() {
                 if outcome.status != TxStatus::Committed {
                     mem.remember_outcome(outcome.tx_id, json_body.clone());
                 }
-                if let Some(key) = key_of.clone() {
+                if let (Some(key), false) = (key_of.clone(), retry) {
                     mem.remember_key(
                         key,
                         Remembered::Done {
