@@ -25,7 +25,9 @@
 //!
 //! Everything else the standby stores is derived from the records, exactly as the
 //! committer derives it: `data`, `deps`, `tx_index`, `undone`, and the meta tips. The
-//! admin nonces and exporter cursors are not part of the chain and are not replicated here.
+//! admin nonces are derived from the `admin.accepted` audit records (kept for
+//! [`REPLICATED_NONCE_TTL_NS`]); exporter cursors are not part of the chain and are not
+//! replicated.
 
 #![deny(clippy::indexing_slicing, clippy::arithmetic_side_effects)]
 
@@ -776,6 +778,36 @@ impl Replica {
                         .map_err(storage)?;
                 }
             }
+            // An admin command the primary accepted: its nonce is recorded here too, so
+            // that the same command replayed to this node once promoted is refused.
+            if rec.event.event == "admin.accepted" {
+                if let Some(nonce) = rec
+                    .event
+                    .fields
+                    .get("nonce")
+                    .and_then(|n| crate::codec::unhex(n))
+                    .and_then(|n| <[u8; 16]>::try_from(n).ok())
+                {
+                    let nonces = self.store.dbs.nonces;
+                    if nonces.get(wtxn, &nonce).map_err(storage)?.is_none() {
+                        let body: Hash = rec
+                            .event
+                            .fields
+                            .get("body_sha256")
+                            .and_then(|h| crate::codec::unhex(h))
+                            .and_then(|h| <[u8; 32]>::try_from(h).ok())
+                            .unwrap_or([0; 32]);
+                        let mut value = Vec::with_capacity(40);
+                        value.extend_from_slice(
+                            &rec.time_ns
+                                .saturating_add(REPLICATED_NONCE_TTL_NS)
+                                .to_be_bytes(),
+                        );
+                        value.extend_from_slice(&body);
+                        nonces.put(wtxn, &nonce, &value).map_err(storage)?;
+                    }
+                }
+            }
             tip = Tip {
                 seq,
                 hash: chain_hash(&tip.hash, bytes),
@@ -784,6 +816,11 @@ impl Replica {
         Ok(tip)
     }
 }
+
+/// How long a replicated admin nonce is kept: the longest validity window a console
+/// accepts (a week) plus the largest clock-skew allowance (an hour), counted from the
+/// `admin.accepted` record's time. The console prunes it like its own after that.
+pub const REPLICATED_NONCE_TTL_NS: u64 = (7 * 24 + 1) * 3600 * 1_000_000_000;
 
 /// A record (the `index`-th of its chain in the group) whose link is not the hash of the
 /// record before it: for the first, the primary's history differs from the standby's at

@@ -333,3 +333,33 @@ fn a_promotion_is_refused_on_an_empty_copy_with_the_key_in_force_or_without_cosi
         primary.store().last_group().unwrap()
     );
 }
+
+#[test]
+fn an_admin_command_accepted_by_the_primary_is_a_replay_on_the_promoted_standby() {
+    let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let primary = open(a.path());
+    put(&primary, "k", "v");
+    let nonce = [0x5a; 16];
+    let accepted = AuditEvent::new("admin.accepted", Severity::Notice)
+        .field("command", "key.rotate")
+        .field("nonce", mayfly_ledger::codec::hex(&nonce))
+        .field("body_sha256", mayfly_ledger::codec::hex(&[7; 32]));
+    primary
+        .record_admin_nonce(nonce, u64::MAX, [7; 32], 0, vec![accepted])
+        .unwrap();
+    let mut standby =
+        Replica::open(b.path(), &StoreOptions::default(), primary.public_key()).unwrap();
+    follow(primary.store(), &mut standby);
+    let key = SigningKey::generate(b.path()).unwrap();
+    standby.promote(&key, request(1)).unwrap();
+    drop(standby);
+    let promoted = open(b.path());
+    match promoted.record_admin_nonce(nonce, u64::MAX, [7; 32], 0, Vec::new()) {
+        Err(mayfly_ledger::CommitError::NonceReused { .. }) => {}
+        other => panic!("the replayed command was not refused: {other:?}"),
+    }
+    // Another nonce is accepted.
+    promoted
+        .record_admin_nonce([0x5b; 16], u64::MAX, [7; 32], 0, Vec::new())
+        .unwrap();
+}
