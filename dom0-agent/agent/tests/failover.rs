@@ -35,6 +35,16 @@ fn pem(dir: &Path, name: &str) -> Pem {
     }
 }
 
+/// The ledger identity key of `dir` (`dom0-agent export-key`).
+fn export_key(dir: &Path) -> String {
+    let out = Command::new(agent_exe())
+        .args(["export-key", "--data-dir"])
+        .arg(dir)
+        .output()
+        .unwrap();
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
+
 fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -113,12 +123,7 @@ fn a_standby_process_follows_a_synchronous_primary_and_the_primary_degrades_with
     .unwrap();
     let mut primary = Agent::start(&pdir, &["--config", pconf.to_str().unwrap()]);
     assert_eq!(health(&primary)["mode"], "sync");
-    let out = Command::new(agent_exe())
-        .args(["export-key", "--data-dir"])
-        .arg(&pdir)
-        .output()
-        .unwrap();
-    let identity = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    let identity = export_key(&pdir);
     let sconf = root.path().join("standby.toml");
     std::fs::write(
         &sconf,
@@ -287,12 +292,7 @@ fn a_sigkilled_synchronous_primary_loses_nothing_acknowledged_and_resends_run_on
     .unwrap();
     let conf_flag = ["--config", pconf.to_str().unwrap()];
     let primary = Agent::start(&pdir, &conf_flag);
-    let out = Command::new(agent_exe())
-        .args(["export-key", "--data-dir"])
-        .arg(&pdir)
-        .output()
-        .unwrap();
-    let identity = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    let identity = export_key(&pdir);
     let sconf = root.path().join("standby.toml");
     std::fs::write(
         &sconf,
@@ -463,29 +463,8 @@ fn a_standby_promoted_by_a_cosigned_command_answers_resends_with_their_original_
     )
     .unwrap();
     let mut primary = Agent::start(&pdir, &["--config", pconf.to_str().unwrap()]);
-    let out = Command::new(agent_exe())
-        .args(["export-key", "--data-dir"])
-        .arg(&pdir)
-        .output()
-        .unwrap();
-    let identity = String::from_utf8(out.stdout).unwrap().trim().to_string();
-    let admins: Vec<PathBuf> = ["alice", "bob"]
-        .iter()
-        .map(|n| root.path().join(n))
-        .collect();
-    for a in &admins {
-        let (code, _, err) = common::mayfly(&["admin", "keygen", "--out", a.to_str().unwrap()]);
-        assert_eq!(code, 0, "{err}");
-    }
-    let pubs: Vec<String> = admins
-        .iter()
-        .map(|a| {
-            std::fs::read_to_string(a.with_extension("pub"))
-                .unwrap()
-                .trim()
-                .to_string()
-        })
-        .collect();
+    let identity = export_key(&pdir);
+    let (admins, pubs) = two_admins(root.path());
     let sconf = root.path().join("standby.toml");
     std::fs::write(
         &sconf,
@@ -711,12 +690,7 @@ fn a_former_primary_that_comes_back_is_fenced_and_can_rejoin_as_standby() {
     );
     let a_flags = ["--config", a_conf.to_str().unwrap()];
     let mut a = Agent::start(&adir, &a_flags);
-    let out = Command::new(agent_exe())
-        .args(["export-key", "--data-dir"])
-        .arg(&adir)
-        .output()
-        .unwrap();
-    let identity = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    let identity = export_key(&adir);
     let (admins, pubs) = two_admins(root.path());
     let b_standby_conf = root.path().join("b-standby.toml");
     replication_conf(
@@ -968,12 +942,7 @@ fn kill_promote_rejoin(mode: &str, kills: usize, seed: u64) -> Rounds {
     let mut primary_node = 0;
     let pconf = conf(0, "primary", "");
     let primary = Agent::start(&dirs[0], &["--config", pconf.to_str().unwrap()]);
-    let out = Command::new(agent_exe())
-        .args(["export-key", "--data-dir"])
-        .arg(&dirs[0])
-        .output()
-        .unwrap();
-    let identity = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    let identity = export_key(&dirs[0]);
     let mut promotion_keys: Vec<String> = Vec::new();
     let standby_extra =
         |keys: &[String]| format!("primary_identity = {identity:?}\npromotion_keys = {keys:?}\n");
