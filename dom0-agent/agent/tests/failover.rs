@@ -2,7 +2,9 @@
 //! synchronous primary and `dom0-agent standby` following it over mutual TLS with pinned
 //! keys. Acknowledged transactions (with idempotency keys) are on the standby's copy; the
 //! primary's health says whether it is synchronous or degraded, and why; both ledgers
-//! verify. (Promotion and fencing are not built yet.)
+//! verify. A standby is promoted by a co-signed command (`dom0-agent promote`), a former
+//! primary that comes back is fenced and re-joins as standby, and the must-show run kills,
+//! promotes and re-joins 20 times in sync and in async mode.
 
 mod common;
 
