@@ -15,6 +15,7 @@ mod demo;
 mod exit;
 mod keysource;
 mod policy;
+mod promote;
 mod replication;
 mod report;
 mod serve;
@@ -130,6 +131,15 @@ enum Command {
     /// every group it ships is checked (links, signatures, epoch, live state) before it is
     /// applied to the copy. SIGINT/SIGTERM stop; exit 6 on a fork, 7 when refused.
     Standby(replication::StandbyArgs),
+    /// Promote a stopped standby to primary with a co-signed `promote` command (`mayfly
+    /// admin prepare … promote --epoch N`): the copy gets the promotion group of the next
+    /// epoch, signed by the standby's own key; then `serve` opens it. Exit 8 when the
+    /// command is refused (docs/failover.md).
+    Promote(promote::PromoteArgs),
+    /// List, as JSON lines, the checkpoint records a fenced former primary holds that its
+    /// promoted standby never received (after the last one the promotion kept; read from
+    /// DATA_DIR/fenced). Reads only.
+    Unreplicated(promote::UnreplicatedArgs),
     /// Report a transaction, key, handler or client as part of an attack to a running agent
     /// (authenticated with its detector token); its policy decides, e.g. roll back and replay.
     Report(report::ReportArgs),
@@ -233,6 +243,8 @@ fn main() -> ExitCode {
         Command::ExportKey { data_dir } => export_key(&data_dir),
         Command::Serve(args) => serve::run(&args, &log),
         Command::Standby(args) => replication::run_standby(&args, &log),
+        Command::Promote(args) => promote::run(&args, &log),
+        Command::Unreplicated(args) => promote::run_unreplicated(&args),
         Command::Report(args) => report::run(&args),
         Command::Demo(args) => demo::run(&args, &log),
     };

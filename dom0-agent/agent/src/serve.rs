@@ -547,6 +547,7 @@ pub fn run(args: &ServeArgs, log: &Logger) -> anyhow::Result<u8> {
         limits: s.limits.clone(),
         tls: s.tls.clone(),
         proxy_from: s.proxy_from.clone(),
+        fence: replication.as_ref().map(crate::replication::fence),
         health_sections: [
             siem_health(siem.status_handle()),
             capacity_health(&ledger),

@@ -20,6 +20,7 @@
 //! | `update.install` | quorum | `bundle` (file name on the update medium, 1..=128 of `[A-Za-z0-9._-]`), `sha256` (64 hex digits: the whole bundle file the admins approve), `tries` (1..=3, default 3) |
 //! | `update.status` | 1 | — |
 //! | `breakglass.open` | quorum | `token_sha256` (64 hex digits: SHA-256 of the one-time token the admins give the person at the console), `minutes` (1..=60, default 15) |
+//! | `promote` | quorum | `epoch`: the epoch the standby opens (its epoch + 1). Accepted only by a standby (`dom0-agent promote`, docs/failover.md); a serving agent refuses it (`not_a_standby`) |
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -95,6 +96,12 @@ pub enum CommandError {
     /// This appliance has no A/B update configured.
     #[error("updates are not configured on this appliance ([update] enabled = false)")]
     NoUpdater,
+    /// `promote` sent to an agent that serves (a primary): only a standby is promoted.
+    #[error("promote is accepted only by a standby (`dom0-agent promote` on the standby's data directory); this agent serves as primary at epoch {epoch}")]
+    NotAStandby {
+        /// The agent's epoch.
+        epoch: u64,
+    },
 }
 
 impl CommandError {
@@ -114,6 +121,7 @@ impl CommandError {
             Self::Update(f) => f.code,
             Self::NoUpdater => "not_configured",
             Self::BreakGlass(_) => "breakglass",
+            Self::NotAStandby { .. } => "not_a_standby",
         }
     }
 }
@@ -189,6 +197,11 @@ pub enum Command {
         /// SHA-256 of the one-time token.
         token_sha256: [u8; 32],
     },
+    /// `promote`: a standby opens `epoch` as primary (refused by a serving agent).
+    Promote {
+        /// The epoch the promotion opens.
+        epoch: u64,
+    },
 }
 
 /// A commit sequence or a transaction id.
@@ -217,7 +230,8 @@ pub fn is_destructive(cmd: &Command) -> bool {
         | Command::QuarantineRelease { .. }
         | Command::KeyRotate
         | Command::UpdateInstall(_)
-        | Command::BreakGlassOpen { .. } => true,
+        | Command::BreakGlassOpen { .. }
+        | Command::Promote { .. } => true,
         _ => false,
     }
 }
@@ -417,6 +431,15 @@ pub fn parse(command: &str, args: &BTreeMap<String, String>) -> Result<Command, 
                 minutes: u32::try_from(minutes).unwrap_or(15),
                 token_sha256,
             }
+        }
+        "promote" => {
+            let epoch = a
+                .u64("epoch")?
+                .ok_or_else(|| Args::bad("epoch", "missing (the standby's epoch + 1)"))?;
+            if epoch == 0 {
+                return Err(Args::bad("epoch", "a promotion opens epoch 1 or later"));
+            }
+            Command::Promote { epoch }
         }
         other => return Err(CommandError::Unknown(other.to_owned())),
     };
@@ -714,6 +737,9 @@ pub fn execute(
             ledger.audit(vec![event])?;
             outcome.map_err(CommandError::Update)
         }
+        Command::Promote { .. } => Err(CommandError::NotAStandby {
+            epoch: ledger.tips().epoch,
+        }),
         Command::KeyRotate => {
             let old = ledger.signing_key();
             let (new, receipt) = ledger.rotate_key(vec![AuditEvent::new(
@@ -837,6 +863,21 @@ mod tests {
             args(&[("token_sha256", &d), ("token", "plain")]),
         ] {
             assert!(parse("breakglass.open", &bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn promote_needs_the_quorum_and_a_positive_epoch() {
+        let p = parse("promote", &args(&[("epoch", "2")])).unwrap();
+        assert_eq!(p, Command::Promote { epoch: 2 });
+        assert!(is_destructive(&p));
+        for bad in [
+            args(&[]),
+            args(&[("epoch", "0")]),
+            args(&[("epoch", "x")]),
+            args(&[("epoch", "1"), ("force", "true")]),
+        ] {
+            assert!(parse("promote", &bad).is_err(), "{bad:?}");
         }
     }
 

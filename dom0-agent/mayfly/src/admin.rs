@@ -252,6 +252,19 @@ enum Op<O: Args + Clone + Send + Sync + 'static> {
         #[arg(long)]
         token: Option<String>,
     },
+    /// Promote a standby to primary (needs the quorum): the standby opens EPOCH (its
+    /// epoch + 1) under its own key. Only a standby accepts it: `prepare` it, have it
+    /// co-signed, and give the file to `dom0-agent promote --command FILE` on the standby
+    /// (docs/failover.md); a serving agent refuses it. The appliance is the identity key
+    /// of the ledger the standby copies.
+    Promote {
+        #[command(flatten)]
+        opts: O,
+        /// The epoch the promotion opens: the standby's epoch + 1 (its `dom0-agent
+        /// standby` start line and `promote --dry-run` show it).
+        #[arg(long)]
+        epoch: u64,
+    },
     /// TPM attestation: a quote over the appliance's PCRs and its latest signed head,
     /// checked here against the pinned attestation key and the expected-PCR file of the
     /// image it should run. Exit 0 only if every check holds.
@@ -291,6 +304,7 @@ impl<O: Args + Clone + Send + Sync + 'static> Op<O> {
             | Self::Key { opts, .. }
             | Self::Update { opts, .. }
             | Self::Breakglass { opts, .. }
+            | Self::Promote { opts, .. }
             | Self::Attest { opts, .. } => opts,
         }
     }
@@ -624,6 +638,10 @@ fn command_of<O: Args + Clone + Send + Sync + 'static>(
             );
             set("minutes", minutes.to_string());
             "breakglass.open"
+        }
+        Op::Promote { epoch, .. } => {
+            set("epoch", epoch.to_string());
+            "promote"
         }
         Op::Attest { nonce, .. } => {
             let nonce = nonce
