@@ -480,6 +480,18 @@ impl SignedHead {
 mod tests {
     use super::*;
 
+    /// Flipping `mask` in any one byte of `enc` makes it fail to decode or to verify.
+    fn every_byte_is_bound(enc: &[u8], mask: u8, what: &str) {
+        for i in 0..enc.len() {
+            let mut bad = enc.to_vec();
+            bad[i] ^= mask;
+            let ok = SignedHead::decode(&bad)
+                .map(|h| h.signature_valid())
+                .unwrap_or(false);
+            assert!(!ok, "flipping byte {i} of {what} went unnoticed");
+        }
+    }
+
     #[test]
     fn sign_encode_decode_verify() {
         let dir = tempfile::tempdir().unwrap();
@@ -502,14 +514,7 @@ mod tests {
         let d = SignedHead::decode(&enc).unwrap();
         assert_eq!(d, h);
         assert!(d.signature_valid());
-        for i in 0..enc.len() {
-            let mut bad = enc.clone();
-            bad[i] ^= 0x80;
-            let ok = SignedHead::decode(&bad)
-                .map(|h| h.signature_valid())
-                .unwrap_or(false);
-            assert!(!ok, "flipping byte {i} went unnoticed");
-        }
+        every_byte_is_bound(&enc, 0x80, "a head");
     }
 
     #[test]
@@ -533,14 +538,7 @@ mod tests {
         let d = SignedHead::decode(&enc).unwrap();
         assert_eq!(d, h);
         assert!(d.signature_valid());
-        for i in 0..enc.len() {
-            let mut bad = enc.clone();
-            bad[i] ^= 0x01;
-            let ok = SignedHead::decode(&bad)
-                .map(|h| h.signature_valid())
-                .unwrap_or(false);
-            assert!(!ok, "flipping byte {i} of a rotation head went unnoticed");
-        }
+        every_byte_is_bound(&enc, 0x01, "a rotation head");
         // A group head's bytes with the kind changed to rotation do not decode (too short).
         let mut g = SignedHead::sign(&old, 1, Tip::default(), Tip::default(), 1).encode();
         g[5] = KIND_ROTATION;
@@ -574,14 +572,7 @@ mod tests {
             assert_eq!(d, h);
             assert_eq!(d.state, Some([5; 32]));
             assert!(d.signature_valid());
-            for i in 0..enc.len() {
-                let mut bad = enc.clone();
-                bad[i] ^= 0x04;
-                let ok = SignedHead::decode(&bad)
-                    .map(|h| h.signature_valid())
-                    .unwrap_or(false);
-                assert!(!ok, "flipping byte {i} of a version-2 head went unnoticed");
-            }
+            every_byte_is_bound(&enc, 0x04, "a version-2 head");
             // Relabelled as version 1 it no longer decodes (32 bytes too many).
             let mut v1 = enc.clone();
             v1[4] = VERSION_1;
@@ -619,14 +610,7 @@ mod tests {
             assert_eq!(d.epoch(), 0x0102_0304_0506_0708);
             assert_eq!(d.version(), VERSION_3);
             assert!(d.signature_valid());
-            for i in 0..enc.len() {
-                let mut bad = enc.clone();
-                bad[i] ^= 0x10;
-                let ok = SignedHead::decode(&bad)
-                    .map(|h| h.signature_valid())
-                    .unwrap_or(false);
-                assert!(!ok, "flipping byte {i} of a version-3 head went unnoticed");
-            }
+            every_byte_is_bound(&enc, 0x10, "a version-3 head");
             // Relabelled as version 2 it no longer decodes (8 bytes too many), nor as 4.
             for v in [VERSION, 4] {
                 let mut other = enc.clone();
@@ -670,14 +654,7 @@ mod tests {
         assert_eq!(d, h);
         assert_eq!(d.promotion, Some(promotion.clone()));
         assert!(d.signature_valid());
-        for i in 0..enc.len() {
-            let mut bad = enc.clone();
-            bad[i] ^= 0x20;
-            let ok = SignedHead::decode(&bad)
-                .map(|h| h.signature_valid())
-                .unwrap_or(false);
-            assert!(!ok, "flipping byte {i} of a promotion head went unnoticed");
-        }
+        every_byte_is_bound(&enc, 0x20, "a promotion head");
         // Co-signers: none, more than 8, or not strictly increasing do not decode.
         for cosigners in [
             vec![],
