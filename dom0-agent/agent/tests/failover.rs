@@ -47,6 +47,43 @@ fn export_key(dir: &Path) -> String {
     String::from_utf8(out.stdout).unwrap().trim().to_string()
 }
 
+/// A synchronous primary's configuration (`primary.toml` in `dir`): replication listening on
+/// `port`, `me`'s certificate, `peer` pinned.
+fn primary_conf(dir: &Path, port: u16, sync_timeout_ms: u64, me: &Pem, peer: &Pem) -> PathBuf {
+    let path = dir.join("primary.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[replication]\nrole = \"primary\"\nlisten = \"127.0.0.1:{port}\"\nmode = \"sync\"\nsync_timeout_ms = {sync_timeout_ms}\n[replication.tls]\ncert = {:?}\nkey = {:?}\npeer_pin = {:?}\n",
+            me.cert, me.key, peer.pin
+        ),
+    )
+    .unwrap();
+    path
+}
+
+/// A standby's configuration (`standby.toml` in `dir`, after `extra`): following the primary
+/// on `port` whose ledger identity is `identity`, `me`'s certificate, `peer` pinned.
+fn standby_conf(
+    dir: &Path,
+    port: u16,
+    identity: &str,
+    extra: &str,
+    me: &Pem,
+    peer: &Pem,
+) -> PathBuf {
+    let path = dir.join("standby.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "{extra}[replication]\nrole = \"standby\"\npeer = \"127.0.0.1:{port}\"\nprimary_identity = {identity:?}\n[replication.tls]\ncert = {:?}\nkey = {:?}\npeer_pin = {:?}\n",
+            me.cert, me.key, peer.pin
+        ),
+    )
+    .unwrap();
+    path
+}
+
 fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -114,27 +151,11 @@ fn a_standby_process_follows_a_synchronous_primary_and_the_primary_degrades_with
     let (pdir, sdir) = (root.path().join("primary"), root.path().join("standby"));
     let (p, s) = (pem(root.path(), "primary"), pem(root.path(), "standby"));
     let port = free_port();
-    let pconf = root.path().join("primary.toml");
-    std::fs::write(
-        &pconf,
-        format!(
-            "[replication]\nrole = \"primary\"\nlisten = \"127.0.0.1:{port}\"\nmode = \"sync\"\nsync_timeout_ms = 400\n[replication.tls]\ncert = {:?}\nkey = {:?}\npeer_pin = {:?}\n",
-            p.cert, p.key, s.pin
-        ),
-    )
-    .unwrap();
+    let pconf = primary_conf(root.path(), port, 400, &p, &s);
     let mut primary = Agent::start(&pdir, &["--config", pconf.to_str().unwrap()]);
     assert_eq!(health(&primary)["mode"], "sync");
     let identity = export_key(&pdir);
-    let sconf = root.path().join("standby.toml");
-    std::fs::write(
-        &sconf,
-        format!(
-            "[replication]\nrole = \"standby\"\npeer = \"127.0.0.1:{port}\"\nprimary_identity = {identity:?}\n[replication.tls]\ncert = {:?}\nkey = {:?}\npeer_pin = {:?}\n",
-            s.cert, s.key, p.pin
-        ),
-    )
-    .unwrap();
+    let sconf = standby_conf(root.path(), port, &identity, "", &s, &p);
     let follower = standby(&sconf, &sdir);
     wait_state(&primary, "synchronous");
 
@@ -283,27 +304,11 @@ fn a_sigkilled_synchronous_primary_loses_nothing_acknowledged_and_resends_run_on
     let (pdir, sdir) = (root.path().join("primary"), root.path().join("standby"));
     let (p, s) = (pem(root.path(), "primary"), pem(root.path(), "standby"));
     let port = free_port();
-    let pconf = root.path().join("primary.toml");
-    std::fs::write(
-        &pconf,
-        format!(
-            "[replication]\nrole = \"primary\"\nlisten = \"127.0.0.1:{port}\"\nmode = \"sync\"\nsync_timeout_ms = 5000\n[replication.tls]\ncert = {:?}\nkey = {:?}\npeer_pin = {:?}\n",
-            p.cert, p.key, s.pin
-        ),
-    )
-    .unwrap();
+    let pconf = primary_conf(root.path(), port, 5000, &p, &s);
     let conf_flag = ["--config", pconf.to_str().unwrap()];
     let primary = Agent::start(&pdir, &conf_flag);
     let identity = export_key(&pdir);
-    let sconf = root.path().join("standby.toml");
-    std::fs::write(
-        &sconf,
-        format!(
-            "[replication]\nrole = \"standby\"\npeer = \"127.0.0.1:{port}\"\nprimary_identity = {identity:?}\n[replication.tls]\ncert = {:?}\nkey = {:?}\npeer_pin = {:?}\n",
-            s.cert, s.key, p.pin
-        ),
-    )
-    .unwrap();
+    let sconf = standby_conf(root.path(), port, &identity, "", &s, &p);
     let follower = standby(&sconf, &sdir);
     wait_state(&primary, "synchronous");
     for t in 0..CLIENTS {
@@ -455,27 +460,18 @@ fn a_standby_promoted_by_a_cosigned_command_answers_resends_with_their_original_
     let (pdir, sdir) = (root.path().join("primary"), root.path().join("standby"));
     let (p, s) = (pem(root.path(), "primary"), pem(root.path(), "standby"));
     let port = free_port();
-    let pconf = root.path().join("primary.toml");
-    std::fs::write(
-        &pconf,
-        format!(
-            "[replication]\nrole = \"primary\"\nlisten = \"127.0.0.1:{port}\"\nmode = \"sync\"\nsync_timeout_ms = 5000\n[replication.tls]\ncert = {:?}\nkey = {:?}\npeer_pin = {:?}\n",
-            p.cert, p.key, s.pin
-        ),
-    )
-    .unwrap();
+    let pconf = primary_conf(root.path(), port, 5000, &p, &s);
     let mut primary = Agent::start(&pdir, &["--config", pconf.to_str().unwrap()]);
     let identity = export_key(&pdir);
     let (admins, pubs) = two_admins(root.path());
-    let sconf = root.path().join("standby.toml");
-    std::fs::write(
-        &sconf,
-        format!(
-            "[console]\nadmin_keys = {pubs:?}\nquorum = 2\n[replication]\nrole = \"standby\"\npeer = \"127.0.0.1:{port}\"\nprimary_identity = {identity:?}\n[replication.tls]\ncert = {:?}\nkey = {:?}\npeer_pin = {:?}\n",
-            s.cert, s.key, p.pin
-        ),
-    )
-    .unwrap();
+    let sconf = standby_conf(
+        root.path(),
+        port,
+        &identity,
+        &format!("[console]\nadmin_keys = {pubs:?}\nquorum = 2\n"),
+        &s,
+        &p,
+    );
     let follower = standby(&sconf, &sdir);
     wait_state(&primary, "synchronous");
     let body = |k: usize| {
