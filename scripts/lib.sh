@@ -76,6 +76,18 @@ ensure_xen_configure_tools() {
     [ -f /usr/include/lzma.h ] || missing+=(liblzma-dev)
     [ -f /usr/include/zstd.h ] || missing+=(libzstd-dev)
     [ -f /usr/share/keyrings/debian-archive-keyring.gpg ] || missing+=(debian-archive-keyring)
+    # Run natively (Buildroot cross-compiles and skips this), tools/configure checks Python's
+    # development files through Debian's /usr/bin/python3, which check-xen-source.sh names as
+    # PYTHON: distutils.sysconfig (python3-distutils), then Python.h in its INCLUDEPY and
+    # python3-config (python3-dev). A python3 earlier on PATH (pyenv) is not what is checked.
+    if [ -x /usr/bin/python3 ]; then
+        /usr/bin/python3 -c 'import distutils.sysconfig' 2>/dev/null || missing+=(python3-distutils)
+        local include_py
+        include_py=$(/usr/bin/python3 -c 'import sysconfig; print(sysconfig.get_config_var("INCLUDEPY"))')
+        { [ -f "$include_py/Python.h" ] && [ -x /usr/bin/python3-config ]; } || missing+=(python3-dev)
+    else
+        missing+=(python3 python3-distutils python3-dev)
+    fi
     if [ ${#missing[@]} -gt 0 ]; then apt_install "${missing[@]}"; fi
 }
 

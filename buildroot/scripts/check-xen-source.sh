@@ -16,7 +16,8 @@
 #
 # Usage: buildroot/scripts/check-xen-source.sh [--no-configure] [TARBALL]
 #   TARBALL: a xen_*.orig.tar.xz already at hand (nothing is downloaded).
-# Needs apt-get, patch, tar, xz; configure needs gcc, make, python3, flex, bison, pkg-config,
+# Needs apt-get, patch, tar, xz; configure needs gcc, make, /usr/bin/python3 with distutils and
+# its development files (configure checks them when not cross-compiling), flex, bison, pkg-config,
 # iasl (acpica-tools), uuid-dev, libyajl-dev, zlib1g-dev, libncurses-dev, liblzma-dev,
 # libzstd-dev (scripts/lib.sh's ensure_xen_configure_tools installs them; under CI=true a
 # missing one is a failure, elsewhere configure is skipped and says so).
@@ -138,9 +139,10 @@ tool_subdirs() {
 if [ "$configure" = 1 ]; then
     echo "==> configure with MAYFLY_XEN_DIST_CONF_OPTS"
     missing=
-    for tool in gcc make python3 flex bison pkg-config iasl; do
+    for tool in gcc make /usr/bin/python3 /usr/bin/python3-config flex bison pkg-config iasl; do
         command -v "$tool" >/dev/null || missing="$missing $tool"
     done
+    /usr/bin/python3 -c 'import distutils.sysconfig' 2>/dev/null || missing="$missing distutils"
     for pc in uuid yajl zlib ncurses liblzma libzstd; do
         pkg-config --exists "$pc" 2>/dev/null || missing="$missing $pc(pkg-config)"
     done
@@ -158,7 +160,7 @@ if [ "$configure" = 1 ]; then
     mapfile -t opts < <(sed -n '/^MAYFLY_XEN_DIST_CONF_OPTS = /,/^$/p' "$PKG/mayfly-xen-dist.mk" |
         grep -oE -- '--[a-z0-9-]+(=[^ \\]+)?')
     [ "${#opts[@]}" -ge 5 ] || bad "could not read MAYFLY_XEN_DIST_CONF_OPTS (${opts[*]:-none})"
-    if (cd "$src" && PYTHON=python3 ./configure --prefix=/usr "${opts[@]}") >"$WORK/configure.log" 2>&1; then
+    if (cd "$src" && PYTHON=/usr/bin/python3 ./configure --prefix=/usr "${opts[@]}") >"$WORK/configure.log" 2>&1; then
         ok "configure ${opts[*]}"
         subdirs=$(tool_subdirs)
         echo "tools built: $subdirs"
