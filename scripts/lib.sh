@@ -35,6 +35,8 @@ ensure_build_tools() {
     { command -v mount && command -v umount; } >/dev/null || missing+=(mount)
     # readelf checks the PV guest kernel's image (scripts/build-pv-guest.sh).
     command -v readelf >/dev/null || missing+=(binutils)
+    # test.sh's own checks (import circles, function length, vectors) run `python3` from PATH.
+    command -v python3 >/dev/null || missing+=(python3)
     # The TPM crate (tss-esapi) links tpm2-tss's ESAPI, found through pkg-config; the TCTI
     # modules it loads at run time (device, swtpm) come with the same -dev package.
     command -v pkg-config >/dev/null || missing+=(pkg-config)
