@@ -152,10 +152,40 @@ client() {
         i=$((i + 1))
     done
 }
+# Where the time goes: the agent's own counters (GET /metrics) before and after the run.
+scrape() { curl -sS --max-time 20 "$API/metrics" >"$WORK/metrics-$1" 2>/dev/null || : >"$WORK/metrics-$1"; }
+scrape before
 started=$(date +%s.%N)
 for c in 0 1 2 3; do client "$c" & done
 wait
 elapsed=$(echo "$started $(date +%s.%N)" | awk '{ printf "%.1f", $2 - $1 }')
+scrape after
+# breakdown: per phase (build, boot, wait, in_use, destroy), the number of times and the
+# mean in ms over the run; the API's whole transactions, the ledger's group commits; the
+# outcomes and domains; dom0's CPU time (Xen's count, all of dom0) against the wall time.
+awk -v wall="$elapsed" '
+    FNR == 1 { f++ }
+    /^#/ { next }
+    { v[f, $1] = $2; names[$1] = 1 }
+    END {
+        for (n in names) d[n] = v[2, n] - v[1, n]
+        split("build boot wait in_use destroy", ph, " ")
+        for (i = 1; i <= 5; i++) {
+            c = d["mayfly_xen_phase_seconds_count{phase=\"" ph[i] "\"}"]
+            s = d["mayfly_xen_phase_seconds_sum{phase=\"" ph[i] "\"}"]
+            printf "mayfly_phase %s n=%d total_s=%.2f mean_ms=%.1f\n", ph[i], c, s, (c ? 1000 * s / c : 0)
+        }
+        c = d["mayfly_api_transaction_seconds_count"]; s = d["mayfly_api_transaction_seconds_sum"]
+        printf "mayfly_phase api_transaction n=%d total_s=%.2f mean_ms=%.1f\n", c, s, (c ? 1000 * s / c : 0)
+        c = d["mayfly_ledger_commit_seconds_count"]; s = d["mayfly_ledger_commit_seconds_sum"]
+        printf "mayfly_phase ledger_group_commit n=%d total_s=%.2f mean_ms=%.1f\n", c, s, (c ? 1000 * s / c : 0)
+        out = ""
+        for (n in names) if (n ~ /^mayfly_api_transactions_total|^mayfly_pool_domains_total/ && d[n] != 0) out = out " " n "=" d[n]
+        print "mayfly_counts" out
+        cpu = d["mayfly_xen_dom0_cpu_seconds_total"]
+        printf "mayfly_dom0_cpu cpu_s=%.2f wall_s=%.1f busy_pct=%.0f\n", cpu, wall, (wall ? 100 * cpu / wall : 0)
+    }' "$WORK/metrics-before" "$WORK/metrics-after" || echo "mayfly_phase: no metrics"
+
 done_tx=$(cat "$WORK"/client-* | grep -c '^200 committed' || true)
 all_tx=$(cat "$WORK"/client-* | grep -c . || true)
 rate=$(echo "$done_tx $elapsed" | awk '{ printf "%.2f", $1 / $2 }')

@@ -282,6 +282,8 @@ field() { grep -aE "^MAYFLY-PEER $1" "$LOG" | grep -oE "$2=[0-9.]+" | cut -d= -f
     echo "Mayfly PV guest, domain memory (KiB):        $(field 'mayfly ' domain_kib | median)"
     echo "agent on the Linux PV guest, 4 clients, fresh domain per transaction (tx/s): $(grep -oE 'linux_sustained_tx_s=[0-9.]+' "$OUT/agent-phase.log" 2>/dev/null | cut -d= -f2)"
     echo "agent on the Mayfly PV guest, 4 clients, fresh domain per transaction (tx/s): $(grep -oE 'mayfly_sustained_tx_s=[0-9.]+' "$OUT/agent-mayfly.log" 2>/dev/null | cut -d= -f2)"
+    echo "agent on the Mayfly PV guest, where the sustained run's time went (agent-mayfly.sh):"
+    grep -aE '^mayfly_(phase|counts|dom0_cpu) ' "$OUT/agent-mayfly.log" 2>/dev/null | sed 's/^/  /' || true
     echo "QEMU run (s): $elapsed, emulated CPUs: ${QEMU_SMP:-2}"
 } | tee "$OUT/bench.txt"
 # The issue's figures as JSON (null: not measured in this run).

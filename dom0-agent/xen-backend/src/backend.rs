@@ -15,7 +15,7 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use mayfly_domain::{
     Domain, DomainBackend, DomainError, DomainExit, DomainId, PoolStats, Quarantine, Quarantined,
@@ -26,8 +26,10 @@ use mayfly_sync::lock;
 use mayfly_xen::{Control, CtrlError, Libraries, LoadError, PvBuilder, Store, StoreError};
 use slog::{info, warn, Logger};
 
+use crate::build_handles::BuildHandles;
 use crate::config::{gntalloc_limit, ConfigError, GuestKind, XenConfig, GNTALLOC_LIMIT_PATH};
 use crate::domain::{DomainOpError, Hyp, LiveDomain, XenProvisioner};
+use crate::phases::{Phase, PhaseTotal, Phases};
 use crate::pool::{Pool, PoolConfig, Slot, TakeError};
 use crate::reconcile::{self, ReconcileError};
 
@@ -175,6 +177,7 @@ impl XenBackend {
                 warn!(logger, "reading the host's physinfo failed"; "error" => %e);
             }
         }
+        let build_handles = BuildHandles::new(Arc::clone(&libs));
         let hyp = Arc::new(Hyp {
             libs,
             control,
@@ -187,6 +190,8 @@ impl XenBackend {
             stopping: AtomicBool::new(false),
             handlers: mayfly_domain::LearnedHandlers::new(),
             violations,
+            phases: Arc::new(Phases::default()),
+            build_handles,
         });
         let provisioner = XenProvisioner {
             hyp: Arc::clone(&hyp),
@@ -212,14 +217,37 @@ impl XenBackend {
         self.hyp.handlers.wait(timeout)
     }
 
+    /// The time spent in each phase of the domains' lives since the start
+    /// ([`crate::phases`]).
+    pub fn phases(&self) -> Vec<PhaseTotal> {
+        self.hyp.phases.totals()
+    }
+
+    /// The CPU time dom0 has used since it booted, in nanoseconds, as Xen counts it (every
+    /// vCPU of dom0: the agent, its kernel work, xenstored, ...); `None` if Xen does not
+    /// answer. Beside the wall time of a load run, it says how busy dom0 was.
+    pub fn dom0_cpu_ns(&self) -> Option<u64> {
+        self.hyp
+            .control
+            .info(0)
+            .ok()
+            .flatten()
+            .map(|i| i.cpu_time_ns)
+    }
+
     /// Like [`DomainBackend::take`], returning the concrete type.
     pub fn take_domain(&self, timeout: Duration) -> Result<XenDomain, DomainError> {
-        match self.pool.take(timeout) {
+        let asked = Instant::now();
+        let taken = self.pool.take(timeout);
+        self.hyp.phases.record(Phase::Wait, asked.elapsed());
+        match taken {
             Ok((live, slot)) => Ok(XenDomain {
                 live: Some(live),
                 slot: Some(slot),
                 quarantined: Arc::clone(&self.quarantined),
                 logger: self.hyp.logger.clone(),
+                phases: Arc::clone(&self.hyp.phases),
+                handed_out: Instant::now(),
             }),
             Err(TakeError::Exhausted { waited }) => Err(DomainError::Exhausted {
                 backend: BACKEND,
@@ -305,6 +333,8 @@ pub struct XenDomain {
     slot: Option<Slot<XenProvisioner>>,
     quarantined: Arc<QuarantineList>,
     logger: Logger,
+    phases: Arc<Phases>,
+    handed_out: Instant,
 }
 
 impl std::fmt::Debug for XenDomain {
@@ -369,8 +399,11 @@ impl Domain for XenDomain {
             return Ok(DomainExit::Destroyed);
         };
         let id = live.domid();
+        self.phases.record(Phase::InUse, self.handed_out.elapsed());
+        let ending = Instant::now();
         let result = live.end().map_err(|e| DomainError::control(BACKEND, id, e));
         drop(live);
+        self.phases.record(Phase::Destroy, ending.elapsed());
         drop(self.slot.take());
         result
     }

@@ -36,7 +36,9 @@ use mayfly_xen::{
 };
 use slog::{debug, warn, Logger};
 
+use crate::build_handles::BuildHandles;
 use crate::config::{ConfigError, XenConfig, NAME_PREFIX};
+use crate::phases::{Phase, Phases};
 use crate::pool::{BoxError, Provisioner};
 
 /// How often a build waiting for Ready checks whether the backend is stopping.
@@ -263,6 +265,8 @@ pub struct Hyp {
     pub(crate) config: XenConfig,
     /// The in-process builder (guest `mayfly`).
     pub(crate) pv: Option<PvBuilder>,
+    /// The libxenctrl handles its builds use, not `control` ([`crate::build_handles`]).
+    pub(crate) build_handles: BuildHandles,
     pub(crate) logger: Logger,
     /// Domains handed out, by domid: their "destroyed by the agent" flag.
     pub(crate) in_use: Mutex<HashMap<DomId, InUse>>,
@@ -273,6 +277,8 @@ pub struct Hyp {
     pub(crate) handlers: mayfly_domain::LearnedHandlers,
     /// Where a guest announcing another list is reported (the agent audits it).
     pub(crate) violations: mayfly_domain::ViolationSink,
+    /// Where the time of each domain's phases goes ([`crate::phases`]).
+    pub(crate) phases: Arc<Phases>,
 }
 
 impl Hyp {
@@ -676,6 +682,8 @@ impl XenProvisioner {
             domid,
             source,
         };
+        hyp.phases.record(Phase::Build, started.elapsed());
+        let unpaused = Instant::now();
         hyp.control.unpause(domid).map_err(ctrl)?;
         let waited = config.ready_timeout;
         // Waited for in slices, so that a backend shutting down does not wait out a slow boot.
@@ -734,6 +742,7 @@ impl XenProvisioner {
             }
         }
         hyp.control.pause(domid).map_err(ctrl)?;
+        hyp.phases.record(Phase::Boot, unpaused.elapsed());
         live.keep_log = false;
         debug!(hyp.logger, "domain ready and paused";
             "domid" => domid, "name" => &live.name, "millis" => started.elapsed().as_millis());
@@ -762,9 +771,10 @@ impl XenProvisioner {
             })?;
         let tag = seq.to_be_bytes();
         let mut parts: Option<(Ring, EventChannel)> = None;
-        let built =
-            builder
-                .build(&hyp.control, tag, |domid| -> Result<Vec<u8>, CreateError> {
+        let built = hyp
+            .build_handles
+            .with(|control| {
+                builder.build(control, tag, |domid| -> Result<Vec<u8>, CreateError> {
                     let pages = GrantedPages::share(
                         Arc::clone(&hyp.libs),
                         domid,
@@ -800,10 +810,15 @@ impl XenProvisioner {
                     parts = Some((ring, channel));
                     Ok(module)
                 })
-                .map_err(|source| CreateError::PvBuild {
-                    name: name.clone(),
-                    source,
-                })?;
+            })
+            .map_err(|source| CreateError::Ctrl {
+                name: name.clone(),
+                source,
+            })?
+            .map_err(|source| CreateError::PvBuild {
+                name: name.clone(),
+                source,
+            })?;
         // The builder destroyed the domain on failure; the ring's pages and port (if they
         // were made) are released with `parts` after that.
         let Some((ring, channel)) = parts else {
