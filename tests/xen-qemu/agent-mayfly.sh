@@ -160,8 +160,8 @@ for c in 0 1 2 3; do client "$c" & done
 wait
 elapsed=$(echo "$started $(date +%s.%N)" | awk '{ printf "%.1f", $2 - $1 }')
 scrape after
-# breakdown: per phase (build, boot, wait, in_use, destroy), the number of times and the
-# mean in ms over the run; the API's whole transactions, the ledger's group commits; the
+# breakdown: per phase (build, boot, wait, in_use, destroy) and per step of the builds, the
+# number of times and the mean in ms over the run; the API's whole transactions, the ledger's group commits; the
 # outcomes and domains; dom0's CPU time (Xen's count, all of dom0) against the wall time.
 awk -v wall="$elapsed" '
     FNR == 1 { f++ }
@@ -174,6 +174,12 @@ awk -v wall="$elapsed" '
             c = d["mayfly_xen_phase_seconds_count{phase=\"" ph[i] "\"}"]
             s = d["mayfly_xen_phase_seconds_sum{phase=\"" ph[i] "\"}"]
             printf "mayfly_phase %s n=%d total_s=%.2f mean_ms=%.1f\n", ph[i], c, s, (c ? 1000 * s / c : 0)
+        }
+        b = d["mayfly_xen_build_step_seconds_count"]
+        split("create boot_info setup populate load boot release", st, " ")
+        for (i = 1; i <= 7; i++) {
+            s = d["mayfly_xen_build_step_seconds_sum{step=\"" st[i] "\"}"]
+            printf "mayfly_phase build_step_%s n=%d total_s=%.2f mean_ms=%.1f\n", st[i], b, s, (b ? 1000 * s / b : 0)
         }
         c = d["mayfly_api_transaction_seconds_count"]; s = d["mayfly_api_transaction_seconds_sum"]
         printf "mayfly_phase api_transaction n=%d total_s=%.2f mean_ms=%.1f\n", c, s, (c ? 1000 * s / c : 0)

@@ -277,6 +277,9 @@ field() { grep -aE "^MAYFLY-PEER $1" "$LOG" | grep -oE "$2=[0-9.]+" | cut -d= -f
     echo "ring round trip, sandbox memfd + eventfd (us): $(field 'sandbox-' rtt_us_median | median)"
     echo "agent: POST /v1/transactions from a ready pool (ms): $(grep -oE 'agent_tx_ms=[0-9.]+' "$OUT/agent-phase.log" 2>/dev/null | cut -d= -f2 | median)"
     echo "Mayfly PV guest, in-process build (ms):      $(field 'mayfly ' build_ms | median)"
+    for step in create boot_info setup populate load boot release; do
+        echo "  of which step $step (us, median): $(field 'mayfly ' "step_${step}_us" | median)"
+    done
     echo "Mayfly PV guest, build -> Ready (ms):        $(field 'mayfly ' ready_ms | median)"
     echo "Mayfly PV guest, build -> first request (ms): $(field 'mayfly ' first_request_ms | median)"
     echo "Mayfly PV guest, domain memory (KiB):        $(field 'mayfly ' domain_kib | median)"

@@ -350,6 +350,23 @@ fn xen_metrics(xen: Arc<XenBackend>) -> mayfly_api::MetricsSection {
                     t.count
                 );
             }
+            let (builds, steps) = xen.build_steps();
+            if builds > 0 {
+                mayfly_api::metrics_family(
+                    out,
+                    "mayfly_xen_build_step_seconds",
+                    "summary",
+                    "Time of each step of the in-process builds (Mayfly guest) since start",
+                );
+                for (step, us) in steps {
+                    let _ = writeln!(
+                        out,
+                        "mayfly_xen_build_step_seconds_sum{{step=\"{step}\"}} {}",
+                        secs(us)
+                    );
+                }
+                let _ = writeln!(out, "mayfly_xen_build_step_seconds_count {builds}");
+            }
             if let Some(ns) = xen.dom0_cpu_ns() {
                 mayfly_api::metrics_family(
                     out,

@@ -223,6 +223,17 @@ impl XenBackend {
         self.hyp.phases.totals()
     }
 
+    /// The in-process builds (Mayfly guest) since the start, and the time of each of
+    /// their steps summed, in microseconds ([`Phases::steps`]).
+    pub fn build_steps(
+        &self,
+    ) -> (
+        u64,
+        [(&'static str, u64); mayfly_xen::pvbuild::BUILD_STEPS.len()],
+    ) {
+        self.hyp.phases.steps()
+    }
+
     /// The CPU time dom0 has used since it booted, in nanoseconds, as Xen counts it (every
     /// vCPU of dom0: the agent, its kernel work, xenstored, ...); `None` if Xen does not
     /// answer. Beside the wall time of a load run, it says how busy dom0 was.

@@ -819,6 +819,7 @@ impl XenProvisioner {
                 name: name.clone(),
                 source,
             })?;
+        hyp.phases.record_steps(&built.steps);
         // The builder destroyed the domain on failure; the ring's pages and port (if they
         // were made) are released with `parts` after that.
         let Some((ring, channel)) = parts else {
