@@ -178,14 +178,26 @@ up() {
         fail "boot $1: no ready domain within 300 s: $(health)"
     fi
     # The test hook (S99) starts after the agent (S50) and the update check (S60): a command
-    # sent before it listens reaches a closed port (QEMU accepts, then closes: no answer).
-    # Since the agent waits for its first Xen guest's Ready before it listens, S50 ends late
-    # and S99 can start after the pool is ready.
-    if wait_line 'MAYFLY-HOOK: listening on 9999' 300; then
-        pass "boot $1: the test hook listens after $(($(date +%s) - boot_started))s"
+    # sent before its nc listens reaches a closed port (QEMU's forward accepts, then closes:
+    # no answer, and the command never ran). Since the agent waits for its first Xen guest's
+    # Ready before it listens, S50 ends late and S99 can start after the pool is ready; its
+    # console line comes before nc listens. So: ask `ping` until it answers.
+    if hook_answers 300; then
+        pass "boot $1: the test hook answers after $(($(date +%s) - boot_started))s"
     else
-        fail "boot $1: the test hook did not start within 300 s (console: $LOG)"
+        fail "boot $1: the test hook did not answer within 300 s (console: $LOG)"
     fi
+}
+
+# hook_answers <seconds>: until the test hook answers `ping`.
+hook_answers() {
+    local deadline=$(($(date +%s) + $1))
+    while [ "$(date +%s)" -lt "$deadline" ]; do
+        case "$(hook ping)" in *pong*rc=0*) return 0 ;; esac
+        kill -0 "$qemu" 2>/dev/null || return 1
+        sleep 2
+    done
+    return 1
 }
 
 json_field() { grep -oE "\"$1\":(\"[^\"]*\"|[0-9]+)" | head -n 1 | cut -d: -f2- | tr -d '"' || true; }

@@ -41,17 +41,7 @@
 //! unwind like any process. (The agent itself is multi-threaded; its `pre_exec` hook uses
 //! only raw system calls — see `spawn`.)
 //!
-//! # What a clone does before the guest's code runs
-//!
-//! It starts under the zygote's seccomp filter (inherited). In this order: restore the signal
-//! mask; put `/dev/null` on fds 0-2 and the ring on fds 3-5 and close every other fd (the
-//! control socket, the signalfd, other clones' rings); set its rlimits (`RLIMIT_NPROC` 0
-//! among them); `setgroups([])`, `setresgid`, `setresuid` to **its own** unprivileged uid
-//! (all capabilities go with uid 0); `PR_SET_PDEATHSIG(SIGKILL)` and a check that the zygote
-//! is still its parent (after the uid change, which would clear it); `PR_SET_DUMPABLE(0)`.
-//! Then it calls the entry point with its [`ChildRing`] and `_exit`s with the returned
-//! status. A clone that fails a step exits with `200 + stage` before running anything of the
-//! guest's.
+//! What a clone does between `fork` and the guest's code is in module `child`.
 //!
 //! Per-clone uids are what keep clones apart now that the filter is shared: the filter must
 //! let the zygote `fork` and `kill`, and the kernel refuses both to a process without
@@ -61,44 +51,23 @@ use std::fs::File;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::FileExt;
-use std::panic::AssertUnwindSafe;
+use std::path::Path;
 
 use nix::errno::Errno;
 use nix::mount::{mount, MsFlags};
-use nix::sys::prctl;
-use nix::sys::resource::{setrlimit, Resource};
-use nix::sys::signal::{SigSet, SigmaskHow, Signal};
+use nix::sys::signal::{SigSet, Signal};
 use nix::sys::signalfd::{SfdFlags, SignalFd};
 use nix::sys::socket::{getsockopt, sockopt};
-use nix::unistd::{chdir, chroot, getppid, setgroups, setresgid, setresuid, Gid, Pid, Uid};
+use nix::unistd::{chdir, chroot, Pid};
 
 use mayfly_sandbox_proto::sys::{self as shared, ScmFds};
 use mayfly_sandbox_proto::{self as proto, Msg, ProtoError, Settings, Stage, CONTROL_FD_ENV};
 
+use crate::child::{clone_main, RingFds};
 use crate::private::{Child, Private};
 use crate::{seccomp, sys};
 
-/// Exit status of a clone whose entry point panicked.
-pub const PANIC_EXIT: i32 = 101;
-
-/// The guest's side of a clone's ring, handed to the entry point.
-///
-/// `ring` is the sealed memfd (map it with `mayfly_ring::MmapMem::from_fd(ring, ring_len)`);
-/// `signal` and `wait` are the guest's eventfds (`EventFdNotifier::from_fds(signal, wait)`).
-/// They are fds 3, 4 and 5; no other fd is open except 0-2 (`/dev/null`).
-#[derive(Debug)]
-pub struct ChildRing {
-    /// The clone's id (the agent's `DomainId`), for logging only.
-    pub clone_id: u32,
-    /// The ring's memfd (sealed against shrinking and growing).
-    pub ring: OwnedFd,
-    /// The ring's length in bytes.
-    pub ring_len: usize,
-    /// The eventfd the guest writes to signal the agent.
-    pub signal: OwnedFd,
-    /// The eventfd the guest waits on.
-    pub wait: OwnedFd,
-}
+pub use crate::child::{ChildRing, PANIC_EXIT};
 
 /// The zygote could not start or keep running.
 #[derive(Debug, thiserror::Error)]
@@ -307,10 +276,12 @@ where
     template.serve()
 }
 
+/// Configures and confines the zygote (steps 2-6 of the module docs) and reports `Ready`
+/// with the handlers it announces: the template every clone is forked from.
 fn prepare<'a, S, I, C>(
     control: BorrowedFd<'a>,
     settings: Settings,
-    mut handlers: Vec<String>,
+    handlers: Vec<String>,
     init: I,
     child: &'a C,
 ) -> Result<Template<'a, S, C>, ZygoteError>
@@ -318,16 +289,7 @@ where
     I: FnOnce() -> S,
     C: Fn(&mut S, ChildRing) -> i32,
 {
-    handlers.sort_unstable();
-    handlers.dedup();
-    if let Err(what) = proto::check_handlers(&handlers) {
-        // The agent sees the stage and EINVAL; what exactly is wrong goes to stderr.
-        eprintln!("mayfly-sandbox zygote: refusing to announce the handlers: {what}");
-        return Err(ZygoteError::Stage {
-            stage: Stage::Handlers,
-            source: io::Error::from_raw_os_error(libc::EINVAL),
-        });
-    }
+    let handlers = announceable(handlers)?;
     let status = File::open("/proc/self/status").map_err(at(Stage::ProcStatus))?;
     let devnull = std::fs::OpenOptions::new()
         .read(true)
@@ -342,54 +304,12 @@ where
     if let Err(e) = unsafe { crate::hugecode::move_image_to_huge_pages() } {
         eprintln!("mayfly-sandbox zygote: moving the image to huge pages: {e}");
     }
-
-    // Nothing mounted from here on is seen by the host, and nothing of the host's
-    // filesystem is reachable after the chroot.
-    mount(
-        None::<&str>,
-        "/",
-        None::<&str>,
-        MsFlags::MS_REC | MsFlags::MS_PRIVATE,
-        None::<&str>,
-    )
-    .map_err(at_nix(Stage::MountPrivate))?;
-    mount(
-        Some("mayfly-sandbox-root"),
-        &settings.root,
-        Some("tmpfs"),
-        MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
-        Some("size=4k,mode=0555"),
-    )
-    .map_err(at_nix(Stage::MountRoot))?;
-    chroot(&settings.root).map_err(at_nix(Stage::Chroot))?;
-    chdir("/").map_err(at_nix(Stage::Chdir))?;
-
-    let mut mask = SigSet::empty();
-    mask.add(Signal::SIGCHLD);
-    mask.add(Signal::SIGTERM);
-    mask.thread_block().map_err(at_nix(Stage::Signals))?;
-    let signals = SignalFd::with_flags(&mask, SfdFlags::SFD_CLOEXEC | SfdFlags::SFD_NONBLOCK)
-        .map_err(at_nix(Stage::Signals))?;
-
+    enter_empty_root(&settings.root)?;
+    let signals = block_signals()?;
     // Before the filter, which does not allow `madvise`.
     let private = Private::new(proto::RECV_BUF_LEN, settings.first_uid, settings.uid_count)
         .map_err(at(Stage::Private))?;
-
-    // The filter every clone inherits: installed once, here, while single-threaded (after
-    // it, no thread can be started). The status file is closed first: nothing reads it
-    // again.
-    check_single_threaded(&status)?;
-    drop(status);
-    let filter = seccomp::compile().map_err(|e| ZygoteError::Stage {
-        stage: Stage::Seccomp,
-        source: io::Error::other(e),
-    })?;
-    seccomp::install(&filter).map_err(|e| ZygoteError::Stage {
-        stage: Stage::Seccomp,
-        source: io::Error::other(e),
-    })?;
-    drop(filter);
-
+    install_filter(status)?;
     let pid = nix::unistd::getpid();
     let ready = Msg::Ready {
         pid: pid.as_raw(),
@@ -405,6 +325,71 @@ where
         child,
         pid,
         private,
+    })
+}
+
+/// The handler names the template announces: sorted, without repeats, each valid. The
+/// agent sees the stage and `EINVAL`; what exactly is wrong goes to stderr.
+fn announceable(mut handlers: Vec<String>) -> Result<Vec<String>, ZygoteError> {
+    handlers.sort_unstable();
+    handlers.dedup();
+    if let Err(what) = proto::check_handlers(&handlers) {
+        eprintln!("mayfly-sandbox zygote: refusing to announce the handlers: {what}");
+        return Err(ZygoteError::Stage {
+            stage: Stage::Handlers,
+            source: io::Error::from_raw_os_error(libc::EINVAL),
+        });
+    }
+    Ok(handlers)
+}
+
+/// Makes the mount namespace private and `chroot`s into an empty read-only tmpfs mounted
+/// on `root`: nothing mounted from here on is seen by the host, and nothing of the host's
+/// filesystem is reachable after the chroot.
+fn enter_empty_root(root: &Path) -> Result<(), ZygoteError> {
+    mount(
+        None::<&str>,
+        "/",
+        None::<&str>,
+        MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+        None::<&str>,
+    )
+    .map_err(at_nix(Stage::MountPrivate))?;
+    mount(
+        Some("mayfly-sandbox-root"),
+        root,
+        Some("tmpfs"),
+        MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+        Some("size=4k,mode=0555"),
+    )
+    .map_err(at_nix(Stage::MountRoot))?;
+    chroot(root).map_err(at_nix(Stage::Chroot))?;
+    chdir("/").map_err(at_nix(Stage::Chdir))
+}
+
+/// Blocks `SIGCHLD` and `SIGTERM` and returns the signalfd they arrive on (non-blocking).
+fn block_signals() -> Result<SignalFd, ZygoteError> {
+    let mut mask = SigSet::empty();
+    mask.add(Signal::SIGCHLD);
+    mask.add(Signal::SIGTERM);
+    mask.thread_block().map_err(at_nix(Stage::Signals))?;
+    SignalFd::with_flags(&mask, SfdFlags::SFD_CLOEXEC | SfdFlags::SFD_NONBLOCK)
+        .map_err(at_nix(Stage::Signals))
+}
+
+/// Installs the seccomp filter every clone inherits: once, here, while single-threaded
+/// (checked again on `status`; after the filter, no thread can be started). The status
+/// file is closed first: nothing reads it again.
+fn install_filter(status: File) -> Result<(), ZygoteError> {
+    check_single_threaded(&status)?;
+    drop(status);
+    let filter = seccomp::compile().map_err(|e| ZygoteError::Stage {
+        stage: Stage::Seccomp,
+        source: io::Error::other(e),
+    })?;
+    seccomp::install(&filter).map_err(|e| ZygoteError::Stage {
+        stage: Stage::Seccomp,
+        source: io::Error::other(e),
     })
 }
 
@@ -600,134 +585,6 @@ where
         }
         // `ring`, `signal`, `wait` are dropped here in the zygote: only the clone keeps them.
     }
-}
-
-/// The fd numbers a new clone starts from (owned by the zygote's frames, which the clone
-/// never unwinds into).
-#[derive(Clone, Copy)]
-struct RingFds {
-    ring: RawFd,
-    ring_len: usize,
-    signal: RawFd,
-    wait: RawFd,
-    devnull: RawFd,
-}
-
-/// The forked clone: confine, run the entry point, `_exit`.
-fn clone_main<S, C>(
-    clone_id: u32,
-    uid: u32,
-    fds: RingFds,
-    settings: &Settings,
-    zygote: Pid,
-    state: &mut S,
-    child: &C,
-) -> !
-where
-    C: Fn(&mut S, ChildRing) -> i32,
-{
-    let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| {
-        match confine(clone_id, uid, fds, settings, zygote) {
-            Ok(ring) => child(state, ring),
-            Err(stage) => stage.exit_code(),
-        }
-    }));
-    sys::exit_now(outcome.unwrap_or(PANIC_EXIT))
-}
-
-/// Everything between `fork` and the guest's code (see the module docs for the order).
-fn confine(
-    clone_id: u32,
-    uid: u32,
-    fds: RingFds,
-    settings: &Settings,
-    zygote: Pid,
-) -> Result<ChildRing, Stage> {
-    nix::sys::signal::sigprocmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::empty()), None)
-        .map_err(|_| Stage::SignalMask)?;
-    let _ = prctl::set_name(c"mayfly-clone");
-
-    // Move the fds out of the way, then into place: 0-2 /dev/null, 3 ring, 4 signal,
-    // 5 wait; close all others (control socket, signalfd, /proc/self/status, ...).
-    let high = |fd| sys::dup_at_least(fd, 64).map_err(|_| Stage::Fds);
-    let (ring, signal, wait, null) = (
-        high(fds.ring)?,
-        high(fds.signal)?,
-        high(fds.wait)?,
-        high(fds.devnull)?,
-    );
-    // SAFETY: the fds replaced or closed here belong to values of the zygote's frames (the
-    // control socket, the signalfd, /proc/self/status, /dev/null, the received ring fds),
-    // which this clone never uses or drops again: it runs the entry point and `_exit`s
-    // without unwinding into those frames (`clone_main`). The copies at 64+ are ours.
-    #[allow(unsafe_code)]
-    unsafe {
-        let place = |from, to| sys::dup2_raw(from, to).map_err(|_| Stage::Fds);
-        place(null, 0)?;
-        place(null, 1)?;
-        if !settings.guest_stderr {
-            place(null, 2)?;
-        }
-        place(ring, 3)?;
-        place(signal, 4)?;
-        place(wait, 5)?;
-        sys::close_range(6, u32::MAX).map_err(|_| Stage::Fds)?;
-    }
-
-    let limits = &settings.limits;
-    let cpu_hard = limits.cpu_seconds.saturating_add(1);
-    for (resource, soft, hard) in [
-        (
-            Resource::RLIMIT_AS,
-            limits.memory_bytes,
-            limits.memory_bytes,
-        ),
-        (Resource::RLIMIT_CPU, limits.cpu_seconds, cpu_hard),
-        (Resource::RLIMIT_NOFILE, limits.max_fds, limits.max_fds),
-        (Resource::RLIMIT_CORE, 0, 0),
-        (Resource::RLIMIT_FSIZE, 0, 0),
-        (Resource::RLIMIT_NPROC, 0, 0),
-        (Resource::RLIMIT_MEMLOCK, 0, 0),
-        (Resource::RLIMIT_MSGQUEUE, 0, 0),
-    ] {
-        setrlimit(resource, soft, hard).map_err(|_| Stage::Rlimit)?;
-    }
-    // The zygote runs at a raised priority (the agent sets nice -10: it forks for everyone
-    // and must not wait behind spinning clones in their shared cgroup); a clone runs at the
-    // normal one.
-    shared::set_nice(0, 0).map_err(|_| Stage::Rlimit)?;
-
-    let (uid, gid) = (Uid::from_raw(uid), Gid::from_raw(settings.gid));
-    setgroups(&[]).map_err(|_| Stage::Groups)?;
-    setresgid(gid, gid, gid).map_err(|_| Stage::Gid)?;
-    setresuid(uid, uid, uid).map_err(|_| Stage::Uid)?;
-    if nix::unistd::getuid() != uid || nix::unistd::geteuid() != uid {
-        return Err(Stage::Uid);
-    }
-    // After the uid change: changing credentials clears the parent-death signal.
-    prctl::set_pdeathsig(Signal::SIGKILL).map_err(|_| Stage::Pdeathsig)?;
-    if getppid() != zygote {
-        return Err(Stage::Pdeathsig); // the zygote died before the flag was set
-    }
-    prctl::set_dumpable(false).map_err(|_| Stage::Dumpable)?;
-
-    // SAFETY: fds 3-5 were placed above and nothing else owns them (every other value that
-    // referred to these numbers belongs to the zygote's frames and is never dropped here).
-    #[allow(unsafe_code)]
-    let (ring, signal, wait) = unsafe {
-        (
-            sys::own_arranged_fd(3),
-            sys::own_arranged_fd(4),
-            sys::own_arranged_fd(5),
-        )
-    };
-    Ok(ChildRing {
-        clone_id,
-        ring,
-        ring_len: fds.ring_len,
-        signal,
-        wait,
-    })
 }
 
 #[cfg(test)]

@@ -95,6 +95,19 @@ fn read_kernel(path: &std::path::Path) -> Result<Vec<u8>, StartError> {
     std::fs::read(path).map_err(err)
 }
 
+/// Logs the host as Xen describes it (CPUs, memory, capabilities, Xen's command line).
+fn log_host(control: &Control, logger: &Logger) {
+    match (control.physinfo(), control.xen_cmdline()) {
+        (Ok(p), Ok(cmdline)) => info!(logger, "xen host";
+            "nr_cpus" => p.nr_cpus, "total_memory_mib" => p.total_memory_mib(),
+            "free_memory_mib" => p.free_pages / 256, "hvm" => p.hvm, "hap" => p.hap,
+            "iommu" => p.iommu, "xen_cmdline" => cmdline),
+        (Err(e), _) | (_, Err(e)) => {
+            warn!(logger, "reading the host's physinfo failed"; "error" => %e);
+        }
+    }
+}
+
 type QuarantineList = Mutex<Quarantine<LiveDomain>>;
 
 /// The Xen domain backend: PV domUs of the template, built ahead and paused at the shim's
@@ -168,17 +181,10 @@ impl XenBackend {
                 "kernel" => %config.kernel.display(), "ramdisk" => %config.ramdisk.display(),
                 "memory_mib" => config.memory_mib),
         }
-        match (control.physinfo(), control.xen_cmdline()) {
-            (Ok(p), Ok(cmdline)) => info!(logger, "xen host";
-                "nr_cpus" => p.nr_cpus, "total_memory_mib" => p.total_memory_mib(),
-                "free_memory_mib" => p.free_pages / 256, "hvm" => p.hvm, "hap" => p.hap,
-                "iommu" => p.iommu, "xen_cmdline" => cmdline),
-            (Err(e), _) | (_, Err(e)) => {
-                warn!(logger, "reading the host's physinfo failed"; "error" => %e);
-            }
-        }
-        let build_handles = BuildHandles::new(Arc::clone(&libs));
+        log_host(&control, &logger);
         let hyp = Arc::new(Hyp {
+            // (Before `libs` is moved in: fields are evaluated in the order written.)
+            build_handles: BuildHandles::new(Arc::clone(&libs)),
             libs,
             control,
             store,
@@ -191,7 +197,6 @@ impl XenBackend {
             handlers: mayfly_domain::LearnedHandlers::new(),
             violations,
             phases: Arc::new(Phases::default()),
-            build_handles,
         });
         let provisioner = XenProvisioner {
             hyp: Arc::clone(&hyp),

@@ -1,5 +1,8 @@
 //! One pool domain, seen from the agent: how it is built (through `xl`) and wired to its
 //! ring, how its end is read from the hypervisor, and how it is destroyed on every path.
+//! This module holds the domain ([`LiveDomain`]), the hypervisor handles its backend shares
+//! ([`Hyp`]), their errors and how a domain's end is read and cleaned up; the steps of a
+//! build ([`XenProvisioner`]'s) are in module `build`.
 //!
 //! ```text
 //!  XenProvisioner::create(seq)
@@ -21,30 +24,22 @@
 use std::collections::HashMap;
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use mayfly_domain::{DomainExit, Ring};
-use mayfly_ring::wire::PROTOCOL_VERSION;
-use mayfly_ring::{Backend, Request, RingError, SharedMem};
+use mayfly_ring::RingError;
 use mayfly_xen::xenstore::uuid_text;
 use mayfly_xen::{
     Control, CtrlError, DomId, DomainNotifier, DomainState, EventChannel, EvtchnError, GntshrError,
-    GrantedPages, Libraries, PvBuilder, RingContract, ShutdownReason, Store, StoreError,
+    Libraries, PvBuilder, ShutdownReason, Store, StoreError,
 };
 use slog::{debug, warn, Logger};
 
 use crate::build_handles::BuildHandles;
-use crate::config::{ConfigError, XenConfig, NAME_PREFIX};
-use crate::phases::{Phase, Phases};
-use crate::pool::{BoxError, Provisioner};
-
-/// How often a build waiting for Ready checks whether the backend is stopping.
-const STOP_CHECK: Duration = Duration::from_millis(500);
-/// Most bytes of `xl`'s output kept in an error.
-const XL_OUTPUT_KEPT: usize = 2048;
+use crate::config::{ConfigError, XenConfig};
+use crate::phases::Phases;
 
 /// Building a domain failed. The half-built domain has been destroyed.
 #[derive(Debug, thiserror::Error)]
@@ -295,7 +290,7 @@ impl Hyp {
     /// entries, libxl's files and its console log (unless the domid now belongs to another
     /// domain; the log only unless [`keep_console_log`]) and its configuration file.
     /// Returns the state it had (`None`: it was already gone).
-    fn destroy(
+    pub(crate) fn destroy(
         &self,
         domid: DomId,
         uuid: [u8; 16],
@@ -348,50 +343,22 @@ impl Hyp {
     }
 }
 
-/// A half-built domain: destroyed on drop unless [`BuildGuard::finish`]ed. Holds the
-/// resources granted to it so they are released only after the domain is gone.
-struct BuildGuard<'h> {
-    hyp: &'h Arc<Hyp>,
-    name: String,
-    domid: DomId,
-    uuid: [u8; 16],
-    cfg: PathBuf,
-    ring: Option<Ring>,
-    channel: Option<EventChannel>,
-    armed: bool,
-}
-
-impl Drop for BuildGuard<'_> {
-    fn drop(&mut self) {
-        if !self.armed {
-            return;
-        }
-        if let Err(e) = self
-            .hyp
-            .destroy(self.domid, self.uuid, &self.name, &self.cfg, false)
-        {
-            warn!(self.hyp.logger, "destroying a half-built domain failed (the reconciler will at the next start)";
-                "domid" => self.domid, "name" => &self.name, "error" => %e);
-        }
-        // `ring` (the grant pages) and `channel` drop after this: the domain is gone.
-    }
-}
-
 /// A built domain the agent owns. Dropping it destroys the domain.
 pub struct LiveDomain {
     hyp: Arc<Hyp>,
-    name: String,
-    domid: DomId,
+    pub(crate) name: String,
+    pub(crate) domid: DomId,
     uuid: [u8; 16],
     cfg: PathBuf,
-    ring: Ring,
-    notifier: DomainNotifier,
-    ready_id: u32,
+    pub(crate) ring: Ring,
+    pub(crate) notifier: DomainNotifier,
+    /// Request id of the guest's Ready (0 until it is read).
+    pub(crate) ready_id: u32,
     killed: Arc<AtomicBool>,
     ended: Option<DomainExit>,
     /// Keep the guest's console log when destroyed: set while it boots to Ready (a failed
     /// build's error names the log).
-    keep_log: bool,
+    pub(crate) keep_log: bool,
 }
 
 impl std::fmt::Debug for LiveDomain {
@@ -405,6 +372,33 @@ impl std::fmt::Debug for LiveDomain {
 }
 
 impl LiveDomain {
+    /// A domain just built and wired to its ring, before its Ready: destroyed (its console
+    /// log kept) if dropped now. `cfg` is its xl config file (empty for a PV guest).
+    pub(crate) fn booting(
+        hyp: Arc<Hyp>,
+        name: String,
+        domid: DomId,
+        uuid: [u8; 16],
+        cfg: PathBuf,
+        ring: Ring,
+        channel: EventChannel,
+    ) -> LiveDomain {
+        let notifier = DomainNotifier::new(channel, Arc::clone(&hyp.control));
+        LiveDomain {
+            hyp,
+            name,
+            domid,
+            uuid,
+            cfg,
+            ring,
+            notifier,
+            ready_id: 0,
+            killed: Arc::new(AtomicBool::new(false)),
+            ended: None,
+            keep_log: true,
+        }
+    }
+
     /// Domain id.
     pub fn domid(&self) -> DomId {
         self.domid
@@ -517,331 +511,6 @@ pub struct XenProvisioner {
     pub(crate) hyp: Arc<Hyp>,
 }
 
-impl XenProvisioner {
-    fn build(&self, seq: u64) -> Result<LiveDomain, CreateError> {
-        let hyp = &self.hyp;
-        let config = &hyp.config;
-        let started = Instant::now();
-        let name = format!("{NAME_PREFIX}{seq}");
-        if hyp.stopping.load(Ordering::SeqCst) {
-            return Err(CreateError::Stopping { name });
-        }
-        if let Some(builder) = &hyp.pv {
-            return self.build_mayfly(builder, seq, name, started);
-        }
-        let cfg = config.run_dir.join(format!("{name}.cfg"));
-        let text = config
-            .xl_config(&name)
-            .map_err(|source| CreateError::Config {
-                name: name.clone(),
-                source,
-            })?;
-        fs::write(&cfg, text).map_err(|source| CreateError::Io {
-            name: name.clone(),
-            what: "writing",
-            path: cfg.clone(),
-            source,
-        })?;
-        let mut xl = Command::new(&config.xl);
-        xl.args(["create", "-p", "-e"]).arg(&cfg);
-        // Bounded by the whole build's budget: a hung `xl` must not hold a refill thread (and
-        // the backend's shutdown, which joins it) for ever.
-        let output = output_within(xl, config.ready_timeout, &hyp.stopping).map_err(|source| {
-            CreateError::Io {
-                name: name.clone(),
-                what: "running xl for",
-                path: cfg.clone(),
-                source,
-            }
-        });
-        let ctrl = |source| CreateError::Ctrl {
-            name: name.clone(),
-            source,
-        };
-        let store = |source| CreateError::Store {
-            name: name.clone(),
-            source,
-        };
-        // Whatever xl did, a domain of this name is ours to destroy on failure.
-        let domid = hyp.store.domid_of(&name).map_err(store)?;
-        let uuid = match domid {
-            Some(d) => match hyp.control.info(d) {
-                Ok(info) => info.map(|i| i.uuid),
-                Err(source) => {
-                    // Found by its name moments ago: ours, destroyed without the uuid check.
-                    if let Err(e) = hyp.control.destroy(d) {
-                        warn!(hyp.logger, "destroying a half-built domain failed (the reconciler will at the next start)";
-                            "domid" => d, "name" => &name, "error" => %e);
-                    }
-                    let _ = hyp.store.remove_domain(d, None);
-                    let _ = fs::remove_file(&cfg);
-                    return Err(ctrl(source));
-                }
-            },
-            None => None,
-        };
-        let mut guard = match (domid, uuid) {
-            (Some(domid), Some(uuid)) => BuildGuard {
-                hyp,
-                name: name.clone(),
-                domid,
-                uuid,
-                cfg: cfg.clone(),
-                ring: None,
-                channel: None,
-                armed: true,
-            },
-            _ => {
-                let _ = fs::remove_file(&cfg);
-                let output = output?;
-                if !output.status.success() {
-                    return Err(CreateError::Xl {
-                        name,
-                        status: output.status,
-                        output: tail(&output.stderr, &output.stdout),
-                    });
-                }
-                return Err(CreateError::NotFound { name });
-            }
-        };
-        let output = output?;
-        if !output.status.success() {
-            return Err(CreateError::Xl {
-                name,
-                status: output.status,
-                output: tail(&output.stderr, &output.stdout),
-            });
-        }
-        let domid = guard.domid;
-        let pages =
-            GrantedPages::share(Arc::clone(&hyp.libs), domid, config.geometry.total_pages())
-                .map_err(|source| CreateError::Grant {
-                    name: name.clone(),
-                    source,
-                })?;
-        let ring_refs = pages.refs().to_vec();
-        let mem: Arc<dyn SharedMem> = Arc::new(pages);
-        let ring_error = |source| CreateError::Ring {
-            name: name.clone(),
-            domid,
-            source,
-        };
-        guard.ring = Some(Backend::new(mem, config.geometry).map_err(ring_error)?);
-        let channel =
-            EventChannel::bind_unbound(Arc::clone(&hyp.libs), domid).map_err(|source| {
-                CreateError::Evtchn {
-                    name: name.clone(),
-                    source,
-                }
-            })?;
-        let contract = RingContract {
-            ring_refs,
-            event_channel: channel.port(),
-        };
-        guard.channel = Some(channel);
-        hyp.store.write_contract(domid, &contract).map_err(store)?;
-        // Hand the resources over: from here the LiveDomain destroys on every path.
-        let (Some(ring), Some(channel)) = (guard.ring.take(), guard.channel.take()) else {
-            unreachable!("set above");
-        };
-        guard.armed = false;
-        let live = LiveDomain {
-            hyp: Arc::clone(hyp),
-            name: name.clone(),
-            domid,
-            uuid: guard.uuid,
-            cfg: cfg.clone(),
-            ring,
-            notifier: DomainNotifier::new(channel, Arc::clone(&hyp.control)),
-            ready_id: 0,
-            killed: Arc::new(AtomicBool::new(false)),
-            ended: None,
-            keep_log: true,
-        };
-        drop(guard);
-        self.await_ready(live, started)
-    }
-
-    /// Unpauses a freshly built domain, waits for the guest's `Ready` on the ring (within
-    /// the build's budget, giving up if the backend stops) and pauses it for the pool.
-    fn await_ready(
-        &self,
-        mut live: LiveDomain,
-        started: Instant,
-    ) -> Result<LiveDomain, CreateError> {
-        let hyp = &self.hyp;
-        let config = &hyp.config;
-        let name = live.name.clone();
-        let domid = live.domid;
-        let ctrl = |source| CreateError::Ctrl {
-            name: name.clone(),
-            source,
-        };
-        let ring_error = |source| CreateError::Ring {
-            name: name.clone(),
-            domid,
-            source,
-        };
-        hyp.phases.record(Phase::Build, started.elapsed());
-        let unpaused = Instant::now();
-        hyp.control.unpause(domid).map_err(ctrl)?;
-        let waited = config.ready_timeout;
-        // Waited for in slices, so that a backend shutting down does not wait out a slow boot.
-        let envelope = loop {
-            let left = waited.saturating_sub(started.elapsed());
-            if hyp.stopping.load(Ordering::SeqCst) {
-                return Err(CreateError::Stopping { name });
-            }
-            match live
-                .ring
-                .recv_request(&live.notifier, Some(left.min(STOP_CHECK)))
-            {
-                Ok(envelope) => break envelope,
-                Err(RingError::PeerGone) => {
-                    let exit = live.end().unwrap_or(DomainExit::Crashed { signal: 0 });
-                    return Err(CreateError::Died { name, domid, exit });
-                }
-                Err(RingError::Timeout { .. }) if started.elapsed() < waited => {}
-                Err(RingError::Timeout { .. }) => {
-                    return Err(CreateError::ReadyTimeout {
-                        name,
-                        domid,
-                        waited,
-                    })
-                }
-                Err(source) => return Err(ring_error(source)),
-            }
-        };
-        match envelope.body {
-            Request::Ready {
-                protocol_version,
-                handlers,
-            } if protocol_version == PROTOCOL_VERSION => {
-                // The first guest's list is the pool's; a later guest announcing another
-                // is broken or hostile: refused (`live` is destroyed on return) and reported.
-                if let Err(differs) = hyp.handlers.admit(&handlers) {
-                    (hyp.violations)(mayfly_domain::Violation {
-                        backend: crate::config::BACKEND,
-                        domain: domid,
-                        what: format!("its Ready {differs}"),
-                    });
-                    return Err(CreateError::HandlersDiffer {
-                        name,
-                        domid,
-                        differs,
-                    });
-                }
-                live.ready_id = envelope.id;
-            }
-            other => {
-                return Err(CreateError::NotReady {
-                    name,
-                    domid,
-                    what: format!("{other:?}").chars().take(200).collect(),
-                })
-            }
-        }
-        hyp.control.pause(domid).map_err(ctrl)?;
-        hyp.phases.record(Phase::Boot, unpaused.elapsed());
-        live.keep_log = false;
-        debug!(hyp.logger, "domain ready and paused";
-            "domid" => domid, "name" => &live.name, "millis" => started.elapsed().as_millis());
-        Ok(live)
-    }
-
-    /// Builds a Mayfly PV guest in-process ([`PvBuilder`]): the ring's pages granted to the
-    /// new domid, its unbound port and fresh entropy in the boot info (the boot module), no
-    /// xl, no xenstore. The domain handle carries `MAYFLYPV` and the sequence number, which
-    /// is how the reconciler finds it after an agent crash.
-    fn build_mayfly(
-        &self,
-        builder: &PvBuilder,
-        seq: u64,
-        name: String,
-        started: Instant,
-    ) -> Result<LiveDomain, CreateError> {
-        let hyp = &self.hyp;
-        let config = &hyp.config;
-        let mut entropy = [0u8; mayfly_ring::bootinfo::ENTROPY_LEN];
-        fs::File::open("/dev/urandom")
-            .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut entropy))
-            .map_err(|source| CreateError::Entropy {
-                name: name.clone(),
-                source,
-            })?;
-        let tag = seq.to_be_bytes();
-        let mut parts: Option<(Ring, EventChannel)> = None;
-        let built = hyp
-            .build_handles
-            .with(|control| {
-                builder.build(control, tag, |domid| -> Result<Vec<u8>, CreateError> {
-                    let pages = GrantedPages::share(
-                        Arc::clone(&hyp.libs),
-                        domid,
-                        config.geometry.total_pages(),
-                    )
-                    .map_err(|source| CreateError::Grant {
-                        name: name.clone(),
-                        source,
-                    })?;
-                    let grant_refs = pages.refs().to_vec();
-                    let mem: Arc<dyn SharedMem> = Arc::new(pages);
-                    let ring =
-                        Backend::new(mem, config.geometry).map_err(|source| CreateError::Ring {
-                            name: name.clone(),
-                            domid,
-                            source,
-                        })?;
-                    let channel = EventChannel::bind_unbound(Arc::clone(&hyp.libs), domid)
-                        .map_err(|source| CreateError::Evtchn {
-                            name: name.clone(),
-                            source,
-                        })?;
-                    let info = mayfly_ring::bootinfo::BootInfo {
-                        backend_domid: 0,
-                        event_channel: channel.port(),
-                        entropy,
-                        grant_refs,
-                    };
-                    let module = info.encode().map_err(|source| CreateError::BootInfo {
-                        name: name.clone(),
-                        source,
-                    })?;
-                    parts = Some((ring, channel));
-                    Ok(module)
-                })
-            })
-            .map_err(|source| CreateError::Ctrl {
-                name: name.clone(),
-                source,
-            })?
-            .map_err(|source| CreateError::PvBuild {
-                name: name.clone(),
-                source,
-            })?;
-        hyp.phases.record_steps(&built.steps);
-        // The builder destroyed the domain on failure; the ring's pages and port (if they
-        // were made) are released with `parts` after that.
-        let Some((ring, channel)) = parts else {
-            return Err(CreateError::NotFound { name });
-        };
-        let live = LiveDomain {
-            hyp: Arc::clone(hyp),
-            name,
-            domid: built.domid,
-            uuid: mayfly_xen::pvbuild::handle(tag),
-            cfg: PathBuf::new(),
-            ring,
-            notifier: DomainNotifier::new(channel, Arc::clone(&hyp.control)),
-            ready_id: 0,
-            killed: Arc::new(AtomicBool::new(false)),
-            ended: None,
-            keep_log: true,
-        };
-        self.await_ready(live, started)
-    }
-}
-
 /// Where xenconsoled (started with `--log=guest`) logs each domain's console.
 pub(crate) const CONSOLE_LOG_DIR: &str = "/var/log/xen/console";
 
@@ -891,99 +560,6 @@ pub(crate) fn remove_libxl_userdata(dir: &Path, domid: DomId, uuid: [u8; 16]) {
         {
             let _ = fs::remove_file(entry.path());
         }
-    }
-}
-
-/// Runs `command` (stdin null, stdout and stderr captured) like [`Command::output`], but
-/// kills it if it has not exited within `timeout` or once `stop` is set (`TimedOut` /
-/// `Interrupted`). The child is always reaped.
-fn output_within(
-    mut command: Command,
-    timeout: Duration,
-    stop: &AtomicBool,
-) -> std::io::Result<std::process::Output> {
-    use std::io::Read;
-    let mut child = command
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()?;
-    let drain = |pipe: Option<Box<dyn Read + Send>>| {
-        std::thread::spawn(move || {
-            let mut buf = Vec::new();
-            if let Some(mut p) = pipe {
-                let _ = p.read_to_end(&mut buf);
-            }
-            buf
-        })
-    };
-    let out = drain(
-        child
-            .stdout
-            .take()
-            .map(|p| Box::new(p) as Box<dyn Read + Send>),
-    );
-    let err = drain(
-        child
-            .stderr
-            .take()
-            .map(|p| Box::new(p) as Box<dyn Read + Send>),
-    );
-    let started = Instant::now();
-    let status = loop {
-        if let Some(status) = child.try_wait()? {
-            break Ok(status);
-        }
-        let cause = if stop.load(Ordering::SeqCst) {
-            Some(std::io::ErrorKind::Interrupted)
-        } else if started.elapsed() >= timeout {
-            Some(std::io::ErrorKind::TimedOut)
-        } else {
-            None
-        };
-        if let Some(kind) = cause {
-            let _ = child.kill();
-            let _ = child.wait();
-            break Err(std::io::Error::new(
-                kind,
-                format!("killed after {:?}", started.elapsed()),
-            ));
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    // The pipes close when the child (and anything it left holding them) is gone.
-    let stdout = out.join().unwrap_or_default();
-    let stderr = err.join().unwrap_or_default();
-    Ok(std::process::Output {
-        status: status?,
-        stdout,
-        stderr,
-    })
-}
-
-/// The last [`XL_OUTPUT_KEPT`] bytes of `xl`'s stderr (or stdout), lossily decoded.
-fn tail(stderr: &[u8], stdout: &[u8]) -> String {
-    let text = if stderr.is_empty() { stdout } else { stderr };
-    let start = text.len().saturating_sub(XL_OUTPUT_KEPT);
-    String::from_utf8_lossy(text.get(start..).unwrap_or_default())
-        .trim()
-        .to_owned()
-}
-
-impl Provisioner for XenProvisioner {
-    type Member = LiveDomain;
-
-    fn create(&self, seq: u64) -> Result<LiveDomain, BoxError> {
-        self.build(seq).map_err(|e| Box::new(e) as BoxError)
-    }
-
-    fn usable(&self, member: &LiveDomain) -> bool {
-        member.alive()
-    }
-
-    fn activate(&self, member: &mut LiveDomain) -> Result<(), BoxError> {
-        member.register_in_use();
-        member.unpause().map_err(|e| Box::new(e) as BoxError)
     }
 }
 
@@ -1072,38 +648,5 @@ mod tests {
         ] {
             assert!(keep_console_log(Some(DomainState::Shutdown(reason)), false));
         }
-    }
-
-    #[test]
-    fn a_hung_xl_is_killed_and_reaped() {
-        let stop = AtomicBool::new(false);
-        let mut sh = Command::new("sh");
-        sh.args(["-c", "echo out; echo err >&2"]);
-        let done = output_within(sh, Duration::from_secs(10), &stop).unwrap();
-        assert!(done.status.success());
-        assert_eq!(
-            (&done.stdout[..], &done.stderr[..]),
-            (&b"out\n"[..], &b"err\n"[..])
-        );
-        let started = Instant::now();
-        let mut sleep = Command::new("sleep");
-        sleep.arg("30");
-        let err = output_within(sleep, Duration::from_millis(100), &stop).unwrap_err();
-        assert_eq!(err.kind(), std::io::ErrorKind::TimedOut);
-        assert!(started.elapsed() < Duration::from_secs(5));
-        stop.store(true, Ordering::SeqCst);
-        let mut sleep = Command::new("sleep");
-        sleep.arg("30");
-        let err = output_within(sleep, Duration::from_secs(30), &stop).unwrap_err();
-        assert_eq!(err.kind(), std::io::ErrorKind::Interrupted);
-        assert!(started.elapsed() < Duration::from_secs(5));
-    }
-
-    #[test]
-    fn xl_output_is_bounded() {
-        let long = vec![b'x'; 10_000];
-        assert_eq!(tail(&long, b"").len(), XL_OUTPUT_KEPT);
-        assert_eq!(tail(b"", b" out \n"), "out");
-        assert_eq!(tail(b"err\xff", b"out"), "err\u{fffd}");
     }
 }

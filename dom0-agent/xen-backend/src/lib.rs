@@ -20,13 +20,15 @@
 //! (`mayfly-xen`). See `docs/decisions/0003-xen-ffi-loaded-at-run-time.md`.
 //!
 //! By module: [`config`] (settings, the `[xen]` TOML table, the xl configuration),
-//! [`pool`] (the generic pool, tested with a fake provisioner), [`domain`] (building,
-//! exits, destruction), [`phases`] (where a domain's time goes), [`backend`] ([`XenBackend`], [`XenDomain`]), [`reconcile`]
+//! [`pool`] (the generic pool, tested with a fake provisioner), `build` (building a
+//! domain), [`domain`] (a built domain, its exits and destruction), [`phases`] (where a
+//! domain's time goes), [`backend`] ([`XenBackend`], [`XenDomain`]), [`reconcile`]
 //! (leftovers of a previous run).
 
 #![forbid(unsafe_code)]
 
 pub mod backend;
+mod build;
 mod build_handles;
 pub mod config;
 pub mod domain;

@@ -27,6 +27,7 @@ use std::collections::{HashMap, VecDeque};
 use std::fs;
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::fs::PermissionsExt;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Condvar, Mutex};
@@ -41,7 +42,7 @@ use mayfly_sync::{lock, wait_timeout};
 use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
 use slog::{debug, error, info, warn, Logger};
 
-use crate::clone::Ctx;
+use crate::clone::{CloneHandle, Ctx};
 use crate::config::SandboxConfig;
 use crate::reconcile;
 use crate::sys;
@@ -79,7 +80,7 @@ use supervisor::supervise;
 
 struct Threads {
     supervisor: JoinHandle<()>,
-    refill: Vec<JoinHandle<()>>,
+    refill: Refills,
 }
 
 /// The sandbox domain backend: a zygote and its pool of ready clones.
@@ -110,6 +111,160 @@ struct Started {
     handlers: Vec<String>,
 }
 
+/// Creates the run directory and, in it, the zygote's root directory (mode 0555, its path
+/// short enough for the control protocol); returns the root's path.
+fn prepare_run_dir(config: &SandboxConfig) -> Result<PathBuf, SandboxError> {
+    let root = config.run_dir.join(ROOT_DIR);
+    if root.as_os_str().len() > MAX_ROOT_PATH {
+        return Err(SandboxError::RunDir {
+            path: root,
+            source: std::io::Error::from_raw_os_error(libc::ENAMETOOLONG),
+        });
+    }
+    for dir in [&config.run_dir, &root] {
+        fs::create_dir_all(dir).map_err(|source| SandboxError::RunDir {
+            path: dir.clone(),
+            source,
+        })?;
+    }
+    fs::set_permissions(&root, fs::Permissions::from_mode(0o555)).map_err(|source| {
+        SandboxError::RunDir {
+            path: root.clone(),
+            source,
+        }
+    })?;
+    Ok(root)
+}
+
+/// The clones' control group, with the configured limits (stale groups of earlier runs
+/// removed first), or `None` with a warning when cgroup limits are off.
+fn clones_group(
+    config: &SandboxConfig,
+    logger: &Logger,
+) -> Result<Option<crate::cgroup::ClonesGroup>, SandboxError> {
+    let Some(limits) = config.cgroups else {
+        warn!(
+            logger,
+            "sandbox clones run WITHOUT cgroup limits: spinning or \
+            allocating guests can starve the agent and honest clones (cgroups off)"
+        );
+        return Ok(None);
+    };
+    let layout = crate::cgroup::detect()?;
+    let stale = crate::cgroup::remove_stale(&layout);
+    let group = crate::cgroup::ClonesGroup::create(&layout, limits, config.uids_needed())?;
+    let status = group.status();
+    info!(logger, "sandbox clones run under cgroup limits";
+        "cgroup_version" => status.version.as_str(),
+        "paths" => ?status.paths,
+        "cpu_weight" => limits.cpu_weight,
+        "cpu_max_percent" => ?limits.cpu_max_percent,
+        "memory_max" => limits.memory_max,
+        "pids_max" => ?status.limits.pids_max,
+        "stale_groups_removed" => stale);
+    Ok(Some(group))
+}
+
+/// The state the backend's threads share, for a pool that is empty and not backing off.
+fn new_shared(
+    config: SandboxConfig,
+    logger: Logger,
+    control: OwnedFd,
+    uids: crate::uids::UidClaim,
+    cgroup: Option<crate::cgroup::ClonesGroup>,
+    violations: mayfly_domain::ViolationSink,
+) -> Arc<Shared> {
+    let ctx = Arc::new(Ctx {
+        logger: logger.clone(),
+        cpu_limit: config.limits.cpu_seconds,
+        destroyed: AtomicU64::new(0),
+        spares: Mutex::new(Vec::new()),
+        spare_limit: config.pool_size.max(1),
+    });
+    Arc::new(Shared {
+        config,
+        logger,
+        ctx,
+        control,
+        state: Mutex::new(PoolState {
+            ready: VecDeque::new(),
+            creating: 0,
+            backoff: BACKOFF,
+            backoff_until: None,
+            in_use: 0,
+            quarantined: Quarantine::new(MAX_QUARANTINED, "killed"),
+            shut_down: false,
+            zygote_gone: false,
+        }),
+        changed: Condvar::new(),
+        refill_wanted: Condvar::new(),
+        registry: Mutex::new(HashMap::new()),
+        pending: Mutex::new(HashMap::new()),
+        uids,
+        next_id: AtomicU32::new(1),
+        rings_reused: AtomicU64::new(0),
+        created: AtomicU64::new(0),
+        failed: AtomicU64::new(0),
+        cgroup,
+        template_handlers: std::sync::OnceLock::new(),
+        violations,
+    })
+}
+
+/// Starts the supervisor thread, which spawns the zygote on `zygote_end` and configures it
+/// with `settings`, and waits for the zygote's `Ready` (or its failure, or the thread's
+/// end, after which the thread is joined).
+fn start_supervisor(
+    shared: &Arc<Shared>,
+    zygote_end: OwnedFd,
+    settings: Settings,
+) -> Result<(JoinHandle<()>, Started), SandboxError> {
+    let (started_tx, started_rx) = mpsc::channel();
+    let sup_shared = Arc::clone(shared);
+    let supervisor = std::thread::Builder::new()
+        .name("sandbox-zygote".into())
+        .spawn(move || supervise(sup_shared, zygote_end, settings, started_tx))
+        .map_err(|source| SandboxError::Thread {
+            role: "supervisor",
+            source,
+        })?;
+    match started_rx.recv() {
+        Ok(Ok(started)) => Ok((supervisor, started)),
+        Ok(Err(e)) => {
+            let _ = supervisor.join();
+            Err(e)
+        }
+        Err(_) => {
+            let _ = supervisor.join();
+            Err(SandboxError::ZygoteNotReady {
+                pid: 0,
+                waited: shared.config.ready_timeout,
+                status: "supervisor thread ended".into(),
+            })
+        }
+    }
+}
+
+/// The refill threads' handles.
+type Refills = Vec<JoinHandle<()>>;
+
+/// Starts the refill threads (they only send requests: one is enough; more are allowed).
+/// `Err`: a thread could not be started, with those that were, for the caller to stop.
+fn spawn_refills(shared: &Arc<Shared>) -> Result<Refills, (std::io::Error, Refills)> {
+    let mut refills = Vec::new();
+    for i in 0..shared.config.refill_threads.max(1) {
+        let refill_shared = Arc::clone(shared);
+        match std::thread::Builder::new()
+            .name(format!("sandbox-refill-{i}"))
+            .spawn(move || refill(refill_shared))
+        {
+            Ok(r) => refills.push(r),
+            Err(source) => return Err((source, refills)),
+        }
+    }
+    Ok(refills)
+}
+
 impl Sandbox {
     /// Removes leftovers of a previous run, spawns the zygote, waits until it is ready and
     /// starts filling the pool (in the background: use [`Sandbox::wait_ready`] to wait).
@@ -126,52 +281,9 @@ impl Sandbox {
         violations: mayfly_domain::ViolationSink,
     ) -> Result<Sandbox, SandboxError> {
         config.validate()?;
-        let root = config.run_dir.join(ROOT_DIR);
-        if root.as_os_str().len() > MAX_ROOT_PATH {
-            return Err(SandboxError::RunDir {
-                path: root,
-                source: std::io::Error::from_raw_os_error(libc::ENAMETOOLONG),
-            });
-        }
-        for dir in [&config.run_dir, &root] {
-            fs::create_dir_all(dir).map_err(|source| SandboxError::RunDir {
-                path: dir.clone(),
-                source,
-            })?;
-        }
-        fs::set_permissions(&root, fs::Permissions::from_mode(0o555)).map_err(|source| {
-            SandboxError::RunDir {
-                path: root.clone(),
-                source,
-            }
-        })?;
+        let root = prepare_run_dir(&config)?;
         reconcile::reconcile(&config, &logger)?;
-        let cgroup = match config.cgroups {
-            Some(limits) => {
-                let layout = crate::cgroup::detect()?;
-                let stale = crate::cgroup::remove_stale(&layout);
-                let group =
-                    crate::cgroup::ClonesGroup::create(&layout, limits, config.uids_needed())?;
-                let status = group.status();
-                info!(logger, "sandbox clones run under cgroup limits";
-                    "cgroup_version" => status.version.as_str(),
-                    "paths" => ?status.paths,
-                    "cpu_weight" => limits.cpu_weight,
-                    "cpu_max_percent" => ?limits.cpu_max_percent,
-                    "memory_max" => limits.memory_max,
-                    "pids_max" => ?status.limits.pids_max,
-                    "stale_groups_removed" => stale);
-                Some(group)
-            }
-            None => {
-                warn!(
-                    logger,
-                    "sandbox clones run WITHOUT cgroup limits: spinning or \
-                    allocating guests can starve the agent and honest clones (cgroups off)"
-                );
-                None
-            }
-        };
+        let cgroup = clones_group(&config, &logger)?;
         // This sandbox's own uids, exclusive on the host for as long as it runs.
         let uids = crate::uids::claim(
             &config.uid_lock_dir,
@@ -179,7 +291,6 @@ impl Sandbox {
             config.uid_count,
             config.uid_blocks_needed(),
         )?;
-
         let (agent_end, zygote_end) = socketpair(
             AddressFamily::Unix,
             SockType::SeqPacket,
@@ -187,13 +298,6 @@ impl Sandbox {
             SockFlag::SOCK_CLOEXEC,
         )
         .map_err(SandboxError::Socket)?;
-        let ctx = Arc::new(Ctx {
-            logger: logger.clone(),
-            cpu_limit: config.limits.cpu_seconds,
-            destroyed: AtomicU64::new(0),
-            spares: Mutex::new(Vec::new()),
-            spare_limit: config.pool_size.max(1),
-        });
         let settings = Settings {
             limits: config.limits,
             first_uid: uids.first(),
@@ -202,92 +306,32 @@ impl Sandbox {
             guest_stderr: config.guest_stderr,
             root,
         };
-        let shared = Arc::new(Shared {
-            config,
-            logger,
-            ctx,
-            control: agent_end,
-            state: Mutex::new(PoolState {
-                ready: VecDeque::new(),
-                creating: 0,
-                backoff: BACKOFF,
-                backoff_until: None,
-                in_use: 0,
-                quarantined: Quarantine::new(MAX_QUARANTINED, "killed"),
-                shut_down: false,
-                zygote_gone: false,
-            }),
-            changed: Condvar::new(),
-            refill_wanted: Condvar::new(),
-            registry: Mutex::new(HashMap::new()),
-            pending: Mutex::new(HashMap::new()),
-            uids,
-            next_id: AtomicU32::new(1),
-            rings_reused: AtomicU64::new(0),
-            created: AtomicU64::new(0),
-            failed: AtomicU64::new(0),
-            cgroup,
-            template_handlers: std::sync::OnceLock::new(),
-            violations,
-        });
-
-        let (started_tx, started_rx) = mpsc::channel();
-        let sup_shared = Arc::clone(&shared);
-        let supervisor = std::thread::Builder::new()
-            .name("sandbox-zygote".into())
-            .spawn(move || supervise(sup_shared, zygote_end, settings, started_tx))
-            .map_err(|source| SandboxError::Thread {
-                role: "supervisor",
-                source,
-            })?;
-        let started = match started_rx.recv() {
-            Ok(Ok(s)) => s,
-            Ok(Err(e)) => {
-                let _ = supervisor.join();
-                return Err(e);
-            }
-            Err(_) => {
-                let _ = supervisor.join();
-                return Err(SandboxError::ZygoteNotReady {
-                    pid: 0,
-                    waited: shared.config.ready_timeout,
-                    status: "supervisor thread ended".into(),
-                });
-            }
-        };
+        let shared = new_shared(config, logger, agent_end, uids, cgroup, violations);
+        let (supervisor, started) = start_supervisor(&shared, zygote_end, settings)?;
         let pid = i32::try_from(started.pid).unwrap_or(i32::MAX);
         if let Err(e) = reconcile::record(&shared.config.run_dir, pid) {
             let _ = sys::pidfd_send_signal(started.pidfd.as_fd(), libc::SIGKILL);
             let _ = supervisor.join();
             return Err(e.into());
         }
-        // Refill threads only send requests (one is enough; more are allowed).
-        let mut refills = Vec::new();
-        for i in 0..shared.config.refill_threads.max(1) {
-            let refill_shared = Arc::clone(&shared);
-            match std::thread::Builder::new()
-                .name(format!("sandbox-refill-{i}"))
-                .spawn(move || refill(refill_shared))
-            {
-                Ok(r) => refills.push(r),
-                Err(source) => {
-                    shared.pool().shut_down = true;
-                    shared.changed.notify_all();
-                    shared.refill_wanted.notify_all();
-                    let _ = sys::pidfd_send_signal(started.pidfd.as_fd(), libc::SIGKILL);
-                    let _ = supervisor.join();
-                    for r in refills {
-                        let _ = r.join();
-                    }
-                    let _ = reconcile::clear(&shared.config.run_dir);
-                    return Err(SandboxError::Thread {
-                        role: "refill",
-                        source,
-                    });
+        let refill = match spawn_refills(&shared) {
+            Ok(refills) => refills,
+            Err((source, refills)) => {
+                shared.pool().shut_down = true;
+                shared.changed.notify_all();
+                shared.refill_wanted.notify_all();
+                let _ = sys::pidfd_send_signal(started.pidfd.as_fd(), libc::SIGKILL);
+                let _ = supervisor.join();
+                for r in refills {
+                    let _ = r.join();
                 }
+                let _ = reconcile::clear(&shared.config.run_dir);
+                return Err(SandboxError::Thread {
+                    role: "refill",
+                    source,
+                });
             }
-        }
-        let refill = refills;
+        };
         info!(shared.logger, "sandbox started";
             "zygote_pid" => started.pid, "pool_size" => shared.config.pool_size,
             "isolation" => "process (namespaces, chroot, uid, rlimits, seccomp); not a VM");
@@ -364,58 +408,18 @@ impl Sandbox {
                 });
             }
             if state.in_use < self.shared.config.max_in_use {
-                if let Some(mut handle) = state.ready.pop_front() {
+                if let Some(handle) = state.ready.pop_front() {
                     state.in_use = state.in_use.saturating_add(1);
                     drop(state);
                     let left =
                         deadline.map_or(timeout, |d| d.saturating_duration_since(Instant::now()));
-                    match confirm_ready(&self.shared, &mut handle, left) {
-                        Ok(Readiness::NotYet) => {
-                            // The caller's time ran out first: the clone goes back to the
-                            // pool, intact, and the caller gets its timeout.
-                            let mut state = self.shared.pool();
-                            state.in_use = state.in_use.saturating_sub(1);
-                            if state.shut_down {
-                                drop(state);
-                                drop(handle);
-                            } else {
-                                state.ready.push_front(handle);
-                                drop(state);
-                            }
-                            self.shared.changed.notify_all();
-                            return Err(DomainError::Exhausted {
-                                backend: BACKEND,
-                                waited: timeout,
-                            });
-                        }
-                        Ok(Readiness::Ready) => {
-                            self.shared.creation_succeeded();
-                            self.shared.top_up();
-                            debug!(self.shared.logger, "clone taken";
-                                "clone_id" => handle.cell.id, "pid" => handle.cell.pid);
-                            return Ok(SandboxDomain {
-                                handle: Some(handle),
-                                shared: Arc::clone(&self.shared),
-                            });
-                        }
-                        Err(e) => {
-                            // Not handed out: destroyed (dropping the handle), counted,
-                            // and the refill threads back off.
-                            drop(handle);
-                            if let CreateError::HandlersDiffer { clone_id, .. } = &e {
-                                (self.shared.violations)(mayfly_domain::Violation {
-                                    backend: BACKEND,
-                                    domain: *clone_id,
-                                    what: e.to_string(),
-                                });
-                            }
-                            self.shared.creation_failed(&e);
-                            state = self.shared.pool();
-                            state.in_use = state.in_use.saturating_sub(1);
-                            self.shared.changed.notify_all();
-                            continue;
-                        }
+                    if let Some(taken) = self.hand_out(handle, left, timeout) {
+                        return taken;
                     }
+                    state = self.shared.pool();
+                    state.in_use = state.in_use.saturating_sub(1);
+                    self.shared.changed.notify_all();
+                    continue;
                 }
             }
             let left = deadline.map_or(timeout, |d| d.saturating_duration_since(Instant::now()));
@@ -427,6 +431,66 @@ impl Sandbox {
             }
             state = wait_timeout(&self.shared.changed, state, left).0;
         }
+    }
+
+    /// Hands out a clone just taken from the pool (and counted in use) once its `Ready` is
+    /// confirmed within `left`. `Some`: the clone, or the caller's timeout (`timeout`) after
+    /// the clone went back to the pool intact. `None`: the clone was not ready and has been
+    /// destroyed and counted as failed; the caller uncounts it and takes the next.
+    fn hand_out(
+        &self,
+        mut handle: CloneHandle,
+        left: Duration,
+        timeout: Duration,
+    ) -> Option<Result<SandboxDomain, DomainError>> {
+        match confirm_ready(&self.shared, &mut handle, left) {
+            Ok(Readiness::NotYet) => {
+                self.put_back(handle);
+                Some(Err(DomainError::Exhausted {
+                    backend: BACKEND,
+                    waited: timeout,
+                }))
+            }
+            Ok(Readiness::Ready) => {
+                self.shared.creation_succeeded();
+                self.shared.top_up();
+                debug!(self.shared.logger, "clone taken";
+                    "clone_id" => handle.cell.id, "pid" => handle.cell.pid);
+                Some(Ok(SandboxDomain {
+                    handle: Some(handle),
+                    shared: Arc::clone(&self.shared),
+                }))
+            }
+            Err(e) => {
+                // Not handed out: destroyed (dropping the handle), counted, and the refill
+                // threads back off; a clone announcing other handlers is reported.
+                drop(handle);
+                if let CreateError::HandlersDiffer { clone_id, .. } = &e {
+                    (self.shared.violations)(mayfly_domain::Violation {
+                        backend: BACKEND,
+                        domain: *clone_id,
+                        what: e.to_string(),
+                    });
+                }
+                self.shared.creation_failed(&e);
+                None
+            }
+        }
+    }
+
+    /// Returns a clone whose `Ready` the caller's time ran out waiting for to the front of
+    /// the pool, intact and uncounted (or destroys it if the backend has shut down).
+    fn put_back(&self, handle: CloneHandle) {
+        let mut state = self.shared.pool();
+        state.in_use = state.in_use.saturating_sub(1);
+        if state.shut_down {
+            drop(state);
+            drop(handle);
+        } else {
+            state.ready.push_front(handle);
+            drop(state);
+        }
+        self.shared.changed.notify_all();
     }
 }
 
