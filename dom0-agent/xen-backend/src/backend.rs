@@ -26,7 +26,6 @@ use mayfly_sync::lock;
 use mayfly_xen::{Control, CtrlError, Libraries, LoadError, PvBuilder, Store, StoreError};
 use slog::{info, warn, Logger};
 
-use crate::build_handles::BuildHandles;
 use crate::config::{gntalloc_limit, ConfigError, GuestKind, XenConfig, GNTALLOC_LIMIT_PATH};
 use crate::domain::{DomainOpError, Hyp, LiveDomain, XenProvisioner};
 use crate::phases::{Phase, PhaseTotal, Phases};
@@ -183,8 +182,6 @@ impl XenBackend {
         }
         log_host(&control, &logger);
         let hyp = Arc::new(Hyp {
-            // (Before `libs` is moved in: fields are evaluated in the order written.)
-            build_handles: BuildHandles::new(Arc::clone(&libs)),
             libs,
             control,
             store,

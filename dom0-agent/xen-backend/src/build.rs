@@ -405,21 +405,12 @@ impl XenProvisioner {
             })?;
         let tag = seq.to_be_bytes();
         let mut parts: Option<(Ring, EventChannel)> = None;
-        // On a libxenctrl handle of its own ([`crate::build_handles`]): the build holds it
-        // throughout.
-        let built = hyp
-            .build_handles
-            .with(|control| {
-                builder.build(control, tag, |domid| -> Result<Vec<u8>, CreateError> {
-                    let (ring, channel, module) = self.pv_boot_module(&name, domid, entropy)?;
-                    parts = Some((ring, channel));
-                    Ok(module)
-                })
+        let built = builder
+            .build(&hyp.control, tag, |domid| -> Result<Vec<u8>, CreateError> {
+                let (ring, channel, module) = self.pv_boot_module(&name, domid, entropy)?;
+                parts = Some((ring, channel));
+                Ok(module)
             })
-            .map_err(|source| CreateError::Ctrl {
-                name: name.clone(),
-                source,
-            })?
             .map_err(|source| CreateError::PvBuild {
                 name: name.clone(),
                 source,

@@ -37,7 +37,6 @@ use mayfly_xen::{
 };
 use slog::{debug, warn, Logger};
 
-use crate::build_handles::BuildHandles;
 use crate::config::{ConfigError, XenConfig};
 use crate::phases::Phases;
 
@@ -260,8 +259,6 @@ pub struct Hyp {
     pub(crate) config: XenConfig,
     /// The in-process builder (guest `mayfly`).
     pub(crate) pv: Option<PvBuilder>,
-    /// The libxenctrl handles its builds use, not `control` ([`crate::build_handles`]).
-    pub(crate) build_handles: BuildHandles,
     pub(crate) logger: Logger,
     /// Domains handed out, by domid: their "destroyed by the agent" flag.
     pub(crate) in_use: Mutex<HashMap<DomId, InUse>>,

@@ -29,7 +29,6 @@
 
 pub mod backend;
 mod build;
-mod build_handles;
 pub mod config;
 pub mod domain;
 pub mod phases;
