@@ -163,7 +163,8 @@ scrape after
 # breakdown: per phase (build, boot, wait, in_use, destroy) and per step of the builds, the
 # number of times and the mean in ms over the run; the API's whole transactions, the ledger's group commits; the
 # outcomes and domains; dom0's CPU time (Xen's count, all of dom0) against the wall time.
-awk -v wall="$elapsed" '
+# (Both scrapes or none: a missing one would make every difference meaningless.)
+[ -s "$WORK/metrics-before" ] && [ -s "$WORK/metrics-after" ] && awk -v wall="$elapsed" '
     FNR == 1 { f++ }
     /^#/ { next }
     { v[f, $1] = $2; names[$1] = 1 }
@@ -190,7 +191,8 @@ awk -v wall="$elapsed" '
         print "mayfly_counts" out
         cpu = d["mayfly_xen_dom0_cpu_seconds_total"]
         printf "mayfly_dom0_cpu cpu_s=%.2f wall_s=%.1f busy_pct=%.0f\n", cpu, wall, (wall ? 100 * cpu / wall : 0)
-    }' "$WORK/metrics-before" "$WORK/metrics-after" || echo "mayfly_phase: no metrics"
+    }' "$WORK/metrics-before" "$WORK/metrics-after" ||
+    echo "mayfly_phase: GET /metrics not read before and after the run: no breakdown"
 
 done_tx=$(cat "$WORK"/client-* | grep -c '^200 committed' || true)
 all_tx=$(cat "$WORK"/client-* | grep -c . || true)
