@@ -231,6 +231,21 @@ assert len(h) == 174 + 64 and h[:174] == expected, "head-v3-3: fields differ"
 Ed25519PublicKey.from_public_bytes(pub_from_seed(0x01)).verify(h[174:], h[:174])
 print("ok  head-v3-3: version 3, state hash, epoch 2, signature by seed 0x01")
 
+# Promotion head (kind 0x03): head-v3-3's tips and state as group 4 of epoch 3, promoting
+# from group 3 whose head is head-v3-3 (by SHA-256), command hash 0xc0 x 32, co-signers the
+# admin keys of seeds 0x11 and 0x12 in increasing order, signed by seed 0x02 (the promoted
+# node's key).
+p = vec("head-promotion-4.hex")
+cos = sorted([pub_from_seed(0x11), pub_from_seed(0x12)])
+expected = (b"MFHD" + bytes([3, 3]) + struct.pack(">QQ", 4, 3) + b"\x33" * 32
+            + struct.pack(">Q", 1) + b"\x11" * 32 + struct.pack(">Q", 1_700_000_004_000_000_000)
+            + pub_from_seed(0x02) + hashlib.sha256(state).digest() + struct.pack(">Q", 3)
+            + struct.pack(">Q", 3) + hashlib.sha256(h).digest() + b"\xc0" * 32
+            + bytes([len(cos)]) + b"".join(cos))
+assert len(p) == len(expected) + 64 and p[:-64] == expected, "head-promotion-4: fields differ"
+Ed25519PublicKey.from_public_bytes(pub_from_seed(0x02)).verify(p[-64:], p[:-64])
+print("ok  head-promotion-4: promotion to epoch 3 from head-v3-3, 2 co-signers, signature by seed 0x02")
+
 # Sealed-key file (formats.md §4.1): fields of the unit test's sample, trailing SHA-256.
 b = b"MFSEALED" + bytes([1]) + b"\x11" * 32 + struct.pack(">H", 0x000B) + bytes([3])
 for p in (7, 8, 9):
@@ -239,6 +254,20 @@ for part in (b"\xaa" * 4, b"\xbb" * 3):
     b += struct.pack(">H", len(part)) + part
 assert b + hashlib.sha256(b).digest() == vec("sealed-key-1.hex"), "sealed-key-1 differs"
 print("ok  sealed-key-1: layout and trailing SHA-256")
+
+# Sealed to three boot states (version 2): the first state as above, then m = 2 and the
+# three values of each further state (PCR 7 unchanged, 8 and 9 of two more boots).
+b = b"MFSEALED" + bytes([2]) + b"\x11" * 32 + struct.pack(">H", 0x000B) + bytes([3])
+for p in (7, 8, 9):
+    b += bytes([p]) + bytes([p]) * 32
+b += bytes([2])
+for state in ((0x07, 0x18, 0x19), (0x07, 0x28, 0x29)):
+    for v in state:
+        b += bytes([v]) * 32
+for part in (b"\xaa" * 4, b"\xbb" * 3):
+    b += struct.pack(">H", len(part)) + part
+assert b + hashlib.sha256(b).digest() == vec("sealed-key-2.hex"), "sealed-key-2 differs"
+print("ok  sealed-key-2: three boot states (version 2), trailing SHA-256")
 
 # Expected-PCR file (formats.md §4.2): the test boot's values from first principles, a PCR
 # extend being SHA-256(old || digest) from 32 zero bytes.
@@ -254,8 +283,8 @@ pcrs = {7: bytes(32),
         9: extend(hashlib.sha256(b"mayfly test dom0 kernel image").digest())}
 lines = [l for l in (V / "expected-pcrs-1.txt").read_text().split("\n")
          if l and not l.startswith("#")]
-assert lines[0] == "mayfly-expected-pcrs 1", "expected-pcrs-1: header"
-assert lines[1:] == [f"pcr {i} sha256 {v.hex()}" for i, v in sorted(pcrs.items())], \
+assert lines[:2] == ["mayfly-expected-pcrs 1", "bank sha256"], "expected-pcrs-1: header"
+assert lines[2:] == ["state " + " ".join(f"pcr{i}={v.hex()}" for i, v in sorted(pcrs.items()))], \
     "expected-pcrs-1: values differ"
 digest = hashlib.sha256(b"".join(v for _, v in sorted(pcrs.items()))).digest()
 assert digest == vec("expected-pcrs-1.digest"), "expected-pcrs-1: PCR digest differs"

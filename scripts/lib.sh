@@ -59,6 +59,26 @@ ensure_siem_test_tools() {
     if [ ${#missing[@]} -gt 0 ]; then apt_install "${missing[@]}"; fi
 }
 
+# What buildroot/scripts/check-xen-source.sh needs to run Xen 4.17's configure with the
+# package's options (nothing is compiled): each check names the file configure looks for.
+ensure_xen_configure_tools() {
+    local missing=()
+    command -v patch >/dev/null || missing+=(patch)
+    command -v xz >/dev/null || missing+=(xz-utils)
+    command -v flex >/dev/null || missing+=(flex)
+    command -v bison >/dev/null || missing+=(bison)
+    # tools/configure requires iasl (libacpi) whatever the firmware options.
+    command -v iasl >/dev/null || missing+=(acpica-tools)
+    [ -f /usr/include/uuid/uuid.h ] || missing+=(uuid-dev)
+    [ -f /usr/include/yajl/yajl_version.h ] || missing+=(libyajl-dev)
+    [ -f /usr/include/zlib.h ] || missing+=(zlib1g-dev)
+    [ -f /usr/include/ncurses.h ] || missing+=(libncurses-dev)
+    [ -f /usr/include/lzma.h ] || missing+=(liblzma-dev)
+    [ -f /usr/include/zstd.h ] || missing+=(libzstd-dev)
+    [ -f /usr/share/keyrings/debian-archive-keyring.gpg ] || missing+=(debian-archive-keyring)
+    if [ ${#missing[@]} -gt 0 ]; then apt_install "${missing[@]}"; fi
+}
+
 # The shell linter for the Buildroot tree check (buildroot/check).
 ensure_shellcheck() {
     command -v shellcheck >/dev/null || apt_install shellcheck

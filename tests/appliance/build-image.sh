@@ -166,10 +166,26 @@ cp -a "$BOARD/rootfs-overlay/." "$T/"
 # Test-only additions, named in the README: the control hook the host drives the test
 # through, and its /etc/init.d script.
 install -D -m 0755 "$HERE/hook/S99mayfly-test-hook" "$T/etc/init.d/S99mayfly-test-hook"
+# And the console also on loopback TCP, which the hook relays to the host: the test runs
+# `mayfly admin attest` and `audit export` from the host, signed by one of the two throw-away
+# admins below (the appliance itself ships no admin keys).
+mkdir -p "$T/etc/default"
+cat >"$T/etc/default/mayfly-agent" <<EOF
+# TEST IMAGE ONLY (tests/appliance/build-image.sh): the console on loopback TCP (relayed to
+# the host by S99mayfly-test-hook).
+DOM0_AGENT_ARGS="--console-tcp 127.0.0.1:8451"
+EOF
 # post-build.sh (BR2_ROOTFS_POST_BUILD_SCRIPT), as Buildroot runs it, with a throw-away
-# vendor update key (the update test signs its bundles with its private half).
+# vendor update key (the update test signs its bundles with its private half) and two
+# throw-away admins, quorum 2 (the update test signs its `update.install` commands with them).
 target/release/mayfly-update keygen "$BUILD_DIR/test-update-key" >/dev/null
-MAYFLY_UPDATE_KEY=$BUILD_DIR/test-update-key.pub MAYFLY_IMAGE_VERSION=1 "$BOARD/post-build.sh" "$T"
+rm -f "$BUILD_DIR"/test-admin-[12].key "$BUILD_DIR"/test-admin-[12].pub
+for n in 1 2; do
+    target/release/mayfly admin keygen --out "$BUILD_DIR/test-admin-$n" >/dev/null 2>&1
+done
+cat "$BUILD_DIR/test-admin-1.pub" "$BUILD_DIR/test-admin-2.pub" >"$BUILD_DIR/test-admins"
+MAYFLY_UPDATE_KEY=$BUILD_DIR/test-update-key.pub MAYFLY_ADMIN_KEYS=$BUILD_DIR/test-admins \
+    MAYFLY_IMAGE_VERSION=1 "$BOARD/post-build.sh" "$T"
 
 echo "==> rootfs.squashfs (BR2_TARGET_ROOTFS_SQUASHFS, gzip)"
 mksquashfs "$T" "$BINARIES_DIR/rootfs.squashfs" -noappend -all-root -comp gzip -quiet

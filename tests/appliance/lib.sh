@@ -3,7 +3,8 @@
 # repository's top directory; then `appliance_setup` builds (or reuses) the image and
 # prepares the run's disk.
 # Environment: SKIP_BUILD=1, BOOT_TIMEOUT (one boot to a listening agent, default 600 s),
-# API_PORT and CTRL_PORT (host ports forwarded to 8450 and 9999).
+# API_PORT, CTRL_PORT and CONSOLE_PORT (host ports forwarded to 8450, 9999 and 9998, the test
+# hook's relay to the admin console).
 # shellcheck shell=bash
 
 # shellcheck source=scripts/lib.sh
@@ -11,6 +12,7 @@ source scripts/lib.sh
 BOOT_TIMEOUT=${BOOT_TIMEOUT:-600}
 API_PORT=${API_PORT:-18460}
 CTRL_PORT=${CTRL_PORT:-18469}
+CONSOLE_PORT=${CONSOLE_PORT:-18468}
 API=http://127.0.0.1:$API_PORT
 # The emulated CPU: SMAP is hidden because dom0 crashes on its first iretq with it
 # (../shared/notes/xen-in-qemu.md).
@@ -26,7 +28,8 @@ DISK_QEMU=(-device nvme,drive=disk0,serial=MAYFLY0001)
 # (the production entries require an IOMMU and 4 GiB for dom0, which this emulated machine
 # lacks), Xen gets bootscrub=0 (scrubbing 3 GiB under emulation costs minutes), and the
 # stand-in initramfs that mounts the root partition (README.md) is loaded after the dom0
-# kernel. Everything else on the disk is as post-image.sh made it.
+# kernel; expected-pcrs-a and -b are computed for it ($RUN/expected-pcrs). Everything else
+# on the disk is as post-image.sh made it.
 prepare_disk() {
     DISK=$RUN/disk.img
     cp --sparse=always "$OUT/images/mayfly-disk.img" "$DISK"
@@ -44,8 +47,16 @@ prepare_disk() {
     fi
     MTOOLS_SKIP_CHECK=1 mcopy -o -i "$DISK@@1M" "$GRUB_CFG" ::EFI/BOOT/grub.cfg
     MTOOLS_SKIP_CHECK=1 mcopy -o -i "$DISK@@1M" "$OUT/images/standin-initramfs.cpio.gz" ::standin-initramfs.cpio.gz
-    # The server's firmware variables persist across its boots.
-    cp /usr/share/OVMF/OVMF_VARS_4M.fd "$RUN/OVMF_VARS.fd"
+    # The expected PCRs of this grub.cfg, where the image keeps each slot's (an update
+    # re-seals the signing key with them: dom0-agent reseal-switch).
+    expected_pcrs "$GRUB_CFG" "$RUN/expected-pcrs"
+    for slot in a b; do
+        MTOOLS_SKIP_CHECK=1 mcopy -o -i "$DISK@@1M" "$RUN/expected-pcrs" "::expected-pcrs-$slot"
+    done
+    # The server's firmware variables and its TPM's state persist across its boots.
+    OVMF_VARS=$RUN/OVMF_VARS.fd
+    cp /usr/share/OVMF/OVMF_VARS_4M.fd "$OVMF_VARS"
+    TPM_DIR=$RUN/tpm
 }
 
 failures=0
@@ -86,13 +97,13 @@ stop_swtpm() {
     swtpm=
 }
 
-# start_swtpm: the server's TPM 2.0 (Debian's swtpm, state in $RUN/tpm; its PCRs reset at
+# start_swtpm: the server's TPM 2.0 (Debian's swtpm, state in $TPM_DIR; its PCRs reset at
 # each power-on), serving QEMU on $RUN/swtpm.sock; it ends when QEMU disconnects.
 start_swtpm() {
     stop_swtpm
-    mkdir -p "$RUN/tpm"
+    mkdir -p "$TPM_DIR"
     rm -f "$RUN/swtpm.sock"
-    swtpm socket --tpm2 --tpmstate "dir=$RUN/tpm" --ctrl "type=unixio,path=$RUN/swtpm.sock" \
+    swtpm socket --tpm2 --tpmstate "dir=$TPM_DIR" --ctrl "type=unixio,path=$RUN/swtpm.sock" \
         --terminate --log "file=$RUN/swtpm.log" &
     swtpm=$!
     local tries=100
@@ -103,8 +114,8 @@ start_swtpm() {
     [ -S "$RUN/swtpm.sock" ] || { echo "FAILED: swtpm did not start (log: $RUN/swtpm.log)" >&2; exit 1; }
 }
 
-# boot <name>: starts QEMU on the disk in the background, with a TPM (swtpm); console in
-# $RUN/serial-<name>.log.
+# boot <name>: starts QEMU on $DISK in the background, with $OVMF_VARS and a TPM (swtpm,
+# state in $TPM_DIR); console in $RUN/serial-<name>.log.
 boot() {
     LOG=$RUN/serial-$1.log
     : >"$LOG"
@@ -114,9 +125,9 @@ boot() {
         -accel tcg -machine q35 -cpu "$QEMU_CPU" -m 3072 -smp 2 \
         -nodefaults -display none -no-reboot -monitor none -serial "file:$LOG" \
         -drive if=pflash,format=raw,readonly=on,file=/usr/share/OVMF/OVMF_CODE_4M.fd \
-        -drive "if=pflash,format=raw,file=$RUN/OVMF_VARS.fd" \
+        -drive "if=pflash,format=raw,file=$OVMF_VARS" \
         -drive "if=none,id=disk0,format=raw,file=$DISK" "${DISK_QEMU[@]}" \
-        -netdev "user,id=n0,hostfwd=tcp:127.0.0.1:$API_PORT-:8450,hostfwd=tcp:127.0.0.1:$CTRL_PORT-:9999" \
+        -netdev "user,id=n0,hostfwd=tcp:127.0.0.1:$API_PORT-:8450,hostfwd=tcp:127.0.0.1:$CTRL_PORT-:9999,hostfwd=tcp:127.0.0.1:$CONSOLE_PORT-:9998" \
         -device virtio-net-pci,netdev=n0 \
         -chardev "socket,id=chrtpm,path=$RUN/swtpm.sock" -tpmdev emulator,id=tpm0,chardev=chrtpm \
         -device tpm-tis,tpmdev=tpm0 "${EXTRA_QEMU[@]}" &
@@ -292,7 +303,7 @@ appliance_setup() {
 # ports_free: the forwarded host ports are not taken.
 ports_free() {
     local port
-    for port in "$API_PORT" "$CTRL_PORT"; do
+    for port in "$API_PORT" "$CTRL_PORT" "$CONSOLE_PORT"; do
         if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
             echo "FAILED: 127.0.0.1:$port is in use (set API_PORT / CTRL_PORT)" >&2
             exit 1
@@ -341,4 +352,124 @@ summary() {
         exit 1
     fi
     echo "$1: $checks passed, 0 failed (${elapsed}s)"
+}
+
+# ---- The TPM-sealed signing key ([key] source = "tpm" in the image's agent.toml).
+
+# up_refused <name> <reason regex>: boots; the agent must refuse to sign: S50mayfly-agent
+# reports exit code 5, and the agent's own error (shown on the console from its log) matches
+# <reason regex>. Nothing listens on the API. Checks the boot's PCRs are readable too (the
+# hook runs without the agent).
+up_refused() {
+    boot "$1"
+    if ! wait_line 'S50mayfly-agent: (dom0-agent refused to sign|listening on port 8450)' "$BOOT_TIMEOUT"; then
+        fail "boot $1: the agent neither refused nor listened within ${BOOT_TIMEOUT}s (console: $LOG)"
+        return 1
+    fi
+    if grep -qa 'S50mayfly-agent: listening on port 8450' "$LOG"; then
+        fail "boot $1: the agent started (it must refuse to sign): $(health)"
+        return 1
+    fi
+    # S50 prints the agent log's last lines right after its own line.
+    wait_line 'dom0-agent: error: refusing to sign' 30 || true
+    local why
+    why=$(tr -d '\r' <"$LOG" | grep -a 'dom0-agent: error: refusing to sign' | head -n 1)
+    if grep -qa 'S50mayfly-agent: dom0-agent refused to sign (exit code 5)' "$LOG" &&
+        printf '%s\n' "$why" | grep -qE "$2"; then
+        pass "boot $1: the agent refuses to sign (exit code 5) and says why: ${why#*refusing to sign: }"
+    else
+        fail "boot $1: no refusal for /$2/ on the console: $(grep -aE 'S50mayfly-agent|dom0-agent: error' "$LOG" | tr -d '\r' | tr '\n' '|')"
+    fi
+    local h
+    h=$(curl -sS --max-time 10 -o /dev/null -w '%{http_code}' "$API/v1/health" 2>/dev/null || true)
+    if [ "$h" = 000 ]; then
+        pass "boot $1: nothing serves the client API"
+    else
+        fail "boot $1: the client API answered $h"
+    fi
+    # The rest of the boot (the update's boot check, then the test hook) goes on without the
+    # agent: the checks that follow talk to the hook.
+    wait_line 'MAYFLY-HOOK: listening' 300 || fail "boot $1: the test hook did not start (console: $LOG)"
+}
+
+# key_is_tpm <boot>: GET /v1/health's key section and `mayfly hw-check` inside both say the
+# ledger's key is the TPM-sealed one.
+key_is_tpm() {
+    local h hw
+    h=$(health)
+    if printf '%s' "$h" | grep -qE '"key":\{[^}]*"source":"tpm"' &&
+        printf '%s' "$h" | grep -qE '"key":\{[^}]*"sealed_file":"signing.sealed'; then
+        pass "boot $1: health says the key source is tpm ($(printf '%s' "$h" | grep -oE '"key":\{[^}]*\}'))"
+    else
+        fail "boot $1: health key section: $(printf '%s' "$h" | grep -oE '"key":\{[^}]*\}' || printf '%s' "$h")"
+    fi
+    hw=$(hook hwcheck)
+    if printf '%s' "$hw" | tr -d '\n ' | grep -qE '"key_source":\{[^}]*"source":"tpm"'; then
+        pass "boot $1: mayfly hw-check inside says the key source is tpm"
+    else
+        fail "boot $1: hw-check key_source: $(printf '%s' "$hw" | tr -d '\n' | grep -oE '"key_source":[^}]*\}' || printf '%s' "${hw:0:400}")"
+    fi
+}
+
+# admin <mayfly admin arguments>: the host's `mayfly admin`, signed by the test image's first
+# admin (one signature: read-only commands), through the hook's console relay. Needs
+# APPLIANCE_ID.
+admin() {
+    local op=$1
+    shift
+    target/release/mayfly admin "$op" --key "$OUT/build/test-admin-1.key" \
+        --tcp "127.0.0.1:$CONSOLE_PORT" --appliance "$APPLIANCE_ID" "$@"
+}
+
+# audit_field <event> <field>: the field of every audit record <event> (exported from the
+# host through the console), one a line.
+audit_field() {
+    rm -f "$RUN/audit.jsonl"
+    admin audit export --out "$RUN/audit.jsonl" >/dev/null 2>&1 || true
+    [ -s "$RUN/audit.jsonl" ] && python3 tests/appliance/console.py audit-field "$RUN/audit.jsonl" "$1" "$2"
+}
+
+# attest <boot> <expected-pcrs file> <state>: `mayfly admin attest` from the host: the quote
+# verifies against the file's state with the attestation key pinned from the first tpm.quote
+# audit record (provisioning); then one quote changed on its way (console.py tamper) is
+# refused.
+attest() {
+    local out rc ak
+    APPLIANCE_ID=$(python3 tests/appliance/console.py hello "$CONSOLE_PORT" 2>&1) || {
+        fail "boot $1: the console relay: $APPLIANCE_ID"
+        return 1
+    }
+    ak=$(audit_field tpm.quote ak | head -n 1)
+    if [ "${#ak}" != 130 ]; then
+        fail "boot $1: no attestation key in a tpm.quote audit record ('$ak')"
+        return 1
+    fi
+    pass "boot $1: the boot's tpm.quote audit record names the attestation key (pinned: ${ak:0:16}…)"
+    rc=0
+    out=$(admin attest --expected-pcrs "$2" --ak "$ak" 2>&1) || rc=$?
+    if [ "$rc" = 0 ] && printf '%s\n' "$out" | grep -qF "(state $3" &&
+        printf '%s\n' "$out" | grep -qE '^  PCR 7 = [0-9a-f]{64} \(attested'; then
+        pass "boot $1: mayfly admin attest from the host verifies against the expected PCRs ($3)"
+    else
+        fail "boot $1: attest (rc $rc): $(printf '%s' "$out" | tr '\n' '|')"
+    fi
+    # A quote changed on its way: one connection through a relay that alters it.
+    local relay_port=$((CONSOLE_PORT - 10)) relay
+    rm -f "$RUN/tamper.ready"
+    python3 tests/appliance/console.py tamper "$CONSOLE_PORT" "$relay_port" "$RUN/tamper.ready" \
+        >"$RUN/tamper.out" 2>&1 &
+    relay=$!
+    local tries=100
+    while [ ! -e "$RUN/tamper.ready" ] && [ "$tries" -gt 0 ]; do sleep 0.1; tries=$((tries - 1)); done
+    rc=0
+    out=$(target/release/mayfly admin attest --key "$OUT/build/test-admin-1.key" \
+        --tcp "127.0.0.1:$relay_port" --appliance "$APPLIANCE_ID" \
+        --expected-pcrs "$2" --ak "$ak" 2>&1) || rc=$?
+    wait "$relay" 2>/dev/null || true
+    if [ "$rc" = 1 ] && grep -q 'changed the quote' "$RUN/tamper.out" &&
+        printf '%s\n' "$out" | grep -q 'NOT ATTESTED'; then
+        pass "boot $1: a quote altered on its way is refused: $(printf '%s' "$out" | grep 'NOT ATTESTED' | head -n 1)"
+    else
+        fail "boot $1: tampered attest (rc $rc, relay: $(cat "$RUN/tamper.out")): $(printf '%s' "$out" | tr '\n' '|')"
+    fi
 }

@@ -152,9 +152,11 @@ install -m 0644 "$HERE/dom0/pv-guest.cfg" "$ROOT/mayfly-test/pv-guest.cfg"
 # Test-only agent flags: the suite's policy bundle (admits test.bad_index).
 mkdir -p "$ROOT/mayfly-test/policy" "$ROOT/etc/default"
 install -m 0644 "$HERE"/dom0/policy/*.toml "$ROOT/mayfly-test/policy/"
-# No data partition in this suite: the ledger stays in dom0's RAM root.
-printf '%s\n' 'DOM0_AGENT_ARGS="--policy /mayfly-test/policy"' 'MAYFLY_DATA_REQUIRED=0' \
-    >"$ROOT/etc/default/mayfly-agent"
+# No data partition in this suite: the ledger stays in dom0's RAM root. No TPM either (this
+# suite is about Xen; the appliance boot test attaches swtpm and checks the sealed key): the
+# file key, over the shipped agent.toml's [key] source = "tpm".
+printf '%s\n' 'DOM0_AGENT_ARGS="--policy /mayfly-test/policy --key-source file"' \
+    'MAYFLY_DATA_REQUIRED=0' >"$ROOT/etc/default/mayfly-agent"
 echo "root:x:0:0:root:/root:/bin/sh" >"$ROOT/etc/passwd"
 cpio_dir "$ROOT" "$OUT/dom0-initramfs.cpio"
 

@@ -57,6 +57,32 @@ if ! grep -qxE '[0-9a-f]{64}' "$MAYFLY_UPDATE_KEY"; then
 fi
 install -m 0644 "$MAYFLY_UPDATE_KEY" "$TARGET_DIR/etc/mayfly/update-key.pub"
 
+# The admins whose signed commands the agent's console obeys (docs/console.md): an update is
+# installed by `update.install` signed by MAYFLY_ADMIN_QUORUM (default 2) of them.
+# MAYFLY_ADMIN_KEYS names a file with one public key (64 hex digits, `mayfly admin keygen`'s
+# STEM.pub) a line; they become agent.toml's [console] section. Without it the console is
+# off and updates can only be installed by root on the appliance (`mayfly-update install`).
+if [ -n "${MAYFLY_ADMIN_KEYS:-}" ]; then
+    if [ ! -r "$MAYFLY_ADMIN_KEYS" ] || ! grep -qxE '[0-9a-f]{64}' "$MAYFLY_ADMIN_KEYS" ||
+        grep -vqxE '[0-9a-f]{64}' "$MAYFLY_ADMIN_KEYS"; then
+        echo "post-build.sh: $MAYFLY_ADMIN_KEYS must hold one admin public key (64 lower-case hex digits) a line" >&2
+        exit 1
+    fi
+    if grep -q '^\[console\]' "$TARGET_DIR/etc/mayfly/agent.toml"; then
+        echo "post-build.sh: agent.toml already has a [console] section; MAYFLY_ADMIN_KEYS would repeat it" >&2
+        exit 1
+    fi
+    quorum=${MAYFLY_ADMIN_QUORUM:-2}
+    case $quorum in
+        '' | *[!0-9]*) echo "post-build.sh: admin quorum '$quorum' is not a number" >&2; exit 1 ;;
+    esac
+    keys=$(sed 's/.*/"&"/' "$MAYFLY_ADMIN_KEYS" | paste -sd, -)
+    printf '\n# The admins (post-build.sh, from MAYFLY_ADMIN_KEYS).\n[console]\nadmin_keys = [%s]\nquorum = %s\n' \
+        "$keys" "$quorum" >>"$TARGET_DIR/etc/mayfly/agent.toml"
+else
+    echo "post-build.sh: no MAYFLY_ADMIN_KEYS: the admin console is off; updates only by root (mayfly-update install)" >&2
+fi
+
 # The image version: update bundles must be newer (rollback protection). From
 # MAYFLY_IMAGE_VERSION, else board/mayfly/image-version.
 version=${MAYFLY_IMAGE_VERSION:-$(cat "$BOARD_DIR/image-version")}

@@ -253,6 +253,11 @@ pub fn hex(bytes: &[u8]) -> String {
     mayfly_command::hex(bytes)
 }
 
+/// SHA-256 of a whole bundle file (what admins approve), at most `limit` bytes.
+pub fn file_sha256(r: &mut impl Read, limit: u64) -> Result<[u8; 32], BundleError> {
+    digest_reader(r, "the bundle", limit, |_| Ok(())).map(|(_, d)| d)
+}
+
 /// SHA-256 of everything `r` yields, at most `limit` bytes (more is [`BundleError::TooLarge`]).
 fn digest_reader(
     r: &mut impl Read,

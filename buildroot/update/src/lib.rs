@@ -19,6 +19,7 @@
 
 pub mod bundle;
 pub mod grubenv;
+pub mod mount;
 pub mod slots;
 
 use std::fs::{self, File, OpenOptions};
@@ -65,6 +66,9 @@ pub enum UpdateError {
         /// OS error.
         source: io::Error,
     },
+    /// The signing key could not be re-sealed for the switch: the slot is written, not armed.
+    #[error("re-sealing the signing key for the new slot failed (the update is not armed): {0}")]
+    Reseal(String),
     /// A trial is armed or running: the other slot is the fallback and is not overwritten.
     #[error("slot {0} is on trial (not yet committed): install again after it is committed or has fallen back")]
     TrialPending(&'static str),
@@ -110,6 +114,89 @@ pub enum UpdateError {
     /// The image names no version.
     #[error("{0}: no image_version= line")]
     NoImageVersion(PathBuf),
+    /// The bundle file is larger than the configured bound (nothing of it was read).
+    #[error("bundle refused: {size} bytes is more than the limit of {max}")]
+    BundleTooLarge {
+        /// The file's size.
+        size: u64,
+        /// The limit.
+        max: u64,
+    },
+    /// The bundle's SHA-256 is not the one the admins signed for.
+    #[error("bundle refused: its SHA-256 {actual} is not the approved {approved}")]
+    NotApproved {
+        /// Hex digest the signed command names.
+        approved: String,
+        /// Hex digest of the file.
+        actual: String,
+    },
+    /// A bundle name that is not a plain file name.
+    #[error("bundle name {0:?} is not 1..=128 characters of [A-Za-z0-9._-] not starting with '.'")]
+    BadName(String),
+    /// The pinned update key is not 64 hex digits.
+    #[error("{0}: not an Ed25519 public key (64 hex digits)")]
+    BadUpdateKey(PathBuf),
+    /// The named bundle is not a regular file (a symbolic link, a directory, a device).
+    #[error("bundle refused: {0} is not a regular file")]
+    NotAFile(PathBuf),
+}
+
+impl UpdateError {
+    /// A stable short name when the bundle (or the moment) was refused before anything was
+    /// written; `None` for failures (I/O, a broken grubenv).
+    pub fn refusal_code(&self) -> Option<&'static str> {
+        Some(match self {
+            Self::Bundle(b) => match b {
+                BundleError::NotABundle { .. } | BundleError::Malformed(_) => "not_a_bundle",
+                BundleError::BadSignature => "bad_signature",
+                BundleError::Truncated { .. } => "truncated",
+                BundleError::TrailingData { .. } | BundleError::HashMismatch { .. } => "tampered",
+                BundleError::TooLarge { .. } => "too_large",
+                BundleError::Io { .. } => return None,
+            },
+            Self::WrongProduct(_) => "wrong_product",
+            Self::NotNewer { .. } => "downgrade",
+            Self::TooBigForSlot { .. } | Self::BundleTooLarge { .. } => "too_large",
+            Self::NotSquashfs => "not_squashfs",
+            Self::NotApproved { .. } => "not_approved",
+            Self::BadName(_) => "bad_name",
+            Self::NotAFile(_) => "not_a_file",
+            Self::TrialPending(_) => "trial_pending",
+            Self::NotCommitted { .. } => "not_committed",
+            Self::GrubEnv(_)
+            | Self::Slot(_)
+            | Self::Io { .. }
+            | Self::Malformed(_)
+            | Self::BadUpdateKey(_)
+            | Self::NoImageVersion(_)
+            | Self::Reseal(_) => return None,
+        })
+    }
+}
+
+/// Most characters of a bundle's file name on the update medium.
+pub const MAX_BUNDLE_NAME: usize = 128;
+
+/// The bundle `name` in the medium directory `dir`: a plain file name (no path), and a regular
+/// file (not a symbolic link or a device a hostile medium could point elsewhere).
+pub fn medium_file(dir: &Path, name: &str) -> Result<PathBuf, UpdateError> {
+    let plain = !name.is_empty()
+        && name.len() <= MAX_BUNDLE_NAME
+        && !name.starts_with('.')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+    if !plain {
+        return Err(UpdateError::BadName(
+            name.chars().take(MAX_BUNDLE_NAME).collect(),
+        ));
+    }
+    let path = dir.join(name);
+    let md = fs::symlink_metadata(&path).map_err(io_err(&path))?;
+    if !md.file_type().is_file() {
+        return Err(UpdateError::NotAFile(path));
+    }
+    Ok(path)
 }
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> UpdateError {
@@ -153,6 +240,30 @@ fn read_small(path: &Path) -> Result<String, UpdateError> {
 }
 
 impl System {
+    /// The running system as its files describe it: the kernel command line, the image's
+    /// `image_version=`, the pinned vendor key (64 hex digits), the state directory and the
+    /// (mounted) EFI partition.
+    pub fn load(
+        cmdline_file: &Path,
+        image_info: &Path,
+        update_key: &Path,
+        state_dir: &Path,
+        esp: &Path,
+    ) -> Result<System, UpdateError> {
+        let cmdline = read_small(cmdline_file)?;
+        let key_text = read_small(update_key)?;
+        let update_key = mayfly_command::unhex(key_text.trim())
+            .and_then(|k| <[u8; 32]>::try_from(k).ok())
+            .ok_or_else(|| UpdateError::BadUpdateKey(update_key.to_path_buf()))?;
+        Ok(System {
+            cmdline,
+            image_version: image_version(image_info)?,
+            update_key,
+            state_dir: state_dir.to_path_buf(),
+            esp: esp.to_path_buf(),
+        })
+    }
+
     fn grubenv(&self) -> PathBuf {
         self.esp.join(GRUBENV)
     }
@@ -260,6 +371,29 @@ impl BootState {
     }
 }
 
+/// The A/B state as `status` shows it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Status {
+    /// The slot this system booted from.
+    pub booted: Slot,
+    /// grubenv's state.
+    pub state: BootState,
+    /// The running image's version.
+    pub image_version: u64,
+    /// The stored version floor.
+    pub floor: u64,
+}
+
+/// Reads the booted slot, grubenv and the floor.
+pub fn status(sys: &System) -> Result<Status, UpdateError> {
+    Ok(Status {
+        booted: slots::booted(&sys.cmdline)?,
+        state: BootState::of(&grubenv::read(&sys.grubenv())?),
+        image_version: sys.image_version,
+        floor: sys.stored_floor()?,
+    })
+}
+
 /// What [`install`] wrote.
 #[derive(Debug)]
 pub struct Installed {
@@ -271,15 +405,102 @@ pub struct Installed {
     pub tries: u8,
 }
 
+/// The switch an install is about to arm, for re-sealing the TPM-sealed signing key to every
+/// boot it can lead to (issue 19; `dom0-agent reseal-switch`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Switch {
+    /// The running, committed slot.
+    pub from: Slot,
+    /// The slot just written.
+    pub to: Slot,
+    /// Trial boots about to be armed.
+    pub tries: u8,
+    /// The running image's expected-PCR file (`expected-pcrs-<from>` on the EFI partition).
+    pub current_pcrs: PathBuf,
+    /// The update's expected-PCR file, as just written (`expected-pcrs-<to>`).
+    pub next_pcrs: PathBuf,
+}
+
+/// The agent's program, configuration and data directory on the appliance, for
+/// [`reseal_with_agent`].
+pub const AGENT: &str = "dom0-agent";
+/// The agent's configuration (its `[key]` section says whether the key is sealed).
+pub const AGENT_CONFIG: &str = "/etc/mayfly/agent.toml";
+/// The agent's data directory (the sealed key files).
+pub const AGENT_DATA_DIR: &str = "/var/lib/mayfly";
+
+/// The re-seal [`install`] runs on the appliance before it arms a trial: `dom0-agent
+/// reseal-switch` seals the signing key to the trial boots, the committed new slot and the
+/// fallback (with the file key source it has nothing to do). Its output is returned as the
+/// error when it fails.
+pub fn reseal_with_agent(sw: &Switch) -> Result<(), String> {
+    let out = std::process::Command::new(AGENT)
+        .args([
+            "reseal-switch",
+            "--config",
+            AGENT_CONFIG,
+            "--data-dir",
+            AGENT_DATA_DIR,
+        ])
+        .args(["--from", sw.from.letter(), "--to", sw.to.letter()])
+        .args(["--tries", &sw.tries.to_string()])
+        .arg("--current-pcrs")
+        .arg(&sw.current_pcrs)
+        .arg("--next-pcrs")
+        .arg(&sw.next_pcrs)
+        .output()
+        .map_err(|e| format!("running {AGENT} reseal-switch: {e}"))?;
+    if out.status.success() {
+        return Ok(());
+    }
+    let err = String::from_utf8_lossy(&out.stderr);
+    Err(format!(
+        "{AGENT} reseal-switch exited with {}: {}",
+        out.status,
+        err.trim().chars().take(2000).collect::<String>()
+    ))
+}
+
+/// How an install is bounded and what it must match beyond the vendor's signature.
+#[derive(Clone, Debug)]
+pub struct InstallOptions {
+    /// Trial boots to arm (clamped to 1..=[`MAX_TRIES`]).
+    pub tries: u8,
+    /// The SHA-256 of the whole bundle file that the admins approved (their signed
+    /// `update.install` names it); `None` for the root tool, where root is the authority.
+    pub approved_sha256: Option<[u8; 32]>,
+    /// A bundle file larger than this is refused before any of it is read.
+    pub max_bundle_bytes: u64,
+}
+
 /// Verifies `bundle_path` and, only if everything checks out, writes it to the inactive slot
-/// (`slot_device` gives a slot's block device) and arms `tries` trial boots of it.
+/// (`slot_device` gives a slot's block device), has `reseal` seal the signing key for the
+/// switch ([`reseal_with_agent`] on the appliance), and arms `tries` trial boots of it. A
+/// failed re-seal leaves the slot written but not armed (the running slot keeps booting).
 pub fn install(
     sys: &System,
     bundle_path: &Path,
     slot_device: impl Fn(Slot) -> Result<PathBuf, SlotError>,
     tries: u8,
+    reseal: impl FnOnce(&Switch) -> Result<(), String>,
 ) -> Result<Installed, UpdateError> {
-    let result = install_inner(sys, bundle_path, slot_device, tries.clamp(1, MAX_TRIES));
+    let opts = InstallOptions {
+        tries,
+        approved_sha256: None,
+        max_bundle_bytes: u64::MAX,
+    };
+    install_with(sys, bundle_path, slot_device, &opts, reseal)
+}
+
+/// [`install`] with an approval digest and a size bound ([`InstallOptions`]).
+pub fn install_with(
+    sys: &System,
+    bundle_path: &Path,
+    slot_device: impl Fn(Slot) -> Result<PathBuf, SlotError>,
+    opts: &InstallOptions,
+    reseal: impl FnOnce(&Switch) -> Result<(), String>,
+) -> Result<Installed, UpdateError> {
+    let result = install_inner(sys, bundle_path, slot_device, opts, reseal);
     let bundle = bundle_path.display().to_string();
     // The event is best effort: a full data partition must not hide the install's outcome.
     let _ = match &result {
@@ -304,8 +525,10 @@ fn install_inner(
     sys: &System,
     bundle_path: &Path,
     slot_device: impl Fn(Slot) -> Result<PathBuf, SlotError>,
-    tries: u8,
+    opts: &InstallOptions,
+    reseal: impl FnOnce(&Switch) -> Result<(), String>,
 ) -> Result<Installed, UpdateError> {
+    let tries = opts.tries.clamp(1, MAX_TRIES);
     let booted = slots::booted(&sys.cmdline)?;
     let env_path = sys.grubenv();
     let mut env = grubenv::read(&env_path)?;
@@ -329,6 +552,26 @@ fn install_inner(
     } else {
         device_len(&mut f, bundle_path)?
     };
+    if len > opts.max_bundle_bytes {
+        return Err(UpdateError::BundleTooLarge {
+            size: len,
+            max: opts.max_bundle_bytes,
+        });
+    }
+    // The admins' approval covers these exact bytes; the vendor's signature is checked next,
+    // and every part is hashed again while it is copied.
+    if let Some(approved) = opts.approved_sha256 {
+        let actual = bundle::file_sha256(&mut (&mut f).take(len), len)?;
+        if actual != approved {
+            return Err(UpdateError::NotApproved {
+                approved: bundle::hex(&approved),
+                actual: bundle::hex(&actual),
+            });
+        }
+        use std::io::Seek;
+        f.seek(io::SeekFrom::Start(0))
+            .map_err(io_err(bundle_path))?;
+    }
     let v = bundle::open_verified(&mut f, len, md.file_type().is_file(), &sys.update_key)?;
     if v.manifest.product != bundle::PRODUCT {
         return Err(UpdateError::WrongProduct(v.manifest.product.clone()));
@@ -390,6 +633,18 @@ fn install_inner(
         fs::rename(&tmp, &dst).map_err(io_err(&dst))?;
     }
     sync_dir(&sys.esp)?;
+
+    // 2b. The signing key, if sealed to the TPM, is sealed to the boots the switch leads to.
+    let switch = Switch {
+        from: state.committed,
+        to: target,
+        tries,
+        current_pcrs: sys
+            .esp
+            .join(format!("expected-pcrs-{}", state.committed.letter())),
+        next_pcrs: sys.esp.join(format!("expected-pcrs-{}", target.letter())),
+    };
+    reseal(&switch).map_err(UpdateError::Reseal)?;
 
     // 3. Arm the one-shot trial.
     env.set(VAR_SLOT, state.committed.letter());

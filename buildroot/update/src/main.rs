@@ -14,7 +14,8 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
-use mayfly_update::{bundle, grubenv, slots, BootCheck, BootState, Health, System, UpdateError};
+use mayfly_update::mount::Mounted;
+use mayfly_update::{bundle, slots, BootCheck, Health, System, UpdateError};
 
 #[derive(Parser)]
 #[command(name = "mayfly-update", version, about = "Mayfly's signed A/B update")]
@@ -125,86 +126,40 @@ fn main() -> ExitCode {
         Ok(code) => code,
         Err(e) => {
             eprintln!("mayfly-update: {e:#}");
+            // A refused bundle exits 2; a refused moment (a trial pending, a running slot
+            // that is not the committed one) is an error like any other (1).
             let refused = e.chain().any(|c| {
-                matches!(
-                    c.downcast_ref::<UpdateError>(),
-                    Some(
-                        UpdateError::Bundle(_)
-                            | UpdateError::WrongProduct(_)
-                            | UpdateError::NotNewer { .. }
-                            | UpdateError::TooBigForSlot { .. }
-                            | UpdateError::NotSquashfs
-                    )
-                )
+                c.downcast_ref::<UpdateError>()
+                    .and_then(UpdateError::refusal_code)
+                    .is_some_and(|code| !matches!(code, "trial_pending" | "not_committed"))
             });
             ExitCode::from(if refused { 2 } else { 1 })
         }
     }
 }
 
-/// The EFI partition, mounted for the duration of one operation.
-struct Esp {
-    dir: PathBuf,
-    mounted: bool,
-}
-
-impl Esp {
-    fn open(given: &Option<PathBuf>, writable: bool) -> Result<Esp> {
-        if let Some(dir) = given {
-            return Ok(Esp {
-                dir: dir.clone(),
-                mounted: false,
-            });
-        }
-        let out = Command::new("findfs")
-            .arg("LABEL=MAYFLY-ESP")
-            .output()
-            .context("running findfs")?;
-        let dev = String::from_utf8_lossy(&out.stdout).trim().to_owned();
-        if !out.status.success() || dev.is_empty() {
-            bail!("no partition labelled MAYFLY-ESP");
-        }
-        let dir = PathBuf::from("/run/mayfly-esp");
-        std::fs::create_dir_all(&dir).context("creating /run/mayfly-esp")?;
-        let st = Command::new("mount")
-            .args(["-t", "vfat", "-o"])
-            .arg(if writable {
-                "rw,nosuid,nodev,noexec"
-            } else {
-                "ro,nosuid,nodev,noexec"
-            })
-            .arg(&dev)
-            .arg(&dir)
-            .status()
-            .context("running mount")?;
-        if !st.success() {
-            bail!("cannot mount {dev} (MAYFLY-ESP) on {}", dir.display());
-        }
-        Ok(Esp { dir, mounted: true })
-    }
-}
-
-impl Drop for Esp {
-    fn drop(&mut self) {
-        if self.mounted {
-            let _ = Command::new("umount").arg(&self.dir).status();
-        }
-    }
-}
-
-fn system(p: &Paths, esp: &Esp) -> Result<System> {
-    let cmdline = std::fs::read_to_string(&p.cmdline_file)
-        .with_context(|| format!("reading {}", p.cmdline_file.display()))?;
-    let key_text = p.update_key.to_string_lossy().into_owned();
-    let update_key = mayfly_command::keyfile::parse_public(&key_text)
-        .with_context(|| format!("the update key {}", p.update_key.display()))?;
-    Ok(System {
-        cmdline,
-        image_version: mayfly_update::image_version(&p.image_info)?,
-        update_key,
-        state_dir: p.state_dir.clone(),
-        esp: esp.dir.clone(),
+/// The EFI partition for one operation: the given directory, else MAYFLY-ESP mounted on
+/// /run/mayfly-esp.
+fn esp(given: &Option<PathBuf>, writable: bool) -> Result<Mounted> {
+    Ok(match given {
+        Some(dir) => Mounted::given(dir),
+        None => Mounted::by_label(
+            "MAYFLY-ESP",
+            Some("vfat"),
+            Path::new("/run/mayfly-esp"),
+            writable,
+        )?,
     })
+}
+
+fn system(p: &Paths, esp: &Mounted) -> Result<System> {
+    Ok(System::load(
+        &p.cmdline_file,
+        &p.image_info,
+        &p.update_key,
+        &p.state_dir,
+        esp.dir(),
+    )?)
 }
 
 /// The agent's health: its process (when a pid file is named) and GET /v1/health.
@@ -294,7 +249,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             slot_device,
             bundle: path,
         } => {
-            let esp = Esp::open(&paths.esp, true)?;
+            let esp = esp(&paths.esp, true)?;
             let sys = system(&paths, &esp)?;
             let i = mayfly_update::install(
                 &sys,
@@ -304,6 +259,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     None => slots::device(slot, Path::new("/sys/class/block"), Path::new("/dev")),
                 },
                 tries,
+                mayfly_update::reseal_with_agent,
             )?;
             println!(
                 "mayfly-update: version {} written to slot {}; it boots next ({} tries before falling back to slot {})",
@@ -320,7 +276,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             reboot,
             agent_pidfile,
         } => {
-            let esp = Esp::open(&paths.esp, true)?;
+            let esp = esp(&paths.esp, true)?;
             let sys = system(&paths, &esp)?;
             let out = mayfly_update::boot_check(
                 &sys,
@@ -358,16 +314,17 @@ fn run(cli: Cli) -> Result<ExitCode> {
             }
         }
         Cmd::Status { paths } => {
-            let esp = Esp::open(&paths.esp, false)?;
-            let sys = system(&paths, &esp)?;
-            let env = grubenv::read(&esp.dir.join(mayfly_update::GRUBENV))?;
-            let st = BootState::of(&env);
-            println!("booted_slot={}", slots::booted(&sys.cmdline)?.letter());
-            println!("committed_slot={}", st.committed.letter());
-            println!("trial_slot={}", st.trial.map(|s| s.letter()).unwrap_or(""));
-            println!("trial_tries_left={}", st.tries);
-            println!("image_version={}", sys.image_version);
-            println!("version_floor={}", sys.stored_floor()?);
+            let esp = esp(&paths.esp, false)?;
+            let st = mayfly_update::status(&system(&paths, &esp)?)?;
+            println!("booted_slot={}", st.booted.letter());
+            println!("committed_slot={}", st.state.committed.letter());
+            println!(
+                "trial_slot={}",
+                st.state.trial.map(|s| s.letter()).unwrap_or("")
+            );
+            println!("trial_tries_left={}", st.state.tries);
+            println!("image_version={}", st.image_version);
+            println!("version_floor={}", st.floor);
         }
     }
     Ok(ExitCode::SUCCESS)

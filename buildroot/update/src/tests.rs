@@ -10,6 +10,10 @@ struct Rig {
     sys: System,
     slot_b: PathBuf,
     bundle: PathBuf,
+    /// Every switch the install asked to re-seal the signing key for.
+    resealed: std::cell::RefCell<Vec<Switch>>,
+    /// Whether that re-seal fails.
+    reseal_fails: std::cell::Cell<bool>,
 }
 
 const SLOT_SIZE: usize = 64 << 10;
@@ -40,6 +44,8 @@ fn rig(booted: Slot, env: &[(&str, &str)]) -> Rig {
         sys,
         slot_b,
         bundle,
+        resealed: std::cell::RefCell::new(Vec::new()),
+        reseal_fails: std::cell::Cell::new(false),
     }
 }
 
@@ -55,6 +61,14 @@ impl Rig {
                 Ok(b.clone())
             },
             2,
+            |sw| {
+                self.resealed.borrow_mut().push(sw.clone());
+                if self.reseal_fails.get() {
+                    Err("the TPM refused".to_owned())
+                } else {
+                    Ok(())
+                }
+            },
         )
     }
     fn env(&self) -> GrubEnv {
@@ -88,6 +102,33 @@ fn a_good_bundle_is_written_to_the_inactive_slot_and_armed() {
     assert_eq!(env.get(VAR_TRY), Some("b"));
     assert_eq!(env.get(VAR_TRIES), Some("2"));
     assert!(r.events().contains("event=update_installed"));
+    // The signing key was re-sealed for this switch, with both images' expected PCRs.
+    assert_eq!(
+        *r.resealed.borrow(),
+        vec![Switch {
+            from: Slot::A,
+            to: Slot::B,
+            tries: 2,
+            current_pcrs: r.sys.esp.join("expected-pcrs-a"),
+            next_pcrs: r.sys.esp.join("expected-pcrs-b"),
+        }]
+    );
+}
+
+#[test]
+fn a_failed_reseal_leaves_the_trial_unarmed() {
+    let r = rig(Slot::A, &[(VAR_SLOT, "a")]);
+    r.reseal_fails.set(true);
+    let e = r.install(&bundle(6, b"hsqs new root")).unwrap_err();
+    assert!(matches!(e, UpdateError::Reseal(_)), "{e}");
+    assert!(e.to_string().contains("the TPM refused"), "{e}");
+    let env = r.env();
+    assert_eq!(env.get(VAR_SLOT), Some("a"));
+    assert!(
+        env.get(VAR_TRY).unwrap_or_default().is_empty(),
+        "no trial armed"
+    );
+    assert!(r.events().contains("event=update_refused"));
 }
 
 #[test]
@@ -239,4 +280,71 @@ fn a_boot_of_the_committed_slot_with_a_trial_left_over_is_a_fallback() {
     // The next boot is a normal one.
     let again = boot_check(&r.sys, || Health::Ok, Duration::ZERO, Duration::ZERO).unwrap();
     assert_eq!(again, BootCheck::Normal(Slot::A));
+}
+
+#[test]
+fn the_approved_digest_and_the_size_bound_are_checked_before_anything_is_written() {
+    let r = rig(Slot::A, &[(VAR_SLOT, "a")]);
+    let good = bundle(6, b"hsqs new root");
+    fs::write(&r.bundle, &good).unwrap();
+    let b = r.slot_b.clone();
+    let run = |approved: Option<[u8; 32]>, max: u64| {
+        let b = b.clone();
+        install_with(
+            &r.sys,
+            &r.bundle,
+            move |_| Ok(b.clone()),
+            &InstallOptions {
+                tries: 2,
+                approved_sha256: approved,
+                max_bundle_bytes: max,
+            },
+            |_| Ok(()),
+        )
+    };
+    let digest = |bytes: &[u8]| {
+        let mut d = [0u8; 32];
+        d.copy_from_slice(ring::digest::digest(&ring::digest::SHA256, bytes).as_ref());
+        d
+    };
+    // Another bundle's digest: a validly signed bundle the admins did not approve.
+    let e = run(Some(digest(b"some other bundle")), u64::MAX).unwrap_err();
+    assert_eq!(e.refusal_code(), Some("not_approved"), "{e}");
+    assert!(r.untouched());
+    // One byte over the bound.
+    let e = run(Some(digest(&good)), good.len() as u64 - 1).unwrap_err();
+    assert_eq!(e.refusal_code(), Some("too_large"), "{e}");
+    assert!(r.untouched());
+    // The approved bundle, exactly at the bound.
+    let i = run(Some(digest(&good)), good.len() as u64).unwrap();
+    assert_eq!((i.slot, i.version), (Slot::B, 6));
+    assert_eq!(r.env().get(VAR_TRY), Some("b"));
+}
+
+#[test]
+fn a_bundle_on_the_medium_is_a_plain_regular_file() {
+    let dir = tempfile::tempdir().unwrap();
+    fs::write(dir.path().join("v2.bundle"), b"x").unwrap();
+    fs::create_dir(dir.path().join("sub")).unwrap();
+    std::os::unix::fs::symlink("/etc/passwd", dir.path().join("link.bundle")).unwrap();
+    assert_eq!(
+        medium_file(dir.path(), "v2.bundle").unwrap(),
+        dir.path().join("v2.bundle")
+    );
+    for bad in [
+        "",
+        ".hidden",
+        "../v2.bundle",
+        "sub/x",
+        "a b",
+        &"a".repeat(129),
+    ] {
+        let e = medium_file(dir.path(), bad).unwrap_err();
+        assert_eq!(e.refusal_code(), Some("bad_name"), "{bad:?}: {e}");
+    }
+    for not_file in ["sub", "link.bundle"] {
+        let e = medium_file(dir.path(), not_file).unwrap_err();
+        assert_eq!(e.refusal_code(), Some("not_a_file"), "{not_file}: {e}");
+    }
+    assert!(medium_file(dir.path(), "missing.bundle").is_err());
 }

@@ -322,6 +322,7 @@ impl Replicated {
                 mode,
                 sync_timeout: Duration::from_secs(5),
                 tls: tls(&pc, &pk, &spin),
+                peer: None,
             },
             &log(),
         )

@@ -14,3 +14,5 @@ pub const KEY_UNAVAILABLE: u8 = 5;
 pub const REPLICATION_STOPPED: u8 = 6;
 /// The primary refuses this standby (another ledger or epoch).
 pub const REPLICATION_REFUSED: u8 = 7;
+/// `promote` refused the command (signatures, quorum, appliance, epoch, a replay).
+pub const PROMOTE_REFUSED: u8 = 8;

@@ -187,7 +187,7 @@ pub fn health(ledger: &Ledger) -> mayfly_api::HealthSection {
 }
 
 /// `dom0-agent reseal`: seals the current key also to an expected-PCR file's values. A file
-/// of the image build's form has one state per A/B boot state: `state` names the one to
+/// the image build writes has one state per A/B boot state: `state` names the one to
 /// seal to (its label, e.g. `slot=b try=- tries=0 entry=production-b`). Configured PCRs the
 /// file does not predict (PCR 7 with the image's file) are sealed to their current values.
 pub fn reseal(
@@ -215,34 +215,128 @@ pub fn reseal(
             .find(|s| s.label == label)
             .with_context(|| format!("{} has no state {label:?}", expected.display()))?,
     };
+    let current = Tpm::open(tcti)
+        .and_then(|mut t| t.read_pcrs(pcrs))
+        .context("reading the current PCRs")?;
+    let values = state_values(chosen, &current, pcrs, expected)?;
+    let keys = SealedKeys::new(tcti, pcrs)?;
+    let path = keys.reseal(dir, &values)?;
+    println!("{}", path.display());
+    Ok(0)
+}
+
+/// The values one expected state gives the configured PCRs: the file's where it predicts
+/// them, the current value elsewhere (PCR 7 with the image's file; said on stderr).
+fn state_values(
+    chosen: &mayfly_tpm::pcrfile::ExpectedState,
+    current: &[(u8, mayfly_tpm::PcrValue)],
+    pcrs: &[u8],
+    file: &Path,
+) -> anyhow::Result<Vec<(u8, mayfly_tpm::PcrValue)>> {
     if let Some((p, _)) = chosen.values.iter().find(|(p, _)| !pcrs.contains(p)) {
         bail!(
             "{} predicts PCR {p}, which the key is not sealed to ([key] pcrs = {pcrs:?})",
-            expected.display()
+            file.display()
         );
+    }
+    Ok(current
+        .iter()
+        .map(
+            |(p, now)| match chosen.values.iter().find(|(q, _)| q == p) {
+                Some(v) => (*p, v.1),
+                None => {
+                    eprintln!(
+                        "dom0-agent: PCR {p} is not in {}: sealed to its current value",
+                        file.display()
+                    );
+                    (*p, *now)
+                }
+            },
+        )
+        .collect())
+}
+
+/// `dom0-agent reseal-switch`: what an A/B switch from one slot to the other needs.
+pub struct Switch<'a> {
+    /// The running, committed slot (`a` or `b`).
+    pub from: &'a str,
+    /// The slot the update goes to.
+    pub to: &'a str,
+    /// Trial boots armed (grubenv's `mayfly_tries`).
+    pub tries: u8,
+    /// Expected-PCR file of the running image.
+    pub current: &'a Path,
+    /// Expected-PCR file of the update.
+    pub next: &'a Path,
+}
+
+impl Switch<'_> {
+    /// Every boot state the switch can lead to, as (file, label prefix), in the order GRUB
+    /// reaches them (grub.cfg and docs/formats.md, "A/B boot state": grubenv as GRUB loads
+    /// it): each trial boot of `to` (the counter as loaded, `tries` down to 1), `to`
+    /// committed, and the fallback to `from` once the counter is 0.
+    pub fn states(&self) -> Vec<(&Path, String)> {
+        let (from, to) = (self.from, self.to);
+        let mut out: Vec<(&Path, String)> = (1..=self.tries)
+            .rev()
+            .map(|k| (self.next, format!("slot={from} try={to} tries={k}")))
+            .collect();
+        out.push((self.next, format!("slot={to} try=- tries=0")));
+        out.push((self.current, format!("slot={from} try={to} tries=0")));
+        out
+    }
+}
+
+/// `dom0-agent reseal-switch`: seals the current key, in one blob, to every boot state an
+/// A/B switch can lead to ([`Switch::states`]); PCRs the files do not predict (PCR 7) keep
+/// their current values. Nothing to do with the file key source.
+pub fn reseal_switch(
+    dir: &Path,
+    settings: &KeySettings,
+    switch: &Switch<'_>,
+) -> anyhow::Result<u8> {
+    let KeySettings::Tpm { tcti, pcrs } = settings else {
+        println!("the signing key source is \"file\": nothing to re-seal");
+        return Ok(0);
+    };
+    if switch.from == switch.to {
+        bail!("--from and --to name the same slot {:?}", switch.from);
+    }
+    let mut files: Vec<(&Path, Vec<mayfly_tpm::pcrfile::ExpectedState>)> = Vec::new();
+    for path in [switch.current, switch.next] {
+        let text = read_bounded(path, mayfly_tpm::pcrfile::MAX_FILE)?;
+        let states = mayfly_tpm::pcrfile::parse_states(&text)
+            .with_context(|| format!("in {}", path.display()))?;
+        files.push((path, states));
     }
     let current = Tpm::open(tcti)
         .and_then(|mut t| t.read_pcrs(pcrs))
         .context("reading the current PCRs")?;
-    let values: Vec<_> = current
-        .iter()
-        .map(|(p, now)| {
-            let v = chosen
-                .values
-                .iter()
-                .find(|(q, _)| q == p)
-                .map_or(*now, |v| v.1);
-            if !chosen.values.iter().any(|(q, _)| q == p) {
-                eprintln!(
-                    "dom0-agent: PCR {p} is not in {}: sealed to its current value",
-                    expected.display()
-                );
-            }
-            (*p, v)
-        })
-        .collect();
+    let mut sealed_to = Vec::new();
+    let mut labels = Vec::new();
+    for (file, prefix) in switch.states() {
+        let states = files
+            .iter()
+            .find(|(p, _)| *p == file)
+            .map(|(_, s)| s.as_slice())
+            .unwrap_or_default();
+        let chosen = states
+            .iter()
+            .find(|s| s.label == prefix || s.label.starts_with(&format!("{prefix} ")))
+            .with_context(|| {
+                format!(
+                    "{} has no boot state {prefix:?} (is it the image build's file?)",
+                    file.display()
+                )
+            })?;
+        sealed_to.push(state_values(chosen, &current, pcrs, file)?);
+        labels.push(chosen.label.clone());
+    }
     let keys = SealedKeys::new(tcti, pcrs)?;
-    let path = keys.reseal(dir, &values)?;
+    let path = keys.reseal_states(dir, &sealed_to)?;
+    for l in &labels {
+        eprintln!("dom0-agent: sealed to boot state {l}");
+    }
     println!("{}", path.display());
     Ok(0)
 }

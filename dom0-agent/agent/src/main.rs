@@ -9,14 +9,17 @@
 
 #![forbid(unsafe_code)]
 
+mod breakglass;
 mod config;
 mod demo;
 mod exit;
 mod keysource;
 mod policy;
+mod promote;
 mod replication;
 mod report;
 mod serve;
+mod update;
 mod verify_cmd;
 
 use std::path::PathBuf;
@@ -78,6 +81,39 @@ enum Command {
         #[command(flatten)]
         key: config::SigningKeyFlags,
     },
+    /// Before an A/B update switches from slot FROM to slot TO: seal the TPM-sealed signing
+    /// key to every boot the switch can lead to, in one blob (TPM2_PolicyOR): the trial
+    /// boots of TO (TRIES of them), TO once committed (both from NEXT_PCRS, the update's
+    /// expected-PCR file), and the fallback to FROM (from CURRENT_PCRS, the running image's).
+    /// Run by `mayfly-update install` on the current good boot before it arms the trial;
+    /// writes the sealed file not in use now and prints its path. With the file key source
+    /// there is nothing to seal: it says so and exits 0.
+    ResealSwitch {
+        /// Data directory.
+        #[arg(long)]
+        data_dir: PathBuf,
+        /// The running (committed) slot: a or b.
+        #[arg(long, value_parser = ["a", "b"])]
+        from: String,
+        /// The slot the update is installed to: a or b, not FROM.
+        #[arg(long, value_parser = ["a", "b"])]
+        to: String,
+        /// Trial boots the install arms (grubenv's mayfly_tries, 1..=3).
+        #[arg(long, value_parser = clap::value_parser!(u8).range(1..=3))]
+        tries: u8,
+        /// Expected-PCR file of the running image (docs/formats.md §4.2; the image build's, with a
+        /// state per A/B boot state).
+        #[arg(long)]
+        current_pcrs: PathBuf,
+        /// Expected-PCR file of the update's image (as --current-pcrs).
+        #[arg(long)]
+        next_pcrs: PathBuf,
+        /// Configuration file: its [key] section is read (flags win).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        #[command(flatten)]
+        key: config::SigningKeyFlags,
+    },
     /// Walk both hash chains, check every link and signature, name the first bad record.
     /// Exits 0 only if everything holds.
     Verify(verify_cmd::VerifyArgs),
@@ -95,6 +131,15 @@ enum Command {
     /// every group it ships is checked (links, signatures, epoch, live state) before it is
     /// applied to the copy. SIGINT/SIGTERM stop; exit 6 on a fork, 7 when refused.
     Standby(replication::StandbyArgs),
+    /// Promote a stopped standby to primary with a co-signed `promote` command (`mayfly
+    /// admin prepare … promote --epoch N`): the copy gets the promotion group of the next
+    /// epoch, signed by the standby's own key; then `serve` opens it. Exit 8 when the
+    /// command is refused (docs/failover.md).
+    Promote(promote::PromoteArgs),
+    /// List, as JSON lines, the checkpoint records a fenced former primary holds that its
+    /// promoted standby never received (after the last one the promotion kept; read from
+    /// DATA_DIR/fenced). Reads only.
+    Unreplicated(promote::UnreplicatedArgs),
     /// Report a transaction, key, handler or client as part of an attack to a running agent
     /// (authenticated with its detector token); its policy decides, e.g. roll back and replay.
     Report(report::ReportArgs),
@@ -172,10 +217,34 @@ fn main() -> ExitCode {
             key,
         } => key_settings(config.as_deref(), &key)
             .and_then(|k| keysource::reseal(&data_dir, &k, &expected_pcrs, state.as_deref())),
+        Command::ResealSwitch {
+            data_dir,
+            from,
+            to,
+            tries,
+            current_pcrs,
+            next_pcrs,
+            config,
+            key,
+        } => key_settings(config.as_deref(), &key).and_then(|k| {
+            keysource::reseal_switch(
+                &data_dir,
+                &k,
+                &keysource::Switch {
+                    from: &from,
+                    to: &to,
+                    tries,
+                    current: &current_pcrs,
+                    next: &next_pcrs,
+                },
+            )
+        }),
         Command::Verify(args) => verify_cmd::run(&args),
         Command::ExportKey { data_dir } => export_key(&data_dir),
         Command::Serve(args) => serve::run(&args, &log),
         Command::Standby(args) => replication::run_standby(&args, &log),
+        Command::Promote(args) => promote::run(&args, &log),
+        Command::Unreplicated(args) => promote::run_unreplicated(&args),
         Command::Report(args) => report::run(&args),
         Command::Demo(args) => demo::run(&args, &log),
     };

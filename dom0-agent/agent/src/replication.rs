@@ -49,7 +49,21 @@ fn status_json(handle: &mayfly_replica::StatusHandle) -> serde_json::Value {
         "durable_group": s.durable_group,
         "acked_group": s.acked_group,
         "lag_groups": s.lag_groups(),
+        "fenced": s.fenced.as_ref().map(|f| json!({
+            "reason": f.reason(),
+            "peer": f.peer,
+            "peer_epoch": f.epoch,
+            "epoch": f.own_epoch,
+            "from_group": f.from_group,
+            "from_checkpoint": f.from_checkpoint,
+        })),
     })
+}
+
+/// Refuses client transactions once this primary is fenced (docs/failover.md).
+pub fn fence(shipper: &Shipper) -> mayfly_api::Fence {
+    let handle = shipper.status_handle();
+    mayfly_api::Fence(Arc::new(move || handle.status().fenced.map(|f| f.reason())))
 }
 
 /// The `replication` section of `GET /v1/health`.
@@ -105,12 +119,16 @@ pub fn run_standby(args: &StandbyArgs, log: &Logger) -> anyhow::Result<u8> {
         .or(file.data_dir)
         .context("no data directory: --data-dir or data_dir in the file")?;
     let (config, identity) = section.standby()?;
+    let promotion_keys = section.promotion_keys()?;
+    let _lock = crate::promote::lock_data_dir(&data_dir)?;
+    let promotion_key = crate::promote::promotion_key(&data_dir)?.public_key();
     let mut signals = SigSet::empty();
     signals.add(Signal::SIGINT);
     signals.add(Signal::SIGTERM);
     signals.thread_block().context("blocking SIGINT/SIGTERM")?;
     let mut replica = Replica::open(&data_dir, &StoreOptions::default(), identity)
         .with_context(|| format!("opening the standby's copy in {}", data_dir.display()))?;
+    replica.trust_promotion_keys(promotion_keys);
     let local = Ledger::open(&data_dir.join("standby-audit"), &Options::default(), log)
         .context("opening the standby's own audit ledger")?;
     let stop = Arc::new(AtomicBool::new(false));
@@ -128,10 +146,12 @@ pub fn run_standby(args: &StandbyArgs, log: &Logger) -> anyhow::Result<u8> {
         })
         .context("starting the signal thread")?;
     println!(
-        "mayfly: standby of {} following {} from group {}",
+        "mayfly: standby of {} following {} from group {} (epoch {}); promotion key {}",
         mayfly_ledger::codec::hex(&identity),
         config.primary,
-        replica.held().group + 1
+        replica.held().group + 1,
+        replica.held().epoch,
+        mayfly_ledger::codec::hex(&promotion_key)
     );
     match mayfly_replica::follow(&mut replica, &config, &local, &stop, log)? {
         End::Stopped => Ok(0),

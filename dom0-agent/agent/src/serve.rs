@@ -92,6 +92,10 @@ struct Settings {
     siem: mayfly_siem::SiemConfig,
     key: crate::keysource::KeySettings,
     replication: Option<mayfly_replica::ReplicationSection>,
+    /// `[update]` (None: off).
+    updater: Option<Arc<crate::update::AgentUpdater>>,
+    /// `[breakglass]`: the console and the shell.
+    breakglass: (Option<PathBuf>, PathBuf),
 }
 
 /// The `[console]` section as the console server takes it; `None` without admin keys.
@@ -143,6 +147,7 @@ fn config(args: &ServeArgs) -> anyhow::Result<Config> {
 fn settings(c: &Config) -> anyhow::Result<Settings> {
     let v = &c.service;
     let mib = |m: usize| m.saturating_mul(1 << 20);
+    let key = crate::keysource::KeySettings::from_config(&c.key)?;
     let s = Settings {
         backend: v.backend.clone(),
         data_dir: v.data_dir.clone(),
@@ -194,8 +199,11 @@ fn settings(c: &Config) -> anyhow::Result<Settings> {
         xen: xen_section(&c.xen),
         console: console_settings(&c.console, &v.data_dir)?,
         siem: c.siem.config.clone(),
-        key: crate::keysource::KeySettings::from_config(&c.key)?,
+        key: key.clone(),
         replication: c.replication.config.clone(),
+        updater: crate::update::AgentUpdater::from_config(&c.update, &v.data_dir, &key)
+            .map(Arc::new),
+        breakglass: (c.breakglass.tty.clone(), c.breakglass.shell.clone()),
     };
     if !s.listen.ip().is_loopback() && s.tls.is_none() && !v.insecure_plaintext_listen {
         bail!(
@@ -611,6 +619,7 @@ pub fn run(args: &ServeArgs, log: &Logger) -> anyhow::Result<u8> {
         limits: s.limits.clone(),
         tls: s.tls.clone(),
         proxy_from: s.proxy_from.clone(),
+        fence: replication.as_ref().map(crate::replication::fence),
         health_sections: [
             siem_health(siem.status_handle()),
             capacity_health(&ledger),
@@ -645,6 +654,17 @@ pub fn run(args: &ServeArgs, log: &Logger) -> anyhow::Result<u8> {
                         as Arc<dyn mayfly_console::ExporterStatus>
                 }),
                 attestor: s.key.attestor(),
+                updater: s
+                    .updater
+                    .clone()
+                    .map(|u| u as Arc<dyn mayfly_console::Updater>),
+                breakglass: crate::breakglass::ConsoleBreakGlass::new(
+                    s.breakglass.0.as_deref(),
+                    &s.breakglass.1,
+                    executor.ledger(),
+                    log,
+                )
+                .map(|b| Arc::new(b) as Arc<dyn mayfly_console::BreakGlass>),
                 replication: replication.as_ref().map(crate::replication::console_status),
                 ..mayfly_console::Services::new(
                     &executor,

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use mayfly_ledger::{codec, keys, store, verify, Failure, Progress, StoreOptions};
+use mayfly_ledger::{codec, keys, promotion_keys, store, verify, Failure, Progress, StoreOptions};
 
 /// Arguments of `verify`.
 #[derive(clap::Args)]
@@ -14,11 +14,14 @@ pub struct VerifyArgs {
     #[arg(long)]
     data_dir: PathBuf,
     /// Trust only this Ed25519 public key (64 hex digits, as printed by `export-key`: the
-    /// ledger's first key; key rotations are followed from it).
-    /// Without it, the key recorded in the ledger itself is trusted, which proves
-    /// integrity but not that the ledger is the appliance's own.
+    /// ledger's first key; key rotations are followed from it). Repeat it for the key of
+    /// each promoted standby (printed by `dom0-agent promote`): a promotion head signed by
+    /// a key not given here is refused.
+    /// Without it, the key recorded in the ledger itself and the keys of its own promotion
+    /// heads are trusted, which proves integrity but not that the ledger is the
+    /// appliance's own.
     #[arg(long)]
-    public_key: Option<String>,
+    public_key: Vec<String>,
     /// Print the verdict as JSON on stdout: `checkpoints` and `audit` are the records
     /// stored in each chain (counted alike whatever breaks it), `failures` where it broke.
     #[arg(long)]
@@ -75,18 +78,28 @@ pub fn run(args: &VerifyArgs) -> anyhow::Result<u8> {
     let store = store::open_read_only(&args.data_dir, &StoreOptions::default())
         .with_context(|| format!("cannot open the ledger in {}", args.data_dir.display()))?;
     let recorded = store.public_key()?;
-    let trusted = match &args.public_key {
-        Some(text) => keys::parse_public_key(text)
-            .with_context(|| format!("--public-key {text:?} is not 64 hex digits"))?,
-        None => {
-            if !args.quiet && !args.json {
-                eprintln!(
-                    "verify: trusting the key recorded in the ledger ({}); pin it with --public-key for an independent check",
-                    codec::hex(&recorded)
-                );
-            }
-            recorded
+    let trusted: Vec<keys::PublicKey> = if args.public_key.is_empty() {
+        let mut trusted = vec![recorded];
+        trusted.extend(promotion_keys(&store).context("reading the ledger's heads")?);
+        if !args.quiet && !args.json {
+            eprintln!(
+                "verify: trusting the key recorded in the ledger ({}){}; pin it with --public-key for an independent check",
+                codec::hex(&recorded),
+                match trusted.len() {
+                    1 => String::new(),
+                    n => format!(" and the {} key(s) its promotion heads name", n - 1),
+                }
+            );
         }
+        trusted
+    } else {
+        args.public_key
+            .iter()
+            .map(|text| {
+                keys::parse_public_key(text)
+                    .with_context(|| format!("--public-key {text:?} is not 64 hex digits"))
+            })
+            .collect::<anyhow::Result<_>>()?
     };
     let tty = std::io::stderr().is_terminal();
     let quiet = args.quiet;
@@ -110,7 +123,7 @@ pub fn run(args: &VerifyArgs) -> anyhow::Result<u8> {
             p.chain, p.done, p.total
         );
     };
-    let report = verify(&store, &[trusted], &mut progress).context("reading the ledger")?;
+    let report = verify(&store, &trusted, &mut progress).context("reading the ledger")?;
     let elapsed = started.elapsed();
 
     if args.json {
@@ -120,15 +133,19 @@ pub fn run(args: &VerifyArgs) -> anyhow::Result<u8> {
             "audit": report.audit,
             "heads": report.heads,
             "key_rotations": report.rotations,
+            "promotions": report.promotions,
             "state_entries": report.state_entries,
-            "public_key": codec::hex(&trusted),
+            "public_key": trusted.first().map(|k| codec::hex(k)),
+            "trusted_keys": trusted.iter().map(|k| codec::hex(k)).collect::<Vec<_>>(),
             "failures": report.failures.iter().map(to_json).collect::<Vec<_>>(),
         });
         println!("{out}");
     } else if report.ok() {
-        let rotations = match report.rotations {
-            0 => String::new(),
-            n => format!(", across {n} key rotation(s)"),
+        let rotations = match (report.rotations, report.promotions) {
+            (0, 0) => String::new(),
+            (r, 0) => format!(", across {r} key rotation(s)"),
+            (0, p) => format!(", across {p} promotion(s)"),
+            (r, p) => format!(", across {r} key rotation(s) and {p} promotion(s)"),
         };
         let state = match report.state_entries {
             Some(n) => format!(", live state of {n} keys"),
@@ -140,7 +157,11 @@ pub fn run(args: &VerifyArgs) -> anyhow::Result<u8> {
             report.audit,
             report.heads,
             elapsed,
-            codec::hex(&trusted)
+            trusted
+                .iter()
+                .map(|k| codec::hex(k))
+                .collect::<Vec<_>>()
+                .join(", ")
         );
     } else {
         println!(

@@ -255,6 +255,132 @@ fn sealed_key_end_to_end_with_attestation() {
     }
 }
 
+/// An expected-PCR file in the image build's form with these labels (grubenv as GRUB loads
+/// it) and, for each, the command line whose boot gives its PCRs 8 and 9.
+fn labelled_file(path: &Path, states: &[(&str, &str)]) -> PathBuf {
+    let mut text = String::from("mayfly-expected-pcrs 1\nbank sha256\n");
+    for (label, cmdline) in states {
+        let v = expected_after_boot(&[8, 9], cmdline);
+        text.push_str(&format!(
+            "state {label} entry=general-x pcr8={} pcr9={}\n",
+            mayfly_ledger::codec::hex(&v[0].1),
+            mayfly_ledger::codec::hex(&v[1].1)
+        ));
+    }
+    std::fs::write(path, text).unwrap();
+    path.to_path_buf()
+}
+
+#[test]
+fn reseal_switch_covers_every_boot_an_update_leads_to() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let state = dir.path().join("tpm");
+    // Each boot state of an update from slot a to slot b with 2 trial boots, as a distinct
+    // command line (GRUB's measurements differ between them in the same way).
+    let current = labelled_file(
+        &dir.path().join("current.pcrs"),
+        &[
+            ("slot=a try=- tries=0", GOOD_CMDLINE),
+            ("slot=a try=b tries=0", "fallback to a"),
+            ("slot=a try=b tries=2", "the old image as b"),
+        ],
+    );
+    let next = labelled_file(
+        &dir.path().join("next.pcrs"),
+        &[
+            ("slot=a try=- tries=0", "the new image as a"),
+            ("slot=a try=b tries=2", "trial of b, 2 left"),
+            ("slot=a try=b tries=1", "trial of b, 1 left"),
+            ("slot=b try=- tries=0", "b committed"),
+            ("slot=a try=b tries=0", "the new image's fallback"),
+        ],
+    );
+    let (cur, nxt) = (current.to_str().unwrap(), next.to_str().unwrap());
+    let switch = |to, tries| {
+        [
+            "--from",
+            "a",
+            "--to",
+            to,
+            "--tries",
+            tries,
+            "--current-pcrs",
+            cur,
+            "--next-pcrs",
+            nxt,
+        ]
+    };
+    {
+        let sw = boot(&state, GOOD_CMDLINE);
+        let (code, _, err) = run_agent("init", &sw.tcti(), &data, &[]);
+        assert_eq!(code, 0, "{err}");
+        // A trial count the next file has no state for, or the same slot: refused.
+        let (code, _, err) = run_agent("reseal-switch", &sw.tcti(), &data, &switch("b", "3"));
+        assert_ne!(code, 0);
+        assert!(
+            err.contains("no boot state \"slot=a try=b tries=3\""),
+            "{err}"
+        );
+        let (code, _, err) = run_agent("reseal-switch", &sw.tcti(), &data, &switch("a", "2"));
+        assert_ne!(code, 0);
+        assert!(err.contains("same slot"), "{err}");
+        let (code, out, err) = run_agent("reseal-switch", &sw.tcti(), &data, &switch("b", "2"));
+        assert_eq!(code, 0, "{err}");
+        assert!(out.trim().ends_with("signing.sealed.alt"), "{out}");
+        for label in [
+            "slot=a try=b tries=2",
+            "slot=a try=b tries=1",
+            "slot=b try=- tries=0",
+            "slot=a try=b tries=0",
+        ] {
+            assert!(
+                err.contains(&format!("sealed to boot state {label} ")),
+                "{err}"
+            );
+        }
+        let blob = mayfly_tpm::SealedBlob::read(&data.join("signing.sealed.alt")).unwrap();
+        assert_eq!(blob.states().len(), 4);
+    }
+    // Every boot of the switch unseals the key (through `init`, which opens the ledger with
+    // it) from the switch's blob; the running image's own boot still does from its own.
+    for (cmdline, blob) in [
+        ("trial of b, 2 left", "signing.sealed.alt"),
+        ("trial of b, 1 left", "signing.sealed.alt"),
+        ("b committed", "signing.sealed.alt"),
+        ("fallback to a", "signing.sealed.alt"),
+        (GOOD_CMDLINE, "signing.sealed"),
+    ] {
+        let sw = boot(&state, cmdline);
+        let (code, out, err) = run_agent("init", &sw.tcti(), &data, &[]);
+        assert_eq!(code, 0, "boot {cmdline:?}: {err}");
+        assert_eq!(out.trim().len(), 64, "{out}");
+        // The blob named unseals on this boot by itself.
+        let only = mayfly_tpm::SealedBlob::read(&data.join(blob)).unwrap();
+        let mut tpm = Tpm::open(&sw.tcti()).unwrap();
+        assert!(tpm.unseal(&only).is_ok(), "boot {cmdline:?} from {blob}");
+    }
+    for cmdline in [
+        "the new image as a",
+        "the old image as b",
+        "console=hvc0 ro init=/bin/sh",
+    ] {
+        let sw = boot(&state, cmdline);
+        let (code, _, err) = run_agent("init", &sw.tcti(), &data, &[]);
+        assert_ne!(code, 0, "boot {cmdline:?} must not unseal");
+        assert!(err.contains("boot chain differs"), "{err}");
+    }
+    // With the file key source there is nothing to re-seal.
+    let out = Command::new(agent_exe())
+        .args(["reseal-switch", "--data-dir"])
+        .arg(dir.path().join("file-data"))
+        .args(switch("b", "2"))
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("nothing to re-seal"));
+}
+
 #[test]
 fn without_a_tpm_the_file_key_is_used_and_reported() {
     let dir = tempfile::tempdir().unwrap();

@@ -88,6 +88,20 @@ pub struct ApiConfig {
     /// list must send one, a peer not in it is served as itself (a header from it is
     /// garbage to HTTP or TLS and refused as such).
     pub proxy_from: Vec<proxy::ProxyNet>,
+    /// While this says why, client transactions are refused with 503 and that reason,
+    /// and `GET /v1/health` reports `"status": "fenced"` (a former primary whose standby
+    /// was promoted, docs/failover.md). `None`: never refused this way.
+    pub fence: Option<Fence>,
+}
+
+/// Says why transactions must be refused now (`None`: they are served).
+#[derive(Clone)]
+pub struct Fence(pub Arc<dyn Fn() -> Option<String> + Send + Sync>);
+
+impl std::fmt::Debug for Fence {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Fence")
+    }
 }
 
 /// One named section of `GET /v1/health`, supplied by a part the API does not know.
@@ -121,6 +135,7 @@ impl Default for ApiConfig {
             metrics_sections: Vec::new(),
             tls: None,
             proxy_from: Vec::new(),
+            fence: None,
         }
     }
 }

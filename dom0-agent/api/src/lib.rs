@@ -42,7 +42,7 @@ mod server;
 mod shared;
 pub mod tls;
 
-pub use config::{ApiConfig, ApiError, HealthSection, Limits, MAX_IDEMPOTENCY_KEY};
+pub use config::{ApiConfig, ApiError, Fence, HealthSection, Limits, MAX_IDEMPOTENCY_KEY};
 pub use metrics::{family as metrics_family, MetricsSection};
 pub use server::Server;
 pub use tls::{TlsError, TlsFiles};

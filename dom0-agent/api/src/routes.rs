@@ -73,6 +73,10 @@ async fn post_transaction(
     client: Arc<str>,
     shared: Arc<Shared>,
 ) -> Response<Body> {
+    if let Some(reason) = shared.config.fence.as_ref().and_then(|f| (f.0)()) {
+        shared.metrics.outcome(503, false);
+        return respond(503, &json!({ "error": reason, "fenced": true }), &[]);
+    }
     let body = match read_body(request, &shared).await {
         Ok(b) => b,
         Err(response) => {
@@ -482,11 +486,16 @@ fn run_submission(
             }
             let (code, json_body) = outcome_json(&outcome);
             let retry = code == 409;
+            if retry {
+                // Nothing committed (contention on every attempt): a resend with the same
+                // key must run again (issue 18: "otherwise it runs"), not get this 409.
+                forget_key(shared);
+            }
             if let Ok(mut mem) = shared.memory.lock() {
                 if outcome.status != TxStatus::Committed {
                     mem.remember_outcome(outcome.tx_id, json_body.clone());
                 }
-                if let Some(key) = key_of.clone() {
+                if let (Some(key), false) = (key_of.clone(), retry) {
                     mem.remember_key(
                         key,
                         Remembered::Done {
@@ -696,6 +705,10 @@ pub(crate) fn health(shared: &Shared) -> Value {
         "max_per_client": shared.config.max_per_client,
     });
     if let Some(obj) = health.as_object_mut() {
+        if let Some(reason) = shared.config.fence.as_ref().and_then(|f| (f.0)()) {
+            obj.insert("status".into(), json!("fenced"));
+            obj.insert("fenced".into(), json!(reason));
+        }
         for section in &shared.config.health_sections {
             obj.insert(section.name.to_owned(), (section.report)());
         }

@@ -17,6 +17,10 @@
 //! | `audit.export` | 1 | `from` (default 1), `to` (default: the tip); at most 1,000,000 records (progress and record frames) |
 //! | `key.rotate` | quorum | — |
 //! | `attest` | 1 | `nonce`: 32..=128 hex digits (16..=64 bytes) chosen by the operator |
+//! | `update.install` | quorum | `bundle` (file name on the update medium, 1..=128 of `[A-Za-z0-9._-]`), `sha256` (64 hex digits: the whole bundle file the admins approve), `tries` (1..=3, default 3) |
+//! | `update.status` | 1 | — |
+//! | `breakglass.open` | quorum | `token_sha256` (64 hex digits: SHA-256 of the one-time token the admins give the person at the console), `minutes` (1..=60, default 15) |
+//! | `promote` | quorum | `epoch`: the epoch the standby opens (its epoch + 1). Accepted only by a standby (`dom0-agent promote`, docs/failover.md); a serving agent refuses it (`not_a_standby`) |
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -27,7 +31,7 @@ use mayfly_ledger::codec::hex;
 use mayfly_ledger::{AuditEvent, Record, Severity, TxId};
 use serde_json::{json, Value};
 
-use crate::services::Services;
+use crate::services::{Services, UpdateFailure, UpdateRequest};
 
 /// Longest list answered by `*.list`.
 pub const MAX_LIST: usize = 1000;
@@ -83,6 +87,21 @@ pub enum CommandError {
     /// The TPM could not quote.
     #[error("TPM quote: {0}")]
     Attest(Box<dyn std::error::Error + Send + Sync>),
+    /// The update bundle was refused (nothing written) or its install failed.
+    #[error("update {}: {}", if .0.refused { "refused" } else { "failed" }, .0.message)]
+    Update(UpdateFailure),
+    /// The break-glass window could not be opened.
+    #[error("break-glass: {0}")]
+    BreakGlass(String),
+    /// This appliance has no A/B update configured.
+    #[error("updates are not configured on this appliance ([update] enabled = false)")]
+    NoUpdater,
+    /// `promote` sent to an agent that serves (a primary): only a standby is promoted.
+    #[error("promote is accepted only by a standby (`dom0-agent promote` on the standby's data directory); this agent serves as primary at epoch {epoch}")]
+    NotAStandby {
+        /// The agent's epoch.
+        epoch: u64,
+    },
 }
 
 impl CommandError {
@@ -99,6 +118,10 @@ impl CommandError {
             Self::Commit(_) => "storage",
             Self::Domain(_) => "backend",
             Self::Attest(_) => "tpm",
+            Self::Update(f) => f.code,
+            Self::NoUpdater => "not_configured",
+            Self::BreakGlass(_) => "breakglass",
+            Self::NotAStandby { .. } => "not_a_standby",
         }
     }
 }
@@ -163,6 +186,22 @@ pub enum Command {
         /// The operator's nonce (16..=64 bytes).
         nonce: Vec<u8>,
     },
+    /// `update.install`.
+    UpdateInstall(UpdateRequest),
+    /// `update.status`.
+    UpdateStatus,
+    /// `breakglass.open`.
+    BreakGlassOpen {
+        /// How long the console accepts the token (and the shell lives).
+        minutes: u32,
+        /// SHA-256 of the one-time token.
+        token_sha256: [u8; 32],
+    },
+    /// `promote`: a standby opens `epoch` as primary (refused by a serving agent).
+    Promote {
+        /// The epoch the promotion opens.
+        epoch: u64,
+    },
 }
 
 /// A commit sequence or a transaction id.
@@ -187,7 +226,12 @@ impl std::fmt::Display for RecordId {
 pub fn is_destructive(cmd: &Command) -> bool {
     match cmd {
         Command::Rollback { dry_run, .. } => !dry_run,
-        Command::PolicyLoad { .. } | Command::QuarantineRelease { .. } | Command::KeyRotate => true,
+        Command::PolicyLoad { .. }
+        | Command::QuarantineRelease { .. }
+        | Command::KeyRotate
+        | Command::UpdateInstall(_)
+        | Command::BreakGlassOpen { .. }
+        | Command::Promote { .. } => true,
         _ => false,
     }
 }
@@ -241,6 +285,14 @@ impl<'a> Args<'a> {
                 format!("{v:?} is neither a commit sequence nor a 32-hex-digit transaction id"),
             )
         })
+    }
+
+    /// A required SHA-256 digest: 64 hex digits.
+    fn digest(&mut self, name: &'a str) -> Result<[u8; 32], CommandError> {
+        let text = self.get(name).ok_or_else(|| Self::bad(name, "missing"))?;
+        mayfly_ledger::codec::unhex(text)
+            .and_then(|d| <[u8; 32]>::try_from(d).ok())
+            .ok_or_else(|| Self::bad(name, "must be 64 hex digits"))
     }
 
     /// Refuses any argument the command does not take (a typo must not be ignored).
@@ -338,6 +390,56 @@ pub fn parse(command: &str, args: &BTreeMap<String, String>) -> Result<Command, 
                 .filter(|n| (16..=64).contains(&n.len()))
                 .ok_or_else(|| Args::bad("nonce", "must be 32..=128 hex digits"))?;
             Command::Attest { nonce }
+        }
+        "update.install" => {
+            let bundle = a
+                .get("bundle")
+                .ok_or_else(|| Args::bad("bundle", "missing"))?;
+            // The updater checks the name again against the medium (plain, regular file);
+            // here it is bounded before it reaches any record.
+            if bundle.is_empty()
+                || bundle.len() > 128
+                || bundle.starts_with('.')
+                || !bundle
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+            {
+                return Err(Args::bad(
+                    "bundle",
+                    "must be a file name on the update medium: 1..=128 of [A-Za-z0-9._-], not starting with '.'",
+                ));
+            }
+            let sha256 = a.digest("sha256")?;
+            let tries = a.u64("tries")?.unwrap_or(3);
+            if !(1..=3).contains(&tries) {
+                return Err(Args::bad("tries", "must be 1..=3"));
+            }
+            Command::UpdateInstall(UpdateRequest {
+                bundle: bundle.to_owned(),
+                sha256,
+                tries: u8::try_from(tries).unwrap_or(3),
+            })
+        }
+        "update.status" => Command::UpdateStatus,
+        "breakglass.open" => {
+            let token_sha256 = a.digest("token_sha256")?;
+            let minutes = a.u64("minutes")?.unwrap_or(15);
+            if !(1..=60).contains(&minutes) {
+                return Err(Args::bad("minutes", "must be 1..=60"));
+            }
+            Command::BreakGlassOpen {
+                minutes: u32::try_from(minutes).unwrap_or(15),
+                token_sha256,
+            }
+        }
+        "promote" => {
+            let epoch = a
+                .u64("epoch")?
+                .ok_or_else(|| Args::bad("epoch", "missing (the standby's epoch + 1)"))?;
+            if epoch == 0 {
+                return Err(Args::bad("epoch", "a promotion opens epoch 1 or later"));
+            }
+            Command::Promote { epoch }
         }
         other => return Err(CommandError::Unknown(other.to_owned())),
     };
@@ -577,6 +679,67 @@ pub fn execute(
                       "quote": quote}),
             )
         }
+        Command::BreakGlassOpen {
+            minutes,
+            token_sha256,
+        } => {
+            let bg = services.breakglass.as_ref().ok_or_else(|| {
+                CommandError::BreakGlass(
+                    "no break-glass console is configured ([breakglass] tty)".into(),
+                )
+            })?;
+            let opened = bg
+                .open(*minutes, *token_sha256, nonce)
+                .map_err(CommandError::BreakGlass)?;
+            ledger.audit(vec![AuditEvent::new("breakglass.opened", Severity::Alert)
+                .field("nonce", nonce)
+                .field("minutes", *minutes)
+                .field("tty", opened["tty"].as_str().unwrap_or_default())])?;
+            Ok(opened)
+        }
+        Command::UpdateStatus => services
+            .updater
+            .as_ref()
+            .ok_or(CommandError::NoUpdater)?
+            .status()
+            .map_err(CommandError::Update),
+        Command::UpdateInstall(req) => {
+            let updater = services.updater.as_ref().ok_or(CommandError::NoUpdater)?;
+            let outcome = updater.install(req);
+            // The outcome is in the signed chain (and so at the SIEM) before the operator
+            // hears of it, whatever it is.
+            let base = |name: &str, severity: Severity| {
+                AuditEvent::new(name, severity)
+                    .field("nonce", nonce)
+                    .field("bundle", &req.bundle)
+                    .field("sha256", hex(&req.sha256))
+            };
+            let event = match &outcome {
+                Ok(r) => base("update.installed", Severity::Notice)
+                    .field("slot", r["slot"].as_str().unwrap_or_default())
+                    .field("version", r["version"].as_u64().unwrap_or_default())
+                    .field("tries", r["tries"].as_u64().unwrap_or_default()),
+                Err(f) => base(
+                    if f.refused {
+                        "update.refused"
+                    } else {
+                        "update.failed"
+                    },
+                    if f.refused {
+                        Severity::Warning
+                    } else {
+                        Severity::Error
+                    },
+                )
+                .field("reason", f.code)
+                .field("error", f.message.chars().take(1000).collect::<String>()),
+            };
+            ledger.audit(vec![event])?;
+            outcome.map_err(CommandError::Update)
+        }
+        Command::Promote { .. } => Err(CommandError::NotAStandby {
+            epoch: ledger.tips().epoch,
+        }),
         Command::KeyRotate => {
             let old = ledger.signing_key();
             let (new, receipt) = ledger.rotate_key(vec![AuditEvent::new(
@@ -626,6 +789,96 @@ mod tests {
         }
         assert!(parse("attest", &args(&[])).is_err());
         assert!(!is_destructive(&Command::Attest { nonce: vec![0; 16] }));
+    }
+
+    #[test]
+    fn update_install_names_a_plain_bundle_and_its_digest_and_needs_the_quorum() {
+        let d = "ab".repeat(32);
+        let cmd = parse(
+            "update.install",
+            &args(&[
+                ("bundle", "mayfly-v2.bundle"),
+                ("sha256", &d),
+                ("tries", "2"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(
+            cmd,
+            Command::UpdateInstall(UpdateRequest {
+                bundle: "mayfly-v2.bundle".into(),
+                sha256: [0xab; 32],
+                tries: 2
+            })
+        );
+        assert!(is_destructive(&cmd));
+        let Command::UpdateInstall(r) =
+            parse("update.install", &args(&[("bundle", "b"), ("sha256", &d)])).unwrap()
+        else {
+            panic!("not an install")
+        };
+        assert_eq!(r.tries, 3, "three trial boots unless said otherwise");
+        for bad in [
+            args(&[("sha256", &d)]),
+            args(&[("bundle", "b")]),
+            args(&[("bundle", "../etc/shadow"), ("sha256", &d)]),
+            args(&[("bundle", "/dev/sda"), ("sha256", &d)]),
+            args(&[("bundle", ".b"), ("sha256", &d)]),
+            args(&[("bundle", &"b".repeat(129)), ("sha256", &d)]),
+            args(&[("bundle", "b"), ("sha256", "ab")]),
+            args(&[("bundle", "b"), ("sha256", &d), ("tries", "4")]),
+            args(&[("bundle", "b"), ("sha256", &d), ("tries", "0")]),
+            args(&[("bundle", "b"), ("sha256", &d), ("slot", "a")]),
+        ] {
+            assert!(parse("update.install", &bad).is_err(), "{bad:?}");
+        }
+        assert_eq!(
+            parse("update.status", &args(&[])).unwrap(),
+            Command::UpdateStatus
+        );
+        assert!(!is_destructive(&Command::UpdateStatus));
+    }
+
+    #[test]
+    fn breakglass_open_takes_a_token_digest_and_a_bounded_window_and_needs_the_quorum() {
+        let d = "cd".repeat(32);
+        let cmd = parse(
+            "breakglass.open",
+            &args(&[("token_sha256", &d), ("minutes", "5")]),
+        )
+        .unwrap();
+        assert_eq!(
+            cmd,
+            Command::BreakGlassOpen {
+                minutes: 5,
+                token_sha256: [0xcd; 32]
+            }
+        );
+        assert!(is_destructive(&cmd));
+        for bad in [
+            args(&[]),
+            args(&[("token_sha256", "cd")]),
+            args(&[("token_sha256", &d), ("minutes", "0")]),
+            args(&[("token_sha256", &d), ("minutes", "61")]),
+            args(&[("token_sha256", &d), ("token", "plain")]),
+        ] {
+            assert!(parse("breakglass.open", &bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn promote_needs_the_quorum_and_a_positive_epoch() {
+        let p = parse("promote", &args(&[("epoch", "2")])).unwrap();
+        assert_eq!(p, Command::Promote { epoch: 2 });
+        assert!(is_destructive(&p));
+        for bad in [
+            args(&[]),
+            args(&[("epoch", "0")]),
+            args(&[("epoch", "x")]),
+            args(&[("epoch", "1"), ("force", "true")]),
+        ] {
+            assert!(parse("promote", &bad).is_err(), "{bad:?}");
+        }
     }
 
     #[test]

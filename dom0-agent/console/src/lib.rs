@@ -35,5 +35,6 @@ pub mod status;
 
 pub use server::{ConsoleConfig, ConsoleError, ConsoleServer};
 pub use services::{
-    Attestor, CollectorStatus, ExporterStatus, PolicyControl, ReplicationStatus, Services,
+    Attestor, BreakGlass, CollectorStatus, ExporterStatus, PolicyControl, ReplicationStatus,
+    Services, UpdateFailure, UpdateRequest, Updater,
 };

@@ -70,6 +70,60 @@ pub struct Services {
     pub quorum: usize,
     /// The TPM for `attest` (None: `attest` answers that no TPM is configured).
     pub attestor: Option<Arc<dyn Attestor>>,
+    /// The A/B update for `update.install` and `update.status` (None: they answer that
+    /// updates are not configured).
+    pub updater: Option<Arc<dyn Updater>>,
+    /// The serial console's break-glass login for `breakglass.open` (None: not configured).
+    pub breakglass: Option<Arc<dyn BreakGlass>>,
+}
+
+/// The serial console's break-glass login behind `breakglass.open` (the agent provides one
+/// with `[breakglass] tty`): one root login on the console, by a one-time token the admins
+/// chose, within a time window; nothing else ever listens on the console.
+pub trait BreakGlass: Send + Sync {
+    /// Opens the window: `minutes` long, for the token whose SHA-256 is `token_sha256`;
+    /// `nonce` ties the later audit records (login, close) to the command. Refused while a
+    /// window is open. The result, as JSON: `tty`, `minutes`.
+    fn open(
+        &self,
+        minutes: u32,
+        token_sha256: [u8; 32],
+        nonce: &str,
+    ) -> Result<serde_json::Value, String>;
+}
+
+/// An `update.install` the admins signed: which bundle, the digest they approved.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UpdateRequest {
+    /// The bundle's file name on the update medium.
+    pub bundle: String,
+    /// SHA-256 of the whole bundle file, as the admins computed it.
+    pub sha256: [u8; 32],
+    /// Trial boots before GRUB falls back (1..=3).
+    pub tries: u8,
+}
+
+/// Why an install did not happen.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UpdateFailure {
+    /// A stable short name: the refusal (`bad_signature`, `tampered`, `downgrade`,
+    /// `too_large`, `not_approved`, ...) or `failed` for an error that is not a refusal.
+    pub code: &'static str,
+    /// Whether the bundle was refused before anything was written (otherwise the install
+    /// failed on the way and the inactive slot may be partly written, never armed).
+    pub refused: bool,
+    /// What happened, for the operator.
+    pub message: String,
+}
+
+/// The A/B updater behind `update.install` and `update.status` (the agent provides one
+/// built on `mayfly-update`).
+pub trait Updater: Send + Sync {
+    /// Verifies the bundle and writes it to the inactive slot, arming its trial boots.
+    /// The result, as JSON: `slot`, `version`, `tries`, `bundle_bytes`.
+    fn install(&self, req: &UpdateRequest) -> Result<serde_json::Value, UpdateFailure>;
+    /// The booted, committed and trial slots, trial boots left, image version, floor.
+    fn status(&self) -> Result<serde_json::Value, UpdateFailure>;
 }
 
 /// Reports the replication state as JSON, when replication is configured.
@@ -105,6 +159,8 @@ impl Services {
             admin_keys,
             quorum,
             attestor: None,
+            updater: None,
+            breakglass: None,
         }
     }
 }

@@ -56,6 +56,23 @@
 //!   174 / 206  64  signature  Ed25519 over every byte before it
 //! ```
 //!
+//! A **promotion head** (kind `0x03`, version 3 only) opens a new epoch: the head a
+//! standby writes when a co-signed admin command promotes it (issue 18). It is signed by
+//! the promoted node's own key, which signs every later head; the head before it is the
+//! last one replicated from the former primary, and it names that head by hash:
+//!
+//! ```text
+//! offset size  field
+//!      0  174  as version 3, kind = 0x03, epoch = the previous head's + 1,
+//!              public_key = the promoted node's key (signs this and every later head)
+//!    174    8  from_group  u64 BE, the last group replicated (= group - 1)
+//!    182   32  from_head   SHA-256 of that group's stored head
+//!    214   32  command     SHA-256 of the co-signed admin command's body (formats.md §3)
+//!    246    1  n           co-signers, 1..=8
+//!    247 32*n  cosigners   their admin keys, strictly increasing
+//!  247+32n 64  signature   Ed25519 over every byte before it
+//! ```
+//!
 //! A record format: uses [`crate::codec`], [`crate::keys`] and the vocabulary.
 
 #![deny(clippy::indexing_slicing, clippy::arithmetic_side_effects)]
@@ -77,6 +94,10 @@ pub const VERSION_3: u8 = 3;
 pub const KIND_GROUP: u8 = 0x01;
 /// Kind byte of a key-rotation head.
 pub const KIND_ROTATION: u8 = 0x02;
+/// Kind byte of a promotion head (version 3 only).
+pub const KIND_PROMOTION: u8 = 0x03;
+/// Most co-signers a promotion head names (the admin envelope's limit).
+pub const MAX_COSIGNERS: usize = 8;
 /// Length of the signed part of a group head.
 pub const SIGNED_LEN: usize = 134;
 /// Length of a whole stored group head.
@@ -93,8 +114,25 @@ pub const ROTATION_HEAD_V2_LEN: usize = ROTATION_HEAD_LEN + 32;
 pub const HEAD_V3_LEN: usize = HEAD_V2_LEN + 8;
 /// Length of a whole stored version-3 key-rotation head.
 pub const ROTATION_HEAD_V3_LEN: usize = ROTATION_HEAD_V2_LEN + 8;
-/// Longest stored head of any version.
-pub const MAX_HEAD_LEN: usize = ROTATION_HEAD_V3_LEN;
+/// Length of a whole stored promotion head, signature included, without its co-signers'
+/// keys (32 bytes each).
+pub const PROMOTION_HEAD_BASE_LEN: usize = HEAD_V3_LEN + 8 + 32 + 32 + 1;
+/// Longest stored head of any version (a promotion head with the most co-signers).
+pub const MAX_HEAD_LEN: usize = PROMOTION_HEAD_BASE_LEN + 32 * MAX_COSIGNERS;
+
+/// What a promotion head (kind `0x03`) adds: where the new epoch starts from and who
+/// decided it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Promotion {
+    /// The last group replicated from the former primary (the group before this head).
+    pub from_group: u64,
+    /// SHA-256 of that group's stored head.
+    pub from_head: Hash,
+    /// SHA-256 of the co-signed admin command's body.
+    pub command: Hash,
+    /// The admins who signed the command, strictly increasing, 1..=[`MAX_COSIGNERS`].
+    pub cosigners: Vec<PublicKey>,
+}
 
 /// The tip of one chain.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -125,6 +163,8 @@ pub struct SignedHead {
     /// Version 3: the epoch (raised by each promotion of a standby). `None`: version 1 or
     /// 2, which are of epoch 0. Only a head with a state hash can carry one.
     pub epoch: Option<u64>,
+    /// For a promotion head (kind `0x03`, version 3): where the new epoch starts.
+    pub promotion: Option<Promotion>,
     /// Signature over the encoding up to the signature.
     pub signature: [u8; 64],
 }
@@ -135,11 +175,7 @@ impl SignedHead {
         let mut w = Writer::with_capacity(MAX_HEAD_LEN);
         w.raw(MAGIC.as_bytes());
         w.u8(self.version());
-        w.u8(if self.next_key.is_some() {
-            KIND_ROTATION
-        } else {
-            KIND_GROUP
-        });
+        w.u8(self.kind());
         w.u64(self.group);
         w.u64(self.checkpoints.seq);
         w.raw(&self.checkpoints.hash);
@@ -156,7 +192,57 @@ impl SignedHead {
         if let Some(next) = &self.next_key {
             w.raw(next);
         }
+        if let Some(p) = &self.promotion {
+            w.u64(p.from_group);
+            w.raw(&p.from_head);
+            w.raw(&p.command);
+            w.u8(u8::try_from(p.cosigners.len()).unwrap_or(u8::MAX));
+            for k in &p.cosigners {
+                w.raw(k);
+            }
+        }
         w.finish()
+    }
+
+    /// The kind byte: group, key rotation or promotion.
+    pub fn kind(&self) -> u8 {
+        if self.promotion.is_some() {
+            KIND_PROMOTION
+        } else if self.next_key.is_some() {
+            KIND_ROTATION
+        } else {
+            KIND_GROUP
+        }
+    }
+
+    /// Builds and signs a promotion head (version 3, kind `0x03`): signed by `key`, the
+    /// promoted node's, at `epoch` (the previous head's + 1). The tips and state are
+    /// those after the group (the promotion adds audit records only).
+    #[allow(clippy::too_many_arguments)]
+    pub fn sign_promotion(
+        key: &SigningKey,
+        group: u64,
+        checkpoints: Tip,
+        audit: Tip,
+        time_ns: u64,
+        state: Hash,
+        epoch: u64,
+        promotion: Promotion,
+    ) -> Self {
+        let mut head = Self {
+            group,
+            checkpoints,
+            audit,
+            time_ns,
+            public_key: key.public_key(),
+            next_key: None,
+            state: Some(state),
+            epoch: Some(epoch),
+            promotion: Some(promotion),
+            signature: [0; 64],
+        };
+        head.signature = key.sign(&head.signed_bytes());
+        head
     }
 
     /// Builds and signs a version-1 group head (no state digest; older ledgers' format).
@@ -256,6 +342,7 @@ impl SignedHead {
             state,
             // An epoch is only carried next to a state hash (version 3).
             epoch: state.and(epoch),
+            promotion: None,
             signature: [0; 64],
         };
         head.signature = key.sign(&head.signed_bytes());
@@ -302,10 +389,16 @@ impl SignedHead {
             });
         }
         let kind = r.u8("kind")?;
-        if kind != KIND_GROUP && kind != KIND_ROTATION {
+        if kind != KIND_GROUP && kind != KIND_ROTATION && kind != KIND_PROMOTION {
             return Err(DecodeError::NotCanonical {
                 field: "kind",
                 reason: "unknown record kind",
+            });
+        }
+        if kind == KIND_PROMOTION && version != VERSION_3 {
+            return Err(DecodeError::NotCanonical {
+                field: "kind",
+                reason: "a promotion head is of version 3",
             });
         }
         let group = r.u64("group")?;
@@ -334,6 +427,37 @@ impl SignedHead {
         } else {
             None
         };
+        let promotion = if kind == KIND_PROMOTION {
+            let from_group = r.u64("from_group")?;
+            let from_head = r.array("from_head")?;
+            let command = r.array("command")?;
+            let n = usize::from(r.u8("cosigners")?);
+            if n == 0 || n > MAX_COSIGNERS {
+                return Err(DecodeError::NotCanonical {
+                    field: "cosigners",
+                    reason: "a promotion names 1 to 8 co-signers",
+                });
+            }
+            let mut cosigners: Vec<PublicKey> = Vec::with_capacity(n);
+            for _ in 0..n {
+                let k: PublicKey = r.array("cosigner")?;
+                if cosigners.last().is_some_and(|prev| *prev >= k) {
+                    return Err(DecodeError::NotCanonical {
+                        field: "cosigners",
+                        reason: "not strictly increasing",
+                    });
+                }
+                cosigners.push(k);
+            }
+            Some(Promotion {
+                from_group,
+                from_head,
+                command,
+                cosigners,
+            })
+        } else {
+            None
+        };
         let signature = r.array("signature")?;
         r.finish()?;
         Ok(Self {
@@ -345,6 +469,7 @@ impl SignedHead {
             next_key,
             state,
             epoch,
+            promotion,
             signature,
         })
     }
@@ -354,6 +479,18 @@ impl SignedHead {
 #[allow(clippy::indexing_slicing, clippy::arithmetic_side_effects)]
 mod tests {
     use super::*;
+
+    /// Flipping `mask` in any one byte of `enc` makes it fail to decode or to verify.
+    fn every_byte_is_bound(enc: &[u8], mask: u8, what: &str) {
+        for i in 0..enc.len() {
+            let mut bad = enc.to_vec();
+            bad[i] ^= mask;
+            let ok = SignedHead::decode(&bad)
+                .map(|h| h.signature_valid())
+                .unwrap_or(false);
+            assert!(!ok, "flipping byte {i} of {what} went unnoticed");
+        }
+    }
 
     #[test]
     fn sign_encode_decode_verify() {
@@ -377,14 +514,7 @@ mod tests {
         let d = SignedHead::decode(&enc).unwrap();
         assert_eq!(d, h);
         assert!(d.signature_valid());
-        for i in 0..enc.len() {
-            let mut bad = enc.clone();
-            bad[i] ^= 0x80;
-            let ok = SignedHead::decode(&bad)
-                .map(|h| h.signature_valid())
-                .unwrap_or(false);
-            assert!(!ok, "flipping byte {i} went unnoticed");
-        }
+        every_byte_is_bound(&enc, 0x80, "a head");
     }
 
     #[test]
@@ -408,14 +538,7 @@ mod tests {
         let d = SignedHead::decode(&enc).unwrap();
         assert_eq!(d, h);
         assert!(d.signature_valid());
-        for i in 0..enc.len() {
-            let mut bad = enc.clone();
-            bad[i] ^= 0x01;
-            let ok = SignedHead::decode(&bad)
-                .map(|h| h.signature_valid())
-                .unwrap_or(false);
-            assert!(!ok, "flipping byte {i} of a rotation head went unnoticed");
-        }
+        every_byte_is_bound(&enc, 0x01, "a rotation head");
         // A group head's bytes with the kind changed to rotation do not decode (too short).
         let mut g = SignedHead::sign(&old, 1, Tip::default(), Tip::default(), 1).encode();
         g[5] = KIND_ROTATION;
@@ -449,14 +572,7 @@ mod tests {
             assert_eq!(d, h);
             assert_eq!(d.state, Some([5; 32]));
             assert!(d.signature_valid());
-            for i in 0..enc.len() {
-                let mut bad = enc.clone();
-                bad[i] ^= 0x04;
-                let ok = SignedHead::decode(&bad)
-                    .map(|h| h.signature_valid())
-                    .unwrap_or(false);
-                assert!(!ok, "flipping byte {i} of a version-2 head went unnoticed");
-            }
+            every_byte_is_bound(&enc, 0x04, "a version-2 head");
             // Relabelled as version 1 it no longer decodes (32 bytes too many).
             let mut v1 = enc.clone();
             v1[4] = VERSION_1;
@@ -494,14 +610,7 @@ mod tests {
             assert_eq!(d.epoch(), 0x0102_0304_0506_0708);
             assert_eq!(d.version(), VERSION_3);
             assert!(d.signature_valid());
-            for i in 0..enc.len() {
-                let mut bad = enc.clone();
-                bad[i] ^= 0x10;
-                let ok = SignedHead::decode(&bad)
-                    .map(|h| h.signature_valid())
-                    .unwrap_or(false);
-                assert!(!ok, "flipping byte {i} of a version-3 head went unnoticed");
-            }
+            every_byte_is_bound(&enc, 0x10, "a version-3 head");
             // Relabelled as version 2 it no longer decodes (8 bytes too many), nor as 4.
             for v in [VERSION, 4] {
                 let mut other = enc.clone();
@@ -512,5 +621,66 @@ mod tests {
         // Older heads are of epoch 0.
         let v2 = SignedHead::sign_v2(&key, 1, Tip::default(), Tip::default(), 1, [0; 32], None);
         assert_eq!((v2.version(), v2.epoch()), (VERSION, 0));
+    }
+
+    #[test]
+    fn promotion_heads_bind_where_the_epoch_starts_and_who_decided() {
+        let key = SigningKey::from_seed(&[3; 32]);
+        let promotion = Promotion {
+            from_group: 4,
+            from_head: [0x44; 32],
+            command: [0xc0; 32],
+            cosigners: vec![[0xa1; 32], [0xa2; 32]],
+        };
+        let h = SignedHead::sign_promotion(
+            &key,
+            5,
+            Tip::default(),
+            Tip {
+                seq: 9,
+                hash: [9; 32],
+            },
+            7,
+            [5; 32],
+            1,
+            promotion.clone(),
+        );
+        let enc = h.encode();
+        assert_eq!(enc.len(), PROMOTION_HEAD_BASE_LEN + 2 * 32);
+        assert_eq!((enc[4], enc[5]), (VERSION_3, KIND_PROMOTION));
+        assert_eq!(&enc[174..182], &4u64.to_be_bytes());
+        assert_eq!(enc[246], 2);
+        let d = SignedHead::decode(&enc).unwrap();
+        assert_eq!(d, h);
+        assert_eq!(d.promotion, Some(promotion.clone()));
+        assert!(d.signature_valid());
+        every_byte_is_bound(&enc, 0x20, "a promotion head");
+        // Co-signers: none, more than 8, or not strictly increasing do not decode.
+        for cosigners in [
+            vec![],
+            vec![[1; 32]; 9],
+            vec![[0xa2; 32], [0xa1; 32]],
+            vec![[0xa1; 32], [0xa1; 32]],
+        ] {
+            let mut p = promotion.clone();
+            p.cosigners = cosigners;
+            let e = SignedHead::sign_promotion(
+                &key,
+                5,
+                Tip::default(),
+                Tip::default(),
+                7,
+                [5; 32],
+                1,
+                p,
+            )
+            .encode();
+            assert!(SignedHead::decode(&e).is_err());
+        }
+        // A promotion head relabelled as version 2 does not decode.
+        let mut v2 = enc.clone();
+        v2[4] = VERSION;
+        assert!(SignedHead::decode(&v2).is_err());
+        assert_eq!(MAX_HEAD_LEN, 567);
     }
 }

@@ -401,9 +401,21 @@ mod state_marker {
         put_named(dir, FILE, detail);
     }
 
-    /// Leaves the marker `name`.
+    /// Leaves the marker `name`, durably: written to `<name>.tmp`, fsynced, renamed, and the
+    /// directory fsynced. A refused start is often followed by a power cut (an operator
+    /// pulling a machine that will not serve); an unsynced marker then came back as a file
+    /// of NUL bytes and the next good start audited an empty detail.
     pub fn put_named(dir: &Path, name: &str, detail: &str) {
-        let _ = std::fs::write(dir.join(name), bounded(detail));
+        use std::io::Write;
+        let tmp = dir.join(format!("{name}.tmp"));
+        let _ = (|| -> std::io::Result<()> {
+            let mut f = std::fs::File::create(&tmp)?;
+            f.write_all(bounded(detail).as_bytes())?;
+            f.sync_all()?;
+            drop(f);
+            std::fs::rename(&tmp, dir.join(name))?;
+            std::fs::File::open(dir)?.sync_all()
+        })();
     }
 
     /// Restores a marker taken by a start that then failed.

@@ -25,7 +25,9 @@
 //!
 //! Everything else the standby stores is derived from the records, exactly as the
 //! committer derives it: `data`, `deps`, `tx_index`, `undone`, and the meta tips. The
-//! admin nonces and exporter cursors are not part of the chain and are not replicated here.
+//! admin nonces are derived from the `admin.accepted` audit records (kept for
+//! [`REPLICATED_NONCE_TTL_NS`]); exporter cursors are not part of the chain and are not
+//! replicated.
 //!
 //! The engine layer: uses the store, the queries, the idempotency table, the record
 //! formats and the keys; nothing in the crate uses it.
@@ -260,7 +262,16 @@ pub enum ApplyError {
         /// The standby's epoch.
         expected: u64,
     },
-    /// The head is of an older version than the last one held.
+    /// A promotion head that does not follow from the head held, or is signed by a key
+    /// not pinned as a promotion key.
+    #[error("promotion head of group {group} refused: {reason}")]
+    BadPromotion {
+        /// Group.
+        group: u64,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// A group head of a version older than the one held.
     #[error("head of group {group} is of version {found} after a version-{held} head")]
     VersionDowngrade {
         /// Group.
@@ -360,11 +371,13 @@ pub struct Held {
 
 /// A standby's copy of a primary's ledger: it only ever holds groups the chain proves.
 pub struct Replica {
-    store: Store,
-    held: Held,
-    state: StateDigest,
+    pub(crate) store: Store,
+    pub(crate) held: Held,
+    pub(crate) state: StateDigest,
     retention: crate::idempotency::Retention,
     identity: PublicKey,
+    /// Keys a promotion head may hand signing to ([`Replica::trust_promotion_keys`]).
+    pub(crate) promotion_keys: Vec<PublicKey>,
 }
 
 impl std::fmt::Debug for Replica {
@@ -411,6 +424,7 @@ impl Replica {
                 state: StateDigest::default(),
                 retention: crate::idempotency::Retention::default(),
                 identity: primary,
+                promotion_keys: Vec::new(),
             });
         }
         let meta = store.load_meta(true)?;
@@ -456,7 +470,16 @@ impl Replica {
             state: found,
             retention: crate::idempotency::Retention::default(),
             identity: primary,
+            promotion_keys: Vec::new(),
         })
+    }
+
+    /// Keys a promotion head in the stream may hand signing to: the promoted nodes'
+    /// keys, pinned by the operator like the identity (a standby that follows a primary
+    /// which was itself promoted, e.g. a former primary that rejoined). Without them a
+    /// promotion head is refused as signed by an untrusted key.
+    pub fn trust_promotion_keys(&mut self, keys: Vec<PublicKey>) {
+        self.promotion_keys = keys;
     }
 
     /// Sets the retention of durable idempotency keys (the primary's, so that both prune
@@ -491,7 +514,9 @@ impl Replica {
         if g < next {
             return Err(self.older_group(g, &group.head));
         }
-        if head.public_key != self.held.signer {
+        if head.promotion.is_some() && g == next {
+            self.check_promotion_head(&head)?;
+        } else if head.public_key != self.held.signer {
             return Err(ApplyError::UntrustedSigner {
                 group: g,
                 found: hex(&head.public_key),
@@ -507,7 +532,7 @@ impl Replica {
                 found: g,
             });
         }
-        if head.epoch() != self.held.epoch {
+        if head.epoch() != self.held.epoch && head.promotion.is_none() {
             return Err(ApplyError::WrongEpoch {
                 group: g,
                 found: head.epoch(),
@@ -560,6 +585,9 @@ impl Replica {
         }
         if let Some(next_key) = &head.next_key {
             put(&mut wtxn, meta_keys::SIGNING_KEY, next_key)?;
+        }
+        if head.promotion.is_some() {
+            put(&mut wtxn, meta_keys::SIGNING_KEY, &head.public_key)?;
         }
         dbs.heads
             .put(&mut wtxn, &u64_key(g), &group.head)
@@ -753,6 +781,36 @@ impl Replica {
                         .map_err(storage)?;
                 }
             }
+            // An admin command the primary accepted: its nonce is recorded here too, so
+            // that the same command replayed to this node once promoted is refused.
+            if rec.event.event == "admin.accepted" {
+                if let Some(nonce) = rec
+                    .event
+                    .fields
+                    .get("nonce")
+                    .and_then(|n| crate::codec::unhex(n))
+                    .and_then(|n| <[u8; 16]>::try_from(n).ok())
+                {
+                    let nonces = self.store.dbs.nonces;
+                    if nonces.get(wtxn, &nonce).map_err(storage)?.is_none() {
+                        let body: Hash = rec
+                            .event
+                            .fields
+                            .get("body_sha256")
+                            .and_then(|h| crate::codec::unhex(h))
+                            .and_then(|h| <[u8; 32]>::try_from(h).ok())
+                            .unwrap_or([0; 32]);
+                        let mut value = Vec::with_capacity(40);
+                        value.extend_from_slice(
+                            &rec.time_ns
+                                .saturating_add(REPLICATED_NONCE_TTL_NS)
+                                .to_be_bytes(),
+                        );
+                        value.extend_from_slice(&body);
+                        nonces.put(wtxn, &nonce, &value).map_err(storage)?;
+                    }
+                }
+            }
             tip = Tip {
                 seq,
                 hash: chain_hash(&tip.hash, bytes),
@@ -761,6 +819,11 @@ impl Replica {
         Ok(tip)
     }
 }
+
+/// How long a replicated admin nonce is kept: the longest validity window a console
+/// accepts (a week) plus the largest clock-skew allowance (an hour), counted from the
+/// `admin.accepted` record's time. The console prunes it like its own after that.
+pub const REPLICATED_NONCE_TTL_NS: u64 = (7 * 24 + 1) * 3600 * 1_000_000_000;
 
 /// A record (the `index`-th of its chain in the group) whose link is not the hash of the
 /// record before it: for the first, the primary's history differs from the standby's at

@@ -117,6 +117,8 @@ pub struct VerifyReport {
     pub heads: u64,
     /// Key rotations followed.
     pub rotations: u64,
+    /// Promotions followed (heads of kind `0x03`, each opening an epoch).
+    pub promotions: u64,
     /// Entries of the `data` database checked against the live-state digest of the last
     /// head; `None` when that head predates the digest (version 1) or the chains failed.
     pub state_entries: Option<u64>,
@@ -270,12 +272,88 @@ fn first_bad_link(links: &[Link], signed: &HashMap<u64, Hash>, chain: Chain) -> 
     None
 }
 
+/// Checks a promotion head (kind `0x03`) against the head before it (`prev`, stored as
+/// `prev_bytes`): it opens exactly the next epoch, names that head by group and hash, is
+/// signed by a key of `trusted` that is neither the key in force nor a retired one, and
+/// its signature holds. Returns what is wrong.
+pub(crate) fn check_promotion(
+    head: &SignedHead,
+    prev: Option<&SignedHead>,
+    prev_bytes: &[u8],
+    trusted: &[PublicKey],
+    retired: &[PublicKey],
+) -> Result<(), String> {
+    let Some(p) = &head.promotion else {
+        return Ok(());
+    };
+    let Some(prev) = prev else {
+        return Err(
+            "a promotion head cannot open a ledger (there is nothing to promote from)".into(),
+        );
+    };
+    if Some(head.epoch()) != prev.epoch().checked_add(1) {
+        return Err(format!(
+            "promotion to epoch {} after a head of epoch {}: a promotion raises the epoch by exactly one",
+            head.epoch(),
+            prev.epoch()
+        ));
+    }
+    let prev_hash = crate::checkpoint::sha256(prev_bytes);
+    if p.from_group != prev.group || p.from_head != prev_hash {
+        return Err(format!(
+            "promotes from group {} (head {}), but the head before it is group {} (head {})",
+            p.from_group,
+            hex(&p.from_head),
+            prev.group,
+            hex(&prev_hash)
+        ));
+    }
+    if head.public_key == prev.public_key || retired.contains(&head.public_key) {
+        return Err(format!(
+            "promotion hands signing to key {}, which signed before it: a promoted node signs with its own key",
+            hex(&head.public_key)
+        ));
+    }
+    if !trusted.contains(&head.public_key) {
+        return Err(format!(
+            "promotion signed by untrusted key {}",
+            hex(&head.public_key)
+        ));
+    }
+    if !head.signature_valid() {
+        return Err("signature does not verify".into());
+    }
+    Ok(())
+}
+
+/// The keys that signed promotion heads in `store`, in order: what `verify` without a
+/// pinned key trusts besides the ledger's own identity (integrity, not authenticity; an
+/// operator pins them with repeated `--public-key`). Heads that do not decode are skipped
+/// here (`verify` names them).
+pub fn promotion_keys(store: &Store) -> Result<Vec<PublicKey>, ReadError> {
+    let rtxn = store.read_txn()?;
+    let mut keys = Vec::new();
+    for item in store.dbs.heads.iter(&rtxn)? {
+        let (_, v) = item?;
+        if let Ok(h) = SignedHead::decode(v) {
+            if h.promotion.is_some() && !keys.contains(&h.public_key) {
+                keys.push(h.public_key);
+            }
+        }
+    }
+    Ok(keys)
+}
+
 /// Verifies both chains and all signed heads of `store`. Heads must be signed by one of
 /// `trusted` (the ledger's first key, normally) until a key-rotation head, which must
 /// itself verify under the key then in force; every head after it must be signed by the
 /// key it names, and by no other (a retired key, even a trusted one, is refused). A
 /// rotation to the key itself or back to a retired key is refused too: it would revive a
 /// key the appliance gave up (a genuine rotation always generates a fresh key).
+/// A promotion head (kind `0x03`, a standby promoted by a co-signed admin command) may
+/// raise the epoch by exactly one and hand signing to the promoted node's key, which must
+/// be one of `trusted`; the key in force before it retires. Any other change of epoch is
+/// refused.
 /// `progress` is called every few thousand records.
 pub fn verify(
     store: &Store,
@@ -296,6 +374,9 @@ pub fn verify(
     let mut signed_cp: HashMap<u64, Hash> = HashMap::new();
     let mut signed_au: HashMap<u64, Hash> = HashMap::new();
     let mut last: Option<SignedHead> = None;
+    // The stored bytes of `last`: a promotion head names them by hash.
+    let mut last_bytes: Vec<u8> = Vec::new();
+    let mut promotions: u64 = 0;
     let mut expected_group: u64 = 1;
     // The key handed over to by the last rotation head; `None`: any of `trusted`.
     let mut rotated_to: Option<PublicKey> = None;
@@ -333,7 +414,24 @@ pub fn verify(
             );
             break;
         }
+        if head.promotion.is_some() {
+            match check_promotion(&head, last.as_ref(), &last_bytes, trusted, &retired) {
+                Ok(()) => {
+                    // The key in force until now retires; the promoted node's signs on.
+                    if let Some(prev) = &last {
+                        retired.push(prev.public_key);
+                    }
+                    rotated_to = Some(head.public_key);
+                    promotions = promotions.saturating_add(1);
+                }
+                Err(problem) => {
+                    head_failure = fail(group, problem);
+                    break;
+                }
+            }
+        }
         match rotated_to {
+            _ if head.promotion.is_some() => {}
             None if !trusted.contains(&head.public_key) => {
                 head_failure = fail(
                     group,
@@ -394,9 +492,9 @@ pub fn verify(
                 );
                 break;
             }
-            if head.epoch() != prev.epoch() {
-                // Only a promotion raises the epoch, and a promotion group is not written by
-                // this build yet: any change of epoch between heads is refused.
+            if head.epoch() != prev.epoch() && head.promotion.is_none() {
+                // Only a promotion head raises the epoch (checked above, by exactly one):
+                // any other change of epoch between heads is refused.
                 head_failure = fail(
                     group,
                     format!(
@@ -428,6 +526,7 @@ pub fn verify(
             });
         }
         last = Some(head);
+        last_bytes = v.to_vec();
         expected_group = expected_group.saturating_add(1);
     }
     progress(Progress {
@@ -509,6 +608,7 @@ pub fn verify(
     }
     report.failures.extend(head_failure);
     report.rotations = rotations;
+    report.promotions = promotions;
 
     if report.failures.is_empty() {
         if let (Ok(meta), Some(head)) = (store.meta_in(&rtxn, false), &last) {

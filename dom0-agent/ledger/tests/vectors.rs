@@ -319,3 +319,44 @@ fn version_3_head_vector() {
     assert_eq!(d, head);
     assert_eq!((d.version(), d.epoch()), (3, 2));
 }
+
+#[test]
+fn promotion_head_vector() {
+    // head-v3-3's tips and state as group 4, a promotion to epoch 3 from group 3 whose
+    // head is vectors/head-v3-3.hex, command hash 0xc0 x 32, co-signers the admin keys of
+    // seeds 0x11 and 0x12 (sorted), signed by the seed-0x02 key.
+    let key = SigningKey::from_seed(&[0x02; 32]);
+    let from = std::fs::read_to_string(vector_path("head-v3-3.hex")).unwrap();
+    let from = unhex(from.trim()).unwrap();
+    let mut cosigners = vec![
+        SigningKey::from_seed(&[0x11; 32]).public_key(),
+        SigningKey::from_seed(&[0x12; 32]).public_key(),
+    ];
+    cosigners.sort_unstable();
+    let head = SignedHead::sign_promotion(
+        &key,
+        4,
+        Tip {
+            seq: 3,
+            hash: [0x33; 32],
+        },
+        Tip {
+            seq: 1,
+            hash: [0x11; 32],
+        },
+        1_700_000_004_000_000_000,
+        state_2().hash(),
+        3,
+        mayfly_ledger::head::Promotion {
+            from_group: 3,
+            from_head: mayfly_ledger::checkpoint::sha256(&from),
+            command: [0xc0; 32],
+            cosigners,
+        },
+    );
+    let e = head.encode();
+    check("head-promotion-4.hex", &e);
+    let d = SignedHead::decode(&e).unwrap();
+    assert!(d.signature_valid());
+    assert_eq!(d, head);
+}

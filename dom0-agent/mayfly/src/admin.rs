@@ -131,6 +131,12 @@ enum AdminCmd {
         #[arg(long = "key", required = true)]
         keys: Vec<PathBuf>,
     },
+    /// Print the appliance's identity key (64 hex digits, what commands are bound to), as
+    /// the agent answers on its Unix socket; nothing is signed or audited.
+    Identity {
+        #[command(flatten)]
+        conn: ConnOpts,
+    },
     /// Show a prepared command and who has signed it.
     Inspect {
         /// Envelope file.
@@ -225,6 +231,40 @@ enum Op<O: Args + Clone + Send + Sync + 'static> {
         #[command(subcommand)]
         what: KeyOp,
     },
+    /// The signed A/B update: install a bundle from the update medium into the inactive
+    /// slot (needs the quorum), or show the slots.
+    Update {
+        #[command(flatten)]
+        opts: O,
+        #[command(subcommand)]
+        what: UpdateOp,
+    },
+    /// Break-glass: open the serial console for one root login, for --minutes, by a one-time
+    /// token (printed here, on stderr, to give to the person at the console; the command
+    /// carries only its SHA-256); needs the quorum. Audited at every step.
+    Breakglass {
+        #[command(flatten)]
+        opts: O,
+        /// How long the console accepts the token, and the shell lives (1..=60).
+        #[arg(long, default_value_t = 15, value_parser = clap::value_parser!(u32).range(1..=60))]
+        minutes: u32,
+        /// The token [default: 32 random hex digits].
+        #[arg(long)]
+        token: Option<String>,
+    },
+    /// Promote a standby to primary (needs the quorum): the standby opens EPOCH (its
+    /// epoch + 1) under its own key. Only a standby accepts it: `prepare` it, have it
+    /// co-signed, and give the file to `dom0-agent promote --command FILE` on the standby
+    /// (docs/failover.md); a serving agent refuses it. The appliance is the identity key
+    /// of the ledger the standby copies.
+    Promote {
+        #[command(flatten)]
+        opts: O,
+        /// The epoch the promotion opens: the standby's epoch + 1 (its `dom0-agent
+        /// standby` start line and `promote --dry-run` show it).
+        #[arg(long)]
+        epoch: u64,
+    },
     /// TPM attestation: a quote over the appliance's PCRs and its latest signed head,
     /// checked here against the pinned attestation key and the expected-PCR file of the
     /// image it should run. Exit 0 only if every check holds.
@@ -262,6 +302,9 @@ impl<O: Args + Clone + Send + Sync + 'static> Op<O> {
             | Self::Quarantine { opts, .. }
             | Self::Audit { opts, .. }
             | Self::Key { opts, .. }
+            | Self::Update { opts, .. }
+            | Self::Breakglass { opts, .. }
+            | Self::Promote { opts, .. }
             | Self::Attest { opts, .. } => opts,
         }
     }
@@ -323,6 +366,26 @@ enum AuditOp {
 }
 
 #[derive(Subcommand, Clone)]
+enum UpdateOp {
+    /// Install BUNDLE, a copy of the file on the appliance's update medium (the partition
+    /// labelled MAYFLY-MEDIA): the command names its file name and the SHA-256 computed here,
+    /// so the quorum approves exactly these bytes; the appliance also checks the vendor's
+    /// signature, the version floor and every part before it writes the inactive slot.
+    Install {
+        /// The bundle (read here to compute its SHA-256).
+        bundle: PathBuf,
+        /// Its file name on the medium [default: BUNDLE's file name].
+        #[arg(long)]
+        name: Option<String>,
+        /// Trial boots before GRUB falls back to the running slot (1..=3).
+        #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u8).range(1..=3))]
+        tries: u8,
+    },
+    /// The booted, committed and trial slots, trial boots left, image version and floor.
+    Status,
+}
+
+#[derive(Subcommand, Clone)]
 enum KeyOp {
     /// Rotate the appliance signing key (the hand-over is signed by the old key); needs
     /// the quorum.
@@ -366,6 +429,13 @@ pub fn run(args: &AdminArgs) -> anyhow::Result<u8> {
                 env.signatures().len(),
                 file.display()
             );
+            Ok(0)
+        }
+        AdminCmd::Identity { conn } => {
+            if conn.tcp.is_some() {
+                bail!("the identity is asked only over the Unix socket (on loopback TCP any local user could answer)");
+            }
+            println!("{}", hello(conn)?);
             Ok(0)
         }
         AdminCmd::Inspect { file } => {
@@ -527,6 +597,52 @@ fn command_of<O: Args + Clone + Send + Sync + 'static>(
             what: KeyOp::Rotate,
             ..
         } => "key.rotate",
+        Op::Update {
+            what: UpdateOp::Status,
+            ..
+        } => "update.status",
+        Op::Update {
+            what:
+                UpdateOp::Install {
+                    bundle,
+                    name,
+                    tries,
+                },
+            ..
+        } => {
+            let name = match name {
+                Some(n) => n.clone(),
+                None => bundle
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .with_context(|| format!("{} names no file", bundle.display()))?,
+            };
+            set("bundle", name);
+            set("sha256", bundle_sha256(bundle)?);
+            set("tries", tries.to_string());
+            "update.install"
+        }
+        Op::Breakglass { minutes, token, .. } => {
+            let token = match token {
+                Some(t) => t.clone(),
+                None => hex(&mayfly_command::random_nonce()
+                    .map_err(|_| anyhow::anyhow!("system randomness unavailable"))?),
+            };
+            if token.is_empty() || token.len() > 200 || token.contains(['\n', '\r']) {
+                bail!("the token must be 1..=200 characters on one line");
+            }
+            eprintln!("mayfly: break-glass token (type it at the console prompt): {token}");
+            set(
+                "token_sha256",
+                hex(ring::digest::digest(&ring::digest::SHA256, token.as_bytes()).as_ref()),
+            );
+            set("minutes", minutes.to_string());
+            "breakglass.open"
+        }
+        Op::Promote { epoch, .. } => {
+            set("epoch", epoch.to_string());
+            "promote"
+        }
         Op::Attest { nonce, .. } => {
             let nonce = nonce
                 .clone()
@@ -536,6 +652,22 @@ fn command_of<O: Args + Clone + Send + Sync + 'static>(
         }
     };
     Ok((name.to_owned(), a))
+}
+
+/// SHA-256 of the whole bundle file, hex.
+fn bundle_sha256(path: &Path) -> anyhow::Result<String> {
+    let mut f = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = std::io::Read::read(&mut f, &mut buf)
+            .with_context(|| format!("reading {}", path.display()))?;
+        if n == 0 {
+            break;
+        }
+        ctx.update(buf.get(..n).unwrap_or_default());
+    }
+    Ok(hex(ctx.finish().as_ref()))
 }
 
 fn policy_files(paths: &[PathBuf]) -> anyhow::Result<Vec<(String, String)>> {
@@ -905,11 +1037,15 @@ fn attest(
                 println!("{f}");
             }
             let pcrs: Vec<String> = a.info.pcrs.iter().map(ToString::to_string).collect();
+            let state = if a.state.is_empty() {
+                "unlabelled"
+            } else {
+                a.state.as_str()
+            };
             println!(
-                "attested: PCRs {} match {} (state {}); TPM resets {}, clock {} ms",
+                "attested: PCRs {} match {} (state {state}); TPM resets {}, clock {} ms",
                 pcrs.join(","),
                 expected_pcrs.display(),
-                a.state,
                 a.info.reset_count,
                 a.info.clock
             );

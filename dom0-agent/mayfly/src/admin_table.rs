@@ -304,6 +304,32 @@ pub fn print(command: &str, r: &Value) {
             ("rotation head", format!("group {}", s(&r["group"]))),
             ("identity key", s(&r["identity_key"])),
         ]),
+        "update.install" => kv(&[
+            ("written to slot", s(&r["slot"])),
+            ("version", s(&r["version"])),
+            ("bundle bytes", s(&r["bundle_bytes"])),
+            (
+                "next boot",
+                format!(
+                    "slot {} on trial ({} tries, then back to slot {})",
+                    s(&r["slot"]),
+                    s(&r["tries"]),
+                    s(&r["fallback_slot"])
+                ),
+            ),
+        ]),
+        "breakglass.open" => kv(&[
+            ("console", s(&r["tty"])),
+            ("open for", format!("{} minutes", s(&r["minutes"]))),
+        ]),
+        "update.status" => kv(&[
+            ("booted slot", s(&r["booted_slot"])),
+            ("committed slot", s(&r["committed_slot"])),
+            ("trial slot", s(&r["trial_slot"])),
+            ("trial tries left", s(&r["trial_tries_left"])),
+            ("image version", s(&r["image_version"])),
+            ("version floor", s(&r["version_floor"])),
+        ]),
         _ => println!("{r}"),
     }
 }

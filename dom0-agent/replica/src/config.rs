@@ -6,8 +6,11 @@
 //! listen = "0.0.0.0:7400"         # primary: where the standby connects
 //! mode = "sync"                   # primary: "async" (default) or "sync"
 //! sync_timeout_ms = 2000          # primary, sync mode: wait at most this, then degrade
-//! peer = "10.0.0.1:7400"          # standby: the primary's replication address
+//! peer = "10.0.0.1:7400"          # standby: the primary's replication address; primary
+//!                                 # (optional): the other node's, probed for its epoch
 //! primary_identity = "3b6a…"      # standby: the primary ledger's identity key (64 hex)
+//! promotion_keys = ["9c1e…"]      # standby: keys a promotion in the stream may sign with
+//!                                 # (the other node's promotion key, for a rejoined primary)
 //! [replication.tls]
 //! cert = "/etc/mayfly/replication.pem"   # this node's certificate (self-signed is fine)
 //! key = "/etc/mayfly/replication.key"
@@ -73,7 +76,8 @@ pub struct ReplicationSection {
     pub role: Role,
     /// Primary: the replication listener.
     pub listen: Option<SocketAddr>,
-    /// Standby: the primary's replication address.
+    /// Standby: the primary's replication address. Primary (optional): the other node's
+    /// replication address, probed for a higher epoch (fencing).
     pub peer: Option<SocketAddr>,
     /// Primary: async or sync.
     #[serde(default)]
@@ -82,6 +86,11 @@ pub struct ReplicationSection {
     pub sync_timeout_ms: Option<u64>,
     /// Standby: the identity key (hex) of the primary ledger it copies.
     pub primary_identity: Option<String>,
+    /// Standby: the keys (hex) a promotion head in the stream may hand signing to: the
+    /// promotion key of the node that was promoted (`dom0-agent standby` prints its own at
+    /// start). Without them a promotion in the stream is refused.
+    #[serde(default)]
+    pub promotion_keys: Vec<String>,
     /// Mutual TLS.
     pub tls: TlsSection,
 }
@@ -132,6 +141,7 @@ impl ReplicationSection {
             },
             sync_timeout: Duration::from_millis(ms),
             tls: self.pinned_tls()?,
+            peer: self.peer,
         })
     }
 
@@ -162,6 +172,27 @@ impl ReplicationSection {
             },
             identity,
         ))
+    }
+
+    /// The promotion keys a standby trusts (`promotion_keys`), at most 64.
+    pub fn promotion_keys(&self) -> Result<Vec<mayfly_ledger::PublicKey>, ConfigError> {
+        if self.promotion_keys.len() > 64 {
+            return Err(ConfigError::Invalid {
+                setting: "promotion_keys",
+                reason: format!("{} keys, at most 64", self.promotion_keys.len()),
+            });
+        }
+        self.promotion_keys
+            .iter()
+            .map(|k| {
+                mayfly_ledger::codec::unhex(k)
+                    .and_then(|b| <[u8; 32]>::try_from(b).ok())
+                    .ok_or_else(|| ConfigError::Invalid {
+                        setting: "promotion_keys",
+                        reason: format!("{k:?} is not 64 hex digits"),
+                    })
+            })
+            .collect()
     }
 
     fn pinned_tls(&self) -> Result<PinnedTls, ConfigError> {

@@ -5,18 +5,19 @@
 //! frame   offset size  field
 //!              0    4  magic "MFRP"
 //!              4    1  version 1
-//!              5    1  kind: 0x01 hello, 0x02 group, 0x03 ack, 0x04 stop
+//!              5    1  kind: 0x01 hello, 0x02 group, 0x03 ack, 0x04 stop, 0x05 epoch
 //!              6    4  body length, u32 BE, at most the kind's cap
 //!             10    n  body
 //!
-//! hello   (standby -> primary, 48 bytes)
-//!              0    8  next group the standby needs (its last group + 1)
+//! hello   (standby -> primary, 48 bytes; also a probe from a peer primary)
+//!              0    8  next group the standby needs (its last group + 1); 0: a probe
+//!                      (a primary asking its peer's epoch, never served as a standby)
 //!              8    8  the standby's epoch
 //!             16   32  identity key of the ledger it copies (the primary's first key)
 //!
 //! group   (primary -> standby, at most MAX_GROUP_BODY bytes)
 //!              0    8  group sequence (the head's)
-//!              8  2+h  u16 length + the signed head as stored (h <= 270)
+//!              8  2+h  u16 length + the signed head as stored (h <= 567)
 //!              .    4  checkpoint record count (<= 1,048,576), then per record
 //!                 4+n    u32 length (<= 256 MiB) + the record as stored
 //!              .    4  audit record count (<= 1,048,576), then per record
@@ -24,6 +25,12 @@
 //!
 //! ack     (standby -> primary, 8 bytes)
 //!              0    8  group now durable on the standby
+//!
+//! epoch   (primary -> standby or probe, 24 bytes, the answer to every hello)
+//!              0    8  the primary's epoch
+//!              8    8  from_group: the group the promotion that opened the hello's
+//!                      epoch + 1 promoted from (0 when the epochs are equal)
+//!             16    8  from_checkpoint: the last checkpoint that promotion kept (0 idem)
 //!
 //! stop    (either way, at most 1,034 bytes)
 //!              0    8  group the sender was at
@@ -56,6 +63,10 @@ pub const KIND_GROUP: u8 = 0x02;
 pub const KIND_ACK: u8 = 0x03;
 /// Kind byte of a stop.
 pub const KIND_STOP: u8 = 0x04;
+/// Frame kind: the primary's epoch, answering a hello.
+pub const KIND_EPOCH: u8 = 0x05;
+/// Body length of an epoch frame.
+pub const EPOCH_LEN: usize = 24;
 /// Length of the frame header.
 pub const HEADER_LEN: usize = 10;
 /// Length of a hello body.
@@ -102,6 +113,15 @@ pub enum Frame {
         group: u64,
         /// Why.
         reason: String,
+    },
+    /// The primary's epoch and where the hello's history ends in it.
+    Epoch {
+        /// The primary's epoch.
+        epoch: u64,
+        /// The group the promotion that opened the hello's epoch + 1 promoted from.
+        from_group: u64,
+        /// The last checkpoint that promotion kept.
+        from_checkpoint: u64,
     },
 }
 
@@ -152,6 +172,7 @@ impl Frame {
             Self::Group(_) => KIND_GROUP,
             Self::Ack { .. } => KIND_ACK,
             Self::Stop { .. } => KIND_STOP,
+            Self::Epoch { .. } => KIND_EPOCH,
         }
     }
 
@@ -192,6 +213,17 @@ impl Frame {
                 w.finish()
             }
             Self::Ack { group } => group.to_be_bytes().to_vec(),
+            Self::Epoch {
+                epoch,
+                from_group,
+                from_checkpoint,
+            } => {
+                let mut w = Writer::with_capacity(EPOCH_LEN);
+                w.u64(*epoch);
+                w.u64(*from_group);
+                w.u64(*from_checkpoint);
+                w.finish()
+            }
             Self::Stop { group, reason } => {
                 let reason = bounded_reason(reason);
                 let mut w = Writer::with_capacity(MAX_STOP_BODY);
@@ -257,6 +289,11 @@ impl Frame {
             KIND_ACK => Self::Ack {
                 group: r.u64("group").map_err(err)?,
             },
+            KIND_EPOCH => Self::Epoch {
+                epoch: r.u64("epoch").map_err(err)?,
+                from_group: r.u64("from_group").map_err(err)?,
+                from_checkpoint: r.u64("from_checkpoint").map_err(err)?,
+            },
             _ => {
                 let group = r.u64("group").map_err(err)?;
                 let reason = r.str16(MAX_REASON, "reason").map_err(err)?.to_string();
@@ -283,6 +320,7 @@ fn kind_name(kind: u8) -> Option<&'static str> {
         KIND_GROUP => Some("group"),
         KIND_ACK => Some("ack"),
         KIND_STOP => Some("stop"),
+        KIND_EPOCH => Some("epoch"),
         _ => None,
     }
 }
@@ -292,6 +330,7 @@ fn max_body(kind: u8) -> u64 {
         KIND_HELLO => HELLO_LEN as u64,
         KIND_GROUP => MAX_GROUP_BODY,
         KIND_ACK => ACK_LEN as u64,
+        KIND_EPOCH => EPOCH_LEN as u64,
         _ => MAX_STOP_BODY as u64,
     }
 }
@@ -383,6 +422,11 @@ mod tests {
                 group: 7,
                 reason: "fork at checkpoints 3".into(),
             },
+            Frame::Epoch {
+                epoch: 2,
+                from_group: 40,
+                from_checkpoint: 97,
+            },
         ]
     }
 
@@ -425,6 +469,13 @@ mod tests {
         assert!(matches!(
             read_frame(&mut &h[..]),
             Err(FrameError::TooLarge { kind: "ack", .. })
+        ));
+        let mut e = Vec::from(&MAGIC[..]);
+        e.extend_from_slice(&[VERSION, KIND_EPOCH]);
+        e.extend_from_slice(&25u32.to_be_bytes());
+        assert!(matches!(
+            read_frame(&mut &e[..]),
+            Err(FrameError::TooLarge { kind: "epoch", .. })
         ));
         let mut h2 = h.clone();
         h2[5] = 0x09;

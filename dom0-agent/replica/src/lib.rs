@@ -12,6 +12,7 @@
 #![deny(missing_docs)]
 
 pub mod config;
+pub mod fence;
 pub mod frame;
 pub mod inbox;
 pub mod primary;
@@ -19,6 +20,7 @@ pub mod standby;
 pub mod tls;
 
 pub use config::{ReplicationSection, Role};
+pub use fence::Fenced;
 pub use primary::{PrimaryConfig, Shipper, StartError, Status, StatusHandle};
 pub use standby::{follow, End, StandbyConfig};
 pub use tls::{pin_of, PinnedTls, TlsError};

@@ -56,6 +56,9 @@ pub struct PrimaryConfig {
     pub sync_timeout: Duration,
     /// This node's certificate and the standby's pin.
     pub tls: PinnedTls,
+    /// The other node's replication address, probed for a higher epoch (fencing,
+    /// [`crate::fence`]); `None`: only a peer's hello can fence this node.
+    pub peer: Option<SocketAddr>,
 }
 
 /// Why replication could not start.
@@ -97,6 +100,8 @@ enum ConnError {
     Export(#[from] mayfly_ledger::ExportError),
     #[error("the standby closed the connection")]
     Closed,
+    #[error("a probe from a peer primary, answered")]
+    Probe,
 }
 
 /// What `GET /v1/health` and the console show.
@@ -112,11 +117,16 @@ pub struct Status {
     pub durable_group: u64,
     /// Last group the standby acknowledged as durable.
     pub acked_group: u64,
+    /// Set once this node is fenced: a peer is at a higher epoch.
+    pub fenced: Option<crate::fence::Fenced>,
 }
 
 impl Status {
     /// `synchronous`, `degraded` or `asynchronous`.
     pub fn state(&self) -> &'static str {
+        if self.fenced.is_some() {
+            return "fenced";
+        }
         match (self.mode, &self.degraded) {
             (Mode::Sync, None) => "synchronous",
             (Mode::Sync, Some(_)) => "degraded",
@@ -135,6 +145,7 @@ struct State {
     acked: u64,
     standby: Option<SocketAddr>,
     degraded: Option<String>,
+    fenced: Option<crate::fence::Fenced>,
     events: Vec<AuditEvent>,
 }
 
@@ -159,6 +170,49 @@ impl Shared {
     fn audit(&self, st: &mut State, event: AuditEvent) {
         st.events.push(event);
         self.changed.notify_all();
+    }
+
+    /// Fences this node (once): keeps the marker, audits what it had not replicated.
+    fn fence(&self, peer: String, peer_epoch: u64, from_group: u64, from_checkpoint: u64) {
+        let tips = self.ledger.tips();
+        let mut st = self.lock();
+        if st.fenced.is_some() || peer_epoch <= tips.epoch {
+            return;
+        }
+        let f = crate::fence::Fenced {
+            epoch: peer_epoch,
+            own_epoch: tips.epoch,
+            peer,
+            from_group,
+            from_checkpoint,
+        };
+        error!(self.log, "FENCED: {}", f.reason(); "from_group" => from_group, "from_checkpoint" => from_checkpoint);
+        if let Err(e) = f.save(self.ledger.store().dir()) {
+            error!(self.log, "keeping the fenced marker failed"; "error" => %e);
+        }
+        let range = |from: u64, to: u64| {
+            if from == 0 {
+                "unknown (the peer did not say where its epoch began)".to_string()
+            } else if to <= from {
+                "none".to_string()
+            } else {
+                format!("{}..={to}", from.saturating_add(1))
+            }
+        };
+        let ev = AuditEvent::new("replication.fenced", Severity::Critical)
+            .field("peer", &f.peer)
+            .field("peer_epoch", peer_epoch)
+            .field("epoch", tips.epoch)
+            .field("from_group", from_group)
+            .field("from_checkpoint", from_checkpoint)
+            .field("unreplicated_groups", range(from_group, tips.group))
+            .field(
+                "unreplicated_checkpoints",
+                range(from_checkpoint, tips.checkpoints.seq),
+            )
+            .field("reason", f.reason());
+        st.fenced = Some(f);
+        self.audit(&mut st, ev);
     }
 
     fn acked(&self, group: u64) {
@@ -245,6 +299,7 @@ fn status_of(shared: &Shared) -> Status {
         standby: st.standby,
         durable_group: st.durable,
         acked_group: st.acked,
+        fenced: st.fenced.clone(),
     }
 }
 
@@ -268,6 +323,20 @@ impl Shipper {
             .field("mode", config.mode.as_str())
             .field("listen", local_addr)
             .field("sync_timeout_ms", config.sync_timeout.as_millis())];
+        if let Some(f) = crate::fence::Fenced::load(ledger.store().dir()) {
+            events.push(
+                AuditEvent::new("replication.fenced", Severity::Critical)
+                    .field("peer", &f.peer)
+                    .field("peer_epoch", f.epoch)
+                    .field("epoch", f.own_epoch)
+                    .field("from_group", f.from_group)
+                    .field("from_checkpoint", f.from_checkpoint)
+                    .field(
+                        "reason",
+                        format!("{} (since before this start)", f.reason()),
+                    ),
+            );
+        }
         if let Some(reason) = &degraded {
             events.push(
                 AuditEvent::new("replication.degraded", Severity::Warning)
@@ -284,6 +353,7 @@ impl Shipper {
                 acked: 0,
                 standby: None,
                 degraded,
+                fenced: crate::fence::Fenced::load(ledger.store().dir()),
                 events,
             }),
             changed: Condvar::new(),
@@ -309,6 +379,19 @@ impl Shipper {
                 .spawn(move || accept_loop(&s, &listener, &wake_rx, &tls))
                 .map_err(StartError::Thread)?,
         );
+        if let Some(peer) = config.peer {
+            let client = config.tls.client_config()?;
+            // The first probe before anything is served: a former primary that restarts
+            // learns at once that it has been replaced.
+            probe_once(&shared, peer, &client);
+            let s = shared.clone();
+            threads.push(
+                std::thread::Builder::new()
+                    .name("repl-probe".into())
+                    .spawn(move || probe_loop(&s, peer, &client))
+                    .map_err(StartError::Thread)?,
+            );
+        }
         info!(shared.log, "replication: primary"; "listen" => %local_addr, "mode" => config.mode.as_str());
         Ok(Self {
             shared,
@@ -355,6 +438,33 @@ impl Drop for Shipper {
     }
 }
 
+fn probe_once(shared: &Shared, peer: SocketAddr, tls: &Arc<rustls::ClientConfig>) {
+    let tips = shared.ledger.tips();
+    match crate::fence::probe(peer, tls, tips.epoch, shared.ledger.public_key()) {
+        Ok(answer) => shared.fence(
+            peer.to_string(),
+            answer.epoch,
+            answer.from_group,
+            answer.from_checkpoint,
+        ),
+        Err(e) => slog::debug!(shared.log, "peer probe: no answer"; "error" => %e),
+    }
+}
+
+fn probe_loop(shared: &Shared, peer: SocketAddr, tls: &Arc<rustls::ClientConfig>) {
+    let mut last = Instant::now();
+    while !shared.stop.load(Ordering::SeqCst) {
+        if shared.lock().fenced.is_some() {
+            return;
+        }
+        if last.elapsed() >= crate::fence::PROBE_INTERVAL {
+            probe_once(shared, peer, tls);
+            last = Instant::now();
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 fn audit_loop(shared: &Shared) {
     loop {
         let events = {
@@ -393,6 +503,9 @@ fn accept_loop(
         match listener.accept() {
             Ok((tcp, peer)) => {
                 let result = serve_standby(shared, tcp, peer, wake, tls);
+                if matches!(result, Err(ConnError::Probe)) {
+                    continue;
+                }
                 let mut st = shared.lock();
                 st.standby = None;
                 let reason = match &result {
@@ -488,16 +601,60 @@ fn serve_standby(
             ),
         );
     }
-    if epoch != tips.epoch {
+    if epoch > tips.epoch {
+        // The peer has been promoted past this node: this node is fenced.
+        shared.fence(peer.to_string(), epoch, 0, 0);
         return refuse(
             &mut stream,
             format!(
-                "the standby is at epoch {epoch}, this primary at epoch {}",
+                "this primary is at epoch {}, below the peer's {epoch}: it is fenced",
                 tips.epoch
             ),
         );
     }
-    if next_group == 0 || next_group > tips.group.saturating_add(1) {
+    // Every hello is answered with this primary's epoch, and where the promotion that
+    // opened the hello's epoch + 1 left the peer's history.
+    let start = if epoch < tips.epoch {
+        ledger
+            .store()
+            .epoch_start(epoch.saturating_add(1))
+            .map_err(|e| ConnError::Refused(format!("reading the heads: {e}")))?
+    } else {
+        None
+    };
+    write_frame(
+        &mut stream,
+        &Frame::Epoch {
+            epoch: tips.epoch,
+            from_group: start.map_or(0, |s| s.from_group),
+            from_checkpoint: start.map_or(0, |s| s.from_checkpoint),
+        },
+    )?;
+    if next_group == 0 {
+        return Err(ConnError::Probe);
+    }
+    if epoch < tips.epoch {
+        // A standby of an older epoch follows only if what it holds is a prefix of this
+        // primary's history: at most the group the promotion kept, of its own epoch here.
+        let held = next_group.saturating_sub(1);
+        let same = held == 0
+            || ledger
+                .store()
+                .epoch_of_group(held)
+                .map_err(|e| ConnError::Refused(format!("reading the heads: {e}")))?
+                == Some(epoch);
+        if !same || start.is_some_and(|s| held > s.from_group) {
+            return refuse(
+                &mut stream,
+                format!(
+                    "the standby is at epoch {epoch} with groups after group {} that this primary (epoch {}) does not hold: it has another history (a former primary re-joins from an empty data directory)",
+                    start.map_or(0, |s| s.from_group),
+                    tips.epoch
+                ),
+            );
+        }
+    }
+    if next_group > tips.group.saturating_add(1) {
         return refuse(
             &mut stream,
             format!(
@@ -587,5 +744,6 @@ fn frame_name(f: &Frame) -> &'static str {
         Frame::Group(_) => "group",
         Frame::Ack { .. } => "ack",
         Frame::Stop { .. } => "stop",
+        Frame::Epoch { .. } => "epoch",
     }
 }

@@ -19,7 +19,7 @@ use rustls::pki_types::ServerName;
 use rustls::{ClientConnection, StreamOwned};
 use slog::{error, info, warn, Logger};
 
-use crate::frame::{write_frame, Frame, FrameError, KIND_GROUP, KIND_STOP};
+use crate::frame::{write_frame, Frame, FrameError, KIND_EPOCH, KIND_GROUP, KIND_STOP};
 use crate::inbox::{Filled, Inbox};
 use crate::tls::{PinnedTls, TlsError};
 
@@ -185,7 +185,7 @@ fn connection(
     info!(log, "connected to the primary"; "primary" => %primary, "next_group" => held.group + 1);
     let mut inbox = Inbox::default();
     loop {
-        while let Some(frame) = inbox.next_frame_of(&[KIND_GROUP, KIND_STOP])? {
+        while let Some(frame) = inbox.next_frame_of(&[KIND_GROUP, KIND_STOP, KIND_EPOCH])? {
             match frame {
                 Frame::Group(group) => match replica.apply(&group) {
                     Ok(applied) => {
@@ -213,6 +213,18 @@ fn connection(
                 Frame::Stop { group, reason } => {
                     return Err(ConnError::PrimaryStopped { group, reason })
                 }
+                // The primary's epoch: below the copy's, it is a former primary that was
+                // replaced (it fences itself when it reads this hello's epoch).
+                Frame::Epoch { epoch, .. } if epoch < held.epoch => {
+                    return Err(ConnError::PrimaryStopped {
+                        group: held.group,
+                        reason: format!(
+                            "the standby is at epoch {}, the primary at epoch {epoch}: the primary has been replaced",
+                            held.epoch
+                        ),
+                    })
+                }
+                Frame::Epoch { .. } => {}
                 Frame::Hello { .. } | Frame::Ack { .. } => return Err(ConnError::Unexpected),
             }
         }

@@ -145,6 +145,7 @@ fn synchronous_mode_acknowledges_only_what_the_standby_holds_and_degrades_withou
             mode: Mode::Sync,
             sync_timeout: Duration::from_millis(300),
             tls: pid.tls(&sid.pin()),
+            peer: None,
         },
         &log(),
     )
@@ -245,6 +246,7 @@ fn asynchronous_mode_catches_up_and_a_wrong_pin_gets_nothing() {
             mode: Mode::Async,
             sync_timeout: Duration::from_millis(300),
             tls: pid.tls(&sid.pin()),
+            peer: None,
         },
         &log(),
     )

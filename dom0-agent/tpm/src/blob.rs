@@ -3,14 +3,24 @@
 //! rename. Nothing in it is secret without the TPM that sealed it (the private part is
 //! encrypted by that TPM's storage primary key), but it is kept private all the same.
 //!
+//! A blob is sealed to one boot state (version 1: `TPM2_PolicyPCR` over its values) or to
+//! 2..=[`MAX_STATES`] boot states of the same PCRs (version 2: `TPM2_PolicyOR` over one
+//! `TPM2_PolicyPCR` branch per state, in the order stored), e.g. every boot an A/B update
+//! can lead to (docs/decisions/0006-reseal-for-every-boot-of-a-switch.md).
+//!
 //! ```text
 //! offset  size   field
 //! 0       8      magic b"MFSEALED"
-//! 8       1      version (1)
+//! 8       1      version: 1 (one state) or 2 (several)
 //! 9       32     Ed25519 public key of the sealed seed
 //! 41      2      PCR bank, big-endian TPM_ALG_ID (0x000b, SHA-256)
 //! 43      1      n, number of PCRs (1..=24)
-//! 44      33*n   n times: u8 PCR index (ascending, distinct, <= 23) || 32-byte value sealed to
+//! 44      33*n   n times: u8 PCR index (ascending, distinct, <= 23) || 32-byte value of the
+//!                first state
+//! version 2 only:
+//! ..      1      m, further states (1..=7)
+//! ..      32*n*m m times: the n values of one more state, in the PCR order above
+//! both:
 //! ..      2      u16 big-endian length p (1..=1024) of the TPMT_PUBLIC that follows
 //! ..      p      TPMT_PUBLIC of the sealed object (TPM marshalling)
 //! ..      2      u16 big-endian length q (1..=1024) of the TPM2B_PRIVATE buffer that follows
@@ -29,14 +39,18 @@ use crate::{check_selection, PcrValue};
 
 /// Magic at the start of a sealed-key file.
 pub const MAGIC: &[u8; 8] = b"MFSEALED";
-/// Format version.
+/// Format version of a blob sealed to one boot state.
 pub const VERSION: u8 = 1;
+/// Format version of a blob sealed to several boot states (`TPM2_PolicyOR`).
+pub const VERSION_STATES: u8 = 2;
+/// Most boot states one blob is sealed to (a `TPM2_PolicyOR` takes at most 8 branches).
+pub const MAX_STATES: usize = 8;
 /// `TPM_ALG_SHA256`.
 pub const ALG_SHA256: u16 = 0x000b;
 /// Largest TPMT_PUBLIC or TPM2B_PRIVATE part accepted.
 pub const MAX_PART: usize = 1024;
-/// Largest file accepted.
-pub const MAX_BLOB: u64 = 4096;
+/// Largest file accepted (24 PCRs in 8 states and both parts at their bound fit).
+pub const MAX_BLOB: u64 = 16 * 1024;
 
 /// A sealed seed as stored.
 #[derive(Clone, PartialEq, Eq)]
@@ -44,8 +58,11 @@ pub struct SealedBlob {
     /// Public key of the sealed seed (so a blob can be matched to the ledger's key without
     /// unsealing it).
     pub public_key: [u8; 32],
-    /// PCR index and the value sealed to, ascending.
+    /// PCR index and the value sealed to, ascending: the first (or only) boot state.
     pub pcrs: Vec<(u8, PcrValue)>,
+    /// Further boot states the seed is released in: the values of the same PCRs, in the
+    /// same order (empty for a blob of one state).
+    pub more: Vec<Vec<PcrValue>>,
     /// TPMT_PUBLIC of the sealed object.
     pub tpm_public: Vec<u8>,
     /// TPM2B_PRIVATE contents of the sealed object.
@@ -57,6 +74,7 @@ impl std::fmt::Debug for SealedBlob {
         f.debug_struct("SealedBlob")
             .field("public_key", &crate::hex(&self.public_key))
             .field("pcrs", &self.pcrs.iter().map(|p| p.0).collect::<Vec<_>>())
+            .field("states", &self.states().len())
             .finish_non_exhaustive()
     }
 }
@@ -95,17 +113,48 @@ fn sha256(bytes: &[u8]) -> [u8; 32] {
 }
 
 impl SealedBlob {
-    /// The canonical encoding (module docs).
+    /// Every boot state the seed is released in, each as PCR index and value (ascending).
+    pub fn states(&self) -> Vec<Vec<(u8, PcrValue)>> {
+        let mut out = vec![self.pcrs.clone()];
+        for values in &self.more {
+            out.push(
+                self.pcrs
+                    .iter()
+                    .map(|p| p.0)
+                    .zip(values.iter().copied())
+                    .collect(),
+            );
+        }
+        out
+    }
+
+    /// The canonical encoding (module docs): version 1 without further states, else 2.
     pub fn encode(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(128 + self.tpm_public.len() + self.tpm_private.len());
+        let mut out = Vec::with_capacity(
+            128 + 32 * self.pcrs.len() * self.more.len()
+                + self.tpm_public.len()
+                + self.tpm_private.len(),
+        );
         out.extend_from_slice(MAGIC);
-        out.push(VERSION);
+        out.push(if self.more.is_empty() {
+            VERSION
+        } else {
+            VERSION_STATES
+        });
         out.extend_from_slice(&self.public_key);
         out.extend_from_slice(&ALG_SHA256.to_be_bytes());
         out.push(u8::try_from(self.pcrs.len()).unwrap_or(u8::MAX));
         for (pcr, value) in &self.pcrs {
             out.push(*pcr);
             out.extend_from_slice(value);
+        }
+        if !self.more.is_empty() {
+            out.push(u8::try_from(self.more.len()).unwrap_or(u8::MAX));
+            for values in &self.more {
+                for value in values {
+                    out.extend_from_slice(value);
+                }
+            }
         }
         for part in [&self.tpm_public, &self.tpm_private] {
             out.extend_from_slice(&u16::try_from(part.len()).unwrap_or(u16::MAX).to_be_bytes());
@@ -131,9 +180,9 @@ impl SealedBlob {
             return Err("not a sealed-key file (bad magic)".into());
         }
         let version = r.u8()?;
-        if version != VERSION {
+        if version != VERSION && version != VERSION_STATES {
             return Err(format!(
-                "version {version} is not supported (expected {VERSION})"
+                "version {version} is not supported (expected {VERSION} or {VERSION_STATES})"
             ));
         }
         let mut public_key = [0u8; 32];
@@ -156,6 +205,22 @@ impl SealedBlob {
             Ok(_) => return Err("PCRs not in ascending order".into()),
             Err(e) => return Err(e.to_string()),
         }
+        let mut more = Vec::new();
+        if version == VERSION_STATES {
+            let m = usize::from(r.u8()?);
+            if m == 0 || m >= MAX_STATES {
+                return Err(format!("{m} further states outside 1..={}", MAX_STATES - 1));
+            }
+            for _ in 0..m {
+                let mut values = Vec::with_capacity(pcrs.len());
+                for _ in 0..pcrs.len() {
+                    let mut value = [0u8; 32];
+                    value.copy_from_slice(r.take(32)?);
+                    values.push(value);
+                }
+                more.push(values);
+            }
+        }
         let mut part = |what: &str| -> Result<Vec<u8>, String> {
             let len = usize::from(r.u16()?);
             if len == 0 || len > MAX_PART {
@@ -174,6 +239,7 @@ impl SealedBlob {
         Ok(Self {
             public_key,
             pcrs,
+            more,
             tpm_public,
             tpm_private,
         })
@@ -249,9 +315,72 @@ mod tests {
         SealedBlob {
             public_key: [0x11; 32],
             pcrs: vec![(7, [0x07; 32]), (8, [0x08; 32]), (9, [0x09; 32])],
+            more: Vec::new(),
             tpm_public: vec![0xaa; 4],
             tpm_private: vec![0xbb; 3],
         }
+    }
+
+    /// Sealed to three states: the sample's, then PCR 8 and 9 of two more boots.
+    fn sample_states() -> SealedBlob {
+        SealedBlob {
+            more: vec![
+                vec![[0x07; 32], [0x18; 32], [0x19; 32]],
+                vec![[0x07; 32], [0x28; 32], [0x29; 32]],
+            ],
+            ..sample()
+        }
+    }
+
+    #[test]
+    fn states_round_trip_and_vector() {
+        let b = sample_states();
+        let bytes = b.encode();
+        assert_eq!(bytes.get(8), Some(&VERSION_STATES));
+        assert_eq!(SealedBlob::decode(&bytes).unwrap(), b);
+        let states = b.states();
+        assert_eq!(states.len(), 3);
+        assert_eq!(
+            states[2],
+            vec![(7, [0x07; 32]), (8, [0x28; 32]), (9, [0x29; 32])]
+        );
+        let vector = include_str!("../../../docs/vectors/sealed-key-2.hex");
+        assert_eq!(crate::hex(&bytes), vector.trim());
+        // One state is still written as version 1, byte for byte.
+        assert_eq!(sample().encode().get(8), Some(&VERSION));
+        assert_eq!(sample().states(), vec![sample().pcrs]);
+    }
+
+    /// Every single flipped bit and every truncation of `bytes` is refused.
+    fn every_change_refused(bytes: &[u8]) {
+        for i in 0..bytes.len() {
+            let mut t = bytes.to_vec();
+            if let Some(b) = t.get_mut(i) {
+                *b ^= 0x01;
+            }
+            assert!(
+                SealedBlob::decode(&t).is_err(),
+                "byte {i} flipped was accepted"
+            );
+        }
+        for len in 0..bytes.len() {
+            assert!(SealedBlob::decode(bytes.get(..len).unwrap()).is_err());
+        }
+    }
+
+    #[test]
+    fn states_count_bounded_and_every_byte_checked() {
+        every_change_refused(&sample_states().encode());
+        let mut b = sample();
+        b.more = vec![vec![[0; 32]; 3]; MAX_STATES];
+        assert!(SealedBlob::decode(&b.encode())
+            .unwrap_err()
+            .contains("further states"));
+        b.more = vec![vec![[0; 32]; 3]; MAX_STATES - 1];
+        assert_eq!(
+            SealedBlob::decode(&b.encode()).unwrap().states().len(),
+            MAX_STATES
+        );
     }
 
     #[test]
@@ -265,20 +394,7 @@ mod tests {
 
     #[test]
     fn every_single_byte_change_is_refused() {
-        let bytes = sample().encode();
-        for i in 0..bytes.len() {
-            let mut t = bytes.clone();
-            if let Some(b) = t.get_mut(i) {
-                *b ^= 0x01;
-            }
-            assert!(
-                SealedBlob::decode(&t).is_err(),
-                "byte {i} flipped was accepted"
-            );
-        }
-        for len in 0..bytes.len() {
-            assert!(SealedBlob::decode(bytes.get(..len).unwrap()).is_err());
-        }
+        every_change_refused(&sample().encode());
     }
 
     #[test]

@@ -10,16 +10,17 @@ use tss_esapi::interface_types::ecc::EccCurve;
 use tss_esapi::interface_types::resource_handles::Hierarchy;
 use tss_esapi::interface_types::session_handles::PolicySession;
 use tss_esapi::structures::{
-    Data, Digest, DigestValues, EccPoint, EccScheme, HashScheme, KeyDerivationFunctionScheme,
-    PcrSelectionListBuilder, PcrSlot, Public, PublicBuilder, PublicEccParametersBuilder,
-    PublicKeyedHashParameters, SensitiveData, SignatureScheme, SymmetricDefinition,
-    SymmetricDefinitionObject,
+    Data, Digest, DigestList, DigestValues, EccPoint, EccScheme, HashScheme,
+    KeyDerivationFunctionScheme, PcrSelectionListBuilder, PcrSlot, Public, PublicBuilder,
+    PublicEccParametersBuilder, PublicKeyedHashParameters, SensitiveData, SignatureScheme,
+    SymmetricDefinition, SymmetricDefinitionObject,
 };
 use tss_esapi::tcti_ldr::TctiNameConf;
 use tss_esapi::traits::Marshall;
 use tss_esapi::Context;
 use zeroize::Zeroizing;
 
+use crate::blob::MAX_STATES;
 use crate::quote::Quote;
 use crate::{
     check_selection, hex, pcr_digest, quote, PcrValue, SealedBlob, SelectionError, MAX_PCR,
@@ -79,6 +80,16 @@ pub enum TpmError {
         /// Bytes unsealed.
         len: usize,
     },
+}
+
+/// A `TPML_DIGEST` of policy digests (at most 8).
+fn digest_list(digests: &[Digest]) -> Result<DigestList, TpmError> {
+    let mut list = DigestList::new();
+    for d in digests {
+        list.add(d.clone())
+            .map_err(cmd("TPM2_PolicyOR digest list"))?;
+    }
+    Ok(list)
 }
 
 fn slot(pcr: u8) -> Result<PcrSlot, TpmError> {
@@ -275,6 +286,30 @@ impl Tpm {
         let _ = self.ctx.flush_context(handle.into());
     }
 
+    /// The policy digest of `TPM2_PolicyOR` over `branches` (2..=8 policy digests),
+    /// computed by a trial session.
+    fn or_policy(&mut self, branches: &[Digest]) -> Result<Digest, TpmError> {
+        let list = digest_list(branches)?;
+        let session = self.policy_session(SessionType::Trial)?;
+        let result = self
+            .ctx
+            .execute_without_session(|c| c.policy_or(session, list))
+            .map_err(cmd("TPM2_PolicyOR"))
+            .and_then(|()| {
+                self.ctx
+                    .policy_get_digest(session)
+                    .map_err(cmd("TPM2_PolicyGetDigest"))
+            });
+        self.flush_session(session);
+        result
+    }
+
+    /// The `TPM2_PolicyPCR` digest of each state (one state per branch of a
+    /// `TPM2_PolicyOR`).
+    fn state_policies(&mut self, states: &[Vec<(u8, PcrValue)>]) -> Result<Vec<Digest>, TpmError> {
+        states.iter().map(|s| self.pcr_policy(s)).collect()
+    }
+
     /// Seals `seed` so that this TPM releases it only while the PCRs hold `values` (the
     /// current values for a key in use; an update's expected values for a re-seal).
     pub fn seal(
@@ -283,7 +318,32 @@ impl Tpm {
         values: &[(u8, PcrValue)],
         public_key: [u8; 32],
     ) -> Result<SealedBlob, TpmError> {
-        let pcrs: Vec<u8> = values.iter().map(|(p, _)| *p).collect();
+        self.seal_states(seed, &[values.to_vec()], public_key)
+    }
+
+    /// Seals `seed` so that this TPM releases it while the PCRs hold the values of any one
+    /// of `states` (1..=[`MAX_STATES`] states of the same PCRs, ascending; a state given
+    /// twice counts once): one state is a `TPM2_PolicyPCR` policy (a version-1 blob),
+    /// several a `TPM2_PolicyOR` of one `TPM2_PolicyPCR` branch per state (version 2).
+    pub fn seal_states(
+        &mut self,
+        seed: &[u8; 32],
+        states: &[Vec<(u8, PcrValue)>],
+        public_key: [u8; 32],
+    ) -> Result<SealedBlob, TpmError> {
+        let mut distinct: Vec<Vec<(u8, PcrValue)>> = Vec::with_capacity(states.len());
+        for s in states {
+            if !distinct.contains(s) {
+                distinct.push(s.clone());
+            }
+        }
+        let Some(first) = distinct.first().cloned() else {
+            return Err(TpmError::Selection(SelectionError {
+                pcrs: Vec::new(),
+                reason: "no boot state to seal to",
+            }));
+        };
+        let pcrs: Vec<u8> = first.iter().map(|(p, _)| *p).collect();
         let sorted = check_selection(&pcrs)?;
         if sorted != pcrs {
             return Err(TpmError::Selection(SelectionError {
@@ -291,7 +351,27 @@ impl Tpm {
                 reason: "PCR values must be given in ascending order",
             }));
         }
-        let policy = self.pcr_policy(values)?;
+        if distinct.len() > MAX_STATES {
+            return Err(TpmError::Selection(SelectionError {
+                pcrs,
+                reason: "more than 8 boot states (a TPM2_PolicyOR takes at most 8 branches)",
+            }));
+        }
+        if distinct
+            .iter()
+            .any(|s| s.iter().map(|(p, _)| *p).ne(pcrs.iter().copied()))
+        {
+            return Err(TpmError::Selection(SelectionError {
+                pcrs,
+                reason: "every boot state must name the same PCRs",
+            }));
+        }
+        let policy = if distinct.len() == 1 {
+            self.pcr_policy(&first)?
+        } else {
+            let branches = self.state_policies(&distinct)?;
+            self.or_policy(&branches)?
+        };
         let attrs = ObjectAttributesBuilder::new()
             .with_fixed_tpm(true)
             .with_fixed_parent(true)
@@ -327,23 +407,42 @@ impl Tpm {
             .map_err(cmd("marshal TPMT_PUBLIC"))?;
         Ok(SealedBlob {
             public_key,
-            pcrs: values.to_vec(),
+            pcrs: first,
+            more: distinct
+                .iter()
+                .skip(1)
+                .map(|s| s.iter().map(|(_, v)| *v).collect())
+                .collect(),
             tpm_public: public,
             tpm_private: created.out_private.value().to_vec(),
         })
     }
 
     /// Unseals the seed of `blob`: fails with [`TpmError::ForeignTpm`] on another TPM and
-    /// with [`TpmError::PcrMismatch`] when the boot chain differs from the sealed one.
+    /// with [`TpmError::PcrMismatch`] when the boot chain differs from every state sealed
+    /// to (naming the differences from the nearest state).
     pub fn unseal(&mut self, blob: &SealedBlob) -> Result<Zeroizing<[u8; 32]>, TpmError> {
         let pcrs: Vec<u8> = blob.pcrs.iter().map(|(p, _)| *p).collect();
         let now = self.read_pcrs(&pcrs)?;
-        let differ: Vec<(u8, PcrValue, PcrValue)> = now
-            .iter()
-            .zip(&blob.pcrs)
-            .filter(|(a, b)| a.1 != b.1)
-            .map(|(a, b)| (a.0, a.1, b.1))
-            .collect();
+        let states = blob.states();
+        // The state the PCRs hold now, else the differences from the nearest one.
+        let mut matched = None;
+        let mut differ: Vec<(u8, PcrValue, PcrValue)> = Vec::new();
+        for (i, state) in states.iter().enumerate() {
+            let d: Vec<(u8, PcrValue, PcrValue)> = now
+                .iter()
+                .zip(state)
+                .filter(|(a, b)| a.1 != b.1)
+                .map(|(a, b)| (a.0, a.1, b.1))
+                .collect();
+            if d.is_empty() {
+                matched = Some(i);
+                break;
+            }
+            if differ.is_empty() || d.len() < differ.len() {
+                differ = d;
+            }
+        }
         let public = <Public as tss_esapi::traits::UnMarshall>::unmarshall(&blob.tpm_public)
             .map_err(cmd("unmarshal TPMT_PUBLIC"))?;
         let private = tss_esapi::structures::Private::try_from(blob.tpm_private.clone())
@@ -354,23 +453,43 @@ impl Tpm {
             .execute_with_nullauth_session(|c| c.load(primary, private, public));
         let _ = self.ctx.flush_context(primary.into());
         let object = loaded.map_err(|source| TpmError::ForeignTpm { source })?;
-        if !differ.is_empty() {
+        let Some(matched) = matched else {
             let _ = self.ctx.flush_context(object.into());
             return Err(TpmError::PcrMismatch { differ });
-        }
-        let result = self.unseal_loaded(object.into(), &blob.pcrs);
+        };
+        let result = self.unseal_loaded(object.into(), &states, matched);
         let _ = self.ctx.flush_context(object.into());
         result
     }
 
+    /// Satisfies the blob's policy for state `matched` (its `TPM2_PolicyPCR`, then with
+    /// several states the `TPM2_PolicyOR` of every state's branch) and unseals.
     fn unseal_loaded(
         &mut self,
         object: ObjectHandle,
-        values: &[(u8, PcrValue)],
+        states: &[Vec<(u8, PcrValue)>],
+        matched: usize,
     ) -> Result<Zeroizing<[u8; 32]>, TpmError> {
+        let values = states.get(matched).ok_or(TpmError::Unexpected {
+            command: "state selection",
+        })?;
+        let branches = if states.len() > 1 {
+            Some(self.state_policies(states)?)
+        } else {
+            None
+        };
         let session = self.policy_session(SessionType::Policy)?;
         let result = self
             .apply_pcr_policy(session, values)
+            .and_then(|()| match &branches {
+                Some(b) => {
+                    let list = digest_list(b)?;
+                    self.ctx
+                        .execute_without_session(|c| c.policy_or(session, list))
+                        .map_err(cmd("TPM2_PolicyOR"))
+                }
+                None => Ok(()),
+            })
             .map_err(|e| match e {
                 TpmError::Command { source, .. } => TpmError::PolicyFailed { source },
                 other => other,

@@ -122,7 +122,27 @@ impl SealedKeys {
     /// this (good) boot first; writes whichever of `signing.sealed`/`signing.sealed.alt` did
     /// not unseal now, and returns its path. The blob in use is not touched.
     pub fn reseal(&self, dir: &Path, expected: &[(u8, PcrValue)]) -> Result<PathBuf, KeyError> {
-        crate::check_selection(&expected.iter().map(|p| p.0).collect::<Vec<_>>())
+        self.reseal_states(dir, &[expected.to_vec()])
+    }
+
+    /// As [`SealedKeys::reseal`], to several boot states at once (1..=8, the same PCRs in
+    /// each): one blob the TPM releases in any of them (`TPM2_PolicyOR`), e.g. every boot an
+    /// A/B switch can lead to (trial boots, the committed new slot, the fallback).
+    pub fn reseal_states(
+        &self,
+        dir: &Path,
+        states: &[Vec<(u8, PcrValue)>],
+    ) -> Result<PathBuf, KeyError> {
+        let Some(first) = states.first() else {
+            return Err(self.unavailable(
+                dir.join(ALT_FILE),
+                TpmError::Selection(crate::SelectionError {
+                    pcrs: Vec::new(),
+                    reason: "no boot state to seal to",
+                }),
+            ));
+        };
+        crate::check_selection(&first.iter().map(|p| p.0).collect::<Vec<_>>())
             .map_err(|e| self.unavailable(dir.join(ALT_FILE), TpmError::Selection(e)))?;
         let mut tpm = self.tpm(dir)?;
         let mut attempts = Vec::new();
@@ -141,7 +161,7 @@ impl SealedKeys {
             };
             let path = dir.join(target);
             let sealed = tpm
-                .seal(&seed, expected, blob.public_key)
+                .seal_states(&seed, states, blob.public_key)
                 .map_err(|e| self.unavailable(path.clone(), e))?;
             write(&sealed, &path)?;
             return Ok(path);

@@ -11,13 +11,28 @@ fn blob() -> impl Strategy<Value = SealedBlob> {
         proptest::collection::btree_map(0u8..=23, any::<[u8; 32]>(), 1..=24),
         proptest::collection::vec(any::<u8>(), 1..=64),
         proptest::collection::vec(any::<u8>(), 1..=64),
+        0usize..mayfly_tpm::blob::MAX_STATES,
+        any::<u8>(),
     )
-        .prop_map(|(public_key, pcrs, tpm_public, tpm_private)| SealedBlob {
-            public_key,
-            pcrs: pcrs.into_iter().collect(),
-            tpm_public,
-            tpm_private,
-        })
+        .prop_map(
+            |(public_key, pcrs, tpm_public, tpm_private, further, fill)| {
+                let n = pcrs.len();
+                SealedBlob {
+                    public_key,
+                    pcrs: pcrs.into_iter().collect(),
+                    // Further states: distinct values per state and PCR.
+                    more: (0..further)
+                        .map(|s| {
+                            (0..n)
+                                .map(|i| [fill ^ u8::try_from(s * 24 + i).unwrap_or(0); 32])
+                                .collect()
+                        })
+                        .collect(),
+                    tpm_public,
+                    tpm_private,
+                }
+            },
+        )
 }
 
 proptest! {

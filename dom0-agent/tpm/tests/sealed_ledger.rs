@@ -125,6 +125,14 @@ fn sealed_key_signs_refuses_on_a_changed_boot_and_another_tpm_and_recovers() {
         assert!(err.contains("does not belong to this TPM"), "{err}");
     }
     assert_eq!(data_digest(&data), before);
+    // The refusals wait in a marker written whole (tmp, fsync, rename): a power cut after a
+    // refused start must not leave a torn one.
+    let marker = std::fs::read_to_string(data.join("key-unavailable.refused")).unwrap();
+    assert!(
+        marker.contains("PCR 8") && marker.contains("does not belong to this TPM"),
+        "{marker}"
+    );
+    assert!(!data.join("key-unavailable.refused.tmp").exists());
 
     // The original TPM and image again: signs, and audits the refused starts.
     {

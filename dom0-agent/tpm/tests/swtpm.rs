@@ -91,6 +91,68 @@ fn sealed_to_expected_values_of_another_boot() {
 }
 
 #[test]
+fn sealed_to_several_boot_states_unseals_in_each_and_nowhere_else() {
+    // An A/B update: one blob for the trial boot, the committed boot of the new slot and
+    // the fallback to the old one (TPM2_PolicyOR of one TPM2_PolicyPCR per state).
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("tpm");
+    let boots = [
+        "console=hvc0 ro mayfly.trial=b",
+        "console=hvc0 ro mayfly.slot=b",
+        "console=hvc0 ro mayfly.fallback=a",
+    ];
+    let states: Vec<_> = boots
+        .iter()
+        .map(|c| expected_after_boot(DEFAULT_PCRS, c))
+        .collect();
+    let blob = {
+        let (_sw, mut tpm) = booted(&state, GOOD_CMDLINE);
+        let blob = tpm.seal_states(&[3; 32], &states, [0; 32]).unwrap();
+        assert_eq!(blob.states(), states);
+        let err = tpm.unseal(&blob).unwrap_err();
+        assert!(matches!(err, TpmError::PcrMismatch { .. }), "{err}");
+        // The same states again, and more than a PolicyOR takes, are refused or folded.
+        let twice: Vec<_> = states.iter().chain(&states).cloned().collect();
+        assert_eq!(
+            tpm.seal_states(&[3; 32], &twice, [0; 32])
+                .unwrap()
+                .states()
+                .len(),
+            3
+        );
+        let nine: Vec<_> = (0..9)
+            .map(|i| expected_after_boot(DEFAULT_PCRS, &format!("console=hvc0 n={i}")))
+            .collect();
+        assert!(matches!(
+            tpm.seal_states(&[3; 32], &nine, [0; 32]),
+            Err(TpmError::Selection(_))
+        ));
+        blob
+    };
+    let blob = mayfly_tpm::SealedBlob::decode(&blob.encode()).unwrap();
+    for boot in boots {
+        let (_sw, mut tpm) = booted(&state, boot);
+        assert_eq!(*tpm.unseal(&blob).unwrap(), [3; 32], "boot {boot}");
+    }
+    // Another boot chain: refused, the error names PCR 8.
+    let (_sw, mut tpm) = booted(&state, "console=hvc0 ro init=/bin/sh");
+    let err = tpm.unseal(&blob).unwrap_err();
+    assert!(matches!(err, TpmError::PcrMismatch { .. }), "{err}");
+    assert!(err.to_string().contains("PCR 8"), "{err}");
+    // Recorded states edited to the current values gain nothing: the TPM checks the
+    // policy (the PolicyOR list then differs from the object's).
+    let mut forged = blob.clone();
+    forged.more[0] = tpm
+        .read_pcrs(DEFAULT_PCRS)
+        .unwrap()
+        .into_iter()
+        .map(|(_, v)| v)
+        .collect();
+    let err = tpm.unseal(&forged).unwrap_err();
+    assert!(matches!(err, TpmError::PolicyFailed { .. }), "{err}");
+}
+
+#[test]
 fn quote_verifies_and_every_tampering_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let (_sw, mut tpm) = booted(&dir.path().join("tpm"), GOOD_CMDLINE);

@@ -33,7 +33,11 @@ pub fn key_source(dir: &Path) -> KeySourceFact {
             match mayfly_tpm::SealedBlob::read(path) {
                 Ok(b) => {
                     let pcrs: Vec<String> = b.pcrs.iter().map(|p| p.0.to_string()).collect();
-                    parts.push(format!("{name} sealed to PCRs {}", pcrs.join(",")));
+                    let states = match b.states().len() {
+                        1 => String::new(),
+                        n => format!(" ({n} boot states)"),
+                    };
+                    parts.push(format!("{name} sealed to PCRs {}{states}", pcrs.join(",")));
                 }
                 Err(e) => {
                     return KeySourceFact {
@@ -76,13 +80,18 @@ mod tests {
         let blob = mayfly_tpm::SealedBlob {
             public_key: [0; 32],
             pcrs: vec![(7, [0; 32]), (9, [0; 32])],
+            more: vec![vec![[1; 32], [2; 32]]],
             tpm_public: vec![1],
             tpm_private: vec![2],
         };
         blob.write(&dir.path().join("signing.sealed")).unwrap();
         let f = key_source(dir.path());
         assert_eq!(f.source, "tpm");
-        assert!(f.detail.contains("PCRs 7,9"), "{}", f.detail);
+        assert!(
+            f.detail.contains("PCRs 7,9 (2 boot states)"),
+            "{}",
+            f.detail
+        );
         std::fs::write(dir.path().join("signing.sealed.alt"), b"garbage").unwrap();
         assert_eq!(key_source(dir.path()).source, "unreadable");
     }

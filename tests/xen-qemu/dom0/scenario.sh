@@ -153,7 +153,7 @@ grant_count() {
 }
 if [ -f /etc/default/mayfly-agent ]; then cp /etc/default/mayfly-agent /tmp/agent-default; fi
 # (This image has no data partition: the ledger stays in RAM, as build-images.sh says.)
-printf '%s\n' 'DOM0_AGENT_ARGS="--policy /mayfly-test/policy --xen-guest mayfly"' \
+printf '%s\n' 'DOM0_AGENT_ARGS="--policy /mayfly-test/policy --xen-guest mayfly --key-source file"' \
     'MAYFLY_DATA_REQUIRED=0' >/etc/default/mayfly-agent
 timeout 30 xl dmesg -c >/dev/null 2>&1
 ev0=$(evtchn_count)

@@ -29,7 +29,7 @@ pub use error::ConfigError;
 pub use file::File;
 pub(crate) use key::section;
 pub use key::{merge_key, toml_line, Bound, Flag, Key, Section};
-pub use sections::{Console, Service, SigningKey, SigningKeyFlags, Tls, Xen};
+pub use sections::{BreakGlass, Console, Service, SigningKey, SigningKeyFlags, Tls, Update, Xen};
 pub use value::{flag_arg, flag_value, Value};
 
 /// A section owned by another crate and read by its serde reader (its defaults, and the
@@ -164,6 +164,10 @@ config! {
         console: Console,
         /// `[key]`.
         key: SigningKey,
+        /// `[update]`.
+        update: Update,
+        /// `[breakglass]`.
+        breakglass: BreakGlass,
     foreign:
         /// `[siem]`: `mayfly-siem`'s `SiemConfig` (docs/siem.md).
         siem: mayfly_siem::SiemConfig => "file only: a list of collectors, [[siem.collector]] (docs/siem.md)",

@@ -213,6 +213,50 @@ section! {
     }
 }
 
+section! {
+    /// `[update]`: the signed A/B update installed by `update.install` on the admin console
+    /// (`update.rs`; docs/console.md, "Updates"). Off by default; the appliance image turns it
+    /// on. Every path has the appliance's default.
+    pub struct Update / UpdateFlags, table "update", heading "A/B update ([update])" {
+        /// Serve `update.install` and `update.status` on the admin console.
+        enabled: bool = false, Flag::Set("update"), Bound::Any;
+        /// The update medium: a directory holding the bundles [default: the partition
+        /// labelled MAYFLY-MEDIA, mounted read-only on /run/mayfly-media for each install].
+        medium: Option<PathBuf> = None, Flag::Value("update-medium"), Bound::Any;
+        /// The EFI system partition (grubenv, xen-<slot>, vmlinux-<slot>) [default: the
+        /// partition labelled MAYFLY-ESP, mounted on /run/mayfly-esp for each operation].
+        esp: Option<PathBuf> = None, Flag::Value("update-esp"), Bound::Any;
+        /// Slot a's root block device [default: found by its GPT partition GUID under
+        /// /sys/class/block].
+        slot_a_device: Option<PathBuf> = None, Flag::Value("update-slot-a-device"), Bound::Any;
+        /// Slot b's root block device [default: found by its GPT partition GUID].
+        slot_b_device: Option<PathBuf> = None, Flag::Value("update-slot-b-device"), Bound::Any;
+        /// The vendor's update public key (64 hex digits), pinned in the image.
+        key: PathBuf = PathBuf::from("/etc/mayfly/update-key.pub"), Flag::Value("update-key"), Bound::Any;
+        /// The running image's description (its image_version= line).
+        image_info: PathBuf = PathBuf::from("/etc/mayfly/image-info"), Flag::Value("update-image-info"), Bound::Any;
+        /// The kernel command line (its root=PARTUUID= names the booted slot).
+        cmdline_file: PathBuf = PathBuf::from("/proc/cmdline"), Flag::Value("update-cmdline-file"), Bound::Any;
+        /// The version floor and events.log, on the data partition.
+        state_dir: PathBuf = PathBuf::from("/var/lib/mayfly/update"), Flag::Value("update-state-dir"), Bound::Any;
+        /// Largest bundle file in MiB; a larger one is refused before it is read (the parts'
+        /// own limits add up to 832 MiB).
+        max_bundle_mib: u64 = 1024, Flag::Value("update-max-bundle-mib"), Bound::range(1, 4096);
+    }
+}
+
+section! {
+    /// `[breakglass]`: the console's only login, opened by the signed `breakglass.open`
+    /// (`breakglass.rs`; docs/console.md, "Break-glass"). Off without a tty.
+    pub struct BreakGlass / BreakGlassFlags, table "breakglass", heading "Break-glass console ([breakglass])" {
+        /// The console the break-glass login is offered on, e.g. /dev/hvc0 (nothing reads it
+        /// unless an admin quorum opened a window) [default: none, break-glass off].
+        tty: Option<PathBuf> = None, Flag::Value("breakglass-tty"), Bound::Any;
+        /// The shell a correct token starts (as `setsid -c SHELL -l`, as the agent's user).
+        shell: PathBuf = PathBuf::from("/bin/sh"), Flag::Value("breakglass-shell"), Bound::Any;
+    }
+}
+
 impl Value for GuestKind {
     const KIND: &'static str = "\"mayfly\" or \"linux\"";
     const PLACEHOLDER: &'static str = "GUEST";

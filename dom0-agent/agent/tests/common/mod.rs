@@ -393,3 +393,61 @@ pub fn stop_reading(s: &TcpStream) {
 pub fn unread_requests() -> Vec<u8> {
     b"GET /metrics HTTP/1.1\r\nHost: localhost\r\n\r\n".repeat(2000)
 }
+
+/// The admin key of a test seed.
+pub fn admin_key(seed: u8) -> ring::signature::Ed25519KeyPair {
+    ring::signature::Ed25519KeyPair::from_seed_unchecked(&[seed; 32]).unwrap()
+}
+
+/// `command` with `args`, bound to `appliance`, valid for five minutes, signed by the admin
+/// keys of `signers` (seeds).
+pub fn signed_command(
+    appliance: &str,
+    command: &str,
+    args: &[(&str, &str)],
+    signers: &[u8],
+) -> mayfly_command::Envelope {
+    let now = mayfly_command::now_ns();
+    let mut a: std::collections::BTreeMap<String, String> = args
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .collect();
+    a.insert(
+        mayfly_command::APPLIANCE_ARG.to_owned(),
+        appliance.to_owned(),
+    );
+    let mut e = mayfly_command::Envelope::new(mayfly_command::Body {
+        nonce: mayfly_command::random_nonce().unwrap(),
+        issued_ns: now,
+        expires_ns: now + 300 * 1_000_000_000,
+        command: command.into(),
+        args: a,
+    })
+    .unwrap();
+    for s in signers {
+        e.sign(&admin_key(*s)).unwrap();
+    }
+    e
+}
+
+/// Sends request bytes to the console socket; returns the result frame (progress frames
+/// skipped).
+pub fn console_send(socket: &Path, bytes: &[u8]) -> Value {
+    let mut s = std::os::unix::net::UnixStream::connect(socket).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
+    mayfly_command::frame::write_request(&mut s, bytes).unwrap();
+    loop {
+        let f = mayfly_command::frame::read_response(&mut s).unwrap();
+        if f["type"] == "result" {
+            return f;
+        }
+    }
+}
+
+/// The appliance identity the console answers (`MFAH`).
+pub fn console_identity(socket: &Path) -> String {
+    console_send(socket, mayfly_command::frame::HELLO)["result"]["appliance"]
+        .as_str()
+        .unwrap()
+        .to_owned()
+}
