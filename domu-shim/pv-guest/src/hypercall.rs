@@ -50,33 +50,19 @@ fn stub(nr: usize) -> usize {
 /// Every pointer argument must be valid for the access the hypercall makes, for its whole
 /// duration.
 pub unsafe fn call3(nr: usize, a1: u64, a2: u64, a3: u64) -> i64 {
-    let ret: i64;
-    // SAFETY: `stub(nr)` is inside the hypercall page Xen filled at build time; the stub
-    // only traps into Xen and returns. The caller guarantees the arguments (see above).
-    unsafe {
-        asm!(
-            "call {stub}",
-            stub = in(reg) stub(nr),
-            inlateout("rdi") a1 => _,
-            inlateout("rsi") a2 => _,
-            inlateout("rdx") a3 => _,
-            lateout("r10") _,
-            lateout("r8") _,
-            lateout("rax") ret,
-            lateout("rcx") _,
-            lateout("r11") _,
-        );
-    }
-    ret
+    // SAFETY: the caller's guarantee; the fourth argument register is unused by these calls.
+    unsafe { call4(nr, a1, a2, a3, 0) }
 }
 
 /// A four-argument hypercall (the fourth in `%r10`).
 ///
 /// # Safety
-/// As [`call3`].
+/// Every pointer argument must be valid for the access the hypercall makes, for its whole
+/// duration.
 pub unsafe fn call4(nr: usize, a1: u64, a2: u64, a3: u64, a4: u64) -> i64 {
     let ret: i64;
-    // SAFETY: as in `call3`.
+    // SAFETY: `stub(nr)` is inside the hypercall page Xen filled at build time; the stub
+    // only traps into Xen and returns. The caller guarantees the arguments (see above).
     unsafe {
         asm!(
             "call {stub}",
