@@ -59,24 +59,13 @@ else
     fail "domain ids: ${domains[*]}"
 fi
 # Sustained fresh-domain-per-transaction rate on the Linux guest, the baseline of the Mayfly
-# guest's (agent-mayfly.sh): 4 clients, kv puts, for SUSTAIN_S seconds (default 60; 0 skips).
+# guest's (agent-mayfly.sh, the same workload: http.sh's sustain_kv, 4 clients, kv puts) for
+# SUSTAIN_S seconds (default 60; 0 skips).
 SUSTAIN_S=${SUSTAIN_S:-60}
 if [ "$SUSTAIN_S" -gt 0 ]; then
     WORK=$(mktemp -d)
-    sustain_client() {
-        local c=$1 end=$(($(date +%s) + SUSTAIN_S)) i=0 r
-        while [ "$(date +%s)" -lt "$end" ]; do
-            r=$(post "{\"handler\":\"kv\",\"payload\":{\"op\":\"put\",\"key\":\"kv/s$c-$i\",\"value\":\"x\"}}" no-wait 2>/dev/null)
-            echo "${r%% *} $(echo "$r" | json_field status)" >>"$WORK/client-$c"
-            i=$((i + 1))
-        done
-    }
-    started=$(date +%s.%N)
-    for c in 0 1 2 3; do sustain_client "$c" & done
-    wait
-    elapsed=$(echo "$started $(date +%s.%N)" | awk '{ printf "%.1f", $2 - $1 }')
-    done_tx=$(cat "$WORK"/client-* 2>/dev/null | grep -c '^200 committed' || true)
-    echo "linux_sustained_tx_s=$(echo "$done_tx $elapsed" | awk '{ printf "%.3f", $1 / $2 }') committed=$done_tx seconds=$elapsed clients=4"
+    read -r done_tx all_tx elapsed < <(sustain_kv "$SUSTAIN_S" "$WORK" s)
+    echo "linux_sustained_tx_s=$(echo "$done_tx $elapsed" | awk '{ printf "%.3f", $1 / $2 }') committed=$done_tx answered=$all_tx seconds=$elapsed clients=4 workload=kv-put"
     rm -rf "$WORK"
 fi
 # The agent answers, then destroys the domain: poll (bounded) until none is in use.

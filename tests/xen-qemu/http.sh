@@ -40,3 +40,26 @@ json_field() {
     grep -oE "\"$1\":(\"[^\"]*\"|[0-9]+)" | head -n 1 | cut -d: -f2- | tr -d '"'
     return 0
 }
+
+# sustain_kv <seconds> <dir> <key-prefix>: the sustained workload both guests are measured
+# with (the same handler on both sides, so the ratio compares guests, not workloads): 4
+# clients, each putting its own fresh kv keys back to back for <seconds>, every put a fresh
+# domain. Each answer's "<code> <status>" goes to <dir>/client-<c>. Prints
+# "<committed> <answered> <elapsed seconds>" when the last client returned.
+sustain_kv() {
+    local seconds=$1 dir=$2 prefix=$3 started elapsed c
+    kv_client() {
+        local c=$1 end=$(($(date +%s) + seconds)) i=0 r
+        while [ "$(date +%s)" -lt "$end" ]; do
+            r=$(post "{\"handler\":\"kv\",\"payload\":{\"op\":\"put\",\"key\":\"kv/$prefix$c-$i\",\"value\":\"x\"}}" no-wait 2>/dev/null)
+            echo "${r%% *} $(echo "$r" | json_field status)" >>"$dir/client-$c"
+            i=$((i + 1))
+        done
+    }
+    started=$(date +%s.%N)
+    for c in 0 1 2 3; do kv_client "$c" & done
+    wait
+    elapsed=$(echo "$started $(date +%s.%N)" | awk '{ printf "%.1f", $2 - $1 }')
+    echo "$(cat "$dir"/client-* 2>/dev/null | grep -c '^200 committed' || true)" \
+        "$(cat "$dir"/client-* 2>/dev/null | grep -c . || true)" "$elapsed"
+}

@@ -277,11 +277,16 @@ field() { grep -aE "^MAYFLY-PEER $1" "$LOG" | grep -oE "$2=[0-9.]+" | cut -d= -f
     echo "ring round trip, sandbox memfd + eventfd (us): $(field 'sandbox-' rtt_us_median | median)"
     echo "agent: POST /v1/transactions from a ready pool (ms): $(grep -oE 'agent_tx_ms=[0-9.]+' "$OUT/agent-phase.log" 2>/dev/null | cut -d= -f2 | median)"
     echo "Mayfly PV guest, in-process build (ms):      $(field 'mayfly ' build_ms | median)"
+    for step in create boot_info setup populate load boot release; do
+        echo "  of which step $step (us, median): $(field 'mayfly ' "step_${step}_us" | median)"
+    done
     echo "Mayfly PV guest, build -> Ready (ms):        $(field 'mayfly ' ready_ms | median)"
     echo "Mayfly PV guest, build -> first request (ms): $(field 'mayfly ' first_request_ms | median)"
     echo "Mayfly PV guest, domain memory (KiB):        $(field 'mayfly ' domain_kib | median)"
     echo "agent on the Linux PV guest, 4 clients, fresh domain per transaction (tx/s): $(grep -oE 'linux_sustained_tx_s=[0-9.]+' "$OUT/agent-phase.log" 2>/dev/null | cut -d= -f2)"
     echo "agent on the Mayfly PV guest, 4 clients, fresh domain per transaction (tx/s): $(grep -oE 'mayfly_sustained_tx_s=[0-9.]+' "$OUT/agent-mayfly.log" 2>/dev/null | cut -d= -f2)"
+    echo "agent on the Mayfly PV guest, where the sustained run's time went (agent-mayfly.sh):"
+    grep -aE '^mayfly_(phase|counts|dom0_cpu) ' "$OUT/agent-mayfly.log" 2>/dev/null | sed 's/^/  /' || true
     echo "QEMU run (s): $elapsed, emulated CPUs: ${QEMU_SMP:-2}"
 } | tee "$OUT/bench.txt"
 # The issue's figures as JSON (null: not measured in this run).

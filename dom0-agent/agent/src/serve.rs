@@ -300,21 +300,93 @@ fn audit_violations(ledger: &Ledger) -> mayfly_domain::ViolationSink {
     })
 }
 
-/// The configured backend, and the `cgroups` section of `GET /v1/health` for the sandbox.
-fn backend(
-    s: &Settings,
-    log: &Logger,
-    ledger: &Ledger,
-) -> anyhow::Result<(Arc<dyn DomainBackend>, Option<mayfly_api::HealthSection>)> {
+/// The configured backend, with its own sections: the `cgroups` section of
+/// `GET /v1/health` for the sandbox, the phase times of `GET /metrics` for Xen.
+type BackendParts = (
+    Arc<dyn DomainBackend>,
+    Option<mayfly_api::HealthSection>,
+    Option<mayfly_api::MetricsSection>,
+);
+
+/// The configured backend and its sections ([`BackendParts`]).
+fn backend(s: &Settings, log: &Logger, ledger: &Ledger) -> anyhow::Result<BackendParts> {
     Ok(match s.backend.as_str() {
-        "xen" => (Arc::new(xen(s, log, ledger)?), None),
+        "xen" => {
+            let xen = Arc::new(xen(s, log, ledger)?);
+            let section = xen_metrics(Arc::clone(&xen));
+            (xen, None, Some(section))
+        }
         _ => {
             let sandbox = Arc::new(sandbox(s, log, ledger)?);
             print_cgroups(&sandbox);
             let section = cgroups_health(Arc::clone(&sandbox));
-            (sandbox, Some(section))
+            (sandbox, Some(section), None)
         }
     })
+}
+
+/// The Xen backend's section of `GET /metrics`: the time each phase of the domains' lives
+/// took, summed since start (`mayfly_xen_backend::phases`), and dom0's CPU time as Xen
+/// counts it. The difference of two scrapes is a load run's breakdown.
+fn xen_metrics(xen: Arc<XenBackend>) -> mayfly_api::MetricsSection {
+    mayfly_api::MetricsSection {
+        name: "xen",
+        render: Arc::new(move |out: &mut String| {
+            use std::fmt::Write as _;
+            #[allow(clippy::cast_precision_loss)]
+            let secs = |us: u64| us as f64 / 1e6;
+            mayfly_api::metrics_family(
+                out,
+                "mayfly_xen_phase_seconds",
+                "summary",
+                "Time spent in each phase of the Xen domains' lives since start: build, boot (unpause to Ready), wait (take until hand-out), in_use (hand-out to destroy), destroy",
+            );
+            let phases = xen.phases();
+            for t in &phases {
+                let phase = t.phase.name();
+                let _ = writeln!(
+                    out,
+                    "mayfly_xen_phase_seconds_sum{{phase=\"{phase}\"}} {}",
+                    secs(t.sum_us)
+                );
+            }
+            for t in &phases {
+                let phase = t.phase.name();
+                let _ = writeln!(
+                    out,
+                    "mayfly_xen_phase_seconds_count{{phase=\"{phase}\"}} {}",
+                    t.count
+                );
+            }
+            let (builds, steps) = xen.build_steps();
+            if builds > 0 {
+                mayfly_api::metrics_family(
+                    out,
+                    "mayfly_xen_build_step_seconds",
+                    "summary",
+                    "Time of each step of the in-process builds (Mayfly guest) since start",
+                );
+                for (step, us) in steps {
+                    let _ = writeln!(
+                        out,
+                        "mayfly_xen_build_step_seconds_sum{{step=\"{step}\"}} {}",
+                        secs(us)
+                    );
+                }
+                let _ = writeln!(out, "mayfly_xen_build_step_seconds_count {builds}");
+            }
+            if let Some(ns) = xen.dom0_cpu_ns() {
+                mayfly_api::metrics_family(
+                    out,
+                    "mayfly_xen_dom0_cpu_seconds_total",
+                    "counter",
+                    "CPU time of dom0 (all its vCPUs) since it booted, as Xen counts it",
+                );
+                #[allow(clippy::cast_precision_loss)]
+                let _ = writeln!(out, "mayfly_xen_dom0_cpu_seconds_total {}", ns as f64 / 1e9);
+            }
+        }),
+    }
 }
 
 /// The clones' cgroup as `GET /v1/health` shows it: the hierarchy in use (`v2`, `v1`, or
@@ -502,7 +574,7 @@ pub fn run(args: &ServeArgs, log: &Logger) -> anyhow::Result<u8> {
     let policy_files = crate::policy::files(s.policy.as_deref())?;
     let bundle = mayfly_policy::Bundle::load(&policy_files).context("loading the policy bundle")?;
     let policy_hash = bundle.hash();
-    let (backend, cgroups_section) = backend(&s, log, &ledger)?;
+    let (backend, cgroups_section, backend_metrics) = backend(&s, log, &ledger)?;
     // The handlers the guest side announced (the sandbox's template; the Xen pool's first
     // guest, in its ring `Ready`); a policy granting capabilities to one the guest lacks is
     // refused here.
@@ -557,10 +629,13 @@ pub fn run(args: &ServeArgs, log: &Logger) -> anyhow::Result<u8> {
         .chain(cgroups_section)
         .chain(replication.as_ref().map(crate::replication::health))
         .collect(),
-        metrics_sections: vec![
+        metrics_sections: [
             siem_metrics(siem.status_handle(), ledger.clone()),
             ledger_metrics(ledger.clone()),
-        ],
+        ]
+        .into_iter()
+        .chain(backend_metrics)
+        .collect(),
         ..ApiConfig::default()
     };
     let incidents = Arc::new(mayfly_incident::Incidents::new(executor.clone(), log));

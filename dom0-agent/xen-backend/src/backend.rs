@@ -15,7 +15,7 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use mayfly_domain::{
     Domain, DomainBackend, DomainError, DomainExit, DomainId, PoolStats, Quarantine, Quarantined,
@@ -28,6 +28,7 @@ use slog::{info, warn, Logger};
 
 use crate::config::{gntalloc_limit, ConfigError, GuestKind, XenConfig, GNTALLOC_LIMIT_PATH};
 use crate::domain::{DomainOpError, Hyp, LiveDomain, XenProvisioner};
+use crate::phases::{Phase, PhaseTotal, Phases};
 use crate::pool::{Pool, PoolConfig, Slot, TakeError};
 use crate::reconcile::{self, ReconcileError};
 
@@ -91,6 +92,19 @@ fn read_kernel(path: &std::path::Path) -> Result<Vec<u8>, StartError> {
         }));
     }
     std::fs::read(path).map_err(err)
+}
+
+/// Logs the host as Xen describes it (CPUs, memory, capabilities, Xen's command line).
+fn log_host(control: &Control, logger: &Logger) {
+    match (control.physinfo(), control.xen_cmdline()) {
+        (Ok(p), Ok(cmdline)) => info!(logger, "xen host";
+            "nr_cpus" => p.nr_cpus, "total_memory_mib" => p.total_memory_mib(),
+            "free_memory_mib" => p.free_pages / 256, "hvm" => p.hvm, "hap" => p.hap,
+            "iommu" => p.iommu, "xen_cmdline" => cmdline),
+        (Err(e), _) | (_, Err(e)) => {
+            warn!(logger, "reading the host's physinfo failed"; "error" => %e);
+        }
+    }
 }
 
 type QuarantineList = Mutex<Quarantine<LiveDomain>>;
@@ -166,15 +180,7 @@ impl XenBackend {
                 "kernel" => %config.kernel.display(), "ramdisk" => %config.ramdisk.display(),
                 "memory_mib" => config.memory_mib),
         }
-        match (control.physinfo(), control.xen_cmdline()) {
-            (Ok(p), Ok(cmdline)) => info!(logger, "xen host";
-                "nr_cpus" => p.nr_cpus, "total_memory_mib" => p.total_memory_mib(),
-                "free_memory_mib" => p.free_pages / 256, "hvm" => p.hvm, "hap" => p.hap,
-                "iommu" => p.iommu, "xen_cmdline" => cmdline),
-            (Err(e), _) | (_, Err(e)) => {
-                warn!(logger, "reading the host's physinfo failed"; "error" => %e);
-            }
-        }
+        log_host(&control, &logger);
         let hyp = Arc::new(Hyp {
             libs,
             control,
@@ -187,6 +193,7 @@ impl XenBackend {
             stopping: AtomicBool::new(false),
             handlers: mayfly_domain::LearnedHandlers::new(),
             violations,
+            phases: Arc::new(Phases::default()),
         });
         let provisioner = XenProvisioner {
             hyp: Arc::clone(&hyp),
@@ -212,14 +219,48 @@ impl XenBackend {
         self.hyp.handlers.wait(timeout)
     }
 
+    /// The time spent in each phase of the domains' lives since the start
+    /// ([`crate::phases`]).
+    pub fn phases(&self) -> Vec<PhaseTotal> {
+        self.hyp.phases.totals()
+    }
+
+    /// The in-process builds (Mayfly guest) since the start, and the time of each of
+    /// their steps summed, in microseconds ([`Phases::steps`]).
+    pub fn build_steps(
+        &self,
+    ) -> (
+        u64,
+        [(&'static str, u64); mayfly_xen::pvbuild::BUILD_STEPS.len()],
+    ) {
+        self.hyp.phases.steps()
+    }
+
+    /// The CPU time dom0 has used since it booted, in nanoseconds, as Xen counts it (every
+    /// vCPU of dom0: the agent, its kernel work, xenstored, ...); `None` if Xen does not
+    /// answer. Beside the wall time of a load run, it says how busy dom0 was.
+    pub fn dom0_cpu_ns(&self) -> Option<u64> {
+        self.hyp
+            .control
+            .info(0)
+            .ok()
+            .flatten()
+            .map(|i| i.cpu_time_ns)
+    }
+
     /// Like [`DomainBackend::take`], returning the concrete type.
     pub fn take_domain(&self, timeout: Duration) -> Result<XenDomain, DomainError> {
-        match self.pool.take(timeout) {
+        let asked = Instant::now();
+        let taken = self.pool.take(timeout);
+        self.hyp.phases.record(Phase::Wait, asked.elapsed());
+        match taken {
             Ok((live, slot)) => Ok(XenDomain {
                 live: Some(live),
                 slot: Some(slot),
                 quarantined: Arc::clone(&self.quarantined),
                 logger: self.hyp.logger.clone(),
+                phases: Arc::clone(&self.hyp.phases),
+                handed_out: Instant::now(),
             }),
             Err(TakeError::Exhausted { waited }) => Err(DomainError::Exhausted {
                 backend: BACKEND,
@@ -305,6 +346,8 @@ pub struct XenDomain {
     slot: Option<Slot<XenProvisioner>>,
     quarantined: Arc<QuarantineList>,
     logger: Logger,
+    phases: Arc<Phases>,
+    handed_out: Instant,
 }
 
 impl std::fmt::Debug for XenDomain {
@@ -369,8 +412,11 @@ impl Domain for XenDomain {
             return Ok(DomainExit::Destroyed);
         };
         let id = live.domid();
+        self.phases.record(Phase::InUse, self.handed_out.elapsed());
+        let ending = Instant::now();
         let result = live.end().map_err(|e| DomainError::control(BACKEND, id, e));
         drop(live);
+        self.phases.record(Phase::Destroy, ending.elapsed());
         drop(self.slot.take());
         result
     }

@@ -19,6 +19,7 @@ use slog::{debug, warn};
 
 use crate::config::NAME_PREFIX;
 use crate::domain::{CreateError, Hyp, LiveDomain, XenProvisioner};
+use crate::phases::Phase;
 use crate::pool::{BoxError, Provisioner};
 
 /// How often a build waiting for Ready checks whether the backend is stopping.
@@ -246,6 +247,8 @@ impl XenProvisioner {
         started: Instant,
     ) -> Result<LiveDomain, CreateError> {
         let hyp = &self.hyp;
+        hyp.phases.record(Phase::Build, started.elapsed());
+        let unpaused = Instant::now();
         hyp.control
             .unpause(live.domid)
             .map_err(|source| CreateError::Ctrl {
@@ -260,6 +263,7 @@ impl XenProvisioner {
                 name: live.name.clone(),
                 source,
             })?;
+        hyp.phases.record(Phase::Boot, unpaused.elapsed());
         live.keep_log = false;
         debug!(hyp.logger, "domain ready and paused";
             "domid" => live.domid, "name" => &live.name, "millis" => started.elapsed().as_millis());
@@ -411,6 +415,7 @@ impl XenProvisioner {
                 name: name.clone(),
                 source,
             })?;
+        hyp.phases.record_steps(&built.steps);
         // The builder destroyed the domain on failure; the ring's pages and port (if they
         // were made) are released with `parts` after that.
         let Some((ring, channel)) = parts else {

@@ -38,6 +38,7 @@ use mayfly_xen::{
 use slog::{debug, warn, Logger};
 
 use crate::config::{ConfigError, XenConfig};
+use crate::phases::Phases;
 
 /// Building a domain failed. The half-built domain has been destroyed.
 #[derive(Debug, thiserror::Error)]
@@ -268,6 +269,8 @@ pub struct Hyp {
     pub(crate) handlers: mayfly_domain::LearnedHandlers,
     /// Where a guest announcing another list is reported (the agent audits it).
     pub(crate) violations: mayfly_domain::ViolationSink,
+    /// Where the time of each domain's phases goes ([`crate::phases`]).
+    pub(crate) phases: Arc<Phases>,
 }
 
 impl Hyp {
@@ -282,7 +285,9 @@ impl Hyp {
 
     /// Destroys `domid` if it is still the domain with `uuid`, then removes its xenstore
     /// entries, libxl's files and its console log (unless the domid now belongs to another
-    /// domain; the log only unless [`keep_console_log`]) and its configuration file.
+    /// domain; the log only unless [`keep_console_log`]) and its configuration file. A
+    /// domain built in-process ([`built_by_xl`] false) has no xenstore entries, libxl files
+    /// or configuration file, so none are looked for.
     /// Returns the state it had (`None`: it was already gone).
     pub(crate) fn destroy(
         &self,
@@ -298,17 +303,22 @@ impl Hyp {
             self.control.destroy(domid)?;
             self.destroyed.fetch_add(1, Ordering::Relaxed);
         }
+        let via_xl = built_by_xl(cfg);
         if ours.is_some() || info.is_none() {
-            if let Err(e) = self.store.remove_domain(domid, Some(uuid)) {
-                warn!(self.logger, "removing a destroyed domain's xenstore entries failed";
-                    "domid" => domid, "error" => %e);
+            if via_xl {
+                if let Err(e) = self.store.remove_domain(domid, Some(uuid)) {
+                    warn!(self.logger, "removing a destroyed domain's xenstore entries failed";
+                        "domid" => domid, "error" => %e);
+                }
+                remove_libxl_userdata(Path::new(LIBXL_DIR), domid, uuid);
             }
-            remove_libxl_userdata(Path::new(LIBXL_DIR), domid, uuid);
             if !keep_console_log(ours, build_failed) {
                 let _ = fs::remove_file(console_log(name));
             }
         }
-        let _ = fs::remove_file(cfg);
+        if via_xl {
+            let _ = fs::remove_file(cfg);
+        }
         Ok(ours)
     }
 
@@ -505,6 +515,15 @@ pub struct XenProvisioner {
     pub(crate) hyp: Arc<Hyp>,
 }
 
+/// Whether a domain was created by `xl` (its configuration file `cfg` is named), and so has
+/// xenstore entries and libxl files to remove when it is destroyed. A Mayfly PV guest is
+/// built in-process (`PathBuf::new()`): nothing of it is ever written to xenstore (it is not
+/// introduced to xenstored, so it cannot write there either), and skipping the xenstore
+/// round trips takes dom0 work off every transaction (issue 21).
+pub(crate) fn built_by_xl(cfg: &Path) -> bool {
+    !cfg.as_os_str().is_empty()
+}
+
 /// Where xenconsoled (started with `--log=guest`) logs each domain's console.
 pub(crate) const CONSOLE_LOG_DIR: &str = "/var/log/xen/console";
 
@@ -615,6 +634,12 @@ mod tests {
         for f in &others {
             assert!(dir.path().join(f).exists(), "{f}");
         }
+    }
+
+    #[test]
+    fn only_domains_xl_created_are_cleaned_from_xenstore() {
+        assert!(built_by_xl(Path::new("/run/mayfly/mayfly-7.cfg")));
+        assert!(!built_by_xl(&PathBuf::new()));
     }
 
     #[test]

@@ -21,8 +21,9 @@
 //!
 //! By module: [`config`] (settings, the `[xen]` TOML table, the xl configuration),
 //! [`pool`] (the generic pool, tested with a fake provisioner), `build` (building a
-//! domain), [`domain`] (a built domain, its exits and destruction), [`backend`]
-//! ([`XenBackend`], [`XenDomain`]), [`reconcile`] (leftovers of a previous run).
+//! domain), [`domain`] (a built domain, its exits and destruction), [`phases`] (where a
+//! domain's time goes), [`backend`] ([`XenBackend`], [`XenDomain`]), [`reconcile`]
+//! (leftovers of a previous run).
 
 #![forbid(unsafe_code)]
 
@@ -30,10 +31,12 @@ pub mod backend;
 mod build;
 pub mod config;
 pub mod domain;
+pub mod phases;
 pub mod pool;
 pub mod reconcile;
 
 pub use backend::{StartError, XenBackend, XenDomain, BACKEND};
 pub use config::{ConfigError, GuestKind, XenConfig, XenSection};
 pub use domain::{exit_of, CreateError, DomainOpError, LiveDomain};
+pub use phases::{Phase, PhaseTotal};
 pub use reconcile::{ReconcileError, ReconcileReport};

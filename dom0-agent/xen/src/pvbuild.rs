@@ -22,6 +22,7 @@
 use std::ffi::CString;
 use std::io;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use mayfly_xen_sys::soname;
 use mayfly_xen_sys::types::{
@@ -144,7 +145,27 @@ pub struct BuiltDomain {
     pub domid: DomId,
     /// Its console's event channel (in the guest; unbound on dom0's side).
     pub console_port: u32,
+    /// How long each step of the build took, in order ([`BUILD_STEPS`] names them).
+    pub steps: [Duration; BUILD_STEPS.len()],
 }
+
+/// The steps of a build, as [`BuiltDomain::steps`] times them: `create`
+/// (`xc_domain_create`, one vCPU, the memory limit, the console port), `boot_info` (the
+/// caller's part: the ring's grants, its port, the boot info), `setup` (`xc_dom_allocate`
+/// to `xc_dom_mem_init`: the image parsed), `populate` (`xc_dom_boot_mem_init`: the
+/// domain's memory allocated by Xen), `load` (`xc_dom_build_image`: the image copied in
+/// and its .bss zeroed through dom0 mappings, the boot module, the page-table and start
+/// info pages reserved), `boot` (`xc_dom_boot_image`, `xc_dom_gnttab_init`: page tables,
+/// start info, the vCPU's registers, the grant table seeded), `release`.
+pub const BUILD_STEPS: [&str; 7] = [
+    "create",
+    "boot_info",
+    "setup",
+    "populate",
+    "load",
+    "boot",
+    "release",
+];
 
 impl PvBuilder {
     /// Loads libxenguest and keeps `kernel` (an ELF image) in memory for every build.
@@ -201,8 +222,9 @@ impl PvBuilder {
         boot: impl FnOnce(DomId) -> Result<Vec<u8>, E>,
     ) -> Result<BuiltDomain, BuildError> {
         control.with_handle(|xch| {
+            let mut clock = StepClock::start();
             let domid = self.create(xch, tag)?;
-            match self.fill(xch, domid, boot) {
+            match self.fill(xch, domid, boot, &mut clock) {
                 Ok(built) => Ok(built),
                 Err(first) => match control.destroy_locked(xch, domid) {
                     Ok(()) => Err(first),
@@ -249,6 +271,7 @@ impl PvBuilder {
         xch: *mut mayfly_xen_sys::types::xc_interface,
         domid: DomId,
         boot: impl FnOnce(DomId) -> Result<Vec<u8>, E>,
+        clock: &mut StepClock,
     ) -> Result<BuiltDomain, BuildError> {
         let fail = |call: &'static str| BuildError::Call {
             call,
@@ -272,14 +295,17 @@ impl PvBuilder {
         let console_port = unsafe { alloc_unbound(xch, domid, 0) };
         let console_port =
             u32::try_from(console_port).map_err(|_| fail("xc_evtchn_alloc_unbound"))?;
+        clock.lap(0);
         let module = boot(domid).map_err(|e| BuildError::BootInfo {
             domid,
             reason: e.to_string(),
         })?;
-        self.run_builder(xch, domid, console_port, &module)?;
+        clock.lap(1);
+        self.run_builder(xch, domid, console_port, &module, clock)?;
         Ok(BuiltDomain {
             domid,
             console_port,
+            steps: clock.steps,
         })
     }
 
@@ -289,6 +315,7 @@ impl PvBuilder {
         domid: DomId,
         console_port: u32,
         module: &[u8],
+        clock: &mut StepClock,
     ) -> Result<(), BuildError> {
         let g = &self.guest;
         let x = soname::XENGUEST;
@@ -305,10 +332,11 @@ impl PvBuilder {
                 source: io::Error::last_os_error(),
             });
         }
-        let result = self.steps(dom, xch, domid, console_port, module);
+        let result = self.steps(dom, xch, domid, console_port, module, clock);
         // SAFETY: `dom` came from xc_dom_allocate and is released once, here; the kernel and
         // module buffers it points to are ours and outlive this call (it does not free them).
         unsafe { release(dom) };
+        clock.lap(6);
         result
     }
 
@@ -319,6 +347,7 @@ impl PvBuilder {
         domid: DomId,
         console_port: u32,
         module: &[u8],
+        clock: &mut StepClock,
     ) -> Result<(), BuildError> {
         let g = &self.guest;
         let x = soname::XENGUEST;
@@ -371,15 +400,43 @@ impl PvBuilder {
                 sym!(g, x, xc_dom_mem_init)?(dom, self.memory_mib),
                 "xc_dom_mem_init",
             )?;
+            clock.lap(2);
             check(
                 sym!(g, x, xc_dom_boot_mem_init)?(dom),
                 "xc_dom_boot_mem_init",
             )?;
+            clock.lap(3);
             check(sym!(g, x, xc_dom_build_image)?(dom), "xc_dom_build_image")?;
+            clock.lap(4);
             check(sym!(g, x, xc_dom_boot_image)?(dom), "xc_dom_boot_image")?;
             check(sym!(g, x, xc_dom_gnttab_init)?(dom), "xc_dom_gnttab_init")?;
+            clock.lap(5);
         }
         Ok(())
+    }
+}
+
+/// Times the steps of one build ([`BUILD_STEPS`]).
+struct StepClock {
+    last: Instant,
+    steps: [Duration; BUILD_STEPS.len()],
+}
+
+impl StepClock {
+    fn start() -> Self {
+        Self {
+            last: Instant::now(),
+            steps: [Duration::ZERO; BUILD_STEPS.len()],
+        }
+    }
+
+    /// Step `i` ended now: it took the time since the previous lap.
+    fn lap(&mut self, i: usize) {
+        let now = Instant::now();
+        if let Some(step) = self.steps.get_mut(i) {
+            *step = now.saturating_duration_since(self.last);
+        }
+        self.last = now;
     }
 }
 

@@ -1,4 +1,6 @@
-//! The fixed heap behind `alloc`: a bump allocator over a region of .bss.
+//! The heap behind `alloc`: a bump allocator over the domain's free pages after the boot
+//! elements ([`crate::memory`]), not over .bss, so the domain builder neither copies nor
+//! zeroes it.
 //!
 //! A Mayfly guest runs one transaction and is destroyed, so memory is never reused across
 //! transactions. Freeing the most recent allocation gives its bytes back, and growing it
@@ -9,17 +11,14 @@
 use core::alloc::{GlobalAlloc, Layout};
 use core::cell::UnsafeCell;
 
-/// Heap size. The domain has 4 MiB; the image, the ring window (1 MiB of address space),
-/// the stack, page tables and p2m take the rest. A transaction's largest messages are
-/// 64 KiB windows; a handler's working set stays far below this.
-pub const HEAP_SIZE: usize = 1024 * 1024;
-
-#[repr(C, align(4096))]
-struct Arena(UnsafeCell<[u8; HEAP_SIZE]>);
-
-/// The allocator (`#[global_allocator]` in main.rs).
+/// The allocator (`#[global_allocator]` in main.rs). Empty until [`Bump::init`] gives it
+/// the free pages [`crate::memory::setup`] found: every allocation before that fails.
 pub struct Bump {
-    arena: Arena,
+    /// First byte of the heap.
+    start: UnsafeCell<usize>,
+    /// End of the heap (exclusive).
+    end: UnsafeCell<usize>,
+    /// Next free byte (`start <= next <= end`).
     next: UnsafeCell<usize>,
 }
 
@@ -30,19 +29,45 @@ impl Bump {
     /// An empty heap.
     pub const fn new() -> Self {
         Self {
-            arena: Arena(UnsafeCell::new([0; HEAP_SIZE])),
+            start: UnsafeCell::new(0),
+            end: UnsafeCell::new(0),
             next: UnsafeCell::new(0),
         }
     }
 
+    /// Hands the heap its memory, once, before the first allocation.
+    ///
+    /// # Safety
+    /// `start..end` must be mapped read-write, used by nothing else for the life of the
+    /// domain, and `start <= end`.
+    pub unsafe fn init(&self, start: usize, end: usize) {
+        // SAFETY: see `unsafe impl Sync`; nothing is allocated yet.
+        unsafe {
+            *self.start.get() = start;
+            *self.end.get() = end;
+            *self.next.get() = start;
+        }
+    }
+
     fn start(&self) -> usize {
-        self.arena.0.get() as usize
+        // SAFETY: see `unsafe impl Sync`.
+        unsafe { *self.start.get() }
+    }
+
+    fn end(&self) -> usize {
+        // SAFETY: see `unsafe impl Sync`.
+        unsafe { *self.end.get() }
     }
 
     /// Bytes handed out so far.
     pub fn used(&self) -> usize {
         // SAFETY: see `unsafe impl Sync`.
-        unsafe { *self.next.get() }
+        unsafe { *self.next.get() - self.start() }
+    }
+
+    /// The heap's size in bytes.
+    pub fn size(&self) -> usize {
+        self.end() - self.start()
     }
 }
 
@@ -56,39 +81,38 @@ impl Default for Bump {
 // `dealloc` and `realloc` only move `next` back or forward over the latest allocation.
 unsafe impl GlobalAlloc for Bump {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        let start = self.start();
+        let limit = self.end();
         // SAFETY: see `unsafe impl Sync`.
         let next = unsafe { &mut *self.next.get() };
-        let Some(addr) = (start + *next).checked_next_multiple_of(layout.align()) else {
+        let Some(addr) = next.checked_next_multiple_of(layout.align()) else {
             return core::ptr::null_mut();
         };
         let Some(end) = addr.checked_add(layout.size()) else {
             return core::ptr::null_mut();
         };
-        if end > start + HEAP_SIZE {
+        if end > limit {
             return core::ptr::null_mut();
         }
-        *next = end - start;
+        *next = end;
         addr as *mut u8
     }
 
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        let start = self.start();
         // SAFETY: see `unsafe impl Sync`.
         let next = unsafe { &mut *self.next.get() };
-        if ptr as usize + layout.size() == start + *next {
-            *next = ptr as usize - start;
+        if ptr as usize + layout.size() == *next {
+            *next = ptr as usize;
         }
     }
 
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        let start = self.start();
+        let limit = self.end();
         // SAFETY: see `unsafe impl Sync`.
         let next = unsafe { &mut *self.next.get() };
-        if ptr as usize + layout.size() == start + *next {
+        if ptr as usize + layout.size() == *next {
             if let Some(end) = (ptr as usize).checked_add(new_size) {
-                if end <= start + HEAP_SIZE {
-                    *next = end - start;
+                if end <= limit {
+                    *next = end;
                     return ptr;
                 }
             }

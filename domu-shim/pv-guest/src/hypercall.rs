@@ -12,6 +12,10 @@ extern "C" {
     static hypercall_page: [u8; 4096];
 }
 
+/// `__HYPERVISOR_mmu_update`.
+pub const MMU_UPDATE: usize = 1;
+/// `DOMID_SELF`.
+pub const DOMID_SELF: u64 = 0x7ff0;
 /// `__HYPERVISOR_update_va_mapping`.
 pub const UPDATE_VA_MAPPING: usize = 14;
 /// `__HYPERVISOR_sched_op`.
@@ -46,6 +50,16 @@ fn stub(nr: usize) -> usize {
 /// Every pointer argument must be valid for the access the hypercall makes, for its whole
 /// duration.
 pub unsafe fn call3(nr: usize, a1: u64, a2: u64, a3: u64) -> i64 {
+    // SAFETY: the caller's guarantee; the fourth argument register is unused by these calls.
+    unsafe { call4(nr, a1, a2, a3, 0) }
+}
+
+/// A four-argument hypercall (the fourth in `%r10`).
+///
+/// # Safety
+/// Every pointer argument must be valid for the access the hypercall makes, for its whole
+/// duration.
+pub unsafe fn call4(nr: usize, a1: u64, a2: u64, a3: u64, a4: u64) -> i64 {
     let ret: i64;
     // SAFETY: `stub(nr)` is inside the hypercall page Xen filled at build time; the stub
     // only traps into Xen and returns. The caller guarantees the arguments (see above).
@@ -56,7 +70,7 @@ pub unsafe fn call3(nr: usize, a1: u64, a2: u64, a3: u64) -> i64 {
             inlateout("rdi") a1 => _,
             inlateout("rsi") a2 => _,
             inlateout("rdx") a3 => _,
-            lateout("r10") _,
+            inlateout("r10") a4 => _,
             lateout("r8") _,
             lateout("rax") ret,
             lateout("rcx") _,
@@ -64,6 +78,26 @@ pub unsafe fn call3(nr: usize, a1: u64, a2: u64, a3: u64) -> i64 {
         );
     }
     ret
+}
+
+/// `mmu_update` of one page-table entry of our own (`MMU_NORMAL_PT_UPDATE`): writes `val`
+/// at machine address `ptr`, which Xen validates like any page-table write of a PV guest.
+pub fn mmu_update(ptr: u64, val: u64) -> i64 {
+    // struct mmu_update { uint64_t ptr; uint64_t val; }; the low bits of ptr (0) select
+    // MMU_NORMAL_PT_UPDATE.
+    let req = [ptr & !7, val];
+    let mut done = 0u32;
+    // SAFETY: `req` and `done` live on our stack for the call; Xen checks that `ptr` is an
+    // entry of one of this domain's page tables and that `val` is a valid entry.
+    unsafe {
+        call4(
+            MMU_UPDATE,
+            req.as_ptr() as u64,
+            1,
+            &raw mut done as u64,
+            DOMID_SELF,
+        )
+    }
 }
 
 /// `sched_op(SCHEDOP_shutdown, reason)`: powers off (or crashes) this domain. Does not return.

@@ -12,7 +12,8 @@
 //! - [`start_info`]: the copy of what the builder handed us;
 //! - [`clock`]: the shared-info page: Xen system time, event mask, pending bits;
 //! - [`console`]: output on the PV console ring;
-//! - [`heap`]: the fixed heap behind `alloc`;
+//! - [`memory`]: the free pages after the boot elements (the heap) and the ring window;
+//! - [`heap`]: the heap behind `alloc`;
 //! - [`ring`]: the granted ring pages and the interdomain event channel, as the
 //!   `mayfly-ring` traits;
 //! - [`rt`]: `memcpy` & co., the unwinding stubs and the panic handler (a panic prints its
@@ -47,6 +48,7 @@ pub mod clock;
 pub mod console;
 pub mod heap;
 pub mod hypercall;
+pub mod memory;
 pub mod ring;
 pub mod rt;
 pub mod start_info;
@@ -79,12 +81,22 @@ pub extern "C" fn kernel_main(start_info_addr: usize) -> ! {
     if let Some(pfn) = si.pfn_of(si.console_mfn) {
         console::init((pfn * 4096) as usize, si.console_evtchn);
     }
+    let layout =
+        memory::setup(&si, ring::WINDOW_PAGES).unwrap_or_else(|e| panic!("memory layout: {e}"));
+    // SAFETY: `memory::setup` found these pages free and mapped read-write; only the heap
+    // uses them from now on.
+    unsafe { HEAP.init(layout.heap_start, layout.heap_end) };
     let booted = clock::now_ns();
     println!(
-        "mayfly-pv-guest: booted: {} ({} pages, cmdline {:?})",
+        "mayfly-pv-guest: booted: {} ({} pages, cmdline {:?}); heap {:#x}..{:#x} ({} KiB), \
+         ring window {:#x}",
         si.magic_str(),
         si.nr_pages,
-        si.cmd_line_str()
+        si.cmd_line_str(),
+        layout.heap_start,
+        layout.heap_end,
+        HEAP.size() / 1024,
+        layout.window
     );
     if !si.magic_str().starts_with(MAGIC_PREFIX) {
         panic!(
@@ -94,7 +106,7 @@ pub extern "C" fn kernel_main(start_info_addr: usize) -> ! {
     }
     if si.mod_len != 0 {
         console::never_wait();
-        transaction(&si)
+        transaction(&si, layout.window)
     }
     self_test();
     println!(
@@ -108,7 +120,7 @@ pub extern "C" fn kernel_main(start_info_addr: usize) -> ! {
 }
 
 /// Serves one transaction over the ring the boot module names, then powers off.
-fn transaction(si: &StartInfo) -> ! {
+fn transaction(si: &StartInfo, window: usize) -> ! {
     let len = usize::try_from(si.mod_len).unwrap_or(usize::MAX);
     if len > bootinfo::MAX_LEN {
         panic!("boot module of {len} bytes exceeds {}", bootinfo::MAX_LEN);
@@ -122,7 +134,7 @@ fn transaction(si: &StartInfo) -> ! {
         *b = unsafe { core::ptr::read_volatile((base + i) as *const u8) };
     }
     let info = BootInfo::decode(&raw).unwrap_or_else(|e| panic!("boot info refused: {e}"));
-    let mem = ring::map(&info).unwrap_or_else(|e| panic!("ring: {e}"));
+    let mem = ring::map(&info, window).unwrap_or_else(|e| panic!("ring: {e}"));
     let notifier = ring::EvtchnNotifier::bind(info.backend_domid, info.event_channel)
         .unwrap_or_else(|e| panic!("ring: {e}"));
     println!(

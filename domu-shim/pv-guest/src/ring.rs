@@ -5,7 +5,9 @@
 //! ```text
 //!   boot info (docs/formats.md §2.6)       this module
 //!   backend domid, grant refs ──────────▶  GNTTABOP_map_grant_ref (GNTMAP_host_map) of each
-//!                                          ref onto RING_WINDOW + 4096 * i
+//!                                          ref onto window + 4096 * i (the 2 MiB of
+//!                                          address space crate::memory set up: its own
+//!                                          L1 table, no page behind it)
 //!   backend's unbound port ─────────────▶  EVTCHNOP_bind_interdomain → our local port;
 //!                                          notify = EVTCHNOP_send, wait = SCHEDOP_poll
 //! ```
@@ -30,11 +32,11 @@ const GNTMAP_HOST_MAP: u32 = 1 << 1;
 /// `EVTCHNOP_bind_interdomain`.
 const EVTCHNOP_BIND_INTERDOMAIN: u64 = 0;
 
-/// Virtual address space for the ring: the most pages a boot info may name. Its own frames
-/// are replaced by the grant mappings (and never used otherwise).
-#[repr(C, align(4096))]
-struct Window([u8; MAX_PAGES * PAGE_SIZE]);
-static mut RING_WINDOW: Window = Window([0; MAX_PAGES * PAGE_SIZE]);
+/// Pages of address space the ring window needs: the most a boot info may name.
+pub const WINDOW_PAGES: usize = MAX_PAGES;
+
+/// The ring window's address (set once by [`map`]; 0 before).
+static mut WINDOW: usize = 0;
 
 /// What the test handlers need to know of the ring (set once by [`map`] and
 /// [`EvtchnNotifier::bind`] of the ring's port; single vCPU, so plain statics).
@@ -62,9 +64,10 @@ pub fn granted_refs() -> Vec<u32> {
     all.iter().take(n).copied().collect()
 }
 
-/// The ring window's virtual address.
+/// The ring window's virtual address (0 before [`map`]).
 pub fn window_base() -> usize {
-    &raw const RING_WINDOW as usize
+    // SAFETY: as in `local_port`.
+    unsafe { WINDOW }
 }
 
 /// Records the ring's ports (after binding it).
@@ -112,6 +115,8 @@ pub fn try_map_one(dom: u16, gref: u32, va: u64) -> bool {
 /// Mapping the ring failed.
 #[derive(Debug)]
 pub enum RingSetupError {
+    /// No ring window was set up.
+    NoWindow,
     /// The grant-table hypercall itself failed.
     MapHypercall(i64),
     /// Xen refused to map grant `gref` (page `page`): its `GNTST_*` status.
@@ -135,6 +140,7 @@ pub enum RingSetupError {
 impl core::fmt::Display for RingSetupError {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         match self {
+            Self::NoWindow => write!(f, "no ring window"),
             Self::MapHypercall(rc) => write!(f, "GNTTABOP_map_grant_ref failed: {rc}"),
             Self::MapStatus { page, gref, status } => {
                 write!(
@@ -155,17 +161,18 @@ impl core::fmt::Display for RingSetupError {
 /// The agent's granted pages, mapped contiguously.
 #[derive(Debug)]
 pub struct GrantMem {
+    /// The window's address (non-zero, checked by [`map`]).
+    base: usize,
     len: usize,
 }
 
-// SAFETY: `base()` is RING_WINDOW's fixed, page-aligned address and `len()` never changes;
+// SAFETY: `base()` is the window's fixed, page-aligned address and `len()` never changes;
 // the grant mappings stay in place until the domain is destroyed (this kernel never unmaps
 // them), and nothing in the kernel forms a reference into the window (it is only reached
 // through this trait's volatile, bounds-checked accessors).
 unsafe impl SharedMem for GrantMem {
     fn base(&self) -> NonNull<u8> {
-        // The address of a static is never null.
-        NonNull::new(&raw mut RING_WINDOW as *mut u8).unwrap_or(NonNull::dangling())
+        NonNull::new(self.base as *mut u8).unwrap_or(NonNull::dangling())
     }
 
     fn len(&self) -> usize {
@@ -173,8 +180,13 @@ unsafe impl SharedMem for GrantMem {
     }
 }
 
-/// Maps every ring page of `info` (one batched hypercall) onto the ring window.
-pub fn map(info: &BootInfo) -> Result<GrantMem, RingSetupError> {
+/// Maps every ring page of `info` (one batched hypercall) onto the ring window at `window`
+/// ([`crate::memory::Layout::window`]: [`WINDOW_PAGES`] pages of address space whose L1
+/// table exists and maps nothing).
+pub fn map(info: &BootInfo, window: usize) -> Result<GrantMem, RingSetupError> {
+    if window == 0 {
+        return Err(RingSetupError::NoWindow);
+    }
     // struct gnttab_map_grant_ref (x86_64, 32 bytes): host_addr u64 @0, flags u32 @8,
     // ref u32 @12, dom u16 @16, status i16 @18, handle u32 @20, dev_bus_addr u64 @24.
     #[repr(C)]
@@ -187,7 +199,7 @@ pub fn map(info: &BootInfo) -> Result<GrantMem, RingSetupError> {
         handle: u32,
         dev_bus_addr: u64,
     }
-    let window = &raw mut RING_WINDOW as u64;
+    let window = window as u64;
     let mut ops: Vec<MapOp> = info
         .grant_refs
         .iter()
@@ -204,7 +216,7 @@ pub fn map(info: &BootInfo) -> Result<GrantMem, RingSetupError> {
         })
         .collect();
     // SAFETY: `ops` is a live array of `ops.len()` map operations that Xen reads and writes
-    // for the call; every host_addr is a page of RING_WINDOW, which nothing references.
+    // for the call; every host_addr is a page of the window, which nothing references.
     let rc = unsafe {
         hypercall::call3(
             GRANT_TABLE_OP,
@@ -234,8 +246,10 @@ pub fn map(info: &BootInfo) -> Result<GrantMem, RingSetupError> {
     unsafe {
         (&raw mut GRANTED).write(refs);
         GRANTED_COUNT = info.grant_refs.len().min(MAX_PAGES);
+        WINDOW = window as usize;
     }
     Ok(GrantMem {
+        base: window as usize,
         len: ops.len() * PAGE_SIZE,
     })
 }

@@ -24,6 +24,8 @@
 /// The fields of `start_info` the guest uses.
 #[derive(Debug, Clone, Copy)]
 pub struct StartInfo {
+    /// Where the structure itself is (virtual address, as `_start` received it).
+    pub addr: u64,
     /// `magic`, NUL-padded.
     pub magic: [u8; 32],
     /// Pages this domain owns.
@@ -37,6 +39,12 @@ pub struct StartInfo {
     pub mod_start: u64,
     /// Length of the boot module (0: none).
     pub mod_len: u64,
+    /// Machine frame of the xenstore page (none is set up for the agent's domains).
+    pub store_mfn: u64,
+    /// Virtual address of the boot page tables' top level (L4).
+    pub pt_base: u64,
+    /// Number of boot page-table frames, from `pt_base` on.
+    pub nr_pt_frames: u64,
     /// Machine frame of the console ring page.
     pub console_mfn: u64,
     /// Event channel of the console.
@@ -65,12 +73,16 @@ impl StartInfo {
             *b = read(addr, 128 + i);
         }
         Self {
+            addr: addr as u64,
             magic,
             nr_pages: read(addr, 32),
             shared_info: read(addr, 40),
             flags: read(addr, 48),
             mod_start: read(addr, 112),
             mod_len: read(addr, 120),
+            store_mfn: read(addr, 56),
+            pt_base: read(addr, 88),
+            nr_pt_frames: read(addr, 96),
             console_mfn: read(addr, 72),
             console_evtchn: read(addr, 80),
             mfn_list: read(addr, 104),
@@ -97,6 +109,18 @@ impl StartInfo {
         } else {
             self.mod_start
         }
+    }
+
+    /// The machine frame of pseudo-physical frame `pfn` (its p2m entry; `pfn < nr_pages`,
+    /// else `u64::MAX`, which matches no frame).
+    pub fn mfn_of(&self, pfn: u64) -> u64 {
+        if pfn >= self.nr_pages {
+            return u64::MAX;
+        }
+        let entry = (self.mfn_list + pfn * 8) as *const u64;
+        // SAFETY: the builder maps the p2m array, nr_pages entries, at mfn_list; pfn is
+        // below nr_pages.
+        unsafe { core::ptr::read_volatile(entry) }
     }
 
     /// The pseudo-physical frame holding machine frame `mfn` (a search of the p2m array).

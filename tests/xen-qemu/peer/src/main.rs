@@ -30,7 +30,8 @@
 //! first request), `rtt_us_median` and `round_trips` (consecutive `Get`s: our response
 //! sent -> the next request received), `outcome` (`committed RESULT`, `aborted REASON`,
 //! `violation ERROR`), `domain_gone` (powered off by itself) or `destroyed`; in mayfly mode
-//! also `build_ms` (the in-process build), `domain_kib` (the built domain's pages),
+//! also `build_ms` (the in-process build), `step_<step>_us` (its steps, named by
+//! `mayfly_xen::pvbuild::BUILD_STEPS`), `domain_kib` (the built domain's pages),
 //! `shutdown=REASON` and `run=I`.
 //!
 //! Exit status: 0 the transaction ended and the domain is gone; 1 anything else.
@@ -370,8 +371,13 @@ fn one_mayfly(
     let domid = built.domid;
     let build_ms = millis(started.elapsed());
     let kib = control.info(domid)?.map_or(0, |i| i.tot_pages * 4);
+    let steps: String = mayfly_xen::pvbuild::BUILD_STEPS
+        .iter()
+        .zip(built.steps)
+        .map(|(name, took)| format!(" step_{name}_us={}", took.as_micros()))
+        .collect();
     say(&format!(
-        "domid={domid} build_ms={build_ms} domain_kib={kib}"
+        "domid={domid} build_ms={build_ms} domain_kib={kib}{steps}"
     ));
     // The ring and its channel live until the domain is destroyed (below).
     let mut ring = match (pages.take(), channel.take()) {
