@@ -7,6 +7,8 @@
 //! promotes and re-joins 20 times in sync and in async mode.
 
 mod common;
+#[path = "../../siem/tests/support/mod.rs"]
+mod rsyslog;
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -1159,5 +1161,188 @@ fn the_async_loss_window_across_sigkills_and_promotions_is_measured() {
         r.lost_per_kill,
         r.lost_per_kill.iter().max().unwrap_or(&0),
         r.elapsed
+    );
+}
+
+/// The `[siem]` section the SIEM continuity test gives primary and standby alike: one TCP
+/// collector `tcp`, fast confirmation, a cursor kept at most every 1.5 s (so that some
+/// records are delivered after the last cursor a failover inherits).
+fn siem_section(address: &str) -> String {
+    format!(
+        "[siem]\npen = 32473\nhostname = \"mayfly-pair\"\nconfirm_ms = 100\nbackoff_min_ms = 20\nbackoff_max_ms = 300\ncursor_flush_ms = 1500\n[[siem.collector]]\nname = \"tcp\"\ntransport = \"tcp\"\naddress = \"{address}\"\n"
+    )
+}
+
+/// SIEM continuity across a failover (issue 18, must-show): a TCP collector (a private
+/// rsyslog) is configured on a synchronous primary and on its standby alike; the primary
+/// exports while it runs transactions, ships its exporter cursor to the standby, and is
+/// SIGKILLed; the standby is promoted by a co-signed command and serves; its exporter
+/// resumes right after the cursor it inherited (not from the start, not from the tip);
+/// more transactions. The collector then holds every audit record of the whole history,
+/// primary part and promoted part, in order: deduplicated by sequence (a duplicate
+/// carries byte-identical structured data), the sequences run from 1 to the final tip
+/// without a gap, and each record's hash is the final ledger's.
+#[test]
+fn siem_export_continues_from_the_replicated_cursor_after_a_promotion() {
+    use rsyslog::{assert_complete_in_order, seq_of, wait_until, Input, Rsyslog};
+    let root = tempfile::tempdir().unwrap();
+    let collector = Rsyslog::start(&root.path().join("rsyslog"), &[Input::Tcp], None);
+    let siem = siem_section(&collector.address(Input::Tcp));
+    let (pdir, sdir) = (root.path().join("primary"), root.path().join("standby"));
+    let (p, s) = (pem(root.path(), "primary"), pem(root.path(), "standby"));
+    let port = free_port();
+    let pconf = primary_conf(root.path(), port, 5000, &p, &s);
+    let text = std::fs::read_to_string(&pconf).unwrap();
+    std::fs::write(&pconf, format!("{siem}{text}")).unwrap();
+    let mut primary = Agent::start(&pdir, &["--config", pconf.to_str().unwrap()]);
+    let identity = export_key(&pdir);
+    let (admins, pubs) = two_admins(root.path());
+    let console = format!("[console]\nadmin_keys = {pubs:?}\nquorum = 2\n");
+    let sconf = standby_conf(
+        root.path(),
+        port,
+        &identity,
+        &format!("{console}{siem}"),
+        &s,
+        &p,
+    );
+    let follower = standby(&sconf, &sdir);
+    wait_state(&primary, "synchronous");
+    for (name, balance) in [("alice", 1000), ("bob", 0)] {
+        let (code, body) = primary.tx("open_account", json!({"name": name, "balance": balance}));
+        assert_eq!(code, 200, "{body}");
+    }
+    let transfers = |agent: &Agent, n: usize| {
+        for _ in 0..n {
+            let (code, body) = agent.tx(
+                "transfer",
+                json!({"from": "alice", "to": "bob", "amount": 1}),
+            );
+            assert_eq!(code, 200, "{body}");
+        }
+    };
+    transfers(&primary, 10);
+    // The collector has the primary's records so far and the standby was sent a cursor
+    // that covers them ...
+    let (_, h) = primary.get("/v1/health");
+    let first_part = h["ledger"]["audit_seq"].as_u64().unwrap();
+    let shipped = |agent: &Agent| {
+        let (_, h) = agent.get("/v1/health");
+        h["replication"]["shipped_cursors"]["tcp"]
+            .as_u64()
+            .unwrap_or(0)
+    };
+    wait_for("the cursor shipped to the standby", || {
+        shipped(&primary) >= first_part
+    });
+    // ... then more records, some of them delivered after the last shipped cursor.
+    transfers(&primary, 10);
+    wait_for("the standby to hold every group", || {
+        let h = health(&primary);
+        h["lag_groups"] == 0 && h["state"] == "synchronous"
+    });
+    let mut victim = primary.child.take().unwrap();
+    victim.kill().unwrap(); // SIGKILL
+    victim.wait().unwrap();
+    assert_eq!(stop(follower), 0);
+
+    // The copy holds the primary's cursor, never past its own audit tip.
+    let (inherited, copy_tip) = {
+        let copy = store::open_read_only(&sdir, &StoreOptions::default()).unwrap();
+        let tip = copy
+            .audit_records(1, usize::MAX)
+            .unwrap()
+            .last()
+            .unwrap()
+            .seq;
+        (copy.cursor("tcp").unwrap(), tip)
+    };
+    let inherited = inherited.expect("the standby holds the primary's cursor for `tcp`");
+    assert!(
+        inherited >= first_part && inherited <= copy_tip,
+        "{inherited}: not in {first_part}..={copy_tip}"
+    );
+
+    let cmd = promote_command(
+        root.path(),
+        "promote",
+        &identity,
+        1,
+        &[admins[0].as_path(), admins[1].as_path()],
+    );
+    let (code, _, err) = promote(&sconf, &sdir, &["--command", cmd.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    let nconf = root.path().join("promoted.toml");
+    std::fs::write(&nconf, format!("{console}{siem}")).unwrap();
+    let mut promoted = Agent::start(&sdir, &["--config", nconf.to_str().unwrap()]);
+    let promoted_pid = promoted.child.as_ref().unwrap().id().to_string();
+    transfers(&promoted, 10);
+    let status = promoted.stop(); // SIGTERM: `agent.stopped` is exported before it exits
+    assert!(status.success(), "{status}");
+
+    let recs: Vec<mayfly_ledger::AuditRecord> =
+        store::open_read_only(&sdir, &StoreOptions::default())
+            .unwrap()
+            .audit_records(1, usize::MAX)
+            .unwrap();
+    let tip = recs.last().unwrap().seq;
+    assert_eq!(recs.last().unwrap().event.event, "agent.stopped");
+    assert!(
+        wait_until(Duration::from_secs(30), || collector
+            .received(Input::Tcp)
+            .iter()
+            .any(|m| seq_of(m) == tip)),
+        "the collector never got seq {tip}"
+    );
+    let got = collector.received(Input::Tcp);
+    let seqs: Vec<u64> = got.iter().map(seq_of).collect();
+    assert_complete_in_order("tcp", &seqs, tip);
+    // The promoted node's exporter started right after the cursor it inherited.
+    let first_promoted = got
+        .iter()
+        .find(|m| m["procid"] == promoted_pid.as_str())
+        .map(seq_of)
+        .expect("messages from the promoted node");
+    assert_eq!(
+        first_promoted,
+        inherited + 1,
+        "the promoted exporter did not resume at the replicated cursor {inherited}"
+    );
+    // Deduplicated by sequence: the first appearance is kept; a duplicate is the same
+    // record (byte-identical structured data); every record of the final ledger, whose
+    // prefix is the primary's history, is there with its hash.
+    let mut first: std::collections::BTreeMap<u64, String> = std::collections::BTreeMap::new();
+    let mut duplicates = 0;
+    for m in &got {
+        let sd = m["structured-data"].as_str().unwrap().to_string();
+        match first.entry(seq_of(m)) {
+            std::collections::btree_map::Entry::Vacant(v) => {
+                v.insert(sd);
+            }
+            std::collections::btree_map::Entry::Occupied(o) => {
+                duplicates += 1;
+                assert_eq!(o.get(), &sd, "seq {} arrived twice, differently", o.key());
+            }
+        }
+    }
+    assert_eq!(
+        first.keys().copied().collect::<Vec<_>>(),
+        (1..=tip).collect::<Vec<_>>(),
+        "gap in the collector's sequence"
+    );
+    for r in &recs {
+        let hash = mayfly_ledger::codec::hex(&mayfly_ledger::checkpoint::chain_hash(
+            &r.prev_hash,
+            &r.encode(),
+        ));
+        assert!(
+            first[&r.seq].contains(&format!("hash=\"{hash}\"")),
+            "seq {}: {}",
+            r.seq,
+            first[&r.seq]
+        );
+    }
+    eprintln!(
+        "siem continuity: {tip} records, inherited cursor {inherited} of the copy's {copy_tip}, {duplicates} duplicates"
     );
 }

@@ -339,4 +339,16 @@ impl crate::Store {
             .and_then(|v| SignedHead::decode(v).ok())
             .map(|h| h.epoch()))
     }
+
+    /// The audit tip (last audit sequence) the head of `group` signs (`None` if this
+    /// ledger holds no such head).
+    pub fn audit_tip_of_group(&self, group: u64) -> Result<Option<u64>, crate::ReadError> {
+        let rtxn = self.read_txn()?;
+        Ok(self
+            .dbs
+            .heads
+            .get(&rtxn, &u64_key(group))?
+            .and_then(|v| SignedHead::decode(v).ok())
+            .map(|h| h.audit.seq))
+    }
 }

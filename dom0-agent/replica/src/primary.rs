@@ -17,6 +17,13 @@
 //! synchronous**: after a restart its first commits wait for the standby like any other (so
 //! a primary killed and restarted does not acknowledge anything the standby lacks while the
 //! standby reconnects), and degrade only if it does not come within `sync_timeout`.
+//!
+//! **SIEM cursors** travel too: at most every [`CURSOR_INTERVAL`] the shipping thread reads
+//! the exporters' persisted cursors (the `cursors` database) and, when they changed, sends
+//! them as a [`Frame::Cursors`], each cut down to the audit tip of the last group already
+//! sent on this connection. A cursor is a lower bound of what its collector confirmed, and
+//! the standby holds every record up to it before it reads it, so a promoted standby's
+//! exporter that resumes from it sends duplicates, never leaves a gap (docs/siem.md).
 
 use std::io::Write;
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -43,6 +50,8 @@ pub const WINDOW: u64 = 256;
 pub const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 /// Longest a write to the standby may block.
 pub const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
+/// How often the exporters' cursors are read to be shipped (when they changed).
+pub const CURSOR_INTERVAL: Duration = Duration::from_millis(250);
 
 /// How the primary replicates.
 #[derive(Debug, Clone)]
@@ -98,6 +107,8 @@ enum ConnError {
     StandbyStopped { group: u64, reason: String },
     #[error("exporting group {0}")]
     Export(#[from] mayfly_ledger::ExportError),
+    #[error("reading the heads: {0}")]
+    Read(#[from] mayfly_ledger::ReadError),
     #[error("the standby closed the connection")]
     Closed,
     #[error("a probe from a peer primary, answered")]
@@ -119,6 +130,9 @@ pub struct Status {
     pub acked_group: u64,
     /// Set once this node is fenced: a peer is at a higher epoch.
     pub fenced: Option<crate::fence::Fenced>,
+    /// The exporter cursors last sent to the connected standby (name, audit sequence):
+    /// where a promoted standby's collectors would resume.
+    pub shipped_cursors: Vec<(String, u64)>,
 }
 
 impl Status {
@@ -146,6 +160,7 @@ struct State {
     standby: Option<SocketAddr>,
     degraded: Option<String>,
     fenced: Option<crate::fence::Fenced>,
+    shipped_cursors: Vec<(String, u64)>,
     events: Vec<AuditEvent>,
 }
 
@@ -300,6 +315,7 @@ fn status_of(shared: &Shared) -> Status {
         durable_group: st.durable,
         acked_group: st.acked,
         fenced: st.fenced.clone(),
+        shipped_cursors: st.shipped_cursors.clone(),
     }
 }
 
@@ -354,6 +370,7 @@ impl Shipper {
                 standby: None,
                 degraded,
                 fenced: crate::fence::Fenced::load(ledger.store().dir()),
+                shipped_cursors: Vec::new(),
                 events,
             }),
             changed: Condvar::new(),
@@ -666,6 +683,7 @@ fn serve_standby(
     {
         let mut st = shared.lock();
         st.standby = Some(peer);
+        st.shipped_cursors.clear();
         // What the standby has is what it has acknowledged, whatever an earlier
         // connection said.
         st.acked = next_group.saturating_sub(1);
@@ -677,6 +695,13 @@ fn serve_standby(
     shared.acked(next_group.saturating_sub(1));
     info!(shared.log, "standby connected"; "peer" => %peer, "next_group" => next_group);
     let mut next = next_group;
+    // The audit tip of the last group the standby has or was sent: no cursor it gets is
+    // past it.
+    let mut sent_audit = match next_group.saturating_sub(1) {
+        0 => 0,
+        held => ledger.store().audit_tip_of_group(held)?.unwrap_or(0),
+    };
+    let mut cursors = CursorShipping::default();
     loop {
         if shared.stop.load(Ordering::SeqCst) {
             let _ = write_frame(
@@ -695,8 +720,14 @@ fn serve_standby(
         stream.sock.set_nonblocking(false)?;
         while next <= durable && next.saturating_sub(acked) <= WINDOW {
             let group = ledger.store().export_group(next)?;
+            if let Ok(head) = mayfly_ledger::SignedHead::decode(&group.head) {
+                sent_audit = head.audit.seq;
+            }
             write_frame(&mut stream, &Frame::Group(group))?;
             next = next.saturating_add(1);
+        }
+        if let Some(frame) = cursors.due(shared, sent_audit) {
+            write_frame(&mut stream, &frame)?;
         }
         // Wait for an ack, a new group, or the stop flag.
         stream.sock.set_nonblocking(true)?;
@@ -738,6 +769,44 @@ fn serve_standby(
     }
 }
 
+/// When and what to ship of the exporters' cursors on one connection.
+#[derive(Default)]
+struct CursorShipping {
+    last_read: Option<Instant>,
+    sent: Option<Vec<(String, u64)>>,
+}
+
+impl CursorShipping {
+    /// A cursors frame to send now: at most every [`CURSOR_INTERVAL`], when the cursors,
+    /// each cut down to `sent_audit`, differ from what this connection sent last.
+    fn due(&mut self, shared: &Shared, sent_audit: u64) -> Option<Frame> {
+        if self
+            .last_read
+            .is_some_and(|t| t.elapsed() < CURSOR_INTERVAL)
+        {
+            return None;
+        }
+        self.last_read = Some(Instant::now());
+        let read = match shared.ledger.store().cursors(crate::frame::MAX_CURSORS) {
+            Ok(read) => read,
+            Err(e) => {
+                warn!(shared.log, "reading the exporter cursors to ship failed"; "error" => %e);
+                return None;
+            }
+        };
+        let now: Vec<(String, u64)> = read
+            .into_iter()
+            .map(|(name, seq)| (name, seq.min(sent_audit)))
+            .collect();
+        if self.sent.as_ref() == Some(&now) {
+            return None;
+        }
+        shared.lock().shipped_cursors.clone_from(&now);
+        self.sent = Some(now.clone());
+        Some(Frame::Cursors(now))
+    }
+}
+
 fn frame_name(f: &Frame) -> &'static str {
     match f {
         Frame::Hello { .. } => "hello",
@@ -745,5 +814,6 @@ fn frame_name(f: &Frame) -> &'static str {
         Frame::Ack { .. } => "ack",
         Frame::Stop { .. } => "stop",
         Frame::Epoch { .. } => "epoch",
+        Frame::Cursors(_) => "cursors",
     }
 }

@@ -8,6 +8,12 @@
 //! standby reconnects and asks again from its last group; a **fork** (or a copy whose data
 //! no longer matches its chain) stops the standby for good: it tells the primary (stop
 //! frame), audits it as critical, and returns.
+//!
+//! The primary's **SIEM cursors** ([`Frame::Cursors`]) are written into the copy's
+//! `cursors` database (outside both chains, as on the primary), so that the exporters of a
+//! promoted standby resume from them. A cursor past the copy's audit tip would make a
+//! promoted exporter skip records it never sent: the whole frame is refused, audited
+//! (`replication.cursor_refused`, error) and the connection ends.
 
 use std::net::{SocketAddr, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -19,7 +25,9 @@ use rustls::pki_types::ServerName;
 use rustls::{ClientConnection, StreamOwned};
 use slog::{error, info, warn, Logger};
 
-use crate::frame::{write_frame, Frame, FrameError, KIND_EPOCH, KIND_GROUP, KIND_STOP};
+use crate::frame::{
+    write_frame, Frame, FrameError, KIND_CURSORS, KIND_EPOCH, KIND_GROUP, KIND_STOP,
+};
 use crate::inbox::{Filled, Inbox};
 use crate::tls::{PinnedTls, TlsError};
 
@@ -70,6 +78,10 @@ enum ConnError {
     Refused(ApplyError),
     #[error("unexpected frame from the primary")]
     Unexpected,
+    #[error("refused cursor {name} = {seq}: past the copy's audit tip {tip} (a promoted exporter would skip records)")]
+    CursorPastTip { name: String, seq: u64, tip: u64 },
+    #[error("storing the primary's exporter cursors: {0}")]
+    Cursors(#[from] mayfly_ledger::CursorError),
 }
 
 /// Follows the primary until `stop` is set or following must end. Blocking; run it on a
@@ -129,9 +141,25 @@ pub fn follow(
                 );
                 return Ok(End::Refused(reason));
             }
+            Err(ConnError::CursorPastTip { name, seq, tip }) => {
+                let e = ConnError::CursorPastTip {
+                    name: name.clone(),
+                    seq,
+                    tip,
+                };
+                error!(log, "refused the primary's cursors"; "error" => %e);
+                audit(
+                    AuditEvent::new("replication.cursor_refused", Severity::Error)
+                        .field("group", replica.held().group)
+                        .field("collector", name)
+                        .field("seq", seq)
+                        .field("audit_tip", tip)
+                        .field("reason", e.to_string()),
+                );
+            }
             Err(e) => {
                 warn!(log, "replication connection ended"; "error" => %e, "group" => replica.held().group);
-                let severity = if matches!(e, ConnError::Refused(_)) {
+                let severity = if matches!(e, ConnError::Refused(_) | ConnError::Cursors(_)) {
                     Severity::Error
                 } else {
                     Severity::Warning
@@ -185,7 +213,9 @@ fn connection(
     info!(log, "connected to the primary"; "primary" => %primary, "next_group" => held.group + 1);
     let mut inbox = Inbox::default();
     loop {
-        while let Some(frame) = inbox.next_frame_of(&[KIND_GROUP, KIND_STOP, KIND_EPOCH])? {
+        while let Some(frame) =
+            inbox.next_frame_of(&[KIND_GROUP, KIND_STOP, KIND_EPOCH, KIND_CURSORS])?
+        {
             match frame {
                 Frame::Group(group) => match replica.apply(&group) {
                     Ok(applied) => {
@@ -210,6 +240,25 @@ fn connection(
                         return Err(ConnError::Refused(e));
                     }
                 },
+                Frame::Cursors(cursors) => {
+                    let tip = replica.held().audit.seq;
+                    if let Some((name, seq)) = cursors.iter().find(|(_, seq)| *seq > tip) {
+                        let e = ConnError::CursorPastTip {
+                            name: name.clone(),
+                            seq: *seq,
+                            tip,
+                        };
+                        let _ = write_frame(
+                            &mut stream,
+                            &Frame::Stop {
+                                group: replica.held().group,
+                                reason: e.to_string(),
+                            },
+                        );
+                        return Err(e);
+                    }
+                    replica.store().set_cursors(&cursors)?;
+                }
                 Frame::Stop { group, reason } => {
                     return Err(ConnError::PrimaryStopped { group, reason })
                 }

@@ -304,3 +304,149 @@ fn asynchronous_mode_catches_up_and_a_wrong_pin_gets_nothing() {
     drop((intruder, wrong_pin, standby));
     shipper.stop();
 }
+
+/// SIEM continuity: the primary ships its exporters' persisted cursors, each cut down to
+/// the audit tip of what it has sent, and the standby keeps them in its copy's `cursors`
+/// database (where a promoted node's exporter reads them).
+#[test]
+fn exporter_cursors_reach_the_standby_cut_to_what_it_holds() {
+    let p = tempfile::tempdir().unwrap();
+    let s = tempfile::tempdir().unwrap();
+    let (pid, sid) = (Identity::new(), Identity::new());
+    let primary = Ledger::open(p.path(), &Options::default(), &log()).unwrap();
+    for i in 0..5 {
+        put(&primary, &format!("k/{i}"));
+    }
+    primary.store().set_cursor("relay", 1).unwrap();
+    // A cursor past everything (a bogus value): never shipped past what the standby holds.
+    primary.store().set_cursor("soc", u64::MAX).unwrap();
+    let shipper = Shipper::start(
+        &primary,
+        PrimaryConfig {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            mode: Mode::Async,
+            sync_timeout: Duration::from_millis(300),
+            tls: pid.tls(&sid.pin()),
+            peer: None,
+        },
+        &log(),
+    )
+    .unwrap();
+    let mut standby = Standby::start(
+        s.path(),
+        &primary,
+        StandbyConfig {
+            primary: shipper.local_addr(),
+            tls: sid.tls(&pid.pin()),
+        },
+    );
+    let held_tip = || {
+        standby
+            .store
+            .audit_records(1, 100_000)
+            .unwrap()
+            .last()
+            .map_or(0, |r| r.seq)
+    };
+    assert!(
+        eventually(Duration::from_secs(20), || {
+            let tip = held_tip();
+            tip > 1
+                && standby.store.cursor("relay").unwrap() == Some(1)
+                && standby.store.cursor("soc").unwrap() == Some(tip)
+        }),
+        "{:?} {:?}",
+        standby.store.cursors(10),
+        shipper.status()
+    );
+    // A cursor that moves on the primary moves on the standby.
+    let tip = primary.tips().audit.seq;
+    primary.store().set_cursor("relay", tip).unwrap();
+    assert!(eventually(Duration::from_secs(10), || standby
+        .store
+        .cursor("relay")
+        .unwrap()
+        == Some(tip)));
+    assert!(shipper
+        .status()
+        .shipped_cursors
+        .contains(&("relay".to_string(), tip)));
+    assert!(!standby
+        .events()
+        .contains(&"replication.cursor_refused".to_string()));
+    standby.stop();
+    shipper.stop();
+}
+
+/// A primary (here a forged one speaking the frames itself, with the right TLS key) that
+/// sends a cursor past the standby's audit tip: the standby writes nothing of the frame,
+/// audits `replication.cursor_refused` and ends the connection.
+#[test]
+fn a_cursor_past_the_standbys_audit_tip_is_refused_and_audited() {
+    use mayfly_replica::frame::{read_frame, write_frame, Frame};
+    let p = tempfile::tempdir().unwrap();
+    let s = tempfile::tempdir().unwrap();
+    let (pid, sid) = (Identity::new(), Identity::new());
+    let primary = Ledger::open(p.path(), &Options::default(), &log()).unwrap();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = pid.tls(&sid.pin()).server_config().unwrap();
+    let forger = std::thread::spawn(move || {
+        let (tcp, _) = listener.accept().unwrap();
+        tcp.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        let conn = rustls::ServerConnection::new(server).unwrap();
+        let mut stream = rustls::StreamOwned::new(conn, tcp);
+        let hello = read_frame(&mut stream).unwrap();
+        assert!(
+            matches!(hello, Frame::Hello { next_group: 1, .. }),
+            "{hello:?}"
+        );
+        write_frame(
+            &mut stream,
+            &Frame::Epoch {
+                epoch: 0,
+                from_group: 0,
+                from_checkpoint: 0,
+            },
+        )
+        .unwrap();
+        write_frame(
+            &mut stream,
+            &Frame::Cursors(vec![("relay".into(), 0), ("soc".into(), 1)]),
+        )
+        .unwrap();
+        // The standby answers with a stop naming the refused cursor.
+        read_frame(&mut stream).unwrap()
+    });
+    let mut standby = Standby::start(
+        s.path(),
+        &primary,
+        StandbyConfig {
+            primary: addr,
+            tls: sid.tls(&pid.pin()),
+        },
+    );
+    let stop = forger.join().unwrap();
+    match &stop {
+        Frame::Stop { reason, .. } => {
+            assert!(reason.contains("refused cursor soc = 1"), "{reason}");
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(eventually(Duration::from_secs(10), || standby
+        .events()
+        .contains(&"replication.cursor_refused".to_string())));
+    // Nothing of the frame was written, not even the acceptable cursor.
+    assert_eq!(standby.store.cursors(10).unwrap(), []);
+    let rec = standby
+        .local
+        .store()
+        .audit_records(1, 1000)
+        .unwrap()
+        .into_iter()
+        .find(|r| r.event.event == "replication.cursor_refused")
+        .unwrap();
+    assert_eq!(rec.event.fields["collector"], "soc");
+    assert_eq!(rec.event.fields["audit_tip"], "0");
+    standby.stop();
+}
