@@ -6,7 +6,7 @@
 //!              0    4  magic "MFRP"
 //!              4    1  version 1
 //!              5    1  kind: 0x01 hello, 0x02 group, 0x03 ack, 0x04 stop, 0x05 epoch,
-//!                      0x06 cursors
+//!                      0x06 cursors, 0x07 heartbeat
 //!              6    4  body length, u32 BE, at most the kind's cap
 //!             10    n  body
 //!
@@ -42,6 +42,9 @@
 //!              0    2  count (<= 256), then per cursor, names strictly increasing:
 //!                 1+n    u8 length + name (1..=64 bytes of [a-z0-9_.-])
 //!                   8    u64 last audit sequence the collector was confirmed to have
+//!
+//! heartbeat (either way, 8 bytes, every `heartbeat_ms`)
+//!              0    8  the sender's last group (durable on a primary, held on a standby)
 //! ```
 //!
 //! Integers are big-endian. A decoder refuses an unknown magic, version or kind, a body
@@ -74,6 +77,10 @@ pub const KIND_STOP: u8 = 0x04;
 pub const KIND_EPOCH: u8 = 0x05;
 /// Frame kind: the primary's exporter cursors.
 pub const KIND_CURSORS: u8 = 0x06;
+/// Frame kind: a heartbeat (either way).
+pub const KIND_HEARTBEAT: u8 = 0x07;
+/// Length of a heartbeat body.
+pub const HEARTBEAT_LEN: usize = 8;
 /// Most cursors in one cursors frame.
 pub const MAX_CURSORS: usize = 256;
 /// Longest cursor name.
@@ -132,6 +139,11 @@ pub enum Frame {
     /// The primary's exporter cursors (name, last confirmed audit sequence), in name
     /// order, each at most the audit tip of the groups sent before it.
     Cursors(Vec<(String, u64)>),
+    /// The sender is alive (sent every `heartbeat_ms` by both sides).
+    Heartbeat {
+        /// The sender's last group: durable on a primary, held on a standby.
+        group: u64,
+    },
     /// The primary's epoch and where the hello's history ends in it.
     Epoch {
         /// The primary's epoch.
@@ -192,6 +204,7 @@ impl Frame {
             Self::Stop { .. } => KIND_STOP,
             Self::Epoch { .. } => KIND_EPOCH,
             Self::Cursors(_) => KIND_CURSORS,
+            Self::Heartbeat { .. } => KIND_HEARTBEAT,
         }
     }
 
@@ -231,7 +244,7 @@ impl Frame {
                 }
                 w.finish()
             }
-            Self::Ack { group } => group.to_be_bytes().to_vec(),
+            Self::Ack { group } | Self::Heartbeat { group } => group.to_be_bytes().to_vec(),
             Self::Epoch {
                 epoch,
                 from_group,
@@ -329,6 +342,9 @@ impl Frame {
                 from_group: r.u64("from_group").map_err(err)?,
                 from_checkpoint: r.u64("from_checkpoint").map_err(err)?,
             },
+            KIND_HEARTBEAT => Self::Heartbeat {
+                group: r.u64("group").map_err(err)?,
+            },
             KIND_CURSORS => {
                 let count = usize::from(r.u16("count").map_err(err)?);
                 if count > MAX_CURSORS {
@@ -389,6 +405,7 @@ fn kind_name(kind: u8) -> Option<&'static str> {
         KIND_STOP => Some("stop"),
         KIND_EPOCH => Some("epoch"),
         KIND_CURSORS => Some("cursors"),
+        KIND_HEARTBEAT => Some("heartbeat"),
         _ => None,
     }
 }
@@ -400,6 +417,7 @@ fn max_body(kind: u8) -> u64 {
         KIND_ACK => ACK_LEN as u64,
         KIND_EPOCH => EPOCH_LEN as u64,
         KIND_CURSORS => MAX_CURSORS_BODY as u64,
+        KIND_HEARTBEAT => HEARTBEAT_LEN as u64,
         _ => MAX_STOP_BODY as u64,
     }
 }
@@ -498,6 +516,7 @@ mod tests {
             },
             Frame::Cursors(vec![("local-relay".into(), 7), ("soc-tls".into(), 1841)]),
             Frame::Cursors(vec![]),
+            Frame::Heartbeat { group: 12 },
         ]
     }
 

@@ -24,6 +24,13 @@
 //! sent on this connection. A cursor is a lower bound of what its collector confirmed, and
 //! the standby holds every record up to it before it reads it, so a promoted standby's
 //! exporter that resumes from it sends duplicates, never leaves a gap (docs/siem.md).
+//!
+//! **Heartbeats**: the shipping thread sends a [`Frame::Heartbeat`] every
+//! `heartbeat.interval` and expects some frame from the standby at least every
+//! `heartbeat.lost_after()`; a silent standby (a network partition that drops packets
+//! without a reset) ends the connection as `replication.peer_lost` (shown in [`Status`])
+//! and the next standby that connects is audited `replication.peer_back`. Writes to the
+//! standby time out after the same silence.
 
 use std::io::Write;
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -39,7 +46,10 @@ use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use rustls::{ServerConnection, StreamOwned};
 use slog::{error, info, warn, Logger};
 
-use crate::frame::{write_frame, Frame, FrameError, KIND_ACK, KIND_HELLO, KIND_STOP};
+use crate::config::Heartbeat;
+use crate::frame::{
+    write_frame, Frame, FrameError, KIND_ACK, KIND_HEARTBEAT, KIND_HELLO, KIND_STOP,
+};
 use crate::inbox::{Filled, Inbox};
 use crate::tls::{PinnedTls, TlsError};
 use crate::Mode;
@@ -68,6 +78,8 @@ pub struct PrimaryConfig {
     /// The other node's replication address, probed for a higher epoch (fencing,
     /// [`crate::fence`]); `None`: only a peer's hello can fence this node.
     pub peer: Option<SocketAddr>,
+    /// Heartbeat interval and the silence after which the standby is lost.
+    pub heartbeat: Heartbeat,
 }
 
 /// Why replication could not start.
@@ -113,6 +125,12 @@ enum ConnError {
     Closed,
     #[error("a probe from a peer primary, answered")]
     Probe,
+    #[error("nothing from the standby for {} ms ({misses} heartbeat intervals of {} ms): it is lost", lost_after.as_millis(), interval.as_millis())]
+    PeerLost {
+        lost_after: Duration,
+        interval: Duration,
+        misses: u32,
+    },
 }
 
 /// What `GET /v1/health` and the console show.
@@ -133,6 +151,9 @@ pub struct Status {
     /// The exporter cursors last sent to the connected standby (name, audit sequence):
     /// where a promoted standby's collectors would resume.
     pub shipped_cursors: Vec<(String, u64)>,
+    /// Set when the last standby went silent (no frame for `heartbeat_ms ×
+    /// heartbeat_misses`), until a standby connects again: why.
+    pub peer_lost: Option<String>,
 }
 
 impl Status {
@@ -161,12 +182,14 @@ struct State {
     degraded: Option<String>,
     fenced: Option<crate::fence::Fenced>,
     shipped_cursors: Vec<(String, u64)>,
+    peer_lost: Option<(String, Instant)>,
     events: Vec<AuditEvent>,
 }
 
 struct Shared {
     ledger: Ledger,
     mode: Mode,
+    heartbeat: Heartbeat,
     sync_timeout: Duration,
     state: Mutex<State>,
     changed: Condvar,
@@ -316,6 +339,7 @@ fn status_of(shared: &Shared) -> Status {
         acked_group: st.acked,
         fenced: st.fenced.clone(),
         shipped_cursors: st.shipped_cursors.clone(),
+        peer_lost: st.peer_lost.as_ref().map(|(r, _)| r.clone()),
     }
 }
 
@@ -363,6 +387,7 @@ impl Shipper {
         let shared = Arc::new(Shared {
             ledger: ledger.clone(),
             mode: config.mode,
+            heartbeat: config.heartbeat,
             sync_timeout: config.sync_timeout,
             state: Mutex::new(State {
                 durable: ledger.tips().group,
@@ -371,6 +396,7 @@ impl Shipper {
                 degraded,
                 fenced: crate::fence::Fenced::load(ledger.store().dir()),
                 shipped_cursors: Vec::new(),
+                peer_lost: None,
                 events,
             }),
             changed: Condvar::new(),
@@ -530,6 +556,17 @@ fn accept_loop(
                     Err(e) => e.to_string(),
                 };
                 warn!(shared.log, "standby connection ended"; "peer" => %peer, "reason" => &reason);
+                if matches!(result, Err(ConnError::PeerLost { .. })) {
+                    let ev = AuditEvent::new("replication.peer_lost", Severity::Warning)
+                        .field("peer", peer)
+                        .field("role", "primary")
+                        .field("acked_group", st.acked)
+                        .field("durable_group", st.durable)
+                        .field("reason", &reason);
+                    st.peer_lost = Some((reason, Instant::now()));
+                    shared.audit(&mut st, ev);
+                    continue;
+                }
                 let ev = AuditEvent::new(
                     "replication.standby_disconnected",
                     if matches!(result, Err(ConnError::StandbyStopped { .. })) {
@@ -570,7 +607,7 @@ fn serve_standby(
     tcp.set_nonblocking(false)?;
     tcp.set_nodelay(true)?;
     tcp.set_read_timeout(Some(HELLO_TIMEOUT))?;
-    tcp.set_write_timeout(Some(WRITE_TIMEOUT))?;
+    tcp.set_write_timeout(Some(WRITE_TIMEOUT.min(shared.heartbeat.lost_after())))?;
     let conn = ServerConnection::new(tls.clone())?;
     let mut stream = StreamOwned::new(conn, tcp);
     let mut inbox = Inbox::default();
@@ -684,6 +721,14 @@ fn serve_standby(
         let mut st = shared.lock();
         st.standby = Some(peer);
         st.shipped_cursors.clear();
+        if let Some((was, since)) = st.peer_lost.take() {
+            let ev = AuditEvent::new("replication.peer_back", Severity::Notice)
+                .field("peer", peer)
+                .field("role", "primary")
+                .field("lost_ms", since.elapsed().as_millis())
+                .field("lost_reason", was);
+            shared.audit(&mut st, ev);
+        }
         // What the standby has is what it has acknowledged, whatever an earlier
         // connection said.
         st.acked = next_group.saturating_sub(1);
@@ -702,6 +747,10 @@ fn serve_standby(
         held => ledger.store().audit_tip_of_group(held)?.unwrap_or(0),
     };
     let mut cursors = CursorShipping::default();
+    let beat = shared.heartbeat;
+    let mut last_heard = Instant::now();
+    let mut last_beat: Option<Instant> = None;
+    let poll_ms = u16::try_from(beat.interval.as_millis().min(500)).unwrap_or(500);
     loop {
         if shared.stop.load(Ordering::SeqCst) {
             let _ = write_frame(
@@ -729,6 +778,10 @@ fn serve_standby(
         if let Some(frame) = cursors.due(shared, sent_audit) {
             write_frame(&mut stream, &frame)?;
         }
+        if last_beat.is_none_or(|t| t.elapsed() >= beat.interval) {
+            write_frame(&mut stream, &Frame::Heartbeat { group: durable })?;
+            last_beat = Some(Instant::now());
+        }
         // Wait for an ack, a new group, or the stop flag.
         stream.sock.set_nonblocking(true)?;
         if !stream.conn.wants_write() {
@@ -736,19 +789,30 @@ fn serve_standby(
                 PollFd::new(stream.sock.as_fd(), PollFlags::POLLIN),
                 PollFd::new(wake.as_fd(), PollFlags::POLLIN),
             ];
-            let _ = poll(&mut fds, PollTimeout::from(500u16));
+            let _ = poll(&mut fds, PollTimeout::from(poll_ms));
         }
         drain(wake);
         loop {
             match inbox.fill(&mut stream) {
-                Ok(Filled::Bytes) => continue,
+                Ok(Filled::Bytes) => {
+                    last_heard = Instant::now();
+                    continue;
+                }
                 Ok(Filled::Nothing) => break,
                 Ok(Filled::Closed) => return Err(ConnError::Closed),
                 Err(e) => return Err(e.into()),
             }
         }
-        while let Some(frame) = inbox.next_frame_of(&[KIND_ACK, KIND_STOP])? {
+        if last_heard.elapsed() > beat.lost_after() {
+            return Err(ConnError::PeerLost {
+                lost_after: beat.lost_after(),
+                interval: beat.interval,
+                misses: beat.misses,
+            });
+        }
+        while let Some(frame) = inbox.next_frame_of(&[KIND_ACK, KIND_STOP, KIND_HEARTBEAT])? {
             match frame {
+                Frame::Heartbeat { .. } => {}
                 Frame::Ack { group } if group < next => shared.acked(group),
                 Frame::Ack { group } => {
                     return Err(ConnError::Refused(format!(
@@ -815,5 +879,6 @@ fn frame_name(f: &Frame) -> &'static str {
         Frame::Stop { .. } => "stop",
         Frame::Epoch { .. } => "epoch",
         Frame::Cursors(_) => "cursors",
+        Frame::Heartbeat { .. } => "heartbeat",
     }
 }

@@ -14,6 +14,11 @@
 //! promoted standby resume from them. A cursor past the copy's audit tip would make a
 //! promoted exporter skip records it never sent: the whole frame is refused, audited
 //! (`replication.cursor_refused`, error) and the connection ends.
+//!
+//! **Heartbeats**: the standby sends a [`Frame::Heartbeat`] every `heartbeat.interval` and
+//! ends a connection on which nothing arrived for `heartbeat.lost_after()` (a silent
+//! partition): `replication.peer_lost` (warning); the first connection after it on which
+//! the primary answers is audited `replication.peer_back`.
 
 use std::net::{SocketAddr, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -25,8 +30,9 @@ use rustls::pki_types::ServerName;
 use rustls::{ClientConnection, StreamOwned};
 use slog::{error, info, warn, Logger};
 
+use crate::config::Heartbeat;
 use crate::frame::{
-    write_frame, Frame, FrameError, KIND_CURSORS, KIND_EPOCH, KIND_GROUP, KIND_STOP,
+    write_frame, Frame, FrameError, KIND_CURSORS, KIND_EPOCH, KIND_GROUP, KIND_HEARTBEAT, KIND_STOP,
 };
 use crate::inbox::{Filled, Inbox};
 use crate::tls::{PinnedTls, TlsError};
@@ -46,6 +52,8 @@ pub struct StandbyConfig {
     pub primary: SocketAddr,
     /// This node's certificate and the primary's pin.
     pub tls: PinnedTls,
+    /// Heartbeat interval and the silence after which the primary is lost.
+    pub heartbeat: Heartbeat,
 }
 
 /// How following ended.
@@ -82,6 +90,12 @@ enum ConnError {
     CursorPastTip { name: String, seq: u64, tip: u64 },
     #[error("storing the primary's exporter cursors: {0}")]
     Cursors(#[from] mayfly_ledger::CursorError),
+    #[error("nothing from the primary for {} ms ({misses} heartbeat intervals of {} ms): it is lost", lost_after.as_millis(), interval.as_millis())]
+    PeerLost {
+        lost_after: Duration,
+        interval: Duration,
+        misses: u32,
+    },
 }
 
 /// Follows the primary until `stop` is set or following must end. Blocking; run it on a
@@ -107,9 +121,31 @@ pub fn follow(
             .field("primary", config.primary)
             .field("group", replica.held().group),
     );
+    // Since when the primary is lost (a connection ended in silence), until it answers.
+    let mut lost: Option<std::time::Instant> = None;
     while !stop.load(Ordering::SeqCst) {
         let before = replica.held().group;
-        let result = connection(replica, config.primary, &tls, stop, &log);
+        let mut answered = |held: u64| {
+            if let Some(since) = lost.take() {
+                info!(log, "the primary answers again"; "group" => held);
+                audit(
+                    AuditEvent::new("replication.peer_back", Severity::Notice)
+                        .field("role", "standby")
+                        .field("primary", config.primary)
+                        .field("group", held)
+                        .field("lost_ms", since.elapsed().as_millis()),
+                );
+            }
+        };
+        let result = connection(
+            replica,
+            config.primary,
+            config.heartbeat,
+            &tls,
+            stop,
+            &log,
+            &mut answered,
+        );
         let progressed = replica.held().group > before;
         match result {
             Ok(()) => return Ok(End::Stopped),
@@ -140,6 +176,17 @@ pub fn follow(
                         .field("reason", &reason),
                 );
                 return Ok(End::Refused(reason));
+            }
+            Err(e @ ConnError::PeerLost { .. }) => {
+                warn!(log, "the primary is lost"; "error" => %e, "group" => replica.held().group);
+                lost.get_or_insert_with(std::time::Instant::now);
+                audit(
+                    AuditEvent::new("replication.peer_lost", Severity::Warning)
+                        .field("role", "standby")
+                        .field("primary", config.primary)
+                        .field("group", replica.held().group)
+                        .field("reason", e.to_string()),
+                );
             }
             Err(ConnError::CursorPastTip { name, seq, tip }) => {
                 let e = ConnError::CursorPastTip {
@@ -189,14 +236,16 @@ pub fn follow(
 fn connection(
     replica: &mut Replica,
     primary: SocketAddr,
+    beat: Heartbeat,
     tls: &Arc<rustls::ClientConfig>,
     stop: &AtomicBool,
     log: &Logger,
+    answered: &mut dyn FnMut(u64),
 ) -> Result<(), ConnError> {
     let tcp = TcpStream::connect_timeout(&primary, CONNECT_TIMEOUT)?;
     tcp.set_nodelay(true)?;
-    tcp.set_read_timeout(Some(POLL))?;
-    tcp.set_write_timeout(Some(Duration::from_secs(30)))?;
+    tcp.set_read_timeout(Some(POLL.min(beat.interval)))?;
+    tcp.set_write_timeout(Some(Duration::from_secs(30).min(beat.lost_after())))?;
     // The pin, not the name, authenticates the primary; the name is only what SNI carries.
     let name = ServerName::try_from("mayfly-primary").map_err(|_| ConnError::Unexpected)?;
     let conn = ClientConnection::new(tls.clone(), name)?;
@@ -212,11 +261,18 @@ fn connection(
     )?;
     info!(log, "connected to the primary"; "primary" => %primary, "next_group" => held.group + 1);
     let mut inbox = Inbox::default();
+    let mut last_heard = std::time::Instant::now();
+    let mut last_beat = std::time::Instant::now();
     loop {
-        while let Some(frame) =
-            inbox.next_frame_of(&[KIND_GROUP, KIND_STOP, KIND_EPOCH, KIND_CURSORS])?
-        {
+        while let Some(frame) = inbox.next_frame_of(&[
+            KIND_GROUP,
+            KIND_STOP,
+            KIND_EPOCH,
+            KIND_CURSORS,
+            KIND_HEARTBEAT,
+        ])? {
             match frame {
+                Frame::Heartbeat { .. } => {}
                 Frame::Group(group) => match replica.apply(&group) {
                     Ok(applied) => {
                         write_frame(
@@ -273,7 +329,7 @@ fn connection(
                         ),
                     })
                 }
-                Frame::Epoch { .. } => {}
+                Frame::Epoch { .. } => answered(replica.held().group),
                 Frame::Hello { .. } | Frame::Ack { .. } => return Err(ConnError::Unexpected),
             }
         }
@@ -287,8 +343,26 @@ fn connection(
             );
             return Ok(());
         }
-        if inbox.fill(&mut stream)? == Filled::Closed {
-            return Err(ConnError::Closed);
+        if last_beat.elapsed() >= beat.interval {
+            write_frame(
+                &mut stream,
+                &Frame::Heartbeat {
+                    group: replica.held().group,
+                },
+            )?;
+            last_beat = std::time::Instant::now();
+        }
+        match inbox.fill(&mut stream)? {
+            Filled::Closed => return Err(ConnError::Closed),
+            Filled::Bytes => last_heard = std::time::Instant::now(),
+            Filled::Nothing => {}
+        }
+        if last_heard.elapsed() > beat.lost_after() {
+            return Err(ConnError::PeerLost {
+                lost_after: beat.lost_after(),
+                interval: beat.interval,
+                misses: beat.misses,
+            });
         }
     }
 }

@@ -146,6 +146,7 @@ fn synchronous_mode_acknowledges_only_what_the_standby_holds_and_degrades_withou
             sync_timeout: Duration::from_millis(300),
             tls: pid.tls(&sid.pin()),
             peer: None,
+            heartbeat: Default::default(),
         },
         &log(),
     )
@@ -158,6 +159,7 @@ fn synchronous_mode_acknowledges_only_what_the_standby_holds_and_degrades_withou
     let config = StandbyConfig {
         primary: shipper.local_addr(),
         tls: sid.tls(&pid.pin()),
+        heartbeat: Default::default(),
     };
     let mut standby = Standby::start(s.path(), &primary, config.clone());
     assert_eq!(standby.store.last_group().unwrap(), 0);
@@ -247,6 +249,7 @@ fn asynchronous_mode_catches_up_and_a_wrong_pin_gets_nothing() {
             sync_timeout: Duration::from_millis(300),
             tls: pid.tls(&sid.pin()),
             peer: None,
+            heartbeat: Default::default(),
         },
         &log(),
     )
@@ -259,6 +262,7 @@ fn asynchronous_mode_catches_up_and_a_wrong_pin_gets_nothing() {
         StandbyConfig {
             primary: shipper.local_addr(),
             tls: stranger.tls(&pid.pin()),
+            heartbeat: Default::default(),
         },
     );
     // A standby that pins another primary key refuses this primary.
@@ -269,6 +273,7 @@ fn asynchronous_mode_catches_up_and_a_wrong_pin_gets_nothing() {
         StandbyConfig {
             primary: shipper.local_addr(),
             tls: sid.tls(&stranger.pin()),
+            heartbeat: Default::default(),
         },
     );
     let standby = Standby::start(
@@ -277,6 +282,7 @@ fn asynchronous_mode_catches_up_and_a_wrong_pin_gets_nothing() {
         StandbyConfig {
             primary: shipper.local_addr(),
             tls: sid.tls(&pid.pin()),
+            heartbeat: Default::default(),
         },
     );
     for i in 0..20 {
@@ -328,6 +334,7 @@ fn exporter_cursors_reach_the_standby_cut_to_what_it_holds() {
             sync_timeout: Duration::from_millis(300),
             tls: pid.tls(&sid.pin()),
             peer: None,
+            heartbeat: Default::default(),
         },
         &log(),
     )
@@ -338,6 +345,7 @@ fn exporter_cursors_reach_the_standby_cut_to_what_it_holds() {
         StandbyConfig {
             primary: shipper.local_addr(),
             tls: sid.tls(&pid.pin()),
+            heartbeat: Default::default(),
         },
     );
     let held_tip = || {
@@ -424,6 +432,7 @@ fn a_cursor_past_the_standbys_audit_tip_is_refused_and_audited() {
         StandbyConfig {
             primary: addr,
             tls: sid.tls(&pid.pin()),
+            heartbeat: Default::default(),
         },
     );
     let stop = forger.join().unwrap();
@@ -449,4 +458,170 @@ fn a_cursor_past_the_standbys_audit_tip_is_refused_and_audited() {
     assert_eq!(rec.event.fields["collector"], "soc");
     assert_eq!(rec.event.fields["audit_tip"], "0");
     standby.stop();
+}
+
+fn quick_beats() -> mayfly_replica::Heartbeat {
+    mayfly_replica::Heartbeat {
+        interval: Duration::from_millis(100),
+        misses: 3,
+    }
+}
+
+/// A standby that goes silent (connected, hello sent, then nothing: what a partition that
+/// drops packets looks like) is noticed by the primary's heartbeat bound: its status says
+/// the peer is lost and `replication.peer_lost` is audited; a standby that connects again
+/// is audited `replication.peer_back` and the status clears.
+#[test]
+fn a_silent_standby_is_lost_by_heartbeat_and_back_when_it_reconnects() {
+    use mayfly_replica::frame::{write_frame, Frame};
+    let p = tempfile::tempdir().unwrap();
+    let s = tempfile::tempdir().unwrap();
+    let (pid, sid) = (Identity::new(), Identity::new());
+    let primary = Ledger::open(p.path(), &Options::default(), &log()).unwrap();
+    put(&primary, "k");
+    let shipper = Shipper::start(
+        &primary,
+        PrimaryConfig {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            mode: Mode::Async,
+            sync_timeout: Duration::from_millis(300),
+            tls: pid.tls(&sid.pin()),
+            peer: None,
+            heartbeat: quick_beats(),
+        },
+        &log(),
+    )
+    .unwrap();
+    let client = sid.tls(&pid.pin()).client_config().unwrap();
+    let tcp = std::net::TcpStream::connect(shipper.local_addr()).unwrap();
+    let name = rustls::pki_types::ServerName::try_from("mayfly-primary").unwrap();
+    let conn = rustls::ClientConnection::new(client, name).unwrap();
+    let mut silent = rustls::StreamOwned::new(conn, tcp);
+    write_frame(
+        &mut silent,
+        &Frame::Hello {
+            next_group: primary.tips().group + 1,
+            epoch: 0,
+            identity: primary.public_key(),
+        },
+    )
+    .unwrap();
+    assert!(
+        eventually(Duration::from_secs(10), || shipper
+            .status()
+            .peer_lost
+            .is_some_and(|r| r.contains("nothing from the standby for 300 ms"))),
+        "{:?}",
+        shipper.status()
+    );
+    assert!(eventually(Duration::from_secs(5), || events(&primary)
+        .contains(&"replication.peer_lost".to_string())));
+    let mut standby = Standby::start(
+        s.path(),
+        &primary,
+        StandbyConfig {
+            primary: shipper.local_addr(),
+            tls: sid.tls(&pid.pin()),
+            heartbeat: quick_beats(),
+        },
+    );
+    assert!(eventually(Duration::from_secs(10), || events(&primary)
+        .contains(&"replication.peer_back".to_string())));
+    assert_eq!(shipper.status().peer_lost, None);
+    // A live standby on an idle primary is not lost: heartbeats keep it.
+    std::thread::sleep(Duration::from_millis(1000)); // a span of 10 heartbeat intervals
+    let lost = events(&primary)
+        .iter()
+        .filter(|e| *e == "replication.peer_lost")
+        .count();
+    assert_eq!(lost, 1, "{:?}", events(&primary));
+    assert!(shipper.status().standby.is_some());
+    assert!(
+        !standby
+            .events()
+            .contains(&"replication.peer_lost".to_string()),
+        "{:?}",
+        standby.events()
+    );
+    drop(silent);
+    standby.stop();
+    shipper.stop();
+}
+
+/// A primary that goes silent after answering the hello is noticed by the standby's
+/// heartbeat bound (`replication.peer_lost` in its own audit); when a primary answers
+/// again it is `replication.peer_back`.
+#[test]
+fn a_silent_primary_is_lost_by_the_standby_and_back_when_it_answers() {
+    use mayfly_replica::frame::{read_frame, write_frame, Frame};
+    let p = tempfile::tempdir().unwrap();
+    let s = tempfile::tempdir().unwrap();
+    let (pid, sid) = (Identity::new(), Identity::new());
+    let primary = Ledger::open(p.path(), &Options::default(), &log()).unwrap();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = pid.tls(&sid.pin()).server_config().unwrap();
+    let forger = std::thread::spawn(move || {
+        for round in 0..2 {
+            let (tcp, _) = listener.accept().unwrap();
+            tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            let conn = rustls::ServerConnection::new(server.clone()).unwrap();
+            let mut stream = rustls::StreamOwned::new(conn, tcp);
+            let _hello = read_frame(&mut stream).unwrap();
+            write_frame(
+                &mut stream,
+                &Frame::Epoch {
+                    epoch: 0,
+                    from_group: 0,
+                    from_checkpoint: 0,
+                },
+            )
+            .unwrap();
+            if round == 0 {
+                // Silent: read (and drop) what the standby sends until it gives up.
+                while read_frame(&mut stream).is_ok() {}
+            } else {
+                for _ in 0..20 {
+                    if write_frame(&mut stream, &Frame::Heartbeat { group: 0 }).is_err() {
+                        break;
+                    }
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+            }
+        }
+    });
+    let mut standby = Standby::start(
+        s.path(),
+        &primary,
+        StandbyConfig {
+            primary: addr,
+            tls: sid.tls(&pid.pin()),
+            heartbeat: quick_beats(),
+        },
+    );
+    assert!(
+        eventually(Duration::from_secs(15), || {
+            let ev = standby.events();
+            let lost = ev.iter().position(|e| e == "replication.peer_lost");
+            let back = ev.iter().position(|e| e == "replication.peer_back");
+            matches!((lost, back), (Some(l), Some(b)) if l < b)
+        }),
+        "{:?}",
+        standby.events()
+    );
+    let rec = standby
+        .local
+        .store()
+        .audit_records(1, 1000)
+        .unwrap()
+        .into_iter()
+        .find(|r| r.event.event == "replication.peer_lost")
+        .unwrap();
+    assert!(
+        rec.event.fields["reason"].contains("nothing from the primary for 300 ms"),
+        "{:?}",
+        rec.event.fields
+    );
+    standby.stop();
+    forger.join().unwrap();
 }
