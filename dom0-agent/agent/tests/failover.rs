@@ -1346,3 +1346,243 @@ fn siem_export_continues_from_the_replicated_cursor_after_a_promotion() {
         "siem continuity: {tip} records, inherited cursor {inherited} of the copy's {copy_tip}, {duplicates} duplicates"
     );
 }
+
+/// A network namespace holding one end of a veth pair whose other end is in the test's
+/// namespace: `host` (x.x.x.1) here, `peer_ip` (x.x.x.2) inside. Deleted (with the veth)
+/// on drop.
+struct Netns {
+    name: String,
+    link: String,
+    host: String,
+    peer_ip: String,
+}
+
+fn ip(args: &[&str]) -> Result<(), String> {
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .map_err(|e| format!("ip: {e}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "ip {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
+    }
+}
+
+impl Netns {
+    /// `None` (and a message saying why) where namespaces cannot be made: no `ip`, not root.
+    fn create() -> Option<Self> {
+        if !Path::new("/usr/sbin/ip").exists() && !Path::new("/sbin/ip").exists() {
+            eprintln!("SKIPPED: `ip` (iproute2) is not installed; scripts/lib.sh installs it");
+            return None;
+        }
+        let tag = std::process::id() % 100_000;
+        let subnet = 16 + (tag % 200);
+        let ns = Self {
+            name: format!("mfly{tag}"),
+            link: format!("mfh{tag}"),
+            host: format!("10.77.{subnet}.1"),
+            peer_ip: format!("10.77.{subnet}.2"),
+        };
+        let inner = format!("mfs{tag}");
+        if let Err(e) = ip(&["netns", "add", &ns.name]) {
+            eprintln!("SKIPPED: cannot make a network namespace (root needed): {e}");
+            return None;
+        }
+        let (host_cidr, peer_cidr) = (format!("{}/30", ns.host), format!("{}/30", ns.peer_ip));
+        let steps: [&[&str]; 6] = [
+            &[
+                "link", "add", &ns.link, "type", "veth", "peer", "name", &inner, "netns", &ns.name,
+            ],
+            &["addr", "add", &host_cidr, "dev", &ns.link],
+            &["link", "set", &ns.link, "up"],
+            &["-n", &ns.name, "addr", "add", &peer_cidr, "dev", &inner],
+            &["-n", &ns.name, "link", "set", &inner, "up"],
+            &["-n", &ns.name, "link", "set", "lo", "up"],
+        ];
+        for step in steps {
+            ip(step).unwrap();
+        }
+        Some(ns)
+    }
+
+    /// Cuts (`false`) or restores (`true`) the link: packets are dropped without a reset.
+    fn link(&self, up: bool) {
+        ip(&["link", "set", &self.link, if up { "up" } else { "down" }]).unwrap();
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = ip(&["link", "del", &self.link]);
+        let _ = ip(&["netns", "del", &self.name]);
+    }
+}
+
+/// A network partition (issue 18 "Bad input and faults"), in network namespaces: the
+/// standby runs in its own namespace, joined to the primary's by a veth pair. The link is
+/// cut while the synchronous primary serves: every transaction is still answered (the
+/// first within the sync bound), the primary degrades to asynchronous and audits it, and
+/// its heartbeat notices the silent standby (`replication.peer_lost`, `peer_lost` in
+/// /v1/health). The link comes back: the standby reconnects, catches up, the primary is
+/// synchronous again (`replication.synchronous`, `replication.peer_back`), the standby's
+/// own audit has `replication.peer_lost`, and it holds every acknowledged group; both
+/// ledgers verify.
+#[test]
+fn a_network_partition_degrades_the_synchronous_primary_and_it_recovers_when_healed() {
+    let Some(net) = Netns::create() else {
+        return;
+    };
+    let root = tempfile::tempdir().unwrap();
+    let (pdir, sdir) = (root.path().join("primary"), root.path().join("standby"));
+    let (p, s) = (pem(root.path(), "primary"), pem(root.path(), "standby"));
+    let port = free_port();
+    let pconf = root.path().join("primary.toml");
+    replication_conf(
+        &pconf,
+        "primary",
+        &format!(
+            "listen = \"{}:{port}\"\nmode = \"sync\"\nsync_timeout_ms = 1500\nheartbeat_ms = 200\nheartbeat_misses = 5\n",
+            net.host
+        ),
+        &p,
+        &s,
+    );
+    let mut primary = Agent::start(&pdir, &["--config", pconf.to_str().unwrap()]);
+    let identity = export_key(&pdir);
+    let sconf = root.path().join("standby.toml");
+    replication_conf(
+        &sconf,
+        "standby",
+        &format!(
+            "peer = \"{}:{port}\"\nprimary_identity = {identity:?}\nheartbeat_ms = 200\nheartbeat_misses = 5\n",
+            net.host
+        ),
+        &s,
+        &p,
+    );
+    let follower = StandbyProc(Some(
+        Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &net.name,
+                agent_exe(),
+                "standby",
+                "--config",
+            ])
+            .arg(&sconf)
+            .arg("--data-dir")
+            .arg(&sdir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap(),
+    ));
+    wait_state(&primary, "synchronous");
+    let open = |agent: &Agent, k: usize| {
+        let started = Instant::now();
+        let (code, r) = agent.tx(
+            "open_account",
+            json!({"name": format!("acct{k}"), "balance": 5}),
+        );
+        assert_eq!(code, 200, "{r}");
+        started.elapsed()
+    };
+    for k in 0..5 {
+        open(&primary, k);
+    }
+    wait_for("the standby to hold every group", || {
+        health(&primary)["lag_groups"] == 0
+    });
+    assert!(health(&primary)["standby"]
+        .as_str()
+        .unwrap()
+        .starts_with(&net.peer_ip));
+
+    net.link(false);
+    // The primary keeps serving: the first commit waits at most the sync bound, then the
+    // primary is degraded and the rest do not wait.
+    let first = open(&primary, 5);
+    assert!(
+        first < Duration::from_millis(1500 + 3000),
+        "first commit took {first:?}"
+    );
+    let h = wait_state(&primary, "degraded");
+    assert!(
+        h["degraded_reason"]
+            .as_str()
+            .unwrap()
+            .contains("did not confirm"),
+        "{h}"
+    );
+    for k in 6..15 {
+        let took = open(&primary, k);
+        assert!(
+            took < Duration::from_millis(1500),
+            "commit {k} took {took:?}"
+        );
+    }
+    wait_for("the primary to lose the silent standby", || {
+        health(&primary)["peer_lost"]
+            .as_str()
+            .is_some_and(|r| r.contains("nothing from the standby"))
+    });
+
+    net.link(true);
+    let h = wait_state(&primary, "synchronous");
+    assert_eq!(h["peer_lost"], Value::Null, "{h}");
+    wait_for("the standby to catch up", || {
+        health(&primary)["lag_groups"] == 0
+    });
+    for k in 15..18 {
+        open(&primary, k);
+    }
+    assert_eq!(health(&primary)["state"], "synchronous");
+    let durable = health(&primary)["durable_group"].as_u64().unwrap();
+    wait_for("the standby to hold every group", || {
+        health(&primary)["acked_group"].as_u64() == Some(durable)
+    });
+    assert_eq!(stop(follower), 0);
+    primary.stop();
+
+    let events =
+        |dir: &Path| -> Vec<String> { common::audit(dir).into_iter().map(|(e, _)| e).collect() };
+    let p_events = events(&pdir);
+    let at = |name: &str| p_events.iter().position(|e| e == name);
+    let (degraded, lost, back, sync) = (
+        at("replication.degraded").expect("replication.degraded"),
+        at("replication.peer_lost").expect("replication.peer_lost"),
+        at("replication.peer_back").expect("replication.peer_back"),
+        p_events
+            .iter()
+            .rposition(|e| e == "replication.synchronous")
+            .expect("replication.synchronous"),
+    );
+    assert!(degraded < sync && lost < back, "{p_events:?}");
+    let s_events = events(&sdir.join("standby-audit"));
+    assert!(
+        s_events.iter().any(|e| e == "replication.peer_lost"),
+        "{s_events:?}"
+    );
+    let copy = store::open_read_only(&sdir, &StoreOptions::default()).unwrap();
+    let original = store::open_read_only(&pdir, &StoreOptions::default()).unwrap();
+    let last = copy.last_group().unwrap();
+    assert!(
+        last >= durable,
+        "copy at group {last}, primary acked {durable}"
+    );
+    for g in 1..=last {
+        assert_eq!(
+            original.export_group(g).unwrap(),
+            copy.export_group(g).unwrap(),
+            "group {g}"
+        );
+    }
+    let (ok, out) = verify(&pdir);
+    assert!(ok, "{out}");
+}
