@@ -1586,3 +1586,155 @@ fn a_network_partition_degrades_the_synchronous_primary_and_it_recovers_when_hea
     let (ok, out) = verify(&pdir);
     assert!(ok, "{out}");
 }
+
+/// A small tmpfs mounted for a test; unmounted on drop (after the processes using it,
+/// which are declared after it and so dropped first).
+struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    /// `None` (and a message) where it cannot be mounted (not root).
+    fn mount(at: &Path, size: &str) -> Option<Self> {
+        std::fs::create_dir_all(at).unwrap();
+        let ok = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(at)
+            .status()
+            .is_ok_and(|s| s.success());
+        if !ok {
+            eprintln!("SKIPPED: cannot mount a tmpfs (root needed)");
+            return None;
+        }
+        Some(Self(at.to_path_buf()))
+    }
+
+    fn resize(&self, size: &str) {
+        let st = Command::new("mount")
+            .args(["-o", &format!("remount,size={size}")])
+            .arg(&self.0)
+            .status()
+            .unwrap();
+        assert!(st.success());
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+    }
+}
+
+/// A disk-full standby (issue 18 "Bad input and faults"): the standby's data directory is
+/// on a small tmpfs, filled up while a synchronous primary serves. The standby cannot
+/// store the next group: it stops applying it (nothing half-written) and tells the primary
+/// why; the primary keeps answering every transaction (it degrades within its bound) and
+/// audits the standby's reason; nothing it acknowledged is lost. Space returns: the
+/// standby catches up and the primary is synchronous again, with the copy identical to
+/// the primary's ledger.
+#[test]
+fn a_disk_full_standby_stops_applying_and_the_synchronous_primary_loses_nothing() {
+    let root = tempfile::tempdir().unwrap();
+    let Some(fs) = Tmpfs::mount(&root.path().join("standby-fs"), "8m") else {
+        return;
+    };
+    let (pdir, sdir) = (root.path().join("primary"), fs.0.join("standby"));
+    let (p, s) = (pem(root.path(), "primary"), pem(root.path(), "standby"));
+    let port = free_port();
+    let pconf = primary_conf(root.path(), port, 1000, &p, &s);
+    let mut primary = Agent::start(&pdir, &["--config", pconf.to_str().unwrap()]);
+    let identity = export_key(&pdir);
+    let sconf = standby_conf(root.path(), port, &identity, "", &s, &p);
+    let follower = standby(&sconf, &sdir);
+    wait_state(&primary, "synchronous");
+    let mut acked = Vec::new();
+    let mut open = |agent: &Agent, k: usize| {
+        let (code, r) = agent.tx(
+            "open_account",
+            json!({"name": format!("acct{k}-{}", "x".repeat(50)), "balance": 5}),
+        );
+        assert_eq!(code, 200, "{r}");
+        acked.push(r["seq"].as_u64().unwrap());
+    };
+    for k in 0..3 {
+        open(&primary, k);
+    }
+    wait_for("the standby to hold every group", || {
+        health(&primary)["lag_groups"] == 0
+    });
+    // Fill the standby's filesystem to the last block.
+    {
+        use std::io::Write;
+        let mut filler = std::fs::File::create(fs.0.join("filler")).unwrap();
+        let chunk = vec![0u8; 4096];
+        while filler.write_all(&chunk).is_ok() {}
+    }
+    // The primary goes on answering; the standby soon cannot store a group.
+    let mut k = 3;
+    while health(&primary)["state"] == "synchronous" {
+        assert!(k < 400, "the standby never ran out of space");
+        open(&primary, k);
+        k += 1;
+    }
+    let h = wait_state(&primary, "degraded");
+    for j in k..k + 5 {
+        open(&primary, j);
+    }
+    let acked_while_full = health(&primary)["durable_group"].as_u64().unwrap();
+    assert!(h["acked_group"].as_u64().unwrap() < acked_while_full, "{h}");
+
+    // Space returns: the standby catches up, the primary is synchronous again.
+    fs.resize("64m");
+    wait_state(&primary, "synchronous");
+    open(&primary, k + 5);
+    let durable = health(&primary)["durable_group"].as_u64().unwrap();
+    wait_for("the standby to hold every group", || {
+        health(&primary)["acked_group"].as_u64() == Some(durable)
+    });
+    assert_eq!(stop(follower), 0);
+    primary.stop();
+
+    let p_audit = common::audit(&pdir);
+    let refusal = p_audit
+        .iter()
+        .find(|(e, f)| {
+            e == "replication.standby_disconnected"
+                && f.get("reason").is_some_and(|r| r.contains("storing group"))
+        })
+        .unwrap_or_else(|| panic!("no audited refusal: {p_audit:?}"));
+    assert!(
+        refusal.1["reason"].contains("space") || refusal.1["reason"].contains("full"),
+        "{refusal:?}"
+    );
+    assert!(p_audit.iter().any(|(e, _)| e == "replication.degraded"));
+    // The standby's own audit could not be written while its disk was full; the outage is
+    // recorded there once space returned.
+    let s_audit = common::audit(&sdir.join("standby-audit"));
+    assert!(
+        s_audit.iter().any(|(e, _)| e == "ledger.storage_full"),
+        "{s_audit:?}"
+    );
+    // Nothing acknowledged is lost on the primary, and the copy is the primary's ledger.
+    let original = store::open_read_only(&pdir, &StoreOptions::default()).unwrap();
+    let copy = store::open_read_only(&sdir, &StoreOptions::default()).unwrap();
+    for seq in &acked {
+        assert!(
+            original.checkpoint(*seq).unwrap().is_some(),
+            "acknowledged checkpoint {seq} missing"
+        );
+    }
+    // (The primary's own stop adds a group or two after the standby stopped.)
+    assert!(copy.last_group().unwrap() >= durable);
+    for g in 1..=copy.last_group().unwrap() {
+        assert_eq!(
+            original.export_group(g).unwrap(),
+            copy.export_group(g).unwrap(),
+            "group {g}"
+        );
+    }
+    let (ok, out) = verify(&pdir);
+    assert!(ok, "{out}");
+    eprintln!(
+        "disk-full standby: {} acknowledged, refusal: {}",
+        acked.len(),
+        refusal.1["reason"]
+    );
+}

@@ -44,6 +44,9 @@ pub const POLL: Duration = Duration::from_millis(200);
 /// Longest wait between reconnection attempts (below the default `sync_timeout_ms`, so
 /// that a synchronous primary that restarts sees its standby back before it degrades).
 pub const MAX_BACKOFF: Duration = Duration::from_secs(1);
+/// Wait before asking again after the copy could not store a group (its disk is full):
+/// each attempt is refused and audited by the primary, so they are spaced out.
+pub const STORAGE_RETRY: Duration = Duration::from_secs(5);
 
 /// How the standby follows its primary.
 #[derive(Debug, Clone)]
@@ -147,6 +150,11 @@ pub fn follow(
             &mut answered,
         );
         let progressed = replica.held().group > before;
+        let storage_failed = matches!(result, Err(ConnError::Refused(ApplyError::Storage { .. })));
+        if storage_failed {
+            error!(log, "the copy cannot store the next group (is DATA_DIR full?); asking again every few seconds";
+                   "group" => replica.held().group, "retry_ms" => STORAGE_RETRY.as_millis());
+        }
         match result {
             Ok(()) => return Ok(End::Stopped),
             Err(ConnError::Refused(e)) if e.is_fatal() => {
@@ -218,7 +226,9 @@ pub fn follow(
                 );
             }
         }
-        backoff = if progressed {
+        backoff = if storage_failed {
+            STORAGE_RETRY
+        } else if progressed {
             Duration::from_millis(100)
         } else {
             (backoff * 2).min(MAX_BACKOFF)
