@@ -1452,7 +1452,21 @@ fn a_network_partition_degrades_the_synchronous_primary_and_it_recovers_when_hea
         &p,
         &s,
     );
-    let mut primary = Agent::start(&pdir, &["--config", pconf.to_str().unwrap()]);
+    let admin = root.path().join("admin");
+    let (code, _, err) = common::mayfly(&["admin", "keygen", "--out", admin.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    let admin_pub = admin.with_extension("pub");
+    let mut primary = Agent::start(
+        &pdir,
+        &[
+            "--config",
+            pconf.to_str().unwrap(),
+            "--admin-key",
+            admin_pub.to_str().unwrap(),
+            "--admin-quorum",
+            "1",
+        ],
+    );
     let identity = export_key(&pdir);
     let sconf = root.path().join("standby.toml");
     replication_conf(
@@ -1532,6 +1546,39 @@ fn a_network_partition_degrades_the_synchronous_primary_and_it_recovers_when_hea
             .as_str()
             .is_some_and(|r| r.contains("nothing from the standby"))
     });
+    // The operator sees the same through the signed console's `status`.
+    let console_status = |json: bool| {
+        let socket = pdir.join("admin.sock");
+        let key = admin.with_extension("key");
+        let mut args = vec![
+            "admin",
+            "status",
+            "--socket",
+            socket.to_str().unwrap(),
+            "--key",
+            key.to_str().unwrap(),
+        ];
+        if json {
+            args.push("--json");
+        }
+        let (code, out, err) = common::mayfly(&args);
+        assert_eq!(code, 0, "{out}{err}");
+        out
+    };
+    let status: Value = serde_json::from_str(&console_status(true)).unwrap();
+    let repl = &status["result"]["replication"];
+    assert_eq!(repl["state"], "degraded", "{status}");
+    assert!(
+        repl["peer_lost"]
+            .as_str()
+            .is_some_and(|r| r.contains("nothing from the standby")),
+        "{status}"
+    );
+    let table = console_status(false);
+    assert!(
+        table.contains("replication   degraded (sync mode)") && table.contains("peer lost: "),
+        "{table}"
+    );
 
     net.link(true);
     let h = wait_state(&primary, "synchronous");
