@@ -449,6 +449,28 @@ fn promote_command(
     file
 }
 
+/// Promotes the stopped standby in `dir` (configuration `config`) to `epoch` with a
+/// command prepared and co-signed by both `admins`; the command file and `promote`'s JSON.
+fn promote_cosigned(
+    root: &Path,
+    config: &Path,
+    dir: &Path,
+    identity: &str,
+    epoch: u64,
+    admins: &[PathBuf],
+) -> (PathBuf, Value) {
+    let cmd = promote_command(
+        root,
+        &format!("promote-{epoch}.cmd"),
+        identity,
+        epoch,
+        &[&admins[0], &admins[1]],
+    );
+    let (code, out, err) = promote(config, dir, &["--command", cmd.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    (cmd, serde_json::from_str(&out).unwrap())
+}
+
 /// Promotion (issue 18, step 1) with real processes: a synchronous primary acknowledges 8
 /// keyed transactions and is SIGKILLed; the standby is stopped and promoted by a
 /// co-signed `promote` command (a single signature, the wrong epoch and a replay are
@@ -516,16 +538,7 @@ fn a_standby_promoted_by_a_cosigned_command_answers_resends_with_their_original_
         assert_eq!(code, 8, "{name}: {err}");
         assert!(err.contains(code_name), "{name}: {err}");
     }
-    let cmd = promote_command(
-        root.path(),
-        "promote",
-        &identity,
-        1,
-        &[admins[0].as_path(), admins[1].as_path()],
-    );
-    let (code, out, err) = promote(&sconf, &sdir, &["--command", cmd.to_str().unwrap()]);
-    assert_eq!(code, 0, "{err}");
-    let promoted: Value = serde_json::from_str(&out).unwrap();
+    let (cmd, promoted) = promote_cosigned(root.path(), &sconf, &sdir, &identity, 1, &admins);
     assert_eq!(promoted["epoch"], 1, "{promoted}");
     let promo_key = promoted["promotion_key"].as_str().unwrap().to_string();
     // The same command again: this standby is at epoch 1 now.
@@ -729,20 +742,8 @@ fn a_former_primary_that_comes_back_is_fenced_and_can_rejoin_as_standby() {
     victim.kill().unwrap();
     victim.wait().unwrap();
 
-    let cmd = promote_command(
-        root.path(),
-        "p.cmd",
-        &identity,
-        1,
-        &[&admins[0], &admins[1]],
-    );
-    let (code, out, err) = promote(
-        &b_standby_conf,
-        &bdir,
-        &["--command", cmd.to_str().unwrap()],
-    );
-    assert_eq!(code, 0, "{err}");
-    let promoted: Value = serde_json::from_str(&out).unwrap();
+    let (_, promoted) =
+        promote_cosigned(root.path(), &b_standby_conf, &bdir, &identity, 1, &admins);
     let promo_key = promoted["promotion_key"].as_str().unwrap().to_string();
     let from_checkpoint = promoted["from_checkpoint"].as_u64().unwrap();
     let b_conf = root.path().join("b.toml");
@@ -1263,15 +1264,7 @@ fn siem_export_continues_from_the_replicated_cursor_after_a_promotion() {
         "{inherited}: not in {first_part}..={copy_tip}"
     );
 
-    let cmd = promote_command(
-        root.path(),
-        "promote",
-        &identity,
-        1,
-        &[admins[0].as_path(), admins[1].as_path()],
-    );
-    let (code, _, err) = promote(&sconf, &sdir, &["--command", cmd.to_str().unwrap()]);
-    assert_eq!(code, 0, "{err}");
+    promote_cosigned(root.path(), &sconf, &sdir, &identity, 1, &admins);
     let nconf = root.path().join("promoted.toml");
     std::fs::write(&nconf, format!("{console}{siem}")).unwrap();
     let mut promoted = Agent::start(&sdir, &["--config", nconf.to_str().unwrap()]);
@@ -1345,6 +1338,25 @@ fn siem_export_continues_from_the_replicated_cursor_after_a_promotion() {
     eprintln!(
         "siem continuity: {tip} records, inherited cursor {inherited} of the copy's {copy_tip}, {duplicates} duplicates"
     );
+}
+
+/// The standby's copy in `sdir` holds at least `durable` groups, each byte-identical to
+/// the primary's in `pdir`.
+fn copy_holds(pdir: &Path, sdir: &Path, durable: u64) {
+    let copy = store::open_read_only(sdir, &StoreOptions::default()).unwrap();
+    let original = store::open_read_only(pdir, &StoreOptions::default()).unwrap();
+    let last = copy.last_group().unwrap();
+    assert!(
+        last >= durable,
+        "copy at group {last}, primary acked {durable}"
+    );
+    for g in 1..=last {
+        assert_eq!(
+            original.export_group(g).unwrap(),
+            copy.export_group(g).unwrap(),
+            "group {g}"
+        );
+    }
 }
 
 /// A network namespace holding one end of a veth pair whose other end is in the test's
@@ -1616,20 +1628,7 @@ fn a_network_partition_degrades_the_synchronous_primary_and_it_recovers_when_hea
         s_events.iter().any(|e| e == "replication.peer_lost"),
         "{s_events:?}"
     );
-    let copy = store::open_read_only(&sdir, &StoreOptions::default()).unwrap();
-    let original = store::open_read_only(&pdir, &StoreOptions::default()).unwrap();
-    let last = copy.last_group().unwrap();
-    assert!(
-        last >= durable,
-        "copy at group {last}, primary acked {durable}"
-    );
-    for g in 1..=last {
-        assert_eq!(
-            original.export_group(g).unwrap(),
-            copy.export_group(g).unwrap(),
-            "group {g}"
-        );
-    }
+    copy_holds(&pdir, &sdir, durable);
     let (ok, out) = verify(&pdir);
     assert!(ok, "{out}");
 }
@@ -1761,22 +1760,15 @@ fn a_disk_full_standby_stops_applying_and_the_synchronous_primary_loses_nothing(
     );
     // Nothing acknowledged is lost on the primary, and the copy is the primary's ledger.
     let original = store::open_read_only(&pdir, &StoreOptions::default()).unwrap();
-    let copy = store::open_read_only(&sdir, &StoreOptions::default()).unwrap();
     for seq in &acked {
         assert!(
             original.checkpoint(*seq).unwrap().is_some(),
             "acknowledged checkpoint {seq} missing"
         );
     }
+    drop(original);
     // (The primary's own stop adds a group or two after the standby stopped.)
-    assert!(copy.last_group().unwrap() >= durable);
-    for g in 1..=copy.last_group().unwrap() {
-        assert_eq!(
-            original.export_group(g).unwrap(),
-            copy.export_group(g).unwrap(),
-            "group {g}"
-        );
-    }
+    copy_holds(&pdir, &sdir, durable);
     let (ok, out) = verify(&pdir);
     assert!(ok, "{out}");
     eprintln!(

@@ -187,28 +187,29 @@ impl ReplicationSection {
 
     /// `heartbeat_ms` and `heartbeat_misses`, checked.
     pub fn heartbeat(&self) -> Result<Heartbeat, ConfigError> {
-        let ms = self.heartbeat_ms.unwrap_or(DEFAULT_HEARTBEAT_MS);
-        if !HEARTBEAT_MS.contains(&ms) {
-            return Err(ConfigError::Invalid {
-                setting: "heartbeat_ms",
-                reason: format!(
-                    "{ms} is outside {}..={}",
-                    HEARTBEAT_MS.start(),
-                    HEARTBEAT_MS.end()
-                ),
-            });
+        fn within<T: PartialOrd + std::fmt::Display>(
+            setting: &'static str,
+            value: T,
+            range: &std::ops::RangeInclusive<T>,
+        ) -> Result<T, ConfigError> {
+            if range.contains(&value) {
+                return Ok(value);
+            }
+            Err(ConfigError::Invalid {
+                setting,
+                reason: format!("{value} is outside {}..={}", range.start(), range.end()),
+            })
         }
-        let misses = self.heartbeat_misses.unwrap_or(DEFAULT_HEARTBEAT_MISSES);
-        if !HEARTBEAT_MISSES.contains(&misses) {
-            return Err(ConfigError::Invalid {
-                setting: "heartbeat_misses",
-                reason: format!(
-                    "{misses} is outside {}..={}",
-                    HEARTBEAT_MISSES.start(),
-                    HEARTBEAT_MISSES.end()
-                ),
-            });
-        }
+        let ms = within(
+            "heartbeat_ms",
+            self.heartbeat_ms.unwrap_or(DEFAULT_HEARTBEAT_MS),
+            &HEARTBEAT_MS,
+        )?;
+        let misses = within(
+            "heartbeat_misses",
+            self.heartbeat_misses.unwrap_or(DEFAULT_HEARTBEAT_MISSES),
+            &HEARTBEAT_MISSES,
+        )?;
         Ok(Heartbeat {
             interval: Duration::from_millis(ms),
             misses,

@@ -792,6 +792,9 @@ fn serve_standby(
             let _ = poll(&mut fds, PollTimeout::from(poll_ms));
         }
         drain(wake);
+        // A connection that ended is reported after the frames that came before its end:
+        // a standby's stop frame (why it stopped) arrives just before it closes.
+        let mut ended: Option<ConnError> = None;
         loop {
             match inbox.fill(&mut stream) {
                 Ok(Filled::Bytes) => {
@@ -799,11 +802,12 @@ fn serve_standby(
                     continue;
                 }
                 Ok(Filled::Nothing) => break,
-                Ok(Filled::Closed) => return Err(ConnError::Closed),
-                Err(e) => return Err(e.into()),
+                Ok(Filled::Closed) => ended = Some(ConnError::Closed),
+                Err(e) => ended = Some(e.into()),
             }
+            break;
         }
-        if last_heard.elapsed() > beat.lost_after() {
+        if ended.is_none() && last_heard.elapsed() > beat.lost_after() {
             return Err(ConnError::PeerLost {
                 lost_after: beat.lost_after(),
                 interval: beat.interval,
@@ -829,6 +833,9 @@ fn serve_standby(
                     )))
                 }
             }
+        }
+        if let Some(e) = ended {
+            return Err(e);
         }
     }
 }

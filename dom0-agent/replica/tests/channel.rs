@@ -311,6 +311,75 @@ fn asynchronous_mode_catches_up_and_a_wrong_pin_gets_nothing() {
     shipper.stop();
 }
 
+/// An asynchronous primary shipping `primary` on a loopback port, `pid`'s key pinning
+/// `sid`'s.
+fn async_shipper(
+    primary: &Ledger,
+    pid: &Identity,
+    sid: &Identity,
+    heartbeat: mayfly_replica::Heartbeat,
+) -> Shipper {
+    Shipper::start(
+        primary,
+        PrimaryConfig {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            mode: Mode::Async,
+            sync_timeout: Duration::from_millis(300),
+            tls: pid.tls(&sid.pin()),
+            peer: None,
+            heartbeat,
+        },
+        &log(),
+    )
+    .unwrap()
+}
+
+/// What a forged primary needs: both identities, a primary ledger in `dir` (for its
+/// identity key), a loopback listener and the server TLS of the primary's key.
+fn forged_setup(
+    dir: &std::path::Path,
+) -> (
+    Identity,
+    Identity,
+    Ledger,
+    std::net::TcpListener,
+    Arc<rustls::ServerConfig>,
+) {
+    let (pid, sid) = (Identity::new(), Identity::new());
+    let primary = Ledger::open(dir, &Options::default(), &log()).unwrap();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let server = pid.tls(&sid.pin()).server_config().unwrap();
+    (pid, sid, primary, listener, server)
+}
+
+/// A forged primary (with the right TLS key): accepts one connection on `listener`,
+/// reads the hello and answers with epoch 0; the stream, for the test to go on.
+fn forged_primary_accepts(
+    listener: &std::net::TcpListener,
+    server: &Arc<rustls::ServerConfig>,
+) -> rustls::StreamOwned<rustls::ServerConnection, std::net::TcpStream> {
+    use mayfly_replica::frame::{read_frame, write_frame, Frame};
+    let (tcp, _) = listener.accept().unwrap();
+    tcp.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let conn = rustls::ServerConnection::new(server.clone()).unwrap();
+    let mut stream = rustls::StreamOwned::new(conn, tcp);
+    let hello = read_frame(&mut stream).unwrap();
+    assert!(
+        matches!(hello, Frame::Hello { next_group: 1, .. }),
+        "{hello:?}"
+    );
+    write_frame(
+        &mut stream,
+        &Frame::Epoch {
+            epoch: 0,
+            from_group: 0,
+            from_checkpoint: 0,
+        },
+    )
+    .unwrap();
+    stream
+}
+
 /// SIEM continuity: the primary ships its exporters' persisted cursors, each cut down to
 /// the audit tip of what it has sent, and the standby keeps them in its copy's `cursors`
 /// database (where a promoted node's exporter reads them).
@@ -326,19 +395,7 @@ fn exporter_cursors_reach_the_standby_cut_to_what_it_holds() {
     primary.store().set_cursor("relay", 1).unwrap();
     // A cursor past everything (a bogus value): never shipped past what the standby holds.
     primary.store().set_cursor("soc", u64::MAX).unwrap();
-    let shipper = Shipper::start(
-        &primary,
-        PrimaryConfig {
-            listen: "127.0.0.1:0".parse().unwrap(),
-            mode: Mode::Async,
-            sync_timeout: Duration::from_millis(300),
-            tls: pid.tls(&sid.pin()),
-            peer: None,
-            heartbeat: Default::default(),
-        },
-        &log(),
-    )
-    .unwrap();
+    let shipper = async_shipper(&primary, &pid, &sid, Default::default());
     let mut standby = Standby::start(
         s.path(),
         &primary,
@@ -392,32 +449,11 @@ fn exporter_cursors_reach_the_standby_cut_to_what_it_holds() {
 #[test]
 fn a_cursor_past_the_standbys_audit_tip_is_refused_and_audited() {
     use mayfly_replica::frame::{read_frame, write_frame, Frame};
-    let p = tempfile::tempdir().unwrap();
-    let s = tempfile::tempdir().unwrap();
-    let (pid, sid) = (Identity::new(), Identity::new());
-    let primary = Ledger::open(p.path(), &Options::default(), &log()).unwrap();
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let (p, s) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (pid, sid, primary, listener, server) = forged_setup(p.path());
     let addr = listener.local_addr().unwrap();
-    let server = pid.tls(&sid.pin()).server_config().unwrap();
     let forger = std::thread::spawn(move || {
-        let (tcp, _) = listener.accept().unwrap();
-        tcp.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
-        let conn = rustls::ServerConnection::new(server).unwrap();
-        let mut stream = rustls::StreamOwned::new(conn, tcp);
-        let hello = read_frame(&mut stream).unwrap();
-        assert!(
-            matches!(hello, Frame::Hello { next_group: 1, .. }),
-            "{hello:?}"
-        );
-        write_frame(
-            &mut stream,
-            &Frame::Epoch {
-                epoch: 0,
-                from_group: 0,
-                from_checkpoint: 0,
-            },
-        )
-        .unwrap();
+        let mut stream = forged_primary_accepts(&listener, &server);
         write_frame(
             &mut stream,
             &Frame::Cursors(vec![("relay".into(), 0), ("soc".into(), 1)]),
@@ -479,19 +515,7 @@ fn a_silent_standby_is_lost_by_heartbeat_and_back_when_it_reconnects() {
     let (pid, sid) = (Identity::new(), Identity::new());
     let primary = Ledger::open(p.path(), &Options::default(), &log()).unwrap();
     put(&primary, "k");
-    let shipper = Shipper::start(
-        &primary,
-        PrimaryConfig {
-            listen: "127.0.0.1:0".parse().unwrap(),
-            mode: Mode::Async,
-            sync_timeout: Duration::from_millis(300),
-            tls: pid.tls(&sid.pin()),
-            peer: None,
-            heartbeat: quick_beats(),
-        },
-        &log(),
-    )
-    .unwrap();
+    let shipper = async_shipper(&primary, &pid, &sid, quick_beats());
     let client = sid.tls(&pid.pin()).client_config().unwrap();
     let tcp = std::net::TcpStream::connect(shipper.local_addr()).unwrap();
     let name = rustls::pki_types::ServerName::try_from("mayfly-primary").unwrap();
@@ -554,29 +578,12 @@ fn a_silent_standby_is_lost_by_heartbeat_and_back_when_it_reconnects() {
 #[test]
 fn a_silent_primary_is_lost_by_the_standby_and_back_when_it_answers() {
     use mayfly_replica::frame::{read_frame, write_frame, Frame};
-    let p = tempfile::tempdir().unwrap();
-    let s = tempfile::tempdir().unwrap();
-    let (pid, sid) = (Identity::new(), Identity::new());
-    let primary = Ledger::open(p.path(), &Options::default(), &log()).unwrap();
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let (p, s) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (pid, sid, primary, listener, server) = forged_setup(p.path());
     let addr = listener.local_addr().unwrap();
-    let server = pid.tls(&sid.pin()).server_config().unwrap();
     let forger = std::thread::spawn(move || {
         for round in 0..2 {
-            let (tcp, _) = listener.accept().unwrap();
-            tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-            let conn = rustls::ServerConnection::new(server.clone()).unwrap();
-            let mut stream = rustls::StreamOwned::new(conn, tcp);
-            let _hello = read_frame(&mut stream).unwrap();
-            write_frame(
-                &mut stream,
-                &Frame::Epoch {
-                    epoch: 0,
-                    from_group: 0,
-                    from_checkpoint: 0,
-                },
-            )
-            .unwrap();
+            let mut stream = forged_primary_accepts(&listener, &server);
             if round == 0 {
                 // Silent: read (and drop) what the standby sends until it gives up.
                 while read_frame(&mut stream).is_ok() {}
