@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Independent check of the checkpoint, signed-command, signed-head, live-state and ring Ready vectors in docs/vectors/.
+"""Independent check of the checkpoint, signed-command, signed-head, live-state, ring Ready and replication-cursors vectors in docs/vectors/.
 
 Rebuilds the documented bodies from the field values in docs/formats.md §1.5, §1.8 and §3
 with nothing but struct/hashlib (and a BLAKE3 written here from the specification, for the
@@ -324,6 +324,16 @@ assert names == sorted(set(names)), "Ready names must be strictly ascending"
 assert vec("ready-2.hex") == (b"MFWM" + struct.pack(">HHII", 1, 0x0001, 1, len(ready_body))
                               + ready_body), "ready-2 differs"
 print("ok  ready-2: ring Ready with its handler list")
+
+# Replication cursors frame (docs/formats.md section 6.1): the SIEM exporters' cursors
+# local-relay = 7 and soc-tls = 1841, names strictly increasing.
+cursors = [(b"local-relay", 7), (b"soc-tls", 1841)]
+assert cursors == sorted(set(cursors)), "cursor names must be strictly ascending"
+cbody = struct.pack(">H", len(cursors)) + b"".join(
+    bytes([len(n)]) + n + struct.pack(">Q", seq) for n, seq in cursors)
+assert vec("replication-cursors.hex") == (b"MFRP" + bytes([1, 0x06]) + struct.pack(">I", len(cbody))
+                                          + cbody), "replication-cursors differs"
+print("ok  replication-cursors: replication frame 0x06 with two exporter cursors")
 
 print("all vectors agree")
 sys.exit(0)

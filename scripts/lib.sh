@@ -61,6 +61,13 @@ ensure_siem_test_tools() {
     if [ ${#missing[@]} -gt 0 ]; then apt_install "${missing[@]}"; fi
 }
 
+# iproute2's `ip` for the failover tests that cut a network between primary and standby
+# (network namespaces and a veth pair; agent/tests/failover.rs). Debian puts it in /usr/sbin
+# (/sbin on a system without the merged /usr).
+ensure_failover_test_tools() {
+    [ -x /usr/sbin/ip ] || [ -x /sbin/ip ] || apt_install iproute2
+}
+
 # What buildroot/scripts/check-xen-source.sh needs to run Xen 4.17's configure with the
 # package's options (nothing is compiled): each check names the file configure looks for.
 ensure_xen_configure_tools() {

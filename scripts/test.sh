@@ -8,6 +8,7 @@ source scripts/lib.sh
 
 ensure_build_tools
 ensure_siem_test_tools
+ensure_failover_test_tools
 ensure_tpm_test_tools
 ensure_shellcheck
 ensure_xen_configure_tools

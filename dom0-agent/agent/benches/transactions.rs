@@ -323,6 +323,7 @@ impl Replicated {
                 sync_timeout: Duration::from_secs(5),
                 tls: tls(&pc, &pk, &spin),
                 peer: None,
+                heartbeat: Default::default(),
             },
             &log(),
         )
@@ -330,6 +331,7 @@ impl Replicated {
         let config = mayfly_replica::StandbyConfig {
             primary: shipper.local_addr(),
             tls: tls(&sc, &sk, &ppin),
+            heartbeat: Default::default(),
         };
         let mut replica = mayfly_ledger::Replica::open(
             &dir.join("standby"),

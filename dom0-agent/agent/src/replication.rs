@@ -49,6 +49,8 @@ fn status_json(handle: &mayfly_replica::StatusHandle) -> serde_json::Value {
         "durable_group": s.durable_group,
         "acked_group": s.acked_group,
         "lag_groups": s.lag_groups(),
+        "peer_lost": s.peer_lost,
+        "shipped_cursors": s.shipped_cursors.iter().map(|(n, q)| (n.clone(), json!(q))).collect::<serde_json::Map<String, serde_json::Value>>(),
         "fenced": s.fenced.as_ref().map(|f| json!({
             "reason": f.reason(),
             "peer": f.peer,

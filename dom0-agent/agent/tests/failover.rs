@@ -7,6 +7,8 @@
 //! promotes and re-joins 20 times in sync and in async mode.
 
 mod common;
+#[path = "../../siem/tests/support/mod.rs"]
+mod rsyslog;
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -447,6 +449,28 @@ fn promote_command(
     file
 }
 
+/// Promotes the stopped standby in `dir` (configuration `config`) to `epoch` with a
+/// command prepared and co-signed by both `admins`; the command file and `promote`'s JSON.
+fn promote_cosigned(
+    root: &Path,
+    config: &Path,
+    dir: &Path,
+    identity: &str,
+    epoch: u64,
+    admins: &[PathBuf],
+) -> (PathBuf, Value) {
+    let cmd = promote_command(
+        root,
+        &format!("promote-{epoch}.cmd"),
+        identity,
+        epoch,
+        &[&admins[0], &admins[1]],
+    );
+    let (code, out, err) = promote(config, dir, &["--command", cmd.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    (cmd, serde_json::from_str(&out).unwrap())
+}
+
 /// Promotion (issue 18, step 1) with real processes: a synchronous primary acknowledges 8
 /// keyed transactions and is SIGKILLed; the standby is stopped and promoted by a
 /// co-signed `promote` command (a single signature, the wrong epoch and a replay are
@@ -514,16 +538,7 @@ fn a_standby_promoted_by_a_cosigned_command_answers_resends_with_their_original_
         assert_eq!(code, 8, "{name}: {err}");
         assert!(err.contains(code_name), "{name}: {err}");
     }
-    let cmd = promote_command(
-        root.path(),
-        "promote",
-        &identity,
-        1,
-        &[admins[0].as_path(), admins[1].as_path()],
-    );
-    let (code, out, err) = promote(&sconf, &sdir, &["--command", cmd.to_str().unwrap()]);
-    assert_eq!(code, 0, "{err}");
-    let promoted: Value = serde_json::from_str(&out).unwrap();
+    let (cmd, promoted) = promote_cosigned(root.path(), &sconf, &sdir, &identity, 1, &admins);
     assert_eq!(promoted["epoch"], 1, "{promoted}");
     let promo_key = promoted["promotion_key"].as_str().unwrap().to_string();
     // The same command again: this standby is at epoch 1 now.
@@ -727,20 +742,8 @@ fn a_former_primary_that_comes_back_is_fenced_and_can_rejoin_as_standby() {
     victim.kill().unwrap();
     victim.wait().unwrap();
 
-    let cmd = promote_command(
-        root.path(),
-        "p.cmd",
-        &identity,
-        1,
-        &[&admins[0], &admins[1]],
-    );
-    let (code, out, err) = promote(
-        &b_standby_conf,
-        &bdir,
-        &["--command", cmd.to_str().unwrap()],
-    );
-    assert_eq!(code, 0, "{err}");
-    let promoted: Value = serde_json::from_str(&out).unwrap();
+    let (_, promoted) =
+        promote_cosigned(root.path(), &b_standby_conf, &bdir, &identity, 1, &admins);
     let promo_key = promoted["promotion_key"].as_str().unwrap().to_string();
     let from_checkpoint = promoted["from_checkpoint"].as_u64().unwrap();
     let b_conf = root.path().join("b.toml");
@@ -1159,5 +1162,618 @@ fn the_async_loss_window_across_sigkills_and_promotions_is_measured() {
         r.lost_per_kill,
         r.lost_per_kill.iter().max().unwrap_or(&0),
         r.elapsed
+    );
+}
+
+/// The `[siem]` section the SIEM continuity test gives primary and standby alike: one TCP
+/// collector `tcp`, fast confirmation, a cursor kept at most every 1.5 s (so that some
+/// records are delivered after the last cursor a failover inherits).
+fn siem_section(address: &str) -> String {
+    format!(
+        "[siem]\npen = 32473\nhostname = \"mayfly-pair\"\nconfirm_ms = 100\nbackoff_min_ms = 20\nbackoff_max_ms = 300\ncursor_flush_ms = 1500\n[[siem.collector]]\nname = \"tcp\"\ntransport = \"tcp\"\naddress = \"{address}\"\n"
+    )
+}
+
+/// SIEM continuity across a failover (issue 18, must-show): a TCP collector (a private
+/// rsyslog) is configured on a synchronous primary and on its standby alike; the primary
+/// exports while it runs transactions, ships its exporter cursor to the standby, and is
+/// SIGKILLed; the standby is promoted by a co-signed command and serves; its exporter
+/// resumes right after the cursor it inherited (not from the start, not from the tip);
+/// more transactions. The collector then holds every audit record of the whole history,
+/// primary part and promoted part, in order: deduplicated by sequence (a duplicate
+/// carries byte-identical structured data), the sequences run from 1 to the final tip
+/// without a gap, and each record's hash is the final ledger's.
+#[test]
+fn siem_export_continues_from_the_replicated_cursor_after_a_promotion() {
+    use rsyslog::{assert_complete_in_order, seq_of, wait_until, Input, Rsyslog};
+    let root = tempfile::tempdir().unwrap();
+    let collector = Rsyslog::start(&root.path().join("rsyslog"), &[Input::Tcp], None);
+    let siem = siem_section(&collector.address(Input::Tcp));
+    let (pdir, sdir) = (root.path().join("primary"), root.path().join("standby"));
+    let (p, s) = (pem(root.path(), "primary"), pem(root.path(), "standby"));
+    let port = free_port();
+    let pconf = primary_conf(root.path(), port, 5000, &p, &s);
+    let text = std::fs::read_to_string(&pconf).unwrap();
+    std::fs::write(&pconf, format!("{siem}{text}")).unwrap();
+    let mut primary = Agent::start(&pdir, &["--config", pconf.to_str().unwrap()]);
+    let identity = export_key(&pdir);
+    let (admins, pubs) = two_admins(root.path());
+    let console = format!("[console]\nadmin_keys = {pubs:?}\nquorum = 2\n");
+    let sconf = standby_conf(
+        root.path(),
+        port,
+        &identity,
+        &format!("{console}{siem}"),
+        &s,
+        &p,
+    );
+    let follower = standby(&sconf, &sdir);
+    wait_state(&primary, "synchronous");
+    for (name, balance) in [("alice", 1000), ("bob", 0)] {
+        let (code, body) = primary.tx("open_account", json!({"name": name, "balance": balance}));
+        assert_eq!(code, 200, "{body}");
+    }
+    let transfers = |agent: &Agent, n: usize| {
+        for _ in 0..n {
+            let (code, body) = agent.tx(
+                "transfer",
+                json!({"from": "alice", "to": "bob", "amount": 1}),
+            );
+            assert_eq!(code, 200, "{body}");
+        }
+    };
+    transfers(&primary, 10);
+    // The collector has the primary's records so far and the standby was sent a cursor
+    // that covers them ...
+    let (_, h) = primary.get("/v1/health");
+    let first_part = h["ledger"]["audit_seq"].as_u64().unwrap();
+    let shipped = |agent: &Agent| {
+        let (_, h) = agent.get("/v1/health");
+        h["replication"]["shipped_cursors"]["tcp"]
+            .as_u64()
+            .unwrap_or(0)
+    };
+    wait_for("the cursor shipped to the standby", || {
+        shipped(&primary) >= first_part
+    });
+    // ... then more records, some of them delivered after the last shipped cursor.
+    transfers(&primary, 10);
+    wait_for("the standby to hold every group", || {
+        let h = health(&primary);
+        h["lag_groups"] == 0 && h["state"] == "synchronous"
+    });
+    let mut victim = primary.child.take().unwrap();
+    victim.kill().unwrap(); // SIGKILL
+    victim.wait().unwrap();
+    assert_eq!(stop(follower), 0);
+
+    // The copy holds the primary's cursor, never past its own audit tip.
+    let (inherited, copy_tip) = {
+        let copy = store::open_read_only(&sdir, &StoreOptions::default()).unwrap();
+        let tip = copy
+            .audit_records(1, usize::MAX)
+            .unwrap()
+            .last()
+            .unwrap()
+            .seq;
+        (copy.cursor("tcp").unwrap(), tip)
+    };
+    let inherited = inherited.expect("the standby holds the primary's cursor for `tcp`");
+    assert!(
+        inherited >= first_part && inherited <= copy_tip,
+        "{inherited}: not in {first_part}..={copy_tip}"
+    );
+
+    promote_cosigned(root.path(), &sconf, &sdir, &identity, 1, &admins);
+    let nconf = root.path().join("promoted.toml");
+    std::fs::write(&nconf, format!("{console}{siem}")).unwrap();
+    let mut promoted = Agent::start(&sdir, &["--config", nconf.to_str().unwrap()]);
+    let promoted_pid = promoted.child.as_ref().unwrap().id().to_string();
+    transfers(&promoted, 10);
+    let status = promoted.stop(); // SIGTERM: `agent.stopped` is exported before it exits
+    assert!(status.success(), "{status}");
+
+    let recs: Vec<mayfly_ledger::AuditRecord> =
+        store::open_read_only(&sdir, &StoreOptions::default())
+            .unwrap()
+            .audit_records(1, usize::MAX)
+            .unwrap();
+    let tip = recs.last().unwrap().seq;
+    assert_eq!(recs.last().unwrap().event.event, "agent.stopped");
+    assert!(
+        wait_until(Duration::from_secs(30), || collector
+            .received(Input::Tcp)
+            .iter()
+            .any(|m| seq_of(m) == tip)),
+        "the collector never got seq {tip}"
+    );
+    let got = collector.received(Input::Tcp);
+    let seqs: Vec<u64> = got.iter().map(seq_of).collect();
+    assert_complete_in_order("tcp", &seqs, tip);
+    // The promoted node's exporter started right after the cursor it inherited.
+    let first_promoted = got
+        .iter()
+        .find(|m| m["procid"] == promoted_pid.as_str())
+        .map(seq_of)
+        .expect("messages from the promoted node");
+    assert_eq!(
+        first_promoted,
+        inherited + 1,
+        "the promoted exporter did not resume at the replicated cursor {inherited}"
+    );
+    // Deduplicated by sequence: the first appearance is kept; a duplicate is the same
+    // record (byte-identical structured data); every record of the final ledger, whose
+    // prefix is the primary's history, is there with its hash.
+    let mut first: std::collections::BTreeMap<u64, String> = std::collections::BTreeMap::new();
+    let mut duplicates = 0;
+    for m in &got {
+        let sd = m["structured-data"].as_str().unwrap().to_string();
+        match first.entry(seq_of(m)) {
+            std::collections::btree_map::Entry::Vacant(v) => {
+                v.insert(sd);
+            }
+            std::collections::btree_map::Entry::Occupied(o) => {
+                duplicates += 1;
+                assert_eq!(o.get(), &sd, "seq {} arrived twice, differently", o.key());
+            }
+        }
+    }
+    assert_eq!(
+        first.keys().copied().collect::<Vec<_>>(),
+        (1..=tip).collect::<Vec<_>>(),
+        "gap in the collector's sequence"
+    );
+    for r in &recs {
+        let hash = mayfly_ledger::codec::hex(&mayfly_ledger::checkpoint::chain_hash(
+            &r.prev_hash,
+            &r.encode(),
+        ));
+        assert!(
+            first[&r.seq].contains(&format!("hash=\"{hash}\"")),
+            "seq {}: {}",
+            r.seq,
+            first[&r.seq]
+        );
+    }
+    eprintln!(
+        "siem continuity: {tip} records, inherited cursor {inherited} of the copy's {copy_tip}, {duplicates} duplicates"
+    );
+}
+
+/// The standby's copy in `sdir` holds at least `durable` groups, each byte-identical to
+/// the primary's in `pdir`.
+fn copy_holds(pdir: &Path, sdir: &Path, durable: u64) {
+    let copy = store::open_read_only(sdir, &StoreOptions::default()).unwrap();
+    let original = store::open_read_only(pdir, &StoreOptions::default()).unwrap();
+    let last = copy.last_group().unwrap();
+    assert!(
+        last >= durable,
+        "copy at group {last}, primary acked {durable}"
+    );
+    for g in 1..=last {
+        assert_eq!(
+            original.export_group(g).unwrap(),
+            copy.export_group(g).unwrap(),
+            "group {g}"
+        );
+    }
+}
+
+/// A network namespace holding one end of a veth pair whose other end is in the test's
+/// namespace: `host` (x.x.x.1) here, `peer_ip` (x.x.x.2) inside. Deleted (with the veth)
+/// on drop.
+struct Netns {
+    name: String,
+    link: String,
+    host: String,
+    peer_ip: String,
+}
+
+fn ip(args: &[&str]) -> Result<(), String> {
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .map_err(|e| format!("ip: {e}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "ip {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
+    }
+}
+
+impl Netns {
+    /// `None` (and a message saying why) where namespaces cannot be made: no `ip`, not root.
+    fn create() -> Option<Self> {
+        if !Path::new("/usr/sbin/ip").exists() && !Path::new("/sbin/ip").exists() {
+            eprintln!("SKIPPED: `ip` (iproute2) is not installed; scripts/lib.sh installs it");
+            return None;
+        }
+        let tag = std::process::id() % 100_000;
+        let subnet = 16 + (tag % 200);
+        let ns = Self {
+            name: format!("mfly{tag}"),
+            link: format!("mfh{tag}"),
+            host: format!("10.77.{subnet}.1"),
+            peer_ip: format!("10.77.{subnet}.2"),
+        };
+        let inner = format!("mfs{tag}");
+        if let Err(e) = ip(&["netns", "add", &ns.name]) {
+            eprintln!("SKIPPED: cannot make a network namespace (root needed): {e}");
+            return None;
+        }
+        let (host_cidr, peer_cidr) = (format!("{}/30", ns.host), format!("{}/30", ns.peer_ip));
+        let steps: [&[&str]; 6] = [
+            &[
+                "link", "add", &ns.link, "type", "veth", "peer", "name", &inner, "netns", &ns.name,
+            ],
+            &["addr", "add", &host_cidr, "dev", &ns.link],
+            &["link", "set", &ns.link, "up"],
+            &["-n", &ns.name, "addr", "add", &peer_cidr, "dev", &inner],
+            &["-n", &ns.name, "link", "set", &inner, "up"],
+            &["-n", &ns.name, "link", "set", "lo", "up"],
+        ];
+        for step in steps {
+            ip(step).unwrap();
+        }
+        Some(ns)
+    }
+
+    /// Cuts (`false`) or restores (`true`) the link: packets are dropped without a reset.
+    fn link(&self, up: bool) {
+        ip(&["link", "set", &self.link, if up { "up" } else { "down" }]).unwrap();
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = ip(&["link", "del", &self.link]);
+        let _ = ip(&["netns", "del", &self.name]);
+    }
+}
+
+/// A network partition (issue 18 "Bad input and faults"), in network namespaces: the
+/// standby runs in its own namespace, joined to the primary's by a veth pair. The link is
+/// cut while the synchronous primary serves: every transaction is still answered (the
+/// first within the sync bound), the primary degrades to asynchronous and audits it, and
+/// its heartbeat notices the silent standby (`replication.peer_lost`, `peer_lost` in
+/// /v1/health). The link comes back: the standby reconnects, catches up, the primary is
+/// synchronous again (`replication.synchronous`, `replication.peer_back`), the standby's
+/// own audit has `replication.peer_lost`, and it holds every acknowledged group; both
+/// ledgers verify.
+#[test]
+fn a_network_partition_degrades_the_synchronous_primary_and_it_recovers_when_healed() {
+    let Some(net) = Netns::create() else {
+        return;
+    };
+    let root = tempfile::tempdir().unwrap();
+    let (pdir, sdir) = (root.path().join("primary"), root.path().join("standby"));
+    let (p, s) = (pem(root.path(), "primary"), pem(root.path(), "standby"));
+    let port = free_port();
+    let pconf = root.path().join("primary.toml");
+    replication_conf(
+        &pconf,
+        "primary",
+        &format!(
+            "listen = \"{}:{port}\"\nmode = \"sync\"\nsync_timeout_ms = 1500\nheartbeat_ms = 200\nheartbeat_misses = 5\n",
+            net.host
+        ),
+        &p,
+        &s,
+    );
+    let admin = root.path().join("admin");
+    let (code, _, err) = common::mayfly(&["admin", "keygen", "--out", admin.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    let admin_pub = admin.with_extension("pub");
+    let mut primary = Agent::start(
+        &pdir,
+        &[
+            "--config",
+            pconf.to_str().unwrap(),
+            "--admin-key",
+            admin_pub.to_str().unwrap(),
+            "--admin-quorum",
+            "1",
+        ],
+    );
+    let identity = export_key(&pdir);
+    let sconf = root.path().join("standby.toml");
+    replication_conf(
+        &sconf,
+        "standby",
+        &format!(
+            "peer = \"{}:{port}\"\nprimary_identity = {identity:?}\nheartbeat_ms = 200\nheartbeat_misses = 5\n",
+            net.host
+        ),
+        &s,
+        &p,
+    );
+    let follower = StandbyProc(Some(
+        Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &net.name,
+                agent_exe(),
+                "standby",
+                "--config",
+            ])
+            .arg(&sconf)
+            .arg("--data-dir")
+            .arg(&sdir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap(),
+    ));
+    wait_state(&primary, "synchronous");
+    let open = |agent: &Agent, k: usize| {
+        let started = Instant::now();
+        let (code, r) = agent.tx(
+            "open_account",
+            json!({"name": format!("acct{k}"), "balance": 5}),
+        );
+        assert_eq!(code, 200, "{r}");
+        started.elapsed()
+    };
+    for k in 0..5 {
+        open(&primary, k);
+    }
+    wait_for("the standby to hold every group", || {
+        health(&primary)["lag_groups"] == 0
+    });
+    assert!(health(&primary)["standby"]
+        .as_str()
+        .unwrap()
+        .starts_with(&net.peer_ip));
+
+    net.link(false);
+    // The primary keeps serving: the first commit waits at most the sync bound, then the
+    // primary is degraded and the rest do not wait.
+    let first = open(&primary, 5);
+    assert!(
+        first < Duration::from_millis(1500 + 3000),
+        "first commit took {first:?}"
+    );
+    let h = wait_state(&primary, "degraded");
+    assert!(
+        h["degraded_reason"]
+            .as_str()
+            .unwrap()
+            .contains("did not confirm"),
+        "{h}"
+    );
+    for k in 6..15 {
+        let took = open(&primary, k);
+        assert!(
+            took < Duration::from_millis(1500),
+            "commit {k} took {took:?}"
+        );
+    }
+    wait_for("the primary to lose the silent standby", || {
+        health(&primary)["peer_lost"]
+            .as_str()
+            .is_some_and(|r| r.contains("nothing from the standby"))
+    });
+    // The operator sees the same through the signed console's `status`.
+    let console_status = |json: bool| {
+        let socket = pdir.join("admin.sock");
+        let key = admin.with_extension("key");
+        let mut args = vec![
+            "admin",
+            "status",
+            "--socket",
+            socket.to_str().unwrap(),
+            "--key",
+            key.to_str().unwrap(),
+        ];
+        if json {
+            args.push("--json");
+        }
+        let (code, out, err) = common::mayfly(&args);
+        assert_eq!(code, 0, "{out}{err}");
+        out
+    };
+    let status: Value = serde_json::from_str(&console_status(true)).unwrap();
+    let repl = &status["result"]["replication"];
+    assert_eq!(repl["state"], "degraded", "{status}");
+    assert!(
+        repl["peer_lost"]
+            .as_str()
+            .is_some_and(|r| r.contains("nothing from the standby")),
+        "{status}"
+    );
+    let table = console_status(false);
+    assert!(
+        table.contains("replication   degraded (sync mode)") && table.contains("peer lost: "),
+        "{table}"
+    );
+
+    net.link(true);
+    let h = wait_state(&primary, "synchronous");
+    assert_eq!(h["peer_lost"], Value::Null, "{h}");
+    wait_for("the standby to catch up", || {
+        health(&primary)["lag_groups"] == 0
+    });
+    for k in 15..18 {
+        open(&primary, k);
+    }
+    assert_eq!(health(&primary)["state"], "synchronous");
+    let durable = health(&primary)["durable_group"].as_u64().unwrap();
+    wait_for("the standby to hold every group", || {
+        health(&primary)["acked_group"].as_u64() == Some(durable)
+    });
+    assert_eq!(stop(follower), 0);
+    primary.stop();
+
+    let events =
+        |dir: &Path| -> Vec<String> { common::audit(dir).into_iter().map(|(e, _)| e).collect() };
+    let p_events = events(&pdir);
+    let at = |name: &str| p_events.iter().position(|e| e == name);
+    let (degraded, lost, back, sync) = (
+        at("replication.degraded").expect("replication.degraded"),
+        at("replication.peer_lost").expect("replication.peer_lost"),
+        at("replication.peer_back").expect("replication.peer_back"),
+        p_events
+            .iter()
+            .rposition(|e| e == "replication.synchronous")
+            .expect("replication.synchronous"),
+    );
+    assert!(degraded < sync && lost < back, "{p_events:?}");
+    let s_events = events(&sdir.join("standby-audit"));
+    assert!(
+        s_events.iter().any(|e| e == "replication.peer_lost"),
+        "{s_events:?}"
+    );
+    copy_holds(&pdir, &sdir, durable);
+    let (ok, out) = verify(&pdir);
+    assert!(ok, "{out}");
+}
+
+/// A small tmpfs mounted for a test; unmounted on drop (after the processes using it,
+/// which are declared after it and so dropped first).
+struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    /// `None` (and a message) where it cannot be mounted (not root).
+    fn mount(at: &Path, size: &str) -> Option<Self> {
+        std::fs::create_dir_all(at).unwrap();
+        let ok = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(at)
+            .status()
+            .is_ok_and(|s| s.success());
+        if !ok {
+            eprintln!("SKIPPED: cannot mount a tmpfs (root needed)");
+            return None;
+        }
+        Some(Self(at.to_path_buf()))
+    }
+
+    fn resize(&self, size: &str) {
+        let st = Command::new("mount")
+            .args(["-o", &format!("remount,size={size}")])
+            .arg(&self.0)
+            .status()
+            .unwrap();
+        assert!(st.success());
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+    }
+}
+
+/// A disk-full standby (issue 18 "Bad input and faults"): the standby's data directory is
+/// on a small tmpfs, filled up while a synchronous primary serves. The standby cannot
+/// store the next group: it stops applying it (nothing half-written) and tells the primary
+/// why; the primary keeps answering every transaction (it degrades within its bound) and
+/// audits the standby's reason; nothing it acknowledged is lost. Space returns: the
+/// standby catches up and the primary is synchronous again, with the copy identical to
+/// the primary's ledger.
+#[test]
+fn a_disk_full_standby_stops_applying_and_the_synchronous_primary_loses_nothing() {
+    let root = tempfile::tempdir().unwrap();
+    let Some(fs) = Tmpfs::mount(&root.path().join("standby-fs"), "8m") else {
+        return;
+    };
+    let (pdir, sdir) = (root.path().join("primary"), fs.0.join("standby"));
+    let (p, s) = (pem(root.path(), "primary"), pem(root.path(), "standby"));
+    let port = free_port();
+    let pconf = primary_conf(root.path(), port, 1000, &p, &s);
+    let mut primary = Agent::start(&pdir, &["--config", pconf.to_str().unwrap()]);
+    let identity = export_key(&pdir);
+    let sconf = standby_conf(root.path(), port, &identity, "", &s, &p);
+    let follower = standby(&sconf, &sdir);
+    wait_state(&primary, "synchronous");
+    let mut acked = Vec::new();
+    let mut open = |agent: &Agent, k: usize| {
+        let (code, r) = agent.tx(
+            "open_account",
+            json!({"name": format!("acct{k}-{}", "x".repeat(50)), "balance": 5}),
+        );
+        assert_eq!(code, 200, "{r}");
+        acked.push(r["seq"].as_u64().unwrap());
+    };
+    for k in 0..3 {
+        open(&primary, k);
+    }
+    wait_for("the standby to hold every group", || {
+        health(&primary)["lag_groups"] == 0
+    });
+    // Fill the standby's filesystem to the last block.
+    {
+        use std::io::Write;
+        let mut filler = std::fs::File::create(fs.0.join("filler")).unwrap();
+        let chunk = vec![0u8; 4096];
+        while filler.write_all(&chunk).is_ok() {}
+    }
+    // The primary goes on answering; the standby soon cannot store a group.
+    let mut k = 3;
+    while health(&primary)["state"] == "synchronous" {
+        assert!(k < 400, "the standby never ran out of space");
+        open(&primary, k);
+        k += 1;
+    }
+    let h = wait_state(&primary, "degraded");
+    for j in k..k + 5 {
+        open(&primary, j);
+    }
+    let acked_while_full = health(&primary)["durable_group"].as_u64().unwrap();
+    assert!(h["acked_group"].as_u64().unwrap() < acked_while_full, "{h}");
+
+    // Space returns: the standby catches up, the primary is synchronous again.
+    fs.resize("64m");
+    wait_state(&primary, "synchronous");
+    open(&primary, k + 5);
+    let durable = health(&primary)["durable_group"].as_u64().unwrap();
+    wait_for("the standby to hold every group", || {
+        health(&primary)["acked_group"].as_u64() == Some(durable)
+    });
+    assert_eq!(stop(follower), 0);
+    primary.stop();
+
+    let p_audit = common::audit(&pdir);
+    let refusal = p_audit
+        .iter()
+        .find(|(e, f)| {
+            e == "replication.standby_disconnected"
+                && f.get("reason").is_some_and(|r| r.contains("storing group"))
+        })
+        .unwrap_or_else(|| panic!("no audited refusal: {p_audit:?}"));
+    assert!(
+        refusal.1["reason"].contains("space") || refusal.1["reason"].contains("full"),
+        "{refusal:?}"
+    );
+    assert!(p_audit.iter().any(|(e, _)| e == "replication.degraded"));
+    // The standby's own audit could not be written while its disk was full; the outage is
+    // recorded there once space returned.
+    let s_audit = common::audit(&sdir.join("standby-audit"));
+    assert!(
+        s_audit.iter().any(|(e, _)| e == "ledger.storage_full"),
+        "{s_audit:?}"
+    );
+    // Nothing acknowledged is lost on the primary, and the copy is the primary's ledger.
+    let original = store::open_read_only(&pdir, &StoreOptions::default()).unwrap();
+    for seq in &acked {
+        assert!(
+            original.checkpoint(*seq).unwrap().is_some(),
+            "acknowledged checkpoint {seq} missing"
+        );
+    }
+    drop(original);
+    // (The primary's own stop adds a group or two after the standby stopped.)
+    copy_holds(&pdir, &sdir, durable);
+    let (ok, out) = verify(&pdir);
+    assert!(ok, "{out}");
+    eprintln!(
+        "disk-full standby: {} acknowledged, refusal: {}",
+        acked.len(),
+        refusal.1["reason"]
     );
 }

@@ -122,6 +122,52 @@ impl Store {
             .map_err(storage)?;
         wtxn.commit().map_err(storage)
     }
+
+    /// Every cursor held, in name order (the primary ships them to its standby, so that a
+    /// promoted standby's exporters resume where the primary's had delivered;
+    /// docs/failover.md). At most `max` are read; a stored name or value that is not a
+    /// cursor's is [`CursorError::Corrupt`].
+    pub fn cursors(&self, max: usize) -> Result<Vec<(String, u64)>, CursorError> {
+        let storage = |source| CursorError::Storage {
+            name: "(all)".to_owned(),
+            source,
+        };
+        let rtxn = self.read_txn().map_err(storage)?;
+        let mut out = Vec::new();
+        for item in self.dbs.cursors.iter(&rtxn).map_err(storage)?.take(max) {
+            let (name, bytes) = item.map_err(storage)?;
+            let corrupt = || CursorError::Corrupt {
+                name: String::from_utf8_lossy(name).into_owned(),
+                len: bytes.len(),
+            };
+            let name = std::str::from_utf8(name)
+                .ok()
+                .filter(|n| valid_name(n))
+                .ok_or_else(corrupt)?;
+            out.push((name.to_owned(), decode(bytes).ok_or_else(corrupt)?));
+        }
+        Ok(out)
+    }
+
+    /// Records (durably, in one write transaction) several cursors at once: all or none.
+    pub fn set_cursors(&self, cursors: &[(String, u64)]) -> Result<(), CursorError> {
+        if let Some((bad, _)) = cursors.iter().find(|(n, _)| !valid_name(n)) {
+            return Err(CursorError::BadName(bad.clone()));
+        }
+        let storage = |source| CursorError::Storage {
+            name: "(several)".to_owned(),
+            source,
+        };
+        let _ticket = self.gate.enter();
+        let mut wtxn = self.env.write_txn().map_err(storage)?;
+        for (name, seq) in cursors {
+            self.dbs
+                .cursors
+                .put(&mut wtxn, name.as_bytes(), &encode(*seq))
+                .map_err(storage)?;
+        }
+        wtxn.commit().map_err(storage)
+    }
 }
 
 #[cfg(test)]
@@ -171,6 +217,30 @@ mod tests {
         let ledger = crate::Ledger::open(dir.path(), &opts, &log).unwrap();
         assert_eq!(ledger.store().cursor("siem.a").unwrap(), Some(5));
         assert_eq!(ledger.store().cursor("siem.b").unwrap(), Some(1));
+        // All of them, in name order, and several written at once (all or none).
+        assert_eq!(
+            ledger.store().cursors(64).unwrap(),
+            [("siem.a".to_string(), 5), ("siem.b".to_string(), 1)]
+        );
+        assert_eq!(ledger.store().cursors(1).unwrap().len(), 1);
+        ledger
+            .store()
+            .set_cursors(&[("siem.b".into(), 4), ("siem.c".into(), 2)])
+            .unwrap();
+        assert!(matches!(
+            ledger
+                .store()
+                .set_cursors(&[("siem.a".into(), 9), ("No".into(), 1)]),
+            Err(CursorError::BadName(_))
+        ));
+        assert_eq!(
+            ledger.store().cursors(64).unwrap(),
+            [
+                ("siem.a".to_string(), 5),
+                ("siem.b".to_string(), 4),
+                ("siem.c".to_string(), 2)
+            ]
+        );
         // Cursors are outside both chains: the ledger still verifies.
         let keys = [ledger.public_key()];
         drop(ledger);

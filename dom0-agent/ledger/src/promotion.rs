@@ -329,14 +329,25 @@ impl crate::Store {
         Ok(None)
     }
 
-    /// The epoch of the head of `group` (`None` if this ledger holds no such head).
-    pub fn epoch_of_group(&self, group: u64) -> Result<Option<u64>, crate::ReadError> {
+    /// The head of `group`, decoded (`None` if this ledger holds no such head, or it does
+    /// not decode: `verify` names that).
+    fn head_of_group(&self, group: u64) -> Result<Option<SignedHead>, crate::ReadError> {
         let rtxn = self.read_txn()?;
         Ok(self
             .dbs
             .heads
             .get(&rtxn, &u64_key(group))?
-            .and_then(|v| SignedHead::decode(v).ok())
-            .map(|h| h.epoch()))
+            .and_then(|v| SignedHead::decode(v).ok()))
+    }
+
+    /// The epoch of the head of `group` (`None` if this ledger holds no such head).
+    pub fn epoch_of_group(&self, group: u64) -> Result<Option<u64>, crate::ReadError> {
+        Ok(self.head_of_group(group)?.map(|h| h.epoch()))
+    }
+
+    /// The audit tip (last audit sequence) the head of `group` signs (`None` if this
+    /// ledger holds no such head).
+    pub fn audit_tip_of_group(&self, group: u64) -> Result<Option<u64>, crate::ReadError> {
+        Ok(self.head_of_group(group)?.map(|h| h.audit.seq))
     }
 }

@@ -26,8 +26,9 @@
 //! Everything else the standby stores is derived from the records, exactly as the
 //! committer derives it: `data`, `deps`, `tx_index`, `undone`, and the meta tips. The
 //! admin nonces are derived from the `admin.accepted` audit records (kept for
-//! [`REPLICATED_NONCE_TTL_NS`]); exporter cursors are not part of the chain and are not
-//! replicated.
+//! [`REPLICATED_NONCE_TTL_NS`]). Exporter cursors are not part of the chain: the
+//! primary ships them in frames of their own, and the standby writes them with
+//! [`crate::Store::set_cursors`] (`mayfly-replica`, docs/failover.md).
 //!
 //! The engine layer: uses the store, the queries, the idempotency table, the record
 //! formats and the keys; nothing in the crate uses it.

@@ -114,6 +114,9 @@ pub fn print(command: &str, r: &Value) {
                         .map(|r| format!(": {r}"))
                         .unwrap_or_default()
                 );
+                if let Some(lost) = repl["peer_lost"].as_str() {
+                    println!("              peer lost: {lost}");
+                }
             }
             let collectors = r["exporters"]["collectors"]
                 .as_array()

@@ -11,6 +11,8 @@
 //! primary_identity = "3b6a…"      # standby: the primary ledger's identity key (64 hex)
 //! promotion_keys = ["9c1e…"]      # standby: keys a promotion in the stream may sign with
 //!                                 # (the other node's promotion key, for a rejoined primary)
+//! heartbeat_ms = 1000             # both: a heartbeat frame each way this often
+//! heartbeat_misses = 5            # both: this many intervals of silence: the peer is lost
 //! [replication.tls]
 //! cert = "/etc/mayfly/replication.pem"   # this node's certificate (self-signed is fine)
 //! key = "/etc/mayfly/replication.key"
@@ -34,6 +36,39 @@ pub const MIN_SYNC_TIMEOUT_MS: u64 = 10;
 pub const MAX_SYNC_TIMEOUT_MS: u64 = 60_000;
 /// Default `sync_timeout_ms`.
 pub const DEFAULT_SYNC_TIMEOUT_MS: u64 = 2_000;
+/// Accepted `heartbeat_ms`.
+pub const HEARTBEAT_MS: std::ops::RangeInclusive<u64> = 50..=60_000;
+/// Default `heartbeat_ms`.
+pub const DEFAULT_HEARTBEAT_MS: u64 = 1_000;
+/// Accepted `heartbeat_misses`.
+pub const HEARTBEAT_MISSES: std::ops::RangeInclusive<u32> = 2..=100;
+/// Default `heartbeat_misses`.
+pub const DEFAULT_HEARTBEAT_MISSES: u32 = 5;
+
+/// How often each side sends a heartbeat, and how much silence means the peer is lost.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Heartbeat {
+    /// Interval between two heartbeats a side sends.
+    pub interval: Duration,
+    /// Intervals without any frame from the peer after which it is lost.
+    pub misses: u32,
+}
+
+impl Default for Heartbeat {
+    fn default() -> Self {
+        Self {
+            interval: Duration::from_millis(DEFAULT_HEARTBEAT_MS),
+            misses: DEFAULT_HEARTBEAT_MISSES,
+        }
+    }
+}
+
+impl Heartbeat {
+    /// Silence after which the peer is lost: `interval × misses`.
+    pub fn lost_after(&self) -> Duration {
+        self.interval.saturating_mul(self.misses)
+    }
+}
 
 /// Which side this node is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -91,6 +126,10 @@ pub struct ReplicationSection {
     /// start). Without them a promotion in the stream is refused.
     #[serde(default)]
     pub promotion_keys: Vec<String>,
+    /// Both: interval between heartbeats, ms.
+    pub heartbeat_ms: Option<u64>,
+    /// Both: intervals of silence after which the peer is lost.
+    pub heartbeat_misses: Option<u32>,
     /// Mutual TLS.
     pub tls: TlsSection,
 }
@@ -142,6 +181,38 @@ impl ReplicationSection {
             sync_timeout: Duration::from_millis(ms),
             tls: self.pinned_tls()?,
             peer: self.peer,
+            heartbeat: self.heartbeat()?,
+        })
+    }
+
+    /// `heartbeat_ms` and `heartbeat_misses`, checked.
+    pub fn heartbeat(&self) -> Result<Heartbeat, ConfigError> {
+        fn within<T: PartialOrd + std::fmt::Display>(
+            setting: &'static str,
+            value: T,
+            range: &std::ops::RangeInclusive<T>,
+        ) -> Result<T, ConfigError> {
+            if range.contains(&value) {
+                return Ok(value);
+            }
+            Err(ConfigError::Invalid {
+                setting,
+                reason: format!("{value} is outside {}..={}", range.start(), range.end()),
+            })
+        }
+        let ms = within(
+            "heartbeat_ms",
+            self.heartbeat_ms.unwrap_or(DEFAULT_HEARTBEAT_MS),
+            &HEARTBEAT_MS,
+        )?;
+        let misses = within(
+            "heartbeat_misses",
+            self.heartbeat_misses.unwrap_or(DEFAULT_HEARTBEAT_MISSES),
+            &HEARTBEAT_MISSES,
+        )?;
+        Ok(Heartbeat {
+            interval: Duration::from_millis(ms),
+            misses,
         })
     }
 
@@ -169,6 +240,7 @@ impl ReplicationSection {
             StandbyConfig {
                 primary,
                 tls: self.pinned_tls()?,
+                heartbeat: self.heartbeat()?,
             },
             identity,
         ))
@@ -201,5 +273,49 @@ impl ReplicationSection {
             &self.tls.key,
             &self.tls.peer_pin,
         )?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn section(ms: Option<u64>, misses: Option<u32>) -> ReplicationSection {
+        ReplicationSection {
+            role: Role::Primary,
+            listen: None,
+            peer: None,
+            mode: ModeName::Async,
+            sync_timeout_ms: None,
+            primary_identity: None,
+            promotion_keys: Vec::new(),
+            heartbeat_ms: ms,
+            heartbeat_misses: misses,
+            tls: TlsSection {
+                cert: PathBuf::new(),
+                key: PathBuf::new(),
+                peer_pin: String::new(),
+            },
+        }
+    }
+
+    #[test]
+    fn heartbeat_defaults_and_bounds() {
+        let d = section(None, None).heartbeat().unwrap();
+        assert_eq!(d, Heartbeat::default());
+        assert_eq!(d.lost_after(), Duration::from_secs(5));
+        let h = section(Some(50), Some(100)).heartbeat().unwrap();
+        assert_eq!(h.lost_after(), Duration::from_millis(5000));
+        for (ms, misses, setting) in [
+            (Some(49), None, "heartbeat_ms"),
+            (Some(60_001), None, "heartbeat_ms"),
+            (None, Some(1), "heartbeat_misses"),
+            (None, Some(101), "heartbeat_misses"),
+        ] {
+            match section(ms, misses).heartbeat() {
+                Err(ConfigError::Invalid { setting: s, .. }) => assert_eq!(s, setting),
+                other => panic!("{ms:?} {misses:?}: {other:?}"),
+            }
+        }
     }
 }

@@ -5,7 +5,8 @@
 //! frame   offset size  field
 //!              0    4  magic "MFRP"
 //!              4    1  version 1
-//!              5    1  kind: 0x01 hello, 0x02 group, 0x03 ack, 0x04 stop, 0x05 epoch
+//!              5    1  kind: 0x01 hello, 0x02 group, 0x03 ack, 0x04 stop, 0x05 epoch,
+//!                      0x06 cursors, 0x07 heartbeat
 //!              6    4  body length, u32 BE, at most the kind's cap
 //!             10    n  body
 //!
@@ -35,6 +36,15 @@
 //! stop    (either way, at most 1,034 bytes)
 //!              0    8  group the sender was at
 //!              8  2+n  u16 length + UTF-8 reason (<= 1,024 bytes)
+//!
+//! cursors (primary -> standby, at most 18,690 bytes): the SIEM exporters' persisted
+//!         cursors, each at most the audit tip of the last group sent before it
+//!              0    2  count (<= 256), then per cursor, names strictly increasing:
+//!                 1+n    u8 length + name (1..=64 bytes of [a-z0-9_.-])
+//!                   8    u64 last audit sequence the collector was confirmed to have
+//!
+//! heartbeat (either way, 8 bytes, every `heartbeat_ms`)
+//!              0    8  the sender's last group (durable on a primary, held on a standby)
 //! ```
 //!
 //! Integers are big-endian. A decoder refuses an unknown magic, version or kind, a body
@@ -65,6 +75,18 @@ pub const KIND_ACK: u8 = 0x03;
 pub const KIND_STOP: u8 = 0x04;
 /// Frame kind: the primary's epoch, answering a hello.
 pub const KIND_EPOCH: u8 = 0x05;
+/// Frame kind: the primary's exporter cursors.
+pub const KIND_CURSORS: u8 = 0x06;
+/// Frame kind: a heartbeat (either way).
+pub const KIND_HEARTBEAT: u8 = 0x07;
+/// Length of a heartbeat body.
+pub const HEARTBEAT_LEN: usize = 8;
+/// Most cursors in one cursors frame.
+pub const MAX_CURSORS: usize = 256;
+/// Longest cursor name.
+pub const MAX_CURSOR_NAME: usize = mayfly_ledger::cursor::MAX_NAME;
+/// Longest cursors body: the count, then every cursor at its longest.
+pub const MAX_CURSORS_BODY: usize = 2 + MAX_CURSORS * (1 + MAX_CURSOR_NAME + 8);
 /// Body length of an epoch frame.
 pub const EPOCH_LEN: usize = 24;
 /// Length of the frame header.
@@ -113,6 +135,14 @@ pub enum Frame {
         group: u64,
         /// Why.
         reason: String,
+    },
+    /// The primary's exporter cursors (name, last confirmed audit sequence), in name
+    /// order, each at most the audit tip of the groups sent before it.
+    Cursors(Vec<(String, u64)>),
+    /// The sender is alive (sent every `heartbeat_ms` by both sides).
+    Heartbeat {
+        /// The sender's last group: durable on a primary, held on a standby.
+        group: u64,
     },
     /// The primary's epoch and where the hello's history ends in it.
     Epoch {
@@ -173,6 +203,8 @@ impl Frame {
             Self::Ack { .. } => KIND_ACK,
             Self::Stop { .. } => KIND_STOP,
             Self::Epoch { .. } => KIND_EPOCH,
+            Self::Cursors(_) => KIND_CURSORS,
+            Self::Heartbeat { .. } => KIND_HEARTBEAT,
         }
     }
 
@@ -212,7 +244,7 @@ impl Frame {
                 }
                 w.finish()
             }
-            Self::Ack { group } => group.to_be_bytes().to_vec(),
+            Self::Ack { group } | Self::Heartbeat { group } => group.to_be_bytes().to_vec(),
             Self::Epoch {
                 epoch,
                 from_group,
@@ -222,6 +254,22 @@ impl Frame {
                 w.u64(*epoch);
                 w.u64(*from_group);
                 w.u64(*from_checkpoint);
+                w.finish()
+            }
+            Self::Cursors(cursors) => {
+                let mut w = Writer::with_capacity(
+                    MAX_CURSORS_BODY.min(
+                        cursors
+                            .len()
+                            .saturating_mul(1 + MAX_CURSOR_NAME + 8)
+                            .saturating_add(2),
+                    ),
+                );
+                w.u16(u16::try_from(cursors.len()).unwrap_or(u16::MAX));
+                for (name, seq) in cursors {
+                    w.bytes8(name.as_bytes());
+                    w.u64(*seq);
+                }
                 w.finish()
             }
             Self::Stop { group, reason } => {
@@ -294,6 +342,41 @@ impl Frame {
                 from_group: r.u64("from_group").map_err(err)?,
                 from_checkpoint: r.u64("from_checkpoint").map_err(err)?,
             },
+            KIND_HEARTBEAT => Self::Heartbeat {
+                group: r.u64("group").map_err(err)?,
+            },
+            KIND_CURSORS => {
+                let count = usize::from(r.u16("count").map_err(err)?);
+                if count > MAX_CURSORS {
+                    return Err(err(DecodeError::TooLarge {
+                        field: "count",
+                        len: count,
+                        max: MAX_CURSORS,
+                    }));
+                }
+                let mut cursors: Vec<(String, u64)> = Vec::with_capacity(count);
+                for _ in 0..count {
+                    let name = r.str8(MAX_CURSOR_NAME, "name").map_err(err)?;
+                    if !mayfly_ledger::cursor::valid_name(name) {
+                        return Err(err(DecodeError::NotCanonical {
+                            field: "name",
+                            reason: "not 1..=64 bytes of [a-z0-9_.-]",
+                        }));
+                    }
+                    if cursors
+                        .last()
+                        .is_some_and(|(last, _)| last.as_str() >= name)
+                    {
+                        return Err(err(DecodeError::NotCanonical {
+                            field: "name",
+                            reason: "names are not strictly increasing",
+                        }));
+                    }
+                    let seq = r.u64("seq").map_err(err)?;
+                    cursors.push((name.to_owned(), seq));
+                }
+                Self::Cursors(cursors)
+            }
             _ => {
                 let group = r.u64("group").map_err(err)?;
                 let reason = r.str16(MAX_REASON, "reason").map_err(err)?.to_string();
@@ -321,6 +404,8 @@ fn kind_name(kind: u8) -> Option<&'static str> {
         KIND_ACK => Some("ack"),
         KIND_STOP => Some("stop"),
         KIND_EPOCH => Some("epoch"),
+        KIND_CURSORS => Some("cursors"),
+        KIND_HEARTBEAT => Some("heartbeat"),
         _ => None,
     }
 }
@@ -331,6 +416,8 @@ fn max_body(kind: u8) -> u64 {
         KIND_GROUP => MAX_GROUP_BODY,
         KIND_ACK => ACK_LEN as u64,
         KIND_EPOCH => EPOCH_LEN as u64,
+        KIND_CURSORS => MAX_CURSORS_BODY as u64,
+        KIND_HEARTBEAT => HEARTBEAT_LEN as u64,
         _ => MAX_STOP_BODY as u64,
     }
 }
@@ -427,7 +514,62 @@ mod tests {
                 from_group: 40,
                 from_checkpoint: 97,
             },
+            Frame::Cursors(vec![("local-relay".into(), 7), ("soc-tls".into(), 1841)]),
+            Frame::Cursors(vec![]),
+            Frame::Heartbeat { group: 12 },
         ]
+    }
+
+    /// The cursors frame of docs/formats.md §6.1, byte for byte (docs/vectors/
+    /// replication-cursors.hex, rebuilt independently by scripts/check-vectors.py).
+    #[test]
+    fn cursors_frame_vector() {
+        let f = Frame::Cursors(vec![("local-relay".into(), 7), ("soc-tls".into(), 1841)]);
+        let want = std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../docs/vectors/replication-cursors.hex"
+        ))
+        .unwrap();
+        assert_eq!(mayfly_ledger::codec::hex(&f.encode()), want.trim());
+    }
+
+    #[test]
+    fn bad_cursors_frames_are_refused() {
+        let body = |cursors: &[(&str, u64)], count: u16| {
+            let mut b = count.to_be_bytes().to_vec();
+            for (n, s) in cursors {
+                b.push(u8::try_from(n.len()).unwrap());
+                b.extend_from_slice(n.as_bytes());
+                b.extend_from_slice(&s.to_be_bytes());
+            }
+            b
+        };
+        assert!(Frame::decode_body(KIND_CURSORS, &body(&[("a", 1), ("b", 2)], 2)).is_ok());
+        for (what, b) in [
+            ("unsorted", body(&[("b", 1), ("a", 2)], 2)),
+            ("repeated", body(&[("a", 1), ("a", 2)], 2)),
+            ("upper case", body(&[("A", 1)], 1)),
+            ("empty name", body(&[("", 1)], 1)),
+            ("long name", body(&[(&"a".repeat(65), 1)], 1)),
+            ("count above", body(&[("a", 1)], 2)),
+            ("count below", body(&[("a", 1), ("b", 1)], 1)),
+            ("too many", body(&[], 257)),
+        ] {
+            assert!(
+                Frame::decode_body(KIND_CURSORS, &b).is_err(),
+                "{what} was accepted"
+            );
+        }
+        let mut h = Vec::from(&MAGIC[..]);
+        h.extend_from_slice(&[VERSION, KIND_CURSORS]);
+        h.extend_from_slice(&(u32::try_from(MAX_CURSORS_BODY).unwrap() + 1).to_be_bytes());
+        assert!(matches!(
+            read_frame(&mut &h[..]),
+            Err(FrameError::TooLarge {
+                kind: "cursors",
+                ..
+            })
+        ));
     }
 
     #[test]

@@ -19,7 +19,7 @@ pub mod primary;
 pub mod standby;
 pub mod tls;
 
-pub use config::{ReplicationSection, Role};
+pub use config::{Heartbeat, ReplicationSection, Role};
 pub use fence::Fenced;
 pub use primary::{PrimaryConfig, Shipper, StartError, Status, StatusHandle};
 pub use standby::{follow, End, StandbyConfig};

@@ -17,6 +17,20 @@
 //! synchronous**: after a restart its first commits wait for the standby like any other (so
 //! a primary killed and restarted does not acknowledge anything the standby lacks while the
 //! standby reconnects), and degrade only if it does not come within `sync_timeout`.
+//!
+//! **SIEM cursors** travel too: at most every [`CURSOR_INTERVAL`] the shipping thread reads
+//! the exporters' persisted cursors (the `cursors` database) and, when they changed, sends
+//! them as a [`Frame::Cursors`], each cut down to the audit tip of the last group already
+//! sent on this connection. A cursor is a lower bound of what its collector confirmed, and
+//! the standby holds every record up to it before it reads it, so a promoted standby's
+//! exporter that resumes from it sends duplicates, never leaves a gap (docs/siem.md).
+//!
+//! **Heartbeats**: the shipping thread sends a [`Frame::Heartbeat`] every
+//! `heartbeat.interval` and expects some frame from the standby at least every
+//! `heartbeat.lost_after()`; a silent standby (a network partition that drops packets
+//! without a reset) ends the connection as `replication.peer_lost` (shown in [`Status`])
+//! and the next standby that connects is audited `replication.peer_back`. Writes to the
+//! standby time out after the same silence.
 
 use std::io::Write;
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -32,7 +46,10 @@ use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use rustls::{ServerConnection, StreamOwned};
 use slog::{error, info, warn, Logger};
 
-use crate::frame::{write_frame, Frame, FrameError, KIND_ACK, KIND_HELLO, KIND_STOP};
+use crate::config::Heartbeat;
+use crate::frame::{
+    write_frame, Frame, FrameError, KIND_ACK, KIND_HEARTBEAT, KIND_HELLO, KIND_STOP,
+};
 use crate::inbox::{Filled, Inbox};
 use crate::tls::{PinnedTls, TlsError};
 use crate::Mode;
@@ -43,6 +60,8 @@ pub const WINDOW: u64 = 256;
 pub const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 /// Longest a write to the standby may block.
 pub const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
+/// How often the exporters' cursors are read to be shipped (when they changed).
+pub const CURSOR_INTERVAL: Duration = Duration::from_millis(250);
 
 /// How the primary replicates.
 #[derive(Debug, Clone)]
@@ -59,6 +78,8 @@ pub struct PrimaryConfig {
     /// The other node's replication address, probed for a higher epoch (fencing,
     /// [`crate::fence`]); `None`: only a peer's hello can fence this node.
     pub peer: Option<SocketAddr>,
+    /// Heartbeat interval and the silence after which the standby is lost.
+    pub heartbeat: Heartbeat,
 }
 
 /// Why replication could not start.
@@ -98,10 +119,18 @@ enum ConnError {
     StandbyStopped { group: u64, reason: String },
     #[error("exporting group {0}")]
     Export(#[from] mayfly_ledger::ExportError),
+    #[error("reading the heads: {0}")]
+    Read(#[from] mayfly_ledger::ReadError),
     #[error("the standby closed the connection")]
     Closed,
     #[error("a probe from a peer primary, answered")]
     Probe,
+    #[error("nothing from the standby for {} ms ({misses} heartbeat intervals of {} ms): it is lost", lost_after.as_millis(), interval.as_millis())]
+    PeerLost {
+        lost_after: Duration,
+        interval: Duration,
+        misses: u32,
+    },
 }
 
 /// What `GET /v1/health` and the console show.
@@ -119,6 +148,12 @@ pub struct Status {
     pub acked_group: u64,
     /// Set once this node is fenced: a peer is at a higher epoch.
     pub fenced: Option<crate::fence::Fenced>,
+    /// The exporter cursors last sent to the connected standby (name, audit sequence):
+    /// where a promoted standby's collectors would resume.
+    pub shipped_cursors: Vec<(String, u64)>,
+    /// Set when the last standby went silent (no frame for `heartbeat_ms ×
+    /// heartbeat_misses`), until a standby connects again: why.
+    pub peer_lost: Option<String>,
 }
 
 impl Status {
@@ -146,12 +181,15 @@ struct State {
     standby: Option<SocketAddr>,
     degraded: Option<String>,
     fenced: Option<crate::fence::Fenced>,
+    shipped_cursors: Vec<(String, u64)>,
+    peer_lost: Option<(String, Instant)>,
     events: Vec<AuditEvent>,
 }
 
 struct Shared {
     ledger: Ledger,
     mode: Mode,
+    heartbeat: Heartbeat,
     sync_timeout: Duration,
     state: Mutex<State>,
     changed: Condvar,
@@ -300,6 +338,8 @@ fn status_of(shared: &Shared) -> Status {
         durable_group: st.durable,
         acked_group: st.acked,
         fenced: st.fenced.clone(),
+        shipped_cursors: st.shipped_cursors.clone(),
+        peer_lost: st.peer_lost.as_ref().map(|(r, _)| r.clone()),
     }
 }
 
@@ -347,6 +387,7 @@ impl Shipper {
         let shared = Arc::new(Shared {
             ledger: ledger.clone(),
             mode: config.mode,
+            heartbeat: config.heartbeat,
             sync_timeout: config.sync_timeout,
             state: Mutex::new(State {
                 durable: ledger.tips().group,
@@ -354,6 +395,8 @@ impl Shipper {
                 standby: None,
                 degraded,
                 fenced: crate::fence::Fenced::load(ledger.store().dir()),
+                shipped_cursors: Vec::new(),
+                peer_lost: None,
                 events,
             }),
             changed: Condvar::new(),
@@ -513,6 +556,17 @@ fn accept_loop(
                     Err(e) => e.to_string(),
                 };
                 warn!(shared.log, "standby connection ended"; "peer" => %peer, "reason" => &reason);
+                if matches!(result, Err(ConnError::PeerLost { .. })) {
+                    let ev = AuditEvent::new("replication.peer_lost", Severity::Warning)
+                        .field("peer", peer)
+                        .field("role", "primary")
+                        .field("acked_group", st.acked)
+                        .field("durable_group", st.durable)
+                        .field("reason", &reason);
+                    st.peer_lost = Some((reason, Instant::now()));
+                    shared.audit(&mut st, ev);
+                    continue;
+                }
                 let ev = AuditEvent::new(
                     "replication.standby_disconnected",
                     if matches!(result, Err(ConnError::StandbyStopped { .. })) {
@@ -553,7 +607,7 @@ fn serve_standby(
     tcp.set_nonblocking(false)?;
     tcp.set_nodelay(true)?;
     tcp.set_read_timeout(Some(HELLO_TIMEOUT))?;
-    tcp.set_write_timeout(Some(WRITE_TIMEOUT))?;
+    tcp.set_write_timeout(Some(WRITE_TIMEOUT.min(shared.heartbeat.lost_after())))?;
     let conn = ServerConnection::new(tls.clone())?;
     let mut stream = StreamOwned::new(conn, tcp);
     let mut inbox = Inbox::default();
@@ -666,6 +720,15 @@ fn serve_standby(
     {
         let mut st = shared.lock();
         st.standby = Some(peer);
+        st.shipped_cursors.clear();
+        if let Some((was, since)) = st.peer_lost.take() {
+            let ev = AuditEvent::new("replication.peer_back", Severity::Notice)
+                .field("peer", peer)
+                .field("role", "primary")
+                .field("lost_ms", since.elapsed().as_millis())
+                .field("lost_reason", was);
+            shared.audit(&mut st, ev);
+        }
         // What the standby has is what it has acknowledged, whatever an earlier
         // connection said.
         st.acked = next_group.saturating_sub(1);
@@ -677,6 +740,17 @@ fn serve_standby(
     shared.acked(next_group.saturating_sub(1));
     info!(shared.log, "standby connected"; "peer" => %peer, "next_group" => next_group);
     let mut next = next_group;
+    // The audit tip of the last group the standby has or was sent: no cursor it gets is
+    // past it.
+    let mut sent_audit = match next_group.saturating_sub(1) {
+        0 => 0,
+        held => ledger.store().audit_tip_of_group(held)?.unwrap_or(0),
+    };
+    let mut cursors = CursorShipping::default();
+    let beat = shared.heartbeat;
+    let mut last_heard = Instant::now();
+    let mut last_beat: Option<Instant> = None;
+    let poll_ms = u16::try_from(beat.interval.as_millis().min(500)).unwrap_or(500);
     loop {
         if shared.stop.load(Ordering::SeqCst) {
             let _ = write_frame(
@@ -695,8 +769,18 @@ fn serve_standby(
         stream.sock.set_nonblocking(false)?;
         while next <= durable && next.saturating_sub(acked) <= WINDOW {
             let group = ledger.store().export_group(next)?;
+            if let Ok(head) = mayfly_ledger::SignedHead::decode(&group.head) {
+                sent_audit = head.audit.seq;
+            }
             write_frame(&mut stream, &Frame::Group(group))?;
             next = next.saturating_add(1);
+        }
+        if let Some(frame) = cursors.due(shared, sent_audit) {
+            write_frame(&mut stream, &frame)?;
+        }
+        if last_beat.is_none_or(|t| t.elapsed() >= beat.interval) {
+            write_frame(&mut stream, &Frame::Heartbeat { group: durable })?;
+            last_beat = Some(Instant::now());
         }
         // Wait for an ack, a new group, or the stop flag.
         stream.sock.set_nonblocking(true)?;
@@ -705,19 +789,34 @@ fn serve_standby(
                 PollFd::new(stream.sock.as_fd(), PollFlags::POLLIN),
                 PollFd::new(wake.as_fd(), PollFlags::POLLIN),
             ];
-            let _ = poll(&mut fds, PollTimeout::from(500u16));
+            let _ = poll(&mut fds, PollTimeout::from(poll_ms));
         }
         drain(wake);
+        // A connection that ended is reported after the frames that came before its end:
+        // a standby's stop frame (why it stopped) arrives just before it closes.
+        let mut ended: Option<ConnError> = None;
         loop {
             match inbox.fill(&mut stream) {
-                Ok(Filled::Bytes) => continue,
+                Ok(Filled::Bytes) => {
+                    last_heard = Instant::now();
+                    continue;
+                }
                 Ok(Filled::Nothing) => break,
-                Ok(Filled::Closed) => return Err(ConnError::Closed),
-                Err(e) => return Err(e.into()),
+                Ok(Filled::Closed) => ended = Some(ConnError::Closed),
+                Err(e) => ended = Some(e.into()),
             }
+            break;
         }
-        while let Some(frame) = inbox.next_frame_of(&[KIND_ACK, KIND_STOP])? {
+        if ended.is_none() && last_heard.elapsed() > beat.lost_after() {
+            return Err(ConnError::PeerLost {
+                lost_after: beat.lost_after(),
+                interval: beat.interval,
+                misses: beat.misses,
+            });
+        }
+        while let Some(frame) = inbox.next_frame_of(&[KIND_ACK, KIND_STOP, KIND_HEARTBEAT])? {
             match frame {
+                Frame::Heartbeat { .. } => {}
                 Frame::Ack { group } if group < next => shared.acked(group),
                 Frame::Ack { group } => {
                     return Err(ConnError::Refused(format!(
@@ -735,6 +834,47 @@ fn serve_standby(
                 }
             }
         }
+        if let Some(e) = ended {
+            return Err(e);
+        }
+    }
+}
+
+/// When and what to ship of the exporters' cursors on one connection.
+#[derive(Default)]
+struct CursorShipping {
+    last_read: Option<Instant>,
+    sent: Option<Vec<(String, u64)>>,
+}
+
+impl CursorShipping {
+    /// A cursors frame to send now: at most every [`CURSOR_INTERVAL`], when the cursors,
+    /// each cut down to `sent_audit`, differ from what this connection sent last.
+    fn due(&mut self, shared: &Shared, sent_audit: u64) -> Option<Frame> {
+        if self
+            .last_read
+            .is_some_and(|t| t.elapsed() < CURSOR_INTERVAL)
+        {
+            return None;
+        }
+        self.last_read = Some(Instant::now());
+        let read = match shared.ledger.store().cursors(crate::frame::MAX_CURSORS) {
+            Ok(read) => read,
+            Err(e) => {
+                warn!(shared.log, "reading the exporter cursors to ship failed"; "error" => %e);
+                return None;
+            }
+        };
+        let now: Vec<(String, u64)> = read
+            .into_iter()
+            .map(|(name, seq)| (name, seq.min(sent_audit)))
+            .collect();
+        if self.sent.as_ref() == Some(&now) {
+            return None;
+        }
+        shared.lock().shipped_cursors.clone_from(&now);
+        self.sent = Some(now.clone());
+        Some(Frame::Cursors(now))
     }
 }
 
@@ -745,5 +885,7 @@ fn frame_name(f: &Frame) -> &'static str {
         Frame::Ack { .. } => "ack",
         Frame::Stop { .. } => "stop",
         Frame::Epoch { .. } => "epoch",
+        Frame::Cursors(_) => "cursors",
+        Frame::Heartbeat { .. } => "heartbeat",
     }
 }

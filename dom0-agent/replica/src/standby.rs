@@ -8,6 +8,17 @@
 //! standby reconnects and asks again from its last group; a **fork** (or a copy whose data
 //! no longer matches its chain) stops the standby for good: it tells the primary (stop
 //! frame), audits it as critical, and returns.
+//!
+//! The primary's **SIEM cursors** ([`Frame::Cursors`]) are written into the copy's
+//! `cursors` database (outside both chains, as on the primary), so that the exporters of a
+//! promoted standby resume from them. A cursor past the copy's audit tip would make a
+//! promoted exporter skip records it never sent: the whole frame is refused, audited
+//! (`replication.cursor_refused`, error) and the connection ends.
+//!
+//! **Heartbeats**: the standby sends a [`Frame::Heartbeat`] every `heartbeat.interval` and
+//! ends a connection on which nothing arrived for `heartbeat.lost_after()` (a silent
+//! partition): `replication.peer_lost` (warning); the first connection after it on which
+//! the primary answers is audited `replication.peer_back`.
 
 use std::net::{SocketAddr, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -19,7 +30,10 @@ use rustls::pki_types::ServerName;
 use rustls::{ClientConnection, StreamOwned};
 use slog::{error, info, warn, Logger};
 
-use crate::frame::{write_frame, Frame, FrameError, KIND_EPOCH, KIND_GROUP, KIND_STOP};
+use crate::config::Heartbeat;
+use crate::frame::{
+    write_frame, Frame, FrameError, KIND_CURSORS, KIND_EPOCH, KIND_GROUP, KIND_HEARTBEAT, KIND_STOP,
+};
 use crate::inbox::{Filled, Inbox};
 use crate::tls::{PinnedTls, TlsError};
 
@@ -30,6 +44,9 @@ pub const POLL: Duration = Duration::from_millis(200);
 /// Longest wait between reconnection attempts (below the default `sync_timeout_ms`, so
 /// that a synchronous primary that restarts sees its standby back before it degrades).
 pub const MAX_BACKOFF: Duration = Duration::from_secs(1);
+/// Wait before asking again after the copy could not store a group (its disk is full):
+/// each attempt is refused and audited by the primary, so they are spaced out.
+pub const STORAGE_RETRY: Duration = Duration::from_secs(5);
 
 /// How the standby follows its primary.
 #[derive(Debug, Clone)]
@@ -38,6 +55,8 @@ pub struct StandbyConfig {
     pub primary: SocketAddr,
     /// This node's certificate and the primary's pin.
     pub tls: PinnedTls,
+    /// Heartbeat interval and the silence after which the primary is lost.
+    pub heartbeat: Heartbeat,
 }
 
 /// How following ended.
@@ -70,6 +89,16 @@ enum ConnError {
     Refused(ApplyError),
     #[error("unexpected frame from the primary")]
     Unexpected,
+    #[error("refused cursor {name} = {seq}: past the copy's audit tip {tip} (a promoted exporter would skip records)")]
+    CursorPastTip { name: String, seq: u64, tip: u64 },
+    #[error("storing the primary's exporter cursors: {0}")]
+    Cursors(#[from] mayfly_ledger::CursorError),
+    #[error("nothing from the primary for {} ms ({misses} heartbeat intervals of {} ms): it is lost", lost_after.as_millis(), interval.as_millis())]
+    PeerLost {
+        lost_after: Duration,
+        interval: Duration,
+        misses: u32,
+    },
 }
 
 /// Follows the primary until `stop` is set or following must end. Blocking; run it on a
@@ -95,10 +124,37 @@ pub fn follow(
             .field("primary", config.primary)
             .field("group", replica.held().group),
     );
+    // Since when the primary is lost (a connection ended in silence), until it answers.
+    let mut lost: Option<std::time::Instant> = None;
     while !stop.load(Ordering::SeqCst) {
         let before = replica.held().group;
-        let result = connection(replica, config.primary, &tls, stop, &log);
+        let mut answered = |held: u64| {
+            if let Some(since) = lost.take() {
+                info!(log, "the primary answers again"; "group" => held);
+                audit(
+                    AuditEvent::new("replication.peer_back", Severity::Notice)
+                        .field("role", "standby")
+                        .field("primary", config.primary)
+                        .field("group", held)
+                        .field("lost_ms", since.elapsed().as_millis()),
+                );
+            }
+        };
+        let result = connection(
+            replica,
+            config.primary,
+            config.heartbeat,
+            &tls,
+            stop,
+            &log,
+            &mut answered,
+        );
         let progressed = replica.held().group > before;
+        let storage_failed = matches!(result, Err(ConnError::Refused(ApplyError::Storage { .. })));
+        if storage_failed {
+            error!(log, "the copy cannot store the next group (is DATA_DIR full?); asking again every few seconds";
+                   "group" => replica.held().group, "retry_ms" => STORAGE_RETRY.as_millis());
+        }
         match result {
             Ok(()) => return Ok(End::Stopped),
             Err(ConnError::Refused(e)) if e.is_fatal() => {
@@ -129,9 +185,36 @@ pub fn follow(
                 );
                 return Ok(End::Refused(reason));
             }
+            Err(e @ ConnError::PeerLost { .. }) => {
+                warn!(log, "the primary is lost"; "error" => %e, "group" => replica.held().group);
+                lost.get_or_insert_with(std::time::Instant::now);
+                audit(
+                    AuditEvent::new("replication.peer_lost", Severity::Warning)
+                        .field("role", "standby")
+                        .field("primary", config.primary)
+                        .field("group", replica.held().group)
+                        .field("reason", e.to_string()),
+                );
+            }
+            Err(ConnError::CursorPastTip { name, seq, tip }) => {
+                let e = ConnError::CursorPastTip {
+                    name: name.clone(),
+                    seq,
+                    tip,
+                };
+                error!(log, "refused the primary's cursors"; "error" => %e);
+                audit(
+                    AuditEvent::new("replication.cursor_refused", Severity::Error)
+                        .field("group", replica.held().group)
+                        .field("collector", name)
+                        .field("seq", seq)
+                        .field("audit_tip", tip)
+                        .field("reason", e.to_string()),
+                );
+            }
             Err(e) => {
                 warn!(log, "replication connection ended"; "error" => %e, "group" => replica.held().group);
-                let severity = if matches!(e, ConnError::Refused(_)) {
+                let severity = if matches!(e, ConnError::Refused(_) | ConnError::Cursors(_)) {
                     Severity::Error
                 } else {
                     Severity::Warning
@@ -143,7 +226,9 @@ pub fn follow(
                 );
             }
         }
-        backoff = if progressed {
+        backoff = if storage_failed {
+            STORAGE_RETRY
+        } else if progressed {
             Duration::from_millis(100)
         } else {
             (backoff * 2).min(MAX_BACKOFF)
@@ -161,14 +246,16 @@ pub fn follow(
 fn connection(
     replica: &mut Replica,
     primary: SocketAddr,
+    beat: Heartbeat,
     tls: &Arc<rustls::ClientConfig>,
     stop: &AtomicBool,
     log: &Logger,
+    answered: &mut dyn FnMut(u64),
 ) -> Result<(), ConnError> {
     let tcp = TcpStream::connect_timeout(&primary, CONNECT_TIMEOUT)?;
     tcp.set_nodelay(true)?;
-    tcp.set_read_timeout(Some(POLL))?;
-    tcp.set_write_timeout(Some(Duration::from_secs(30)))?;
+    tcp.set_read_timeout(Some(POLL.min(beat.interval)))?;
+    tcp.set_write_timeout(Some(Duration::from_secs(30).min(beat.lost_after())))?;
     // The pin, not the name, authenticates the primary; the name is only what SNI carries.
     let name = ServerName::try_from("mayfly-primary").map_err(|_| ConnError::Unexpected)?;
     let conn = ClientConnection::new(tls.clone(), name)?;
@@ -184,9 +271,18 @@ fn connection(
     )?;
     info!(log, "connected to the primary"; "primary" => %primary, "next_group" => held.group + 1);
     let mut inbox = Inbox::default();
+    let mut last_heard = std::time::Instant::now();
+    let mut last_beat = std::time::Instant::now();
     loop {
-        while let Some(frame) = inbox.next_frame_of(&[KIND_GROUP, KIND_STOP, KIND_EPOCH])? {
+        while let Some(frame) = inbox.next_frame_of(&[
+            KIND_GROUP,
+            KIND_STOP,
+            KIND_EPOCH,
+            KIND_CURSORS,
+            KIND_HEARTBEAT,
+        ])? {
             match frame {
+                Frame::Heartbeat { .. } => {}
                 Frame::Group(group) => match replica.apply(&group) {
                     Ok(applied) => {
                         write_frame(
@@ -210,6 +306,25 @@ fn connection(
                         return Err(ConnError::Refused(e));
                     }
                 },
+                Frame::Cursors(cursors) => {
+                    let tip = replica.held().audit.seq;
+                    if let Some((name, seq)) = cursors.iter().find(|(_, seq)| *seq > tip) {
+                        let e = ConnError::CursorPastTip {
+                            name: name.clone(),
+                            seq: *seq,
+                            tip,
+                        };
+                        let _ = write_frame(
+                            &mut stream,
+                            &Frame::Stop {
+                                group: replica.held().group,
+                                reason: e.to_string(),
+                            },
+                        );
+                        return Err(e);
+                    }
+                    replica.store().set_cursors(&cursors)?;
+                }
                 Frame::Stop { group, reason } => {
                     return Err(ConnError::PrimaryStopped { group, reason })
                 }
@@ -224,7 +339,7 @@ fn connection(
                         ),
                     })
                 }
-                Frame::Epoch { .. } => {}
+                Frame::Epoch { .. } => answered(replica.held().group),
                 Frame::Hello { .. } | Frame::Ack { .. } => return Err(ConnError::Unexpected),
             }
         }
@@ -238,8 +353,26 @@ fn connection(
             );
             return Ok(());
         }
-        if inbox.fill(&mut stream)? == Filled::Closed {
-            return Err(ConnError::Closed);
+        if last_beat.elapsed() >= beat.interval {
+            write_frame(
+                &mut stream,
+                &Frame::Heartbeat {
+                    group: replica.held().group,
+                },
+            )?;
+            last_beat = std::time::Instant::now();
+        }
+        match inbox.fill(&mut stream)? {
+            Filled::Closed => return Err(ConnError::Closed),
+            Filled::Bytes => last_heard = std::time::Instant::now(),
+            Filled::Nothing => {}
+        }
+        if last_heard.elapsed() > beat.lost_after() {
+            return Err(ConnError::PeerLost {
+                lost_after: beat.lost_after(),
+                interval: beat.interval,
+                misses: beat.misses,
+            });
         }
     }
 }

@@ -146,6 +146,7 @@ fn synchronous_mode_acknowledges_only_what_the_standby_holds_and_degrades_withou
             sync_timeout: Duration::from_millis(300),
             tls: pid.tls(&sid.pin()),
             peer: None,
+            heartbeat: Default::default(),
         },
         &log(),
     )
@@ -158,6 +159,7 @@ fn synchronous_mode_acknowledges_only_what_the_standby_holds_and_degrades_withou
     let config = StandbyConfig {
         primary: shipper.local_addr(),
         tls: sid.tls(&pid.pin()),
+        heartbeat: Default::default(),
     };
     let mut standby = Standby::start(s.path(), &primary, config.clone());
     assert_eq!(standby.store.last_group().unwrap(), 0);
@@ -247,6 +249,7 @@ fn asynchronous_mode_catches_up_and_a_wrong_pin_gets_nothing() {
             sync_timeout: Duration::from_millis(300),
             tls: pid.tls(&sid.pin()),
             peer: None,
+            heartbeat: Default::default(),
         },
         &log(),
     )
@@ -259,6 +262,7 @@ fn asynchronous_mode_catches_up_and_a_wrong_pin_gets_nothing() {
         StandbyConfig {
             primary: shipper.local_addr(),
             tls: stranger.tls(&pid.pin()),
+            heartbeat: Default::default(),
         },
     );
     // A standby that pins another primary key refuses this primary.
@@ -269,6 +273,7 @@ fn asynchronous_mode_catches_up_and_a_wrong_pin_gets_nothing() {
         StandbyConfig {
             primary: shipper.local_addr(),
             tls: sid.tls(&stranger.pin()),
+            heartbeat: Default::default(),
         },
     );
     let standby = Standby::start(
@@ -277,6 +282,7 @@ fn asynchronous_mode_catches_up_and_a_wrong_pin_gets_nothing() {
         StandbyConfig {
             primary: shipper.local_addr(),
             tls: sid.tls(&pid.pin()),
+            heartbeat: Default::default(),
         },
     );
     for i in 0..20 {
@@ -303,4 +309,326 @@ fn asynchronous_mode_catches_up_and_a_wrong_pin_gets_nothing() {
     assert!(report.ok(), "{:?}", report.failures);
     drop((intruder, wrong_pin, standby));
     shipper.stop();
+}
+
+/// An asynchronous primary shipping `primary` on a loopback port, `pid`'s key pinning
+/// `sid`'s.
+fn async_shipper(
+    primary: &Ledger,
+    pid: &Identity,
+    sid: &Identity,
+    heartbeat: mayfly_replica::Heartbeat,
+) -> Shipper {
+    Shipper::start(
+        primary,
+        PrimaryConfig {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            mode: Mode::Async,
+            sync_timeout: Duration::from_millis(300),
+            tls: pid.tls(&sid.pin()),
+            peer: None,
+            heartbeat,
+        },
+        &log(),
+    )
+    .unwrap()
+}
+
+/// What a forged primary needs: both identities, a primary ledger in `dir` (for its
+/// identity key), a loopback listener and the server TLS of the primary's key.
+fn forged_setup(
+    dir: &std::path::Path,
+) -> (
+    Identity,
+    Identity,
+    Ledger,
+    std::net::TcpListener,
+    Arc<rustls::ServerConfig>,
+) {
+    let (pid, sid) = (Identity::new(), Identity::new());
+    let primary = Ledger::open(dir, &Options::default(), &log()).unwrap();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let server = pid.tls(&sid.pin()).server_config().unwrap();
+    (pid, sid, primary, listener, server)
+}
+
+/// A forged primary (with the right TLS key): accepts one connection on `listener`,
+/// reads the hello and answers with epoch 0; the stream, for the test to go on.
+fn forged_primary_accepts(
+    listener: &std::net::TcpListener,
+    server: &Arc<rustls::ServerConfig>,
+) -> rustls::StreamOwned<rustls::ServerConnection, std::net::TcpStream> {
+    use mayfly_replica::frame::{read_frame, write_frame, Frame};
+    let (tcp, _) = listener.accept().unwrap();
+    tcp.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let conn = rustls::ServerConnection::new(server.clone()).unwrap();
+    let mut stream = rustls::StreamOwned::new(conn, tcp);
+    let hello = read_frame(&mut stream).unwrap();
+    assert!(
+        matches!(hello, Frame::Hello { next_group: 1, .. }),
+        "{hello:?}"
+    );
+    write_frame(
+        &mut stream,
+        &Frame::Epoch {
+            epoch: 0,
+            from_group: 0,
+            from_checkpoint: 0,
+        },
+    )
+    .unwrap();
+    stream
+}
+
+/// SIEM continuity: the primary ships its exporters' persisted cursors, each cut down to
+/// the audit tip of what it has sent, and the standby keeps them in its copy's `cursors`
+/// database (where a promoted node's exporter reads them).
+#[test]
+fn exporter_cursors_reach_the_standby_cut_to_what_it_holds() {
+    let p = tempfile::tempdir().unwrap();
+    let s = tempfile::tempdir().unwrap();
+    let (pid, sid) = (Identity::new(), Identity::new());
+    let primary = Ledger::open(p.path(), &Options::default(), &log()).unwrap();
+    for i in 0..5 {
+        put(&primary, &format!("k/{i}"));
+    }
+    primary.store().set_cursor("relay", 1).unwrap();
+    // A cursor past everything (a bogus value): never shipped past what the standby holds.
+    primary.store().set_cursor("soc", u64::MAX).unwrap();
+    let shipper = async_shipper(&primary, &pid, &sid, Default::default());
+    let mut standby = Standby::start(
+        s.path(),
+        &primary,
+        StandbyConfig {
+            primary: shipper.local_addr(),
+            tls: sid.tls(&pid.pin()),
+            heartbeat: Default::default(),
+        },
+    );
+    let held_tip = || {
+        standby
+            .store
+            .audit_records(1, 100_000)
+            .unwrap()
+            .last()
+            .map_or(0, |r| r.seq)
+    };
+    assert!(
+        eventually(Duration::from_secs(20), || {
+            let tip = held_tip();
+            tip > 1
+                && standby.store.cursor("relay").unwrap() == Some(1)
+                && standby.store.cursor("soc").unwrap() == Some(tip)
+        }),
+        "{:?} {:?}",
+        standby.store.cursors(10),
+        shipper.status()
+    );
+    // A cursor that moves on the primary moves on the standby.
+    let tip = primary.tips().audit.seq;
+    primary.store().set_cursor("relay", tip).unwrap();
+    assert!(eventually(Duration::from_secs(10), || standby
+        .store
+        .cursor("relay")
+        .unwrap()
+        == Some(tip)));
+    assert!(shipper
+        .status()
+        .shipped_cursors
+        .contains(&("relay".to_string(), tip)));
+    assert!(!standby
+        .events()
+        .contains(&"replication.cursor_refused".to_string()));
+    standby.stop();
+    shipper.stop();
+}
+
+/// A primary (here a forged one speaking the frames itself, with the right TLS key) that
+/// sends a cursor past the standby's audit tip: the standby writes nothing of the frame,
+/// audits `replication.cursor_refused` and ends the connection.
+#[test]
+fn a_cursor_past_the_standbys_audit_tip_is_refused_and_audited() {
+    use mayfly_replica::frame::{read_frame, write_frame, Frame};
+    let (p, s) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (pid, sid, primary, listener, server) = forged_setup(p.path());
+    let addr = listener.local_addr().unwrap();
+    let forger = std::thread::spawn(move || {
+        let mut stream = forged_primary_accepts(&listener, &server);
+        write_frame(
+            &mut stream,
+            &Frame::Cursors(vec![("relay".into(), 0), ("soc".into(), 1)]),
+        )
+        .unwrap();
+        // The standby answers with a stop naming the refused cursor.
+        read_frame(&mut stream).unwrap()
+    });
+    let mut standby = Standby::start(
+        s.path(),
+        &primary,
+        StandbyConfig {
+            primary: addr,
+            tls: sid.tls(&pid.pin()),
+            heartbeat: Default::default(),
+        },
+    );
+    let stop = forger.join().unwrap();
+    match &stop {
+        Frame::Stop { reason, .. } => {
+            assert!(reason.contains("refused cursor soc = 1"), "{reason}");
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(eventually(Duration::from_secs(10), || standby
+        .events()
+        .contains(&"replication.cursor_refused".to_string())));
+    // Nothing of the frame was written, not even the acceptable cursor.
+    assert_eq!(standby.store.cursors(10).unwrap(), []);
+    let rec = standby
+        .local
+        .store()
+        .audit_records(1, 1000)
+        .unwrap()
+        .into_iter()
+        .find(|r| r.event.event == "replication.cursor_refused")
+        .unwrap();
+    assert_eq!(rec.event.fields["collector"], "soc");
+    assert_eq!(rec.event.fields["audit_tip"], "0");
+    standby.stop();
+}
+
+fn quick_beats() -> mayfly_replica::Heartbeat {
+    mayfly_replica::Heartbeat {
+        interval: Duration::from_millis(100),
+        misses: 3,
+    }
+}
+
+/// A standby that goes silent (connected, hello sent, then nothing: what a partition that
+/// drops packets looks like) is noticed by the primary's heartbeat bound: its status says
+/// the peer is lost and `replication.peer_lost` is audited; a standby that connects again
+/// is audited `replication.peer_back` and the status clears.
+#[test]
+fn a_silent_standby_is_lost_by_heartbeat_and_back_when_it_reconnects() {
+    use mayfly_replica::frame::{write_frame, Frame};
+    let p = tempfile::tempdir().unwrap();
+    let s = tempfile::tempdir().unwrap();
+    let (pid, sid) = (Identity::new(), Identity::new());
+    let primary = Ledger::open(p.path(), &Options::default(), &log()).unwrap();
+    put(&primary, "k");
+    let shipper = async_shipper(&primary, &pid, &sid, quick_beats());
+    let client = sid.tls(&pid.pin()).client_config().unwrap();
+    let tcp = std::net::TcpStream::connect(shipper.local_addr()).unwrap();
+    let name = rustls::pki_types::ServerName::try_from("mayfly-primary").unwrap();
+    let conn = rustls::ClientConnection::new(client, name).unwrap();
+    let mut silent = rustls::StreamOwned::new(conn, tcp);
+    write_frame(
+        &mut silent,
+        &Frame::Hello {
+            next_group: primary.tips().group + 1,
+            epoch: 0,
+            identity: primary.public_key(),
+        },
+    )
+    .unwrap();
+    assert!(
+        eventually(Duration::from_secs(10), || shipper
+            .status()
+            .peer_lost
+            .is_some_and(|r| r.contains("nothing from the standby for 300 ms"))),
+        "{:?}",
+        shipper.status()
+    );
+    assert!(eventually(Duration::from_secs(5), || events(&primary)
+        .contains(&"replication.peer_lost".to_string())));
+    let mut standby = Standby::start(
+        s.path(),
+        &primary,
+        StandbyConfig {
+            primary: shipper.local_addr(),
+            tls: sid.tls(&pid.pin()),
+            heartbeat: quick_beats(),
+        },
+    );
+    assert!(eventually(Duration::from_secs(10), || events(&primary)
+        .contains(&"replication.peer_back".to_string())));
+    assert_eq!(shipper.status().peer_lost, None);
+    // A live standby on an idle primary is not lost: heartbeats keep it.
+    std::thread::sleep(Duration::from_millis(1000)); // a span of 10 heartbeat intervals
+    let lost = events(&primary)
+        .iter()
+        .filter(|e| *e == "replication.peer_lost")
+        .count();
+    assert_eq!(lost, 1, "{:?}", events(&primary));
+    assert!(shipper.status().standby.is_some());
+    assert!(
+        !standby
+            .events()
+            .contains(&"replication.peer_lost".to_string()),
+        "{:?}",
+        standby.events()
+    );
+    drop(silent);
+    standby.stop();
+    shipper.stop();
+}
+
+/// A primary that goes silent after answering the hello is noticed by the standby's
+/// heartbeat bound (`replication.peer_lost` in its own audit); when a primary answers
+/// again it is `replication.peer_back`.
+#[test]
+fn a_silent_primary_is_lost_by_the_standby_and_back_when_it_answers() {
+    use mayfly_replica::frame::{read_frame, write_frame, Frame};
+    let (p, s) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (pid, sid, primary, listener, server) = forged_setup(p.path());
+    let addr = listener.local_addr().unwrap();
+    let forger = std::thread::spawn(move || {
+        for round in 0..2 {
+            let mut stream = forged_primary_accepts(&listener, &server);
+            if round == 0 {
+                // Silent: read (and drop) what the standby sends until it gives up.
+                while read_frame(&mut stream).is_ok() {}
+            } else {
+                for _ in 0..20 {
+                    if write_frame(&mut stream, &Frame::Heartbeat { group: 0 }).is_err() {
+                        break;
+                    }
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+            }
+        }
+    });
+    let mut standby = Standby::start(
+        s.path(),
+        &primary,
+        StandbyConfig {
+            primary: addr,
+            tls: sid.tls(&pid.pin()),
+            heartbeat: quick_beats(),
+        },
+    );
+    assert!(
+        eventually(Duration::from_secs(15), || {
+            let ev = standby.events();
+            let lost = ev.iter().position(|e| e == "replication.peer_lost");
+            let back = ev.iter().position(|e| e == "replication.peer_back");
+            matches!((lost, back), (Some(l), Some(b)) if l < b)
+        }),
+        "{:?}",
+        standby.events()
+    );
+    let rec = standby
+        .local
+        .store()
+        .audit_records(1, 1000)
+        .unwrap()
+        .into_iter()
+        .find(|r| r.event.event == "replication.peer_lost")
+        .unwrap();
+    assert!(
+        rec.event.fields["reason"].contains("nothing from the primary for 300 ms"),
+        "{:?}",
+        rec.event.fields
+    );
+    standby.stop();
+    forger.join().unwrap();
 }
