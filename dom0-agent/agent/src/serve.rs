@@ -275,7 +275,7 @@ fn xen(s: &Settings, log: &Logger, ledger: &Ledger) -> anyhow::Result<XenBackend
         config,
         log.clone(),
         audit_violations(ledger),
-        audit_build_failures(ledger),
+        audit_build_failures(ledger, log),
     )
     .context("starting the xen backend")?;
     if backend.wait_handlers(wait).is_none() {
@@ -311,8 +311,9 @@ fn audit_violations(ledger: &Ledger) -> mayfly_domain::ViolationSink {
 /// (Error): a guest that crashed, spun or hung before its Ready, a scheduler parameter Xen
 /// refused, a failed build step. Builds back off while they keep failing (pool::BACKOFF),
 /// which bounds the records' rate.
-fn audit_build_failures(ledger: &Ledger) -> mayfly_xen_backend::BuildFailureSink {
+fn audit_build_failures(ledger: &Ledger, log: &Logger) -> mayfly_xen_backend::BuildFailureSink {
     let ledger = ledger.clone();
+    let log = log.clone();
     Arc::new(move |f: mayfly_xen_backend::BuildFailure| {
         let mut event = AuditEvent::new("domain.build_failed", Severity::Error)
             .field("backend", mayfly_xen_backend::BACKEND)
@@ -322,6 +323,8 @@ fn audit_build_failures(ledger: &Ledger) -> mayfly_xen_backend::BuildFailureSink
         if let Some(domid) = f.domid {
             event = event.field("domain", domid);
         }
+        slog::warn!(log, "a failed domain build is audited"; "event" => "domain.build_failed",
+            "name" => &f.name, "domain" => f.domid, "stage" => f.stage);
         if let Err(e) = ledger.audit_lazily(vec![event]) {
             eprintln!(
                 "dom0-agent: auditing the failed build of {} failed: {e}",
@@ -989,7 +992,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let log = Logger::root(slog::Discard, slog::o!());
         let ledger = Ledger::open(dir.path(), &Options::default(), &log).unwrap();
-        let report = audit_build_failures(&ledger);
+        let report = audit_build_failures(&ledger, &log);
         report(mayfly_xen_backend::BuildFailure {
             name: "mayfly-3".into(),
             domid: Some(12),

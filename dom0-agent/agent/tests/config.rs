@@ -126,6 +126,10 @@ fn wrong_types_and_values_out_of_bounds_name_the_line_the_key_and_the_bound() {
             &["{file}:2: [xen] guest_cap_percent = 101 is above its limit of 100"],
         ),
         (
+            "[xen]\nguest_weight = 65536\n",
+            &["{file}:2: [xen] guest_weight = 65536 is above its limit of 65535"],
+        ),
+        (
             "[xen]\nguest_weight = 0\n",
             &["{file}:2: [xen] guest_weight = 0 is below its minimum of 1"],
         ),

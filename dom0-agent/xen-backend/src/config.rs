@@ -16,7 +16,7 @@
 //! ready_timeout_ms = 60000                      # build to the shim's Ready
 //! build_threads = 1
 //! guest_weight = 128                            # credit/credit2 weight, below dom0's
-//! guest_cap_percent = 50                        # CPU cap of each guest, % of one CPU
+//! guest_cap_percent = 0                         # CPU cap of each guest, % of one CPU (0: none)
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -38,8 +38,10 @@ pub const DEFAULT_MAYFLY_MEMORY_MIB: u32 = 4;
 /// dom0 has unless the host changed it, so the agent wins a contended CPU 2:1 against any
 /// one guest.
 pub const DEFAULT_GUEST_WEIGHT: u16 = 128;
-/// Each guest domain's default CPU cap, in % of one physical CPU (a guest has one vCPU).
-pub const DEFAULT_GUEST_CAP_PERCENT: u16 = 50;
+/// Each guest domain's default CPU cap, in % of one physical CPU (a guest has one vCPU): 0,
+/// no cap. Caps are refused under credit2, whose cap code crashes Xen 4.17 as guests come
+/// and go ([`crate::backend::StartError::Credit2Cap`]).
+pub const DEFAULT_GUEST_CAP_PERCENT: u16 = 0;
 /// Most a cap may be: a guest has one vCPU, which can use at most one CPU.
 pub const MAX_GUEST_CAP_PERCENT: u16 = 100;
 
@@ -217,7 +219,7 @@ pub enum ConfigError {
         found: u32,
     },
     /// The guest cap is out of range.
-    #[error("guest_cap_percent {found} is not in 1..={MAX_GUEST_CAP_PERCENT} (a guest has one vCPU; Xen reads 0 as no cap)")]
+    #[error("guest_cap_percent {found} is not in 0..={MAX_GUEST_CAP_PERCENT} (0: no cap; a guest has one vCPU)")]
     Cap {
         /// Configured.
         found: u32,
@@ -372,7 +374,7 @@ fn sched_params(section: &XenSection) -> Result<mayfly_xen::CreditParams, Config
         None => DEFAULT_GUEST_CAP_PERCENT,
         Some(found) => u16::try_from(found)
             .ok()
-            .filter(|c| (1..=MAX_GUEST_CAP_PERCENT).contains(c))
+            .filter(|c| *c <= MAX_GUEST_CAP_PERCENT)
             .ok_or(ConfigError::Cap { found })?,
     };
     Ok(mayfly_xen::CreditParams {
@@ -590,7 +592,6 @@ mod tests {
         for (weight, cap, bad) in [
             (Some(0), None, "guest_weight 0"),
             (Some(65_536), None, "guest_weight 65536"),
-            (None, Some(0), "guest_cap_percent 0"),
             (None, Some(101), "guest_cap_percent 101"),
         ] {
             let s = XenSection {

@@ -133,42 +133,12 @@ impl Control {
 
     /// The weight and cap of `domid` under `sched` (which [`Control::scheduler`] returned).
     pub fn credit(&self, sched: Scheduler, domid: DomId) -> Result<CreditParams, SchedError> {
-        let (weight, cap, call, rc) = match sched {
-            Scheduler::Credit => {
-                let f = sym!(
-                    self.libs().ctrl,
-                    soname::XENCTRL,
-                    xc_sched_credit_domain_get
-                )?;
-                let mut p = xen_domctl_sched_credit { weight: 0, cap: 0 };
-                // SAFETY: a live handle (held for the call) and one writable struct.
-                let rc = self.with_handle(|xch| unsafe { f(xch, domid, &mut p) });
-                (p.weight, p.cap, "xc_sched_credit_domain_get", rc)
-            }
-            Scheduler::Credit2 => {
-                let f = sym!(
-                    self.libs().ctrl,
-                    soname::XENCTRL,
-                    xc_sched_credit2_domain_get
-                )?;
-                let mut p = xen_domctl_sched_credit2 { weight: 0, cap: 0 };
-                // SAFETY: a live handle (held for the call) and one writable struct.
-                let rc = self.with_handle(|xch| unsafe { f(xch, domid, &mut p) });
-                (p.weight, p.cap, "xc_sched_credit2_domain_get", rc)
-            }
-            found @ Scheduler::Other(_) => return Err(SchedError::Unsupported { found }),
+        let mut params = CreditParams {
+            weight: 0,
+            cap_percent: 0,
         };
-        if rc < 0 {
-            return Err(SchedError::Domain {
-                call,
-                domid,
-                source: io::Error::last_os_error(),
-            });
-        }
-        Ok(CreditParams {
-            weight,
-            cap_percent: cap,
-        })
+        self.credit_call(sched, domid, false, &mut params)?;
+        Ok(params)
     }
 
     /// Sets the weight and cap of guest `domid` under `sched`. Refuses dom0, reserved ids
@@ -185,34 +155,63 @@ impl Control {
         if params.weight == 0 {
             return Err(SchedError::ZeroWeight { domid });
         }
+        let mut params = params;
+        self.credit_call(sched, domid, true, &mut params)
+    }
+
+    /// `xc_sched_credit{,2}_domain_{get,set}` of `domid` with `params` (read by a set,
+    /// written by a get): both schedulers' structs are `{weight u16, cap u16}`.
+    fn credit_call(
+        &self,
+        sched: Scheduler,
+        domid: DomId,
+        set: bool,
+        params: &mut CreditParams,
+    ) -> Result<(), SchedError> {
+        let (c, x) = (&self.libs().ctrl, soname::XENCTRL);
         let (call, rc) = match sched {
             Scheduler::Credit => {
-                let f = sym!(
-                    self.libs().ctrl,
-                    soname::XENCTRL,
-                    xc_sched_credit_domain_set
-                )?;
+                let (call, f) = if set {
+                    (
+                        "xc_sched_credit_domain_set",
+                        sym!(c, x, xc_sched_credit_domain_set)?,
+                    )
+                } else {
+                    (
+                        "xc_sched_credit_domain_get",
+                        sym!(c, x, xc_sched_credit_domain_get)?,
+                    )
+                };
                 let mut p = xen_domctl_sched_credit {
                     weight: params.weight,
                     cap: params.cap_percent,
                 };
-                // SAFETY: a live handle (held for the call) and one struct it reads.
+                // SAFETY: a live handle (held for the call) and one struct it reads or
+                // writes, on our stack.
                 let rc = self.with_handle(|xch| unsafe { f(xch, domid, &mut p) });
-                ("xc_sched_credit_domain_set", rc)
+                (params.weight, params.cap_percent) = (p.weight, p.cap);
+                (call, rc)
             }
             Scheduler::Credit2 => {
-                let f = sym!(
-                    self.libs().ctrl,
-                    soname::XENCTRL,
-                    xc_sched_credit2_domain_set
-                )?;
+                let (call, f) = if set {
+                    (
+                        "xc_sched_credit2_domain_set",
+                        sym!(c, x, xc_sched_credit2_domain_set)?,
+                    )
+                } else {
+                    (
+                        "xc_sched_credit2_domain_get",
+                        sym!(c, x, xc_sched_credit2_domain_get)?,
+                    )
+                };
                 let mut p = xen_domctl_sched_credit2 {
                     weight: params.weight,
                     cap: params.cap_percent,
                 };
-                // SAFETY: a live handle (held for the call) and one struct it reads.
+                // SAFETY: as above.
                 let rc = self.with_handle(|xch| unsafe { f(xch, domid, &mut p) });
-                ("xc_sched_credit2_domain_set", rc)
+                (params.weight, params.cap_percent) = (p.weight, p.cap);
+                (call, rc)
             }
             found @ Scheduler::Other(_) => return Err(SchedError::Unsupported { found }),
         };
