@@ -8,7 +8,8 @@
 # two domains built from the same image draw different random tokens (the clone hazard);
 # the hostile guests of the guest's test.* handlers (a ring violation -> 500, recorded and
 # audited; an event-channel flood; grant and event-channel operations naming dom0 and other
-# domains, all refused by Xen; a guest spinning for ever, ended by the transaction timeout);
+# domains, all refused by Xen; two guests spinning for ever, ended by the transaction
+# timeout, while 8 honest transactions commit beside them);
 # 4 concurrent clients moving money between 4 accounts (TRANSFERS each) with the bank's total
 # unchanged; no domain in use afterwards. Measures: build -> Ready is dom0's side; here the
 # sustained fresh-domain-per-transaction rate over SUSTAIN_S seconds (default 60) with 4
@@ -119,23 +120,68 @@ for k in granted bound allocated setup; do
     [ "$v" = 0 ] || allowed=$((allowed + 1))
 done
 tried=$(echo "$r" | json_field tried)
-if committed "$r" && [ "$allowed" = 0 ] && [ "${tried:-0}" -gt 100 ]; then
-    pass "grant/event-channel operations naming dom0 and other domains: all $tried refused by Xen"
+live=$(echo "$r" | json_field live_named)
+# What Xen answered, per operation (result code: count): the evidence that live domains
+# were named (alloc_unbound: EPERM -1 for an existing domain, ESRCH -3 for none).
+answers=$(echo "$r" | grep -oE '"(map|bind|alloc|setup)_rc":\{[^}]*\}' | tr '\n' ' ')
+echo "foreign_ops answers: $answers"
+if committed "$r" && [ "$allowed" = 0 ] && [ "${tried:-0}" -gt 1000 ] && [ "${live:-0}" -ge 1 ]; then
+    pass "grant/event-channel operations naming dom0 and $live other live domain(s) (a sweep of domids 1..1024): all $tried refused by Xen ($answers)"
 else
     fail "test.foreign_ops: $r"
 fi
+r=$(post '{"handler":"kv","payload":{"op":"get","key":"kv/pv"}}')
+case $r in 200*'"value":"x"'*) pass "the agent and ledger serve as before after the foreign operations" ;; *) fail "kv get after test.foreign_ops: $r" ;; esac
+# Two guests spinning for ever beside honest transactions: each spinner weighs less than
+# dom0 in the credit scheduler ([xen] guest_weight, 128 against dom0's 256 by default; no
+# cap: credit2's caps crash Xen 4.17), so the agent and honest guests keep running; the
+# agent's transaction timeout (tx_timeout_ms, 60 s in the shipped agent.toml) ends the
+# spinners.
 spin_from=$(date +%s)
-r=$(post '{"handler":"test.spin","payload":null}')
-echo "spin: $r ($(($(date +%s) - spin_from)) s)"
+spinners=()
+for s in 1 2; do
+    post '{"handler":"test.spin","payload":null}' no-wait >"$WORK/spin-$s" 2>/dev/null &
+    spinners+=($!)
+done
+# Both must be running (in use) before the honest transactions start (bounded: 60 s).
+for _ in $(seq 1 120); do
+    curl -sS --max-time 10 "$API/v1/health" 2>/dev/null | grep -qE '"in_use":([2-9]|[1-9][0-9])' && break
+    sleep 0.5
+done
+spinning() { kill -0 "${spinners[0]}" 2>/dev/null && kill -0 "${spinners[1]}" 2>/dev/null; }
+beside=0
+honest_ms=()
+if spinning; then
+    for i in $(seq 1 8); do
+        r=$(post "{\"handler\":\"kv\",\"payload\":{\"op\":\"put\",\"key\":\"kv/beside-spin$i\",\"value\":\"$i\"}}" no-wait 2>"$WORK/honest-ms")
+        if committed "$r" && spinning; then
+            beside=$((beside + 1))
+            honest_ms+=("$(sed -n 's/^agent_tx_ms=//p' "$WORK/honest-ms")")
+        else
+            fail "honest kv put $i beside two spinning guests: $r (spinners still running: $(spinning && echo yes || echo no))"
+            break
+        fi
+    done
+else
+    fail "the two test.spin transactions were not both running: $(cat "$WORK"/spin-* | tr '\n' '|')"
+fi
+median_ms=$(printf '%s\n' "${honest_ms[@]}" | grep . | sort -n | awk '{ v[NR] = $1 } END { if (NR) print v[int((NR + 1) / 2)] }')
+echo "beside_spin_committed=$beside beside_spin_median_ms=${median_ms:-n/a}"
+if [ "$beside" = 8 ]; then
+    pass "two guests spinning for ever: 8 honest transactions committed while both spun (median ${median_ms} ms)"
+fi
+wait "${spinners[@]}" || true
 spun=$(($(date +%s) - spin_from))
-# The agent's transaction timeout (tx_timeout_ms, 60 s in the shipped agent.toml) ends it.
-case $r in
-    500*) if [ "$spun" -ge 30 ]; then
-        pass "a guest spinning for ever: ended by the transaction timeout (500 after $spun s)"
-    else
-        fail "test.spin failed after only $spun s: $r"
-    fi ;;
-    *) fail "test.spin: $r" ;;
+for s in 1 2; do
+    r=$(cat "$WORK/spin-$s")
+    echo "spin $s: $r"
+    case $r in
+        500*) [ "$spun" -ge 30 ] || fail "test.spin $s failed after only $spun s: $r" ;;
+        *) fail "test.spin $s: $r" ;;
+    esac
+done
+case "$(cat "$WORK"/spin-*)" in
+    *500*500*) [ "$spun" -ge 30 ] && pass "guests spinning for ever: ended by the transaction timeout (500 after $spun s)" ;;
 esac
 r=$(post '{"handler":"kv","payload":{"op":"get","key":"kv/pv"}}')
 case $r in 200*'"value":"x"'*) pass "the agent still serves after the hostile guests" ;; *) fail "kv get after the hostile guests: $r" ;; esac

@@ -4,6 +4,8 @@
 #   OUT/xen                     the hypervisor (gunzipped /boot/xen-4.17-amd64.gz)
 #   OUT/vmlinux                 dom0 and domU kernel: the uncompressed ELF inside Debian's bzImage
 #   OUT/mayfly-pv-guest         the Mayfly PV guest kernel (scripts/build-pv-guest.sh)
+#   OUT/mayfly-pv-guest-faults  the same with boot faults (by domid: hang, crash or spin
+#                               before Ready), for the agent's boot-fault phase
 #   OUT/domu-initramfs.cpio     the domU template: domu-shim (static, test-handlers) as /init,
 #                               the two modules it loads, /etc/mayfly/modules
 #   OUT/dom0-initramfs.cpio     dom0: busybox, the Xen toolstack with its shared-library
@@ -56,6 +58,8 @@ PEER=target/release/xen-ring-peer
 # The Mayfly PV guest kernel: freestanding, its own workspace and link (see the script).
 # With its hostile test.* handlers, like the Linux template's shim.
 scripts/build-pv-guest.sh "$OUT/mayfly-pv-guest" --features test-handlers
+# A faulty image for the boot-fault phase (src/boot_fault.rs): never shipped.
+scripts/build-pv-guest.sh "$OUT/mayfly-pv-guest-faults" --features boot-faults
 
 # module_path <name>: the installed kernel module file <name>.ko.
 module_path() {
@@ -140,6 +144,7 @@ cp -a "$OVERLAY/." "$ROOT/"
 mkdir -p "$ROOT/usr/share/mayfly/template"
 cp "$OUT/vmlinux" "$ROOT/usr/share/mayfly/template/vmlinux"
 install -m 0644 "$OUT/mayfly-pv-guest" "$ROOT/usr/share/mayfly/template/mayfly-pv-guest"
+install -m 0644 "$OUT/mayfly-pv-guest-faults" "$ROOT/usr/share/mayfly/template/mayfly-pv-guest-faults"
 # gzip'd as on the appliance (the domU kernel unpacks 1.8 MiB in a fraction of a second).
 gzip -9 -n -c "$OUT/domu-initramfs.cpio" >"$ROOT/usr/share/mayfly/template/initramfs.cpio.gz"
 # The test's own /init and scenario.

@@ -261,6 +261,52 @@ else
     fail "the agent did not come up with --xen-guest mayfly: $(grep -a '^MAYFLY-AGENT-LOG' "$LOG" | tail -n 2 | tr '\n' '|')"
 fi
 
+# The credit-scheduler weight and cap of live guest domains, as xl reads them back from Xen:
+# the Linux phase's agent runs with the defaults (weight 128, no cap), the Mayfly phase's
+# with --xen-guest-weight 100; dom0 keeps a higher weight. A cap under credit2 is refused.
+# check_sched <tag> <weight/cap>
+check_sched() {
+    local line sched dom0 guests bad
+    line=$(result "$1 " | sed "s/^MAYFLY-RESULT $1 //")
+    sched=$(echo "$line" | sed -n 's/.*scheduler=\([a-z0-9]*\).*/\1/p')
+    dom0=$(echo "$line" | sed -n 's/.*dom0=\([0-9]*\)\/.*/\1/p')
+    guests=$(echo "$line" | tr ' ' '\n' | grep -E '^[1-9][0-9]*=' || true)
+    bad=$(echo "$guests" | grep -v "=$2\$" || true)
+    if { [ "$sched" = credit2 ] || [ "$sched" = credit ]; } && [ -n "$guests" ] && [ -z "$bad" ] &&
+        [ "${dom0:-0}" -gt "${2%/*}" ]; then
+        pass "$1: every live guest runs at weight/cap $2 under $sched (dom0's weight $dom0): $(echo "$guests" | tr '\n' ' ')"
+    else
+        fail "$1: expected weight/cap $2 for every guest, below dom0's weight: $line"
+    fi
+}
+if result "agent up" | grep -q .; then check_sched linux-sched 128/0; fi
+if result "agent-mayfly up" | grep -q .; then
+    check_sched mayfly-sched 100/0
+    if result "cap-refused rc=" | grep -qE 'rc=[1-9][0-9]* credit2 caps crash the hypervisor'; then
+        pass "a CPU cap under credit2 is refused at start ($(result 'cap-refused'))"
+    else
+        fail "a CPU cap under credit2 was not refused: $(result 'cap-refused') $(grep -a '^MAYFLY-CAP' "$LOG" | tr '\n' '|')"
+    fi
+fi
+
+# The agent on a faulty image (boot faults by domid: hang, crash, spin before Ready): each
+# faulty domain destroyed at its 3 s build deadline and audited as domain.build_failed,
+# honest transactions committing on the good guests meanwhile, the ledger verified.
+if result "faults up" | grep -q .; then
+    honest=$(result "faults honest " | sed -n 's/.*committed=\([0-9]*\) of 12.*/\1/p')
+    timeouts=$(result "faults audited " | sed -n 's/.*ready_timeout=\([0-9]*\).*/\1/p')
+    died=$(result "faults audited " | sed -n 's/.*died_before_ready=\([0-9]*\).*/\1/p')
+    deadline=$(result "faults deadline-errors " | sed -n 's/.*deadline-errors \([0-9]*\).*/\1/p')
+    if [ "${honest:-0}" = 12 ] && [ "${timeouts:-0}" -ge 2 ] && [ "${died:-0}" -ge 1 ] &&
+        [ "${deadline:-0}" -ge 2 ] && result "verify-faults rc=0" | grep -q .; then
+        pass "boot faults through the agent: $timeouts guests hung or spun before Ready (destroyed at the 3 s deadline), $died crashed during boot, each audited as domain.build_failed; 12 of 12 honest transactions committed meanwhile; verify"
+    else
+        fail "boot faults through the agent: $(result 'faults ' | tr '\n' '|') $(result verify-faults) $(grep -a '^MAYFLY-FAULTS' "$LOG" | tail -n 4 | tr '\n' '|')"
+    fi
+else
+    fail "the agent did not come up on the faulty image: $(result 'faults') $(grep -a '^MAYFLY-AGENT-LOG' "$LOG" | tail -n 2 | tr '\n' '|')"
+fi
+
 # 5. Nothing left running.
 if result "leftover none" | grep -q .; then pass "no mayfly-* domain left"; else fail "left over: $(result leftover)"; fi
 

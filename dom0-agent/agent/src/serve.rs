@@ -251,6 +251,8 @@ fn xen_section(x: &crate::config::Xen) -> XenSection {
         xl: x.xl.clone(),
         ready_timeout_ms: x.ready_timeout_ms,
         build_threads: x.build_threads,
+        guest_weight: x.guest_weight,
+        guest_cap_percent: x.guest_cap_percent,
     }
 }
 
@@ -269,8 +271,13 @@ fn xen(s: &Settings, log: &Logger, ledger: &Ledger) -> anyhow::Result<XenBackend
     )
     .context("configuring the xen backend")?;
     let wait = config.ready_timeout.saturating_mul(FIRST_READY_TIMEOUTS);
-    let backend = XenBackend::start_reporting(config, log.clone(), audit_violations(ledger))
-        .context("starting the xen backend")?;
+    let backend = XenBackend::start_audited(
+        config,
+        log.clone(),
+        audit_violations(ledger),
+        audit_build_failures(ledger, log),
+    )
+    .context("starting the xen backend")?;
     if backend.wait_handlers(wait).is_none() {
         backend.shutdown();
         bail!(
@@ -295,6 +302,33 @@ fn audit_violations(ledger: &Ledger) -> mayfly_domain::ViolationSink {
             eprintln!(
                 "dom0-agent: auditing a protocol violation of {} domain {} failed: {e}",
                 v.backend, v.domain
+            );
+        }
+    })
+}
+
+/// Audits every failed Xen pool build (its domain destroyed) as `domain.build_failed`
+/// (Error): a guest that crashed, spun or hung before its Ready, a scheduler parameter Xen
+/// refused, a failed build step. Builds back off while they keep failing (pool::BACKOFF),
+/// which bounds the records' rate.
+fn audit_build_failures(ledger: &Ledger, log: &Logger) -> mayfly_xen_backend::BuildFailureSink {
+    let ledger = ledger.clone();
+    let log = log.clone();
+    Arc::new(move |f: mayfly_xen_backend::BuildFailure| {
+        let mut event = AuditEvent::new("domain.build_failed", Severity::Error)
+            .field("backend", mayfly_xen_backend::BACKEND)
+            .field("name", &f.name)
+            .field("stage", f.stage)
+            .field("reason", &f.reason);
+        if let Some(domid) = f.domid {
+            event = event.field("domain", domid);
+        }
+        slog::warn!(log, "a failed domain build is audited"; "event" => "domain.build_failed",
+            "name" => &f.name, "domain" => f.domid, "stage" => f.stage);
+        if let Err(e) = ledger.audit_lazily(vec![event]) {
+            eprintln!(
+                "dom0-agent: auditing the failed build of {} failed: {e}",
+                f.name
             );
         }
     })
@@ -1024,5 +1058,52 @@ mod tests {
         assert_eq!(f["backend"], "xen");
         assert_eq!(f["domain"], "7");
         assert!(f["reason"].contains("[zz]"), "{f:?}");
+    }
+
+    /// A failed Xen pool build is in the audit trail as `domain.build_failed` (Error), with
+    /// the domain's name and id, the failed step and the reason.
+    #[test]
+    fn failed_xen_builds_are_audited() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = Logger::root(slog::Discard, slog::o!());
+        let ledger = Ledger::open(dir.path(), &Options::default(), &log).unwrap();
+        let report = audit_build_failures(&ledger, &log);
+        report(mayfly_xen_backend::BuildFailure {
+            name: "mayfly-3".into(),
+            domid: Some(12),
+            stage: "ready_timeout",
+            reason: "mayfly-3 (domain 12): no Ready within 2s".into(),
+        });
+        report(mayfly_xen_backend::BuildFailure {
+            name: "mayfly-4".into(),
+            domid: None,
+            stage: "pv_build",
+            reason: "mayfly-4: building the Mayfly PV guest failed".into(),
+        });
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        let found = loop {
+            let records: Vec<_> = ledger
+                .store()
+                .audit_records(1, 1000)
+                .unwrap()
+                .into_iter()
+                .filter(|r| r.event.event == "domain.build_failed")
+                .collect();
+            if records.len() == 2 {
+                break records;
+            }
+            assert!(std::time::Instant::now() < deadline, "never audited");
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        let f = &found[0].event.fields;
+        assert_eq!(found[0].event.severity, Severity::Error);
+        assert_eq!(f["backend"], "xen");
+        assert_eq!(f["name"], "mayfly-3");
+        assert_eq!(f["domain"], "12");
+        assert_eq!(f["stage"], "ready_timeout");
+        assert!(f["reason"].contains("no Ready"), "{f:?}");
+        let f = &found[1].event.fields;
+        assert_eq!(f["stage"], "pv_build");
+        assert!(!f.contains_key("domain"), "{f:?}");
     }
 }

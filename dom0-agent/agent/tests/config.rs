@@ -122,6 +122,18 @@ fn wrong_types_and_values_out_of_bounds_name_the_line_the_key_and_the_bound() {
             &["{file}:3: [xen] ready_timeout_ms = 0 is below its minimum of 1"],
         ),
         (
+            "[xen]\nguest_cap_percent = 101\n",
+            &["{file}:2: [xen] guest_cap_percent = 101 is above its limit of 100"],
+        ),
+        (
+            "[xen]\nguest_weight = 65536\n",
+            &["{file}:2: [xen] guest_weight = 65536 is above its limit of 65535"],
+        ),
+        (
+            "[xen]\nguest_weight = 0\n",
+            &["{file}:2: [xen] guest_weight = 0 is below its minimum of 1"],
+        ),
+        (
             "[console]\nclock_skew_secs = 86400\n",
             &["{file}:2: [console] clock_skew_secs = 86400 is above its limit of 3600"],
         ),
@@ -166,7 +178,7 @@ fn print_config_shows_what_is_in_force_and_reads_back_to_the_same() {
     let first = dir.path().join("agent.toml");
     std::fs::write(
         &first,
-        "pool_size = 2\nmax_in_flight = 7\n[xen]\nbuild_threads = 3\n\
+        "pool_size = 2\nmax_in_flight = 7\n[xen]\nbuild_threads = 3\nguest_weight = 64\n\
          [console]\nclock_skew_secs = 30\n\
          [[siem.collector]]\nname = \"soc\"\ntransport = \"udp\"\naddress = \"127.0.0.1:514\"\n",
     )
@@ -180,6 +192,8 @@ fn print_config_shows_what_is_in_force_and_reads_back_to_the_same() {
             "3",
             "--console-max-validity-secs",
             "600",
+            "--xen-guest-cap-percent",
+            "30",
             "--print-config",
         ],
     );
@@ -191,6 +205,8 @@ fn print_config_shows_what_is_in_force_and_reads_back_to_the_same() {
     assert_eq!(table["workers"].as_integer(), Some(2), "{printed}");
     assert_eq!(table["listen"].as_str(), Some("127.0.0.1:0"), "{printed}");
     assert_eq!(table["xen"]["build_threads"].as_integer(), Some(3));
+    assert_eq!(table["xen"]["guest_weight"].as_integer(), Some(64));
+    assert_eq!(table["xen"]["guest_cap_percent"].as_integer(), Some(30));
     assert_eq!(table["console"]["clock_skew_secs"].as_integer(), Some(30));
     assert_eq!(
         table["console"]["max_validity_secs"].as_integer(),
@@ -240,6 +256,8 @@ fn help_lists_every_key_of_the_file_with_its_flag() {
     for flag in [
         "--xen-ready-timeout-ms",
         "--xen-build-threads",
+        "--xen-guest-weight",
+        "--xen-guest-cap-percent",
         "--console-clock-skew-secs",
         "--detector-token",
     ] {

@@ -1,7 +1,8 @@
 //! [`XenBackend`] (a [`DomainBackend`]) and [`XenDomain`] (a [`Domain`]).
 //!
 //! ```text
-//!  start:    load libraries → Control (Xen 4.17?) → xenstore → reconciler → pool threads
+//!  start:    load libraries → Control (Xen 4.17?) → scheduler credit/credit2, dom0's
+//!            weight above the guests'? → xenstore → reconciler → pool threads
 //!  refill:   XenProvisioner builds mayfly-<n>, boots it to Ready, pauses it → ready
 //!  take():   pops a ready domain still alive, xc_domain_unpause → XenDomain
 //!  XenDomain: destroy() / Drop → xc_domain_destroy, cleanup; quarantine() → paused, kept
@@ -27,7 +28,7 @@ use mayfly_xen::{Control, CtrlError, Libraries, LoadError, PvBuilder, Store, Sto
 use slog::{info, warn, Logger};
 
 use crate::config::{gntalloc_limit, ConfigError, GuestKind, XenConfig, GNTALLOC_LIMIT_PATH};
-use crate::domain::{DomainOpError, Hyp, LiveDomain, XenProvisioner};
+use crate::domain::{BuildFailureSink, DomainOpError, Hyp, LiveDomain, XenProvisioner};
 use crate::phases::{Phase, PhaseTotal, Phases};
 use crate::pool::{Pool, PoolConfig, Slot, TakeError};
 use crate::reconcile::{self, ReconcileError};
@@ -76,6 +77,53 @@ pub enum StartError {
     /// The in-process builder could not be set up (libxenguest, the image, the memory).
     #[error("setting up the Mayfly PV guest builder")]
     Builder(#[from] mayfly_xen::BuildError),
+    /// The scheduler has no weights and caps, or dom0's could not be read.
+    #[error("the guests' CPU weight and cap cannot be set")]
+    Sched(#[from] mayfly_xen::SchedError),
+    /// A cap was asked of the credit2 scheduler. Xen 4.17's credit2 cap code crashes the
+    /// hypervisor as capped domains come and go (seen in the Xen-in-QEMU suite with Debian's
+    /// 4.17.7: a page fault in `unpark_parked_units` from `replenish_domain_budget`), so
+    /// the agent refuses to set one.
+    #[error("guest_cap_percent {cap_percent} under the credit2 scheduler: Xen 4.17's credit2 caps crash the hypervisor as capped domains are destroyed (unpark_parked_units); set guest_cap_percent = 0, or boot Xen with sched=credit")]
+    Credit2Cap {
+        /// The cap asked.
+        cap_percent: u16,
+    },
+    /// The guests' weight is not below dom0's: a guest would compete with the agent as an
+    /// equal.
+    #[error("guest_weight {guest} is not below dom0's weight {dom0} under the {scheduler} scheduler (lower guest_weight, or raise dom0's: xl sched-{scheduler} -d 0 -w N)")]
+    WeightNotBelowDom0 {
+        /// Configured for guests.
+        guest: u16,
+        /// dom0's.
+        dom0: u16,
+        /// The scheduler.
+        scheduler: mayfly_xen::Scheduler,
+    },
+}
+
+/// The hypervisor's scheduler, if it has weights and caps, dom0's weight is above the
+/// guests' and no cap is asked of credit2.
+fn check_scheduler(
+    control: &Control,
+    sched: mayfly_xen::CreditParams,
+) -> Result<mayfly_xen::Scheduler, StartError> {
+    let scheduler = control.scheduler()?;
+    if scheduler == mayfly_xen::Scheduler::Credit2 && sched.cap_percent != 0 {
+        return Err(StartError::Credit2Cap {
+            cap_percent: sched.cap_percent,
+        });
+    }
+    let weight = sched.weight;
+    let dom0 = control.credit(scheduler, 0)?;
+    if weight >= dom0.weight {
+        return Err(StartError::WeightNotBelowDom0 {
+            guest: weight,
+            dom0: dom0.weight,
+            scheduler,
+        });
+    }
+    Ok(scheduler)
 }
 
 /// Reads the Mayfly PV guest kernel, refusing a file larger than the builder accepts
@@ -140,9 +188,22 @@ impl XenBackend {
         logger: Logger,
         violations: mayfly_domain::ViolationSink,
     ) -> Result<Self, StartError> {
+        Self::start_audited(config, logger, violations, Arc::new(|_| {}))
+    }
+
+    /// [`XenBackend::start_reporting`], also reporting to `build_failures` every pool build
+    /// that failed (its domain destroyed): a guest that crashed, spun or hung before its
+    /// Ready, a scheduler parameter Xen refused, a build step that failed.
+    pub fn start_audited(
+        config: XenConfig,
+        logger: Logger,
+        violations: mayfly_domain::ViolationSink,
+        build_failures: BuildFailureSink,
+    ) -> Result<Self, StartError> {
         config.validate()?;
         let libs = Libraries::load()?;
         let control = Arc::new(Control::open(Arc::clone(&libs))?);
+        let scheduler = check_scheduler(&control, config.sched)?;
         let store = Store::open()?;
         std::fs::create_dir_all(&config.run_dir).map_err(|source| StartError::RunDir {
             path: config.run_dir.clone(),
@@ -169,6 +230,9 @@ impl XenBackend {
             refill_threads: config.build_threads,
         };
         let (major, minor) = control.version();
+        info!(logger, "guest domains' CPU share";
+            "scheduler" => %scheduler, "weight" => config.sched.weight,
+            "cap_percent" => config.sched.cap_percent);
         match config.guest {
             GuestKind::Mayfly => info!(logger, "xen backend starting";
                 "xen" => format!("{major}.{minor}"), "pool_size" => config.pool_size,
@@ -194,6 +258,8 @@ impl XenBackend {
             handlers: mayfly_domain::LearnedHandlers::new(),
             violations,
             phases: Arc::new(Phases::default()),
+            scheduler,
+            build_failures,
         });
         let provisioner = XenProvisioner {
             hyp: Arc::clone(&hyp),

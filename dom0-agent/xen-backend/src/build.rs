@@ -239,7 +239,8 @@ impl XenProvisioner {
         ))
     }
 
-    /// Unpauses a freshly built domain, waits for the guest's `Ready` on the ring (within
+    /// Sets a freshly built domain's scheduler weight and cap (before it ever runs),
+    /// unpauses it, waits for the guest's `Ready` on the ring (within
     /// the build's budget, giving up if the backend stops) and pauses it for the pool.
     fn await_ready(
         &self,
@@ -249,6 +250,13 @@ impl XenProvisioner {
         let hyp = &self.hyp;
         hyp.phases.record(Phase::Build, started.elapsed());
         let unpaused = Instant::now();
+        hyp.control
+            .set_credit(hyp.scheduler, live.domid, hyp.config.sched)
+            .map_err(|source| CreateError::Sched {
+                name: live.name.clone(),
+                domid: live.domid,
+                source,
+            })?;
         hyp.control
             .unpause(live.domid)
             .map_err(|source| CreateError::Ctrl {
@@ -525,8 +533,16 @@ fn tail(stderr: &[u8], stdout: &[u8]) -> String {
 impl Provisioner for XenProvisioner {
     type Member = LiveDomain;
 
+    /// Builds domain `seq`; a failure (but for the backend stopping) is reported to the
+    /// backend's [`BuildFailureSink`](crate::domain::BuildFailureSink) once the half-built
+    /// domain is gone.
     fn create(&self, seq: u64) -> Result<LiveDomain, BoxError> {
-        self.build(seq).map_err(|e| Box::new(e) as BoxError)
+        self.build(seq).map_err(|e| {
+            if let Some(failure) = crate::domain::BuildFailure::of(&e) {
+                (self.hyp.build_failures)(failure);
+            }
+            Box::new(e) as BoxError
+        })
     }
 
     fn usable(&self, member: &LiveDomain) -> bool {

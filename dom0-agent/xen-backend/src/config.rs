@@ -15,6 +15,8 @@
 //! xl = "xl"                                     # builds domains (xl create -p -e)
 //! ready_timeout_ms = 60000                      # build to the shim's Ready
 //! build_threads = 1
+//! guest_weight = 128                            # credit/credit2 weight, below dom0's
+//! guest_cap_percent = 0                         # CPU cap of each guest, % of one CPU (0: none)
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -32,6 +34,16 @@ pub const MIN_MEMORY_MIB: u32 = 96;
 pub const DEFAULT_MAYFLY_KERNEL: &str = "/usr/share/mayfly/template/mayfly-pv-guest";
 /// The Mayfly PV guest's default memory (the generic loader's floor).
 pub const DEFAULT_MAYFLY_MEMORY_MIB: u32 = 4;
+/// Each guest domain's default credit-scheduler weight: half of Xen's default (256), which
+/// dom0 has unless the host changed it, so the agent wins a contended CPU 2:1 against any
+/// one guest.
+pub const DEFAULT_GUEST_WEIGHT: u16 = 128;
+/// Each guest domain's default CPU cap, in % of one physical CPU (a guest has one vCPU): 0,
+/// no cap. Caps are refused under credit2, whose cap code crashes Xen 4.17 as guests come
+/// and go ([`crate::backend::StartError::Credit2Cap`]).
+pub const DEFAULT_GUEST_CAP_PERCENT: u16 = 0;
+/// Most a cap may be: a guest has one vCPU, which can use at most one CPU.
+pub const MAX_GUEST_CAP_PERCENT: u16 = 100;
 
 /// Which guest the backend's domains run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
@@ -118,6 +130,10 @@ pub struct XenSection {
     pub ready_timeout_ms: Option<u64>,
     /// Domains built in parallel.
     pub build_threads: Option<usize>,
+    /// Credit-scheduler weight of each guest domain (below dom0's).
+    pub guest_weight: Option<u32>,
+    /// CPU cap of each guest domain, in % of one CPU.
+    pub guest_cap_percent: Option<u32>,
 }
 
 /// The backend's settings.
@@ -151,6 +167,8 @@ pub struct XenConfig {
     pub build_threads: usize,
     /// The ring's geometry.
     pub geometry: Geometry,
+    /// Every guest domain's credit-scheduler weight and cap, set before its first unpause.
+    pub sched: mayfly_xen::CreditParams,
 }
 
 /// A setting was refused.
@@ -191,6 +209,18 @@ pub enum ConfigError {
     /// Memory below the minimum.
     #[error("memory_mib {found} is below {MIN_MEMORY_MIB}")]
     Memory {
+        /// Configured.
+        found: u32,
+    },
+    /// The guest weight is out of range.
+    #[error("guest_weight {found} is not in 1..=65535")]
+    Weight {
+        /// Configured.
+        found: u32,
+    },
+    /// The guest cap is out of range.
+    #[error("guest_cap_percent {found} is not in 0..={MAX_GUEST_CAP_PERCENT} (0: no cap; a guest has one vCPU)")]
+    Cap {
         /// Configured.
         found: u32,
     },
@@ -257,6 +287,7 @@ impl XenConfig {
             ready_timeout: Duration::from_millis(section.ready_timeout_ms.unwrap_or(60_000)),
             build_threads: section.build_threads.unwrap_or(1),
             geometry: Geometry::DEFAULT,
+            sched: sched_params(section)?,
         })
     }
 
@@ -328,6 +359,28 @@ impl XenConfig {
     pub fn xl_config(&self, name: &str) -> Result<String, ConfigError> {
         xl_config(self, name)
     }
+}
+
+/// The guests' weight and cap from the section (defaults filled in), range-checked.
+fn sched_params(section: &XenSection) -> Result<mayfly_xen::CreditParams, ConfigError> {
+    let weight = match section.guest_weight {
+        None => DEFAULT_GUEST_WEIGHT,
+        Some(found) => u16::try_from(found)
+            .ok()
+            .filter(|w| *w != 0)
+            .ok_or(ConfigError::Weight { found })?,
+    };
+    let cap_percent = match section.guest_cap_percent {
+        None => DEFAULT_GUEST_CAP_PERCENT,
+        Some(found) => u16::try_from(found)
+            .ok()
+            .filter(|c| *c <= MAX_GUEST_CAP_PERCENT)
+            .ok_or(ConfigError::Cap { found })?,
+    };
+    Ok(mayfly_xen::CreditParams {
+        weight,
+        cap_percent,
+    })
 }
 
 fn path_str(path: &Path) -> Option<&str> {
@@ -521,6 +574,34 @@ mod tests {
         );
         assert!(c.xl_config("bad\"name").is_err());
         assert!(c.xl_config("new\nline").is_err());
+    }
+
+    #[test]
+    fn guest_weight_and_cap_have_defaults_and_bounds() {
+        let c = XenConfig::from_section(&XenSection::default(), "/run".into(), 1, 1).unwrap();
+        assert_eq!(
+            c.sched,
+            mayfly_xen::CreditParams {
+                weight: DEFAULT_GUEST_WEIGHT,
+                cap_percent: DEFAULT_GUEST_CAP_PERCENT
+            }
+        );
+        let s: XenSection = toml::from_str("guest_weight = 64\nguest_cap_percent = 100\n").unwrap();
+        let c = XenConfig::from_section(&s, "/run".into(), 1, 1).unwrap();
+        assert_eq!((c.sched.weight, c.sched.cap_percent), (64, 100));
+        for (weight, cap, bad) in [
+            (Some(0), None, "guest_weight 0"),
+            (Some(65_536), None, "guest_weight 65536"),
+            (None, Some(101), "guest_cap_percent 101"),
+        ] {
+            let s = XenSection {
+                guest_weight: weight,
+                guest_cap_percent: cap,
+                ..XenSection::default()
+            };
+            let err = XenConfig::from_section(&s, "/run".into(), 1, 1).unwrap_err();
+            assert!(err.to_string().starts_with(bad), "{err}");
+        }
     }
 
     #[test]

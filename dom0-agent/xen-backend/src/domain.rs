@@ -202,7 +202,114 @@ pub enum CreateError {
         /// How.
         exit: DomainExit,
     },
+    /// The domain's credit-scheduler weight and cap could not be set (before its first
+    /// unpause: it never ran).
+    #[error("{name} (domain {domid}): setting its scheduler weight and cap")]
+    Sched {
+        /// Domain name.
+        name: String,
+        /// Domain id.
+        domid: DomId,
+        /// The failure.
+        #[source]
+        source: mayfly_xen::SchedError,
+    },
 }
+
+impl CreateError {
+    /// The build step that failed, one word for the audit record's `stage`.
+    pub fn stage(&self) -> &'static str {
+        match self {
+            Self::PvBuild { .. } => "pv_build",
+            Self::BootInfo { .. } => "boot_info",
+            Self::Entropy { .. } => "entropy",
+            Self::Config { .. } => "config",
+            Self::Io { .. } | Self::Xl { .. } | Self::NotFound { .. } => "xl",
+            Self::Ctrl { .. } => "control",
+            Self::Grant { .. } => "grant",
+            Self::Evtchn { .. } => "event_channel",
+            Self::Store { .. } => "xenstore",
+            Self::Ring { .. } => "ring",
+            Self::ReadyTimeout { .. } => "ready_timeout",
+            Self::NotReady { .. } | Self::HandlersDiffer { .. } => "bad_ready",
+            Self::Stopping { .. } => "stopping",
+            Self::Died { .. } => "died_before_ready",
+            Self::Sched { .. } => "sched",
+        }
+    }
+
+    /// The domain id, if the domain had been created.
+    pub fn domid(&self) -> Option<DomId> {
+        match self {
+            Self::Ring { domid, .. }
+            | Self::ReadyTimeout { domid, .. }
+            | Self::NotReady { domid, .. }
+            | Self::HandlersDiffer { domid, .. }
+            | Self::Died { domid, .. }
+            | Self::Sched { domid, .. } => Some(*domid),
+            _ => None,
+        }
+    }
+}
+
+/// A pool build that failed (the half-built domain destroyed), as the backend reports it
+/// for the agent to audit (`domain.build_failed`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BuildFailure {
+    /// The domain's name (`mayfly-<seq>`).
+    pub name: String,
+    /// Its domain id, if it had been created.
+    pub domid: Option<DomId>,
+    /// The step that failed ([`CreateError::stage`]).
+    pub stage: &'static str,
+    /// The error chain, at most [`BuildFailure::MAX_REASON`] characters.
+    pub reason: String,
+}
+
+impl BuildFailure {
+    /// Most characters of `reason`.
+    pub const MAX_REASON: usize = 512;
+
+    /// The report of `err`; `None` for a build given up because the backend stops.
+    pub fn of(err: &CreateError) -> Option<Self> {
+        if matches!(err, CreateError::Stopping { .. }) {
+            return None;
+        }
+        let name = match err {
+            CreateError::PvBuild { name, .. }
+            | CreateError::BootInfo { name, .. }
+            | CreateError::Entropy { name, .. }
+            | CreateError::Config { name, .. }
+            | CreateError::Io { name, .. }
+            | CreateError::Xl { name, .. }
+            | CreateError::NotFound { name }
+            | CreateError::Ctrl { name, .. }
+            | CreateError::Grant { name, .. }
+            | CreateError::Evtchn { name, .. }
+            | CreateError::Store { name, .. }
+            | CreateError::Ring { name, .. }
+            | CreateError::ReadyTimeout { name, .. }
+            | CreateError::NotReady { name, .. }
+            | CreateError::HandlersDiffer { name, .. }
+            | CreateError::Stopping { name }
+            | CreateError::Died { name, .. }
+            | CreateError::Sched { name, .. } => name.clone(),
+        };
+        Some(Self {
+            name,
+            domid: err.domid(),
+            stage: err.stage(),
+            reason: mayfly_domain::ErrorChain(err)
+                .to_string()
+                .chars()
+                .take(Self::MAX_REASON)
+                .collect(),
+        })
+    }
+}
+
+/// Where the backend reports every failed pool build (the agent audits it).
+pub type BuildFailureSink = Arc<dyn Fn(BuildFailure) + Send + Sync>;
 
 /// Managing a built domain failed.
 #[derive(Debug, thiserror::Error)]
@@ -271,6 +378,11 @@ pub struct Hyp {
     pub(crate) violations: mayfly_domain::ViolationSink,
     /// Where the time of each domain's phases goes ([`crate::phases`]).
     pub(crate) phases: Arc<Phases>,
+    /// The hypervisor's scheduler (credit or credit2), under which each guest's weight and
+    /// cap ([`XenConfig::sched`]) are set before its first unpause.
+    pub(crate) scheduler: mayfly_xen::Scheduler,
+    /// Where failed builds are reported (the agent audits them).
+    pub(crate) build_failures: BuildFailureSink,
 }
 
 impl Hyp {
@@ -667,5 +779,37 @@ mod tests {
         ] {
             assert!(keep_console_log(Some(DomainState::Shutdown(reason)), false));
         }
+    }
+
+    #[test]
+    fn failed_builds_are_reported_with_stage_and_domid_but_not_when_stopping() {
+        let timeout = CreateError::ReadyTimeout {
+            name: "mayfly-9".into(),
+            domid: 14,
+            waited: Duration::from_secs(2),
+        };
+        let f = BuildFailure::of(&timeout).unwrap();
+        assert_eq!(
+            (f.name.as_str(), f.domid, f.stage),
+            ("mayfly-9", Some(14), "ready_timeout")
+        );
+        assert!(f.reason.contains("no Ready within 2s"), "{}", f.reason);
+        let died = CreateError::Died {
+            name: "mayfly-10".into(),
+            domid: 15,
+            exit: DomainExit::Crashed { signal: 0 },
+        };
+        assert_eq!(BuildFailure::of(&died).unwrap().stage, "died_before_ready");
+        let long = CreateError::NotReady {
+            name: "mayfly-11".into(),
+            domid: 16,
+            what: "x".repeat(10_000),
+        };
+        let f = BuildFailure::of(&long).unwrap();
+        assert_eq!(f.reason.chars().count(), BuildFailure::MAX_REASON);
+        let stopping = CreateError::Stopping {
+            name: "mayfly-12".into(),
+        };
+        assert_eq!(BuildFailure::of(&stopping), None);
     }
 }

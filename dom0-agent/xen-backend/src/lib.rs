@@ -6,6 +6,7 @@
 //!  XenBackend ── refill threads ── xl create -p -e ──▶ built, paused
 //!     │  grant ring pages (gntalloc), unbound port,      │
 //!     │  xenstore data/mayfly/* (guest read-only)        │
+//!     │  credit weight/cap set (guest_weight, _cap_percent)
 //!     │  xc_domain_unpause ─────────────────────────────▶ boots; shim maps the ring,
 //!     │  ◀═══════ ring: Ready {v2, handlers} ════════════ binds the port, sends Ready
 //!     │  first guest: its handler list recorded (handlers());
@@ -37,6 +38,6 @@ pub mod reconcile;
 
 pub use backend::{StartError, XenBackend, XenDomain, BACKEND};
 pub use config::{ConfigError, GuestKind, XenConfig, XenSection};
-pub use domain::{exit_of, CreateError, DomainOpError, LiveDomain};
+pub use domain::{exit_of, BuildFailure, BuildFailureSink, CreateError, DomainOpError, LiveDomain};
 pub use phases::{Phase, PhaseTotal};
 pub use reconcile::{ReconcileError, ReconcileReport};

@@ -5,7 +5,8 @@
 //!     │                        (mayfly-xen-sys; a host without them gets LoadError::Missing)
 //!     ├─ Control::open()      xc_interface; refuses a hypervisor other than Xen 4.17;
 //!     │                        domain info (state, shutdown reason), pause, unpause, destroy;
-//!     │                        physinfo and Xen's command line (for hw-check)
+//!     │                        physinfo and Xen's command line (for hw-check);
+//!     │                        the scheduler and a guest's credit weight/cap (sched)
 //!     ├─ GrantedPages::share()  dom0 pages granted writable to one domU (xengntshr), the
 //!     │                        ring's SharedMem; unshared on drop
 //!     ├─ EventChannel::bind_unbound()  a dom0 port the domU binds; DomainNotifier wraps it
@@ -30,6 +31,7 @@ pub mod evtchn;
 pub mod gntshr;
 pub mod libs;
 pub mod pvbuild;
+pub mod sched;
 pub mod xenstore;
 
 pub use ctrl::{Control, CtrlError, DomainInfo, DomainState, PhysInfo, ShutdownReason};
@@ -37,6 +39,7 @@ pub use evtchn::{DomainNotifier, EventChannel, EvtchnError};
 pub use gntshr::{GntshrError, GrantedPages};
 pub use libs::{Libraries, LoadError};
 pub use pvbuild::{BuildError, BuiltDomain, PvBuilder};
+pub use sched::{CreditParams, SchedError, Scheduler};
 pub use xenstore::{RingContract, Store, StoreError};
 
 /// A Xen domain id.

@@ -108,6 +108,11 @@ impl Libraries {
         sym!(c, x, xc_domain_unpause)?;
         sym!(c, x, xc_domain_destroy)?;
         sym!(c, x, xc_physinfo)?;
+        sym!(c, x, xc_sched_id)?;
+        sym!(c, x, xc_sched_credit_domain_get)?;
+        sym!(c, x, xc_sched_credit_domain_set)?;
+        sym!(c, x, xc_sched_credit2_domain_get)?;
+        sym!(c, x, xc_sched_credit2_domain_set)?;
         let g = &self.gnttab;
         let x = soname::XENGNTTAB;
         sym!(g, x, xengntshr_open)?;

@@ -16,6 +16,9 @@
 //! - [`heap`]: the heap behind `alloc`;
 //! - [`ring`]: the granted ring pages and the interdomain event channel, as the
 //!   `mayfly-ring` traits;
+//! - `domid` (test builds): the guest's own domid, learned from Xen;
+//! - `boot_fault` (feature `boot-faults`, the suite's faulty image only): a guest that
+//!   hangs, crashes or spins before its `Ready`, chosen by its domid;
 //! - [`rt`]: `memcpy` & co., the unwinding stubs and the panic handler (a panic prints its
 //!   message and crashes the domain: `SCHEDOP_shutdown(SHUTDOWN_crash)`).
 //!
@@ -44,8 +47,12 @@
 extern crate alloc;
 
 pub mod boot;
+#[cfg(feature = "boot-faults")]
+pub mod boot_fault;
 pub mod clock;
 pub mod console;
+#[cfg(any(feature = "test-handlers", feature = "boot-faults"))]
+pub mod domid;
 pub mod heap;
 pub mod hypercall;
 pub mod memory;
@@ -134,6 +141,8 @@ fn transaction(si: &StartInfo, window: usize) -> ! {
         *b = unsafe { core::ptr::read_volatile((base + i) as *const u8) };
     }
     let info = BootInfo::decode(&raw).unwrap_or_else(|e| panic!("boot info refused: {e}"));
+    #[cfg(feature = "boot-faults")]
+    boot_fault::maybe_fault();
     let mem = ring::map(&info, window).unwrap_or_else(|e| panic!("ring: {e}"));
     let notifier = ring::EvtchnNotifier::bind(info.backend_domid, info.event_channel)
         .unwrap_or_else(|e| panic!("ring: {e}"));

@@ -79,8 +79,9 @@ pub fn set_ports(local: u32, backend: u32) {
     }
 }
 
-/// Tries to map grant `gref` of domain `dom` at `va` (one page); `true` if Xen allowed it.
-pub fn try_map_one(dom: u16, gref: u32, va: u64) -> bool {
+/// Tries to map grant `gref` of domain `dom` at `va` (one page): Xen's answer, the
+/// hypercall's error if it failed, else the operation's `GNTST_*` status (0: mapped).
+pub fn try_map_one(dom: u16, gref: u32, va: u64) -> i64 {
     #[repr(C)]
     struct MapOp {
         host_addr: u64,
@@ -109,7 +110,11 @@ pub fn try_map_one(dom: u16, gref: u32, va: u64) -> bool {
             1,
         )
     };
-    rc == 0 && op.status == 0
+    if rc != 0 {
+        rc
+    } else {
+        i64::from(op.status)
+    }
 }
 
 /// Mapping the ring failed.

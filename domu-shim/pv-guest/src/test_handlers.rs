@@ -6,13 +6,15 @@
 //! |--------------------|---------------------|
 //! | `test.spin`        | spins for ever: the agent's transaction timeout must destroy it |
 //! | `test.evtchn_flood`| sends notifications on its ring's event channel until it is destroyed: the transaction ends as a doorbell flood and the agent keeps serving |
-//! | `test.foreign_ops` | tries grant and event-channel operations naming dom0 and other domains (map grants it was not given, bind dom0's ports, allocate ports in other domains, set up another domain's grant table) and returns how many Xen allowed: all must be 0 |
+//! | `test.foreign_ops` | tries grant and event-channel operations naming dom0 and other domains (map grants it was not given, bind dom0's ports, allocate ports in other domains, set up another domain's grant table), over dom0, a few fixed ids and a sweep of domids 1..=1024 but its own; returns how many Xen allowed (all must be 0), what Xen answered (per operation: result code → count) and how many other live domains were named (`live_named`: ids whose port allocation Xen refused with EPERM, not ESRCH) |
 //! | `test.bad_ring`    | writes an impossible `req_prod` into the ring and notifies: a protocol violation (500, audited, destroyed) |
 //!
 //! They are plain handlers (the SDK's signature) that reach the kernel's hypercall layer
 //! directly, which no production handler can.
 
+use alloc::collections::BTreeMap;
 use alloc::format;
+use alloc::string::String;
 use alloc::vec::Vec;
 
 use mayfly_ring::layout::offset;
@@ -58,72 +60,99 @@ fn evtchn_flood(_: &mut Ctx<'_>, _: &[u8]) -> Result<Vec<u8>, HandlerError> {
 struct Scratch([u8; 4096]);
 static mut SCRATCH: Scratch = Scratch([0; 4096]);
 
+/// Highest domid the sweep of `test.foreign_ops` names (the suite's guests have lower ones).
+const SWEEP_MAX: u16 = 1024;
+/// Xen's `-EPERM`: the domain exists, the operation is not ours to do.
+const EPERM: i64 = -1;
+
+/// What Xen answered to one kind of operation: result code → how many times.
+#[derive(Default)]
+struct Answers(BTreeMap<i64, u32>);
+
+impl Answers {
+    /// Counts `rc`; `true` if Xen allowed the operation (0).
+    fn count(&mut self, rc: i64) -> bool {
+        *self.0.entry(rc).or_insert(0) += 1;
+        rc == 0
+    }
+
+    fn json(&self) -> String {
+        let parts: Vec<String> = self.0.iter().map(|(k, v)| format!("\"{k}\":{v}")).collect();
+        format!("{{{}}}", parts.join(","))
+    }
+}
+
 fn foreign_ops(_: &mut Ctx<'_>, _: &[u8]) -> Result<Vec<u8>, HandlerError> {
     let own = crate::ring::granted_refs();
-    let mut granted = 0u32;
-    let mut bound = 0u32;
-    let mut allocated = 0u32;
-    let mut setup = 0u32;
+    let me = crate::domid::own().ok_or_else(|| HandlerError::Rejected {
+        reason: "cannot learn our own domid".into(),
+    })?;
+    let (mut map, mut bind, mut alloc, mut setup) = (
+        Answers::default(),
+        Answers::default(),
+        Answers::default(),
+        Answers::default(),
+    );
+    let (mut granted, mut bound, mut allocated, mut set_up) = (0u32, 0u32, 0u32, 0u32);
     let mut tried = 0u32;
-    for dom in [0u16, 1, 2, 3, 0x7fff] {
-        for gref in 0u32..16 {
+    let mut live_named = 0u32;
+    let mut try_dom = |dom: u16, grefs: u32, ports: u32| {
+        for gref in 0..grefs {
             if dom == 0 && own.contains(&gref) {
                 continue; // granted to us on purpose
             }
             tried += 1;
-            if crate::ring::try_map_one(dom, gref, &raw mut SCRATCH as u64) {
+            if map.count(crate::ring::try_map_one(dom, gref, &raw mut SCRATCH as u64)) {
                 granted += 1;
             }
         }
-        for port in 1u32..8 {
+        for port in 1..=ports {
             if dom == 0 && port == crate::ring::backend_port() {
                 continue; // ours to bind (already bound)
             }
             tried += 1;
-            if crate::ring::EvtchnNotifier::bind(dom, port).is_ok() {
+            let rc = match crate::ring::EvtchnNotifier::bind(dom, port) {
+                Ok(_) => 0,
+                Err(crate::ring::RingSetupError::Bind { rc, .. }) => rc,
+                Err(_) => i64::MIN,
+            };
+            if bind.count(rc) {
                 bound += 1;
             }
         }
         tried += 2;
-        if alloc_unbound(dom, 0) == 0 {
+        let rc = crate::domid::alloc_unbound(dom, 0);
+        if rc == EPERM && dom != 0 {
+            live_named += 1;
+        }
+        if alloc.count(rc.min(0)) {
             allocated += 1;
         }
-        if setup_table(dom) {
-            setup += 1;
+        if setup.count(setup_table(dom)) {
+            set_up += 1;
+        }
+    };
+    for dom in [0u16, 1, 2, 3, 0x7fff] {
+        if dom != me {
+            try_dom(dom, 16, 7);
         }
     }
+    for dom in (4..=SWEEP_MAX).filter(|d| *d != me) {
+        try_dom(dom, 1, 1);
+    }
     Ok(format!(
-        "{{\"tried\":{tried},\"granted\":{granted},\"bound\":{bound},\"allocated\":{allocated},\"setup\":{setup}}}"
+        "{{\"tried\":{tried},\"granted\":{granted},\"bound\":{bound},\"allocated\":{allocated},\"setup\":{set_up},\"live_named\":{live_named},\"own_domid\":{me},\"map_rc\":{},\"bind_rc\":{},\"alloc_rc\":{},\"setup_rc\":{}}}",
+        map.json(),
+        bind.json(),
+        alloc.json(),
+        setup.json()
     )
     .into_bytes())
 }
 
-/// `EVTCHNOP_alloc_unbound` of a port in domain `dom` for `remote`.
-fn alloc_unbound(dom: u16, remote: u16) -> i64 {
-    #[repr(C)]
-    struct AllocUnbound {
-        dom: u16,
-        remote_dom: u16,
-        port: u32,
-    }
-    let mut arg = AllocUnbound {
-        dom,
-        remote_dom: remote,
-        port: 0,
-    };
-    // SAFETY: `arg` lives on our stack for the call; Xen writes `port`.
-    unsafe {
-        hypercall::call3(
-            hypercall::EVENT_CHANNEL_OP,
-            6, // EVTCHNOP_alloc_unbound
-            &raw mut arg as u64,
-            0,
-        )
-    }
-}
-
-/// `GNTTABOP_setup_table` for domain `dom`; `true` if Xen did it.
-fn setup_table(dom: u16) -> bool {
+/// `GNTTABOP_setup_table` for domain `dom`: the hypercall's error, else the operation's
+/// `GNTST_*` status (0: Xen did it).
+fn setup_table(dom: u16) -> i64 {
     #[repr(C)]
     struct SetupTable {
         dom: u16,
@@ -147,7 +176,11 @@ fn setup_table(dom: u16) -> bool {
             1,
         )
     };
-    rc == 0 && arg.status == 0
+    if rc != 0 {
+        rc
+    } else {
+        i64::from(arg.status)
+    }
 }
 
 fn bad_ring(_: &mut Ctx<'_>, _: &[u8]) -> Result<Vec<u8>, HandlerError> {

@@ -171,6 +171,15 @@ section! {
         ready_timeout_ms: Option<u64> = None, Flag::Value("xen-ready-timeout-ms"), Bound::range(1, HOUR_MS);
         /// Domains built in parallel [default: 1].
         build_threads: Option<usize> = None, Flag::Value("xen-build-threads"), Bound::range(1, 64);
+        /// Credit-scheduler weight of each guest domain, set before it first runs; must be
+        /// below dom0's (checked at start) so the agent wins a contended CPU
+        /// [default: 128, Xen's default being 256].
+        guest_weight: Option<u32> = None, Flag::Value("xen-guest-weight"), Bound::range(1, 65_535);
+        /// CPU cap of each guest domain in % of one CPU (a guest has one vCPU), 0 for none:
+        /// a spinning guest uses at most this much CPU, even on an idle host. Only under
+        /// Xen's credit scheduler (sched=credit): refused under credit2, whose caps crash
+        /// Xen 4.17 as capped domains are destroyed [default: 0].
+        guest_cap_percent: Option<u32> = None, Flag::Value("xen-guest-cap-percent"), Bound::range(0, 100);
     }
 }
 
