@@ -25,7 +25,9 @@
 //! order), `BENCH_MIXES` (all; comma-separated), `BENCH_CGROUPS` (`on`, `off` or `both`;
 //! default `on`), `BENCH_ZYGOTE` (the template; default `mayfly-zygote` beside the agent),
 //! `BENCH_POOL` (16), `BENCH_AGENT_ARGS` (more `serve` flags, space-separated, e.g.
-//! `--max-per-client 4`). Without `--bench` (`cargo test --benches`) one short smoke
+//! `--max-per-client 4` or `--demoted-cpu-max-percent 0`), `BENCH_PENALTY` (`shipped`,
+//! `off`, or `[engine]` lines replacing the shipped `penalty_*` ones, e.g.
+//! `penalty_after = 4`). Without `--bench` (`cargo test --benches`) one short smoke
 //! repetition of `none` and `sleep` runs.
 #![allow(
     missing_docs,
@@ -111,14 +113,23 @@ fn main() {
         .prefix("mayfly-fairhttp")
         .tempdir_in(env!("CARGO_TARGET_TMPDIR"))
         .unwrap();
-    let policy = fair::shipped_policy_with_test_handlers(root.path());
+    let penalty = std::env::var("BENCH_PENALTY").ok();
+    let policy = fair::shipped_policy_with_test_handlers(
+        root.path(),
+        match penalty.as_deref() {
+            None | Some("shipped") => None,
+            Some("off") => Some(""),
+            Some(other) => Some(other),
+        },
+    );
     println!(
         "fairness through the agent: {} honest transfer clients (127.0.0.1) beside {} hostile \
          (127.0.0.2), {secs} s per mix, {reps} repetitions, pool {pool}, template {}, extra \
-         flags {extra_args:?}",
+         flags {extra_args:?}, penalty {}",
         fair::HONEST,
         fair::HOSTILE,
         zygote.as_deref().unwrap_or("beside the agent"),
+        penalty.as_deref().unwrap_or("shipped"),
     );
     let timeout = Duration::from_secs(40);
     for &cgroups in settings {

@@ -18,7 +18,7 @@ use common::Agent;
 #[test]
 fn honest_clients_keep_committing_and_hostile_ones_beyond_their_share_get_503() {
     let dir = tempfile::tempdir().unwrap();
-    let policy = fair::shipped_policy_with_test_handlers(dir.path());
+    let policy = fair::shipped_policy_with_test_handlers(dir.path(), None);
     let data = dir.path().join("data");
     let agent = Agent::start(
         &data,
@@ -98,17 +98,16 @@ fn honest_clients_keep_committing_and_hostile_ones_beyond_their_share_get_503() 
         );
     }
     drop(agent);
-    // The refusals are audited under the hostile identity; the honest one was never
-    // refused for its share.
+    // The refusals are audited under the hostile identity (the first of a kind as
+    // `tx.refused`, or counted in `refusal.repeated` when every refusal writer was busy);
+    // the honest one was never refused for its share.
     let refused: Vec<_> = common::audit(&data)
         .into_iter()
-        .filter(|(e, _)| e == "tx.refused")
+        .filter(|(e, _)| e == "tx.refused" || e == "refusal.repeated")
         .map(|(_, f)| f)
         .collect();
     assert!(
-        refused
-            .iter()
-            .any(|f| f["client"] == "127.0.0.2" && f["limit"] == "max_per_client"),
+        refused.iter().any(|f| f["client"] == "127.0.0.2"),
         "{refused:?}"
     );
     assert!(
@@ -117,4 +116,113 @@ fn honest_clients_keep_committing_and_hostile_ones_beyond_their_share_get_503() 
     );
     let (ok, out) = common::verify(&data);
     assert!(ok, "{out}");
+}
+
+/// The per-client penalty (`[engine] penalty_after`, on in the shipped policy): a client
+/// whose transactions keep ending in hostile domain events may have only `penalty_share`
+/// admitted at once — beyond it 503 with `Retry-After` naming the penalty's rest — while
+/// another client is untouched; audited; over after `penalty_ms`.
+#[test]
+fn a_client_whose_transactions_keep_ending_in_hostile_events_is_penalised_for_a_while() {
+    let dir = tempfile::tempdir().unwrap();
+    let policy = fair::shipped_policy_with_test_handlers(
+        dir.path(),
+        Some(
+            "penalty_after = 3\npenalty_window_ms = 60_000\npenalty_ms = 4_000\npenalty_share = 1",
+        ),
+    );
+    let data = dir.path().join("data");
+    let agent = Agent::start(
+        &data,
+        &[
+            "--policy",
+            policy.to_str().unwrap(),
+            "--tx-timeout-ms",
+            "3000",
+        ],
+    );
+    let addr = agent.addr;
+    let timeout = Duration::from_secs(30);
+    let mut evil = fair::Conn::new(addr, fair::HOSTILE_IP, timeout);
+    let crash = r#"{"handler":"test.crash","payload":null}"#;
+    let sleep = r#"{"handler":"test.sleep","payload":null}"#;
+    let answer = |sent: fair::Sent| match sent {
+        fair::Sent::Answered(a) => a,
+        _ => panic!("no answer"),
+    };
+    // Two crashes: no penalty yet, two at once still admitted.
+    for _ in 0..2 {
+        assert_eq!(answer(evil.post(crash)).code, 500);
+    }
+    let two = |src: [u8; 4]| {
+        let held = std::thread::spawn(move || {
+            answer(fair::Conn::new(addr, src, timeout).post(sleep)).code
+        });
+        // The second request goes while the first sleeps (in flight: polled).
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while common::request(addr, "GET", "/v1/health", "").1["in_flight"].as_u64() != Some(1) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the sleeper never started"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let second = answer(fair::Conn::new(addr, src, timeout).post(sleep));
+        (held.join().unwrap(), second)
+    };
+    let (first, second) = two(fair::HOSTILE_IP);
+    assert_eq!(
+        (first, second.code),
+        (500, 500),
+        "{}",
+        String::from_utf8_lossy(&second.body)
+    );
+    // Those two timeouts make the third and fourth hostile endings: penalised now. One at
+    // a time: the second is refused at once, with the penalty's rest as Retry-After.
+    let (first, second) = two(fair::HOSTILE_IP);
+    assert_eq!(first, 500);
+    assert_eq!(
+        second.code,
+        503,
+        "{}",
+        String::from_utf8_lossy(&second.body)
+    );
+    let refused_at = std::time::Instant::now();
+    let retry_after = second.retry_after.expect("Retry-After");
+    assert!((1..=4).contains(&retry_after), "{retry_after}");
+    let body = String::from_utf8_lossy(&second.body).into_owned();
+    assert!(body.contains("penalised"), "{body}");
+    // Another client keeps its full share meanwhile.
+    let (first, second) = two(fair::HONEST_IP);
+    assert_eq!((first, second.code), (500, 500));
+    // Over after penalty_ms: a client that waits what Retry-After said (and ended only one
+    // more transaction badly meanwhile, fewer than renew a penalty) has two at once again.
+    std::thread::sleep(Duration::from_secs(retry_after).saturating_sub(refused_at.elapsed()));
+    let (first, second) = two(fair::HOSTILE_IP);
+    assert_eq!(
+        (first, second.code),
+        (500, 500),
+        "{}",
+        String::from_utf8_lossy(&second.body)
+    );
+    drop(agent);
+    let audit = common::audit(&data);
+    let penalised: Vec<_> = audit
+        .iter()
+        .filter(|(e, _)| e == "client.penalized")
+        .map(|(_, f)| f)
+        .collect();
+    assert!(
+        penalised
+            .iter()
+            .all(|f| f["client"] == "127.0.0.2" && f["share"] == "1"),
+        "{penalised:?}"
+    );
+    assert!(!penalised.is_empty());
+    assert!(
+        audit.iter().any(|(e, f)| e == "tx.refused"
+            && f["limit"] == "penalty"
+            && f["client"] == "127.0.0.2"),
+        "{audit:?}"
+    );
 }

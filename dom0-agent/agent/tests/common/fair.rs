@@ -44,8 +44,10 @@ pub const MIXES: [(&str, &str, &str); 5] = [
 /// change: handlers it does not list run (`unlisted_handler = "allow"`), because the
 /// hostile `test.*` handlers cannot be named in a policy (handler names are
 /// `[a-z0-9_-]`). Everything else — the shipped handlers' capabilities, rates, honeytokens,
-/// domain rules (a protocol violation quarantines) — is as shipped. Returns the directory.
-pub fn shipped_policy_with_test_handlers(dir: &Path) -> PathBuf {
+/// domain rules (a protocol violation quarantines), the per-client penalty — is as shipped,
+/// unless `penalty` says otherwise: `Some(text)` replaces the shipped `penalty_*` lines
+/// of `[engine]` with `text` (empty: no penalty). Returns the directory.
+pub fn shipped_policy_with_test_handlers(dir: &Path, penalty: Option<&str>) -> PathBuf {
     let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../policies/default");
     let policy = dir.join("policy");
     std::fs::create_dir_all(&policy).unwrap();
@@ -62,6 +64,17 @@ pub fn shipped_policy_with_test_handlers(dir: &Path) -> PathBuf {
                 "unlisted_handler = \"allow\"",
             );
             found = true;
+            if let Some(penalty) = penalty {
+                let kept: Vec<&str> = text
+                    .lines()
+                    .filter(|l| !l.starts_with("penalty_"))
+                    .collect();
+                let engine = kept.iter().position(|l| *l == "[engine]").unwrap();
+                let mut lines: Vec<&str> = kept[..=engine].to_vec();
+                lines.extend(penalty.lines());
+                lines.extend(&kept[engine + 1..]);
+                text = lines.join("\n") + "\n";
+            }
         }
         std::fs::write(policy.join(path.file_name().unwrap()), text).unwrap();
     }
@@ -80,11 +93,11 @@ pub struct Conn {
     timeout: Duration,
 }
 
-/// One answer: status, whether it carried `Retry-After`, the body, and whether the agent
-/// closes the connection after it.
+/// One answer: status, its `Retry-After` (seconds), the body, and whether the agent closes
+/// the connection after it.
 pub struct Answer {
     pub code: u16,
-    pub retry_after: bool,
+    pub retry_after: Option<u64>,
     pub body: Vec<u8>,
     pub closes: bool,
 }
@@ -177,7 +190,10 @@ fn read_answer(s: &mut TcpStream) -> Sent {
     }
     Sent::Answered(Answer {
         code,
-        retry_after: head.contains("\r\nretry-after:"),
+        retry_after: head.lines().find_map(|l| {
+            l.strip_prefix("retry-after:")
+                .and_then(|v| v.trim().parse().ok())
+        }),
         body,
         closes: head.contains("\r\nconnection: close"),
     })
@@ -289,7 +305,7 @@ pub fn run(
                         match sent {
                             Sent::Answered(a) => {
                                 *l.hostile.entry(a.code).or_default() += 1;
-                                if a.code == 503 && !a.retry_after {
+                                if a.code == 503 && a.retry_after.is_none() {
                                     l.hostile_503_no_retry += 1;
                                 }
                                 drop(l);
