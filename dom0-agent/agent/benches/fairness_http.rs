@@ -1,9 +1,10 @@
 //! Fair shares under attack **through the real agent** (issue 15's must-show): `dom0-agent
 //! serve` on loopback (sandbox backend, the shipped policy with the `test.*` handlers let
 //! run), 8 honest `transfer` clients over keep-alive HTTP as one client identity
-//! (127.0.0.1) beside 20 hostile clients as another (127.0.0.2: the per-client admission
-//! keys on the source address without mutual TLS), each hostile mix separately, the
-//! unloaded figure (`none`) in the same run and agent.
+//! (127.0.0.1) beside 20 hostile clients as another (127.0.0.2, .3, … — a new one per mix,
+//! so that no penalty carries over from one mix to the next: the per-client admission keys
+//! on the source address without mutual TLS), each hostile mix separately, the unloaded
+//! figure (`none`) in the same run and agent.
 //!
 //! Per mix: honest commits/s, p50/p99 and their ratios to `none` (targets: ≥ 0.5× and
 //! ≤ 5×), honest answers other than 200, the hostile answers by status (503: refused at
@@ -124,7 +125,7 @@ fn main() {
     );
     println!(
         "fairness through the agent: {} honest transfer clients (127.0.0.1) beside {} hostile \
-         (127.0.0.2), {secs} s per mix, {reps} repetitions, pool {pool}, template {}, extra \
+         (127.0.0.2 and up, one per mix), {secs} s per mix, {reps} repetitions, pool {pool}, template {}, extra \
          flags {extra_args:?}, penalty {}",
         fair::HONEST,
         fair::HOSTILE,
@@ -157,12 +158,20 @@ fn main() {
             fair::seed(agent.addr);
             // Warm-up (not recorded): the level before any attack is taken after honest
             // traffic of the same kind.
-            let _ = fair::run(agent.addr, ("", ""), Duration::from_secs(1), timeout, 0);
+            let _ = fair::run(
+                agent.addr,
+                ("", ""),
+                fair::HOSTILE_IP,
+                Duration::from_secs(1),
+                timeout,
+                0,
+            );
             for (i, (name, handler, payload)) in mixes.iter().enumerate() {
                 let (total_before, rss_before_kib) = fair::rss_kib(pid);
                 let load = fair::run(
                     agent.addr,
                     (handler, payload),
+                    fair::hostile_ip(i),
                     Duration::from_secs_f64(secs),
                     timeout,
                     (rep * 10 + i) as u64,

@@ -15,23 +15,25 @@ use std::time::Duration;
 
 use common::Agent;
 
+/// An agent on `dir/data` with the shipped policy and the test handlers (`penalty`: see
+/// `fair::shipped_policy_with_test_handlers`) and `extra` flags.
+fn start(dir: &std::path::Path, penalty: Option<&str>, extra: &[&str]) -> Agent {
+    let policy = fair::shipped_policy_with_test_handlers(dir, penalty);
+    let mut flags = vec!["--policy", policy.to_str().unwrap()];
+    flags.extend(extra);
+    Agent::start(&dir.join("data"), &flags)
+}
+
 #[test]
 fn honest_clients_keep_committing_and_hostile_ones_beyond_their_share_get_503() {
     let dir = tempfile::tempdir().unwrap();
-    let policy = fair::shipped_policy_with_test_handlers(dir.path(), None);
     let data = dir.path().join("data");
-    let agent = Agent::start(
-        &data,
-        &[
-            "--policy",
-            policy.to_str().unwrap(),
-            "--pool-size",
-            "16",
-            // Short deadlines, so that sleeping and spinning transactions end (and are
-            // started again) within the test.
-            "--tx-timeout-ms",
-            "1500",
-        ],
+    // Short deadlines, so that sleeping and spinning transactions end (and are started
+    // again) within the test.
+    let agent = start(
+        dir.path(),
+        None,
+        &["--pool-size", "16", "--tx-timeout-ms", "1500"],
     );
     let pid = agent.child.as_ref().unwrap().id();
     let addr = agent.addr;
@@ -41,6 +43,7 @@ fn honest_clients_keep_committing_and_hostile_ones_beyond_their_share_get_503() 
     let warm = fair::run(
         addr,
         ("", ""),
+        fair::HOSTILE_IP,
         Duration::from_secs(1),
         Duration::from_secs(30),
         1,
@@ -53,6 +56,7 @@ fn honest_clients_keep_committing_and_hostile_ones_beyond_their_share_get_503() 
         let load = fair::run(
             addr,
             (handler, payload),
+            fair::hostile_ip(i),
             Duration::from_secs(2),
             timeout,
             i as u64,
@@ -106,10 +110,14 @@ fn honest_clients_keep_committing_and_hostile_ones_beyond_their_share_get_503() 
         .filter(|(e, _)| e == "tx.refused" || e == "refusal.repeated")
         .map(|(_, f)| f)
         .collect();
-    assert!(
-        refused.iter().any(|f| f["client"] == "127.0.0.2"),
-        "{refused:?}"
-    );
+    for i in 1..fair::MIXES.len() {
+        let [a, b, c, d] = fair::hostile_ip(i);
+        let hostile = format!("{a}.{b}.{c}.{d}");
+        assert!(
+            refused.iter().any(|f| f["client"] == hostile),
+            "{hostile}: {refused:?}"
+        );
+    }
     assert!(
         refused.iter().all(|f| f["client"] != "127.0.0.1"),
         "{refused:?}"
@@ -125,21 +133,13 @@ fn honest_clients_keep_committing_and_hostile_ones_beyond_their_share_get_503() 
 #[test]
 fn a_client_whose_transactions_keep_ending_in_hostile_events_is_penalised_for_a_while() {
     let dir = tempfile::tempdir().unwrap();
-    let policy = fair::shipped_policy_with_test_handlers(
+    let data = dir.path().join("data");
+    let agent = start(
         dir.path(),
         Some(
             "penalty_after = 3\npenalty_window_ms = 60_000\npenalty_ms = 4_000\npenalty_share = 1",
         ),
-    );
-    let data = dir.path().join("data");
-    let agent = Agent::start(
-        &data,
-        &[
-            "--policy",
-            policy.to_str().unwrap(),
-            "--tx-timeout-ms",
-            "3000",
-        ],
+        &["--tx-timeout-ms", "3000"],
     );
     let addr = agent.addr;
     let timeout = Duration::from_secs(30);

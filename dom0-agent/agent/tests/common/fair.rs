@@ -4,7 +4,7 @@
 //!
 //! Honest clients: `HONEST` keep-alive connections from 127.0.0.1, one client identity,
 //! each sending `transfer`s back to back. Hostile clients: `HOSTILE` keep-alive connections
-//! from 127.0.0.2, another identity, each sending the mix's hostile transaction again as
+//! from another address ([`hostile_ip`]: another identity, a new one per mix), each sending the mix's hostile transaction again as
 //! soon as the last one is answered (after a 503, again after [`HOSTILE_RETRY`]: a hostile
 //! client ignores `Retry-After`). Every answer is awaited with a read timeout: one that
 //! does not come is counted as a hang.
@@ -24,8 +24,15 @@ pub const HONEST: usize = 8;
 pub const HOSTILE: usize = 20;
 /// The honest clients' source address.
 pub const HONEST_IP: [u8; 4] = [127, 0, 0, 1];
-/// The hostile clients' source address.
+/// The hostile clients' source address (of the first mix; [`hostile_ip`]).
 pub const HOSTILE_IP: [u8; 4] = [127, 0, 0, 2];
+
+/// The hostile clients' source address in mix `i` of [`MIXES`]: a new identity per mix
+/// (127.0.0.2, .3, …), so that each mix's attacker starts with a clean record (no penalty
+/// carried over from the mix before).
+pub fn hostile_ip(i: usize) -> [u8; 4] {
+    [127, 0, 0, 2 + u8::try_from(i).unwrap_or(0)]
+}
 /// Accounts seeded for the honest transfers.
 pub const ACCOUNTS: u32 = 200;
 /// How long a hostile client waits after a 503 before it asks again.
@@ -281,6 +288,7 @@ impl Load {
 pub fn run(
     addr: SocketAddr,
     hostile: (&str, &str),
+    hostile_ip: [u8; 4],
     secs: Duration,
     timeout: Duration,
     rng_seed: u64,
@@ -298,7 +306,7 @@ pub fn run(
             .map(|_| {
                 let (stop, load, body) = (stop.clone(), load.clone(), body.clone());
                 std::thread::spawn(move || {
-                    let mut conn = Conn::new(addr, HOSTILE_IP, timeout);
+                    let mut conn = Conn::new(addr, hostile_ip, timeout);
                     while !stop.load(Ordering::Relaxed) {
                         let sent = conn.post(&body);
                         let mut l = load.lock().unwrap();

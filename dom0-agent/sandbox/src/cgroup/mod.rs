@@ -680,6 +680,28 @@ mod tests {
         }
     }
 
+    /// The directory (and files) cgroupfs would make for the next group this process
+    /// creates under `service`, with the agent's leaf and the clones' leaf.
+    fn next_group(service: &Path) -> PathBuf {
+        precreate(&service.join(AGENT_LEAF), &["cgroup.procs"]);
+        // The next group number this process will use.
+        let n = NEXT.load(Ordering::Relaxed);
+        let dir = service.join(format!("{GROUP_PREFIX}{}-{n}", std::process::id()));
+        precreate(
+            &dir,
+            &[
+                "cpu.weight",
+                "cpu.max",
+                "memory.max",
+                "pids.max",
+                "cgroup.procs",
+                "cgroup.subtree_control",
+            ],
+        );
+        precreate(&dir.join(CLONES_LEAF), &["cgroup.procs"]);
+        dir
+    }
+
     /// Both v2 cases in one test: the group number comes from a process-wide counter.
     #[test]
     fn v2_moves_the_agent_to_a_leaf_enables_the_controllers_and_writes_the_limits() {
@@ -695,23 +717,7 @@ mod tests {
         );
 
         let (_root, layout, service) = fake_v2();
-        let name = format!("{GROUP_PREFIX}{}-", std::process::id());
-        precreate(&service.join(AGENT_LEAF), &["cgroup.procs"]);
-        // The next group number this process will use.
-        let n = NEXT.load(Ordering::Relaxed);
-        let dir = service.join(format!("{name}{n}"));
-        precreate(
-            &dir,
-            &[
-                "cpu.weight",
-                "cpu.max",
-                "memory.max",
-                "pids.max",
-                "cgroup.procs",
-                "cgroup.subtree_control",
-            ],
-        );
-        precreate(&dir.join(CLONES_LEAF), &["cgroup.procs"]);
+        let dir = next_group(&service);
         precreate(
             &dir.join(DEMOTED_LEAF),
             &["cpu.weight", "cpu.max", "cgroup.procs"],
@@ -747,20 +753,7 @@ mod tests {
         assert_eq!(read(demoted.join("cgroup.procs")), "4343");
         // Without a demoted quota there is no such group, and demoting moves nothing.
         let (_root, layout, service) = fake_v2();
-        precreate(&service.join(AGENT_LEAF), &["cgroup.procs"]);
-        let n = NEXT.load(Ordering::Relaxed);
-        let dir = service.join(format!("{name}{n}"));
-        precreate(
-            &dir,
-            &[
-                "cpu.weight",
-                "cpu.max",
-                "memory.max",
-                "pids.max",
-                "cgroup.subtree_control",
-            ],
-        );
-        precreate(&dir.join(CLONES_LEAF), &["cgroup.procs"]);
+        let dir = next_group(&service);
         let off = CgroupLimits {
             demoted_cpu_max_percent: None,
             ..limits
