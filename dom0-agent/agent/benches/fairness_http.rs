@@ -28,7 +28,9 @@
 //! `BENCH_POOL` (16), `BENCH_AGENT_ARGS` (more `serve` flags, space-separated, e.g.
 //! `--max-per-client 4` or `--demoted-cpu-max-percent 0`), `BENCH_PENALTY` (`shipped`,
 //! `off`, or `[engine]` lines replacing the shipped `penalty_*` ones, e.g.
-//! `penalty_after = 4`). Without `--bench` (`cargo test --benches`) one short smoke
+//! `penalty_after = 4`), `BENCH_RATES` (default: the shipped per-client `[[rate]]` rules
+//! raised to 1,000,000 a window, as the shipped 1,000 transfers/s per client would cap the
+//! honest identity's unloaded figure; `shipped`: as shipped). Without `--bench` (`cargo test --benches`) one short smoke
 //! repetition of `none` and `sleep` runs.
 #![allow(
     missing_docs,
@@ -122,15 +124,17 @@ fn main() {
             Some("off") => Some(""),
             Some(other) => Some(other),
         },
+        std::env::var("BENCH_RATES").as_deref() == Ok("shipped"),
     );
     println!(
         "fairness through the agent: {} honest transfer clients (127.0.0.1) beside {} hostile \
          (127.0.0.2 and up, one per mix), {secs} s per mix, {reps} repetitions, pool {pool}, template {}, extra \
-         flags {extra_args:?}, penalty {}",
+         flags {extra_args:?}, penalty {}, rates {}",
         fair::HONEST,
         fair::HOSTILE,
         zygote.as_deref().unwrap_or("beside the agent"),
         penalty.as_deref().unwrap_or("shipped"),
+        std::env::var("BENCH_RATES").unwrap_or_else(|_| "raised".into()),
     );
     let timeout = Duration::from_secs(40);
     for &cgroups in settings {

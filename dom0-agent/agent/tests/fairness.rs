@@ -18,7 +18,7 @@ use common::Agent;
 /// An agent on `dir/data` with the shipped policy and the test handlers (`penalty`: see
 /// `fair::shipped_policy_with_test_handlers`) and `extra` flags.
 fn start(dir: &std::path::Path, penalty: Option<&str>, extra: &[&str]) -> Agent {
-    let policy = fair::shipped_policy_with_test_handlers(dir, penalty);
+    let policy = fair::shipped_policy_with_test_handlers(dir, penalty, true);
     let mut flags = vec!["--policy", policy.to_str().unwrap()];
     flags.extend(extra);
     Agent::start(&dir.join("data"), &flags)

@@ -53,8 +53,16 @@ pub const MIXES: [(&str, &str, &str); 5] = [
 /// `[a-z0-9_-]`). Everything else — the shipped handlers' capabilities, rates, honeytokens,
 /// domain rules (a protocol violation quarantines), the per-client penalty — is as shipped,
 /// unless `penalty` says otherwise: `Some(text)` replaces the shipped `penalty_*` lines
-/// of `[engine]` with `text` (empty: no penalty). Returns the directory.
-pub fn shipped_policy_with_test_handlers(dir: &Path, penalty: Option<&str>) -> PathBuf {
+/// of `[engine]` with `text` (empty: no penalty). Without `shipped_rates` the per-client
+/// `[[rate]]` rules' `max` is raised to the engine's largest (1,000,000 a window): the
+/// shipped 1,000 transfers/s per client would otherwise cap the honest identity's unloaded
+/// figure on a fast machine, and the benchmark measures the fairness levers, not the rate
+/// limiter. Returns the directory.
+pub fn shipped_policy_with_test_handlers(
+    dir: &Path,
+    penalty: Option<&str>,
+    shipped_rates: bool,
+) -> PathBuf {
     let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../policies/default");
     let policy = dir.join("policy");
     std::fs::create_dir_all(&policy).unwrap();
@@ -65,6 +73,20 @@ pub fn shipped_policy_with_test_handlers(dir: &Path, penalty: Option<&str>) -> P
             continue;
         }
         let mut text = std::fs::read_to_string(&path).unwrap();
+        if !shipped_rates && text.contains("[[rate]]") {
+            let raised: Vec<String> = text
+                .lines()
+                .map(|l| {
+                    if l.starts_with("max = ") {
+                        "max = 1_000_000".to_owned()
+                    } else {
+                        l.to_owned()
+                    }
+                })
+                .collect();
+            assert!(raised.iter().any(|l| l == "max = 1_000_000"));
+            text = raised.join("\n") + "\n";
+        }
         if text.contains("unlisted_handler = \"abort\"") {
             text = text.replace(
                 "unlisted_handler = \"abort\"",
