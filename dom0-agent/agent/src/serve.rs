@@ -188,6 +188,8 @@ fn settings(c: &Config) -> anyhow::Result<Settings> {
                     .clones_memory_mib
                     .map_or(host.memory_max, |m| m.saturating_mul(1 << 20)),
                 pids_max: v.clones_pids_max,
+                demoted_cpu_max_percent: (v.demoted_cpu_max_percent > 0)
+                    .then_some(v.demoted_cpu_max_percent),
             }
         }),
         zygote: v.zygote.clone(),
@@ -440,6 +442,8 @@ fn cgroups_health(sandbox: Arc<Sandbox>) -> mayfly_api::HealthSection {
                 "memory_bytes": st.memory_bytes,
                 "pids": st.pids,
                 "throttled_periods": st.throttled_periods,
+                "demoted_cpu_max_percent": st.limits.demoted_cpu_max_percent,
+                "demoted_throttled_periods": st.demoted_throttled_periods,
             }),
         }),
     }
@@ -448,7 +452,7 @@ fn cgroups_health(sandbox: Arc<Sandbox>) -> mayfly_api::HealthSection {
 fn print_cgroups(sandbox: &Sandbox) {
     match sandbox.cgroup_status() {
         Some(st) => println!(
-            "mayfly: sandbox clones in cgroup {} {} (cpu weight {} against the agent's 100, quota {}, memory {} MiB, pids {})",
+            "mayfly: sandbox clones in cgroup {} {} (cpu weight {} against the agent's 100, quota {}, memory {} MiB, pids {}, demoted clones' quota {})",
             st.version.as_str(),
             st.paths.first().map(|p| p.display().to_string()).unwrap_or_default(),
             st.limits.cpu_weight,
@@ -457,6 +461,9 @@ fn print_cgroups(sandbox: &Sandbox) {
                 .map_or_else(|| "none".to_owned(), |p| format!("{p} % of a CPU")),
             st.limits.memory_max >> 20,
             st.limits.pids_max.unwrap_or(0),
+            st.limits
+                .demoted_cpu_max_percent
+                .map_or_else(|| "none".to_owned(), |p| format!("{p} % of a CPU")),
         ),
         None => println!(
             "mayfly: WARNING: sandbox clones run WITHOUT cgroup limits (--no-cgroups): \

@@ -59,6 +59,7 @@ pub(crate) struct Metrics {
     pub proxy_headers_refused: AtomicU64,
     pub refused_in_flight: AtomicU64,
     pub refused_per_client: AtomicU64,
+    pub refused_penalty: AtomicU64,
     pub body_timeouts: AtomicU64,
     pub write_timeouts: AtomicU64,
     pub body_too_large: AtomicU64,
@@ -172,6 +173,11 @@ impl Metrics {
             out,
             "mayfly_api_admission_refused_total{{limit=\"per_client\"}} {}",
             get(&self.refused_per_client)
+        );
+        let _ = writeln!(
+            out,
+            "mayfly_api_admission_refused_total{{limit=\"penalty\"}} {}",
+            get(&self.refused_penalty)
         );
         gauge(
             out,

@@ -117,7 +117,10 @@ fn refuse_admission(shared: &Arc<Shared>, client: &Arc<str>, refusal: Refusal) -
     let limit = match refusal {
         Refusal::InFlight(_) => "max_in_flight",
         Refusal::PerClient(_) => "max_per_client",
+        Refusal::Penalty { .. } => "penalty",
     };
+    // Retry-After: a second, or what is left of a penalty (whole seconds, rounded up).
+    let mut retry_after = 1u64;
     let msg = match refusal {
         Refusal::InFlight(n) => {
             shared
@@ -139,6 +142,17 @@ fn refuse_admission(shared: &Arc<Shared>, client: &Arc<str>, refusal: Refusal) -
                 shared.config.max_per_client
             )
         }
+        Refusal::Penalty { held, share, left } => {
+            shared
+                .metrics
+                .refused_penalty
+                .fetch_add(1, Ordering::Relaxed);
+            retry_after = left.as_secs() + u64::from(left.subsec_nanos() > 0);
+            format!(
+                "this client is penalised for transactions ending in hostile domain events: \
+                 {held} in flight, at most {share} at once for {retry_after} s more"
+            )
+        }
     };
     shared.metrics.outcome(503, true);
     let ev = mayfly_ledger::AuditEvent::new("tx.refused", mayfly_ledger::Severity::Warning)
@@ -147,7 +161,12 @@ fn refuse_admission(shared: &Arc<Shared>, client: &Arc<str>, refusal: Refusal) -
         .field("reason", msg.clone());
     // Not awaited: the 503 goes out at once.
     let _ = audit_refusal(shared, client, "tx.refused", limit, ev);
-    respond(503, &json!({ "error": msg }), &[("retry-after", "1")])
+    let retry_after = retry_after.max(1).to_string();
+    respond(
+        503,
+        &json!({ "error": msg }),
+        &[("retry-after", &retry_after)],
+    )
 }
 
 /// `POST /v1/reports`: the detector's bearer token checked before the body is read, then

@@ -156,6 +156,13 @@ impl Drop for Admission {
 pub(crate) enum Refusal {
     InFlight(usize),
     PerClient(usize),
+    /// The client is penalised (the policy's `[engine] penalty_after`): it holds `held`
+    /// transactions, its share is `share` for `left` more.
+    Penalty {
+        held: usize,
+        share: usize,
+        left: Duration,
+    },
 }
 
 impl Shared {
@@ -169,12 +176,28 @@ impl Shared {
             self.in_flight.fetch_sub(1, Ordering::AcqRel);
             return Err(Refusal::InFlight(running));
         };
+        // A penalised client's share (asked before the entry is made: a refused client
+        // leaves no entry behind).
+        let penalty = self.executor.penalty_share(client);
         let n = map.entry(client.clone()).or_insert(0);
-        if *n >= self.config.max_per_client {
-            let held = *n;
+        let refusal = match penalty {
+            Some((share, left)) if *n >= share.min(self.config.max_per_client) => {
+                Some(Refusal::Penalty {
+                    held: *n,
+                    share,
+                    left,
+                })
+            }
+            _ if *n >= self.config.max_per_client => Some(Refusal::PerClient(*n)),
+            _ => None,
+        };
+        if let Some(refusal) = refusal {
+            if *n == 0 {
+                map.remove(client);
+            }
             drop(map);
             self.in_flight.fetch_sub(1, Ordering::AcqRel);
-            return Err(Refusal::PerClient(held));
+            return Err(refusal);
         }
         *n += 1;
         Ok(Admission {

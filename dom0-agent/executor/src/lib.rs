@@ -38,6 +38,7 @@
 
 #![forbid(unsafe_code)]
 
+mod penalty;
 mod policy;
 mod reaper;
 mod refusals;
@@ -251,8 +252,54 @@ impl Executor {
             {
                 continue;
             }
+            self.count_hostile_end(req, &policy, &outcome);
             return Ok(outcome);
         }
+    }
+
+    /// Counts a transaction that ended in a hostile domain event against its client (the
+    /// policy's per-client penalty); the start of a penalty is audited durably
+    /// (`client.penalized`, Warning).
+    fn count_hostile_end(&self, req: &TxRequest, policy: &ActivePolicy, outcome: &TxOutcome) {
+        let Some(kind) = outcome.failure.as_ref().and_then(retire::domain_event_kind) else {
+            return;
+        };
+        let Some(p) = policy.hostile_end(&req.client, self.now_ms()) else {
+            return;
+        };
+        let ev = AuditEvent::new("client.penalized", Severity::Warning)
+            .field("client", truncate(&req.client, 256))
+            .field("rule", "engine.penalty")
+            .field("event", kind.as_str())
+            .field("tx_id", outcome.tx_id)
+            .field("events", p.after)
+            .field("window_ms", p.window_ms)
+            .field("penalty_ms", p.duration_ms)
+            .field("share", p.share);
+        warn!(self.log, "client penalized: its transactions keep ending in hostile domain events";
+            "client" => truncate(&req.client, 256), "share" => p.share, "penalty_ms" => p.duration_ms);
+        if let Err(e) = self.ledger.audit(vec![ev]) {
+            warn!(self.log, "auditing a client penalty failed"; "error" => %e);
+        }
+    }
+
+    /// While `client` is penalised (the policy's `[engine] penalty_after`): the most
+    /// transactions it may have admitted at once, and how long the penalty still lasts.
+    pub fn penalty_share(&self, client: &str) -> Option<(usize, Duration)> {
+        self.policy
+            .current()
+            .penalty_share(client, self.now_ms())
+            .map(|(share, left)| {
+                (
+                    usize::try_from(share).unwrap_or(usize::MAX),
+                    Duration::from_millis(left),
+                )
+            })
+    }
+
+    /// Milliseconds since the executor started (the clock of rates and penalties).
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX)
     }
 
     /// The policy's admission decision (rates, unlisted handler), audited when it is not a

@@ -5,15 +5,17 @@
 use std::sync::{Arc, Mutex, RwLock};
 
 use mayfly_ledger::{AuditEvent, Hash, Ledger, Severity, TxId};
-use mayfly_policy::{Bundle, Decision, Event, PolicyError, State};
+use mayfly_policy::{Bundle, Decision, Event, Penalty, PolicyError, State};
 use slog::{warn, Logger};
 
+use crate::penalty::Penalties;
 use crate::text::truncate;
 
-/// A loaded policy bundle and the rate state it owns.
+/// A loaded policy bundle and the rate and penalty state it owns.
 pub struct ActivePolicy {
     bundle: Bundle,
     state: Mutex<State>,
+    penalties: Mutex<Penalties>,
 }
 
 impl ActivePolicy {
@@ -21,7 +23,29 @@ impl ActivePolicy {
         Self {
             bundle,
             state: Mutex::new(State::new()),
+            penalties: Mutex::new(Penalties::default()),
         }
+    }
+
+    /// Records a hostile ending of `client`'s transaction at `now_ms`; the bundle's
+    /// penalty setting when this one starts a penalty.
+    pub(crate) fn hostile_end(&self, client: &str, now_ms: u64) -> Option<Penalty> {
+        let p = self.bundle.penalty()?;
+        let mut penalties = self
+            .penalties
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        penalties.hostile_end(&p, client, now_ms).then_some(p)
+    }
+
+    /// `Some((share, ms left))` while `client` is penalised under this bundle.
+    pub(crate) fn penalty_share(&self, client: &str, now_ms: u64) -> Option<(u32, u64)> {
+        let p = self.bundle.penalty()?;
+        let penalties = self
+            .penalties
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        penalties.share(&p, client, now_ms)
     }
 
     /// The engine's decision on `event` (rates counted in this bundle's state).

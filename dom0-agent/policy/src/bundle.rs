@@ -75,6 +75,9 @@ pub enum Problem {
     /// A list that must not be empty is.
     #[error("`{0}` must not be an empty list")]
     EmptyList(&'static str),
+    /// A penalty key without `penalty_after`, which switches the penalty on.
+    #[error("`{0}` needs `penalty_after` (which switches the per-client penalty on)")]
+    PenaltyWithoutAfter(&'static str),
     /// A prefix or key is the empty string.
     #[error("empty key or prefix (use a range with start = \"\" to mean every key)")]
     EmptyKey,
@@ -273,7 +276,32 @@ pub struct Bundle {
     pub(crate) rates: Vec<Rate>,
     pub(crate) domain: Vec<DomainRule>,
     pub(crate) external: Vec<ExternalRule>,
+    pub(crate) penalty: Option<Penalty>,
 }
+
+/// The per-client penalty of `[engine]` (`penalty_after` and the keys beside it): a client
+/// whose transactions end in `after` hostile domain events (protocol violation, forbidden
+/// system call, crash, timeout, limit) within `window_ms` may have at most `share`
+/// transactions admitted at once for `duration_ms` (0: none). The engine only carries the
+/// setting; the executor counts the events and the client API enforces the share.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Penalty {
+    /// Hostile domain events within the window that start a penalty.
+    pub after: u32,
+    /// The window, ms.
+    pub window_ms: u64,
+    /// How long a penalty lasts, ms (from the event that started it).
+    pub duration_ms: u64,
+    /// Transactions of a penalised client admitted at once.
+    pub share: u32,
+}
+
+/// `penalty_window_ms` when not given.
+pub const PENALTY_WINDOW_MS: u64 = 10_000;
+/// `penalty_ms` when not given.
+pub const PENALTY_MS: u64 = 30_000;
+/// `penalty_share` when not given.
+pub const PENALTY_SHARE: u32 = 1;
 
 // ---- the raw TOML shape -------------------------------------------------------------------
 
@@ -303,6 +331,10 @@ struct RawEngine {
     unlisted_handler: Option<Spanned<String>>,
     domain_default: Option<Spanned<String>>,
     external_default: Option<Spanned<String>>,
+    penalty_after: Option<Spanned<i64>>,
+    penalty_window_ms: Option<Spanned<i64>>,
+    penalty_ms: Option<Spanned<i64>>,
+    penalty_share: Option<Spanned<i64>>,
 }
 
 #[derive(Deserialize)]
@@ -469,6 +501,7 @@ impl Builder {
                 rates: Vec::new(),
                 domain: Vec::new(),
                 external: Vec::new(),
+                penalty: None,
             },
         }
     }
@@ -563,6 +596,46 @@ impl Builder {
             if let Some(action) = parse_action(src, raw)? {
                 rule.action = action;
                 rule.severity = action.default_severity();
+            }
+        }
+        let opt = |v: &Option<Spanned<i64>>, key, min, max, default: u64| {
+            v.as_ref()
+                .map_or(Ok(default), |v| number(src, v, key, min, max))
+        };
+        match &e.penalty_after {
+            Some(after) => {
+                let after = number(src, after, "penalty_after", 1, 1_000)?;
+                b.penalty = Some(Penalty {
+                    after: u32::try_from(after).unwrap_or(u32::MAX),
+                    window_ms: opt(
+                        &e.penalty_window_ms,
+                        "penalty_window_ms",
+                        1,
+                        MAX_WINDOW_MS,
+                        PENALTY_WINDOW_MS,
+                    )?,
+                    duration_ms: opt(&e.penalty_ms, "penalty_ms", 1, MAX_WINDOW_MS, PENALTY_MS)?,
+                    share: u32::try_from(opt(
+                        &e.penalty_share,
+                        "penalty_share",
+                        0,
+                        4_096,
+                        PENALTY_SHARE.into(),
+                    )?)
+                    .unwrap_or(u32::MAX),
+                });
+            }
+            None => {
+                // The other keys say nothing without `penalty_after`: refused, not ignored.
+                for (v, key) in [
+                    (&e.penalty_window_ms, "penalty_window_ms"),
+                    (&e.penalty_ms, "penalty_ms"),
+                    (&e.penalty_share, "penalty_share"),
+                ] {
+                    if let Some(v) = v {
+                        return Err(src.err(v.span(), Problem::PenaltyWithoutAfter(key)));
+                    }
+                }
             }
         }
         Ok(())
@@ -942,6 +1015,11 @@ impl Bundle {
     /// The bundle hash (see the [module docs](self)): what checkpoints record as `policy_hash`.
     pub fn hash(&self) -> [u8; 32] {
         self.hash
+    }
+
+    /// The per-client penalty of `[engine]`, if the bundle sets one (`penalty_after`).
+    pub fn penalty(&self) -> Option<Penalty> {
+        self.penalty
     }
 
     /// Names of the handlers the bundle grants capabilities to, sorted.

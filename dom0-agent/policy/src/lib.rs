@@ -17,6 +17,10 @@
 //! unlisted_handler = "abort"      # handlers without [handler.X] (default "abort")
 //! domain_default = "abort"        # domain events no [[domain]] rule matches
 //! external_default = "alert"      # external alerts no [[external]] rule matches
+//! penalty_after = 8               # per-client penalty: this many hostile domain events…
+//! penalty_window_ms = 10_000      # …within this window (default 10 s)…
+//! penalty_ms = 30_000             # …cut the client's share for this long (default 30 s)…
+//! penalty_share = 1               # …to this many transactions at once (default 1; 0: none)
 //!
 //! [handler.notes]                 # capabilities; once per handler per bundle
 //! read = ["notes/"]               # key prefixes it may get/scan
@@ -110,7 +114,9 @@ pub mod eval;
 mod keys;
 pub mod verdict;
 
-pub use bundle::{Bundle, Location, PolicyError, Problem};
+pub use bundle::{
+    Bundle, Location, Penalty, PolicyError, Problem, PENALTY_MS, PENALTY_SHARE, PENALTY_WINDOW_MS,
+};
 pub use eval::{
     Action, Decision, DomainEventKind, Event, Field, Op, Severity, State, Target, Write,
 };

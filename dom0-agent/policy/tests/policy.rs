@@ -1025,3 +1025,59 @@ fn pathological_texts_are_refused_not_fatal() {
         assert!(Bundle::load(&[("x.toml", text)]).is_err());
     }
 }
+
+/// The per-client penalty: on in the shipped bundle; the keys' defaults and bounds; the
+/// other keys refused without `penalty_after` (a typo must not switch it off silently).
+#[test]
+fn the_per_client_penalty_is_on_in_the_shipped_bundle_and_checked() {
+    let shipped = default_bundle()
+        .penalty()
+        .expect("the shipped bundle sets a penalty");
+    assert_eq!(
+        shipped,
+        mayfly_policy::Penalty {
+            after: 8,
+            window_ms: 10_000,
+            duration_ms: 30_000,
+            share: 1
+        }
+    );
+    assert_eq!(
+        one("[engine]\nunlisted_handler = \"abort\"\n").penalty(),
+        None
+    );
+    let defaults = one("[engine]\npenalty_after = 3\n").penalty().unwrap();
+    assert_eq!(
+        defaults,
+        mayfly_policy::Penalty {
+            after: 3,
+            window_ms: mayfly_policy::PENALTY_WINDOW_MS,
+            duration_ms: mayfly_policy::PENALTY_MS,
+            share: mayfly_policy::PENALTY_SHARE
+        }
+    );
+    assert_eq!(
+        one("[engine]\npenalty_after = 1\npenalty_share = 0\n")
+            .penalty()
+            .unwrap()
+            .share,
+        0
+    );
+    for bad in [
+        "[engine]\npenalty_after = 0\n",
+        "[engine]\npenalty_after = 1001\n",
+        "[engine]\npenalty_after = 2\npenalty_ms = 0\n",
+        "[engine]\npenalty_after = 2\npenalty_share = 5000\n",
+        "[engine]\npenalty_after = 2\npenalty_window_ms = -1\n",
+    ] {
+        let e = Bundle::load(&[("t.toml", bad)]).unwrap_err().to_string();
+        assert!(e.contains("penalty_"), "{bad}: {e}");
+    }
+    let e = Bundle::load(&[("t.toml", "[engine]\npenalty_ms = 5000\n")])
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("penalty_ms") && e.contains("penalty_after"),
+        "{e}"
+    );
+}

@@ -1201,6 +1201,7 @@ fn clones_run_in_the_sandboxs_cgroup_with_its_limits() {
         cpu_max_percent: Some(120),
         memory_max: 512 << 20,
         pids_max: Some(100),
+        demoted_cpu_max_percent: Some(30),
     };
     config.cgroups = Some(limits);
     let sandbox = Sandbox::start(config, logger()).unwrap();
@@ -1249,7 +1250,25 @@ fn clones_run_in_the_sandboxs_cgroup_with_its_limits() {
                 }
             })
             .collect();
-        !lines.is_empty() && lines.iter().all(|l| l.ends_with(&format!("/{name}")))
+        // v2: the zygote and its clones are in the group's `clones` leaf.
+        !lines.is_empty()
+            && lines.iter().all(|l| {
+                l.ends_with(&format!("/{name}")) || l.ends_with(&format!("/{name}/clones"))
+            })
+    };
+    // Where a demoted clone is: v2, the group's `demoted` child; v1, that child in the
+    // cpu hierarchy (memory and pids stay the group's).
+    let demoted_group = status_demoted(&sandbox);
+    let in_demoted = |pid: u32| {
+        let cgroups = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
+        cgroups.lines().any(|l| {
+            let list = l.split(':').nth(1).unwrap_or("");
+            let cpu = match status.version {
+                mayfly_sandbox::cgroup::Version::V2 => list.is_empty(),
+                mayfly_sandbox::cgroup::Version::V1 => list.split(',').any(|c| c == "cpu"),
+            };
+            cpu && l.ends_with(&format!("/{name}/demoted"))
+        })
     };
     assert!(in_group(sandbox.zygote_pid()), "zygote not in {name}");
     let mut domain = sandbox.take_clone(WAIT).unwrap();
@@ -1268,9 +1287,24 @@ fn clones_run_in_the_sandboxs_cgroup_with_its_limits() {
     };
     assert_eq!(nice(sandbox.zygote_pid()), -10);
     assert_eq!(nice(domain.pid()), 0);
-    // Demoted (a transaction that runs long): nice 19.
+    // Demoted (a transaction that runs long): nice 19, and moved into the demoted
+    // clones' group, whose quota all of them share.
+    assert!(!in_demoted(domain.pid()));
     domain.demote().unwrap();
     assert_eq!(nice(domain.pid()), 19);
+    assert!(
+        in_demoted(domain.pid()),
+        "demoted clone not in {name}/demoted"
+    );
+    let quota = std::fs::read_to_string(demoted_group.join(match status.version {
+        mayfly_sandbox::cgroup::Version::V2 => "cpu.max",
+        mayfly_sandbox::cgroup::Version::V1 => "cpu.cfs_quota_us",
+    }))
+    .unwrap();
+    assert!(quota.starts_with("3000"), "{quota}");
+    // The zygote and the clones not demoted stay where they were.
+    assert!(in_group(sandbox.zygote_pid()));
+    assert!(!in_demoted(sandbox.zygote_pid()));
     assert!(
         !in_group(std::process::id()),
         "the agent itself is in {name}"
@@ -1286,6 +1320,12 @@ fn clones_run_in_the_sandboxs_cgroup_with_its_limits() {
     for p in paths {
         assert!(!p.exists(), "{} left after shutdown", p.display());
     }
+    assert!(!demoted_group.exists(), "{} left", demoted_group.display());
+}
+
+/// The demoted clones' group of a running sandbox.
+fn status_demoted(sandbox: &Sandbox) -> std::path::PathBuf {
+    sandbox.demoted_cgroup().expect("a demoted clones' group")
 }
 
 /// Limits that cannot be applied stop the start with a clear error (here: a weight out of

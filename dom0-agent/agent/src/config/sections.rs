@@ -110,6 +110,10 @@ section! {
         /// Sandbox: CPU quota of all clones together, in percent of one CPU (per 10 ms
         /// period) [default: 90 % of the host's online CPUs].
         clones_cpu_max_percent: Option<u32> = None, Flag::Value("clones-cpu-max-percent"), Bound::at_least(1);
+        /// Sandbox: CPU quota of all demoted clones together (transactions running past
+        /// 100 ms are moved once into a child group with this quota and the least weight),
+        /// in percent of one CPU per 10 ms period; 0: no such group (nice 19 only).
+        demoted_cpu_max_percent: u32 = mayfly_sandbox::cgroup::DEMOTED_CPU_MAX_PERCENT, Flag::Value("demoted-cpu-max-percent"), Bound::range(0, 100_000);
         /// Sandbox: memory of all clones together (and the zygote), MiB [default: a quarter
         /// of the host's memory, at least 256].
         clones_memory_mib: Option<u64> = None, Flag::Value("clones-memory-mib"), Bound::at_least(64);

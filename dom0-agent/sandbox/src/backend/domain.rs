@@ -132,8 +132,10 @@ impl SandboxDomain {
 }
 
 impl Domain for SandboxDomain {
-    /// Sets the clone to nice 19: among the clones of its cgroup, a spinning guest then
-    /// gets a small fraction of what a clone at nice 0 gets.
+    /// Sets the clone to nice 19 (among the clones of its cgroup, a spinning guest then
+    /// gets a small fraction of what a clone at nice 0 gets) and moves it into the
+    /// demoted clones' cgroup, whose CPU quota all demoted clones share
+    /// (`cgroup::CgroupLimits::demoted_cpu_max_percent`). Called once per transaction.
     fn demote(&mut self) -> Result<(), DomainError> {
         let Some(handle) = self.clone_handle() else {
             return Ok(());
@@ -144,8 +146,14 @@ impl Domain for SandboxDomain {
         if handle.cell.exited_within(Duration::ZERO).unwrap_or(true) {
             return Ok(());
         }
-        sys::set_nice(u32::try_from(pid).unwrap_or(0), DEMOTED_NICE)
-            .map_err(|e| self.shared.domain_error(id, e))
+        let pid = u32::try_from(pid).unwrap_or(0);
+        sys::set_nice(pid, DEMOTED_NICE).map_err(|e| self.shared.domain_error(id, e))?;
+        if let Some(group) = &self.shared.cgroup {
+            group
+                .demote(pid)
+                .map_err(|e| self.shared.domain_error(id, e))?;
+        }
+        Ok(())
     }
 
     fn id(&self) -> DomainId {

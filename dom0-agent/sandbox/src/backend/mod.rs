@@ -349,6 +349,15 @@ impl Sandbox {
         self.zygote_pid
     }
 
+    /// The demoted clones' control group (`cgroup::DEMOTED_LEAF`): `None` when cgroup
+    /// limits are off or have no demoted quota.
+    pub fn demoted_cgroup(&self) -> Option<std::path::PathBuf> {
+        self.shared
+            .cgroup
+            .as_ref()
+            .and_then(|g| g.demoted_path().map(std::path::Path::to_path_buf))
+    }
+
     /// The clones' control group: its hierarchy version, paths, limits and usage; `None`
     /// when cgroup limits are off.
     pub fn cgroup_status(&self) -> Option<crate::cgroup::GroupStatus> {

@@ -11,10 +11,22 @@
 //!  <agent's cgroup>/                             /sys/fs/cgroup/{cpu,memory,pids}/<agent's>/
 //!    cgroup.subtree_control  +cpu +memory +pids    (agent's threads stay where they are,
 //!    mayfly-agent/   the agent's process           competing with the group as siblings)
-//!    mayfly-sandbox-<pid>-<n>/  zygote + clones    mayfly-sandbox-<pid>-<n>/  zygote + clones
+//!    mayfly-sandbox-<pid>-<n>/                     mayfly-sandbox-<pid>-<n>/  zygote + clones
 //!      cpu.weight  cpu.max  memory.max  pids.max     cpu.shares  cpu.cfs_quota_us/period_us
-//!                                                    memory.limit_in_bytes  pids.max
+//!      cgroup.subtree_control  +cpu                  memory.limit_in_bytes  pids.max
+//!      clones/   zygote + clones                     demoted/  (cpu hierarchy only)
+//!      demoted/  demoted clones                        cpu.shares 2, cpu.cfs_quota_us
+//!        cpu.weight 1  cpu.max
 //! ```
+//!
+//! **Demoted clones.** A transaction that runs long is demoted (`Domain::demote`, after
+//! 100 ms): besides nice 19, its clone is moved once into the `demoted` group, whose CPU
+//! quota ([`CgroupLimits::demoted_cpu_max_percent`], default 20 % of one CPU) and weight
+//! (1 in v2, 2 shares in v1) are shared by every demoted clone together: twenty spinning
+//! guests get a fifth of a CPU between them, whatever their number. The move is the only
+//! cgroup write on a transaction's path and only long transactions pay it; the memory and
+//! pids limits of the sandbox's group still cover a demoted clone (v2: the group is its
+//! parent; v1: only the cpu hierarchy has the child).
 //!
 //! In v2 a cgroup that has processes cannot enable controllers for its children, so unless
 //! the agent runs in the root cgroup it moves itself into a `mayfly-agent` leaf of its own
@@ -68,19 +80,28 @@ pub struct CgroupLimits {
     /// that can be alive at once (twice the pool, the clones in use and the quarantine —
     /// clones still dying count) plus the zygote and 15 more.
     pub pids_max: Option<u64>,
+    /// CPU quota of all demoted clones together (the `demoted` child group), in percent
+    /// of one CPU per [`CPU_PERIOD_US`]; `None`: no such group (a demoted clone only gets
+    /// nice 19).
+    pub demoted_cpu_max_percent: Option<u32>,
 }
+
+/// The default quota of the demoted clones together: a fifth of one CPU.
+pub const DEMOTED_CPU_MAX_PERCENT: u32 = 20;
 
 impl CgroupLimits {
     /// The defaults for a host with `cpus` online CPUs and `mem_total` bytes of memory:
     /// weight 25 (a quarter of the agent's), a quota of 90 % of the host's CPUs (the rest of
     /// the host keeps a tenth even when the agent is idle), a quarter of the memory (at
-    /// least 256 MiB), and pids for every clone that can be alive.
+    /// least 256 MiB), pids for every clone that can be alive, and demoted clones capped at
+    /// [`DEMOTED_CPU_MAX_PERCENT`] of one CPU together.
     pub fn defaults_for(cpus: u32, mem_total: u64) -> Self {
         Self {
             cpu_weight: 25,
             cpu_max_percent: Some(cpus.max(1).saturating_mul(90)),
             memory_max: (mem_total / 4).max(256 << 20),
             pids_max: None,
+            demoted_cpu_max_percent: Some(DEMOTED_CPU_MAX_PERCENT),
         }
     }
 
@@ -123,6 +144,9 @@ impl CgroupLimits {
         if let Some(p @ 0..2) = self.pids_max {
             return bad("pids_max (at least 2)", p);
         }
+        if self.demoted_cpu_max_percent == Some(0) {
+            return bad("demoted_cpu_max_percent (at least 1)", 0);
+        }
         Ok(())
     }
 
@@ -131,9 +155,30 @@ impl CgroupLimits {
     }
 
     fn quota_us(&self) -> Option<u64> {
-        self.cpu_max_percent
-            .map(|p| (u64::from(p) * CPU_PERIOD_US / 100).max(1000))
+        self.cpu_max_percent.map(quota_of)
     }
+
+    fn demoted_quota_us(&self) -> Option<u64> {
+        self.demoted_cpu_max_percent.map(quota_of)
+    }
+}
+
+/// The quota per [`CPU_PERIOD_US`] of `percent` of one CPU (at least 1 ms, cgroupfs's
+/// minimum).
+fn quota_of(percent: u32) -> u64 {
+    (u64::from(percent) * CPU_PERIOD_US / 100).max(1000)
+}
+
+/// The v2 leaf of the zygote and its clones inside a sandbox's group.
+pub const CLONES_LEAF: &str = "clones";
+/// The child group demoted clones are moved into.
+pub const DEMOTED_LEAF: &str = "demoted";
+
+impl CgroupLimits {
+    /// v1 `cpu.shares` and v2 `cpu.weight` of the demoted group: the least either takes
+    /// (v1's minimum is 2).
+    const DEMOTED_V1_SHARES: u64 = 2;
+    const DEMOTED_V2_WEIGHT: u64 = 1;
 }
 
 /// Which cgroup hierarchy the host has.
@@ -239,6 +284,11 @@ pub struct ClonesGroup {
     version: Version,
     /// The group's directory in each hierarchy (one in v2; cpu, memory, pids in v1).
     dirs: Vec<PathBuf>,
+    /// Where the zygote is moved: v2, the `clones` leaf; v1, `dirs`.
+    enter_dirs: Vec<PathBuf>,
+    /// The demoted clones' group (v2: beside the `clones` leaf; v1: in the cpu hierarchy
+    /// only), if [`CgroupLimits::demoted_cpu_max_percent`] is set.
+    demoted: Option<PathBuf>,
     limits: CgroupLimits,
 }
 
@@ -257,6 +307,8 @@ pub struct GroupStatus {
     pub pids: Option<u64>,
     /// Periods in which the group was throttled by its quota (`cpu.stat` `nr_throttled`).
     pub throttled_periods: Option<u64>,
+    /// Periods in which the demoted clones' group was throttled by its quota.
+    pub demoted_throttled_periods: Option<u64>,
 }
 
 impl ClonesGroup {
@@ -280,9 +332,13 @@ impl ClonesGroup {
                 let base = v2_base(mount, own)?;
                 let dir = base.join(&name);
                 make_dir(&dir)?;
+                let leaf = dir.join(CLONES_LEAF);
+                let demoted = limits.demoted_quota_us().map(|_| dir.join(DEMOTED_LEAF));
                 let group = Self {
                     version: Version::V2,
                     dirs: vec![dir.clone()],
+                    enter_dirs: vec![leaf.clone()],
+                    demoted: demoted.clone(),
                     limits,
                 };
                 let applied = (|| {
@@ -292,7 +348,20 @@ impl ClonesGroup {
                         .map_or_else(|| "max".to_owned(), |q| q.to_string());
                     write(&dir.join("cpu.max"), &format!("{max} {CPU_PERIOD_US}"))?;
                     write(&dir.join("memory.max"), &limits.memory_max.to_string())?;
-                    write(&dir.join("pids.max"), &pids_max.to_string())
+                    write(&dir.join("pids.max"), &pids_max.to_string())?;
+                    // No internal processes in v2: the zygote goes into a leaf, so that
+                    // the group may give its children the cpu controller.
+                    write(&dir.join("cgroup.subtree_control"), "+cpu")?;
+                    make_dir(&leaf)?;
+                    if let (Some(d), Some(q)) = (&demoted, limits.demoted_quota_us()) {
+                        make_dir(d)?;
+                        write(
+                            &d.join("cpu.weight"),
+                            &CgroupLimits::DEMOTED_V2_WEIGHT.to_string(),
+                        )?;
+                        write(&d.join("cpu.max"), &format!("{q} {CPU_PERIOD_US}"))?;
+                    }
+                    Ok(())
                 })();
                 match applied {
                     Ok(()) => Ok(group),
@@ -306,6 +375,8 @@ impl ClonesGroup {
                 let mut group = Self {
                     version: Version::V1,
                     dirs: Vec::new(),
+                    enter_dirs: Vec::new(),
+                    demoted: None,
                     limits,
                 };
                 let applied = (|| {
@@ -323,6 +394,20 @@ impl ClonesGroup {
                                     )?;
                                     write(&dir.join("cpu.cfs_quota_us"), &q.to_string())?;
                                 }
+                                if let Some(q) = limits.demoted_quota_us() {
+                                    let d = dir.join(DEMOTED_LEAF);
+                                    make_dir(&d)?;
+                                    group.demoted = Some(d.clone());
+                                    write(
+                                        &d.join("cpu.shares"),
+                                        &CgroupLimits::DEMOTED_V1_SHARES.to_string(),
+                                    )?;
+                                    write(
+                                        &d.join("cpu.cfs_period_us"),
+                                        &CPU_PERIOD_US.to_string(),
+                                    )?;
+                                    write(&d.join("cpu.cfs_quota_us"), &q.to_string())?;
+                                }
                             }
                             "memory" => write(
                                 &dir.join("memory.limit_in_bytes"),
@@ -333,6 +418,7 @@ impl ClonesGroup {
                     }
                     Ok(())
                 })();
+                group.enter_dirs.clone_from(&group.dirs);
                 match applied {
                     Ok(()) => Ok(group),
                     Err(e) => {
@@ -346,10 +432,25 @@ impl ClonesGroup {
 
     /// Moves process `pid` (the zygote, before it forks) into the group.
     pub fn enter(&self, pid: u32) -> Result<(), CgroupError> {
-        for dir in &self.dirs {
+        for dir in &self.enter_dirs {
             write(&dir.join("cgroup.procs"), &pid.to_string())?;
         }
         Ok(())
+    }
+
+    /// Moves clone `pid` into the demoted clones' group (once per demoted transaction);
+    /// `Ok(false)` when there is no such group.
+    pub fn demote(&self, pid: u32) -> Result<bool, CgroupError> {
+        let Some(dir) = &self.demoted else {
+            return Ok(false);
+        };
+        write(&dir.join("cgroup.procs"), &pid.to_string())?;
+        Ok(true)
+    }
+
+    /// The demoted clones' group, if there is one.
+    pub fn demoted_path(&self) -> Option<&Path> {
+        self.demoted.as_deref()
     }
 
     /// The hierarchy in use.
@@ -376,11 +477,17 @@ impl ClonesGroup {
             Version::V2 => number("memory.current"),
             Version::V1 => number("memory.usage_in_bytes"),
         };
-        let throttled_periods = find("cpu.stat").and_then(|stat| {
+        let throttled = |stat: String| {
             stat.lines()
                 .find_map(|l| l.strip_prefix("nr_throttled "))
                 .and_then(|v| v.trim().parse::<u64>().ok())
-        });
+        };
+        let throttled_periods = find("cpu.stat").and_then(throttled);
+        let demoted_throttled_periods = self
+            .demoted
+            .as_ref()
+            .and_then(|d| read_trimmed(&d.join("cpu.stat")))
+            .and_then(throttled);
         GroupStatus {
             version: self.version,
             paths: self.dirs.clone(),
@@ -388,6 +495,7 @@ impl ClonesGroup {
             memory_bytes,
             pids: number("pids.current"),
             throttled_periods,
+            demoted_throttled_periods,
         }
     }
 
@@ -396,7 +504,15 @@ impl ClonesGroup {
     /// be removed). Returns the directories that remain.
     pub fn remove(&self, wait: Duration) -> Vec<PathBuf> {
         let deadline = Instant::now().checked_add(wait);
-        let mut left: Vec<PathBuf> = self.dirs.clone();
+        // Children first: a group with children cannot be removed.
+        let mut left: Vec<PathBuf> = self.demoted.iter().cloned().collect();
+        left.extend(
+            self.enter_dirs
+                .iter()
+                .filter(|d| !self.dirs.contains(d))
+                .cloned(),
+        );
+        left.extend(self.dirs.iter().cloned());
         loop {
             left.retain(|d| match fs::remove_dir(d) {
                 Ok(()) => false,
@@ -525,6 +641,9 @@ pub fn remove_stale(layout: &Layout) -> usize {
             if pid == std::process::id() || Path::new(&format!("/proc/{pid}")).exists() {
                 continue;
             }
+            for child in [CLONES_LEAF, DEMOTED_LEAF] {
+                let _ = fs::remove_dir(entry.path().join(child));
+            }
             if fs::remove_dir(entry.path()).is_ok() {
                 removed += 1;
             }
@@ -561,6 +680,28 @@ mod tests {
         }
     }
 
+    /// The directory (and files) cgroupfs would make for the next group this process
+    /// creates under `service`, with the agent's leaf and the clones' leaf.
+    fn next_group(service: &Path) -> PathBuf {
+        precreate(&service.join(AGENT_LEAF), &["cgroup.procs"]);
+        // The next group number this process will use.
+        let n = NEXT.load(Ordering::Relaxed);
+        let dir = service.join(format!("{GROUP_PREFIX}{}-{n}", std::process::id()));
+        precreate(
+            &dir,
+            &[
+                "cpu.weight",
+                "cpu.max",
+                "memory.max",
+                "pids.max",
+                "cgroup.procs",
+                "cgroup.subtree_control",
+            ],
+        );
+        precreate(&dir.join(CLONES_LEAF), &["cgroup.procs"]);
+        dir
+    }
+
     /// Both v2 cases in one test: the group number comes from a process-wide counter.
     #[test]
     fn v2_moves_the_agent_to_a_leaf_enables_the_controllers_and_writes_the_limits() {
@@ -576,20 +717,10 @@ mod tests {
         );
 
         let (_root, layout, service) = fake_v2();
-        let name = format!("{GROUP_PREFIX}{}-", std::process::id());
-        precreate(&service.join(AGENT_LEAF), &["cgroup.procs"]);
-        // The next group number this process will use.
-        let n = NEXT.load(Ordering::Relaxed);
-        let dir = service.join(format!("{name}{n}"));
+        let dir = next_group(&service);
         precreate(
-            &dir,
-            &[
-                "cpu.weight",
-                "cpu.max",
-                "memory.max",
-                "pids.max",
-                "cgroup.procs",
-            ],
+            &dir.join(DEMOTED_LEAF),
+            &["cpu.weight", "cpu.max", "cgroup.procs"],
         );
         let group = ClonesGroup::create(&layout, limits, 40).unwrap();
         assert_eq!(group.version(), Version::V2);
@@ -607,8 +738,30 @@ mod tests {
         assert_eq!(read(dir.join("cpu.max")), "18000 10000");
         assert_eq!(read(dir.join("memory.max")), (2u64 << 30).to_string());
         assert_eq!(read(dir.join("pids.max")), "96");
+        // The zygote goes into the clones' leaf (v2: no processes in a group whose
+        // children have controllers), and the group gives its children the cpu controller.
+        assert_eq!(read(dir.join("cgroup.subtree_control")), "+cpu");
         group.enter(4242).unwrap();
-        assert_eq!(read(dir.join("cgroup.procs")), "4242");
+        assert_eq!(read(dir.join(CLONES_LEAF).join("cgroup.procs")), "4242");
+        assert_eq!(read(dir.join("cgroup.procs")), "");
+        // The demoted clones' group: the least weight, a fifth of a CPU for all of them.
+        let demoted = dir.join(DEMOTED_LEAF);
+        assert_eq!(group.demoted_path(), Some(demoted.as_path()));
+        assert_eq!(read(demoted.join("cpu.weight")), "1");
+        assert_eq!(read(demoted.join("cpu.max")), "2000 10000");
+        assert!(group.demote(4343).unwrap());
+        assert_eq!(read(demoted.join("cgroup.procs")), "4343");
+        // Without a demoted quota there is no such group, and demoting moves nothing.
+        let (_root, layout, service) = fake_v2();
+        let dir = next_group(&service);
+        let off = CgroupLimits {
+            demoted_cpu_max_percent: None,
+            ..limits
+        };
+        let group = ClonesGroup::create(&layout, off, 40).unwrap();
+        assert_eq!(group.demoted_path(), None);
+        assert!(!group.demote(4343).unwrap());
+        assert!(!dir.join(DEMOTED_LEAF).exists());
     }
 
     #[test]
@@ -625,5 +778,13 @@ mod tests {
         assert_eq!(l.v1_shares(), 40);
         l.memory_max = 1 << 20;
         assert!(l.validate().is_err());
+        let mut l = CgroupLimits::defaults_for(4, 16 << 30);
+        assert_eq!(l.demoted_cpu_max_percent, Some(DEMOTED_CPU_MAX_PERCENT));
+        assert_eq!(l.demoted_quota_us(), Some(2_000));
+        l.demoted_cpu_max_percent = Some(0);
+        assert!(l.validate().is_err());
+        l.demoted_cpu_max_percent = Some(1);
+        // cgroupfs takes no quota below 1 ms.
+        assert_eq!(l.demoted_quota_us(), Some(1_000));
     }
 }

@@ -1,0 +1,275 @@
+//! Fair shares under attack **through the real agent** (issue 15's must-show): `dom0-agent
+//! serve` on loopback (sandbox backend, the shipped policy with the `test.*` handlers let
+//! run), 8 honest `transfer` clients over keep-alive HTTP as one client identity
+//! (127.0.0.1) beside 20 hostile clients as another (127.0.0.2, .3, … — a new one per mix,
+//! so that no penalty carries over from one mix to the next: the per-client admission keys
+//! on the source address without mutual TLS), each hostile mix separately, the unloaded
+//! figure (`none`) in the same run and agent.
+//!
+//! Per mix: honest commits/s, p50/p99 and their ratios to `none` (targets: ≥ 0.5× and
+//! ≤ 5×), honest answers other than 200, the hostile answers by status (503: refused at
+//! admission) and requests that hung (no answer within the deadline + 30 s), and the
+//! agent's anonymous RSS after the mix (all its transactions ended; polled for up to 30 s
+//! until within 20 % or 2 MiB, `fair::rss_bound`) against before the mix (`RssAnon`; the whole `VmRSS` is printed too: it also counts the ledger's
+//! file pages, which grow with the data committed).
+//! The load generator runs on the same cores as the agent.
+//!
+//! Run (one command; the knobs are environment variables):
+//!
+//! ```sh
+//! scripts/build-zygote.sh target/zygote-static-fair --features test-handlers   # optional
+//! BENCH_ZYGOTE=$PWD/target/zygote-static-fair/mayfly-zygote \
+//!     cargo bench -p dom0-agent --features test-handlers --bench fairness_http
+//! ```
+//!
+//! `BENCH_SECS` (5) per mix, `BENCH_REPS` (3; one fresh agent per repetition, mixes in
+//! order), `BENCH_MIXES` (all; comma-separated), `BENCH_CGROUPS` (`on`, `off` or `both`;
+//! default `on`), `BENCH_ZYGOTE` (the template; default `mayfly-zygote` beside the agent),
+//! `BENCH_POOL` (16), `BENCH_AGENT_ARGS` (more `serve` flags, space-separated, e.g.
+//! `--max-per-client 4` or `--demoted-cpu-max-percent 0`), `BENCH_PENALTY` (`shipped`,
+//! `off`, or `[engine]` lines replacing the shipped `penalty_*` ones, e.g.
+//! `penalty_after = 4`), `BENCH_RATES` (default: the shipped per-client `[[rate]]` rules
+//! raised to 1,000,000 a window, as the shipped 1,000 transfers/s per client would cap the
+//! honest identity's unloaded figure; `shipped`: as shipped). Without `--bench` (`cargo test --benches`) one short smoke
+//! repetition of `none` and `sleep` runs.
+#![allow(
+    missing_docs,
+    clippy::cast_possible_truncation,
+    clippy::cast_precision_loss,
+    clippy::cast_sign_loss
+)]
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+#[path = "../tests/common/fair.rs"]
+mod fair;
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use fair::{Load, MIXES};
+
+/// One mix of one repetition, as reported.
+struct Row {
+    load: Load,
+    /// Anonymous RSS after the mix and before the first mix (`fair::rss_kib`).
+    rss_after_kib: u64,
+    rss_before_kib: u64,
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied().unwrap_or(0.0)
+}
+
+fn counts(m: &BTreeMap<u16, u64>) -> String {
+    if m.is_empty() {
+        return "-".into();
+    }
+    m.iter()
+        .map(|(c, n)| format!("{c}:{n}"))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+fn main() {
+    let measuring = std::env::args().any(|a| a == "--bench");
+    let env_num = |name: &str, d: f64| {
+        std::env::var(name)
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(d)
+    };
+    let secs = if measuring {
+        env_num("BENCH_SECS", 5.0)
+    } else {
+        0.5
+    };
+    let reps = if measuring {
+        env_num("BENCH_REPS", 3.0) as usize
+    } else {
+        1
+    };
+    let pool = env_num("BENCH_POOL", 16.0) as usize;
+    let wanted: Option<Vec<String>> = std::env::var("BENCH_MIXES")
+        .ok()
+        .map(|m| m.split(',').map(str::to_owned).collect());
+    let mixes: Vec<_> = MIXES
+        .iter()
+        .filter(|(name, ..)| {
+            *name == "none" || wanted.as_ref().is_none_or(|w| w.iter().any(|x| x == name))
+        })
+        .take(if measuring { MIXES.len() } else { 2 })
+        .collect();
+    let settings: &[bool] = match std::env::var("BENCH_CGROUPS").as_deref() {
+        Ok("off") => &[false],
+        Ok("both") => &[true, false],
+        _ => &[true],
+    };
+    let extra_args: Vec<String> = std::env::var("BENCH_AGENT_ARGS")
+        .unwrap_or_default()
+        .split_whitespace()
+        .map(str::to_owned)
+        .collect();
+    let zygote = std::env::var("BENCH_ZYGOTE").ok();
+    let root = tempfile::Builder::new()
+        .prefix("mayfly-fairhttp")
+        .tempdir_in(env!("CARGO_TARGET_TMPDIR"))
+        .unwrap();
+    let penalty = std::env::var("BENCH_PENALTY").ok();
+    let policy = fair::shipped_policy_with_test_handlers(
+        root.path(),
+        match penalty.as_deref() {
+            None | Some("shipped") => None,
+            Some("off") => Some(""),
+            Some(other) => Some(other),
+        },
+        std::env::var("BENCH_RATES").as_deref() == Ok("shipped"),
+    );
+    println!(
+        "fairness through the agent: {} honest transfer clients (127.0.0.1) beside {} hostile \
+         (127.0.0.2 and up, one per mix), {secs} s per mix, {reps} repetitions, pool {pool}, template {}, extra \
+         flags {extra_args:?}, penalty {}, rates {}",
+        fair::HONEST,
+        fair::HOSTILE,
+        zygote.as_deref().unwrap_or("beside the agent"),
+        penalty.as_deref().unwrap_or("shipped"),
+        std::env::var("BENCH_RATES").unwrap_or_else(|_| "raised".into()),
+    );
+    let timeout = Duration::from_secs(40);
+    for &cgroups in settings {
+        let mut rows: Vec<Vec<Row>> = (0..mixes.len()).map(|_| Vec::new()).collect();
+        for rep in 0..reps {
+            let data = root.path().join(format!("{cgroups}-{rep}"));
+            let pool_text = pool.to_string();
+            let mut args: Vec<&str> = vec![
+                "--policy",
+                policy.to_str().unwrap(),
+                "--pool-size",
+                &pool_text,
+            ];
+            if !cgroups {
+                args.push("--no-cgroups");
+            }
+            if let Some(z) = &zygote {
+                args.extend(["--zygote", z.as_str()]);
+            }
+            args.extend(extra_args.iter().map(String::as_str));
+            // Warnings only (quarantine full, …) would drown the figures: errors only.
+            args.extend(["--log-level", "error"]);
+            let agent = common::Agent::start(&data, &args);
+            let pid = agent.child.as_ref().unwrap().id();
+            fair::seed(agent.addr);
+            // Warm-up (not recorded): the level before any attack is taken after honest
+            // traffic of the same kind.
+            let _ = fair::run(
+                agent.addr,
+                ("", ""),
+                fair::HOSTILE_IP,
+                Duration::from_secs(1),
+                timeout,
+                0,
+            );
+            for (i, (name, handler, payload)) in mixes.iter().enumerate() {
+                let (total_before, rss_before_kib) = fair::rss_kib(pid);
+                let load = fair::run(
+                    agent.addr,
+                    (handler, payload),
+                    fair::hostile_ip(i),
+                    Duration::from_secs_f64(secs),
+                    timeout,
+                    (rep * 10 + i) as u64,
+                );
+                let idle = fair::wait_idle(agent.addr, Duration::from_secs(60));
+                // Memory back within the bound, or what it is after 30 s (idle pool threads
+                // end 10 s after their last transaction).
+                let (rss_after_kib, _) =
+                    fair::settle_rss(pid, rss_before_kib, Duration::from_secs(30));
+                let (total_after, _) = fair::rss_kib(pid);
+                println!(
+                    "  rep {rep} {name:>8}: {:>6.0} tx/s p50 {:>8.2?} p99 {:>8.2?}  honest non-200 \
+                     {} hung {}  hostile {} hung {} broken {}  RSS anon {} → {} KiB (all {} → {} MiB){}",
+                    load.rate(),
+                    load.quantile(0.5),
+                    load.quantile(0.99),
+                    counts(&load.honest_other),
+                    load.honest_hung,
+                    counts(&load.hostile),
+                    load.hostile_hung,
+                    load.hostile_broken,
+                    rss_before_kib,
+                    rss_after_kib,
+                    total_before >> 10,
+                    total_after >> 10,
+                    if idle { "" } else { " (still busy after 60 s)" }
+                );
+                rows[i].push(Row {
+                    load,
+                    rss_after_kib,
+                    rss_before_kib,
+                });
+            }
+            drop(agent);
+            let _ = std::fs::remove_dir_all(&data);
+        }
+        println!(
+            "cgroup limits {} (medians of {reps}):",
+            if cgroups { "on" } else { "off (--no-cgroups)" }
+        );
+        let base_rate = median(rows[0].iter().map(|r| r.load.rate()).collect());
+        let base_p99 = median(
+            rows[0]
+                .iter()
+                .map(|r| r.load.quantile(0.99).as_secs_f64())
+                .collect(),
+        );
+        for (i, (name, ..)) in mixes.iter().enumerate() {
+            let r = &rows[i];
+            let rate = median(r.iter().map(|x| x.load.rate()).collect());
+            let p50 = median(
+                r.iter()
+                    .map(|x| x.load.quantile(0.5).as_secs_f64())
+                    .collect(),
+            );
+            let p99 = median(
+                r.iter()
+                    .map(|x| x.load.quantile(0.99).as_secs_f64())
+                    .collect(),
+            );
+            let refused = median(
+                r.iter()
+                    .map(|x| x.load.hostile.get(&503).copied().unwrap_or(0) as f64)
+                    .collect(),
+            );
+            let ended = median(
+                r.iter()
+                    .map(|x| {
+                        x.load
+                            .hostile
+                            .iter()
+                            .filter(|(c, _)| **c != 503)
+                            .map(|(_, n)| *n as f64)
+                            .sum()
+                    })
+                    .collect(),
+            );
+            let hung: u64 = r
+                .iter()
+                .map(|x| x.load.hostile_hung + x.load.honest_hung)
+                .sum();
+            let rss = median(
+                r.iter()
+                    .map(|x| x.rss_after_kib as f64 / x.rss_before_kib.max(1) as f64)
+                    .collect(),
+            );
+            println!(
+                "  {name:>8}: {rate:>7.0} tx/s ({:.2}x)  p50 {:>7.2} ms  p99 {:>7.2} ms ({:.1}x)  \
+                 hostile 503 {refused:>6.0} ended {ended:>5.0}  hung {hung}  anon RSS after/before {rss:.2}",
+                rate / base_rate,
+                p50 * 1e3,
+                p99 * 1e3,
+                p99 / base_p99
+            );
+        }
+    }
+}
