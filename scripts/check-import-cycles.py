@@ -3,7 +3,7 @@
 top-level modules of its src/ and the uses between them (`crate::m`, `super::m` from a
 file directly under src/, and in the crate root `m::` paths other than `mod` declarations
 and `pub use` re-exports; a `crate::Item` re-exported by the root counts as a use of the
-module that defines it). `use crate::{a, b::c}` groups count as uses of each item's module. Test modules
+module that defines it, as does a `#[macro_export]` macro). `use crate::{a, b::c}` groups count as uses of each item's module. Test modules
 (`#[cfg(test)]` to the end of a file) do not count.
 Prints each circle; exits 1 on any circle not within KNOWN (empty since issue 20)."""
 import re
@@ -64,6 +64,14 @@ def crate_graph(src):
         if m.group(1) in mods:
             for name in re.findall(IDENT, m.group(2)):
                 reexports.setdefault(name, m.group(1))
+    # A `#[macro_export]` macro is reached as `crate::name!` although the module that defines
+    # it is what is used.
+    for p in files:
+        me = top_module(src, p)
+        if me is None:
+            continue
+        for name in re.findall(r"#\[macro_export\]\s*macro_rules!\s*(" + IDENT + ")", strip(p.read_text())):
+            reexports.setdefault(name, me)
     edges = {m: set() for m in mods | {"<root>"}}
     for p in files:
         me = top_module(src, p) or "<root>"

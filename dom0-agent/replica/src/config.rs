@@ -25,6 +25,9 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+pub use crate::heartbeat::{
+    Heartbeat, DEFAULT_HEARTBEAT_MISSES, DEFAULT_HEARTBEAT_MS, HEARTBEAT_MISSES, HEARTBEAT_MS,
+};
 use crate::primary::PrimaryConfig;
 use crate::standby::StandbyConfig;
 use crate::tls::{PinnedTls, TlsError};
@@ -36,40 +39,6 @@ pub const MIN_SYNC_TIMEOUT_MS: u64 = 10;
 pub const MAX_SYNC_TIMEOUT_MS: u64 = 60_000;
 /// Default `sync_timeout_ms`.
 pub const DEFAULT_SYNC_TIMEOUT_MS: u64 = 2_000;
-/// Accepted `heartbeat_ms`.
-pub const HEARTBEAT_MS: std::ops::RangeInclusive<u64> = 50..=60_000;
-/// Default `heartbeat_ms`.
-pub const DEFAULT_HEARTBEAT_MS: u64 = 1_000;
-/// Accepted `heartbeat_misses`.
-pub const HEARTBEAT_MISSES: std::ops::RangeInclusive<u32> = 2..=100;
-/// Default `heartbeat_misses`.
-pub const DEFAULT_HEARTBEAT_MISSES: u32 = 5;
-
-/// How often each side sends a heartbeat, and how much silence means the peer is lost.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Heartbeat {
-    /// Interval between two heartbeats a side sends.
-    pub interval: Duration,
-    /// Intervals without any frame from the peer after which it is lost.
-    pub misses: u32,
-}
-
-impl Default for Heartbeat {
-    fn default() -> Self {
-        Self {
-            interval: Duration::from_millis(DEFAULT_HEARTBEAT_MS),
-            misses: DEFAULT_HEARTBEAT_MISSES,
-        }
-    }
-}
-
-impl Heartbeat {
-    /// Silence after which the peer is lost: `interval × misses`.
-    pub fn lost_after(&self) -> Duration {
-        self.interval.saturating_mul(self.misses)
-    }
-}
-
 /// Which side this node is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]

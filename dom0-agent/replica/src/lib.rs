@@ -14,13 +14,15 @@
 pub mod config;
 pub mod fence;
 pub mod frame;
+pub mod heartbeat;
 pub mod inbox;
 pub mod primary;
 pub mod standby;
 pub mod tls;
 
-pub use config::{Heartbeat, ReplicationSection, Role};
+pub use config::{ReplicationSection, Role};
 pub use fence::Fenced;
+pub use heartbeat::Heartbeat;
 pub use primary::{PrimaryConfig, Shipper, StartError, Status, StatusHandle};
 pub use standby::{follow, End, StandbyConfig};
 pub use tls::{pin_of, PinnedTls, TlsError};

@@ -46,10 +46,10 @@ use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use rustls::{ServerConnection, StreamOwned};
 use slog::{error, info, warn, Logger};
 
-use crate::config::Heartbeat;
 use crate::frame::{
     write_frame, Frame, FrameError, KIND_ACK, KIND_HEARTBEAT, KIND_HELLO, KIND_STOP,
 };
+use crate::heartbeat::Heartbeat;
 use crate::inbox::{Filled, Inbox};
 use crate::tls::{PinnedTls, TlsError};
 use crate::Mode;

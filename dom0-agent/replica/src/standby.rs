@@ -30,10 +30,10 @@ use rustls::pki_types::ServerName;
 use rustls::{ClientConnection, StreamOwned};
 use slog::{error, info, warn, Logger};
 
-use crate::config::Heartbeat;
 use crate::frame::{
     write_frame, Frame, FrameError, KIND_CURSORS, KIND_EPOCH, KIND_GROUP, KIND_HEARTBEAT, KIND_STOP,
 };
+use crate::heartbeat::Heartbeat;
 use crate::inbox::{Filled, Inbox};
 use crate::tls::{PinnedTls, TlsError};
 
