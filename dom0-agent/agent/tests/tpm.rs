@@ -71,6 +71,7 @@ fn serve_refused(data: &Path, tcti: &str) -> (i32, String) {
 
 #[test]
 fn sealed_key_end_to_end_with_attestation() {
+    let _serial = mayfly_tpm::swtpm::serial();
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     let state = dir.path().join("tpm");
@@ -273,6 +274,7 @@ fn labelled_file(path: &Path, states: &[(&str, &str)]) -> PathBuf {
 
 #[test]
 fn reseal_switch_covers_every_boot_an_update_leads_to() {
+    let _serial = mayfly_tpm::swtpm::serial();
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     let state = dir.path().join("tpm");
@@ -383,6 +385,7 @@ fn reseal_switch_covers_every_boot_an_update_leads_to() {
 
 #[test]
 fn without_a_tpm_the_file_key_is_used_and_reported() {
+    let _serial = mayfly_tpm::swtpm::serial();
     let dir = tempfile::tempdir().unwrap();
     let agent = Agent::start(dir.path(), &[]);
     let (_, health) = agent.get("/v1/health");

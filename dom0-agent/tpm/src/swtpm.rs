@@ -15,6 +15,20 @@ use crate::{PcrValue, Tpm, TpmError};
 /// How long to wait for a started swtpm to accept connections.
 const READY_DEADLINE: Duration = Duration::from_secs(20);
 
+/// Serialises tests that use swtpm from parallel threads of one process: hold the guard for
+/// the whole test. libtss2's TCTI sockets are not close-on-exec, so a process spawned by one
+/// thread (a swtpm, an agent) while another thread has a TPM context open inherits that
+/// context's connection and keeps it open after the context is dropped; swtpm serves one
+/// connection at a time, so the next client of that swtpm (an agent's `init`) then waits for
+/// ever (seen: `agent/tests/tpm.rs` hung 11 minutes). Poison-tolerant: a failed test does not
+/// fail the others.
+pub fn serial() -> std::sync::MutexGuard<'static, ()> {
+    static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    SERIAL
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 /// A running `swtpm socket --tpm2` process.
 #[derive(Debug)]
 pub struct Swtpm {

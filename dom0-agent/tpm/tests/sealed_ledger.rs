@@ -71,6 +71,7 @@ fn data_digest(dir: &Path) -> Vec<u8> {
 
 #[test]
 fn sealed_key_signs_refuses_on_a_changed_boot_and_another_tpm_and_recovers() {
+    let _serial = mayfly_tpm::swtpm::serial();
     let tmp = tempfile::tempdir().unwrap();
     let data = tmp.path().join("data");
     std::fs::create_dir(&data).unwrap();
@@ -160,6 +161,7 @@ fn sealed_key_signs_refuses_on_a_changed_boot_and_another_tpm_and_recovers() {
 
 #[test]
 fn rotation_moves_to_a_new_sealed_key_and_reseal_follows_an_update() {
+    let _serial = mayfly_tpm::swtpm::serial();
     let tmp = tempfile::tempdir().unwrap();
     let data = tmp.path().join("data");
     std::fs::create_dir(&data).unwrap();
@@ -224,6 +226,7 @@ fn rotation_moves_to_a_new_sealed_key_and_reseal_follows_an_update() {
 
 #[test]
 fn sources_are_not_mixed_up() {
+    let _serial = mayfly_tpm::swtpm::serial();
     let tmp = tempfile::tempdir().unwrap();
     let data = tmp.path().join("data");
     std::fs::create_dir(&data).unwrap();

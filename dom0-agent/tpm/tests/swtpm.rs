@@ -13,6 +13,7 @@ fn booted(state: &std::path::Path, cmdline: &str) -> (Swtpm, Tpm) {
 
 #[test]
 fn sealed_seed_unseals_only_on_the_same_tpm_and_boot_chain() {
+    let _serial = mayfly_tpm::swtpm::serial();
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("tpm");
     let seed = [0x5a; 32];
@@ -59,6 +60,7 @@ fn sealed_seed_unseals_only_on_the_same_tpm_and_boot_chain() {
 
 #[test]
 fn the_tpm_enforces_the_policy_even_if_the_recorded_values_lie() {
+    let _serial = mayfly_tpm::swtpm::serial();
     let dir = tempfile::tempdir().unwrap();
     let (_sw, mut tpm) = booted(&dir.path().join("tpm"), GOOD_CMDLINE);
     let values = tpm.read_pcrs(DEFAULT_PCRS).unwrap();
@@ -73,6 +75,7 @@ fn the_tpm_enforces_the_policy_even_if_the_recorded_values_lie() {
 
 #[test]
 fn sealed_to_expected_values_of_another_boot() {
+    let _serial = mayfly_tpm::swtpm::serial();
     // Re-sealing for an update: sealed on the current boot to the values the next image's
     // boot will produce; unseals on that boot only.
     let dir = tempfile::tempdir().unwrap();
@@ -92,6 +95,7 @@ fn sealed_to_expected_values_of_another_boot() {
 
 #[test]
 fn sealed_to_several_boot_states_unseals_in_each_and_nowhere_else() {
+    let _serial = mayfly_tpm::swtpm::serial();
     // An A/B update: one blob for the trial boot, the committed boot of the new slot and
     // the fallback to the old one (TPM2_PolicyOR of one TPM2_PolicyPCR per state).
     let dir = tempfile::tempdir().unwrap();
@@ -154,6 +158,7 @@ fn sealed_to_several_boot_states_unseals_in_each_and_nowhere_else() {
 
 #[test]
 fn quote_verifies_and_every_tampering_is_refused() {
+    let _serial = mayfly_tpm::swtpm::serial();
     let dir = tempfile::tempdir().unwrap();
     let (_sw, mut tpm) = booted(&dir.path().join("tpm"), GOOD_CMDLINE);
     let ak = tpm.attestation_public_key().unwrap();
