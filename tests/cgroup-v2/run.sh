@@ -24,7 +24,7 @@ OUT=${1:-target/cgroup-v2}
 QEMU_TIMEOUT=${QEMU_TIMEOUT:-600}
 HERE=tests/cgroup-v2
 # The checks the guest must report, each exactly once (a check that is never reached fails).
-EXPECTED_CHECKS=37
+EXPECTED_CHECKS=48
 
 ensure_cgroup_v2_test_packages
 KVER=$(linux_version)
