@@ -131,6 +131,27 @@ have_static_busybox() {
     done
 }
 
+# install_library_closure <root> <file>...: copies the shared-library closure of the files
+# (a file that is itself a .so counts too), libgcc_s (loaded for unwinding) and the loader
+# into <root> at the paths the loader expects.
+install_library_closure() {
+    local root=$1 f lib libs
+    shift
+    libs=$(for f in "$@"; do
+        echo "$f" | grep -q '\.so' && echo "$f"
+        ldd "$f" 2>/dev/null | grep -oE '/[^ ]+\.so[^ ]*' || true
+    done | sort -u)
+    for lib in $libs $(find /lib/x86_64-linux-gnu /usr/lib/x86_64-linux-gnu -name 'libgcc_s.so.1' -print -quit); do
+        mkdir -p "$root$(dirname "$lib")"
+        cp -L "$lib" "$root$lib"
+    done
+    # Debian's merged /usr: the loader is asked for as /lib64/ld-linux-x86-64.so.2.
+    [ -e "$root/lib64/ld-linux-x86-64.so.2" ] || {
+        mkdir -p "$root/lib64"
+        cp -L /lib64/ld-linux-x86-64.so.2 "$root/lib64/"
+    }
+}
+
 # What the cgroup v2 test (tests/cgroup-v2/run.sh) boots: Debian's kernel (no Xen) under QEMU
 # with an initramfs of the static busybox (its init uses the applets named below) and the
 # agent. Each check is for the file the test uses.

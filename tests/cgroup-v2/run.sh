@@ -48,17 +48,8 @@ if [ "${SKIP_BUILD:-0}" != 1 ]; then
     done
     install -s -m 0755 "$AGENT" "$ROOT/usr/bin/dom0-agent"
     install -s -m 0755 "$OUT/zygote/mayfly-zygote" "$ROOT/usr/lib/mayfly/mayfly-zygote"
-    # The agent's shared-library closure (the static zygote has none), at the paths the loader
-    # expects; libgcc_s for unwinding.
-    libs=$(ldd "$AGENT" | grep -oE '/[^ ]+\.so[^ ]*' | sort -u)
-    for lib in $libs $(find /lib/x86_64-linux-gnu /usr/lib/x86_64-linux-gnu -name 'libgcc_s.so.1' -print -quit); do
-        mkdir -p "$ROOT$(dirname "$lib")"
-        cp -L "$lib" "$ROOT$lib"
-    done
-    [ -e "$ROOT/lib64/ld-linux-x86-64.so.2" ] || {
-        mkdir -p "$ROOT/lib64"
-        cp -L /lib64/ld-linux-x86-64.so.2 "$ROOT/lib64/"
-    }
+    # The agent's shared-library closure (the static zygote has none).
+    install_library_closure "$ROOT" "$AGENT"
     # The agent tests' permissive policy: every handler (the test.* ones too) allowed,
     # domain misbehaviour aborts and destroys.
     printf '%s\n' '[engine]' 'unlisted_handler = "allow"' 'domain_default = "abort"' \
