@@ -116,6 +116,58 @@ ensure_cargo_tool() {
     fi
 }
 
+# have_static_busybox <applet>...: /bin/busybox is Debian's static build and has the applets.
+# An initramfs gets /bin/busybox without its libraries: it must be the static build, i.e. the
+# file must belong to busybox-static (Debian's dynamic `busybox` installs the same path). The
+# static binary itself contains the string "ld-linux-x86-64" (an applet's text), so grepping
+# it for the loader reinstalled the package on every run.
+have_static_busybox() {
+    local applets applet
+    [ -x /bin/busybox ] || return 1
+    dpkg-query -S /bin/busybox 2>/dev/null | grep -q '^busybox-static:' || return 1
+    applets=$(/bin/busybox --list)
+    for applet in "$@"; do
+        grep -qx "$applet" <<<"$applets" || return 1
+    done
+}
+
+# install_library_closure <root> <file>...: copies the shared-library closure of the files
+# (a file that is itself a .so counts too), libgcc_s (loaded for unwinding) and the loader
+# into <root> at the paths the loader expects.
+install_library_closure() {
+    local root=$1 f lib libs
+    shift
+    libs=$(for f in "$@"; do
+        echo "$f" | grep -q '\.so' && echo "$f"
+        ldd "$f" 2>/dev/null | grep -oE '/[^ ]+\.so[^ ]*' || true
+    done | sort -u)
+    for lib in $libs $(find /lib/x86_64-linux-gnu /usr/lib/x86_64-linux-gnu -name 'libgcc_s.so.1' -print -quit); do
+        mkdir -p "$root$(dirname "$lib")"
+        cp -L "$lib" "$root$lib"
+    done
+    # Debian's merged /usr: the loader is asked for as /lib64/ld-linux-x86-64.so.2.
+    [ -e "$root/lib64/ld-linux-x86-64.so.2" ] || {
+        mkdir -p "$root/lib64"
+        cp -L /lib64/ld-linux-x86-64.so.2 "$root/lib64/"
+    }
+}
+
+# What the cgroup v2 test (tests/cgroup-v2/run.sh) boots: Debian's kernel (no Xen) under QEMU
+# with an initramfs of the static busybox (its init uses the applets named below) and the
+# agent. Each check is for the file the test uses.
+ensure_cgroup_v2_test_packages() {
+    local missing=()
+    command -v qemu-system-x86_64 >/dev/null || missing+=(qemu-system-x86)
+    { [ -n "$(linux_version)" ] && [ -f "/boot/vmlinuz-$(linux_version)" ]; } ||
+        missing+=(linux-image-amd64)
+    have_static_busybox wget timeout awk sed tr grep find readlink mount ip poweroff nproc ||
+        missing+=(busybox-static)
+    command -v cpio >/dev/null || missing+=(cpio)
+    # The agent's shared-library closure is read with ldd (libc-bin).
+    command -v ldd >/dev/null || missing+=(libc-bin)
+    if [ ${#missing[@]} -gt 0 ]; then apt_install "${missing[@]}"; fi
+}
+
 # Everything the Xen-in-QEMU suite boots or builds its images from (Debian 12 packages):
 # Xen 4.17 and its toolstack, the xenstore tools, QEMU, Debian's kernel, a static busybox.
 ensure_xen_qemu_packages() {
@@ -126,14 +178,7 @@ ensure_xen_qemu_packages() {
         >/dev/null || missing+=(xenstore-utils)
     command -v qemu-system-x86_64 >/dev/null || missing+=(qemu-system-x86)
     [ -n "$(linux_version)" ] || missing+=(linux-image-amd64)
-    # The dom0 initramfs gets /bin/busybox without its libraries: it must be the static build,
-    # i.e. the file must belong to busybox-static (Debian's dynamic `busybox` installs the same
-    # path). The static binary itself contains the string "ld-linux-x86-64" (an applet's
-    # text), so grepping it for the loader reinstalled the package on every run.
-    if ! [ -x /bin/busybox ] || ! /bin/busybox --list | grep -qx ip ||
-        ! dpkg-query -S /bin/busybox 2>/dev/null | grep -q '^busybox-static:'; then
-        missing+=(busybox-static)
-    fi
+    have_static_busybox ip || missing+=(busybox-static)
     command -v cpio >/dev/null || missing+=(cpio)
     command -v xz >/dev/null || missing+=(xz-utils)
     command -v curl >/dev/null || missing+=(curl)

@@ -56,6 +56,9 @@ for smoke in domu-shim/*/fuzz/smoke.sh; do
     [ -x "$smoke" ] || continue
     step "fuzz smoke: ${smoke%/fuzz/smoke.sh}" "$smoke"
 done
+# The sandbox's cgroup v2 path on Debian's own kernel under QEMU TCG (no Xen, no systemd, only
+# cgroup2 mounted): limits, the clones' and demoted groups, cleanup. Installs its own packages.
+step "cgroup v2 on a real kernel" tests/cgroup-v2/run.sh
 # Xen 4.17 under QEMU TCG: the guest transport, the dom0 overlay, and transactions through the
 # agent's Xen backend. Installs its own Debian packages.
 step "Xen-in-QEMU suite"      tests/xen-qemu/run.sh

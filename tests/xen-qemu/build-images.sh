@@ -118,19 +118,8 @@ ld_cache=$(ldconfig -p)
 dlopened=$(for so in libxenctrl.so.4.17 libxengnttab.so.1 libxenevtchn.so.1; do
     awk -v so="$so" '$1 == so && /x86-64/ && !found { print $NF; found = 1 }' <<<"$ld_cache"
 done)
-libs=$(for f in "$ROOT"/usr/sbin/* "$ROOT"/usr/bin/* "$ROOT$XEN_BIN"/* $dlopened; do
-    echo "$f" | grep -q '\.so' && echo "$f"
-    ldd "$f" 2>/dev/null | grep -oE '/[^ ]+\.so[^ ]*' || true
-done | sort -u)
-for lib in $libs $(find /lib/x86_64-linux-gnu /usr/lib/x86_64-linux-gnu -name 'libgcc_s.so.1' -print -quit); do
-    mkdir -p "$ROOT$(dirname "$lib")"
-    cp -L "$lib" "$ROOT$lib"
-done
-# Debian's merged /usr: the loader is asked for as /lib64/ld-linux-x86-64.so.2.
-[ -e "$ROOT/lib64/ld-linux-x86-64.so.2" ] || {
-    mkdir -p "$ROOT/lib64"
-    cp -L /lib64/ld-linux-x86-64.so.2 "$ROOT/lib64/"
-}
+# shellcheck disable=SC2086 # $dlopened: one path per line
+install_library_closure "$ROOT" "$ROOT"/usr/sbin/* "$ROOT"/usr/bin/* "$ROOT$XEN_BIN"/* $dlopened
 for m in xen-evtchn xen-gntdev xen-gntalloc xen-privcmd xenfs e1000; do
     src=$(module_path "$m")
     [ -n "$src" ] || { echo "module $m not found" >&2; exit 1; }
