@@ -413,6 +413,11 @@ impl Control {
         Ok(())
     }
 
+    /// The loaded libraries (for [`crate::clonecost`]'s calls).
+    pub(crate) fn libs(&self) -> &Libraries {
+        &self.libs
+    }
+
     /// Runs `f` with the raw libxenctrl handle, holding its lock for the whole call (the
     /// in-process domain builder, [`crate::pvbuild`]).
     pub(crate) fn with_handle<R>(&self, f: impl FnOnce(*mut xc_interface) -> R) -> R {

@@ -108,6 +108,9 @@ impl Libraries {
         sym!(c, x, xc_domain_unpause)?;
         sym!(c, x, xc_domain_destroy)?;
         sym!(c, x, xc_physinfo)?;
+        // The clone-cost measurement (clonecost.rs), not the agent's path.
+        sym!(c, x, xc_vcpu_getcontext)?;
+        sym!(c, x, xc_domain_populate_physmap_exact)?;
         let g = &self.gnttab;
         let x = soname::XENGNTTAB;
         sym!(g, x, xengntshr_open)?;

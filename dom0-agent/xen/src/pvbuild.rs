@@ -238,6 +238,56 @@ impl PvBuilder {
         })
     }
 
+    /// For the clone-cost measurement ([`crate::clonecost`]): a domain created exactly as
+    /// [`PvBuilder::build`] creates one (configuration, one vCPU, the memory limit), with
+    /// no memory and nothing built. If a step fails it is destroyed before this returns;
+    /// otherwise the caller destroys it.
+    pub(crate) fn create_empty(
+        &self,
+        control: &Control,
+        xch: *mut mayfly_xen_sys::types::xc_interface,
+        tag: [u8; 8],
+    ) -> Result<DomId, BuildError> {
+        let domid = self.create(xch, tag)?;
+        match self.limits(xch, domid) {
+            Ok(()) => Ok(domid),
+            Err(first) => match control.destroy_locked(xch, domid) {
+                Ok(()) => Err(first),
+                Err(destroy) => Err(BuildError::Destroy {
+                    domid,
+                    first: Box::new(first),
+                    destroy,
+                }),
+            },
+        }
+    }
+
+    /// One vCPU and the memory limit, as in `fill`.
+    fn limits(
+        &self,
+        xch: *mut mayfly_xen_sys::types::xc_interface,
+        domid: DomId,
+    ) -> Result<(), BuildError> {
+        let fail = |call: &'static str| BuildError::Call {
+            call,
+            domid: Some(domid),
+            source: io::Error::last_os_error(),
+        };
+        let c = &self.libs.ctrl;
+        let x = soname::XENCTRL;
+        let max_vcpus = sym!(c, x, xc_domain_max_vcpus)?;
+        let setmaxmem = sym!(c, x, xc_domain_setmaxmem)?;
+        // SAFETY: a live handle (the caller holds its lock) and the domain just created.
+        if unsafe { max_vcpus(xch, domid, 1) } < 0 {
+            return Err(fail("xc_domain_max_vcpus"));
+        }
+        // SAFETY: as above.
+        if unsafe { setmaxmem(xch, domid, u64::from(self.memory_mib) * 1024) } < 0 {
+            return Err(fail("xc_domain_setmaxmem"));
+        }
+        Ok(())
+    }
+
     fn create(
         &self,
         xch: *mut mayfly_xen_sys::types::xc_interface,
