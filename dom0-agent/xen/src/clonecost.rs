@@ -263,7 +263,11 @@ impl Template {
             .tot_pages;
         let cr3 = control.with_handle(|xch| vcpu0_cr3(control, xch, domid))?;
         let mut walk = Walk::default();
-        walk.table(fmem, domid, cr3 >> 12, 4, 0)?;
+        let mut read = |mfn: u64| -> Result<Vec<u64>, CloneCostError> {
+            let map = fmem.map(domid, &[mfn], false)?;
+            Ok((0..512).map(|i| map.u64_at(i * 8).unwrap_or(0)).collect())
+        };
+        walk.table(&mut read, domid, cr3 >> 12, 4, 0)?;
         // The boot image is mapped at virtual address pfn * 4096 (VIRT_BASE 0).
         let own: std::collections::BTreeMap<u64, u64> = walk
             .leaves
@@ -364,10 +368,11 @@ struct Walk {
 }
 
 impl Walk {
-    /// Reads the table in frame `mfn` at `level` (4 = L4) covering addresses from `base`.
+    /// Reads the table in frame `mfn` at `level` (4 = L4) covering addresses from `base`;
+    /// `read` returns a frame's 512 entries.
     fn table(
         &mut self,
-        fmem: &ForeignMemory,
+        read: &mut impl FnMut(u64) -> Result<Vec<u64>, CloneCostError>,
         domid: DomId,
         mfn: u64,
         level: u32,
@@ -380,9 +385,7 @@ impl Walk {
                 what: format!("more than {MAX_PT_PAGES} page-table pages"),
             });
         }
-        let map = fmem.map(domid, &[mfn], false)?;
-        let entries: Vec<u64> = (0..512).map(|i| map.u64_at(i * 8).unwrap_or(0)).collect();
-        drop(map);
+        let entries = read(mfn)?;
         let shift = 12 + 9 * (level - 1);
         for (i, pte) in entries.into_iter().enumerate() {
             if pte & PTE_PRESENT == 0 || (level == 4 && XEN_L4_SLOTS.contains(&i)) {
@@ -397,7 +400,7 @@ impl Walk {
             if level == 1 {
                 self.leaves.push((va, frame));
             } else if pte & PTE_PSE == 0 {
-                self.table(fmem, domid, frame, level - 1, va)?;
+                self.table(read, domid, frame, level - 1, va)?;
             }
         }
         Ok(())
@@ -465,4 +468,72 @@ pub fn copy_once(
     result?;
     destroyed?;
     Ok(steps)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A 64-bit PV guest's tables in miniature: L4 (frame 10) slot 0 -> L3 (11) slot 0 ->
+    /// L2 (12) slot 1 -> L1 (13) with pages at slots 0, 1 and 5; a Xen slot (256) and a
+    /// large page in the L2 (slot 2) that must not be followed.
+    fn tables() -> std::collections::BTreeMap<u64, Vec<u64>> {
+        let entry = |frame: u64, flags: u64| (frame << 12) | flags;
+        let mut t = std::collections::BTreeMap::new();
+        let mut l4 = vec![0u64; 512];
+        l4[0] = entry(11, 0x67);
+        l4[256] = entry(999, 0x63); // Xen's: not walked, not counted
+        let mut l3 = vec![0u64; 512];
+        l3[0] = entry(12, 0x67);
+        let mut l2 = vec![0u64; 512];
+        l2[1] = entry(13, 0x67);
+        l2[2] = entry(14, 0x67 | PTE_PSE);
+        let mut l1 = vec![0u64; 512];
+        l1[0] = entry(100, 0x67);
+        l1[1] = entry(101, 0x67);
+        l1[2] = entry(102, 0x66); // not present
+        l1[5] = entry(105, 0x65) | (1 << 63); // NX does not leak into the frame
+        t.insert(10, l4);
+        t.insert(11, l3);
+        t.insert(12, l2);
+        t.insert(13, l1);
+        t
+    }
+
+    #[test]
+    fn the_walk_counts_tables_entries_and_leaves_by_address() {
+        let t = tables();
+        let mut read = |mfn: u64| {
+            t.get(&mfn).cloned().ok_or(CloneCostError::Template {
+                domid: 1,
+                what: format!("frame {mfn} read"),
+            })
+        };
+        let mut walk = Walk::default();
+        walk.table(&mut read, 1, 10, 4, 0).unwrap();
+        assert_eq!(walk.pages, 4, "L4, L3, L2, L1");
+        assert_eq!(walk.entries, vec![11, 12, 13, 100, 101, 105, 14]);
+        let l2 = 1u64 << 21;
+        assert_eq!(
+            walk.leaves,
+            vec![(l2, 100), (l2 + 4096, 101), (l2 + 5 * 4096, 105)]
+        );
+    }
+
+    #[test]
+    fn the_walk_is_bounded_against_a_table_that_names_itself() {
+        let mut l4 = vec![0u64; 512];
+        l4[0] = (10 << 12) | 0x67; // the L4 as its own L3, L2, L1: a loop in a hostile guest
+        let mut read = |_mfn: u64| Ok(l4.clone());
+        let mut walk = Walk::default();
+        walk.table(&mut read, 1, 10, 4, 0).unwrap();
+        assert_eq!(walk.pages, 4, "levels bound the depth");
+        let mut all = vec![0u64; 512];
+        for (i, e) in all.iter_mut().enumerate().take(255) {
+            *e = ((i as u64 + 20) << 12) | 0x67;
+        }
+        let mut read = |_mfn: u64| Ok(all.clone());
+        let err = Walk::default().table(&mut read, 1, 10, 4, 0).unwrap_err();
+        assert!(err.to_string().contains("page-table pages"), "{err}");
+    }
 }
