@@ -317,7 +317,14 @@ fn count_pv() -> Result<()> {
     Ok(())
 }
 
-fn run_mayfly(o: &Opts) -> Result<()> {
+/// The Xen libraries, the control handle and a builder holding `--kernel`.
+fn open_builder(
+    o: &Opts,
+) -> Result<(
+    Arc<mayfly_xen::Libraries>,
+    Arc<mayfly_xen::Control>,
+    PvBuilder,
+)> {
     let path = o
         .kernel
         .as_deref()
@@ -326,6 +333,11 @@ fn run_mayfly(o: &Opts) -> Result<()> {
     let libs = mayfly_xen::Libraries::load()?;
     let control = Arc::new(mayfly_xen::Control::open(libs.clone())?);
     let builder = PvBuilder::new(libs.clone(), kernel, o.memory_mib)?;
+    Ok((libs, control, builder))
+}
+
+fn run_mayfly(o: &Opts) -> Result<()> {
+    let (libs, control, builder) = open_builder(o)?;
     let mut result = Ok(());
     for run in 0..o.runs {
         say(&format!("run={run}"));
@@ -648,14 +660,7 @@ fn median(xs: &[Duration]) -> Duration {
 fn clone_cost(o: &Opts) -> Result<()> {
     use mayfly_xen::clonecost::{copy_once, ForeignMemory, Template, COPY_STEPS};
     use mayfly_xen::pvbuild::BUILD_STEPS;
-    let path = o
-        .kernel
-        .as_deref()
-        .ok_or_else(|| anyhow!("--kernel is required"))?;
-    let kernel = std::fs::read(path).with_context(|| format!("reading {path}"))?;
-    let libs = mayfly_xen::Libraries::load()?;
-    let control = Arc::new(mayfly_xen::Control::open(libs.clone())?);
-    let builder = PvBuilder::new(libs.clone(), kernel, o.memory_mib)?;
+    let (libs, control, builder) = open_builder(o)?;
     let fmem = ForeignMemory::open()?;
     let domains_before = control.list()?.len();
     let geometry = Geometry::DEFAULT;
