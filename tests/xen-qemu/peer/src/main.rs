@@ -27,7 +27,8 @@
 //!     `copy_lower_bound_ms_median`, `copy_<step>_ms`), `ratio_copy_over_build`,
 //!     `ratio_copy_plus_boot_info_over_build`, the build's step medians
 //!     (`build_<step>_ms`), and `domains_before`/`domains_after`
-//!     (must be equal: every domain destroyed).
+//!     (must be equal: every domain destroyed); and one `pair=I build_us build_create_us
+//!     copy_us copy_create_us copy_unmap_us` line per run.
 //! xen-ring-peer count-pv --handler -
 //!     prints `mayfly_pv_domids=ID ...`: the domains whose handle starts with MAYFLYPV (the
 //!     agent's and this tool's Mayfly PV guests), for the suite's leftover and reconciler
@@ -722,7 +723,19 @@ fn clone_cost(o: &Opts) -> Result<()> {
             build_destroy.push(destroying.elapsed());
             drop(held); // unshare and close only once the domain is gone
                         // (b) the copy path's lower bound.
-            copy.push(copy_once(&builder, &control, &fmem, &t, tag)?);
+            let copied = copy_once(&builder, &control, &fmem, &t, tag)?;
+            // Each pair too, so that a median hiding a bimodal step shows.
+            let us = |d: Duration| d.as_micros();
+            say(&format!(
+                "pair={run} build_us={} build_create_us={} copy_us={} copy_create_us={} \
+                 copy_unmap_us={}",
+                us(build.last().copied().unwrap_or_default()),
+                us(built.steps[0]),
+                us(copied[..COPY_STEPS.len() - 1].iter().sum()),
+                us(copied[0]),
+                us(copied[4])
+            ));
+            copy.push(copied);
         }
         let ms = |d: Duration| d.as_secs_f64() * 1e3;
         let b = median(&build);
