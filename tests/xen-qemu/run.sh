@@ -185,6 +185,16 @@ else
     fail "Mayfly PV guest in-process: runs $mruns, committed $mok, poweroff $moff, destroyed $mdestroyed; $(result 'peer mayfly') $(peer_line mayfly | tail -n 6 | tr '\n' '|')"
 fi
 
+# Issue 21 item 3, measured: build from the image vs the copy path's lower bound; every
+# domain destroyed (counted before and after by the peer).
+cc=$(peer_line clone-cost)
+if result "peer clone-cost rc=0" | grep -q . && echo "$cc" | grep -q '^ratio_copy_over_build=' &&
+    echo "$cc" | grep -qE '^domains_before=([0-9]+) domains_after=\1$'; then
+    pass "clone cost: $(echo "$cc" | grep -oE '(build_ms_median|copy_lower_bound_ms_median|ratio_copy_over_build)=[0-9.]+' | tr '\n' ' ')"
+else
+    fail "clone cost: $(result 'peer clone-cost') $(echo "$cc" | tail -n 4 | tr '\n' '|')"
+fi
+
 # 2. The guest transport.
 if peer_line kv | grep -q '^outcome=committed {"key":"k","ok":true}'; then
     pass "kv put committed over grant-mapped ring + event channel"
@@ -329,6 +339,8 @@ field() { grep -aE "^MAYFLY-PEER $1" "$LOG" | grep -oE "$2=[0-9.]+" | cut -d= -f
     echo "Mayfly PV guest, build -> Ready (ms):        $(field 'mayfly ' ready_ms | median)"
     echo "Mayfly PV guest, build -> first request (ms): $(field 'mayfly ' first_request_ms | median)"
     echo "Mayfly PV guest, domain memory (KiB):        $(field 'mayfly ' domain_kib | median)"
+    echo "clone cost (issue 21 item 3, xen-ring-peer clone-cost, 15 interleaved runs):"
+    peer_line clone-cost | grep -E '^(template|runs|ratio|domains)' | sed 's/^/  /' || true
     echo "agent on the Linux PV guest, 4 clients, fresh domain per transaction (tx/s): $(grep -oE 'linux_sustained_tx_s=[0-9.]+' "$OUT/agent-phase.log" 2>/dev/null | cut -d= -f2)"
     echo "agent on the Mayfly PV guest, 4 clients, fresh domain per transaction (tx/s): $(grep -oE 'mayfly_sustained_tx_s=[0-9.]+' "$OUT/agent-mayfly.log" 2>/dev/null | cut -d= -f2)"
     echo "agent on the Mayfly PV guest, where the sustained run's time went (agent-mayfly.sh):"

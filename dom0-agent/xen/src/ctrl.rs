@@ -413,7 +413,8 @@ impl Control {
         Ok(())
     }
 
-    /// The loaded libraries (for the wrappers in other modules of this crate).
+    /// The loaded libraries (for the wrappers in other modules of this crate, such as
+    /// [`crate::clonecost`]'s calls).
     pub(crate) fn libs(&self) -> &Libraries {
         &self.libs
     }

@@ -14,6 +14,8 @@
 //!     ├─ PvBuilder::new()     libxenguest's xc_dom_* builder with a Mayfly PV guest kernel
 //!     │                        held in memory: fresh paused domains, boot info as the boot
 //!     │                        module, no xl/libxl/xenstore; tagged in their domain handle
+//!     ├─ clonecost            a measurement (xen-ring-peer clone-cost), not the agent's
+//!     │                        path: a paused template's pages mapped and copied
 //!     └─ Store::open()        xenstore (xenstore-rs): the ring contract keys, guest
 //!                             read-only; domain names; cleanup after destroy
 //! ```
@@ -26,6 +28,7 @@
 #![allow(unsafe_code)]
 #![deny(clippy::undocumented_unsafe_blocks)]
 
+pub mod clonecost;
 pub mod ctrl;
 pub mod evtchn;
 pub mod gntshr;

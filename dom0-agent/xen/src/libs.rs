@@ -113,6 +113,9 @@ impl Libraries {
         sym!(c, x, xc_sched_credit_domain_set)?;
         sym!(c, x, xc_sched_credit2_domain_get)?;
         sym!(c, x, xc_sched_credit2_domain_set)?;
+        // The clone-cost measurement (clonecost.rs), not the agent's path.
+        sym!(c, x, xc_vcpu_getcontext)?;
+        sym!(c, x, xc_domain_populate_physmap_exact)?;
         let g = &self.gnttab;
         let x = soname::XENGNTTAB;
         sym!(g, x, xengntshr_open)?;

@@ -224,18 +224,50 @@ impl PvBuilder {
         control.with_handle(|xch| {
             let mut clock = StepClock::start();
             let domid = self.create(xch, tag)?;
-            match self.fill(xch, domid, boot, &mut clock) {
-                Ok(built) => Ok(built),
-                Err(first) => match control.destroy_locked(xch, domid) {
-                    Ok(()) => Err(first),
-                    Err(destroy) => Err(BuildError::Destroy {
-                        domid,
-                        first: Box::new(first),
-                        destroy,
-                    }),
-                },
-            }
+            let built = self.fill(xch, domid, boot, &mut clock);
+            or_destroy(control, xch, domid, built)
         })
+    }
+
+    /// For the clone-cost measurement ([`crate::clonecost`]): a domain created exactly as
+    /// [`PvBuilder::build`] creates one (configuration, one vCPU, the memory limit), with
+    /// no memory and nothing built. If a step fails it is destroyed before this returns;
+    /// otherwise the caller destroys it.
+    pub(crate) fn create_empty(
+        &self,
+        control: &Control,
+        xch: *mut mayfly_xen_sys::types::xc_interface,
+        tag: [u8; 8],
+    ) -> Result<DomId, BuildError> {
+        let domid = self.create(xch, tag)?;
+        let limited = self.limits(xch, domid);
+        or_destroy(control, xch, domid, limited).map(|()| domid)
+    }
+
+    /// One vCPU and the memory limit (`build` and `create_empty`).
+    fn limits(
+        &self,
+        xch: *mut mayfly_xen_sys::types::xc_interface,
+        domid: DomId,
+    ) -> Result<(), BuildError> {
+        let fail = |call: &'static str| BuildError::Call {
+            call,
+            domid: Some(domid),
+            source: io::Error::last_os_error(),
+        };
+        let c = &self.libs.ctrl;
+        let x = soname::XENCTRL;
+        let max_vcpus = sym!(c, x, xc_domain_max_vcpus)?;
+        let setmaxmem = sym!(c, x, xc_domain_setmaxmem)?;
+        // SAFETY: a live handle (the caller holds its lock) and the domain just created.
+        if unsafe { max_vcpus(xch, domid, 1) } < 0 {
+            return Err(fail("xc_domain_max_vcpus"));
+        }
+        // SAFETY: as above.
+        if unsafe { setmaxmem(xch, domid, u64::from(self.memory_mib) * 1024) } < 0 {
+            return Err(fail("xc_domain_setmaxmem"));
+        }
+        Ok(())
     }
 
     fn create(
@@ -278,20 +310,9 @@ impl PvBuilder {
             domid: Some(domid),
             source: io::Error::last_os_error(),
         };
-        let c = &self.libs.ctrl;
-        let x = soname::XENCTRL;
-        let max_vcpus = sym!(c, x, xc_domain_max_vcpus)?;
-        let setmaxmem = sym!(c, x, xc_domain_setmaxmem)?;
-        let alloc_unbound = sym!(c, x, xc_evtchn_alloc_unbound)?;
-        // SAFETY: a live handle and the domain just created.
-        if unsafe { max_vcpus(xch, domid, 1) } < 0 {
-            return Err(fail("xc_domain_max_vcpus"));
-        }
-        // SAFETY: as above.
-        if unsafe { setmaxmem(xch, domid, u64::from(self.memory_mib) * 1024) } < 0 {
-            return Err(fail("xc_domain_setmaxmem"));
-        }
-        // SAFETY: as above; dom0 (0) is the remote end.
+        let alloc_unbound = sym!(self.libs.ctrl, soname::XENCTRL, xc_evtchn_alloc_unbound)?;
+        self.limits(xch, domid)?;
+        // SAFETY: a live handle and the domain just created; dom0 (0) is the remote end.
         let console_port = unsafe { alloc_unbound(xch, domid, 0) };
         let console_port =
             u32::try_from(console_port).map_err(|_| fail("xc_evtchn_alloc_unbound"))?;
@@ -414,6 +435,24 @@ impl PvBuilder {
         }
         Ok(())
     }
+}
+
+/// `result`, or if it failed, its error after destroying `domid` (the caller holds the
+/// handle's lock).
+fn or_destroy<T>(
+    control: &Control,
+    xch: *mut mayfly_xen_sys::types::xc_interface,
+    domid: DomId,
+    result: Result<T, BuildError>,
+) -> Result<T, BuildError> {
+    result.map_err(|first| match control.destroy_locked(xch, domid) {
+        Ok(()) => first,
+        Err(destroy) => BuildError::Destroy {
+            domid,
+            first: Box::new(first),
+            destroy,
+        },
+    })
 }
 
 /// Times the steps of one build ([`BUILD_STEPS`]).

@@ -11,6 +11,8 @@
 #    protocol-violating test.bad_index, which must be destroyed); the domU's console;
 # 3. benchmarks: fresh domain vs pooled (unpause -> first request), ring round trips over
 #    grant + event channel vs the sandbox transport (domu-shim as a process), same machine;
+#    and the clone cost (issue 21 item 3): building a Mayfly domain from the image vs the
+#    lower bound of copying a paused template (xen-ring-peer clone-cost);
 # 4. if the agent is up: tell the host, wait for its "done" on the control port, then kill
 #    the agent (SIGKILL) with a ready domain in its pool, restart it (its reconciler must
 #    destroy the dead agent's domains), stop it and verify the ledger;
@@ -87,6 +89,11 @@ peer mayfly mayfly --kernel /usr/share/mayfly/template/mayfly-pv-guest --handler
 # sees the domain gone instead of Ready, and destroys it.
 peer mayfly-badboot mayfly --kernel /usr/share/mayfly/template/mayfly-pv-guest --handler kv \
     --payload '{}' --runs 1 --bad-boot-info --timeout-s 60
+# Issue 21 item 3: a fresh domain built from the image against the lower bound of copying
+# a paused template (create, populate, map both, copy every page, unmap), 15 interleaved
+# runs; every domain destroyed and the domains counted before and after (a few seconds).
+peer clone-cost clone-cost --kernel /usr/share/mayfly/template/mayfly-pv-guest --handler - \
+    --runs 15
 i=1
 while [ "$i" -le "$BENCH_RUNS" ]; do
     peer "fresh-$i" xen --config "$CFG" --name "mayfly-peer-fresh-$i" --handler test.ping \

@@ -15,6 +15,20 @@
 //!     (docs/formats.md §2.6); unpause; serve the transaction; wait for the guest to shut
 //!     itself down; destroy it. N times, each a fresh domain; then count the domains
 //!     tagged MAYFLYPV still present (`leftover_mayfly_pv`).
+//! xen-ring-peer clone-cost --kernel PATH --handler - [--runs N] [--memory-mib M]
+//!     issue 21 item 3, measured (not a product path): one Mayfly template domain built as
+//!     the agent builds one, run to Ready and paused; then N interleaved runs of (a) a fresh
+//!     domain built from the image (PvBuilder, the ring's grants and boot info included;
+//!     then destroyed) and (b) the copy path's lower bound (mayfly_xen::clonecost: create,
+//!     populate, map both domains' pages, copy every page, unmap; destroyed). Prints
+//!     `template=ID pages nr_pt_frames pt_pages pt_entries_own pt_entries_foreign` (what a
+//!     real clone would also rewrite), the medians (`build_ms_median`,
+//!     `build_boot_info_ms_median`, `build_destroy_ms_median`,
+//!     `copy_lower_bound_ms_median`, `copy_<step>_ms`), `ratio_copy_over_build`,
+//!     `ratio_copy_plus_boot_info_over_build`, the build's step medians
+//!     (`build_<step>_ms`), and `domains_before`/`domains_after`
+//!     (must be equal: every domain destroyed); and one `pair=I build_us build_create_us
+//!     copy_us copy_create_us copy_unmap_us` line per run.
 //! xen-ring-peer count-pv --handler -
 //!     prints `mayfly_pv_domids=ID ...`: the domains whose handle starts with MAYFLYPV (the
 //!     agent's and this tool's Mayfly PV guests), for the suite's leftover and reconciler
@@ -134,6 +148,7 @@ fn main() {
         "sandbox" => run_sandbox(&o),
         "mayfly" => run_mayfly(&o),
         "count-pv" => count_pv(),
+        "clone-cost" => clone_cost(&o),
         m => Err(anyhow!("unknown mode {m}")),
     }) {
         Ok(()) => {}
@@ -303,7 +318,14 @@ fn count_pv() -> Result<()> {
     Ok(())
 }
 
-fn run_mayfly(o: &Opts) -> Result<()> {
+/// The Xen libraries, the control handle and a builder holding `--kernel`.
+fn open_builder(
+    o: &Opts,
+) -> Result<(
+    Arc<mayfly_xen::Libraries>,
+    Arc<mayfly_xen::Control>,
+    PvBuilder,
+)> {
     let path = o
         .kernel
         .as_deref()
@@ -312,6 +334,11 @@ fn run_mayfly(o: &Opts) -> Result<()> {
     let libs = mayfly_xen::Libraries::load()?;
     let control = Arc::new(mayfly_xen::Control::open(libs.clone())?);
     let builder = PvBuilder::new(libs.clone(), kernel, o.memory_mib)?;
+    Ok((libs, control, builder))
+}
+
+fn run_mayfly(o: &Opts) -> Result<()> {
+    let (libs, control, builder) = open_builder(o)?;
     let mut result = Ok(());
     for run in 0..o.runs {
         say(&format!("run={run}"));
@@ -329,6 +356,28 @@ fn run_mayfly(o: &Opts) -> Result<()> {
     result
 }
 
+/// What the agent gives a fresh Mayfly domain before it is built: the ring's pages granted
+/// to `domid`, an unbound event channel for it, and the boot info naming both with fresh
+/// entropy (docs/formats.md §2.6).
+fn ring_and_boot_info(
+    libs: &Arc<mayfly_xen::Libraries>,
+    domid: u32,
+    geometry: Geometry,
+) -> Result<(GrantedPages, EventChannel, Vec<u8>)> {
+    let mut entropy = [0u8; 32];
+    std::io::Read::read_exact(&mut std::fs::File::open("/dev/urandom")?, &mut entropy)?;
+    let granted = GrantedPages::share(libs.clone(), domid, geometry.total_pages())?;
+    let port = EventChannel::bind_unbound(libs.clone(), domid)?;
+    let info = BootInfo {
+        backend_domid: 0,
+        event_channel: port.port(),
+        entropy,
+        grant_refs: granted.refs().to_vec(),
+    };
+    let module = info.encode()?;
+    Ok((granted, port, module))
+}
+
 /// One transaction in one fresh Mayfly PV guest; the domain is destroyed on every path.
 fn one_mayfly(
     o: &Opts,
@@ -338,8 +387,6 @@ fn one_mayfly(
     run: u32,
 ) -> Result<()> {
     let geometry = Geometry::DEFAULT;
-    let mut entropy = [0u8; 32];
-    std::io::Read::read_exact(&mut std::fs::File::open("/dev/urandom")?, &mut entropy)?;
     let started = Instant::now();
     let mut pages = None;
     let mut channel = None;
@@ -347,17 +394,9 @@ fn one_mayfly(
         control,
         run.to_be_bytes().repeat(2).try_into().unwrap_or([0; 8]),
         |domid| -> Result<Vec<u8>> {
-            let granted = GrantedPages::share(libs.clone(), domid, geometry.total_pages())?;
-            let port = EventChannel::bind_unbound(libs.clone(), domid)?;
-            let info = BootInfo {
-                backend_domid: 0,
-                event_channel: port.port(),
-                entropy,
-                grant_refs: granted.refs().to_vec(),
-            };
+            let (granted, port, mut module) = ring_and_boot_info(libs, domid, geometry)?;
             pages = Some(granted);
             channel = Some(port);
-            let mut module = info.encode()?;
             if o.bad_boot_info {
                 // The reserved field (bytes 10..12) non-zero: the guest must refuse the
                 // block and crash itself during boot.
@@ -608,4 +647,147 @@ fn report_rtts(rtts: &mut [Duration]) {
         median.as_secs_f64() * 1e6,
         rtts[rtts.len() * 9 / 10].as_secs_f64() * 1e6
     ));
+}
+
+/// The median of `xs` (the upper one of an even count); zero if empty.
+fn median(xs: &[Duration]) -> Duration {
+    let mut v = xs.to_vec();
+    v.sort_unstable();
+    v.get(v.len() / 2).copied().unwrap_or_default()
+}
+
+/// Issue 21 item 3, measured: building a fresh Mayfly domain from the image against the
+/// lower bound of copying a paused template (`mayfly_xen::clonecost`), interleaved.
+fn clone_cost(o: &Opts) -> Result<()> {
+    use mayfly_xen::clonecost::{copy_once, ForeignMemory, Template, COPY_STEPS};
+    use mayfly_xen::pvbuild::BUILD_STEPS;
+    let (libs, control, builder) = open_builder(o)?;
+    let fmem = ForeignMemory::open()?;
+    let domains_before = control.list()?.len();
+    let geometry = Geometry::DEFAULT;
+
+    // The template: built as the agent builds a domain, run to Ready, paused.
+    let mut ring = None;
+    let template = builder.build(&control, *b"TEMPLATE", |domid| -> Result<Vec<u8>> {
+        let (pages, port, module) = ring_and_boot_info(&libs, domid, geometry)?;
+        ring = Some((pages, port));
+        Ok(module)
+    })?;
+    let tdom = template.domid;
+    // The template's ring and channel live until it is destroyed (below).
+    let mut tring = ring.take().map(|(pages, port)| {
+        (
+            Backend::new_on_fresh_memory(pages, geometry),
+            DomainNotifier::new(port, control.clone()),
+        )
+    });
+    let measured = (|| -> Result<()> {
+        let (backend, notifier) = tring.as_mut().ok_or_else(|| anyhow!("no ring"))?;
+        let backend = backend.as_mut().map_err(|e| anyhow!("ring: {e}"))?;
+        control.unpause(tdom)?;
+        let ready = backend.recv_request(&*notifier, Some(o.timeout))?;
+        if !matches!(ready.body, Request::Ready { .. }) {
+            bail!("the template's first request was not Ready");
+        }
+        control.pause(tdom)?;
+        let t = Template::inspect(&control, &fmem, tdom)?;
+        say(&format!(
+            "template={tdom} pages={} nr_pt_frames={} pt_pages={} pt_entries_own={} \
+             pt_entries_foreign={}",
+            t.frames.len(),
+            t.nr_pt_frames,
+            t.pt_pages,
+            t.pt_entries_own,
+            t.pt_entries_foreign
+        ));
+        let mut build = Vec::new();
+        let mut build_boot_info = Vec::new();
+        let mut build_steps = Vec::new();
+        let mut build_destroy = Vec::new();
+        let mut copy: Vec<[Duration; COPY_STEPS.len()]> = Vec::new();
+        for run in 0..o.runs {
+            let tag: [u8; 8] = run.to_be_bytes().repeat(2).try_into().unwrap_or([0; 8]);
+            // (a) build from the image, as the agent does (the ring and boot info included).
+            let mut held = None;
+            let started = Instant::now();
+            let built = builder.build(&control, tag, |domid| -> Result<Vec<u8>> {
+                let (pages, port, module) = ring_and_boot_info(&libs, domid, geometry)?;
+                held = Some((pages, port));
+                Ok(module)
+            })?;
+            build.push(started.elapsed());
+            build_boot_info.push(built.steps[1]);
+            build_steps.push(built.steps);
+            let destroying = Instant::now();
+            control.destroy(built.domid)?;
+            build_destroy.push(destroying.elapsed());
+            drop(held); // unshare and close only once the domain is gone
+                        // (b) the copy path's lower bound.
+            let copied = copy_once(&builder, &control, &fmem, &t, tag)?;
+            // Each pair too, so that a median hiding a bimodal step shows.
+            let us = |d: Duration| d.as_micros();
+            say(&format!(
+                "pair={run} build_us={} build_create_us={} copy_us={} copy_create_us={} \
+                 copy_unmap_us={}",
+                us(build.last().copied().unwrap_or_default()),
+                us(built.steps[0]),
+                us(copied[..COPY_STEPS.len() - 1].iter().sum()),
+                us(copied[0]),
+                us(copied[4])
+            ));
+            copy.push(copied);
+        }
+        let ms = |d: Duration| d.as_secs_f64() * 1e3;
+        let b = median(&build);
+        let bi = median(&build_boot_info);
+        let step = |i: usize| median(&copy.iter().map(|s| s[i]).collect::<Vec<_>>());
+        // The clone proper: everything but the destroy, per run, then the median.
+        let clone: Vec<Duration> = copy
+            .iter()
+            .map(|s| s[..COPY_STEPS.len() - 1].iter().sum())
+            .collect();
+        let c = median(&clone);
+        let steps: String = COPY_STEPS
+            .iter()
+            .enumerate()
+            .map(|(i, name)| format!(" copy_{name}_ms={:.2}", ms(step(i))))
+            .collect();
+        say(&format!(
+            "runs={} build_ms_median={:.2} build_boot_info_ms_median={:.2} \
+             build_destroy_ms_median={:.2} copy_lower_bound_ms_median={:.2}{steps}",
+            o.runs,
+            ms(b),
+            ms(bi),
+            ms(median(&build_destroy)),
+            ms(c)
+        ));
+        // The clone also needs its own ring grants and port (the build's boot_info step),
+        // so the fair comparison adds them; both ratios are printed.
+        let bsteps: String = BUILD_STEPS
+            .iter()
+            .enumerate()
+            .map(|(i, name)| {
+                let d = median(&build_steps.iter().map(|s| s[i]).collect::<Vec<_>>());
+                format!(" build_{name}_ms={:.2}", ms(d))
+            })
+            .collect();
+        say(&format!(
+            "ratio_copy_over_build={:.2} ratio_copy_plus_boot_info_over_build={:.2}{bsteps}",
+            ms(c) / ms(b).max(1e-9),
+            (ms(c) + ms(bi)) / ms(b).max(1e-9),
+        ));
+        Ok(())
+    })();
+    let destroyed = control.destroy(tdom);
+    drop(tring);
+    let domains_after = control.list()?.len();
+    say(&format!(
+        "domains_before={domains_before} domains_after={domains_after}"
+    ));
+    measured?;
+    destroyed?;
+    if domains_after != domains_before {
+        bail!("{domains_before} domains before, {domains_after} after");
+    }
+    Ok(())
 }
