@@ -534,6 +534,20 @@ mod tests {
     }
 
     #[test]
+    fn heartbeat_frame_vector() {
+        // formats.md §6.1: "MFRP", version 1, kind 0x07, body length 8, the sender's last
+        // group (here 1,234,567) as a big-endian u64.
+        let f = Frame::Heartbeat { group: 1_234_567 };
+        let want = "4d465250010700000008000000000012d687";
+        assert_eq!(mayfly_ledger::codec::hex(&f.encode()), want);
+        assert_eq!(decode(&f.encode()).unwrap(), f);
+        let mut long = f.encode();
+        long[9] = 9;
+        long.push(0);
+        assert!(decode(&long).is_err(), "a 9-byte heartbeat body is refused");
+    }
+
+    #[test]
     fn bad_cursors_frames_are_refused() {
         let body = |cursors: &[(&str, u64)], count: u16| {
             let mut b = count.to_be_bytes().to_vec();
