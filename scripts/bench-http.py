@@ -8,8 +8,15 @@ Measures, in one run and interleaved, with medians of BENCH_REPS repetitions:
   of 16 is full (BENCH_WARM_POOL=16): the baseline;
 * HTTP: `dom0-agent serve` (release, sandbox backend, pool 16, warm) driven by wrk with keep-alive, transfers
   between random accounts among 1,000, at 1 and 8 connections, plain and TLS;
-* the agent's CPU per transaction (utime+stime of the agent process from /proc, and of the
-  agent plus its zygote and the zygote's reaped clones);
+* the CPU per transaction of every party, over the measured window: the agent's, split by
+  thread into its "api" threads (tokio's network workers and the blocking pool transactions
+  run on) and its other threads (ledger commit, sandbox), plus its zygote tree (the zygote
+  and its reaped clones), from /proc; the same split of the executor-direct bench (its
+  client threads, each calling the executor, take the api threads' place; RUSAGE_THREAD);
+  both sides' context switches per transaction; and wrk's own CPU per request (wait4's
+  rusage). From these: the HTTP layer's CPU per transaction (the agent and its tree minus
+  executor-direct's) and its share of the agent's - the figure the target is about, as the
+  throughput ratio mixes in wrk's CPU on the same two cores;
 * a normal client's latency (wrk, 1 connection) unloaded, beside 1,000 idle keep-alive
   connections, and beside 1,000 connections trickling a header byte each per second.
 
@@ -20,6 +27,10 @@ bench gives each thread its own client name instead.
 
     cargo build --release -p dom0-agent -p domu-shim
     python3 scripts/bench-http.py            # BENCH_SECS=8 BENCH_REPS=3 by default
+
+BENCH_PIN=1 pins wrk to CPU 0 and the agent (its zygote and clones inherit the mask) and the
+executor-direct bench to CPU 1; BENCH_LOAD=0 skips the 1,000-connection runs;
+BENCH_AGENT=<binary> and BENCH_AGENT_ARGS="<serve flags>" select what is measured (A/B).
 """
 import json
 import os
