@@ -154,7 +154,7 @@ class Agent:
                 status = (task / "status").read_text()
             except (FileNotFoundError, ProcessLookupError):
                 continue  # a thread that ended: its time is in neither reading
-            if name != "api":
+            if not name.startswith("api"):  # "api", and "api-tls" (TLS handshakes)
                 other += t
             # Context switches (voluntary and not) of the agent's live threads: every
             # hand-off between threads costs one or two.
