@@ -179,19 +179,75 @@ struct Run {
     cpu_per_tx: Duration,
     /// Transactions completed.
     count: usize,
+    /// CPU time of the client threads (each its own, `RUSAGE_THREAD`) over the measured
+    /// window, in all.
+    client_cpu: Duration,
+    /// CPU per transaction over the measured window only, split by where it was spent
+    /// (zero where not measured).
+    split: CpuSplit,
+}
+
+/// CPU per transaction over the measured window (clients started to clients joined),
+/// split: the client threads (each calls the executor, so this is the executor's calling
+/// path plus the loop's own cost), the process's other threads (the ledger's commit
+/// thread, the sandbox's threads), and the zygote tree (the zygote and the clones it has
+/// reaped). scripts/bench-http.py sets the agent's figures beside these.
+#[derive(Default, Clone, Copy)]
+struct CpuSplit {
+    clients: Duration,
+    other_threads: Duration,
+    zygote_tree: Duration,
+    /// Context switches (voluntary and not) of this process's threads per transaction.
+    switches: f64,
+}
+
+/// User + system CPU time of `who` (getrusage).
+fn rusage_cpu(who: nix::sys::resource::UsageWho) -> Duration {
+    let u = nix::sys::resource::getrusage(who).unwrap();
+    let tv = |t: nix::sys::time::TimeVal| {
+        Duration::from_secs(t.tv_sec() as u64) + Duration::from_micros(t.tv_usec() as u64)
+    };
+    tv(u.user_time()) + tv(u.system_time())
+}
+
+/// Context switches (voluntary and involuntary) of this process's threads so far.
+fn switches_now() -> i64 {
+    let u = nix::sys::resource::getrusage(nix::sys::resource::UsageWho::RUSAGE_SELF).unwrap();
+    u.voluntary_context_switches() + u.involuntary_context_switches()
 }
 
 /// CPU time used so far by this process and its reaped descendants.
 fn cpu_now() -> Duration {
-    let used = |who| {
-        let u = nix::sys::resource::getrusage(who).unwrap();
-        let tv = |t: nix::sys::time::TimeVal| {
-            Duration::from_secs(t.tv_sec() as u64) + Duration::from_micros(t.tv_usec() as u64)
+    rusage_cpu(nix::sys::resource::UsageWho::RUSAGE_SELF)
+        + rusage_cpu(nix::sys::resource::UsageWho::RUSAGE_CHILDREN)
+}
+
+/// CPU time so far of this process's live children and everything they have reaped (the
+/// zygote and its clones), from /proc: utime + stime + cutime + cstime, in USER_HZ ticks
+/// (100 a second in Linux's ABI).
+fn children_tree_cpu() -> Duration {
+    let mut ticks = 0u64;
+    for task in std::fs::read_dir("/proc/self/task").unwrap().flatten() {
+        let Ok(children) = std::fs::read_to_string(task.path().join("children")) else {
+            continue;
         };
-        tv(u.user_time()) + tv(u.system_time())
-    };
-    used(nix::sys::resource::UsageWho::RUSAGE_SELF)
-        + used(nix::sys::resource::UsageWho::RUSAGE_CHILDREN)
+        for pid in children.split_whitespace() {
+            let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+                continue; // ended meanwhile
+            };
+            let Some((_, rest)) = stat.rsplit_once(')') else {
+                continue;
+            };
+            // Fields 14..=17 (1-based) of the line; `rest` starts at field 3.
+            ticks += rest
+                .split_whitespace()
+                .skip(11)
+                .take(4)
+                .filter_map(|f| f.parse::<u64>().ok())
+                .sum::<u64>();
+        }
+    }
+    Duration::from_millis(ticks * 10)
 }
 
 fn summarize(mut lat: Vec<Duration>, elapsed: Duration) -> Run {
@@ -207,6 +263,8 @@ fn summarize(mut lat: Vec<Duration>, elapsed: Duration) -> Run {
         p99: pick(0.99),
         cpu_per_tx: Duration::ZERO,
         count: lat.len(),
+        client_cpu: Duration::ZERO,
+        split: CpuSplit::default(),
     }
 }
 
@@ -221,6 +279,7 @@ where
         .map(|c| {
             let f = f.clone();
             std::thread::spawn(move || {
+                let cpu = rusage_cpu(nix::sys::resource::UsageWho::RUSAGE_THREAD);
                 let mut rng = fastrand::Rng::with_seed(c as u64 + 7);
                 let mut lat = Vec::new();
                 while Instant::now() < deadline {
@@ -228,15 +287,21 @@ where
                     f(&mut rng, c);
                     lat.push(t.elapsed());
                 }
-                lat
+                let cpu = rusage_cpu(nix::sys::resource::UsageWho::RUSAGE_THREAD) - cpu;
+                (lat, cpu)
             })
         })
         .collect();
-    let lat: Vec<Duration> = threads
-        .into_iter()
-        .flat_map(|t| t.join().unwrap())
-        .collect();
-    summarize(lat, start.elapsed())
+    let mut lat: Vec<Duration> = Vec::new();
+    let mut client_cpu = Duration::ZERO;
+    for t in threads {
+        let (l, cpu) = t.join().unwrap();
+        lat.extend(l);
+        client_cpu += cpu;
+    }
+    let mut run = summarize(lat, start.elapsed());
+    run.client_cpu = client_cpu;
+    run
 }
 
 /// `run`, with the CPU time used since `cpu_before` divided among its transactions.
@@ -444,7 +509,12 @@ fn through_executor_replicated(
     ));
     // One client identity per thread, as separate hosts would be (policy rates are per
     // client).
-    let run = clients(n, secs, move |rng, client| {
+    let (self_before, tree_before, switches_before) = (
+        rusage_cpu(nix::sys::resource::UsageWho::RUSAGE_SELF),
+        children_tree_cpu(),
+        switches_now(),
+    );
+    let mut run = clients(n, secs, move |rng, client| {
         let o = ex
             .execute(&TxRequest {
                 handler: "transfer".into(),
@@ -454,6 +524,14 @@ fn through_executor_replicated(
             .unwrap();
         assert_eq!(o.status, TxStatus::Committed, "{:?}", o.error);
     });
+    let txs = u32::try_from(run.count.max(1)).unwrap_or(u32::MAX);
+    let own = rusage_cpu(nix::sys::resource::UsageWho::RUSAGE_SELF) - self_before;
+    run.split = CpuSplit {
+        clients: run.client_cpu / txs,
+        other_threads: own.saturating_sub(run.client_cpu) / txs,
+        zygote_tree: children_tree_cpu().saturating_sub(tree_before) / txs,
+        switches: (switches_now() - switches_before) as f64 / f64::from(txs),
+    };
     let load_end = Instant::now();
     let mut lag = Lag::default();
     if let (Some(r), Some(sampler)) = (&replicated, sampler) {
@@ -669,11 +747,17 @@ fn main() {
             _ => through_executor(&d, || sandbox_backend(&zygote, &d), n, secs),
         };
         println!(
-            "{only}: {:.0} tx/s p50 {:.2?} p99 {:.2?} cpu/tx {} µs",
+            "{only}: {:.0} tx/s p50 {:.2?} p99 {:.2?} cpu/tx {} µs \
+             (measured window: clients {} µs, other threads {} µs, zygote tree {} µs, \
+             {:.1} context switches/tx)",
             run.rate,
             run.p50,
             run.p99,
-            run.cpu_per_tx.as_micros()
+            run.cpu_per_tx.as_micros(),
+            run.split.clients.as_micros(),
+            run.split.other_threads.as_micros(),
+            run.split.zygote_tree.as_micros(),
+            run.split.switches,
         );
         return;
     }
