@@ -109,21 +109,39 @@ fn check_scheduler(
     sched: mayfly_xen::CreditParams,
 ) -> Result<mayfly_xen::Scheduler, StartError> {
     let scheduler = control.scheduler()?;
+    refuse_credit2_cap(scheduler, sched)?;
+    let dom0 = control.credit(scheduler, 0)?;
+    check_weight_below_dom0(scheduler, sched, dom0)?;
+    Ok(scheduler)
+}
+
+/// Refuses a nonzero cap under credit2 (whose cap code crashes Xen 4.17).
+fn refuse_credit2_cap(
+    scheduler: mayfly_xen::Scheduler,
+    sched: mayfly_xen::CreditParams,
+) -> Result<(), StartError> {
     if scheduler == mayfly_xen::Scheduler::Credit2 && sched.cap_percent != 0 {
         return Err(StartError::Credit2Cap {
             cap_percent: sched.cap_percent,
         });
     }
-    let weight = sched.weight;
-    let dom0 = control.credit(scheduler, 0)?;
-    if weight >= dom0.weight {
+    Ok(())
+}
+
+/// Refuses a guest weight that is not below dom0's.
+fn check_weight_below_dom0(
+    scheduler: mayfly_xen::Scheduler,
+    sched: mayfly_xen::CreditParams,
+    dom0: mayfly_xen::CreditParams,
+) -> Result<(), StartError> {
+    if sched.weight >= dom0.weight {
         return Err(StartError::WeightNotBelowDom0 {
-            guest: weight,
+            guest: sched.weight,
             dom0: dom0.weight,
             scheduler,
         });
     }
-    Ok(scheduler)
+    Ok(())
 }
 
 /// Reads the Mayfly PV guest kernel, refusing a file larger than the builder accepts
@@ -530,5 +548,53 @@ impl Domain for XenDomain {
             "domid" => id, "name" => &name);
         drop(self.slot.take());
         Ok(quarantined)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use mayfly_xen::{CreditParams, Scheduler};
+
+    fn params(weight: u16, cap_percent: u16) -> CreditParams {
+        CreditParams {
+            weight,
+            cap_percent,
+        }
+    }
+
+    #[test]
+    fn a_cap_is_refused_under_credit2_and_allowed_under_credit() {
+        let e = refuse_credit2_cap(Scheduler::Credit2, params(128, 25)).unwrap_err();
+        assert!(
+            matches!(e, StartError::Credit2Cap { cap_percent: 25 }),
+            "{e:?}"
+        );
+        let text = e.to_string();
+        for part in [
+            "guest_cap_percent 25",
+            "credit2 caps crash the hypervisor",
+            "guest_cap_percent = 0",
+            "sched=credit",
+        ] {
+            assert!(text.contains(part), "{text:?} lacks {part:?}");
+        }
+        refuse_credit2_cap(Scheduler::Credit2, params(128, 0)).unwrap();
+        refuse_credit2_cap(Scheduler::Credit, params(128, 25)).unwrap();
+        refuse_credit2_cap(Scheduler::Credit, params(128, 100)).unwrap();
+    }
+
+    #[test]
+    fn a_guest_weight_must_be_below_dom0s() {
+        check_weight_below_dom0(Scheduler::Credit, params(255, 25), params(256, 0)).unwrap();
+        for guest in [256, 300] {
+            let e = check_weight_below_dom0(Scheduler::Credit, params(guest, 0), params(256, 0))
+                .unwrap_err();
+            assert!(
+                matches!(e, StartError::WeightNotBelowDom0 { dom0: 256, .. }),
+                "{e:?}"
+            );
+            assert!(e.to_string().contains("xl sched-credit -d 0"), "{e}");
+        }
     }
 }

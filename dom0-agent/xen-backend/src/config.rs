@@ -16,7 +16,8 @@
 //! ready_timeout_ms = 60000                      # build to the shim's Ready
 //! build_threads = 1
 //! guest_weight = 128                            # credit/credit2 weight, below dom0's
-//! guest_cap_percent = 0                         # CPU cap of each guest, % of one CPU (0: none)
+//! guest_cap_percent = 50                        # CPU cap of each guest, % of one CPU (0: none;
+//!                                               # a cap needs sched=credit: refused under credit2)
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -38,10 +39,14 @@ pub const DEFAULT_MAYFLY_MEMORY_MIB: u32 = 4;
 /// dom0 has unless the host changed it, so the agent wins a contended CPU 2:1 against any
 /// one guest.
 pub const DEFAULT_GUEST_WEIGHT: u16 = 128;
-/// Each guest domain's default CPU cap, in % of one physical CPU (a guest has one vCPU): 0,
-/// no cap. Caps are refused under credit2, whose cap code crashes Xen 4.17 as guests come
-/// and go ([`crate::backend::StartError::Credit2Cap`]).
-pub const DEFAULT_GUEST_CAP_PERCENT: u16 = 0;
+/// Each guest domain's default CPU cap, in % of one physical CPU (a guest has one vCPU):
+/// half a CPU, so a guest that spins uses at most that even on an idle host. Chosen from
+/// the Xen-in-QEMU suite's measurement (BENCHMARKS.md, "credit caps"): a Linux guest's
+/// boot costs about as much at 50 % as uncapped, twice as long at 25 %. Caps need Xen's
+/// credit scheduler (`sched=credit`, as the appliance boots): under credit2, whose cap code
+/// crashes Xen 4.17 as guests come and go, the agent refuses to start with a cap
+/// ([`crate::backend::StartError::Credit2Cap`]; set 0 there).
+pub const DEFAULT_GUEST_CAP_PERCENT: u16 = 50;
 /// Most a cap may be: a guest has one vCPU, which can use at most one CPU.
 pub const MAX_GUEST_CAP_PERCENT: u16 = 100;
 
@@ -586,6 +591,8 @@ mod tests {
                 cap_percent: DEFAULT_GUEST_CAP_PERCENT
             }
         );
+        // Capped by default: a guest that spins gets at most half a CPU.
+        assert_eq!(c.sched.cap_percent, 50);
         let s: XenSection = toml::from_str("guest_weight = 64\nguest_cap_percent = 100\n").unwrap();
         let c = XenConfig::from_section(&s, "/run".into(), 1, 1).unwrap();
         assert_eq!((c.sched.weight, c.sched.cap_percent), (64, 100));

@@ -23,6 +23,8 @@
 # 6. leftover mayfly-* domains.
 R() { echo "MAYFLY-RESULT $*"; }
 CFG=/mayfly-test/domu.cfg
+# The CPU cap of the Mayfly phase's guests (% of one CPU; Xen runs sched=credit here).
+CAP=${CAP:-25}
 BENCH_RUNS=${BENCH_RUNS:-3}
 PINGS=${PINGS:-200}
 
@@ -105,10 +107,10 @@ while [ "$i" -le "$BENCH_RUNS" ]; do
 done
 
 # sched_line DOMID...: Xen's scheduler and the credit weight/cap of dom0 and of each domain
-# named, as xl reads them back (`xl sched-credit2 -d` or `xl sched-credit -d`: Name ID
-# Weight Cap): "scheduler=credit2 dom0=256/0 5=128/50 ...". The agent sets each guest's
-# before its first unpause ([xen] guest_weight; guest_cap_percent, 0 by default and refused
-# under credit2).
+# named, as xl reads them back (`xl sched-credit -d` under sched=credit, as this Xen boots;
+# `xl sched-credit2 -d` under credit2: Name ID Weight Cap): "scheduler=credit dom0=256/0
+# 5=100/25 ...". The agent sets each guest's before its first unpause ([xen] guest_weight,
+# guest_cap_percent; a cap is refused under credit2).
 sched_line() {
     sched=$(timeout 30 xl info 2>/dev/null | awk -F': *' '$1 ~ /^xen_scheduler/ { print $2 }')
     line="scheduler=${sched:-unknown} dom0=$(timeout 30 xl "sched-$sched" -d 0 2>/dev/null | awk 'NR > 1 { print $(NF - 1) "/" $NF }')"
@@ -116,6 +118,11 @@ sched_line() {
         line="$line $id=$(timeout 30 xl "sched-$sched" -d "$id" 2>/dev/null | awk 'NR > 1 { print $(NF - 1) "/" $NF }')"
     done
     echo "$line"
+}
+
+# pool_ready: the domains the agent's pool holds ready (its /v1/health `pool.ready`).
+pool_ready() {
+    timeout 10 wget -q -O - http://127.0.0.1:8450/v1/health 2>/dev/null | sed -n 's/.*"ready":\([0-9]*\).*/\1/p'
 }
 
 if [ -f /run/mayfly-agent.pid ] && kill -0 "$(cat /run/mayfly-agent.pid)" 2>/dev/null; then
@@ -126,12 +133,13 @@ if [ -f /run/mayfly-agent.pid ] && kill -0 "$(cat /run/mayfly-agent.pid)" 2>/dev
     # The reconciler: once the pool holds a paused ready domain, the agent dies by SIGKILL
     # (no clean-up of its own); the restarted agent must destroy every mayfly-<n> domain the
     # dead one left before it serves.
+    # Until every mayfly-<n> domain is one the agent counts ready (built, weighted, booted
+    # and paused): a domain still being built runs at Xen's default weight until the agent
+    # sets its own, just before its first unpause, so reading it back then would race.
     tries=240 # 120 s: a refill boots a domU under emulation
     while [ "$tries" -gt 0 ]; do
-        if timeout 30 xl list 2>/dev/null |
-            awk 'NR > 1 && $1 ~ /^mayfly-[0-9]+$/ && $5 ~ /p/ { f = 1 } END { exit !f }'; then
-            break
-        fi
+        n=$(timeout 30 xl list 2>/dev/null | awk 'NR > 1 && $1 ~ /^mayfly-[0-9]+$/ { n++ } END { print n + 0 }')
+        [ "$n" -ge 1 ] && [ "$(pool_ready)" = "$n" ] && break
         sleep 0.5
         tries=$((tries - 1))
     done
@@ -176,6 +184,80 @@ grant_count() {
         in0 && /\[0x[0-9a-f]+\]/ { n++ }
         END { print n + 0 }'
 }
+# cap_cost: what a credit cap costs an honest transaction (issue 15 item 3): xen-ring-peer
+# builds fresh Mayfly PV guests serving one kv put, capped at 0 (none), 25 and 50 % in turn
+# (CAP_COST_ROUNDS rounds, default 3, interleaved), and Linux PV guests booted by xl the same
+# way at the caps CAP_COST_LINUX_CAPS (default "0 50": the shipped cap; each boot takes
+# 15-35 s under emulation) for CAP_COST_LINUX_ROUNDS rounds (default 1); each run prints
+# ready_ms and tx_ms (build start -> committed) for the host's medians.
+cap_cost() {
+    r=1
+    while [ "$r" -le "${CAP_COST_ROUNDS:-3}" ]; do
+        for c in 0 25 50; do
+            peer "capcost-mayfly-$c" mayfly --kernel /usr/share/mayfly/template/mayfly-pv-guest \
+                --handler kv --payload '{"op":"put","key":"k","value":"v"}' --runs 1 --cap-percent "$c"
+        done
+        r=$((r + 1))
+    done
+    r=1
+    while [ "$r" -le "${CAP_COST_LINUX_ROUNDS:-1}" ]; do
+        for c in ${CAP_COST_LINUX_CAPS:-0 50}; do
+            peer "capcost-linux-$c" xen --config "$CFG" --name "mayfly-peer-cap$c-$r" --handler kv \
+                --payload '{"op":"put","key":"k","value":"v"}' --cap-percent "$c"
+        done
+        r=$((r + 1))
+    done
+}
+# cap_check: a guest that spins is held to its cap. One test.spin transaction through the
+# agent (its guests capped at $CAP %, weight 100) beside one test.spin guest xen-ring-peer
+# builds uncapped (Xen's default weight, cap 0: the contrast, and the proof that the
+# measurement sees a spinner); once both are seen running (0.5 s samples, at most 60), each
+# domain's share of one CPU over a 4 s interval, its weight and cap read back through the
+# domctl (`xen-ring-peer cpu-share`); then an honest kv put through the agent beside them,
+# which must commit. The agent's spinner is left to the SIGKILL and reconciler below.
+cap_check() {
+    timeout 150 wget -q -O /tmp/cap-spin.out --header 'Content-Type: application/json' \
+        --post-data '{"handler":"test.spin","payload":null}' \
+        http://127.0.0.1:8450/v1/transactions >/dev/null 2>&1 &
+    spin_pid=$!
+    timeout 120 xen-ring-peer mayfly --kernel /usr/share/mayfly/template/mayfly-pv-guest \
+        --handler test.spin --payload null --runs 1 --timeout-s 25 >/tmp/uncapped.out 2>&1 &
+    uncapped_pid=$!
+    tries=60
+    while [ "$tries" -gt 0 ]; do
+        timeout 30 xen-ring-peer cpu-share --handler - --interval-ms 500 >/tmp/share.out 2>&1
+        awk -v cap="$CAP" '
+            / cpu domid=/ {
+                for (i = 1; i <= NF; i++) { split($i, kv, "="); f[kv[1]] = kv[2] }
+                if (f["cap"] == cap && f["cpu_pct"] + 0 >= 5) capped = 1
+                if (f["domid"] != 0 && f["cap"] == 0 && f["cpu_pct"] + 0 >= 5) uncapped = 1
+            }
+            END { exit !(capped && uncapped) }' /tmp/share.out && break
+        tries=$((tries - 1))
+    done
+    R "cap-spinning tries-left=$tries"
+    timeout 30 xen-ring-peer cpu-share --handler - --interval-ms 4000 >/tmp/share.out 2>&1
+    sed 's/^/MAYFLY-PEER capshare /' /tmp/share.out
+    t0=$(cut -d' ' -f1 /proc/uptime)
+    if timeout 60 wget -q -O /tmp/cap-honest.out --header 'Content-Type: application/json' \
+        --post-data '{"handler":"kv","payload":{"op":"put","key":"kv/beside-capped","value":"1"}}' \
+        http://127.0.0.1:8450/v1/transactions 2>/dev/null &&
+        grep -q '"status":"committed"' /tmp/cap-honest.out; then
+        honest=committed
+    else
+        honest="failed:$(head -c 300 /tmp/cap-honest.out 2>/dev/null)"
+    fi
+    t1=$(cut -d' ' -f1 /proc/uptime)
+    R "cap-honest $honest seconds=$(echo "$t0 $t1" | awk '{ printf "%.2f", $2 - $1 }')"
+    # Were both still spinning after the honest transaction? (one more 0.5 s sample)
+    timeout 30 xen-ring-peer cpu-share --handler - --interval-ms 500 >/tmp/share.out 2>&1
+    sed 's/^/MAYFLY-PEER capafter /' /tmp/share.out
+    wait "$uncapped_pid"
+    sed 's/^/MAYFLY-PEER uncapped /' /tmp/uncapped.out
+    kill "$spin_pid" 2>/dev/null
+    wait "$spin_pid" 2>/dev/null
+}
+
 # boot_faults: the agent on a faulty image (mayfly-pv-guest-faults, src/boot_fault.rs: by
 # its domid a guest hangs, crashes or spins before its Ready; five in eight boot well), with
 # a 3 s build deadline. dom0 itself sends 12 kv puts (busybox wget); each must commit on a
@@ -234,8 +316,9 @@ boot_faults() {
 
 if [ -f /etc/default/mayfly-agent ]; then cp /etc/default/mayfly-agent /tmp/agent-default; fi
 # (This image has no data partition: the ledger stays in RAM, as build-images.sh says.)
-# --xen-guest-weight: a weight other than the default, read back below (mayfly-sched).
-printf '%s\n' 'DOM0_AGENT_ARGS="--policy /mayfly-test/policy --xen-guest mayfly --key-source file --xen-guest-weight 100"' \
+# --xen-guest-weight and --xen-guest-cap-percent: a weight and a cap other than the
+# defaults, read back below (mayfly-sched, cap_check).
+printf '%s\n' "DOM0_AGENT_ARGS=\"--policy /mayfly-test/policy --xen-guest mayfly --key-source file --xen-guest-weight 100 --xen-guest-cap-percent $CAP\"" \
     'MAYFLY_DATA_REQUIRED=0' >/etc/default/mayfly-agent
 timeout 30 xl dmesg -c >/dev/null 2>&1
 ev0=$(evtchn_count)
@@ -245,12 +328,21 @@ if /etc/init.d/S50mayfly-agent start >/tmp/start-mayfly.out 2>&1; then
     reply=$(echo ack | timeout 900 nc -l -p 9999 | head -n 1)
     R "control-mayfly ${reply:-none}"
     # While it runs (its pool holds ready domains): the counters see them.
+    # Until every MAYFLYPV domain is one the agent counts ready (as in the Linux phase).
     tries=240
-    while [ "$tries" -gt 0 ] && [ -z "$(pv_ids)" ]; do sleep 0.5; tries=$((tries - 1)); done
+    while [ "$tries" -gt 0 ]; do
+        n=$(pv_ids | wc -w)
+        [ "$n" -ge 1 ] && [ "$(pool_ready)" = "$n" ] && break
+        sleep 0.5
+        tries=$((tries - 1))
+    done
     R "mayfly-running domains=[$(pv_ids)] evtchn=$(evtchn_count) grants=$(grant_count) baseline evtchn=$ev0 grants=$gr0"
+    # shellcheck disable=SC2046 # one argument per domid
+    R "mayfly-sched $(sched_line $(pv_ids))"
+    cap_cost
+    cap_check
+    # The pool's domains and the agent's capped spinner: all must be reaped.
     orphans=$(pv_ids)
-    # shellcheck disable=SC2086 # one argument per domid
-    R "mayfly-sched $(sched_line $orphans)"
     kill -9 "$(cat /run/mayfly-agent.pid)"
     /etc/init.d/S50mayfly-agent start >/tmp/restart-mayfly.out 2>&1
     R "restart-mayfly rc=$?"
@@ -264,14 +356,6 @@ if /etc/init.d/S50mayfly-agent start >/tmp/start-mayfly.out 2>&1; then
     timeout 300 dom0-agent verify --data-dir /var/lib/mayfly --quiet >/tmp/verify.out 2>&1
     R "verify-mayfly rc=$?"
     sed 's/^/MAYFLY-VERIFY /' /tmp/verify.out
-    # A CPU cap under credit2 is refused at start (Xen 4.17's credit2 caps crash the
-    # hypervisor as capped domains are destroyed), before any domain is built.
-    timeout 60 dom0-agent serve --backend xen --xen-guest mayfly --xen-guest-cap-percent 50 \
-        --data-dir /tmp/cap-refused --listen 127.0.0.1:0 --key-source file \
-        --policy /mayfly-test/policy >/tmp/cap-refused.out 2>&1
-    R "cap-refused rc=$? $(grep -o 'credit2 caps crash the hypervisor' /tmp/cap-refused.out | head -n 1)"
-    tail -n 2 /tmp/cap-refused.out | sed 's/^/MAYFLY-CAP /'
-    rm -rf /tmp/cap-refused
     boot_faults
 else
     R "agent-mayfly down"

@@ -180,9 +180,10 @@ section! {
         /// [default: 128, Xen's default being 256].
         guest_weight: Option<u32> = None, Flag::Value("xen-guest-weight"), Bound::range(1, 65_535);
         /// CPU cap of each guest domain in % of one CPU (a guest has one vCPU), 0 for none:
-        /// a spinning guest uses at most this much CPU, even on an idle host. Only under
-        /// Xen's credit scheduler (sched=credit): refused under credit2, whose caps crash
-        /// Xen 4.17 as capped domains are destroyed [default: 0].
+        /// a spinning guest uses at most this much CPU, even on an idle host. Needs Xen's
+        /// credit scheduler (sched=credit, as the appliance boots): the agent refuses to
+        /// start with a cap under credit2, whose caps crash Xen 4.17 as capped domains are
+        /// destroyed; set 0 there [default: 50].
         guest_cap_percent: Option<u32> = None, Flag::Value("xen-guest-cap-percent"), Bound::range(0, 100);
     }
 }

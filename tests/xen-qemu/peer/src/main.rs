@@ -10,11 +10,15 @@
 //!     (destroying it if it does not, or if it broke the ring).
 //! xen-ring-peer mayfly --kernel PATH --handler H --payload P [--runs N] [--memory-mib M]
 //!                      [--bad-boot-info]   (a boot info the guest must refuse: it crashes)
+//!                      [--cap-percent C]   (credit cap set before the first unpause; 0: none)
 //!     the Mayfly PV guest kernel, built in-process (mayfly-xen's PvBuilder: libxenguest,
 //!     no xl, no xenstore) with the ring's grants, port and entropy in its boot info
 //!     (docs/formats.md §2.6); unpause; serve the transaction; wait for the guest to shut
 //!     itself down; destroy it. N times, each a fresh domain; then count the domains
-//!     tagged MAYFLYPV still present (`leftover_mayfly_pv`).
+//!     tagged MAYFLYPV still present (`leftover_mayfly_pv`). `--cap-percent` (also in
+//!     `xen` mode) sets the domain's credit cap before it first runs, keeping the weight
+//!     Xen gave it, to measure what a cap costs an honest transaction (`tx_ms`: build
+//!     start -> the transaction's end); refused under credit2 (its caps crash Xen 4.17).
 //! xen-ring-peer clone-cost --kernel PATH --handler - [--runs N] [--memory-mib M]
 //!     issue 21 item 3, measured (not a product path): one Mayfly template domain built as
 //!     the agent builds one, run to Ready and paused; then N interleaved runs of (a) a fresh
@@ -29,6 +33,13 @@
 //!     (`build_<step>_ms`), and `domains_before`/`domains_after`
 //!     (must be equal: every domain destroyed); and one `pair=I build_us build_create_us
 //!     copy_us copy_create_us copy_unmap_us` line per run.
+//! xen-ring-peer cpu-share --handler - [--interval-ms MS]
+//!     issue 15 item 3: each MAYFLYPV domain's and dom0's share of one CPU over a measured
+//!     interval (`cpu_time` from two `xc_domain_getinfolist` calls against the monotonic
+//!     clock) and its credit weight and cap as Xen reads them back
+//!     (`xc_sched_credit{,2}_domain_get`): `scheduler=NAME interval_ms=MS`, then one
+//!     `cpu domid=ID state=running|paused weight=W cap=C cpu_pct=P` line per domain present
+//!     at both ends of the interval.
 //! xen-ring-peer count-pv --handler -
 //!     prints `mayfly_pv_domids=ID ...`: the domains whose handle starts with MAYFLYPV (the
 //!     agent's and this tool's Mayfly PV guests), for the suite's leftover and reconciler
@@ -83,6 +94,8 @@ struct Opts {
     runs: u32,
     memory_mib: u32,
     bad_boot_info: bool,
+    cap_percent: Option<u16>,
+    interval: Duration,
 }
 
 fn parse() -> Result<Opts> {
@@ -103,6 +116,8 @@ fn parse() -> Result<Opts> {
         runs: 1,
         memory_mib: 4,
         bad_boot_info: false,
+        cap_percent: None,
+        interval: Duration::from_secs(4),
     };
     while let Some(flag) = args.next() {
         if flag == "--pool" {
@@ -124,6 +139,8 @@ fn parse() -> Result<Opts> {
             "--kernel" => o.kernel = Some(value),
             "--runs" => o.runs = value.parse()?,
             "--memory-mib" => o.memory_mib = value.parse()?,
+            "--cap-percent" => o.cap_percent = Some(value.parse()?),
+            "--interval-ms" => o.interval = Duration::from_millis(value.parse()?),
             _ => bail!("unknown argument {flag}"),
         }
     }
@@ -148,6 +165,7 @@ fn main() {
         "sandbox" => run_sandbox(&o),
         "mayfly" => run_mayfly(&o),
         "count-pv" => count_pv(),
+        "cpu-share" => cpu_share(&o),
         "clone-cost" => clone_cost(&o),
         m => Err(anyhow!("unknown mode {m}")),
     }) {
@@ -224,7 +242,14 @@ fn run_xen(o: &Opts) -> Result<()> {
         "domid={domid} create_ms={}",
         millis(created_at.elapsed())
     ));
-    let result = serve_xen(o, name, domid, created_at);
+    let result = match o.cap_percent {
+        Some(cap) => mayfly_xen::Control::open(mayfly_xen::Libraries::load()?)
+            .map_err(anyhow::Error::from)
+            .and_then(|control| set_cap(&control, u32::from(domid), cap)),
+        None => Ok(()),
+    }
+    .and_then(|()| serve_xen(o, name, domid, created_at));
+    say(&format!("tx_ms={}", millis(created_at.elapsed())));
     // The domain must end on every path: give a well-behaved one time to power off; destroy
     // one that broke the ring (at once), failed, or overstays.
     let violated = matches!(result, Ok(Ended::Violation));
@@ -315,6 +340,79 @@ fn count_pv() -> Result<()> {
         .map(|d| d.domid.to_string())
         .collect();
     say(&format!("mayfly_pv_domids={}", ids.join(" ")));
+    Ok(())
+}
+
+/// Sets the credit cap of `domid` (not yet run), keeping the weight Xen gave it. Refused
+/// under credit2, whose caps crash Xen 4.17 as capped domains are destroyed (SECURITY.md).
+fn set_cap(control: &mayfly_xen::Control, domid: u32, cap: u16) -> Result<()> {
+    let sched = control.scheduler()?;
+    if sched == mayfly_xen::Scheduler::Credit2 && cap != 0 {
+        bail!(
+            "--cap-percent {cap} under credit2: its caps crash Xen 4.17 (boot with sched=credit)"
+        );
+    }
+    let now = control.credit(sched, domid)?;
+    let params = mayfly_xen::CreditParams {
+        weight: now.weight,
+        cap_percent: cap,
+    };
+    control.set_credit(sched, domid, params)?;
+    let back = control.credit(sched, domid)?;
+    if back != params {
+        bail!("domain {domid}: set weight/cap {params:?}, Xen reads back {back:?}");
+    }
+    say(&format!("cap_percent={cap} weight={}", back.weight));
+    Ok(())
+}
+
+/// Each MAYFLYPV domain's and dom0's share of one CPU over `--interval-ms`, with the
+/// weight and cap Xen reads back for it.
+fn cpu_share(o: &Opts) -> Result<()> {
+    let control = mayfly_xen::Control::open(mayfly_xen::Libraries::load()?)?;
+    let sched = control.scheduler()?;
+    let sample = || -> Result<BTreeMap<u32, (u64, mayfly_xen::DomainState)>> {
+        Ok(control
+            .list()?
+            .iter()
+            .filter(|d| d.domid == 0 || mayfly_xen::pvbuild::tag_of(&d.uuid).is_some())
+            .map(|d| (d.domid, (d.cpu_time_ns, d.state)))
+            .collect())
+    };
+    let before = sample()?;
+    let from = Instant::now();
+    // The measured interval itself (what is measured is the CPU time in it), not a wait
+    // for some event.
+    std::thread::sleep(o.interval);
+    let after = sample()?;
+    let wall_ns = from.elapsed().as_nanos().max(1);
+    say(&format!(
+        "scheduler={} interval_ms={}",
+        sched.name(),
+        millis(from.elapsed())
+    ));
+    for (domid, (t1, state)) in &after {
+        let Some((t0, _)) = before.get(domid) else {
+            continue;
+        };
+        let used = u128::from(t1.saturating_sub(*t0));
+        // Percent of one CPU, to a tenth: used / wall * 100.
+        let tenths = used * 1000 / wall_ns;
+        let params = match control.credit(sched, *domid) {
+            Ok(p) => format!("weight={} cap={}", p.weight, p.cap_percent),
+            Err(e) => format!("weight=? cap=? ({e})"),
+        };
+        let state = match state {
+            mayfly_xen::DomainState::Running => "running".to_string(),
+            mayfly_xen::DomainState::Paused => "paused".to_string(),
+            other => format!("{other:?}").to_lowercase(),
+        };
+        say(&format!(
+            "cpu domid={domid} state={state} {params} cpu_pct={}.{}",
+            tenths / 10,
+            tenths % 10
+        ));
+    }
     Ok(())
 }
 
@@ -430,6 +528,9 @@ fn one_mayfly(
         let (backend, notifier) = ring.as_mut().ok_or_else(|| anyhow!("no ring"))?;
         let backend = backend.as_mut().map_err(|e| anyhow!("ring: {e}"))?;
         let notifier = &*notifier;
+        if let Some(cap) = o.cap_percent {
+            set_cap(control, domid, cap)?;
+        }
         control.unpause(domid)?;
         let ready = backend.recv_request(notifier, Some(o.timeout))?;
         if !matches!(ready.body, Request::Ready { .. }) {
@@ -449,6 +550,7 @@ fn one_mayfly(
     // is destroyed at once; either way the domain is destroyed here, since no toolstack
     // acts on its shutdown.
     let finished = matches!(served, Ok(Ended::Finished));
+    say(&format!("tx_ms={}", millis(started.elapsed())));
     let deadline = Instant::now() + Duration::from_secs(10);
     let mut reason = None;
     if !finished {
