@@ -243,6 +243,14 @@ impl<'a> Session<'a> {
                 }
                 body => self.data(&mut ltx, &mut progress, body),
             };
+            if ltx.is_doomed() {
+                // Something it read changed while it held no snapshot (a long
+                // transaction): it cannot commit. The guest has its error; the transaction
+                // ends as a conflict, as a failed commit validation would.
+                let _ = send(domain, env.id, &reply);
+                debug!(self.log, "conflict before commit");
+                return Served::Conflict;
+            }
             if let Err(e) = send(domain, env.id, &reply) {
                 return Served::Failed(Failure::ProtocolViolation(format!(
                     "sending a response: {e}"
@@ -574,6 +582,7 @@ fn tx_error_code(e: &TxError) -> u16 {
         | TxError::TooManyWrites { .. }
         | TxError::TooManyScans { .. }
         | TxError::RequestTooLarge { .. } => error_code::LIMIT_EXCEEDED,
+        TxError::Conflict(_) => error_code::CONFLICT,
         _ => error_code::INTERNAL,
     }
 }
