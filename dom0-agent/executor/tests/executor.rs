@@ -343,6 +343,37 @@ fn guests() -> HashMap<&'static str, Guest> {
         }),
     );
     g.insert("die", Arc::new(|_f, _n, _p, _k| panic!("guest crashed")));
+    // Waits for the test without any operation (an idle transaction), then increments the
+    // counter.
+    g.insert(
+        "wait_then_inc",
+        Arc::new(|f, n, _p, _k| {
+            IDLE_HANDOFF.advance_to(1);
+            IDLE_HANDOFF.wait_for(2);
+            let v = match call(
+                f,
+                n,
+                Request::Get {
+                    key: b"counter".to_vec(),
+                },
+            ) {
+                Response::Value(v) => {
+                    v.map_or(0, |v| String::from_utf8(v).unwrap().parse::<u64>().unwrap())
+                }
+                _ => return,
+            };
+            let next = (v + 1).to_string().into_bytes();
+            let _ = call(
+                f,
+                n,
+                Request::Put {
+                    key: b"counter".to_vec(),
+                    value: next.clone(),
+                },
+            );
+            let _ = call(f, n, Request::Commit { result: next });
+        }),
+    );
     // Reads the counter, lets the test commit beside it (a long transaction: the ledger
     // under test holds no snapshot past its first operation), then reads another key and
     // keeps the answer's error code (0 for a value) in `GUEST_GOT`.
@@ -415,6 +446,12 @@ static HANDOFF: Handoff = Handoff {
     cv: Condvar::new(),
 };
 
+/// `wait_then_inc`'s (tests run in parallel: one hand-off per test).
+static IDLE_HANDOFF: Handoff = Handoff {
+    step: Mutex::new(0),
+    cv: Condvar::new(),
+};
+
 impl Handoff {
     fn advance_to(&self, step: u32) {
         *self.step.lock().unwrap() = step;
@@ -458,6 +495,7 @@ fn setup_with(config: ExecutorConfig, options: &Options) -> (tempfile::TempDir, 
         "rand",
         "commit_behind_refused",
         "read_wait_read",
+        "wait_then_inc",
     ]
     .map(String::from);
     (
@@ -670,6 +708,61 @@ fn a_long_transaction_whose_read_changed_ends_as_a_conflict_at_its_next_read() {
     );
     let (_, v) = ex.ledger().store().committed(b"counter").unwrap().unwrap();
     assert_eq!(v, b"7", "only the commit beside it is there");
+}
+
+#[test]
+fn an_idle_transaction_gives_its_snapshot_up_while_the_guest_waits() {
+    // One reader slot: while the guest's transaction holds its snapshot, nobody else can
+    // begin one.
+    let (_d, ex) = setup_with(
+        ExecutorConfig {
+            max_attempts: 1,
+            ..Default::default()
+        },
+        &Options {
+            snapshot_hold: Duration::from_millis(20),
+            store: mayfly_ledger::StoreOptions {
+                max_readers: 1,
+                ..mayfly_ledger::StoreOptions::default()
+            },
+            ..Options::default()
+        },
+    );
+    let ex = Arc::new(ex);
+    let runner = {
+        let ex = ex.clone();
+        std::thread::spawn(move || run(&ex, "wait_then_inc"))
+    };
+    IDLE_HANDOFF.wait_for(1);
+    // The guest sends nothing while it waits; the executor gives the snapshot up once the
+    // hold is over, so a transaction of ours can begin (polled, bounded).
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let mut tx = loop {
+        match ex.ledger().begin(mayfly_ledger::TxContext {
+            tx_id: mayfly_ledger::TxId::generate(),
+            handler: "beside".into(),
+            request: Vec::new(),
+            domain_id: 0,
+            policy_hash: [0; 32],
+        }) {
+            Ok(tx) => break tx,
+            Err(mayfly_ledger::TxError::Busy) => {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "the idle transaction kept its reader slot"
+                );
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            Err(e) => panic!("{e}"),
+        }
+    };
+    tx.put(b"counter", b"7").unwrap();
+    tx.commit(Vec::new()).unwrap();
+    IDLE_HANDOFF.advance_to(2);
+    let o = runner.join().unwrap();
+    // It had read nothing before: its read sees the commit beside it, and it commits.
+    assert_eq!(o.status, TxStatus::Committed, "{o:?}");
+    assert_eq!(o.result, b"8");
 }
 
 #[test]

@@ -13,7 +13,10 @@
 //! only while it is young: once it is older than the ledger's
 //! [`crate::Options::snapshot_hold`] (default [`limits::DEFAULT_SNAPSHOT_HOLD`]) it gives the
 //! snapshot up — with its reader slot and its ticket of the map-resize gate — at the end
-//! of each operation, and its next read takes a fresh one. If anything was committed in
+//! of each operation, or when its owner, waiting for the next operation, finds it due
+//! ([`Tx::snapshot_due`], [`Tx::release_snapshot_if_old`]: the executor does this while it
+//! waits for the guest, so a transaction that sleeps without operating holds nothing
+//! either), and its next read takes a fresh one. If anything was committed in
 //! between (LMDB's transaction id of the fresh snapshot differs), everything the
 //! transaction has read and scanned so far is re-checked against the fresh snapshot with
 //! the committer's own check (`recheck`). Unchanged: the fresh snapshot is a state the
@@ -275,6 +278,23 @@ impl Tx {
         self.snapshots
     }
 
+    /// When the snapshot it holds is due to be given up (`None`: it holds none). A caller
+    /// that waits between operations (the executor, for its guest) calls
+    /// [`Tx::release_snapshot_if_old`] then, so that an idle transaction does not keep its
+    /// snapshot either.
+    pub fn snapshot_due(&self) -> Option<Instant> {
+        self.snapshot.as_ref()?;
+        // A hold too long to add is never due.
+        self.started.checked_add(self.hold)
+    }
+
+    /// Gives the snapshot up if the transaction is older than the hold (its next read
+    /// takes a fresh one, re-checking what it read); keeps it otherwise.
+    pub fn release_snapshot_if_old(&mut self) {
+        let snap = self.snapshot.take();
+        self.put_back(snap);
+    }
+
     fn check_doomed(&self) -> Result<(), TxError> {
         match &self.doomed {
             Some(e) => Err(TxError::Conflict(e.clone())),
@@ -331,8 +351,7 @@ impl Tx {
         check_key(key)?;
         if let Some(own) = self.writes.get(key) {
             let own = own.clone();
-            let snap = self.snapshot.take();
-            self.put_back(snap);
+            self.release_snapshot_if_old();
             return Ok(own);
         }
         let snap = self.take_snapshot()?;
@@ -381,8 +400,7 @@ impl Tx {
     }
 
     fn buffer(&mut self, key: &[u8], value: Option<Vec<u8>>) -> Result<(), TxError> {
-        let snap = self.snapshot.take();
-        self.put_back(snap);
+        self.release_snapshot_if_old();
         if !self.writes.contains_key(key) && self.writes.len() >= limits::MAX_WRITES {
             return Err(TxError::TooManyWrites {
                 max: limits::MAX_WRITES,

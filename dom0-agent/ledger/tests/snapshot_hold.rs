@@ -197,6 +197,30 @@ fn a_scanned_range_is_rechecked_at_the_next_operation() {
 }
 
 #[test]
+fn an_idle_transaction_gives_its_snapshot_up_when_told_it_is_due() {
+    let dir = tempfile::tempdir().unwrap();
+    let ledger = open(dir.path(), Duration::ZERO);
+    put(&ledger, &[(b"a", b"1")]);
+    let mut tx = ledger.begin(ctx()).unwrap();
+    assert!(
+        tx.snapshot_due().is_some(),
+        "holds the snapshot taken at begin"
+    );
+    tx.release_snapshot_if_old();
+    assert_eq!(tx.snapshot_due(), None);
+    // It had read nothing: the fresh snapshot shows what was committed meanwhile.
+    put(&ledger, &[(b"a", b"2")]);
+    assert_eq!(tx.get(b"a").unwrap().as_deref(), Some(&b"2"[..]));
+    tx.commit(b"r".to_vec()).unwrap();
+
+    // A young transaction keeps it.
+    let ledger_young = open(&dir.path().join("young"), FOREVER);
+    let mut young = ledger_young.begin(ctx()).unwrap();
+    young.release_snapshot_if_old();
+    assert!(young.snapshot_due().is_some());
+}
+
+#[test]
 fn a_released_transaction_does_not_hold_a_reader_slot() {
     let dir = tempfile::tempdir().unwrap();
     let opts = Options {
@@ -210,11 +234,15 @@ fn a_released_transaction_does_not_hold_a_reader_slot() {
     let ledger = Ledger::open(dir.path(), &opts, &Logger::root(Discard, o!())).unwrap();
     put(&ledger, &[(b"a", b"1")]);
     // Many more open transactions than reader slots: each gives its slot back after its
-    // operation.
+    // operation, or idle when told it is due.
     let mut open: Vec<_> = (0..16)
-        .map(|_| {
+        .map(|i| {
             let mut tx = ledger.begin(ctx()).unwrap();
-            tx.get(b"a").unwrap();
+            if i % 2 == 0 {
+                tx.get(b"a").unwrap();
+            } else {
+                tx.release_snapshot_if_old();
+            }
             tx
         })
         .collect();
