@@ -468,6 +468,17 @@ impl Handoff {
     }
 }
 
+/// The context of a transaction the test runs on the ledger beside the executor's.
+fn beside() -> mayfly_ledger::TxContext {
+    mayfly_ledger::TxContext {
+        tx_id: mayfly_ledger::TxId::generate(),
+        handler: "beside".into(),
+        request: Vec::new(),
+        domain_id: 0,
+        policy_hash: [0; 32],
+    }
+}
+
 fn allow_all() -> mayfly_policy::Bundle {
     mayfly_policy::Bundle::load(&[("allow.toml", "[engine]\nunlisted_handler = \"allow\"\n")])
         .unwrap()
@@ -669,16 +680,7 @@ fn a_long_transaction_whose_read_changed_ends_as_a_conflict_at_its_next_read() {
         std::thread::spawn(move || run(&ex, "read_wait_read"))
     };
     HANDOFF.wait_for(1);
-    let mut tx = ex
-        .ledger()
-        .begin(mayfly_ledger::TxContext {
-            tx_id: mayfly_ledger::TxId::generate(),
-            handler: "beside".into(),
-            request: Vec::new(),
-            domain_id: 0,
-            policy_hash: [0; 32],
-        })
-        .unwrap();
+    let mut tx = ex.ledger().begin(beside()).unwrap();
     tx.put(b"counter", b"7").unwrap();
     tx.commit(Vec::new()).unwrap();
     HANDOFF.advance_to(2);
@@ -738,13 +740,7 @@ fn an_idle_transaction_gives_its_snapshot_up_while_the_guest_waits() {
     // hold is over, so a transaction of ours can begin (polled, bounded).
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     let mut tx = loop {
-        match ex.ledger().begin(mayfly_ledger::TxContext {
-            tx_id: mayfly_ledger::TxId::generate(),
-            handler: "beside".into(),
-            request: Vec::new(),
-            domain_id: 0,
-            policy_hash: [0; 32],
-        }) {
+        match ex.ledger().begin(beside()) {
             Ok(tx) => break tx,
             Err(mayfly_ledger::TxError::Busy) => {
                 assert!(
