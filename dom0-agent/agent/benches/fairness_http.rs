@@ -8,10 +8,13 @@
 //!
 //! Per mix: honest commits/s, p50/p99 and their ratios to `none` (targets: ≥ 0.5× and
 //! ≤ 5×), honest answers other than 200, the hostile answers by status (503: refused at
-//! admission) and requests that hung (no answer within the deadline + 30 s), and the
+//! admission) and requests that hung (no answer within the deadline + 30 s), the
 //! agent's anonymous RSS after the mix (all its transactions ended; polled for up to 30 s
-//! until within 20 % or 2 MiB, `fair::rss_bound`) against before the mix (`RssAnon`; the whole `VmRSS` is printed too: it also counts the ledger's
-//! file pages, which grow with the data committed).
+//! until within the issue's 20 %, with no 2 MiB floor, unlike the test's
+//! `fair::settle_rss`) against before the mix (`RssAnon`, with the agent's thread count),
+//! its whole RSS (`VmRSS`, what an operator sees: it also counts the ledger's mapped file
+//! pages) after against before, and the ledger's data file (`data.mdb`) size before and
+//! after the mix.
 //! The load generator runs on the same cores as the agent.
 //!
 //! Run (one command; the knobs are environment variables):
@@ -30,7 +33,9 @@
 //! `off`, or `[engine]` lines replacing the shipped `penalty_*` ones, e.g.
 //! `penalty_after = 4`), `BENCH_RATES` (default: the shipped per-client `[[rate]]` rules
 //! raised to 1,000,000 a window, as the shipped 1,000 transfers/s per client would cap the
-//! honest identity's unloaded figure; `shipped`: as shipped). Without `--bench` (`cargo test --benches`) one short smoke
+//! honest identity's unloaded figure; `shipped`: as shipped), `BENCH_SMAPS` (set: print
+//! where the anonymous memory is before and after each mix, from `/proc/<pid>/smaps`).
+//! Without `--bench` (`cargo test --benches`) one short smoke
 //! repetition of `none` and `sleep` runs.
 #![allow(
     missing_docs,
@@ -52,9 +57,79 @@ use fair::{Load, MIXES};
 /// One mix of one repetition, as reported.
 struct Row {
     load: Load,
-    /// Anonymous RSS after the mix and before the first mix (`fair::rss_kib`).
+    /// Anonymous RSS after the mix and before it (`fair::rss_kib`).
     rss_after_kib: u64,
     rss_before_kib: u64,
+    /// The whole RSS (`VmRSS`) after the mix and before it.
+    vm_after_kib: u64,
+    vm_before_kib: u64,
+    /// Size of the ledger's `data.mdb` after the mix and before it, bytes.
+    file_after: u64,
+    file_before: u64,
+}
+
+/// Where the agent's anonymous memory is (`/proc/<pid>/smaps`), KiB: the main heap, the
+/// 64 MiB reservations of glibc's per-thread arenas, 2 MiB-class thread stacks, and the
+/// rest, each with its count of mappings (`BENCH_SMAPS=1`).
+fn anon_by_mapping(pid: u32) -> String {
+    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).unwrap_or_default();
+    // (name, mappings, anonymous KiB)
+    let mut classes: BTreeMap<&'static str, (u64, u64)> = BTreeMap::new();
+    let mut class = "other";
+    for line in smaps.lines() {
+        let mut fields = line.split_whitespace();
+        let first = fields.next().unwrap_or("");
+        if first.contains('-') && first.chars().all(|c| c.is_ascii_hexdigit() || c == '-') {
+            let (start, end) = first.split_once('-').unwrap_or(("0", "0"));
+            let size = u64::from_str_radix(end, 16).unwrap_or(0)
+                - u64::from_str_radix(start, 16).unwrap_or(0);
+            let path = fields.nth(4).unwrap_or("");
+            class = match path {
+                "[heap]" => "heap",
+                "" if size == 64 << 20 || size == 128 << 20 => "arena 64 MiB",
+                "" if (1 << 20..=(8 << 20) + 4096).contains(&size) => "stack-sized",
+                "" => "other anon",
+                _ => "file-backed",
+            };
+            classes.entry(class).or_default().0 += 1;
+        } else if first == "Anonymous:" {
+            let kib: u64 = fields.next().and_then(|v| v.parse().ok()).unwrap_or(0);
+            classes.entry(class).or_default().1 += kib;
+        }
+    }
+    classes
+        .iter()
+        .map(|(name, (n, kib))| format!("{name} {kib} KiB/{n}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// The agent's thread count (`/proc/<pid>/status`).
+fn threads(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("Threads:"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// Polls the anonymous RSS (every 250 ms, up to `limit`) until it is within 20 % of
+/// `before_kib`; the last value read and how long it took.
+fn settle_within_ratio(pid: u32, before_kib: u64, limit: Duration) -> (u64, Duration) {
+    let start = std::time::Instant::now();
+    loop {
+        let (_, anon) = fair::rss_kib(pid);
+        if anon * 100 <= before_kib * 120 || start.elapsed() >= limit {
+            return (anon, start.elapsed());
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+/// Size of the ledger's data file in `data` (0 if it cannot be read).
+fn data_file_size(data: &std::path::Path) -> u64 {
+    std::fs::metadata(data.join("data.mdb")).map_or(0, |m| m.len())
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -172,6 +247,14 @@ fn main() {
             );
             for (i, (name, handler, payload)) in mixes.iter().enumerate() {
                 let (total_before, rss_before_kib) = fair::rss_kib(pid);
+                let file_before = data_file_size(&data);
+                let threads_before = threads(pid);
+                if std::env::var_os("BENCH_SMAPS").is_some() {
+                    println!(
+                        "  rep {rep} {name:>8}: anonymous memory before: {}",
+                        anon_by_mapping(pid)
+                    );
+                }
                 let load = fair::run(
                     agent.addr,
                     (handler, payload),
@@ -181,14 +264,39 @@ fn main() {
                     (rep * 10 + i) as u64,
                 );
                 let idle = fair::wait_idle(agent.addr, Duration::from_secs(60));
-                // Memory back within the bound, or what it is after 30 s (idle pool threads
-                // end 10 s after their last transaction).
-                let (rss_after_kib, _) =
-                    fair::settle_rss(pid, rss_before_kib, Duration::from_secs(30));
+                // Memory back within 20 % (the issue's target: no 2 MiB floor here, unlike
+                // the test's `fair::settle_rss`), or what it is after 30 s (idle pool
+                // threads end 10 s after their last transaction).
+                let (rss_after_kib, settled) =
+                    settle_within_ratio(pid, rss_before_kib, Duration::from_secs(30));
+                let threads_after = threads(pid);
+                if std::env::var_os("BENCH_TRIM_PROBE").is_some() {
+                    let _ = std::process::Command::new("gdb")
+                        .args([
+                            "-p",
+                            &pid.to_string(),
+                            "-batch",
+                            "-ex",
+                            "call (int)malloc_trim(0)",
+                        ])
+                        .output();
+                    println!(
+                        "  PROBE after malloc_trim: anon {} KiB (was {rss_after_kib})",
+                        fair::rss_kib(pid).1
+                    );
+                }
                 let (total_after, _) = fair::rss_kib(pid);
+                let file_after = data_file_size(&data);
+                if std::env::var_os("BENCH_SMAPS").is_some() {
+                    println!(
+                        "  rep {rep} {name:>8}: anonymous memory after: {}",
+                        anon_by_mapping(pid)
+                    );
+                }
                 println!(
                     "  rep {rep} {name:>8}: {:>6.0} tx/s p50 {:>8.2?} p99 {:>8.2?}  honest non-200 \
-                     {} hung {}  hostile {} hung {} broken {}  RSS anon {} → {} KiB (all {} → {} MiB){}",
+                     {} hung {}  hostile {} hung {} broken {}  RSS anon {} → {} KiB (after {:.1} s; \
+                     threads {} → {}) (VmRSS {} → {} MiB) data.mdb {} → {} MiB{}",
                     load.rate(),
                     load.quantile(0.5),
                     load.quantile(0.99),
@@ -199,14 +307,23 @@ fn main() {
                     load.hostile_broken,
                     rss_before_kib,
                     rss_after_kib,
+                    settled.as_secs_f64(),
+                    threads_before,
+                    threads_after,
                     total_before >> 10,
                     total_after >> 10,
+                    file_before >> 20,
+                    file_after >> 20,
                     if idle { "" } else { " (still busy after 60 s)" }
                 );
                 rows[i].push(Row {
                     load,
                     rss_after_kib,
                     rss_before_kib,
+                    vm_after_kib: total_after,
+                    vm_before_kib: total_before,
+                    file_after,
+                    file_before,
                 });
             }
             drop(agent);
@@ -262,9 +379,18 @@ fn main() {
                     .map(|x| x.rss_after_kib as f64 / x.rss_before_kib.max(1) as f64)
                     .collect(),
             );
+            let vm = median(
+                r.iter()
+                    .map(|x| x.vm_after_kib as f64 / x.vm_before_kib.max(1) as f64)
+                    .collect(),
+            );
+            let mib = |b: u64| b as f64 / f64::from(1u32 << 20);
+            let file_before = median(r.iter().map(|x| mib(x.file_before)).collect());
+            let file_after = median(r.iter().map(|x| mib(x.file_after)).collect());
             println!(
                 "  {name:>8}: {rate:>7.0} tx/s ({:.2}x)  p50 {:>7.2} ms  p99 {:>7.2} ms ({:.1}x)  \
-                 hostile 503 {refused:>6.0} ended {ended:>5.0}  hung {hung}  anon RSS after/before {rss:.2}",
+                 hostile 503 {refused:>6.0} ended {ended:>5.0}  hung {hung}  anon RSS after/before {rss:.2}  \
+                 VmRSS after/before {vm:.2}  data.mdb {file_before:.1} -> {file_after:.1} MiB",
                 rate / base_rate,
                 p50 * 1e3,
                 p99 * 1e3,

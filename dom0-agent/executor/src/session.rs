@@ -13,7 +13,7 @@
 //! The session owns what the old argument list of `drive` carried by `&mut`: the audit
 //! records gathered so far, whether the domain is to be kept, and the bytes the guest wrote.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use mayfly_domain::{Domain, DomainExit};
 use mayfly_ledger::{AuditEvent, CommitError, Hash, Ledger, Severity, Tx, TxError, TxId};
@@ -220,9 +220,14 @@ impl<'a> Session<'a> {
             demote_at: config.demote_after.map(|d| now + d),
         };
         loop {
-            let env = match self.next_request(domain, &mut progress) {
+            // An idle transaction must not keep its ledger snapshot past the hold either
+            // (it would keep LMDB from reusing pages): wake up then and give it up.
+            let env = match self.next_request(domain, &mut progress, ltx.snapshot_due()) {
                 Ok(Some(env)) => env,
-                Ok(None) => continue,
+                Ok(None) => {
+                    ltx.release_snapshot_if_old();
+                    continue;
+                }
                 Err(served) => return served,
             };
             if let Err(served) = self.admit(domain, &mut progress, &env) {
@@ -243,6 +248,14 @@ impl<'a> Session<'a> {
                 }
                 body => self.data(&mut ltx, &mut progress, body),
             };
+            if ltx.is_doomed() {
+                // Something it read changed while it held no snapshot (a long
+                // transaction): it cannot commit. The guest has its error; the transaction
+                // ends as a conflict, as a failed commit validation would.
+                let _ = send(domain, env.id, &reply);
+                debug!(self.log, "conflict before commit");
+                return Served::Conflict;
+            }
             if let Err(e) = send(domain, env.id, &reply) {
                 return Served::Failed(Failure::ProtocolViolation(format!(
                     "sending a response: {e}"
@@ -278,12 +291,14 @@ impl<'a> Session<'a> {
             .map_err(|e| Served::Failed(Failure::ProtocolViolation(format!("sending Start: {e}"))))
     }
 
-    /// The next request, waiting no longer than the deadline or the demotion point (past
-    /// it: demote once and return `None`, to wait on).
+    /// The next request, waiting no longer than the deadline, the demotion point (past
+    /// it: demote once and return `None`, to wait on) or `wake_at` (the ledger
+    /// transaction's snapshot falling due: `None`, for the caller to give it up).
     fn next_request(
         &self,
         domain: &mut dyn Domain,
         progress: &mut Progress,
+        wake_at: Option<Instant>,
     ) -> Result<Option<Envelope<Request>>, Served> {
         let left = progress.deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
@@ -299,7 +314,11 @@ impl<'a> Session<'a> {
             }
             return Ok(None);
         }
-        let wait = until_demote.map_or(left, |d| d.min(left));
+        let until_wake = wake_at.map(|at| at.saturating_duration_since(Instant::now()));
+        let wait = [until_demote, until_wake]
+            .into_iter()
+            .flatten()
+            .fold(left, Duration::min);
         let (ring, notifier) = domain.ring();
         match ring.recv_request(&notifier, Some(wait)) {
             Ok(env) => Ok(Some(env)),
@@ -574,6 +593,7 @@ fn tx_error_code(e: &TxError) -> u16 {
         | TxError::TooManyWrites { .. }
         | TxError::TooManyScans { .. }
         | TxError::RequestTooLarge { .. } => error_code::LIMIT_EXCEEDED,
+        TxError::Conflict(_) => error_code::CONFLICT,
         _ => error_code::INTERNAL,
     }
 }

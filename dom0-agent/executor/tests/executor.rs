@@ -343,6 +343,76 @@ fn guests() -> HashMap<&'static str, Guest> {
         }),
     );
     g.insert("die", Arc::new(|_f, _n, _p, _k| panic!("guest crashed")));
+    // Waits for the test without any operation (an idle transaction), then increments the
+    // counter.
+    g.insert(
+        "wait_then_inc",
+        Arc::new(|f, n, _p, _k| {
+            IDLE_HANDOFF.advance_to(1);
+            IDLE_HANDOFF.wait_for(2);
+            let v = match call(
+                f,
+                n,
+                Request::Get {
+                    key: b"counter".to_vec(),
+                },
+            ) {
+                Response::Value(v) => {
+                    v.map_or(0, |v| String::from_utf8(v).unwrap().parse::<u64>().unwrap())
+                }
+                _ => return,
+            };
+            let next = (v + 1).to_string().into_bytes();
+            let _ = call(
+                f,
+                n,
+                Request::Put {
+                    key: b"counter".to_vec(),
+                    value: next.clone(),
+                },
+            );
+            let _ = call(f, n, Request::Commit { result: next });
+        }),
+    );
+    // Reads the counter, lets the test commit beside it (a long transaction: the ledger
+    // under test holds no snapshot past its first operation), then reads another key and
+    // keeps the answer's error code (0 for a value) in `GUEST_GOT`.
+    g.insert(
+        "read_wait_read",
+        Arc::new(|f, n, _p, _k| {
+            let _ = call(
+                f,
+                n,
+                Request::Get {
+                    key: b"counter".to_vec(),
+                },
+            );
+            HANDOFF.advance_to(1);
+            HANDOFF.wait_for(2);
+            let code = match call(
+                f,
+                n,
+                Request::Get {
+                    key: b"other".to_vec(),
+                },
+            ) {
+                Response::Error { code, .. } => code,
+                _ => 0,
+            };
+            GUEST_GOT.store(u32::from(code), Ordering::SeqCst);
+            // Ignoring the error: the agent must have ended the transaction already.
+            let answered = f
+                .call(
+                    &Request::Get {
+                        key: b"more".to_vec(),
+                    },
+                    n,
+                    Some(Duration::from_millis(500)),
+                )
+                .is_ok();
+            GUEST_ANSWERED_AFTER.store(answered, Ordering::SeqCst);
+        }),
+    );
     g.insert(
         "chatty",
         Arc::new(|f, n, _p, _k| loop {
@@ -359,15 +429,69 @@ fn guests() -> HashMap<&'static str, Guest> {
     g
 }
 
+/// A step counter the test and a guest thread hand off on (each wait bounded).
+struct Handoff {
+    step: Mutex<u32>,
+    cv: Condvar,
+}
+
+/// The error code `read_wait_read` got at its second read (0: a value, `u32::MAX`: not yet).
+static GUEST_GOT: AtomicU32 = AtomicU32::new(u32::MAX);
+
+/// Whether `read_wait_read` got any answer after its conflict.
+static GUEST_ANSWERED_AFTER: AtomicBool = AtomicBool::new(true);
+
+static HANDOFF: Handoff = Handoff {
+    step: Mutex::new(0),
+    cv: Condvar::new(),
+};
+
+/// `wait_then_inc`'s (tests run in parallel: one hand-off per test).
+static IDLE_HANDOFF: Handoff = Handoff {
+    step: Mutex::new(0),
+    cv: Condvar::new(),
+};
+
+impl Handoff {
+    fn advance_to(&self, step: u32) {
+        *self.step.lock().unwrap() = step;
+        self.cv.notify_all();
+    }
+
+    fn wait_for(&self, step: u32) {
+        let guard = self.step.lock().unwrap();
+        let (guard, _) = self
+            .cv
+            .wait_timeout_while(guard, Duration::from_secs(10), |s| *s < step)
+            .unwrap();
+        assert!(*guard >= step, "step {step} not reached in 10 s");
+    }
+}
+
+/// The context of a transaction the test runs on the ledger beside the executor's.
+fn beside() -> mayfly_ledger::TxContext {
+    mayfly_ledger::TxContext {
+        tx_id: mayfly_ledger::TxId::generate(),
+        handler: "beside".into(),
+        request: Vec::new(),
+        domain_id: 0,
+        policy_hash: [0; 32],
+    }
+}
+
 fn allow_all() -> mayfly_policy::Bundle {
     mayfly_policy::Bundle::load(&[("allow.toml", "[engine]\nunlisted_handler = \"allow\"\n")])
         .unwrap()
 }
 
 fn setup(config: ExecutorConfig) -> (tempfile::TempDir, Executor) {
+    setup_with(config, &Options::default())
+}
+
+fn setup_with(config: ExecutorConfig, options: &Options) -> (tempfile::TempDir, Executor) {
     let dir = tempfile::tempdir().unwrap();
     let log = Logger::root(Discard, o!());
-    let ledger = Ledger::open(dir.path(), &Options::default(), &log).unwrap();
+    let ledger = Ledger::open(dir.path(), options, &log).unwrap();
     let backend = Arc::new(ThreadBackend {
         guests: guests(),
         next: AtomicU32::new(1),
@@ -381,6 +505,8 @@ fn setup(config: ExecutorConfig) -> (tempfile::TempDir, Executor) {
         "probe",
         "rand",
         "commit_behind_refused",
+        "read_wait_read",
+        "wait_then_inc",
     ]
     .map(String::from);
     (
@@ -534,6 +660,105 @@ fn conflicting_transactions_are_retried_in_fresh_domains_and_none_is_lost() {
     domains.sort_unstable();
     domains.dedup();
     assert_eq!(domains.len(), 100, "each committed run had its own domain");
+}
+
+#[test]
+fn a_long_transaction_whose_read_changed_ends_as_a_conflict_at_its_next_read() {
+    let (_d, ex) = setup_with(
+        ExecutorConfig {
+            max_attempts: 1,
+            ..Default::default()
+        },
+        &Options {
+            snapshot_hold: Duration::ZERO,
+            ..Options::default()
+        },
+    );
+    let ex = Arc::new(ex);
+    let runner = {
+        let ex = ex.clone();
+        std::thread::spawn(move || run(&ex, "read_wait_read"))
+    };
+    HANDOFF.wait_for(1);
+    let mut tx = ex.ledger().begin(beside()).unwrap();
+    tx.put(b"counter", b"7").unwrap();
+    tx.commit(Vec::new()).unwrap();
+    HANDOFF.advance_to(2);
+    let o = runner.join().unwrap();
+    assert_eq!(o.status, TxStatus::Failed, "{o:?}");
+    assert_eq!(
+        o.failure,
+        Some(mayfly_executor::Failure::Conflicts),
+        "{o:?}"
+    );
+    assert_eq!(o.seq, None);
+    // Waits for the domain's retirement (its thread joined) too.
+    let events = audit_events(&ex);
+    assert_eq!(
+        GUEST_GOT.load(Ordering::SeqCst),
+        u32::from(mayfly_ring::wire::error_code::CONFLICT),
+        "the guest learns of the conflict at its read"
+    );
+    assert!(
+        !GUEST_ANSWERED_AFTER.load(Ordering::SeqCst),
+        "the transaction ends at the conflict: nothing after it is served"
+    );
+    assert!(events.iter().any(|e| e == "tx.conflict"), "{events:?}");
+    assert!(
+        !events.iter().any(|e| e == "tx.storage_failed"),
+        "{events:?}"
+    );
+    let (_, v) = ex.ledger().store().committed(b"counter").unwrap().unwrap();
+    assert_eq!(v, b"7", "only the commit beside it is there");
+}
+
+#[test]
+fn an_idle_transaction_gives_its_snapshot_up_while_the_guest_waits() {
+    // One reader slot: while the guest's transaction holds its snapshot, nobody else can
+    // begin one.
+    let (_d, ex) = setup_with(
+        ExecutorConfig {
+            max_attempts: 1,
+            ..Default::default()
+        },
+        &Options {
+            snapshot_hold: Duration::from_millis(20),
+            store: mayfly_ledger::StoreOptions {
+                max_readers: 1,
+                ..mayfly_ledger::StoreOptions::default()
+            },
+            ..Options::default()
+        },
+    );
+    let ex = Arc::new(ex);
+    let runner = {
+        let ex = ex.clone();
+        std::thread::spawn(move || run(&ex, "wait_then_inc"))
+    };
+    IDLE_HANDOFF.wait_for(1);
+    // The guest sends nothing while it waits; the executor gives the snapshot up once the
+    // hold is over, so a transaction of ours can begin (polled, bounded).
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let mut tx = loop {
+        match ex.ledger().begin(beside()) {
+            Ok(tx) => break tx,
+            Err(mayfly_ledger::TxError::Busy) => {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "the idle transaction kept its reader slot"
+                );
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            Err(e) => panic!("{e}"),
+        }
+    };
+    tx.put(b"counter", b"7").unwrap();
+    tx.commit(Vec::new()).unwrap();
+    IDLE_HANDOFF.advance_to(2);
+    let o = runner.join().unwrap();
+    // It had read nothing before: its read sees the commit beside it, and it commits.
+    assert_eq!(o.status, TxStatus::Committed, "{o:?}");
+    assert_eq!(o.result, b"8");
 }
 
 #[test]

@@ -19,9 +19,7 @@ use crate::checkpoint::{chain_hash, Checkpoint, ReadEntry, WriteEntry, MAX_CHECK
 use crate::codec::hex;
 use crate::commit_error::CommitError;
 use crate::head::{SignedHead, Tip};
-use crate::job::{
-    GroupObserver, Job, NonceJob, PreparedTx, Receipt, RollbackJob, ScanRecord, Tips,
-};
+use crate::job::{GroupObserver, Job, NonceJob, PreparedTx, Receipt, RollbackJob, Tips};
 use crate::keys::{KeyStore, SigningKey};
 use crate::state::StateDigest;
 use crate::store::{encode_tip, meta_keys, u64_key, Store, FORMAT_MARKER, FORMAT_VERSION};
@@ -52,6 +50,15 @@ struct Tally {
     audit: Tip,
     state: StateDigest,
     incoming: Option<SigningKey>,
+}
+
+impl From<crate::recheck::Stale> for Step {
+    fn from(e: crate::recheck::Stale) -> Self {
+        match e {
+            crate::recheck::Stale::Changed(e) => Step::Reject(e),
+            crate::recheck::Stale::Storage(e) => Step::Fatal(e),
+        }
+    }
 }
 
 impl From<heed::Error> for Step {
@@ -274,43 +281,6 @@ impl Committer {
         }
     }
 
-    fn validate_scan(&self, wtxn: &RwTxn<'_>, scan: &ScanRecord) -> Result<(), Step> {
-        let end = match &scan.end {
-            Bound::Included(k) => Bound::Included(k.as_slice()),
-            Bound::Excluded(k) => Bound::Excluded(k.as_slice()),
-            Bound::Unbounded => Bound::Unbounded,
-        };
-        let range = (Bound::Included(scan.start.as_slice()), end);
-        let mut expected = scan.seen.iter();
-        let conflict = |reason: String| {
-            Step::Reject(CommitError::ScanConflict {
-                start: hex(&scan.start),
-                reason,
-            })
-        };
-        for item in self.store.dbs.data.range(wtxn, &range)? {
-            let (k, v) = item?;
-            let version = decode_value(v)
-                .ok_or_else(|| Step::Reject(CommitError::Corrupt { key: hex(k) }))?
-                .version;
-            match expected.next() {
-                Some((ek, ev)) if ek.as_slice() == k && *ev == version => {}
-                Some((ek, ev)) => {
-                    return Err(conflict(format!(
-                        "saw {} at version {ev}, now {} at version {version}",
-                        hex(ek),
-                        hex(k)
-                    )))
-                }
-                None => return Err(conflict(format!("{} was added", hex(k)))),
-            }
-        }
-        if let Some((ek, _)) = expected.next() {
-            return Err(conflict(format!("{} is gone", hex(ek))));
-        }
-        Ok(())
-    }
-
     /// Writes `new` under `key` in `data`, replacing `old` (the bytes stored there now), and
     /// moves the live-state digest along.
     fn put_data(
@@ -422,19 +392,7 @@ impl Committer {
             }
             _ => None,
         };
-        for (key, &read) in &tx.reads {
-            let (current, _) = self.current(wtxn, key)?;
-            if current != read {
-                return Err(Step::Reject(CommitError::Conflict {
-                    key: hex(key),
-                    read,
-                    current,
-                }));
-            }
-        }
-        for scan in &tx.scans {
-            self.validate_scan(wtxn, scan)?;
-        }
+        crate::recheck::reads_current(self.store.dbs.data, wtxn, &tx.reads, &tx.scans)?;
 
         Ok(idempotency)
     }

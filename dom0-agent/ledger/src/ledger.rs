@@ -52,6 +52,10 @@ pub struct Options {
     pub keys: Arc<dyn KeyStore>,
     /// How many durable idempotency keys are kept, and for how long ([`idempotency`]).
     pub idempotency: idempotency::Retention,
+    /// How long a transaction keeps its first read snapshot; past it the snapshot is given
+    /// up after each operation and re-taken (with a re-check of the reads) at the next, so
+    /// a long transaction cannot keep LMDB from reusing pages ([`crate::Tx`]).
+    pub snapshot_hold: std::time::Duration,
 }
 
 impl Default for Options {
@@ -66,6 +70,7 @@ impl Default for Options {
             state_digest: true,
             keys: Arc::new(FileKeys),
             idempotency: idempotency::Retention::default(),
+            snapshot_hold: crate::limits::DEFAULT_SNAPSHOT_HOLD,
         }
     }
 }
@@ -83,6 +88,8 @@ pub(crate) struct Inner {
     pub group_stats: Arc<group_stats::GroupCounters>,
     pub keys: Arc<dyn KeyStore>,
     pub observer: Arc<std::sync::OnceLock<Arc<dyn GroupObserver>>>,
+    /// [`Options::snapshot_hold`].
+    pub snapshot_hold: std::time::Duration,
 }
 
 impl Drop for Inner {

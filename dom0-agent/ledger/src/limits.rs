@@ -1,4 +1,5 @@
-//! Size caps, enforced when a transaction is built and again when a record is decoded.
+//! Size caps, enforced when a transaction is built and again when a record is decoded, and
+//! the default snapshot hold.
 //!
 //! Vocabulary: a leaf module (it uses no other module of the crate).
 
@@ -20,3 +21,7 @@ pub const MAX_WRITES: usize = 1024;
 pub const MAX_SCAN: usize = 1024;
 /// Most scans per transaction.
 pub const MAX_SCANS: usize = 64;
+/// How long a transaction keeps its first read snapshot by default
+/// ([`crate::Options::snapshot_hold`]); past it the snapshot is given up after each
+/// operation so that LMDB can reuse pages beside a long transaction ([`crate::Tx`]).
+pub const DEFAULT_SNAPSHOT_HOLD: std::time::Duration = std::time::Duration::from_millis(50);

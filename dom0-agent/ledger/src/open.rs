@@ -236,6 +236,7 @@ impl Ledger {
                 group_stats,
                 keys,
                 observer,
+                snapshot_hold: opts.snapshot_hold,
             }),
         })
     }

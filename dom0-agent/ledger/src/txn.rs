@@ -1,11 +1,31 @@
 //! A ledger transaction: snapshot reads that record what they saw, buffered writes.
 //!
-//! A [`Tx`] reads from one LMDB snapshot taken at [`crate::Ledger::begin`] (so a handler
-//! never sees a mix of states), records the version of every key it reads, and buffers its
-//! writes. At commit the committer re-checks, inside the group's write transaction, that
-//! every version read (and every scanned range) is still current; if so the transaction
-//! is equivalent to running alone at its commit point (serializable), otherwise it fails
-//! with [`crate::CommitError::Conflict`] and writes nothing.
+//! A [`Tx`] reads from an LMDB snapshot taken at [`crate::Ledger::begin`], records the
+//! version of every key it reads, and buffers its writes. At commit the committer
+//! re-checks, inside the group's write transaction, that every version read (and every
+//! scanned range) is still current; if so the transaction is equivalent to running alone
+//! at its commit point (serializable), otherwise it fails with
+//! [`crate::CommitError::Conflict`] and writes nothing.
+//!
+//! **No transaction pins a snapshot for long.** An LMDB read snapshot keeps every page
+//! freed after it from being reused: while one is open, every commit beside it grows the
+//! data file (and the agent's resident file pages). So a transaction keeps its snapshot
+//! only while it is young: once it is older than the ledger's
+//! [`crate::Options::snapshot_hold`] (default [`limits::DEFAULT_SNAPSHOT_HOLD`]) it gives the
+//! snapshot up — with its reader slot and its ticket of the map-resize gate — at the end
+//! of each operation, or when its owner, waiting for the next operation, finds it due
+//! ([`Tx::snapshot_due`], [`Tx::release_snapshot_if_old`]: the executor does this while it
+//! waits for the guest, so a transaction that sleeps without operating holds nothing
+//! either), and its next read takes a fresh one. If anything was committed in
+//! between (LMDB's transaction id of the fresh snapshot differs), everything the
+//! transaction has read and scanned so far is re-checked against the fresh snapshot with
+//! the committer's own check (`recheck`). Unchanged: the fresh snapshot is a state the
+//! handler's reads were all consistent with, so it still never sees a mix of states.
+//! Changed: the transaction is doomed — the operation, and every later one including the
+//! commit, fails at once with [`TxError::Conflict`] (the executor ends it as a conflict,
+//! as it would at commit). The re-check costs at most the read and scan limits
+//! ([`crate::limits`]) per operation, and only for a transaction past the hold; a young
+//! transaction (honest ones take about a millisecond) reads one snapshot as before.
 //!
 //! Stored data values are encoded by [`crate::value`].
 //!
@@ -16,12 +36,14 @@
 use std::collections::BTreeMap;
 use std::ops::Bound;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use heed::{RoTxn, WithoutTls};
 
 use crate::commit_error::CommitError;
 use crate::job::{CommitTicket, Job, PreparedTx, Receipt, ScanRecord, TxContext};
 use crate::ledger::{self, Inner, Ledger};
+use crate::recheck::{self, Stale};
 use crate::types::now_ns;
 use crate::types::{Hash, TxId};
 use crate::value::decode_value;
@@ -106,6 +128,13 @@ pub enum TxError {
         /// Hex of the key.
         key: String,
     },
+    /// Something the transaction read or scanned was changed by a commit while it held no
+    /// snapshot (it was older than the snapshot hold): it cannot commit, and this and every
+    /// later operation fail. Run it again.
+    #[error(
+        "transaction conflict: {0} (changed while the transaction held no snapshot; run it again)"
+    )]
+    Conflict(CommitError),
     /// Too many transactions are open at once (LMDB reader slots exhausted).
     #[error("too many concurrent transactions (reader slots exhausted)")]
     Busy,
@@ -132,13 +161,27 @@ pub struct ScanResult {
     pub more: bool,
 }
 
+/// A read snapshot and the map-resize gate's ticket it needs while it lives.
+pub(crate) struct Snapshot {
+    txn: RoTxn<'static, WithoutTls>,
+    /// Declared after the snapshot: dropped after it.
+    _ticket: crate::store::Ticket,
+}
+
 /// An open transaction. Dropping it aborts it.
 pub struct Tx {
     pub(crate) inner: Arc<Inner>,
-    pub(crate) snapshot: RoTxn<'static, WithoutTls>,
-    /// Keeps the map-resize gate open while the snapshot lives (declared after it: dropped
-    /// after it).
-    pub(crate) ticket: crate::store::Ticket,
+    /// The snapshot it reads from; `None` once given up (past the hold), until the next read.
+    pub(crate) snapshot: Option<Snapshot>,
+    /// LMDB's id of the last snapshot its reads were found current in.
+    pub(crate) snapshot_id: usize,
+    /// Snapshots taken so far (1 for a transaction that never gave its first up).
+    pub(crate) snapshots: u32,
+    /// Begun at; past `started + hold` the snapshot is given up after each operation.
+    pub(crate) started: Instant,
+    pub(crate) hold: Duration,
+    /// Set when a re-check found a read changed: every later operation fails with it.
+    pub(crate) doomed: Option<CommitError>,
     pub(crate) ctx: TxContext,
     pub(crate) begin_ns: u64,
     pub(crate) entropy_seed: Hash,
@@ -225,13 +268,104 @@ impl Tx {
             .map(|(k, v)| (k.as_slice(), v.as_deref()))
     }
 
+    /// Whether a re-check found something it read changed (see [`TxError::Conflict`]).
+    pub fn is_doomed(&self) -> bool {
+        self.doomed.is_some()
+    }
+
+    /// How many read snapshots the transaction has taken: 1 while it keeps its first.
+    pub fn snapshots_taken(&self) -> u32 {
+        self.snapshots
+    }
+
+    /// When the snapshot it holds is due to be given up (`None`: it holds none). A caller
+    /// that waits between operations (the executor, for its guest) calls
+    /// [`Tx::release_snapshot_if_old`] then, so that an idle transaction does not keep its
+    /// snapshot either.
+    pub fn snapshot_due(&self) -> Option<Instant> {
+        self.snapshot.as_ref()?;
+        // A hold too long to add is never due.
+        self.started.checked_add(self.hold)
+    }
+
+    /// Gives the snapshot up if the transaction is older than the hold (its next read
+    /// takes a fresh one, re-checking what it read); keeps it otherwise.
+    pub fn release_snapshot_if_old(&mut self) {
+        let snap = self.snapshot.take();
+        self.put_back(snap);
+    }
+
+    fn check_doomed(&self) -> Result<(), TxError> {
+        match &self.doomed {
+            Some(e) => Err(TxError::Conflict(e.clone())),
+            None => Ok(()),
+        }
+    }
+
+    /// The snapshot to read from: the one held, or a fresh one in which everything read so
+    /// far is re-checked if anything was committed since (a change dooms the transaction).
+    fn take_snapshot(&mut self) -> Result<Snapshot, TxError> {
+        if let Some(snap) = self.snapshot.take() {
+            return Ok(snap);
+        }
+        let ticket = self.inner.store.gate.enter();
+        let txn = self.inner.store.env.clone().static_read_txn()?;
+        let id = txn.id();
+        if id != self.snapshot_id {
+            let data = self.inner.store.dbs.data;
+            match recheck::reads_current(data, &txn, &self.reads, &self.scans) {
+                Ok(()) => {}
+                Err(Stale::Changed(CommitError::Corrupt { key })) => {
+                    return Err(TxError::Corrupt { key })
+                }
+                Err(Stale::Changed(e)) => {
+                    self.doomed = Some(e.clone());
+                    return Err(TxError::Conflict(e));
+                }
+                Err(Stale::Storage(e)) => return Err(e.into()),
+            }
+            self.snapshot_id = id;
+        }
+        self.snapshots = self.snapshots.saturating_add(1);
+        Ok(Snapshot {
+            txn,
+            _ticket: ticket,
+        })
+    }
+
+    /// After an operation: keeps the snapshot while the transaction is young, else gives
+    /// it up (its pages, reader slot and gate ticket) until the next read.
+    fn put_back(&mut self, snap: Option<Snapshot>) {
+        if self.started.elapsed() < self.hold {
+            if let Some(snap) = snap {
+                self.snapshot = Some(snap);
+            }
+        } else {
+            self.snapshot = None;
+        }
+    }
+
     /// Reads `key`: the transaction's own write if it made one, else the snapshot's value.
     pub fn get(&mut self, key: &[u8]) -> Result<Option<Vec<u8>>, TxError> {
+        self.check_doomed()?;
         check_key(key)?;
         if let Some(own) = self.writes.get(key) {
-            return Ok(own.clone());
+            let own = own.clone();
+            self.release_snapshot_if_old();
+            return Ok(own);
         }
-        let stored = self.inner.store.dbs.data.get(&self.snapshot, key)?;
+        let snap = self.take_snapshot()?;
+        let read = self.get_stored(&snap.txn, key);
+        self.put_back(Some(snap));
+        read
+    }
+
+    fn get_stored(
+        &mut self,
+        snapshot: &RoTxn<'static, WithoutTls>,
+        key: &[u8],
+    ) -> Result<Option<Vec<u8>>, TxError> {
+        let stored = self.inner.store.dbs.data.get(snapshot, key)?;
         let (version, value) = match stored {
             None => (0, None),
             Some(bytes) => {
@@ -247,6 +381,7 @@ impl Tx {
 
     /// Buffers a write of `value` to `key`.
     pub fn put(&mut self, key: &[u8], value: &[u8]) -> Result<(), TxError> {
+        self.check_doomed()?;
         check_key(key)?;
         if value.len() > limits::MAX_VALUE {
             return Err(TxError::ValueTooLarge {
@@ -259,11 +394,13 @@ impl Tx {
 
     /// Buffers a delete of `key`.
     pub fn delete(&mut self, key: &[u8]) -> Result<(), TxError> {
+        self.check_doomed()?;
         check_key(key)?;
         self.buffer(key, None)
     }
 
     fn buffer(&mut self, key: &[u8], value: Option<Vec<u8>>) -> Result<(), TxError> {
+        self.release_snapshot_if_old();
         if !self.writes.contains_key(key) && self.writes.len() >= limits::MAX_WRITES {
             return Err(TxError::TooManyWrites {
                 max: limits::MAX_WRITES,
@@ -283,7 +420,21 @@ impl Tx {
         end: Option<&[u8]>,
         limit: usize,
     ) -> Result<ScanResult, TxError> {
+        self.check_doomed()?;
         self.check_scan(start, end, limit)?;
+        let snap = self.take_snapshot()?;
+        let scanned = self.scan_in(&snap.txn, start, end, limit);
+        self.put_back(Some(snap));
+        scanned
+    }
+
+    fn scan_in(
+        &mut self,
+        snapshot: &RoTxn<'static, WithoutTls>,
+        start: &[u8],
+        end: Option<&[u8]>,
+        limit: usize,
+    ) -> Result<ScanResult, TxError> {
         let upper: Bound<&[u8]> = end.map_or(Bound::Unbounded, Bound::Excluded);
         let range = (Bound::Included(start), upper);
 
@@ -292,7 +443,7 @@ impl Tx {
             .store
             .dbs
             .data
-            .range(&self.snapshot, &range)?
+            .range(snapshot, &range)?
             .peekable();
         let mut own = self.writes.range::<[u8], _>(range).peekable();
         let mut seen: Vec<(Vec<u8>, u64)> = Vec::new();
@@ -432,10 +583,12 @@ impl Tx {
         for ev in &audit {
             ev.validate()?;
         }
+        if let Some(e) = self.doomed {
+            return Err(e);
+        }
         let Tx {
             inner,
             snapshot,
-            ticket,
             ctx,
             begin_ns,
             entropy_seed,
@@ -444,11 +597,11 @@ impl Tx {
             reads,
             writes,
             scans,
+            ..
         } = self;
         // The snapshot is released before queueing so the reader slot is not held while
         // waiting for the group.
         drop(snapshot);
-        drop(ticket);
         let prepared = PreparedTx {
             ctx,
             begin_ns,
@@ -486,11 +639,18 @@ impl Ledger {
             });
         }
         let ticket = self.inner.store.gate.enter();
-        let snapshot = self.inner.store.env.clone().static_read_txn()?;
+        let txn = self.inner.store.env.clone().static_read_txn()?;
         Ok(Tx {
             inner: self.inner.clone(),
-            snapshot,
-            ticket,
+            snapshot_id: txn.id(),
+            snapshot: Some(Snapshot {
+                txn,
+                _ticket: ticket,
+            }),
+            snapshots: 1,
+            started: Instant::now(),
+            hold: self.inner.snapshot_hold,
+            doomed: None,
             ctx,
             begin_ns: now_ns(),
             entropy_seed: [0; 32],

@@ -107,6 +107,9 @@ pub mod error_code {
     pub const LIMIT_EXCEEDED: u16 = 3;
     /// The agent failed internally.
     pub const INTERNAL: u16 = 4;
+    /// Something the transaction read was changed by another commit (found before its
+    /// commit); the transaction cannot commit and ends. Running it again may succeed.
+    pub const CONFLICT: u16 = 5;
 }
 
 /// Message type tags.

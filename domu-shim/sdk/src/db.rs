@@ -11,7 +11,7 @@
 //! In a domain, writes ([`Db::put`], [`Db::delete`]) and [`Db::log`] do not wait for the
 //! agent's answer: after the local checks (sizes, log line sanitizing), which still fail at
 //! once, they return `Ok(())` as soon as the request is sent. If the agent then refuses a
-//! write (`Denied`, `LimitExceeded`, `BadRequest`, `Internal`), the error surfaces at the
+//! write (`Denied`, `LimitExceeded`, `BadRequest`, `Conflict`, `Internal`), the error surfaces at the
 //! handler's next operation that waits for an answer ([`Db::get`], [`Db::scan`]), and every
 //! later operation returns that same first error. **A transaction in which a write failed
 //! never commits**: if the handler returns `Ok` anyway (or returns before waiting again),
@@ -42,6 +42,14 @@ pub enum DbError {
     #[error("bad request: {message}")]
     BadRequest {
         /// What was wrong.
+        message: String,
+    },
+    /// Something the transaction read was changed by another commit before it committed
+    /// (the agent found it at this operation, not waiting for the commit): the transaction
+    /// cannot commit and the agent ends it as a conflict (and may run it again).
+    #[error("conflict: {message}")]
+    Conflict {
+        /// The agent's message.
         message: String,
     },
     /// The agent failed internally, or answered with an error code this SDK does not know.

@@ -55,6 +55,7 @@
 //!  any     -> Error{code, message}         BAD_REQUEST -> DbError::BadRequest
 //!                                          DENIED      -> DbError::Denied
 //!                                          LIMIT_EXCEEDED -> DbError::LimitExceeded
+//!                                          CONFLICT    -> DbError::Conflict
 //!                                          INTERNAL, unknown code -> DbError::Internal
 //!  any     -> another kind of answer       DbError::Transport
 //!  ring failure (timeout, violation, ...)  DbError::Transport, and the ring is given up
@@ -267,6 +268,7 @@ fn agent_error(code: u16, message: String) -> DbError {
         error_code::DENIED => DbError::Denied { message },
         error_code::LIMIT_EXCEEDED => DbError::LimitExceeded { message },
         error_code::INTERNAL => DbError::Internal { message },
+        error_code::CONFLICT => DbError::Conflict { message },
         other => DbError::Internal {
             message: format!("error code {other}: {message}"),
         },
@@ -944,6 +946,10 @@ mod tests {
         assert_eq!(
             agent_error(error_code::INTERNAL, m()),
             DbError::Internal { message: m() }
+        );
+        assert_eq!(
+            agent_error(error_code::CONFLICT, m()),
+            DbError::Conflict { message: m() }
         );
         assert_eq!(
             agent_error(999, m()),
