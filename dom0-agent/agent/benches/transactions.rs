@@ -26,7 +26,8 @@
 //! loopback mutual TLS in this process, each commit acknowledged only once the standby has
 //! it durable) and with an **asynchronous** one, whose lag (groups durable on the primary
 //! and not yet on the standby) is sampled every 5 ms under load, with the time it takes to
-//! catch up once the load stops.
+//! catch up once the load stops. Each configuration also prints its mean jobs per group
+//! commit (`jobs/group`): how far group commit amortised the per-group cost.
 #![allow(
     missing_docs,
     clippy::cast_possible_truncation,
@@ -436,12 +437,15 @@ impl Replicated {
 }
 
 /// Async lag under load: the median and largest number of groups the standby was behind
-/// (sampled every 5 ms), and how long it took to catch up after the load stopped.
+/// (sampled every 5 ms), and how long it took to catch up after the load stopped; and, for
+/// every configuration, the mean jobs per group commit (group commit amortises the fsync,
+/// the signature and, replicated, the standby's work over the jobs of a group).
 #[derive(Default, Clone, Copy)]
 struct Lag {
     median_groups: u64,
     max_groups: u64,
     catch_up: Duration,
+    jobs_per_group: f64,
 }
 
 fn through_executor(
@@ -465,6 +469,8 @@ fn through_executor_replicated(
     let ledger = Ledger::open(dir, &ledger_options(), &log()).unwrap();
     seed(&ledger);
     let replicated = replicate.map(|mode| Replicated::start(&ledger, dir, mode));
+    let stats = ledger.clone();
+    let seeded = stats.group_stats().jobs;
     let sampling = Arc::new(std::sync::atomic::AtomicBool::new(true));
     let sampler = replicated.as_ref().map(|r| {
         let (handle, on) = (r.shipper.status_handle(), sampling.clone());
@@ -533,7 +539,12 @@ fn through_executor_replicated(
         switches: (switches_now() - switches_before) as f64 / f64::from(txs),
     };
     let load_end = Instant::now();
-    let mut lag = Lag::default();
+    let jobs = stats.group_stats().jobs;
+    let mut lag = Lag {
+        jobs_per_group: jobs.sum.saturating_sub(seeded.sum) as f64
+            / jobs.count.saturating_sub(seeded.count).max(1) as f64,
+        ..Lag::default()
+    };
     if let (Some(r), Some(sampler)) = (&replicated, sampler) {
         while r.shipper.status().lag_groups() > 0 && load_end.elapsed() < Duration::from_secs(60) {
             std::thread::sleep(Duration::from_millis(1));
@@ -560,6 +571,7 @@ fn replication_bench(root: &Path, zygote: &Path, secs: f64, reps: usize) {
     for n in [1, CLIENTS] {
         let (mut alone, mut sync, mut asynch, mut lags) =
             (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let mut per_group: [Vec<f64>; 3] = Default::default();
         for rep in 0..reps {
             for (name, mode) in [
                 ("alone", None),
@@ -569,6 +581,12 @@ fn replication_bench(root: &Path, zygote: &Path, secs: f64, reps: usize) {
                 let d = root.join(format!("repl-{name}-{n}-{rep}"));
                 let (run, lag) =
                     through_executor_replicated(&d, || sandbox_backend(zygote, &d), n, secs, mode);
+                per_group[match mode {
+                    None => 0,
+                    Some(Mode::Sync) => 1,
+                    Some(Mode::Async) => 2,
+                }]
+                .push(lag.jobs_per_group);
                 match mode {
                     None => alone.push(run),
                     Some(Mode::Sync) => sync.push(run),
@@ -585,10 +603,12 @@ fn replication_bench(root: &Path, zygote: &Path, secs: f64, reps: usize) {
             ("async", median(&mut asynch)),
         ];
         println!("{n} client(s):");
-        for (name, (rate, p50, p99, cpu)) in rows {
+        for ((name, (rate, p50, p99, cpu)), jobs) in rows.into_iter().zip(&mut per_group) {
+            jobs.sort_by(|a, b| a.total_cmp(b));
             println!(
-                "  {name:>10}: {rate:>8.0} tx/s  p50 {p50:>10.2?}  p99 {p99:>10.2?}  cpu/tx {:>6} µs",
-                cpu.as_micros()
+                "  {name:>10}: {rate:>8.0} tx/s  p50 {p50:>10.2?}  p99 {p99:>10.2?}  cpu/tx {:>6} µs  jobs/group {:>5.2}",
+                cpu.as_micros(),
+                jobs[jobs.len() / 2]
             );
         }
         let ((ar, ap, aq, _), (sr, sp, sq, _)) = (rows[0].1, rows[1].1);
