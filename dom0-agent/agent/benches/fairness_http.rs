@@ -13,8 +13,10 @@
 //! until within the issue's 20 %, with no 2 MiB floor, unlike the test's
 //! `fair::settle_rss`) against before the mix (`RssAnon`, with the agent's thread count),
 //! its whole RSS (`VmRSS`, what an operator sees: it also counts the ledger's mapped file
-//! pages) after against before, and the ledger's data file (`data.mdb`) size before and
-//! after the mix.
+//! pages) after against before, the same without the resident pages of the ledger's
+//! `data.mdb` mapping (`outside ledger`: the agent's own memory — the ledger's history
+//! that every honest commit adds to the map grows `VmRSS` with or without an attack), and
+//! the ledger's data file (`data.mdb`) size before and after the mix.
 //! The load generator runs on the same cores as the agent.
 //!
 //! Run (one command; the knobs are environment variables):
@@ -63,6 +65,9 @@ struct Row {
     /// The whole RSS (`VmRSS`) after the mix and before it.
     vm_after_kib: u64,
     vm_before_kib: u64,
+    /// `VmRSS` less the resident pages of the `data.mdb` mapping, after and before.
+    own_after_kib: u64,
+    own_before_kib: u64,
     /// Size of the ledger's `data.mdb` after the mix and before it, bytes.
     file_after: u64,
     file_before: u64,
@@ -102,6 +107,26 @@ fn anon_by_mapping(pid: u32) -> String {
         .map(|(name, (n, kib))| format!("{name} {kib} KiB/{n}"))
         .collect::<Vec<_>>()
         .join(", ")
+}
+
+/// Resident KiB of the agent's mappings of the ledger's `data.mdb` (`/proc/<pid>/smaps`).
+fn ledger_map_rss_kib(pid: u32) -> u64 {
+    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).unwrap_or_default();
+    let mut in_ledger = false;
+    let mut kib = 0;
+    for line in smaps.lines() {
+        let mut fields = line.split_whitespace();
+        let first = fields.next().unwrap_or("");
+        if first.contains('-') && first.chars().all(|c| c.is_ascii_hexdigit() || c == '-') {
+            in_ledger = fields.nth(4).is_some_and(|p| p.ends_with("/data.mdb"));
+        } else if in_ledger && first == "Rss:" {
+            kib += fields
+                .next()
+                .and_then(|v| v.parse::<u64>().ok())
+                .unwrap_or(0);
+        }
+    }
+    kib
 }
 
 /// The agent's thread count (`/proc/<pid>/status`).
@@ -247,6 +272,7 @@ fn main() {
             );
             for (i, (name, handler, payload)) in mixes.iter().enumerate() {
                 let (total_before, rss_before_kib) = fair::rss_kib(pid);
+                let own_before = total_before.saturating_sub(ledger_map_rss_kib(pid));
                 let file_before = data_file_size(&data);
                 let threads_before = threads(pid);
                 if std::env::var_os("BENCH_SMAPS").is_some() {
@@ -286,6 +312,7 @@ fn main() {
                     );
                 }
                 let (total_after, _) = fair::rss_kib(pid);
+                let own_after = total_after.saturating_sub(ledger_map_rss_kib(pid));
                 let file_after = data_file_size(&data);
                 if std::env::var_os("BENCH_SMAPS").is_some() {
                     println!(
@@ -296,7 +323,8 @@ fn main() {
                 println!(
                     "  rep {rep} {name:>8}: {:>6.0} tx/s p50 {:>8.2?} p99 {:>8.2?}  honest non-200 \
                      {} hung {}  hostile {} hung {} broken {}  RSS anon {} → {} KiB (after {:.1} s; \
-                     threads {} → {}) (VmRSS {} → {} MiB) data.mdb {} → {} MiB{}",
+                     threads {} → {}) (VmRSS {} → {} MiB, outside the ledger map {} → {} MiB) \
+                     data.mdb {} → {} MiB{}",
                     load.rate(),
                     load.quantile(0.5),
                     load.quantile(0.99),
@@ -312,6 +340,8 @@ fn main() {
                     threads_after,
                     total_before >> 10,
                     total_after >> 10,
+                    own_before >> 10,
+                    own_after >> 10,
                     file_before >> 20,
                     file_after >> 20,
                     if idle { "" } else { " (still busy after 60 s)" }
@@ -322,6 +352,8 @@ fn main() {
                     rss_before_kib,
                     vm_after_kib: total_after,
                     vm_before_kib: total_before,
+                    own_after_kib: own_after,
+                    own_before_kib: own_before,
                     file_after,
                     file_before,
                 });
@@ -384,13 +416,18 @@ fn main() {
                     .map(|x| x.vm_after_kib as f64 / x.vm_before_kib.max(1) as f64)
                     .collect(),
             );
+            let own = median(
+                r.iter()
+                    .map(|x| x.own_after_kib as f64 / x.own_before_kib.max(1) as f64)
+                    .collect(),
+            );
             let mib = |b: u64| b as f64 / f64::from(1u32 << 20);
             let file_before = median(r.iter().map(|x| mib(x.file_before)).collect());
             let file_after = median(r.iter().map(|x| mib(x.file_after)).collect());
             println!(
                 "  {name:>8}: {rate:>7.0} tx/s ({:.2}x)  p50 {:>7.2} ms  p99 {:>7.2} ms ({:.1}x)  \
                  hostile 503 {refused:>6.0} ended {ended:>5.0}  hung {hung}  anon RSS after/before {rss:.2}  \
-                 VmRSS after/before {vm:.2}  data.mdb {file_before:.1} -> {file_after:.1} MiB",
+                 VmRSS after/before {vm:.2} (outside the ledger map {own:.2})  data.mdb {file_before:.1} -> {file_after:.1} MiB",
                 rate / base_rate,
                 p50 * 1e3,
                 p99 * 1e3,
