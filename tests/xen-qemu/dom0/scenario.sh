@@ -125,6 +125,33 @@ pool_ready() {
     timeout 10 wget -q -O - http://127.0.0.1:8450/v1/health 2>/dev/null | sed -n 's/.*"ready":\([0-9]*\).*/\1/p'
 }
 
+# pool_size: the pool the agent keeps full (pool_size in its agent.toml; 2 if unset).
+pool_size() {
+    n=$(sed -n 's/^[[:space:]]*pool_size[[:space:]]*=[[:space:]]*\([0-9][0-9]*\).*/\1/p' /etc/mayfly/agent.toml 2>/dev/null | head -n 1)
+    echo "${n:-2}"
+}
+
+# wait_pool_settled TAG COUNT-COMMAND: waits (at most 120 s: a refill boots a domU under
+# emulation) until the pool is full and every domain COUNT-COMMAND counts is one the agent
+# holds ready (built, weighted, capped, booted and paused). A domain still being built runs
+# at Xen's default weight and no cap until the agent sets its own just before its first
+# unpause, so reading it back earlier would race; "as many domains as ready" alone is not
+# enough, since a refill may start right after (the pool not yet full). Says so if it gave up.
+wait_pool_settled() {
+    want=$(pool_size)
+    tries=240
+    while [ "$tries" -gt 0 ]; do
+        n=$($2)
+        ready=$(pool_ready)
+        [ "$n" -ge "$want" ] && [ "$ready" = "$n" ] && return 0
+        sleep 0.5
+        tries=$((tries - 1))
+    done
+    R "$1 pool not settled after 120 s: domains=$n ready=${ready:-?} pool_size=$want"
+}
+count_linux_domains() { timeout 30 xl list 2>/dev/null | awk 'NR > 1 && $1 ~ /^mayfly-[0-9]+$/ { n++ } END { print n + 0 }'; }
+count_pv_domains() { pv_ids | wc -w; }
+
 if [ -f /run/mayfly-agent.pid ] && kill -0 "$(cat /run/mayfly-agent.pid)" 2>/dev/null; then
     R "agent up"
     # The host runs its HTTP transactions now and says "done" on the control port.
@@ -133,16 +160,8 @@ if [ -f /run/mayfly-agent.pid ] && kill -0 "$(cat /run/mayfly-agent.pid)" 2>/dev
     # The reconciler: once the pool holds a paused ready domain, the agent dies by SIGKILL
     # (no clean-up of its own); the restarted agent must destroy every mayfly-<n> domain the
     # dead one left before it serves.
-    # Until every mayfly-<n> domain is one the agent counts ready (built, weighted, booted
-    # and paused): a domain still being built runs at Xen's default weight until the agent
-    # sets its own, just before its first unpause, so reading it back then would race.
-    tries=240 # 120 s: a refill boots a domU under emulation
-    while [ "$tries" -gt 0 ]; do
-        n=$(timeout 30 xl list 2>/dev/null | awk 'NR > 1 && $1 ~ /^mayfly-[0-9]+$/ { n++ } END { print n + 0 }')
-        [ "$n" -ge 1 ] && [ "$(pool_ready)" = "$n" ] && break
-        sleep 0.5
-        tries=$((tries - 1))
-    done
+    # Until the pool is full and every mayfly-<n> domain is one the agent counts ready.
+    wait_pool_settled linux-sched count_linux_domains
     orphans=$(timeout 30 xl list 2>/dev/null | awk 'NR > 1 && $1 ~ /^mayfly-[0-9]+$/ { print $2 }' | tr '\n' ' ')
     # shellcheck disable=SC2086 # one argument per domid
     R "linux-sched $(sched_line $orphans)"
@@ -328,14 +347,8 @@ if /etc/init.d/S50mayfly-agent start >/tmp/start-mayfly.out 2>&1; then
     reply=$(echo ack | timeout 900 nc -l -p 9999 | head -n 1)
     R "control-mayfly ${reply:-none}"
     # While it runs (its pool holds ready domains): the counters see them.
-    # Until every MAYFLYPV domain is one the agent counts ready (as in the Linux phase).
-    tries=240
-    while [ "$tries" -gt 0 ]; do
-        n=$(pv_ids | wc -w)
-        [ "$n" -ge 1 ] && [ "$(pool_ready)" = "$n" ] && break
-        sleep 0.5
-        tries=$((tries - 1))
-    done
+    # Until the pool is full and every MAYFLYPV domain is one the agent counts ready.
+    wait_pool_settled mayfly-sched count_pv_domains
     R "mayfly-running domains=[$(pv_ids)] evtchn=$(evtchn_count) grants=$(grant_count) baseline evtchn=$ev0 grants=$gr0"
     # shellcheck disable=SC2046 # one argument per domid
     R "mayfly-sched $(sched_line $(pv_ids))"
