@@ -592,7 +592,8 @@ fn tx_error_code(e: &TxError) -> u16 {
         | TxError::TooManyReads { .. }
         | TxError::TooManyWrites { .. }
         | TxError::TooManyScans { .. }
-        | TxError::RequestTooLarge { .. } => error_code::LIMIT_EXCEEDED,
+        | TxError::RequestTooLarge { .. }
+        | TxError::TooManyRechecks { .. } => error_code::LIMIT_EXCEEDED,
         TxError::Conflict(_) => error_code::CONFLICT,
         _ => error_code::INTERNAL,
     }

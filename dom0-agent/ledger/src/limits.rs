@@ -25,3 +25,9 @@ pub const MAX_SCANS: usize = 64;
 /// ([`crate::Options::snapshot_hold`]); past it the snapshot is given up after each
 /// operation so that LMDB can reuse pages beside a long transaction ([`crate::Tx`]).
 pub const DEFAULT_SNAPSHOT_HOLD: std::time::Duration = std::time::Duration::from_millis(50);
+/// Most read-set entries (keys read, keys scanned, one per scan) a transaction past its
+/// snapshot hold may have re-checked in all: a guest that reads a large set and then keeps
+/// operating while others commit would otherwise cost the agent the whole read set per
+/// operation (4,096 lookups, up to the executor's operation limit). 16 re-checks of a full
+/// read set; an honest transaction (about a millisecond) never re-checks.
+pub const MAX_RECHECKED: usize = 16 * MAX_READS;

@@ -24,8 +24,11 @@
 //! Changed: the transaction is doomed — the operation, and every later one including the
 //! commit, fails at once with [`TxError::Conflict`] (the executor ends it as a conflict,
 //! as it would at commit). The re-check costs at most the read and scan limits
-//! ([`crate::limits`]) per operation, and only for a transaction past the hold; a young
-//! transaction (honest ones take about a millisecond) reads one snapshot as before.
+//! ([`crate::limits`]) per operation, and only for a transaction past the hold; in all, a
+//! transaction may have [`limits::MAX_RECHECKED`] entries re-checked, beyond which its
+//! reads fail with [`TxError::TooManyRechecks`] (so a guest cannot make the agent walk a
+//! full read set at each of its operations). A young transaction (honest ones take about
+//! a millisecond) reads one snapshot as before.
 //!
 //! Stored data values are encoded by [`crate::value`].
 //!
@@ -135,6 +138,13 @@ pub enum TxError {
         "transaction conflict: {0} (changed while the transaction held no snapshot; run it again)"
     )]
     Conflict(CommitError),
+    /// A transaction past its snapshot hold had its reads re-checked more than the bound
+    /// allows ([`limits::MAX_RECHECKED`] entries in all): its reads fail from then on.
+    #[error("transaction re-checked more than {max} read entries while it held no snapshot")]
+    TooManyRechecks {
+        /// Cap.
+        max: usize,
+    },
     /// Too many transactions are open at once (LMDB reader slots exhausted).
     #[error("too many concurrent transactions (reader slots exhausted)")]
     Busy,
@@ -182,6 +192,8 @@ pub struct Tx {
     pub(crate) hold: Duration,
     /// Set when a re-check found a read changed: every later operation fails with it.
     pub(crate) doomed: Option<CommitError>,
+    /// Read-set entries re-checked so far (bounded by [`limits::MAX_RECHECKED`]).
+    pub(crate) rechecked: usize,
     pub(crate) ctx: TxContext,
     pub(crate) begin_ns: u64,
     pub(crate) entropy_seed: Hash,
@@ -312,6 +324,17 @@ impl Tx {
         let txn = self.inner.store.env.clone().static_read_txn()?;
         let id = txn.id();
         if id != self.snapshot_id {
+            let cost = self
+                .scans
+                .iter()
+                .fold(self.reads.len(), |n, s| n.saturating_add(s.seen.len() + 1));
+            let total = self.rechecked.saturating_add(cost);
+            if total > limits::MAX_RECHECKED {
+                return Err(TxError::TooManyRechecks {
+                    max: limits::MAX_RECHECKED,
+                });
+            }
+            self.rechecked = total;
             let data = self.inner.store.dbs.data;
             match recheck::reads_current(data, &txn, &self.reads, &self.scans) {
                 Ok(()) => {}
@@ -651,6 +674,7 @@ impl Ledger {
             started: Instant::now(),
             hold: self.inner.snapshot_hold,
             doomed: None,
+            rechecked: 0,
             ctx,
             begin_ns: now_ns(),
             entropy_seed: [0; 32],

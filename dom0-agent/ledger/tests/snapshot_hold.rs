@@ -250,3 +250,43 @@ fn a_released_transaction_does_not_hold_a_reader_slot() {
         assert_eq!(tx.get(b"a").unwrap().as_deref(), Some(&b"1"[..]));
     }
 }
+
+#[test]
+fn re_checks_are_bounded_per_transaction() {
+    let dir = tempfile::tempdir().unwrap();
+    let ledger = open(dir.path(), Duration::ZERO);
+    let keys: Vec<Vec<u8>> = (0..1024u32)
+        .map(|i| format!("k{i:04}").into_bytes())
+        .collect();
+    let kv: Vec<(&[u8], &[u8])> = keys.iter().map(|k| (&k[..], &b"v"[..])).collect();
+    put(&ledger, &kv);
+
+    // A large read set, read while nothing commits: no re-check yet.
+    let mut tx = ledger.begin(ctx()).unwrap();
+    for k in &keys {
+        assert!(tx.get(k).unwrap().is_some());
+    }
+    // Then one commit beside it before each further read: each read re-checks the whole
+    // set (1,025 entries with the absent key), until the bound (16 x 4,096) is spent.
+    let mut reads_allowed = 0;
+    let refused = loop {
+        assert!(reads_allowed < 200, "re-checks were never bounded");
+        put(&ledger, &[(b"other", b"x")]);
+        match tx.get(b"absent") {
+            Ok(None) => reads_allowed += 1,
+            Err(e) => break e,
+            Ok(Some(_)) => panic!("absent key has a value"),
+        }
+    };
+    assert!(
+        matches!(refused, TxError::TooManyRechecks { max } if max == 16 * 4096),
+        "{refused:?}"
+    );
+    assert_eq!(
+        reads_allowed,
+        16 * 4096 / 1025,
+        "re-checks before the bound"
+    );
+    // The refusal is not a conflict: nothing it read changed.
+    assert!(!tx.is_doomed());
+}
