@@ -6,24 +6,10 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::process::Command;
 
-use mayfly_ledger::{
-    verify, CommitError, KeyError, Ledger, OpenError, Options, StoreOptions, TxContext, TxId,
-};
-use slog::{o, Discard, Logger};
+use mayfly_ledger::{verify, CommitError, KeyError, Ledger, OpenError, Options, StoreOptions};
 
-fn log() -> Logger {
-    Logger::root(Discard, o!())
-}
-
-fn ctx() -> TxContext {
-    TxContext {
-        tx_id: TxId::generate(),
-        handler: "kv".into(),
-        request: Vec::new(),
-        domain_id: 1,
-        policy_hash: [0; 32],
-    }
-}
+mod common;
+use common::{ctx, log};
 
 fn put(ledger: &Ledger, key: &str, value: &[u8]) -> Result<u64, CommitError> {
     let mut tx = ledger.begin(ctx()).expect("begin");

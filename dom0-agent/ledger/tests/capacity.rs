@@ -4,18 +4,10 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use mayfly_ledger::{verify, CommitError, Ledger, Options, StoreOptions, TxContext, TxId};
-use slog::{o, Discard, Logger};
+use mayfly_ledger::{verify, CommitError, Ledger, Options, StoreOptions};
 
-fn ctx() -> TxContext {
-    TxContext {
-        tx_id: TxId::generate(),
-        handler: "kv".into(),
-        request: b"req".to_vec(),
-        domain_id: 1,
-        policy_hash: [7; 32],
-    }
-}
+mod common;
+use common::{ctx, log};
 
 fn opts(initial_mib: usize, max_mib: usize) -> Options {
     Options {
@@ -31,7 +23,7 @@ fn opts(initial_mib: usize, max_mib: usize) -> Options {
 #[test]
 fn the_map_grows_under_load_without_a_restart() {
     let dir = tempfile::tempdir().unwrap();
-    let ledger = Ledger::open(dir.path(), &opts(16, 512), &Logger::root(Discard, o!())).unwrap();
+    let ledger = Ledger::open(dir.path(), &opts(16, 512), &log()).unwrap();
     let (initial, _) = ledger.store().map_usage().unwrap();
     assert_eq!(initial, 16 << 20);
 
@@ -88,7 +80,7 @@ fn the_map_grows_under_load_without_a_restart() {
 #[test]
 fn past_the_bound_a_commit_fails_cleanly_and_nothing_is_lost() {
     let dir = tempfile::tempdir().unwrap();
-    let log = Logger::root(Discard, o!());
+    let log = log();
     let ledger = Ledger::open(dir.path(), &opts(16, 24), &log).unwrap();
     let value = vec![0x5a; 60 << 10];
     let mut acked = Vec::new();
@@ -126,7 +118,7 @@ fn past_the_bound_a_commit_fails_cleanly_and_nothing_is_lost() {
 fn crossing_80_90_and_95_percent_raises_one_alert_each() {
     let dir = tempfile::tempdir().unwrap();
     // A fixed 16 MiB map: the share in use climbs as values are written.
-    let ledger = Ledger::open(dir.path(), &opts(16, 16), &Logger::root(Discard, o!())).unwrap();
+    let ledger = Ledger::open(dir.path(), &opts(16, 16), &log()).unwrap();
     let value = vec![0x5a; 32 << 10];
     for i in 0..1024 {
         if ledger.capacity().unwrap().used_percent > 95.5 {

@@ -4,23 +4,10 @@
 
 use mayfly_ledger::{
     AuditEvent, CommitError, GroupStats, Histogram, Ledger, Options, Severity, StoreOptions,
-    TxContext, TxId,
 };
-use slog::{o, Discard, Logger};
 
-fn log() -> Logger {
-    Logger::root(Discard, o!())
-}
-
-fn ctx() -> TxContext {
-    TxContext {
-        tx_id: TxId::generate(),
-        handler: "kv".into(),
-        request: b"req".to_vec(),
-        domain_id: 1,
-        policy_hash: [7; 32],
-    }
-}
+mod common;
+use common::{ctx, log};
 
 /// A histogram is well formed: cumulative buckets never decrease and `+Inf` holds them all.
 fn well_formed<const N: usize>(h: &Histogram<N>) {

@@ -4,21 +4,13 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use mayfly_ledger::{verify, CommitError, Ledger, Options, Record, RollbackError, TxContext, TxId};
-use slog::{o, Discard, Logger};
+use mayfly_ledger::{verify, CommitError, Ledger, Options, Record, RollbackError};
+
+mod common;
+use common::{ctx, log};
 
 fn open(dir: &std::path::Path) -> Ledger {
-    Ledger::open(dir, &Options::default(), &Logger::root(Discard, o!())).unwrap()
-}
-
-fn ctx() -> TxContext {
-    TxContext {
-        tx_id: TxId::generate(),
-        handler: "kv".into(),
-        request: b"r".to_vec(),
-        domain_id: 1,
-        policy_hash: [0; 32],
-    }
+    Ledger::open(dir, &Options::default(), &log()).unwrap()
 }
 
 /// Reads `reads`, writes `writes` (None = delete); returns the commit sequence.

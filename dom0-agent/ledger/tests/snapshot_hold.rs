@@ -3,8 +3,10 @@
 
 use std::time::Duration;
 
-use mayfly_ledger::{CommitError, Ledger, Options, TxContext, TxError, TxId};
-use slog::{o, Discard, Logger};
+use mayfly_ledger::{CommitError, Ledger, Options, TxError};
+
+mod common;
+use common::{ctx, log};
 
 /// Long enough that no test transaction reaches it: the young fast path, and main's
 /// behaviour before the hold existed.
@@ -15,17 +17,7 @@ fn open(dir: &std::path::Path, hold: Duration) -> Ledger {
         snapshot_hold: hold,
         ..Options::default()
     };
-    Ledger::open(dir, &opts, &Logger::root(Discard, o!())).expect("open ledger")
-}
-
-fn ctx() -> TxContext {
-    TxContext {
-        tx_id: TxId::generate(),
-        handler: "kv".into(),
-        request: b"req".to_vec(),
-        domain_id: 1,
-        policy_hash: [7; 32],
-    }
+    Ledger::open(dir, &opts, &log()).expect("open ledger")
 }
 
 fn put(ledger: &Ledger, kv: &[(&[u8], &[u8])]) {
@@ -231,7 +223,7 @@ fn a_released_transaction_does_not_hold_a_reader_slot() {
         },
         ..Options::default()
     };
-    let ledger = Ledger::open(dir.path(), &opts, &Logger::root(Discard, o!())).unwrap();
+    let ledger = Ledger::open(dir.path(), &opts, &log()).unwrap();
     put(&ledger, &[(b"a", b"1")]);
     // Many more open transactions than reader slots: each gives its slot back after its
     // operation, or idle when told it is due.

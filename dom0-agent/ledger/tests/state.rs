@@ -8,24 +8,10 @@ use std::fs;
 use std::path::{Path, PathBuf};
 
 use mayfly_ledger::store::{names, open_read_only};
-use mayfly_ledger::{
-    tamper, verify, Failure, Ledger, OpenError, Options, StoreOptions, TxContext, TxId,
-};
-use slog::{o, Discard, Logger};
+use mayfly_ledger::{tamper, verify, Failure, Ledger, OpenError, Options, StoreOptions};
 
-fn log() -> Logger {
-    Logger::root(Discard, o!())
-}
-
-fn ctx() -> TxContext {
-    TxContext {
-        tx_id: TxId::generate(),
-        handler: "kv".into(),
-        request: b"req".to_vec(),
-        domain_id: 1,
-        policy_hash: [7; 32],
-    }
-}
+mod common;
+use common::{ctx, log};
 
 fn put(ledger: &Ledger, key: &str, value: Option<&str>) -> u64 {
     let mut tx = ledger.begin(ctx()).unwrap();

@@ -4,11 +4,9 @@
 use std::sync::{Arc, Barrier};
 
 use mayfly_ledger::{verify, AuditEvent, CommitError, Ledger, Options, Severity, TxContext, TxId};
-use slog::{o, Discard, Logger};
 
-fn log() -> Logger {
-    Logger::root(Discard, o!())
-}
+mod common;
+use common::log;
 
 fn open(dir: &std::path::Path) -> Ledger {
     Ledger::open(dir, &Options::default(), &log()).expect("open ledger")

@@ -9,11 +9,9 @@ use std::path::{Path, PathBuf};
 
 use mayfly_ledger::store::open_read_only;
 use mayfly_ledger::{verify, Ledger, Options, StoreOptions, TxContext, TxId};
-use slog::{o, Discard, Logger};
 
-fn log() -> Logger {
-    Logger::root(Discard, o!())
-}
+mod common;
+use common::log;
 
 fn fixture_copy() -> (tempfile::TempDir, PathBuf) {
     let src =
