@@ -381,6 +381,71 @@ fn cpu_ticks(pid: u32) -> u64 {
     fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
 }
 
+/// A guest that reads past the ledger's read-set limit (4,096 keys) has each read beyond it
+/// refused as a limit (the SDK's `LimitExceeded`; `test.many_reads` aborts with it), and the
+/// audit trail says so once for the transaction: `tx.limit_refused` naming the limit, its
+/// bound, the refused operation and the client, a Warning.
+#[test]
+fn reads_past_the_read_limit_are_audited_once_per_transaction() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let policy = common::permissive_policy(dir.path());
+    let agent = Agent::start(&data, &[&policy[0], &policy[1]]);
+    let (code, body) = agent.tx("test.many_reads", json!(4100));
+    assert_eq!(
+        (code, body["status"].as_str()),
+        (422, Some("aborted")),
+        "{body}"
+    );
+    let error = body["error"].as_str().unwrap();
+    assert!(error.contains("read more than 4096 keys"), "{error}");
+    let tx_id = body["tx_id"].as_str().unwrap();
+    // An aborted transaction's records ride with the next group commit after the answer:
+    // poll for them (bounded).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let limits = loop {
+        let store =
+            mayfly_ledger::store::open_read_only(&data, &mayfly_ledger::StoreOptions::default())
+                .unwrap();
+        let records = store.audit_records(1, usize::MAX).unwrap();
+        let ended = records.iter().any(|r| {
+            r.event.event == "domain.destroyed"
+                && r.event.fields.get("tx_id").map(String::as_str) == Some(tx_id)
+        });
+        if ended || std::time::Instant::now() > deadline {
+            break records
+                .into_iter()
+                .filter(|r| r.event.event == "tx.limit_refused")
+                .collect::<Vec<_>>();
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    assert_eq!(limits.len(), 1, "{limits:?}");
+    let (fields, severity) = (&limits[0].event.fields, limits[0].event.severity);
+    assert_eq!(severity, mayfly_ledger::Severity::Warning);
+    assert_eq!(fields["tx_id"], tx_id);
+    assert_eq!(fields["limit"], "reads");
+    assert_eq!(fields["max"], "4096");
+    assert_eq!(fields["op"], "get");
+    assert_eq!(fields["refused"], "1");
+    assert_eq!(fields["handler"], "test.many_reads");
+    assert!(fields["client"].starts_with("127.0.0.1"), "{fields:?}");
+    // Under the limit, the same handler commits and leaves no such record.
+    let (code, body) = agent.tx("test.many_reads", json!(4096));
+    assert_eq!(
+        (code, body["status"].as_str()),
+        (200, Some("committed")),
+        "{body}"
+    );
+    let tx_id = body["tx_id"].as_str().unwrap();
+    assert!(
+        !events_for(&data, tx_id)
+            .iter()
+            .any(|e| e == "tx.limit_refused"),
+        "a transaction within the limit has no limit record"
+    );
+}
+
 /// Sixteen transactions at once each try to buffer a 64 MiB write set (1,024 values of
 /// 64 KiB). Each is stopped at the default write-set bound (4 MiB) as the guest's doing —
 /// `tx.write_limit`, a Warning, the domain destroyed — not as a storage failure; nothing is

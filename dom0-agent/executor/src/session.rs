@@ -53,6 +53,34 @@ pub(crate) struct Session<'a> {
     quarantine: bool,
     /// Bytes the guest wrote or tried to write (with a refused write).
     written: u64,
+    /// The first ledger limit this transaction's operations were refused at, and how many
+    /// were refused in all: one `tx.limit_refused` record per transaction, written with its
+    /// end ([`Session::take_limit_record`]), however many operations the guest retries.
+    limit_hit: Option<LimitHit>,
+}
+
+/// The first ledger limit a transaction hit (for its `tx.limit_refused` record).
+struct LimitHit {
+    /// Which limit: `reads`, `rechecks`, `scans`, `writes`, `value_bytes`.
+    limit: &'static str,
+    /// Its bound.
+    max: usize,
+    /// The operation refused first (`get`, `scan`, `put`, `delete`).
+    op: &'static str,
+    /// Operations refused at a limit in this transaction (the first included).
+    refused: u64,
+}
+
+/// Which ledger limit a refused operation hit, and its bound; `None` for other errors.
+fn ledger_limit(e: &TxError) -> Option<(&'static str, usize)> {
+    Some(match e {
+        TxError::TooManyReads { max } => ("reads", *max),
+        TxError::TooManyRechecks { max } => ("rechecks", *max),
+        TxError::TooManyScans { max } => ("scans", *max),
+        TxError::TooManyWrites { max } => ("writes", *max),
+        TxError::ValueTooLarge { max, .. } => ("value_bytes", *max),
+        _ => return None,
+    })
 }
 
 /// The request loop's counters.
@@ -94,6 +122,44 @@ impl<'a> Session<'a> {
             events,
             quarantine: false,
             written: 0,
+            limit_hit: None,
+        }
+    }
+
+    /// Notes an operation the ledger refused at one of its limits (see [`LimitHit`]).
+    fn note_refusal(&mut self, op: &'static str, e: &TxError) {
+        let Some((limit, max)) = ledger_limit(e) else {
+            return;
+        };
+        match &mut self.limit_hit {
+            Some(hit) => hit.refused = hit.refused.saturating_add(1),
+            None => {
+                debug!(self.log, "operation refused at a ledger limit";
+                    "limit" => limit, "max" => max, "op" => op);
+                self.limit_hit = Some(LimitHit {
+                    limit,
+                    max,
+                    op,
+                    refused: 1,
+                });
+            }
+        }
+    }
+
+    /// Moves the `tx.limit_refused` record (if a limit was hit) to the records of the
+    /// transaction; called before the commit and at the end, so it is written exactly once.
+    fn take_limit_record(&mut self) {
+        if let Some(hit) = self.limit_hit.take() {
+            self.events.push(
+                AuditEvent::new("tx.limit_refused", Severity::Warning)
+                    .field("tx_id", self.tx_id)
+                    .field("handler", &self.req.handler)
+                    .field("client", truncate(&self.req.client, 256))
+                    .field("limit", hit.limit)
+                    .field("max", hit.max)
+                    .field("op", hit.op)
+                    .field("refused", hit.refused),
+            );
         }
     }
 
@@ -110,6 +176,7 @@ impl<'a> Session<'a> {
         seed: Option<Hash>,
     ) -> (Served, Option<DomainExit>) {
         let served = self.drive(domain.as_mut(), ltx, seed);
+        self.take_limit_record();
         // How the domain really ended decides what the failure was: a guest killed by the
         // seccomp filter or a resource limit makes the ring report its peer gone (or a
         // broken message, or silence until the deadline) before the exit is known.
@@ -391,15 +458,19 @@ impl<'a> Session<'a> {
 
     /// Serves a data operation or a log line from the ledger transaction (reads see its
     /// snapshot and its own writes; writes are buffered).
-    fn data(&self, ltx: &mut Tx, progress: &mut Progress, body: Request) -> Response {
+    fn data(&mut self, ltx: &mut Tx, progress: &mut Progress, body: Request) -> Response {
         match body {
             Request::Get { key } => match ltx.get(&key) {
                 Ok(v) => Response::Value(v),
-                Err(e) => error_response(&e),
+                Err(e) => {
+                    self.note_refusal("get", &e);
+                    error_response(&e)
+                }
             },
             Request::Put { key, value } => match ltx.put(&key, &value) {
                 Ok(()) => Response::Ok,
                 Err(e) => {
+                    self.note_refusal("put", &e);
                     let refused = &mut progress.refused_write;
                     refused.get_or_insert_with(|| format!("put refused: {e}"));
                     error_response(&e)
@@ -408,12 +479,19 @@ impl<'a> Session<'a> {
             Request::Delete { key } => match ltx.delete(&key) {
                 Ok(()) => Response::Ok,
                 Err(e) => {
+                    self.note_refusal("delete", &e);
                     let refused = &mut progress.refused_write;
                     refused.get_or_insert_with(|| format!("delete refused: {e}"));
                     error_response(&e)
                 }
             },
-            Request::Scan { start, end, limit } => scan(ltx, &start, end.as_deref(), limit),
+            Request::Scan { start, end, limit } => match scan(ltx, &start, end.as_deref(), limit) {
+                Ok(response) => response,
+                Err(e) => {
+                    self.note_refusal("scan", &e);
+                    error_response(&e)
+                }
+            },
             Request::Log { level, line } => {
                 progress.log_lines += 1;
                 if progress.log_lines <= LOG_LINES_PER_TX {
@@ -454,6 +532,7 @@ impl<'a> Session<'a> {
             let _ = send(domain, id, &Response::Aborted);
             return served;
         }
+        self.take_limit_record();
         let committed = AuditEvent::new("tx.committed", Severity::Info)
             .field("tx_id", self.tx_id)
             .field("handler", &self.req.handler);
@@ -542,25 +621,21 @@ fn policy_op(body: &Request) -> Option<PolicyOp<'_>> {
 }
 
 /// A range scan, cut to what fits one answer (`more` says there is more).
-fn scan(ltx: &mut Tx, start: &[u8], end: Option<&[u8]>, limit: u32) -> Response {
+fn scan(ltx: &mut Tx, start: &[u8], end: Option<&[u8]>, limit: u32) -> Result<Response, TxError> {
     let limit_usize = usize::try_from(limit).unwrap_or(usize::MAX);
-    match ltx.scan(start, end, limit_usize) {
-        Ok(scan) => {
-            let mut builder = ScanResultBuilder::new(limit);
-            let mut more = scan.more;
-            for (k, v) in scan.entries {
-                match builder.try_push(k, v) {
-                    Ok(true) => {}
-                    Ok(false) | Err(_) => {
-                        more = true;
-                        break;
-                    }
-                }
+    let scan = ltx.scan(start, end, limit_usize)?;
+    let mut builder = ScanResultBuilder::new(limit);
+    let mut more = scan.more;
+    for (k, v) in scan.entries {
+        match builder.try_push(k, v) {
+            Ok(true) => {}
+            Ok(false) | Err(_) => {
+                more = true;
+                break;
             }
-            builder.finish(more)
         }
-        Err(e) => error_response(&e),
     }
+    Ok(builder.finish(more))
 }
 
 fn send(domain: &mut dyn Domain, id: u32, response: &Response) -> Result<(), RingError> {

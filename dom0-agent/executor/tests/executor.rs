@@ -426,6 +426,51 @@ fn guests() -> HashMap<&'static str, Guest> {
             }
         }),
     );
+    // Reads 4,096 distinct keys (the ledger's read-set limit) and three more, counting the
+    // reads refused as a limit in `MANY_READS_REFUSED`, then commits.
+    g.insert(
+        "many_reads",
+        Arc::new(|f, n, _p, _k| {
+            let mut refused = 0;
+            for i in 0..4099 {
+                let key = format!("many/{i:05}").into_bytes();
+                match call(f, n, Request::Get { key }) {
+                    Response::Value(_) => {}
+                    Response::Error { code, .. }
+                        if code == mayfly_ring::wire::error_code::LIMIT_EXCEEDED =>
+                    {
+                        refused += 1
+                    }
+                    other => panic!("{other:?}"),
+                }
+            }
+            MANY_READS_REFUSED.store(refused, Ordering::SeqCst);
+            let _ = call(f, n, Request::Commit { result: Vec::new() });
+        }),
+    );
+    // Reads 1,024 keys, then reads an absent key after each commit the test makes beside it
+    // (hand-offs on `RECHECK_HANDOFF`), until a read is refused (at most 200 rounds); the
+    // code of that answer goes to `RECHECK_GOT`. Then it commits.
+    g.insert(
+        "many_rechecks",
+        Arc::new(|f, n, _p, _k| {
+            for i in 0..1024 {
+                let key = format!("r/{i:04}").into_bytes();
+                let _ = call(f, n, Request::Get { key });
+            }
+            for round in 0..200u32 {
+                RECHECK_HANDOFF.advance_to(2 * round + 1);
+                RECHECK_HANDOFF.wait_for(2 * round + 2);
+                let key = b"absent".to_vec();
+                if let Response::Error { code, .. } = call(f, n, Request::Get { key }) {
+                    RECHECK_GOT.store(u32::from(code), Ordering::SeqCst);
+                    break;
+                }
+            }
+            RECHECK_HANDOFF.advance_to(u32::MAX);
+            let _ = call(f, n, Request::Commit { result: Vec::new() });
+        }),
+    );
     g
 }
 
@@ -442,6 +487,18 @@ static GUEST_GOT: AtomicU32 = AtomicU32::new(u32::MAX);
 static GUEST_ANSWERED_AFTER: AtomicBool = AtomicBool::new(true);
 
 static HANDOFF: Handoff = Handoff {
+    step: Mutex::new(0),
+    cv: Condvar::new(),
+};
+
+/// Reads `many_reads` had refused as a limit (`u32::MAX`: not yet).
+static MANY_READS_REFUSED: AtomicU32 = AtomicU32::new(u32::MAX);
+
+/// The error code of the read `many_rechecks` had refused (`u32::MAX`: none).
+static RECHECK_GOT: AtomicU32 = AtomicU32::new(u32::MAX);
+
+/// `many_rechecks`'s hand-off.
+static RECHECK_HANDOFF: Handoff = Handoff {
     step: Mutex::new(0),
     cv: Condvar::new(),
 };
@@ -507,6 +564,8 @@ fn setup_with(config: ExecutorConfig, options: &Options) -> (tempfile::TempDir, 
         "commit_behind_refused",
         "read_wait_read",
         "wait_then_inc",
+        "many_reads",
+        "many_rechecks",
     ]
     .map(String::from);
     (
@@ -540,6 +599,108 @@ fn audit_events(ex: &Executor) -> Vec<String> {
         .into_iter()
         .map(|r| r.event.event)
         .collect()
+}
+
+/// The audit records (name and fields), once everything queued is durable.
+fn audit_records(ex: &Executor) -> Vec<(String, std::collections::BTreeMap<String, String>)> {
+    audit_events(ex);
+    ex.ledger()
+        .store()
+        .audit_records(1, 10_000)
+        .unwrap()
+        .into_iter()
+        .map(|r| (r.event.event, r.event.fields))
+        .collect()
+}
+
+/// The `tx.limit_refused` records of a transaction.
+fn limit_records(
+    ex: &Executor,
+    tx_id: mayfly_ledger::TxId,
+) -> Vec<std::collections::BTreeMap<String, String>> {
+    audit_records(ex)
+        .into_iter()
+        .filter(|(e, f)| e == "tx.limit_refused" && f["tx_id"] == tx_id.to_string())
+        .map(|(_, f)| f)
+        .collect()
+}
+
+/// Reads past the ledger's read-set limit reach the guest as LIMIT_EXCEEDED, and the audit
+/// trail says so: one `tx.limit_refused` record for the transaction (which limit, its bound,
+/// the first refused operation, how many were refused, the client), not one per read.
+#[test]
+fn reads_past_the_read_limit_are_audited_once_per_transaction() {
+    let (_d, ex) = setup(ExecutorConfig::default());
+    let o = run(&ex, "many_reads");
+    assert_eq!(MANY_READS_REFUSED.load(Ordering::SeqCst), 3);
+    // The refused reads are not in its read set: it may still commit.
+    assert_eq!(o.status, TxStatus::Committed, "{o:?}");
+    let records = limit_records(&ex, o.tx_id);
+    assert_eq!(records.len(), 1, "{records:?}");
+    let r = &records[0];
+    assert_eq!(r["limit"], "reads");
+    assert_eq!(r["max"], mayfly_ledger::limits::MAX_READS.to_string());
+    assert_eq!(r["op"], "get");
+    assert_eq!(r["refused"], "3");
+    assert_eq!(r["client"], "test");
+    assert_eq!(r["handler"], "many_reads");
+    let severity = ex
+        .ledger()
+        .store()
+        .audit_records(1, 10_000)
+        .unwrap()
+        .into_iter()
+        .find(|rec| rec.event.event == "tx.limit_refused")
+        .unwrap()
+        .event
+        .severity;
+    assert_eq!(severity, mayfly_ledger::Severity::Warning);
+}
+
+/// A long transaction whose re-checks pass `limits::MAX_RECHECKED` gets LIMIT_EXCEEDED at
+/// its read, audited as `tx.limit_refused` with `limit=rechecks`.
+#[test]
+fn re_checks_past_their_bound_are_audited() {
+    let (_d, ex) = setup_with(
+        ExecutorConfig {
+            max_attempts: 1,
+            ..Default::default()
+        },
+        &Options {
+            snapshot_hold: Duration::ZERO,
+            ..Options::default()
+        },
+    );
+    let ex = Arc::new(ex);
+    let runner = {
+        let ex = ex.clone();
+        std::thread::spawn(move || run(&ex, "many_rechecks"))
+    };
+    // One commit beside it before each of its reads, until it is refused.
+    for round in 0..200u32 {
+        RECHECK_HANDOFF.wait_for(2 * round + 1);
+        if *RECHECK_HANDOFF.step.lock().unwrap() == u32::MAX {
+            break;
+        }
+        let mut tx = ex.ledger().begin(beside()).unwrap();
+        tx.put(b"other", round.to_string().as_bytes()).unwrap();
+        tx.commit(Vec::new()).unwrap();
+        RECHECK_HANDOFF.advance_to(2 * round + 2);
+    }
+    let o = runner.join().unwrap();
+    assert_eq!(
+        RECHECK_GOT.load(Ordering::SeqCst),
+        u32::from(mayfly_ring::wire::error_code::LIMIT_EXCEEDED)
+    );
+    assert_eq!(o.status, TxStatus::Committed, "{o:?}");
+    let records = limit_records(&ex, o.tx_id);
+    assert_eq!(records.len(), 1, "{records:?}");
+    assert_eq!(records[0]["limit"], "rechecks");
+    assert_eq!(
+        records[0]["max"],
+        mayfly_ledger::limits::MAX_RECHECKED.to_string()
+    );
+    assert_eq!(records[0]["refused"], "1");
 }
 
 #[test]

@@ -32,7 +32,10 @@
 //! the ring round-trip benchmark on every backend (each call is one request/response pair).
 //! And [`big_writes`] (`test.big_writes`), an SDK handler that buffers a large write set:
 //! payload `N` (1..=1024), it puts `N` values of 64 KiB under distinct keys `big/<i>` and
-//! commits (the agent's write-set byte bound refuses it past the bound).
+//! commits (the agent's write-set byte bound refuses it past the bound). And [`many_reads`]
+//! (`test.many_reads`): payload `N` (1..=[`MAX_MANY_READS`]), it reads `N` distinct keys
+//! `many/<i>` and commits `N`; past the ledger's read-set limit (4,096) its read is refused
+//! and it aborts with that error (the agent audits the limit once per transaction).
 //!
 //! The RNG bytes come from the transaction's [`HandlerRng`], so a given entropy seed always
 //! produces the same garbage. Raw writes use `mayfly_ring::layout` constants.
@@ -254,14 +257,33 @@ pub fn big_writes(ctx: &mut Ctx<'_>, payload: &[u8]) -> Result<Vec<u8>, HandlerE
     Ok(count.to_string().into_bytes())
 }
 
-/// Names of the SDK-style test handlers ([`get_sdk`]).
-pub const SDK_TEST_HANDLERS: &[&str] = &["test.ping", "test.big_writes"];
+/// Most keys `test.many_reads` reads (twice the ledger's read-set limit).
+pub const MAX_MANY_READS: u32 = 8192;
 
-/// The SDK-style test handlers: `test.ping` and `test.big_writes`.
+/// `test.many_reads`: reads `N` distinct keys `many/0` .. `many/N-1`, then commits `N` (see
+/// the module docs); a refused read ends it with that error.
+pub fn many_reads(ctx: &mut Ctx<'_>, payload: &[u8]) -> Result<Vec<u8>, HandlerError> {
+    let count = std::str::from_utf8(payload)
+        .ok()
+        .filter(|t| !t.is_empty() && t.len() <= 4 && t.bytes().all(|b| b.is_ascii_digit()))
+        .and_then(|t| t.parse::<u32>().ok())
+        .filter(|n| (1..=MAX_MANY_READS).contains(n))
+        .ok_or_else(|| HandlerError::bad_request("payload must be 1..=8192"))?;
+    for i in 0..count {
+        ctx.db().get(format!("many/{i}").as_bytes())?;
+    }
+    Ok(count.to_string().into_bytes())
+}
+
+/// Names of the SDK-style test handlers ([`get_sdk`]).
+pub const SDK_TEST_HANDLERS: &[&str] = &["test.ping", "test.big_writes", "test.many_reads"];
+
+/// The SDK-style test handlers: `test.ping`, `test.big_writes` and `test.many_reads`.
 pub fn get_sdk(name: &str) -> Option<Handler> {
     match name {
         "test.ping" => Some(ping as Handler),
         "test.big_writes" => Some(big_writes as Handler),
+        "test.many_reads" => Some(many_reads as Handler),
         _ => None,
     }
 }
