@@ -57,6 +57,9 @@ pub(crate) struct Session<'a> {
     /// were refused in all: one `tx.limit_refused` record per transaction, written with its
     /// end ([`Session::take_limit_record`]), however many operations the guest retries.
     limit_hit: Option<LimitHit>,
+    /// An operation found no free LMDB reader slot for the fresh snapshot a long
+    /// transaction takes: the transaction ends as a conflict (run again in a fresh domain).
+    readers_full: bool,
 }
 
 /// The first ledger limit a transaction hit (for its `tx.limit_refused` record).
@@ -123,11 +126,27 @@ impl<'a> Session<'a> {
             quarantine: false,
             written: 0,
             limit_hit: None,
+            readers_full: false,
         }
     }
 
-    /// Notes an operation the ledger refused at one of its limits (see [`LimitHit`]).
+    /// Notes an operation the ledger refused: at one of its limits (see [`LimitHit`]), or
+    /// for want of a reader slot (audited `tx.readers_full`; the transaction then ends as a
+    /// conflict, see [`Session::drive`]).
     fn note_refusal(&mut self, op: &'static str, e: &TxError) {
+        if matches!(e, TxError::Busy) && !self.readers_full {
+            self.readers_full = true;
+            debug!(self.log, "no free ledger reader slot for a long transaction's snapshot";
+                "op" => op);
+            self.events.push(
+                AuditEvent::new("tx.readers_full", Severity::Warning)
+                    .field("tx_id", self.tx_id)
+                    .field("handler", &self.req.handler)
+                    .field("client", truncate(&self.req.client, 256))
+                    .field("op", op),
+            );
+            return;
+        }
         let Some((limit, max)) = ledger_limit(e) else {
             return;
         };
@@ -315,12 +334,13 @@ impl<'a> Session<'a> {
                 }
                 body => self.data(&mut ltx, &mut progress, body),
             };
-            if ltx.is_doomed() {
+            if ltx.is_doomed() || self.readers_full {
                 // Something it read changed while it held no snapshot (a long
-                // transaction): it cannot commit. The guest has its error; the transaction
-                // ends as a conflict, as a failed commit validation would.
+                // transaction), or no reader slot was free for its fresh snapshot: it
+                // cannot go on. The guest has its error (CONFLICT); the transaction ends as
+                // a conflict, as a failed commit validation would, and is run again.
                 let _ = send(domain, env.id, &reply);
-                debug!(self.log, "conflict before commit");
+                debug!(self.log, "conflict before commit"; "readers_full" => self.readers_full);
                 return Served::Conflict;
             }
             if let Err(e) = send(domain, env.id, &reply) {
@@ -669,7 +689,8 @@ fn tx_error_code(e: &TxError) -> u16 {
         | TxError::TooManyScans { .. }
         | TxError::RequestTooLarge { .. }
         | TxError::TooManyRechecks { .. } => error_code::LIMIT_EXCEEDED,
-        TxError::Conflict(_) => error_code::CONFLICT,
+        // No reader slot for a long transaction's fresh snapshot: retryable, as a conflict.
+        TxError::Conflict(_) | TxError::Busy => error_code::CONFLICT,
         _ => error_code::INTERNAL,
     }
 }

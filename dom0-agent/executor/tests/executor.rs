@@ -471,6 +471,40 @@ fn guests() -> HashMap<&'static str, Guest> {
             let _ = call(f, n, Request::Commit { result: Vec::new() });
         }),
     );
+    // Reads the counter, lets the test take the ledger's only reader slot (the ledger under
+    // test holds no snapshot past the first operation), then reads another key and keeps
+    // the answer's error code in `BUSY_GOT`.
+    g.insert(
+        "read_busy_read",
+        Arc::new(|f, n, _p, _k| {
+            let _ = call(
+                f,
+                n,
+                Request::Get {
+                    key: b"counter".to_vec(),
+                },
+            );
+            BUSY_HANDOFF.advance_to(1);
+            BUSY_HANDOFF.wait_for(2);
+            let code = match call(
+                f,
+                n,
+                Request::Get {
+                    key: b"other".to_vec(),
+                },
+            ) {
+                Response::Error { code, .. } => code,
+                _ => 0,
+            };
+            BUSY_GOT.store(u32::from(code), Ordering::SeqCst);
+            // Unanswered: the agent must have ended the transaction already.
+            let _ = f.call(
+                &Request::Commit { result: Vec::new() },
+                n,
+                Some(Duration::from_millis(500)),
+            );
+        }),
+    );
     g
 }
 
@@ -499,6 +533,15 @@ static RECHECK_GOT: AtomicU32 = AtomicU32::new(u32::MAX);
 
 /// `many_rechecks`'s hand-off.
 static RECHECK_HANDOFF: Handoff = Handoff {
+    step: Mutex::new(0),
+    cv: Condvar::new(),
+};
+
+/// The error code `read_busy_read` got at its second read (`u32::MAX`: not yet).
+static BUSY_GOT: AtomicU32 = AtomicU32::new(u32::MAX);
+
+/// `read_busy_read`'s hand-off.
+static BUSY_HANDOFF: Handoff = Handoff {
     step: Mutex::new(0),
     cv: Condvar::new(),
 };
@@ -566,6 +609,7 @@ fn setup_with(config: ExecutorConfig, options: &Options) -> (tempfile::TempDir, 
         "wait_then_inc",
         "many_reads",
         "many_rechecks",
+        "read_busy_read",
     ]
     .map(String::from);
     (
@@ -920,6 +964,75 @@ fn an_idle_transaction_gives_its_snapshot_up_while_the_guest_waits() {
     // It had read nothing before: its read sees the commit beside it, and it commits.
     assert_eq!(o.status, TxStatus::Committed, "{o:?}");
     assert_eq!(o.result, b"8");
+}
+
+/// A long transaction whose fresh snapshot finds no free LMDB reader slot is told so as a
+/// retryable conflict (error code 5, not INTERNAL), ends as a conflict (run again while
+/// attempts remain), and the audit trail says why (`tx.readers_full`), not a storage failure.
+#[test]
+fn a_reader_slot_shortage_mid_transaction_is_a_retryable_conflict() {
+    let (_d, ex) = setup_with(
+        ExecutorConfig {
+            max_attempts: 1,
+            ..Default::default()
+        },
+        &Options {
+            snapshot_hold: Duration::ZERO,
+            store: mayfly_ledger::StoreOptions {
+                max_readers: 1,
+                ..mayfly_ledger::StoreOptions::default()
+            },
+            ..Options::default()
+        },
+    );
+    let ex = Arc::new(ex);
+    let runner = {
+        let ex = ex.clone();
+        std::thread::spawn(move || run(&ex, "read_busy_read"))
+    };
+    BUSY_HANDOFF.wait_for(1);
+    // Take the only reader slot once the guest's transaction has given its snapshot up
+    // (polled, bounded), and keep it while the guest reads again.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let beside_tx = loop {
+        match ex.ledger().begin(beside()) {
+            Ok(tx) => break tx,
+            Err(mayfly_ledger::TxError::Busy) => {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "the guest's transaction kept its reader slot"
+                );
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            Err(e) => panic!("{e}"),
+        }
+    };
+    BUSY_HANDOFF.advance_to(2);
+    let o = runner.join().unwrap();
+    drop(beside_tx);
+    assert_eq!(
+        BUSY_GOT.load(Ordering::SeqCst),
+        u32::from(mayfly_ring::wire::error_code::CONFLICT),
+        "the guest is told to run again, not of an internal error"
+    );
+    assert_eq!(o.status, TxStatus::Failed, "{o:?}");
+    assert_eq!(
+        o.failure,
+        Some(mayfly_executor::Failure::Conflicts),
+        "{o:?}"
+    );
+    let records = audit_records(&ex);
+    let busy: Vec<_> = records
+        .iter()
+        .filter(|(e, _)| e == "tx.readers_full")
+        .map(|(_, f)| f)
+        .collect();
+    assert_eq!(busy.len(), 1, "{records:?}");
+    assert_eq!(busy[0]["tx_id"], o.tx_id.to_string());
+    assert_eq!(busy[0]["op"], "get");
+    assert_eq!(busy[0]["client"], "test");
+    assert!(records.iter().any(|(e, _)| e == "tx.conflict"));
+    assert!(!records.iter().any(|(e, _)| e == "tx.storage_failed"));
 }
 
 #[test]

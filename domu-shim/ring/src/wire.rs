@@ -108,7 +108,8 @@ pub mod error_code {
     /// The agent failed internally.
     pub const INTERNAL: u16 = 4;
     /// Something the transaction read was changed by another commit (found before its
-    /// commit); the transaction cannot commit and ends. Running it again may succeed.
+    /// commit), or the agent had no free reader slot for the transaction's fresh snapshot;
+    /// the transaction cannot commit and ends. Running it again may succeed.
     pub const CONFLICT: u16 = 5;
 }
 

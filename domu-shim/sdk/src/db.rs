@@ -45,7 +45,8 @@ pub enum DbError {
         message: String,
     },
     /// Something the transaction read was changed by another commit before it committed
-    /// (the agent found it at this operation, not waiting for the commit): the transaction
+    /// (the agent found it at this operation, not waiting for the commit), or the agent had
+    /// no free reader slot for the fresh snapshot a long transaction takes: the transaction
     /// cannot commit and the agent ends it as a conflict (and may run it again).
     #[error("conflict: {message}")]
     Conflict {
