@@ -121,8 +121,8 @@ impl PolicyHolder {
 
 /// The audit record of a decision that is not a plain allow.
 pub fn decision_event(d: &Decision, tx_id: Option<TxId>, handler: &str) -> AuditEvent {
-    let severity = Severity::from_u8(d.severity.code()).unwrap_or(Severity::Debug);
-    let mut ev = AuditEvent::new("policy.decision", severity)
+    // One `Severity` type (mayfly-severity) for decisions and records: recorded as is.
+    let mut ev = AuditEvent::new("policy.decision", d.severity)
         .field("rule", d.rule.as_deref().unwrap_or("(none)"))
         .field("action", d.action.as_str())
         .field("handler", handler);
@@ -140,4 +140,29 @@ pub fn decision_event(d: &Decision, tx_id: Option<TxId>, handler: &str) -> Audit
         }
     }
     ev
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use mayfly_policy::Action;
+
+    /// A decision's severity reaches its audit record unchanged, for every severity (the
+    /// policy engine and the ledger share one `Severity` type: no conversion can drop or
+    /// shift one).
+    #[test]
+    fn a_decision_is_recorded_at_its_own_severity() {
+        for severity in mayfly_ledger::Severity::ALL {
+            let d = Decision {
+                action: Action::Alert,
+                rule: Some("r".into()),
+                severity,
+                matched: Vec::new(),
+                also: Vec::new(),
+            };
+            let ev = decision_event(&d, None, "kv");
+            assert_eq!(ev.severity, severity);
+            assert_eq!(ev.severity.code(), d.severity.code());
+        }
+    }
 }

@@ -43,44 +43,8 @@ pub const MAX_FIELD_VALUE: usize = 1024;
 /// Cap on an event name.
 pub const MAX_EVENT_NAME: usize = 64;
 
-/// RFC 5424 severity.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-#[repr(u8)]
-pub enum Severity {
-    /// 0: system is unusable.
-    Emergency = 0,
-    /// 1: action must be taken immediately (attacks).
-    Alert = 1,
-    /// 2: critical conditions.
-    Critical = 2,
-    /// 3: error conditions.
-    Error = 3,
-    /// 4: warning conditions.
-    Warning = 4,
-    /// 5: normal but significant (rollbacks, admin actions).
-    Notice = 5,
-    /// 6: informational (lifecycle).
-    Info = 6,
-    /// 7: debug-level messages.
-    Debug = 7,
-}
-
-impl Severity {
-    /// From the RFC 5424 numeric severity; `None` above 7.
-    pub fn from_u8(v: u8) -> Option<Self> {
-        Some(match v {
-            0 => Self::Emergency,
-            1 => Self::Alert,
-            2 => Self::Critical,
-            3 => Self::Error,
-            4 => Self::Warning,
-            5 => Self::Notice,
-            6 => Self::Info,
-            7 => Self::Debug,
-            _ => return None,
-        })
-    }
-}
+/// RFC 5424 severity: the one definition, shared with the policy engine's decisions.
+pub use mayfly_severity::Severity;
 
 /// Why an audit event cannot be recorded as given.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -190,7 +154,7 @@ impl AuditRecord {
         w.u64(self.seq);
         w.raw(&self.prev_hash);
         w.u64(self.time_ns);
-        w.u8(self.event.severity as u8);
+        w.u8(self.event.severity.code());
         w.bytes8(self.event.event.as_bytes());
         w.u16(u16::try_from(self.event.fields.len()).unwrap_or(u16::MAX));
         for (name, value) in &self.event.fields {

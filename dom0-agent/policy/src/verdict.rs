@@ -100,49 +100,8 @@ impl Action {
     }
 }
 
-/// RFC 5424 severity (numeric value = the RFC's code; lower is more severe).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-#[repr(u8)]
-pub enum Severity {
-    /// 0
-    Emergency = 0,
-    /// 1 (attacks)
-    Alert = 1,
-    /// 2
-    Critical = 2,
-    /// 3
-    Error = 3,
-    /// 4
-    Warning = 4,
-    /// 5
-    Notice = 5,
-    /// 6
-    Info = 6,
-    /// 7
-    Debug = 7,
-}
-
-impl Severity {
-    /// The RFC 5424 code.
-    pub fn code(self) -> u8 {
-        self as u8
-    }
-
-    /// From the RFC 5424 code.
-    pub fn from_u8(v: u8) -> Option<Self> {
-        Some(match v {
-            0 => Self::Emergency,
-            1 => Self::Alert,
-            2 => Self::Critical,
-            3 => Self::Error,
-            4 => Self::Warning,
-            5 => Self::Notice,
-            6 => Self::Info,
-            7 => Self::Debug,
-            _ => return None,
-        })
-    }
-}
+/// RFC 5424 severity: the one definition, shared with the ledger's audit records.
+pub use mayfly_severity::Severity;
 
 /// A domain event the agent observed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize)]
