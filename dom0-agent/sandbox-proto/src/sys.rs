@@ -2,8 +2,9 @@
 //! wrappers, with the agent's conventions: a kill of a process already gone is no error),
 //! `sendmsg`/`recvmsg` with fds and no heap allocation (nix's and rustix's build or take
 //! their control buffers in ways that allocate or need `unsafe` at the call anyway: kept
-//! by hand, each `unsafe` block with its argument), and a deadline-aware `poll`. None of
-//! these functions allocates.
+//! by hand, each `unsafe` block with its argument), a deadline-aware `poll`, and
+//! close-on-exec for a descriptor a C library opened ([`set_cloexec`]: the TPM crate's, which
+//! forbids `unsafe`). None of these functions allocates.
 
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
@@ -333,5 +334,46 @@ mod tests {
         );
         assert_eq!(poll_timeout(Some(Duration::MAX)), PollTimeout::MAX);
         assert_eq!(poll_timeout(None), PollTimeout::NONE);
+    }
+}
+
+/// Sets close-on-exec on descriptor `fd` of this process, one that a C library opened
+/// without it and keeps (libtss2's TPM device: no Rust value owns it, so there is no `AsFd`
+/// to hand to `fcntl`). A number that is not open fails with `EBADF`; a negative one with
+/// `EINVAL`.
+pub fn set_cloexec(fd: RawFd) -> io::Result<()> {
+    if fd < 0 {
+        return Err(io::Error::from_raw_os_error(libc::EINVAL));
+    }
+    // SAFETY: `fd` is not -1, and it is borrowed only for the two `fcntl` calls below, which
+    // read and set the descriptor flags of that one number and touch no memory of ours. If
+    // the number was closed meanwhile they fail with EBADF; if it was reused, close-on-exec
+    // is set on the newcomer, which only keeps it from leaking into a child.
+    #[allow(unsafe_code)]
+    let borrowed = unsafe { BorrowedFd::borrow_raw(fd) };
+    let flags = rustix::io::fcntl_getfd(borrowed)?;
+    rustix::io::fcntl_setfd(borrowed, flags | rustix::io::FdFlags::CLOEXEC)?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod cloexec_tests {
+    use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+
+    /// A descriptor made inheritable (as a C library's `open` without `O_CLOEXEC` leaves
+    /// it) is close-on-exec again after `set_cloexec`; a number that is not open is an
+    /// error.
+    #[test]
+    fn set_cloexec_sets_the_flag_and_refuses_bad_numbers() {
+        let file = std::fs::File::open("/dev/null").unwrap();
+        let fd: OwnedFd = file.into();
+        rustix::io::fcntl_setfd(fd.as_fd(), rustix::io::FdFlags::empty()).unwrap();
+        super::set_cloexec(fd.as_raw_fd()).unwrap();
+        let flags = rustix::io::fcntl_getfd(fd.as_fd()).unwrap();
+        assert!(flags.contains(rustix::io::FdFlags::CLOEXEC));
+        // Above any descriptor limit: never open (a just-closed number could be reused by
+        // another test's thread).
+        assert!(super::set_cloexec(1 << 30).is_err());
+        assert!(super::set_cloexec(-1).is_err());
     }
 }

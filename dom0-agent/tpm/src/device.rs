@@ -1,5 +1,7 @@
 //! The TPM itself, through tss-esapi (feature `esapi`).
 
+use std::collections::BTreeMap;
+use std::path::PathBuf;
 use std::str::FromStr;
 
 use tss_esapi::attributes::ObjectAttributesBuilder;
@@ -36,6 +38,15 @@ pub enum TpmError {
         tcti: String,
         /// What tss-esapi reported.
         source: tss_esapi::Error,
+    },
+    /// The TPM's descriptors could not be listed or made close-on-exec (`/proc/self/fd`);
+    /// the connection is closed again rather than left inheritable.
+    #[error("cannot make the TPM connection (TCTI {tcti:?}) close-on-exec: {source}")]
+    CloseOnExec {
+        /// The TCTI configuration string.
+        tcti: String,
+        /// What failed.
+        source: std::io::Error,
     },
     /// A PCR index outside 0..=23, a duplicate, or an empty selection.
     #[error(transparent)]
@@ -107,6 +118,45 @@ fn pcr_handle(pcr: u8) -> Result<PcrHandle, TpmError> {
     })
 }
 
+/// The descriptors open in this process, by number, with what each points at.
+fn open_fds() -> std::io::Result<BTreeMap<i32, PathBuf>> {
+    let mut fds = BTreeMap::new();
+    for entry in std::fs::read_dir("/proc/self/fd")? {
+        let entry = entry?;
+        let Some(fd) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        // Gone between the listing and the link (the listing's own descriptor): skipped.
+        if let Ok(target) = std::fs::read_link(entry.path()) {
+            fds.insert(fd, target);
+        }
+    }
+    Ok(fds)
+}
+
+/// Sets close-on-exec on every descriptor open now that `before` did not hold (or held
+/// pointing elsewhere). One closed meanwhile (a directory listing's own) needs nothing.
+fn close_on_exec_since(before: &BTreeMap<i32, PathBuf>) -> std::io::Result<()> {
+    for (fd, target) in open_fds()? {
+        if before.get(&fd) == Some(&target) {
+            continue;
+        }
+        match mayfly_sandbox_proto::sys::set_cloexec(fd) {
+            Ok(()) => {}
+            Err(e) if e.raw_os_error() == Some(EBADF) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// `EBADF` on Linux.
+const EBADF: i32 = 9;
+
 fn cmd(command: &'static str) -> impl FnOnce(tss_esapi::Error) -> TpmError {
     move |source| TpmError::Command { command, source }
 }
@@ -131,8 +181,17 @@ impl Tpm {
             tcti: tcti.to_string(),
             source,
         };
+        let cloexec = |source| TpmError::CloseOnExec {
+            tcti: tcti.to_string(),
+            source,
+        };
         let conf = TctiNameConf::from_str(tcti).map_err(open)?;
+        // libtss2 opens the TPM itself, without O_CLOEXEC (the `device` TCTI's `open`): the
+        // descriptors that appear while the context is made get close-on-exec, so that no
+        // process the agent starts inherits the TPM (a failure drops the context: closed).
+        let before = open_fds().map_err(cloexec)?;
         let ctx = Context::new(conf).map_err(open)?;
+        close_on_exec_since(&before).map_err(cloexec)?;
         Ok(Self {
             ctx,
             tcti: tcti.to_string(),

@@ -16,9 +16,10 @@ use crate::{PcrValue, Tpm, TpmError};
 const READY_DEADLINE: Duration = Duration::from_secs(20);
 
 /// Serialises tests that use swtpm from parallel threads of one process: hold the guard for
-/// the whole test. libtss2's TCTI sockets are not close-on-exec, so a process spawned by one
-/// thread (a swtpm, an agent) while another thread has a TPM context open inherits that
-/// context's connection and keeps it open after the context is dropped; swtpm serves one
+/// the whole test. libtss2's swtpm TCTI opens a socket per command, not close-on-exec (and
+/// after [`Tpm::open`], which can only mark what is open when the context is made), so a
+/// process spawned by one thread (a swtpm, an agent) while another thread's TPM command is
+/// under way inherits that connection and keeps it open after the context is dropped; swtpm serves one
 /// connection at a time, so the next client of that swtpm (an agent's `init`) then waits for
 /// ever (seen: `agent/tests/tpm.rs` hung 11 minutes). Poison-tolerant: a failed test does not
 /// fail the others.
