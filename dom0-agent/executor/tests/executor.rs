@@ -192,6 +192,31 @@ fn call(front: &mut Frontend<Arc<MmapMem>>, n: &Side, r: Request) -> Response {
     front.call(&r, n, Some(Duration::from_secs(10))).unwrap()
 }
 
+/// Reads the counter, hands off to the test (step 1; it acts beside the transaction) and
+/// waits for it (step 2), then reads another key: the error code of that answer (0 for a
+/// value).
+fn read_handoff_read(f: &mut Frontend<Arc<MmapMem>>, n: &Side, handoff: &Handoff) -> u16 {
+    let _ = call(
+        f,
+        n,
+        Request::Get {
+            key: b"counter".to_vec(),
+        },
+    );
+    handoff.advance_to(1);
+    handoff.wait_for(2);
+    match call(
+        f,
+        n,
+        Request::Get {
+            key: b"other".to_vec(),
+        },
+    ) {
+        Response::Error { code, .. } => code,
+        _ => 0,
+    }
+}
+
 fn guests() -> HashMap<&'static str, Guest> {
     let mut g: HashMap<&'static str, Guest> = HashMap::new();
     // Increment a counter key; commit the new value.
@@ -380,25 +405,7 @@ fn guests() -> HashMap<&'static str, Guest> {
     g.insert(
         "read_wait_read",
         Arc::new(|f, n, _p, _k| {
-            let _ = call(
-                f,
-                n,
-                Request::Get {
-                    key: b"counter".to_vec(),
-                },
-            );
-            HANDOFF.advance_to(1);
-            HANDOFF.wait_for(2);
-            let code = match call(
-                f,
-                n,
-                Request::Get {
-                    key: b"other".to_vec(),
-                },
-            ) {
-                Response::Error { code, .. } => code,
-                _ => 0,
-            };
+            let code = read_handoff_read(f, n, &HANDOFF);
             GUEST_GOT.store(u32::from(code), Ordering::SeqCst);
             // Ignoring the error: the agent must have ended the transaction already.
             let answered = f
@@ -477,25 +484,7 @@ fn guests() -> HashMap<&'static str, Guest> {
     g.insert(
         "read_busy_read",
         Arc::new(|f, n, _p, _k| {
-            let _ = call(
-                f,
-                n,
-                Request::Get {
-                    key: b"counter".to_vec(),
-                },
-            );
-            BUSY_HANDOFF.advance_to(1);
-            BUSY_HANDOFF.wait_for(2);
-            let code = match call(
-                f,
-                n,
-                Request::Get {
-                    key: b"other".to_vec(),
-                },
-            ) {
-                Response::Error { code, .. } => code,
-                _ => 0,
-            };
+            let code = read_handoff_read(f, n, &BUSY_HANDOFF);
             BUSY_GOT.store(u32::from(code), Ordering::SeqCst);
             // Unanswered: the agent must have ended the transaction already.
             let _ = f.call(
@@ -568,6 +557,25 @@ impl Handoff {
     }
 }
 
+/// A transaction beside the executor's, begun as soon as a reader slot is free (polled for
+/// 10 s at most: the guest's transaction must give its slot up when its snapshot is due).
+fn begin_beside_when_free(ex: &Executor) -> mayfly_ledger::Tx {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        match ex.ledger().begin(beside()) {
+            Ok(tx) => return tx,
+            Err(mayfly_ledger::TxError::Busy) => {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "the guest's transaction kept its reader slot"
+                );
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+}
+
 /// The context of a transaction the test runs on the ledger beside the executor's.
 fn beside() -> mayfly_ledger::TxContext {
     mayfly_ledger::TxContext {
@@ -616,6 +624,40 @@ fn setup_with(config: ExecutorConfig, options: &Options) -> (tempfile::TempDir, 
         dir,
         Executor::new(ledger, backend, names, config, allow_all(), &log),
     )
+}
+
+/// Runs `handler` in a thread, once (no retry), on a ledger that gives a transaction's
+/// snapshot up after its first operation (every later read takes a fresh one), with at
+/// most `max_readers` reader slots.
+fn run_long(
+    handler: &'static str,
+    max_readers: Option<u32>,
+) -> (
+    tempfile::TempDir,
+    Arc<Executor>,
+    JoinHandle<mayfly_executor::TxOutcome>,
+) {
+    let defaults = mayfly_ledger::StoreOptions::default();
+    let (dir, ex) = setup_with(
+        ExecutorConfig {
+            max_attempts: 1,
+            ..Default::default()
+        },
+        &Options {
+            snapshot_hold: Duration::ZERO,
+            store: mayfly_ledger::StoreOptions {
+                max_readers: max_readers.unwrap_or(defaults.max_readers),
+                ..defaults
+            },
+            ..Options::default()
+        },
+    );
+    let ex = Arc::new(ex);
+    let runner = {
+        let ex = ex.clone();
+        std::thread::spawn(move || run(&ex, handler))
+    };
+    (dir, ex, runner)
 }
 
 fn run(ex: &Executor, handler: &str) -> mayfly_executor::TxOutcome {
@@ -705,21 +747,7 @@ fn reads_past_the_read_limit_are_audited_once_per_transaction() {
 /// its read, audited as `tx.limit_refused` with `limit=rechecks`.
 #[test]
 fn re_checks_past_their_bound_are_audited() {
-    let (_d, ex) = setup_with(
-        ExecutorConfig {
-            max_attempts: 1,
-            ..Default::default()
-        },
-        &Options {
-            snapshot_hold: Duration::ZERO,
-            ..Options::default()
-        },
-    );
-    let ex = Arc::new(ex);
-    let runner = {
-        let ex = ex.clone();
-        std::thread::spawn(move || run(&ex, "many_rechecks"))
-    };
+    let (_d, ex, runner) = run_long("many_rechecks", None);
     // One commit beside it before each of its reads, until it is refused.
     for round in 0..200u32 {
         RECHECK_HANDOFF.wait_for(2 * round + 1);
@@ -869,21 +897,7 @@ fn conflicting_transactions_are_retried_in_fresh_domains_and_none_is_lost() {
 
 #[test]
 fn a_long_transaction_whose_read_changed_ends_as_a_conflict_at_its_next_read() {
-    let (_d, ex) = setup_with(
-        ExecutorConfig {
-            max_attempts: 1,
-            ..Default::default()
-        },
-        &Options {
-            snapshot_hold: Duration::ZERO,
-            ..Options::default()
-        },
-    );
-    let ex = Arc::new(ex);
-    let runner = {
-        let ex = ex.clone();
-        std::thread::spawn(move || run(&ex, "read_wait_read"))
-    };
+    let (_d, ex, runner) = run_long("read_wait_read", None);
     HANDOFF.wait_for(1);
     let mut tx = ex.ledger().begin(beside()).unwrap();
     tx.put(b"counter", b"7").unwrap();
@@ -943,20 +957,7 @@ fn an_idle_transaction_gives_its_snapshot_up_while_the_guest_waits() {
     IDLE_HANDOFF.wait_for(1);
     // The guest sends nothing while it waits; the executor gives the snapshot up once the
     // hold is over, so a transaction of ours can begin (polled, bounded).
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    let mut tx = loop {
-        match ex.ledger().begin(beside()) {
-            Ok(tx) => break tx,
-            Err(mayfly_ledger::TxError::Busy) => {
-                assert!(
-                    std::time::Instant::now() < deadline,
-                    "the idle transaction kept its reader slot"
-                );
-                std::thread::sleep(Duration::from_millis(1));
-            }
-            Err(e) => panic!("{e}"),
-        }
-    };
+    let mut tx = begin_beside_when_free(&ex);
     tx.put(b"counter", b"7").unwrap();
     tx.commit(Vec::new()).unwrap();
     IDLE_HANDOFF.advance_to(2);
@@ -971,42 +972,11 @@ fn an_idle_transaction_gives_its_snapshot_up_while_the_guest_waits() {
 /// attempts remain), and the audit trail says why (`tx.readers_full`), not a storage failure.
 #[test]
 fn a_reader_slot_shortage_mid_transaction_is_a_retryable_conflict() {
-    let (_d, ex) = setup_with(
-        ExecutorConfig {
-            max_attempts: 1,
-            ..Default::default()
-        },
-        &Options {
-            snapshot_hold: Duration::ZERO,
-            store: mayfly_ledger::StoreOptions {
-                max_readers: 1,
-                ..mayfly_ledger::StoreOptions::default()
-            },
-            ..Options::default()
-        },
-    );
-    let ex = Arc::new(ex);
-    let runner = {
-        let ex = ex.clone();
-        std::thread::spawn(move || run(&ex, "read_busy_read"))
-    };
+    let (_d, ex, runner) = run_long("read_busy_read", Some(1));
     BUSY_HANDOFF.wait_for(1);
     // Take the only reader slot once the guest's transaction has given its snapshot up
     // (polled, bounded), and keep it while the guest reads again.
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    let beside_tx = loop {
-        match ex.ledger().begin(beside()) {
-            Ok(tx) => break tx,
-            Err(mayfly_ledger::TxError::Busy) => {
-                assert!(
-                    std::time::Instant::now() < deadline,
-                    "the guest's transaction kept its reader slot"
-                );
-                std::thread::sleep(Duration::from_millis(1));
-            }
-            Err(e) => panic!("{e}"),
-        }
-    };
+    let beside_tx = begin_beside_when_free(&ex);
     BUSY_HANDOFF.advance_to(2);
     let o = runner.join().unwrap();
     drop(beside_tx);

@@ -221,17 +221,23 @@ pub fn test_handlers() -> &'static BTreeMap<&'static str, RawHandler> {
     MAP.get_or_init(|| TEST_HANDLERS.iter().copied().collect())
 }
 
+/// The count an SDK test handler's payload names: decimal `1..=max` (at most 10 digits, so
+/// the parse is bounded), else a bad request saying so.
+fn count_payload(payload: &[u8], max: u32) -> Result<u32, HandlerError> {
+    std::str::from_utf8(payload)
+        .ok()
+        .filter(|t| !t.is_empty() && t.len() <= 10 && t.bytes().all(|b| b.is_ascii_digit()))
+        .and_then(|t| t.parse::<u32>().ok())
+        .filter(|n| (1..=max).contains(n))
+        .ok_or_else(|| HandlerError::bad_request(format!("payload must be 1..={max}")))
+}
+
 /// Most round trips one `test.ping` transaction may ask for.
 pub const MAX_PINGS: u32 = 100_000;
 
 /// `test.ping`: `N` `Get("ping")` round trips, then commits `N` (see the module docs).
 pub fn ping(ctx: &mut Ctx<'_>, payload: &[u8]) -> Result<Vec<u8>, HandlerError> {
-    let count = std::str::from_utf8(payload)
-        .ok()
-        .filter(|t| !t.is_empty() && t.len() <= 6 && t.bytes().all(|b| b.is_ascii_digit()))
-        .and_then(|t| t.parse::<u32>().ok())
-        .filter(|n| (1..=MAX_PINGS).contains(n))
-        .ok_or_else(|| HandlerError::bad_request(format!("payload must be 1..={MAX_PINGS}")))?;
+    let count = count_payload(payload, MAX_PINGS)?;
     for _ in 0..count {
         ctx.db().get(b"ping")?;
     }
@@ -244,12 +250,7 @@ pub const BIG_VALUE: usize = 64 << 10;
 /// `test.big_writes`: puts `N` values of [`BIG_VALUE`] bytes under `big/0` .. `big/N-1`, then
 /// commits `N` (see the module docs).
 pub fn big_writes(ctx: &mut Ctx<'_>, payload: &[u8]) -> Result<Vec<u8>, HandlerError> {
-    let count = std::str::from_utf8(payload)
-        .ok()
-        .filter(|t| !t.is_empty() && t.len() <= 4 && t.bytes().all(|b| b.is_ascii_digit()))
-        .and_then(|t| t.parse::<u32>().ok())
-        .filter(|n| (1..=1024).contains(n))
-        .ok_or_else(|| HandlerError::bad_request("payload must be 1..=1024"))?;
+    let count = count_payload(payload, 1024)?;
     let value = vec![0x5a_u8; BIG_VALUE];
     for i in 0..count {
         ctx.db().put(format!("big/{i}").as_bytes(), &value)?;
@@ -263,12 +264,7 @@ pub const MAX_MANY_READS: u32 = 8192;
 /// `test.many_reads`: reads `N` distinct keys `many/0` .. `many/N-1`, then commits `N` (see
 /// the module docs); a refused read ends it with that error.
 pub fn many_reads(ctx: &mut Ctx<'_>, payload: &[u8]) -> Result<Vec<u8>, HandlerError> {
-    let count = std::str::from_utf8(payload)
-        .ok()
-        .filter(|t| !t.is_empty() && t.len() <= 4 && t.bytes().all(|b| b.is_ascii_digit()))
-        .and_then(|t| t.parse::<u32>().ok())
-        .filter(|n| (1..=MAX_MANY_READS).contains(n))
-        .ok_or_else(|| HandlerError::bad_request("payload must be 1..=8192"))?;
+    let count = count_payload(payload, MAX_MANY_READS)?;
     for i in 0..count {
         ctx.db().get(format!("many/{i}").as_bytes())?;
     }
