@@ -1777,3 +1777,259 @@ fn a_disk_full_standby_stops_applying_and_the_synchronous_primary_loses_nothing(
         refusal.1["reason"]
     );
 }
+
+/// One message as the collector stored it: (seq, hash, marked `unreplicated="true"`,
+/// event, PROCID).
+fn chain_element(m: &Value) -> (u64, String, bool, String, String) {
+    let sd = m["structured-data"].as_str().unwrap();
+    let (elements, _) = mayfly_siem::rfc5424::parse_structured_data(sd).unwrap();
+    let chain = elements
+        .iter()
+        .find(|e| e.id.starts_with("mayfly@"))
+        .unwrap();
+    let marked = match chain.param("unreplicated") {
+        None => false,
+        Some("true") => true,
+        Some(other) => panic!("unreplicated={other:?} in {sd}"),
+    };
+    (
+        chain.param("seq").unwrap().parse().unwrap(),
+        chain.param("hash").unwrap().to_string(),
+        marked,
+        chain.param("event").unwrap().to_string(),
+        m["procid"].as_str().unwrap_or_default().to_string(),
+    )
+}
+
+/// The first collector of `agent`'s `siem` health section.
+fn siem_health(agent: &Agent) -> Value {
+    let (code, body) = agent.get("/v1/health");
+    assert_eq!(code, 200, "{body}");
+    body["siem"][0].clone()
+}
+
+/// SIEM without reused sequence numbers (issue 18, item 5): an **asynchronous** primary
+/// with a TCP collector (a private rsyslog) and `unreplicated_hold_ms = 4000`; its standby
+/// follows, then is stopped, and the primary goes on committing. Its exporter sends nothing
+/// past what the standby holds until the records have waited the hold; then it records
+/// `siem.export_unreplicated` and sends them marked `unreplicated="true"`. The primary is
+/// SIGKILLed, the standby promoted and serving, and it writes *other* records under the
+/// sequences the primary had sent ahead. At the collector: every sequence that arrived
+/// with two different hashes arrived marked the first time, every unmarked message is the
+/// final ledger's record (same `seq`, same `hash`), every record of the final ledger is
+/// there unmarked, and the primary's `siem.export_unreplicated` is there too.
+#[test]
+fn siem_never_sends_unmarked_records_the_promoted_standby_does_not_hold() {
+    let root = tempfile::tempdir().unwrap();
+    let collector =
+        rsyslog::Rsyslog::start(&root.path().join("rsyslog"), &[rsyslog::Input::Tcp], None);
+    let siem = siem_section(&collector.address(rsyslog::Input::Tcp))
+        .replace("[siem]\n", "[siem]\nunreplicated_hold_ms = 4000\n");
+    let (pdir, sdir) = (root.path().join("primary"), root.path().join("standby"));
+    let (p, s) = (pem(root.path(), "primary"), pem(root.path(), "standby"));
+    let port = free_port();
+    let pconf = root.path().join("primary.toml");
+    replication_conf(
+        &pconf,
+        "primary",
+        &format!("listen = \"127.0.0.1:{port}\"\nmode = \"async\"\n"),
+        &p,
+        &s,
+    );
+    let text = std::fs::read_to_string(&pconf).unwrap();
+    std::fs::write(&pconf, format!("{siem}{text}")).unwrap();
+    let mut primary = Agent::start(&pdir, &["--config", pconf.to_str().unwrap()]);
+    let identity = export_key(&pdir);
+    let (admins, pubs) = two_admins(root.path());
+    let console = format!("[console]\nadmin_keys = {pubs:?}\nquorum = 2\n");
+    let sconf = standby_conf(
+        root.path(),
+        port,
+        &identity,
+        &format!("{console}{siem}"),
+        &s,
+        &p,
+    );
+    let follower = standby(&sconf, &sdir);
+    wait_for("the standby to connect", || {
+        !health(&primary)["standby"].is_null()
+    });
+    let transfers = |agent: &Agent, n: usize| {
+        for _ in 0..n {
+            let (code, body) = agent.tx(
+                "transfer",
+                json!({"from": "alice", "to": "bob", "amount": 1}),
+            );
+            assert_eq!(code, 200, "{body}");
+        }
+    };
+    for (name, balance) in [("alice", 1000), ("bob", 0)] {
+        let (code, body) = primary.tx("open_account", json!({"name": name, "balance": balance}));
+        assert_eq!(code, 200, "{body}");
+    }
+    transfers(&primary, 5);
+    // With the standby following, what it holds goes out (the hold is not waited for).
+    wait_for("the standby and the collector to catch up", || {
+        let (r, c) = (health(&primary), siem_health(&primary));
+        r["lag_groups"] == 0
+            && c["delivered_seq"] == c["replicated_seq"]
+            && c["unreplicated_from"].is_null()
+    });
+    let first_part = siem_health(&primary)["replicated_seq"].as_u64().unwrap();
+    assert_eq!(stop(follower), 0);
+    wait_for("the primary to see the standby gone", || {
+        health(&primary)["standby"].is_null()
+    });
+
+    // The standby is away: the primary commits on, and exports nothing past what the
+    // standby holds while the records are younger than the hold.
+    // (What health says is checked after what the collector got, the behaviour a SOC
+    // relies on.)
+    let appended = Instant::now();
+    transfers(&primary, 3);
+    let early = (appended.elapsed(), siem_health(&primary));
+    // After the hold: exported anyway, marked, announced.
+    wait_for("the collector to have the primary's tip", || {
+        let c = siem_health(&primary);
+        c["delivered_seq"] == c["head_seq"]
+    });
+    let ahead = (appended.elapsed(), siem_health(&primary));
+    transfers(&primary, 3);
+    wait_for("the collector to have the primary's tip", || {
+        let c = siem_health(&primary);
+        c["delivered_seq"] == c["head_seq"]
+    });
+    let mut victim = primary.child.take().unwrap();
+    victim.kill().unwrap(); // SIGKILL
+    victim.wait().unwrap();
+
+    // What the copy holds, and the primary's announcement in its own chain.
+    let copy_tip = store::open_read_only(&sdir, &StoreOptions::default())
+        .unwrap()
+        .audit_records(1, usize::MAX)
+        .unwrap()
+        .last()
+        .unwrap()
+        .seq;
+    let p_audit = common::audit(&pdir);
+    // (The last one: the primary's start may have had its own, ended when the standby
+    // connected.)
+    let notice = p_audit
+        .iter()
+        .rfind(|(e, _)| e == "siem.export_unreplicated")
+        .cloned();
+
+    promote_cosigned(root.path(), &sconf, &sdir, &identity, 1, &admins);
+    let nconf = root.path().join("promoted.toml");
+    std::fs::write(&nconf, format!("{console}{siem}")).unwrap();
+    let mut promoted = Agent::start(&sdir, &["--config", nconf.to_str().unwrap()]);
+    transfers(&promoted, 8);
+    let status = promoted.stop();
+    assert!(status.success(), "{status}");
+
+    let recs: Vec<mayfly_ledger::AuditRecord> =
+        store::open_read_only(&sdir, &StoreOptions::default())
+            .unwrap()
+            .audit_records(1, usize::MAX)
+            .unwrap();
+    let tip = recs.last().unwrap().seq;
+    let final_hash: std::collections::BTreeMap<u64, String> = recs
+        .iter()
+        .map(|r| {
+            (
+                r.seq,
+                mayfly_ledger::codec::hex(&mayfly_ledger::checkpoint::chain_hash(
+                    &r.prev_hash,
+                    &r.encode(),
+                )),
+            )
+        })
+        .collect();
+    assert!(
+        rsyslog::wait_until(Duration::from_secs(30), || collector
+            .received(rsyslog::Input::Tcp)
+            .iter()
+            .any(|m| chain_element(m).0 == tip)),
+        "the collector never got seq {tip}"
+    );
+    let got: Vec<_> = collector
+        .received(rsyslog::Input::Tcp)
+        .iter()
+        .map(chain_element)
+        .collect();
+    // Every unmarked message is the final ledger's record.
+    for (seq, hash, marked, event, procid) in &got {
+        if !marked {
+            assert_eq!(
+                Some(hash),
+                final_hash.get(seq),
+                "seq {seq} ({event}, pid {procid}) arrived unmarked with a hash the promoted ledger does not have"
+            );
+        }
+    }
+    // A sequence with two different records: the one that is not the final ledger's came
+    // marked. And the run did produce such sequences (the promoted node reused them).
+    let mut reused = 0;
+    let mut by_seq: std::collections::BTreeMap<u64, std::collections::BTreeSet<&str>> =
+        std::collections::BTreeMap::new();
+    for (seq, hash, ..) in &got {
+        by_seq.entry(*seq).or_default().insert(hash);
+    }
+    for (seq, hashes) in &by_seq {
+        if hashes.len() > 1 {
+            reused += 1;
+            for (s, hash, marked, event, _) in got.iter().filter(|g| g.0 == *seq) {
+                assert!(
+                    *marked || final_hash.get(s) == Some(hash),
+                    "seq {s} ({event}) arrived twice with different records, unmarked"
+                );
+            }
+        }
+    }
+    assert!(
+        reused > 0,
+        "no sequence was reused: the test did not export ahead of the standby"
+    );
+    // Nothing missing: every record of the final ledger arrived (marked if it went out
+    // before the standby held it: the records of the primary's start do when the standby
+    // connects later than the hold).
+    for (seq, hash) in &final_hash {
+        assert!(
+            got.iter().any(|g| g.0 == *seq && &g.1 == hash),
+            "seq {seq} of the final ledger never arrived"
+        );
+    }
+    // The collector got the primary's announcement (itself sent ahead, marked).
+    assert!(
+        got.iter().any(|g| g.3 == "siem.export_unreplicated" && g.2),
+        "the collector never got siem.export_unreplicated"
+    );
+    // While younger than the hold, nothing past the standby's tip went out; the episode
+    // began only after it.
+    let (at, c) = early;
+    if at < Duration::from_millis(3000) {
+        assert!(
+            c["head_seq"].as_u64() > c["replicated_seq"].as_u64()
+                && c["sent_seq"].as_u64() <= c["replicated_seq"].as_u64()
+                && c["unreplicated_from"].is_null(),
+            "records past the standby's tip went out before the hold: {c}"
+        );
+    }
+    let notice = notice.expect("siem.export_unreplicated in the primary's chain");
+    let from: u64 = notice.1["from"].parse().unwrap();
+    assert!(
+        from > first_part && from <= copy_tip + 1,
+        "{notice:?}: the copy holds {copy_tip}, the standby was stopped after {first_part}"
+    );
+    assert_eq!(notice.1["collector"], "tcp");
+    let (at, c) = ahead;
+    assert!(
+        at >= Duration::from_millis(4000),
+        "sent ahead after {at:?}: {c}"
+    );
+    assert_eq!(c["unreplicated_from"].as_u64(), Some(from), "{c}");
+    let marked = got.iter().filter(|g| g.2).count();
+    eprintln!(
+        "siem without reuse: final tip {tip}, copy tip {copy_tip}, sent ahead from {from}, {marked} marked messages, {reused} sequences reused by the promoted node"
+    );
+}
