@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{agent_exe, verify, Agent};
+use common::{agent_exe, transfers, verify, Agent};
 use mayfly_ledger::{store, StoreOptions};
 use serde_json::{json, Value};
 
@@ -1189,40 +1189,14 @@ fn siem_export_continues_from_the_replicated_cursor_after_a_promotion() {
     let root = tempfile::tempdir().unwrap();
     let collector = Rsyslog::start(&root.path().join("rsyslog"), &[Input::Tcp], None);
     let siem = siem_section(&collector.address(Input::Tcp));
-    let (pdir, sdir) = (root.path().join("primary"), root.path().join("standby"));
     let (p, s) = (pem(root.path(), "primary"), pem(root.path(), "standby"));
     let port = free_port();
     let pconf = primary_conf(root.path(), port, 5000, &p, &s);
-    let text = std::fs::read_to_string(&pconf).unwrap();
-    std::fs::write(&pconf, format!("{siem}{text}")).unwrap();
-    let mut primary = Agent::start(&pdir, &["--config", pconf.to_str().unwrap()]);
-    let identity = export_key(&pdir);
-    let (admins, pubs) = two_admins(root.path());
-    let console = format!("[console]\nadmin_keys = {pubs:?}\nquorum = 2\n");
-    let sconf = standby_conf(
-        root.path(),
-        port,
-        &identity,
-        &format!("{console}{siem}"),
-        &s,
-        &p,
-    );
-    let follower = standby(&sconf, &sdir);
-    wait_state(&primary, "synchronous");
-    for (name, balance) in [("alice", 1000), ("bob", 0)] {
-        let (code, body) = primary.tx("open_account", json!({"name": name, "balance": balance}));
-        assert_eq!(code, 200, "{body}");
-    }
-    let transfers = |agent: &Agent, n: usize| {
-        for _ in 0..n {
-            let (code, body) = agent.tx(
-                "transfer",
-                json!({"from": "alice", "to": "bob", "amount": 1}),
-            );
-            assert_eq!(code, 200, "{body}");
-        }
-    };
-    transfers(&primary, 10);
+    let mut pair = siem_pair(root.path(), &pconf, &siem, port, &p, &s);
+    let (primary, sdir) = (&mut pair.primary, pair.sdir.clone());
+    wait_state(primary, "synchronous");
+    open_accounts(primary);
+    transfers(primary, 10);
     // The collector has the primary's records so far and the standby was sent a cursor
     // that covers them ...
     let (_, h) = primary.get("/v1/health");
@@ -1234,18 +1208,18 @@ fn siem_export_continues_from_the_replicated_cursor_after_a_promotion() {
             .unwrap_or(0)
     };
     wait_for("the cursor shipped to the standby", || {
-        shipped(&primary) >= first_part
+        shipped(primary) >= first_part
     });
     // ... then more records, some of them delivered after the last shipped cursor.
-    transfers(&primary, 10);
+    transfers(primary, 10);
     wait_for("the standby to hold every group", || {
-        let h = health(&primary);
+        let h = health(primary);
         h["lag_groups"] == 0 && h["state"] == "synchronous"
     });
     let mut victim = primary.child.take().unwrap();
     victim.kill().unwrap(); // SIGKILL
     victim.wait().unwrap();
-    assert_eq!(stop(follower), 0);
+    assert_eq!(stop(pair.follower.take().unwrap()), 0);
 
     // The copy holds the primary's cursor, never past its own audit tip.
     let (inherited, copy_tip) = {
@@ -1264,20 +1238,13 @@ fn siem_export_continues_from_the_replicated_cursor_after_a_promotion() {
         "{inherited}: not in {first_part}..={copy_tip}"
     );
 
-    promote_cosigned(root.path(), &sconf, &sdir, &identity, 1, &admins);
-    let nconf = root.path().join("promoted.toml");
-    std::fs::write(&nconf, format!("{console}{siem}")).unwrap();
-    let mut promoted = Agent::start(&sdir, &["--config", nconf.to_str().unwrap()]);
+    let mut promoted = promote_and_serve(root.path(), &pair, &siem);
     let promoted_pid = promoted.child.as_ref().unwrap().id().to_string();
     transfers(&promoted, 10);
     let status = promoted.stop(); // SIGTERM: `agent.stopped` is exported before it exits
     assert!(status.success(), "{status}");
 
-    let recs: Vec<mayfly_ledger::AuditRecord> =
-        store::open_read_only(&sdir, &StoreOptions::default())
-            .unwrap()
-            .audit_records(1, usize::MAX)
-            .unwrap();
+    let recs = audit_records(&sdir);
     let tip = recs.last().unwrap().seq;
     assert_eq!(recs.last().unwrap().event.event, "agent.stopped");
     assert!(
@@ -1781,24 +1748,81 @@ fn a_disk_full_standby_stops_applying_and_the_synchronous_primary_loses_nothing(
 /// One message as the collector stored it: (seq, hash, marked `unreplicated="true"`,
 /// event, PROCID).
 fn chain_element(m: &Value) -> (u64, String, bool, String, String) {
-    let sd = m["structured-data"].as_str().unwrap();
-    let (elements, _) = mayfly_siem::rfc5424::parse_structured_data(sd).unwrap();
-    let chain = elements
-        .iter()
-        .find(|e| e.id.starts_with("mayfly@"))
-        .unwrap();
-    let marked = match chain.param("unreplicated") {
-        None => false,
-        Some("true") => true,
-        Some(other) => panic!("unreplicated={other:?} in {sd}"),
-    };
+    let chain = rsyslog::chain_element(m);
     (
-        chain.param("seq").unwrap().parse().unwrap(),
+        rsyslog::seq_of(m),
         chain.param("hash").unwrap().to_string(),
-        marked,
+        rsyslog::unreplicated(m),
         chain.param("event").unwrap().to_string(),
         m["procid"].as_str().unwrap_or_default().to_string(),
     )
+}
+
+/// A primary and its standby for the SIEM tests: the primary runs `serve` with `pconf`
+/// (the `siem` section put in front of it); the standby follows it with the same `siem`
+/// section and a console of two admins (for its promotion).
+struct SiemPair {
+    primary: Agent,
+    follower: Option<StandbyProc>,
+    pdir: PathBuf,
+    sdir: PathBuf,
+    identity: String,
+    admins: Vec<PathBuf>,
+    console: String,
+    sconf: PathBuf,
+}
+
+fn siem_pair(root: &Path, pconf: &Path, siem: &str, port: u16, p: &Pem, s: &Pem) -> SiemPair {
+    let (pdir, sdir) = (root.join("primary"), root.join("standby"));
+    let text = std::fs::read_to_string(pconf).unwrap();
+    std::fs::write(pconf, format!("{siem}{text}")).unwrap();
+    let primary = Agent::start(&pdir, &["--config", pconf.to_str().unwrap()]);
+    let identity = export_key(&pdir);
+    let (admins, pubs) = two_admins(root);
+    let console = format!("[console]\nadmin_keys = {pubs:?}\nquorum = 2\n");
+    let sconf = standby_conf(root, port, &identity, &format!("{console}{siem}"), s, p);
+    let follower = Some(standby(&sconf, &sdir));
+    SiemPair {
+        primary,
+        follower,
+        pdir,
+        sdir,
+        identity,
+        admins,
+        console,
+        sconf,
+    }
+}
+
+/// Promotes the pair's (stopped) standby with a co-signed command and serves it with the
+/// same `siem` section, without replication.
+fn promote_and_serve(root: &Path, pair: &SiemPair, siem: &str) -> Agent {
+    promote_cosigned(
+        root,
+        &pair.sconf,
+        &pair.sdir,
+        &pair.identity,
+        1,
+        &pair.admins,
+    );
+    let nconf = root.join("promoted.toml");
+    std::fs::write(&nconf, format!("{}{siem}", pair.console)).unwrap();
+    Agent::start(&pair.sdir, &["--config", nconf.to_str().unwrap()])
+}
+
+fn open_accounts(agent: &Agent) {
+    for (name, balance) in [("alice", 1000), ("bob", 0)] {
+        let (code, body) = agent.tx("open_account", json!({"name": name, "balance": balance}));
+        assert_eq!(code, 200, "{body}");
+    }
+}
+
+/// Every audit record of the (closed) ledger in `dir`.
+fn audit_records(dir: &Path) -> Vec<mayfly_ledger::AuditRecord> {
+    store::open_read_only(dir, &StoreOptions::default())
+        .unwrap()
+        .audit_records(1, usize::MAX)
+        .unwrap()
 }
 
 /// The first collector of `agent`'s `siem` health section.
@@ -1825,7 +1849,6 @@ fn siem_never_sends_unmarked_records_the_promoted_standby_does_not_hold() {
         rsyslog::Rsyslog::start(&root.path().join("rsyslog"), &[rsyslog::Input::Tcp], None);
     let siem = siem_section(&collector.address(rsyslog::Input::Tcp))
         .replace("[siem]\n", "[siem]\nunreplicated_hold_ms = 4000\n");
-    let (pdir, sdir) = (root.path().join("primary"), root.path().join("standby"));
     let (p, s) = (pem(root.path(), "primary"), pem(root.path(), "standby"));
     let port = free_port();
     let pconf = root.path().join("primary.toml");
@@ -1836,49 +1859,24 @@ fn siem_never_sends_unmarked_records_the_promoted_standby_does_not_hold() {
         &p,
         &s,
     );
-    let text = std::fs::read_to_string(&pconf).unwrap();
-    std::fs::write(&pconf, format!("{siem}{text}")).unwrap();
-    let mut primary = Agent::start(&pdir, &["--config", pconf.to_str().unwrap()]);
-    let identity = export_key(&pdir);
-    let (admins, pubs) = two_admins(root.path());
-    let console = format!("[console]\nadmin_keys = {pubs:?}\nquorum = 2\n");
-    let sconf = standby_conf(
-        root.path(),
-        port,
-        &identity,
-        &format!("{console}{siem}"),
-        &s,
-        &p,
-    );
-    let follower = standby(&sconf, &sdir);
+    let mut pair = siem_pair(root.path(), &pconf, &siem, port, &p, &s);
+    let (primary, pdir, sdir) = (&mut pair.primary, pair.pdir.clone(), pair.sdir.clone());
     wait_for("the standby to connect", || {
-        !health(&primary)["standby"].is_null()
+        !health(primary)["standby"].is_null()
     });
-    let transfers = |agent: &Agent, n: usize| {
-        for _ in 0..n {
-            let (code, body) = agent.tx(
-                "transfer",
-                json!({"from": "alice", "to": "bob", "amount": 1}),
-            );
-            assert_eq!(code, 200, "{body}");
-        }
-    };
-    for (name, balance) in [("alice", 1000), ("bob", 0)] {
-        let (code, body) = primary.tx("open_account", json!({"name": name, "balance": balance}));
-        assert_eq!(code, 200, "{body}");
-    }
-    transfers(&primary, 5);
+    open_accounts(primary);
+    transfers(primary, 5);
     // With the standby following, what it holds goes out (the hold is not waited for).
     wait_for("the standby and the collector to catch up", || {
-        let (r, c) = (health(&primary), siem_health(&primary));
+        let (r, c) = (health(primary), siem_health(primary));
         r["lag_groups"] == 0
             && c["delivered_seq"] == c["replicated_seq"]
             && c["unreplicated_from"].is_null()
     });
-    let first_part = siem_health(&primary)["replicated_seq"].as_u64().unwrap();
-    assert_eq!(stop(follower), 0);
+    let first_part = siem_health(primary)["replicated_seq"].as_u64().unwrap();
+    assert_eq!(stop(pair.follower.take().unwrap()), 0);
     wait_for("the primary to see the standby gone", || {
-        health(&primary)["standby"].is_null()
+        health(primary)["standby"].is_null()
     });
 
     // The standby is away: the primary commits on, and exports nothing past what the
@@ -1886,31 +1884,25 @@ fn siem_never_sends_unmarked_records_the_promoted_standby_does_not_hold() {
     // (What health says is checked after what the collector got, the behaviour a SOC
     // relies on.)
     let appended = Instant::now();
-    transfers(&primary, 3);
-    let early = (appended.elapsed(), siem_health(&primary));
+    transfers(primary, 3);
+    let early = (appended.elapsed(), siem_health(primary));
     // After the hold: exported anyway, marked, announced.
-    wait_for("the collector to have the primary's tip", || {
-        let c = siem_health(&primary);
-        c["delivered_seq"] == c["head_seq"]
-    });
-    let ahead = (appended.elapsed(), siem_health(&primary));
-    transfers(&primary, 3);
-    wait_for("the collector to have the primary's tip", || {
-        let c = siem_health(&primary);
-        c["delivered_seq"] == c["head_seq"]
-    });
+    let delivered_all = |primary: &Agent| {
+        wait_for("the collector to have the primary's tip", || {
+            let c = siem_health(primary);
+            c["delivered_seq"] == c["head_seq"]
+        })
+    };
+    delivered_all(primary);
+    let ahead = (appended.elapsed(), siem_health(primary));
+    transfers(primary, 3);
+    delivered_all(primary);
     let mut victim = primary.child.take().unwrap();
     victim.kill().unwrap(); // SIGKILL
     victim.wait().unwrap();
 
     // What the copy holds, and the primary's announcement in its own chain.
-    let copy_tip = store::open_read_only(&sdir, &StoreOptions::default())
-        .unwrap()
-        .audit_records(1, usize::MAX)
-        .unwrap()
-        .last()
-        .unwrap()
-        .seq;
+    let copy_tip = audit_records(&sdir).last().unwrap().seq;
     let p_audit = common::audit(&pdir);
     // (The last one: the primary's start may have had its own, ended when the standby
     // connected.)
@@ -1919,19 +1911,12 @@ fn siem_never_sends_unmarked_records_the_promoted_standby_does_not_hold() {
         .rfind(|(e, _)| e == "siem.export_unreplicated")
         .cloned();
 
-    promote_cosigned(root.path(), &sconf, &sdir, &identity, 1, &admins);
-    let nconf = root.path().join("promoted.toml");
-    std::fs::write(&nconf, format!("{console}{siem}")).unwrap();
-    let mut promoted = Agent::start(&sdir, &["--config", nconf.to_str().unwrap()]);
+    let mut promoted = promote_and_serve(root.path(), &pair, &siem);
     transfers(&promoted, 8);
     let status = promoted.stop();
     assert!(status.success(), "{status}");
 
-    let recs: Vec<mayfly_ledger::AuditRecord> =
-        store::open_read_only(&sdir, &StoreOptions::default())
-            .unwrap()
-            .audit_records(1, usize::MAX)
-            .unwrap();
+    let recs = audit_records(&sdir);
     let tip = recs.last().unwrap().seq;
     let final_hash: std::collections::BTreeMap<u64, String> = recs
         .iter()

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use mayfly_ledger::{AuditEvent, AuditRecord, Ledger, Options, Severity};
 use mayfly_siem::{CollectorConfig, Exporter, ReplicatedTip, SiemConfig, TransportKind};
 use slog::{o, Logger};
-use support::{seq_of, wait_until, Input, Rsyslog};
+use support::{seq_of, unreplicated as marked, wait_until, Input, Rsyslog};
 
 /// The standby's tip as a test sets it.
 struct Standby(AtomicU64);
@@ -31,20 +31,6 @@ impl ReplicatedTip for Standby {
 }
 
 const HOLD_MS: u64 = 1500;
-
-fn marked(m: &serde_json::Value) -> bool {
-    let sd = m["structured-data"].as_str().unwrap();
-    let (elements, _) = mayfly_siem::rfc5424::parse_structured_data(sd).unwrap();
-    let chain = elements
-        .iter()
-        .find(|e| e.id.starts_with("mayfly@"))
-        .unwrap();
-    match chain.param("unreplicated") {
-        None => false,
-        Some("true") => true,
-        Some(other) => panic!("unreplicated={other:?}"),
-    }
-}
 
 fn records(ledger: &Ledger) -> Vec<AuditRecord> {
     ledger.store().audit_records(1, usize::MAX).unwrap()
