@@ -927,6 +927,23 @@ fn siem_metrics(handle: mayfly_siem::StatusHandle, ledger: Ledger) -> mayfly_api
                     tip.saturating_sub(c.delivered_seq)
                 );
             }
+            // On a replication primary: whether records go out ahead of the standby.
+            if collectors.iter().any(|c| c.replicated_seq.is_some()) {
+                mayfly_api::metrics_family(
+                    out,
+                    "mayfly_siem_unreplicated",
+                    "gauge",
+                    "1 while records go out to the collector before the standby holds them",
+                );
+                for c in &collectors {
+                    let _ = writeln!(
+                        out,
+                        "mayfly_siem_unreplicated{{collector=\"{}\"}} {}",
+                        c.name.replace(['\\', '"', '\n'], "_"),
+                        u8::from(c.unreplicated_from.is_some())
+                    );
+                }
+            }
         }),
     }
 }

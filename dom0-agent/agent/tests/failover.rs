@@ -1873,6 +1873,12 @@ fn siem_never_sends_unmarked_records_the_promoted_standby_does_not_hold() {
             && c["delivered_seq"] == c["replicated_seq"]
             && c["unreplicated_from"].is_null()
     });
+    let (_, metrics) = common::raw_request(primary.addr, "GET", "/metrics", b"");
+    let metrics = String::from_utf8(metrics).unwrap();
+    assert!(
+        metrics.contains("mayfly_siem_unreplicated{collector=\"tcp\"} 0"),
+        "{metrics}"
+    );
     let first_part = siem_health(primary)["replicated_seq"].as_u64().unwrap();
     assert_eq!(stop(pair.follower.take().unwrap()), 0);
     wait_for("the primary to see the standby gone", || {
@@ -1895,6 +1901,8 @@ fn siem_never_sends_unmarked_records_the_promoted_standby_does_not_hold() {
     };
     delivered_all(primary);
     let ahead = (appended.elapsed(), siem_health(primary));
+    let (_, metrics) = common::raw_request(primary.addr, "GET", "/metrics", b"");
+    let metrics = String::from_utf8(metrics).unwrap();
     transfers(primary, 3);
     delivered_all(primary);
     let mut victim = primary.child.take().unwrap();
@@ -2013,6 +2021,10 @@ fn siem_never_sends_unmarked_records_the_promoted_standby_does_not_hold() {
         "sent ahead after {at:?}: {c}"
     );
     assert_eq!(c["unreplicated_from"].as_u64(), Some(from), "{c}");
+    assert!(
+        metrics.contains("mayfly_siem_unreplicated{collector=\"tcp\"} 1"),
+        "{metrics}"
+    );
     let marked = got.iter().filter(|g| g.2).count();
     eprintln!(
         "siem without reuse: final tip {tip}, copy tip {copy_tip}, sent ahead from {from}, {marked} marked messages, {reused} sequences reused by the promoted node"
