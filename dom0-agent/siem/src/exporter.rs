@@ -41,7 +41,7 @@ use serde::Serialize;
 use slog::{debug, info, o, warn, Logger};
 
 use crate::config::{CollectorConfig, ConfigError, SiemConfig, Start, TransportKind};
-use crate::hold::{Episode, Hold, ReplicatedTip};
+use crate::hold::{standby_field, Episode, Hold, ReplicatedTip};
 use crate::rfc5424::{self, Envelope, MAX_APP_NAME, MAX_HOSTNAME, MAX_PROCID};
 use crate::tls::{self, TlsConfigError};
 use crate::transport::{Connection, TransportError};
@@ -624,7 +624,7 @@ impl Run {
             let standby = self
                 .hold
                 .as_ref()
-                .map(|h| h.tip.describe())
+                .map(|h| standby_field(h.tip.as_ref()))
                 .unwrap_or_default();
             warn!(self.log, "exporting records the standby does not hold"; "from" => from,
                   "replicated" => replicated, "waited_ms" => waited.as_millis(), "standby" => &standby);
@@ -674,7 +674,7 @@ impl Run {
         let standby = self
             .hold
             .as_ref()
-            .map(|h| h.tip.describe())
+            .map(|h| standby_field(h.tip.as_ref()))
             .unwrap_or_default();
         let ev = AuditEvent::new("siem.unreplicated_ended", Severity::Notice)
             .field("collector", &self.collector.name)

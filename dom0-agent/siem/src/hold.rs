@@ -39,8 +39,25 @@ pub const SIGHTINGS: usize = 64;
 pub trait ReplicatedTip: Send + Sync {
     /// The last audit sequence the standby has acknowledged as durable (0: none known).
     fn replicated_audit_seq(&self) -> u64;
-    /// Where the standby is, in one line (for the audit records of an episode).
+    /// Where the standby is, in one line (for the audit records of an episode; cut to an
+    /// audit field's 1,024 bytes by [`standby_field`]).
     fn describe(&self) -> String;
+}
+
+/// `tip.describe()` cut at a character boundary to what an audit field holds: a longer
+/// value would make the ledger refuse the record, and an episode that cannot be recorded
+/// never begins.
+pub(crate) fn standby_field(tip: &dyn ReplicatedTip) -> String {
+    let mut s = tip.describe();
+    let max = mayfly_ledger::audit::MAX_FIELD_VALUE;
+    if s.len() > max {
+        let mut end = max;
+        while !s.is_char_boundary(end) {
+            end = end.saturating_sub(1);
+        }
+        s.truncate(end);
+    }
+    s
 }
 
 /// An episode: records going out ahead of the standby.
