@@ -669,7 +669,7 @@ impl Run {
         } else {
             "none".to_string()
         };
-        info!(self.log, "the standby holds what was exported ahead of it"; "sent_ahead" => &ahead,
+        info!(self.log, "the standby is back: it holds the first record exported ahead of it"; "sent_ahead" => &ahead,
               "replicated" => replicated);
         let standby = self
             .hold
