@@ -907,44 +907,52 @@ fn siem_metrics(handle: mayfly_siem::StatusHandle, ledger: Ledger) -> mayfly_api
     mayfly_api::MetricsSection {
         name: "siem",
         render: Arc::new(move |out: &mut String| {
-            use std::fmt::Write as _;
             let collectors = handle.status();
             if collectors.is_empty() {
                 return;
             }
             let tip = ledger.tips().audit.seq;
-            mayfly_api::metrics_family(
+            per_collector(
                 out,
-                "mayfly_siem_lag_records",
-                "gauge",
-                "Audit records not yet delivered to the collector",
+                &collectors,
+                (
+                    "mayfly_siem_lag_records",
+                    "Audit records not yet delivered to the collector",
+                ),
+                |c| tip.saturating_sub(c.delivered_seq),
             );
-            for c in &collectors {
-                let _ = writeln!(
-                    out,
-                    "mayfly_siem_lag_records{{collector=\"{}\"}} {}",
-                    c.name.replace(['\\', '"', '\n'], "_"),
-                    tip.saturating_sub(c.delivered_seq)
-                );
-            }
             // On a replication primary: whether records go out ahead of the standby.
             if collectors.iter().any(|c| c.replicated_seq.is_some()) {
-                mayfly_api::metrics_family(
+                per_collector(
                     out,
-                    "mayfly_siem_unreplicated",
-                    "gauge",
-                    "1 while records go out to the collector before the standby holds them",
+                    &collectors,
+                    (
+                        "mayfly_siem_unreplicated",
+                        "1 while records go out to the collector before the standby holds them",
+                    ),
+                    |c| u64::from(c.unreplicated_from.is_some()),
                 );
-                for c in &collectors {
-                    let _ = writeln!(
-                        out,
-                        "mayfly_siem_unreplicated{{collector=\"{}\"}} {}",
-                        c.name.replace(['\\', '"', '\n'], "_"),
-                        u8::from(c.unreplicated_from.is_some())
-                    );
-                }
             }
         }),
+    }
+}
+
+/// One gauge family (name, help) with a sample per collector.
+fn per_collector(
+    out: &mut String,
+    collectors: &[mayfly_siem::CollectorStatus],
+    (name, help): (&str, &str),
+    value: impl Fn(&mayfly_siem::CollectorStatus) -> u64,
+) {
+    use std::fmt::Write as _;
+    mayfly_api::metrics_family(out, name, "gauge", help);
+    for c in collectors {
+        let _ = writeln!(
+            out,
+            "{name}{{collector=\"{}\"}} {}",
+            c.name.replace(['\\', '"', '\n'], "_"),
+            value(c)
+        );
     }
 }
 

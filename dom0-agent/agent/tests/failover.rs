@@ -1876,7 +1876,9 @@ fn siem_never_sends_unmarked_records_the_promoted_standby_does_not_hold() {
     let (_, metrics) = common::raw_request(primary.addr, "GET", "/metrics", b"");
     let metrics = String::from_utf8(metrics).unwrap();
     assert!(
-        metrics.contains("mayfly_siem_unreplicated{collector=\"tcp\"} 0"),
+        metrics.contains("mayfly_siem_unreplicated{collector=\"tcp\"} 0")
+            && metrics.contains("# TYPE mayfly_siem_unreplicated gauge")
+            && metrics.contains("mayfly_siem_lag_records{collector=\"tcp\"} "),
         "{metrics}"
     );
     let first_part = siem_health(primary)["replicated_seq"].as_u64().unwrap();
