@@ -4,7 +4,7 @@
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use anyhow::{bail, Context};
 use mayfly_ledger::{Ledger, Options, Replica, StoreOptions};
@@ -81,6 +81,74 @@ pub fn health(shipper: &Shipper) -> mayfly_api::HealthSection {
 pub fn console_status(shipper: &Shipper) -> mayfly_console::ReplicationStatus {
     let handle = shipper.status_handle();
     Arc::new(move || status_json(&handle))
+}
+
+/// The SIEM exporters' ceiling on a primary (docs/siem.md "Replication"): the audit tip of
+/// the last group the standby acknowledged as durable.
+struct StandbyTip {
+    status: mayfly_replica::StatusHandle,
+    ledger: Ledger,
+    /// The last (acknowledged group, its audit tip) looked up: the ledger is read only
+    /// when the acknowledged group moves.
+    cached: Mutex<(u64, u64)>,
+}
+
+impl mayfly_siem::ReplicatedTip for StandbyTip {
+    fn replicated_audit_seq(&self) -> u64 {
+        let group = self.status.acked_group();
+        if group == 0 {
+            return 0;
+        }
+        let mut cached = self
+            .cached
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if cached.0 == group {
+            return cached.1;
+        }
+        match self.ledger.store().audit_tip_of_group(group) {
+            Ok(Some(seq)) => {
+                *cached = (group, seq);
+                seq
+            }
+            // A group the standby acknowledged is durable here; if its head cannot be
+            // read, hold as far as the last one known (never further).
+            Ok(None) | Err(_) => cached.1.min(self.ledger.tips().audit.seq),
+        }
+    }
+
+    fn describe(&self) -> String {
+        let s = self.status.status();
+        let mut out = match s.standby {
+            Some(addr) => format!(
+                "standby {addr} connected, acknowledged group {} of {}",
+                s.acked_group, s.durable_group
+            ),
+            None => format!(
+                "no standby connected; the last acknowledged group {} of {}",
+                s.acked_group, s.durable_group
+            ),
+        };
+        if let Some(lost) = s.peer_lost {
+            out.push_str(&format!("; lost: {lost}"));
+        }
+        if let Some(d) = s.degraded {
+            out.push_str(&format!("; degraded: {d}"));
+        }
+        if let Some(f) = s.fenced {
+            out.push_str(&format!("; fenced: {}", f.reason()));
+        }
+        out
+    }
+}
+
+/// The ceiling the SIEM exporters of this primary keep to.
+pub fn siem_ceiling(shipper: &Shipper, ledger: &Ledger) -> Arc<dyn mayfly_siem::ReplicatedTip> {
+    Arc::new(StandbyTip {
+        status: shipper.status_handle(),
+        ledger: ledger.clone(),
+        cached: Mutex::new((0, 0)),
+    })
 }
 
 /// `dom0-agent standby`.

@@ -9,8 +9,9 @@
 //! opened, naming the file and line (or the flag), the key and the bound. SIGHUP reloads
 //! the policy bundle and the TLS certificates; SIGINT or SIGTERM stop the agent.
 //!
-//! The SIEM exporter starts right after the ledger opens (so it exports the agent's own
-//! start) and stops last, after `agent.stopped` is recorded, letting each collector catch
+//! The SIEM exporter starts right after the ledger opens and replication (if any) starts
+//! (so it exports the agent's own start, and on a replication primary keeps to what the
+//! standby holds) and stops last, after `agent.stopped` is recorded, letting each collector catch
 //! up for a few seconds; its status is the `siem` section of `GET /v1/health`.
 //!
 //! With `backend = "xen"` the agent loads Xen 4.17's libraries at start-up; on a host
@@ -608,10 +609,20 @@ pub fn run(args: &ServeArgs, log: &Logger) -> anyhow::Result<u8> {
                 .with_context(|| format!("opening the ledger in {}", s.data_dir.display()))
         }
     };
-    let siem = mayfly_siem::Exporter::start(&ledger, &s.siem, log)
-        .context("starting the SIEM exporter")?;
-    s.key.boot_quote(&ledger, log);
+    // Replication first: on a primary the exporters send nothing the standby does not hold
+    // (docs/siem.md "Replication").
     let replication = crate::replication::start_primary(s.replication.as_ref(), &ledger, log)?;
+    let siem = match &replication {
+        Some(shipper) => mayfly_siem::Exporter::start_replicated(
+            &ledger,
+            &s.siem,
+            crate::replication::siem_ceiling(shipper, &ledger),
+            log,
+        ),
+        None => mayfly_siem::Exporter::start(&ledger, &s.siem, log),
+    }
+    .context("starting the SIEM exporter")?;
+    s.key.boot_quote(&ledger, log);
     let policy_files = crate::policy::files(s.policy.as_deref())?;
     let bundle = mayfly_policy::Bundle::load(&policy_files).context("loading the policy bundle")?;
     let policy_hash = bundle.hash();
@@ -896,27 +907,52 @@ fn siem_metrics(handle: mayfly_siem::StatusHandle, ledger: Ledger) -> mayfly_api
     mayfly_api::MetricsSection {
         name: "siem",
         render: Arc::new(move |out: &mut String| {
-            use std::fmt::Write as _;
             let collectors = handle.status();
             if collectors.is_empty() {
                 return;
             }
             let tip = ledger.tips().audit.seq;
-            mayfly_api::metrics_family(
+            per_collector(
                 out,
-                "mayfly_siem_lag_records",
-                "gauge",
-                "Audit records not yet delivered to the collector",
+                &collectors,
+                (
+                    "mayfly_siem_lag_records",
+                    "Audit records not yet delivered to the collector",
+                ),
+                |c| tip.saturating_sub(c.delivered_seq),
             );
-            for c in &collectors {
-                let _ = writeln!(
+            // On a replication primary: whether records go out ahead of the standby.
+            if collectors.iter().any(|c| c.replicated_seq.is_some()) {
+                per_collector(
                     out,
-                    "mayfly_siem_lag_records{{collector=\"{}\"}} {}",
-                    c.name.replace(['\\', '"', '\n'], "_"),
-                    tip.saturating_sub(c.delivered_seq)
+                    &collectors,
+                    (
+                        "mayfly_siem_unreplicated",
+                        "1 while records go out to the collector before the standby holds them",
+                    ),
+                    |c| u64::from(c.unreplicated_from.is_some()),
                 );
             }
         }),
+    }
+}
+
+/// One gauge family (name, help) with a sample per collector.
+fn per_collector(
+    out: &mut String,
+    collectors: &[mayfly_siem::CollectorStatus],
+    (name, help): (&str, &str),
+    value: impl Fn(&mayfly_siem::CollectorStatus) -> u64,
+) {
+    use std::fmt::Write as _;
+    mayfly_api::metrics_family(out, name, "gauge", help);
+    for c in collectors {
+        let _ = writeln!(
+            out,
+            "{name}{{collector=\"{}\"}} {}",
+            c.name.replace(['\\', '"', '\n'], "_"),
+            value(c)
+        );
     }
 }
 

@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{agent_exe, verify, Agent};
+use common::{agent_exe, transfers, verify, Agent};
 use mayfly_ledger::{store, StoreOptions};
 use serde_json::{json, Value};
 
@@ -1189,40 +1189,14 @@ fn siem_export_continues_from_the_replicated_cursor_after_a_promotion() {
     let root = tempfile::tempdir().unwrap();
     let collector = Rsyslog::start(&root.path().join("rsyslog"), &[Input::Tcp], None);
     let siem = siem_section(&collector.address(Input::Tcp));
-    let (pdir, sdir) = (root.path().join("primary"), root.path().join("standby"));
     let (p, s) = (pem(root.path(), "primary"), pem(root.path(), "standby"));
     let port = free_port();
     let pconf = primary_conf(root.path(), port, 5000, &p, &s);
-    let text = std::fs::read_to_string(&pconf).unwrap();
-    std::fs::write(&pconf, format!("{siem}{text}")).unwrap();
-    let mut primary = Agent::start(&pdir, &["--config", pconf.to_str().unwrap()]);
-    let identity = export_key(&pdir);
-    let (admins, pubs) = two_admins(root.path());
-    let console = format!("[console]\nadmin_keys = {pubs:?}\nquorum = 2\n");
-    let sconf = standby_conf(
-        root.path(),
-        port,
-        &identity,
-        &format!("{console}{siem}"),
-        &s,
-        &p,
-    );
-    let follower = standby(&sconf, &sdir);
-    wait_state(&primary, "synchronous");
-    for (name, balance) in [("alice", 1000), ("bob", 0)] {
-        let (code, body) = primary.tx("open_account", json!({"name": name, "balance": balance}));
-        assert_eq!(code, 200, "{body}");
-    }
-    let transfers = |agent: &Agent, n: usize| {
-        for _ in 0..n {
-            let (code, body) = agent.tx(
-                "transfer",
-                json!({"from": "alice", "to": "bob", "amount": 1}),
-            );
-            assert_eq!(code, 200, "{body}");
-        }
-    };
-    transfers(&primary, 10);
+    let mut pair = siem_pair(root.path(), &pconf, &siem, port, &p, &s);
+    let (primary, sdir) = (&mut pair.primary, pair.sdir.clone());
+    wait_state(primary, "synchronous");
+    open_accounts(primary);
+    transfers(primary, 10);
     // The collector has the primary's records so far and the standby was sent a cursor
     // that covers them ...
     let (_, h) = primary.get("/v1/health");
@@ -1234,18 +1208,18 @@ fn siem_export_continues_from_the_replicated_cursor_after_a_promotion() {
             .unwrap_or(0)
     };
     wait_for("the cursor shipped to the standby", || {
-        shipped(&primary) >= first_part
+        shipped(primary) >= first_part
     });
     // ... then more records, some of them delivered after the last shipped cursor.
-    transfers(&primary, 10);
+    transfers(primary, 10);
     wait_for("the standby to hold every group", || {
-        let h = health(&primary);
+        let h = health(primary);
         h["lag_groups"] == 0 && h["state"] == "synchronous"
     });
     let mut victim = primary.child.take().unwrap();
     victim.kill().unwrap(); // SIGKILL
     victim.wait().unwrap();
-    assert_eq!(stop(follower), 0);
+    assert_eq!(stop(pair.follower.take().unwrap()), 0);
 
     // The copy holds the primary's cursor, never past its own audit tip.
     let (inherited, copy_tip) = {
@@ -1264,20 +1238,13 @@ fn siem_export_continues_from_the_replicated_cursor_after_a_promotion() {
         "{inherited}: not in {first_part}..={copy_tip}"
     );
 
-    promote_cosigned(root.path(), &sconf, &sdir, &identity, 1, &admins);
-    let nconf = root.path().join("promoted.toml");
-    std::fs::write(&nconf, format!("{console}{siem}")).unwrap();
-    let mut promoted = Agent::start(&sdir, &["--config", nconf.to_str().unwrap()]);
+    let mut promoted = promote_and_serve(root.path(), &pair, &siem);
     let promoted_pid = promoted.child.as_ref().unwrap().id().to_string();
     transfers(&promoted, 10);
     let status = promoted.stop(); // SIGTERM: `agent.stopped` is exported before it exits
     assert!(status.success(), "{status}");
 
-    let recs: Vec<mayfly_ledger::AuditRecord> =
-        store::open_read_only(&sdir, &StoreOptions::default())
-            .unwrap()
-            .audit_records(1, usize::MAX)
-            .unwrap();
+    let recs = audit_records(&sdir);
     let tip = recs.last().unwrap().seq;
     assert_eq!(recs.last().unwrap().event.event, "agent.stopped");
     assert!(
@@ -1775,5 +1742,293 @@ fn a_disk_full_standby_stops_applying_and_the_synchronous_primary_loses_nothing(
         "disk-full standby: {} acknowledged, refusal: {}",
         acked.len(),
         refusal.1["reason"]
+    );
+}
+
+/// One message as the collector stored it: (seq, hash, marked `unreplicated="true"`,
+/// event, PROCID).
+fn chain_element(m: &Value) -> (u64, String, bool, String, String) {
+    let chain = rsyslog::chain_element(m);
+    (
+        rsyslog::seq_of(m),
+        chain.param("hash").unwrap().to_string(),
+        rsyslog::unreplicated(m),
+        chain.param("event").unwrap().to_string(),
+        m["procid"].as_str().unwrap_or_default().to_string(),
+    )
+}
+
+/// A primary and its standby for the SIEM tests: the primary runs `serve` with `pconf`
+/// (the `siem` section put in front of it); the standby follows it with the same `siem`
+/// section and a console of two admins (for its promotion).
+struct SiemPair {
+    primary: Agent,
+    follower: Option<StandbyProc>,
+    pdir: PathBuf,
+    sdir: PathBuf,
+    identity: String,
+    admins: Vec<PathBuf>,
+    console: String,
+    sconf: PathBuf,
+}
+
+fn siem_pair(root: &Path, pconf: &Path, siem: &str, port: u16, p: &Pem, s: &Pem) -> SiemPair {
+    let (pdir, sdir) = (root.join("primary"), root.join("standby"));
+    let text = std::fs::read_to_string(pconf).unwrap();
+    std::fs::write(pconf, format!("{siem}{text}")).unwrap();
+    let primary = Agent::start(&pdir, &["--config", pconf.to_str().unwrap()]);
+    let identity = export_key(&pdir);
+    let (admins, pubs) = two_admins(root);
+    let console = format!("[console]\nadmin_keys = {pubs:?}\nquorum = 2\n");
+    let sconf = standby_conf(root, port, &identity, &format!("{console}{siem}"), s, p);
+    let follower = Some(standby(&sconf, &sdir));
+    SiemPair {
+        primary,
+        follower,
+        pdir,
+        sdir,
+        identity,
+        admins,
+        console,
+        sconf,
+    }
+}
+
+/// Promotes the pair's (stopped) standby with a co-signed command and serves it with the
+/// same `siem` section, without replication.
+fn promote_and_serve(root: &Path, pair: &SiemPair, siem: &str) -> Agent {
+    promote_cosigned(
+        root,
+        &pair.sconf,
+        &pair.sdir,
+        &pair.identity,
+        1,
+        &pair.admins,
+    );
+    let nconf = root.join("promoted.toml");
+    std::fs::write(&nconf, format!("{}{siem}", pair.console)).unwrap();
+    Agent::start(&pair.sdir, &["--config", nconf.to_str().unwrap()])
+}
+
+fn open_accounts(agent: &Agent) {
+    for (name, balance) in [("alice", 1000), ("bob", 0)] {
+        let (code, body) = agent.tx("open_account", json!({"name": name, "balance": balance}));
+        assert_eq!(code, 200, "{body}");
+    }
+}
+
+/// Every audit record of the (closed) ledger in `dir`.
+fn audit_records(dir: &Path) -> Vec<mayfly_ledger::AuditRecord> {
+    store::open_read_only(dir, &StoreOptions::default())
+        .unwrap()
+        .audit_records(1, usize::MAX)
+        .unwrap()
+}
+
+/// The first collector of `agent`'s `siem` health section.
+fn siem_health(agent: &Agent) -> Value {
+    let (code, body) = agent.get("/v1/health");
+    assert_eq!(code, 200, "{body}");
+    body["siem"][0].clone()
+}
+
+/// SIEM without reused sequence numbers (issue 18, item 5): an **asynchronous** primary
+/// with a TCP collector (a private rsyslog) and `unreplicated_hold_ms = 4000`; its standby
+/// follows, then is stopped, and the primary goes on committing. Its exporter sends nothing
+/// past what the standby holds until the records have waited the hold; then it records
+/// `siem.export_unreplicated` and sends them marked `unreplicated="true"`. The primary is
+/// SIGKILLed, the standby promoted and serving, and it writes *other* records under the
+/// sequences the primary had sent ahead. At the collector: every sequence that arrived
+/// with two different hashes arrived marked the first time, every unmarked message is the
+/// final ledger's record (same `seq`, same `hash`), every record of the final ledger is
+/// there unmarked, and the primary's `siem.export_unreplicated` is there too.
+#[test]
+fn siem_never_sends_unmarked_records_the_promoted_standby_does_not_hold() {
+    let root = tempfile::tempdir().unwrap();
+    let collector =
+        rsyslog::Rsyslog::start(&root.path().join("rsyslog"), &[rsyslog::Input::Tcp], None);
+    let siem = siem_section(&collector.address(rsyslog::Input::Tcp))
+        .replace("[siem]\n", "[siem]\nunreplicated_hold_ms = 4000\n");
+    let (p, s) = (pem(root.path(), "primary"), pem(root.path(), "standby"));
+    let port = free_port();
+    let pconf = root.path().join("primary.toml");
+    replication_conf(
+        &pconf,
+        "primary",
+        &format!("listen = \"127.0.0.1:{port}\"\nmode = \"async\"\n"),
+        &p,
+        &s,
+    );
+    let mut pair = siem_pair(root.path(), &pconf, &siem, port, &p, &s);
+    let (primary, pdir, sdir) = (&mut pair.primary, pair.pdir.clone(), pair.sdir.clone());
+    wait_for("the standby to connect", || {
+        !health(primary)["standby"].is_null()
+    });
+    open_accounts(primary);
+    transfers(primary, 5);
+    // With the standby following, what it holds goes out (the hold is not waited for).
+    wait_for("the standby and the collector to catch up", || {
+        let (r, c) = (health(primary), siem_health(primary));
+        r["lag_groups"] == 0
+            && c["delivered_seq"] == c["replicated_seq"]
+            && c["unreplicated_from"].is_null()
+    });
+    let (_, metrics) = common::raw_request(primary.addr, "GET", "/metrics", b"");
+    let metrics = String::from_utf8(metrics).unwrap();
+    assert!(
+        metrics.contains("mayfly_siem_unreplicated{collector=\"tcp\"} 0")
+            && metrics.contains("# TYPE mayfly_siem_unreplicated gauge")
+            && metrics.contains("mayfly_siem_lag_records{collector=\"tcp\"} "),
+        "{metrics}"
+    );
+    let first_part = siem_health(primary)["replicated_seq"].as_u64().unwrap();
+    assert_eq!(stop(pair.follower.take().unwrap()), 0);
+    wait_for("the primary to see the standby gone", || {
+        health(primary)["standby"].is_null()
+    });
+
+    // The standby is away: the primary commits on, and exports nothing past what the
+    // standby holds while the records are younger than the hold.
+    // (What health says is checked after what the collector got, the behaviour a SOC
+    // relies on.)
+    let appended = Instant::now();
+    transfers(primary, 3);
+    let early = (appended.elapsed(), siem_health(primary));
+    // After the hold: exported anyway, marked, announced.
+    let delivered_all = |primary: &Agent| {
+        wait_for("the collector to have the primary's tip", || {
+            let c = siem_health(primary);
+            c["delivered_seq"] == c["head_seq"]
+        })
+    };
+    delivered_all(primary);
+    let ahead = (appended.elapsed(), siem_health(primary));
+    let (_, metrics) = common::raw_request(primary.addr, "GET", "/metrics", b"");
+    let metrics = String::from_utf8(metrics).unwrap();
+    transfers(primary, 3);
+    delivered_all(primary);
+    let mut victim = primary.child.take().unwrap();
+    victim.kill().unwrap(); // SIGKILL
+    victim.wait().unwrap();
+
+    // What the copy holds, and the primary's announcement in its own chain.
+    let copy_tip = audit_records(&sdir).last().unwrap().seq;
+    let p_audit = common::audit(&pdir);
+    // (The last one: the primary's start may have had its own, ended when the standby
+    // connected.)
+    let notice = p_audit
+        .iter()
+        .rfind(|(e, _)| e == "siem.export_unreplicated")
+        .cloned();
+
+    let mut promoted = promote_and_serve(root.path(), &pair, &siem);
+    transfers(&promoted, 8);
+    let status = promoted.stop();
+    assert!(status.success(), "{status}");
+
+    let recs = audit_records(&sdir);
+    let tip = recs.last().unwrap().seq;
+    let final_hash: std::collections::BTreeMap<u64, String> = recs
+        .iter()
+        .map(|r| {
+            (
+                r.seq,
+                mayfly_ledger::codec::hex(&mayfly_ledger::checkpoint::chain_hash(
+                    &r.prev_hash,
+                    &r.encode(),
+                )),
+            )
+        })
+        .collect();
+    assert!(
+        rsyslog::wait_until(Duration::from_secs(30), || collector
+            .received(rsyslog::Input::Tcp)
+            .iter()
+            .any(|m| chain_element(m).0 == tip)),
+        "the collector never got seq {tip}"
+    );
+    let got: Vec<_> = collector
+        .received(rsyslog::Input::Tcp)
+        .iter()
+        .map(chain_element)
+        .collect();
+    // Every unmarked message is the final ledger's record.
+    for (seq, hash, marked, event, procid) in &got {
+        if !marked {
+            assert_eq!(
+                Some(hash),
+                final_hash.get(seq),
+                "seq {seq} ({event}, pid {procid}) arrived unmarked with a hash the promoted ledger does not have"
+            );
+        }
+    }
+    // A sequence with two different records: the one that is not the final ledger's came
+    // marked. And the run did produce such sequences (the promoted node reused them).
+    let mut reused = 0;
+    let mut by_seq: std::collections::BTreeMap<u64, std::collections::BTreeSet<&str>> =
+        std::collections::BTreeMap::new();
+    for (seq, hash, ..) in &got {
+        by_seq.entry(*seq).or_default().insert(hash);
+    }
+    for (seq, hashes) in &by_seq {
+        if hashes.len() > 1 {
+            reused += 1;
+            for (s, hash, marked, event, _) in got.iter().filter(|g| g.0 == *seq) {
+                assert!(
+                    *marked || final_hash.get(s) == Some(hash),
+                    "seq {s} ({event}) arrived twice with different records, unmarked"
+                );
+            }
+        }
+    }
+    assert!(
+        reused > 0,
+        "no sequence was reused: the test did not export ahead of the standby"
+    );
+    // Nothing missing: every record of the final ledger arrived (marked if it went out
+    // before the standby held it: the records of the primary's start do when the standby
+    // connects later than the hold).
+    for (seq, hash) in &final_hash {
+        assert!(
+            got.iter().any(|g| g.0 == *seq && &g.1 == hash),
+            "seq {seq} of the final ledger never arrived"
+        );
+    }
+    // The collector got the primary's announcement (itself sent ahead, marked).
+    assert!(
+        got.iter().any(|g| g.3 == "siem.export_unreplicated" && g.2),
+        "the collector never got siem.export_unreplicated"
+    );
+    // While younger than the hold, nothing past the standby's tip went out; the episode
+    // began only after it.
+    let (at, c) = early;
+    if at < Duration::from_millis(3000) {
+        assert!(
+            c["head_seq"].as_u64() > c["replicated_seq"].as_u64()
+                && c["sent_seq"].as_u64() <= c["replicated_seq"].as_u64()
+                && c["unreplicated_from"].is_null(),
+            "records past the standby's tip went out before the hold: {c}"
+        );
+    }
+    let notice = notice.expect("siem.export_unreplicated in the primary's chain");
+    let from: u64 = notice.1["from"].parse().unwrap();
+    assert!(
+        from > first_part && from <= copy_tip + 1,
+        "{notice:?}: the copy holds {copy_tip}, the standby was stopped after {first_part}"
+    );
+    assert_eq!(notice.1["collector"], "tcp");
+    let (at, c) = ahead;
+    assert!(
+        at >= Duration::from_millis(4000),
+        "sent ahead after {at:?}: {c}"
+    );
+    assert_eq!(c["unreplicated_from"].as_u64(), Some(from), "{c}");
+    assert!(
+        metrics.contains("mayfly_siem_unreplicated{collector=\"tcp\"} 1"),
+        "{metrics}"
+    );
+    let marked = got.iter().filter(|g| g.2).count();
+    eprintln!(
+        "siem without reuse: final tip {tip}, copy tip {copy_tip}, sent ahead from {from}, {marked} marked messages, {reused} sequences reused by the promoted node"
     );
 }

@@ -13,7 +13,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Duration;
 
-use common::Agent;
+use common::{transfers, Agent};
 use mayfly_ledger::checkpoint::chain_hash;
 use mayfly_ledger::codec::hex;
 use mayfly_ledger::AuditRecord;
@@ -56,16 +56,6 @@ facility = "local5"
     let path = dir.join("agent.toml");
     std::fs::write(&path, text).unwrap();
     path
-}
-
-fn transfers(agent: &Agent, n: usize) {
-    for _ in 0..n {
-        let (code, body) = agent.tx(
-            "transfer",
-            json!({"from": "alice", "to": "bob", "amount": 1}),
-        );
-        assert_eq!(code, 200, "{body}");
-    }
 }
 
 /// Waits until `GET /v1/health` shows every collector caught up with the audit tip.

@@ -327,6 +327,12 @@ impl StatusHandle {
     pub fn status(&self) -> Status {
         status_of(&self.0)
     }
+
+    /// The last group the standby acknowledged as durable (0 until a standby has said
+    /// what it holds since this start): cheap enough to poll (the SIEM exporters' ceiling).
+    pub fn acked_group(&self) -> u64 {
+        self.0.lock().acked
+    }
 }
 
 fn status_of(shared: &Shared) -> Status {

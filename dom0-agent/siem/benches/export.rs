@@ -12,6 +12,9 @@
 //!   record (delivery confirmation follows `confirm_ms` later and is not counted).
 //! * `raw-tls`, `export-tls` — the same over TLS (rustls, ring provider, to rsyslog's gtls
 //!   driver); `raw-tls` writes the pre-encoded batches through the crate's own connection.
+//! * `export-tcp-ceiling` — `export-tcp` on a replication primary whose standby holds the
+//!   whole chain ([`Exporter::start_replicated`]; the ceiling read under a mutex, as the
+//!   agent's is): what the ceiling costs when nothing waits.
 //!
 //! rsyslog parses every message (RFC 5424 parser) and then discards it, so the collector
 //! side costs the same in every configuration.
@@ -43,7 +46,7 @@ use std::time::{Duration, Instant};
 use mayfly_ledger::{AuditEvent, Ledger, Options, Severity, TxContext, TxId};
 use mayfly_siem::rfc5424::{self, Envelope};
 use mayfly_siem::transport::{octet_count, Connection};
-use mayfly_siem::{CollectorConfig, Exporter, SiemConfig, TransportKind};
+use mayfly_siem::{CollectorConfig, Exporter, ReplicatedTip, SiemConfig, TransportKind};
 use slog::{o, Discard, Logger};
 use support::{Input, Pki, Rsyslog};
 
@@ -140,11 +143,30 @@ fn siem_config(collectors: Vec<CollectorConfig>) -> SiemConfig {
     }
 }
 
-/// Time for a fresh collector (cursor 0) to write the whole chain.
-fn export(ledger: &Ledger, collector: CollectorConfig) -> Duration {
+/// A standby that holds the whole chain.
+struct CaughtUp(std::sync::Mutex<u64>);
+
+impl ReplicatedTip for CaughtUp {
+    fn replicated_audit_seq(&self) -> u64 {
+        *self.0.lock().unwrap()
+    }
+    fn describe(&self) -> String {
+        "caught up".into()
+    }
+}
+
+/// Time for a fresh collector (cursor 0) to write the whole chain; with `ceiling`, as on a
+/// replication primary whose standby holds all of it.
+fn export(ledger: &Ledger, collector: CollectorConfig, ceiling: bool) -> Duration {
     let tip = ledger.tips().audit.seq;
+    let config = siem_config(vec![collector]);
     let t = Instant::now();
-    let exporter = Exporter::start(ledger, &siem_config(vec![collector]), &log()).unwrap();
+    let exporter = if ceiling {
+        let standby = std::sync::Arc::new(CaughtUp(std::sync::Mutex::new(tip)));
+        Exporter::start_replicated(ledger, &config, standby, &log()).unwrap()
+    } else {
+        Exporter::start(ledger, &config, &log()).unwrap()
+    };
     let deadline = t + Duration::from_secs(600);
     let took = loop {
         if exporter.status()[0].sent_seq >= tip {
@@ -273,7 +295,14 @@ fn main() {
         support::RSYSLOGD
     );
 
-    let names = ["encode", "raw-tcp", "export-tcp", "raw-tls", "export-tls"];
+    let names = [
+        "encode",
+        "raw-tcp",
+        "export-tcp",
+        "raw-tls",
+        "export-tls",
+        "export-tcp-ceiling",
+    ];
     let mut rates: Vec<Vec<f64>> = vec![Vec::new(); names.len()];
     for rep in 0..reps {
         let rate = |d: Duration| tip as f64 / d.as_secs_f64();
@@ -283,11 +312,14 @@ fn main() {
         rates[1].push(rate(raw_tcp(&rsyslog.address(Input::Tcp), &messages)));
         let mut c = tcp.clone();
         c.name = format!("bench-tcp-{rep}");
-        rates[2].push(rate(export(&ledger, c)));
+        rates[2].push(rate(export(&ledger, c, false)));
         rates[3].push(rate(raw_tls(&tls, &messages)));
         let mut c = tls.clone();
         c.name = format!("bench-tls-{rep}");
-        rates[4].push(rate(export(&ledger, c)));
+        rates[4].push(rate(export(&ledger, c, false)));
+        let mut c = tcp.clone();
+        c.name = format!("bench-tcp-ceiling-{rep}");
+        rates[5].push(rate(export(&ledger, c, true)));
         println!(
             "  rep {rep}: {}",
             names
@@ -305,6 +337,7 @@ fn main() {
         let vs = match i {
             2 => format!("{:.2}× raw-tcp time", med[1] / med[2]),
             4 => format!("{:.2}× raw-tls time", med[3] / med[4]),
+            5 => format!("{:.2}× export-tcp time", med[2] / med[5]),
             _ => "".into(),
         };
         println!("| {n} | {:.0} | {vs} |", med[i]);

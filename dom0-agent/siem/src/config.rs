@@ -11,6 +11,8 @@
 //! backoff_min_ms = 100         # first wait after a failure; doubles up to backoff_max_ms
 //! backoff_max_ms = 30000
 //! cursor_flush_ms = 1000       # longest time between two durable cursor writes
+//! unreplicated_hold_ms = 30000 # with a [replication] primary: longest a record waits for
+//!                              # the standby before it is exported anyway (audited)
 //!                              # (every *_ms setting: 1..=3600000)
 //!
 //! [[siem.collector]]
@@ -176,6 +178,10 @@ pub struct SiemConfig {
     /// Longest time between durable cursor writes, ms.
     #[serde(default = "default_cursor_flush_ms")]
     pub cursor_flush_ms: u64,
+    /// On a replication primary: longest an audit record waits for the standby to hold it
+    /// before it is exported anyway, as `unreplicated="true"` (docs/siem.md), ms.
+    #[serde(default = "default_unreplicated_hold_ms")]
+    pub unreplicated_hold_ms: u64,
     /// The collectors.
     #[serde(default, rename = "collector")]
     pub collectors: Vec<CollectorConfig>,
@@ -196,6 +202,9 @@ fn default_backoff_max_ms() -> u64 {
 fn default_cursor_flush_ms() -> u64 {
     1000
 }
+fn default_unreplicated_hold_ms() -> u64 {
+    30_000
+}
 
 impl Default for SiemConfig {
     fn default() -> Self {
@@ -207,6 +216,7 @@ impl Default for SiemConfig {
             backoff_min_ms: default_backoff_min_ms(),
             backoff_max_ms: default_backoff_max_ms(),
             cursor_flush_ms: default_cursor_flush_ms(),
+            unreplicated_hold_ms: default_unreplicated_hold_ms(),
             collectors: Vec::new(),
         }
     }
@@ -250,10 +260,11 @@ impl SiemConfig {
             || !in_range(self.backoff_min_ms)
             || !in_range(self.cursor_flush_ms)
             || !in_range(self.backoff_max_ms)
+            || !in_range(self.unreplicated_hold_ms)
             || self.backoff_max_ms < self.backoff_min_ms
         {
             return Err(ConfigError::Timing(
-                "confirm_ms, backoff_min_ms, backoff_max_ms and cursor_flush_ms must be 1..=3600000 (one hour), and backoff_max_ms at least backoff_min_ms",
+                "confirm_ms, backoff_min_ms, backoff_max_ms, cursor_flush_ms and unreplicated_hold_ms must be 1..=3600000 (one hour), and backoff_max_ms at least backoff_min_ms",
             ));
         }
         for (field, value, max) in [
@@ -283,6 +294,11 @@ impl SiemConfig {
     /// The confirmation delay.
     pub fn confirm(&self) -> Duration {
         Duration::from_millis(self.confirm_ms)
+    }
+
+    /// How long a record waits for the standby before it is exported anyway.
+    pub fn unreplicated_hold(&self) -> Duration {
+        Duration::from_millis(self.unreplicated_hold_ms)
     }
 }
 
@@ -475,6 +491,7 @@ mod tests {
             |s: &mut SiemConfig, v| s.backoff_min_ms = v,
             |s: &mut SiemConfig, v| s.backoff_max_ms = v,
             |s: &mut SiemConfig, v| s.cursor_flush_ms = v,
+            |s: &mut SiemConfig, v| s.unreplicated_hold_ms = v,
         ] {
             for v in [0, MAX_TIMING_MS + 1, u64::MAX] {
                 let mut s = cfg(ok.clone());

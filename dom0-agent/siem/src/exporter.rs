@@ -24,6 +24,10 @@
 //! (the ledger's tips tell it how far to read; LMDB readers do not block the writer) and
 //! writes its cursor in a tiny transaction of its own, at most once per `cursor_flush_ms`.
 //! What it does take is CPU, a few microseconds per record and collector (BENCHMARKS.md).
+//!
+//! On a replication primary ([`Exporter::start_replicated`]) each collector also has a
+//! ceiling, the audit sequence the standby holds: [`crate::hold`] says what waits for it
+//! and for how long.
 
 use std::collections::VecDeque;
 use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender};
@@ -31,12 +35,13 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime};
 
-use mayfly_ledger::{CursorError, Ledger};
+use mayfly_ledger::{AuditEvent, CursorError, Ledger, Severity};
 use rustls::ClientConfig;
 use serde::Serialize;
 use slog::{debug, info, o, warn, Logger};
 
 use crate::config::{CollectorConfig, ConfigError, SiemConfig, Start, TransportKind};
+use crate::hold::{standby_field, Episode, Hold, ReplicatedTip};
 use crate::rfc5424::{self, Envelope, MAX_APP_NAME, MAX_HOSTNAME, MAX_PROCID};
 use crate::tls::{self, TlsConfigError};
 use crate::transport::{Connection, TransportError};
@@ -49,6 +54,8 @@ pub const POLL: Duration = Duration::from_millis(50);
 const MAX_PENDING: usize = 4096;
 /// How long [`Exporter::stop`] lets each collector catch up before giving up.
 pub const STOP_DRAIN: Duration = Duration::from_secs(3);
+/// After a failure to record the start of an episode (crate::hold), the next attempt.
+const EPISODE_RETRY: Duration = Duration::from_secs(1);
 
 /// Why the exporter could not start.
 #[derive(Debug, thiserror::Error)]
@@ -106,6 +113,12 @@ pub struct CollectorStatus {
     pub last_error_unix_ms: Option<u64>,
     /// Failures since the last delivery.
     pub consecutive_failures: u32,
+    /// On a replication primary: the last audit sequence the standby holds, the ceiling
+    /// of what is sent without waiting (`None`: no replication).
+    pub replicated_seq: Option<u64>,
+    /// On a replication primary: set while records are exported ahead of the standby
+    /// (marked `unreplicated="true"`), the first of them.
+    pub unreplicated_from: Option<u64>,
 }
 
 fn unix_ms(t: SystemTime) -> u64 {
@@ -178,6 +191,27 @@ impl Exporter {
     /// Validates `config`, loads TLS material, reads (or initialises) every cursor and
     /// starts one thread per collector.
     pub fn start(ledger: &Ledger, config: &SiemConfig, log: &Logger) -> Result<Self, StartError> {
+        Self::start_with(ledger, config, None, log)
+    }
+
+    /// [`Exporter::start`] on a replication primary: no collector gets a record past
+    /// `replicated` (what the standby holds) until it has waited `unreplicated_hold_ms`
+    /// (crate::hold, docs/siem.md "Replication").
+    pub fn start_replicated(
+        ledger: &Ledger,
+        config: &SiemConfig,
+        replicated: Arc<dyn ReplicatedTip>,
+        log: &Logger,
+    ) -> Result<Self, StartError> {
+        Self::start_with(ledger, config, Some(replicated), log)
+    }
+
+    fn start_with(
+        ledger: &Ledger,
+        config: &SiemConfig,
+        replicated: Option<Arc<dyn ReplicatedTip>>,
+        log: &Logger,
+    ) -> Result<Self, StartError> {
         config.validate()?;
         let log = log.new(o!("component" => "siem"));
         let hostname = rfc5424::header_field(
@@ -249,6 +283,8 @@ impl Exporter {
                 last_error: None,
                 last_error_unix_ms: None,
                 consecutive_failures: 0,
+                replicated_seq: replicated.as_ref().map(|r| r.replicated_audit_seq()),
+                unreplicated_from: None,
             }));
             entries.push(status.clone());
             let (stop_tx, stop_rx) = std::sync::mpsc::sync_channel(1);
@@ -266,6 +302,9 @@ impl Exporter {
                 delivered: cursor,
                 sent: cursor,
                 persisted: cursor,
+                hold: replicated
+                    .clone()
+                    .map(|r| Hold::new(r, config.unreplicated_hold())),
             };
             let thread = std::thread::Builder::new()
                 .name(format!("siem-{name}"))
@@ -282,7 +321,8 @@ impl Exporter {
         }
         exporter.handle.entries = Arc::new(entries);
         info!(log, "siem exporter started"; "collectors" => exporter.workers.len(),
-              "hostname" => hostname, "pen" => config.pen);
+              "hostname" => hostname, "pen" => config.pen,
+              "held_for_standby" => replicated.is_some());
         Ok(exporter)
     }
 
@@ -347,6 +387,15 @@ struct Run {
     delivered: u64,
     sent: u64,
     persisted: u64,
+    /// On a replication primary: what waits for the standby.
+    hold: Option<Hold>,
+}
+
+/// What may be sent now: up to `limit`, records after `replicated` marked.
+#[derive(Clone, Copy)]
+struct Allowed {
+    limit: u64,
+    replicated: u64,
 }
 
 enum Wake {
@@ -485,9 +534,9 @@ impl Run {
                 last_persist = now;
             }
 
-            let tip = self.ledger.tips().audit.seq;
-            if self.sent < tip && pending.len() < MAX_PENDING {
-                match self.send_batch(c, &mut frames) {
+            let allowed = self.allowed(now);
+            if self.sent < allowed.limit && pending.len() < MAX_PENDING {
+                match self.send_batch(c, &mut frames, allowed) {
                     Ok(last) => {
                         self.sent = last;
                         pending.push_back((last, Instant::now()));
@@ -533,6 +582,116 @@ impl Run {
         info!(self.log, "stopped"; "delivered" => d, "persisted" => p);
     }
 
+    /// How far the next batch may go: the chain's tip, or on a replication primary what
+    /// the standby holds, unless the oldest record waiting for it has waited the hold
+    /// (then an episode begins, crate::hold).
+    fn allowed(&mut self, now: Instant) -> Allowed {
+        let tip = self.ledger.tips().audit.seq;
+        let sent = self.sent;
+        let Some(h) = self.hold.as_mut() else {
+            return Allowed {
+                limit: tip,
+                replicated: u64::MAX,
+            };
+        };
+        let replicated = h.tip.replicated_audit_seq();
+        h.observe(tip, sent, now);
+        let mut ended = None;
+        if let Some(ep) = h.episode {
+            if replicated >= ep.from {
+                h.episode = None;
+                ended = Some(ep);
+            }
+        }
+        let mut limit = if h.episode.is_some() {
+            tip
+        } else {
+            replicated.max(sent).min(tip)
+        };
+        let begin = h.episode.is_none()
+            && limit == sent
+            && sent < tip
+            && h.waited(sent, now) >= h.hold
+            && h.retry_at.is_none_or(|t| now >= t);
+        let waited = h.waited(sent, now);
+        let hold_ms = h.hold.as_millis();
+        self.update(|s| s.replicated_seq = Some(replicated));
+        if let Some(ep) = ended {
+            self.episode_ended(ep, replicated, now);
+        }
+        if begin {
+            let from = sent.saturating_add(1);
+            let standby = self
+                .hold
+                .as_ref()
+                .map(|h| standby_field(h.tip.as_ref()))
+                .unwrap_or_default();
+            warn!(self.log, "exporting records the standby does not hold"; "from" => from,
+                  "replicated" => replicated, "waited_ms" => waited.as_millis(), "standby" => &standby);
+            let ev = AuditEvent::new("siem.export_unreplicated", Severity::Warning)
+                .field("collector", &self.collector.name)
+                .field("from", from)
+                .field("tip", tip)
+                .field("replicated_seq", replicated)
+                .field("waited_ms", waited.as_millis())
+                .field("unreplicated_hold_ms", hold_ms)
+                .field("standby", standby);
+            // Recorded (durable) before the first record goes out ahead.
+            match self.ledger.audit(vec![ev]) {
+                Ok(_) => {
+                    if let Some(h) = self.hold.as_mut() {
+                        h.episode = Some(Episode {
+                            from,
+                            to: sent,
+                            since: now,
+                        });
+                        h.retry_at = None;
+                    }
+                    self.update(|s| s.unreplicated_from = Some(from));
+                    limit = self.ledger.tips().audit.seq;
+                }
+                Err(e) => {
+                    warn!(self.log, "recording siem.export_unreplicated failed; still holding"; "error" => %e);
+                    self.record_error(format!("recording siem.export_unreplicated: {e}"));
+                    if let Some(h) = self.hold.as_mut() {
+                        h.retry_at = Some(now + EPISODE_RETRY);
+                    }
+                }
+            }
+        }
+        Allowed { limit, replicated }
+    }
+
+    /// The standby holds the first record sent ahead of it: records wait for it again.
+    fn episode_ended(&mut self, ep: Episode, replicated: u64, now: Instant) {
+        let ahead = if ep.to >= ep.from {
+            format!("{}..={}", ep.from, ep.to)
+        } else {
+            "none".to_string()
+        };
+        info!(self.log, "the standby is back: it holds the first record exported ahead of it"; "sent_ahead" => &ahead,
+              "replicated" => replicated);
+        let standby = self
+            .hold
+            .as_ref()
+            .map(|h| standby_field(h.tip.as_ref()))
+            .unwrap_or_default();
+        let ev = AuditEvent::new("siem.unreplicated_ended", Severity::Notice)
+            .field("collector", &self.collector.name)
+            .field("sent_ahead", ahead)
+            .field("replicated_seq", replicated)
+            .field(
+                "duration_ms",
+                now.saturating_duration_since(ep.since).as_millis(),
+            )
+            .field("standby", standby);
+        if let Err(e) = self.ledger.audit(vec![ev]) {
+            warn!(self.log, "recording siem.unreplicated_ended failed"; "error" => %e);
+            self.record_error(format!("recording siem.unreplicated_ended: {e}"));
+        }
+        self.update(|s| s.unreplicated_from = None);
+    }
+
     fn stop_target(&self) -> Option<(u64, Instant)> {
         Some((self.ledger.tips().audit.seq, Instant::now() + STOP_DRAIN))
     }
@@ -559,13 +718,22 @@ impl Run {
         *backoff = (*backoff * 2).min(self.timing.backoff_max);
     }
 
-    /// Reads and sends the records after `sent`; returns the last sequence sent.
-    fn send_batch(&self, c: &mut Connection, frames: &mut Vec<u8>) -> Result<u64, Failure> {
+    /// Reads and sends the records after `sent` up to `allowed.limit`, marking those past
+    /// `allowed.replicated`; returns the last sequence sent.
+    fn send_batch(
+        &mut self,
+        c: &mut Connection,
+        frames: &mut Vec<u8>,
+        allowed: Allowed,
+    ) -> Result<u64, Failure> {
         let from = self.sent.saturating_add(1);
+        let count = usize::try_from(allowed.limit.saturating_sub(self.sent))
+            .unwrap_or(BATCH)
+            .min(BATCH);
         let records = self
             .ledger
             .store()
-            .audit_records_with_hash(from, BATCH)
+            .audit_records_with_hash(from, count)
             .map_err(|e| Failure::Read(e.to_string()))?;
         let Some(last) = records.last().map(|(r, _)| r.seq) else {
             return Err(Failure::Read(format!("audit record {from} is missing")));
@@ -581,9 +749,19 @@ impl Run {
                 )));
             }
             expected = expected.saturating_add(1);
-            messages.push(rfc5424::encode(r, hash, &self.envelope));
+            messages.push(rfc5424::encode_marked(
+                r,
+                hash,
+                &self.envelope,
+                r.seq > allowed.replicated,
+            ));
         }
         c.send(&messages, frames).map_err(Failure::Transport)?;
+        if last > allowed.replicated {
+            if let Some(ep) = self.hold.as_mut().and_then(|h| h.episode.as_mut()) {
+                ep.to = ep.to.max(last);
+            }
+        }
         debug!(self.log, "sent"; "from" => from, "to" => last);
         Ok(last)
     }

@@ -7,6 +7,7 @@
 //! * [`tls`] builds the rustls client configuration (CA verification, client certificate);
 //! * [`exporter`] runs one thread per collector from a cursor kept in the ledger's
 //!   `cursors` database, and reports [`CollectorStatus`];
+//! * [`hold`] keeps records back until a standby holds them, on a replication primary;
 //! * [`config`] is the `[siem]` section of the agent's configuration.
 //!
 //! Operator documentation: `docs/siem.md`.
@@ -16,9 +17,11 @@
 
 pub mod config;
 pub mod exporter;
+pub mod hold;
 pub mod rfc5424;
 pub mod tls;
 pub mod transport;
 
 pub use config::{CollectorConfig, ConfigError, SiemConfig, Start, TransportKind};
 pub use exporter::{CollectorStatus, Exporter, StartError, StatusHandle};
+pub use hold::ReplicatedTip;

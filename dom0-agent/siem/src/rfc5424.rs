@@ -12,7 +12,9 @@
 //! MSGID      1..=32 PRINTUSASCII                            the event name (cut to 32 bytes)
 //! SD         [mayfly@PEN ...]                               the chain: event name, audit seq,
 //!                                                           hex SHA-256 chain hash of the record,
-//!                                                           truncated="true" if values were cut
+//!                                                           truncated="true" if values were cut,
+//!                                                           unreplicated="true" if the record was
+//!                                                           sent before a standby held it
 //!            [mayfly.fields@PEN ...]                        the record's fields, in name order,
 //!                                                           names verbatim (they are SD-NAMEs);
 //!                                                           left out when there are none
@@ -169,6 +171,22 @@ fn civil_from_days(days: u64) -> (u64, u64, u64) {
 
 /// Encodes `record` (whose chain hash is `hash`) as one message.
 pub fn encode(record: &AuditRecord, hash: &Hash, env: &Envelope) -> String {
+    encode_marked(record, hash, env, false)
+}
+
+/// [`encode`], with `unreplicated="true"` in the chain element when `unreplicated`: the
+/// record was exported before the standby held it, so a promoted standby may hold another
+/// record under the same `seq` (docs/siem.md "Replication").
+pub fn encode_marked(
+    record: &AuditRecord,
+    hash: &Hash,
+    env: &Envelope,
+    unreplicated: bool,
+) -> String {
+    let marks = Marks {
+        truncated: false,
+        unreplicated,
+    };
     let borrowed: Vec<(&str, &str)> = record
         .event
         .fields
@@ -176,7 +194,7 @@ pub fn encode(record: &AuditRecord, hash: &Hash, env: &Envelope) -> String {
         .filter(|(name, _)| valid_sd_name(name))
         .map(|(name, value)| (name.as_str(), value.as_str()))
         .collect();
-    let full = render(record, hash, env, &borrowed, false);
+    let full = render(record, hash, env, &borrowed, marks);
     if full.len() <= env.max_bytes {
         return full;
     }
@@ -186,7 +204,11 @@ pub fn encode(record: &AuditRecord, hash: &Hash, env: &Envelope) -> String {
         .iter()
         .map(|&(name, value)| (name, value.to_owned()))
         .collect();
-    let mut msg = render(record, hash, env, &view(&fields), true);
+    let marks = Marks {
+        truncated: true,
+        ..marks
+    };
+    let mut msg = render(record, hash, env, &view(&fields), marks);
     for _ in 0..fields.len().saturating_mul(2).saturating_add(1) {
         let excess = msg.len().saturating_sub(env.max_bytes);
         if excess == 0 {
@@ -211,9 +233,16 @@ pub fn encode(record: &AuditRecord, hash: &Hash, env: &Envelope) -> String {
             cut = i.saturating_add(c.len_utf8());
         }
         value.truncate(cut);
-        msg = render(record, hash, env, &view(&fields), true);
+        msg = render(record, hash, env, &view(&fields), marks);
     }
     msg
+}
+
+/// The optional parameters of the chain element.
+#[derive(Clone, Copy)]
+struct Marks {
+    truncated: bool,
+    unreplicated: bool,
 }
 
 fn render(
@@ -221,7 +250,7 @@ fn render(
     hash: &Hash,
     env: &Envelope,
     fields: &[(&str, &str)],
-    truncated: bool,
+    marks: Marks,
 ) -> String {
     let pri = u16::from(env.facility.min(23))
         .saturating_mul(8)
@@ -240,8 +269,11 @@ fn render(
     );
     escape_param_value(&mut s, event);
     let _ = write!(s, "\" seq=\"{}\" hash=\"{}\"", record.seq, hex(hash));
-    if truncated {
+    if marks.truncated {
         s.push_str(" truncated=\"true\"");
+    }
+    if marks.unreplicated {
+        s.push_str(" unreplicated=\"true\"");
     }
     s.push(']');
     if !fields.is_empty() {
@@ -501,22 +533,65 @@ mod tests {
         }
     }
 
+    /// The message of [`vector_record`] with chain hash 32 bytes of `0xab` (docs/siem.md).
+    const VECTOR: &str = concat!(
+        "<129>1 2026-11-28T00:00:00.123456Z mayfly-1 mayfly 4242 policy.decision ",
+        "[mayfly@32473 event=\"policy.decision\" seq=\"42\" ",
+        "hash=\"abababababababababababababababababababababababababababababababab\"]",
+        "[mayfly.fields@32473 action=\"abort\" handler=\"transfer\" ",
+        "rule=\"honeytoken \\\"vault\\\" [k\\]\\\\x\" ",
+        "tx_id=\"0123456789abcdef0123456789abcdef\"] policy.decision seq=42"
+    );
+
     #[test]
     fn documented_vector() {
         let msg = encode(&vector_record(), &[0xab; 32], &env());
-        let expected = concat!(
-            "<129>1 2026-11-28T00:00:00.123456Z mayfly-1 mayfly 4242 policy.decision ",
-            "[mayfly@32473 event=\"policy.decision\" seq=\"42\" ",
-            "hash=\"abababababababababababababababababababababababababababababababab\"]",
-            "[mayfly.fields@32473 action=\"abort\" handler=\"transfer\" ",
-            "rule=\"honeytoken \\\"vault\\\" [k\\]\\\\x\" ",
-            "tx_id=\"0123456789abcdef0123456789abcdef\"] policy.decision seq=42"
-        );
+        let expected = VECTOR;
         assert_eq!(msg, expected);
         let doc = include_str!("../../../docs/siem.md");
         assert!(
             doc.contains(expected),
             "docs/siem.md must show the vector verbatim"
+        );
+    }
+
+    /// The same record sent ahead of the standby (docs/siem.md "Replication"): only the
+    /// chain element differs, by one parameter after `hash` (and after `truncated`).
+    #[test]
+    fn unreplicated_records_are_marked() {
+        let msg = encode_marked(&vector_record(), &[0xab; 32], &env(), true);
+        let expected = VECTOR.replacen(
+            "ab\"][mayfly.fields",
+            "ab\" unreplicated=\"true\"][mayfly.fields",
+            1,
+        );
+        assert_ne!(expected, VECTOR);
+        assert_eq!(msg, expected);
+        let doc = include_str!("../../../docs/siem.md");
+        assert!(
+            doc.contains(&expected),
+            "docs/siem.md must show the marked vector verbatim"
+        );
+        let chain = |m: &str| parse(m).unwrap().element("mayfly@32473").unwrap().clone();
+        assert_eq!(chain(&msg).param("unreplicated"), Some("true"));
+        assert_eq!(
+            chain(&encode(&vector_record(), &[0xab; 32], &env())).param("unreplicated"),
+            None
+        );
+        // Cut to fit and marked: both parameters, in that order.
+        let small = Envelope {
+            max_bytes: MIN_MESSAGE_BYTES,
+            ..env()
+        };
+        let mut long = vector_record();
+        for k in 0..4 {
+            long.event = long.event.field(format!("r{k}"), "y".repeat(1000));
+        }
+        let cut = encode_marked(&long, &[0xab; 32], &small, true);
+        assert!(cut.len() <= MIN_MESSAGE_BYTES, "{}", cut.len());
+        assert!(
+            cut.contains("\" truncated=\"true\" unreplicated=\"true\"]"),
+            "{cut}"
         );
     }
 

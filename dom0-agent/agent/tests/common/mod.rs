@@ -451,3 +451,14 @@ pub fn console_identity(socket: &Path) -> String {
         .unwrap()
         .to_owned()
 }
+
+/// `n` transfers of 1 from alice to bob (accounts the test opened), each acknowledged.
+pub fn transfers(agent: &Agent, n: usize) {
+    for _ in 0..n {
+        let (code, body) = agent.tx(
+            "transfer",
+            serde_json::json!({"from": "alice", "to": "bob", "amount": 1}),
+        );
+        assert_eq!(code, 200, "{body}");
+    }
+}

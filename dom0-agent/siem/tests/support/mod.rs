@@ -396,17 +396,32 @@ impl Drop for Rsyslog {
     }
 }
 
-/// The audit sequence a received message carries (from its `mayfly@...` element).
-pub fn seq_of(msg: &serde_json::Value) -> u64 {
+/// The chain element (`mayfly@...`) of a received message.
+pub fn chain_element(msg: &serde_json::Value) -> mayfly_siem::rfc5424::SdElement {
     let sd = msg["structured-data"].as_str().expect("structured-data");
     let (elements, _) = mayfly_siem::rfc5424::parse_structured_data(sd).expect("parse SD");
     elements
-        .iter()
+        .into_iter()
         .find(|e| e.id.starts_with("mayfly@"))
-        .and_then(|e| e.param("seq"))
+        .expect("a mayfly@ element")
+}
+
+/// The audit sequence a received message carries (from its `mayfly@...` element).
+pub fn seq_of(msg: &serde_json::Value) -> u64 {
+    chain_element(msg)
+        .param("seq")
         .expect("seq param")
         .parse()
         .unwrap()
+}
+
+/// Whether a received message is marked `unreplicated="true"` (any other value fails).
+pub fn unreplicated(msg: &serde_json::Value) -> bool {
+    match chain_element(msg).param("unreplicated") {
+        None => false,
+        Some("true") => true,
+        Some(other) => panic!("unreplicated={other:?}"),
+    }
 }
 
 /// Polls `cond` every 20 ms until it holds or `limit` passes; returns whether it held.
