@@ -384,3 +384,201 @@ impl Journal {
         Ok(())
     }
 }
+
+#[cfg(test)]
+#[allow(clippy::indexing_slicing, clippy::arithmetic_side_effects)]
+mod tests {
+    use super::*;
+
+    fn group(g: u64) -> GroupRecords {
+        let key = mayfly_ledger::SigningKey::from_seed(&[1; 32]);
+        let head = mayfly_ledger::SignedHead::sign_v3(
+            &key,
+            g,
+            mayfly_ledger::Tip::default(),
+            mayfly_ledger::Tip::default(),
+            5,
+            [3; 32],
+            0,
+            None,
+        );
+        GroupRecords {
+            head: head.encode(),
+            checkpoints: vec![vec![1, 2, 3]],
+            audit: vec![vec![4], vec![5, 6]],
+        }
+    }
+
+    fn entries() -> Vec<Entry> {
+        vec![
+            Entry::Group {
+                records: group(7),
+                tentative: false,
+            },
+            Entry::Group {
+                records: group(8),
+                tentative: true,
+            },
+            Entry::Confirm(8),
+            Entry::Group {
+                records: group(9),
+                tentative: true,
+            },
+            Entry::Abandon(9),
+        ]
+    }
+
+    fn write(dir: &Path, entries: &[Entry]) -> Vec<u8> {
+        let (mut j, read, damage) = Journal::open(dir).unwrap();
+        assert!(read.is_empty() && damage.is_none());
+        for (i, e) in entries.iter().enumerate() {
+            j.append(e, i % 2 == 0).unwrap();
+        }
+        std::fs::read(dir.join(FILE_NAME)).unwrap()
+    }
+
+    #[test]
+    fn records_round_trip_and_reopen_appends_after_them() {
+        let d = tempfile::tempdir().unwrap();
+        write(d.path(), &entries());
+        let (mut j, read, damage) = Journal::open(d.path()).unwrap();
+        assert!(damage.is_none());
+        assert_eq!(
+            read.iter().map(|(_, e)| e.clone()).collect::<Vec<_>>(),
+            entries()
+        );
+        j.append(&Entry::Confirm(10), true).unwrap();
+        drop(j);
+        let (entries_after, _) = Journal::read(d.path()).unwrap();
+        assert_eq!(entries_after.len(), 6);
+        assert_eq!(entries_after[5], Entry::Confirm(10));
+        let (mut j, _, _) = Journal::open(d.path()).unwrap();
+        j.cut().unwrap();
+        assert!(j.is_empty());
+        assert_eq!(
+            std::fs::metadata(d.path().join(FILE_NAME)).unwrap().len(),
+            0
+        );
+    }
+
+    /// The journal vector of docs/formats.md §6.4 (docs/vectors/replication-journal-
+    /// confirm.hex, rebuilt independently by scripts/check-vectors.py).
+    #[test]
+    fn confirm_record_vector() {
+        let want = std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../docs/vectors/replication-journal-confirm.hex"
+        ))
+        .unwrap();
+        assert_eq!(
+            mayfly_ledger::codec::hex(&Entry::Confirm(1_234_567).encode()),
+            want.trim()
+        );
+    }
+
+    #[test]
+    fn a_torn_tail_at_every_cut_is_dropped_and_cut_off_the_file() {
+        let d = tempfile::tempdir().unwrap();
+        let whole = write(d.path(), &entries());
+        let ends: Vec<u64> = {
+            let (_, read, _) = Journal::open(d.path()).unwrap();
+            read.iter()
+                .map(|(o, _)| *o)
+                .skip(1)
+                .chain([whole.len() as u64])
+                .collect()
+        };
+        for cut in 0..whole.len() {
+            let t = tempfile::tempdir().unwrap();
+            std::fs::write(t.path().join(FILE_NAME), &whole[..cut]).unwrap();
+            let (j, read, damage) = Journal::open(t.path()).unwrap();
+            let whole_records = ends.iter().filter(|e| **e <= cut as u64).count();
+            assert_eq!(read.len(), whole_records, "cut at {cut}");
+            let kept = read.last().map_or(0, |_| ends[whole_records - 1]);
+            assert_eq!(j.len(), kept);
+            if kept == cut as u64 {
+                assert!(damage.is_none(), "cut at {cut}");
+            } else {
+                let d = damage.expect("a torn record is reported");
+                assert!(d.reason.contains("torn"), "{}", d.reason);
+                assert_eq!(d.dropped_bytes, cut as u64 - kept);
+            }
+            assert_eq!(
+                std::fs::metadata(t.path().join(FILE_NAME)).unwrap().len(),
+                kept,
+                "the torn tail is cut off the file"
+            );
+        }
+    }
+
+    #[test]
+    fn a_flipped_byte_anywhere_ends_the_journal_at_its_record() {
+        let d = tempfile::tempdir().unwrap();
+        let whole = write(d.path(), &entries());
+        let starts: Vec<u64> = {
+            let (_, read, _) = Journal::open(d.path()).unwrap();
+            read.iter().map(|(o, _)| *o).collect()
+        };
+        for i in (0..whole.len()).step_by(7) {
+            let mut bad = whole.clone();
+            bad[i] ^= 0x40;
+            let (read, damage) = {
+                let t = tempfile::tempdir().unwrap();
+                std::fs::write(t.path().join(FILE_NAME), &bad).unwrap();
+                let (_, read, damage) = Journal::open(t.path()).unwrap();
+                (read, damage)
+            };
+            let record = starts.iter().filter(|s| **s <= i as u64).count() - 1;
+            assert_eq!(read.len(), record, "flip at {i}");
+            let d = damage.expect("a damaged record is reported");
+            assert_eq!(d.offset, starts[record]);
+        }
+    }
+
+    #[test]
+    fn an_oversized_or_unknown_record_is_refused_before_its_body() {
+        for (kind, len, what) in [
+            (KIND_GROUP_RECORD, u32::MAX, "above its kind's limit"),
+            (KIND_CONFIRM_RECORD, 9, "above its kind's limit"),
+            (0x05, 8, "unknown record kind"),
+        ] {
+            let t = tempfile::tempdir().unwrap();
+            let mut h = MAGIC.to_vec();
+            h.extend_from_slice(&[VERSION, kind]);
+            h.extend_from_slice(&len.to_be_bytes());
+            std::fs::write(t.path().join(FILE_NAME), &h).unwrap();
+            let (_, read, damage) = Journal::open(t.path()).unwrap();
+            assert!(read.is_empty());
+            let d = damage.unwrap();
+            assert!(d.reason.contains(what), "{}", d.reason);
+        }
+        // A group record whose body is not a group (a valid digest over garbage).
+        let t = tempfile::tempdir().unwrap();
+        let mut rec = MAGIC.to_vec();
+        rec.extend_from_slice(&[VERSION, KIND_TENTATIVE_RECORD, 0, 0, 0, 3, 1, 2, 3]);
+        let digest = mayfly_ledger::checkpoint::sha256(&rec);
+        rec.extend_from_slice(&digest);
+        std::fs::write(t.path().join(FILE_NAME), &rec).unwrap();
+        let (_, read, damage) = Journal::open(t.path()).unwrap();
+        assert!(read.is_empty());
+        assert!(damage.unwrap().reason.contains("does not decode"));
+    }
+
+    #[test]
+    fn random_bytes_never_panic() {
+        let d = tempfile::tempdir().unwrap();
+        let whole = write(d.path(), &entries());
+        let mut rng = fastrand::Rng::with_seed(18);
+        for _ in 0..300 {
+            let mut b = whole.clone();
+            for _ in 0..rng.usize(1..4) {
+                let i = rng.usize(0..b.len());
+                b[i] = rng.u8(..);
+            }
+            b.truncate(rng.usize(0..=b.len()));
+            let t = tempfile::tempdir().unwrap();
+            std::fs::write(t.path().join(FILE_NAME), &b).unwrap();
+            let _ = Journal::open(t.path()).unwrap();
+        }
+    }
+}
