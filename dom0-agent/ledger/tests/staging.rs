@@ -35,6 +35,10 @@ fn put(ledger: &Ledger, k: &str, v: &str) -> u64 {
     t.commit(b"ok".to_vec()).unwrap().seq
 }
 
+fn idx(g: u64) -> usize {
+    usize::try_from(g).unwrap()
+}
+
 fn groups(primary: &Ledger, from: u64) -> Vec<GroupRecords> {
     let last = primary.store().last_group().unwrap();
     (from..=last)
@@ -120,7 +124,7 @@ fn a_staged_group_that_does_not_follow_the_staged_ones_is_refused() {
     put(&primary, "acct/a", "3");
     let mut standby =
         Replica::open(s.path(), &StoreOptions::default(), primary.public_key()).unwrap();
-    for g in groups(&primary, 1).iter().take(first as usize - 1) {
+    for g in groups(&primary, 1).iter().take(idx(first) - 1) {
         standby.apply(g).unwrap();
     }
     let all = groups(&primary, first);
@@ -162,7 +166,7 @@ fn a_tentative_group_replaced_at_its_number_is_dropped_and_a_confirmed_one_is_a_
     assert_eq!(other.tips().group, n);
     let mut standby =
         Replica::open(s.path(), &StoreOptions::default(), primary.public_key()).unwrap();
-    for g in groups(&primary, 1).iter().take(n as usize - 1) {
+    for g in groups(&primary, 1).iter().take(idx(n) - 1) {
         standby.apply(g).unwrap();
     }
     let lost = other.store().export_group(n).unwrap();
@@ -209,20 +213,20 @@ fn a_tentative_group_is_dropped_only_when_it_is_the_tentative_one() {
     let mut standby =
         Replica::open(s.path(), &StoreOptions::default(), primary.public_key()).unwrap();
     let all = groups(&primary, 1);
-    for g in &all[..n as usize] {
+    for g in &all[..idx(n)] {
         standby.stage(g, true).unwrap();
     }
     assert!(
         !standby.drop_tentative(n),
         "a confirmed group is not dropped"
     );
-    standby.stage(&all[n as usize], false).unwrap();
+    standby.stage(&all[idx(n)], false).unwrap();
     assert!(!standby.drop_tentative(n));
     assert!(!standby.drop_tentative(n + 2));
     assert!(standby.drop_tentative(n + 1));
     assert_eq!(standby.staged_tip().group, n);
     // A commit with the tentative one held writes only the confirmed ones.
-    standby.stage(&all[n as usize], false).unwrap();
+    standby.stage(&all[idx(n)], false).unwrap();
     assert_eq!(standby.commit_staged(false).unwrap(), n);
     assert_eq!(standby.held().group, n);
     assert_eq!(standby.tentative(), Some(n + 1));

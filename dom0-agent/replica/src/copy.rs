@@ -30,6 +30,15 @@ pub enum CopyError {
     /// The journal could not be written.
     #[error(transparent)]
     Journal(#[from] JournalError),
+    /// A group could not be journaled (disk full, I/O error): it is neither kept nor
+    /// acknowledged.
+    #[error("storing group {group}: {source}")]
+    Store {
+        /// The group.
+        group: u64,
+        /// The journal's error.
+        source: JournalError,
+    },
 }
 
 /// What receiving a group did: the group to acknowledge.
@@ -126,10 +135,10 @@ impl JournaledCopy {
                     records: records.clone(),
                     tentative,
                 };
-                if let Err(e) = self.journal.append(&entry, true) {
+                if let Err(source) = self.journal.append(&entry, true) {
                     // Not durable: neither acknowledged nor kept.
                     replica.unstage_last();
-                    return Err(e.into());
+                    return Err(CopyError::Store { group: g, source });
                 }
                 Ok(Received { ack: g })
             }

@@ -18,6 +18,14 @@
 //! a primary killed and restarted does not acknowledge anything the standby lacks while the
 //! standby reconnects), and degrade only if it does not come within `sync_timeout`.
 //!
+//! **Tentative groups** (synchronous mode, docs/failover.md "The standby's journal"): the
+//! committer hands the observer each group before its LMDB commit
+//! ([`GroupObserver::tentative`]); the shipping thread sends it at once as a
+//! [`Frame::Tentative`] when it is the next group the standby needs, a [`Frame::Confirm`]
+//! once it is durable here, or a [`Frame::Abandon`] if its commit failed
+//! ([`GroupObserver::abandoned`]). Acks are matched, in order, to the group frames sent
+//! (`State::inflight`): an ack of an abandoned group does not count.
+//!
 //! **SIEM cursors** travel too: at most every [`CURSOR_INTERVAL`] the shipping thread reads
 //! the exporters' persisted cursors (the `cursors` database) and, when they changed, sends
 //! them as a [`Frame::Cursors`], each cut down to the audit tip of the last group already

@@ -9,6 +9,12 @@
 //! no longer matches its chain) stops the standby for good: it tells the primary (stop
 //! frame), audits it as critical, and returns.
 //!
+//! Every group is made durable through the copy's journal ([`crate::copy`]): checked on
+//! top of the groups staged, appended and flushed, then acknowledged; tentative groups
+//! (sent before the primary's commit) are confirmed, replaced or abandoned by the
+//! primary's later frames, and confirmed groups are written to LMDB in batches. The hello
+//! asks from the last confirmed group.
+//!
 //! The primary's **SIEM cursors** ([`Frame::Cursors`]) are written into the copy's
 //! `cursors` database (outside both chains, as on the primary), so that the exporters of a
 //! promoted standby resume from them. A cursor past the copy's audit tip would make a
@@ -92,8 +98,9 @@ enum ConnError {
     PrimaryStopped { group: u64, reason: String },
     #[error("refused group: {0}")]
     Refused(ApplyError),
+    /// The journal could not be written (the message names the group when it was one).
     #[error("{0}")]
-    Journal(#[from] crate::journal::JournalError),
+    Journal(String),
     #[error("unexpected frame from the primary")]
     Unexpected,
     #[error("refused cursor {name} = {seq}: past the copy's audit tip {tip} (a promoted exporter would skip records)")]
@@ -201,7 +208,10 @@ pub fn follow(
             warn!(log, "writing confirmed groups to the copy failed; the journal keeps them"; "error" => %e);
         }
         let progressed = replica.staged_tip().group > before;
-        let storage_failed = matches!(result, Err(ConnError::Refused(ApplyError::Storage { .. })));
+        let storage_failed = matches!(
+            result,
+            Err(ConnError::Refused(ApplyError::Storage { .. }) | ConnError::Journal(_))
+        );
         if storage_failed {
             error!(log, "the copy cannot store the next group (is DATA_DIR full?); asking again every few seconds";
                    "group" => replica.held().group, "retry_ms" => STORAGE_RETRY.as_millis());
@@ -364,10 +374,7 @@ fn connection(
                                     reason: e.to_string(),
                                 },
                             );
-                            return Err(match e {
-                                CopyError::Apply(e) => ConnError::Refused(e),
-                                CopyError::Journal(e) => ConnError::Journal(e),
-                            });
+                            return Err(conn_error(e));
                         }
                     }
                 }
@@ -458,7 +465,8 @@ fn connection(
 fn conn_error(e: CopyError) -> ConnError {
     match e {
         CopyError::Apply(e) => ConnError::Refused(e),
-        CopyError::Journal(e) => ConnError::Journal(e),
+        CopyError::Journal(e) => ConnError::Journal(e.to_string()),
+        e @ CopyError::Store { .. } => ConnError::Journal(e.to_string()),
     }
 }
 
