@@ -523,14 +523,19 @@ pub fn write_frame(w: &mut impl Write, frame: &Frame) -> io::Result<()> {
 
 #[cfg(test)]
 #[allow(clippy::indexing_slicing, clippy::arithmetic_side_effects)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     fn group() -> GroupRecords {
+        group_numbered(2)
+    }
+
+    /// A well-formed group (signed head, made-up records) numbered `g`, for decoders.
+    pub(crate) fn group_numbered(g: u64) -> GroupRecords {
         let key = mayfly_ledger::SigningKey::from_seed(&[1; 32]);
         let head = mayfly_ledger::SignedHead::sign_v3(
             &key,
-            2,
+            g,
             mayfly_ledger::Tip::default(),
             mayfly_ledger::Tip::default(),
             5,

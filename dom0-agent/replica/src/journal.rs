@@ -390,24 +390,7 @@ impl Journal {
 mod tests {
     use super::*;
 
-    fn group(g: u64) -> GroupRecords {
-        let key = mayfly_ledger::SigningKey::from_seed(&[1; 32]);
-        let head = mayfly_ledger::SignedHead::sign_v3(
-            &key,
-            g,
-            mayfly_ledger::Tip::default(),
-            mayfly_ledger::Tip::default(),
-            5,
-            [3; 32],
-            0,
-            None,
-        );
-        GroupRecords {
-            head: head.encode(),
-            checkpoints: vec![vec![1, 2, 3]],
-            audit: vec![vec![4], vec![5, 6]],
-        }
-    }
+    use crate::frame::tests::group_numbered as group;
 
     fn entries() -> Vec<Entry> {
         vec![

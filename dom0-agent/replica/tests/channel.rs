@@ -677,6 +677,32 @@ impl Drop for Tmpfs {
     }
 }
 
+/// A synchronous primary (`sync_timeout` 5 s) shipping `primary`, and a standby in `dir`
+/// following it, with fresh identities.
+fn sync_pair(primary: &Ledger, dir: &std::path::Path) -> (Shipper, Standby) {
+    let (pid, sid) = (Identity::new(), Identity::new());
+    let shipper = Shipper::start(
+        primary,
+        PrimaryConfig {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            mode: Mode::Sync,
+            sync_timeout: Duration::from_secs(5),
+            tls: pid.tls(&sid.pin()),
+            peer: None,
+            heartbeat: Default::default(),
+        },
+        &log(),
+    )
+    .unwrap();
+    let config = StandbyConfig {
+        primary: shipper.local_addr(),
+        tls: sid.tls(&pid.pin()),
+        heartbeat: Default::default(),
+    };
+    let standby = Standby::start(dir, primary, config);
+    (shipper, standby)
+}
+
 fn try_put(ledger: &Ledger, k: &str) -> Result<(TxId, u64), String> {
     let id = TxId::generate();
     let mut t = ledger
@@ -707,29 +733,10 @@ fn a_group_whose_commit_fails_on_the_primary_is_abandoned_on_the_standby() {
     let Some(fs) = Tmpfs::mount(&root.path().join("primary-fs"), "24m") else {
         return;
     };
-    let (pid, sid) = (Identity::new(), Identity::new());
     let pdir = fs.0.join("ledger");
     std::fs::create_dir_all(&pdir).unwrap();
     let primary = Ledger::open(&pdir, &Options::default(), &log()).unwrap();
-    let shipper = Shipper::start(
-        &primary,
-        PrimaryConfig {
-            listen: "127.0.0.1:0".parse().unwrap(),
-            mode: Mode::Sync,
-            sync_timeout: Duration::from_secs(5),
-            tls: pid.tls(&sid.pin()),
-            peer: None,
-            heartbeat: Default::default(),
-        },
-        &log(),
-    )
-    .unwrap();
-    let config = StandbyConfig {
-        primary: shipper.local_addr(),
-        tls: sid.tls(&pid.pin()),
-        heartbeat: Default::default(),
-    };
-    let mut standby = Standby::start(s.path(), &primary, config);
+    let (shipper, mut standby) = sync_pair(&primary, s.path());
     let mut acked = Vec::new();
     for i in 0..5 {
         acked.push(try_put(&primary, &format!("before/{i}")).unwrap());
@@ -825,28 +832,9 @@ fn an_abandoned_tentative_group_is_dropped_by_the_standby_and_its_ack_no_longer_
     let p = tempfile::tempdir().unwrap();
     let twin = tempfile::tempdir().unwrap();
     let s = tempfile::tempdir().unwrap();
-    let (pid, sid) = (Identity::new(), Identity::new());
     let primary = Ledger::open(p.path(), &Options::default(), &log()).unwrap();
     put(&primary, "a");
-    let shipper = Shipper::start(
-        &primary,
-        PrimaryConfig {
-            listen: "127.0.0.1:0".parse().unwrap(),
-            mode: Mode::Sync,
-            sync_timeout: Duration::from_secs(5),
-            tls: pid.tls(&sid.pin()),
-            peer: None,
-            heartbeat: Default::default(),
-        },
-        &log(),
-    )
-    .unwrap();
-    let config = StandbyConfig {
-        primary: shipper.local_addr(),
-        tls: sid.tls(&pid.pin()),
-        heartbeat: Default::default(),
-    };
-    let mut standby = Standby::start(s.path(), &primary, config);
+    let (shipper, mut standby) = sync_pair(&primary, s.path());
     // Connected, and the primary's audit of it written and acknowledged: it is idle.
     assert!(eventually(Duration::from_secs(20), || {
         let st = shipper.status();
