@@ -11,6 +11,10 @@
 //! (`DATA_DIR/signing.key`, made by `dom0-agent standby` at its first start), and
 //! `dom0-agent serve` opens it as the primary of the new epoch.
 //!
+//! Before the promotion group, the standby's replication journal is applied, its
+//! tentative last group included (`mayfly_replica::copy::replay`): a group the standby
+//! acknowledged may exist only there (docs/failover.md, "Promotion with a journal").
+//!
 //! A refused command is audited as `admin.rejected` in the standby's own audit ledger
 //! (`DATA_DIR/standby-audit`) and ends with exit code 8.
 
@@ -41,8 +45,9 @@ pub struct PromoteArgs {
     /// `mayfly admin cosign`).
     #[arg(long, required_unless_present = "dry_run")]
     command: Option<PathBuf>,
-    /// Print what a promotion would do (the epoch it opens, the group it promotes from,
-    /// the promotion key) as JSON; change nothing.
+    /// Print what a promotion would do (the epoch it opens, the group it promotes from
+    /// before the replication journal is applied, the journal's size, the promotion key)
+    /// as JSON; change nothing.
     #[arg(long)]
     dry_run: bool,
 }

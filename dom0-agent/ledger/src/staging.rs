@@ -9,7 +9,8 @@
 //! before its own commit, and **confirmed** once the primary says that commit is durable
 //! (or for a group shipped after it). [`Replica::commit_staged`] writes the confirmed
 //! groups to LMDB in ONE write transaction (one commit for many groups), checking each
-//! again on the way (the same checks, now against LMDB's own view).
+//! again on the way (the same checks, now against LMDB's own view, but the signature: it
+//! was verified on the same bytes, held in memory since, when the group was staged).
 //!
 //! Only the last staged group may be tentative: a primary builds group `g + 1` only once
 //! its commit of `g` is durable, so a group staged behind a tentative one confirms it. A
@@ -238,6 +239,7 @@ impl Replica {
             state,
             overlay: Some(overlay.as_ref().unwrap_or(&self.overlay)),
             prev_head,
+            signature_verified: false,
         };
         let outcome = self.apply_in(&mut wtxn, group, &base);
         wtxn.abort();
@@ -277,7 +279,7 @@ impl Replica {
 
     /// Commits the confirmed staged groups (and with `with_tentative`, the tentative one
     /// too: a promotion) to LMDB in one write transaction, each checked again against
-    /// LMDB. Returns the groups committed. On an error nothing is committed and every
+    /// LMDB (all but its signature, verified on the same bytes when it was staged). Returns the groups committed. On an error nothing is committed and every
     /// group stays staged.
     pub fn commit_staged(&mut self, with_tentative: bool) -> Result<u64, ApplyError> {
         let n = self
@@ -304,6 +306,7 @@ impl Replica {
                     state: &state,
                     overlay: None,
                     prev_head,
+                    signature_verified: true,
                 },
             )?;
             held = out.held;

@@ -85,7 +85,17 @@ fn staged_groups_are_checked_on_each_other_and_commit_in_one_transaction() {
     let mut standby =
         Replica::open(s.path(), &StoreOptions::default(), primary.public_key()).unwrap();
     let all = groups(&primary, 1);
-    for g in &all {
+    for (i, g) in all.iter().enumerate() {
+        if i == 3 {
+            // A damaged signature is refused at staging, as by `apply`.
+            let mut forged = g.clone();
+            let last = forged.head.len() - 1;
+            forged.head[last] ^= 1;
+            assert!(matches!(
+                standby.stage(&forged, true),
+                Err(ApplyError::BadSignature { .. })
+            ));
+        }
         assert!(matches!(
             standby.stage(g, true).unwrap(),
             Staging::Staged(_)
