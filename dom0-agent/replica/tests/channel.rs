@@ -45,18 +45,7 @@ impl Identity {
 }
 
 fn put(ledger: &Ledger, k: &str) -> (TxId, u64) {
-    let id = TxId::generate();
-    let mut t = ledger
-        .begin(TxContext {
-            tx_id: id,
-            handler: "kv".into(),
-            request: k.as_bytes().to_vec(),
-            domain_id: 1,
-            policy_hash: [0; 32],
-        })
-        .unwrap();
-    t.put(k.as_bytes(), b"v").unwrap();
-    (id, t.commit(b"ok".to_vec()).unwrap().seq)
+    try_put(ledger, k, b"v").unwrap()
 }
 
 struct Standby {
@@ -677,6 +666,17 @@ impl Drop for Tmpfs {
     }
 }
 
+/// Groups 1 to `last` of both stores are the same, byte for byte.
+fn same_groups_up_to(a: &Store, b: &Store, last: u64) {
+    for g in 1..=last {
+        assert_eq!(
+            a.export_group(g).unwrap(),
+            b.export_group(g).unwrap(),
+            "group {g}"
+        );
+    }
+}
+
 /// A synchronous primary (`sync_timeout` 5 s) shipping `primary`, and a standby in `dir`
 /// following it, with fresh identities.
 fn sync_pair(primary: &Ledger, dir: &std::path::Path) -> (Shipper, Standby) {
@@ -703,7 +703,7 @@ fn sync_pair(primary: &Ledger, dir: &std::path::Path) -> (Shipper, Standby) {
     (shipper, standby)
 }
 
-fn try_put(ledger: &Ledger, k: &str) -> Result<(TxId, u64), String> {
+fn try_put(ledger: &Ledger, k: &str, value: &[u8]) -> Result<(TxId, u64), String> {
     let id = TxId::generate();
     let mut t = ledger
         .begin(TxContext {
@@ -739,7 +739,7 @@ fn a_group_whose_commit_fails_on_the_primary_is_abandoned_on_the_standby() {
     let (shipper, mut standby) = sync_pair(&primary, s.path());
     let mut acked = Vec::new();
     for i in 0..5 {
-        acked.push(try_put(&primary, &format!("before/{i}")).unwrap());
+        acked.push(try_put(&primary, &format!("before/{i}"), &[7; 2000]).unwrap());
     }
     assert_eq!(shipper.status().state(), "synchronous");
     // Fill the primary's disk: its next commits fail in LMDB's commit, after the group
@@ -753,7 +753,7 @@ fn a_group_whose_commit_fails_on_the_primary_is_abandoned_on_the_standby() {
     }
     let mut failed = 0;
     for i in 0..200 {
-        match try_put(&primary, &format!("full/{i}")) {
+        match try_put(&primary, &format!("full/{i}"), &[7; 2000]) {
             Ok(r) => acked.push(r),
             Err(_) => {
                 failed += 1;
@@ -782,14 +782,14 @@ fn a_group_whose_commit_fails_on_the_primary_is_abandoned_on_the_standby() {
     let mut back = None;
     assert!(
         eventually(Duration::from_secs(20), || {
-            back = try_put(&primary, "after").ok();
+            back = try_put(&primary, "after", &[7; 2000]).ok();
             back.is_some()
         }),
         "commits never resumed"
     );
     acked.push(back.unwrap());
     for i in 0..5 {
-        acked.push(try_put(&primary, &format!("after/{i}")).unwrap());
+        acked.push(try_put(&primary, &format!("after/{i}"), &[7; 2000]).unwrap());
     }
     assert_eq!(
         shipper.status().state(),
@@ -809,13 +809,7 @@ fn a_group_whose_commit_fails_on_the_primary_is_abandoned_on_the_standby() {
     // stays in its journal): the primary's ledger, past the abandoned group's number.
     let last = standby.store.last_group().unwrap();
     assert!(last > abandoned_at, "{last} {abandoned_at}");
-    for g in 1..=last {
-        assert_eq!(
-            standby.store.export_group(g).unwrap(),
-            primary.store().export_group(g).unwrap(),
-            "group {g}"
-        );
-    }
+    same_groups_up_to(&standby.store, primary.store(), last);
     drop(standby);
     shipper.stop();
     drop(primary);
@@ -888,13 +882,7 @@ fn an_abandoned_tentative_group_is_dropped_by_the_standby_and_its_ack_no_longer_
     assert!(matches!(standby.stop(), End::Stopped));
     let last = standby.store.last_group().unwrap();
     assert!(last >= g);
-    for n in 1..=last {
-        assert_eq!(
-            standby.store.export_group(n).unwrap(),
-            primary.store().export_group(n).unwrap(),
-            "group {n}"
-        );
-    }
+    same_groups_up_to(&standby.store, primary.store(), last);
     drop(standby);
     shipper.stop();
 }

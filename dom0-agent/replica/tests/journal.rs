@@ -97,10 +97,8 @@ fn journal_groups(dir: &Path) -> Vec<(u64, bool)> {
 
 #[test]
 fn a_tentative_group_is_acknowledged_from_the_journal_and_reaches_lmdb_once_confirmed() {
-    let p = tempfile::tempdir().unwrap();
-    let s = tempfile::tempdir().unwrap();
-    let primary = open(p.path());
-    let audit = Audit::default();
+    let (p, s) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (primary, audit) = (open(p.path()), Audit::default());
     let n = put(&primary, "acct/a", "1");
     let (mut r, mut copy) = following(s.path(), &primary, n, &audit);
     let t = put(&primary, "acct/a", "2");
@@ -144,10 +142,8 @@ fn a_tentative_group_is_acknowledged_from_the_journal_and_reaches_lmdb_once_conf
 
 #[test]
 fn an_abandoned_tentative_group_is_dropped_and_a_stray_abandon_is_ignored() {
-    let p = tempfile::tempdir().unwrap();
-    let s = tempfile::tempdir().unwrap();
-    let primary = open(p.path());
-    let audit = Audit::default();
+    let (p, s) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (primary, audit) = (open(p.path()), Audit::default());
     let n = put(&primary, "acct/a", "1");
     let (mut r, mut copy) = following(s.path(), &primary, n - 1, &audit);
     copy.receive(&mut r, &group(&primary, n), true, &audit.sink())
@@ -222,10 +218,8 @@ fn a_tentative_group_replaced_at_its_number_is_dropped_not_a_fork() {
 
 #[test]
 fn a_restarted_standby_keeps_its_tentative_group_and_applies_the_confirmed_ones() {
-    let p = tempfile::tempdir().unwrap();
-    let s = tempfile::tempdir().unwrap();
-    let primary = open(p.path());
-    let audit = Audit::default();
+    let (p, s) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (primary, audit) = (open(p.path()), Audit::default());
     let n = put(&primary, "acct/a", "1");
     let (mut r, mut copy) = following(s.path(), &primary, n, &audit);
     let g1 = put(&primary, "acct/a", "2");
@@ -265,10 +259,8 @@ fn a_restarted_standby_keeps_its_tentative_group_and_applies_the_confirmed_ones(
 
 #[test]
 fn a_promotion_applies_the_tentative_tail_of_the_journal() {
-    let p = tempfile::tempdir().unwrap();
-    let s = tempfile::tempdir().unwrap();
-    let primary = open(p.path());
-    let audit = Audit::default();
+    let (p, s) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (primary, audit) = (open(p.path()), Audit::default());
     let n = put(&primary, "acct/a", "1");
     let (mut r, mut copy) = following(s.path(), &primary, n, &audit);
     let t = put(&primary, "acct/a", "2");
