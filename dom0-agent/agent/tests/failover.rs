@@ -918,6 +918,9 @@ struct Rounds {
     lost_per_kill: Vec<usize>,
     /// Wall time of the whole run.
     elapsed: Duration,
+    /// Promotions that applied a tentative group from the standby's journal (a group the
+    /// killed primary shipped before its own commit and never confirmed).
+    tentative_applied: usize,
 }
 
 /// The must-show run: 8 clients send transfers with idempotency keys to the
@@ -998,6 +1001,7 @@ fn kill_promote_rejoin(mode: &str, kills: usize, seed: u64) -> Rounds {
     let mut rng = fastrand::Rng::with_seed(seed);
     let mut primary = Some(primary);
     let mut lost_per_kill = Vec::new();
+    let mut tentative_applied = 0usize;
     let mut lost_total: Vec<(usize, String)> = Vec::new();
     // (a former primary's directory, the group its successor was promoted from)
     let mut history: Vec<(PathBuf, u64)> = Vec::new();
@@ -1031,6 +1035,10 @@ fn kill_promote_rejoin(mode: &str, kills: usize, seed: u64) -> Rounds {
         );
         assert_eq!(code, 0, "round {round}: {err}");
         let promoted: Value = serde_json::from_str(&out).unwrap();
+        if promoted["tentative_group_applied"].is_u64() {
+            tentative_applied += 1;
+            assert!(err.contains("including tentative group"), "{err}");
+        }
         promotion_keys.push(promoted["promotion_key"].as_str().unwrap().to_string());
         history.push((
             dirs[primary_node].clone(),
@@ -1164,6 +1172,7 @@ fn kill_promote_rejoin(mode: &str, kills: usize, seed: u64) -> Rounds {
         acked: acked.len(),
         lost_per_kill,
         elapsed: started.elapsed(),
+        tentative_applied,
     }
 }
 
@@ -1179,8 +1188,8 @@ fn twenty_sigkills_with_promotion_lose_nothing_acknowledged_in_sync_mode() {
         r.lost_per_kill
     );
     println!(
-        "sync: {} acknowledged transfers across 20 SIGKILLs and promotions, 0 lost, in {:.1?}",
-        r.acked, r.elapsed
+        "sync: {} acknowledged transfers across 20 SIGKILLs and promotions, 0 lost, in {:.1?}; {} promotions applied a tentative group from the journal",
+        r.acked, r.elapsed, r.tentative_applied
     );
 }
 
