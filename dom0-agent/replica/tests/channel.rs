@@ -714,8 +714,7 @@ fn try_put(ledger: &Ledger, k: &str, value: &[u8]) -> Result<(TxId, u64), String
             policy_hash: [0; 32],
         })
         .map_err(|e| e.to_string())?;
-    t.put(k.as_bytes(), &[7u8; 2000])
-        .map_err(|e| e.to_string())?;
+    t.put(k.as_bytes(), value).map_err(|e| e.to_string())?;
     t.commit(b"ok".to_vec())
         .map(|r| (id, r.seq))
         .map_err(|e| e.to_string())
