@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Independent check of the checkpoint, signed-command, signed-head, live-state, ring Ready and replication-cursors vectors in docs/vectors/.
+"""Independent check of the checkpoint, signed-command, signed-head, live-state, ring Ready, replication-frame and replication-journal vectors in docs/vectors/.
 
 Rebuilds the documented bodies from the field values in docs/formats.md §1.5, §1.8 and §3
 with nothing but struct/hashlib (and a BLAKE3 written here from the specification, for the
@@ -334,6 +334,20 @@ cbody = struct.pack(">H", len(cursors)) + b"".join(
 assert vec("replication-cursors.hex") == (b"MFRP" + bytes([1, 0x06]) + struct.pack(">I", len(cbody))
                                           + cbody), "replication-cursors differs"
 print("ok  replication-cursors: replication frame 0x06 with two exporter cursors")
+
+# Replication confirm and abandon frames (docs/formats.md section 6.1): a u64 group.
+assert vec("replication-confirm.hex") == (b"MFRP" + bytes([1, 0x09]) + struct.pack(">IQ", 8, 1234567)), \
+    "replication-confirm differs"
+assert vec("replication-abandon.hex") == (b"MFRP" + bytes([1, 0x0A]) + struct.pack(">IQ", 8, 1234568)), \
+    "replication-abandon differs"
+print("ok  replication-confirm, replication-abandon: replication frames 0x09 and 0x0a")
+
+# The standby's journal (docs/formats.md section 6.4): a confirm record of group 1,234,567,
+# then the SHA-256 of everything before it.
+jrec = b"MFRJ" + bytes([1, 0x03]) + struct.pack(">IQ", 8, 1234567)
+assert vec("replication-journal-confirm.hex") == jrec + hashlib.sha256(jrec).digest(), \
+    "replication-journal-confirm differs"
+print("ok  replication-journal-confirm: a journal confirm record and its digest")
 
 print("all vectors agree")
 sys.exit(0)

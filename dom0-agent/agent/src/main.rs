@@ -129,12 +129,14 @@ enum Command {
     Serve(Box<serve::ServeArgs>),
     /// Follow a primary as its standby (`[replication]` role "standby", docs/failover.md):
     /// every group it ships is checked (links, signatures, epoch, live state) before it is
-    /// applied to the copy. SIGINT/SIGTERM stop; exit 6 on a fork, 7 when refused.
+    /// journaled (`DATA_DIR/replication.journal`, one flush), acknowledged and applied to
+    /// the copy. SIGINT/SIGTERM stop; exit 6 on a fork, 7 when refused.
     Standby(replication::StandbyArgs),
     /// Promote a stopped standby to primary with a co-signed `promote` command (`mayfly
-    /// admin prepare … promote --epoch N`): the copy gets the promotion group of the next
-    /// epoch, signed by the standby's own key; then `serve` opens it. Exit 8 when the
-    /// command is refused (docs/failover.md).
+    /// admin prepare … promote --epoch N`): the standby's replication journal is applied
+    /// first (its tentative last group included), then the copy gets the promotion group
+    /// of the next epoch, signed by the standby's own key; then `serve` opens it. Exit 8
+    /// when the command is refused (docs/failover.md).
     Promote(promote::PromoteArgs),
     /// List, as JSON lines, the checkpoint records a fenced former primary holds that its
     /// promoted standby never received (after the last one the promotion kept; read from

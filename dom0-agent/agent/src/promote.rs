@@ -11,6 +11,10 @@
 //! (`DATA_DIR/signing.key`, made by `dom0-agent standby` at its first start), and
 //! `dom0-agent serve` opens it as the primary of the new epoch.
 //!
+//! Before the promotion group, the standby's replication journal is applied, its
+//! tentative last group included (`mayfly_replica::copy::replay`): a group the standby
+//! acknowledged may exist only there (docs/failover.md, "Promotion with a journal").
+//!
 //! A refused command is audited as `admin.rejected` in the standby's own audit ledger
 //! (`DATA_DIR/standby-audit`) and ends with exit code 8.
 
@@ -41,8 +45,9 @@ pub struct PromoteArgs {
     /// `mayfly admin cosign`).
     #[arg(long, required_unless_present = "dry_run")]
     command: Option<PathBuf>,
-    /// Print what a promotion would do (the epoch it opens, the group it promotes from,
-    /// the promotion key) as JSON; change nothing.
+    /// Print what a promotion would do (the epoch it opens, the group it promotes from
+    /// before the replication journal is applied, the journal's size, the promotion key)
+    /// as JSON; change nothing.
     #[arg(long)]
     dry_run: bool,
 }
@@ -225,6 +230,7 @@ pub fn run(args: &PromoteArgs, log: &Logger) -> anyhow::Result<u8> {
             "{}",
             json!({"identity": hex(&identity), "epoch": held.epoch, "opens_epoch": held.epoch + 1,
                    "from_group": held.group, "from_checkpoint": held.checkpoints.seq,
+                   "journal_bytes": std::fs::metadata(data_dir.join(mayfly_replica::journal::FILE_NAME)).map_or(0, |m| m.len()),
                    "promotion_key": hex(&key.public_key())})
         );
         return Ok(0);
@@ -250,6 +256,42 @@ pub fn run(args: &PromoteArgs, log: &Logger) -> anyhow::Result<u8> {
             return Ok(crate::exit::PROMOTE_REFUSED);
         }
     };
+    // The journal's groups first, the tentative tail included: a group the standby
+    // acknowledged may exist only there (docs/failover.md, "Promotion with a journal").
+    let audit_local = |ev: AuditEvent| {
+        if let Err(e) = local.audit(vec![ev]) {
+            eprintln!("dom0-agent: warning: recording a journal event failed: {e}");
+        }
+    };
+    let (_, recovered) = mayfly_replica::copy::replay(&mut replica, &data_dir, true, &audit_local)
+        .context("applying the replication journal before the promotion")?;
+    if recovered.records > 0 {
+        local
+            .audit(vec![AuditEvent::new(
+                "replication.journal_applied",
+                Severity::Notice,
+            )
+            .field("records", recovered.records)
+            .field("applied_groups", recovered.applied)
+            .field(
+                "tentative_group",
+                recovered
+                    .tentative_applied
+                    .map_or("none".to_string(), |g| g.to_string()),
+            )
+            .field("group", replica.held().group)])
+            .context("recording the journal's replay")?;
+        eprintln!(
+            "mayfly: applied {} group(s) from the replication journal ({} records){}; the copy now ends at group {}",
+            recovered.applied,
+            recovered.records,
+            recovered.tentative_applied.map_or(String::new(), |g| format!(
+                ", including tentative group {g} (acknowledged by this standby; its primary may have committed it)"
+            )),
+            replica.held().group
+        );
+    }
+    let held = replica.held().clone();
     let body = env.body();
     let now = mayfly_command::now_ns();
     let signer_list = signers.iter().map(|k| hex(k)).collect::<Vec<_>>().join(",");
@@ -299,6 +341,8 @@ pub fn run(args: &PromoteArgs, log: &Logger) -> anyhow::Result<u8> {
         json!({"identity": hex(&identity), "epoch": promoted.epoch, "group": promoted.group,
                "from_group": promoted.from_group, "from_head": hex(&promoted.from_head),
                "from_checkpoint": promoted.checkpoints.seq,
+               "journal_groups_applied": recovered.applied,
+               "tentative_group_applied": recovered.tentative_applied,
                "promotion_key": hex(&promoted.signer), "signers": signer_list})
     );
     eprintln!(

@@ -233,5 +233,11 @@ pub fn run_standby(args: &StandbyArgs, log: &Logger) -> anyhow::Result<u8> {
             eprintln!("dom0-agent: error: the primary refuses this standby: {reason}");
             Ok(crate::exit::REPLICATION_REFUSED)
         }
+        End::Storage(reason) => {
+            eprintln!(
+                "dom0-agent: error: the standby's copy cannot be brought up to date: {reason}"
+            );
+            Ok(crate::exit::REPLICATION_STOPPED)
+        }
     }
 }

@@ -12,6 +12,11 @@
 //! durable group.
 
 //!
+//! With an observer that takes tentative groups (synchronous replication), the group is
+//! handed over once written and signed in the write transaction, before LMDB commits it
+//! (`GroupObserver::tentative`), and a commit that then fails is reported
+//! (`GroupObserver::abandoned`) before any caller is answered.
+//!
 //! This module is the committer's thread: it takes groups off the queue (`job.rs`),
 //! has them written by `group.rs` (below it), retries audit events while storage is full,
 //! grows the map, and tells the group observer. Nothing in the crate but `open` uses it.

@@ -154,11 +154,16 @@ impl Committer {
         let group = self.group.saturating_add(1);
         self.write_head(&mut wtxn, &tally, group, now)
             .map_err(fail)?;
+        // A synchronous standby gets the group now, while LMDB commits it here.
+        let shipped = self.ship_tentative(&wtxn, group);
         // LMDB's commit writes the pages and fsyncs: the group's durable cost.
         let started = std::time::Instant::now();
         if let Err(e) = wtxn.commit() {
             if tally.incoming.is_some() {
                 let _ = self.keys.discard_next(&self.store.dir);
+            }
+            if let Some(observer) = shipped {
+                observer.abandoned(group);
             }
             return Err(fail(e));
         }
@@ -168,6 +173,27 @@ impl Committer {
             r.group = group;
         }
         Ok(results)
+    }
+
+    /// Hands group `group`, final in `wtxn`, to an observer that takes tentative groups
+    /// (synchronous replication). Returns that observer, which must hear whether the
+    /// commit failed. Without an observer: one atomic load.
+    fn ship_tentative(&self, wtxn: &RwTxn<'_>, group: u64) -> Option<Arc<dyn GroupObserver>> {
+        let observer = self.observer.get()?;
+        if !observer.wants_tentative() {
+            return None;
+        }
+        match self.store.export_group_in(wtxn, group) {
+            Ok(records) => {
+                observer.tentative(group, records);
+                Some(observer.clone())
+            }
+            Err(e) => {
+                // It ships once durable instead, as in asynchronous mode.
+                slog::warn!(self.log, "exporting a group before its commit failed; it ships after"; "group" => group, "error" => %e);
+                None
+            }
+        }
     }
 
     /// A new ledger's format marker and public key (the genesis group).

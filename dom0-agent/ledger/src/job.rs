@@ -132,6 +132,26 @@ pub trait GroupObserver: Send + Sync {
     /// is waited for here. Must never submit to the ledger and wait (the committer is
     /// this thread).
     fn durable(&self, group: u64, acknowledging: bool);
+
+    /// Whether the observer takes groups before they are committed ([`Self::tentative`]):
+    /// asked once per group, only when an observer is set.
+    fn wants_tentative(&self) -> bool {
+        false
+    }
+
+    /// Group `group` is written and signed in the committer's write transaction, which is
+    /// about to be committed: its bytes are final, but it is not durable yet. Either
+    /// [`Self::durable`] (its commit succeeded) or [`Self::abandoned`] (it failed) follows.
+    /// Must not block.
+    fn tentative(&self, group: u64, records: crate::replication::GroupRecords) {
+        let _ = (group, records);
+    }
+
+    /// The commit of the tentative group `group` failed: it does not exist. Called before
+    /// any caller of the group is answered.
+    fn abandoned(&self, group: u64) {
+        let _ = group;
+    }
 }
 
 /// A queued commit; [`CommitTicket::wait`] blocks until its group is durable.

@@ -185,6 +185,12 @@ impl Ledger {
         self.inner.observer.set(observer).is_ok()
     }
 
+    /// The observer set with [`Ledger::set_group_observer`], if any (for tests and
+    /// tools that drive it as the committer does).
+    pub fn group_observer(&self) -> Option<Arc<dyn GroupObserver>> {
+        self.inner.observer.get().cloned()
+    }
+
     /// What the group committer has done since this ledger was opened: jobs per durable
     /// group, the time of each group's LMDB commit (its fsync), and the groups that failed.
     /// Read from atomics; never waits for the committer.

@@ -103,6 +103,7 @@ mod recheck;
 mod record;
 pub mod replication;
 pub mod rollback;
+mod staging;
 pub mod state;
 pub mod store;
 #[cfg(feature = "test-tamper")]
@@ -129,6 +130,7 @@ pub use read::ReadError;
 pub use record::{Record, RollbackPlan, RollbackRecord};
 pub use replication::{Applied, ApplyError, ExportError, GroupRecords, Held, Replica};
 pub use rollback::RollbackError;
+pub use staging::Staging;
 pub use state::{StateDiff, StateDigest};
 pub use store::{OpenError, Store, StoreOptions};
 pub use txn::{ScanResult, Tx, TxError};

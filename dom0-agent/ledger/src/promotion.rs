@@ -264,27 +264,38 @@ impl Replica {
 
     /// Checks a promotion head arriving as the next group: the next epoch, the held head
     /// named by group and hash, a pinned promotion key that is not the key in force.
-    pub(crate) fn check_promotion_head(&self, head: &SignedHead) -> Result<(), ApplyError> {
+    pub(crate) fn check_promotion_head(
+        &self,
+        head: &SignedHead,
+        held: &crate::replication::Held,
+        staged_prev: Option<&[u8]>,
+    ) -> Result<(), ApplyError> {
         let g = head.group;
         let bad = |reason: String| ApplyError::BadPromotion { group: g, reason };
-        let rtxn = self
-            .store
-            .read_txn()
-            .map_err(|source| ApplyError::Storage { group: g, source })?;
-        let prev_bytes = self
-            .store
-            .dbs
-            .heads
-            .get(&rtxn, &u64_key(self.held.group))
-            .map_err(|source| ApplyError::Storage { group: g, source })?
-            .map(<[u8]>::to_vec)
-            .unwrap_or_default();
-        drop(rtxn);
+        let prev_bytes = match staged_prev {
+            Some(b) => b.to_vec(),
+            None => {
+                let rtxn = self
+                    .store
+                    .read_txn()
+                    .map_err(|source| ApplyError::Storage { group: g, source })?;
+                let b = self
+                    .store
+                    .dbs
+                    .heads
+                    .get(&rtxn, &u64_key(held.group))
+                    .map_err(|source| ApplyError::Storage { group: g, source })?
+                    .map(<[u8]>::to_vec)
+                    .unwrap_or_default();
+                drop(rtxn);
+                b
+            }
+        };
         let prev = SignedHead::decode(&prev_bytes).ok();
         let pinned: Vec<PublicKey> = self.promotion_keys.clone();
         crate::verify::check_promotion(head, prev.as_ref(), &prev_bytes, &pinned, &[])
             .map_err(bad)?;
-        if head.public_key == self.held.signer {
+        if head.public_key == held.signer {
             return Err(bad("signed by the key already in force".into()));
         }
         Ok(())

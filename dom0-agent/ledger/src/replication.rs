@@ -122,17 +122,30 @@ impl Store {
     /// Reads back the records of durable group `group` and its signed head, for a standby.
     /// Refuses a group above [`MAX_GROUP_BYTES`].
     pub fn export_group(&self, group: u64) -> Result<GroupRecords, ExportError> {
+        let rtxn = self
+            .read_txn()
+            .map_err(|source| ExportError::Storage { group, source })?;
+        self.export_group_in(&rtxn, group)
+    }
+
+    /// [`Store::export_group`] inside a transaction the caller holds: the committer's
+    /// write transaction, to hand a synchronous standby a group whose bytes are final
+    /// before it is committed (a *tentative* group, docs/failover.md).
+    pub fn export_group_in(
+        &self,
+        rtxn: &heed::RoTxn,
+        group: u64,
+    ) -> Result<GroupRecords, ExportError> {
         let storage = |source| ExportError::Storage { group, source };
-        let rtxn = self.read_txn().map_err(storage)?;
         let dbs = self.dbs;
         let last = dbs
             .heads
-            .last(&rtxn)
+            .last(rtxn)
             .map_err(storage)?
             .and_then(|(k, _)| read_u64(k))
             .unwrap_or(0);
         let head_at = |g: u64| -> Result<Option<(Vec<u8>, SignedHead)>, ExportError> {
-            let Some(bytes) = dbs.heads.get(&rtxn, &u64_key(g)).map_err(storage)? else {
+            let Some(bytes) = dbs.heads.get(rtxn, &u64_key(g)).map_err(storage)? else {
                 return Ok(None);
             };
             let head = SignedHead::decode(bytes).map_err(|e| ExportError::BadHead {
@@ -162,7 +175,7 @@ impl Store {
             while seq < to {
                 seq = seq.saturating_add(1);
                 let rec = db
-                    .get(&rtxn, &u64_key(seq))
+                    .get(rtxn, &u64_key(seq))
                     .map_err(storage)?
                     .ok_or(ExportError::Missing { chain, seq, group })?;
                 bytes = bytes.saturating_add(u64::try_from(rec.len()).unwrap_or(u64::MAX));
@@ -379,6 +392,10 @@ pub struct Replica {
     identity: PublicKey,
     /// Keys a promotion head may hand signing to ([`Replica::trust_promotion_keys`]).
     pub(crate) promotion_keys: Vec<PublicKey>,
+    /// Groups checked but not yet in LMDB, in order ([`Replica::stage`]).
+    pub(crate) staged: Vec<crate::staging::Staged>,
+    /// What the staged groups wrote.
+    pub(crate) overlay: Overlay,
 }
 
 impl std::fmt::Debug for Replica {
@@ -388,6 +405,37 @@ impl std::fmt::Debug for Replica {
             .field("held", &self.held)
             .finish()
     }
+}
+
+/// What a group is checked and applied on: the tips and live state before it, and what
+/// staged groups wrote that LMDB does not hold yet.
+pub(crate) struct Base<'a> {
+    pub held: &'a Held,
+    pub state: &'a StateDigest,
+    pub overlay: Option<&'a Overlay>,
+    /// The head of `held.group` when it is staged (not in LMDB yet).
+    pub prev_head: Option<&'a [u8]>,
+    /// The group's signature was verified already, on these very bytes (a staged group
+    /// being committed): the most expensive check is not repeated.
+    pub signature_verified: bool,
+}
+
+/// The writes of staged groups, newest value per key, and the transaction ids they hold.
+#[derive(Debug, Default, Clone)]
+pub(crate) struct Overlay {
+    pub data: std::collections::HashMap<Vec<u8>, Vec<u8>>,
+    pub tx_ids: std::collections::HashSet<[u8; 16]>,
+}
+
+/// What one group writes to `data` (the stored values) and `tx_index`.
+pub(crate) type Writes = Overlay;
+
+/// A group checked and written into a write transaction, not yet committed.
+pub(crate) struct Outcome {
+    pub held: Held,
+    pub state: StateDigest,
+    pub applied: Applied,
+    pub writes: Writes,
 }
 
 /// What applying a group did.
@@ -426,6 +474,8 @@ impl Replica {
                 retention: crate::idempotency::Retention::default(),
                 identity: primary,
                 promotion_keys: Vec::new(),
+                staged: Vec::new(),
+                overlay: Overlay::default(),
             });
         }
         let meta = store.load_meta(true)?;
@@ -472,6 +522,8 @@ impl Replica {
             retention: crate::idempotency::Retention::default(),
             identity: primary,
             promotion_keys: Vec::new(),
+            staged: Vec::new(),
+            overlay: Overlay::default(),
         })
     }
 
@@ -505,26 +557,73 @@ impl Replica {
     }
 
     /// Checks `group` against the chain and, only if every check holds, makes it durable
-    /// (one LMDB commit, one fsync). A refused group leaves nothing behind.
+    /// (one LMDB commit, one fsync). A refused group leaves nothing behind. With groups
+    /// staged ([`Replica::stage`]), the group is staged behind them and every staged
+    /// group is committed with it.
     pub fn apply(&mut self, group: &GroupRecords) -> Result<Applied, ApplyError> {
+        if !self.staged.is_empty() {
+            let applied = match self.stage(group, true)? {
+                crate::staging::Staging::Staged(a) => a,
+                crate::staging::Staging::Replayed { group }
+                | crate::staging::Staging::Confirmed { group } => {
+                    return Err(ApplyError::Replayed { group })
+                }
+                crate::staging::Staging::Replaced { applied, .. } => applied,
+            };
+            self.commit_staged(true)?;
+            return Ok(applied);
+        }
+        let g = SignedHead::decode(&group.head)
+            .map(|h| h.group)
+            .unwrap_or(0);
+        let storage = |source| ApplyError::Storage { group: g, source };
+        let env = self.store.env.clone();
+        let mut wtxn = env.write_txn().map_err(storage)?;
+        let out = self.apply_in(
+            &mut wtxn,
+            group,
+            &Base {
+                held: &self.held,
+                state: &self.state,
+                overlay: None,
+                prev_head: None,
+                signature_verified: false,
+            },
+        )?;
+        wtxn.commit().map_err(storage)?;
+        self.state = out.state;
+        self.held = out.held;
+        Ok(out.applied)
+    }
+
+    /// Checks `group` on top of `base` and writes it into `wtxn` (nothing is committed):
+    /// the whole of [`Replica::apply`] but the commit. Reads of `data` and `tx_index` see
+    /// the writes of this group first, then `base.overlay` (staged groups LMDB does not
+    /// hold yet), then the transaction.
+    pub(crate) fn apply_in(
+        &self,
+        wtxn: &mut RwTxn<'_>,
+        group: &GroupRecords,
+        base: &Base<'_>,
+    ) -> Result<Outcome, ApplyError> {
         let head = SignedHead::decode(&group.head).map_err(|e| ApplyError::BadHead {
             reason: e.to_string(),
         })?;
         let g = head.group;
-        let next = self.held.group.saturating_add(1);
+        let next = base.held.group.saturating_add(1);
         if g < next {
             return Err(self.older_group(g, &group.head));
         }
         if head.promotion.is_some() && g == next {
-            self.check_promotion_head(&head)?;
-        } else if head.public_key != self.held.signer {
+            self.check_promotion_head(&head, base.held, base.prev_head)?;
+        } else if head.public_key != base.held.signer {
             return Err(ApplyError::UntrustedSigner {
                 group: g,
                 found: hex(&head.public_key),
-                expected: hex(&self.held.signer),
+                expected: hex(&base.held.signer),
             });
         }
-        if !head.signature_valid() {
+        if !base.signature_verified && !head.signature_valid() {
             return Err(ApplyError::BadSignature { group: g });
         }
         if g != next {
@@ -533,32 +632,31 @@ impl Replica {
                 found: g,
             });
         }
-        if head.epoch() != self.held.epoch && head.promotion.is_none() {
+        if head.epoch() != base.held.epoch && head.promotion.is_none() {
             return Err(ApplyError::WrongEpoch {
                 group: g,
                 found: head.epoch(),
-                expected: self.held.epoch,
+                expected: base.held.epoch,
             });
         }
-        if head.version() < self.held.head_version {
+        if head.version() < base.held.head_version {
             return Err(ApplyError::VersionDowngrade {
                 group: g,
                 found: head.version(),
-                held: self.held.head_version,
+                held: base.held.head_version,
             });
         }
         let storage = |source| ApplyError::Storage { group: g, source };
-        let env = self.store.env.clone();
-        let mut wtxn = env.write_txn().map_err(storage)?;
-        let mut state = self.state.clone();
-        let cp_tip = self.apply_checkpoints(&mut wtxn, &mut state, &group.checkpoints, g)?;
+        let mut state = base.state.clone();
+        let mut writes = Writes::default();
+        let cp_tip =
+            self.apply_checkpoints(wtxn, &mut state, &mut writes, base, &group.checkpoints, g)?;
         if cp_tip != head.checkpoints {
             return Err(tip_mismatch("checkpoints", g, cp_tip, head.checkpoints));
         }
-        let au_tip = self.apply_audit(&mut wtxn, &group.audit, g)?;
+        let au_tip = self.apply_audit(wtxn, base.held.audit, &group.audit, g)?;
         if let Some(db) = self.store.dbs.idempotency {
-            crate::idempotency::prune(db, &mut wtxn, head.time_ns, self.retention)
-                .map_err(storage)?;
+            crate::idempotency::prune(db, wtxn, head.time_ns, self.retention).map_err(storage)?;
         }
         if au_tip != head.audit {
             return Err(tip_mismatch("audit", g, au_tip, head.audit));
@@ -576,43 +674,45 @@ impl Replica {
                     expected: hex(&signed),
                 });
             }
-            put(&mut wtxn, meta_keys::STATE, &encoded)?;
+            put(wtxn, meta_keys::STATE, &encoded)?;
         }
         if g == 1 {
             let mut format = FORMAT_MARKER.to_vec();
             format.extend_from_slice(&FORMAT_VERSION.to_be_bytes());
-            put(&mut wtxn, meta_keys::FORMAT, &format)?;
-            put(&mut wtxn, meta_keys::PUBLIC_KEY, &head.public_key)?;
+            put(wtxn, meta_keys::FORMAT, &format)?;
+            put(wtxn, meta_keys::PUBLIC_KEY, &head.public_key)?;
         }
         if let Some(next_key) = &head.next_key {
-            put(&mut wtxn, meta_keys::SIGNING_KEY, next_key)?;
+            put(wtxn, meta_keys::SIGNING_KEY, next_key)?;
         }
         if head.promotion.is_some() {
-            put(&mut wtxn, meta_keys::SIGNING_KEY, &head.public_key)?;
+            put(wtxn, meta_keys::SIGNING_KEY, &head.public_key)?;
         }
         dbs.heads
-            .put(&mut wtxn, &u64_key(g), &group.head)
+            .put(wtxn, &u64_key(g), &group.head)
             .map_err(storage)?;
-        put(&mut wtxn, meta_keys::CKPT_TIP, &encode_tip(&cp_tip))?;
-        put(&mut wtxn, meta_keys::AUDIT_TIP, &encode_tip(&au_tip))?;
-        put(&mut wtxn, meta_keys::GROUP, &u64_key(g))?;
+        put(wtxn, meta_keys::CKPT_TIP, &encode_tip(&cp_tip))?;
+        put(wtxn, meta_keys::AUDIT_TIP, &encode_tip(&au_tip))?;
+        put(wtxn, meta_keys::GROUP, &u64_key(g))?;
         if g == 1 {
-            put(&mut wtxn, meta_keys::UNDONE_INDEX, &[1])?;
+            put(wtxn, meta_keys::UNDONE_INDEX, &[1])?;
         }
-        wtxn.commit().map_err(storage)?;
-        self.state = state;
-        self.held = Held {
-            group: g,
-            checkpoints: cp_tip,
-            audit: au_tip,
-            epoch: head.epoch(),
-            head_version: head.version(),
-            signer: head.next_key.unwrap_or(head.public_key),
-        };
-        Ok(Applied {
-            group: g,
-            checkpoints: u64::try_from(group.checkpoints.len()).unwrap_or(u64::MAX),
-            audit: u64::try_from(group.audit.len()).unwrap_or(u64::MAX),
+        Ok(Outcome {
+            held: Held {
+                group: g,
+                checkpoints: cp_tip,
+                audit: au_tip,
+                epoch: head.epoch(),
+                head_version: head.version(),
+                signer: head.next_key.unwrap_or(head.public_key),
+            },
+            state,
+            applied: Applied {
+                group: g,
+                checkpoints: u64::try_from(group.checkpoints.len()).unwrap_or(u64::MAX),
+                audit: u64::try_from(group.audit.len()).unwrap_or(u64::MAX),
+            },
+            writes,
         })
     }
 
@@ -654,12 +754,14 @@ impl Replica {
         &self,
         wtxn: &mut RwTxn<'_>,
         state: &mut StateDigest,
+        writes: &mut Writes,
+        base: &Base<'_>,
         records: &[Vec<u8>],
         group: u64,
     ) -> Result<Tip, ApplyError> {
         let dbs = self.store.dbs;
         let storage = |source| ApplyError::Storage { group, source };
-        let mut tip = self.held.checkpoints;
+        let mut tip = base.held.checkpoints;
         for (i, bytes) in records.iter().enumerate() {
             let seq = tip.seq.saturating_add(1);
             let bad = |reason: String| ApplyError::BadRecord {
@@ -677,11 +779,18 @@ impl Replica {
             let hash: Hash = chain_hash(&tip.hash, bytes);
             let seq_key = u64_key(seq);
             for w in record.writes() {
-                let old = dbs
+                let old = match writes
                     .data
-                    .get(wtxn, &w.key)
-                    .map_err(storage)?
-                    .map(<[u8]>::to_vec);
+                    .get(&w.key)
+                    .or_else(|| base.overlay.and_then(|o| o.data.get(&w.key)))
+                {
+                    Some(v) => Some(v.clone()),
+                    None => dbs
+                        .data
+                        .get(wtxn, &w.key)
+                        .map_err(storage)?
+                        .map(<[u8]>::to_vec),
+                };
                 let held = match &old {
                     None => 0,
                     Some(v) => {
@@ -702,14 +811,18 @@ impl Replica {
                 let new = encode_value(seq, w.after.as_deref());
                 state.replace(&w.key, old.as_deref(), &new);
                 dbs.data.put(wtxn, &w.key, &new).map_err(storage)?;
+                writes.data.insert(w.key.clone(), new);
             }
             match &record {
                 Record::Transaction(cp) => {
-                    if dbs
-                        .tx_index
-                        .get(wtxn, &cp.tx_id.0)
-                        .map_err(storage)?
-                        .is_some()
+                    let seen = writes.tx_ids.contains(&cp.tx_id.0)
+                        || base.overlay.is_some_and(|o| o.tx_ids.contains(&cp.tx_id.0));
+                    if seen
+                        || dbs
+                            .tx_index
+                            .get(wtxn, &cp.tx_id.0)
+                            .map_err(storage)?
+                            .is_some()
                     {
                         return Err(bad(format!("repeats transaction id {}", cp.tx_id)));
                     }
@@ -720,6 +833,7 @@ impl Replica {
                     dbs.tx_index
                         .put(wtxn, &cp.tx_id.0, &seq_key)
                         .map_err(storage)?;
+                    writes.tx_ids.insert(cp.tx_id.0);
                 }
                 Record::Rollback(rb) => {
                     if let Some(undone) = dbs.undone {
@@ -743,12 +857,13 @@ impl Replica {
     fn apply_audit(
         &self,
         wtxn: &mut RwTxn<'_>,
+        from: Tip,
         records: &[Vec<u8>],
         group: u64,
     ) -> Result<Tip, ApplyError> {
         let storage = |source| ApplyError::Storage { group, source };
         let db = self.store.dbs.audit;
-        let mut tip = self.held.audit;
+        let mut tip = from;
         for (i, bytes) in records.iter().enumerate() {
             let seq = tip.seq.saturating_add(1);
             let bad = |reason: String| ApplyError::BadRecord {

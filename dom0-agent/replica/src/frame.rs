@@ -6,7 +6,8 @@
 //!              0    4  magic "MFRP"
 //!              4    1  version 1
 //!              5    1  kind: 0x01 hello, 0x02 group, 0x03 ack, 0x04 stop, 0x05 epoch,
-//!                      0x06 cursors, 0x07 heartbeat
+//!                      0x06 cursors, 0x07 heartbeat, 0x08 tentative group, 0x09 confirm,
+//!                      0x0a abandon
 //!              6    4  body length, u32 BE, at most the kind's cap
 //!             10    n  body
 //!
@@ -45,6 +46,16 @@
 //!
 //! heartbeat (either way, 8 bytes, every `heartbeat_ms`)
 //!              0    8  the sender's last group (durable on a primary, held on a standby)
+//!
+//! tentative (primary -> standby, synchronous mode): a group body exactly as `group`, for
+//!         a group written and signed but not yet durable on the primary
+//!
+//! confirm (primary -> standby, 8 bytes)
+//!              0    8  the primary's last durable group: every group up to it sent on
+//!                      this connection is durable on the primary
+//!
+//! abandon (primary -> standby, 8 bytes)
+//!              0    8  a tentative group whose commit failed on the primary: drop it
 //! ```
 //!
 //! Integers are big-endian. A decoder refuses an unknown magic, version or kind, a body
@@ -79,6 +90,12 @@ pub const KIND_EPOCH: u8 = 0x05;
 pub const KIND_CURSORS: u8 = 0x06;
 /// Frame kind: a heartbeat (either way).
 pub const KIND_HEARTBEAT: u8 = 0x07;
+/// Frame kind: a group not yet durable on the primary (synchronous mode).
+pub const KIND_TENTATIVE: u8 = 0x08;
+/// Frame kind: the primary's commit of the groups sent up to this one is durable.
+pub const KIND_CONFIRM: u8 = 0x09;
+/// Frame kind: the primary's commit of a tentative group failed; drop it.
+pub const KIND_ABANDON: u8 = 0x0a;
 /// Length of a heartbeat body.
 pub const HEARTBEAT_LEN: usize = 8;
 /// Most cursors in one cursors frame.
@@ -124,6 +141,18 @@ pub enum Frame {
     },
     /// One durable group of the primary.
     Group(GroupRecords),
+    /// One group written and signed by the primary, whose commit there is not durable yet.
+    Tentative(GroupRecords),
+    /// Every group up to this one sent on the connection is durable on the primary.
+    Confirm {
+        /// The primary's last durable group.
+        group: u64,
+    },
+    /// The primary's commit of this tentative group failed: it does not exist.
+    Abandon {
+        /// Group.
+        group: u64,
+    },
     /// The standby has this group durable.
     Ack {
         /// Group.
@@ -200,6 +229,9 @@ impl Frame {
         match self {
             Self::Hello { .. } => KIND_HELLO,
             Self::Group(_) => KIND_GROUP,
+            Self::Tentative(_) => KIND_TENTATIVE,
+            Self::Confirm { .. } => KIND_CONFIRM,
+            Self::Abandon { .. } => KIND_ABANDON,
             Self::Ack { .. } => KIND_ACK,
             Self::Stop { .. } => KIND_STOP,
             Self::Epoch { .. } => KIND_EPOCH,
@@ -223,7 +255,7 @@ impl Frame {
                 w.raw(identity);
                 w.finish()
             }
-            Self::Group(g) => {
+            Self::Group(g) | Self::Tentative(g) => {
                 let size: usize = g
                     .checkpoints
                     .iter()
@@ -244,7 +276,10 @@ impl Frame {
                 }
                 w.finish()
             }
-            Self::Ack { group } | Self::Heartbeat { group } => group.to_be_bytes().to_vec(),
+            Self::Ack { group }
+            | Self::Heartbeat { group }
+            | Self::Confirm { group }
+            | Self::Abandon { group } => group.to_be_bytes().to_vec(),
             Self::Epoch {
                 epoch,
                 from_group,
@@ -305,7 +340,7 @@ impl Frame {
                 epoch: r.u64("epoch").map_err(err)?,
                 identity: r.array("identity").map_err(err)?,
             },
-            KIND_GROUP => {
+            KIND_GROUP | KIND_TENTATIVE => {
                 let group = r.u64("group").map_err(err)?;
                 let head = r.bytes16(MAX_HEAD_LEN, "head").map_err(err)?.to_vec();
                 let named = mayfly_ledger::SignedHead::decode(&head)
@@ -328,12 +363,23 @@ impl Frame {
                     }
                 }
                 let [checkpoints, audit] = chains;
-                Self::Group(GroupRecords {
+                let records = GroupRecords {
                     head,
                     checkpoints,
                     audit,
-                })
+                };
+                if kind == KIND_GROUP {
+                    Self::Group(records)
+                } else {
+                    Self::Tentative(records)
+                }
             }
+            KIND_CONFIRM => Self::Confirm {
+                group: r.u64("group").map_err(err)?,
+            },
+            KIND_ABANDON => Self::Abandon {
+                group: r.u64("group").map_err(err)?,
+            },
             KIND_ACK => Self::Ack {
                 group: r.u64("group").map_err(err)?,
             },
@@ -406,6 +452,9 @@ fn kind_name(kind: u8) -> Option<&'static str> {
         KIND_EPOCH => Some("epoch"),
         KIND_CURSORS => Some("cursors"),
         KIND_HEARTBEAT => Some("heartbeat"),
+        KIND_TENTATIVE => Some("tentative"),
+        KIND_CONFIRM => Some("confirm"),
+        KIND_ABANDON => Some("abandon"),
         _ => None,
     }
 }
@@ -413,11 +462,11 @@ fn kind_name(kind: u8) -> Option<&'static str> {
 fn max_body(kind: u8) -> u64 {
     match kind {
         KIND_HELLO => HELLO_LEN as u64,
-        KIND_GROUP => MAX_GROUP_BODY,
+        KIND_GROUP | KIND_TENTATIVE => MAX_GROUP_BODY,
         KIND_ACK => ACK_LEN as u64,
         KIND_EPOCH => EPOCH_LEN as u64,
         KIND_CURSORS => MAX_CURSORS_BODY as u64,
-        KIND_HEARTBEAT => HEARTBEAT_LEN as u64,
+        KIND_HEARTBEAT | KIND_CONFIRM | KIND_ABANDON => HEARTBEAT_LEN as u64,
         _ => MAX_STOP_BODY as u64,
     }
 }
@@ -474,14 +523,19 @@ pub fn write_frame(w: &mut impl Write, frame: &Frame) -> io::Result<()> {
 
 #[cfg(test)]
 #[allow(clippy::indexing_slicing, clippy::arithmetic_side_effects)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     fn group() -> GroupRecords {
+        group_numbered(2)
+    }
+
+    /// A well-formed group (signed head, made-up records) numbered `g`, for decoders.
+    pub(crate) fn group_numbered(g: u64) -> GroupRecords {
         let key = mayfly_ledger::SigningKey::from_seed(&[1; 32]);
         let head = mayfly_ledger::SignedHead::sign_v3(
             &key,
-            2,
+            g,
             mayfly_ledger::Tip::default(),
             mayfly_ledger::Tip::default(),
             5,
@@ -517,6 +571,9 @@ mod tests {
             Frame::Cursors(vec![("local-relay".into(), 7), ("soc-tls".into(), 1841)]),
             Frame::Cursors(vec![]),
             Frame::Heartbeat { group: 12 },
+            Frame::Tentative(group()),
+            Frame::Confirm { group: 2 },
+            Frame::Abandon { group: 2 },
         ]
     }
 
@@ -545,6 +602,43 @@ mod tests {
         long[9] = 9;
         long.push(0);
         assert!(decode(&long).is_err(), "a 9-byte heartbeat body is refused");
+    }
+
+    /// The confirm and abandon frames of docs/formats.md §6.1, byte for byte
+    /// (docs/vectors/replication-confirm.hex and replication-abandon.hex, rebuilt
+    /// independently by scripts/check-vectors.py), and a tentative group differs from a
+    /// group by its kind byte only.
+    #[test]
+    fn confirm_abandon_and_tentative_frame_vectors() {
+        for (f, file) in [
+            (
+                Frame::Confirm { group: 1_234_567 },
+                concat!(
+                    env!("CARGO_MANIFEST_DIR"),
+                    "/../../docs/vectors/replication-confirm.hex"
+                ),
+            ),
+            (
+                Frame::Abandon { group: 1_234_568 },
+                concat!(
+                    env!("CARGO_MANIFEST_DIR"),
+                    "/../../docs/vectors/replication-abandon.hex"
+                ),
+            ),
+        ] {
+            let want = std::fs::read_to_string(file).unwrap();
+            assert_eq!(mayfly_ledger::codec::hex(&f.encode()), want.trim());
+            assert_eq!(decode(&f.encode()).unwrap(), f);
+            let mut long = f.encode();
+            long[9] = 9;
+            long.push(0);
+            assert!(decode(&long).is_err(), "a 9-byte body is refused");
+        }
+        let g = Frame::Group(group()).encode();
+        let t = Frame::Tentative(group()).encode();
+        assert_eq!(t[5], KIND_TENTATIVE);
+        assert_eq!((&g[..5], &g[6..]), (&t[..5], &t[6..]));
+        assert_eq!(decode(&t).unwrap(), Frame::Tentative(group()));
     }
 
     #[test]
@@ -634,8 +728,11 @@ mod tests {
             Err(FrameError::TooLarge { kind: "epoch", .. })
         ));
         let mut h2 = h.clone();
-        h2[5] = 0x09;
-        assert!(matches!(read_frame(&mut &h2[..]), Err(FrameError::Kind(9))));
+        h2[5] = 0x0b;
+        assert!(matches!(
+            read_frame(&mut &h2[..]),
+            Err(FrameError::Kind(0x0b))
+        ));
         let mut big = Vec::from(&MAGIC[..]);
         big.extend_from_slice(&[VERSION, KIND_GROUP]);
         big.extend_from_slice(&u32::MAX.to_be_bytes());

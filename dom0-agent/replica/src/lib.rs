@@ -12,10 +12,12 @@
 #![deny(missing_docs)]
 
 pub mod config;
+pub mod copy;
 pub mod fence;
 pub mod frame;
 pub mod heartbeat;
 pub mod inbox;
+pub mod journal;
 pub mod primary;
 pub mod standby;
 pub mod tls;

@@ -18,6 +18,14 @@
 //! a primary killed and restarted does not acknowledge anything the standby lacks while the
 //! standby reconnects), and degrade only if it does not come within `sync_timeout`.
 //!
+//! **Tentative groups** (synchronous mode, docs/failover.md "The standby's journal"): the
+//! committer hands the observer each group before its LMDB commit
+//! ([`GroupObserver::tentative`]); the shipping thread sends it at once as a
+//! [`Frame::Tentative`] when it is the next group the standby needs, a [`Frame::Confirm`]
+//! once it is durable here, or a [`Frame::Abandon`] if its commit failed
+//! ([`GroupObserver::abandoned`]). Acks are matched, in order, to the group frames sent
+//! (`State::inflight`): an ack of an abandoned group does not count.
+//!
 //! **SIEM cursors** travel too: at most every [`CURSOR_INTERVAL`] the shipping thread reads
 //! the exporters' persisted cursors (the `cursors` database) and, when they changed, sends
 //! them as a [`Frame::Cursors`], each cut down to the audit tip of the last group already
@@ -41,7 +49,9 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use mayfly_ledger::{AuditEvent, GroupObserver, Ledger, Severity};
+use std::collections::VecDeque;
+
+use mayfly_ledger::{AuditEvent, GroupObserver, GroupRecords, Ledger, Severity};
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use rustls::{ServerConnection, StreamOwned};
 use slog::{error, info, warn, Logger};
@@ -184,6 +194,14 @@ struct State {
     shipped_cursors: Vec<(String, u64)>,
     peer_lost: Option<(String, Instant)>,
     events: Vec<AuditEvent>,
+    /// Synchronous mode: the group written and signed by the committer, not yet durable
+    /// here, to ship at once (docs/failover.md, "Tentative groups").
+    tentative: Option<Arc<(u64, GroupRecords)>>,
+    /// A tentative group whose commit failed, for the shipping thread to abandon.
+    abandoned: Option<u64>,
+    /// The groups sent on the connection and not yet acknowledged, in order, each with
+    /// whether its acknowledgement still counts (not for an abandoned tentative group).
+    inflight: VecDeque<(u64, bool)>,
 }
 
 struct Shared {
@@ -255,6 +273,31 @@ impl Shared {
 
     fn acked(&self, group: u64) {
         let mut st = self.lock();
+        self.acked_locked(&mut st, group);
+    }
+
+    /// The standby's acknowledgement of the next group sent: it must be that group; it
+    /// counts unless the group was an abandoned tentative one. Checked and counted under
+    /// one lock, so that an abandon cannot fall between.
+    fn ack_next(&self, group: u64) -> Result<(), String> {
+        let mut st = self.lock();
+        match st.inflight.pop_front() {
+            Some((sent, live)) if sent == group => {
+                if live {
+                    self.acked_locked(&mut st, group);
+                }
+                Ok(())
+            }
+            Some((sent, _)) => Err(format!(
+                "the standby acknowledged group {group}, but the next group sent is {sent}"
+            )),
+            None => Err(format!(
+                "the standby acknowledged group {group}, which was never sent"
+            )),
+        }
+    }
+
+    fn acked_locked(&self, st: &mut State, group: u64) {
         if group > st.acked {
             st.acked = group;
         }
@@ -263,23 +306,59 @@ impl Shared {
             info!(self.log, "replication synchronous again: the standby has every durable group"; "group" => st.acked);
             let ev = AuditEvent::new("replication.synchronous", Severity::Notice)
                 .field("group", st.acked);
-            self.audit(&mut st, ev);
+            self.audit(st, ev);
         }
         self.changed.notify_all();
     }
 }
 
 /// The ledger's observer: holds the shared state weakly (the shared state holds the
-/// ledger, which holds the observer).
-struct Observer(Weak<Shared>);
+/// ledger, which holds the observer), and the mode (synchronous: groups ship before
+/// their commit here).
+struct Observer(Weak<Shared>, Mode);
 
 impl GroupObserver for Observer {
+    fn wants_tentative(&self) -> bool {
+        self.1 == Mode::Sync
+    }
+
+    fn tentative(&self, group: u64, records: GroupRecords) {
+        let Some(shared) = self.0.upgrade() else {
+            return;
+        };
+        shared.lock().tentative = Some(Arc::new((group, records)));
+        let _ = (&shared.wake).write(&[1]);
+    }
+
+    fn abandoned(&self, group: u64) {
+        let Some(shared) = self.0.upgrade() else {
+            return;
+        };
+        let mut st = shared.lock();
+        if st.tentative.as_ref().is_some_and(|t| t.0 == group) {
+            st.tentative = None;
+        }
+        st.abandoned = Some(group);
+        // An acknowledgement of it, received or to come, no longer counts: a group built
+        // again at this number must be acknowledged for itself.
+        for sent in st.inflight.iter_mut().filter(|(g, _)| *g == group) {
+            sent.1 = false;
+        }
+        st.acked = st.acked.min(group.saturating_sub(1));
+        warn!(shared.log, "a group shipped before its commit was abandoned: the commit failed"; "group" => group);
+        drop(st);
+        let _ = (&shared.wake).write(&[1]);
+    }
+
     fn durable(&self, group: u64, acknowledging: bool) {
         let Some(shared) = self.0.upgrade() else {
             return;
         };
         let mut st = shared.lock();
         st.durable = st.durable.max(group);
+        if st.tentative.as_ref().is_some_and(|t| t.0 <= group) {
+            st.tentative = None;
+        }
         // Wake the shipping thread; a full pipe already holds a wake-up.
         let _ = (&shared.wake).write(&[1]);
         if shared.mode != Mode::Sync || !acknowledging || st.degraded.is_some() {
@@ -404,13 +483,16 @@ impl Shipper {
                 shipped_cursors: Vec::new(),
                 peer_lost: None,
                 events,
+                tentative: None,
+                abandoned: None,
+                inflight: VecDeque::new(),
             }),
             changed: Condvar::new(),
             wake,
             stop: AtomicBool::new(false),
             log: log.new(slog::o!("component" => "replication")),
         });
-        if !ledger.set_group_observer(Arc::new(Observer(Arc::downgrade(&shared)))) {
+        if !ledger.set_group_observer(Arc::new(Observer(Arc::downgrade(&shared), config.mode))) {
             return Err(StartError::ObserverTaken);
         }
         let mut threads = Vec::new();
@@ -738,6 +820,8 @@ fn serve_standby(
         // What the standby has is what it has acknowledged, whatever an earlier
         // connection said.
         st.acked = next_group.saturating_sub(1);
+        st.inflight.clear();
+        st.abandoned = None;
         let ev = AuditEvent::new("replication.standby_connected", Severity::Notice)
             .field("peer", peer)
             .field("next_group", next_group);
@@ -757,6 +841,10 @@ fn serve_standby(
     let mut last_heard = Instant::now();
     let mut last_beat: Option<Instant> = None;
     let poll_ms = u16::try_from(beat.interval.as_millis().min(500)).unwrap_or(500);
+    // The tentative group sent on this connection and not yet durable here, and whether a
+    // confirm is owed for one that became durable.
+    let mut sent_tentative: Option<u64> = None;
+    let mut confirm_due = false;
     loop {
         if shared.stop.load(Ordering::SeqCst) {
             let _ = write_frame(
@@ -768,18 +856,66 @@ fn serve_standby(
             );
             return Ok(());
         }
-        let (durable, acked) = {
-            let st = shared.lock();
-            (st.durable, st.acked)
+        let (durable, acked, tentative, abandon) = {
+            let mut st = shared.lock();
+            (
+                st.durable,
+                st.acked,
+                st.tentative.clone(),
+                st.abandoned.take(),
+            )
         };
         stream.sock.set_nonblocking(false)?;
+        if let Some(g) = abandon.filter(|g| sent_tentative == Some(*g)) {
+            // Before anything else: the standby drops it before a group at its number.
+            write_frame(&mut stream, &Frame::Abandon { group: g })?;
+            sent_tentative = None;
+        }
         while next <= durable && next.saturating_sub(acked) <= WINDOW {
+            if sent_tentative == Some(next) {
+                // Sent before its commit here, the same bytes: now it is durable.
+                sent_tentative = None;
+                confirm_due = true;
+                next = next.saturating_add(1);
+                continue;
+            }
             let group = ledger.store().export_group(next)?;
             if let Ok(head) = mayfly_ledger::SignedHead::decode(&group.head) {
                 sent_audit = head.audit.seq;
             }
+            shared.lock().inflight.push_back((next, true));
             write_frame(&mut stream, &Frame::Group(group))?;
             next = next.saturating_add(1);
+        }
+        if confirm_due {
+            write_frame(
+                &mut stream,
+                &Frame::Confirm {
+                    group: next.saturating_sub(1),
+                },
+            )?;
+            confirm_due = false;
+        }
+        if let Some(t) = tentative {
+            if t.0 == next && sent_tentative.is_none() && next.saturating_sub(acked) <= WINDOW {
+                // Registered only if it is still the committer's tentative group (not
+                // abandoned meanwhile), under the lock an abandon takes.
+                let current = {
+                    let mut st = shared.lock();
+                    let current = st.tentative.as_ref().is_some_and(|c| Arc::ptr_eq(c, &t));
+                    if current {
+                        st.inflight.push_back((next, true));
+                    }
+                    current
+                };
+                if current {
+                    if let Ok(head) = mayfly_ledger::SignedHead::decode(&t.1.head) {
+                        sent_audit = head.audit.seq;
+                    }
+                    write_frame(&mut stream, &Frame::Tentative(t.1.clone()))?;
+                    sent_tentative = Some(next);
+                }
+            }
         }
         if let Some(frame) = cursors.due(shared, sent_audit) {
             write_frame(&mut stream, &frame)?;
@@ -823,12 +959,7 @@ fn serve_standby(
         while let Some(frame) = inbox.next_frame_of(&[KIND_ACK, KIND_STOP, KIND_HEARTBEAT])? {
             match frame {
                 Frame::Heartbeat { .. } => {}
-                Frame::Ack { group } if group < next => shared.acked(group),
-                Frame::Ack { group } => {
-                    return Err(ConnError::Refused(format!(
-                        "the standby acknowledged group {group}, which was never sent"
-                    )))
-                }
+                Frame::Ack { group } => shared.ack_next(group).map_err(ConnError::Refused)?,
                 Frame::Stop { group, reason } => {
                     return Err(ConnError::StandbyStopped { group, reason })
                 }
@@ -888,6 +1019,9 @@ fn frame_name(f: &Frame) -> &'static str {
     match f {
         Frame::Hello { .. } => "hello",
         Frame::Group(_) => "group",
+        Frame::Tentative(_) => "tentative",
+        Frame::Confirm { .. } => "confirm",
+        Frame::Abandon { .. } => "abandon",
         Frame::Ack { .. } => "ack",
         Frame::Stop { .. } => "stop",
         Frame::Epoch { .. } => "epoch",

@@ -9,6 +9,12 @@
 //! no longer matches its chain) stops the standby for good: it tells the primary (stop
 //! frame), audits it as critical, and returns.
 //!
+//! Every group is made durable through the copy's journal ([`crate::copy`]): checked on
+//! top of the groups staged, appended and flushed, then acknowledged; tentative groups
+//! (sent before the primary's commit) are confirmed, replaced or abandoned by the
+//! primary's later frames, and confirmed groups are written to LMDB in batches. The hello
+//! asks from the last confirmed group.
+//!
 //! The primary's **SIEM cursors** ([`Frame::Cursors`]) are written into the copy's
 //! `cursors` database (outside both chains, as on the primary), so that the exporters of a
 //! promoted standby resume from them. A cursor past the copy's audit tip would make a
@@ -30,8 +36,10 @@ use rustls::pki_types::ServerName;
 use rustls::{ClientConnection, StreamOwned};
 use slog::{error, info, warn, Logger};
 
+use crate::copy::{CopyError, JournaledCopy};
 use crate::frame::{
-    write_frame, Frame, FrameError, KIND_CURSORS, KIND_EPOCH, KIND_GROUP, KIND_HEARTBEAT, KIND_STOP,
+    write_frame, Frame, FrameError, KIND_ABANDON, KIND_CONFIRM, KIND_CURSORS, KIND_EPOCH,
+    KIND_GROUP, KIND_HEARTBEAT, KIND_STOP, KIND_TENTATIVE,
 };
 use crate::heartbeat::Heartbeat;
 use crate::inbox::{Filled, Inbox};
@@ -70,6 +78,9 @@ pub enum End {
     /// The primary refused this standby for a reason that will not change by retrying
     /// (another ledger, another epoch).
     Refused(String),
+    /// The copy's journal could not be read or replayed at start (I/O, or LMDB failed
+    /// while committing what it holds).
+    Storage(String),
 }
 
 /// Why one connection ended.
@@ -87,6 +98,9 @@ enum ConnError {
     PrimaryStopped { group: u64, reason: String },
     #[error("refused group: {0}")]
     Refused(ApplyError),
+    /// The journal could not be written (the message names the group when it was one).
+    #[error("{0}")]
+    Journal(String),
     #[error("unexpected frame from the primary")]
     Unexpected,
     #[error("refused cursor {name} = {seq}: past the copy's audit tip {tip} (a promoted exporter would skip records)")]
@@ -118,16 +132,54 @@ pub fn follow(
             error!(log, "recording a replication event failed"; "error" => %e);
         }
     };
+    let dir = replica.store().dir().to_path_buf();
+    let mut copy = match JournaledCopy::open(replica, &dir, &audit) {
+        Ok((copy, recovered)) => {
+            if recovered.records > 0 {
+                info!(log, "replication journal replayed"; "records" => recovered.records,
+                      "applied" => recovered.applied, "tentative" => ?recovered.tentative);
+                audit(
+                    AuditEvent::new("replication.journal_recovered", Severity::Notice)
+                        .field("records", recovered.records)
+                        .field("applied_groups", recovered.applied)
+                        .field("group", replica.held().group)
+                        .field(
+                            "tentative_group",
+                            recovered
+                                .tentative
+                                .map_or("none".to_string(), |g| g.to_string()),
+                        ),
+                );
+            }
+            copy
+        }
+        Err(CopyError::Apply(e)) if e.is_fatal() => {
+            error!(
+                log,
+                "REPLICATION STOPPED: the journal does not follow the copy: {e}"
+            );
+            return Ok(End::Fatal(e));
+        }
+        Err(e) => {
+            error!(log, "replaying the replication journal failed"; "error" => %e);
+            audit(
+                AuditEvent::new("replication.stopped", Severity::Critical)
+                    .field("group", replica.held().group)
+                    .field("reason", format!("replaying the replication journal: {e}")),
+            );
+            return Ok(End::Storage(e.to_string()));
+        }
+    };
     audit(
         AuditEvent::new("replication.started", Severity::Notice)
             .field("role", "standby")
             .field("primary", config.primary)
-            .field("group", replica.held().group),
+            .field("group", replica.staged_tip().group),
     );
     // Since when the primary is lost (a connection ended in silence), until it answers.
     let mut lost: Option<std::time::Instant> = None;
     while !stop.load(Ordering::SeqCst) {
-        let before = replica.held().group;
+        let before = replica.staged_tip().group;
         let mut answered = |held: u64| {
             if let Some(since) = lost.take() {
                 info!(log, "the primary answers again"; "group" => held);
@@ -142,15 +194,24 @@ pub fn follow(
         };
         let result = connection(
             replica,
+            &mut copy,
             config.primary,
             config.heartbeat,
             &tls,
             stop,
             &log,
             &mut answered,
+            &audit,
         );
-        let progressed = replica.held().group > before;
-        let storage_failed = matches!(result, Err(ConnError::Refused(ApplyError::Storage { .. })));
+        // What is confirmed goes to LMDB now (the journal keeps it either way).
+        if let Err(e) = copy.flush_due(replica, true) {
+            warn!(log, "writing confirmed groups to the copy failed; the journal keeps them"; "error" => %e);
+        }
+        let progressed = replica.staged_tip().group > before;
+        let storage_failed = matches!(
+            result,
+            Err(ConnError::Refused(ApplyError::Storage { .. }) | ConnError::Journal(_))
+        );
         if storage_failed {
             error!(log, "the copy cannot store the next group (is DATA_DIR full?); asking again every few seconds";
                    "group" => replica.held().group, "retry_ms" => STORAGE_RETRY.as_millis());
@@ -243,14 +304,17 @@ pub fn follow(
     Ok(End::Stopped)
 }
 
+#[allow(clippy::too_many_arguments)]
 fn connection(
     replica: &mut Replica,
+    copy: &mut JournaledCopy,
     primary: SocketAddr,
     beat: Heartbeat,
     tls: &Arc<rustls::ClientConfig>,
     stop: &AtomicBool,
     log: &Logger,
     answered: &mut dyn FnMut(u64),
+    audit: &dyn Fn(AuditEvent),
 ) -> Result<(), ConnError> {
     let tcp = TcpStream::connect_timeout(&primary, CONNECT_TIMEOUT)?;
     tcp.set_nodelay(true)?;
@@ -260,22 +324,30 @@ fn connection(
     let name = ServerName::try_from("mayfly-primary").map_err(|_| ConnError::Unexpected)?;
     let conn = ClientConnection::new(tls.clone(), name)?;
     let mut stream = StreamOwned::new(conn, tcp);
-    let held = replica.held().clone();
+    let held = replica.staged_tip().clone();
+    // A tentative group is asked for again: the primary's answer (the same group, a
+    // different one, or none yet) resolves it.
+    let next_group = replica.confirmed_group().saturating_add(1);
+    copy.connected(replica);
     write_frame(
         &mut stream,
         &Frame::Hello {
-            next_group: held.group.saturating_add(1),
+            next_group,
             epoch: held.epoch,
             identity: replica_identity(replica),
         },
     )?;
-    info!(log, "connected to the primary"; "primary" => %primary, "next_group" => held.group + 1);
+    info!(log, "connected to the primary"; "primary" => %primary, "next_group" => next_group,
+          "tentative" => ?replica.tentative());
     let mut inbox = Inbox::default();
     let mut last_heard = std::time::Instant::now();
     let mut last_beat = std::time::Instant::now();
     loop {
         while let Some(frame) = inbox.next_frame_of(&[
             KIND_GROUP,
+            KIND_TENTATIVE,
+            KIND_CONFIRM,
+            KIND_ABANDON,
             KIND_STOP,
             KIND_EPOCH,
             KIND_CURSORS,
@@ -283,31 +355,39 @@ fn connection(
         ])? {
             match frame {
                 Frame::Heartbeat { .. } => {}
-                Frame::Group(group) => match replica.apply(&group) {
-                    Ok(applied) => {
-                        write_frame(
-                            &mut stream,
-                            &Frame::Ack {
-                                group: applied.group,
-                            },
-                        )?;
+                Frame::Group(ref group) | Frame::Tentative(ref group) => {
+                    let tentative = matches!(frame, Frame::Tentative(_));
+                    match copy.receive(replica, group, tentative, audit) {
+                        Ok(received) => {
+                            write_frame(
+                                &mut stream,
+                                &Frame::Ack {
+                                    group: received.ack,
+                                },
+                            )?;
+                        }
+                        Err(e) => {
+                            let _ = write_frame(
+                                &mut stream,
+                                &Frame::Stop {
+                                    group: replica.confirmed_group(),
+                                    reason: e.to_string(),
+                                },
+                            );
+                            return Err(conn_error(e));
+                        }
                     }
-                    Err(ApplyError::Replayed { group }) => {
-                        write_frame(&mut stream, &Frame::Ack { group })?;
-                    }
-                    Err(e) => {
-                        let _ = write_frame(
-                            &mut stream,
-                            &Frame::Stop {
-                                group: replica.held().group,
-                                reason: e.to_string(),
-                            },
-                        );
-                        return Err(ConnError::Refused(e));
-                    }
-                },
-                Frame::Cursors(cursors) => {
-                    let tip = replica.held().audit.seq;
+                }
+                Frame::Confirm { group } => copy
+                    .confirm(replica, group, audit)
+                    .map_err(conn_error)?,
+                Frame::Abandon { group } => copy
+                    .abandon(replica, group, audit)
+                    .map_err(conn_error)?,
+                Frame::Cursors(mut cursors) => {
+                    // Checked against every group held (staged ones too), written no
+                    // further than LMDB's audit tip: a cursor is a lower bound.
+                    let tip = replica.staged_tip().audit.seq;
                     if let Some((name, seq)) = cursors.iter().find(|(_, seq)| *seq > tip) {
                         let e = ConnError::CursorPastTip {
                             name: name.clone(),
@@ -322,6 +402,10 @@ fn connection(
                             },
                         );
                         return Err(e);
+                    }
+                    let durable = replica.held().audit.seq;
+                    for (_, seq) in &mut cursors {
+                        *seq = (*seq).min(durable);
                     }
                     replica.store().set_cursors(&cursors)?;
                 }
@@ -343,6 +427,7 @@ fn connection(
                 Frame::Hello { .. } | Frame::Ack { .. } => return Err(ConnError::Unexpected),
             }
         }
+        copy.flush_due(replica, false).map_err(conn_error)?;
         if stop.load(Ordering::SeqCst) {
             let _ = write_frame(
                 &mut stream,
@@ -357,7 +442,7 @@ fn connection(
             write_frame(
                 &mut stream,
                 &Frame::Heartbeat {
-                    group: replica.held().group,
+                    group: replica.confirmed_group(),
                 },
             )?;
             last_beat = std::time::Instant::now();
@@ -374,6 +459,14 @@ fn connection(
                 misses: beat.misses,
             });
         }
+    }
+}
+
+fn conn_error(e: CopyError) -> ConnError {
+    match e {
+        CopyError::Apply(e) => ConnError::Refused(e),
+        CopyError::Journal(e) => ConnError::Journal(e.to_string()),
+        e @ CopyError::Store { .. } => ConnError::Journal(e.to_string()),
     }
 }
 

@@ -45,18 +45,7 @@ impl Identity {
 }
 
 fn put(ledger: &Ledger, k: &str) -> (TxId, u64) {
-    let id = TxId::generate();
-    let mut t = ledger
-        .begin(TxContext {
-            tx_id: id,
-            handler: "kv".into(),
-            request: k.as_bytes().to_vec(),
-            domain_id: 1,
-            policy_hash: [0; 32],
-        })
-        .unwrap();
-    t.put(k.as_bytes(), b"v").unwrap();
-    (id, t.commit(b"ok".to_vec()).unwrap().seq)
+    try_put(ledger, k, b"v").unwrap()
 }
 
 struct Standby {
@@ -122,6 +111,25 @@ fn eventually(within: Duration, mut cond: impl FnMut() -> bool) -> bool {
     cond()
 }
 
+/// The sequence of transaction `id` where the standby holds it durably: in its LMDB, or
+/// in a group of its journal (flushed before the group was acknowledged).
+fn durable_on_standby(copy: &Store, id: &TxId) -> Option<u64> {
+    if let Some(seq) = copy.seq_of(id).unwrap() {
+        return Some(seq);
+    }
+    let (entries, _) = mayfly_replica::journal::Journal::read(copy.dir()).unwrap();
+    entries.iter().find_map(|e| match e {
+        mayfly_replica::journal::Entry::Group { records, .. } => records
+            .checkpoints
+            .iter()
+            .find_map(|r| match mayfly_ledger::Record::decode(r).ok()? {
+                mayfly_ledger::Record::Transaction(cp) if cp.tx_id == *id => Some(cp.seq),
+                _ => None,
+            }),
+        _ => None,
+    })
+}
+
 fn events(ledger: &Ledger) -> Vec<String> {
     ledger
         .store()
@@ -177,7 +185,7 @@ fn synchronous_mode_acknowledges_only_what_the_standby_holds_and_degrades_withou
                 for i in 0..15 {
                     let (id, seq) = put(&primary, &format!("t{t}/k{i}"));
                     assert_eq!(
-                        copy.seq_of(&id).unwrap(),
+                        durable_on_standby(&copy, &id),
                         Some(seq),
                         "commit {seq} acknowledged before the standby had it"
                     );
@@ -223,7 +231,7 @@ fn synchronous_mode_acknowledges_only_what_the_standby_holds_and_degrades_withou
     assert!(eventually(Duration::from_secs(5), || events(&primary)
         .contains(&"replication.synchronous".to_string())));
     let (id, seq) = put(&primary, "back");
-    assert_eq!(standby.store.seq_of(&id).unwrap(), Some(seq));
+    assert_eq!(durable_on_standby(&standby.store, &id), Some(seq));
     assert!(standby
         .events()
         .contains(&"replication.started".to_string()));
@@ -631,4 +639,249 @@ fn a_silent_primary_is_lost_by_the_standby_and_back_when_it_answers() {
     );
     standby.stop();
     forger.join().unwrap();
+}
+
+/// A small tmpfs for a test (root needed: `None` and a note otherwise); unmounted on drop.
+struct Tmpfs(std::path::PathBuf);
+
+impl Tmpfs {
+    fn mount(at: &std::path::Path, size: &str) -> Option<Self> {
+        std::fs::create_dir_all(at).unwrap();
+        let ok = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(at)
+            .status()
+            .is_ok_and(|s| s.success());
+        if !ok {
+            eprintln!("SKIPPED: cannot mount a tmpfs (root needed)");
+            return None;
+        }
+        Some(Self(at.to_path_buf()))
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(&self.0).status();
+    }
+}
+
+/// Groups 1 to `last` of both stores are the same, byte for byte.
+fn same_groups_up_to(a: &Store, b: &Store, last: u64) {
+    for g in 1..=last {
+        assert_eq!(
+            a.export_group(g).unwrap(),
+            b.export_group(g).unwrap(),
+            "group {g}"
+        );
+    }
+}
+
+/// A synchronous primary (`sync_timeout` 5 s) shipping `primary`, and a standby in `dir`
+/// following it, with fresh identities.
+fn sync_pair(primary: &Ledger, dir: &std::path::Path) -> (Shipper, Standby) {
+    let (pid, sid) = (Identity::new(), Identity::new());
+    let shipper = Shipper::start(
+        primary,
+        PrimaryConfig {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            mode: Mode::Sync,
+            sync_timeout: Duration::from_secs(5),
+            tls: pid.tls(&sid.pin()),
+            peer: None,
+            heartbeat: Default::default(),
+        },
+        &log(),
+    )
+    .unwrap();
+    let config = StandbyConfig {
+        primary: shipper.local_addr(),
+        tls: sid.tls(&pid.pin()),
+        heartbeat: Default::default(),
+    };
+    let standby = Standby::start(dir, primary, config);
+    (shipper, standby)
+}
+
+fn try_put(ledger: &Ledger, k: &str, value: &[u8]) -> Result<(TxId, u64), String> {
+    let id = TxId::generate();
+    let mut t = ledger
+        .begin(TxContext {
+            tx_id: id,
+            handler: "kv".into(),
+            request: k.as_bytes().to_vec(),
+            domain_id: 1,
+            policy_hash: [0; 32],
+        })
+        .map_err(|e| e.to_string())?;
+    t.put(k.as_bytes(), value).map_err(|e| e.to_string())?;
+    t.commit(b"ok".to_vec())
+        .map(|r| (id, r.seq))
+        .map_err(|e| e.to_string())
+}
+
+/// Synchronous mode ships a group before the primary's own commit. When that commit fails
+/// (the primary's disk is full), the primary abandons the group: the standby drops it if
+/// it got it (audited, not a fork), no client is acknowledged for it, and once space
+/// returns the group built anew at that number is taken. Every acknowledged commit is on
+/// the standby, and its copy ends identical to the primary's ledger.
+#[test]
+fn a_group_whose_commit_fails_on_the_primary_is_abandoned_on_the_standby() {
+    let root = tempfile::tempdir().unwrap();
+    let s = tempfile::tempdir().unwrap();
+    let Some(fs) = Tmpfs::mount(&root.path().join("primary-fs"), "24m") else {
+        return;
+    };
+    let pdir = fs.0.join("ledger");
+    std::fs::create_dir_all(&pdir).unwrap();
+    let primary = Ledger::open(&pdir, &Options::default(), &log()).unwrap();
+    let (shipper, mut standby) = sync_pair(&primary, s.path());
+    let mut acked = Vec::new();
+    for i in 0..5 {
+        acked.push(try_put(&primary, &format!("before/{i}"), &[7; 2000]).unwrap());
+    }
+    assert_eq!(shipper.status().state(), "synchronous");
+    // Fill the primary's disk: its next commits fail in LMDB's commit, after the group
+    // was shipped.
+    {
+        use std::io::Write;
+        let mut filler = std::fs::File::create(fs.0.join("filler")).unwrap();
+        let chunk = vec![0u8; 64 << 10];
+        while filler.write_all(&chunk).is_ok() {}
+        let _ = filler.sync_all();
+    }
+    let mut failed = 0;
+    for i in 0..200 {
+        match try_put(&primary, &format!("full/{i}"), &[7; 2000]) {
+            Ok(r) => acked.push(r),
+            Err(_) => {
+                failed += 1;
+                break;
+            }
+        }
+    }
+    assert_eq!(failed, 1, "the disk never filled");
+    let abandoned_at = primary.tips().group + 1;
+    // Whether the group went out before its commit failed is a race (a full tmpfs fails
+    // the commit within microseconds); when it did, the standby dropped it (the
+    // deterministic case is `primary::tests`).
+    let dropped = standby
+        .events()
+        .iter()
+        .filter(|e| *e == "replication.tentative_dropped")
+        .count();
+    assert!(dropped <= 1, "{:?}", standby.events());
+    eprintln!(
+        "the abandoned group reached the standby and was dropped: {}",
+        dropped == 1
+    );
+    assert!(!standby.events().iter().any(|e| e.contains("fork")));
+    // Space returns: commits go on, synchronously, at the abandoned group's number.
+    std::fs::remove_file(fs.0.join("filler")).unwrap();
+    let mut back = None;
+    assert!(
+        eventually(Duration::from_secs(20), || {
+            back = try_put(&primary, "after", &[7; 2000]).ok();
+            back.is_some()
+        }),
+        "commits never resumed"
+    );
+    acked.push(back.unwrap());
+    for i in 0..5 {
+        acked.push(try_put(&primary, &format!("after/{i}"), &[7; 2000]).unwrap());
+    }
+    assert_eq!(
+        shipper.status().state(),
+        "synchronous",
+        "{:?}",
+        shipper.status()
+    );
+    for (id, seq) in &acked {
+        assert_eq!(
+            durable_on_standby(&standby.store, id),
+            Some(*seq),
+            "acknowledged commit {seq} is not on the standby"
+        );
+    }
+    assert!(matches!(standby.stop(), End::Stopped));
+    // Stopped, the standby wrote what it holds confirmed to LMDB (a last tentative group
+    // stays in its journal): the primary's ledger, past the abandoned group's number.
+    let last = standby.store.last_group().unwrap();
+    assert!(last > abandoned_at, "{last} {abandoned_at}");
+    same_groups_up_to(&standby.store, primary.store(), last);
+    drop(standby);
+    shipper.stop();
+    drop(primary);
+}
+
+/// The abandon path, deterministically: the primary's observer is driven as the committer
+/// drives it when its LMDB commit fails after shipping (tentative, then abandoned). The
+/// standby holds the group (journaled, acknowledged), then drops it (audited, no fork);
+/// the primary no longer counts the standby's acknowledgement of it, so the group built
+/// next at that number waits for its own; commits then go on synchronously and the copy
+/// is the primary's ledger.
+#[test]
+fn an_abandoned_tentative_group_is_dropped_by_the_standby_and_its_ack_no_longer_counts() {
+    let p = tempfile::tempdir().unwrap();
+    let twin = tempfile::tempdir().unwrap();
+    let s = tempfile::tempdir().unwrap();
+    let primary = Ledger::open(p.path(), &Options::default(), &log()).unwrap();
+    put(&primary, "a");
+    let (shipper, mut standby) = sync_pair(&primary, s.path());
+    // Connected, and the primary's audit of it written and acknowledged: it is idle.
+    assert!(eventually(Duration::from_secs(20), || {
+        let st = shipper.status();
+        st.standby.is_some()
+            && st.acked_group == primary.tips().group
+            && events(&primary).contains(&"replication.standby_connected".to_string())
+    }));
+    // A validly signed group at the primary's next number that the primary never commits:
+    // the next group of a copy of it taken while it is idle.
+    for f in ["data.mdb", "signing.key"] {
+        std::fs::copy(p.path().join(f), twin.path().join(f)).unwrap();
+    }
+    let g = primary.tips().group + 1;
+    let other = Ledger::open(twin.path(), &Options::default(), &log()).unwrap();
+    let lost = other.store().export_group(g).unwrap();
+    drop(other);
+    let observer = primary.group_observer().expect("the shipper's observer");
+    observer.tentative(g, lost.clone());
+    assert!(
+        eventually(Duration::from_secs(10), || shipper.status().acked_group
+            == g),
+        "the standby never acknowledged the tentative group: {:?}",
+        shipper.status()
+    );
+    let journaled = |dir: &std::path::Path| {
+        mayfly_replica::journal::Journal::read(dir)
+            .unwrap()
+            .0
+            .into_iter()
+            .any(|e| matches!(e, mayfly_replica::journal::Entry::Group { records, tentative: true } if records == lost))
+    };
+    assert!(journaled(&s.path().join("copy")));
+    observer.abandoned(g);
+    assert_eq!(
+        shipper.status().acked_group,
+        g - 1,
+        "an abandoned group's acknowledgement does not count"
+    );
+    assert!(
+        eventually(Duration::from_secs(10), || standby
+            .events()
+            .contains(&"replication.tentative_dropped".to_string())),
+        "{:?}",
+        standby.events()
+    );
+    // The group built at that number now is the primary's own; it waits for its ack.
+    let (id, seq) = put(&primary, "b");
+    assert_eq!(durable_on_standby(&standby.store, &id), Some(seq));
+    assert_eq!(shipper.status().state(), "synchronous");
+    assert!(!standby.events().iter().any(|e| e.contains("fork")));
+    assert!(matches!(standby.stop(), End::Stopped));
+    let last = standby.store.last_group().unwrap();
+    assert!(last >= g);
+    same_groups_up_to(&standby.store, primary.store(), last);
+    drop(standby);
+    shipper.stop();
 }
