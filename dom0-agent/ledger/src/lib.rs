@@ -103,7 +103,6 @@ mod recheck;
 mod record;
 pub mod replication;
 pub mod rollback;
-mod staging;
 pub mod state;
 pub mod store;
 #[cfg(feature = "test-tamper")]
@@ -128,9 +127,9 @@ pub use limits::DEFAULT_SNAPSHOT_HOLD;
 pub use promotion::{EpochStart, PromoteError, Promoted, PromotionRequest};
 pub use read::ReadError;
 pub use record::{Record, RollbackPlan, RollbackRecord};
+pub use replication::Staging;
 pub use replication::{Applied, ApplyError, ExportError, GroupRecords, Held, Replica};
 pub use rollback::RollbackError;
-pub use staging::Staging;
 pub use state::{StateDiff, StateDigest};
 pub use store::{OpenError, Store, StoreOptions};
 pub use txn::{ScanResult, Tx, TxError};

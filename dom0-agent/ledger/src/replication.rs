@@ -55,6 +55,9 @@ use crate::value::encode_deps;
 use crate::value::{decode_value, encode_value};
 use crate::Hash;
 
+mod staging;
+pub use staging::Staging;
+
 /// One durable group as its records are stored: what a replication frame carries.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct GroupRecords {
@@ -393,7 +396,7 @@ pub struct Replica {
     /// Keys a promotion head may hand signing to ([`Replica::trust_promotion_keys`]).
     pub(crate) promotion_keys: Vec<PublicKey>,
     /// Groups checked but not yet in LMDB, in order ([`Replica::stage`]).
-    pub(crate) staged: Vec<crate::staging::Staged>,
+    pub(crate) staged: Vec<staging::Staged>,
     /// What the staged groups wrote.
     pub(crate) overlay: Overlay,
 }
@@ -563,12 +566,11 @@ impl Replica {
     pub fn apply(&mut self, group: &GroupRecords) -> Result<Applied, ApplyError> {
         if !self.staged.is_empty() {
             let applied = match self.stage(group, true)? {
-                crate::staging::Staging::Staged(a) => a,
-                crate::staging::Staging::Replayed { group }
-                | crate::staging::Staging::Confirmed { group } => {
+                staging::Staging::Staged(a) => a,
+                staging::Staging::Replayed { group } | staging::Staging::Confirmed { group } => {
                     return Err(ApplyError::Replayed { group })
                 }
-                crate::staging::Staging::Replaced { applied, .. } => applied,
+                staging::Staging::Replaced { applied, .. } => applied,
             };
             self.commit_staged(true)?;
             return Ok(applied);

@@ -25,13 +25,13 @@
 //! them again against LMDB itself, so nothing is committed on the strength of an overlay
 //! alone.
 //!
-//! The engine layer, beside `replication` (whose checks it reuses).
+//! The engine layer, a part of `replication` (whose checks it reuses).
 
 #![deny(clippy::indexing_slicing, clippy::arithmetic_side_effects)]
 
+use super::{Applied, ApplyError, Base, GroupRecords, Held, Overlay, Replica};
 use crate::codec::hex;
 use crate::head::SignedHead;
-use crate::replication::{Applied, ApplyError, Base, GroupRecords, Held, Overlay, Replica};
 use crate::state::StateDigest;
 
 /// A group checked on top of the ones before it, held in memory until committed.
