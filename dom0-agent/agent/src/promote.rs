@@ -220,9 +220,13 @@ pub fn run(args: &PromoteArgs, log: &Logger) -> anyhow::Result<u8> {
         .or(file.data_dir)
         .context("no data directory: --data-dir or data_dir in the file")?;
     let (_, identity) = section.standby()?;
+    let promotion_keys = section.promotion_keys()?;
     let _lock = lock_data_dir(&data_dir)?;
     let mut replica = Replica::open(&data_dir, &StoreOptions::default(), identity)
         .with_context(|| format!("opening the standby's copy in {}", data_dir.display()))?;
+    // As the running standby does: a journal holding the promotion head of the primary
+    // it follows (itself promoted) must replay here too.
+    replica.trust_promotion_keys(promotion_keys);
     let key = promotion_key(&data_dir)?;
     let held = replica.held().clone();
     if args.dry_run {

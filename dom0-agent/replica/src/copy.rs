@@ -18,8 +18,12 @@ use crate::journal::{Damage, Entry, Journal, JournalError};
 pub const FLUSH_GROUPS: u64 = 256;
 /// Bytes of confirmed groups staged that force an LMDB commit.
 pub const FLUSH_BYTES: u64 = 16 << 20;
-/// Longest a confirmed group waits for its LMDB commit (the journal holds it meanwhile).
+/// Longest a confirmed group waits for its LMDB commit (the journal holds it meanwhile),
+/// when no tentative group is staged.
 pub const FLUSH_AFTER: Duration = Duration::from_millis(50);
+/// Longest a confirmed group waits for its LMDB commit however steadily tentative groups
+/// keep coming (the journal is then rewritten to the tentative one).
+pub const FLUSH_TENTATIVE_AFTER: Duration = Duration::from_millis(500);
 
 /// Why a group could not be made durable, or the copy could not be written.
 #[derive(Debug, thiserror::Error)]
@@ -30,6 +34,18 @@ pub enum CopyError {
     /// The journal could not be written.
     #[error(transparent)]
     Journal(#[from] JournalError),
+    /// A group in the journal does not follow the copy's chain (another chain, a fork,
+    /// an untrusted key): the standby stops, and the journal is kept as it is for the
+    /// operator (it may hold acknowledged groups the copy cannot yet take).
+    #[error("the journal's group {group} (at byte {offset}) is refused: {source}; the journal is kept unchanged")]
+    Refused {
+        /// The group.
+        group: u64,
+        /// Where its record starts in the journal.
+        offset: u64,
+        /// Why the chain refused it.
+        source: ApplyError,
+    },
     /// A group could not be journaled (disk full, I/O error): it is neither kept nor
     /// acknowledged.
     #[error("storing group {group}: {source}")]
@@ -73,7 +89,8 @@ pub struct JournaledCopy {
 impl JournaledCopy {
     /// Opens the journal in `dir` and replays it into `replica` (every record checked
     /// again), committing the confirmed groups to LMDB; the tentative tail stays staged.
-    /// A torn, damaged or refused tail is cut off and audited through `audit`.
+    /// A torn or damaged tail is cut off and audited through `audit`; a whole group the
+    /// chain refuses stops it ([`CopyError::Refused`]) with the journal kept.
     pub fn open(
         replica: &mut Replica,
         dir: &Path,
@@ -193,7 +210,9 @@ impl JournaledCopy {
         audit: &dyn Fn(AuditEvent),
     ) -> Result<(), CopyError> {
         if self.carried != Some(group) && replica.drop_tentative(group) {
-            self.journal.append(&Entry::Abandon(group), false)?;
+            // Flushed: a group the primary abandoned must not come back at a replay (a
+            // promotion would commit it, and its clients were told it failed).
+            self.journal.append(&Entry::Abandon(group), true)?;
             audit(
                 AuditEvent::new("replication.tentative_dropped", Severity::Warning)
                     .field("group", group)
@@ -218,32 +237,37 @@ impl JournaledCopy {
     }
 
     /// Writes the confirmed staged groups to LMDB (one commit) when enough of them wait,
-    /// or they waited long enough, or `force`; cuts the journal once nothing in it is
-    /// tentative. Returns the groups written.
+    /// or they waited long enough, or `force`; then empties the journal, or, with a
+    /// tentative group staged, rewrites it to hold only that group (it may be acknowledged
+    /// and exist nowhere else here). So the journal and the staged groups stay bounded
+    /// (about [`FLUSH_BYTES`] and a group) however steadily groups arrive. Returns the
+    /// groups written.
     pub fn flush_due(&mut self, replica: &mut Replica, force: bool) -> Result<u64, CopyError> {
         let (n, bytes) = replica.staged_confirmed();
         if n == 0 {
             return Ok(0);
         }
-        let due =
-            n >= FLUSH_GROUPS || bytes >= FLUSH_BYTES || self.last_flush.elapsed() >= FLUSH_AFTER;
-        // While a tentative group waits, the journal cannot be cut: wait for it unless
-        // memory says otherwise.
-        let waiting = replica.tentative().is_some() && bytes < FLUSH_BYTES.saturating_mul(4);
-        if !force && (!due || waiting) {
+        let waited = self.last_flush.elapsed();
+        let due = n >= FLUSH_GROUPS || bytes >= FLUSH_BYTES || waited >= FLUSH_AFTER;
+        // With a tentative group staged the journal can only be rewritten (two more
+        // flushes), not cut: wait for a moment without one, unless that never comes.
+        let overdue = bytes >= FLUSH_BYTES || waited >= FLUSH_TENTATIVE_AFTER;
+        if !force && (!due || (replica.tentative().is_some() && !overdue)) {
             return Ok(0);
         }
         let written = replica.commit_staged(false)?;
         self.last_flush = Instant::now();
-        if replica.tentative().is_none() && replica.staged_tip().group == replica.held().group {
-            self.journal.cut()?;
-        }
+        self.compact(replica)?;
         Ok(written)
+    }
+
+    fn compact(&mut self, replica: &Replica) -> Result<(), CopyError> {
+        compact(&mut self.journal, replica)
     }
 }
 
 /// Replays the journal in `dir` into `replica`: every group record is checked again and
-/// staged (a refused one ends the usable journal: cut there and audited), markers confirm
+/// staged (a refused one is audited and stops the replay, the journal kept), markers confirm
 /// or drop, and the confirmed groups are committed to LMDB. With `promote`, the tentative
 /// tail is committed too (`dom0-agent promote`: an acknowledged group may exist only
 /// here) and the journal is emptied.
@@ -270,24 +294,34 @@ pub fn replay(
                         .field("dropped_head_sha256", dropped_head)
                         .field("reason", "the journal holds a later group at its number"),
                 ),
-                Ok(_) => {}
+                Ok(_) => {
+                    // Bounded work per LMDB commit however long the journal is.
+                    if replica.staged_confirmed().1 >= FLUSH_BYTES {
+                        rec.applied = rec.applied.saturating_add(replica.commit_staged(false)?);
+                    }
+                }
                 Err(e @ ApplyError::Storage { .. }) => return Err(e.into()),
                 Err(e) => {
+                    // Not cut: the records from here on may be acknowledged groups this
+                    // copy cannot take yet (an untrusted promotion key, another data
+                    // directory): the operator decides, with the file intact.
                     let group = SignedHead::decode(&records.head).map_or(0, |h| h.group);
-                    let dropped = journal.len().saturating_sub(offset);
-                    journal.cut_at(offset)?;
                     audit(
-                        AuditEvent::new("replication.journal_refused", Severity::Error)
+                        AuditEvent::new("replication.journal_refused", Severity::Critical)
                             .field("path", journal.path().display())
                             .field("offset", offset)
                             .field("group", group)
-                            .field("dropped_bytes", dropped)
+                            .field("kept_bytes", journal.len().saturating_sub(offset))
                             .field(
                                 "reason",
-                                format!("a journaled group does not follow this copy's chain: {e}"),
+                                format!("a journaled group does not follow this copy's chain: {e}; the journal is kept unchanged and the standby stops"),
                             ),
                     );
-                    break;
+                    return Err(CopyError::Refused {
+                        group,
+                        offset,
+                        source: e,
+                    });
                 }
             },
             Entry::Confirm(g) => {
@@ -298,17 +332,31 @@ pub fn replay(
             }
         }
     }
-    rec.applied = replica.commit_staged(false)?;
+    rec.applied = rec.applied.saturating_add(replica.commit_staged(false)?);
     rec.tentative = replica.tentative();
     if promote {
         let t = replica.commit_staged(true)?;
         rec.applied = rec.applied.saturating_add(t);
         rec.tentative_applied = rec.tentative.take();
     }
-    if replica.tentative().is_none() {
-        journal.cut()?;
-    }
+    compact(&mut journal, replica)?;
     Ok((journal, rec))
+}
+
+/// With every confirmed group in LMDB: the journal emptied, or reduced to the tentative
+/// group staged (durably: it may be acknowledged and exist nowhere else here).
+fn compact(journal: &mut Journal, replica: &Replica) -> Result<(), CopyError> {
+    if replica.staged_confirmed().0 != 0 {
+        return Ok(());
+    }
+    match replica.tentative_records() {
+        None => journal.cut()?,
+        Some(records) => journal.rewrite(&[Entry::Group {
+            records: records.clone(),
+            tentative: true,
+        }])?,
+    }
+    Ok(())
 }
 
 fn audit_damage(audit: &dyn Fn(AuditEvent), journal: &Journal, d: &Damage) {

@@ -18,9 +18,10 @@
 //! ```
 //!
 //! A group record is appended and `fdatasync`ed before the group is acknowledged; confirm
-//! and abandon records are appended without a flush (a lost one leaves a tentative group
-//! that the primary's next hello answer resolves). The journal is cut (truncated) once
-//! LMDB holds every group in it durably and none is tentative.
+//! records are appended without a flush (a lost one leaves a tentative group that the
+//! primary's next hello answer resolves), abandon records with one. Once LMDB holds every
+//! confirmed group durably, the journal is cut (truncated), or rewritten to the one
+//! tentative group staged ([`Journal::rewrite`]).
 //!
 //! Reading is hostile-input reading: a length is checked against its kind's cap before
 //! anything is allocated, a body is read only as far as the file has bytes, and the first
@@ -279,6 +280,9 @@ impl Journal {
             .metadata()
             .map_err(|e| io("reading its size", e))?
             .len();
+        // The file's name must be durable too, or a power loss could take a new journal
+        // and every record flushed into it.
+        sync_dir(dir).map_err(|e| io("flushing its directory", e))?;
         let (entries, damage, offset) = read_all(&file, size);
         let mut journal = Self {
             file,
@@ -339,12 +343,15 @@ impl Journal {
     }
 
     /// Appends `entry`; with `sync`, flushes it to the disk (`fdatasync`) before returning.
+    /// A record whose write or flush failed is cut off again: after a failed `fdatasync`
+    /// Linux may have dropped its pages while a later flush succeeds, and a damaged record
+    /// would end the usable journal at replay, taking the later (acknowledged) ones with it.
     pub fn append(&mut self, entry: &Entry, sync: bool) -> Result<(), JournalError> {
         let bytes = entry.encode();
+        let before = self.len;
         if let Err(e) = self.file.write_all(&bytes) {
             // A partial write would leave a torn record before the next one: cut it off.
-            let len = self.len;
-            let _ = self.cut_at(len);
+            let _ = self.cut_at(before);
             return Err(JournalError::Io {
                 path: self.path.clone(),
                 op: "appending",
@@ -355,12 +362,50 @@ impl Journal {
             .len
             .saturating_add(u64::try_from(bytes.len()).unwrap_or(u64::MAX));
         if sync {
-            self.file.sync_data().map_err(|source| JournalError::Io {
-                path: self.path.clone(),
-                op: "flushing (fdatasync)",
-                source,
-            })?;
+            if let Err(source) = self.file.sync_data() {
+                let _ = self.cut_at(before);
+                return Err(JournalError::Io {
+                    path: self.path.clone(),
+                    op: "flushing (fdatasync)",
+                    source,
+                });
+            }
         }
+        Ok(())
+    }
+
+    /// Replaces the journal's records with `entries`, durably: written to a new file,
+    /// flushed, renamed over the journal, the directory flushed. What keeps the journal
+    /// bounded while a tentative group waits (it cannot simply be cut: the group may be
+    /// acknowledged and exist nowhere else here).
+    pub fn rewrite(&mut self, entries: &[Entry]) -> Result<(), JournalError> {
+        let io = |op, source| JournalError::Io {
+            path: self.path.clone(),
+            op,
+            source,
+        };
+        let dir = self.path.parent().unwrap_or(Path::new(".")).to_path_buf();
+        let tmp = dir.join(format!("{FILE_NAME}.new"));
+        let mut file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&tmp)
+            .map_err(|e| io("creating its replacement", e))?;
+        let mut len = 0u64;
+        for entry in entries {
+            let bytes = entry.encode();
+            file.write_all(&bytes)
+                .map_err(|e| io("writing its replacement", e))?;
+            len = len.saturating_add(u64::try_from(bytes.len()).unwrap_or(u64::MAX));
+        }
+        file.sync_data()
+            .map_err(|e| io("flushing its replacement (fdatasync)", e))?;
+        std::fs::rename(&tmp, &self.path).map_err(|e| io("renaming its replacement", e))?;
+        sync_dir(&dir).map_err(|e| io("flushing its directory", e))?;
+        self.file = file;
+        self.len = len;
         Ok(())
     }
 
@@ -383,6 +428,11 @@ impl Journal {
         self.len = offset;
         Ok(())
     }
+}
+
+/// Flushes a directory (a created or renamed file's name).
+fn sync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
 }
 
 #[cfg(test)]

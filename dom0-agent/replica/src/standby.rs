@@ -464,7 +464,7 @@ fn connection(
 
 fn conn_error(e: CopyError) -> ConnError {
     match e {
-        CopyError::Apply(e) => ConnError::Refused(e),
+        CopyError::Apply(e) | CopyError::Refused { source: e, .. } => ConnError::Refused(e),
         CopyError::Journal(e) => ConnError::Journal(e.to_string()),
         e @ CopyError::Store { .. } => ConnError::Journal(e.to_string()),
     }

@@ -3,8 +3,9 @@
 //! acknowledged, and reaches LMDB once confirmed; a tentative group replaced at its
 //! number or abandoned is dropped and audited, never a fork; a standby restarted with a
 //! tentative group keeps it tentative and applies the confirmed ones; a promotion applies
-//! the tentative tail; a damaged journal, or one holding another chain's group, is cut
-//! and audited; confirm and abandon frames about groups not held are ignored and audited.
+//! the tentative tail; a damaged journal is cut and audited, one holding another chain's
+//! group is refused and kept; the journal stays bounded while tentative groups keep
+//! coming; confirm and abandon frames about groups not held are ignored and audited.
 
 use std::cell::RefCell;
 use std::path::Path;
@@ -313,7 +314,9 @@ fn a_damaged_journal_or_one_of_another_chain_is_cut_and_audited() {
     drop(r);
 
     // A valid record of another chain (another ledger's group, well formed and
-    // checksummed): refused by the chain, cut, audited; the copy is unchanged.
+    // checksummed): refused by the chain, audited, the standby stops; the copy is
+    // unchanged and the journal kept as it is (its records may be acknowledged groups
+    // this copy cannot take yet).
     while stranger.tips().group < g1 + 1 {
         put(&stranger, "acct/z", "0");
     }
@@ -328,17 +331,24 @@ fn a_damaged_journal_or_one_of_another_chain_is_cut_and_audited() {
     )
     .unwrap();
     drop(j);
+    let kept = std::fs::read(&path).unwrap();
     let mut r = replica(s.path(), &primary);
     let a = Audit::default();
-    let (_, rec) = JournaledCopy::open(&mut r, s.path(), &a.sink()).unwrap();
-    assert_eq!(rec.applied, 0);
+    let err = JournaledCopy::open(&mut r, s.path(), &a.sink())
+        .err()
+        .expect("a journal of another chain is refused");
+    assert!(
+        matches!(err, mayfly_replica::copy::CopyError::Refused { group, offset: 0, .. } if group == g1 + 1),
+        "{err}"
+    );
     assert_eq!(r.held().group, g1);
     assert!(
         a.names().contains(&"replication.journal_refused".into()),
         "{:?}",
         a.names()
     );
-    assert!(Journal::read(s.path()).unwrap().0.is_empty());
+    assert_eq!(std::fs::read(&path).unwrap(), kept, "the journal is kept");
+    std::fs::remove_file(&path).unwrap();
 
     // A flipped byte in a record: dropped from it on, audited.
     let mut bad = whole.clone();
@@ -363,4 +373,44 @@ fn a_damaged_journal_or_one_of_another_chain_is_cut_and_audited() {
         .unwrap()
         .contains("above"));
     assert_eq!(r.held().group, g1);
+}
+
+#[test]
+fn the_journal_stays_bounded_while_tentative_groups_keep_coming() {
+    // Under steady sync load a tentative group is almost always staged (the next one
+    // arrives with the confirm of the last): the confirmed groups still reach LMDB, and
+    // the journal is reduced to the one tentative group instead of growing.
+    let (p, s) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (primary, audit) = (open(p.path()), Audit::default());
+    let n = put(&primary, "acct/a", "1");
+    let (mut r, mut copy) = following(s.path(), &primary, n, &audit);
+    let mut last = n;
+    for round in 0..3 {
+        for i in 0..5 {
+            // Each tentative group confirms the one before it (a group after a tentative
+            // one confirms it), so one is always left tentative.
+            last = put(&primary, "acct/a", &format!("{round}-{i}"));
+            copy.receive(&mut r, &group(&primary, last), true, &audit.sink())
+                .unwrap();
+        }
+        assert_eq!(r.tentative(), Some(last));
+        assert!(copy.flush_due(&mut r, true).unwrap() > 0);
+        assert_eq!(r.store().last_group().unwrap(), last - 1);
+        assert_eq!(
+            journal_groups(s.path()),
+            vec![(last, true)],
+            "round {round}: only the tentative group is left in the journal"
+        );
+    }
+    // A restart still finds the tentative group, and its confirm brings it to LMDB.
+    drop((r, copy));
+    let mut r = replica(s.path(), &primary);
+    let (mut copy, rec) = JournaledCopy::open(&mut r, s.path(), &audit.sink()).unwrap();
+    assert_eq!(rec.tentative, Some(last));
+    copy.connected(&r);
+    copy.receive(&mut r, &group(&primary, last), false, &audit.sink())
+        .unwrap();
+    copy.flush_due(&mut r, true).unwrap();
+    assert_eq!(r.held().group, last);
+    assert!(Journal::read(s.path()).unwrap().0.is_empty());
 }

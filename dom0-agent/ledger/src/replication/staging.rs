@@ -99,6 +99,15 @@ impl Replica {
             .map(|s| s.held.group)
     }
 
+    /// The records of the tentative group staged, if any: what the standby's journal must
+    /// keep once everything before it is in LMDB.
+    pub fn tentative_records(&self) -> Option<&GroupRecords> {
+        self.staged
+            .last()
+            .filter(|s| s.tentative)
+            .map(|s| &s.records)
+    }
+
     /// Confirmed groups staged and their bytes: what [`Replica::commit_staged`] would write.
     pub fn staged_confirmed(&self) -> (u64, u64) {
         self.staged
