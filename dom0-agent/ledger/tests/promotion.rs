@@ -10,28 +10,12 @@ use std::path::Path;
 use mayfly_ledger::head::{Promotion, SignedHead};
 use mayfly_ledger::store::{names, open_read_only};
 use mayfly_ledger::{
-    tamper, verify, ApplyError, AuditEvent, Ledger, Options, PromoteError, PromotionRequest,
-    Replica, Severity, SigningKey, Store, StoreOptions, TxContext, TxId,
+    tamper, verify, ApplyError, AuditEvent, Ledger, PromoteError, PromotionRequest, Replica,
+    Severity, SigningKey, Store, StoreOptions,
 };
-use slog::{o, Discard, Logger};
 
-fn open(dir: &Path) -> Ledger {
-    Ledger::open(dir, &Options::default(), &Logger::root(Discard, o!())).unwrap()
-}
-
-fn put(ledger: &Ledger, k: &str, v: &str) -> u64 {
-    let mut t = ledger
-        .begin(TxContext {
-            tx_id: TxId::generate(),
-            handler: "kv".into(),
-            request: format!("put {k}").into_bytes(),
-            domain_id: 1,
-            policy_hash: [0; 32],
-        })
-        .unwrap();
-    t.put(k.as_bytes(), v.as_bytes()).unwrap();
-    t.commit(b"ok".to_vec()).unwrap().seq
-}
+mod common;
+use common::{open, put};
 
 fn follow(primary: &Store, standby: &mut Replica) {
     let last = primary.last_group().unwrap();

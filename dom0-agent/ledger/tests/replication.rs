@@ -7,28 +7,12 @@ use std::path::Path;
 
 use mayfly_ledger::head::{SignedHead, Tip};
 use mayfly_ledger::{
-    verify, ApplyError, AuditEvent, GroupRecords, Ledger, Options, Replica, Severity, SigningKey,
-    Store, StoreOptions, TxContext, TxId,
+    verify, ApplyError, AuditEvent, GroupRecords, Ledger, Replica, Severity, SigningKey, Store,
+    StoreOptions, TxContext, TxId,
 };
-use slog::{o, Discard, Logger};
 
-fn open(dir: &Path) -> Ledger {
-    Ledger::open(dir, &Options::default(), &Logger::root(Discard, o!())).unwrap()
-}
-
-fn put(ledger: &Ledger, k: &str, v: &str) -> u64 {
-    let mut t = ledger
-        .begin(TxContext {
-            tx_id: TxId::generate(),
-            handler: "kv".into(),
-            request: format!("put {k}").into_bytes(),
-            domain_id: 1,
-            policy_hash: [0; 32],
-        })
-        .unwrap();
-    t.put(k.as_bytes(), v.as_bytes()).unwrap();
-    t.commit(b"ok".to_vec()).unwrap().seq
-}
+mod common;
+use common::{open, put};
 
 fn delete(ledger: &Ledger, k: &str) {
     let mut t = ledger

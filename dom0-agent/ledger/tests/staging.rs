@@ -10,30 +10,11 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use mayfly_ledger::{
-    verify, ApplyError, GroupObserver, GroupRecords, Ledger, Options, Replica, Staging, Store,
-    StoreOptions, TxContext, TxId,
+    verify, ApplyError, GroupObserver, GroupRecords, Ledger, Replica, Staging, Store, StoreOptions,
 };
-use slog::{o, Discard, Logger};
 
-fn open(dir: &Path) -> Ledger {
-    Ledger::open(dir, &Options::default(), &Logger::root(Discard, o!())).unwrap()
-}
-
-fn put(ledger: &Ledger, k: &str, v: &str) -> u64 {
-    let mut t = ledger
-        .begin(TxContext {
-            tx_id: TxId::generate(),
-            handler: "kv".into(),
-            request: format!("put {k}").into_bytes(),
-            domain_id: 1,
-            policy_hash: [0; 32],
-        })
-        .unwrap();
-    // Read first: the write's before-version is checked by the standby.
-    let _ = t.get(k.as_bytes()).unwrap();
-    t.put(k.as_bytes(), v.as_bytes()).unwrap();
-    t.commit(b"ok".to_vec()).unwrap().seq
-}
+mod common;
+use common::{open, read_then_put as put};
 
 fn idx(g: u64) -> usize {
     usize::try_from(g).unwrap()
