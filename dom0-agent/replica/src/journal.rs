@@ -403,9 +403,11 @@ impl Journal {
         file.sync_data()
             .map_err(|e| io("flushing its replacement (fdatasync)", e))?;
         std::fs::rename(&tmp, &self.path).map_err(|e| io("renaming its replacement", e))?;
-        sync_dir(&dir).map_err(|e| io("flushing its directory", e))?;
+        // The name now leads to the new file: later appends must go there even if the
+        // directory's flush below fails (the old handle is to an unlinked file).
         self.file = file;
         self.len = len;
+        sync_dir(&dir).map_err(|e| io("flushing its directory", e))?;
         Ok(())
     }
 
